@@ -1,0 +1,132 @@
+//! `towerctl up`, `down`, `hub run`.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tokio_util::sync::CancellationToken;
+
+use super::{exit, HubArgs};
+use crate::daemon::control::{self, HubStatus, Request};
+use crate::daemon::{hub, process};
+use crate::paths;
+
+pub async fn hub_status() -> Option<HubStatus> {
+    let v = control::call(&paths::hub_socket(), Request::Status)
+        .await
+        .ok()?;
+    serde_json::from_value(v).ok()
+}
+
+fn print_ready(s: &HubStatus, already: bool) {
+    if already {
+        println!("hub already running (pid {})", s.pid);
+    } else {
+        println!("hub started (pid {})", s.pid);
+    }
+    println!(
+        "  tunnel:   {}  (agents dial {})",
+        s.tunnel_addr, s.tunnel_url
+    );
+    println!("  gateway:  {}  ({})", s.gateway_addr, s.gateway_url);
+    println!("  hub key:  {}", s.hub_key);
+    println!("  logs:     {}", paths::log_file("hub").display());
+    println!("next: towerctl cluster add NAME");
+}
+
+pub async fn up(a: HubArgs) -> Result<u8> {
+    if let Some(s) = hub_status().await {
+        print_ready(&s, true);
+        return Ok(exit::OK);
+    }
+    let mut args: Vec<OsString> = vec!["hub".into(), "run".into()];
+    args.push(format!("--listen={}", a.listen).into());
+    args.push(format!("--gateway={}", a.gateway).into());
+    args.push(format!("--keepalive={}ms", a.keepalive.as_millis()).into());
+    if let Some(u) = &a.advertise {
+        args.push(format!("--advertise={u}").into());
+    }
+    if let Some(u) = &a.gateway_url {
+        args.push(format!("--gateway-url={u}").into());
+    }
+    let mut spawned = process::spawn("hub", &args)?;
+    match spawned
+        .wait_ready(Duration::from_secs(20), hub_status)
+        .await?
+    {
+        Some(s) => {
+            print_ready(&s, false);
+            Ok(exit::OK)
+        }
+        None => {
+            spawned.kill();
+            bail!(
+                "the hub did not become ready within 20s; see its log '{}'",
+                spawned.log.display()
+            )
+        }
+    }
+}
+
+pub async fn down() -> Result<u8> {
+    let socket = paths::hub_socket();
+    let pid = process::running_pid("hub");
+    if pid.is_none() && !control::is_up(&socket).await {
+        eprintln!("no hub is running on this machine");
+        return Ok(exit::NOT_RUNNING);
+    }
+    let _ = control::call(&socket, Request::Shutdown).await;
+    if let Some(pid) = pid {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while process::alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if process::alive(pid) && !process::terminate(pid, Duration::from_secs(5)).await {
+            bail!("the hub (pid {pid}) did not stop; stop it with 'kill -9 {pid}'");
+        }
+    }
+    println!("hub stopped");
+    Ok(exit::OK)
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received, shutting down");
+        token.cancel();
+    });
+}
+
+pub async fn run_foreground(a: HubArgs) -> Result<u8> {
+    let _lock = process::lock_pid_file("hub")?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let cfg = hub::HubConfig {
+        listen: a.listen,
+        gateway: a.gateway,
+        advertise: a.advertise,
+        gateway_url: a.gateway_url,
+        keepalive: a.keepalive,
+    };
+    hub::run(cfg, cancel, |s| {
+        if std::env::var_os(process::DAEMON_ENV).is_none() {
+            eprintln!(
+                "hub ready: tunnel {} ({}), gateway {} ({}), hub key {}",
+                s.tunnel_addr, s.tunnel_url, s.gateway_addr, s.gateway_url, s.hub_key
+            );
+        }
+    })
+    .await?;
+    Ok(exit::OK)
+}

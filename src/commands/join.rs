@@ -1,0 +1,189 @@
+//! `towerctl join`, `agent run`, `leave`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use super::{exit, AgentOpts, JoinArgs};
+use crate::daemon::agent::{self, AgentConfig};
+use crate::daemon::control::{self, AgentStatus, Request};
+use crate::daemon::hub::validate_name;
+use crate::daemon::process;
+use crate::paths;
+use crate::tunnel::keys::normalize_fingerprint;
+
+/// Turns command-line options into an agent configuration, checking each.
+fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let hub = o
+        .hub
+        .clone()
+        .context("missing --hub: pass the hub's tunnel URL printed by 'towerctl cluster add' (ws://HOST:PORT/tunnel)")?;
+    let u = url::Url::parse(&hub).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid --hub '{hub}': {e}; expected ws://HOST:PORT/tunnel or wss://HOST/tunnel"
+        )
+    })?;
+    if u.scheme() != "ws" && u.scheme() != "wss" {
+        bail!(
+            "invalid --hub '{hub}': the scheme must be ws:// or wss://, not '{}://'",
+            u.scheme()
+        );
+    }
+    let token = o
+        .token
+        .clone()
+        .filter(|t| !t.trim().is_empty())
+        .context("missing --token: pass the join token printed by 'towerctl cluster add' (or set TOWERCTL_TOKEN)")?;
+    let hub_key = match (&o.hub_key, o.insecure_skip_hub_key) {
+        (Some(k), _) => Some(normalize_fingerprint(k).with_context(|| format!("invalid --hub-key '{k}': expected 'sha256:' followed by the base64 fingerprint printed by 'towerctl cluster add'"))?),
+        (None, true) => None,
+        (None, false) => bail!("missing --hub-key: pass the hub key fingerprint printed by 'towerctl cluster add' (sha256:…), or --insecure-skip-hub-key to skip verification (unsafe)"),
+    };
+    let kubeconfig = match &o.kubeconfig {
+        Some(p) => {
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            if !abs.exists() {
+                bail!("the member kubeconfig '{}' does not exist: pass the kubeconfig of the member's API server with --kubeconfig", abs.display());
+            }
+            Some(abs)
+        }
+        None => None,
+    };
+    Ok(AgentConfig {
+        name: name.to_string(),
+        hub,
+        token: token.trim().to_string(),
+        hub_key,
+        kubeconfig,
+        keepalive_secs: o.keepalive.as_secs().max(1),
+        backoff_cap_secs: o.backoff_cap.as_secs().max(1),
+    })
+}
+
+async fn agent_status(name: &str) -> Option<AgentStatus> {
+    let v = control::call(&paths::agent_socket(name), Request::Status)
+        .await
+        .ok()?;
+    serde_json::from_value(v).ok()
+}
+
+pub async fn join(a: JoinArgs) -> Result<u8> {
+    let cfg = config_from_opts(&a.name, &a.opts)?;
+    if let Some(s) = agent_status(&a.name).await {
+        bail!("an agent for cluster '{}' is already running on this machine (pid {}, {}); run 'towerctl leave {}' first to replace it", a.name, s.pid, s.state, a.name);
+    }
+    let path = agent::config_path(&a.name);
+    let previous = std::fs::read(&path).ok();
+    paths::write_atomic(&path, &serde_json::to_vec_pretty(&cfg)?, 0o600)?;
+    let restore = || match &previous {
+        Some(p) => {
+            let _ = paths::write_atomic(&path, p, 0o600);
+        }
+        None => {
+            let _ = std::fs::remove_file(&path);
+        }
+    };
+
+    let args: Vec<OsString> = vec![
+        "agent".into(),
+        "run".into(),
+        a.name.clone().into(),
+        "--config".into(),
+        path.clone().into_os_string(),
+    ];
+    let mut spawned = process::spawn(&format!("agent-{}", a.name), &args)?;
+    let deadline = Instant::now() + a.timeout;
+    let mut last: Option<AgentStatus> = None;
+    loop {
+        if let Some(st) = spawned.child.try_wait()? {
+            restore();
+            let code = st.code();
+            let msg = spawned.failure(code);
+            eprintln!("error: {msg}");
+            return Ok(match code {
+                Some(c) if c == i32::from(exit::AUTH) => exit::AUTH,
+                _ => exit::ERROR,
+            });
+        }
+        if let Some(s) = agent_status(&a.name).await {
+            if s.state == "connected" {
+                println!(
+                    "agent '{}' joined {} (pid {}); the tunnel is up",
+                    a.name, cfg.hub, s.pid
+                );
+                println!("  upstream: {}", s.upstream);
+                println!("  logs:     {}", spawned.log.display());
+                return Ok(exit::OK);
+            }
+            last = Some(s);
+        }
+        if Instant::now() >= deadline {
+            spawned.kill();
+            restore();
+            let why = last
+                .and_then(|s| s.last_error)
+                .unwrap_or_else(|| "no answer".into());
+            eprintln!("error: the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here. The agent was stopped.", a.timeout, cfg.hub);
+            return Ok(exit::UNREACHABLE);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run_foreground(name: String, opts: AgentOpts, config: Option<PathBuf>) -> Result<u8> {
+    let cfg = match config {
+        Some(p) => {
+            let s = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read the agent config '{}'", p.display()))?;
+            let c: AgentConfig = serde_json::from_str(&s).with_context(|| {
+                format!(
+                    "the agent config '{}' is malformed; run 'towerctl join' again",
+                    p.display()
+                )
+            })?;
+            if c.name != name {
+                bail!(
+                    "the agent config '{}' is for cluster '{}', not '{name}'",
+                    p.display(),
+                    c.name
+                );
+            }
+            c
+        }
+        None => config_from_opts(&name, &opts)?,
+    };
+    let _lock = process::lock_pid_file(&format!("agent-{name}"))?;
+    let cancel = CancellationToken::new();
+    super::hub::cancel_on_signals(cancel.clone());
+    agent::run(cfg, cancel).await?;
+    Ok(exit::OK)
+}
+
+pub async fn leave(name: &str) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let path = agent::config_path(name);
+    let daemon = format!("agent-{name}");
+    let pid = process::running_pid(&daemon);
+    let running = control::call(&paths::agent_socket(name), Request::Shutdown)
+        .await
+        .is_ok();
+    if !running && pid.is_none() && !path.exists() {
+        bail!("no agent named '{name}' on this machine; 'towerctl status' lists them");
+    }
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process::alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if process::alive(pid) && !process::terminate(pid, Duration::from_secs(5)).await {
+            bail!("the agent '{name}' (pid {pid}) did not stop; stop it with 'kill -9 {pid}'");
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    println!("agent '{name}' stopped and forgotten");
+    Ok(exit::OK)
+}

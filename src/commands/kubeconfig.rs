@@ -1,0 +1,327 @@
+//! Editing the user's kubeconfig the way client-go does, without losing
+//! anything.
+//!
+//! - Which file: `--kubeconfig` alone, else the `KUBECONFIG` list (new
+//!   entries go to the first file that exists), else `~/.kube/config`.
+//! - How: a `<file>.lock` taken with O_EXCL (the lock kubectl itself uses),
+//!   a backup `<file>.towerctl.bak`, a temp file in the same directory and a
+//!   rename; a symlinked file is followed so the link survives; the mode is
+//!   kept (0600 for a new file).
+//! - What: only the entries we own (`tower-*`) and `current-context`; the
+//!   rest of the document is carried over as parsed. We never write back a
+//!   merged view of several files (that would copy other files' entries and
+//!   turn relative paths absolute).
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::paths;
+
+/// The kubeconfig files in effect, in precedence order.
+pub fn files(explicit: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = explicit {
+        return vec![p.to_path_buf()];
+    }
+    if let Some(v) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        let list: Vec<PathBuf> = std::env::split_paths(&v)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        if !list.is_empty() {
+            return list;
+        }
+    }
+    vec![dirs::home_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".kube")
+        .join("config")]
+}
+
+/// The file new entries go to: the first that exists, else the first listed.
+pub fn target(files: &[PathBuf]) -> PathBuf {
+    files
+        .iter()
+        .find(|p| p.exists())
+        .unwrap_or(&files[0])
+        .clone()
+}
+
+/// Reads a kubeconfig document; a missing or empty file is an empty config.
+pub fn read(path: &Path) -> Result<Value> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the kubeconfig '{}'", path.display()))
+        }
+    };
+    if text.trim().is_empty() {
+        return Ok(Value::Object(Map::new()));
+    }
+    let v: Value = serde_saphyr::from_str(&text)
+        .with_context(|| format!("the kubeconfig '{}' is not valid YAML; fix it (a backup may be at '{}') or pass another file with --kubeconfig", path.display(), backup_path(path).display()))?;
+    match v {
+        Value::Object(_) => Ok(v),
+        Value::Null => Ok(Value::Object(Map::new())),
+        _ => bail!(
+            "the kubeconfig '{}' is not a mapping; fix it or pass another file with --kubeconfig",
+            path.display()
+        ),
+    }
+}
+
+/// `current-context` as kubectl sees it: the first non-empty one in the list.
+pub fn current_context(files: &[PathBuf]) -> Option<String> {
+    files.iter().find_map(|f| {
+        read(f)
+            .ok()?
+            .get("current-context")?
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    })
+}
+
+fn backup_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".towerctl.bak");
+    PathBuf::from(s)
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+struct Lock(PathBuf);
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn lock(path: &Path) -> Result<Lock> {
+    let lp = lock_path(path);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&lp)
+        {
+            Ok(_) => return Ok(Lock(lp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if Instant::now() >= deadline {
+                    bail!("the kubeconfig '{}' is locked by another program ('{}' exists); if no kubectl or towerctl is running, remove that file and retry", path.display(), lp.display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot lock '{}'", path.display())),
+        }
+    }
+}
+
+/// Applies `f` to the kubeconfig at `path` under the lock, then writes it
+/// back atomically. Returns the path actually written (the symlink target).
+pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<PathBuf> {
+    // Follow a symlinked kubeconfig instead of replacing the link.
+    let real = if path.is_symlink() {
+        std::fs::canonicalize(path).with_context(|| {
+            format!(
+                "the kubeconfig '{}' is a dangling symlink; fix the link",
+                path.display()
+            )
+        })?
+    } else {
+        path.to_path_buf()
+    };
+    if let Some(dir) = real.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            paths::ensure_private_dir(dir)?;
+        }
+    }
+    let _lock = lock(&real)?;
+    let mut doc = read(&real)?;
+    let mode = std::fs::metadata(&real)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0o600);
+    if real.exists() {
+        let bak = backup_path(&real);
+        std::fs::copy(&real, &bak)
+            .with_context(|| format!("cannot back up the kubeconfig to '{}'", bak.display()))?;
+        let _ = std::fs::set_permissions(&bak, std::fs::Permissions::from_mode(0o600));
+    }
+    f(&mut doc)?;
+    let obj = doc.as_object_mut().context("kubeconfig is not a mapping")?;
+    obj.entry("apiVersion").or_insert_with(|| json!("v1"));
+    obj.entry("kind").or_insert_with(|| json!("Config"));
+    let yaml = serde_saphyr::to_string(&doc).context("cannot encode the kubeconfig")?;
+    paths::write_atomic(&real, yaml.as_bytes(), mode)?;
+    Ok(real)
+}
+
+/// Inserts or replaces the entry `name` in the list `list_key` (`clusters`,
+/// `users`, `contexts`), whose payload lives under `item_key`. Duplicates of
+/// the same name (left by other tools) are collapsed into one.
+pub fn upsert(
+    doc: &mut Value,
+    list_key: &str,
+    item_key: &str,
+    name: &str,
+    payload: Value,
+) -> Result<()> {
+    let obj = doc.as_object_mut().context("kubeconfig is not a mapping")?;
+    let list = obj.entry(list_key).or_insert_with(|| json!([]));
+    if list.is_null() {
+        *list = json!([]);
+    }
+    let arr = list
+        .as_array_mut()
+        .with_context(|| format!("'{list_key}' in the kubeconfig is not a list"))?;
+    let entry = json!({ "name": name, item_key: payload });
+    let mut placed = false;
+    arr.retain_mut(|e| {
+        if e.get("name").and_then(Value::as_str) == Some(name) {
+            if placed {
+                return false;
+            }
+            *e = entry.clone();
+            placed = true;
+        }
+        true
+    });
+    if !placed {
+        arr.push(entry);
+    }
+    Ok(())
+}
+
+pub fn set_current(doc: &mut Value, ctx: &str) -> Result<()> {
+    doc.as_object_mut()
+        .context("kubeconfig is not a mapping")?
+        .insert("current-context".into(), json!(ctx));
+    Ok(())
+}
+
+/// Whether a context of that name exists in any of the files.
+pub fn has_context(files: &[PathBuf], name: &str) -> bool {
+    files.iter().any(|f| {
+        read(f)
+            .ok()
+            .and_then(|d| d.get("contexts").and_then(Value::as_array).cloned())
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(doc: &Value) -> Vec<String> {
+        doc["contexts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn upsert_never_duplicates_and_keeps_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config");
+        std::fs::write(&p, "apiVersion: v1\nkind: Config\nclusters:\n- name: other\n  cluster:\n    server: https://x\n    certificate-authority: ca.crt\ncontexts:\n- name: other\n  context: {cluster: other, user: other}\ncurrent-context: other\nusers:\n- name: other\n  user: {token: abc}\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        for _ in 0..3 {
+            edit(&p, |d| {
+                upsert(
+                    d,
+                    "contexts",
+                    "context",
+                    "tower-a",
+                    json!({"cluster": "tower-a", "user": "tower-a"}),
+                )?;
+                set_current(d, "tower-a")
+            })
+            .unwrap();
+        }
+        let d = read(&p).unwrap();
+        assert_eq!(ctx(&d), vec!["other", "tower-a"]);
+        assert_eq!(d["current-context"], "tower-a");
+        // Relative paths of other entries stay relative; other users untouched.
+        assert_eq!(
+            d["clusters"][0]["cluster"]["certificate-authority"],
+            "ca.crt"
+        );
+        assert_eq!(d["users"][0]["user"]["token"], "abc");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert!(backup_path(&p).exists());
+        assert!(!lock_path(&p).exists());
+    }
+
+    #[test]
+    fn follows_symlinks_and_creates_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap_err_or_create(&real);
+        let written = edit(&link, |d| set_current(d, "x")).unwrap();
+        assert!(link.is_symlink(), "the symlink must survive");
+        assert_eq!(written, std::fs::canonicalize(&real).unwrap());
+        assert_eq!(read(&real).unwrap()["current-context"], "x");
+        // An existing file keeps its mode.
+        assert_eq!(
+            std::fs::metadata(&real).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+
+        let fresh = dir.path().join("sub").join("new");
+        edit(&fresh, |d| set_current(d, "y")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    trait CreateTarget {
+        fn unwrap_err_or_create(self, p: &Path);
+    }
+    impl CreateTarget for std::io::Result<()> {
+        fn unwrap_err_or_create(self, p: &Path) {
+            self.unwrap();
+            std::fs::write(p, "").unwrap();
+        }
+    }
+
+    #[test]
+    fn target_is_first_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&b, "").unwrap();
+        assert_eq!(target(&[a.clone(), b.clone()]), b);
+        assert_eq!(target(std::slice::from_ref(&a)), a);
+    }
+
+    #[test]
+    fn held_lock_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config");
+        std::fs::write(lock_path(&p), "").unwrap();
+        let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("locked"), "{err}");
+    }
+}

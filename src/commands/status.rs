@@ -1,0 +1,126 @@
+//! `towerctl status`: the hub and the agents on this machine.
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::{exit, StatusArgs};
+use crate::daemon::agent;
+use crate::daemon::control::{self, AgentStatus, Request};
+use crate::daemon::gateway::humanize;
+use crate::paths;
+
+fn age(since: Option<u64>) -> String {
+    since
+        .map(|s| humanize(control::now_unix().saturating_sub(s)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|r| format!("{r:.2}ms")).unwrap_or_else(|| "-".into())
+}
+
+pub async fn run(a: StatusArgs) -> Result<u8> {
+    let hub = super::hub::hub_status().await;
+    let mut agents: Vec<(String, Option<AgentStatus>)> = Vec::new();
+    for c in agent::list_configs() {
+        let st = control::call(&paths::agent_socket(&c.name), Request::Status)
+            .await
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok());
+        agents.push((c.name, st));
+    }
+    let anything = hub.is_some() || agents.iter().any(|(_, s)| s.is_some());
+
+    if a.output == "json" {
+        let v = json!({
+            "apiVersion": "towerctl/v1",
+            "kind": "Status",
+            "hub": hub.as_ref().map(|h| json!({
+                "pid": h.pid,
+                "version": h.version,
+                "tunnelAddress": h.tunnel_addr,
+                "gatewayAddress": h.gateway_addr,
+                "tunnelURL": h.tunnel_url,
+                "gatewayURL": h.gateway_url,
+                "hubKey": h.hub_key,
+                "clusters": h.clusters,
+            })),
+            "agents": agents.iter().map(|(name, s)| match s {
+                Some(s) => serde_json::to_value(s).unwrap_or_default(),
+                None => json!({"name": name, "state": "stopped"}),
+            }).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        match &hub {
+            Some(h) => {
+                println!(
+                    "HUB  running (pid {})  tunnel {}  gateway {}  key {}",
+                    h.pid, h.tunnel_addr, h.gateway_addr, h.hub_key
+                );
+                if h.clusters.is_empty() {
+                    println!("  no members yet: 'towerctl cluster add NAME'");
+                } else {
+                    println!(
+                        "  {:<20} {:<16} {:<8} {:<22} {:>9} {:>7}",
+                        "CLUSTER", "STATE", "FOR", "REMOTE", "RTT", "STREAMS"
+                    );
+                    for c in &h.clusters {
+                        println!(
+                            "  {:<20} {:<16} {:<8} {:<22} {:>9} {:>7}",
+                            c.name,
+                            c.state,
+                            age(c.since),
+                            c.remote.clone().unwrap_or_else(|| "-".into()),
+                            ms(c.rtt_ms),
+                            c.streams
+                        );
+                    }
+                }
+            }
+            None => println!("HUB  not running on this machine"),
+        }
+        if !agents.is_empty() {
+            println!("AGENTS");
+            println!(
+                "  {:<20} {:<12} {:<8} {:>9}  DETAIL",
+                "CLUSTER", "STATE", "FOR", "RTT"
+            );
+            for (name, s) in &agents {
+                match s {
+                    Some(s) => {
+                        let detail = match (s.state.as_str(), s.retry_in_ms) {
+                            ("backing_off", Some(ms)) => format!(
+                                "retry in {:.1}s (attempt {}){}",
+                                ms as f64 / 1000.0,
+                                s.attempt,
+                                s.last_error
+                                    .as_ref()
+                                    .map(|e| format!(": {e}"))
+                                    .unwrap_or_default()
+                            ),
+                            _ => format!("hub {}", s.hub),
+                        };
+                        println!(
+                            "  {:<20} {:<12} {:<8} {:>9}  {}",
+                            name,
+                            s.state,
+                            age(Some(s.since)),
+                            ms(s.rtt_ms),
+                            detail
+                        );
+                    }
+                    None => println!(
+                        "  {:<20} {:<12} {:<8} {:>9}  start it again with 'towerctl join {name} …'",
+                        name, "stopped", "-", "-"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(if anything {
+        exit::OK
+    } else {
+        exit::NOT_RUNNING
+    })
+}

@@ -1,0 +1,229 @@
+//! The control socket: a small, versioned request/response protocol over a
+//! Unix socket, one JSON object per line. The CLI (and later the dashboard)
+//! speak it to the hub and agent daemons on this machine.
+//!
+//! The socket lives in the private runtime dir (0700), so file permissions
+//! are the access control: only the user who runs the daemon can talk to it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// Protocol version; bumped on incompatible changes.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// State of the daemon.
+    Status,
+    /// Hub: register a member (or issue a new token for it).
+    ClusterAdd { name: String },
+    /// Hub: forget a member and cut its session.
+    ClusterRemove { name: String },
+    /// Stop the daemon.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    #[serde(flatten)]
+    pub req: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok(data: impl Serialize) -> Self {
+        Response {
+            v: VERSION,
+            ok: true,
+            error: None,
+            data: serde_json::to_value(data).ok(),
+        }
+    }
+    pub fn err(msg: impl Into<String>) -> Self {
+        Response {
+            v: VERSION,
+            ok: false,
+            error: Some(msg.into()),
+            data: None,
+        }
+    }
+}
+
+/// The hub's status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubStatus {
+    pub pid: u32,
+    pub version: String,
+    pub started_at: u64,
+    pub tunnel_addr: String,
+    pub gateway_addr: String,
+    /// What agents dial (`ws://…/tunnel`).
+    pub tunnel_url: String,
+    /// What kubectl talks to (`https://…`).
+    pub gateway_url: String,
+    pub hub_key: String,
+    pub ca_pem: String,
+    /// File holding the local admin operator token (0600).
+    pub admin_token_file: String,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    /// `connected`, `disconnected` or `never_connected`.
+    pub state: String,
+    /// Unix seconds since which the state holds, when known.
+    pub since: Option<u64>,
+    pub remote: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub streams: u64,
+    pub agent_version: Option<String>,
+}
+
+/// What `cluster add` gets back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterAdded {
+    pub name: String,
+    pub token: String,
+    pub tunnel_url: String,
+    pub hub_key: String,
+}
+
+/// An agent's status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub name: String,
+    pub pid: u32,
+    pub hub: String,
+    /// `connecting`, `connected`, `backing_off` or `failed`.
+    pub state: String,
+    pub since: u64,
+    pub rtt_ms: Option<f64>,
+    pub attempt: u32,
+    /// For `backing_off`: milliseconds until the next attempt.
+    pub retry_in_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub upstream: String,
+}
+
+/// Sends one request and reads one response, bounded in time.
+pub async fn call(socket: &Path, req: Request) -> Result<serde_json::Value> {
+    let fut = async {
+        let stream = UnixStream::connect(socket).await?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_vec(&Envelope { v: VERSION, req })?;
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        let mut reader = BufReader::new(r);
+        let mut buf = String::new();
+        reader.read_line(&mut buf).await?;
+        let resp: Response =
+            serde_json::from_str(&buf).context("malformed answer from the daemon")?;
+        anyhow::Ok(resp)
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .context("the daemon did not answer within 10s")??;
+    if resp.v != VERSION {
+        anyhow::bail!("the daemon speaks control protocol v{} but this towerctl speaks v{VERSION}; restart the daemon with this towerctl", resp.v);
+    }
+    if !resp.ok {
+        anyhow::bail!(
+            "{}",
+            resp.error
+                .unwrap_or_else(|| "the daemon refused the request".into())
+        );
+    }
+    Ok(resp.data.unwrap_or(serde_json::Value::Null))
+}
+
+/// Whether a daemon answers on `socket`.
+pub async fn is_up(socket: &Path) -> bool {
+    call(socket, Request::Status).await.is_ok()
+}
+
+/// Serves the control socket until `cancel` fires. `handle` answers each request.
+pub async fn serve<F, Fut>(listener: UnixListener, cancel: CancellationToken, handle: F)
+where
+    F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut reader = BufReader::new(r);
+            let mut line = String::new();
+            if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let resp = match serde_json::from_str::<Envelope>(&line) {
+                Ok(env) if env.v == VERSION => handle(env.req).await,
+                Ok(env) => Response::err(format!(
+                    "control protocol v{} is not supported (this daemon speaks v{VERSION})",
+                    env.v
+                )),
+                Err(e) => Response::err(format!("malformed request: {e}")),
+            };
+            if let Ok(mut out) = serde_json::to_vec(&resp) {
+                out.push(b'\n');
+                let _ = w.write_all(&out).await;
+            }
+        });
+    }
+}
+
+/// Binds a control socket, replacing a stale one left by a dead daemon.
+/// Fails when a live daemon answers on it.
+pub async fn bind(path: &Path) -> Result<UnixListener> {
+    crate::paths::ensure_private_dir(path.parent().unwrap_or(Path::new("/")))?;
+    if path.exists() {
+        if is_up(path).await {
+            anyhow::bail!("a daemon is already running on '{}'", path.display());
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if path.as_os_str().len() >= 104 {
+        anyhow::bail!("the control socket path '{}' is too long for a Unix socket (max ~104 bytes); set XDG_RUNTIME_DIR to a shorter directory", path.display());
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen on '{}'", path.display()))
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

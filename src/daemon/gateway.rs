@@ -1,0 +1,358 @@
+//! The gateway: one HTTPS listener that serves every member by path,
+//! `https://hub:9443/clusters/<name>/<kubernetes path>`.
+//!
+//! Each request opens one tunnel channel and speaks HTTP/1.1 to the agent
+//! over it. Bodies stream both ways as they come (watch, `logs -f`), and
+//! HTTP/1.1 upgrades (exec, attach, port-forward; WebSocket or SPDY) are
+//! spliced through once both sides have switched protocols.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::hub::Hub;
+use crate::tunnel::{self, server, TARGET_APISERVER};
+
+pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A Kubernetes `Status` object, which kubectl prints as a readable error.
+pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    });
+    let mut r = Response::new(full(Bytes::from(body.to_string())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
+/// `Connection` and `Upgrade` are kept on upgrade requests.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+        .unwrap_or(false)
+        && headers.contains_key(header::UPGRADE)
+}
+
+/// Removes hop-by-hop headers (keeping the upgrade pair when upgrading).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| t != "upgrade")
+        .collect();
+    for n in named {
+        headers.remove(n.as_str());
+    }
+    for h in HOP_BY_HOP {
+        if upgrade && (*h == "connection" || *h == "upgrade") {
+            continue;
+        }
+        headers.remove(*h);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+}
+
+/// Removes what an operator must never pass to a member: their own
+/// credentials, and any identity they claim for themselves.
+pub fn strip_identity(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    let forged: Vec<_> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for k in forged {
+        headers.remove(k);
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    hub: Arc<Hub>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("gateway accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        tunnel::nodelay(&tcp);
+        let acceptor = acceptor.clone();
+        let hub = hub.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "gateway TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = hyper::service::service_fn(move |req| {
+                let hub = hub.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(hub, req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades();
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") },
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Splits `/clusters/<name>/<rest>` into the name and the upstream path.
+pub fn route(path: &str) -> Option<(&str, String)> {
+    let rest = path.strip_prefix("/clusters/")?;
+    let (name, tail) = match rest.split_once('/') {
+        Some((n, t)) => (n, format!("/{t}")),
+        None => (rest, "/".to_string()),
+    };
+    (!name.is_empty()).then_some((name, tail))
+}
+
+fn ago(since: u64) -> String {
+    let secs = super::control::now_unix().saturating_sub(since);
+    let when = humanize(secs);
+    format!("since {} ({when} ago)", crate::daemon::fmt_unix(since))
+}
+
+pub fn humanize(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+async fn handle(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" || path == "/readyz" {
+        return Response::new(full(Bytes::from_static(b"ok")));
+    }
+    let Some(token) = bearer(req.headers()) else {
+        return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
+    };
+    let Some(operator) = hub.operator(token) else {
+        return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
+    };
+    let Some((name, upstream_path)) = route(&path) else {
+        return status_response(StatusCode::NOT_FOUND, "NotFound", "the towerctl gateway serves clusters under /clusters/<name>/; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL");
+    };
+    let name = name.to_string();
+    let Some(session) = hub.session(&name) else {
+        return match hub.store.get_member(&name) {
+            Ok(Some(m)) => {
+                let msg = match hub.disconnected_since(&name).or(m.last_seen) {
+                    Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", ago(t)),
+                    None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
+                };
+                status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg)
+            }
+            _ => status_response(StatusCode::NOT_FOUND, "NotFound", &format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
+        };
+    };
+
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{upstream_path}?{q}"),
+        None => upstream_path,
+    };
+    parts.uri = match pq.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return status_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "invalid request path",
+            )
+        }
+    };
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_identity(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::HOST, HeaderValue::from_static(TARGET_APISERVER));
+    if let Ok(v) = HeaderValue::from_str(&operator.name) {
+        parts.headers.insert("x-towerctl-operator", v);
+    }
+    let up_req = Request::from_parts(parts, body);
+
+    let stream = match server::open(&session.handle, TARGET_APISERVER, 443, peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"));
+        }
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            return status_response(
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                &format!("cluster '{name}': {e}"),
+            )
+        }
+    };
+    {
+        let session = session.clone();
+        session.streams.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("tunnel stream: {e}");
+            }
+            session.streams.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    let mut resp = match sender.send_request(up_req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return status_response(
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                &format!("cluster '{name}': the agent did not answer: {e}"),
+            )
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream) {
+                    Ok((a, b)) => {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(a),
+                            &mut TokioIo::new(b),
+                        )
+                        .await;
+                    }
+                    Err(e) => tracing::debug!("upgrade failed: {e}"),
+                }
+            });
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_path() {
+        assert_eq!(
+            route("/clusters/alpha/api/v1/nodes"),
+            Some(("alpha", "/api/v1/nodes".to_string()))
+        );
+        assert_eq!(route("/clusters/alpha"), Some(("alpha", "/".to_string())));
+        assert_eq!(route("/clusters/"), None);
+        assert_eq!(route("/api/v1"), None);
+    }
+
+    #[test]
+    fn strips_credentials_and_forged_identity() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer op"));
+        h.insert("impersonate-user", HeaderValue::from_static("root"));
+        h.insert(
+            "impersonate-group",
+            HeaderValue::from_static("system:masters"),
+        );
+        h.insert("impersonate-extra-x", HeaderValue::from_static("y"));
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        strip_identity(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_headers_only_when_upgrading() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade, X-Hop"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        assert!(is_upgrade(&h));
+        let mut up = h.clone();
+        strip_hop_by_hop(&mut up, true);
+        assert!(
+            up.contains_key("upgrade")
+                && up.contains_key("connection")
+                && !up.contains_key("x-hop")
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+    }
+}

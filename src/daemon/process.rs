@@ -1,0 +1,183 @@
+//! Background daemons: started as a fresh `towerctl` process in its own
+//! session (never `fork()` after tokio has started), one instance per name
+//! guaranteed by a lock on its pid file.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::paths;
+
+/// Set in a daemon's environment by the process that started it.
+pub const DAEMON_ENV: &str = "TOWERCTL_DAEMON";
+
+/// Holds the pid file lock for the daemon's lifetime.
+pub struct PidLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Takes the pid file of `daemon` (`hub`, `agent-NAME`), or fails when a
+/// live daemon holds it.
+pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
+    let path = paths::pid_file(daemon);
+    paths::ensure_private_dir(path.parent().unwrap_or(Path::new("/")))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open '{}'", path.display()))?;
+    // SAFETY: flock on a valid, open descriptor.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let mut s = String::new();
+        let _ = f.read_to_string(&mut s);
+        bail!(
+            "the {daemon} daemon is already running (pid {}); stop it first",
+            s.trim()
+        );
+    }
+    f.set_len(0)?;
+    f.seek(SeekFrom::Start(0))?;
+    writeln!(f, "{}", std::process::id())?;
+    f.flush()?;
+    Ok(PidLock { _file: f, path })
+}
+
+/// Pid recorded in a daemon's pid file, if the daemon still holds its lock.
+pub fn running_pid(daemon: &str) -> Option<u32> {
+    let path = paths::pid_file(daemon);
+    let f = File::open(&path).ok()?;
+    // SAFETY: flock on a valid, open descriptor; released right away.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return None; // nobody holds it: stale
+    }
+    std::fs::read_to_string(&path).ok()?.trim().parse().ok()
+}
+
+/// A daemon being started in the background.
+pub struct Spawned {
+    pub child: Child,
+    pub log: PathBuf,
+    offset: u64,
+}
+
+/// Starts `towerctl ARGS…` detached, with output appended to the daemon's log.
+pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
+    let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
+    let log = paths::log_file(daemon);
+    paths::ensure_private_dir(log.parent().unwrap_or(Path::new("/")))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log)
+        .with_context(|| format!("cannot open the log '{}'", log.display()))?;
+    let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
+    // terminal's session so a closing shell does not take it down.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("cannot start the daemon")?;
+    Ok(Spawned { child, log, offset })
+}
+
+impl Spawned {
+    /// Polls `check` until it returns `Some`, the daemon exits (its error is
+    /// returned), or `timeout` passes.
+    pub async fn wait_ready<T, F, Fut>(
+        &mut self,
+        timeout: Duration,
+        mut check: F,
+    ) -> Result<Option<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{}", self.failure(status.code()));
+            }
+            if let Some(v) = check().await {
+                return Ok(Some(v));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The error the daemon printed before exiting, from its log.
+    pub fn failure(&self, code: Option<i32>) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.seek(SeekFrom::Start(self.offset));
+            let _ = f.take(64 * 1024).read_to_string(&mut s);
+        }
+        match s.rfind("error: ") {
+            Some(i) => s[i + 7..].trim().to_string(),
+            None => format!(
+                "the daemon exited (code {}) before it was ready; see its log '{}'",
+                code.map(|c| c.to_string())
+                    .unwrap_or_else(|| "signal".into()),
+                self.log.display()
+            ),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGTERM to `pid` and waits (bounded) for it to go away.
+pub async fn terminate(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: plain kill(2) on a pid we read from our own pid file.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    !alive(pid)
+}
+
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}

@@ -1,0 +1,190 @@
+//! The hub's registry: members, token hashes, operator credentials.
+//!
+//! Behind the small [`Store`] trait so that a shared backend (Kubernetes
+//! CRDs, etcd) can replace the embedded one for replicated hubs. The
+//! embedded backend is redb: ACID with copy-on-write pages, so a hub killed
+//! with `kill -9` in the middle of a write restarts with the last committed
+//! state and nothing corrupted.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
+const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators");
+
+/// A registered member cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Member {
+    pub name: String,
+    /// Hash of the current join token (never the token itself).
+    pub token_hash: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds of the last time an agent session ended.
+    #[serde(default)]
+    pub last_seen: Option<u64>,
+    #[serde(default)]
+    pub agent_version: Option<String>,
+}
+
+/// An operator allowed to use the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Operator {
+    pub name: String,
+    pub token_hash: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub created_at: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the hub's store at '{path}' cannot be opened: {reason}. Is another hub running with the same data directory?")]
+    Open { path: String, reason: String },
+    #[error("store operation failed: {0}")]
+    Io(String),
+    #[error("a stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// The registry interface the hub needs.
+pub trait Store: Send + Sync + 'static {
+    fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError>;
+    fn put_member(&self, m: &Member) -> Result<(), StoreError>;
+    fn list_members(&self) -> Result<Vec<Member>, StoreError>;
+    fn delete_member(&self, name: &str) -> Result<bool, StoreError>;
+    fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
+    fn put_operator(&self, op: &Operator) -> Result<(), StoreError>;
+}
+
+/// The embedded redb store.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        // The registry holds token hashes: keep it private.
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        // Create the tables so that read transactions never meet a missing one.
+        let tx = db.begin_write().map_err(io)?;
+        tx.open_table(MEMBERS).map_err(io)?;
+        tx.open_table(OPERATORS).map_err(io)?;
+        tx.commit().map_err(io)?;
+        Ok(RedbStore { db })
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        v: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(v).map_err(io)?;
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut t = tx.open_table(table).map_err(io)?;
+            t.insert(key, bytes.as_slice()).map_err(io)?;
+        }
+        tx.commit().map_err(io)
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(table).map_err(io)?;
+        match t.get(key).map_err(io)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    fn list<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(io)?;
+        let t = tx.open_table(table).map_err(io)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(io)? {
+            let (k, v) = row.map_err(io)?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", k.value())))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Store for RedbStore {
+    fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
+        self.get(MEMBERS, name)
+    }
+    fn put_member(&self, m: &Member) -> Result<(), StoreError> {
+        self.put(MEMBERS, &m.name, m)
+    }
+    fn list_members(&self) -> Result<Vec<Member>, StoreError> {
+        self.list(MEMBERS)
+    }
+    fn delete_member(&self, name: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let existed = {
+            let mut t = tx.open_table(MEMBERS).map_err(io)?;
+            let r = t.remove(name).map_err(io)?;
+            r.is_some()
+        };
+        tx.commit().map_err(io)?;
+        Ok(existed)
+    }
+    fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError> {
+        self.get(OPERATORS, hash)
+    }
+    fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
+        self.put(OPERATORS, &op.token_hash, op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        {
+            let s = RedbStore::open(&path).unwrap();
+            let m = Member {
+                name: "alpha".into(),
+                token_hash: "sha256:00".into(),
+                created_at: 1,
+                last_seen: None,
+                agent_version: None,
+            };
+            s.put_member(&m).unwrap();
+            assert_eq!(s.get_member("alpha").unwrap(), Some(m));
+            assert_eq!(s.get_member("beta").unwrap(), None);
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.list_members().unwrap().len(), 1);
+        assert!(s.delete_member("alpha").unwrap());
+        assert!(!s.delete_member("alpha").unwrap());
+        assert!(s.list_members().unwrap().is_empty());
+    }
+}

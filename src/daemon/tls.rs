@@ -1,0 +1,86 @@
+//! The gateway's certificate authority and serving certificate.
+//!
+//! A CA is created at the hub's first start and kept in its data dir; the
+//! serving certificate is issued anew at every start for the addresses the
+//! gateway answers on, so changing `--gateway` never needs a manual step.
+//! Kubeconfigs carry the CA, which does not change.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+pub struct GatewayTls {
+    pub ca_pem: String,
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+fn ca_params() -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "towerctl hub CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    Ok(p)
+}
+
+/// Loads (or creates) the CA in `dir` and issues a serving certificate for
+/// `names` (DNS names or IP addresses).
+pub fn load(
+    dir: &Path,
+    names: &[String],
+    write_secret: impl Fn(&Path, &[u8], u32) -> Result<()>,
+) -> Result<GatewayTls> {
+    let key_path = dir.join("ca.key");
+    let cert_path = dir.join("ca.crt");
+    let (ca_key, ca_pem) = match (std::fs::read_to_string(&key_path), std::fs::read_to_string(&cert_path)) {
+        (Ok(k), Ok(c)) => (
+            KeyPair::from_pem(&k).with_context(|| format!("the gateway CA key '{}' is unreadable; delete ca.key and ca.crt to create a new CA (kubeconfigs must then be rewritten with 'towerctl use')", key_path.display()))?,
+            c,
+        ),
+        _ => {
+            let key = KeyPair::generate().context("cannot generate the gateway CA key")?;
+            let cert = ca_params()?.self_signed(&key).context("cannot create the gateway CA")?;
+            write_secret(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            write_secret(&cert_path, cert.pem().as_bytes(), 0o644)?;
+            (key, cert.pem())
+        }
+    };
+    let issuer = Issuer::new(ca_params()?, ca_key);
+
+    let leaf_key = KeyPair::generate().context("cannot generate the gateway key")?;
+    let mut params =
+        CertificateParams::new(names.to_vec()).context("invalid gateway certificate names")?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "towerctl gateway");
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    let leaf = params
+        .signed_by(&leaf_key, &issuer)
+        .context("cannot issue the gateway certificate")?;
+
+    let certs = vec![leaf.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("gateway key: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("gateway TLS configuration")?;
+    // HTTP/1.1 only: upgrades (exec, attach, port-forward) need it.
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(GatewayTls {
+        ca_pem,
+        server_config: Arc::new(cfg),
+    })
+}

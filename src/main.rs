@@ -1,0 +1,71 @@
+//! towerctl: one binary for the hub, the agent and the operator's CLI.
+//! `main` parses arguments and dispatches; nothing else.
+
+mod commands;
+mod daemon;
+mod paths;
+mod tunnel;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn init_logging(verbose: u8, daemon: bool) {
+    let default = match (verbose, daemon) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("towerctl={default},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none() && !daemon)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = match commands::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                commands::exit::USAGE
+            } else {
+                commands::exit::OK
+            });
+        }
+    };
+    let is_daemon = matches!(
+        cli.command,
+        commands::Command::Hub(_) | commands::Command::Agent(_)
+    );
+    init_logging(cli.verbose, is_daemon);
+    // One TLS crypto provider for the whole process, chosen explicitly, so a
+    // stray feature elsewhere in the tree can never make TLS set-up panic.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(commands::exit::ERROR);
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let code = if daemon::agent::is_fatal(&e) {
+                commands::exit::AUTH
+            } else {
+                commands::exit::ERROR
+            };
+            ExitCode::from(code)
+        }
+    }
+}

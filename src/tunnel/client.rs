@@ -1,0 +1,458 @@
+//! Agent side of the tunnel: dial the hub over WebSocket (optionally through
+//! an HTTP proxy), run SSH inside, pin the hub's host key, log in with the
+//! join token, and serve the channels the hub opens.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use russh::client::{Handle, Msg, Session};
+use russh::keys::PublicKeyOrCertificate;
+use russh::{Channel, ChannelOpenFailure, ChannelStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use super::keys::fingerprint;
+use super::ws::WsIo;
+use super::{Secret, TunnelError, MAX_PACKET, TARGET_PING, WINDOW_SIZE};
+
+/// What the agent needs to reach its hub.
+#[derive(Debug, Clone)]
+pub struct DialOptions {
+    /// `ws://host:port[/path]` or `wss://…`.
+    pub url: String,
+    /// Cluster name: the SSH user name.
+    pub name: String,
+    pub token: Secret,
+    /// Pinned fingerprint of the hub's host key (`sha256:…`); `None` only
+    /// with the explicit insecure flag.
+    pub hub_key: Option<String>,
+    pub keepalive: Duration,
+    /// Bound on TCP connect + WebSocket + SSH handshake.
+    pub connect_timeout: Duration,
+}
+
+/// Serves channels the hub opens. Implemented by the agent daemon.
+pub trait ChannelService: Send + Sync + 'static {
+    /// Whether the agent serves `target:port` at all; refused otherwise.
+    fn accepts(&self, target: &str, port: u32) -> bool;
+    /// Serves an accepted channel; must not block (spawn).
+    fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>);
+}
+
+pub struct AgentHandler {
+    expected_key: Option<String>,
+    seen_key: Arc<Mutex<Option<String>>>,
+    service: Arc<dyn ChannelService>,
+    closed: Option<oneshot::Sender<String>>,
+}
+
+impl AgentHandler {
+    fn refuse(reply: russh::client::ChannelOpenHandle, kind: &str) {
+        tracing::warn!(
+            "refused a '{kind}' channel from the hub: agents only serve forwarded-tcpip"
+        );
+        drop(reply); // dropping rejects with AdministrativelyProhibited
+    }
+}
+
+impl russh::client::Handler for AgentHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        let fp = fingerprint(key);
+        let ok = match &self.expected_key {
+            Some(expected) => super::keys::ct_eq(expected, &fp),
+            None => true,
+        };
+        if let Ok(mut seen) = self.seen_key.lock() {
+            *seen = Some(fp);
+        }
+        Ok(ok)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if connected_address == TARGET_PING {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        } else if self.service.accepts(connected_address, connected_port) {
+            reply.accept().await;
+            self.service.serve(
+                connected_address.to_string(),
+                connected_port,
+                channel.into_stream(),
+            );
+        } else {
+            tracing::warn!(
+                target = connected_address,
+                port = connected_port,
+                "refused a channel to a target this agent does not serve"
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+        }
+        Ok(())
+    }
+
+    // russh's client accepts every other channel type by default; an agent
+    // must never give the hub a shell, an agent socket or an X11 display.
+    async fn server_channel_open_session(
+        &mut self,
+        _c: Channel<Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::refuse(reply, "session");
+        Ok(())
+    }
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _c: Channel<Msg>,
+        _h: &str,
+        _p: u32,
+        _oa: &str,
+        _op: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::refuse(reply, "direct-tcpip");
+        Ok(())
+    }
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _c: Channel<Msg>,
+        _p: &str,
+        reply: russh::client::ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::refuse(reply, "forwarded-streamlocal");
+        Ok(())
+    }
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _c: Channel<Msg>,
+        _p: &str,
+        reply: russh::client::ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::refuse(reply, "direct-streamlocal");
+        Ok(())
+    }
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _c: Channel<Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::refuse(reply, "auth-agent");
+        Ok(())
+    }
+    async fn server_channel_open_x11(
+        &mut self,
+        _c: Channel<Msg>,
+        _a: &str,
+        _p: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Self::refuse(reply, "x11");
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: russh::client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let (msg, r) = match reason {
+            russh::client::DisconnectReason::ReceivedDisconnect(info) => (
+                format!("the hub closed the session: {}", info.message),
+                Ok(()),
+            ),
+            russh::client::DisconnectReason::Error(e) => {
+                (format!("the tunnel failed: {e}"), Err(e))
+            }
+        };
+        if let Some(tx) = self.closed.take() {
+            let _ = tx.send(msg);
+        }
+        r
+    }
+}
+
+/// A live, authenticated tunnel session.
+pub struct ClientSession {
+    handle: Handle<AgentHandler>,
+    closed: oneshot::Receiver<String>,
+    pub connected_at: Instant,
+}
+
+impl ClientSession {
+    /// One round trip to the hub; `None` when no reply came within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        match tokio::time::timeout(timeout, self.handle.send_ping()).await {
+            Ok(Ok(())) if !self.handle.is_closed() => Some(start.elapsed()),
+            _ => None,
+        }
+    }
+
+    /// A future that resolves with a human-readable reason when the session
+    /// ends. Taken once, so that it can be awaited while `ping` borrows the
+    /// session.
+    pub fn take_closed(&mut self) -> impl std::future::Future<Output = String> + use<> {
+        let rx = std::mem::replace(&mut self.closed, oneshot::channel().1);
+        async move { rx.await.unwrap_or_else(|_| "the tunnel closed".to_string()) }
+    }
+
+    pub async fn disconnect(&self, why: &str) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, why, "")
+            .await;
+    }
+}
+
+fn client_config(keepalive: Duration) -> Arc<russh::client::Config> {
+    Arc::new(russh::client::Config {
+        preferred: super::preferred(),
+        keepalive_interval: Some(keepalive),
+        keepalive_max: 2,
+        inactivity_timeout: None,
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Dials the hub and logs in. Fatal errors (wrong key, wrong token) are
+/// distinguished from transient ones with [`TunnelError::is_fatal`].
+pub async fn connect(
+    opts: &DialOptions,
+    service: Arc<dyn ChannelService>,
+) -> Result<ClientSession, TunnelError> {
+    match tokio::time::timeout(opts.connect_timeout, connect_inner(opts, service)).await {
+        Ok(r) => r,
+        Err(_) => Err(TunnelError::Unreachable {
+            url: opts.url.clone(),
+            reason: format!("no answer within {:?}", opts.connect_timeout),
+        }),
+    }
+}
+
+async fn connect_inner(
+    opts: &DialOptions,
+    service: Arc<dyn ChannelService>,
+) -> Result<ClientSession, TunnelError> {
+    let url = url::Url::parse(&opts.url).map_err(|e| TunnelError::BadUrl {
+        url: opts.url.clone(),
+        reason: e.to_string(),
+    })?;
+    let tls = match url.scheme() {
+        "ws" => false,
+        "wss" => true,
+        other => {
+            return Err(TunnelError::BadUrl {
+                url: opts.url.clone(),
+                reason: format!("scheme '{other}' is not supported"),
+            })
+        }
+    };
+    let host = url.host_str().ok_or_else(|| TunnelError::BadUrl {
+        url: opts.url.clone(),
+        reason: "no host".into(),
+    })?;
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let unreachable = |reason: String| TunnelError::Unreachable {
+        url: opts.url.clone(),
+        reason,
+    };
+
+    let tcp = match proxy_for(tls, host) {
+        Some(proxy) => connect_via_proxy(&proxy, host, port)
+            .await
+            .map_err(|e| unreachable(format!("through proxy '{}': {e}", redact_proxy(&proxy))))?,
+        None => TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?,
+    };
+    super::nodelay(&tcp);
+
+    let mut request = opts
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| TunnelError::BadUrl {
+            url: opts.url.clone(),
+            reason: e.to_string(),
+        })?;
+    request.headers_mut().insert(
+        "user-agent",
+        http::HeaderValue::from_static(concat!("towerctl/", env!("CARGO_PKG_VERSION"))),
+    );
+    let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(request, tcp, None, None)
+        .await
+        .map_err(|e| unreachable(format!("WebSocket handshake failed: {e}")))?;
+
+    let seen_key = Arc::new(Mutex::new(None));
+    let (closed_tx, closed_rx) = oneshot::channel();
+    let handler = AgentHandler {
+        expected_key: opts.hub_key.clone(),
+        seen_key: seen_key.clone(),
+        service,
+        closed: Some(closed_tx),
+    };
+    let mut handle =
+        match russh::client::connect_stream(client_config(opts.keepalive), WsIo::new(ws), handler)
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                let seen = seen_key.lock().ok().and_then(|s| s.clone());
+                return Err(match (seen, &opts.hub_key) {
+                    (Some(actual), Some(expected)) if &actual != expected => {
+                        TunnelError::HostKeyMismatch {
+                            expected: expected.clone(),
+                            actual,
+                        }
+                    }
+                    _ => TunnelError::Handshake(e.to_string()),
+                });
+            }
+        };
+    let auth = handle
+        .authenticate_password(opts.name.clone(), opts.token.expose())
+        .await
+        .map_err(|e| TunnelError::Handshake(format!("authentication exchange failed: {e}")))?;
+    if !auth.success() {
+        return Err(TunnelError::AuthRejected {
+            name: opts.name.clone(),
+        });
+    }
+    Ok(ClientSession {
+        handle,
+        closed: closed_rx,
+        connected_at: Instant::now(),
+    })
+}
+
+/// The proxy to use for the hub, from `HTTPS_PROXY`/`HTTP_PROXY` (either
+/// case), unless `NO_PROXY` matches the host.
+fn proxy_for(tls: bool, host: &str) -> Option<String> {
+    let get = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+    };
+    let proxy = if tls {
+        get(&["HTTPS_PROXY", "https_proxy"])
+    } else {
+        get(&["HTTP_PROXY", "http_proxy"])
+    }?;
+    if let Some(no) = get(&["NO_PROXY", "no_proxy"]) {
+        let h = host
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_ascii_lowercase();
+        for pat in no.split(',').map(|p| p.trim().to_ascii_lowercase()) {
+            if pat == "*" {
+                return None;
+            }
+            let pat = pat.trim_start_matches('.');
+            if !pat.is_empty() && (h == pat || h.ends_with(&format!(".{pat}"))) {
+                return None;
+            }
+        }
+    }
+    Some(proxy)
+}
+
+fn redact_proxy(p: &str) -> String {
+    match url::Url::parse(p) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        _ => p.to_string(),
+    }
+}
+
+/// Opens a TCP tunnel with HTTP `CONNECT` through an HTTP proxy.
+async fn connect_via_proxy(proxy: &str, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let with_scheme = if proxy.contains("://") {
+        proxy.to_string()
+    } else {
+        format!("http://{proxy}")
+    };
+    let u = url::Url::parse(&with_scheme).map_err(std::io::Error::other)?;
+    let phost = u
+        .host_str()
+        .ok_or_else(|| std::io::Error::other("proxy URL has no host"))?;
+    let pport = u.port_or_known_default().unwrap_or(3128);
+    let mut s = TcpStream::connect((phost.trim_matches(|c| c == '[' || c == ']'), pport)).await?;
+    let mut req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
+    if !u.username().is_empty() {
+        let user = urlencoding_decode(u.username());
+        let pass = urlencoding_decode(u.password().unwrap_or(""));
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        req.push_str(&format!("Proxy-Authorization: Basic {cred}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    // Read the response head byte by byte: nothing past it may be consumed,
+    // it belongs to the WebSocket handshake.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(std::io::Error::other("proxy response head too large"));
+        }
+        let b = s.read_u8().await?;
+        head.push(b);
+    }
+    let status_line = String::from_utf8_lossy(&head);
+    let status_line = status_line.lines().next().unwrap_or("");
+    let code = status_line.split_whitespace().nth(1).unwrap_or("");
+    if code != "200" {
+        return Err(std::io::Error::other(format!(
+            "proxy answered '{status_line}'"
+        )));
+    }
+    Ok(s)
+}
+
+fn urlencoding_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_proxy_credentials() {
+        let r = redact_proxy("http://user:pw@proxy:3128");
+        assert!(!r.contains("pw") && !r.contains("user"), "{r}");
+    }
+}

@@ -1,0 +1,109 @@
+//! Host keys, fingerprints and join tokens.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use sha2::{Digest, Sha256};
+
+/// Loads the hub's SSH host key, creating it (ed25519, mode 0600) at first
+/// start. The key is the hub's identity: agents pin its fingerprint.
+pub fn load_or_create_host_key(
+    path: &Path,
+    write: impl Fn(&Path, &[u8]) -> Result<()>,
+) -> Result<PrivateKey> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => PrivateKey::from_openssh(pem.trim())
+            .with_context(|| format!("the hub host key '{}' is unreadable; restore it from a backup, or delete it to create a new one (every agent must then be re-joined)", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+                .context("cannot generate the hub host key")?;
+            let pem = key
+                .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+                .context("cannot encode the hub host key")?;
+            write(path, pem.as_bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read '{}'", path.display())),
+    }
+}
+
+/// `sha256:<base64>` of the public key, like OpenSSH's `SHA256:` form.
+pub fn fingerprint(key: &PublicKey) -> String {
+    let fp = key.fingerprint(HashAlg::Sha256);
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(fp.as_bytes());
+    format!("sha256:{b64}")
+}
+
+/// Normalises a user-supplied fingerprint: accepts `sha256:` or `SHA256:`.
+pub fn normalize_fingerprint(s: &str) -> Option<String> {
+    let s = s.trim();
+    let (prefix, rest) = s.split_once(':')?;
+    if !prefix.eq_ignore_ascii_case("sha256") || rest.is_empty() {
+        return None;
+    }
+    let rest = rest.trim_end_matches('=');
+    base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(rest)
+        .ok()
+        .filter(|b| b.len() == 32)?;
+    Some(format!("sha256:{rest}"))
+}
+
+/// A new random secret: 32 bytes (256 bits) from the OS CSPRNG, URL-safe.
+pub fn new_token(prefix: &str) -> Result<String> {
+    let mut buf = [0u8; 32];
+    getrandom::fill(&mut buf).map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
+    Ok(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+    ))
+}
+
+/// What the hub stores instead of a token. The token is 256 random bits, so
+/// a fast hash is enough: there is nothing to brute-force.
+pub fn token_hash(token: &str) -> String {
+    let d = Sha256::digest(token.as_bytes());
+    format!("sha256:{}", hex(&d))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Constant-time comparison of two hashes.
+pub fn ct_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_unique_and_long() {
+        let a = new_token("tj_").unwrap();
+        let b = new_token("tj_").unwrap();
+        assert_ne!(a, b);
+        assert!(a.len() >= 3 + 43, "{a}");
+        assert_ne!(token_hash(&a), token_hash(&b));
+        assert!(ct_eq(&token_hash(&a), &token_hash(&a)));
+        assert!(!ct_eq(&token_hash(&a), &token_hash(&b)));
+    }
+
+    #[test]
+    fn fingerprint_round_trips() {
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let fp = fingerprint(key.public_key());
+        assert_eq!(normalize_fingerprint(&fp).as_deref(), Some(fp.as_str()));
+        let upper = fp.replacen("sha256", "SHA256", 1);
+        assert_eq!(normalize_fingerprint(&upper).as_deref(), Some(fp.as_str()));
+        assert_eq!(normalize_fingerprint("sha256:nope"), None);
+        assert_eq!(normalize_fingerprint("md5:abc"), None);
+    }
+}

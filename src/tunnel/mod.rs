@@ -1,0 +1,107 @@
+//! The tunnel: one WebSocket per agent, one SSH connection inside it.
+//!
+//! The hub is the SSH server, the agent the SSH client. The hub opens one
+//! `forwarded-tcpip` channel toward the agent per upstream connection; the
+//! agent accepts only the targets it knows. This module knows nothing of
+//! the hub's registry, the gateway or Kubernetes: it moves bytes, proves
+//! identities and measures the link.
+
+pub mod backoff;
+pub mod client;
+pub mod keys;
+pub mod server;
+pub mod ws;
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// Channel target: the member's Kubernetes API server, spoken to as HTTP/1.1.
+pub const TARGET_APISERVER: &str = "kube-apiserver";
+/// Channel target used as a ping: the agent refuses it at once, and the
+/// round trip of the refusal is the hub's RTT measurement (russh's server
+/// handle has no ping of its own).
+pub const TARGET_PING: &str = "towerctl.ping";
+
+/// Default interval between keepalives; a peer silent for three of them is
+/// declared dead.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Algorithms in our order of preference. AES-256-GCM first: with AES-NI it
+/// is roughly twice as fast as chacha20-poly1305 (russh's default) here.
+pub fn preferred() -> russh::Preferred {
+    use russh::cipher;
+    russh::Preferred {
+        cipher: Cow::Borrowed(&[
+            cipher::AES_256_GCM,
+            cipher::AES_128_GCM,
+            cipher::CHACHA20_POLY1305,
+        ]),
+        ..russh::Preferred::default()
+    }
+}
+
+/// Largest window and packet sizes russh handles well: a bigger window keeps
+/// a single bulk stream from stalling on window updates over a high-RTT link.
+pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
+pub const MAX_PACKET: u32 = 32 * 1024;
+
+/// A secret string whose `Debug` prints nothing, so it cannot leak into a
+/// log line by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Errors of the tunnel as the agent sees them; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(
+        "the hub's host key does not match the pinned one: expected '{expected}', the hub presented '{actual}'; \
+         if the hub was reinstalled, get the new key from 'towerctl cluster add' on the hub and pass it as --hub-key"
+    )]
+    HostKeyMismatch { expected: String, actual: String },
+    #[error(
+        "the hub refused the credentials of cluster '{name}': the join token is wrong, expired or was rotated; \
+         run 'towerctl cluster add {name}' on the hub for a new join command"
+    )]
+    AuthRejected { name: String },
+    #[error("cannot reach the hub at '{url}': {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("invalid hub URL '{url}': {reason} (expected ws://HOST:PORT or wss://HOST:PORT)")]
+    BadUrl { url: String, reason: String },
+    #[error("the SSH handshake with the hub failed: {0}")]
+    Handshake(String),
+}
+
+impl TunnelError {
+    /// Errors that retrying cannot fix: the agent stops instead of looping.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::HostKeyMismatch { .. }
+                | TunnelError::AuthRejected { .. }
+                | TunnelError::BadUrl { .. }
+        )
+    }
+}
+
+/// Sets TCP_NODELAY: the tunnel carries small interactive writes (kubectl
+/// requests, exec keystrokes) and Nagle would hold them for an ACK.
+pub fn nodelay(s: &tokio::net::TcpStream) {
+    if let Err(e) = s.set_nodelay(true) {
+        tracing::warn!("cannot set TCP_NODELAY: {e}");
+    }
+}

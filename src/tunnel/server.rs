@@ -1,0 +1,157 @@
+//! Hub side of the tunnel: the SSH server that agents log in to.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use russh::keys::PrivateKey;
+use russh::server::{Auth, Handle, Msg, RunningSession};
+use russh::{Channel, ChannelStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+
+use super::{MAX_PACKET, TARGET_PING, WINDOW_SIZE};
+
+/// Decides whether an agent may log in. Implemented by the hub's registry.
+pub trait Authenticator: Send + Sync + 'static {
+    /// True when `token` is the current credential of cluster `name`.
+    fn authenticate(&self, name: &str, token: &str) -> bool;
+}
+
+/// The russh server configuration for the hub.
+pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config> {
+    Arc::new(russh::server::Config {
+        keys: vec![key],
+        preferred: super::preferred(),
+        methods: russh::MethodSet::from(&[russh::MethodKind::Password][..]),
+        // A wrong token is answered after this delay, which slows guessing
+        // without making a legitimate retry wait long.
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        max_auth_attempts: 3,
+        // Dead-peer detection: a keepalive every interval, and the session
+        // is closed after two unanswered ones — within three intervals.
+        keepalive_interval: Some(keepalive),
+        keepalive_max: 2,
+        inactivity_timeout: None,
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// russh handler of one agent connection (fields private).
+pub struct HubHandler {
+    auth: Arc<dyn Authenticator>,
+    authed: Option<oneshot::Sender<String>>,
+}
+
+impl russh::server::Handler for HubHandler {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        if self.auth.authenticate(user, password) {
+            if let Some(tx) = self.authed.take() {
+                let _ = tx.send(user.to_string());
+            }
+            Ok(Auth::Accept)
+        } else {
+            tracing::warn!(cluster = user, "agent authentication failed");
+            Ok(Auth::reject())
+        }
+    }
+}
+
+/// An authenticated agent session.
+pub struct ServerSession {
+    /// The cluster name the agent authenticated as.
+    pub name: String,
+    pub handle: Handle,
+    /// Resolves when the SSH session ends.
+    pub running: RunningSession<HubHandler>,
+}
+
+/// Errors of accepting an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("SSH handshake failed: {0}")]
+    Handshake(russh::Error),
+    #[error("the agent did not authenticate")]
+    NotAuthenticated,
+    #[error("the agent did not authenticate within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Runs the SSH server side on an accepted stream and waits for the agent
+/// to authenticate.
+pub async fn accept<S>(
+    config: Arc<russh::server::Config>,
+    io: S,
+    auth: Arc<dyn Authenticator>,
+    timeout: Duration,
+) -> Result<ServerSession, AcceptError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let handler = HubHandler {
+        auth,
+        authed: Some(tx),
+    };
+    let mut running = russh::server::run_stream(config, io, handler)
+        .await
+        .map_err(AcceptError::Handshake)?;
+    let handle = running.handle();
+    let name = tokio::select! {
+        r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
+        r = &mut running => {
+            return Err(match r {
+                Ok(()) => AcceptError::NotAuthenticated,
+                Err(e) => AcceptError::Handshake(e),
+            })
+        }
+        _ = tokio::time::sleep(timeout) => {
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), String::new()).await;
+            return Err(AcceptError::Timeout(timeout));
+        }
+    };
+    Ok(ServerSession {
+        name,
+        handle,
+        running,
+    })
+}
+
+/// Opens a channel toward the agent for `target:port`.
+pub async fn open(
+    handle: &Handle,
+    target: &str,
+    port: u32,
+    originator: SocketAddr,
+) -> Result<ChannelStream<Msg>, russh::Error> {
+    let ch: Channel<Msg> = handle
+        .channel_open_forwarded_tcpip(
+            target,
+            port,
+            originator.ip().to_string(),
+            u32::from(originator.port()),
+        )
+        .await?;
+    Ok(ch.into_stream())
+}
+
+/// Measures one round trip to the agent. The agent refuses the ping target
+/// at once; a refusal is the pong.
+pub async fn ping(handle: &Handle, timeout: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let r = tokio::time::timeout(
+        timeout,
+        handle.channel_open_forwarded_tcpip(TARGET_PING, 0, "127.0.0.1", 0),
+    )
+    .await;
+    match r {
+        Ok(Err(russh::Error::ChannelOpenFailure(_))) | Ok(Ok(_)) => Some(start.elapsed()),
+        _ => None,
+    }
+}
