@@ -1,0 +1,316 @@
+//! End-to-end: the real towerctl binary (hub and agent daemons on loopback
+//! ephemeral ports) and the real kubectl, through the reverse tunnel, to a
+//! stand-in API server that only the agent knows about.
+
+mod support;
+
+use std::time::Duration;
+
+use support::apiserver::{ApiServer, TOKEN};
+use support::{wait_for, Env, Streaming};
+
+/// Hub up, member `alpha` joined against `api`, kubeconfig context in use.
+fn connected(env: &Env, api: &ApiServer, extra: &[&str]) -> Vec<String> {
+    env.up();
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let mut flags = vec![
+        "--kubeconfig",
+        member_kc.to_str().unwrap(),
+        "--keepalive",
+        "1s",
+    ];
+    flags.extend_from_slice(extra);
+    let o = env.join(&join, &flags);
+    assert!(o.ok(), "join failed: {o:?}");
+    assert!(o.stdout.contains("the tunnel is up"), "{o:?}");
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "use failed: {o:?}");
+    join
+}
+
+#[test]
+fn kubectl_reaches_the_member_through_the_tunnel() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+
+    // Discovery + list.
+    let o = env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+
+    // Watch streams an event caused after it started.
+    let watch = Streaming::start(env.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    api.create_configmap("default", "late-arrival", &[("k", "v")]);
+    watch.wait_for("late-arrival", Duration::from_secs(20));
+    drop(watch);
+
+    // apply -f creates an object in the member.
+    let manifest = env.path("cm.yaml");
+    std::fs::write(&manifest, "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: applied\n  namespace: default\ndata:\n  color: blue\n").unwrap();
+    let o = env.kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(
+        o.ok() && o.stdout.contains("configmap/applied created"),
+        "{o:?}"
+    );
+    let o = env.kubectl(&["get", "cm", "applied", "-o", "jsonpath={.data.color}"]);
+    assert_eq!(o.stdout.trim(), "blue", "{o:?}");
+
+    // exec over a WebSocket upgrade through gateway, tunnel and agent.
+    let o = env.kubectl(&["exec", "web-0", "--", "echo", "hi"]);
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(o.stdout.trim(), "hi", "{o:?}");
+
+    // A forged identity never reaches the member; the operator's token
+    // neither. The agent's own token is what the member sees.
+    let o = env.kubectl(&["get", "ns", "--as", "root", "--as-group", "system:masters"]);
+    assert!(o.ok(), "{o:?}");
+    let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let reqs = api.requests();
+    assert!(reqs.len() > 5, "{reqs:?}");
+    for r in &reqs {
+        assert!(
+            r.headers.keys().all(|k| !k.starts_with("impersonate-")),
+            "forged identity reached the member: {r:?}"
+        );
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {TOKEN}").as_str()),
+            "{r:?}"
+        );
+        assert!(
+            !format!("{r:?}").contains(admin.trim()),
+            "operator token leaked to the member: {r:?}"
+        );
+    }
+
+    // The kubeconfig carries no secret: kubectl gets the token from the
+    // exec credential plugin.
+    let kc = std::fs::read_to_string(env.path("home/.kube/config")).unwrap();
+    assert!(
+        !kc.contains(admin.trim()),
+        "operator token written into the kubeconfig"
+    );
+    assert!(kc.contains("client.authentication.k8s.io/v1"), "{kc}");
+
+    // Status shows the member connected with a measured RTT.
+    let s = wait_for("an RTT measurement", Duration::from_secs(10), || {
+        let s = env.status();
+        s["hub"]["clusters"][0]["rtt_ms"].is_number().then_some(s)
+    });
+    assert_eq!(s["hub"]["clusters"][0]["state"], "connected", "{s}");
+    assert_eq!(s["agents"][0]["state"], "connected", "{s}");
+}
+
+#[test]
+fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let kc = env.path("home/.kube/config");
+    std::fs::create_dir_all(kc.parent().unwrap()).unwrap();
+    std::fs::write(&kc, "apiVersion: v1\nkind: Config\nclusters:\n- name: mine\n  cluster:\n    server: https://10.0.0.1:6443\ncontexts:\n- name: mine\n  context:\n    cluster: mine\n    user: mine\ncurrent-context: mine\nusers:\n- name: mine\n  user:\n    token: keep-me\n").unwrap();
+    connected(&env, &api, &[]);
+    for _ in 0..2 {
+        assert!(env.towerctl(&["use", "alpha"]).ok());
+    }
+    let o = env.kubectl(&["config", "get-contexts", "-o", "name"]);
+    let names: Vec<_> = o.stdout.lines().collect();
+    assert_eq!(names, vec!["mine", "tower-alpha"], "{o:?}");
+    let o = env.kubectl(&["config", "current-context"]);
+    assert_eq!(o.stdout.trim(), "tower-alpha");
+    let o = env.towerctl(&["use", "-"]);
+    assert!(o.ok(), "{o:?}");
+    let o = env.kubectl(&["config", "current-context"]);
+    assert_eq!(o.stdout.trim(), "mine");
+    let text = std::fs::read_to_string(&kc).unwrap();
+    assert!(
+        text.contains("keep-me"),
+        "other users' entries must survive: {text}"
+    );
+    assert!(env.path("home/.kube/config.towerctl.bak").exists());
+}
+
+#[test]
+fn disconnected_member_answers_a_status_and_recovers() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let join = connected(&env, &api, &[]);
+    assert!(env.kubectl(&["get", "ns"]).ok());
+
+    env.kill9("agent-alpha");
+    let o = wait_for("the 503 Status", Duration::from_secs(15), || {
+        let o = env.kubectl(&["get", "ns"]);
+        (!o.ok() && o.stderr.contains("not connected")).then_some(o)
+    });
+    assert!(
+        o.stderr.contains("cluster 'alpha' is not connected"),
+        "{o:?}"
+    );
+    assert!(o.stderr.contains("disconnected since"), "{o:?}");
+
+    // An unknown cluster is a 404 Status naming it. (kubectl's discovery
+    // hides a 404's message, so ask for a raw path.)
+    let o = env.kubectl(&["get", "--raw", "/clusters/nope/api"]);
+    assert!(
+        o.stderr.contains("NotFound") && o.stderr.contains("cluster 'nope' is not registered"),
+        "{o:?}"
+    );
+
+    // Restart the agent: traffic resumes with no action on the hub.
+    let member_kc = env.path("member.kubeconfig");
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--keepalive",
+            "1s",
+        ],
+    );
+    assert!(o.ok(), "rejoin: {o:?}");
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("default"), "{o:?}");
+}
+
+#[test]
+fn agent_reconnects_by_itself_after_a_hub_restart() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &["--backoff-cap", "2s"]);
+    let s = env.status();
+    let tunnel = s["hub"]["tunnelAddress"].as_str().unwrap().to_string();
+    let gateway = s["hub"]["gatewayAddress"].as_str().unwrap().to_string();
+
+    env.kill9("hub");
+    let s = wait_for("the agent to back off", Duration::from_secs(15), || {
+        let s = env.status();
+        (s["agents"][0]["state"] == "backing_off").then_some(s)
+    });
+    assert!(s["agents"][0]["retry_in_ms"].is_number(), "{s}");
+
+    env.up_on(&tunnel, &gateway);
+    wait_for("the agent to reconnect", Duration::from_secs(20), || {
+        (env.status()["agents"][0]["state"] == "connected").then_some(())
+    });
+    let o = env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}
+
+#[test]
+fn join_fails_fast_with_the_reason() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let kc = member_kc.to_str().unwrap();
+    let with = |flag: &str, value: &str| -> Vec<String> {
+        let mut j = join.clone();
+        let i = j.iter().position(|a| a == flag).unwrap();
+        j[i + 1] = value.to_string();
+        j
+    };
+
+    let o = env.join(&with("--token", "tj_wrong"), &["--kubeconfig", kc]);
+    assert_eq!(o.code, Some(4), "{o:?}");
+    assert!(
+        o.stderr
+            .contains("refused the credentials of cluster 'alpha'"),
+        "{o:?}"
+    );
+
+    let real_key = join[join.iter().position(|a| a == "--hub-key").unwrap() + 1].clone();
+    let fake_key = "sha256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let o = env.join(&with("--hub-key", fake_key), &["--kubeconfig", kc]);
+    assert_eq!(o.code, Some(4), "{o:?}");
+    assert!(
+        o.stderr.contains(fake_key) && o.stderr.contains(&real_key),
+        "both fingerprints must be shown: {o:?}"
+    );
+
+    // A hub that is not there: a closed port on loopback.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let o = env.join(
+        &with("--hub", &format!("ws://{closed}/tunnel")),
+        &["--kubeconfig", kc, "--timeout", "3s"],
+    );
+    assert_eq!(o.code, Some(5), "{o:?}");
+    assert!(
+        o.stderr.contains("did not come up") && o.stderr.contains(&closed.to_string()),
+        "{o:?}"
+    );
+
+    // Nothing was left behind by the failed joins.
+    let s = env.status();
+    assert_eq!(s["agents"].as_array().unwrap().len(), 0, "{s}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let env = Env::new();
+    let o = env.towerctl(&["cluster", "add", "Bad_Name"]);
+    assert_eq!(o.code, Some(1));
+    assert!(
+        o.stderr.contains("invalid cluster name 'Bad_Name'"),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["cluster", "add", "alpha"]);
+    assert!(
+        o.stderr.contains("no hub is running") && o.stderr.contains("towerctl up"),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["join", "alpha", "--token", "x", "--hub", "http://h:1"]);
+    assert!(o.stderr.contains("ws:// or wss://"), "{o:?}");
+    let o = env.towerctl(&["join", "alpha", "--token", "x", "--hub", "ws://h:1/tunnel"]);
+    assert!(o.stderr.contains("missing --hub-key"), "{o:?}");
+    let o = env.towerctl(&["status"]);
+    assert_eq!(o.code, Some(3), "{o:?}");
+}
+
+#[test]
+fn registry_survives_kill_9_during_writes() {
+    let env = Env::new();
+    env.up();
+    let mut added = Vec::new();
+    let killer = {
+        let pid = env.pid_of("hub").unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        })
+    };
+    for i in 0..200 {
+        let name = format!("m{i}");
+        let o = env.towerctl(&["cluster", "add", &name]);
+        if !o.ok() {
+            break;
+        }
+        added.push(name);
+    }
+    killer.join().unwrap();
+    assert!(!added.is_empty());
+    env.up();
+    let s = env.status();
+    let names: Vec<String> = s["hub"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    for n in &added {
+        assert!(
+            names.contains(n),
+            "cluster '{n}' was acknowledged but lost after kill -9"
+        );
+    }
+}

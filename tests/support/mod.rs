@@ -1,0 +1,319 @@
+//! End-to-end test harness: an isolated towerctl installation (HOME and
+//! XDG dirs in a temp dir), the real `towerctl` binary and the real
+//! `kubectl`. Every wait is bounded; every process started is stopped.
+
+#![allow(dead_code)]
+
+pub mod apiserver;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOWERCTL: &str = env!("CARGO_BIN_EXE_towerctl");
+
+pub fn kubectl_path() -> &'static str {
+    if Path::new("/usr/bin/kubectl").exists() {
+        "/usr/bin/kubectl"
+    } else {
+        "kubectl"
+    }
+}
+
+/// One isolated installation: hub and agents started from it share its
+/// HOME and XDG directories and nothing else.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Out {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Out {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Out {
+        code,
+        stdout: t1.join().unwrap_or_default(),
+        stderr: t2.join().unwrap_or_default(),
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Env {
+    pub fn new() -> Env {
+        // Short base path: Unix socket paths are limited to ~104 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("tw")
+            .tempdir_in("/tmp")
+            .unwrap();
+        for d in ["home", "config", "data", "state", "run"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("run"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        Env { dir }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn apply_env(&self, cmd: &mut Command) {
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.path("home"))
+            .env("XDG_CONFIG_HOME", self.path("config"))
+            .env("XDG_DATA_HOME", self.path("data"))
+            .env("XDG_STATE_HOME", self.path("state"))
+            .env("XDG_RUNTIME_DIR", self.path("run"))
+            .env("NO_COLOR", "1");
+    }
+
+    pub fn towerctl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(TOWERCTL);
+        self.apply_env(&mut c);
+        c.args(args);
+        c
+    }
+
+    pub fn towerctl(&self, args: &[&str]) -> Out {
+        run_bounded(self.towerctl_cmd(args), Duration::from_secs(60))
+    }
+
+    pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(kubectl_path());
+        self.apply_env(&mut c);
+        c.args(args);
+        c
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Out {
+        let mut full = vec!["--request-timeout=20s"];
+        full.extend_from_slice(args);
+        run_bounded(self.kubectl_cmd(&full), Duration::from_secs(40))
+    }
+
+    /// `towerctl up` on loopback ephemeral ports.
+    pub fn up(&self) -> Out {
+        self.up_on("127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    pub fn up_on(&self, listen: &str, gateway: &str) -> Out {
+        let o = self.towerctl(&[
+            "up",
+            "--listen",
+            listen,
+            "--gateway",
+            gateway,
+            "--keepalive",
+            "1s",
+        ]);
+        assert!(o.ok(), "towerctl up failed: {o:?}");
+        o
+    }
+
+    /// Status of the hub and agents as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let o = self.towerctl(&["status", "-o", "json"]);
+        serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("status -o json: {e}: {o:?}"))
+    }
+
+    /// `cluster add NAME`; returns the printed join command's arguments
+    /// (without the leading `towerctl`).
+    pub fn cluster_add(&self, name: &str) -> Vec<String> {
+        let o = self.towerctl(&["cluster", "add", name]);
+        assert!(o.ok(), "cluster add: {o:?}");
+        let line = o
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("towerctl join "))
+            .unwrap_or_else(|| panic!("no join command printed: {o:?}"));
+        line.split_whitespace()
+            .skip(1)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Runs the join command with extra flags (member kubeconfig, fast keepalive).
+    pub fn join(&self, join: &[String], extra: &[&str]) -> Out {
+        let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        self.towerctl(&args)
+    }
+
+    pub fn pid_of(&self, daemon: &str) -> Option<i32> {
+        std::fs::read_to_string(
+            self.path("run")
+                .join("towerctl")
+                .join(format!("{daemon}.pid")),
+        )
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+
+    pub fn kill9(&self, daemon: &str) {
+        let pid = self
+            .pid_of(daemon)
+            .unwrap_or_else(|| panic!("no pid for {daemon}"));
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        wait_for(
+            &format!("{daemon} (pid {pid}) to die"),
+            Duration::from_secs(10),
+            || (!Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid)).then_some(()),
+        );
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Stop every daemon this installation started, by pid.
+        let run = self.path("run").join("towerctl");
+        if let Ok(rd) = std::fs::read_dir(&run) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "pid") {
+                    if let Ok(pid) = std::fs::read_to_string(e.path()).map(|s| s.trim().to_string())
+                    {
+                        if !pid.is_empty() {
+                            let _ = Command::new("kill").args(["-9", &pid]).status();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A long-running child (e.g. `kubectl get -w`) whose output is collected
+/// in the background; killed on drop.
+pub struct Streaming {
+    child: Child,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Streaming {
+    pub fn start(mut cmd: Command) -> Streaming {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for mut pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Streaming { child, out }
+    }
+
+    pub fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        wait_for(&format!("'{needle}' in streamed output"), timeout, || {
+            self.output().contains(needle).then_some(())
+        });
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
