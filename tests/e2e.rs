@@ -314,3 +314,102 @@ fn registry_survives_kill_9_during_writes() {
         );
     }
 }
+
+/// Sends a signal to a pid (SIGSTOP/SIGCONT), for freezing a peer.
+fn signal(pid: i32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn a_silent_peer_is_declared_dead_within_three_keepalives() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &["--backoff-cap", "1s"]);
+    let agent = env.pid_of("agent-alpha").unwrap();
+
+    // A frozen agent keeps its TCP connection open but answers nothing.
+    signal(agent, "-STOP");
+    let frozen = std::time::Instant::now();
+    // `cluster list` asks only the hub (status would also wait on the
+    // frozen agent's control socket).
+    wait_for(
+        "the hub to declare the agent dead",
+        Duration::from_secs(10),
+        || {
+            env.towerctl(&["cluster", "list"])
+                .stdout
+                .contains("disconnected")
+                .then_some(())
+        },
+    );
+    let took = frozen.elapsed();
+    signal(agent, "-CONT");
+    // keepalive is 1s: 3 intervals, plus the status polling's granularity.
+    assert!(
+        took < Duration::from_millis(3900),
+        "declared dead after {took:?}"
+    );
+
+    // Thawed, the agent finds its session gone and reconnects by itself.
+    wait_for("the agent to reconnect", Duration::from_secs(15), || {
+        (env.status()["hub"]["clusters"][0]["state"] == "connected").then_some(())
+    });
+    assert!(env.kubectl(&["get", "ns"]).ok());
+
+    // The same from the other side: a frozen hub is detected by the agent.
+    let hub = env.pid_of("hub").unwrap();
+    signal(hub, "-STOP");
+    let frozen = std::time::Instant::now();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(
+            "the agent to declare the hub dead",
+            Duration::from_secs(10),
+            || {
+                let o = env.towerctl(&["status", "-o", "json"]);
+                let s: serde_json::Value = serde_json::from_str(&o.stdout).ok()?;
+                (s["agents"][0]["state"] != "connected").then_some(())
+            },
+        )
+    }));
+    let took = frozen.elapsed();
+    signal(hub, "-CONT");
+    r.unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "declared dead after {took:?}"
+    );
+}
+
+#[test]
+fn the_agent_dials_through_an_http_proxy() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let proxy = support::ConnectProxy::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let proxy_url = format!("http://{}", proxy.addr);
+    let o = env.join_with_env(
+        &join,
+        &["--kubeconfig", member_kc.to_str().unwrap()],
+        &[("HTTP_PROXY", &proxy_url)],
+    );
+    assert!(o.ok(), "{o:?}");
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        proxy.targets.lock().unwrap().clone(),
+        vec![tunnel],
+        "the agent must CONNECT through the proxy"
+    );
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}

@@ -1,5 +1,7 @@
 //! `towerctl status`: the hub and the agents on this machine.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use serde_json::json;
 
@@ -8,6 +10,12 @@ use crate::daemon::agent;
 use crate::daemon::control::{self, AgentStatus, Request};
 use crate::daemon::gateway::humanize;
 use crate::paths;
+
+enum Probe {
+    Up(AgentStatus),
+    NotResponding,
+    Stopped,
+}
 
 fn age(since: Option<u64>) -> String {
     since
@@ -20,16 +28,34 @@ fn ms(v: Option<f64>) -> String {
 }
 
 pub async fn run(a: StatusArgs) -> Result<u8> {
-    let hub = super::hub::hub_status().await;
-    let mut agents: Vec<(String, Option<AgentStatus>)> = Vec::new();
-    for c in agent::list_configs() {
-        let st = control::call(&paths::agent_socket(&c.name), Request::Status)
-            .await
-            .ok()
-            .and_then(|v| serde_json::from_value(v).ok());
-        agents.push((c.name, st));
-    }
-    let anything = hub.is_some() || agents.iter().any(|(_, s)| s.is_some());
+    // Ask every agent at once, each bounded: a frozen agent must not make
+    // `status` hang.
+    let configs = agent::list_configs();
+    let hub_probe = async {
+        let v = control::call_timeout(
+            &paths::hub_socket(),
+            Request::Status,
+            Duration::from_millis(1500),
+        )
+        .await
+        .ok()?;
+        serde_json::from_value::<crate::daemon::control::HubStatus>(v).ok()
+    };
+    let agents_probe = futures_util::future::join_all(configs.iter().map(|c| async move {
+        let socket = paths::agent_socket(&c.name);
+        if !socket.exists() {
+            return Probe::Stopped;
+        }
+        match control::call_timeout(&socket, Request::Status, Duration::from_millis(1500)).await {
+            Ok(v) => serde_json::from_value(v)
+                .map(Probe::Up)
+                .unwrap_or(Probe::NotResponding),
+            Err(_) => Probe::NotResponding,
+        }
+    }));
+    let (hub, answers) = tokio::join!(hub_probe, agents_probe);
+    let agents: Vec<(String, Probe)> = configs.into_iter().map(|c| c.name).zip(answers).collect();
+    let anything = hub.is_some() || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped));
 
     if a.output == "json" {
         let v = json!({
@@ -46,8 +72,9 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 "clusters": h.clusters,
             })),
             "agents": agents.iter().map(|(name, s)| match s {
-                Some(s) => serde_json::to_value(s).unwrap_or_default(),
-                None => json!({"name": name, "state": "stopped"}),
+                Probe::Up(s) => serde_json::to_value(s).unwrap_or_default(),
+                Probe::NotResponding => json!({"name": name, "state": "not_responding"}),
+                Probe::Stopped => json!({"name": name, "state": "stopped"}),
             }).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -88,7 +115,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
             );
             for (name, s) in &agents {
                 match s {
-                    Some(s) => {
+                    Probe::Up(s) => {
                         let detail = match (s.state.as_str(), s.retry_in_ms) {
                             ("backing_off", Some(ms)) => format!(
                                 "retry in {:.1}s (attempt {}){}",
@@ -110,7 +137,11 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                             detail
                         );
                     }
-                    None => println!(
+                    Probe::NotResponding => println!(
+                        "  {:<20} {:<12} {:<8} {:>9}  its control socket did not answer within 1.5s",
+                        name, "unknown", "-", "-"
+                    ),
+                    Probe::Stopped => println!(
                         "  {:<20} {:<12} {:<8} {:>9}  start it again with 'towerctl join {name} …'",
                         name, "stopped", "-", "-"
                     ),

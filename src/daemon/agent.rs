@@ -295,9 +295,10 @@ async fn tunnel_loop(
                 });
                 let closed = sess.take_closed();
                 let keepalive = opts.keepalive;
+                // Same bound as the hub: dead within three intervals.
                 let pinger = async {
                     loop {
-                        match sess.ping(keepalive * 3).await {
+                        match sess.ping(keepalive * 2).await {
                             Some(rtt) => tx.send_modify(|s| s.rtt = Some(rtt)),
                             None => return,
                         }
@@ -306,7 +307,7 @@ async fn tunnel_loop(
                 };
                 let why = tokio::select! {
                     w = closed => w,
-                    _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 3),
+                    _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
                     _ = cancel.cancelled() => {
                         sess.disconnect("agent stopping").await;
                         return Ok(());

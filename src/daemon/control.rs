@@ -124,8 +124,18 @@ pub struct AgentStatus {
     pub upstream: String,
 }
 
-/// Sends one request and reads one response, bounded in time.
+/// Sends one request and reads one response, bounded in time (10s).
 pub async fn call(socket: &Path, req: Request) -> Result<serde_json::Value> {
+    call_timeout(socket, req, Duration::from_secs(10)).await
+}
+
+/// [`call`] with an explicit bound, for callers that must not hang on a
+/// frozen daemon (status of many agents).
+pub async fn call_timeout(
+    socket: &Path,
+    req: Request,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
     let fut = async {
         let stream = UnixStream::connect(socket).await?;
         let (r, mut w) = stream.into_split();
@@ -139,9 +149,9 @@ pub async fn call(socket: &Path, req: Request) -> Result<serde_json::Value> {
             serde_json::from_str(&buf).context("malformed answer from the daemon")?;
         anyhow::Ok(resp)
     };
-    let resp = tokio::time::timeout(Duration::from_secs(10), fut)
+    let resp = tokio::time::timeout(timeout, fut)
         .await
-        .context("the daemon did not answer within 10s")??;
+        .with_context(|| format!("the daemon did not answer within {timeout:?}"))??;
     if resp.v != VERSION {
         anyhow::bail!("the daemon speaks control protocol v{} but this towerctl speaks v{VERSION}; restart the daemon with this towerctl", resp.v);
     }

@@ -505,11 +505,13 @@ async fn tunnel_session(
     tracing::info!(cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
 
+    // A ping goes out at most one interval after the last answer and gets
+    // two intervals to come back: a silent agent is dead within three.
     let pinger = {
         let live = live.clone();
         async move {
             loop {
-                match server::ping(&live.handle, keepalive * 3).await {
+                match server::ping(&live.handle, keepalive * 2).await {
                     Some(rtt) => live
                         .rtt_us
                         .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed),
@@ -526,7 +528,7 @@ async fn tunnel_session(
         },
         _ = pinger => {
             let _ = live.handle.disconnect(russh::Disconnect::ByApplication, "no keepalive answer".into(), String::new()).await;
-            format!("no answer to keepalives within {:?}: declared dead", keepalive * 3)
+            format!("no answer to keepalives within {:?}: declared dead", keepalive * 2)
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),
     };

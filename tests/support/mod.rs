@@ -204,9 +204,17 @@ impl Env {
 
     /// Runs the join command with extra flags (member kubeconfig, fast keepalive).
     pub fn join(&self, join: &[String], extra: &[&str]) -> Out {
+        self.join_with_env(join, extra, &[])
+    }
+
+    pub fn join_with_env(&self, join: &[String], extra: &[&str], vars: &[(&str, &str)]) -> Out {
         let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
-        self.towerctl(&args)
+        let mut cmd = self.towerctl_cmd(&args);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        run_bounded(cmd, Duration::from_secs(60))
     }
 
     pub fn pid_of(&self, daemon: &str) -> Option<i32> {
@@ -315,5 +323,61 @@ impl Drop for Streaming {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP CONNECT proxy on loopback that records the targets it
+/// was asked for. Threads end when their connections close; the listener
+/// thread ends with the test process.
+pub struct ConnectProxy {
+    pub addr: std::net::SocketAddr,
+    pub targets: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ConnectProxy {
+    pub fn start() -> ConnectProxy {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let targets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t = targets.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { return };
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(client.try_clone().unwrap());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                            break;
+                        }
+                    }
+                    t.lock().unwrap().push(target.clone());
+                    let mut client_w = client.try_clone().unwrap();
+                    let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                        let _ = client_w.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+                        return;
+                    };
+                    let _ = client_w.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                    let mut up_r = upstream.try_clone().unwrap();
+                    let mut up_w = upstream;
+                    let mut client_r = reader;
+                    let a = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut client_r, &mut up_w);
+                        let _ = up_w.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut up_r, &mut client_w);
+                    let _ = client_w.shutdown(std::net::Shutdown::Write);
+                    let _ = a.join();
+                });
+            }
+        });
+        ConnectProxy { addr, targets }
     }
 }

@@ -1,0 +1,598 @@
+#!/usr/bin/env bash
+# towerctl benchmark: bulk throughput and small-request rate/latency of the
+# towerctl gateway path, against the same upstream reached directly, through
+# an OpenSSH reverse tunnel (`ssh -R`, with and without a pty) and, when
+# `rathole` is on PATH, through rathole's encrypted (noise) transport.
+#
+# Everything runs on loopback, in a private temp dir, and every load loop is
+# bounded in time. See bench/README.md for what each figure means.
+#
+#   bench/run.sh                      # BYTES=1GiB DURATION=10s
+#   BYTES=256MiB DURATION=5s bench/run.sh
+#
+# Environment:
+#   BYTES         bulk download size: N, NK/NKiB, NM/NMiB, NG/NGiB (binary), NKB/NMB/NGB (decimal); default 1GiB
+#   DURATION      wrk duration per path (wrk syntax: 10s, 1m); default 10s
+#   WARMUP        wrk warm-up per path before measuring (0 to skip); default 1s
+#   CONNECTIONS   wrk connections; default 16
+#   THREADS       wrk threads; default 2
+#   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
+#                 (towerctl's first choice); "default" lets OpenSSH negotiate
+#   BULK_TIMEOUT  seconds allowed for one bulk download; default 300
+#   BUILD         1 builds the release binaries first (default); 0 uses what is built
+#   JOBS          cargo build jobs; default 1
+#   KEEP_WORKDIR  1 keeps the temp dir (logs, configs) after the run
+#   RESULTS_DIR   where latest.json and the daemons' logs go; default bench/results
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+
+BYTES_SPEC=${BYTES:-1GiB}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-1s}
+CONNECTIONS=${CONNECTIONS:-16}
+THREADS=${THREADS:-2}
+SSH_CIPHER=${SSH_CIPHER:-aes256-gcm@openssh.com}
+BULK_TIMEOUT=${BULK_TIMEOUT:-300}
+BUILD=${BUILD:-1}
+JOBS=${JOBS:-1}
+KEEP_WORKDIR=${KEEP_WORKDIR:-0}
+RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+CLUSTER=bench
+
+log() { printf '==> %s\n' "$*" >&2; }
+warn() { printf 'bench: warning: %s\n' "$*" >&2; }
+die() {
+    printf 'bench: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- inputs -----------------------------------------------------------------
+
+parse_bytes() {
+    local s=$1
+    [[ $s =~ ^([0-9]+)([A-Za-z]*)$ ]] || return 1
+    local n=${BASH_REMATCH[1]} u=${BASH_REMATCH[2],,}
+    case $u in
+    "" | b) echo "$n" ;;
+    k | kib) echo $((n * 1024)) ;;
+    m | mib) echo $((n * 1024 * 1024)) ;;
+    g | gib) echo $((n * 1024 * 1024 * 1024)) ;;
+    kb) echo $((n * 1000)) ;;
+    mb) echo $((n * 1000 * 1000)) ;;
+    gb) echo $((n * 1000 * 1000 * 1000)) ;;
+    *) return 1 ;;
+    esac
+}
+BYTES_N=$(parse_bytes "$BYTES_SPEC") || die "BYTES='$BYTES_SPEC' is not a size (examples: 1073741824, 1GiB, 512MiB, 100MB)"
+((BYTES_N > 0)) || die "BYTES must be more than 0"
+[[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION='$DURATION' is not a wrk duration (examples: 10s, 1m)"
+[[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP='$WARMUP' is not a wrk duration (examples: 1s, 0)"
+[[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ ]] || die "CONNECTIONS and THREADS must be numbers"
+[[ $BULK_TIMEOUT =~ ^[0-9]+$ ]] || die "BULK_TIMEOUT must be a number of seconds"
+
+SSHD=${SSHD:-/usr/sbin/sshd}
+missing=()
+for tool in curl wrk ssh ssh-keygen python3 timeout; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+[[ -x $SSHD ]] || missing+=("sshd ($SSHD)")
+if [[ $BUILD == 1 ]]; then command -v cargo >/dev/null || missing+=(cargo); fi
+if ((${#missing[@]})); then
+    die "missing tools: ${missing[*]}; on Debian: apt-get install -y wrk openssh-server openssh-client curl python3"
+fi
+
+# --- cleanup: only what this script started ---------------------------------
+
+PIDS=()           # background processes started here, in start order
+W=""              # work dir
+T=""              # towerctl binary
+MADE_PRIVSEP=0    # whether we created sshd's privilege separation dir
+TOWERCTL_UP=0
+
+kill_pid() {
+    local pid=$1 i
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    { wait "$pid"; } 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? i f pid
+    set +e
+    trap - EXIT INT TERM
+    if ((TOWERCTL_UP)); then
+        timeout 20 "$T" leave "$CLUSTER" >/dev/null 2>&1
+        timeout 20 "$T" down >/dev/null 2>&1
+        # Daemons that outlived leave/down: stop them by the pid files they
+        # wrote in this run's private runtime dir (checking it is towerctl).
+        for f in "$W"/run/towerctl/*.pid; do
+            [[ -f $f ]] || continue
+            pid=$(<"$f")
+            [[ $pid =~ ^[0-9]+$ ]] || continue
+            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$T"; then
+                warn "towerctl daemon (pid $pid, $(basename "$f" .pid)) outlived leave/down; stopping it"
+                kill_pid "$pid"
+            fi
+        done
+    fi
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill_pid "${PIDS[i]}"
+    done
+    if [[ -n $W && -d $W ]]; then
+        if [[ -d $W/state/towerctl ]]; then
+            mkdir -p "$RESULTS_DIR/logs"
+            cp "$W"/state/towerctl/*.log "$RESULTS_DIR/logs/" 2>/dev/null
+        fi
+        if [[ $KEEP_WORKDIR == 1 ]]; then
+            log "work dir kept: $W"
+        else
+            rm -rf "$W"
+        fi
+    fi
+    ((MADE_PRIVSEP)) && rmdir /run/sshd 2>/dev/null
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_bg() { # start_bg OUT ERR CMD... ; sets BG_PID
+    local out=$1 err=$2
+    shift 2
+    "$@" >"$out" 2>"$err" </dev/null &
+    BG_PID=$!
+    PIDS+=("$BG_PID")
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # wait_port PORT SECONDS PID
+    local port=$1 secs=$2 pid=$3 i
+    for ((i = 0; i < secs * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# wait_http URL SECONDS PID [curl args...]: until URL answers 200.
+wait_http() {
+    local url=$1 secs=$2 pid=$3 i code
+    shift 3
+    for ((i = 0; i < secs * 5; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$@" "$url" 2>/dev/null) || true
+        [[ $code == 200 ]] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# --- build -------------------------------------------------------------------
+
+if [[ $BUILD == 1 ]]; then
+    log "building release binaries (cargo build --release -j$JOBS; several minutes from scratch)"
+    (cd "$ROOT" && cargo build --release --locked -j"$JOBS" --bin towerctl --example bench_upstream)
+fi
+T=$TARGET_DIR/release/towerctl
+UPSTREAM_BIN=$TARGET_DIR/release/examples/bench_upstream
+[[ -x $T && -x $UPSTREAM_BIN ]] || die "release binaries not found under $TARGET_DIR/release (run with BUILD=1)"
+
+W=$(mktemp -d "${TMPDIR:-/tmp}/towerctl-bench.XXXXXX")
+mkdir -p "$W"/{home,config,data,state,run,ssh,rathole}
+chmod 700 "$W/run" "$W/ssh"
+RESULTS_TSV=$W/results.tsv
+: >"$RESULTS_TSV"
+mkdir -p "$RESULTS_DIR"
+rm -rf "$RESULTS_DIR/logs"
+
+# --- the upstream --------------------------------------------------------------
+
+start_bg "$W/upstream.out" "$W/upstream.err" "$UPSTREAM_BIN"
+UPSTREAM_PID=$BG_PID
+UPPORT=""
+for ((i = 0; i < 100; i++)); do
+    if read -r line <"$W/upstream.out" 2>/dev/null && [[ $line =~ ^listening\ on\ 127\.0\.0\.1:([0-9]+)$ ]]; then
+        UPPORT=${BASH_REMATCH[1]}
+        break
+    fi
+    kill -0 "$UPSTREAM_PID" 2>/dev/null || break
+    sleep 0.1
+done
+[[ -n $UPPORT ]] || die "bench_upstream did not start: $(cat "$W/upstream.err")"
+DIRECT=http://127.0.0.1:$UPPORT
+wait_http "$DIRECT/version" 10 "$UPSTREAM_PID" || die "bench_upstream does not answer on $DIRECT"
+log "upstream on 127.0.0.1:$UPPORT"
+
+# --- towerctl: hub, member, agent -------------------------------------------------
+
+export HOME=$W/home XDG_CONFIG_HOME=$W/config XDG_DATA_HOME=$W/data XDG_STATE_HOME=$W/state XDG_RUNTIME_DIR=$W/run
+unset KUBECONFIG TOWERCTL_TOKEN RUST_LOG
+
+TOWERCTL_UP=1
+timeout 60 "$T" up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 >"$W/up.out" 2>&1 ||
+    die "towerctl up failed: $(cat "$W/up.out")"
+timeout 20 "$T" status -o json >"$W/status.json" || die "towerctl status failed"
+GATEWAY_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hub"]["gatewayURL"].rstrip("/"))' "$W/status.json")
+ADMIN_TOKEN=$(tr -d '[:space:]' <"$XDG_DATA_HOME/towerctl/admin.token")
+[[ -n $ADMIN_TOKEN ]] || die "no operator token in $XDG_DATA_HOME/towerctl/admin.token"
+
+cat >"$W/member.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: upstream
+  cluster:
+    server: http://127.0.0.1:$UPPORT
+users:
+- name: bench
+  user:
+    token: bench
+contexts:
+- name: upstream
+  context:
+    cluster: upstream
+    user: bench
+current-context: upstream
+EOF
+
+JOIN_LINE=$(timeout 20 "$T" cluster add "$CLUSTER" 2>"$W/cluster-add.err") || die "towerctl cluster add failed: $(cat "$W/cluster-add.err")"
+read -r -a JOIN <<<"$JOIN_LINE"
+[[ ${JOIN[0]:-} == towerctl && ${JOIN[1]:-} == join ]] || die "unexpected output of 'towerctl cluster add': $JOIN_LINE"
+timeout 60 "$T" "${JOIN[@]:1}" --kubeconfig "$W/member.kubeconfig" >"$W/join.out" 2>&1 ||
+    die "towerctl join failed: $(cat "$W/join.out")"
+GATEWAY=$GATEWAY_URL/clusters/$CLUSTER
+AUTH="Authorization: Bearer $ADMIN_TOKEN"
+HUB_PID=$(<"$W/run/towerctl/hub.pid")
+AGENT_PID=$(<"$W/run/towerctl/agent-$CLUSTER.pid")
+wait_http "$GATEWAY/version" 20 "$HUB_PID" -k -H "$AUTH" ||
+    die "the gateway does not serve $GATEWAY/version: $(curl -sk --max-time 5 -H "$AUTH" "$GATEWAY/version")"
+log "towerctl: gateway $GATEWAY_URL, hub pid $HUB_PID, agent pid $AGENT_PID"
+
+# --- OpenSSH: a private sshd and two reverse tunnels -----------------------------
+
+if [[ $(id -u) == 0 && ! -d /run/sshd ]]; then
+    mkdir -m 0755 /run/sshd # sshd's privilege separation dir (Debian), removed at exit
+    MADE_PRIVSEP=1
+fi
+ssh-keygen -q -t ed25519 -N '' -C bench-host -f "$W/ssh/host_ed25519"
+ssh-keygen -q -t ed25519 -N '' -C bench-client -f "$W/ssh/client_ed25519"
+cp "$W/ssh/client_ed25519.pub" "$W/ssh/authorized_keys"
+SSHD_PORT=$(free_port)
+cat >"$W/ssh/sshd_config" <<EOF
+Port $SSHD_PORT
+ListenAddress 127.0.0.1
+HostKey $W/ssh/host_ed25519
+PidFile none
+UsePAM no
+StrictModes no
+AuthorizedKeysFile $W/ssh/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding remote
+GatewayPorts no
+X11Forwarding no
+PermitTTY yes
+PrintMotd no
+PrintLastLog no
+UseDNS no
+ClientAliveInterval 0
+LogLevel ERROR
+EOF
+start_bg "$W/sshd.out" "$W/sshd.log" "$SSHD" -f "$W/ssh/sshd_config" -D -e
+SSHD_PID=$BG_PID
+wait_port "$SSHD_PORT" 10 "$SSHD_PID" || die "sshd did not start: $(cat "$W/sshd.log")"
+
+SSH_OPTS=(-F /dev/null -p "$SSHD_PORT" -i "$W/ssh/client_ed25519"
+    -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+    -o ExitOnForwardFailure=yes -o Compression=no -o LogLevel=ERROR)
+if [[ $SSH_CIPHER != default ]]; then SSH_OPTS+=(-c "$SSH_CIPHER"); fi
+SSH_USER=$(id -un)
+
+SSH_N_PORT=$(free_port)
+start_bg "$W/ssh-N.out" "$W/ssh-N.err" ssh -N "${SSH_OPTS[@]}" \
+    -R "127.0.0.1:$SSH_N_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1"
+SSH_N_PID=$BG_PID
+SSH_TT_PORT=$(free_port)
+# -tt: a pty makes both OpenSSH ends treat the session as interactive and set TCP_NODELAY.
+start_bg "$W/ssh-tt.out" "$W/ssh-tt.err" ssh -tt "${SSH_OPTS[@]}" \
+    -R "127.0.0.1:$SSH_TT_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1" "exec sleep 86400"
+SSH_TT_PID=$BG_PID
+SSH_N=http://127.0.0.1:$SSH_N_PORT
+SSH_TT=http://127.0.0.1:$SSH_TT_PORT
+wait_http "$SSH_N/version" 20 "$SSH_N_PID" || die "ssh -N -R tunnel did not come up: $(cat "$W/ssh-N.err" "$W/sshd.log")"
+wait_http "$SSH_TT/version" 20 "$SSH_TT_PID" || die "ssh -tt -R tunnel did not come up: $(cat "$W/ssh-tt.err" "$W/sshd.log")"
+log "OpenSSH: sshd on 127.0.0.1:$SSHD_PORT, ssh -N -R on :$SSH_N_PORT, ssh -tt -R on :$SSH_TT_PORT, cipher $SSH_CIPHER"
+
+# --- rathole (optional) ------------------------------------------------------------
+
+RATHOLE=""
+RATHOLE_NOTE=""
+if command -v rathole >/dev/null; then
+    RH_CTRL=$(free_port)
+    RH_PORT=$(free_port)
+    rathole --genkey >"$W/rathole/keys.txt" 2>&1 || true
+    RH_PRIV=$(awk '/Private Key/{getline; print; exit}' "$W/rathole/keys.txt")
+    RH_PUB=$(awk '/Public Key/{getline; print; exit}' "$W/rathole/keys.txt")
+    if [[ -z $RH_PRIV || -z $RH_PUB ]]; then
+        RATHOLE_NOTE="skipped: 'rathole --genkey' gave no key pair"
+    else
+        cat >"$W/rathole/server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$RH_CTRL"
+[server.transport]
+type = "noise"
+[server.transport.noise]
+local_private_key = "$RH_PRIV"
+[server.services.up]
+token = "bench"
+bind_addr = "127.0.0.1:$RH_PORT"
+nodelay = true
+EOF
+        cat >"$W/rathole/client.toml" <<EOF
+[client]
+remote_addr = "127.0.0.1:$RH_CTRL"
+[client.transport]
+type = "noise"
+[client.transport.noise]
+remote_public_key = "$RH_PUB"
+[client.services.up]
+token = "bench"
+local_addr = "127.0.0.1:$UPPORT"
+nodelay = true
+EOF
+        start_bg "$W/rathole/server.out" "$W/rathole/server.err" rathole --server "$W/rathole/server.toml"
+        RH_SERVER_PID=$BG_PID
+        wait_port "$RH_CTRL" 10 "$RH_SERVER_PID" || true
+        start_bg "$W/rathole/client.out" "$W/rathole/client.err" rathole --client "$W/rathole/client.toml"
+        RH_CLIENT_PID=$BG_PID
+        if wait_http "http://127.0.0.1:$RH_PORT/version" 20 "$RH_CLIENT_PID"; then
+            RATHOLE=http://127.0.0.1:$RH_PORT
+            log "rathole (noise transport) on :$RH_PORT"
+        else
+            RATHOLE_NOTE="skipped: the rathole tunnel did not come up (see its logs with KEEP_WORKDIR=1)"
+        fi
+    fi
+else
+    RATHOLE_NOTE="skipped: rathole is not on PATH"
+fi
+[[ -z $RATHOLE_NOTE ]] || log "rathole $RATHOLE_NOTE"
+
+# --- measurements -----------------------------------------------------------------
+
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# bulk NAME URL [curl args...]: prints "code bytes seconds".
+bulk() {
+    local name=$1 url=$2
+    shift 2
+    log "$name: bulk download of $BYTES_N bytes"
+    curl -sS -o /dev/null --max-time "$BULK_TIMEOUT" -w '%{http_code} %{size_download} %{time_total}\n' \
+        "$@" "$url/bulk?bytes=$BYTES_N" 2>"$W/curl-$name.err" || true
+}
+
+# rate NAME URL [wrk args...]: prints "rps p50_ms p99_ms requests non2xx socket_errors".
+rate() {
+    local name=$1 url=$2
+    shift 2
+    if [[ ! $WARMUP =~ ^0+[smh]?$ ]]; then
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" --timeout 5s "$@" "$url/version" >/dev/null 2>&1 || true
+    fi
+    log "$name: wrk -t$THREADS -c$CONNECTIONS -d$DURATION /version"
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 5s --latency "$@" "$url/version" \
+        >"$W/wrk-$name.txt" 2>&1 || true
+    cp "$W/wrk-$name.txt" "$RESULTS_DIR/wrk-$name.txt"
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) return v / 1000
+            if (v ~ /ms$/) return v + 0
+            if (v ~ /m$/) return v * 60000
+            if (v ~ /s$/) return v * 1000
+            return v + 0
+        }
+        /^ +50%/ { p50 = ms($2) }
+        /^ +99%/ { p99 = ms($2) }
+        /requests in/ { reqs = $1 }
+        /^Requests\/sec:/ { rps = $2 }
+        /Non-2xx or 3xx responses:/ { non2xx = $NF }
+        /Socket errors:/ { gsub(/,/, ""); sockerr = $4 + $6 + $8 + $10 }
+        END {
+            if (rps == "") { print "- - - - - -"; exit }
+            printf "%s %s %s %s %d %d\n", rps, p50, p99, reqs, non2xx, sockerr
+        }' "$W/wrk-$name.txt"
+}
+
+# measure NAME LABEL URL [curl/wrk args...]: one row of results.tsv.
+measure() {
+    local name=$1 label=$2 url=$3 b r
+    shift 3
+    local code
+    code=$(curl -s -o "$W/version-$name.json" -w '%{http_code}' --max-time 5 "$@" "$url/version") || true
+    if [[ $code != 200 ]] || ! grep -q gitVersion "$W/version-$name.json"; then
+        warn "$name: GET /version answered '$code' instead of 200; path skipped"
+        printf '%s\t%s\t- - -\t- - - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
+        return
+    fi
+    b=$(bulk "$name" "$url" "$@")
+    [[ -n $b ]] || b="- - -"
+    r=$(rate "$name" "$url" "$@")
+    printf '%s\t%s\t%s\t%s\t\n' "$name" "$label" "$b" "$r" >>"$RESULTS_TSV"
+}
+
+CURL_GW=(-k -H "$AUTH")
+measure direct "direct (no tunnel)" "$DIRECT"
+measure gateway "towerctl gateway (https)" "$GATEWAY" "${CURL_GW[@]}"
+measure ssh_N "ssh -N -R" "$SSH_N"
+measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "$SSH_TT"
+if [[ -n $RATHOLE ]]; then
+    measure rathole "rathole (noise)" "$RATHOLE"
+fi
+LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# Daemons must still be the same processes (no crash/restart during the run).
+HEALTH=()
+kill -0 "$HUB_PID" 2>/dev/null || HEALTH+=("the hub (pid $HUB_PID) died during the run")
+kill -0 "$AGENT_PID" 2>/dev/null || HEALTH+=("the agent (pid $AGENT_PID) died during the run")
+timeout 20 "$T" status -o json >"$W/status-end.json" 2>/dev/null || HEALTH+=("towerctl status failed after the run")
+LOG_ISSUES=$(grep -h -E ' (WARN|ERROR) ' "$W"/state/towerctl/*.log 2>/dev/null | head -n 20 || true)
+
+# --- report -------------------------------------------------------------------------
+
+mkdir -p "$RESULTS_DIR"
+BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
+    BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
+    BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE \
+    BENCH_LOADAVG_START=$LOADAVG_START BENCH_LOADAVG_END=$LOADAVG_END \
+    BENCH_LOG_ISSUES=$LOG_ISSUES BENCH_HEALTH="$(printf '%s\n' "${HEALTH[@]+"${HEALTH[@]}"}")" \
+    BENCH_GIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) \
+    BENCH_SSH_VERSION=$(ssh -V 2>&1) BENCH_WRK_VERSION=$(wrk -v 2>&1 | head -n 1) \
+    BENCH_CURL_VERSION=$(curl --version | head -n 1) \
+    python3 - <<'PY'
+import json, os, platform, datetime
+
+env = os.environ
+rows = {}
+order = []
+for line in open(env["BENCH_RESULTS"]):
+    f = line.rstrip("\n").split("\t")
+    name, label, bulk, rate, note = f[0], f[1], f[2].split(), f[3].split(), f[4]
+    def num(v):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    code, size, secs = (bulk + ["-"] * 3)[:3]
+    rps, p50, p99, reqs, non2xx, sockerr = (rate + ["-"] * 6)[:6]
+    r = {"label": label}
+    size, secs = num(size), num(secs)
+    if code == "200" and size == float(env["BENCH_BYTES"]) and secs:
+        r["bulk_mb_per_s"] = round(size / secs / 1e6, 1)
+        r["bulk_seconds"] = round(secs, 3)
+    else:
+        r["bulk_mb_per_s"] = None
+        note = note or f"bulk download failed (HTTP {code}, {size} of {env['BENCH_BYTES']} bytes)"
+    r["req_per_s"] = num(rps)
+    r["p50_ms"] = num(p50)
+    r["p99_ms"] = num(p99)
+    r["requests"] = int(num(reqs)) if num(reqs) is not None else None
+    r["non_2xx"] = int(num(non2xx)) if num(non2xx) is not None else None
+    r["socket_errors"] = int(num(sockerr)) if num(sockerr) is not None else None
+    if r["non_2xx"] or r["socket_errors"]:
+        note = (note + "; " if note else "") + f"wrk: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
+    if r["req_per_s"] is None and not note:
+        note = "wrk gave no result"
+    r["note"] = note or None
+    rows[name] = r
+    order.append(name)
+
+def best(metric, names):
+    c = [(rows[n][metric], n) for n in names if n in rows and rows[n].get(metric)]
+    return max(c) if c else (None, None)
+
+def ratio(a, b):
+    return round(a / b, 2) if a is not None and b else None
+
+gw = rows.get("gateway", {})
+direct = rows.get("direct", {})
+ssh_tp, ssh_tp_name = best("bulk_mb_per_s", ["ssh_N", "ssh_tt"])
+ssh_rps, ssh_rps_name = best("req_per_s", ["ssh_N", "ssh_tt"])
+rh = rows.get("rathole", {})
+ratios = {
+    "gateway_vs_best_ssh_throughput": ratio(gw.get("bulk_mb_per_s"), ssh_tp),
+    "best_ssh_throughput_variant": ssh_tp_name,
+    "gateway_vs_best_ssh_req_per_s": ratio(gw.get("req_per_s"), ssh_rps),
+    "best_ssh_req_per_s_variant": ssh_rps_name,
+    "gateway_vs_rathole_req_per_s": ratio(gw.get("req_per_s"), rh.get("req_per_s")),
+    "gateway_added_p50_ms": round(gw["p50_ms"] - direct["p50_ms"], 3) if gw.get("p50_ms") is not None and direct.get("p50_ms") is not None else None,
+    "gateway_added_p99_ms": round(gw["p99_ms"] - direct["p99_ms"], 3) if gw.get("p99_ms") is not None and direct.get("p99_ms") is not None else None,
+}
+
+def check(value, ok, fmt):
+    if value is None:
+        return "n/a"
+    return ("PASS " if ok(value) else "MISS ") + fmt.format(value)
+
+targets = {
+    "throughput >= 1.5x best OpenSSH": check(ratios["gateway_vs_best_ssh_throughput"], lambda v: v >= 1.5, "{:.2f}x"),
+    "req/s >= 1.2x rathole (noise)": check(ratios["gateway_vs_rathole_req_per_s"], lambda v: v >= 1.2, "{:.2f}x"),
+    "p99 <= 1 ms": check(gw.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
+    "added p99 over direct <= 1 ms": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
+}
+
+now = datetime.datetime.now(datetime.timezone.utc)
+health = [h for h in env.get("BENCH_HEALTH", "").splitlines() if h]
+log_issues = [l for l in env.get("BENCH_LOG_ISSUES", "").splitlines() if l]
+doc = {
+    "date": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "machine": {
+        "cpus": os.cpu_count(),
+        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor()),
+        "kernel": platform.release(),
+        "loadavg_start": env["BENCH_LOADAVG_START"],
+        "loadavg_end": env["BENCH_LOADAVG_END"],
+    },
+    "towerctl": env["BENCH_GIT"],
+    "settings": {
+        "bytes": int(env["BENCH_BYTES"]),
+        "duration": env["BENCH_DURATION"],
+        "connections": int(env["BENCH_CONNECTIONS"]),
+        "threads": int(env["BENCH_THREADS"]),
+        "ssh_cipher": env["BENCH_SSH_CIPHER"],
+        "tools": {"ssh": env["BENCH_SSH_VERSION"], "wrk": env["BENCH_WRK_VERSION"], "curl": env["BENCH_CURL_VERSION"]},
+    },
+    "paths": {n: rows[n] for n in order},
+    "rathole": env.get("BENCH_RATHOLE_NOTE") or "measured",
+    "ratios": ratios,
+    "targets_on_gateway_path": targets,
+    "problems": health + log_issues,
+}
+with open(env["BENCH_JSON"], "w") as fh:
+    json.dump(doc, fh, indent=2)
+    fh.write("\n")
+
+def fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+print()
+print(f"towerctl benchmark  {doc['date']}  {doc['machine']['cpus']} CPUs ({doc['machine']['cpu']})  towerctl {doc['towerctl']}")
+print(f"bulk {int(env['BENCH_BYTES'])} bytes per path; wrk -t{env['BENCH_THREADS']} -c{env['BENCH_CONNECTIONS']} -d{env['BENCH_DURATION']} GET /version; ssh cipher {env['BENCH_SSH_CIPHER']}; load average {env['BENCH_LOADAVG_START']} -> {env['BENCH_LOADAVG_END']}")
+print()
+print(f"{'path':<32} {'MB/s':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  note")
+for n in order:
+    r = rows[n]
+    print(f"{r['label']:<32} {fmt(r['bulk_mb_per_s'], '8.1f')} {fmt(r['req_per_s'], '10.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')}  {r['note'] or ''}")
+if env.get("BENCH_RATHOLE_NOTE"):
+    print(f"{'rathole (noise)':<32} {'-':>8} {'-':>10} {'-':>8} {'-':>8}  {env['BENCH_RATHOLE_NOTE']}")
+print()
+print("ratios")
+print(f"  gateway MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {fmt(ratios['gateway_vs_best_ssh_throughput'], '.2f')}x")
+print(f"  gateway req/s / best ssh req/s ({ssh_rps_name or '-'}): {fmt(ratios['gateway_vs_best_ssh_req_per_s'], '.2f')}x")
+if ratios["gateway_vs_rathole_req_per_s"] is not None:
+    print(f"  gateway req/s / rathole req/s: {ratios['gateway_vs_rathole_req_per_s']:.2f}x")
+print(f"  gateway added p50 over direct: {fmt(ratios['gateway_added_p50_ms'], '+.3f')} ms")
+print(f"  gateway added p99 over direct: {fmt(ratios['gateway_added_p99_ms'], '+.3f')} ms")
+print()
+print("targets (measured on the gateway path, which carries TLS and two HTTP/1.1 hops on top of the raw channel)")
+for k, v in targets.items():
+    print(f"  {k:<32} {v}")
+if doc["problems"]:
+    print()
+    print("problems seen during the run (daemon health, WARN/ERROR lines of the towerctl logs):")
+    for p in doc["problems"]:
+        print(f"  {p}")
+print()
+print(f"JSON: {env['BENCH_JSON']}")
+PY
