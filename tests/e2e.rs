@@ -430,27 +430,43 @@ fn several_agents_per_machine_and_a_new_session_replaces_the_old() {
     assert_eq!(s["agents"].as_array().unwrap().len(), 2, "{s}");
     assert!(env.towerctl(&["use", "beta"]).ok());
     assert!(env.kubectl(&["get", "ns"]).ok());
-    assert!(beta_api.requests().iter().any(|r| r.path.starts_with("/api/v1/namespaces")));
+    assert!(beta_api
+        .requests()
+        .iter()
+        .any(|r| r.path.starts_with("/api/v1/namespaces")));
 
     // Secrets on disk are private.
-    for f in ["data/towerctl/admin.token", "data/towerctl/host_key", "data/towerctl/ca.key", "config/towerctl/agents/alpha.json"] {
+    for f in [
+        "data/towerctl/admin.token",
+        "data/towerctl/host_key",
+        "data/towerctl/ca.key",
+        "config/towerctl/agents/alpha.json",
+    ] {
         let mode = std::fs::metadata(env.path(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
     }
 
     // Another agent joins as 'alpha' from elsewhere (its own installation):
     // the hub replaces the existing session with the new one.
-    let before = env.status()["hub"]["clusters"][0]["remote"].as_str().unwrap().to_string();
+    let before = env.status()["hub"]["clusters"][0]["remote"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let other = Env::new();
     let mut args: Vec<&str> = vec!["agent", "run"];
     args.extend(alpha_join.iter().skip(1).map(String::as_str));
     let member_kc = env.path("member.kubeconfig");
     args.extend(["--kubeconfig", member_kc.to_str().unwrap()]);
     let second = Streaming::start(other.towerctl_cmd(&args));
-    wait_for("the hub to switch to the new session", Duration::from_secs(15), || {
-        let s = env.status();
-        let c = &s["hub"]["clusters"][0];
-        (c["state"] == "connected" && c["remote"].as_str() != Some(before.as_str())).then_some(())
-    });
+    wait_for(
+        "the hub to switch to the new session",
+        Duration::from_secs(15),
+        || {
+            let s = env.status();
+            let c = &s["hub"]["clusters"][0];
+            (c["state"] == "connected" && c["remote"].as_str() != Some(before.as_str()))
+                .then_some(())
+        },
+    );
     drop(second);
 }

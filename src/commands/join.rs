@@ -73,6 +73,9 @@ async fn agent_status(name: &str) -> Option<AgentStatus> {
 
 pub async fn join(a: JoinArgs) -> Result<u8> {
     let cfg = config_from_opts(&a.name, &a.opts)?;
+    if cfg.hub_key.is_none() {
+        eprintln!("warning: --insecure-skip-hub-key: the hub's identity is not verified; anyone who can intercept the connection can impersonate the hub and read the member's API traffic");
+    }
     if let Some(s) = agent_status(&a.name).await {
         bail!("an agent for cluster '{}' is already running on this machine (pid {}, {}); run 'towerctl leave {}' first to replace it", a.name, s.pid, s.state, a.name);
     }

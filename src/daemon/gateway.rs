@@ -20,10 +20,34 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::hub::Hub;
+use super::hub::{Hub, LiveSession};
 use crate::tunnel::{self, server, TARGET_APISERVER};
 
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+
+/// The tunnel channel a client connection last used, kept for its next
+/// request. kubectl keeps its connection to the gateway alive, and HTTP/1.1
+/// requests on one connection come one after another, so one channel per
+/// client connection (per cluster) saves a tunnel round trip per request
+/// without any shared pool or lock in the data path.
+#[derive(Default)]
+struct ChannelSlot(tokio::sync::Mutex<Option<(String, u64, Sender)>>);
+
+impl ChannelSlot {
+    async fn take(&self, name: &str, session: u64) -> Option<Sender> {
+        let mut slot = self.0.lock().await;
+        match slot.take() {
+            Some((n, id, s)) if n == name && id == session && s.is_ready() => Some(s),
+            _ => None,
+        }
+    }
+
+    async fn put(&self, name: String, session: u64, s: Sender) {
+        *self.0.lock().await = Some((name, session, s));
+    }
+}
 
 /// A Kubernetes `Status` object, which kubectl prints as a readable error.
 pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
@@ -147,9 +171,11 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 };
+            let slot = Arc::new(ChannelSlot::default());
             let svc = hyper::service::service_fn(move |req| {
                 let hub = hub.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(hub, req, peer).await) }
+                let slot = slot.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(hub, &slot, req, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)
@@ -193,7 +219,41 @@ pub fn humanize(secs: u64) -> String {
     }
 }
 
-async fn handle(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// Opens a new channel to the agent and an HTTP/1.1 connection over it.
+async fn open_channel(
+    session: &Arc<LiveSession>,
+    name: &str,
+    peer: SocketAddr,
+) -> Result<Sender, Response<Body>> {
+    let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer).await.map_err(|e| {
+        status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"))
+    })?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| {
+            status_response(
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                &format!("cluster '{name}': {e}"),
+            )
+        })?;
+    let session = session.clone();
+    session.streams.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("tunnel stream: {e}");
+        }
+        session.streams.fetch_sub(1, Ordering::Relaxed);
+    });
+    Ok(sender)
+}
+
+async fn handle(
+    hub: Arc<Hub>,
+    slot: &ChannelSlot,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" || path == "/readyz" {
         return Response::new(full(Bytes::from_static(b"ok")));
@@ -249,43 +309,54 @@ async fn handle(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAddr) -> 
     }
     let up_req = Request::from_parts(parts, body);
 
-    let stream = match server::open(&session.handle, TARGET_APISERVER, 443, peer).await {
-        Ok(s) => s,
-        Err(e) => {
-            return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"));
-        }
+    // An upgraded connection is spliced for good: it gets its own channel.
+    let reused = if upgrade {
+        None
+    } else {
+        slot.take(&name, session.id).await
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            return status_response(
-                StatusCode::BAD_GATEWAY,
-                "BadGateway",
-                &format!("cluster '{name}': {e}"),
-            )
-        }
+    let was_reused = reused.is_some();
+    let mut sender = match reused {
+        Some(s) => s,
+        None => match open_channel(&session, &name, peer).await {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        },
     };
-    {
-        let session = session.clone();
-        session.streams.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!("tunnel stream: {e}");
-            }
-            session.streams.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-    let mut resp = match sender.send_request(up_req).await {
+    let mut resp = match sender.try_send_request(up_req).await {
         Ok(r) => r,
-        Err(e) => {
-            return status_response(
-                StatusCode::BAD_GATEWAY,
-                "BadGateway",
-                &format!("cluster '{name}': the agent did not answer: {e}"),
-            )
-        }
+        Err(mut e) => match (was_reused, e.take_message()) {
+            // The reused channel was closed under us before the request
+            // went out: safe to send it again on a fresh one, whatever its
+            // method.
+            (true, Some(up_req)) => {
+                sender = match open_channel(&session, &name, peer).await {
+                    Ok(s) => s,
+                    Err(resp) => return resp,
+                };
+                match sender.send_request(up_req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return status_response(
+                            StatusCode::BAD_GATEWAY,
+                            "BadGateway",
+                            &format!("cluster '{name}': the agent did not answer: {e}"),
+                        )
+                    }
+                }
+            }
+            _ => {
+                return status_response(
+                    StatusCode::BAD_GATEWAY,
+                    "BadGateway",
+                    &format!("cluster '{name}': the agent did not answer: {}", e.error()),
+                )
+            }
+        },
     };
+    if !upgrade {
+        slot.put(name.clone(), session.id, sender).await;
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
