@@ -313,6 +313,14 @@ fn registry_survives_kill_9_during_writes() {
             "cluster '{n}' was acknowledged but lost after kill -9"
         );
     }
+
+    // `up` is idempotent; `down` stops the hub.
+    let o = env.up();
+    assert!(o.stdout.contains("already running"), "{o:?}");
+    let o = env.towerctl(&["down"]);
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(env.towerctl(&["status"]).code, Some(3));
+    assert_eq!(env.towerctl(&["down"]).code, Some(3));
 }
 
 /// Sends a signal to a pid (SIGSTOP/SIGCONT), for freezing a peer.
