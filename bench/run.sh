@@ -23,6 +23,7 @@
 #   JOBS          cargo build jobs; default 1
 #   KEEP_WORKDIR  1 keeps the temp dir (logs, configs) after the run
 #   RESULTS_DIR   where latest.json and the daemons' logs go; default bench/results
+#   TOWERCTL_REV  label for the towerctl build in the report; default: git describe of this tree
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -203,7 +204,7 @@ start_bg "$W/upstream.out" "$W/upstream.err" "$UPSTREAM_BIN"
 UPSTREAM_PID=$BG_PID
 UPPORT=""
 for ((i = 0; i < 100; i++)); do
-    if read -r line <"$W/upstream.out" 2>/dev/null && [[ $line =~ ^listening\ on\ 127\.0\.0\.1:([0-9]+)$ ]]; then
+    if read -r line 2>/dev/null <"$W/upstream.out" && [[ $line =~ ^listening\ on\ 127\.0\.0\.1:([0-9]+)$ ]]; then
         UPPORT=${BASH_REMATCH[1]}
         break
     fi
@@ -415,26 +416,31 @@ rate() {
         }' "$W/wrk-$name.txt"
 }
 
-# measure NAME LABEL URL [curl/wrk args...]: one row of results.tsv.
+# measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl
+# and wrk (authentication, TLS) come from the arrays CURL_EXTRA and WRK_EXTRA.
+CURL_EXTRA=()
+WRK_EXTRA=()
 measure() {
-    local name=$1 label=$2 url=$3 b r
-    shift 3
-    local code
-    code=$(curl -s -o "$W/version-$name.json" -w '%{http_code}' --max-time 5 "$@" "$url/version") || true
+    local name=$1 label=$2 url=$3 b r code
+    code=$(curl -s -o "$W/version-$name.json" -w '%{http_code}' --max-time 5 "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}" "$url/version") || true
     if [[ $code != 200 ]] || ! grep -q gitVersion "$W/version-$name.json"; then
         warn "$name: GET /version answered '$code' instead of 200; path skipped"
         printf '%s\t%s\t- - -\t- - - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
         return
     fi
-    b=$(bulk "$name" "$url" "$@")
+    b=$(bulk "$name" "$url" "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}")
     [[ -n $b ]] || b="- - -"
-    r=$(rate "$name" "$url" "$@")
+    r=$(rate "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
     printf '%s\t%s\t%s\t%s\t\n' "$name" "$label" "$b" "$r" >>"$RESULTS_TSV"
 }
 
-CURL_GW=(-k -H "$AUTH")
 measure direct "direct (no tunnel)" "$DIRECT"
-measure gateway "towerctl gateway (https)" "$GATEWAY" "${CURL_GW[@]}"
+# curl checks nothing with -k, and wrk never verifies: both pay the same TLS cost.
+CURL_EXTRA=(-k -H "$AUTH")
+WRK_EXTRA=(-H "$AUTH")
+measure gateway "towerctl gateway (https)" "$GATEWAY"
+CURL_EXTRA=()
+WRK_EXTRA=()
 measure ssh_N "ssh -N -R" "$SSH_N"
 measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "$SSH_TT"
 if [[ -n $RATHOLE ]]; then
@@ -447,7 +453,13 @@ HEALTH=()
 kill -0 "$HUB_PID" 2>/dev/null || HEALTH+=("the hub (pid $HUB_PID) died during the run")
 kill -0 "$AGENT_PID" 2>/dev/null || HEALTH+=("the agent (pid $AGENT_PID) died during the run")
 timeout 20 "$T" status -o json >"$W/status-end.json" 2>/dev/null || HEALTH+=("towerctl status failed after the run")
-LOG_ISSUES=$(grep -h -E ' (WARN|ERROR) ' "$W"/state/towerctl/*.log 2>/dev/null | head -n 20 || true)
+# WARN/ERROR lines of the daemons' logs, without timestamps, counted.
+LOG_ISSUES=$(
+    for f in "$W"/state/towerctl/*.log; do
+        [[ -f $f ]] || continue
+        grep -E '^[^ ]+ +(WARN|ERROR) ' "$f" | sed -E "s/^[^ ]+ +/$(basename "$f" .log): /"
+    done | sort | uniq -c | sort -rn | head -n 20 | sed -E 's/^ *([0-9]+) (.*)$/\1x \2/' || true
+)
 
 # --- report -------------------------------------------------------------------------
 
@@ -457,7 +469,7 @@ BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTE
     BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE \
     BENCH_LOADAVG_START=$LOADAVG_START BENCH_LOADAVG_END=$LOADAVG_END \
     BENCH_LOG_ISSUES=$LOG_ISSUES BENCH_HEALTH="$(printf '%s\n' "${HEALTH[@]+"${HEALTH[@]}"}")" \
-    BENCH_GIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown) \
+    BENCH_GIT="${TOWERCTL_REV:-$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)}" \
     BENCH_SSH_VERSION=$(ssh -V 2>&1) BENCH_WRK_VERSION=$(wrk -v 2>&1 | head -n 1) \
     BENCH_CURL_VERSION=$(curl --version | head -n 1) \
     python3 - <<'PY'
@@ -564,7 +576,10 @@ with open(env["BENCH_JSON"], "w") as fh:
     fh.write("\n")
 
 def fmt(v, spec):
-    return format(v, spec) if v is not None else "-"
+    if v is None:
+        width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+        return "-".rjust(int(width or 0))
+    return format(v, spec)
 
 print()
 print(f"towerctl benchmark  {doc['date']}  {doc['machine']['cpus']} CPUs ({doc['machine']['cpu']})  towerctl {doc['towerctl']}")
@@ -578,8 +593,10 @@ if env.get("BENCH_RATHOLE_NOTE"):
     print(f"{'rathole (noise)':<32} {'-':>8} {'-':>10} {'-':>8} {'-':>8}  {env['BENCH_RATHOLE_NOTE']}")
 print()
 print("ratios")
-print(f"  gateway MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {fmt(ratios['gateway_vs_best_ssh_throughput'], '.2f')}x")
-print(f"  gateway req/s / best ssh req/s ({ssh_rps_name or '-'}): {fmt(ratios['gateway_vs_best_ssh_req_per_s'], '.2f')}x")
+def times(v):
+    return f"{v:.2f}x" if v is not None else "-"
+print(f"  gateway MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios['gateway_vs_best_ssh_throughput'])}")
+print(f"  gateway req/s / best ssh req/s ({ssh_rps_name or '-'}): {times(ratios['gateway_vs_best_ssh_req_per_s'])}")
 if ratios["gateway_vs_rathole_req_per_s"] is not None:
     print(f"  gateway req/s / rathole req/s: {ratios['gateway_vs_rathole_req_per_s']:.2f}x")
 print(f"  gateway added p50 over direct: {fmt(ratios['gateway_added_p50_ms'], '+.3f')} ms")
@@ -590,7 +607,7 @@ for k, v in targets.items():
     print(f"  {k:<32} {v}")
 if doc["problems"]:
     print()
-    print("problems seen during the run (daemon health, WARN/ERROR lines of the towerctl logs):")
+    print("problems seen during the run (daemon health; WARN/ERROR lines of the towerctl logs, counted):")
     for p in doc["problems"]:
         print(f"  {p}")
 print()

@@ -12,7 +12,7 @@ use crate::daemon::gateway::humanize;
 use crate::paths;
 
 enum Probe {
-    Up(AgentStatus),
+    Up(Box<AgentStatus>),
     NotResponding,
     Stopped,
 }

@@ -2,6 +2,7 @@
 //! channels by proxying to the member's API server with the agent's own
 //! credentials.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::control::{self, AgentStatus, Request as CtlRequest, Response as CtlResponse};
+use super::control::{
+    self, push_bounded, AgentStatus, Event, Request as CtlRequest, Response as CtlResponse,
+    EVENTS_KEPT, RTT_SAMPLES_KEPT,
+};
 use super::gateway::{is_upgrade, status_response, strip_hop_by_hop, strip_identity, Body};
 use crate::paths;
 use crate::tunnel::backoff::Backoff;
@@ -185,6 +189,23 @@ struct State {
     attempt: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
+    /// Sessions after the first.
+    reconnects: u64,
+    rtt_history: VecDeque<f64>,
+    events: VecDeque<Event>,
+}
+
+impl State {
+    fn event(&mut self, text: String) {
+        push_bounded(
+            &mut self.events,
+            Event {
+                at: control::now_unix(),
+                text,
+            },
+            EVENTS_KEPT,
+        );
+    }
 }
 
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
@@ -212,6 +233,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         attempt: 0,
         retry_at: None,
         last_error: None,
+        reconnects: 0,
+        rtt_history: VecDeque::new(),
+        events: VecDeque::new(),
     });
     let socket = paths::agent_socket(&cfg.name);
     let listener = control::bind(&socket).await?;
@@ -227,7 +251,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         let upstream = upstream_url.clone();
         async move {
             match req {
-                CtlRequest::Status => {
+                CtlRequest::Status | CtlRequest::Watch { .. } => {
                     let s = rx.borrow().clone();
                     CtlResponse::ok(AgentStatus {
                         name,
@@ -242,6 +266,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                         }),
                         last_error: s.last_error,
                         upstream,
+                        reconnects: s.reconnects,
+                        rtt_history_ms: s.rtt_history.into_iter().collect(),
+                        events: s.events.into_iter().collect(),
                     })
                 }
                 CtlRequest::Shutdown => {
@@ -274,6 +301,7 @@ async fn tunnel_loop(
         Duration::from_secs(cap_secs.max(1)),
     );
     let set = |f: &dyn Fn(&mut State)| tx.send_modify(|s| f(s));
+    let mut connected_before = false;
     loop {
         set(&|s| {
             s.state = "connecting";
@@ -287,11 +315,17 @@ async fn tunnel_loop(
             Ok(mut sess) => {
                 tracing::info!(hub = %opts.url, "tunnel up");
                 let now = control::now_unix();
+                let again = connected_before;
+                connected_before = true;
                 set(&|s| {
                     s.state = "connected";
                     s.since = now;
                     s.attempt = 0;
                     s.last_error = None;
+                    if again {
+                        s.reconnects += 1;
+                    }
+                    s.event(format!("connected to {}", opts.url));
                 });
                 let closed = sess.take_closed();
                 let keepalive = opts.keepalive;
@@ -299,7 +333,14 @@ async fn tunnel_loop(
                 let pinger = async {
                     loop {
                         match sess.ping(keepalive * 2).await {
-                            Some(rtt) => tx.send_modify(|s| s.rtt = Some(rtt)),
+                            Some(rtt) => tx.send_modify(|s| {
+                                s.rtt = Some(rtt);
+                                push_bounded(
+                                    &mut s.rtt_history,
+                                    rtt.as_secs_f64() * 1000.0,
+                                    RTT_SAMPLES_KEPT,
+                                );
+                            }),
                             None => return,
                         }
                         tokio::time::sleep(keepalive).await;
@@ -317,12 +358,16 @@ async fn tunnel_loop(
                 let uptime = sess.connected_at.elapsed();
                 backoff.session_ended(uptime);
                 tracing::warn!("tunnel down after {uptime:?}: {why}");
-                set(&|s| s.last_error = Some(why.clone()));
+                set(&|s| {
+                    s.event(format!("disconnected: {why}"));
+                    s.last_error = Some(why.clone());
+                });
             }
             Err(e) if e.is_fatal() => {
                 let msg = e.to_string();
                 set(&|s| {
                     s.state = "failed";
+                    s.event(format!("stopped: {msg}"));
                     s.last_error = Some(msg.clone());
                 });
                 return Err(anyhow::Error::new(e));
@@ -330,7 +375,13 @@ async fn tunnel_loop(
             Err(e) => {
                 tracing::warn!("{e}");
                 let msg = e.to_string();
-                set(&|s| s.last_error = Some(msg.clone()));
+                set(&|s| {
+                    // One event per distinct failure, not one per attempt.
+                    if s.last_error.as_deref() != Some(msg.as_str()) {
+                        s.event(format!("cannot connect: {msg}"));
+                    }
+                    s.last_error = Some(msg.clone());
+                });
             }
         }
         let delay = backoff.next_delay();

@@ -22,12 +22,22 @@ pub const VERSION: u32 = 1;
 pub enum Request {
     /// State of the daemon.
     Status,
+    /// A stream of status snapshots: one response line now, then one every
+    /// `interval_ms` (at least 100) until the client hangs up.
+    Watch {
+        #[serde(default = "default_watch_interval")]
+        interval_ms: u64,
+    },
     /// Hub: register a member (or issue a new token for it).
     ClusterAdd { name: String },
     /// Hub: forget a member and cut its session.
     ClusterRemove { name: String },
     /// Stop the daemon.
     Shutdown,
+}
+
+fn default_watch_interval() -> u64 {
+    500
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,7 +95,7 @@ pub struct HubStatus {
     pub clusters: Vec<ClusterStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClusterStatus {
     pub name: String,
     /// `connected`, `disconnected` or `never_connected`.
@@ -96,6 +106,40 @@ pub struct ClusterStatus {
     pub rtt_ms: Option<f64>,
     pub streams: u64,
     pub agent_version: Option<String>,
+    /// Bytes received from / sent to the agent in the current session.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// Sessions after the first since the hub started.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Recent RTT samples, oldest first (about one a keepalive interval).
+    #[serde(default)]
+    pub rtt_history_ms: Vec<f64>,
+    /// Recent events, oldest first.
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+/// Something that happened to a tunnel, for operators.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Unix seconds.
+    pub at: u64,
+    pub text: String,
+}
+
+/// How many events and RTT samples a daemon keeps per cluster.
+pub const EVENTS_KEPT: usize = 20;
+pub const RTT_SAMPLES_KEPT: usize = 60;
+
+/// Appends to a bounded history.
+pub fn push_bounded<T>(v: &mut std::collections::VecDeque<T>, item: T, cap: usize) {
+    if v.len() == cap {
+        v.pop_front();
+    }
+    v.push_back(item);
 }
 
 /// What `cluster add` gets back.
@@ -122,6 +166,12 @@ pub struct AgentStatus {
     pub retry_in_ms: Option<u64>,
     pub last_error: Option<String>,
     pub upstream: String,
+    #[serde(default)]
+    pub reconnects: u64,
+    #[serde(default)]
+    pub rtt_history_ms: Vec<f64>,
+    #[serde(default)]
+    pub events: Vec<Event>,
 }
 
 /// Sends one request and reads one response, bounded in time (10s).
@@ -170,7 +220,9 @@ pub async fn is_up(socket: &Path) -> bool {
     call(socket, Request::Status).await.is_ok()
 }
 
-/// Serves the control socket until `cancel` fires. `handle` answers each request.
+/// Serves the control socket until `cancel` fires. `handle` answers each
+/// request; a `Watch` request is answered by calling it with `Status` once
+/// per interval until the client goes away.
 pub async fn serve<F, Fut>(listener: UnixListener, cancel: CancellationToken, handle: F)
 where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
@@ -200,6 +252,23 @@ where
                 return;
             }
             let resp = match serde_json::from_str::<Envelope>(&line) {
+                Ok(Envelope {
+                    v: VERSION,
+                    req: Request::Watch { interval_ms },
+                }) => {
+                    let every = Duration::from_millis(interval_ms.max(100));
+                    loop {
+                        let mut out = match serde_json::to_vec(&handle(Request::Status).await) {
+                            Ok(o) => o,
+                            Err(_) => return,
+                        };
+                        out.push(b'\n');
+                        if w.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(every).await;
+                    }
+                }
                 Ok(env) if env.v == VERSION => handle(env.req).await,
                 Ok(env) => Response::err(format!(
                     "control protocol v{} is not supported (this daemon speaks v{VERSION})",
@@ -236,4 +305,38 @@ pub fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Subscribes to a daemon's status snapshots; each line is one `Response`.
+#[allow(dead_code)] // used by the dashboard (towerctl ui)
+pub async fn watch(
+    socket: &Path,
+    interval: Duration,
+) -> Result<tokio::sync::mpsc::Receiver<serde_json::Value>> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(socket))
+        .await
+        .context("the daemon did not accept within 2s")??;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(&Envelope {
+        v: VERSION,
+        req: Request::Watch {
+            interval_ms: interval.as_millis() as u64,
+        },
+    })?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let _keep_open = w;
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            let Ok(resp) = serde_json::from_str::<Response>(&l) else {
+                break;
+            };
+            if tx.send(resp.data.unwrap_or_default()).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
 }

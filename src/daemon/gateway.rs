@@ -228,6 +228,11 @@ async fn open_channel(
     let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer).await.map_err(|e| {
         status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"))
     })?;
+    let stream = crate::tunnel::counted::Counted::new(
+        stream,
+        session.bytes_in.clone(),
+        session.bytes_out.clone(),
+    );
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| {

@@ -1,7 +1,7 @@
 //! The hub daemon: accepts agents' tunnels, keeps the registry of live
 //! sessions, serves the gateway and the control socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -12,7 +12,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::control::{self, ClusterAdded, ClusterStatus, HubStatus, Request, Response};
+use super::control::{
+    self, push_bounded, ClusterAdded, ClusterStatus, Event, HubStatus, Request, Response,
+    EVENTS_KEPT, RTT_SAMPLES_KEPT,
+};
 use super::store::{Member, Operator, RedbStore, Store};
 use crate::paths;
 use crate::tunnel::{self, keys, server};
@@ -44,6 +47,18 @@ pub struct LiveSession {
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
     pub streams: AtomicU64,
+    /// Bytes from the agent / to the agent over this session's channels.
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+    pub version: String,
+}
+
+/// What the hub remembers of a cluster across its sessions (since start).
+#[derive(Default)]
+struct ClusterMeta {
+    sessions: u64,
+    events: VecDeque<Event>,
+    rtt: VecDeque<f64>,
 }
 
 /// Shared hub state. The session map is read once per gateway request to
@@ -53,6 +68,9 @@ pub struct Hub {
     sessions: RwLock<HashMap<String, Arc<LiveSession>>>,
     /// When each member's last session ended (unix seconds), for messages.
     disconnected_at: Mutex<HashMap<String, u64>>,
+    /// Events and RTT history per cluster; touched on connect, disconnect
+    /// and once per ping, never per request.
+    meta: Mutex<HashMap<String, ClusterMeta>>,
     next_id: AtomicU64,
     pub started_at: u64,
 }
@@ -62,12 +80,46 @@ impl Hub {
         self.sessions.read().ok()?.get(name).cloned()
     }
 
+    fn record(&self, name: &str, f: impl FnOnce(&mut ClusterMeta)) {
+        if let Ok(mut m) = self.meta.lock() {
+            f(m.entry(name.to_string()).or_default());
+        }
+    }
+
+    fn event(&self, name: &str, text: String) {
+        self.record(name, |m| {
+            push_bounded(
+                &mut m.events,
+                Event {
+                    at: control::now_unix(),
+                    text,
+                },
+                EVENTS_KEPT,
+            )
+        });
+    }
+
     pub fn disconnected_since(&self, name: &str) -> Option<u64> {
         self.disconnected_at.lock().ok()?.get(name).copied()
     }
 
     /// Registers a session, replacing (and closing) a stale one of the same name.
     fn register(&self, s: Arc<LiveSession>) {
+        self.record(&s.name, |m| m.sessions += 1);
+        self.event(
+            &s.name,
+            format!(
+                "connected from {} (agent {})",
+                s.peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                s.version
+            ),
+        );
+        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+            if m.agent_version.as_deref() != Some(s.version.as_str()) {
+                m.agent_version = Some(s.version.clone());
+                let _ = self.store.put_member(&m);
+            }
+        }
         let old = self
             .sessions
             .write()
@@ -88,7 +140,8 @@ impl Hub {
         }
     }
 
-    fn unregister(&self, s: &LiveSession) {
+    fn unregister(&self, s: &LiveSession, why: &str) {
+        self.event(&s.name, format!("disconnected: {why}"));
         if let Ok(mut m) = self.sessions.write() {
             if m.get(&s.name).map(|cur| cur.id) == Some(s.id) {
                 m.remove(&s.name);
@@ -118,36 +171,64 @@ impl Hub {
 
     pub fn cluster_statuses(&self) -> Vec<ClusterStatus> {
         let members = self.store.list_members().unwrap_or_default();
+        let meta = |name: &str| -> (u64, Vec<Event>, Vec<f64>) {
+            self.meta
+                .lock()
+                .ok()
+                .and_then(|m| {
+                    m.get(name).map(|c| {
+                        (
+                            c.sessions.saturating_sub(1),
+                            c.events.iter().cloned().collect(),
+                            c.rtt.iter().copied().collect(),
+                        )
+                    })
+                })
+                .unwrap_or_default()
+        };
         members
             .into_iter()
-            .map(|m| match self.session(&m.name) {
-                Some(s) => ClusterStatus {
-                    name: m.name,
-                    state: "connected".into(),
-                    since: Some(s.connected_at),
-                    remote: s.peer.map(|p| p.to_string()),
-                    rtt_ms: match s.rtt_us.load(Ordering::Relaxed) {
-                        0 => None,
-                        us => Some(us as f64 / 1000.0),
-                    },
-                    streams: s.streams.load(Ordering::Relaxed),
-                    agent_version: m.agent_version,
-                },
-                None => {
-                    let since = self.disconnected_since(&m.name).or(m.last_seen);
-                    ClusterStatus {
+            .map(|m| {
+                let (reconnects, events, rtt_history_ms) = meta(&m.name);
+                match self.session(&m.name) {
+                    Some(s) => ClusterStatus {
                         name: m.name,
-                        state: if since.is_some() {
-                            "disconnected"
-                        } else {
-                            "never_connected"
+                        state: "connected".into(),
+                        since: Some(s.connected_at),
+                        remote: s.peer.map(|p| p.to_string()),
+                        rtt_ms: match s.rtt_us.load(Ordering::Relaxed) {
+                            0 => None,
+                            us => Some(us as f64 / 1000.0),
+                        },
+                        streams: s.streams.load(Ordering::Relaxed),
+                        agent_version: Some(s.version.clone()),
+                        bytes_in: s.bytes_in.load(Ordering::Relaxed),
+                        bytes_out: s.bytes_out.load(Ordering::Relaxed),
+                        reconnects,
+                        rtt_history_ms,
+                        events,
+                    },
+                    None => {
+                        let since = self.disconnected_since(&m.name).or(m.last_seen);
+                        ClusterStatus {
+                            name: m.name,
+                            state: if since.is_some() {
+                                "disconnected"
+                            } else {
+                                "never_connected"
+                            }
+                            .into(),
+                            since,
+                            remote: None,
+                            rtt_ms: None,
+                            streams: 0,
+                            agent_version: m.agent_version,
+                            bytes_in: 0,
+                            bytes_out: 0,
+                            reconnects,
+                            rtt_history_ms,
+                            events,
                         }
-                        .into(),
-                        since,
-                        remote: None,
-                        rtt_ms: None,
-                        streams: 0,
-                        agent_version: m.agent_version,
                     }
                 }
             })
@@ -282,6 +363,7 @@ pub async fn run(
         store,
         sessions: RwLock::new(HashMap::new()),
         disconnected_at: Mutex::new(HashMap::new()),
+        meta: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         started_at: control::now_unix(),
     });
@@ -377,7 +459,7 @@ fn handle_control(
     req: Request,
 ) -> Response {
     match req {
-        Request::Status => {
+        Request::Status | Request::Watch { .. } => {
             let mut s = base.clone();
             s.clusters = hub.cluster_statuses();
             Response::ok(s)
@@ -501,6 +583,9 @@ async fn tunnel_session(
         connected_at: control::now_unix(),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_out: Arc::new(AtomicU64::new(0)),
+        version: sess.version.clone(),
     });
     tracing::info!(cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
@@ -509,12 +594,17 @@ async fn tunnel_session(
     // two intervals to come back: a silent agent is dead within three.
     let pinger = {
         let live = live.clone();
+        let hub = hub.clone();
         async move {
             loop {
                 match server::ping(&live.handle, keepalive * 2).await {
-                    Some(rtt) => live
-                        .rtt_us
-                        .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed),
+                    Some(rtt) => {
+                        live.rtt_us
+                            .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
+                        hub.record(&live.name, |m| {
+                            push_bounded(&mut m.rtt, rtt.as_secs_f64() * 1000.0, RTT_SAMPLES_KEPT)
+                        });
+                    }
                     None => return,
                 }
                 tokio::time::sleep(keepalive).await;
@@ -533,6 +623,6 @@ async fn tunnel_session(
         _ = cancel.cancelled() => "hub shutting down".to_string(),
     };
     tracing::info!(cluster = %live.name, %peer, "agent disconnected: {why}");
-    hub.unregister(&live);
+    hub.unregister(&live, &why);
     Ok(())
 }

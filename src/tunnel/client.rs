@@ -231,6 +231,10 @@ impl ClientSession {
 
 fn client_config(keepalive: Duration) -> Arc<russh::client::Config> {
     Arc::new(russh::client::Config {
+        // The hub reads the agent's version from here.
+        client_id: russh::SshId::Standard(
+            concat!("SSH-2.0-towerctl_", env!("CARGO_PKG_VERSION")).into(),
+        ),
         preferred: super::preferred(),
         keepalive_interval: Some(keepalive),
         keepalive_max: 2,

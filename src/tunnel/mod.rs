@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod client;
+pub mod counted;
 pub mod keys;
 pub mod server;
 pub mod ws;

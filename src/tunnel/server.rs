@@ -44,7 +44,9 @@ pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config
 /// russh handler of one agent connection (fields private).
 pub struct HubHandler {
     auth: Arc<dyn Authenticator>,
-    authed: Option<oneshot::Sender<String>>,
+    /// Name accepted by `auth_password`, reported in `auth_succeeded`.
+    accepted: Option<String>,
+    authed: Option<oneshot::Sender<(String, String)>>,
 }
 
 impl russh::server::Handler for HubHandler {
@@ -52,21 +54,49 @@ impl russh::server::Handler for HubHandler {
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
         if self.auth.authenticate(user, password) {
-            if let Some(tx) = self.authed.take() {
-                let _ = tx.send(user.to_string());
-            }
+            self.accepted = Some(user.to_string());
             Ok(Auth::Accept)
         } else {
             tracing::warn!(cluster = user, "agent authentication failed");
             Ok(Auth::reject())
         }
     }
+
+    async fn auth_succeeded(
+        &mut self,
+        session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(name), Some(tx)) = (self.accepted.take(), self.authed.take()) {
+            let id = String::from_utf8_lossy(session.remote_sshid()).to_string();
+            let _ = tx.send((name, agent_version(&id)));
+        }
+        Ok(())
+    }
+}
+
+/// The agent's version from its SSH identification string
+/// (`SSH-2.0-towerctl_0.1.0`); the raw software field for other clients.
+pub fn agent_version(ssh_id: &str) -> String {
+    let software = ssh_id
+        .trim()
+        .splitn(3, '-')
+        .nth(2)
+        .unwrap_or(ssh_id)
+        .split(' ')
+        .next()
+        .unwrap_or("");
+    software
+        .strip_prefix("towerctl_")
+        .unwrap_or(software)
+        .to_string()
 }
 
 /// An authenticated agent session.
 pub struct ServerSession {
     /// The cluster name the agent authenticated as.
     pub name: String,
+    /// The agent's version, from its SSH identification string.
+    pub version: String,
     pub handle: Handle,
     /// Resolves when the SSH session ends.
     pub running: RunningSession<HubHandler>,
@@ -97,13 +127,14 @@ where
     let (tx, rx) = oneshot::channel();
     let handler = HubHandler {
         auth,
+        accepted: None,
         authed: Some(tx),
     };
     let mut running = russh::server::run_stream(config, io, handler)
         .await
         .map_err(AcceptError::Handshake)?;
     let handle = running.handle();
-    let name = tokio::select! {
+    let (name, version) = tokio::select! {
         r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
         r = &mut running => {
             return Err(match r {
@@ -118,6 +149,7 @@ where
     };
     Ok(ServerSession {
         name,
+        version,
         handle,
         running,
     })
@@ -153,5 +185,17 @@ pub async fn ping(handle: &Handle, timeout: Duration) -> Option<Duration> {
     match r {
         Ok(Err(russh::Error::ChannelOpenFailure(_))) | Ok(Ok(_)) => Some(start.elapsed()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_agent_versions() {
+        assert_eq!(super::agent_version("SSH-2.0-towerctl_0.1.0"), "0.1.0");
+        assert_eq!(
+            super::agent_version("SSH-2.0-OpenSSH_9.2p1 Debian-2"),
+            "OpenSSH_9.2p1"
+        );
     }
 }
