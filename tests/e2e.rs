@@ -454,17 +454,32 @@ fn several_agents_per_machine_and_a_new_session_replaces_the_old() {
         assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
     }
 
-    // Another agent joins as 'alpha' from elsewhere (its own installation):
-    // the hub replaces the existing session with the new one.
+    // The same agent (same key) comes back from elsewhere while the hub
+    // still holds its old session (as after a silent network change): the
+    // hub replaces the stale session with the new one. The join token is
+    // spent by now; the key alone logs in.
     let before = env.status()["hub"]["clusters"][0]["remote"]
         .as_str()
         .unwrap()
         .to_string();
     let other = Env::new();
-    let mut args: Vec<&str> = vec!["agent", "run"];
-    args.extend(alpha_join.iter().skip(1).map(String::as_str));
+    let key = env.path("config/towerctl/agents/alpha.key");
+    let hub_url = &alpha_join[alpha_join.iter().position(|a| a == "--hub").unwrap() + 1];
+    let hub_key = &alpha_join[alpha_join.iter().position(|a| a == "--hub-key").unwrap() + 1];
     let member_kc = env.path("member.kubeconfig");
-    args.extend(["--kubeconfig", member_kc.to_str().unwrap()]);
+    let args = [
+        "agent",
+        "run",
+        "alpha",
+        "--hub",
+        hub_url,
+        "--hub-key",
+        hub_key,
+        "--key-file",
+        key.to_str().unwrap(),
+        "--kubeconfig",
+        member_kc.to_str().unwrap(),
+    ];
     let second = Streaming::start(other.towerctl_cmd(&args));
     wait_for(
         "the hub to switch to the new session",
@@ -477,4 +492,84 @@ fn several_agents_per_machine_and_a_new_session_replaces_the_old() {
         },
     );
     drop(second);
+}
+
+#[test]
+fn join_tokens_expire_are_single_use_and_revoke_cuts_the_session() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let join = connected(&env, &api, &[]);
+    let member_kc = env.path("member.kubeconfig");
+    let kc = member_kc.to_str().unwrap();
+
+    // The same join command on another machine: the token is spent.
+    let other = Env::new();
+    let o = other.join(&join, &["--kubeconfig", kc]);
+    assert_eq!(o.code, Some(4), "{o:?}");
+    assert!(o.stderr.contains("already used"), "{o:?}");
+
+    // An expired token is refused with its expiry.
+    let late = env.towerctl(&["cluster", "add", "late", "--ttl", "1s"]);
+    assert!(late.ok(), "{late:?}");
+    let late_join: Vec<String> = late
+        .stdout
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    std::thread::sleep(Duration::from_millis(2100));
+    let o = other.join(&late_join, &["--kubeconfig", kc]);
+    assert_eq!(o.code, Some(4), "{o:?}");
+    assert!(o.stderr.contains("expired at"), "{o:?}");
+
+    // The list shows the agent's key and the token states.
+    let o = env.towerctl(&["cluster", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(
+        list[0]["key_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{list}"
+    );
+    assert_eq!(list[0]["token_state"], "used");
+    assert_eq!(list[1]["token_state"], "expired");
+
+    // Revoke cuts the live session at once; the agent stops by itself.
+    let agent = env.pid_of("agent-alpha").unwrap();
+    let o = env.towerctl(&["cluster", "revoke", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let revoked = std::time::Instant::now();
+    wait_for("the revoked agent to exit", Duration::from_secs(5), || {
+        (!std::path::Path::new(&format!("/proc/{agent}")).exists()).then_some(())
+    });
+    assert!(
+        revoked.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        revoked.elapsed()
+    );
+    let log = std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap();
+    assert!(log.contains("was revoked on the hub"), "{log}");
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(!o.ok(), "{o:?}");
+    let o = env.kubectl(&["get", "--raw", "/clusters/alpha/api"]);
+    assert!(
+        o.stderr.contains("ServiceUnavailable") && o.stderr.contains("revoked"),
+        "{o:?}"
+    );
+
+    // A revoked cluster's key is refused too, with the reason.
+    let o = env.towerctl(&[
+        "agent",
+        "run",
+        "alpha",
+        "--hub",
+        &join[5],
+        "--hub-key",
+        &join[7],
+        "--kubeconfig",
+        kc,
+    ]);
+    assert_eq!(o.code, Some(4), "{o:?}");
+    assert!(o.stderr.contains("revoked"), "{o:?}");
 }

@@ -1,9 +1,11 @@
-//! `towerctl cluster add|list`.
+//! `towerctl cluster add|rotate|revoke|list|rm`.
 
 use anyhow::{Context, Result};
 
 use super::exit;
-use crate::daemon::control::{self, ClusterAdded, Request};
+use crate::daemon::control::{self, ClusterAdded, ClusterStatus, Request};
+use crate::daemon::fmt_unix;
+use crate::daemon::gateway::humanize;
 use crate::daemon::hub::validate_name;
 use crate::paths;
 
@@ -11,19 +13,15 @@ fn no_hub() -> anyhow::Error {
     anyhow::anyhow!("no hub is running on this machine: start one with 'towerctl up'")
 }
 
-pub async fn add(name: &str, output: &str) -> Result<u8> {
-    validate_name(name).map_err(anyhow::Error::msg)?;
+async fn hub_call(req: Request) -> Result<serde_json::Value> {
     let socket = paths::hub_socket();
     if !control::is_up(&socket).await {
         return Err(no_hub());
     }
-    let v = control::call(
-        &socket,
-        Request::ClusterAdd {
-            name: name.to_string(),
-        },
-    )
-    .await?;
+    control::call(&socket, req).await
+}
+
+fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
     let added: ClusterAdded = serde_json::from_value(v).context("malformed answer from the hub")?;
     if output == "json" {
         println!(
@@ -31,13 +29,21 @@ pub async fn add(name: &str, output: &str) -> Result<u8> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "name": added.name,
                 "token": added.token,
+                "expiresAt": added.expires_at.map(fmt_unix),
                 "hub": added.tunnel_url,
                 "hubKey": added.hub_key,
             }))?
         );
         return Ok(exit::OK);
     }
-    eprintln!("cluster '{}' registered. Run this in the member (the token is shown once; a new 'cluster add' replaces it):", added.name);
+    let expiry = match added.expires_at {
+        Some(t) => format!("expires {}", fmt_unix(t)),
+        None => "never expires".to_string(),
+    };
+    eprintln!(
+        "cluster '{}' {what}. Run this in the member (the token is shown once, {expiry}):",
+        added.name
+    );
     println!(
         "towerctl join {} --token {} --hub {} --hub-key {}",
         added.name, added.token, added.tunnel_url, added.hub_key
@@ -45,41 +51,117 @@ pub async fn add(name: &str, output: &str) -> Result<u8> {
     Ok(exit::OK)
 }
 
-pub async fn list() -> Result<u8> {
-    let Some(s) = super::hub::hub_status().await else {
-        return Err(no_hub());
-    };
-    println!(
-        "{:<20} {:<16} {:<22} {:>9}",
-        "NAME", "STATE", "REMOTE", "RTT"
-    );
-    for c in s.clusters {
-        println!(
-            "{:<20} {:<16} {:<22} {:>9}",
-            c.name,
-            c.state,
-            c.remote.unwrap_or_else(|| "-".into()),
-            c.rtt_ms
-                .map(|r| format!("{r:.2}ms"))
-                .unwrap_or_else(|| "-".into())
-        );
-    }
+pub async fn add(
+    name: &str,
+    ttl_secs: u64,
+    reusable: bool,
+    impersonate: bool,
+    output: &str,
+) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let v = hub_call(Request::ClusterAdd {
+        name: name.to_string(),
+        ttl_secs,
+        reusable,
+        impersonate,
+    })
+    .await?;
+    print_join(v, output, "registered")
+}
+
+pub async fn rotate(name: &str, ttl_secs: u64, reusable: bool, output: &str) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let v = hub_call(Request::ClusterRotate {
+        name: name.to_string(),
+        ttl_secs,
+        reusable,
+    })
+    .await?;
+    print_join(
+        v,
+        output,
+        "has a new join token (the old one no longer works)",
+    )
+}
+
+pub async fn revoke(name: &str) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    hub_call(Request::ClusterRevoke {
+        name: name.to_string(),
+    })
+    .await?;
+    println!("cluster '{name}' revoked: its session was cut and its agent is refused from now on");
     Ok(exit::OK)
 }
 
 pub async fn remove(name: &str) -> Result<u8> {
     validate_name(name).map_err(anyhow::Error::msg)?;
-    let socket = paths::hub_socket();
-    if !control::is_up(&socket).await {
-        return Err(no_hub());
-    }
-    control::call(
-        &socket,
-        Request::ClusterRemove {
-            name: name.to_string(),
-        },
-    )
+    hub_call(Request::ClusterRemove {
+        name: name.to_string(),
+    })
     .await?;
     println!("cluster '{name}' removed");
+    Ok(exit::OK)
+}
+
+fn token_column(c: &ClusterStatus) -> String {
+    match (c.token_state.as_str(), c.token_expires_at) {
+        ("unused", Some(t)) => {
+            let left = t.saturating_sub(control::now_unix());
+            format!("unused, expires in {}", humanize(left))
+        }
+        ("unused", None) => "unused, no expiry".into(),
+        (s, _) => s.to_string(),
+    }
+}
+
+pub async fn list(output: &str) -> Result<u8> {
+    let Some(s) = super::hub::hub_status().await else {
+        return Err(no_hub());
+    };
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&s.clusters)?),
+        "yaml" => print!("{}", serde_saphyr::to_string(&s.clusters)?),
+        _ => {
+            let wide = output == "wide";
+            let dash = || "-".to_string();
+            if wide {
+                println!(
+                    "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} TOKEN",
+                    "NAME", "STATE", "VERSION", "REMOTE", "RTT", "AGENT KEY"
+                );
+            } else {
+                println!(
+                    "{:<20} {:<16} {:<10} {:>9}  TOKEN",
+                    "NAME", "STATE", "VERSION", "RTT"
+                );
+            }
+            for c in &s.clusters {
+                let rtt = c.rtt_ms.map(|r| format!("{r:.2}ms")).unwrap_or_else(dash);
+                let version = c.agent_version.clone().unwrap_or_else(dash);
+                if wide {
+                    println!(
+                        "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {}",
+                        c.name,
+                        c.state,
+                        version,
+                        c.remote.clone().unwrap_or_else(dash),
+                        rtt,
+                        c.key_fingerprint.clone().unwrap_or_else(dash),
+                        token_column(c)
+                    );
+                } else {
+                    println!(
+                        "{:<20} {:<16} {:<10} {:>9}  {}",
+                        c.name,
+                        c.state,
+                        version,
+                        rtt,
+                        token_column(c)
+                    );
+                }
+            }
+        }
+    }
     Ok(exit::OK)
 }

@@ -36,8 +36,19 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     let token = o
         .token
         .clone()
-        .filter(|t| !t.trim().is_empty())
-        .context("missing --token: pass the join token printed by 'towerctl cluster add' (or set TOWERCTL_TOKEN)")?;
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let key_file = o
+        .key_file
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    let has_key = key_file
+        .as_ref()
+        .unwrap_or(&agent::default_key_path(name))
+        .exists();
+    if token.is_none() && !has_key {
+        bail!("missing --token: pass the join token printed by 'towerctl cluster add' (or set TOWERCTL_TOKEN)");
+    }
     let hub_key = match (&o.hub_key, o.insecure_skip_hub_key) {
         (Some(k), _) => Some(normalize_fingerprint(k).with_context(|| format!("invalid --hub-key '{k}': expected 'sha256:' followed by the base64 fingerprint printed by 'towerctl cluster add'"))?),
         (None, true) => None,
@@ -56,7 +67,9 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     Ok(AgentConfig {
         name: name.to_string(),
         hub,
-        token: token.trim().to_string(),
+        token,
+        key_file,
+        impersonate: o.impersonate,
         hub_key,
         kubeconfig,
         keepalive_secs: o.keepalive.as_secs().max(1),

@@ -114,21 +114,61 @@ pub enum HubCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Register a member (or issue it a new join token) and print the join command.
+    /// Register a member and print the join command (the token is shown once).
     Add {
         /// Cluster name (lowercase letters, digits, '-').
         name: String,
+        /// Lifetime of the join token (0 = never expires).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl, value_name = "DURATION")]
+        ttl: u64,
+        /// Let the join token be used more than once (agent pods recreated without their key).
+        #[arg(long)]
+        reusable: bool,
+        /// The member lets the agent impersonate operators (its RBAC decides per operator).
+        #[arg(long)]
+        impersonate: bool,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
     },
-    /// List registered members.
-    List,
-    /// Forget a member: its token stops working and its session is cut.
+    /// Issue a new join token; the old one stops working at once.
+    Rotate {
+        /// Cluster name.
+        name: String,
+        /// Lifetime of the join token (0 = never expires).
+        #[arg(long, default_value = "24h", value_parser = parse_ttl, value_name = "DURATION")]
+        ttl: u64,
+        /// Let the join token be used more than once.
+        #[arg(long)]
+        reusable: bool,
+        /// Output format.
+        #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+    /// Cut the member's session now and refuse its agent from now on.
+    Revoke {
+        /// Cluster name.
+        name: String,
+    },
+    /// List registered members with their state, agent version, key and token.
+    List {
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "wide", "json", "yaml"])]
+        output: String,
+    },
+    /// Forget a member: its token and key stop working and its session is cut.
     Rm {
         /// Cluster name.
         name: String,
     },
+}
+
+/// Parses a token lifetime in seconds; `0` means no expiry.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_duration(s).map(|d| d.as_secs().max(1))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -139,6 +179,13 @@ pub struct AgentOpts {
     /// Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN).
     #[arg(long, env = "TOWERCTL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The agent's private key (default: created next to its config).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Add the calling operator's identity as Impersonate-User/Group headers
+    /// (the member's RBAC must grant the agent 'impersonate').
+    #[arg(long)]
+    pub impersonate: bool,
     /// Fingerprint of the hub's host key (sha256:…), printed by `cluster add`.
     #[arg(long, value_name = "FINGERPRINT")]
     pub hub_key: Option<String>,
@@ -226,10 +273,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Up(a) => hub::up(a).await,
         Command::Down => hub::down().await,
         Command::Hub(HubCommand::Run(a)) => hub::run_foreground(a).await,
-        Command::Cluster(ClusterCommand::Add { name, output }) => {
-            cluster::add(&name, &output).await
-        }
-        Command::Cluster(ClusterCommand::List) => cluster::list().await,
+        Command::Cluster(ClusterCommand::Add {
+            name,
+            ttl,
+            reusable,
+            impersonate,
+            output,
+        }) => cluster::add(&name, ttl, reusable, impersonate, &output).await,
+        Command::Cluster(ClusterCommand::Rotate {
+            name,
+            ttl,
+            reusable,
+            output,
+        }) => cluster::rotate(&name, ttl, reusable, &output).await,
+        Command::Cluster(ClusterCommand::Revoke { name }) => cluster::revoke(&name).await,
+        Command::Cluster(ClusterCommand::List { output }) => cluster::list(&output).await,
         Command::Cluster(ClusterCommand::Rm { name }) => cluster::remove(&name).await,
         Command::Join(a) => join::join(a).await,
         Command::Agent(AgentCommand::Run { name, opts, config }) => {

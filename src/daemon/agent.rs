@@ -37,7 +37,15 @@ const MAX_REQUEST_BODY: usize = 32 * 1024 * 1024;
 pub struct AgentConfig {
     pub name: String,
     pub hub: String,
-    pub token: String,
+    /// Join token; only needed until the agent's key is registered.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The agent's private key (created at first start when missing).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Add the calling operator's identity as `Impersonate-*` headers.
+    #[serde(default)]
+    pub impersonate: bool,
     /// Pinned hub host key; `None` only when joined with the insecure flag.
     pub hub_key: Option<String>,
     pub kubeconfig: Option<PathBuf>,
@@ -52,6 +60,13 @@ fn default_keepalive() -> u64 {
 }
 fn default_cap() -> u64 {
     30
+}
+
+/// Default place of an agent's private key.
+pub fn default_key_path(name: &str) -> PathBuf {
+    paths::config_dir()
+        .join("agents")
+        .join(format!("{name}.key"))
 }
 
 pub fn config_path(name: &str) -> PathBuf {
@@ -214,10 +229,19 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let (client, upstream_url) = upstream_client(cfg.kubeconfig.as_ref()).await?;
     let service: Arc<dyn ChannelService> = Arc::new(Upstream { client });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
+    let key_path = cfg
+        .key_file
+        .clone()
+        .unwrap_or_else(|| default_key_path(&cfg.name));
+    let key = crate::tunnel::keys::load_or_create_host_key(&key_path, |p, b| {
+        paths::write_atomic(p, b, 0o600)
+    })
+    .with_context(|| format!("the agent key '{}'", key_path.display()))?;
     let opts = DialOptions {
         url: cfg.hub.clone(),
         name: cfg.name.clone(),
-        token: Secret::new(cfg.token.clone()),
+        key: Arc::new(key),
+        token: cfg.token.clone().filter(|t| !t.is_empty()).map(Secret::new),
         hub_key: cfg.hub_key.clone(),
         keepalive,
         connect_timeout: Duration::from_secs(15),
@@ -275,7 +299,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                     stop.cancel();
                     CtlResponse::ok(serde_json::json!({}))
                 }
-                CtlRequest::ClusterAdd { .. } | CtlRequest::ClusterRemove { .. } => {
+                _ => {
                     CtlResponse::err("this is an agent: run 'towerctl cluster add' against the hub")
                 }
             }
@@ -347,7 +371,18 @@ async fn tunnel_loop(
                     }
                 };
                 let why = tokio::select! {
-                    w = closed => w,
+                    end = closed => {
+                        if end.revoked {
+                            let reason = end.from_hub.unwrap_or(end.reason);
+                            set(&|s| {
+                                s.state = "revoked";
+                                s.event(format!("stopped: {reason}"));
+                                s.last_error = Some(reason.clone());
+                            });
+                            return Err(anyhow::Error::new(TunnelError::Revoked { reason }));
+                        }
+                        end.reason
+                    }
                     _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
                     _ = cancel.cancelled() => {
                         sess.disconnect("agent stopping").await;
@@ -365,8 +400,9 @@ async fn tunnel_loop(
             }
             Err(e) if e.is_fatal() => {
                 let msg = e.to_string();
+                let revoked = matches!(e, TunnelError::Revoked { .. });
                 set(&|s| {
-                    s.state = "failed";
+                    s.state = if revoked { "revoked" } else { "failed" };
                     s.event(format!("stopped: {msg}"));
                     s.last_error = Some(msg.clone());
                 });

@@ -28,12 +28,40 @@ pub enum Request {
         #[serde(default = "default_watch_interval")]
         interval_ms: u64,
     },
-    /// Hub: register a member (or issue a new token for it).
-    ClusterAdd { name: String },
+    /// Hub: register a member and issue its first join token.
+    ClusterAdd {
+        name: String,
+        /// Token lifetime in seconds; 0 = never expires.
+        #[serde(default = "default_ttl")]
+        ttl_secs: u64,
+        /// Let the token join more than once (e.g. for agent pods that
+        /// are recreated without their key).
+        #[serde(default)]
+        reusable: bool,
+        #[serde(default)]
+        impersonate: bool,
+    },
+    /// Hub: issue a new join token; the old one stops working.
+    ClusterRotate {
+        name: String,
+        #[serde(default = "default_ttl")]
+        ttl_secs: u64,
+        #[serde(default)]
+        reusable: bool,
+    },
+    /// Hub: refuse the member's agent from now on and cut its session.
+    ClusterRevoke { name: String },
     /// Hub: forget a member and cut its session.
     ClusterRemove { name: String },
     /// Stop the daemon.
     Shutdown,
+}
+
+/// Default join token lifetime: 24 hours.
+pub const DEFAULT_TOKEN_TTL: u64 = 24 * 3600;
+
+fn default_ttl() -> u64 {
+    DEFAULT_TOKEN_TTL
 }
 
 fn default_watch_interval() -> u64 {
@@ -120,6 +148,15 @@ pub struct ClusterStatus {
     /// Recent events, oldest first.
     #[serde(default)]
     pub events: Vec<Event>,
+    /// `sha256:` fingerprint of the registered agent key.
+    #[serde(default)]
+    pub key_fingerprint: Option<String>,
+    /// Unix seconds; `None` when the token never expires or is spent.
+    #[serde(default)]
+    pub token_expires_at: Option<u64>,
+    /// `unused`, `used`, `expired` or `revoked`.
+    #[serde(default)]
+    pub token_state: String,
 }
 
 /// Something that happened to a tunnel, for operators.
@@ -147,6 +184,7 @@ pub fn push_bounded<T>(v: &mut std::collections::VecDeque<T>, item: T, cap: usiz
 pub struct ClusterAdded {
     pub name: String,
     pub token: String,
+    pub expires_at: Option<u64>,
     pub tunnel_url: String,
     pub hub_key: String,
 }

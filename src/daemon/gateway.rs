@@ -277,6 +277,7 @@ async fn handle(
         return match hub.store.get_member(&name) {
             Ok(Some(m)) => {
                 let msg = match hub.disconnected_since(&name).or(m.last_seen) {
+                    _ if m.revoked => format!("cluster '{name}' is not connected: it was revoked on the hub (register it anew with 'towerctl cluster rm {name}' and 'towerctl cluster add {name}')"),
                     Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", ago(t)),
                     None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
                 };

@@ -18,7 +18,9 @@ use super::control::{
 };
 use super::store::{Member, Operator, RedbStore, Store};
 use crate::paths;
-use crate::tunnel::{self, keys, server};
+use crate::tunnel::server::Verdict;
+use crate::tunnel::{self, keys, server, AUTH_PREFIX, REVOKED_PREFIX};
+use russh::keys::PublicKey;
 
 /// How the hub is started.
 #[derive(Debug, Clone)]
@@ -186,63 +188,141 @@ impl Hub {
                 })
                 .unwrap_or_default()
         };
+        let now = control::now_unix();
         members
             .into_iter()
             .map(|m| {
                 let (reconnects, events, rtt_history_ms) = meta(&m.name);
+                let key_fingerprint = m
+                    .agent_key
+                    .as_deref()
+                    .and_then(|k| PublicKey::from_openssh(k).ok())
+                    .map(|k| keys::fingerprint(&k));
+                let token_state = if m.revoked {
+                    "revoked"
+                } else if m.single_use && m.token_used {
+                    "used"
+                } else if m.token_expires_at.is_some_and(|t| now >= t) {
+                    "expired"
+                } else {
+                    "unused"
+                };
+                let mut st = ClusterStatus {
+                    name: m.name.clone(),
+                    state: String::new(),
+                    since: None,
+                    remote: None,
+                    rtt_ms: None,
+                    streams: 0,
+                    agent_version: m.agent_version.clone(),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    reconnects,
+                    rtt_history_ms,
+                    events,
+                    key_fingerprint,
+                    token_expires_at: (token_state == "unused")
+                        .then_some(m.token_expires_at)
+                        .flatten(),
+                    token_state: token_state.into(),
+                };
                 match self.session(&m.name) {
-                    Some(s) => ClusterStatus {
-                        name: m.name,
-                        state: "connected".into(),
-                        since: Some(s.connected_at),
-                        remote: s.peer.map(|p| p.to_string()),
-                        rtt_ms: match s.rtt_us.load(Ordering::Relaxed) {
+                    Some(s) => {
+                        st.state = "connected".into();
+                        st.since = Some(s.connected_at);
+                        st.remote = s.peer.map(|p| p.to_string());
+                        st.rtt_ms = match s.rtt_us.load(Ordering::Relaxed) {
                             0 => None,
                             us => Some(us as f64 / 1000.0),
-                        },
-                        streams: s.streams.load(Ordering::Relaxed),
-                        agent_version: Some(s.version.clone()),
-                        bytes_in: s.bytes_in.load(Ordering::Relaxed),
-                        bytes_out: s.bytes_out.load(Ordering::Relaxed),
-                        reconnects,
-                        rtt_history_ms,
-                        events,
-                    },
+                        };
+                        st.streams = s.streams.load(Ordering::Relaxed);
+                        st.agent_version = Some(s.version.clone());
+                        st.bytes_in = s.bytes_in.load(Ordering::Relaxed);
+                        st.bytes_out = s.bytes_out.load(Ordering::Relaxed);
+                    }
                     None => {
                         let since = self.disconnected_since(&m.name).or(m.last_seen);
-                        ClusterStatus {
-                            name: m.name,
-                            state: if since.is_some() {
-                                "disconnected"
-                            } else {
-                                "never_connected"
-                            }
-                            .into(),
-                            since,
-                            remote: None,
-                            rtt_ms: None,
-                            streams: 0,
-                            agent_version: m.agent_version,
-                            bytes_in: 0,
-                            bytes_out: 0,
-                            reconnects,
-                            rtt_history_ms,
-                            events,
+                        st.since = since;
+                        st.state = if m.revoked {
+                            "revoked"
+                        } else if since.is_some() {
+                            "disconnected"
+                        } else {
+                            "never_connected"
                         }
+                        .into();
                     }
                 }
+                st
             })
             .collect()
     }
 }
 
 impl server::Authenticator for Hub {
-    fn authenticate(&self, name: &str, token: &str) -> bool {
-        match self.store.get_member(name) {
-            Ok(Some(m)) => keys::ct_eq(&m.token_hash, &keys::token_hash(token)),
-            _ => false,
+    fn check_key(&self, name: &str, key: &PublicKey) -> Verdict {
+        let Ok(Some(m)) = self.store.get_member(name) else {
+            return Verdict::Reject(None);
+        };
+        if m.revoked {
+            return Verdict::Reject(Some(revoked_reason(name)));
+        }
+        let offered = key.to_openssh().unwrap_or_default();
+        match &m.agent_key {
+            Some(k) if keys::ct_eq(k.trim(), offered.trim()) => Verdict::Accept,
+            // Not (or no longer) registered: the agent may still present a token.
+            _ => Verdict::Reject(None),
         }
     }
+
+    fn check_token(&self, name: &str, token: &str, proven_key: Option<&PublicKey>) -> Verdict {
+        let hash = keys::token_hash(token);
+        let now = control::now_unix();
+        let mut verdict = Verdict::Reject(Some(format!(
+            "{AUTH_PREFIX}the join token is wrong or cluster '{name}' is not registered; run the join command printed by 'towerctl cluster add {name}' or 'towerctl cluster rotate {name}' on the hub"
+        )));
+        let r = self.store.update_member(name, &mut |m| {
+            if !keys::ct_eq(&m.token_hash, &hash) {
+                return false;
+            }
+            if m.revoked {
+                verdict = Verdict::Reject(Some(revoked_reason(name)));
+                return false;
+            }
+            if m.single_use && m.token_used {
+                verdict = Verdict::Reject(Some(format!(
+                    "{AUTH_PREFIX}the join token of cluster '{name}' was already used (tokens are single-use; a joined agent reconnects with its key); run 'towerctl cluster rotate {name}' on the hub for a new one"
+                )));
+                return false;
+            }
+            if let Some(exp) = m.token_expires_at {
+                if now >= exp {
+                    verdict = Verdict::Reject(Some(format!(
+                        "{AUTH_PREFIX}the join token of cluster '{name}' expired at {}; run 'towerctl cluster rotate {name}' on the hub for a new one",
+                        crate::daemon::fmt_unix(exp)
+                    )));
+                    return false;
+                }
+            }
+            m.token_used = true;
+            if let Some(k) = proven_key.and_then(|k| k.to_openssh().ok()) {
+                m.agent_key = Some(k);
+            }
+            verdict = Verdict::Accept;
+            true
+        });
+        match r {
+            Ok(_) => verdict,
+            Err(e) => {
+                tracing::error!("registry error while checking a join token: {e}");
+                Verdict::Reject(None)
+            }
+        }
+    }
+}
+
+fn revoked_reason(name: &str) -> String {
+    format!("{REVOKED_PREFIX}cluster '{name}' was revoked on the hub; to let it back, run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' there and join again")
 }
 
 fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
@@ -464,38 +544,111 @@ fn handle_control(
             s.clusters = hub.cluster_statuses();
             Response::ok(s)
         }
-        Request::ClusterAdd { name } => {
+        Request::ClusterAdd {
+            name,
+            ttl_secs,
+            reusable,
+            impersonate,
+        } => {
             if let Err(e) = validate_name(&name) {
                 return Response::err(e);
+            }
+            match hub.store.get_member(&name) {
+                Ok(Some(m)) if m.revoked => {
+                    return Response::err(format!("cluster '{name}' is revoked; run 'towerctl cluster rm {name}' first to register it anew"))
+                }
+                Ok(Some(_)) => {
+                    return Response::err(format!("cluster '{name}' is already registered; 'towerctl cluster rotate {name}' issues a new join token"))
+                }
+                Ok(None) => {}
+                Err(e) => return Response::err(e.to_string()),
             }
             let token = match keys::new_token("tj_") {
                 Ok(t) => t,
                 Err(e) => return Response::err(e.to_string()),
             };
-            let member = match hub.store.get_member(&name) {
-                Ok(Some(mut m)) => {
-                    m.token_hash = keys::token_hash(&token);
-                    m
-                }
-                Ok(None) => Member {
-                    name: name.clone(),
-                    token_hash: keys::token_hash(&token),
-                    created_at: control::now_unix(),
-                    last_seen: None,
-                    agent_version: None,
-                },
-                Err(e) => return Response::err(e.to_string()),
-            };
-            if let Err(e) = hub.store.put_member(&member) {
+            let now = control::now_unix();
+            let mut m = Member::new(&name, keys::token_hash(&token), now);
+            m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
+            m.single_use = !reusable;
+            m.impersonate = impersonate;
+            if let Err(e) = hub.store.put_member(&m) {
                 return Response::err(e.to_string());
             }
-            tracing::info!(cluster = %name, "member registered (new join token issued)");
+            tracing::info!(cluster = %name, "member registered");
+            hub.event(&name, "registered".into());
             Response::ok(ClusterAdded {
                 name,
                 token,
+                expires_at: m.token_expires_at,
                 tunnel_url: base.tunnel_url.clone(),
                 hub_key: base.hub_key.clone(),
             })
+        }
+        Request::ClusterRotate {
+            name,
+            ttl_secs,
+            reusable,
+        } => {
+            let token = match keys::new_token("tj_") {
+                Ok(t) => t,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let now = control::now_unix();
+            let hash = keys::token_hash(&token);
+            let r = hub.store.update_member(&name, &mut |m| {
+                if m.revoked {
+                    return false;
+                }
+                m.token_hash = hash.clone();
+                m.token_used = false;
+                m.single_use = !reusable;
+                m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
+                true
+            });
+            match r {
+                Ok(Some(m)) if m.revoked => Response::err(format!("cluster '{name}' is revoked; run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' to register it anew")),
+                Ok(Some(m)) => {
+                    tracing::info!(cluster = %name, "join token rotated");
+                    hub.event(&name, "join token rotated".into());
+                    Response::ok(ClusterAdded {
+                        name,
+                        token,
+                        expires_at: m.token_expires_at,
+                        tunnel_url: base.tunnel_url.clone(),
+                        hub_key: base.hub_key.clone(),
+                    })
+                }
+                Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterRevoke { name } => {
+            let r = hub.store.update_member(&name, &mut |m| {
+                m.revoked = true;
+                m.agent_key = None;
+                true
+            });
+            match r {
+                Ok(Some(_)) => {
+                    if let Some(s) = hub.session(&name) {
+                        let reason = revoked_reason(&name);
+                        tokio::spawn(async move {
+                            let _ = s
+                                .handle
+                                .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+                                .await;
+                        });
+                    }
+                    tracing::info!(cluster = %name, "member revoked");
+                    hub.event(&name, "revoked".into());
+                    Response::ok(serde_json::json!({}))
+                }
+                Ok(None) => {
+                    Response::err(format!("cluster '{name}' is not registered on this hub"))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
         }
         Request::ClusterRemove { name } => match hub.store.delete_member(&name) {
             Ok(true) => {

@@ -27,6 +27,46 @@ pub struct Member {
     pub last_seen: Option<u64>,
     #[serde(default)]
     pub agent_version: Option<String>,
+    /// Unix seconds after which the join token is refused; `None`: never.
+    #[serde(default)]
+    pub token_expires_at: Option<u64>,
+    /// A single-use token is spent by the first successful join.
+    #[serde(default = "yes")]
+    pub single_use: bool,
+    #[serde(default)]
+    pub token_used: bool,
+    /// The agent's public key (OpenSSH format), registered at its first
+    /// join; reconnects authenticate with it.
+    #[serde(default)]
+    pub agent_key: Option<String>,
+    /// Revoked members are refused until removed and added again.
+    #[serde(default)]
+    pub revoked: bool,
+    /// The member allows impersonating operators (the agent also has to).
+    #[serde(default)]
+    pub impersonate: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Member {
+    pub fn new(name: &str, token_hash: String, created_at: u64) -> Member {
+        Member {
+            name: name.to_string(),
+            token_hash,
+            created_at,
+            last_seen: None,
+            agent_version: None,
+            token_expires_at: None,
+            single_use: true,
+            token_used: false,
+            agent_key: None,
+            revoked: false,
+            impersonate: false,
+        }
+    }
 }
 
 /// An operator allowed to use the gateway.
@@ -57,6 +97,15 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 pub trait Store: Send + Sync + 'static {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError>;
     fn put_member(&self, m: &Member) -> Result<(), StoreError>;
+    /// Read-modify-write of one member in a single transaction, so checks
+    /// such as "this single-use token is unused" and marking it used
+    /// cannot interleave with another writer. `f` returns `false` to leave
+    /// the record unchanged. `None` when the member does not exist.
+    fn update_member(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&mut Member) -> bool,
+    ) -> Result<Option<Member>, StoreError>;
     fn list_members(&self) -> Result<Vec<Member>, StoreError>;
     fn delete_member(&self, name: &str) -> Result<bool, StoreError>;
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
@@ -142,6 +191,35 @@ impl Store for RedbStore {
     fn list_members(&self) -> Result<Vec<Member>, StoreError> {
         self.list(MEMBERS)
     }
+    fn update_member(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&mut Member) -> bool,
+    ) -> Result<Option<Member>, StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let result = {
+            let mut t = tx.open_table(MEMBERS).map_err(io)?;
+            let current: Option<Member> = match t.get(name).map_err(io)? {
+                Some(v) => Some(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?,
+                ),
+                None => None,
+            };
+            match current {
+                None => None,
+                Some(mut m) => {
+                    if f(&mut m) {
+                        let bytes = serde_json::to_vec(&m).map_err(io)?;
+                        t.insert(name, bytes.as_slice()).map_err(io)?;
+                    }
+                    Some(m)
+                }
+            }
+        };
+        tx.commit().map_err(io)?;
+        Ok(result)
+    }
     fn delete_member(&self, name: &str) -> Result<bool, StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         let existed = {
@@ -170,19 +248,20 @@ mod tests {
         let path = dir.path().join("hub.redb");
         {
             let s = RedbStore::open(&path).unwrap();
-            let m = Member {
-                name: "alpha".into(),
-                token_hash: "sha256:00".into(),
-                created_at: 1,
-                last_seen: None,
-                agent_version: None,
-            };
+            let m = Member::new("alpha", "sha256:00".into(), 1);
             s.put_member(&m).unwrap();
             assert_eq!(s.get_member("alpha").unwrap(), Some(m));
             assert_eq!(s.get_member("beta").unwrap(), None);
         }
         let s = RedbStore::open(&path).unwrap();
         assert_eq!(s.list_members().unwrap().len(), 1);
+        let m = s.update_member("alpha", &mut |m| {
+            m.token_used = true;
+            true
+        });
+        assert!(m.unwrap().unwrap().token_used);
+        assert!(s.get_member("alpha").unwrap().unwrap().token_used);
+        assert!(s.update_member("nope", &mut |_| true).unwrap().is_none());
         assert!(s.delete_member("alpha").unwrap());
         assert!(!s.delete_member("alpha").unwrap());
         assert!(s.list_members().unwrap().is_empty());

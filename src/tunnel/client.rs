@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use russh::client::{Handle, Msg, Session};
-use russh::keys::PublicKeyOrCertificate;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelOpenFailure, ChannelStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::keys::fingerprint;
 use super::ws::WsIo;
-use super::{Secret, TunnelError, MAX_PACKET, TARGET_PING, WINDOW_SIZE};
+use super::{
+    Secret, TunnelError, AUTH_PREFIX, MAX_PACKET, REVOKED_PREFIX, TARGET_PING, WINDOW_SIZE,
+};
 
 /// What the agent needs to reach its hub.
 #[derive(Debug, Clone)]
@@ -25,7 +27,11 @@ pub struct DialOptions {
     pub url: String,
     /// Cluster name: the SSH user name.
     pub name: String,
-    pub token: Secret,
+    /// The agent's own key: registered at the first join, then the only
+    /// credential needed to reconnect.
+    pub key: Arc<PrivateKey>,
+    /// Join token, for the first join (or a re-join after rotation).
+    pub token: Option<Secret>,
     /// Pinned fingerprint of the hub's host key (`sha256:…`); `None` only
     /// with the explicit insecure flag.
     pub hub_key: Option<String>,
@@ -46,7 +52,18 @@ pub struct AgentHandler {
     expected_key: Option<String>,
     seen_key: Arc<Mutex<Option<String>>>,
     service: Arc<dyn ChannelService>,
-    closed: Option<oneshot::Sender<String>>,
+    closed: Option<oneshot::Sender<SessionEnd>>,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    /// Human-readable.
+    pub reason: String,
+    /// The hub said the cluster was revoked: do not reconnect.
+    pub revoked: bool,
+    /// The hub's own words, when it closed the session.
+    pub from_hub: Option<String>,
 }
 
 impl AgentHandler {
@@ -180,17 +197,26 @@ impl russh::client::Handler for AgentHandler {
         &mut self,
         reason: russh::client::DisconnectReason<Self::Error>,
     ) -> Result<(), Self::Error> {
-        let (msg, r) = match reason {
+        let (end, r) = match reason {
             russh::client::DisconnectReason::ReceivedDisconnect(info) => (
-                format!("the hub closed the session: {}", info.message),
+                SessionEnd {
+                    reason: format!("the hub closed the session: {}", info.message),
+                    revoked: info.message.starts_with(REVOKED_PREFIX),
+                    from_hub: Some(info.message),
+                },
                 Ok(()),
             ),
-            russh::client::DisconnectReason::Error(e) => {
-                (format!("the tunnel failed: {e}"), Err(e))
-            }
+            russh::client::DisconnectReason::Error(e) => (
+                SessionEnd {
+                    reason: format!("the tunnel failed: {e}"),
+                    revoked: false,
+                    from_hub: None,
+                },
+                Err(e),
+            ),
         };
         if let Some(tx) = self.closed.take() {
-            let _ = tx.send(msg);
+            let _ = tx.send(end);
         }
         r
     }
@@ -199,7 +225,7 @@ impl russh::client::Handler for AgentHandler {
 /// A live, authenticated tunnel session.
 pub struct ClientSession {
     handle: Handle<AgentHandler>,
-    closed: oneshot::Receiver<String>,
+    closed: oneshot::Receiver<SessionEnd>,
     pub connected_at: Instant,
 }
 
@@ -216,9 +242,15 @@ impl ClientSession {
     /// A future that resolves with a human-readable reason when the session
     /// ends. Taken once, so that it can be awaited while `ping` borrows the
     /// session.
-    pub fn take_closed(&mut self) -> impl std::future::Future<Output = String> + use<> {
+    pub fn take_closed(&mut self) -> impl std::future::Future<Output = SessionEnd> + use<> {
         let rx = std::mem::replace(&mut self.closed, oneshot::channel().1);
-        async move { rx.await.unwrap_or_else(|_| "the tunnel closed".to_string()) }
+        async move {
+            rx.await.unwrap_or_else(|_| SessionEnd {
+                reason: "the tunnel closed".to_string(),
+                revoked: false,
+                from_hub: None,
+            })
+        }
     }
 
     pub async fn disconnect(&self, why: &str) {
@@ -343,20 +375,49 @@ async fn connect_inner(
                 });
             }
         };
-    let auth = handle
-        .authenticate_password(opts.name.clone(), opts.token.expose())
-        .await
-        .map_err(|e| TunnelError::Handshake(format!("authentication exchange failed: {e}")))?;
-    if !auth.success() {
-        return Err(TunnelError::AuthRejected {
-            name: opts.name.clone(),
-        });
+    let mut closed_rx = closed_rx;
+    let key = PrivateKeyWithHashAlg::new(opts.key.clone(), None);
+    let by_key = handle.authenticate_publickey(opts.name.clone(), key).await;
+    let authed = match (by_key, &opts.token) {
+        (Ok(r), _) if r.success() => true,
+        (Ok(_), Some(token)) => match handle
+            .authenticate_password(opts.name.clone(), token.expose())
+            .await
+        {
+            Ok(r) => r.success(),
+            Err(_) => false,
+        },
+        _ => false,
+    };
+    if !authed {
+        return Err(refusal(&mut closed_rx, &opts.name).await);
     }
     Ok(ClientSession {
         handle,
         closed: closed_rx,
         connected_at: Instant::now(),
     })
+}
+
+/// Turns an authentication refusal into an error, with the hub's reason
+/// when it sent one (it closes the session with it right after refusing).
+async fn refusal(closed: &mut oneshot::Receiver<SessionEnd>, name: &str) -> TunnelError {
+    let hub_says = tokio::time::timeout(Duration::from_secs(1), closed)
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .and_then(|end| end.from_hub);
+    match hub_says {
+        Some(r) if r.starts_with(REVOKED_PREFIX) => TunnelError::Revoked { reason: r },
+        Some(r) if r.starts_with(AUTH_PREFIX) => TunnelError::AuthRejected {
+            name: name.to_string(),
+            reason: Some(r),
+        },
+        _ => TunnelError::AuthRejected {
+            name: name.to_string(),
+            reason: None,
+        },
+    }
 }
 
 /// The proxy to use for the hub, from `HTTPS_PROXY`/`HTTP_PROXY` (either

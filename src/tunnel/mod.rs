@@ -23,6 +23,13 @@ pub const TARGET_APISERVER: &str = "kube-apiserver";
 /// handle has no ping of its own).
 pub const TARGET_PING: &str = "towerctl.ping";
 
+/// Prefix of a hub's disconnect reason that explains an authentication
+/// refusal; the agent prints it and stops.
+pub const AUTH_PREFIX: &str = "auth: ";
+/// Prefix of a hub's disconnect reason that means the cluster was revoked;
+/// the agent stops instead of reconnecting.
+pub const REVOKED_PREFIX: &str = "revoked: ";
+
 /// Default interval between keepalives; a peer silent for three of them is
 /// declared dead.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
@@ -74,11 +81,13 @@ pub enum TunnelError {
          if the hub was reinstalled, get the new key from 'towerctl cluster add' on the hub and pass it as --hub-key"
     )]
     HostKeyMismatch { expected: String, actual: String },
-    #[error(
-        "the hub refused the credentials of cluster '{name}': the join token is wrong, expired or was rotated; \
-         run 'towerctl cluster add {name}' on the hub for a new join command"
-    )]
-    AuthRejected { name: String },
+    #[error("{}", auth_message(name, reason.as_deref()))]
+    AuthRejected {
+        name: String,
+        reason: Option<String>,
+    },
+    #[error("{reason}")]
+    Revoked { reason: String },
     #[error("cannot reach the hub at '{url}': {reason}")]
     Unreachable { url: String, reason: String },
     #[error("invalid hub URL '{url}': {reason} (expected ws://HOST:PORT or wss://HOST:PORT)")]
@@ -94,6 +103,7 @@ impl TunnelError {
             self,
             TunnelError::HostKeyMismatch { .. }
                 | TunnelError::AuthRejected { .. }
+                | TunnelError::Revoked { .. }
                 | TunnelError::BadUrl { .. }
         )
     }
@@ -104,5 +114,15 @@ impl TunnelError {
 pub fn nodelay(s: &tokio::net::TcpStream) {
     if let Err(e) = s.set_nodelay(true) {
         tracing::warn!("cannot set TCP_NODELAY: {e}");
+    }
+}
+
+fn auth_message(name: &str, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!("the hub refused the credentials of cluster '{name}': {}", r.trim_start_matches(AUTH_PREFIX)),
+        None => format!(
+            "the hub refused the credentials of cluster '{name}': the join token is wrong, expired or already used, \
+             and this agent's key is not registered; run 'towerctl cluster rotate {name}' on the hub for a new join command"
+        ),
     }
 }

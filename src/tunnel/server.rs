@@ -1,21 +1,35 @@
 //! Hub side of the tunnel: the SSH server that agents log in to.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use russh::keys::PrivateKey;
-use russh::server::{Auth, Handle, Msg, RunningSession};
+use russh::keys::{PrivateKey, PublicKey};
+use russh::server::{Auth, Handle, Msg, RunningSession, VerifiedPublicKey};
 use russh::{Channel, ChannelStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::{MAX_PACKET, TARGET_PING, WINDOW_SIZE};
 
+/// The answer of an [`Authenticator`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Accept,
+    /// Refused. With a reason, the session is closed with it, so the agent
+    /// can print it (SSH itself only says "failure"). Reasons start with
+    /// [`super::AUTH_PREFIX`] or [`super::REVOKED_PREFIX`].
+    Reject(Option<String>),
+}
+
 /// Decides whether an agent may log in. Implemented by the hub's registry.
 pub trait Authenticator: Send + Sync + 'static {
-    /// True when `token` is the current credential of cluster `name`.
-    fn authenticate(&self, name: &str, token: &str) -> bool;
+    /// Reconnect path: the agent proved it holds `key`.
+    fn check_key(&self, name: &str, key: &PublicKey) -> Verdict;
+    /// First-join path: the join token. `proven_key` is the key this
+    /// connection proved before (if any): on success it becomes the
+    /// cluster's agent key, so later reconnects need no token.
+    fn check_token(&self, name: &str, token: &str, proven_key: Option<&PublicKey>) -> Verdict;
 }
 
 /// The russh server configuration for the hub.
@@ -23,7 +37,9 @@ pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config
     Arc::new(russh::server::Config {
         keys: vec![key],
         preferred: super::preferred(),
-        methods: russh::MethodSet::from(&[russh::MethodKind::Password][..]),
+        methods: russh::MethodSet::from(
+            &[russh::MethodKind::PublicKey, russh::MethodKind::Password][..],
+        ),
         // A wrong token is answered after this delay, which slows guessing
         // without making a legitimate retry wait long.
         auth_rejection_time: Duration::from_millis(300),
@@ -44,6 +60,10 @@ pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config
 /// russh handler of one agent connection (fields private).
 pub struct HubHandler {
     auth: Arc<dyn Authenticator>,
+    /// Set once the session runs, so a refusal can close it with a reason.
+    handle: Arc<OnceLock<Handle>>,
+    /// Key the agent proved ownership of in this connection.
+    proven_key: Option<PublicKey>,
     /// Name accepted by `auth_password`, reported in `auth_succeeded`.
     accepted: Option<String>,
     authed: Option<oneshot::Sender<(String, String)>>,
@@ -52,14 +72,21 @@ pub struct HubHandler {
 impl russh::server::Handler for HubHandler {
     type Error = russh::Error;
 
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.proven_key = Some(key.public_key.clone());
+        let v = self.auth.check_key(user, key.public_key);
+        Ok(self.verdict(user, v))
+    }
+
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        if self.auth.authenticate(user, password) {
-            self.accepted = Some(user.to_string());
-            Ok(Auth::Accept)
-        } else {
-            tracing::warn!(cluster = user, "agent authentication failed");
-            Ok(Auth::reject())
-        }
+        let v = self
+            .auth
+            .check_token(user, password, self.proven_key.as_ref());
+        Ok(self.verdict(user, v))
     }
 
     async fn auth_succeeded(
@@ -71,6 +98,34 @@ impl russh::server::Handler for HubHandler {
             let _ = tx.send((name, agent_version(&id)));
         }
         Ok(())
+    }
+}
+
+impl HubHandler {
+    fn verdict(&mut self, user: &str, v: Verdict) -> Auth {
+        match v {
+            Verdict::Accept => {
+                self.accepted = Some(user.to_string());
+                Auth::Accept
+            }
+            Verdict::Reject(reason) => {
+                if let Some(reason) = reason {
+                    tracing::warn!(cluster = user, "agent refused: {reason}");
+                    let handle = self.handle.clone();
+                    tokio::spawn(async move {
+                        // Let russh send the failure first (it delays
+                        // rejections), then close with the reason.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if let Some(h) = handle.get() {
+                            let _ = h
+                                .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+                                .await;
+                        }
+                    });
+                }
+                Auth::reject()
+            }
+        }
     }
 }
 
@@ -125,8 +180,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = oneshot::channel();
+    let handle_slot = Arc::new(OnceLock::new());
     let handler = HubHandler {
         auth,
+        handle: handle_slot.clone(),
+        proven_key: None,
         accepted: None,
         authed: Some(tx),
     };
@@ -134,6 +192,7 @@ where
         .await
         .map_err(AcceptError::Handshake)?;
     let handle = running.handle();
+    let _ = handle_slot.set(handle.clone());
     let (name, version) = tokio::select! {
         r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
         r = &mut running => {
