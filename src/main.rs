@@ -4,6 +4,7 @@
 mod commands;
 mod daemon;
 mod paths;
+mod secrets;
 mod tunnel;
 
 use std::process::ExitCode;

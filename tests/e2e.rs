@@ -573,3 +573,220 @@ fn join_tokens_expire_are_single_use_and_revoke_cuts_the_session() {
     assert_eq!(o.code, Some(4), "{o:?}");
     assert!(o.stderr.contains("revoked"), "{o:?}");
 }
+
+#[test]
+fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    connected(&hub, &api, &[]);
+    let o = hub.towerctl(&["operator", "add", "alice", "--group", "devs"]);
+    assert!(o.ok(), "{o:?}");
+    let login: Vec<String> = o
+        .stdout
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    assert_eq!(login[0], "login", "{o:?}");
+
+    // The operator's machine: another HOME, no hub, no OS keyring (no
+    // session bus, no session keyring): the token goes to a 0600 file.
+    let laptop = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    assert!(o.stdout.contains("as 'alice'"), "{o:?}");
+    assert!(
+        o.stdout.contains("private file") && o.stderr.contains("note: no usable OS keyring"),
+        "{o:?}"
+    );
+
+    let o = laptop.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let o = laptop.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let token = &login[login.iter().position(|a| a == "--token").unwrap() + 1];
+    let kc = std::fs::read_to_string(laptop.path("home/.kube/config")).unwrap();
+    assert!(
+        !kc.contains(token.as_str()),
+        "the token must not be in the kubeconfig"
+    );
+    // `use` with no name lists the members and marks the current one.
+    let o = laptop.towerctl(&["use"]);
+    assert!(o.stdout.contains("* alpha"), "{o:?}");
+
+    // A wrong CA hash is refused with both hashes.
+    let mut bad = login.clone();
+    let i = bad.iter().position(|a| a == "--ca-hash").unwrap() + 1;
+    let real = bad[i].clone();
+    bad[i] = format!("sha256:{}", "0".repeat(64));
+    let args: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let o = Env::new().towerctl(&args);
+    assert!(
+        !o.ok() && o.stderr.contains(&real) && o.stderr.contains(&bad[i]),
+        "{o:?}"
+    );
+
+    // The audit log on the hub names the operator, the cluster and the verb.
+    let o = hub.towerctl(&["audit", "--operator", "alice", "-o", "json"]);
+    let recs: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        recs.iter().any(|r| r["cluster"] == "alpha"
+            && r["verb"] == "list"
+            && r["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("/api/v1/namespaces?")
+            && r["status"] == 200),
+        "{recs:?}"
+    );
+    assert!(recs.iter().all(|r| r["operator"] == "alice"), "{recs:?}");
+
+    // Removing the operator locks the laptop out.
+    assert!(hub.towerctl(&["operator", "rm", "alice"]).ok());
+    let o = laptop.kubectl(&["get", "ns"]);
+    assert!(!o.ok(), "{o:?}");
+}
+
+#[test]
+fn the_kernel_keyring_holds_the_token_inside_a_session_keyring() {
+    if std::process::Command::new("keyctl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("keyctl (Debian's keyutils) is required; .ci/run installs it");
+    }
+    let hub = Env::new();
+    let api = ApiServer::start();
+    connected(&hub, &api, &[]);
+    let o = hub.towerctl(&["operator", "add", "bob"]);
+    let login = o.stdout.trim().to_string();
+    let laptop = Env::new();
+    // One session keyring for login, use and kubectl's exec plugin.
+    let script = format!(
+        "{bin} {rest} && {bin} use alpha && kubectl get ns",
+        bin = support::TOWERCTL,
+        rest = login.trim_start_matches("towerctl ")
+    );
+    let mut cmd = laptop.towerctl_cmd(&[]);
+    cmd.env("TOWERCTL_KEYRING", "keyutils");
+    let mut cmd2 = std::process::Command::new("keyctl");
+    cmd2.args(["session", "-", "sh", "-c", &script]).env_clear();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            cmd2.env(k, v);
+        }
+    }
+    let o = support::run_bounded(cmd2, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    assert!(o.stdout.contains("kernel keyring"), "{o:?}");
+    assert!(o.stdout.contains("kube-system"), "{o:?}");
+    assert!(
+        !laptop.path("config/towerctl/credentials").exists(),
+        "no file fallback expected"
+    );
+}
+
+#[test]
+fn impersonation_lets_the_member_rbac_decide() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let o = env.towerctl(&["cluster", "add", "alpha", "--impersonate"]);
+    assert!(o.ok(), "{o:?}");
+    let join: Vec<String> = o
+        .stdout
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--impersonate"],
+    );
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+
+    // The local admin has no binding in the member: the member says 403.
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(
+        !o.ok() && o.stderr.contains("Forbidden") && o.stderr.contains("User \"admin\""),
+        "{o:?}"
+    );
+    api.bind_user("admin");
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.header("impersonate-user"), Some("admin"), "{last:?}");
+    assert_eq!(
+        last.header("impersonate-group"),
+        Some("system:masters"),
+        "{last:?}"
+    );
+    // A forged identity is replaced, never passed on.
+    let o = env.kubectl(&["get", "ns", "--as", "root"]);
+    assert!(o.ok(), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.header("impersonate-user"), Some("admin"), "{last:?}");
+}
+
+#[test]
+fn kubeconfig_lists_symlinks_and_standalone_files() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    assert!(env
+        .join(&join, &["--kubeconfig", kc.to_str().unwrap()])
+        .ok());
+
+    // KUBECONFIG list whose first file is missing: the entry goes to the
+    // first file that exists; relative paths elsewhere stay relative.
+    let missing = env.path("missing.yaml");
+    let second = env.path("second.yaml");
+    std::fs::write(&second, "apiVersion: v1\nkind: Config\nclusters:\n- name: rel\n  cluster:\n    server: https://127.0.0.1:1\n    certificate-authority: certs/ca.crt\ncontexts: []\nusers: []\n").unwrap();
+    let list = format!("{}:{}", missing.display(), second.display());
+    let mut cmd = env.towerctl_cmd(&["use", "alpha"]);
+    cmd.env("KUBECONFIG", &list);
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    assert!(!missing.exists());
+    let text = std::fs::read_to_string(&second).unwrap();
+    assert!(
+        text.contains("tower-alpha") && text.contains("certificate-authority: certs/ca.crt"),
+        "{text}"
+    );
+    let mut k = env.kubectl_cmd(&["get", "ns"]);
+    k.env("KUBECONFIG", &list);
+    let o = support::run_bounded(k, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+
+    // A symlinked ~/.kube/config stays a symlink; ten uses, one context.
+    let real = env.path("dotfiles-kubeconfig");
+    std::fs::write(&real, "").unwrap();
+    std::fs::create_dir_all(env.path("home/.kube")).unwrap();
+    std::os::unix::fs::symlink(&real, env.path("home/.kube/config")).unwrap();
+    for _ in 0..10 {
+        assert!(env.towerctl(&["use", "alpha"]).ok());
+    }
+    assert!(env.path("home/.kube/config").is_symlink());
+    let text = std::fs::read_to_string(&real).unwrap();
+    assert_eq!(text.matches("name: tower-alpha").count(), 3, "{text}");
+
+    // A standalone kubeconfig works on its own.
+    let o = env.towerctl(&["kubeconfig", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let standalone = env.path("standalone.yaml");
+    std::fs::write(&standalone, &o.stdout).unwrap();
+    let o = env.kubectl(&["--kubeconfig", standalone.to_str().unwrap(), "get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}

@@ -4,19 +4,25 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
-use super::exit;
+use super::{exit, operator};
 
-pub fn run(token_file: &Path) -> Result<u8> {
-    let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("cannot read the operator token '{}': is the hub installed on this machine? Run 'towerctl use CLUSTER' again", token_file.display()))?;
-    let token = token.trim();
+pub fn run(token_file: Option<&Path>, gateway: Option<&str>) -> Result<u8> {
+    let token = match (token_file, gateway) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the operator token '{}': is the hub installed on this machine? Run 'towerctl use CLUSTER' again", f.display()))?
+            .trim()
+            .to_string(),
+        (None, Some(g)) => {
+            let login = operator::find_login(Some(g))
+                .with_context(|| format!("not logged in to '{g}': run 'towerctl login {g} --token … --ca-hash …'"))?;
+            operator::login_token(&login)?
+        }
+        (None, None) => bail!("towerctl credential needs --token-file or --gateway (it is called by kubectl through kubeconfig entries written by 'towerctl use')"),
+    };
     if token.is_empty() {
-        anyhow::bail!(
-            "the operator token file '{}' is empty; run 'towerctl use CLUSTER' again",
-            token_file.display()
-        );
+        bail!("the operator token is empty; run 'towerctl login' or 'towerctl use CLUSTER' again");
     }
     let cred = serde_json::json!({
         "apiVersion": "client.authentication.k8s.io/v1",

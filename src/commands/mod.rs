@@ -1,11 +1,14 @@
 //! The command line: one module per subcommand, turning user intent into
 //! calls on the daemons.
 
+pub mod audit;
 pub mod cluster;
 pub mod credential;
+pub mod https;
 pub mod hub;
 pub mod join;
 pub mod kubeconfig;
+pub mod operator;
 pub mod status;
 pub mod usectx;
 
@@ -74,14 +77,62 @@ pub enum Command {
     },
     /// Point kubectl at a member: write the `tower-NAME` context and make it current.
     Use(UseArgs),
+    /// Print a standalone kubeconfig for some (default: all) members.
+    Kubeconfig {
+        /// Member names.
+        names: Vec<String>,
+        /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
+        #[arg(long, value_name = "URL")]
+        gateway: Option<String>,
+    },
+    /// Manage operators (people and tools allowed through the gateway).
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+    /// Use a hub from this machine with an operator token from 'towerctl operator add'.
+    Login {
+        /// The hub's gateway URL (https://HOST:PORT).
+        gateway: String,
+        /// Operator token.
+        #[arg(long, env = "TOWERCTL_OPERATOR_TOKEN", hide_env_values = true)]
+        token: String,
+        /// sha256 of the gateway CA, printed by 'towerctl operator add'.
+        #[arg(long, value_name = "sha256:HEX")]
+        ca_hash: Option<String>,
+        /// Trust the CA the gateway presents without checking it (unsafe).
+        #[arg(long)]
+        insecure_skip_ca_hash: bool,
+    },
+    /// Forget a login and its token.
+    Logout {
+        /// Gateway URL (default: the last login).
+        gateway: Option<String>,
+    },
+    /// Show the hub's audit log: who reached which cluster, how, with what result.
+    Audit {
+        /// Only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this operator.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Keep printing new records.
+        #[arg(short, long)]
+        follow: bool,
+        /// Output format.
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// Show the hub, its members and the agents on this machine.
     Status(StatusArgs),
     /// Print an ExecCredential for kubectl (used by kubeconfig entries).
     #[command(hide = true)]
     Credential {
-        /// File holding the operator token.
+        /// File holding the operator token (the hub machine's local admin).
+        #[arg(long, conflicts_with = "gateway")]
+        token_file: Option<PathBuf>,
+        /// Gateway of a hub logged in to: the token comes from the keyring.
         #[arg(long)]
-        token_file: PathBuf,
+        gateway: Option<String>,
     },
 }
 
@@ -228,10 +279,35 @@ pub enum AgentCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum OperatorCommand {
+    /// Issue an operator token and print the 'towerctl login' command for it.
+    Add {
+        /// Operator name (used as the Kubernetes user when impersonating).
+        name: String,
+        /// Kubernetes groups of the operator (repeatable).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// List operators.
+    List {
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+    /// Remove an operator; its token stops working at once.
+    Rm {
+        /// Operator name.
+        name: String,
+    },
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct UseArgs {
-    /// Member cluster name; `-` returns to the previous context.
-    pub name: String,
+    /// Member cluster name; `-` returns to the previous context; none lists the members.
+    pub name: Option<String>,
+    /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
     /// Kubeconfig file to edit (default: KUBECONFIG's first existing file, or ~/.kube/config).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
@@ -296,7 +372,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Leave { name } => join::leave(&name).await,
         Command::Use(a) => usectx::run(a).await,
         Command::Status(a) => status::run(a).await,
-        Command::Credential { token_file } => credential::run(&token_file),
+        Command::Credential {
+            token_file,
+            gateway,
+        } => credential::run(token_file.as_deref(), gateway.as_deref()),
+        Command::Kubeconfig { names, gateway } => {
+            usectx::print_kubeconfig(&names, gateway.as_deref()).await
+        }
+        Command::Operator(OperatorCommand::Add { name, groups }) => {
+            operator::add(&name, groups).await
+        }
+        Command::Operator(OperatorCommand::List { output }) => operator::list(&output).await,
+        Command::Operator(OperatorCommand::Rm { name }) => operator::remove(&name).await,
+        Command::Login {
+            gateway,
+            token,
+            ca_hash,
+            insecure_skip_ca_hash,
+        } => operator::login(&gateway, &token, ca_hash.as_deref(), insecure_skip_ca_hash).await,
+        Command::Logout { gateway } => operator::logout(gateway.as_deref()).await,
+        Command::Audit {
+            cluster,
+            operator,
+            follow,
+            output,
+        } => audit::run(audit::Filter { cluster, operator }, follow, &output).await,
     }
 }
 

@@ -1,98 +1,206 @@
-//! `towerctl use NAME`: write the `tower-NAME` context and make it current.
+//! `towerctl use [NAME|-]` and `towerctl kubeconfig [NAME…]`: kubeconfig
+//! contexts for members, with no secret in them (kubectl gets the token
+//! from `towerctl credential`, an exec credential plugin).
 
 use anyhow::{bail, Context, Result};
 use base64::Engine;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::{exit, kubeconfig, UseArgs};
+use super::{exit, kubeconfig, operator, UseArgs};
+use crate::daemon::control::ClusterStatus;
 use crate::paths;
 
 fn previous_file() -> std::path::PathBuf {
     paths::state_dir().join("previous-context")
 }
 
-pub async fn run(a: UseArgs) -> Result<u8> {
-    let files = kubeconfig::files(a.kubeconfig.as_deref());
+/// Where contexts point and how kubectl authenticates: the hub running on
+/// this machine (its local admin), or a hub this machine logged in to.
+pub struct Source {
+    pub gateway_url: String,
+    pub ca_pem: String,
+    /// Arguments for `towerctl` as the exec credential plugin.
+    pub credential_args: Vec<String>,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+impl Source {
+    pub async fn find(gateway: Option<&str>) -> Result<Source> {
+        if gateway.is_none() {
+            if let Some(hub) = super::hub::hub_status().await {
+                return Ok(Source {
+                    gateway_url: hub.gateway_url,
+                    ca_pem: hub.ca_pem,
+                    credential_args: vec![
+                        "credential".into(),
+                        "--token-file".into(),
+                        hub.admin_token_file,
+                    ],
+                    clusters: hub.clusters,
+                });
+            }
+        }
+        let Some(login) = operator::find_login(gateway) else {
+            bail!(match gateway {
+                Some(g) => format!("not logged in to '{g}': run 'towerctl login {g} --token … --ca-hash …' first"),
+                None => "no hub is running on this machine and no login is saved: run 'towerctl up' here, or 'towerctl login GATEWAY_URL --token … --ca-hash …' with a token from 'towerctl operator add' on the hub".into(),
+            });
+        };
+        let token = operator::login_token(&login)?;
+        let (status, body) = super::https::get(
+            &format!("{}/towerctl/v1/clusters", login.gateway_url),
+            super::https::Trust::Ca(&login.ca_pem),
+            Some(&token),
+        )
+        .await?;
+        if status == 401 {
+            bail!("the gateway '{}' no longer accepts this machine's token; run 'towerctl login' again", login.gateway_url);
+        }
+        if status != 200 {
+            bail!("the gateway '{}' answered HTTP {status}", login.gateway_url);
+        }
+        let clusters: Vec<ClusterStatus> =
+            serde_json::from_slice(&body).context("malformed cluster list from the gateway")?;
+        Ok(Source {
+            credential_args: vec![
+                "credential".into(),
+                "--gateway".into(),
+                login.gateway_url.clone(),
+            ],
+            gateway_url: login.gateway_url,
+            ca_pem: login.ca_pem,
+            clusters,
+        })
+    }
+
+    fn check(&self, name: &str) -> Result<()> {
+        if self.clusters.iter().any(|c| c.name == name) {
+            return Ok(());
+        }
+        let known: Vec<_> = self.clusters.iter().map(|c| c.name.as_str()).collect();
+        bail!(
+            "cluster '{name}' is not registered on the hub (known: {}); register it with 'towerctl cluster add {name}' on the hub",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )
+    }
+
+    /// The three kubeconfig entries of member `name`: cluster, user, context.
+    pub fn entries(&self, name: &str) -> Result<(String, Value, Value, Value)> {
+        let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
+        let ctx = format!("tower-{name}");
+        let cluster = json!({
+            "server": format!("{}/clusters/{name}", self.gateway_url.trim_end_matches('/')),
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes()),
+        });
+        let user = json!({
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1",
+                "command": exe.display().to_string(),
+                "args": self.credential_args,
+                "interactiveMode": "Never",
+                "provideClusterInfo": false,
+            }
+        });
+        let context = json!({ "cluster": ctx, "user": ctx });
+        Ok((ctx, cluster, user, context))
+    }
+}
+
+/// Writes member `name`'s context into the kubeconfig and makes it current;
+/// returns the file written. Shared by `towerctl use` and the dashboard.
+pub fn write_context(
+    source: &Source,
+    name: &str,
+    explicit: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf> {
+    source.check(name)?;
+    let files = kubeconfig::files(explicit);
     let target = kubeconfig::target(&files);
     let current = kubeconfig::current_context(&files);
-
-    if a.name == "-" {
-        let prev = std::fs::read_to_string(previous_file())
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .context("no previous context to return to: 'towerctl use -' works after a 'towerctl use NAME'")?;
-        if !kubeconfig::has_context(&files, &prev) {
-            bail!("the previous context '{prev}' no longer exists in the kubeconfig");
-        }
-        let written = kubeconfig::edit(&target, |d| kubeconfig::set_current(d, &prev))?;
-        remember(current.as_deref());
-        println!("switched to context \"{prev}\" (in {})", written.display());
-        return Ok(exit::OK);
-    }
-
-    let Some(hub) = super::hub::hub_status().await else {
-        bail!("no hub is running on this machine: 'towerctl use' on the hub machine needs 'towerctl up' first");
-    };
-    if !hub.clusters.iter().any(|c| c.name == a.name) {
-        let known: Vec<_> = hub.clusters.iter().map(|c| c.name.as_str()).collect();
-        bail!(
-            "cluster '{}' is not registered on the hub (known: {}); register it with 'towerctl cluster add {}'",
-            a.name,
-            if known.is_empty() { "none".to_string() } else { known.join(", ") },
-            a.name
-        );
-    }
-    let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
-    let name = format!("tower-{}", a.name);
-    let server = format!(
-        "{}/clusters/{}",
-        hub.gateway_url.trim_end_matches('/'),
-        a.name
-    );
-    let ca = base64::engine::general_purpose::STANDARD.encode(hub.ca_pem.as_bytes());
+    let (ctx, cluster, user, context) = source.entries(name)?;
     let written = kubeconfig::edit(&target, |d| {
-        kubeconfig::upsert(
-            d,
-            "clusters",
-            "cluster",
-            &name,
-            json!({
-                "server": server,
-                "certificate-authority-data": ca,
-            }),
-        )?;
-        kubeconfig::upsert(
-            d,
-            "users",
-            "user",
-            &name,
-            json!({
-                "exec": {
-                    "apiVersion": "client.authentication.k8s.io/v1",
-                    "command": exe.display().to_string(),
-                    "args": ["credential", "--token-file", hub.admin_token_file],
-                    "interactiveMode": "Never",
-                    "provideClusterInfo": false,
-                }
-            }),
-        )?;
-        kubeconfig::upsert(
-            d,
-            "contexts",
-            "context",
-            &name,
-            json!({
-                "cluster": name,
-                "user": name,
-            }),
-        )?;
-        kubeconfig::set_current(d, &name)
+        kubeconfig::upsert(d, "clusters", "cluster", &ctx, cluster)?;
+        kubeconfig::upsert(d, "users", "user", &ctx, user)?;
+        kubeconfig::upsert(d, "contexts", "context", &ctx, context)?;
+        kubeconfig::set_current(d, &ctx)
     })?;
-    if current.as_deref() != Some(name.as_str()) {
+    if current.as_deref() != Some(ctx.as_str()) {
         remember(current.as_deref());
     }
-    println!("switched to context \"{name}\" (in {})", written.display());
+    Ok(written)
+}
+
+pub async fn run(a: UseArgs) -> Result<u8> {
+    let files = kubeconfig::files(a.kubeconfig.as_deref());
+    let current = kubeconfig::current_context(&files);
+
+    match a.name.as_deref() {
+        None => {
+            // List the members and mark the current one, like kubectx.
+            let source = Source::find(a.gateway.as_deref()).await?;
+            if source.clusters.is_empty() {
+                println!("no members yet: 'towerctl cluster add NAME' on the hub");
+            }
+            for c in &source.clusters {
+                let ctx = format!("tower-{}", c.name);
+                let mark = if current.as_deref() == Some(ctx.as_str()) {
+                    "*"
+                } else {
+                    " "
+                };
+                println!("{mark} {:<24} {}", c.name, c.state);
+            }
+            Ok(exit::OK)
+        }
+        Some("-") => {
+            let target = kubeconfig::target(&files);
+            let prev = std::fs::read_to_string(previous_file())
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .context("no previous context to return to: 'towerctl use -' works after a 'towerctl use NAME'")?;
+            if !kubeconfig::has_context(&files, &prev) {
+                bail!("the previous context '{prev}' no longer exists in the kubeconfig");
+            }
+            let written = kubeconfig::edit(&target, |d| kubeconfig::set_current(d, &prev))?;
+            remember(current.as_deref());
+            println!("switched to context \"{prev}\" (in {})", written.display());
+            Ok(exit::OK)
+        }
+        Some(name) => {
+            let source = Source::find(a.gateway.as_deref()).await?;
+            let written = write_context(&source, name, a.kubeconfig.as_deref())?;
+            println!(
+                "switched to context \"tower-{name}\" (in {})",
+                written.display()
+            );
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// `towerctl kubeconfig [NAME…]`: a standalone kubeconfig on stdout.
+pub async fn print_kubeconfig(names: &[String], gateway: Option<&str>) -> Result<u8> {
+    let source = Source::find(gateway).await?;
+    let names: Vec<String> = if names.is_empty() {
+        source.clusters.iter().map(|c| c.name.clone()).collect()
+    } else {
+        for n in names {
+            source.check(n)?;
+        }
+        names.to_vec()
+    };
+    let mut doc = json!({"apiVersion": "v1", "kind": "Config", "preferences": {}});
+    for n in &names {
+        let (ctx, cluster, user, context) = source.entries(n)?;
+        kubeconfig::upsert(&mut doc, "clusters", "cluster", &ctx, cluster)?;
+        kubeconfig::upsert(&mut doc, "users", "user", &ctx, user)?;
+        kubeconfig::upsert(&mut doc, "contexts", "context", &ctx, context)?;
+    }
+    if let Some(first) = names.first() {
+        kubeconfig::set_current(&mut doc, &format!("tower-{first}"))?;
+    }
+    print!("{}", serde_saphyr::to_string(&doc)?);
     Ok(exit::OK)
 }
 

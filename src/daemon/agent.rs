@@ -22,7 +22,10 @@ use super::control::{
     self, push_bounded, AgentStatus, Event, Request as CtlRequest, Response as CtlResponse,
     EVENTS_KEPT, RTT_SAMPLES_KEPT,
 };
-use super::gateway::{is_upgrade, status_response, strip_hop_by_hop, strip_identity, Body};
+use super::gateway::{
+    is_upgrade, status_response, strip_hop_by_hop, strip_identity, Body, GROUPS_HEADER,
+    IMPERSONATE_HEADER, OPERATOR_HEADER,
+};
 use crate::paths;
 use crate::tunnel::backoff::Backoff;
 use crate::tunnel::client::{self, ChannelService, DialOptions};
@@ -97,6 +100,8 @@ pub fn list_configs() -> Vec<AgentConfig> {
 /// The agent's side of its member API server: a pooled kube client.
 struct Upstream {
     client: kube::Client,
+    /// This agent agreed to impersonate operators (`--impersonate`).
+    impersonate: bool,
 }
 
 impl ChannelService for Upstream {
@@ -106,10 +111,11 @@ impl ChannelService for Upstream {
 
     fn serve(&self, _target: String, _port: u32, stream: ChannelStream<Msg>) {
         let client = self.client.clone();
+        let impersonate = self.impersonate;
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let client = client.clone();
-                async move { Ok::<_, std::convert::Infallible>(forward(client, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(forward(client, impersonate, req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -122,14 +128,51 @@ impl ChannelService for Upstream {
     }
 }
 
-async fn forward(client: kube::Client, mut req: Request<Incoming>) -> Response<Body> {
+/// The operator to impersonate, when both the hub (for this member) and
+/// this agent allow it: `(user, groups)`.
+fn impersonation(headers: &http::HeaderMap, agent_allows: bool) -> Option<(String, Vec<String>)> {
+    let hub_allows = headers.get(IMPERSONATE_HEADER).is_some_and(|v| v == "1");
+    if !(agent_allows && hub_allows) {
+        return None;
+    }
+    let user = headers.get(OPERATOR_HEADER)?.to_str().ok()?.to_string();
+    let groups = headers
+        .get(GROUPS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|g| {
+            g.split(',')
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((user, groups))
+}
+
+async fn forward(
+    client: kube::Client,
+    impersonate: bool,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let upgrade = is_upgrade(req.headers());
     let hub_side_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    // Defence in depth: the hub already strips these.
+    let identity = impersonation(&parts.headers, impersonate);
+    // Removes any Impersonate-* and x-towerctl-* header (defence in depth:
+    // the hub already strips what clients send), then adds ours.
     strip_identity(&mut parts.headers);
-    parts.headers.remove("x-towerctl-operator");
+    if let Some((user, groups)) = identity {
+        if let Ok(v) = http::HeaderValue::from_str(&user) {
+            parts.headers.insert("impersonate-user", v);
+        }
+        for g in groups {
+            if let Ok(v) = http::HeaderValue::from_str(&g) {
+                parts.headers.append("impersonate-group", v);
+            }
+        }
+    }
     parts.headers.remove(header::HOST);
     let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -227,7 +270,10 @@ impl State {
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let (client, upstream_url) = upstream_client(cfg.kubeconfig.as_ref()).await?;
-    let service: Arc<dyn ChannelService> = Arc::new(Upstream { client });
+    let service: Arc<dyn ChannelService> = Arc::new(Upstream {
+        client,
+        impersonate: cfg.impersonate,
+    });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
     let key_path = cfg
         .key_file

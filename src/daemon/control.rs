@@ -53,6 +53,16 @@ pub enum Request {
     ClusterRevoke { name: String },
     /// Hub: forget a member and cut its session.
     ClusterRemove { name: String },
+    /// Hub: issue an operator token (shown once).
+    OperatorAdd {
+        name: String,
+        #[serde(default)]
+        groups: Vec<String>,
+    },
+    /// Hub: list operators (never their tokens).
+    OperatorList,
+    /// Hub: remove an operator; its tokens stop working at once.
+    OperatorRemove { name: String },
     /// Stop the daemon.
     Shutdown,
 }
@@ -187,6 +197,24 @@ pub struct ClusterAdded {
     pub expires_at: Option<u64>,
     pub tunnel_url: String,
     pub hub_key: String,
+}
+
+/// What `operator add` gets back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperatorAdded {
+    pub name: String,
+    pub token: String,
+    pub gateway_url: String,
+    /// `sha256:<hex>` of the gateway CA certificate (DER), for `login --ca-hash`.
+    pub ca_hash: String,
+}
+
+/// An operator as listed (no secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperatorInfo {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub created_at: u64,
 }
 
 /// An agent's status.

@@ -20,10 +20,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::audit::{Audited, Record};
 use super::hub::{Hub, LiveSession};
+use super::store::Operator;
 use crate::tunnel::{self, server, TARGET_APISERVER};
 
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Identity headers from the hub to the agent (never forwarded upstream).
+pub const OPERATOR_HEADER: &str = "x-towerctl-operator";
+pub const GROUPS_HEADER: &str = "x-towerctl-groups";
+pub const IMPERSONATE_HEADER: &str = "x-towerctl-impersonate";
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
@@ -129,7 +136,7 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     let forged: Vec<_> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .filter(|k| k.as_str().starts_with("impersonate-") || k.as_str().starts_with("x-towerctl-"))
         .cloned()
         .collect();
     for k in forged {
@@ -253,15 +260,32 @@ async fn open_channel(
     Ok(sender)
 }
 
+fn json_response(v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(v.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// towerctl's own API on the gateway, for `towerctl login` and `use` on
+/// operator machines. Everything but the CA needs an operator token.
+const API: &str = "/towerctl/v1/";
+
 async fn handle(
     hub: Arc<Hub>,
     slot: &ChannelSlot,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" || path == "/readyz" {
         return Response::new(full(Bytes::from_static(b"ok")));
+    }
+    if path == "/towerctl/v1/ca.crt" {
+        // Public: the client checks it against the hash it was given.
+        return Response::new(full(Bytes::from(hub.ca_pem.clone())));
     }
     let Some(token) = bearer(req.headers()) else {
         return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
@@ -269,10 +293,63 @@ async fn handle(
     let Some(operator) = hub.operator(token) else {
         return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
+    if let Some(what) = path.strip_prefix(API) {
+        return match what {
+            "whoami" => {
+                json_response(serde_json::json!({"name": operator.name, "groups": operator.groups}))
+            }
+            "clusters" => {
+                json_response(serde_json::to_value(hub.cluster_statuses()).unwrap_or_default())
+            }
+            _ => status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no such towerctl API '{path}'"),
+            ),
+        };
+    }
     let Some((name, upstream_path)) = route(&path) else {
         return status_response(StatusCode::NOT_FOUND, "NotFound", "the towerctl gateway serves clusters under /clusters/<name>/; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL");
     };
     let name = name.to_string();
+    let start = std::time::Instant::now();
+    let record = Record {
+        time: super::fmt_unix(super::control::now_unix()),
+        operator: operator.name.clone(),
+        cluster: name.clone(),
+        verb: super::audit::verb(req.method().as_str(), &upstream_path, req.uri().query())
+            .to_string(),
+        method: req.method().to_string(),
+        path: match req.uri().query() {
+            Some(q) => format!("{upstream_path}?{q}"),
+            None => upstream_path.clone(),
+        },
+        status: 0,
+        duration_ms: 0,
+        bytes: 0,
+    };
+    let resp = proxy(&hub, slot, req, peer, &operator, name, upstream_path).await;
+    let (parts, body) = resp.into_parts();
+    let record = Record {
+        status: parts.status.as_u16(),
+        ..record
+    };
+    Response::from_parts(
+        parts,
+        Audited::new(body, record, start, hub.auditor.clone()).boxed_unsync(),
+    )
+}
+
+/// Carries one request to the member and its response back.
+async fn proxy(
+    hub: &Hub,
+    slot: &ChannelSlot,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    operator: &Operator,
+    name: String,
+    upstream_path: String,
+) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
         return match hub.store.get_member(&name) {
             Ok(Some(m)) => {
@@ -310,8 +387,20 @@ async fn handle(
     parts
         .headers
         .insert(header::HOST, HeaderValue::from_static(TARGET_APISERVER));
+    // Who is asking, for the agent to impersonate where the member allows
+    // it (both the hub's registration and the agent must opt in).
     if let Ok(v) = HeaderValue::from_str(&operator.name) {
-        parts.headers.insert("x-towerctl-operator", v);
+        parts.headers.insert(OPERATOR_HEADER, v);
+    }
+    if !operator.groups.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&operator.groups.join(",")) {
+            parts.headers.insert(GROUPS_HEADER, v);
+        }
+    }
+    if session.impersonate {
+        parts
+            .headers
+            .insert(IMPERSONATE_HEADER, HeaderValue::from_static("1"));
     }
     let up_req = Request::from_parts(parts, body);
 

@@ -45,6 +45,8 @@ pub struct LiveSession {
     pub handle: russh::server::Handle,
     pub peer: Option<SocketAddr>,
     pub connected_at: u64,
+    /// The member lets the agent impersonate operators (from the registry).
+    pub impersonate: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
@@ -75,6 +77,9 @@ pub struct Hub {
     meta: Mutex<HashMap<String, ClusterMeta>>,
     next_id: AtomicU64,
     pub started_at: u64,
+    pub auditor: super::audit::Auditor,
+    /// The gateway CA (PEM), served to `towerctl login`.
+    pub ca_pem: String,
 }
 
 impl Hub {
@@ -446,6 +451,8 @@ pub async fn run(
         meta: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         started_at: control::now_unix(),
+        auditor: super::audit::Auditor::start(paths::state_dir().join("audit.log")),
+        ca_pem: tls.ca_pem.clone(),
     });
 
     let base_status = HubStatus {
@@ -517,6 +524,19 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// `sha256:<hex>` of a PEM certificate's DER bytes.
+pub fn ca_hash(pem: &str) -> String {
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .unwrap_or_default();
+    format!(
+        "sha256:{}",
+        keys::hex(&<sha2::Sha256 as sha2::Digest>::digest(&der))
+    )
 }
 
 fn hostname() -> Option<String> {
@@ -670,6 +690,62 @@ fn handle_control(
             Ok(false) => Response::err(format!("cluster '{name}' is not registered on this hub")),
             Err(e) => Response::err(e.to_string()),
         },
+        Request::OperatorAdd { name, groups } => {
+            if let Err(e) = validate_name(&name) {
+                return Response::err(e.replace("cluster name", "operator name"));
+            }
+            if hub
+                .store
+                .list_operators()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.name == name)
+            {
+                return Response::err(format!("operator '{name}' already exists; remove it first with 'towerctl operator rm {name}'"));
+            }
+            let token = match keys::new_token("top_") {
+                Ok(t) => t,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let op = Operator {
+                name: name.clone(),
+                token_hash: keys::token_hash(&token),
+                groups,
+                created_at: control::now_unix(),
+            };
+            if let Err(e) = hub.store.put_operator(&op) {
+                return Response::err(e.to_string());
+            }
+            tracing::info!(operator = %name, "operator added");
+            Response::ok(control::OperatorAdded {
+                name,
+                token,
+                gateway_url: base.gateway_url.clone(),
+                ca_hash: ca_hash(&base.ca_pem),
+            })
+        }
+        Request::OperatorList => match hub.store.list_operators() {
+            Ok(ops) => Response::ok(
+                ops.into_iter()
+                    .map(|o| control::OperatorInfo {
+                        name: o.name,
+                        groups: o.groups,
+                        created_at: o.created_at,
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::OperatorRemove { name } => match hub.store.delete_operator(&name) {
+            Ok(0) => Response::err(format!(
+                "no operator named '{name}'; 'towerctl operator list' shows them"
+            )),
+            Ok(_) => {
+                tracing::info!(operator = %name, "operator removed");
+                Response::ok(serde_json::json!({}))
+            }
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::Shutdown => {
             tracing::info!("shutdown requested over the control socket");
             cancel.cancel();
@@ -734,6 +810,12 @@ async fn tunnel_session(
         handle: sess.handle.clone(),
         peer: Some(peer),
         connected_at: control::now_unix(),
+        impersonate: hub
+            .store
+            .get_member(&sess.name)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.impersonate),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         bytes_in: Arc::new(AtomicU64::new(0)),

@@ -3,6 +3,7 @@
 //! background life cycle.
 
 pub mod agent;
+pub mod audit;
 pub mod control;
 pub mod gateway;
 pub mod hub;

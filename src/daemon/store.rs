@@ -110,6 +110,9 @@ pub trait Store: Send + Sync + 'static {
     fn delete_member(&self, name: &str) -> Result<bool, StoreError>;
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError>;
+    fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
+    /// Removes every token of operator `name`; returns how many.
+    fn delete_operator(&self, name: &str) -> Result<usize, StoreError>;
 }
 
 /// The embedded redb store.
@@ -235,6 +238,30 @@ impl Store for RedbStore {
     }
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
         self.put(OPERATORS, &op.token_hash, op)
+    }
+    fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        self.list(OPERATORS)
+    }
+    fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
+        let tx = self.db.begin_write().map_err(io)?;
+        let n = {
+            let mut t = tx.open_table(OPERATORS).map_err(io)?;
+            let mut doomed = Vec::new();
+            for row in t.iter().map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                if let Ok(op) = serde_json::from_slice::<Operator>(v.value()) {
+                    if op.name == name {
+                        doomed.push(k.value().to_string());
+                    }
+                }
+            }
+            for k in &doomed {
+                t.remove(k.as_str()).map_err(io)?;
+            }
+            doomed.len()
+        };
+        tx.commit().map_err(io)?;
+        Ok(n)
     }
 }
 

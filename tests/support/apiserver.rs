@@ -89,6 +89,15 @@ impl ApiServer {
         }
     }
 
+    /// Grants `user` access when a client impersonates it (RBAC stand-in).
+    pub fn bind_user(&self, user: &str) {
+        self.shared
+            .bound_users
+            .lock()
+            .unwrap()
+            .push(user.to_string());
+    }
+
     /// Every request's headers seen so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.requests.lock().unwrap().clone()
@@ -214,6 +223,8 @@ struct Store {
 struct Shared {
     store: Mutex<Store>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Users the stand-in's "RBAC" lets an impersonating client act as.
+    bound_users: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -254,6 +265,7 @@ impl Shared {
         Shared {
             store: Mutex::new(store),
             requests: Mutex::new(Vec::new()),
+            bound_users: Mutex::new(Vec::new()),
         }
     }
 
@@ -484,6 +496,26 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let auth = req.headers().get(header::AUTHORIZATION);
     if auth.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         return Ok(ApiError::new(401, "Unauthorized", "Unauthorized").into_response());
+    }
+    // Impersonation, as the real API server does it: the impersonated user
+    // is then subject to RBAC, which here is a list of bound users.
+    // Discovery is open to every authenticated user (system:discovery).
+    let discovery = matches!(req.uri().path(), "/version" | "/api" | "/apis" | "/api/v1")
+        || req.uri().path().starts_with("/openapi");
+    if let Some(user) = req
+        .headers()
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| !discovery)
+    {
+        if !shared.bound_users.lock().unwrap().iter().any(|u| u == user) {
+            let msg = format!(
+                "{} is forbidden: User \"{user}\" cannot {} the resource (no RBAC binding)",
+                req.uri().path(),
+                req.method().as_str().to_lowercase()
+            );
+            return Ok(ApiError::new(403, "Forbidden", msg).into_response());
+        }
     }
     Ok(route(shared, req)
         .await

@@ -1,0 +1,114 @@
+//! A minimal HTTPS GET for talking to a hub's gateway API from an operator
+//! machine (`login`, `use`). One request per connection: these are rare.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+/// How to trust the gateway.
+pub enum Trust<'a> {
+    /// Its CA, as PEM.
+    Ca(&'a str),
+    /// Anything: only to fetch the CA before checking it against a hash.
+    FetchCaOnly,
+}
+
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn client_config(trust: &Trust<'_>) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    Ok(match trust {
+        Trust::Ca(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                roots.add(c.context("the gateway CA is not valid PEM")?)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::FetchCaOnly => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth(),
+    })
+}
+
+/// GETs `url` (https) with an optional bearer token; returns status and body.
+pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u16, Bytes)> {
+    let u = url::Url::parse(url).with_context(|| format!("invalid URL '{url}'"))?;
+    if u.scheme() != "https" {
+        bail!("the gateway URL '{url}' must start with https://");
+    }
+    let host = u
+        .host_str()
+        .context("the gateway URL has no host")?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let port = u.port_or_known_default().unwrap_or(443);
+    let fut = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
+        let name = ServerName::try_from(host.clone())
+            .with_context(|| format!("invalid server name '{host}'"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&trust)?))
+            .connect(name, tcp)
+            .await
+            .context("TLS handshake with the gateway failed (is the CA right?)")?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let mut req =
+            http::Request::get(u.path()).header(http::header::HOST, format!("{host}:{port}"));
+        if let Some(t) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<Bytes>::new())?)
+            .await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), fut)
+        .await
+        .with_context(|| format!("the gateway at '{url}' did not answer within 15s"))?
+}

@@ -1,0 +1,190 @@
+//! `towerctl operator add|list|rm` (on the hub) and `towerctl login` (on an
+//! operator's machine).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::exit;
+use super::https::{self, Trust};
+use crate::daemon::control::{self, OperatorAdded, OperatorInfo, Request};
+use crate::daemon::fmt_unix;
+use crate::paths;
+use crate::secrets::{self, Backend};
+
+async fn hub_call(req: Request) -> Result<serde_json::Value> {
+    let socket = paths::hub_socket();
+    if !control::is_up(&socket).await {
+        bail!("no hub is running on this machine: start one with 'towerctl up'");
+    }
+    control::call(&socket, req).await
+}
+
+pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
+    let v = hub_call(Request::OperatorAdd {
+        name: name.to_string(),
+        groups,
+    })
+    .await?;
+    let a: OperatorAdded = serde_json::from_value(v).context("malformed answer from the hub")?;
+    eprintln!(
+        "operator '{}' added. On the operator's machine, run (the token is shown once):",
+        a.name
+    );
+    println!(
+        "towerctl login {} --token {} --ca-hash {}",
+        a.gateway_url, a.token, a.ca_hash
+    );
+    Ok(exit::OK)
+}
+
+pub async fn list(output: &str) -> Result<u8> {
+    let v = hub_call(Request::OperatorList).await?;
+    let ops: Vec<OperatorInfo> =
+        serde_json::from_value(v).context("malformed answer from the hub")?;
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&ops)?);
+        return Ok(exit::OK);
+    }
+    println!("{:<20} {:<22} GROUPS", "NAME", "CREATED");
+    for o in ops {
+        println!(
+            "{:<20} {:<22} {}",
+            o.name,
+            fmt_unix(o.created_at),
+            o.groups.join(",")
+        );
+    }
+    Ok(exit::OK)
+}
+
+pub async fn remove(name: &str) -> Result<u8> {
+    hub_call(Request::OperatorRemove {
+        name: name.to_string(),
+    })
+    .await?;
+    println!("operator '{name}' removed: its tokens no longer work");
+    Ok(exit::OK)
+}
+
+/// A hub this machine has logged in to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Login {
+    pub gateway_url: String,
+    pub ca_pem: String,
+    pub operator: String,
+    /// Where the token is kept.
+    pub backend: Backend,
+}
+
+fn logins_path() -> std::path::PathBuf {
+    paths::config_dir().join("logins.json")
+}
+
+pub fn logins() -> Vec<Login> {
+    std::fs::read_to_string(logins_path())
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn save_logins(l: &[Login]) -> Result<()> {
+    paths::write_atomic(&logins_path(), &serde_json::to_vec_pretty(l)?, 0o600)
+}
+
+/// The login for `gateway` (or the most recent one).
+pub fn find_login(gateway: Option<&str>) -> Option<Login> {
+    let all = logins();
+    match gateway {
+        Some(g) => all
+            .into_iter()
+            .find(|l| l.gateway_url.trim_end_matches('/') == g.trim_end_matches('/')),
+        None => all.into_iter().last(),
+    }
+}
+
+/// The token of a login, from wherever it was kept.
+pub fn login_token(l: &Login) -> Result<String> {
+    secrets::load(l.backend, &l.gateway_url)
+}
+
+fn sha256_of_pem(pem: &str) -> String {
+    crate::daemon::hub::ca_hash(pem)
+}
+
+pub async fn login(
+    gateway: &str,
+    token: &str,
+    ca_hash: Option<&str>,
+    insecure: bool,
+) -> Result<u8> {
+    let gateway = gateway.trim_end_matches('/').to_string();
+    let (status, body) = https::get(
+        &format!("{gateway}/towerctl/v1/ca.crt"),
+        Trust::FetchCaOnly,
+        None,
+    )
+    .await?;
+    if status != 200 {
+        bail!("'{gateway}' did not serve a towerctl CA (HTTP {status}); is it a towerctl gateway URL?");
+    }
+    let ca_pem = String::from_utf8(body.to_vec()).context("the gateway CA is not text")?;
+    let actual = sha256_of_pem(&ca_pem);
+    match (ca_hash, insecure) {
+        (Some(expected), _) => {
+            if !expected.trim().eq_ignore_ascii_case(&actual) {
+                bail!("the gateway's CA does not match --ca-hash: expected '{expected}', the gateway presented '{actual}'. Check the URL, or ask the hub operator for the current 'towerctl operator add' command");
+            }
+        }
+        (None, true) => eprintln!("warning: --insecure-skip-ca-hash: trusting the CA the gateway presented ({actual}) without checking it"),
+        (None, false) => bail!("missing --ca-hash: pass the CA hash printed by 'towerctl operator add' on the hub (the gateway presents {actual}), or --insecure-skip-ca-hash to trust it unchecked"),
+    }
+    let (status, body) = https::get(
+        &format!("{gateway}/towerctl/v1/whoami"),
+        Trust::Ca(&ca_pem),
+        Some(token),
+    )
+    .await?;
+    if status == 401 {
+        bail!("the gateway refused the token (unknown or removed operator); ask the hub operator for a new one with 'towerctl operator add'");
+    }
+    if status != 200 {
+        bail!(
+            "the gateway answered HTTP {status} to whoami: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let who: serde_json::Value =
+        serde_json::from_slice(&body).context("malformed whoami answer")?;
+    let operator = who["name"].as_str().unwrap_or("?").to_string();
+    let backend = secrets::save(&gateway, token)?;
+    let mut all = logins();
+    all.retain(|l| l.gateway_url != gateway);
+    all.push(Login {
+        gateway_url: gateway.clone(),
+        ca_pem,
+        operator: operator.clone(),
+        backend,
+    });
+    save_logins(&all)?;
+    println!(
+        "logged in to {gateway} as '{operator}' (token kept in {})",
+        backend.describe()
+    );
+    println!("next: towerctl use CLUSTER");
+    Ok(exit::OK)
+}
+
+pub async fn logout(gateway: Option<&str>) -> Result<u8> {
+    let Some(l) = find_login(gateway) else {
+        bail!(
+            "not logged in{}",
+            gateway.map(|g| format!(" to '{g}'")).unwrap_or_default()
+        );
+    };
+    secrets::delete(l.backend, &l.gateway_url);
+    let mut all = logins();
+    all.retain(|x| x.gateway_url != l.gateway_url);
+    save_logins(&all)?;
+    println!("logged out of {}", l.gateway_url);
+    Ok(exit::OK)
+}

@@ -1,0 +1,187 @@
+//! Where operator tokens are kept: the OS credential store when one works,
+//! else a 0600 file (said once, on stderr).
+//!
+//! The store is chosen at run time and verified by reading back what was
+//! written: on a headless Linux machine the Secret Service has no D-Bus
+//! session bus, and the kernel keyring refuses access outside a session
+//! keyring (it works inside `keyctl session`, but keeps nothing across a
+//! reboot). `TOWERCTL_KEYRING=auto|secret-service|keyutils|keychain|
+//! credential-manager|file` forces a choice.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use keyring_core::api::CredentialStore;
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+/// Service name under which towerctl's secrets are filed.
+const SERVICE: &str = "towerctl";
+
+/// A credential backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    SecretService,
+    Keyutils,
+    Keychain,
+    CredentialManager,
+    File,
+}
+
+impl Backend {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Backend::SecretService => "the Secret Service keyring",
+            Backend::Keyutils => "the kernel keyring (keyutils)",
+            Backend::Keychain => "the macOS Keychain",
+            Backend::CredentialManager => "the Windows Credential Manager",
+            Backend::File => "a private file (mode 0600)",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Backend> {
+        Some(match s {
+            "secret-service" => Backend::SecretService,
+            "keyutils" => Backend::Keyutils,
+            "keychain" => Backend::Keychain,
+            "credential-manager" => Backend::CredentialManager,
+            "file" => Backend::File,
+            _ => return None,
+        })
+    }
+}
+
+fn os_store(b: Backend) -> Result<Arc<CredentialStore>> {
+    let store: Arc<CredentialStore> = match b {
+        #[cfg(target_os = "linux")]
+        Backend::SecretService => zbus_secret_service_keyring_store::Store::new()?,
+        #[cfg(target_os = "linux")]
+        Backend::Keyutils => linux_keyutils_keyring_store::Store::new()?,
+        #[cfg(target_os = "macos")]
+        Backend::Keychain => apple_native_keyring_store::keychain::Store::new()?,
+        #[cfg(target_os = "windows")]
+        Backend::CredentialManager => windows_native_keyring_store::Store::new()?,
+        other => bail!("{} is not available on this platform", other.describe()),
+    };
+    Ok(store)
+}
+
+/// The OS stores worth trying here, best first.
+fn candidates() -> Vec<Backend> {
+    if cfg!(target_os = "linux") {
+        let mut v = Vec::new();
+        // Without a session bus the Secret Service cannot answer; don't
+        // even try (and don't wait for a timeout).
+        if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some() {
+            v.push(Backend::SecretService);
+        }
+        v.push(Backend::Keyutils);
+        v
+    } else if cfg!(target_os = "macos") {
+        vec![Backend::Keychain]
+    } else if cfg!(target_os = "windows") {
+        vec![Backend::CredentialManager]
+    } else {
+        vec![]
+    }
+}
+
+fn file_path(account: &str) -> PathBuf {
+    let safe: String = account
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    paths::config_dir().join("credentials").join(safe)
+}
+
+fn try_os(b: Backend, account: &str, secret: &str) -> Result<()> {
+    let store = os_store(b)?;
+    let entry = store.build(SERVICE, account, None)?;
+    entry.set_password(secret)?;
+    let back = entry.get_password()?;
+    if back != secret {
+        bail!("read back a different value");
+    }
+    Ok(())
+}
+
+/// Saves `secret` for `account`; returns where it went.
+pub fn save(account: &str, secret: &str) -> Result<Backend> {
+    let forced = std::env::var("TOWERCTL_KEYRING")
+        .ok()
+        .filter(|v| !v.is_empty() && v != "auto");
+    let order = match forced.as_deref() {
+        Some(v) => vec![Backend::parse(v).with_context(|| {
+            format!("invalid TOWERCTL_KEYRING '{v}': use auto, secret-service, keyutils, keychain, credential-manager or file")
+        })?],
+        None => candidates(),
+    };
+    let mut why = Vec::new();
+    for b in order.iter().copied().filter(|b| *b != Backend::File) {
+        match try_os(b, account, secret) {
+            Ok(()) => return Ok(b),
+            Err(e) => why.push(format!("{}: {e}", b.describe())),
+        }
+    }
+    if forced.is_some() && !order.contains(&Backend::File) {
+        bail!(
+            "cannot store the token in {}: {}",
+            order[0].describe(),
+            why.join("; ")
+        );
+    }
+    let path = file_path(account);
+    paths::write_atomic(&path, secret.as_bytes(), 0o600)?;
+    if forced.is_none() {
+        eprintln!(
+            "note: no usable OS keyring{}; the token is kept in '{}' (mode 0600)",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.join("; "))
+            },
+            path.display()
+        );
+    }
+    Ok(Backend::File)
+}
+
+/// Reads the secret of `account` from `backend`.
+pub fn load(backend: Backend, account: &str) -> Result<String> {
+    if backend == Backend::File {
+        let path = file_path(account);
+        return std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_string())
+            .with_context(|| {
+                format!(
+                    "cannot read the token file '{}'; run 'towerctl login' again",
+                    path.display()
+                )
+            });
+    }
+    let store = os_store(backend)?;
+    let entry = store.build(SERVICE, account, None)?;
+    entry.get_password().with_context(|| {
+        format!("the token is no longer in {} (the kernel keyring forgets at reboot or outside its session); run 'towerctl login' again", backend.describe())
+    })
+}
+
+/// Deletes the secret of `account` (best effort).
+pub fn delete(backend: Backend, account: &str) {
+    if backend == Backend::File {
+        let _ = std::fs::remove_file(file_path(account));
+    } else if let Ok(store) = os_store(backend) {
+        if let Ok(e) = store.build(SERVICE, account, None) {
+            let _ = e.delete_credential();
+        }
+    }
+}
