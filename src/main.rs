@@ -9,8 +9,6 @@ mod tunnel;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn init_logging(verbose: u8, daemon: bool) {
     let default = match (verbose, daemon) {
         (0, false) => "warn",
@@ -27,7 +25,26 @@ fn init_logging(verbose: u8, daemon: bool) {
 }
 
 fn main() -> ExitCode {
-    let cli = match commands::Cli::try_parse() {
+    // Installed as `kubectl-tower` (a symlink), towerctl is the kubectl
+    // plugin `kubectl tower …`: same commands, help names it that way.
+    let as_plugin = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f == "kubectl-tower")
+        })
+        .unwrap_or(false);
+    let parsed = {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut cmd = commands::Cli::command();
+        if as_plugin {
+            cmd = cmd.name("kubectl tower").bin_name("kubectl tower");
+        }
+        cmd.try_get_matches()
+            .and_then(|m| commands::Cli::from_arg_matches(&m))
+    };
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

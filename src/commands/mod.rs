@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod cluster;
 pub mod credential;
+pub mod gen;
 pub mod https;
 pub mod hub;
 pub mod join;
@@ -124,6 +125,22 @@ pub enum Command {
     },
     /// Show the hub, its members and the agents on this machine.
     Status(StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell).
+    Completion { shell: clap_complete::Shell },
+    /// Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it).
+    #[command(hide = true)]
+    GenDocs { dir: PathBuf },
+    /// Show a daemon's log: `hub` or an agent's cluster name.
+    Logs {
+        /// `hub` or the cluster name of an agent on this machine.
+        daemon: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines from the end to show first.
+        #[arg(long, default_value_t = 200)]
+        tail: usize,
+    },
     /// Print an ExecCredential for kubectl (used by kubeconfig entries).
     #[command(hide = true)]
     Credential {
@@ -376,6 +393,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             token_file,
             gateway,
         } => credential::run(token_file.as_deref(), gateway.as_deref()),
+        Command::Completion { shell } => gen::completion(shell),
+        Command::GenDocs { dir } => gen::gen_docs(&dir),
+        Command::Logs {
+            daemon,
+            follow,
+            tail,
+        } => status::logs(&daemon, follow, tail).await,
         Command::Kubeconfig { names, gateway } => {
             usectx::print_kubeconfig(&names, gateway.as_deref()).await
         }

@@ -155,3 +155,49 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
         exit::NOT_RUNNING
     })
 }
+
+/// `towerctl logs hub|NAME [-f]`.
+pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let file = if daemon == "hub" {
+        paths::log_file("hub")
+    } else {
+        crate::daemon::hub::validate_name(daemon).map_err(anyhow::Error::msg)?;
+        paths::log_file(&format!("agent-{daemon}"))
+    };
+    let mut f = match std::fs::File::open(&file) {
+        Ok(f) => f,
+        Err(_) => anyhow::bail!(
+            "no log at '{}': '{daemon}' has not run on this machine in the background ('towerctl status' lists the daemons)",
+            file.display()
+        ),
+    };
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = std::io::stdout().lock();
+    for l in &lines[lines.len().saturating_sub(tail)..] {
+        writeln!(out, "{l}")?;
+    }
+    drop(out);
+    if !follow {
+        return Ok(exit::OK);
+    }
+    let mut pos = text.len() as u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            pos = 0;
+        }
+        if len > pos {
+            let mut f = std::fs::File::open(&file)?;
+            f.seek(SeekFrom::Start(pos))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            pos += buf.len() as u64;
+            std::io::stdout().write_all(&buf)?;
+            std::io::stdout().flush()?;
+        }
+    }
+}

@@ -1,0 +1,252 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_towerctl_global_optspecs
+    string join \n v/verbose h/help V/version
+end
+
+function __fish_towerctl_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_towerctl_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_towerctl_using_subcommand
+    set -l cmd (__fish_towerctl_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c towerctl -n "__fish_towerctl_needs_command" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_needs_command" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_needs_command" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "up" -d 'Start the hub in the background and print where it listens'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "down" -d 'Stop the hub started with `towerctl up`'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "hub" -d 'Hub daemon commands'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "cluster" -d 'Manage member clusters on the hub'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "join" -d 'Join this member to a hub: start an agent daemon in the background'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "agent" -d 'Agent daemon commands'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "leave" -d 'Stop an agent on this machine and forget its configuration'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "use" -d 'Point kubectl at a member: write the `tower-NAME` context and make it current'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "kubeconfig" -d 'Print a standalone kubeconfig for some (default: all) members'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "operator" -d 'Manage operators (people and tools allowed through the gateway)'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "login" -d 'Use a hub from this machine with an operator token from \'towerctl operator add\''
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "logout" -d 'Forget a login and its token'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "audit" -d 'Show the hub\'s audit log: who reached which cluster, how, with what result'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "status" -d 'Show the hub, its members and the agents on this machine'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "completion" -d 'Print a shell completion script (bash, zsh, fish, powershell)'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "gen-docs" -d 'Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it)'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "logs" -d 'Show a daemon\'s log: `hub` or an agent\'s cluster name'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "credential" -d 'Print an ExecCredential for kubectl (used by kubeconfig entries)'
+complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l listen -d 'Address for agents\' tunnels (WebSocket)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway -d 'Address for the HTTPS gateway kubectl talks to' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l advertise -d 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand down" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand down" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand down" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and not __fish_seen_subcommand_from run help" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and not __fish_seen_subcommand_from run help" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and not __fish_seen_subcommand_from run help" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and not __fish_seen_subcommand_from run help" -f -a "run" -d 'Run the hub in the foreground (for containers and systemd)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and not __fish_seen_subcommand_from run help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l listen -d 'Address for agents\' tunnels (WebSocket)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway -d 'Address for the HTTPS gateway kubectl talks to' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l advertise -d 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from help" -f -a "run" -d 'Run the hub in the foreground (for containers and systemd)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "list" -d 'List registered members with their state, agent version, key and token'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "rm" -d 'Forget a member: its token and key stop working and its session is cut'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -l ttl -d 'Lifetime of the join token (0 = never expires)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s o -l output -d 'Output format' -r -f -a "text\t''
+json\t''"
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -l reusable -d 'Let the join token be used more than once (agent pods recreated without their key)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -l impersonate -d 'The member lets the agent impersonate operators (its RBAC decides per operator)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l ttl -d 'Lifetime of the join token (0 = never expires)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s o -l output -d 'Output format' -r -f -a "text\t''
+json\t''"
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l reusable -d 'Let the join token be used more than once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from revoke" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from revoke" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from list" -s o -l output -d 'Output format' -r -f -a "table\t''
+wide\t''
+json\t''
+yaml\t''"
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from list" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from list" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rm" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rm" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rm" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "list" -d 'List registered members with their state, agent version, key and token'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Forget a member: its token and key stop working and its session is cut'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub -d 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l keepalive -d 'Keepalive interval' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l timeout -d 'How long to wait for the tunnel before giving up' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l insecure-skip-hub-key -d 'Do not verify the hub\'s host key (unsafe: anyone on the path can impersonate the hub)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -f -a "run" -d 'Run an agent in the foreground (for containers and systemd)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub -d 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l config -d 'Read the agent\'s settings from a file saved by `join`' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l insecure-skip-hub-key -d 'Do not verify the hub\'s host key (unsafe: anyone on the path can impersonate the hub)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from help" -f -a "run" -d 'Run an agent in the foreground (for containers and systemd)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand leave" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand leave" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand leave" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand use" -l gateway -d 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand use" -l kubeconfig -d 'Kubeconfig file to edit (default: KUBECONFIG\'s first existing file, or ~/.kube/config)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -l gateway -d 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -f -a "add" -d 'Issue an operator token and print the \'towerctl login\' command for it'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -f -a "list" -d 'List operators'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -f -a "rm" -d 'Remove an operator; its token stops working at once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and not __fish_seen_subcommand_from add list rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from add" -l group -d 'Kubernetes groups of the operator (repeatable)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from add" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from add" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from add" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from list" -s o -l output -r -f -a "table\t''
+json\t''"
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from list" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from list" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from list" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from rm" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from rm" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from rm" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from help" -f -a "add" -d 'Issue an operator token and print the \'towerctl login\' command for it'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from help" -f -a "list" -d 'List operators'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Remove an operator; its token stops working at once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand operator; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand login" -l token -d 'Operator token' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand login" -l ca-hash -d 'sha256 of the gateway CA, printed by \'towerctl operator add\'' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand login" -l insecure-skip-ca-hash -d 'Trust the CA the gateway presents without checking it (unsafe)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand login" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand login" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand login" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logout" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logout" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logout" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -l cluster -d 'Only this cluster' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -l operator -d 'Only this operator' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s o -l output -d 'Output format' -r -f -a "table\t''
+json\t''"
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s f -l follow -d 'Keep printing new records'
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s o -l output -d 'Output format' -r -f -a "table\t''
+json\t''"
+complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand completion" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand completion" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand completion" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand gen-docs" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand gen-docs" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand gen-docs" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logs" -l tail -d 'Lines from the end to show first' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand logs" -s f -l follow -d 'Keep printing new lines'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logs" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logs" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand logs" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand credential" -l token-file -d 'File holding the operator token (the hub machine\'s local admin)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand credential" -l gateway -d 'Gateway of a hub logged in to: the token comes from the keyring' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand credential" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand credential" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand credential" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "up" -d 'Start the hub in the background and print where it listens'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "down" -d 'Stop the hub started with `towerctl up`'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "hub" -d 'Hub daemon commands'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "cluster" -d 'Manage member clusters on the hub'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "join" -d 'Join this member to a hub: start an agent daemon in the background'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "agent" -d 'Agent daemon commands'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "leave" -d 'Stop an agent on this machine and forget its configuration'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "use" -d 'Point kubectl at a member: write the `tower-NAME` context and make it current'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "kubeconfig" -d 'Print a standalone kubeconfig for some (default: all) members'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "operator" -d 'Manage operators (people and tools allowed through the gateway)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "login" -d 'Use a hub from this machine with an operator token from \'towerctl operator add\''
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "logout" -d 'Forget a login and its token'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "audit" -d 'Show the hub\'s audit log: who reached which cluster, how, with what result'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "status" -d 'Show the hub, its members and the agents on this machine'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "completion" -d 'Print a shell completion script (bash, zsh, fish, powershell)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "gen-docs" -d 'Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "logs" -d 'Show a daemon\'s log: `hub` or an agent\'s cluster name'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "credential" -d 'Print an ExecCredential for kubectl (used by kubeconfig entries)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from hub" -f -a "run" -d 'Run the hub in the foreground (for containers and systemd)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "list" -d 'List registered members with their state, agent version, key and token'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "rm" -d 'Forget a member: its token and key stop working and its session is cut'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from agent" -f -a "run" -d 'Run an agent in the foreground (for containers and systemd)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from operator" -f -a "add" -d 'Issue an operator token and print the \'towerctl login\' command for it'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from operator" -f -a "list" -d 'List operators'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from operator" -f -a "rm" -d 'Remove an operator; its token stops working at once'
