@@ -201,7 +201,9 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s v -l verbose
 complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand audit" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s o -l output -d 'Output format' -r -f -a "table\t''
-json\t''"
+wide\t''
+json\t''
+yaml\t''"
 complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand status" -s V -l version -d 'Print version'

@@ -100,7 +100,7 @@ fn kubectl_reaches_the_member_through_the_tunnel() {
     // Status shows the member connected with a measured RTT.
     let s = wait_for("an RTT measurement", Duration::from_secs(10), || {
         let s = env.status();
-        s["hub"]["clusters"][0]["rtt_ms"].is_number().then_some(s)
+        s["hub"]["clusters"][0]["rttMs"].is_number().then_some(s)
     });
     assert_eq!(s["hub"]["clusters"][0]["state"], "connected", "{s}");
     assert_eq!(s["agents"][0]["state"], "connected", "{s}");
@@ -190,7 +190,7 @@ fn agent_reconnects_by_itself_after_a_hub_restart() {
         let s = env.status();
         (s["agents"][0]["state"] == "backing_off").then_some(s)
     });
-    assert!(s["agents"][0]["retry_in_ms"].is_number(), "{s}");
+    assert!(s["agents"][0]["retryInMs"].is_number(), "{s}");
 
     env.up_on(&tunnel, &gateway);
     wait_for("the agent to reconnect", Duration::from_secs(20), || {
@@ -526,14 +526,14 @@ fn join_tokens_expire_are_single_use_and_revoke_cuts_the_session() {
     let o = env.towerctl(&["cluster", "list", "-o", "json"]);
     let list: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert!(
-        list[0]["key_fingerprint"]
+        list[0]["keyFingerprint"]
             .as_str()
             .unwrap()
             .starts_with("sha256:"),
         "{list}"
     );
-    assert_eq!(list[0]["token_state"], "used");
-    assert_eq!(list[1]["token_state"], "expired");
+    assert_eq!(list[0]["tokenState"], "used");
+    assert_eq!(list[1]["tokenState"], "expired");
 
     // Revoke cuts the live session at once; the agent stops by itself.
     let agent = env.pid_of("agent-alpha").unwrap();
@@ -789,4 +789,47 @@ fn kubeconfig_lists_symlinks_and_standalone_files() {
     std::fs::write(&standalone, &o.stdout).unwrap();
     let o = env.kubectl(&["--kubeconfig", standalone.to_str().unwrap(), "get", "nodes"]);
     assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}
+
+/// The shape of a JSON value: every leaf replaced by its type, arrays by
+/// their first element's shape. Values change from run to run; the shape
+/// of a versioned output must not.
+fn shape(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Null => Value::Null,
+        Value::Bool(_) => "<bool>".into(),
+        Value::Number(_) => "<number>".into(),
+        Value::String(_) => "<string>".into(),
+        Value::Array(a) => Value::Array(a.first().map(shape).into_iter().collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+    }
+}
+
+#[test]
+fn status_json_has_a_stable_shape() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    // Wait for an RTT so that every field is populated.
+    let s = wait_for("an RTT on both sides", Duration::from_secs(10), || {
+        let s = env.status();
+        (s["hub"]["clusters"][0]["rttMs"].is_number() && s["agents"][0]["rttMs"].is_number())
+            .then_some(s)
+    });
+    let got = serde_json::to_string_pretty(&shape(&s)).unwrap();
+    let golden =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/status-v1.shape.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &got).unwrap();
+    }
+    let want =
+        std::fs::read_to_string(&golden).expect("golden file (run with UPDATE_GOLDEN=1 to create)");
+    assert_eq!(got, want, "towerctl/v1 status output changed shape; if intended (additions only), run with UPDATE_GOLDEN=1");
+    // YAML carries the same document.
+    let o = env.towerctl(&["status", "-o", "yaml"]);
+    assert!(
+        o.ok() && o.stdout.contains("apiVersion: towerctl/v1"),
+        "{o:?}"
+    );
 }

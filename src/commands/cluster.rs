@@ -120,8 +120,14 @@ pub async fn list(output: &str) -> Result<u8> {
         return Err(no_hub());
     };
     match output {
-        "json" => println!("{}", serde_json::to_string_pretty(&s.clusters)?),
-        "yaml" => print!("{}", serde_saphyr::to_string(&s.clusters)?),
+        "json" | "yaml" => {
+            let v: Vec<_> = s.clusters.iter().map(super::status::cluster_out).collect();
+            if output == "yaml" {
+                print!("{}", serde_saphyr::to_string(&v)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+        }
         _ => {
             let wide = output == "wide";
             let dash = || "-".to_string();

@@ -333,7 +333,7 @@ pub struct UseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// Output format.
-    #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+    #[arg(short, long, default_value = "table", value_parser = ["table", "wide", "json", "yaml"])]
     pub output: String,
 }
 

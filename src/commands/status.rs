@@ -11,6 +11,48 @@ use crate::daemon::control::{self, AgentStatus, Request};
 use crate::daemon::gateway::humanize;
 use crate::paths;
 
+fn time(t: Option<u64>) -> serde_json::Value {
+    t.map(|t| json!(crate::daemon::fmt_unix(t)))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// A member in the stable `towerctl/v1` output (camelCase; new fields may
+/// be added, none renamed or removed within v1).
+pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Value {
+    json!({
+        "name": c.name,
+        "state": c.state,
+        "since": time(c.since),
+        "remote": c.remote,
+        "agentVersion": c.agent_version,
+        "rttMs": c.rtt_ms,
+        "streams": c.streams,
+        "bytesIn": c.bytes_in,
+        "bytesOut": c.bytes_out,
+        "reconnects": c.reconnects,
+        "keyFingerprint": c.key_fingerprint,
+        "tokenState": c.token_state,
+        "tokenExpiresAt": time(c.token_expires_at),
+    })
+}
+
+/// An agent in the stable `towerctl/v1` output.
+pub fn agent_out(a: &AgentStatus) -> serde_json::Value {
+    json!({
+        "name": a.name,
+        "state": a.state,
+        "since": time(Some(a.since)),
+        "pid": a.pid,
+        "hub": a.hub,
+        "upstream": a.upstream,
+        "rttMs": a.rtt_ms,
+        "attempt": a.attempt,
+        "retryInMs": a.retry_in_ms,
+        "lastError": a.last_error,
+        "reconnects": a.reconnects,
+    })
+}
+
 enum Probe {
     Up(Box<AgentStatus>),
     NotResponding,
@@ -57,7 +99,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     let agents: Vec<(String, Probe)> = configs.into_iter().map(|c| c.name).zip(answers).collect();
     let anything = hub.is_some() || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped));
 
-    if a.output == "json" {
+    if a.output == "json" || a.output == "yaml" {
         let v = json!({
             "apiVersion": "towerctl/v1",
             "kind": "Status",
@@ -69,15 +111,19 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 "tunnelURL": h.tunnel_url,
                 "gatewayURL": h.gateway_url,
                 "hubKey": h.hub_key,
-                "clusters": h.clusters,
+                "clusters": h.clusters.iter().map(cluster_out).collect::<Vec<_>>(),
             })),
             "agents": agents.iter().map(|(name, s)| match s {
-                Probe::Up(s) => serde_json::to_value(s).unwrap_or_default(),
+                Probe::Up(s) => agent_out(s),
                 Probe::NotResponding => json!({"name": name, "state": "not_responding"}),
                 Probe::Stopped => json!({"name": name, "state": "stopped"}),
             }).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        if a.output == "yaml" {
+            print!("{}", serde_saphyr::to_string(&v)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
     } else {
         match &hub {
             Some(h) => {
@@ -88,12 +134,20 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 if h.clusters.is_empty() {
                     println!("  no members yet: 'towerctl cluster add NAME'");
                 } else {
-                    println!(
+                    let wide = a.output == "wide";
+                    print!(
                         "  {:<20} {:<16} {:<8} {:<22} {:>9} {:>7}",
                         "CLUSTER", "STATE", "FOR", "REMOTE", "RTT", "STREAMS"
                     );
+                    if wide {
+                        print!(
+                            "  {:<10} {:>10} {:>10} {:>5}  KEY",
+                            "VERSION", "IN", "OUT", "RECON"
+                        );
+                    }
+                    println!();
                     for c in &h.clusters {
-                        println!(
+                        print!(
                             "  {:<20} {:<16} {:<8} {:<22} {:>9} {:>7}",
                             c.name,
                             c.state,
@@ -102,6 +156,17 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                             ms(c.rtt_ms),
                             c.streams
                         );
+                        if wide {
+                            print!(
+                                "  {:<10} {:>10} {:>10} {:>5}  {}",
+                                c.agent_version.as_deref().unwrap_or("-"),
+                                c.bytes_in,
+                                c.bytes_out,
+                                c.reconnects,
+                                c.key_fingerprint.as_deref().unwrap_or("-")
+                            );
+                        }
+                        println!();
                     }
                 }
             }
