@@ -1185,7 +1185,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__join)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --backoff-cap --timeout --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1220,6 +1220,14 @@ _towerctl() {
                     return 0
                     ;;
                 --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --image)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

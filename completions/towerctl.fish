@@ -123,8 +123,11 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l kubeconfig -d
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l timeout -d 'How long to wait for the tunnel before giving up' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l namespace -d 'Namespace for --print-manifest' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l image -d 'Container image for --print-manifest' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l insecure-skip-hub-key -d 'Do not verify the hub\'s host key (unsafe: anyone on the path can impersonate the hub)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l print-manifest -d 'Print Kubernetes manifests that run the agent in the member instead of starting it here'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s V -l version -d 'Print version'

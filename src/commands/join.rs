@@ -77,6 +77,14 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     })
 }
 
+/// Like [`config_from_opts`], without looking for a local key (the pod gets
+/// its own).
+fn config_from_opts_for_manifest(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
+    let mut o = o.clone();
+    o.key_file = None;
+    config_from_opts(name, &o)
+}
+
 async fn agent_status(name: &str) -> Option<AgentStatus> {
     let v = control::call(&paths::agent_socket(name), Request::Status)
         .await
@@ -85,6 +93,23 @@ async fn agent_status(name: &str) -> Option<AgentStatus> {
 }
 
 pub async fn join(a: JoinArgs) -> Result<u8> {
+    if a.print_manifest {
+        if a.opts.token.is_none() {
+            bail!("--print-manifest needs --token: the manifests carry the join token for the agent pod");
+        }
+        if a.opts.kubeconfig.is_some() {
+            bail!("--kubeconfig does not apply to --print-manifest: the agent pod uses its service account");
+        }
+        let mut cfg = config_from_opts_for_manifest(&a.name, &a.opts)?;
+        cfg.kubeconfig = None;
+        return super::manifest::print(
+            &cfg,
+            &super::manifest::ManifestOptions {
+                namespace: a.namespace.clone(),
+                image: a.image.clone(),
+            },
+        );
+    }
     let cfg = config_from_opts(&a.name, &a.opts)?;
     if cfg.hub_key.is_none() {
         eprintln!("warning: --insecure-skip-hub-key: the hub's identity is not verified; anyone who can intercept the connection can impersonate the hub and read the member's API traffic");

@@ -9,6 +9,7 @@ pub mod https;
 pub mod hub;
 pub mod join;
 pub mod kubeconfig;
+pub mod manifest;
 pub mod operator;
 pub mod status;
 pub mod usectx;
@@ -280,6 +281,15 @@ pub struct JoinArgs {
     /// How long to wait for the tunnel before giving up.
     #[arg(long, default_value = "20s", value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: std::time::Duration,
+    /// Print Kubernetes manifests that run the agent in the member instead of starting it here.
+    #[arg(long)]
+    pub print_manifest: bool,
+    /// Namespace for --print-manifest.
+    #[arg(long, default_value = "towerctl-system", requires = "print_manifest")]
+    pub namespace: String,
+    /// Container image for --print-manifest.
+    #[arg(long, default_value = concat!("towerctl:", env!("CARGO_PKG_VERSION")), requires = "print_manifest")]
+    pub image: String,
 }
 
 #[derive(Debug, Subcommand)]
