@@ -41,6 +41,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show the hub''s audit log: who reached which cluster, how, with what result')
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show the hub, its members and the agents on this machine')
+            [CompletionResult]::new('service', 'service', [CompletionResultType]::ParameterValue, 'Install systemd user units for the daemons')
             [CompletionResult]::new('completion', 'completion', [CompletionResultType]::ParameterValue, 'Print a shell completion script (bash, zsh, fish, powershell)')
             [CompletionResult]::new('gen-docs', 'gen-docs', [CompletionResultType]::ParameterValue, 'Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it)')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a daemon''s log: `hub` or an agent''s cluster name')
@@ -54,6 +55,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--advertise', '--advertise', [CompletionResultType]::ParameterName, 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)')
             [CompletionResult]::new('--gateway-url', '--gateway-url', [CompletionResultType]::ParameterName, 'Gateway URL written into kubeconfigs, when operators see it under another address')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval; a peer silent for three intervals is declared dead')
+            [CompletionResult]::new('--metrics', '--metrics', [CompletionResultType]::ParameterName, 'Address for Prometheus /metrics (loopback by default), or ''off''')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -88,6 +90,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--advertise', '--advertise', [CompletionResultType]::ParameterName, 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)')
             [CompletionResult]::new('--gateway-url', '--gateway-url', [CompletionResultType]::ParameterName, 'Gateway URL written into kubeconfigs, when operators see it under another address')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval; a peer silent for three intervals is declared dead')
+            [CompletionResult]::new('--metrics', '--metrics', [CompletionResultType]::ParameterName, 'Address for Prometheus /metrics (loopback by default), or ''off''')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -407,6 +410,87 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             break
         }
+        'towerctl;service' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('install', 'install', [CompletionResultType]::ParameterValue, 'Write a systemd user unit (Type=notify) for the hub or an agent')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;service;install' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('hub', 'hub', [CompletionResultType]::ParameterValue, 'The hub, with the same flags as ''towerctl up''')
+            [CompletionResult]::new('agent', 'agent', [CompletionResultType]::ParameterValue, 'An agent joined on this machine (''towerctl join'' first)')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;service;install;hub' {
+            [CompletionResult]::new('--listen', '--listen', [CompletionResultType]::ParameterName, 'Address for agents'' tunnels (WebSocket)')
+            [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Address for the HTTPS gateway kubectl talks to')
+            [CompletionResult]::new('--advertise', '--advertise', [CompletionResultType]::ParameterName, 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)')
+            [CompletionResult]::new('--gateway-url', '--gateway-url', [CompletionResultType]::ParameterName, 'Gateway URL written into kubeconfigs, when operators see it under another address')
+            [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval; a peer silent for three intervals is declared dead')
+            [CompletionResult]::new('--metrics', '--metrics', [CompletionResultType]::ParameterName, 'Address for Prometheus /metrics (loopback by default), or ''off''')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;service;install;agent' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;service;install;help' {
+            [CompletionResult]::new('hub', 'hub', [CompletionResultType]::ParameterValue, 'The hub, with the same flags as ''towerctl up''')
+            [CompletionResult]::new('agent', 'agent', [CompletionResultType]::ParameterValue, 'An agent joined on this machine (''towerctl join'' first)')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;service;install;help;hub' {
+            break
+        }
+        'towerctl;service;install;help;agent' {
+            break
+        }
+        'towerctl;service;install;help;help' {
+            break
+        }
+        'towerctl;service;help' {
+            [CompletionResult]::new('install', 'install', [CompletionResultType]::ParameterValue, 'Write a systemd user unit (Type=notify) for the hub or an agent')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;service;help;install' {
+            [CompletionResult]::new('hub', 'hub', [CompletionResultType]::ParameterValue, 'The hub, with the same flags as ''towerctl up''')
+            [CompletionResult]::new('agent', 'agent', [CompletionResultType]::ParameterValue, 'An agent joined on this machine (''towerctl join'' first)')
+            break
+        }
+        'towerctl;service;help;install;hub' {
+            break
+        }
+        'towerctl;service;help;install;agent' {
+            break
+        }
+        'towerctl;service;help;help' {
+            break
+        }
         'towerctl;completion' {
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
@@ -463,6 +547,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show the hub''s audit log: who reached which cluster, how, with what result')
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show the hub, its members and the agents on this machine')
+            [CompletionResult]::new('service', 'service', [CompletionResultType]::ParameterValue, 'Install systemd user units for the daemons')
             [CompletionResult]::new('completion', 'completion', [CompletionResultType]::ParameterValue, 'Print a shell completion script (bash, zsh, fish, powershell)')
             [CompletionResult]::new('gen-docs', 'gen-docs', [CompletionResultType]::ParameterValue, 'Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it)')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a daemon''s log: `hub` or an agent''s cluster name')
@@ -550,6 +635,21 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;status' {
+            break
+        }
+        'towerctl;help;service' {
+            [CompletionResult]::new('install', 'install', [CompletionResultType]::ParameterValue, 'Write a systemd user unit (Type=notify) for the hub or an agent')
+            break
+        }
+        'towerctl;help;service;install' {
+            [CompletionResult]::new('hub', 'hub', [CompletionResultType]::ParameterValue, 'The hub, with the same flags as ''towerctl up''')
+            [CompletionResult]::new('agent', 'agent', [CompletionResultType]::ParameterValue, 'An agent joined on this machine (''towerctl join'' first)')
+            break
+        }
+        'towerctl;help;service;install;hub' {
+            break
+        }
+        'towerctl;help;service;install;agent' {
             break
         }
         'towerctl;help;completion' {

@@ -64,6 +64,9 @@ _towerctl() {
             towerctl,operator)
                 cmd="towerctl__subcmd__operator"
                 ;;
+            towerctl,service)
+                cmd="towerctl__subcmd__service"
+                ;;
             towerctl,status)
                 cmd="towerctl__subcmd__status"
                 ;;
@@ -169,6 +172,9 @@ _towerctl() {
             towerctl__subcmd__help,operator)
                 cmd="towerctl__subcmd__help__subcmd__operator"
                 ;;
+            towerctl__subcmd__help,service)
+                cmd="towerctl__subcmd__help__subcmd__service"
+                ;;
             towerctl__subcmd__help,status)
                 cmd="towerctl__subcmd__help__subcmd__status"
                 ;;
@@ -208,6 +214,15 @@ _towerctl() {
             towerctl__subcmd__help__subcmd__operator,rm)
                 cmd="towerctl__subcmd__help__subcmd__operator__subcmd__rm"
                 ;;
+            towerctl__subcmd__help__subcmd__service,install)
+                cmd="towerctl__subcmd__help__subcmd__service__subcmd__install"
+                ;;
+            towerctl__subcmd__help__subcmd__service__subcmd__install,agent)
+                cmd="towerctl__subcmd__help__subcmd__service__subcmd__install__subcmd__agent"
+                ;;
+            towerctl__subcmd__help__subcmd__service__subcmd__install,hub)
+                cmd="towerctl__subcmd__help__subcmd__service__subcmd__install__subcmd__hub"
+                ;;
             towerctl__subcmd__hub,help)
                 cmd="towerctl__subcmd__hub__subcmd__help"
                 ;;
@@ -244,6 +259,42 @@ _towerctl() {
             towerctl__subcmd__operator__subcmd__help,rm)
                 cmd="towerctl__subcmd__operator__subcmd__help__subcmd__rm"
                 ;;
+            towerctl__subcmd__service,help)
+                cmd="towerctl__subcmd__service__subcmd__help"
+                ;;
+            towerctl__subcmd__service,install)
+                cmd="towerctl__subcmd__service__subcmd__install"
+                ;;
+            towerctl__subcmd__service__subcmd__help,help)
+                cmd="towerctl__subcmd__service__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__service__subcmd__help,install)
+                cmd="towerctl__subcmd__service__subcmd__help__subcmd__install"
+                ;;
+            towerctl__subcmd__service__subcmd__help__subcmd__install,agent)
+                cmd="towerctl__subcmd__service__subcmd__help__subcmd__install__subcmd__agent"
+                ;;
+            towerctl__subcmd__service__subcmd__help__subcmd__install,hub)
+                cmd="towerctl__subcmd__service__subcmd__help__subcmd__install__subcmd__hub"
+                ;;
+            towerctl__subcmd__service__subcmd__install,agent)
+                cmd="towerctl__subcmd__service__subcmd__install__subcmd__agent"
+                ;;
+            towerctl__subcmd__service__subcmd__install,help)
+                cmd="towerctl__subcmd__service__subcmd__install__subcmd__help"
+                ;;
+            towerctl__subcmd__service__subcmd__install,hub)
+                cmd="towerctl__subcmd__service__subcmd__install__subcmd__hub"
+                ;;
+            towerctl__subcmd__service__subcmd__install__subcmd__help,agent)
+                cmd="towerctl__subcmd__service__subcmd__install__subcmd__help__subcmd__agent"
+                ;;
+            towerctl__subcmd__service__subcmd__install__subcmd__help,help)
+                cmd="towerctl__subcmd__service__subcmd__install__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__service__subcmd__install__subcmd__help,hub)
+                cmd="towerctl__subcmd__service__subcmd__install__subcmd__help__subcmd__hub"
+                ;;
             *)
                 ;;
         esac
@@ -251,7 +302,7 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use kubeconfig operator login logout audit status service completion gen-docs logs credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -675,7 +726,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use kubeconfig operator login logout audit status completion gen-docs logs credential help"
+            opts="up down hub cluster join agent leave use kubeconfig operator login logout audit status service completion gen-docs logs credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1052,6 +1103,62 @@ _towerctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        towerctl__subcmd__help__subcmd__service)
+            opts="install"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__service__subcmd__install)
+            opts="hub agent"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__service__subcmd__install__subcmd__agent)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__service__subcmd__install__subcmd__hub)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         towerctl__subcmd__help__subcmd__status)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -1151,7 +1258,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__hub__subcmd__run)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1174,6 +1281,10 @@ _towerctl() {
                     return 0
                     ;;
                 --keepalive)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1462,6 +1573,212 @@ _towerctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        towerctl__subcmd__service)
+            opts="-v -h -V --verbose --help --version install help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__help)
+            opts="install help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__help__subcmd__install)
+            opts="hub agent"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__help__subcmd__install__subcmd__agent)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__help__subcmd__install__subcmd__hub)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install)
+            opts="-v -h -V --verbose --help --version hub agent help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install__subcmd__agent)
+            opts="-v -h -V --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install__subcmd__help)
+            opts="hub agent help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install__subcmd__help__subcmd__agent)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install__subcmd__help__subcmd__hub)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 5 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__service__subcmd__install__subcmd__hub)
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gateway)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --advertise)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gateway-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --keepalive)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metrics)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         towerctl__subcmd__status)
             opts="-o -v -h -V --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -1485,7 +1802,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1508,6 +1825,10 @@ _towerctl() {
                     return 0
                     ;;
                 --keepalive)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --metrics)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -833,3 +833,111 @@ fn status_json_has_a_stable_shape() {
         "{o:?}"
     );
 }
+
+/// GET http://ADDR/PATH with a plain TCP client.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn prometheus_metrics_describe_the_tunnels() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    assert!(env.kubectl(&["get", "ns"]).ok());
+    let _ = env.kubectl(&["get", "--raw", "/clusters/nope/api"]);
+    let o = env.towerctl(&["up"]);
+    let addr = o
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("metrics:"))
+        .unwrap_or_else(|| panic!("no metrics address: {o:?}"))
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let page = wait_for(
+        "an RTT sample in the metrics",
+        Duration::from_secs(10),
+        || {
+            let p = http_get(&addr, "/metrics");
+            let n: u64 = p
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("towerctl_tunnel_rtt_seconds_count{cluster=\"alpha\"} ")
+                })?
+                .trim()
+                .parse()
+                .ok()?;
+            (n > 0).then_some(p)
+        },
+    );
+    assert!(page.contains("towerctl_agents_connected 1"), "{page}");
+    assert!(
+        page.contains("towerctl_tunnel_up{cluster=\"alpha\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("towerctl_dial_failures_total{reason=\"unknown_cluster\"} 1"),
+        "{page}"
+    );
+    let bytes_in: u64 = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"in\"} ")
+        })
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(bytes_in > 500, "{page}");
+}
+
+#[test]
+fn daemons_notify_systemd_and_units_are_written() {
+    let env = Env::new();
+    let sock_path = env.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cmd = env.towerctl_cmd(&[
+        "hub",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]);
+    cmd.env("NOTIFY_SOCKET", &sock_path);
+    let hub = Streaming::start(cmd);
+    let mut buf = [0u8; 512];
+    let n = sock
+        .recv(&mut buf)
+        .expect("no sd_notify datagram from the hub");
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.starts_with("READY=1"), "{msg}");
+    drop(hub);
+
+    let o = env.towerctl(&["service", "install", "hub", "--listen", "0.0.0.0:8443"]);
+    assert!(o.ok(), "{o:?}");
+    let unit =
+        std::fs::read_to_string(env.path("config/systemd/user/towerctl-hub.service")).unwrap();
+    assert!(
+        unit.contains("Type=notify") && unit.contains("hub run --listen=0.0.0.0:8443"),
+        "{unit}"
+    );
+    let o = env.towerctl(&["service", "install", "agent", "alpha"]);
+    assert!(!o.ok() && o.stderr.contains("towerctl join alpha"), "{o:?}");
+}

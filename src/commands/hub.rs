@@ -30,6 +30,9 @@ fn print_ready(s: &HubStatus, already: bool) {
     );
     println!("  gateway:  {}  ({})", s.gateway_addr, s.gateway_url);
     println!("  hub key:  {}", s.hub_key);
+    if let Some(m) = &s.metrics_addr {
+        println!("  metrics:  http://{m}/metrics");
+    }
     println!("  logs:     {}", paths::log_file("hub").display());
     println!("next: towerctl cluster add NAME");
 }
@@ -43,6 +46,13 @@ pub async fn up(a: HubArgs) -> Result<u8> {
     args.push(format!("--listen={}", a.listen).into());
     args.push(format!("--gateway={}", a.gateway).into());
     args.push(format!("--keepalive={}ms", a.keepalive.as_millis()).into());
+    args.push(
+        match a.metrics.0 {
+            Some(m) => format!("--metrics={m}"),
+            None => "--metrics=off".to_string(),
+        }
+        .into(),
+    );
     if let Some(u) = &a.advertise {
         args.push(format!("--advertise={u}").into());
     }
@@ -118,8 +128,13 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         advertise: a.advertise,
         gateway_url: a.gateway_url,
         keepalive: a.keepalive,
+        metrics: a.metrics.0,
     };
     hub::run(cfg, cancel, |s| {
+        crate::daemon::notify::notify(&format!(
+            "READY=1\nSTATUS=tunnel {} gateway {}",
+            s.tunnel_addr, s.gateway_addr
+        ));
         if std::env::var_os(process::DAEMON_ENV).is_none() {
             eprintln!(
                 "hub ready: tunnel {} ({}), gateway {} ({}), hub key {}",

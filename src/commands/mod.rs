@@ -11,6 +11,7 @@ pub mod join;
 pub mod kubeconfig;
 pub mod manifest;
 pub mod operator;
+pub mod service;
 pub mod status;
 pub mod usectx;
 
@@ -126,6 +127,9 @@ pub enum Command {
     },
     /// Show the hub, its members and the agents on this machine.
     Status(StatusArgs),
+    /// Install systemd user units for the daemons.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Print a shell completion script (bash, zsh, fish, powershell).
     Completion { shell: clap_complete::Shell },
     /// Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it).
@@ -173,6 +177,22 @@ pub struct HubArgs {
     /// Keepalive interval; a peer silent for three intervals is declared dead.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
+    /// Address for Prometheus /metrics (loopback by default), or 'off'.
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
+    pub metrics: MetricsAddr,
+}
+
+/// `--metrics`: an address, or off.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| {
+        format!("invalid --metrics '{s}': use HOST:PORT (e.g. 127.0.0.1:9464) or 'off'")
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +327,24 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write a systemd user unit (Type=notify) for the hub or an agent.
+    #[command(subcommand)]
+    Install(ServiceTarget),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceTarget {
+    /// The hub, with the same flags as 'towerctl up'.
+    Hub(HubArgs),
+    /// An agent joined on this machine ('towerctl join' first).
+    Agent {
+        /// Cluster name the agent joined as.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum OperatorCommand {
     /// Issue an operator token and print the 'towerctl login' command for it.
     Add {
@@ -404,6 +442,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             gateway,
         } => credential::run(token_file.as_deref(), gateway.as_deref()),
         Command::Completion { shell } => gen::completion(shell),
+        Command::Service(ServiceCommand::Install(ServiceTarget::Hub(a))) => {
+            service::install_hub(&a)
+        }
+        Command::Service(ServiceCommand::Install(ServiceTarget::Agent { name })) => {
+            service::install_agent(&name)
+        }
         Command::GenDocs { dir } => gen::gen_docs(&dir),
         Command::Logs {
             daemon,

@@ -384,6 +384,11 @@ async fn tunnel_loop(
         match attempt {
             Ok(mut sess) => {
                 tracing::info!(hub = %opts.url, "tunnel up");
+                // systemd: ready once the first attempt is settled.
+                crate::daemon::notify::notify(&format!(
+                    "READY=1\nSTATUS=connected to {}",
+                    opts.url
+                ));
                 let now = control::now_unix();
                 let again = connected_before;
                 connected_before = true;
@@ -476,6 +481,9 @@ async fn tunnel_loop(
             s.retry_at = Some(Instant::now() + delay);
         });
         tracing::info!("retrying in {delay:.1?} (attempt {attempt})");
+        crate::daemon::notify::notify(&format!(
+            "READY=1\nSTATUS=backing off, retry in {delay:.1?} (attempt {attempt})"
+        ));
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}

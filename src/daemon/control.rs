@@ -130,6 +130,9 @@ pub struct HubStatus {
     pub ca_pem: String,
     /// File holding the local admin operator token (0600).
     pub admin_token_file: String,
+    /// Where `/metrics` is served, if anywhere.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
     pub clusters: Vec<ClusterStatus>,
 }
 

@@ -358,9 +358,17 @@ async fn proxy(
                     Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", ago(t)),
                     None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
                 };
+                hub.dial_failures
+                    .not_connected
+                    .fetch_add(1, Ordering::Relaxed);
                 status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg)
             }
-            _ => status_response(StatusCode::NOT_FOUND, "NotFound", &format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
+            _ => {
+                hub.dial_failures
+                    .unknown_cluster
+                    .fetch_add(1, Ordering::Relaxed);
+                status_response(StatusCode::NOT_FOUND, "NotFound", &format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"))
+            }
         };
     };
 
@@ -415,7 +423,12 @@ async fn proxy(
         Some(s) => s,
         None => match open_channel(&session, &name, peer).await {
             Ok(s) => s,
-            Err(resp) => return resp,
+            Err(resp) => {
+                hub.dial_failures
+                    .channel_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return resp;
+            }
         },
     };
     let mut resp = match sender.try_send_request(up_req).await {
@@ -427,25 +440,36 @@ async fn proxy(
             (true, Some(up_req)) => {
                 sender = match open_channel(&session, &name, peer).await {
                     Ok(s) => s,
-                    Err(resp) => return resp,
+                    Err(resp) => {
+                        hub.dial_failures
+                            .channel_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        return resp;
+                    }
                 };
                 match sender.send_request(up_req).await {
                     Ok(r) => r,
                     Err(e) => {
+                        hub.dial_failures
+                            .agent_error
+                            .fetch_add(1, Ordering::Relaxed);
                         return status_response(
                             StatusCode::BAD_GATEWAY,
                             "BadGateway",
                             &format!("cluster '{name}': the agent did not answer: {e}"),
-                        )
+                        );
                     }
                 }
             }
             _ => {
+                hub.dial_failures
+                    .agent_error
+                    .fetch_add(1, Ordering::Relaxed);
                 return status_response(
                     StatusCode::BAD_GATEWAY,
                     "BadGateway",
                     &format!("cluster '{name}': the agent did not answer: {}", e.error()),
-                )
+                );
             }
         },
     };

@@ -35,6 +35,8 @@ pub struct HubConfig {
     /// URL operators should use for the gateway.
     pub gateway_url: Option<String>,
     pub keepalive: Duration,
+    /// Where `/metrics` is served; `None` disables it.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A live agent session as the hub holds it.
@@ -63,6 +65,21 @@ struct ClusterMeta {
     sessions: u64,
     events: VecDeque<Event>,
     rtt: VecDeque<f64>,
+    rtt_histogram: super::metrics::Histogram,
+    /// Bytes of ended sessions (live ones are added when reported).
+    bytes_in_done: u64,
+    bytes_out_done: u64,
+}
+
+/// Per-member figures for the metrics page.
+pub struct MemberStats {
+    pub name: String,
+    pub connected: bool,
+    pub rtt: super::metrics::Histogram,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub streams: u64,
+    pub reconnects: u64,
 }
 
 /// Shared hub state. The session map is read once per gateway request to
@@ -78,6 +95,7 @@ pub struct Hub {
     next_id: AtomicU64,
     pub started_at: u64,
     pub auditor: super::audit::Auditor,
+    pub dial_failures: super::metrics::DialFailures,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
 }
@@ -149,6 +167,14 @@ impl Hub {
 
     fn unregister(&self, s: &LiveSession, why: &str) {
         self.event(&s.name, format!("disconnected: {why}"));
+        let (bi, bo) = (
+            s.bytes_in.load(Ordering::Relaxed),
+            s.bytes_out.load(Ordering::Relaxed),
+        );
+        self.record(&s.name, |m| {
+            m.bytes_in_done += bi;
+            m.bytes_out_done += bo;
+        });
         if let Ok(mut m) = self.sessions.write() {
             if m.get(&s.name).map(|cur| cur.id) == Some(s.id) {
                 m.remove(&s.name);
@@ -174,6 +200,37 @@ impl Hub {
             .operator_by_token_hash(&keys::token_hash(token))
             .ok()
             .flatten()
+    }
+
+    pub fn metrics_snapshot(&self) -> Vec<MemberStats> {
+        let members = self.store.list_members().unwrap_or_default();
+        let meta = self.meta.lock();
+        members
+            .into_iter()
+            .map(|m| {
+                let live = self.session(&m.name);
+                let cm = meta.as_ref().ok().and_then(|x| x.get(&m.name));
+                let (bi, bo, streams) = live
+                    .as_ref()
+                    .map(|s| {
+                        (
+                            s.bytes_in.load(Ordering::Relaxed),
+                            s.bytes_out.load(Ordering::Relaxed),
+                            s.streams.load(Ordering::Relaxed),
+                        )
+                    })
+                    .unwrap_or_default();
+                MemberStats {
+                    connected: live.is_some(),
+                    rtt: cm.map(|c| c.rtt_histogram.clone()).unwrap_or_default(),
+                    bytes_in: bi + cm.map(|c| c.bytes_in_done).unwrap_or(0),
+                    bytes_out: bo + cm.map(|c| c.bytes_out_done).unwrap_or(0),
+                    streams,
+                    reconnects: cm.map(|c| c.sessions.saturating_sub(1)).unwrap_or(0),
+                    name: m.name,
+                }
+            })
+            .collect()
     }
 
     pub fn cluster_statuses(&self) -> Vec<ClusterStatus> {
@@ -399,6 +456,13 @@ pub async fn run(
     })?;
     let tunnel_addr = tunnel_listener.local_addr()?;
     let gateway_addr = gateway_listener.local_addr()?;
+    let metrics_listener = match cfg.metrics {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+            format!("cannot serve metrics on '{a}': choose another address with --metrics, or --metrics off")
+        })?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let mut names = vec![
         "localhost".to_string(),
@@ -452,6 +516,7 @@ pub async fn run(
         next_id: AtomicU64::new(1),
         started_at: control::now_unix(),
         auditor: super::audit::Auditor::start(paths::state_dir().join("audit.log")),
+        dial_failures: Default::default(),
         ca_pem: tls.ca_pem.clone(),
     });
 
@@ -466,6 +531,7 @@ pub async fn run(
         hub_key: hub_key.clone(),
         ca_pem: tls.ca_pem.clone(),
         admin_token_file: admin_file.display().to_string(),
+        metrics_addr: metrics_addr.map(|a| a.to_string()),
         clusters: vec![],
     };
 
@@ -486,6 +552,9 @@ pub async fn run(
         cancel.clone(),
         tracker.clone(),
     ));
+    if let Some(l) = metrics_listener {
+        tracker.spawn(super::metrics::serve(l, hub.clone(), cancel.clone()));
+    }
 
     let socket = paths::hub_socket();
     let listener = control::bind(&socket).await?;
@@ -837,7 +906,8 @@ async fn tunnel_session(
                         live.rtt_us
                             .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
                         hub.record(&live.name, |m| {
-                            push_bounded(&mut m.rtt, rtt.as_secs_f64() * 1000.0, RTT_SAMPLES_KEPT)
+                            push_bounded(&mut m.rtt, rtt.as_secs_f64() * 1000.0, RTT_SAMPLES_KEPT);
+                            m.rtt_histogram.observe(rtt.as_secs_f64());
                         });
                     }
                     None => return,

@@ -7,6 +7,8 @@ pub mod audit;
 pub mod control;
 pub mod gateway;
 pub mod hub;
+pub mod metrics;
+pub mod notify;
 pub mod process;
 pub mod store;
 pub mod tls;

@@ -175,6 +175,9 @@ impl Env {
             gateway,
             "--keepalive",
             "1s",
+            // Never a fixed port in tests.
+            "--metrics",
+            "127.0.0.1:0",
         ]);
         assert!(o.ok(), "towerctl up failed: {o:?}");
         o

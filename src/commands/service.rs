@@ -1,0 +1,103 @@
+//! `towerctl service install hub|agent NAME`: a systemd user unit that runs
+//! the daemon in the foreground with readiness notification.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use super::{exit, HubArgs};
+use crate::daemon::agent;
+use crate::paths;
+
+fn unit_dir() -> PathBuf {
+    // systemd's user units live in $XDG_CONFIG_HOME/systemd/user.
+    match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(v) => PathBuf::from(v).join("systemd").join("user"),
+        None => dirs::home_dir()
+            .unwrap_or_default()
+            .join(".config/systemd/user"),
+    }
+}
+
+fn quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+fn write_unit(
+    name: &str,
+    description: &str,
+    args: &[String],
+    prevent_restart_on_auth: bool,
+) -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
+    let exec = std::iter::once(exe.display().to_string())
+        .chain(args.iter().cloned())
+        .map(|a| quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut unit = format!(
+        "# Written by 'towerctl service install'.\n[Unit]\nDescription={description}\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={exec}\nRestart=on-failure\nRestartSec=5\n"
+    );
+    if prevent_restart_on_auth {
+        // Exit 4: the hub refused the agent (revoked, bad key): restarting cannot help.
+        unit.push_str("RestartPreventExitStatus=4\n");
+    }
+    unit.push_str("\n[Install]\nWantedBy=default.target\n");
+    let path = unit_dir().join(format!("{name}.service"));
+    paths::write_atomic(&path, unit.as_bytes(), 0o644)?;
+    println!("wrote {}", path.display());
+    println!("next: systemctl --user daemon-reload && systemctl --user enable --now {name}");
+    Ok(exit::OK)
+}
+
+pub fn install_hub(a: &HubArgs) -> Result<u8> {
+    let mut args = vec![
+        "hub".to_string(),
+        "run".into(),
+        format!("--listen={}", a.listen),
+        format!("--gateway={}", a.gateway),
+        format!("--keepalive={}ms", a.keepalive.as_millis()),
+        match a.metrics.0 {
+            Some(m) => format!("--metrics={m}"),
+            None => "--metrics=off".into(),
+        },
+    ];
+    if let Some(u) = &a.advertise {
+        args.push(format!("--advertise={u}"));
+    }
+    if let Some(u) = &a.gateway_url {
+        args.push(format!("--gateway-url={u}"));
+    }
+    write_unit(
+        "towerctl-hub",
+        "towerctl hub (tunnels and gateway)",
+        &args,
+        false,
+    )
+}
+
+pub fn install_agent(name: &str) -> Result<u8> {
+    let cfg = agent::config_path(name);
+    if !cfg.exists() {
+        bail!("no agent configuration for '{name}' at '{}': run 'towerctl join {name} …' first (then 'towerctl leave'-free: the unit reuses its settings)", cfg.display());
+    }
+    let args = vec![
+        "agent".to_string(),
+        "run".into(),
+        name.to_string(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ];
+    write_unit(
+        &format!("towerctl-agent-{name}"),
+        &format!("towerctl agent for cluster {name}"),
+        &args,
+        true,
+    )
+}
