@@ -104,6 +104,30 @@ fn kubectl_reaches_the_member_through_the_tunnel() {
     });
     assert_eq!(s["hub"]["clusters"][0]["state"], "connected", "{s}");
     assert_eq!(s["agents"][0]["state"], "connected", "{s}");
+
+    // The daemons' logs, and no secret in them.
+    let hub_log = env.towerctl(&["logs", "hub"]);
+    assert!(
+        hub_log.ok() && hub_log.stdout.contains("agent connected"),
+        "{hub_log:?}"
+    );
+    let agent_log = env.towerctl(&["logs", "alpha"]);
+    assert!(
+        agent_log.ok() && agent_log.stdout.contains("tunnel up"),
+        "{agent_log:?}"
+    );
+    let join_token =
+        std::fs::read_to_string(env.path("config/towerctl/agents/alpha.json")).unwrap();
+    let token: serde_json::Value = serde_json::from_str(&join_token).unwrap();
+    let token = token["token"].as_str().unwrap();
+    for log in [&hub_log.stdout, &agent_log.stdout] {
+        assert!(
+            !log.contains(token) && !log.contains(admin.trim()),
+            "a secret reached a log"
+        );
+    }
+    let o = env.towerctl(&["logs", "nope"]);
+    assert!(!o.ok() && o.stderr.contains("no log"), "{o:?}");
 }
 
 #[test]

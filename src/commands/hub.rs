@@ -60,10 +60,12 @@ pub async fn up(a: HubArgs) -> Result<u8> {
         args.push(format!("--gateway-url={u}").into());
     }
     let mut spawned = process::spawn("hub", &args)?;
-    match spawned
+    let spinner = super::progress::Spinner::new("starting the hub…", false);
+    let ready = spawned
         .wait_ready(Duration::from_secs(20), hub_status)
-        .await?
-    {
+        .await;
+    spinner.done();
+    match ready? {
         Some(s) => {
             print_ready(&s, false);
             Ok(exit::OK)

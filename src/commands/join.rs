@@ -139,11 +139,14 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
     let mut spawned = process::spawn(&format!("agent-{}", a.name), &args)?;
     let deadline = Instant::now() + a.timeout;
     let mut last: Option<AgentStatus> = None;
+    let spinner =
+        super::progress::Spinner::new(format!("starting the agent for '{}'…", a.name), false);
     loop {
         if let Some(st) = spawned.child.try_wait()? {
             restore();
             let code = st.code();
             let msg = spawned.failure(code);
+            spinner.done();
             eprintln!("error: {msg}");
             return Ok(match code {
                 Some(c) if c == i32::from(exit::AUTH) => exit::AUTH,
@@ -151,7 +154,20 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             });
         }
         if let Some(s) = agent_status(&a.name).await {
+            spinner.set(match (s.state.as_str(), s.retry_in_ms) {
+                ("backing_off", Some(ms)) => format!(
+                    "hub not reached yet, retrying in {:.1}s (attempt {}){}",
+                    ms as f64 / 1000.0,
+                    s.attempt,
+                    s.last_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+                _ => format!("dialing {} and handshaking…", cfg.hub),
+            });
             if s.state == "connected" {
+                spinner.done();
                 println!(
                     "agent '{}' joined {} (pid {}); the tunnel is up",
                     a.name, cfg.hub, s.pid
@@ -168,6 +184,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             let why = last
                 .and_then(|s| s.last_error)
                 .unwrap_or_else(|| "no answer".into());
+            spinner.done();
             eprintln!("error: the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here. The agent was stopped.", a.timeout, cfg.hub);
             return Ok(exit::UNREACHABLE);
         }

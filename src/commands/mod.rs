@@ -11,6 +11,7 @@ pub mod join;
 pub mod kubeconfig;
 pub mod manifest;
 pub mod operator;
+pub mod progress;
 pub mod service;
 pub mod status;
 pub mod usectx;
