@@ -14,11 +14,17 @@
 #   BYTES         bulk download size: N, NK/NKiB, NM/NMiB, NG/NGiB (binary), NKB/NMB/NGB (decimal); default 1GiB
 #   DURATION      wrk duration per path (wrk syntax: 10s, 1m); default 10s
 #   WARMUP        wrk warm-up per path before measuring (0 to skip); default 1s
+#   LIGHT_DURATION  wrk -t1 -c1 run per path for unloaded latency (0 to skip); default 5s
 #   CONNECTIONS   wrk connections; default 16
 #   THREADS       wrk threads; default 2
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
 #                 (towerctl's first choice); "default" lets OpenSSH negotiate
 #   BULK_TIMEOUT  seconds allowed for one bulk download; default 300
+#   QUIET_WAIT    before each path, wait up to this many seconds for the machine to
+#                 be idle (other work at most QUIET_MAX_BUSY % of all CPUs); default 120
+#   QUIET_MAX_BUSY  default 10
+#   RETRIES       times a path is measured again when other work was found running
+#                 right after it (its figures would be polluted); default 2
 #   BUILD         1 builds the release binaries first (default); 0 uses what is built
 #   JOBS          cargo build jobs; default 1
 #   KEEP_WORKDIR  1 keeps the temp dir (logs, configs) after the run
@@ -32,10 +38,14 @@ ROOT=$(cd "$HERE/.." && pwd)
 BYTES_SPEC=${BYTES:-1GiB}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
+LIGHT_DURATION=${LIGHT_DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-16}
 THREADS=${THREADS:-2}
 SSH_CIPHER=${SSH_CIPHER:-aes256-gcm@openssh.com}
 BULK_TIMEOUT=${BULK_TIMEOUT:-300}
+QUIET_WAIT=${QUIET_WAIT:-120}
+QUIET_MAX_BUSY=${QUIET_MAX_BUSY:-10}
+RETRIES=${RETRIES:-2}
 BUILD=${BUILD:-1}
 JOBS=${JOBS:-1}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
@@ -71,8 +81,11 @@ BYTES_N=$(parse_bytes "$BYTES_SPEC") || die "BYTES='$BYTES_SPEC' is not a size (
 ((BYTES_N > 0)) || die "BYTES must be more than 0"
 [[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION='$DURATION' is not a wrk duration (examples: 10s, 1m)"
 [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP='$WARMUP' is not a wrk duration (examples: 1s, 0)"
+[[ $LIGHT_DURATION =~ ^[0-9]+[smh]?$ ]] || die "LIGHT_DURATION='$LIGHT_DURATION' is not a wrk duration (examples: 5s, 0)"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ ]] || die "CONNECTIONS and THREADS must be numbers"
 [[ $BULK_TIMEOUT =~ ^[0-9]+$ ]] || die "BULK_TIMEOUT must be a number of seconds"
+[[ $QUIET_WAIT =~ ^[0-9]+$ && $QUIET_MAX_BUSY =~ ^[0-9]+$ && $RETRIES =~ ^[0-9]+$ ]] ||
+    die "QUIET_WAIT, QUIET_MAX_BUSY and RETRIES must be numbers"
 
 SSHD=${SSHD:-/usr/sbin/sshd}
 missing=()
@@ -376,27 +389,90 @@ fi
 
 LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# bulk NAME URL [curl args...]: prints "code bytes seconds".
-bulk() {
-    local name=$1 url=$2
-    shift 2
-    log "$name: bulk download of $BYTES_N bytes"
-    curl -sS -o /dev/null --max-time "$BULK_TIMEOUT" -w '%{http_code} %{size_download} %{time_total}\n' \
-        "$@" "$url/bulk?bytes=$BYTES_N" 2>"$W/curl-$name.err" || true
+# cpu_busy: percent of all CPUs busy (with anything) over the next second.
+cpu_busy() {
+    local a b i total=0 idle
+    read -r -a a < <(grep '^cpu ' /proc/stat)
+    sleep 1
+    read -r -a b < <(grep '^cpu ' /proc/stat)
+    for ((i = 1; i <= 8 && i < ${#a[@]}; i++)); do total=$((total + b[i] - a[i])); done
+    idle=$((b[4] + b[5] - a[4] - a[5]))
+    echo $((total > 0 ? 100 * (total - idle) / total : 0))
 }
 
-# rate NAME URL [wrk args...]: prints "rps p50_ms p99_ms requests non2xx socket_errors".
-rate() {
-    local name=$1 url=$2
+# wait_quiet NAME: waits (bounded by QUIET_WAIT) until the machine is idle
+# apart from this benchmark's idle daemons; prints the last busy percentage.
+wait_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) busy
+    while :; do
+        busy=$(cpu_busy)
+        if ((busy <= QUIET_MAX_BUSY)); then break; fi
+        if ((SECONDS >= deadline)); then
+            warn "$1: the machine is still ${busy}% busy with other work after ${QUIET_WAIT}s; measuring anyway"
+            break
+        fi
+    done
+    echo "$busy"
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+
+# descendants PID...: the PIDs and all their descendants.
+descendants() {
+    local p c
+    for p in "$@"; do
+        echo "$p"
+        for c in $(ps -o pid= --ppid "$p"); do descendants "$c"; done
+    done
+}
+
+# tunnel_pids NAME: the processes that carry path NAME's tunnel (both ends).
+tunnel_pids() {
+    case $1 in
+    gateway) echo "$HUB_PID $AGENT_PID" ;;
+    ssh_*) echo "$SSH_N_PID $SSH_TT_PID $(descendants "$SSHD_PID" | tr '\n' ' ')" ;;
+    rathole) echo "$RH_SERVER_PID $RH_CLIENT_PID" ;;
+    esac
+}
+
+# cpu_ticks PID...: user+system CPU time used so far by these processes (all threads).
+cpu_ticks() {
+    local t=0 p v
+    for p in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || true
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+# bulk NAME URL [curl args...]: prints "code bytes seconds tunnel_cpu_ticks".
+bulk() {
+    local name=$1 url=$2 pids t0 out
     shift 2
-    if [[ ! $WARMUP =~ ^0+[smh]?$ ]]; then
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" --timeout 5s "$@" "$url/version" >/dev/null 2>&1 || true
-    fi
-    log "$name: wrk -t$THREADS -c$CONNECTIONS -d$DURATION /version"
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 5s --latency "$@" "$url/version" \
-        >"$W/wrk-$name.txt" 2>&1 || true
-    cp "$W/wrk-$name.txt" "$RESULTS_DIR/wrk-$name.txt"
-    awk '
+    log "$name: bulk download of $BYTES_N bytes"
+    pids=$(tunnel_pids "$name")
+    # shellcheck disable=SC2086 # a list of PIDs
+    t0=$(cpu_ticks $pids)
+    out=$(curl -sS -o /dev/null --max-time "$BULK_TIMEOUT" -w '%{http_code} %{size_download} %{time_total}' \
+        "$@" "$url/bulk?bytes=$BYTES_N" 2>"$W/curl-$name.err") || true
+    # shellcheck disable=SC2086
+    echo "${out:-- - -} $(($(cpu_ticks $pids) - t0))"
+}
+
+# wrk_run NAME TAG THREADS CONNECTIONS DURATION URL [wrk args...]:
+# prints "rps p50_ms p99_ms requests non2xx socket_errors tunnel_cpu_ticks".
+wrk_run() {
+    local name=$1 tag=$2 threads=$3 conns=$4 duration=$5 url=$6 pids t0 ticks
+    shift 6
+    pids=$(tunnel_pids "$name")
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids)
+    wrk -t"$threads" -c"$conns" -d"$duration" --timeout 5s --latency "$@" "$url/version" \
+        >"$W/wrk-$name$tag.txt" 2>&1 || true
+    # shellcheck disable=SC2086
+    ticks=$(($(cpu_ticks $pids) - t0))
+    cp "$W/wrk-$name$tag.txt" "$RESULTS_DIR/wrk-$name$tag.txt"
+    awk -v ticks="$ticks" '
         function ms(v) {
             if (v ~ /us$/) return v / 1000
             if (v ~ /ms$/) return v + 0
@@ -411,9 +487,30 @@ rate() {
         /Non-2xx or 3xx responses:/ { non2xx = $NF }
         /Socket errors:/ { gsub(/,/, ""); sockerr = $4 + $6 + $8 + $10 }
         END {
-            if (rps == "") { print "- - - - - -"; exit }
-            printf "%s %s %s %s %d %d\n", rps, p50, p99, reqs, non2xx, sockerr
-        }' "$W/wrk-$name.txt"
+            if (rps == "") { print "- - - - - - -"; exit }
+            printf "%s %s %s %s %d %d %d\n", rps, p50, p99, reqs, non2xx, sockerr, ticks
+        }' "$W/wrk-$name$tag.txt"
+}
+
+# rate NAME URL [wrk args...]: the loaded run (THREADS x CONNECTIONS).
+rate() {
+    local name=$1 url=$2
+    shift 2
+    if [[ ! $WARMUP =~ ^0+[smh]?$ ]]; then
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" --timeout 5s "$@" "$url/version" >/dev/null 2>&1 || true
+    fi
+    log "$name: wrk -t$THREADS -c$CONNECTIONS -d$DURATION /version"
+    wrk_run "$name" "" "$THREADS" "$CONNECTIONS" "$DURATION" "$url" "$@"
+}
+
+# light NAME URL [wrk args...]: one connection, one request at a time: the
+# latency of the path itself, without queueing behind 15 other connections.
+light() {
+    local name=$1 url=$2
+    shift 2
+    [[ $LIGHT_DURATION =~ ^0+[smh]?$ ]] && { echo "- - - - - - -"; return; }
+    log "$name: wrk -t1 -c1 -d$LIGHT_DURATION /version"
+    wrk_run "$name" "-c1" 1 1 "$LIGHT_DURATION" "$url" "$@"
 }
 
 # measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl
@@ -421,17 +518,29 @@ rate() {
 CURL_EXTRA=()
 WRK_EXTRA=()
 measure() {
-    local name=$1 label=$2 url=$3 b r code
+    local name=$1 label=$2 url=$3 b r l code busy attempt after
     code=$(curl -s -o "$W/version-$name.json" -w '%{http_code}' --max-time 5 "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}" "$url/version") || true
     if [[ $code != 200 ]] || ! grep -q gitVersion "$W/version-$name.json"; then
         warn "$name: GET /version answered '$code' instead of 200; path skipped"
-        printf '%s\t%s\t- - -\t- - - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
+        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
         return
     fi
-    b=$(bulk "$name" "$url" "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}")
-    [[ -n $b ]] || b="- - -"
-    r=$(rate "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
-    printf '%s\t%s\t%s\t%s\t\n' "$name" "$label" "$b" "$r" >>"$RESULTS_TSV"
+    for ((attempt = 0; attempt <= RETRIES; attempt++)); do
+        busy=$(wait_quiet "$name")
+        b=$(bulk "$name" "$url" "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}")
+        r=$(rate "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
+        l=$(light "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
+        # Other work running right after the measurement most likely ran
+        # during it too: measure again (bounded).
+        after=$(cpu_busy)
+        ((after > QUIET_MAX_BUSY)) || break
+        if ((attempt < RETRIES)); then
+            warn "$name: other work took ${after}% of the CPUs right after the measurement; measuring again"
+        else
+            warn "$name: other work took ${after}% of the CPUs right after the measurement; keeping these figures"
+        fi
+    done
+    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" >>"$RESULTS_TSV"
 }
 
 measure direct "direct (no tunnel)" "$DIRECT"
@@ -466,7 +575,8 @@ LOG_ISSUES=$(
 mkdir -p "$RESULTS_DIR"
 BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
     BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
-    BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE \
+    BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_QUIET_MAX_BUSY=$QUIET_MAX_BUSY \
+    BENCH_CLK_TCK=$CLK_TCK BENCH_LIGHT_DURATION=$LIGHT_DURATION \
     BENCH_LOADAVG_START=$LOADAVG_START BENCH_LOADAVG_END=$LOADAVG_END \
     BENCH_LOG_ISSUES=$LOG_ISSUES BENCH_HEALTH="$(printf '%s\n' "${HEALTH[@]+"${HEALTH[@]}"}")" \
     BENCH_GIT="${TOWERCTL_REV:-$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)}" \
@@ -476,49 +586,79 @@ BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTE
 import json, os, platform, datetime
 
 env = os.environ
-rows = {}
-order = []
+BYTES = int(env["BENCH_BYTES"])
+TCK = float(env["BENCH_CLK_TCK"])
+
+
+def num(v):
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def count(v):
+    n = num(v)
+    return int(n) if n is not None else None
+
+
+rows, order = {}, []
 for line in open(env["BENCH_RESULTS"]):
     f = line.rstrip("\n").split("\t")
-    name, label, bulk, rate, note = f[0], f[1], f[2].split(), f[3].split(), f[4]
-    def num(v):
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    code, size, secs = (bulk + ["-"] * 3)[:3]
-    rps, p50, p99, reqs, non2xx, sockerr = (rate + ["-"] * 6)[:6]
+    name, label, busy, note = f[0], f[1], f[2], f[6]
+    code, size, secs, bticks = (f[3].split() + ["-"] * 4)[:4]
+    rps, p50, p99, reqs, non2xx, sockerr, rticks = (f[4].split() + ["-"] * 7)[:7]
+    lrps, lp50, lp99 = (f[5].split() + ["-"] * 3)[:3]
+    before, _, after = busy.partition("/")
+    tunnel = name != "direct"
     r = {"label": label}
     size, secs = num(size), num(secs)
-    if code == "200" and size == float(env["BENCH_BYTES"]) and secs:
+    if code == "200" and size == BYTES and secs:
         r["bulk_mb_per_s"] = round(size / secs / 1e6, 1)
         r["bulk_seconds"] = round(secs, 3)
+        r["tunnel_cpu_s_per_gb"] = round(num(bticks) / TCK / (BYTES / 1e9), 2) if tunnel and num(bticks) is not None else None
     else:
         r["bulk_mb_per_s"] = None
-        note = note or f"bulk download failed (HTTP {code}, {size} of {env['BENCH_BYTES']} bytes)"
+        r["tunnel_cpu_s_per_gb"] = None
+        note = note or f"bulk download failed (HTTP {code}, {size} of {BYTES} bytes)"
     r["req_per_s"] = num(rps)
     r["p50_ms"] = num(p50)
     r["p99_ms"] = num(p99)
-    r["requests"] = int(num(reqs)) if num(reqs) is not None else None
-    r["non_2xx"] = int(num(non2xx)) if num(non2xx) is not None else None
-    r["socket_errors"] = int(num(sockerr)) if num(sockerr) is not None else None
+    r["requests"] = count(reqs)
+    r["non_2xx"] = count(non2xx)
+    r["socket_errors"] = count(sockerr)
+    r["tunnel_cpu_us_per_req"] = round(num(rticks) / TCK * 1e6 / r["requests"], 1) if tunnel and r["requests"] and num(rticks) is not None else None
+    r["one_conn_req_per_s"] = num(lrps)
+    r["one_conn_p50_ms"] = num(lp50)
+    r["one_conn_p99_ms"] = num(lp99)
+    r["cpu_busy_before_pct"] = count(before)
+    r["cpu_busy_after_pct"] = count(after)
     if r["non_2xx"] or r["socket_errors"]:
         note = (note + "; " if note else "") + f"wrk: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
     if r["req_per_s"] is None and not note:
         note = "wrk gave no result"
+    if (r["cpu_busy_after_pct"] or 0) > int(env["BENCH_QUIET_MAX_BUSY"]):
+        note = (note + "; " if note else "") + "other work was running: figures polluted"
     r["note"] = note or None
     rows[name] = r
     order.append(name)
+
 
 def best(metric, names):
     c = [(rows[n][metric], n) for n in names if n in rows and rows[n].get(metric)]
     return max(c) if c else (None, None)
 
+
 def ratio(a, b):
     return round(a / b, 2) if a is not None and b else None
 
+
+def added(metric):
+    a, b = rows.get("gateway", {}).get(metric), rows.get("direct", {}).get(metric)
+    return round(a - b, 3) if a is not None and b is not None else None
+
+
 gw = rows.get("gateway", {})
-direct = rows.get("direct", {})
 ssh_tp, ssh_tp_name = best("bulk_mb_per_s", ["ssh_N", "ssh_tt"])
 ssh_rps, ssh_rps_name = best("req_per_s", ["ssh_N", "ssh_tt"])
 rh = rows.get("rathole", {})
@@ -527,21 +667,28 @@ ratios = {
     "best_ssh_throughput_variant": ssh_tp_name,
     "gateway_vs_best_ssh_req_per_s": ratio(gw.get("req_per_s"), ssh_rps),
     "best_ssh_req_per_s_variant": ssh_rps_name,
+    "gateway_vs_rathole_throughput": ratio(gw.get("bulk_mb_per_s"), rh.get("bulk_mb_per_s")),
     "gateway_vs_rathole_req_per_s": ratio(gw.get("req_per_s"), rh.get("req_per_s")),
-    "gateway_added_p50_ms": round(gw["p50_ms"] - direct["p50_ms"], 3) if gw.get("p50_ms") is not None and direct.get("p50_ms") is not None else None,
-    "gateway_added_p99_ms": round(gw["p99_ms"] - direct["p99_ms"], 3) if gw.get("p99_ms") is not None and direct.get("p99_ms") is not None else None,
+    "gateway_added_p50_ms": added("p50_ms"),
+    "gateway_added_p99_ms": added("p99_ms"),
+    "gateway_added_one_conn_p50_ms": added("one_conn_p50_ms"),
+    "gateway_added_one_conn_p99_ms": added("one_conn_p99_ms"),
 }
+
 
 def check(value, ok, fmt):
     if value is None:
         return "n/a"
     return ("PASS " if ok(value) else "MISS ") + fmt.format(value)
 
+
 targets = {
     "throughput >= 1.5x best OpenSSH": check(ratios["gateway_vs_best_ssh_throughput"], lambda v: v >= 1.5, "{:.2f}x"),
     "req/s >= 1.2x rathole (noise)": check(ratios["gateway_vs_rathole_req_per_s"], lambda v: v >= 1.2, "{:.2f}x"),
-    "p99 <= 1 ms": check(gw.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
-    "added p99 over direct <= 1 ms": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
+    "p99 <= 1 ms, 16 connections": check(gw.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
+    "p99 <= 1 ms, 1 connection": check(gw.get("one_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
+    "added p99 <= 1 ms, 16 connections": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
+    "added p99 <= 1 ms, 1 connection": check(ratios["gateway_added_one_conn_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
 }
 
 now = datetime.datetime.now(datetime.timezone.utc)
@@ -558,10 +705,11 @@ doc = {
     },
     "towerctl": env["BENCH_GIT"],
     "settings": {
-        "bytes": int(env["BENCH_BYTES"]),
+        "bytes": BYTES,
         "duration": env["BENCH_DURATION"],
         "connections": int(env["BENCH_CONNECTIONS"]),
         "threads": int(env["BENCH_THREADS"]),
+        "one_conn_duration": env["BENCH_LIGHT_DURATION"],
         "ssh_cipher": env["BENCH_SSH_CIPHER"],
         "tools": {"ssh": env["BENCH_SSH_VERSION"], "wrk": env["BENCH_WRK_VERSION"], "curl": env["BENCH_CURL_VERSION"]},
     },
@@ -575,36 +723,47 @@ with open(env["BENCH_JSON"], "w") as fh:
     json.dump(doc, fh, indent=2)
     fh.write("\n")
 
+
 def fmt(v, spec):
     if v is None:
         width = "".join(c for c in spec.split(".")[0] if c.isdigit())
         return "-".rjust(int(width or 0))
     return format(v, spec)
 
-print()
-print(f"towerctl benchmark  {doc['date']}  {doc['machine']['cpus']} CPUs ({doc['machine']['cpu']})  towerctl {doc['towerctl']}")
-print(f"bulk {int(env['BENCH_BYTES'])} bytes per path; wrk -t{env['BENCH_THREADS']} -c{env['BENCH_CONNECTIONS']} -d{env['BENCH_DURATION']} GET /version; ssh cipher {env['BENCH_SSH_CIPHER']}; load average {env['BENCH_LOADAVG_START']} -> {env['BENCH_LOADAVG_END']}")
-print()
-print(f"{'path':<32} {'MB/s':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  note")
-for n in order:
-    r = rows[n]
-    print(f"{r['label']:<32} {fmt(r['bulk_mb_per_s'], '8.1f')} {fmt(r['req_per_s'], '10.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')}  {r['note'] or ''}")
-if env.get("BENCH_RATHOLE_NOTE"):
-    print(f"{'rathole (noise)':<32} {'-':>8} {'-':>10} {'-':>8} {'-':>8}  {env['BENCH_RATHOLE_NOTE']}")
-print()
-print("ratios")
+
 def times(v):
     return f"{v:.2f}x" if v is not None else "-"
+
+
+print()
+print(f"towerctl benchmark  {doc['date']}  {doc['machine']['cpus']} CPUs ({doc['machine']['cpu']})  towerctl {doc['towerctl']}")
+print(f"bulk: curl, {BYTES} bytes; load: wrk -t{env['BENCH_THREADS']} -c{env['BENCH_CONNECTIONS']} -d{env['BENCH_DURATION']} GET /version; "
+      f"1 conn: wrk -t1 -c1 -d{env['BENCH_LIGHT_DURATION']}; ssh cipher {env['BENCH_SSH_CIPHER']}")
+print()
+print(f"{'':<31} {'bulk':>7} {'---- 16 connections ----':>26} {'-- 1 connection --':>18} {'tunnel CPU':>16}")
+print(f"{'path':<31} {'MB/s':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'s/GB':>7} {'us/req':>7} {'busy%':>7}  note")
+for n in order:
+    r = rows[n]
+    busy = f"{fmt(r['cpu_busy_before_pct'], 'd')}/{fmt(r['cpu_busy_after_pct'], 'd')}"
+    print(f"{r['label']:<31} {fmt(r['bulk_mb_per_s'], '7.1f')} {fmt(r['req_per_s'], '8.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')} "
+          f"{fmt(r['one_conn_p50_ms'], '8.3f')} {fmt(r['one_conn_p99_ms'], '8.3f')} {fmt(r['tunnel_cpu_s_per_gb'], '7.2f')} {fmt(r['tunnel_cpu_us_per_req'], '7.1f')} {busy:>7}  {r['note'] or ''}")
+if env.get("BENCH_RATHOLE_NOTE"):
+    print(f"{'rathole (noise)':<31} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env['BENCH_RATHOLE_NOTE']}")
+print("tunnel CPU: CPU time of both tunnel ends (hub+agent, sshd+ssh, rathole server+client) per GB of bulk / per request under load")
+print("busy%: share of all CPUs used by other work in the second before / after the path was measured")
+print()
+print("ratios")
 print(f"  gateway MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios['gateway_vs_best_ssh_throughput'])}")
 print(f"  gateway req/s / best ssh req/s ({ssh_rps_name or '-'}): {times(ratios['gateway_vs_best_ssh_req_per_s'])}")
 if ratios["gateway_vs_rathole_req_per_s"] is not None:
-    print(f"  gateway req/s / rathole req/s: {ratios['gateway_vs_rathole_req_per_s']:.2f}x")
-print(f"  gateway added p50 over direct: {fmt(ratios['gateway_added_p50_ms'], '+.3f')} ms")
-print(f"  gateway added p99 over direct: {fmt(ratios['gateway_added_p99_ms'], '+.3f')} ms")
+    print(f"  gateway MB/s  / rathole MB/s: {times(ratios['gateway_vs_rathole_throughput'])}")
+    print(f"  gateway req/s / rathole req/s: {times(ratios['gateway_vs_rathole_req_per_s'])}")
+print(f"  gateway added p50 / p99 over direct, 16 connections: {fmt(ratios['gateway_added_p50_ms'], '+.3f')} / {fmt(ratios['gateway_added_p99_ms'], '+.3f')} ms")
+print(f"  gateway added p50 / p99 over direct, 1 connection:   {fmt(ratios['gateway_added_one_conn_p50_ms'], '+.3f')} / {fmt(ratios['gateway_added_one_conn_p99_ms'], '+.3f')} ms")
 print()
 print("targets (measured on the gateway path, which carries TLS and two HTTP/1.1 hops on top of the raw channel)")
 for k, v in targets.items():
-    print(f"  {k:<32} {v}")
+    print(f"  {k:<34} {v}")
 if doc["problems"]:
     print()
     print("problems seen during the run (daemon health; WARN/ERROR lines of the towerctl logs, counted):")
