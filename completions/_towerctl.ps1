@@ -35,6 +35,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('agent', 'agent', [CompletionResultType]::ParameterValue, 'Agent daemon commands')
             [CompletionResult]::new('leave', 'leave', [CompletionResultType]::ParameterValue, 'Stop an agent on this machine and forget its configuration')
             [CompletionResult]::new('use', 'use', [CompletionResultType]::ParameterValue, 'Point kubectl at a member: write the `tower-NAME` context and make it current')
+            [CompletionResult]::new('port-forward', 'port-forward', [CompletionResultType]::ParameterValue, 'Forward local ports to a pod, service or deployment in a member (kubectl syntax)')
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
@@ -215,6 +216,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--hub-key', '--hub-key', [CompletionResultType]::ParameterName, 'Fingerprint of the hub''s host key (sha256:…), printed by `cluster add`')
             [CompletionResult]::new('--kubeconfig', '--kubeconfig', [CompletionResultType]::ParameterName, 'Kubeconfig of the member''s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval')
+            [CompletionResult]::new('--allow', '--allow', [CompletionResultType]::ParameterName, 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster''s services, pods and deployments are always allowed)')
             [CompletionResult]::new('--backoff-cap', '--backoff-cap', [CompletionResultType]::ParameterName, 'Longest wait between reconnection attempts')
             [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'How long to wait for the tunnel before giving up')
             [CompletionResult]::new('--namespace', '--namespace', [CompletionResultType]::ParameterName, 'Namespace for --print-manifest')
@@ -248,6 +250,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--hub-key', '--hub-key', [CompletionResultType]::ParameterName, 'Fingerprint of the hub''s host key (sha256:…), printed by `cluster add`')
             [CompletionResult]::new('--kubeconfig', '--kubeconfig', [CompletionResultType]::ParameterName, 'Kubeconfig of the member''s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval')
+            [CompletionResult]::new('--allow', '--allow', [CompletionResultType]::ParameterName, 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster''s services, pods and deployments are always allowed)')
             [CompletionResult]::new('--backoff-cap', '--backoff-cap', [CompletionResultType]::ParameterName, 'Longest wait between reconnection attempts')
             [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Read the agent''s settings from a file saved by `join`')
             [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'Add the calling operator''s identity as Impersonate-User/Group headers (the member''s RBAC must grant the agent ''impersonate'')')
@@ -283,6 +286,19 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;use' {
             [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
             [CompletionResult]::new('--kubeconfig', '--kubeconfig', [CompletionResultType]::ParameterName, 'Kubeconfig file to edit (default: KUBECONFIG''s first existing file, or ~/.kube/config)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;port-forward' {
+            [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Namespace of the resource')
+            [CompletionResult]::new('--namespace', '--namespace', [CompletionResultType]::ParameterName, 'Namespace of the resource')
+            [CompletionResult]::new('--address', '--address', [CompletionResultType]::ParameterName, 'Local addresses to listen on (comma-separated or repeated): IPs or localhost')
+            [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -541,6 +557,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('agent', 'agent', [CompletionResultType]::ParameterValue, 'Agent daemon commands')
             [CompletionResult]::new('leave', 'leave', [CompletionResultType]::ParameterValue, 'Stop an agent on this machine and forget its configuration')
             [CompletionResult]::new('use', 'use', [CompletionResultType]::ParameterValue, 'Point kubectl at a member: write the `tower-NAME` context and make it current')
+            [CompletionResult]::new('port-forward', 'port-forward', [CompletionResultType]::ParameterValue, 'Forward local ports to a pod, service or deployment in a member (kubectl syntax)')
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
@@ -605,6 +622,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;use' {
+            break
+        }
+        'towerctl;help;port-forward' {
             break
         }
         'towerctl;help;kubeconfig' {

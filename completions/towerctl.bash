@@ -64,6 +64,9 @@ _towerctl() {
             towerctl,operator)
                 cmd="towerctl__subcmd__operator"
                 ;;
+            towerctl,port-forward)
+                cmd="towerctl__subcmd__port__subcmd__forward"
+                ;;
             towerctl,service)
                 cmd="towerctl__subcmd__service"
                 ;;
@@ -171,6 +174,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help,operator)
                 cmd="towerctl__subcmd__help__subcmd__operator"
+                ;;
+            towerctl__subcmd__help,port-forward)
+                cmd="towerctl__subcmd__help__subcmd__port__subcmd__forward"
                 ;;
             towerctl__subcmd__help,service)
                 cmd="towerctl__subcmd__help__subcmd__service"
@@ -302,7 +308,7 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use kubeconfig operator login logout audit status service completion gen-docs logs credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -372,7 +378,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__agent__subcmd__run)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --backoff-cap --config --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --backoff-cap --config --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -399,6 +405,10 @@ _towerctl() {
                     return 0
                     ;;
                 --keepalive)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allow)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -726,7 +736,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use kubeconfig operator login logout audit status service completion gen-docs logs credential help"
+            opts="up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1103,6 +1113,20 @@ _towerctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        towerctl__subcmd__help__subcmd__port__subcmd__forward)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         towerctl__subcmd__help__subcmd__service)
             opts="install"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -1296,7 +1320,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__join)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1323,6 +1347,10 @@ _towerctl() {
                     return 0
                     ;;
                 --keepalive)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allow)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1566,6 +1594,36 @@ _towerctl() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__port__subcmd__forward)
+            opts="-n -v -h -V --namespace --address --gateway --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --namespace)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -n)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --address)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --gateway)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

@@ -965,3 +965,64 @@ fn daemons_notify_systemd_and_units_are_written() {
     let o = env.towerctl(&["service", "install", "agent", "alpha"]);
     assert!(!o.ok() && o.stderr.contains("towerctl join alpha"), "{o:?}");
 }
+
+/// curl through the gateway's CONNECT, as any HTTP client with a proxy would.
+fn curl_via_gateway(env: &Env, authority: &str) -> support::Out {
+    let s = env.status();
+    let gw = s["hub"]["gatewayURL"].as_str().unwrap().to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let ca = env.path("data/towerctl/ca.crt");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "15",
+        "--proxy",
+        &gw,
+        "--proxy-cacert",
+        ca.to_str().unwrap(),
+    ])
+    .args([
+        "--proxy-header",
+        &format!("Proxy-Authorization: Bearer {}", token.trim()),
+    ])
+    .args(["-p", &format!("http://{authority}/")]);
+    support::run_bounded(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn connect_through_the_gateway_honours_the_agent_dial_policy() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("hello from the member network");
+    let other = support::http_server("should not be reachable");
+    connected(
+        &env,
+        &api,
+        &["--allow", &format!("127.0.0.1:{}", web.port())],
+    );
+
+    let o = curl_via_gateway(&env, &format!("127.0.0.1.alpha:{}", web.port()));
+    assert!(
+        o.ok() && o.stdout.contains("hello from the member network"),
+        "{o:?}"
+    );
+
+    // Not in the allow-list: refused by the agent, with the rule named.
+    let o = curl_via_gateway(&env, &format!("127.0.0.1.alpha:{}", other.port()));
+    assert!(!o.ok() && o.stderr.contains("403"), "{o:?}");
+    let s = env.status();
+    assert_eq!(s["agents"][0]["state"], "connected");
+    let o = env.towerctl(&["audit", "-o", "json"]);
+    let denied: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["verb"] == "connect" && r["status"] == 403)
+        .collect();
+    assert_eq!(denied.len(), 1, "{o:?}");
+
+    // Unknown cluster in the authority.
+    let o = curl_via_gateway(&env, "127.0.0.1.nope:80");
+    assert!(!o.ok() && o.stderr.contains("404"), "{o:?}");
+}

@@ -112,3 +112,74 @@ pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u1
         .await
         .with_context(|| format!("the gateway at '{url}' did not answer within 15s"))?
 }
+
+/// A raw stream to `authority` in a member through the gateway's CONNECT.
+/// The error is the gateway's (or agent's) own words.
+pub async fn connect_tunnel(
+    gateway: &str,
+    ca_pem: &str,
+    token: &str,
+    authority: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let u = url::Url::parse(gateway).with_context(|| format!("invalid gateway URL '{gateway}'"))?;
+    let host = u
+        .host_str()
+        .context("the gateway URL has no host")?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let port = u.port_or_known_default().unwrap_or(443);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
+    crate::tunnel::nodelay(&tcp);
+    let name = ServerName::try_from(host.clone())
+        .with_context(|| format!("invalid server name '{host}'"))?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&Trust::Ca(ca_pem))?))
+        .connect(name, tcp)
+        .await
+        .context("TLS handshake with the gateway failed")?;
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await?;
+    // The response head, byte by byte: what follows belongs to the stream.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            bail!("the gateway's answer to CONNECT is too long");
+        }
+        head.push(
+            tls.read_u8()
+                .await
+                .context("the gateway closed the connection")?,
+        );
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if status == 200 {
+        return Ok(tls);
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+        .min(64 * 1024);
+    let mut body = vec![0u8; len];
+    let _ = tls.read_exact(&mut body).await;
+    let msg = String::from_utf8_lossy(&body).trim().to_string();
+    bail!(
+        "{}",
+        if msg.is_empty() {
+            format!("the gateway answered HTTP {status}")
+        } else {
+            msg
+        }
+    )
+}

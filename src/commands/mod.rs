@@ -11,6 +11,7 @@ pub mod join;
 pub mod kubeconfig;
 pub mod manifest;
 pub mod operator;
+pub mod portforward;
 pub mod progress;
 pub mod service;
 pub mod status;
@@ -81,6 +82,26 @@ pub enum Command {
     },
     /// Point kubectl at a member: write the `tower-NAME` context and make it current.
     Use(UseArgs),
+    /// Forward local ports to a pod, service or deployment in a member (kubectl syntax).
+    #[command(name = "port-forward")]
+    PortForward {
+        /// Member cluster.
+        cluster: String,
+        /// pod/NAME, svc/NAME, deploy/NAME, or a bare pod name.
+        resource: String,
+        /// [LOCAL:]REMOTE port pairs (':REMOTE' picks a free local port).
+        #[arg(required = true)]
+        ports: Vec<String>,
+        /// Namespace of the resource.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Local addresses to listen on (comma-separated or repeated): IPs or localhost.
+        #[arg(long, default_value = "localhost")]
+        address: Vec<String>,
+        /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
+        #[arg(long, value_name = "URL")]
+        gateway: Option<String>,
+    },
     /// Print a standalone kubeconfig for some (default: all) members.
     Kubeconfig {
         /// Member names.
@@ -288,6 +309,10 @@ pub struct AgentOpts {
     /// Keepalive interval.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
+    /// Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member
+    /// network (repeatable; the cluster's services, pods and deployments are always allowed).
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub backoff_cap: std::time::Duration,
@@ -443,6 +468,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             gateway,
         } => credential::run(token_file.as_deref(), gateway.as_deref()),
         Command::Completion { shell } => gen::completion(shell),
+        Command::PortForward {
+            cluster,
+            resource,
+            ports,
+            namespace,
+            address,
+            gateway,
+        } => {
+            portforward::run(
+                &cluster,
+                &resource,
+                &ports,
+                &namespace,
+                &address,
+                gateway.as_deref(),
+            )
+            .await
+        }
         Command::Service(ServiceCommand::Install(ServiceTarget::Hub(a))) => {
             service::install_hub(&a)
         }

@@ -22,13 +22,22 @@ pub struct Source {
     /// Arguments for `towerctl` as the exec credential plugin.
     pub credential_args: Vec<String>,
     pub clusters: Vec<ClusterStatus>,
+    /// The operator token, for towerctl's own requests (port-forward).
+    pub token: crate::tunnel::Secret,
 }
 
 impl Source {
     pub async fn find(gateway: Option<&str>) -> Result<Source> {
         if gateway.is_none() {
             if let Some(hub) = super::hub::hub_status().await {
+                let token = std::fs::read_to_string(&hub.admin_token_file).with_context(|| {
+                    format!(
+                        "cannot read the hub's admin token '{}'",
+                        hub.admin_token_file
+                    )
+                })?;
                 return Ok(Source {
+                    token: crate::tunnel::Secret::new(token.trim()),
                     gateway_url: hub.gateway_url,
                     ca_pem: hub.ca_pem,
                     credential_args: vec![
@@ -62,6 +71,7 @@ impl Source {
         let clusters: Vec<ClusterStatus> =
             serde_json::from_slice(&body).context("malformed cluster list from the gateway")?;
         Ok(Source {
+            token: crate::tunnel::Secret::new(token),
             credential_args: vec![
                 "credential".into(),
                 "--gateway".into(),
@@ -73,7 +83,7 @@ impl Source {
         })
     }
 
-    fn check(&self, name: &str) -> Result<()> {
+    pub fn check(&self, name: &str) -> Result<()> {
         if self.clusters.iter().any(|c| c.name == name) {
             return Ok(());
         }

@@ -26,10 +26,14 @@ use super::gateway::{
     is_upgrade, status_response, strip_hop_by_hop, strip_identity, Body, GROUPS_HEADER,
     IMPERSONATE_HEADER, OPERATOR_HEADER,
 };
+use super::policy::DialPolicy;
+use super::resolve;
+use super::targets::Target;
 use crate::paths;
 use crate::tunnel::backoff::Backoff;
 use crate::tunnel::client::{self, ChannelService, DialOptions};
 use crate::tunnel::{Secret, TunnelError, TARGET_APISERVER};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest request body the agent buffers (kube-apiserver's own limit for
 /// objects is 3 MiB; exec/attach stdin goes over the upgraded stream).
@@ -56,6 +60,9 @@ pub struct AgentConfig {
     pub keepalive_secs: u64,
     #[serde(default = "default_cap")]
     pub backoff_cap_secs: u64,
+    /// Extra dial-policy rules (`--allow`); Kubernetes objects are always allowed.
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 fn default_keepalive() -> u64 {
@@ -100,16 +107,33 @@ pub fn list_configs() -> Vec<AgentConfig> {
 /// The agent's side of its member API server: a pooled kube client.
 struct Upstream {
     client: kube::Client,
+    policy: Arc<DialPolicy>,
+    /// Dials refused by the policy, for status.
+    denied: Arc<AtomicU64>,
     /// This agent agreed to impersonate operators (`--impersonate`).
     impersonate: bool,
 }
 
 impl ChannelService for Upstream {
     fn accepts(&self, target: &str, _port: u32) -> bool {
-        target == TARGET_APISERVER
+        // Every well-formed target is accepted here; the dial policy is
+        // applied in `serve`, which can say in words why it refuses.
+        Target::from_channel_address(target).is_some()
     }
 
-    fn serve(&self, _target: String, _port: u32, stream: ChannelStream<Msg>) {
+    fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>) {
+        if target != TARGET_APISERVER {
+            let Some(t) = Target::from_channel_address(&target) else {
+                return;
+            };
+            let (client, policy, denied) = (
+                self.client.clone(),
+                self.policy.clone(),
+                self.denied.clone(),
+            );
+            tokio::spawn(serve_raw(client, policy, denied, t, port, stream));
+            return;
+        }
         let client = self.client.clone();
         let impersonate = self.impersonate;
         tokio::spawn(async move {
@@ -125,6 +149,92 @@ impl ChannelService for Upstream {
                 tracing::debug!("tunnel stream ended: {e}");
             }
         });
+    }
+}
+
+/// First line an agent writes on a raw channel: `OK`, or `ERR <code> <message>`
+/// with code `denied`, `not_found`, `unavailable` or `dial_failed`.
+pub const RAW_OK: &str = "OK";
+
+async fn serve_raw(
+    client: kube::Client,
+    policy: Arc<DialPolicy>,
+    denied: Arc<AtomicU64>,
+    target: Target,
+    port: u32,
+    mut stream: ChannelStream<Msg>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let dial = async {
+        let port =
+            u16::try_from(port).map_err(|_| ("not_found", format!("invalid port {port}")))?;
+        if let Err(m) = policy.check(&target, port) {
+            denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("refused a dial: {m}");
+            return Err(("denied", m));
+        }
+        let addrs: Vec<std::net::SocketAddr> = match &target {
+            Target::Host(h) => tokio::net::lookup_host((h.as_str(), port))
+                .await
+                .map_err(|e| {
+                    (
+                        "not_found",
+                        format!("cannot resolve '{h}' in the member network: {e}"),
+                    )
+                })?
+                .collect(),
+            Target::ApiServer => {
+                return Err((
+                    "not_found",
+                    "the API server is reached through the gateway, not CONNECT".to_string(),
+                ))
+            }
+            k8s => vec![resolve::resolve(&client, k8s, port).await.map_err(|e| {
+                let code = match e {
+                    resolve::ResolveError::NotFound(_) => "not_found",
+                    _ => "unavailable",
+                };
+                (code, e.to_string())
+            })?],
+        };
+        let mut last = String::from("no address");
+        for a in addrs {
+            match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(a))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    crate::tunnel::nodelay(&s);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = format!("{a}: {e}"),
+                Err(_) => last = format!("{a}: no answer within 10s"),
+            }
+        }
+        Err((
+            "dial_failed",
+            format!(
+                "cannot connect to {} port {port} ({last})",
+                target.describe()
+            ),
+        ))
+    };
+    match dial.await {
+        Ok(mut tcp) => {
+            if stream
+                .write_all(format!("{RAW_OK}\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+        }
+        Err((code, msg)) => {
+            let _ = stream
+                .write_all(format!("ERR {code} {}\n", msg.replace('\n', " ")).as_bytes())
+                .await;
+            let _ = stream.shutdown().await;
+        }
     }
 }
 
@@ -270,8 +380,12 @@ impl State {
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let (client, upstream_url) = upstream_client(cfg.kubeconfig.as_ref()).await?;
+    let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
+    let denied = Arc::new(AtomicU64::new(0));
     let service: Arc<dyn ChannelService> = Arc::new(Upstream {
         client,
+        policy,
+        denied: denied.clone(),
         impersonate: cfg.impersonate,
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
@@ -319,6 +433,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         let name = name.clone();
         let hub = hub.clone();
         let upstream = upstream_url.clone();
+        let denied = denied.clone();
         async move {
             match req {
                 CtlRequest::Status | CtlRequest::Watch { .. } => {
@@ -339,6 +454,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                         reconnects: s.reconnects,
                         rtt_history_ms: s.rtt_history.into_iter().collect(),
                         events: s.events.into_iter().collect(),
+                        denied_dials: denied.load(Ordering::Relaxed),
                     })
                 }
                 CtlRequest::Shutdown => {

@@ -241,6 +241,9 @@ pub struct AgentStatus {
     pub rtt_history_ms: Vec<f64>,
     #[serde(default)]
     pub events: Vec<Event>,
+    /// Dials the agent's policy refused since it started.
+    #[serde(default)]
+    pub denied_dials: u64,
 }
 
 /// Sends one request and reads one response, bounded in time (10s).

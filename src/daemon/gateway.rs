@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use super::audit::{Audited, Record};
 use super::hub::{Hub, LiveSession};
 use super::store::Operator;
+use super::targets::Target;
 use crate::tunnel::{self, server, TARGET_APISERVER};
 
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -195,8 +196,14 @@ pub async fn serve(
     }
 }
 
+/// The bearer token of a request: `Authorization`, or for CONNECT through
+/// the gateway as a proxy, `Proxy-Authorization`.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let v = headers
+        .get(header::AUTHORIZATION)
+        .or_else(|| headers.get(header::PROXY_AUTHORIZATION))?
+        .to_str()
+        .ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -293,6 +300,9 @@ async fn handle(
     let Some(operator) = hub.operator(token) else {
         return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
+    if req.method() == http::Method::CONNECT {
+        return connect(hub, req, peer, &operator).await;
+    }
     if let Some(what) = path.strip_prefix(API) {
         return match what {
             "whoami" => {
@@ -338,6 +348,163 @@ async fn handle(
         parts,
         Audited::new(body, record, start, hub.auditor.clone()).boxed_unsync(),
     )
+}
+
+fn text_response(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(format!("{msg}\n"))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Reads the agent's one-line answer on a raw channel, byte by byte so
+/// that nothing after it is consumed.
+async fn read_status_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::with_capacity(64);
+    loop {
+        let b = s.read_u8().await?;
+        if b == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        if line.len() >= 4096 {
+            return Err(std::io::Error::other("status line too long"));
+        }
+        line.push(b);
+    }
+}
+
+/// HTTP CONNECT: a raw byte stream to a target in a member, named
+/// `NAME.NS.svc.CLUSTER:PORT` (or `.pod.`, `.deploy.`, or `HOST.CLUSTER`),
+/// subject to the agent's dial policy.
+async fn connect(
+    hub: Arc<Hub>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    operator: &Operator,
+) -> Response<Body> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return text_response(StatusCode::BAD_REQUEST, "CONNECT needs HOST:PORT");
+    };
+    let Some(port) = authority.port_u16() else {
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            &format!("CONNECT '{authority}' has no port"),
+        );
+    };
+    let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
+        return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
+    };
+    let Some(session) = hub.session(&cluster) else {
+        return match hub.store.get_member(&cluster) {
+            Ok(Some(_)) => {
+                hub.dial_failures
+                    .not_connected
+                    .fetch_add(1, Ordering::Relaxed);
+                text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("cluster '{cluster}' is not connected"),
+                )
+            }
+            _ => {
+                hub.dial_failures
+                    .unknown_cluster
+                    .fetch_add(1, Ordering::Relaxed);
+                text_response(
+                    StatusCode::NOT_FOUND,
+                    &format!("cluster '{cluster}' is not registered on this hub"),
+                )
+            }
+        };
+    };
+    let start = std::time::Instant::now();
+    let mut stream = match server::open(
+        &session.handle,
+        &target.channel_address(),
+        u32::from(port),
+        peer,
+    )
+    .await
+    {
+        Ok(s) => crate::tunnel::counted::Counted::new(
+            s,
+            session.bytes_in.clone(),
+            session.bytes_out.clone(),
+        ),
+        Err(e) => {
+            hub.dial_failures
+                .channel_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting"));
+        }
+    };
+    let answer =
+        match tokio::time::timeout(Duration::from_secs(20), read_status_line(&mut stream)).await {
+            Ok(Ok(l)) => l,
+            _ => {
+                hub.dial_failures
+                    .agent_error
+                    .fetch_add(1, Ordering::Relaxed);
+                return text_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "cluster '{cluster}': the agent did not answer for {}",
+                        target.describe()
+                    ),
+                );
+            }
+        };
+    let mut record = Record {
+        time: super::fmt_unix(super::control::now_unix()),
+        operator: operator.name.clone(),
+        cluster: cluster.clone(),
+        verb: "connect".into(),
+        method: "CONNECT".into(),
+        path: authority.to_string(),
+        status: 200,
+        duration_ms: 0,
+        bytes: 0,
+    };
+    if answer != super::agent::RAW_OK {
+        let rest = answer.strip_prefix("ERR ").unwrap_or(&answer);
+        let (code, msg) = rest.split_once(' ').unwrap_or(("dial_failed", rest));
+        let status = match code {
+            "denied" => {
+                hub.dial_failures.denied.fetch_add(1, Ordering::Relaxed);
+                StatusCode::FORBIDDEN
+            }
+            "not_found" => StatusCode::NOT_FOUND,
+            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        if code != "denied" {
+            hub.dial_failures
+                .target_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        record.status = status.as_u16();
+        record.duration_ms = start.elapsed().as_millis() as u64;
+        hub.auditor.record(record);
+        return text_response(status, &format!("cluster '{cluster}': {msg}"));
+    }
+    let auditor = hub.auditor.clone();
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                let r = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut stream).await;
+                if let Ok((a, b)) = r {
+                    record.bytes = a + b;
+                }
+            }
+            Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
+        }
+        record.duration_ms = start.elapsed().as_millis() as u64;
+        auditor.record(record);
+    });
+    Response::new(full(Bytes::new()))
 }
 
 /// Carries one request to the member and its response back.

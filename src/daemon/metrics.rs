@@ -47,6 +47,10 @@ pub struct DialFailures {
     pub unknown_cluster: AtomicU64,
     pub channel_refused: AtomicU64,
     pub agent_error: AtomicU64,
+    /// The agent's dial policy refused the target.
+    pub denied: AtomicU64,
+    /// The target could not be resolved or dialed in the member.
+    pub target_failed: AtomicU64,
 }
 
 fn esc(s: &str) -> String {
@@ -136,6 +140,8 @@ pub fn render(hub: &Hub) -> String {
         ("unknown_cluster", &f.unknown_cluster),
         ("channel_refused", &f.channel_refused),
         ("agent_error", &f.agent_error),
+        ("denied", &f.denied),
+        ("target_failed", &f.target_failed),
     ] {
         let _ = writeln!(
             o,

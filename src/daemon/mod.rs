@@ -9,8 +9,11 @@ pub mod gateway;
 pub mod hub;
 pub mod metrics;
 pub mod notify;
+pub mod policy;
 pub mod process;
+pub mod resolve;
 pub mod store;
+pub mod targets;
 pub mod tls;
 
 /// Formats unix seconds as an RFC 3339 UTC time, for messages.

@@ -1,0 +1,197 @@
+//! Turning a Kubernetes target into an address the agent can dial, through
+//! the agent's own API server: Service → a ready endpoint (EndpointSlices
+//! where the server has `discovery.k8s.io/v1`, core Endpoints otherwise),
+//! honouring named `targetPort`s; Deployment → a ready pod; Pod → its IP.
+//! Resolved on every new connection, so a replaced pod is picked up by the
+//! next connection.
+
+use std::net::SocketAddr;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams};
+
+use super::targets::Target;
+
+/// Why a target could not be resolved; the text is shown to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{0} not found in the member cluster")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the agent's API server failed: {0}")]
+    Api(String),
+}
+
+fn api_err(what: &str, e: kube::Error) -> ResolveError {
+    match &e {
+        kube::Error::Api(s) if s.code == 404 => ResolveError::NotFound(what.to_string()),
+        _ => ResolveError::Api(e.to_string()),
+    }
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    let st = p.status.as_ref();
+    st.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && st
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_addr(p: &Pod, port: u16, what: &str) -> Result<SocketAddr, ResolveError> {
+    if p.metadata.deletion_timestamp.is_some() || !pod_ready(p) {
+        return Err(ResolveError::Unavailable(format!("{what} is not ready")));
+    }
+    let ip = p
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no IP yet")))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| ResolveError::Unavailable(format!("{what} has an invalid IP '{ip}'")))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Where to dial for `target` port `port`.
+pub async fn resolve(
+    client: &kube::Client,
+    target: &Target,
+    port: u16,
+) -> Result<SocketAddr, ResolveError> {
+    match target {
+        Target::Pod { ns, name } => {
+            let what = format!("pod {ns}/{name}");
+            let pod = Api::<Pod>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .map_err(|e| api_err(&what, e))?;
+            pod_addr(&pod, port, &what)
+        }
+        Target::Deployment { ns, name } => {
+            let what = format!("deployment {ns}/{name}");
+            let d = Api::<Deployment>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .map_err(|e| api_err(&what, e))?;
+            let labels = d
+                .spec
+                .and_then(|s| s.selector.match_labels)
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| {
+                    ResolveError::Unavailable(format!("{what} has no matchLabels selector"))
+                })?;
+            let selector = labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let pods = Api::<Pod>::namespaced(client.clone(), ns)
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| api_err(&what, e))?;
+            pods.items
+                .iter()
+                .find_map(|p| pod_addr(p, port, &what).ok())
+                .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no ready pod")))
+        }
+        Target::Service { ns, name } => resolve_service(client, ns, name, port).await,
+        Target::ApiServer | Target::Host(_) => {
+            Err(ResolveError::Api("not a Kubernetes object".into()))
+        }
+    }
+}
+
+async fn resolve_service(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    port: u16,
+) -> Result<SocketAddr, ResolveError> {
+    let what = format!("service {ns}/{name}");
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| api_err(&what, e))?;
+    let sports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
+    let sport = sports
+        .iter()
+        .find(|p| p.port == i32::from(port))
+        .ok_or_else(|| {
+            let known: Vec<String> = sports.iter().map(|p| p.port.to_string()).collect();
+            ResolveError::NotFound(format!(
+                "port {port} of {what} (it has ports {})",
+                known.join(", ")
+            ))
+        })?;
+    let port_name = sport.name.clone().unwrap_or_default();
+    // A numeric targetPort maps directly; a named one is resolved by the
+    // endpoints (whose ports carry the service port's name).
+    let numeric_target = match &sport.target_port {
+        Some(IntOrString::Int(n)) => Some(*n as u16),
+        Some(IntOrString::String(_)) => None,
+        None => Some(port),
+    };
+
+    // EndpointSlices first; core Endpoints on servers without them.
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+        .await;
+    let candidates: Vec<SocketAddr> = match slices {
+        Ok(list) => list
+            .items
+            .iter()
+            .flat_map(|s| {
+                let p = s
+                    .ports
+                    .as_ref()
+                    .and_then(|ps| {
+                        ps.iter()
+                            .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                    })
+                    .and_then(|p| p.port)
+                    .map(|p| p as u16)
+                    .or(numeric_target);
+                s.endpoints
+                    .iter()
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                    .flat_map(|e| e.addresses.iter())
+                    .filter_map(move |a| Some(SocketAddr::new(a.parse().ok()?, p?)))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let ep = Api::<Endpoints>::namespaced(client.clone(), ns)
+                .get(name)
+                .await
+                .map_err(|e| api_err(&what, e))?;
+            ep.subsets
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|sub| {
+                    let p = sub
+                        .ports
+                        .as_ref()
+                        .and_then(|ps| {
+                            ps.iter()
+                                .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                        })
+                        .map(|p| p.port as u16)
+                        .or(numeric_target);
+                    sub.addresses
+                        .iter()
+                        .flatten()
+                        .filter_map(move |a| Some(SocketAddr::new(a.ip.parse().ok()?, p?)))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        }
+        Err(e) => return Err(api_err(&what, e)),
+    };
+    candidates.first().copied().ok_or_else(|| {
+        ResolveError::Unavailable(format!("{what} has no ready endpoint for port {port}"))
+    })
+}
