@@ -17,6 +17,8 @@
 #   LIGHT_DURATION  wrk -t1 -c1 run per path for unloaded latency (0 to skip); default 5s
 #   CONNECTIONS   wrk connections; default 16
 #   THREADS       wrk threads; default 2
+#   PATHS         which paths to measure; default "direct gateway ssh_N ssh_tt rathole"
+#                 (rathole only when it is on PATH)
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
 #                 (towerctl's first choice); "default" lets OpenSSH negotiate
 #   BULK_TIMEOUT  seconds allowed for one bulk download; default 300
@@ -51,6 +53,7 @@ JOBS=${JOBS:-1}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PATHS=${PATHS:-direct gateway ssh_N ssh_tt rathole}
 CLUSTER=bench
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -83,6 +86,10 @@ BYTES_N=$(parse_bytes "$BYTES_SPEC") || die "BYTES='$BYTES_SPEC' is not a size (
 [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP='$WARMUP' is not a wrk duration (examples: 1s, 0)"
 [[ $LIGHT_DURATION =~ ^[0-9]+[smh]?$ ]] || die "LIGHT_DURATION='$LIGHT_DURATION' is not a wrk duration (examples: 5s, 0)"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ ]] || die "CONNECTIONS and THREADS must be numbers"
+for p in $PATHS; do
+    case $p in direct | gateway | ssh_N | ssh_tt | rathole) ;; *) die "PATHS: unknown path '$p' (known: direct gateway ssh_N ssh_tt rathole)" ;; esac
+done
+wants() { [[ " $PATHS " == *" $1 "* ]]; }
 [[ $BULK_TIMEOUT =~ ^[0-9]+$ ]] || die "BULK_TIMEOUT must be a number of seconds"
 [[ $QUIET_WAIT =~ ^[0-9]+$ && $QUIET_MAX_BUSY =~ ^[0-9]+$ && $RETRIES =~ ^[0-9]+$ ]] ||
     die "QUIET_WAIT, QUIET_MAX_BUSY and RETRIES must be numbers"
@@ -276,15 +283,17 @@ log "towerctl: gateway $GATEWAY_URL, hub pid $HUB_PID, agent pid $AGENT_PID"
 
 # --- OpenSSH: a private sshd and two reverse tunnels -----------------------------
 
-if [[ $(id -u) == 0 && ! -d /run/sshd ]]; then
-    mkdir -m 0755 /run/sshd # sshd's privilege separation dir (Debian), removed at exit
-    MADE_PRIVSEP=1
-fi
-ssh-keygen -q -t ed25519 -N '' -C bench-host -f "$W/ssh/host_ed25519"
-ssh-keygen -q -t ed25519 -N '' -C bench-client -f "$W/ssh/client_ed25519"
-cp "$W/ssh/client_ed25519.pub" "$W/ssh/authorized_keys"
-SSHD_PORT=$(free_port)
-cat >"$W/ssh/sshd_config" <<EOF
+SSHD_PID="" SSH_N_PID="" SSH_TT_PID=""
+if wants ssh_N || wants ssh_tt; then
+    if [[ $(id -u) == 0 && ! -d /run/sshd ]]; then
+        mkdir -m 0755 /run/sshd # sshd's privilege separation dir (Debian), removed at exit
+        MADE_PRIVSEP=1
+    fi
+    ssh-keygen -q -t ed25519 -N '' -C bench-host -f "$W/ssh/host_ed25519"
+    ssh-keygen -q -t ed25519 -N '' -C bench-client -f "$W/ssh/client_ed25519"
+    cp "$W/ssh/client_ed25519.pub" "$W/ssh/authorized_keys"
+    SSHD_PORT=$(free_port)
+    cat >"$W/ssh/sshd_config" <<EOF
 Port $SSHD_PORT
 ListenAddress 127.0.0.1
 HostKey $W/ssh/host_ed25519
@@ -306,36 +315,39 @@ UseDNS no
 ClientAliveInterval 0
 LogLevel ERROR
 EOF
-start_bg "$W/sshd.out" "$W/sshd.log" "$SSHD" -f "$W/ssh/sshd_config" -D -e
-SSHD_PID=$BG_PID
-wait_port "$SSHD_PORT" 10 "$SSHD_PID" || die "sshd did not start: $(cat "$W/sshd.log")"
+    start_bg "$W/sshd.out" "$W/sshd.log" "$SSHD" -f "$W/ssh/sshd_config" -D -e
+    SSHD_PID=$BG_PID
+    wait_port "$SSHD_PORT" 10 "$SSHD_PID" || die "sshd did not start: $(cat "$W/sshd.log")"
 
-SSH_OPTS=(-F /dev/null -p "$SSHD_PORT" -i "$W/ssh/client_ed25519"
-    -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
-    -o ExitOnForwardFailure=yes -o Compression=no -o LogLevel=ERROR)
-if [[ $SSH_CIPHER != default ]]; then SSH_OPTS+=(-c "$SSH_CIPHER"); fi
-SSH_USER=$(id -un)
+    SSH_OPTS=(-F /dev/null -p "$SSHD_PORT" -i "$W/ssh/client_ed25519"
+        -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
+        -o ExitOnForwardFailure=yes -o Compression=no -o LogLevel=ERROR)
+    if [[ $SSH_CIPHER != default ]]; then SSH_OPTS+=(-c "$SSH_CIPHER"); fi
+    SSH_USER=$(id -un)
 
-SSH_N_PORT=$(free_port)
-start_bg "$W/ssh-N.out" "$W/ssh-N.err" ssh -N "${SSH_OPTS[@]}" \
-    -R "127.0.0.1:$SSH_N_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1"
-SSH_N_PID=$BG_PID
-SSH_TT_PORT=$(free_port)
-# -tt: a pty makes both OpenSSH ends treat the session as interactive and set TCP_NODELAY.
-start_bg "$W/ssh-tt.out" "$W/ssh-tt.err" ssh -tt "${SSH_OPTS[@]}" \
-    -R "127.0.0.1:$SSH_TT_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1" "exec sleep 86400"
-SSH_TT_PID=$BG_PID
-SSH_N=http://127.0.0.1:$SSH_N_PORT
-SSH_TT=http://127.0.0.1:$SSH_TT_PORT
-wait_http "$SSH_N/version" 20 "$SSH_N_PID" || die "ssh -N -R tunnel did not come up: $(cat "$W/ssh-N.err" "$W/sshd.log")"
-wait_http "$SSH_TT/version" 20 "$SSH_TT_PID" || die "ssh -tt -R tunnel did not come up: $(cat "$W/ssh-tt.err" "$W/sshd.log")"
-log "OpenSSH: sshd on 127.0.0.1:$SSHD_PORT, ssh -N -R on :$SSH_N_PORT, ssh -tt -R on :$SSH_TT_PORT, cipher $SSH_CIPHER"
+    SSH_N_PORT=$(free_port)
+    start_bg "$W/ssh-N.out" "$W/ssh-N.err" ssh -N "${SSH_OPTS[@]}" \
+        -R "127.0.0.1:$SSH_N_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1"
+    SSH_N_PID=$BG_PID
+    SSH_TT_PORT=$(free_port)
+    # -tt: a pty makes both OpenSSH ends treat the session as interactive and set TCP_NODELAY.
+    start_bg "$W/ssh-tt.out" "$W/ssh-tt.err" ssh -tt "${SSH_OPTS[@]}" \
+        -R "127.0.0.1:$SSH_TT_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1" "exec sleep 86400"
+    SSH_TT_PID=$BG_PID
+    SSH_N=http://127.0.0.1:$SSH_N_PORT
+    SSH_TT=http://127.0.0.1:$SSH_TT_PORT
+    wait_http "$SSH_N/version" 20 "$SSH_N_PID" || die "ssh -N -R tunnel did not come up: $(cat "$W/ssh-N.err" "$W/sshd.log")"
+    wait_http "$SSH_TT/version" 20 "$SSH_TT_PID" || die "ssh -tt -R tunnel did not come up: $(cat "$W/ssh-tt.err" "$W/sshd.log")"
+    log "OpenSSH: sshd on 127.0.0.1:$SSHD_PORT, ssh -N -R on :$SSH_N_PORT, ssh -tt -R on :$SSH_TT_PORT, cipher $SSH_CIPHER"
+fi
 
 # --- rathole (optional) ------------------------------------------------------------
 
 RATHOLE=""
 RATHOLE_NOTE=""
-if command -v rathole >/dev/null; then
+if ! wants rathole; then
+    RATHOLE_NOTE="skipped: not in PATHS"
+elif command -v rathole >/dev/null; then
     RH_CTRL=$(free_port)
     RH_PORT=$(free_port)
     rathole --genkey >"$W/rathole/keys.txt" 2>&1 || true
@@ -543,15 +555,17 @@ measure() {
     printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" >>"$RESULTS_TSV"
 }
 
-measure direct "direct (no tunnel)" "$DIRECT"
-# curl checks nothing with -k, and wrk never verifies: both pay the same TLS cost.
-CURL_EXTRA=(-k -H "$AUTH")
-WRK_EXTRA=(-H "$AUTH")
-measure gateway "towerctl gateway (https)" "$GATEWAY"
-CURL_EXTRA=()
-WRK_EXTRA=()
-measure ssh_N "ssh -N -R" "$SSH_N"
-measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "$SSH_TT"
+if wants direct; then measure direct "direct (no tunnel)" "$DIRECT"; fi
+if wants gateway; then
+    # curl checks nothing with -k, and wrk never verifies: both pay the same TLS cost.
+    CURL_EXTRA=(-k -H "$AUTH")
+    WRK_EXTRA=(-H "$AUTH")
+    measure gateway "towerctl gateway (https)" "$GATEWAY"
+    CURL_EXTRA=()
+    WRK_EXTRA=()
+fi
+if wants ssh_N; then measure ssh_N "ssh -N -R" "$SSH_N"; fi
+if wants ssh_tt; then measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "$SSH_TT"; fi
 if [[ -n $RATHOLE ]]; then
     measure rathole "rathole (noise)" "$RATHOLE"
 fi
