@@ -119,6 +119,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List registered members with their state, agent version, key and token')
@@ -128,10 +129,21 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;cluster;add' {
             [CompletionResult]::new('--ttl', '--ttl', [CompletionResultType]::ParameterName, 'Lifetime of the join token (0 = never expires)')
+            [CompletionResult]::new('--expose', '--expose', [CompletionResultType]::ParameterName, 'Push mode: let the member''s workloads reach HOST:PORT on the hub side as NAME (repeatable); the agent listens for them')
             [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--reusable', '--reusable', [CompletionResultType]::ParameterName, 'Let the join token be used more than once (agent pods recreated without their key)')
             [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'The member lets the agent impersonate operators (its RBAC decides per operator)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;cluster;expose' {
+            [CompletionResult]::new('--remove', '--remove', [CompletionResultType]::ParameterName, 'Names to stop exposing')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -184,6 +196,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;cluster;help' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List registered members with their state, agent version, key and token')
@@ -192,6 +205,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;cluster;help;add' {
+            break
+        }
+        'towerctl;cluster;help;expose' {
             break
         }
         'towerctl;cluster;help;rotate' {
@@ -217,6 +233,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--kubeconfig', '--kubeconfig', [CompletionResultType]::ParameterName, 'Kubeconfig of the member''s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval')
             [CompletionResult]::new('--allow', '--allow', [CompletionResultType]::ParameterName, 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster''s services, pods and deployments are always allowed)')
+            [CompletionResult]::new('--expose', '--expose', [CompletionResultType]::ParameterName, 'Push mode: listen on ADDR for the member''s workloads and carry them to the hub-side service the hub exposes as NAME (repeatable)')
             [CompletionResult]::new('--backoff-cap', '--backoff-cap', [CompletionResultType]::ParameterName, 'Longest wait between reconnection attempts')
             [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'How long to wait for the tunnel before giving up')
             [CompletionResult]::new('--namespace', '--namespace', [CompletionResultType]::ParameterName, 'Namespace for --print-manifest')
@@ -251,6 +268,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--kubeconfig', '--kubeconfig', [CompletionResultType]::ParameterName, 'Kubeconfig of the member''s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval')
             [CompletionResult]::new('--allow', '--allow', [CompletionResultType]::ParameterName, 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster''s services, pods and deployments are always allowed)')
+            [CompletionResult]::new('--expose', '--expose', [CompletionResultType]::ParameterName, 'Push mode: listen on ADDR for the member''s workloads and carry them to the hub-side service the hub exposes as NAME (repeatable)')
             [CompletionResult]::new('--backoff-cap', '--backoff-cap', [CompletionResultType]::ParameterName, 'Longest wait between reconnection attempts')
             [CompletionResult]::new('--config', '--config', [CompletionResultType]::ParameterName, 'Read the agent''s settings from a file saved by `join`')
             [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'Add the calling operator''s identity as Impersonate-User/Group headers (the member''s RBAC must grant the agent ''impersonate'')')
@@ -587,6 +605,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;help;cluster' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List registered members with their state, agent version, key and token')
@@ -594,6 +613,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;cluster;add' {
+            break
+        }
+        'towerctl;help;cluster;expose' {
             break
         }
         'towerctl;help;cluster;rotate' {

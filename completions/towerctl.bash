@@ -94,6 +94,9 @@ _towerctl() {
             towerctl__subcmd__cluster,add)
                 cmd="towerctl__subcmd__cluster__subcmd__add"
                 ;;
+            towerctl__subcmd__cluster,expose)
+                cmd="towerctl__subcmd__cluster__subcmd__expose"
+                ;;
             towerctl__subcmd__cluster,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help"
                 ;;
@@ -111,6 +114,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,add)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__add"
+                ;;
+            towerctl__subcmd__cluster__subcmd__help,expose)
+                cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__expose"
                 ;;
             towerctl__subcmd__cluster__subcmd__help,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__help"
@@ -195,6 +201,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help__subcmd__cluster,add)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__add"
+                ;;
+            towerctl__subcmd__help__subcmd__cluster,expose)
+                cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__expose"
                 ;;
             towerctl__subcmd__help__subcmd__cluster,list)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__list"
@@ -378,7 +387,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__agent__subcmd__run)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --backoff-cap --config --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --expose --backoff-cap --config --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -409,6 +418,10 @@ _towerctl() {
                     return 0
                     ;;
                 --allow)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --expose)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -458,7 +471,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster)
-            opts="-v -h -V --verbose --help --version add rotate revoke list rm help"
+            opts="-v -h -V --verbose --help --version add expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -472,13 +485,17 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__add)
-            opts="-o -v -h -V --ttl --reusable --impersonate --output --verbose --help --version"
+            opts="-o -v -h -V --ttl --reusable --impersonate --expose --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --ttl)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --expose)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -497,8 +514,26 @@ _towerctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        towerctl__subcmd__cluster__subcmd__expose)
+            opts="-v -h -V --remove --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --remove)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         towerctl__subcmd__cluster__subcmd__help)
-            opts="add rotate revoke list rm help"
+            opts="add expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -512,6 +547,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__help__subcmd__expose)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -792,7 +841,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster)
-            opts="add rotate revoke list rm"
+            opts="add expose rotate revoke list rm"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -806,6 +855,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster__subcmd__add)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__cluster__subcmd__expose)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1320,7 +1383,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__join)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --expose --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1351,6 +1414,10 @@ _towerctl() {
                     return 0
                     ;;
                 --allow)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --expose)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -76,16 +76,18 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_s
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from help" -f -a "run" -d 'Run the hub in the foreground (for containers and systemd)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -s h -l help -d 'Print help'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -s V -l version -d 'Print version'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "list" -d 'List registered members with their state, agent version, key and token'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "rm" -d 'Forget a member: its token and key stop working and its session is cut'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add rotate revoke list rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "expose" -d 'Change what a member\'s workloads may reach on the hub side (push mode)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "list" -d 'List registered members with their state, agent version, key and token'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "rm" -d 'Forget a member: its token and key stop working and its session is cut'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and not __fish_seen_subcommand_from add expose rotate revoke list rm help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -l ttl -d 'Lifetime of the join token (0 = never expires)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -l expose -d 'Push mode: let the member\'s workloads reach HOST:PORT on the hub side as NAME (repeatable); the agent listens for them' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s o -l output -d 'Output format' -r -f -a "text\t''
 json\t''"
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -l reusable -d 'Let the join token be used more than once (agent pods recreated without their key)'
@@ -93,6 +95,10 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_se
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from add" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from expose" -l remove -d 'Names to stop exposing' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from expose" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from expose" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from expose" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l ttl -d 'Lifetime of the join token (0 = never expires)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s o -l output -d 'Output format' -r -f -a "text\t''
 json\t''"
@@ -114,6 +120,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_se
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rm" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rm" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "expose" -d 'Change what a member\'s workloads may reach on the hub side (push mode)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "list" -d 'List registered members with their state, agent version, key and token'
@@ -126,6 +133,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-key -d 'F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l allow -d 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster\'s services, pods and deployments are always allowed)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l expose -d 'Push mode: listen on ADDR for the member\'s workloads and carry them to the hub-side service the hub exposes as NAME (repeatable)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l timeout -d 'How long to wait for the tunnel before giving up' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l namespace -d 'Namespace for --print-manifest' -r
@@ -148,6 +156,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l allow -d 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster\'s services, pods and deployments are always allowed)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l expose -d 'Push mode: listen on ADDR for the member\'s workloads and carry them to the hub-side service the hub exposes as NAME (repeatable)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l config -d 'Read the agent\'s settings from a file saved by `join`' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'
@@ -274,6 +283,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_s
 complete -c towerctl -n "__fish_towerctl_using_subcommand help; and not __fish_seen_subcommand_from up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs credential help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from hub" -f -a "run" -d 'Run the hub in the foreground (for containers and systemd)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "add" -d 'Register a member and print the join command (the token is shown once)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "expose" -d 'Change what a member\'s workloads may reach on the hub side (push mode)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "rotate" -d 'Issue a new join token; the old one stops working at once'
 complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "revoke" -d 'Cut the member\'s session now and refuse its agent from now on'
 complete -c towerctl -n "__fish_towerctl_using_subcommand help; and __fish_seen_subcommand_from cluster" -f -a "list" -d 'List registered members with their state, agent version, key and token'

@@ -1026,3 +1026,86 @@ fn connect_through_the_gateway_honours_the_agent_dial_policy() {
     let o = curl_via_gateway(&env, "127.0.0.1.nope:80");
     assert!(!o.ok() && o.stderr.contains("404"), "{o:?}");
 }
+
+#[test]
+fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let hub_side = support::http_server("hello from the hub side");
+    env.up();
+    let o = env.towerctl(&[
+        "cluster",
+        "add",
+        "alpha",
+        "--expose",
+        &format!("web={hub_side}"),
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let mut join: Vec<String> = o
+        .stdout
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    // The printed join listens on the target's port in the member; this
+    // test's "member" is the same machine, so let the agent pick a port.
+    let i = join
+        .iter()
+        .position(|a| a == "--expose")
+        .expect("join command carries --expose");
+    assert_eq!(join[i + 1], format!("web=127.0.0.1:{}", hub_side.port()));
+    join[i + 1] = "web=127.0.0.1:0".into();
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--expose",
+            "other=127.0.0.1:0",
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+    let s = env.status();
+    let exposed = s["agents"][0]["exposed"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let listen = |n: &str| -> String {
+        exposed
+            .iter()
+            .filter_map(|v| v.as_str())
+            .find_map(|v| v.strip_prefix(&format!("{n}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {n} in {s}"))
+    };
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{}/", listen("web")),
+    ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    assert!(
+        o.ok() && o.stdout.contains("hello from the hub side"),
+        "{o:?}"
+    );
+
+    // 'other' is not exposed to alpha: the hub refuses the channel.
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{}/", listen("other")),
+    ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    assert!(!o.ok(), "{o:?}");
+    let log = env.towerctl(&["logs", "hub"]).stdout;
+    assert!(log.contains("refused an agent-opened channel"), "{log}");
+
+    // Exposes can change later.
+    let o = env.towerctl(&["cluster", "expose", "alpha", "--remove", "web"]);
+    assert!(o.ok() && o.stdout.contains("exposes nothing"), "{o:?}");
+}

@@ -44,8 +44,20 @@ fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
         "cluster '{}' {what}. Run this in the member (the token is shown once, {expiry}):",
         added.name
     );
+    // Push mode: the agent listens on loopback in the member by default,
+    // on the same port as the hub-side target; edit to taste.
+    let exposes: String = added
+        .exposes
+        .iter()
+        .map(|(n, t)| {
+            format!(
+                " --expose {n}=127.0.0.1:{}",
+                t.rsplit_once(':').map(|x| x.1).unwrap_or("0")
+            )
+        })
+        .collect();
     println!(
-        "towerctl join {} --token {} --hub {} --hub-key {}",
+        "towerctl join {} --token {} --hub {} --hub-key {}{exposes}",
         added.name, added.token, added.tunnel_url, added.hub_key
     );
     Ok(exit::OK)
@@ -56,6 +68,7 @@ pub async fn add(
     ttl_secs: u64,
     reusable: bool,
     impersonate: bool,
+    exposes: Vec<(String, String)>,
     output: &str,
 ) -> Result<u8> {
     validate_name(name).map_err(anyhow::Error::msg)?;
@@ -64,6 +77,7 @@ pub async fn add(
         ttl_secs,
         reusable,
         impersonate,
+        exposes,
     })
     .await?;
     print_join(v, output, "registered")
@@ -82,6 +96,25 @@ pub async fn rotate(name: &str, ttl_secs: u64, reusable: bool, output: &str) -> 
         output,
         "has a new join token (the old one no longer works)",
     )
+}
+
+pub async fn expose(name: &str, add: Vec<(String, String)>, remove: Vec<String>) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let v = hub_call(Request::ClusterExpose {
+        name: name.to_string(),
+        add,
+        remove,
+    })
+    .await?;
+    let now: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(v).unwrap_or_default();
+    if now.is_empty() {
+        println!("cluster '{name}' exposes nothing on the hub side");
+    }
+    for (n, t) in now {
+        println!("{n} -> {t}");
+    }
+    Ok(exit::OK)
 }
 
 pub async fn revoke(name: &str) -> Result<u8> {

@@ -74,6 +74,12 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
         kubeconfig,
         keepalive_secs: o.keepalive.as_secs().max(1),
         backoff_cap_secs: o.backoff_cap.as_secs().max(1),
+        exposes: {
+            for x in &o.expose {
+                agent::parse_agent_expose(x).map_err(anyhow::Error::msg)?;
+            }
+            o.expose.clone()
+        },
         allow: {
             for a in &o.allow {
                 crate::daemon::policy::Rule::parse(a).map_err(anyhow::Error::msg)?;

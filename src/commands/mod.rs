@@ -238,9 +238,24 @@ pub enum ClusterCommand {
         /// The member lets the agent impersonate operators (its RBAC decides per operator).
         #[arg(long)]
         impersonate: bool,
+        /// Push mode: let the member's workloads reach HOST:PORT on the hub side as NAME
+        /// (repeatable); the agent listens for them.
+        #[arg(long, value_name = "NAME=HOST:PORT", value_parser = parse_expose)]
+        expose: Vec<(String, String)>,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+    },
+    /// Change what a member's workloads may reach on the hub side (push mode).
+    Expose {
+        /// Cluster name.
+        name: String,
+        /// NAME=HOST:PORT to add or replace.
+        #[arg(value_name = "NAME=HOST:PORT", value_parser = parse_expose)]
+        add: Vec<(String, String)>,
+        /// Names to stop exposing.
+        #[arg(long, value_name = "NAME")]
+        remove: Vec<String>,
     },
     /// Issue a new join token; the old one stops working at once.
     Rotate {
@@ -272,6 +287,21 @@ pub enum ClusterCommand {
         /// Cluster name.
         name: String,
     },
+}
+
+/// Parses `NAME=HOST:PORT`.
+pub fn parse_expose(s: &str) -> Result<(String, String), String> {
+    let bad = || format!("invalid expose '{s}': use NAME=HOST:PORT (like db=10.0.0.5:5432)");
+    let (name, target) = s.split_once('=').ok_or_else(bad)?;
+    let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
+    if name.is_empty()
+        || host.is_empty()
+        || port.parse::<u16>().is_err()
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(bad());
+    }
+    Ok((name.to_string(), target.to_string()))
 }
 
 /// Parses a token lifetime in seconds; `0` means no expiry.
@@ -313,6 +343,10 @@ pub struct AgentOpts {
     /// network (repeatable; the cluster's services, pods and deployments are always allowed).
     #[arg(long, value_name = "RULE")]
     pub allow: Vec<String>,
+    /// Push mode: listen on ADDR for the member's workloads and carry them to the
+    /// hub-side service the hub exposes as NAME (repeatable).
+    #[arg(long, value_name = "NAME=ADDR")]
+    pub expose: Vec<String>,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub backoff_cap: std::time::Duration,
@@ -445,8 +479,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             ttl,
             reusable,
             impersonate,
+            expose,
             output,
-        }) => cluster::add(&name, ttl, reusable, impersonate, &output).await,
+        }) => cluster::add(&name, ttl, reusable, impersonate, expose, &output).await,
+        Command::Cluster(ClusterCommand::Expose { name, add, remove }) => {
+            cluster::expose(&name, add, remove).await
+        }
         Command::Cluster(ClusterCommand::Rotate {
             name,
             ttl,

@@ -50,6 +50,8 @@ pub fn agent_out(a: &AgentStatus) -> serde_json::Value {
         "retryInMs": a.retry_in_ms,
         "lastError": a.last_error,
         "reconnects": a.reconnects,
+        "deniedDials": a.denied_dials,
+        "exposed": a.exposed,
     })
 }
 

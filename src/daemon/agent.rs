@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// Extra dial-policy rules (`--allow`); Kubernetes objects are always allowed.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Push mode listeners, `NAME=ADDR`.
+    #[serde(default)]
+    pub exposes: Vec<String>,
 }
 
 fn default_keepalive() -> u64 {
@@ -147,6 +150,46 @@ impl ChannelService for Upstream {
                 .await
             {
                 tracing::debug!("tunnel stream ended: {e}");
+            }
+        });
+    }
+}
+
+/// Parses an agent-side `NAME=ADDR`.
+pub fn parse_agent_expose(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, a)) if !n.is_empty() && a.parse::<std::net::SocketAddr>().is_ok() => Ok((n.to_string(), a.to_string())),
+        _ => Err(format!("invalid --expose '{s}': use NAME=ADDR, like db=127.0.0.1:5432 (NAME as given to 'towerctl cluster add --expose')")),
+    }
+}
+
+async fn push_listener(
+    l: tokio::net::TcpListener,
+    name: String,
+    current: watch::Receiver<Option<Arc<client::ClientSession>>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (mut conn, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+        };
+        let Some(sess) = current.borrow().clone() else {
+            tracing::warn!(%name, "refused a workload connection from {peer}: the tunnel is down");
+            continue;
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            match sess.open_direct(&name, peer).await {
+                Ok(mut ch) => {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut ch).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%name, "the hub refused to carry a workload connection: {e}")
+                }
             }
         });
     }
@@ -421,6 +464,19 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         rtt_history: VecDeque::new(),
         events: VecDeque::new(),
     });
+    // Push mode: listeners for the member's workloads, carried to the hub
+    // over whatever session is current (refused while there is none).
+    let (current, current_rx) = watch::channel::<Option<Arc<client::ClientSession>>>(None);
+    let mut exposed = Vec::new();
+    for e in &cfg.exposes {
+        let (name, addr) = parse_agent_expose(e).map_err(anyhow::Error::msg)?;
+        let l = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on '{addr}' for the exposed '{name}': choose another address in --expose {name}=ADDR"))?;
+        let bound = l.local_addr()?;
+        exposed.push(format!("{name}={bound}"));
+        tokio::spawn(push_listener(l, name, current_rx.clone(), cancel.clone()));
+    }
     let socket = paths::agent_socket(&cfg.name);
     let listener = control::bind(&socket).await?;
     let ctl_cancel = cancel.clone();
@@ -434,6 +490,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         let hub = hub.clone();
         let upstream = upstream_url.clone();
         let denied = denied.clone();
+        let exposed = exposed.clone();
         async move {
             match req {
                 CtlRequest::Status | CtlRequest::Watch { .. } => {
@@ -455,6 +512,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                         rtt_history_ms: s.rtt_history.into_iter().collect(),
                         events: s.events.into_iter().collect(),
                         denied_dials: denied.load(Ordering::Relaxed),
+                        exposed: exposed.clone(),
                     })
                 }
                 CtlRequest::Shutdown => {
@@ -468,7 +526,15 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         }
     }));
 
-    let result = tunnel_loop(&opts, service, &tx, cfg.backoff_cap_secs, cancel.clone()).await;
+    let result = tunnel_loop(
+        &opts,
+        service,
+        &tx,
+        &current,
+        cfg.backoff_cap_secs,
+        cancel.clone(),
+    )
+    .await;
     cancel.cancel();
     let _ = ctl.await;
     let _ = std::fs::remove_file(&socket);
@@ -479,6 +545,7 @@ async fn tunnel_loop(
     opts: &DialOptions,
     service: Arc<dyn ChannelService>,
     tx: &watch::Sender<State>,
+    current: &watch::Sender<Option<Arc<client::ClientSession>>>,
     cap_secs: u64,
     cancel: CancellationToken,
 ) -> Result<()> {
@@ -519,6 +586,9 @@ async fn tunnel_loop(
                     s.event(format!("connected to {}", opts.url));
                 });
                 let closed = sess.take_closed();
+                // Shared with the push-mode listeners for as long as it lives.
+                let sess = Arc::new(sess);
+                current.send_replace(Some(sess.clone()));
                 let keepalive = opts.keepalive;
                 // Same bound as the hub: dead within three intervals.
                 let pinger = async {
@@ -552,10 +622,12 @@ async fn tunnel_loop(
                     }
                     _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
                     _ = cancel.cancelled() => {
+                        current.send_replace(None);
                         sess.disconnect("agent stopping").await;
                         return Ok(());
                     }
                 };
+                current.send_replace(None);
                 sess.disconnect("reconnecting").await;
                 let uptime = sess.connected_at.elapsed();
                 backoff.session_ended(uptime);

@@ -40,6 +40,17 @@ pub enum Request {
         reusable: bool,
         #[serde(default)]
         impersonate: bool,
+        /// Push mode: `NAME` → hub-side `HOST:PORT`.
+        #[serde(default)]
+        exposes: Vec<(String, String)>,
+    },
+    /// Hub: add (or replace) and remove push-mode exposes of a member.
+    ClusterExpose {
+        name: String,
+        #[serde(default)]
+        add: Vec<(String, String)>,
+        #[serde(default)]
+        remove: Vec<String>,
     },
     /// Hub: issue a new join token; the old one stops working.
     ClusterRotate {
@@ -196,6 +207,8 @@ pub fn push_bounded<T>(v: &mut std::collections::VecDeque<T>, item: T, cap: usiz
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterAdded {
     pub name: String,
+    #[serde(default)]
+    pub exposes: Vec<(String, String)>,
     pub token: String,
     pub expires_at: Option<u64>,
     pub tunnel_url: String,
@@ -244,6 +257,9 @@ pub struct AgentStatus {
     /// Dials the agent's policy refused since it started.
     #[serde(default)]
     pub denied_dials: u64,
+    /// Push-mode listeners, `NAME=BOUND_ADDR`.
+    #[serde(default)]
+    pub exposed: Vec<String>,
 }
 
 /// Sends one request and reads one response, bounded in time (10s).

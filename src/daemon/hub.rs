@@ -322,6 +322,10 @@ impl Hub {
 }
 
 impl server::Authenticator for Hub {
+    fn exposed(&self, cluster: &str, name: &str) -> Option<String> {
+        self.exposed_lookup(cluster, name)
+    }
+
     fn check_key(&self, name: &str, key: &PublicKey) -> Verdict {
         let Ok(Some(m)) = self.store.get_member(name) else {
             return Verdict::Reject(None);
@@ -380,6 +384,18 @@ impl server::Authenticator for Hub {
                 Verdict::Reject(None)
             }
         }
+    }
+}
+
+impl Hub {
+    fn exposed_lookup(&self, cluster: &str, name: &str) -> Option<String> {
+        self.store
+            .get_member(cluster)
+            .ok()
+            .flatten()?
+            .exposes
+            .get(name)
+            .cloned()
     }
 }
 
@@ -638,6 +654,7 @@ fn handle_control(
             ttl_secs,
             reusable,
             impersonate,
+            exposes,
         } => {
             if let Err(e) = validate_name(&name) {
                 return Response::err(e);
@@ -661,6 +678,7 @@ fn handle_control(
             m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
             m.single_use = !reusable;
             m.impersonate = impersonate;
+            m.exposes = exposes.iter().cloned().collect();
             if let Err(e) = hub.store.put_member(&m) {
                 return Response::err(e.to_string());
             }
@@ -668,6 +686,7 @@ fn handle_control(
             hub.event(&name, "registered".into());
             Response::ok(ClusterAdded {
                 name,
+                exposes,
                 token,
                 expires_at: m.token_expires_at,
                 tunnel_url: base.tunnel_url.clone(),
@@ -702,6 +721,7 @@ fn handle_control(
                     hub.event(&name, "join token rotated".into());
                     Response::ok(ClusterAdded {
                         name,
+                        exposes: m.exposes.clone().into_iter().collect(),
                         token,
                         expires_at: m.token_expires_at,
                         tunnel_url: base.tunnel_url.clone(),
@@ -709,6 +729,24 @@ fn handle_control(
                     })
                 }
                 Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterExpose { name, add, remove } => {
+            let r = hub.store.update_member(&name, &mut |m| {
+                for n in &remove {
+                    m.exposes.remove(n);
+                }
+                for (n, t) in &add {
+                    m.exposes.insert(n.clone(), t.clone());
+                }
+                true
+            });
+            match r {
+                Ok(Some(m)) => Response::ok(m.exposes),
+                Ok(None) => {
+                    Response::err(format!("cluster '{name}' is not registered on this hub"))
+                }
                 Err(e) => Response::err(e.to_string()),
             }
         }

@@ -45,6 +45,10 @@ pub struct Member {
     /// The member allows impersonating operators (the agent also has to).
     #[serde(default)]
     pub impersonate: bool,
+    /// Push mode: hub-side `HOST:PORT` the member's workloads may reach,
+    /// by name.
+    #[serde(default)]
+    pub exposes: std::collections::BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -65,6 +69,7 @@ impl Member {
             agent_key: None,
             revoked: false,
             impersonate: false,
+            exposes: Default::default(),
         }
     }
 }

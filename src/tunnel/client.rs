@@ -253,6 +253,24 @@ impl ClientSession {
         }
     }
 
+    /// Push mode: a channel to what the hub exposes as `name`.
+    pub async fn open_direct(
+        &self,
+        name: &str,
+        originator: std::net::SocketAddr,
+    ) -> Result<ChannelStream<Msg>, russh::Error> {
+        let ch = self
+            .handle
+            .channel_open_direct_tcpip(
+                name,
+                0,
+                originator.ip().to_string(),
+                u32::from(originator.port()),
+            )
+            .await?;
+        Ok(ch.into_stream())
+    }
+
     pub async fn disconnect(&self, why: &str) {
         let _ = self
             .handle

@@ -30,6 +30,10 @@ pub trait Authenticator: Send + Sync + 'static {
     /// connection proved before (if any): on success it becomes the
     /// cluster's agent key, so later reconnects need no token.
     fn check_token(&self, name: &str, token: &str, proven_key: Option<&PublicKey>) -> Verdict;
+    /// Push mode: the `HOST:PORT` on the hub side that cluster `cluster`
+    /// exposes to its workloads under `name`, if any. Agent-opened channels
+    /// to anything else are refused.
+    fn exposed(&self, cluster: &str, name: &str) -> Option<String>;
 }
 
 /// The russh server configuration for the hub.
@@ -64,6 +68,8 @@ pub struct HubHandler {
     handle: Arc<OnceLock<Handle>>,
     /// Key the agent proved ownership of in this connection.
     proven_key: Option<PublicKey>,
+    /// The cluster this session authenticated as.
+    cluster: Option<String>,
     /// Name accepted by `auth_password`, reported in `auth_succeeded`.
     accepted: Option<String>,
     authed: Option<oneshot::Sender<(String, String)>>,
@@ -93,9 +99,53 @@ impl russh::server::Handler for HubHandler {
         &mut self,
         session: &mut russh::server::Session,
     ) -> Result<(), Self::Error> {
+        self.cluster = self.accepted.clone();
         if let (Some(name), Some(tx)) = (self.accepted.take(), self.authed.take()) {
             let id = String::from_utf8_lossy(session.remote_sshid()).to_string();
             let _ = tx.send((name, agent_version(&id)));
+        }
+        Ok(())
+    }
+
+    /// Push mode: a workload in the member reaches a hub-side service the
+    /// member was given (`cluster add --expose NAME=HOST:PORT`).
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut russh::server::Session,
+    ) -> Result<(), Self::Error> {
+        let cluster = self.cluster.clone().unwrap_or_default();
+        let Some(target) = self.auth.exposed(&cluster, host_to_connect) else {
+            tracing::warn!(%cluster, name = host_to_connect, "refused an agent-opened channel to something not exposed to it");
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&target),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => {
+                super::nodelay(&tcp);
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    let mut ch = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut ch, &mut tcp).await;
+                });
+            }
+            _ => {
+                tracing::warn!(%cluster, name = host_to_connect, "cannot reach exposed target {target}");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
         }
         Ok(())
     }
@@ -185,6 +235,7 @@ where
         auth,
         handle: handle_slot.clone(),
         proven_key: None,
+        cluster: None,
         accepted: None,
         authed: Some(tx),
     };
