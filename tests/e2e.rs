@@ -1109,3 +1109,184 @@ fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
     let o = env.towerctl(&["cluster", "expose", "alpha", "--remove", "web"]);
     assert!(o.ok() && o.stdout.contains("exposes nothing"), "{o:?}");
 }
+
+/// The local port of a forward, from its "Forwarding from 127.0.0.1:N -> R" line.
+fn forwarded_port(s: &Streaming) -> u16 {
+    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
+    let out = s.output();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Forwarding from 127.0.0.1:"))
+        .unwrap();
+    line["Forwarding from 127.0.0.1:".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn curl(url: &str) -> support::Out {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", url]);
+    support::run_bounded(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
+    use support::apiserver::TargetPort;
+    let env = Env::new();
+    let api = ApiServer::start();
+    let one = support::http_server("served by endpoint one");
+    let two = support::http_server("served by endpoint two");
+    api.add_service(
+        "default",
+        "web",
+        &[("http", 80, TargetPort::Name("http"))],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "http", one.port())]);
+    connected(&env, &api, &["--backoff-cap", "1s"]);
+
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = forwarded_port(&pf);
+    assert!(
+        pf.output()
+            .contains(&format!("Forwarding from [::1]:{port} -> 80")),
+        "{}",
+        pf.output()
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let o = curl(&url);
+    assert!(
+        o.stdout.contains("served by endpoint one"),
+        "{o:?} {}",
+        pf.output()
+    );
+    pf.wait_for(
+        &format!("Handling connection for {port}"),
+        Duration::from_secs(5),
+    );
+
+    // The endpoint moves (pod replaced): the next connection follows.
+    api.set_endpoints("default", "web", &[("127.0.0.1", "http", two.port())]);
+    let o = curl(&url);
+    assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
+
+    // The tunnel bounces (hub restarted): the same forward works again.
+    let s = env.status();
+    let (tunnel, gateway) = (
+        s["hub"]["tunnelAddress"].as_str().unwrap().to_string(),
+        s["hub"]["gatewayAddress"].as_str().unwrap().to_string(),
+    );
+    env.kill9("hub");
+    env.up_on(&tunnel, &gateway);
+    wait_for("the agent to reconnect", Duration::from_secs(20), || {
+        (env.status()["hub"]["clusters"][0]["state"] == "connected").then_some(())
+    });
+    let o = curl(&url);
+    assert!(
+        o.stdout.contains("served by endpoint two"),
+        "{o:?} {}",
+        pf.output()
+    );
+
+    // A target that cannot be resolved: the error names it, the forward lives on.
+    let bad = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/nope", ":80"]));
+    let bad_port = forwarded_port(&bad);
+    let _ = curl(&format!("http://127.0.0.1:{bad_port}/"));
+    bad.wait_for("service default/nope not found", Duration::from_secs(10));
+    let o = curl(&url);
+    assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
+}
+
+#[test]
+fn port_forward_to_pods_and_deployments_and_bad_input() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("served by the pod");
+    api.add_pod(
+        "default",
+        "api-7d9",
+        "127.0.0.1",
+        &[("app", "api")],
+        true,
+        &[("http", web.port())],
+    );
+    api.add_deployment("default", "api", &[("app", "api")], 1);
+    connected(&env, &api, &[]);
+    for target in ["pod/api-7d9", "api-7d9", "deploy/api"] {
+        let pf = Streaming::start(env.towerctl_cmd(&[
+            "port-forward",
+            "alpha",
+            target,
+            &format!(":{}", web.port()),
+        ]));
+        let port = forwarded_port(&pf);
+        let o = curl(&format!("http://127.0.0.1:{port}/"));
+        assert!(
+            o.stdout.contains("served by the pod"),
+            "{target}: {o:?} {}",
+            pf.output()
+        );
+    }
+    // An older server without discovery.k8s.io: core Endpoints, numeric targetPort.
+    api.set_endpointslices(false);
+    api.add_service(
+        "default",
+        "legacy",
+        &[("", 80, support::apiserver::TargetPort::Number(web.port()))],
+        &[("app", "api")],
+    );
+    api.set_endpoints("default", "legacy", &[("127.0.0.1", "", web.port())]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/legacy", ":80"]));
+    let port = forwarded_port(&pf);
+    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(
+        o.stdout.contains("served by the pod"),
+        "{o:?} {}",
+        pf.output()
+    );
+
+    let o = env.towerctl(&["port-forward", "alpha", "cm/x", "80"]);
+    assert!(!o.ok() && o.stderr.contains("pod/NAME"), "{o:?}");
+    let o = env.towerctl(&["port-forward", "alpha", "svc/web", "80:http"]);
+    assert!(!o.ok() && o.stderr.contains("named ports"), "{o:?}");
+    let o = env.towerctl(&["port-forward", "nope", "svc/web", "80"]);
+    assert!(
+        !o.ok() && o.stderr.contains("cluster 'nope' is not registered"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn kubectl_port_forward_passes_through_the_gateway() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("forwarded by kubectl");
+    api.add_pod(
+        "default",
+        "web-1",
+        "10.99.0.1",
+        &[("app", "web")],
+        true,
+        &[("http", 8080)],
+    );
+    api.set_portforward_target("default", "web-1", 8080, web);
+    connected(&env, &api, &[]);
+    // WebSocket (kubectl's default) and the SPDY fallback.
+    for ws in ["true", "false"] {
+        let mut cmd = env.kubectl_cmd(&["port-forward", "pod/web-1", ":8080"]);
+        cmd.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", ws);
+        let pf = Streaming::start(cmd);
+        let port = forwarded_port(&pf);
+        for _ in 0..2 {
+            let o = curl(&format!("http://127.0.0.1:{port}/"));
+            assert!(
+                o.stdout.contains("forwarded by kubectl"),
+                "websockets={ws}: {o:?} {}",
+                pf.output()
+            );
+        }
+    }
+}

@@ -1,17 +1,21 @@
 //! A stand-in Kubernetes API server for end-to-end tests driven by the real `kubectl`.
 //!
 //! It speaks just enough of the wire protocol for kubectl 1.32: legacy discovery, list/get/
-//! create/patch/delete/watch of namespaces, nodes, configmaps and pods, and `pods/exec` over
-//! WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`). Every request must carry
-//! `Authorization: Bearer fake-upstream-token`; all requests are recorded for assertions.
+//! create/patch/delete/watch of namespaces, nodes, configmaps, pods, services, endpoints,
+//! `discovery.k8s.io/v1` endpointslices and `apps/v1` deployments (with label selectors),
+//! `pods/exec` over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`) and `pods/portforward`
+//! over SPDY/3.1, plain or tunneled through a WebSocket (`SPDY/3.1+portforward.k8s.io`). Every
+//! request must carry `Authorization: Bearer fake-upstream-token`; all requests are recorded for
+//! assertions.
 //!
 //! The file is self-contained so it can be copied into another crate's `tests/support/`.
 #![allow(dead_code)] // each test binary uses a different subset of the helpers
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +27,8 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::{coding::CloseCode, CloseFrame};
@@ -35,6 +40,13 @@ use tokio_tungstenite::WebSocketStream;
 pub const TOKEN: &str = "fake-upstream-token";
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A Service port's `targetPort`: a container port number or name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(&'static str),
+}
 
 /// One request as it reached the server (recorded before authentication).
 #[derive(Clone, Debug)]
@@ -116,6 +128,222 @@ impl ApiServer {
         }
     }
 
+    /// Creates (or replaces) a Service with `ports` (name, port, targetPort) and `selector`.
+    pub fn add_service(
+        &self,
+        ns: &str,
+        name: &str,
+        ports: &[(&str, u16, TargetPort)],
+        selector: &[(&str, &str)],
+    ) {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(port_name, port, target)| {
+                let target = match target {
+                    TargetPort::Number(n) => json!(n),
+                    TargetPort::Name(n) => json!(n),
+                };
+                let mut port = json!({"port": port, "targetPort": target, "protocol": "TCP"});
+                if !port_name.is_empty() {
+                    port["name"] = json!(port_name);
+                }
+                port
+            })
+            .collect();
+        let n = self.shared.lock().rv;
+        let ip = Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8).to_string();
+        let obj = json!({
+            "metadata": {"name": name},
+            "spec": {
+                "type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ports": ports,
+                "selector": string_map(selector), "sessionAffinity": "None",
+            },
+            "status": {"loadBalancer": {}},
+        });
+        self.upsert(&SERVICES, ns, obj);
+    }
+
+    /// Sets the ready endpoints of service `service`, as (ip, port name, port): writes both
+    /// the core Endpoints object and one EndpointSlice (labelled
+    /// `kubernetes.io/service-name`), replacing earlier ones, and notifies watchers.
+    pub fn set_endpoints(&self, ns: &str, service: &str, addrs: &[(&str, &str, u16)]) {
+        let port_json = |name: &str, port: u16| {
+            let mut port = json!({"port": port, "protocol": "TCP"});
+            if !name.is_empty() {
+                port["name"] = json!(name);
+            }
+            port
+        };
+        // Endpoints: one subset per distinct set of ports, listing the addresses having it.
+        let mut ports_by_ip: BTreeMap<&str, Vec<(&str, u16)>> = BTreeMap::new();
+        for (ip, name, port) in addrs {
+            ports_by_ip.entry(ip).or_default().push((name, *port));
+        }
+        let mut subsets: Vec<(_, Vec<&str>)> = Vec::new();
+        for (ip, mut ports) in ports_by_ip {
+            ports.sort_unstable();
+            ports.dedup();
+            match subsets.iter_mut().find(|(p, _)| *p == ports) {
+                Some((_, ips)) => ips.push(ip),
+                None => subsets.push((ports, vec![ip])),
+            }
+        }
+        let subsets: Vec<Value> = subsets
+            .iter()
+            .map(|(ports, ips)| {
+                let addresses: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+                let ports: Vec<Value> = ports.iter().map(|(n, p)| port_json(n, *p)).collect();
+                json!({"addresses": addresses, "ports": ports})
+            })
+            .collect();
+        let endpoints = json!({"metadata": {"name": service}, "subsets": subsets});
+
+        // One EndpointSlice with every address and the union of the ports.
+        let mut ips: Vec<&str> = addrs.iter().map(|(ip, _, _)| *ip).collect();
+        let mut ports: Vec<(&str, u16)> = addrs.iter().map(|(_, n, p)| (*n, *p)).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ports.sort_unstable();
+        ports.dedup();
+        let slice_name = format!("{service}-fake");
+        let slice = json!({
+            "metadata": {"name": slice_name, "labels": {
+                SERVICE_NAME_LABEL: service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            }},
+            "addressType": "IPv4",
+            "endpoints": ips.iter().map(|ip| json!({
+                "addresses": [ip],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+            })).collect::<Vec<_>>(),
+            "ports": ports.iter().map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"}))
+                .collect::<Vec<_>>(),
+        });
+
+        self.upsert(&ENDPOINTS, ns, endpoints);
+        let mut store = self.shared.lock();
+        let stale: Vec<String> = store
+            .objects
+            .iter()
+            .filter(|((plural, o_ns, o_name), obj)| {
+                *plural == ENDPOINTSLICES.plural
+                    && o_ns == ns
+                    && *o_name != slice_name
+                    && obj["metadata"]["labels"][SERVICE_NAME_LABEL] == service
+            })
+            .map(|((_, _, name), _)| name.clone())
+            .collect();
+        for name in stale {
+            store.remove(&ENDPOINTSLICES, ns, &name);
+        }
+        drop(store);
+        self.upsert(&ENDPOINTSLICES, ns, slice);
+    }
+
+    /// Creates (or replaces) a pod with IP `ip`, `labels` and one container exposing the named
+    /// `ports` (name, containerPort). A `ready` pod is `Running` with condition `Ready=True`; an
+    /// unready one is `Pending` with `Ready=False`.
+    pub fn add_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        ip: &str,
+        labels: &[(&str, &str)],
+        ready: bool,
+        ports: &[(&str, u16)],
+    ) {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(n, p)| json!({"name": n, "containerPort": p, "protocol": "TCP"}))
+            .collect();
+        let status = if ready { "True" } else { "False" };
+        let state = if ready {
+            json!({"running": {"startedAt": now_rfc3339()}})
+        } else {
+            json!({"waiting": {"reason": "ContainerCreating"}})
+        };
+        let obj = json!({
+            "metadata": {"name": name, "labels": string_map(labels)},
+            "spec": {"nodeName": "fake-node-1", "containers": [
+                {"name": "app", "image": "nginx:1.27", "ports": ports},
+            ]},
+            "status": {
+                "phase": if ready { "Running" } else { "Pending" },
+                "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+                "conditions": [
+                    {"type": "Ready", "status": status},
+                    {"type": "ContainersReady", "status": status},
+                ],
+                "containerStatuses": [{
+                    "name": "app", "ready": ready, "started": ready, "restartCount": 0,
+                    "image": "nginx:1.27", "imageID": "", "state": state,
+                }],
+            },
+        });
+        self.upsert(&PODS, ns, obj);
+    }
+
+    /// Deletes a pod (notifies watchers); panics if there is none.
+    pub fn delete_pod(&self, ns: &str, name: &str) {
+        let deleted = self.shared.lock().remove(&PODS, ns, name);
+        assert!(deleted.is_some(), "delete_pod: no pod {ns}/{name}");
+    }
+
+    /// Creates (or replaces) a Deployment whose `spec.selector.matchLabels` (and pod template
+    /// labels) are `labels`, with `status.readyReplicas` = `ready_replicas`.
+    pub fn add_deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ready_replicas: i32,
+    ) {
+        let labels = string_map(labels);
+        let replicas = ready_replicas.max(1);
+        let obj = json!({
+            "metadata": {"name": name, "labels": labels, "generation": 1},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "app", "image": "nginx:1.27"}]},
+                },
+            },
+            "status": {
+                "observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": ready_replicas, "availableReplicas": ready_replicas,
+            },
+        });
+        self.upsert(&DEPLOYMENTS, ns, obj);
+    }
+
+    /// Serves (the default) or hides the `discovery.k8s.io/v1` group, like a server predating
+    /// EndpointSlices: hidden, it is not advertised in `/apis` and its paths answer 404.
+    pub fn set_endpointslices(&self, enabled: bool) {
+        self.shared.endpointslices.store(enabled, Ordering::SeqCst);
+    }
+
+    /// Makes the fake kubelet's port-forward to port `port` of pod `ns/name` connect to `to`
+    /// (by default, it connects to 127.0.0.1:`port`).
+    pub fn set_portforward_target(&self, ns: &str, name: &str, port: u16, to: SocketAddr) {
+        let key = (ns.to_owned(), name.to_owned(), port);
+        self.shared
+            .portforward_targets
+            .lock()
+            .unwrap()
+            .insert(key, to);
+    }
+
+    /// Creates or replaces an object; panics (without poisoning the store) on failure.
+    fn upsert(&self, res: &Resource, ns: &str, obj: Value) {
+        let name = obj["metadata"]["name"].clone();
+        let result = self.shared.lock().upsert(res, ns, obj);
+        if let Err(e) = result {
+            panic!("{} {ns}/{name}: {}", res.plural, e.message);
+        }
+    }
+
     /// Writes a kubeconfig (plain http, bearer token, context "fake") to `path`.
     ///
     /// kubectl (client-go) never sends a kubeconfig's credentials to an `http://` server, so
@@ -175,33 +403,82 @@ async fn serve(
 // Resources and storage
 // ---------------------------------------------------------------------------------------------
 
-/// A resource type served under `/api/v1`.
+/// A resource type, served under `/api/v1` (core) or `/apis/GROUP/v1`.
 struct Resource {
+    /// `v1` for the core group, else `GROUP/v1`.
+    api_version: &'static str,
     plural: &'static str,
     kind: &'static str,
     namespaced: bool,
+    /// Short name, or "" for none.
     short: &'static str,
+    /// Member of the `all` category (`kubectl get all`).
+    in_all: bool,
+}
+
+impl Resource {
+    /// `plural.group` (just `plural` for core), as in the server's messages.
+    fn qualified(&self) -> String {
+        match self.group() {
+            "" => self.plural.to_owned(),
+            group => format!("{}.{group}", self.plural),
+        }
+    }
+
+    /// The API group ("" for core).
+    fn group(&self) -> &'static str {
+        self.api_version.rsplit_once('/').map_or("", |(g, _)| g)
+    }
 }
 
 const fn resource(
+    api_version: &'static str,
     plural: &'static str,
     kind: &'static str,
     namespaced: bool,
     short: &'static str,
+    in_all: bool,
 ) -> Resource {
     Resource {
+        api_version,
         plural,
         kind,
         namespaced,
         short,
+        in_all,
     }
 }
 
-const NAMESPACES: Resource = resource("namespaces", "Namespace", false, "ns");
-const NODES: Resource = resource("nodes", "Node", false, "no");
-const CONFIGMAPS: Resource = resource("configmaps", "ConfigMap", true, "cm");
-const PODS: Resource = resource("pods", "Pod", true, "po");
-const RESOURCES: [&Resource; 4] = [&NAMESPACES, &NODES, &CONFIGMAPS, &PODS];
+const NAMESPACES: Resource = resource("v1", "namespaces", "Namespace", false, "ns", false);
+const NODES: Resource = resource("v1", "nodes", "Node", false, "no", false);
+const CONFIGMAPS: Resource = resource("v1", "configmaps", "ConfigMap", true, "cm", false);
+const PODS: Resource = resource("v1", "pods", "Pod", true, "po", true);
+const SERVICES: Resource = resource("v1", "services", "Service", true, "svc", true);
+const ENDPOINTS: Resource = resource("v1", "endpoints", "Endpoints", true, "ep", false);
+const ENDPOINTSLICES: Resource = resource(
+    "discovery.k8s.io/v1",
+    "endpointslices",
+    "EndpointSlice",
+    true,
+    "",
+    false,
+);
+const DEPLOYMENTS: Resource =
+    resource("apps/v1", "deployments", "Deployment", true, "deploy", true);
+const RESOURCES: [&Resource; 8] = [
+    &NAMESPACES,
+    &NODES,
+    &CONFIGMAPS,
+    &PODS,
+    &SERVICES,
+    &ENDPOINTS,
+    &ENDPOINTSLICES,
+    &DEPLOYMENTS,
+];
+/// The API groups besides core, in discovery order.
+const GROUPS: [&str; 2] = ["apps", "discovery.k8s.io"];
+/// The label tying an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Storage key: (plural, namespace or "" for cluster-scoped, name).
 type Key = (&'static str, String, String);
@@ -209,6 +486,8 @@ type Key = (&'static str, String, String);
 struct Event {
     rv: u64,
     key: Key,
+    /// The object's `metadata.labels`, for label-selected watches.
+    labels: Value,
     line: Bytes, // the serialized `{"type":..,"object":..}\n` watch line
 }
 
@@ -225,6 +504,10 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     /// Users the stand-in's "RBAC" lets an impersonating client act as.
     bound_users: Mutex<Vec<String>>,
+    /// Whether `discovery.k8s.io/v1` is served.
+    endpointslices: AtomicBool,
+    /// (namespace, pod, pod port) -> where the fake kubelet's port-forward connects.
+    portforward_targets: Mutex<HashMap<(String, String, u16), SocketAddr>>,
 }
 
 impl Shared {
@@ -266,7 +549,14 @@ impl Shared {
             store: Mutex::new(store),
             requests: Mutex::new(Vec::new()),
             bound_users: Mutex::new(Vec::new()),
+            endpointslices: AtomicBool::new(true),
+            portforward_targets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether API group `group` is served (only `discovery.k8s.io` can be switched off).
+    fn serves_group(&self, group: &str) -> bool {
+        group != "discovery.k8s.io" || self.endpointslices.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -297,6 +587,7 @@ impl Store {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = self.rv.to_string().into();
         let line = watch_line(event, &obj);
+        let labels = obj["metadata"]["labels"].clone();
         if event == "DELETED" {
             self.objects.remove(&key);
         } else {
@@ -305,6 +596,7 @@ impl Store {
         self.history.push(Event {
             rv: self.rv,
             key,
+            labels,
             line,
         });
         self.changed.send_replace(self.rv);
@@ -331,11 +623,11 @@ impl Store {
             return Err(ApiError::new(
                 409,
                 "AlreadyExists",
-                format!("{} \"{name}\" already exists", res.plural),
+                format!("{} \"{name}\" already exists", res.qualified()),
             ));
         }
         obj["kind"] = res.kind.into();
-        obj["apiVersion"] = "v1".into();
+        obj["apiVersion"] = res.api_version.into();
         let meta = &mut obj["metadata"];
         meta["name"] = name.into();
         if res.namespaced {
@@ -356,6 +648,30 @@ impl Store {
             .cloned()
             .ok_or_else(|| ApiError::not_found(res, name))
     }
+
+    /// Creates `obj`, or replaces the object of that name (keeping its server-owned metadata).
+    fn upsert(&mut self, res: &Resource, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let Ok(current) = self.get(res, ns, &name) else {
+            return self.create(res, ns, obj);
+        };
+        for field in ["kind", "apiVersion"] {
+            obj[field] = current[field].clone();
+        }
+        for field in ["uid", "creationTimestamp", "namespace", "name"] {
+            obj["metadata"][field] = current["metadata"][field].clone();
+        }
+        Ok(self.commit("MODIFIED", key(res, ns, &name), obj))
+    }
+
+    /// Deletes an object if present.
+    fn remove(&mut self, res: &Resource, ns: &str, name: &str) -> Option<Value> {
+        let obj = self.get(res, ns, name).ok()?;
+        Some(self.commit("DELETED", key(res, ns, name), obj))
+    }
 }
 
 fn key(res: &Resource, ns: &str, name: &str) -> Key {
@@ -371,17 +687,104 @@ fn watch_line(event: &str, obj: &Value) -> Bytes {
 
 /// Which objects a list or watch covers.
 struct Filter {
-    plural: &'static str,
+    res: &'static Resource,
     ns: Option<String>,
     name: Option<String>,
+    labels: Vec<LabelRequirement>,
 }
 
 impl Filter {
-    fn matches(&self, (plural, ns, name): &Key) -> bool {
-        *plural == self.plural
+    /// Whether the object stored under `key`, with `metadata.labels` `labels`, is covered.
+    fn matches(&self, (plural, ns, name): &Key, labels: &Value) -> bool {
+        *plural == self.res.plural
             && self.ns.as_ref().is_none_or(|n| n == ns)
             && self.name.as_ref().is_none_or(|n| n == name)
+            && self.labels.iter().all(|r| r.matches(labels))
     }
+}
+
+/// One term of a label selector.
+#[derive(Debug)]
+enum LabelRequirement {
+    /// `k=v`, `k==v`, `k in (v1,v2)`
+    In(String, Vec<String>),
+    /// `k!=v`, `k notin (v1,v2)` (also true when the label is absent)
+    NotIn(String, Vec<String>),
+    /// `k`
+    Exists(String),
+    /// `!k`
+    DoesNotExist(String),
+}
+
+impl LabelRequirement {
+    fn matches(&self, labels: &Value) -> bool {
+        let value = |key: &str| labels.get(key).and_then(Value::as_str);
+        match self {
+            Self::In(k, vs) => value(k).is_some_and(|v| vs.iter().any(|x| x == v)),
+            Self::NotIn(k, vs) => value(k).is_none_or(|v| vs.iter().all(|x| x != v)),
+            Self::Exists(k) => value(k).is_some(),
+            Self::DoesNotExist(k) => value(k).is_none(),
+        }
+    }
+}
+
+/// Parses a `labelSelector` (equality- and set-based syntax).
+fn parse_label_selector(selector: &str) -> Result<Vec<LabelRequirement>, ApiError> {
+    let invalid = |term: &str| {
+        ApiError::bad_request(format!(
+            "unable to parse requirement: invalid label selector term {term:?}"
+        ))
+    };
+    // Split at commas outside parentheses.
+    let (mut terms, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&selector[start..]);
+    let valid_key = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    };
+    let mut requirements = Vec::new();
+    for term in terms.into_iter().map(str::trim).filter(|t| !t.is_empty()) {
+        let requirement = if let Some(key) = term.strip_prefix('!') {
+            LabelRequirement::DoesNotExist(key.trim().to_owned())
+        } else if let Some((head, values)) = term.split_once('(') {
+            let values = values.strip_suffix(')').ok_or_else(|| invalid(term))?;
+            let values = values.split(',').map(|v| v.trim().to_owned()).collect();
+            match head.split_whitespace().collect::<Vec<_>>()[..] {
+                [key, "in"] => LabelRequirement::In(key.to_owned(), values),
+                [key, "notin"] => LabelRequirement::NotIn(key.to_owned(), values),
+                _ => return Err(invalid(term)),
+            }
+        } else if let Some((key, value)) = term.split_once("!=") {
+            LabelRequirement::NotIn(key.trim().to_owned(), vec![value.trim().to_owned()])
+        } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            LabelRequirement::In(key.trim().to_owned(), vec![value.trim().to_owned()])
+        } else {
+            LabelRequirement::Exists(term.to_owned())
+        };
+        let key = match &requirement {
+            LabelRequirement::In(k, _)
+            | LabelRequirement::NotIn(k, _)
+            | LabelRequirement::Exists(k)
+            | LabelRequirement::DoesNotExist(k) => k,
+        };
+        if !valid_key(key) {
+            return Err(invalid(term));
+        }
+        requirements.push(requirement);
+    }
+    Ok(requirements)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -405,11 +808,8 @@ impl ApiError {
         }
     }
     fn not_found(res: &Resource, name: &str) -> Self {
-        Self::new(
-            404,
-            "NotFound",
-            format!("{} \"{name}\" not found", res.plural),
-        )
+        let msg = format!("{} \"{name}\" not found", res.qualified());
+        Self::new(404, "NotFound", msg)
     }
     fn no_route() -> Self {
         Self::new(
@@ -500,8 +900,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     // Impersonation, as the real API server does it: the impersonated user
     // is then subject to RBAC, which here is a list of bound users.
     // Discovery is open to every authenticated user (system:discovery).
-    let discovery = matches!(req.uri().path(), "/version" | "/api" | "/apis" | "/api/v1")
-        || req.uri().path().starts_with("/openapi");
+    let segments: Vec<&str> = req
+        .uri()
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let discovery = matches!(
+        segments.as_slice(),
+        ["version" | "api" | "apis"]
+            | ["api", "v1"]
+            | ["apis", _]
+            | ["apis", _, _]
+            | ["openapi", ..]
+    );
     if let Some(user) = req
         .headers()
         .get("impersonate-user")
@@ -527,6 +939,12 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
+    // A hidden group (an "old" server without discovery.k8s.io) is not there at all.
+    if let ["apis", group, ..] | ["openapi", "v3", "apis", group, ..] = segments.as_slice() {
+        if !shared.serves_group(group) {
+            return Err(ApiError::no_route());
+        }
+    }
     match (&method, segments.as_slice()) {
         (&Method::GET, ["version"]) => ok(json!({
             "major": "1", "minor": "32", "gitVersion": "v1.32.0",
@@ -540,25 +958,63 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
             "kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}],
         })),
-        // No API groups at all: an advertised group with an empty resource list would make
+        // Every advertised group must have a non-empty resource list: an empty one would make
         // discovery "fail" (e.g. `kubectl api-resources` exits 1).
         (&Method::GET, ["apis"]) => {
-            ok(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}))
+            let groups: Vec<Value> = GROUPS
+                .into_iter()
+                .filter(|g| shared.serves_group(g))
+                .map(api_group)
+                .collect();
+            ok(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
         }
-        (&Method::GET, ["api", "v1"]) => ok(core_v1_resources()),
+        (&Method::GET, ["apis", group]) if GROUPS.contains(group) => ok(api_group(group)),
+        (&Method::GET, ["api", "v1"]) => ok(resource_list("v1")),
+        (&Method::GET, ["apis", group, "v1"]) if GROUPS.contains(group) => {
+            ok(resource_list(&format!("{group}/v1")))
+        }
         // kubectl's client-side validation (on by default for create/apply) is skipped only if
         // OpenAPI v3 says the server supports `fieldValidation` on PATCH; with both OpenAPI
         // endpoints missing, kubectl demands `--validate=false`.
-        (&Method::GET, ["openapi", "v3"]) => ok(json!({"paths": {
-            "api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=fake"},
-        }})),
-        (&Method::GET, ["openapi", "v3", "api", "v1"]) => ok(openapi_v3_core()),
+        (&Method::GET, ["openapi", "v3"]) => {
+            let mut paths = serde_json::Map::new();
+            let versions = ["v1".to_owned()].into_iter().chain(
+                GROUPS
+                    .into_iter()
+                    .filter(|g| shared.serves_group(g))
+                    .map(|g| format!("{g}/v1")),
+            );
+            for version in versions {
+                let path = openapi_path(&version);
+                let url = format!("/openapi/v3/{path}?hash=fake");
+                paths.insert(path, json!({"serverRelativeURL": url}));
+            }
+            ok(json!({"paths": paths}))
+        }
+        (&Method::GET, ["openapi", "v3", "api", "v1"]) => ok(openapi_v3("v1")),
+        (&Method::GET, ["openapi", "v3", "apis", group, "v1"]) if GROUPS.contains(group) => {
+            ok(openapi_v3(&format!("{group}/v1")))
+        }
         (_, ["api", "v1", "namespaces", ns, "pods", name, "exec"]) => {
             shared.lock().get(&PODS, ns, name)?;
             exec(req, &query)
         }
+        (_, ["api", "v1", "namespaces", ns, "pods", name, "portforward"]) => {
+            shared.lock().get(&PODS, ns, name)?;
+            let target = PortForwardTarget {
+                shared: shared.clone(),
+                ns: ns.to_string(),
+                pod: name.to_string(),
+            };
+            portforward(req, target)
+        }
         (_, ["api", "v1", rest @ ..]) => {
-            let (res, ns, name) = parse_target(rest)?;
+            let (res, ns, name) = parse_target("v1", rest)?;
+            let (ns, name) = (ns.map(str::to_owned), name.map(str::to_owned));
+            crud(shared, req, &query, res, ns, name).await
+        }
+        (_, ["apis", group, version, rest @ ..]) => {
+            let (res, ns, name) = parse_target(&format!("{group}/{version}"), rest)?;
             let (ns, name) = (ns.map(str::to_owned), name.map(str::to_owned));
             crud(shared, req, &query, res, ns, name).await
         }
@@ -566,37 +1022,72 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {
     }
 }
 
-fn core_v1_resources() -> Value {
+/// A group's `APIGroup` discovery document (every group has just `v1`).
+fn api_group(group: &str) -> Value {
+    let version = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
+    json!({
+        "kind": "APIGroup", "apiVersion": "v1", "name": group,
+        "versions": [version], "preferredVersion": version,
+    })
+}
+
+/// The `APIResourceList` of one group version (`v1` for core).
+fn resource_list(api_version: &str) -> Value {
     let verbs = [
         "create", "delete", "get", "list", "patch", "update", "watch",
     ];
     let mut resources: Vec<Value> = RESOURCES
         .iter()
+        .filter(|r| r.api_version == api_version)
         .map(|r| {
-            json!({
+            let mut resource = json!({
                 "name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced,
-                "kind": r.kind, "verbs": verbs, "shortNames": [r.short],
-            })
+                "kind": r.kind, "verbs": verbs,
+            });
+            if !r.short.is_empty() {
+                resource["shortNames"] = json!([r.short]);
+            }
+            if r.in_all {
+                resource["categories"] = json!(["all"]);
+            }
+            resource
         })
         .collect();
-    resources[3]["categories"] = json!(["all"]);
-    resources.push(json!({
-        "name": "pods/exec", "singularName": "", "namespaced": true,
-        "kind": "PodExecOptions", "verbs": ["create", "get"],
-    }));
-    json!({"kind": "APIResourceList", "groupVersion": "v1", "resources": resources})
+    if api_version == "v1" {
+        for (name, kind) in [
+            ("pods/exec", "PodExecOptions"),
+            ("pods/portforward", "PodPortForwardOptions"),
+        ] {
+            resources.push(json!({
+                "name": name, "singularName": "", "namespaced": true,
+                "kind": kind, "verbs": ["create", "get"],
+            }));
+        }
+    }
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version, "resources": resources})
 }
 
-/// A minimal OpenAPI v3 document for `api/v1`: one PATCH operation per kind, declaring the
-/// `fieldValidation` query parameter (so kubectl leaves validation to the server).
-fn openapi_v3_core() -> Value {
+/// `api/v1` or `apis/GROUP/v1`: a group version's path under `/openapi/v3/`.
+fn openapi_path(api_version: &str) -> String {
+    if api_version == "v1" {
+        "api/v1".to_owned()
+    } else {
+        format!("apis/{api_version}")
+    }
+}
+
+/// A minimal OpenAPI v3 document for one group version: one PATCH operation per kind,
+/// declaring the `fieldValidation` query parameter (so kubectl leaves validation to the server).
+fn openapi_v3(api_version: &str) -> Value {
     let paths: serde_json::Map<String, Value> = RESOURCES
         .iter()
+        .filter(|r| r.api_version == api_version)
         .map(|r| {
             let ns = if r.namespaced { "namespaces/{namespace}/" } else { "" };
-            let path = format!("/api/v1/{ns}{}/{{name}}", r.plural);
+            let path = format!("/{}/{ns}{}/{{name}}", openapi_path(api_version), r.plural);
+            let gvk = json!({"group": r.group(), "version": "v1", "kind": r.kind});
             let patch = json!({"patch": {
-                "x-kubernetes-group-version-kind": {"group": "", "version": "v1", "kind": r.kind},
+                "x-kubernetes-group-version-kind": gvk,
                 "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "OK"}},
             }});
@@ -609,8 +1100,10 @@ fn openapi_v3_core() -> Value {
     })
 }
 
-/// Splits `/api/v1/...` into (resource, namespace, name).
+/// Splits the part of a path after `/api/v1/` or `/apis/GROUP/VERSION/` into (resource,
+/// namespace, name).
 fn parse_target<'a>(
+    api_version: &str,
     rest: &[&'a str],
 ) -> Result<(&'static Resource, Option<&'a str>, Option<&'a str>), ApiError> {
     let (ns, plural, name) = match *rest {
@@ -620,7 +1113,9 @@ fn parse_target<'a>(
         ["namespaces", ns, plural, name] => (Some(ns), plural, Some(name)),
         _ => return Err(ApiError::no_route()),
     };
-    let res = RESOURCES.into_iter().find(|r| r.plural == plural);
+    let res = RESOURCES
+        .into_iter()
+        .find(|r| r.plural == plural && r.api_version == api_version);
     let res = res.ok_or_else(ApiError::no_route)?;
     // Cluster-scoped resources never sit under a namespace; namespaced items always do.
     let misplaced = if res.namespaced {
@@ -762,7 +1257,7 @@ async fn crud(
     let Some(name) = name else {
         return match method {
             Method::GET => {
-                let filter = collection_filter(res, ns, query);
+                let filter = collection_filter(res, ns, query)?;
                 if query.flag("watch") {
                     Ok(watch_response(shared, filter, query))
                 } else {
@@ -845,13 +1340,18 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// Builds the filter for a collection request, honouring `fieldSelector=metadata.name=...`
-/// (kubectl uses it e.g. to wait for a deletion).
-fn collection_filter(res: &'static Resource, ns: Option<String>, query: &Query) -> Filter {
+/// Builds the filter for a collection request, honouring `labelSelector` and
+/// `fieldSelector=metadata.name=...` (kubectl uses it e.g. to wait for a deletion).
+fn collection_filter(
+    res: &'static Resource,
+    ns: Option<String>,
+    query: &Query,
+) -> Result<Filter, ApiError> {
     let mut filter = Filter {
-        plural: res.plural,
+        res,
         ns,
         name: None,
+        labels: parse_label_selector(query.get("labelSelector").unwrap_or(""))?,
     };
     for term in query.get("fieldSelector").unwrap_or("").split(',') {
         let (field, value) = match term.split_once("==") {
@@ -864,18 +1364,18 @@ fn collection_filter(res: &'static Resource, ns: Option<String>, query: &Query) 
             _ => {}
         }
     }
-    filter
+    Ok(filter)
 }
 
 fn list(store: &Store, res: &Resource, filter: &Filter) -> Value {
     let items: Vec<&Value> = store
         .objects
         .iter()
-        .filter(|(k, _)| filter.matches(k))
+        .filter(|(k, v)| filter.matches(k, &v["metadata"]["labels"]))
         .map(|(_, v)| v)
         .collect();
     json!({
-        "kind": format!("{}List", res.kind), "apiVersion": "v1",
+        "kind": format!("{}List", res.kind), "apiVersion": res.api_version,
         "metadata": {"resourceVersion": store.rv.to_string()}, "items": items,
     })
 }
@@ -903,17 +1403,17 @@ fn watch_response(shared: Arc<Shared>, filter: Filter, query: &Query) -> Respons
         Some(rv) if rv > 0 && !initial_events => rv,
         // No (or "0") resourceVersion: start with a synthetic ADDED for every current object.
         _ => {
-            for (_, obj) in store.objects.iter().filter(|(k, _)| filter.matches(k)) {
+            let current = store
+                .objects
+                .iter()
+                .filter(|(k, v)| filter.matches(k, &v["metadata"]["labels"]));
+            for (_, obj) in current {
                 pending.push_back(watch_line("ADDED", obj));
             }
             if initial_events {
                 // The WatchList protocol ends the initial state with an annotated bookmark.
-                let kind = RESOURCES
-                    .iter()
-                    .find(|r| r.plural == filter.plural)
-                    .unwrap()
-                    .kind;
-                let bookmark = json!({"kind": kind, "apiVersion": "v1", "metadata": {
+                let res = filter.res;
+                let bookmark = json!({"kind": res.kind, "apiVersion": res.api_version, "metadata": {
                     "resourceVersion": store.rv.to_string(),
                     "annotations": {"k8s.io/initial-events-end": "true"},
                 }});
@@ -944,7 +1444,7 @@ fn watch_response(shared: Arc<Shared>, filter: Filter, query: &Query) -> Respons
                 let start = store.history.partition_point(|e| e.rv <= st.seen);
                 let new = store.history[start..]
                     .iter()
-                    .filter(|e| st.filter.matches(&e.key));
+                    .filter(|e| st.filter.matches(&e.key, &e.labels));
                 st.pending.extend(new.map(|e| e.line.clone()));
                 st.seen = store.rv;
             }
@@ -1073,6 +1573,692 @@ where
     let drain = async { while let Some(Ok(_)) = ws.next().await {} };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// port-forward over SPDY/3.1
+// ---------------------------------------------------------------------------------------------
+//
+// kubectl 1.32 first asks for a WebSocket with subprotocol `SPDY/3.1+portforward.k8s.io` and
+// speaks SPDY/3.1 inside it (binary messages carry an arbitrary slicing of the SPDY byte
+// stream); if that upgrade is refused it POSTs `Upgrade: SPDY/3.1` with
+// `X-Stream-Protocol-Version: portforward.k8s.io` and speaks SPDY on the bare connection
+// (that is all it does with KUBECTL_PORT_FORWARD_WEBSOCKETS=false). Both are served.
+//
+// For each local connection kubectl opens two streams whose headers carry `streamtype`
+// (`error`, then `data`), `port` and `requestid`, and waits for each one's SYN_REPLY. The fake
+// kubelet connects the data stream to the target; when the target has sent everything, it ends
+// (FIN) the data stream and then the error stream, which stays empty unless the connection to
+// the target failed (kubectl then prints the message and closes the whole session).
+
+/// The WebSocket subprotocol of SPDY tunneled through a WebSocket.
+const SPDY_TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+/// The only stream protocol of SPDY port-forwarding.
+const PORTFORWARD_PROTOCOL: &str = "portforward.k8s.io";
+
+// SPDY/3 control frame types and flags.
+const SYN_STREAM: u16 = 1;
+const SYN_REPLY: u16 = 2;
+const RST_STREAM: u16 = 3;
+const PING: u16 = 6;
+const GOAWAY: u16 = 7;
+const FLAG_FIN: u8 = 1;
+const PROTOCOL_ERROR: u32 = 1;
+
+/// The pod whose ports a port-forward session reaches.
+struct PortForwardTarget {
+    shared: Arc<Shared>,
+    ns: String,
+    pod: String,
+}
+
+impl PortForwardTarget {
+    /// Where a connection to the pod's `port` goes (see `ApiServer::set_portforward_target`).
+    fn addr(&self, port: u16) -> SocketAddr {
+        let key = (self.ns.clone(), self.pod.clone(), port);
+        let targets = self.shared.portforward_targets.lock().unwrap();
+        let default = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        targets.get(&key).copied().unwrap_or(default)
+    }
+}
+
+fn portforward(mut req: Request<Incoming>, target: PortForwardTarget) -> ApiResult {
+    let header_values = |name: &str| -> Vec<String> {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    let upgrade = header_values("upgrade").join(",");
+    let ws_key = header_values("sec-websocket-key").join(",");
+    let ws_protocols = header_values("sec-websocket-protocol");
+    let stream_protocols = header_values("x-stream-protocol-version");
+    let switching = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade");
+    let empty = || Full::new(Bytes::new()).boxed_unsync();
+    if upgrade.eq_ignore_ascii_case("websocket") {
+        if ws_key.is_empty() || !ws_protocols.iter().any(|p| p == SPDY_TUNNEL_PROTOCOL) {
+            let msg =
+                format!("port-forward over WebSocket needs subprotocol {SPDY_TUNNEL_PROTOCOL}");
+            return Err(ApiError::bad_request(msg));
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let io = TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                let (session_end, tunnel_end) = tokio::io::duplex(64 * 1024);
+                tokio::join!(
+                    spdy_session(session_end, target),
+                    websocket_tunnel(ws, tunnel_end)
+                );
+            }
+        });
+        Ok(switching
+            .header(header::UPGRADE, "websocket")
+            .header(
+                header::SEC_WEBSOCKET_ACCEPT,
+                derive_accept_key(ws_key.as_bytes()),
+            )
+            .header(header::SEC_WEBSOCKET_PROTOCOL, SPDY_TUNNEL_PROTOCOL)
+            .body(empty())
+            .unwrap())
+    } else if upgrade.eq_ignore_ascii_case("SPDY/3.1") {
+        if !stream_protocols.iter().any(|p| p == PORTFORWARD_PROTOCOL) {
+            let msg =
+                format!("port-forward needs X-Stream-Protocol-Version {PORTFORWARD_PROTOCOL}");
+            return Err(ApiError::bad_request(msg));
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                spdy_session(TokioIo::new(upgraded), target).await;
+            }
+        });
+        Ok(switching
+            .header(header::UPGRADE, "SPDY/3.1")
+            .header("X-Stream-Protocol-Version", PORTFORWARD_PROTOCOL)
+            .body(empty())
+            .unwrap())
+    } else {
+        Err(ApiError::bad_request(
+            "port-forward needs an upgrade to a WebSocket or to SPDY/3.1",
+        ))
+    }
+}
+
+/// Copies between binary WebSocket messages and `pipe` (the SPDY session's byte stream).
+async fn websocket_tunnel<S>(ws: WebSocketStream<S>, pipe: tokio::io::DuplexStream)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut pipe_rd, mut pipe_wr) = tokio::io::split(pipe);
+    let inbound = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let data = match msg {
+                Message::Binary(data) => data,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if pipe_wr.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = pipe_wr.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0; 32 * 1024];
+        while let Ok(n @ 1..) = pipe_rd.read(&mut buf).await {
+            let msg = Message::Binary(Bytes::copy_from_slice(&buf[..n]));
+            if ws_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    tokio::join!(inbound, outbound);
+}
+
+fn control_frame(kind: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x80, 3]; // control bit, version 3
+    frame.extend_from_slice(&kind.to_be_bytes());
+    frame.push(flags);
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn data_frame(stream: u32, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut frame = stream.to_be_bytes().to_vec();
+    frame.push(flags);
+    frame.extend_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+    frame.extend_from_slice(data);
+    frame
+}
+
+/// A data stream being forwarded.
+struct DataStream {
+    /// Bytes from the client for the target; dropped when the client half-closes.
+    to_target: Option<mpsc::Sender<Bytes>>,
+    task: tokio::task::AbortHandle,
+}
+
+/// Serves one SPDY/3.1 port-forward connection until the client closes it (or sends GOAWAY).
+async fn spdy_session<S>(io: S, target: PortForwardTarget)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    // Frames leave in the order they are queued, so a SYN_REPLY always precedes its data.
+    let (out, mut queued) = mpsc::channel::<Vec<u8>>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = queued.recv().await {
+            if wr.write_all(&frame).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut headers = HeaderCodec::default();
+    let mut error_streams: HashMap<String, u32> = HashMap::new(); // by requestid
+    let mut data_streams: HashMap<u32, DataStream> = HashMap::new();
+    loop {
+        let mut head = [0u8; 8];
+        if rd.read_exact(&mut head).await.is_err() {
+            break;
+        }
+        let flags = head[4];
+        let mut payload = vec![0; u32::from_be_bytes([0, head[5], head[6], head[7]]) as usize];
+        if rd.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        let word = |i: usize| {
+            let bytes = payload.get(i..i + 4).unwrap_or(&[0; 4]);
+            u32::from_be_bytes(bytes.try_into().unwrap()) & 0x7fff_ffff
+        };
+        if head[0] & 0x80 == 0 {
+            let id = u32::from_be_bytes(head[..4].try_into().unwrap());
+            if let Some(stream) = data_streams.get_mut(&id) {
+                if let Some(tx) = stream.to_target.as_ref().filter(|_| !payload.is_empty()) {
+                    let _ = tx.send(Bytes::from(payload)).await;
+                }
+                if flags & FLAG_FIN != 0 {
+                    stream.to_target = None;
+                }
+            }
+            continue;
+        }
+        let reply = match u16::from_be_bytes([head[2], head[3]]) {
+            SYN_STREAM => {
+                let id = word(0);
+                // A header block that cannot be read leaves the shared zlib stream unusable.
+                let Some(fields) = payload.get(10..).and_then(|b| headers.decode(b)) else {
+                    break;
+                };
+                let field = |name: &str| {
+                    let found = fields.iter().find(|(n, _)| n.eq_ignore_ascii_case(name));
+                    found.map_or("", |(_, v)| v.as_str())
+                };
+                let request = field("requestid").to_owned();
+                match (field("streamtype"), field("port").parse::<u16>()) {
+                    ("error", _) => {
+                        error_streams.insert(request, id);
+                        Some(headers.syn_reply(id))
+                    }
+                    ("data", Ok(port)) => {
+                        if out.send(headers.syn_reply(id)).await.is_err() {
+                            break;
+                        }
+                        let (tx, rx) = mpsc::channel(16);
+                        let error = error_streams.remove(&request);
+                        let what = format!("port {port} of pod {}/{}", target.ns, target.pod);
+                        let addr = target.addr(port);
+                        let forward = forward_port(addr, what, id, error, rx, out.clone());
+                        let task = tokio::spawn(forward).abort_handle();
+                        let to_target = Some(tx);
+                        data_streams.insert(id, DataStream { to_target, task });
+                        None
+                    }
+                    _ => {
+                        let status = [id.to_be_bytes(), PROTOCOL_ERROR.to_be_bytes()].concat();
+                        Some(control_frame(RST_STREAM, 0, &status))
+                    }
+                }
+            }
+            RST_STREAM => {
+                if let Some(stream) = data_streams.remove(&word(0)) {
+                    stream.task.abort();
+                }
+                None
+            }
+            PING => Some(control_frame(PING, 0, &payload)),
+            GOAWAY => break,
+            _ => None, // SETTINGS, WINDOW_UPDATE, HEADERS: nothing to do
+        };
+        if let Some(frame) = reply {
+            if out.send(frame).await.is_err() {
+                break;
+            }
+        }
+    }
+    for stream in data_streams.values() {
+        stream.task.abort();
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+/// Connects data stream `data` to `addr` and copies both ways; once the target has sent
+/// everything, ends the data stream and then the error stream, as the kubelet does.
+async fn forward_port(
+    addr: SocketAddr,
+    what: String,
+    data: u32,
+    error: Option<u32>,
+    mut from_client: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Vec<u8>>,
+) {
+    let tcp = match tokio::net::TcpStream::connect(addr).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            if let Some(error) = error {
+                let msg = format!("error forwarding {what}: dial tcp {addr}: {e}");
+                let _ = out.send(data_frame(error, 0, msg.as_bytes())).await;
+            }
+            return end_streams(&out, data, error).await;
+        }
+    };
+    let (mut from_target, mut to_target) = tcp.into_split();
+    let upstream = async move {
+        while let Some(chunk) = from_client.recv().await {
+            if to_target.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_target.shutdown().await;
+    };
+    let downstream = async move {
+        let mut buf = vec![0; 32 * 1024];
+        while let Ok(n @ 1..) = from_target.read(&mut buf).await {
+            if out.send(data_frame(data, 0, &buf[..n])).await.is_err() {
+                return;
+            }
+        }
+        end_streams(&out, data, error).await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// Half-closes (FIN) the data stream and then the error stream of one forwarded connection.
+async fn end_streams(out: &mpsc::Sender<Vec<u8>>, data: u32, error: Option<u32>) {
+    let _ = out.send(data_frame(data, FLAG_FIN, &[])).await;
+    if let Some(error) = error {
+        let _ = out.send(data_frame(error, FLAG_FIN, &[])).await;
+    }
+}
+
+/// SPDY/3 header blocks: each direction is one zlib stream, spanning all frames, with a preset
+/// dictionary. Incoming blocks (sync-flushed by the client, so each ends on a deflate block
+/// boundary) are inflated here. Outgoing blocks are always empty and are written as stored
+/// (uncompressed) deflate blocks of a zlib stream without a dictionary, which any zlib reader
+/// accepts, so no compressor is needed.
+#[derive(Default)]
+struct HeaderCodec {
+    /// The inflate window (dictionary, then everything inflated so far), once the zlib header
+    /// has been read.
+    window: Option<Vec<u8>>,
+    /// Whether the outgoing zlib header has been written.
+    replied: bool,
+}
+
+impl HeaderCodec {
+    /// A SYN_REPLY frame (with no headers) accepting stream `id`. Replies must be sent in the
+    /// order they are made: their header blocks continue one zlib stream.
+    fn syn_reply(&mut self, id: u32) -> Vec<u8> {
+        let payload = [&id.to_be_bytes()[..], &self.empty_block()].concat();
+        control_frame(SYN_REPLY, 0, &payload)
+    }
+
+    /// The next outgoing header block, holding no headers.
+    fn empty_block(&mut self) -> Vec<u8> {
+        let mut block = Vec::new();
+        if !std::mem::replace(&mut self.replied, true) {
+            block.extend_from_slice(&[0x78, 0x01]); // zlib header: deflate, no dictionary
+        }
+        // A stored block holding the 32-bit header count 0, then an empty stored block (a sync
+        // flush: Go's inflater hands out a stored block's bytes only at the next block).
+        block.extend_from_slice(&[0x00, 4, 0, !4, !0, 0, 0, 0, 0]);
+        block.extend_from_slice(&[0x00, 0, 0, !0, !0]);
+        block
+    }
+
+    /// Decodes an incoming header block into (lowercase name, value) pairs.
+    fn decode(&mut self, mut block: &[u8]) -> Option<Vec<(String, String)>> {
+        let window = match &mut self.window {
+            Some(window) => window,
+            None => {
+                let (&[cmf, flg], rest) = block.split_first_chunk()?;
+                if cmf & 0x0f != 8 || (u16::from(cmf) << 8 | u16::from(flg)) % 31 != 0 {
+                    return None;
+                }
+                // FDICT: the dictionary's Adler-32 follows; it can only be SPDY's.
+                let dict = flg & 0x20 != 0;
+                block = if dict { rest.get(4..)? } else { rest };
+                self.window
+                    .insert(if dict { spdy_dictionary() } else { Vec::new() })
+            }
+        };
+        let raw = inflate(window, block)?;
+        let mut rest = raw.as_slice();
+        let mut fields = Vec::new();
+        for _ in 0..take_len(&mut rest)? {
+            let len = take_len(&mut rest)?;
+            let name = String::from_utf8_lossy(take(&mut rest, len)?).to_ascii_lowercase();
+            let len = take_len(&mut rest)?;
+            let value = String::from_utf8_lossy(take(&mut rest, len)?).into_owned();
+            fields.push((name, value));
+        }
+        Some(fields)
+    }
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    let (taken, rest) = buf.split_at_checked(n)?;
+    *buf = rest;
+    Some(taken)
+}
+
+/// A 32-bit big-endian length.
+fn take_len(buf: &mut &[u8]) -> Option<usize> {
+    Some(u32::from_be_bytes(take(buf, 4)?.try_into().ok()?) as usize)
+}
+
+/// LSB-first bit reader over one piece of a deflate stream.
+struct Bits<'a> {
+    data: &'a [u8],
+    pos: usize,
+    buf: u32,
+    count: u32,
+}
+
+impl Bits<'_> {
+    fn get(&mut self, n: u32) -> Option<u32> {
+        while self.count < n {
+            self.buf |= u32::from(*self.data.get(self.pos)?) << self.count;
+            self.pos += 1;
+            self.count += 8;
+        }
+        let value = self.buf & ((1 << n) - 1);
+        self.buf >>= n;
+        self.count -= n;
+        Some(value)
+    }
+
+    /// Whether only zero padding is left.
+    fn at_end(&self) -> bool {
+        self.pos >= self.data.len() && self.buf == 0
+    }
+}
+
+/// A canonical Huffman code: the number of codes of each length, and the symbols ordered by
+/// code (as in zlib's `puff.c`).
+struct Huffman {
+    counts: [u16; 16],
+    symbols: Vec<u16>,
+}
+
+impl Huffman {
+    fn new(lengths: &[u8]) -> Huffman {
+        let mut counts = [0u16; 16];
+        for &len in lengths {
+            counts[usize::from(len)] += 1;
+        }
+        counts[0] = 0;
+        let mut offsets = [0u16; 16];
+        for len in 1..15 {
+            offsets[len + 1] = offsets[len] + counts[len];
+        }
+        let mut symbols = vec![0; lengths.len()];
+        for (symbol, &len) in lengths.iter().enumerate().filter(|(_, &len)| len != 0) {
+            symbols[usize::from(offsets[usize::from(len)])] = symbol as u16;
+            offsets[usize::from(len)] += 1;
+        }
+        Huffman { counts, symbols }
+    }
+
+    fn decode(&self, bits: &mut Bits) -> Option<u16> {
+        let (mut code, mut first, mut index) = (0usize, 0usize, 0usize);
+        for &count in &self.counts[1..] {
+            code |= bits.get(1)? as usize;
+            let count = usize::from(count);
+            if code < first + count {
+                return self.symbols.get(index + code - first).copied();
+            }
+            index += count;
+            first = (first + count) << 1;
+            code <<= 1;
+        }
+        None
+    }
+}
+
+/// Inflates a piece of a raw deflate stream that ends on a block boundary, appending to
+/// `window` (whose earlier content back-references may reach); returns the new bytes.
+fn inflate(window: &mut Vec<u8>, data: &[u8]) -> Option<Vec<u8>> {
+    const LEN_BASE: [u16; 29] = [
+        3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+        131, 163, 195, 227, 258,
+    ];
+    const LEN_EXTRA: [u8; 29] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0,
+    ];
+    const DIST_BASE: [u16; 30] = [
+        1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
+        2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577,
+    ];
+    const DIST_EXTRA: [u8; 30] = [
+        0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12,
+        13, 13,
+    ];
+    const CODE_LENGTH_ORDER: [usize; 19] = [
+        16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15,
+    ];
+    let start = window.len();
+    let mut bits = Bits {
+        data,
+        pos: 0,
+        buf: 0,
+        count: 0,
+    };
+    while !bits.at_end() {
+        let last = bits.get(1)? == 1;
+        let (lit, dist) = match bits.get(2)? {
+            0 => {
+                // Stored: skip to a byte boundary; LEN, NLEN, then LEN bytes.
+                (bits.buf, bits.count) = (0, 0);
+                let len = take(&mut &data[bits.pos..], 4)?;
+                let (len, nlen) = (
+                    u16::from_le_bytes([len[0], len[1]]),
+                    u16::from_le_bytes([len[2], len[3]]),
+                );
+                if len != !nlen {
+                    return None;
+                }
+                let end = bits.pos + 4 + usize::from(len);
+                window.extend_from_slice(data.get(bits.pos + 4..end)?);
+                bits.pos = end;
+                if last {
+                    break;
+                }
+                continue;
+            }
+            1 => {
+                let mut lengths = [8u8; 288];
+                lengths[144..256].fill(9);
+                lengths[256..280].fill(7);
+                (Huffman::new(&lengths), Huffman::new(&[5; 30]))
+            }
+            2 => {
+                let lit_count = bits.get(5)? as usize + 257;
+                let dist_count = bits.get(5)? as usize + 1;
+                let code_count = bits.get(4)? as usize + 4;
+                let mut code_lengths = [0u8; 19];
+                for &i in &CODE_LENGTH_ORDER[..code_count] {
+                    code_lengths[i] = bits.get(3)? as u8;
+                }
+                let code = Huffman::new(&code_lengths);
+                let mut lengths: Vec<u8> = Vec::with_capacity(lit_count + dist_count);
+                while lengths.len() < lit_count + dist_count {
+                    let (value, repeat) = match code.decode(&mut bits)? {
+                        len @ 0..=15 => (len as u8, 1),
+                        16 => (*lengths.last()?, 3 + bits.get(2)?),
+                        17 => (0, 3 + bits.get(3)?),
+                        18 => (0, 11 + bits.get(7)?),
+                        _ => return None,
+                    };
+                    lengths.extend(std::iter::repeat_n(value, repeat as usize));
+                }
+                if lengths.len() != lit_count + dist_count {
+                    return None;
+                }
+                let (lit, dist) = lengths.split_at(lit_count);
+                (Huffman::new(lit), Huffman::new(dist))
+            }
+            _ => return None,
+        };
+        loop {
+            let symbol = usize::from(lit.decode(&mut bits)?);
+            match symbol {
+                0..=255 => window.push(symbol as u8),
+                256 => break,
+                _ => {
+                    let i = symbol - 257;
+                    let extra = bits.get(u32::from(*LEN_EXTRA.get(i)?))?;
+                    let len = usize::from(LEN_BASE[i]) + extra as usize;
+                    let d = usize::from(dist.decode(&mut bits)?);
+                    let extra = bits.get(u32::from(*DIST_EXTRA.get(d)?))?;
+                    let from = window
+                        .len()
+                        .checked_sub(usize::from(DIST_BASE[d]) + extra as usize)?;
+                    for k in from..from + len {
+                        window.push(window[k]);
+                    }
+                }
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    let inflated = window[start..].to_vec();
+    if window.len() > 64 * 1024 {
+        window.drain(..window.len() - 32 * 1024);
+    }
+    Some(inflated)
+}
+
+/// The SPDY/3 header compression dictionary: length-prefixed words, then a string of common
+/// values (1423 bytes, Adler-32 0xe3c6a7c2).
+fn spdy_dictionary() -> Vec<u8> {
+    const WORDS: [&str; 65] = [
+        "options",
+        "head",
+        "post",
+        "put",
+        "delete",
+        "trace",
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "accept-ranges",
+        "age",
+        "allow",
+        "authorization",
+        "cache-control",
+        "connection",
+        "content-base",
+        "content-encoding",
+        "content-language",
+        "content-length",
+        "content-location",
+        "content-md5",
+        "content-range",
+        "content-type",
+        "date",
+        "etag",
+        "expect",
+        "expires",
+        "from",
+        "host",
+        "if-match",
+        "if-modified-since",
+        "if-none-match",
+        "if-range",
+        "if-unmodified-since",
+        "last-modified",
+        "location",
+        "max-forwards",
+        "pragma",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "range",
+        "referer",
+        "retry-after",
+        "server",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+        "vary",
+        "via",
+        "warning",
+        "www-authenticate",
+        "method",
+        "get",
+        "status",
+        "200 OK",
+        "version",
+        "HTTP/1.1",
+        "url",
+        "public",
+        "set-cookie",
+        "keep-alive",
+        "origin",
+    ];
+    const TAIL: &str =
+        concat!(
+        "100101201202205206300302303304305306307402405406407408409",
+        "410411412413414415416417502504505", "203 Non-Authoritative Information", "204 No Content",
+        "301 Moved Permanently", "400 Bad Request", "401 Unauthorized", "403 Forbidden",
+        "404 Not Found", "500 Internal Server Error", "501 Not Implemented",
+        "503 Service Unavailable", "Jan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec ",
+        "00:00:00 Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMT",
+        "chunked,text/html,image/png,image/jpg,image/gif,application/xml,application/xhtml+xml,",
+        "text/plain,text/javascript,publicprivatemax-age=gzip,deflate,sdch",
+        "charset=utf-8charset=iso-8859-1,utf-,*,enq=0.",
+    );
+    let mut dict = Vec::with_capacity(1423);
+    for word in WORDS {
+        dict.extend_from_slice(&(word.len() as u32).to_be_bytes());
+        dict.extend_from_slice(word.as_bytes());
+    }
+    dict.extend_from_slice(TAIL.as_bytes());
+    dict
+}
+
+fn string_map(pairs: &[(&str, &str)]) -> Value {
+    let map: serde_json::Map<String, Value> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), Value::from(*v)))
+        .collect();
+    Value::Object(map)
 }
 
 fn now_rfc3339() -> String {
