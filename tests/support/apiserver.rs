@@ -77,6 +77,11 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts on 127.0.0.1:0 in its own thread with its own tokio runtime; returns once listening.
     pub fn start() -> ApiServer {
+        Self::start_on(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// Starts on `ip`:0 (for tests whose agent runs in a network namespace).
+    pub fn start_on(ip: std::net::IpAddr) -> ApiServer {
         let shared = Arc::new(Shared::seeded());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -88,7 +93,7 @@ impl ApiServer {
                     .enable_all()
                     .build()
                     .expect("fake apiserver runtime");
-                rt.block_on(serve(server_shared, ready_tx, stop_rx));
+                rt.block_on(serve(server_shared, ip, ready_tx, stop_rx));
                 // Dropping the runtime here cancels open connections and watches.
             })
             .expect("spawn fake apiserver thread");
@@ -373,10 +378,11 @@ impl Drop for ApiServer {
 
 async fn serve(
     shared: Arc<Shared>,
+    ip: std::net::IpAddr,
     ready: std::sync::mpsc::Sender<SocketAddr>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let listener = tokio::net::TcpListener::bind((ip, 0))
         .await
         .expect("bind fake apiserver");
     let _ = ready.send(listener.local_addr().expect("local addr"));

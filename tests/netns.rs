@@ -1,0 +1,211 @@
+//! A member network the operator side truly cannot reach: the agent and a
+//! web server live in a network namespace of their own (ip netns + veth),
+//! the web server only on that namespace's loopback. Only through the
+//! tunnel does the operator get its page. Needs root and iproute2 (CI is
+//! root; .ci/run installs iproute2); addresses are in namespaces this test
+//! creates and removes.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::apiserver::{ApiServer, TargetPort};
+use support::{run_bounded, wait_for, Env, Streaming};
+
+fn ip(args: &[&str]) {
+    let o = run_bounded(
+        {
+            let mut c = Command::new("ip");
+            c.args(args);
+            c
+        },
+        Duration::from_secs(10),
+    );
+    assert!(
+        o.ok(),
+        "ip {}: {o:?} (this test needs root and iproute2)",
+        args.join(" ")
+    );
+}
+
+/// A namespace with a veth to the host: host side .1, member side .2.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    fn create(subnet: u8) -> Netns {
+        let id = format!("{}{}", std::process::id() % 10000, subnet);
+        let name = format!("tw{id}");
+        let host_if = format!("vh{id}");
+        let member_if = format!("vm{id}");
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name, host_if };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &member_if,
+        ]);
+        ip(&["link", "set", &member_if, "netns", &ns.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{subnet}.1/24"),
+            "dev",
+            &ns.host_if,
+        ]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("10.213.{subnet}.2/24"),
+            "dev",
+            &member_if,
+        ]);
+        ip(&["-n", &ns.name, "link", "set", &member_if, "up"]);
+        ns
+    }
+
+    /// `cmd` run inside the namespace.
+    fn wrap(&self, cmd: Command) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        c.env_clear();
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}
+
+#[test]
+fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here() {
+    let subnet = (std::process::id() % 200) as u8 + 20;
+    let ns = Netns::create(subnet);
+    let host_ip = format!("10.213.{subnet}.1");
+    let env = Env::new();
+
+    // The member's web server, on the namespace's own loopback.
+    let www = env.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(
+        www.join("index.html"),
+        "page from inside the member network\n",
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut py = Command::new("python3");
+    py.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        www.to_str().unwrap(),
+    ]);
+    let _web = Streaming::start(ns.wrap(py));
+
+    // The member's API server (the stand-in) where the agent can reach it.
+    let api = ApiServer::start_on(host_ip.parse().unwrap());
+    api.add_service(
+        "default",
+        "web",
+        &[("http", 80, TargetPort::Name("http"))],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "http", port)]);
+
+    env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
+    args.extend(["--kubeconfig", kc.to_str().unwrap()]);
+    let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
+    assert!(o.ok(), "join inside the namespace: {o:?}");
+
+    // Wait until the web server answers inside the namespace…
+    wait_for("the member web server", Duration::from_secs(20), || {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sS",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:{port}/"),
+        ]);
+        run_bounded(ns.wrap(c), Duration::from_secs(5))
+            .ok()
+            .then_some(())
+    });
+    // …and not from here.
+    let mut c = Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "2",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    let o = run_bounded(c, Duration::from_secs(5));
+    assert!(
+        !o.stdout.contains("inside the member"),
+        "the operator side must not reach it directly: {o:?}"
+    );
+
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    pf.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
+    let out = pf.output();
+    let local: u16 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut c = Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{local}/"),
+    ]);
+    let o = run_bounded(c, Duration::from_secs(20));
+    assert!(
+        o.stdout.contains("page from inside the member network"),
+        "{o:?} {}",
+        pf.output()
+    );
+    drop(pf);
+    // The agent runs in the namespace: stop it before the namespace goes.
+    let _ = env.towerctl(&["leave", "alpha"]);
+}
