@@ -15,8 +15,12 @@ fn init_logging(verbose: u8, daemon: bool) {
         (0, true) | (1, _) => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("towerctl={default},warn")));
+    // rustls warns once per TLS handshake from a client that sends an IP
+    // address as SNI (curl, wrk): an unauthenticated peer must not be able
+    // to write a log line per connection, so only its errors show.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("towerctl={default},rustls=error,warn"))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

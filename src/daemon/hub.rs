@@ -95,6 +95,8 @@ pub struct Hub {
     next_id: AtomicU64,
     pub started_at: u64,
     pub auditor: super::audit::Auditor,
+    /// Operators by token hash (cache of the registry).
+    operators: RwLock<HashMap<String, Operator>>,
     pub dial_failures: super::metrics::DialFailures,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
@@ -195,11 +197,24 @@ impl Hub {
     }
 
     /// The operator owning a bearer token, if any.
+    /// The operator owning a bearer token. Looked up in memory: the registry
+    /// is read once at start and after every operator change, never per
+    /// request.
     pub fn operator(&self, token: &str) -> Option<Operator> {
-        self.store
-            .operator_by_token_hash(&keys::token_hash(token))
-            .ok()
-            .flatten()
+        let hash = keys::token_hash(token);
+        self.operators.read().ok()?.get(&hash).cloned()
+    }
+
+    /// Reloads the operator cache from the registry.
+    fn reload_operators(&self) {
+        match self.store.list_operators() {
+            Ok(ops) => {
+                if let Ok(mut m) = self.operators.write() {
+                    *m = ops.into_iter().map(|o| (o.token_hash.clone(), o)).collect();
+                }
+            }
+            Err(e) => tracing::error!("cannot load operators: {e}"),
+        }
     }
 
     pub fn metrics_snapshot(&self) -> Vec<MemberStats> {
@@ -533,6 +548,7 @@ pub async fn run(
         started_at: control::now_unix(),
         auditor: super::audit::Auditor::start(paths::state_dir().join("audit.log")),
         dial_failures: Default::default(),
+        operators: RwLock::new(HashMap::new()),
         ca_pem: tls.ca_pem.clone(),
     });
 
@@ -551,6 +567,7 @@ pub async fn run(
         clusters: vec![],
     };
 
+    hub.reload_operators();
     let tracker = TaskTracker::new();
     let ssh_cfg = server::config(host_key, cfg.keepalive);
     tracker.spawn(accept_tunnels(
@@ -823,6 +840,7 @@ fn handle_control(
             if let Err(e) = hub.store.put_operator(&op) {
                 return Response::err(e.to_string());
             }
+            hub.reload_operators();
             tracing::info!(operator = %name, "operator added");
             Response::ok(control::OperatorAdded {
                 name,
@@ -848,6 +866,7 @@ fn handle_control(
                 "no operator named '{name}'; 'towerctl operator list' shows them"
             )),
             Ok(_) => {
+                hub.reload_operators();
                 tracing::info!(operator = %name, "operator removed");
                 Response::ok(serde_json::json!({}))
             }
