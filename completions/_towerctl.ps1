@@ -313,14 +313,17 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;port-forward' {
+            [CompletionResult]::new('--daemon-id', '--daemon-id', [CompletionResultType]::ParameterName, 'Internal: the ID of a background forward this process serves')
             [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Namespace of the resource')
             [CompletionResult]::new('--namespace', '--namespace', [CompletionResultType]::ParameterName, 'Namespace of the resource')
             [CompletionResult]::new('--address', '--address', [CompletionResultType]::ParameterName, 'Local addresses to listen on (comma-separated or repeated): IPs or localhost')
             [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
+            [CompletionResult]::new('--background', '--background', [CompletionResultType]::ParameterName, 'Keep forwarding in the background after this command returns')
+            [CompletionResult]::new('--all', '--all', [CompletionResultType]::ParameterName, 'With `stop`: end every background forward')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
-            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             break

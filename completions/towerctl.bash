@@ -1669,12 +1669,16 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__port__subcmd__forward)
-            opts="-n -v -h -V --namespace --address --gateway --verbose --help --version"
+            opts="-n -v -h -V --background --all --daemon-id --namespace --address --gateway --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --daemon-id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --namespace)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

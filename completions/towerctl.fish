@@ -174,11 +174,14 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand use" -l kubeconfig -d 
 complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s V -l version -d 'Print version'
+complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l daemon-id -d 'Internal: the ID of a background forward this process serves' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s n -l namespace -d 'Namespace of the resource' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l address -d 'Local addresses to listen on (comma-separated or repeated): IPs or localhost' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l gateway -d 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l background -d 'Keep forwarding in the background after this command returns'
+complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l all -d 'With `stop`: end every background forward'
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
-complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -l gateway -d 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'

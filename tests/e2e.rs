@@ -567,8 +567,10 @@ fn join_tokens_expire_are_single_use_and_revoke_cuts_the_session() {
     wait_for("the revoked agent to exit", Duration::from_secs(5), || {
         (!std::path::Path::new(&format!("/proc/{agent}")).exists()).then_some(())
     });
+    // Well under a second on an idle machine; the bound is loose because
+    // CI runs the whole suite in parallel on two cores.
     assert!(
-        revoked.elapsed() < Duration::from_secs(2),
+        revoked.elapsed() < Duration::from_secs(4),
         "took {:?}",
         revoked.elapsed()
     );
@@ -1289,4 +1291,63 @@ fn kubectl_port_forward_passes_through_the_gateway() {
             );
         }
     }
+}
+
+#[test]
+fn background_port_forwards_survive_the_shell_and_stop_on_request() {
+    use support::apiserver::TargetPort;
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("served in the background");
+    api.add_service(
+        "default",
+        "web",
+        &[("http", 80, TargetPort::Number(web.port()))],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "", web.port())]);
+    connected(&env, &api, &[]);
+    let o = env.towerctl(&[
+        "port-forward",
+        "alpha",
+        "svc/web",
+        ":80",
+        "--background",
+        "--address",
+        "127.0.0.1",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let port: u16 = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let id = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("forward "))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let o2 = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(o2.stdout.contains("served in the background"), "{o2:?}");
+    let s = env.status();
+    assert_eq!(s["forwards"][0]["id"], id.as_str(), "{s}");
+    let o = env.towerctl(&["port-forward", "stop", &id]);
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(env.status()["forwards"].as_array().unwrap().len(), 0);
+    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(!o.ok(), "the forward must be gone: {o:?}");
+    let o = env.towerctl(&["port-forward", "stop", &id]);
+    assert!(
+        !o.ok() && o.stderr.contains("no background forward"),
+        "{o:?}"
+    );
 }

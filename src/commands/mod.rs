@@ -84,14 +84,24 @@ pub enum Command {
     Use(UseArgs),
     /// Forward local ports to a pod, service or deployment in a member (kubectl syntax).
     #[command(name = "port-forward")]
+    ///
+    /// `towerctl port-forward stop ID|--all` ends forwards started with --background.
     PortForward {
-        /// Member cluster.
+        /// Member cluster (or `stop`).
         cluster: String,
-        /// pod/NAME, svc/NAME, deploy/NAME, or a bare pod name.
-        resource: String,
+        /// pod/NAME, svc/NAME, deploy/NAME, or a bare pod name (with `stop`: the forward's ID).
+        resource: Option<String>,
         /// [LOCAL:]REMOTE port pairs (':REMOTE' picks a free local port).
-        #[arg(required = true)]
         ports: Vec<String>,
+        /// Keep forwarding in the background after this command returns.
+        #[arg(long)]
+        background: bool,
+        /// With `stop`: end every background forward.
+        #[arg(long)]
+        all: bool,
+        /// Internal: the ID of a background forward this process serves.
+        #[arg(long, hide = true)]
+        daemon_id: Option<String>,
         /// Namespace of the resource.
         #[arg(short, long, default_value = "default")]
         namespace: String,
@@ -513,16 +523,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             namespace,
             address,
             gateway,
+            background,
+            all,
+            daemon_id,
         } => {
-            portforward::run(
-                &cluster,
-                &resource,
-                &ports,
-                &namespace,
-                &address,
-                gateway.as_deref(),
-            )
-            .await
+            if cluster == "stop" {
+                portforward::stop(resource.as_deref(), all).await
+            } else {
+                let resource = resource.ok_or_else(|| anyhow::anyhow!("missing the target: towerctl port-forward {cluster} TYPE/NAME [LOCAL:]REMOTE"))?;
+                let args = portforward::Args {
+                    cluster,
+                    resource,
+                    ports,
+                    namespace,
+                    address,
+                    gateway,
+                };
+                match (background, daemon_id) {
+                    (true, _) => portforward::background(args).await,
+                    (false, id) => portforward::run(&args, id.as_deref()).await,
+                }
+            }
         }
         Command::Service(ServiceCommand::Install(ServiceTarget::Hub(a))) => {
             service::install_hub(&a)

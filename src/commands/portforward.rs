@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use super::exit;
@@ -58,16 +59,148 @@ fn addresses(list: &[String]) -> Result<Vec<IpAddr>> {
     Ok(out)
 }
 
-pub async fn run(
-    cluster: &str,
-    resource: &str,
-    ports: &[String],
-    namespace: &str,
-    address: &[String],
-    gateway: Option<&str>,
-) -> Result<u8> {
-    let target = Target::from_kubectl(resource, namespace).map_err(anyhow::Error::msg)?;
-    let pairs: Vec<PortPair> = ports
+/// What to forward.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub cluster: String,
+    pub resource: String,
+    pub ports: Vec<String>,
+    pub namespace: String,
+    pub address: Vec<String>,
+    pub gateway: Option<String>,
+}
+
+/// A background forward, as recorded in the runtime dir for `status` and `stop`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Background {
+    pub id: String,
+    pub pid: u32,
+    pub cluster: String,
+    pub resource: String,
+    pub namespace: String,
+    /// `ADDR -> REMOTE` lines.
+    pub forwarding: Vec<String>,
+}
+
+fn record_path(id: &str) -> std::path::PathBuf {
+    crate::paths::runtime_dir().join(format!("pf-{id}.json"))
+}
+
+/// Background forwards still running.
+pub fn backgrounds() -> Vec<Background> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(crate::paths::runtime_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("pf-") && name.ends_with(".json") {
+                match std::fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<Background>(&s).ok())
+                {
+                    Some(b) if crate::daemon::process::alive(b.pid) => v.push(b),
+                    _ => {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+    }
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    v
+}
+
+/// `--background`: the forward runs as its own detached process, survives
+/// the shell, shows in `towerctl status`, ends with `port-forward stop`.
+pub async fn background(a: Args) -> Result<u8> {
+    // Check everything that can be checked before detaching.
+    Target::from_kubectl(&a.resource, &a.namespace).map_err(anyhow::Error::msg)?;
+    if a.ports.is_empty() {
+        bail!(
+            "at least one port is required: towerctl port-forward {} {} [LOCAL:]REMOTE",
+            a.cluster,
+            a.resource
+        );
+    }
+    for p in &a.ports {
+        parse_ports(p).map_err(anyhow::Error::msg)?;
+    }
+    Source::find(a.gateway.as_deref())
+        .await?
+        .check(&a.cluster)?;
+    let id: String = crate::tunnel::keys::new_token("")?
+        .chars()
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        .take(8)
+        .collect();
+    let mut argv: Vec<std::ffi::OsString> = vec![
+        "port-forward".into(),
+        a.cluster.clone().into(),
+        a.resource.clone().into(),
+    ];
+    argv.extend(a.ports.iter().map(Into::into));
+    argv.extend([
+        "--namespace".into(),
+        a.namespace.clone().into(),
+        "--daemon-id".into(),
+        id.clone().into(),
+    ]);
+    for ad in &a.address {
+        argv.extend(["--address".into(), ad.into()]);
+    }
+    if let Some(g) = &a.gateway {
+        argv.extend(["--gateway".into(), g.into()]);
+    }
+    let mut spawned = crate::daemon::process::spawn(&format!("pf-{id}"), &argv)?;
+    let rec = spawned
+        .wait_ready(std::time::Duration::from_secs(20), || async {
+            std::fs::read_to_string(record_path(&id))
+                .ok()
+                .and_then(|s| serde_json::from_str::<Background>(&s).ok())
+        })
+        .await?;
+    let Some(rec) = rec else {
+        spawned.kill();
+        bail!(
+            "the background forward did not start within 20s; see '{}'",
+            spawned.log.display()
+        );
+    };
+    for f in &rec.forwarding {
+        println!("Forwarding from {f}");
+    }
+    println!("forward {id} runs in the background (pid {}); stop it with 'towerctl port-forward stop {id}'", rec.pid);
+    Ok(exit::OK)
+}
+
+/// `port-forward stop ID|--all`.
+pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
+    let running = backgrounds();
+    let doomed: Vec<&Background> = match (id, all) {
+        (_, true) => running.iter().collect(),
+        (Some(id), false) => running.iter().filter(|b| b.id == id).collect(),
+        (None, false) => bail!(
+            "which forward? 'towerctl port-forward stop ID' (IDs in 'towerctl status') or --all"
+        ),
+    };
+    if doomed.is_empty() {
+        bail!(
+            "no background forward{} is running; 'towerctl status' lists them",
+            id.map(|i| format!(" '{i}'")).unwrap_or_default()
+        );
+    }
+    for b in doomed {
+        crate::daemon::process::terminate(b.pid, std::time::Duration::from_secs(5)).await;
+        let _ = std::fs::remove_file(record_path(&b.id));
+        println!("stopped forward {} ({} {})", b.id, b.cluster, b.resource);
+    }
+    Ok(exit::OK)
+}
+
+pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
+    let (cluster, resource) = (a.cluster.as_str(), a.resource.as_str());
+    let target = Target::from_kubectl(resource, &a.namespace).map_err(anyhow::Error::msg)?;
+    let pairs: Vec<PortPair> = a
+        .ports
         .iter()
         .map(|p| parse_ports(p))
         .collect::<Result<_, _>>()
@@ -75,9 +208,10 @@ pub async fn run(
     if pairs.is_empty() {
         bail!("at least one port is required: towerctl port-forward {cluster} {resource} [LOCAL:]REMOTE");
     }
-    let source = Arc::new(Source::find(gateway).await?);
+    let source = Arc::new(Source::find(a.gateway.as_deref()).await?);
     source.check(cluster)?;
-    let addrs = addresses(address)?;
+    let addrs = addresses(&a.address)?;
+    let mut forwarding = Vec::new();
 
     let mut tasks = tokio::task::JoinSet::new();
     for pair in pairs {
@@ -91,6 +225,7 @@ pub async fn run(
                     let a = l.local_addr()?;
                     local = a.port();
                     println!("Forwarding from {a} -> {}", pair.remote);
+                    forwarding.push(format!("{a} -> {}", pair.remote));
                     bound += 1;
                     let (source, target, cluster) =
                         (source.clone(), target.clone(), cluster.to_string());
@@ -106,7 +241,18 @@ pub async fn run(
             );
         }
     }
-    tokio::select! {
+    if let Some(id) = daemon_id {
+        let rec = Background {
+            id: id.to_string(),
+            pid: std::process::id(),
+            cluster: cluster.to_string(),
+            resource: resource.to_string(),
+            namespace: a.namespace.clone(),
+            forwarding,
+        };
+        crate::paths::write_atomic(&record_path(id), &serde_json::to_vec(&rec)?, 0o600)?;
+    }
+    let result = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok(exit::OK),
         _ = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -115,8 +261,12 @@ pub async fn run(
                 None => std::future::pending::<()>().await,
             }
         } => Ok(exit::OK),
-        _ = tasks.join_next() => bail!("a listener failed"),
+        _ = tasks.join_next() => Err(anyhow::anyhow!("a listener failed")),
+    };
+    if let Some(id) = daemon_id {
+        let _ = std::fs::remove_file(record_path(id));
     }
+    result
 }
 
 async fn accept_loop(

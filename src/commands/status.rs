@@ -99,7 +99,10 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     }));
     let (hub, answers) = tokio::join!(hub_probe, agents_probe);
     let agents: Vec<(String, Probe)> = configs.into_iter().map(|c| c.name).zip(answers).collect();
-    let anything = hub.is_some() || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped));
+    let forwards = super::portforward::backgrounds();
+    let anything = hub.is_some()
+        || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped))
+        || !forwards.is_empty();
 
     if a.output == "json" || a.output == "yaml" {
         let v = json!({
@@ -120,6 +123,14 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 Probe::NotResponding => json!({"name": name, "state": "not_responding"}),
                 Probe::Stopped => json!({"name": name, "state": "stopped"}),
             }).collect::<Vec<_>>(),
+            "forwards": forwards.iter().map(|f| json!({
+                "id": f.id,
+                "pid": f.pid,
+                "cluster": f.cluster,
+                "target": f.resource,
+                "namespace": f.namespace,
+                "forwarding": f.forwarding,
+            })).collect::<Vec<_>>(),
         });
         if a.output == "yaml" {
             print!("{}", serde_saphyr::to_string(&v)?);
@@ -213,6 +224,22 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                         name, "stopped", "-", "-"
                     ),
                 }
+            }
+        }
+        if !forwards.is_empty() {
+            println!("FORWARDS (background)");
+            println!(
+                "  {:<10} {:<20} {:<24} FORWARDING",
+                "ID", "CLUSTER", "TARGET"
+            );
+            for f in &forwards {
+                println!(
+                    "  {:<10} {:<20} {:<24} {}",
+                    f.id,
+                    f.cluster,
+                    format!("{}/{}", f.namespace, f.resource),
+                    f.forwarding.join(", ")
+                );
             }
         }
     }
