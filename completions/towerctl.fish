@@ -134,6 +134,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l kubeconfig -d
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l allow -d 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster\'s services, pods and deployments are always allowed)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l expose -d 'Push mode: listen on ADDR for the member\'s workloads and carry them to the hub-side service the hub exposes as NAME (repeatable)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l pod-network -d 'How to reach pods: their IPs (\'direct\'), the API server\'s pods/portforward (\'portforward\', for agents outside the pod network), or IPs first (\'auto\')' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l timeout -d 'How long to wait for the tunnel before giving up' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l namespace -d 'Namespace for --print-manifest' -r
@@ -157,6 +158,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l allow -d 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster\'s services, pods and deployments are always allowed)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l expose -d 'Push mode: listen on ADDR for the member\'s workloads and carry them to the hub-side service the hub exposes as NAME (repeatable)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l pod-network -d 'How to reach pods: their IPs (\'direct\'), the API server\'s pods/portforward (\'portforward\', for agents outside the pod network), or IPs first (\'auto\')' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l backoff-cap -d 'Longest wait between reconnection attempts' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l config -d 'Read the agent\'s settings from a file saved by `join`' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'

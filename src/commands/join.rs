@@ -74,6 +74,10 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
         kubeconfig,
         keepalive_secs: o.keepalive.as_secs().max(1),
         backoff_cap_secs: o.backoff_cap.as_secs().max(1),
+        pod_network: {
+            agent::PodNetwork::parse(&o.pod_network).map_err(anyhow::Error::msg)?;
+            o.pod_network.clone()
+        },
         exposes: {
             for x in &o.expose {
                 agent::parse_agent_expose(x).map_err(anyhow::Error::msg)?;

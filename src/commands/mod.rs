@@ -357,6 +357,10 @@ pub struct AgentOpts {
     /// hub-side service the hub exposes as NAME (repeatable).
     #[arg(long, value_name = "NAME=ADDR")]
     pub expose: Vec<String>,
+    /// How to reach pods: their IPs ('direct'), the API server's pods/portforward
+    /// ('portforward', for agents outside the pod network), or IPs first ('auto').
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    pub pod_network: String,
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub backoff_cap: std::time::Duration,

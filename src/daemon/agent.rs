@@ -66,11 +66,18 @@ pub struct AgentConfig {
     /// Push mode listeners, `NAME=ADDR`.
     #[serde(default)]
     pub exposes: Vec<String>,
+    /// `auto`, `direct` or `portforward` (see [`PodNetwork`]).
+    #[serde(default = "default_pod_network")]
+    pub pod_network: String,
 }
 
 fn default_keepalive() -> u64 {
     crate::tunnel::DEFAULT_KEEPALIVE.as_secs()
 }
+fn default_pod_network() -> String {
+    "auto".into()
+}
+
 fn default_cap() -> u64 {
     30
 }
@@ -113,6 +120,7 @@ struct Upstream {
     policy: Arc<DialPolicy>,
     /// Dials refused by the policy, for status.
     denied: Arc<AtomicU64>,
+    pod_network: PodNetwork,
     /// This agent agreed to impersonate operators (`--impersonate`).
     impersonate: bool,
 }
@@ -134,7 +142,15 @@ impl ChannelService for Upstream {
                 self.policy.clone(),
                 self.denied.clone(),
             );
-            tokio::spawn(serve_raw(client, policy, denied, t, port, stream));
+            tokio::spawn(serve_raw(
+                client,
+                policy,
+                denied,
+                self.pod_network,
+                t,
+                port,
+                stream,
+            ));
             return;
         }
         let client = self.client.clone();
@@ -199,10 +215,90 @@ async fn push_listener(
 /// with code `denied`, `not_found`, `unavailable` or `dial_failed`.
 pub const RAW_OK: &str = "OK";
 
+/// How the agent reaches pods: by their IPs, through the API server's
+/// `pods/portforward` (agents outside the pod network), or IPs first and
+/// port-forward when a pod IP cannot be dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodNetwork {
+    Direct,
+    PortForward,
+    Auto,
+}
+
+impl PodNetwork {
+    pub fn parse(s: &str) -> Result<PodNetwork, String> {
+        match s {
+            "direct" => Ok(PodNetwork::Direct),
+            "portforward" => Ok(PodNetwork::PortForward),
+            "auto" => Ok(PodNetwork::Auto),
+            _ => Err(format!(
+                "invalid --pod-network '{s}': use auto, direct or portforward"
+            )),
+        }
+    }
+}
+
+/// A byte stream toward the target, whichever way it was reached.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
+
+type DialError = (&'static str, String);
+
+async fn dial_tcp(
+    addrs: &[std::net::SocketAddr],
+    what: &str,
+    port: u16,
+) -> Result<tokio::net::TcpStream, DialError> {
+    let mut last = String::from("no address");
+    for a in addrs {
+        match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(a)).await
+        {
+            Ok(Ok(s)) => {
+                crate::tunnel::nodelay(&s);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = format!("{a}: {e}"),
+            Err(_) => last = format!("{a}: no answer within 10s"),
+        }
+    }
+    Err((
+        "dial_failed",
+        format!("cannot connect to {what} port {port} ({last})"),
+    ))
+}
+
+/// Through the API server: `pods/NAME/portforward` (WebSocket).
+async fn dial_portforward(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    port: u16,
+) -> Result<Box<dyn Conn>, DialError> {
+    let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns);
+    let mut pf = api.portforward(name, &[port]).await.map_err(|e| {
+        (
+            "dial_failed",
+            format!("port-forward to pod {ns}/{name} through the API server failed: {e}"),
+        )
+    })?;
+    let stream = pf.take_stream(port).ok_or_else(|| {
+        (
+            "dial_failed",
+            format!("port-forward to pod {ns}/{name} gave no stream"),
+        )
+    })?;
+    // The forwarder's own task lives as long as its stream is in use.
+    tokio::spawn(async move {
+        let _ = pf.join().await;
+    });
+    Ok(Box::new(stream))
+}
+
 async fn serve_raw(
     client: kube::Client,
     policy: Arc<DialPolicy>,
     denied: Arc<AtomicU64>,
+    pod_network: PodNetwork,
     target: Target,
     port: u32,
     mut stream: ChannelStream<Msg>,
@@ -216,53 +312,67 @@ async fn serve_raw(
             tracing::warn!("refused a dial: {m}");
             return Err(("denied", m));
         }
-        let addrs: Vec<std::net::SocketAddr> = match &target {
-            Target::Host(h) => tokio::net::lookup_host((h.as_str(), port))
-                .await
-                .map_err(|e| {
-                    (
-                        "not_found",
-                        format!("cannot resolve '{h}' in the member network: {e}"),
-                    )
-                })?
-                .collect(),
-            Target::ApiServer => {
-                return Err((
-                    "not_found",
-                    "the API server is reached through the gateway, not CONNECT".to_string(),
-                ))
+        match &target {
+            Target::Host(h) => {
+                let addrs: Vec<_> = tokio::net::lookup_host((h.as_str(), port))
+                    .await
+                    .map_err(|e| {
+                        (
+                            "not_found",
+                            format!("cannot resolve '{h}' in the member network: {e}"),
+                        )
+                    })?
+                    .collect();
+                Ok(Box::new(dial_tcp(&addrs, &target.describe(), port).await?) as Box<dyn Conn>)
             }
-            k8s => vec![resolve::resolve(&client, k8s, port).await.map_err(|e| {
-                let code = match e {
-                    resolve::ResolveError::NotFound(_) => "not_found",
-                    _ => "unavailable",
-                };
-                (code, e.to_string())
-            })?],
-        };
-        let mut last = String::from("no address");
-        for a in addrs {
-            match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(a))
-                .await
-            {
-                Ok(Ok(s)) => {
-                    crate::tunnel::nodelay(&s);
-                    return Ok(s);
+            Target::ApiServer => Err((
+                "not_found",
+                "the API server is reached through the gateway, not CONNECT".to_string(),
+            )),
+            k8s => {
+                let r = resolve::resolve(&client, k8s, port).await.map_err(|e| {
+                    let code = match e {
+                        resolve::ResolveError::NotFound(_) => "not_found",
+                        _ => "unavailable",
+                    };
+                    (code, e.to_string())
+                })?;
+                match (pod_network, &r.pod) {
+                    (PodNetwork::PortForward, Some((ns, name))) => {
+                        dial_portforward(&client, ns, name, r.addr.port()).await
+                    }
+                    (PodNetwork::PortForward, None) => Err((
+                        "unavailable",
+                        format!(
+                            "{} resolved to {} with no pod reference to port-forward to",
+                            target.describe(),
+                            r.addr
+                        ),
+                    )),
+                    (PodNetwork::Direct, _) => Ok(Box::new(
+                        dial_tcp(&[r.addr], &target.describe(), port).await?,
+                    ) as Box<dyn Conn>),
+                    (PodNetwork::Auto, pod) => {
+                        match dial_tcp(&[r.addr], &target.describe(), port).await {
+                            Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
+                            Err(direct) => match pod {
+                                Some((ns, name)) => {
+                                    tracing::info!(
+                                        "{}; trying pods/portforward through the API server",
+                                        direct.1
+                                    );
+                                    dial_portforward(&client, ns, name, r.addr.port()).await
+                                }
+                                None => Err(direct),
+                            },
+                        }
+                    }
                 }
-                Ok(Err(e)) => last = format!("{a}: {e}"),
-                Err(_) => last = format!("{a}: no answer within 10s"),
             }
         }
-        Err((
-            "dial_failed",
-            format!(
-                "cannot connect to {} port {port} ({last})",
-                target.describe()
-            ),
-        ))
     };
     match dial.await {
-        Ok(mut tcp) => {
+        Ok(mut conn) => {
             if stream
                 .write_all(format!("{RAW_OK}\n").as_bytes())
                 .await
@@ -270,7 +380,7 @@ async fn serve_raw(
             {
                 return;
             }
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut conn).await;
         }
         Err((code, msg)) => {
             let _ = stream
@@ -429,6 +539,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         client,
         policy,
         denied: denied.clone(),
+        pod_network: PodNetwork::parse(&cfg.pod_network).map_err(anyhow::Error::msg)?,
         impersonate: cfg.impersonate,
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
@@ -24,6 +24,15 @@ pub enum ResolveError {
     Unavailable(String),
     #[error("the agent's API server failed: {0}")]
     Api(String),
+}
+
+/// Where a target leads: an address, and the pod behind it when known (for
+/// the `pods/portforward` fallback where pod IPs are not routable).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub addr: SocketAddr,
+    /// `(namespace, name)` of the pod.
+    pub pod: Option<(String, String)>,
 }
 
 fn api_err(what: &str, e: kube::Error) -> ResolveError {
@@ -56,12 +65,23 @@ fn pod_addr(p: &Pod, port: u16, what: &str) -> Result<SocketAddr, ResolveError> 
     Ok(SocketAddr::new(ip, port))
 }
 
+fn pod_ref(r: Option<&ObjectReference>, ns: &str) -> Option<(String, String)> {
+    let r = r?;
+    if r.kind.as_deref() != Some("Pod") {
+        return None;
+    }
+    Some((
+        r.namespace.clone().unwrap_or_else(|| ns.to_string()),
+        r.name.clone()?,
+    ))
+}
+
 /// Where to dial for `target` port `port`.
 pub async fn resolve(
     client: &kube::Client,
     target: &Target,
     port: u16,
-) -> Result<SocketAddr, ResolveError> {
+) -> Result<Resolved, ResolveError> {
     match target {
         Target::Pod { ns, name } => {
             let what = format!("pod {ns}/{name}");
@@ -69,7 +89,10 @@ pub async fn resolve(
                 .get(name)
                 .await
                 .map_err(|e| api_err(&what, e))?;
-            pod_addr(&pod, port, &what)
+            Ok(Resolved {
+                addr: pod_addr(&pod, port, &what)?,
+                pod: Some((ns.clone(), name.clone())),
+            })
         }
         Target::Deployment { ns, name } => {
             let what = format!("deployment {ns}/{name}");
@@ -95,7 +118,12 @@ pub async fn resolve(
                 .map_err(|e| api_err(&what, e))?;
             pods.items
                 .iter()
-                .find_map(|p| pod_addr(p, port, &what).ok())
+                .find_map(|p| {
+                    Some(Resolved {
+                        addr: pod_addr(p, port, &what).ok()?,
+                        pod: Some((ns.clone(), p.metadata.name.clone()?)),
+                    })
+                })
                 .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no ready pod")))
         }
         Target::Service { ns, name } => resolve_service(client, ns, name, port).await,
@@ -110,7 +138,7 @@ async fn resolve_service(
     ns: &str,
     name: &str,
     port: u16,
-) -> Result<SocketAddr, ResolveError> {
+) -> Result<Resolved, ResolveError> {
     let what = format!("service {ns}/{name}");
     let svc = Api::<Service>::namespaced(client.clone(), ns)
         .get(name)
@@ -140,11 +168,10 @@ async fn resolve_service(
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
         .await;
-    let candidates: Vec<SocketAddr> = match slices {
-        Ok(list) => list
-            .items
-            .iter()
-            .flat_map(|s| {
+    let mut candidates: Vec<Resolved> = Vec::new();
+    match slices {
+        Ok(list) => {
+            for s in &list.items {
                 let p = s
                     .ports
                     .as_ref()
@@ -155,43 +182,51 @@ async fn resolve_service(
                     .and_then(|p| p.port)
                     .map(|p| p as u16)
                     .or(numeric_target);
-                s.endpoints
-                    .iter()
-                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                    .flat_map(|e| e.addresses.iter())
-                    .filter_map(move |a| Some(SocketAddr::new(a.parse().ok()?, p?)))
-                    .collect::<Vec<_>>()
-            })
-            .collect(),
+                let Some(p) = p else { continue };
+                for e in &s.endpoints {
+                    if !e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) {
+                        continue;
+                    }
+                    for a in &e.addresses {
+                        if let Ok(ip) = a.parse() {
+                            candidates.push(Resolved {
+                                addr: SocketAddr::new(ip, p),
+                                pod: pod_ref(e.target_ref.as_ref(), ns),
+                            });
+                        }
+                    }
+                }
+            }
+        }
         Err(kube::Error::Api(s)) if s.code == 404 => {
             let ep = Api::<Endpoints>::namespaced(client.clone(), ns)
                 .get(name)
                 .await
                 .map_err(|e| api_err(&what, e))?;
-            ep.subsets
-                .unwrap_or_default()
-                .iter()
-                .flat_map(|sub| {
-                    let p = sub
-                        .ports
-                        .as_ref()
-                        .and_then(|ps| {
-                            ps.iter()
-                                .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                        })
-                        .map(|p| p.port as u16)
-                        .or(numeric_target);
-                    sub.addresses
-                        .iter()
-                        .flatten()
-                        .filter_map(move |a| Some(SocketAddr::new(a.ip.parse().ok()?, p?)))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
+            for sub in ep.subsets.unwrap_or_default() {
+                let p = sub
+                    .ports
+                    .as_ref()
+                    .and_then(|ps| {
+                        ps.iter()
+                            .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                    })
+                    .map(|p| p.port as u16)
+                    .or(numeric_target);
+                let Some(p) = p else { continue };
+                for a in sub.addresses.unwrap_or_default() {
+                    if let Ok(ip) = a.ip.parse() {
+                        candidates.push(Resolved {
+                            addr: SocketAddr::new(ip, p),
+                            pod: pod_ref(a.target_ref.as_ref(), ns),
+                        });
+                    }
+                }
+            }
         }
         Err(e) => return Err(api_err(&what, e)),
-    };
-    candidates.first().copied().ok_or_else(|| {
+    }
+    candidates.into_iter().next().ok_or_else(|| {
         ResolveError::Unavailable(format!("{what} has no ready endpoint for port {port}"))
     })
 }
