@@ -38,11 +38,16 @@ pub async fn add(name: &str, output: &str) -> Result<u8> {
         return Ok(exit::OK);
     }
     eprintln!("cluster '{}' registered. Run this in the member (the token is shown once; a new 'cluster add' replaces it):", added.name);
-    println!(
+    println!("{}", join_command(&added));
+    Ok(exit::OK)
+}
+
+/// The one command a member runs to join (holds the token: shown once).
+pub fn join_command(added: &ClusterAdded) -> String {
+    format!(
         "towerctl join {} --token {} --hub {} --hub-key {}",
         added.name, added.token, added.tunnel_url, added.hub_key
-    );
-    Ok(exit::OK)
+    )
 }
 
 pub async fn list() -> Result<u8> {

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod join;
 pub mod kubeconfig;
 pub mod status;
+pub mod ui;
 pub mod usectx;
 
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub enum Command {
     Use(UseArgs),
     /// Show the hub, its members and the agents on this machine.
     Status(StatusArgs),
+    /// Live dashboard of the hub's members and this machine's agents.
+    Ui(UiArgs),
     /// Print an ExecCredential for kubectl (used by kubeconfig entries).
     #[command(hide = true)]
     Credential {
@@ -191,6 +194,13 @@ pub struct UseArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct UiArgs {
+    /// Kubeconfig file Enter edits (default: KUBECONFIG's first existing file, or ~/.kube/config).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// Output format.
     #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
@@ -238,6 +248,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Leave { name } => join::leave(&name).await,
         Command::Use(a) => usectx::run(a).await,
         Command::Status(a) => status::run(a).await,
+        Command::Ui(a) => ui::run(a).await,
         Command::Credential { token_file } => credential::run(&token_file),
     }
 }

@@ -4,7 +4,10 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use serde_json::json;
 
+use std::path::{Path, PathBuf};
+
 use super::{exit, kubeconfig, UseArgs};
+use crate::daemon::control::HubStatus;
 use crate::paths;
 
 fn previous_file() -> std::path::PathBuf {
@@ -43,12 +46,30 @@ pub async fn run(a: UseArgs) -> Result<u8> {
             a.name
         );
     }
+    let (name, written) = switch_to(&hub, &a.name, a.kubeconfig.as_deref())?;
+    println!("switched to context \"{name}\" (in {})", written.display());
+    Ok(exit::OK)
+}
+
+/// Writes (merges) the `tower-NAME` context for member `member` of `hub`
+/// into the user's kubeconfig and makes it current, remembering the
+/// previous context for `towerctl use -`. Returns the context name and the
+/// file written. Shared by `towerctl use` and the dashboard's Enter; the
+/// caller checks that `member` is registered.
+pub fn switch_to(
+    hub: &HubStatus,
+    member: &str,
+    kubeconfig: Option<&Path>,
+) -> Result<(String, PathBuf)> {
+    let files = kubeconfig::files(kubeconfig);
+    let target = kubeconfig::target(&files);
+    let current = kubeconfig::current_context(&files);
     let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
-    let name = format!("tower-{}", a.name);
+    let name = format!("tower-{member}");
     let server = format!(
         "{}/clusters/{}",
         hub.gateway_url.trim_end_matches('/'),
-        a.name
+        member
     );
     let ca = base64::engine::general_purpose::STANDARD.encode(hub.ca_pem.as_bytes());
     let written = kubeconfig::edit(&target, |d| {
@@ -92,8 +113,7 @@ pub async fn run(a: UseArgs) -> Result<u8> {
     if current.as_deref() != Some(name.as_str()) {
         remember(current.as_deref());
     }
-    println!("switched to context \"{name}\" (in {})", written.display());
-    Ok(exit::OK)
+    Ok((name, written))
 }
 
 fn remember(prev: Option<&str>) {

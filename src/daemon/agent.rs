@@ -269,13 +269,16 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                         reconnects: s.reconnects,
                         rtt_history_ms: s.rtt_history.into_iter().collect(),
                         events: s.events.into_iter().collect(),
+                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
                     })
                 }
                 CtlRequest::Shutdown => {
                     stop.cancel();
                     CtlResponse::ok(serde_json::json!({}))
                 }
-                CtlRequest::ClusterAdd { .. } | CtlRequest::ClusterRemove { .. } => {
+                CtlRequest::ClusterAdd { .. }
+                | CtlRequest::ClusterRemove { .. }
+                | CtlRequest::Disconnect { .. } => {
                     CtlResponse::err("this is an agent: run 'towerctl cluster add' against the hub")
                 }
             }

@@ -1,6 +1,7 @@
 //! The control socket: a small, versioned request/response protocol over a
-//! Unix socket, one JSON object per line. The CLI (and later the dashboard)
-//! speak it to the hub and agent daemons on this machine.
+//! Unix socket, one JSON object per line. The CLI and the dashboard
+//! (`towerctl ui`) speak it to the hub and agent daemons on this machine;
+//! these types are the one definition both sides share.
 //!
 //! The socket lives in the private runtime dir (0700), so file permissions
 //! are the access control: only the user who runs the daemon can talk to it.
@@ -32,6 +33,10 @@ pub enum Request {
     ClusterAdd { name: String },
     /// Hub: forget a member and cut its session.
     ClusterRemove { name: String },
+    /// Hub: cut a member's live session ("disconnected by an operator").
+    /// The member stays registered; its agent reconnects by itself, with
+    /// backoff.
+    Disconnect { name: String },
     /// Stop the daemon.
     Shutdown,
 }
@@ -77,7 +82,7 @@ impl Response {
 }
 
 /// The hub's status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HubStatus {
     pub pid: u32,
     pub version: String,
@@ -152,7 +157,7 @@ pub struct ClusterAdded {
 }
 
 /// An agent's status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AgentStatus {
     pub name: String,
     pub pid: u32,
@@ -172,7 +177,14 @@ pub struct AgentStatus {
     pub rtt_history_ms: Vec<f64>,
     #[serde(default)]
     pub events: Vec<Event>,
+    /// The agent's own version (absent from agents older than the field).
+    #[serde(default)]
+    pub version: Option<String>,
 }
+
+/// Why an operator's disconnect cut a session, as the hub's event log and
+/// the agent see it.
+pub const DISCONNECT_REASON: &str = "disconnected by an operator";
 
 /// Sends one request and reads one response, bounded in time (10s).
 pub async fn call(socket: &Path, req: Request) -> Result<serde_json::Value> {
@@ -308,7 +320,9 @@ pub fn now_unix() -> u64 {
 }
 
 /// Subscribes to a daemon's status snapshots; each line is one `Response`.
-#[allow(dead_code)] // used by the dashboard (towerctl ui)
+/// The stream ends when the daemon goes away or answers something
+/// malformed; dropping the receiver closes the connection (even while the
+/// daemon is silent, e.g. stopped with SIGSTOP).
 pub async fn watch(
     socket: &Path,
     interval: Duration,
@@ -329,10 +343,20 @@ pub async fn watch(
     tokio::spawn(async move {
         let _keep_open = w;
         let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
+        loop {
+            let l = tokio::select! {
+                _ = tx.closed() => break,
+                l = lines.next_line() => match l {
+                    Ok(Some(l)) => l,
+                    _ => break,
+                },
+            };
             let Ok(resp) = serde_json::from_str::<Response>(&l) else {
                 break;
             };
+            if resp.v != VERSION || !resp.ok {
+                break;
+            }
             if tx.send(resp.data.unwrap_or_default()).await.is_err() {
                 break;
             }
