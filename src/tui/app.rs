@@ -268,6 +268,12 @@ pub struct RowView {
     pub animated: bool,
 }
 
+/// `ws://10.0.0.1:8080/tunnel` → `10.0.0.1:8080`, for a narrow column.
+fn hub_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
 /// Whether an agent's final error is about credentials or the hub's key
 /// (an operator must act), as opposed to anything else.
 fn is_auth_error(e: &str) -> bool {
@@ -317,6 +323,10 @@ impl Cluster {
         // counting down while the hub is unreachable); the hub knows
         // whether the member is still allowed in at all.
         let state = if hub.is_some_and(|h| h.state == "revoked") {
+            detail = format!(
+                "the hub refuses it; 'towerctl cluster add {}' lets it back in",
+                self.name
+            );
             DisplayState::Revoked
         } else if let Some(a) = agent {
             match a.state.as_str() {
@@ -403,9 +413,11 @@ impl Cluster {
         RowView {
             name: self.name.clone(),
             state,
+            // From the hub: where the agent dials from; from the agent:
+            // the hub it dials.
             remote: hub_connected
                 .and_then(|h| h.remote.clone())
-                .or_else(|| agent.map(|a| a.hub.clone())),
+                .or_else(|| agent.map(|a| format!("hub {}", hub_host(&a.hub)))),
             version: hub
                 .and_then(|h| h.agent_version.clone())
                 .or_else(|| agent.and_then(|a| a.version.clone())),
@@ -420,7 +432,11 @@ impl Cluster {
             rate_in: hub_side.filter(|_| connected).map(|h| h.rate_in),
             rate_out: hub_side.filter(|_| connected).map(|h| h.rate_out),
             streams: hub_connected.map(|h| h.streams),
-            reconnects: hub.map(|h| h.reconnects).or(agent.map(|a| a.reconnects)),
+            // Each side counts since it started; the larger is the truer.
+            reconnects: match (hub.map(|h| h.reconnects), agent.map(|a| a.reconnects)) {
+                (Some(h), Some(a)) => Some(h.max(a)),
+                (h, a) => h.or(a),
+            },
             detail,
             animated,
         }
@@ -792,6 +808,8 @@ fn normal_key(app: &mut App, k: KeyEvent) -> Option<Effect> {
         KeyCode::End | KeyCode::Char('G') => select(app, last),
         KeyCode::Char('/') => app.mode = Mode::Filter,
         KeyCode::Char('s') => {
+            // Keep the row the operator is looking at selected.
+            app.selected = current.map(|(n, _, _)| n);
             app.sort = app.sort.next();
             app.say(Level::Info, format!("sorted by {}", app.sort.label()));
         }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span, Text};
-use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{
+    Block, Borders, Cell, Clear, Padding, Paragraph, Row, Table, TableState, Wrap,
+};
 use ratatui::Frame;
 
 use super::app::{App, Cluster, Confirm, DisplayState, HubState, Mode, RowView, SPARK_WINDOW};
@@ -63,20 +65,8 @@ pub fn render(app: &App, f: &mut Frame) {
 }
 
 fn header(app: &App, rows: &[(&Cluster, RowView)], theme: &Theme, f: &mut Frame, area: Rect) {
+    // Most important first: a narrow terminal cuts the end of the line.
     let mut spans = vec![Span::styled("towerctl ui", theme.title()), sep(theme)];
-    match &app.hub {
-        HubState::Starting => spans.push(Span::styled("hub: …", theme.dim())),
-        HubState::Absent => spans.push(Span::styled("hub: not on this machine", theme.dim())),
-        HubState::Unreachable(e) => spans.push(Span::styled(
-            format!("hub: unreachable, retrying ({e})"),
-            theme.warn(),
-        )),
-        HubState::Up(h) => spans.push(Span::raw(format!(
-            "hub: pid {} · tunnel {} · gateway {}",
-            h.pid, h.tunnel_addr, h.gateway_addr
-        ))),
-    }
-    spans.push(sep(theme));
     let total = app.clusters.len();
     let count = |s: DisplayState| rows.iter().filter(|(_, v)| v.state == s).count();
     let mut counts = vec![format!(
@@ -96,12 +86,41 @@ fn header(app: &App, rows: &[(&Cluster, RowView)], theme: &Theme, f: &mut Frame,
     }
     spans.push(Span::raw(counts.join(", ")));
     spans.push(sep(theme));
+    let hub_detail = match &app.hub {
+        HubState::Starting => {
+            spans.push(Span::styled("hub …", theme.dim()));
+            None
+        }
+        HubState::Absent => {
+            spans.push(Span::styled("no hub on this machine", theme.dim()));
+            None
+        }
+        HubState::Unreachable(e) => {
+            spans.push(Span::styled(
+                format!("hub unreachable, retrying ({e})"),
+                theme.warn(),
+            ));
+            None
+        }
+        HubState::Up(h) => {
+            spans.push(Span::raw(format!("hub up (pid {})", h.pid)));
+            Some(format!(
+                "tunnel {} · gateway {}",
+                h.tunnel_addr, h.gateway_addr
+            ))
+        }
+    };
+    spans.push(sep(theme));
     spans.push(Span::styled("sort ", theme.dim()));
     spans.push(Span::raw(app.sort.label()));
     if !app.filter.is_empty() || app.mode == Mode::Filter {
         spans.push(sep(theme));
         spans.push(Span::styled("filter ", theme.dim()));
         spans.push(Span::raw(app.filter.clone()));
+    }
+    if let Some(d) = hub_detail {
+        spans.push(sep(theme));
+        spans.push(Span::styled(d, theme.dim()));
     }
     f.render_widget(Paragraph::new(Line::from(spans)), area);
 }
@@ -382,17 +401,17 @@ fn sparkline(app: &App, c: &Cluster, width: usize) -> String {
         let i = width - 1 - ((age.as_secs_f64() / bucket) as usize).min(width - 1);
         cells[i] = Some(cells[i].map_or(*v, |m: f64| m.max(*v)));
     }
-    let vals: Vec<f64> = cells.iter().flatten().copied().collect();
-    let max = vals.iter().copied().fold(f64::MIN, f64::max);
-    let min = vals.iter().copied().fold(f64::MAX, f64::min);
+    // Scaled between the lowest and highest of the minute, so a spike
+    // stands out; a spread under 5% of the top is drawn flat (jitter of a
+    // few microseconds is not news).
+    let hi = cells.iter().flatten().copied().fold(f64::MIN, f64::max);
+    let lo = cells.iter().flatten().copied().fold(f64::MAX, f64::min);
     cells
         .iter()
         .map(|c| match c {
             None => ' ',
-            // A flat line when the spread is under a tenth of the top:
-            // jitter of a few microseconds is not worth a mountain range.
-            Some(_) if max - min <= max * 0.1 => BARS[1],
-            Some(v) => BARS[(((v - min) / (max - min)) * 7.0).round() as usize],
+            Some(_) if hi - lo <= hi * 0.05 => BARS[2],
+            Some(v) => BARS[1 + (((v - lo) / (hi - lo)) * 6.0).round().clamp(0.0, 6.0) as usize],
         })
         .collect()
 }
@@ -448,6 +467,7 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
     let block = Block::default()
         .borders(Borders::ALL)
         .border_style(theme.border())
+        .padding(Padding::horizontal(1))
         .title(Line::from(vec![
             Span::styled(format!(" {} ", c.name), theme.title()),
             Span::styled(format!("{} ", v.state.label()), theme.state(v.state)),
@@ -483,6 +503,7 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
             if h.streams == 1 { "" } else { "s" }
         ),
         Some(_) => "no session".into(),
+        None if c.hub.is_some() => "unknown: the hub does not answer".into(),
         None => "measured by the hub (not on this machine)".into(),
     };
     lines.push(Line::from(vec![label("traffic"), Span::raw(traffic)]));
@@ -576,9 +597,26 @@ fn centered(area: Rect, w: u16, h: u16) -> Rect {
     }
 }
 
+/// A centred dialog at most `max_w` wide (and 4 less than the screen),
+/// as tall as `lines` need once wrapped, plus borders.
+fn fitted(area: Rect, max_w: u16, lines: &[Line]) -> Rect {
+    let w = max_w.min(area.width.saturating_sub(4)).max(10);
+    let inner = (w - 4) as usize; // borders and padding
+    let h: usize = lines
+        .iter()
+        // Word wrapping wastes the end of lines: one spare line each.
+        .map(|l| match l.width() {
+            w if w <= inner => 1,
+            w => w.div_ceil(inner) + 1,
+        })
+        .sum();
+    centered(area, w, h as u16 + 2)
+}
+
 fn dialog<'a>(title: String, theme: &Theme) -> Block<'a> {
     Block::default()
         .borders(Borders::ALL)
+        .padding(Padding::horizontal(1))
         .border_style(theme.title())
         .title(Span::styled(format!(" {title} "), theme.title()))
 }
@@ -627,7 +665,7 @@ fn help(theme: &Theme, f: &mut Frame, area: Rect) {
         "Any key closes this help.",
         theme.dim(),
     )));
-    let r = centered(area, 76, lines.len() as u16 + 2);
+    let r = fitted(area, 80, &lines);
     f.render_widget(Clear, r);
     f.render_widget(
         Paragraph::new(lines)
@@ -658,7 +696,7 @@ fn confirm(c: &Confirm, theme: &Theme, f: &mut Frame, area: Rect) {
             Span::raw(" no"),
         ]),
     ];
-    let r = centered(area, 64, 8);
+    let r = fitted(area, 64, &lines);
     f.render_widget(Clear, r);
     f.render_widget(
         Paragraph::new(lines)
@@ -669,11 +707,11 @@ fn confirm(c: &Confirm, theme: &Theme, f: &mut Frame, area: Rect) {
 }
 
 fn popup(title: &str, body: &str, theme: &Theme, f: &mut Frame, area: Rect) {
-    let w = area.width.saturating_sub(4).min(100);
-    let r = centered(area, w, area.height.saturating_sub(2).min(16));
+    let lines: Vec<Line> = body.lines().map(Line::from).collect();
+    let r = fitted(area, 100, &lines);
     f.render_widget(Clear, r);
     f.render_widget(
-        Paragraph::new(Text::from(body.to_string()))
+        Paragraph::new(Text::from(lines))
             .wrap(Wrap { trim: false })
             .block(dialog(title.to_string(), theme)),
         r,

@@ -1,0 +1,216 @@
+//! End-to-end: `towerctl ui` in a real terminal (tmux, its own server
+//! socket in the test's temp dir) against a real hub and two real agents
+//! on loopback. The screen is read with `capture-pane`, keys are typed
+//! with `send-keys`. Every wait is bounded; the tmux server is killed at
+//! the end, whatever happens.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::apiserver::ApiServer;
+use support::{run_bounded, wait_for, Env, Out, TOWERCTL};
+
+/// A tmux server of our own, running `towerctl ui` in one window.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    fn start(env: &Env, width: u16, height: u16) -> Tmux {
+        let tmux = Tmux {
+            socket: env.path("tmux.sock"),
+        };
+        let o = tmux.run(
+            env,
+            &[
+                "new-session",
+                "-d",
+                "-s",
+                "ui",
+                "-x",
+                &width.to_string(),
+                "-y",
+                &height.to_string(),
+                &format!("{TOWERCTL} ui"),
+            ],
+        );
+        assert!(o.ok(), "tmux new-session: {o:?}");
+        tmux
+    }
+
+    fn run(&self, env: &Env, args: &[&str]) -> Out {
+        let mut c = Command::new("tmux");
+        // The server (started by the first command) hands this environment
+        // to the pane: the installation's HOME and XDG dirs, NO_COLOR.
+        env.apply_env(&mut c);
+        c.env("LANG", "C.UTF-8").env("TERM", "xterm-256color");
+        // -u: UTF-8 whatever the locale says; -f: no user configuration.
+        c.arg("-u")
+            .arg("-f")
+            .arg("/dev/null")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args);
+        run_bounded(c, Duration::from_secs(10))
+    }
+
+    fn capture(&self, env: &Env) -> String {
+        let o = self.run(env, &["capture-pane", "-p", "-t", "ui"]);
+        o.stdout
+    }
+
+    fn keys(&self, env: &Env, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "ui"];
+        args.extend_from_slice(keys);
+        let o = self.run(env, &args);
+        assert!(o.ok(), "send-keys: {o:?}");
+    }
+
+    fn alive(&self, env: &Env) -> bool {
+        self.run(env, &["has-session", "-t", "ui"]).ok()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .arg("kill-server")
+            .output();
+    }
+}
+
+/// The text after the cluster's name on its table row.
+fn row<'a>(screen: &'a str, name: &str) -> Option<&'a str> {
+    screen.lines().find_map(|l| {
+        let l = l.trim_start().trim_start_matches('>').trim_start();
+        l.strip_prefix(name)
+            .filter(|rest| rest.starts_with(' '))
+            .map(str::trim_start)
+    })
+}
+
+fn is_connected(screen: &str, name: &str) -> bool {
+    row(screen, name).is_some_and(|r| r.starts_with("connected "))
+}
+
+/// A backing-off row's countdown: (seconds left, attempt).
+fn countdown(screen: &str, name: &str) -> Option<(f64, u32)> {
+    let r = row(screen, name)?;
+    if !r.starts_with("backing off") {
+        return None;
+    }
+    let rest = r.split("retry in ").nth(1)?;
+    let (secs, rest) = rest.split_once("s (attempt ")?;
+    let attempt = rest.split(')').next()?;
+    Some((secs.parse().ok()?, attempt.parse().ok()?))
+}
+
+#[test]
+fn the_dashboard_follows_a_hub_restart_and_switches_context() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    for name in ["alpha", "beta"] {
+        let join = env.cluster_add(name);
+        let o = env.join(
+            &join,
+            &[
+                "--kubeconfig",
+                member_kc.to_str().unwrap(),
+                "--keepalive",
+                "1s",
+                "--backoff-cap",
+                "4s",
+            ],
+        );
+        assert!(o.ok(), "join {name}: {o:?}");
+    }
+    let s = env.status();
+    let tunnel = s["hub"]["tunnelAddress"].as_str().unwrap().to_string();
+    let gateway = s["hub"]["gatewayAddress"].as_str().unwrap().to_string();
+
+    let tmux = Tmux::start(&env, 160, 48);
+    // Connected, and the hub itself answering the dashboard again.
+    let both_connected = |what: &str| {
+        wait_for(what, Duration::from_secs(20), || {
+            let s = tmux.capture(&env);
+            (is_connected(&s, "alpha") && is_connected(&s, "beta") && s.contains("hub up"))
+                .then_some(s)
+        })
+    };
+    both_connected("both members to show as connected");
+
+    // The hub goes away: the agents' own view keeps their rows, counting
+    // down to the next attempt.
+    env.kill9("hub");
+    let stopped = std::time::Instant::now();
+    let screen = wait_for(
+        "both agents to show as backing off",
+        Duration::from_secs(15),
+        || {
+            let s = tmux.capture(&env);
+            (countdown(&s, "alpha").is_some() && countdown(&s, "beta").is_some()).then_some(s)
+        },
+    );
+    assert!(screen.contains("hub unreachable"), "{screen}");
+    // The countdown runs on the screen between snapshots: two captures a
+    // moment apart, in the same attempt, show less time left.
+    let (a, b) = wait_for(
+        "a countdown that decreases between two captures",
+        Duration::from_secs(15),
+        || {
+            let a = countdown(&tmux.capture(&env), "alpha")?;
+            std::thread::sleep(Duration::from_millis(300));
+            let b = countdown(&tmux.capture(&env), "alpha")?;
+            (a.1 == b.1 && a.0 >= 0.5).then_some((a, b))
+        },
+    );
+    assert!(
+        b.0 < a.0,
+        "the countdown did not decrease: {a:?} then {b:?}"
+    );
+
+    // The hub is back on the same addresses, after a few seconds away:
+    // both reconnect by themselves and the dashboard picks the hub up again.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(stopped.elapsed()));
+    let screen = tmux.capture(&env);
+    assert!(
+        countdown(&screen, "alpha").is_some()
+            || row(&screen, "alpha").is_some_and(|r| r.starts_with("connecting")),
+        "alpha should still be retrying while the hub is down:\n{screen}"
+    );
+    env.up_on(&tunnel, &gateway);
+    both_connected("both members to reconnect and the hub to answer");
+
+    // Enter on beta (the second row, sorted by name) switches kubectl.
+    tmux.keys(&env, &["Down"]);
+    tmux.keys(&env, &["Enter"]);
+    wait_for(
+        "the current context to become tower-beta",
+        Duration::from_secs(10),
+        || {
+            let o = env.kubectl(&["config", "current-context"]);
+            (o.stdout.trim() == "tower-beta").then_some(())
+        },
+    );
+    let screen = tmux.capture(&env);
+    assert!(
+        screen.contains("switched to context \"tower-beta\""),
+        "{screen}"
+    );
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("default"), "{o:?}");
+
+    // q quits, and the dashboard's window closes with it.
+    tmux.keys(&env, &["q"]);
+    wait_for("the dashboard to quit", Duration::from_secs(5), || {
+        (!tmux.alive(&env)).then_some(())
+    });
+}
