@@ -242,6 +242,9 @@ pub struct App {
     pub sort: SortKey,
     pub mode: Mode,
     pub message: Option<Message>,
+    /// The agents configured on this machine, once known: news about any
+    /// other (a late word from an agent just left) is ignored.
+    pub agents: Option<Vec<String>>,
     /// Monochrome (`NO_COLOR`).
     pub mono: bool,
     /// Something visible changed since the last draw.
@@ -471,6 +474,7 @@ impl App {
             sort: SortKey::Name,
             mode: Mode::Normal,
             message: None,
+            agents: None,
             mono,
             dirty: true,
             quit: false,
@@ -526,6 +530,12 @@ impl App {
         self.clusters
             .values()
             .any(|c| c.retry_in(self.now).is_some_and(|d| !d.is_zero()))
+    }
+
+    fn configured(&self, name: &str) -> bool {
+        self.agents
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|n| n == name))
     }
 
     fn say(&mut self, level: Level, text: impl Into<String>) {
@@ -673,6 +683,8 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
                 }
             }
         }
+        Action::Agent(status) if !app.configured(&status.name) => {}
+        Action::AgentDown { name, .. } if !app.configured(&name) => {}
         Action::Agent(status) => {
             let now = app.now;
             let entry = app.entry(&status.name);
@@ -706,6 +718,7 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
                 }
             }
             app.prune();
+            app.agents = Some(names);
             app.dirty = true;
         }
         Action::Done(r) => {

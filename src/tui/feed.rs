@@ -156,6 +156,13 @@ async fn watch_agents(tx: mpsc::Sender<Action>, cancel: CancellationToken, track
     let mut known: Option<Vec<String>> = None;
     loop {
         let names: Vec<String> = agent::list_configs().into_iter().map(|c| c.name).collect();
+        // The list goes first: the dashboard ignores news of agents not on it.
+        if known.as_ref() != Some(&names) {
+            if tx.send(Action::Agents(names.clone())).await.is_err() {
+                return;
+            }
+            known = Some(names.clone());
+        }
         running.retain(|n, stop| {
             let keep = names.contains(n);
             if !keep {
@@ -169,12 +176,6 @@ async fn watch_agents(tx: mpsc::Sender<Action>, cancel: CancellationToken, track
                 tracker.spawn(watch_agent(n.clone(), tx.clone(), stop.clone()));
                 running.insert(n.clone(), stop);
             }
-        }
-        if known.as_ref() != Some(&names) {
-            if tx.send(Action::Agents(names.clone())).await.is_err() {
-                return;
-            }
-            known = Some(names);
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -676,3 +676,23 @@ async fn the_loop_runs_on_a_test_backend() {
         "countdown at {left}s:\n{shown}"
     );
 }
+
+#[test]
+fn an_agent_that_left_does_not_come_back_from_a_late_snapshot() {
+    let mut a = one(true);
+    update(&mut a, Action::Agents(vec![]));
+    assert!(a.clusters["alpha"].agent.is_none());
+    update(
+        &mut a,
+        Action::Agent(Box::new(agent("alpha", "backing_off"))),
+    );
+    update(
+        &mut a,
+        Action::AgentDown {
+            name: "zeta".into(),
+            why: AgentDown::Stopped,
+        },
+    );
+    assert!(a.clusters["alpha"].agent.is_none());
+    assert!(!a.clusters.contains_key("zeta"));
+}
