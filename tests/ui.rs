@@ -214,6 +214,88 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
     let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok() && o.stdout.contains("default"), "{o:?}");
 
+    // d on alpha, confirmed: the hub cuts its session with the operator's
+    // reason, and the agent comes back by itself (from another port).
+    let alpha = |s: &serde_json::Value| -> Option<serde_json::Value> {
+        s["hub"]["clusters"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "alpha")
+            .cloned()
+    };
+    let before = alpha(&env.status()).unwrap()["remote"].clone();
+    assert!(before.is_string(), "{before}");
+    tmux.keys(&env, &["Up"]);
+    tmux.keys(&env, &["d"]);
+    wait_for("the confirmation", Duration::from_secs(5), || {
+        tmux.capture(&env)
+            .contains("Disconnect 'alpha'?")
+            .then_some(())
+    });
+    tmux.keys(&env, &["y"]);
+    wait_for(
+        "the hub to record the operator's disconnect",
+        Duration::from_secs(10),
+        || {
+            alpha(&env.status())?["events"]
+                .as_array()?
+                .iter()
+                .any(|e| e["text"] == "disconnected: disconnected by an operator")
+                .then_some(())
+        },
+    );
+    wait_for(
+        "the result of the disconnect on screen",
+        Duration::from_secs(5),
+        || {
+            tmux.capture(&env)
+                .contains("'alpha' disconnected; its agent reconnects by itself")
+                .then_some(())
+        },
+    );
+    let after = wait_for(
+        "alpha's agent to reconnect after the operator's disconnect",
+        Duration::from_secs(15),
+        || {
+            let a = alpha(&env.status())?;
+            (a["state"] == "connected" && a["remote"] != before)
+                .then(|| a["remote"].as_str().unwrap().to_string())
+        },
+    );
+    wait_for(
+        "the dashboard to show alpha's new session",
+        Duration::from_secs(5),
+        || {
+            row(&tmux.capture(&env), "alpha")
+                .is_some_and(|r| r.starts_with("connected ") && r.contains(&after))
+                .then_some(())
+        },
+    );
+
+    // A resize to 80x24 drops columns instead of wrapping.
+    let o = tmux.run(&env, &["resize-window", "-t", "ui", "-x", "80", "-y", "24"]);
+    assert!(o.ok(), "{o:?}");
+    let screen = wait_for("a redraw at 80 columns", Duration::from_secs(5), || {
+        let s = tmux.capture(&env);
+        (s.lines().count() <= 24 && !s.contains("REMOTE") && s.contains("DETAIL")).then_some(s)
+    });
+    assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    assert!(is_connected(&screen, "alpha"), "{screen}");
+
+    // r on alpha, confirmed: a new join command, shown once.
+    tmux.keys(&env, &["r"]);
+    wait_for("the confirmation", Duration::from_secs(5), || {
+        tmux.capture(&env)
+            .contains("Rotate the join token")
+            .then_some(())
+    });
+    tmux.keys(&env, &["y"]);
+    wait_for("the new join command", Duration::from_secs(10), || {
+        let s = tmux.capture(&env);
+        (s.contains("towerctl join alpha \\") && s.contains("--token tj_")).then_some(())
+    });
+    tmux.keys(&env, &["Escape"]);
+
     // q quits, and the dashboard's window closes with it.
     tmux.keys(&env, &["q"]);
     wait_for("the dashboard to quit", Duration::from_secs(5), || {

@@ -726,6 +726,10 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
             match r {
                 Ok(Outcome::Message(m)) => app.say(Level::Info, m),
                 Ok(Outcome::Rotated { name, join_command }) => {
+                    // One flag a line, continued with `\`: it fits a narrow
+                    // terminal without wrapping, and still pastes into a
+                    // shell as one command.
+                    let join_command = join_command.replace(" --", " \\\n    --");
                     app.say(Level::Info, format!("new join token issued for '{name}'"));
                     app.mode = Mode::Popup {
                         title: format!("New join command for '{name}'"),

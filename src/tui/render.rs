@@ -706,14 +706,31 @@ fn confirm(c: &Confirm, theme: &Theme, f: &mut Frame, area: Rect) {
     );
 }
 
+/// A result to copy (a join command): the full width of the screen with
+/// no side borders, so a mouse selection over several lines picks up the
+/// command and nothing of the frame around it.
 fn popup(title: &str, body: &str, theme: &Theme, f: &mut Frame, area: Rect) {
     let lines: Vec<Line> = body.lines().map(Line::from).collect();
-    let r = fitted(area, 100, &lines);
+    let w = area.width.max(1) as usize;
+    let h: usize = lines
+        .iter()
+        .map(|l| match l.width() {
+            n if n <= w => 1,
+            // Word wrapping wastes the end of lines: one spare line.
+            n => n.div_ceil(w) + 1,
+        })
+        .sum();
+    let r = centered(area, area.width, h as u16 + 2);
     f.render_widget(Clear, r);
     f.render_widget(
         Paragraph::new(Text::from(lines))
             .wrap(Wrap { trim: false })
-            .block(dialog(title.to_string(), theme)),
+            .block(
+                Block::default()
+                    .borders(Borders::TOP | Borders::BOTTOM)
+                    .border_style(theme.title())
+                    .title(Span::styled(format!(" {title} "), theme.title())),
+            ),
         r,
     );
 }
