@@ -23,6 +23,7 @@ impl Tmux {
         let tmux = Tmux {
             socket: env.path("tmux.sock"),
         };
+        let _ = std::fs::remove_file(env.path("stty-after.txt"));
         let o = tmux.run(
             env,
             &[
@@ -34,7 +35,12 @@ impl Tmux {
                 &width.to_string(),
                 "-y",
                 &height.to_string(),
-                &format!("{TOWERCTL} ui"),
+                // After the dashboard exits, record the terminal's modes:
+                // it must be back in cooked mode.
+                &format!(
+                    "{TOWERCTL} ui; stty -a > {}",
+                    env.path("stty-after.txt").display()
+                ),
             ],
         );
         assert!(o.ok(), "tmux new-session: {o:?}");
@@ -301,4 +307,54 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
     wait_for("the dashboard to quit", Duration::from_secs(5), || {
         (!tmux.alive(&env)).then_some(())
     });
+    let modes = modes_after(&env);
+    for f in ["icanon", "echo", "isig"] {
+        assert!(
+            modes.iter().any(|m| m == f),
+            "the terminal was left in raw mode ({f} is off): {modes:?}"
+        );
+    }
+}
+
+/// The modes of the terminal the dashboard left behind, once it exited.
+fn modes_after(env: &Env) -> Vec<String> {
+    std::fs::read_to_string(env.path("stty-after.txt"))
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_hangup_ends_the_dashboard_and_gives_the_terminal_back() {
+    let env = Env::new();
+    let tmux = Tmux::start(&env, 80, 24);
+    let screen = wait_for("the dashboard", Duration::from_secs(10), || {
+        let s = tmux.capture(&env);
+        s.contains("no hub and no agent").then_some(s)
+    });
+    assert!(screen.contains("towerctl up"), "{screen}");
+    // The pane runs `sh -c 'towerctl ui; stty …'`: the dashboard is the
+    // shell's child.
+    let o = tmux.run(&env, &["list-panes", "-t", "ui", "-F", "#{pane_pid}"]);
+    let sh = o.stdout.trim().to_string();
+    let ui = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no child of the pane's shell {sh}"))
+        .to_string();
+    // What an SSH connection that drops sends.
+    let st = Command::new("kill").args(["-HUP", &ui]).status().unwrap();
+    assert!(st.success());
+    wait_for("the dashboard to end", Duration::from_secs(5), || {
+        (!tmux.alive(&env)).then_some(())
+    });
+    let modes = modes_after(&env);
+    for f in ["icanon", "echo", "isig"] {
+        assert!(
+            modes.iter().any(|m| m == f),
+            "the terminal was left in raw mode ({f} is off): {modes:?}"
+        );
+    }
 }
