@@ -46,6 +46,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('completion', 'completion', [CompletionResultType]::ParameterValue, 'Print a shell completion script (bash, zsh, fish, powershell)')
             [CompletionResult]::new('gen-docs', 'gen-docs', [CompletionResultType]::ParameterValue, 'Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it)')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a daemon''s log: `hub` or an agent''s cluster name')
+            [CompletionResult]::new('ui', 'ui', [CompletionResultType]::ParameterValue, 'Live dashboard of the hub''s members and this machine''s agents')
             [CompletionResult]::new('credential', 'credential', [CompletionResultType]::ParameterValue, 'Print an ExecCredential for kubectl (used by kubeconfig entries)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -560,6 +561,16 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             break
         }
+        'towerctl;ui' {
+            [CompletionResult]::new('--kubeconfig', '--kubeconfig', [CompletionResultType]::ParameterName, 'Kubeconfig file Enter edits (default: KUBECONFIG''s first existing file, or ~/.kube/config)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
         'towerctl;credential' {
             [CompletionResult]::new('--token-file', '--token-file', [CompletionResultType]::ParameterName, 'File holding the operator token (the hub machine''s local admin)')
             [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to: the token comes from the keyring')
@@ -591,6 +602,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('completion', 'completion', [CompletionResultType]::ParameterValue, 'Print a shell completion script (bash, zsh, fish, powershell)')
             [CompletionResult]::new('gen-docs', 'gen-docs', [CompletionResultType]::ParameterValue, 'Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it)')
             [CompletionResult]::new('logs', 'logs', [CompletionResultType]::ParameterValue, 'Show a daemon''s log: `hub` or an agent''s cluster name')
+            [CompletionResult]::new('ui', 'ui', [CompletionResultType]::ParameterValue, 'Live dashboard of the hub''s members and this machine''s agents')
             [CompletionResult]::new('credential', 'credential', [CompletionResultType]::ParameterValue, 'Print an ExecCredential for kubectl (used by kubeconfig entries)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
@@ -706,6 +718,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;logs' {
+            break
+        }
+        'towerctl;help;ui' {
             break
         }
         'towerctl;help;credential' {

@@ -73,6 +73,9 @@ _towerctl() {
             towerctl,status)
                 cmd="towerctl__subcmd__status"
                 ;;
+            towerctl,ui)
+                cmd="towerctl__subcmd__ui"
+                ;;
             towerctl,up)
                 cmd="towerctl__subcmd__up"
                 ;;
@@ -189,6 +192,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help,status)
                 cmd="towerctl__subcmd__help__subcmd__status"
+                ;;
+            towerctl__subcmd__help,ui)
+                cmd="towerctl__subcmd__help__subcmd__ui"
                 ;;
             towerctl__subcmd__help,up)
                 cmd="towerctl__subcmd__help__subcmd__up"
@@ -317,7 +323,7 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -789,7 +795,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs credential help"
+            opts="up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1251,6 +1257,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__ui)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1929,6 +1949,24 @@ _towerctl() {
                     ;;
                 -o)
                     COMPREPLY=($(compgen -W "table wide json yaml" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__ui)
+            opts="-v -h -V --kubeconfig --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --kubeconfig)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

@@ -5,6 +5,7 @@ mod commands;
 mod daemon;
 mod paths;
 mod secrets;
+mod tui;
 mod tunnel;
 
 use std::process::ExitCode;
@@ -63,7 +64,11 @@ fn main() -> ExitCode {
         cli.command,
         commands::Command::Hub(_) | commands::Command::Agent(_)
     );
-    init_logging(cli.verbose, is_daemon);
+    // The dashboard owns the screen: a log line on stderr would be drawn
+    // over it, so it logs nothing.
+    if !matches!(cli.command, commands::Command::Ui(_)) {
+        init_logging(cli.verbose, is_daemon);
+    }
     // One TLS crypto provider for the whole process, chosen explicitly, so a
     // stray feature elsewhere in the tree can never make TLS set-up panic.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -44,8 +44,14 @@ fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
         "cluster '{}' {what}. Run this in the member (the token is shown once, {expiry}):",
         added.name
     );
-    // Push mode: the agent listens on loopback in the member by default,
-    // on the same port as the hub-side target; edit to taste.
+    println!("{}", join_command(&added));
+    Ok(exit::OK)
+}
+
+/// The one command a member runs to join (holds the token: shown once).
+/// Push mode: the agent listens on loopback in the member by default, on
+/// the same port as the hub-side target; edit to taste.
+pub fn join_command(added: &ClusterAdded) -> String {
     let exposes: String = added
         .exposes
         .iter()
@@ -56,11 +62,10 @@ fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
             )
         })
         .collect();
-    println!(
+    format!(
         "towerctl join {} --token {} --hub {} --hub-key {}{exposes}",
         added.name, added.token, added.tunnel_url, added.hub_key
-    );
-    Ok(exit::OK)
+    )
 }
 
 pub async fn add(

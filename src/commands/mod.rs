@@ -15,6 +15,7 @@ pub mod portforward;
 pub mod progress;
 pub mod service;
 pub mod status;
+pub mod ui;
 pub mod usectx;
 
 use std::net::SocketAddr;
@@ -178,6 +179,8 @@ pub enum Command {
         #[arg(long, default_value_t = 200)]
         tail: usize,
     },
+    /// Live dashboard of the hub's members and this machine's agents.
+    Ui(UiArgs),
     /// Print an ExecCredential for kubectl (used by kubeconfig entries).
     #[command(hide = true)]
     Credential {
@@ -453,6 +456,13 @@ pub struct UseArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct UiArgs {
+    /// Kubeconfig file Enter edits (default: KUBECONFIG's first existing file, or ~/.kube/config).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
     /// Output format.
     #[arg(short, long, default_value = "table", value_parser = ["table", "wide", "json", "yaml"])]
@@ -582,6 +592,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             follow,
             output,
         } => audit::run(audit::Filter { cluster, operator }, follow, &output).await,
+        Command::Ui(a) => ui::run(a).await,
     }
 }
 

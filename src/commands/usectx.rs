@@ -6,8 +6,11 @@ use anyhow::{bail, Context, Result};
 use base64::Engine;
 use serde_json::{json, Value};
 
+use std::path::{Path, PathBuf};
+
 use super::{exit, kubeconfig, operator, UseArgs};
 use crate::daemon::control::ClusterStatus;
+use crate::daemon::control::HubStatus;
 use crate::paths;
 
 fn previous_file() -> std::path::PathBuf {
@@ -27,26 +30,31 @@ pub struct Source {
 }
 
 impl Source {
+    /// The hub running on this machine, with its local admin.
+    pub fn from_hub(hub: HubStatus) -> Result<Source> {
+        let token = std::fs::read_to_string(&hub.admin_token_file).with_context(|| {
+            format!(
+                "cannot read the hub's admin token '{}'",
+                hub.admin_token_file
+            )
+        })?;
+        Ok(Source {
+            token: crate::tunnel::Secret::new(token.trim()),
+            gateway_url: hub.gateway_url,
+            ca_pem: hub.ca_pem,
+            credential_args: vec![
+                "credential".into(),
+                "--token-file".into(),
+                hub.admin_token_file,
+            ],
+            clusters: hub.clusters,
+        })
+    }
+
     pub async fn find(gateway: Option<&str>) -> Result<Source> {
         if gateway.is_none() {
             if let Some(hub) = super::hub::hub_status().await {
-                let token = std::fs::read_to_string(&hub.admin_token_file).with_context(|| {
-                    format!(
-                        "cannot read the hub's admin token '{}'",
-                        hub.admin_token_file
-                    )
-                })?;
-                return Ok(Source {
-                    token: crate::tunnel::Secret::new(token.trim()),
-                    gateway_url: hub.gateway_url,
-                    ca_pem: hub.ca_pem,
-                    credential_args: vec![
-                        "credential".into(),
-                        "--token-file".into(),
-                        hub.admin_token_file,
-                    ],
-                    clusters: hub.clusters,
-                });
+                return Source::from_hub(hub);
             }
         }
         let Some(login) = operator::find_login(gateway) else {
@@ -124,6 +132,15 @@ pub fn write_context(
     explicit: Option<&std::path::Path>,
 ) -> Result<std::path::PathBuf> {
     source.check(name)?;
+    write_entries(source, name, explicit)
+}
+
+/// [`write_context`] without the membership check (the caller made it).
+fn write_entries(
+    source: &Source,
+    name: &str,
+    explicit: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf> {
     let files = kubeconfig::files(explicit);
     let target = kubeconfig::target(&files);
     let current = kubeconfig::current_context(&files);
@@ -138,6 +155,18 @@ pub fn write_context(
         remember(current.as_deref());
     }
     Ok(written)
+}
+
+/// The dashboard's Enter: [`write_context`] for a member of the local hub.
+/// Returns the context name and the file written.
+pub fn switch_to(
+    hub: &HubStatus,
+    member: &str,
+    kubeconfig: Option<&Path>,
+) -> Result<(String, PathBuf)> {
+    let source = Source::from_hub(hub.clone())?;
+    let written = write_entries(&source, member, kubeconfig)?;
+    Ok((format!("tower-{member}"), written))
 }
 
 pub async fn run(a: UseArgs) -> Result<u8> {

@@ -624,6 +624,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                         events: s.events.into_iter().collect(),
                         denied_dials: denied.load(Ordering::Relaxed),
                         exposed: exposed.clone(),
+                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
                     })
                 }
                 CtlRequest::Shutdown => {

@@ -1,6 +1,7 @@
 //! The control socket: a small, versioned request/response protocol over a
-//! Unix socket, one JSON object per line. The CLI (and later the dashboard)
-//! speak it to the hub and agent daemons on this machine.
+//! Unix socket, one JSON object per line. The CLI and the dashboard
+//! (`towerctl ui`) speak it to the hub and agent daemons on this machine;
+//! these types are the one definition both sides share.
 //!
 //! The socket lives in the private runtime dir (0700), so file permissions
 //! are the access control: only the user who runs the daemon can talk to it.
@@ -74,6 +75,10 @@ pub enum Request {
     OperatorList,
     /// Hub: remove an operator; its tokens stop working at once.
     OperatorRemove { name: String },
+    /// Hub: cut a member's live session ("disconnected by an operator").
+    /// The member stays registered; its agent reconnects by itself, with
+    /// backoff.
+    Disconnect { name: String },
     /// Stop the daemon.
     Shutdown,
 }
@@ -126,7 +131,7 @@ impl Response {
 }
 
 /// The hub's status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HubStatus {
     pub pid: u32,
     pub version: String,
@@ -234,7 +239,7 @@ pub struct OperatorInfo {
 }
 
 /// An agent's status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AgentStatus {
     pub name: String,
     pub pid: u32,
@@ -260,7 +265,14 @@ pub struct AgentStatus {
     /// Push-mode listeners, `NAME=BOUND_ADDR`.
     #[serde(default)]
     pub exposed: Vec<String>,
+    /// The agent's own version (absent from agents older than the field).
+    #[serde(default)]
+    pub version: Option<String>,
 }
+
+/// Why an operator's disconnect cut a session, as the hub's event log and
+/// the agent see it.
+pub const DISCONNECT_REASON: &str = "disconnected by an operator";
 
 /// Sends one request and reads one response, bounded in time (10s).
 pub async fn call(socket: &Path, req: Request) -> Result<serde_json::Value> {
@@ -396,7 +408,9 @@ pub fn now_unix() -> u64 {
 }
 
 /// Subscribes to a daemon's status snapshots; each line is one `Response`.
-#[allow(dead_code)] // used by the dashboard (towerctl ui)
+/// The stream ends when the daemon goes away or answers something
+/// malformed; dropping the receiver closes the connection (even while the
+/// daemon is silent, e.g. stopped with SIGSTOP).
 pub async fn watch(
     socket: &Path,
     interval: Duration,
@@ -417,10 +431,20 @@ pub async fn watch(
     tokio::spawn(async move {
         let _keep_open = w;
         let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
+        loop {
+            let l = tokio::select! {
+                _ = tx.closed() => break,
+                l = lines.next_line() => match l {
+                    Ok(Some(l)) => l,
+                    _ => break,
+                },
+            };
             let Ok(resp) = serde_json::from_str::<Response>(&l) else {
                 break;
             };
+            if resp.v != VERSION || !resp.ok {
+                break;
+            }
             if tx.send(resp.data.unwrap_or_default()).await.is_err() {
                 break;
             }

@@ -57,6 +57,23 @@ pub struct LiveSession {
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
     pub version: String,
+    /// Why the hub itself is closing this session, when it is (an operator's
+    /// disconnect, a replacement, a removal): russh only reports that the
+    /// session closed, and the event log should say why.
+    close_reason: Mutex<Option<String>>,
+}
+
+impl LiveSession {
+    /// Closes the session from the hub's side, recording why.
+    async fn close(&self, why: &str) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            r.get_or_insert_with(|| why.to_string());
+        }
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, why.into(), String::new())
+            .await;
+    }
 }
 
 /// What the hub remembers of a cluster across its sessions (since start).
@@ -155,13 +172,7 @@ impl Hub {
         if let Some(old) = old {
             tracing::info!(cluster = %s.name, "a new session replaces the previous one");
             tokio::spawn(async move {
-                let _ = old
-                    .handle
-                    .disconnect(
-                        russh::Disconnect::ByApplication,
-                        "replaced by a newer session of the same cluster".into(),
-                        String::new(),
-                    )
+                old.close("replaced by a newer session of the same cluster")
                     .await;
             });
         }
@@ -798,14 +809,7 @@ fn handle_control(
             Ok(true) => {
                 if let Some(s) = hub.session(&name) {
                     tokio::spawn(async move {
-                        let _ = s
-                            .handle
-                            .disconnect(
-                                russh::Disconnect::ByApplication,
-                                "the cluster was removed from the hub".into(),
-                                String::new(),
-                            )
-                            .await;
+                        s.close("the cluster was removed from the hub").await;
                     });
                 }
                 tracing::info!(cluster = %name, "member removed");
@@ -871,6 +875,20 @@ fn handle_control(
                 Response::ok(serde_json::json!({}))
             }
             Err(e) => Response::err(e.to_string()),
+        },
+        Request::Disconnect { name } => match hub.session(&name) {
+            Some(s) => {
+                tracing::info!(cluster = %name, "session cut by an operator");
+                tokio::spawn(async move { s.close(control::DISCONNECT_REASON).await });
+                Response::ok(serde_json::json!({}))
+            }
+            None => match hub.store.get_member(&name) {
+                Ok(Some(_)) => Response::err(format!("cluster '{name}' is not connected")),
+                Ok(None) => {
+                    Response::err(format!("cluster '{name}' is not registered on this hub"))
+                }
+                Err(e) => Response::err(e.to_string()),
+            },
         },
         Request::Shutdown => {
             tracing::info!("shutdown requested over the control socket");
@@ -947,6 +965,7 @@ async fn tunnel_session(
         bytes_in: Arc::new(AtomicU64::new(0)),
         bytes_out: Arc::new(AtomicU64::new(0)),
         version: sess.version.clone(),
+        close_reason: Mutex::new(None),
     });
     tracing::info!(cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
@@ -984,6 +1003,12 @@ async fn tunnel_session(
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),
     };
+    let why = live
+        .close_reason
+        .lock()
+        .ok()
+        .and_then(|mut r| r.take())
+        .unwrap_or(why);
     tracing::info!(cluster = %live.name, %peer, "agent disconnected: {why}");
     hub.unregister(&live, &why);
     Ok(())

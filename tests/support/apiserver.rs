@@ -4,9 +4,10 @@
 //! create/patch/delete/watch of namespaces, nodes, configmaps, pods, services, endpoints,
 //! `discovery.k8s.io/v1` endpointslices and `apps/v1` deployments (with label selectors),
 //! `pods/exec` over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`) and `pods/portforward`
-//! over SPDY/3.1, plain or tunneled through a WebSocket (`SPDY/3.1+portforward.k8s.io`). Every
-//! request must carry `Authorization: Bearer fake-upstream-token`; all requests are recorded for
-//! assertions.
+//! over SPDY/3.1, plain or tunneled through a WebSocket (`SPDY/3.1+portforward.k8s.io`; kubectl)
+//! or over the WebSocket channel protocol (`v4.channel.k8s.io` / `v5.channel.k8s.io`; kube-rs).
+//! Every request must carry `Authorization: Bearer fake-upstream-token`; all requests are
+//! recorded for assertions.
 //!
 //! The file is self-contained so it can be copied into another crate's `tests/support/`.
 #![allow(dead_code)] // each test binary uses a different subset of the helpers
@@ -1647,10 +1648,39 @@ fn portforward(mut req: Request<Incoming>, target: PortForwardTarget) -> ApiResu
         .header(header::CONNECTION, "Upgrade");
     let empty = || Full::new(Bytes::new()).boxed_unsync();
     if upgrade.eq_ignore_ascii_case("websocket") {
-        if ws_key.is_empty() || !ws_protocols.iter().any(|p| p == SPDY_TUNNEL_PROTOCOL) {
-            let msg =
-                format!("port-forward over WebSocket needs subprotocol {SPDY_TUNNEL_PROTOCOL}");
+        let offered = |protocol: &str| ws_protocols.iter().any(|p| p == protocol);
+        // kubectl offers only the SPDY tunnel; kube-rs offers only the channel protocols.
+        let channel_protocol = [CHANNEL_V4_PROTOCOL, CHANNEL_V5_PROTOCOL]
+            .into_iter()
+            .find(|p| offered(p));
+        if ws_key.is_empty() || !offered(SPDY_TUNNEL_PROTOCOL) && channel_protocol.is_none() {
+            let msg = format!(
+                "port-forward over WebSocket needs subprotocol {SPDY_TUNNEL_PROTOCOL}, \
+                 {CHANNEL_V4_PROTOCOL} or {CHANNEL_V5_PROTOCOL}"
+            );
             return Err(ApiError::bad_request(msg));
+        }
+        if let Some(protocol) = channel_protocol.filter(|_| !offered(SPDY_TUNNEL_PROTOCOL)) {
+            let v5 = protocol == CHANNEL_V5_PROTOCOL;
+            let query = Query::parse(req.uri().query().unwrap_or(""));
+            let ports = forwarded_ports(&query, v5)?;
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let io = TokioIo::new(upgraded);
+                    let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                    channel_session(ws, target, ports, v5).await;
+                }
+            });
+            return Ok(switching
+                .header(header::UPGRADE, "websocket")
+                .header(
+                    header::SEC_WEBSOCKET_ACCEPT,
+                    derive_accept_key(ws_key.as_bytes()),
+                )
+                .header(header::SEC_WEBSOCKET_PROTOCOL, protocol)
+                .body(empty())
+                .unwrap());
         }
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -2257,6 +2287,207 @@ fn spdy_dictionary() -> Vec<u8> {
     }
     dict.extend_from_slice(TAIL.as_bytes());
     dict
+}
+
+// ---------------------------------------------------------------------------------------------
+// port-forward over the WebSocket channel protocol
+// ---------------------------------------------------------------------------------------------
+//
+// kube-rs (`Api::<Pod>::portforward(name, &[p1, p2])`) GETs `pods/NAME/portforward?&ports=p1%2Cp2`
+// (one comma-separated `ports` value; repeated values and the kubelet's `port` work too) as a
+// WebSocket offering `v5.channel.k8s.io, v4.channel.k8s.io`, and speaks the kubelet's channel
+// protocol: each binary message is a channel byte plus payload; the i-th port (in query order)
+// has data channel 2i (both ways) and error channel 2i+1 (server to client only).
+//
+// The server first sends, on *both* channels of every port, the port number as 2 little-endian
+// bytes: kube-rs takes the first message of each channel as that header and fails the whole
+// session if it is anything else (so an error message must not come first). Then the data
+// channel carries the target's bytes; the error channel carries at most one text message,
+// e.g. a failed dial. v4 has no half-close: a port is done when its target closes, and once
+// every port is done the server closes the WebSocket normally, which is the client's EOF. A
+// client ends the session by closing the WebSocket (kube-rs does once all its streams are
+// dropped), which half-closes every target connection.
+//
+// The kubelet speaks only v4 here, and kube-rs's port-forwarder does not understand v5's close
+// messages (channel 255; it fails with "invalid channel"), so v4 is chosen whenever it is
+// offered. A client offering only v5 gets v5: there `[255, 2i]` half-closes port i, from the
+// client (the target connection is shut down for writing) and from the server (the target
+// closed its side).
+
+const CHANNEL_V4_PROTOCOL: &str = "v4.channel.k8s.io";
+const CHANNEL_V5_PROTOCOL: &str = "v5.channel.k8s.io";
+
+/// The `ports` (or `port`) query values: comma-separated, repeatable, at least one.
+fn forwarded_ports(query: &Query, v5: bool) -> Result<Vec<u16>, ApiError> {
+    let mut ports = Vec::new();
+    for (_, value) in query.0.iter().filter(|(k, _)| k == "ports" || k == "port") {
+        for port in value.split(',').map(str::trim) {
+            match port.parse::<u16>() {
+                Ok(n) if n > 0 => ports.push(n),
+                _ => {
+                    let msg = format!("invalid port {port:?} in query parameter \"ports\"");
+                    return Err(ApiError::bad_request(msg));
+                }
+            }
+        }
+    }
+    // Channel 2i+1 must fit in a byte, and in v5 must not be the close channel.
+    let max = if v5 { 127 } else { 128 };
+    if ports.is_empty() || ports.len() > max {
+        let msg = format!("query parameter \"ports\" must name 1 to {max} ports");
+        return Err(ApiError::bad_request(msg));
+    }
+    Ok(ports)
+}
+
+fn channel_message(channel: u8, payload: &[u8]) -> Message {
+    Message::Binary([&[channel], payload].concat().into())
+}
+
+/// Serves one channel-protocol port-forward session (see above) until every port is done or
+/// the client closes the WebSocket.
+async fn channel_session<S>(
+    ws: WebSocketStream<S>,
+    target: PortForwardTarget,
+    ports: Vec<u16>,
+    v5: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let mut headers = Vec::with_capacity(2 * ports.len());
+    for (i, port) in ports.iter().enumerate() {
+        let data = 2 * i as u8;
+        headers.push(channel_message(data, &port.to_le_bytes()));
+        headers.push(channel_message(data + 1, &port.to_le_bytes()));
+    }
+    // Messages leave in the order they are queued; the port headers go first.
+    let (out, mut queued) = mpsc::channel::<Message>(64);
+    let mut to_ports = Vec::with_capacity(ports.len());
+    let mut forwards = tokio::task::JoinSet::new();
+    for (i, &port) in ports.iter().enumerate() {
+        let (tx, rx) = mpsc::channel(16);
+        to_ports.push(Some(tx));
+        let what = format!("port {port} of pod {}/{}", target.ns, target.pod);
+        let forward = forward_channel(target.addr(port), what, 2 * i as u8, rx, out.clone(), v5);
+        forwards.spawn(forward);
+    }
+    drop(out);
+    // Ends (closing the WebSocket normally) once every port is done, or the client is gone.
+    let writer = async move {
+        for msg in headers {
+            if ws_tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+        while let Some(msg) = queued.recv().await {
+            if ws_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+        drop(queued);
+        let normal = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        // This also flushes the reply to a close the client sent first.
+        let close = async {
+            let _ = ws_tx.send(Message::Close(Some(normal))).await;
+            let _ = ws_tx.close().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+    };
+    // Ends when the client closes the WebSocket (or the connection breaks).
+    let reader = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let data = match msg {
+                Message::Binary(data) if !data.is_empty() => data,
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let (channel, payload) = (data[0], data.slice(1..));
+            if v5 && channel == CLOSE {
+                // `[255, 2i]`: the client is done sending on port i.
+                if let Some(&ch) = payload.first().filter(|&&ch| ch % 2 == 0) {
+                    if let Some(tx) = to_ports.get_mut(usize::from(ch / 2)) {
+                        *tx = None;
+                    }
+                }
+                continue;
+            }
+            // Error channels are written by the server only.
+            if channel % 2 != 0 || payload.is_empty() {
+                continue;
+            }
+            if let Some(tx) = to_ports.get_mut(usize::from(channel / 2)) {
+                if let Some(sender) = tx.as_ref() {
+                    if sender.send(payload).await.is_err() {
+                        *tx = None; // that port is done
+                    }
+                }
+            }
+        }
+        // No more data for the targets; let them answer for a moment, then cut them off.
+        to_ports.clear();
+        let finish = async { while forwards.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(Duration::from_secs(5), finish).await;
+        forwards.abort_all();
+    };
+    let (mut reader, mut writer) = (std::pin::pin!(reader), std::pin::pin!(writer));
+    tokio::select! {
+        () = &mut reader => writer.await,
+        // Every port is done and the close is sent: wait a little for the client's reply.
+        () = &mut writer => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+    }
+}
+
+/// Connects port `data / 2` to `addr` and copies both ways until the target has sent
+/// everything (then, in v5, half-closes the data channel); reports a failed dial on the
+/// error channel `data + 1`.
+async fn forward_channel(
+    addr: SocketAddr,
+    what: String,
+    data: u8,
+    mut from_client: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Message>,
+    v5: bool,
+) {
+    let tcp = match tokio::net::TcpStream::connect(addr).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            let msg = format!("error forwarding {what}: dial tcp {addr}: {e}");
+            let _ = out.send(channel_message(data + 1, msg.as_bytes())).await;
+            return;
+        }
+    };
+    let (mut from_target, mut to_target) = tcp.into_split();
+    let upstream = async move {
+        while let Some(chunk) = from_client.recv().await {
+            if to_target.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_target.shutdown().await;
+        // The client's side ending does not end the port: the target may still answer.
+        std::future::pending::<()>().await;
+    };
+    let downstream = async move {
+        let mut buf = vec![0; 32 * 1024];
+        while let Ok(n @ 1..) = from_target.read(&mut buf).await {
+            if out.send(channel_message(data, &buf[..n])).await.is_err() {
+                return;
+            }
+        }
+        if v5 {
+            let _ = out.send(channel_message(CLOSE, &[data])).await;
+        }
+    };
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
+    }
 }
 
 fn string_map(pairs: &[(&str, &str)]) -> Value {
