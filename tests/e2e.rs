@@ -1351,3 +1351,51 @@ fn background_port_forwards_survive_the_shell_and_stop_on_request() {
         "{o:?}"
     );
 }
+
+#[test]
+fn pods_the_agent_cannot_route_to_are_reached_through_the_api_server() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("reached through pods/portforward");
+    // The pod's IP answers nothing on its port (an agent outside the pod
+    // network): the agent falls back to the API server's port-forward.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    api.add_pod(
+        "default",
+        "web-2",
+        "127.0.0.1",
+        &[("app", "web2")],
+        true,
+        &[("http", closed)],
+    );
+    api.set_portforward_target("default", "web-2", closed, web);
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "pod/web-2",
+        &format!(":{closed}"),
+    ]));
+    let port = forwarded_port(&pf);
+    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(
+        o.stdout.contains("reached through pods/portforward"),
+        "{o:?} {}",
+        pf.output()
+    );
+    let log = env.towerctl(&["logs", "alpha"]).stdout;
+    assert!(log.contains("trying pods/portforward"), "{log}");
+    let portforwards = api
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/pods/web-2/portforward"))
+        .count();
+    assert!(
+        portforwards >= 1,
+        "the agent must have used the API server's port-forward"
+    );
+}
