@@ -120,6 +120,18 @@ fn countdown(screen: &str, name: &str) -> Option<(f64, u32)> {
 fn the_dashboard_follows_a_hub_restart_and_switches_context() {
     let env = Env::new();
     let api = ApiServer::start();
+    let web = support::http_server("forwarded from the dashboard");
+    api.add_service(
+        "default",
+        "web",
+        &[(
+            "http",
+            80,
+            support::apiserver::TargetPort::Number(web.port()),
+        )],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "", web.port())]);
     env.up();
     let member_kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&member_kc);
@@ -301,6 +313,39 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
         (s.contains("towerctl join alpha \\") && s.contains("--token tj_")).then_some(())
     });
     tmux.keys(&env, &["Escape"]);
+
+    // p on alpha: a background port-forward, listed in the detail pane.
+    tmux.keys(&env, &["p"]);
+    tmux.keys(&env, &["-l", "svc/web :80"]);
+    tmux.keys(&env, &["Enter"]);
+    let port: u16 = wait_for("the forward to start", Duration::from_secs(15), || {
+        let s = tmux.capture(&env);
+        let at = s.find("forwarding 127.0.0.1:")?;
+        s[at + "forwarding 127.0.0.1:".len()..]
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    let mut c = std::process::Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{port}/"),
+    ]);
+    let o = support::run_bounded(c, Duration::from_secs(20));
+    assert!(o.stdout.contains("forwarded from the dashboard"), "{o:?}");
+    wait_for(
+        "the forward in the detail pane",
+        Duration::from_secs(10),
+        || {
+            tmux.capture(&env)
+                .contains(&format!("default/svc/web 127.0.0.1:{port} -> 80"))
+                .then_some(())
+        },
+    );
+    assert!(env.towerctl(&["port-forward", "stop", "--all"]).ok());
 
     // q quits, and the dashboard's window closes with it.
     tmux.keys(&env, &["q"]);

@@ -9,7 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use super::exit;
@@ -70,48 +69,31 @@ pub struct Args {
     pub gateway: Option<String>,
 }
 
-/// A background forward, as recorded in the runtime dir for `status` and `stop`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Background {
-    pub id: String,
-    pub pid: u32,
-    pub cluster: String,
-    pub resource: String,
-    pub namespace: String,
-    /// `ADDR -> REMOTE` lines.
-    pub forwarding: Vec<String>,
-}
-
-fn record_path(id: &str) -> std::path::PathBuf {
-    crate::paths::runtime_dir().join(format!("pf-{id}.json"))
-}
+use crate::daemon::forwards::record_path;
+pub use crate::daemon::forwards::Background;
 
 /// Background forwards still running.
 pub fn backgrounds() -> Vec<Background> {
-    let mut v = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(crate::paths::runtime_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("pf-") && name.ends_with(".json") {
-                match std::fs::read_to_string(e.path())
-                    .ok()
-                    .and_then(|s| serde_json::from_str::<Background>(&s).ok())
-                {
-                    Some(b) if crate::daemon::process::alive(b.pid) => v.push(b),
-                    _ => {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-            }
-        }
-    }
-    v.sort_by(|a, b| a.id.cmp(&b.id));
-    v
+    crate::daemon::forwards::list()
 }
 
 /// `--background`: the forward runs as its own detached process, survives
 /// the shell, shows in `towerctl status`, ends with `port-forward stop`.
 pub async fn background(a: Args) -> Result<u8> {
+    let rec = start_background(a).await?;
+    for f in &rec.forwarding {
+        println!("Forwarding from {f}");
+    }
+    println!(
+        "forward {} runs in the background (pid {}); stop it with 'towerctl port-forward stop {}'",
+        rec.id, rec.pid, rec.id
+    );
+    Ok(exit::OK)
+}
+
+/// Starts a background forward and returns its record once it listens.
+/// Prints nothing (the dashboard uses it too).
+pub async fn start_background(a: Args) -> Result<Background> {
     // Check everything that can be checked before detaching.
     Target::from_kubectl(&a.resource, &a.namespace).map_err(anyhow::Error::msg)?;
     if a.ports.is_empty() {
@@ -165,11 +147,7 @@ pub async fn background(a: Args) -> Result<u8> {
             spawned.log.display()
         );
     };
-    for f in &rec.forwarding {
-        println!("Forwarding from {f}");
-    }
-    println!("forward {id} runs in the background (pid {}); stop it with 'towerctl port-forward stop {id}'", rec.pid);
-    Ok(exit::OK)
+    Ok(rec)
 }
 
 /// `port-forward stop ID|--all`.

@@ -117,6 +117,37 @@ async fn carry_out(effect: Effect, kubeconfig: Option<PathBuf>) -> Result<Outcom
                 file.display()
             )))
         }
+        Effect::PortForward { cluster, spec } => {
+            let mut words = spec.split_whitespace();
+            let resource = words
+                .next()
+                .context("type the target and ports, like: svc/web 8080:80")?
+                .to_string();
+            let (mut ports, mut namespace) = (Vec::new(), "default".to_string());
+            while let Some(w) = words.next() {
+                match w {
+                    "-n" | "--namespace" => {
+                        namespace = words.next().context("-n needs a namespace")?.to_string()
+                    }
+                    p => ports.push(p.to_string()),
+                }
+            }
+            let rec = super::portforward::start_background(super::portforward::Args {
+                cluster,
+                resource,
+                ports,
+                namespace,
+                address: vec!["localhost".into()],
+                gateway: None,
+            })
+            .await?;
+            Ok(Outcome::Message(format!(
+                "forwarding {} (forward {}; 'towerctl port-forward stop {}' ends it)",
+                rec.forwarding.join(", "),
+                rec.id,
+                rec.id
+            )))
+        }
         Effect::Disconnect { name } => {
             control::call(
                 &paths::hub_socket(),

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod audit;
 pub mod control;
+pub mod forwards;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;

@@ -41,6 +41,8 @@ pub enum Action {
     AgentDown { name: String, why: AgentDown },
     /// The agents configured on this machine (names), when the set changes.
     Agents(Vec<String>),
+    /// The background port-forwards on this machine, when they change.
+    Forwards(Vec<crate::daemon::forwards::Background>),
     /// The result of an [`Effect`].
     Done(Result<Outcome, String>),
     /// Leave (SIGTERM, SIGHUP, end of input).
@@ -72,8 +74,11 @@ pub enum Effect {
     UseContext { name: String, hub: Box<HubStatus> },
     /// Ask the hub to cut the member's live session.
     Disconnect { name: String },
-    /// Issue a new join token (the hub's `cluster_add`).
+    /// Issue a new join token (the hub's `cluster_rotate`).
     RotateToken { name: String },
+    /// Start a background port-forward: `spec` is what the operator typed
+    /// (`TYPE/NAME [LOCAL:]REMOTE… [-n NS]`).
+    PortForward { cluster: String, spec: String },
 }
 
 /// What a finished [`Effect`] has to show.
@@ -202,6 +207,11 @@ pub enum Mode {
     Filter,
     Help,
     Confirm(Confirm),
+    /// Typing a port-forward for a cluster after `p`: `TYPE/NAME [LOCAL:]REMOTE… [-n NS]`.
+    PortForward {
+        cluster: String,
+        input: String,
+    },
     /// A result the operator must read and dismiss (a new join command).
     Popup {
         title: String,
@@ -245,6 +255,8 @@ pub struct App {
     /// The agents configured on this machine, once known: news about any
     /// other (a late word from an agent just left) is ignored.
     pub agents: Option<Vec<String>>,
+    /// Background port-forwards on this machine.
+    pub forwards: Vec<crate::daemon::forwards::Background>,
     /// Monochrome (`NO_COLOR`).
     pub mono: bool,
     /// Something visible changed since the last draw.
@@ -475,6 +487,7 @@ impl App {
             mode: Mode::Normal,
             message: None,
             agents: None,
+            forwards: Vec::new(),
             mono,
             dirty: true,
             quit: false,
@@ -711,6 +724,10 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
                 app.dirty = true;
             }
         }
+        Action::Forwards(f) => {
+            app.forwards = f;
+            app.dirty = true;
+        }
         Action::Agents(names) => {
             for c in app.clusters.values_mut() {
                 if c.agent.is_some() && !names.contains(&c.name) {
@@ -778,6 +795,39 @@ fn key(app: &mut App, k: KeyEvent) -> Option<Effect> {
                 }
             }
         }
+        Mode::PortForward { cluster, mut input } => {
+            match k.code {
+                KeyCode::Esc => {
+                    app.mode = Mode::Normal;
+                    app.say(Level::Info, "cancelled");
+                }
+                KeyCode::Enter => {
+                    if input.trim().is_empty() {
+                        app.mode = Mode::PortForward { cluster, input };
+                        return None;
+                    }
+                    app.mode = Mode::Normal;
+                    app.say(
+                        Level::Info,
+                        format!("starting a port-forward to {cluster} {input}…"),
+                    );
+                    return Some(Effect::PortForward {
+                        cluster,
+                        spec: input,
+                    });
+                }
+                KeyCode::Backspace => {
+                    input.pop();
+                    app.mode = Mode::PortForward { cluster, input };
+                }
+                KeyCode::Char(ch) => {
+                    input.push(ch);
+                    app.mode = Mode::PortForward { cluster, input };
+                }
+                _ => app.mode = Mode::PortForward { cluster, input },
+            }
+            None
+        }
         Mode::Filter => {
             match k.code {
                 KeyCode::Esc => {
@@ -831,6 +881,13 @@ fn normal_key(app: &mut App, k: KeyEvent) -> Option<Effect> {
             app.say(Level::Info, format!("sorted by {}", app.sort.label()));
         }
         KeyCode::Char('?') => app.mode = Mode::Help,
+        KeyCode::Char('p') => {
+            let (name, _, _) = current?;
+            app.mode = Mode::PortForward {
+                cluster: name,
+                input: String::new(),
+            };
+        }
         KeyCode::Enter => {
             let (name, on_hub, _) = current?;
             let HubState::Up(hub) = &app.hub else {

@@ -154,7 +154,17 @@ async fn watch_agent(name: String, tx: mpsc::Sender<Action>, cancel: Cancellatio
 async fn watch_agents(tx: mpsc::Sender<Action>, cancel: CancellationToken, tracker: TaskTracker) {
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut known: Option<Vec<String>> = None;
+    let mut known_forwards: Option<Vec<crate::daemon::forwards::Background>> = None;
     loop {
+        // Background port-forwards: a handful of small files, re-read with
+        // the agent list.
+        let forwards = crate::daemon::forwards::list();
+        if known_forwards.as_ref() != Some(&forwards) {
+            if tx.send(Action::Forwards(forwards.clone())).await.is_err() {
+                return;
+            }
+            known_forwards = Some(forwards);
+        }
         let names: Vec<String> = agent::list_configs().into_iter().map(|c| c.name).collect();
         // The list goes first: the dashboard ignores news of agents not on it.
         if known.as_ref() != Some(&names) {

@@ -60,7 +60,7 @@ pub fn render(app: &App, f: &mut Frame) {
         Mode::Help => help(&theme, f, area),
         Mode::Confirm(c) => confirm(c, &theme, f, area),
         Mode::Popup { title, body } => popup(title, body, &theme, f, area),
-        Mode::Normal | Mode::Filter => {}
+        Mode::Normal | Mode::Filter | Mode::PortForward { .. } => {}
     }
 }
 
@@ -528,7 +528,26 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
         label("tunnel"),
         Span::raw(tunnel.join(" · ")),
     ]));
-    lines.push(Line::from(vec![label("forwards"), Span::raw("none")]));
+    let forwards: Vec<String> = app
+        .forwards
+        .iter()
+        .filter(|b| b.cluster == c.name)
+        .map(|b| {
+            format!(
+                "{} {}/{} {}",
+                b.id,
+                b.namespace,
+                b.resource,
+                b.forwarding.join(", ")
+            )
+        })
+        .collect();
+    let forwards = if forwards.is_empty() {
+        "none".to_string()
+    } else {
+        forwards.join(" · ")
+    };
+    lines.push(Line::from(vec![label("forwards"), Span::raw(forwards)]));
     // The agent's key (what reconnects use) and the join token's state.
     let credential = match c.hub.as_ref().map(|h| &h.status) {
         Some(h) => {
@@ -574,7 +593,17 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
 }
 
 fn footer(app: &App, theme: &Theme, f: &mut Frame, area: Rect) {
-    let line = if app.mode == Mode::Filter {
+    let line = if let Mode::PortForward { cluster, input } = &app.mode {
+        Line::from(vec![
+            Span::styled(format!("port-forward {cluster} "), theme.key()),
+            Span::raw(input.clone()),
+            Span::styled("▏", theme.key()),
+            Span::styled(
+                "   TYPE/NAME [LOCAL:]REMOTE [-n NS] · Enter start · Esc cancel",
+                theme.dim(),
+            ),
+        ])
+    } else if app.mode == Mode::Filter {
         Line::from(vec![
             Span::styled("filter: ", theme.key()),
             Span::raw(app.filter.clone()),
@@ -590,6 +619,7 @@ fn footer(app: &App, theme: &Theme, f: &mut Frame, area: Rect) {
             ("Enter", "use"),
             ("d", "disconnect"),
             ("r", "rotate token"),
+            ("p", "port-forward"),
             ("/", "filter"),
             ("s", "sort"),
             ("?", "help"),
@@ -650,6 +680,10 @@ fn help(theme: &Theme, f: &mut Frame, area: Rect) {
         (
             "r",
             "rotate its join token (asks first; shows the new command)",
+        ),
+        (
+            "p",
+            "port-forward to it in the background (svc/web 8080:80)",
         ),
         ("/", "filter by name or state; Esc clears"),
         ("s", "sort: name, state, rtt, traffic, reconnects"),

@@ -563,8 +563,10 @@ fn keys_become_effects_only_after_confirmation() {
     a.now += Duration::from_secs(11);
     update(&mut a, Action::Tick);
     assert!(a.message.is_none());
-    // No port-forward yet: `p` does nothing.
+    // p asks for the forward; Esc cancels.
     assert!(update(&mut a, ch('p')).is_empty());
+    assert!(matches!(a.mode, Mode::PortForward { .. }));
+    update(&mut a, key(KeyCode::Esc));
     assert_eq!(a.mode, Mode::Normal);
     // Without a hub, Enter explains instead of failing later.
     update(&mut a, Action::HubDown(HubDown::Absent));
@@ -704,4 +706,39 @@ fn an_agent_that_left_does_not_come_back_from_a_late_snapshot() {
     );
     assert!(a.clusters["alpha"].agent.is_none());
     assert!(!a.clusters.contains_key("zeta"));
+}
+
+#[test]
+fn p_types_a_port_forward_and_the_pane_lists_forwards() {
+    let mut a = one(true);
+    assert!(update(&mut a, ch('p')).is_empty());
+    for c in "svc/web 8080:80 -n shop".chars() {
+        assert!(update(&mut a, ch(c)).is_empty());
+    }
+    insta::assert_snapshot!("screen_port_forward_prompt", screen(&a, 80, 24));
+    assert_eq!(
+        update(&mut a, key(KeyCode::Enter)),
+        vec![Effect::PortForward {
+            cluster: "alpha".into(),
+            spec: "svc/web 8080:80 -n shop".into()
+        }]
+    );
+    assert_eq!(a.mode, Mode::Normal);
+    // Esc cancels without an effect.
+    update(&mut a, ch('p'));
+    assert!(update(&mut a, key(KeyCode::Esc)).is_empty());
+    assert_eq!(a.mode, Mode::Normal);
+    // Background forwards of the selected cluster show in its pane.
+    update(
+        &mut a,
+        Action::Forwards(vec![crate::daemon::forwards::Background {
+            id: "k3x9".into(),
+            pid: 77,
+            cluster: "alpha".into(),
+            resource: "svc/web".into(),
+            namespace: "shop".into(),
+            forwarding: vec!["127.0.0.1:8080 -> 80".into()],
+        }]),
+    );
+    assert!(text_of(&a, 160, 48).contains("k3x9 shop/svc/web 127.0.0.1:8080 -> 80"));
 }
