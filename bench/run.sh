@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# towerctl benchmark: bulk throughput and small-request rate/latency of the
-# towerctl gateway path, against the same upstream reached directly, through
-# an OpenSSH reverse tunnel (`ssh -R`, with and without a pty) and, when
-# `rathole` is on PATH, through rathole's encrypted (noise) transport.
+# towerctl benchmark: bulk throughput, small-request rate/latency and
+# connection-setup latency of the towerctl gateway path and of the raw-channel
+# path (`towerctl port-forward`: HTTP CONNECT through the gateway, then raw
+# bytes over an SSH channel to the agent), against the same upstream reached
+# directly, through OpenSSH local and reverse forwards (`ssh -L`, `ssh -R`,
+# each with and without a pty) and, when `rathole` is on PATH, through
+# rathole's encrypted (noise) transport.
 #
 # Everything runs on loopback, in a private temp dir, and every load loop is
 # bounded in time. See bench/README.md for what each figure means.
@@ -17,8 +20,12 @@
 #   LIGHT_DURATION  wrk -t1 -c1 run per path for unloaded latency (0 to skip); default 5s
 #   CONNECTIONS   wrk connections; default 16
 #   THREADS       wrk threads; default 2
-#   PATHS         which paths to measure; default "direct gateway ssh_N ssh_tt rathole"
+#   PATHS         which paths to measure; default
+#                 "direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole"
 #                 (rathole only when it is on PATH)
+#   SETUP_CONNECTIONS  fresh connections per path for the connection-setup latency
+#                 (connect -> first byte of GET /version); default 200 (0 to skip)
+#   SETUP_MAX_SECONDS  time bound of that loop per path; default 60
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
 #                 (towerctl's first choice); "default" lets OpenSSH negotiate
 #   BULK_TIMEOUT  seconds allowed for one bulk download; default 300
@@ -53,7 +60,10 @@ JOBS=${JOBS:-1}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-PATHS=${PATHS:-direct gateway ssh_N ssh_tt rathole}
+SETUP_CONNECTIONS=${SETUP_CONNECTIONS:-200}
+SETUP_MAX_SECONDS=${SETUP_MAX_SECONDS:-60}
+ALL_PATHS="direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole"
+PATHS=${PATHS:-$ALL_PATHS}
 CLUSTER=bench
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -87,9 +97,11 @@ BYTES_N=$(parse_bytes "$BYTES_SPEC") || die "BYTES='$BYTES_SPEC' is not a size (
 [[ $LIGHT_DURATION =~ ^[0-9]+[smh]?$ ]] || die "LIGHT_DURATION='$LIGHT_DURATION' is not a wrk duration (examples: 5s, 0)"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ ]] || die "CONNECTIONS and THREADS must be numbers"
 for p in $PATHS; do
-    case $p in direct | gateway | ssh_N | ssh_tt | rathole) ;; *) die "PATHS: unknown path '$p' (known: direct gateway ssh_N ssh_tt rathole)" ;; esac
+    [[ " $ALL_PATHS " == *" $p "* ]] || die "PATHS: unknown path '$p' (known: $ALL_PATHS)"
 done
 wants() { [[ " $PATHS " == *" $1 "* ]]; }
+[[ $SETUP_CONNECTIONS =~ ^[0-9]+$ && $SETUP_MAX_SECONDS =~ ^[0-9]+$ ]] ||
+    die "SETUP_CONNECTIONS and SETUP_MAX_SECONDS must be numbers"
 [[ $BULK_TIMEOUT =~ ^[0-9]+$ ]] || die "BULK_TIMEOUT must be a number of seconds"
 [[ $QUIET_WAIT =~ ^[0-9]+$ && $QUIET_MAX_BUSY =~ ^[0-9]+$ && $RETRIES =~ ^[0-9]+$ ]] ||
     die "QUIET_WAIT, QUIET_MAX_BUSY and RETRIES must be numbers"
@@ -152,6 +164,10 @@ cleanup() {
             mkdir -p "$RESULTS_DIR/logs"
             cp "$W"/state/towerctl/*.log "$RESULTS_DIR/logs/" 2>/dev/null
         fi
+        # towerctl port-forward's own output (a line per connection, and its errors).
+        for f in portfwd.out portfwd.err; do
+            [[ -f $W/$f ]] && mkdir -p "$RESULTS_DIR/logs" && cp "$W/$f" "$RESULTS_DIR/logs/port-forward.${f#portfwd.}"
+        done
         if [[ $KEEP_WORKDIR == 1 ]]; then
             log "work dir kept: $W"
         else
@@ -242,7 +258,8 @@ export HOME=$W/home XDG_CONFIG_HOME=$W/config XDG_DATA_HOME=$W/data XDG_STATE_HO
 unset KUBECONFIG TOWERCTL_TOKEN RUST_LOG
 
 TOWERCTL_UP=1
-timeout 60 "$T" up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 >"$W/up.out" 2>&1 ||
+# --metrics off: the hub's Prometheus endpoint defaults to the fixed 127.0.0.1:9464.
+timeout 60 "$T" up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metrics off >"$W/up.out" 2>&1 ||
     die "towerctl up failed: $(cat "$W/up.out")"
 timeout 20 "$T" status -o json >"$W/status.json" || die "towerctl status failed"
 GATEWAY_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hub"]["gatewayURL"].rstrip("/"))' "$W/status.json")
@@ -281,10 +298,44 @@ wait_http "$GATEWAY/version" 20 "$HUB_PID" -k -H "$AUTH" ||
     die "the gateway does not serve $GATEWAY/version: $(curl -sk --max-time 5 -H "$AUTH" "$GATEWAY/version")"
 log "towerctl: gateway $GATEWAY_URL, hub pid $HUB_PID, agent pid $AGENT_PID"
 
-# --- OpenSSH: a private sshd and two reverse tunnels -----------------------------
+# --- towerctl port-forward: the raw-channel path ----------------------------------
+#
+# bench_upstream also answers the two API reads the agent makes to resolve
+# Service default/web (port 80, named "http") to its one endpoint,
+# 127.0.0.1:UPPORT. Every local connection then becomes an HTTP CONNECT to
+# web.default.svc.bench:80 through the gateway (TLS), a raw SSH channel to the
+# agent, a Service lookup on the upstream and a TCP dial of the upstream.
 
-SSHD_PID="" SSH_N_PID="" SSH_TT_PID=""
-if wants ssh_N || wants ssh_tt; then
+PF_PID="" PORTFWD="" PORTFWD_NOTE=""
+if wants portfwd; then
+    start_bg "$W/portfwd.out" "$W/portfwd.err" "$T" port-forward "$CLUSTER" svc/web :80 --address 127.0.0.1
+    PF_PID=$BG_PID
+    PF_PORT=""
+    for ((i = 0; i < 100; i++)); do
+        if read -r line 2>/dev/null <"$W/portfwd.out" && [[ $line =~ ^Forwarding\ from\ 127\.0\.0\.1:([0-9]+)\ -\>\ 80$ ]]; then
+            PF_PORT=${BASH_REMATCH[1]}
+            break
+        fi
+        kill -0 "$PF_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $PF_PORT ]]; then
+        PORTFWD_NOTE="towerctl port-forward did not start: $(head -c 300 "$W/portfwd.err" | tr '\n' ' ')"
+    elif ! wait_http "http://127.0.0.1:$PF_PORT/version" 20 "$PF_PID"; then
+        PORTFWD_NOTE="towerctl port-forward on :$PF_PORT does not serve /version: $(head -c 300 "$W/portfwd.err" | tr '\n' ' ')"
+    else
+        PORTFWD=http://127.0.0.1:$PF_PORT
+        log "towerctl port-forward $CLUSTER svc/web :80 on :$PF_PORT (pid $PF_PID)"
+    fi
+    [[ -z $PORTFWD_NOTE ]] || warn "$PORTFWD_NOTE"
+fi
+
+# --- OpenSSH: a private sshd, local and reverse forwards ----------------------------
+
+SSHD_PID=""
+SSH_PIDS=()         # every ssh client started here
+declare -A SSH_URL=() # path name -> http://127.0.0.1:PORT
+if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt; then
     if [[ $(id -u) == 0 && ! -d /run/sshd ]]; then
         mkdir -m 0755 /run/sshd # sshd's privilege separation dir (Debian), removed at exit
         MADE_PRIVSEP=1
@@ -305,7 +356,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
-AllowTcpForwarding remote
+AllowTcpForwarding yes
 GatewayPorts no
 X11Forwarding no
 PermitTTY yes
@@ -325,20 +376,28 @@ EOF
     if [[ $SSH_CIPHER != default ]]; then SSH_OPTS+=(-c "$SSH_CIPHER"); fi
     SSH_USER=$(id -un)
 
-    SSH_N_PORT=$(free_port)
-    start_bg "$W/ssh-N.out" "$W/ssh-N.err" ssh -N "${SSH_OPTS[@]}" \
-        -R "127.0.0.1:$SSH_N_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1"
-    SSH_N_PID=$BG_PID
-    SSH_TT_PORT=$(free_port)
-    # -tt: a pty makes both OpenSSH ends treat the session as interactive and set TCP_NODELAY.
-    start_bg "$W/ssh-tt.out" "$W/ssh-tt.err" ssh -tt "${SSH_OPTS[@]}" \
-        -R "127.0.0.1:$SSH_TT_PORT:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1" "exec sleep 86400"
-    SSH_TT_PID=$BG_PID
-    SSH_N=http://127.0.0.1:$SSH_N_PORT
-    SSH_TT=http://127.0.0.1:$SSH_TT_PORT
-    wait_http "$SSH_N/version" 20 "$SSH_N_PID" || die "ssh -N -R tunnel did not come up: $(cat "$W/ssh-N.err" "$W/sshd.log")"
-    wait_http "$SSH_TT/version" 20 "$SSH_TT_PID" || die "ssh -tt -R tunnel did not come up: $(cat "$W/ssh-tt.err" "$W/sshd.log")"
-    log "OpenSSH: sshd on 127.0.0.1:$SSHD_PORT, ssh -N -R on :$SSH_N_PORT, ssh -tt -R on :$SSH_TT_PORT, cipher $SSH_CIPHER"
+    # ssh_tunnel NAME MODE DIRECTION: one forward from a free local port to
+    # the upstream. MODE -N (no session) or -tt (a pty: both OpenSSH ends
+    # then treat the connection as interactive and set TCP_NODELAY); DIRECTION
+    # -L (ssh listens, sshd dials the upstream) or -R (sshd listens, ssh dials).
+    ssh_tunnel() {
+        local name=$1 mode=$2 dir=$3 port
+        local args=()
+        port=$(free_port)
+        args=(ssh "$mode" "${SSH_OPTS[@]}" "$dir" "127.0.0.1:$port:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1")
+        if [[ $mode == -tt ]]; then args+=("exec sleep 86400"); fi
+        start_bg "$W/$name.out" "$W/$name.err" "${args[@]}"
+        SSH_PIDS+=("$BG_PID")
+        wait_http "http://127.0.0.1:$port/version" 20 "$BG_PID" ||
+            die "ssh $mode $dir tunnel did not come up: $(cat "$W/$name.err" "$W/sshd.log")"
+        SSH_URL[$name]=http://127.0.0.1:$port
+        log "OpenSSH: ssh $mode $dir on :$port"
+    }
+    if wants ssh_L; then ssh_tunnel ssh_L -N -L; fi
+    if wants ssh_tt_L; then ssh_tunnel ssh_tt_L -tt -L; fi
+    if wants ssh_N; then ssh_tunnel ssh_N -N -R; fi
+    if wants ssh_tt; then ssh_tunnel ssh_tt -tt -R; fi
+    log "OpenSSH: sshd on 127.0.0.1:$SSHD_PORT, cipher $SSH_CIPHER"
 fi
 
 # --- rathole (optional) ------------------------------------------------------------
@@ -442,7 +501,8 @@ descendants() {
 tunnel_pids() {
     case $1 in
     gateway) echo "$HUB_PID $AGENT_PID" ;;
-    ssh_*) echo "$SSH_N_PID $SSH_TT_PID $(descendants "$SSHD_PID" | tr '\n' ' ')" ;;
+    portfwd) echo "$PF_PID $HUB_PID $AGENT_PID" ;;
+    ssh_*) echo "${SSH_PIDS[*]} $(descendants "$SSHD_PID" | tr '\n' ' ')" ;;
     rathole) echo "$RH_SERVER_PID $RH_CLIENT_PID" ;;
     esac
 }
@@ -457,6 +517,36 @@ cpu_ticks() {
     echo "$t"
 }
 
+# role PID: which part of a tunnel process PID is, for the CPU split.
+role() {
+    case $1 in
+    "$HUB_PID") echo hub ;;
+    "$AGENT_PID") echo agent ;;
+    "${PF_PID:-}") echo port-forward ;;
+    "${RH_SERVER_PID:-}") echo rathole-server ;;
+    "${RH_CLIENT_PID:-}") echo rathole-client ;;
+    *) cat "/proc/$1/comm" 2>/dev/null || echo exited ;;
+    esac
+}
+
+# cpu_snapshot PID...: "PID TICKS" for each process.
+cpu_snapshot() {
+    local p v
+    for p in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || true
+        echo "$p ${v:-0}"
+    done
+}
+
+# cpu_split BEFORE OUT PID...: CPU ticks used by each role (hub, agent, sshd,
+# ...) since the snapshot in file BEFORE, as "ROLE TICKS" lines in file OUT.
+cpu_split() {
+    local before=$1 out=$2 p v
+    shift 2
+    cpu_snapshot "$@" | while read -r p v; do echo "$(role "$p") $p $v"; done |
+        awk 'NR == FNR { b[$1] = $2; next } { t[$1] += $3 - b[$2] } END { for (r in t) print r, t[r] }' "$before" - >"$out"
+}
+
 # bulk NAME URL [curl args...]: prints "code bytes seconds tunnel_cpu_ticks".
 bulk() {
     local name=$1 url=$2 pids t0 out
@@ -464,11 +554,15 @@ bulk() {
     log "$name: bulk download of $BYTES_N bytes"
     pids=$(tunnel_pids "$name")
     # shellcheck disable=SC2086 # a list of PIDs
+    cpu_snapshot $pids >"$W/cpu0-$name.txt"
+    # shellcheck disable=SC2086
     t0=$(cpu_ticks $pids)
     out=$(curl -sS -o /dev/null --max-time "$BULK_TIMEOUT" -w '%{http_code} %{size_download} %{time_total}' \
         "$@" "$url/bulk?bytes=$BYTES_N" 2>"$W/curl-$name.err") || true
     # shellcheck disable=SC2086
     echo "${out:-- - -} $(($(cpu_ticks $pids) - t0))"
+    # shellcheck disable=SC2086
+    cpu_split "$W/cpu0-$name.txt" "$W/cpu-$name-bulk.txt" $pids
 }
 
 # wrk_run NAME TAG THREADS CONNECTIONS DURATION URL [wrk args...]:
@@ -478,11 +572,15 @@ wrk_run() {
     shift 6
     pids=$(tunnel_pids "$name")
     # shellcheck disable=SC2086
+    cpu_snapshot $pids >"$W/cpu0-$name.txt"
+    # shellcheck disable=SC2086
     t0=$(cpu_ticks $pids)
     wrk -t"$threads" -c"$conns" -d"$duration" --timeout 5s --latency "$@" "$url/version" \
         >"$W/wrk-$name$tag.txt" 2>&1 || true
     # shellcheck disable=SC2086
     ticks=$(($(cpu_ticks $pids) - t0))
+    # shellcheck disable=SC2086
+    cpu_split "$W/cpu0-$name.txt" "$W/cpu-$name-wrk$tag.txt" $pids
     cp "$W/wrk-$name$tag.txt" "$RESULTS_DIR/wrk-$name$tag.txt"
     awk -v ticks="$ticks" '
         function ms(v) {
@@ -525,16 +623,113 @@ light() {
     wrk_run "$name" "-c1" 1 1 "$LIGHT_DURATION" "$url" "$@"
 }
 
-# measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl
-# and wrk (authentication, TLS) come from the arrays CURL_EXTRA and WRK_EXTRA.
+# The connection-setup probe: SETUP_CONNECTIONS fresh TCP connections, one
+# after the other, each carrying one "GET /version" with "Connection: close".
+# A sample is the time from just before connect() to the first byte of the
+# response (for https, the TLS handshake is included; no SNI is sent). Bounded
+# by SETUP_MAX_SECONDS and a 10 s timeout per connection. Prints
+# "samples p50_ms p99_ms max_ms failures" and writes every sample to OUT.
+cat >"$W/setup.py" <<'PY'
+import math, socket, ssl, sys, time, urllib.parse
+
+url, count, max_s, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+headers = "".join(h + "\r\n" for h in sys.argv[5:])
+u = urllib.parse.urlsplit(url)
+tls = u.scheme == "https"
+host, port = u.hostname, u.port or (443 if tls else 80)
+req = (f"GET {u.path.rstrip('/')}/version HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: bench-setup\r\n"
+       f"{headers}Connection: close\r\n\r\n").encode()
+ctx = None
+if tls:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+
+def complete(data):
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            return len(body) >= int(v)
+    return False
+
+
+samples, failures, first_error = [], 0, ""
+deadline = time.monotonic() + max_s
+for _ in range(count):
+    if time.monotonic() >= deadline:
+        break
+    s = None
+    try:
+        t0 = time.perf_counter()
+        s = socket.create_connection((host, port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx:
+            s = ctx.wrap_socket(s)
+        s.sendall(req)
+        data = s.recv(65536)
+        t1 = time.perf_counter()
+        while data and not complete(data):
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+        if not data.startswith(b"HTTP/1.1 200") or not complete(data):
+            raise OSError("answer: " + data[:60].decode(errors="replace").split("\r\n")[0])
+        samples.append((t1 - t0) * 1000)
+    except OSError as e:
+        failures += 1
+        first_error = first_error or str(e)
+    finally:
+        if s:
+            s.close()
+with open(out, "w") as fh:
+    fh.write("".join(f"{v:.4f}\n" for v in samples))
+    if first_error:
+        fh.write(f"# {failures} failed; first error: {first_error}\n")
+
+
+def pct(q):
+    v = sorted(samples)
+    return f"{v[max(0, math.ceil(q * len(v)) - 1)]:.4f}"
+
+
+if samples:
+    print(len(samples), pct(0.50), pct(0.99), f"{max(samples):.4f}", failures)
+else:
+    print(0, "-", "-", "-", failures)
+PY
+
+# setup NAME URL [header...]: the connection-setup probe on path NAME.
+setup() {
+    local name=$1 url=$2
+    shift 2
+    ((SETUP_CONNECTIONS > 0)) || { echo "- - - - -"; return; }
+    log "$name: $SETUP_CONNECTIONS fresh connections, connect -> first byte of GET /version"
+    timeout $((SETUP_MAX_SECONDS + 30)) python3 "$W/setup.py" "$url" "$SETUP_CONNECTIONS" "$SETUP_MAX_SECONDS" \
+        "$W/setup-$name.txt" "$@" 2>"$W/setup-$name.err" || echo "- - - - -"
+    cp "$W/setup-$name.txt" "$RESULTS_DIR/setup-$name.txt" 2>/dev/null || true
+}
+
+# measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl,
+# wrk and the setup probe (authentication, TLS) come from the arrays
+# CURL_EXTRA, WRK_EXTRA and SETUP_EXTRA.
 CURL_EXTRA=()
 WRK_EXTRA=()
+SETUP_EXTRA=()
 measure() {
-    local name=$1 label=$2 url=$3 b r l code busy attempt after
+    local name=$1 label=$2 url=$3 b r l c code busy attempt after
+    if [[ -z $url ]]; then
+        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\t- - - - -\t%s\n' "$name" "$label" "${4:-not started}" >>"$RESULTS_TSV"
+        return
+    fi
     code=$(curl -s -o "$W/version-$name.json" -w '%{http_code}' --max-time 5 "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}" "$url/version") || true
     if [[ $code != 200 ]] || ! grep -q gitVersion "$W/version-$name.json"; then
         warn "$name: GET /version answered '$code' instead of 200; path skipped"
-        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
+        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\t- - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
         return
     fi
     for ((attempt = 0; attempt <= RETRIES; attempt++)); do
@@ -542,6 +737,7 @@ measure() {
         b=$(bulk "$name" "$url" "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}")
         r=$(rate "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
         l=$(light "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
+        c=$(setup "$name" "$url" "${SETUP_EXTRA[@]+"${SETUP_EXTRA[@]}"}")
         # Other work running right after the measurement most likely ran
         # during it too: measure again (bounded).
         after=$(cpu_busy)
@@ -552,7 +748,7 @@ measure() {
             warn "$name: other work took ${after}% of the CPUs right after the measurement; keeping these figures"
         fi
     done
-    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" >>"$RESULTS_TSV"
+    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\t\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" "$c" >>"$RESULTS_TSV"
 }
 
 if wants direct; then measure direct "direct (no tunnel)" "$DIRECT"; fi
@@ -560,12 +756,17 @@ if wants gateway; then
     # curl checks nothing with -k, and wrk never verifies: both pay the same TLS cost.
     CURL_EXTRA=(-k -H "$AUTH")
     WRK_EXTRA=(-H "$AUTH")
+    SETUP_EXTRA=("$AUTH")
     measure gateway "towerctl gateway (https)" "$GATEWAY"
     CURL_EXTRA=()
     WRK_EXTRA=()
+    SETUP_EXTRA=()
 fi
-if wants ssh_N; then measure ssh_N "ssh -N -R" "$SSH_N"; fi
-if wants ssh_tt; then measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "$SSH_TT"; fi
+if wants portfwd; then measure portfwd "towerctl port-forward svc/web" "$PORTFWD" "$PORTFWD_NOTE"; fi
+if wants ssh_L; then measure ssh_L "ssh -N -L" "${SSH_URL[ssh_L]}"; fi
+if wants ssh_tt_L; then measure ssh_tt_L "ssh -tt -L (pty, TCP_NODELAY)" "${SSH_URL[ssh_tt_L]}"; fi
+if wants ssh_N; then measure ssh_N "ssh -N -R" "${SSH_URL[ssh_N]}"; fi
+if wants ssh_tt; then measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "${SSH_URL[ssh_tt]}"; fi
 if [[ -n $RATHOLE ]]; then
     measure rathole "rathole (noise)" "$RATHOLE"
 fi
@@ -575,13 +776,20 @@ LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
 HEALTH=()
 kill -0 "$HUB_PID" 2>/dev/null || HEALTH+=("the hub (pid $HUB_PID) died during the run")
 kill -0 "$AGENT_PID" 2>/dev/null || HEALTH+=("the agent (pid $AGENT_PID) died during the run")
+if [[ -n $PORTFWD ]]; then
+    kill -0 "$PF_PID" 2>/dev/null || HEALTH+=("towerctl port-forward (pid $PF_PID) died during the run")
+fi
 timeout 20 "$T" status -o json >"$W/status-end.json" 2>/dev/null || HEALTH+=("towerctl status failed after the run")
 # WARN/ERROR lines of the daemons' logs, without timestamps, counted.
 LOG_ISSUES=$(
-    for f in "$W"/state/towerctl/*.log; do
-        [[ -f $f ]] || continue
-        grep -E '^[^ ]+ +(WARN|ERROR) ' "$f" | sed -E "s/^[^ ]+ +/$(basename "$f" .log): /"
-    done | sort | uniq -c | sort -rn | head -n 20 | sed -E 's/^ *([0-9]+) (.*)$/\1x \2/' || true
+    {
+        for f in "$W"/state/towerctl/*.log; do
+            [[ -f $f ]] || continue
+            grep -E '^[^ ]+ +(WARN|ERROR) ' "$f" | sed -E "s/^[^ ]+ +/$(basename "$f" .log): /"
+        done
+        # towerctl port-forward writes its errors to stderr, without timestamps.
+        if [[ -f $W/portfwd.err ]]; then sed -E 's/^/port-forward: /' "$W/portfwd.err"; fi
+    } | sort | uniq -c | sort -rn | head -n 20 | sed -E 's/^ *([0-9]+) (.*)$/\1x \2/' || true
 )
 
 # --- report -------------------------------------------------------------------------
@@ -590,8 +798,8 @@ mkdir -p "$RESULTS_DIR"
 BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
     BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
     BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_QUIET_MAX_BUSY=$QUIET_MAX_BUSY \
-    BENCH_CLK_TCK=$CLK_TCK BENCH_LIGHT_DURATION=$LIGHT_DURATION \
-    BENCH_LOADAVG_START=$LOADAVG_START BENCH_LOADAVG_END=$LOADAVG_END \
+    BENCH_CLK_TCK=$CLK_TCK BENCH_LIGHT_DURATION=$LIGHT_DURATION BENCH_SETUP_CONNECTIONS=$SETUP_CONNECTIONS \
+    BENCH_LOADAVG_START=$LOADAVG_START BENCH_LOADAVG_END=$LOADAVG_END BENCH_WORKDIR=$W \
     BENCH_LOG_ISSUES=$LOG_ISSUES BENCH_HEALTH="$(printf '%s\n' "${HEALTH[@]+"${HEALTH[@]}"}")" \
     BENCH_GIT="${TOWERCTL_REV:-$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)}" \
     BENCH_SSH_VERSION=$(ssh -V 2>&1) BENCH_WRK_VERSION=$(wrk -v 2>&1 | head -n 1) \
@@ -616,13 +824,28 @@ def count(v):
     return int(n) if n is not None else None
 
 
+def split(name, what, per):
+    """Tunnel CPU by process role (hub, agent, port-forward, sshd, ssh, ...), in seconds per `per`."""
+    try:
+        lines = open(os.path.join(env["BENCH_WORKDIR"], f"cpu-{name}-{what}.txt")).read().split("\n")
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        role, _, ticks = line.partition(" ")
+        if role and num(ticks) is not None:
+            out[role] = round(num(ticks) / TCK / per, 2 if what == "bulk" else 1)
+    return dict(sorted(out.items())) or None
+
+
 rows, order = {}, []
 for line in open(env["BENCH_RESULTS"]):
     f = line.rstrip("\n").split("\t")
-    name, label, busy, note = f[0], f[1], f[2], f[6]
+    name, label, busy, note = f[0], f[1], f[2], f[7]
     code, size, secs, bticks = (f[3].split() + ["-"] * 4)[:4]
     rps, p50, p99, reqs, non2xx, sockerr, rticks = (f[4].split() + ["-"] * 7)[:7]
     lrps, lp50, lp99 = (f[5].split() + ["-"] * 3)[:3]
+    sn, sp50, sp99, smax, sfail = (f[6].split() + ["-"] * 5)[:5]
     before, _, after = busy.partition("/")
     tunnel = name != "direct"
     r = {"label": label}
@@ -645,10 +868,19 @@ for line in open(env["BENCH_RESULTS"]):
     r["one_conn_req_per_s"] = num(lrps)
     r["one_conn_p50_ms"] = num(lp50)
     r["one_conn_p99_ms"] = num(lp99)
+    r["new_conn_samples"] = count(sn)
+    r["new_conn_p50_ms"] = num(sp50)
+    r["new_conn_p99_ms"] = num(sp99)
+    r["new_conn_max_ms"] = num(smax)
+    r["new_conn_failures"] = count(sfail)
+    r["tunnel_cpu_s_per_gb_by_process"] = split(name, "bulk", BYTES / 1e9) if r["bulk_mb_per_s"] else None
+    r["tunnel_cpu_us_per_req_by_process"] = split(name, "wrk", r["requests"] / 1e6) if r["requests"] else None
     r["cpu_busy_before_pct"] = count(before)
     r["cpu_busy_after_pct"] = count(after)
     if r["non_2xx"] or r["socket_errors"]:
         note = (note + "; " if note else "") + f"wrk: {r['non_2xx']} non-2xx, {r['socket_errors']} socket errors"
+    if r["new_conn_failures"]:
+        note = (note + "; " if note else "") + f"{r['new_conn_failures']} fresh connections failed (see setup-{name}.txt)"
     if r["req_per_s"] is None and not note:
         note = "wrk gave no result"
     if (r["cpu_busy_after_pct"] or 0) > int(env["BENCH_QUIET_MAX_BUSY"]):
@@ -656,6 +888,8 @@ for line in open(env["BENCH_RESULTS"]):
     r["note"] = note or None
     rows[name] = r
     order.append(name)
+
+SSH = ["ssh_L", "ssh_tt_L", "ssh_N", "ssh_tt"]
 
 
 def best(metric, names):
@@ -667,42 +901,45 @@ def ratio(a, b):
     return round(a / b, 2) if a is not None and b else None
 
 
-def added(metric):
-    a, b = rows.get("gateway", {}).get(metric), rows.get("direct", {}).get(metric)
+def added(path, metric):
+    a, b = rows.get(path, {}).get(metric), rows.get("direct", {}).get(metric)
     return round(a - b, 3) if a is not None and b is not None else None
 
 
-gw = rows.get("gateway", {})
-ssh_tp, ssh_tp_name = best("bulk_mb_per_s", ["ssh_N", "ssh_tt"])
-ssh_rps, ssh_rps_name = best("req_per_s", ["ssh_N", "ssh_tt"])
+ssh_tp, ssh_tp_name = best("bulk_mb_per_s", SSH)
+ssh_rps, ssh_rps_name = best("req_per_s", SSH)
 rh = rows.get("rathole", {})
-ratios = {
-    "gateway_vs_best_ssh_throughput": ratio(gw.get("bulk_mb_per_s"), ssh_tp),
-    "best_ssh_throughput_variant": ssh_tp_name,
-    "gateway_vs_best_ssh_req_per_s": ratio(gw.get("req_per_s"), ssh_rps),
-    "best_ssh_req_per_s_variant": ssh_rps_name,
-    "gateway_vs_rathole_throughput": ratio(gw.get("bulk_mb_per_s"), rh.get("bulk_mb_per_s")),
-    "gateway_vs_rathole_req_per_s": ratio(gw.get("req_per_s"), rh.get("req_per_s")),
-    "gateway_added_p50_ms": added("p50_ms"),
-    "gateway_added_p99_ms": added("p99_ms"),
-    "gateway_added_one_conn_p50_ms": added("one_conn_p50_ms"),
-    "gateway_added_one_conn_p99_ms": added("one_conn_p99_ms"),
-}
+ratios = {"best_ssh_throughput_variant": ssh_tp_name, "best_ssh_req_per_s_variant": ssh_rps_name}
+for p in ("portfwd", "gateway"):
+    row = rows.get(p, {})
+    ratios[f"{p}_vs_best_ssh_throughput"] = ratio(row.get("bulk_mb_per_s"), ssh_tp)
+    ratios[f"{p}_vs_best_ssh_req_per_s"] = ratio(row.get("req_per_s"), ssh_rps)
+    ratios[f"{p}_vs_rathole_throughput"] = ratio(row.get("bulk_mb_per_s"), rh.get("bulk_mb_per_s"))
+    ratios[f"{p}_vs_rathole_req_per_s"] = ratio(row.get("req_per_s"), rh.get("req_per_s"))
+    for m in ("p50_ms", "p99_ms", "one_conn_p50_ms", "one_conn_p99_ms", "new_conn_p50_ms", "new_conn_p99_ms"):
+        ratios[f"{p}_added_{m}"] = added(p, m)
 
 
-def check(value, ok, fmt):
+def check(value, ok, fmt, why_na="n/a"):
     if value is None:
-        return "n/a"
+        return why_na
     return ("PASS " if ok(value) else "MISS ") + fmt.format(value)
 
 
+pf, gw = rows.get("portfwd", {}), rows.get("gateway", {})
+rh_na = "n/a (rathole " + (env.get("BENCH_RATHOLE_NOTE") or "gave no figure") + ")"
 targets = {
-    "throughput >= 1.5x best OpenSSH": check(ratios["gateway_vs_best_ssh_throughput"], lambda v: v >= 1.5, "{:.2f}x"),
-    "req/s >= 1.2x rathole (noise)": check(ratios["gateway_vs_rathole_req_per_s"], lambda v: v >= 1.2, "{:.2f}x"),
-    "p99 <= 1 ms, 16 connections": check(gw.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
-    "p99 <= 1 ms, 1 connection": check(gw.get("one_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
-    "added p99 <= 1 ms, 16 connections": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
-    "added p99 <= 1 ms, 1 connection": check(ratios["gateway_added_one_conn_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
+    "raw channel (towerctl port-forward)": {
+        "throughput >= 1.5x best OpenSSH": check(ratios["portfwd_vs_best_ssh_throughput"], lambda v: v >= 1.5, "{:.2f}x"),
+        "req/s >= 1.2x rathole (noise)": check(ratios["portfwd_vs_rathole_req_per_s"], lambda v: v >= 1.2, "{:.2f}x", rh_na),
+        "p99 <= 1 ms, 16 connections": check(pf.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
+        "p99 <= 1 ms, 1 connection": check(pf.get("one_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
+        "p99 <= 1 ms, new connection": check(pf.get("new_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
+    },
+    "gateway": {
+        "added p99 <= 1 ms, 16 connections": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
+        "added p99 <= 1 ms, 1 connection": check(ratios["gateway_added_one_conn_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
+    },
 }
 
 now = datetime.datetime.now(datetime.timezone.utc)
@@ -724,13 +961,15 @@ doc = {
         "connections": int(env["BENCH_CONNECTIONS"]),
         "threads": int(env["BENCH_THREADS"]),
         "one_conn_duration": env["BENCH_LIGHT_DURATION"],
+        "new_connections": int(env["BENCH_SETUP_CONNECTIONS"]),
         "ssh_cipher": env["BENCH_SSH_CIPHER"],
-        "tools": {"ssh": env["BENCH_SSH_VERSION"], "wrk": env["BENCH_WRK_VERSION"], "curl": env["BENCH_CURL_VERSION"]},
+        "tools": {"ssh": env["BENCH_SSH_VERSION"], "wrk": env["BENCH_WRK_VERSION"], "curl": env["BENCH_CURL_VERSION"],
+                  "python": platform.python_version()},
     },
     "paths": {n: rows[n] for n in order},
     "rathole": env.get("BENCH_RATHOLE_NOTE") or "measured",
     "ratios": ratios,
-    "targets_on_gateway_path": targets,
+    "targets": targets,
     "problems": health + log_issues,
 }
 with open(env["BENCH_JSON"], "w") as fh:
@@ -749,38 +988,62 @@ def times(v):
     return f"{v:.2f}x" if v is not None else "-"
 
 
+def pair(a, b, spec="+.3f"):
+    return f"{fmt(a, spec)} / {fmt(b, spec)} ms"
+
+
 print()
 print(f"towerctl benchmark  {doc['date']}  {doc['machine']['cpus']} CPUs ({doc['machine']['cpu']})  towerctl {doc['towerctl']}")
 print(f"bulk: curl, {BYTES} bytes; load: wrk -t{env['BENCH_THREADS']} -c{env['BENCH_CONNECTIONS']} -d{env['BENCH_DURATION']} GET /version; "
-      f"1 conn: wrk -t1 -c1 -d{env['BENCH_LIGHT_DURATION']}; ssh cipher {env['BENCH_SSH_CIPHER']}")
+      f"1 conn: wrk -t1 -c1 -d{env['BENCH_LIGHT_DURATION']}; new conn: {env['BENCH_SETUP_CONNECTIONS']} fresh connections, "
+      f"connect -> first byte; ssh cipher {env['BENCH_SSH_CIPHER']}")
 print()
-print(f"{'':<31} {'bulk':>7} {'---- 16 connections ----':>26} {'-- 1 connection --':>18} {'tunnel CPU':>16}")
-print(f"{'path':<31} {'MB/s':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'s/GB':>7} {'us/req':>7} {'busy%':>7}  note")
+print(f"{'':<31} {'bulk':>7} {'---- 16 connections ----':>26} {'-- 1 connection --':>17} {'- new connection -':>17} {'tunnel CPU':>15}")
+print(f"{'path':<31} {'MB/s':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} "
+      f"{'s/GB':>7} {'us/req':>7} {'busy%':>7}  note")
 for n in order:
     r = rows[n]
     busy = f"{fmt(r['cpu_busy_before_pct'], 'd')}/{fmt(r['cpu_busy_after_pct'], 'd')}"
     print(f"{r['label']:<31} {fmt(r['bulk_mb_per_s'], '7.1f')} {fmt(r['req_per_s'], '8.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')} "
-          f"{fmt(r['one_conn_p50_ms'], '8.3f')} {fmt(r['one_conn_p99_ms'], '8.3f')} {fmt(r['tunnel_cpu_s_per_gb'], '7.2f')} {fmt(r['tunnel_cpu_us_per_req'], '7.1f')} {busy:>7}  {r['note'] or ''}")
+          f"{fmt(r['one_conn_p50_ms'], '8.3f')} {fmt(r['one_conn_p99_ms'], '8.3f')} {fmt(r['new_conn_p50_ms'], '8.3f')} {fmt(r['new_conn_p99_ms'], '8.3f')} "
+          f"{fmt(r['tunnel_cpu_s_per_gb'], '7.2f')} {fmt(r['tunnel_cpu_us_per_req'], '7.1f')} {busy:>7}  {r['note'] or ''}")
 if env.get("BENCH_RATHOLE_NOTE"):
-    print(f"{'rathole (noise)':<31} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env['BENCH_RATHOLE_NOTE']}")
-print("tunnel CPU: CPU time of both tunnel ends (hub+agent, sshd+ssh, rathole server+client) per GB of bulk / per request under load")
+    print(f"{'rathole (noise)':<31} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env['BENCH_RATHOLE_NOTE']}")
+print("tunnel CPU: CPU time of the tunnel's processes (hub+agent; port-forward+hub+agent; sshd+ssh; rathole server+client)")
+print("            per GB of bulk / per request under load; by process:")
+for n in order:
+    a, b = rows[n]["tunnel_cpu_s_per_gb_by_process"] or {}, rows[n]["tunnel_cpu_us_per_req_by_process"] or {}
+    if a or b:
+        parts = [f"{k} {fmt(a.get(k), '.2f').strip()}/{fmt(b.get(k), '.1f').strip()}" for k in sorted(set(a) | set(b))
+                 if a.get(k) or b.get(k)]
+        print(f"              {rows[n]['label']:<31} " + ", ".join(parts) + "  (s/GB / us/req)")
+print("new connection: connect() -> first byte of GET /version on a fresh connection (https: TLS handshake included)")
 print("busy%: share of all CPUs used by other work in the second before / after the path was measured")
 print()
 print("ratios")
-print(f"  gateway MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios['gateway_vs_best_ssh_throughput'])}")
-print(f"  gateway req/s / best ssh req/s ({ssh_rps_name or '-'}): {times(ratios['gateway_vs_best_ssh_req_per_s'])}")
-if ratios["gateway_vs_rathole_req_per_s"] is not None:
-    print(f"  gateway MB/s  / rathole MB/s: {times(ratios['gateway_vs_rathole_throughput'])}")
-    print(f"  gateway req/s / rathole req/s: {times(ratios['gateway_vs_rathole_req_per_s'])}")
-print(f"  gateway added p50 / p99 over direct, 16 connections: {fmt(ratios['gateway_added_p50_ms'], '+.3f')} / {fmt(ratios['gateway_added_p99_ms'], '+.3f')} ms")
-print(f"  gateway added p50 / p99 over direct, 1 connection:   {fmt(ratios['gateway_added_one_conn_p50_ms'], '+.3f')} / {fmt(ratios['gateway_added_one_conn_p99_ms'], '+.3f')} ms")
+for p, what in (("portfwd", "port-forward"), ("gateway", "gateway")):
+    if p not in rows:
+        continue
+    print(f"  {what} MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_throughput'])}")
+    print(f"  {what} req/s / best ssh req/s ({ssh_rps_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_req_per_s'])}")
+    if ratios[f"{p}_vs_rathole_req_per_s"] is not None:
+        print(f"  {what} MB/s  / rathole MB/s:  {times(ratios[f'{p}_vs_rathole_throughput'])}")
+        print(f"  {what} req/s / rathole req/s: {times(ratios[f'{p}_vs_rathole_req_per_s'])}")
+    print(f"  {what} added p50 / p99 over direct, new connection: "
+          f"{pair(ratios[f'{p}_added_new_conn_p50_ms'], ratios[f'{p}_added_new_conn_p99_ms'])}")
+    print(f"  {what} added p50 / p99 over direct, 16 connections: "
+          f"{pair(ratios[f'{p}_added_p50_ms'], ratios[f'{p}_added_p99_ms'])}")
+    print(f"  {what} added p50 / p99 over direct, 1 connection:   "
+          f"{pair(ratios[f'{p}_added_one_conn_p50_ms'], ratios[f'{p}_added_one_conn_p99_ms'])}")
 print()
-print("targets (measured on the gateway path, which carries TLS and two HTTP/1.1 hops on top of the raw channel)")
-for k, v in targets.items():
-    print(f"  {k:<34} {v}")
+print("targets")
+for group, checks in targets.items():
+    print(f"  {group}")
+    for k, v in checks.items():
+        print(f"    {k:<34} {v}")
 if doc["problems"]:
     print()
-    print("problems seen during the run (daemon health; WARN/ERROR lines of the towerctl logs, counted):")
+    print("problems seen during the run (daemon health; WARN/ERROR lines of the towerctl logs and port-forward's errors, counted):")
     for p in doc["problems"]:
         print(f"  {p}")
 print()

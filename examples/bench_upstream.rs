@@ -5,6 +5,14 @@
 //! - `GET /version`: a small JSON body like kube-apiserver's `/version`.
 //! - `GET /bulk?bytes=N`: N zero bytes, streamed in 256 KiB chunks cut from
 //!   one static buffer (nothing of size N is ever allocated).
+//! - The two Kubernetes API reads an agent makes to resolve Service
+//!   `default/web` for `towerctl port-forward CLUSTER svc/web :80`:
+//!   `GET /api/v1/namespaces/default/services/web` (port 80 named `http`,
+//!   targetPort 80) and
+//!   `GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?labelSelector=kubernetes.io/service-name=web`
+//!   (one ready endpoint, 127.0.0.1, whose port `http` is this server's own
+//!   port). The forwarded connections thus land back on this server, and
+//!   `/version` and `/bulk` work through the forward as well.
 //!
 //! Connections are kept alive. Usage:
 //!
@@ -16,6 +24,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -41,6 +50,59 @@ const VERSION: &str = r#"{
   "compiler": "gc",
   "platform": "linux/amd64"
 }"#;
+
+/// Namespace and name of the Service that stands for this server.
+const SERVICE_NS: &str = "default";
+const SERVICE_NAME: &str = "web";
+
+/// The Service and EndpointSlice list bodies, made once the port is known.
+struct KubeObjects {
+    service_path: String,
+    slices_path: String,
+    service: Bytes,
+    slices: Bytes,
+}
+
+static KUBE: OnceLock<KubeObjects> = OnceLock::new();
+
+/// `default/web` as a Service whose port 80 (`http`, targetPort 80) is
+/// served by one ready endpoint, 127.0.0.1, on `port` (this server).
+fn kube_objects(port: u16) -> KubeObjects {
+    let (ns, name) = (SERVICE_NS, SERVICE_NAME);
+    let service = format!(
+        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}","namespace":"{ns}","uid":"00000000-0000-0000-0000-000000000001","resourceVersion":"1","creationTimestamp":"2026-11-21T00:00:00Z"}},"spec":{{"type":"ClusterIP","clusterIP":"10.96.0.80","clusterIPs":["10.96.0.80"],"ports":[{{"name":"http","protocol":"TCP","port":80,"targetPort":80}}],"selector":{{"app":"{name}"}},"sessionAffinity":"None"}},"status":{{"loadBalancer":{{}}}}}}"#
+    );
+    let slices = format!(
+        r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSliceList","metadata":{{"resourceVersion":"1"}},"items":[{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"{name}-bench","namespace":"{ns}","uid":"00000000-0000-0000-0000-000000000002","resourceVersion":"1","labels":{{"kubernetes.io/service-name":"{name}","endpointslice.kubernetes.io/managed-by":"endpointslice-controller.k8s.io"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["127.0.0.1"],"conditions":{{"ready":true,"serving":true,"terminating":false}}}}],"ports":[{{"name":"http","protocol":"TCP","port":{port}}}]}}]}}"#
+    );
+    KubeObjects {
+        service_path: format!("/api/v1/namespaces/{ns}/services/{name}"),
+        slices_path: format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"),
+        service: Bytes::from(service),
+        slices: Bytes::from(slices),
+    }
+}
+
+/// Whether a list's `labelSelector` selects this Service's slices (an
+/// absent selector selects everything).
+fn selects_service(query: Option<&str>) -> bool {
+    let Some(q) = query else { return true };
+    match q
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "labelSelector")
+    {
+        None => true,
+        Some((_, v)) => {
+            let v = v
+                .replace("%2F", "/")
+                .replace("%2f", "/")
+                .replace("%3D", "=")
+                .replace("%3d", "=");
+            v == format!("kubernetes.io/service-name={SERVICE_NAME}")
+        }
+    }
+}
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -88,6 +150,20 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             Bytes::from_static(b"only GET\n"),
         ));
     }
+    if let Some(k) = KUBE.get() {
+        let path = req.uri().path();
+        if path == k.service_path {
+            return Ok(full(StatusCode::OK, "application/json", k.service.clone()));
+        }
+        if path == k.slices_path {
+            let body = if selects_service(req.uri().query()) {
+                k.slices.clone()
+            } else {
+                Bytes::from_static(br#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSliceList","metadata":{"resourceVersion":"1"},"items":[]}"#)
+            };
+            return Ok(full(StatusCode::OK, "application/json", body));
+        }
+    }
     Ok(match req.uri().path() {
         "/version" => full(
             StatusCode::OK,
@@ -122,6 +198,7 @@ async fn main() -> std::io::Result<()> {
         None => 0,
     };
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    let _ = KUBE.set(kube_objects(listener.local_addr()?.port()));
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", listener.local_addr()?)?;
