@@ -1023,6 +1023,16 @@ fn connect_through_the_gateway_honours_the_agent_dial_policy() {
         .filter(|r: &serde_json::Value| r["verb"] == "connect" && r["status"] == 403)
         .collect();
     assert_eq!(denied.len(), 1, "{o:?}");
+    let ok = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["verb"] == "connect" && r["status"] == 200)
+        .unwrap();
+    assert!(
+        ok["bytes"].as_u64().unwrap() > 50,
+        "the audit record must count the stream's bytes: {ok}"
+    );
 
     // Unknown cluster in the authority.
     let o = curl_via_gateway(&env, "127.0.0.1.nope:80");

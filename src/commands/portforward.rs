@@ -273,7 +273,7 @@ async fn accept_loop(
             .await
             {
                 Ok(mut up) => {
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                    let _ = crate::tunnel::splice(&mut conn, &mut up).await;
                 }
                 Err(e) => eprintln!("error: forwarding {local} -> {remote} failed: {e:#}"),
             }

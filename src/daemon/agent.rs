@@ -201,7 +201,7 @@ async fn push_listener(
         tokio::spawn(async move {
             match sess.open_direct(&name, peer).await {
                 Ok(mut ch) => {
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut ch).await;
+                    let _ = crate::tunnel::splice(&mut conn, &mut ch).await;
                 }
                 Err(e) => {
                     tracing::warn!(%name, "the hub refused to carry a workload connection: {e}")
@@ -380,7 +380,7 @@ async fn serve_raw(
             {
                 return;
             }
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut conn).await;
+            let _ = crate::tunnel::splice(&mut stream, &mut conn).await;
         }
         Err((code, msg)) => {
             let _ = stream
@@ -464,11 +464,8 @@ async fn forward(
             tokio::spawn(async move {
                 match tokio::try_join!(hub_side, upstream) {
                     Ok((a, b)) => {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(a),
-                            &mut TokioIo::new(b),
-                        )
-                        .await;
+                        let _ =
+                            crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
                     }
                     Err(e) => tracing::debug!("upgrade failed: {e}"),
                 }

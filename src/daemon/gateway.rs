@@ -7,7 +7,7 @@
 //! spliced through once both sides have switched protocols.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -494,10 +494,13 @@ async fn connect(
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(up) => {
-                let r = tokio::io::copy_bidirectional(&mut TokioIo::new(up), &mut stream).await;
-                if let Ok((a, b)) = r {
-                    record.bytes = a + b;
-                }
+                // Counted on the client side: a connection that ends with an
+                // error (a reset, as load tools do) still carried its bytes.
+                let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+                let mut client =
+                    crate::tunnel::counted::Counted::new(TokioIo::new(up), rd.clone(), wr.clone());
+                let _ = crate::tunnel::splice(&mut client, &mut stream).await;
+                record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
         }
@@ -649,11 +652,8 @@ async fn proxy(
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream) {
                     Ok((a, b)) => {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(a),
-                            &mut TokioIo::new(b),
-                        )
-                        .await;
+                        let _ =
+                            crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
                     }
                     Err(e) => tracing::debug!("upgrade failed: {e}"),
                 }

@@ -139,7 +139,7 @@ impl russh::server::Handler for HubHandler {
                 tokio::spawn(async move {
                     let mut tcp = tcp;
                     let mut ch = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut ch, &mut tcp).await;
+                    let _ = super::splice(&mut ch, &mut tcp).await;
                 });
             }
             _ => {
