@@ -458,20 +458,7 @@ async fn forward(
             );
         }
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(hub_side) = hub_side_upgrade {
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(hub_side, upstream) {
-                    Ok((a, b)) => {
-                        let _ =
-                            crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                    }
-                    Err(e) => tracing::debug!("upgrade failed: {e}"),
-                }
-            });
-        }
-    }
+    super::gateway::finish_upgrade(hub_side_upgrade, &mut resp);
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
 }

@@ -24,7 +24,7 @@ use super::audit::{Audited, Record};
 use super::hub::{Hub, LiveSession};
 use super::store::Operator;
 use super::targets::Target;
-use crate::tunnel::{self, server, TARGET_APISERVER};
+use crate::tunnel::{server, TARGET_APISERVER};
 
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -153,19 +153,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("gateway accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        tunnel::nodelay(&tcp);
+    while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "gateway").await {
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         let cancel = cancel.clone();
@@ -646,22 +634,28 @@ async fn proxy(
     if !upgrade {
         slot.put(name.clone(), session.id, sender).await;
     }
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream) {
-                    Ok((a, b)) => {
-                        let _ =
-                            crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-                    }
-                    Err(e) => tracing::debug!("upgrade failed: {e}"),
-                }
-            });
-        }
-    }
+    finish_upgrade(client_upgrade, &mut resp);
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
+}
+
+/// When the upstream switched protocols (exec, attach, port-forward), splices
+/// the client's upgraded connection to the upstream's once both are ready.
+/// Shared by the gateway and the agent, the two HTTP hops of the tunnel.
+pub fn finish_upgrade<B>(client: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response<B>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let Some(client) = client else { return };
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((a, b)) => {
+                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+            }
+            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        }
+    });
 }
 
 #[cfg(test)]

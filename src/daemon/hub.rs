@@ -906,19 +906,7 @@ async fn accept_tunnels(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("tunnel accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        tunnel::nodelay(&tcp);
+    while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "tunnel").await {
         let hub = hub.clone();
         let ssh_cfg = ssh_cfg.clone();
         let cancel = cancel.clone();

@@ -154,17 +154,7 @@ pub fn render(hub: &Hub) -> String {
 }
 
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cancel: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, _)) = super::accept_next(&listener, &cancel, "metrics").await {
         let hub = hub.clone();
         tokio::spawn(async move {
             let svc =

@@ -36,6 +36,32 @@ pub fn fmt_unix(secs: u64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
 }
 
+/// The next connection on `listener` (with TCP_NODELAY set), or `None` once
+/// `cancel` fires. Accept errors (out of file descriptors, a reset before
+/// accept) are logged and retried after a short pause instead of ending
+/// the listener.
+pub async fn accept_next(
+    listener: &tokio::net::TcpListener,
+    cancel: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    crate::tunnel::nodelay(&tcp);
+                    return Some((tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!("{what} accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
