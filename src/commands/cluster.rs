@@ -3,23 +3,11 @@
 use anyhow::{Context, Result};
 
 use super::exit;
+use super::hub::{hub_call, no_hub};
 use crate::daemon::control::{self, ClusterAdded, ClusterStatus, Request};
 use crate::daemon::fmt_unix;
 use crate::daemon::gateway::humanize;
 use crate::daemon::hub::validate_name;
-use crate::paths;
-
-fn no_hub() -> anyhow::Error {
-    anyhow::anyhow!("no hub is running on this machine: start one with 'towerctl up'")
-}
-
-async fn hub_call(req: Request) -> Result<serde_json::Value> {
-    let socket = paths::hub_socket();
-    if !control::is_up(&socket).await {
-        return Err(no_hub());
-    }
-    control::call(&socket, req).await
-}
 
 fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
     let added: ClusterAdded = serde_json::from_value(v).context("malformed answer from the hub")?;

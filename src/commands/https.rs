@@ -72,32 +72,58 @@ fn client_config(trust: &Trust<'_>) -> Result<rustls::ClientConfig> {
     })
 }
 
-/// GETs `url` (https) with an optional bearer token; returns status and body.
-pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u16, Bytes)> {
-    let u = url::Url::parse(url).with_context(|| format!("invalid URL '{url}'"))?;
-    if u.scheme() != "https" {
-        bail!("the gateway URL '{url}' must start with https://");
+/// A gateway to talk to: its address and a TLS connector built once (the
+/// CA is parsed once, not per connection).
+pub struct GatewayClient {
+    host: String,
+    port: u16,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl GatewayClient {
+    pub fn new(url: &str, trust: Trust<'_>) -> Result<GatewayClient> {
+        let u = url::Url::parse(url).with_context(|| format!("invalid URL '{url}'"))?;
+        if u.scheme() != "https" {
+            bail!("the gateway URL '{url}' must start with https://");
+        }
+        let host = u
+            .host_str()
+            .context("the gateway URL has no host")?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
+        Ok(GatewayClient {
+            host,
+            port: u.port_or_known_default().unwrap_or(443),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(&trust)?)),
+        })
     }
-    let host = u
-        .host_str()
-        .context("the gateway URL has no host")?
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string();
-    let port = u.port_or_known_default().unwrap_or(443);
-    let fut = async {
+
+    /// A TLS connection to the gateway.
+    pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let (host, port) = (&self.host, self.port);
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
+        crate::tunnel::nodelay(&tcp);
         let name = ServerName::try_from(host.clone())
             .with_context(|| format!("invalid server name '{host}'"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&trust)?))
+        self.connector
             .connect(name, tcp)
             .await
-            .context("TLS handshake with the gateway failed (is the CA right?)")?;
+            .context("TLS handshake with the gateway failed (is the CA right?)")
+    }
+}
+
+/// GETs `url` (https) with an optional bearer token; returns status and body.
+pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u16, Bytes)> {
+    let gw = GatewayClient::new(url, trust)?;
+    let path = url::Url::parse(url)?.path().to_string();
+    let fut = async {
+        let tls = gw.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(conn);
         let mut req =
-            http::Request::get(u.path()).header(http::header::HOST, format!("{host}:{port}"));
+            http::Request::get(path).header(http::header::HOST, format!("{}:{}", gw.host, gw.port));
         if let Some(t) = token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -116,29 +142,12 @@ pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u1
 /// A raw stream to `authority` in a member through the gateway's CONNECT.
 /// The error is the gateway's (or agent's) own words.
 pub async fn connect_tunnel(
-    gateway: &str,
-    ca_pem: &str,
+    gw: &GatewayClient,
     token: &str,
     authority: &str,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let u = url::Url::parse(gateway).with_context(|| format!("invalid gateway URL '{gateway}'"))?;
-    let host = u
-        .host_str()
-        .context("the gateway URL has no host")?
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string();
-    let port = u.port_or_known_default().unwrap_or(443);
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
-    crate::tunnel::nodelay(&tcp);
-    let name = ServerName::try_from(host.clone())
-        .with_context(|| format!("invalid server name '{host}'"))?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&Trust::Ca(ca_pem))?))
-        .connect(name, tcp)
-        .await
-        .context("TLS handshake with the gateway failed")?;
+    let mut tls = gw.connect().await?;
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n");
     tls.write_all(req.as_bytes()).await?;
     // The response head, byte by byte: what follows belongs to the stream.

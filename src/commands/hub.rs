@@ -11,8 +11,27 @@ use crate::daemon::control::{self, HubStatus, Request};
 use crate::daemon::{hub, process};
 use crate::paths;
 
+/// The message for commands that need the hub on this machine.
+pub fn no_hub() -> anyhow::Error {
+    anyhow::anyhow!("no hub is running on this machine: start one with 'towerctl up'")
+}
+
+/// A request to the hub on this machine, with a clear error when none runs.
+pub async fn hub_call(req: Request) -> Result<serde_json::Value> {
+    let socket = paths::hub_socket();
+    if !control::is_up(&socket).await {
+        return Err(no_hub());
+    }
+    control::call(&socket, req).await
+}
+
 pub async fn hub_status() -> Option<HubStatus> {
-    let v = control::call(&paths::hub_socket(), Request::Status)
+    hub_status_within(Duration::from_secs(10)).await
+}
+
+/// The hub's status, or `None` when no hub answers within `timeout`.
+pub async fn hub_status_within(timeout: Duration) -> Option<HubStatus> {
+    let v = control::call_timeout(&paths::hub_socket(), Request::Status, timeout)
         .await
         .ok()?;
     serde_json::from_value(v).ok()
@@ -89,13 +108,7 @@ pub async fn down() -> Result<u8> {
     }
     let _ = control::call(&socket, Request::Shutdown).await;
     if let Some(pid) = pid {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while process::alive(pid) && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if process::alive(pid) && !process::terminate(pid, Duration::from_secs(5)).await {
-            bail!("the hub (pid {pid}) did not stop; stop it with 'kill -9 {pid}'");
-        }
+        process::await_exit(pid, "the hub").await?;
     }
     println!("hub stopped");
     Ok(exit::OK)

@@ -249,13 +249,7 @@ pub async fn leave(name: &str) -> Result<u8> {
         bail!("no agent named '{name}' on this machine; 'towerctl status' lists them");
     }
     if let Some(pid) = pid {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while process::alive(pid) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if process::alive(pid) && !process::terminate(pid, Duration::from_secs(5)).await {
-            bail!("the agent '{name}' (pid {pid}) did not stop; stop it with 'kill -9 {pid}'");
-        }
+        process::await_exit(pid, &format!("the agent '{name}'")).await?;
     }
     let _ = std::fs::remove_file(&path);
     println!("agent '{name}' stopped and forgotten");

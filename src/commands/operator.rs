@@ -6,18 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use super::exit;
 use super::https::{self, Trust};
-use crate::daemon::control::{self, OperatorAdded, OperatorInfo, Request};
+use super::hub::hub_call;
+use crate::daemon::control::{OperatorAdded, OperatorInfo, Request};
 use crate::daemon::fmt_unix;
 use crate::paths;
 use crate::secrets::{self, Backend};
-
-async fn hub_call(req: Request) -> Result<serde_json::Value> {
-    let socket = paths::hub_socket();
-    if !control::is_up(&socket).await {
-        bail!("no hub is running on this machine: start one with 'towerctl up'");
-    }
-    control::call(&socket, req).await
-}
 
 pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
     let v = hub_call(Request::OperatorAdd {

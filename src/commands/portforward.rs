@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 
 use super::exit;
+use super::https::{GatewayClient, Trust};
 use super::usectx::Source;
 use crate::daemon::targets::Target;
 
@@ -69,13 +70,7 @@ pub struct Args {
     pub gateway: Option<String>,
 }
 
-use crate::daemon::forwards::record_path;
-pub use crate::daemon::forwards::Background;
-
-/// Background forwards still running.
-pub fn backgrounds() -> Vec<Background> {
-    crate::daemon::forwards::list()
-}
+use crate::daemon::forwards::{self, record_path, Background};
 
 /// `--background`: the forward runs as its own detached process, survives
 /// the shell, shows in `towerctl status`, ends with `port-forward stop`.
@@ -152,7 +147,7 @@ pub async fn start_background(a: Args) -> Result<Background> {
 
 /// `port-forward stop ID|--all`.
 pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
-    let running = backgrounds();
+    let running = forwards::list();
     let doomed: Vec<&Background> = match (id, all) {
         (_, true) => running.iter().collect(),
         (Some(id), false) => running.iter().filter(|b| b.id == id).collect(),
@@ -188,6 +183,10 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     }
     let source = Arc::new(Source::find(a.gateway.as_deref()).await?);
     source.check(cluster)?;
+    let gateway = Arc::new(GatewayClient::new(
+        &source.gateway_url,
+        Trust::Ca(&source.ca_pem),
+    )?);
     let addrs = addresses(&a.address)?;
     let mut forwarding = Vec::new();
 
@@ -205,9 +204,20 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     println!("Forwarding from {a} -> {}", pair.remote);
                     forwarding.push(format!("{a} -> {}", pair.remote));
                     bound += 1;
-                    let (source, target, cluster) =
-                        (source.clone(), target.clone(), cluster.to_string());
-                    tasks.spawn(accept_loop(l, source, cluster, target, pair.remote));
+                    let (source, gateway, target, cluster) = (
+                        source.clone(),
+                        gateway.clone(),
+                        target.clone(),
+                        cluster.to_string(),
+                    );
+                    tasks.spawn(accept_loop(
+                        l,
+                        source,
+                        gateway,
+                        cluster,
+                        target,
+                        pair.remote,
+                    ));
                 }
                 Err(e) => last_err = Some(format!("{ip}:{local}: {e}")),
             }
@@ -250,6 +260,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
 async fn accept_loop(
     l: TcpListener,
     source: Arc<Source>,
+    gateway: Arc<GatewayClient>,
     cluster: String,
     target: Target,
     remote: u16,
@@ -262,16 +273,9 @@ async fn accept_loop(
         crate::tunnel::nodelay(&conn);
         println!("Handling connection for {local}");
         let authority = format!("{}:{remote}", target.connect_host(&cluster));
-        let source = source.clone();
+        let (source, gateway) = (source.clone(), gateway.clone());
         tokio::spawn(async move {
-            match super::https::connect_tunnel(
-                &source.gateway_url,
-                &source.ca_pem,
-                source.token.expose(),
-                &authority,
-            )
-            .await
-            {
+            match super::https::connect_tunnel(&gateway, source.token.expose(), &authority).await {
                 Ok(mut up) => {
                     let _ = crate::tunnel::splice(&mut conn, &mut up).await;
                 }

@@ -76,16 +76,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     // Ask every agent at once, each bounded: a frozen agent must not make
     // `status` hang.
     let configs = agent::list_configs();
-    let hub_probe = async {
-        let v = control::call_timeout(
-            &paths::hub_socket(),
-            Request::Status,
-            Duration::from_millis(1500),
-        )
-        .await
-        .ok()?;
-        serde_json::from_value::<crate::daemon::control::HubStatus>(v).ok()
-    };
+    let hub_probe = super::hub::hub_status_within(Duration::from_millis(1500));
     let agents_probe = futures_util::future::join_all(configs.iter().map(|c| async move {
         let socket = paths::agent_socket(&c.name);
         if !socket.exists() {
@@ -100,7 +91,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     }));
     let (hub, answers) = tokio::join!(hub_probe, agents_probe);
     let agents: Vec<(String, Probe)> = configs.into_iter().map(|c| c.name).zip(answers).collect();
-    let forwards = super::portforward::backgrounds();
+    let forwards = crate::daemon::forwards::list();
     let anything = hub.is_some()
         || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped))
         || !forwards.is_empty();

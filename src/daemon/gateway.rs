@@ -387,26 +387,8 @@ async fn connect(
         return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
     };
     let Some(session) = hub.session(&cluster) else {
-        return match hub.store.get_member(&cluster) {
-            Ok(Some(_)) => {
-                hub.dial_failures
-                    .not_connected
-                    .fetch_add(1, Ordering::Relaxed);
-                text_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("cluster '{cluster}' is not connected"),
-                )
-            }
-            _ => {
-                hub.dial_failures
-                    .unknown_cluster
-                    .fetch_add(1, Ordering::Relaxed);
-                text_response(
-                    StatusCode::NOT_FOUND,
-                    &format!("cluster '{cluster}' is not registered on this hub"),
-                )
-            }
-        };
+        let (code, _, msg) = no_session(&hub, &cluster);
+        return text_response(code, &msg);
     };
     let start = std::time::Instant::now();
     let mut stream = match server::open(
@@ -498,6 +480,35 @@ async fn connect(
     Response::new(full(Bytes::new()))
 }
 
+/// Why `name` has no live session — not connected (since when, or revoked)
+/// or not registered — as a status code, a Kubernetes reason and a message;
+/// counted in the dial-failure metrics. Shared by proxying and CONNECT.
+fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
+    match hub.store.get_member(name) {
+        Ok(Some(m)) => {
+            let msg = match hub.disconnected_since(name).or(m.last_seen) {
+                _ if m.revoked => format!("cluster '{name}' is not connected: it was revoked on the hub (register it anew with 'towerctl cluster rm {name}' and 'towerctl cluster add {name}')"),
+                Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", ago(t)),
+                None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
+            };
+            hub.dial_failures
+                .not_connected
+                .fetch_add(1, Ordering::Relaxed);
+            (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg)
+        }
+        _ => {
+            hub.dial_failures
+                .unknown_cluster
+                .fetch_add(1, Ordering::Relaxed);
+            (
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"),
+            )
+        }
+    }
+}
+
 /// Carries one request to the member and its response back.
 async fn proxy(
     hub: &Hub,
@@ -509,25 +520,8 @@ async fn proxy(
     upstream_path: String,
 ) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
-        return match hub.store.get_member(&name) {
-            Ok(Some(m)) => {
-                let msg = match hub.disconnected_since(&name).or(m.last_seen) {
-                    _ if m.revoked => format!("cluster '{name}' is not connected: it was revoked on the hub (register it anew with 'towerctl cluster rm {name}' and 'towerctl cluster add {name}')"),
-                    Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", ago(t)),
-                    None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
-                };
-                hub.dial_failures
-                    .not_connected
-                    .fetch_add(1, Ordering::Relaxed);
-                status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg)
-            }
-            _ => {
-                hub.dial_failures
-                    .unknown_cluster
-                    .fetch_add(1, Ordering::Relaxed);
-                status_response(StatusCode::NOT_FOUND, "NotFound", &format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"))
-            }
-        };
+        let (code, reason, msg) = no_session(hub, &name);
+        return status_response(code, reason, &msg);
     };
 
     let upgrade = is_upgrade(req.headers());

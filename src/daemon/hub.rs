@@ -436,6 +436,11 @@ fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
 /// Valid cluster names: DNS-label-like, so they are safe in URLs, kubeconfig
 /// names and file names.
 pub fn validate_name(name: &str) -> Result<(), String> {
+    validate_name_of("cluster", name)
+}
+
+/// [`validate_name`] for other kinds of names (`operator`).
+pub fn validate_name_of(kind: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -446,7 +451,7 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid cluster name '{name}': use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit (like a Kubernetes name)"))
+        Err(format!("invalid {kind} name '{name}': use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit (like a Kubernetes name)"))
     }
 }
 
@@ -819,8 +824,8 @@ fn handle_control(
             Err(e) => Response::err(e.to_string()),
         },
         Request::OperatorAdd { name, groups } => {
-            if let Err(e) = validate_name(&name) {
-                return Response::err(e.replace("cluster name", "operator name"));
+            if let Err(e) = validate_name_of("operator", &name) {
+                return Response::err(e);
             }
             if hub
                 .store

@@ -163,6 +163,19 @@ impl Spawned {
     }
 }
 
+/// Waits (10 s) for a daemon asked to shut down to exit, then sends it
+/// SIGTERM (5 s more); fails naming `what` if it is still there.
+pub async fn await_exit(pid: u32, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if alive(pid) && !terminate(pid, Duration::from_secs(5)).await {
+        bail!("{what} (pid {pid}) did not stop; stop it with 'kill -9 {pid}'");
+    }
+    Ok(())
+}
+
 /// Sends SIGTERM to `pid` and waits (bounded) for it to go away.
 pub async fn terminate(pid: u32, timeout: Duration) -> bool {
     // SAFETY: plain kill(2) on a pid we read from our own pid file.

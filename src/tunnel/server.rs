@@ -70,8 +70,6 @@ pub struct HubHandler {
     proven_key: Option<PublicKey>,
     /// The cluster this session authenticated as.
     cluster: Option<String>,
-    /// Name accepted by `auth_password`, reported in `auth_succeeded`.
-    accepted: Option<String>,
     authed: Option<oneshot::Sender<(String, String)>>,
 }
 
@@ -99,8 +97,7 @@ impl russh::server::Handler for HubHandler {
         &mut self,
         session: &mut russh::server::Session,
     ) -> Result<(), Self::Error> {
-        self.cluster = self.accepted.clone();
-        if let (Some(name), Some(tx)) = (self.accepted.take(), self.authed.take()) {
+        if let (Some(name), Some(tx)) = (self.cluster.clone(), self.authed.take()) {
             let id = String::from_utf8_lossy(session.remote_sshid()).to_string();
             let _ = tx.send((name, agent_version(&id)));
         }
@@ -155,7 +152,7 @@ impl HubHandler {
     fn verdict(&mut self, user: &str, v: Verdict) -> Auth {
         match v {
             Verdict::Accept => {
-                self.accepted = Some(user.to_string());
+                self.cluster = Some(user.to_string());
                 Auth::Accept
             }
             Verdict::Reject(reason) => {
@@ -236,7 +233,6 @@ where
         handle: handle_slot.clone(),
         proven_key: None,
         cluster: None,
-        accepted: None,
         authed: Some(tx),
     };
     let mut running = russh::server::run_stream(config, io, handler)
