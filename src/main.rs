@@ -116,12 +116,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            let code = if daemon::agent::is_fatal(&e) {
-                commands::exit::AUTH
-            } else {
-                commands::exit::ERROR
-            };
-            ExitCode::from(code)
+            ExitCode::from(commands::error::exit_code(&e))
         }
     }
 }

@@ -291,6 +291,8 @@ fn bad_input_gets_a_clear_error() {
         o.stderr.contains("no hub is running") && o.stderr.contains("towerctl up"),
         "{o:?}"
     );
+    // "No hub" is exit 3 for every command (docs/exit-codes.md).
+    assert_eq!(o.code, Some(3), "{o:?}");
     let o = env.towerctl(&["join", "alpha", "--token", "x", "--hub", "http://h:1"]);
     assert!(o.stderr.contains("ws:// or wss://"), "{o:?}");
     let o = env.towerctl(&["join", "alpha", "--token", "x", "--hub", "ws://h:1/tunnel"]);

@@ -4,10 +4,10 @@ use anyhow::{Context, Result};
 
 use super::exit;
 use super::hub::{hub_call, no_hub};
-use crate::daemon::control::{self, ClusterAdded, ClusterStatus, Request};
-use crate::daemon::fmt_unix;
-use crate::daemon::gateway::humanize;
-use crate::daemon::hub::validate_name;
+use crate::daemon::control::{self, ClusterAdded, ClusterStatus, Request, TokenState};
+use crate::daemon::fmt::fmt_unix;
+use crate::daemon::fmt::humanize;
+use crate::daemon::names::validate_name;
 
 fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
     let added: ClusterAdded = serde_json::from_value(v).context("malformed answer from the hub")?;
@@ -131,12 +131,12 @@ pub async fn remove(name: &str) -> Result<u8> {
 }
 
 fn token_column(c: &ClusterStatus) -> String {
-    match (c.token_state.as_str(), c.token_expires_at) {
-        ("unused", Some(t)) => {
+    match (c.token_state, c.token_expires_at) {
+        (TokenState::Unused, Some(t)) => {
             let left = t.saturating_sub(control::now_unix());
             format!("unused, expires in {}", humanize(left))
         }
-        ("unused", None) => "unused, no expiry".into(),
+        (TokenState::Unused, None) => "unused, no expiry".into(),
         (s, _) => s.to_string(),
     }
 }

@@ -13,7 +13,10 @@ use crate::paths;
 
 /// The message for commands that need the hub on this machine.
 pub fn no_hub() -> anyhow::Error {
-    anyhow::anyhow!("no hub is running on this machine: start one with 'towerctl up'")
+    super::error::CliError::NotRunning(
+        "no hub is running on this machine: start one with 'towerctl up'".into(),
+    )
+    .into()
 }
 
 /// A request to the hub on this machine, with a clear error when none runs.

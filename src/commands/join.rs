@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio_util::sync::CancellationToken;
 
+use super::error::CliError;
 use super::{exit, AgentOpts, JoinArgs};
 use crate::daemon::agent::{self, AgentConfig};
-use crate::daemon::control::{self, AgentStatus, Request};
-use crate::daemon::hub::validate_name;
+use crate::daemon::control::{self, AgentState, AgentStatus, Request};
+use crate::daemon::names::validate_name;
 use crate::daemon::process;
 use crate::paths;
 use crate::tunnel::keys::normalize_fingerprint;
@@ -163,15 +164,14 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             let code = st.code();
             let msg = spawned.failure(code);
             spinner.done();
-            eprintln!("error: {msg}");
-            return Ok(match code {
-                Some(c) if c == i32::from(exit::AUTH) => exit::AUTH,
-                _ => exit::ERROR,
+            return Err(match code {
+                Some(c) if c == i32::from(exit::AUTH) => CliError::Refused(msg).into(),
+                _ => anyhow::anyhow!(msg),
             });
         }
         if let Some(s) = agent_status(&a.name).await {
-            spinner.set(match (s.state.as_str(), s.retry_in_ms) {
-                ("backing_off", Some(ms)) => format!(
+            spinner.set(match (s.state, s.retry_in_ms) {
+                (AgentState::BackingOff, Some(ms)) => format!(
                     "hub not reached yet, retrying in {:.1}s (attempt {}){}",
                     ms as f64 / 1000.0,
                     s.attempt,
@@ -182,7 +182,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 ),
                 _ => format!("dialing {} and handshaking…", cfg.hub),
             });
-            if s.state == "connected" {
+            if s.state == AgentState::Connected {
                 spinner.done();
                 println!(
                     "agent '{}' joined {} (pid {}); the tunnel is up",
@@ -201,8 +201,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 .and_then(|s| s.last_error)
                 .unwrap_or_else(|| "no answer".into());
             spinner.done();
-            eprintln!("error: the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here. The agent was stopped.", a.timeout, cfg.hub);
-            return Ok(exit::UNREACHABLE);
+            return Err(CliError::Unreachable(format!("the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here. The agent was stopped.", a.timeout, cfg.hub)).into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -18,6 +18,8 @@ pub mod status;
 pub mod ui;
 pub mod usectx;
 
+pub mod error;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -8,7 +8,7 @@ use super::exit;
 use super::https::{self, Trust};
 use super::hub::hub_call;
 use crate::daemon::control::{OperatorAdded, OperatorInfo, Request};
-use crate::daemon::fmt_unix;
+use crate::daemon::fmt::fmt_unix;
 use crate::paths;
 use crate::secrets::{self, Backend};
 
@@ -101,7 +101,7 @@ pub fn login_token(l: &Login) -> Result<String> {
 }
 
 fn sha256_of_pem(pem: &str) -> String {
-    crate::daemon::hub::ca_hash(pem)
+    crate::daemon::tls::ca_hash(pem)
 }
 
 pub async fn login(

@@ -7,12 +7,12 @@ use serde_json::json;
 
 use super::{exit, StatusArgs};
 use crate::daemon::agent;
-use crate::daemon::control::{self, AgentStatus, Request};
-use crate::daemon::gateway::humanize;
+use crate::daemon::control::{self, AgentState, AgentStatus, Request};
+use crate::daemon::fmt::humanize;
 use crate::paths;
 
 fn time(t: Option<u64>) -> serde_json::Value {
-    t.map(|t| json!(crate::daemon::fmt_unix(t)))
+    t.map(|t| json!(crate::daemon::fmt::fmt_unix(t)))
         .unwrap_or(serde_json::Value::Null)
 }
 
@@ -33,7 +33,7 @@ pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Val
         "keyFingerprint": c.key_fingerprint,
         "tokenState": c.token_state,
         "tokenExpiresAt": time(c.token_expires_at),
-        "events": c.events.iter().map(|e| json!({"at": crate::daemon::fmt_unix(e.at), "text": e.text})).collect::<Vec<_>>(),
+        "events": c.events.iter().map(|e| json!({"at": crate::daemon::fmt::fmt_unix(e.at), "text": e.text})).collect::<Vec<_>>(),
     })
 }
 
@@ -186,8 +186,8 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
             for (name, s) in &agents {
                 match s {
                     Probe::Up(s) => {
-                        let detail = match (s.state.as_str(), s.retry_in_ms) {
-                            ("backing_off", Some(ms)) => format!(
+                        let detail = match (s.state, s.retry_in_ms) {
+                            (AgentState::BackingOff, Some(ms)) => format!(
                                 "retry in {:.1}s (attempt {}){}",
                                 ms as f64 / 1000.0,
                                 s.attempt,
@@ -248,7 +248,7 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
     let file = if daemon == "hub" {
         paths::log_file("hub")
     } else {
-        crate::daemon::hub::validate_name(daemon).map_err(anyhow::Error::msg)?;
+        crate::daemon::names::validate_name(daemon).map_err(anyhow::Error::msg)?;
         paths::log_file(&format!("agent-{daemon}"))
     };
     let mut f = match std::fs::File::open(&file) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
@@ -155,8 +155,7 @@ pub struct HubStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClusterStatus {
     pub name: String,
-    /// `connected`, `disconnected` or `never_connected`.
-    pub state: String,
+    pub state: MemberState,
     /// Unix seconds since which the state holds, when known.
     pub since: Option<u64>,
     pub remote: Option<String>,
@@ -183,9 +182,82 @@ pub struct ClusterStatus {
     /// Unix seconds; `None` when the token never expires or is spent.
     #[serde(default)]
     pub token_expires_at: Option<u64>,
-    /// `unused`, `used`, `expired` or `revoked`.
     #[serde(default)]
-    pub token_state: String,
+    pub token_state: TokenState,
+}
+
+/// Defines a state enum with its wire names (serde, `Display`, `From<&str>`
+/// for tests and older peers); a name it does not know reads as `Unknown`,
+/// so a newer daemon never breaks an older dashboard.
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $wire)] $variant,)+
+            #[default]
+            #[serde(other, rename = "unknown")]
+            Unknown,
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $wire,)+
+                    $name::Unknown => "unknown",
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> $name {
+                match s {
+                    $($wire => $name::$variant,)+
+                    _ => $name::Unknown,
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// A member as the hub sees it.
+    MemberState {
+        Connected = "connected",
+        Disconnected = "disconnected",
+        NeverConnected = "never_connected",
+        Revoked = "revoked",
+    }
+}
+
+wire_enum! {
+    /// An agent as it sees itself.
+    AgentState {
+        Connecting = "connecting",
+        Connected = "connected",
+        /// Waiting before the next attempt (`retry_in_ms`).
+        BackingOff = "backing_off",
+        /// Stopped by the hub: the member was revoked.
+        Revoked = "revoked",
+        /// Stopped: the hub refused its credentials or key.
+        Failed = "failed",
+    }
+}
+
+wire_enum! {
+    /// A member's join token.
+    TokenState {
+        Unused = "unused",
+        Used = "used",
+        Expired = "expired",
+        Revoked = "revoked",
+    }
 }
 
 /// Something that happened to a tunnel, for operators.
@@ -244,8 +316,7 @@ pub struct AgentStatus {
     pub name: String,
     pub pid: u32,
     pub hub: String,
-    /// `connecting`, `connected`, `backing_off` or `failed`.
-    pub state: String,
+    pub state: AgentState,
     pub since: u64,
     pub rtt_ms: Option<f64>,
     pub attempt: u32,
@@ -328,9 +399,14 @@ where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response> + Send,
 {
+    let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                tasks.close();
+                let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -340,15 +416,31 @@ where
                 }
             },
         };
+        if !peer_is_us(&stream) {
+            tracing::warn!("control socket: refused a connection from another user");
+            continue;
+        }
         let handle = handle.clone();
-        tokio::spawn(async move {
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
             let (r, mut w) = stream.into_split();
-            let mut reader = BufReader::new(r);
+            // One request line, bounded: a client cannot make the daemon
+            // buffer without limit.
+            let mut reader = BufReader::new(r).take(MAX_REQUEST_LINE);
             let mut line = String::new();
             if tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
                 .await
                 .is_err()
             {
+                return;
+            }
+            if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST_LINE {
+                let mut out = serde_json::to_vec(&Response::err(format!(
+                    "request longer than {MAX_REQUEST_LINE} bytes refused"
+                )))
+                .unwrap_or_default();
+                out.push(b'\n');
+                let _ = w.write_all(&out).await;
                 return;
             }
             let resp = match serde_json::from_str::<Envelope>(&line) {
@@ -366,7 +458,10 @@ where
                         if w.write_all(&out).await.is_err() {
                             return;
                         }
-                        tokio::time::sleep(every).await;
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(every) => {}
+                        }
                     }
                 }
                 Ok(env) if env.v == VERSION => handle(env.req).await,
@@ -381,6 +476,23 @@ where
                 let _ = w.write_all(&out).await;
             }
         });
+    }
+}
+
+/// Longest request line the control socket reads.
+const MAX_REQUEST_LINE: u64 = 1024 * 1024;
+
+/// Whether the peer of a control connection runs as our own user (or
+/// root). The socket's directory is already private (0700); this is the
+/// second lock, for a directory whose mode was changed under us.
+fn peer_is_us(s: &tokio::net::UnixStream) -> bool {
+    match s.peer_cred() {
+        Ok(c) => {
+            // SAFETY: getuid has no preconditions.
+            let me = unsafe { libc::getuid() };
+            c.uid() == me || c.uid() == 0
+        }
+        Err(_) => false,
     }
 }
 
@@ -451,4 +563,28 @@ pub async fn watch(
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    #[test]
+    fn states_keep_their_wire_names() {
+        assert_eq!(
+            serde_json::to_string(&MemberState::NeverConnected).unwrap(),
+            "\"never_connected\""
+        );
+        assert_eq!(
+            serde_json::from_str::<AgentState>("\"backing_off\"").unwrap(),
+            AgentState::BackingOff
+        );
+        // A state a newer daemon invents reads as unknown, not an error.
+        assert_eq!(
+            serde_json::from_str::<TokenState>("\"quantum\"").unwrap(),
+            TokenState::Unknown
+        );
+        assert_eq!(AgentState::from("revoked"), AgentState::Revoked);
+        assert_eq!(MemberState::Revoked.to_string(), "revoked");
+    }
 }

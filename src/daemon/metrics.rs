@@ -4,7 +4,6 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::hub::Hub;
+use super::wire::DialCode;
 
 /// RTT histogram bucket bounds, seconds.
 pub const RTT_BUCKETS: [f64; 12] = [
@@ -40,17 +39,85 @@ impl Histogram {
     }
 }
 
-/// Why the gateway could not reach a member, for `towerctl_dial_failures_total`.
-#[derive(Default)]
-pub struct DialFailures {
-    pub not_connected: AtomicU64,
-    pub unknown_cluster: AtomicU64,
-    pub channel_refused: AtomicU64,
-    pub agent_error: AtomicU64,
+/// Why the gateway could not reach a member: the `reason` label of
+/// `towerctl_dial_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialFailure {
+    NotConnected,
+    UnknownCluster,
+    ChannelRefused,
+    AgentError,
     /// The agent's dial policy refused the target.
-    pub denied: AtomicU64,
+    Denied,
     /// The target could not be resolved or dialed in the member.
-    pub target_failed: AtomicU64,
+    TargetFailed,
+}
+
+impl DialFailure {
+    pub const ALL: [DialFailure; 6] = [
+        DialFailure::NotConnected,
+        DialFailure::UnknownCluster,
+        DialFailure::ChannelRefused,
+        DialFailure::AgentError,
+        DialFailure::Denied,
+        DialFailure::TargetFailed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DialFailure::NotConnected => "not_connected",
+            DialFailure::UnknownCluster => "unknown_cluster",
+            DialFailure::ChannelRefused => "channel_refused",
+            DialFailure::AgentError => "agent_error",
+            DialFailure::Denied => "denied",
+            DialFailure::TargetFailed => "target_failed",
+        }
+    }
+}
+
+impl From<DialCode> for DialFailure {
+    fn from(c: DialCode) -> DialFailure {
+        match c {
+            DialCode::Denied => DialFailure::Denied,
+            _ => DialFailure::TargetFailed,
+        }
+    }
+}
+
+/// Counters of [`DialFailure`]s.
+#[derive(Default)]
+pub struct DialFailures([AtomicU64; 6]);
+
+impl DialFailures {
+    pub fn add(&self, why: DialFailure) {
+        self.0[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, why: DialFailure) -> u64 {
+        self.0[why as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Per-member figures for the metrics page.
+#[derive(Debug, Clone, Default)]
+pub struct MemberStats {
+    pub name: String,
+    pub connected: bool,
+    pub rtt: Histogram,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub streams: u64,
+    pub reconnects: u64,
+}
+
+/// Everything the metrics page shows, taken at once: rendering is a pure
+/// function of it, testable without a running hub.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub members: Vec<MemberStats>,
+    /// Counts by [`DialFailure`], in [`DialFailure::ALL`]'s order.
+    pub dial_failures: Vec<(DialFailure, u64)>,
+    pub audit_dropped: u64,
 }
 
 fn esc(s: &str) -> String {
@@ -60,14 +127,14 @@ fn esc(s: &str) -> String {
 }
 
 /// The metrics page.
-pub fn render(hub: &Hub) -> String {
+pub fn render(snap: &Snapshot) -> String {
     let mut o = String::new();
-    let stats = hub.metrics_snapshot();
+    let stats = &snap.members;
     let connected = stats.iter().filter(|c| c.connected).count();
     let _ = writeln!(o, "# HELP towerctl_members Registered member clusters.\n# TYPE towerctl_members gauge\ntowerctl_members {}", stats.len());
     let _ = writeln!(o, "# HELP towerctl_agents_connected Members with a live tunnel.\n# TYPE towerctl_agents_connected gauge\ntowerctl_agents_connected {connected}");
     let _ = writeln!(o, "# HELP towerctl_tunnel_up Whether the member's tunnel is up.\n# TYPE towerctl_tunnel_up gauge");
-    for c in &stats {
+    for c in stats {
         let _ = writeln!(
             o,
             "towerctl_tunnel_up{{cluster=\"{}\"}} {}",
@@ -76,7 +143,7 @@ pub fn render(hub: &Hub) -> String {
         );
     }
     let _ = writeln!(o, "# HELP towerctl_tunnel_rtt_seconds Round-trip time of tunnel keepalives.\n# TYPE towerctl_tunnel_rtt_seconds histogram");
-    for c in &stats {
+    for c in stats {
         let n = esc(&c.name);
         for (i, b) in RTT_BUCKETS.iter().enumerate() {
             let _ = writeln!(
@@ -102,7 +169,7 @@ pub fn render(hub: &Hub) -> String {
         );
     }
     let _ = writeln!(o, "# HELP towerctl_tunnel_bytes_total Bytes carried through the tunnel, by direction (in: from the member).\n# TYPE towerctl_tunnel_bytes_total counter");
-    for c in &stats {
+    for c in stats {
         let n = esc(&c.name);
         let _ = writeln!(
             o,
@@ -116,7 +183,7 @@ pub fn render(hub: &Hub) -> String {
         );
     }
     let _ = writeln!(o, "# HELP towerctl_tunnel_streams Open tunnel channels (upstream connections).\n# TYPE towerctl_tunnel_streams gauge");
-    for c in &stats {
+    for c in stats {
         let _ = writeln!(
             o,
             "towerctl_tunnel_streams{{cluster=\"{}\"}} {}",
@@ -125,7 +192,7 @@ pub fn render(hub: &Hub) -> String {
         );
     }
     let _ = writeln!(o, "# HELP towerctl_agent_reconnects_total Agent sessions after the first since the hub started.\n# TYPE towerctl_agent_reconnects_total counter");
-    for c in &stats {
+    for c in stats {
         let _ = writeln!(
             o,
             "towerctl_agent_reconnects_total{{cluster=\"{}\"}} {}",
@@ -133,36 +200,37 @@ pub fn render(hub: &Hub) -> String {
             c.reconnects
         );
     }
-    let f = &hub.dial_failures;
     let _ = writeln!(o, "# HELP towerctl_dial_failures_total Gateway requests that could not reach their member, by reason.\n# TYPE towerctl_dial_failures_total counter");
-    for (reason, v) in [
-        ("not_connected", &f.not_connected),
-        ("unknown_cluster", &f.unknown_cluster),
-        ("channel_refused", &f.channel_refused),
-        ("agent_error", &f.agent_error),
-        ("denied", &f.denied),
-        ("target_failed", &f.target_failed),
-    ] {
+    for (reason, v) in &snap.dial_failures {
         let _ = writeln!(
             o,
-            "towerctl_dial_failures_total{{reason=\"{reason}\"}} {}",
-            v.load(Ordering::Relaxed)
+            "towerctl_dial_failures_total{{reason=\"{}\"}} {v}",
+            reason.label()
         );
     }
-    let _ = writeln!(o, "# HELP towerctl_audit_dropped_total Audit records dropped because the writer fell behind.\n# TYPE towerctl_audit_dropped_total counter\ntowerctl_audit_dropped_total {}", hub.auditor.dropped.load(Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP towerctl_audit_dropped_total Audit records dropped because the writer fell behind.\n# TYPE towerctl_audit_dropped_total counter\ntowerctl_audit_dropped_total {}", snap.audit_dropped);
     o
 }
 
-pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cancel: CancellationToken) {
+/// Serves `/metrics` until `cancel` fires; `snapshot` is taken per scrape.
+pub async fn serve<F>(
+    listener: TcpListener,
+    snapshot: F,
+    cancel: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+) where
+    F: Fn() -> Snapshot + Clone + Send + Sync + 'static,
+{
     while let Some((tcp, _)) = super::accept_next(&listener, &cancel, "metrics").await {
-        let hub = hub.clone();
-        tokio::spawn(async move {
+        let snapshot = snapshot.clone();
+        tasks.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let hub = hub.clone();
+                    let snapshot = snapshot.clone();
                     async move {
                         let resp = if req.uri().path() == "/metrics" {
-                            let mut r = http::Response::new(Full::new(Bytes::from(render(&hub))));
+                            let mut r =
+                                http::Response::new(Full::new(Bytes::from(render(&snapshot()))));
                             r.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
                                 http::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -201,5 +269,59 @@ mod tests {
         assert_eq!(h.buckets[3], 2); // le=0.005
         assert_eq!(h.buckets[RTT_BUCKETS.len() - 1], 2);
         assert_eq!(h.count, 3);
+    }
+
+    #[test]
+    fn renders_a_snapshot() {
+        let mut rtt = Histogram::default();
+        rtt.observe(0.002);
+        let snap = Snapshot {
+            members: vec![
+                MemberStats {
+                    name: "alpha".into(),
+                    connected: true,
+                    rtt,
+                    bytes_in: 10,
+                    bytes_out: 20,
+                    streams: 3,
+                    reconnects: 1,
+                },
+                MemberStats {
+                    name: "we\"ird\n".into(),
+                    ..Default::default()
+                },
+            ],
+            dial_failures: DialFailure::ALL.iter().map(|f| (*f, 0)).collect(),
+            audit_dropped: 7,
+        };
+        let text = render(&snap);
+        for line in [
+            "towerctl_members 2",
+            "towerctl_agents_connected 1",
+            "towerctl_tunnel_up{cluster=\"alpha\"} 1",
+            "towerctl_tunnel_up{cluster=\"we\\\"ird\\n\"} 0",
+            "towerctl_tunnel_rtt_seconds_bucket{cluster=\"alpha\",le=\"0.0025\"} 1",
+            "towerctl_tunnel_rtt_seconds_count{cluster=\"alpha\"} 1",
+            "towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"in\"} 10",
+            "towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"out\"} 20",
+            "towerctl_tunnel_streams{cluster=\"alpha\"} 3",
+            "towerctl_agent_reconnects_total{cluster=\"alpha\"} 1",
+            "towerctl_dial_failures_total{reason=\"denied\"} 0",
+            "towerctl_audit_dropped_total 7",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line belongs to a declared metric family.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{l}");
+        }
     }
 }

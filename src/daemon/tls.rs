@@ -84,3 +84,16 @@ pub fn load(
         server_config: Arc::new(cfg),
     })
 }
+
+/// `sha256:<hex>` of a PEM certificate's DER bytes.
+pub fn ca_hash(pem: &str) -> String {
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .unwrap_or_default();
+    format!(
+        "sha256:{}",
+        crate::tunnel::keys::hex(&<sha2::Sha256 as sha2::Digest>::digest(&der))
+    )
+}

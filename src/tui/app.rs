@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
-use crate::daemon::control::{AgentStatus, ClusterStatus, Event, HubStatus};
+use crate::daemon::control::{
+    AgentState, AgentStatus, ClusterStatus, Event, HubStatus, MemberState,
+};
 
 /// How long the UI keeps its own RTT samples: the sparkline shows the last
 /// minute.
@@ -321,7 +323,7 @@ impl Cluster {
     /// snapshot arrived, so it runs down smoothly between snapshots.
     pub fn retry_in(&self, now: Instant) -> Option<Duration> {
         let (a, at) = self.live_agent()?;
-        if a.state != "backing_off" {
+        if a.state != AgentState::BackingOff {
             return None;
         }
         let ms = a.retry_in_ms?;
@@ -333,24 +335,24 @@ impl Cluster {
         let agent = self.live_agent().map(|(a, _)| a);
         let mut detail = String::new();
         let mut animated = false;
-        let ago = |since: u64| crate::daemon::gateway::humanize(now_unix.saturating_sub(since));
+        let ago = |since: u64| crate::daemon::fmt::humanize(now_unix.saturating_sub(since));
         // The agent knows best what its own tunnel is doing (it keeps
         // counting down while the hub is unreachable); the hub knows
         // whether the member is still allowed in at all.
-        let state = if hub.is_some_and(|h| h.state == "revoked") {
+        let state = if hub.is_some_and(|h| h.state == MemberState::Revoked) {
             detail = format!(
                 "the hub refuses it; 'towerctl cluster add {}' lets it back in",
                 self.name
             );
             DisplayState::Revoked
         } else if let Some(a) = agent {
-            match a.state.as_str() {
-                "connected" => DisplayState::Connected,
-                "connecting" => {
+            match a.state {
+                AgentState::Connected => DisplayState::Connected,
+                AgentState::Connecting => {
                     detail = format!("dialing {}", a.hub);
                     DisplayState::Connecting
                 }
-                "backing_off" => {
+                AgentState::BackingOff => {
                     let left = self.retry_in(now).unwrap_or_default();
                     detail = if left.is_zero() {
                         format!("retrying now (attempt {})", a.attempt)
@@ -365,7 +367,11 @@ impl Cluster {
                     };
                     DisplayState::BackingOff
                 }
-                "failed" => {
+                AgentState::Revoked => {
+                    detail = a.last_error.clone().unwrap_or_default();
+                    DisplayState::Revoked
+                }
+                AgentState::Failed => {
                     detail = a.last_error.clone().unwrap_or_default();
                     if a.last_error.as_deref().is_some_and(is_auth_error) {
                         DisplayState::AuthFailed
@@ -373,12 +379,12 @@ impl Cluster {
                         DisplayState::Failed
                     }
                 }
-                _ => DisplayState::Unknown,
+                AgentState::Unknown => DisplayState::Unknown,
             }
         } else if let Some(h) = hub {
-            match h.state.as_str() {
-                "connected" => DisplayState::Connected,
-                "disconnected" => {
+            match h.state {
+                MemberState::Connected => DisplayState::Connected,
+                MemberState::Disconnected => {
                     let why = h
                         .events
                         .iter()
@@ -392,11 +398,13 @@ impl Cluster {
                     };
                     DisplayState::Disconnected
                 }
-                "never_connected" => {
+                MemberState::NeverConnected => {
                     detail = format!("waiting for 'towerctl join {}'", self.name);
                     DisplayState::NeverConnected
                 }
-                _ => DisplayState::Unknown,
+                // Handled above, before the agent's own view.
+                MemberState::Revoked => DisplayState::Revoked,
+                MemberState::Unknown => DisplayState::Unknown,
             }
         } else {
             match &self.agent {
@@ -415,12 +423,12 @@ impl Cluster {
             }
         };
         let connected = state == DisplayState::Connected;
-        let hub_connected = hub.filter(|h| h.state == "connected");
+        let hub_connected = hub.filter(|h| h.state == MemberState::Connected);
         let uptime = connected
             .then(|| {
-                hub_connected
-                    .and_then(|h| h.since)
-                    .or(agent.filter(|a| a.state == "connected").map(|a| a.since))
+                hub_connected.and_then(|h| h.since).or(agent
+                    .filter(|a| a.state == AgentState::Connected)
+                    .map(|a| a.since))
             })
             .flatten()
             .map(|s| now_unix.saturating_sub(s));

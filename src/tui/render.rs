@@ -13,7 +13,8 @@ use ratatui::Frame;
 
 use super::app::{App, Cluster, Confirm, DisplayState, HubState, Mode, RowView, SPARK_WINDOW};
 use super::theme::Theme;
-use crate::daemon::gateway::humanize;
+use crate::daemon::control::{MemberState, TokenState};
+use crate::daemon::fmt::humanize;
 
 /// Width of the RTT sparkline (one cell per five seconds of the minute).
 const SPARK_WIDTH: u16 = 12;
@@ -493,7 +494,7 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
     }
 
     let traffic = match c.live_hub() {
-        Some(h) if h.state == "connected" => format!(
+        Some(h) if h.state == MemberState::Connected => format!(
             "in {}  out {}  · this session {} in, {} out · {} open stream{}",
             fmt_rate(v.rate_in.unwrap_or(0.0)),
             fmt_rate(v.rate_out.unwrap_or(0.0)),
@@ -556,13 +557,13 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
                 .as_deref()
                 .map(|k| format!("agent key {k}"))
                 .unwrap_or_else(|| "no agent key registered yet".into());
-            let token = match (h.token_state.as_str(), h.token_expires_at) {
-                ("unused", Some(t)) => format!(
+            let token = match (h.token_state, h.token_expires_at) {
+                (TokenState::Unused, Some(t)) => format!(
                     "join token unused, expires in {}",
                     humanize(t.saturating_sub(app.now_unix))
                 ),
-                ("unused", None) => "join token unused, no expiry".into(),
-                ("", _) => "join token state unknown".into(),
+                (TokenState::Unused, None) => "join token unused, no expiry".into(),
+                (TokenState::Unknown, _) => "join token state unknown".into(),
                 (s, _) => format!("join token {s}"),
             };
             format!("{key} · {token}")

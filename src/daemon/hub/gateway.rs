@@ -13,25 +13,24 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::audit::{Audited, Record};
-use super::hub::{Hub, LiveSession};
-use super::store::Operator;
-use super::targets::Target;
+use super::{Hub, LiveSession};
+use crate::daemon::audit::{Audited, Record};
+use crate::daemon::http::{
+    finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
+    strip_identity, text_response, Body, GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
+};
+use crate::daemon::metrics::DialFailure;
+use crate::daemon::store::Operator;
+use crate::daemon::targets::Target;
+use crate::daemon::wire::RawAnswer;
 use crate::tunnel::{server, TARGET_APISERVER};
-
-pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
-/// Identity headers from the hub to the agent (never forwarded upstream).
-pub const OPERATOR_HEADER: &str = "x-towerctl-operator";
-pub const GROUPS_HEADER: &str = "x-towerctl-groups";
-pub const IMPERSONATE_HEADER: &str = "x-towerctl-impersonate";
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
@@ -57,94 +56,6 @@ impl ChannelSlot {
     }
 }
 
-/// A Kubernetes `Status` object, which kubectl prints as a readable error.
-pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code.as_u16(),
-    });
-    let mut r = Response::new(full(Bytes::from(body.to_string())));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-pub fn full(b: Bytes) -> Body {
-    Full::new(b).map_err(|never| match never {}).boxed_unsync()
-}
-
-/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
-/// `Connection` and `Upgrade` are kept on upgrade requests.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
-        .unwrap_or(false)
-        && headers.contains_key(header::UPGRADE)
-}
-
-/// Removes hop-by-hop headers (keeping the upgrade pair when upgrading).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| t != "upgrade")
-        .collect();
-    for n in named {
-        headers.remove(n.as_str());
-    }
-    for h in HOP_BY_HOP {
-        if upgrade && (*h == "connection" || *h == "upgrade") {
-            continue;
-        }
-        headers.remove(*h);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    }
-}
-
-/// Removes what an operator must never pass to a member: their own
-/// credentials, and any identity they claim for themselves.
-pub fn strip_identity(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    let forged: Vec<_> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("impersonate-") || k.as_str().starts_with("x-towerctl-"))
-        .cloned()
-        .collect();
-    for k in forged {
-        headers.remove(k);
-    }
-}
-
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -153,7 +64,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "gateway").await {
+    while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "gateway").await {
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         let cancel = cancel.clone();
@@ -206,23 +117,9 @@ pub fn route(path: &str) -> Option<(&str, String)> {
     (!name.is_empty()).then_some((name, tail))
 }
 
-fn ago(since: u64) -> String {
-    let secs = super::control::now_unix().saturating_sub(since);
-    let when = humanize(secs);
-    format!("since {} ({when} ago)", crate::daemon::fmt_unix(since))
-}
-
-pub fn humanize(secs: u64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
-
 /// Opens a new channel to the agent and an HTTP/1.1 connection over it.
 async fn open_channel(
+    hub: &Hub,
     session: &Arc<LiveSession>,
     name: &str,
     peer: SocketAddr,
@@ -246,22 +143,13 @@ async fn open_channel(
         })?;
     let session = session.clone();
     session.streams.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(async move {
+    hub.tasks.spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!("tunnel stream: {e}");
         }
         session.streams.fetch_sub(1, Ordering::Relaxed);
     });
     Ok(sender)
-}
-
-fn json_response(v: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(full(Bytes::from(v.to_string())));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
 }
 
 /// towerctl's own API on the gateway, for `towerctl login` and `use` on
@@ -312,10 +200,10 @@ async fn handle(
     let name = name.to_string();
     let start = std::time::Instant::now();
     let record = Record {
-        time: super::fmt_unix(super::control::now_unix()),
+        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
         operator: operator.name.clone(),
         cluster: name.clone(),
-        verb: super::audit::verb(req.method().as_str(), &upstream_path, req.uri().query())
+        verb: crate::daemon::audit::verb(req.method().as_str(), &upstream_path, req.uri().query())
             .to_string(),
         method: req.method().to_string(),
         path: match req.uri().query() {
@@ -336,33 +224,6 @@ async fn handle(
         parts,
         Audited::new(body, record, start, hub.auditor.clone()).boxed_unsync(),
     )
-}
-
-fn text_response(code: StatusCode, msg: &str) -> Response<Body> {
-    let mut r = Response::new(full(Bytes::from(format!("{msg}\n"))));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-/// Reads the agent's one-line answer on a raw channel, byte by byte so
-/// that nothing after it is consumed.
-async fn read_status_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> std::io::Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut line = Vec::with_capacity(64);
-    loop {
-        let b = s.read_u8().await?;
-        if b == b'\n' {
-            return Ok(String::from_utf8_lossy(&line).into_owned());
-        }
-        if line.len() >= 4096 {
-            return Err(std::io::Error::other("status line too long"));
-        }
-        line.push(b);
-    }
 }
 
 /// HTTP CONNECT: a raw byte stream to a target in a member, named
@@ -405,19 +266,15 @@ async fn connect(
             session.bytes_out.clone(),
         ),
         Err(e) => {
-            hub.dial_failures
-                .channel_refused
-                .fetch_add(1, Ordering::Relaxed);
+            hub.dial_failures.add(DialFailure::ChannelRefused);
             return text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting"));
         }
     };
     let answer =
-        match tokio::time::timeout(Duration::from_secs(20), read_status_line(&mut stream)).await {
-            Ok(Ok(l)) => l,
+        match tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)).await {
+            Ok(Ok(a)) => a,
             _ => {
-                hub.dial_failures
-                    .agent_error
-                    .fetch_add(1, Ordering::Relaxed);
+                hub.dial_failures.add(DialFailure::AgentError);
                 return text_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!(
@@ -428,7 +285,7 @@ async fn connect(
             }
         };
     let mut record = Record {
-        time: super::fmt_unix(super::control::now_unix()),
+        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
         operator: operator.name.clone(),
         cluster: cluster.clone(),
         verb: "connect".into(),
@@ -438,30 +295,16 @@ async fn connect(
         duration_ms: 0,
         bytes: 0,
     };
-    if answer != super::agent::RAW_OK {
-        let rest = answer.strip_prefix("ERR ").unwrap_or(&answer);
-        let (code, msg) = rest.split_once(' ').unwrap_or(("dial_failed", rest));
-        let status = match code {
-            "denied" => {
-                hub.dial_failures.denied.fetch_add(1, Ordering::Relaxed);
-                StatusCode::FORBIDDEN
-            }
-            "not_found" => StatusCode::NOT_FOUND,
-            "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_GATEWAY,
-        };
-        if code != "denied" {
-            hub.dial_failures
-                .target_failed
-                .fetch_add(1, Ordering::Relaxed);
-        }
+    if let RawAnswer::Err(code, msg) = answer {
+        hub.dial_failures.add(DialFailure::from(code));
+        let status = code.http_status();
         record.status = status.as_u16();
         record.duration_ms = start.elapsed().as_millis() as u64;
         hub.auditor.record(record);
         return text_response(status, &format!("cluster '{cluster}': {msg}"));
     }
     let auditor = hub.auditor.clone();
-    tokio::spawn(async move {
+    hub.tasks.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(up) => {
                 // Counted on the client side: a connection that ends with an
@@ -488,18 +331,14 @@ fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
         Ok(Some(m)) => {
             let msg = match hub.disconnected_since(name).or(m.last_seen) {
                 _ if m.revoked => format!("cluster '{name}' is not connected: it was revoked on the hub (register it anew with 'towerctl cluster rm {name}' and 'towerctl cluster add {name}')"),
-                Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", ago(t)),
+                Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", crate::daemon::fmt::ago(t)),
                 None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
             };
-            hub.dial_failures
-                .not_connected
-                .fetch_add(1, Ordering::Relaxed);
+            hub.dial_failures.add(DialFailure::NotConnected);
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg)
         }
         _ => {
-            hub.dial_failures
-                .unknown_cluster
-                .fetch_add(1, Ordering::Relaxed);
+            hub.dial_failures.add(DialFailure::UnknownCluster);
             (
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -573,12 +412,10 @@ async fn proxy(
     let was_reused = reused.is_some();
     let mut sender = match reused {
         Some(s) => s,
-        None => match open_channel(&session, &name, peer).await {
+        None => match open_channel(hub, &session, &name, peer).await {
             Ok(s) => s,
             Err(resp) => {
-                hub.dial_failures
-                    .channel_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                hub.dial_failures.add(DialFailure::ChannelRefused);
                 return resp;
             }
         },
@@ -590,21 +427,17 @@ async fn proxy(
             // went out: safe to send it again on a fresh one, whatever its
             // method.
             (true, Some(up_req)) => {
-                sender = match open_channel(&session, &name, peer).await {
+                sender = match open_channel(hub, &session, &name, peer).await {
                     Ok(s) => s,
                     Err(resp) => {
-                        hub.dial_failures
-                            .channel_refused
-                            .fetch_add(1, Ordering::Relaxed);
+                        hub.dial_failures.add(DialFailure::ChannelRefused);
                         return resp;
                     }
                 };
                 match sender.send_request(up_req).await {
                     Ok(r) => r,
                     Err(e) => {
-                        hub.dial_failures
-                            .agent_error
-                            .fetch_add(1, Ordering::Relaxed);
+                        hub.dial_failures.add(DialFailure::AgentError);
                         return status_response(
                             StatusCode::BAD_GATEWAY,
                             "BadGateway",
@@ -614,9 +447,7 @@ async fn proxy(
                 }
             }
             _ => {
-                hub.dial_failures
-                    .agent_error
-                    .fetch_add(1, Ordering::Relaxed);
+                hub.dial_failures.add(DialFailure::AgentError);
                 return status_response(
                     StatusCode::BAD_GATEWAY,
                     "BadGateway",
@@ -628,28 +459,9 @@ async fn proxy(
     if !upgrade {
         slot.put(name.clone(), session.id, sender).await;
     }
-    finish_upgrade(client_upgrade, &mut resp);
+    finish_upgrade(&hub.tasks, client_upgrade, &mut resp);
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
-}
-
-/// When the upstream switched protocols (exec, attach, port-forward), splices
-/// the client's upgraded connection to the upstream's once both are ready.
-/// Shared by the gateway and the agent, the two HTTP hops of the tunnel.
-pub fn finish_upgrade<B>(client: Option<hyper::upgrade::OnUpgrade>, resp: &mut Response<B>) {
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return;
-    }
-    let Some(client) = client else { return };
-    let upstream = hyper::upgrade::on(resp);
-    tokio::spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((a, b)) => {
-                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
-            }
-            Err(e) => tracing::debug!("upgrade failed: {e}"),
-        }
-    });
 }
 
 #[cfg(test)]
@@ -665,39 +477,5 @@ mod tests {
         assert_eq!(route("/clusters/alpha"), Some(("alpha", "/".to_string())));
         assert_eq!(route("/clusters/"), None);
         assert_eq!(route("/api/v1"), None);
-    }
-
-    #[test]
-    fn strips_credentials_and_forged_identity() {
-        let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_static("Bearer op"));
-        h.insert("impersonate-user", HeaderValue::from_static("root"));
-        h.insert(
-            "impersonate-group",
-            HeaderValue::from_static("system:masters"),
-        );
-        h.insert("impersonate-extra-x", HeaderValue::from_static("y"));
-        h.insert("accept", HeaderValue::from_static("application/json"));
-        strip_identity(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("accept"));
-    }
-
-    #[test]
-    fn keeps_upgrade_headers_only_when_upgrading() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("Upgrade, X-Hop"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        assert!(is_upgrade(&h));
-        let mut up = h.clone();
-        strip_hop_by_hop(&mut up, true);
-        assert!(
-            up.contains_key("upgrade")
-                && up.contains_key("connection")
-                && !up.contains_key("x-hop")
-        );
-        strip_hop_by_hop(&mut h, false);
-        assert!(h.is_empty(), "{h:?}");
     }
 }

@@ -1,0 +1,113 @@
+//! What `join` saves for an agent, where it lives, and the agent's options.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::paths;
+
+/// An agent's configuration, as `join` saves it (mode 0600: holds the token).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentConfig {
+    pub name: String,
+    pub hub: String,
+    /// Join token; only needed until the agent's key is registered.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The agent's private key (created at first start when missing).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Add the calling operator's identity as `Impersonate-*` headers.
+    #[serde(default)]
+    pub impersonate: bool,
+    /// Pinned hub host key; `None` only when joined with the insecure flag.
+    pub hub_key: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    #[serde(default = "default_cap")]
+    pub backoff_cap_secs: u64,
+    /// Extra dial-policy rules (`--allow`); Kubernetes objects are always allowed.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Push mode listeners, `NAME=ADDR`.
+    #[serde(default)]
+    pub exposes: Vec<String>,
+    /// `auto`, `direct` or `portforward` (see [`PodNetwork`]).
+    #[serde(default = "default_pod_network")]
+    pub pod_network: String,
+}
+
+fn default_keepalive() -> u64 {
+    crate::tunnel::DEFAULT_KEEPALIVE.as_secs()
+}
+fn default_pod_network() -> String {
+    "auto".into()
+}
+
+fn default_cap() -> u64 {
+    30
+}
+
+/// Default place of an agent's private key.
+pub fn default_key_path(name: &str) -> PathBuf {
+    paths::config_dir()
+        .join("agents")
+        .join(format!("{name}.key"))
+}
+
+pub fn config_path(name: &str) -> PathBuf {
+    paths::config_dir()
+        .join("agents")
+        .join(format!("{name}.json"))
+}
+
+/// Agents configured on this machine.
+pub fn list_configs() -> Vec<AgentConfig> {
+    let dir = paths::config_dir().join("agents");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().extension().is_some_and(|x| x == "json") {
+                if let Ok(s) = std::fs::read_to_string(e.path()) {
+                    if let Ok(c) = serde_json::from_str::<AgentConfig>(&s) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Parses an agent-side `NAME=ADDR`.
+pub fn parse_agent_expose(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, a)) if !n.is_empty() && a.parse::<std::net::SocketAddr>().is_ok() => Ok((n.to_string(), a.to_string())),
+        _ => Err(format!("invalid --expose '{s}': use NAME=ADDR, like db=127.0.0.1:5432 (NAME as given to 'towerctl cluster add --expose')")),
+    }
+}
+
+/// How the agent reaches pods: by their IPs, through the API server's
+/// `pods/portforward` (agents outside the pod network), or IPs first and
+/// port-forward when a pod IP cannot be dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodNetwork {
+    Direct,
+    PortForward,
+    Auto,
+}
+
+impl PodNetwork {
+    pub fn parse(s: &str) -> Result<PodNetwork, String> {
+        match s {
+            "direct" => Ok(PodNetwork::Direct),
+            "portforward" => Ok(PodNetwork::PortForward),
+            "auto" => Ok(PodNetwork::Auto),
+            _ => Err(format!(
+                "invalid --pod-network '{s}': use auto, direct or portforward"
+            )),
+        }
+    }
+}

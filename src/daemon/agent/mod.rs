@@ -1,0 +1,341 @@
+//! The agent daemon: keeps one tunnel to the hub up and serves the hub's
+//! channels by proxying to the member's API server with the agent's own
+//! credentials.
+
+mod config;
+mod raw;
+mod upstream;
+
+pub use config::{
+    config_path, default_key_path, list_configs, parse_agent_expose, AgentConfig, PodNetwork,
+};
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::control::{
+    self, push_bounded, AgentState, AgentStatus, Event, Request as CtlRequest,
+    Response as CtlResponse, EVENTS_KEPT, RTT_SAMPLES_KEPT,
+};
+use super::policy::DialPolicy;
+use crate::paths;
+use crate::tunnel::backoff::Backoff;
+use crate::tunnel::client::{self, ChannelService, DialOptions};
+use crate::tunnel::{Secret, TunnelError};
+use upstream::{upstream_client, Upstream};
+
+#[derive(Debug, Clone)]
+struct State {
+    state: AgentState,
+    since: u64,
+    rtt: Option<Duration>,
+    attempt: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    /// Sessions after the first.
+    reconnects: u64,
+    rtt_history: VecDeque<f64>,
+    events: VecDeque<Event>,
+}
+
+impl State {
+    fn event(&mut self, text: String) {
+        push_bounded(
+            &mut self.events,
+            Event {
+                at: control::now_unix(),
+                text,
+            },
+            EVENTS_KEPT,
+        );
+    }
+}
+
+/// Runs the agent until `cancel` fires or a fatal error (wrong key or
+/// token) occurs. `ready` is called when the control socket is up.
+pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
+    let (client, upstream_url) = upstream_client(cfg.kubeconfig.as_ref()).await?;
+    let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
+    let denied = Arc::new(AtomicU64::new(0));
+    let tasks = TaskTracker::new();
+    let service: Arc<dyn ChannelService> = Arc::new(Upstream {
+        dialer: raw::Dialer {
+            tasks: tasks.clone(),
+            client: client.clone(),
+            policy,
+            denied: denied.clone(),
+            pod_network: PodNetwork::parse(&cfg.pod_network).map_err(anyhow::Error::msg)?,
+        },
+        client,
+        impersonate: cfg.impersonate,
+        tasks: tasks.clone(),
+    });
+    let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
+    let key_path = cfg
+        .key_file
+        .clone()
+        .unwrap_or_else(|| default_key_path(&cfg.name));
+    let key = crate::tunnel::keys::load_or_create_host_key(&key_path, |p, b| {
+        paths::write_atomic(p, b, 0o600)
+    })
+    .with_context(|| format!("the agent key '{}'", key_path.display()))?;
+    let opts = DialOptions {
+        url: cfg.hub.clone(),
+        name: cfg.name.clone(),
+        key: Arc::new(key),
+        token: cfg.token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+        hub_key: cfg.hub_key.clone(),
+        keepalive,
+        connect_timeout: Duration::from_secs(15),
+    };
+    if opts.hub_key.is_none() {
+        tracing::warn!("the hub's host key is not pinned (--insecure-skip-hub-key): anyone who can intercept the connection can impersonate the hub");
+    }
+
+    let (tx, rx) = watch::channel(State {
+        state: AgentState::Connecting,
+        since: control::now_unix(),
+        rtt: None,
+        attempt: 0,
+        retry_at: None,
+        last_error: None,
+        reconnects: 0,
+        rtt_history: VecDeque::new(),
+        events: VecDeque::new(),
+    });
+    // Push mode: listeners for the member's workloads, carried to the hub
+    // over whatever session is current (refused while there is none).
+    let (current, current_rx) = watch::channel::<Option<Arc<client::ClientSession>>>(None);
+    let mut exposed = Vec::new();
+    for e in &cfg.exposes {
+        let (name, addr) = parse_agent_expose(e).map_err(anyhow::Error::msg)?;
+        let l = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on '{addr}' for the exposed '{name}': choose another address in --expose {name}=ADDR"))?;
+        let bound = l.local_addr()?;
+        exposed.push(format!("{name}={bound}"));
+        tasks.spawn(raw::push_listener(
+            l,
+            name,
+            current_rx.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
+    }
+    let socket = paths::agent_socket(&cfg.name);
+    let listener = control::bind(&socket).await?;
+    let ctl_cancel = cancel.clone();
+    let stop = cancel.clone();
+    let name = cfg.name.clone();
+    let hub = cfg.hub.clone();
+    let ctl = tokio::spawn(control::serve(listener, ctl_cancel, move |req| {
+        let rx = rx.clone();
+        let stop = stop.clone();
+        let name = name.clone();
+        let hub = hub.clone();
+        let upstream = upstream_url.clone();
+        let denied = denied.clone();
+        let exposed = exposed.clone();
+        async move {
+            match req {
+                CtlRequest::Status | CtlRequest::Watch { .. } => {
+                    let s = rx.borrow().clone();
+                    CtlResponse::ok(AgentStatus {
+                        name,
+                        pid: std::process::id(),
+                        hub,
+                        state: s.state,
+                        since: s.since,
+                        rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        attempt: s.attempt,
+                        retry_in_ms: s.retry_at.map(|t| {
+                            t.saturating_duration_since(Instant::now()).as_millis() as u64
+                        }),
+                        last_error: s.last_error,
+                        upstream,
+                        reconnects: s.reconnects,
+                        rtt_history_ms: s.rtt_history.into_iter().collect(),
+                        events: s.events.into_iter().collect(),
+                        denied_dials: denied.load(Ordering::Relaxed),
+                        exposed: exposed.clone(),
+                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
+                    })
+                }
+                CtlRequest::Shutdown => {
+                    stop.cancel();
+                    CtlResponse::ok(serde_json::json!({}))
+                }
+                _ => {
+                    CtlResponse::err("this is an agent: run 'towerctl cluster add' against the hub")
+                }
+            }
+        }
+    }));
+
+    let result = tunnel_loop(
+        &opts,
+        service,
+        &tx,
+        &current,
+        cfg.backoff_cap_secs,
+        cancel.clone(),
+    )
+    .await;
+    cancel.cancel();
+    let _ = ctl.await;
+    // Open streams get a moment to finish; the tunnel is already closed, so
+    // they end on their own.
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
+    let _ = std::fs::remove_file(&socket);
+    result
+}
+
+async fn tunnel_loop(
+    opts: &DialOptions,
+    service: Arc<dyn ChannelService>,
+    tx: &watch::Sender<State>,
+    current: &watch::Sender<Option<Arc<client::ClientSession>>>,
+    cap_secs: u64,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(cap_secs.max(1)),
+    );
+    let set = |f: &dyn Fn(&mut State)| tx.send_modify(|s| f(s));
+    let mut connected_before = false;
+    loop {
+        set(&|s| {
+            s.state = AgentState::Connecting;
+            s.retry_at = None;
+        });
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = client::connect(opts, service.clone()) => r,
+        };
+        match attempt {
+            Ok(mut sess) => {
+                tracing::info!(hub = %opts.url, "tunnel up");
+                // systemd: ready once the first attempt is settled.
+                crate::daemon::notify::notify(&format!(
+                    "READY=1\nSTATUS=connected to {}",
+                    opts.url
+                ));
+                let now = control::now_unix();
+                let again = connected_before;
+                connected_before = true;
+                set(&|s| {
+                    s.state = AgentState::Connected;
+                    s.since = now;
+                    s.attempt = 0;
+                    s.last_error = None;
+                    if again {
+                        s.reconnects += 1;
+                    }
+                    s.event(format!("connected to {}", opts.url));
+                });
+                let closed = sess.take_closed();
+                // Shared with the push-mode listeners for as long as it lives.
+                let sess = Arc::new(sess);
+                current.send_replace(Some(sess.clone()));
+                let keepalive = opts.keepalive;
+                // Same bound as the hub: dead within three intervals.
+                let pinger = async {
+                    loop {
+                        match sess.ping(keepalive * 2).await {
+                            Some(rtt) => tx.send_modify(|s| {
+                                s.rtt = Some(rtt);
+                                push_bounded(
+                                    &mut s.rtt_history,
+                                    rtt.as_secs_f64() * 1000.0,
+                                    RTT_SAMPLES_KEPT,
+                                );
+                            }),
+                            None => return,
+                        }
+                        tokio::time::sleep(keepalive).await;
+                    }
+                };
+                let why = tokio::select! {
+                    end = closed => {
+                        if end.revoked {
+                            let reason = end.from_hub.unwrap_or(end.reason);
+                            set(&|s| {
+                                s.state = AgentState::Revoked;
+                                s.event(format!("stopped: {reason}"));
+                                s.last_error = Some(reason.clone());
+                            });
+                            return Err(anyhow::Error::new(TunnelError::Revoked { reason }));
+                        }
+                        end.reason
+                    }
+                    _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
+                    _ = cancel.cancelled() => {
+                        current.send_replace(None);
+                        sess.disconnect("agent stopping").await;
+                        return Ok(());
+                    }
+                };
+                current.send_replace(None);
+                sess.disconnect("reconnecting").await;
+                let uptime = sess.connected_at.elapsed();
+                backoff.session_ended(uptime);
+                tracing::warn!("tunnel down after {uptime:?}: {why}");
+                set(&|s| {
+                    s.event(format!("disconnected: {why}"));
+                    s.last_error = Some(why.clone());
+                });
+            }
+            Err(e) if e.is_fatal() => {
+                let msg = e.to_string();
+                let revoked = matches!(e, TunnelError::Revoked { .. });
+                set(&|s| {
+                    s.state = if revoked {
+                        AgentState::Revoked
+                    } else {
+                        AgentState::Failed
+                    };
+                    s.event(format!("stopped: {msg}"));
+                    s.last_error = Some(msg.clone());
+                });
+                return Err(anyhow::Error::new(e));
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                let msg = e.to_string();
+                set(&|s| {
+                    // One event per distinct failure, not one per attempt.
+                    if s.last_error.as_deref() != Some(msg.as_str()) {
+                        s.event(format!("cannot connect: {msg}"));
+                    }
+                    s.last_error = Some(msg.clone());
+                });
+            }
+        }
+        let delay = backoff.next_delay();
+        let attempt = backoff.attempt();
+        let now = control::now_unix();
+        set(&|s| {
+            s.state = AgentState::BackingOff;
+            s.since = now;
+            s.attempt = attempt;
+            s.retry_at = Some(Instant::now() + delay);
+        });
+        tracing::info!("retrying in {delay:.1?} (attempt {attempt})");
+        crate::daemon::notify::notify(&format!(
+            "READY=1\nSTATUS=backing off, retry in {delay:.1?} (attempt {attempt})"
+        ));
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

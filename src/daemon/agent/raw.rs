@@ -1,0 +1,220 @@
+//! Raw channels: bytes to a target in the member (CONNECT, port-forward)
+//! after the dial policy allowed it, and push mode's workload listeners.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::Msg;
+use russh::ChannelStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::config::PodNetwork;
+use crate::daemon::policy::DialPolicy;
+use crate::daemon::resolve;
+use crate::daemon::targets::Target;
+use crate::daemon::wire::{DialCode, RawAnswer};
+use crate::tunnel::client;
+
+/// Accepts the member's workload connections for one exposed name and
+/// carries each to the hub over whatever session is current (refused while
+/// there is none).
+pub(super) async fn push_listener(
+    l: tokio::net::TcpListener,
+    name: String,
+    current: watch::Receiver<Option<Arc<client::ClientSession>>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (mut conn, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(_) => continue,
+            },
+        };
+        let Some(sess) = current.borrow().clone() else {
+            tracing::warn!(%name, "refused a workload connection from {peer}: the tunnel is down");
+            continue;
+        };
+        let name = name.clone();
+        tasks.spawn(async move {
+            match sess.open_direct(&name, peer).await {
+                Ok(mut ch) => {
+                    let _ = crate::tunnel::splice(&mut conn, &mut ch).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%name, "the hub refused to carry a workload connection: {e}")
+                }
+            }
+        });
+    }
+}
+
+/// A byte stream toward the target, whichever way it was reached.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T {}
+
+type DialError = (DialCode, String);
+
+async fn dial_tcp(
+    addrs: &[std::net::SocketAddr],
+    what: &str,
+    port: u16,
+) -> Result<tokio::net::TcpStream, DialError> {
+    let mut last = String::from("no address");
+    for a in addrs {
+        match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(a)).await
+        {
+            Ok(Ok(s)) => {
+                crate::tunnel::nodelay(&s);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = format!("{a}: {e}"),
+            Err(_) => last = format!("{a}: no answer within 10s"),
+        }
+    }
+    Err((
+        DialCode::DialFailed,
+        format!("cannot connect to {what} port {port} ({last})"),
+    ))
+}
+
+/// Through the API server: `pods/NAME/portforward` (WebSocket).
+async fn dial_portforward(
+    tasks: &TaskTracker,
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    port: u16,
+) -> Result<Box<dyn Conn>, DialError> {
+    let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns);
+    let mut pf = api.portforward(name, &[port]).await.map_err(|e| {
+        (
+            DialCode::DialFailed,
+            format!("port-forward to pod {ns}/{name} through the API server failed: {e}"),
+        )
+    })?;
+    let stream = pf.take_stream(port).ok_or_else(|| {
+        (
+            DialCode::DialFailed,
+            format!("port-forward to pod {ns}/{name} gave no stream"),
+        )
+    })?;
+    // The forwarder's own task lives as long as its stream is in use.
+    tasks.spawn(async move {
+        let _ = pf.join().await;
+    });
+    Ok(Box::new(stream))
+}
+
+/// What raw channels need to reach targets in the member.
+#[derive(Clone)]
+pub(super) struct Dialer {
+    pub(super) tasks: TaskTracker,
+    pub(super) client: kube::Client,
+    pub(super) policy: Arc<DialPolicy>,
+    /// Dials refused by the policy, for status.
+    pub(super) denied: Arc<AtomicU64>,
+    pub(super) pod_network: PodNetwork,
+}
+
+/// Dials `target` for a raw channel after the dial policy allowed it,
+/// answers with a [`RawAnswer`], then splices.
+pub(super) async fn serve_raw(
+    d: Dialer,
+    target: Target,
+    port: u32,
+    mut stream: ChannelStream<Msg>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let Dialer {
+        tasks,
+        client,
+        policy,
+        denied,
+        pod_network,
+    } = d;
+    let dial = async {
+        let port = u16::try_from(port)
+            .map_err(|_| (DialCode::NotFound, format!("invalid port {port}")))?;
+        if let Err(m) = policy.check(&target, port) {
+            denied.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("refused a dial: {m}");
+            return Err((DialCode::Denied, m));
+        }
+        match &target {
+            Target::Host(h) => {
+                let addrs: Vec<_> = tokio::net::lookup_host((h.as_str(), port))
+                    .await
+                    .map_err(|e| {
+                        (
+                            DialCode::NotFound,
+                            format!("cannot resolve '{h}' in the member network: {e}"),
+                        )
+                    })?
+                    .collect();
+                Ok(Box::new(dial_tcp(&addrs, &target.describe(), port).await?) as Box<dyn Conn>)
+            }
+            Target::ApiServer => Err((
+                DialCode::NotFound,
+                "the API server is reached through the gateway, not CONNECT".to_string(),
+            )),
+            k8s => {
+                let r = resolve::resolve(&client, k8s, port).await.map_err(|e| {
+                    let code = match e {
+                        resolve::ResolveError::NotFound(_) => DialCode::NotFound,
+                        _ => DialCode::Unavailable,
+                    };
+                    (code, e.to_string())
+                })?;
+                match (pod_network, &r.pod) {
+                    (PodNetwork::PortForward, Some((ns, name))) => {
+                        dial_portforward(&tasks, &client, ns, name, r.addr.port()).await
+                    }
+                    (PodNetwork::PortForward, None) => Err((
+                        DialCode::Unavailable,
+                        format!(
+                            "{} resolved to {} with no pod reference to port-forward to",
+                            target.describe(),
+                            r.addr
+                        ),
+                    )),
+                    (PodNetwork::Direct, _) => Ok(Box::new(
+                        dial_tcp(&[r.addr], &target.describe(), port).await?,
+                    ) as Box<dyn Conn>),
+                    (PodNetwork::Auto, pod) => {
+                        match dial_tcp(&[r.addr], &target.describe(), port).await {
+                            Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
+                            Err(direct) => match pod {
+                                Some((ns, name)) => {
+                                    tracing::info!(
+                                        "{}; trying pods/portforward through the API server",
+                                        direct.1
+                                    );
+                                    dial_portforward(&tasks, &client, ns, name, r.addr.port()).await
+                                }
+                                None => Err(direct),
+                            },
+                        }
+                    }
+                }
+            }
+        }
+    };
+    match dial.await {
+        Ok(mut conn) => {
+            if RawAnswer::Ok.write(&mut stream).await.is_err() {
+                return;
+            }
+            let _ = crate::tunnel::splice(&mut stream, &mut conn).await;
+        }
+        Err((code, msg)) => {
+            let _ = RawAnswer::Err(code, msg).write(&mut stream).await;
+            let _ = stream.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! HTTP rules shared by both hops of the tunnel (the hub's gateway and the
+//! agent's upstream proxy): the body type, Kubernetes `Status` answers,
+//! hop-by-hop and identity header rules, and the upgrade splice.
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
+
+pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Identity headers from the hub to the agent (never forwarded upstream).
+pub const OPERATOR_HEADER: &str = "x-towerctl-operator";
+pub const GROUPS_HEADER: &str = "x-towerctl-groups";
+pub const IMPERSONATE_HEADER: &str = "x-towerctl-impersonate";
+
+/// A Kubernetes `Status` object, which kubectl prints as a readable error.
+pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    });
+    let mut r = Response::new(full(Bytes::from(body.to_string())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
+/// `Connection` and `Upgrade` are kept on upgrade requests.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+        .unwrap_or(false)
+        && headers.contains_key(header::UPGRADE)
+}
+
+/// Removes hop-by-hop headers (keeping the upgrade pair when upgrading).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter(|t| t != "upgrade")
+        .collect();
+    for n in named {
+        headers.remove(n.as_str());
+    }
+    for h in HOP_BY_HOP {
+        if upgrade && (*h == "connection" || *h == "upgrade") {
+            continue;
+        }
+        headers.remove(*h);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    }
+}
+
+/// Removes what an operator must never pass to a member: their own
+/// credentials, and any identity they claim for themselves.
+pub fn strip_identity(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    let forged: Vec<_> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("impersonate-") || k.as_str().starts_with("x-towerctl-"))
+        .cloned()
+        .collect();
+    for k in forged {
+        headers.remove(k);
+    }
+}
+
+pub fn json_response(v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(v.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub fn text_response(code: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(format!("{msg}\n"))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// When the upstream switched protocols (exec, attach, port-forward), splices
+/// the client's upgraded connection to the upstream's once both are ready.
+/// Shared by the gateway and the agent, the two HTTP hops of the tunnel. The
+/// splice is owned by `tasks`, so shutdown waits for it.
+pub fn finish_upgrade<B>(
+    tasks: &TaskTracker,
+    client: Option<hyper::upgrade::OnUpgrade>,
+    resp: &mut Response<B>,
+) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let Some(client) = client else { return };
+    let upstream = hyper::upgrade::on(resp);
+    tasks.spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((a, b)) => {
+                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+            }
+            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_credentials_and_forged_identity() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer op"));
+        h.insert("impersonate-user", HeaderValue::from_static("root"));
+        h.insert(
+            "impersonate-group",
+            HeaderValue::from_static("system:masters"),
+        );
+        h.insert("impersonate-extra-x", HeaderValue::from_static("y"));
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        strip_identity(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_headers_only_when_upgrading() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade, X-Hop"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        assert!(is_upgrade(&h));
+        let mut up = h.clone();
+        strip_hop_by_hop(&mut up, true);
+        assert!(
+            up.contains_key("upgrade")
+                && up.contains_key("connection")
+                && !up.contains_key("x-hop")
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+    }
+}

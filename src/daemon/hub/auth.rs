@@ -1,0 +1,91 @@
+//! How the hub decides who an agent is: its registered key, or a join
+//! token spent in the same registry transaction that registers the key.
+
+use russh::keys::PublicKey;
+
+use super::Hub;
+use crate::daemon::control;
+use crate::tunnel::server::{self, Verdict};
+use crate::tunnel::{keys, AUTH_PREFIX, REVOKED_PREFIX};
+
+impl server::Authenticator for Hub {
+    fn exposed(&self, cluster: &str, name: &str) -> Option<String> {
+        self.exposed_lookup(cluster, name)
+    }
+
+    fn check_key(&self, name: &str, key: &PublicKey) -> Verdict {
+        let Ok(Some(m)) = self.store.get_member(name) else {
+            return Verdict::Reject(None);
+        };
+        if m.revoked {
+            return Verdict::Reject(Some(revoked_reason(name)));
+        }
+        let offered = key.to_openssh().unwrap_or_default();
+        match &m.agent_key {
+            Some(k) if keys::ct_eq(k.trim(), offered.trim()) => Verdict::Accept,
+            // Not (or no longer) registered: the agent may still present a token.
+            _ => Verdict::Reject(None),
+        }
+    }
+
+    fn check_token(&self, name: &str, token: &str, proven_key: Option<&PublicKey>) -> Verdict {
+        let hash = keys::token_hash(token);
+        let now = control::now_unix();
+        let mut verdict = Verdict::Reject(Some(format!(
+            "{AUTH_PREFIX}the join token is wrong or cluster '{name}' is not registered; run the join command printed by 'towerctl cluster add {name}' or 'towerctl cluster rotate {name}' on the hub"
+        )));
+        let r = self.store.update_member(name, &mut |m| {
+            if !keys::ct_eq(&m.token_hash, &hash) {
+                return false;
+            }
+            if m.revoked {
+                verdict = Verdict::Reject(Some(revoked_reason(name)));
+                return false;
+            }
+            if m.single_use && m.token_used {
+                verdict = Verdict::Reject(Some(format!(
+                    "{AUTH_PREFIX}the join token of cluster '{name}' was already used (tokens are single-use; a joined agent reconnects with its key); run 'towerctl cluster rotate {name}' on the hub for a new one"
+                )));
+                return false;
+            }
+            if let Some(exp) = m.token_expires_at {
+                if now >= exp {
+                    verdict = Verdict::Reject(Some(format!(
+                        "{AUTH_PREFIX}the join token of cluster '{name}' expired at {}; run 'towerctl cluster rotate {name}' on the hub for a new one",
+                        crate::daemon::fmt::fmt_unix(exp)
+                    )));
+                    return false;
+                }
+            }
+            m.token_used = true;
+            if let Some(k) = proven_key.and_then(|k| k.to_openssh().ok()) {
+                m.agent_key = Some(k);
+            }
+            verdict = Verdict::Accept;
+            true
+        });
+        match r {
+            Ok(_) => verdict,
+            Err(e) => {
+                tracing::error!("registry error while checking a join token: {e}");
+                Verdict::Reject(None)
+            }
+        }
+    }
+}
+
+impl Hub {
+    fn exposed_lookup(&self, cluster: &str, name: &str) -> Option<String> {
+        self.store
+            .get_member(cluster)
+            .ok()
+            .flatten()?
+            .exposes
+            .get(name)
+            .cloned()
+    }
+}
+
+pub(super) fn revoked_reason(name: &str) -> String {
+    format!("{REVOKED_PREFIX}cluster '{name}' was revoked on the hub; to let it back, run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' there and join again")
+}

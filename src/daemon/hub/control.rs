@@ -1,0 +1,244 @@
+//! The hub's side of the control socket: one request in, one answer out.
+
+use tokio_util::sync::CancellationToken;
+
+use super::auth::revoked_reason;
+use super::Hub;
+use crate::daemon::control::{self, ClusterAdded, HubStatus, Request, Response};
+use crate::daemon::names::{validate_name, validate_name_of};
+use crate::daemon::store::{Member, Operator};
+use crate::tunnel::keys;
+
+pub(super) fn handle(
+    hub: &Hub,
+    base: &HubStatus,
+    cancel: &CancellationToken,
+    req: Request,
+) -> Response {
+    match req {
+        Request::Status | Request::Watch { .. } => {
+            let mut s = base.clone();
+            s.clusters = hub.cluster_statuses();
+            Response::ok(s)
+        }
+        Request::ClusterAdd {
+            name,
+            ttl_secs,
+            reusable,
+            impersonate,
+            exposes,
+        } => {
+            if let Err(e) = validate_name(&name) {
+                return Response::err(e);
+            }
+            match hub.store.get_member(&name) {
+                Ok(Some(m)) if m.revoked => {
+                    return Response::err(format!("cluster '{name}' is revoked; run 'towerctl cluster rm {name}' first to register it anew"))
+                }
+                Ok(Some(_)) => {
+                    return Response::err(format!("cluster '{name}' is already registered; 'towerctl cluster rotate {name}' issues a new join token"))
+                }
+                Ok(None) => {}
+                Err(e) => return Response::err(e.to_string()),
+            }
+            let token = match keys::new_token("tj_") {
+                Ok(t) => t,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let now = control::now_unix();
+            let mut m = Member::new(&name, keys::token_hash(&token), now);
+            m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
+            m.single_use = !reusable;
+            m.impersonate = impersonate;
+            m.exposes = exposes.iter().cloned().collect();
+            if let Err(e) = hub.store.put_member(&m) {
+                return Response::err(e.to_string());
+            }
+            tracing::info!(cluster = %name, "member registered");
+            hub.event(&name, "registered".into());
+            Response::ok(ClusterAdded {
+                name,
+                exposes,
+                token,
+                expires_at: m.token_expires_at,
+                tunnel_url: base.tunnel_url.clone(),
+                hub_key: base.hub_key.clone(),
+            })
+        }
+        Request::ClusterRotate {
+            name,
+            ttl_secs,
+            reusable,
+        } => {
+            let token = match keys::new_token("tj_") {
+                Ok(t) => t,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let now = control::now_unix();
+            let hash = keys::token_hash(&token);
+            let r = hub.store.update_member(&name, &mut |m| {
+                if m.revoked {
+                    return false;
+                }
+                m.token_hash = hash.clone();
+                m.token_used = false;
+                m.single_use = !reusable;
+                m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
+                true
+            });
+            match r {
+                Ok(Some(m)) if m.revoked => Response::err(format!("cluster '{name}' is revoked; run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' to register it anew")),
+                Ok(Some(m)) => {
+                    tracing::info!(cluster = %name, "join token rotated");
+                    hub.event(&name, "join token rotated".into());
+                    Response::ok(ClusterAdded {
+                        name,
+                        exposes: m.exposes.clone().into_iter().collect(),
+                        token,
+                        expires_at: m.token_expires_at,
+                        tunnel_url: base.tunnel_url.clone(),
+                        hub_key: base.hub_key.clone(),
+                    })
+                }
+                Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterExpose { name, add, remove } => {
+            let r = hub.store.update_member(&name, &mut |m| {
+                for n in &remove {
+                    m.exposes.remove(n);
+                }
+                for (n, t) in &add {
+                    m.exposes.insert(n.clone(), t.clone());
+                }
+                true
+            });
+            match r {
+                Ok(Some(m)) => Response::ok(m.exposes),
+                Ok(None) => {
+                    Response::err(format!("cluster '{name}' is not registered on this hub"))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterRevoke { name } => {
+            let r = hub.store.update_member(&name, &mut |m| {
+                m.revoked = true;
+                m.agent_key = None;
+                true
+            });
+            match r {
+                Ok(Some(_)) => {
+                    if let Some(s) = hub.session(&name) {
+                        let reason = revoked_reason(&name);
+                        hub.tasks.spawn(async move {
+                            let _ = s
+                                .handle
+                                .disconnect(russh::Disconnect::ByApplication, reason, String::new())
+                                .await;
+                        });
+                    }
+                    tracing::info!(cluster = %name, "member revoked");
+                    hub.event(&name, "revoked".into());
+                    Response::ok(serde_json::json!({}))
+                }
+                Ok(None) => {
+                    Response::err(format!("cluster '{name}' is not registered on this hub"))
+                }
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterRemove { name } => match hub.store.delete_member(&name) {
+            Ok(true) => {
+                if let Some(s) = hub.session(&name) {
+                    hub.tasks.spawn(async move {
+                        s.close("the cluster was removed from the hub").await;
+                    });
+                }
+                tracing::info!(cluster = %name, "member removed");
+                Response::ok(serde_json::json!({}))
+            }
+            Ok(false) => Response::err(format!("cluster '{name}' is not registered on this hub")),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::OperatorAdd { name, groups } => {
+            if let Err(e) = validate_name_of("operator", &name) {
+                return Response::err(e);
+            }
+            if hub
+                .store
+                .list_operators()
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.name == name)
+            {
+                return Response::err(format!("operator '{name}' already exists; remove it first with 'towerctl operator rm {name}'"));
+            }
+            let token = match keys::new_token("top_") {
+                Ok(t) => t,
+                Err(e) => return Response::err(e.to_string()),
+            };
+            let op = Operator {
+                name: name.clone(),
+                token_hash: keys::token_hash(&token),
+                groups,
+                created_at: control::now_unix(),
+            };
+            if let Err(e) = hub.store.put_operator(&op) {
+                return Response::err(e.to_string());
+            }
+            hub.reload_operators();
+            tracing::info!(operator = %name, "operator added");
+            Response::ok(control::OperatorAdded {
+                name,
+                token,
+                gateway_url: base.gateway_url.clone(),
+                ca_hash: crate::daemon::tls::ca_hash(&base.ca_pem),
+            })
+        }
+        Request::OperatorList => match hub.store.list_operators() {
+            Ok(ops) => Response::ok(
+                ops.into_iter()
+                    .map(|o| control::OperatorInfo {
+                        name: o.name,
+                        groups: o.groups,
+                        created_at: o.created_at,
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::OperatorRemove { name } => match hub.store.delete_operator(&name) {
+            Ok(0) => Response::err(format!(
+                "no operator named '{name}'; 'towerctl operator list' shows them"
+            )),
+            Ok(_) => {
+                hub.reload_operators();
+                tracing::info!(operator = %name, "operator removed");
+                Response::ok(serde_json::json!({}))
+            }
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Disconnect { name } => match hub.session(&name) {
+            Some(s) => {
+                tracing::info!(cluster = %name, "session cut by an operator");
+                hub.tasks
+                    .spawn(async move { s.close(control::DISCONNECT_REASON).await });
+                Response::ok(serde_json::json!({}))
+            }
+            None => match hub.store.get_member(&name) {
+                Ok(Some(_)) => Response::err(format!("cluster '{name}' is not connected")),
+                Ok(None) => {
+                    Response::err(format!("cluster '{name}' is not registered on this hub"))
+                }
+                Err(e) => Response::err(e.to_string()),
+            },
+        },
+        Request::Shutdown => {
+            tracing::info!("shutdown requested over the control socket");
+            cancel.cancel();
+            Response::ok(serde_json::json!({}))
+        }
+    }
+}

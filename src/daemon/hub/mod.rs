@@ -1,0 +1,566 @@
+//! The hub daemon: accepts agents' tunnels, keeps the registry of live
+//! sessions, serves the gateway and the control socket.
+
+mod auth;
+mod control;
+pub mod gateway;
+mod tunnel;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use russh::keys::PublicKey;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::control::{
+    self as ctl, push_bounded, ClusterStatus, Event, HubStatus, MemberState, TokenState,
+    EVENTS_KEPT,
+};
+use super::metrics::{self, DialFailure, MemberStats};
+use super::store::{Operator, RedbStore, Store};
+use crate::paths;
+use crate::tunnel::{keys, server};
+
+/// How the hub is started.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Where agents' WebSocket tunnels are accepted.
+    pub listen: SocketAddr,
+    /// Where the HTTPS gateway for kubectl listens.
+    pub gateway: SocketAddr,
+    /// URL agents should dial, when the listen address is not what they see
+    /// (NAT, ingress, `wss://`).
+    pub advertise: Option<String>,
+    /// URL operators should use for the gateway.
+    pub gateway_url: Option<String>,
+    pub keepalive: Duration,
+    /// Where `/metrics` is served; `None` disables it.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// A live agent session as the hub holds it.
+pub struct LiveSession {
+    /// Distinguishes a session from its replacement under the same name.
+    pub id: u64,
+    pub name: String,
+    pub handle: russh::server::Handle,
+    pub peer: Option<SocketAddr>,
+    pub connected_at: u64,
+    /// The member lets the agent impersonate operators (from the registry).
+    pub impersonate: bool,
+    /// Last measured round trip, microseconds (0 = not yet measured).
+    pub rtt_us: AtomicU64,
+    /// Open channels (upstream connections) right now.
+    pub streams: AtomicU64,
+    /// Bytes from the agent / to the agent over this session's channels.
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+    pub version: String,
+    /// Why the hub itself is closing this session, when it is (an operator's
+    /// disconnect, a replacement, a removal): russh only reports that the
+    /// session closed, and the event log should say why.
+    close_reason: Mutex<Option<String>>,
+}
+
+impl LiveSession {
+    /// Closes the session from the hub's side, recording why.
+    async fn close(&self, why: &str) {
+        if let Ok(mut r) = self.close_reason.lock() {
+            r.get_or_insert_with(|| why.to_string());
+        }
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, why.into(), String::new())
+            .await;
+    }
+}
+
+/// What the hub remembers of a cluster across its sessions (since start).
+#[derive(Default)]
+struct ClusterMeta {
+    sessions: u64,
+    events: VecDeque<Event>,
+    rtt: VecDeque<f64>,
+    rtt_histogram: metrics::Histogram,
+    /// Bytes of ended sessions (live ones are added when reported).
+    bytes_in_done: u64,
+    bytes_out_done: u64,
+}
+
+/// Shared hub state. The session map is read once per gateway request to
+/// clone an `Arc`; nothing holds its lock across an await.
+pub struct Hub {
+    pub store: Arc<dyn Store>,
+    sessions: RwLock<HashMap<String, Arc<LiveSession>>>,
+    /// When each member's last session ended (unix seconds), for messages.
+    disconnected_at: Mutex<HashMap<String, u64>>,
+    /// Events and RTT history per cluster; touched on connect, disconnect
+    /// and once per ping, never per request.
+    meta: Mutex<HashMap<String, ClusterMeta>>,
+    next_id: AtomicU64,
+    pub started_at: u64,
+    pub auditor: super::audit::Auditor,
+    /// Operators by token hash (cache of the registry).
+    operators: RwLock<HashMap<String, Operator>>,
+    pub dial_failures: metrics::DialFailures,
+    /// Owns every task that serves a connection or a stream, so shutdown
+    /// can wait (bounded) for them and their audit records.
+    pub tasks: TaskTracker,
+    /// The gateway CA (PEM), served to `towerctl login`.
+    pub ca_pem: String,
+}
+
+impl Hub {
+    pub fn session(&self, name: &str) -> Option<Arc<LiveSession>> {
+        self.sessions.read().ok()?.get(name).cloned()
+    }
+
+    fn record(&self, name: &str, f: impl FnOnce(&mut ClusterMeta)) {
+        if let Ok(mut m) = self.meta.lock() {
+            f(m.entry(name.to_string()).or_default());
+        }
+    }
+
+    fn event(&self, name: &str, text: String) {
+        self.record(name, |m| {
+            push_bounded(
+                &mut m.events,
+                Event {
+                    at: ctl::now_unix(),
+                    text,
+                },
+                EVENTS_KEPT,
+            )
+        });
+    }
+
+    pub fn disconnected_since(&self, name: &str) -> Option<u64> {
+        self.disconnected_at.lock().ok()?.get(name).copied()
+    }
+
+    /// Registers a session, replacing (and closing) a stale one of the same name.
+    fn register(&self, s: Arc<LiveSession>) {
+        self.record(&s.name, |m| m.sessions += 1);
+        self.event(
+            &s.name,
+            format!(
+                "connected from {} (agent {})",
+                s.peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                s.version
+            ),
+        );
+        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+            if m.agent_version.as_deref() != Some(s.version.as_str()) {
+                m.agent_version = Some(s.version.clone());
+                let _ = self.store.put_member(&m);
+            }
+        }
+        let old = self
+            .sessions
+            .write()
+            .ok()
+            .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
+        if let Some(old) = old {
+            tracing::info!(cluster = %s.name, "a new session replaces the previous one");
+            self.tasks.spawn(async move {
+                old.close("replaced by a newer session of the same cluster")
+                    .await;
+            });
+        }
+    }
+
+    fn unregister(&self, s: &LiveSession, why: &str) {
+        self.event(&s.name, format!("disconnected: {why}"));
+        let (bi, bo) = (
+            s.bytes_in.load(Ordering::Relaxed),
+            s.bytes_out.load(Ordering::Relaxed),
+        );
+        self.record(&s.name, |m| {
+            m.bytes_in_done += bi;
+            m.bytes_out_done += bo;
+        });
+        if let Ok(mut m) = self.sessions.write() {
+            if m.get(&s.name).map(|cur| cur.id) == Some(s.id) {
+                m.remove(&s.name);
+            } else {
+                return; // already replaced: the cluster is still connected
+            }
+        }
+        let now = ctl::now_unix();
+        if let Ok(mut d) = self.disconnected_at.lock() {
+            d.insert(s.name.clone(), now);
+        }
+        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+            m.last_seen = Some(now);
+            if let Err(e) = self.store.put_member(&m) {
+                tracing::warn!("cannot record last_seen of '{}': {e}", s.name);
+            }
+        }
+    }
+
+    /// The operator owning a bearer token, if any.
+    /// The operator owning a bearer token. Looked up in memory: the registry
+    /// is read once at start and after every operator change, never per
+    /// request.
+    pub fn operator(&self, token: &str) -> Option<Operator> {
+        let hash = keys::token_hash(token);
+        self.operators.read().ok()?.get(&hash).cloned()
+    }
+
+    /// Reloads the operator cache from the registry.
+    fn reload_operators(&self) {
+        match self.store.list_operators() {
+            Ok(ops) => {
+                if let Ok(mut m) = self.operators.write() {
+                    *m = ops.into_iter().map(|o| (o.token_hash.clone(), o)).collect();
+                }
+            }
+            Err(e) => tracing::error!("cannot load operators: {e}"),
+        }
+    }
+
+    /// What the metrics page shows, taken at once.
+    pub fn metrics_snapshot(&self) -> metrics::Snapshot {
+        let members = self.store.list_members().unwrap_or_default();
+        let meta = self.meta.lock();
+        let members = members
+            .into_iter()
+            .map(|m| {
+                let live = self.session(&m.name);
+                let cm = meta.as_ref().ok().and_then(|x| x.get(&m.name));
+                let (bi, bo, streams) = live
+                    .as_ref()
+                    .map(|s| {
+                        (
+                            s.bytes_in.load(Ordering::Relaxed),
+                            s.bytes_out.load(Ordering::Relaxed),
+                            s.streams.load(Ordering::Relaxed),
+                        )
+                    })
+                    .unwrap_or_default();
+                MemberStats {
+                    connected: live.is_some(),
+                    rtt: cm.map(|c| c.rtt_histogram.clone()).unwrap_or_default(),
+                    bytes_in: bi + cm.map(|c| c.bytes_in_done).unwrap_or(0),
+                    bytes_out: bo + cm.map(|c| c.bytes_out_done).unwrap_or(0),
+                    streams,
+                    reconnects: cm.map(|c| c.sessions.saturating_sub(1)).unwrap_or(0),
+                    name: m.name,
+                }
+            })
+            .collect();
+        metrics::Snapshot {
+            members,
+            dial_failures: DialFailure::ALL
+                .iter()
+                .map(|f| (*f, self.dial_failures.get(*f)))
+                .collect(),
+            audit_dropped: self.auditor.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn cluster_statuses(&self) -> Vec<ClusterStatus> {
+        let members = self.store.list_members().unwrap_or_default();
+        let meta = |name: &str| -> (u64, Vec<Event>, Vec<f64>) {
+            self.meta
+                .lock()
+                .ok()
+                .and_then(|m| {
+                    m.get(name).map(|c| {
+                        (
+                            c.sessions.saturating_sub(1),
+                            c.events.iter().cloned().collect(),
+                            c.rtt.iter().copied().collect(),
+                        )
+                    })
+                })
+                .unwrap_or_default()
+        };
+        let now = ctl::now_unix();
+        members
+            .into_iter()
+            .map(|m| {
+                let (reconnects, events, rtt_history_ms) = meta(&m.name);
+                let key_fingerprint = m
+                    .agent_key
+                    .as_deref()
+                    .and_then(|k| PublicKey::from_openssh(k).ok())
+                    .map(|k| keys::fingerprint(&k));
+                let token_state = if m.revoked {
+                    TokenState::Revoked
+                } else if m.single_use && m.token_used {
+                    TokenState::Used
+                } else if m.token_expires_at.is_some_and(|t| now >= t) {
+                    TokenState::Expired
+                } else {
+                    TokenState::Unused
+                };
+                let mut st = ClusterStatus {
+                    name: m.name.clone(),
+                    state: MemberState::Unknown,
+                    since: None,
+                    remote: None,
+                    rtt_ms: None,
+                    streams: 0,
+                    agent_version: m.agent_version.clone(),
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    reconnects,
+                    rtt_history_ms,
+                    events,
+                    key_fingerprint,
+                    token_expires_at: (token_state == TokenState::Unused)
+                        .then_some(m.token_expires_at)
+                        .flatten(),
+                    token_state,
+                };
+                match self.session(&m.name) {
+                    Some(s) => {
+                        st.state = MemberState::Connected;
+                        st.since = Some(s.connected_at);
+                        st.remote = s.peer.map(|p| p.to_string());
+                        st.rtt_ms = match s.rtt_us.load(Ordering::Relaxed) {
+                            0 => None,
+                            us => Some(us as f64 / 1000.0),
+                        };
+                        st.streams = s.streams.load(Ordering::Relaxed);
+                        st.agent_version = Some(s.version.clone());
+                        st.bytes_in = s.bytes_in.load(Ordering::Relaxed);
+                        st.bytes_out = s.bytes_out.load(Ordering::Relaxed);
+                    }
+                    None => {
+                        let since = self.disconnected_since(&m.name).or(m.last_seen);
+                        st.since = since;
+                        st.state = if m.revoked {
+                            MemberState::Revoked
+                        } else if since.is_some() {
+                            MemberState::Disconnected
+                        } else {
+                            MemberState::NeverConnected
+                        };
+                    }
+                }
+                st
+            })
+            .collect()
+    }
+}
+
+fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
+    paths::write_atomic(path, data, mode)
+}
+
+/// Runs the hub until `cancel` fires. `ready` is called once every listener is up.
+pub async fn run(
+    cfg: HubConfig,
+    cancel: CancellationToken,
+    ready: impl FnOnce(&HubStatus),
+) -> Result<()> {
+    let data = paths::data_dir();
+    paths::ensure_private_dir(&data)?;
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data.join("hub.redb"))?);
+    let host_key =
+        keys::load_or_create_host_key(&data.join("host_key"), |p, b| write_secret(p, b, 0o600))?;
+    let hub_key = keys::fingerprint(host_key.public_key());
+
+    // The local admin operator: created at first start so that `towerctl use`
+    // on the hub machine just works. The token file is the only copy.
+    let admin_file = data.join("admin.token");
+    let admin_token = match std::fs::read_to_string(&admin_file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t = keys::new_token("top_")?;
+            write_secret(&admin_file, format!("{t}\n").as_bytes(), 0o600)?;
+            t
+        }
+    };
+    let admin_hash = keys::token_hash(&admin_token);
+    if store.operator_by_token_hash(&admin_hash)?.is_none() {
+        store.put_operator(&Operator {
+            name: "admin".into(),
+            token_hash: admin_hash,
+            groups: vec!["system:masters".into()],
+            created_at: ctl::now_unix(),
+        })?;
+    }
+
+    let tunnel_listener = TcpListener::bind(cfg.listen).await.with_context(|| {
+        format!(
+            "cannot listen for tunnels on '{}': choose another address with --listen",
+            cfg.listen
+        )
+    })?;
+    let gateway_listener = TcpListener::bind(cfg.gateway).await.with_context(|| {
+        format!(
+            "cannot listen for the gateway on '{}': choose another address with --gateway",
+            cfg.gateway
+        )
+    })?;
+    let tunnel_addr = tunnel_listener.local_addr()?;
+    let gateway_addr = gateway_listener.local_addr()?;
+    let metrics_listener = match cfg.metrics {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+            format!("cannot serve metrics on '{a}': choose another address with --metrics, or --metrics off")
+        })?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if !gateway_addr.ip().is_unspecified() && !gateway_addr.ip().is_loopback() {
+        names.push(gateway_addr.ip().to_string());
+    }
+    if let Some(u) = cfg
+        .gateway_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+    {
+        if let Some(h) = u.host_str() {
+            names.push(h.trim_matches(|c| c == '[' || c == ']').to_string());
+        }
+    }
+    if let Some(h) = hostname() {
+        names.push(h);
+    }
+    names.dedup();
+    let tls = super::tls::load(&data, &names, write_secret)?;
+
+    let host_for = |a: SocketAddr| -> String {
+        if a.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else if a.is_ipv6() {
+            format!("[{}]", a.ip())
+        } else {
+            a.ip().to_string()
+        }
+    };
+    let tunnel_url = cfg.advertise.clone().unwrap_or_else(|| {
+        format!(
+            "ws://{}:{}/tunnel",
+            host_for(tunnel_addr),
+            tunnel_addr.port()
+        )
+    });
+    let gateway_url = cfg
+        .gateway_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{}:{}", host_for(gateway_addr), gateway_addr.port()));
+
+    let hub = Arc::new(Hub {
+        store,
+        sessions: RwLock::new(HashMap::new()),
+        disconnected_at: Mutex::new(HashMap::new()),
+        meta: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        started_at: ctl::now_unix(),
+        auditor: super::audit::Auditor::start(paths::state_dir().join("audit.log")),
+        dial_failures: Default::default(),
+        tasks: TaskTracker::new(),
+        operators: RwLock::new(HashMap::new()),
+        ca_pem: tls.ca_pem.clone(),
+    });
+
+    let base_status = HubStatus {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: hub.started_at,
+        tunnel_addr: tunnel_addr.to_string(),
+        gateway_addr: gateway_addr.to_string(),
+        tunnel_url: tunnel_url.clone(),
+        gateway_url,
+        hub_key: hub_key.clone(),
+        ca_pem: tls.ca_pem.clone(),
+        admin_token_file: admin_file.display().to_string(),
+        metrics_addr: metrics_addr.map(|a| a.to_string()),
+        clusters: vec![],
+    };
+
+    hub.reload_operators();
+    let tracker = hub.tasks.clone();
+    let ssh_cfg = server::config(host_key, cfg.keepalive);
+    tracker.spawn(tunnel::accept_tunnels(
+        tunnel_listener,
+        hub.clone(),
+        ssh_cfg,
+        cfg.keepalive,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(gateway::serve(
+        gateway_listener,
+        tls.server_config.clone(),
+        hub.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    if let Some(l) = metrics_listener {
+        let h = hub.clone();
+        tracker.spawn(metrics::serve(
+            l,
+            move || h.metrics_snapshot(),
+            cancel.clone(),
+            tracker.clone(),
+        ));
+    }
+
+    let socket = paths::hub_socket();
+    let listener = ctl::bind(&socket).await?;
+    {
+        let hub = hub.clone();
+        let base = base_status.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(ctl::serve(listener, cancel.clone(), move |req| {
+            let hub = hub.clone();
+            let base = base.clone();
+            let cancel = cancel.clone();
+            async move { control::handle(&hub, &base, &cancel, req) }
+        }));
+    }
+    tracing::info!(tunnel = %tunnel_addr, gateway = %gateway_addr, hub_key = %hub_key, "hub ready");
+    ready(&base_status);
+
+    cancel.cancelled().await;
+    tracker.close();
+    // Tell agents we are going; they reconnect with backoff.
+    let all: Vec<_> = hub
+        .sessions
+        .read()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    for s in all {
+        let _ = s
+            .handle
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                "the hub is shutting down".into(),
+                String::new(),
+            )
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // on success when the name fits.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&buf[..end]).ok()?.to_string();
+    (!s.is_empty()).then_some(s)
+}
