@@ -8,6 +8,10 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Identity headers from the hub to the agent (never forwarded upstream).
@@ -144,6 +148,52 @@ pub fn finish_upgrade<B>(
             Err(e) => tracing::debug!("upgrade failed: {e}"),
         }
     });
+}
+
+/// A response body that holds a token while it is alive (the gateway
+/// counts requests in flight by it) and calls `done` when it ends.
+pub struct Held<F: FnMut() + Send + Unpin + 'static> {
+    inner: Body,
+    _hold: Arc<()>,
+    done: Option<F>,
+}
+
+impl<F: FnMut() + Send + Unpin + 'static> Held<F> {
+    pub fn new(inner: Body, hold: Arc<()>, done: F) -> Held<F> {
+        Held {
+            inner,
+            _hold: hold,
+            done: Some(done),
+        }
+    }
+}
+
+impl<F: FnMut() + Send + Unpin + 'static> Drop for Held<F> {
+    fn drop(&mut self) {
+        if let Some(mut f) = self.done.take() {
+            f();
+        }
+    }
+}
+
+impl<F: FnMut() + Send + Unpin + 'static> http_body::Body for Held<F> {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]

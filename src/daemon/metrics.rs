@@ -118,6 +118,8 @@ pub struct Snapshot {
     /// Counts by [`DialFailure`], in [`DialFailure::ALL`]'s order.
     pub dial_failures: Vec<(DialFailure, u64)>,
     pub audit_dropped: u64,
+    /// Unauthenticated connections held, by listener.
+    pub unauthenticated: Vec<(&'static str, u64)>,
 }
 
 fn esc(s: &str) -> String {
@@ -208,6 +210,13 @@ pub fn render(snap: &Snapshot) -> String {
             reason.label()
         );
     }
+    let _ = writeln!(o, "# HELP towerctl_unauthenticated_connections Connections that have not authenticated yet, by listener.\n# TYPE towerctl_unauthenticated_connections gauge");
+    for (listener, n) in &snap.unauthenticated {
+        let _ = writeln!(
+            o,
+            "towerctl_unauthenticated_connections{{listener=\"{listener}\"}} {n}"
+        );
+    }
     let _ = writeln!(o, "# HELP towerctl_audit_dropped_total Audit records dropped because the writer fell behind.\n# TYPE towerctl_audit_dropped_total counter\ntowerctl_audit_dropped_total {}", snap.audit_dropped);
     o
 }
@@ -293,6 +302,7 @@ mod tests {
             ],
             dial_failures: DialFailure::ALL.iter().map(|f| (*f, 0)).collect(),
             audit_dropped: 7,
+            unauthenticated: vec![("tunnel", 2), ("gateway", 0)],
         };
         let text = render(&snap);
         for line in [
@@ -308,6 +318,7 @@ mod tests {
             "towerctl_agent_reconnects_total{cluster=\"alpha\"} 1",
             "towerctl_dial_failures_total{reason=\"denied\"} 0",
             "towerctl_audit_dropped_total 7",
+            "towerctl_unauthenticated_connections{listener=\"tunnel\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

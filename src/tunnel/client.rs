@@ -395,17 +395,26 @@ async fn connect_inner(
         };
     let mut closed_rx = closed_rx;
     let key = PrivateKeyWithHashAlg::new(opts.key.clone(), None);
-    let by_key = handle.authenticate_publickey(opts.name.clone(), key).await;
-    let authed = match (by_key, &opts.token) {
-        (Ok(r), _) if r.success() => true,
-        (Ok(_), Some(token)) => match handle
+    // Only an explicit refusal from the hub is fatal. An error while
+    // authenticating (a reset, a hub restarting mid-handshake) is an I/O
+    // fault like any other and is retried with backoff.
+    let transient = |e: russh::Error| {
+        TunnelError::Handshake(format!("the connection failed during authentication: {e}"))
+    };
+    let by_key = handle
+        .authenticate_publickey(opts.name.clone(), key)
+        .await
+        .map_err(transient)?;
+    let authed = if by_key.success() {
+        true
+    } else if let Some(token) = &opts.token {
+        handle
             .authenticate_password(opts.name.clone(), token.expose())
             .await
-        {
-            Ok(r) => r.success(),
-            Err(_) => false,
-        },
-        _ => false,
+            .map_err(transient)?
+            .success()
+    } else {
+        false
     };
     if !authed {
         return Err(refusal(&mut closed_rx, &opts.name).await);

@@ -44,6 +44,10 @@ pub fn preferred() -> russh::Preferred {
             cipher::AES_128_GCM,
             cipher::CHACHA20_POLY1305,
         ]),
+        // No compression: none is negotiable before authentication (an
+        // unauthenticated peer must not make the hub inflate its data), and
+        // after it the CPU is better spent on the cipher.
+        compression: Cow::Borrowed(&[russh::compression::NONE]),
         ..russh::Preferred::default()
     }
 }
@@ -140,4 +144,36 @@ where
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER).await
+}
+
+/// An untrusted string made safe for one log line: control characters and
+/// quotes escaped (no forged lines, no terminal escapes), cut to `max`
+/// characters with the original length noted.
+pub fn escape_for_log(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push_str(&format!("…({} bytes)", s.len()));
+            return out;
+        }
+        out.extend(c.escape_debug());
+    }
+    out
+}
+
+#[cfg(test)]
+mod log_tests {
+    #[test]
+    fn untrusted_strings_stay_on_one_short_line() {
+        let forged = format!(
+            "alpha\n2026-12-01T00:00:00Z INFO admin logged in{}",
+            "x".repeat(100_000)
+        );
+        let e = super::escape_for_log(&forged, 64);
+        assert!(!e.contains('\n') && e.len() < 200, "{e}");
+        assert!(e.starts_with("alpha\\n2026"), "{e}");
+        assert!(e.ends_with("bytes)"), "{e}");
+        assert_eq!(super::escape_for_log("beta", 64), "beta");
+        assert_eq!(super::escape_for_log("\u{1b}[31m", 64), "\\u{1b}[31m");
+    }
 }

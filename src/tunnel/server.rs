@@ -71,6 +71,8 @@ pub struct HubHandler {
     /// The cluster this session authenticated as.
     cluster: Option<String>,
     authed: Option<oneshot::Sender<(String, String)>>,
+    /// Told when a join token was presented and refused in this connection.
+    refused_tx: Option<oneshot::Sender<()>>,
 }
 
 impl russh::server::Handler for HubHandler {
@@ -90,6 +92,11 @@ impl russh::server::Handler for HubHandler {
         let v = self
             .auth
             .check_token(user, password, self.proven_key.as_ref());
+        if v != Verdict::Accept {
+            if let Some(r) = self.refused_tx.take() {
+                let _ = r.send(());
+            }
+        }
         Ok(self.verdict(user, v))
     }
 
@@ -157,7 +164,10 @@ impl HubHandler {
             }
             Verdict::Reject(reason) => {
                 if let Some(reason) = reason {
-                    tracing::warn!(cluster = user, "agent refused: {reason}");
+                    tracing::warn!(
+                        cluster = %super::escape_for_log(user, 64),
+                        "agent refused: {reason}"
+                    );
                     let handle = self.handle.clone();
                     tokio::spawn(async move {
                         // Let russh send the failure first (it delays
@@ -211,6 +221,8 @@ pub enum AcceptError {
     Handshake(russh::Error),
     #[error("the agent did not authenticate")]
     NotAuthenticated,
+    #[error("the agent's join token was refused")]
+    Refused,
     #[error("the agent did not authenticate within {0:?}")]
     Timeout(Duration),
 }
@@ -227,6 +239,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = oneshot::channel();
+    let (refused_tx, mut refused_rx) = oneshot::channel();
     let handle_slot = Arc::new(OnceLock::new());
     let handler = HubHandler {
         auth,
@@ -234,6 +247,7 @@ where
         proven_key: None,
         cluster: None,
         authed: Some(tx),
+        refused_tx: Some(refused_tx),
     };
     let mut running = russh::server::run_stream(config, io, handler)
         .await
@@ -244,13 +258,18 @@ where
         r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
         r = &mut running => {
             return Err(match r {
+                _ if refused_rx.try_recv().is_ok() => AcceptError::Refused,
                 Ok(()) => AcceptError::NotAuthenticated,
                 Err(e) => AcceptError::Handshake(e),
             })
         }
         _ = tokio::time::sleep(timeout) => {
             let _ = handle.disconnect(russh::Disconnect::ByApplication, "authentication timeout".into(), String::new()).await;
-            return Err(AcceptError::Timeout(timeout));
+            return Err(if refused_rx.try_recv().is_ok() {
+                AcceptError::Refused
+            } else {
+                AcceptError::Timeout(timeout)
+            });
         }
     };
     Ok(ServerSession {

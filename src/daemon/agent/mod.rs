@@ -76,6 +76,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         client,
         impersonate: cfg.impersonate,
         tasks: tasks.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(upstream::BODY_BUDGET_KIB)),
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
     let key_path = cfg

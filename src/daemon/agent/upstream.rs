@@ -7,11 +7,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use http::{header, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use russh::client::Msg;
 use russh::ChannelStream;
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use super::raw::{serve_raw, Dialer};
@@ -23,9 +25,20 @@ use crate::daemon::targets::Target;
 use crate::tunnel::client::ChannelService;
 use crate::tunnel::TARGET_APISERVER;
 
-/// Largest request body the agent buffers (kube-apiserver's own limit for
-/// objects is 3 MiB; exec/attach stdin goes over the upgraded stream).
-const MAX_REQUEST_BODY: usize = 32 * 1024 * 1024;
+/// Largest request body the agent buffers (kube-apiserver's own default
+/// limit is 3 MiB; exec/attach stdin goes over the upgraded stream).
+/// kube-rs takes a whole body, so bodies are buffered; these bounds keep
+/// that buffering from becoming a memory attack.
+pub(super) const MAX_REQUEST_BODY: usize = 8 * 1024 * 1024;
+
+/// Request bytes buffered at once across all requests, in KiB.
+pub(super) const BODY_BUDGET_KIB: usize = 64 * 1024;
+
+/// A request body must arrive completely within this.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Streams (channels) the agent serves at once; more are closed at once.
+pub(super) const MAX_STREAMS: usize = 4096;
 
 /// The agent's side of its member API server: a pooled kube client.
 pub(super) struct Upstream {
@@ -36,6 +49,10 @@ pub(super) struct Upstream {
     pub(super) impersonate: bool,
     /// Owns every stream the agent serves, so shutdown can wait for them.
     pub(super) tasks: TaskTracker,
+    /// One permit per stream served ([`MAX_STREAMS`]).
+    pub(super) streams: Arc<Semaphore>,
+    /// KiB of request bodies buffered ([`BODY_BUDGET_KIB`]).
+    pub(super) body_budget: Arc<Semaphore>,
 }
 
 impl ChannelService for Upstream {
@@ -46,24 +63,34 @@ impl ChannelService for Upstream {
     }
 
     fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>) {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            tracing::warn!("refused a stream: {MAX_STREAMS} streams are open already");
+            return;
+        };
         if target != TARGET_APISERVER {
             let Some(t) = Target::from_channel_address(&target) else {
                 return;
             };
-            self.tasks
-                .spawn(serve_raw(self.dialer.clone(), t, port, stream));
+            let d = self.dialer.clone();
+            self.tasks.spawn(async move {
+                serve_raw(d, t, port, stream).await;
+                drop(permit);
+            });
             return;
         }
         let client = self.client.clone();
         let impersonate = self.impersonate;
         let tasks = self.tasks.clone();
+        let budget = self.body_budget.clone();
         self.tasks.spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let client = client.clone();
                 let tasks = tasks.clone();
+                let budget = budget.clone();
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        forward(&tasks, client, impersonate, req).await,
+                        forward(&tasks, &budget, client, impersonate, req).await,
                     )
                 }
             });
@@ -102,6 +129,7 @@ fn impersonation(headers: &http::HeaderMap, agent_allows: bool) -> Option<(Strin
 
 async fn forward(
     tasks: &TaskTracker,
+    budget: &Arc<Semaphore>,
     client: kube::Client,
     impersonate: bool,
     mut req: Request<Incoming>,
@@ -125,15 +153,9 @@ async fn forward(
         }
     }
     parts.headers.remove(header::HOST);
-    let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return status_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLarge",
-                &format!("request body rejected by the towerctl agent: {e}"),
-            )
-        }
+    let (body, _reserved) = match read_body(body, budget).await {
+        Ok(b) => b,
+        Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
     let up_req = Request::from_parts(parts, kube::client::Body::from(body));
     let mut resp = match client.send(up_req).await {
@@ -174,4 +196,78 @@ pub(super) async fn upstream_client(
     let url = config.cluster_url.to_string();
     let client = kube::Client::try_from(config).context("cannot build the member API client")?;
     Ok((client, url))
+}
+
+/// Reads a request body within [`MAX_REQUEST_BODY`], [`BODY_DEADLINE`] and
+/// the shared [`BODY_BUDGET_KIB`]; the permits returned hold the budget
+/// until the request has been sent.
+async fn read_body(
+    mut body: Incoming,
+    budget: &Arc<Semaphore>,
+) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), (StatusCode, &'static str, String)> {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            format!(
+                "request body rejected by the towerctl agent: larger than {} MiB",
+                MAX_REQUEST_BODY / (1024 * 1024)
+            ),
+        )
+    };
+    if http_body::Body::size_hint(&body)
+        .upper()
+        .or(Some(http_body::Body::size_hint(&body).lower()))
+        .is_some_and(|n| n as usize > MAX_REQUEST_BODY)
+    {
+        return Err(too_large());
+    }
+    let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+    let mut buf = bytes::BytesMut::new();
+    let mut reserved: Option<OwnedSemaphorePermit> = None;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err((
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Timeout",
+                    format!(
+                        "request body not received within {}s by the towerctl agent",
+                        BODY_DEADLINE.as_secs()
+                    ),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("request body could not be read: {e}"),
+                ))
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > MAX_REQUEST_BODY {
+            return Err(too_large());
+        }
+        let kib = (buf.len() + data.len()).div_ceil(1024) - buf.len().div_ceil(1024);
+        if kib > 0 {
+            let Ok(p) = budget.clone().try_acquire_many_owned(kib as u32) else {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "the towerctl agent is buffering too many request bodies right now; retry shortly".into(),
+                ));
+            };
+            match reserved.as_mut() {
+                Some(r) => r.merge(p),
+                None => reserved = Some(p),
+            }
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), reserved))
 }

@@ -5,6 +5,8 @@ use russh::keys::PublicKey;
 
 use super::Hub;
 use crate::daemon::control;
+use crate::daemon::names::validate_name;
+use crate::daemon::store::Member;
 use crate::tunnel::server::{self, Verdict};
 use crate::tunnel::{keys, AUTH_PREFIX, REVOKED_PREFIX};
 
@@ -14,6 +16,9 @@ impl server::Authenticator for Hub {
     }
 
     fn check_key(&self, name: &str, key: &PublicKey) -> Verdict {
+        if validate_name(name).is_err() {
+            return Verdict::Reject(None);
+        }
         let Ok(Some(m)) = self.store.get_member(name) else {
             return Verdict::Reject(None);
         };
@@ -29,45 +34,52 @@ impl server::Authenticator for Hub {
     }
 
     fn check_token(&self, name: &str, token: &str, proven_key: Option<&PublicKey>) -> Verdict {
+        // A name that cannot be registered is refused before the registry
+        // is touched (and never echoed: it is the attacker's string).
+        if validate_name(name).is_err() {
+            return Verdict::Reject(Some(format!(
+                "{AUTH_PREFIX}the cluster name is not valid (1-63 lowercase letters, digits and '-')"
+            )));
+        }
         let hash = keys::token_hash(token);
         let now = control::now_unix();
-        let mut verdict = Verdict::Reject(Some(format!(
-            "{AUTH_PREFIX}the join token is wrong or cluster '{name}' is not registered; run the join command printed by 'towerctl cluster add {name}' or 'towerctl cluster rotate {name}' on the hub"
-        )));
-        let r = self.store.update_member(name, &mut |m| {
-            if !keys::ct_eq(&m.token_hash, &hash) {
-                return false;
-            }
-            if m.revoked {
-                verdict = Verdict::Reject(Some(revoked_reason(name)));
-                return false;
-            }
-            if m.single_use && m.token_used {
-                verdict = Verdict::Reject(Some(format!(
-                    "{AUTH_PREFIX}the join token of cluster '{name}' was already used (tokens are single-use; a joined agent reconnects with its key); run 'towerctl cluster rotate {name}' on the hub for a new one"
-                )));
-                return false;
-            }
-            if let Some(exp) = m.token_expires_at {
-                if now >= exp {
-                    verdict = Verdict::Reject(Some(format!(
-                        "{AUTH_PREFIX}the join token of cluster '{name}' expired at {}; run 'towerctl cluster rotate {name}' on the hub for a new one",
-                        crate::daemon::fmt::fmt_unix(exp)
-                    )));
-                    return false;
+        // Read-only first: a refused attempt costs no write transaction (and
+        // no fsync on the runtime every tunnel and the gateway share).
+        match self.store.get_member(name) {
+            Ok(Some(m)) => {
+                if let Err(v) = judge_token(&m, &hash, now) {
+                    return v;
                 }
             }
-            m.token_used = true;
-            if let Some(k) = proven_key.and_then(|k| k.to_openssh().ok()) {
-                m.agent_key = Some(k);
+            Ok(None) => return wrong_token(name),
+            Err(e) => {
+                tracing::error!("registry error while checking a join token: {e}");
+                return Verdict::Reject(None);
             }
-            verdict = Verdict::Accept;
-            true
-        });
+        }
+        // The token would be accepted: spend it in one transaction that
+        // checks again, so two hubs or two agents cannot both spend it.
+        let mut verdict = wrong_token(name);
+        let r = self
+            .store
+            .update_member(name, &mut |m| match judge_token(m, &hash, now) {
+                Ok(()) => {
+                    m.token_used = true;
+                    if let Some(k) = proven_key.and_then(|k| k.to_openssh().ok()) {
+                        m.agent_key = Some(k);
+                    }
+                    verdict = Verdict::Accept;
+                    true
+                }
+                Err(v) => {
+                    verdict = v;
+                    false
+                }
+            });
         match r {
             Ok(_) => verdict,
             Err(e) => {
-                tracing::error!("registry error while checking a join token: {e}");
+                tracing::error!("registry error while spending a join token: {e}");
                 Verdict::Reject(None)
             }
         }
@@ -88,4 +100,35 @@ impl Hub {
 
 pub(super) fn revoked_reason(name: &str) -> String {
     format!("{REVOKED_PREFIX}cluster '{name}' was revoked on the hub; to let it back, run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' there and join again")
+}
+
+fn wrong_token(name: &str) -> Verdict {
+    Verdict::Reject(Some(format!(
+        "{AUTH_PREFIX}the join token is wrong or cluster '{name}' is not registered; run the join command printed by 'towerctl cluster add {name}' or 'towerctl cluster rotate {name}' on the hub"
+    )))
+}
+
+/// Whether `hash` is member `m`'s join token and may be spent now.
+pub(super) fn judge_token(m: &Member, hash: &str, now: u64) -> Result<(), Verdict> {
+    let name = &m.name;
+    if !keys::ct_eq(&m.token_hash, hash) {
+        return Err(wrong_token(name));
+    }
+    if m.revoked {
+        return Err(Verdict::Reject(Some(revoked_reason(name))));
+    }
+    if m.single_use && m.token_used {
+        return Err(Verdict::Reject(Some(format!(
+            "{AUTH_PREFIX}the join token of cluster '{name}' was already used (tokens are single-use; a joined agent reconnects with its key); run 'towerctl cluster rotate {name}' on the hub for a new one"
+        ))));
+    }
+    if let Some(exp) = m.token_expires_at {
+        if now >= exp {
+            return Err(Verdict::Reject(Some(format!(
+                "{AUTH_PREFIX}the join token of cluster '{name}' expired at {}; run 'towerctl cluster rotate {name}' on the hub for a new one",
+                crate::daemon::fmt::fmt_unix(exp)
+            ))));
+        }
+    }
+    Ok(())
 }

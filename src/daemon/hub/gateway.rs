@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Hub, LiveSession};
+use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::audit::{Audited, Record};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
-    strip_identity, text_response, Body, GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
+    strip_identity, text_response, Body, Held, GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
 };
 use crate::daemon::metrics::DialFailure;
 use crate::daemon::store::Operator;
@@ -56,40 +57,148 @@ impl ChannelSlot {
     }
 }
 
+/// From accept to the first authenticated request (TLS handshake and
+/// request headers included): a connection that has not shown an operator
+/// token by then is closed. Stops slow-loris and half-open floods.
+pub const PREAUTH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A kept-alive connection with no request in flight is closed after this
+/// (kubectl reconnects transparently); watches and streams in flight keep
+/// their connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Headers of one request must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest request head (line and headers) accepted; hyper's own default
+/// is about 400 KiB.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// What the requests of one client connection share.
+struct Conn {
+    slot: ChannelSlot,
+    peer: SocketAddr,
+    /// Held until the first authenticated request.
+    ticket: std::sync::Mutex<Option<Ticket>>,
+    /// One clone per request in flight (its response body holds it).
+    active: Arc<()>,
+    /// When the last request started or the last response ended.
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Conn {
+    fn authenticated(&self) {
+        if let Ok(mut t) = self.ticket.lock() {
+            t.take();
+        }
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.ticket.lock().map(|t| t.is_none()).unwrap_or(true)
+    }
+
+    fn touch(&self) {
+        if let Ok(mut l) = self.last.lock() {
+            *l = std::time::Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        // Only this struct and the watchdog hold `active` when no request is
+        // in flight.
+        if Arc::strong_count(&self.active) > 1 {
+            return None;
+        }
+        self.last.lock().ok().map(|l| l.elapsed())
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     hub: Arc<Hub>,
+    admission: Arc<Admission>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "gateway").await {
+        let ticket = admission.admit(peer.ip());
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let deadline = tokio::time::Instant::now() + PREAUTH_DEADLINE;
+            let evicted = ticket.evicted.clone();
+            let tls = tokio::select! {
+                r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, "gateway TLS handshake failed: {e}");
                         return;
                     }
                     Err(_) => return,
-                };
-            let slot = Arc::new(ChannelSlot::default());
-            let svc = hyper::service::service_fn(move |req| {
-                let hub = hub.clone();
-                let slot = slot.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(hub, &slot, req, peer).await) }
+                },
+                _ = evicted.cancelled() => return,
+                _ = cancel.cancelled() => return,
+            };
+            let conn_state = Arc::new(Conn {
+                slot: ChannelSlot::default(),
+                peer,
+                ticket: std::sync::Mutex::new(Some(ticket)),
+                active: Arc::new(()),
+                last: std::sync::Mutex::new(std::time::Instant::now()),
             });
+            let svc = {
+                let conn_state = conn_state.clone();
+                hyper::service::service_fn(move |req| {
+                    let hub = hub.clone();
+                    let c = conn_state.clone();
+                    async move {
+                        c.touch();
+                        let hold = c.active.clone();
+                        let resp = handle(hub, &c, req).await;
+                        let (parts, body) = resp.into_parts();
+                        let body = Held::new(body, hold, {
+                            let c = c.clone();
+                            move || c.touch()
+                        });
+                        Ok::<_, std::convert::Infallible>(Response::from_parts(
+                            parts,
+                            body.boxed_unsync(),
+                        ))
+                    }
+                })
+            };
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD.max(8192))
                 .serve_connection(TokioIo::new(tls), svc)
                 .with_upgrades();
-            tokio::select! {
-                r = conn => if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") },
-                _ = cancel.cancelled() => {}
+            tokio::pin!(conn);
+            let mut check = tokio::time::interval(Duration::from_secs(1));
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") }
+                        break;
+                    }
+                    _ = evicted.cancelled(), if !conn_state.is_authenticated() => break,
+                    _ = check.tick() => {
+                        if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
+                            tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
+                            break;
+                        }
+                        if !closing && conn_state.idle_for().is_some_and(|d| d >= IDLE_TIMEOUT) {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                    _ = cancel.cancelled() => break,
+                }
             }
         });
     }
@@ -156,12 +265,8 @@ async fn open_channel(
 /// operator machines. Everything but the CA needs an operator token.
 const API: &str = "/towerctl/v1/";
 
-async fn handle(
-    hub: Arc<Hub>,
-    slot: &ChannelSlot,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<Body> {
+async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let (slot, peer) = (&conn.slot, conn.peer);
     let path = req.uri().path().to_string();
     if path == "/healthz" || path == "/readyz" {
         return Response::new(full(Bytes::from_static(b"ok")));
@@ -176,6 +281,7 @@ async fn handle(
     let Some(operator) = hub.operator(token) else {
         return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
+    conn.authenticated();
     if req.method() == http::Method::CONNECT {
         return connect(hub, req, peer, &operator).await;
     }

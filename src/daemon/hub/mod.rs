@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::admission::{Admission, Caps};
 use super::control::{
     self as ctl, push_bounded, ClusterStatus, Event, HubStatus, MemberState, TokenState,
     EVENTS_KEPT,
@@ -112,6 +113,8 @@ pub struct Hub {
     /// Owns every task that serves a connection or a stream, so shutdown
     /// can wait (bounded) for them and their audit records.
     pub tasks: TaskTracker,
+    /// Unauthenticated connections of the tunnel and gateway listeners.
+    pub admissions: [Arc<Admission>; 2],
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
 }
@@ -262,6 +265,11 @@ impl Hub {
                 .map(|f| (*f, self.dial_failures.get(*f)))
                 .collect(),
             audit_dropped: self.auditor.dropped.load(Ordering::Relaxed),
+            unauthenticated: self
+                .admissions
+                .iter()
+                .map(|a| (a.what(), a.open() as u64))
+                .collect(),
         }
     }
 
@@ -362,6 +370,14 @@ pub async fn run(
     cancel: CancellationToken,
     ready: impl FnOnce(&HubStatus),
 ) -> Result<()> {
+    let fd_limit = super::admission::raise_fd_limit();
+    let caps = Caps::from_fd_limit(fd_limit);
+    tracing::info!(
+        fd_limit,
+        "unauthenticated connections capped at {} per listener, {} per source",
+        caps.total,
+        caps.per_source
+    );
     let data = paths::data_dir();
     paths::ensure_private_dir(&data)?;
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data.join("hub.redb"))?);
@@ -466,6 +482,10 @@ pub async fn run(
         auditor: super::audit::Auditor::start(paths::state_dir().join("audit.log")),
         dial_failures: Default::default(),
         tasks: TaskTracker::new(),
+        admissions: [
+            Admission::new("tunnel", caps),
+            Admission::new("gateway", caps),
+        ],
         operators: RwLock::new(HashMap::new()),
         ca_pem: tls.ca_pem.clone(),
     });
@@ -491,6 +511,7 @@ pub async fn run(
     tracker.spawn(tunnel::accept_tunnels(
         tunnel_listener,
         hub.clone(),
+        hub.admissions[0].clone(),
         ssh_cfg,
         cfg.keepalive,
         cancel.clone(),
@@ -500,6 +521,7 @@ pub async fn run(
         gateway_listener,
         tls.server_config.clone(),
         hub.clone(),
+        hub.admissions[1].clone(),
         cancel.clone(),
         tracker.clone(),
     ));

@@ -12,47 +12,141 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Hub, LiveSession};
+use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::control::{self, push_bounded, RTT_SAMPLES_KEPT};
 use crate::tunnel::{self, server};
+
+/// From accept to a finished SSH login (WebSocket upgrade, SSH banner, key
+/// exchange and authentication): a connection that has not logged in by
+/// then is closed. Stops half-open and silent-connection floods.
+pub const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Largest WebSocket message or frame accepted. The tunnel never sends more
+/// than 256 KiB in one message (see `tunnel::ws`); tungstenite's default
+/// (64 MiB) would let an unauthenticated peer make the hub buffer that much.
+pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
 
 pub(super) async fn accept_tunnels(
     listener: TcpListener,
     hub: Arc<Hub>,
+    admission: Arc<Admission>,
     ssh_cfg: Arc<russh::server::Config>,
     keepalive: Duration,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let penalties = Arc::new(Penalties::default());
     while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "tunnel").await {
+        if let Some(left) = penalties.blocked(peer.ip()) {
+            tracing::debug!(%peer, "refused: too many refused join tokens from this address, {left:?} left");
+            continue;
+        }
+        let ticket = admission.admit(peer.ip());
         let hub = hub.clone();
         let ssh_cfg = ssh_cfg.clone();
         let cancel = cancel.clone();
+        let penalties = penalties.clone();
         tracker.spawn(async move {
-            if let Err(e) = tunnel_session(tcp, peer, hub, ssh_cfg, keepalive, cancel).await {
+            let r = tunnel_session(tcp, peer, hub, ticket, ssh_cfg, keepalive, cancel).await;
+            match &r {
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<server::AcceptError>(),
+                        Some(server::AcceptError::Refused)
+                    ) =>
+                {
+                    penalties.failed(peer.ip());
+                }
+                Ok(()) => penalties.succeeded(peer.ip()),
+                _ => {}
+            }
+            if let Err(e) = r {
                 tracing::info!(%peer, "tunnel session ended: {e:#}");
             }
         });
     }
 }
 
+/// Refused join tokens per source address, with exponential backoff: after
+/// [`Penalties::FREE`] refusals in a row, connections from that address are
+/// closed at accept for 0.5 s, doubling up to 60 s. A login from the
+/// address clears it. Bounded: the oldest entries go past
+/// [`Penalties::MAX_SOURCES`].
+#[derive(Default)]
+struct Penalties(Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>);
+
+impl Penalties {
+    const FREE: u32 = 5;
+    const MAX_SOURCES: usize = 10_000;
+
+    fn delay(failures: u32) -> Duration {
+        if failures < Self::FREE {
+            return Duration::ZERO;
+        }
+        let exp = (failures - Self::FREE).min(7);
+        Duration::from_millis(500 << exp).min(Duration::from_secs(60))
+    }
+
+    fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        let m = self.0.lock().ok()?;
+        let (n, at) = m.get(&ip)?;
+        let until = *at + Self::delay(*n);
+        until.checked_duration_since(std::time::Instant::now())
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= Self::MAX_SOURCES && !m.contains_key(&ip) {
+                if let Some(oldest) = m.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
+                    m.remove(&oldest);
+                }
+            }
+            let e = m.entry(ip).or_insert((0, std::time::Instant::now()));
+            e.0 += 1;
+            e.1 = std::time::Instant::now();
+        }
+    }
+
+    fn succeeded(&self, ip: std::net::IpAddr) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&ip);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn tunnel_session(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     hub: Arc<Hub>,
+    ticket: Ticket,
     ssh_cfg: Arc<russh::server::Config>,
     keepalive: Duration,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let ws = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::accept_async(tcp),
-    )
-    .await
-    .context("WebSocket handshake timed out")?
-    .context("WebSocket handshake failed")?;
-    let io = tunnel::ws::WsIo::new(ws);
-    let auth: Arc<dyn server::Authenticator> = hub.clone();
-    let mut sess = server::accept(ssh_cfg, io, auth, Duration::from_secs(30)).await?;
+    let deadline = tokio::time::Instant::now() + LOGIN_DEADLINE;
+    let login = async {
+        let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_WS_MESSAGE))
+            .max_frame_size(Some(MAX_WS_MESSAGE));
+        let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(ws_cfg))
+            .await
+            .context("WebSocket handshake failed")?;
+        let io = tunnel::ws::WsIo::new(ws);
+        let auth: Arc<dyn server::Authenticator> = hub.clone();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        anyhow::Ok(server::accept(ssh_cfg, io, auth, left).await?)
+    };
+    let mut sess = tokio::select! {
+        r = tokio::time::timeout_at(deadline, login) => match r {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("no SSH login within {LOGIN_DEADLINE:?}"),
+        },
+        _ = ticket.evicted.cancelled() => anyhow::bail!("closed before login to make room (too many unauthenticated connections)"),
+        _ = cancel.cancelled() => return Ok(()),
+    };
+    // Logged in: no longer counted among the unauthenticated.
+    drop(ticket);
     let live = Arc::new(LiveSession {
         id: hub.next_id.fetch_add(1, Ordering::Relaxed),
         name: sess.name.clone(),

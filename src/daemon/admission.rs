@@ -1,0 +1,224 @@
+//! Admission of unauthenticated connections to the hub's listeners.
+//!
+//! Every connection starts unauthenticated and holds a [`Ticket`] until it
+//! proves who it is (an operator's bearer token on the gateway, a finished
+//! SSH login on the tunnel) or its pre-authentication deadline passes.
+//! Tickets are capped per source address and in total, well under the
+//! process's file-descriptor limit, so half-open or silent connections can
+//! never starve the listeners of descriptors.
+//!
+//! Past a cap, the *oldest* unauthenticated connection (of the same source
+//! when the per-source cap is hit) is closed to make room. Refusing the new
+//! one instead would hand the listener to whoever holds the most idle
+//! sockets: an attacker who opens connections and says nothing would lock
+//! out every new kubectl and agent until the deadlines expire, while a
+//! legitimate client finishes its handshake in milliseconds and leaves the
+//! unauthenticated pool long before it could be evicted. Authenticated
+//! connections never hold a ticket, so they are never touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+/// Caps of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    pub per_source: usize,
+}
+
+impl Caps {
+    /// Caps sized from the file-descriptor limit: the listeners together
+    /// may hold at most half of it unauthenticated (each of two listeners
+    /// a quarter), so authenticated traffic, upstream channels, the
+    /// registry and logs always have room.
+    pub fn from_fd_limit(limit: u64) -> Caps {
+        let total = ((limit / 4) as usize).clamp(16, 4096);
+        Caps {
+            total,
+            per_source: (total / 2).max(8),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    /// Oldest first.
+    open: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    per_source: HashMap<IpAddr, usize>,
+    evicted: u64,
+}
+
+/// The unauthenticated connections of one listener.
+pub struct Admission {
+    what: &'static str,
+    caps: Caps,
+    state: Mutex<State>,
+}
+
+/// A connection's place among the unauthenticated ones; dropping it (on
+/// authentication or when the connection ends) frees the place.
+pub struct Ticket {
+    adm: Arc<Admission>,
+    id: u64,
+    source: IpAddr,
+    /// Fires when the connection must close to make room for a newer one.
+    pub evicted: CancellationToken,
+}
+
+impl Admission {
+    pub fn new(what: &'static str, caps: Caps) -> Arc<Admission> {
+        Arc::new(Admission {
+            what,
+            caps,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Admits a new connection from `source`, evicting the oldest
+    /// unauthenticated one when a cap is reached.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Ticket {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let from_source = st.per_source.get(&source).copied().unwrap_or(0);
+        let victim = if from_source >= self.caps.per_source {
+            st.open
+                .iter()
+                .find(|(_, (ip, _))| *ip == source)
+                .map(|(id, _)| *id)
+        } else if st.open.len() >= self.caps.total {
+            st.open.keys().next().copied()
+        } else {
+            None
+        };
+        if let Some(v) = victim {
+            if let Some((ip, token)) = st.open.remove(&v) {
+                token.cancel();
+                Self::forget(&mut st, ip);
+                st.evicted += 1;
+                if st.evicted.is_power_of_two() {
+                    tracing::warn!(
+                        "{}: {} unauthenticated connections closed to make room so far (caps: {} in total, {} per source)",
+                        self.what,
+                        st.evicted,
+                        self.caps.total,
+                        self.caps.per_source
+                    );
+                }
+            }
+        }
+        let id = st.next;
+        st.next += 1;
+        let evicted = CancellationToken::new();
+        st.open.insert(id, (source, evicted.clone()));
+        *st.per_source.entry(source).or_insert(0) += 1;
+        Ticket {
+            adm: self.clone(),
+            id,
+            source,
+            evicted,
+        }
+    }
+
+    fn forget(st: &mut State, ip: IpAddr) {
+        if let Some(n) = st.per_source.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_source.remove(&ip);
+            }
+        }
+    }
+
+    /// The listener's name, for logs and metrics.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Unauthenticated connections held right now.
+    pub fn open(&self) -> usize {
+        self.state.lock().map(|s| s.open.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut st = self.adm.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.open.remove(&self.id).is_some() {
+            Admission::forget(&mut st, self.source);
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (the default soft
+/// limit of 1,024 is what a connection flood exhausts first) and returns
+/// the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 1024;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                rl.rlim_cur = rl.rlim_max;
+            }
+        }
+    }
+    rl.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn evicts_the_oldest_of_the_same_source_first() {
+        let adm = Admission::new(
+            "test",
+            Caps {
+                total: 4,
+                per_source: 2,
+            },
+        );
+        let a1 = adm.admit(ip("10.0.0.1"));
+        let b1 = adm.admit(ip("10.0.0.2"));
+        let a2 = adm.admit(ip("10.0.0.1"));
+        assert_eq!(adm.open(), 3);
+        // A third from 10.0.0.1 pushes out its own oldest, not b1.
+        let a3 = adm.admit(ip("10.0.0.1"));
+        assert!(a1.evicted.is_cancelled());
+        assert!(!b1.evicted.is_cancelled() && !a2.evicted.is_cancelled());
+        assert_eq!(adm.open(), 3);
+        // Total cap: the oldest overall goes.
+        let _c1 = adm.admit(ip("10.0.0.3"));
+        let _d1 = adm.admit(ip("10.0.0.4"));
+        assert!(b1.evicted.is_cancelled());
+        assert_eq!(adm.open(), 4);
+        // Authenticating (dropping the ticket) frees the place.
+        drop(a3);
+        drop(a1);
+        assert_eq!(adm.open(), 3);
+    }
+
+    #[test]
+    fn caps_follow_the_fd_limit() {
+        let c = Caps::from_fd_limit(1024);
+        assert_eq!(c.total, 256);
+        assert!(c.per_source <= c.total);
+        assert_eq!(Caps::from_fd_limit(1_048_576).total, 4096);
+    }
+}

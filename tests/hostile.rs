@@ -1,0 +1,260 @@
+//! The hub under hostile network input: connection floods that never
+//! authenticate, and a network that resets the tunnel mid-handshake. The
+//! real towerctl binary, the real kubectl, the stand-in API server behind
+//! the agent. Heavier variants run in the opt-in fault suite
+//! (`TOWERCTL_FAULTS=1`, see docs/faults.md).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::apiserver::ApiServer;
+use support::{wait_for, Env};
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Opens `n` connections to `addr`, sends `greeting` on each, then holds
+/// them silent. Connections the hub closes are simply dropped.
+fn flood(addr: &str, n: usize, greeting: &[u8]) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(greeting);
+            held.push(s);
+        }
+    }
+    held
+}
+
+/// A silent WebSocket upgrade: the handshake request, then nothing (no SSH
+/// banner ever follows).
+fn ws_upgrade(addr: &str) -> Vec<u8> {
+    format!(
+        "GET /tunnel HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A TLS ClientHello cut short: the record header promises more than comes.
+const HALF_HELLO: &[u8] = &[
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+];
+
+#[test]
+fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    // The hub under a small descriptor limit: 256, so that 600 held
+    // connections would exhaust it without the caps (the hub sizes its caps
+    // from the limit: 64 unauthenticated connections per listener).
+    let o = support::run_bounded(
+        {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c")
+                .arg(format!(
+                    "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --keepalive 1s --metrics off",
+                    support::TOWERCTL
+                ));
+            env.apply_env(&mut c);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(o.ok(), "{o:?}");
+    let hub_pid = env.pid_of("hub").expect("hub pid");
+    let limits = std::fs::read_to_string(format!("/proc/{hub_pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 256 ")),
+        "{limits}"
+    );
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_fds = fd_count(hub_pid);
+
+    let st = env.status();
+    let gateway = st["hub"]["gatewayAddress"].as_str().unwrap().to_string();
+    let tunnel = st["hub"]["tunnelAddress"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let held_tls = flood(&gateway, 300, HALF_HELLO);
+    let held_ws = flood(&tunnel, 300, &ws_upgrade(&tunnel));
+    assert!(
+        held_tls.len() + held_ws.len() >= 500,
+        "the flood itself failed"
+    );
+    // Never more descriptors than the limit allows: the hub is alive and
+    // holds well under 256.
+    let during = fd_count(hub_pid);
+    assert!(during > 0 && during < 240, "hub holds {during} descriptors");
+
+    // During the attack: kubectl through the gateway, and a new agent.
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let join_b = env.cluster_add("beta");
+    let o = env.join(&join_b, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the checks above must run while the flood is still held (before the deadlines)"
+    );
+
+    // The attacker keeps its sockets open; the hub closes them by its
+    // deadlines (10 s gateway, 15 s tunnel) and returns to its idle count
+    // (plus beta's session).
+    wait_for("the hub to drop the flood", Duration::from_secs(30), || {
+        (fd_count(hub_pid) <= idle_fds + 8).then_some(())
+    });
+    // Every held connection was closed by the hub: reading gives EOF or a
+    // reset, not a timeout.
+    for mut s in held_tls.into_iter().chain(held_ws) {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(_) => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = end {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "a flood connection is still open after the deadline"
+            );
+        }
+    }
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+    let _ = env.towerctl(&["down"]);
+}
+
+/// A TCP proxy in front of the hub's tunnel port that resets each of the
+/// first `resets.len()` connections after the agent has sent that many
+/// bytes (mid-handshake: SSH key exchange and login), then forwards
+/// faithfully.
+fn resetting_proxy(target: String, resets: Vec<usize>) -> (String, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for (i, conn) in l.incoming().enumerate().take(50) {
+            let Ok(client) = conn else { continue };
+            c.fetch_add(1, Ordering::SeqCst);
+            let Ok(hub) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let cut = resets.get(i).copied();
+            let (mut c_rd, mut h_wr) = (client.try_clone().unwrap(), hub.try_clone().unwrap());
+            let (mut h_rd, mut c_wr) = (hub, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                let mut sent = 0;
+                loop {
+                    let n = match c_rd.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let Some(cut) = cut {
+                        if sent + n >= cut {
+                            // RST both ways: linger 0, then close.
+                            let _ = socket_reset(&c_rd);
+                            let _ = socket_reset(&h_wr);
+                            return;
+                        }
+                    }
+                    sent += n;
+                    if h_wr.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = h_wr.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut h_rd, &mut c_wr);
+                let _ = c_wr.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, count)
+}
+
+fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc_linger();
+    // SAFETY: setsockopt on a valid fd with a correctly sized struct.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.shutdown(std::net::Shutdown::Both)
+}
+
+fn libc_linger() -> libc::linger {
+    libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    }
+}
+
+#[test]
+fn resets_mid_handshake_never_stop_the_agent() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Cut during the WebSocket/SSH set-up, the key exchange, and login.
+    let (proxy, seen) = resetting_proxy(tunnel, vec![400, 1500, 2300]);
+    let mut args = join.clone();
+    let hub_at = args.iter().position(|a| a == "--hub").unwrap() + 1;
+    args[hub_at] = format!("ws://{proxy}/tunnel");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(
+        &args,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--timeout",
+            "40s",
+        ],
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    assert!(
+        seen.load(Ordering::SeqCst) >= 4,
+        "the first three were reset"
+    );
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}
