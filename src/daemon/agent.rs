@@ -69,6 +69,13 @@ pub struct AgentConfig {
     /// `auto`, `direct` or `portforward` (see [`PodNetwork`]).
     #[serde(default = "default_pod_network")]
     pub pod_network: String,
+    /// Extra CAs (PEM) for a `wss://` hub behind an ingress (`--hub-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_ca: Option<PathBuf>,
+    /// `--insecure-skip-tls-verify`: the WebSocket layer only; the host-key
+    /// pin still authenticates the hub.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_tls_verify: bool,
 }
 
 fn default_keepalive() -> u64 {
@@ -494,6 +501,8 @@ struct State {
     attempt: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
+    /// What kind of failure `last_error` is, where `join` acts on it.
+    failure: Option<control::FailureKind>,
     /// Sessions after the first.
     reconnects: u64,
     rtt_history: VecDeque<f64>,
@@ -543,7 +552,15 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         hub_key: cfg.hub_key.clone(),
         keepalive,
         connect_timeout: Duration::from_secs(15),
+        tls: Arc::new(crate::tunnel::tls::HubTls::new(
+            cfg.hub_ca.as_deref(),
+            cfg.insecure_skip_tls_verify,
+            cfg.hub_key.is_some(),
+        )?),
     };
+    if opts.tls.skips_verification() {
+        tracing::warn!("{}", crate::tunnel::tls::SKIP_VERIFY_WARNING);
+    }
     if opts.hub_key.is_none() {
         tracing::warn!("the hub's host key is not pinned (--insecure-skip-hub-key): anyone who can intercept the connection can impersonate the hub");
     }
@@ -555,6 +572,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         attempt: 0,
         retry_at: None,
         last_error: None,
+        failure: None,
         reconnects: 0,
         rtt_history: VecDeque::new(),
         events: VecDeque::new(),
@@ -602,6 +620,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                             t.saturating_duration_since(Instant::now()).as_millis() as u64
                         }),
                         last_error: s.last_error,
+                        failure: s.failure,
                         upstream,
                         reconnects: s.reconnects,
                         rtt_history_ms: s.rtt_history.into_iter().collect(),
@@ -676,6 +695,7 @@ async fn tunnel_loop(
                     s.since = now;
                     s.attempt = 0;
                     s.last_error = None;
+                    s.failure = None;
                     if again {
                         s.reconnects += 1;
                     }
@@ -731,6 +751,7 @@ async fn tunnel_loop(
                 set(&|s| {
                     s.event(format!("disconnected: {why}"));
                     s.last_error = Some(why.clone());
+                    s.failure = None;
                 });
             }
             Err(e) if e.is_fatal() => {
@@ -744,14 +765,17 @@ async fn tunnel_loop(
                 return Err(anyhow::Error::new(e));
             }
             Err(e) => {
-                tracing::warn!("{e}");
                 let msg = e.to_string();
+                let kind = control::FailureKind::of(&e);
                 set(&|s| {
-                    // One event per distinct failure, not one per attempt.
+                    // One log line and event per distinct failure, not one
+                    // per attempt ("retrying in …" still shows each).
                     if s.last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!("{msg}");
                         s.event(format!("cannot connect: {msg}"));
                     }
                     s.last_error = Some(msg.clone());
+                    s.failure = kind;
                 });
             }
         }
