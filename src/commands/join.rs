@@ -155,7 +155,11 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
         eprintln!("warning: --insecure-skip-hub-key: the hub's identity is not verified; anyone who can intercept the connection can impersonate the hub and read the member's API traffic");
     }
     if cfg.insecure_skip_tls_verify {
-        eprintln!("warning: {SKIP_VERIFY_WARNING}");
+        if cfg.hub.starts_with("wss://") {
+            eprintln!("warning: {SKIP_VERIFY_WARNING}");
+        } else {
+            eprintln!("warning: --insecure-skip-tls-verify has no effect: --hub '{}' does not use TLS (wss://)", cfg.hub);
+        }
     }
     if let Some(s) = agent_status(&a.name).await {
         bail!("an agent for cluster '{}' is already running on this machine (pid {}, {}); run 'towerctl leave {}' first to replace it", a.name, s.pid, s.state, a.name);

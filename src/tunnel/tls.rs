@@ -639,6 +639,25 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_certificate_served_as_the_servers_own_is_explained() {
+        // What `openssl req -x509` makes by default, and what the issue's
+        // user served: trusting it does not help, the message must say so.
+        let (ca_cert, _, _) = ca();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        let tls = HubTls::new(Some(&ca_file), false, true).unwrap();
+        let msg = verify(&tls, ca_cert.der(), "localhost")
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("it is a CA certificate (basicConstraints CA:TRUE)")
+                && msg.contains("issue a server certificate for 'localhost'"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn skipping_verification_needs_the_host_key_pin() {
         assert!(matches!(
             HubTls::new(None, true, false),
