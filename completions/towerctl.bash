@@ -393,7 +393,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__agent__subcmd__run)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --config --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --config --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -412,6 +412,10 @@ _towerctl() {
                     return 0
                     ;;
                 --hub-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --hub-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1407,7 +1411,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__join)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1426,6 +1430,10 @@ _towerctl() {
                     return 0
                     ;;
                 --hub-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --hub-ca)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -131,6 +131,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub -d 'Hub t
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-ca -d 'CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l allow -d 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster\'s services, pods and deployments are always allowed)' -r
@@ -142,6 +143,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l namespace -d 
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l image -d 'Container image for --print-manifest' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l insecure-skip-hub-key -d 'Do not verify the hub\'s host key (unsafe: anyone on the path can impersonate the hub)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l insecure-skip-tls-verify -d 'Do not verify the wss:// certificate (the WebSocket layer only: the --hub-key pin still authenticates the hub); refused with --insecure-skip-hub-key'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l print-manifest -d 'Print Kubernetes manifests that run the agent in the member instead of starting it here'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -s h -l help -d 'Print help'
@@ -155,6 +157,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub-ca -d 'CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l allow -d 'Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member network (repeatable; the cluster\'s services, pods and deployments are always allowed)' -r
@@ -164,6 +167,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l config -d 'Read the agent\'s settings from a file saved by `join`' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l impersonate -d 'Add the calling operator\'s identity as Impersonate-User/Group headers (the member\'s RBAC must grant the agent \'impersonate\')'
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l insecure-skip-hub-key -d 'Do not verify the hub\'s host key (unsafe: anyone on the path can impersonate the hub)'
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l insecure-skip-tls-verify -d 'Do not verify the wss:// certificate (the WebSocket layer only: the --hub-key pin still authenticates the hub); refused with --insecure-skip-hub-key'
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'

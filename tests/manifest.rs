@@ -146,3 +146,57 @@ fn impersonation_grants_only_impersonate() {
         .unwrap();
     assert!(args.contains(&"--impersonate".to_string()));
 }
+
+#[test]
+fn hub_ca_ships_as_a_configmap_the_agent_reads() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let pem = p
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("corp-ca.pem");
+    std::fs::write(&ca, &pem).unwrap();
+    let docs = print(&["--hub-ca", ca.to_str().unwrap()]);
+    let cm: ConfigMap = typed(of_kind(&docs, "ConfigMap")[0]);
+    let data = cm.data.as_ref().unwrap();
+    assert_eq!(data.len(), 1);
+    let (key, value) = data.iter().next().unwrap();
+    assert_eq!(value, &pem);
+
+    let deploy: Deployment = typed(of_kind(&docs, "Deployment")[0]);
+    let pod = deploy.spec.unwrap().template.spec.unwrap();
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.config_map.is_some())
+        .expect("a ConfigMap volume");
+    assert_eq!(
+        vol.config_map.as_ref().unwrap().name,
+        cm.metadata.name.unwrap()
+    );
+    let c = &pod.containers[0];
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == vol.name)
+        .expect("the CA mounted");
+    let args = c.args.as_ref().unwrap();
+    let path = format!("{}/{key}", mount.mount_path);
+    assert!(
+        args.windows(2).any(|w| w[0] == "--hub-ca" && w[1] == path),
+        "{args:?}"
+    );
+    // Not inside the Secret's mount, which is read-only and holds the key.
+    assert!(!path.starts_with("/etc/towerctl/"), "{path}");
+
+    // Without --hub-ca there is no ConfigMap and no flag.
+    let docs = print(&[]);
+    assert!(of_kind(&docs, "ConfigMap").is_empty());
+}

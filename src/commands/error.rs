@@ -18,6 +18,9 @@ pub enum CliError {
     /// The hub could not be reached in time (exit 5).
     #[error("{0}")]
     Unreachable(String),
+    /// The hub's TLS certificate (an ingress in front of it) is not trusted (exit 6).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl CliError {
@@ -26,6 +29,7 @@ impl CliError {
             CliError::NotRunning(_) => exit::NOT_RUNNING,
             CliError::Refused(_) => exit::AUTH,
             CliError::Unreachable(_) => exit::UNREACHABLE,
+            CliError::Tls(_) => exit::TLS,
         }
     }
 }

@@ -10,11 +10,12 @@ use tokio_util::sync::CancellationToken;
 use super::error::CliError;
 use super::{exit, AgentOpts, JoinArgs};
 use crate::daemon::agent::{self, AgentConfig};
-use crate::daemon::control::{self, AgentState, AgentStatus, Request};
+use crate::daemon::control::{self, AgentState, AgentStatus, FailureKind, Request};
 use crate::daemon::names::validate_name;
 use crate::daemon::process;
 use crate::paths;
 use crate::tunnel::keys::normalize_fingerprint;
+use crate::tunnel::tls::{load_pem_bundle, TrustError, SKIP_VERIFY_WARNING};
 
 /// Turns command-line options into an agent configuration, checking each.
 fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
@@ -55,6 +56,19 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
         (None, true) => None,
         (None, false) => bail!("missing --hub-key: pass the hub key fingerprint printed by 'towerctl cluster add' (sha256:…), or --insecure-skip-hub-key to skip verification (unsafe)"),
     };
+    if o.insecure_skip_tls_verify && hub_key.is_none() {
+        bail!("{}", TrustError::NothingVerified);
+    }
+    let hub_ca = match &o.hub_ca {
+        Some(p) => {
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            // Checked now, so that a wrong file fails here and not in the
+            // agent's log.
+            load_pem_bundle(&abs)?;
+            Some(abs)
+        }
+        None => None,
+    };
     let kubeconfig = match &o.kubeconfig {
         Some(p) => {
             let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
@@ -91,6 +105,8 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
             }
             o.allow.clone()
         },
+        hub_ca,
+        insecure_skip_tls_verify: o.insecure_skip_tls_verify,
     })
 }
 
@@ -119,17 +135,32 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
         }
         let mut cfg = config_from_opts_for_manifest(&a.name, &a.opts)?;
         cfg.kubeconfig = None;
+        let hub_ca_pem = match &cfg.hub_ca {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read --hub-ca '{}'", p.display()))?,
+            ),
+            None => None,
+        };
         return super::manifest::print(
             &cfg,
             &super::manifest::ManifestOptions {
                 namespace: a.namespace.clone(),
                 image: a.image.clone(),
+                hub_ca_pem,
             },
         );
     }
     let cfg = config_from_opts(&a.name, &a.opts)?;
     if cfg.hub_key.is_none() {
         eprintln!("warning: --insecure-skip-hub-key: the hub's identity is not verified; anyone who can intercept the connection can impersonate the hub and read the member's API traffic");
+    }
+    if cfg.insecure_skip_tls_verify {
+        if cfg.hub.starts_with("wss://") {
+            eprintln!("warning: {SKIP_VERIFY_WARNING}");
+        } else {
+            eprintln!("warning: --insecure-skip-tls-verify has no effect: --hub '{}' does not use TLS (wss://)", cfg.hub);
+        }
     }
     if let Some(s) = agent_status(&a.name).await {
         bail!("an agent for cluster '{}' is already running on this machine (pid {}, {}); run 'towerctl leave {}' first to replace it", a.name, s.pid, s.state, a.name);
@@ -182,6 +213,15 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 ),
                 _ => format!("dialing {} and handshaking…", cfg.hub),
             });
+            if s.failure == Some(FailureKind::Certificate) {
+                // Retrying cannot fix a certificate the agent does not
+                // trust: say so now rather than after --timeout.
+                spawned.kill();
+                restore();
+                spinner.done();
+                let why = s.last_error.as_deref().unwrap_or("certificate refused");
+                return Err(CliError::Tls(format!("{why}. The agent was stopped.")).into());
+            }
             if s.state == AgentState::Connected {
                 spinner.done();
                 println!(

@@ -9,7 +9,14 @@ use crate::daemon::agent::AgentConfig;
 pub struct ManifestOptions {
     pub namespace: String,
     pub image: String,
+    /// `--hub-ca` contents, shipped as a ConfigMap mounted into the pod.
+    pub hub_ca_pem: Option<String>,
 }
+
+/// Where the pod finds `--hub-ca`: its own mount, next to (not inside) the
+/// Secret's read-only `/etc/towerctl`.
+const HUB_CA_DIR: &str = "/etc/towerctl-hub-ca";
+const HUB_CA_KEY: &str = "hub-ca.pem";
 
 /// The documents, in apply order.
 pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) -> Vec<Value> {
@@ -70,6 +77,25 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
     if cfg.impersonate {
         args.push("--impersonate".into());
     }
+    let mut mounts =
+        vec![json!({"name": "agent-key", "mountPath": "/etc/towerctl", "readOnly": true})];
+    let mut volumes = vec![
+        json!({"name": "agent-key", "secret": {"secretName": name, "defaultMode": 0o400, "items": [{"key": "agent.key", "path": "agent.key"}]}}),
+    ];
+    if let Some(pem) = &o.hub_ca_pem {
+        let cm = format!("{name}-hub-ca");
+        docs.push(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": cm, "namespace": ns, "labels": labels},
+            "data": {HUB_CA_KEY: pem},
+        }));
+        args.extend(["--hub-ca".to_string(), format!("{HUB_CA_DIR}/{HUB_CA_KEY}")]);
+        mounts.push(json!({"name": "hub-ca", "mountPath": HUB_CA_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "hub-ca", "configMap": {"name": cm, "items": [{"key": HUB_CA_KEY, "path": HUB_CA_KEY}]}}));
+    }
+    if cfg.insecure_skip_tls_verify {
+        args.push("--insecure-skip-tls-verify".into());
+    }
     docs.push(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name, "namespace": ns, "labels": labels},
@@ -90,11 +116,11 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
                         "image": o.image,
                         "args": args,
                         "env": [{"name": "TOWERCTL_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "token"}}}],
-                        "volumeMounts": [{"name": "agent-key", "mountPath": "/etc/towerctl", "readOnly": true}],
+                        "volumeMounts": mounts,
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
                         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}},
                     }],
-                    "volumes": [{"name": "agent-key", "secret": {"secretName": name, "defaultMode": 0o400, "items": [{"key": "agent.key", "path": "agent.key"}]}}],
+                    "volumes": volumes,
                 },
             },
         },

@@ -39,10 +39,12 @@ pub mod exit {
     pub const AUTH: u8 = 4;
     /// The hub could not be reached in time.
     pub const UNREACHABLE: u8 = 5;
+    /// The hub's TLS certificate (wss://) was refused.
+    pub const TLS: u8 = 6;
 }
 
 const FOOTER: &str = "\
-Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable
+Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable · 6 hub TLS certificate refused
 
 Quick start:
   towerctl up                       # on the hub
@@ -348,6 +350,14 @@ pub struct AgentOpts {
     /// Do not verify the hub's host key (unsafe: anyone on the path can impersonate the hub).
     #[arg(long)]
     pub insecure_skip_hub_key: bool,
+    /// CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides
+    /// the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR).
+    #[arg(long, value_name = "FILE")]
+    pub hub_ca: Option<PathBuf>,
+    /// Do not verify the wss:// certificate (the WebSocket layer only: the --hub-key pin
+    /// still authenticates the hub); refused with --insecure-skip-hub-key.
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
     /// Kubeconfig of the member's API server (default: KUBECONFIG, ~/.kube/config, or in-cluster).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
@@ -400,7 +410,7 @@ pub enum AgentCommand {
         #[command(flatten)]
         opts: AgentOpts,
         /// Read the agent's settings from a file saved by `join`.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["hub", "token", "hub_key"])]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["hub", "token", "hub_key", "hub_ca", "insecure_skip_tls_verify"])]
         config: Option<PathBuf>,
     },
 }

@@ -323,6 +323,10 @@ pub struct AgentStatus {
     /// For `backing_off`: milliseconds until the next attempt.
     pub retry_in_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// What kind of failure `last_error` is, where it changes what `join`
+    /// does (absent otherwise, and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
     pub upstream: String,
     #[serde(default)]
     pub reconnects: u64,
@@ -339,6 +343,21 @@ pub struct AgentStatus {
     /// The agent's own version (absent from agents older than the field).
     #[serde(default)]
     pub version: Option<String>,
+}
+
+/// A kind of agent failure that callers act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The `wss://` endpoint's TLS certificate was refused: `join` stops at
+    /// once instead of waiting out its timeout.
+    Certificate,
+}
+
+impl FailureKind {
+    pub fn of(e: &crate::tunnel::TunnelError) -> Option<FailureKind> {
+        e.is_certificate().then_some(FailureKind::Certificate)
+    }
 }
 
 /// Why an operator's disconnect cut a session, as the hub's event log and

@@ -112,6 +112,7 @@ fn agent(name: &str, state: &str) -> AgentStatus {
             "failed" => Some("the hub refused the credentials of cluster 'x': the join token is wrong, expired or was rotated; run 'towerctl cluster add x' on the hub for a new join command".into()),
             _ => None,
         },
+        failure: None,
         upstream: "https://10.96.0.1:443/".into(),
         denied_dials: 0,
         exposed: vec![],

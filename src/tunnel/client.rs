@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::keys::fingerprint;
+use super::tls::HubTls;
 use super::ws::WsIo;
 use super::{
     Secret, TunnelError, AUTH_PREFIX, MAX_PACKET, REVOKED_PREFIX, TARGET_PING, WINDOW_SIZE,
@@ -38,6 +39,9 @@ pub struct DialOptions {
     pub keepalive: Duration,
     /// Bound on TCP connect + WebSocket + SSH handshake.
     pub connect_timeout: Duration,
+    /// What `wss://` trusts (built once: loading the system store is not
+    /// free).
+    pub tls: Arc<HubTls>,
 }
 
 /// Serves channels the hub opens. Implemented by the agent daemon.
@@ -363,9 +367,26 @@ async fn connect_inner(
         "user-agent",
         http::HeaderValue::from_static(concat!("towerctl/", env!("CARGO_PKG_VERSION"))),
     );
-    let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(request, tcp, None, None)
-        .await
-        .map_err(|e| unreachable(format!("WebSocket handshake failed: {e}")))?;
+    let (tls_config, refused) = opts
+        .tls
+        .connector()
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(
+        request,
+        tcp,
+        None,
+        Some(tokio_tungstenite::Connector::Rustls(tls_config)),
+    )
+    .await
+    .map_err(|e| match refused.take() {
+        // rustls' own words ("UnknownIssuer") say little; the verifier kept
+        // what was presented.
+        Some(failure) => TunnelError::Certificate {
+            url: opts.url.clone(),
+            failure: Box::new(failure),
+        },
+        None => unreachable(format!("WebSocket handshake failed: {e}")),
+    })?;
 
     let seen_key = Arc::new(Mutex::new(None));
     let (closed_tx, closed_rx) = oneshot::channel();

@@ -11,6 +11,7 @@ pub mod client;
 pub mod counted;
 pub mod keys;
 pub mod server;
+pub mod tls;
 pub mod ws;
 
 use std::borrow::Cow;
@@ -98,6 +99,13 @@ pub enum TunnelError {
     BadUrl { url: String, reason: String },
     #[error("the SSH handshake with the hub failed: {0}")]
     Handshake(String),
+    /// The `wss://` endpoint's certificate was refused. Retried (an ingress
+    /// certificate may be fixed later), but `join` reports it at once.
+    #[error("the TLS certificate of '{url}' was refused: {failure}")]
+    Certificate {
+        url: String,
+        failure: Box<tls::CertFailure>,
+    },
 }
 
 impl TunnelError {
@@ -110,6 +118,12 @@ impl TunnelError {
                 | TunnelError::Revoked { .. }
                 | TunnelError::BadUrl { .. }
         )
+    }
+
+    /// A refused TLS certificate: a configuration problem that waiting for
+    /// the join timeout cannot fix, though a running agent keeps retrying.
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, TunnelError::Certificate { .. })
     }
 }
 

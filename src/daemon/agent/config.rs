@@ -36,6 +36,13 @@ pub struct AgentConfig {
     /// `auto`, `direct` or `portforward` (see [`PodNetwork`]).
     #[serde(default = "default_pod_network")]
     pub pod_network: String,
+    /// Extra CAs (PEM) for a `wss://` hub behind an ingress (`--hub-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_ca: Option<PathBuf>,
+    /// `--insecure-skip-tls-verify`: the WebSocket layer only; the host-key
+    /// pin still authenticates the hub.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_tls_verify: bool,
 }
 
 fn default_keepalive() -> u64 {

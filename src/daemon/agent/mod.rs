@@ -39,6 +39,8 @@ struct State {
     attempt: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
+    /// What kind of failure `last_error` is, where `join` acts on it.
+    failure: Option<control::FailureKind>,
     /// Sessions after the first.
     reconnects: u64,
     rtt_history: VecDeque<f64>,
@@ -96,7 +98,15 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         hub_key: cfg.hub_key.clone(),
         keepalive,
         connect_timeout: Duration::from_secs(15),
+        tls: Arc::new(crate::tunnel::tls::HubTls::new(
+            cfg.hub_ca.as_deref(),
+            cfg.insecure_skip_tls_verify,
+            cfg.hub_key.is_some(),
+        )?),
     };
+    if opts.tls.skips_verification() {
+        tracing::warn!("{}", crate::tunnel::tls::SKIP_VERIFY_WARNING);
+    }
     if opts.hub_key.is_none() {
         tracing::warn!("the hub's host key is not pinned (--insecure-skip-hub-key): anyone who can intercept the connection can impersonate the hub");
     }
@@ -108,6 +118,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         attempt: 0,
         retry_at: None,
         last_error: None,
+        failure: None,
         reconnects: 0,
         rtt_history: VecDeque::new(),
         events: VecDeque::new(),
@@ -161,6 +172,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                             t.saturating_duration_since(Instant::now()).as_millis() as u64
                         }),
                         last_error: s.last_error,
+                        failure: s.failure,
                         upstream,
                         reconnects: s.reconnects,
                         rtt_history_ms: s.rtt_history.into_iter().collect(),
@@ -239,6 +251,7 @@ async fn tunnel_loop(
                     s.since = now;
                     s.attempt = 0;
                     s.last_error = None;
+                    s.failure = None;
                     if again {
                         s.reconnects += 1;
                     }
@@ -294,6 +307,7 @@ async fn tunnel_loop(
                 set(&|s| {
                     s.event(format!("disconnected: {why}"));
                     s.last_error = Some(why.clone());
+                    s.failure = None;
                 });
             }
             Err(e) if e.is_fatal() => {
@@ -311,14 +325,17 @@ async fn tunnel_loop(
                 return Err(anyhow::Error::new(e));
             }
             Err(e) => {
-                tracing::warn!("{e}");
                 let msg = e.to_string();
+                let kind = control::FailureKind::of(&e);
                 set(&|s| {
-                    // One event per distinct failure, not one per attempt.
+                    // One log line and event per distinct failure, not one
+                    // per attempt ("retrying in …" still shows each).
                     if s.last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!("{msg}");
                         s.event(format!("cannot connect: {msg}"));
                     }
                     s.last_error = Some(msg.clone());
+                    s.failure = kind;
                 });
             }
         }

@@ -1,0 +1,548 @@
+//! A hub behind what companies run in front of it: nginx terminating TLS
+//! with a private CA (the config in `docs/ingress-nginx.conf`, the one
+//! README shows), and an HTTP CONNECT proxy between agent and hub.
+//!
+//! nginx (Debian's `nginx-light`, installed by `.ci/run`) runs as a child of
+//! the test with its own prefix, config, pid and logs in a temp dir.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use support::apiserver::ApiServer;
+use support::{wait_for, Env, Out, Streaming};
+
+const SNIPPET: &str = include_str!("../docs/ingress-nginx.conf");
+
+fn nginx_binary() -> &'static str {
+    for p in ["/usr/sbin/nginx", "/usr/bin/nginx"] {
+        if Path::new(p).exists() {
+            return p;
+        }
+    }
+    panic!(
+        "nginx is not installed: these tests run the real nginx as a TLS ingress. \
+         Install Debian's nginx-light (apt-get install nginx-light; .ci/run does) and rerun"
+    );
+}
+
+/// A CA and a server certificate it issued, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path, tag: &str, ca_name: &str, names: &[&str]) -> Pki {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "Example Corp");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.clone().self_signed(&ca_key).unwrap();
+    let mut leaf =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "hub ingress");
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &Issuer::new(ca, &ca_key)).unwrap();
+    let p = Pki {
+        ca: dir.join(format!("{tag}-ca.pem")),
+        cert: dir.join(format!("{tag}.crt")),
+        key: dir.join(format!("{tag}.key")),
+    };
+    std::fs::write(&p.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&p.cert, cert.pem()).unwrap();
+    std::fs::write(&p.key, key.serialize_pem()).unwrap();
+    p
+}
+
+/// README's nginx server block with this test's port, names, files and hub.
+/// Each placeholder must be there exactly once, so that the snippet cannot
+/// drift from what is tested.
+fn site_config(port: u16, cert: &Path, key: &Path, hub_tunnel: &str) -> String {
+    let mut s = SNIPPET.to_string();
+    for (from, to) in [
+        ("listen 443 ssl;", format!("listen 127.0.0.1:{port} ssl;")),
+        (
+            "server_name hub.example.com;",
+            "server_name localhost;".into(),
+        ),
+        ("/etc/nginx/tls/hub.crt", cert.display().to_string()),
+        ("/etc/nginx/tls/hub.key", key.display().to_string()),
+        (
+            "proxy_pass http://127.0.0.1:8080;",
+            format!("proxy_pass http://{hub_tunnel};"),
+        ),
+    ] {
+        assert_eq!(
+            s.matches(from).count(),
+            1,
+            "docs/ingress-nginx.conf must contain '{from}' once"
+        );
+        s = s.replace(from, &to);
+    }
+    s
+}
+
+/// nginx as a child process; stopped (by its pid) on drop.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// Serves `cert`/`key` on a free loopback port in front of `hub_tunnel`.
+    fn start(dir: &Path, cert: &Path, key: &Path, hub_tunnel: &str) -> Nginx {
+        let bin = nginx_binary();
+        let dir = dir.join("nginx");
+        std::fs::create_dir_all(&dir).unwrap();
+        // nginx cannot report the port it bound, so take a free one and
+        // retry on the rare race with another process.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            std::fs::write(
+                dir.join("site.conf"),
+                site_config(port, cert, key, hub_tunnel),
+            )
+            .unwrap();
+            let d = dir.display();
+            // As root, nginx would hand its workers to 'nobody', who cannot
+            // enter the private temp dir.
+            let user = if unsafe { libc::geteuid() } == 0 {
+                "user root;"
+            } else {
+                ""
+            };
+            std::fs::write(
+                dir.join("nginx.conf"),
+                format!(
+                    "{user}
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    include {d}/site.conf;
+}}
+"
+                ),
+            )
+            .unwrap();
+            let _ = std::fs::remove_file(dir.join("error.log"));
+            let mut child = Command::new(bin)
+                .arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(dir.join("nginx.conf"))
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nginx");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    last_error = format!(
+                        "nginx exited ({st}): {}",
+                        std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                    );
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Nginx { child, port, dir };
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("nginx did not listen on 127.0.0.1:{port} within 10s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !last_error.contains("Address already in use") {
+                break;
+            }
+        }
+        panic!("{last_error}");
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} nginx");
+    }
+
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // TERM lets the master stop its worker; KILL only if it hangs.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub, a member API server, the CA and nginx in front of the hub.
+struct Ingress {
+    env: Env,
+    _api: ApiServer,
+    member_kc: PathBuf,
+    join: Vec<String>,
+    pki: Pki,
+    nginx: Nginx,
+}
+
+impl Ingress {
+    fn start() -> Ingress {
+        Ingress::start_serving(false)
+    }
+
+    /// With `untrusted`, nginx first serves a certificate from another CA
+    /// ("Some Other CA") until [`Ingress::serve_trusted`].
+    fn start_serving(untrusted: bool) -> Ingress {
+        let env = Env::new();
+        let api = ApiServer::start();
+        env.up();
+        let join = env.cluster_add("alpha");
+        let member_kc = env.path("member.kubeconfig");
+        api.write_kubeconfig(&member_kc);
+        let tunnel = env.status()["hub"]["tunnelAddress"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let pki = pki(
+            env.dir.path(),
+            "corp",
+            "Example Corp Ingress CA",
+            &["localhost"],
+        );
+        let (cert, key) = if untrusted {
+            let other = self::pki(env.dir.path(), "other", "Some Other CA", &["localhost"]);
+            (other.cert, other.key)
+        } else {
+            (pki.cert.clone(), pki.key.clone())
+        };
+        std::fs::copy(cert, env.path("served.crt")).unwrap();
+        std::fs::copy(key, env.path("served.key")).unwrap();
+        let nginx = Nginx::start(
+            env.dir.path(),
+            &env.path("served.crt"),
+            &env.path("served.key"),
+            &tunnel,
+        );
+        Ingress {
+            env,
+            _api: api,
+            member_kc,
+            join,
+            pki,
+            nginx,
+        }
+    }
+
+    /// Has nginx serve the certificate from the CA the tests trust.
+    fn serve_trusted(&self) {
+        std::fs::copy(&self.pki.cert, self.env.path("served.crt")).unwrap();
+        std::fs::copy(&self.pki.key, self.env.path("served.key")).unwrap();
+        self.nginx.signal("-HUP");
+    }
+
+    fn wss(&self, host: &str) -> String {
+        format!("wss://{host}:{}/tunnel", self.nginx.port)
+    }
+
+    /// The printed join command with `--hub` replaced, plus `extra`.
+    fn args(&self, hub: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = self.join.clone();
+        let i = args
+            .iter()
+            .position(|a| a == "--hub")
+            .expect("--hub in the join command");
+        args[i + 1] = hub.to_string();
+        args.extend(
+            [
+                "--kubeconfig",
+                self.member_kc.to_str().unwrap(),
+                "--keepalive",
+                "1s",
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn join(&self, hub: &str, extra: &[&str], vars: &[(&str, &str)]) -> (Out, Duration) {
+        let args = self.args(hub, extra);
+        let mut cmd = self
+            .env
+            .towerctl_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let start = Instant::now();
+        let o = support::run_bounded(cmd, Duration::from_secs(60));
+        (o, start.elapsed())
+    }
+
+    fn kubectl_reaches_the_member(&self) {
+        let o = self.env.towerctl(&["use", "alpha"]);
+        assert!(o.ok(), "{o:?}");
+        let o = self.env.kubectl(&["get", "nodes"]);
+        assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+    }
+}
+
+#[test]
+fn join_through_a_tls_ingress_fails_fast_without_its_ca_and_works_with_hub_ca() {
+    let ing = Ingress::start();
+
+    // Untrusted CA: reported at once, not after --timeout, with what was
+    // presented and the fix.
+    let (o, took) = ing.join(&ing.wss("localhost"), &["--timeout", "30s"], &[]);
+    assert_eq!(o.code, Some(6), "{o:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {o:?}");
+    for want in [
+        "'CN=hub ingress'",
+        "issued by 'CN=Example Corp Ingress CA, O=Example Corp'",
+        "covering 'localhost'",
+        "--hub-ca",
+        "The agent was stopped",
+    ] {
+        assert!(o.stderr.contains(want), "'{want}' missing: {o:?}");
+    }
+    assert!(!o.stderr.contains("did not come up"), "{o:?}");
+
+    // Trusted CA, but a name the certificate does not cover.
+    let ca = ing.pki.ca.to_str().unwrap();
+    let (o, took) = ing.join(
+        &ing.wss("127.0.0.1"),
+        &["--hub-ca", ca, "--timeout", "30s"],
+        &[],
+    );
+    assert_eq!(o.code, Some(6), "{o:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {o:?}");
+    assert!(
+        o.stderr.contains("'127.0.0.1', the name dialed")
+            && o.stderr.contains("covering 'localhost'"),
+        "{o:?}"
+    );
+
+    // A missing --hub-ca file is refused before anything starts.
+    let (o, _) = ing.join(
+        &ing.wss("localhost"),
+        &["--hub-ca", "/nonexistent/ca.pem"],
+        &[],
+    );
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(
+        o.stderr
+            .contains("cannot read --hub-ca '/nonexistent/ca.pem'"),
+        "{o:?}"
+    );
+
+    // With the CA: through nginx to the hub, and kubectl to the member.
+    let (o, _) = ing.join(&ing.wss("localhost"), &["--hub-ca", ca], &[]);
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    ing.kubectl_reaches_the_member();
+
+    // The CA is part of the saved agent config, for reconnects.
+    let saved = std::fs::read_to_string(ing.env.path("config/towerctl/agents/alpha.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(saved["hub_ca"], ca, "{saved}");
+
+    // nginx logs an upgraded request when it ends: the tunnel went through it.
+    assert!(ing.env.towerctl(&["leave", "alpha"]).ok());
+    wait_for(
+        "nginx's access log line for the tunnel",
+        Duration::from_secs(10),
+        || {
+            ing.nginx
+                .access_log()
+                .contains("\"GET /tunnel HTTP/1.1\" 101")
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn ssl_cert_file_is_trusted_like_other_tools_on_the_machine() {
+    let ing = Ingress::start();
+    let ca = ing.pki.ca.to_str().unwrap();
+    let (o, _) = ing.join(&ing.wss("localhost"), &[], &[("SSL_CERT_FILE", ca)]);
+    assert!(o.ok(), "{o:?}");
+    ing.kubectl_reaches_the_member();
+}
+
+#[test]
+fn insecure_skip_tls_verify_keeps_the_host_key_pin() {
+    let ing = Ingress::start();
+    // Skipping both checks would authenticate nothing: refused up front.
+    let mut args = ing.args(
+        &ing.wss("localhost"),
+        &["--insecure-skip-tls-verify", "--insecure-skip-hub-key"],
+    );
+    let i = args.iter().position(|a| a == "--hub-key").unwrap();
+    args.drain(i..i + 2);
+    let o = ing
+        .env
+        .towerctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(
+        o.stderr.contains("would leave the hub unauthenticated") && o.stderr.contains("--hub-ca"),
+        "{o:?}"
+    );
+
+    let (o, _) = ing.join(&ing.wss("localhost"), &["--insecure-skip-tls-verify"], &[]);
+    assert!(o.ok(), "{o:?}");
+    assert!(
+        o.stderr.contains("warning: --insecure-skip-tls-verify")
+            && o.stderr
+                .contains("pinned SSH host key (--hub-key) still authenticates the hub"),
+        "{o:?}"
+    );
+    ing.kubectl_reaches_the_member();
+}
+
+#[test]
+fn agents_reach_the_hub_through_a_connect_proxy_over_ws_and_wss() {
+    let ing = Ingress::start();
+    let proxy = support::ConnectProxy::start();
+    let proxy_url = format!("http://{}", proxy.addr);
+    let ca = ing.pki.ca.to_str().unwrap();
+
+    // wss:// through the proxy, then nginx, then the hub.
+    let (o, _) = ing.join(
+        &ing.wss("localhost"),
+        &["--hub-ca", ca],
+        &[("HTTPS_PROXY", &proxy_url)],
+    );
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(
+        proxy.targets.lock().unwrap().clone(),
+        vec![format!("localhost:{}", ing.nginx.port)],
+        "the agent must CONNECT through the proxy"
+    );
+    ing.kubectl_reaches_the_member();
+
+    // ws:// straight to the hub's listener through the same proxy: plain
+    // URLs take HTTP_PROXY, as curl and Go do for http://.
+    let beta = ing.env.cluster_add("beta");
+    let hub = beta[beta.iter().position(|a| a == "--hub").unwrap() + 1].clone();
+    assert!(hub.starts_with("ws://"), "{hub}");
+    let mut args: Vec<String> = beta.clone();
+    args.extend(["--kubeconfig", ing.member_kc.to_str().unwrap()].map(String::from));
+    let mut cmd = ing
+        .env
+        .towerctl_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env("HTTP_PROXY", &proxy_url)
+        .env("HTTPS_PROXY", &proxy_url);
+    let o = support::run_bounded(cmd, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    // (The agent's client for its member API server honours the proxy
+    // variables too, so the list may hold that address as well.)
+    let targets = proxy.targets.lock().unwrap().clone();
+    assert!(
+        targets.iter().any(|t| format!("ws://{t}/tunnel") == hub),
+        "the ws:// agent must CONNECT through the proxy: {targets:?}"
+    );
+    assert!(ing.env.towerctl(&["use", "beta"]).ok());
+    let o = ing.env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}
+
+#[test]
+fn a_running_agent_logs_a_refused_certificate_once_and_connects_once_it_is_fixed() {
+    // nginx first serves a certificate from a CA the agent does not trust.
+    let ing = Ingress::start_serving(true);
+    let mut args = ing.args(
+        &ing.wss("localhost"),
+        &[
+            "--hub-ca",
+            ing.pki.ca.to_str().unwrap(),
+            "--backoff-cap",
+            "1s",
+        ],
+    );
+    args[0] = "run".into(); // `join alpha …` becomes `agent run alpha …`
+    args.insert(0, "agent".into());
+    let agent = Streaming::start(
+        ing.env
+            .towerctl_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.output().matches("retrying in").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no three attempts within 20s: {}",
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = agent.output();
+    assert_eq!(
+        out.matches("was refused").count(),
+        1,
+        "logged once per distinct error: {out}"
+    );
+    assert!(out.contains("issued by 'CN=Some Other CA"), "{out}");
+
+    // The ingress gets a certificate from the trusted CA: the next attempt
+    // connects, without restarting the agent.
+    ing.serve_trusted();
+    agent.wait_for("tunnel up", Duration::from_secs(20));
+    ing.kubectl_reaches_the_member();
+}
+
+#[test]
+fn readme_shows_the_nginx_config_the_tests_run() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = SNIPPET
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        readme.contains(&block),
+        "README's 'hub behind an ingress' section must show docs/ingress-nginx.conf's server block verbatim:\n{block}"
+    );
+    assert!(
+        SNIPPET.contains("proxy_set_header Upgrade $http_upgrade;")
+            && SNIPPET.contains("proxy_read_timeout")
+    );
+}
