@@ -84,6 +84,17 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
             }
             o.expose.clone()
         },
+        probe_addr: match &o.probe_addr {
+            Some(a) => {
+                a.parse::<std::net::SocketAddr>().map_err(|_| anyhow::anyhow!("invalid --probe-addr '{a}': use IP:PORT, like 127.0.0.1:8081 (or 0.0.0.0:8081 in a pod)"))?;
+                Some(a.clone())
+            }
+            None => None,
+        },
+        serviceaccount_dir: o
+            .serviceaccount_dir
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         allow: {
             for a in &o.allow {
                 crate::daemon::policy::Rule::parse(a).map_err(anyhow::Error::msg)?;
@@ -118,6 +129,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
         }
         let mut cfg = config_from_opts_for_manifest(&a.name, &a.opts)?;
         cfg.kubeconfig = None;
+        cfg.serviceaccount_dir = None;
         return super::manifest::print(
             &cfg,
             &super::manifest::ManifestOptions {

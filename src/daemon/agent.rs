@@ -69,6 +69,12 @@ pub struct AgentConfig {
     /// `auto`, `direct` or `portforward` (see [`PodNetwork`]).
     #[serde(default = "default_pod_network")]
     pub pod_network: String,
+    /// Serve `/healthz` and `/readyz` here (see [`super::probes`]).
+    #[serde(default)]
+    pub probe_addr: Option<String>,
+    /// In-cluster service account directory (see [`super::incluster`]).
+    #[serde(default)]
+    pub serviceaccount_dir: Option<PathBuf>,
 }
 
 fn default_keepalive() -> u64 {
@@ -466,7 +472,10 @@ async fn forward(
 /// Builds the client for the member's API server the way the kube crate
 /// does: `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the
 /// in-cluster service account.
-async fn upstream_client(kubeconfig: Option<&PathBuf>) -> Result<(kube::Client, String)> {
+async fn upstream_client(
+    kubeconfig: Option<&PathBuf>,
+    sa_dir: Option<&std::path::Path>,
+) -> Result<(kube::Client, String)> {
     let mut config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
@@ -475,9 +484,7 @@ async fn upstream_client(kubeconfig: Option<&PathBuf>) -> Result<(kube::Client, 
                 .await
                 .with_context(|| format!("the member kubeconfig '{}' is not usable", p.display()))?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no member API server credentials found: pass --kubeconfig, set KUBECONFIG, or run the agent in a pod with a service account")?,
+        None => super::incluster::infer(sa_dir).await?,
     };
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
@@ -516,7 +523,8 @@ impl State {
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
-    let (client, upstream_url) = upstream_client(cfg.kubeconfig.as_ref()).await?;
+    let (client, upstream_url) =
+        upstream_client(cfg.kubeconfig.as_ref(), cfg.serviceaccount_dir.as_deref()).await?;
     let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
     let denied = Arc::new(AtomicU64::new(0));
     let service: Arc<dyn ChannelService> = Arc::new(Upstream {
@@ -571,6 +579,12 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         let bound = l.local_addr()?;
         exposed.push(format!("{name}={bound}"));
         tokio::spawn(push_listener(l, name, current_rx.clone(), cancel.clone()));
+    }
+    if let Some(addr) = &cfg.probe_addr {
+        let l = super::probes::bind(addr).await?;
+        let rx = rx.clone();
+        let ready = move || rx.borrow().state == "connected";
+        tokio::spawn(super::probes::serve(l, ready, cancel.clone()));
     }
     let socket = paths::agent_socket(&cfg.name);
     let listener = control::bind(&socket).await?;
@@ -719,7 +733,7 @@ async fn tunnel_loop(
                     _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
                     _ = cancel.cancelled() => {
                         current.send_replace(None);
-                        sess.disconnect("agent stopping").await;
+                        sess.disconnect("agent stopped").await;
                         return Ok(());
                     }
                 };

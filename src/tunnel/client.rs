@@ -271,7 +271,16 @@ impl ClientSession {
         Ok(ch.into_stream())
     }
 
+    /// Closes the session on purpose. The hub is told `why` first (see
+    /// [`super::TARGET_FAREWELL`]; bounded, so a dead hub does not hold the
+    /// agent up), then the SSH disconnect goes out.
     pub async fn disconnect(&self, why: &str) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.handle
+                .channel_open_direct_tcpip(super::TARGET_FAREWELL, 0, why, 0),
+        )
+        .await;
         let _ = self
             .handle
             .disconnect(russh::Disconnect::ByApplication, why, "")
