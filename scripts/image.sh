@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --binary) [ $# -ge 2 ] || die "--binary needs a path"; bin=$2; shift 2 ;;
     --tag) [ $# -ge 2 ] || die "--tag needs a name"; tag=$2; shift 2 ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -60,7 +60,8 @@ certs=/etc/ssl/certs/ca-certificates.crt
 [ -f "$certs" ] || die "no CA bundle at $certs: install ca-certificates (apt-get install ca-certificates)"
 
 ctx=$(mktemp -d)
-trap 'rm -rf "$ctx"' EXIT INT TERM
+trap 'rm -rf "$ctx"' EXIT
+trap 'exit 130' INT TERM
 rootfs=$ctx/rootfs
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$rootfs/home/nonroot"
 cp "$bin" "$rootfs/usr/local/bin/towerctl"
@@ -69,14 +70,19 @@ chmod 0755 "$rootfs/usr/local/bin/towerctl"
 # Every library the binary loads, at the path the loader looks for it, plus
 # the loader itself. `ldd` prints "name => /path (addr)" for libraries and
 # "/path (addr)" for the loader; the vDSO has no file.
-libs=$(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
-[ -n "$libs" ] || die "ldd found no shared libraries in '$bin' (a static binary needs none; remove this check)"
+if ldd "$bin" >/dev/null 2>&1; then
+    libs=$(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
+    [ -n "$libs" ] || die "ldd listed no library paths for '$bin'"
+    if ldd "$bin" | grep -q "not found"; then
+        die "'$bin' needs libraries this machine lacks: $(ldd "$bin" | grep "not found" | tr -s ' \n' ' ')"
+    fi
+else
+    libs= # a static binary needs none
+fi
 for lib in $libs; do
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
 done
-# The loader is also reached through /lib64 -> usr/lib64 style links on
-# merged-/usr hosts; ldd already printed the path the binary asks for.
 
 cp -L "$certs" "$rootfs/etc/ssl/certs/ca-certificates.crt"
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/usr/sbin/nologin\n' >"$rootfs/etc/passwd"

@@ -733,7 +733,7 @@ async fn tunnel_loop(
                     _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
                     _ = cancel.cancelled() => {
                         current.send_replace(None);
-                        sess.disconnect("agent stopped").await;
+                        sess.farewell("agent stopped").await;
                         return Ok(());
                     }
                 };

@@ -225,8 +225,8 @@ pub struct ServerSession {
 }
 
 impl ServerSession {
-    /// Why the agent said it closed the session (`agent stopped`,
-    /// `reconnecting`), once it has.
+    /// Why the agent said it is ending the session (`agent stopped`), once
+    /// it has.
     pub fn farewell(&self) -> Option<String> {
         self.farewell.lock().ok()?.clone()
     }
