@@ -338,3 +338,26 @@ fn kubectl_accepts_the_manifest() {
         }
     }
 }
+
+#[test]
+fn a_bad_namespace_is_refused_with_the_rule() {
+    let env = Env::new();
+    let o = env.towerctl(&[
+        "join",
+        "alpha",
+        "--token",
+        "tj_secret",
+        "--hub",
+        "ws://hub.example:8080/tunnel",
+        "--hub-key",
+        KEY,
+        "--print-manifest",
+        "--namespace",
+        "Edge_1",
+    ]);
+    assert!(!o.ok(), "{o:?}");
+    assert!(
+        o.stderr.contains("invalid namespace name 'Edge_1'") && o.stderr.contains("lowercase"),
+        "{o:?}"
+    );
+}

@@ -127,6 +127,11 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
         if a.opts.kubeconfig.is_some() {
             bail!("--kubeconfig does not apply to --print-manifest: the agent pod uses its service account");
         }
+        crate::daemon::hub::validate_name_of("namespace", &a.namespace)
+            .map_err(anyhow::Error::msg)?;
+        if a.image.trim().is_empty() {
+            bail!("--image is empty: pass the agent image, like localhost/towerctl:{} (built by scripts/image.sh)", env!("CARGO_PKG_VERSION"));
+        }
         let mut cfg = config_from_opts_for_manifest(&a.name, &a.opts)?;
         cfg.kubeconfig = None;
         cfg.serviceaccount_dir = None;

@@ -91,4 +91,55 @@ mod tests {
         assert_eq!(answer("/readyz", false).0, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(answer("/", true).0, StatusCode::NOT_FOUND);
     }
+
+    /// Idle connections beyond the cap are closed at once; an idle one
+    /// inside it is closed when the header timeout passes (paused time).
+    #[tokio::test(start_paused = true)]
+    async fn connections_are_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(l, || true, cancel.clone()));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept them all.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf))
+            .await
+            .expect("the extra connection was not closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // The idle ones are dropped after the header timeout.
+        let n = tokio::time::timeout(
+            HEADER_TIMEOUT + Duration::from_secs(1),
+            idle[0].read(&mut buf),
+        )
+        .await
+        .expect("an idle probe connection outlived the header timeout")
+        .unwrap_or(0);
+        assert!(n == 0 || buf.starts_with(b"HTTP/1.1 408"), "{n}");
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Slots free again: a real probe is answered.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        cancel.cancel();
+    }
 }
