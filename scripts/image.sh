@@ -63,7 +63,7 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 trap 'exit 130' INT TERM
 rootfs=$ctx/rootfs
-mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$rootfs/home/nonroot"
+mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$ctx/home/nonroot"
 cp "$bin" "$rootfs/usr/local/bin/towerctl"
 chmod 0755 "$rootfs/usr/local/bin/towerctl"
 
@@ -93,7 +93,7 @@ chmod 1777 "$rootfs/tmp"
 cat >"$ctx/Containerfile" <<CF
 FROM scratch
 COPY rootfs/ /
-COPY --chown=65532:65532 rootfs/home/nonroot /home/nonroot
+COPY --chown=65532:65532 home/ /home/
 ENV HOME=/home/nonroot
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/towerctl"]

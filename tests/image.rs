@@ -133,6 +133,22 @@ fn the_scripted_image_runs_and_its_agent_joins_a_hub() {
     let o = run_bounded(build, Duration::from_secs(300));
     assert!(o.ok(), "scripts/image.sh failed: {o:?}");
     assert_eq!(o.stdout.trim(), tag, "{o:?}");
+    let o = p.run(
+        "podman",
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Config.User}} {{.Config.Entrypoint}}",
+            tag,
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        o.stdout.trim(),
+        "65532:65532 [/usr/local/bin/towerctl]",
+        "{o:?}"
+    );
 
     // Containers need lower rlimits than podman's defaults where the
     // machine denies raising them, and some machines need runc (crun
