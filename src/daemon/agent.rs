@@ -469,9 +469,9 @@ async fn forward(
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
 }
 
-/// Builds the client for the member's API server the way the kube crate
-/// does: `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the
-/// in-cluster service account.
+/// Builds the client for the member's API server: `--kubeconfig`, else
+/// what [`super::incluster::infer`] finds (the pod's service account, or
+/// `KUBECONFIG`/`~/.kube/config`).
 async fn upstream_client(
     kubeconfig: Option<&PathBuf>,
     sa_dir: Option<&std::path::Path>,
