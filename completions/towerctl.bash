@@ -393,7 +393,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__agent__subcmd__run)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --config --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --probe-addr --serviceaccount-dir --config --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -440,6 +440,14 @@ _towerctl() {
                     return 0
                     ;;
                 --backoff-cap)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-addr)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --serviceaccount-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1411,7 +1419,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__join)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --timeout --print-manifest --namespace --image --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --probe-addr --serviceaccount-dir --timeout --print-manifest --namespace --image --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1458,6 +1466,14 @@ _towerctl() {
                     return 0
                     ;;
                 --backoff-cap)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --probe-addr)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --serviceaccount-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1371,11 +1371,11 @@ fn pods_the_agent_cannot_route_to_are_reached_through_the_api_server() {
     let web = support::http_server("reached through pods/portforward");
     // The pod's IP answers nothing on its port (an agent outside the pod
     // network): the agent falls back to the API server's port-forward.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Bound but not listening: the port stays ours for the whole test (no
+    // other test's listener can take it) and connections to it are refused.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = reserved.local_addr().unwrap().port();
     api.add_pod(
         "default",
         "web-2",

@@ -13,6 +13,16 @@ use support::Env;
 const KEY: &str = "sha256:6Ct/kfLABP5tHWhCBjBeBOBvX9YhvWTrtkbgFTY1GwM";
 
 fn print(extra: &[&str]) -> Vec<serde_json::Value> {
+    print_raw(extra)
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| {
+            serde_saphyr::from_str::<serde_json::Value>(d).unwrap_or_else(|e| panic!("{e}: {d}"))
+        })
+        .collect()
+}
+
+fn print_raw(extra: &[&str]) -> String {
     let env = Env::new();
     let mut args = vec![
         "join",
@@ -29,12 +39,6 @@ fn print(extra: &[&str]) -> Vec<serde_json::Value> {
     let o = support::run_bounded(env.towerctl_cmd(&args), Duration::from_secs(30));
     assert!(o.ok(), "{o:?}");
     o.stdout
-        .split("\n---\n")
-        .skip(1)
-        .map(|d| {
-            serde_saphyr::from_str::<serde_json::Value>(d).unwrap_or_else(|e| panic!("{e}: {d}"))
-        })
-        .collect()
 }
 
 fn of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
@@ -131,10 +135,33 @@ fn impersonation_grants_only_impersonate() {
     let docs = print(&["--impersonate"]);
     let role: ClusterRole = typed(of_kind(&docs, "ClusterRole")[0]);
     let rules = role.rules.unwrap();
+    // Impersonation of users, groups and service accounts; otherwise only
+    // reads of what the agent resolves targets from, and port-forwarding.
     assert!(
-        rules
-            .iter()
-            .all(|r| r.verbs == vec!["impersonate".to_string()]),
+        rules.iter().any(|r| r.verbs == ["impersonate"]
+            && r.resources.as_deref()
+                == Some(&["users".into(), "groups".into(), "serviceaccounts".into()][..])),
+        "{rules:?}"
+    );
+    for r in &rules {
+        let res = r.resources.clone().unwrap_or_default();
+        assert!(
+            !res.iter().any(|x| x.contains('*')) && !r.verbs.iter().any(|v| v == "*"),
+            "{r:?}"
+        );
+        if r.verbs != ["impersonate"] {
+            for v in &r.verbs {
+                let allowed =
+                    v == "get" || v == "list" || (v == "create" && res == ["pods/portforward"]);
+                assert!(allowed, "the agent's own rights go beyond reading: {r:?}");
+            }
+        }
+    }
+    assert!(
+        rules.iter().any(|r| r
+            .resources
+            .as_ref()
+            .is_some_and(|x| x.contains(&"endpointslices".to_string()))),
         "{rules:?}"
     );
     let crb: ClusterRoleBinding = typed(of_kind(&docs, "ClusterRoleBinding")[0]);
@@ -145,6 +172,194 @@ fn impersonation_grants_only_impersonate() {
         .clone()
         .unwrap();
     assert!(args.contains(&"--impersonate".to_string()));
+}
+
+#[test]
+fn the_pod_is_hardened_and_probed() {
+    let docs = print(&[
+        "--namespace",
+        "edge",
+        "--image",
+        "registry.test/towerctl:dev",
+    ]);
+    for d in &docs {
+        if d["kind"] != "Namespace" && !d["kind"].as_str().unwrap().starts_with("Cluster") {
+            assert_eq!(d["metadata"]["namespace"], "edge", "{d}");
+        }
+    }
+    let sa: ServiceAccount = typed(of_kind(&docs, "ServiceAccount")[0]);
+    assert_eq!(sa.automount_service_account_token, Some(false));
+    let deploy: Deployment = typed(of_kind(&docs, "Deployment")[0]);
+    let pod = deploy.spec.unwrap().template.spec.unwrap();
+    // Only the agent's own pod gets the token.
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.run_as_user, Some(65532));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("registry.test/towerctl:dev"));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_string()][..])
+    );
+    let res = c.resources.as_ref().unwrap();
+    for k in ["cpu", "memory"] {
+        assert!(res.requests.as_ref().unwrap().contains_key(k), "{res:?}");
+        assert!(res.limits.as_ref().unwrap().contains_key(k), "{res:?}");
+    }
+
+    // Every writable path the agent uses (HOME, XDG dirs) is on an emptyDir.
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    let vols = pod.volumes.as_ref().unwrap();
+    let writable: Vec<&str> = mounts
+        .iter()
+        .filter(|m| {
+            vols.iter()
+                .any(|v| v.name == m.name && v.empty_dir.is_some())
+        })
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(!writable.is_empty(), "{mounts:?}");
+    for var in [
+        "HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+        "XDG_RUNTIME_DIR",
+    ] {
+        let v = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == var)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_else(|| panic!("{var} not set"));
+        assert!(
+            writable.iter().any(|w| v.starts_with(w)),
+            "{var}={v} is not on an emptyDir"
+        );
+    }
+
+    // Probes point at the port the agent serves them on.
+    let args = c.args.clone().unwrap();
+    let addr = args
+        .windows(2)
+        .find(|w| w[0] == "--probe-addr")
+        .map(|w| w[1].clone())
+        .unwrap_or_else(|| panic!("no --probe-addr in {args:?}"));
+    let port: i32 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let port_name = c.ports.as_ref().unwrap()[0].name.clone().unwrap();
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, port);
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    for (p, path) in [
+        (c.liveness_probe.as_ref(), "/healthz"),
+        (c.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let g = p.unwrap().http_get.as_ref().unwrap();
+        assert_eq!(g.path.as_deref(), Some(path));
+        assert_eq!(g.port, IntOrString::String(port_name.clone()));
+    }
+}
+
+#[test]
+fn the_default_image_is_the_one_the_script_builds() {
+    let docs = print(&[]);
+    let deploy: Deployment = typed(of_kind(&docs, "Deployment")[0]);
+    let image = deploy.spec.unwrap().template.spec.unwrap().containers[0]
+        .image
+        .clone()
+        .unwrap();
+    assert_eq!(
+        image,
+        format!("localhost/towerctl:{}", env!("CARGO_PKG_VERSION"))
+    );
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/image.sh")).unwrap();
+    assert!(script.contains("localhost/towerctl:$version"));
+}
+
+/// `kubectl apply --dry-run=client` of the printed manifest, both RBAC modes,
+/// against the stand-in API server.
+#[test]
+fn kubectl_accepts_the_manifest() {
+    let api = support::apiserver::ApiServer::start();
+    // kubectl sends its token over HTTPS only.
+    let front = support::tls_front::TlsFront::start(api.addr);
+    let env = Env::new();
+    let kc = env.path("member.kubeconfig");
+    let ca = env.path("ca.crt");
+    std::fs::write(&ca, &front.ca_pem).unwrap();
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: m\n  cluster:\n    server: https://{}\n    certificate-authority: {}\nusers:\n- name: m\n  user:\n    token: {}\ncontexts:\n- name: m\n  context:\n    cluster: m\n    user: m\ncurrent-context: m\n",
+            front.addr,
+            ca.display(),
+            support::apiserver::TOKEN
+        ),
+    )
+    .unwrap();
+    for extra in [&[][..], &["--impersonate"][..]] {
+        let file = env.path("agent.yaml");
+        std::fs::write(&file, print_raw(extra)).unwrap();
+        let o = env.kubectl(&[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "apply",
+            "--dry-run=client",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+        assert!(o.ok(), "{extra:?}: {o:?}");
+        let mut kinds = vec![
+            "namespace/towerctl-system",
+            "serviceaccount/towerctl-agent-alpha",
+            "clusterrolebinding.rbac.authorization.k8s.io/towerctl-agent-alpha",
+            "secret/towerctl-agent-alpha",
+            "deployment.apps/towerctl-agent-alpha",
+        ];
+        if !extra.is_empty() {
+            kinds.push("clusterrole.rbac.authorization.k8s.io/towerctl-agent-alpha");
+        }
+        for k in kinds {
+            assert!(
+                o.stdout.contains(&format!("{k} created (dry run)")),
+                "{k} missing: {o:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bad_namespace_is_refused_with_the_rule() {
+    let env = Env::new();
+    let o = env.towerctl(&[
+        "join",
+        "alpha",
+        "--token",
+        "tj_secret",
+        "--hub",
+        "ws://hub.example:8080/tunnel",
+        "--hub-key",
+        KEY,
+        "--print-manifest",
+        "--namespace",
+        "Edge_1",
+    ]);
+    assert!(!o.ok(), "{o:?}");
+    assert!(
+        o.stderr.contains("invalid namespace name 'Edge_1'") && o.stderr.contains("lowercase"),
+        "{o:?}"
+    );
 }
 
 #[test]

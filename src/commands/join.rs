@@ -99,6 +99,17 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
             }
             o.expose.clone()
         },
+        probe_addr: match &o.probe_addr {
+            Some(a) => {
+                a.parse::<std::net::SocketAddr>().map_err(|_| anyhow::anyhow!("invalid --probe-addr '{a}': use IP:PORT, like 127.0.0.1:8081 (or 0.0.0.0:8081 in a pod)"))?;
+                Some(a.clone())
+            }
+            None => None,
+        },
+        serviceaccount_dir: o
+            .serviceaccount_dir
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
         allow: {
             for a in &o.allow {
                 crate::daemon::policy::Rule::parse(a).map_err(anyhow::Error::msg)?;
@@ -133,6 +144,11 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
         if a.opts.kubeconfig.is_some() {
             bail!("--kubeconfig does not apply to --print-manifest: the agent pod uses its service account");
         }
+        crate::daemon::names::validate_name_of("namespace", &a.namespace)
+            .map_err(anyhow::Error::msg)?;
+        if a.image.trim().is_empty() {
+            bail!("--image is empty: pass the agent image, like localhost/towerctl:{} (built by scripts/image.sh)", env!("CARGO_PKG_VERSION"));
+        }
         let mut cfg = config_from_opts_for_manifest(&a.name, &a.opts)?;
         cfg.kubeconfig = None;
         let hub_ca_pem = match &cfg.hub_ca {
@@ -142,6 +158,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             ),
             None => None,
         };
+        cfg.serviceaccount_dir = None;
         return super::manifest::print(
             &cfg,
             &super::manifest::ManifestOptions {

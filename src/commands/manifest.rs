@@ -17,6 +17,27 @@ pub struct ManifestOptions {
 /// Secret's read-only `/etc/towerctl`.
 const HUB_CA_DIR: &str = "/etc/towerctl-hub-ca";
 const HUB_CA_KEY: &str = "hub-ca.pem";
+/// Where the pod's agent serves `/healthz` and `/readyz` unless
+/// `--probe-addr` says otherwise.
+pub const POD_PROBE_ADDR: &str = "0.0.0.0:8081";
+/// The only writable path of the pod (an in-memory emptyDir): HOME and the
+/// XDG directories (pid file and control socket) point into it.
+const SCRATCH: &str = "/tmp";
+
+/// What the agent itself reads with its service account, whatever the
+/// impersonation mode: the objects it resolves port-forward targets from
+/// (`resolve.rs`), and `pods/portforward` for `--pod-network portforward`
+/// or `auto`'s fallback.
+fn agent_own_rules() -> Value {
+    json!([
+        {"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
+        // WebSocket port-forward is a GET the API server authorizes as
+        // `create` (and older servers as `get`).
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
+    ])
+}
 
 /// The documents, in apply order.
 pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) -> Vec<Value> {
@@ -26,15 +47,22 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         json!({"app.kubernetes.io/name": "towerctl-agent", "app.kubernetes.io/instance": cfg.name});
     let mut docs = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "labels": labels}}),
+        // The token is mounted into the agent's pod only (the pod asks for
+        // it); nothing else that might use this account gets it.
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns, "labels": labels}, "automountServiceAccountToken": false}),
     ];
     if cfg.impersonate {
         // The member's RBAC decides per operator: the agent may only
-        // impersonate; operators need their own bindings.
+        // impersonate, plus read what it resolves targets from; operators
+        // need their own bindings.
+        let mut rules = vec![
+            json!({"apiGroups": [""], "resources": ["users", "groups", "serviceaccounts"], "verbs": ["impersonate"]}),
+        ];
+        rules.extend(agent_own_rules().as_array().cloned().unwrap_or_default());
         docs.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": name, "labels": labels},
-            "rules": [{"apiGroups": [""], "resources": ["users", "groups", "serviceaccounts"], "verbs": ["impersonate"]}],
+            "rules": rules,
         }));
         docs.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -44,7 +72,8 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         }));
     } else {
         // Without impersonation every operator acts as the agent, which
-        // therefore needs the rights operators expect.
+        // therefore needs the rights operators expect: cluster-admin (see
+        // README, "Run the agent as a pod", for when to pick which).
         docs.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
             "metadata": {"name": name, "labels": labels},
@@ -77,10 +106,40 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
     if cfg.impersonate {
         args.push("--impersonate".into());
     }
-    let mut mounts =
-        vec![json!({"name": "agent-key", "mountPath": "/etc/towerctl", "readOnly": true})];
+    if cfg.pod_network != "auto" {
+        args.extend(["--pod-network".to_string(), cfg.pod_network.clone()]);
+    }
+    for a in &cfg.allow {
+        args.extend(["--allow".to_string(), a.clone()]);
+    }
+    let probe_addr = cfg.probe_addr.as_deref().unwrap_or(POD_PROBE_ADDR);
+    let probe_port = probe_addr
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.port())
+        .unwrap_or(8081);
+    args.extend(["--probe-addr".to_string(), probe_addr.to_string()]);
+    let mut env = vec![
+        json!({"name": "TOWERCTL_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "token"}}}),
+    ];
+    for (var, sub) in [
+        ("HOME", ""),
+        ("XDG_CONFIG_HOME", "/config"),
+        ("XDG_DATA_HOME", "/data"),
+        ("XDG_STATE_HOME", "/state"),
+        ("XDG_RUNTIME_DIR", "/run"),
+    ] {
+        env.push(json!({"name": var, "value": format!("{SCRATCH}{sub}")}));
+    }
+    let probe = |path: &str, period: u32, failures: u32| json!({"httpGet": {"path": path, "port": "probes"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures});
+    let mut mounts = vec![
+        json!({"name": "agent-key", "mountPath": "/etc/towerctl", "readOnly": true}),
+        json!({"name": "scratch", "mountPath": SCRATCH}),
+    ];
+    // Secret files are root-owned: group-readable, with fsGroup making the
+    // agent's group theirs.
     let mut volumes = vec![
-        json!({"name": "agent-key", "secret": {"secretName": name, "defaultMode": 0o400, "items": [{"key": "agent.key", "path": "agent.key"}]}}),
+        json!({"name": "agent-key", "secret": {"secretName": name, "defaultMode": 0o440, "items": [{"key": "agent.key", "path": "agent.key"}]}}),
+        json!({"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}),
     ];
     if let Some(pem) = &o.hub_ca_pem {
         let cm = format!("{name}-hub-ca");
@@ -109,16 +168,36 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
                 "metadata": {"labels": labels},
                 "spec": {
                     "serviceAccountName": name,
+                    // The agent's own credentials for the member's API server.
                     "automountServiceAccountToken": true,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "enableServiceLinks": false,
+                    // SIGTERM makes the agent tell the hub "agent stopped"
+                    // and exit within a couple of seconds.
+                    "terminationGracePeriodSeconds": 10,
+                    "securityContext": {
+                        "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [{
                         "name": "agent",
                         "image": o.image,
+                        "imagePullPolicy": "IfNotPresent",
                         "args": args,
-                        "env": [{"name": "TOWERCTL_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "token"}}}],
+                        "env": env,
+                        "ports": [{"name": "probes", "containerPort": probe_port, "protocol": "TCP"}],
+                        "livenessProbe": probe("/healthz", 10, 3),
+                        "readinessProbe": probe("/readyz", 5, 1),
                         "volumeMounts": mounts,
-                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
-                        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}},
+                        "securityContext": {
+                            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "privileged": false,
+                            "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "resources": {
+                            "requests": {"cpu": "10m", "memory": "32Mi", "ephemeral-storage": "16Mi"},
+                            "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "64Mi"},
+                        },
                     }],
                     "volumes": volumes,
                 },

@@ -379,6 +379,16 @@ pub struct AgentOpts {
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub backoff_cap: std::time::Duration,
+    /// Serve /healthz (alive) and /readyz (tunnel up) over HTTP on ADDR, e.g.
+    /// 127.0.0.1:8081 (off by default; the pod manifest turns it on).
+    #[arg(long, value_name = "ADDR")]
+    pub probe_addr: Option<String>,
+    /// In-cluster credentials: directory of the service account's token, ca.crt and
+    /// namespace, used with KUBERNETES_SERVICE_HOST/PORT (default:
+    /// /var/run/secrets/kubernetes.io/serviceaccount when KUBERNETES_SERVICE_HOST is set
+    /// and KUBECONFIG is not).
+    #[arg(long, env = "TOWERCTL_SERVICEACCOUNT_DIR", value_name = "DIR")]
+    pub serviceaccount_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -397,7 +407,7 @@ pub struct JoinArgs {
     #[arg(long, default_value = "towerctl-system", requires = "print_manifest")]
     pub namespace: String,
     /// Container image for --print-manifest.
-    #[arg(long, default_value = concat!("towerctl:", env!("CARGO_PKG_VERSION")), requires = "print_manifest")]
+    #[arg(long, default_value = concat!("localhost/towerctl:", env!("CARGO_PKG_VERSION")), requires = "print_manifest")]
     pub image: String,
 }
 

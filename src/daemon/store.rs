@@ -270,6 +270,83 @@ impl Store for RedbStore {
     }
 }
 
+/// An in-memory [`Store`] for unit tests of the hub's registry logic; it
+/// counts writes, so a test can assert that a path writes nothing.
+#[cfg(test)]
+#[derive(Default)]
+pub struct MemStore {
+    members: std::sync::Mutex<std::collections::BTreeMap<String, Member>>,
+    operators: std::sync::Mutex<std::collections::BTreeMap<String, Operator>>,
+    pub writes: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl MemStore {
+    fn wrote(&self) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+impl Store for MemStore {
+    fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
+        Ok(self.members.lock().unwrap().get(name).cloned())
+    }
+    fn put_member(&self, m: &Member) -> Result<(), StoreError> {
+        self.wrote();
+        self.members
+            .lock()
+            .unwrap()
+            .insert(m.name.clone(), m.clone());
+        Ok(())
+    }
+    fn update_member(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&mut Member) -> bool,
+    ) -> Result<Option<Member>, StoreError> {
+        let mut all = self.members.lock().unwrap();
+        let Some(m) = all.get_mut(name) else {
+            return Ok(None);
+        };
+        let mut copy = m.clone();
+        if f(&mut copy) {
+            self.wrote();
+            *m = copy.clone();
+        }
+        Ok(Some(copy))
+    }
+    fn list_members(&self) -> Result<Vec<Member>, StoreError> {
+        Ok(self.members.lock().unwrap().values().cloned().collect())
+    }
+    fn delete_member(&self, name: &str) -> Result<bool, StoreError> {
+        self.wrote();
+        Ok(self.members.lock().unwrap().remove(name).is_some())
+    }
+    fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError> {
+        Ok(self.operators.lock().unwrap().get(hash).cloned())
+    }
+    fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
+        self.wrote();
+        self.operators
+            .lock()
+            .unwrap()
+            .insert(op.token_hash.clone(), op.clone());
+        Ok(())
+    }
+    fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        Ok(self.operators.lock().unwrap().values().cloned().collect())
+    }
+    fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
+        self.wrote();
+        let mut ops = self.operators.lock().unwrap();
+        let before = ops.len();
+        ops.retain(|_, o| o.name != name);
+        Ok(before - ops.len())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -275,6 +275,22 @@ impl ClientSession {
         Ok(ch.into_stream())
     }
 
+    /// Ends a healthy session on purpose (the agent stops): the hub is told
+    /// `why` first (see [`super::TARGET_FAREWELL`]; bounded, so a hub that
+    /// stopped answering holds the agent up 2 s at most), then the SSH
+    /// disconnect goes out.
+    pub async fn farewell(&self, why: &str) {
+        if !self.handle.is_closed() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.handle
+                    .channel_open_direct_tcpip(super::TARGET_FAREWELL, 0, why, 0),
+            )
+            .await;
+        }
+        self.disconnect(why).await;
+    }
+
     pub async fn disconnect(&self, why: &str) {
         let _ = self
             .handle

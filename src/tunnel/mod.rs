@@ -23,6 +23,14 @@ pub const TARGET_APISERVER: &str = "kube-apiserver";
 /// round trip of the refusal is the hub's RTT measurement (russh's server
 /// handle has no ping of its own).
 pub const TARGET_PING: &str = "towerctl.ping";
+/// Channel target the agent opens toward the hub just before it closes the
+/// session on purpose, with the reason as the originator address: russh's
+/// server drops the text of a peer's SSH disconnect, so without it the hub
+/// could only record "session closed". The hub refuses the channel (the
+/// refusal is the acknowledgment) and keeps the reason.
+pub const TARGET_FAREWELL: &str = "towerctl.farewell";
+/// Longest farewell reason the hub keeps.
+pub const FAREWELL_MAX: usize = 200;
 
 /// Prefix of a hub's disconnect reason that explains an authentication
 /// refusal; the agent prints it and stops.

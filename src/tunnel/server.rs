@@ -1,7 +1,7 @@
 //! Hub side of the tunnel: the SSH server that agents log in to.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use russh::keys::{PrivateKey, PublicKey};
@@ -73,6 +73,8 @@ pub struct HubHandler {
     authed: Option<oneshot::Sender<(String, String)>>,
     /// Told when a join token was presented and refused in this connection.
     refused_tx: Option<oneshot::Sender<()>>,
+    /// Why the agent said it is closing the session, if it did.
+    farewell: Arc<Mutex<Option<String>>>,
 }
 
 impl russh::server::Handler for HubHandler {
@@ -118,11 +120,20 @@ impl russh::server::Handler for HubHandler {
         channel: Channel<Msg>,
         host_to_connect: &str,
         _port_to_connect: u32,
-        _originator_address: &str,
+        originator_address: &str,
         _originator_port: u32,
         reply: russh::server::ChannelOpenHandle,
         _session: &mut russh::server::Session,
     ) -> Result<(), Self::Error> {
+        if host_to_connect == super::TARGET_FAREWELL {
+            if let Ok(mut f) = self.farewell.lock() {
+                *f = Some(farewell_text(originator_address));
+            }
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         let cluster = self.cluster.clone().unwrap_or_default();
         let Some(target) = self.auth.exposed(&cluster, host_to_connect) else {
             tracing::warn!(%cluster, name = host_to_connect, "refused an agent-opened channel to something not exposed to it");
@@ -203,6 +214,14 @@ pub fn agent_version(ssh_id: &str) -> String {
         .to_string()
 }
 
+/// A farewell reason as the hub keeps it: printable, bounded.
+fn farewell_text(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| !c.is_control())
+        .take(super::FAREWELL_MAX)
+        .collect()
+}
+
 /// An authenticated agent session.
 pub struct ServerSession {
     /// The cluster name the agent authenticated as.
@@ -212,6 +231,15 @@ pub struct ServerSession {
     pub handle: Handle,
     /// Resolves when the SSH session ends.
     pub running: RunningSession<HubHandler>,
+    farewell: Arc<Mutex<Option<String>>>,
+}
+
+impl ServerSession {
+    /// Why the agent said it is ending the session (`agent stopped`), once
+    /// it has.
+    pub fn farewell(&self) -> Option<String> {
+        self.farewell.lock().ok()?.clone()
+    }
 }
 
 /// Errors of accepting an agent.
@@ -241,7 +269,9 @@ where
     let (tx, rx) = oneshot::channel();
     let (refused_tx, mut refused_rx) = oneshot::channel();
     let handle_slot = Arc::new(OnceLock::new());
+    let farewell = Arc::new(Mutex::new(None));
     let handler = HubHandler {
+        farewell: farewell.clone(),
         auth,
         handle: handle_slot.clone(),
         proven_key: None,
@@ -277,6 +307,7 @@ where
         version,
         handle,
         running,
+        farewell,
     })
 }
 

@@ -3,6 +3,7 @@
 //! It speaks just enough of the wire protocol for kubectl 1.32: legacy discovery, list/get/
 //! create/patch/delete/watch of namespaces, nodes, configmaps, pods, services, endpoints,
 //! `discovery.k8s.io/v1` endpointslices and `apps/v1` deployments (with label selectors),
+//! serviceaccounts, secrets, clusterroles and clusterrolebindings (plain storage),
 //! `pods/exec` over WebSocket (`v5.channel.k8s.io` / `v4.channel.k8s.io`) and `pods/portforward`
 //! over SPDY/3.1, plain or tunneled through a WebSocket (`SPDY/3.1+portforward.k8s.io`; kubectl)
 //! or over the WebSocket channel protocol (`v4.channel.k8s.io` / `v5.channel.k8s.io`; kube-rs).
@@ -472,7 +473,28 @@ const ENDPOINTSLICES: Resource = resource(
 );
 const DEPLOYMENTS: Resource =
     resource("apps/v1", "deployments", "Deployment", true, "deploy", true);
-const RESOURCES: [&Resource; 8] = [
+// What the agent's manifest (`join --print-manifest`) creates, so that
+// `kubectl apply --dry-run=client` of it can be checked here.
+const SERVICEACCOUNTS: Resource =
+    resource("v1", "serviceaccounts", "ServiceAccount", true, "sa", false);
+const SECRETS: Resource = resource("v1", "secrets", "Secret", true, "", false);
+const CLUSTERROLES: Resource = resource(
+    "rbac.authorization.k8s.io/v1",
+    "clusterroles",
+    "ClusterRole",
+    false,
+    "",
+    false,
+);
+const CLUSTERROLEBINDINGS: Resource = resource(
+    "rbac.authorization.k8s.io/v1",
+    "clusterrolebindings",
+    "ClusterRoleBinding",
+    false,
+    "",
+    false,
+);
+const RESOURCES: [&Resource; 12] = [
     &NAMESPACES,
     &NODES,
     &CONFIGMAPS,
@@ -481,9 +503,13 @@ const RESOURCES: [&Resource; 8] = [
     &ENDPOINTS,
     &ENDPOINTSLICES,
     &DEPLOYMENTS,
+    &SERVICEACCOUNTS,
+    &SECRETS,
+    &CLUSTERROLES,
+    &CLUSTERROLEBINDINGS,
 ];
 /// The API groups besides core, in discovery order.
-const GROUPS: [&str; 2] = ["apps", "discovery.k8s.io"];
+const GROUPS: [&str; 3] = ["apps", "discovery.k8s.io", "rbac.authorization.k8s.io"];
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 

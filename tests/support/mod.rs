@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod tls_front;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

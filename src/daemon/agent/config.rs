@@ -43,6 +43,12 @@ pub struct AgentConfig {
     /// pin still authenticates the hub.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_tls_verify: bool,
+    /// Serve `/healthz` and `/readyz` here (see [`crate::daemon::probes`]).
+    #[serde(default)]
+    pub probe_addr: Option<String>,
+    /// In-cluster service account directory (see [`crate::daemon::incluster`]).
+    #[serde(default)]
+    pub serviceaccount_dir: Option<PathBuf>,
 }
 
 fn default_keepalive() -> u64 {

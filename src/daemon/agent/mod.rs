@@ -63,7 +63,8 @@ impl State {
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
-    let (client, upstream_url) = upstream_client(cfg.kubeconfig.as_ref()).await?;
+    let (client, upstream_url) =
+        upstream_client(cfg.kubeconfig.as_ref(), cfg.serviceaccount_dir.as_deref()).await?;
     let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
     let denied = Arc::new(AtomicU64::new(0));
     let tasks = TaskTracker::new();
@@ -141,6 +142,12 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
             cancel.clone(),
             tasks.clone(),
         ));
+    }
+    if let Some(addr) = &cfg.probe_addr {
+        let l = super::probes::bind(addr).await?;
+        let rx = rx.clone();
+        let ready = move || rx.borrow().state == AgentState::Connected;
+        tasks.spawn(super::probes::serve(l, ready, cancel.clone()));
     }
     let socket = paths::agent_socket(&cfg.name);
     let listener = control::bind(&socket).await?;
@@ -295,7 +302,7 @@ async fn tunnel_loop(
                     _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
                     _ = cancel.cancelled() => {
                         current.send_replace(None);
-                        sess.disconnect("agent stopping").await;
+                        sess.farewell("agent stopped").await;
                         return Ok(());
                     }
                 };

@@ -173,11 +173,12 @@ async fn forward(
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
 }
 
-/// Builds the client for the member's API server the way the kube crate
-/// does: `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the
-/// in-cluster service account.
+/// Builds the client for the member's API server: `--kubeconfig`, else
+/// what [`crate::daemon::incluster::infer`] finds (the pod's service
+/// account, or `KUBECONFIG`/`~/.kube/config`).
 pub(super) async fn upstream_client(
     kubeconfig: Option<&PathBuf>,
+    sa_dir: Option<&std::path::Path>,
 ) -> Result<(kube::Client, String)> {
     let mut config = match kubeconfig {
         Some(p) => {
@@ -187,9 +188,7 @@ pub(super) async fn upstream_client(
                 .await
                 .with_context(|| format!("the member kubeconfig '{}' is not usable", p.display()))?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no member API server credentials found: pass --kubeconfig, set KUBECONFIG, or run the agent in a pod with a service account")?,
+        None => crate::daemon::incluster::infer(sa_dir).await?,
     };
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;

@@ -132,3 +132,116 @@ pub(super) fn judge_token(m: &Member, hash: &str, now: u64) -> Result<(), Verdic
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::daemon::admission::Caps;
+    use crate::daemon::store::{MemStore, Store};
+    use crate::tunnel::server::Authenticator;
+
+    fn hub(dir: &std::path::Path) -> (Arc<MemStore>, Hub) {
+        let store = Arc::new(MemStore::default());
+        let hub = Hub::new(
+            store.clone(),
+            crate::daemon::audit::Auditor::start(dir.join("audit.log")),
+            String::new(),
+            Caps::from_fd_limit(1024),
+        );
+        (store, hub)
+    }
+
+    fn member(store: &MemStore, name: &str, token: &str, single_use: bool) {
+        let mut m = Member::new(name, keys::token_hash(token), control::now_unix());
+        m.single_use = single_use;
+        store.put_member(&m).unwrap();
+    }
+
+    fn key() -> PublicKey {
+        russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+            .unwrap()
+            .public_key()
+            .clone()
+    }
+
+    fn refused_with(v: Verdict, needle: &str) {
+        match v {
+            Verdict::Reject(Some(r)) => assert!(r.contains(needle), "{r}"),
+            other => panic!("expected a refusal saying {needle:?}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_single_use_token_is_spent_once_and_registers_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hub) = hub(dir.path());
+        member(&store, "alpha", "tj_good", true);
+        let k = key();
+        assert_eq!(hub.check_key("alpha", &k), Verdict::Reject(None));
+        assert_eq!(
+            hub.check_token("alpha", "tj_good", Some(&k)),
+            Verdict::Accept
+        );
+        // The key now logs in alone; the token is spent.
+        assert_eq!(hub.check_key("alpha", &k), Verdict::Accept);
+        refused_with(
+            hub.check_token("alpha", "tj_good", Some(&key())),
+            "already used",
+        );
+        assert!(store.get_member("alpha").unwrap().unwrap().token_used);
+    }
+
+    #[tokio::test]
+    async fn refused_tokens_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hub) = hub(dir.path());
+        member(&store, "alpha", "tj_good", true);
+        let before = store.writes.load(Ordering::SeqCst);
+        refused_with(hub.check_token("alpha", "tj_wrong", None), "wrong");
+        refused_with(hub.check_token("nobody", "tj_good", None), "not registered");
+        // A hostile name is refused without being read or echoed.
+        let hostile = format!("a\nFAKE LOG LINE{}", "x".repeat(100_000));
+        match hub.check_token(&hostile, "tj_good", None) {
+            Verdict::Reject(Some(r)) => assert!(!r.contains("FAKE") && r.len() < 200, "{r}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hub.check_key(&hostile, &key()), Verdict::Reject(None));
+        assert_eq!(
+            store.writes.load(Ordering::SeqCst),
+            before,
+            "a refusal wrote to the registry"
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_reusable_and_revoked_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hub) = hub(dir.path());
+        member(&store, "reuse", "tj_r", false);
+        assert_eq!(hub.check_token("reuse", "tj_r", None), Verdict::Accept);
+        assert_eq!(hub.check_token("reuse", "tj_r", None), Verdict::Accept);
+
+        member(&store, "old", "tj_o", true);
+        store
+            .update_member("old", &mut |m| {
+                m.token_expires_at = Some(1);
+                true
+            })
+            .unwrap();
+        refused_with(hub.check_token("old", "tj_o", None), "expired");
+
+        member(&store, "gone", "tj_g", true);
+        let k = key();
+        assert_eq!(hub.check_token("gone", "tj_g", Some(&k)), Verdict::Accept);
+        store
+            .update_member("gone", &mut |m| {
+                m.revoked = true;
+                true
+            })
+            .unwrap();
+        refused_with(hub.check_key("gone", &k), "revoked");
+    }
+}

@@ -120,6 +120,32 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub over `store` with no session yet.
+    pub fn new(
+        store: Arc<dyn Store>,
+        auditor: super::audit::Auditor,
+        ca_pem: String,
+        caps: Caps,
+    ) -> Hub {
+        Hub {
+            store,
+            sessions: RwLock::new(HashMap::new()),
+            disconnected_at: Mutex::new(HashMap::new()),
+            meta: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            started_at: ctl::now_unix(),
+            auditor,
+            dial_failures: Default::default(),
+            tasks: TaskTracker::new(),
+            admissions: [
+                Admission::new("tunnel", caps),
+                Admission::new("gateway", caps),
+            ],
+            operators: RwLock::new(HashMap::new()),
+            ca_pem,
+        }
+    }
+
     pub fn session(&self, name: &str) -> Option<Arc<LiveSession>> {
         self.sessions.read().ok()?.get(name).cloned()
     }
@@ -472,23 +498,12 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("https://{}:{}", host_for(gateway_addr), gateway_addr.port()));
 
-    let hub = Arc::new(Hub {
+    let hub = Arc::new(Hub::new(
         store,
-        sessions: RwLock::new(HashMap::new()),
-        disconnected_at: Mutex::new(HashMap::new()),
-        meta: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
-        started_at: ctl::now_unix(),
-        auditor: super::audit::Auditor::start(paths::state_dir().join("audit.log")),
-        dial_failures: Default::default(),
-        tasks: TaskTracker::new(),
-        admissions: [
-            Admission::new("tunnel", caps),
-            Admission::new("gateway", caps),
-        ],
-        operators: RwLock::new(HashMap::new()),
-        ca_pem: tls.ca_pem.clone(),
-    });
+        super::audit::Auditor::start(paths::state_dir().join("audit.log")),
+        tls.ca_pem.clone(),
+        caps,
+    ));
 
     let base_status = HubStatus {
         pid: std::process::id(),

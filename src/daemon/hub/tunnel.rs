@@ -202,6 +202,8 @@ async fn tunnel_session(
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),
     };
+    // What the agent said when it stopped on purpose ("agent stopped").
+    let why = sess.farewell().unwrap_or(why);
     let why = live
         .close_reason
         .lock()

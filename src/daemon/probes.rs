@@ -1,0 +1,145 @@
+//! The agent's health endpoints for a kubelet (or any supervisor):
+//! `/healthz` answers 200 while the process serves requests, `/readyz`
+//! answers 200 only while the tunnel to the hub is up (503 otherwise).
+//! Off unless `--probe-addr` is given. Bounded: a few connections at a
+//! time, a header read timeout and a whole-connection deadline, no bodies
+//! read, no keep-alive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Probes served at once; further connections are closed at accept.
+const MAX_CONNECTIONS: usize = 8;
+/// Time a client gets to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one probe connection.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Binds `addr` for [`serve`], naming the flag in the error.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on '{addr}' for the health probes: {e}; choose another address with --probe-addr")
+    })
+}
+
+/// The answer to one probe request.
+pub fn answer(path: &str, ready: bool) -> (StatusCode, &'static str) {
+    match path {
+        "/healthz" | "/livez" => (StatusCode::OK, "ok\n"),
+        "/readyz" if ready => (StatusCode::OK, "ok: the tunnel to the hub is up\n"),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the tunnel to the hub is down\n",
+        ),
+        _ => (StatusCode::NOT_FOUND, "see /healthz and /readyz\n"),
+    }
+}
+
+/// Serves the probes on `listener` until `cancel` fires; `ready` says
+/// whether the tunnel is up right now.
+pub async fn serve<F>(listener: TcpListener, ready: F, cancel: CancellationToken)
+where
+    F: Fn() -> bool + Send + Sync + 'static,
+{
+    let ready = Arc::new(ready);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "probe").await {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("probe connection from {peer} closed: {MAX_CONNECTIONS} already open");
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (status, text) = answer(req.uri().path(), ready());
+                    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+                    *r.status_mut() = status;
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    std::future::ready(Ok::<_, std::convert::Infallible>(r))
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_tunnel() {
+        assert_eq!(answer("/healthz", false).0, StatusCode::OK);
+        assert_eq!(answer("/readyz", true).0, StatusCode::OK);
+        assert_eq!(answer("/readyz", false).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer("/", true).0, StatusCode::NOT_FOUND);
+    }
+
+    /// Idle connections beyond the cap are closed at once; an idle one
+    /// inside it is closed when the header timeout passes (paused time).
+    #[tokio::test(start_paused = true)]
+    async fn connections_are_bounded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(l, || true, cancel.clone()));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept them all.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf))
+            .await
+            .expect("the extra connection was not closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        // The idle ones are dropped after the header timeout.
+        let n = tokio::time::timeout(
+            HEADER_TIMEOUT + Duration::from_secs(1),
+            idle[0].read(&mut buf),
+        )
+        .await
+        .expect("an idle probe connection outlived the header timeout")
+        .unwrap_or(0);
+        assert!(n == 0 || buf.starts_with(b"HTTP/1.1 408"), "{n}");
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Slots free again: a real probe is answered.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        cancel.cancel();
+    }
+}

@@ -1,0 +1,223 @@
+//! The agent as its pod runs it: `towerctl agent run NAME` with the args
+//! and environment of the Deployment that `join --print-manifest` prints,
+//! in-cluster credentials (`KUBERNETES_SERVICE_HOST`/`_PORT`, a service
+//! account directory with a token and the CA of a TLS API server), probes
+//! on `--probe-addr`, and SIGTERM ending the session with a reason the hub
+//! records.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::apiserver::{ApiServer, TOKEN};
+use support::tls_front::TlsFront;
+use support::{wait_for, Env};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Status code of `GET path` on `addr`, or `None` when nothing answers.
+fn probe(addr: &str, path: &str) -> Option<u16> {
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_probe(addr: &str, path: &str, want: u16, timeout: Duration) {
+    wait_for(
+        &format!("{path} on {addr} to answer {want}"),
+        timeout,
+        || (probe(addr, path) == Some(want)).then_some(()),
+    );
+}
+
+/// Kills the agent if the test ends early.
+struct Agent(Child);
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly() {
+    let api = ApiServer::start();
+    let front = TlsFront::start(api.addr);
+    let env = Env::new();
+    let tunnel = format!("127.0.0.1:{}", free_port());
+    env.up_on(&tunnel, "127.0.0.1:0");
+    let join = env.cluster_add("alpha");
+
+    // The manifest the operator would apply, with a local probe address.
+    let probe_addr = format!("127.0.0.1:{}", free_port());
+    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
+    args.extend([
+        "--keepalive",
+        "1s",
+        "--backoff-cap",
+        "1s",
+        "--probe-addr",
+        &probe_addr,
+        "--print-manifest",
+    ]);
+    let o = env.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    let docs: Vec<serde_json::Value> = o
+        .stdout
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect();
+    let secret = docs.iter().find(|d| d["kind"] == "Secret").unwrap();
+    let deploy = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
+
+    // The pod's files: the agent key from the Secret, the service account
+    // as the kubelet mounts it, and the emptyDir behind the XDG variables.
+    let key = env.path("pod-secret/agent.key");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    std::fs::write(&key, secret["stringData"]["agent.key"].as_str().unwrap()).unwrap();
+    let sa = env.path("serviceaccount");
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), TOKEN).unwrap();
+    std::fs::write(sa.join("ca.crt"), &front.ca_pem).unwrap();
+    std::fs::write(sa.join("namespace"), "towerctl-system").unwrap();
+    let scratch = env.path("pod-scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    let pod_args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("/etc/towerctl/agent.key", key.to_str().unwrap())
+        })
+        .collect();
+    assert_eq!(&pod_args[..3], ["agent", "run", "alpha"], "{pod_args:?}");
+    let mut cmd = Command::new(support::TOWERCTL);
+    cmd.env_clear()
+        .args(&pod_args)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", front.addr.port().to_string())
+        .env("TOWERCTL_SERVICEACCOUNT_DIR", &sa)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for e in container["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        if name == "TOWERCTL_TOKEN" {
+            cmd.env(name, secret["stringData"]["token"].as_str().unwrap());
+        } else {
+            let v = e["value"].as_str().unwrap();
+            let rel = v.strip_prefix("/tmp").expect("XDG dirs under the emptyDir");
+            cmd.env(name, format!("{}{rel}", scratch.display()));
+        }
+    }
+
+    // Hub down first: alive, not ready.
+    assert!(env.towerctl(&["down"]).ok());
+    let mut agent = Agent(cmd.spawn().unwrap());
+    wait_probe(&probe_addr, "/healthz", 200, Duration::from_secs(15));
+    assert_eq!(probe(&probe_addr, "/readyz"), Some(503));
+
+    // Hub up: the tunnel comes up, ready, and kubectl reaches the TLS API
+    // server with the service account's token.
+    env.up_on(&tunnel, "127.0.0.1:0");
+    wait_probe(&probe_addr, "/readyz", 200, Duration::from_secs(20));
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let reqs = api.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {TOKEN}").as_str()),
+            "{r:?}"
+        );
+    }
+
+    // Hub stops: not ready again, still alive.
+    assert!(env.towerctl(&["down"]).ok());
+    wait_probe(&probe_addr, "/readyz", 503, Duration::from_secs(15));
+    assert_eq!(probe(&probe_addr, "/healthz"), Some(200));
+    assert_eq!(probe(&probe_addr, "/nothing"), Some(404));
+
+    // Back up, then SIGTERM: the agent exits 0 and the hub records why.
+    env.up_on(&tunnel, "127.0.0.1:0");
+    wait_probe(&probe_addr, "/readyz", 200, Duration::from_secs(20));
+    let started = Instant::now();
+    // SAFETY: signalling a child this test started, by pid.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    let status = wait_for(
+        "the agent to exit after SIGTERM",
+        Duration::from_secs(10),
+        || agent.0.try_wait().unwrap(),
+    );
+    let mut stderr = String::new();
+    let _ = agent.0.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert!(status.success(), "{status:?}\n{stderr}");
+    eprintln!("the agent exited {:?} after SIGTERM", started.elapsed());
+    let s = wait_for(
+        "the hub to record the disconnect",
+        Duration::from_secs(10),
+        || {
+            let s = env.status();
+            (s["hub"]["clusters"][0]["state"] == "disconnected").then_some(s)
+        },
+    );
+    let events: Vec<&str> = s["hub"]["clusters"][0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events.last().copied(),
+        Some("disconnected: agent stopped"),
+        "{events:?}"
+    );
+    assert!(!stderr.contains(TOKEN), "the token leaked into the log");
+}
+
+#[test]
+fn in_cluster_without_a_service_account_names_the_fix() {
+    let env = Env::new();
+    let mut cmd = env.towerctl_cmd(&[
+        "agent",
+        "run",
+        "alpha",
+        "--hub",
+        "ws://127.0.0.1:9/tunnel",
+        "--insecure-skip-hub-key",
+        "--token",
+        "tj_x",
+    ]);
+    cmd.env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "6443")
+        .env("TOWERCTL_SERVICEACCOUNT_DIR", env.path("missing"));
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(!o.ok(), "{o:?}");
+    assert!(
+        o.stderr.contains("no service-account token") && o.stderr.contains("--kubeconfig"),
+        "{o:?}"
+    );
+}
