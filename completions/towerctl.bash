@@ -717,7 +717,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__rotate)
-            opts="-o -v -h -V --ttl --reusable --output --verbose --help --version"
+            opts="-o -v -h -V --ttl --reusable --new-key --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -104,6 +104,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_se
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s o -l output -d 'Output format' -r -f -a "text\t''
 json\t''"
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l reusable -d 'Let the join token be used more than once'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l new-key -d 'Also retire the agent\'s registered key and cut its session: the agent must join again with the new token (a possibly compromised agent machine)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s V -l version -d 'Print version'

@@ -76,12 +76,19 @@ pub async fn add(
     print_join(v, output, "registered")
 }
 
-pub async fn rotate(name: &str, ttl_secs: u64, reusable: bool, output: &str) -> Result<u8> {
+pub async fn rotate(
+    name: &str,
+    ttl_secs: u64,
+    reusable: bool,
+    new_key: bool,
+    output: &str,
+) -> Result<u8> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let v = hub_call(Request::ClusterRotate {
         name: name.to_string(),
         ttl_secs,
         reusable,
+        new_key,
     })
     .await?;
     print_join(

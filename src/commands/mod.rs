@@ -284,6 +284,11 @@ pub enum ClusterCommand {
         /// Let the join token be used more than once.
         #[arg(long)]
         reusable: bool,
+        /// Also retire the agent's registered key and cut its session: the
+        /// agent must join again with the new token (a possibly compromised
+        /// agent machine).
+        #[arg(long)]
+        new_key: bool,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
@@ -535,8 +540,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             name,
             ttl,
             reusable,
+            new_key,
             output,
-        }) => cluster::rotate(&name, ttl, reusable, &output).await,
+        }) => cluster::rotate(&name, ttl, reusable, new_key, &output).await,
         Command::Cluster(ClusterCommand::Revoke { name }) => cluster::revoke(&name).await,
         Command::Cluster(ClusterCommand::List { output }) => cluster::list(&output).await,
         Command::Cluster(ClusterCommand::Rm { name }) => cluster::remove(&name).await,

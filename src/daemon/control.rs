@@ -60,6 +60,10 @@ pub enum Request {
         ttl_secs: u64,
         #[serde(default)]
         reusable: bool,
+        /// Also forget the agent's registered key and cut its session: the
+        /// agent must join again with the new token.
+        #[serde(default)]
+        new_key: bool,
     },
     /// Hub: refuse the member's agent from now on and cut its session.
     ClusterRevoke { name: String },

@@ -6,8 +6,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -130,10 +132,15 @@ pub fn text_response(code: StatusCode, msg: &str) -> Response<Body> {
 /// the client's upgraded connection to the upstream's once both are ready.
 /// Shared by the gateway and the agent, the two HTTP hops of the tunnel. The
 /// splice is owned by `tasks`, so shutdown waits for it.
-pub fn finish_upgrade<B>(
+///
+/// `keep` lives as long as the splice (the gateway's stream registration),
+/// and the splice ends when `stop` fires (access revoked).
+pub fn finish_upgrade<B, K: Send + 'static>(
     tasks: &TaskTracker,
     client: Option<hyper::upgrade::OnUpgrade>,
     resp: &mut Response<B>,
+    stop: CancellationToken,
+    keep: K,
 ) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
@@ -141,13 +148,61 @@ pub fn finish_upgrade<B>(
     let Some(client) = client else { return };
     let upstream = hyper::upgrade::on(resp);
     tasks.spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((a, b)) => {
-                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+        let _keep = keep;
+        let splice = async {
+            match tokio::try_join!(client, upstream) {
+                Ok((a, b)) => {
+                    let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
             }
-            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        };
+        tokio::select! {
+            _ = splice => {}
+            _ = stop.cancelled() => tracing::info!("an upgraded stream was cut: access revoked"),
         }
     });
+}
+
+/// A response body that ends with an error as soon as `stop` fires (its
+/// operator lost access), holding `keep` while it lives.
+pub struct Revocable<K: Send + Unpin + 'static> {
+    inner: Body,
+    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    _keep: K,
+}
+
+impl<K: Send + Unpin + 'static> Revocable<K> {
+    pub fn new(inner: Body, stop: CancellationToken, keep: K) -> Revocable<K> {
+        Revocable {
+            inner,
+            stop: Box::pin(stop.cancelled_owned()),
+            _keep: keep,
+        }
+    }
+}
+
+impl<K: Send + Unpin + 'static> http_body::Body for Revocable<K> {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that holds a token while it is alive (the gateway

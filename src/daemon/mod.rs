@@ -19,6 +19,7 @@ pub mod probes;
 pub mod process;
 pub mod resolve;
 pub mod store;
+pub mod streams;
 pub mod targets;
 pub mod tls;
 pub mod wire;

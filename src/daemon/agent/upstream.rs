@@ -14,6 +14,7 @@ use russh::client::Msg;
 use russh::ChannelStream;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::raw::{serve_raw, Dialer};
@@ -168,7 +169,13 @@ async fn forward(
             );
         }
     };
-    finish_upgrade(tasks, hub_side_upgrade, &mut resp);
+    finish_upgrade(
+        tasks,
+        hub_side_upgrade,
+        &mut resp,
+        CancellationToken::new(),
+        (),
+    );
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
 }

@@ -69,6 +69,7 @@ pub(super) fn handle(
             name,
             ttl_secs,
             reusable,
+            new_key,
         } => {
             let token = match keys::new_token("tj_") {
                 Ok(t) => t,
@@ -84,13 +85,31 @@ pub(super) fn handle(
                 m.token_used = false;
                 m.single_use = !reusable;
                 m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
+                if new_key {
+                    // A possibly compromised agent key is of no use from now
+                    // on: the agent must join again with the new token.
+                    m.agent_key = None;
+                }
                 true
             });
             match r {
                 Ok(Some(m)) if m.revoked => Response::err(format!("cluster '{name}' is revoked; run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' to register it anew")),
                 Ok(Some(m)) => {
-                    tracing::info!(cluster = %name, "join token rotated");
-                    hub.event(&name, "join token rotated".into());
+                    tracing::info!(cluster = %name, new_key, "join token rotated");
+                    hub.event(
+                        &name,
+                        if new_key {
+                            "join token rotated, agent key retired".into()
+                        } else {
+                            "join token rotated".into()
+                        },
+                    );
+                    if new_key {
+                        if let Some(s) = hub.session(&name) {
+                            let why = format!("{}the agent key of cluster '{name}' was retired on the hub ('towerctl cluster rotate {name} --new-key'); join again with the new join token", crate::tunnel::AUTH_PREFIX);
+                            hub.tasks.spawn(async move { s.close(&why).await });
+                        }
+                    }
                     Response::ok(ClusterAdded {
                         name,
                         exposes: m.exposes.clone().into_iter().collect(),
@@ -209,14 +228,20 @@ pub(super) fn handle(
             ),
             Err(e) => Response::err(e.to_string()),
         },
+        Request::OperatorRemove { name } if name == super::LOCAL_ADMIN => Response::err(format!(
+            "'{name}' is the hub's local admin: it is what 'towerctl use' on the hub machine runs as, and it is recreated from the hub's admin.token at every start, so it cannot be removed; give other people their own operators ('towerctl operator add NAME') instead"
+        )),
         Request::OperatorRemove { name } => match hub.store.delete_operator(&name) {
             Ok(0) => Response::err(format!(
                 "no operator named '{name}'; 'towerctl operator list' shows them"
             )),
             Ok(_) => {
                 hub.reload_operators();
-                tracing::info!(operator = %name, "operator removed");
-                Response::ok(serde_json::json!({}))
+                // Access ends now, not at the operator's next request: its
+                // open watches, exec, port-forward and CONNECT streams go.
+                let cut = hub.streams.cut(|op, _| op == name);
+                tracing::info!(operator = %name, "operator removed; {cut} open streams cut");
+                Response::ok(serde_json::json!({ "streamsCut": cut }))
             }
             Err(e) => Response::err(e.to_string()),
         },

@@ -25,7 +25,8 @@ use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::audit::{Audited, Record};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
-    strip_identity, text_response, Body, Held, GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
+    strip_identity, text_response, Body, Held, Revocable, GROUPS_HEADER, IMPERSONATE_HEADER,
+    OPERATOR_HEADER,
 };
 use crate::daemon::metrics::DialFailure;
 use crate::daemon::store::Operator;
@@ -410,6 +411,7 @@ async fn connect(
         return text_response(status, &format!("cluster '{cluster}': {msg}"));
     }
     let auditor = hub.auditor.clone();
+    let guard = hub.streams.open(&operator.name, &cluster);
     hub.tasks.spawn(async move {
         match hyper::upgrade::on(req).await {
             Ok(up) => {
@@ -418,7 +420,12 @@ async fn connect(
                 let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
                 let mut client =
                     crate::tunnel::counted::Counted::new(TokioIo::new(up), rd.clone(), wr.clone());
-                let _ = crate::tunnel::splice(&mut client, &mut stream).await;
+                tokio::select! {
+                    _ = crate::tunnel::splice(&mut client, &mut stream) => {}
+                    _ = guard.cut.cancelled() => {
+                        tracing::info!(cluster = %record.cluster, operator = %record.operator, "a CONNECT stream was cut: access revoked");
+                    }
+                }
                 record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
@@ -565,9 +572,20 @@ async fn proxy(
     if !upgrade {
         slot.put(name.clone(), session.id, sender).await;
     }
-    finish_upgrade(&hub.tasks, client_upgrade, &mut resp);
+    // Every stream is registered under its operator and member, so that
+    // revoking access cuts it at once, whatever it is (watch, logs -f,
+    // exec, port-forward).
+    let guard = hub.streams.open(&operator.name, &name);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let stop = guard.cut.clone();
+        finish_upgrade(&hub.tasks, client_upgrade, &mut resp, stop, guard);
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync());
+    }
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
+    let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
+    let stop = guard.cut.clone();
+    Response::from_parts(parts, Revocable::new(body, stop, guard).boxed_unsync())
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ use super::store::{Operator, RedbStore, Store};
 use crate::paths;
 use crate::tunnel::{keys, server};
 
+/// The operator the hub creates at first start for its own machine
+/// (`towerctl use` there runs as it).
+pub const LOCAL_ADMIN: &str = "admin";
+
 /// How the hub is started.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -115,6 +119,8 @@ pub struct Hub {
     pub tasks: TaskTracker,
     /// Unauthenticated connections of the tunnel and gateway listeners.
     pub admissions: [Arc<Admission>; 2],
+    /// Streams in flight through the gateway, cut when access is revoked.
+    pub streams: Arc<super::streams::OpenStreams>,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
 }
@@ -142,6 +148,7 @@ impl Hub {
                 Admission::new("gateway", caps),
             ],
             operators: RwLock::new(HashMap::new()),
+            streams: Default::default(),
             ca_pem,
         }
     }
@@ -423,9 +430,10 @@ pub async fn run(
         }
     };
     let admin_hash = keys::token_hash(&admin_token);
+    // LOCAL_ADMIN is the operator this token belongs to.
     if store.operator_by_token_hash(&admin_hash)?.is_none() {
         store.put_operator(&Operator {
-            name: "admin".into(),
+            name: LOCAL_ADMIN.into(),
             token_hash: admin_hash,
             groups: vec!["system:masters".into()],
             created_at: ctl::now_unix(),

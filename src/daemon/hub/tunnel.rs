@@ -168,6 +168,16 @@ async fn tunnel_session(
     });
     tracing::info!(cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
+    // A revoke or removal that raced this login (the check passed just
+    // before it) must not leave a session registered: look again now that
+    // the session is visible to the revoke's cut.
+    match hub.store.get_member(&live.name) {
+        Ok(Some(m)) if !m.revoked => {}
+        _ => {
+            let why = super::auth::revoked_reason(&live.name);
+            live.close(&why).await;
+        }
+    }
 
     // A ping goes out at most one interval after the last answer and gets
     // two intervals to come back: a silent agent is dead within three.
