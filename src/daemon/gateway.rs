@@ -168,10 +168,16 @@ pub async fn serve(
                     Err(_) => return,
                 };
             let slot = Arc::new(ChannelSlot::default());
+            // The member this connection is for, when its TLS server name says so.
+            let sni: Option<Arc<str>> =
+                super::route::member_of_sni(tls.get_ref().1.server_name()).map(Arc::from);
             let svc = hyper::service::service_fn(move |req| {
-                let hub = hub.clone();
-                let slot = slot.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(hub, &slot, req, peer).await) }
+                let (hub, slot, sni) = (hub.clone(), slot.clone(), sni.clone());
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(hub, &slot, req, peer, sni.as_deref()).await,
+                    )
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)
@@ -273,9 +279,10 @@ async fn handle(
     slot: &ChannelSlot,
     req: Request<Incoming>,
     peer: SocketAddr,
+    sni: Option<&str>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
-    if path == "/healthz" || path == "/readyz" {
+    if sni.is_none() && (path == "/healthz" || path == "/readyz") {
         return Response::new(full(Bytes::from_static(b"ok")));
     }
     if path == "/towerctl/v1/ca.crt" {
@@ -306,10 +313,10 @@ async fn handle(
             ),
         };
     }
-    let Some((name, upstream_path)) = route(&path) else {
-        return status_response(StatusCode::NOT_FOUND, "NotFound", "the towerctl gateway serves clusters under /clusters/<name>/; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL");
+    let (name, upstream_path) = match super::route::pick(sni, &path) {
+        Ok(r) => r,
+        Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
-    let name = name.to_string();
     let start = std::time::Instant::now();
     let record = Record {
         time: super::fmt_unix(super::control::now_unix()),

@@ -531,6 +531,8 @@ pub async fn run(
     if let Some(h) = hostname() {
         names.push(h);
     }
+    // Every member's TLS server name, now and later (routing by SNI).
+    names.push(super::route::sni_wildcard());
     names.dedup();
     let tls = super::tls::load(&data, &names, write_secret)?;
 

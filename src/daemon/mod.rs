@@ -13,6 +13,7 @@ pub mod notify;
 pub mod policy;
 pub mod process;
 pub mod resolve;
+pub mod route;
 pub mod store;
 pub mod targets;
 pub mod tls;

@@ -1,0 +1,209 @@
+//! Kubernetes clients other than kubectl's everyday verbs, through the
+//! contexts `towerctl use` writes (member named by TLS server name), and
+//! `towerctl kubectl` across several members. Each goes through a real agent
+//! to the stand-in API server.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::apiserver::ApiServer;
+use support::{run_bounded, wait_for, Env, Out, Streaming};
+
+/// Hub up (once per env), member `name` joined against `api`.
+fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
+    let mut args = vec!["cluster", "add", name];
+    args.extend_from_slice(add_flags);
+    let o = env.towerctl(&args);
+    assert!(o.ok(), "cluster add: {o:?}");
+    let join: Vec<String> = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("towerctl join "))
+        .unwrap_or_else(|| panic!("no join command: {o:?}"))
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    let kc = env.path(&format!("member-{name}.kubeconfig"));
+    api.write_kubeconfig(&kc);
+    let o = env.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+}
+
+fn curl(url: &str) -> Out {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", url]);
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+/// The first `127.0.0.1:PORT` after `prefix` in a streamed output.
+fn port_after(s: &Streaming, prefix: &str) -> u16 {
+    s.wait_for(prefix, Duration::from_secs(20));
+    let out = s.output();
+    let at = out.find(prefix).unwrap() + prefix.len();
+    out[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("no port after '{prefix}' in {out:?}: {e}"))
+}
+
+#[test]
+fn every_kubectl_path_works_through_a_server_name_context() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("forwarded through sni");
+    api.add_pod(
+        "default",
+        "web-1",
+        "10.99.0.1",
+        &[("app", "web")],
+        true,
+        &[("http", 8080)],
+    );
+    api.set_portforward_target("default", "web-1", 8080, web);
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+
+    // The context names the member by TLS server name, not by path.
+    let kc = std::fs::read_to_string(env.path("home/.kube/config")).unwrap();
+    assert!(
+        kc.contains("tls-server-name: alpha.clusters.towerctl.invalid"),
+        "{kc}"
+    );
+    assert!(!kc.contains("/clusters/"), "{kc}");
+
+    // Paths client-go builds itself (RequestURI replaces the base path).
+    let o = env.kubectl(&["get", "--raw", "/version"]);
+    assert!(o.ok() && o.stdout.contains("v1.32.0"), "{o:?}");
+    let o = env.kubectl(&["get", "--raw", "/api"]);
+    assert!(o.ok() && o.stdout.contains("APIVersions"), "{o:?}");
+    let o = env.kubectl(&["get", "--raw", "/openapi/v3"]);
+    assert!(o.ok() && o.stdout.contains("serverRelativeURL"), "{o:?}");
+    // A member's own /healthz-style paths are the member's, not the hub's.
+    let o = env.kubectl(&["get", "--raw", "/api/v1/namespaces/default"]);
+    assert!(o.ok() && o.stdout.contains("\"default\""), "{o:?}");
+
+    // kubectl proxy, then a plain HTTP client.
+    let proxy = Streaming::start(env.kubectl_cmd(&["proxy", "--port=0"]));
+    let port = port_after(&proxy, "Starting to serve on 127.0.0.1:");
+    let o = curl(&format!("http://127.0.0.1:{port}/api/v1/namespaces"));
+    assert!(
+        o.ok() && o.stdout.contains("NamespaceList") && o.stdout.contains("kube-system"),
+        "{o:?} {}",
+        proxy.output()
+    );
+    drop(proxy);
+
+    // Upgrades: exec and port-forward.
+    let o = env.kubectl(&["exec", "web-0", "--", "echo", "hi"]);
+    assert!(o.ok() && o.stdout.trim() == "hi", "{o:?}");
+    let pf = Streaming::start(env.kubectl_cmd(&["port-forward", "pod/web-1", ":8080"]));
+    let port = port_after(&pf, "Forwarding from 127.0.0.1:");
+    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(
+        o.stdout.contains("forwarded through sni"),
+        "{o:?} {}",
+        pf.output()
+    );
+    drop(pf);
+
+    // A server name and a path that disagree are refused, naming both.
+    let o = env.kubectl(&["get", "--raw", "/clusters/beta/api"]);
+    assert!(
+        !o.ok()
+            && o.stderr.contains("names cluster 'alpha'")
+            && o.stderr.contains("names cluster 'beta'"),
+        "{o:?}"
+    );
+    // Path routing still works for older contexts and for curl.
+    let server = wait_for("the gateway URL", Duration::from_secs(5), || {
+        env.status()["hub"]["gatewayURL"]
+            .as_str()
+            .map(str::to_string)
+    });
+    let o = env.kubectl(&[
+        "--server",
+        &format!("{server}/clusters/alpha"),
+        "--tls-server-name",
+        "localhost",
+        "get",
+        "ns",
+    ]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    // An SNI for an unknown member is a 404 naming it.
+    let o = env.kubectl(&[
+        "--tls-server-name",
+        "nope.clusters.towerctl.invalid",
+        "get",
+        "--raw",
+        "/version",
+    ]);
+    assert!(
+        o.stderr.contains("cluster 'nope' is not registered"),
+        "{o:?}"
+    );
+}
+
+/// The Python interpreter with the official `kubernetes` client: the venv
+/// `.ci/run` creates under target/, else `TOWERCTL_TEST_PYTHON`, else python3.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOWERCTL_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python3");
+    if venv.exists() {
+        return venv;
+    }
+    "python3".into()
+}
+
+const PY_CLIENT: &str = r#"
+import sys
+from kubernetes import client, config, watch
+config.load_kube_config()  # KUBECONFIG / ~/.kube/config, current context
+print("version", client.VersionApi().get_code().git_version)
+v1 = client.CoreV1Api()
+print("namespaces", ",".join(sorted(n.metadata.name for n in v1.list_namespace().items)))
+seen = []
+w = watch.Watch()
+for ev in w.stream(v1.list_namespaced_config_map, "default", timeout_seconds=2, _request_timeout=20):
+    seen.append(ev["type"] + ":" + ev["object"].metadata.name)
+print("watch", " ".join(seen))
+"#;
+
+#[test]
+fn the_official_python_client_uses_the_context_towerctl_wrote() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    api.create_configmap("default", "py-watched", &[("k", "v")]);
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+
+    let mut cmd = Command::new(python());
+    env.apply_env(&mut cmd);
+    cmd.args(["-c", PY_CLIENT]);
+    let o = run_bounded(cmd, Duration::from_secs(60));
+    assert!(
+        !o.stderr.contains("No module named 'kubernetes'"),
+        "the official Python client is not installed: run .ci/run (it creates target/py), \
+         or 'pip install kubernetes', or point TOWERCTL_TEST_PYTHON at a python that has it: {o:?}"
+    );
+    assert!(o.ok(), "{o:?}");
+    assert!(o.stdout.contains("version v1.32.0"), "{o:?}");
+    assert!(
+        o.stdout.contains("namespaces ") && o.stdout.contains("kube-system"),
+        "{o:?}"
+    );
+    assert!(o.stdout.contains("ADDED:py-watched"), "{o:?}");
+}
