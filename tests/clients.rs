@@ -74,13 +74,14 @@ fn every_kubectl_path_works_through_a_server_name_context() {
     let o = env.towerctl(&["use", "alpha"]);
     assert!(o.ok(), "{o:?}");
 
-    // The context names the member by TLS server name, not by path.
+    // The context names the member by TLS server name (and by path, for
+    // kubectl's discovery cache: see the next test).
     let kc = std::fs::read_to_string(env.path("home/.kube/config")).unwrap();
     assert!(
-        kc.contains("tls-server-name: alpha.clusters.towerctl.invalid"),
+        kc.contains("tls-server-name: alpha.clusters.towerctl.invalid")
+            && kc.contains("/clusters/alpha"),
         "{kc}"
     );
-    assert!(!kc.contains("/clusters/"), "{kc}");
 
     // Paths client-go builds itself (RequestURI replaces the base path).
     let o = env.kubectl(&["get", "--raw", "/version"]);
@@ -140,6 +141,18 @@ fn every_kubectl_path_works_through_a_server_name_context() {
         "ns",
     ]);
     assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    // The server name alone, with no path in the server URL, is enough.
+    // (client-go drops the context's tls-server-name when --server is given.)
+    let sni = [
+        "--server",
+        &server,
+        "--tls-server-name",
+        "alpha.clusters.towerctl.invalid",
+    ];
+    let o = env.kubectl(&[&sni[..], &["get", "ns"]].concat());
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let o = env.kubectl(&[&sni[..], &["exec", "web-0", "--", "echo", "bare"]].concat());
+    assert!(o.ok() && o.stdout.trim() == "bare", "{o:?}");
     // An SNI for an unknown member is a 404 naming it.
     let o = env.kubectl(&[
         "--tls-server-name",
@@ -206,4 +219,26 @@ fn the_official_python_client_uses_the_context_towerctl_wrote() {
         "{o:?}"
     );
     assert!(o.stdout.contains("ADDED:py-watched"), "{o:?}");
+}
+
+#[test]
+fn members_behind_one_gateway_never_share_kubectl_discovery_caches() {
+    let env = Env::new();
+    let with = ApiServer::start();
+    let without = ApiServer::start();
+    without.set_endpointslices(false);
+    env.up();
+    join_member(&env, &with, "alpha", &[]);
+    join_member(&env, &without, "beta", &[]);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.towerctl(&["use", "beta"]).ok());
+    // alpha's discovery (with discovery.k8s.io) is cached first ...
+    let o = env.kubectl(&["--context", "tower-alpha", "get", "endpointslices", "-A"]);
+    assert!(o.ok(), "{o:?}");
+    // ... and must not be used for beta, whose server predates the group.
+    let o = env.kubectl(&["--context", "tower-beta", "get", "endpointslices", "-A"]);
+    assert!(
+        !o.ok() && o.stderr.contains("doesn't have a resource type"),
+        "beta answered with alpha's discovery: {o:?}"
+    );
 }

@@ -106,11 +106,13 @@ impl Source {
     pub fn entries(&self, name: &str) -> Result<(String, Value, Value, Value)> {
         let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
         let ctx = format!("tower-{name}");
-        // The member travels as the TLS server name, not in the URL's path:
-        // clients that build request paths themselves (`kubectl get --raw`,
-        // `kubectl proxy`) keep it (see daemon/route.rs).
+        // The member travels twice: as the TLS server name, which clients
+        // that build request paths themselves (`kubectl get --raw`,
+        // `kubectl proxy`) keep, and in the path, which keeps kubectl's
+        // discovery cache (keyed by the server URL) apart per member. The
+        // gateway refuses the two if they disagree (see daemon/route.rs).
         let cluster = json!({
-            "server": self.gateway_url.trim_end_matches('/'),
+            "server": format!("{}/clusters/{name}", self.gateway_url.trim_end_matches('/')),
             "tls-server-name": crate::daemon::route::server_name(name),
             "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes()),
         });

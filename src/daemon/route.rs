@@ -9,6 +9,13 @@
 //! official Python client): the name travels in the TLS handshake, the path
 //! is the Kubernetes path, unchanged.
 //!
+//! `towerctl use` still writes `/clusters/<name>` into the server URL as
+//! well: kubectl keys its discovery cache (`~/.kube/cache/discovery/<host>`)
+//! by the server URL alone, so members behind one gateway with bare URLs
+//! would share one cache and see each other's API groups (measured:
+//! tests/clients.rs). Requests that keep the path name the member twice;
+//! requests whose path client-go rebuilt carry it in the SNI only.
+//!
 //! Why that suffix: `.invalid` is reserved (RFC 2606, RFC 6761 §6.4) and can
 //! never resolve or be issued by a public CA, so a context can never be sent
 //! anywhere but to the URL in `server`, and the name can never collide with
