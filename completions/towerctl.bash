@@ -49,6 +49,9 @@ _towerctl() {
             towerctl,kubeconfig)
                 cmd="towerctl__subcmd__kubeconfig"
                 ;;
+            towerctl,kubectl)
+                cmd="towerctl__subcmd__kubectl"
+                ;;
             towerctl,leave)
                 cmd="towerctl__subcmd__leave"
                 ;;
@@ -103,6 +106,9 @@ _towerctl() {
             towerctl__subcmd__cluster,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help"
                 ;;
+            towerctl__subcmd__cluster,label)
+                cmd="towerctl__subcmd__cluster__subcmd__label"
+                ;;
             towerctl__subcmd__cluster,list)
                 cmd="towerctl__subcmd__cluster__subcmd__list"
                 ;;
@@ -123,6 +129,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__cluster__subcmd__help,label)
+                cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__label"
                 ;;
             towerctl__subcmd__cluster__subcmd__help,list)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__list"
@@ -169,6 +178,9 @@ _towerctl() {
             towerctl__subcmd__help,kubeconfig)
                 cmd="towerctl__subcmd__help__subcmd__kubeconfig"
                 ;;
+            towerctl__subcmd__help,kubectl)
+                cmd="towerctl__subcmd__help__subcmd__kubectl"
+                ;;
             towerctl__subcmd__help,leave)
                 cmd="towerctl__subcmd__help__subcmd__leave"
                 ;;
@@ -210,6 +222,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help__subcmd__cluster,expose)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__expose"
+                ;;
+            towerctl__subcmd__help__subcmd__cluster,label)
+                cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__label"
                 ;;
             towerctl__subcmd__help__subcmd__cluster,list)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__list"
@@ -323,7 +338,7 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig kubectl operator login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -481,7 +496,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster)
-            opts="-v -h -V --verbose --help --version add expose rotate revoke list rm help"
+            opts="-v -h -V --verbose --help --version add label expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -495,7 +510,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__add)
-            opts="-o -v -h -V --ttl --reusable --impersonate --expose --output --verbose --help --version"
+            opts="-o -v -h -V --ttl --reusable --impersonate --expose --label --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -506,6 +521,10 @@ _towerctl() {
                     return 0
                     ;;
                 --expose)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --label)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -543,7 +562,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help)
-            opts="add expose rotate revoke list rm help"
+            opts="add label expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -585,6 +604,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__help__subcmd__label)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -643,6 +676,20 @@ _towerctl() {
         towerctl__subcmd__cluster__subcmd__help__subcmd__rotate)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__label)
+            opts="-v -h -V --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -795,7 +842,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="up down hub cluster join agent leave use port-forward kubeconfig kubectl operator login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -851,7 +898,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster)
-            opts="add expose rotate revoke list rm"
+            opts="add label expose rotate revoke list rm"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -879,6 +926,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster__subcmd__expose)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__cluster__subcmd__label)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1061,6 +1122,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__kubeconfig)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__kubectl)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1479,6 +1554,40 @@ _towerctl() {
                 return 0
             fi
             case "${prev}" in
+                --gateway)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__kubectl)
+            opts="-l -v -h -V --selector --parallel --timeout --gateway --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --selector)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -l)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --gateway)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

@@ -242,3 +242,236 @@ fn members_behind_one_gateway_never_share_kubectl_discovery_caches() {
         "beta answered with alpha's discovery: {o:?}"
     );
 }
+
+/// Pids of the direct children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state, ppid, …
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            v.push(child);
+        }
+    }
+    v
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
+    let env = Env::new();
+    let (a, b, c) = (ApiServer::start(), ApiServer::start(), ApiServer::start());
+    env.up();
+    join_member(
+        &env,
+        &a,
+        "alpha",
+        &["--label", "env=prod", "--label", "region=eu"],
+    );
+    join_member(&env, &b, "beta", &["--label", "env=prod"]);
+    join_member(&env, &c, "gamma", &["--label", "env=prod"]);
+    // Registered, never joined, not selected by env=prod.
+    let o = env.towerctl(&["cluster", "add", "delta", "--label", "env=dev"]);
+    assert!(o.ok(), "{o:?}");
+
+    // Labels: shown, changed, removed, checked.
+    let o = env.towerctl(&["cluster", "list", "-o", "wide"]);
+    assert!(
+        o.ok() && o.stdout.contains("LABELS") && o.stdout.contains("env=prod,region=eu"),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["cluster", "label", "beta", "env=staging", "tier=gold"]);
+    assert!(
+        o.ok() && o.stdout.contains("env=staging,tier=gold"),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["cluster", "label", "beta", "env=prod", "tier-"]);
+    assert!(o.ok() && o.stdout.contains("labeled: env=prod"), "{o:?}");
+    let o = env.towerctl(&["cluster", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let beta = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "beta")
+        .unwrap();
+    assert_eq!(beta["labels"], serde_json::json!({"env": "prod"}), "{list}");
+    let o = env.towerctl(&["cluster", "label", "nope", "a=b"]);
+    assert!(!o.ok() && o.stderr.contains("not registered"), "{o:?}");
+    let o = env.towerctl(&["cluster", "label", "beta", "bad key=x"]);
+    assert!(!o.ok() && o.stderr.contains("invalid label"), "{o:?}");
+
+    // gamma goes down.
+    env.kill9("agent-gamma");
+    wait_for("gamma disconnected", Duration::from_secs(15), || {
+        let o = env.towerctl(&["cluster", "list", "-o", "json"]);
+        let l: serde_json::Value = serde_json::from_str(&o.stdout).ok()?;
+        l.as_array()?
+            .iter()
+            .any(|m| m["name"] == "gamma" && m["state"] != "connected")
+            .then_some(())
+    });
+
+    // A table: one header, a CLUSTER column, the down member in the summary.
+    let o = env.towerctl(&["kubectl", "-l", "env=prod", "--", "get", "ns"]);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    let headers = o
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("CLUSTER"))
+        .count();
+    assert_eq!(headers, 1, "{o:?}");
+    assert!(o.stdout.lines().next().unwrap().contains("NAME"), "{o:?}");
+    for m in ["alpha", "beta"] {
+        assert!(
+            o.stdout
+                .lines()
+                .any(|l| l.starts_with(m) && l.contains("kube-system")),
+            "{m}: {o:?}"
+        );
+    }
+    assert!(
+        !o.stdout.contains("gamma") && !o.all().contains("delta"),
+        "{o:?}"
+    );
+    assert!(
+        o.stderr.contains("1 of 3 members failed")
+            && o.stderr.lines().any(|l| l.contains("gamma")
+                && l.contains("exit 1")
+                && l.contains("cluster 'gamma' is not connected")),
+        "{o:?}"
+    );
+
+    // -o json: one List, items annotated with their member.
+    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "ns", "-o", "json"]);
+    assert!(o.ok(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "List", "{v}");
+    let mut seen: Vec<String> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}/{}",
+                i["metadata"]["annotations"]["towerctl.io/cluster"]
+                    .as_str()
+                    .unwrap(),
+                i["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "alpha/default",
+            "alpha/kube-system",
+            "beta/default",
+            "beta/kube-system"
+        ],
+        "{v}"
+    );
+    let o = env.towerctl(&[
+        "kubectl",
+        "-l",
+        "env=prod,region=eu",
+        "--",
+        "get",
+        "ns",
+        "-o",
+        "yaml",
+    ]);
+    assert!(
+        o.ok()
+            && o.stdout.contains("kind: List")
+            && o.stdout.contains("towerctl.io/cluster: alpha"),
+        "{o:?}"
+    );
+    assert!(!o.stdout.contains("beta"), "{o:?}");
+
+    // Other output: prefixed line by line.
+    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "--raw", "/version"]);
+    assert!(o.ok(), "{o:?}");
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("alpha | ") && l.contains("gitVersion"))
+            && o.stdout.lines().any(|l| l.starts_with("beta  | ")),
+        "{o:?}"
+    );
+
+    // A failing subcommand fails on every member, each with its code.
+    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "nosuchkind"]);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(
+        o.stderr.contains("2 of 2 members failed")
+            && o.stderr.matches("exit 1").count() == 2
+            && o.stderr.contains("doesn't have a resource type"),
+        "{o:?}"
+    );
+
+    // A member that hangs is stopped at --timeout and reported; the others answer.
+    b.set_delay(Duration::from_secs(60));
+    let start = std::time::Instant::now();
+    let o = env.towerctl(&[
+        "kubectl",
+        "alpha",
+        "beta",
+        "--timeout",
+        "3s",
+        "--",
+        "get",
+        "ns",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stdout.lines().any(|l| l.starts_with("alpha")), "{o:?}");
+    assert!(
+        o.stderr
+            .lines()
+            .any(|l| l.contains("beta") && l.contains("timed out")),
+        "{o:?}"
+    );
+
+    // Ctrl-C stops every kubectl it started.
+    let mut cmd = env.towerctl_cmd(&["kubectl", "beta", "--timeout", "60s", "--", "get", "ns"]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let kubectl = wait_for("kubectl to start", Duration::from_secs(15), || {
+        children_of(pid).into_iter().next()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let code = wait_for("towerctl kubectl to exit", Duration::from_secs(10), || {
+        child.try_wait().unwrap()
+    });
+    assert_eq!(code.code(), Some(130));
+    wait_for("kubectl to be killed", Duration::from_secs(5), || {
+        (!alive(kubectl)).then_some(())
+    });
+}

@@ -8,6 +8,7 @@ use crate::daemon::control::{self, ClusterAdded, ClusterStatus, Request};
 use crate::daemon::fmt_unix;
 use crate::daemon::gateway::humanize;
 use crate::daemon::hub::validate_name;
+use crate::daemon::labels::{self, Labels};
 
 fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
     let added: ClusterAdded = serde_json::from_value(v).context("malformed answer from the hub")?;
@@ -62,6 +63,7 @@ pub async fn add(
     reusable: bool,
     impersonate: bool,
     exposes: Vec<(String, String)>,
+    labels: Labels,
     output: &str,
 ) -> Result<u8> {
     validate_name(name).map_err(anyhow::Error::msg)?;
@@ -71,6 +73,7 @@ pub async fn add(
         reusable,
         impersonate,
         exposes,
+        labels,
     })
     .await?;
     print_join(v, output, "registered")
@@ -107,6 +110,20 @@ pub async fn expose(name: &str, add: Vec<(String, String)>, remove: Vec<String>)
     for (n, t) in now {
         println!("{n} -> {t}");
     }
+    Ok(exit::OK)
+}
+
+pub async fn label(name: &str, changes: &[String]) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let (set, remove) = labels::parse_changes(changes).map_err(anyhow::Error::msg)?;
+    let v = hub_call(Request::ClusterLabel {
+        name: name.to_string(),
+        set,
+        remove,
+    })
+    .await?;
+    let now: Labels = serde_json::from_value(v).context("malformed answer from the hub")?;
+    println!("cluster '{name}' labeled: {}", labels::display(&now));
     Ok(exit::OK)
 }
 
@@ -159,8 +176,8 @@ pub async fn list(output: &str) -> Result<u8> {
             let dash = || "-".to_string();
             if wide {
                 println!(
-                    "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} TOKEN",
-                    "NAME", "STATE", "VERSION", "REMOTE", "RTT", "AGENT KEY"
+                    "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {:<28} LABELS",
+                    "NAME", "STATE", "VERSION", "REMOTE", "RTT", "AGENT KEY", "TOKEN"
                 );
             } else {
                 println!(
@@ -173,14 +190,15 @@ pub async fn list(output: &str) -> Result<u8> {
                 let version = c.agent_version.clone().unwrap_or_else(dash);
                 if wide {
                     println!(
-                        "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {}",
+                        "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {:<28} {}",
                         c.name,
                         c.state,
                         version,
                         c.remote.clone().unwrap_or_else(dash),
                         rtt,
                         c.key_fingerprint.clone().unwrap_or_else(dash),
-                        token_column(c)
+                        token_column(c),
+                        labels::display(&c.labels)
                     );
                 } else {
                     println!(

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod cluster;
 pub mod credential;
+pub mod fanout;
 pub mod gen;
 pub mod https;
 pub mod hub;
@@ -121,6 +122,17 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         gateway: Option<String>,
     },
+    /// Run kubectl against several members at once, with one merged output.
+    #[command(after_help = "\
+Examples:
+  towerctl kubectl -l env=prod -- get ns
+  towerctl kubectl -l 'env in (prod,staging),!canary' --parallel 16 -- get pods -A -o json
+  towerctl kubectl alpha beta --timeout 10s -- version
+
+Tables get one header and a leading CLUSTER column; -o json|yaml gives one List whose items
+carry the annotation towerctl.io/cluster; other output is prefixed 'NAME | '. Failed, down or
+timed-out members are listed on stderr at the end; the exit code is 1 if any failed.")]
+    Kubectl(FanoutArgs),
     /// Manage operators (people and tools allowed through the gateway).
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -255,9 +267,20 @@ pub enum ClusterCommand {
         /// (repeatable); the agent listens for them.
         #[arg(long, value_name = "NAME=HOST:PORT", value_parser = parse_expose)]
         expose: Vec<(String, String)>,
+        /// A label for selecting members, like env=prod (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::daemon::labels::parse_pair)]
+        labels: Vec<(String, String)>,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label.
+    Label {
+        /// Cluster name.
+        name: String,
+        /// KEY=VALUE to set or replace, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
     },
     /// Change what a member's workloads may reach on the hub side (push mode).
     Expose {
@@ -444,6 +467,28 @@ pub enum OperatorCommand {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Members whose labels match SELECTOR (env=prod, env!=dev, 'env in (a,b)', 'env notin (a)', canary, !canary; commas join).
+    #[arg(short = 'l', long, value_name = "SELECTOR", conflicts_with = "names")]
+    pub selector: Option<String>,
+    /// Members by name (with neither names nor -l: every member).
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// How many kubectl run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+    /// Longest one member's kubectl may run; it is then stopped and reported.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+    /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
+    /// kubectl's arguments, after '--'.
+    #[arg(last = true, required = true, value_name = "KUBECTL_ARGS")]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct UseArgs {
     /// Member cluster name; `-` returns to the previous context; none lists the members.
     pub name: Option<String>,
@@ -504,8 +549,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             reusable,
             impersonate,
             expose,
+            labels,
             output,
-        }) => cluster::add(&name, ttl, reusable, impersonate, expose, &output).await,
+        }) => {
+            let labels = labels.into_iter().collect();
+            cluster::add(&name, ttl, reusable, impersonate, expose, labels, &output).await
+        }
+        Command::Cluster(ClusterCommand::Label { name, changes }) => {
+            cluster::label(&name, &changes).await
+        }
         Command::Cluster(ClusterCommand::Expose { name, add, remove }) => {
             cluster::expose(&name, add, remove).await
         }
@@ -573,6 +625,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => status::logs(&daemon, follow, tail).await,
         Command::Kubeconfig { names, gateway } => {
             usectx::print_kubeconfig(&names, gateway.as_deref()).await
+        }
+        Command::Kubectl(a) => {
+            fanout::run(fanout::Args {
+                selector: a.selector,
+                names: a.names,
+                parallel: usize::from(a.parallel),
+                timeout: a.timeout,
+                gateway: a.gateway,
+                args: a.args,
+            })
+            .await
         }
         Command::Operator(OperatorCommand::Add { name, groups }) => {
             operator::add(&name, groups).await

@@ -235,8 +235,16 @@ pub async fn print_kubeconfig(names: &[String], gateway: Option<&str>) -> Result
         }
         names.to_vec()
     };
+    let doc = standalone(&source, &names)?;
+    print!("{}", serde_saphyr::to_string(&doc)?);
+    Ok(exit::OK)
+}
+
+/// A kubeconfig with a `tower-NAME` context for each of `names` (the first
+/// current). Shared by `towerctl kubeconfig` and `towerctl kubectl`.
+pub fn standalone(source: &Source, names: &[String]) -> Result<Value> {
     let mut doc = json!({"apiVersion": "v1", "kind": "Config", "preferences": {}});
-    for n in &names {
+    for n in names {
         let (ctx, cluster, user, context) = source.entries(n)?;
         kubeconfig::upsert(&mut doc, "clusters", "cluster", &ctx, cluster)?;
         kubeconfig::upsert(&mut doc, "users", "user", &ctx, user)?;
@@ -245,8 +253,7 @@ pub async fn print_kubeconfig(names: &[String], gateway: Option<&str>) -> Result
     if let Some(first) = names.first() {
         kubeconfig::set_current(&mut doc, &format!("tower-{first}"))?;
     }
-    print!("{}", serde_saphyr::to_string(&doc)?);
-    Ok(exit::OK)
+    Ok(doc)
 }
 
 fn remember(prev: Option<&str>) {

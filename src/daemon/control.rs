@@ -44,6 +44,16 @@ pub enum Request {
         /// Push mode: `NAME` → hub-side `HOST:PORT`.
         #[serde(default)]
         exposes: Vec<(String, String)>,
+        #[serde(default)]
+        labels: super::labels::Labels,
+    },
+    /// Hub: set and remove labels of a member; answers its labels.
+    ClusterLabel {
+        name: String,
+        #[serde(default)]
+        set: super::labels::Labels,
+        #[serde(default)]
+        remove: Vec<String>,
     },
     /// Hub: add (or replace) and remove push-mode exposes of a member.
     ClusterExpose {
@@ -186,6 +196,8 @@ pub struct ClusterStatus {
     /// `unused`, `used`, `expired` or `revoked`.
     #[serde(default)]
     pub token_state: String,
+    #[serde(default)]
+    pub labels: super::labels::Labels,
 }
 
 /// Something that happened to a tunnel, for operators.

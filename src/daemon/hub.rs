@@ -313,6 +313,7 @@ impl Hub {
                         .then_some(m.token_expires_at)
                         .flatten(),
                     token_state: token_state.into(),
+                    labels: m.labels.clone(),
                 };
                 match self.session(&m.name) {
                     Some(s) => {
@@ -690,8 +691,9 @@ fn handle_control(
             reusable,
             impersonate,
             exposes,
+            labels,
         } => {
-            if let Err(e) = validate_name(&name) {
+            if let Err(e) = validate_name(&name).and_then(|_| super::labels::check(&labels)) {
                 return Response::err(e);
             }
             match hub.store.get_member(&name) {
@@ -714,6 +716,7 @@ fn handle_control(
             m.single_use = !reusable;
             m.impersonate = impersonate;
             m.exposes = exposes.iter().cloned().collect();
+            m.labels = labels;
             if let Err(e) = hub.store.put_member(&m) {
                 return Response::err(e.to_string());
             }
@@ -783,6 +786,12 @@ fn handle_control(
                     Response::err(format!("cluster '{name}' is not registered on this hub"))
                 }
                 Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterLabel { name, set, remove } => {
+            match super::labels::apply(hub.store.as_ref(), &name, set, &remove) {
+                Ok(l) => Response::ok(l),
+                Err(e) => Response::err(e),
             }
         }
         Request::ClusterRevoke { name } => {

@@ -8,6 +8,7 @@ pub mod control;
 pub mod forwards;
 pub mod gateway;
 pub mod hub;
+pub mod labels;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

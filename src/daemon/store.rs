@@ -49,6 +49,9 @@ pub struct Member {
     /// by name.
     #[serde(default)]
     pub exposes: std::collections::BTreeMap<String, String>,
+    /// Labels for selecting members (`towerctl kubectl -l env=prod`).
+    #[serde(default)]
+    pub labels: super::labels::Labels,
 }
 
 fn yes() -> bool {
@@ -70,6 +73,7 @@ impl Member {
             revoked: false,
             impersonate: false,
             exposes: Default::default(),
+            labels: Default::default(),
         }
     }
 }
