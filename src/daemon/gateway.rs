@@ -1,4 +1,5 @@
-//! The gateway: one HTTPS listener that serves every member by path,
+//! The gateway: one HTTPS listener that serves every member by path (or by
+//! TLS server name: see `route.rs`),
 //! `https://hub:9443/clusters/<name>/<kubernetes path>`.
 //!
 //! Each request opens one tunnel channel and speaks HTTP/1.1 to the agent
