@@ -113,7 +113,10 @@ fn every_kubectl_path_works_through_a_server_name_context() {
     let local = env.path("cp-src.txt");
     std::fs::write(&local, "carried by kubectl cp").unwrap();
     let o = env.kubectl(&["cp", local.to_str().unwrap(), "web-0:/tmp/cp-dst.txt"]);
-    assert!(o.ok() && o.stdout.contains("carried by kubectl cp"), "{o:?}");
+    assert!(
+        o.ok() && o.stdout.contains("carried by kubectl cp"),
+        "{o:?}"
+    );
     let pf = Streaming::start(env.kubectl_cmd(&["port-forward", "pod/web-1", ":8080"]));
     let port = port_after(&pf, "Forwarding from 127.0.0.1:");
     let o = curl(&format!("http://127.0.0.1:{port}/"));

@@ -577,6 +577,37 @@ fn keys_become_effects_only_after_confirmation() {
 }
 
 #[test]
+fn the_filter_selects_by_labels() {
+    let mut a = hundred(true);
+    let mut clusters: Vec<ClusterStatus> = a
+        .clusters
+        .values()
+        .filter_map(|c| c.hub.as_ref().map(|h| h.status.clone()))
+        .collect();
+    for (i, c) in clusters.iter_mut().enumerate() {
+        let env = if i % 4 == 0 { "prod" } else { "dev" };
+        c.labels.insert("env".into(), env.into());
+    }
+    feed_hub(&mut a, clusters);
+    for c in "/env=prod".chars() {
+        update(&mut a, ch(c));
+    }
+    update(&mut a, key(KeyCode::Enter));
+    assert_eq!(a.visible().len(), 25);
+    a.filter = "env!=prod".into();
+    assert_eq!(a.visible().len(), 75);
+    a.filter = "env in (prod,dev),!canary".into();
+    assert_eq!(a.visible().len(), 100);
+    // Plain text matches label text too.
+    a.filter = "prod".into();
+    assert_eq!(a.visible().len(), 25);
+    // The detail pane shows them.
+    a.filter = "env=prod".into();
+    let s = text_of(&a, 160, 48);
+    assert!(s.contains("labels") && s.contains("env=prod"), "{s}");
+}
+
+#[test]
 fn esc_clears_a_filter_before_it_quits_and_q_quits() {
     let mut a = hundred(true);
     for c in "/edge-00".chars() {
