@@ -194,7 +194,7 @@ pub async fn run(a: Args) -> Result<u8> {
         _ = tokio::signal::ctrl_c() => {
             // Leaving this branch drops every running kubectl: kill_on_drop.
             eprintln!("interrupted: stopped every kubectl still running");
-            return Ok(130);
+            return Ok(exit::INTERRUPTED);
         }
     }
     drop(runs);

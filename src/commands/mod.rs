@@ -38,10 +38,12 @@ pub mod exit {
     pub const AUTH: u8 = 4;
     /// The hub could not be reached in time.
     pub const UNREACHABLE: u8 = 5;
+    /// `towerctl kubectl` was interrupted (SIGINT), like a shell's 128+2.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const FOOTER: &str = "\
-Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable
+Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable · 130 interrupted
 
 Quick start:
   towerctl up                       # on the hub
