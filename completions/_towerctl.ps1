@@ -37,6 +37,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('use', 'use', [CompletionResultType]::ParameterValue, 'Point kubectl at a member: write the `tower-NAME` context and make it current')
             [CompletionResult]::new('port-forward', 'port-forward', [CompletionResultType]::ParameterValue, 'Forward local ports to a pod, service or deployment in a member (kubectl syntax)')
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
+            [CompletionResult]::new('kubectl', 'kubectl', [CompletionResultType]::ParameterValue, 'Run kubectl against several members at once, with one merged output')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
@@ -120,6 +121,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('set', 'set', [CompletionResultType]::ParameterValue, 'Change a member''s settings')
+            [CompletionResult]::new('label', 'label', [CompletionResultType]::ParameterValue, 'Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label')
             [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
@@ -131,10 +134,31 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;cluster;add' {
             [CompletionResult]::new('--ttl', '--ttl', [CompletionResultType]::ParameterName, 'Lifetime of the join token (0 = never expires)')
             [CompletionResult]::new('--expose', '--expose', [CompletionResultType]::ParameterName, 'Push mode: let the member''s workloads reach HOST:PORT on the hub side as NAME (repeatable); the agent listens for them')
+            [CompletionResult]::new('--label', '--label', [CompletionResultType]::ParameterName, 'A label for selecting members, like env=prod (repeatable)')
             [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--reusable', '--reusable', [CompletionResultType]::ParameterName, 'Let the join token be used more than once (agent pods recreated without their key)')
             [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'The member lets the agent impersonate operators (its RBAC decides per operator)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;cluster;set' {
+            [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'Each operator acts as itself on the member (Impersonate-User and -Group, so the member''s RBAC decides); the agent must run with --impersonate')
+            [CompletionResult]::new('--no-impersonate', '--no-impersonate', [CompletionResultType]::ParameterName, 'Operators act with the agent''s own identity; the agent must run without --impersonate')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;cluster;label' {
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -198,6 +222,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;cluster;help' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('set', 'set', [CompletionResultType]::ParameterValue, 'Change a member''s settings')
+            [CompletionResult]::new('label', 'label', [CompletionResultType]::ParameterValue, 'Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label')
             [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
@@ -207,6 +233,12 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;cluster;help;add' {
+            break
+        }
+        'towerctl;cluster;help;set' {
+            break
+        }
+        'towerctl;cluster;help;label' {
             break
         }
         'towerctl;cluster;help;expose' {
@@ -341,6 +373,20 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;kubeconfig' {
+            [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;kubectl' {
+            [CompletionResult]::new('-l', '-l', [CompletionResultType]::ParameterName, 'Members whose labels match SELECTOR (env=prod, env!=dev, ''env in (a,b)'', ''env notin (a)'', canary, !canary; commas join)')
+            [CompletionResult]::new('--selector', '--selector', [CompletionResultType]::ParameterName, 'Members whose labels match SELECTOR (env=prod, env!=dev, ''env in (a,b)'', ''env notin (a)'', canary, !canary; commas join)')
+            [CompletionResult]::new('--parallel', '--parallel', [CompletionResultType]::ParameterName, 'How many kubectl run at once')
+            [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'Longest one member''s kubectl may run; it is then stopped and reported')
             [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
@@ -602,6 +648,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('use', 'use', [CompletionResultType]::ParameterValue, 'Point kubectl at a member: write the `tower-NAME` context and make it current')
             [CompletionResult]::new('port-forward', 'port-forward', [CompletionResultType]::ParameterValue, 'Forward local ports to a pod, service or deployment in a member (kubectl syntax)')
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
+            [CompletionResult]::new('kubectl', 'kubectl', [CompletionResultType]::ParameterValue, 'Run kubectl against several members at once, with one merged output')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
@@ -631,6 +678,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;help;cluster' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('set', 'set', [CompletionResultType]::ParameterValue, 'Change a member''s settings')
+            [CompletionResult]::new('label', 'label', [CompletionResultType]::ParameterValue, 'Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label')
             [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
@@ -639,6 +688,12 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;cluster;add' {
+            break
+        }
+        'towerctl;help;cluster;set' {
+            break
+        }
+        'towerctl;help;cluster;label' {
             break
         }
         'towerctl;help;cluster;expose' {
@@ -676,6 +731,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;kubeconfig' {
+            break
+        }
+        'towerctl;help;kubectl' {
             break
         }
         'towerctl;help;operator' {

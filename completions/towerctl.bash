@@ -49,6 +49,9 @@ _towerctl() {
             towerctl,kubeconfig)
                 cmd="towerctl__subcmd__kubeconfig"
                 ;;
+            towerctl,kubectl)
+                cmd="towerctl__subcmd__kubectl"
+                ;;
             towerctl,leave)
                 cmd="towerctl__subcmd__leave"
                 ;;
@@ -103,6 +106,9 @@ _towerctl() {
             towerctl__subcmd__cluster,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help"
                 ;;
+            towerctl__subcmd__cluster,label)
+                cmd="towerctl__subcmd__cluster__subcmd__label"
+                ;;
             towerctl__subcmd__cluster,list)
                 cmd="towerctl__subcmd__cluster__subcmd__list"
                 ;;
@@ -115,6 +121,9 @@ _towerctl() {
             towerctl__subcmd__cluster,rotate)
                 cmd="towerctl__subcmd__cluster__subcmd__rotate"
                 ;;
+            towerctl__subcmd__cluster,set)
+                cmd="towerctl__subcmd__cluster__subcmd__set"
+                ;;
             towerctl__subcmd__cluster__subcmd__help,add)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__add"
                 ;;
@@ -123,6 +132,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__cluster__subcmd__help,label)
+                cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__label"
                 ;;
             towerctl__subcmd__cluster__subcmd__help,list)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__list"
@@ -135,6 +147,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,rotate)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__rotate"
+                ;;
+            towerctl__subcmd__cluster__subcmd__help,set)
+                cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__set"
                 ;;
             towerctl__subcmd__help,agent)
                 cmd="towerctl__subcmd__help__subcmd__agent"
@@ -168,6 +183,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help,kubeconfig)
                 cmd="towerctl__subcmd__help__subcmd__kubeconfig"
+                ;;
+            towerctl__subcmd__help,kubectl)
+                cmd="towerctl__subcmd__help__subcmd__kubectl"
                 ;;
             towerctl__subcmd__help,leave)
                 cmd="towerctl__subcmd__help__subcmd__leave"
@@ -211,6 +229,9 @@ _towerctl() {
             towerctl__subcmd__help__subcmd__cluster,expose)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__expose"
                 ;;
+            towerctl__subcmd__help__subcmd__cluster,label)
+                cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__label"
+                ;;
             towerctl__subcmd__help__subcmd__cluster,list)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__list"
                 ;;
@@ -222,6 +243,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help__subcmd__cluster,rotate)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__rotate"
+                ;;
+            towerctl__subcmd__help__subcmd__cluster,set)
+                cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__set"
                 ;;
             towerctl__subcmd__help__subcmd__hub,run)
                 cmd="towerctl__subcmd__help__subcmd__hub__subcmd__run"
@@ -323,7 +347,7 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig kubectl operator login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -493,7 +517,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster)
-            opts="-v -h -V --verbose --help --version add expose rotate revoke list rm help"
+            opts="-v -h -V --verbose --help --version add set label expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -507,7 +531,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__add)
-            opts="-o -v -h -V --ttl --reusable --impersonate --expose --output --verbose --help --version"
+            opts="-o -v -h -V --ttl --reusable --impersonate --expose --label --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -518,6 +542,10 @@ _towerctl() {
                     return 0
                     ;;
                 --expose)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --label)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -555,7 +583,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help)
-            opts="add expose rotate revoke list rm help"
+            opts="add set label expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -597,6 +625,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__help__subcmd__label)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -655,6 +697,34 @@ _towerctl() {
         towerctl__subcmd__cluster__subcmd__help__subcmd__rotate)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__help__subcmd__set)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__label)
+            opts="-v -h -V --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -742,6 +812,20 @@ _towerctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        towerctl__subcmd__cluster__subcmd__set)
+            opts="-v -h -V --impersonate --no-impersonate --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         towerctl__subcmd__completion)
             opts="-v -h -V --verbose --help --version bash elvish fish powershell zsh"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -807,7 +891,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="up down hub cluster join agent leave use port-forward kubeconfig kubectl operator login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -863,7 +947,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster)
-            opts="add expose rotate revoke list rm"
+            opts="add set label expose rotate revoke list rm"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -891,6 +975,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster__subcmd__expose)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__cluster__subcmd__label)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -947,6 +1045,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster__subcmd__rotate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__cluster__subcmd__set)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1073,6 +1185,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__kubeconfig)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__kubectl)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1503,6 +1629,40 @@ _towerctl() {
                 return 0
             fi
             case "${prev}" in
+                --gateway)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__kubectl)
+            opts="-l -v -h -V --selector --parallel --timeout --gateway --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --selector)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -l)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --gateway)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

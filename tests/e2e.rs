@@ -178,7 +178,12 @@ fn disconnected_member_answers_a_status_and_recovers() {
 
     // An unknown cluster is a 404 Status naming it. (kubectl's discovery
     // hides a 404's message, so ask for a raw path.)
-    let o = env.kubectl(&["get", "--raw", "/clusters/nope/api"]);
+    let o = env.kubectl(&[
+        "--tls-server-name=localhost",
+        "get",
+        "--raw",
+        "/clusters/nope/api",
+    ]);
     assert!(
         o.stderr.contains("NotFound") && o.stderr.contains("cluster 'nope' is not registered"),
         "{o:?}"
@@ -733,12 +738,11 @@ fn impersonation_lets_the_member_rbac_decide() {
         .skip(1)
         .map(str::to_string)
         .collect();
+    // The printed join command carries the member's mode.
+    assert!(join.iter().any(|a| a == "--impersonate"), "{join:?}");
     let kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&kc);
-    let o = env.join(
-        &join,
-        &["--kubeconfig", kc.to_str().unwrap(), "--impersonate"],
-    );
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
     assert!(o.ok(), "{o:?}");
     assert!(env.towerctl(&["use", "alpha"]).ok());
 
@@ -883,7 +887,12 @@ fn prometheus_metrics_describe_the_tunnels() {
     let api = ApiServer::start();
     connected(&env, &api, &[]);
     assert!(env.kubectl(&["get", "ns"]).ok());
-    let _ = env.kubectl(&["get", "--raw", "/clusters/nope/api"]);
+    let _ = env.kubectl(&[
+        "--tls-server-name=localhost",
+        "get",
+        "--raw",
+        "/clusters/nope/api",
+    ]);
     let o = env.towerctl(&["up"]);
     let addr = o
         .stdout

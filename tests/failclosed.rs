@@ -177,3 +177,83 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
     let o = hub.kubectl(&["get", "nodes"]);
     assert!(o.ok(), "{o:?}");
 }
+
+fn join_args(o: &support::Out) -> Vec<String> {
+    o.stdout
+        .lines()
+        .find(|l| l.starts_with("towerctl join "))
+        .unwrap_or_else(|| panic!("no join command: {o:?}"))
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn impersonation_cannot_silently_turn_off() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    hub.up();
+    let kc = hub.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+
+    // Member requires impersonation; its agent is started without it.
+    let o = hub.towerctl(&["cluster", "add", "beta", "--impersonate"]);
+    assert!(o.ok(), "{o:?}");
+    let join = join_args(&o);
+    assert!(join.iter().any(|a| a == "--impersonate"), "{join:?}");
+    let without: Vec<String> = join.into_iter().filter(|a| a != "--impersonate").collect();
+    let o = hub.join(&without, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    assert!(hub.towerctl(&["use", "beta"]).ok());
+    let before = api.requests().len();
+    let o = hub.kubectl(&["get", "ns"]);
+    assert!(!o.ok(), "{o:?}");
+    let o = hub.kubectl(&["get", "--raw", "/clusters/beta/api/v1/namespaces"]);
+    assert!(
+        !o.ok()
+            && o.stderr.contains("requires impersonation")
+            && o.stderr.contains("--impersonate"),
+        "{o:?}"
+    );
+    assert_eq!(
+        api.requests().len(),
+        before,
+        "no request may reach the member with the agent's own identity"
+    );
+    let o = hub.towerctl(&["cluster", "list", "-o", "wide"]);
+    assert!(
+        o.stdout.contains("IDENTITY") && o.stdout.contains("impersonate"),
+        "{o:?}"
+    );
+
+    // The operator decides: operators act with the agent's identity.
+    let o = hub.towerctl(&["cluster", "set", "beta", "--no-impersonate"]);
+    assert!(o.ok(), "{o:?}");
+    let o = hub.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let o = hub.towerctl(&["cluster", "set", "beta"]);
+    assert!(!o.ok() && o.stderr.contains("nothing to change"), "{o:?}");
+
+    // The reverse mismatch: registered without, agent with --impersonate.
+    let o = hub.towerctl(&["cluster", "add", "gamma"]);
+    let mut join = join_args(&o);
+    join.push("--impersonate".into());
+    let o = hub.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    assert!(hub.towerctl(&["use", "gamma"]).ok());
+    let o = hub.kubectl(&["get", "--raw", "/clusters/gamma/api/v1/namespaces"]);
+    assert!(
+        !o.ok() && o.stderr.contains("registered without impersonation"),
+        "{o:?}"
+    );
+    // Matching again: the member's RBAC decides (the admin has no binding).
+    assert!(hub
+        .towerctl(&["cluster", "set", "gamma", "--impersonate"])
+        .ok());
+    let o = hub.kubectl(&["get", "ns"]);
+    assert!(!o.ok() && o.stderr.contains("User \"admin\""), "{o:?}");
+    api.bind_user("admin");
+    let o = hub.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+}

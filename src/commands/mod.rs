@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod cluster;
 pub mod credential;
+pub mod fanout;
 pub mod gen;
 pub mod https;
 pub mod hub;
@@ -41,10 +42,12 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 5;
     /// The hub's TLS certificate (wss://) was refused.
     pub const TLS: u8 = 6;
+    /// `towerctl kubectl` was interrupted (SIGINT), like a shell's 128+2.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const FOOTER: &str = "\
-Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable · 6 hub TLS certificate refused
+Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable · 6 hub TLS certificate refused · 130 interrupted
 
 Quick start:
   towerctl up                       # on the hub
@@ -125,6 +128,17 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         gateway: Option<String>,
     },
+    /// Run kubectl against several members at once, with one merged output.
+    #[command(after_help = "\
+Examples:
+  towerctl kubectl -l env=prod -- get ns
+  towerctl kubectl -l 'env in (prod,staging),!canary' --parallel 16 -- get pods -A -o json
+  towerctl kubectl alpha beta --timeout 10s -- version
+
+Tables get one header and a leading CLUSTER column; -o json|yaml gives one List whose items
+carry the annotation towerctl.io/cluster; other output is prefixed 'NAME | '. Failed, down or
+timed-out members are listed on stderr at the end; the exit code is 1 if any failed.")]
+    Kubectl(FanoutArgs),
     /// Manage operators (people and tools allowed through the gateway).
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -259,9 +273,34 @@ pub enum ClusterCommand {
         /// (repeatable); the agent listens for them.
         #[arg(long, value_name = "NAME=HOST:PORT", value_parser = parse_expose)]
         expose: Vec<(String, String)>,
+        /// A label for selecting members, like env=prod (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::daemon::labels::parse_pair)]
+        labels: Vec<(String, String)>,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+    },
+    /// Change a member's settings.
+    Set {
+        /// Cluster name.
+        name: String,
+        /// Each operator acts as itself on the member (Impersonate-User and
+        /// -Group, so the member's RBAC decides); the agent must run with
+        /// --impersonate.
+        #[arg(long, conflicts_with = "no_impersonate")]
+        impersonate: bool,
+        /// Operators act with the agent's own identity; the agent must run
+        /// without --impersonate.
+        #[arg(long)]
+        no_impersonate: bool,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label.
+    Label {
+        /// Cluster name.
+        name: String,
+        /// KEY=VALUE to set or replace, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
     },
     /// Change what a member's workloads may reach on the hub side (push mode).
     Expose {
@@ -471,6 +510,28 @@ pub enum OperatorCommand {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Members whose labels match SELECTOR (env=prod, env!=dev, 'env in (a,b)', 'env notin (a)', canary, !canary; commas join).
+    #[arg(short = 'l', long, value_name = "SELECTOR", conflicts_with = "names")]
+    pub selector: Option<String>,
+    /// Members by name (with neither names nor -l: every member).
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// How many kubectl run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+    /// Longest one member's kubectl may run; it is then stopped and reported.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+    /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
+    /// kubectl's arguments, after '--'.
+    #[arg(last = true, required = true, value_name = "KUBECTL_ARGS")]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct UseArgs {
     /// Member cluster name; `-` returns to the previous context; none lists the members.
     pub name: Option<String>,
@@ -531,8 +592,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             reusable,
             impersonate,
             expose,
+            labels,
             output,
-        }) => cluster::add(&name, ttl, reusable, impersonate, expose, &output).await,
+        }) => {
+            let labels = labels.into_iter().collect();
+            cluster::add(&name, ttl, reusable, impersonate, expose, labels, &output).await
+        }
+        Command::Cluster(ClusterCommand::Set {
+            name,
+            impersonate,
+            no_impersonate,
+        }) => {
+            let mode = match (impersonate, no_impersonate) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            cluster::set(&name, mode).await
+        }
+        Command::Cluster(ClusterCommand::Label { name, changes }) => {
+            cluster::label(&name, &changes).await
+        }
         Command::Cluster(ClusterCommand::Expose { name, add, remove }) => {
             cluster::expose(&name, add, remove).await
         }
@@ -601,6 +681,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => status::logs(&daemon, follow, tail).await,
         Command::Kubeconfig { names, gateway } => {
             usectx::print_kubeconfig(&names, gateway.as_deref()).await
+        }
+        Command::Kubectl(a) => {
+            fanout::run(fanout::Args {
+                selector: a.selector,
+                names: a.names,
+                parallel: usize::from(a.parallel),
+                timeout: a.timeout,
+                gateway: a.gateway,
+                args: a.args,
+            })
+            .await
         }
         Command::Operator(OperatorCommand::Add { name, groups }) => {
             operator::add(&name, groups).await

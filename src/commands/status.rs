@@ -33,6 +33,8 @@ pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Val
         "keyFingerprint": c.key_fingerprint,
         "tokenState": c.token_state,
         "tokenExpiresAt": time(c.token_expires_at),
+        "labels": c.labels,
+        "impersonate": c.impersonate,
         "events": c.events.iter().map(|e| json!({"at": crate::daemon::fmt::fmt_unix(e.at), "text": e.text})).collect::<Vec<_>>(),
     })
 }

@@ -44,6 +44,23 @@ pub enum Request {
         /// Push mode: `NAME` → hub-side `HOST:PORT`.
         #[serde(default)]
         exposes: Vec<(String, String)>,
+        #[serde(default)]
+        labels: super::labels::Labels,
+    },
+    /// Hub: change a member's settings (only those given).
+    ClusterSet {
+        name: String,
+        /// Require the agent to impersonate operators.
+        #[serde(default)]
+        impersonate: Option<bool>,
+    },
+    /// Hub: set and remove labels of a member; answers its labels.
+    ClusterLabel {
+        name: String,
+        #[serde(default)]
+        set: super::labels::Labels,
+        #[serde(default)]
+        remove: Vec<String>,
     },
     /// Hub: add (or replace) and remove push-mode exposes of a member.
     ClusterExpose {
@@ -188,6 +205,11 @@ pub struct ClusterStatus {
     pub token_expires_at: Option<u64>,
     #[serde(default)]
     pub token_state: TokenState,
+    #[serde(default)]
+    pub labels: super::labels::Labels,
+    /// The member requires its agent to impersonate operators.
+    #[serde(default)]
+    pub impersonate: bool,
 }
 
 /// Defines a state enum with its wire names (serde, `Display`, `From<&str>`
@@ -294,6 +316,10 @@ pub struct ClusterAdded {
     pub expires_at: Option<u64>,
     pub tunnel_url: String,
     pub hub_key: String,
+    /// The member requires impersonation: the join command says
+    /// `--impersonate`.
+    #[serde(default)]
+    pub impersonate: bool,
 }
 
 /// What `operator add` gets back.

@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
 const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators");
 
+/// A member's labels, Kubernetes-style (`env=prod`); rules and selectors
+/// are in `labels.rs`.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
 /// A registered member cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Member {
@@ -49,6 +53,9 @@ pub struct Member {
     /// by name.
     #[serde(default)]
     pub exposes: std::collections::BTreeMap<String, String>,
+    /// Labels for selecting members (`towerctl kubectl -l env=prod`).
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 fn yes() -> bool {
@@ -70,6 +77,7 @@ impl Member {
             revoked: false,
             impersonate: false,
             exposes: Default::default(),
+            labels: Default::default(),
         }
     }
 }

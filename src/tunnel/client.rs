@@ -42,6 +42,10 @@ pub struct DialOptions {
     /// What `wss://` trusts (built once: loading the system store is not
     /// free).
     pub tls: Arc<HubTls>,
+    /// Words the agent declares about itself in its SSH identification
+    /// string's comment (RFC 4253 4.2), e.g. `impersonate`; the hub reads
+    /// them as [`super::server::ServerSession::features`].
+    pub features: Vec<String>,
 }
 
 /// Serves channels the hub opens. Implemented by the agent daemon.
@@ -299,12 +303,15 @@ impl ClientSession {
     }
 }
 
-fn client_config(keepalive: Duration) -> Arc<russh::client::Config> {
+fn client_config(keepalive: Duration, features: &[String]) -> Arc<russh::client::Config> {
+    // The hub reads the agent's version and features from here.
+    let mut id = concat!("SSH-2.0-towerctl_", env!("CARGO_PKG_VERSION")).to_string();
+    if !features.is_empty() {
+        id.push(' ');
+        id.push_str(&features.join(","));
+    }
     Arc::new(russh::client::Config {
-        // The hub reads the agent's version from here.
-        client_id: russh::SshId::Standard(
-            concat!("SSH-2.0-towerctl_", env!("CARGO_PKG_VERSION")).into(),
-        ),
+        client_id: russh::SshId::Standard(id.into()),
         preferred: super::preferred(),
         keepalive_interval: Some(keepalive),
         keepalive_max: 2,
@@ -412,24 +419,27 @@ async fn connect_inner(
         service,
         closed: Some(closed_tx),
     };
-    let mut handle =
-        match russh::client::connect_stream(client_config(opts.keepalive), WsIo::new(ws), handler)
-            .await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                let seen = seen_key.lock().ok().and_then(|s| s.clone());
-                return Err(match (seen, &opts.hub_key) {
-                    (Some(actual), Some(expected)) if &actual != expected => {
-                        TunnelError::HostKeyMismatch {
-                            expected: expected.clone(),
-                            actual,
-                        }
+    let mut handle = match russh::client::connect_stream(
+        client_config(opts.keepalive, &opts.features),
+        WsIo::new(ws),
+        handler,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            let seen = seen_key.lock().ok().and_then(|s| s.clone());
+            return Err(match (seen, &opts.hub_key) {
+                (Some(actual), Some(expected)) if &actual != expected => {
+                    TunnelError::HostKeyMismatch {
+                        expected: expected.clone(),
+                        actual,
                     }
-                    _ => TunnelError::Handshake(e.to_string()),
-                });
-            }
-        };
+                }
+                _ => TunnelError::Handshake(e.to_string()),
+            });
+        }
+    };
     let mut closed_rx = closed_rx;
     let key = PrivateKeyWithHashAlg::new(opts.key.clone(), None);
     // Only an explicit refusal from the hub is fatal. An error while

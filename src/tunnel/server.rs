@@ -70,7 +70,7 @@ pub struct HubHandler {
     proven_key: Option<PublicKey>,
     /// The cluster this session authenticated as.
     cluster: Option<String>,
-    authed: Option<oneshot::Sender<(String, String)>>,
+    authed: Option<oneshot::Sender<(String, String, Vec<String>)>>,
     /// Told when a join token was presented and refused in this connection.
     refused_tx: Option<oneshot::Sender<()>>,
     /// Why the agent said it is closing the session, if it did.
@@ -108,7 +108,7 @@ impl russh::server::Handler for HubHandler {
     ) -> Result<(), Self::Error> {
         if let (Some(name), Some(tx)) = (self.cluster.clone(), self.authed.take()) {
             let id = String::from_utf8_lossy(session.remote_sshid()).to_string();
-            let _ = tx.send((name, agent_version(&id)));
+            let _ = tx.send((name, agent_version(&id), agent_features(&id)));
         }
         Ok(())
     }
@@ -222,12 +222,34 @@ fn farewell_text(raw: &str) -> String {
         .collect()
 }
 
+/// The words of an agent's identification comment
+/// (`SSH-2.0-towerctl_0.2.0 impersonate,foo`), bounded and printable.
+pub fn agent_features(ssh_id: &str) -> Vec<String> {
+    let Some((_, comment)) = ssh_id.trim().split_once(' ') else {
+        return Vec::new();
+    };
+    comment
+        .split(',')
+        .map(str::trim)
+        .filter(|w| {
+            !w.is_empty()
+                && w.len() <= 32
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .take(16)
+        .map(str::to_string)
+        .collect()
+}
+
 /// An authenticated agent session.
 pub struct ServerSession {
     /// The cluster name the agent authenticated as.
     pub name: String,
     /// The agent's version, from its SSH identification string.
     pub version: String,
+    /// What the agent declared about itself (its identification comment).
+    pub features: Vec<String>,
     pub handle: Handle,
     /// Resolves when the SSH session ends.
     pub running: RunningSession<HubHandler>,
@@ -284,7 +306,7 @@ where
         .map_err(AcceptError::Handshake)?;
     let handle = running.handle();
     let _ = handle_slot.set(handle.clone());
-    let (name, version) = tokio::select! {
+    let (name, version, features) = tokio::select! {
         r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
         r = &mut running => {
             return Err(match r {
@@ -305,6 +327,7 @@ where
     Ok(ServerSession {
         name,
         version,
+        features,
         handle,
         running,
         farewell,
@@ -349,6 +372,15 @@ mod tests {
     #[test]
     fn parses_agent_versions() {
         assert_eq!(super::agent_version("SSH-2.0-towerctl_0.1.0"), "0.1.0");
+        assert_eq!(
+            super::agent_version("SSH-2.0-towerctl_0.1.0 impersonate"),
+            "0.1.0"
+        );
+        assert_eq!(
+            super::agent_features("SSH-2.0-towerctl_0.1.0 impersonate,x y"),
+            vec!["impersonate".to_string()]
+        );
+        assert!(super::agent_features("SSH-2.0-towerctl_0.1.0").is_empty());
         assert_eq!(
             super::agent_version("SSH-2.0-OpenSSH_9.2p1 Debian-2"),
             "OpenSSH_9.2p1"

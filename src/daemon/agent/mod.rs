@@ -99,6 +99,13 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         hub_key: cfg.hub_key.clone(),
         keepalive,
         connect_timeout: Duration::from_secs(15),
+        // The hub refuses to route to an agent whose impersonation mode
+        // differs from the member's: it learns the agent's from here.
+        features: if cfg.impersonate {
+            vec!["impersonate".to_string()]
+        } else {
+            Vec::new()
+        },
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
             cfg.insecure_skip_tls_verify,

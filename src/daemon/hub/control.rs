@@ -27,8 +27,9 @@ pub(super) fn handle(
             reusable,
             impersonate,
             exposes,
+            labels,
         } => {
-            if let Err(e) = validate_name(&name) {
+            if let Err(e) = validate_name(&name).and_then(|_| crate::daemon::labels::check(&labels)) {
                 return Response::err(e);
             }
             match hub.store.get_member(&name) {
@@ -51,6 +52,7 @@ pub(super) fn handle(
             m.single_use = !reusable;
             m.impersonate = impersonate;
             m.exposes = exposes.iter().cloned().collect();
+            m.labels = labels;
             if let Err(e) = hub.store.put_member(&m) {
                 return Response::err(e.to_string());
             }
@@ -63,6 +65,7 @@ pub(super) fn handle(
                 expires_at: m.token_expires_at,
                 tunnel_url: base.tunnel_url.clone(),
                 hub_key: base.hub_key.clone(),
+                impersonate: m.impersonate,
             })
         }
         Request::ClusterRotate {
@@ -117,6 +120,7 @@ pub(super) fn handle(
                         expires_at: m.token_expires_at,
                         tunnel_url: base.tunnel_url.clone(),
                         hub_key: base.hub_key.clone(),
+                        impersonate: m.impersonate,
                     })
                 }
                 Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
@@ -139,6 +143,40 @@ pub(super) fn handle(
                     Response::err(format!("cluster '{name}' is not registered on this hub"))
                 }
                 Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterSet { name, impersonate } => {
+            let r = hub.store.update_member(&name, &mut |m| {
+                if let Some(i) = impersonate {
+                    m.impersonate = i;
+                }
+                true
+            });
+            match r {
+                Ok(Some(m)) => {
+                    if let Some(s) = hub.session(&name) {
+                        s.impersonate
+                            .store(m.impersonate, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let mode = if m.impersonate {
+                        "impersonation required"
+                    } else {
+                        "agent identity"
+                    };
+                    tracing::info!(cluster = %name, "member settings changed: {mode}");
+                    hub.event(&name, format!("settings changed: {mode}"));
+                    Response::ok(serde_json::json!({ "impersonate": m.impersonate }))
+                }
+                Ok(None) => Response::err(format!(
+                    "cluster '{name}' is not registered on this hub"
+                )),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterLabel { name, set, remove } => {
+            match crate::daemon::labels::apply(hub.store.as_ref(), &name, set, &remove) {
+                Ok(l) => Response::ok(l),
+                Err(e) => Response::err(e),
             }
         }
         Request::ClusterRevoke { name } => {

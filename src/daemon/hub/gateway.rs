@@ -1,4 +1,5 @@
-//! The gateway: one HTTPS listener that serves every member by path,
+//! The gateway: one HTTPS listener that serves every member by path (or by
+//! TLS server name: see `route.rs`),
 //! `https://hub:9443/clusters/<name>/<kubernetes path>`.
 //!
 //! Each request opens one tunnel channel and speaks HTTP/1.1 to the agent
@@ -79,6 +80,8 @@ const MAX_HEAD: usize = 64 * 1024;
 struct Conn {
     slot: ChannelSlot,
     peer: SocketAddr,
+    /// The member named by the connection's TLS server name, if any.
+    sni: Option<Arc<str>>,
     /// Held until the first authenticated request.
     ticket: std::sync::Mutex<Option<Ticket>>,
     /// One clone per request in flight (its response body holds it).
@@ -143,9 +146,13 @@ pub async fn serve(
                 _ = evicted.cancelled() => return,
                 _ = cancel.cancelled() => return,
             };
+            // The member this connection is for, when its TLS server name says so.
+            let sni: Option<Arc<str>> =
+                crate::daemon::route::member_of_sni(tls.get_ref().1.server_name()).map(Arc::from);
             let conn_state = Arc::new(Conn {
                 slot: ChannelSlot::default(),
                 peer,
+                sni,
                 ticket: std::sync::Mutex::new(Some(ticket)),
                 active: Arc::new(()),
                 last: std::sync::Mutex::new(std::time::Instant::now()),
@@ -217,16 +224,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Splits `/clusters/<name>/<rest>` into the name and the upstream path.
-pub fn route(path: &str) -> Option<(&str, String)> {
-    let rest = path.strip_prefix("/clusters/")?;
-    let (name, tail) = match rest.split_once('/') {
-        Some((n, t)) => (n, format!("/{t}")),
-        None => (rest, "/".to_string()),
-    };
-    (!name.is_empty()).then_some((name, tail))
-}
-
 /// Opens a new channel to the agent and an HTTP/1.1 connection over it.
 async fn open_channel(
     hub: &Hub,
@@ -267,9 +264,9 @@ async fn open_channel(
 const API: &str = "/towerctl/v1/";
 
 async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
-    let (slot, peer) = (&conn.slot, conn.peer);
+    let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
     let path = req.uri().path().to_string();
-    if path == "/healthz" || path == "/readyz" {
+    if sni.is_none() && (path == "/healthz" || path == "/readyz") {
         return Response::new(full(Bytes::from_static(b"ok")));
     }
     if path == "/towerctl/v1/ca.crt" {
@@ -301,10 +298,10 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             ),
         };
     }
-    let Some((name, upstream_path)) = route(&path) else {
-        return status_response(StatusCode::NOT_FOUND, "NotFound", "the towerctl gateway serves clusters under /clusters/<name>/; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL");
+    let (name, upstream_path) = match crate::daemon::route::pick(sni, &path) {
+        Ok(r) => r,
+        Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
-    let name = name.to_string();
     let start = std::time::Instant::now();
     let record = Record {
         time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
@@ -358,6 +355,10 @@ async fn connect(
         let (code, _, msg) = no_session(&hub, &cluster);
         return text_response(code, &msg);
     };
+    if let Err(msg) = impersonation_agrees(&session) {
+        hub.dial_failures.add(DialFailure::AgentError);
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
+    }
     let start = std::time::Instant::now();
     let mut stream = match server::open(
         &session.handle,
@@ -461,6 +462,20 @@ fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
     }
 }
 
+/// Whether the member's impersonation mode (the hub's registry) and its
+/// agent's (declared at login) agree. When they differ, nothing is routed:
+/// either operators would silently act with the agent's own identity, or
+/// the agent would refuse every request.
+fn impersonation_agrees(session: &LiveSession) -> Result<(), String> {
+    let member = session.impersonate.load(Ordering::Relaxed);
+    let name = &session.name;
+    match (member, session.agent_impersonates) {
+        (true, false) => Err(format!("cluster '{name}' requires impersonation (each operator acts as itself on the member) but its agent runs without --impersonate; restart the agent with --impersonate (as 'towerctl cluster add' printed), or run 'towerctl cluster set {name} --no-impersonate' on the hub to let operators act with the agent's identity")),
+        (false, true) => Err(format!("cluster '{name}' is registered without impersonation but its agent runs with --impersonate; run 'towerctl cluster set {name} --impersonate' on the hub, or restart the agent without --impersonate")),
+        _ => Ok(()),
+    }
+}
+
 /// Carries one request to the member and its response back.
 async fn proxy(
     hub: &Hub,
@@ -475,6 +490,10 @@ async fn proxy(
         let (code, reason, msg) = no_session(hub, &name);
         return status_response(code, reason, &msg);
     };
+    if let Err(msg) = impersonation_agrees(&session) {
+        hub.dial_failures.add(DialFailure::AgentError);
+        return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
+    }
 
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -509,7 +528,7 @@ async fn proxy(
             parts.headers.insert(GROUPS_HEADER, v);
         }
     }
-    if session.impersonate {
+    if session.impersonate.load(Ordering::Relaxed) {
         parts
             .headers
             .insert(IMPERSONATE_HEADER, HeaderValue::from_static("1"));
@@ -586,20 +605,4 @@ async fn proxy(
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
     let stop = guard.cut.clone();
     Response::from_parts(parts, Revocable::new(body, stop, guard).boxed_unsync())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_by_path() {
-        assert_eq!(
-            route("/clusters/alpha/api/v1/nodes"),
-            Some(("alpha", "/api/v1/nodes".to_string()))
-        );
-        assert_eq!(route("/clusters/alpha"), Some(("alpha", "/".to_string())));
-        assert_eq!(route("/clusters/"), None);
-        assert_eq!(route("/api/v1"), None);
-    }
 }

@@ -57,8 +57,11 @@ pub struct LiveSession {
     pub handle: russh::server::Handle,
     pub peer: Option<SocketAddr>,
     pub connected_at: u64,
-    /// The member lets the agent impersonate operators (from the registry).
-    pub impersonate: bool,
+    /// The member requires the agent to impersonate operators (from the
+    /// registry; `cluster set` changes it live).
+    pub impersonate: std::sync::atomic::AtomicBool,
+    /// The agent declared at login that it impersonates (`--impersonate`).
+    pub agent_impersonates: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
@@ -360,6 +363,8 @@ impl Hub {
                         .then_some(m.token_expires_at)
                         .flatten(),
                     token_state,
+                    labels: m.labels.clone(),
+                    impersonate: m.impersonate,
                 };
                 match self.session(&m.name) {
                     Some(s) => {
@@ -482,6 +487,8 @@ pub async fn run(
     if let Some(h) = hostname() {
         names.push(h);
     }
+    // Every member's TLS server name, now and later (routing by SNI).
+    names.push(super::route::sni_wildcard());
     names.dedup();
     let tls = super::tls::load(&data, &names, write_secret)?;
 

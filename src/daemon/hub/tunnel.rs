@@ -153,12 +153,14 @@ async fn tunnel_session(
         handle: sess.handle.clone(),
         peer: Some(peer),
         connected_at: control::now_unix(),
-        impersonate: hub
-            .store
-            .get_member(&sess.name)
-            .ok()
-            .flatten()
-            .is_some_and(|m| m.impersonate),
+        impersonate: std::sync::atomic::AtomicBool::new(
+            hub.store
+                .get_member(&sess.name)
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.impersonate),
+        ),
+        agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         bytes_in: Arc::new(AtomicU64::new(0)),
