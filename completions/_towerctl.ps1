@@ -39,6 +39,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
             [CompletionResult]::new('kubectl', 'kubectl', [CompletionResultType]::ParameterValue, 'Run kubectl against several members at once, with one merged output')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
+            [CompletionResult]::new('access', 'access', [CompletionResultType]::ParameterValue, 'Which operators may see and reach which members (fail closed: only what a rule allows)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show the hub''s audit log: who reached which cluster, how, with what result')
@@ -458,6 +459,85 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;operator;help;help' {
             break
         }
+        'towerctl;access' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('allow', 'allow', [CompletionResultType]::ParameterValue, 'Let an operator or group see and reach the selected members')
+            [CompletionResult]::new('deny', 'deny', [CompletionResultType]::ParameterValue, 'Refuse an operator or group the selected members (deny wins over allow)')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a rule by its id (open streams it no longer allows are cut)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the rules')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;access;allow' {
+            [CompletionResult]::new('--clusters', '--clusters', [CompletionResultType]::ParameterName, 'Members by label selector (''team=payments,env in (dev,staging)'')')
+            [CompletionResult]::new('--names', '--names', [CompletionResultType]::ParameterName, 'Members by name')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;deny' {
+            [CompletionResult]::new('--clusters', '--clusters', [CompletionResultType]::ParameterName, 'Members by label selector (''team=payments,env in (dev,staging)'')')
+            [CompletionResult]::new('--names', '--names', [CompletionResultType]::ParameterName, 'Members by name')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;rm' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;list' {
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'o')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'output')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;help' {
+            [CompletionResult]::new('allow', 'allow', [CompletionResultType]::ParameterValue, 'Let an operator or group see and reach the selected members')
+            [CompletionResult]::new('deny', 'deny', [CompletionResultType]::ParameterValue, 'Refuse an operator or group the selected members (deny wins over allow)')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a rule by its id (open streams it no longer allows are cut)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the rules')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;access;help;allow' {
+            break
+        }
+        'towerctl;access;help;deny' {
+            break
+        }
+        'towerctl;access;help;rm' {
+            break
+        }
+        'towerctl;access;help;list' {
+            break
+        }
+        'towerctl;access;help;help' {
+            break
+        }
         'towerctl;login' {
             [CompletionResult]::new('--token', '--token', [CompletionResultType]::ParameterName, 'Operator token')
             [CompletionResult]::new('--ca-hash', '--ca-hash', [CompletionResultType]::ParameterName, 'sha256 of the gateway CA, printed by ''towerctl operator add''')
@@ -650,6 +730,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
             [CompletionResult]::new('kubectl', 'kubectl', [CompletionResultType]::ParameterValue, 'Run kubectl against several members at once, with one merged output')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
+            [CompletionResult]::new('access', 'access', [CompletionResultType]::ParameterValue, 'Which operators may see and reach which members (fail closed: only what a rule allows)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show the hub''s audit log: who reached which cluster, how, with what result')
@@ -749,6 +830,25 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;operator;rm' {
+            break
+        }
+        'towerctl;help;access' {
+            [CompletionResult]::new('allow', 'allow', [CompletionResultType]::ParameterValue, 'Let an operator or group see and reach the selected members')
+            [CompletionResult]::new('deny', 'deny', [CompletionResultType]::ParameterValue, 'Refuse an operator or group the selected members (deny wins over allow)')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a rule by its id (open streams it no longer allows are cut)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the rules')
+            break
+        }
+        'towerctl;help;access;allow' {
+            break
+        }
+        'towerctl;help;access;deny' {
+            break
+        }
+        'towerctl;help;access;rm' {
+            break
+        }
+        'towerctl;help;access;list' {
             break
         }
         'towerctl;help;login' {

@@ -16,6 +16,9 @@ _towerctl() {
             ",$1")
                 cmd="towerctl"
                 ;;
+            towerctl,access)
+                cmd="towerctl__subcmd__access"
+                ;;
             towerctl,agent)
                 cmd="towerctl__subcmd__agent"
                 ;;
@@ -85,6 +88,36 @@ _towerctl() {
             towerctl,use)
                 cmd="towerctl__subcmd__use"
                 ;;
+            towerctl__subcmd__access,allow)
+                cmd="towerctl__subcmd__access__subcmd__allow"
+                ;;
+            towerctl__subcmd__access,deny)
+                cmd="towerctl__subcmd__access__subcmd__deny"
+                ;;
+            towerctl__subcmd__access,help)
+                cmd="towerctl__subcmd__access__subcmd__help"
+                ;;
+            towerctl__subcmd__access,list)
+                cmd="towerctl__subcmd__access__subcmd__list"
+                ;;
+            towerctl__subcmd__access,rm)
+                cmd="towerctl__subcmd__access__subcmd__rm"
+                ;;
+            towerctl__subcmd__access__subcmd__help,allow)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__allow"
+                ;;
+            towerctl__subcmd__access__subcmd__help,deny)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__deny"
+                ;;
+            towerctl__subcmd__access__subcmd__help,help)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__access__subcmd__help,list)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__list"
+                ;;
+            towerctl__subcmd__access__subcmd__help,rm)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__rm"
+                ;;
             towerctl__subcmd__agent,help)
                 cmd="towerctl__subcmd__agent__subcmd__help"
                 ;;
@@ -150,6 +183,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,set)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__set"
+                ;;
+            towerctl__subcmd__help,access)
+                cmd="towerctl__subcmd__help__subcmd__access"
                 ;;
             towerctl__subcmd__help,agent)
                 cmd="towerctl__subcmd__help__subcmd__agent"
@@ -219,6 +255,18 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help,use)
                 cmd="towerctl__subcmd__help__subcmd__use"
+                ;;
+            towerctl__subcmd__help__subcmd__access,allow)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__allow"
+                ;;
+            towerctl__subcmd__help__subcmd__access,deny)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__deny"
+                ;;
+            towerctl__subcmd__help__subcmd__access,list)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__list"
+                ;;
+            towerctl__subcmd__help__subcmd__access,rm)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__rm"
                 ;;
             towerctl__subcmd__help__subcmd__agent,run)
                 cmd="towerctl__subcmd__help__subcmd__agent__subcmd__run"
@@ -347,8 +395,186 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig kubectl operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig kubectl operator access login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access)
+            opts="-v -h -V --verbose --help --version allow deny rm list help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__allow)
+            opts="-v -h -V --clusters --names --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --clusters)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --names)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__deny)
+            opts="-v -h -V --clusters --names --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --clusters)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --names)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help)
+            opts="allow deny rm list help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__allow)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__deny)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__list)
+            opts="-o -v -h -V --output --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --output)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__rm)
+            opts="-v -h -V --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -891,8 +1117,78 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use port-forward kubeconfig kubectl operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="up down hub cluster join agent leave use port-forward kubeconfig kubectl operator access login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access)
+            opts="allow deny rm list"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__allow)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__deny)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

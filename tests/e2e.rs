@@ -614,6 +614,9 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     connected(&hub, &api, &[]);
     let o = hub.towerctl(&["operator", "add", "alice", "--group", "devs"]);
     assert!(o.ok(), "{o:?}");
+    assert!(hub
+        .towerctl(&["access", "allow", "group:devs", "--names", "alpha"])
+        .ok());
     let login: Vec<String> = o
         .stdout
         .split_whitespace()
@@ -699,6 +702,9 @@ fn the_kernel_keyring_holds_the_token_inside_a_session_keyring() {
     connected(&hub, &api, &[]);
     let o = hub.towerctl(&["operator", "add", "bob"]);
     let login = o.stdout.trim().to_string();
+    assert!(hub
+        .towerctl(&["access", "allow", "operator:bob", "--names", "alpha"])
+        .ok());
     let laptop = Env::new();
     // One session keyring for login, use and kubectl's exec plugin.
     let script = format!(

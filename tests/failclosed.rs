@@ -26,6 +26,10 @@ fn connected(env: &Env, api: &ApiServer) -> Vec<String> {
 fn operator_laptop(hub: &Env, name: &str) -> Env {
     let o = hub.towerctl(&["operator", "add", name]);
     assert!(o.ok(), "{o:?}");
+    let allow = format!("operator:{name}");
+    assert!(hub
+        .towerctl(&["access", "allow", &allow, "--names", "alpha"])
+        .ok());
     let login: Vec<String> = o
         .stdout
         .split_whitespace()

@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand, turning user intent into
 //! calls on the daemons.
 
+pub mod access;
 pub mod audit;
 pub mod cluster;
 pub mod credential;
@@ -142,6 +143,10 @@ timed-out members are listed on stderr at the end; the exit code is 1 if any fai
     /// Manage operators (people and tools allowed through the gateway).
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Which operators may see and reach which members (fail closed: only
+    /// what a rule allows).
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Use a hub from this machine with an operator token from 'towerctl operator add'.
     Login {
         /// The hub's gateway URL (https://HOST:PORT).
@@ -509,6 +514,37 @@ pub enum OperatorCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Let an operator or group see and reach the selected members.
+    Allow(AccessRuleArgs),
+    /// Refuse an operator or group the selected members (deny wins over allow).
+    Deny(AccessRuleArgs),
+    /// Remove a rule by its id (open streams it no longer allows are cut).
+    Rm {
+        /// Rule id, from 'towerctl access list'.
+        id: u64,
+    },
+    /// List the rules.
+    List {
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AccessRuleArgs {
+    /// operator:NAME or group:NAME (groups from 'towerctl operator add --group').
+    #[arg(value_name = "SUBJECT")]
+    pub subject: String,
+    /// Members by label selector ('team=payments,env in (dev,staging)').
+    #[arg(long, value_name = "SELECTOR")]
+    pub clusters: Option<String>,
+    /// Members by name.
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub names: Vec<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
     /// Members whose labels match SELECTOR (env=prod, env!=dev, 'env in (a,b)', 'env notin (a)', canary, !canary; commas join).
@@ -697,6 +733,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             operator::add(&name, groups).await
         }
         Command::Operator(OperatorCommand::List { output }) => operator::list(&output).await,
+        Command::Access(AccessCommand::Allow(a)) => {
+            access::add(
+                crate::daemon::access::Effect::Allow,
+                &a.subject,
+                a.clusters.as_deref(),
+                &a.names,
+            )
+            .await
+        }
+        Command::Access(AccessCommand::Deny(a)) => {
+            access::add(
+                crate::daemon::access::Effect::Deny,
+                &a.subject,
+                a.clusters.as_deref(),
+                &a.names,
+            )
+            .await
+        }
+        Command::Access(AccessCommand::Rm { id }) => access::remove(id).await,
+        Command::Access(AccessCommand::List { output }) => access::list(&output).await,
         Command::Operator(OperatorCommand::Rm { name }) => operator::remove(&name).await,
         Command::Login {
             gateway,

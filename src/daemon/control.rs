@@ -94,6 +94,18 @@ pub enum Request {
     },
     /// Hub: list operators (never their tokens).
     OperatorList,
+    /// Hub: add an access rule (`allow`/`deny`); answers the rule.
+    AccessAdd {
+        effect: super::access::Effect,
+        /// `operator:NAME` or `group:NAME`.
+        subject: String,
+        /// Label selector over members (plus `towerctl.io/name`).
+        clusters: String,
+    },
+    /// Hub: remove access rule `id`.
+    AccessRemove { id: u64 },
+    /// Hub: the access rules.
+    AccessList,
     /// Hub: remove an operator; its tokens stop working at once.
     OperatorRemove { name: String },
     /// Hub: cut a member's live session ("disconnected by an operator").

@@ -2,6 +2,7 @@
 //! (tunnel client, upstream proxy), their control socket and their
 //! background life cycle.
 
+pub mod access;
 pub mod admission;
 pub mod agent;
 pub mod audit;

@@ -254,6 +254,26 @@ pub(super) fn handle(
                 ca_hash: crate::daemon::tls::ca_hash(&base.ca_pem),
             })
         }
+        Request::AccessAdd {
+            effect,
+            subject,
+            clusters,
+        } => {
+            let subject = match crate::daemon::access::Subject::parse(&subject) {
+                Ok(s) => s,
+                Err(e) => return Response::err(e),
+            };
+            change_access(hub, |p| p.add(effect, subject, &clusters))
+        }
+        Request::AccessRemove { id } => change_access(hub, |p| {
+            p.remove(id).ok_or_else(|| {
+                format!("no access rule #{id}; 'towerctl access list' shows them")
+            })
+        }),
+        Request::AccessList => match hub.access.read() {
+            Ok(p) => Response::ok(p.rules.clone()),
+            Err(_) => Response::err("the access rules are unavailable"),
+        },
         Request::OperatorList => match hub.store.list_operators() {
             Ok(ops) => Response::ok(
                 ops.into_iter()
@@ -304,4 +324,33 @@ pub(super) fn handle(
             Response::ok(serde_json::json!({}))
         }
     }
+}
+
+/// Changes the access rules: in memory and in the registry together (the
+/// registry first, so a failed write changes nothing), then cuts the open
+/// streams the new rules no longer allow.
+fn change_access(
+    hub: &Hub,
+    f: impl FnOnce(&mut crate::daemon::access::Policy) -> Result<crate::daemon::access::Rule, String>,
+) -> Response {
+    let Ok(mut guard) = hub.access.write() else {
+        return Response::err("the access rules are unavailable");
+    };
+    let mut next = guard.clone();
+    let rule = match f(&mut next) {
+        Ok(r) => r,
+        Err(e) => return Response::err(e),
+    };
+    let json = match serde_json::to_string(&next) {
+        Ok(j) => j,
+        Err(e) => return Response::err(e.to_string()),
+    };
+    if let Err(e) = hub.store.put_setting(crate::daemon::access::SETTING, &json) {
+        return Response::err(format!("cannot save the access rules: {e}"));
+    }
+    *guard = next;
+    drop(guard);
+    let cut = hub.recheck_streams();
+    tracing::info!("access rules changed ({rule}); {cut} open streams cut");
+    Response::ok(serde_json::json!({ "rule": rule, "streamsCut": cut }))
 }

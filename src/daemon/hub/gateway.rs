@@ -289,7 +289,13 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
                 json_response(serde_json::json!({"name": operator.name, "groups": operator.groups}))
             }
             "clusters" => {
-                json_response(serde_json::to_value(hub.cluster_statuses()).unwrap_or_default())
+                // Only the members this operator may reach.
+                let mine: Vec<_> = hub
+                    .cluster_statuses()
+                    .into_iter()
+                    .filter(|c| hub.decide(&operator, &c.name).allowed)
+                    .collect();
+                json_response(serde_json::to_value(mine).unwrap_or_default())
             }
             _ => status_response(
                 StatusCode::NOT_FOUND,
@@ -317,7 +323,23 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         status: 0,
         duration_ms: 0,
         bytes: 0,
+        rule: None,
     };
+    // Access rules: a member the operator may not reach answers exactly
+    // like one that does not exist, so names do not leak.
+    let decision = hub.decide(&operator, &name);
+    let record = Record {
+        rule: Some(decision.why.clone()),
+        ..record
+    };
+    if !decision.allowed {
+        let (code, reason, msg) = unknown_cluster(&hub, &name);
+        hub.auditor.record(Record {
+            status: code.as_u16(),
+            ..record
+        });
+        return status_response(code, reason, &msg);
+    }
     let resp = proxy(&hub, slot, req, peer, &operator, name, upstream_path).await;
     let (parts, body) = resp.into_parts();
     let record = Record {
@@ -351,6 +373,23 @@ async fn connect(
     let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
         return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
     };
+    let decision = hub.decide(operator, &cluster);
+    if !decision.allowed {
+        let (code, _, msg) = unknown_cluster(&hub, &cluster);
+        hub.auditor.record(Record {
+            time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+            operator: operator.name.clone(),
+            cluster: cluster.clone(),
+            verb: "connect".into(),
+            method: "CONNECT".into(),
+            path: authority.to_string(),
+            status: code.as_u16(),
+            duration_ms: 0,
+            bytes: 0,
+            rule: Some(decision.why),
+        });
+        return text_response(code, &msg);
+    }
     let Some(session) = hub.session(&cluster) else {
         let (code, _, msg) = no_session(&hub, &cluster);
         return text_response(code, &msg);
@@ -402,6 +441,7 @@ async fn connect(
         status: 200,
         duration_ms: 0,
         bytes: 0,
+        rule: None,
     };
     if let RawAnswer::Err(code, msg) = answer {
         hub.dial_failures.add(DialFailure::from(code));
@@ -451,15 +491,19 @@ fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
             hub.dial_failures.add(DialFailure::NotConnected);
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg)
         }
-        _ => {
-            hub.dial_failures.add(DialFailure::UnknownCluster);
-            (
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"),
-            )
-        }
+        _ => unknown_cluster(hub, name),
     }
+}
+
+/// The answer for a member that does not exist — and, word for word, for
+/// one the operator may not reach.
+fn unknown_cluster(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
+    hub.dial_failures.add(DialFailure::UnknownCluster);
+    (
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"),
+    )
 }
 
 /// Whether the member's impersonation mode (the hub's registry) and its

@@ -124,6 +124,8 @@ pub struct Hub {
     pub admissions: [Arc<Admission>; 2],
     /// Streams in flight through the gateway, cut when access is revoked.
     pub streams: Arc<super::streams::OpenStreams>,
+    /// Who may reach which member (cache of the registry's rules).
+    pub access: RwLock<super::access::Policy>,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
 }
@@ -152,6 +154,7 @@ impl Hub {
             ],
             operators: RwLock::new(HashMap::new()),
             streams: Default::default(),
+            access: RwLock::new(Default::default()),
             ca_pem,
         }
     }
@@ -250,6 +253,57 @@ impl Hub {
     pub fn operator(&self, token: &str) -> Option<Operator> {
         let hash = keys::token_hash(token);
         self.operators.read().ok()?.get(&hash).cloned()
+    }
+
+    /// Whether `op` may reach member `name`, and the rule that decided. The
+    /// member's labels are read from the registry (a missing member has
+    /// none; the caller answers for it as unknown either way).
+    pub fn decide(&self, op: &Operator, name: &str) -> super::access::Decision {
+        let local_admin = op.name == LOCAL_ADMIN;
+        let labels = if local_admin {
+            Default::default()
+        } else {
+            self.store
+                .get_member(name)
+                .ok()
+                .flatten()
+                .map(|m| m.labels)
+                .unwrap_or_default()
+        };
+        match self.access.read() {
+            Ok(p) => p.decide(&op.name, &op.groups, local_admin, name, &labels),
+            Err(_) => super::access::Decision {
+                allowed: local_admin,
+                why: "access rules unavailable".into(),
+            },
+        }
+    }
+
+    /// Loads the access rules from the registry (at start).
+    fn load_access(&self) -> Result<()> {
+        let p = match self.store.get_setting(super::access::SETTING)? {
+            Some(json) => serde_json::from_str(&json)
+                .context("the access rules in the registry are unreadable")?,
+            None => Default::default(),
+        };
+        if let Ok(mut a) = self.access.write() {
+            *a = p;
+        }
+        Ok(())
+    }
+
+    /// Cuts every open stream whose operator may no longer reach its member
+    /// (after rules were narrowed or an operator removed); returns how many.
+    pub fn recheck_streams(&self) -> usize {
+        let ops: HashMap<String, Operator> = self
+            .operators
+            .read()
+            .map(|m| m.values().map(|o| (o.name.clone(), o.clone())).collect())
+            .unwrap_or_default();
+        self.streams.cut(|op, cluster| match ops.get(op) {
+            Some(o) => !self.decide(o, cluster).allowed,
+            None => true,
+        })
     }
 
     /// Reloads the operator cache from the registry.
@@ -536,6 +590,7 @@ pub async fn run(
     };
 
     hub.reload_operators();
+    hub.load_access()?;
     let tracker = hub.tasks.clone();
     let ssh_cfg = server::config(host_key, cfg.keepalive);
     tracker.spawn(tunnel::accept_tunnels(
