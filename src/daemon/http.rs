@@ -11,7 +11,6 @@ use tokio_util::task::TaskTracker;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -164,25 +163,26 @@ pub fn finish_upgrade<B, K: Send + 'static>(
     });
 }
 
-/// A response body that ends with an error as soon as `stop` fires (its
-/// operator lost access), holding `keep` while it lives.
-pub struct Revocable<K: Send + Unpin + 'static> {
+/// A response body that keeps `keep` alive as long as it lives (a stream
+/// registration, an in-flight token, an [`OnDrop`]) and, given `stop`,
+/// ends with an error as soon as it fires (its operator lost access).
+pub struct Guarded<K: Send + Unpin + 'static> {
     inner: Body,
-    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    stop: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     _keep: K,
 }
 
-impl<K: Send + Unpin + 'static> Revocable<K> {
-    pub fn new(inner: Body, stop: CancellationToken, keep: K) -> Revocable<K> {
-        Revocable {
+impl<K: Send + Unpin + 'static> Guarded<K> {
+    pub fn new(inner: Body, stop: Option<CancellationToken>, keep: K) -> Guarded<K> {
+        Guarded {
             inner,
-            stop: Box::pin(stop.cancelled_owned()),
+            stop: stop.map(|s| Box::pin(s.cancelled_owned())),
             _keep: keep,
         }
     }
 }
 
-impl<K: Send + Unpin + 'static> http_body::Body for Revocable<K> {
+impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -190,8 +190,10 @@ impl<K: Send + Unpin + 'static> http_body::Body for Revocable<K> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if self.stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
+        if let Some(stop) = self.stop.as_mut() {
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
+            }
         }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
@@ -205,49 +207,14 @@ impl<K: Send + Unpin + 'static> http_body::Body for Revocable<K> {
     }
 }
 
-/// A response body that holds a token while it is alive (the gateway
-/// counts requests in flight by it) and calls `done` when it ends.
-pub struct Held<F: FnMut() + Send + Unpin + 'static> {
-    inner: Body,
-    _hold: Arc<()>,
-    done: Option<F>,
-}
+/// Calls its function once, when dropped.
+pub struct OnDrop<F: FnOnce() + Send + Unpin>(pub Option<F>);
 
-impl<F: FnMut() + Send + Unpin + 'static> Held<F> {
-    pub fn new(inner: Body, hold: Arc<()>, done: F) -> Held<F> {
-        Held {
-            inner,
-            _hold: hold,
-            done: Some(done),
-        }
-    }
-}
-
-impl<F: FnMut() + Send + Unpin + 'static> Drop for Held<F> {
+impl<F: FnOnce() + Send + Unpin> Drop for OnDrop<F> {
     fn drop(&mut self) {
-        if let Some(mut f) = self.done.take() {
+        if let Some(f) = self.0.take() {
             f();
         }
-    }
-}
-
-impl<F: FnMut() + Send + Unpin + 'static> http_body::Body for Held<F> {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

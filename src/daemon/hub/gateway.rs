@@ -26,7 +26,7 @@ use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::audit::{Audited, Record};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
-    strip_identity, text_response, Body, Held, Revocable, GROUPS_HEADER, IMPERSONATE_HEADER,
+    strip_identity, text_response, Body, Guarded, OnDrop, GROUPS_HEADER, IMPERSONATE_HEADER,
     OPERATOR_HEADER,
 };
 use crate::daemon::metrics::DialFailure;
@@ -167,10 +167,11 @@ pub async fn serve(
                         let hold = c.active.clone();
                         let resp = handle(hub, &c, req).await;
                         let (parts, body) = resp.into_parts();
-                        let body = Held::new(body, hold, {
+                        let touch = {
                             let c = c.clone();
-                            move || c.touch()
-                        });
+                            OnDrop(Some(move || c.touch()))
+                        };
+                        let body = Guarded::new(body, None, (hold, touch));
                         Ok::<_, std::convert::Infallible>(Response::from_parts(
                             parts,
                             body.boxed_unsync(),
@@ -374,20 +375,22 @@ async fn connect(
         return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
     };
     let decision = hub.decide(operator, &cluster);
+    let mut record = Record {
+        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+        operator: operator.name.clone(),
+        cluster: cluster.clone(),
+        verb: "connect".into(),
+        method: "CONNECT".into(),
+        path: authority.to_string(),
+        status: 200,
+        duration_ms: 0,
+        bytes: 0,
+        rule: Some(decision.why),
+    };
     if !decision.allowed {
         let (code, _, msg) = unknown_cluster(&hub, &cluster);
-        hub.auditor.record(Record {
-            time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
-            operator: operator.name.clone(),
-            cluster: cluster.clone(),
-            verb: "connect".into(),
-            method: "CONNECT".into(),
-            path: authority.to_string(),
-            status: code.as_u16(),
-            duration_ms: 0,
-            bytes: 0,
-            rule: Some(decision.why),
-        });
+        record.status = code.as_u16();
+        hub.auditor.record(record);
         return text_response(code, &msg);
     }
     let Some(session) = hub.session(&cluster) else {
@@ -431,18 +434,6 @@ async fn connect(
                 );
             }
         };
-    let mut record = Record {
-        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
-        operator: operator.name.clone(),
-        cluster: cluster.clone(),
-        verb: "connect".into(),
-        method: "CONNECT".into(),
-        path: authority.to_string(),
-        status: 200,
-        duration_ms: 0,
-        bytes: 0,
-        rule: None,
-    };
     if let RawAnswer::Err(code, msg) = answer {
         hub.dial_failures.add(DialFailure::from(code));
         let status = code.http_status();
@@ -648,5 +639,5 @@ async fn proxy(
     let (parts, body) = resp.into_parts();
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
     let stop = guard.cut.clone();
-    Response::from_parts(parts, Revocable::new(body, stop, guard).boxed_unsync())
+    Response::from_parts(parts, Guarded::new(body, Some(stop), guard).boxed_unsync())
 }
