@@ -29,21 +29,19 @@ pub async fn add(
         clusters,
     })
     .await?;
-    let rule: Rule =
-        serde_json::from_value(v["rule"].clone()).context("malformed answer from the hub")?;
-    println!("added {rule}");
-    let cut = v["streamsCut"].as_u64().unwrap_or(0);
-    if cut > 0 {
-        eprintln!("{cut} open streams no longer allowed were cut");
-    }
-    Ok(exit::OK)
+    report("added", &v)
 }
 
 pub async fn remove(id: u64) -> Result<u8> {
     let v = hub_call(Request::AccessRemove { id }).await?;
+    report("removed", &v)
+}
+
+/// Prints the hub's answer to a rule change: the rule, and the streams cut.
+fn report(what: &str, v: &serde_json::Value) -> Result<u8> {
     let rule: Rule =
         serde_json::from_value(v["rule"].clone()).context("malformed answer from the hub")?;
-    println!("removed {rule}");
+    println!("{what} {rule}");
     let cut = v["streamsCut"].as_u64().unwrap_or(0);
     if cut > 0 {
         eprintln!("{cut} open streams no longer allowed were cut");
