@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, Handle, Msg, RunningSession, VerifiedPublicKey};
-use russh::{Channel, ChannelStream};
+use russh::Channel;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
+use super::flow::FlowStream;
 use super::{MAX_PACKET, TARGET_PING, WINDOW_SIZE};
 
 /// The answer of an [`Authenticator`].
@@ -153,7 +154,7 @@ impl russh::server::Handler for HubHandler {
                 reply.accept().await;
                 tokio::spawn(async move {
                     let mut tcp = tcp;
-                    let mut ch = channel.into_stream();
+                    let mut ch = FlowStream::new(channel);
                     let _ = super::splice(&mut ch, &mut tcp).await;
                 });
             }
@@ -317,7 +318,7 @@ pub async fn open(
     target: &str,
     port: u32,
     originator: SocketAddr,
-) -> Result<ChannelStream<Msg>, russh::Error> {
+) -> Result<FlowStream, russh::Error> {
     let ch: Channel<Msg> = handle
         .channel_open_forwarded_tcpip(
             target,
@@ -326,7 +327,7 @@ pub async fn open(
             u32::from(originator.port()),
         )
         .await?;
-    Ok(ch.into_stream())
+    Ok(FlowStream::new(ch))
 }
 
 /// Measures one round trip to the agent. The agent refuses the ping target
