@@ -66,6 +66,52 @@ fn read_checked(s: &mut TcpStream, at: &mut u64, len: u64) {
     }
 }
 
+/// A TCP server for the upload direction: on its first connection it
+/// reads and checks 1 MiB, stops reading until `release` says so, then
+/// reads and checks 32 MiB more and reports the total it verified.
+fn stalling_sink() -> (
+    u16,
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<u64>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = l.accept() else {
+            return;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut at = 0u64;
+        read_checked(&mut conn, &mut at, 1 << 20);
+        if release_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            return;
+        }
+        read_checked(&mut conn, &mut at, 32 << 20);
+        let _ = done_tx.send(at);
+    });
+    (port, release_tx, done_rx)
+}
+
+/// Writes the pattern to `s` until a write fails.
+fn endless_writer(mut s: TcpStream) {
+    std::thread::spawn(move || {
+        let mut n: u64 = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            for b in buf.iter_mut() {
+                *b = pattern(n);
+                n += 1;
+            }
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+}
+
 fn forwarded_port(s: &Streaming) -> u16 {
     s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
     let out = s.output();
@@ -99,6 +145,14 @@ fn a_stalled_reader_stops_only_its_own_stream() {
         &[("app", "stream")],
     );
     api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    let (sink, release, verified) = stalling_sink();
+    api.add_service(
+        "default",
+        "sink",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "sink")],
+    );
+    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink)]);
     env.up();
     let join = env.cluster_add("alpha");
     let member_kc = env.path("member.kubeconfig");
@@ -124,6 +178,10 @@ fn a_stalled_reader_stops_only_its_own_stream() {
         .unwrap();
     let mut at = 0u64;
     read_checked(&mut client, &mut at, 1 << 20);
+    // And an upload whose upstream stops reading after 1 MiB.
+    let up = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/sink", ":80"]));
+    let up_port = forwarded_port(&up);
+    endless_writer(TcpStream::connect(("127.0.0.1", up_port)).unwrap());
 
     // The client stops reading. Everything else on the member goes on.
     let stalled = Instant::now();
@@ -150,8 +208,68 @@ fn a_stalled_reader_stops_only_its_own_stream() {
     });
     eprintln!("slowest kubectl get during a {STALL:?} stall: {slowest:?}");
 
-    // The reader resumes: not a byte lost.
+    // The readers resume: not a byte lost, either way.
     read_checked(&mut client, &mut at, 32 << 20);
+    release.send(()).unwrap();
+    let up_total = verified
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the upload did not resume intact after the stall");
+    assert_eq!(up_total, 33 << 20);
     let s = env.status();
     assert_eq!(s["hub"]["clusters"][0]["reconnects"], 0, "{s}");
+}
+
+/// Bulk download throughput through `towerctl port-forward`, for comparing
+/// builds (docs/ARCHITECTURE.md quotes it). Opt-in: `TOWERCTL_FLOW_BENCH=1`;
+/// reads for `TOWERCTL_FLOW_BENCH_SECS` (default 8) seconds, three times.
+#[test]
+fn bulk_throughput_through_a_port_forward() {
+    if std::env::var("TOWERCTL_FLOW_BENCH").as_deref() != Ok("1") {
+        eprintln!("skipped: set TOWERCTL_FLOW_BENCH=1");
+        return;
+    }
+    let secs: u64 = std::env::var("TOWERCTL_FLOW_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let env = Env::new();
+    let api = ApiServer::start();
+    let upstream = endless_server();
+    api.add_service(
+        "default",
+        "stream",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "stream")],
+    );
+    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    env.up();
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    assert!(o.ok(), "join failed: {o:?}");
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let start = Instant::now();
+        let mut total = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let n = client.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended");
+            total += n as u64;
+        }
+        rates.push(total as f64 / start.elapsed().as_secs_f64() / 1e6);
+    }
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "bulk download through port-forward: {rates:.1?} MB/s, median {:.1}",
+        rates[1]
+    );
+    assert!(rates[1] > 0.0);
 }
