@@ -11,6 +11,7 @@ pub mod forwards;
 pub mod http;
 pub mod hub;
 pub mod incluster;
+pub mod logfile;
 pub mod metrics;
 pub mod names;
 pub mod notify;
