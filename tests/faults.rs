@@ -293,14 +293,23 @@ fn floods_at_a_1024_descriptor_limit() {
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     let started = Instant::now();
-    let held_tls = flood(
-        &gateway,
-        1100,
-        &[
-            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
-        ],
-    );
-    let held_ws = flood(&tunnel, 1100, upgrade.as_bytes());
+    // Four attackers at once (two per listener), so that the whole flood
+    // is open well inside the hub's 10 s and 15 s pre-auth deadlines.
+    let half_hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    let attackers: Vec<_> = [
+        (gateway.clone(), half_hello.to_vec()),
+        (gateway.clone(), half_hello.to_vec()),
+        (tunnel.clone(), upgrade.clone().into_bytes()),
+        (tunnel.clone(), upgrade.clone().into_bytes()),
+    ]
+    .into_iter()
+    .map(|(addr, greeting)| std::thread::spawn(move || flood(&addr, 550, &greeting)))
+    .collect();
+    let mut held: Vec<Vec<TcpStream>> = attackers.into_iter().map(|a| a.join().unwrap()).collect();
+    let held_ws: Vec<TcpStream> = held.drain(2..).flatten().collect();
+    let held_tls: Vec<TcpStream> = held.into_iter().flatten().collect();
     let flooded = started.elapsed();
     assert!(held_tls.len() + held_ws.len() >= 2000, "the flood failed");
     let during = fd_count(hub_pid);
