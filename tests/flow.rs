@@ -272,4 +272,53 @@ fn bulk_throughput_through_a_port_forward() {
         rates[1]
     );
     assert!(rates[1] > 0.0);
+
+    // Upload: the client writes, an upstream sink counts what arrives.
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in sink.incoming().take(3) {
+            let Ok(mut conn) = conn else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = tx.send(total);
+            });
+        }
+    });
+    api.add_service(
+        "default",
+        "sink",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "sink")],
+    );
+    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink_port)]);
+    let up = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/sink", ":80"]));
+    let up_port = forwarded_port(&up);
+    let mut up_rates = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(("127.0.0.1", up_port)).unwrap();
+        let buf = vec![7u8; 256 * 1024];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            client.write_all(&buf).unwrap();
+        }
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let total = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        up_rates.push(total as f64 / start.elapsed().as_secs_f64() / 1e6);
+    }
+    up_rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "bulk upload through port-forward: {up_rates:.1?} MB/s, median {:.1}",
+        up_rates[1]
+    );
+    assert!(up_rates[1] > 0.0);
 }
