@@ -13,6 +13,7 @@ pub mod http;
 pub mod hub;
 pub mod incluster;
 pub mod labels;
+pub mod logfile;
 pub mod metrics;
 pub mod names;
 pub mod notify;

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use russh::client::{Handle, Msg, Session};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{Channel, ChannelOpenFailure, ChannelStream};
+use russh::{Channel, ChannelOpenFailure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use super::flow::FlowStream;
 use super::keys::fingerprint;
 use super::tls::HubTls;
 use super::ws::WsIo;
@@ -53,7 +54,7 @@ pub trait ChannelService: Send + Sync + 'static {
     /// Whether the agent serves `target:port` at all; refused otherwise.
     fn accepts(&self, target: &str, port: u32) -> bool;
     /// Serves an accepted channel; must not block (spawn).
-    fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>);
+    fn serve(&self, target: String, port: u32, stream: FlowStream);
 }
 
 pub struct AgentHandler {
@@ -121,7 +122,7 @@ impl russh::client::Handler for AgentHandler {
             self.service.serve(
                 connected_address.to_string(),
                 connected_port,
-                channel.into_stream(),
+                FlowStream::new(channel),
             );
         } else {
             tracing::warn!(
@@ -266,7 +267,7 @@ impl ClientSession {
         &self,
         name: &str,
         originator: std::net::SocketAddr,
-    ) -> Result<ChannelStream<Msg>, russh::Error> {
+    ) -> Result<FlowStream, russh::Error> {
         let ch = self
             .handle
             .channel_open_direct_tcpip(
@@ -276,7 +277,7 @@ impl ClientSession {
                 u32::from(originator.port()),
             )
             .await?;
-        Ok(ch.into_stream())
+        Ok(FlowStream::new(ch))
     }
 
     /// Ends a healthy session on purpose (the agent stops): the hub is told

@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod client;
 pub mod counted;
+pub mod flow;
 pub mod keys;
 pub mod server;
 pub mod tls;

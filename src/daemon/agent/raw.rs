@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::client::Msg;
-use russh::ChannelStream;
+use crate::tunnel::flow::FlowStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,12 +123,7 @@ pub(super) struct Dialer {
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// answers with a [`RawAnswer`], then splices.
-pub(super) async fn serve_raw(
-    d: Dialer,
-    target: Target,
-    port: u32,
-    mut stream: ChannelStream<Msg>,
-) {
+pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: FlowStream) {
     use tokio::io::AsyncWriteExt;
     let Dialer {
         tasks,

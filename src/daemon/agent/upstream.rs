@@ -5,13 +5,12 @@
 
 use std::path::PathBuf;
 
+use crate::tunnel::flow::FlowStream;
 use anyhow::{Context, Result};
 use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use russh::client::Msg;
-use russh::ChannelStream;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -63,7 +62,7 @@ impl ChannelService for Upstream {
         Target::from_channel_address(target).is_some()
     }
 
-    fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>) {
+    fn serve(&self, target: String, port: u32, stream: FlowStream) {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             tracing::warn!("refused a stream: {MAX_STREAMS} streams are open already");
             return;

@@ -203,6 +203,7 @@ async fn tunnel_session(
             }
         }
     };
+    let kill = sess.abort();
     let why = tokio::select! {
         r = &mut sess.running => match r {
             Ok(()) => "session closed".to_string(),
@@ -210,6 +211,10 @@ async fn tunnel_session(
         },
         _ = pinger => {
             let _ = live.handle.disconnect(russh::Disconnect::ByApplication, "no keepalive answer".into(), String::new()).await;
+            // A moment for the reason to go out, then cut the transport:
+            // requests in flight on a dead peer fail now, not never.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            kill.cancel();
             format!("no answer to keepalives within {:?}: declared dead", keepalive * 2)
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),
