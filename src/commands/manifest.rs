@@ -30,8 +30,8 @@ const SCRATCH: &str = "/tmp";
 /// or `auto`'s fallback.
 fn agent_own_rules() -> Value {
     json!([
-        {"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list"]},
-        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
         // WebSocket port-forward is a GET the API server authorizes as
         // `create` (and older servers as `get`).

@@ -21,6 +21,7 @@ pub mod resolve;
 pub mod store;
 pub mod targets;
 pub mod tls;
+pub mod watchcache;
 pub mod wire;
 
 /// The next connection on `listener` (with TCP_NODELAY set), or `None` once
