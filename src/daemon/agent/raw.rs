@@ -37,6 +37,7 @@ pub(super) async fn push_listener(
                 Err(_) => continue,
             },
         };
+        crate::tunnel::nodelay(&conn);
         let Some(sess) = current.borrow().clone() else {
             tracing::warn!(%name, "refused a workload connection from {peer}: the tunnel is down");
             continue;
