@@ -31,7 +31,14 @@ fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
     api.write_kubeconfig(&kc);
     let o = env.join(
         &join,
-        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--keepalive",
+            "1s",
+            "--allow",
+            "127.0.0.0/8",
+        ],
     );
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
 }

@@ -16,7 +16,15 @@ fn connected(env: &Env, api: &ApiServer) -> Vec<String> {
     let join = env.cluster_add("alpha");
     let member_kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&member_kc);
-    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
     assert!(o.ok(), "join failed: {o:?}");
     assert!(env.towerctl(&["use", "alpha"]).ok());
     join
@@ -172,7 +180,15 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
     assert!(log.contains("retired"), "{log}");
     // Joining again with the new token works.
     let member_kc = hub.path("member.kubeconfig");
-    let o = hub.join(&new_join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let o = hub.join(
+        &new_join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
     assert!(o.ok(), "{o:?}");
     let o = hub.kubectl(&["get", "nodes"]);
     assert!(o.ok(), "{o:?}");

@@ -146,6 +146,8 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
                 "1s",
                 "--backoff-cap",
                 "4s",
+                "--allow",
+                "127.0.0.0/8",
             ],
         );
         assert!(o.ok(), "join {name}: {o:?}");

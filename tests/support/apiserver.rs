@@ -290,6 +290,14 @@ impl ApiServer {
         self.upsert(&PODS, ns, obj);
     }
 
+    /// Marks pod `ns/name` as running on its node's network (`spec.hostNetwork: true`).
+    pub fn set_host_network(&self, ns: &str, name: &str) {
+        let pod = self.shared.lock().get(&PODS, ns, name);
+        let mut pod = pod.unwrap_or_else(|e| panic!("set_host_network: {}", e.message));
+        pod["spec"]["hostNetwork"] = json!(true);
+        self.upsert(&PODS, ns, pod);
+    }
+
     /// Deletes a pod (notifies watchers); panics if there is none.
     pub fn delete_pod(&self, ns: &str, name: &str) {
         let deleted = self.shared.lock().remove(&PODS, ns, name);

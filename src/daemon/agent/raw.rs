@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::PodNetwork;
-use crate::daemon::policy::DialPolicy;
+use crate::daemon::policy::{self, DialPolicy};
 use crate::daemon::resolve;
 use crate::daemon::targets::Target;
 use crate::daemon::wire::{DialCode, RawAnswer};
@@ -141,13 +141,16 @@ pub(super) async fn serve_raw(
     let dial = async {
         let port = u16::try_from(port)
             .map_err(|_| (DialCode::NotFound, format!("invalid port {port}")))?;
-        if let Err(m) = policy.check(&target, port) {
+        let refuse = |d: crate::daemon::policy::Denied| {
             denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("refused a dial: {m}");
-            return Err((DialCode::Denied, m));
-        }
+            tracing::warn!("refused a dial: {d}");
+            (DialCode::Denied, d.public)
+        };
+        policy.check(&target, port).map_err(refuse)?;
         match &target {
             Target::Host(h) => {
+                // Resolve first, then judge every address the name leads
+                // to: a permitted name must not reach the agent's own host.
                 let addrs: Vec<_> = tokio::net::lookup_host((h.as_str(), port))
                     .await
                     .map_err(|e| {
@@ -157,6 +160,12 @@ pub(super) async fn serve_raw(
                         )
                     })?
                     .collect();
+                let own = policy::own_addresses();
+                for a in &addrs {
+                    policy
+                        .check_addr(&target.describe(), *a, false, &own)
+                        .map_err(refuse)?;
+                }
                 Ok(Box::new(dial_tcp(&addrs, &target.describe(), port).await?) as Box<dyn Conn>)
             }
             Target::ApiServer => Err((
@@ -171,6 +180,11 @@ pub(super) async fn serve_raw(
                     };
                     (code, e.to_string())
                 })?;
+                // Judged whichever way it is reached: a host-network pod's
+                // port-forward lands on its node too.
+                policy
+                    .check_addr(&target.describe(), r.addr, r.host, &policy::own_addresses())
+                    .map_err(refuse)?;
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
                         dial_portforward(&tasks, &client, ns, name, r.addr.port()).await

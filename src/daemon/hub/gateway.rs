@@ -288,9 +288,15 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             "whoami" => {
                 json_response(serde_json::json!({"name": operator.name, "groups": operator.groups}))
             }
-            "clusters" => {
+            "clusters" if operator.name == super::LOCAL_ADMIN => {
                 json_response(serde_json::to_value(hub.cluster_statuses()).unwrap_or_default())
             }
+            "clusters" => json_response(serde_json::Value::Array(
+                hub.cluster_statuses()
+                    .iter()
+                    .map(|c| c.operator_view())
+                    .collect(),
+            )),
             _ => status_response(
                 StatusCode::NOT_FOUND,
                 "NotFound",
