@@ -192,17 +192,7 @@ fn one_operators_flood_is_summarised_and_cannot_push_out_others() {
     connected(&env, &api);
     let gw = gateway(&env);
     let o = env.towerctl(&["operator", "add", "bob"]);
-    let words: Vec<&str> = o.stdout.split_whitespace().collect();
-    let bob = words
-        .iter()
-        .position(|w| *w == "--token")
-        .map(|i| words[i + 1].to_string())
-        .or_else(|| {
-            words
-                .iter()
-                .find_map(|w| w.strip_prefix("TOWERCTL_TOKEN=").map(str::to_string))
-        })
-        .unwrap_or_else(|| panic!("{o:?}"));
+    let bob = support::printed_command(&o.stdout, "login")[3].clone();
 
     // 40 requests in one curl (one connection) within well under a second.
     let url = format!("{gw}/towerctl/v1/whoami");

@@ -41,15 +41,8 @@ fn curl(env: &Env, args: &[&str]) -> Out {
 fn operator_token(env: &Env, name: &str) -> String {
     let o = env.towerctl(&["operator", "add", name]);
     assert!(o.ok(), "{o:?}");
-    let words: Vec<&str> = o.stdout.split_whitespace().collect();
-    if let Some(i) = words.iter().position(|w| *w == "--token") {
-        return words[i + 1].to_string();
-    }
-    words
-        .iter()
-        .find_map(|w| w.strip_prefix("TOWERCTL_TOKEN="))
-        .unwrap_or_else(|| panic!("no token printed: {o:?}"))
-        .to_string()
+    let login = support::printed_command(&o.stdout, "login");
+    login[3].clone()
 }
 
 #[test]
@@ -176,4 +169,36 @@ fn without_a_token_every_route_answers_the_same_401() {
         .collect();
     assert!(answers[0].contains("401"), "{answers:?}");
     assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+}
+
+#[test]
+fn the_printed_join_command_runs_as_is_with_its_token_in_the_environment() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let o = env.towerctl(&["cluster", "add", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.contains("towerctl join "))
+        .unwrap_or_else(|| panic!("{o:?}"))
+        .to_string();
+    // Kept out of shell history and out of `ps`.
+    assert!(
+        line.starts_with(" TOWERCTL_TOKEN=tj_") && !line.contains("--token"),
+        "{line}"
+    );
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let script = format!(
+        "{} --kubeconfig {}",
+        line.replacen("towerctl ", &format!("{} ", support::TOWERCTL), 1),
+        kc.display()
+    );
+    let mut cmd = std::process::Command::new("sh");
+    env.apply_env(&mut cmd);
+    cmd.args(["-c", &script]);
+    let o = support::run_bounded(cmd, Duration::from_secs(60));
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
 }

@@ -34,12 +34,7 @@ fn connected(env: &Env, api: &ApiServer) -> Vec<String> {
 fn operator_laptop(hub: &Env, name: &str) -> Env {
     let o = hub.towerctl(&["operator", "add", name]);
     assert!(o.ok(), "{o:?}");
-    let login: Vec<String> = o
-        .stdout
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect();
+    let login = support::printed_command(&o.stdout, "login");
     let laptop = Env::new();
     let args: Vec<&str> = login.iter().map(String::as_str).collect();
     let o = laptop.towerctl(&args);
@@ -152,15 +147,7 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
     let agent = hub.pid_of("agent-alpha").expect("agent pid");
     let o = hub.towerctl(&["cluster", "rotate", "alpha", "--new-key"]);
     assert!(o.ok(), "{o:?}");
-    let new_join: Vec<String> = o
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("towerctl join "))
-        .unwrap_or_else(|| panic!("no join command: {o:?}"))
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect();
+    let new_join = support::printed_command(&o.stdout, "join");
     // The old agent's key is refused and its spent token too: it stops.
     wait_for(
         "the agent with the retired key to stop",
@@ -195,14 +182,7 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
 }
 
 fn join_args(o: &support::Out) -> Vec<String> {
-    o.stdout
-        .lines()
-        .find(|l| l.starts_with("towerctl join "))
-        .unwrap_or_else(|| panic!("no join command: {o:?}"))
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect()
+    support::printed_command(&o.stdout, "join")
 }
 
 #[test]
