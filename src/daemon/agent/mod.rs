@@ -4,6 +4,7 @@
 
 mod config;
 mod raw;
+mod rbac;
 mod upstream;
 
 pub use config::{
@@ -75,6 +76,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
             policy,
             denied: denied.clone(),
             pod_network: PodNetwork::parse(&cfg.pod_network).map_err(anyhow::Error::msg)?,
+            rbac: cfg
+                .impersonate
+                .then(|| Arc::new(rbac::Rbac::new(client.clone()))),
         },
         client,
         impersonate: cfg.impersonate,

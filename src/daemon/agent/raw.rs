@@ -12,10 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::PodNetwork;
+use super::rbac::Ask;
 use crate::daemon::policy::{self, DialPolicy};
 use crate::daemon::resolve;
 use crate::daemon::targets::Target;
-use crate::daemon::wire::{DialCode, RawAnswer};
+use crate::daemon::wire::{DialCode, RawAnswer, RawIdentity};
 use crate::tunnel::client;
 
 /// Accepts the member's workload connections for one exposed name and
@@ -120,6 +121,9 @@ pub(super) struct Dialer {
     /// Dials refused by the policy, for status.
     pub(super) denied: Arc<AtomicU64>,
     pub(super) pod_network: PodNetwork,
+    /// Present when the member requires impersonation: raw access to
+    /// Kubernetes targets is then checked against the member's RBAC.
+    pub(super) rbac: Option<Arc<super::rbac::Rbac>>,
 }
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
@@ -128,6 +132,7 @@ pub(super) async fn serve_raw(
     d: Dialer,
     target: Target,
     port: u32,
+    who: Option<RawIdentity>,
     mut stream: ChannelStream<Msg>,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -137,6 +142,7 @@ pub(super) async fn serve_raw(
         policy,
         denied,
         pod_network,
+        rbac,
     } = d;
     let dial = async {
         let port = u16::try_from(port)
@@ -173,6 +179,28 @@ pub(super) async fn serve_raw(
                 "the API server is reached through the gateway, not CONNECT".to_string(),
             )),
             k8s => {
+                // Under impersonation: may the operator find the pod this
+                // way (get the service or deployment)?
+                let rbac_deny = |m: String| {
+                    denied.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("refused a dial: {m}");
+                    (DialCode::Denied, m)
+                };
+                let who = match (&rbac, &who) {
+                    (None, _) => None,
+                    (Some(_), None) => return Err(rbac_deny("this member requires impersonation and the hub sent no operator identity with the stream; upgrade the hub".to_string())),
+                    (Some(rb), Some(w)) => {
+                        let finder = match k8s {
+                            Target::Service { ns, name } => Some(Ask { verb: "get", group: "", resource: "services", subresource: None, namespace: ns.clone(), name: name.clone() }),
+                            Target::Deployment { ns, name } => Some(Ask { verb: "get", group: "apps", resource: "deployments", subresource: None, namespace: ns.clone(), name: name.clone() }),
+                            _ => None,
+                        };
+                        if let Some(a) = finder {
+                            rb.check(w, &a).await.map_err(rbac_deny)?;
+                        }
+                        Some((rb.clone(), w.clone()))
+                    }
+                };
                 let r = resolve::resolve(&client, k8s, port).await.map_err(|e| {
                     let code = match e {
                         resolve::ResolveError::NotFound(_) => DialCode::NotFound,
@@ -185,6 +213,18 @@ pub(super) async fn serve_raw(
                 policy
                     .check_addr(&target.describe(), r.addr, r.host, &policy::own_addresses())
                     .map_err(refuse)?;
+                // ... and port-forward to the pod behind it?
+                if let (Some((rb, w)), Some((ns, name))) = (&who, &r.pod) {
+                    let a = Ask {
+                        verb: "create",
+                        group: "",
+                        resource: "pods",
+                        subresource: Some("portforward"),
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                    };
+                    rb.check(w, &a).await.map_err(rbac_deny)?;
+                }
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
                         dial_portforward(&tasks, &client, ns, name, r.addr.port()).await

@@ -412,11 +412,18 @@ async fn connect(
         return text_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
     }
     let start = std::time::Instant::now();
-    let mut stream = match server::open(
+    // The operator travels in the channel's originator field, so that an
+    // impersonating agent can check raw access against the member's RBAC.
+    let who = crate::daemon::wire::RawIdentity {
+        user: operator.name.clone(),
+        groups: operator.groups.clone(),
+    };
+    let mut stream = match server::open_as(
         &session.handle,
         &target.channel_address(),
         u32::from(port),
-        peer,
+        &who.encode(),
+        u32::from(peer.port()),
     )
     .await
     {
