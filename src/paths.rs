@@ -66,12 +66,21 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 /// Refuses a directory owned by another user or writable by group or
 /// others, naming the fix.
 pub fn check_private_dir(dir: &Path) -> Result<()> {
+    check_dir(dir, false)
+}
+
+/// `sticky_ok`: a sticky directory owned by root or us (like `/tmp`) is
+/// accepted for atomic writes of a file the caller chose: nobody else can
+/// rename or remove our files there, and our temp names are random,
+/// `O_EXCL` and `O_NOFOLLOW`.
+fn check_dir(dir: &Path, sticky_ok: bool) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir)
         .with_context(|| format!("cannot inspect directory '{}'", dir.display()))?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    if m.uid() != me {
+    let sticky = sticky_ok && m.mode() & 0o1000 != 0 && (m.uid() == 0 || m.uid() == me);
+    if m.uid() != me && !sticky {
         anyhow::bail!(
             "directory '{}' is owned by uid {}, not by you (uid {me}); towerctl keeps secrets there: remove it or run 'chown {me} {}'",
             dir.display(),
@@ -79,7 +88,7 @@ pub fn check_private_dir(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    if m.mode() & 0o022 != 0 {
+    if m.mode() & 0o022 != 0 && !sticky {
         anyhow::bail!(
             "directory '{}' is writable by group or others (mode {:o}); towerctl keeps secrets there: run 'chmod go-w {}'",
             dir.display(),
@@ -122,7 +131,18 @@ pub fn create_temp(path: &Path, mode: u32) -> std::io::Result<(std::fs::File, Pa
 /// file and a secret is never briefly world-readable.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    ensure_private_dir(dir)?;
+    if dir.as_os_str().is_empty() || dir.exists() {
+        check_dir(
+            if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            },
+            true,
+        )?;
+    } else {
+        ensure_private_dir(dir)?;
+    }
     let mut tmp = None;
     let mut write = || -> std::io::Result<()> {
         let (mut f, t) = create_temp(path, mode)?;
@@ -188,6 +208,12 @@ mod tests {
         assert_eq!(std::fs::read(open.join("x")).unwrap(), b"s");
         // Only the target is left: the temp file was renamed.
         assert_eq!(std::fs::read_dir(&open).unwrap().count(), 1);
+        // A sticky shared directory (like /tmp) is fine for a chosen file.
+        let tmp = d.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        write_atomic(&tmp.join("kc"), b"k", 0o600).unwrap();
+        assert!(ensure_private_dir(&tmp).is_err());
     }
 
     #[test]
