@@ -90,6 +90,12 @@ fn streams_are_recorded_when_they_start_and_when_they_end() {
     wait_record(&env, "the watch's end record", |r| {
         r["verb"] == "watch" && r["phase"] == "end"
     });
+    // The table shows the phase with the verb.
+    let o = env.towerctl(&["audit"]);
+    assert!(
+        o.stdout.contains("watch/start") && o.stdout.contains("watch/end"),
+        "{o:?}"
+    );
 
     // exec: an upgraded stream.
     let o = env.kubectl(&["exec", "web-0", "--", "echo", "hi"]);
