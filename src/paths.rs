@@ -51,13 +51,79 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
-/// Creates `dir` (and parents) with mode 0700 when missing.
+/// Creates `dir` (and parents) with mode 0700 when missing; an existing
+/// `dir` must be ours and writable by nobody else, or another local user
+/// could swap the files towerctl keeps there (tokens, keys, sockets).
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create directory '{}'", dir.display()))
+        .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
+    check_private_dir(dir)
+}
+
+/// Refuses a directory owned by another user or writable by group or
+/// others, naming the fix.
+pub fn check_private_dir(dir: &Path) -> Result<()> {
+    check_dir(dir, false)
+}
+
+/// `sticky_ok`: a sticky directory owned by root or us (like `/tmp`) is
+/// accepted for atomic writes of a file the caller chose: nobody else can
+/// rename or remove our files there, and our temp names are random,
+/// `O_EXCL` and `O_NOFOLLOW`.
+fn check_dir(dir: &Path, sticky_ok: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir)
+        .with_context(|| format!("cannot inspect directory '{}'", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let sticky = sticky_ok && m.mode() & 0o1000 != 0 && (m.uid() == 0 || m.uid() == me);
+    if m.uid() != me && !sticky {
+        anyhow::bail!(
+            "directory '{}' is owned by uid {}, not by you (uid {me}); towerctl keeps secrets there: remove it or run 'chown {me} {}'",
+            dir.display(),
+            m.uid(),
+            dir.display()
+        );
+    }
+    if m.mode() & 0o022 != 0 && !sticky {
+        anyhow::bail!(
+            "directory '{}' is writable by group or others (mode {:o}); towerctl keeps secrets there: run 'chmod go-w {}'",
+            dir.display(),
+            m.mode() & 0o7777,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates a new temp file next to `path` for an atomic replace: a random
+/// name, `O_EXCL` (never an existing file) and `O_NOFOLLOW` (never through
+/// a planted symlink).
+pub fn create_temp(path: &Path, mode: u32) -> std::io::Result<(std::fs::File, PathBuf)> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let mut last = None;
+    for _ in 0..8 {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = dir.join(format!(".{name}.tmp.{hex}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no temp name")))
 }
 
 /// Writes `contents` to `path` atomically (temp file in the same directory,
@@ -65,21 +131,27 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 /// file and a secret is never briefly world-readable.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    ensure_private_dir(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
+    if dir.as_os_str().is_empty() || dir.exists() {
+        check_dir(
+            if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            },
+            true,
+        )?;
+    } else {
+        ensure_private_dir(dir)?;
+    }
+    let mut tmp = None;
+    let mut write = || -> std::io::Result<()> {
+        let (mut f, t) = create_temp(path, mode)?;
+        let t = tmp.insert(t).clone();
         // `mode` above is filtered by the umask; make it exact.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        std::fs::rename(&t, path)?;
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
@@ -87,7 +159,9 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     };
     write()
         .inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
+            if let Some(t) = &tmp {
+                let _ = std::fs::remove_file(t);
+            }
         })
         .with_context(|| format!("cannot write '{}'", path.display()))
 }
@@ -110,4 +184,57 @@ pub fn pid_file(daemon: &str) -> PathBuf {
 /// Path of a daemon's log file.
 pub fn log_file(daemon: &str) -> PathBuf {
     state_dir().join(format!("{daemon}.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_or_foreign_dirs_are_refused_with_the_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure_private_dir(&open).unwrap_err().to_string();
+        assert!(e.contains("chmod go-w") && e.contains("open"), "{e}");
+        let e = write_atomic(&open.join("x"), b"s", 0o600).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("writable by group or others"),
+            "{e:#}"
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_atomic(&open.join("x"), b"s", 0o600).unwrap();
+        assert_eq!(std::fs::read(open.join("x")).unwrap(), b"s");
+        // Only the target is left: the temp file was renamed.
+        assert_eq!(std::fs::read_dir(&open).unwrap().count(), 1);
+        // A sticky shared directory (like /tmp) is fine for a chosen file.
+        let tmp = d.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        write_atomic(&tmp.join("kc"), b"k", 0o600).unwrap();
+        assert!(ensure_private_dir(&tmp).is_err());
+    }
+
+    #[test]
+    fn temp_files_never_follow_or_reuse_a_planted_name() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("secret");
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::write(&elsewhere, "untouched").unwrap();
+        let (_f, t1) = create_temp(&target, 0o600).unwrap();
+        let (_g, t2) = create_temp(&target, 0o600).unwrap();
+        assert_ne!(t1, t2);
+        // A symlink planted at a temp name is not followed.
+        std::fs::remove_file(&t1).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &t1).unwrap();
+        let e = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&t1)
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    }
 }

@@ -15,11 +15,7 @@ fn add_operator(hub: &Env, name: &str, group: &str) -> Vec<String> {
     let o = hub.towerctl(&["operator", "add", name, "--group", group]);
     assert!(o.ok(), "{o:?}");
     assert!(o.stderr.contains("reaches no member until"), "{o:?}");
-    o.stdout
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect()
+    support::printed_command(&o.stdout, "login")
 }
 
 fn laptop(login: &[String]) -> Env {
@@ -81,15 +77,7 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
             &format!("env={env}"),
         ]);
         assert!(o.ok(), "{o:?}");
-        let join: Vec<String> = o
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("towerctl join "))
-            .unwrap()
-            .split_whitespace()
-            .skip(1)
-            .map(str::to_string)
-            .collect();
+        let join = support::printed_command(&o.stdout, "join");
         let o = hub.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
         assert!(o.ok(), "{o:?}");
     }

@@ -18,20 +18,19 @@ fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
     args.extend_from_slice(add_flags);
     let o = env.towerctl(&args);
     assert!(o.ok(), "cluster add: {o:?}");
-    let join: Vec<String> = o
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("towerctl join "))
-        .unwrap_or_else(|| panic!("no join command: {o:?}"))
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect();
+    let join = support::printed_command(&o.stdout, "join");
     let kc = env.path(&format!("member-{name}.kubeconfig"));
     api.write_kubeconfig(&kc);
     let o = env.join(
         &join,
-        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--keepalive",
+            "1s",
+            "--allow",
+            "127.0.0.0/8",
+        ],
     );
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
 }

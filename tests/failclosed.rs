@@ -16,7 +16,15 @@ fn connected(env: &Env, api: &ApiServer) -> Vec<String> {
     let join = env.cluster_add("alpha");
     let member_kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&member_kc);
-    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
     assert!(o.ok(), "join failed: {o:?}");
     assert!(env.towerctl(&["use", "alpha"]).ok());
     join
@@ -30,12 +38,7 @@ fn operator_laptop(hub: &Env, name: &str) -> Env {
     assert!(hub
         .towerctl(&["access", "allow", &allow, "--names", "alpha"])
         .ok());
-    let login: Vec<String> = o
-        .stdout
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect();
+    let login = support::printed_command(&o.stdout, "login");
     let laptop = Env::new();
     let args: Vec<&str> = login.iter().map(String::as_str).collect();
     let o = laptop.towerctl(&args);
@@ -148,15 +151,7 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
     let agent = hub.pid_of("agent-alpha").expect("agent pid");
     let o = hub.towerctl(&["cluster", "rotate", "alpha", "--new-key"]);
     assert!(o.ok(), "{o:?}");
-    let new_join: Vec<String> = o
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("towerctl join "))
-        .unwrap_or_else(|| panic!("no join command: {o:?}"))
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect();
+    let new_join = support::printed_command(&o.stdout, "join");
     // The old agent's key is refused and its spent token too: it stops.
     wait_for(
         "the agent with the retired key to stop",
@@ -176,21 +171,22 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
     assert!(log.contains("retired"), "{log}");
     // Joining again with the new token works.
     let member_kc = hub.path("member.kubeconfig");
-    let o = hub.join(&new_join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let o = hub.join(
+        &new_join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
     assert!(o.ok(), "{o:?}");
     let o = hub.kubectl(&["get", "nodes"]);
     assert!(o.ok(), "{o:?}");
 }
 
 fn join_args(o: &support::Out) -> Vec<String> {
-    o.stdout
-        .lines()
-        .find(|l| l.starts_with("towerctl join "))
-        .unwrap_or_else(|| panic!("no join command: {o:?}"))
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_string)
-        .collect()
+    support::printed_command(&o.stdout, "join")
 }
 
 #[test]

@@ -164,6 +164,10 @@ fn a_stalled_reader_stops_only_its_own_stream() {
             member_kc.to_str().unwrap(),
             "--keepalive",
             "1s",
+            // The stand-in's endpoints are on loopback: the dial policy
+            // needs a rule naming those addresses.
+            "--allow",
+            "127.0.0.0/8",
         ],
     );
     assert!(o.ok(), "join failed: {o:?}");
@@ -246,7 +250,15 @@ fn bulk_throughput_through_a_port_forward() {
     let join = env.cluster_add("alpha");
     let member_kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&member_kc);
-    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
     assert!(o.ok(), "join failed: {o:?}");
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
     let port = forwarded_port(&pf);

@@ -149,7 +149,12 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
     let kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&kc);
     let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
-    args.extend(["--kubeconfig", kc.to_str().unwrap()]);
+    args.extend([
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "--allow",
+        "127.0.0.0/8",
+    ]);
     let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
     assert!(o.ok(), "join inside the namespace: {o:?}");
 

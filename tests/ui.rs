@@ -146,6 +146,8 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
                 "1s",
                 "--backoff-cap",
                 "4s",
+                "--allow",
+                "127.0.0.0/8",
             ],
         );
         assert!(o.ok(), "join {name}: {o:?}");
@@ -310,7 +312,7 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
     tmux.keys(&env, &["y"]);
     wait_for("the new join command", Duration::from_secs(10), || {
         let s = tmux.capture(&env);
-        (s.contains("towerctl join alpha \\") && s.contains("--token tj_")).then_some(())
+        (s.contains("TOWERCTL_TOKEN=tj_") && s.contains("--hub-key")).then_some(())
     });
     tmux.keys(&env, &["Escape"]);
 

@@ -27,9 +27,14 @@ fn print(r: &Record, json: bool) {
             println!("{s}");
         }
     } else {
+        // Long-lived streams have a start and an end record.
+        let verb = match &r.phase {
+            Some(p) => format!("{}/{p}", r.verb),
+            None => r.verb.clone(),
+        };
         println!(
             "{:<20} {:<12} {:<14} {:<16} {:>4} {:>8}ms {:>10}  {}",
-            r.time, r.operator, r.cluster, r.verb, r.status, r.duration_ms, r.bytes, r.path
+            r.time, r.operator, r.cluster, verb, r.status, r.duration_ms, r.bytes, r.path
         );
     }
 }

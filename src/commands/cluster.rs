@@ -38,6 +38,11 @@ fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
 }
 
 /// The one command a member runs to join (holds the token: shown once).
+/// The token travels in `TOWERCTL_TOKEN`, not in an argument (which `ps`
+/// shows to every local user), and the line starts with a space so that
+/// shells ignoring such lines (bash's `HISTCONTROL=ignorespace`, the
+/// default `ignoreboth` of many distributions; zsh's
+/// `HIST_IGNORE_SPACE`) keep it out of their history.
 /// Push mode: the agent listens on loopback in the member by default, on
 /// the same port as the hub-side target; edit to taste.
 pub fn join_command(added: &ClusterAdded) -> String {
@@ -57,8 +62,8 @@ pub fn join_command(added: &ClusterAdded) -> String {
         ""
     };
     format!(
-        "towerctl join {} --token {} --hub {} --hub-key {}{impersonate}{exposes}",
-        added.name, added.token, added.tunnel_url, added.hub_key
+        " TOWERCTL_TOKEN={} towerctl join {} --hub {} --hub-key {}{impersonate}{exposes}",
+        added.token, added.name, added.tunnel_url, added.hub_key
     )
 }
 

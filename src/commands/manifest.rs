@@ -57,6 +57,9 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         // need their own bindings.
         let mut rules = vec![
             json!({"apiGroups": [""], "resources": ["users", "groups", "serviceaccounts"], "verbs": ["impersonate"]}),
+            // Raw access (CONNECT, port-forward) is checked against the
+            // operator's own RBAC with a SubjectAccessReview.
+            json!({"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}),
         ];
         rules.extend(agent_own_rules().as_array().cloned().unwrap_or_default());
         docs.push(json!({

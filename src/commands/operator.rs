@@ -23,9 +23,11 @@ pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
         "operator '{}' added. On the operator's machine, run (the token is shown once):",
         a.name
     );
+    // The token in the environment, not in an argument; the leading space
+    // keeps the line out of shell history (see `cluster::join_command`).
     println!(
-        "towerctl login {} --token {} --ca-hash {}",
-        a.gateway_url, a.token, a.ca_hash
+        " TOWERCTL_OPERATOR_TOKEN={} towerctl login {} --ca-hash {}",
+        a.token, a.gateway_url, a.ca_hash
     );
     eprintln!(
         "note: '{}' reaches no member until a rule allows it, for example:\n  towerctl access allow operator:{} --clusters 'env=dev'",

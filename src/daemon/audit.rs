@@ -3,12 +3,32 @@
 //! rotated. Records travel to a single writer task over a bounded channel,
 //! so the request path never waits on the disk; if the disk cannot keep up,
 //! records are dropped and counted rather than slowing kubectl down.
+//!
+//! What an operator cannot do to it:
+//! - *Dodge it with a long stream*: watches, upgraded streams (exec, attach,
+//!   port-forward) and CONNECTs get a `phase: "start"` record when they open
+//!   and a `phase: "end"` one when they close.
+//! - *Hide in the noise*: requests without an accepted token (401) and
+//!   calls to `/towerctl/v1/*` are recorded too; paths are cut to
+//!   [`MAX_PATH`] bytes.
+//! - *Push out others' history*: each operator (and all unauthenticated
+//!   clients together) has a token bucket of records, [`Limits`]
+//!   (`TOWERCTL_AUDIT_RATE` records a second, `TOWERCTL_AUDIT_BURST` at
+//!   once, read by the hub at start); records over it are counted and
+//!   written as one `verb: "suppressed"` summary ("suppressed N records")
+//!   as soon as the bucket refills.
+//! - *Kill the hub to lose it*: every record is written to the file (the
+//!   page cache) as soon as the writer receives it, with no buffering in
+//!   the process, and the writer is woken at least once a second; a hub
+//!   killed with -9 loses only records still in the channel, at most the
+//!   last second's.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -22,7 +42,10 @@ pub const MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// Rotated files kept besides the current one (`audit.log.1` … `.3`).
 pub const KEEP: usize = 3;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Stored paths longer than this are cut (with a marker).
+pub const MAX_PATH: usize = 1024;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {
     /// RFC 3339, UTC.
     pub time: String,
@@ -40,6 +63,141 @@ pub struct Record {
     /// it): `local admin`, `#3 allow group:payments 'team=payments'`, …
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// `start` or `end` for long-lived streams (watch, exec, attach,
+    /// port-forward, CONNECT); absent for one-shot requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why a request was refused, when the gateway or the agent said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The client's address, for requests without an accepted token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+/// The operator name under which requests without an accepted token are
+/// recorded (and rate-limited together).
+pub const UNAUTHENTICATED: &str = "(unauthenticated)";
+
+/// Per-operator record budget: `rate` records a second, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub rate: f64,
+    pub burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            rate: 100.0,
+            burst: 1000.0,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, overridden by `TOWERCTL_AUDIT_RATE` and
+    /// `TOWERCTL_AUDIT_BURST` (positive numbers; others are ignored with a
+    /// warning).
+    pub fn from_env() -> Limits {
+        let mut l = Limits::default();
+        for (var, slot) in [
+            ("TOWERCTL_AUDIT_RATE", &mut l.rate),
+            ("TOWERCTL_AUDIT_BURST", &mut l.burst),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                match v.parse::<f64>() {
+                    Ok(n) if n > 0.0 && n.is_finite() => *slot = n,
+                    _ => tracing::warn!("ignoring {var}='{v}': use a positive number"),
+                }
+            }
+        }
+        l
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    suppressed: u64,
+}
+
+/// Token buckets by operator.
+struct Limiter {
+    limits: Limits,
+    buckets: HashMap<String, Bucket>,
+}
+
+impl Limiter {
+    fn refill(&mut self, key: &str, now: Instant) -> &mut Bucket {
+        let l = self.limits;
+        let b = self.buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: l.burst,
+            last: now,
+            suppressed: 0,
+        });
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + dt * l.rate).min(l.burst);
+        b.last = now;
+        b
+    }
+
+    /// Whether `key` may write a record now, and the count of suppressed
+    /// records to report first.
+    fn admit(&mut self, key: &str, now: Instant) -> (bool, u64) {
+        let b = self.refill(key, now);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            (true, std::mem::take(&mut b.suppressed))
+        } else {
+            b.suppressed += 1;
+            (false, 0)
+        }
+    }
+
+    /// Summaries owed to operators whose buckets refilled since they were
+    /// last suppressed.
+    fn due(&mut self, now: Instant) -> Vec<(String, u64)> {
+        let keys: Vec<String> = self
+            .buckets
+            .iter()
+            .filter(|(_, b)| b.suppressed > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for k in keys {
+            let b = self.refill(&k, now);
+            if b.tokens >= 1.0 {
+                b.tokens -= 1.0;
+                out.push((k, std::mem::take(&mut b.suppressed)));
+            }
+        }
+        out
+    }
+}
+
+fn summary(operator: &str, n: u64) -> Record {
+    Record {
+        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+        operator: operator.to_string(),
+        verb: "suppressed".into(),
+        path: format!("suppressed {n} records over the audit rate limit"),
+        ..Record::default()
+    }
+}
+
+/// Cuts `path` to [`MAX_PATH`] bytes (on a character boundary).
+pub fn truncate_path(path: &mut String) {
+    if path.len() <= MAX_PATH {
+        return;
+    }
+    let total = path.len();
+    let mut cut = MAX_PATH;
+    while !path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    path.truncate(cut);
+    path.push_str(&format!("…[{} more bytes]", total - cut));
 }
 
 /// The Kubernetes verb of a request, from its method and path.
@@ -70,43 +228,149 @@ pub fn verb(method: &str, path: &str, query: Option<&str>) -> &'static str {
     }
 }
 
+enum Msg {
+    Record(Box<Record>),
+    /// Once a second: write the summaries that are due.
+    Tick,
+}
+
 #[derive(Clone)]
 pub struct Auditor {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Msg>,
+    limiter: Arc<Mutex<Limiter>>,
     pub dropped: Arc<AtomicU64>,
 }
 
 impl Auditor {
-    /// Starts the writer task for `path`.
+    /// Starts the writer task for `path`, with limits from the environment.
     pub fn start(path: PathBuf) -> Auditor {
-        let (tx, mut rx) = mpsc::channel::<Record>(4096);
+        Auditor::start_with(path, Limits::from_env())
+    }
+
+    pub fn start_with(path: PathBuf, limits: Limits) -> Auditor {
+        let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+        let limiter = Arc::new(Mutex::new(Limiter {
+            limits,
+            buckets: HashMap::new(),
+        }));
+        // The ticker ends when the writer does (its sender is weak).
+        let weak = tx.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak.upgrade() else { return };
+                let _ = tx.try_send(Msg::Tick);
+            }
+        });
+        let lim = limiter.clone();
         tokio::task::spawn_blocking(move || {
             let mut file = open(&path);
-            while let Some(rec) = rx.blocking_recv() {
-                let Some(f) = file.as_mut() else {
-                    file = open(&path);
-                    continue;
+            while let Some(msg) = rx.blocking_recv() {
+                let recs = match msg {
+                    Msg::Record(r) => vec![*r],
+                    Msg::Tick => {
+                        let due = lim
+                            .lock()
+                            .map(|mut l| l.due(Instant::now()))
+                            .unwrap_or_default();
+                        due.iter().map(|(op, n)| summary(op, *n)).collect()
+                    }
                 };
-                if let Ok(mut line) = serde_json::to_vec(&rec) {
-                    line.push(b'\n');
-                    let _ = f.write_all(&line);
-                }
-                if f.metadata().map(|m| m.len()).unwrap_or(0) >= MAX_BYTES {
-                    rotate(&path);
-                    file = open(&path);
+                for rec in recs {
+                    write(&path, &mut file, &rec);
                 }
             }
         });
         Auditor {
             tx,
+            limiter,
             dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    pub fn record(&self, r: Record) {
-        if self.tx.try_send(r).is_err() {
+    /// Queues `r` for the log, within its operator's budget (its path cut
+    /// to [`MAX_PATH`]).
+    pub fn record(&self, mut r: Record) {
+        truncate_path(&mut r.path);
+        let (ok, owed) = self
+            .limiter
+            .lock()
+            .map(|mut l| l.admit(&r.operator, Instant::now()))
+            .unwrap_or((true, 0));
+        if !ok {
+            return;
+        }
+        if owed > 0 {
+            self.send(summary(&r.operator, owed));
+        }
+        self.send(r);
+    }
+
+    /// The `start` record of a long-lived stream; the matching `end`
+    /// record is `r` with `phase: end`, written when the stream closes.
+    pub fn record_start(&self, r: &Record) {
+        self.record(Record {
+            phase: Some("start".into()),
+            ..r.clone()
+        });
+    }
+
+    fn send(&self, r: Record) {
+        if self.tx.try_send(Msg::Record(Box::new(r))).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Writes the `end` record of an upgraded stream when the last holder
+/// drops it: the gateway (which learns the status) and the splice task
+/// (which lives as long as the stream).
+pub struct EndRecord {
+    record: Mutex<Record>,
+    start: Instant,
+    auditor: Auditor,
+}
+
+impl EndRecord {
+    pub fn new(mut record: Record, start: Instant, auditor: Auditor) -> Arc<EndRecord> {
+        record.phase = Some("end".into());
+        Arc::new(EndRecord {
+            record: Mutex::new(record),
+            start,
+            auditor,
+        })
+    }
+
+    pub fn set_status(&self, status: u16) {
+        if let Ok(mut r) = self.record.lock() {
+            r.status = status;
+        }
+    }
+}
+
+impl Drop for EndRecord {
+    fn drop(&mut self) {
+        if let Ok(r) = self.record.get_mut() {
+            let mut r = std::mem::take(r);
+            r.duration_ms = self.start.elapsed().as_millis() as u64;
+            self.auditor.record(r);
+        }
+    }
+}
+
+fn write(path: &Path, file: &mut Option<std::fs::File>, rec: &Record) {
+    if file.is_none() {
+        *file = open(path);
+    }
+    let Some(f) = file.as_mut() else { return };
+    if let Ok(mut line) = serde_json::to_vec(rec) {
+        line.push(b'\n');
+        let _ = f.write_all(&line);
+    }
+    if f.metadata().map(|m| m.len()).unwrap_or(0) >= MAX_BYTES {
+        rotate(path);
+        *file = open(path);
     }
 }
 
@@ -265,5 +529,50 @@ mod tests {
             std::fs::read_to_string(f.last().unwrap()).unwrap(),
             "current\n"
         );
+    }
+
+    #[test]
+    fn paths_are_cut_on_a_character_boundary() {
+        let mut p = "é".repeat(MAX_PATH);
+        truncate_path(&mut p);
+        assert!(p.len() < MAX_PATH + 40, "{}", p.len());
+        assert!(
+            p.ends_with(&format!("…[{} more bytes]", 2 * MAX_PATH - MAX_PATH)),
+            "{p}"
+        );
+        let mut short = "/api".to_string();
+        truncate_path(&mut short);
+        assert_eq!(short, "/api");
+    }
+
+    #[test]
+    fn each_operator_has_its_own_budget_and_suppressed_records_are_counted() {
+        let mut l = Limiter {
+            limits: Limits {
+                rate: 1.0,
+                burst: 3.0,
+            },
+            buckets: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(l.admit("bob", t0), (true, 0));
+        }
+        for _ in 0..7 {
+            assert_eq!(l.admit("bob", t0), (false, 0));
+        }
+        // Bob's flood does not touch alice's budget.
+        assert_eq!(l.admit("alice", t0), (true, 0));
+        // Nothing due until bob's bucket refills.
+        assert!(l.due(t0).is_empty());
+        let t1 = t0 + std::time::Duration::from_millis(1500);
+        assert_eq!(l.due(t1), vec![("bob".to_string(), 7)]);
+        assert!(l.due(t1).is_empty());
+        // Or the next admitted record carries the count.
+        for _ in 0..4 {
+            l.admit("bob", t1);
+        }
+        let t2 = t1 + std::time::Duration::from_secs(2);
+        assert_eq!(l.admit("bob", t2), (true, 4));
     }
 }

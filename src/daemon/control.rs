@@ -193,6 +193,7 @@ pub struct ClusterStatus {
     pub since: Option<u64>,
     pub remote: Option<String>,
     pub rtt_ms: Option<f64>,
+    #[serde(default)]
     pub streams: u64,
     pub agent_version: Option<String>,
     /// Bytes received from / sent to the agent in the current session.
@@ -222,6 +223,21 @@ pub struct ClusterStatus {
     /// The member requires its agent to impersonate operators.
     #[serde(default)]
     pub impersonate: bool,
+}
+
+impl ClusterStatus {
+    /// What an operator other than the local admin is shown on the
+    /// gateway's `/towerctl/v1/clusters`: enough to pick a member and write
+    /// a context (name, state, since, labels). The agent's address, key
+    /// fingerprint, token state and traffic stay with the hub's admin.
+    pub fn operator_view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "state": self.state,
+            "since": self.since,
+            "labels": self.labels,
+        })
+    }
 }
 
 /// Defines a state enum with its wire names (serde, `Display`, `From<&str>`

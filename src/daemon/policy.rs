@@ -1,7 +1,7 @@
 //! The agent's dial policy: what the hub may make it connect to. It lives
 //! in the agent's own configuration; nothing the hub sends can widen it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::targets::Target;
 
@@ -144,26 +144,183 @@ impl DialPolicy {
         Ok(DialPolicy { rules })
     }
 
-    /// The rule that allows the dial, or a message naming the rules.
-    pub fn check(&self, t: &Target, port: u16) -> Result<&Rule, String> {
+    /// The rule that allows the dial by name, or a refusal. The caller is
+    /// told what was refused and what would allow it; the agent's rules stay
+    /// in its log and are never sent back (they map the member's network).
+    pub fn check(&self, t: &Target, port: u16) -> Result<&Rule, Denied> {
         self.rules
             .iter()
             .find(|r| r.allows(t, port))
             .ok_or_else(|| {
-                let rules: Vec<String> = self.rules.iter().map(|r| r.to_string()).collect();
                 let hint = match t {
                     Target::Host(h) => {
-                        format!("; to permit it, start the agent with --allow {h}:{port}")
+                        format!("; the member's admin can permit it with --allow {h}:{port}")
                     }
                     _ => String::new(),
                 };
-                format!(
-                    "the agent's dial policy does not allow {} port {port} (rules: {}){hint}",
-                    t.describe(),
-                    rules.join("; ")
-                )
+                Denied {
+                    public: format!(
+                        "denied by the member's dial policy: {} port {port} is not allowed{hint}",
+                        t.describe()
+                    ),
+                    rules: self.describe_rules(),
+                }
             })
     }
+
+    fn describe_rules(&self) -> String {
+        let rules: Vec<String> = self.rules.iter().map(|r| r.to_string()).collect();
+        rules.join("; ")
+    }
+
+    /// Whether an `--allow` rule names `addr` by IP: a CIDR covering it or
+    /// a literal address, port included. A host-name rule is not enough:
+    /// DNS could point a permitted name anywhere.
+    fn names_addr(&self, addr: SocketAddr) -> bool {
+        let ip = canonical(addr.ip());
+        let port_ok = |p: &Option<u16>| p.is_none_or(|p| p == addr.port());
+        self.rules.iter().any(|r| match r {
+            Rule::Cidr { net, prefix, port } => {
+                port_ok(port) && in_cidr(ip, canonical(*net), *prefix)
+            }
+            Rule::Host { host, port } => {
+                port_ok(port) && host.parse::<IpAddr>().is_ok_and(|h| canonical(h) == ip)
+            }
+            _ => false,
+        })
+    }
+
+    /// Judges the address a dial is about to use, after resolution: an
+    /// address in [`sensitive`] (loopback, link-local, metadata, the
+    /// agent's own) and any address of a host target (`host` — an endpoint
+    /// with no Pod behind it, a host-network pod) must be named by an IP
+    /// `--allow` rule. `what` names the target in the refusal.
+    pub fn check_addr(
+        &self,
+        what: &str,
+        addr: SocketAddr,
+        host: bool,
+        own: &[IpAddr],
+    ) -> Result<(), Denied> {
+        let why = match sensitive(addr.ip(), own) {
+            Some(why) => why,
+            None if host => "a host address, not a pod's",
+            None => return Ok(()),
+        };
+        if self.names_addr(addr) {
+            return Ok(());
+        }
+        let rule = match canonical(addr.ip()) {
+            IpAddr::V6(v6) => format!("[{v6}]:{}", addr.port()),
+            v4 => format!("{v4}:{}", addr.port()),
+        };
+        Err(Denied {
+            public: format!(
+                "denied by the member's dial policy: {what} leads to {} ({why}); the member's admin can permit it with --allow {rule}",
+                SocketAddr::new(canonical(addr.ip()), addr.port())
+            ),
+            rules: self.describe_rules(),
+        })
+    }
+}
+
+/// A refused dial: what the caller is told, and the agent's rules (for its
+/// own log only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denied {
+    pub public: String,
+    pub rules: String,
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (agent rules: {})", self.public, self.rules)
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// Why dialing `ip` needs an explicit `--allow` naming it, if it does:
+/// addresses that reach the agent's own host or the cloud's metadata
+/// service rather than a workload.
+pub fn sensitive(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
+    let ip = canonical(ip);
+    if ip.is_unspecified() {
+        return Some("an unspecified address");
+    }
+    if ip.is_loopback() {
+        return Some("a loopback address");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.octets() == [169, 254, 169, 254] => {
+            return Some("the cloud metadata address")
+        }
+        IpAddr::V4(v4) if v4.is_link_local() => return Some("a link-local address"),
+        IpAddr::V6(v6) if v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) => {
+            return Some("the cloud metadata address")
+        }
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => {
+            return Some("a link-local address")
+        }
+        _ => {}
+    }
+    if own.iter().any(|o| canonical(*o) == ip) {
+        return Some("one of the agent's own host addresses");
+    }
+    None
+}
+
+/// The agent host's own addresses (`getifaddrs`), cached for a few
+/// seconds: dialing them reaches the node, not a workload.
+pub fn own_addresses() -> Vec<IpAddr> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static CACHE: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, v)) = c.as_ref() {
+        if at.elapsed() < Duration::from_secs(5) {
+            return v.clone();
+        }
+    }
+    let v = getifaddrs();
+    *c = Some((Instant::now(), v.clone()));
+    v
+}
+
+fn getifaddrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we walk read-only and
+    // free exactly once with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -187,10 +344,10 @@ mod tests {
             )
             .is_ok());
         let e = p.check(&host("db.internal"), 5432).unwrap_err();
-        assert!(
-            e.contains("--allow db.internal:5432") && e.contains("services, pods"),
-            "{e}"
-        );
+        assert!(e.public.contains("--allow db.internal:5432"), "{e}");
+        // The caller is not told the agent's rules; the log is.
+        assert!(!e.public.contains("services, pods"), "{e}");
+        assert!(e.to_string().contains("services, pods"), "{e}");
     }
 
     #[test]
@@ -215,5 +372,80 @@ mod tests {
                 port: Some(80)
             }
         );
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sensitive_addresses() {
+        let own: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap()];
+        for (a, want) in [
+            ("127.0.0.1", Some("a loopback address")),
+            ("127.9.9.9", Some("a loopback address")),
+            ("::1", Some("a loopback address")),
+            ("::ffff:127.0.0.1", Some("a loopback address")),
+            ("0.0.0.0", Some("an unspecified address")),
+            ("::", Some("an unspecified address")),
+            ("169.254.169.254", Some("the cloud metadata address")),
+            ("fd00:ec2::254", Some("the cloud metadata address")),
+            ("169.254.1.1", Some("a link-local address")),
+            ("fe80::1", Some("a link-local address")),
+            ("192.0.2.7", Some("one of the agent's own host addresses")),
+            ("10.1.2.3", None),
+            ("2001:db8::1", None),
+        ] {
+            assert_eq!(sensitive(a.parse().unwrap(), &own), want, "{a}");
+        }
+    }
+
+    #[test]
+    fn resolved_addresses_need_an_ip_rule() {
+        let p = DialPolicy::new(&["web.example".into(), "10.0.0.0/8:443".into()]).unwrap();
+        // A name rule does not cover the loopback it resolves to.
+        let e = p
+            .check_addr("host web.example", sa("127.0.0.1:8080"), false, &[])
+            .unwrap_err();
+        assert!(
+            e.public.contains("127.0.0.1:8080")
+                && e.public.contains("--allow 127.0.0.1:8080")
+                && e.public.contains("loopback"),
+            "{e}"
+        );
+        assert!(!e.public.contains("web.example:"), "{e}");
+        // Pod addresses pass; host targets need an IP rule.
+        assert!(p
+            .check_addr("pod a/b", sa("10.9.9.9:80"), false, &[])
+            .is_ok());
+        assert!(p
+            .check_addr("svc a/b", sa("10.9.9.9:80"), true, &[])
+            .is_err());
+        assert!(p
+            .check_addr("svc a/b", sa("10.9.9.9:443"), true, &[])
+            .is_ok());
+        let e = p
+            .check_addr("x", sa("[fd00:ec2::254]:80"), false, &[])
+            .unwrap_err();
+        assert!(e.public.contains("--allow [fd00:ec2::254]:80"), "{e}");
+
+        let p = DialPolicy::new(&["127.0.0.0/8".into(), "169.254.169.254:80".into()]).unwrap();
+        assert!(p.check_addr("x", sa("127.0.0.1:8080"), true, &[]).is_ok());
+        assert!(p
+            .check_addr("x", sa("[::ffff:127.0.0.1]:1"), false, &[])
+            .is_ok());
+        assert!(p
+            .check_addr("x", sa("169.254.169.254:80"), false, &[])
+            .is_ok());
+        assert!(p
+            .check_addr("x", sa("169.254.169.254:81"), false, &[])
+            .is_err());
+        assert!(p.check_addr("x", sa("[::1]:80"), false, &[]).is_err());
+    }
+
+    #[test]
+    fn own_addresses_include_loopback() {
+        let own = own_addresses();
+        assert!(own.iter().any(|a| a.is_loopback()), "{own:?}");
     }
 }

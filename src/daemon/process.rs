@@ -71,7 +71,14 @@ pub fn running_pid(daemon: &str) -> Option<u32> {
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
         return None; // nobody holds it: stale
     }
-    std::fs::read_to_string(&path).ok()?.trim().parse().ok()
+    let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    valid_pid(pid).then_some(pid)
+}
+
+/// A pid towerctl may signal: never 0 or 1 (the process group, init) and
+/// never one that would read as negative (`kill(-1)` signals everything).
+pub fn valid_pid(pid: u32) -> bool {
+    pid > 1 && pid <= i32::MAX as u32
 }
 
 /// A daemon being started in the background.
@@ -95,10 +102,16 @@ pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
     let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
+    // Secrets given to the foreground command in the environment (the
+    // printed join and login lines) are not the daemon's: it has its
+    // config and key. Left in, they would also stay readable in
+    // /proc/PID/environ for the daemon's whole life.
     cmd.args(args)
         .env(DAEMON_ENV, "1")
         // The daemon rotates this file itself (daemon::logfile).
         .env(super::logfile::LOG_ENV, &log)
+        .env_remove("TOWERCTL_TOKEN")
+        .env_remove("TOWERCTL_OPERATOR_TOKEN")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
@@ -180,6 +193,9 @@ pub async fn await_exit(pid: u32, what: &str) -> Result<()> {
 
 /// Sends SIGTERM to `pid` and waits (bounded) for it to go away.
 pub async fn terminate(pid: u32, timeout: Duration) -> bool {
+    if !valid_pid(pid) {
+        return false;
+    }
     // SAFETY: plain kill(2) on a pid we read from our own pid file.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let deadline = Instant::now() + timeout;
@@ -193,6 +209,24 @@ pub async fn terminate(pid: u32, timeout: Duration) -> bool {
 }
 
 pub fn alive(pid: u32) -> bool {
+    if !valid_pid(pid) {
+        return false;
+    }
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_that_would_signal_more_than_one_process_are_rejected() {
+        for bad in [0, 1, u32::MAX, i32::MAX as u32 + 1] {
+            assert!(!valid_pid(bad), "{bad}");
+            assert!(!alive(bad), "{bad}");
+        }
+        assert!(valid_pid(std::process::id()));
+        assert!(alive(std::process::id()));
+    }
 }

@@ -35,6 +35,10 @@ pub struct Resolved {
     pub addr: SocketAddr,
     /// `(namespace, name)` of the pod.
     pub pod: Option<(String, String)>,
+    /// The address is a host's, not a pod's own: an endpoint with no Pod
+    /// `targetRef` (hand-made EndpointSlices/Endpoints can point anywhere)
+    /// or a host-network pod. The dial policy treats it as a host target.
+    pub host: bool,
 }
 
 fn api_err(what: &str, e: kube::Error) -> ResolveError {
@@ -67,6 +71,13 @@ fn pod_addr(p: &Pod, port: u16, what: &str) -> Result<SocketAddr, ResolveError> 
     Ok(SocketAddr::new(ip, port))
 }
 
+fn host_network(p: &Pod) -> bool {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+}
+
 fn pod_ref(r: Option<&ObjectReference>, ns: &str) -> Option<(String, String)> {
     let r = r?;
     if r.kind.as_deref() != Some("Pod") {
@@ -95,6 +106,7 @@ pub async fn resolve(
             Ok(Resolved {
                 addr: pod_addr(&pod, port, &what)?,
                 pod: Some((ns.clone(), name.clone())),
+                host: host_network(&pod),
             })
         }
         Target::Deployment { ns, name } => {
@@ -125,6 +137,7 @@ pub async fn resolve(
                     Some(Resolved {
                         addr: pod_addr(p, port, &what).ok()?,
                         pod: Some((ns.clone(), p.metadata.name.clone()?)),
+                        host: host_network(p),
                     })
                 })
                 .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no ready pod")))
@@ -190,9 +203,11 @@ async fn resolve_service(
                 let Some(p) = p else { continue };
                 for a in sub.addresses.unwrap_or_default() {
                     if let Ok(ip) = a.ip.parse() {
+                        let pod = pod_ref(a.target_ref.as_ref(), ns);
                         candidates.push(Resolved {
                             addr: SocketAddr::new(ip, p),
-                            pod: pod_ref(a.target_ref.as_ref(), ns),
+                            host: pod.is_none(),
+                            pod,
                         });
                     }
                 }
@@ -262,9 +277,11 @@ fn from_slices(
             }
             for a in &e.addresses {
                 if let Ok(ip) = a.parse() {
+                    let pod = pod_ref(e.target_ref.as_ref(), ns);
                     candidates.push(Resolved {
                         addr: SocketAddr::new(ip, p),
-                        pod: pod_ref(e.target_ref.as_ref(), ns),
+                        host: pod.is_none(),
+                        pod,
                     });
                 }
             }

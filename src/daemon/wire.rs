@@ -116,6 +116,41 @@ impl RawAnswer {
     }
 }
 
+/// The operator behind a raw channel, carried by the hub in the
+/// `forwarded-tcpip` channel's originator-address field (an SSH string the
+/// tunnel does not interpret): `towerctl-operator {"user":…,"groups":[…]}`.
+/// Chosen over a first line written by the hub because the agent knows it
+/// before it answers, and because an older agent simply ignores the field
+/// (it used to hold the client's IP). An agent that requires impersonation
+/// refuses raw channels without it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RawIdentity {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+const IDENTITY_PREFIX: &str = "towerctl-operator ";
+
+impl RawIdentity {
+    pub fn encode(&self) -> String {
+        format!(
+            "{IDENTITY_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    /// `None` for anything else (an older hub's client address).
+    pub fn decode(s: &str) -> Option<RawIdentity> {
+        let json = s.strip_prefix(IDENTITY_PREFIX)?;
+        if json.len() > MAX_LINE {
+            return None;
+        }
+        serde_json::from_str::<RawIdentity>(json)
+            .ok()
+            .filter(|i| !i.user.is_empty())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +171,20 @@ mod tests {
             assert_eq!(RawAnswer::read(&mut r).await.unwrap(), a);
             assert_eq!(r, b"payload");
         }
+    }
+
+    #[test]
+    fn raw_identity_round_trips_and_ignores_addresses() {
+        let who = RawIdentity {
+            user: "bob".into(),
+            groups: vec!["devs".into()],
+        };
+        assert_eq!(RawIdentity::decode(&who.encode()), Some(who));
+        assert_eq!(RawIdentity::decode("127.0.0.1"), None);
+        assert_eq!(
+            RawIdentity::decode("towerctl-operator {\"user\":\"\",\"groups\":[]}"),
+            None
+        );
     }
 
     #[test]

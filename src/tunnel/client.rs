@@ -53,8 +53,10 @@ pub struct DialOptions {
 pub trait ChannelService: Send + Sync + 'static {
     /// Whether the agent serves `target:port` at all; refused otherwise.
     fn accepts(&self, target: &str, port: u32) -> bool;
-    /// Serves an accepted channel; must not block (spawn).
-    fn serve(&self, target: String, port: u32, stream: FlowStream);
+    /// Serves an accepted channel; must not block (spawn). `originator` is
+    /// the channel's originator-address field, opaque here (the hub puts
+    /// the operator identity of raw channels there).
+    fn serve(&self, target: String, port: u32, originator: String, stream: FlowStream);
 }
 
 pub struct AgentHandler {
@@ -110,7 +112,7 @@ impl russh::client::Handler for AgentHandler {
         channel: Channel<Msg>,
         connected_address: &str,
         connected_port: u32,
-        _originator_address: &str,
+        originator_address: &str,
         _originator_port: u32,
         reply: russh::client::ChannelOpenHandle,
         _session: &mut Session,
@@ -122,6 +124,7 @@ impl russh::client::Handler for AgentHandler {
             self.service.serve(
                 connected_address.to_string(),
                 connected_port,
+                originator_address.to_string(),
                 FlowStream::new(channel),
             );
         } else {

@@ -414,13 +414,27 @@ pub async fn open(
     port: u32,
     originator: SocketAddr,
 ) -> Result<FlowStream, russh::Error> {
+    open_as(
+        handle,
+        target,
+        port,
+        &originator.ip().to_string(),
+        u32::from(originator.port()),
+    )
+    .await
+}
+
+/// Opens a channel with an originator-address field of the caller's
+/// choosing (an opaque string to the tunnel).
+pub async fn open_as(
+    handle: &Handle,
+    target: &str,
+    port: u32,
+    originator: &str,
+    originator_port: u32,
+) -> Result<FlowStream, russh::Error> {
     let ch: Channel<Msg> = handle
-        .channel_open_forwarded_tcpip(
-            target,
-            port,
-            originator.ip().to_string(),
-            u32::from(originator.port()),
-        )
+        .channel_open_forwarded_tcpip(target, port, originator, originator_port)
         .await?;
     Ok(FlowStream::new(ch))
 }

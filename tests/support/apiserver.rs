@@ -109,6 +109,13 @@ impl ApiServer {
     }
 
     /// Grants `user` access when a client impersonates it (RBAC stand-in).
+    /// How many SubjectAccessReviews were answered.
+    pub fn subject_access_reviews(&self) -> u64 {
+        self.shared
+            .sar_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn bind_user(&self, user: &str) {
         self.shared
             .bound_users
@@ -288,6 +295,14 @@ impl ApiServer {
             },
         });
         self.upsert(&PODS, ns, obj);
+    }
+
+    /// Marks pod `ns/name` as running on its node's network (`spec.hostNetwork: true`).
+    pub fn set_host_network(&self, ns: &str, name: &str) {
+        let pod = self.shared.lock().get(&PODS, ns, name);
+        let mut pod = pod.unwrap_or_else(|e| panic!("set_host_network: {}", e.message));
+        pod["spec"]["hostNetwork"] = json!(true);
+        self.upsert(&PODS, ns, pod);
     }
 
     /// Deletes a pod (notifies watchers); panics if there is none.
@@ -546,6 +561,8 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     /// Users the stand-in's "RBAC" lets an impersonating client act as.
     bound_users: Mutex<Vec<String>>,
+    /// SubjectAccessReviews answered.
+    sar_count: std::sync::atomic::AtomicU64,
     /// Whether `discovery.k8s.io/v1` is served.
     endpointslices: AtomicBool,
     /// (namespace, pod, pod port) -> where the fake kubelet's port-forward connects.
@@ -593,6 +610,7 @@ impl Shared {
             store: Mutex::new(store),
             requests: Mutex::new(Vec::new()),
             bound_users: Mutex::new(Vec::new()),
+            sar_count: std::sync::atomic::AtomicU64::new(0),
             endpointslices: AtomicBool::new(true),
             delay: Mutex::new(Duration::ZERO),
             portforward_targets: Mutex::new(HashMap::new()),
@@ -946,6 +964,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if auth.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         return Ok(ApiError::new(401, "Unauthorized", "Unauthorized").into_response());
     }
+    // SubjectAccessReview, decided from the same RBAC stand-in as
+    // impersonated requests: a bound user may do anything, others nothing.
+    if req.method() == Method::POST
+        && req.uri().path() == "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+    {
+        return Ok(subject_access_review(&shared, req).await);
+    }
     // Impersonation, as the real API server does it: the impersonated user
     // is then subject to RBAC, which here is a list of bound users.
     // Discovery is open to every authenticated user (system:discovery).
@@ -981,6 +1006,29 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     Ok(route(shared, req)
         .await
         .unwrap_or_else(ApiError::into_response))
+}
+
+async fn subject_access_review(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return ApiError::new(400, "BadRequest", "unreadable body").into_response(),
+    };
+    let Ok(mut review) = serde_json::from_slice::<Value>(&body) else {
+        return ApiError::new(400, "BadRequest", "not a SubjectAccessReview").into_response();
+    };
+    let user = review["spec"]["user"].as_str().unwrap_or("").to_string();
+    let allowed = shared.bound_users.lock().unwrap().contains(&user);
+    review["status"] = if allowed {
+        json!({"allowed": true, "reason": "bound by the stand-in's RBAC"})
+    } else {
+        json!({"allowed": false, "reason": format!("User \"{user}\" has no RBAC binding")})
+    };
+    review["apiVersion"] = json!("authorization.k8s.io/v1");
+    review["kind"] = json!("SubjectAccessReview");
+    shared
+        .sar_count
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    json_response(StatusCode::CREATED, &review)
 }
 
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> ApiResult {

@@ -195,15 +195,7 @@ impl Env {
     pub fn cluster_add(&self, name: &str) -> Vec<String> {
         let o = self.towerctl(&["cluster", "add", name]);
         assert!(o.ok(), "cluster add: {o:?}");
-        let line = o
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("towerctl join "))
-            .unwrap_or_else(|| panic!("no join command printed: {o:?}"));
-        line.split_whitespace()
-            .skip(1)
-            .map(str::to_string)
-            .collect()
+        printed_command(&o.stdout, "join")
     }
 
     /// Runs the join command with extra flags (member kubeconfig, fast keepalive).
@@ -417,4 +409,35 @@ pub fn http_server(body: &'static str) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// The `towerctl SUB …` line printed on `stdout` (by `cluster add|rotate`,
+/// `operator add`), as the arguments after `towerctl`. The printed line
+/// passes the token in `TOWERCTL_TOKEN` / `TOWERCTL_OPERATOR_TOKEN` (never
+/// as an argument); here it becomes `--token TOKEN` after the first
+/// operand, so that tests can swap it. Panics when there is no such line or
+/// the token is on the command line.
+pub fn printed_command(stdout: &str, sub: &str) -> Vec<String> {
+    let needle = format!("towerctl {sub} ");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(&needle))
+        .unwrap_or_else(|| panic!("no '{needle}…' line printed: {stdout}"));
+    assert!(
+        line.starts_with(' ') && !line.contains("--token"),
+        "the token must travel in the environment, on a line shells keep out of history: {line}"
+    );
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "towerctl").unwrap();
+    let token = words[..at]
+        .iter()
+        .find_map(|w| {
+            w.split_once('=')
+                .filter(|(k, _)| k.starts_with("TOWERCTL_"))
+        })
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(|| panic!("no token variable in: {line}"));
+    let mut args: Vec<String> = words[at + 1..].iter().map(|w| w.to_string()).collect();
+    args.splice(2..2, ["--token".to_string(), token]);
+    args
 }

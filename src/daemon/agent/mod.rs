@@ -4,6 +4,7 @@
 
 mod config;
 mod raw;
+mod rbac;
 mod upstream;
 
 pub use config::{
@@ -80,6 +81,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                 cancel.child_token(),
                 tasks.clone(),
             ),
+            rbac: cfg
+                .impersonate
+                .then(|| Arc::new(rbac::Rbac::new(client.clone()))),
         },
         client,
         impersonate: cfg.impersonate,

@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::PodNetwork;
-use crate::daemon::policy::DialPolicy;
+use super::rbac::Ask;
+use crate::daemon::policy::{self, DialPolicy};
 use crate::daemon::resolve;
 use crate::daemon::targets::Target;
 use crate::daemon::watchcache::ServiceCache;
-use crate::daemon::wire::{DialCode, RawAnswer};
+use crate::daemon::wire::{DialCode, RawAnswer, RawIdentity};
 use crate::tunnel::client;
 
 /// Accepts the member's workload connections for one exposed name and
@@ -123,11 +124,20 @@ pub(super) struct Dialer {
     pub(super) pod_network: PodNetwork,
     /// Services resolved from watches instead of two reads per connection.
     pub(super) services: ServiceCache,
+    /// Present when the member requires impersonation: raw access to
+    /// Kubernetes targets is then checked against the member's RBAC.
+    pub(super) rbac: Option<Arc<super::rbac::Rbac>>,
 }
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// answers with a [`RawAnswer`], then splices.
-pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: FlowStream) {
+pub(super) async fn serve_raw(
+    d: Dialer,
+    target: Target,
+    port: u32,
+    who: Option<RawIdentity>,
+    mut stream: FlowStream,
+) {
     use tokio::io::AsyncWriteExt;
     let Dialer {
         tasks,
@@ -136,17 +146,21 @@ pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: 
         denied,
         pod_network,
         services,
+        rbac,
     } = d;
     let dial = async {
         let port = u16::try_from(port)
             .map_err(|_| (DialCode::NotFound, format!("invalid port {port}")))?;
-        if let Err(m) = policy.check(&target, port) {
+        let refuse = |d: crate::daemon::policy::Denied| {
             denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("refused a dial: {m}");
-            return Err((DialCode::Denied, m));
-        }
+            tracing::warn!("refused a dial: {d}");
+            (DialCode::Denied, d.public)
+        };
+        policy.check(&target, port).map_err(refuse)?;
         match &target {
             Target::Host(h) => {
+                // Resolve first, then judge every address the name leads
+                // to: a permitted name must not reach the agent's own host.
                 let addrs: Vec<_> = tokio::net::lookup_host((h.as_str(), port))
                     .await
                     .map_err(|e| {
@@ -156,6 +170,12 @@ pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: 
                         )
                     })?
                     .collect();
+                let own = policy::own_addresses();
+                for a in &addrs {
+                    policy
+                        .check_addr(&target.describe(), *a, false, &own)
+                        .map_err(refuse)?;
+                }
                 Ok(Box::new(dial_tcp(&addrs, &target.describe(), port).await?) as Box<dyn Conn>)
             }
             Target::ApiServer => Err((
@@ -163,6 +183,28 @@ pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: 
                 "the API server is reached through the gateway, not CONNECT".to_string(),
             )),
             k8s => {
+                // Under impersonation: may the operator find the pod this
+                // way (get the service or deployment)?
+                let rbac_deny = |m: String| {
+                    denied.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("refused a dial: {m}");
+                    (DialCode::Denied, m)
+                };
+                let who = match (&rbac, &who) {
+                    (None, _) => None,
+                    (Some(_), None) => return Err(rbac_deny("this member requires impersonation and the hub sent no operator identity with the stream; upgrade the hub".to_string())),
+                    (Some(rb), Some(w)) => {
+                        let finder = match k8s {
+                            Target::Service { ns, name } => Some(Ask { verb: "get", group: "", resource: "services", subresource: None, namespace: ns.clone(), name: name.clone() }),
+                            Target::Deployment { ns, name } => Some(Ask { verb: "get", group: "apps", resource: "deployments", subresource: None, namespace: ns.clone(), name: name.clone() }),
+                            _ => None,
+                        };
+                        if let Some(a) = finder {
+                            rb.check(w, &a).await.map_err(rbac_deny)?;
+                        }
+                        Some((rb.clone(), w.clone()))
+                    }
+                };
                 let r = resolve::resolve(&client, Some(&services), k8s, port)
                     .await
                     .map_err(|e| {
@@ -172,6 +214,23 @@ pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: 
                         };
                         (code, e.to_string())
                     })?;
+                // Judged whichever way it is reached: a host-network pod's
+                // port-forward lands on its node too.
+                policy
+                    .check_addr(&target.describe(), r.addr, r.host, &policy::own_addresses())
+                    .map_err(refuse)?;
+                // ... and port-forward to the pod behind it?
+                if let (Some((rb, w)), Some((ns, name))) = (&who, &r.pod) {
+                    let a = Ask {
+                        verb: "create",
+                        group: "",
+                        resource: "pods",
+                        subresource: Some("portforward"),
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                    };
+                    rb.check(w, &a).await.map_err(rbac_deny)?;
+                }
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
                         dial_portforward(&tasks, &client, ns, name, r.addr.port()).await

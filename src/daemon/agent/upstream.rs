@@ -62,7 +62,7 @@ impl ChannelService for Upstream {
         Target::from_channel_address(target).is_some()
     }
 
-    fn serve(&self, target: String, port: u32, stream: FlowStream) {
+    fn serve(&self, target: String, port: u32, originator: String, stream: FlowStream) {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             tracing::warn!("refused a stream: {MAX_STREAMS} streams are open already");
             return;
@@ -72,8 +72,9 @@ impl ChannelService for Upstream {
                 return;
             };
             let d = self.dialer.clone();
+            let who = crate::daemon::wire::RawIdentity::decode(&originator);
             self.tasks.spawn(async move {
-                serve_raw(d, t, port, stream).await;
+                serve_raw(d, t, port, who, stream).await;
                 drop(permit);
             });
             return;

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Hub, LiveSession};
 use crate::daemon::admission::{Admission, Ticket};
-use crate::daemon::audit::{Audited, Record};
+use crate::daemon::audit::{Audited, EndRecord, Record};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
     strip_identity, text_response, Body, Guarded, OnDrop, GROUPS_HEADER, IMPERSONATE_HEADER,
@@ -329,36 +329,64 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         // Public: the client checks it against the hash it was given.
         return Response::new(full(Bytes::from(hub.ca_pem.clone())));
     }
+    // Refused before any routing: a client without a token learns nothing
+    // about which members exist. Recorded (rate-limited together).
+    let unauthorized = |why: &str| {
+        hub.auditor.record(Record {
+            time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+            operator: crate::daemon::audit::UNAUTHENTICATED.into(),
+            verb: "unauthenticated".into(),
+            method: req.method().to_string(),
+            path: req.uri().to_string(),
+            status: 401,
+            peer: Some(peer.to_string()),
+            ..Record::default()
+        });
+        status_response(StatusCode::UNAUTHORIZED, "Unauthorized", why)
+    };
     let Some(token) = bearer(req.headers()) else {
-        return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
+        return unauthorized("the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
     };
     let Some(operator) = hub.operator(token) else {
-        return status_response(StatusCode::UNAUTHORIZED, "Unauthorized", "the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
+        return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
     conn.authenticated();
     if req.method() == http::Method::CONNECT {
         return connect(hub, req, peer, &operator, conn.active.clone()).await;
     }
     if let Some(what) = path.strip_prefix(API) {
-        return match what {
+        let resp = match what {
             "whoami" => {
                 json_response(serde_json::json!({"name": operator.name, "groups": operator.groups}))
             }
-            "clusters" => {
-                // Only the members this operator may reach.
-                let mine: Vec<_> = hub
-                    .cluster_statuses()
-                    .into_iter()
-                    .filter(|c| hub.decide(&operator, &c.name).allowed)
-                    .collect();
-                json_response(serde_json::to_value(mine).unwrap_or_default())
+            "clusters" if operator.name == super::LOCAL_ADMIN => {
+                json_response(serde_json::to_value(hub.cluster_statuses()).unwrap_or_default())
             }
+            // Only the members this operator may reach, and only what it
+            // needs of them.
+            "clusters" => json_response(serde_json::Value::Array(
+                hub.cluster_statuses()
+                    .iter()
+                    .filter(|c| hub.decide(&operator, &c.name).allowed)
+                    .map(|c| c.operator_view())
+                    .collect(),
+            )),
             _ => status_response(
                 StatusCode::NOT_FOUND,
                 "NotFound",
                 &format!("no such towerctl API '{path}'"),
             ),
         };
+        hub.auditor.record(Record {
+            time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+            operator: operator.name.clone(),
+            verb: "towerctl".into(),
+            method: req.method().to_string(),
+            path: path.clone(),
+            status: resp.status().as_u16(),
+            ..Record::default()
+        });
+        return resp;
     }
     let (name, upstream_path) = match crate::daemon::route::pick(sni, &path) {
         Ok(r) => r,
@@ -376,10 +404,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             Some(q) => format!("{upstream_path}?{q}"),
             None => upstream_path.clone(),
         },
-        status: 0,
-        duration_ms: 0,
-        bytes: 0,
-        rule: None,
+        ..Record::default()
     };
     // Access rules: a member the operator may not reach answers exactly
     // like one that does not exist, so names do not leak.
@@ -396,10 +421,33 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         });
         return status_response(code, reason, &msg);
     }
-    let resp = proxy(&hub, slot, req, peer, &operator, name, upstream_path).await;
+    // Long-lived streams are recorded when they open and when they close.
+    if is_upgrade(req.headers()) {
+        hub.auditor.record_start(&record);
+        let end = EndRecord::new(record, start, hub.auditor.clone());
+        let resp = proxy(
+            &hub,
+            slot,
+            req,
+            peer,
+            &operator,
+            name,
+            upstream_path,
+            Some(end.clone()),
+        )
+        .await;
+        end.set_status(resp.status().as_u16());
+        return resp;
+    }
+    let long = record.verb == "watch";
+    if long {
+        hub.auditor.record_start(&record);
+    }
+    let resp = proxy(&hub, slot, req, peer, &operator, name, upstream_path, None).await;
     let (parts, body) = resp.into_parts();
     let record = Record {
         status: parts.status.as_u16(),
+        phase: long.then(|| "end".to_string()),
         ..record
     };
     Response::from_parts(
@@ -439,9 +487,8 @@ async fn connect(
         method: "CONNECT".into(),
         path: authority.to_string(),
         status: 200,
-        duration_ms: 0,
-        bytes: 0,
         rule: Some(decision.why),
+        ..Record::default()
     };
     if !decision.allowed {
         let (code, _, msg) = unknown_cluster(&hub, &cluster);
@@ -458,11 +505,18 @@ async fn connect(
         return text_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
     }
     let start = std::time::Instant::now();
-    let mut stream = match server::open(
+    // The operator travels in the channel's originator field, so that an
+    // impersonating agent can check raw access against the member's RBAC.
+    let who = crate::daemon::wire::RawIdentity {
+        user: operator.name.clone(),
+        groups: operator.groups.clone(),
+    };
+    let mut stream = match server::open_as(
         &session.handle,
         &target.channel_address(),
         u32::from(port),
-        peer,
+        &who.encode(),
+        u32::from(peer.port()),
     )
     .await
     {
@@ -495,9 +549,12 @@ async fn connect(
         let status = code.http_status();
         record.status = status.as_u16();
         record.duration_ms = start.elapsed().as_millis() as u64;
+        record.error = Some(msg.clone());
         hub.auditor.record(record);
         return text_response(status, &format!("cluster '{cluster}': {msg}"));
     }
+    hub.auditor.record_start(&record);
+    record.phase = Some("end".into());
     let auditor = hub.auditor.clone();
     let guard = hub.streams.open(&operator.name, &cluster);
     hub.tasks.spawn(async move {
@@ -570,6 +627,7 @@ fn impersonation_agrees(session: &LiveSession) -> Result<(), String> {
 }
 
 /// Carries one request to the member and its response back.
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     hub: &Hub,
     slot: &ChannelSlot,
@@ -578,6 +636,7 @@ async fn proxy(
     operator: &Operator,
     name: String,
     upstream_path: String,
+    end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
         let (code, reason, msg) = no_session(hub, &name);
@@ -690,7 +749,7 @@ async fn proxy(
     let guard = hub.streams.open(&operator.name, &name);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let stop = guard.cut.clone();
-        finish_upgrade(&hub.tasks, client_upgrade, &mut resp, stop, guard);
+        finish_upgrade(&hub.tasks, client_upgrade, &mut resp, stop, (guard, end));
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync());
     }

@@ -1,0 +1,208 @@
+//! Less disclosure: an operator sees only what it needs of the members;
+//! a client without a token learns nothing about which members exist.
+
+mod support;
+
+use std::time::Duration;
+
+use support::apiserver::ApiServer;
+use support::{Env, Out};
+
+fn connected(env: &Env, api: &ApiServer) {
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "join failed: {o:?}");
+    // A revoked member too: its existence must not leak either.
+    env.cluster_add("gamma");
+    assert!(env.towerctl(&["cluster", "revoke", "gamma"]).ok());
+}
+
+fn gateway(env: &Env) -> String {
+    env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn curl(env: &Env, args: &[&str]) -> Out {
+    let ca = env.path("data/towerctl/ca.crt");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(args);
+    support::run_bounded(cmd, Duration::from_secs(20))
+}
+
+/// `operator add NAME`: its token from the printed login command.
+fn operator_token(env: &Env, name: &str) -> String {
+    let o = env.towerctl(&["operator", "add", name]);
+    assert!(o.ok(), "{o:?}");
+    let allow = format!("operator:{name}");
+    assert!(env
+        .towerctl(&["access", "allow", &allow, "--names", "alpha"])
+        .ok());
+    let login = support::printed_command(&o.stdout, "login");
+    login[3].clone()
+}
+
+#[test]
+fn an_operator_sees_names_states_and_labels_only() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api);
+    let gw = gateway(&env);
+    let bob = operator_token(&env, "bob");
+    let o = curl(
+        &env,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {bob}"),
+            &format!("{gw}/towerctl/v1/clusters"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_else(|_| panic!("{o:?}"));
+    let alpha = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "alpha")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(alpha["state"], "connected", "{v}");
+    let mut keys: Vec<&str> = alpha
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["labels", "name", "since", "state"], "{v}");
+    for secret in [
+        "key_fingerprint",
+        "remote",
+        "token_state",
+        "token_expires_at",
+        "sha256:",
+    ] {
+        assert!(!o.stdout.contains(secret), "{secret} leaked: {}", o.stdout);
+    }
+    // The hub's local admin keeps the full view.
+    let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let o = curl(
+        &env,
+        &[
+            "-H",
+            &format!("Authorization: Bearer {}", admin.trim()),
+            &format!("{gw}/towerctl/v1/clusters"),
+        ],
+    );
+    assert!(
+        o.stdout.contains("key_fingerprint") && o.stdout.contains("sha256:"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn without_a_token_every_route_answers_the_same_401() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api);
+    let gw = gateway(&env);
+    let hostport = gw.trim_start_matches("https://").to_string();
+
+    // Path routes: a connected, a revoked and an unknown member look alike.
+    let answers: Vec<String> = ["alpha", "gamma", "nope"]
+        .iter()
+        .map(|m| {
+            let o = curl(
+                &env,
+                &["-w", "%{http_code}", &format!("{gw}/clusters/{m}/api")],
+            );
+            o.stdout
+        })
+        .collect();
+    assert!(answers[0].ends_with("401"), "{answers:?}");
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+
+    // Server-name routes.
+    let answers: Vec<String> = ["alpha", "gamma", "nope"]
+        .iter()
+        .map(|m| {
+            let host = format!("{m}.clusters.towerctl.invalid");
+            let o = curl(
+                &env,
+                &[
+                    "-w",
+                    "%{http_code}",
+                    "--connect-to",
+                    &format!("{host}:443:{hostport}"),
+                    &format!("https://{host}/api"),
+                ],
+            );
+            o.stdout
+        })
+        .collect();
+    assert!(answers[0].ends_with("401"), "{answers:?}");
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+
+    // CONNECT.
+    let answers: Vec<String> = ["alpha", "gamma", "nope"]
+        .iter()
+        .map(|m| {
+            let o = curl(
+                &env,
+                &[
+                    "-v",
+                    "--proxy",
+                    &gw,
+                    "--proxy-cacert",
+                    env.path("data/towerctl/ca.crt").to_str().unwrap(),
+                    "-p",
+                    &format!("http://web.default.svc.{m}:80/"),
+                ],
+            );
+            o.stderr
+                .lines()
+                .find(|l| l.starts_with("< HTTP/"))
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(answers[0].contains("401"), "{answers:?}");
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+}
+
+#[test]
+fn the_printed_join_command_runs_as_is_with_its_token_in_the_environment() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let o = env.towerctl(&["cluster", "add", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.contains("towerctl join "))
+        .unwrap_or_else(|| panic!("{o:?}"))
+        .to_string();
+    // Kept out of shell history and out of `ps`.
+    assert!(
+        line.starts_with(" TOWERCTL_TOKEN=tj_") && !line.contains("--token"),
+        "{line}"
+    );
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let script = format!(
+        "{} --kubeconfig {}",
+        line.replacen("towerctl ", &format!("{} ", support::TOWERCTL), 1),
+        kc.display()
+    );
+    let mut cmd = std::process::Command::new("sh");
+    env.apply_env(&mut cmd);
+    cmd.args(["-c", &script]);
+    let o = support::run_bounded(cmd, Duration::from_secs(60));
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+}

@@ -1,0 +1,140 @@
+//! Raw access under impersonation obeys the member's RBAC: before dialing
+//! a pod, service or deployment for a CONNECT or `towerctl port-forward`,
+//! an impersonating agent asks the member with a SubjectAccessReview
+//! whether the operator could do the same with kubectl.
+
+mod support;
+
+use std::time::Duration;
+
+use support::apiserver::{ApiServer, TargetPort};
+use support::{Env, Out, Streaming};
+
+/// `operator add NAME` on the hub, `login` on a machine of its own.
+fn operator_laptop(hub: &Env, name: &str) -> Env {
+    let o = hub.towerctl(&["operator", "add", name]);
+    assert!(o.ok(), "{o:?}");
+    // The hub lets both reach alpha; the member's RBAC decides inside it.
+    let allow = format!("operator:{name}");
+    assert!(hub
+        .towerctl(&["access", "allow", &allow, "--names", "alpha"])
+        .ok());
+    let login = support::printed_command(&o.stdout, "login");
+    let laptop = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    laptop
+}
+
+/// `towerctl port-forward alpha TARGET :PORT` on `env`: one request's
+/// outcome through it, and what the forwarder printed.
+fn forward_once(env: &Env, target: &str, port: u16) -> (Out, String) {
+    let pf =
+        Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", target, &format!(":{port}")]));
+    pf.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
+    let local: u16 = pf
+        .output()
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("no local port");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{local}/"),
+    ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    (o, pf.output())
+}
+
+#[test]
+fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("the pod answers");
+    api.add_pod(
+        "default",
+        "web-1",
+        "127.0.0.1",
+        &[("app", "web")],
+        true,
+        &[("http", web.port())],
+    );
+    api.add_service(
+        "default",
+        "web",
+        &[("http", 80, TargetPort::Number(web.port()))],
+        &[("app", "web")],
+    );
+    api.add_deployment("default", "web", &[("app", "web")], 1);
+    hub.up();
+    let o = hub.towerctl(&["cluster", "add", "alpha", "--impersonate"]);
+    assert!(o.ok(), "{o:?}");
+    let join = support::printed_command(&o.stdout, "join");
+    let kc = hub.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = hub.join(
+        &join,
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+
+    api.bind_user("alice");
+    let alice = operator_laptop(&hub, "alice");
+    let bob = operator_laptop(&hub, "bob");
+
+    // alice is bound on the member: she reaches the pod, the deployment.
+    for target in ["pod/web-1", "deploy/web"] {
+        let (o, out) = forward_once(&alice, target, web.port());
+        assert!(
+            o.stdout.contains("the pod answers"),
+            "{target}: {o:?} {out}"
+        );
+    }
+    let asked = api.subject_access_reviews();
+    assert!(asked >= 2, "no SubjectAccessReview was made ({asked})");
+
+    // bob is not: refused with the member's answer, before any dial.
+    let (o, out) = forward_once(&bob, "pod/web-1", web.port());
+    assert!(!o.stdout.contains("the pod answers"), "{o:?}");
+    assert!(
+        out.contains("RBAC does not let operator 'bob' create pods/portforward 'web-1'")
+            && out.contains("no RBAC binding"),
+        "{out}"
+    );
+    let (o, out) = forward_once(&bob, "deploy/web", web.port());
+    assert!(!o.stdout.contains("the pod answers"), "{o:?}");
+    assert!(out.contains("get deployments 'web'"), "{out}");
+
+    // Audited with the member's answer, and counted as a denial.
+    let o = hub.towerctl(&["audit", "-o", "json"]);
+    let denied: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["operator"] == "bob" && r["status"] == 403)
+        .collect();
+    assert!(
+        denied.len() >= 2
+            && denied
+                .iter()
+                .all(|r| r["error"].as_str().unwrap_or("").contains("RBAC")),
+        "{denied:?}"
+    );
+    let s = hub.status();
+    let denied_dials = s["agents"][0]["denied_dials"]
+        .as_u64()
+        .or_else(|| s["agents"][0]["deniedDials"].as_u64())
+        .unwrap_or_else(|| panic!("no denied-dial count: {s}"));
+    assert!(denied_dials >= 2, "{s}");
+}
