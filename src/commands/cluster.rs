@@ -50,8 +50,13 @@ pub fn join_command(added: &ClusterAdded) -> String {
             )
         })
         .collect();
+    let more: String = added
+        .more_hubs
+        .iter()
+        .map(|u| format!(" --hub {u}"))
+        .collect();
     format!(
-        "towerctl join {} --token {} --hub {} --hub-key {}{exposes}",
+        "towerctl join {} --token {} --hub {}{more} --hub-key {}{exposes}",
         added.name, added.token, added.tunnel_url, added.hub_key
     )
 }

@@ -19,7 +19,7 @@ fn time(t: Option<u64>) -> serde_json::Value {
 /// A member in the stable `towerctl/v1` output (camelCase; new fields may
 /// be added, none renamed or removed within v1).
 pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "name": c.name,
         "state": c.state,
         "since": time(c.since),
@@ -34,7 +34,12 @@ pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Val
         "tokenState": c.token_state,
         "tokenExpiresAt": time(c.token_expires_at),
         "events": c.events.iter().map(|e| json!({"at": crate::daemon::fmt::fmt_unix(e.at), "text": e.text})).collect::<Vec<_>>(),
-    })
+    });
+    // Several hubs on etcd: which one holds the session (absent with one hub).
+    if let Some(h) = &c.hub {
+        v["hub"] = json!(h);
+    }
+    v
 }
 
 /// An agent in the stable `towerctl/v1` output.

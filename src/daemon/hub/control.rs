@@ -63,6 +63,7 @@ pub(super) fn handle(
                 expires_at: m.token_expires_at,
                 tunnel_url: base.tunnel_url.clone(),
                 hub_key: base.hub_key.clone(),
+                more_hubs: hub.other_hubs(),
             })
         }
         Request::ClusterRotate {
@@ -98,6 +99,7 @@ pub(super) fn handle(
                         expires_at: m.token_expires_at,
                         tunnel_url: base.tunnel_url.clone(),
                         hub_key: base.hub_key.clone(),
+                        more_hubs: hub.other_hubs(),
                     })
                 }
                 Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),

@@ -354,6 +354,10 @@ async fn connect(
         return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
     };
     let Some(session) = hub.session(&cluster) else {
+        // Held by another hub: carried there.
+        if let Ok(resp) = super::peer::forward_connect(&hub, &cluster, req).await {
+            return resp;
+        }
         let (code, _, msg) = no_session(&hub, &cluster);
         return text_response(code, &msg);
     };
@@ -465,6 +469,10 @@ async fn proxy(
     upstream_path: String,
 ) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
+        // Held by another hub: carried there.
+        if let Ok(resp) = super::peer::forward(hub, &name, req).await {
+            return resp;
+        }
         let (code, reason, msg) = no_session(hub, &name);
         return status_response(code, reason, &msg);
     };

@@ -4,6 +4,7 @@
 mod auth;
 mod control;
 pub mod gateway;
+mod peer;
 mod tunnel;
 
 use std::collections::{HashMap, VecDeque};
@@ -43,6 +44,11 @@ pub struct HubConfig {
     pub keepalive: Duration,
     /// Where `/metrics` is served; `None` disables it.
     pub metrics: Option<SocketAddr>,
+    /// `etcd://HOST:PORT[,…]`: share the registry with other hubs; `None`:
+    /// the embedded store.
+    pub store: Option<String>,
+    /// Key prefix in etcd.
+    pub store_prefix: String,
 }
 
 /// A live agent session as the hub holds it.
@@ -117,6 +123,8 @@ pub struct Hub {
     pub admissions: [Arc<Admission>; 2],
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
+    /// Set when this hub is one of several on etcd.
+    cluster: std::sync::OnceLock<Arc<peer::Cluster>>,
 }
 
 impl Hub {
@@ -143,7 +151,16 @@ impl Hub {
             ],
             operators: RwLock::new(HashMap::new()),
             ca_pem,
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// With several hubs: every other live hub's tunnel URL.
+    pub fn other_hubs(&self) -> Vec<String> {
+        self.cluster
+            .get()
+            .map(|c| c.tunnel_urls().into_iter().skip(1).collect())
+            .unwrap_or_default()
     }
 
     pub fn session(&self, name: &str) -> Option<Arc<LiveSession>> {
@@ -184,10 +201,12 @@ impl Hub {
                 s.version
             ),
         );
-        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+        if let Ok(Some(m)) = self.store.get_member(&s.name) {
             if m.agent_version.as_deref() != Some(s.version.as_str()) {
-                m.agent_version = Some(s.version.clone());
-                let _ = self.store.put_member(&m);
+                let _ = self.store.update_member(&s.name, &mut |m| {
+                    m.agent_version = Some(s.version.clone());
+                    true
+                });
             }
         }
         let old = self
@@ -195,6 +214,7 @@ impl Hub {
             .write()
             .ok()
             .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
+        peer::registered(self, &s);
         if let Some(old) = old {
             tracing::info!(cluster = %s.name, "a new session replaces the previous one");
             self.tasks.spawn(async move {
@@ -221,15 +241,20 @@ impl Hub {
                 return; // already replaced: the cluster is still connected
             }
         }
+        if let Some(c) = self.cluster.get() {
+            c.release(self, s);
+        }
         let now = ctl::now_unix();
         if let Ok(mut d) = self.disconnected_at.lock() {
             d.insert(s.name.clone(), now);
         }
-        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+        // One read-modify-write: never writes back a stale copy over
+        // another hub's change (a revoke) to the same member.
+        if let Err(e) = self.store.update_member(&s.name, &mut |m| {
             m.last_seen = Some(now);
-            if let Err(e) = self.store.put_member(&m) {
-                tracing::warn!("cannot record last_seen of '{}': {e}", s.name);
-            }
+            true
+        }) {
+            tracing::warn!("cannot record last_seen of '{}': {e}", s.name);
         }
     }
 
@@ -353,6 +378,7 @@ impl Hub {
                         .then_some(m.token_expires_at)
                         .flatten(),
                     token_state,
+                    hub: peer::holder(self, &m.name),
                 };
                 match self.session(&m.name) {
                     Some(s) => {
@@ -367,6 +393,10 @@ impl Hub {
                         st.agent_version = Some(s.version.clone());
                         st.bytes_in = s.bytes_in.load(Ordering::Relaxed);
                         st.bytes_out = s.bytes_out.load(Ordering::Relaxed);
+                    }
+                    None if st.hub.is_some() && !m.revoked => {
+                        // Held by another hub.
+                        st.state = MemberState::Connected;
                     }
                     None => {
                         let since = self.disconnected_since(&m.name).or(m.last_seen);
@@ -406,7 +436,20 @@ pub async fn run(
     );
     let data = paths::data_dir();
     paths::ensure_private_dir(&data)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data.join("hub.redb"))?);
+    let shared = match &cfg.store {
+        Some(spec) => Some(
+            super::store_etcd::EtcdStore::open(spec, &cfg.store_prefix)
+                .with_context(|| format!("cannot use the shared registry '{spec}'"))?,
+        ),
+        None => None,
+    };
+    let store: Arc<dyn Store> = match &shared {
+        Some(s) => {
+            peer::share_secrets(s, &data, write_secret)?;
+            s.clone()
+        }
+        None => Arc::new(RedbStore::open(&data.join("hub.redb"))?),
+    };
     let host_key =
         keys::load_or_create_host_key(&data.join("host_key"), |p, b| write_secret(p, b, 0o600))?;
     let hub_key = keys::fingerprint(host_key.public_key());
@@ -522,6 +565,26 @@ pub async fn run(
 
     hub.reload_operators();
     let tracker = hub.tasks.clone();
+    if let Some(shared) = shared {
+        let id = format!(
+            "{}:{}",
+            hostname().unwrap_or_else(|| "hub".into()),
+            gateway_addr.port()
+        );
+        let changes = shared.subscribe();
+        let cluster = peer::Cluster::start(
+            shared,
+            id.clone(),
+            peer::HubInfo {
+                tunnel_url: tunnel_url.clone(),
+                gateway_url: base_status.gateway_url.clone(),
+            },
+            &tls.ca_pem,
+        )?;
+        let _ = hub.cluster.set(cluster.clone());
+        tracing::info!(hub_id = %id, "sharing the registry with other hubs");
+        tracker.spawn(peer::run(hub.clone(), cluster, changes, cancel.clone()));
+    }
     let ssh_cfg = server::config(host_key, cfg.keepalive);
     tracker.spawn(tunnel::accept_tunnels(
         tunnel_listener,
