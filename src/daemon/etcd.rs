@@ -45,6 +45,9 @@ pub enum Event {
 pub struct Etcd {
     endpoints: Vec<String>,
     next: AtomicUsize,
+    /// After every endpoint failed: fail at once until then, so callers
+    /// do not each wait out [`TIMEOUT`] while etcd is away.
+    down_until: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 pub fn b64(b: &[u8]) -> String {
@@ -107,6 +110,7 @@ impl Etcd {
         Ok(Etcd {
             endpoints,
             next: AtomicUsize::new(0),
+            down_until: std::sync::Mutex::new(None),
         })
     }
 
@@ -212,6 +216,16 @@ impl Etcd {
 
     /// One unary call, trying each endpoint in turn.
     pub fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        if let Ok(d) = self.down_until.lock() {
+            if let Some((until, reason)) = d.as_ref() {
+                if std::time::Instant::now() < *until {
+                    return Err(EtcdError::Unreachable {
+                        endpoints: self.endpoints(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        }
         let n = self.endpoints.len();
         let first = self.next.load(Ordering::Relaxed);
         let mut reason = String::new();
@@ -223,6 +237,9 @@ impl Etcd {
             match attempt {
                 Ok((200, b)) => {
                     self.next.store(idx, Ordering::Relaxed);
+                    if let Ok(mut d) = self.down_until.lock() {
+                        *d = None;
+                    }
                     return serde_json::from_slice(&b).map_err(|e| EtcdError::Refused {
                         endpoint: ep.clone(),
                         reason: format!("unreadable answer: {e}"),
@@ -247,6 +264,9 @@ impl Etcd {
                 }
                 Err(e) => reason = format!("{ep}: {e}"),
             }
+        }
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = Some((std::time::Instant::now() + TIMEOUT, reason.clone()));
         }
         Err(EtcdError::Unreachable {
             endpoints: self.endpoints(),

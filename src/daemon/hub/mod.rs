@@ -241,12 +241,14 @@ impl Hub {
                 return; // already replaced: the cluster is still connected
             }
         }
-        if let Some(c) = self.cluster.get() {
-            c.release(self, s);
-        }
         let now = ctl::now_unix();
         if let Ok(mut d) = self.disconnected_at.lock() {
             d.insert(s.name.clone(), now);
+        }
+        if let Some(c) = self.cluster.get() {
+            // Off the runtime thread: etcd may be away.
+            c.release(self, s, now);
+            return;
         }
         // One read-modify-write: never writes back a stale copy over
         // another hub's change (a revoke) to the same member.
@@ -623,7 +625,16 @@ pub async fn run(
             let hub = hub.clone();
             let base = base.clone();
             let cancel = cancel.clone();
-            async move { control::handle(&hub, &base, &cancel, req) }
+            async move {
+                if hub.cluster.get().is_none() {
+                    return control::handle(&hub, &base, &cancel, req);
+                }
+                // Registry writes wait on etcd: off the runtime thread, so
+                // tunnels and the gateway never stall behind them.
+                tokio::task::spawn_blocking(move || control::handle(&hub, &base, &cancel, req))
+                    .await
+                    .unwrap_or_else(|e| ctl::Response::err(e.to_string()))
+            }
         }));
     }
     tracing::info!(tunnel = %tunnel_addr, gateway = %gateway_addr, hub_key = %hub_key, "hub ready");
