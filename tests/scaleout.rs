@@ -305,6 +305,17 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
         .expect("a hub that does not hold alpha");
     // alpha's agent runs on the first machine.
     let holder_env = &hubs[0];
+    let agent_state = |h: &Env| {
+        h.status()["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == "alpha").cloned())
+            .map(|a| a["state"].clone())
+    };
+    wait_for(
+        "alpha's agent connected before the revoke",
+        Duration::from_secs(10),
+        || (agent_state(holder_env) == Some("connected".into())).then_some(()),
+    );
     let t = Instant::now();
     let o = revoker.towerctl(&["cluster", "revoke", "alpha"]);
     assert!(o.ok(), "revoke: {o:?}");
@@ -392,4 +403,56 @@ fn etcd_outage_keeps_tunnels_and_refuses_registry_changes() {
             );
         }
     }
+}
+
+#[test]
+fn a_newer_session_on_another_hub_replaces_the_old_one() {
+    let etcd = Etcd::start();
+    let hubs = [Env::new(), Env::new()];
+    for h in &hubs {
+        hub_up(h, &etcd);
+    }
+    let api = ApiServer::start();
+    let j = join(&hubs[0], &hubs[0], "alpha", &api);
+    let hub2 = hubs[1].status()["hub"]["tunnelURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let key = |h: &Env| h.path("config/towerctl/agents/alpha.key");
+    std::fs::copy(key(&hubs[0]), hubs[1].path("alpha-copy.key")).unwrap();
+    let hub_key = j[j.iter().position(|a| a == "--hub-key").unwrap() + 1].clone();
+    let kc = hubs[1].path("alpha.kubeconfig");
+    api.write_kubeconfig(&kc);
+    // The same agent identity, now through hub 2 only.
+    let o = hubs[1].towerctl(&[
+        "join",
+        "alpha",
+        "--hub",
+        &hub2,
+        "--hub-key",
+        &hub_key,
+        "--key-file",
+        hubs[1].path("alpha-copy.key").to_str().unwrap(),
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "--keepalive",
+        "1s",
+    ]);
+    assert!(o.ok(), "second agent: {o:?}");
+    wait_for(
+        "hub 1 to cut its copy, naming hub 2",
+        Duration::from_secs(10),
+        || {
+            let s = hubs[0].status();
+            member(&s, "alpha")["events"]
+                .as_array()?
+                .iter()
+                .any(|e| {
+                    e["text"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("replaced by a newer session on hub"))
+                })
+                .then_some(())
+        },
+    );
 }

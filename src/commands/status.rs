@@ -162,7 +162,11 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                             c.name,
                             c.state,
                             age(c.since),
-                            c.remote.clone().unwrap_or_else(|| "-".into()),
+                            // Several hubs: a member another hub holds shows it.
+                            c.remote
+                                .clone()
+                                .or_else(|| c.hub.as_ref().map(|h| format!("via hub {h}")))
+                                .unwrap_or_else(|| "-".into()),
                             ms(c.rtt_ms),
                             c.streams
                         );
