@@ -180,10 +180,6 @@ impl Cluster {
                 Err(e) => tracing::warn!("cannot renew this hub's etcd lease: {e}"),
             }
         }
-        let _ = self
-            .store
-            .etcd
-            .lease_revoke(self.lease.load(Ordering::SeqCst));
     }
 
     /// Every live hub's tunnel URL, this one first.
@@ -410,7 +406,16 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                // Leaving: other hubs see our sessions gone at once instead
+                // of after the lease's TTL.
+                let c = cluster.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.store.etcd.lease_revoke(c.lease.load(Ordering::SeqCst))
+                })
+                .await;
+                return;
+            }
             ch = changes.recv() => {
                 let Some(ch) = ch else { return };
                 let mut operators = ch == Change::Operators;
