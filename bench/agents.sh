@@ -23,7 +23,7 @@ LOADPID=
 cleanup() {
     [ -n "$LOADPID" ] && kill "$LOADPID" 2>/dev/null || true
     "$T" down >/dev/null 2>&1 || true
-    rm -rf "$D"
+    [ -n "${KEEP:-}" ] && echo "kept $D" || rm -rf "$D"
 }
 trap cleanup EXIT
 
@@ -44,8 +44,9 @@ RSS0=$(rss_kib)
 "$LOAD" --hub "ws://127.0.0.1:$TP/tunnel" --tokens "$D/tokens" --keepalive "$KEEPALIVE" --secs 600 > "$D/load.log" 2>&1 &
 LOADPID=$!
 wait_all() {
+    local limit=${2:-300}
     local before=$1
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 "$limit"); do
         [ "$(grep -c '^all ' "$D/load.log")" -gt "$before" ] && return 0
         sleep 1
     done
@@ -66,6 +67,6 @@ echo "restarting the hub…"
 before=$(grep -c '^all ' "$D/load.log")
 t0=$(date +%s.%N)
 up
-wait_all "$before"
+wait_all "$before" 60 || { echo "TP=$TP"; ss -ltnp | grep ":$TP " ; tail -2 "$D/load.log"; grep -v "^t=" "$D/load.log" | uniq -c | tail -5; tail -20 "$XDG_STATE_HOME/towerctl/hub.log"; exit 1; }
 t1=$(date +%s.%N)
 python3 -c "print('all $N agents back %.1f s after the hub was up again' % ($t1-$t0))"

@@ -102,7 +102,7 @@ async fn session(
             .map_err(|e| e.to_string())?
             .success()
     {
-        return Err(format!("{name}: refused"));
+        return Err(format!("{name}: LOGIN REFUSED by the hub"));
     }
     Ok((h, rx))
 }
@@ -163,10 +163,12 @@ async fn main() {
                         connected.fetch_sub(1, Ordering::Relaxed);
                         delay = Duration::from_millis(500);
                     }
-                    Err(e) if e.contains("refused") => {
+                    Err(e) if e.contains("LOGIN REFUSED") => {
                         eprintln!("{e}");
                         return;
                     }
+                    // One agent tells why attempts fail.
+                    Err(e) if i == 0 => eprintln!("{name}: {e}"),
                     Err(_) => {}
                 }
                 // Jitter in [d/2, d], like the agent's backoff.
