@@ -88,9 +88,10 @@ async fn session(
         ..Default::default()
     });
     let (tx, rx) = oneshot::channel();
-    let mut h = russh::client::connect_stream(cfg, ws::WsIo::new(wsock), Agent { closed: Some(tx) })
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut h =
+        russh::client::connect_stream(cfg, ws::WsIo::new(wsock), Agent { closed: Some(tx) })
+            .await
+            .map_err(|e| e.to_string())?;
     let by_key = h
         .authenticate_publickey(name, PrivateKeyWithHashAlg::new(key.clone(), None))
         .await
@@ -191,7 +192,10 @@ async fn main() {
         }
         if c == n && !last_all {
             let since = down_at.unwrap_or(start);
-            println!("all {n} connected after {:.1} s", since.elapsed().as_secs_f64());
+            println!(
+                "all {n} connected after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
             all_since.get_or_insert(Instant::now());
         }
         last_all = c == n;

@@ -381,12 +381,34 @@ fn etcd_outage_keeps_tunnels_and_refuses_registry_changes() {
     etcd.signal("-CONT");
     // Converges: registry changes work again, ownership is claimed again
     // (leases may have expired meanwhile), every member reachable.
+    // (The refused `cluster add zeta` may still apply when etcd resumes:
+    // its request was in etcd's socket buffer. Either way both hubs agree.)
     wait_for("cluster add to work again", Duration::from_secs(15), || {
         hubs[1]
-            .towerctl(&["cluster", "add", "zeta"])
+            .towerctl(&["cluster", "add", "omega"])
             .ok()
             .then_some(())
     });
+    let names = |h: &Env| -> Vec<String> {
+        let mut v: Vec<String> = h.status()["hub"]["clusters"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    wait_for(
+        "both hubs to list the same members",
+        Duration::from_secs(10),
+        || {
+            let (a, b) = (names(&hubs[0]), names(&hubs[1]));
+            (a == b && a.contains(&"omega".to_string())).then_some(())
+        },
+    );
     for h in &hubs {
         wait_for("ownership claimed again", Duration::from_secs(15), || {
             let s = h.status();

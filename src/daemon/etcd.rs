@@ -21,7 +21,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("etcd at {endpoints} did not answer ({reason}); registry changes and new joins fail until it is back, established tunnels keep working")]
+    #[error("etcd at {endpoints} did not answer ({reason}); registry changes and new joins fail until it is back (a change sent just now may still apply then: check with 'towerctl cluster list'); established tunnels keep working")]
     Unreachable { endpoints: String, reason: String },
     #[error("etcd at {endpoint} refused the request: {reason}")]
     Refused { endpoint: String, reason: String },

@@ -112,8 +112,16 @@ pub fn share_secrets(
                 .get(*f)
                 .and_then(|x| x.as_str())
                 .with_context(|| format!("the shared {rel} in etcd lacks {f}"))?;
-            if std::fs::read_to_string(data.join(f)).ok().as_deref() != Some(s) {
-                write(&data.join(f), s.as_bytes(), *mode)?;
+            match std::fs::read_to_string(data.join(f)) {
+                Ok(local) if local == s => {}
+                Ok(_) => {
+                    // A hub that ran alone before joins the group: the
+                    // group's CA and host key win (agents and kubeconfigs
+                    // made against the old ones must be redone).
+                    tracing::warn!("replacing this hub's own {f} with the one shared in etcd");
+                    write(&data.join(f), s.as_bytes(), *mode)?;
+                }
+                Err(_) => write(&data.join(f), s.as_bytes(), *mode)?,
             }
         }
     }
