@@ -70,9 +70,11 @@ impl EtcdStore {
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
-        let (rev, kvs) = etcd.range_prefix(&prefix).map_err(|e| StoreError::Open {
-            path: spec.to_string(),
-            reason: format!("{e}. Start etcd or fix --store"),
+        let (rev, kvs) = etcd.range_prefix(&prefix).map_err(|e| match e {
+            etcd::EtcdError::Unreachable { endpoints, reason } => StoreError::Io(format!(
+                "etcd at {endpoints} did not answer ({reason}): start etcd, or fix --store"
+            )),
+            e => StoreError::Io(e.to_string()),
         })?;
         let s = Arc::new(EtcdStore {
             etcd,
