@@ -12,6 +12,7 @@ pub mod hub;
 pub mod join;
 pub mod kubeconfig;
 pub mod manifest;
+pub mod mux;
 pub mod operator;
 pub mod portforward;
 pub mod progress;

@@ -26,6 +26,7 @@ pub mod store;
 pub mod streams;
 pub mod targets;
 pub mod tls;
+pub mod watchcache;
 pub mod wire;
 
 /// The next connection on `listener` (with TCP_NODELAY set), or `None` once

@@ -401,6 +401,10 @@ async fn serve(
                 Err(_) => continue,
             },
         };
+        // As kube-apiserver (Go sets TCP_NODELAY on every connection): with
+        // Nagle, a watch event written while the response head is still
+        // unacknowledged waits for the client's delayed ACK (40 ms).
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));

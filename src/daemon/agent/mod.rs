@@ -75,6 +75,11 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
             policy,
             denied: denied.clone(),
             pod_network: PodNetwork::parse(&cfg.pod_network).map_err(anyhow::Error::msg)?,
+            services: crate::daemon::watchcache::ServiceCache::new(
+                client.clone(),
+                cancel.child_token(),
+                tasks.clone(),
+            ),
         },
         client,
         impersonate: cfg.impersonate,

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -179,37 +179,92 @@ pub async fn serve(
                     }
                 })
             };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD.max(8192))
-                .serve_connection(TokioIo::new(tls), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let mut check = tokio::time::interval(Duration::from_secs(1));
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") }
-                        break;
-                    }
-                    _ = evicted.cancelled(), if !conn_state.is_authenticated() => break,
-                    _ = check.tick() => {
-                        if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
-                            tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
-                            break;
-                        }
-                        if !closing && conn_state.idle_for().is_some_and(|d| d >= IDLE_TIMEOUT) {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                    }
-                    _ = cancel.cancelled() => break,
-                }
+            // `towerctl port-forward` multiplexes its streams over one
+            // HTTP/2 connection (see `daemon::tls::MUX_ALPN`); everything
+            // else, kubectl included, speaks HTTP/1.1 (upgrades need it).
+            let mux = tls.get_ref().1.alpn_protocol() == Some(crate::daemon::tls::MUX_ALPN);
+            let watch = Watch {
+                conn_state,
+                evicted,
+                deadline,
+                cancel,
+                peer,
+            };
+            if mux {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .initial_stream_window_size(crate::daemon::tls::MUX_STREAM_WINDOW)
+                    .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
+                    .max_frame_size(crate::daemon::tls::MUX_FRAME)
+                    .max_concurrent_streams(MUX_MAX_STREAMS)
+                    .max_header_list_size(MAX_HEAD as u32)
+                    .serve_connection(TokioIo::new(tls), svc);
+                watch.drive(conn, |c| c.graceful_shutdown()).await;
+            } else {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEAD.max(8192))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades();
+                watch.drive(conn, |c| c.graceful_shutdown()).await;
             }
         });
+    }
+}
+
+/// Most CONNECT streams at once on one multiplexed connection.
+const MUX_MAX_STREAMS: u32 = 4096;
+
+/// What watches over one client connection while hyper serves it.
+struct Watch {
+    conn_state: Arc<Conn>,
+    evicted: CancellationToken,
+    deadline: tokio::time::Instant,
+    cancel: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl Watch {
+    /// Serves `conn` until it ends, is evicted before authenticating,
+    /// misses the pre-auth deadline, or is idle for [`IDLE_TIMEOUT`]
+    /// (then closed gracefully).
+    async fn drive<F, E>(self, conn: F, shutdown: impl Fn(std::pin::Pin<&mut F>))
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let Watch {
+            conn_state,
+            evicted,
+            deadline,
+            cancel,
+            peer,
+        } = self;
+        tokio::pin!(conn);
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") }
+                    break;
+                }
+                _ = evicted.cancelled(), if !conn_state.is_authenticated() => break,
+                _ = check.tick() => {
+                    if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
+                        tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
+                        break;
+                    }
+                    if !closing && conn_state.idle_for().is_some_and(|d| d >= IDLE_TIMEOUT) {
+                        closing = true;
+                        shutdown(conn.as_mut());
+                    }
+                }
+                _ = cancel.cancelled() => break,
+            }
+        }
     }
 }
 
@@ -282,7 +337,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     };
     conn.authenticated();
     if req.method() == http::Method::CONNECT {
-        return connect(hub, req, peer, &operator).await;
+        return connect(hub, req, peer, &operator, conn.active.clone()).await;
     }
     if let Some(what) = path.strip_prefix(API) {
         return match what {
@@ -361,6 +416,7 @@ async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
     operator: &Operator,
+    active: Arc<()>,
 ) -> Response<Body> {
     let Some(authority) = req.uri().authority().cloned() else {
         return text_response(StatusCode::BAD_REQUEST, "CONNECT needs HOST:PORT");
@@ -445,6 +501,8 @@ async fn connect(
     let auditor = hub.auditor.clone();
     let guard = hub.streams.open(&operator.name, &cluster);
     hub.tasks.spawn(async move {
+        // A multiplexed connection is not idle while a stream is spliced.
+        let _active = active;
         match hyper::upgrade::on(req).await {
             Ok(up) => {
                 // Counted on the client side: a connection that ends with an
