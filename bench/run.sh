@@ -21,11 +21,15 @@
 #   CONNECTIONS   wrk connections; default 16
 #   THREADS       wrk threads; default 2
 #   PATHS         which paths to measure; default
-#                 "direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole"
-#                 (rathole only when it is on PATH)
+#                 "direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole bore"
+#                 (rathole and bore only when they are on PATH)
 #   SETUP_CONNECTIONS  fresh connections per path for the connection-setup latency
 #                 (connect -> first byte of GET /version); default 200 (0 to skip)
 #   SETUP_MAX_SECONDS  time bound of that loop per path; default 60
+#   CLOSE_DURATION  wrk run per path with "Connection: close" (a new connection per
+#                 request, THREADS x CONNECTIONS); default 5s (0 to skip)
+#   HELD          connections held open per path (one request each) to measure the
+#                 memory a held connection costs each side; default 100 (0 to skip)
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
 #                 (towerctl's first choice); "default" lets OpenSSH negotiate
 #   BULK_TIMEOUT  seconds allowed for one bulk download; default 300
@@ -62,7 +66,9 @@ RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 SETUP_CONNECTIONS=${SETUP_CONNECTIONS:-200}
 SETUP_MAX_SECONDS=${SETUP_MAX_SECONDS:-60}
-ALL_PATHS="direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole"
+CLOSE_DURATION=${CLOSE_DURATION:-5s}
+HELD=${HELD:-100}
+ALL_PATHS="direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole bore"
 PATHS=${PATHS:-$ALL_PATHS}
 CLUSTER=bench
 
@@ -95,6 +101,8 @@ BYTES_N=$(parse_bytes "$BYTES_SPEC") || die "BYTES='$BYTES_SPEC' is not a size (
 [[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION='$DURATION' is not a wrk duration (examples: 10s, 1m)"
 [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "WARMUP='$WARMUP' is not a wrk duration (examples: 1s, 0)"
 [[ $LIGHT_DURATION =~ ^[0-9]+[smh]?$ ]] || die "LIGHT_DURATION='$LIGHT_DURATION' is not a wrk duration (examples: 5s, 0)"
+[[ $CLOSE_DURATION =~ ^[0-9]+[smh]?$ ]] || die "CLOSE_DURATION='$CLOSE_DURATION' is not a wrk duration (examples: 5s, 0)"
+[[ $HELD =~ ^[0-9]+$ ]] || die "HELD must be a number of connections"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ ]] || die "CONNECTIONS and THREADS must be numbers"
 for p in $PATHS; do
     [[ " $ALL_PATHS " == *" $p "* ]] || die "PATHS: unknown path '$p' (known: $ALL_PATHS)"
@@ -456,9 +464,44 @@ else
 fi
 [[ -z $RATHOLE_NOTE ]] || log "rathole $RATHOLE_NOTE"
 
+# --- bore (optional, unencrypted) -------------------------------------------------
+# bore's control port is fixed (7835); it needs --bind-addr (bore >= 0.6) so
+# that nothing listens beyond loopback.
+
+BORE=""
+BORE_NOTE=""
+if ! wants bore; then
+    BORE_NOTE="skipped: not in PATHS"
+elif ! command -v bore >/dev/null; then
+    BORE_NOTE="skipped: bore is not on PATH"
+elif ! bore server --help 2>/dev/null | grep -q -- --bind-addr; then
+    BORE_NOTE="skipped: this bore has no --bind-addr (needs bore-cli >= 0.6)"
+elif ! python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 7835))' 2>/dev/null; then
+    BORE_NOTE="skipped: bore's fixed control port 127.0.0.1:7835 is taken"
+else
+    BORE_PORT=$(free_port)
+    start_bg "$W/bore-server.out" "$W/bore-server.err" bore server --bind-addr 127.0.0.1 --min-port "$BORE_PORT" --max-port "$BORE_PORT"
+    BORE_SERVER_PID=$BG_PID
+    wait_port 7835 10 "$BORE_SERVER_PID" || true
+    start_bg "$W/bore-client.out" "$W/bore-client.err" bore local "$UPPORT" --local-host 127.0.0.1 --to 127.0.0.1 --port "$BORE_PORT"
+    BORE_CLIENT_PID=$BG_PID
+    if wait_http "http://127.0.0.1:$BORE_PORT/version" 20 "$BORE_CLIENT_PID"; then
+        BORE=http://127.0.0.1:$BORE_PORT
+        log "bore on :$BORE_PORT"
+    else
+        BORE_NOTE="skipped: the bore tunnel did not come up (see its logs with KEEP_WORKDIR=1)"
+    fi
+fi
+[[ -z $BORE_NOTE ]] || log "bore $BORE_NOTE"
+
 # --- measurements -----------------------------------------------------------------
 
 LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# The hub with one agent and nothing measured yet.
+IDLE_HUB_KIB=$(awk '/^VmRSS:/ { print $2 }' "/proc/$HUB_PID/status" 2>/dev/null || echo -)
+# Of which private (anonymous) memory; the rest is mostly the binary's code,
+# shared with every other towerctl process on the machine.
+IDLE_HUB_ANON_KIB=$(awk '/^RssAnon:/ { print $2 }' "/proc/$HUB_PID/status" 2>/dev/null || echo -)
 
 # cpu_busy: percent of all CPUs busy (with anything) over the next second.
 cpu_busy() {
@@ -504,6 +547,7 @@ tunnel_pids() {
     portfwd) echo "$PF_PID $HUB_PID $AGENT_PID" ;;
     ssh_*) echo "${SSH_PIDS[*]} $(descendants "$SSHD_PID" | tr '\n' ' ')" ;;
     rathole) echo "$RH_SERVER_PID $RH_CLIENT_PID" ;;
+    bore) echo "$BORE_SERVER_PID $BORE_CLIENT_PID" ;;
     esac
 }
 
@@ -525,6 +569,8 @@ role() {
     "${PF_PID:-}") echo port-forward ;;
     "${RH_SERVER_PID:-}") echo rathole-server ;;
     "${RH_CLIENT_PID:-}") echo rathole-client ;;
+    "${BORE_SERVER_PID:-}") echo bore-server ;;
+    "${BORE_CLIENT_PID:-}") echo bore-client ;;
     *) cat "/proc/$1/comm" 2>/dev/null || echo exited ;;
     esac
 }
@@ -714,6 +760,96 @@ setup() {
     cp "$W/setup-$name.txt" "$RESULTS_DIR/setup-$name.txt" 2>/dev/null || true
 }
 
+# closed NAME URL [wrk args...]: a new connection per request ("Connection:
+# close"), THREADS x CONNECTIONS: the rate at which the path sets up
+# connections under load.
+closed() {
+    local name=$1 url=$2
+    shift 2
+    [[ $CLOSE_DURATION =~ ^0+[smh]?$ ]] && { echo "- - - - - - -"; return; }
+    log "$name: wrk -t$THREADS -c$CONNECTIONS -d$CLOSE_DURATION -H 'Connection: close' /version"
+    wrk_run "$name" "-close" "$THREADS" "$CONNECTIONS" "$CLOSE_DURATION" "$url" -H "Connection: close" "$@"
+}
+
+# The held-connections probe: opens HELD connections, sends one keep-alive
+# GET /version on each, reads the answer, and keeps them all open until
+# stdin closes. Prints "ready N" once they are all established.
+cat >"$W/held.py" <<'PY'
+import socket, ssl, sys, urllib.parse
+
+url, count = sys.argv[1], int(sys.argv[2])
+headers = "".join(h + "\r\n" for h in sys.argv[3:])
+u = urllib.parse.urlsplit(url)
+tls = u.scheme == "https"
+host, port = u.hostname, u.port or (443 if tls else 80)
+req = (f"GET {u.path.rstrip('/')}/version HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}\r\n").encode()
+ctx = None
+if tls:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+held, failed = [], 0
+for _ in range(count):
+    try:
+        s = socket.create_connection((host, port), timeout=10)
+        if ctx:
+            s = ctx.wrap_socket(s)
+        s.sendall(req)
+        data = b""
+        while b"gitVersion" not in data:
+            more = s.recv(65536)
+            if not more:
+                raise OSError("closed")
+            data += more
+        held.append(s)
+    except OSError:
+        failed += 1
+print("ready", len(held), failed, flush=True)
+sys.stdin.read()
+PY
+
+# rss_kib PID...: "ROLE KIB" lines, the resident memory of each process
+# (with its descendants for sshd) summed by role.
+rss_kib() {
+    local p
+    for p in "$@"; do
+        echo "$(role "$p") $(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)"
+    done | awk '{ t[$1] += $2 } END { for (r in t) print r, t[r] }'
+}
+
+# held NAME URL [header...]: the memory of HELD idle connections: prints
+# "held failed" and writes "ROLE KIB_BEFORE KIB_HELD" lines to held-NAME.txt.
+held() {
+    local name=$1 url=$2 line n=- f=- i pid
+    shift 2
+    ((HELD > 0)) || { echo "- -"; return; }
+    [[ $name == direct ]] && { echo "- -"; return; }
+    log "$name: $HELD held connections, resident memory of the tunnel's processes"
+    # shellcheck disable=SC2086 # a list of PIDs
+    rss_kib $(tunnel_pids "$name") | sort >"$W/rss0-$name.txt"
+    rm -f "$W/held-in" "$W/held-out"
+    mkfifo "$W/held-in"
+    timeout 150 python3 "$W/held.py" "$url" "$HELD" "$@" <"$W/held-in" >"$W/held-out" 2>/dev/null &
+    pid=$!
+    exec 7>"$W/held-in" # python holds its connections until this closes
+    for ((i = 0; i < 900; i++)); do
+        read -r line _ <"$W/held-out" 2>/dev/null && [[ $line == ready ]] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if read -r line n f <"$W/held-out" 2>/dev/null && [[ $line == ready ]]; then
+        sleep 1
+        # shellcheck disable=SC2086
+        rss_kib $(tunnel_pids "$name") | sort >"$W/rss1-$name.txt"
+    else
+        n=- f=-
+    fi
+    exec 7>&-
+    { wait "$pid"; } 2>/dev/null || true
+    join "$W/rss0-$name.txt" "$W/rss1-$name.txt" >"$W/held-$name.txt" 2>/dev/null || true
+    echo "$n $f"
+}
+
 # measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl,
 # wrk and the setup probe (authentication, TLS) come from the arrays
 # CURL_EXTRA, WRK_EXTRA and SETUP_EXTRA.
@@ -721,15 +857,15 @@ CURL_EXTRA=()
 WRK_EXTRA=()
 SETUP_EXTRA=()
 measure() {
-    local name=$1 label=$2 url=$3 b r l c code busy attempt after
+    local name=$1 label=$2 url=$3 b r l c k h code busy attempt after
     if [[ -z $url ]]; then
-        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\t- - - - -\t%s\n' "$name" "$label" "${4:-not started}" >>"$RESULTS_TSV"
+        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\t- - - - -\t%s\t- - - - - - -\t- -\n' "$name" "$label" "${4:-not started}" >>"$RESULTS_TSV"
         return
     fi
     code=$(curl -s -o "$W/version-$name.json" -w '%{http_code}' --max-time 5 "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}" "$url/version") || true
     if [[ $code != 200 ]] || ! grep -q gitVersion "$W/version-$name.json"; then
         warn "$name: GET /version answered '$code' instead of 200; path skipped"
-        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\t- - - - -\tGET /version answered %s\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
+        printf '%s\t%s\t-\t- - - -\t- - - - - - -\t- - - - - - -\t- - - - -\tGET /version answered %s\t- - - - - - -\t- -\n' "$name" "$label" "$code" >>"$RESULTS_TSV"
         return
     fi
     for ((attempt = 0; attempt <= RETRIES; attempt++)); do
@@ -738,6 +874,8 @@ measure() {
         r=$(rate "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
         l=$(light "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
         c=$(setup "$name" "$url" "${SETUP_EXTRA[@]+"${SETUP_EXTRA[@]}"}")
+        k=$(closed "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
+        h=$(held "$name" "$url" "${SETUP_EXTRA[@]+"${SETUP_EXTRA[@]}"}")
         # Other work running right after the measurement most likely ran
         # during it too: measure again (bounded).
         after=$(cpu_busy)
@@ -748,7 +886,7 @@ measure() {
             warn "$name: other work took ${after}% of the CPUs right after the measurement; keeping these figures"
         fi
     done
-    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\t\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" "$c" >>"$RESULTS_TSV"
+    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\t\t%s\t%s\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" "$c" "$k" "$h" >>"$RESULTS_TSV"
 }
 
 if wants direct; then measure direct "direct (no tunnel)" "$DIRECT"; fi
@@ -769,6 +907,9 @@ if wants ssh_N; then measure ssh_N "ssh -N -R" "${SSH_URL[ssh_N]}"; fi
 if wants ssh_tt; then measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "${SSH_URL[ssh_tt]}"; fi
 if [[ -n $RATHOLE ]]; then
     measure rathole "rathole (noise)" "$RATHOLE"
+fi
+if [[ -n $BORE ]]; then
+    measure bore "bore (no encryption)" "$BORE"
 fi
 LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -797,7 +938,8 @@ LOG_ISSUES=$(
 mkdir -p "$RESULTS_DIR"
 BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
     BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
-    BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_QUIET_MAX_BUSY=$QUIET_MAX_BUSY \
+    BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_BORE_NOTE=$BORE_NOTE BENCH_QUIET_MAX_BUSY=$QUIET_MAX_BUSY \
+    BENCH_HELD=$HELD BENCH_IDLE_HUB_KIB=$IDLE_HUB_KIB BENCH_IDLE_HUB_ANON_KIB=$IDLE_HUB_ANON_KIB \
     BENCH_CLK_TCK=$CLK_TCK BENCH_LIGHT_DURATION=$LIGHT_DURATION BENCH_SETUP_CONNECTIONS=$SETUP_CONNECTIONS \
     BENCH_LOADAVG_START=$LOADAVG_START BENCH_LOADAVG_END=$LOADAVG_END BENCH_WORKDIR=$W \
     BENCH_LOG_ISSUES=$LOG_ISSUES BENCH_HEALTH="$(printf '%s\n' "${HEALTH[@]+"${HEALTH[@]}"}")" \
@@ -838,6 +980,25 @@ def split(name, what, per):
     return dict(sorted(out.items())) or None
 
 
+def held_lines(name):
+    try:
+        return [l.split() for l in open(os.path.join(env["BENCH_WORKDIR"], f"held-{name}.txt")) if len(l.split()) == 3]
+    except OSError:
+        return []
+
+
+def held_split(name, n):
+    """Resident memory added per held connection, KiB, by process role."""
+    if not n:
+        return None
+    return dict(sorted((role, round((num(b) - num(a)) / n, 1)) for role, a, b in held_lines(name))) or None
+
+
+def held_before(name):
+    """Resident memory of the tunnel's processes before the held connections (after the other runs), KiB."""
+    return dict(sorted((role, count(a)) for role, a, _ in held_lines(name))) or None
+
+
 rows, order = {}, []
 for line in open(env["BENCH_RESULTS"]):
     f = line.rstrip("\n").split("\t")
@@ -846,6 +1007,8 @@ for line in open(env["BENCH_RESULTS"]):
     rps, p50, p99, reqs, non2xx, sockerr, rticks = (f[4].split() + ["-"] * 7)[:7]
     lrps, lp50, lp99 = (f[5].split() + ["-"] * 3)[:3]
     sn, sp50, sp99, smax, sfail = (f[6].split() + ["-"] * 5)[:5]
+    crps, cp50, cp99 = ((f[8].split() if len(f) > 8 else []) + ["-"] * 3)[:3]
+    hn, hfail = ((f[9].split() if len(f) > 9 else []) + ["-"] * 2)[:2]
     before, _, after = busy.partition("/")
     tunnel = name != "direct"
     r = {"label": label}
@@ -873,6 +1036,14 @@ for line in open(env["BENCH_RESULTS"]):
     r["new_conn_p99_ms"] = num(sp99)
     r["new_conn_max_ms"] = num(smax)
     r["new_conn_failures"] = count(sfail)
+    r["close_req_per_s"] = num(crps)
+    r["close_p50_ms"] = num(cp50)
+    r["close_p99_ms"] = num(cp99)
+    r["held_connections"] = count(hn)
+    r["held_failures"] = count(hfail)
+    r["held_kib_per_conn_by_process"] = held_split(name, r["held_connections"])
+    r["held_kib_per_conn"] = round(sum(r["held_kib_per_conn_by_process"].values()), 1) if r["held_kib_per_conn_by_process"] else None
+    r["rss_kib_before_held_by_process"] = held_before(name)
     r["tunnel_cpu_s_per_gb_by_process"] = split(name, "bulk", BYTES / 1e9) if r["bulk_mb_per_s"] else None
     r["tunnel_cpu_us_per_req_by_process"] = split(name, "wrk", r["requests"] / 1e6) if r["requests"] else None
     r["cpu_busy_before_pct"] = count(before)
@@ -890,6 +1061,9 @@ for line in open(env["BENCH_RESULTS"]):
     order.append(name)
 
 SSH = ["ssh_L", "ssh_tt_L", "ssh_N", "ssh_tt"]
+HELD_N = env.get("BENCH_HELD", "-")
+IDLE_HUB_KIB = count(env.get("BENCH_IDLE_HUB_KIB", "-"))
+IDLE_HUB_ANON_KIB = count(env.get("BENCH_IDLE_HUB_ANON_KIB", "-"))
 
 
 def best(metric, names):
@@ -908,14 +1082,24 @@ def added(path, metric):
 
 ssh_tp, ssh_tp_name = best("bulk_mb_per_s", SSH)
 ssh_rps, ssh_rps_name = best("req_per_s", SSH)
+ssh_close, ssh_close_name = best("close_req_per_s", SSH)
 rh = rows.get("rathole", {})
-ratios = {"best_ssh_throughput_variant": ssh_tp_name, "best_ssh_req_per_s_variant": ssh_rps_name}
+ratios = {"best_ssh_throughput_variant": ssh_tp_name, "best_ssh_req_per_s_variant": ssh_rps_name,
+          "best_ssh_close_req_per_s_variant": ssh_close_name}
 for p in ("portfwd", "gateway"):
     row = rows.get(p, {})
     ratios[f"{p}_vs_best_ssh_throughput"] = ratio(row.get("bulk_mb_per_s"), ssh_tp)
     ratios[f"{p}_vs_best_ssh_req_per_s"] = ratio(row.get("req_per_s"), ssh_rps)
+    ratios[f"{p}_vs_best_ssh_close_req_per_s"] = ratio(row.get("close_req_per_s"), ssh_close)
+    ratios[f"{p}_vs_direct_req_per_s"] = ratio(row.get("req_per_s"), rows.get("direct", {}).get("req_per_s"))
     ratios[f"{p}_vs_rathole_throughput"] = ratio(row.get("bulk_mb_per_s"), rh.get("bulk_mb_per_s"))
     ratios[f"{p}_vs_rathole_req_per_s"] = ratio(row.get("req_per_s"), rh.get("req_per_s"))
+    for other in ("rathole", "bore"):
+        o = rows.get(other, {})
+        ratios[f"{p}_vs_{other}_close_req_per_s"] = ratio(row.get("close_req_per_s"), o.get("close_req_per_s"))
+        if other == "bore":
+            ratios[f"{p}_vs_bore_throughput"] = ratio(row.get("bulk_mb_per_s"), o.get("bulk_mb_per_s"))
+            ratios[f"{p}_vs_bore_req_per_s"] = ratio(row.get("req_per_s"), o.get("req_per_s"))
     for m in ("p50_ms", "p99_ms", "one_conn_p50_ms", "one_conn_p99_ms", "new_conn_p50_ms", "new_conn_p99_ms"):
         ratios[f"{p}_added_{m}"] = added(p, m)
 
@@ -931,12 +1115,18 @@ rh_na = "n/a (rathole " + (env.get("BENCH_RATHOLE_NOTE") or "gave no figure") + 
 targets = {
     "raw channel (towerctl port-forward)": {
         "throughput >= 1.5x best OpenSSH": check(ratios["portfwd_vs_best_ssh_throughput"], lambda v: v >= 1.5, "{:.2f}x"),
+        "new conn req/s >= 1.0x best OpenSSH": check(ratios["portfwd_vs_best_ssh_close_req_per_s"], lambda v: v >= 1.0, "{:.2f}x"),
+        "<= 32 KiB per held connection": check(pf.get("held_kib_per_conn"), lambda v: v <= 32, "{:.1f} KiB"),
+        "hub idle RSS <= 12 MiB": check(IDLE_HUB_KIB, lambda v: v <= 12 * 1024, "{:.0f} KiB"),
+        "hub idle private memory <= 12 MiB": check(IDLE_HUB_ANON_KIB, lambda v: v <= 12 * 1024, "{:.0f} KiB"),
         "req/s >= 1.2x rathole (noise)": check(ratios["portfwd_vs_rathole_req_per_s"], lambda v: v >= 1.2, "{:.2f}x", rh_na),
         "p99 <= 1 ms, 16 connections": check(pf.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
         "p99 <= 1 ms, 1 connection": check(pf.get("one_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
         "p99 <= 1 ms, new connection": check(pf.get("new_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
     },
     "gateway": {
+        "req/s >= 0.8x direct, 16 connections": check(ratios["gateway_vs_direct_req_per_s"], lambda v: v >= 0.8, "{:.2f}x"),
+        "added p50 <= 0.15 ms, 1 connection": check(ratios["gateway_added_one_conn_p50_ms"], lambda v: v <= 0.15, "{:+.3f} ms"),
         "added p99 <= 1 ms, 16 connections": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
         "added p99 <= 1 ms, 1 connection": check(ratios["gateway_added_one_conn_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
     },
@@ -968,6 +1158,9 @@ doc = {
     },
     "paths": {n: rows[n] for n in order},
     "rathole": env.get("BENCH_RATHOLE_NOTE") or "measured",
+    "bore": env.get("BENCH_BORE_NOTE") or "measured",
+    "hub_idle_rss_kib": IDLE_HUB_KIB,
+    "hub_idle_anon_kib": IDLE_HUB_ANON_KIB,
     "ratios": ratios,
     "targets": targets,
     "problems": health + log_issues,
@@ -1003,12 +1196,13 @@ print(f"{'path':<31} {'MB/s':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 
       f"{'s/GB':>7} {'us/req':>7} {'busy%':>7}  note")
 for n in order:
     r = rows[n]
-    busy = f"{fmt(r['cpu_busy_before_pct'], 'd')}/{fmt(r['cpu_busy_after_pct'], 'd')}"
+    busy = f"{fmt(r.get('cpu_busy_before_pct'), 'd')}/{fmt(r.get('cpu_busy_after_pct'), 'd')}"
     print(f"{r['label']:<31} {fmt(r['bulk_mb_per_s'], '7.1f')} {fmt(r['req_per_s'], '8.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')} "
           f"{fmt(r['one_conn_p50_ms'], '8.3f')} {fmt(r['one_conn_p99_ms'], '8.3f')} {fmt(r['new_conn_p50_ms'], '8.3f')} {fmt(r['new_conn_p99_ms'], '8.3f')} "
           f"{fmt(r['tunnel_cpu_s_per_gb'], '7.2f')} {fmt(r['tunnel_cpu_us_per_req'], '7.1f')} {busy:>7}  {r['note'] or ''}")
-if env.get("BENCH_RATHOLE_NOTE"):
-    print(f"{'rathole (noise)':<31} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env['BENCH_RATHOLE_NOTE']}")
+for key, label in (("BENCH_RATHOLE_NOTE", "rathole (noise)"), ("BENCH_BORE_NOTE", "bore (no encryption)")):
+    if env.get(key):
+        print(f"{label:<31} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env[key]}")
 print("tunnel CPU: CPU time of the tunnel's processes (hub+agent; port-forward+hub+agent; sshd+ssh; rathole server+client)")
 print("            per GB of bulk / per request under load; by process:")
 for n in order:
@@ -1018,6 +1212,18 @@ for n in order:
                  if a.get(k) or b.get(k)]
         print(f"              {rows[n]['label']:<31} " + ", ".join(parts) + "  (s/GB / us/req)")
 print("new connection: connect() -> first byte of GET /version on a fresh connection (https: TLS handshake included)")
+print()
+print(f"{'':<31} {'-- Connection: close --':>26} {'--- ' + str(HELD_N) + ' held connections ---':>40}")
+print(f"{'path':<31} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'KiB/conn':>9}  by process (KiB per held connection; RSS before, MiB)")
+for n in order:
+    r = rows[n]
+    by = r.get("held_kib_per_conn_by_process") or {}
+    before = r.get("rss_kib_before_held_by_process") or {}
+    parts = ", ".join(f"{k} {v:.1f} ({before.get(k, 0) / 1024:.1f})" for k, v in by.items())
+    print(f"{r['label']:<31} {fmt(r.get('close_req_per_s'), '8.0f')} {fmt(r.get('close_p50_ms'), '8.3f')} {fmt(r.get('close_p99_ms'), '8.3f')} "
+          f"{fmt(r.get('held_kib_per_conn'), '9.1f')}  {parts}")
+print(f"hub idle RSS (one agent, before any path was measured): {fmt(IDLE_HUB_KIB / 1024 if IDLE_HUB_KIB else None, '.1f')} MiB, "
+      f"of which private (anonymous) {fmt(IDLE_HUB_ANON_KIB / 1024 if IDLE_HUB_ANON_KIB else None, '.1f')} MiB; the rest is mostly the binary's code pages")
 print("busy%: share of all CPUs used by other work in the second before / after the path was measured")
 print()
 print("ratios")
@@ -1026,9 +1232,14 @@ for p, what in (("portfwd", "port-forward"), ("gateway", "gateway")):
         continue
     print(f"  {what} MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_throughput'])}")
     print(f"  {what} req/s / best ssh req/s ({ssh_rps_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_req_per_s'])}")
+    print(f"  {what} new-conn req/s / best ssh ({ssh_close_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_close_req_per_s'])}")
     if ratios[f"{p}_vs_rathole_req_per_s"] is not None:
         print(f"  {what} MB/s  / rathole MB/s:  {times(ratios[f'{p}_vs_rathole_throughput'])}")
         print(f"  {what} req/s / rathole req/s: {times(ratios[f'{p}_vs_rathole_req_per_s'])}")
+    if ratios[f"{p}_vs_bore_req_per_s"] is not None:
+        print(f"  {what} MB/s  / bore MB/s:  {times(ratios[f'{p}_vs_bore_throughput'])}")
+        print(f"  {what} req/s / bore req/s: {times(ratios[f'{p}_vs_bore_req_per_s'])}")
+        print(f"  {what} new-conn req/s / bore: {times(ratios[f'{p}_vs_bore_close_req_per_s'])}")
     print(f"  {what} added p50 / p99 over direct, new connection: "
           f"{pair(ratios[f'{p}_added_new_conn_p50_ms'], ratios[f'{p}_added_new_conn_p99_ms'])}")
     print(f"  {what} added p50 / p99 over direct, 16 connections: "

@@ -37,7 +37,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('use', 'use', [CompletionResultType]::ParameterValue, 'Point kubectl at a member: write the `tower-NAME` context and make it current')
             [CompletionResult]::new('port-forward', 'port-forward', [CompletionResultType]::ParameterValue, 'Forward local ports to a pod, service or deployment in a member (kubectl syntax)')
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
+            [CompletionResult]::new('kubectl', 'kubectl', [CompletionResultType]::ParameterValue, 'Run kubectl against several members at once, with one merged output')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
+            [CompletionResult]::new('access', 'access', [CompletionResultType]::ParameterValue, 'Which operators may see and reach which members (fail closed: only what a rule allows)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show the hub''s audit log: who reached which cluster, how, with what result')
@@ -124,6 +126,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('set', 'set', [CompletionResultType]::ParameterValue, 'Change a member''s settings')
+            [CompletionResult]::new('label', 'label', [CompletionResultType]::ParameterValue, 'Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label')
             [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
@@ -135,10 +139,31 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;cluster;add' {
             [CompletionResult]::new('--ttl', '--ttl', [CompletionResultType]::ParameterName, 'Lifetime of the join token (0 = never expires)')
             [CompletionResult]::new('--expose', '--expose', [CompletionResultType]::ParameterName, 'Push mode: let the member''s workloads reach HOST:PORT on the hub side as NAME (repeatable); the agent listens for them')
+            [CompletionResult]::new('--label', '--label', [CompletionResultType]::ParameterName, 'A label for selecting members, like env=prod (repeatable)')
             [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--reusable', '--reusable', [CompletionResultType]::ParameterName, 'Let the join token be used more than once (agent pods recreated without their key)')
             [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'The member lets the agent impersonate operators (its RBAC decides per operator)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;cluster;set' {
+            [CompletionResult]::new('--impersonate', '--impersonate', [CompletionResultType]::ParameterName, 'Each operator acts as itself on the member (Impersonate-User and -Group, so the member''s RBAC decides); the agent must run with --impersonate')
+            [CompletionResult]::new('--no-impersonate', '--no-impersonate', [CompletionResultType]::ParameterName, 'Operators act with the agent''s own identity; the agent must run without --impersonate')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;cluster;label' {
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -162,6 +187,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'Output format')
             [CompletionResult]::new('--reusable', '--reusable', [CompletionResultType]::ParameterName, 'Let the join token be used more than once')
+            [CompletionResult]::new('--new-key', '--new-key', [CompletionResultType]::ParameterName, 'Also retire the agent''s registered key and cut its session: the agent must join again with the new token (a possibly compromised agent machine)')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -201,6 +227,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;cluster;help' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('set', 'set', [CompletionResultType]::ParameterValue, 'Change a member''s settings')
+            [CompletionResult]::new('label', 'label', [CompletionResultType]::ParameterValue, 'Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label')
             [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
@@ -210,6 +238,12 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;cluster;help;add' {
+            break
+        }
+        'towerctl;cluster;help;set' {
+            break
+        }
+        'towerctl;cluster;help;label' {
             break
         }
         'towerctl;cluster;help;expose' {
@@ -353,6 +387,20 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
             break
         }
+        'towerctl;kubectl' {
+            [CompletionResult]::new('-l', '-l', [CompletionResultType]::ParameterName, 'Members whose labels match SELECTOR (env=prod, env!=dev, ''env in (a,b)'', ''env notin (a)'', canary, !canary; commas join)')
+            [CompletionResult]::new('--selector', '--selector', [CompletionResultType]::ParameterName, 'Members whose labels match SELECTOR (env=prod, env!=dev, ''env in (a,b)'', ''env notin (a)'', canary, !canary; commas join)')
+            [CompletionResult]::new('--parallel', '--parallel', [CompletionResultType]::ParameterName, 'How many kubectl run at once')
+            [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'Longest one member''s kubectl may run; it is then stopped and reported')
+            [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
         'towerctl;operator' {
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
@@ -413,6 +461,85 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;operator;help;help' {
+            break
+        }
+        'towerctl;access' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('allow', 'allow', [CompletionResultType]::ParameterValue, 'Let an operator or group see and reach the selected members')
+            [CompletionResult]::new('deny', 'deny', [CompletionResultType]::ParameterValue, 'Refuse an operator or group the selected members (deny wins over allow)')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a rule by its id (open streams it no longer allows are cut)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the rules')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;access;allow' {
+            [CompletionResult]::new('--clusters', '--clusters', [CompletionResultType]::ParameterName, 'Members by label selector (''team=payments,env in (dev,staging)'')')
+            [CompletionResult]::new('--names', '--names', [CompletionResultType]::ParameterName, 'Members by name')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;deny' {
+            [CompletionResult]::new('--clusters', '--clusters', [CompletionResultType]::ParameterName, 'Members by label selector (''team=payments,env in (dev,staging)'')')
+            [CompletionResult]::new('--names', '--names', [CompletionResultType]::ParameterName, 'Members by name')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;rm' {
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;list' {
+            [CompletionResult]::new('-o', '-o', [CompletionResultType]::ParameterName, 'o')
+            [CompletionResult]::new('--output', '--output', [CompletionResultType]::ParameterName, 'output')
+            [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
+            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
+            [CompletionResult]::new('-V', '-V ', [CompletionResultType]::ParameterName, 'Print version')
+            [CompletionResult]::new('--version', '--version', [CompletionResultType]::ParameterName, 'Print version')
+            break
+        }
+        'towerctl;access;help' {
+            [CompletionResult]::new('allow', 'allow', [CompletionResultType]::ParameterValue, 'Let an operator or group see and reach the selected members')
+            [CompletionResult]::new('deny', 'deny', [CompletionResultType]::ParameterValue, 'Refuse an operator or group the selected members (deny wins over allow)')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a rule by its id (open streams it no longer allows are cut)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the rules')
+            [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
+            break
+        }
+        'towerctl;access;help;allow' {
+            break
+        }
+        'towerctl;access;help;deny' {
+            break
+        }
+        'towerctl;access;help;rm' {
+            break
+        }
+        'towerctl;access;help;list' {
+            break
+        }
+        'towerctl;access;help;help' {
             break
         }
         'towerctl;login' {
@@ -607,7 +734,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('use', 'use', [CompletionResultType]::ParameterValue, 'Point kubectl at a member: write the `tower-NAME` context and make it current')
             [CompletionResult]::new('port-forward', 'port-forward', [CompletionResultType]::ParameterValue, 'Forward local ports to a pod, service or deployment in a member (kubectl syntax)')
             [CompletionResult]::new('kubeconfig', 'kubeconfig', [CompletionResultType]::ParameterValue, 'Print a standalone kubeconfig for some (default: all) members')
+            [CompletionResult]::new('kubectl', 'kubectl', [CompletionResultType]::ParameterValue, 'Run kubectl against several members at once, with one merged output')
             [CompletionResult]::new('operator', 'operator', [CompletionResultType]::ParameterValue, 'Manage operators (people and tools allowed through the gateway)')
+            [CompletionResult]::new('access', 'access', [CompletionResultType]::ParameterValue, 'Which operators may see and reach which members (fail closed: only what a rule allows)')
             [CompletionResult]::new('login', 'login', [CompletionResultType]::ParameterValue, 'Use a hub from this machine with an operator token from ''towerctl operator add''')
             [CompletionResult]::new('logout', 'logout', [CompletionResultType]::ParameterValue, 'Forget a login and its token')
             [CompletionResult]::new('audit', 'audit', [CompletionResultType]::ParameterValue, 'Show the hub''s audit log: who reached which cluster, how, with what result')
@@ -636,6 +765,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;help;cluster' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Register a member and print the join command (the token is shown once)')
+            [CompletionResult]::new('set', 'set', [CompletionResultType]::ParameterValue, 'Change a member''s settings')
+            [CompletionResult]::new('label', 'label', [CompletionResultType]::ParameterValue, 'Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label')
             [CompletionResult]::new('expose', 'expose', [CompletionResultType]::ParameterValue, 'Change what a member''s workloads may reach on the hub side (push mode)')
             [CompletionResult]::new('rotate', 'rotate', [CompletionResultType]::ParameterValue, 'Issue a new join token; the old one stops working at once')
             [CompletionResult]::new('revoke', 'revoke', [CompletionResultType]::ParameterValue, 'Cut the member''s session now and refuse its agent from now on')
@@ -644,6 +775,12 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;cluster;add' {
+            break
+        }
+        'towerctl;help;cluster;set' {
+            break
+        }
+        'towerctl;help;cluster;label' {
             break
         }
         'towerctl;help;cluster;expose' {
@@ -683,6 +820,9 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;help;kubeconfig' {
             break
         }
+        'towerctl;help;kubectl' {
+            break
+        }
         'towerctl;help;operator' {
             [CompletionResult]::new('add', 'add', [CompletionResultType]::ParameterValue, 'Issue an operator token and print the ''towerctl login'' command for it')
             [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List operators')
@@ -696,6 +836,25 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;help;operator;rm' {
+            break
+        }
+        'towerctl;help;access' {
+            [CompletionResult]::new('allow', 'allow', [CompletionResultType]::ParameterValue, 'Let an operator or group see and reach the selected members')
+            [CompletionResult]::new('deny', 'deny', [CompletionResultType]::ParameterValue, 'Refuse an operator or group the selected members (deny wins over allow)')
+            [CompletionResult]::new('rm', 'rm', [CompletionResultType]::ParameterValue, 'Remove a rule by its id (open streams it no longer allows are cut)')
+            [CompletionResult]::new('list', 'list', [CompletionResultType]::ParameterValue, 'List the rules')
+            break
+        }
+        'towerctl;help;access;allow' {
+            break
+        }
+        'towerctl;help;access;deny' {
+            break
+        }
+        'towerctl;help;access;rm' {
+            break
+        }
+        'towerctl;help;access;list' {
             break
         }
         'towerctl;help;login' {

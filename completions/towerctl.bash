@@ -16,6 +16,9 @@ _towerctl() {
             ",$1")
                 cmd="towerctl"
                 ;;
+            towerctl,access)
+                cmd="towerctl__subcmd__access"
+                ;;
             towerctl,agent)
                 cmd="towerctl__subcmd__agent"
                 ;;
@@ -48,6 +51,9 @@ _towerctl() {
                 ;;
             towerctl,kubeconfig)
                 cmd="towerctl__subcmd__kubeconfig"
+                ;;
+            towerctl,kubectl)
+                cmd="towerctl__subcmd__kubectl"
                 ;;
             towerctl,leave)
                 cmd="towerctl__subcmd__leave"
@@ -82,6 +88,36 @@ _towerctl() {
             towerctl,use)
                 cmd="towerctl__subcmd__use"
                 ;;
+            towerctl__subcmd__access,allow)
+                cmd="towerctl__subcmd__access__subcmd__allow"
+                ;;
+            towerctl__subcmd__access,deny)
+                cmd="towerctl__subcmd__access__subcmd__deny"
+                ;;
+            towerctl__subcmd__access,help)
+                cmd="towerctl__subcmd__access__subcmd__help"
+                ;;
+            towerctl__subcmd__access,list)
+                cmd="towerctl__subcmd__access__subcmd__list"
+                ;;
+            towerctl__subcmd__access,rm)
+                cmd="towerctl__subcmd__access__subcmd__rm"
+                ;;
+            towerctl__subcmd__access__subcmd__help,allow)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__allow"
+                ;;
+            towerctl__subcmd__access__subcmd__help,deny)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__deny"
+                ;;
+            towerctl__subcmd__access__subcmd__help,help)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__access__subcmd__help,list)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__list"
+                ;;
+            towerctl__subcmd__access__subcmd__help,rm)
+                cmd="towerctl__subcmd__access__subcmd__help__subcmd__rm"
+                ;;
             towerctl__subcmd__agent,help)
                 cmd="towerctl__subcmd__agent__subcmd__help"
                 ;;
@@ -103,6 +139,9 @@ _towerctl() {
             towerctl__subcmd__cluster,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help"
                 ;;
+            towerctl__subcmd__cluster,label)
+                cmd="towerctl__subcmd__cluster__subcmd__label"
+                ;;
             towerctl__subcmd__cluster,list)
                 cmd="towerctl__subcmd__cluster__subcmd__list"
                 ;;
@@ -115,6 +154,9 @@ _towerctl() {
             towerctl__subcmd__cluster,rotate)
                 cmd="towerctl__subcmd__cluster__subcmd__rotate"
                 ;;
+            towerctl__subcmd__cluster,set)
+                cmd="towerctl__subcmd__cluster__subcmd__set"
+                ;;
             towerctl__subcmd__cluster__subcmd__help,add)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__add"
                 ;;
@@ -123,6 +165,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,help)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__help"
+                ;;
+            towerctl__subcmd__cluster__subcmd__help,label)
+                cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__label"
                 ;;
             towerctl__subcmd__cluster__subcmd__help,list)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__list"
@@ -135,6 +180,12 @@ _towerctl() {
                 ;;
             towerctl__subcmd__cluster__subcmd__help,rotate)
                 cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__rotate"
+                ;;
+            towerctl__subcmd__cluster__subcmd__help,set)
+                cmd="towerctl__subcmd__cluster__subcmd__help__subcmd__set"
+                ;;
+            towerctl__subcmd__help,access)
+                cmd="towerctl__subcmd__help__subcmd__access"
                 ;;
             towerctl__subcmd__help,agent)
                 cmd="towerctl__subcmd__help__subcmd__agent"
@@ -169,6 +220,9 @@ _towerctl() {
             towerctl__subcmd__help,kubeconfig)
                 cmd="towerctl__subcmd__help__subcmd__kubeconfig"
                 ;;
+            towerctl__subcmd__help,kubectl)
+                cmd="towerctl__subcmd__help__subcmd__kubectl"
+                ;;
             towerctl__subcmd__help,leave)
                 cmd="towerctl__subcmd__help__subcmd__leave"
                 ;;
@@ -202,6 +256,18 @@ _towerctl() {
             towerctl__subcmd__help,use)
                 cmd="towerctl__subcmd__help__subcmd__use"
                 ;;
+            towerctl__subcmd__help__subcmd__access,allow)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__allow"
+                ;;
+            towerctl__subcmd__help__subcmd__access,deny)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__deny"
+                ;;
+            towerctl__subcmd__help__subcmd__access,list)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__list"
+                ;;
+            towerctl__subcmd__help__subcmd__access,rm)
+                cmd="towerctl__subcmd__help__subcmd__access__subcmd__rm"
+                ;;
             towerctl__subcmd__help__subcmd__agent,run)
                 cmd="towerctl__subcmd__help__subcmd__agent__subcmd__run"
                 ;;
@@ -210,6 +276,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help__subcmd__cluster,expose)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__expose"
+                ;;
+            towerctl__subcmd__help__subcmd__cluster,label)
+                cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__label"
                 ;;
             towerctl__subcmd__help__subcmd__cluster,list)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__list"
@@ -222,6 +291,9 @@ _towerctl() {
                 ;;
             towerctl__subcmd__help__subcmd__cluster,rotate)
                 cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__rotate"
+                ;;
+            towerctl__subcmd__help__subcmd__cluster,set)
+                cmd="towerctl__subcmd__help__subcmd__cluster__subcmd__set"
                 ;;
             towerctl__subcmd__help__subcmd__hub,run)
                 cmd="towerctl__subcmd__help__subcmd__hub__subcmd__run"
@@ -323,8 +395,186 @@ _towerctl() {
 
     case "${cmd}" in
         towerctl)
-            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="-v -h -V --verbose --help --version up down hub cluster join agent leave use port-forward kubeconfig kubectl operator access login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access)
+            opts="-v -h -V --verbose --help --version allow deny rm list help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__allow)
+            opts="-v -h -V --clusters --names --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --clusters)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --names)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__deny)
+            opts="-v -h -V --clusters --names --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --clusters)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --names)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help)
+            opts="allow deny rm list help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__allow)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__deny)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__help__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__list)
+            opts="-o -v -h -V --output --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --output)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -W "table json" -- "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__access__subcmd__rm)
+            opts="-v -h -V --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -493,7 +743,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster)
-            opts="-v -h -V --verbose --help --version add expose rotate revoke list rm help"
+            opts="-v -h -V --verbose --help --version add set label expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -507,7 +757,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__add)
-            opts="-o -v -h -V --ttl --reusable --impersonate --expose --output --verbose --help --version"
+            opts="-o -v -h -V --ttl --reusable --impersonate --expose --label --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -518,6 +768,10 @@ _towerctl() {
                     return 0
                     ;;
                 --expose)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --label)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -555,7 +809,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help)
-            opts="add expose rotate revoke list rm help"
+            opts="add set label expose rotate revoke list rm help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -597,6 +851,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__help__subcmd__label)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -666,6 +934,34 @@ _towerctl() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        towerctl__subcmd__cluster__subcmd__help__subcmd__set)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__label)
+            opts="-v -h -V --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         towerctl__subcmd__cluster__subcmd__list)
             opts="-o -v -h -V --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -717,7 +1013,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__cluster__subcmd__rotate)
-            opts="-o -v -h -V --ttl --reusable --output --verbose --help --version"
+            opts="-o -v -h -V --ttl --reusable --new-key --output --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -735,6 +1031,20 @@ _towerctl() {
                     COMPREPLY=($(compgen -W "text json" -- "${cur}"))
                     return 0
                     ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__cluster__subcmd__set)
+            opts="-v -h -V --impersonate --no-impersonate --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 *)
                     COMPREPLY=()
                     ;;
@@ -807,8 +1117,78 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help)
-            opts="up down hub cluster join agent leave use port-forward kubeconfig operator login logout audit status service completion gen-docs logs ui credential help"
+            opts="up down hub cluster join agent leave use port-forward kubeconfig kubectl operator access login logout audit status service completion gen-docs logs ui credential help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access)
+            opts="allow deny rm list"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__allow)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__deny)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__list)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__access__subcmd__rm)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -863,7 +1243,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster)
-            opts="add expose rotate revoke list rm"
+            opts="add set label expose rotate revoke list rm"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -891,6 +1271,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster__subcmd__expose)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__cluster__subcmd__label)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -947,6 +1341,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__cluster__subcmd__rotate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__cluster__subcmd__set)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1073,6 +1481,20 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__help__subcmd__kubeconfig)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__help__subcmd__kubectl)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -1511,6 +1933,40 @@ _towerctl() {
                 return 0
             fi
             case "${prev}" in
+                --gateway)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        towerctl__subcmd__kubectl)
+            opts="-l -v -h -V --selector --parallel --timeout --gateway --verbose --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --selector)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -l)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --parallel)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --gateway)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

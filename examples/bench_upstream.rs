@@ -58,8 +58,10 @@ const SERVICE_NAME: &str = "web";
 /// The Service and EndpointSlice list bodies, made once the port is known.
 struct KubeObjects {
     service_path: String,
+    services_path: String,
     slices_path: String,
     service: Bytes,
+    services: Bytes,
     slices: Bytes,
 }
 
@@ -75,8 +77,13 @@ fn kube_objects(port: u16) -> KubeObjects {
     let slices = format!(
         r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSliceList","metadata":{{"resourceVersion":"1"}},"items":[{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"{name}-bench","namespace":"{ns}","uid":"00000000-0000-0000-0000-000000000002","resourceVersion":"1","labels":{{"kubernetes.io/service-name":"{name}","endpointslice.kubernetes.io/managed-by":"endpointslice-controller.k8s.io"}}}},"addressType":"IPv4","endpoints":[{{"addresses":["127.0.0.1"],"conditions":{{"ready":true,"serving":true,"terminating":false}}}}],"ports":[{{"name":"http","protocol":"TCP","port":{port}}}]}}]}}"#
     );
+    let services = format!(
+        r#"{{"apiVersion":"v1","kind":"ServiceList","metadata":{{"resourceVersion":"1"}},"items":[{service}]}}"#
+    );
     KubeObjects {
         service_path: format!("/api/v1/namespaces/{ns}/services/{name}"),
+        services_path: format!("/api/v1/namespaces/{ns}/services"),
+        services: Bytes::from(services),
         slices_path: format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"),
         service: Bytes::from(service),
         slices: Bytes::from(slices),
@@ -111,6 +118,31 @@ fn full(status: StatusCode, ctype: &'static str, body: Bytes) -> Response<Body> 
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// Whether a list request is a watch (`watch=true` or `watch=1`).
+fn is_watch(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"))
+}
+
+/// A watch on objects that never change: an open response with no events
+/// that ends after `timeoutSeconds` (default 60), as a real server's does.
+fn quiet_watch(query: Option<&str>) -> Response<Body> {
+    let secs: u64 = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "timeoutSeconds")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(60);
+    let end = futures_util::stream::once(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        Ok::<_, Infallible>(Frame::data(Bytes::new()))
+    });
+    let mut r = Response::new(StreamBody::new(end).boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -154,6 +186,12 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let path = req.uri().path();
         if path == k.service_path {
             return Ok(full(StatusCode::OK, "application/json", k.service.clone()));
+        }
+        if (path == k.services_path || path == k.slices_path) && is_watch(req.uri().query()) {
+            return Ok(quiet_watch(req.uri().query()));
+        }
+        if path == k.services_path {
+            return Ok(full(StatusCode::OK, "application/json", k.services.clone()));
         }
         if path == k.slices_path {
             let body = if selects_service(req.uri().query()) {

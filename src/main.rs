@@ -54,11 +54,19 @@ fn init_logging(verbose: u8, daemon: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("towerctl={default},rustls=error,warn"))
     });
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none() && !daemon)
-        .try_init();
+        .with_ansi(std::env::var_os("NO_COLOR").is_none() && !daemon);
+    // A daemon started in the background writes its own log file and
+    // rotates it by size (daemon::logfile); in the foreground, stderr
+    // belongs to whoever started it (a terminal, systemd's journal).
+    let log_file = std::env::var_os(crate::daemon::logfile::LOG_ENV).filter(|_| daemon);
+    let _ = match log_file {
+        Some(path) => fmt
+            .with_writer(crate::daemon::logfile::Rotating::new(path.into()))
+            .try_init(),
+        None => fmt.with_writer(std::io::stderr).try_init(),
+    };
 }
 
 fn main() -> ExitCode {

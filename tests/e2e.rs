@@ -178,7 +178,12 @@ fn disconnected_member_answers_a_status_and_recovers() {
 
     // An unknown cluster is a 404 Status naming it. (kubectl's discovery
     // hides a 404's message, so ask for a raw path.)
-    let o = env.kubectl(&["get", "--raw", "/clusters/nope/api"]);
+    let o = env.kubectl(&[
+        "--tls-server-name=localhost",
+        "get",
+        "--raw",
+        "/clusters/nope/api",
+    ]);
     assert!(
         o.stderr.contains("NotFound") && o.stderr.contains("cluster 'nope' is not registered"),
         "{o:?}"
@@ -609,6 +614,9 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     connected(&hub, &api, &[]);
     let o = hub.towerctl(&["operator", "add", "alice", "--group", "devs"]);
     assert!(o.ok(), "{o:?}");
+    assert!(hub
+        .towerctl(&["access", "allow", "group:devs", "--names", "alpha"])
+        .ok());
     let login: Vec<String> = o
         .stdout
         .split_whitespace()
@@ -694,6 +702,9 @@ fn the_kernel_keyring_holds_the_token_inside_a_session_keyring() {
     connected(&hub, &api, &[]);
     let o = hub.towerctl(&["operator", "add", "bob"]);
     let login = o.stdout.trim().to_string();
+    assert!(hub
+        .towerctl(&["access", "allow", "operator:bob", "--names", "alpha"])
+        .ok());
     let laptop = Env::new();
     // One session keyring for login, use and kubectl's exec plugin.
     let script = format!(
@@ -733,12 +744,11 @@ fn impersonation_lets_the_member_rbac_decide() {
         .skip(1)
         .map(str::to_string)
         .collect();
+    // The printed join command carries the member's mode.
+    assert!(join.iter().any(|a| a == "--impersonate"), "{join:?}");
     let kc = env.path("member.kubeconfig");
     api.write_kubeconfig(&kc);
-    let o = env.join(
-        &join,
-        &["--kubeconfig", kc.to_str().unwrap(), "--impersonate"],
-    );
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
     assert!(o.ok(), "{o:?}");
     assert!(env.towerctl(&["use", "alpha"]).ok());
 
@@ -883,7 +893,12 @@ fn prometheus_metrics_describe_the_tunnels() {
     let api = ApiServer::start();
     connected(&env, &api, &[]);
     assert!(env.kubectl(&["get", "ns"]).ok());
-    let _ = env.kubectl(&["get", "--raw", "/clusters/nope/api"]);
+    let _ = env.kubectl(&[
+        "--tls-server-name=localhost",
+        "get",
+        "--raw",
+        "/clusters/nope/api",
+    ]);
     let o = env.towerctl(&["up"]);
     let addr = o
         .stdout
@@ -1410,4 +1425,93 @@ fn pods_the_agent_cannot_route_to_are_reached_through_the_api_server() {
         portforwards >= 1,
         "the agent must have used the API server's port-forward"
     );
+}
+
+/// Established TCP connections (IPv4 and IPv6) whose remote port is `port`.
+fn established_to(port: u16) -> usize {
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (Some(rem), Some(st)) = (cols.get(2), cols.get(3)) else {
+                continue;
+            };
+            let rport = rem
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if rport == Some(port) && *st == "01" {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// `towerctl port-forward` carries all its forwarded connections as streams
+/// of one HTTP/2 connection to the gateway, while a client that offers `h2`
+/// itself (curl here, kubectl too) still gets HTTP/1.1 from the gateway.
+#[test]
+fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
+    use std::io::{Read, Write};
+    use support::apiserver::TargetPort;
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("served by web");
+    api.add_service(
+        "default",
+        "web",
+        &[("http", 80, TargetPort::Name("http"))],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "http", web.port())]);
+    connected(&env, &api, &[]);
+    let s = env.status();
+    let gateway_url = s["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let gateway_port: u16 = s["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").unwrap();
+        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+        while !String::from_utf8_lossy(&got).contains("served by web") {
+            let n = c.read(&mut buf).unwrap_or(0);
+            assert!(
+                n > 0,
+                "connection {i} ended early: {:?} {}",
+                String::from_utf8_lossy(&got),
+                pf.output()
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        held.push(c);
+    }
+    assert_eq!(
+        established_to(gateway_port),
+        1,
+        "8 forwarded connections should share one connection to the gateway on port {gateway_port}"
+    );
+    drop(held);
+
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version}"])
+        .arg(format!("{gateway_url}/healthz"));
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert_eq!(o.stdout.trim(), "1.1", "{o:?}");
 }

@@ -151,8 +151,10 @@ fn impersonation_grants_only_impersonate() {
         );
         if r.verbs != ["impersonate"] {
             for v in &r.verbs {
-                let allowed =
-                    v == "get" || v == "list" || (v == "create" && res == ["pods/portforward"]);
+                let allowed = v == "get"
+                    || v == "list"
+                    || v == "watch"
+                    || (v == "create" && res == ["pods/portforward"]);
                 assert!(allowed, "the agent's own rights go beyond reading: {r:?}");
             }
         }

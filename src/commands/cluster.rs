@@ -7,6 +7,7 @@ use super::hub::{hub_call, no_hub};
 use crate::daemon::control::{self, ClusterAdded, ClusterStatus, Request, TokenState};
 use crate::daemon::fmt::fmt_unix;
 use crate::daemon::fmt::humanize;
+use crate::daemon::labels::{self, Labels};
 use crate::daemon::names::validate_name;
 
 fn print_join(v: serde_json::Value, output: &str, what: &str) -> Result<u8> {
@@ -55,8 +56,13 @@ pub fn join_command(added: &ClusterAdded) -> String {
         .iter()
         .map(|u| format!(" --hub {u}"))
         .collect();
+    let impersonate = if added.impersonate {
+        " --impersonate"
+    } else {
+        ""
+    };
     format!(
-        "towerctl join {} --token {} --hub {}{more} --hub-key {}{exposes}",
+        "towerctl join {} --token {} --hub {}{more} --hub-key {}{impersonate}{exposes}",
         added.name, added.token, added.tunnel_url, added.hub_key
     )
 }
@@ -67,6 +73,7 @@ pub async fn add(
     reusable: bool,
     impersonate: bool,
     exposes: Vec<(String, String)>,
+    labels: Labels,
     output: &str,
 ) -> Result<u8> {
     validate_name(name).map_err(anyhow::Error::msg)?;
@@ -76,17 +83,25 @@ pub async fn add(
         reusable,
         impersonate,
         exposes,
+        labels,
     })
     .await?;
     print_join(v, output, "registered")
 }
 
-pub async fn rotate(name: &str, ttl_secs: u64, reusable: bool, output: &str) -> Result<u8> {
+pub async fn rotate(
+    name: &str,
+    ttl_secs: u64,
+    reusable: bool,
+    new_key: bool,
+    output: &str,
+) -> Result<u8> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let v = hub_call(Request::ClusterRotate {
         name: name.to_string(),
         ttl_secs,
         reusable,
+        new_key,
     })
     .await?;
     print_join(
@@ -112,6 +127,42 @@ pub async fn expose(name: &str, add: Vec<(String, String)>, remove: Vec<String>)
     for (n, t) in now {
         println!("{n} -> {t}");
     }
+    Ok(exit::OK)
+}
+
+pub async fn label(name: &str, changes: &[String]) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    let (set, remove) = labels::parse_changes(changes).map_err(anyhow::Error::msg)?;
+    let v = hub_call(Request::ClusterLabel {
+        name: name.to_string(),
+        set,
+        remove,
+    })
+    .await?;
+    let now: Labels = serde_json::from_value(v).context("malformed answer from the hub")?;
+    println!("cluster '{name}' labeled: {}", labels::display(&now));
+    Ok(exit::OK)
+}
+
+pub async fn set(name: &str, impersonate: Option<bool>) -> Result<u8> {
+    validate_name(name).map_err(anyhow::Error::msg)?;
+    if impersonate.is_none() {
+        anyhow::bail!("nothing to change: pass --impersonate or --no-impersonate");
+    }
+    let v = hub_call(Request::ClusterSet {
+        name: name.to_string(),
+        impersonate,
+    })
+    .await?;
+    let on = v["impersonate"].as_bool().unwrap_or(false);
+    println!(
+        "cluster '{name}': {}",
+        if on {
+            "operators act as themselves (impersonation); its agent must run with --impersonate"
+        } else {
+            "operators act with the agent's identity; its agent must run without --impersonate"
+        }
+    );
     Ok(exit::OK)
 }
 
@@ -164,8 +215,8 @@ pub async fn list(output: &str) -> Result<u8> {
             let dash = || "-".to_string();
             if wide {
                 println!(
-                    "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} TOKEN",
-                    "NAME", "STATE", "VERSION", "REMOTE", "RTT", "AGENT KEY"
+                    "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {:<28} {:<12} LABELS",
+                    "NAME", "STATE", "VERSION", "REMOTE", "RTT", "AGENT KEY", "TOKEN", "IDENTITY"
                 );
             } else {
                 println!(
@@ -178,14 +229,20 @@ pub async fn list(output: &str) -> Result<u8> {
                 let version = c.agent_version.clone().unwrap_or_else(dash);
                 if wide {
                     println!(
-                        "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {}",
+                        "{:<20} {:<16} {:<10} {:<22} {:>9} {:<48} {:<28} {:<12} {}",
                         c.name,
                         c.state,
                         version,
                         c.remote.clone().unwrap_or_else(dash),
                         rtt,
                         c.key_fingerprint.clone().unwrap_or_else(dash),
-                        token_column(c)
+                        token_column(c),
+                        if c.impersonate {
+                            "impersonate"
+                        } else {
+                            "agent"
+                        },
+                        labels::display(&c.labels)
                     );
                 } else {
                     println!(

@@ -53,11 +53,11 @@ impl ServerCertVerifier for AcceptAny {
     }
 }
 
-fn client_config(trust: &Trust<'_>) -> Result<rustls::ClientConfig> {
+fn client_config(trust: &Trust<'_>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    Ok(match trust {
+    let mut cfg = match trust {
         Trust::Ca(pem) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
@@ -69,7 +69,9 @@ fn client_config(trust: &Trust<'_>) -> Result<rustls::ClientConfig> {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
             .with_no_client_auth(),
-    })
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
 }
 
 /// A gateway to talk to: its address and a TLS connector built once (the
@@ -82,6 +84,11 @@ pub struct GatewayClient {
 
 impl GatewayClient {
     pub fn new(url: &str, trust: Trust<'_>) -> Result<GatewayClient> {
+        Self::with_alpn(url, trust, &[])
+    }
+
+    /// A client that offers these ALPN protocols, most preferred first.
+    pub fn with_alpn(url: &str, trust: Trust<'_>, alpn: &[&[u8]]) -> Result<GatewayClient> {
         let u = url::Url::parse(url).with_context(|| format!("invalid URL '{url}'"))?;
         if u.scheme() != "https" {
             bail!("the gateway URL '{url}' must start with https://");
@@ -94,7 +101,7 @@ impl GatewayClient {
         Ok(GatewayClient {
             host,
             port: u.port_or_known_default().unwrap_or(443),
-            connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(&trust)?)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(&trust, alpn)?)),
         })
     }
 

@@ -24,14 +24,14 @@ pub const POD_PROBE_ADDR: &str = "0.0.0.0:8081";
 /// XDG directories (pid file and control socket) point into it.
 const SCRATCH: &str = "/tmp";
 
-/// What the agent itself reads with its service account, whatever the
-/// impersonation mode: the objects it resolves port-forward targets from
-/// (`resolve.rs`), and `pods/portforward` for `--pod-network portforward`
-/// or `auto`'s fallback.
+/// What the agent itself reads (and watches, for its Service cache) with
+/// its service account, whatever the impersonation mode: the objects it
+/// resolves port-forward targets from (`resolve.rs`, `watchcache.rs`), and
+/// `pods/portforward` for `--pod-network portforward` or `auto`'s fallback.
 fn agent_own_rules() -> Value {
     json!([
-        {"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list"]},
-        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
         // WebSocket port-forward is a GET the API server authorizes as
         // `create` (and older servers as `get`).

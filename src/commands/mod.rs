@@ -1,15 +1,18 @@
 //! The command line: one module per subcommand, turning user intent into
 //! calls on the daemons.
 
+pub mod access;
 pub mod audit;
 pub mod cluster;
 pub mod credential;
+pub mod fanout;
 pub mod gen;
 pub mod https;
 pub mod hub;
 pub mod join;
 pub mod kubeconfig;
 pub mod manifest;
+pub mod mux;
 pub mod operator;
 pub mod portforward;
 pub mod progress;
@@ -41,10 +44,12 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 5;
     /// The hub's TLS certificate (wss://) was refused.
     pub const TLS: u8 = 6;
+    /// `towerctl kubectl` was interrupted (SIGINT), like a shell's 128+2.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const FOOTER: &str = "\
-Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable · 6 hub TLS certificate refused
+Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused credentials or wrong hub key · 5 hub unreachable · 6 hub TLS certificate refused · 130 interrupted
 
 Quick start:
   towerctl up                       # on the hub
@@ -125,9 +130,24 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         gateway: Option<String>,
     },
+    /// Run kubectl against several members at once, with one merged output.
+    #[command(after_help = "\
+Examples:
+  towerctl kubectl -l env=prod -- get ns
+  towerctl kubectl -l 'env in (prod,staging),!canary' --parallel 16 -- get pods -A -o json
+  towerctl kubectl alpha beta --timeout 10s -- version
+
+Tables get one header and a leading CLUSTER column; -o json|yaml gives one List whose items
+carry the annotation towerctl.io/cluster; other output is prefixed 'NAME | '. Failed, down or
+timed-out members are listed on stderr at the end; the exit code is 1 if any failed.")]
+    Kubectl(FanoutArgs),
     /// Manage operators (people and tools allowed through the gateway).
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Which operators may see and reach which members (fail closed: only
+    /// what a rule allows).
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// Use a hub from this machine with an operator token from 'towerctl operator add'.
     Login {
         /// The hub's gateway URL (https://HOST:PORT).
@@ -266,9 +286,34 @@ pub enum ClusterCommand {
         /// (repeatable); the agent listens for them.
         #[arg(long, value_name = "NAME=HOST:PORT", value_parser = parse_expose)]
         expose: Vec<(String, String)>,
+        /// A label for selecting members, like env=prod (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::daemon::labels::parse_pair)]
+        labels: Vec<(String, String)>,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
+    },
+    /// Change a member's settings.
+    Set {
+        /// Cluster name.
+        name: String,
+        /// Each operator acts as itself on the member (Impersonate-User and
+        /// -Group, so the member's RBAC decides); the agent must run with
+        /// --impersonate.
+        #[arg(long, conflicts_with = "no_impersonate")]
+        impersonate: bool,
+        /// Operators act with the agent's own identity; the agent must run
+        /// without --impersonate.
+        #[arg(long)]
+        no_impersonate: bool,
+    },
+    /// Set (KEY=VALUE) or remove (KEY-) labels of a member, like kubectl label.
+    Label {
+        /// Cluster name.
+        name: String,
+        /// KEY=VALUE to set or replace, KEY- to remove.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
     },
     /// Change what a member's workloads may reach on the hub side (push mode).
     Expose {
@@ -291,6 +336,11 @@ pub enum ClusterCommand {
         /// Let the join token be used more than once.
         #[arg(long)]
         reusable: bool,
+        /// Also retire the agent's registered key and cut its session: the
+        /// agent must join again with the new token (a possibly compromised
+        /// agent machine).
+        #[arg(long)]
+        new_key: bool,
         /// Output format.
         #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
         output: String,
@@ -473,6 +523,59 @@ pub enum OperatorCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Let an operator or group see and reach the selected members.
+    Allow(AccessRuleArgs),
+    /// Refuse an operator or group the selected members (deny wins over allow).
+    Deny(AccessRuleArgs),
+    /// Remove a rule by its id (open streams it no longer allows are cut).
+    Rm {
+        /// Rule id, from 'towerctl access list'.
+        id: u64,
+    },
+    /// List the rules.
+    List {
+        #[arg(short, long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AccessRuleArgs {
+    /// operator:NAME or group:NAME (groups from 'towerctl operator add --group').
+    #[arg(value_name = "SUBJECT")]
+    pub subject: String,
+    /// Members by label selector ('team=payments,env in (dev,staging)').
+    #[arg(long, value_name = "SELECTOR")]
+    pub clusters: Option<String>,
+    /// Members by name.
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    /// Members whose labels match SELECTOR (env=prod, env!=dev, 'env in (a,b)', 'env notin (a)', canary, !canary; commas join).
+    #[arg(short = 'l', long, value_name = "SELECTOR", conflicts_with = "names")]
+    pub selector: Option<String>,
+    /// Members by name (with neither names nor -l: every member).
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+    /// How many kubectl run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: u16,
+    /// Longest one member's kubectl may run; it is then stopped and reported.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+    /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
+    /// kubectl's arguments, after '--'.
+    #[arg(last = true, required = true, value_name = "KUBECTL_ARGS")]
+    pub args: Vec<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct UseArgs {
     /// Member cluster name; `-` returns to the previous context; none lists the members.
@@ -534,8 +637,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             reusable,
             impersonate,
             expose,
+            labels,
             output,
-        }) => cluster::add(&name, ttl, reusable, impersonate, expose, &output).await,
+        }) => {
+            let labels = labels.into_iter().collect();
+            cluster::add(&name, ttl, reusable, impersonate, expose, labels, &output).await
+        }
+        Command::Cluster(ClusterCommand::Set {
+            name,
+            impersonate,
+            no_impersonate,
+        }) => {
+            let mode = match (impersonate, no_impersonate) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            cluster::set(&name, mode).await
+        }
+        Command::Cluster(ClusterCommand::Label { name, changes }) => {
+            cluster::label(&name, &changes).await
+        }
         Command::Cluster(ClusterCommand::Expose { name, add, remove }) => {
             cluster::expose(&name, add, remove).await
         }
@@ -543,8 +665,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             name,
             ttl,
             reusable,
+            new_key,
             output,
-        }) => cluster::rotate(&name, ttl, reusable, &output).await,
+        }) => cluster::rotate(&name, ttl, reusable, new_key, &output).await,
         Command::Cluster(ClusterCommand::Revoke { name }) => cluster::revoke(&name).await,
         Command::Cluster(ClusterCommand::List { output }) => cluster::list(&output).await,
         Command::Cluster(ClusterCommand::Rm { name }) => cluster::remove(&name).await,
@@ -604,10 +727,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Kubeconfig { names, gateway } => {
             usectx::print_kubeconfig(&names, gateway.as_deref()).await
         }
+        Command::Kubectl(a) => {
+            fanout::run(fanout::Args {
+                selector: a.selector,
+                names: a.names,
+                parallel: usize::from(a.parallel),
+                timeout: a.timeout,
+                gateway: a.gateway,
+                args: a.args,
+            })
+            .await
+        }
         Command::Operator(OperatorCommand::Add { name, groups }) => {
             operator::add(&name, groups).await
         }
         Command::Operator(OperatorCommand::List { output }) => operator::list(&output).await,
+        Command::Access(AccessCommand::Allow(a)) => {
+            access::add(
+                crate::daemon::access::Effect::Allow,
+                &a.subject,
+                a.clusters.as_deref(),
+                &a.names,
+            )
+            .await
+        }
+        Command::Access(AccessCommand::Deny(a)) => {
+            access::add(
+                crate::daemon::access::Effect::Deny,
+                &a.subject,
+                a.clusters.as_deref(),
+                &a.names,
+            )
+            .await
+        }
+        Command::Access(AccessCommand::Rm { id }) => access::remove(id).await,
+        Command::Access(AccessCommand::List { output }) => access::list(&output).await,
         Command::Operator(OperatorCommand::Rm { name }) => operator::remove(&name).await,
         Command::Login {
             gateway,

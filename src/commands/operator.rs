@@ -27,6 +27,10 @@ pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
         "towerctl login {} --token {} --ca-hash {}",
         a.gateway_url, a.token, a.ca_hash
     );
+    eprintln!(
+        "note: '{}' reaches no member until a rule allows it, for example:\n  towerctl access allow operator:{} --clusters 'env=dev'",
+        a.name, a.name
+    );
     Ok(exit::OK)
 }
 

@@ -1,8 +1,8 @@
 //! `towerctl port-forward CLUSTER TYPE/NAME [LOCAL:]REMOTE…`, with kubectl's
 //! syntax and messages. The local ports listen at once; every accepted
-//! connection opens its own stream through the gateway (HTTP CONNECT) to
-//! the agent, which resolves the target anew and dials it from inside the
-//! member network. A replaced pod or a reconnected tunnel therefore never
+//! connection opens its own stream through the gateway (HTTP CONNECT, over
+//! one shared HTTP/2 connection: see `mux`) to the agent, which resolves
+//! the target anew and dials it from inside the member network. A replaced pod or a reconnected tunnel therefore never
 //! leaves the forward dead: the next connection finds the new one.
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use super::exit;
 use super::https::{GatewayClient, Trust};
+use super::mux::Mux;
 use super::usectx::Source;
 use crate::daemon::targets::Target;
 
@@ -183,10 +184,14 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     }
     let source = Arc::new(Source::find(a.gateway.as_deref()).await?);
     source.check(cluster)?;
-    let gateway = Arc::new(GatewayClient::new(
-        &source.gateway_url,
-        Trust::Ca(&source.ca_pem),
-    )?);
+    let gateway = Arc::new(Mux::new(
+        GatewayClient::with_alpn(
+            &source.gateway_url,
+            Trust::Ca(&source.ca_pem),
+            &[super::mux::MUX_ALPN, b"http/1.1"],
+        )?,
+        source.token.expose(),
+    ));
     let addrs = addresses(&a.address)?;
     let mut forwarding = Vec::new();
 
@@ -204,20 +209,9 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     println!("Forwarding from {a} -> {}", pair.remote);
                     forwarding.push(format!("{a} -> {}", pair.remote));
                     bound += 1;
-                    let (source, gateway, target, cluster) = (
-                        source.clone(),
-                        gateway.clone(),
-                        target.clone(),
-                        cluster.to_string(),
-                    );
-                    tasks.spawn(accept_loop(
-                        l,
-                        source,
-                        gateway,
-                        cluster,
-                        target,
-                        pair.remote,
-                    ));
+                    let (gateway, target, cluster) =
+                        (gateway.clone(), target.clone(), cluster.to_string());
+                    tasks.spawn(accept_loop(l, gateway, cluster, target, pair.remote));
                 }
                 Err(e) => last_err = Some(format!("{ip}:{local}: {e}")),
             }
@@ -259,8 +253,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
 
 async fn accept_loop(
     l: TcpListener,
-    source: Arc<Source>,
-    gateway: Arc<GatewayClient>,
+    gateway: Arc<Mux>,
     cluster: String,
     target: Target,
     remote: u16,
@@ -273,9 +266,9 @@ async fn accept_loop(
         crate::tunnel::nodelay(&conn);
         println!("Handling connection for {local}");
         let authority = format!("{}:{remote}", target.connect_host(&cluster));
-        let (source, gateway) = (source.clone(), gateway.clone());
+        let gateway = gateway.clone();
         tokio::spawn(async move {
-            match super::https::connect_tunnel(&gateway, source.token.expose(), &authority).await {
+            match gateway.open(&authority).await {
                 Ok(mut up) => {
                     let _ = crate::tunnel::splice(&mut conn, &mut up).await;
                 }

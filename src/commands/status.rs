@@ -33,6 +33,8 @@ pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Val
         "keyFingerprint": c.key_fingerprint,
         "tokenState": c.token_state,
         "tokenExpiresAt": time(c.token_expires_at),
+        "labels": c.labels,
+        "impersonate": c.impersonate,
         "events": c.events.iter().map(|e| json!({"at": crate::daemon::fmt::fmt_unix(e.at), "text": e.text})).collect::<Vec<_>>(),
     });
     // Several hubs on etcd: which one holds the session (absent with one hub).
@@ -269,7 +271,17 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
     };
     let mut text = String::new();
     f.read_to_string(&mut text)?;
-    let lines: Vec<&str> = text.lines().collect();
+    // The last `tail` lines, reaching into the previous (rotated) file
+    // when the current one was just started.
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    if lines.len() < tail {
+        if let Ok(prev) = std::fs::read(crate::daemon::logfile::rotated(&file, 1)) {
+            let prev = String::from_utf8_lossy(&prev);
+            let mut older: Vec<String> = prev.lines().map(str::to_string).collect();
+            older.append(&mut lines);
+            lines = older;
+        }
+    }
     let mut out = std::io::stdout().lock();
     for l in &lines[lines.len().saturating_sub(tail)..] {
         writeln!(out, "{l}")?;
@@ -278,21 +290,35 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
     if !follow {
         return Ok(exit::OK);
     }
+    // Follow the open file; when the daemon rotates it (a new file under
+    // the same name), finish the old one, then go on with the new one from
+    // its start, so no line is lost or shown twice.
+    use std::os::unix::fs::MetadataExt;
+    let mut ino = f.metadata()?.ino();
     let mut pos = text.len() as u64;
+    let mut buf = Vec::new();
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            pos = 0;
-        }
-        if len > pos {
-            let mut f = std::fs::File::open(&file)?;
-            f.seek(SeekFrom::Start(pos))?;
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf)?;
-            pos += buf.len() as u64;
+        buf.clear();
+        f.seek(SeekFrom::Start(pos))?;
+        f.read_to_end(&mut buf)?;
+        pos += buf.len() as u64;
+        if !buf.is_empty() {
             std::io::stdout().write_all(&buf)?;
             std::io::stdout().flush()?;
         }
+        match std::fs::metadata(&file) {
+            Ok(m) if m.ino() != ino => {
+                if let Ok(next) = std::fs::File::open(&file) {
+                    ino = next.metadata()?.ino();
+                    f = next;
+                    pos = 0;
+                    continue;
+                }
+            }
+            // Truncated in place (by hand): start again from the top.
+            Ok(m) if m.len() < pos => pos = 0,
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

@@ -166,6 +166,7 @@ async fn carry_out(effect: Effect, kubeconfig: Option<PathBuf>) -> Result<Outcom
                     name: name.clone(),
                     ttl_secs: control::DEFAULT_TOKEN_TTL,
                     reusable: false,
+                    new_key: false,
                 },
             )
             .await

@@ -106,8 +106,14 @@ impl Source {
     pub fn entries(&self, name: &str) -> Result<(String, Value, Value, Value)> {
         let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
         let ctx = format!("tower-{name}");
+        // The member travels twice: as the TLS server name, which clients
+        // that build request paths themselves (`kubectl get --raw`,
+        // `kubectl proxy`) keep, and in the path, which keeps kubectl's
+        // discovery cache (keyed by the server URL) apart per member. The
+        // gateway refuses the two if they disagree (see daemon/route.rs).
         let cluster = json!({
             "server": format!("{}/clusters/{name}", self.gateway_url.trim_end_matches('/')),
+            "tls-server-name": crate::daemon::route::server_name(name),
             "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes()),
         });
         let user = json!({
@@ -229,8 +235,16 @@ pub async fn print_kubeconfig(names: &[String], gateway: Option<&str>) -> Result
         }
         names.to_vec()
     };
+    let doc = standalone(&source, &names)?;
+    print!("{}", serde_saphyr::to_string(&doc)?);
+    Ok(exit::OK)
+}
+
+/// A kubeconfig with a `tower-NAME` context for each of `names` (the first
+/// current). Shared by `towerctl kubeconfig` and `towerctl kubectl`.
+pub fn standalone(source: &Source, names: &[String]) -> Result<Value> {
     let mut doc = json!({"apiVersion": "v1", "kind": "Config", "preferences": {}});
-    for n in &names {
+    for n in names {
         let (ctx, cluster, user, context) = source.entries(n)?;
         kubeconfig::upsert(&mut doc, "clusters", "cluster", &ctx, cluster)?;
         kubeconfig::upsert(&mut doc, "users", "user", &ctx, user)?;
@@ -239,8 +253,7 @@ pub async fn print_kubeconfig(names: &[String], gateway: Option<&str>) -> Result
     if let Some(first) = names.first() {
         kubeconfig::set_current(&mut doc, &format!("tower-{first}"))?;
     }
-    print!("{}", serde_saphyr::to_string(&doc)?);
-    Ok(exit::OK)
+    Ok(doc)
 }
 
 fn remember(prev: Option<&str>) {

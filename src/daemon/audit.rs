@@ -36,6 +36,10 @@ pub struct Record {
     pub duration_ms: u64,
     /// Response body bytes sent to the operator.
     pub bytes: u64,
+    /// The access rule that let the operator reach the member (or refused
+    /// it): `local admin`, `#3 allow group:payments 'team=payments'`, …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// The Kubernetes verb of a request, from its method and path.

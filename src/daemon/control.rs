@@ -44,6 +44,23 @@ pub enum Request {
         /// Push mode: `NAME` → hub-side `HOST:PORT`.
         #[serde(default)]
         exposes: Vec<(String, String)>,
+        #[serde(default)]
+        labels: super::labels::Labels,
+    },
+    /// Hub: change a member's settings (only those given).
+    ClusterSet {
+        name: String,
+        /// Require the agent to impersonate operators.
+        #[serde(default)]
+        impersonate: Option<bool>,
+    },
+    /// Hub: set and remove labels of a member; answers its labels.
+    ClusterLabel {
+        name: String,
+        #[serde(default)]
+        set: super::labels::Labels,
+        #[serde(default)]
+        remove: Vec<String>,
     },
     /// Hub: add (or replace) and remove push-mode exposes of a member.
     ClusterExpose {
@@ -60,6 +77,10 @@ pub enum Request {
         ttl_secs: u64,
         #[serde(default)]
         reusable: bool,
+        /// Also forget the agent's registered key and cut its session: the
+        /// agent must join again with the new token.
+        #[serde(default)]
+        new_key: bool,
     },
     /// Hub: refuse the member's agent from now on and cut its session.
     ClusterRevoke { name: String },
@@ -73,6 +94,18 @@ pub enum Request {
     },
     /// Hub: list operators (never their tokens).
     OperatorList,
+    /// Hub: add an access rule (`allow`/`deny`); answers the rule.
+    AccessAdd {
+        effect: super::access::Effect,
+        /// `operator:NAME` or `group:NAME`.
+        subject: String,
+        /// Label selector over members (plus `towerctl.io/name`).
+        clusters: String,
+    },
+    /// Hub: remove access rule `id`.
+    AccessRemove { id: u64 },
+    /// Hub: the access rules.
+    AccessList,
     /// Hub: remove an operator; its tokens stop working at once.
     OperatorRemove { name: String },
     /// Hub: cut a member's live session ("disconnected by an operator").
@@ -187,6 +220,11 @@ pub struct ClusterStatus {
     /// With several hubs on etcd: the hub holding the member's session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<String>,
+    #[serde(default)]
+    pub labels: super::labels::Labels,
+    /// The member requires its agent to impersonate operators.
+    #[serde(default)]
+    pub impersonate: bool,
 }
 
 /// Defines a state enum with its wire names (serde, `Display`, `From<&str>`
@@ -297,6 +335,10 @@ pub struct ClusterAdded {
     /// a join command that survives the loss of any one hub.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub more_hubs: Vec<String>,
+    /// The member requires impersonation: the join command says
+    /// `--impersonate`.
+    #[serde(default)]
+    pub impersonate: bool,
 }
 
 /// What `operator add` gets back.

@@ -6,10 +6,11 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -130,10 +131,15 @@ pub fn text_response(code: StatusCode, msg: &str) -> Response<Body> {
 /// the client's upgraded connection to the upstream's once both are ready.
 /// Shared by the gateway and the agent, the two HTTP hops of the tunnel. The
 /// splice is owned by `tasks`, so shutdown waits for it.
-pub fn finish_upgrade<B>(
+///
+/// `keep` lives as long as the splice (the gateway's stream registration),
+/// and the splice ends when `stop` fires (access revoked).
+pub fn finish_upgrade<B, K: Send + 'static>(
     tasks: &TaskTracker,
     client: Option<hyper::upgrade::OnUpgrade>,
     resp: &mut Response<B>,
+    stop: CancellationToken,
+    keep: K,
 ) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
@@ -141,42 +147,42 @@ pub fn finish_upgrade<B>(
     let Some(client) = client else { return };
     let upstream = hyper::upgrade::on(resp);
     tasks.spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((a, b)) => {
-                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+        let _keep = keep;
+        let splice = async {
+            match tokio::try_join!(client, upstream) {
+                Ok((a, b)) => {
+                    let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
             }
-            Err(e) => tracing::debug!("upgrade failed: {e}"),
+        };
+        tokio::select! {
+            _ = splice => {}
+            _ = stop.cancelled() => tracing::info!("an upgraded stream was cut: access revoked"),
         }
     });
 }
 
-/// A response body that holds a token while it is alive (the gateway
-/// counts requests in flight by it) and calls `done` when it ends.
-pub struct Held<F: FnMut() + Send + Unpin + 'static> {
+/// A response body that keeps `keep` alive as long as it lives (a stream
+/// registration, an in-flight token, an [`OnDrop`]) and, given `stop`,
+/// ends with an error as soon as it fires (its operator lost access).
+pub struct Guarded<K: Send + Unpin + 'static> {
     inner: Body,
-    _hold: Arc<()>,
-    done: Option<F>,
+    stop: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    _keep: K,
 }
 
-impl<F: FnMut() + Send + Unpin + 'static> Held<F> {
-    pub fn new(inner: Body, hold: Arc<()>, done: F) -> Held<F> {
-        Held {
+impl<K: Send + Unpin + 'static> Guarded<K> {
+    pub fn new(inner: Body, stop: Option<CancellationToken>, keep: K) -> Guarded<K> {
+        Guarded {
             inner,
-            _hold: hold,
-            done: Some(done),
+            stop: stop.map(|s| Box::pin(s.cancelled_owned())),
+            _keep: keep,
         }
     }
 }
 
-impl<F: FnMut() + Send + Unpin + 'static> Drop for Held<F> {
-    fn drop(&mut self) {
-        if let Some(mut f) = self.done.take() {
-            f();
-        }
-    }
-}
-
-impl<F: FnMut() + Send + Unpin + 'static> http_body::Body for Held<F> {
+impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -184,6 +190,11 @@ impl<F: FnMut() + Send + Unpin + 'static> http_body::Body for Held<F> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(stop) = self.stop.as_mut() {
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
+            }
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -193,6 +204,17 @@ impl<F: FnMut() + Send + Unpin + 'static> http_body::Body for Held<F> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Calls its function once, when dropped.
+pub struct OnDrop<F: FnOnce() + Send + Unpin>(pub Option<F>);
+
+impl<F: FnOnce() + Send + Unpin> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 

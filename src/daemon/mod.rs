@@ -2,6 +2,7 @@
 //! (tunnel client, upstream proxy), their control socket and their
 //! background life cycle.
 
+pub mod access;
 pub mod admission;
 pub mod agent;
 pub mod audit;
@@ -12,6 +13,8 @@ pub mod forwards;
 pub mod http;
 pub mod hub;
 pub mod incluster;
+pub mod labels;
+pub mod logfile;
 pub mod metrics;
 pub mod names;
 pub mod notify;
@@ -19,10 +22,13 @@ pub mod policy;
 pub mod probes;
 pub mod process;
 pub mod resolve;
+pub mod route;
 pub mod store;
 pub mod store_etcd;
+pub mod streams;
 pub mod targets;
 pub mod tls;
+pub mod watchcache;
 pub mod wire;
 
 /// The next connection on `listener` (with TCP_NODELAY set), or `None` once

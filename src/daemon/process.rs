@@ -97,6 +97,8 @@ pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env(DAEMON_ENV, "1")
+        // The daemon rotates this file itself (daemon::logfile).
+        .env(super::logfile::LOG_ENV, &log)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);

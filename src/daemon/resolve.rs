@@ -3,7 +3,8 @@
 //! where the server has `discovery.k8s.io/v1`, core Endpoints otherwise),
 //! honouring named `targetPort`s; Deployment → a ready pod; Pod → its IP.
 //! Resolved on every new connection, so a replaced pod is picked up by the
-//! next connection.
+//! next connection: Services from the agent's watch-fed cache
+//! ([`ServiceCache`]) once it is in sync, with fresh reads otherwise.
 
 use std::net::SocketAddr;
 
@@ -14,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, ListParams};
 
 use super::targets::Target;
+use super::watchcache::ServiceCache;
 
 /// Why a target could not be resolved; the text is shown to the operator.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,7 @@ fn pod_ref(r: Option<&ObjectReference>, ns: &str) -> Option<(String, String)> {
 /// Where to dial for `target` port `port`.
 pub async fn resolve(
     client: &kube::Client,
+    cache: Option<&ServiceCache>,
     target: &Target,
     port: u16,
 ) -> Result<Resolved, ResolveError> {
@@ -126,7 +129,23 @@ pub async fn resolve(
                 })
                 .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no ready pod")))
         }
-        Target::Service { ns, name } => resolve_service(client, ns, name, port).await,
+        Target::Service { ns, name } => {
+            let cached = cache.and_then(|c| c.get(ns, name));
+            if let Some(svc) = cached.as_ref().and_then(|s| s.service.as_ref()) {
+                let what = format!("service {ns}/{name}");
+                let snap = cached.as_deref().map(|s| &s.slices[..]).unwrap_or_default();
+                // A failure from the cache is confirmed with fresh reads.
+                if let Ok((port_name, numeric)) = service_port(svc, port, &what) {
+                    if let Some(r) = from_slices(snap, ns, &port_name, numeric)
+                        .into_iter()
+                        .next()
+                    {
+                        return Ok(r);
+                    }
+                }
+            }
+            resolve_service(client, ns, name, port).await
+        }
         Target::ApiServer | Target::Host(_) => {
             Err(ResolveError::Api("not a Kubernetes object".into()))
         }
@@ -144,25 +163,7 @@ async fn resolve_service(
         .get(name)
         .await
         .map_err(|e| api_err(&what, e))?;
-    let sports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
-    let sport = sports
-        .iter()
-        .find(|p| p.port == i32::from(port))
-        .ok_or_else(|| {
-            let known: Vec<String> = sports.iter().map(|p| p.port.to_string()).collect();
-            ResolveError::NotFound(format!(
-                "port {port} of {what} (it has ports {})",
-                known.join(", ")
-            ))
-        })?;
-    let port_name = sport.name.clone().unwrap_or_default();
-    // A numeric targetPort maps directly; a named one is resolved by the
-    // endpoints (whose ports carry the service port's name).
-    let numeric_target = match &sport.target_port {
-        Some(IntOrString::Int(n)) => Some(*n as u16),
-        Some(IntOrString::String(_)) => None,
-        None => Some(port),
-    };
+    let (port_name, numeric_target) = service_port(&svc, port, &what)?;
 
     // EndpointSlices first; core Endpoints on servers without them.
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
@@ -170,34 +171,7 @@ async fn resolve_service(
         .await;
     let mut candidates: Vec<Resolved> = Vec::new();
     match slices {
-        Ok(list) => {
-            for s in &list.items {
-                let p = s
-                    .ports
-                    .as_ref()
-                    .and_then(|ps| {
-                        ps.iter()
-                            .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                    })
-                    .and_then(|p| p.port)
-                    .map(|p| p as u16)
-                    .or(numeric_target);
-                let Some(p) = p else { continue };
-                for e in &s.endpoints {
-                    if !e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) {
-                        continue;
-                    }
-                    for a in &e.addresses {
-                        if let Ok(ip) = a.parse() {
-                            candidates.push(Resolved {
-                                addr: SocketAddr::new(ip, p),
-                                pod: pod_ref(e.target_ref.as_ref(), ns),
-                            });
-                        }
-                    }
-                }
-            }
-        }
+        Ok(list) => candidates = from_slices(&list.items, ns, &port_name, numeric_target),
         Err(kube::Error::Api(s)) if s.code == 404 => {
             let ep = Api::<Endpoints>::namespaced(client.clone(), ns)
                 .get(name)
@@ -229,4 +203,72 @@ async fn resolve_service(
     candidates.into_iter().next().ok_or_else(|| {
         ResolveError::Unavailable(format!("{what} has no ready endpoint for port {port}"))
     })
+}
+
+/// The Service port `port`: its name, and its target port when numeric
+/// (a named one is resolved by the endpoints, whose ports carry the
+/// service port's name).
+fn service_port(
+    svc: &Service,
+    port: u16,
+    what: &str,
+) -> Result<(String, Option<u16>), ResolveError> {
+    let sports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let sport = sports
+        .iter()
+        .find(|p| p.port == i32::from(port))
+        .ok_or_else(|| {
+            let known: Vec<String> = sports.iter().map(|p| p.port.to_string()).collect();
+            ResolveError::NotFound(format!(
+                "port {port} of {what} (it has ports {})",
+                known.join(", ")
+            ))
+        })?;
+    let numeric_target = match &sport.target_port {
+        Some(IntOrString::Int(n)) => Some(*n as u16),
+        Some(IntOrString::String(_)) => None,
+        None => Some(port),
+    };
+    Ok((sport.name.clone().unwrap_or_default(), numeric_target))
+}
+
+/// Ready addresses of `slices` for the service port named `port_name`.
+fn from_slices(
+    slices: &[EndpointSlice],
+    ns: &str,
+    port_name: &str,
+    numeric_target: Option<u16>,
+) -> Vec<Resolved> {
+    let mut candidates = Vec::new();
+    for s in slices {
+        let p = s
+            .ports
+            .as_ref()
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
+            })
+            .and_then(|p| p.port)
+            .map(|p| p as u16)
+            .or(numeric_target);
+        let Some(p) = p else { continue };
+        for e in &s.endpoints {
+            if !e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) {
+                continue;
+            }
+            for a in &e.addresses {
+                if let Ok(ip) = a.parse() {
+                    candidates.push(Resolved {
+                        addr: SocketAddr::new(ip, p),
+                        pod: pod_ref(e.target_ref.as_ref(), ns),
+                    });
+                }
+            }
+        }
+    }
+    candidates
 }

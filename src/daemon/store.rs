@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 
 const MEMBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("members");
 const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators");
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+
+/// A member's labels, Kubernetes-style (`env=prod`); rules and selectors
+/// are in `labels.rs`.
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// A registered member cluster.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -49,6 +54,9 @@ pub struct Member {
     /// by name.
     #[serde(default)]
     pub exposes: std::collections::BTreeMap<String, String>,
+    /// Labels for selecting members (`towerctl kubectl -l env=prod`).
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 fn yes() -> bool {
@@ -70,6 +78,7 @@ impl Member {
             revoked: false,
             impersonate: false,
             exposes: Default::default(),
+            labels: Default::default(),
         }
     }
 }
@@ -118,6 +127,18 @@ pub trait Store: Send + Sync + 'static {
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
     /// Removes every token of operator `name`; returns how many.
     fn delete_operator(&self, name: &str) -> Result<usize, StoreError>;
+    /// A hub-wide setting (a JSON document such as the access rules).
+    fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+    /// Writes a hub-wide setting.
+    fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let _ = (key, value);
+        Err(StoreError::Io(
+            "this registry backend cannot store hub settings".into(),
+        ))
+    }
 }
 
 /// The embedded redb store.
@@ -137,6 +158,7 @@ impl RedbStore {
         let tx = db.begin_write().map_err(io)?;
         tx.open_table(MEMBERS).map_err(io)?;
         tx.open_table(OPERATORS).map_err(io)?;
+        tx.open_table(SETTINGS).map_err(io)?;
         tx.commit().map_err(io)?;
         Ok(RedbStore { db })
     }
@@ -268,6 +290,12 @@ impl Store for RedbStore {
         tx.commit().map_err(io)?;
         Ok(n)
     }
+    fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.get::<String>(SETTINGS, key)
+    }
+    fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.put(SETTINGS, key, &value.to_string())
+    }
 }
 
 /// An in-memory [`Store`] for unit tests of the hub's registry logic; it
@@ -277,6 +305,7 @@ impl Store for RedbStore {
 pub struct MemStore {
     members: std::sync::Mutex<std::collections::BTreeMap<String, Member>>,
     operators: std::sync::Mutex<std::collections::BTreeMap<String, Operator>>,
+    settings: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     pub writes: std::sync::atomic::AtomicUsize,
 }
 
@@ -344,6 +373,17 @@ impl Store for MemStore {
         let before = ops.len();
         ops.retain(|_, o| o.name != name);
         Ok(before - ops.len())
+    }
+    fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.settings.lock().unwrap().get(key).cloned())
+    }
+    fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.wrote();
+        self.settings
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), value.to_string());
+        Ok(())
     }
 }
 

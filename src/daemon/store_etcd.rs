@@ -9,6 +9,7 @@
 //! meta/host_key      {"host_key": …}                    created once
 //! hubs/<hub id>      {"tunnel_url", "gateway_url"}      under the hub's lease
 //! owners/<name>      {"hub", "peer", "session"}         under the owning hub's lease
+//! settings/<key>     a hub-wide setting (access rules)  any hub
 //! ```
 //!
 //! Every read comes from a cache of the whole prefix, loaded at start and
@@ -32,6 +33,8 @@ pub enum Change {
     Operators,
     Owner(String),
     Hubs,
+    /// Hub-wide settings (the access rules).
+    Settings,
 }
 
 #[derive(Default)]
@@ -58,6 +61,7 @@ fn change_of(rel: &str) -> Option<Change> {
         "operators" => Some(Change::Operators),
         "owners" => Some(Change::Owner(name.to_string())),
         "hubs" => Some(Change::Hubs),
+        "settings" => Some(Change::Settings),
         _ => None,
     }
 }
@@ -388,6 +392,15 @@ impl Store for EtcdStore {
             .into_iter()
             .map(|(k, b, _)| Self::decode(&k, &b))
             .collect()
+    }
+    fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .cached(&format!("settings/{key}"))
+            .map(|(b, _)| String::from_utf8_lossy(&b).into_owned()))
+    }
+    fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.put_raw(&format!("settings/{key}"), value.as_bytes(), 0)
+            .map(|_| ())
     }
     fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
         let mut n = 0;

@@ -77,13 +77,31 @@ pub fn load(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .context("gateway TLS configuration")?;
-    // HTTP/1.1 only: upgrades (exec, attach, port-forward) need it.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/1.1 for every client that offers it (kubectl offers h2 too, but
+    // its upgrades for exec, attach and port-forward need HTTP/1.1), and
+    // HTTP/2 only under towerctl's own name, for port-forward's multiplexed
+    // connection.
+    cfg.alpn_protocols = vec![MUX_ALPN.to_vec(), b"http/1.1".to_vec()];
     Ok(GatewayTls {
         ca_pem,
         server_config: Arc::new(cfg),
     })
 }
+
+/// ALPN name of the gateway's multiplexed connection: HTTP/2 with one
+/// CONNECT stream per forwarded connection (`towerctl port-forward`). A
+/// private name rather than `h2`, so that clients offering `h2` (kubectl)
+/// keep HTTP/1.1.
+pub const MUX_ALPN: &[u8] = b"towerctl-h2";
+/// Flow-control windows of that connection, the same on both ends: a
+/// stream may have this much in flight before the reader takes it (enough
+/// for a bulk stream not to wait on window updates), the connection this
+/// much over all its streams (what a stalled reader can make the other end
+/// buffer, at most).
+pub const MUX_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub const MUX_CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 DATA frame: fewer frames (and frame headers) per byte.
+pub const MUX_FRAME: u32 = 64 * 1024;
 
 /// `sha256:<hex>` of a PEM certificate's DER bytes.
 pub fn ca_hash(pem: &str) -> String {

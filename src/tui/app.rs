@@ -510,14 +510,32 @@ impl App {
     /// The clusters shown, filtered and sorted, with their merged views.
     pub fn visible(&self) -> Vec<(&Cluster, RowView)> {
         let needle = self.filter.to_lowercase();
+        // A filter that reads as a label selector (`env=prod`, `!canary`,
+        // `env in (a,b)`) selects by the hub's labels; any text also
+        // matches names, states and `key=value` labels.
+        let selector = self
+            .filter
+            .contains(['=', '!', '('])
+            .then(|| crate::daemon::labels::Selector::parse(&self.filter).ok())
+            .flatten();
+        let no_labels = crate::daemon::labels::Labels::new();
         let mut rows: Vec<(&Cluster, RowView)> = self
             .clusters
             .values()
             .map(|c| (c, c.view(self.now, self.now_unix)))
             .filter(|(c, v)| {
-                needle.is_empty()
-                    || c.name.to_lowercase().contains(&needle)
-                    || v.state.label().contains(&needle)
+                let labels = c.hub.as_ref().map_or(&no_labels, |h| &h.status.labels);
+                match &selector {
+                    Some(sel) => sel.matches(labels),
+                    None => {
+                        needle.is_empty()
+                            || c.name.to_lowercase().contains(&needle)
+                            || v.state.label().contains(&needle)
+                            || labels
+                                .iter()
+                                .any(|(k, v)| format!("{k}={v}").to_lowercase().contains(&needle))
+                    }
+                }
             })
             .collect();
         let key = |v: &RowView| -> f64 {

@@ -571,6 +571,16 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
         None => "known to the hub only".into(),
     };
     lines.push(Line::from(vec![label("credential"), Span::raw(credential)]));
+    if c.hub.as_ref().is_some_and(|h| h.status.impersonate) {
+        lines.push(Line::from(vec![
+            label("identity"),
+            Span::raw("each operator acts as itself (impersonation)"),
+        ]));
+    }
+    if let Some(h) = c.hub.as_ref().filter(|h| !h.status.labels.is_empty()) {
+        let l = crate::daemon::labels::display(&h.status.labels);
+        lines.push(Line::from(vec![label("labels"), Span::raw(l)]));
+    }
 
     let events = c.events();
     let inner_h = area.height.saturating_sub(2) as usize;

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use russh::client::{Handle, Msg, Session};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{Channel, ChannelOpenFailure, ChannelStream};
+use russh::{Channel, ChannelOpenFailure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use super::flow::FlowStream;
 use super::keys::fingerprint;
 use super::tls::HubTls;
 use super::ws::WsIo;
@@ -42,6 +43,10 @@ pub struct DialOptions {
     /// What `wss://` trusts (built once: loading the system store is not
     /// free).
     pub tls: Arc<HubTls>,
+    /// Words the agent declares about itself in its SSH identification
+    /// string's comment (RFC 4253 4.2), e.g. `impersonate`; the hub reads
+    /// them as [`super::server::ServerSession::features`].
+    pub features: Vec<String>,
 }
 
 /// Serves channels the hub opens. Implemented by the agent daemon.
@@ -49,7 +54,7 @@ pub trait ChannelService: Send + Sync + 'static {
     /// Whether the agent serves `target:port` at all; refused otherwise.
     fn accepts(&self, target: &str, port: u32) -> bool;
     /// Serves an accepted channel; must not block (spawn).
-    fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>);
+    fn serve(&self, target: String, port: u32, stream: FlowStream);
 }
 
 pub struct AgentHandler {
@@ -117,7 +122,7 @@ impl russh::client::Handler for AgentHandler {
             self.service.serve(
                 connected_address.to_string(),
                 connected_port,
-                channel.into_stream(),
+                FlowStream::new(channel),
             );
         } else {
             tracing::warn!(
@@ -262,7 +267,7 @@ impl ClientSession {
         &self,
         name: &str,
         originator: std::net::SocketAddr,
-    ) -> Result<ChannelStream<Msg>, russh::Error> {
+    ) -> Result<FlowStream, russh::Error> {
         let ch = self
             .handle
             .channel_open_direct_tcpip(
@@ -272,7 +277,7 @@ impl ClientSession {
                 u32::from(originator.port()),
             )
             .await?;
-        Ok(ch.into_stream())
+        Ok(FlowStream::new(ch))
     }
 
     /// Ends a healthy session on purpose (the agent stops): the hub is told
@@ -299,12 +304,15 @@ impl ClientSession {
     }
 }
 
-fn client_config(keepalive: Duration) -> Arc<russh::client::Config> {
+fn client_config(keepalive: Duration, features: &[String]) -> Arc<russh::client::Config> {
+    // The hub reads the agent's version and features from here.
+    let mut id = concat!("SSH-2.0-towerctl_", env!("CARGO_PKG_VERSION")).to_string();
+    if !features.is_empty() {
+        id.push(' ');
+        id.push_str(&features.join(","));
+    }
     Arc::new(russh::client::Config {
-        // The hub reads the agent's version from here.
-        client_id: russh::SshId::Standard(
-            concat!("SSH-2.0-towerctl_", env!("CARGO_PKG_VERSION")).into(),
-        ),
+        client_id: russh::SshId::Standard(id.into()),
         preferred: super::preferred(),
         keepalive_interval: Some(keepalive),
         keepalive_max: 2,
@@ -412,24 +420,27 @@ async fn connect_inner(
         service,
         closed: Some(closed_tx),
     };
-    let mut handle =
-        match russh::client::connect_stream(client_config(opts.keepalive), WsIo::new(ws), handler)
-            .await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                let seen = seen_key.lock().ok().and_then(|s| s.clone());
-                return Err(match (seen, &opts.hub_key) {
-                    (Some(actual), Some(expected)) if &actual != expected => {
-                        TunnelError::HostKeyMismatch {
-                            expected: expected.clone(),
-                            actual,
-                        }
+    let mut handle = match russh::client::connect_stream(
+        client_config(opts.keepalive, &opts.features),
+        WsIo::new(ws),
+        handler,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            let seen = seen_key.lock().ok().and_then(|s| s.clone());
+            return Err(match (seen, &opts.hub_key) {
+                (Some(actual), Some(expected)) if &actual != expected => {
+                    TunnelError::HostKeyMismatch {
+                        expected: expected.clone(),
+                        actual,
                     }
-                    _ => TunnelError::Handshake(e.to_string()),
-                });
-            }
-        };
+                }
+                _ => TunnelError::Handshake(e.to_string()),
+            });
+        }
+    };
     let mut closed_rx = closed_rx;
     let key = PrivateKeyWithHashAlg::new(opts.key.clone(), None);
     // Only an explicit refusal from the hub is fatal. An error while

@@ -9,8 +9,10 @@
 pub mod backoff;
 pub mod client;
 pub mod counted;
+pub mod flow;
 pub mod keys;
 pub mod server;
+pub mod splice;
 pub mod tls;
 pub mod ws;
 
@@ -153,20 +155,7 @@ fn auth_message(name: &str, reason: Option<&str>) -> String {
     }
 }
 
-/// Copy buffer for spliced streams. tokio's default (8 KiB) turns a bulk
-/// transfer into 8 KiB SSH packets and TLS records, each paying framing,
-/// encryption set-up and a wake-up; 256 KiB lets a read fill whole 32 KiB
-/// SSH packets and 16 KiB TLS records.
-pub const SPLICE_BUFFER: usize = 256 * 1024;
-
-/// Copies both ways until both sides are done; returns bytes a→b and b→a.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER).await
-}
+pub use splice::splice;
 
 /// An untrusted string made safe for one log line: control characters and
 /// quotes escaped (no forged lines, no terminal escapes), cut to `max`

@@ -6,10 +6,17 @@ use std::time::{Duration, Instant};
 
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, Handle, Msg, RunningSession, VerifiedPublicKey};
-use russh::{Channel, ChannelStream};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
+use russh::Channel;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::flow::FlowStream;
 use super::{MAX_PACKET, TARGET_PING, WINDOW_SIZE};
 
 /// The answer of an [`Authenticator`].
@@ -70,7 +77,7 @@ pub struct HubHandler {
     proven_key: Option<PublicKey>,
     /// The cluster this session authenticated as.
     cluster: Option<String>,
-    authed: Option<oneshot::Sender<(String, String)>>,
+    authed: Option<oneshot::Sender<(String, String, Vec<String>)>>,
     /// Told when a join token was presented and refused in this connection.
     refused_tx: Option<oneshot::Sender<()>>,
     /// Why the agent said it is closing the session, if it did.
@@ -108,7 +115,7 @@ impl russh::server::Handler for HubHandler {
     ) -> Result<(), Self::Error> {
         if let (Some(name), Some(tx)) = (self.cluster.clone(), self.authed.take()) {
             let id = String::from_utf8_lossy(session.remote_sshid()).to_string();
-            let _ = tx.send((name, agent_version(&id)));
+            let _ = tx.send((name, agent_version(&id), agent_features(&id)));
         }
         Ok(())
     }
@@ -153,7 +160,7 @@ impl russh::server::Handler for HubHandler {
                 reply.accept().await;
                 tokio::spawn(async move {
                     let mut tcp = tcp;
-                    let mut ch = channel.into_stream();
+                    let mut ch = FlowStream::new(channel);
                     let _ = super::splice(&mut ch, &mut tcp).await;
                 });
             }
@@ -222,16 +229,39 @@ fn farewell_text(raw: &str) -> String {
         .collect()
 }
 
+/// The words of an agent's identification comment
+/// (`SSH-2.0-towerctl_0.2.0 impersonate,foo`), bounded and printable.
+pub fn agent_features(ssh_id: &str) -> Vec<String> {
+    let Some((_, comment)) = ssh_id.trim().split_once(' ') else {
+        return Vec::new();
+    };
+    comment
+        .split(',')
+        .map(str::trim)
+        .filter(|w| {
+            !w.is_empty()
+                && w.len() <= 32
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .take(16)
+        .map(str::to_string)
+        .collect()
+}
+
 /// An authenticated agent session.
 pub struct ServerSession {
     /// The cluster name the agent authenticated as.
     pub name: String,
     /// The agent's version, from its SSH identification string.
     pub version: String,
+    /// What the agent declared about itself (its identification comment).
+    pub features: Vec<String>,
     pub handle: Handle,
     /// Resolves when the SSH session ends.
     pub running: RunningSession<HubHandler>,
     farewell: Arc<Mutex<Option<String>>>,
+    kill: CancellationToken,
 }
 
 impl ServerSession {
@@ -239,6 +269,65 @@ impl ServerSession {
     /// it has.
     pub fn farewell(&self) -> Option<String> {
         self.farewell.lock().ok()?.clone()
+    }
+
+    /// Ends a session whose peer is gone without waiting for it: the
+    /// transport fails at once, so the session task ends and every open
+    /// channel (every request in flight) sees its end. Needed because after
+    /// `disconnect` russh waits for the peer to close its side, with no
+    /// deadline when no inactivity timeout is set, and a blackholed peer
+    /// never does: requests in flight hung until their clients gave up.
+    pub fn abort(&self) -> CancellationToken {
+        self.kill.clone()
+    }
+}
+
+/// The transport under a session, failing every read and write once
+/// `kill` is cancelled (see [`ServerSession::abort`]).
+struct Killable<S> {
+    io: S,
+    killed: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<S> Killable<S> {
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the session was declared dead",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Killable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Killable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -279,12 +368,17 @@ where
         authed: Some(tx),
         refused_tx: Some(refused_tx),
     };
+    let kill = CancellationToken::new();
+    let io = Killable {
+        io,
+        killed: Box::pin(kill.clone().cancelled_owned()),
+    };
     let mut running = russh::server::run_stream(config, io, handler)
         .await
         .map_err(AcceptError::Handshake)?;
     let handle = running.handle();
     let _ = handle_slot.set(handle.clone());
-    let (name, version) = tokio::select! {
+    let (name, version, features) = tokio::select! {
         r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
         r = &mut running => {
             return Err(match r {
@@ -305,9 +399,11 @@ where
     Ok(ServerSession {
         name,
         version,
+        features,
         handle,
         running,
         farewell,
+        kill,
     })
 }
 
@@ -317,7 +413,7 @@ pub async fn open(
     target: &str,
     port: u32,
     originator: SocketAddr,
-) -> Result<ChannelStream<Msg>, russh::Error> {
+) -> Result<FlowStream, russh::Error> {
     let ch: Channel<Msg> = handle
         .channel_open_forwarded_tcpip(
             target,
@@ -326,7 +422,7 @@ pub async fn open(
             u32::from(originator.port()),
         )
         .await?;
-    Ok(ch.into_stream())
+    Ok(FlowStream::new(ch))
 }
 
 /// Measures one round trip to the agent. The agent refuses the ping target
@@ -349,6 +445,15 @@ mod tests {
     #[test]
     fn parses_agent_versions() {
         assert_eq!(super::agent_version("SSH-2.0-towerctl_0.1.0"), "0.1.0");
+        assert_eq!(
+            super::agent_version("SSH-2.0-towerctl_0.1.0 impersonate"),
+            "0.1.0"
+        );
+        assert_eq!(
+            super::agent_features("SSH-2.0-towerctl_0.1.0 impersonate,x y"),
+            vec!["impersonate".to_string()]
+        );
+        assert!(super::agent_features("SSH-2.0-towerctl_0.1.0").is_empty());
         assert_eq!(
             super::agent_version("SSH-2.0-OpenSSH_9.2p1 Debian-2"),
             "OpenSSH_9.2p1"

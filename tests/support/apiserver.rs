@@ -331,6 +331,11 @@ impl ApiServer {
         self.shared.endpointslices.store(enabled, Ordering::SeqCst);
     }
 
+    /// Makes every later request wait `d` before it is answered, like an API server that hangs.
+    pub fn set_delay(&self, d: Duration) {
+        *self.shared.delay.lock().unwrap() = d;
+    }
+
     /// Makes the fake kubelet's port-forward to port `port` of pod `ns/name` connect to `to`
     /// (by default, it connects to 127.0.0.1:`port`).
     pub fn set_portforward_target(&self, ns: &str, name: &str, port: u16, to: SocketAddr) {
@@ -396,6 +401,10 @@ async fn serve(
                 Err(_) => continue,
             },
         };
+        // As kube-apiserver (Go sets TCP_NODELAY on every connection): with
+        // Nagle, a watch event written while the response head is still
+        // unacknowledged waits for the client's delayed ACK (40 ms).
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
@@ -541,6 +550,8 @@ struct Shared {
     endpointslices: AtomicBool,
     /// (namespace, pod, pod port) -> where the fake kubelet's port-forward connects.
     portforward_targets: Mutex<HashMap<(String, String, u16), SocketAddr>>,
+    /// How long every request waits before it is answered (a slow or stuck server).
+    delay: Mutex<Duration>,
 }
 
 impl Shared {
@@ -583,6 +594,7 @@ impl Shared {
             requests: Mutex::new(Vec::new()),
             bound_users: Mutex::new(Vec::new()),
             endpointslices: AtomicBool::new(true),
+            delay: Mutex::new(Duration::ZERO),
             portforward_targets: Mutex::new(HashMap::new()),
         }
     }
@@ -925,6 +937,10 @@ fn percent_decode(s: &str) -> String {
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     shared.record(&req);
+    let delay = *shared.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let expected = format!("Bearer {TOKEN}");
     let auth = req.headers().get(header::AUTHORIZATION);
     if auth.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {

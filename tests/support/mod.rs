@@ -316,6 +316,11 @@ impl Streaming {
         self.out.lock().unwrap().clone()
     }
 
+    /// Whether the child has exited (it is reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn wait_for(&self, needle: &str, timeout: Duration) {
         wait_for(&format!("'{needle}' in streamed output"), timeout, || {
             self.output().contains(needle).then_some(())

@@ -75,6 +75,11 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
             policy,
             denied: denied.clone(),
             pod_network: PodNetwork::parse(&cfg.pod_network).map_err(anyhow::Error::msg)?,
+            services: crate::daemon::watchcache::ServiceCache::new(
+                client.clone(),
+                cancel.child_token(),
+                tasks.clone(),
+            ),
         },
         client,
         impersonate: cfg.impersonate,
@@ -99,6 +104,13 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         hub_key: cfg.hub_key.clone(),
         keepalive,
         connect_timeout: Duration::from_secs(15),
+        // The hub refuses to route to an agent whose impersonation mode
+        // differs from the member's: it learns the agent's from here.
+        features: if cfg.impersonate {
+            vec!["impersonate".to_string()]
+        } else {
+            Vec::new()
+        },
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
             cfg.insecure_skip_tls_verify,

@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use russh::client::Msg;
-use russh::ChannelStream;
+use crate::tunnel::flow::FlowStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,6 +14,7 @@ use super::config::PodNetwork;
 use crate::daemon::policy::DialPolicy;
 use crate::daemon::resolve;
 use crate::daemon::targets::Target;
+use crate::daemon::watchcache::ServiceCache;
 use crate::daemon::wire::{DialCode, RawAnswer};
 use crate::tunnel::client;
 
@@ -36,6 +36,7 @@ pub(super) async fn push_listener(
                 Err(_) => continue,
             },
         };
+        crate::tunnel::nodelay(&conn);
         let Some(sess) = current.borrow().clone() else {
             tracing::warn!(%name, "refused a workload connection from {peer}: the tunnel is down");
             continue;
@@ -120,16 +121,13 @@ pub(super) struct Dialer {
     /// Dials refused by the policy, for status.
     pub(super) denied: Arc<AtomicU64>,
     pub(super) pod_network: PodNetwork,
+    /// Services resolved from watches instead of two reads per connection.
+    pub(super) services: ServiceCache,
 }
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// answers with a [`RawAnswer`], then splices.
-pub(super) async fn serve_raw(
-    d: Dialer,
-    target: Target,
-    port: u32,
-    mut stream: ChannelStream<Msg>,
-) {
+pub(super) async fn serve_raw(d: Dialer, target: Target, port: u32, mut stream: FlowStream) {
     use tokio::io::AsyncWriteExt;
     let Dialer {
         tasks,
@@ -137,6 +135,7 @@ pub(super) async fn serve_raw(
         policy,
         denied,
         pod_network,
+        services,
     } = d;
     let dial = async {
         let port = u16::try_from(port)
@@ -164,13 +163,15 @@ pub(super) async fn serve_raw(
                 "the API server is reached through the gateway, not CONNECT".to_string(),
             )),
             k8s => {
-                let r = resolve::resolve(&client, k8s, port).await.map_err(|e| {
-                    let code = match e {
-                        resolve::ResolveError::NotFound(_) => DialCode::NotFound,
-                        _ => DialCode::Unavailable,
-                    };
-                    (code, e.to_string())
-                })?;
+                let r = resolve::resolve(&client, Some(&services), k8s, port)
+                    .await
+                    .map_err(|e| {
+                        let code = match e {
+                            resolve::ResolveError::NotFound(_) => DialCode::NotFound,
+                            _ => DialCode::Unavailable,
+                        };
+                        (code, e.to_string())
+                    })?;
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
                         dial_portforward(&tasks, &client, ns, name, r.addr.port()).await

@@ -5,15 +5,15 @@
 
 use std::path::PathBuf;
 
+use crate::tunnel::flow::FlowStream;
 use anyhow::{Context, Result};
 use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use russh::client::Msg;
-use russh::ChannelStream;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::raw::{serve_raw, Dialer};
@@ -62,7 +62,7 @@ impl ChannelService for Upstream {
         Target::from_channel_address(target).is_some()
     }
 
-    fn serve(&self, target: String, port: u32, stream: ChannelStream<Msg>) {
+    fn serve(&self, target: String, port: u32, stream: FlowStream) {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             tracing::warn!("refused a stream: {MAX_STREAMS} streams are open already");
             return;
@@ -107,12 +107,29 @@ impl ChannelService for Upstream {
 
 /// The operator to impersonate, when both the hub (for this member) and
 /// this agent allow it: `(user, groups)`.
-fn impersonation(headers: &http::HeaderMap, agent_allows: bool) -> Option<(String, Vec<String>)> {
-    let hub_allows = headers.get(IMPERSONATE_HEADER).is_some_and(|v| v == "1");
-    if !(agent_allows && hub_allows) {
-        return None;
+/// `Ok(None)`: act with the agent's own identity (neither side asks for
+/// impersonation). `Err`: the two sides disagree, or the operator's
+/// identity is missing where it is required: refused, never a silent
+/// fall-back to the agent's (usually broader) identity.
+fn impersonation(
+    headers: &http::HeaderMap,
+    agent_requires: bool,
+) -> Result<Option<(String, Vec<String>)>, String> {
+    let member_requires = headers.get(IMPERSONATE_HEADER).is_some_and(|v| v == "1");
+    match (member_requires, agent_requires) {
+        (false, false) => return Ok(None),
+        (true, false) => return Err("this member requires impersonation but its towerctl agent runs without --impersonate; restart the agent with --impersonate".into()),
+        (false, true) => return Err("this towerctl agent runs with --impersonate but the hub did not ask for it for this member; run 'towerctl cluster set NAME --impersonate' on the hub".into()),
+        (true, true) => {}
     }
-    let user = headers.get(OPERATOR_HEADER)?.to_str().ok()?.to_string();
+    let Some(user) = headers
+        .get(OPERATOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+    else {
+        return Err("the request carries no operator identity to impersonate".into());
+    };
     let groups = headers
         .get(GROUPS_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -124,7 +141,7 @@ fn impersonation(headers: &http::HeaderMap, agent_allows: bool) -> Option<(Strin
                 .collect()
         })
         .unwrap_or_default();
-    Some((user, groups))
+    Ok(Some((user, groups)))
 }
 
 async fn forward(
@@ -138,7 +155,17 @@ async fn forward(
     let hub_side_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let identity = impersonation(&parts.headers, impersonate);
+    let identity = match impersonation(&parts.headers, impersonate) {
+        Ok(i) => i,
+        Err(why) => {
+            tracing::warn!("refused a request: {why}");
+            return status_response(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!("refused by the towerctl agent: {why}"),
+            );
+        }
+    };
     // Removes any Impersonate-* and x-towerctl-* header (defence in depth:
     // the hub already strips what clients send), then adds ours.
     strip_identity(&mut parts.headers);
@@ -168,7 +195,13 @@ async fn forward(
             );
         }
     };
-    finish_upgrade(tasks, hub_side_upgrade, &mut resp);
+    finish_upgrade(
+        tasks,
+        hub_side_upgrade,
+        &mut resp,
+        CancellationToken::new(),
+        (),
+    );
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
 }

@@ -27,8 +27,9 @@ pub(super) fn handle(
             reusable,
             impersonate,
             exposes,
+            labels,
         } => {
-            if let Err(e) = validate_name(&name) {
+            if let Err(e) = validate_name(&name).and_then(|_| crate::daemon::labels::check(&labels)) {
                 return Response::err(e);
             }
             match hub.store.get_member(&name) {
@@ -51,6 +52,7 @@ pub(super) fn handle(
             m.single_use = !reusable;
             m.impersonate = impersonate;
             m.exposes = exposes.iter().cloned().collect();
+            m.labels = labels;
             if let Err(e) = hub.store.put_member(&m) {
                 return Response::err(e.to_string());
             }
@@ -64,12 +66,14 @@ pub(super) fn handle(
                 tunnel_url: base.tunnel_url.clone(),
                 hub_key: base.hub_key.clone(),
                 more_hubs: hub.other_hubs(),
+                impersonate: m.impersonate,
             })
         }
         Request::ClusterRotate {
             name,
             ttl_secs,
             reusable,
+            new_key,
         } => {
             let token = match keys::new_token("tj_") {
                 Ok(t) => t,
@@ -85,13 +89,31 @@ pub(super) fn handle(
                 m.token_used = false;
                 m.single_use = !reusable;
                 m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
+                if new_key {
+                    // A possibly compromised agent key is of no use from now
+                    // on: the agent must join again with the new token.
+                    m.agent_key = None;
+                }
                 true
             });
             match r {
                 Ok(Some(m)) if m.revoked => Response::err(format!("cluster '{name}' is revoked; run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' to register it anew")),
                 Ok(Some(m)) => {
-                    tracing::info!(cluster = %name, "join token rotated");
-                    hub.event(&name, "join token rotated".into());
+                    tracing::info!(cluster = %name, new_key, "join token rotated");
+                    hub.event(
+                        &name,
+                        if new_key {
+                            "join token rotated, agent key retired".into()
+                        } else {
+                            "join token rotated".into()
+                        },
+                    );
+                    if new_key {
+                        if let Some(s) = hub.session(&name) {
+                            let why = format!("{}the agent key of cluster '{name}' was retired on the hub ('towerctl cluster rotate {name} --new-key'); join again with the new join token", crate::tunnel::AUTH_PREFIX);
+                            hub.tasks.spawn(async move { s.close(&why).await });
+                        }
+                    }
                     Response::ok(ClusterAdded {
                         name,
                         exposes: m.exposes.clone().into_iter().collect(),
@@ -100,6 +122,7 @@ pub(super) fn handle(
                         tunnel_url: base.tunnel_url.clone(),
                         hub_key: base.hub_key.clone(),
                         more_hubs: hub.other_hubs(),
+                        impersonate: m.impersonate,
                     })
                 }
                 Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
@@ -122,6 +145,40 @@ pub(super) fn handle(
                     Response::err(format!("cluster '{name}' is not registered on this hub"))
                 }
                 Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterSet { name, impersonate } => {
+            let r = hub.store.update_member(&name, &mut |m| {
+                if let Some(i) = impersonate {
+                    m.impersonate = i;
+                }
+                true
+            });
+            match r {
+                Ok(Some(m)) => {
+                    if let Some(s) = hub.session(&name) {
+                        s.impersonate
+                            .store(m.impersonate, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let mode = if m.impersonate {
+                        "impersonation required"
+                    } else {
+                        "agent identity"
+                    };
+                    tracing::info!(cluster = %name, "member settings changed: {mode}");
+                    hub.event(&name, format!("settings changed: {mode}"));
+                    Response::ok(serde_json::json!({ "impersonate": m.impersonate }))
+                }
+                Ok(None) => Response::err(format!(
+                    "cluster '{name}' is not registered on this hub"
+                )),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::ClusterLabel { name, set, remove } => {
+            match crate::daemon::labels::apply(hub.store.as_ref(), &name, set, &remove) {
+                Ok(l) => Response::ok(l),
+                Err(e) => Response::err(e),
             }
         }
         Request::ClusterRevoke { name } => {
@@ -199,6 +256,26 @@ pub(super) fn handle(
                 ca_hash: crate::daemon::tls::ca_hash(&base.ca_pem),
             })
         }
+        Request::AccessAdd {
+            effect,
+            subject,
+            clusters,
+        } => {
+            let subject = match crate::daemon::access::Subject::parse(&subject) {
+                Ok(s) => s,
+                Err(e) => return Response::err(e),
+            };
+            change_access(hub, |p| p.add(effect, subject, &clusters))
+        }
+        Request::AccessRemove { id } => change_access(hub, |p| {
+            p.remove(id).ok_or_else(|| {
+                format!("no access rule #{id}; 'towerctl access list' shows them")
+            })
+        }),
+        Request::AccessList => match hub.access.read() {
+            Ok(p) => Response::ok(p.rules.clone()),
+            Err(_) => Response::err("the access rules are unavailable"),
+        },
         Request::OperatorList => match hub.store.list_operators() {
             Ok(ops) => Response::ok(
                 ops.into_iter()
@@ -211,14 +288,20 @@ pub(super) fn handle(
             ),
             Err(e) => Response::err(e.to_string()),
         },
+        Request::OperatorRemove { name } if name == super::LOCAL_ADMIN => Response::err(format!(
+            "'{name}' is the hub's local admin: it is what 'towerctl use' on the hub machine runs as, and it is recreated from the hub's admin.token at every start, so it cannot be removed; give other people their own operators ('towerctl operator add NAME') instead"
+        )),
         Request::OperatorRemove { name } => match hub.store.delete_operator(&name) {
             Ok(0) => Response::err(format!(
                 "no operator named '{name}'; 'towerctl operator list' shows them"
             )),
             Ok(_) => {
                 hub.reload_operators();
-                tracing::info!(operator = %name, "operator removed");
-                Response::ok(serde_json::json!({}))
+                // Access ends now, not at the operator's next request: its
+                // open watches, exec, port-forward and CONNECT streams go.
+                let cut = hub.streams.cut(|op, _| op == name);
+                tracing::info!(operator = %name, "operator removed; {cut} open streams cut");
+                Response::ok(serde_json::json!({ "streamsCut": cut }))
             }
             Err(e) => Response::err(e.to_string()),
         },
@@ -243,4 +326,33 @@ pub(super) fn handle(
             Response::ok(serde_json::json!({}))
         }
     }
+}
+
+/// Changes the access rules: in memory and in the registry together (the
+/// registry first, so a failed write changes nothing), then cuts the open
+/// streams the new rules no longer allow.
+fn change_access(
+    hub: &Hub,
+    f: impl FnOnce(&mut crate::daemon::access::Policy) -> Result<crate::daemon::access::Rule, String>,
+) -> Response {
+    let Ok(mut guard) = hub.access.write() else {
+        return Response::err("the access rules are unavailable");
+    };
+    let mut next = guard.clone();
+    let rule = match f(&mut next) {
+        Ok(r) => r,
+        Err(e) => return Response::err(e),
+    };
+    let json = match serde_json::to_string(&next) {
+        Ok(j) => j,
+        Err(e) => return Response::err(e.to_string()),
+    };
+    if let Err(e) = hub.store.put_setting(crate::daemon::access::SETTING, &json) {
+        return Response::err(format!("cannot save the access rules: {e}"));
+    }
+    *guard = next;
+    drop(guard);
+    let cut = hub.recheck_streams();
+    tracing::info!("access rules changed ({rule}); {cut} open streams cut");
+    Response::ok(serde_json::json!({ "rule": rule, "streamsCut": cut }))
 }

@@ -1,4 +1,5 @@
-//! The gateway: one HTTPS listener that serves every member by path,
+//! The gateway: one HTTPS listener that serves every member by path (or by
+//! TLS server name: see `route.rs`),
 //! `https://hub:9443/clusters/<name>/<kubernetes path>`.
 //!
 //! Each request opens one tunnel channel and speaks HTTP/1.1 to the agent
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,7 +26,8 @@ use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::audit::{Audited, Record};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
-    strip_identity, text_response, Body, Held, GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
+    strip_identity, text_response, Body, Guarded, OnDrop, GROUPS_HEADER, IMPERSONATE_HEADER,
+    OPERATOR_HEADER,
 };
 use crate::daemon::metrics::DialFailure;
 use crate::daemon::store::Operator;
@@ -78,6 +80,8 @@ const MAX_HEAD: usize = 64 * 1024;
 struct Conn {
     slot: ChannelSlot,
     peer: SocketAddr,
+    /// The member named by the connection's TLS server name, if any.
+    sni: Option<Arc<str>>,
     /// Held until the first authenticated request.
     ticket: std::sync::Mutex<Option<Ticket>>,
     /// One clone per request in flight (its response body holds it).
@@ -142,9 +146,13 @@ pub async fn serve(
                 _ = evicted.cancelled() => return,
                 _ = cancel.cancelled() => return,
             };
+            // The member this connection is for, when its TLS server name says so.
+            let sni: Option<Arc<str>> =
+                crate::daemon::route::member_of_sni(tls.get_ref().1.server_name()).map(Arc::from);
             let conn_state = Arc::new(Conn {
                 slot: ChannelSlot::default(),
                 peer,
+                sni,
                 ticket: std::sync::Mutex::new(Some(ticket)),
                 active: Arc::new(()),
                 last: std::sync::Mutex::new(std::time::Instant::now()),
@@ -159,10 +167,11 @@ pub async fn serve(
                         let hold = c.active.clone();
                         let resp = handle(hub, &c, req).await;
                         let (parts, body) = resp.into_parts();
-                        let body = Held::new(body, hold, {
+                        let touch = {
                             let c = c.clone();
-                            move || c.touch()
-                        });
+                            OnDrop(Some(move || c.touch()))
+                        };
+                        let body = Guarded::new(body, None, (hold, touch));
                         Ok::<_, std::convert::Infallible>(Response::from_parts(
                             parts,
                             body.boxed_unsync(),
@@ -170,37 +179,92 @@ pub async fn serve(
                     }
                 })
             };
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD.max(8192))
-                .serve_connection(TokioIo::new(tls), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let mut check = tokio::time::interval(Duration::from_secs(1));
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") }
-                        break;
-                    }
-                    _ = evicted.cancelled(), if !conn_state.is_authenticated() => break,
-                    _ = check.tick() => {
-                        if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
-                            tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
-                            break;
-                        }
-                        if !closing && conn_state.idle_for().is_some_and(|d| d >= IDLE_TIMEOUT) {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                    }
-                    _ = cancel.cancelled() => break,
-                }
+            // `towerctl port-forward` multiplexes its streams over one
+            // HTTP/2 connection (see `daemon::tls::MUX_ALPN`); everything
+            // else, kubectl included, speaks HTTP/1.1 (upgrades need it).
+            let mux = tls.get_ref().1.alpn_protocol() == Some(crate::daemon::tls::MUX_ALPN);
+            let watch = Watch {
+                conn_state,
+                evicted,
+                deadline,
+                cancel,
+                peer,
+            };
+            if mux {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .initial_stream_window_size(crate::daemon::tls::MUX_STREAM_WINDOW)
+                    .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
+                    .max_frame_size(crate::daemon::tls::MUX_FRAME)
+                    .max_concurrent_streams(MUX_MAX_STREAMS)
+                    .max_header_list_size(MAX_HEAD as u32)
+                    .serve_connection(TokioIo::new(tls), svc);
+                watch.drive(conn, |c| c.graceful_shutdown()).await;
+            } else {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEAD.max(8192))
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades();
+                watch.drive(conn, |c| c.graceful_shutdown()).await;
             }
         });
+    }
+}
+
+/// Most CONNECT streams at once on one multiplexed connection.
+const MUX_MAX_STREAMS: u32 = 4096;
+
+/// What watches over one client connection while hyper serves it.
+struct Watch {
+    conn_state: Arc<Conn>,
+    evicted: CancellationToken,
+    deadline: tokio::time::Instant,
+    cancel: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl Watch {
+    /// Serves `conn` until it ends, is evicted before authenticating,
+    /// misses the pre-auth deadline, or is idle for [`IDLE_TIMEOUT`]
+    /// (then closed gracefully).
+    async fn drive<F, E>(self, conn: F, shutdown: impl Fn(std::pin::Pin<&mut F>))
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let Watch {
+            conn_state,
+            evicted,
+            deadline,
+            cancel,
+            peer,
+        } = self;
+        tokio::pin!(conn);
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") }
+                    break;
+                }
+                _ = evicted.cancelled(), if !conn_state.is_authenticated() => break,
+                _ = check.tick() => {
+                    if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
+                        tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
+                        break;
+                    }
+                    if !closing && conn_state.idle_for().is_some_and(|d| d >= IDLE_TIMEOUT) {
+                        closing = true;
+                        shutdown(conn.as_mut());
+                    }
+                }
+                _ = cancel.cancelled() => break,
+            }
+        }
     }
 }
 
@@ -214,16 +278,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-/// Splits `/clusters/<name>/<rest>` into the name and the upstream path.
-pub fn route(path: &str) -> Option<(&str, String)> {
-    let rest = path.strip_prefix("/clusters/")?;
-    let (name, tail) = match rest.split_once('/') {
-        Some((n, t)) => (n, format!("/{t}")),
-        None => (rest, "/".to_string()),
-    };
-    (!name.is_empty()).then_some((name, tail))
 }
 
 /// Opens a new channel to the agent and an HTTP/1.1 connection over it.
@@ -266,9 +320,9 @@ async fn open_channel(
 const API: &str = "/towerctl/v1/";
 
 async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
-    let (slot, peer) = (&conn.slot, conn.peer);
+    let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
     let path = req.uri().path().to_string();
-    if path == "/healthz" || path == "/readyz" {
+    if sni.is_none() && (path == "/healthz" || path == "/readyz") {
         return Response::new(full(Bytes::from_static(b"ok")));
     }
     if path == "/towerctl/v1/ca.crt" {
@@ -283,7 +337,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     };
     conn.authenticated();
     if req.method() == http::Method::CONNECT {
-        return connect(hub, req, peer, &operator).await;
+        return connect(hub, req, peer, &operator, conn.active.clone()).await;
     }
     if let Some(what) = path.strip_prefix(API) {
         return match what {
@@ -291,7 +345,13 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
                 json_response(serde_json::json!({"name": operator.name, "groups": operator.groups}))
             }
             "clusters" => {
-                json_response(serde_json::to_value(hub.cluster_statuses()).unwrap_or_default())
+                // Only the members this operator may reach.
+                let mine: Vec<_> = hub
+                    .cluster_statuses()
+                    .into_iter()
+                    .filter(|c| hub.decide(&operator, &c.name).allowed)
+                    .collect();
+                json_response(serde_json::to_value(mine).unwrap_or_default())
             }
             _ => status_response(
                 StatusCode::NOT_FOUND,
@@ -300,10 +360,10 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             ),
         };
     }
-    let Some((name, upstream_path)) = route(&path) else {
-        return status_response(StatusCode::NOT_FOUND, "NotFound", "the towerctl gateway serves clusters under /clusters/<name>/; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL");
+    let (name, upstream_path) = match crate::daemon::route::pick(sni, &path) {
+        Ok(r) => r,
+        Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
-    let name = name.to_string();
     let start = std::time::Instant::now();
     let record = Record {
         time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
@@ -319,7 +379,23 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         status: 0,
         duration_ms: 0,
         bytes: 0,
+        rule: None,
     };
+    // Access rules: a member the operator may not reach answers exactly
+    // like one that does not exist, so names do not leak.
+    let decision = hub.decide(&operator, &name);
+    let record = Record {
+        rule: Some(decision.why.clone()),
+        ..record
+    };
+    if !decision.allowed {
+        let (code, reason, msg) = unknown_cluster(&hub, &name);
+        hub.auditor.record(Record {
+            status: code.as_u16(),
+            ..record
+        });
+        return status_response(code, reason, &msg);
+    }
     let resp = proxy(&hub, slot, req, peer, &operator, name, upstream_path).await;
     let (parts, body) = resp.into_parts();
     let record = Record {
@@ -340,6 +416,7 @@ async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
     operator: &Operator,
+    active: Arc<()>,
 ) -> Response<Body> {
     let Some(authority) = req.uri().authority().cloned() else {
         return text_response(StatusCode::BAD_REQUEST, "CONNECT needs HOST:PORT");
@@ -353,6 +430,25 @@ async fn connect(
     let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
         return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
     };
+    let decision = hub.decide(operator, &cluster);
+    let mut record = Record {
+        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+        operator: operator.name.clone(),
+        cluster: cluster.clone(),
+        verb: "connect".into(),
+        method: "CONNECT".into(),
+        path: authority.to_string(),
+        status: 200,
+        duration_ms: 0,
+        bytes: 0,
+        rule: Some(decision.why),
+    };
+    if !decision.allowed {
+        let (code, _, msg) = unknown_cluster(&hub, &cluster);
+        record.status = code.as_u16();
+        hub.auditor.record(record);
+        return text_response(code, &msg);
+    }
     let Some(session) = hub.session(&cluster) else {
         // Held by another hub: carried there.
         if let Ok(resp) = super::peer::forward_connect(&hub, &cluster, req).await {
@@ -361,6 +457,10 @@ async fn connect(
         let (code, _, msg) = no_session(&hub, &cluster);
         return text_response(code, &msg);
     };
+    if let Err(msg) = impersonation_agrees(&session) {
+        hub.dial_failures.add(DialFailure::AgentError);
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
+    }
     let start = std::time::Instant::now();
     let mut stream = match server::open(
         &session.handle,
@@ -394,17 +494,6 @@ async fn connect(
                 );
             }
         };
-    let mut record = Record {
-        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
-        operator: operator.name.clone(),
-        cluster: cluster.clone(),
-        verb: "connect".into(),
-        method: "CONNECT".into(),
-        path: authority.to_string(),
-        status: 200,
-        duration_ms: 0,
-        bytes: 0,
-    };
     if let RawAnswer::Err(code, msg) = answer {
         hub.dial_failures.add(DialFailure::from(code));
         let status = code.http_status();
@@ -414,7 +503,10 @@ async fn connect(
         return text_response(status, &format!("cluster '{cluster}': {msg}"));
     }
     let auditor = hub.auditor.clone();
+    let guard = hub.streams.open(&operator.name, &cluster);
     hub.tasks.spawn(async move {
+        // A multiplexed connection is not idle while a stream is spliced.
+        let _active = active;
         match hyper::upgrade::on(req).await {
             Ok(up) => {
                 // Counted on the client side: a connection that ends with an
@@ -422,7 +514,12 @@ async fn connect(
                 let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
                 let mut client =
                     crate::tunnel::counted::Counted::new(TokioIo::new(up), rd.clone(), wr.clone());
-                let _ = crate::tunnel::splice(&mut client, &mut stream).await;
+                tokio::select! {
+                    _ = crate::tunnel::splice(&mut client, &mut stream) => {}
+                    _ = guard.cut.cancelled() => {
+                        tracing::info!(cluster = %record.cluster, operator = %record.operator, "a CONNECT stream was cut: access revoked");
+                    }
+                }
                 record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
             }
             Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
@@ -447,14 +544,32 @@ fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
             hub.dial_failures.add(DialFailure::NotConnected);
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg)
         }
-        _ => {
-            hub.dial_failures.add(DialFailure::UnknownCluster);
-            (
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"),
-            )
-        }
+        _ => unknown_cluster(hub, name),
+    }
+}
+
+/// The answer for a member that does not exist — and, word for word, for
+/// one the operator may not reach.
+fn unknown_cluster(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
+    hub.dial_failures.add(DialFailure::UnknownCluster);
+    (
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'"),
+    )
+}
+
+/// Whether the member's impersonation mode (the hub's registry) and its
+/// agent's (declared at login) agree. When they differ, nothing is routed:
+/// either operators would silently act with the agent's own identity, or
+/// the agent would refuse every request.
+fn impersonation_agrees(session: &LiveSession) -> Result<(), String> {
+    let member = session.impersonate.load(Ordering::Relaxed);
+    let name = &session.name;
+    match (member, session.agent_impersonates) {
+        (true, false) => Err(format!("cluster '{name}' requires impersonation (each operator acts as itself on the member) but its agent runs without --impersonate; restart the agent with --impersonate (as 'towerctl cluster add' printed), or run 'towerctl cluster set {name} --no-impersonate' on the hub to let operators act with the agent's identity")),
+        (false, true) => Err(format!("cluster '{name}' is registered without impersonation but its agent runs with --impersonate; run 'towerctl cluster set {name} --impersonate' on the hub, or restart the agent without --impersonate")),
+        _ => Ok(()),
     }
 }
 
@@ -476,6 +591,10 @@ async fn proxy(
         let (code, reason, msg) = no_session(hub, &name);
         return status_response(code, reason, &msg);
     };
+    if let Err(msg) = impersonation_agrees(&session) {
+        hub.dial_failures.add(DialFailure::AgentError);
+        return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
+    }
 
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -510,7 +629,7 @@ async fn proxy(
             parts.headers.insert(GROUPS_HEADER, v);
         }
     }
-    if session.impersonate {
+    if session.impersonate.load(Ordering::Relaxed) {
         parts
             .headers
             .insert(IMPERSONATE_HEADER, HeaderValue::from_static("1"));
@@ -573,23 +692,18 @@ async fn proxy(
     if !upgrade {
         slot.put(name.clone(), session.id, sender).await;
     }
-    finish_upgrade(&hub.tasks, client_upgrade, &mut resp);
-    let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_by_path() {
-        assert_eq!(
-            route("/clusters/alpha/api/v1/nodes"),
-            Some(("alpha", "/api/v1/nodes".to_string()))
-        );
-        assert_eq!(route("/clusters/alpha"), Some(("alpha", "/".to_string())));
-        assert_eq!(route("/clusters/"), None);
-        assert_eq!(route("/api/v1"), None);
+    // Every stream is registered under its operator and member, so that
+    // revoking access cuts it at once, whatever it is (watch, logs -f,
+    // exec, port-forward).
+    let guard = hub.streams.open(&operator.name, &name);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let stop = guard.cut.clone();
+        finish_upgrade(&hub.tasks, client_upgrade, &mut resp, stop, guard);
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync());
     }
+    let (parts, body) = resp.into_parts();
+    let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
+    let stop = guard.cut.clone();
+    Response::from_parts(parts, Guarded::new(body, Some(stop), guard).boxed_unsync())
 }

@@ -29,6 +29,10 @@ use super::store::{Operator, RedbStore, Store};
 use crate::paths;
 use crate::tunnel::{keys, server};
 
+/// The operator the hub creates at first start for its own machine
+/// (`towerctl use` there runs as it).
+pub const LOCAL_ADMIN: &str = "admin";
+
 /// How the hub is started.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -59,8 +63,11 @@ pub struct LiveSession {
     pub handle: russh::server::Handle,
     pub peer: Option<SocketAddr>,
     pub connected_at: u64,
-    /// The member lets the agent impersonate operators (from the registry).
-    pub impersonate: bool,
+    /// The member requires the agent to impersonate operators (from the
+    /// registry; `cluster set` changes it live).
+    pub impersonate: std::sync::atomic::AtomicBool,
+    /// The agent declared at login that it impersonates (`--impersonate`).
+    pub agent_impersonates: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
@@ -121,6 +128,10 @@ pub struct Hub {
     pub tasks: TaskTracker,
     /// Unauthenticated connections of the tunnel and gateway listeners.
     pub admissions: [Arc<Admission>; 2],
+    /// Streams in flight through the gateway, cut when access is revoked.
+    pub streams: Arc<super::streams::OpenStreams>,
+    /// Who may reach which member (cache of the registry's rules).
+    pub access: RwLock<super::access::Policy>,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
     /// Set when this hub is one of several on etcd.
@@ -150,6 +161,8 @@ impl Hub {
                 Admission::new("gateway", caps),
             ],
             operators: RwLock::new(HashMap::new()),
+            streams: Default::default(),
+            access: RwLock::new(Default::default()),
             ca_pem,
             cluster: std::sync::OnceLock::new(),
         }
@@ -269,6 +282,57 @@ impl Hub {
         self.operators.read().ok()?.get(&hash).cloned()
     }
 
+    /// Whether `op` may reach member `name`, and the rule that decided. The
+    /// member's labels are read from the registry (a missing member has
+    /// none; the caller answers for it as unknown either way).
+    pub fn decide(&self, op: &Operator, name: &str) -> super::access::Decision {
+        let local_admin = op.name == LOCAL_ADMIN;
+        let labels = if local_admin {
+            Default::default()
+        } else {
+            self.store
+                .get_member(name)
+                .ok()
+                .flatten()
+                .map(|m| m.labels)
+                .unwrap_or_default()
+        };
+        match self.access.read() {
+            Ok(p) => p.decide(&op.name, &op.groups, local_admin, name, &labels),
+            Err(_) => super::access::Decision {
+                allowed: local_admin,
+                why: "access rules unavailable".into(),
+            },
+        }
+    }
+
+    /// Loads the access rules from the registry (at start).
+    fn load_access(&self) -> Result<()> {
+        let p = match self.store.get_setting(super::access::SETTING)? {
+            Some(json) => serde_json::from_str(&json)
+                .context("the access rules in the registry are unreadable")?,
+            None => Default::default(),
+        };
+        if let Ok(mut a) = self.access.write() {
+            *a = p;
+        }
+        Ok(())
+    }
+
+    /// Cuts every open stream whose operator may no longer reach its member
+    /// (after rules were narrowed or an operator removed); returns how many.
+    pub fn recheck_streams(&self) -> usize {
+        let ops: HashMap<String, Operator> = self
+            .operators
+            .read()
+            .map(|m| m.values().map(|o| (o.name.clone(), o.clone())).collect())
+            .unwrap_or_default();
+        self.streams.cut(|op, cluster| match ops.get(op) {
+            Some(o) => !self.decide(o, cluster).allowed,
+            None => true,
+        })
+    }
+
     /// Reloads the operator cache from the registry.
     fn reload_operators(&self) {
         match self.store.list_operators() {
@@ -381,6 +445,8 @@ impl Hub {
                         .flatten(),
                     token_state,
                     hub: peer::holder(self, &m.name),
+                    labels: m.labels.clone(),
+                    impersonate: m.impersonate,
                 };
                 match self.session(&m.name) {
                     Some(s) => {
@@ -468,9 +534,10 @@ pub async fn run(
         }
     };
     let admin_hash = keys::token_hash(&admin_token);
+    // LOCAL_ADMIN is the operator this token belongs to.
     if store.operator_by_token_hash(&admin_hash)?.is_none() {
         store.put_operator(&Operator {
-            name: "admin".into(),
+            name: LOCAL_ADMIN.into(),
             token_hash: admin_hash,
             groups: vec!["system:masters".into()],
             created_at: ctl::now_unix(),
@@ -519,6 +586,8 @@ pub async fn run(
     if let Some(h) = hostname() {
         names.push(h);
     }
+    // Every member's TLS server name, now and later (routing by SNI).
+    names.push(super::route::sni_wildcard());
     names.dedup();
     let tls = super::tls::load(&data, &names, write_secret)?;
 
@@ -566,6 +635,7 @@ pub async fn run(
     };
 
     hub.reload_operators();
+    hub.load_access()?;
     let tracker = hub.tasks.clone();
     if let Some(shared) = shared {
         let id = format!(

@@ -427,12 +427,23 @@ pub async fn run(
             ch = changes.recv() => {
                 let Some(ch) = ch else { return };
                 let mut operators = ch == Change::Operators;
+                let mut settings = ch == Change::Settings;
                 // Take what else is queued, then act once.
                 while let Ok(more) = changes.try_recv() {
                     operators |= more == Change::Operators;
+                    settings |= more == Change::Settings;
                 }
                 if operators {
                     hub.reload_operators();
+                }
+                if settings {
+                    // Access rules changed on another hub.
+                    if let Err(e) = hub.load_access() {
+                        tracing::warn!("cannot load the access rules from etcd: {e}");
+                    }
+                }
+                if operators || settings {
+                    hub.recheck_streams();
                 }
                 cluster.reconcile(&hub);
             }
@@ -512,7 +523,15 @@ pub(super) async fn forward(
             ))
         }
     };
-    finish_upgrade(&hub.tasks, client_upgrade, &mut resp);
+    // The owner registers the stream and cuts it when access is revoked;
+    // this splice ends with it.
+    finish_upgrade(
+        &hub.tasks,
+        client_upgrade,
+        &mut resp,
+        CancellationToken::new(),
+        (),
+    );
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,

@@ -153,12 +153,14 @@ async fn tunnel_session(
         handle: sess.handle.clone(),
         peer: Some(peer),
         connected_at: control::now_unix(),
-        impersonate: hub
-            .store
-            .get_member(&sess.name)
-            .ok()
-            .flatten()
-            .is_some_and(|m| m.impersonate),
+        impersonate: std::sync::atomic::AtomicBool::new(
+            hub.store
+                .get_member(&sess.name)
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.impersonate),
+        ),
+        agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         bytes_in: Arc::new(AtomicU64::new(0)),
@@ -168,6 +170,16 @@ async fn tunnel_session(
     });
     tracing::info!(cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
+    // A revoke or removal that raced this login (the check passed just
+    // before it) must not leave a session registered: look again now that
+    // the session is visible to the revoke's cut.
+    match hub.store.get_member(&live.name) {
+        Ok(Some(m)) if !m.revoked => {}
+        _ => {
+            let why = super::auth::revoked_reason(&live.name);
+            live.close(&why).await;
+        }
+    }
 
     // A ping goes out at most one interval after the last answer and gets
     // two intervals to come back: a silent agent is dead within three.
@@ -191,6 +203,7 @@ async fn tunnel_session(
             }
         }
     };
+    let kill = sess.abort();
     let why = tokio::select! {
         r = &mut sess.running => match r {
             Ok(()) => "session closed".to_string(),
@@ -198,6 +211,10 @@ async fn tunnel_session(
         },
         _ = pinger => {
             let _ = live.handle.disconnect(russh::Disconnect::ByApplication, "no keepalive answer".into(), String::new()).await;
+            // A moment for the reason to go out, then cut the transport:
+            // requests in flight on a dead peer fail now, not never.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            kill.cancel();
             format!("no answer to keepalives within {:?}: declared dead", keepalive * 2)
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),

@@ -1,0 +1,536 @@
+//! `towerctl kubectl [-l SELECTOR | NAME…] [--parallel N] [--timeout D] -- ARGS…`:
+//! the real kubectl against several members at once, one merged output.
+//!
+//! - Contexts: a private temporary kubeconfig built by the same code as
+//!   `towerctl kubeconfig` (so it is never stale, whatever the user's
+//!   kubeconfig holds), one `tower-NAME` context per member, no secret in it.
+//! - Output: a table gets one header and a leading CLUSTER column; `-o
+//!   json|yaml` becomes one `List` whose items carry the annotation
+//!   `towerctl.io/cluster`; anything else is prefixed `NAME | ` line by line,
+//!   each member's lines together.
+//! - Failures never hang the command: each kubectl is killed at `--timeout`;
+//!   a closing summary on stderr gives every failed member its exit code and
+//!   its last error line (for a down member, the gateway's 503 text).
+//! - Ctrl-C drops every running kubectl, which kills it (`kill_on_drop`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use super::exit;
+use super::usectx::Source;
+use crate::daemon::labels::Selector;
+use crate::paths;
+
+pub const CLUSTER_ANNOTATION: &str = "towerctl.io/cluster";
+
+pub struct Args {
+    pub selector: Option<String>,
+    pub names: Vec<String>,
+    pub parallel: usize,
+    pub timeout: Duration,
+    pub gateway: Option<String>,
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Table,
+    Json,
+    Yaml,
+    Lines,
+}
+
+/// How kubectl will print, read from its arguments.
+fn mode(args: &[String]) -> Mode {
+    let own: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .take_while(|a| *a != "--")
+        .collect();
+    let mut output = None;
+    for (i, a) in own.iter().enumerate() {
+        if *a == "-o" || *a == "--output" {
+            output = own.get(i + 1).copied();
+        } else if let Some(v) = a
+            .strip_prefix("--output=")
+            .or_else(|| a.strip_prefix("-o="))
+            .or_else(|| a.strip_prefix("-o"))
+        {
+            output = Some(v);
+        }
+    }
+    match output {
+        Some("json") => return Mode::Json,
+        Some("yaml") => return Mode::Yaml,
+        _ => {}
+    }
+    let tabular = own.iter().any(|a| *a == "get" || *a == "top")
+        && !own.iter().any(|a| {
+            matches!(
+                *a,
+                "--raw" | "-w" | "--watch" | "--watch-only" | "--no-headers"
+            ) || a.starts_with("--raw=")
+                || a.starts_with("--no-headers=")
+        });
+    let table_output = match output {
+        None | Some("wide") => true,
+        Some(o) => o.starts_with("custom-columns"),
+    };
+    if tabular && table_output {
+        Mode::Table
+    } else {
+        Mode::Lines
+    }
+}
+
+#[derive(Debug)]
+enum Status {
+    Exited(i32),
+    Killed,
+    TimedOut,
+    NotStarted(String),
+}
+
+struct Outcome {
+    name: String,
+    status: Status,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn ok(&self) -> bool {
+        matches!(self.status, Status::Exited(0))
+    }
+}
+
+/// Deletes the temporary kubeconfig however the command ends.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The members to run against, in name order.
+fn select(source: &Source, selector: Option<&str>, names: &[String]) -> Result<Vec<String>> {
+    if !names.is_empty() {
+        for n in names {
+            source.check(n)?;
+        }
+        let mut v = names.to_vec();
+        v.dedup();
+        return Ok(v);
+    }
+    let sel = match selector {
+        Some(s) => Selector::parse(s).map_err(anyhow::Error::msg)?,
+        None => Selector::default(),
+    };
+    let mut v: Vec<String> = source
+        .clusters
+        .iter()
+        .filter(|c| sel.matches(&c.labels))
+        .map(|c| c.name.clone())
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        match selector {
+            Some(s) => bail!("no member matches the selector '{s}': see the labels with 'towerctl cluster list -o wide', set them with 'towerctl cluster label NAME KEY=VALUE'"),
+            None => bail!("the hub has no members yet: 'towerctl cluster add NAME' on the hub"),
+        }
+    }
+    Ok(v)
+}
+
+pub async fn run(a: Args) -> Result<u8> {
+    if let Some(bad) = a.args.iter().take_while(|x| *x != "--").find(|x| {
+        [
+            "--context",
+            "--kubeconfig",
+            "--cluster",
+            "--server",
+            "--user",
+        ]
+        .iter()
+        .any(|f| *x == f || x.starts_with(&format!("{f}=")))
+    }) {
+        bail!("towerctl kubectl chooses the context of each member itself: remove '{bad}' from the kubectl arguments");
+    }
+    let source = Source::find(a.gateway.as_deref()).await?;
+    let members = select(&source, a.selector.as_deref(), &a.names)?;
+
+    let dir = paths::runtime_dir();
+    paths::ensure_private_dir(&dir)?;
+    let kc = TempFile(dir.join(format!("kubectl-{}.kubeconfig", std::process::id())));
+    let doc = super::usectx::standalone(&source, &members)?;
+    paths::write_atomic(&kc.0, serde_saphyr::to_string(&doc)?.as_bytes(), 0o600)?;
+
+    let kubectl = std::env::var_os("TOWERCTL_KUBECTL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("kubectl"));
+    let mode = mode(&a.args);
+    let width = members.iter().map(String::len).max().unwrap_or(0);
+
+    let mut runs = futures_util::stream::iter(members.iter().cloned())
+        .map(|name| run_one(&kubectl, &kc.0, name, &a.args, a.timeout))
+        .buffer_unordered(a.parallel.max(1));
+    let mut outcomes = Vec::new();
+    let all = async {
+        while let Some(o) = runs.next().await {
+            if mode == Mode::Lines {
+                print_prefixed(&o, width, true);
+            }
+            outcomes.push(o);
+        }
+    };
+    tokio::select! {
+        _ = all => {}
+        _ = tokio::signal::ctrl_c() => {
+            // Leaving this branch drops every running kubectl: kill_on_drop.
+            eprintln!("interrupted: stopped every kubectl still running");
+            return Ok(exit::INTERRUPTED);
+        }
+    }
+    drop(runs);
+    outcomes.sort_by_key(|o| members.iter().position(|m| *m == o.name));
+
+    match mode {
+        Mode::Table => print_table(&outcomes),
+        Mode::Json | Mode::Yaml => print_list(&mut outcomes, mode)?,
+        Mode::Lines => {}
+    }
+    if mode != Mode::Lines {
+        for o in outcomes.iter().filter(|o| o.ok()) {
+            print_prefixed(o, width, false);
+        }
+    }
+    let failed = outcomes.iter().filter(|o| !o.ok()).count();
+    if failed == 0 {
+        return Ok(exit::OK);
+    }
+    eprintln!(
+        "towerctl kubectl: {failed} of {} members failed",
+        outcomes.len()
+    );
+    for o in &outcomes {
+        let (code, why) = match &o.status {
+            Status::Exited(0) => ("exit 0".to_string(), String::new()),
+            Status::Exited(c) => (
+                format!("exit {c}"),
+                match gateway_refusal(&source, &o.name).await {
+                    Some(m) => m,
+                    None => last_error(&o.stderr),
+                },
+            ),
+            Status::Killed => ("killed".into(), last_error(&o.stderr)),
+            Status::TimedOut => (
+                "timed out".into(),
+                format!(
+                    "no answer within {:?}; kubectl was stopped (raise --timeout for slow members)",
+                    a.timeout
+                ),
+            ),
+            Status::NotStarted(e) => ("not run".into(), e.clone()),
+        };
+        eprintln!("  {:<width$}  {code:<9}  {why}", o.name);
+    }
+    Ok(exit::ERROR)
+}
+
+/// What the gateway answers for the member when it refuses it (down,
+/// revoked, unknown): kubectl hides a 503's message behind "the server is
+/// currently unable to handle the request" when discovery fails, and the
+/// gateway's own text says since when and what to do.
+async fn gateway_refusal(source: &Source, name: &str) -> Option<String> {
+    let url = format!(
+        "{}/clusters/{name}/version",
+        source.gateway_url.trim_end_matches('/')
+    );
+    let probe = super::https::get(
+        &url,
+        super::https::Trust::Ca(&source.ca_pem),
+        Some(source.token.expose()),
+    );
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()?
+        .ok()?;
+    if status < 500 {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&body).ok()?;
+    Some(format!("HTTP {status}: {}", v["message"].as_str()?))
+}
+
+/// The line that says why kubectl failed: its last non-empty one.
+fn last_error(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("(no message)")
+        .to_string()
+}
+
+async fn run_one(
+    kubectl: &Path,
+    kubeconfig: &Path,
+    name: String,
+    args: &[String],
+    timeout: Duration,
+) -> Outcome {
+    let mut cmd = tokio::process::Command::new(kubectl);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--context")
+        .arg(format!("tower-{name}"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let outcome = |status, stdout: &[u8], stderr: &[u8]| Outcome {
+        name: name.clone(),
+        status,
+        stdout: String::from_utf8_lossy(stdout).into_owned(),
+        stderr: String::from_utf8_lossy(stderr).into_owned(),
+    };
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return outcome(
+                Status::NotStarted(format!(
+                    "cannot run '{}': {e}; install kubectl or point TOWERCTL_KUBECTL at it",
+                    kubectl.display()
+                )),
+                b"",
+                b"",
+            )
+        }
+    };
+    // On timeout the future is dropped with the child: kill_on_drop kills it.
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(Ok(out)) => {
+            let status = match out.status.code() {
+                Some(c) => Status::Exited(c),
+                None => Status::Killed,
+            };
+            outcome(status, &out.stdout, &out.stderr)
+        }
+        Ok(Err(e)) => outcome(Status::NotStarted(e.to_string()), b"", b""),
+        Err(_) => outcome(Status::TimedOut, b"", b""),
+    }
+}
+
+/// `NAME | line` for each line; stdout to stdout (unless `stderr_only`).
+fn print_prefixed(o: &Outcome, width: usize, with_stdout: bool) {
+    use std::io::Write;
+    if with_stdout {
+        let mut out = std::io::stdout().lock();
+        for l in o.stdout.lines() {
+            let _ = writeln!(out, "{:<width$} | {l}", o.name);
+        }
+    }
+    // A failed member's last error line is in the summary; the rest of its
+    // stderr is noise there (client-go repeats discovery errors).
+    if with_stdout || o.ok() {
+        let mut err = std::io::stderr().lock();
+        for l in o.stderr.lines() {
+            let _ = writeln!(err, "{:<width$} | {l}", o.name);
+        }
+    }
+}
+
+/// Where each column of a kubectl table starts: kubectl pads cells with at
+/// least three spaces (tabwriter), header cells hold at most single spaces.
+fn column_starts(header: &[char]) -> Vec<usize> {
+    let mut starts = vec![0];
+    for i in 2..header.len() {
+        if header[i] != ' ' && header[i - 1] == ' ' && header[i - 2] == ' ' {
+            starts.push(i);
+        }
+    }
+    starts
+}
+
+fn cells(line: &[char], starts: &[usize]) -> Vec<String> {
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let e = starts
+                .get(i + 1)
+                .copied()
+                .unwrap_or(line.len())
+                .min(line.len());
+            let s = s.min(e);
+            line[s..e].iter().collect::<String>().trim().to_string()
+        })
+        .collect()
+}
+
+/// One table: CLUSTER first, the header once (per distinct header).
+fn print_table(outcomes: &[Outcome]) {
+    let mut groups: Vec<(Vec<String>, Vec<Vec<String>>)> = Vec::new();
+    for o in outcomes {
+        let mut lines = o.stdout.lines().filter(|l| !l.trim().is_empty());
+        let Some(h) = lines.next() else { continue };
+        let h: Vec<char> = h.chars().collect();
+        let starts = column_starts(&h);
+        let header: Vec<String> = std::iter::once("CLUSTER".to_string())
+            .chain(cells(&h, &starts))
+            .collect();
+        let rows = lines.map(|l| {
+            let l: Vec<char> = l.chars().collect();
+            std::iter::once(o.name.clone())
+                .chain(cells(&l, &starts))
+                .collect::<Vec<_>>()
+        });
+        match groups.iter_mut().find(|(hd, _)| *hd == header) {
+            Some((_, r)) => r.extend(rows),
+            None => groups.push((header, rows.collect())),
+        }
+    }
+    let mut out = String::new();
+    for (i, (header, rows)) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let mut widths: Vec<usize> = header.iter().map(|c| c.chars().count()).collect();
+        for r in rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        for r in std::iter::once(header).chain(rows) {
+            let n = r.len();
+            for (j, c) in r.iter().enumerate() {
+                if j + 1 == n {
+                    out.push_str(c);
+                } else {
+                    out.push_str(&format!("{c:<w$}   ", w = widths[j]));
+                }
+            }
+            out.push('\n');
+        }
+    }
+    print!("{out}");
+}
+
+/// One `List` of every member's objects, each annotated with its member.
+fn print_list(outcomes: &mut [Outcome], mode: Mode) -> Result<()> {
+    let mut items = Vec::new();
+    for o in outcomes.iter_mut() {
+        if o.stdout.trim().is_empty() {
+            continue;
+        }
+        let parsed: Result<Value, String> = if mode == Mode::Json {
+            serde_json::from_str(&o.stdout).map_err(|e| e.to_string())
+        } else {
+            serde_saphyr::from_str(&o.stdout).map_err(|e| e.to_string())
+        };
+        let v = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                if o.ok() {
+                    o.status =
+                        Status::NotStarted(format!("kubectl's output is not one document: {e}"));
+                }
+                continue;
+            }
+        };
+        let objects = match v {
+            Value::Object(mut m) if m.get("items").is_some_and(Value::is_array) => {
+                match m.remove("items") {
+                    Some(Value::Array(a)) => a,
+                    _ => Vec::new(),
+                }
+            }
+            other => vec![other],
+        };
+        for mut obj in objects {
+            annotate(&mut obj, &o.name);
+            items.push(obj);
+        }
+    }
+    let list = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "metadata": {"resourceVersion": ""},
+        "items": items,
+    });
+    if mode == Mode::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print!(
+            "{}",
+            serde_saphyr::to_string(&list).context("cannot print YAML")?
+        );
+    }
+    Ok(())
+}
+
+fn annotate(obj: &mut Value, cluster: &str) {
+    let Some(o) = obj.as_object_mut() else { return };
+    let meta = o.entry("metadata").or_insert_with(|| json!({}));
+    let Some(meta) = meta.as_object_mut() else {
+        return;
+    };
+    let ann = meta.entry("annotations").or_insert_with(|| json!({}));
+    if let Some(ann) = ann.as_object_mut() {
+        ann.insert(CLUSTER_ANNOTATION.into(), Value::String(cluster.into()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn output_mode_follows_kubectls_flags() {
+        assert_eq!(mode(&args("get ns")), Mode::Table);
+        assert_eq!(mode(&args("-n x get pods -o wide")), Mode::Table);
+        assert_eq!(mode(&args("get ns -o json")), Mode::Json);
+        assert_eq!(mode(&args("get ns -ojson")), Mode::Json);
+        assert_eq!(mode(&args("get ns --output=yaml")), Mode::Yaml);
+        assert_eq!(mode(&args("get ns -o name")), Mode::Lines);
+        assert_eq!(mode(&args("get ns --no-headers")), Mode::Lines);
+        assert_eq!(mode(&args("get --raw /version")), Mode::Lines);
+        assert_eq!(mode(&args("version")), Mode::Lines);
+        assert_eq!(mode(&args("exec web -- get -o json")), Mode::Lines);
+    }
+
+    #[test]
+    fn tables_split_where_the_header_says() {
+        let h: Vec<char> = "NAME          STATUS   AGE   NOMINATED NODE"
+            .chars()
+            .collect();
+        let starts = column_starts(&h);
+        assert_eq!(starts, vec![0, 14, 23, 29]);
+        let row: Vec<char> = "kube-system   Active   5d    <none>".chars().collect();
+        assert_eq!(
+            cells(&row, &starts),
+            vec!["kube-system", "Active", "5d", "<none>"]
+        );
+        let short: Vec<char> = "x".chars().collect();
+        assert_eq!(cells(&short, &starts), vec!["x", "", "", ""]);
+    }
+
+    #[test]
+    fn objects_carry_their_member() {
+        let mut o = json!({"kind": "Namespace", "metadata": {"name": "a"}});
+        annotate(&mut o, "alpha");
+        assert_eq!(o["metadata"]["annotations"][CLUSTER_ANNOTATION], "alpha");
+    }
+}

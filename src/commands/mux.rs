@@ -1,0 +1,154 @@
+//! One long-lived connection from `towerctl port-forward` to the gateway,
+//! shared by every forwarded connection: HTTP/2 over TLS, one CONNECT
+//! stream per accepted local connection.
+//!
+//! Why: a TLS handshake per accepted connection cost the gateway and
+//! port-forward most of a new forwarded connection's time and CPU (and a
+//! TCP connection and TLS state per held connection on both). HTTP/2 gives
+//! multiplexing with per-stream flow control, and hyper does CONNECT over
+//! it on both ends. The stream is negotiated under a private ALPN name
+//! ([`MUX_ALPN`]) so that clients offering `h2` (kubectl does) keep the
+//! HTTP/1.1 they get today: exec, attach and port-forward upgrades need it.
+//! A gateway that does not offer the name (an older hub) is reached with a
+//! TLS connection and an HTTP/1.1 CONNECT per forwarded connection, as
+//! before.
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+pub use crate::daemon::tls::MUX_ALPN;
+
+use super::https::{connect_tunnel, GatewayClient};
+
+/// A byte stream to a target in a member.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Flow-control windows of the multiplexed connection (both ends use the
+/// same, see `daemon::tls`): big enough that one bulk stream is not held
+/// back by window updates, bounded so a slow reader cannot make the other
+/// end buffer without limit.
+pub use crate::daemon::tls::{MUX_CONN_WINDOW, MUX_FRAME, MUX_STREAM_WINDOW};
+
+/// The shared connection, opened on first use and again after the gateway
+/// closed it (idle timeout, restart).
+pub struct Mux {
+    gw: GatewayClient,
+    token: String,
+    current: tokio::sync::Mutex<Current>,
+}
+
+enum Current {
+    None,
+    H2(SendRequest<Empty<Bytes>>),
+    /// The gateway does not multiplex: one connection per stream.
+    PerConnection,
+}
+
+impl Mux {
+    pub fn new(gw: GatewayClient, token: &str) -> Mux {
+        Mux {
+            gw,
+            token: token.to_string(),
+            current: tokio::sync::Mutex::new(Current::None),
+        }
+    }
+
+    /// The live HTTP/2 sender, after connecting if needed; `None` when the
+    /// gateway speaks only HTTP/1.1.
+    async fn sender(&self) -> Result<Option<SendRequest<Empty<Bytes>>>> {
+        let mut cur = self.current.lock().await;
+        match &*cur {
+            Current::H2(s) if !s.is_closed() => return Ok(Some(s.clone())),
+            Current::PerConnection => return Ok(None),
+            _ => {}
+        }
+        let tls = self.gw.connect().await?;
+        if tls.get_ref().1.alpn_protocol() != Some(MUX_ALPN) {
+            *cur = Current::PerConnection;
+            return Ok(None);
+        }
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(MUX_STREAM_WINDOW)
+            .initial_connection_window_size(MUX_CONN_WINDOW)
+            .max_frame_size(MUX_FRAME)
+            .handshake(TokioIo::new(tls))
+            .await
+            .context("HTTP/2 handshake with the gateway failed")?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("gateway connection: {e}");
+            }
+        });
+        *cur = Current::H2(sender.clone());
+        Ok(Some(sender))
+    }
+
+    /// Forgets `dead` if it is still the current connection.
+    async fn drop_sender(&self, dead: &SendRequest<Empty<Bytes>>) {
+        let mut cur = self.current.lock().await;
+        if matches!(&*cur, Current::H2(s) if s.is_closed() || dead.is_closed()) {
+            *cur = Current::None;
+        }
+    }
+
+    /// A raw stream to `authority` (`NAME.NS.svc.CLUSTER:PORT`…) through the
+    /// gateway's CONNECT. The error is the gateway's (or agent's) own words.
+    pub async fn open(&self, authority: &str) -> Result<Box<dyn Stream>> {
+        // A second try only when the shared connection turned out dead
+        // before the gateway took the stream (closed while idle).
+        for attempt in 0..2 {
+            let Some(mut sender) = self.sender().await? else {
+                return Ok(Box::new(
+                    connect_tunnel(&self.gw, &self.token, authority).await?,
+                ));
+            };
+            let req = http::Request::connect(authority)
+                .header(
+                    http::header::PROXY_AUTHORIZATION,
+                    format!("Bearer {}", self.token),
+                )
+                .body(Empty::<Bytes>::new())?;
+            let sent = match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    self.drop_sender(&sender).await;
+                    if attempt == 0 && (e.is_closed() || e.is_canceled() || sender.is_closed()) {
+                        continue;
+                    }
+                    return Err(e).context("the gateway connection failed");
+                }
+            };
+            let status = resp.status();
+            if status == http::StatusCode::OK {
+                let up = hyper::upgrade::on(resp)
+                    .await
+                    .context("the gateway did not open the stream")?;
+                return Ok(Box::new(TokioIo::new(up)));
+            }
+            let body = tokio::time::timeout(
+                std::time::Duration::from_secs(15),
+                http_body_util::Limited::new(resp.into_body(), 64 * 1024).collect(),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+            let msg = String::from_utf8_lossy(&body).trim().to_string();
+            if msg.is_empty() {
+                bail!("the gateway answered HTTP {}", status.as_u16());
+            }
+            bail!("{msg}");
+        }
+        bail!("the gateway closed the connection twice in a row; is the hub restarting?")
+    }
+}

@@ -1,0 +1,238 @@
+//! Which members an operator may see and reach: access rules kept in the
+//! registry (`towerctl access allow|deny|rm|list`).
+//!
+//! Fail closed: an operator reaches a member only when an `allow` rule for
+//! it (by name, or one of its groups) selects the member and no `deny`
+//! rule does (deny wins). A new operator reaches nothing until allowed.
+//! The hub's local admin keeps full access. Members are selected by label
+//! selector (`team=payments,env in (dev,staging)`); every member also
+//! carries the implicit label [`NAME_LABEL`] (its name), so rules can name
+//! members.
+
+use serde::{Deserialize, Serialize};
+
+use super::labels::Selector;
+use super::store::Labels;
+
+/// Implicit label holding a member's name (`--names` on the CLI).
+pub const NAME_LABEL: &str = "towerctl.io/name";
+
+/// Where the rules live in the registry's settings.
+pub const SETTING: &str = "access";
+
+/// Who a rule is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Subject {
+    Operator(String),
+    Group(String),
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Operator(n) => write!(f, "operator:{n}"),
+            Subject::Group(n) => write!(f, "group:{n}"),
+        }
+    }
+}
+
+impl Subject {
+    /// `operator:NAME` or `group:NAME`.
+    pub fn parse(s: &str) -> Result<Subject, String> {
+        match s.split_once(':') {
+            Some(("operator", n)) if !n.is_empty() => Ok(Subject::Operator(n.to_string())),
+            Some(("group", n)) if !n.is_empty() => Ok(Subject::Group(n.to_string())),
+            _ => Err(format!(
+                "invalid subject '{s}': use operator:NAME or group:NAME (like group:payments)"
+            )),
+        }
+    }
+
+    fn covers(&self, operator: &str, groups: &[String]) -> bool {
+        match self {
+            Subject::Operator(n) => n == operator,
+            Subject::Group(g) => groups.iter().any(|x| x == g),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// One rule: `allow group:payments team=payments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Stable id for `access rm`.
+    pub id: u64,
+    pub effect: Effect,
+    pub subject: Subject,
+    /// A label selector over the member's labels plus [`NAME_LABEL`].
+    pub clusters: String,
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let e = match self.effect {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        };
+        write!(f, "#{} {e} {} '{}'", self.id, self.subject, self.clusters)
+    }
+}
+
+/// Every rule of the hub.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+    #[serde(default)]
+    pub next_id: u64,
+}
+
+/// The answer for one operator and member, with the rule that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `local admin`, a rule (`#3 allow group:payments 'team=payments'`),
+    /// or `no rule allows it`.
+    pub why: String,
+}
+
+impl Policy {
+    /// Adds a rule after checking its selector; returns it.
+    pub fn add(
+        &mut self,
+        effect: Effect,
+        subject: Subject,
+        clusters: &str,
+    ) -> Result<Rule, String> {
+        Selector::parse(clusters)?;
+        self.next_id += 1;
+        let r = Rule {
+            id: self.next_id,
+            effect,
+            subject,
+            clusters: clusters.to_string(),
+        };
+        self.rules.push(r.clone());
+        Ok(r)
+    }
+
+    /// Removes rule `id`; returns it.
+    pub fn remove(&mut self, id: u64) -> Option<Rule> {
+        let i = self.rules.iter().position(|r| r.id == id)?;
+        Some(self.rules.remove(i))
+    }
+
+    /// Whether `operator` (with `groups`) may reach member `name` labelled
+    /// `labels`. `local_admin` is the hub's own admin (full access).
+    pub fn decide(
+        &self,
+        operator: &str,
+        groups: &[String],
+        local_admin: bool,
+        name: &str,
+        labels: &Labels,
+    ) -> Decision {
+        if local_admin {
+            return Decision {
+                allowed: true,
+                why: "local admin".into(),
+            };
+        }
+        let mut all = labels.clone();
+        all.insert(NAME_LABEL.to_string(), name.to_string());
+        let selects = |r: &Rule| {
+            r.subject.covers(operator, groups)
+                && Selector::parse(&r.clusters).is_ok_and(|s| s.matches(&all))
+        };
+        if let Some(r) = self
+            .rules
+            .iter()
+            .find(|r| r.effect == Effect::Deny && selects(r))
+        {
+            return Decision {
+                allowed: false,
+                why: r.to_string(),
+            };
+        }
+        match self
+            .rules
+            .iter()
+            .find(|r| r.effect == Effect::Allow && selects(r))
+        {
+            Some(r) => Decision {
+                allowed: true,
+                why: r.to_string(),
+            },
+            None => Decision {
+                allowed: false,
+                why: "no rule allows it".into(),
+            },
+        }
+    }
+}
+
+/// `--names a,b` as a selector over [`NAME_LABEL`].
+pub fn names_selector(names: &[String]) -> String {
+    format!("{NAME_LABEL} in ({})", names.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        crate::daemon::labels::tests::labels(pairs)
+    }
+
+    #[test]
+    fn fails_closed_allows_by_group_and_deny_wins() {
+        let mut p = Policy::default();
+        let pay = labels(&[("team", "payments"), ("env", "prod")]);
+        let g = vec!["payments".to_string()];
+        assert!(!p.decide("alice", &g, false, "alpha", &pay).allowed);
+        assert!(p.decide("admin", &[], true, "alpha", &pay).allowed);
+        let r = p
+            .add(
+                Effect::Allow,
+                Subject::Group("payments".into()),
+                "team=payments",
+            )
+            .unwrap();
+        let d = p.decide("alice", &g, false, "alpha", &pay);
+        assert!(d.allowed && d.why.contains("group:payments"), "{d:?}");
+        assert!(
+            !p.decide("bob", &["web".into()], false, "alpha", &pay)
+                .allowed
+        );
+        p.add(Effect::Deny, Subject::Operator("alice".into()), "env=prod")
+            .unwrap();
+        let d = p.decide("alice", &g, false, "alpha", &pay);
+        assert!(!d.allowed && d.why.contains("deny operator:alice"), "{d:?}");
+        assert!(p.remove(r.id).is_some() && p.remove(r.id).is_none());
+        assert!(p
+            .add(Effect::Allow, Subject::Group("x".into()), "in (")
+            .is_err());
+    }
+
+    #[test]
+    fn names_select_members() {
+        let mut p = Policy::default();
+        let sel = names_selector(&["alpha".into(), "beta".into()]);
+        p.add(Effect::Allow, Subject::Operator("bob".into()), &sel)
+            .unwrap();
+        let none = Labels::new();
+        assert!(p.decide("bob", &[], false, "beta", &none).allowed);
+        assert!(!p.decide("bob", &[], false, "gamma", &none).allowed);
+        assert_eq!(
+            Subject::parse("group:payments").unwrap(),
+            Subject::Group("payments".into())
+        );
+        assert!(Subject::parse("payments").is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! A background daemon's log, rotated by size like the audit log.
+//!
+//! `process::spawn` points the daemon's stdout and stderr at its log file
+//! (so a panic or an error before logging starts lands there too) and names
+//! the file in [`LOG_ENV`]. The daemon then logs through [`Rotating`]:
+//! every line goes to stderr, and when the file would pass [`max_bytes`]
+//! it is renamed to `.1` (older ones shift up to `.3`, the oldest is
+//! removed), a new file is opened and put in place of stdout and stderr
+//! (`dup2`), so everything the process writes follows to the new file. A
+//! flood of log lines (failed logins, refused connections) thus costs at
+//! most `(KEEP + 1) × max_bytes` of disk, never the disk.
+
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Names the log file of a daemon started in the background.
+pub const LOG_ENV: &str = "TOWERCTL_LOG_FILE";
+/// Test hook: a smaller rotation size, in bytes (at least 4 KiB).
+pub const LOG_MAX_ENV: &str = "TOWERCTL_LOG_MAX_BYTES";
+/// Rotate when the current file passes this size.
+pub const MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Rotated files kept besides the current one (`hub.log.1` … `.3`).
+pub const KEEP: usize = 3;
+
+/// The rotation size: [`MAX_BYTES`] unless [`LOG_MAX_ENV`] says otherwise.
+pub fn max_bytes() -> u64 {
+    std::env::var(LOG_MAX_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|v| v.max(4096))
+        .unwrap_or(MAX_BYTES)
+}
+
+/// `path.N`.
+pub fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+struct State {
+    path: PathBuf,
+    size: u64,
+    max: u64,
+}
+
+/// A `tracing` writer for a daemon's own log file (see the module doc).
+#[derive(Clone)]
+pub struct Rotating(Arc<Mutex<State>>);
+
+impl Rotating {
+    /// For the file stderr already points at (`path`, from [`LOG_ENV`]).
+    pub fn new(path: PathBuf) -> Rotating {
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Rotating(Arc::new(Mutex::new(State {
+            path,
+            size,
+            max: max_bytes(),
+        })))
+    }
+
+    fn write_line(&self, buf: &[u8]) -> std::io::Result<()> {
+        // A poisoned lock only means another thread panicked mid-write; the
+        // counters are still usable.
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if st.size > 0 && st.size + buf.len() as u64 > st.max {
+            match rotate(&st.path) {
+                Ok(()) => st.size = 0,
+                // Keep logging to the current file rather than lose lines;
+                // retry at the next line.
+                Err(e) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "cannot rotate the log '{}': {e}",
+                        st.path.display()
+                    );
+                }
+            }
+        }
+        std::io::stderr().write_all(buf)?;
+        st.size += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// Shifts `path` to `path.1` (and so on) and points stdout and stderr at a
+/// new, empty `path`.
+fn rotate(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(rotated(path, KEEP));
+    for i in (1..KEEP).rev() {
+        let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
+    }
+    std::fs::rename(path, rotated(path, 1))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    for fd in [1, 2] {
+        // SAFETY: dup2 onto the process's own stdout/stderr from a valid,
+        // open descriptor; `f` is closed afterwards, the duplicates stay.
+        if unsafe { libc::dup2(f.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// One log line being written (tracing's fmt layer writes each event with
+/// one `write_all`, so a line never straddles two files).
+pub struct Line(Rotating);
+
+impl Write for Line {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_line(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Rotating {
+    type Writer = Line;
+    fn make_writer(&'a self) -> Line {
+        Line(self.clone())
+    }
+}

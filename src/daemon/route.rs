@@ -1,0 +1,145 @@
+//! Which member a gateway request is for: the TLS server name (SNI) of its
+//! connection, or its path `/clusters/<name>/…`.
+//!
+//! Why SNI: client-go replaces a server URL's path for some requests
+//! (`Request.RequestURI`: `kubectl get --raw`, `kubectl proxy`), and other
+//! clients build absolute paths themselves. A context whose server URL has
+//! no path and whose `tls-server-name` is `<name>.clusters.towerctl.invalid`
+//! works with every client that honours `tls-server-name` (client-go, the
+//! official Python client): the name travels in the TLS handshake, the path
+//! is the Kubernetes path, unchanged.
+//!
+//! `towerctl use` still writes `/clusters/<name>` into the server URL as
+//! well: kubectl keys its discovery cache (`~/.kube/cache/discovery/<host>`)
+//! by the server URL alone, so members behind one gateway with bare URLs
+//! would share one cache and see each other's API groups (measured:
+//! tests/clients.rs). Requests that keep the path name the member twice;
+//! requests whose path client-go rebuilt carry it in the SNI only.
+//!
+//! Why that suffix: `.invalid` is reserved (RFC 2606, RFC 6761 §6.4) and can
+//! never resolve or be issued by a public CA, so a context can never be sent
+//! anywhere but to the URL in `server`, and the name can never collide with
+//! a real host. The gateway's serving certificate carries one wildcard SAN,
+//! `*.clusters.towerctl.invalid`, so a member added later works without
+//! reissuing the certificate or restarting the hub. Checked with Go's
+//! crypto/x509 (kubectl), OpenSSL (Python's ssl) and rustls/webpki: all
+//! accept the wildcard for a one-label member name.
+
+use http::StatusCode;
+
+/// Why a request names no member, or two.
+pub type Refusal = (StatusCode, &'static str, String);
+
+/// The DNS suffix under which each member has a TLS server name.
+pub const SNI_SUFFIX: &str = "clusters.towerctl.invalid";
+
+/// The SAN that covers every member's server name.
+pub fn sni_wildcard() -> String {
+    format!("*.{SNI_SUFFIX}")
+}
+
+/// The TLS server name of member `name` (`tls-server-name` in kubeconfigs).
+pub fn server_name(name: &str) -> String {
+    format!("{name}.{SNI_SUFFIX}")
+}
+
+/// The member a TLS server name names, if it is one of ours. Other names
+/// (the hub's own host name, an IP-less `localhost`) mean path routing.
+pub fn member_of_sni(sni: Option<&str>) -> Option<String> {
+    let sni = sni?.trim_end_matches('.').to_ascii_lowercase();
+    let name = sni.strip_suffix(SNI_SUFFIX)?.strip_suffix('.')?;
+    super::names::validate_name(name).ok()?;
+    Some(name.to_string())
+}
+
+/// The member and the upstream path of a request with `path`, on a
+/// connection whose TLS server name named `sni` (a member, from
+/// [`member_of_sni`]). On an SNI connection the path is the Kubernetes path
+/// as is; a `/clusters/<other>/` prefix that names another member is
+/// refused rather than guessed at (one of the two is a mistake, and either
+/// guess could send a write to the wrong cluster); one that names the same
+/// member is accepted and stripped.
+/// A refusal is a status code, a Kubernetes reason and a message, for
+/// [`super::gateway::status_response`].
+pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> {
+    match (sni, path_route(path)) {
+        (Some(s), Some((p, _))) if s != p => Err((
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("the TLS server name names cluster '{s}' but the path names cluster '{p}': use either a server URL without /clusters/{p} (routing by tls-server-name) or a context for '{p}'; run 'towerctl use {p}' to write one"),
+        )),
+        (Some(_), Some((p, rest))) => Ok((p.to_string(), rest)),
+        (Some(s), None) => Ok((s.to_string(), path.to_string())),
+        (None, Some((p, rest))) => Ok((p.to_string(), rest)),
+        (None, None) => Err((
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the towerctl gateway serves clusters under /clusters/<name>/ or by TLS server name <name>.clusters.towerctl.invalid; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL".into(),
+        )),
+    }
+}
+
+/// Splits `/clusters/<name>/<rest>` into the name and the upstream path.
+pub fn path_route(path: &str) -> Option<(&str, String)> {
+    let rest = path.strip_prefix("/clusters/")?;
+    let (name, tail) = match rest.split_once('/') {
+        Some((n, t)) => (n, format!("/{t}")),
+        None => (rest, "/".to_string()),
+    };
+    (!name.is_empty()).then_some((name, tail))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_by_path() {
+        use super::path_route as route;
+        assert_eq!(
+            route("/clusters/alpha/api/v1/nodes"),
+            Some(("alpha", "/api/v1/nodes".to_string()))
+        );
+        assert_eq!(route("/clusters/alpha"), Some(("alpha", "/".to_string())));
+        assert_eq!(route("/clusters/"), None);
+        assert_eq!(route("/api/v1"), None);
+    }
+
+    use super::*;
+
+    #[test]
+    fn member_names_come_only_from_our_suffix() {
+        assert_eq!(
+            member_of_sni(Some("alpha.clusters.towerctl.invalid")),
+            Some("alpha".into())
+        );
+        assert_eq!(
+            member_of_sni(Some("Alpha.Clusters.Towerctl.Invalid.")),
+            Some("alpha".into())
+        );
+        assert_eq!(member_of_sni(Some("localhost")), None);
+        assert_eq!(member_of_sni(Some("clusters.towerctl.invalid")), None);
+        assert_eq!(member_of_sni(Some("a.b.clusters.towerctl.invalid")), None);
+        assert_eq!(member_of_sni(Some("xclusters.towerctl.invalid")), None);
+        assert_eq!(member_of_sni(None), None);
+        assert_eq!(server_name("beta"), "beta.clusters.towerctl.invalid");
+    }
+
+    #[test]
+    fn sni_and_path_must_agree() {
+        let ok = |s, p| pick(s, p).ok();
+        assert_eq!(
+            ok(Some("alpha"), "/version"),
+            Some(("alpha".into(), "/version".into()))
+        );
+        assert_eq!(
+            ok(Some("alpha"), "/clusters/alpha/api"),
+            Some(("alpha".into(), "/api".into()))
+        );
+        assert_eq!(
+            ok(None, "/clusters/beta/api"),
+            Some(("beta".into(), "/api".into()))
+        );
+        let refused = pick(Some("alpha"), "/clusters/beta/api").unwrap_err();
+        assert_eq!(refused.0, StatusCode::BAD_REQUEST);
+        assert_eq!(pick(None, "/api").unwrap_err().0, StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,417 @@
+//! Per-stream flow control over russh channels.
+//!
+//! russh 0.65 grows a channel's SSH window when data *arrives*, not when it
+//! is read, and hands the data to the channel through a bounded queue (100
+//! messages) with an awaited send inside the session loop
+//! (`server/encrypted.rs` and `client/encrypted.rs`, `CHANNEL_DATA`; russh
+//! issue #387, PR #730). One stream whose reader stalls (a paused
+//! `kubectl logs -f | less`, a port-forward client that stops reading) fills
+//! its queue and parks the whole session: every other stream, the
+//! keepalives and re-keying, until the member is declared dead.
+//!
+//! A [`FlowStream`] wraps a channel so that this cannot happen:
+//! - a drain task takes every message off the channel's queue as soon as it
+//!   arrives and puts data into this stream's own buffer, so the session
+//!   loop never waits on a reader;
+//! - the buffer is bounded because the sender never has more than
+//!   [`STREAM_WINDOW`] bytes unacknowledged: the receiver returns credit
+//!   (the total it has consumed) as its reader consumes, and the sender
+//!   waits for credit, not for the SSH window;
+//! - credit and end-of-stream travel as `CHANNEL_EXTENDED_DATA` frames
+//!   ([`CONTROL_EXT`]), so bulk data goes as plain `CHANNEL_DATA` with no
+//!   framing cost, and the order of data and end-of-stream is kept (both go
+//!   through the same SSH channel in order).
+//!
+//! End-of-stream is our own frame, not SSH's `CHANNEL_EOF`: after an SSH EOF
+//! a side may send nothing more on the channel, yet a half-closed side must
+//! still return credit for what it reads. A stalled stream thus stops only
+//! itself, holds at most [`STREAM_WINDOW`] bytes at the receiver, and
+//! resumes without loss when its reader resumes. Both ends of every channel
+//! must be `FlowStream`s (hub and agent of the same version).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes};
+use russh::{Channel, ChannelId, ChannelMsg};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+
+/// Bytes a sender may have unacknowledged on one stream, and so the most a
+/// receiver buffers for it. Measured on a debug build through
+/// `towerctl port-forward` (docs/ARCHITECTURE.md): 2 MiB lost about 15% of
+/// bulk throughput against russh's plain channels, 4 MiB none, while a
+/// stalled stream costs at most this much at each end.
+pub const STREAM_WINDOW: u64 = 4 * 1024 * 1024;
+
+/// Credit is returned once a reader has consumed this much since the last
+/// return: often enough that a sender always has most of the window, rarely
+/// enough that credit frames cost nothing next to the data.
+const CREDIT_STEP: u64 = STREAM_WINDOW / 4;
+
+/// Extended-data type code of control frames (1 is SSH's stderr, unused by
+/// forwarded channels).
+pub const CONTROL_EXT: u32 = 1;
+
+/// Control frames are 9 bytes: a kind and a big-endian u64.
+const FRAME: usize = 9;
+/// Credit: the total bytes the receiver has consumed on this stream.
+const KIND_CREDIT: u8 = 1;
+/// End of stream: the sender will send no more data (a half-close).
+const KIND_EOF: u8 = 2;
+
+#[derive(Default)]
+struct State {
+    /// Received, not yet read.
+    buf: VecDeque<Bytes>,
+    buffered: u64,
+    /// Totals on this stream, in bytes.
+    received: u64,
+    consumed: u64,
+    /// `consumed` as last promised to the control task.
+    credited: u64,
+    sent: u64,
+    /// What the peer has consumed of what we sent.
+    peer_consumed: u64,
+    /// The peer will send no more data.
+    eof: bool,
+    /// The channel is gone.
+    closed: bool,
+    /// The peer broke the protocol (sent past its credit).
+    broken: bool,
+    /// The local side dropped the stream: incoming data is discarded.
+    dropped: bool,
+    /// The local writer half-closed: the control task sends end-of-stream.
+    eof_wanted: bool,
+    eof_sent: bool,
+    /// A control frame cut across two extended-data messages.
+    partial: Vec<u8>,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    shutdown_waker: Option<Waker>,
+}
+
+impl State {
+    fn wake_all(&mut self) {
+        for w in [
+            self.read_waker.take(),
+            self.write_waker.take(),
+            self.shutdown_waker.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            w.wake();
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the control task: credit or end-of-stream to send, or the end.
+    control: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain counters behind;
+        // carrying on with them is safe.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// A channel as an `AsyncRead + AsyncWrite` with per-stream flow control.
+/// See the module documentation.
+pub struct FlowStream {
+    shared: Arc<Shared>,
+    data: Writer,
+    /// Sends the channel's close when the stream is dropped.
+    close: Option<Box<dyn FnOnce() + Send>>,
+    id: ChannelId,
+}
+
+impl std::fmt::Debug for FlowStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowStream").field("id", &self.id).finish()
+    }
+}
+
+impl FlowStream {
+    /// Wraps `channel` and starts its drain and control tasks (they end
+    /// with the channel). Must run inside a tokio runtime.
+    pub fn new<S>(channel: Channel<S>) -> FlowStream
+    where
+        S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    {
+        let id = channel.id();
+        let (mut read, write) = channel.split();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            control: Notify::new(),
+        });
+        let data: Writer = Box::pin(write.make_writer());
+        let control: Writer = Box::pin(write.make_writer_ext(Some(CONTROL_EXT)));
+
+        let s = shared.clone();
+        tokio::spawn(async move {
+            // Never waits on anything but the channel: this is what keeps
+            // the session loop from blocking on a slow reader.
+            while let Some(msg) = read.wait().await {
+                if !on_message(&s, msg) {
+                    break;
+                }
+            }
+            let mut st = s.lock();
+            st.closed = true;
+            st.wake_all();
+            drop(st);
+            s.control.notify_one();
+        });
+
+        let s = shared.clone();
+        tokio::spawn(control_task(s, control));
+
+        let close = Box::new(move || {
+            tokio::spawn(async move {
+                let _ = write.close().await;
+            });
+        });
+        FlowStream {
+            shared,
+            data,
+            close: Some(close),
+            id,
+        }
+    }
+}
+
+/// Handles one message from the channel; false ends the drain.
+fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
+    let mut st = s.lock();
+    match msg {
+        ChannelMsg::Data { data } => {
+            let n = data.len() as u64;
+            st.received += n;
+            if st.dropped || n == 0 {
+                return true;
+            }
+            if st.received - st.consumed > STREAM_WINDOW {
+                // Past its credit: a peer that breaks the protocol, or
+                // one without flow control. Never buffer beyond the bound.
+                tracing::warn!("the peer sent past its stream window; closing the stream");
+                st.broken = true;
+                st.closed = true;
+                st.buf.clear();
+                st.buffered = 0;
+                st.wake_all();
+                drop(st);
+                s.control.notify_one();
+                return false;
+            }
+            st.buffered += n;
+            st.buf.push_back(data);
+            if let Some(w) = st.read_waker.take() {
+                w.wake();
+            }
+        }
+        ChannelMsg::ExtendedData { data, ext } if ext == CONTROL_EXT => {
+            st.partial.extend_from_slice(&data);
+            let mut frames = std::mem::take(&mut st.partial);
+            let whole = frames.len() / FRAME * FRAME;
+            for f in frames[..whole].chunks_exact(FRAME) {
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&f[1..]);
+                let v = u64::from_be_bytes(v);
+                match f[0] {
+                    KIND_CREDIT if v > st.peer_consumed => {
+                        st.peer_consumed = v;
+                        if let Some(w) = st.write_waker.take() {
+                            w.wake();
+                        }
+                    }
+                    KIND_EOF => {
+                        st.eof = true;
+                        if let Some(w) = st.read_waker.take() {
+                            w.wake();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            frames.drain(..whole);
+            st.partial = frames;
+        }
+        // A peer's SSH end-of-file means no more data as well.
+        ChannelMsg::Eof => {
+            st.eof = true;
+            if let Some(w) = st.read_waker.take() {
+                w.wake();
+            }
+        }
+        ChannelMsg::Close => {
+            st.closed = true;
+            st.wake_all();
+        }
+        _ => {}
+    }
+    true
+}
+
+/// Sends credit and end-of-stream frames. One task per stream, so that a
+/// reader returning credit never waits for the channel itself.
+async fn control_task(s: Arc<Shared>, mut w: Writer) {
+    let mut credit_sent = 0u64;
+    loop {
+        let (credit, eof, done) = {
+            let st = s.lock();
+            (
+                st.credited,
+                st.eof_wanted && !st.eof_sent,
+                st.closed || st.dropped,
+            )
+        };
+        if done {
+            return;
+        }
+        if credit > credit_sent {
+            if write_frame(&mut w, KIND_CREDIT, credit).await.is_err() {
+                return;
+            }
+            credit_sent = credit;
+        }
+        if eof {
+            let r = write_frame(&mut w, KIND_EOF, 0).await;
+            let mut st = s.lock();
+            st.eof_sent = true;
+            if r.is_err() {
+                st.closed = true;
+            }
+            if let Some(waker) = st.shutdown_waker.take() {
+                waker.wake();
+            }
+            continue;
+        }
+        let notified = s.control.notified();
+        // Re-check after registering, so a notification between the check
+        // above and here is not lost (Notify keeps one permit anyway).
+        notified.await;
+    }
+}
+
+async fn write_frame(w: &mut Writer, kind: u8, value: u64) -> io::Result<()> {
+    let mut f = [0u8; FRAME];
+    f[0] = kind;
+    f[1..].copy_from_slice(&value.to_be_bytes());
+    w.write_all(&f).await
+}
+
+impl AsyncRead for FlowStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        if st.broken {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer sent past its stream window",
+            )));
+        }
+        if st.buffered == 0 {
+            if st.eof || st.closed {
+                return Poll::Ready(Ok(()));
+            }
+            st.read_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let mut copied = 0u64;
+        while out.remaining() > 0 {
+            let Some(front) = st.buf.front_mut() else {
+                break;
+            };
+            let n = front.len().min(out.remaining());
+            out.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                st.buf.pop_front();
+            }
+            copied += n as u64;
+        }
+        st.buffered -= copied;
+        st.consumed += copied;
+        if st.consumed - st.credited >= CREDIT_STEP {
+            st.credited = st.consumed;
+            drop(st);
+            self.shared.control.notify_one();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for FlowStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let allowed = {
+            let mut st = self.shared.lock();
+            if st.closed {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            let credit = st.peer_consumed + STREAM_WINDOW - st.sent;
+            if credit == 0 {
+                st.write_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            credit.min(buf.len() as u64) as usize
+        };
+        let r = self.data.as_mut().poll_write(cx, &buf[..allowed]);
+        if let Poll::Ready(Ok(n)) = r {
+            self.shared.lock().sent += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.data.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(Err(e)) = self.data.as_mut().poll_flush(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let mut st = self.shared.lock();
+        if st.eof_sent || st.closed {
+            return Poll::Ready(Ok(()));
+        }
+        st.shutdown_waker = Some(cx.waker().clone());
+        if !st.eof_wanted {
+            st.eof_wanted = true;
+            drop(st);
+            self.shared.control.notify_one();
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for FlowStream {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.dropped = true;
+            st.buf.clear();
+            st.buffered = 0;
+        }
+        self.shared.control.notify_one();
+        if let Some(close) = self.close.take() {
+            close();
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Copying both ways between two byte streams with buffers that cost
+//! nothing while a connection is idle and grow only with throughput.
+//!
+//! tokio's `copy_bidirectional_with_sizes` allocates its two buffers up
+//! front and keeps them for the connection's life: with the 256 KiB that
+//! bulk transfers want, every held connection cost half a MiB per hop even
+//! when it carried one small request an hour ago. Here a direction's buffer
+//! is allocated when there is something to read (starting at
+//! [`START`]), doubled each time a read fills it (up to [`MAX`]), and
+//! released whenever the source has nothing more to give for now and the
+//! buffer is drained. An idle connection therefore holds no copy buffer at
+//! all, a request/response exchange uses small ones, and a bulk stream
+//! quickly reaches the size that fills whole SSH packets and TLS records.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// First buffer of a direction: one read of a small request or response.
+pub const START: usize = 16 * 1024;
+/// Largest buffer: lets one read fill several 32 KiB SSH packets and 16 KiB
+/// TLS records (tokio's 8 KiB default cuts bulk into small frames, each
+/// paying framing, encryption set-up and a wake-up).
+pub const MAX: usize = 256 * 1024;
+
+/// One direction of the copy.
+struct Half {
+    /// Read but not yet written bytes; empty capacity while idle.
+    buf: BytesMut,
+    /// Size of the next allocation.
+    size: usize,
+    read_done: bool,
+    need_flush: bool,
+    amt: u64,
+}
+
+impl Half {
+    fn new() -> Half {
+        Half {
+            buf: BytesMut::new(),
+            size: START,
+            read_done: false,
+            need_flush: false,
+            amt: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.buf.is_empty() && !self.read_done {
+                if self.buf.capacity() < self.size {
+                    // Reuses the drained allocation when it is big enough.
+                    self.buf.reserve(self.size);
+                }
+                match tokio_util::io::poll_read_buf(reader.as_mut(), cx, &mut self.buf) {
+                    Poll::Ready(Ok(0)) => {
+                        self.read_done = true;
+                        self.buf = BytesMut::new();
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        // A full read means more was waiting: grow for the next.
+                        if n >= self.size && self.size < MAX {
+                            self.size = (self.size * 2).min(MAX);
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        // Nothing to read for now: an idle connection keeps
+                        // no buffer. The size reached is kept, so a bulk
+                        // stream that waits briefly resumes at full size.
+                        self.buf = BytesMut::new();
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while !self.buf.is_empty() {
+                let n = ready!(writer.as_mut().poll_write(cx, &self.buf))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write zero byte into writer",
+                    )));
+                }
+                self.buf.advance(n);
+                self.amt += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(writer.as_mut().poll_flush(cx))?;
+                self.need_flush = false;
+                return Poll::Ready(Ok(self.amt));
+            }
+        }
+    }
+}
+
+enum State {
+    Running(Half),
+    ShuttingDown(u64),
+    Done(u64),
+}
+
+fn poll_transfer<A, B>(
+    cx: &mut Context<'_>,
+    state: &mut State,
+    mut r: Pin<&mut A>,
+    mut w: Pin<&mut B>,
+) -> Poll<io::Result<u64>>
+where
+    A: AsyncRead + ?Sized,
+    B: AsyncWrite + ?Sized,
+{
+    loop {
+        match state {
+            State::Running(h) => {
+                let n = ready!(h.poll_copy(cx, r.as_mut(), w.as_mut()))?;
+                *state = State::ShuttingDown(n);
+            }
+            State::ShuttingDown(n) => {
+                ready!(w.as_mut().poll_shutdown(cx))?;
+                *state = State::Done(*n);
+            }
+            State::Done(n) => return Poll::Ready(Ok(*n)),
+        }
+    }
+}
+
+/// Copies both ways until both sides are done; returns bytes a→b and b→a.
+/// When one side reaches end of file, the other is shut down for writing
+/// and the copy goes on the other way, as with tokio's
+/// `copy_bidirectional`.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = State::Running(Half::new());
+    let mut b_to_a = State::Running(Half::new());
+    poll_fn(|cx| {
+        let ab = poll_transfer(cx, &mut a_to_b, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let ba = poll_transfer(cx, &mut b_to_a, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let ab = ready!(ab);
+        let ba = ready!(ba);
+        Poll::Ready(Ok((ab, ba)))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn copies_both_ways_and_counts() {
+        let (mut a, mut a_far) = tokio::io::duplex(64 * 1024);
+        let (mut b, mut b_far) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move { splice(&mut a_far, &mut b_far).await });
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let want = big.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&big).await.unwrap();
+            a.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            a.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes changed in transit");
+        b.write_all(b"pong").await.unwrap();
+        b.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"pong");
+        let (ab, ba) = task.await.unwrap().unwrap();
+        assert_eq!((ab, ba), (3_000_000, 4));
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_with_throughput_and_go_when_idle() {
+        let mut h = Half::new();
+        let data = vec![7u8; 1024 * 1024];
+        let mut reader: &[u8] = &data;
+        let mut sink = Vec::new();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let r = h.poll_copy(&mut cx, Pin::new(&mut reader), Pin::new(&mut sink));
+        assert!(matches!(r, Poll::Ready(Ok(n)) if n == 1024 * 1024));
+        assert_eq!(h.size, MAX, "a bulk read grows the buffer to the maximum");
+        assert_eq!(sink.len(), data.len());
+
+        // A source with nothing to give: the buffer is released.
+        let mut h = Half::new();
+        let (mut idle, _keep) = tokio::io::duplex(1024);
+        let r = h.poll_copy(&mut cx, Pin::new(&mut idle), Pin::new(&mut sink));
+        assert!(r.is_pending());
+        assert_eq!(h.buf.capacity(), 0, "an idle direction holds no buffer");
+        assert_eq!(h.size, START);
+    }
+}

@@ -1,0 +1,236 @@
+//! Operators see and reach only the members access rules allow them (fail
+//! closed), a member they may not reach looks exactly like one that does
+//! not exist, and narrowing a rule cuts their open streams. Real towerctl,
+//! real kubectl, three agents in front of the stand-in API server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::apiserver::ApiServer;
+use support::{wait_for, Env, Streaming};
+
+/// The printed `towerctl login …` of `operator add NAME --group GROUP`.
+fn add_operator(hub: &Env, name: &str, group: &str) -> Vec<String> {
+    let o = hub.towerctl(&["operator", "add", name, "--group", group]);
+    assert!(o.ok(), "{o:?}");
+    assert!(o.stderr.contains("reaches no member until"), "{o:?}");
+    o.stdout
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+fn laptop(login: &[String]) -> Env {
+    let env = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = env.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    env
+}
+
+fn token_of(login: &[String]) -> String {
+    login[login.iter().position(|a| a == "--token").unwrap() + 1].clone()
+}
+
+/// GET through the gateway with a bearer token: (status, body).
+fn get(hub: &Env, token: &str, path: &str) -> (String, String) {
+    let gw = hub.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = hub.path("data/towerctl/ca.crt");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-w",
+        "\n%{http_code}",
+        &format!("{gw}{path}"),
+    ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn operators_see_and_reach_only_the_members_their_rules_allow() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    hub.up();
+    let kc = hub.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    for (name, team, env) in [
+        ("alpha", "payments", "prod"),
+        ("beta", "web", "dev"),
+        ("gamma", "payments", "dev"),
+    ] {
+        let o = hub.towerctl(&[
+            "cluster",
+            "add",
+            name,
+            "--label",
+            &format!("team={team}"),
+            "--label",
+            &format!("env={env}"),
+        ]);
+        assert!(o.ok(), "{o:?}");
+        let join: Vec<String> = o
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("towerctl join "))
+            .unwrap()
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        let o = hub.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+        assert!(o.ok(), "{o:?}");
+    }
+    let alice_login = add_operator(&hub, "alice", "payments");
+    let bob_login = add_operator(&hub, "bob", "web");
+    let alice = laptop(&alice_login);
+    let bob = laptop(&bob_login);
+    let alice_token = token_of(&alice_login);
+
+    // Fail closed: no rule, nothing visible or reachable.
+    let o = alice.towerctl(&["use"]);
+    assert!(!o.stdout.contains("alpha"), "{o:?}");
+    let (code, _) = get(&hub, &alice_token, "/clusters/alpha/api/v1/namespaces");
+    assert_eq!(code, "404");
+
+    let o = hub.towerctl(&[
+        "access",
+        "allow",
+        "group:payments",
+        "--clusters",
+        "team=payments",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let o = hub.towerctl(&["access", "allow", "group:web", "--names", "beta"]);
+    assert!(o.ok(), "{o:?}");
+    let o = hub.towerctl(&["access", "list"]);
+    assert!(
+        o.stdout.contains("group:payments") && o.stdout.contains("towerctl.io/name"),
+        "{o:?}"
+    );
+    let o = hub.towerctl(&["access", "allow", "payments", "--clusters", "x=y"]);
+    assert!(
+        !o.ok() && o.stderr.contains("operator:NAME or group:NAME"),
+        "{o:?}"
+    );
+
+    // Each sees only its own.
+    let o = alice.towerctl(&["use"]);
+    assert!(
+        o.stdout.contains("alpha") && o.stdout.contains("gamma") && !o.stdout.contains("beta"),
+        "{o:?}"
+    );
+    let o = bob.towerctl(&["use"]);
+    assert!(
+        o.stdout.contains("beta") && !o.stdout.contains("alpha") && !o.stdout.contains("gamma"),
+        "{o:?}"
+    );
+    assert!(!alice.towerctl(&["use", "beta"]).ok());
+
+    // And reaches only its own, with kubectl.
+    assert!(alice.towerctl(&["use", "alpha"]).ok());
+    let o = alice.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    assert!(bob.towerctl(&["use", "beta"]).ok());
+    let o = bob.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+
+    // A member alice may not reach answers exactly like one that does not exist.
+    let (code_b, body_b) = get(&hub, &alice_token, "/clusters/beta/api/v1/namespaces");
+    let (code_x, body_x) = get(&hub, &alice_token, "/clusters/nosuch/api/v1/namespaces");
+    assert_eq!(code_b, "404");
+    assert_eq!(code_b, code_x);
+    assert_eq!(
+        body_b.replace("beta", "NAME"),
+        body_x.replace("nosuch", "NAME")
+    );
+    let gw = hub.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let kubectl_to = |name: &str| {
+        alice.kubectl(&[
+            "get",
+            "ns",
+            "--server",
+            &format!("{gw}/clusters/{name}"),
+            "--tls-server-name",
+            "localhost",
+        ])
+    };
+    let (ob, ox) = (kubectl_to("beta"), kubectl_to("nosuch"));
+    assert!(!ob.ok() && !ox.ok(), "{ob:?} {ox:?}");
+    // (kubectl's own log lines carry times and pids: compare its verdict.)
+    let verdict = |s: &str| s.lines().last().unwrap_or("").to_string();
+    assert_eq!(
+        verdict(&ob.stderr).replace("beta", "NAME"),
+        verdict(&ox.stderr).replace("nosuch", "NAME")
+    );
+    // The audit record names the rule that decided.
+    let o = hub.towerctl(&["audit", "--operator", "alice", "-o", "json"]);
+    assert!(
+        o.stdout.contains("group:payments") && o.stdout.contains("no rule allows it"),
+        "{o:?}"
+    );
+
+    // Fan-out from alice's machine selects among her members only.
+    let o = alice.towerctl(&["kubectl", "--", "get", "ns"]);
+    assert!(
+        o.stdout.contains("alpha") && !o.stdout.contains("beta"),
+        "{o:?}"
+    );
+
+    // Narrowing a rule cuts an open watch within a second.
+    let mut watch = Streaming::start(alice.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
+    let mut bobs = Streaming::start(bob.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    api.create_configmap("default", "before-deny", &[("k", "v")]);
+    watch.wait_for("before-deny", Duration::from_secs(20));
+    bobs.wait_for("before-deny", Duration::from_secs(20));
+    let t = Instant::now();
+    let o = hub.towerctl(&["access", "deny", "group:payments", "--clusters", "env=prod"]);
+    assert!(o.ok(), "{o:?}");
+    wait_for(
+        "alice's watch on alpha to be cut",
+        Duration::from_secs(10),
+        || watch.has_exited().then_some(()),
+    );
+    eprintln!("watch cut {:?} after the deny", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(
+        !bobs.has_exited(),
+        "bob's watch must stay: {}",
+        bobs.output()
+    );
+    let o = alice.kubectl(&["get", "ns"]);
+    assert!(!o.ok(), "{o:?}");
+    // gamma (payments, dev) is still hers.
+    assert!(alice.towerctl(&["use", "gamma"]).ok());
+    let o = alice.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+    // Removing the allow for web narrows bob to nothing.
+    let o = hub.towerctl(&["access", "list", "-o", "json"]);
+    let rules: Vec<serde_json::Value> = serde_json::from_str(&o.stdout).unwrap();
+    let web = rules
+        .iter()
+        .find(|r| r["subject"]["group"] == "web")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert!(hub.towerctl(&["access", "rm", &web.to_string()]).ok());
+    wait_for("bob's watch to be cut", Duration::from_secs(10), || {
+        bobs.has_exited().then_some(())
+    });
+}

@@ -1,0 +1,486 @@
+//! Kubernetes clients other than kubectl's everyday verbs, through the
+//! contexts `towerctl use` writes (member named by TLS server name), and
+//! `towerctl kubectl` across several members. Each goes through a real agent
+//! to the stand-in API server.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use support::apiserver::ApiServer;
+use support::{run_bounded, wait_for, Env, Out, Streaming};
+
+/// Hub up (once per env), member `name` joined against `api`.
+fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
+    let mut args = vec!["cluster", "add", name];
+    args.extend_from_slice(add_flags);
+    let o = env.towerctl(&args);
+    assert!(o.ok(), "cluster add: {o:?}");
+    let join: Vec<String> = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("towerctl join "))
+        .unwrap_or_else(|| panic!("no join command: {o:?}"))
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    let kc = env.path(&format!("member-{name}.kubeconfig"));
+    api.write_kubeconfig(&kc);
+    let o = env.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+}
+
+fn curl(url: &str) -> Out {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", url]);
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+/// The first `127.0.0.1:PORT` after `prefix` in a streamed output.
+fn port_after(s: &Streaming, prefix: &str) -> u16 {
+    s.wait_for(prefix, Duration::from_secs(20));
+    let out = s.output();
+    let at = out.find(prefix).unwrap() + prefix.len();
+    out[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|e| panic!("no port after '{prefix}' in {out:?}: {e}"))
+}
+
+#[test]
+fn every_kubectl_path_works_through_a_server_name_context() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("forwarded through sni");
+    api.add_pod(
+        "default",
+        "web-1",
+        "10.99.0.1",
+        &[("app", "web")],
+        true,
+        &[("http", 8080)],
+    );
+    api.set_portforward_target("default", "web-1", 8080, web);
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+
+    // The context names the member by TLS server name (and by path, for
+    // kubectl's discovery cache: see the next test).
+    let kc = std::fs::read_to_string(env.path("home/.kube/config")).unwrap();
+    assert!(
+        kc.contains("tls-server-name: alpha.clusters.towerctl.invalid")
+            && kc.contains("/clusters/alpha"),
+        "{kc}"
+    );
+
+    // Paths client-go builds itself (RequestURI replaces the base path).
+    let o = env.kubectl(&["get", "--raw", "/version"]);
+    assert!(o.ok() && o.stdout.contains("v1.32.0"), "{o:?}");
+    let o = env.kubectl(&["get", "--raw", "/api"]);
+    assert!(o.ok() && o.stdout.contains("APIVersions"), "{o:?}");
+    let o = env.kubectl(&["get", "--raw", "/openapi/v3"]);
+    assert!(o.ok() && o.stdout.contains("serverRelativeURL"), "{o:?}");
+    // A member's own /healthz-style paths are the member's, not the hub's.
+    let o = env.kubectl(&["get", "--raw", "/api/v1/namespaces/default"]);
+    assert!(o.ok() && o.stdout.contains("\"default\""), "{o:?}");
+
+    // kubectl proxy, then a plain HTTP client.
+    let proxy = Streaming::start(env.kubectl_cmd(&["proxy", "--port=0"]));
+    let port = port_after(&proxy, "Starting to serve on 127.0.0.1:");
+    let o = curl(&format!("http://127.0.0.1:{port}/api/v1/namespaces"));
+    assert!(
+        o.ok() && o.stdout.contains("NamespaceList") && o.stdout.contains("kube-system"),
+        "{o:?} {}",
+        proxy.output()
+    );
+    drop(proxy);
+
+    // Upgrades: exec and port-forward.
+    let o = env.kubectl(&["exec", "web-0", "--", "echo", "hi"]);
+    assert!(o.ok() && o.stdout.trim() == "hi", "{o:?}");
+    // kubectl cp to a pod: a tar stream on exec's stdin (the stand-in's exec
+    // echoes stdin back, so the file's bytes come out on stdout).
+    let local = env.path("cp-src.txt");
+    std::fs::write(&local, "carried by kubectl cp").unwrap();
+    let o = env.kubectl(&["cp", local.to_str().unwrap(), "web-0:/tmp/cp-dst.txt"]);
+    assert!(
+        o.ok() && o.stdout.contains("carried by kubectl cp"),
+        "{o:?}"
+    );
+    let pf = Streaming::start(env.kubectl_cmd(&["port-forward", "pod/web-1", ":8080"]));
+    let port = port_after(&pf, "Forwarding from 127.0.0.1:");
+    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    assert!(
+        o.stdout.contains("forwarded through sni"),
+        "{o:?} {}",
+        pf.output()
+    );
+    drop(pf);
+
+    // A server name and a path that disagree are refused, naming both.
+    let o = env.kubectl(&["get", "--raw", "/clusters/beta/api"]);
+    assert!(
+        !o.ok()
+            && o.stderr.contains("names cluster 'alpha'")
+            && o.stderr.contains("names cluster 'beta'"),
+        "{o:?}"
+    );
+    // Path routing still works for older contexts and for curl.
+    let server = wait_for("the gateway URL", Duration::from_secs(5), || {
+        env.status()["hub"]["gatewayURL"]
+            .as_str()
+            .map(str::to_string)
+    });
+    let o = env.kubectl(&[
+        "--server",
+        &format!("{server}/clusters/alpha"),
+        "--tls-server-name",
+        "localhost",
+        "get",
+        "ns",
+    ]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    // The server name alone, with no path in the server URL, is enough.
+    // (client-go drops the context's tls-server-name when --server is given.)
+    let sni = [
+        "--server",
+        &server,
+        "--tls-server-name",
+        "alpha.clusters.towerctl.invalid",
+    ];
+    let o = env.kubectl(&[&sni[..], &["get", "ns"]].concat());
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let o = env.kubectl(&[&sni[..], &["exec", "web-0", "--", "echo", "bare"]].concat());
+    assert!(o.ok() && o.stdout.trim() == "bare", "{o:?}");
+    // An SNI for an unknown member is a 404 naming it.
+    let o = env.kubectl(&[
+        "--tls-server-name",
+        "nope.clusters.towerctl.invalid",
+        "get",
+        "--raw",
+        "/version",
+    ]);
+    assert!(
+        o.stderr.contains("cluster 'nope' is not registered"),
+        "{o:?}"
+    );
+}
+
+/// The Python interpreter with the official `kubernetes` client: the venv
+/// `.ci/run` creates under target/, else `TOWERCTL_TEST_PYTHON`, else python3.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOWERCTL_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python3");
+    if venv.exists() {
+        return venv;
+    }
+    "python3".into()
+}
+
+const PY_CLIENT: &str = r#"
+import sys
+from kubernetes import client, config, watch
+config.load_kube_config()  # KUBECONFIG / ~/.kube/config, current context
+print("version", client.VersionApi().get_code().git_version)
+v1 = client.CoreV1Api()
+print("namespaces", ",".join(sorted(n.metadata.name for n in v1.list_namespace().items)))
+seen = []
+w = watch.Watch()
+for ev in w.stream(v1.list_namespaced_config_map, "default", timeout_seconds=2, _request_timeout=20):
+    seen.append(ev["type"] + ":" + ev["object"].metadata.name)
+print("watch", " ".join(seen))
+"#;
+
+#[test]
+fn the_official_python_client_uses_the_context_towerctl_wrote() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    api.create_configmap("default", "py-watched", &[("k", "v")]);
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+
+    let mut cmd = Command::new(python());
+    env.apply_env(&mut cmd);
+    cmd.args(["-c", PY_CLIENT]);
+    let o = run_bounded(cmd, Duration::from_secs(60));
+    assert!(
+        !o.stderr.contains("No module named 'kubernetes'"),
+        "the official Python client is not installed: run .ci/run (it creates target/py), \
+         or 'pip install kubernetes', or point TOWERCTL_TEST_PYTHON at a python that has it: {o:?}"
+    );
+    assert!(o.ok(), "{o:?}");
+    assert!(o.stdout.contains("version v1.32.0"), "{o:?}");
+    assert!(
+        o.stdout.contains("namespaces ") && o.stdout.contains("kube-system"),
+        "{o:?}"
+    );
+    assert!(o.stdout.contains("ADDED:py-watched"), "{o:?}");
+}
+
+#[test]
+fn members_behind_one_gateway_never_share_kubectl_discovery_caches() {
+    let env = Env::new();
+    let with = ApiServer::start();
+    let without = ApiServer::start();
+    without.set_endpointslices(false);
+    env.up();
+    join_member(&env, &with, "alpha", &[]);
+    join_member(&env, &without, "beta", &[]);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.towerctl(&["use", "beta"]).ok());
+    // alpha's discovery (with discovery.k8s.io) is cached first ...
+    let o = env.kubectl(&["--context", "tower-alpha", "get", "endpointslices", "-A"]);
+    assert!(o.ok(), "{o:?}");
+    // ... and must not be used for beta, whose server predates the group.
+    let o = env.kubectl(&["--context", "tower-beta", "get", "endpointslices", "-A"]);
+    assert!(
+        !o.ok() && o.stderr.contains("doesn't have a resource type"),
+        "beta answered with alpha's discovery: {o:?}"
+    );
+}
+
+/// Pids of the direct children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: state, ppid, …
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            v.push(child);
+        }
+    }
+    v
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
+    let env = Env::new();
+    let (a, b, c) = (ApiServer::start(), ApiServer::start(), ApiServer::start());
+    env.up();
+    join_member(
+        &env,
+        &a,
+        "alpha",
+        &["--label", "env=prod", "--label", "region=eu"],
+    );
+    join_member(&env, &b, "beta", &["--label", "env=prod"]);
+    join_member(&env, &c, "gamma", &["--label", "env=prod"]);
+    // Registered, never joined, not selected by env=prod.
+    let o = env.towerctl(&["cluster", "add", "delta", "--label", "env=dev"]);
+    assert!(o.ok(), "{o:?}");
+
+    // Labels: shown, changed, removed, checked.
+    let o = env.towerctl(&["cluster", "list", "-o", "wide"]);
+    assert!(
+        o.ok() && o.stdout.contains("LABELS") && o.stdout.contains("env=prod,region=eu"),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["cluster", "label", "beta", "env=staging", "tier=gold"]);
+    assert!(
+        o.ok() && o.stdout.contains("env=staging,tier=gold"),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["cluster", "label", "beta", "env=prod", "tier-"]);
+    assert!(o.ok() && o.stdout.contains("labeled: env=prod"), "{o:?}");
+    let o = env.towerctl(&["cluster", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let beta = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "beta")
+        .unwrap();
+    assert_eq!(beta["labels"], serde_json::json!({"env": "prod"}), "{list}");
+    let o = env.towerctl(&["cluster", "label", "nope", "a=b"]);
+    assert!(!o.ok() && o.stderr.contains("not registered"), "{o:?}");
+    let o = env.towerctl(&["cluster", "label", "beta", "bad key=x"]);
+    assert!(!o.ok() && o.stderr.contains("invalid label"), "{o:?}");
+
+    // gamma goes down.
+    env.kill9("agent-gamma");
+    wait_for("gamma disconnected", Duration::from_secs(15), || {
+        let o = env.towerctl(&["cluster", "list", "-o", "json"]);
+        let l: serde_json::Value = serde_json::from_str(&o.stdout).ok()?;
+        l.as_array()?
+            .iter()
+            .any(|m| m["name"] == "gamma" && m["state"] != "connected")
+            .then_some(())
+    });
+
+    // A table: one header, a CLUSTER column, the down member in the summary.
+    let o = env.towerctl(&["kubectl", "-l", "env=prod", "--", "get", "ns"]);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    let headers = o
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("CLUSTER"))
+        .count();
+    assert_eq!(headers, 1, "{o:?}");
+    assert!(o.stdout.lines().next().unwrap().contains("NAME"), "{o:?}");
+    for m in ["alpha", "beta"] {
+        assert!(
+            o.stdout
+                .lines()
+                .any(|l| l.starts_with(m) && l.contains("kube-system")),
+            "{m}: {o:?}"
+        );
+    }
+    assert!(
+        !o.stdout.contains("gamma") && !o.all().contains("delta"),
+        "{o:?}"
+    );
+    assert!(
+        o.stderr.contains("1 of 3 members failed")
+            && o.stderr.lines().any(|l| l.contains("gamma")
+                && l.contains("exit 1")
+                && l.contains("cluster 'gamma' is not connected")),
+        "{o:?}"
+    );
+
+    // -o json: one List, items annotated with their member.
+    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "ns", "-o", "json"]);
+    assert!(o.ok(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "List", "{v}");
+    let mut seen: Vec<String> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            format!(
+                "{}/{}",
+                i["metadata"]["annotations"]["towerctl.io/cluster"]
+                    .as_str()
+                    .unwrap(),
+                i["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "alpha/default",
+            "alpha/kube-system",
+            "beta/default",
+            "beta/kube-system"
+        ],
+        "{v}"
+    );
+    let o = env.towerctl(&[
+        "kubectl",
+        "-l",
+        "env=prod,region=eu",
+        "--",
+        "get",
+        "ns",
+        "-o",
+        "yaml",
+    ]);
+    assert!(
+        o.ok()
+            && o.stdout.contains("kind: List")
+            && o.stdout.contains("towerctl.io/cluster: alpha"),
+        "{o:?}"
+    );
+    assert!(!o.stdout.contains("beta"), "{o:?}");
+
+    // Other output: prefixed line by line.
+    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "--raw", "/version"]);
+    assert!(o.ok(), "{o:?}");
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("alpha | ") && l.contains("gitVersion"))
+            && o.stdout.lines().any(|l| l.starts_with("beta  | ")),
+        "{o:?}"
+    );
+
+    // A failing subcommand fails on every member, each with its code.
+    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "nosuchkind"]);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(
+        o.stderr.contains("2 of 2 members failed")
+            && o.stderr.matches("exit 1").count() == 2
+            && o.stderr.contains("doesn't have a resource type"),
+        "{o:?}"
+    );
+
+    // A member that hangs is stopped at --timeout and reported; the others answer.
+    b.set_delay(Duration::from_secs(60));
+    let start = std::time::Instant::now();
+    let o = env.towerctl(&[
+        "kubectl",
+        "alpha",
+        "beta",
+        "--timeout",
+        "3s",
+        "--",
+        "get",
+        "ns",
+    ]);
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stdout.lines().any(|l| l.starts_with("alpha")), "{o:?}");
+    assert!(
+        o.stderr
+            .lines()
+            .any(|l| l.contains("beta") && l.contains("timed out")),
+        "{o:?}"
+    );
+
+    // Ctrl-C stops every kubectl it started.
+    let mut cmd = env.towerctl_cmd(&["kubectl", "beta", "--timeout", "60s", "--", "get", "ns"]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let kubectl = wait_for("kubectl to start", Duration::from_secs(15), || {
+        children_of(pid).into_iter().next()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let code = wait_for("towerctl kubectl to exit", Duration::from_secs(10), || {
+        child.try_wait().unwrap()
+    });
+    assert_eq!(code.code(), Some(130));
+    wait_for("kubectl to be killed", Duration::from_secs(5), || {
+        (!alive(kubectl)).then_some(())
+    });
+}

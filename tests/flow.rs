@@ -1,0 +1,324 @@
+//! Per-stream flow control through the tunnel: a client that stops reading
+//! one stream stops only that stream. The real towerctl binary (hub, agent,
+//! `towerctl port-forward`), the real kubectl, the stand-in API server.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::apiserver::{ApiServer, TargetPort};
+use support::{wait_for, Env, Streaming};
+
+/// Byte `n` of the endless stream: a pattern that catches a lost, repeated
+/// or reordered byte anywhere.
+fn pattern(n: u64) -> u8 {
+    (n % 251) as u8
+}
+
+/// A TCP server that writes the pattern to every connection until the
+/// connection fails. Threads end with their connections.
+fn endless_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut n: u64 = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    for b in buf.iter_mut() {
+                        *b = pattern(n);
+                        n += 1;
+                    }
+                    if conn.write_all(&buf).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Reads exactly `len` bytes starting at stream offset `*at`, checking each
+/// against the pattern.
+fn read_checked(s: &mut TcpStream, at: &mut u64, len: u64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = *at + len;
+    while *at < end {
+        let want = ((end - *at) as usize).min(buf.len());
+        let n = s.read(&mut buf[..want]).unwrap_or_else(|e| {
+            panic!("read failed at byte {at}: {e}");
+        });
+        assert!(n > 0, "the stream ended at byte {at}");
+        for (i, b) in buf[..n].iter().enumerate() {
+            let off = *at + i as u64;
+            assert_eq!(
+                *b,
+                pattern(off),
+                "byte {off} is wrong: a byte was lost or repeated"
+            );
+        }
+        *at += n as u64;
+    }
+}
+
+/// A TCP server for the upload direction: on its first connection it
+/// reads and checks 1 MiB, stops reading until `release` says so, then
+/// reads and checks 32 MiB more and reports the total it verified.
+fn stalling_sink() -> (
+    u16,
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<u64>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = l.accept() else {
+            return;
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut at = 0u64;
+        read_checked(&mut conn, &mut at, 1 << 20);
+        if release_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            return;
+        }
+        read_checked(&mut conn, &mut at, 32 << 20);
+        let _ = done_tx.send(at);
+    });
+    (port, release_tx, done_rx)
+}
+
+/// Writes the pattern to `s` until a write fails.
+fn endless_writer(mut s: TcpStream) {
+    std::thread::spawn(move || {
+        let mut n: u64 = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            for b in buf.iter_mut() {
+                *b = pattern(n);
+                n += 1;
+            }
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn forwarded_port(s: &Streaming) -> u16 {
+    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
+    let out = s.output();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("Forwarding from 127.0.0.1:"))
+        .unwrap();
+    line["Forwarding from 127.0.0.1:".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The stall lasts 12 s in the regular suite: twelve keepalive intervals
+/// (1 s in tests), four times the three intervals after which a silent
+/// member is declared dead, so a frozen session cannot survive it; the
+/// issue's 30 s adds nothing the shorter stall does not show.
+const STALL: Duration = Duration::from_secs(12);
+
+#[test]
+fn a_stalled_reader_stops_only_its_own_stream() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let upstream = endless_server();
+    api.add_service(
+        "default",
+        "stream",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "stream")],
+    );
+    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    let (sink, release, verified) = stalling_sink();
+    api.add_service(
+        "default",
+        "sink",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "sink")],
+    );
+    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink)]);
+    env.up();
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--keepalive",
+            "1s",
+        ],
+    );
+    assert!(o.ok(), "join failed: {o:?}");
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "use failed: {o:?}");
+
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut at = 0u64;
+    read_checked(&mut client, &mut at, 1 << 20);
+    // And an upload whose upstream stops reading after 1 MiB.
+    let up = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/sink", ":80"]));
+    let up_port = forwarded_port(&up);
+    endless_writer(TcpStream::connect(("127.0.0.1", up_port)).unwrap());
+
+    // The client stops reading. Everything else on the member goes on.
+    let stalled = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let start = Instant::now();
+        let o = env.kubectl(&["get", "ns"]);
+        let took = start.elapsed();
+        assert!(o.ok(), "kubectl get ns #{i} failed during the stall: {o:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "kubectl get ns #{i} took {took:?} during the stall"
+        );
+        slowest = slowest.max(took);
+        let s = env.status();
+        let c = &s["hub"]["clusters"][0];
+        assert_eq!(c["state"], "connected", "member not connected: {s}");
+        assert_eq!(c["reconnects"], 0, "the member was declared dead: {s}");
+        let left = STALL.saturating_sub(stalled.elapsed()) / (20 - i);
+        std::thread::sleep(left.min(Duration::from_millis(600)));
+    }
+    wait_for("the stall to last", STALL + Duration::from_secs(5), || {
+        (stalled.elapsed() >= STALL).then_some(())
+    });
+    eprintln!("slowest kubectl get during a {STALL:?} stall: {slowest:?}");
+
+    // The readers resume: not a byte lost, either way.
+    read_checked(&mut client, &mut at, 32 << 20);
+    release.send(()).unwrap();
+    let up_total = verified
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the upload did not resume intact after the stall");
+    assert_eq!(up_total, 33 << 20);
+    let s = env.status();
+    assert_eq!(s["hub"]["clusters"][0]["reconnects"], 0, "{s}");
+}
+
+/// Bulk download throughput through `towerctl port-forward`, for comparing
+/// builds (docs/ARCHITECTURE.md quotes it). Opt-in: `TOWERCTL_FLOW_BENCH=1`;
+/// reads for `TOWERCTL_FLOW_BENCH_SECS` (default 8) seconds, three times.
+#[test]
+fn bulk_throughput_through_a_port_forward() {
+    if std::env::var("TOWERCTL_FLOW_BENCH").as_deref() != Ok("1") {
+        eprintln!("skipped: set TOWERCTL_FLOW_BENCH=1");
+        return;
+    }
+    let secs: u64 = std::env::var("TOWERCTL_FLOW_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let env = Env::new();
+    let api = ApiServer::start();
+    let upstream = endless_server();
+    api.add_service(
+        "default",
+        "stream",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "stream")],
+    );
+    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    env.up();
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    assert!(o.ok(), "join failed: {o:?}");
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let start = Instant::now();
+        let mut total = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let n = client.read(&mut buf).unwrap();
+            assert!(n > 0, "the stream ended");
+            total += n as u64;
+        }
+        rates.push(total as f64 / start.elapsed().as_secs_f64() / 1e6);
+    }
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "bulk download through port-forward: {rates:.1?} MB/s, median {:.1}",
+        rates[1]
+    );
+    assert!(rates[1] > 0.0);
+
+    // Upload: the client writes, an upstream sink counts what arrives.
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in sink.incoming().take(3) {
+            let Ok(mut conn) = conn else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = tx.send(total);
+            });
+        }
+    });
+    api.add_service(
+        "default",
+        "sink",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "sink")],
+    );
+    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink_port)]);
+    let up = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/sink", ":80"]));
+    let up_port = forwarded_port(&up);
+    let mut up_rates = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(("127.0.0.1", up_port)).unwrap();
+        let buf = vec![7u8; 256 * 1024];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            client.write_all(&buf).unwrap();
+        }
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let total = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        up_rates.push(total as f64 / start.elapsed().as_secs_f64() / 1e6);
+    }
+    up_rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "bulk upload through port-forward: {up_rates:.1?} MB/s, median {:.1}",
+        up_rates[1]
+    );
+    assert!(up_rates[1] > 0.0);
+}

@@ -1,0 +1,144 @@
+//! A minimal tunnel client for hostile-login tests: WebSocket, then SSH
+//! inside (tokio-tungstenite + russh, as the agent does), then one password
+//! login with whatever user name the test wants. The WebSocket adapter is a
+//! cut-down copy of `src/tunnel/ws.rs` (every write one binary message,
+//! flushed at once: russh does not flush its banner).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+struct WsIo<S> {
+    ws: WebSocketStream<S>,
+    read_buf: Bytes,
+}
+
+fn to_io(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let _ = Pin::new(&mut this.ws).poll_flush(cx);
+        loop {
+            if !this.read_buf.is_empty() {
+                let n = this.read_buf.len().min(buf.remaining());
+                buf.put_slice(&this.read_buf[..n]);
+                this.read_buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(d))) => this.read_buf = d,
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(to_io)?;
+        Pin::new(&mut this.ws)
+            .start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(to_io)?;
+        let _ = Pin::new(&mut this.ws).poll_flush(cx);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws)
+            .poll_flush(cx)
+            .map_err(to_io)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = ready!(Pin::new(&mut self.get_mut().ws).poll_close(cx));
+        Poll::Ready(Ok(()))
+    }
+}
+
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// How a login attempt ended.
+#[derive(Debug, PartialEq)]
+pub enum Login {
+    Accepted,
+    Refused,
+    /// The hub closed the connection before the password was answered
+    /// (penalty, deadline) or something failed on the way.
+    Cut(String),
+}
+
+/// One password login as `user` to the hub's tunnel at `hub`, from source
+/// address `from` (any 127.x.y.z), bounded by `timeout`.
+pub async fn login(
+    hub: SocketAddr,
+    from: std::net::IpAddr,
+    user: &str,
+    password: &str,
+    timeout: Duration,
+) -> Login {
+    let attempt = async {
+        let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        sock.bind(SocketAddr::new(from, 0))
+            .map_err(|e| e.to_string())?;
+        let tcp = sock.connect(hub).await.map_err(|e| e.to_string())?;
+        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{hub}/tunnel"), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cfg = Arc::new(russh::client::Config::default());
+        let mut h = russh::client::connect_stream(
+            cfg,
+            WsIo {
+                ws,
+                read_buf: Bytes::new(),
+            },
+            AnyHost,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let r = h
+            .authenticate_password(user, password)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(if r.success() {
+            Login::Accepted
+        } else {
+            Login::Refused
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => Login::Cut(e),
+        Err(_) => Login::Cut("timed out".into()),
+    }
+}
