@@ -585,7 +585,7 @@ async fn proxy(
 ) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
         // Held by another hub: carried there.
-        if let Ok(resp) = super::peer::forward(hub, &name, req).await {
+        if let Ok(resp) = super::peer::forward(hub, &name, &upstream_path, req).await {
             return resp;
         }
         let (code, reason, msg) = no_session(hub, &name);

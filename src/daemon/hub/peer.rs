@@ -476,6 +476,7 @@ fn unreachable_owner(name: &str, o: &Owner, e: &str) -> String {
 pub(super) async fn forward(
     hub: &Hub,
     name: &str,
+    upstream_path: &str,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Request<Incoming>> {
     let Some(c) = hub.cluster.get() else {
@@ -499,8 +500,21 @@ pub(super) async fn forward(
         parts.headers.insert(header::HOST, v);
     }
     parts.version = http::Version::HTTP_11;
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        parts.uri = http::Uri::from(pq);
+    // Routed by path at the owner, whether the client named the member by
+    // path or by TLS server name here.
+    let pq = match parts.uri.query() {
+        Some(q) => format!("/clusters/{name}{upstream_path}?{q}"),
+        None => format!("/clusters/{name}{upstream_path}"),
+    };
+    match pq.parse() {
+        Ok(u) => parts.uri = u,
+        Err(_) => {
+            return Ok(status_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "invalid request path",
+            ))
+        }
     }
     let mut sender = match c.dial(hub, &owner.peer).await {
         Ok(s) => s,
