@@ -202,6 +202,19 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
             let o = h.towerctl(&["use", n]);
             assert!(o.ok(), "use {n}: {o:?}");
             assert!(reaches(h, n), "kubectl via one hub to {n}");
+            // A bare path, routed by TLS server name on the first hub,
+            // forwarded by path to the owner.
+            let o = h.kubectl(&[
+                "--context",
+                &format!("tower-{n}"),
+                "get",
+                "--raw",
+                "/api/v1/nodes",
+            ]);
+            assert!(
+                o.ok() && o.stdout.contains("fake-node-1"),
+                "get --raw via one hub to {n}: {o:?}"
+            );
         }
     }
 
