@@ -60,6 +60,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--gateway-url', '--gateway-url', [CompletionResultType]::ParameterName, 'Gateway URL written into kubeconfigs, when operators see it under another address')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval; a peer silent for three intervals is declared dead')
             [CompletionResult]::new('--metrics', '--metrics', [CompletionResultType]::ParameterName, 'Address for Prometheus /metrics (loopback by default), or ''off''')
+            [CompletionResult]::new('--store', '--store', [CompletionResultType]::ParameterName, 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory')
+            [CompletionResult]::new('--store-prefix', '--store-prefix', [CompletionResultType]::ParameterName, 'Key prefix in etcd, to share one etcd between several hub groups')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -95,6 +97,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--gateway-url', '--gateway-url', [CompletionResultType]::ParameterName, 'Gateway URL written into kubeconfigs, when operators see it under another address')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval; a peer silent for three intervals is declared dead')
             [CompletionResult]::new('--metrics', '--metrics', [CompletionResultType]::ParameterName, 'Address for Prometheus /metrics (loopback by default), or ''off''')
+            [CompletionResult]::new('--store', '--store', [CompletionResultType]::ParameterName, 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory')
+            [CompletionResult]::new('--store-prefix', '--store-prefix', [CompletionResultType]::ParameterName, 'Key prefix in etcd, to share one etcd between several hub groups')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
@@ -261,7 +265,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;join' {
-            [CompletionResult]::new('--hub', '--hub', [CompletionResultType]::ParameterName, 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…)')
+            [CompletionResult]::new('--hub', '--hub', [CompletionResultType]::ParameterName, 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for several hubs of one group: the agent tries them in turn')
             [CompletionResult]::new('--token', '--token', [CompletionResultType]::ParameterName, 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)')
             [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The agent''s private key (default: created next to its config)')
             [CompletionResult]::new('--hub-key', '--hub-key', [CompletionResultType]::ParameterName, 'Fingerprint of the hub''s host key (sha256:…), printed by `cluster add`')
@@ -301,7 +305,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             break
         }
         'towerctl;agent;run' {
-            [CompletionResult]::new('--hub', '--hub', [CompletionResultType]::ParameterName, 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…)')
+            [CompletionResult]::new('--hub', '--hub', [CompletionResultType]::ParameterName, 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for several hubs of one group: the agent tries them in turn')
             [CompletionResult]::new('--token', '--token', [CompletionResultType]::ParameterName, 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)')
             [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The agent''s private key (default: created next to its config)')
             [CompletionResult]::new('--hub-key', '--hub-key', [CompletionResultType]::ParameterName, 'Fingerprint of the hub''s host key (sha256:…), printed by `cluster add`')
@@ -615,6 +619,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
             [CompletionResult]::new('--gateway-url', '--gateway-url', [CompletionResultType]::ParameterName, 'Gateway URL written into kubeconfigs, when operators see it under another address')
             [CompletionResult]::new('--keepalive', '--keepalive', [CompletionResultType]::ParameterName, 'Keepalive interval; a peer silent for three intervals is declared dead')
             [CompletionResult]::new('--metrics', '--metrics', [CompletionResultType]::ParameterName, 'Address for Prometheus /metrics (loopback by default), or ''off''')
+            [CompletionResult]::new('--store', '--store', [CompletionResultType]::ParameterName, 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory')
+            [CompletionResult]::new('--store-prefix', '--store-prefix', [CompletionResultType]::ParameterName, 'Key prefix in etcd, to share one etcd between several hub groups')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('--verbose', '--verbose', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug); RUST_LOG overrides')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')

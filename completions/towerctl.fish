@@ -57,6 +57,8 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l advertise -d 'T
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l metrics -d 'Address for Prometheus /metrics (loopback by default), or \'off\'' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store -d 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-prefix -d 'Key prefix in etcd, to share one etcd between several hub groups' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s V -l version -d 'Print version'
@@ -74,6 +76,8 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_s
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l metrics -d 'Address for Prometheus /metrics (loopback by default), or \'off\'' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store -d 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-prefix -d 'Key prefix in etcd, to share one etcd between several hub groups' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'
@@ -143,7 +147,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_se
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "list" -d 'List registered members with their state, agent version, key and token'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "rm" -d 'Forget a member: its token and key stop working and its session is cut'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub -d 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub -d 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for several hubs of one group: the agent tries them in turn' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
@@ -171,7 +175,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -f -a "run" -d 'Run an agent in the foreground (for containers and systemd)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and not __fish_seen_subcommand_from run help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub -d 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub -d 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for several hubs of one group: the agent tries them in turn' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r

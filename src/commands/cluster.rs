@@ -56,13 +56,18 @@ pub fn join_command(added: &ClusterAdded) -> String {
             )
         })
         .collect();
+    let more: String = added
+        .more_hubs
+        .iter()
+        .map(|u| format!(" --hub {u}"))
+        .collect();
     let impersonate = if added.impersonate {
         " --impersonate"
     } else {
         ""
     };
     format!(
-        " TOWERCTL_TOKEN={} towerctl join {} --hub {} --hub-key {}{impersonate}{exposes}",
+        " TOWERCTL_TOKEN={} towerctl join {} --hub {}{more} --hub-key {}{impersonate}{exposes}",
         added.token, added.name, added.tunnel_url, added.hub_key
     )
 }

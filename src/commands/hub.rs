@@ -81,6 +81,10 @@ pub async fn up(a: HubArgs) -> Result<u8> {
     if let Some(u) = &a.gateway_url {
         args.push(format!("--gateway-url={u}").into());
     }
+    if let Some(st) = &a.store {
+        args.push(format!("--store={st}").into());
+        args.push(format!("--store-prefix={}", a.store_prefix).into());
+    }
     let mut spawned = process::spawn("hub", &args)?;
     let spinner = super::progress::Spinner::new("starting the hub…", false);
     let ready = spawned
@@ -147,6 +151,8 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         gateway_url: a.gateway_url,
         keepalive: a.keepalive,
         metrics: a.metrics.0,
+        store: a.store,
+        store_prefix: a.store_prefix,
     };
     hub::run(cfg, cancel, |s| {
         crate::daemon::notify::notify(&format!(

@@ -22,18 +22,21 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let hub = o
         .hub
-        .clone()
+        .first()
+        .cloned()
         .context("missing --hub: pass the hub's tunnel URL printed by 'towerctl cluster add' (ws://HOST:PORT/tunnel)")?;
-    let u = url::Url::parse(&hub).map_err(|e| {
-        anyhow::anyhow!(
-            "invalid --hub '{hub}': {e}; expected ws://HOST:PORT/tunnel or wss://HOST/tunnel"
-        )
-    })?;
-    if u.scheme() != "ws" && u.scheme() != "wss" {
-        bail!(
-            "invalid --hub '{hub}': the scheme must be ws:// or wss://, not '{}://'",
-            u.scheme()
-        );
+    for hub in &o.hub {
+        let u = url::Url::parse(hub).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid --hub '{hub}': {e}; expected ws://HOST:PORT/tunnel or wss://HOST/tunnel"
+            )
+        })?;
+        if u.scheme() != "ws" && u.scheme() != "wss" {
+            bail!(
+                "invalid --hub '{hub}': the scheme must be ws:// or wss://, not '{}://'",
+                u.scheme()
+            );
+        }
     }
     let token = o
         .token
@@ -82,6 +85,7 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     Ok(AgentConfig {
         name: name.to_string(),
         hub,
+        more_hubs: o.hub.iter().skip(1).cloned().collect(),
         token,
         key_file,
         impersonate: o.impersonate,

@@ -95,13 +95,19 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         cfg.name.clone(),
         "--hub".into(),
         cfg.hub.clone(),
+    ];
+    for h in &cfg.more_hubs {
+        args.push("--hub".into());
+        args.push(h.clone());
+    }
+    args.extend([
         "--key-file".into(),
         "/etc/towerctl/agent.key".into(),
         "--keepalive".into(),
         format!("{}s", cfg.keepalive_secs),
         "--backoff-cap".into(),
         format!("{}s", cfg.backoff_cap_secs),
-    ];
+    ]);
     match &cfg.hub_key {
         Some(k) => args.extend(["--hub-key".to_string(), k.clone()]),
         None => args.push("--insecure-skip-hub-key".into()),

@@ -239,6 +239,13 @@ pub struct HubArgs {
     /// Address for Prometheus /metrics (loopback by default), or 'off'.
     #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
     pub metrics: MetricsAddr,
+    /// Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]);
+    /// default: the embedded store in the data directory.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// Key prefix in etcd, to share one etcd between several hub groups.
+    #[arg(long, default_value = "/towerctl/", value_name = "PREFIX")]
+    pub store_prefix: String,
 }
 
 /// `--metrics`: an address, or off.
@@ -381,9 +388,10 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentOpts {
-    /// Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…).
+    /// Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for
+    /// several hubs of one group: the agent tries them in turn.
     #[arg(long, value_name = "URL")]
-    pub hub: Option<String>,
+    pub hub: Vec<String>,
     /// Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN).
     #[arg(long, env = "TOWERCTL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

@@ -19,7 +19,7 @@ fn time(t: Option<u64>) -> serde_json::Value {
 /// A member in the stable `towerctl/v1` output (camelCase; new fields may
 /// be added, none renamed or removed within v1).
 pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Value {
-    json!({
+    let mut v = json!({
         "name": c.name,
         "state": c.state,
         "since": time(c.since),
@@ -36,7 +36,12 @@ pub fn cluster_out(c: &crate::daemon::control::ClusterStatus) -> serde_json::Val
         "labels": c.labels,
         "impersonate": c.impersonate,
         "events": c.events.iter().map(|e| json!({"at": crate::daemon::fmt::fmt_unix(e.at), "text": e.text})).collect::<Vec<_>>(),
-    })
+    });
+    // Several hubs on etcd: which one holds the session (absent with one hub).
+    if let Some(h) = &c.hub {
+        v["hub"] = json!(h);
+    }
+    v
 }
 
 /// An agent in the stable `towerctl/v1` output.
@@ -159,7 +164,11 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                             c.name,
                             c.state,
                             age(c.since),
-                            c.remote.clone().unwrap_or_else(|| "-".into()),
+                            // Several hubs: a member another hub holds shows it.
+                            c.remote
+                                .clone()
+                                .or_else(|| c.hub.as_ref().map(|h| format!("via hub {h}")))
+                                .unwrap_or_else(|| "-".into()),
                             ms(c.rtt_ms),
                             c.streams
                         );

@@ -218,6 +218,9 @@ pub struct ClusterStatus {
     pub token_expires_at: Option<u64>,
     #[serde(default)]
     pub token_state: TokenState,
+    /// With several hubs on etcd: the hub holding the member's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
     #[serde(default)]
     pub labels: super::labels::Labels,
     /// The member requires its agent to impersonate operators.
@@ -344,6 +347,10 @@ pub struct ClusterAdded {
     pub expires_at: Option<u64>,
     pub tunnel_url: String,
     pub hub_key: String,
+    /// With several hubs on etcd: every other live hub's tunnel URL, for
+    /// a join command that survives the loss of any one hub.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_hubs: Vec<String>,
     /// The member requires impersonation: the join command says
     /// `--impersonate`.
     #[serde(default)]

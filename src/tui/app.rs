@@ -438,8 +438,13 @@ impl Cluster {
             state,
             // From the hub: where the agent dials from; from the agent:
             // the hub it dials.
+            // With several hubs, a member held by another: that hub.
             remote: hub_connected
-                .and_then(|h| h.remote.clone())
+                .and_then(|h| {
+                    h.remote
+                        .clone()
+                        .or_else(|| h.hub.as_ref().map(|x| format!("via hub {x}")))
+                })
                 .or_else(|| agent.map(|a| format!("hub {}", hub_host(&a.hub)))),
             version: hub
                 .and_then(|h| h.agent_version.clone())

@@ -72,6 +72,7 @@ fn connected(name: &str, i: u64) -> ClusterStatus {
         key_fingerprint: Some("sha256:qDZSWxGLHEnr6l7P8cGwYaTMncnkf1/0KMXsn2FjMvE".into()),
         token_expires_at: None,
         token_state: "used".into(),
+        hub: None,
         labels: Default::default(),
         impersonate: false,
     }
@@ -96,6 +97,7 @@ fn member(name: &str, state: &str, since: Option<u64>) -> ClusterStatus {
         key_fingerprint: None,
         token_expires_at: since.is_none().then_some(NOW + 20 * 3600),
         token_state: if since.is_none() { "unused" } else { "used" }.into(),
+        hub: None,
         labels: Default::default(),
         impersonate: false,
     }

@@ -11,6 +11,10 @@ use crate::paths;
 pub struct AgentConfig {
     pub name: String,
     pub hub: String,
+    /// Other hubs of the same group (several hubs on etcd), tried in turn
+    /// after `hub` when a session ends or an attempt fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_hubs: Vec<String>,
     /// Join token; only needed until the agent's key is registered.
     #[serde(default)]
     pub token: Option<String>,

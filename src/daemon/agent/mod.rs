@@ -216,8 +216,12 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         }
     }));
 
+    let hubs: Vec<String> = std::iter::once(cfg.hub.clone())
+        .chain(cfg.more_hubs.iter().cloned())
+        .collect();
     let result = tunnel_loop(
         &opts,
+        &hubs,
         service,
         &tx,
         &current,
@@ -237,6 +241,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
 
 async fn tunnel_loop(
     opts: &DialOptions,
+    hubs: &[String],
     service: Arc<dyn ChannelService>,
     tx: &watch::Sender<State>,
     current: &watch::Sender<Option<Arc<client::ClientSession>>>,
@@ -249,7 +254,14 @@ async fn tunnel_loop(
     );
     let set = |f: &dyn Fn(&mut State)| tx.send_modify(|s| f(s));
     let mut connected_before = false;
+    // Several hubs of one group: the next one after each ended session or
+    // failed attempt, so that losing one hub costs one backoff.
+    let mut opts = opts.clone();
+    let mut turn = 0usize;
     loop {
+        opts.url = hubs[turn % hubs.len().max(1)].clone();
+        turn += 1;
+        let opts = &opts;
         set(&|s| {
             s.state = AgentState::Connecting;
             s.retry_at = None;

@@ -80,7 +80,8 @@ impl server::Authenticator for Hub {
             Ok(_) => verdict,
             Err(e) => {
                 tracing::error!("registry error while spending a join token: {e}");
-                Verdict::Reject(None)
+                // The token was right: say why it could not be used.
+                Verdict::Reject(Some(format!("{AUTH_PREFIX}the hub could not record the join in its registry (with several hubs: etcd may be unavailable); run the join command again in a minute")))
             }
         }
     }

@@ -65,6 +65,7 @@ pub(super) fn handle(
                 expires_at: m.token_expires_at,
                 tunnel_url: base.tunnel_url.clone(),
                 hub_key: base.hub_key.clone(),
+                more_hubs: hub.other_hubs(),
                 impersonate: m.impersonate,
             })
         }
@@ -120,6 +121,7 @@ pub(super) fn handle(
                         expires_at: m.token_expires_at,
                         tunnel_url: base.tunnel_url.clone(),
                         hub_key: base.hub_key.clone(),
+                        more_hubs: hub.other_hubs(),
                         impersonate: m.impersonate,
                     })
                 }

@@ -497,6 +497,10 @@ async fn connect(
         return text_response(code, &msg);
     }
     let Some(session) = hub.session(&cluster) else {
+        // Held by another hub: carried there.
+        if let Ok(resp) = super::peer::forward_connect(&hub, &cluster, req).await {
+            return resp;
+        }
         let (code, _, msg) = no_session(&hub, &cluster);
         return text_response(code, &msg);
     };
@@ -639,6 +643,10 @@ async fn proxy(
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
+        // Held by another hub: carried there.
+        if let Ok(resp) = super::peer::forward(hub, &name, &upstream_path, req).await {
+            return resp;
+        }
         let (code, reason, msg) = no_session(hub, &name);
         return status_response(code, reason, &msg);
     };

@@ -4,6 +4,7 @@
 mod auth;
 mod control;
 pub mod gateway;
+mod peer;
 mod tunnel;
 
 use std::collections::{HashMap, VecDeque};
@@ -47,6 +48,11 @@ pub struct HubConfig {
     pub keepalive: Duration,
     /// Where `/metrics` is served; `None` disables it.
     pub metrics: Option<SocketAddr>,
+    /// `etcd://HOST:PORT[,…]`: share the registry with other hubs; `None`:
+    /// the embedded store.
+    pub store: Option<String>,
+    /// Key prefix in etcd.
+    pub store_prefix: String,
 }
 
 /// A live agent session as the hub holds it.
@@ -128,6 +134,8 @@ pub struct Hub {
     pub access: RwLock<super::access::Policy>,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
+    /// Set when this hub is one of several on etcd.
+    cluster: std::sync::OnceLock<Arc<peer::Cluster>>,
 }
 
 impl Hub {
@@ -156,7 +164,16 @@ impl Hub {
             streams: Default::default(),
             access: RwLock::new(Default::default()),
             ca_pem,
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// With several hubs: every other live hub's tunnel URL.
+    pub fn other_hubs(&self) -> Vec<String> {
+        self.cluster
+            .get()
+            .map(|c| c.tunnel_urls().into_iter().skip(1).collect())
+            .unwrap_or_default()
     }
 
     pub fn session(&self, name: &str) -> Option<Arc<LiveSession>> {
@@ -197,10 +214,12 @@ impl Hub {
                 s.version
             ),
         );
-        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+        if let Ok(Some(m)) = self.store.get_member(&s.name) {
             if m.agent_version.as_deref() != Some(s.version.as_str()) {
-                m.agent_version = Some(s.version.clone());
-                let _ = self.store.put_member(&m);
+                let _ = self.store.update_member(&s.name, &mut |m| {
+                    m.agent_version = Some(s.version.clone());
+                    true
+                });
             }
         }
         let old = self
@@ -208,6 +227,7 @@ impl Hub {
             .write()
             .ok()
             .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
+        peer::registered(self, &s);
         if let Some(old) = old {
             tracing::info!(cluster = %s.name, "a new session replaces the previous one");
             self.tasks.spawn(async move {
@@ -238,11 +258,18 @@ impl Hub {
         if let Ok(mut d) = self.disconnected_at.lock() {
             d.insert(s.name.clone(), now);
         }
-        if let Ok(Some(mut m)) = self.store.get_member(&s.name) {
+        if let Some(c) = self.cluster.get() {
+            // Off the runtime thread: etcd may be away.
+            c.release(self, s, now);
+            return;
+        }
+        // One read-modify-write: never writes back a stale copy over
+        // another hub's change (a revoke) to the same member.
+        if let Err(e) = self.store.update_member(&s.name, &mut |m| {
             m.last_seen = Some(now);
-            if let Err(e) = self.store.put_member(&m) {
-                tracing::warn!("cannot record last_seen of '{}': {e}", s.name);
-            }
+            true
+        }) {
+            tracing::warn!("cannot record last_seen of '{}': {e}", s.name);
         }
     }
 
@@ -417,6 +444,7 @@ impl Hub {
                         .then_some(m.token_expires_at)
                         .flatten(),
                     token_state,
+                    hub: peer::holder(self, &m.name),
                     labels: m.labels.clone(),
                     impersonate: m.impersonate,
                 };
@@ -433,6 +461,10 @@ impl Hub {
                         st.agent_version = Some(s.version.clone());
                         st.bytes_in = s.bytes_in.load(Ordering::Relaxed);
                         st.bytes_out = s.bytes_out.load(Ordering::Relaxed);
+                    }
+                    None if st.hub.is_some() && !m.revoked => {
+                        // Held by another hub.
+                        st.state = MemberState::Connected;
                     }
                     None => {
                         let since = self.disconnected_since(&m.name).or(m.last_seen);
@@ -472,7 +504,20 @@ pub async fn run(
     );
     let data = paths::data_dir();
     paths::ensure_private_dir(&data)?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&data.join("hub.redb"))?);
+    let shared = match &cfg.store {
+        Some(spec) => Some(
+            super::store_etcd::EtcdStore::open(spec, &cfg.store_prefix)
+                .with_context(|| format!("cannot use the shared registry '{spec}'"))?,
+        ),
+        None => None,
+    };
+    let store: Arc<dyn Store> = match &shared {
+        Some(s) => {
+            peer::share_secrets(s, &data, write_secret)?;
+            s.clone()
+        }
+        None => Arc::new(RedbStore::open(&data.join("hub.redb"))?),
+    };
     let host_key =
         keys::load_or_create_host_key(&data.join("host_key"), |p, b| write_secret(p, b, 0o600))?;
     let hub_key = keys::fingerprint(host_key.public_key());
@@ -592,6 +637,26 @@ pub async fn run(
     hub.reload_operators();
     hub.load_access()?;
     let tracker = hub.tasks.clone();
+    if let Some(shared) = shared {
+        let id = format!(
+            "{}:{}",
+            hostname().unwrap_or_else(|| "hub".into()),
+            gateway_addr.port()
+        );
+        let changes = shared.subscribe();
+        let cluster = peer::Cluster::start(
+            shared,
+            id.clone(),
+            peer::HubInfo {
+                tunnel_url: tunnel_url.clone(),
+                gateway_url: base_status.gateway_url.clone(),
+            },
+            &tls.ca_pem,
+        )?;
+        let _ = hub.cluster.set(cluster.clone());
+        tracing::info!(hub_id = %id, "sharing the registry with other hubs");
+        tracker.spawn(peer::run(hub.clone(), cluster, changes, cancel.clone()));
+    }
     let ssh_cfg = server::config(host_key, cfg.keepalive);
     tracker.spawn(tunnel::accept_tunnels(
         tunnel_listener,
@@ -630,7 +695,16 @@ pub async fn run(
             let hub = hub.clone();
             let base = base.clone();
             let cancel = cancel.clone();
-            async move { control::handle(&hub, &base, &cancel, req) }
+            async move {
+                if hub.cluster.get().is_none() {
+                    return control::handle(&hub, &base, &cancel, req);
+                }
+                // Registry writes wait on etcd: off the runtime thread, so
+                // tunnels and the gateway never stall behind them.
+                tokio::task::spawn_blocking(move || control::handle(&hub, &base, &cancel, req))
+                    .await
+                    .unwrap_or_else(|e| ctl::Response::err(e.to_string()))
+            }
         }));
     }
     tracing::info!(tunnel = %tunnel_addr, gateway = %gateway_addr, hub_key = %hub_key, "hub ready");

@@ -1,0 +1,203 @@
+//! Many agent sessions from one process, for `bench/agents.sh`: each one
+//! the real protocol (TCP, WebSocket, SSH with the project's own WebSocket
+//! adapter, key or join-token login, SSH keepalives), reconnecting with
+//! exponential backoff and jitter like the agent, and never opening a
+//! channel (idle agents).
+//!
+//! ```sh
+//! agents_load --hub ws://127.0.0.1:8080/tunnel --tokens FILE [--keepalive 10] [--secs 60]
+//! ```
+//!
+//! FILE has one `NAME TOKEN` per line (from `towerctl cluster add NAME -o
+//! json`). Prints `t=SECONDS connected=N` every second, and
+//! `all N connected after S s` each time every session is up.
+//! Connections come from 127.0.0.1 … 127.0.0.250 in turn, so the hub's
+//! per-source cap on unauthenticated connections is not what is measured.
+
+#[path = "../src/tunnel/ws.rs"]
+#[allow(dead_code)]
+mod ws;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use tokio::sync::oneshot;
+
+struct Agent {
+    closed: Option<oneshot::Sender<()>>,
+}
+
+impl russh::client::Handler for Agent {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, _: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+
+    async fn disconnected(
+        &mut self,
+        _: russh::client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.closed.take() {
+            let _ = c.send(());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = self.closed.take() {
+            let _ = c.send(());
+        }
+    }
+}
+
+struct Opts {
+    addr: SocketAddr,
+    url: String,
+    keepalive: Duration,
+}
+
+async fn session(
+    o: &Opts,
+    src: Ipv4Addr,
+    name: &str,
+    token: &str,
+    key: &Arc<PrivateKey>,
+) -> Result<(russh::client::Handle<Agent>, oneshot::Receiver<()>), String> {
+    let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    sock.bind(SocketAddr::new(src.into(), 0))
+        .map_err(|e| e.to_string())?;
+    let tcp = sock.connect(o.addr).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let (wsock, _) = tokio_tungstenite::client_async(o.url.as_str(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let cfg = Arc::new(russh::client::Config {
+        client_id: russh::SshId::Standard("SSH-2.0-towerctl_load".into()),
+        keepalive_interval: Some(o.keepalive),
+        keepalive_max: 2,
+        inactivity_timeout: None,
+        window_size: 16 * 1024 * 1024,
+        maximum_packet_size: 32 * 1024,
+        nodelay: true,
+        ..Default::default()
+    });
+    let (tx, rx) = oneshot::channel();
+    let mut h =
+        russh::client::connect_stream(cfg, ws::WsIo::new(wsock), Agent { closed: Some(tx) })
+            .await
+            .map_err(|e| e.to_string())?;
+    let by_key = h
+        .authenticate_publickey(name, PrivateKeyWithHashAlg::new(key.clone(), None))
+        .await
+        .map_err(|e| e.to_string())?;
+    if !by_key.success()
+        && !h
+            .authenticate_password(name, token)
+            .await
+            .map_err(|e| e.to_string())?
+            .success()
+    {
+        return Err(format!("{name}: LOGIN REFUSED by the hub"));
+    }
+    Ok((h, rx))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |flag: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let url = arg("--hub").expect("--hub ws://HOST:PORT/tunnel");
+    let tokens = std::fs::read_to_string(arg("--tokens").expect("--tokens FILE")).unwrap();
+    let keepalive = Duration::from_secs(arg("--keepalive").map_or(10, |s| s.parse().unwrap()));
+    let secs: u64 = arg("--secs").map_or(60, |s| s.parse().unwrap());
+    let u = url::Url::parse(&url).unwrap();
+    let addr: SocketAddr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
+        .parse()
+        .unwrap();
+    // One descriptor per session: take the hard limit.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let o = Arc::new(Opts {
+        addr,
+        url,
+        keepalive,
+    });
+    let connected = Arc::new(AtomicUsize::new(0));
+    let mut n = 0;
+    for (i, line) in tokens.lines().enumerate() {
+        let Some((name, token)) = line.split_once(' ') else {
+            continue;
+        };
+        n += 1;
+        let (name, token) = (name.to_string(), token.trim().to_string());
+        let (o, connected) = (o.clone(), connected.clone());
+        let src = Ipv4Addr::new(127, 0, 0, 1 + (i % 250) as u8);
+        let key = Arc::new(
+            PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
+        );
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            loop {
+                match session(&o, src, &name, &token, &key).await {
+                    Ok((h, closed)) => {
+                        connected.fetch_add(1, Ordering::Relaxed);
+                        let _ = closed.await;
+                        drop(h);
+                        connected.fetch_sub(1, Ordering::Relaxed);
+                        delay = Duration::from_millis(500);
+                    }
+                    Err(e) if e.contains("LOGIN REFUSED") => {
+                        eprintln!("{e}");
+                        return;
+                    }
+                    // One agent tells why attempts fail.
+                    Err(e) if i == 0 => eprintln!("{name}: {e}"),
+                    Err(_) => {}
+                }
+                // Jitter in [d/2, d], like the agent's backoff.
+                let d = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+                tokio::time::sleep(d).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        });
+    }
+    let start = Instant::now();
+    let mut all_since: Option<Instant> = None;
+    let mut last_all = false;
+    let mut down_at: Option<Instant> = None;
+    for t in 1..=secs {
+        tokio::time::sleep_until((start + Duration::from_secs(t)).into()).await;
+        let c = connected.load(Ordering::Relaxed);
+        println!("t={t} connected={c}");
+        if c < n && last_all {
+            down_at = Some(Instant::now());
+        }
+        if c == n && !last_all {
+            let since = down_at.unwrap_or(start);
+            println!(
+                "all {n} connected after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
+            all_since.get_or_insert(Instant::now());
+        }
+        last_all = c == n;
+    }
+}

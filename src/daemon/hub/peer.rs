@@ -1,0 +1,622 @@
+//! Several active hubs on one etcd: who holds which session, and carrying
+//! a request that lands on the wrong hub to the one that holds it.
+//!
+//! Each hub holds an etcd lease (renewed every [`KEEPALIVE`]); its
+//! `hubs/<id>` record and one `owners/<member>` key per session it holds
+//! live under that lease, so a hub that dies loses them within
+//! [`LEASE_TTL`]. The newest session of a member wins: its hub writes the
+//! owner key last, and a hub whose own claim is older than the key cuts its
+//! copy. A revoked or removed member's session is cut by whichever hub
+//! holds it, as soon as the watch reports the change.
+//!
+//! Forwarding: a gateway request or CONNECT for a member held elsewhere is
+//! sent to the owner's gateway over HTTPS, verified against the shared CA,
+//! carrying the operator's own bearer token: the owner authenticates and
+//! audits it against the same registry, so no hub-to-hub credential or
+//! trusted identity header exists to be stolen or forged. A marker header
+//! stops a request from being forwarded twice.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{Hub, LiveSession};
+use crate::daemon::http::{
+    finish_upgrade, full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body,
+};
+use crate::daemon::store_etcd::{Change, EtcdStore};
+
+/// A hub's lease lives this long without renewal.
+pub const LEASE_TTL: i64 = 10;
+const KEEPALIVE: Duration = Duration::from_secs(3);
+/// Marks a request one hub forwarded to another: never forwarded again.
+pub const FORWARDED_HEADER: &str = "x-towerctl-forwarded-by";
+
+/// `owners/<member>`: which hub holds the member's session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Owner {
+    pub hub: String,
+    /// The owner's gateway URL, where other hubs forward to.
+    pub peer: String,
+    pub session: u64,
+}
+
+/// `hubs/<id>`: a live hub.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubInfo {
+    pub tunnel_url: String,
+    pub gateway_url: String,
+}
+
+pub struct Cluster {
+    pub store: Arc<EtcdStore>,
+    pub id: String,
+    info: HubInfo,
+    lease: AtomicI64,
+    /// Member → (our session id, revision our owner key was written at;
+    /// 0 while the write is in flight or failed).
+    claims: Mutex<HashMap<String, (u64, i64)>>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+/// Puts the gateway CA and the SSH host key in etcd on the first hub's
+/// start (create-if-absent) and writes the shared copies into `data`
+/// before the hub loads them, so every hub serves the same ones.
+pub fn share_secrets(
+    store: &EtcdStore,
+    data: &Path,
+    write: impl Fn(&Path, &[u8], u32) -> Result<()>,
+) -> Result<()> {
+    let sets: [(&str, &[(&str, u32)]); 2] = [
+        ("meta/ca", &[("ca.key", 0o600), ("ca.crt", 0o644)]),
+        ("meta/host_key", &[("host_key", 0o600)]),
+    ];
+    for (rel, files) in sets {
+        let shared = match store.cached(rel) {
+            Some((v, _)) => v,
+            None => {
+                // Ours (existing or new) becomes everyone's, unless another
+                // hub wins the race: then we take theirs.
+                if rel == "meta/ca" {
+                    crate::daemon::tls::load(data, &["localhost".into()], &write)?;
+                } else {
+                    crate::tunnel::keys::load_or_create_host_key(
+                        &data.join("host_key"),
+                        |p, b| write(p, b, 0o600),
+                    )?;
+                }
+                let mut mine = serde_json::Map::new();
+                for (f, _) in files {
+                    let s = std::fs::read_to_string(data.join(f))
+                        .with_context(|| format!("cannot read '{}'", data.join(f).display()))?;
+                    mine.insert(f.to_string(), serde_json::Value::String(s));
+                }
+                let mine = serde_json::to_vec(&mine)?;
+                store.create_if_absent(rel, &mine)?
+            }
+        };
+        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&shared)
+            .with_context(|| format!("the shared {rel} in etcd is corrupt"))?;
+        for (f, mode) in files {
+            let s = v
+                .get(*f)
+                .and_then(|x| x.as_str())
+                .with_context(|| format!("the shared {rel} in etcd lacks {f}"))?;
+            match std::fs::read_to_string(data.join(f)) {
+                Ok(local) if local == s => {}
+                Ok(_) => {
+                    // A hub that ran alone before joins the group: the
+                    // group's CA and host key win (agents and kubeconfigs
+                    // made against the old ones must be redone).
+                    tracing::warn!("replacing this hub's own {f} with the one shared in etcd");
+                    write(&data.join(f), s.as_bytes(), *mode)?;
+                }
+                Err(_) => write(&data.join(f), s.as_bytes(), *mode)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Takes a lease and announces this hub.
+    pub fn start(
+        store: Arc<EtcdStore>,
+        id: String,
+        info: HubInfo,
+        ca_pem: &str,
+    ) -> Result<Arc<Cluster>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(c?)?;
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let c = Arc::new(Cluster {
+            store,
+            id,
+            info,
+            lease: AtomicI64::new(0),
+            claims: Mutex::new(HashMap::new()),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        });
+        c.announce().context("cannot register this hub in etcd")?;
+        Ok(c)
+    }
+
+    /// Takes a new lease and writes `hubs/<id>` under it.
+    fn announce(&self) -> Result<()> {
+        let lease = self.store.etcd.lease_grant(LEASE_TTL)?;
+        self.lease.store(lease, Ordering::SeqCst);
+        self.store.put_raw(
+            &format!("hubs/{}", self.id),
+            &serde_json::to_vec(&self.info)?,
+            lease,
+        )?;
+        Ok(())
+    }
+
+    /// Renews the lease; takes a new one when it was lost (etcd away for
+    /// longer than the TTL). Runs on its own thread until `cancel`.
+    fn keep_lease(self: Arc<Self>, cancel: CancellationToken) {
+        while !cancel.is_cancelled() {
+            std::thread::sleep(KEEPALIVE);
+            let lease = self.lease.load(Ordering::SeqCst);
+            match self.store.etcd.lease_keepalive(lease) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("this hub's etcd lease expired; taking a new one and claiming its sessions again");
+                    if let Err(e) = self.announce() {
+                        tracing::warn!("cannot take a new etcd lease: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot renew this hub's etcd lease: {e}"),
+            }
+        }
+    }
+
+    /// Every live hub's tunnel URL, this one first.
+    pub fn tunnel_urls(&self) -> Vec<String> {
+        let mut v = vec![self.info.tunnel_url.clone()];
+        for (_, b, _) in self.store.cached_under("hubs/") {
+            if let Ok(h) = serde_json::from_slice::<HubInfo>(&b) {
+                if !v.contains(&h.tunnel_url) {
+                    v.push(h.tunnel_url);
+                }
+            }
+        }
+        v
+    }
+
+    /// The hub holding `name`'s session, and the owner key's revision.
+    pub fn owner(&self, name: &str) -> Option<(Owner, i64)> {
+        let (b, rev) = self.store.cached(&format!("owners/{name}"))?;
+        serde_json::from_slice(&b).ok().map(|o| (o, rev))
+    }
+
+    fn owner_value(&self, s: &LiveSession) -> Vec<u8> {
+        serde_json::to_vec(&Owner {
+            hub: self.id.clone(),
+            peer: self.info.gateway_url.clone(),
+            session: s.id,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Writes the owner key for a session (off the runtime thread).
+    fn claim(self: &Arc<Self>, hub: &Hub, s: &Arc<LiveSession>) {
+        if let Ok(mut c) = self.claims.lock() {
+            c.insert(s.name.clone(), (s.id, 0));
+        }
+        let (me, s) = (self.clone(), s.clone());
+        hub.tasks.spawn(async move {
+            let value = me.owner_value(&s);
+            let lease = me.lease.load(Ordering::SeqCst);
+            let (st, rel) = (me.store.clone(), format!("owners/{}", s.name));
+            let r = tokio::task::spawn_blocking(move || st.put_raw(&rel, &value, lease)).await;
+            match r {
+                Ok(Ok(rev)) => {
+                    if let Ok(mut c) = me.claims.lock() {
+                        if let Some(cl) = c.get_mut(&s.name).filter(|cl| cl.0 == s.id) {
+                            cl.1 = rev;
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying")
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    /// The session ended here: drop the owner key if it is still ours.
+    /// Also records when the member was last seen.
+    pub(super) fn release(self: &Arc<Self>, hub: &Hub, s: &LiveSession, now: u64) {
+        if let Ok(mut c) = self.claims.lock() {
+            if c.get(&s.name).is_some_and(|cl| cl.0 == s.id) {
+                c.remove(&s.name);
+            }
+        }
+        let (st, rel, value) = (
+            self.store.clone(),
+            format!("owners/{}", s.name),
+            self.owner_value(s),
+        );
+        let name = s.name.clone();
+        hub.tasks.spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = st.delete_if(&rel, &value);
+                if let Err(e) = crate::daemon::store::Store::update_member(&*st, &name, &mut |m| {
+                    m.last_seen = Some(now);
+                    true
+                }) {
+                    tracing::warn!("cannot record last_seen of '{name}': {e}");
+                }
+            })
+            .await;
+        });
+    }
+
+    /// Brings ownership in line with the registry: claims new sessions,
+    /// claims again keys lost with an expired lease, cuts sessions replaced
+    /// on another hub, revoked or removed.
+    fn reconcile(self: &Arc<Self>, hub: &Hub) {
+        let local: Vec<Arc<LiveSession>> = hub
+            .sessions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for s in local {
+            match hub.store.get_member(&s.name) {
+                Ok(Some(m)) if m.revoked => {
+                    let reason = super::auth::revoked_reason(&s.name);
+                    cut(hub, &s, reason);
+                    continue;
+                }
+                Ok(None) => {
+                    cut(hub, &s, "the cluster was removed from the hub".into());
+                    continue;
+                }
+                _ => {}
+            }
+            let claim = self
+                .claims
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&s.name).copied());
+            let owner = self.owner(&s.name);
+            match (claim, owner) {
+                (Some((id, _)), _) if id != s.id => self.claim(hub, &s),
+                (None, _) => self.claim(hub, &s),
+                (Some((_, 0)), None) => {} // claim in flight (or failed: retried below)
+                (Some(_), None) => self.claim(hub, &s),
+                (Some((_, mine)), Some((o, rev))) => {
+                    if o.hub == self.id && o.session == s.id {
+                        continue;
+                    }
+                    if mine > 0 && rev > mine {
+                        cut(
+                            hub,
+                            &s,
+                            format!("replaced by a newer session on hub {}", o.hub),
+                        );
+                    }
+                }
+            }
+        }
+        // Failed claims (etcd away) are retried.
+        let pending: Vec<String> = self
+            .claims
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .filter(|(_, v)| v.1 == 0)
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in pending {
+            if let Some(s) = hub.session(&name) {
+                if self.owner(&name).is_none_or(|(o, _)| o.hub != self.id) {
+                    self.claim(hub, &s);
+                }
+            }
+        }
+    }
+
+    /// Where a request for `name`, which has no session here, should go.
+    fn route(&self, name: &str, headers: &http::HeaderMap) -> Option<Owner> {
+        if headers.contains_key(FORWARDED_HEADER) {
+            return None;
+        }
+        self.owner(name)
+            .map(|(o, _)| o)
+            .filter(|o| o.hub != self.id)
+    }
+
+    async fn dial(
+        &self,
+        hub: &Hub,
+        peer: &str,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
+        let u = url::Url::parse(peer).map_err(|e| e.to_string())?;
+        let host = u.host_str().ok_or("no host")?.to_string();
+        let port = u.port_or_known_default().unwrap_or(443);
+        let fut = async {
+            let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let name =
+                rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+                    .map_err(|e| e.to_string())?;
+            let tls = self
+                .tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            hub.tasks.spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok::<_, String>(sender)
+        };
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .map_err(|_| "no answer within 5s".to_string())?
+    }
+}
+
+fn cut(hub: &Hub, s: &Arc<LiveSession>, why: String) {
+    // Once per session: the tick would otherwise repeat it until it ends.
+    if s.close_reason.lock().map(|r| r.is_some()).unwrap_or(true) {
+        return;
+    }
+    tracing::info!(cluster = %s.name, "{why}");
+    hub.event(&s.name, why.clone());
+    let s = s.clone();
+    hub.tasks.spawn(async move { s.close(&why).await });
+}
+
+/// Reacts to registry changes until `cancel`: operators reload, members
+/// and owners reconcile; a tick retries what failed while etcd was away.
+pub async fn run(
+    hub: Arc<Hub>,
+    cluster: Arc<Cluster>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    cancel: CancellationToken,
+) {
+    {
+        let (c, cancel) = (cluster.clone(), cancel.clone());
+        let _ = std::thread::Builder::new()
+            .name("etcd-lease".into())
+            .spawn(move || c.keep_lease(cancel));
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                // Leaving: other hubs see our sessions gone at once instead
+                // of after the lease's TTL.
+                let c = cluster.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.store.etcd.lease_revoke(c.lease.load(Ordering::SeqCst))
+                })
+                .await;
+                return;
+            }
+            ch = changes.recv() => {
+                let Some(ch) = ch else { return };
+                let mut operators = ch == Change::Operators;
+                let mut settings = ch == Change::Settings;
+                // Take what else is queued, then act once.
+                while let Ok(more) = changes.try_recv() {
+                    operators |= more == Change::Operators;
+                    settings |= more == Change::Settings;
+                }
+                if operators {
+                    hub.reload_operators();
+                }
+                if settings {
+                    // Access rules changed on another hub.
+                    if let Err(e) = hub.load_access() {
+                        tracing::warn!("cannot load the access rules from etcd: {e}");
+                    }
+                }
+                if operators || settings {
+                    hub.recheck_streams();
+                }
+                cluster.reconcile(&hub);
+            }
+            _ = tick.tick() => cluster.reconcile(&hub),
+        }
+    }
+}
+
+/// Hook for [`Hub::register`].
+pub(super) fn registered(hub: &Hub, s: &Arc<LiveSession>) {
+    if let Some(c) = hub.cluster.get() {
+        c.claim(hub, s);
+    }
+}
+
+/// The hub id holding `name` (this hub's own id when it is here).
+pub(super) fn holder(hub: &Hub, name: &str) -> Option<String> {
+    let c = hub.cluster.get()?;
+    if hub.session(name).is_some() {
+        return Some(c.id.clone());
+    }
+    c.owner(name).map(|(o, _)| o.hub)
+}
+
+fn unreachable_owner(name: &str, o: &Owner, e: &str) -> String {
+    format!("cluster '{name}' is connected to hub {} ({}), which did not answer this hub: {e}; its agent reconnects to a live hub within one backoff, retry in a few seconds", o.hub, o.peer)
+}
+
+/// Gateway hook: a request for a member held by another hub, carried there.
+pub(super) async fn forward(
+    hub: &Hub,
+    name: &str,
+    upstream_path: &str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Request<Incoming>> {
+    let Some(c) = hub.cluster.get() else {
+        return Err(req);
+    };
+    let Some(owner) = c.route(name, req.headers()) else {
+        return Err(req);
+    };
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if let Ok(v) = HeaderValue::from_str(&c.id) {
+        parts.headers.insert(FORWARDED_HEADER, v);
+    }
+    let authority = url::Url::parse(&owner.peer)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+        .unwrap_or_default();
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.version = http::Version::HTTP_11;
+    // Routed by path at the owner, whether the client named the member by
+    // path or by TLS server name here.
+    let pq = match parts.uri.query() {
+        Some(q) => format!("/clusters/{name}{upstream_path}?{q}"),
+        None => format!("/clusters/{name}{upstream_path}"),
+    };
+    match pq.parse() {
+        Ok(u) => parts.uri = u,
+        Err(_) => {
+            return Ok(status_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "invalid request path",
+            ))
+        }
+    }
+    let mut sender = match c.dial(hub, &owner.peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(status_response(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &unreachable_owner(name, &owner, &e),
+            ))
+        }
+    };
+    let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
+    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(status_response(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                &unreachable_owner(name, &owner, &e.to_string()),
+            ))
+        }
+    };
+    // The owner registers the stream and cuts it when access is revoked;
+    // this splice ends with it.
+    finish_upgrade(
+        &hub.tasks,
+        client_upgrade,
+        &mut resp,
+        CancellationToken::new(),
+        (),
+    );
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as _).boxed_unsync(),
+    ))
+}
+
+/// Gateway hook: a CONNECT for a member held by another hub, carried there
+/// as a CONNECT with the same token, then spliced.
+pub(super) async fn forward_connect(
+    hub: &Hub,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Request<Incoming>> {
+    let Some(c) = hub.cluster.get() else {
+        return Err(req);
+    };
+    let Some(owner) = c.route(name, req.headers()) else {
+        return Err(req);
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .or_else(|| req.headers().get(header::PROXY_AUTHORIZATION))
+        .cloned();
+    let mut out = Request::connect(req.uri().clone());
+    if let Some(a) = auth {
+        out = out.header(header::AUTHORIZATION, a);
+    }
+    if let Some(a) = req.uri().authority() {
+        out = out.header(header::HOST, a.as_str());
+    }
+    let out = match out
+        .header(FORWARDED_HEADER, c.id.as_str())
+        .body(full(Default::default()))
+    {
+        Ok(r) => r,
+        Err(e) => return Ok(text_response(StatusCode::BAD_REQUEST, &e.to_string())),
+    };
+    let mut sender = match c.dial(hub, &owner.peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Ok(text_response(
+                StatusCode::BAD_GATEWAY,
+                &unreachable_owner(name, &owner, &e),
+            ))
+        }
+    };
+    let resp = match sender.send_request(out).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(text_response(
+                StatusCode::BAD_GATEWAY,
+                &unreachable_owner(name, &owner, &e.to_string()),
+            ))
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        let (parts, body) = resp.into_parts();
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| Box::new(e) as _).boxed_unsync(),
+        ));
+    }
+    hub.tasks.spawn(async move {
+        match tokio::try_join!(hyper::upgrade::on(req), hyper::upgrade::on(resp)) {
+            Ok((a, b)) => {
+                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+            }
+            Err(e) => tracing::debug!("forwarded CONNECT failed: {e}"),
+        }
+    });
+    Ok(Response::new(full(Default::default())))
+}

@@ -1,0 +1,414 @@
+//! The registry in etcd, shared by several active hubs.
+//!
+//! Key layout under the prefix (default `/towerctl/`):
+//!
+//! ```text
+//! members/<name>     Member (JSON)                     written by any hub
+//! operators/<hash>   Operator (JSON)                   written by any hub
+//! meta/ca            {"ca.key": …, "ca.crt": …}         created once (create-if-absent)
+//! meta/host_key      {"host_key": …}                    created once
+//! hubs/<hub id>      {"tunnel_url", "gateway_url"}      under the hub's lease
+//! owners/<name>      {"hub", "peer", "session"}         under the owning hub's lease
+//! settings/<key>     a hub-wide setting (access rules)  any hub
+//! ```
+//!
+//! Every read comes from a cache of the whole prefix, loaded at start and
+//! kept current by one watch stream (resynchronised after a break), so
+//! requests never wait on etcd and keep working while it is away. Writes
+//! go to etcd; `update_member` is a compare-and-swap on the key's
+//! `mod_revision`, retried, so a single-use token is spent once whichever
+//! hub sees it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use super::etcd::{self, Etcd, Event, Kv};
+use super::store::{Member, Operator, Store, StoreError};
+
+/// What changed under the prefix, for the hub to react to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Member(String),
+    Operators,
+    Owner(String),
+    Hubs,
+    /// Hub-wide settings (the access rules).
+    Settings,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// Keys relative to the prefix → (value, mod_revision).
+    kvs: BTreeMap<String, (Vec<u8>, i64)>,
+}
+
+pub struct EtcdStore {
+    pub etcd: Arc<Etcd>,
+    pub prefix: String,
+    cache: RwLock<Cache>,
+    changes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Change>>>,
+}
+
+fn err(e: etcd::EtcdError) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn change_of(rel: &str) -> Option<Change> {
+    let (kind, name) = rel.split_once('/')?;
+    match kind {
+        "members" => Some(Change::Member(name.to_string())),
+        "operators" => Some(Change::Operators),
+        "owners" => Some(Change::Owner(name.to_string())),
+        "hubs" => Some(Change::Hubs),
+        "settings" => Some(Change::Settings),
+        _ => None,
+    }
+}
+
+impl EtcdStore {
+    /// Connects, loads the whole prefix and starts the watch thread.
+    pub fn open(spec: &str, prefix: &str) -> Result<Arc<EtcdStore>, StoreError> {
+        let etcd = Arc::new(Etcd::new(spec).map_err(StoreError::Io)?);
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let (rev, kvs) = etcd.range_prefix(&prefix).map_err(|e| match e {
+            etcd::EtcdError::Unreachable { endpoints, reason } => StoreError::Io(format!(
+                "etcd at {endpoints} did not answer ({reason}): start etcd, or fix --store"
+            )),
+            e => StoreError::Io(e.to_string()),
+        })?;
+        let s = Arc::new(EtcdStore {
+            etcd,
+            prefix,
+            cache: RwLock::new(Cache::default()),
+            changes: Mutex::new(None),
+        });
+        s.replace_all(kvs);
+        let weak = Arc::downgrade(&s);
+        std::thread::Builder::new()
+            .name("etcd-watch".into())
+            .spawn(move || watch_loop(weak, rev))
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        Ok(s)
+    }
+
+    /// Where changes are reported (one receiver).
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<Change> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut c) = self.changes.lock() {
+            *c = Some(tx);
+        }
+        rx
+    }
+
+    fn notify(&self, rel: &str) {
+        if let (Some(ch), Ok(c)) = (change_of(rel), self.changes.lock()) {
+            if let Some(tx) = c.as_ref() {
+                let _ = tx.send(ch);
+            }
+        }
+    }
+
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+
+    fn rel<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(self.prefix.as_str())
+    }
+
+    /// Replaces the cache with a full listing, reporting what differs.
+    fn replace_all(&self, kvs: Vec<Kv>) {
+        let fresh: BTreeMap<String, (Vec<u8>, i64)> = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                self.rel(&kv.key)
+                    .map(|r| (r.to_string(), (kv.value, kv.mod_revision)))
+            })
+            .collect();
+        let changed: Vec<String> = {
+            let Ok(mut c) = self.cache.write() else {
+                return;
+            };
+            let mut changed: Vec<String> = c
+                .kvs
+                .iter()
+                .filter(|(k, v)| fresh.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            changed.extend(
+                fresh
+                    .iter()
+                    .filter(|(k, v)| c.kvs.get(*k) != Some(*v))
+                    .map(|(k, _)| k.clone()),
+            );
+            c.kvs = fresh;
+            changed
+        };
+        for k in changed {
+            self.notify(&k);
+        }
+    }
+
+    fn apply(&self, ev: Event) {
+        let rel = match &ev {
+            Event::Put(kv) => self.rel(&kv.key),
+            Event::Delete { key, .. } => self.rel(key),
+        };
+        let Some(rel) = rel.map(str::to_string) else {
+            return;
+        };
+        if let Ok(mut c) = self.cache.write() {
+            let cur = c.kvs.get(&rel).map(|v| v.1).unwrap_or(0);
+            match ev {
+                Event::Put(kv) if kv.mod_revision >= cur => {
+                    c.kvs.insert(rel.clone(), (kv.value, kv.mod_revision));
+                }
+                Event::Delete { revision, .. } if revision >= cur => {
+                    c.kvs.remove(&rel);
+                }
+                _ => {}
+            }
+        }
+        self.notify(&rel);
+    }
+
+    /// Records our own write in the cache at once (read-your-writes).
+    fn cached_put(&self, rel: &str, value: Vec<u8>, rev: i64) {
+        if let Ok(mut c) = self.cache.write() {
+            if c.kvs.get(rel).map(|v| v.1).unwrap_or(0) <= rev {
+                c.kvs.insert(rel.to_string(), (value, rev));
+            }
+        }
+    }
+
+    fn cached_delete(&self, rel: &str) {
+        if let Ok(mut c) = self.cache.write() {
+            c.kvs.remove(rel);
+        }
+    }
+
+    /// One cached value and its revision.
+    pub fn cached(&self, rel: &str) -> Option<(Vec<u8>, i64)> {
+        self.cache.read().ok()?.kvs.get(rel).cloned()
+    }
+
+    /// Every cached value under `rel_prefix`, by relative key.
+    pub fn cached_under(&self, rel_prefix: &str) -> Vec<(String, Vec<u8>, i64)> {
+        let Ok(c) = self.cache.read() else {
+            return vec![];
+        };
+        c.kvs
+            .range(rel_prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(rel_prefix))
+            .map(|(k, v)| (k.clone(), v.0.clone(), v.1))
+            .collect()
+    }
+
+    fn decode<T: for<'de> serde::Deserialize<'de>>(rel: &str, b: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(format!("{rel}: {e}")))
+    }
+
+    /// Puts a key (under `lease`, 0 for none) and caches it.
+    pub fn put_raw(&self, rel: &str, value: &[u8], lease: i64) -> Result<i64, StoreError> {
+        let rev = self.etcd.put(&self.key(rel), value, lease).map_err(err)?;
+        self.cached_put(rel, value.to_vec(), rev);
+        Ok(rev)
+    }
+
+    /// Creates `rel` with `value` unless it exists; returns what is there
+    /// afterwards (ours or the winner's).
+    pub fn create_if_absent(&self, rel: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let key = self.key(rel);
+        let (ok, rev, v) = self
+            .etcd
+            .txn(
+                vec![etcd::absent(&key)],
+                vec![etcd::op_put(&key, value, 0)],
+                vec![etcd::op_get(&key)],
+            )
+            .map_err(err)?;
+        if ok {
+            self.cached_put(rel, value.to_vec(), rev);
+            return Ok(value.to_vec());
+        }
+        let kv = etcd::txn_range(&v, 0)
+            .ok_or_else(|| StoreError::Io(format!("{key} vanished while being created")))?;
+        self.cached_put(rel, kv.value.clone(), kv.mod_revision);
+        Ok(kv.value)
+    }
+
+    /// Deletes `rel` if it still holds `value`.
+    pub fn delete_if(&self, rel: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let key = self.key(rel);
+        let (ok, _, _) = self
+            .etcd
+            .txn(
+                vec![etcd::value_is(&key, value)],
+                vec![etcd::op_delete(&key)],
+                vec![],
+            )
+            .map_err(err)?;
+        if ok {
+            self.cached_delete(rel);
+        }
+        Ok(ok)
+    }
+
+    fn put_json<T: serde::Serialize>(&self, rel: &str, v: &T) -> Result<(), StoreError> {
+        let b = serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.put_raw(rel, &b, 0).map(|_| ())
+    }
+
+    fn delete(&self, rel: &str) -> Result<bool, StoreError> {
+        let v = self
+            .etcd
+            .call(
+                "/v3/kv/deleterange",
+                &serde_json::json!({"key": etcd::b64(self.key(rel).as_bytes())}),
+            )
+            .map_err(err)?;
+        self.cached_delete(rel);
+        Ok(etcd::int(&v["deleted"]) > 0)
+    }
+}
+
+/// Keeps the cache current: watch from `rev + 1`; after a break, list the
+/// whole prefix again (reporting what changed meanwhile) and watch anew.
+fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
+    let mut resync = false;
+    // Bounded by the store's life: the loop ends once the hub drops it.
+    while let Some(s) = store.upgrade() {
+        if resync {
+            match s.etcd.range_prefix(&s.prefix) {
+                Ok((r, kvs)) => {
+                    rev = r;
+                    s.replace_all(kvs);
+                    tracing::info!("registry watch resumed at revision {rev}");
+                }
+                Err(e) => {
+                    tracing::debug!("registry resync: {e}");
+                    drop(s);
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            }
+        }
+        let (etcd, prefix) = (s.etcd.clone(), s.prefix.clone());
+        let weak = Arc::downgrade(&s);
+        drop(s);
+        let r = etcd.watch(&prefix, rev + 1, |at, events| {
+            let Some(s) = weak.upgrade() else {
+                return false;
+            };
+            for e in events {
+                s.apply(e);
+            }
+            rev = rev.max(at);
+            true
+        });
+        if let Err(e) = r {
+            tracing::warn!("registry watch broke: {e}; retrying");
+        }
+        resync = true;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+const MEMBERS: &str = "members/";
+const OPERATORS: &str = "operators/";
+
+impl Store for EtcdStore {
+    fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
+        let rel = format!("{MEMBERS}{name}");
+        self.cached(&rel)
+            .map(|(b, _)| Self::decode(&rel, &b))
+            .transpose()
+    }
+    fn put_member(&self, m: &Member) -> Result<(), StoreError> {
+        self.put_json(&format!("{MEMBERS}{}", m.name), m)
+    }
+    fn update_member(
+        &self,
+        name: &str,
+        f: &mut dyn FnMut(&mut Member) -> bool,
+    ) -> Result<Option<Member>, StoreError> {
+        let rel = format!("{MEMBERS}{name}");
+        let key = self.key(&rel);
+        // Compare-and-swap on the key's revision: a concurrent writer on
+        // another hub makes the transaction fail, and we start over from
+        // what it wrote.
+        for _ in 0..16 {
+            let Some(kv) = self.etcd.get(&key).map_err(err)? else {
+                self.cached_delete(&rel);
+                return Ok(None);
+            };
+            let mut m: Member = Self::decode(&rel, &kv.value)?;
+            if !f(&mut m) {
+                self.cached_put(&rel, kv.value, kv.mod_revision);
+                return Ok(Some(m));
+            }
+            let b = serde_json::to_vec(&m).map_err(|e| StoreError::Io(e.to_string()))?;
+            let (ok, rev, _) = self
+                .etcd
+                .txn(
+                    vec![etcd::mod_is(&key, kv.mod_revision)],
+                    vec![etcd::op_put(&key, &b, 0)],
+                    vec![],
+                )
+                .map_err(err)?;
+            if ok {
+                self.cached_put(&rel, b, rev);
+                return Ok(Some(m));
+            }
+        }
+        Err(StoreError::Io(format!(
+            "member '{name}' is being changed by other hubs; try again"
+        )))
+    }
+    fn list_members(&self) -> Result<Vec<Member>, StoreError> {
+        self.cached_under(MEMBERS)
+            .into_iter()
+            .map(|(k, b, _)| Self::decode(&k, &b))
+            .collect()
+    }
+    fn delete_member(&self, name: &str) -> Result<bool, StoreError> {
+        self.delete(&format!("{MEMBERS}{name}"))
+    }
+    fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError> {
+        let rel = format!("{OPERATORS}{hash}");
+        self.cached(&rel)
+            .map(|(b, _)| Self::decode(&rel, &b))
+            .transpose()
+    }
+    fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
+        self.put_json(&format!("{OPERATORS}{}", op.token_hash), op)
+    }
+    fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        self.cached_under(OPERATORS)
+            .into_iter()
+            .map(|(k, b, _)| Self::decode(&k, &b))
+            .collect()
+    }
+    fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .cached(&format!("settings/{key}"))
+            .map(|(b, _)| String::from_utf8_lossy(&b).into_owned()))
+    }
+    fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.put_raw(&format!("settings/{key}"), value.as_bytes(), 0)
+            .map(|_| ())
+    }
+    fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for op in self.list_operators()? {
+            if op.name == name && self.delete(&format!("{OPERATORS}{}", op.token_hash))? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
