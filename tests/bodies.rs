@@ -1,0 +1,140 @@
+//! Bounded memory under stalled uploads: 64 clients each announce a 32 MB
+//! request body through the gateway, send 1 MiB and stall. The agent
+//! refuses each at once (its per-request bound is 8 MiB), its memory stays
+//! bounded, and other requests keep working. Real towerctl and kubectl,
+//! raw TLS clients for the attack.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::apiserver::ApiServer;
+use support::Env;
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One stalled upload: the request head announcing 32 MB, 1 MiB of body,
+/// then the status line of whatever the gateway answers within 15 s.
+fn stalled_upload(
+    addr: String,
+    token: String,
+    tls: Arc<rustls::ClientConfig>,
+    hold: std::sync::mpsc::Receiver<()>,
+) -> String {
+    let tcp = TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(tls, name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let head = format!(
+        "POST /clusters/alpha/api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 33554432\r\n\r\n"
+    );
+    if s.write_all(head.as_bytes()).is_err() {
+        return "write failed".into();
+    }
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..16 {
+        if s.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let _ = s.flush();
+    let mut buf = [0u8; 256];
+    let status = match s.read(&mut buf) {
+        Ok(n) if n > 0 => String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        Ok(_) => "closed".into(),
+        Err(e) => format!("no answer: {e}"),
+    };
+    // Keep the connection open (stalled) until the test says so.
+    let _ = hold.recv_timeout(Duration::from_secs(30));
+    status
+}
+
+#[test]
+fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.kubectl(&["get", "ns"]).ok());
+    let agent = env.pid_of("agent-alpha").expect("agent pid");
+    let idle = rss_kib(agent);
+
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut holds = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        holds.push(tx);
+        let (gw, token, tls) = (gw.clone(), token.clone(), tls.clone());
+        clients.push(std::thread::spawn(move || {
+            stalled_upload(gw, token, tls, rx)
+        }));
+    }
+    // While all 64 are open: other requests work, the agent's memory is bounded.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let took = t.elapsed();
+    let peak = rss_kib(agent);
+    eprintln!(
+        "agent RSS idle {idle} KiB, with 64 stalled 32 MB uploads {peak} KiB; kubectl took {took:?}"
+    );
+    // 64 × 32 MB would be 2 GiB; the bound: 64 MiB of buffered bodies at
+    // most, plus the per-stream flow windows of what is in flight.
+    assert!(
+        peak < idle + 96 * 1024,
+        "agent RSS grew from {idle} KiB to {peak} KiB"
+    );
+    drop(holds);
+    let statuses: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    // Each was refused with 413 at once; the gateway then closes the
+    // connection, which a client still writing sees as a broken pipe or a
+    // reset before it reads the answer. None waited for its 32 MB.
+    let refused = statuses.iter().filter(|s| s.contains(" 413")).count();
+    let cut = statuses
+        .iter()
+        .filter(|s| s.contains("Broken pipe") || s.contains("reset") || *s == "closed")
+        .count();
+    assert_eq!(refused + cut, 64, "{statuses:?}");
+    assert!(refused >= 32, "{statuses:?}");
+}
