@@ -172,6 +172,15 @@ pub fn escape_for_log(s: &str, max: usize) -> String {
     out
 }
 
+/// How long one keepalive ping may take before the peer is declared dead.
+/// A ping goes out at most one interval after the last answer, so the
+/// peer is dead within `interval + ping_deadline`: 2.8 intervals, inside
+/// the three-interval bound with room for scheduling and the check itself
+/// (two full intervals measured 3.1 s with a 1 s interval).
+pub fn ping_deadline(keepalive: std::time::Duration) -> std::time::Duration {
+    keepalive * 9 / 5
+}
+
 #[cfg(test)]
 mod log_tests {
     #[test]

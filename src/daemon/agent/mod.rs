@@ -300,7 +300,7 @@ async fn tunnel_loop(
                 // Same bound as the hub: dead within three intervals.
                 let pinger = async {
                     loop {
-                        match sess.ping(keepalive * 2).await {
+                        match sess.ping(crate::tunnel::ping_deadline(keepalive)).await {
                             Some(rtt) => tx.send_modify(|s| {
                                 s.rtt = Some(rtt);
                                 push_bounded(
@@ -327,7 +327,7 @@ async fn tunnel_loop(
                         }
                         end.reason
                     }
-                    _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", keepalive * 2),
+                    _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", crate::tunnel::ping_deadline(keepalive)),
                     _ = cancel.cancelled() => {
                         current.send_replace(None);
                         sess.farewell("agent stopped").await;

@@ -182,13 +182,14 @@ async fn tunnel_session(
     }
 
     // A ping goes out at most one interval after the last answer and gets
-    // two intervals to come back: a silent agent is dead within three.
+    // 1.8 intervals to come back (tunnel::ping_deadline): a silent agent is
+    // dead within three.
     let pinger = {
         let live = live.clone();
         let hub = hub.clone();
         async move {
             loop {
-                match server::ping(&live.handle, keepalive * 2).await {
+                match server::ping(&live.handle, crate::tunnel::ping_deadline(keepalive)).await {
                     Some(rtt) => {
                         live.rtt_us
                             .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
@@ -215,7 +216,7 @@ async fn tunnel_session(
             // requests in flight on a dead peer fail now, not never.
             tokio::time::sleep(Duration::from_millis(200)).await;
             kill.cancel();
-            format!("no answer to keepalives within {:?}: declared dead", keepalive * 2)
+            format!("no answer to keepalives within {:?}: declared dead", crate::tunnel::ping_deadline(keepalive))
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),
     };
