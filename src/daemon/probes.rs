@@ -51,13 +51,15 @@ where
 {
     let ready = Arc::new(ready);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Owns the probe connections, so stopping waits for them (bounded).
+    let tasks = tokio_util::task::TaskTracker::new();
     while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "probe").await {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::debug!("probe connection from {peer} closed: {MAX_CONNECTIONS} already open");
             continue;
         };
         let ready = ready.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -78,6 +80,8 @@ where
             let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
         });
     }
+    tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tasks.wait()).await;
 }
 
 #[cfg(test)]
