@@ -26,6 +26,9 @@ pub const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
 /// (64 MiB) would let an unauthenticated peer make the hub buffer that much.
 pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
 
+/// The WebSocket read buffer of each agent session on the hub.
+pub const WS_READ_BUFFER: usize = 32 * 1024;
+
 pub(super) async fn accept_tunnels(
     listener: TcpListener,
     hub: Arc<Hub>,
@@ -128,7 +131,10 @@ async fn tunnel_session(
     let login = async {
         let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(MAX_WS_MESSAGE))
-            .max_frame_size(Some(MAX_WS_MESSAGE));
+            .max_frame_size(Some(MAX_WS_MESSAGE))
+            // Allocated eagerly per agent (tungstenite's default is 128 KiB):
+            // a hub holds thousands of mostly idle sessions.
+            .read_buffer_size(WS_READ_BUFFER);
         let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(ws_cfg))
             .await
             .context("WebSocket handshake failed")?;
