@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::apiserver::ApiServer;
-use support::{run_bounded, wait_for, Env, Out, Streaming};
+use support::{curl_within, run_bounded, wait_for, Env, Streaming};
 
 /// Hub up (once per env), member `name` joined against `api`.
 fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
@@ -33,12 +33,6 @@ fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
         ],
     );
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
-}
-
-fn curl(url: &str) -> Out {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "15", url]);
-    run_bounded(cmd, Duration::from_secs(30))
 }
 
 /// The first `127.0.0.1:PORT` after `prefix` in a streamed output.
@@ -96,7 +90,7 @@ fn every_kubectl_path_works_through_a_server_name_context() {
     // kubectl proxy, then a plain HTTP client.
     let proxy = Streaming::start(env.kubectl_cmd(&["proxy", "--port=0"]));
     let port = port_after(&proxy, "Starting to serve on 127.0.0.1:");
-    let o = curl(&format!("http://127.0.0.1:{port}/api/v1/namespaces"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/api/v1/namespaces"), 15);
     assert!(
         o.ok() && o.stdout.contains("NamespaceList") && o.stdout.contains("kube-system"),
         "{o:?} {}",
@@ -118,7 +112,7 @@ fn every_kubectl_path_works_through_a_server_name_context() {
     );
     let pf = Streaming::start(env.kubectl_cmd(&["port-forward", "pod/web-1", ":8080"]));
     let port = port_after(&pf, "Forwarding from 127.0.0.1:");
-    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
     assert!(
         o.stdout.contains("forwarded through sni"),
         "{o:?} {}",

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::apiserver::{ApiServer, TOKEN};
-use support::{wait_for, Env, Streaming};
+use support::{curl_within, forwarded_port, wait_for, Env, Streaming};
 
 /// Hub up, member `alpha` joined against `api`, kubeconfig context in use.
 fn connected(env: &Env, api: &ApiServer, extra: &[&str]) -> Vec<String> {
@@ -1127,28 +1127,6 @@ fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
     assert!(o.ok() && o.stdout.contains("exposes nothing"), "{o:?}");
 }
 
-/// The local port of a forward, from its "Forwarding from 127.0.0.1:N -> R" line.
-fn forwarded_port(s: &Streaming) -> u16 {
-    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    let out = s.output();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("Forwarding from 127.0.0.1:"))
-        .unwrap();
-    line["Forwarding from 127.0.0.1:".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-fn curl(url: &str) -> support::Out {
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "15", url]);
-    support::run_bounded(cmd, Duration::from_secs(30))
-}
-
 #[test]
 fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
     use support::apiserver::TargetPort;
@@ -1174,7 +1152,7 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
         pf.output()
     );
     let url = format!("http://127.0.0.1:{port}/");
-    let o = curl(&url);
+    let o = curl_within(&url, 15);
     assert!(
         o.stdout.contains("served by endpoint one"),
         "{o:?} {}",
@@ -1187,7 +1165,7 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
 
     // The endpoint moves (pod replaced): the next connection follows.
     api.set_endpoints("default", "web", &[("127.0.0.1", "http", two.port())]);
-    let o = curl(&url);
+    let o = curl_within(&url, 15);
     assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
 
     // The tunnel bounces (hub restarted): the same forward works again.
@@ -1201,7 +1179,7 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
     wait_for("the agent to reconnect", Duration::from_secs(20), || {
         (env.status()["hub"]["clusters"][0]["state"] == "connected").then_some(())
     });
-    let o = curl(&url);
+    let o = curl_within(&url, 15);
     assert!(
         o.stdout.contains("served by endpoint two"),
         "{o:?} {}",
@@ -1211,9 +1189,9 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
     // A target that cannot be resolved: the error names it, the forward lives on.
     let bad = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/nope", ":80"]));
     let bad_port = forwarded_port(&bad);
-    let _ = curl(&format!("http://127.0.0.1:{bad_port}/"));
+    let _ = curl_within(&format!("http://127.0.0.1:{bad_port}/"), 15);
     bad.wait_for("service default/nope not found", Duration::from_secs(10));
-    let o = curl(&url);
+    let o = curl_within(&url, 15);
     assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
 }
 
@@ -1240,7 +1218,7 @@ fn port_forward_to_pods_and_deployments_and_bad_input() {
             &format!(":{}", web.port()),
         ]));
         let port = forwarded_port(&pf);
-        let o = curl(&format!("http://127.0.0.1:{port}/"));
+        let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
         assert!(
             o.stdout.contains("served by the pod"),
             "{target}: {o:?} {}",
@@ -1258,7 +1236,7 @@ fn port_forward_to_pods_and_deployments_and_bad_input() {
     api.set_endpoints("default", "legacy", &[("127.0.0.1", "", web.port())]);
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/legacy", ":80"]));
     let port = forwarded_port(&pf);
-    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
     assert!(
         o.stdout.contains("served by the pod"),
         "{o:?} {}",
@@ -1298,7 +1276,7 @@ fn kubectl_port_forward_passes_through_the_gateway() {
         let pf = Streaming::start(cmd);
         let port = forwarded_port(&pf);
         for _ in 0..2 {
-            let o = curl(&format!("http://127.0.0.1:{port}/"));
+            let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
             assert!(
                 o.stdout.contains("forwarded by kubectl"),
                 "websockets={ws}: {o:?} {}",
@@ -1351,14 +1329,14 @@ fn background_port_forwards_survive_the_shell_and_stop_on_request() {
         .next()
         .unwrap()
         .to_string();
-    let o2 = curl(&format!("http://127.0.0.1:{port}/"));
+    let o2 = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
     assert!(o2.stdout.contains("served in the background"), "{o2:?}");
     let s = env.status();
     assert_eq!(s["forwards"][0]["id"], id.as_str(), "{s}");
     let o = env.towerctl(&["port-forward", "stop", &id]);
     assert!(o.ok(), "{o:?}");
     assert_eq!(env.status()["forwards"].as_array().unwrap().len(), 0);
-    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
     assert!(!o.ok(), "the forward must be gone: {o:?}");
     let o = env.towerctl(&["port-forward", "stop", &id]);
     assert!(
@@ -1396,7 +1374,7 @@ fn pods_the_agent_cannot_route_to_are_reached_through_the_api_server() {
         &format!(":{closed}"),
     ]));
     let port = forwarded_port(&pf);
-    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
     assert!(
         o.stdout.contains("reached through pods/portforward"),
         "{o:?} {}",

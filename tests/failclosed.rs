@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::apiserver::ApiServer;
-use support::{wait_for, Env, Streaming};
+use support::{curl_within, forwarded_port, operator_laptop, wait_for, Env, Streaming};
 
 /// Hub up, member `alpha` joined against `api`, the hub's kubeconfig on alpha.
 fn connected(env: &Env, api: &ApiServer) -> Vec<String> {
@@ -30,44 +30,6 @@ fn connected(env: &Env, api: &ApiServer) -> Vec<String> {
     join
 }
 
-/// `operator add NAME` on the hub, `login` on a machine of its own, `use alpha`.
-fn operator_laptop(hub: &Env, name: &str) -> Env {
-    let o = hub.towerctl(&["operator", "add", name]);
-    assert!(o.ok(), "{o:?}");
-    let allow = format!("operator:{name}");
-    assert!(hub
-        .towerctl(&["access", "allow", &allow, "--names", "alpha"])
-        .ok());
-    let login = support::printed_command(&o.stdout, "login");
-    let laptop = Env::new();
-    let args: Vec<&str> = login.iter().map(String::as_str).collect();
-    let o = laptop.towerctl(&args);
-    assert!(o.ok(), "{o:?}");
-    assert!(laptop.towerctl(&["use", "alpha"]).ok());
-    laptop
-}
-
-fn forwarded_port(s: &Streaming) -> u16 {
-    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    let out = s.output();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("Forwarding from 127.0.0.1:"))
-        .unwrap();
-    line["Forwarding from 127.0.0.1:".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-fn curl(url: &str) -> support::Out {
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "5", url]);
-    support::run_bounded(cmd, Duration::from_secs(15))
-}
-
 #[test]
 fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
     let hub = Env::new();
@@ -84,6 +46,7 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
     api.set_portforward_target("default", "web-1", 8080, web);
     connected(&hub, &api);
     let laptop = operator_laptop(&hub, "bob");
+    assert!(laptop.towerctl(&["use", "alpha"]).ok());
     // Another operator's stream must survive bob's removal.
     let mut admins_watch = Streaming::start(hub.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
 
@@ -95,7 +58,7 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
 
     let pf = Streaming::start(laptop.kubectl_cmd(&["port-forward", "pod/web-1", ":8080"]));
     let port = forwarded_port(&pf);
-    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 5);
     assert!(
         o.stdout.contains("forwarded for bob"),
         "{o:?} {}",
@@ -116,7 +79,7 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
     );
     // The port-forward's upgraded stream is gone too: no new connection
     // gets through it.
-    let o = curl(&format!("http://127.0.0.1:{port}/"));
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 5);
     assert!(!o.stdout.contains("forwarded for bob"), "{o:?}");
     // And bob cannot start anything new.
     let o = laptop.kubectl(&["get", "ns"]);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::apiserver::{ApiServer, TargetPort};
-use support::{run_bounded, wait_for, Env, Streaming};
+use support::{curl_within, fd_count, forwarded_port, run_bounded, wait_for, Env, Streaming};
 
 fn enabled() -> bool {
     if std::env::var("TOWERCTL_FAULTS").as_deref() == Ok("1") {
@@ -47,25 +47,6 @@ fn connected(env: &Env, api: &ApiServer, extra: &[&str]) {
     let o = env.join(&join, &flags);
     assert!(o.ok(), "join failed: {o:?}");
     assert!(env.towerctl(&["use", "alpha"]).ok());
-}
-
-fn forwarded_port(s: &Streaming) -> u16 {
-    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    s.output()
-        .lines()
-        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-fn curl(url: &str, max: u64) -> support::Out {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", &max.to_string(), url]);
-    run_bounded(cmd, Duration::from_secs(max + 10))
 }
 
 /// `kubectl get ns` with its wall time.
@@ -99,7 +80,7 @@ fn hub_kill9_and_restart() {
     connected(&env, &api, &["--backoff-cap", "1s"]);
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
     let url = format!("http://127.0.0.1:{}/", forwarded_port(&pf));
-    assert!(curl(&url, 10).stdout.contains("served through"));
+    assert!(curl_within(&url, 10).stdout.contains("served through"));
 
     let s = env.status();
     let tunnel = s["hub"]["tunnelAddress"].as_str().unwrap().to_string();
@@ -112,7 +93,7 @@ fn hub_kill9_and_restart() {
     });
     let kubectl_after = restarted.elapsed();
     wait_for("the open port-forward", Duration::from_secs(10), || {
-        curl(&url, 3)
+        curl_within(&url, 3)
             .stdout
             .contains("served through")
             .then_some(())
@@ -230,12 +211,6 @@ fn registry_kill9_during_cluster_adds_loses_no_acknowledged_add() {
         failed.load(Ordering::SeqCst)
     );
     let _ = env.towerctl(&["down"]);
-}
-
-fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 fn flood(addr: &str, n: usize, greeting: &[u8]) -> Vec<TcpStream> {

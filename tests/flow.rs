@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::apiserver::{ApiServer, TargetPort};
-use support::{wait_for, Env, Streaming};
+use support::{forwarded_port, wait_for, Env, Streaming};
 
 /// Byte `n` of the endless stream: a pattern that catches a lost, repeated
 /// or reordered byte anywhere.
@@ -110,21 +110,6 @@ fn endless_writer(mut s: TcpStream) {
             }
         }
     });
-}
-
-fn forwarded_port(s: &Streaming) -> u16 {
-    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    let out = s.output();
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("Forwarding from 127.0.0.1:"))
-        .unwrap();
-    line["Forwarding from 127.0.0.1:".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// The stall lasts 12 s in the regular suite: twelve keepalive intervals

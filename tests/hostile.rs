@@ -13,13 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::apiserver::ApiServer;
-use support::{wait_for, Env};
-
-fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
+use support::{fd_count, wait_for, Env};
 
 /// Opens `n` connections to `addr`, sends `greeting` on each, then holds
 /// them silent. Connections the hub closes are simply dropped.

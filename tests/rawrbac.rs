@@ -8,24 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::apiserver::{ApiServer, TargetPort};
-use support::{Env, Out, Streaming};
-
-/// `operator add NAME` on the hub, `login` on a machine of its own.
-fn operator_laptop(hub: &Env, name: &str) -> Env {
-    let o = hub.towerctl(&["operator", "add", name]);
-    assert!(o.ok(), "{o:?}");
-    // The hub lets both reach alpha; the member's RBAC decides inside it.
-    let allow = format!("operator:{name}");
-    assert!(hub
-        .towerctl(&["access", "allow", &allow, "--names", "alpha"])
-        .ok());
-    let login = support::printed_command(&o.stdout, "login");
-    let laptop = Env::new();
-    let args: Vec<&str> = login.iter().map(String::as_str).collect();
-    let o = laptop.towerctl(&args);
-    assert!(o.ok(), "{o:?}");
-    laptop
-}
+use support::{operator_laptop, Env, Out, Streaming};
 
 /// `towerctl port-forward alpha TARGET :PORT` on `env`: one request's
 /// outcome through it, and what the forwarder printed.

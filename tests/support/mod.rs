@@ -441,3 +441,49 @@ pub fn printed_command(stdout: &str, sub: &str) -> Vec<String> {
     args.splice(2..2, ["--token".to_string(), token]);
     args
 }
+
+/// The local port `towerctl port-forward` / `kubectl port-forward` printed
+/// (`Forwarding from 127.0.0.1:PORT -> …`).
+pub fn forwarded_port(s: &Streaming) -> u16 {
+    s.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
+    s.output()
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `curl -sS --max-time MAX URL`, bounded.
+pub fn curl_within(url: &str, max_secs: u64) -> Out {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", &max_secs.to_string(), url]);
+    run_bounded(cmd, Duration::from_secs(max_secs + 10))
+}
+
+/// Open file descriptors of process `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `operator add NAME` on `hub`, an access rule letting it reach `alpha`,
+/// and `login` on a machine of its own.
+pub fn operator_laptop(hub: &Env, name: &str) -> Env {
+    let o = hub.towerctl(&["operator", "add", name]);
+    assert!(o.ok(), "{o:?}");
+    let allow = format!("operator:{name}");
+    assert!(hub
+        .towerctl(&["access", "allow", &allow, "--names", "alpha"])
+        .ok());
+    let login = printed_command(&o.stdout, "login");
+    let laptop = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    laptop
+}

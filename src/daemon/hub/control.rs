@@ -58,16 +58,7 @@ pub(super) fn handle(
             }
             tracing::info!(cluster = %name, "member registered");
             hub.event(&name, "registered".into());
-            Response::ok(ClusterAdded {
-                name,
-                exposes,
-                token,
-                expires_at: m.token_expires_at,
-                tunnel_url: base.tunnel_url.clone(),
-                hub_key: base.hub_key.clone(),
-                more_hubs: hub.other_hubs(),
-                impersonate: m.impersonate,
-            })
+            Response::ok(join_info(hub, base, &m, token))
         }
         Request::ClusterRotate {
             name,
@@ -114,16 +105,7 @@ pub(super) fn handle(
                             hub.tasks.spawn(async move { s.close(&why).await });
                         }
                     }
-                    Response::ok(ClusterAdded {
-                        name,
-                        exposes: m.exposes.clone().into_iter().collect(),
-                        token,
-                        expires_at: m.token_expires_at,
-                        tunnel_url: base.tunnel_url.clone(),
-                        hub_key: base.hub_key.clone(),
-                        more_hubs: hub.other_hubs(),
-                        impersonate: m.impersonate,
-                    })
+                    Response::ok(join_info(hub, base, &m, token))
                 }
                 Ok(None) => Response::err(format!("cluster '{name}' is not registered on this hub; register it with 'towerctl cluster add {name}'")),
                 Err(e) => Response::err(e.to_string()),
@@ -355,4 +337,19 @@ fn change_access(
     let cut = hub.recheck_streams();
     tracing::info!("access rules changed ({rule}); {cut} open streams cut");
     Response::ok(serde_json::json!({ "rule": rule, "streamsCut": cut }))
+}
+
+/// What `cluster add` and `cluster rotate` answer: everything the member's
+/// join command needs.
+fn join_info(hub: &Hub, base: &HubStatus, m: &Member, token: String) -> ClusterAdded {
+    ClusterAdded {
+        name: m.name.clone(),
+        exposes: m.exposes.clone().into_iter().collect(),
+        token,
+        expires_at: m.token_expires_at,
+        tunnel_url: base.tunnel_url.clone(),
+        hub_key: base.hub_key.clone(),
+        more_hubs: hub.other_hubs(),
+        impersonate: m.impersonate,
+    }
 }

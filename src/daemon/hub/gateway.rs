@@ -367,7 +367,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             "clusters" => json_response(serde_json::Value::Array(
                 hub.cluster_statuses()
                     .iter()
-                    .filter(|c| hub.decide(&operator, &c.name).allowed)
+                    .filter(|c| hub.decide_labeled(&operator, &c.name, &c.labels).allowed)
                     .map(|c| c.operator_view())
                     .collect(),
             )),

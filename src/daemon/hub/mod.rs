@@ -286,8 +286,7 @@ impl Hub {
     /// member's labels are read from the registry (a missing member has
     /// none; the caller answers for it as unknown either way).
     pub fn decide(&self, op: &Operator, name: &str) -> super::access::Decision {
-        let local_admin = op.name == LOCAL_ADMIN;
-        let labels = if local_admin {
+        let labels = if op.name == LOCAL_ADMIN {
             Default::default()
         } else {
             self.store
@@ -297,8 +296,20 @@ impl Hub {
                 .map(|m| m.labels)
                 .unwrap_or_default()
         };
+        self.decide_labeled(op, name, &labels)
+    }
+
+    /// [`Hub::decide`] for a member whose labels the caller already has
+    /// (lists: one registry read for all members, not one per member).
+    pub fn decide_labeled(
+        &self,
+        op: &Operator,
+        name: &str,
+        labels: &super::store::Labels,
+    ) -> super::access::Decision {
+        let local_admin = op.name == LOCAL_ADMIN;
         match self.access.read() {
-            Ok(p) => p.decide(&op.name, &op.groups, local_admin, name, &labels),
+            Ok(p) => p.decide(&op.name, &op.groups, local_admin, name, labels),
             Err(_) => super::access::Decision {
                 allowed: local_admin,
                 why: "access rules unavailable".into(),
@@ -327,8 +338,20 @@ impl Hub {
             .read()
             .map(|m| m.values().map(|o| (o.name.clone(), o.clone())).collect())
             .unwrap_or_default();
+        let labels: HashMap<String, super::store::Labels> = self
+            .store
+            .list_members()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (m.name, m.labels))
+            .collect();
+        let none = Default::default();
         self.streams.cut(|op, cluster| match ops.get(op) {
-            Some(o) => !self.decide(o, cluster).allowed,
+            Some(o) => {
+                !self
+                    .decide_labeled(o, cluster, labels.get(cluster).unwrap_or(&none))
+                    .allowed
+            }
             None => true,
         })
     }
