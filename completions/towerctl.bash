@@ -1803,7 +1803,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__hub__subcmd__run)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1838,6 +1838,18 @@ _towerctl() {
                     return 0
                     ;;
                 --store-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2387,7 +2399,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__service__subcmd__install__subcmd__hub)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2422,6 +2434,18 @@ _towerctl() {
                     return 0
                     ;;
                 --store-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2473,7 +2497,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2508,6 +2532,18 @@ _towerctl() {
                     return 0
                     ;;
                 --store-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

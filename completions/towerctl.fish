@@ -57,8 +57,11 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l advertise -d 'T
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l metrics -d 'Address for Prometheus /metrics (loopback by default), or \'off\'' -r
-complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store -d 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store -d 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…], or https://… for TLS); default: the embedded store in the data directory' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-prefix -d 'Key prefix in etcd, to share one etcd between several hub groups' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-ca -d 'CA bundle (PEM) that issued etcd\'s serving certificate (https:// endpoints; default: the system store)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-cert -d 'Client certificate (PEM) for an etcd that requires one (--client-cert-auth); with --store-key' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-key -d 'The client certificate\'s private key (PEM)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s V -l version -d 'Print version'
@@ -76,8 +79,11 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_s
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l metrics -d 'Address for Prometheus /metrics (loopback by default), or \'off\'' -r
-complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store -d 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]); default: the embedded store in the data directory' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store -d 'Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…], or https://… for TLS); default: the embedded store in the data directory' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-prefix -d 'Key prefix in etcd, to share one etcd between several hub groups' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-ca -d 'CA bundle (PEM) that issued etcd\'s serving certificate (https:// endpoints; default: the system store)' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-cert -d 'Client certificate (PEM) for an etcd that requires one (--client-cert-auth); with --store-key' -r -F
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-key -d 'The client certificate\'s private key (PEM)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'

@@ -41,8 +41,59 @@ fn etcd_post(client: &str, path: &str, body: &str) -> Option<String> {
     out.starts_with("HTTP/1.1 200").then_some(out)
 }
 
+/// Certificates for an etcd that serves TLS and requires client
+/// certificates: a CA, etcd's serving pair (127.0.0.1), a client pair, and
+/// a client pair from another CA.
+struct EtcdPki {
+    dir: tempfile::TempDir,
+}
+
+impl EtcdPki {
+    fn new() -> EtcdPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        let ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            let cert = p.self_signed(&key).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            Issuer::new(p, key)
+        };
+        let leaf = |issuer: &Issuer<KeyPair>, name: &str, sans: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            let cert = p.signed_by(&key, issuer).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}-key.pem"), key.serialize_pem());
+        };
+        let good = ca("ca");
+        leaf(
+            &good,
+            "server",
+            vec!["127.0.0.1".into(), "localhost".into()],
+        );
+        leaf(&good, "client", vec!["towerctl-hub".into()]);
+        let other = ca("other-ca");
+        leaf(&other, "stranger", vec!["towerctl-hub".into()]);
+        EtcdPki { dir }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+}
+
 impl Etcd {
     fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// With `pki`: TLS only, and a client certificate from its CA required.
+    fn start_with(pki: Option<&EtcdPki>) -> Etcd {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -51,16 +102,29 @@ impl Etcd {
         let (cp, pp) = (free_port(), free_port());
         let client = format!("127.0.0.1:{cp}");
         let peer = format!("http://127.0.0.1:{pp}");
-        let child = Command::new(bin)
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new(bin);
+        if let Some(pki) = pki {
+            cmd.args([
+                "--cert-file",
+                &pki.file("server.pem"),
+                "--key-file",
+                &pki.file("server-key.pem"),
+                "--client-cert-auth",
+                "--trusted-ca-file",
+                &pki.file("ca.pem"),
+            ]);
+        }
+        let child = cmd
             .args([
                 "--name",
                 "t",
                 "--data-dir",
                 dir.path().join("d").to_str().unwrap(),
                 "--listen-client-urls",
-                &format!("http://{client}"),
+                &format!("{scheme}://{client}"),
                 "--advertise-client-urls",
-                &format!("http://{client}"),
+                &format!("{scheme}://{client}"),
                 "--listen-peer-urls",
                 &peer,
                 "--initial-advertise-peer-urls",
@@ -74,13 +138,41 @@ impl Etcd {
             .expect("cannot start etcd");
         let e = Etcd {
             child,
-            url: format!("etcd://{client}"),
+            url: match pki {
+                Some(_) => format!("https://{client}"),
+                None => format!("etcd://{client}"),
+            },
             client,
             _dir: dir,
         };
-        wait_for("etcd to answer", Duration::from_secs(20), || {
-            etcd_post(&e.client, "/v3/kv/range", r#"{"key":"AA=="}"#)
-        });
+        match pki {
+            None => wait_for("etcd to answer", Duration::from_secs(20), || {
+                etcd_post(&e.client, "/v3/kv/range", r#"{"key":"AA=="}"#).map(drop)
+            }),
+            Some(pki) => wait_for("etcd to answer over TLS", Duration::from_secs(20), || {
+                let o = support::run_bounded(
+                    {
+                        let mut c = Command::new("curl");
+                        c.args([
+                            "-sf",
+                            "--cacert",
+                            &pki.file("ca.pem"),
+                            "--cert",
+                            &pki.file("client.pem"),
+                            "--key",
+                            &pki.file("client-key.pem"),
+                            "-XPOST",
+                            "--data",
+                            r#"{"key":"AA=="}"#,
+                            &format!("https://{}/v3/kv/range", e.client),
+                        ]);
+                        c
+                    },
+                    Duration::from_secs(5),
+                );
+                o.ok().then_some(())
+            }),
+        }
         e
     }
 
@@ -490,4 +582,125 @@ fn a_newer_session_on_another_hub_replaces_the_old_one() {
                 .then_some(())
         },
     );
+}
+
+/// etcd over TLS with client certificates (`--client-cert-auth`): two hubs
+/// share the registry through it; a hub without a client certificate, or
+/// trusting another CA, or presenting a certificate from another CA, does
+/// not start and says which flag to fix.
+#[test]
+fn hubs_reach_an_etcd_that_requires_client_certificates() {
+    let pki = EtcdPki::new();
+    let etcd = Etcd::start_with(Some(&pki));
+    let up = |env: &Env, extra: &[&str]| {
+        let mut args = vec![
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--keepalive",
+            "1s",
+            "--metrics",
+            "off",
+            "--store",
+            &etcd.url,
+        ];
+        args.extend_from_slice(extra);
+        env.towerctl(&args)
+    };
+    let (ca, cert, key) = (
+        pki.file("ca.pem"),
+        pki.file("client.pem"),
+        pki.file("client-key.pem"),
+    );
+    let good = [
+        "--store-ca",
+        ca.as_str(),
+        "--store-cert",
+        cert.as_str(),
+        "--store-key",
+        key.as_str(),
+    ];
+    let hubs = [Env::new(), Env::new()];
+    for h in &hubs {
+        let o = up(h, &good);
+        assert!(o.ok(), "towerctl up over TLS failed: {o:?}");
+    }
+    // One registry: a member added on hub 0 is listed and reachable on hub 1.
+    let api = ApiServer::start();
+    join(&hubs[0], &hubs[0], "alpha", &api);
+    let o = hubs[1].towerctl(&["cluster", "list"]);
+    assert!(o.ok() && o.stdout.contains("alpha"), "{o:?}");
+    assert!(hubs[1].towerctl(&["use", "alpha"]).ok());
+    wait_for("alpha through hub 1", Duration::from_secs(10), || {
+        reaches(&hubs[1], "alpha").then_some(())
+    });
+
+    // Refusals, each naming what to fix; none of them starts a hub.
+    let other = pki.file("other-ca.pem");
+    let (s_cert, s_key) = (pki.file("stranger.pem"), pki.file("stranger-key.pem"));
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        (
+            "no client certificate",
+            vec!["--store-ca", &ca],
+            "--store-cert",
+        ),
+        (
+            "etcd's certificate from a CA not trusted",
+            vec![
+                "--store-ca",
+                &other,
+                "--store-cert",
+                &cert,
+                "--store-key",
+                &key,
+            ],
+            "--store-ca",
+        ),
+        (
+            "a client certificate from another CA",
+            vec![
+                "--store-ca",
+                &ca,
+                "--store-cert",
+                &s_cert,
+                "--store-key",
+                &s_key,
+            ],
+            "--store-cert",
+        ),
+        (
+            "a certificate without its key",
+            vec!["--store-ca", &ca, "--store-cert", &cert],
+            "--store-key",
+        ),
+    ];
+    for (what, flags, names) in cases {
+        let env = Env::new();
+        let o = up(&env, &flags);
+        assert!(!o.ok(), "{what}: the hub must not start: {o:?}");
+        assert!(
+            o.all().contains(names),
+            "{what}: the error names {names}: {o:?}"
+        );
+        assert!(env.pid_of("hub").is_none(), "{what}: no hub left running");
+    }
+    // Plain etcd:// with TLS flags is refused before anything is dialed.
+    let env = Env::new();
+    let plain = format!("etcd://{}", etcd.client);
+    let o = env.towerctl(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--store",
+        &plain,
+        "--store-ca",
+        &ca,
+    ]);
+    assert!(!o.ok() && o.all().contains("https://"), "{o:?}");
 }

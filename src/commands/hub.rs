@@ -81,10 +81,7 @@ pub async fn up(a: HubArgs) -> Result<u8> {
     if let Some(u) = &a.gateway_url {
         args.push(format!("--gateway-url={u}").into());
     }
-    if let Some(st) = &a.store {
-        args.push(format!("--store={st}").into());
-        args.push(format!("--store-prefix={}", a.store_prefix).into());
-    }
+    args.extend(a.store_args().into_iter().map(Into::into));
     let mut spawned = process::spawn("hub", &args)?;
     let spinner = super::progress::Spinner::new("starting the hub…", false);
     let ready = spawned
@@ -144,14 +141,16 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
     let _lock = process::lock_pid_file("hub")?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
+    let store_tls = a.store_tls();
     let cfg = hub::HubConfig {
+        store_tls,
         listen: a.listen,
         gateway: a.gateway,
         advertise: a.advertise,
         gateway_url: a.gateway_url,
         keepalive: a.keepalive,
         metrics: a.metrics.0,
-        store: a.store,
+        store: a.store.clone(),
         store_prefix: a.store_prefix,
     };
     hub::run(cfg, cancel, |s| {

@@ -239,13 +239,61 @@ pub struct HubArgs {
     /// Address for Prometheus /metrics (loopback by default), or 'off'.
     #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
     pub metrics: MetricsAddr,
-    /// Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…]);
-    /// default: the embedded store in the data directory.
+    /// Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…],
+    /// or https://… for TLS); default: the embedded store in the data directory.
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
     /// Key prefix in etcd, to share one etcd between several hub groups.
     #[arg(long, default_value = "/towerctl/", value_name = "PREFIX")]
     pub store_prefix: String,
+    /// CA bundle (PEM) that issued etcd's serving certificate (https://
+    /// endpoints; default: the system store).
+    #[arg(long, value_name = "FILE", requires = "store")]
+    pub store_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an etcd that requires one
+    /// (--client-cert-auth); with --store-key.
+    #[arg(long, value_name = "FILE", requires = "store", requires = "store_key")]
+    pub store_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "store", requires = "store_cert")]
+    pub store_key: Option<std::path::PathBuf>,
+}
+
+impl HubArgs {
+    /// The etcd TLS flags, as absolute paths (the daemon starts elsewhere).
+    pub fn store_tls(&self) -> crate::daemon::etcd::StoreTls {
+        let abs = |p: &Option<std::path::PathBuf>| {
+            p.as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        };
+        crate::daemon::etcd::StoreTls {
+            ca: abs(&self.store_ca),
+            cert: abs(&self.store_cert),
+            key: abs(&self.store_key),
+        }
+    }
+
+    /// `--store…` flags to hand to the daemon.
+    pub fn store_args(&self) -> Vec<String> {
+        let Some(st) = &self.store else {
+            return Vec::new();
+        };
+        let mut args = vec![
+            format!("--store={st}"),
+            format!("--store-prefix={}", self.store_prefix),
+        ];
+        let tls = self.store_tls();
+        for (flag, p) in [
+            ("--store-ca", &tls.ca),
+            ("--store-cert", &tls.cert),
+            ("--store-key", &tls.key),
+        ] {
+            if let Some(p) = p {
+                args.push(format!("{flag}={}", p.display()));
+            }
+        }
+        args
+    }
 }
 
 /// `--metrics`: an address, or off.
@@ -493,7 +541,7 @@ pub enum ServiceCommand {
 #[derive(Debug, Subcommand)]
 pub enum ServiceTarget {
     /// The hub, with the same flags as 'towerctl up'.
-    Hub(HubArgs),
+    Hub(Box<HubArgs>),
     /// An agent joined on this machine ('towerctl join' first).
     Agent {
         /// Cluster name the agent joined as.

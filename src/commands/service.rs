@@ -74,10 +74,7 @@ pub fn install_hub(a: &HubArgs) -> Result<u8> {
     if let Some(u) = &a.gateway_url {
         args.push(format!("--gateway-url={u}"));
     }
-    if let Some(st) = &a.store {
-        args.push(format!("--store={st}"));
-        args.push(format!("--store-prefix={}", a.store_prefix));
-    }
+    args.extend(a.store_args());
     write_unit(
         "towerctl-hub",
         "towerctl hub (tunnels and gateway)",

@@ -7,10 +7,16 @@
 //! kept current by one watch stream, so only writes (rare: joins, registry
 //! changes, session ownership) wait on the network, each bounded by
 //! [`TIMEOUT`]. The watch and the lease keepalive run on their own threads.
+//!
+//! TLS (`https://` endpoints) with rustls: etcd's CA from `--store-ca` (or
+//! the system store), and a client certificate (`--store-cert`/`--store-key`)
+//! for an etcd started with `--client-cert-auth`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -42,8 +48,164 @@ pub enum Event {
     Delete { key: String, revision: i64 },
 }
 
+/// TLS material for etcd, as given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct StoreTls {
+    /// CA bundle that issued etcd's serving certificate (default: the
+    /// system store).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain and its key, for `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl StoreTls {
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
+    }
+}
+
+/// Most a PEM file given for etcd may hold.
+const MAX_PEM: u64 = 1 << 20;
+
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM).read_to_end(&mut buf))
+        .map_err(|e| format!("cannot read {flag} '{}': {e}", path.display()))?;
+    Ok(buf)
+}
+
+fn read_certs(
+    flag: &str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let buf = read_pem(flag, path)?;
+    let certs = rustls_pemfile::certs(&mut buf.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{flag} '{}' is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{flag} '{}' holds no PEM certificate ('-----BEGIN CERTIFICATE-----')",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The rustls client configuration for `tls`.
+fn client_config(tls: &StoreTls) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca {
+        Some(path) => {
+            for (i, c) in read_certs("--store-ca", path)?.into_iter().enumerate() {
+                roots.add(c).map_err(|e| {
+                    format!(
+                        "--store-ca '{}': certificate {} is not a usable CA certificate: {e}",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS for etcd: {e}"))?
+    .with_root_certificates(roots);
+    match (&tls.cert, &tls.key) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(_), None) | (None, Some(_)) => Err(
+            "--store-cert and --store-key go together: pass the client certificate and its key"
+                .into(),
+        ),
+        (Some(cert), Some(key)) => {
+            let chain = read_certs("--store-cert", cert)?;
+            let buf = read_pem("--store-key", key)?;
+            let key_der = rustls_pemfile::private_key(&mut buf.as_slice())
+                .map_err(|e| format!("--store-key '{}' is not valid PEM: {e}", key.display()))?
+                .ok_or_else(|| {
+                    format!(
+                        "--store-key '{}' holds no private key ('-----BEGIN PRIVATE KEY-----', RSA or EC)",
+                        key.display()
+                    )
+                })?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                format!(
+                    "--store-cert '{}' and --store-key '{}' do not make a client certificate: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })
+        }
+    }
+}
+
+/// One connection to an etcd endpoint.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// What a failed TLS exchange most likely needs, appended to its error.
+fn explain(e: std::io::Error, tls: bool) -> String {
+    use std::io::ErrorKind::*;
+    let text = e.to_string();
+    match e.kind() {
+        InvalidData if text.contains("peer certificate") => format!(
+            "TLS: {text}: etcd's certificate is not trusted: pass the CA that issued it with --store-ca"
+        ),
+        InvalidData if text.contains("alert") => format!(
+            "TLS: {text}: {}",
+            CLIENT_CERT_HINT
+        ),
+        InvalidData if tls => format!("TLS: {text}"),
+        // A server that wants a client certificate and got none (or one it
+        // does not trust) closes the connection after the handshake.
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof if tls => {
+            format!("{text}: {CLIENT_CERT_HINT}")
+        }
+        _ => text,
+    }
+}
+
+const CLIENT_CERT_HINT: &str = "etcd closed the TLS connection, most likely for want of a client certificate it trusts: pass --store-cert and --store-key, a pair signed by the CA etcd's --trusted-ca-file names";
+
 pub struct Etcd {
     endpoints: Vec<String>,
+    /// `Some` for `https://` endpoints.
+    tls: Option<Arc<rustls::ClientConfig>>,
     next: AtomicUsize,
     /// After every endpoint failed: fail at once until then, so callers
     /// do not each wait out [`TIMEOUT`] while etcd is away.
@@ -91,15 +253,37 @@ fn kv(v: &Value) -> Kv {
 }
 
 impl Etcd {
-    /// `spec`: `etcd://HOST:PORT[,HOST:PORT…]` (or `http://…`).
-    pub fn new(spec: &str) -> Result<Etcd, String> {
-        let rest = spec
+    /// `spec`: `etcd://HOST:PORT[,HOST:PORT…]` (or `http://…`), or
+    /// `https://HOST:PORT[,…]` with `tls`.
+    pub fn new(spec: &str, tls: &StoreTls) -> Result<Etcd, String> {
+        let (secure, rest) = if let Some(r) = spec.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = spec
             .strip_prefix("etcd://")
             .or_else(|| spec.strip_prefix("http://"))
-            .ok_or_else(|| format!("invalid --store '{spec}': use etcd://HOST:PORT[,HOST:PORT…] (https and client certificates are not supported yet: reach etcd over a private network or a local TLS proxy)"))?;
+        {
+            (false, r)
+        } else {
+            return Err(format!("invalid --store '{spec}': use etcd://HOST:PORT[,HOST:PORT…] (plain), or https://HOST:PORT[,…] for TLS with --store-ca/--store-cert/--store-key"));
+        };
+        if !secure && !tls.is_empty() {
+            return Err(format!("--store-ca, --store-cert and --store-key need TLS: write the endpoints as https://HOST:PORT instead of '{spec}'"));
+        }
+        let tls = if secure {
+            Some(Arc::new(client_config(tls)?))
+        } else {
+            None
+        };
         let endpoints: Vec<String> = rest
             .split(',')
-            .map(|e| e.trim().trim_end_matches('/').to_string())
+            .map(|e| {
+                let e = e.trim();
+                let e = ["https://", "http://", "etcd://"]
+                    .iter()
+                    .find_map(|p| e.strip_prefix(p))
+                    .unwrap_or(e);
+                e.trim_end_matches('/').to_string()
+            })
             .filter(|e| !e.is_empty())
             .collect();
         if endpoints.is_empty() || endpoints.iter().any(|e| !e.contains(':')) {
@@ -109,6 +293,7 @@ impl Etcd {
         }
         Ok(Etcd {
             endpoints,
+            tls,
             next: AtomicUsize::new(0),
             down_until: std::sync::Mutex::new(None),
         })
@@ -118,15 +303,34 @@ impl Etcd {
         self.endpoints.join(",")
     }
 
-    fn open(endpoint: &str, read_timeout: Option<Duration>) -> std::io::Result<TcpStream> {
+    fn open(&self, endpoint: &str, read_timeout: Option<Duration>) -> std::io::Result<Conn> {
         let mut last = None;
         for a in endpoint.to_socket_addrs()? {
             match TcpStream::connect_timeout(&a, TIMEOUT) {
                 Ok(s) => {
-                    s.set_read_timeout(read_timeout)?;
+                    s.set_read_timeout(read_timeout.or(Some(TIMEOUT)))?;
                     s.set_write_timeout(Some(TIMEOUT))?;
                     let _ = s.set_nodelay(true);
-                    return Ok(s);
+                    let Some(cfg) = &self.tls else {
+                        return Ok(Conn::Plain(s));
+                    };
+                    let host = endpoint
+                        .rsplit_once(':')
+                        .map_or(endpoint, |(h, _)| h)
+                        .trim_start_matches('[')
+                        .trim_end_matches(']');
+                    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                        .map_err(|e| std::io::Error::other(format!("'{host}': {e}")))?;
+                    let conn = rustls::ClientConnection::new(cfg.clone(), name)
+                        .map_err(std::io::Error::other)?;
+                    let mut tls = rustls::StreamOwned::new(conn, s);
+                    // Handshake now, within the deadline, so that its
+                    // failure is told as such.
+                    while tls.conn.is_handshaking() {
+                        tls.conn.complete_io(&mut tls.sock)?;
+                    }
+                    tls.sock.set_read_timeout(read_timeout)?;
+                    return Ok(Conn::Tls(Box::new(tls)));
                 }
                 Err(e) => last = Some(e),
             }
@@ -137,12 +341,13 @@ impl Etcd {
     /// Sends one POST and returns the reader positioned at the body, and
     /// whether the body is chunked (else its length).
     fn send(
+        &self,
         endpoint: &str,
         path: &str,
         body: &Value,
         read_timeout: Option<Duration>,
-    ) -> std::io::Result<(u16, BufReader<TcpStream>, Option<usize>)> {
-        let mut s = Self::open(endpoint, read_timeout)?;
+    ) -> std::io::Result<(u16, BufReader<Conn>, Option<usize>)> {
+        let mut s = self.open(endpoint, read_timeout)?;
         let body = body.to_string();
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -150,6 +355,7 @@ impl Etcd {
         );
         s.write_all(head.as_bytes())?;
         s.write_all(body.as_bytes())?;
+        s.flush()?;
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line)?;
@@ -178,7 +384,7 @@ impl Etcd {
     }
 
     /// Reads a chunk of a chunked body; `None` at its end.
-    fn chunk(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Vec<u8>>> {
+    fn chunk(r: &mut BufReader<Conn>) -> std::io::Result<Option<Vec<u8>>> {
         let mut line = String::new();
         if r.read_line(&mut line)? == 0 {
             return Ok(None);
@@ -194,7 +400,7 @@ impl Etcd {
         Ok(Some(buf))
     }
 
-    fn read_body(r: &mut BufReader<TcpStream>, length: Option<usize>) -> std::io::Result<Vec<u8>> {
+    fn read_body(r: &mut BufReader<Conn>, length: Option<usize>) -> std::io::Result<Vec<u8>> {
         match length {
             Some(n) => {
                 let mut b = vec![0; n];
@@ -232,7 +438,8 @@ impl Etcd {
         for i in 0..n {
             let idx = (first + i) % n;
             let ep = &self.endpoints[idx];
-            let attempt = Self::send(ep, path, body, Some(TIMEOUT))
+            let attempt = self
+                .send(ep, path, body, Some(TIMEOUT))
                 .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)));
             match attempt {
                 Ok((200, b)) => {
@@ -262,7 +469,7 @@ impl Etcd {
                         reason: format!("HTTP {st}: {msg}"),
                     });
                 }
-                Err(e) => reason = format!("{ep}: {e}"),
+                Err(e) => reason = format!("{ep}: {}", explain(e, self.tls.is_some())),
             }
         }
         if let Ok(mut d) = self.down_until.lock() {
@@ -352,8 +559,9 @@ impl Etcd {
             "range_end": b64(&prefix_end(prefix)),
             "start_revision": from.to_string(),
         }});
-        let (st, mut r, len) =
-            Self::send(ep, "/v3/watch", &req, None).map_err(|e| format!("{ep}: {e}"))?;
+        let (st, mut r, len) = self
+            .send(ep, "/v3/watch", &req, None)
+            .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
         if st != 200 {
             let b = Self::read_body(&mut r, len).unwrap_or_default();
             return Err(format!("{ep}: HTTP {st}: {}", String::from_utf8_lossy(&b)));
@@ -456,8 +664,29 @@ mod tests {
         assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
         assert_eq!(int(&json!("42")), 42);
         assert_eq!(int(&Value::Null), 0);
-        assert!(Etcd::new("etcd://127.0.0.1:2379,h:1").is_ok());
-        assert!(Etcd::new("127.0.0.1:2379").is_err());
-        assert!(Etcd::new("etcd://nohostport").is_err());
+        let none = StoreTls::default();
+        assert!(Etcd::new("etcd://127.0.0.1:2379,h:1", &none).is_ok());
+        assert!(Etcd::new("https://127.0.0.1:2379", &none).is_ok());
+        let two = Etcd::new("https://a:1,https://b:2/", &none).unwrap();
+        assert_eq!(two.endpoints(), "a:1,b:2");
+        assert!(Etcd::new("127.0.0.1:2379", &none).is_err());
+        assert!(Etcd::new("etcd://nohostport", &none).is_err());
+        let ca = StoreTls {
+            ca: Some("/nonexistent/ca.pem".into()),
+            ..StoreTls::default()
+        };
+        let e = Etcd::new("etcd://127.0.0.1:2379", &ca).err().unwrap();
+        assert!(e.contains("https://"), "{e}");
+        let e = Etcd::new("https://127.0.0.1:2379", &ca).err().unwrap();
+        assert!(
+            e.contains("cannot read --store-ca '/nonexistent/ca.pem'"),
+            "{e}"
+        );
+        let half = StoreTls {
+            cert: Some("/x".into()),
+            ..StoreTls::default()
+        };
+        let e = Etcd::new("https://127.0.0.1:2379", &half).err().unwrap();
+        assert!(e.contains("go together"), "{e}");
     }
 }

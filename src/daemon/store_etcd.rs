@@ -68,15 +68,19 @@ fn change_of(rel: &str) -> Option<Change> {
 
 impl EtcdStore {
     /// Connects, loads the whole prefix and starts the watch thread.
-    pub fn open(spec: &str, prefix: &str) -> Result<Arc<EtcdStore>, StoreError> {
-        let etcd = Arc::new(Etcd::new(spec).map_err(StoreError::Io)?);
+    pub fn open(
+        spec: &str,
+        prefix: &str,
+        tls: &etcd::StoreTls,
+    ) -> Result<Arc<EtcdStore>, StoreError> {
+        let etcd = Arc::new(Etcd::new(spec, tls).map_err(StoreError::Io)?);
         let mut prefix = prefix.to_string();
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
         let (rev, kvs) = etcd.range_prefix(&prefix).map_err(|e| match e {
             etcd::EtcdError::Unreachable { endpoints, reason } => StoreError::Io(format!(
-                "etcd at {endpoints} did not answer ({reason}): start etcd, or fix --store"
+                "etcd at {endpoints} did not answer ({reason}): start etcd, or fix --store (and its TLS flags)"
             )),
             e => StoreError::Io(e.to_string()),
         })?;

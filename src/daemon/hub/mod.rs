@@ -53,6 +53,8 @@ pub struct HubConfig {
     pub store: Option<String>,
     /// Key prefix in etcd.
     pub store_prefix: String,
+    /// TLS to etcd (`https://` endpoints).
+    pub store_tls: super::etcd::StoreTls,
 }
 
 /// A live agent session as the hub holds it.
@@ -529,7 +531,7 @@ pub async fn run(
     paths::ensure_private_dir(&data)?;
     let shared = match &cfg.store {
         Some(spec) => Some(
-            super::store_etcd::EtcdStore::open(spec, &cfg.store_prefix)
+            super::store_etcd::EtcdStore::open(spec, &cfg.store_prefix, &cfg.store_tls)
                 .with_context(|| format!("cannot use the shared registry '{spec}'"))?,
         ),
         None => None,
