@@ -295,8 +295,11 @@ EOF
 
 JOIN_LINE=$(timeout 20 "$T" cluster add "$CLUSTER" 2>"$W/cluster-add.err") || die "towerctl cluster add failed: $(cat "$W/cluster-add.err")"
 read -r -a JOIN <<<"$JOIN_LINE"
-[[ ${JOIN[0]:-} == towerctl && ${JOIN[1]:-} == join ]] || die "unexpected output of 'towerctl cluster add': $JOIN_LINE"
-timeout 60 "$T" "${JOIN[@]:1}" --kubeconfig "$W/member.kubeconfig" >"$W/join.out" 2>&1 ||
+# Printed as ` TOWERCTL_TOKEN=… towerctl join …` (the token in the
+# environment): run it as printed, with this build's binary.
+[[ ${JOIN[0]:-} == TOWERCTL_TOKEN=* && ${JOIN[1]:-} == towerctl && ${JOIN[2]:-} == join ]] || die "unexpected output of 'towerctl cluster add': $JOIN_LINE"
+JOIN[1]=$T
+timeout 60 env "${JOIN[@]}" --kubeconfig "$W/member.kubeconfig" --allow 127.0.0.0/8 >"$W/join.out" 2>&1 ||
     die "towerctl join failed: $(cat "$W/join.out")"
 GATEWAY=$GATEWAY_URL/clusters/$CLUSTER
 AUTH="Authorization: Bearer $ADMIN_TOKEN"

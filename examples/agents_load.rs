@@ -5,8 +5,12 @@
 //! channel (idle agents).
 //!
 //! ```sh
-//! agents_load --hub ws://127.0.0.1:8080/tunnel --tokens FILE [--keepalive 10] [--secs 60]
+//! agents_load --hub ws://127.0.0.1:8080/tunnel [--hub URL …] --tokens FILE [--keepalive 10] [--secs 60]
 //! ```
+//!
+//! With several `--hub`s, session i starts at hub i mod n and moves to the
+//! next hub in the list after a failed attempt, as the agent walks its
+//! `--hub` list. Prints `t=… connected=N` with the count per hub.
 //!
 //! FILE has one `NAME TOKEN` per line (from `towerctl cluster add NAME -o
 //! json`). Prints `t=SECONDS connected=N` every second, and
@@ -57,13 +61,13 @@ impl Drop for Agent {
 }
 
 struct Opts {
-    addr: SocketAddr,
-    url: String,
+    hubs: Vec<(SocketAddr, String)>,
     keepalive: Duration,
 }
 
 async fn session(
     o: &Opts,
+    hub: usize,
     src: Ipv4Addr,
     name: &str,
     token: &str,
@@ -72,9 +76,10 @@ async fn session(
     let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     sock.bind(SocketAddr::new(src.into(), 0))
         .map_err(|e| e.to_string())?;
-    let tcp = sock.connect(o.addr).await.map_err(|e| e.to_string())?;
+    let (addr, url) = &o.hubs[hub];
+    let tcp = sock.connect(*addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let (wsock, _) = tokio_tungstenite::client_async(o.url.as_str(), tcp)
+    let (wsock, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
         .await
         .map_err(|e| e.to_string())?;
     let cfg = Arc::new(russh::client::Config {
@@ -116,14 +121,25 @@ async fn main() {
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let url = arg("--hub").expect("--hub ws://HOST:PORT/tunnel");
+    let urls: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "--hub")
+        .map(|w| w[1].clone())
+        .collect();
+    assert!(!urls.is_empty(), "--hub ws://HOST:PORT/tunnel");
     let tokens = std::fs::read_to_string(arg("--tokens").expect("--tokens FILE")).unwrap();
     let keepalive = Duration::from_secs(arg("--keepalive").map_or(10, |s| s.parse().unwrap()));
     let secs: u64 = arg("--secs").map_or(60, |s| s.parse().unwrap());
-    let u = url::Url::parse(&url).unwrap();
-    let addr: SocketAddr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
-        .parse()
-        .unwrap();
+    let hubs: Vec<(SocketAddr, String)> = urls
+        .into_iter()
+        .map(|url| {
+            let u = url::Url::parse(&url).unwrap();
+            let addr = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
+                .parse()
+                .unwrap();
+            (addr, url)
+        })
+        .collect();
     // One descriptor per session: take the hard limit.
     unsafe {
         let mut l = libc::rlimit {
@@ -135,12 +151,11 @@ async fn main() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
     }
-    let o = Arc::new(Opts {
-        addr,
-        url,
-        keepalive,
-    });
+    let nhubs = hubs.len();
+    let o = Arc::new(Opts { hubs, keepalive });
     let connected = Arc::new(AtomicUsize::new(0));
+    let per_hub: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..nhubs).map(|_| AtomicUsize::new(0)).collect());
     let mut n = 0;
     for (i, line) in tokens.lines().enumerate() {
         let Some((name, token)) = line.split_once(' ') else {
@@ -148,19 +163,22 @@ async fn main() {
         };
         n += 1;
         let (name, token) = (name.to_string(), token.trim().to_string());
-        let (o, connected) = (o.clone(), connected.clone());
+        let (o, connected, per_hub) = (o.clone(), connected.clone(), per_hub.clone());
         let src = Ipv4Addr::new(127, 0, 0, 1 + (i % 250) as u8);
         let key = Arc::new(
             PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
         );
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(500);
+            let mut hub = i % nhubs;
             loop {
-                match session(&o, src, &name, &token, &key).await {
+                match session(&o, hub, src, &name, &token, &key).await {
                     Ok((h, closed)) => {
                         connected.fetch_add(1, Ordering::Relaxed);
+                        per_hub[hub].fetch_add(1, Ordering::Relaxed);
                         let _ = closed.await;
                         drop(h);
+                        per_hub[hub].fetch_sub(1, Ordering::Relaxed);
                         connected.fetch_sub(1, Ordering::Relaxed);
                         delay = Duration::from_millis(500);
                     }
@@ -172,6 +190,8 @@ async fn main() {
                     Err(e) if i == 0 => eprintln!("{name}: {e}"),
                     Err(_) => {}
                 }
+                // The next attempt goes to the next hub in the list.
+                hub = (hub + 1) % nhubs;
                 // Jitter in [d/2, d], like the agent's backoff.
                 let d = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
                 tokio::time::sleep(d).await;
@@ -186,7 +206,15 @@ async fn main() {
     for t in 1..=secs {
         tokio::time::sleep_until((start + Duration::from_secs(t)).into()).await;
         let c = connected.load(Ordering::Relaxed);
-        println!("t={t} connected={c}");
+        if nhubs > 1 {
+            let by: Vec<String> = per_hub
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed).to_string())
+                .collect();
+            println!("t={t} connected={c} by_hub={}", by.join("/"));
+        } else {
+            println!("t={t} connected={c}");
+        }
         if c < n && last_all {
             down_at = Some(Instant::now());
         }

@@ -14,6 +14,13 @@
 //!   port). The forwarded connections thus land back on this server, and
 //!   `/version` and `/bulk` work through the forward as well.
 //!
+//! - `GET /api/v1/namespaces/default/configmaps?watch=true`: a watch that
+//!   stays open and carries one `ADDED` event per `POST /trigger`; the
+//!   event's `data.sentAt` is the trigger's time (Unix nanoseconds), so a
+//!   watcher can tell how long the event took to reach it
+//!   (`examples/watch_load.rs`, `bench/watches.sh`). `POST /trigger`
+//!   answers how many watches the event was handed to.
+//!
 //! Connections are kept alive. Usage:
 //!
 //! ```sh
@@ -66,6 +73,49 @@ struct KubeObjects {
 }
 
 static KUBE: OnceLock<KubeObjects> = OnceLock::new();
+
+/// Where `POST /trigger` sends events to every open configmaps watch.
+static EVENTS: OnceLock<tokio::sync::broadcast::Sender<Bytes>> = OnceLock::new();
+/// Sequence number of the next triggered event.
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+const CONFIGMAPS_PATH: &str = "/api/v1/namespaces/default/configmaps";
+
+/// An open watch on configmaps: one event line per trigger.
+fn event_watch() -> Response<Body> {
+    let rx = EVENTS.get().expect("events channel").subscribe();
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(b) => return Some((Ok::<_, Infallible>(Frame::data(b)), rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let mut r = Response::new(StreamBody::new(events).boxed());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Sends one event to every open configmaps watch; answers how many.
+fn trigger() -> Response<Body> {
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let line = format!(
+        "{{\"type\":\"ADDED\",\"object\":{{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{{\"name\":\"bench-{seq}\",\"namespace\":\"default\",\"resourceVersion\":\"{}\"}},\"data\":{{\"sentAt\":\"{now}\"}}}}}}\n",
+        seq + 1
+    );
+    let n = EVENTS
+        .get()
+        .and_then(|tx| tx.send(Bytes::from(line)).ok())
+        .unwrap_or(0);
+    full(StatusCode::OK, "text/plain", Bytes::from(format!("{n}\n")))
+}
 
 /// `default/web` as a Service whose port 80 (`http`, targetPort 80) is
 /// served by one ready endpoint, 127.0.0.1, on `port` (this server).
@@ -175,6 +225,12 @@ fn bulk(n: u64) -> Response<Body> {
 }
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::POST && req.uri().path() == "/trigger" {
+        return Ok(trigger());
+    }
+    if req.uri().path() == CONFIGMAPS_PATH && is_watch(req.uri().query()) {
+        return Ok(event_watch());
+    }
     if req.method() != Method::GET {
         return Ok(full(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -237,6 +293,7 @@ async fn main() -> std::io::Result<()> {
     };
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let _ = KUBE.set(kube_objects(listener.local_addr()?.port()));
+    let _ = EVENTS.set(tokio::sync::broadcast::channel(16).0);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", listener.local_addr()?)?;

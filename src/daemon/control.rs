@@ -23,6 +23,10 @@ pub const VERSION: u32 = 1;
 pub enum Request {
     /// State of the daemon.
     Status,
+    /// Whether the daemon answers: answered by the control socket itself,
+    /// at the same cost whatever the daemon holds (a `Status` lists every
+    /// member: 10,000 of them made every CLI command pay for that).
+    Ping,
     /// A stream of status snapshots: one response line now, then one every
     /// `interval_ms` (at least 100) until the client hangs up.
     Watch {
@@ -470,9 +474,26 @@ pub async fn call_timeout(
     Ok(resp.data.unwrap_or(serde_json::Value::Null))
 }
 
-/// Whether a daemon answers on `socket`.
+/// Whether a daemon answers on `socket`. Any well-formed answer counts
+/// (a daemon of another control version still holds the socket).
 pub async fn is_up(socket: &Path) -> bool {
-    call(socket, Request::Status).await.is_ok()
+    let ask = async {
+        let stream = UnixStream::connect(socket).await?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_vec(&Envelope {
+            v: VERSION,
+            req: Request::Ping,
+        })?;
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        let mut buf = String::new();
+        BufReader::new(r).read_line(&mut buf).await?;
+        anyhow::Ok(serde_json::from_str::<Response>(&buf).is_ok())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), ask).await,
+        Ok(Ok(true))
+    )
 }
 
 /// Serves the control socket until `cancel` fires. `handle` answers each
@@ -548,6 +569,10 @@ where
                         }
                     }
                 }
+                Ok(Envelope {
+                    v: VERSION,
+                    req: Request::Ping,
+                }) => Response::ok(serde_json::Value::Null),
                 Ok(env) if env.v == VERSION => handle(env.req).await,
                 Ok(env) => Response::err(format!(
                     "control protocol v{} is not supported (this daemon speaks v{VERSION})",

@@ -16,6 +16,8 @@ pub(super) fn handle(
     req: Request,
 ) -> Response {
     match req {
+        // Answered by `control::serve` before it gets here.
+        Request::Ping => Response::ok(serde_json::Value::Null),
         Request::Status | Request::Watch { .. } => {
             let mut s = base.clone();
             s.clusters = hub.cluster_statuses();
