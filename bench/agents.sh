@@ -130,10 +130,10 @@ if [ "$HUBS" = 1 ]; then
     python3 -c "print('all $N agents back %.1f s after the hub was up again' % ($t1-$t0))"
 else
     echo "stopping hub 1 of $HUBS…"
-    on 1 "$T" down >/dev/null
     t0=$(date +%s.%N)
+    on 1 "$T" down >/dev/null
     wait_all "$before" 120
     t1=$(date +%s.%N)
-    python3 -c "print('all $N agents connected again (to the other hubs) %.1f s after hub 1 stopped' % ($t1-$t0))"
+    python3 -c "print('all $N agents connected again (to the other hubs) %.1f s after hub 1 was told to stop' % ($t1-$t0))"
     grep '^t=' "$D/load.log" | tail -1
 fi

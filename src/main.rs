@@ -29,17 +29,24 @@ fn runtime(daemon: bool) -> std::io::Result<tokio::runtime::Runtime> {
         Some(n) => n == 1,
         None => daemon && cores <= 2,
     };
-    if single {
+    let mut b = if single {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if let Some(n) = workers {
             b.worker_threads(n);
         }
-        b.enable_all().build()
+        b
+    };
+    if daemon {
+        // Blocking work in a daemon is short registry and etcd calls; a
+        // burst of them (1,000 agents logging in to a hub on etcd at once)
+        // would otherwise start up to 512 threads, each with its stack and
+        // malloc arena, and the hub's RSS would keep them (bench/agents.sh
+        // with HUBS=3).
+        b.max_blocking_threads(16);
     }
+    b.enable_all().build()
 }
 
 fn init_logging(verbose: u8, daemon: bool) {

@@ -442,6 +442,16 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
         took < Duration::from_secs(1),
         "revoke took {took:?} to cut a session held by another hub"
     );
+    // All along (several seconds, etcd up), each hub's registry watch stayed
+    // open: a read deadline on it would break it and reload the whole
+    // registry every few seconds.
+    for h in &hubs {
+        let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
+        assert!(
+            !log.contains("registry watch broke"),
+            "the etcd watch broke with etcd up: {log}"
+        );
+    }
 }
 
 #[test]
@@ -636,6 +646,16 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
     wait_for("alpha through hub 1", Duration::from_secs(10), || {
         reaches(&hubs[1], "alpha").then_some(())
     });
+    // The registry watch stays open while nothing changes (a read deadline
+    // on it would break it and reload the registry every few seconds).
+    std::thread::sleep(Duration::from_secs(4));
+    for h in &hubs {
+        let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
+        assert!(
+            !log.contains("registry watch broke"),
+            "the etcd watch broke with etcd up: {log}"
+        );
+    }
 
     // Refusals, each naming what to fix; none of them starts a hub.
     let other = pki.file("other-ca.pem");
@@ -703,4 +723,61 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
         &ca,
     ]);
     assert!(!o.ok() && o.all().contains("https://"), "{o:?}");
+}
+
+/// `cluster set --impersonate` on one hub reaches the hub that holds the
+/// member's session: it stops routing with the agent's own identity within
+/// a second or two (fails closed), and routes again once the setting is
+/// changed back, with no agent restart.
+#[test]
+fn an_identity_mode_change_on_one_hub_applies_on_the_hub_holding_the_session() {
+    let etcd = Etcd::start();
+    let hubs = [Env::new(), Env::new()];
+    for h in &hubs {
+        hub_up(h, &etcd);
+    }
+    let api = ApiServer::start();
+    join(&hubs[0], &hubs[0], "alpha", &api);
+    assert!(hubs[0].towerctl(&["use", "alpha"]).ok());
+    wait_for("alpha through hub 0", Duration::from_secs(10), || {
+        reaches(&hubs[0], "alpha").then_some(())
+    });
+    let o = hubs[1].towerctl(&["cluster", "set", "alpha", "--impersonate"]);
+    assert!(o.ok(), "{o:?}");
+    let at = Instant::now();
+    let refused = wait_for(
+        "hub 0 to refuse alpha's agent identity",
+        Duration::from_secs(5),
+        || {
+            let o = hubs[0].kubectl(&[
+                "--context",
+                "tower-alpha",
+                "get",
+                "--raw",
+                "/api/v1/namespaces",
+            ]);
+            (!o.ok()).then_some(o)
+        },
+    );
+    assert!(
+        refused.stderr.contains("requires impersonation"),
+        "the refusal names the mismatch: {refused:?}"
+    );
+    eprintln!(
+        "refused through hub 0 {:?} after the change on hub 1",
+        at.elapsed()
+    );
+    let before = api.requests().len();
+    assert!(!reaches(&hubs[0], "alpha"));
+    assert_eq!(
+        api.requests().len(),
+        before,
+        "no request reaches the member with the agent's identity once impersonation is required"
+    );
+    assert!(hubs[1]
+        .towerctl(&["cluster", "set", "alpha", "--no-impersonate"])
+        .ok());
+    wait_for("alpha through hub 0 again", Duration::from_secs(5), || {
+        reaches(&hubs[0], "alpha").then_some(())
+    });
 }

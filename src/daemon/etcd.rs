@@ -308,12 +308,15 @@ impl Etcd {
         for a in endpoint.to_socket_addrs()? {
             match TcpStream::connect_timeout(&a, TIMEOUT) {
                 Ok(s) => {
-                    s.set_read_timeout(read_timeout.or(Some(TIMEOUT)))?;
                     s.set_write_timeout(Some(TIMEOUT))?;
                     let _ = s.set_nodelay(true);
                     let Some(cfg) = &self.tls else {
+                        s.set_read_timeout(read_timeout)?;
                         return Ok(Conn::Plain(s));
                     };
+                    // The handshake is bounded even for the watch's
+                    // connection (no read timeout once it is up).
+                    s.set_read_timeout(Some(TIMEOUT))?;
                     let host = endpoint
                         .rsplit_once(':')
                         .map_or(endpoint, |(h, _)| h)

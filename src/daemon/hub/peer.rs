@@ -293,7 +293,18 @@ impl Cluster {
                     cut(hub, &s, "the cluster was removed from the hub".into());
                     continue;
                 }
-                _ => {}
+                Ok(Some(m)) => {
+                    // `cluster set --impersonate` on another hub: this hub
+                    // must stop routing with the agent's identity at once.
+                    if s.impersonate.swap(m.impersonate, Ordering::Relaxed) != m.impersonate {
+                        tracing::info!(
+                            cluster = %s.name,
+                            impersonate = m.impersonate,
+                            "identity mode changed in the shared registry"
+                        );
+                    }
+                }
+                Err(_) => {}
             }
             let claim = self
                 .claims
