@@ -154,6 +154,10 @@ async fn main() {
     let nhubs = hubs.len();
     let o = Arc::new(Opts { hubs, keepalive });
     let connected = Arc::new(AtomicUsize::new(0));
+    // Sessions ended so far, and when the first one since every session
+    // was last up ended (what "back after" is measured from).
+    let drops = Arc::new(AtomicUsize::new(0));
+    let first_drop: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let per_hub: Arc<Vec<AtomicUsize>> =
         Arc::new((0..nhubs).map(|_| AtomicUsize::new(0)).collect());
     let mut n = 0;
@@ -164,6 +168,7 @@ async fn main() {
         n += 1;
         let (name, token) = (name.to_string(), token.trim().to_string());
         let (o, connected, per_hub) = (o.clone(), connected.clone(), per_hub.clone());
+        let (drops, first_drop) = (drops.clone(), first_drop.clone());
         let src = Ipv4Addr::new(127, 0, 0, 1 + (i % 250) as u8);
         let key = Arc::new(
             PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
@@ -180,6 +185,10 @@ async fn main() {
                         drop(h);
                         per_hub[hub].fetch_sub(1, Ordering::Relaxed);
                         connected.fetch_sub(1, Ordering::Relaxed);
+                        if let Ok(mut f) = first_drop.lock() {
+                            f.get_or_insert_with(Instant::now);
+                        }
+                        drops.fetch_add(1, Ordering::Relaxed);
                         delay = Duration::from_millis(500);
                     }
                     Err(e) if e.contains("LOGIN REFUSED") => {
@@ -200,32 +209,37 @@ async fn main() {
         });
     }
     let start = Instant::now();
-    let mut all_since: Option<Instant> = None;
-    let mut last_all = false;
-    let mut down_at: Option<Instant> = None;
-    for t in 1..=secs {
-        tokio::time::sleep_until((start + Duration::from_secs(t)).into()).await;
+    // Sampled every 100 ms (a hub's agents can move to another hub within
+    // one second); a line per second.
+    let mut drops_seen: Option<usize> = None;
+    for tick in 1..=secs * 10 {
+        tokio::time::sleep_until((start + Duration::from_millis(100 * tick)).into()).await;
         let c = connected.load(Ordering::Relaxed);
-        if nhubs > 1 {
-            let by: Vec<String> = per_hub
-                .iter()
-                .map(|n| n.load(Ordering::Relaxed).to_string())
-                .collect();
-            println!("t={t} connected={c} by_hub={}", by.join("/"));
-        } else {
-            println!("t={t} connected={c}");
+        if tick % 10 == 0 {
+            let t = tick / 10;
+            if nhubs > 1 {
+                let by: Vec<String> = per_hub
+                    .iter()
+                    .map(|n| n.load(Ordering::Relaxed).to_string())
+                    .collect();
+                println!("t={t} connected={c} by_hub={}", by.join("/"));
+            } else {
+                println!("t={t} connected={c}");
+            }
         }
-        if c < n && last_all {
-            down_at = Some(Instant::now());
-        }
-        if c == n && !last_all {
-            let since = down_at.unwrap_or(start);
+        let d = drops.load(Ordering::Relaxed);
+        if c == n && drops_seen != Some(d) {
+            let since = first_drop
+                .lock()
+                .ok()
+                .and_then(|mut f| f.take())
+                .filter(|_| drops_seen.is_some())
+                .unwrap_or(start);
             println!(
                 "all {n} connected after {:.1} s",
                 since.elapsed().as_secs_f64()
             );
-            all_since.get_or_insert(Instant::now());
+            drops_seen = Some(d);
         }
-        last_all = c == n;
     }
 }
