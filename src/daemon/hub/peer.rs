@@ -36,6 +36,8 @@ use crate::daemon::http::{
 };
 use crate::daemon::store_etcd::{Change, EtcdStore};
 
+/// The claims' revision after a failed write (retried by the next reconcile).
+const CLAIM_FAILED: i64 = -1;
 /// A hub's lease lives this long without renewal.
 pub const LEASE_TTL: i64 = 10;
 const KEEPALIVE: Duration = Duration::from_secs(3);
@@ -64,7 +66,7 @@ pub struct Cluster {
     info: HubInfo,
     lease: AtomicI64,
     /// Member → (our session id, revision our owner key was written at;
-    /// 0 while the write is in flight or failed).
+    /// 0 while the write is in flight, [`CLAIM_FAILED`] after it failed).
     claims: Mutex<HashMap<String, (u64, i64)>>,
     tls: tokio_rustls::TlsConnector,
 }
@@ -238,11 +240,23 @@ impl Cluster {
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying")
+                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
+                    me.claim_failed(&s);
                 }
-                Err(_) => {}
+                Err(_) => me.claim_failed(&s),
             }
         });
+    }
+
+    /// A claim's write failed: retried by the next reconcile (one in flight
+    /// is not: re-sending those on every registry event multiplied the
+    /// writes tenfold when 1,000 agents logged in at once).
+    fn claim_failed(&self, s: &LiveSession) {
+        if let Ok(mut c) = self.claims.lock() {
+            if let Some(cl) = c.get_mut(&s.name).filter(|cl| cl.0 == s.id && cl.1 == 0) {
+                cl.1 = CLAIM_FAILED;
+            }
+        }
     }
 
     /// The session ended here: drop the owner key if it is still ours.
@@ -315,7 +329,7 @@ impl Cluster {
             match (claim, owner) {
                 (Some((id, _)), _) if id != s.id => self.claim(hub, &s),
                 (None, _) => self.claim(hub, &s),
-                (Some((_, 0)), None) => {} // claim in flight (or failed: retried below)
+                (Some((_, 0)), None) => {} // claim in flight
                 (Some(_), None) => self.claim(hub, &s),
                 (Some((_, mine)), Some((o, rev))) => {
                     if o.hub == self.id && o.session == s.id {
@@ -337,14 +351,16 @@ impl Cluster {
             .lock()
             .map(|c| {
                 c.iter()
-                    .filter(|(_, v)| v.1 == 0)
+                    .filter(|(_, v)| v.1 == CLAIM_FAILED)
                     .map(|(k, _)| k.clone())
                     .collect()
             })
             .unwrap_or_default();
         for name in pending {
             if let Some(s) = hub.session(&name) {
-                if self.owner(&name).is_none_or(|(o, _)| o.hub != self.id) {
+                // Only where nobody holds the key: a newer session on another
+                // hub may have claimed it meanwhile, and must keep it.
+                if self.owner(&name).is_none() {
                     self.claim(hub, &s);
                 }
             }
