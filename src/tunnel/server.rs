@@ -98,9 +98,19 @@ impl russh::server::Handler for HubHandler {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        let v = self
-            .auth
-            .check_token(user, password, self.proven_key.as_ref());
+        // Spending a token is a registry write (an fsync, or an etcd
+        // transaction with several hubs): off the runtime thread that every
+        // tunnel and the gateway share, so that 10,000 agents joining at
+        // once do not stall each other's logins past the deadline.
+        let (auth, u, p, k) = (
+            self.auth.clone(),
+            user.to_string(),
+            password.to_string(),
+            self.proven_key.clone(),
+        );
+        let v = tokio::task::spawn_blocking(move || auth.check_token(&u, &p, k.as_ref()))
+            .await
+            .unwrap_or(Verdict::Reject(None));
         if v != Verdict::Accept {
             if let Some(r) = self.refused_tx.take() {
                 let _ = r.send(());

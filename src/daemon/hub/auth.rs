@@ -43,11 +43,14 @@ impl server::Authenticator for Hub {
         }
         let hash = keys::token_hash(token);
         let now = control::now_unix();
-        // Read-only first: a refused attempt costs no write transaction (and
-        // no fsync on the runtime every tunnel and the gateway share).
+        let offered = proven_key.and_then(|k| k.to_openssh().ok());
+        // Read-only first: a refused attempt costs no write transaction.
         match self.store.get_member(name) {
             Ok(Some(m)) => {
                 if let Err(v) = judge_token(&m, &hash, now) {
+                    if respent(&m, &hash, offered.as_deref()) {
+                        return Verdict::Accept;
+                    }
                     return v;
                 }
             }
@@ -65,11 +68,15 @@ impl server::Authenticator for Hub {
             .update_member(name, &mut |m| match judge_token(m, &hash, now) {
                 Ok(()) => {
                     m.token_used = true;
-                    if let Some(k) = proven_key.and_then(|k| k.to_openssh().ok()) {
-                        m.agent_key = Some(k);
+                    if let Some(k) = &offered {
+                        m.agent_key = Some(k.clone());
                     }
                     verdict = Verdict::Accept;
                     true
+                }
+                Err(_) if respent(m, &hash, offered.as_deref()) => {
+                    verdict = Verdict::Accept;
+                    false
                 }
                 Err(v) => {
                     verdict = v;
@@ -107,6 +114,22 @@ fn wrong_token(name: &str) -> Verdict {
     Verdict::Reject(Some(format!(
         "{AUTH_PREFIX}the join token is wrong or cluster '{name}' is not registered; run the join command printed by 'towerctl cluster add {name}' or 'towerctl cluster rotate {name}' on the hub"
     )))
+}
+
+/// Whether this is the agent that spent `m`'s single-use token presenting
+/// it again: the same token and the key registered with it, proven in this
+/// login. Its first attempt's answer was lost (the login deadline cut the
+/// session, or etcd applied the transaction after the hub stopped waiting,
+/// and this hub's view has not caught up): it is let in rather than
+/// refused for good. The token alone, without that key, still is.
+fn respent(m: &Member, hash: &str, offered: Option<&str>) -> bool {
+    m.token_used
+        && !m.revoked
+        && keys::ct_eq(&m.token_hash, hash)
+        && match (&m.agent_key, offered) {
+            (Some(k), Some(o)) => keys::ct_eq(k.trim(), o.trim()),
+            _ => false,
+        }
 }
 
 /// Whether `hash` is member `m`'s join token and may be spent now.
@@ -192,6 +215,15 @@ mod tests {
             hub.check_token("alpha", "tj_good", Some(&key())),
             "already used",
         );
+        refused_with(hub.check_token("alpha", "tj_good", None), "already used");
+        // The agent that spent it, presenting it again with its key (its
+        // first answer was lost): let in, nothing written.
+        let writes = store.writes.load(Ordering::Relaxed);
+        assert_eq!(
+            hub.check_token("alpha", "tj_good", Some(&k)),
+            Verdict::Accept
+        );
+        assert_eq!(store.writes.load(Ordering::Relaxed), writes);
         assert!(store.get_member("alpha").unwrap().unwrap().token_used);
     }
 
