@@ -97,18 +97,30 @@ async fn session(
         russh::client::connect_stream(cfg, ws::WsIo::new(wsock), Agent { closed: Some(tx) })
             .await
             .map_err(|e| e.to_string())?;
+    // As the agent does: "failure" with no methods left on a closed
+    // connection is the hub's login deadline, not a refusal.
+    let cut = |r: &russh::client::AuthResult, h: &russh::client::Handle<Agent>| {
+        matches!(r, russh::client::AuthResult::Failure { remaining_methods, .. } if remaining_methods.is_empty())
+            && h.is_closed()
+    };
     let by_key = h
         .authenticate_publickey(name, PrivateKeyWithHashAlg::new(key.clone(), None))
         .await
         .map_err(|e| e.to_string())?;
-    if !by_key.success()
-        && !h
+    if !by_key.success() {
+        if cut(&by_key, &h) {
+            return Err(format!("{name}: closed during login"));
+        }
+        let by_token = h
             .authenticate_password(name, token)
             .await
-            .map_err(|e| e.to_string())?
-            .success()
-    {
-        return Err(format!("{name}: LOGIN REFUSED by the hub"));
+            .map_err(|e| e.to_string())?;
+        if cut(&by_token, &h) {
+            return Err(format!("{name}: closed during login"));
+        }
+        if !by_token.success() {
+            return Err(format!("{name}: LOGIN REFUSED by the hub"));
+        }
     }
     Ok((h, rx))
 }

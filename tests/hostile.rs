@@ -145,6 +145,15 @@ fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents
 /// bytes (mid-handshake: SSH key exchange and login), then forwards
 /// faithfully.
 fn resetting_proxy(target: String, resets: Vec<usize>) -> (String, Arc<AtomicUsize>) {
+    cutting_proxy(target, resets, true)
+}
+
+/// [`resetting_proxy`], or with `reset` false a clean close (FIN both ways)
+/// of each of the first connections once the agent has sent that many
+/// bytes, and nothing of what it sent after that reaches the hub: what an
+/// agent sees when the hub's login deadline cuts a login still waiting for
+/// its answer.
+fn cutting_proxy(target: String, resets: Vec<usize>, reset: bool) -> (String, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let count = Arc::new(AtomicUsize::new(0));
@@ -169,9 +178,14 @@ fn resetting_proxy(target: String, resets: Vec<usize>) -> (String, Arc<AtomicUsi
                     };
                     if let Some(cut) = cut {
                         if sent + n >= cut {
-                            // RST both ways: linger 0, then close.
-                            let _ = socket_reset(&c_rd);
-                            let _ = socket_reset(&h_wr);
+                            if reset {
+                                // RST both ways: linger 0, then close.
+                                let _ = socket_reset(&c_rd);
+                                let _ = socket_reset(&h_wr);
+                            } else {
+                                let _ = c_rd.shutdown(std::net::Shutdown::Both);
+                                let _ = h_wr.shutdown(std::net::Shutdown::Both);
+                            }
                             return;
                         }
                     }
@@ -251,4 +265,44 @@ fn resets_mid_handshake_never_stop_the_agent() {
     assert!(env.towerctl(&["use", "alpha"]).ok());
     let o = env.kubectl(&["get", "nodes"]);
     assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}
+
+/// The hub closing a login before answering it (its login deadline, under
+/// a herd of logins) is not a refusal: the agent retries instead of
+/// stopping for good as if its token had been refused.
+#[test]
+fn a_login_closed_before_the_answer_is_retried() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Clean closes as the agent sends its signed public-key request (the
+    // agent's bytes reach ~2,750 there), then its join-token request
+    // (~2,870): neither request reaches the hub, no answer comes back.
+    let cuts: Vec<usize> = vec![2700, 2800];
+    let n = cuts.len();
+    let (proxy, seen) = cutting_proxy(tunnel, cuts, false);
+    let mut args = join.clone();
+    let hub_at = args.iter().position(|a| a == "--hub").unwrap() + 1;
+    args[hub_at] = format!("ws://{proxy}/tunnel");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(
+        &args,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--timeout",
+            "30s",
+        ],
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    assert!(
+        seen.load(Ordering::SeqCst) > n,
+        "every cut connection was retried"
+    );
 }

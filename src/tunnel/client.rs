@@ -452,23 +452,39 @@ async fn connect_inner(
     let transient = |e: russh::Error| {
         TunnelError::Handshake(format!("the connection failed during authentication: {e}"))
     };
+    // russh also answers "failure" with no methods left when the connection
+    // closes before the hub answered (its login deadline cut a login that
+    // waited behind thousands of others): that is not a refusal.
+    let cut = |r: &russh::client::AuthResult| matches!(r, russh::client::AuthResult::Failure { remaining_methods, .. } if remaining_methods.is_empty());
     let by_key = handle
         .authenticate_publickey(opts.name.clone(), key)
         .await
         .map_err(transient)?;
-    let authed = if by_key.success() {
-        true
+    let last = if by_key.success() {
+        by_key
     } else if let Some(token) = &opts.token {
-        handle
-            .authenticate_password(opts.name.clone(), token.expose())
-            .await
-            .map_err(transient)?
-            .success()
+        if cut(&by_key) && handle.is_closed() {
+            by_key
+        } else {
+            handle
+                .authenticate_password(opts.name.clone(), token.expose())
+                .await
+                .map_err(transient)?
+        }
     } else {
-        false
+        by_key
     };
-    if !authed {
-        return Err(refusal(&mut closed_rx, &opts.name).await);
+    if !last.success() {
+        let refused = refusal(&mut closed_rx, &opts.name).await;
+        if matches!(refused, TunnelError::AuthRejected { reason: None, .. })
+            && cut(&last)
+            && handle.is_closed()
+        {
+            return Err(TunnelError::Handshake(
+                "the hub closed the connection before answering the login (it may be busy with many logins); retrying".into(),
+            ));
+        }
+        return Err(refused);
     }
     Ok(ClientSession {
         handle,
