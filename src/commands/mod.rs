@@ -844,6 +844,55 @@ mod tests {
     }
 
     #[test]
+    fn store_tls_flags_reach_the_daemon_as_absolute_paths() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "towerctl",
+            "up",
+            "--store",
+            "https://10.0.0.5:2379",
+            "--store-ca",
+            "etcd-ca.pem",
+            "--store-cert",
+            "/etc/hub.pem",
+            "--store-key",
+            "hub-key.pem",
+        ])
+        .unwrap();
+        let Command::Up(a) = cli.command else {
+            panic!("not up")
+        };
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            a.store_args(),
+            vec![
+                "--store=https://10.0.0.5:2379".to_string(),
+                "--store-prefix=/towerctl/".to_string(),
+                format!("--store-ca={}", cwd.join("etcd-ca.pem").display()),
+                "--store-cert=/etc/hub.pem".to_string(),
+                format!("--store-key={}", cwd.join("hub-key.pem").display()),
+            ]
+        );
+        // A certificate without its key, or TLS flags without --store, are
+        // refused by the parser.
+        assert!(Cli::try_parse_from([
+            "towerctl",
+            "up",
+            "--store",
+            "https://h:1",
+            "--store-cert",
+            "c.pem"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["towerctl", "up", "--store-ca", "ca.pem"]).is_err());
+        // Without --store: nothing to hand over.
+        let Command::Up(a) = Cli::try_parse_from(["towerctl", "up"]).unwrap().command else {
+            panic!("not up")
+        };
+        assert!(a.store_args().is_empty());
+    }
+
+    #[test]
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
