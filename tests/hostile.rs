@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::apiserver::ApiServer;
-use support::{fd_count, wait_for, Env};
+use support::{fd_count, wait_for, Env, Out};
 
 /// Opens `n` connections to `addr`, sends `greeting` on each, then holds
 /// them silent. Connections the hub closes are simply dropped.
@@ -144,15 +144,10 @@ fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents
 /// first `resets.len()` connections after the agent has sent that many
 /// bytes (mid-handshake: SSH key exchange and login), then forwards
 /// faithfully.
-fn resetting_proxy(target: String, resets: Vec<usize>) -> (String, Arc<AtomicUsize>) {
-    cutting_proxy(target, resets, true)
-}
-
-/// [`resetting_proxy`], or with `reset` false a clean close (FIN both ways)
-/// of each of the first connections once the agent has sent that many
-/// bytes, and nothing of what it sent after that reaches the hub: what an
-/// agent sees when the hub's login deadline cuts a login still waiting for
-/// its answer.
+///
+/// With `reset` false, a clean close (FIN both ways) instead, and nothing
+/// of what the agent sent after the cut reaches the hub: what an agent sees
+/// when the hub's login deadline cuts a login still waiting for its answer.
 fn cutting_proxy(target: String, resets: Vec<usize>, reset: bool) -> (String, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -231,19 +226,20 @@ fn libc_linger() -> libc::linger {
     }
 }
 
-#[test]
-fn resets_mid_handshake_never_stop_the_agent() {
+/// A hub with member alpha, and alpha's printed join command run through a
+/// [`cutting_proxy`] in front of the tunnel port: the join's output and how
+/// many connections the proxy saw (the member's API server is returned to
+/// live as long as the test).
+fn join_through_cuts(cuts: Vec<usize>, reset: bool, timeout: &str) -> (Env, ApiServer, Out, usize) {
     let env = Env::new();
     let api = ApiServer::start();
     env.up();
-    let join = env.cluster_add("alpha");
+    let mut args = env.cluster_add("alpha");
     let tunnel = env.status()["hub"]["tunnelAddress"]
         .as_str()
         .unwrap()
         .to_string();
-    // Cut during the WebSocket/SSH set-up, the key exchange, and login.
-    let (proxy, seen) = resetting_proxy(tunnel, vec![400, 1500, 2300]);
-    let mut args = join.clone();
+    let (proxy, seen) = cutting_proxy(tunnel, cuts, reset);
     let hub_at = args.iter().position(|a| a == "--hub").unwrap() + 1;
     args[hub_at] = format!("ws://{proxy}/tunnel");
     let member_kc = env.path("member.kubeconfig");
@@ -254,14 +250,19 @@ fn resets_mid_handshake_never_stop_the_agent() {
             "--kubeconfig",
             member_kc.to_str().unwrap(),
             "--timeout",
-            "40s",
+            timeout,
         ],
     );
+    let seen = seen.load(Ordering::SeqCst);
+    (env, api, o, seen)
+}
+
+#[test]
+fn resets_mid_handshake_never_stop_the_agent() {
+    // Cut during the WebSocket/SSH set-up, the key exchange, and login.
+    let (env, _api, o, seen) = join_through_cuts(vec![400, 1500, 2300], true, "40s");
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
-    assert!(
-        seen.load(Ordering::SeqCst) >= 4,
-        "the first three were reset"
-    );
+    assert!(seen >= 4, "the first three were reset");
     assert!(env.towerctl(&["use", "alpha"]).ok());
     let o = env.kubectl(&["get", "nodes"]);
     assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
@@ -272,37 +273,10 @@ fn resets_mid_handshake_never_stop_the_agent() {
 /// stopping for good as if its token had been refused.
 #[test]
 fn a_login_closed_before_the_answer_is_retried() {
-    let env = Env::new();
-    let api = ApiServer::start();
-    env.up();
-    let join = env.cluster_add("alpha");
-    let tunnel = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
     // Clean closes as the agent sends its signed public-key request (the
     // agent's bytes reach ~2,750 there), then its join-token request
     // (~2,870): neither request reaches the hub, no answer comes back.
-    let cuts: Vec<usize> = vec![2700, 2800];
-    let n = cuts.len();
-    let (proxy, seen) = cutting_proxy(tunnel, cuts, false);
-    let mut args = join.clone();
-    let hub_at = args.iter().position(|a| a == "--hub").unwrap() + 1;
-    args[hub_at] = format!("ws://{proxy}/tunnel");
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join(
-        &args,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--timeout",
-            "30s",
-        ],
-    );
+    let (_env, _api, o, seen) = join_through_cuts(vec![2700, 2800], false, "30s");
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
-    assert!(
-        seen.load(Ordering::SeqCst) > n,
-        "every cut connection was retried"
-    );
+    assert!(seen > 2, "every cut connection was retried");
 }

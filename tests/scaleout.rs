@@ -196,8 +196,9 @@ impl Drop for Etcd {
     }
 }
 
-fn hub_up(env: &Env, etcd: &Etcd) {
-    let o = env.towerctl(&[
+/// `towerctl up` on the registry at `store`, with `extra` flags.
+fn up_on_store(env: &Env, store: &str, extra: &[&str]) -> support::Out {
+    let mut args = vec![
         "up",
         "--listen",
         "127.0.0.1:0",
@@ -208,9 +209,37 @@ fn hub_up(env: &Env, etcd: &Etcd) {
         "--metrics",
         "127.0.0.1:0",
         "--store",
-        &etcd.url,
-    ]);
+        store,
+    ];
+    args.extend_from_slice(extra);
+    env.towerctl(&args)
+}
+
+fn hub_up(env: &Env, etcd: &Etcd) {
+    let o = up_on_store(env, &etcd.url, &[]);
     assert!(o.ok(), "towerctl up --store failed: {o:?}");
+}
+
+/// N hubs sharing `etcd`.
+fn hubs_on<const N: usize>(etcd: &Etcd) -> [Env; N] {
+    let hubs: [Env; N] = std::array::from_fn(|_| Env::new());
+    for h in &hubs {
+        hub_up(h, etcd);
+    }
+    hubs
+}
+
+/// Each hub's registry watch stayed open all along (etcd up): a read
+/// deadline on it would break it and reload the whole registry every few
+/// seconds.
+fn assert_watch_never_broke(hubs: &[Env]) {
+    for h in hubs {
+        let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
+        assert!(
+            !log.contains("registry watch broke"),
+            "the etcd watch broke with etcd up: {log}"
+        );
+    }
 }
 
 /// `cluster add` on `hub`, then the printed command run in `member`.
@@ -244,10 +273,7 @@ fn reaches(env: &Env, name: &str) -> bool {
 #[test]
 fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
     let etcd = Etcd::start();
-    let hubs = [Env::new(), Env::new(), Env::new()];
-    for h in &hubs {
-        hub_up(h, &etcd);
-    }
+    let hubs: [Env; 3] = hubs_on(&etcd);
     let st: Vec<serde_json::Value> = hubs.iter().map(|h| h.status()).collect();
     for s in &st[1..] {
         assert_eq!(
@@ -442,25 +468,13 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
         took < Duration::from_secs(1),
         "revoke took {took:?} to cut a session held by another hub"
     );
-    // All along (several seconds, etcd up), each hub's registry watch stayed
-    // open: a read deadline on it would break it and reload the whole
-    // registry every few seconds.
-    for h in &hubs {
-        let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
-        assert!(
-            !log.contains("registry watch broke"),
-            "the etcd watch broke with etcd up: {log}"
-        );
-    }
+    assert_watch_never_broke(&hubs);
 }
 
 #[test]
 fn etcd_outage_keeps_tunnels_and_refuses_registry_changes() {
     let etcd = Etcd::start();
-    let hubs = [Env::new(), Env::new()];
-    for h in &hubs {
-        hub_up(h, &etcd);
-    }
+    let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     join(&hubs[0], &hubs[0], "alpha", &api);
     join(&hubs[1], &hubs[1], "beta", &api);
@@ -545,10 +559,7 @@ fn etcd_outage_keeps_tunnels_and_refuses_registry_changes() {
 #[test]
 fn a_newer_session_on_another_hub_replaces_the_old_one() {
     let etcd = Etcd::start();
-    let hubs = [Env::new(), Env::new()];
-    for h in &hubs {
-        hub_up(h, &etcd);
-    }
+    let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     let j = join(&hubs[0], &hubs[0], "alpha", &api);
     let hub2 = hubs[1].status()["hub"]["tunnelURL"]
@@ -602,23 +613,7 @@ fn a_newer_session_on_another_hub_replaces_the_old_one() {
 fn hubs_reach_an_etcd_that_requires_client_certificates() {
     let pki = EtcdPki::new();
     let etcd = Etcd::start_with(Some(&pki));
-    let up = |env: &Env, extra: &[&str]| {
-        let mut args = vec![
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--gateway",
-            "127.0.0.1:0",
-            "--keepalive",
-            "1s",
-            "--metrics",
-            "off",
-            "--store",
-            &etcd.url,
-        ];
-        args.extend_from_slice(extra);
-        env.towerctl(&args)
-    };
+    let up = |env: &Env, extra: &[&str]| up_on_store(env, &etcd.url, extra);
     let (ca, cert, key) = (
         pki.file("ca.pem"),
         pki.file("client.pem"),
@@ -646,16 +641,9 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
     wait_for("alpha through hub 1", Duration::from_secs(10), || {
         reaches(&hubs[1], "alpha").then_some(())
     });
-    // The registry watch stays open while nothing changes (a read deadline
-    // on it would break it and reload the registry every few seconds).
+    // The registry watch stays open while nothing changes.
     std::thread::sleep(Duration::from_secs(4));
-    for h in &hubs {
-        let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
-        assert!(
-            !log.contains("registry watch broke"),
-            "the etcd watch broke with etcd up: {log}"
-        );
-    }
+    assert_watch_never_broke(&hubs);
 
     // Refusals, each naming what to fix; none of them starts a hub.
     let other = pki.file("other-ca.pem");
@@ -709,19 +697,7 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
     // Plain etcd:// with TLS flags is refused before anything is dialed.
     let env = Env::new();
     let plain = format!("etcd://{}", etcd.client);
-    let o = env.towerctl(&[
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-        "--store",
-        &plain,
-        "--store-ca",
-        &ca,
-    ]);
+    let o = up_on_store(&env, &plain, &["--store-ca", &ca]);
     assert!(!o.ok() && o.all().contains("https://"), "{o:?}");
 }
 
@@ -732,10 +708,7 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
 #[test]
 fn an_identity_mode_change_on_one_hub_applies_on_the_hub_holding_the_session() {
     let etcd = Etcd::start();
-    let hubs = [Env::new(), Env::new()];
-    for h in &hubs {
-        hub_up(h, &etcd);
-    }
+    let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     join(&hubs[0], &hubs[0], "alpha", &api);
     assert!(hubs[0].towerctl(&["use", "alpha"]).ok());

@@ -445,22 +445,7 @@ pub async fn call_timeout(
     req: Request,
     timeout: Duration,
 ) -> Result<serde_json::Value> {
-    let fut = async {
-        let stream = UnixStream::connect(socket).await?;
-        let (r, mut w) = stream.into_split();
-        let mut line = serde_json::to_vec(&Envelope { v: VERSION, req })?;
-        line.push(b'\n');
-        w.write_all(&line).await?;
-        let mut reader = BufReader::new(r);
-        let mut buf = String::new();
-        reader.read_line(&mut buf).await?;
-        let resp: Response =
-            serde_json::from_str(&buf).context("malformed answer from the daemon")?;
-        anyhow::Ok(resp)
-    };
-    let resp = tokio::time::timeout(timeout, fut)
-        .await
-        .with_context(|| format!("the daemon did not answer within {timeout:?}"))??;
+    let resp = exchange(socket, req, timeout).await?;
     if resp.v != VERSION {
         anyhow::bail!("the daemon speaks control protocol v{} but this towerctl speaks v{VERSION}; restart the daemon with this towerctl", resp.v);
     }
@@ -474,26 +459,32 @@ pub async fn call_timeout(
     Ok(resp.data.unwrap_or(serde_json::Value::Null))
 }
 
+/// One request line and its answer line, whatever the answer says.
+async fn exchange(socket: &Path, req: Request, timeout: Duration) -> Result<Response> {
+    let fut = async {
+        let stream = UnixStream::connect(socket).await?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_vec(&Envelope { v: VERSION, req })?;
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        let mut reader = BufReader::new(r);
+        let mut buf = String::new();
+        reader.read_line(&mut buf).await?;
+        let resp: Response =
+            serde_json::from_str(&buf).context("malformed answer from the daemon")?;
+        anyhow::Ok(resp)
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .with_context(|| format!("the daemon did not answer within {timeout:?}"))?
+}
+
 /// Whether a daemon answers on `socket`. Any well-formed answer counts
 /// (a daemon of another control version still holds the socket).
 pub async fn is_up(socket: &Path) -> bool {
-    let ask = async {
-        let stream = UnixStream::connect(socket).await?;
-        let (r, mut w) = stream.into_split();
-        let mut line = serde_json::to_vec(&Envelope {
-            v: VERSION,
-            req: Request::Ping,
-        })?;
-        line.push(b'\n');
-        w.write_all(&line).await?;
-        let mut buf = String::new();
-        BufReader::new(r).read_line(&mut buf).await?;
-        anyhow::Ok(serde_json::from_str::<Response>(&buf).is_ok())
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(10), ask).await,
-        Ok(Ok(true))
-    )
+    exchange(socket, Request::Ping, Duration::from_secs(10))
+        .await
+        .is_ok()
 }
 
 /// Serves the control socket until `cancel` fires. `handle` answers each
