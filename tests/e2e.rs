@@ -1415,8 +1415,8 @@ fn established_to(port: u16) -> usize {
     n
 }
 
-/// `towerctl port-forward` carries all its forwarded connections as streams
-/// of one HTTP/2 connection to the gateway, while a client that offers `h2`
+/// `towerctl port-forward` through the gateway carries all its forwarded
+/// connections as streams of one HTTP/2 connection to it, while a client that offers `h2`
 /// itself (curl here, kubectl too) still gets HTTP/1.1 from the gateway.
 #[test]
 fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
@@ -1448,7 +1448,10 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
         .parse()
         .unwrap();
 
-    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    // Through the gateway, as from a machine without the hub.
+    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let pf = Streaming::start(cmd);
     let port = forwarded_port(&pf);
     let mut held = Vec::new();
     for i in 0..8 {
@@ -1480,4 +1483,114 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
         .arg(format!("{gateway_url}/healthz"));
     let o = support::run_bounded(cmd, Duration::from_secs(30));
     assert_eq!(o.stdout.trim(), "1.1", "{o:?}");
+}
+
+/// A TCP echo server on loopback: every connection gets its bytes back
+/// until it closes. Threads end with their connections (the listener's
+/// with the test process).
+fn echo_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+    port
+}
+
+/// Sends `msg` on `c` and reads it back.
+fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    c.write_all(msg.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; msg.len()];
+    c.read_exact(&mut got).map_err(|e| e.to_string())?;
+    (got == msg.as_bytes())
+        .then_some(())
+        .ok_or_else(|| format!("got {:?}", String::from_utf8_lossy(&got)))
+}
+
+/// On the hub's own machine, `towerctl port-forward` hands its listening
+/// socket to the hub, which carries the connections itself (one process and
+/// one TLS hop fewer): the bytes are the same, nothing connects to the
+/// gateway, each connection is still printed, and when the command ends the
+/// port closes and its connections are cut.
+#[test]
+fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_command() {
+    use support::apiserver::TargetPort;
+    let env = Env::new();
+    let api = ApiServer::start();
+    let upstream = echo_server();
+    api.add_service(
+        "default",
+        "web",
+        &[("tcp", 80, TargetPort::Name("tcp"))],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "tcp", upstream)]);
+    connected(&env, &api, &[]);
+    let s = env.status();
+    let gateway_port: u16 = s["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        echo(&mut c, &format!("hello {i}\n"))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}; {}", pf.output()));
+        held.push(c);
+    }
+    assert_eq!(
+        established_to(gateway_port),
+        0,
+        "the forward should not use the gateway on port {gateway_port}: {}",
+        pf.output()
+    );
+    // Held connections keep carrying bytes, 1 MiB both ways here.
+    let big = "x".repeat(1 << 20);
+    echo(&mut held[0], &big).unwrap();
+    support::wait_for(
+        "four 'Handling connection' lines",
+        Duration::from_secs(10),
+        || {
+            (pf.output()
+                .matches(&format!("Handling connection for {port}"))
+                .count()
+                == 4)
+                .then_some(())
+        },
+    );
+    let out = pf.output();
+    assert!(!out.contains("note:") && !out.contains("error"), "{out}");
+
+    drop(pf);
+    support::wait_for(
+        "the forwarded port to close",
+        Duration::from_secs(10),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_err()
+                .then_some(())
+        },
+    );
+    for (i, c) in held.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(
+            echo(c, "still there?").is_err(),
+            "held connection {i} still carried bytes after the forward ended"
+        );
+    }
 }

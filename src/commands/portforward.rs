@@ -194,6 +194,12 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     ));
     let addrs = addresses(&a.address)?;
     let mut forwarding = Vec::new();
+    // The hub on this machine serves the forward itself when it knows the
+    // operator: one process and one TLS hop fewer for every byte. Not when
+    // a gateway is named, or with TOWERCTL_FORWARD_VIA=gateway.
+    let local_hub = (a.gateway.is_none()
+        && std::env::var("TOWERCTL_FORWARD_VIA").as_deref() != Ok("gateway"))
+    .then(|| (crate::paths::hub_socket(), source.token.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
     for pair in pairs {
@@ -211,7 +217,15 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     bound += 1;
                     let (gateway, target, cluster) =
                         (gateway.clone(), target.clone(), cluster.to_string());
-                    tasks.spawn(accept_loop(l, gateway, cluster, target, pair.remote));
+                    let via_hub = local_hub.clone();
+                    tasks.spawn(async move {
+                        let authority =
+                            format!("{}:{}", target.connect_host(&cluster), pair.remote);
+                        if let Some((socket, token)) = via_hub {
+                            through_local_hub(&l, &socket, &token, &authority, pair.remote).await;
+                        }
+                        accept_loop(l, gateway, authority, pair.remote).await
+                    });
                 }
                 Err(e) => last_err = Some(format!("{ip}:{local}: {e}")),
             }
@@ -251,22 +265,55 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     result
 }
 
-async fn accept_loop(
-    l: TcpListener,
-    gateway: Arc<Mux>,
-    cluster: String,
-    target: Target,
+/// Hands the listener to the hub on this machine and reports what it says
+/// about each connection, for as long as the hub serves the forward.
+/// Returns when the hub does not take the forward (no hub here, or the
+/// operator's context belongs to another hub) or stops serving it: the
+/// caller then carries the connections through the gateway.
+async fn through_local_hub(
+    l: &TcpListener,
+    socket: &std::path::Path,
+    token: &crate::tunnel::Secret,
+    authority: &str,
     remote: u16,
 ) {
+    use crate::daemon::control::{self, ForwardEvent};
+    if !socket.exists() {
+        return;
+    }
+    match control::forward(socket, token, authority, l).await {
+        Ok(mut events) => {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    ForwardEvent::Accepted { port } => println!("Handling connection for {port}"),
+                    ForwardEvent::Failed { port, error } => {
+                        eprintln!("error: forwarding {port} -> {remote} failed: {error}")
+                    }
+                }
+            }
+            eprintln!("the local hub stopped serving this forward; new connections go through the gateway");
+        }
+        Err(e) if e.to_string() == crate::daemon::hub::UNKNOWN_FORWARD_TOKEN => {}
+        Err(e) => eprintln!(
+            "note: the local hub did not take the forward ({e:#}); forwarding through the gateway"
+        ),
+    }
+}
+
+/// Carries every connection accepted on `l` through the gateway: one
+/// CONNECT stream to `authority` each.
+async fn accept_loop(l: TcpListener, gateway: Arc<Mux>, authority: String, remote: u16) {
     let local = l.local_addr().map(|a| a.port()).unwrap_or(0);
     loop {
         let Ok((mut conn, _)) = l.accept().await else {
+            // Out of descriptors and the like: wait, do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         crate::tunnel::nodelay(&conn);
         println!("Handling connection for {local}");
-        let authority = format!("{}:{remote}", target.connect_host(&cluster));
         let gateway = gateway.clone();
+        let authority = authority.clone();
         tokio::spawn(async move {
             match gateway.open(&authority).await {
                 Ok(mut up) => {

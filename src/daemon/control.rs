@@ -33,6 +33,16 @@ pub enum Request {
         #[serde(default = "default_watch_interval")]
         interval_ms: u64,
     },
+    /// Hub: serve a port-forward of this machine. The hub checks the
+    /// operator `token` and answers; the client then sends its listening
+    /// TCP socket (`SCM_RIGHTS`, see `fdpass`), and the hub accepts on it
+    /// and carries every connection to `authority` (a CONNECT authority:
+    /// `NAME.NS.svc.CLUSTER:PORT`, …) as that operator, sending one line per
+    /// accepted connection or failure, until the client hangs up.
+    Forward {
+        token: crate::tunnel::Secret,
+        authority: String,
+    },
     /// Hub: register a member and issue its first join token.
     ClusterAdd {
         name: String,
@@ -490,8 +500,12 @@ pub async fn is_up(socket: &Path) -> bool {
 /// Serves the control socket until `cancel` fires. `handle` answers each
 /// request; a `Watch` request is answered by calling it with `Status` once
 /// per interval until the client goes away.
-pub async fn serve<F, Fut>(listener: UnixListener, cancel: CancellationToken, handle: F)
-where
+pub async fn serve<F, Fut>(
+    listener: UnixListener,
+    cancel: CancellationToken,
+    handle: F,
+    takeover: Option<Takeover>,
+) where
     F: Fn(Request) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response> + Send,
 {
@@ -518,6 +532,7 @@ where
         }
         let handle = handle.clone();
         let cancel = cancel.clone();
+        let takeover = takeover.clone();
         tasks.spawn(async move {
             let (r, mut w) = stream.into_split();
             // One request line, bounded: a client cannot make the daemon
@@ -564,6 +579,24 @@ where
                     v: VERSION,
                     req: Request::Ping,
                 }) => Response::ok(serde_json::Value::Null),
+                Ok(Envelope {
+                    v: VERSION,
+                    req: req @ Request::Forward { .. },
+                }) => {
+                    let reader = reader.into_inner();
+                    match takeover {
+                        // Nothing may follow the request line before the
+                        // answer: the descriptor comes after it.
+                        Some(t) if reader.buffer().is_empty() => {
+                            if let Ok(stream) = reader.into_inner().reunite(w) {
+                                t(req, stream).await;
+                            }
+                            return;
+                        }
+                        Some(_) => Response::err("bytes after the forward request line refused"),
+                        None => Response::err("this daemon does not serve port-forwards"),
+                    }
+                }
                 Ok(env) if env.v == VERSION => handle(env.req).await,
                 Ok(env) => Response::err(format!(
                     "control protocol v{} is not supported (this daemon speaks v{VERSION})",
@@ -577,6 +610,97 @@ where
             }
         });
     }
+}
+
+/// Serves a request that takes its connection over (a forward), for as
+/// long as it lasts.
+pub type Takeover = std::sync::Arc<
+    dyn Fn(Request, UnixStream) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+>;
+
+/// One event of a forward served by the hub (see [`Request::Forward`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ForwardEvent {
+    /// A connection was accepted on the forwarded port.
+    Accepted { port: u16 },
+    /// A connection could not be carried; the message names the cause.
+    Failed { port: u16, error: String },
+}
+
+/// Hands a listening TCP socket to the hub on `socket`, which from then on
+/// accepts on it and carries every connection to `authority` as the
+/// operator of `token`. The events come on the returned receiver; it ends
+/// when the hub goes away. Dropping it ends the forward on the hub (the
+/// caller keeps its own copy of the listener).
+pub async fn forward(
+    socket: &Path,
+    token: &crate::tunnel::Secret,
+    authority: &str,
+    listener: &impl std::os::fd::AsRawFd,
+) -> Result<tokio::sync::mpsc::Receiver<ForwardEvent>> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(socket))
+        .await
+        .context("the hub did not accept within 2s")??;
+    let mut line = serde_json::to_vec(&Envelope {
+        v: VERSION,
+        req: Request::Forward {
+            token: token.clone(),
+            authority: authority.to_string(),
+        },
+    })?;
+    line.push(b'\n');
+    let mut stream = BufReader::new(stream);
+    let answer = async {
+        stream.get_mut().write_all(&line).await?;
+        let mut buf = String::new();
+        (&mut stream)
+            .take(MAX_REQUEST_LINE)
+            .read_line(&mut buf)
+            .await?;
+        anyhow::Ok(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .context("the hub did not answer within 5s")??;
+    let resp: Response = serde_json::from_str(&buf).context("malformed answer from the hub")?;
+    if !resp.ok {
+        anyhow::bail!(
+            "{}",
+            resp.error
+                .unwrap_or_else(|| "the hub refused the forward".into())
+        );
+    }
+    let fd = listener.as_raw_fd();
+    stream
+        .get_ref()
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            super::fdpass::send_fd(stream.get_ref(), fd)
+        })
+        .await
+        .context("could not hand the listening socket to the hub")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut l = String::new();
+        loop {
+            l.clear();
+            let mut limited = (&mut stream).take(MAX_REQUEST_LINE);
+            tokio::select! {
+                _ = tx.closed() => return,
+                r = limited.read_line(&mut l) => {
+                    if !matches!(r, Ok(n) if n > 0) {
+                        return;
+                    }
+                    let Ok(resp) = serde_json::from_str::<Response>(&l) else { return };
+                    let Some(ev) = resp.data.and_then(|d| serde_json::from_value(d).ok()) else { continue };
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// Longest request line the control socket reads.

@@ -70,7 +70,8 @@ pub const MAX_PACKET: u32 = 32 * 1024;
 
 /// A secret string whose `Debug` prints nothing, so it cannot leak into a
 /// log line by accident.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {

@@ -171,50 +171,55 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let stop = cancel.clone();
     let name = cfg.name.clone();
     let hub = cfg.hub.clone();
-    let ctl = tokio::spawn(control::serve(listener, ctl_cancel, move |req| {
-        let rx = rx.clone();
-        let stop = stop.clone();
-        let name = name.clone();
-        let hub = hub.clone();
-        let upstream = upstream_url.clone();
-        let denied = denied.clone();
-        let exposed = exposed.clone();
-        async move {
-            match req {
-                CtlRequest::Status | CtlRequest::Watch { .. } => {
-                    let s = rx.borrow().clone();
-                    CtlResponse::ok(AgentStatus {
-                        name,
-                        pid: std::process::id(),
-                        hub,
-                        state: s.state,
-                        since: s.since,
-                        rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                        attempt: s.attempt,
-                        retry_in_ms: s.retry_at.map(|t| {
-                            t.saturating_duration_since(Instant::now()).as_millis() as u64
-                        }),
-                        last_error: s.last_error,
-                        failure: s.failure,
-                        upstream,
-                        reconnects: s.reconnects,
-                        rtt_history_ms: s.rtt_history.into_iter().collect(),
-                        events: s.events.into_iter().collect(),
-                        denied_dials: denied.load(Ordering::Relaxed),
-                        exposed: exposed.clone(),
-                        version: Some(env!("CARGO_PKG_VERSION").to_string()),
-                    })
-                }
-                CtlRequest::Shutdown => {
-                    stop.cancel();
-                    CtlResponse::ok(serde_json::json!({}))
-                }
-                _ => {
-                    CtlResponse::err("this is an agent: run 'towerctl cluster add' against the hub")
+    let ctl = tokio::spawn(control::serve(
+        listener,
+        ctl_cancel,
+        move |req| {
+            let rx = rx.clone();
+            let stop = stop.clone();
+            let name = name.clone();
+            let hub = hub.clone();
+            let upstream = upstream_url.clone();
+            let denied = denied.clone();
+            let exposed = exposed.clone();
+            async move {
+                match req {
+                    CtlRequest::Status | CtlRequest::Watch { .. } => {
+                        let s = rx.borrow().clone();
+                        CtlResponse::ok(AgentStatus {
+                            name,
+                            pid: std::process::id(),
+                            hub,
+                            state: s.state,
+                            since: s.since,
+                            rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                            attempt: s.attempt,
+                            retry_in_ms: s.retry_at.map(|t| {
+                                t.saturating_duration_since(Instant::now()).as_millis() as u64
+                            }),
+                            last_error: s.last_error,
+                            failure: s.failure,
+                            upstream,
+                            reconnects: s.reconnects,
+                            rtt_history_ms: s.rtt_history.into_iter().collect(),
+                            events: s.events.into_iter().collect(),
+                            denied_dials: denied.load(Ordering::Relaxed),
+                            exposed: exposed.clone(),
+                            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+                        })
+                    }
+                    CtlRequest::Shutdown => {
+                        stop.cancel();
+                        CtlResponse::ok(serde_json::json!({}))
+                    }
+                    _ => CtlResponse::err(
+                        "this is an agent: run 'towerctl cluster add' against the hub",
+                    ),
                 }
             }
-        }
-    }));
+        },
+        None,
+    ));
 
     let hubs: Vec<String> = std::iter::once(cfg.hub.clone())
         .chain(cfg.more_hubs.iter().cloned())

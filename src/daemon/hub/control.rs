@@ -18,6 +18,8 @@ pub(super) fn handle(
     match req {
         // Answered by `control::serve` before it gets here.
         Request::Ping => Response::ok(serde_json::Value::Null),
+        // Served by `forward::serve`, which takes the connection over.
+        Request::Forward { .. } => Response::err("a forward needs its own connection"),
         Request::Status | Request::Watch { .. } => {
             let mut s = base.clone();
             s.clusters = hub.cluster_statuses();

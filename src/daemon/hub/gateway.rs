@@ -478,35 +478,87 @@ async fn connect(
     let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
         return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
     };
-    let decision = hub.decide(operator, &cluster);
+    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer).await {
+        Ok(raw) => raw,
+        Err(RawRefusal::Answer(code, msg)) => return text_response(code, &msg),
+        Err(RawRefusal::Elsewhere) => {
+            // Held by another hub: carried there.
+            if let Ok(resp) = super::peer::forward_connect(&hub, &cluster, req).await {
+                return resp;
+            }
+            let (code, _, msg) = no_session(&hub, &cluster);
+            return text_response(code, &msg);
+        }
+    };
+    hub.tasks.spawn(async move {
+        // A multiplexed connection is not idle while a stream is spliced.
+        let _active = active;
+        match hyper::upgrade::on(req).await {
+            Ok(up) => raw.splice(TokioIo::new(up), CancellationToken::new()).await,
+            Err(e) => {
+                tracing::debug!("CONNECT upgrade failed: {e}");
+                raw.abandon();
+            }
+        }
+    });
+    Response::new(full(Bytes::new()))
+}
+
+/// Why a raw stream did not open.
+pub(super) enum RawRefusal {
+    /// The answer for the client: a status and a message naming the cause.
+    Answer(StatusCode, String),
+    /// The member's session is on another hub (or on none).
+    Elsewhere,
+}
+
+/// A raw stream to a target in a member: authorized for its operator,
+/// opened, and answered by the agent; its start is in the audit log.
+pub(super) struct RawStream {
+    stream: crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
+    record: Record,
+    guard: crate::daemon::streams::StreamGuard,
+    start: std::time::Instant,
+    auditor: crate::daemon::audit::Auditor,
+}
+
+/// Opens a raw stream for `operator` to `target:port` in `cluster`: the
+/// access rules first (a member the operator may not reach answers like an
+/// unknown one), then the channel and the agent's answer to its dial. Shared
+/// by the gateway's CONNECT and the hub's local forwards.
+pub(super) async fn open_raw(
+    hub: &Hub,
+    operator: &Operator,
+    cluster: &str,
+    target: &Target,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<RawStream, RawRefusal> {
+    let decision = hub.decide(operator, cluster);
     let mut record = Record {
         time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
         operator: operator.name.clone(),
-        cluster: cluster.clone(),
+        cluster: cluster.to_string(),
         verb: "connect".into(),
         method: "CONNECT".into(),
-        path: authority.to_string(),
+        path: format!("{}:{port}", target.connect_host(cluster)),
         status: 200,
+        peer: Some(peer.to_string()),
         rule: Some(decision.why),
         ..Record::default()
     };
     if !decision.allowed {
-        let (code, _, msg) = unknown_cluster(&hub, &cluster);
+        let (code, _, msg) = unknown_cluster(hub, cluster);
         record.status = code.as_u16();
         hub.auditor.record(record);
-        return text_response(code, &msg);
+        return Err(RawRefusal::Answer(code, msg));
     }
-    let Some(session) = hub.session(&cluster) else {
-        // Held by another hub: carried there.
-        if let Ok(resp) = super::peer::forward_connect(&hub, &cluster, req).await {
-            return resp;
-        }
-        let (code, _, msg) = no_session(&hub, &cluster);
-        return text_response(code, &msg);
+    let Some(session) = hub.session(cluster) else {
+        return Err(RawRefusal::Elsewhere);
     };
     if let Err(msg) = impersonation_agrees(&session) {
         hub.dial_failures.add(DialFailure::AgentError);
-        return text_response(StatusCode::SERVICE_UNAVAILABLE, &msg);
+        return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
     }
     let start = std::time::Instant::now();
     // The operator travels in the channel's originator field, so that an
@@ -531,7 +583,7 @@ async fn connect(
         ),
         Err(e) => {
             hub.dial_failures.add(DialFailure::ChannelRefused);
-            return text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting"));
+            return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting")));
         }
     };
     let answer =
@@ -539,13 +591,13 @@ async fn connect(
             Ok(Ok(a)) => a,
             _ => {
                 hub.dial_failures.add(DialFailure::AgentError);
-                return text_response(
+                return Err(RawRefusal::Answer(
                     StatusCode::GATEWAY_TIMEOUT,
-                    &format!(
+                    format!(
                         "cluster '{cluster}': the agent did not answer for {}",
                         target.describe()
                     ),
-                );
+                ));
             }
         };
     if let RawAnswer::Err(code, msg) = answer {
@@ -555,42 +607,55 @@ async fn connect(
         record.duration_ms = start.elapsed().as_millis() as u64;
         record.error = Some(msg.clone());
         hub.auditor.record(record);
-        return text_response(status, &format!("cluster '{cluster}': {msg}"));
+        return Err(RawRefusal::Answer(
+            status,
+            format!("cluster '{cluster}': {msg}"),
+        ));
     }
     hub.auditor.record_start(&record);
     record.phase = Some("end".into());
-    let auditor = hub.auditor.clone();
-    let guard = hub.streams.open(&operator.name, &cluster);
-    hub.tasks.spawn(async move {
-        // A multiplexed connection is not idle while a stream is spliced.
-        let _active = active;
-        match hyper::upgrade::on(req).await {
-            Ok(up) => {
-                // Counted on the client side: a connection that ends with an
-                // error (a reset, as load tools do) still carried its bytes.
-                let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-                let mut client =
-                    crate::tunnel::counted::Counted::new(TokioIo::new(up), rd.clone(), wr.clone());
-                tokio::select! {
-                    _ = crate::tunnel::splice(&mut client, &mut stream) => {}
-                    _ = guard.cut.cancelled() => {
-                        tracing::info!(cluster = %record.cluster, operator = %record.operator, "a CONNECT stream was cut: access revoked");
-                    }
-                }
-                record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
+    Ok(RawStream {
+        stream,
+        record,
+        guard: hub.streams.open(&operator.name, cluster),
+        start,
+        auditor: hub.auditor.clone(),
+    })
+}
+
+impl RawStream {
+    /// Carries bytes between `client` and the stream until either side
+    /// ends or the operator loses access; then audits the end.
+    pub(super) async fn splice<C>(mut self, client: C, stop: CancellationToken)
+    where
+        C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        // Counted on the client side: a connection that ends with an
+        // error (a reset, as load tools do) still carried its bytes.
+        let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut client = crate::tunnel::counted::Counted::new(client, rd.clone(), wr.clone());
+        tokio::select! {
+            _ = crate::tunnel::splice(&mut client, &mut self.stream) => {}
+            _ = self.guard.cut.cancelled() => {
+                tracing::info!(cluster = %self.record.cluster, operator = %self.record.operator, "a raw stream was cut: access revoked");
             }
-            Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
+            _ = stop.cancelled() => {}
         }
-        record.duration_ms = start.elapsed().as_millis() as u64;
-        auditor.record(record);
-    });
-    Response::new(full(Bytes::new()))
+        self.record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
+        self.abandon();
+    }
+
+    /// Audits the end of a stream that carried what it carried so far.
+    pub(super) fn abandon(mut self) {
+        self.record.duration_ms = self.start.elapsed().as_millis() as u64;
+        self.auditor.record(self.record);
+    }
 }
 
 /// Why `name` has no live session — not connected (since when, or revoked)
 /// or not registered — as a status code, a Kubernetes reason and a message;
 /// counted in the dial-failure metrics. Shared by proxying and CONNECT.
-fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
+pub(super) fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
     match hub.store.get_member(name) {
         Ok(Some(m)) => {
             let msg = match hub.disconnected_since(name).or(m.last_seen) {
@@ -607,7 +672,7 @@ fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
 
 /// The answer for a member that does not exist — and, word for word, for
 /// one the operator may not reach.
-fn unknown_cluster(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
+pub(super) fn unknown_cluster(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
     hub.dial_failures.add(DialFailure::UnknownCluster);
     (
         StatusCode::NOT_FOUND,

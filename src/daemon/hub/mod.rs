@@ -3,6 +3,7 @@
 
 mod auth;
 mod control;
+mod forward;
 pub mod gateway;
 mod peer;
 mod tunnel;
@@ -28,6 +29,8 @@ use super::metrics::{self, DialFailure, MemberStats};
 use super::store::{Operator, RedbStore, Store};
 use crate::paths;
 use crate::tunnel::{keys, server};
+
+pub use forward::UNKNOWN_TOKEN as UNKNOWN_FORWARD_TOKEN;
 
 /// The operator the hub creates at first start for its own machine
 /// (`towerctl use` there runs as it).
@@ -716,21 +719,32 @@ pub async fn run(
         let hub = hub.clone();
         let base = base_status.clone();
         let cancel = cancel.clone();
-        tracker.spawn(ctl::serve(listener, cancel.clone(), move |req| {
-            let hub = hub.clone();
-            let base = base.clone();
-            let cancel = cancel.clone();
-            async move {
-                if hub.cluster.get().is_none() {
-                    return control::handle(&hub, &base, &cancel, req);
+        let forwards: ctl::Takeover = {
+            let (hub, cancel) = (hub.clone(), cancel.clone());
+            Arc::new(move |req, stream| {
+                Box::pin(forward::serve(hub.clone(), cancel.clone(), req, stream))
+            })
+        };
+        tracker.spawn(ctl::serve(
+            listener,
+            cancel.clone(),
+            move |req| {
+                let hub = hub.clone();
+                let base = base.clone();
+                let cancel = cancel.clone();
+                async move {
+                    if hub.cluster.get().is_none() {
+                        return control::handle(&hub, &base, &cancel, req);
+                    }
+                    // Registry writes wait on etcd: off the runtime thread, so
+                    // tunnels and the gateway never stall behind them.
+                    tokio::task::spawn_blocking(move || control::handle(&hub, &base, &cancel, req))
+                        .await
+                        .unwrap_or_else(|e| ctl::Response::err(e.to_string()))
                 }
-                // Registry writes wait on etcd: off the runtime thread, so
-                // tunnels and the gateway never stall behind them.
-                tokio::task::spawn_blocking(move || control::handle(&hub, &base, &cancel, req))
-                    .await
-                    .unwrap_or_else(|e| ctl::Response::err(e.to_string()))
-            }
-        }));
+            },
+            Some(forwards),
+        ));
     }
     tracing::info!(tunnel = %tunnel_addr, gateway = %gateway_addr, hub_key = %hub_key, "hub ready");
     ready(&base_status);

@@ -587,56 +587,16 @@ pub(super) async fn forward_connect(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Request<Incoming>> {
-    let Some(c) = hub.cluster.get() else {
-        return Err(req);
-    };
-    let Some(owner) = c.route(name, req.headers()) else {
-        return Err(req);
-    };
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .or_else(|| req.headers().get(header::PROXY_AUTHORIZATION))
         .cloned();
-    let mut out = Request::connect(req.uri().clone());
-    if let Some(a) = auth {
-        out = out.header(header::AUTHORIZATION, a);
-    }
-    if let Some(a) = req.uri().authority() {
-        out = out.header(header::HOST, a.as_str());
-    }
-    let out = match out
-        .header(FORWARDED_HEADER, c.id.as_str())
-        .body(full(Default::default()))
-    {
-        Ok(r) => r,
-        Err(e) => return Ok(text_response(StatusCode::BAD_REQUEST, &e.to_string())),
+    let resp = match connect_owner(hub, name, req.uri(), auth, req.headers()).await {
+        None => return Err(req),
+        Some(Err(resp)) => return Ok(resp),
+        Some(Ok(resp)) => resp,
     };
-    let mut sender = match c.dial(hub, &owner.peer).await {
-        Ok(s) => s,
-        Err(e) => {
-            return Ok(text_response(
-                StatusCode::BAD_GATEWAY,
-                &unreachable_owner(name, &owner, &e),
-            ))
-        }
-    };
-    let resp = match sender.send_request(out).await {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(text_response(
-                StatusCode::BAD_GATEWAY,
-                &unreachable_owner(name, &owner, &e.to_string()),
-            ))
-        }
-    };
-    if resp.status() != StatusCode::OK {
-        let (parts, body) = resp.into_parts();
-        return Ok(Response::from_parts(
-            parts,
-            body.map_err(|e| Box::new(e) as _).boxed_unsync(),
-        ));
-    }
     hub.tasks.spawn(async move {
         match tokio::try_join!(hyper::upgrade::on(req), hyper::upgrade::on(resp)) {
             Ok((a, b)) => {
@@ -646,4 +606,101 @@ pub(super) async fn forward_connect(
         }
     });
     Ok(Response::new(full(Default::default())))
+}
+
+/// A raw stream to `authority` in member `name` through the hub that holds
+/// its session, as the operator of `token` (that hub checks it again), for
+/// the hub's local forwards. The error names the cause.
+pub(super) async fn connect_via_owner(
+    hub: &Hub,
+    name: &str,
+    authority: &str,
+    token: &str,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+    let uri: http::Uri = authority.parse().map_err(|e| format!("{e}"))?;
+    let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
+    match connect_owner(hub, name, &uri, Some(auth), &http::HeaderMap::new()).await {
+        None => Err(super::gateway::no_session(hub, name).2),
+        Some(Err(resp)) => {
+            let status = resp.status();
+            // The reason, bounded: at most the first 4 KiB of it.
+            let mut body = resp.into_body();
+            let mut text = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(d) = frame.into_data() {
+                    text.extend_from_slice(&d);
+                }
+                if text.len() >= 4096 {
+                    text.truncate(4096);
+                    break;
+                }
+            }
+            Err(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&text).trim()
+            ))
+        }
+        Some(Ok(resp)) => hyper::upgrade::on(resp)
+            .await
+            .map(TokioIo::new)
+            .map_err(|e| {
+                format!("cluster '{name}': the hub holding it did not switch to a stream: {e}")
+            }),
+    }
+}
+
+/// Sends a CONNECT for `uri` to the hub that holds `name`'s session: `None`
+/// when no other hub holds it, an answer to pass on when that hub refused
+/// or could not be reached, or its 200 answer. `headers` are those of the
+/// request being carried (a request another hub forwarded is never
+/// forwarded again).
+async fn connect_owner(
+    hub: &Hub,
+    name: &str,
+    uri: &http::Uri,
+    auth: Option<HeaderValue>,
+    headers: &http::HeaderMap,
+) -> Option<Result<Response<Incoming>, Response<Body>>> {
+    let c = hub.cluster.get()?;
+    let owner = c.route(name, headers)?;
+    let mut out = Request::connect(uri.clone());
+    if let Some(a) = auth {
+        out = out.header(header::AUTHORIZATION, a);
+    }
+    if let Some(a) = uri.authority() {
+        out = out.header(header::HOST, a.as_str());
+    }
+    let out = match out
+        .header(FORWARDED_HEADER, c.id.as_str())
+        .body(full(Default::default()))
+    {
+        Ok(r) => r,
+        Err(e) => return Some(Err(text_response(StatusCode::BAD_REQUEST, &e.to_string()))),
+    };
+    let mut sender = match c.dial(hub, &owner.peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Some(Err(text_response(
+                StatusCode::BAD_GATEWAY,
+                &unreachable_owner(name, &owner, &e),
+            )))
+        }
+    };
+    let resp = match sender.send_request(out).await {
+        Ok(r) => r,
+        Err(e) => {
+            return Some(Err(text_response(
+                StatusCode::BAD_GATEWAY,
+                &unreachable_owner(name, &owner, &e.to_string()),
+            )))
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        let (parts, body) = resp.into_parts();
+        return Some(Err(Response::from_parts(
+            parts,
+            body.map_err(|e| Box::new(e) as _).boxed_unsync(),
+        )));
+    }
+    Some(Ok(resp))
 }

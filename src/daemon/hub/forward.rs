@@ -1,0 +1,246 @@
+//! Port-forwards of this machine served by the hub itself. `towerctl
+//! port-forward` binds its local ports and, when the hub runs on the same
+//! machine, hands each listening socket to the hub over the control socket
+//! (`fdpass`). The hub then accepts on it and opens a raw stream per
+//! connection, exactly as for a CONNECT through the gateway (same operator,
+//! access rules, audit and revocation), but without the TLS hop and the
+//! extra process in between: a forwarded byte crosses the hub and the agent
+//! only, as with `ssh -L`/`-R`.
+//!
+//! The forward lasts as long as the client's control connection: when
+//! `towerctl port-forward` ends (Ctrl-C, a kill), the hub stops accepting,
+//! cuts the forward's connections and drops its copy of the listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::gateway::{open_raw, RawRefusal};
+use super::Hub;
+use crate::daemon::control::{ForwardEvent, Request, Response};
+use crate::daemon::store::Operator;
+use crate::daemon::targets::Target;
+use crate::tunnel::Secret;
+
+/// Most connections of one forward carried at once; past it a new
+/// connection is closed at once and reported.
+const MAX_CONNECTIONS: usize = 4096;
+
+pub(super) async fn serve(
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+    req: Request,
+    stream: UnixStream,
+) {
+    let Request::Forward { token, authority } = req else {
+        return;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let answer = |r: Response| {
+        let mut out = serde_json::to_vec(&r).unwrap_or_default();
+        out.push(b'\n');
+        out
+    };
+    let (operator, cluster, target, port) = match check(&hub, token.expose(), &authority) {
+        Ok(v) => v,
+        Err(msg) => {
+            let _ = wr.write_all(&answer(Response::err(msg))).await;
+            return;
+        }
+    };
+    if wr
+        .write_all(&answer(Response::ok("send the listening socket")))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let received = tokio::time::timeout(
+        Duration::from_secs(5),
+        rd.as_ref().async_io(tokio::io::Interest::READABLE, || {
+            crate::daemon::fdpass::recv_fd(rd.as_ref())
+        }),
+    )
+    .await;
+    let listener = match received
+        .map_err(|_| std::io::Error::other("no socket within 5s"))
+        .and_then(|r| r)
+        .and_then(crate::daemon::fdpass::tcp_listener)
+        .and_then(TcpListener::from_std)
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = wr
+                .write_all(&answer(Response::err(format!("forward refused: {e}"))))
+                .await;
+            return;
+        }
+    };
+    let local = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    tracing::info!(cluster = %cluster, operator = %operator.name, local, target = %crate::tunnel::escape_for_log(&authority, 256), "serving a local port-forward");
+
+    // Events go out through one writer task; a slow reader loses events,
+    // never stalls the forward.
+    let (tx, mut events) = mpsc::channel::<ForwardEvent>(256);
+    let done = CancellationToken::new();
+    let writer = {
+        let done = done.clone();
+        hub.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => return,
+                    e = events.recv() => {
+                        let Some(e) = e else { return };
+                        if wr.write_all(&answer(Response::ok(e))).await.is_err() {
+                            done.cancel();
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let token = Arc::new(token);
+    let mut hangup = [0u8; 64];
+    loop {
+        let (conn, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = done.cancelled() => break,
+            // The client sends nothing more: any byte or EOF ends it.
+            _ = rd.read(&mut hangup) => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, do not spin.
+                    tracing::warn!(local, "local forward accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let _ = tx.try_send(ForwardEvent::Failed {
+                port: local,
+                error: format!(
+                    "more than {MAX_CONNECTIONS} connections at once; this one was closed"
+                ),
+            });
+            continue;
+        };
+        crate::tunnel::nodelay(&conn);
+        let _ = tx.try_send(ForwardEvent::Accepted { port: local });
+        let hub2 = hub.clone();
+        let (cluster, target, token, tx, done) = (
+            cluster.clone(),
+            target.clone(),
+            token.clone(),
+            tx.clone(),
+            done.clone(),
+        );
+        hub.tasks.spawn(async move {
+            let _slot = slot;
+            let dest = Dest {
+                token: &token,
+                cluster: &cluster,
+                target: &target,
+                port,
+            };
+            if let Err(error) = carry(&hub2, &dest, peer, conn, done).await {
+                let _ = tx.try_send(ForwardEvent::Failed { port: local, error });
+            }
+        });
+    }
+    done.cancel();
+    let _ = writer.await;
+    tracing::info!(cluster = %cluster, local, "local port-forward ended");
+}
+
+/// Where a forward's connections go, and as whom.
+struct Dest<'a> {
+    token: &'a Secret,
+    cluster: &'a str,
+    target: &'a Target,
+    port: u16,
+}
+
+/// The operator of `token`, and the member, target and port of
+/// `authority`, if the operator may reach that member at all; otherwise why
+/// not (a member it may not reach answers like an unknown one).
+fn check(
+    hub: &Hub,
+    token: &str,
+    authority: &str,
+) -> Result<(Operator, String, Target, u16), String> {
+    let operator = hub
+        .operator(token)
+        .ok_or_else(|| UNKNOWN_TOKEN.to_string())?;
+    let parsed: http::uri::Authority = authority.parse().map_err(|_| {
+        format!(
+            "cannot read '{}' as HOST:PORT",
+            crate::tunnel::escape_for_log(authority, 256)
+        )
+    })?;
+    let port = parsed.port_u16().ok_or_else(|| {
+        format!(
+            "'{}' has no port",
+            crate::tunnel::escape_for_log(authority, 256)
+        )
+    })?;
+    let (cluster, target) = Target::from_connect_host(parsed.host()).ok_or_else(|| {
+        format!(
+            "cannot read a target from '{}'",
+            crate::tunnel::escape_for_log(authority, 256)
+        )
+    })?;
+    if !hub.decide(&operator, &cluster).allowed {
+        return Err(super::gateway::unknown_cluster(hub, &cluster).2);
+    }
+    Ok((operator, cluster, target, port))
+}
+
+/// What the hub answers a forward whose token it does not know (the
+/// client's context belongs to another hub): the client then goes through
+/// that hub's gateway instead.
+pub const UNKNOWN_TOKEN: &str = "the operator token is not known to this hub";
+
+/// Carries one accepted connection: a raw stream through the session this
+/// hub holds, or a CONNECT through the hub that holds it.
+async fn carry(
+    hub: &Hub,
+    d: &Dest<'_>,
+    peer: SocketAddr,
+    conn: TcpStream,
+    done: CancellationToken,
+) -> Result<(), String> {
+    // The operator is looked up for every connection, as the gateway does
+    // for every request: one removed since the forward began gets nothing.
+    let operator = hub.operator(d.token.expose()).ok_or_else(|| {
+        "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
+            .to_string()
+    })?;
+    match open_raw(hub, &operator, d.cluster, d.target, d.port, peer).await {
+        Ok(raw) => {
+            raw.splice(conn, done).await;
+            Ok(())
+        }
+        Err(RawRefusal::Answer(_, msg)) => Err(msg),
+        Err(RawRefusal::Elsewhere) => {
+            let authority = format!("{}:{}", d.target.connect_host(d.cluster), d.port);
+            let mut up =
+                super::peer::connect_via_owner(hub, d.cluster, &authority, d.token.expose())
+                    .await?;
+            let mut conn = conn;
+            tokio::select! {
+                _ = crate::tunnel::splice(&mut conn, &mut up) => {}
+                _ = done.cancelled() => {}
+            }
+            Ok(())
+        }
+    }
+}
