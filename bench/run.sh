@@ -68,7 +68,7 @@ SETUP_CONNECTIONS=${SETUP_CONNECTIONS:-200}
 SETUP_MAX_SECONDS=${SETUP_MAX_SECONDS:-60}
 CLOSE_DURATION=${CLOSE_DURATION:-5s}
 HELD=${HELD:-100}
-ALL_PATHS="direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole bore"
+ALL_PATHS="direct gateway portfwd portfwd_gw ssh_L ssh_tt_L ssh_N ssh_tt rathole bore"
 PATHS=${PATHS:-$ALL_PATHS}
 CLUSTER=bench
 
@@ -173,8 +173,8 @@ cleanup() {
             cp "$W"/state/towerctl/*.log "$RESULTS_DIR/logs/" 2>/dev/null
         fi
         # towerctl port-forward's own output (a line per connection, and its errors).
-        for f in portfwd.out portfwd.err; do
-            [[ -f $W/$f ]] && mkdir -p "$RESULTS_DIR/logs" && cp "$W/$f" "$RESULTS_DIR/logs/port-forward.${f#portfwd.}"
+        for f in portfwd.out portfwd.err portfwd_gw.out portfwd_gw.err; do
+            [[ -f $W/$f ]] && mkdir -p "$RESULTS_DIR/logs" && cp "$W/$f" "$RESULTS_DIR/logs/port-forward${f#portfwd}"
         done
         if [[ $KEEP_WORKDIR == 1 ]]; then
             log "work dir kept: $W"
@@ -317,28 +317,46 @@ log "towerctl: gateway $GATEWAY_URL, hub pid $HUB_PID, agent pid $AGENT_PID"
 # web.default.svc.bench:80 through the gateway (TLS), a raw SSH channel to the
 # agent, a Service lookup on the upstream and a TCP dial of the upstream.
 
-PF_PID="" PORTFWD="" PORTFWD_NOTE=""
-if wants portfwd; then
-    start_bg "$W/portfwd.out" "$W/portfwd.err" "$T" port-forward "$CLUSTER" svc/web :80 --address 127.0.0.1
-    PF_PID=$BG_PID
-    PF_PORT=""
+# start_pf NAME [ENV...]: starts `towerctl port-forward` (with ENV set) and
+# sets PF_PID_<NAME>, URL_<NAME> (empty when it does not serve) and NOTE_<NAME>.
+start_pf() {
+    local name=$1 pid port="" line note="" url=""
+    shift
+    start_bg "$W/$name.out" "$W/$name.err" env "$@" "$T" port-forward "$CLUSTER" svc/web :80 --address 127.0.0.1
+    pid=$BG_PID
     for ((i = 0; i < 100; i++)); do
-        if read -r line 2>/dev/null <"$W/portfwd.out" && [[ $line =~ ^Forwarding\ from\ 127\.0\.0\.1:([0-9]+)\ -\>\ 80$ ]]; then
-            PF_PORT=${BASH_REMATCH[1]}
+        if read -r line 2>/dev/null <"$W/$name.out" && [[ $line =~ ^Forwarding\ from\ 127\.0\.0\.1:([0-9]+)\ -\>\ 80$ ]]; then
+            port=${BASH_REMATCH[1]}
             break
         fi
-        kill -0 "$PF_PID" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    if [[ -z $PF_PORT ]]; then
-        PORTFWD_NOTE="towerctl port-forward did not start: $(head -c 300 "$W/portfwd.err" | tr '\n' ' ')"
-    elif ! wait_http "http://127.0.0.1:$PF_PORT/version" 20 "$PF_PID"; then
-        PORTFWD_NOTE="towerctl port-forward on :$PF_PORT does not serve /version: $(head -c 300 "$W/portfwd.err" | tr '\n' ' ')"
+    if [[ -z $port ]]; then
+        note="towerctl port-forward did not start: $(head -c 300 "$W/$name.err" | tr '\n' ' ')"
+    elif ! wait_http "http://127.0.0.1:$port/version" 20 "$pid"; then
+        note="towerctl port-forward on :$port does not serve /version: $(head -c 300 "$W/$name.err" | tr '\n' ' ')"
     else
-        PORTFWD=http://127.0.0.1:$PF_PORT
-        log "towerctl port-forward $CLUSTER svc/web :80 on :$PF_PORT (pid $PF_PID)"
+        url=http://127.0.0.1:$port
+        log "towerctl port-forward $CLUSTER svc/web :80 on :$port (pid $pid) $*"
     fi
-    [[ -z $PORTFWD_NOTE ]] || warn "$PORTFWD_NOTE"
+    [[ -z $note ]] || warn "$note"
+    printf -v "PF_PID_$name" %s "$pid"
+    printf -v "URL_$name" %s "$url"
+    printf -v "NOTE_$name" %s "$note"
+}
+
+# On the hub's machine port-forward hands its listener to the hub (the row
+# operators get there); portfwd_gw is the same command made to go through
+# the gateway, as from any other machine.
+PF_PID="" PORTFWD="" PORTFWD_NOTE="" PFG_PID="" PORTFWD_GW="" PORTFWD_GW_NOTE=""
+if wants portfwd; then
+    start_pf portfwd TOWERCTL_FORWARD_VIA=hub
+    PF_PID=$PF_PID_portfwd PORTFWD=$URL_portfwd PORTFWD_NOTE=$NOTE_portfwd
+fi
+if wants portfwd_gw; then
+    start_pf portfwd_gw TOWERCTL_FORWARD_VIA=gateway
+    PFG_PID=$PF_PID_portfwd_gw PORTFWD_GW=$URL_portfwd_gw PORTFWD_GW_NOTE=$NOTE_portfwd_gw
 fi
 
 # --- OpenSSH: a private sshd, local and reverse forwards ----------------------------
@@ -548,6 +566,7 @@ tunnel_pids() {
     case $1 in
     gateway) echo "$HUB_PID $AGENT_PID" ;;
     portfwd) echo "$PF_PID $HUB_PID $AGENT_PID" ;;
+    portfwd_gw) echo "$PFG_PID $HUB_PID $AGENT_PID" ;;
     ssh_*) echo "${SSH_PIDS[*]} $(descendants "$SSHD_PID" | tr '\n' ' ')" ;;
     rathole) echo "$RH_SERVER_PID $RH_CLIENT_PID" ;;
     bore) echo "$BORE_SERVER_PID $BORE_CLIENT_PID" ;;
@@ -569,7 +588,7 @@ role() {
     case $1 in
     "$HUB_PID") echo hub ;;
     "$AGENT_PID") echo agent ;;
-    "${PF_PID:-}") echo port-forward ;;
+    "${PF_PID:-}" | "${PFG_PID:-}") echo port-forward ;;
     "${RH_SERVER_PID:-}") echo rathole-server ;;
     "${RH_CLIENT_PID:-}") echo rathole-client ;;
     "${BORE_SERVER_PID:-}") echo bore-server ;;
@@ -903,7 +922,8 @@ if wants gateway; then
     WRK_EXTRA=()
     SETUP_EXTRA=()
 fi
-if wants portfwd; then measure portfwd "towerctl port-forward svc/web" "$PORTFWD" "$PORTFWD_NOTE"; fi
+if wants portfwd; then measure portfwd "towerctl port-forward (hub machine)" "$PORTFWD" "$PORTFWD_NOTE"; fi
+if wants portfwd_gw; then measure portfwd_gw "towerctl port-forward (via gateway)" "$PORTFWD_GW" "$PORTFWD_GW_NOTE"; fi
 if wants ssh_L; then measure ssh_L "ssh -N -L" "${SSH_URL[ssh_L]}"; fi
 if wants ssh_tt_L; then measure ssh_tt_L "ssh -tt -L (pty, TCP_NODELAY)" "${SSH_URL[ssh_tt_L]}"; fi
 if wants ssh_N; then measure ssh_N "ssh -N -R" "${SSH_URL[ssh_N]}"; fi
@@ -923,6 +943,9 @@ kill -0 "$AGENT_PID" 2>/dev/null || HEALTH+=("the agent (pid $AGENT_PID) died du
 if [[ -n $PORTFWD ]]; then
     kill -0 "$PF_PID" 2>/dev/null || HEALTH+=("towerctl port-forward (pid $PF_PID) died during the run")
 fi
+if [[ -n $PORTFWD_GW ]]; then
+    kill -0 "$PFG_PID" 2>/dev/null || HEALTH+=("towerctl port-forward via the gateway (pid $PFG_PID) died during the run")
+fi
 timeout 20 "$T" status -o json >"$W/status-end.json" 2>/dev/null || HEALTH+=("towerctl status failed after the run")
 # WARN/ERROR lines of the daemons' logs, without timestamps, counted.
 LOG_ISSUES=$(
@@ -933,6 +956,7 @@ LOG_ISSUES=$(
         done
         # towerctl port-forward writes its errors to stderr, without timestamps.
         if [[ -f $W/portfwd.err ]]; then sed -E 's/^/port-forward: /' "$W/portfwd.err"; fi
+        if [[ -f $W/portfwd_gw.err ]]; then sed -E 's/^/port-forward via the gateway: /' "$W/portfwd_gw.err"; fi
     } | sort | uniq -c | sort -rn | head -n 20 | sed -E 's/^ *([0-9]+) (.*)$/\1x \2/' || true
 )
 
@@ -1089,7 +1113,7 @@ ssh_close, ssh_close_name = best("close_req_per_s", SSH)
 rh = rows.get("rathole", {})
 ratios = {"best_ssh_throughput_variant": ssh_tp_name, "best_ssh_req_per_s_variant": ssh_rps_name,
           "best_ssh_close_req_per_s_variant": ssh_close_name}
-for p in ("portfwd", "gateway"):
+for p in ("portfwd", "portfwd_gw", "gateway"):
     row = rows.get(p, {})
     ratios[f"{p}_vs_best_ssh_throughput"] = ratio(row.get("bulk_mb_per_s"), ssh_tp)
     ratios[f"{p}_vs_best_ssh_req_per_s"] = ratio(row.get("req_per_s"), ssh_rps)
@@ -1230,7 +1254,7 @@ print(f"hub idle RSS (one agent, before any path was measured): {fmt(IDLE_HUB_KI
 print("busy%: share of all CPUs used by other work in the second before / after the path was measured")
 print()
 print("ratios")
-for p, what in (("portfwd", "port-forward"), ("gateway", "gateway")):
+for p, what in (("portfwd", "port-forward"), ("portfwd_gw", "port-forward via gateway"), ("gateway", "gateway")):
     if p not in rows:
         continue
     print(f"  {what} MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_throughput'])}")

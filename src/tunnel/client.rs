@@ -398,10 +398,15 @@ async fn connect_inner(
         .tls
         .connector()
         .map_err(|e| unreachable(e.to_string()))?;
+    // tungstenite allocates and zeroes its read buffer per read (128 KiB by
+    // default); a small one with `Slurp` underneath reads bulk in gulps
+    // without that cost.
+    let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(super::WS_READ_BUFFER);
     let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(
         request,
-        tcp,
-        None,
+        super::slurp::Slurp::new(tcp),
+        Some(ws_cfg),
         Some(tokio_tungstenite::Connector::Rustls(tls_config)),
     )
     .await

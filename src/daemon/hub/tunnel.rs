@@ -26,13 +26,7 @@ pub const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
 /// (64 MiB) would let an unauthenticated peer make the hub buffer that much.
 pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
 
-/// The WebSocket read buffer of each agent session on the hub, allocated
-/// (and zeroed) up front, and the most one read takes. 8 KiB: 1,000 idle
-/// agents cost 58 KiB of hub RSS each instead of 87 KiB with 32 KiB, and
-/// bulk through the hub is unchanged (`bench/run.sh`, release build:
-/// gateway 657 vs 625 MB/s, port-forward 535 vs 538 MB/s); larger WebSocket
-/// messages still arrive whole, read in 8 KiB steps.
-pub const WS_READ_BUFFER: usize = 8 * 1024;
+use crate::tunnel::WS_READ_BUFFER;
 
 /// [`WS_READ_BUFFER`], or `TOWERCTL_WS_READ_BUFFER` (bytes, 4 KiB–1 MiB) for
 /// benchmarks that compare sizes in one build.
@@ -150,8 +144,10 @@ async fn tunnel_session(
             .max_message_size(Some(MAX_WS_MESSAGE))
             .max_frame_size(Some(MAX_WS_MESSAGE))
             // Allocated eagerly per agent (tungstenite's default is 128 KiB):
-            // a hub holds thousands of mostly idle sessions.
+            // a hub holds thousands of mostly idle sessions. Bulk is read
+            // in bigger gulps underneath (`Slurp`), with no idle cost.
             .read_buffer_size(ws_read_buffer());
+        let tcp = tunnel::slurp::Slurp::new(tcp);
         let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(ws_cfg))
             .await
             .context("WebSocket handshake failed")?;
