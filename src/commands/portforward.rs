@@ -283,13 +283,29 @@ async fn through_local_hub(
     }
     match control::forward(socket, token, authority, l).await {
         Ok(mut events) => {
-            while let Some(ev) = events.recv().await {
-                match ev {
-                    ForwardEvent::Accepted { port } => println!("Handling connection for {port}"),
-                    ForwardEvent::Failed { port, error } => {
-                        eprintln!("error: forwarding {port} -> {remote} failed: {error}")
-                    }
+            use std::fmt::Write as _;
+            use std::io::Write as _;
+            while let Some(first) = events.recv().await {
+                // Lines of events that came together are written together.
+                let (mut out, mut err) = (String::new(), String::new());
+                let mut next = Some(first);
+                while let Some(ev) = next {
+                    let _ = match ev {
+                        ForwardEvent::Accepted { port } => {
+                            writeln!(out, "Handling connection for {port}")
+                        }
+                        ForwardEvent::Failed { port, error } => {
+                            writeln!(err, "error: forwarding {port} -> {remote} failed: {error}")
+                        }
+                    };
+                    next = if out.len() + err.len() < 64 * 1024 {
+                        events.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
+                let _ = std::io::stdout().lock().write_all(out.as_bytes());
+                let _ = std::io::stderr().lock().write_all(err.as_bytes());
             }
             eprintln!("the local hub stopped serving this forward; new connections go through the gateway");
         }

@@ -96,7 +96,13 @@ pub(super) async fn serve(
                     _ = done.cancelled() => return,
                     e = events.recv() => {
                         let Some(e) = e else { return };
-                        if wr.write_all(&answer(Response::ok(e))).await.is_err() {
+                        // What else is queued goes out in the same write.
+                        let mut out = answer(Response::ok(e));
+                        while out.len() < 64 * 1024 {
+                            let Ok(e) = events.try_recv() else { break };
+                            out.extend(answer(Response::ok(e)));
+                        }
+                        if wr.write_all(&out).await.is_err() {
                             done.cancel();
                             return;
                         }
