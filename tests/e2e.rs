@@ -1393,28 +1393,6 @@ fn pods_the_agent_cannot_route_to_are_reached_through_the_api_server() {
     );
 }
 
-/// Established TCP connections (IPv4 and IPv6) whose remote port is `port`.
-fn established_to(port: u16) -> usize {
-    let mut n = 0;
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        for l in text.lines().skip(1) {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let (Some(rem), Some(st)) = (cols.get(2), cols.get(3)) else {
-                continue;
-            };
-            let rport = rem
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if rport == Some(port) && *st == "01" {
-                n += 1;
-            }
-        }
-    }
-    n
-}
-
 /// `towerctl port-forward` through the gateway carries all its forwarded
 /// connections as streams of one HTTP/2 connection to it, while a client that offers `h2`
 /// itself (curl here, kubectl too) still gets HTTP/1.1 from the gateway.
@@ -1472,7 +1450,7 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
         held.push(c);
     }
     assert_eq!(
-        established_to(gateway_port),
+        support::established_to(gateway_port),
         1,
         "8 forwarded connections should share one connection to the gateway on port {gateway_port}"
     );
@@ -1485,35 +1463,6 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
     assert_eq!(o.stdout.trim(), "1.1", "{o:?}");
 }
 
-/// A TCP echo server on loopback: every connection gets its bytes back
-/// until it closes. Threads end with their connections (the listener's
-/// with the test process).
-fn echo_server() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut r = c.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut c);
-            });
-        }
-    });
-    port
-}
-
-/// Sends `msg` on `c` and reads it back.
-fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
-    use std::io::{Read, Write};
-    c.write_all(msg.as_bytes()).map_err(|e| e.to_string())?;
-    let mut got = vec![0u8; msg.len()];
-    c.read_exact(&mut got).map_err(|e| e.to_string())?;
-    (got == msg.as_bytes())
-        .then_some(())
-        .ok_or_else(|| format!("got {:?}", String::from_utf8_lossy(&got)))
-}
-
 /// On the hub's own machine, `towerctl port-forward` hands its listening
 /// socket to the hub, which carries the connections itself (one process and
 /// one TLS hop fewer): the bytes are the same, nothing connects to the
@@ -1524,7 +1473,7 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     use support::apiserver::TargetPort;
     let env = Env::new();
     let api = ApiServer::start();
-    let upstream = echo_server();
+    let upstream = support::echo_server();
     api.add_service(
         "default",
         "web",
@@ -1549,19 +1498,19 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     for i in 0..4 {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        echo(&mut c, &format!("hello {i}\n"))
+        support::echo(&mut c, &format!("hello {i}\n"))
             .unwrap_or_else(|e| panic!("connection {i}: {e}; {}", pf.output()));
         held.push(c);
     }
     assert_eq!(
-        established_to(gateway_port),
+        support::established_to(gateway_port),
         0,
         "the forward should not use the gateway on port {gateway_port}: {}",
         pf.output()
     );
     // Held connections keep carrying bytes, 1 MiB both ways here.
     let big = "x".repeat(1 << 20);
-    echo(&mut held[0], &big).unwrap();
+    support::echo(&mut held[0], &big).unwrap();
     support::wait_for(
         "four 'Handling connection' lines",
         Duration::from_secs(10),
@@ -1589,7 +1538,7 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     for (i, c) in held.iter_mut().enumerate() {
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         assert!(
-            echo(c, "still there?").is_err(),
+            support::echo(c, "still there?").is_err(),
             "held connection {i} still carried bytes after the forward ended"
         );
     }

@@ -220,3 +220,162 @@ fn impersonation_cannot_silently_turn_off() {
     let o = hub.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
 }
+
+/// The hub's `forward` control request, spoken as `towerctl port-forward`
+/// speaks it on the hub's machine, but with any operator token: the request
+/// line, the hub's answer, then the listening socket (`SCM_RIGHTS`). Returns
+/// the control connection (the forward lasts while it is open) or the hub's
+/// refusal.
+fn hand_over(
+    hub: &Env,
+    token: &str,
+    authority: &str,
+    listener: &std::net::TcpListener,
+) -> Result<std::io::BufReader<std::os::unix::net::UnixStream>, String> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(hub.path("run/towerctl/hub.sock"))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = serde_json::json!({"v": 1, "op": "forward", "token": token, "authority": authority});
+    (&s).write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+    if answer["ok"] != true {
+        return Err(answer["error"].as_str().unwrap_or_default().to_string());
+    }
+    // One data byte carrying the descriptor.
+    let fd = listener.as_raw_fd();
+    let mut byte = [b'F'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: plain C structs, buffers that outlive the call, room for one
+    // descriptor in the control buffer.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        assert_eq!(libc::sendmsg(r.get_ref().as_raw_fd(), &msg, 0), 1);
+    }
+    Ok(r)
+}
+
+/// Reads the forward's event lines until one contains `needle`.
+fn event_with(events: &mut std::io::BufReader<std::os::unix::net::UnixStream>, needle: &str) {
+    use std::io::BufRead;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if events.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.contains(needle) {
+            return;
+        }
+        seen.push(line);
+    }
+    panic!("no forward event with {needle:?}; got {seen:?}");
+}
+
+/// A forward the hub carries itself (the socket handed over its control
+/// socket, as `towerctl port-forward` does on the hub's machine) runs as
+/// the operator whose token came with it, every connection checked again:
+/// a token the hub does not know is refused; bob's connections are bob's
+/// in the audit log; a rule that denies him the member cuts his open
+/// connection and refuses new ones; once he is removed, new connections
+/// are refused for that reason. Nothing goes through the gateway.
+#[test]
+fn a_forward_carried_by_the_hub_is_held_to_its_operators_access() {
+    use support::apiserver::TargetPort;
+    let hub = Env::new();
+    let api = ApiServer::start();
+    let upstream = support::echo_server();
+    api.add_service(
+        "default",
+        "echo",
+        &[("tcp", 7, TargetPort::Name("tcp"))],
+        &[("app", "echo")],
+    );
+    api.set_endpoints("default", "echo", &[("127.0.0.1", "tcp", upstream)]);
+    connected(&hub, &api);
+    let gateway_port: u16 = hub.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("gateway address");
+    let o = hub.towerctl(&["operator", "add", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    let login = support::printed_command(&o.stdout, "login");
+    let token = login
+        .iter()
+        .position(|a| a == "--token")
+        .map(|i| login[i + 1].clone())
+        .expect("a --token in the login command");
+    assert!(hub
+        .towerctl(&["access", "allow", "operator:bob", "--names", "alpha"])
+        .ok());
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let authority = "echo.default.svc.alpha:7";
+    let refused = hand_over(&hub, "tk_not-a-token", authority, &listener).unwrap_err();
+    assert!(refused.contains("not known to this hub"), "{refused}");
+    let mut events = hand_over(&hub, &token, authority, &listener).expect("bob's forward");
+    let connect = || {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
+    };
+    let mut open = connect();
+    support::echo(&mut open, "bob was here\n").unwrap();
+    event_with(&mut events, "accepted");
+    assert_eq!(support::established_to(gateway_port), 0);
+    // Audited as bob's (the audit log is written once a second).
+    wait_for(
+        "bob's connection in the audit log",
+        Duration::from_secs(10),
+        || {
+            let audit = hub.towerctl(&["audit", "--operator", "bob", "-o", "json"]);
+            audit
+                .stdout
+                .lines()
+                .any(|l| l.contains("\"verb\":\"connect\"") && l.contains(authority))
+                .then_some(())
+        },
+    );
+
+    let t = Instant::now();
+    let o = hub.towerctl(&["access", "deny", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    wait_for(
+        "bob's open connection to be cut",
+        Duration::from_secs(10),
+        || support::echo(&mut open, "still?").is_err().then_some(()),
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        t.elapsed()
+    );
+    let mut c = connect();
+    assert!(support::echo(&mut c, "denied?\n").is_err());
+    event_with(&mut events, "is not registered on this hub");
+
+    let o = hub.towerctl(&["operator", "rm", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    let mut c = connect();
+    assert!(support::echo(&mut c, "removed?\n").is_err());
+    event_with(&mut events, "removed or its token revoked");
+}

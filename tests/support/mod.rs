@@ -487,3 +487,54 @@ pub fn operator_laptop(hub: &Env, name: &str) -> Env {
     assert!(o.ok(), "{o:?}");
     laptop
 }
+
+/// A TCP echo server on loopback: every connection gets its bytes back
+/// until it closes. Threads end with their connections (the listener's
+/// with the test process).
+pub fn echo_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+    port
+}
+
+/// Sends `msg` on `c` and reads it back.
+pub fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    c.write_all(msg.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; msg.len()];
+    c.read_exact(&mut got).map_err(|e| e.to_string())?;
+    (got == msg.as_bytes())
+        .then_some(())
+        .ok_or_else(|| format!("got {:?}", String::from_utf8_lossy(&got)))
+}
+
+/// Established TCP connections (IPv4 and IPv6) whose remote port is `port`.
+pub fn established_to(port: u16) -> usize {
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (Some(rem), Some(st)) = (cols.get(2), cols.get(3)) else {
+                continue;
+            };
+            let rport = rem
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if rport == Some(port) && *st == "01" {
+                n += 1;
+            }
+        }
+    }
+    n
+}
