@@ -95,6 +95,12 @@ pub enum Command {
     /// Forward local ports to a pod, service or deployment in a member (kubectl syntax).
     #[command(name = "port-forward")]
     ///
+    /// On the hub's own machine the hub carries the forwarded connections
+    /// itself (this command hands it the listening socket and stays in
+    /// charge of it: the forward ends with the command); elsewhere, or with
+    /// --gateway or TOWERCTL_FORWARD_VIA=gateway, they go through the
+    /// gateway.
+    ///
     /// `towerctl port-forward stop ID|--all` ends forwards started with --background.
     PortForward {
         /// Member cluster (or `stop`).
