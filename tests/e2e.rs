@@ -1185,6 +1185,19 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
         "{o:?} {}",
         pf.output()
     );
+    // On the hub's machine the restarted hub takes the forward over again
+    // (the gateway carried it only while the hub was away).
+    wait_for(
+        "the restarted hub to serve the forward again",
+        Duration::from_secs(15),
+        || {
+            let log =
+                std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+            (log.matches("serving a local port-forward").count() >= 2).then_some(())
+        },
+    );
+    let o = curl_within(&url, 15);
+    assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
 
     // A target that cannot be resolved: the error names it, the forward lives on.
     let bad = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/nope", ":80"]));

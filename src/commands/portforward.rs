@@ -221,10 +221,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     tasks.spawn(async move {
                         let authority =
                             format!("{}:{}", target.connect_host(&cluster), pair.remote);
-                        if let Some((socket, token)) = via_hub {
-                            through_local_hub(&l, &socket, &token, &authority, pair.remote).await;
-                        }
-                        accept_loop(l, gateway, authority, pair.remote).await
+                        serve_listener(&l, gateway, &authority, pair.remote, via_hub).await
                     });
                 }
                 Err(e) => last_err = Some(format!("{ip}:{local}: {e}")),
@@ -265,21 +262,54 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     result
 }
 
+/// Serves one listener: through the hub on this machine whenever it takes
+/// the forward, through the gateway otherwise. When that hub goes away (a
+/// restart), connections go through the gateway until it is back, and then
+/// through it again.
+async fn serve_listener(
+    l: &TcpListener,
+    gateway: Arc<Mux>,
+    authority: &str,
+    remote: u16,
+    local_hub: Option<(std::path::PathBuf, crate::tunnel::Secret)>,
+) {
+    let Some((socket, token)) = local_hub else {
+        return accept_loop(l, gateway, authority, remote).await;
+    };
+    loop {
+        if let Handover::Refused = through_local_hub(l, &socket, &token, authority, remote).await {
+            return accept_loop(l, gateway, authority, remote).await;
+        }
+        tokio::select! {
+            _ = accept_loop(l, gateway.clone(), authority, remote) => return,
+            _ = hub_back(&socket) => {}
+        }
+    }
+}
+
+/// How a hand-over to the hub on this machine ended.
+enum Handover {
+    /// No hub answers here (now).
+    NoHub,
+    /// The hub served the forward and then went away.
+    Ended,
+    /// The hub will not serve it (the context's token belongs to another
+    /// hub, or it refused): the gateway for good.
+    Refused,
+}
+
 /// Hands the listener to the hub on this machine and reports what it says
 /// about each connection, for as long as the hub serves the forward.
-/// Returns when the hub does not take the forward (no hub here, or the
-/// operator's context belongs to another hub) or stops serving it: the
-/// caller then carries the connections through the gateway.
 async fn through_local_hub(
     l: &TcpListener,
     socket: &std::path::Path,
     token: &crate::tunnel::Secret,
     authority: &str,
     remote: u16,
-) {
+) -> Handover {
     use crate::daemon::control::{self, ForwardEvent};
     if !socket.exists() {
-        return;
+        return Handover::NoHub;
     }
     match control::forward(socket, token, authority, l).await {
         Ok(mut events) => {
@@ -307,18 +337,34 @@ async fn through_local_hub(
                 let _ = std::io::stdout().lock().write_all(out.as_bytes());
                 let _ = std::io::stderr().lock().write_all(err.as_bytes());
             }
-            eprintln!("the local hub stopped serving this forward; new connections go through the gateway");
+            eprintln!("the hub on this machine stopped serving this forward; connections go through the gateway until it is back");
+            Handover::Ended
         }
-        Err(e) if e.to_string() == crate::daemon::hub::UNKNOWN_FORWARD_TOKEN => {}
-        Err(e) => eprintln!(
-            "note: the local hub did not take the forward ({e:#}); forwarding through the gateway"
-        ),
+        Err(e) if e.to_string() == crate::daemon::hub::UNKNOWN_FORWARD_TOKEN => Handover::Refused,
+        Err(e) if !control::is_up(socket).await => {
+            tracing::debug!("no hub here to take the forward: {e:#}");
+            Handover::NoHub
+        }
+        Err(e) => {
+            eprintln!("note: the hub on this machine did not take the forward ({e:#}); forwarding through the gateway");
+            Handover::Refused
+        }
+    }
+}
+
+/// Returns once a hub answers on `socket` (checked every second).
+async fn hub_back(socket: &std::path::Path) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if socket.exists() && crate::daemon::control::is_up(socket).await {
+            return;
+        }
     }
 }
 
 /// Carries every connection accepted on `l` through the gateway: one
 /// CONNECT stream to `authority` each.
-async fn accept_loop(l: TcpListener, gateway: Arc<Mux>, authority: String, remote: u16) {
+async fn accept_loop(l: &TcpListener, gateway: Arc<Mux>, authority: &str, remote: u16) {
     let local = l.local_addr().map(|a| a.port()).unwrap_or(0);
     loop {
         let Ok((mut conn, _)) = l.accept().await else {
@@ -329,7 +375,7 @@ async fn accept_loop(l: TcpListener, gateway: Arc<Mux>, authority: String, remot
         crate::tunnel::nodelay(&conn);
         println!("Handling connection for {local}");
         let gateway = gateway.clone();
-        let authority = authority.clone();
+        let authority = authority.to_string();
         tokio::spawn(async move {
             match gateway.open(&authority).await {
                 Ok(mut up) => {
