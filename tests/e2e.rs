@@ -1174,6 +1174,19 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
         s["hub"]["tunnelAddress"].as_str().unwrap().to_string(),
         s["hub"]["gatewayAddress"].as_str().unwrap().to_string(),
     );
+    let handovers = || {
+        std::fs::read_to_string(env.path("state/towerctl/hub.log"))
+            .unwrap_or_default()
+            .matches("serving a local port-forward")
+            .count()
+    };
+    // Both listeners (127.0.0.1 and ::1) were handed to the hub.
+    wait_for(
+        "both listeners handed to the hub",
+        Duration::from_secs(10),
+        || (handovers() == 2).then_some(()),
+    );
+    let before = 2;
     env.kill9("hub");
     env.up_on(&tunnel, &gateway);
     wait_for("the agent to reconnect", Duration::from_secs(20), || {
@@ -1190,11 +1203,7 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
     wait_for(
         "the restarted hub to serve the forward again",
         Duration::from_secs(15),
-        || {
-            let log =
-                std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
-            (log.matches("serving a local port-forward").count() >= 2).then_some(())
-        },
+        || (handovers() == 2 * before).then_some(()),
     );
     let o = curl_within(&url, 15);
     assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
