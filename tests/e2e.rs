@@ -1439,14 +1439,7 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
         .unwrap()
         .trim_end_matches('/')
         .to_string();
-    let gateway_port: u16 = s["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gateway_port = env.gateway_port();
 
     // Through the gateway, as from a machine without the hub.
     let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
@@ -1492,27 +1485,11 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
 /// port closes and its connections are cut.
 #[test]
 fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_command() {
-    use support::apiserver::TargetPort;
     let env = Env::new();
     let api = ApiServer::start();
-    let upstream = support::echo_server();
-    api.add_service(
-        "default",
-        "web",
-        &[("tcp", 80, TargetPort::Name("tcp"))],
-        &[("app", "web")],
-    );
-    api.set_endpoints("default", "web", &[("127.0.0.1", "tcp", upstream)]);
+    support::echo_service(&api, "web", 80);
     connected(&env, &api, &[]);
-    let s = env.status();
-    let gateway_port: u16 = s["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gateway_port = env.gateway_port();
 
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
     let port = forwarded_port(&pf);

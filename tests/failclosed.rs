@@ -298,23 +298,11 @@ fn event_with(events: &mut std::io::BufReader<std::os::unix::net::UnixStream>, n
 /// are refused for that reason. Nothing goes through the gateway.
 #[test]
 fn a_forward_carried_by_the_hub_is_held_to_its_operators_access() {
-    use support::apiserver::TargetPort;
     let hub = Env::new();
     let api = ApiServer::start();
-    let upstream = support::echo_server();
-    api.add_service(
-        "default",
-        "echo",
-        &[("tcp", 7, TargetPort::Name("tcp"))],
-        &[("app", "echo")],
-    );
-    api.set_endpoints("default", "echo", &[("127.0.0.1", "tcp", upstream)]);
+    support::echo_service(&api, "echo", 7);
     connected(&hub, &api);
-    let gateway_port: u16 = hub.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("gateway address");
+    let gateway_port = hub.gateway_port();
     let o = hub.towerctl(&["operator", "add", "bob"]);
     assert!(o.ok(), "{o:?}");
     let login = support::printed_command(&o.stdout, "login");

@@ -190,6 +190,16 @@ impl Env {
         serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("status -o json: {e}: {o:?}"))
     }
 
+    /// The port of the hub's gateway listener.
+    pub fn gateway_port(&self) -> u16 {
+        let s = self.status();
+        s["hub"]["gatewayAddress"]
+            .as_str()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no gateway address in {s}"))
+    }
+
     /// `cluster add NAME`; returns the printed join command's arguments
     /// (without the leading `towerctl`).
     pub fn cluster_add(&self, name: &str) -> Vec<String> {
@@ -537,4 +547,17 @@ pub fn established_to(port: u16) -> usize {
         }
     }
     n
+}
+
+/// Service `NAME` in namespace `default` of `api`, port `port` (named
+/// `tcp`), whose one endpoint is a fresh [`echo_server`] on loopback.
+pub fn echo_service(api: &apiserver::ApiServer, name: &str, port: u16) {
+    let upstream = echo_server();
+    api.add_service(
+        "default",
+        name,
+        &[("tcp", port, apiserver::TargetPort::Name("tcp"))],
+        &[("app", name)],
+    );
+    api.set_endpoints("default", name, &[("127.0.0.1", "tcp", upstream)]);
 }
