@@ -1416,8 +1416,8 @@ fn pods_the_agent_cannot_route_to_are_reached_through_the_api_server() {
 }
 
 /// `towerctl port-forward` through the gateway carries all its forwarded
-/// connections as streams of one HTTP/2 connection to it, while a client that offers `h2`
-/// itself (curl here, kubectl too) still gets HTTP/1.1 from the gateway.
+/// connections as streams of one HTTP/2 connection to it, and a client that offers `h2`
+/// itself (curl here, kubectl too) gets HTTP/2 from the gateway as well.
 #[test]
 fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
     use std::io::{Read, Write};
@@ -1475,7 +1475,7 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
     cmd.args(["-sk", "--http2", "-o", "/dev/null", "-w", "%{http_version}"])
         .arg(format!("{gateway_url}/healthz"));
     let o = support::run_bounded(cmd, Duration::from_secs(30));
-    assert_eq!(o.stdout.trim(), "1.1", "{o:?}");
+    assert_eq!(o.stdout.trim(), "2", "{o:?}");
 }
 
 /// On the hub's own machine, `towerctl port-forward` hands its listening
@@ -1541,4 +1541,29 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
             "held connection {i} still carried bytes after the forward ended"
         );
     }
+}
+
+/// kubectl gets HTTP/2 from the gateway, as from kube-apiserver: a cold
+/// discovery (its parallel requests) and a watch after it share one TLS
+/// connection instead of one each.
+#[test]
+fn kubectl_shares_one_http2_connection_to_the_gateway() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    let port = env.gateway_port();
+    let cache = env.path("kube-cache");
+    let watch = Streaming::start(env.kubectl_cmd(&[
+        "get",
+        "configmaps",
+        "-A",
+        "-w",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]));
+    std::thread::sleep(Duration::from_millis(1500));
+    api.create_configmap("default", "seen", &[("k", "v")]);
+    watch.wait_for("seen", Duration::from_secs(20));
+    let open = support::established_to(port);
+    assert_eq!(open, 1, "kubectl holds {open} connections to the gateway");
 }

@@ -77,11 +77,13 @@ pub fn load(
     .with_no_client_auth()
     .with_single_cert(certs, key)
     .context("gateway TLS configuration")?;
-    // HTTP/1.1 for every client that offers it (kubectl offers h2 too, but
-    // its upgrades for exec, attach and port-forward need HTTP/1.1), and
-    // HTTP/2 only under towerctl's own name, for port-forward's multiplexed
-    // connection.
-    cfg.alpn_protocols = vec![MUX_ALPN.to_vec(), b"http/1.1".to_vec()];
+    // HTTP/2 for clients that offer it (kubectl does: its requests, lists
+    // and watches then share one TLS connection, as with kube-apiserver;
+    // its exec, attach and port-forward upgrades dial their own HTTP/1.1
+    // connections, as they must against kube-apiserver too), HTTP/1.1 for
+    // the rest, and towerctl's own name for port-forward's multiplexed
+    // connection (server preference: first match in this list).
+    cfg.alpn_protocols = vec![MUX_ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(GatewayTls {
         ca_pem,
         server_config: Arc::new(cfg),
@@ -90,8 +92,8 @@ pub fn load(
 
 /// ALPN name of the gateway's multiplexed connection: HTTP/2 with one
 /// CONNECT stream per forwarded connection (`towerctl port-forward`). A
-/// private name rather than `h2`, so that clients offering `h2` (kubectl)
-/// keep HTTP/1.1.
+/// private name rather than `h2`, so that its larger windows and stream cap
+/// are only for it.
 pub const MUX_ALPN: &[u8] = b"towerctl-h2";
 /// Flow-control windows of that connection, the same on both ends: a
 /// stream may have this much in flight before the reader takes it (enough

@@ -529,6 +529,12 @@ pub fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
 
 /// Established TCP connections (IPv4 and IPv6) whose remote port is `port`.
 pub fn established_to(port: u16) -> usize {
+    connections_to(port, &["01"])
+}
+
+/// Client-side TCP connections to loopback `port` in any of `states`
+/// (`/proc/net/tcp` codes: 01 established, 06 time-wait, …).
+pub fn connections_to(port: u16, states: &[&str]) -> usize {
     let mut n = 0;
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(f).unwrap_or_default();
@@ -541,7 +547,7 @@ pub fn established_to(port: u16) -> usize {
                 .rsplit(':')
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if rport == Some(port) && *st == "01" {
+            if rport == Some(port) && states.contains(st) {
                 n += 1;
             }
         }

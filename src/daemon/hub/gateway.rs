@@ -180,9 +180,12 @@ pub async fn serve(
                 })
             };
             // `towerctl port-forward` multiplexes its streams over one
-            // HTTP/2 connection (see `daemon::tls::MUX_ALPN`); everything
-            // else, kubectl included, speaks HTTP/1.1 (upgrades need it).
-            let mux = tls.get_ref().1.alpn_protocol() == Some(crate::daemon::tls::MUX_ALPN);
+            // HTTP/2 connection (see `daemon::tls::MUX_ALPN`); clients that
+            // offer `h2` (kubectl) get HTTP/2 with kube-apiserver's stream
+            // cap; the rest HTTP/1.1, with upgrades.
+            let alpn = tls.get_ref().1.alpn_protocol();
+            let mux = alpn == Some(crate::daemon::tls::MUX_ALPN);
+            let h2 = alpn == Some(b"h2".as_slice());
             let watch = Watch {
                 conn_state,
                 evicted,
@@ -197,6 +200,13 @@ pub async fn serve(
                     .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
                     .max_frame_size(crate::daemon::tls::MUX_FRAME)
                     .max_concurrent_streams(MUX_MAX_STREAMS)
+                    .max_header_list_size(MAX_HEAD as u32)
+                    .serve_connection(TokioIo::new(tls), svc);
+                watch.drive(conn, |c| c.graceful_shutdown()).await;
+            } else if h2 {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(H2_MAX_STREAMS)
                     .max_header_list_size(MAX_HEAD as u32)
                     .serve_connection(TokioIo::new(tls), svc);
                 watch.drive(conn, |c| c.graceful_shutdown()).await;
@@ -215,6 +225,10 @@ pub async fn serve(
 
 /// Most CONNECT streams at once on one multiplexed connection.
 const MUX_MAX_STREAMS: u32 = 4096;
+
+/// Most requests at once on one HTTP/2 client connection (kube-apiserver's
+/// default `--http2-max-streams-per-connection`).
+const H2_MAX_STREAMS: u32 = 1000;
 
 /// What watches over one client connection while hyper serves it.
 struct Watch {
