@@ -32,7 +32,8 @@
 #                 memory a held connection costs each side; default 100 (0 to skip)
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
 #                 (towerctl's first choice); "default" lets OpenSSH negotiate
-#   BULK_TIMEOUT  seconds allowed for one bulk download; default 300
+#   BULK_TIMEOUT  seconds allowed for one bulk download or upload; default 300
+#   UPLOAD        1 measures the upload direction too (POST of BYTES to /sink); 0 skips it
 #   QUIET_WAIT    before each path, wait up to this many seconds for the machine to
 #                 be idle (other work at most QUIET_MAX_BUSY % of all CPUs); default 120
 #   QUIET_MAX_BUSY  default 10
@@ -56,6 +57,7 @@ CONNECTIONS=${CONNECTIONS:-16}
 THREADS=${THREADS:-2}
 SSH_CIPHER=${SSH_CIPHER:-aes256-gcm@openssh.com}
 BULK_TIMEOUT=${BULK_TIMEOUT:-300}
+UPLOAD=${UPLOAD:-1}
 QUIET_WAIT=${QUIET_WAIT:-120}
 QUIET_MAX_BUSY=${QUIET_MAX_BUSY:-10}
 RETRIES=${RETRIES:-2}
@@ -149,6 +151,7 @@ cleanup() {
     local rc=$? i f pid
     set +e
     trap - EXIT INT TERM
+    [[ -n ${UPLOAD_FILE:-} ]] && rm -f "$UPLOAD_FILE"
     if ((TOWERCTL_UP)); then
         timeout 20 "$T" leave "$CLUSTER" >/dev/null 2>&1
         timeout 20 "$T" down >/dev/null 2>&1
@@ -633,6 +636,27 @@ bulk() {
     cpu_split "$W/cpu0-$name.txt" "$W/cpu-$name-bulk.txt" $pids
 }
 
+# upload NAME URL [curl args...]: POSTs a file of BYTES zero bytes to /sink;
+# prints "code bytes_received seconds tunnel_cpu_ticks". The file lives in
+# /dev/shm when it can (curl reads a pipe at half the speed of a file in
+# memory, which would cap every row), and is removed at exit.
+UPLOAD_FILE=""
+upload() {
+    local name=$1 url=$2 pids t0 out code secs got
+    shift 2
+    log "$name: bulk upload of $BYTES_N bytes"
+    pids=$(tunnel_pids "$name")
+    # shellcheck disable=SC2086 # a list of PIDs
+    t0=$(cpu_ticks $pids)
+    out=$(curl -sS -o "$W/sink-$name.out" --max-time "$BULK_TIMEOUT" \
+        -H 'Expect:' -H 'Content-Type: application/octet-stream' -T "$UPLOAD_FILE" -X POST \
+        -w '%{http_code} %{time_total}' "$@" "$url/sink" 2>"$W/curl-up-$name.err") || true
+    read -r code secs <<<"${out:-- -}"
+    got=$(tr -dc '0-9' <"$W/sink-$name.out" 2>/dev/null)
+    # shellcheck disable=SC2086
+    echo "${code:--} ${got:--} ${secs:--} $(($(cpu_ticks $pids) - t0))"
+}
+
 # wrk_run NAME TAG THREADS CONNECTIONS DURATION URL [wrk args...]:
 # prints "rps p50_ms p99_ms requests non2xx socket_errors tunnel_cpu_ticks".
 wrk_run() {
@@ -893,6 +917,10 @@ measure() {
     for ((attempt = 0; attempt <= RETRIES; attempt++)); do
         busy=$(wait_quiet "$name")
         b=$(bulk "$name" "$url" "${CURL_EXTRA[@]+"${CURL_EXTRA[@]}"}")
+        # Kubernetes API bodies are small: the gateway (and the agent behind
+        # it) refuse a 1 GiB one, so its upload is not measured.
+        u="- - - -"
+        if [[ $name != gateway && $UPLOAD == 1 ]]; then u=$(upload "$name" "$url"); fi
         r=$(rate "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
         l=$(light "$name" "$url" "${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"}")
         c=$(setup "$name" "$url" "${SETUP_EXTRA[@]+"${SETUP_EXTRA[@]}"}")
@@ -908,9 +936,15 @@ measure() {
             warn "$name: other work took ${after}% of the CPUs right after the measurement; keeping these figures"
         fi
     done
-    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\t\t%s\t%s\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" "$c" "$k" "$h" >>"$RESULTS_TSV"
+    printf '%s\t%s\t%s/%s\t%s\t%s\t%s\t%s\t\t%s\t%s\t%s\n' "$name" "$label" "$busy" "$after" "$b" "$r" "$l" "$c" "$k" "$h" "$u" >>"$RESULTS_TSV"
 }
 
+if [[ $UPLOAD == 1 ]]; then
+    d=/dev/shm
+    [[ -d $d && -w $d ]] || d=$W
+    UPLOAD_FILE=$(mktemp "$d/towerctl-bench-upload.XXXXXX")
+    head -c "$BYTES_N" /dev/zero >"$UPLOAD_FILE" || die "cannot write the $BYTES_N-byte upload file in $d"
+fi
 if wants direct; then measure direct "direct (no tunnel)" "$DIRECT"; fi
 if wants gateway; then
     # curl checks nothing with -k, and wrk never verifies: both pay the same TLS cost.
@@ -1036,6 +1070,7 @@ for line in open(env["BENCH_RESULTS"]):
     sn, sp50, sp99, smax, sfail = (f[6].split() + ["-"] * 5)[:5]
     crps, cp50, cp99 = ((f[8].split() if len(f) > 8 else []) + ["-"] * 3)[:3]
     hn, hfail = ((f[9].split() if len(f) > 9 else []) + ["-"] * 2)[:2]
+    ucode, usize, usecs, uticks = ((f[10].split() if len(f) > 10 else []) + ["-"] * 4)[:4]
     before, _, after = busy.partition("/")
     tunnel = name != "direct"
     r = {"label": label}
@@ -1048,6 +1083,14 @@ for line in open(env["BENCH_RESULTS"]):
         r["bulk_mb_per_s"] = None
         r["tunnel_cpu_s_per_gb"] = None
         note = note or f"bulk download failed (HTTP {code}, {size} of {BYTES} bytes)"
+    usize, usecs = num(usize), num(usecs)
+    if ucode == "200" and usize == BYTES and usecs:
+        r["upload_mb_per_s"] = round(usize / usecs / 1e6, 1)
+        r["upload_tunnel_cpu_s_per_gb"] = round(num(uticks) / TCK / (BYTES / 1e9), 2) if tunnel and num(uticks) is not None else None
+    else:
+        r["upload_mb_per_s"] = None
+        if ucode not in ("-", "200") or (ucode == "200" and usize != BYTES):
+            note = note or f"bulk upload failed (HTTP {ucode}, {usize} of {BYTES} bytes)"
     r["req_per_s"] = num(rps)
     r["p50_ms"] = num(p50)
     r["p99_ms"] = num(p99)
@@ -1108,6 +1151,7 @@ def added(path, metric):
 
 
 ssh_tp, ssh_tp_name = best("bulk_mb_per_s", SSH)
+ssh_up, ssh_up_name = best("upload_mb_per_s", SSH)
 ssh_rps, ssh_rps_name = best("req_per_s", SSH)
 ssh_close, ssh_close_name = best("close_req_per_s", SSH)
 rh = rows.get("rathole", {})
@@ -1116,6 +1160,7 @@ ratios = {"best_ssh_throughput_variant": ssh_tp_name, "best_ssh_req_per_s_varian
 for p in ("portfwd", "portfwd_gw", "gateway"):
     row = rows.get(p, {})
     ratios[f"{p}_vs_best_ssh_throughput"] = ratio(row.get("bulk_mb_per_s"), ssh_tp)
+    ratios[f"{p}_vs_best_ssh_upload"] = ratio(row.get("upload_mb_per_s"), ssh_up)
     ratios[f"{p}_vs_best_ssh_req_per_s"] = ratio(row.get("req_per_s"), ssh_rps)
     ratios[f"{p}_vs_best_ssh_close_req_per_s"] = ratio(row.get("close_req_per_s"), ssh_close)
     ratios[f"{p}_vs_direct_req_per_s"] = ratio(row.get("req_per_s"), rows.get("direct", {}).get("req_per_s"))
@@ -1142,6 +1187,7 @@ rh_na = "n/a (rathole " + (env.get("BENCH_RATHOLE_NOTE") or "gave no figure") + 
 targets = {
     "raw channel (towerctl port-forward)": {
         "throughput >= 1.5x best OpenSSH": check(ratios["portfwd_vs_best_ssh_throughput"], lambda v: v >= 1.5, "{:.2f}x"),
+        "upload >= 1.5x best OpenSSH": check(ratios["portfwd_vs_best_ssh_upload"], lambda v: v >= 1.5, "{:.2f}x"),
         "new conn req/s >= 1.0x best OpenSSH": check(ratios["portfwd_vs_best_ssh_close_req_per_s"], lambda v: v >= 1.0, "{:.2f}x"),
         "<= 32 KiB per held connection": check(pf.get("held_kib_per_conn"), lambda v: v <= 32, "{:.1f} KiB"),
         "hub idle RSS <= 12 MiB": check(IDLE_HUB_KIB, lambda v: v <= 12 * 1024, "{:.0f} KiB"),
@@ -1214,22 +1260,22 @@ def pair(a, b, spec="+.3f"):
 
 print()
 print(f"towerctl benchmark  {doc['date']}  {doc['machine']['cpus']} CPUs ({doc['machine']['cpu']})  towerctl {doc['towerctl']}")
-print(f"bulk: curl, {BYTES} bytes; load: wrk -t{env['BENCH_THREADS']} -c{env['BENCH_CONNECTIONS']} -d{env['BENCH_DURATION']} GET /version; "
+print(f"bulk: curl, {BYTES} bytes down (GET /bulk) and up (POST /sink of a file in memory); load: wrk -t{env['BENCH_THREADS']} -c{env['BENCH_CONNECTIONS']} -d{env['BENCH_DURATION']} GET /version; "
       f"1 conn: wrk -t1 -c1 -d{env['BENCH_LIGHT_DURATION']}; new conn: {env['BENCH_SETUP_CONNECTIONS']} fresh connections, "
       f"connect -> first byte; ssh cipher {env['BENCH_SSH_CIPHER']}")
 print()
-print(f"{'':<31} {'bulk':>7} {'---- 16 connections ----':>26} {'-- 1 connection --':>17} {'- new connection -':>17} {'tunnel CPU':>15}")
-print(f"{'path':<31} {'MB/s':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} "
+print(f"{'':<31} {'down':>7} {'up':>7} {'---- 16 connections ----':>26} {'-- 1 connection --':>17} {'- new connection -':>17} {'tunnel CPU':>15}")
+print(f"{'path':<31} {'MB/s':>7} {'MB/s':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms':>8} {'p99 ms':>8} "
       f"{'s/GB':>7} {'us/req':>7} {'busy%':>7}  note")
 for n in order:
     r = rows[n]
     busy = f"{fmt(r.get('cpu_busy_before_pct'), 'd')}/{fmt(r.get('cpu_busy_after_pct'), 'd')}"
-    print(f"{r['label']:<31} {fmt(r['bulk_mb_per_s'], '7.1f')} {fmt(r['req_per_s'], '8.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')} "
+    print(f"{r['label']:<31} {fmt(r['bulk_mb_per_s'], '7.1f')} {fmt(r.get('upload_mb_per_s'), '7.1f')} {fmt(r['req_per_s'], '8.0f')} {fmt(r['p50_ms'], '8.3f')} {fmt(r['p99_ms'], '8.3f')} "
           f"{fmt(r['one_conn_p50_ms'], '8.3f')} {fmt(r['one_conn_p99_ms'], '8.3f')} {fmt(r['new_conn_p50_ms'], '8.3f')} {fmt(r['new_conn_p99_ms'], '8.3f')} "
           f"{fmt(r['tunnel_cpu_s_per_gb'], '7.2f')} {fmt(r['tunnel_cpu_us_per_req'], '7.1f')} {busy:>7}  {r['note'] or ''}")
 for key, label in (("BENCH_RATHOLE_NOTE", "rathole (noise)"), ("BENCH_BORE_NOTE", "bore (no encryption)")):
     if env.get(key):
-        print(f"{label:<31} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env[key]}")
+        print(f"{label:<31} {'-':>7} {'-':>7} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7} {'-':>7}  {env[key]}")
 print("tunnel CPU: CPU time of the tunnel's processes (hub+agent; port-forward+hub+agent; sshd+ssh; rathole server+client)")
 print("            per GB of bulk / per request under load; by process:")
 for n in order:
@@ -1258,6 +1304,8 @@ for p, what in (("portfwd", "port-forward"), ("portfwd_gw", "port-forward via ga
     if p not in rows:
         continue
     print(f"  {what} MB/s  / best ssh MB/s  ({ssh_tp_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_throughput'])}")
+    if ratios.get(f"{p}_vs_best_ssh_upload") is not None:
+        print(f"  {what} upload MB/s / best ssh upload ({ssh_up_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_upload'])}")
     print(f"  {what} req/s / best ssh req/s ({ssh_rps_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_req_per_s'])}")
     print(f"  {what} new-conn req/s / best ssh ({ssh_close_name or '-'}): {times(ratios[f'{p}_vs_best_ssh_close_req_per_s'])}")
     if ratios[f"{p}_vs_rathole_req_per_s"] is not None:

@@ -5,6 +5,8 @@
 //! - `GET /version`: a small JSON body like kube-apiserver's `/version`.
 //! - `GET /bulk?bytes=N`: N zero bytes, streamed in 256 KiB chunks cut from
 //!   one static buffer (nothing of size N is ever allocated).
+//! - `POST /sink`: reads the request body as it comes, keeps none of it,
+//!   and answers how many bytes it read (the upload direction).
 //! - The two Kubernetes API reads an agent makes to resolve Service
 //!   `default/web` for `towerctl port-forward CLUSTER svc/web :80`:
 //!   `GET /api/v1/namespaces/default/services/web` (port 80 named `http`,
@@ -224,9 +226,30 @@ fn bulk(n: u64) -> Response<Body> {
     r
 }
 
+/// Reads `body` to its end, discarding it; answers the byte count.
+async fn sink(mut body: Incoming) -> Response<Body> {
+    let mut n: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(e) => {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    Bytes::from(format!("upload cut after {n} bytes: {e}\n")),
+                )
+            }
+        }
+    }
+    full(StatusCode::OK, "text/plain", Bytes::from(format!("{n}\n")))
+}
+
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     if req.method() == Method::POST && req.uri().path() == "/trigger" {
         return Ok(trigger());
+    }
+    if req.method() == Method::POST && req.uri().path() == "/sink" {
+        return Ok(sink(req.into_body()).await);
     }
     if req.uri().path() == CONFIGMAPS_PATH && is_watch(req.uri().query()) {
         return Ok(event_watch());
