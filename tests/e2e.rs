@@ -1567,3 +1567,41 @@ fn kubectl_shares_one_http2_connection_to_the_gateway() {
     let open = support::established_to(port);
     assert_eq!(open, 1, "kubectl holds {open} connections to the gateway");
 }
+
+/// Ending a port-forward the hub carries also cuts a connection whose
+/// stream is still being set up: with the agent frozen (SIGSTOP), a new
+/// connection waits on its channel; when the command ends, the hub closes
+/// it at once instead of when the frozen session finally gives out.
+#[test]
+fn ending_a_forward_cuts_connections_still_being_set_up() {
+    use std::io::Read;
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    support::echo(&mut c, "warm\n").unwrap();
+
+    let agent = env.pid_of("agent-alpha").expect("agent pid");
+    // SAFETY: signals to the agent this test started.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    let mut waiting = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    drop(pf);
+    let mut buf = [0u8; 16];
+    let r = waiting.read(&mut buf);
+    let took = t.elapsed();
+    unsafe { libc::kill(agent, libc::SIGCONT) };
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the connection being set up was closed {took:?} after the forward ended"
+    );
+}

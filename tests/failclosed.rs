@@ -230,7 +230,7 @@ fn hand_over(
     hub: &Env,
     token: &str,
     authority: &str,
-    listener: &std::net::TcpListener,
+    listener: &impl std::os::fd::AsRawFd,
 ) -> Result<std::io::BufReader<std::os::unix::net::UnixStream>, String> {
     use std::io::{BufRead, Write};
     use std::os::fd::AsRawFd;
@@ -320,6 +320,15 @@ fn a_forward_carried_by_the_hub_is_held_to_its_operators_access() {
     let authority = "echo.default.svc.alpha:7";
     let refused = hand_over(&hub, "tk_not-a-token", authority, &listener).unwrap_err();
     assert!(refused.contains("not known to this hub"), "{refused}");
+    // Any descriptor but a listening TCP socket is refused after the
+    // hand-over, with the reason on the control connection.
+    let not_listening = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut answer =
+        hand_over(&hub, &token, authority, &not_listening).expect("asked for the socket");
+    event_with(
+        &mut answer,
+        "forward refused: the descriptor is not a stream socket",
+    );
     let mut events = hand_over(&hub, &token, authority, &listener).expect("bob's forward");
     let connect = || {
         let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

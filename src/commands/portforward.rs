@@ -319,7 +319,15 @@ async fn through_local_hub(
                 // Lines of events that came together are written together.
                 let (mut out, mut err) = (String::new(), String::new());
                 let mut next = Some(first);
+                let mut refused = None;
                 while let Some(ev) = next {
+                    let ev = match ev {
+                        Ok(ev) => ev,
+                        Err(why) => {
+                            refused = Some(why);
+                            break;
+                        }
+                    };
                     let _ = match ev {
                         ForwardEvent::Accepted { port } => {
                             writeln!(out, "Handling connection for {port}")
@@ -336,6 +344,10 @@ async fn through_local_hub(
                 }
                 let _ = std::io::stdout().lock().write_all(out.as_bytes());
                 let _ = std::io::stderr().lock().write_all(err.as_bytes());
+                if let Some(why) = refused {
+                    eprintln!("note: the hub on this machine did not take the forward ({why}); forwarding through the gateway");
+                    return Handover::Refused;
+                }
             }
             eprintln!("the hub on this machine stopped serving this forward; connections go through the gateway until it is back");
             Handover::Ended

@@ -632,13 +632,15 @@ pub enum ForwardEvent {
 /// accepts on it and carries every connection to `authority` as the
 /// operator of `token`. The events come on the returned receiver; it ends
 /// when the hub goes away. Dropping it ends the forward on the hub (the
-/// caller keeps its own copy of the listener).
+/// caller keeps its own copy of the listener). An `Err` on it is the hub's
+/// refusal after the hand-over (a socket it would not take), and the last
+/// item.
 pub async fn forward(
     socket: &Path,
     token: &crate::tunnel::Secret,
     authority: &str,
     listener: &impl std::os::fd::AsRawFd,
-) -> Result<tokio::sync::mpsc::Receiver<ForwardEvent>> {
+) -> Result<tokio::sync::mpsc::Receiver<Result<ForwardEvent, String>>> {
     let stream = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(socket))
         .await
         .context("the hub did not accept within 2s")??;
@@ -692,8 +694,13 @@ pub async fn forward(
                         return;
                     }
                     let Ok(resp) = serde_json::from_str::<Response>(&l) else { return };
+                    if !resp.ok {
+                        let why = resp.error.unwrap_or_else(|| "the hub refused the forward".into());
+                        let _ = tx.send(Err(why)).await;
+                        return;
+                    }
                     let Some(ev) = resp.data.and_then(|d| serde_json::from_value(d).ok()) else { continue };
-                    if tx.send(ev).await.is_err() {
+                    if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
                 }

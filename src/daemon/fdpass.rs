@@ -142,6 +142,9 @@ pub fn tcp_listener(fd: OwnedFd) -> io::Result<std::net::TcpListener> {
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         return Err(not("a TCP socket"));
     }
+    if int_opt(libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
+        return Err(not("a TCP socket"));
+    }
     if int_opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1 {
         return Err(not("a listening socket"));
     }

@@ -66,7 +66,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Slurp<S> {
                 return Poll::Ready(Ok(()));
             }
             if this.buf.capacity() < this.size {
-                this.buf.reserve(this.size);
+                // Empty here: a new allocation of exactly `size` (reserve
+                // could round a growing buffer up past MAX).
+                this.buf = BytesMut::with_capacity(this.size);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {

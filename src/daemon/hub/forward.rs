@@ -102,9 +102,14 @@ pub(super) async fn serve(
                             let Ok(e) = events.try_recv() else { break };
                             out.extend(answer(Response::ok(e)));
                         }
-                        if wr.write_all(&out).await.is_err() {
-                            done.cancel();
-                            return;
+                        // A client that stopped reading holds this write
+                        // up: the end of the forward must not wait on it.
+                        tokio::select! {
+                            r = wr.write_all(&out) => if r.is_err() {
+                                done.cancel();
+                                return;
+                            },
+                            _ = done.cancelled() => return,
                         }
                     }
                 }
@@ -157,8 +162,15 @@ pub(super) async fn serve(
                 target: &target,
                 port,
             };
-            if let Err(error) = carry(&hub2, &dest, peer, conn, done).await {
-                let _ = tx.try_send(ForwardEvent::Failed { port: local, error });
+            // The end of the forward cuts a connection still being set up
+            // too (a channel open to a wedged agent, a peer hub's answer);
+            // an opened stream sees `done` itself and audits its end.
+            let stop = done.clone();
+            tokio::select! {
+                r = carry(&hub2, &dest, peer, conn, done) => if let Err(error) = r {
+                    let _ = tx.try_send(ForwardEvent::Failed { port: local, error });
+                },
+                _ = stop.cancelled() => {}
             }
         });
     }

@@ -581,15 +581,19 @@ pub(super) async fn open_raw(
         user: operator.name.clone(),
         groups: operator.groups.clone(),
     };
-    let mut stream = match server::open_as(
+    let (address, originator) = (target.channel_address(), who.encode());
+    let open = server::open_as(
         &session.handle,
-        &target.channel_address(),
+        &address,
         u32::from(port),
-        &who.encode(),
+        &originator,
         u32::from(peer.port()),
-    )
-    .await
-    {
+    );
+    // A wedged agent answers nothing until its keepalives give up: bounded.
+    let opened = tokio::time::timeout(Duration::from_secs(20), open)
+        .await
+        .unwrap_or(Err(russh::Error::ConnectionTimeout));
+    let mut stream = match opened {
         Ok(s) => crate::tunnel::counted::Counted::new(
             s,
             session.bytes_in.clone(),
