@@ -307,44 +307,14 @@ async fn through_local_hub(
     authority: &str,
     remote: u16,
 ) -> Handover {
-    use crate::daemon::control::{self, ForwardEvent};
+    use crate::daemon::control;
     if !socket.exists() {
         return Handover::NoHub;
     }
     match control::forward(socket, token, authority, l).await {
         Ok(mut events) => {
-            use std::fmt::Write as _;
-            use std::io::Write as _;
             while let Some(first) = events.recv().await {
-                // Lines of events that came together are written together.
-                let (mut out, mut err) = (String::new(), String::new());
-                let mut next = Some(first);
-                let mut refused = None;
-                while let Some(ev) = next {
-                    let ev = match ev {
-                        Ok(ev) => ev,
-                        Err(why) => {
-                            refused = Some(why);
-                            break;
-                        }
-                    };
-                    let _ = match ev {
-                        ForwardEvent::Accepted { port } => {
-                            writeln!(out, "Handling connection for {port}")
-                        }
-                        ForwardEvent::Failed { port, error } => {
-                            writeln!(err, "error: forwarding {port} -> {remote} failed: {error}")
-                        }
-                    };
-                    next = if out.len() + err.len() < 64 * 1024 {
-                        events.try_recv().ok()
-                    } else {
-                        None
-                    };
-                }
-                let _ = std::io::stdout().lock().write_all(out.as_bytes());
-                let _ = std::io::stderr().lock().write_all(err.as_bytes());
-                if let Some(why) = refused {
+                if let Err(why) = print_events(first, &mut events, remote) {
                     eprintln!("note: the hub on this machine did not take the forward ({why}); forwarding through the gateway");
                     return Handover::Refused;
                 }
@@ -362,6 +332,39 @@ async fn through_local_hub(
             Handover::Refused
         }
     }
+}
+
+/// Prints `first` and the events queued behind it as kubectl does, the
+/// lines that came together in one write; `Err` is the hub's refusal.
+fn print_events(
+    first: Result<crate::daemon::control::ForwardEvent, String>,
+    events: &mut tokio::sync::mpsc::Receiver<Result<crate::daemon::control::ForwardEvent, String>>,
+    remote: u16,
+) -> Result<(), String> {
+    use crate::daemon::control::ForwardEvent;
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    let (mut out, mut err) = (String::new(), String::new());
+    let mut next = Some(first);
+    let mut result = Ok(());
+    while let Some(ev) = next {
+        let _ = match ev {
+            Ok(ForwardEvent::Accepted { port }) => writeln!(out, "Handling connection for {port}"),
+            Ok(ForwardEvent::Failed { port, error }) => {
+                writeln!(err, "error: forwarding {port} -> {remote} failed: {error}")
+            }
+            Err(why) => {
+                result = Err(why);
+                break;
+            }
+        };
+        next = (out.len() + err.len() < 64 * 1024)
+            .then(|| events.try_recv().ok())
+            .flatten();
+    }
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+    let _ = std::io::stderr().lock().write_all(err.as_bytes());
+    result
 }
 
 /// Returns once a hub answers on `socket` (checked every second).

@@ -167,6 +167,11 @@ impl Response {
             data: serde_json::to_value(data).ok(),
         }
     }
+    /// The refusal's text, or `default` when it gave none.
+    pub fn error_or(self, default: &str) -> String {
+        self.error.unwrap_or_else(|| default.to_string())
+    }
+
     pub fn err(msg: impl Into<String>) -> Self {
         Response {
             v: VERSION,
@@ -460,11 +465,7 @@ pub async fn call_timeout(
         anyhow::bail!("the daemon speaks control protocol v{} but this towerctl speaks v{VERSION}; restart the daemon with this towerctl", resp.v);
     }
     if !resp.ok {
-        anyhow::bail!(
-            "{}",
-            resp.error
-                .unwrap_or_else(|| "the daemon refused the request".into())
-        );
+        anyhow::bail!("{}", resp.error_or("the daemon refused the request"));
     }
     Ok(resp.data.unwrap_or(serde_json::Value::Null))
 }
@@ -667,11 +668,7 @@ pub async fn forward(
         .context("the hub did not answer within 5s")??;
     let resp: Response = serde_json::from_str(&buf).context("malformed answer from the hub")?;
     if !resp.ok {
-        anyhow::bail!(
-            "{}",
-            resp.error
-                .unwrap_or_else(|| "the hub refused the forward".into())
-        );
+        anyhow::bail!("{}", resp.error_or("the hub refused the forward"));
     }
     let fd = listener.as_raw_fd();
     stream
@@ -695,8 +692,7 @@ pub async fn forward(
                     }
                     let Ok(resp) = serde_json::from_str::<Response>(&l) else { return };
                     if !resp.ok {
-                        let why = resp.error.unwrap_or_else(|| "the hub refused the forward".into());
-                        let _ = tx.send(Err(why)).await;
+                        let _ = tx.send(Err(resp.error_or("the hub refused the forward"))).await;
                         return;
                     }
                     let Some(ev) = resp.data.and_then(|d| serde_json::from_value(d).ok()) else { continue };

@@ -46,7 +46,7 @@ pub(super) async fn serve(
         out.push(b'\n');
         out
     };
-    let (operator, cluster, target, port) = match check(&hub, token.expose(), &authority) {
+    let (operator, dest) = match check(&hub, token, authority) {
         Ok(v) => v,
         Err(msg) => {
             let _ = wr.write_all(&answer(Response::err(msg))).await;
@@ -82,7 +82,8 @@ pub(super) async fn serve(
         }
     };
     let local = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    tracing::info!(cluster = %cluster, operator = %operator.name, local, target = %crate::tunnel::escape_for_log(&authority, 256), "serving a local port-forward");
+    tracing::info!(cluster = %dest.cluster, operator = %operator.name, local, target = %crate::tunnel::escape_for_log(&dest.authority, 256), "serving a local port-forward");
+    let dest = Arc::new(dest);
 
     // Events go out through one writer task; a slow reader loses events,
     // never stalls the forward.
@@ -117,7 +118,6 @@ pub(super) async fn serve(
         })
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let token = Arc::new(token);
     let mut hangup = [0u8; 64];
     loop {
         let (conn, peer) = tokio::select! {
@@ -146,22 +146,9 @@ pub(super) async fn serve(
         };
         crate::tunnel::nodelay(&conn);
         let _ = tx.try_send(ForwardEvent::Accepted { port: local });
-        let hub2 = hub.clone();
-        let (cluster, target, token, tx, done) = (
-            cluster.clone(),
-            target.clone(),
-            token.clone(),
-            tx.clone(),
-            done.clone(),
-        );
+        let (hub2, dest, tx, done) = (hub.clone(), dest.clone(), tx.clone(), done.clone());
         hub.tasks.spawn(async move {
             let _slot = slot;
-            let dest = Dest {
-                token: &token,
-                cluster: &cluster,
-                target: &target,
-                port,
-            };
             // The end of the forward cuts a connection still being set up
             // too (a channel open to a wedged agent, a peer hub's answer);
             // an opened stream sees `done` itself and audits its end.
@@ -176,50 +163,44 @@ pub(super) async fn serve(
     }
     done.cancel();
     let _ = writer.await;
-    tracing::info!(cluster = %cluster, local, "local port-forward ended");
+    tracing::info!(cluster = %dest.cluster, local, "local port-forward ended");
 }
 
 /// Where a forward's connections go, and as whom.
-struct Dest<'a> {
-    token: &'a Secret,
-    cluster: &'a str,
-    target: &'a Target,
+struct Dest {
+    token: Secret,
+    /// The CONNECT authority, `NAME.NS.svc.CLUSTER:PORT`, …
+    authority: String,
+    cluster: String,
+    target: Target,
     port: u16,
 }
 
-/// The operator of `token`, and the member, target and port of
-/// `authority`, if the operator may reach that member at all; otherwise why
-/// not (a member it may not reach answers like an unknown one).
-fn check(
-    hub: &Hub,
-    token: &str,
-    authority: &str,
-) -> Result<(Operator, String, Target, u16), String> {
+/// The operator of `token` and where `authority` leads, if the operator may
+/// reach that member at all; otherwise why not (a member it may not reach
+/// answers like an unknown one).
+fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Operator, Dest), String> {
     let operator = hub
-        .operator(token)
+        .operator(token.expose())
         .ok_or_else(|| UNKNOWN_TOKEN.to_string())?;
     let parsed: http::uri::Authority = authority.parse().map_err(|_| {
         format!(
             "cannot read '{}' as HOST:PORT",
-            crate::tunnel::escape_for_log(authority, 256)
+            crate::tunnel::escape_for_log(&authority, 256)
         )
     })?;
-    let port = parsed.port_u16().ok_or_else(|| {
-        format!(
-            "'{}' has no port",
-            crate::tunnel::escape_for_log(authority, 256)
-        )
-    })?;
-    let (cluster, target) = Target::from_connect_host(parsed.host()).ok_or_else(|| {
-        format!(
-            "cannot read a target from '{}'",
-            crate::tunnel::escape_for_log(authority, 256)
-        )
-    })?;
+    let (cluster, target, port) = super::gateway::connect_target(&parsed)?;
     if !hub.decide(&operator, &cluster).allowed {
         return Err(super::gateway::unknown_cluster(hub, &cluster).2);
     }
-    Ok((operator, cluster, target, port))
+    let dest = Dest {
+        token,
+        authority,
+        cluster,
+        target,
+        port,
+    };
+    Ok((operator, dest))
 }
 
 /// What the hub answers a forward whose token it does not know (the
@@ -231,7 +212,7 @@ pub const UNKNOWN_TOKEN: &str = "the operator token is not known to this hub";
 /// hub holds, or a CONNECT through the hub that holds it.
 async fn carry(
     hub: &Hub,
-    d: &Dest<'_>,
+    d: &Dest,
     peer: SocketAddr,
     conn: TcpStream,
     done: CancellationToken,
@@ -242,16 +223,15 @@ async fn carry(
         "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
             .to_string()
     })?;
-    match open_raw(hub, &operator, d.cluster, d.target, d.port, peer).await {
+    match open_raw(hub, &operator, &d.cluster, &d.target, d.port, peer).await {
         Ok(raw) => {
             raw.splice(conn, done).await;
             Ok(())
         }
         Err(RawRefusal::Answer(_, msg)) => Err(msg),
         Err(RawRefusal::Elsewhere) => {
-            let authority = format!("{}:{}", d.target.connect_host(d.cluster), d.port);
             let mut up =
-                super::peer::connect_via_owner(hub, d.cluster, &authority, d.token.expose())
+                super::peer::connect_via_owner(hub, &d.cluster, &d.authority, d.token.expose())
                     .await?;
             let mut conn = conn;
             tokio::select! {

@@ -193,22 +193,17 @@ pub async fn serve(
                 cancel,
                 peer,
             };
-            if mux {
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .initial_stream_window_size(crate::daemon::tls::MUX_STREAM_WINDOW)
-                    .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
-                    .max_frame_size(crate::daemon::tls::MUX_FRAME)
-                    .max_concurrent_streams(MUX_MAX_STREAMS)
+            if mux || h2 {
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(hyper_util::rt::TokioTimer::new())
                     .max_header_list_size(MAX_HEAD as u32)
-                    .serve_connection(TokioIo::new(tls), svc);
-                watch.drive(conn, |c| c.graceful_shutdown()).await;
-            } else if h2 {
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .max_concurrent_streams(H2_MAX_STREAMS)
-                    .max_header_list_size(MAX_HEAD as u32)
-                    .serve_connection(TokioIo::new(tls), svc);
+                    .max_concurrent_streams(if mux { MUX_MAX_STREAMS } else { H2_MAX_STREAMS });
+                if mux {
+                    b.initial_stream_window_size(crate::daemon::tls::MUX_STREAM_WINDOW)
+                        .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
+                        .max_frame_size(crate::daemon::tls::MUX_FRAME);
+                }
+                let conn = b.serve_connection(TokioIo::new(tls), svc);
                 watch.drive(conn, |c| c.graceful_shutdown()).await;
             } else {
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -483,14 +478,9 @@ async fn connect(
     let Some(authority) = req.uri().authority().cloned() else {
         return text_response(StatusCode::BAD_REQUEST, "CONNECT needs HOST:PORT");
     };
-    let Some(port) = authority.port_u16() else {
-        return text_response(
-            StatusCode::BAD_REQUEST,
-            &format!("CONNECT '{authority}' has no port"),
-        );
-    };
-    let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
-        return text_response(StatusCode::BAD_REQUEST, &format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
+    let (cluster, target, port) = match connect_target(&authority) {
+        Ok(t) => t,
+        Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
     };
     let raw = match open_raw(&hub, operator, &cluster, &target, port, peer).await {
         Ok(raw) => raw,
@@ -516,6 +506,21 @@ async fn connect(
         }
     });
     Response::new(full(Bytes::new()))
+}
+
+/// The member, target and port a CONNECT authority names
+/// (`NAME.NS.svc.CLUSTER:PORT`, …), or why it names none. Shared by the
+/// gateway's CONNECT and the hub's local forwards.
+pub(super) fn connect_target(
+    authority: &http::uri::Authority,
+) -> Result<(String, Target, u16), String> {
+    let Some(port) = authority.port_u16() else {
+        return Err(format!("CONNECT '{authority}' has no port"));
+    };
+    let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
+        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
+    };
+    Ok((cluster, target, port))
 }
 
 /// Why a raw stream did not open.
