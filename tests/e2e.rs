@@ -880,6 +880,28 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// The hub's metrics address (`HOST:PORT`), as `towerctl up` prints it for
+/// a running hub.
+fn metrics_addr(env: &Env) -> String {
+    let o = env.towerctl(&["up"]);
+    o.stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("metrics:"))
+        .unwrap_or_else(|| panic!("no metrics address: {o:?}"))
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string()
+}
+
+/// The value of the metric line that starts with `series` (name and labels).
+fn metric(addr: &str, series: &str) -> u64 {
+    let page = http_get(addr, "/metrics");
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{page}"))
+}
+
 #[test]
 fn prometheus_metrics_describe_the_tunnels() {
     let env = Env::new();
@@ -892,16 +914,7 @@ fn prometheus_metrics_describe_the_tunnels() {
         "--raw",
         "/clusters/nope/api",
     ]);
-    let o = env.towerctl(&["up"]);
-    let addr = o
-        .stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("metrics:"))
-        .unwrap_or_else(|| panic!("no metrics address: {o:?}"))
-        .trim()
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
+    let addr = metrics_addr(&env);
     let page = wait_for(
         "an RTT sample in the metrics",
         Duration::from_secs(10),
@@ -1566,6 +1579,57 @@ fn kubectl_shares_one_http2_connection_to_the_gateway() {
     watch.wait_for("seen", Duration::from_secs(20));
     let open = support::established_to(port);
     assert_eq!(open, 1, "kubectl holds {open} connections to the gateway");
+}
+
+/// An HTTP/2 client (kubectl is one) sends many requests at once on its
+/// one connection to the gateway. Each needs a tunnel channel of its own,
+/// and the connection keeps them for its next requests: 48 requests, 8 at a
+/// time, open about 8 channels, not one per request (the connection used to
+/// keep a single channel, so all but one request of every round paid a
+/// channel open and a new HTTP connection at the agent).
+#[test]
+fn parallel_http2_requests_reuse_their_tunnel_channels() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    let addr = metrics_addr(&env);
+    let series = "towerctl_tunnel_streams_opened_total{cluster=\"alpha\"} ";
+    let before = metric(&addr, series);
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/clusters/alpha/version",
+        env.gateway_port()
+    );
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sk", "--http2", "--parallel", "--parallel-max", "8"])
+        .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+        .args(["-w", "%{http_code} %{http_version} %{num_connects}\n"]);
+    for _ in 0..48 {
+        curl.args(["-o", "/dev/null", &url]);
+    }
+    let out = support::run_bounded(curl, Duration::from_secs(60));
+    assert!(out.ok(), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 48, "{out:?}");
+    let mut connects = 0;
+    for l in &lines {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!(
+            &f[..2],
+            ["200", "2"],
+            "every request answered over HTTP/2: {l}"
+        );
+        connects += f[2].parse::<u32>().unwrap();
+    }
+    assert_eq!(
+        connects, 1,
+        "curl multiplexed the requests on one connection"
+    );
+    let opened = metric(&addr, series) - before;
+    assert!(
+        (1..=16).contains(&opened),
+        "48 HTTP/2 requests, 8 at a time, opened {opened} tunnel channels"
+    );
 }
 
 /// Ending a port-forward the hub carries also cuts a connection whose

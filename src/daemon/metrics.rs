@@ -107,6 +107,8 @@ pub struct MemberStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub streams: u64,
+    /// Channels opened since the hub started (a counter).
+    pub opened: u64,
     pub reconnects: u64,
 }
 
@@ -191,6 +193,15 @@ pub fn render(snap: &Snapshot) -> String {
             "towerctl_tunnel_streams{{cluster=\"{}\"}} {}",
             esc(&c.name),
             c.streams
+        );
+    }
+    let _ = writeln!(o, "# HELP towerctl_tunnel_streams_opened_total Tunnel channels opened since the hub started: API requests on a new channel, CONNECTs and port-forwarded connections.\n# TYPE towerctl_tunnel_streams_opened_total counter");
+    for c in stats {
+        let _ = writeln!(
+            o,
+            "towerctl_tunnel_streams_opened_total{{cluster=\"{}\"}} {}",
+            esc(&c.name),
+            c.opened
         );
     }
     let _ = writeln!(o, "# HELP towerctl_agent_reconnects_total Agent sessions after the first since the hub started.\n# TYPE towerctl_agent_reconnects_total counter");
@@ -293,6 +304,7 @@ mod tests {
                     bytes_in: 10,
                     bytes_out: 20,
                     streams: 3,
+                    opened: 42,
                     reconnects: 1,
                 },
                 MemberStats {
@@ -315,6 +327,7 @@ mod tests {
             "towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"in\"} 10",
             "towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"out\"} 20",
             "towerctl_tunnel_streams{cluster=\"alpha\"} 3",
+            "towerctl_tunnel_streams_opened_total{cluster=\"alpha\"} 42",
             "towerctl_agent_reconnects_total{cluster=\"alpha\"} 1",
             "towerctl_dial_failures_total{reason=\"denied\"} 0",
             "towerctl_audit_dropped_total 7",

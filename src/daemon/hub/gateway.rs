@@ -37,25 +37,42 @@ use crate::tunnel::{server, TARGET_APISERVER};
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
-/// The tunnel channel a client connection last used, kept for its next
-/// request. kubectl keeps its connection to the gateway alive, and HTTP/1.1
-/// requests on one connection come one after another, so one channel per
-/// client connection (per cluster) saves a tunnel round trip per request
-/// without any shared pool or lock in the data path.
+/// The tunnel channels a client connection has used and may use again.
+/// kubectl keeps its connection to the gateway alive, so a request finds
+/// an idle channel to its member instead of paying a channel open (a tunnel
+/// round trip) — without any shared pool or lock across connections. An
+/// HTTP/1.1 connection needs one (its requests come one after another); an
+/// HTTP/2 connection, as kubectl's is, runs many requests at once, each on
+/// a channel of its own, and keeps up to [`IDLE_CHANNELS`] of them.
 #[derive(Default)]
-struct ChannelSlot(tokio::sync::Mutex<Option<(String, u64, Sender)>>);
+struct ChannelSlot(std::sync::Mutex<Vec<(String, u64, Sender)>>);
+
+/// Most channels one client connection keeps for its next requests; past
+/// it the oldest is let go (it closes once its response is done). Each is a
+/// channel and an HTTP/1.1 connection at the agent.
+const IDLE_CHANNELS: usize = 16;
 
 impl ChannelSlot {
-    async fn take(&self, name: &str, session: u64) -> Option<Sender> {
-        let mut slot = self.0.lock().await;
-        match slot.take() {
-            Some((n, id, s)) if n == name && id == session && s.is_ready() => Some(s),
-            _ => None,
-        }
+    fn take(&self, name: &str, session: u64) -> Option<Sender> {
+        let mut idle = self.0.lock().ok()?;
+        // A channel that has ended (agent gone, session replaced) is no
+        // use to anyone.
+        idle.retain(|(_, _, s)| !s.is_closed());
+        // The most recently used first: its connection is the warmest, and
+        // a busy one (still sending a body) is skipped, not waited for.
+        let i = idle
+            .iter()
+            .rposition(|(n, id, s)| n == name && *id == session && s.is_ready())?;
+        Some(idle.remove(i).2)
     }
 
-    async fn put(&self, name: String, session: u64, s: Sender) {
-        *self.0.lock().await = Some((name, session, s));
+    fn put(&self, name: String, session: u64, s: Sender) {
+        if let Ok(mut idle) = self.0.lock() {
+            if idle.len() >= IDLE_CHANNELS {
+                idle.remove(0);
+            }
+            idle.push((name, session, s));
+        }
     }
 }
 
@@ -313,13 +330,12 @@ async fn open_channel(
                 &format!("cluster '{name}': {e}"),
             )
         })?;
-    let session = session.clone();
-    session.streams.fetch_add(1, Ordering::Relaxed);
+    let counted = session.channel_opened();
     hub.tasks.spawn(async move {
+        let _counted = counted;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!("tunnel stream: {e}");
         }
-        session.streams.fetch_sub(1, Ordering::Relaxed);
     });
     Ok(sender)
 }
@@ -539,6 +555,7 @@ pub(super) struct RawStream {
     guard: crate::daemon::streams::StreamGuard,
     start: std::time::Instant,
     auditor: crate::daemon::audit::Auditor,
+    _counted: super::OpenChannel,
 }
 
 /// Opens a raw stream for `operator` to `target:port` in `cluster`: the
@@ -643,6 +660,7 @@ pub(super) async fn open_raw(
         guard: hub.streams.open(&operator.name, cluster),
         start,
         auditor: hub.auditor.clone(),
+        _counted: session.channel_opened(),
     })
 }
 
@@ -787,7 +805,7 @@ async fn proxy(
     let reused = if upgrade {
         None
     } else {
-        slot.take(&name, session.id).await
+        slot.take(&name, session.id)
     };
     let was_reused = reused.is_some();
     let mut sender = match reused {
@@ -837,7 +855,7 @@ async fn proxy(
         },
     };
     if !upgrade {
-        slot.put(name.clone(), session.id, sender).await;
+        slot.put(name.clone(), session.id, sender);
     }
     // Every stream is registered under its operator and member, so that
     // revoking access cuts it at once, whatever it is (watch, logs -f,

@@ -77,6 +77,8 @@ pub struct LiveSession {
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
     pub streams: AtomicU64,
+    /// Channels opened over this session, for the metrics' counter.
+    pub opened: AtomicU64,
     /// Bytes from the agent / to the agent over this session's channels.
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
@@ -87,7 +89,25 @@ pub struct LiveSession {
     close_reason: Mutex<Option<String>>,
 }
 
+/// One open channel of a session: counted in the session's open streams
+/// while it lives, and in its opened total.
+pub struct OpenChannel(Arc<LiveSession>);
+
+impl Drop for OpenChannel {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl LiveSession {
+    /// Counts a channel just opened over this session, until the returned
+    /// guard is dropped.
+    pub fn channel_opened(self: &Arc<Self>) -> OpenChannel {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        OpenChannel(self.clone())
+    }
+
     /// Closes the session from the hub's side, recording why.
     async fn close(&self, why: &str) {
         if let Ok(mut r) = self.close_reason.lock() {
@@ -110,6 +130,8 @@ struct ClusterMeta {
     /// Bytes of ended sessions (live ones are added when reported).
     bytes_in_done: u64,
     bytes_out_done: u64,
+    /// Channels opened over ended sessions.
+    opened_done: u64,
 }
 
 /// Shared hub state. The session map is read once per gateway request to
@@ -244,13 +266,15 @@ impl Hub {
 
     fn unregister(&self, s: &LiveSession, why: &str) {
         self.event(&s.name, format!("disconnected: {why}"));
-        let (bi, bo) = (
+        let (bi, bo, opened) = (
             s.bytes_in.load(Ordering::Relaxed),
             s.bytes_out.load(Ordering::Relaxed),
+            s.opened.load(Ordering::Relaxed),
         );
         self.record(&s.name, |m| {
             m.bytes_in_done += bi;
             m.bytes_out_done += bo;
+            m.opened_done += opened;
         });
         if let Ok(mut m) = self.sessions.write() {
             if m.get(&s.name).map(|cur| cur.id) == Some(s.id) {
@@ -382,13 +406,14 @@ impl Hub {
             .map(|m| {
                 let live = self.session(&m.name);
                 let cm = meta.as_ref().ok().and_then(|x| x.get(&m.name));
-                let (bi, bo, streams) = live
+                let (bi, bo, streams, opened) = live
                     .as_ref()
                     .map(|s| {
                         (
                             s.bytes_in.load(Ordering::Relaxed),
                             s.bytes_out.load(Ordering::Relaxed),
                             s.streams.load(Ordering::Relaxed),
+                            s.opened.load(Ordering::Relaxed),
                         )
                     })
                     .unwrap_or_default();
@@ -398,6 +423,7 @@ impl Hub {
                     bytes_in: bi + cm.map(|c| c.bytes_in_done).unwrap_or(0),
                     bytes_out: bo + cm.map(|c| c.bytes_out_done).unwrap_or(0),
                     streams,
+                    opened: opened + cm.map(|c| c.opened_done).unwrap_or(0),
                     reconnects: cm.map(|c| c.sessions.saturating_sub(1)).unwrap_or(0),
                     name: m.name,
                 }

@@ -182,6 +182,7 @@ async fn tunnel_session(
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
+        opened: AtomicU64::new(0),
         bytes_in: Arc::new(AtomicU64::new(0)),
         bytes_out: Arc::new(AtomicU64::new(0)),
         version: sess.version.clone(),
