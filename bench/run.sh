@@ -33,6 +33,8 @@
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
 #                 (towerctl's first choice); "default" lets OpenSSH negotiate
 #   BULK_TIMEOUT  seconds allowed for one bulk download or upload; default 300
+#   H2_STREAMS    HTTP/2 streams at a time on the one connection of the gateway's
+#                 HTTP/2 run (h2load, when on PATH); default 16
 #   UPLOAD        1 measures the upload direction too (POST of BYTES to /sink); 0 skips it
 #   QUIET_WAIT    before each path, wait up to this many seconds for the machine to
 #                 be idle (other work at most QUIET_MAX_BUSY % of all CPUs); default 120
@@ -897,11 +899,48 @@ held() {
 }
 
 # measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl,
+# h2rate: the gateway as kubectl speaks to it: one TLS connection carrying
+# H2_STREAMS requests at a time as HTTP/2 streams (h2load), for DURATION after
+# WARMUP. Prints "rps mean_ms requests failed tunnel_cpu_ticks", or "-" fields.
+H2_STREAMS=${H2_STREAMS:-16}
+h2rate() {
+    local pids t0 ticks warm=$WARMUP
+    [[ $warm =~ ^0+[smh]?$ ]] && warm=0
+    pids=$(tunnel_pids gateway)
+    log "gateway: h2load -c1 -m$H2_STREAMS -D $DURATION /version (HTTP/2, as kubectl)"
+    # shellcheck disable=SC2086 # a list of PIDs
+    cpu_snapshot $pids >"$W/cpu0-gateway-h2.txt"
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids)
+    h2load -c1 -m"$H2_STREAMS" -D "$DURATION" --warm-up-time="$warm" -H "$AUTH" \
+        "$GATEWAY/version" >"$W/h2load-gateway.txt" 2>&1 || true
+    # shellcheck disable=SC2086
+    ticks=$(($(cpu_ticks $pids) - t0))
+    # shellcheck disable=SC2086
+    cpu_split "$W/cpu0-gateway-h2.txt" "$W/cpu-gateway-h2.txt" $pids
+    cp "$W/h2load-gateway.txt" "$RESULTS_DIR/h2load-gateway.txt"
+    awk -v ticks="$ticks" '
+        function ms(v) {
+            if (v ~ /us$/) return v / 1000
+            if (v ~ /ms$/) return v + 0
+            if (v ~ /s$/) return v * 1000
+            return v + 0
+        }
+        /^finished in/ { rps = $4 }
+        /^requests:/ { reqs = $2; failed = $10 }
+        /^time for request:/ { mean = ms($6) }
+        END {
+            if (rps == "") { print "- - - - -"; exit }
+            printf "%s %s %d %d %d\n", rps, mean, reqs, failed, ticks
+        }' "$W/h2load-gateway.txt"
+}
+
 # wrk and the setup probe (authentication, TLS) come from the arrays
 # CURL_EXTRA, WRK_EXTRA and SETUP_EXTRA.
 CURL_EXTRA=()
 WRK_EXTRA=()
 SETUP_EXTRA=()
+H2="" H2_NOTE=""
 measure() {
     local name=$1 label=$2 url=$3 b r l c k h code busy attempt after
     if [[ -z $url ]]; then
@@ -952,6 +991,14 @@ if wants gateway; then
     WRK_EXTRA=(-H "$AUTH")
     SETUP_EXTRA=("$AUTH")
     measure gateway "towerctl gateway (https)" "$GATEWAY"
+    if ! command -v h2load >/dev/null; then
+        H2_NOTE="skipped: h2load is not on PATH (Debian: apt-get install nghttp2-client)"
+    elif awk -F'\t' '$1 == "gateway" && $3 ~ /^[0-9]/ { ok = 1 } END { exit !ok }' "$RESULTS_TSV"; then
+        wait_quiet gateway-h2 >/dev/null
+        H2=$(h2rate)
+    else
+        H2_NOTE="skipped: the gateway row was not measured"
+    fi
     CURL_EXTRA=()
     WRK_EXTRA=()
     SETUP_EXTRA=()
@@ -999,6 +1046,7 @@ LOG_ISSUES=$(
 mkdir -p "$RESULTS_DIR"
 BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
     BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
+    BENCH_H2=$H2 BENCH_H2_NOTE=$H2_NOTE BENCH_H2_STREAMS=$H2_STREAMS \
     BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_BORE_NOTE=$BORE_NOTE BENCH_QUIET_MAX_BUSY=$QUIET_MAX_BUSY \
     BENCH_HELD=$HELD BENCH_IDLE_HUB_KIB=$IDLE_HUB_KIB BENCH_IDLE_HUB_ANON_KIB=$IDLE_HUB_ANON_KIB \
     BENCH_CLK_TCK=$CLK_TCK BENCH_LIGHT_DURATION=$LIGHT_DURATION BENCH_SETUP_CONNECTIONS=$SETUP_CONNECTIONS \
@@ -1176,6 +1224,30 @@ for p in ("portfwd", "portfwd_gw", "gateway"):
         ratios[f"{p}_added_{m}"] = added(p, m)
 
 
+# The gateway over HTTP/2, as kubectl speaks to it (h2load, one connection).
+h2f = (env.get("BENCH_H2") or "").split()
+h2 = None
+if len(h2f) == 5 and num(h2f[0]) is not None:
+    h2 = {"streams": count(env.get("BENCH_H2_STREAMS", "")), "req_per_s": num(h2f[0]), "mean_ms": num(h2f[1]),
+          "requests": count(h2f[2]), "failed": count(h2f[3])}
+    h2["tunnel_cpu_us_per_req"] = round(num(h2f[4]) / TCK * 1e6 / h2["requests"], 1) if h2["requests"] else None
+    h2["tunnel_cpu_us_per_req_by_process"] = split("gateway", "h2", h2["requests"] / 1e6) if h2["requests"] else None
+    h2["vs_direct_req_per_s"] = ratio(h2["req_per_s"], rows.get("direct", {}).get("req_per_s"))
+    h2["vs_gateway_http1_req_per_s"] = ratio(h2["req_per_s"], rows.get("gateway", {}).get("req_per_s"))
+ratios["gateway_h2_vs_direct_req_per_s"] = h2["vs_direct_req_per_s"] if h2 else None
+
+# The best encrypted peer for small requests (goal 2): the OpenSSH rows and
+# rathole (noise); bore is not encrypted.
+enc_rps, enc_rps_name = best("req_per_s", SSH + ["rathole"])
+ratios["best_encrypted_req_per_s_variant"] = enc_rps_name
+ratios["portfwd_vs_best_encrypted_req_per_s"] = ratio(rows.get("portfwd", {}).get("req_per_s"), enc_rps)
+enc_p99 = rows.get(enc_rps_name, {}).get("p99_ms") if enc_rps_name else None
+# Connection setup (goal 1): p50 against the best (lowest) OpenSSH p50.
+ssh_setup = [rows[n]["new_conn_p50_ms"] for n in SSH if n in rows and rows[n].get("new_conn_p50_ms")]
+ssh_setup_p50 = min(ssh_setup) if ssh_setup else None
+ratios["portfwd_new_conn_p50_vs_best_ssh"] = ratio(rows.get("portfwd", {}).get("new_conn_p50_ms"), ssh_setup_p50)
+
+
 def check(value, ok, fmt, why_na="n/a"):
     if value is None:
         return why_na
@@ -1193,12 +1265,19 @@ targets = {
         "hub idle RSS <= 12 MiB": check(IDLE_HUB_KIB, lambda v: v <= 12 * 1024, "{:.0f} KiB"),
         "hub idle private memory <= 12 MiB": check(IDLE_HUB_ANON_KIB, lambda v: v <= 12 * 1024, "{:.0f} KiB"),
         "req/s >= 1.2x rathole (noise)": check(ratios["portfwd_vs_rathole_req_per_s"], lambda v: v >= 1.2, "{:.2f}x", rh_na),
+        "req/s >= 1.2x best encrypted peer": check(ratios["portfwd_vs_best_encrypted_req_per_s"], lambda v: v >= 1.2,
+                                                   "{:.2f}x (" + str(enc_rps_name) + ")"),
+        "p99 <= that peer's, 16 connections": check(pf.get("p99_ms"), lambda v: enc_p99 is not None and v <= enc_p99,
+                                                    "{:.3f} ms (" + fmt(enc_p99, ".3f") + ")"),
+        "new conn p50 <= 1.5x best OpenSSH": check(ratios["portfwd_new_conn_p50_vs_best_ssh"], lambda v: v <= 1.5, "{:.2f}x"),
         "p99 <= 1 ms, 16 connections": check(pf.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
         "p99 <= 1 ms, 1 connection": check(pf.get("one_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
         "p99 <= 1 ms, new connection": check(pf.get("new_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
     },
     "gateway": {
         "req/s >= 0.8x direct, 16 connections": check(ratios["gateway_vs_direct_req_per_s"], lambda v: v >= 0.8, "{:.2f}x"),
+        "HTTP/2 req/s >= 0.8x direct": check(ratios["gateway_h2_vs_direct_req_per_s"], lambda v: v >= 0.8, "{:.2f}x",
+                                             "n/a (" + (env.get("BENCH_H2_NOTE") or "no figure") + ")"),
         "added p50 <= 0.15 ms, 1 connection": check(ratios["gateway_added_one_conn_p50_ms"], lambda v: v <= 0.15, "{:+.3f} ms"),
         "added p99 <= 1 ms, 16 connections": check(ratios["gateway_added_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
         "added p99 <= 1 ms, 1 connection": check(ratios["gateway_added_one_conn_p99_ms"], lambda v: v <= 1.0, "{:+.3f} ms"),
@@ -1234,6 +1313,7 @@ doc = {
     "bore": env.get("BENCH_BORE_NOTE") or "measured",
     "hub_idle_rss_kib": IDLE_HUB_KIB,
     "hub_idle_anon_kib": IDLE_HUB_ANON_KIB,
+    "gateway_http2": h2 or env.get("BENCH_H2_NOTE") or None,
     "ratios": ratios,
     "targets": targets,
     "problems": health + log_issues,
@@ -1285,6 +1365,14 @@ for n in order:
                  if a.get(k) or b.get(k)]
         print(f"              {rows[n]['label']:<31} " + ", ".join(parts) + "  (s/GB / us/req)")
 print("new connection: connect() -> first byte of GET /version on a fresh connection (https: TLS handshake included)")
+if h2:
+    by = h2.get("tunnel_cpu_us_per_req_by_process") or {}
+    print(f"gateway over HTTP/2 (kubectl's protocol; h2load, one connection, {h2['streams']} streams at a time): "
+          f"{h2['req_per_s']:.0f} req/s ({times(h2['vs_direct_req_per_s'])} direct, {times(h2['vs_gateway_http1_req_per_s'])} the HTTP/1.1 row), "
+          f"mean {fmt(h2['mean_ms'], '.3f')} ms, {h2['failed']} failed; tunnel CPU {fmt(h2['tunnel_cpu_us_per_req'], '.1f')} us/req"
+          + (" (" + ", ".join(f"{k} {v}" for k, v in by.items()) + ")" if by else ""))
+elif env.get("BENCH_H2_NOTE"):
+    print(f"gateway over HTTP/2: {env['BENCH_H2_NOTE']}")
 print()
 print(f"{'':<31} {'-- Connection: close --':>26} {'--- ' + str(HELD_N) + ' held connections ---':>40}")
 print(f"{'path':<31} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'KiB/conn':>9}  by process (KiB per held connection; RSS before, MiB)")

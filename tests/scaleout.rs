@@ -605,6 +605,42 @@ fn a_newer_session_on_another_hub_replaces_the_old_one() {
     );
 }
 
+/// Requests for a member held by another hub go over connections the hubs
+/// keep between them: 20 kubectl requests through hub 1 to a member on hub
+/// 2 leave one connection from hub 1 to hub 2's gateway, not one per
+/// request (each a TCP and a TLS handshake).
+#[test]
+fn requests_forwarded_to_another_hub_reuse_their_connection() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    join(&hubs[1], &hubs[1], "beta", &api);
+    wait_for(
+        "hub 1 to see beta connected on hub 2",
+        Duration::from_secs(10),
+        || (member(&hubs[0].status(), "beta")["state"] == "connected").then_some(()),
+    );
+    let o = hubs[0].towerctl(&["use", "beta"]);
+    assert!(o.ok(), "use beta: {o:?}");
+    let port = hubs[1].gateway_port();
+    // Established or in TIME-WAIT on the connecting side: a connection
+    // closed after its request still counts.
+    let to_hub2 = || support::connections_to(port, &["01", "06"]);
+    let before = to_hub2();
+    for i in 0..20 {
+        let o = hubs[0].kubectl(&["get", "--raw", "/version"]);
+        assert!(
+            o.ok() && o.stdout.contains("gitVersion"),
+            "request {i}: {o:?}"
+        );
+    }
+    let made = to_hub2().saturating_sub(before);
+    assert!(
+        (1..=2).contains(&made),
+        "20 requests forwarded from hub 1 made {made} connections to hub 2"
+    );
+}
+
 /// etcd over TLS with client certificates (`--client-cert-auth`): two hubs
 /// share the registry through it; a hub without a client certificate, or
 /// trusting another CA, or presenting a certificate from another CA, does

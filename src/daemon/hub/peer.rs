@@ -69,7 +69,17 @@ pub struct Cluster {
     /// 0 while the write is in flight, [`CLAIM_FAILED`] after it failed).
     claims: Mutex<HashMap<String, (u64, i64)>>,
     tls: tokio_rustls::TlsConnector,
+    /// Kept-alive connections to other hubs' gateways, by peer URL, for the
+    /// next forwarded request: a request routed to the hub that holds its
+    /// member then pays no TCP and TLS handshake between the hubs.
+    idle: Mutex<HashMap<String, Vec<PeerSender>>>,
 }
+
+type PeerSender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// Most connections kept to one other hub; past it the oldest is let go
+/// (it closes once its response is done).
+const PEER_IDLE: usize = 32;
 
 /// Puts the gateway CA and the SSH host key in etcd on the first hub's
 /// start (create-if-absent) and writes the shared copies into `data`
@@ -156,6 +166,7 @@ impl Cluster {
             lease: AtomicI64::new(0),
             claims: Mutex::new(HashMap::new()),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            idle: Mutex::new(HashMap::new()),
         });
         c.announce().context("cannot register this hub in etcd")?;
         Ok(c)
@@ -377,11 +388,29 @@ impl Cluster {
             .filter(|o| o.hub != self.id)
     }
 
-    async fn dial(
-        &self,
-        hub: &Hub,
-        peer: &str,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
+    /// A kept connection to `peer` ready for a request, if there is one.
+    /// Closed ones (the peer's idle timeout, a restart) are dropped; busy
+    /// ones (still sending a response) are skipped.
+    fn take_idle(&self, peer: &str) -> Option<PeerSender> {
+        let mut idle = self.idle.lock().ok()?;
+        let kept = idle.get_mut(peer)?;
+        kept.retain(|s| !s.is_closed());
+        let i = kept.iter().rposition(|s| s.is_ready())?;
+        Some(kept.remove(i))
+    }
+
+    fn keep(&self, peer: &str, s: PeerSender) {
+        if let Ok(mut idle) = self.idle.lock() {
+            let kept = idle.entry(peer.to_string()).or_default();
+            kept.retain(|s| !s.is_closed());
+            if kept.len() >= PEER_IDLE {
+                kept.remove(0);
+            }
+            kept.push(s);
+        }
+    }
+
+    async fn dial(&self, hub: &Hub, peer: &str) -> Result<PeerSender, String> {
         let u = url::Url::parse(peer).map_err(|e| e.to_string())?;
         let host = u.host_str().ok_or("no host")?.to_string();
         let port = u.port_or_known_default().unwrap_or(443);
@@ -543,27 +572,53 @@ pub(super) async fn forward(
             ))
         }
     }
-    let mut sender = match c.dial(hub, &owner.peer).await {
-        Ok(s) => s,
-        Err(e) => {
-            return Ok(status_response(
-                StatusCode::BAD_GATEWAY,
-                "ServiceUnavailable",
-                &unreachable_owner(name, &owner, &e),
-            ))
-        }
+    let unreachable = |e: &str| {
+        status_response(
+            StatusCode::BAD_GATEWAY,
+            "ServiceUnavailable",
+            &unreachable_owner(name, &owner, e),
+        )
+    };
+    // An upgraded connection is spliced for good: it gets its own.
+    let kept = if upgrade {
+        None
+    } else {
+        c.take_idle(&owner.peer)
+    };
+    let reused = kept.is_some();
+    let mut sender = match kept {
+        Some(s) => s,
+        None => match c.dial(hub, &owner.peer).await {
+            Ok(s) => s,
+            Err(e) => return Ok(unreachable(&e)),
+        },
     };
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
-    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
+    let mut resp = match sender
+        .try_send_request(Request::from_parts(parts, body))
+        .await
+    {
         Ok(r) => r,
-        Err(e) => {
-            return Ok(status_response(
-                StatusCode::BAD_GATEWAY,
-                "ServiceUnavailable",
-                &unreachable_owner(name, &owner, &e.to_string()),
-            ))
-        }
+        Err(mut e) => match (reused, e.take_message()) {
+            // The kept connection was closed under us before the request
+            // went out: safe to send it again on a new one, whatever its
+            // method.
+            (true, Some(req)) => {
+                sender = match c.dial(hub, &owner.peer).await {
+                    Ok(s) => s,
+                    Err(e) => return Ok(unreachable(&e)),
+                };
+                match sender.send_request(req).await {
+                    Ok(r) => r,
+                    Err(e) => return Ok(unreachable(&e.to_string())),
+                }
+            }
+            _ => return Ok(unreachable(&e.error().to_string())),
+        },
     };
+    if !upgrade {
+        c.keep(&owner.peer, sender);
+    }
     // The owner registers the stream and cuts it when access is revoked;
     // this splice ends with it.
     finish_upgrade(
