@@ -136,6 +136,7 @@ W=""              # work dir
 T=""              # towerctl binary
 MADE_PRIVSEP=0    # whether we created sshd's privilege separation dir
 TOWERCTL_UP=0
+REPORTING=0
 
 kill_pid() {
     local pid=$1 i
@@ -181,7 +182,10 @@ cleanup() {
         for f in portfwd.out portfwd.err portfwd_gw.out portfwd_gw.err; do
             [[ -f $W/$f ]] && mkdir -p "$RESULTS_DIR/logs" && cp "$W/$f" "$RESULTS_DIR/logs/port-forward${f#portfwd}"
         done
-        if [[ $KEEP_WORKDIR == 1 ]]; then
+        if ((REPORTING)); then
+            warn "the report failed; the raw results stay in $W (results.tsv, cpu-*.txt, held-*.txt)"
+            log "work dir kept: $W"
+        elif [[ $KEEP_WORKDIR == 1 ]]; then
             log "work dir kept: $W"
         else
             rm -rf "$W"
@@ -877,6 +881,9 @@ held() {
     rss_kib $(tunnel_pids "$name") | sort >"$W/rss0-$name.txt"
     rm -f "$W/held-in" "$W/held-out"
     mkfifo "$W/held-in"
+    # Exists before python opens it (after the FIFO), so the first reads
+    # below find it empty instead of missing.
+    : >"$W/held-out"
     timeout 150 python3 "$W/held.py" "$url" "$HELD" "$@" <"$W/held-in" >"$W/held-out" 2>/dev/null &
     pid=$!
     exec 7>"$W/held-in" # python holds its connections until this closes
@@ -1044,6 +1051,8 @@ LOG_ISSUES=$(
 # --- report -------------------------------------------------------------------------
 
 mkdir -p "$RESULTS_DIR"
+# A report that fails must not lose the run: cleanup keeps the work dir.
+REPORTING=1
 BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
     BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
     BENCH_H2=$H2 BENCH_H2_NOTE=$H2_NOTE BENCH_H2_STREAMS=$H2_STREAMS \
@@ -1268,7 +1277,7 @@ targets = {
         "req/s >= 1.2x best encrypted peer": check(ratios["portfwd_vs_best_encrypted_req_per_s"], lambda v: v >= 1.2,
                                                    "{:.2f}x (" + str(enc_rps_name) + ")"),
         "p99 <= that peer's, 16 connections": check(pf.get("p99_ms"), lambda v: enc_p99 is not None and v <= enc_p99,
-                                                    "{:.3f} ms (" + fmt(enc_p99, ".3f") + ")"),
+                                                    "{:.3f} ms (" + (f"{enc_p99:.3f}" if enc_p99 is not None else "-") + ")"),
         "new conn p50 <= 1.5x best OpenSSH": check(ratios["portfwd_new_conn_p50_vs_best_ssh"], lambda v: v <= 1.5, "{:.2f}x"),
         "p99 <= 1 ms, 16 connections": check(pf.get("p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
         "p99 <= 1 ms, 1 connection": check(pf.get("one_conn_p99_ms"), lambda v: v <= 1.0, "{:.3f} ms"),
@@ -1423,3 +1432,4 @@ if doc["problems"]:
 print()
 print(f"JSON: {env['BENCH_JSON']}")
 PY
+REPORTING=0
