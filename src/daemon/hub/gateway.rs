@@ -45,7 +45,16 @@ type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 /// HTTP/2 connection, as kubectl's is, runs many requests at once, each on
 /// a channel of its own, and keeps up to [`IDLE_CHANNELS`] of them.
 #[derive(Default)]
-struct ChannelSlot(std::sync::Mutex<Vec<(String, u64, Sender)>>);
+struct ChannelSlot(std::sync::Mutex<Vec<Kept>>);
+
+/// An idle channel a client connection keeps, to `name` over session
+/// `session`, holding a unit of that session's [`super::MAX_KEPT_CHANNELS`].
+struct Kept {
+    name: String,
+    session: u64,
+    sender: Sender,
+    _held: super::Held,
+}
 
 /// Most channels one client connection keeps for its next requests; past
 /// it the oldest is let go (it closes once its response is done). Each is a
@@ -57,21 +66,30 @@ impl ChannelSlot {
         let mut idle = self.0.lock().ok()?;
         // A channel that has ended (agent gone, session replaced) is no
         // use to anyone.
-        idle.retain(|(_, _, s)| !s.is_closed());
+        idle.retain(|k| !k.sender.is_closed());
         // The most recently used first: its connection is the warmest, and
         // a busy one (still sending a body) is skipped, not waited for.
         let i = idle
             .iter()
-            .rposition(|(n, id, s)| n == name && *id == session && s.is_ready())?;
-        Some(idle.remove(i).2)
+            .rposition(|k| k.name == name && k.session == session && k.sender.is_ready())?;
+        Some(idle.remove(i).sender)
     }
 
-    fn put(&self, name: String, session: u64, s: Sender) {
-        if let Ok(mut idle) = self.0.lock() {
-            if idle.len() >= IDLE_CHANNELS {
-                idle.remove(0);
-            }
-            idle.push((name, session, s));
+    /// Keeps `sender` for the next request, within the connection's
+    /// [`IDLE_CHANNELS`] and the member's kept-channel budget; otherwise
+    /// drops it (its channel closes once its response is done).
+    fn put(&self, name: String, session: &Arc<LiveSession>, sender: Sender) {
+        let Ok(mut idle) = self.0.lock() else { return };
+        if idle.len() >= IDLE_CHANNELS {
+            idle.remove(0);
+        }
+        if let Some(held) = session.kept.try_hold() {
+            idle.push(Kept {
+                name,
+                session: session.id,
+                sender,
+                _held: held,
+            });
         }
     }
 }
@@ -855,7 +873,7 @@ async fn proxy(
         },
     };
     if !upgrade {
-        slot.put(name.clone(), session.id, sender);
+        slot.put(name.clone(), &session, sender);
     }
     // Every stream is registered under its operator and member, so that
     // revoking access cuts it at once, whatever it is (watch, logs -f,

@@ -79,6 +79,9 @@ pub struct LiveSession {
     pub streams: AtomicU64,
     /// Channels opened over this session, for the metrics' counter.
     pub opened: AtomicU64,
+    /// Idle channels client connections keep for their next requests
+    /// ([`MAX_KEPT_CHANNELS`]).
+    pub kept: Arc<Budget>,
     /// Bytes from the agent / to the agent over this session's channels.
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
@@ -87,6 +90,48 @@ pub struct LiveSession {
     /// disconnect, a replacement, a removal): russh only reports that the
     /// session closed, and the event log should say why.
     close_reason: Mutex<Option<String>>,
+}
+
+/// Most idle channels kept for client connections' next requests, per
+/// member. Kept channels count against the agent's own cap on open streams
+/// (4096): a few hundred HTTP/2 clients each keeping 16 must not leave it
+/// none for new work. Past it, a connection's channel is closed after its
+/// request, as before channels were kept (one channel open per request).
+pub const MAX_KEPT_CHANNELS: usize = 512;
+
+/// A count bounded by `max`, taken by [`Budget::try_hold`] and given back
+/// when the returned guard is dropped.
+pub struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+/// One unit of a [`Budget`], held until dropped.
+pub struct Held(Arc<Budget>);
+
+impl Budget {
+    pub fn new(max: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: Default::default(),
+            max,
+        })
+    }
+
+    /// A unit of the budget, or `None` when all are held.
+    pub fn try_hold(self: &Arc<Self>) -> Option<Held> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Held(self.clone()))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One open channel of a session: counted in the session's open streams
@@ -809,4 +854,22 @@ fn hostname() -> Option<String> {
     let end = buf.iter().position(|&b| b == 0)?;
     let s = std::str::from_utf8(&buf[..end]).ok()?.to_string();
     (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_holds_at_most_its_size_and_gets_units_back_on_drop() {
+        let b = Budget::new(2);
+        let one = b.try_hold().expect("first unit");
+        let two = b.try_hold().expect("second unit");
+        assert!(b.try_hold().is_none(), "a third unit past the budget");
+        drop(one);
+        let three = b.try_hold().expect("a unit given back is held again");
+        assert!(b.try_hold().is_none());
+        drop((two, three));
+        assert!(b.try_hold().is_some());
+    }
 }

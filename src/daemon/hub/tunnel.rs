@@ -183,6 +183,7 @@ async fn tunnel_session(
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         opened: AtomicU64::new(0),
+        kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
         bytes_in: Arc::new(AtomicU64::new(0)),
         bytes_out: Arc::new(AtomicU64::new(0)),
         version: sess.version.clone(),
