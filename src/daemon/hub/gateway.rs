@@ -79,9 +79,15 @@ impl ChannelSlot {
     /// [`IDLE_CHANNELS`] and the member's kept-channel budget; otherwise
     /// drops it (its channel closes once its response is done).
     fn put(&self, name: String, session: &Arc<LiveSession>, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
         let Ok(mut idle) = self.0.lock() else { return };
+        idle.retain(|k| !k.sender.is_closed());
         if idle.len() >= IDLE_CHANNELS {
-            idle.remove(0);
+            // A busy one (a watch, a long body) goes before a ready one.
+            let i = idle.iter().position(|k| !k.sender.is_ready()).unwrap_or(0);
+            idle.remove(i);
         }
         if let Some(held) = session.kept.try_hold() {
             idle.push(Kept {

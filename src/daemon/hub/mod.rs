@@ -77,8 +77,9 @@ pub struct LiveSession {
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
     pub streams: AtomicU64,
-    /// Channels opened over this session, for the metrics' counter.
-    pub opened: AtomicU64,
+    /// Channels opened to this member since the hub started, shared by its
+    /// successive sessions (the metrics' counter never goes down).
+    pub opened: Arc<AtomicU64>,
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
@@ -175,8 +176,8 @@ struct ClusterMeta {
     /// Bytes of ended sessions (live ones are added when reported).
     bytes_in_done: u64,
     bytes_out_done: u64,
-    /// Channels opened over ended sessions.
-    opened_done: u64,
+    /// Channels opened to the member since start, over all its sessions.
+    opened: Arc<AtomicU64>,
 }
 
 /// Shared hub state. The session map is read once per gateway request to
@@ -258,6 +259,14 @@ impl Hub {
         }
     }
 
+    /// The counter of channels opened to `name`, shared by its sessions.
+    pub fn opened_counter(&self, name: &str) -> Arc<AtomicU64> {
+        self.meta
+            .lock()
+            .map(|mut m| m.entry(name.to_string()).or_default().opened.clone())
+            .unwrap_or_default()
+    }
+
     fn event(&self, name: &str, text: String) {
         self.record(name, |m| {
             push_bounded(
@@ -311,15 +320,13 @@ impl Hub {
 
     fn unregister(&self, s: &LiveSession, why: &str) {
         self.event(&s.name, format!("disconnected: {why}"));
-        let (bi, bo, opened) = (
+        let (bi, bo) = (
             s.bytes_in.load(Ordering::Relaxed),
             s.bytes_out.load(Ordering::Relaxed),
-            s.opened.load(Ordering::Relaxed),
         );
         self.record(&s.name, |m| {
             m.bytes_in_done += bi;
             m.bytes_out_done += bo;
-            m.opened_done += opened;
         });
         if let Ok(mut m) = self.sessions.write() {
             if m.get(&s.name).map(|cur| cur.id) == Some(s.id) {
@@ -451,14 +458,13 @@ impl Hub {
             .map(|m| {
                 let live = self.session(&m.name);
                 let cm = meta.as_ref().ok().and_then(|x| x.get(&m.name));
-                let (bi, bo, streams, opened) = live
+                let (bi, bo, streams) = live
                     .as_ref()
                     .map(|s| {
                         (
                             s.bytes_in.load(Ordering::Relaxed),
                             s.bytes_out.load(Ordering::Relaxed),
                             s.streams.load(Ordering::Relaxed),
-                            s.opened.load(Ordering::Relaxed),
                         )
                     })
                     .unwrap_or_default();
@@ -468,7 +474,7 @@ impl Hub {
                     bytes_in: bi + cm.map(|c| c.bytes_in_done).unwrap_or(0),
                     bytes_out: bo + cm.map(|c| c.bytes_out_done).unwrap_or(0),
                     streams,
-                    opened: opened + cm.map(|c| c.opened_done).unwrap_or(0),
+                    opened: cm.map(|c| c.opened.load(Ordering::Relaxed)).unwrap_or(0),
                     reconnects: cm.map(|c| c.sessions.saturating_sub(1)).unwrap_or(0),
                     name: m.name,
                 }

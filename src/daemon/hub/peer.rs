@@ -72,7 +72,7 @@ pub struct Cluster {
     /// Kept-alive connections to other hubs' gateways, by peer URL, for the
     /// next forwarded request: a request routed to the hub that holds its
     /// member then pays no TCP and TLS handshake between the hubs.
-    idle: Mutex<HashMap<String, Vec<PeerSender>>>,
+    idle: Mutex<HashMap<String, Vec<(PeerSender, std::time::Instant)>>>,
 }
 
 type PeerSender = hyper::client::conn::http1::SendRequest<Body>;
@@ -80,6 +80,12 @@ type PeerSender = hyper::client::conn::http1::SendRequest<Body>;
 /// Most connections kept to one other hub; past it the oldest is let go
 /// (it closes once its response is done).
 const PEER_IDLE: usize = 32;
+
+/// A kept connection unused for this long is let go rather than reused:
+/// the other hub closes idle connections after its gateway's idle timeout
+/// (120 s), and a request written just as that close crosses it would fail
+/// with nothing safe to retry.
+const PEER_IDLE_FOR: Duration = Duration::from_secs(60);
 
 /// Puts the gateway CA and the SSH host key in etcd on the first hub's
 /// start (create-if-absent) and writes the shared copies into `data`
@@ -394,19 +400,34 @@ impl Cluster {
     fn take_idle(&self, peer: &str) -> Option<PeerSender> {
         let mut idle = self.idle.lock().ok()?;
         let kept = idle.get_mut(peer)?;
-        kept.retain(|s| !s.is_closed());
-        let i = kept.iter().rposition(|s| s.is_ready())?;
-        Some(kept.remove(i))
+        kept.retain(|(s, at)| !s.is_closed() && at.elapsed() < PEER_IDLE_FOR);
+        let found = kept
+            .iter()
+            .rposition(|(s, _)| s.is_ready())
+            .map(|i| kept.remove(i).0);
+        if kept.is_empty() {
+            idle.remove(peer);
+        }
+        found
     }
 
     fn keep(&self, peer: &str, s: PeerSender) {
+        if s.is_closed() {
+            return;
+        }
         if let Ok(mut idle) = self.idle.lock() {
+            // Hubs that went away leave nothing behind for long: their
+            // connections close and are dropped here.
+            idle.retain(|_, kept| {
+                kept.retain(|(s, at)| !s.is_closed() && at.elapsed() < PEER_IDLE_FOR);
+                !kept.is_empty()
+            });
             let kept = idle.entry(peer.to_string()).or_default();
-            kept.retain(|s| !s.is_closed());
             if kept.len() >= PEER_IDLE {
-                kept.remove(0);
+                let i = kept.iter().position(|(s, _)| !s.is_ready()).unwrap_or(0);
+                kept.remove(i);
             }
-            kept.push(s);
+            kept.push((s, std::time::Instant::now()));
         }
     }
 

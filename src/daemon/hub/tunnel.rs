@@ -182,7 +182,7 @@ async fn tunnel_session(
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
-        opened: AtomicU64::new(0),
+        opened: hub.opened_counter(&sess.name),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
         bytes_in: Arc::new(AtomicU64::new(0)),
         bytes_out: Arc::new(AtomicU64::new(0)),
