@@ -1504,6 +1504,14 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     connected(&env, &api, &[]);
     let gateway_port = env.gateway_port();
 
+    let metrics = metrics_addr(&env);
+    let open = |m: &str| {
+        metric(
+            &metrics,
+            &format!("towerctl_tunnel_streams{m}{{cluster=\"alpha\"}} "),
+        )
+    };
+    let opened_before = open("_opened_total");
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
     let port = forwarded_port(&pf);
     let mut held = Vec::new();
@@ -1536,6 +1544,10 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     );
     let out = pf.output();
     assert!(!out.contains("note:") && !out.contains("error"), "{out}");
+    // The metrics see the forwarded connections as channels of the member:
+    // four open now, four more opened in all.
+    assert_eq!(open(""), 4, "open channels while four connections are held");
+    assert_eq!(open("_opened_total") - opened_before, 4);
 
     drop(pf);
     support::wait_for(
@@ -1554,6 +1566,11 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
             "held connection {i} still carried bytes after the forward ended"
         );
     }
+    wait_for(
+        "the metrics to show no open channel",
+        Duration::from_secs(10),
+        || (open("") == 0).then_some(()),
+    );
 }
 
 /// kubectl gets HTTP/2 from the gateway, as from kube-apiserver: a cold
