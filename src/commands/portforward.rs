@@ -218,10 +218,11 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     let (gateway, target, cluster) =
                         (gateway.clone(), target.clone(), cluster.to_string());
                     let via_hub = local_hub.clone();
+                    let l = l.into_std()?;
                     tasks.spawn(async move {
                         let authority =
                             format!("{}:{}", target.connect_host(&cluster), pair.remote);
-                        serve_listener(&l, gateway, &authority, pair.remote, via_hub).await
+                        serve_listener(l, gateway, &authority, pair.remote, via_hub).await
                     });
                 }
                 Err(e) => last_err = Some(format!("{ip}:{local}: {e}")),
@@ -267,21 +268,34 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
 /// restart), connections go through the gateway until it is back, and then
 /// through it again.
 async fn serve_listener(
-    l: &TcpListener,
+    l: std::net::TcpListener,
     gateway: Arc<Mux>,
     authority: &str,
     remote: u16,
     local_hub: Option<(std::path::PathBuf, crate::tunnel::Secret)>,
 ) {
+    // The socket is in this process's reactor only while this process
+    // accepts on it: registered while the hub serves the forward, it would
+    // wake this process for every connection the hub accepts.
+    let accepting = || {
+        l.try_clone().and_then(TcpListener::from_std).map_err(|e| {
+            eprintln!("error: cannot serve {authority} any more: {e}");
+        })
+    };
     let Some((socket, token)) = local_hub else {
-        return accept_loop(l, gateway, authority, remote).await;
+        if let Ok(t) = accepting() {
+            accept_loop(&t, gateway, authority, remote).await;
+        }
+        return;
     };
     loop {
-        if let Handover::Refused = through_local_hub(l, &socket, &token, authority, remote).await {
-            return accept_loop(l, gateway, authority, remote).await;
+        let handover = through_local_hub(&l, &socket, &token, authority, remote).await;
+        let Ok(t) = accepting() else { return };
+        if let Handover::Refused = handover {
+            return accept_loop(&t, gateway, authority, remote).await;
         }
         tokio::select! {
-            _ = accept_loop(l, gateway.clone(), authority, remote) => return,
+            _ = accept_loop(&t, gateway.clone(), authority, remote) => return,
             _ = hub_back(&socket) => {}
         }
     }
@@ -301,7 +315,7 @@ enum Handover {
 /// Hands the listener to the hub on this machine and reports what it says
 /// about each connection, for as long as the hub serves the forward.
 async fn through_local_hub(
-    l: &TcpListener,
+    l: &std::net::TcpListener,
     socket: &std::path::Path,
     token: &crate::tunnel::Secret,
     authority: &str,

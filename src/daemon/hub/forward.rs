@@ -31,6 +31,9 @@ use crate::tunnel::Secret;
 /// connection is closed at once and reported.
 const MAX_CONNECTIONS: usize = 4096;
 
+/// How long the first of a burst of events waits for the others.
+const EVENT_COALESCE: Duration = Duration::from_millis(20);
+
 pub(super) async fn serve(
     hub: Arc<Hub>,
     stop: CancellationToken,
@@ -87,7 +90,7 @@ pub(super) async fn serve(
 
     // Events go out through one writer task; a slow reader loses events,
     // never stalls the forward.
-    let (tx, mut events) = mpsc::channel::<ForwardEvent>(256);
+    let (tx, mut events) = mpsc::channel::<ForwardEvent>(1024);
     let done = CancellationToken::new();
     let writer = {
         let done = done.clone();
@@ -97,7 +100,15 @@ pub(super) async fn serve(
                     _ = done.cancelled() => return,
                     e = events.recv() => {
                         let Some(e) = e else { return };
-                        // What else is queued goes out in the same write.
+                        // Events of the next few milliseconds go out in the
+                        // same write: under a burst of connections the
+                        // client wakes ~50 times a second, not once per
+                        // connection (its lines appear no later than a
+                        // person can tell).
+                        tokio::select! {
+                            _ = tokio::time::sleep(EVENT_COALESCE) => {}
+                            _ = done.cancelled() => return,
+                        }
                         let mut out = answer(Response::ok(e));
                         while out.len() < 64 * 1024 {
                             let Ok(e) = events.try_recv() else { break };
