@@ -1573,6 +1573,49 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     );
 }
 
+/// While the hub carries a forward, the command only waits for the hub's
+/// reports: 300 connections wake it a few dozen times (a batch of
+/// "Handling connection" lines every 20 ms at most), not once or more per
+/// connection as when its own copy of the socket stayed registered for
+/// readiness and every report came alone.
+#[test]
+fn a_forward_carried_by_the_hub_does_not_wake_the_command_per_connection() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = forwarded_port(&pf);
+    let handled = || {
+        pf.output()
+            .matches(&format!("Handling connection for {port}"))
+            .count()
+    };
+    let connect = |i: usize| {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        support::echo(&mut c, &format!("hello {i}\n"))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+    };
+    connect(0);
+    wait_for("the first report", Duration::from_secs(10), || {
+        (handled() == 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let before = support::sleeps(pf.pid());
+    for i in 1..=300 {
+        connect(i);
+    }
+    wait_for("301 reports", Duration::from_secs(20), || {
+        (handled() == 301).then_some(())
+    });
+    let woke = support::sleeps(pf.pid()) - before;
+    assert!(
+        woke < 150,
+        "port-forward woke {woke} times for 300 connections the hub carried"
+    );
+}
+
 /// kubectl gets HTTP/2 from the gateway, as from kube-apiserver: a cold
 /// discovery (its parallel requests) and a watch after it share one TLS
 /// connection instead of one each.

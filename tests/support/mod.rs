@@ -318,6 +318,10 @@ impl Streaming {
         self.out.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Whether the child has exited (it is reaped if so).
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
@@ -530,6 +534,23 @@ pub fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
 /// Established TCP connections (IPv4 and IPv6) whose remote port is `port`.
 pub fn established_to(port: u16) -> usize {
     connections_to(port, &["01"])
+}
+
+/// How many times the threads of process `pid` went to sleep waiting
+/// (voluntary context switches, summed over its threads).
+pub fn sleeps(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
 }
 
 /// Client-side TCP connections to loopback `port` in any of `states`
