@@ -1573,6 +1573,19 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
     );
 }
 
+/// Member `alpha` connected, its Service `web` (port 80) an echo server,
+/// and `towerctl port-forward alpha svc/web :80` running on this (the
+/// hub's) machine: the command and its local port.
+fn forwarding_to_an_echo_service() -> (Env, ApiServer, Streaming, u16) {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = forwarded_port(&pf);
+    (env, api, pf, port)
+}
+
 /// While the hub carries a forward, the command only waits for the hub's
 /// reports: 300 connections wake it a few dozen times (a batch of
 /// "Handling connection" lines every 20 ms at most), not once or more per
@@ -1580,12 +1593,7 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
 /// readiness and every report came alone.
 #[test]
 fn a_forward_carried_by_the_hub_does_not_wake_the_command_per_connection() {
-    let env = Env::new();
-    let api = ApiServer::start();
-    support::echo_service(&api, "web", 80);
-    connected(&env, &api, &[]);
-    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
-    let port = forwarded_port(&pf);
+    let (_env, _api, pf, port) = forwarding_to_an_echo_service();
     let handled = || {
         pf.output()
             .matches(&format!("Handling connection for {port}"))
@@ -1699,12 +1707,7 @@ fn parallel_http2_requests_reuse_their_tunnel_channels() {
 #[test]
 fn ending_a_forward_cuts_connections_still_being_set_up() {
     use std::io::Read;
-    let env = Env::new();
-    let api = ApiServer::start();
-    support::echo_service(&api, "web", 80);
-    connected(&env, &api, &[]);
-    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
-    let port = forwarded_port(&pf);
+    let (env, _api, pf, port) = forwarding_to_an_echo_service();
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     support::echo(&mut c, "warm\n").unwrap();
