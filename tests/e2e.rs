@@ -1611,6 +1611,7 @@ fn a_forward_carried_by_the_hub_does_not_wake_the_command_per_connection() {
     });
     std::thread::sleep(Duration::from_millis(200));
     let before = support::sleeps(pf.pid());
+    let t = std::time::Instant::now();
     for i in 1..=300 {
         connect(i);
     }
@@ -1618,9 +1619,14 @@ fn a_forward_carried_by_the_hub_does_not_wake_the_command_per_connection() {
         (handled() == 301).then_some(())
     });
     let woke = support::sleeps(pf.pid()) - before;
+    // At most one batch of reports per 20 ms, whatever the machine's speed;
+    // a wake-up per connection (432 here before) stays well above it.
+    let bound = 150 + t.elapsed().as_millis() as u64 / 20;
     assert!(
-        woke < 150,
-        "port-forward woke {woke} times for 300 connections the hub carried"
+        woke < bound,
+        "port-forward woke {woke} times for 300 connections the hub carried \
+         in {:?} (at most {bound})",
+        t.elapsed()
     );
 }
 
