@@ -83,9 +83,13 @@ pub struct LiveSession {
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
-    /// Bytes from the agent / to the agent over this session's channels.
+    /// Bytes from the agent / to the agent over the member's channels since
+    /// the hub started, shared by its successive sessions (the metrics'
+    /// counters never go down); this session's are the difference to
+    /// `bytes_at_start`.
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
+    bytes_at_start: (u64, u64),
     pub version: String,
     /// Why the hub itself is closing this session, when it is (an operator's
     /// disconnect, a replacement, a removal): russh only reports that the
@@ -146,6 +150,18 @@ impl Drop for OpenChannel {
 }
 
 impl LiveSession {
+    /// Bytes in and out over this session (since it connected).
+    pub fn session_bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_in
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.bytes_at_start.0),
+            self.bytes_out
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.bytes_at_start.1),
+        )
+    }
+
     /// Counts a channel just opened over this session, until the returned
     /// guard is dropped.
     pub fn channel_opened(self: &Arc<Self>) -> OpenChannel {
@@ -173,11 +189,16 @@ struct ClusterMeta {
     events: VecDeque<Event>,
     rtt: VecDeque<f64>,
     rtt_histogram: metrics::Histogram,
-    /// Bytes of ended sessions (live ones are added when reported).
-    bytes_in_done: u64,
-    bytes_out_done: u64,
-    /// Channels opened to the member since start, over all its sessions.
-    opened: Arc<AtomicU64>,
+    /// The member's counters since start, over all its sessions.
+    counters: Counters,
+}
+
+/// A member's counters since the hub started, shared by its sessions.
+#[derive(Default, Clone)]
+pub struct Counters {
+    pub opened: Arc<AtomicU64>,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
 }
 
 /// Shared hub state. The session map is read once per gateway request to
@@ -259,11 +280,11 @@ impl Hub {
         }
     }
 
-    /// The counter of channels opened to `name`, shared by its sessions.
-    pub fn opened_counter(&self, name: &str) -> Arc<AtomicU64> {
+    /// The counters of member `name`, shared by its sessions.
+    pub fn counters(&self, name: &str) -> Counters {
         self.meta
             .lock()
-            .map(|mut m| m.entry(name.to_string()).or_default().opened.clone())
+            .map(|mut m| m.entry(name.to_string()).or_default().counters.clone())
             .unwrap_or_default()
     }
 
@@ -320,14 +341,6 @@ impl Hub {
 
     fn unregister(&self, s: &LiveSession, why: &str) {
         self.event(&s.name, format!("disconnected: {why}"));
-        let (bi, bo) = (
-            s.bytes_in.load(Ordering::Relaxed),
-            s.bytes_out.load(Ordering::Relaxed),
-        );
-        self.record(&s.name, |m| {
-            m.bytes_in_done += bi;
-            m.bytes_out_done += bo;
-        });
         if let Ok(mut m) = self.sessions.write() {
             if m.get(&s.name).map(|cur| cur.id) == Some(s.id) {
                 m.remove(&s.name);
@@ -458,23 +471,21 @@ impl Hub {
             .map(|m| {
                 let live = self.session(&m.name);
                 let cm = meta.as_ref().ok().and_then(|x| x.get(&m.name));
-                let (bi, bo, streams) = live
+                let streams = live
                     .as_ref()
-                    .map(|s| {
-                        (
-                            s.bytes_in.load(Ordering::Relaxed),
-                            s.bytes_out.load(Ordering::Relaxed),
-                            s.streams.load(Ordering::Relaxed),
-                        )
-                    })
+                    .map(|s| s.streams.load(Ordering::Relaxed))
                     .unwrap_or_default();
+                let total = |c: fn(&Counters) -> &Arc<AtomicU64>| {
+                    cm.map(|m| c(&m.counters).load(Ordering::Relaxed))
+                        .unwrap_or(0)
+                };
                 MemberStats {
                     connected: live.is_some(),
                     rtt: cm.map(|c| c.rtt_histogram.clone()).unwrap_or_default(),
-                    bytes_in: bi + cm.map(|c| c.bytes_in_done).unwrap_or(0),
-                    bytes_out: bo + cm.map(|c| c.bytes_out_done).unwrap_or(0),
+                    bytes_in: total(|c| &c.bytes_in),
+                    bytes_out: total(|c| &c.bytes_out),
                     streams,
-                    opened: cm.map(|c| c.opened.load(Ordering::Relaxed)).unwrap_or(0),
+                    opened: total(|c| &c.opened),
                     reconnects: cm.map(|c| c.sessions.saturating_sub(1)).unwrap_or(0),
                     name: m.name,
                 }
@@ -564,8 +575,7 @@ impl Hub {
                         };
                         st.streams = s.streams.load(Ordering::Relaxed);
                         st.agent_version = Some(s.version.clone());
-                        st.bytes_in = s.bytes_in.load(Ordering::Relaxed);
-                        st.bytes_out = s.bytes_out.load(Ordering::Relaxed);
+                        (st.bytes_in, st.bytes_out) = s.session_bytes();
                     }
                     None if st.hub.is_some() && !m.revoked => {
                         // Held by another hub.

@@ -166,6 +166,7 @@ async fn tunnel_session(
     };
     // Logged in: no longer counted among the unauthenticated.
     drop(ticket);
+    let counters = hub.counters(&sess.name);
     let live = Arc::new(LiveSession {
         id: hub.next_id.fetch_add(1, Ordering::Relaxed),
         name: sess.name.clone(),
@@ -182,10 +183,14 @@ async fn tunnel_session(
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
-        opened: hub.opened_counter(&sess.name),
+        opened: counters.opened.clone(),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
-        bytes_in: Arc::new(AtomicU64::new(0)),
-        bytes_out: Arc::new(AtomicU64::new(0)),
+        bytes_at_start: (
+            counters.bytes_in.load(Ordering::Relaxed),
+            counters.bytes_out.load(Ordering::Relaxed),
+        ),
+        bytes_in: counters.bytes_in,
+        bytes_out: counters.bytes_out,
         version: sess.version.clone(),
         close_reason: Mutex::new(None),
     });
