@@ -624,22 +624,41 @@ cpu_split() {
         awk 'NR == FNR { b[$1] = $2; next } { t[$1] += $3 - b[$2] } END { for (r in t) print r, t[r] }' "$before" - >"$out"
 }
 
+# CPU of a path's tunnel processes around one measurement: cpu_begin NAME
+# TAG notes what they have used so far; cpu_end NAME TAG prints the ticks
+# used since and writes their split by process to cpu-NAME-TAG.txt.
+cpu_begin() {
+    # shellcheck disable=SC2046 # a list of PIDs
+    cpu_snapshot $(tunnel_pids "$1") >"$W/cpu0-$1-$2.txt"
+}
+cpu_end() {
+    local before=$W/cpu0-$1-$2.txt pids t0
+    pids=$(awk '{ print $1 }' "$before")
+    t0=$(awk '{ t += $2 } END { print t + 0 }' "$before")
+    # shellcheck disable=SC2086 # a list of PIDs
+    echo $(($(cpu_ticks $pids) - t0))
+    # shellcheck disable=SC2086
+    cpu_split "$before" "$W/cpu-$1-$2.txt" $pids
+}
+
+# Durations as wrk and h2load print them (850us, 1.20ms, 1.5s, 2m), in ms.
+AWK_MS='function ms(v) {
+    if (v ~ /us$/) return v / 1000
+    if (v ~ /ms$/) return v + 0
+    if (v ~ /m$/) return v * 60000
+    if (v ~ /s$/) return v * 1000
+    return v + 0
+}'
+
 # bulk NAME URL [curl args...]: prints "code bytes seconds tunnel_cpu_ticks".
 bulk() {
-    local name=$1 url=$2 pids t0 out
+    local name=$1 url=$2 out
     shift 2
     log "$name: bulk download of $BYTES_N bytes"
-    pids=$(tunnel_pids "$name")
-    # shellcheck disable=SC2086 # a list of PIDs
-    cpu_snapshot $pids >"$W/cpu0-$name.txt"
-    # shellcheck disable=SC2086
-    t0=$(cpu_ticks $pids)
+    cpu_begin "$name" bulk
     out=$(curl -sS -o /dev/null --max-time "$BULK_TIMEOUT" -w '%{http_code} %{size_download} %{time_total}' \
         "$@" "$url/bulk?bytes=$BYTES_N" 2>"$W/curl-$name.err") || true
-    # shellcheck disable=SC2086
-    echo "${out:-- - -} $(($(cpu_ticks $pids) - t0))"
-    # shellcheck disable=SC2086
-    cpu_split "$W/cpu0-$name.txt" "$W/cpu-$name-bulk.txt" $pids
+    echo "${out:-- - -} $(cpu_end "$name" bulk)"
 }
 
 # upload NAME URL [curl args...]: POSTs a file of BYTES zero bytes to /sink;
@@ -666,28 +685,14 @@ upload() {
 # wrk_run NAME TAG THREADS CONNECTIONS DURATION URL [wrk args...]:
 # prints "rps p50_ms p99_ms requests non2xx socket_errors tunnel_cpu_ticks".
 wrk_run() {
-    local name=$1 tag=$2 threads=$3 conns=$4 duration=$5 url=$6 pids t0 ticks
+    local name=$1 tag=$2 threads=$3 conns=$4 duration=$5 url=$6 ticks
     shift 6
-    pids=$(tunnel_pids "$name")
-    # shellcheck disable=SC2086
-    cpu_snapshot $pids >"$W/cpu0-$name.txt"
-    # shellcheck disable=SC2086
-    t0=$(cpu_ticks $pids)
+    cpu_begin "$name" "wrk$tag"
     wrk -t"$threads" -c"$conns" -d"$duration" --timeout 5s --latency "$@" "$url/version" \
         >"$W/wrk-$name$tag.txt" 2>&1 || true
-    # shellcheck disable=SC2086
-    ticks=$(($(cpu_ticks $pids) - t0))
-    # shellcheck disable=SC2086
-    cpu_split "$W/cpu0-$name.txt" "$W/cpu-$name-wrk$tag.txt" $pids
+    ticks=$(cpu_end "$name" "wrk$tag")
     cp "$W/wrk-$name$tag.txt" "$RESULTS_DIR/wrk-$name$tag.txt"
-    awk -v ticks="$ticks" '
-        function ms(v) {
-            if (v ~ /us$/) return v / 1000
-            if (v ~ /ms$/) return v + 0
-            if (v ~ /m$/) return v * 60000
-            if (v ~ /s$/) return v * 1000
-            return v + 0
-        }
+    awk -v ticks="$ticks" "$AWK_MS"'
         /^ +50%/ { p50 = ms($2) }
         /^ +99%/ { p99 = ms($2) }
         /requests in/ { reqs = $1 }
@@ -905,34 +910,20 @@ held() {
     echo "$n $f"
 }
 
-# measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl,
 # h2rate: the gateway as kubectl speaks to it: one TLS connection carrying
 # H2_STREAMS requests at a time as HTTP/2 streams (h2load), for DURATION after
 # WARMUP. Prints "rps mean_ms requests failed tunnel_cpu_ticks", or "-" fields.
 H2_STREAMS=${H2_STREAMS:-16}
 h2rate() {
-    local pids t0 ticks warm=$WARMUP
+    local ticks warm=$WARMUP
     [[ $warm =~ ^0+[smh]?$ ]] && warm=0
-    pids=$(tunnel_pids gateway)
     log "gateway: h2load -c1 -m$H2_STREAMS -D $DURATION /version (HTTP/2, as kubectl)"
-    # shellcheck disable=SC2086 # a list of PIDs
-    cpu_snapshot $pids >"$W/cpu0-gateway-h2.txt"
-    # shellcheck disable=SC2086
-    t0=$(cpu_ticks $pids)
+    cpu_begin gateway h2
     h2load -c1 -m"$H2_STREAMS" -D "$DURATION" --warm-up-time="$warm" -H "$AUTH" \
         "$GATEWAY/version" >"$W/h2load-gateway.txt" 2>&1 || true
-    # shellcheck disable=SC2086
-    ticks=$(($(cpu_ticks $pids) - t0))
-    # shellcheck disable=SC2086
-    cpu_split "$W/cpu0-gateway-h2.txt" "$W/cpu-gateway-h2.txt" $pids
+    ticks=$(cpu_end gateway h2)
     cp "$W/h2load-gateway.txt" "$RESULTS_DIR/h2load-gateway.txt"
-    awk -v ticks="$ticks" '
-        function ms(v) {
-            if (v ~ /us$/) return v / 1000
-            if (v ~ /ms$/) return v + 0
-            if (v ~ /s$/) return v * 1000
-            return v + 0
-        }
+    awk -v ticks="$ticks" "$AWK_MS"'
         /^finished in/ { rps = $4 }
         /^requests:/ { reqs = $2; failed = $10 }
         /^time for request:/ { mean = ms($6) }
@@ -942,6 +933,7 @@ h2rate() {
         }' "$W/h2load-gateway.txt"
 }
 
+# measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl,
 # wrk and the setup probe (authentication, TLS) come from the arrays
 # CURL_EXTRA, WRK_EXTRA and SETUP_EXTRA.
 CURL_EXTRA=()

@@ -218,6 +218,64 @@ impl<F: FnOnce() + Send + Unpin> Drop for OnDrop<F> {
     }
 }
 
+/// Idle HTTP/1.1 client connections kept for their next requests, each
+/// with what it was kept for (`K`). Shared by the gateway's per-connection
+/// tunnel channels and the connections between hubs: closed ones are
+/// dropped, busy ones (still carrying a response) are skipped, the most
+/// recently kept is taken first, and past `max` a busy one is let go before
+/// a ready one (it closes once its response is done).
+pub struct KeptConns<B, K> {
+    conns: Vec<(hyper::client::conn::http1::SendRequest<B>, K)>,
+    max: usize,
+}
+
+impl<B, K> KeptConns<B, K> {
+    pub fn new(max: usize) -> Self {
+        KeptConns {
+            conns: Vec::new(),
+            max,
+        }
+    }
+
+    /// Drops the closed connections and those whose `K` says they are no
+    /// longer worth keeping.
+    pub fn prune(&mut self, worth: impl Fn(&K) -> bool) {
+        self.conns.retain(|(s, k)| !s.is_closed() && worth(k));
+    }
+
+    /// A ready connection kept for what `wanted` accepts, taken out.
+    pub fn take(
+        &mut self,
+        wanted: impl Fn(&K) -> bool,
+    ) -> Option<hyper::client::conn::http1::SendRequest<B>> {
+        let i = self
+            .conns
+            .iter()
+            .rposition(|(s, k)| s.is_ready() && wanted(k))?;
+        Some(self.conns.remove(i).0)
+    }
+
+    /// Keeps `s` (unless it has closed already).
+    pub fn put(&mut self, s: hyper::client::conn::http1::SendRequest<B>, k: K) {
+        if s.is_closed() {
+            return;
+        }
+        if self.conns.len() >= self.max {
+            let i = self
+                .conns
+                .iter()
+                .position(|(s, _)| !s.is_ready())
+                .unwrap_or(0);
+            self.conns.remove(i);
+        }
+        self.conns.push((s, k));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

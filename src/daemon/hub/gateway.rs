@@ -26,8 +26,8 @@ use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::audit::{Audited, EndRecord, Record};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
-    strip_identity, text_response, Body, Guarded, OnDrop, GROUPS_HEADER, IMPERSONATE_HEADER,
-    OPERATOR_HEADER,
+    strip_identity, text_response, Body, Guarded, KeptConns, OnDrop, GROUPS_HEADER,
+    IMPERSONATE_HEADER, OPERATOR_HEADER,
 };
 use crate::daemon::metrics::DialFailure;
 use crate::daemon::store::Operator;
@@ -44,58 +44,48 @@ type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 /// HTTP/1.1 connection needs one (its requests come one after another); an
 /// HTTP/2 connection, as kubectl's is, runs many requests at once, each on
 /// a channel of its own, and keeps up to [`IDLE_CHANNELS`] of them.
-#[derive(Default)]
-struct ChannelSlot(std::sync::Mutex<Vec<Kept>>);
+struct ChannelSlot(std::sync::Mutex<KeptConns<Incoming, Kept>>);
 
-/// An idle channel a client connection keeps, to `name` over session
-/// `session`, holding a unit of that session's [`super::MAX_KEPT_CHANNELS`].
+/// What a kept channel leads to: member `name` over session `session`,
+/// holding a unit of that member's [`super::MAX_KEPT_CHANNELS`].
 struct Kept {
     name: String,
     session: u64,
-    sender: Sender,
     _held: super::Held,
 }
 
-/// Most channels one client connection keeps for its next requests; past
-/// it the oldest is let go (it closes once its response is done). Each is a
-/// channel and an HTTP/1.1 connection at the agent.
+/// Most channels one client connection keeps for its next requests. Each
+/// is a channel and an HTTP/1.1 connection at the agent.
 const IDLE_CHANNELS: usize = 16;
+
+impl Default for ChannelSlot {
+    fn default() -> Self {
+        ChannelSlot(std::sync::Mutex::new(KeptConns::new(IDLE_CHANNELS)))
+    }
+}
 
 impl ChannelSlot {
     fn take(&self, name: &str, session: u64) -> Option<Sender> {
         let mut idle = self.0.lock().ok()?;
         // A channel that has ended (agent gone, session replaced) is no
         // use to anyone.
-        idle.retain(|k| !k.sender.is_closed());
-        // The most recently used first: its connection is the warmest, and
-        // a busy one (still sending a body) is skipped, not waited for.
-        let i = idle
-            .iter()
-            .rposition(|k| k.name == name && k.session == session && k.sender.is_ready())?;
-        Some(idle.remove(i).sender)
+        idle.prune(|_| true);
+        idle.take(|k| k.name == name && k.session == session)
     }
 
     /// Keeps `sender` for the next request, within the connection's
     /// [`IDLE_CHANNELS`] and the member's kept-channel budget; otherwise
     /// drops it (its channel closes once its response is done).
     fn put(&self, name: String, session: &Arc<LiveSession>, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
         let Ok(mut idle) = self.0.lock() else { return };
-        idle.retain(|k| !k.sender.is_closed());
-        if idle.len() >= IDLE_CHANNELS {
-            // A busy one (a watch, a long body) goes before a ready one.
-            let i = idle.iter().position(|k| !k.sender.is_ready()).unwrap_or(0);
-            idle.remove(i);
-        }
+        idle.prune(|_| true);
         if let Some(held) = session.kept.try_hold() {
-            idle.push(Kept {
+            let kept = Kept {
                 name,
                 session: session.id,
-                sender,
                 _held: held,
-            });
+            };
+            idle.put(sender, kept);
         }
     }
 }
@@ -342,8 +332,8 @@ async fn open_channel(
     })?;
     let stream = crate::tunnel::counted::Counted::new(
         stream,
-        session.bytes_in.clone(),
-        session.bytes_out.clone(),
+        session.counters.bytes_in.clone(),
+        session.counters.bytes_out.clone(),
     );
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -642,8 +632,8 @@ pub(super) async fn open_raw(
     let mut stream = match opened {
         Ok(s) => crate::tunnel::counted::Counted::new(
             s,
-            session.bytes_in.clone(),
-            session.bytes_out.clone(),
+            session.counters.bytes_in.clone(),
+            session.counters.bytes_out.clone(),
         ),
         Err(e) => {
             hub.dial_failures.add(DialFailure::ChannelRefused);

@@ -77,18 +77,14 @@ pub struct LiveSession {
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
     pub streams: AtomicU64,
-    /// Channels opened to this member since the hub started, shared by its
-    /// successive sessions (the metrics' counter never goes down).
-    pub opened: Arc<AtomicU64>,
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
-    /// Bytes from the agent / to the agent over the member's channels since
-    /// the hub started, shared by its successive sessions (the metrics'
-    /// counters never go down); this session's are the difference to
-    /// `bytes_at_start`.
-    pub bytes_in: Arc<AtomicU64>,
-    pub bytes_out: Arc<AtomicU64>,
+    /// The member's counters since the hub started, shared by its
+    /// successive sessions (the metrics' counters never go down).
+    pub counters: Counters,
+    /// The byte counters when this session connected: its own bytes are
+    /// the difference.
     bytes_at_start: (u64, u64),
     pub version: String,
     /// Why the hub itself is closing this session, when it is (an operator's
@@ -152,13 +148,10 @@ impl Drop for OpenChannel {
 impl LiveSession {
     /// Bytes in and out over this session (since it connected).
     pub fn session_bytes(&self) -> (u64, u64) {
+        let (i, o) = self.counters.bytes();
         (
-            self.bytes_in
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.bytes_at_start.0),
-            self.bytes_out
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.bytes_at_start.1),
+            i.saturating_sub(self.bytes_at_start.0),
+            o.saturating_sub(self.bytes_at_start.1),
         )
     }
 
@@ -166,7 +159,7 @@ impl LiveSession {
     /// guard is dropped.
     pub fn channel_opened(self: &Arc<Self>) -> OpenChannel {
         self.streams.fetch_add(1, Ordering::Relaxed);
-        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.counters.opened.fetch_add(1, Ordering::Relaxed);
         OpenChannel(self.clone())
     }
 
@@ -196,9 +189,21 @@ struct ClusterMeta {
 /// A member's counters since the hub started, shared by its sessions.
 #[derive(Default, Clone)]
 pub struct Counters {
+    /// Channels opened.
     pub opened: Arc<AtomicU64>,
+    /// Bytes from the agent / to the agent over the member's channels.
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
+}
+
+impl Counters {
+    /// Bytes in and out so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Shared hub state. The session map is read once per gateway request to
@@ -475,17 +480,16 @@ impl Hub {
                     .as_ref()
                     .map(|s| s.streams.load(Ordering::Relaxed))
                     .unwrap_or_default();
-                let total = |c: fn(&Counters) -> &Arc<AtomicU64>| {
-                    cm.map(|m| c(&m.counters).load(Ordering::Relaxed))
-                        .unwrap_or(0)
-                };
+                let (bytes_in, bytes_out) = cm.map(|m| m.counters.bytes()).unwrap_or_default();
                 MemberStats {
                     connected: live.is_some(),
                     rtt: cm.map(|c| c.rtt_histogram.clone()).unwrap_or_default(),
-                    bytes_in: total(|c| &c.bytes_in),
-                    bytes_out: total(|c| &c.bytes_out),
+                    bytes_in,
+                    bytes_out,
                     streams,
-                    opened: total(|c| &c.opened),
+                    opened: cm
+                        .map(|m| m.counters.opened.load(Ordering::Relaxed))
+                        .unwrap_or(0),
                     reconnects: cm.map(|c| c.sessions.saturating_sub(1)).unwrap_or(0),
                     name: m.name,
                 }

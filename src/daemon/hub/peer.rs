@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Hub, LiveSession};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body,
+    KeptConns,
 };
 use crate::daemon::store_etcd::{Change, EtcdStore};
 
@@ -72,7 +73,7 @@ pub struct Cluster {
     /// Kept-alive connections to other hubs' gateways, by peer URL, for the
     /// next forwarded request: a request routed to the hub that holds its
     /// member then pays no TCP and TLS handshake between the hubs.
-    idle: Mutex<HashMap<String, Vec<(PeerSender, std::time::Instant)>>>,
+    idle: Mutex<HashMap<String, KeptConns<Body, std::time::Instant>>>,
 }
 
 type PeerSender = hyper::client::conn::http1::SendRequest<Body>;
@@ -400,11 +401,8 @@ impl Cluster {
     fn take_idle(&self, peer: &str) -> Option<PeerSender> {
         let mut idle = self.idle.lock().ok()?;
         let kept = idle.get_mut(peer)?;
-        kept.retain(|(s, at)| !s.is_closed() && at.elapsed() < PEER_IDLE_FOR);
-        let found = kept
-            .iter()
-            .rposition(|(s, _)| s.is_ready())
-            .map(|i| kept.remove(i).0);
+        kept.prune(|at| at.elapsed() < PEER_IDLE_FOR);
+        let found = kept.take(|_| true);
         if kept.is_empty() {
             idle.remove(peer);
         }
@@ -412,22 +410,16 @@ impl Cluster {
     }
 
     fn keep(&self, peer: &str, s: PeerSender) {
-        if s.is_closed() {
-            return;
-        }
         if let Ok(mut idle) = self.idle.lock() {
             // Hubs that went away leave nothing behind for long: their
             // connections close and are dropped here.
             idle.retain(|_, kept| {
-                kept.retain(|(s, at)| !s.is_closed() && at.elapsed() < PEER_IDLE_FOR);
+                kept.prune(|at| at.elapsed() < PEER_IDLE_FOR);
                 !kept.is_empty()
             });
-            let kept = idle.entry(peer.to_string()).or_default();
-            if kept.len() >= PEER_IDLE {
-                let i = kept.iter().position(|(s, _)| !s.is_ready()).unwrap_or(0);
-                kept.remove(i);
-            }
-            kept.push((s, std::time::Instant::now()));
+            idle.entry(peer.to_string())
+                .or_insert_with(|| KeptConns::new(PEER_IDLE))
+                .put(s, std::time::Instant::now());
         }
     }
 

@@ -183,14 +183,9 @@ async fn tunnel_session(
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
-        opened: counters.opened.clone(),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
-        bytes_at_start: (
-            counters.bytes_in.load(Ordering::Relaxed),
-            counters.bytes_out.load(Ordering::Relaxed),
-        ),
-        bytes_in: counters.bytes_in,
-        bytes_out: counters.bytes_out,
+        bytes_at_start: counters.bytes(),
+        counters,
         version: sess.version.clone(),
         close_reason: Mutex::new(None),
     });
