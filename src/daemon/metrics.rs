@@ -130,6 +130,21 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One metric with a line per member, labelled by cluster.
+fn per_cluster(
+    o: &mut String,
+    stats: &[MemberStats],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&MemberStats) -> u64,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for c in stats {
+        let _ = writeln!(o, "{name}{{cluster=\"{}\"}} {}", esc(&c.name), value(c));
+    }
+}
+
 /// The metrics page.
 pub fn render(snap: &Snapshot) -> String {
     let mut o = String::new();
@@ -186,33 +201,23 @@ pub fn render(snap: &Snapshot) -> String {
             c.bytes_out
         );
     }
-    let _ = writeln!(o, "# HELP towerctl_tunnel_streams Open tunnel channels (upstream connections).\n# TYPE towerctl_tunnel_streams gauge");
-    for c in stats {
-        let _ = writeln!(
-            o,
-            "towerctl_tunnel_streams{{cluster=\"{}\"}} {}",
-            esc(&c.name),
-            c.streams
-        );
-    }
-    let _ = writeln!(o, "# HELP towerctl_tunnel_streams_opened_total Tunnel channels opened since the hub started: API requests on a new channel, CONNECTs and port-forwarded connections.\n# TYPE towerctl_tunnel_streams_opened_total counter");
-    for c in stats {
-        let _ = writeln!(
-            o,
-            "towerctl_tunnel_streams_opened_total{{cluster=\"{}\"}} {}",
-            esc(&c.name),
-            c.opened
-        );
-    }
-    let _ = writeln!(o, "# HELP towerctl_agent_reconnects_total Agent sessions after the first since the hub started.\n# TYPE towerctl_agent_reconnects_total counter");
-    for c in stats {
-        let _ = writeln!(
-            o,
-            "towerctl_agent_reconnects_total{{cluster=\"{}\"}} {}",
-            esc(&c.name),
-            c.reconnects
-        );
-    }
+    per_cluster(
+        &mut o,
+        stats,
+        "towerctl_tunnel_streams",
+        "gauge",
+        "Open tunnel channels (upstream connections).",
+        |c| c.streams,
+    );
+    per_cluster(&mut o, stats, "towerctl_tunnel_streams_opened_total", "counter", "Tunnel channels opened since the hub started: API requests on a new channel, CONNECTs and port-forwarded connections.", |c| c.opened);
+    per_cluster(
+        &mut o,
+        stats,
+        "towerctl_agent_reconnects_total",
+        "counter",
+        "Agent sessions after the first since the hub started.",
+        |c| c.reconnects,
+    );
     let _ = writeln!(o, "# HELP towerctl_dial_failures_total Gateway requests that could not reach their member, by reason.\n# TYPE towerctl_dial_failures_total counter");
     for (reason, v) in &snap.dial_failures {
         let _ = writeln!(
