@@ -20,7 +20,8 @@ PROFILE=${PROFILE:-release}
 HUBS=${HUBS:-1}
 if [ "${BUILD:-1}" = 1 ]; then
     if [ "$PROFILE" = release ]; then
-        cargo build -q --release --bin towerctl --example agents_load
+        # apart, so the binary is the one `cargo install` gives (see run.sh)
+        cargo build -q --release --bin towerctl && cargo build -q --release --example agents_load
     else
         cargo build -q --bin towerctl --example agents_load
     fi

@@ -17,7 +17,8 @@ C=${2:-100}
 PROFILE=${PROFILE:-release}
 if [ "${BUILD:-1}" = 1 ]; then
     if [ "$PROFILE" = release ]; then
-        cargo build -q --release --bin towerctl --example bench_upstream --example watch_load
+        # apart, so the binary is the one `cargo install` gives (see run.sh)
+        cargo build -q --release --bin towerctl && cargo build -q --release --example bench_upstream --example watch_load
     else
         cargo build -q --bin towerctl --example bench_upstream --example watch_load
     fi
