@@ -19,6 +19,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 OUT=$ROOT/link/hot-text.ld
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
     { echo "hot-text: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -68,24 +69,7 @@ timeout 120 "${CG[@]}" "$T" up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metr
 "$T" status -o json >"$W/status.json"
 GATEWAY=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hub"]["gatewayURL"].rstrip("/"))' "$W/status.json")
 AUTH="Authorization: Bearer $(tr -d '[:space:]' <"$XDG_DATA_HOME/towerctl/admin.token")"
-cat >"$W/member.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: upstream
-  cluster:
-    server: http://127.0.0.1:$UPPORT
-users:
-- name: bench
-  user:
-    token: bench
-contexts:
-- name: upstream
-  context:
-    cluster: upstream
-    user: bench
-current-context: upstream
-EOF
+member_kubeconfig "http://127.0.0.1:$UPPORT" "$W/member.kubeconfig"
 read -r -a JOIN <<<"$("$T" cluster add alpha 2>/dev/null)"
 [[ ${JOIN[0]:-} == TOWERCTL_TOKEN=* && ${JOIN[2]:-} == join ]] || { echo "hot-text: unexpected join line" >&2; exit 1; }
 timeout 120 env "${JOIN[0]}" "${CG[@]}" "$T" "${JOIN[@]:2}" --kubeconfig "$W/member.kubeconfig" --allow 127.0.0.0/8 >"$W/join.out" 2>&1 ||

@@ -50,6 +50,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
+. "$ROOT/bench/lib.sh"
 
 BYTES_SPEC=${BYTES:-1GiB}
 DURATION=${DURATION:-10s}
@@ -287,24 +288,7 @@ GATEWAY_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["h
 ADMIN_TOKEN=$(tr -d '[:space:]' <"$XDG_DATA_HOME/towerctl/admin.token")
 [[ -n $ADMIN_TOKEN ]] || die "no operator token in $XDG_DATA_HOME/towerctl/admin.token"
 
-cat >"$W/member.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: upstream
-  cluster:
-    server: http://127.0.0.1:$UPPORT
-users:
-- name: bench
-  user:
-    token: bench
-contexts:
-- name: upstream
-  context:
-    cluster: upstream
-    user: bench
-current-context: upstream
-EOF
+member_kubeconfig "http://127.0.0.1:$UPPORT" "$W/member.kubeconfig"
 
 JOIN_LINE=$(timeout 20 "$T" cluster add "$CLUSTER" 2>"$W/cluster-add.err") || die "towerctl cluster add failed: $(cat "$W/cluster-add.err")"
 read -r -a JOIN <<<"$JOIN_LINE"

@@ -12,6 +12,7 @@
 # debug builds (default release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 W=${1:-10000}
 C=${2:-100}
 PROFILE=${PROFILE:-release}
@@ -48,24 +49,7 @@ for _ in $(seq 1 50); do grep -q listening "$D/upstream.out" && break; sleep 0.1
 UPADDR=$(awk '/listening on/ {print $3}' "$D/upstream.out")
 [ -n "$UPADDR" ] || { echo "the upstream did not start" >&2; exit 1; }
 
-cat >"$D/member.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: upstream
-  cluster:
-    server: http://$UPADDR
-users:
-- name: bench
-  user:
-    token: bench
-contexts:
-- name: upstream
-  context:
-    cluster: upstream
-    user: bench
-current-context: upstream
-EOF
+member_kubeconfig "http://$UPADDR" "$D/member.kubeconfig"
 
 "$T" up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metrics off >/dev/null
 GATEWAY_URL=$("$T" status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["hub"]["gatewayURL"].rstrip("/"))')
