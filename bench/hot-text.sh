@@ -52,12 +52,18 @@ chmod 700 "$W/run"
 
 "$UPSTREAM" >"$W/upstream.out" 2>"$W/upstream.err" </dev/null &
 PIDS+=($!)
-UPPORT=""
-for ((i = 0; i < 100; i++)); do
-    UPPORT=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$W/upstream.out")
-    [[ -n $UPPORT ]] && break
-    sleep 0.1
-done
+# printed_port FILE SED: the port a process prints in FILE (SED picks it
+# out), waited for up to 15 s; empty if it never comes.
+printed_port() {
+    local port=""
+    for ((i = 0; i < 75; i++)); do
+        port=$(sed -n "$2" "$1")
+        [[ -n $port ]] && break
+        sleep 0.2
+    done
+    echo "$port"
+}
+UPPORT=$(printed_port "$W/upstream.out" 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p')
 [[ -n $UPPORT ]] || { echo "hot-text: bench_upstream did not start" >&2; exit 1; }
 
 export HOME=$W/home XDG_CONFIG_HOME=$W/config XDG_DATA_HOME=$W/data XDG_STATE_HOME=$W/state XDG_RUNTIME_DIR=$W/run
@@ -91,12 +97,7 @@ for via in hub gateway; do
     env TOWERCTL_FORWARD_VIA=$via "$T" port-forward alpha svc/web :80 --address 127.0.0.1 \
         >"$W/pf-$via.out" 2>"$W/pf-$via.err" </dev/null &
     PIDS+=($!)
-    port=""
-    for ((i = 0; i < 150; i++)); do
-        port=$(sed -n 's/^Forwarding from 127\.0\.0\.1:\([0-9]*\) -> 80$/\1/p' "$W/pf-$via.out")
-        [[ -n $port ]] && break
-        sleep 0.2
-    done
+    port=$(printed_port "$W/pf-$via.out" 's/^Forwarding from 127\.0\.0\.1:\([0-9]*\) -> 80$/\1/p')
     [[ -n $port ]] || { echo "hot-text: port-forward via $via did not start: $(cat "$W/pf-$via.err")" >&2; exit 1; }
     get "http://127.0.0.1:$port/version"
 done
