@@ -15,12 +15,7 @@ use support::apiserver::ApiServer;
 use support::Env;
 
 fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    support::status_kib(pid, "VmRSS").unwrap_or(0)
 }
 
 /// One stalled upload: the request head announcing 32 MB, 1 MiB of body,

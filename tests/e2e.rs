@@ -1632,11 +1632,7 @@ fn a_forward_carried_by_the_hub_does_not_wake_the_command_per_connection() {
 
 /// Private memory (RssAnon, KiB) of a process.
 fn rss_anon_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    support::status_kib(pid, "RssAnon")
         .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"))
 }
 

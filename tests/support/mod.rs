@@ -536,6 +536,16 @@ pub fn established_to(port: u16) -> usize {
     connections_to(port, &["01"])
 }
 
+/// A `kB` field of `/proc/PID/status` (VmRSS, RssAnon, …); None if the
+/// process or the field is gone.
+pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// How many times the threads of process `pid` went to sleep waiting
 /// (voluntary context switches, summed over its threads).
 pub fn sleeps(pid: i32) -> u64 {
