@@ -169,6 +169,96 @@ fn every_kubectl_path_works_through_a_server_name_context() {
     );
 }
 
+/// A TCP server that answers "ok" for every two bytes it receives: a peer
+/// that only speaks after a write-write pair, the pattern Nagle's algorithm
+/// stalls (the second write waits for the ACK of the first, which the
+/// receiver delays by 40 ms as it has nothing to send yet).
+fn pair_server() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let _ = c.set_nodelay(true);
+                let (mut buf, mut pending) = ([0u8; 64], 0usize);
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    pending += n;
+                    while pending >= 2 {
+                        pending -= 2;
+                        if c.write_all(b"ok").is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// kubectl port-forward (and exec, attach) go through the agent's client
+/// to the member's API server as an upgraded connection. That client used
+/// kube's builder, which leaves Nagle's algorithm on: each second small
+/// write in a row waited for the API server's delayed ACK, 40 ms per
+/// exchange (44 ms measured against 2-3 ms). Rounds of two writes then a
+/// read through `kubectl port-forward` must not stall like that.
+#[test]
+fn interactive_streams_through_kubectl_are_not_held_back_by_nagle() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let api = ApiServer::start();
+    api.add_pod(
+        "default",
+        "pair-0",
+        "10.99.0.7",
+        &[],
+        true,
+        &[("pair", 7000)],
+    );
+    api.set_portforward_target("default", "pair-0", 7000, pair_server());
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let pf = Streaming::start(env.kubectl_cmd(&["port-forward", "pod/pair-0", ":7000"]));
+    let port = port_after(&pf, "Forwarding from 127.0.0.1:");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_nodelay(true).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rounds = Vec::new();
+    for i in 0..21 {
+        let t = std::time::Instant::now();
+        c.write_all(b"a").unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        c.write_all(b"b").unwrap();
+        let mut ok = [0u8; 2];
+        c.read_exact(&mut ok)
+            .unwrap_or_else(|e| panic!("round {i}: {e}; {}", pf.output()));
+        assert_eq!(&ok, b"ok");
+        if i > 0 {
+            // The first round also opens the stream to the pod.
+            rounds.push(t.elapsed());
+        }
+    }
+    // A Nagle stall is at least the 40 ms minimum delayed ACK, in every
+    // round; without it a round is a few ms. Half the rounds is the bound,
+    // so that a busy machine's scheduling hiccups cannot fail the test.
+    let stalled = rounds
+        .iter()
+        .filter(|d| **d >= Duration::from_millis(38))
+        .count();
+    assert!(
+        stalled < rounds.len() / 2,
+        "{stalled} of {} write-write-read rounds took 38 ms or more: {rounds:?}",
+        rounds.len()
+    );
+}
+
 /// The Python interpreter with the official `kubernetes` client: the venv
 /// `.ci/run` creates under target/, else `TOWERCTL_TEST_PYTHON`, else python3.
 fn python() -> PathBuf {

@@ -1990,7 +1990,11 @@ async fn forward_port(
     out: mpsc::Sender<Vec<u8>>,
 ) {
     let tcp = match tokio::net::TcpStream::connect(addr).await {
-        Ok(tcp) => tcp,
+        // Go's sockets (the kubelet's) have TCP_NODELAY on.
+        Ok(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            tcp
+        }
         Err(e) => {
             if let Some(error) = error {
                 let msg = format!("error forwarding {what}: dial tcp {addr}: {e}");
@@ -2545,7 +2549,11 @@ async fn forward_channel(
     v5: bool,
 ) {
     let tcp = match tokio::net::TcpStream::connect(addr).await {
-        Ok(tcp) => tcp,
+        // Go's sockets (the kubelet's) have TCP_NODELAY on.
+        Ok(tcp) => {
+            let _ = tcp.set_nodelay(true);
+            tcp
+        }
         Err(e) => {
             let msg = format!("error forwarding {what}: dial tcp {addr}: {e}");
             let _ = out.send(channel_message(data + 1, msg.as_bytes())).await;
