@@ -208,6 +208,21 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     assert!(alice.towerctl(&["use", "gamma"]).ok());
     let o = alice.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
+    // Relabelling narrows too: gamma turning prod cuts her watch there.
+    let mut on_gamma = Streaming::start(alice.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    api.create_configmap("default", "before-relabel", &[("k", "v")]);
+    on_gamma.wait_for("before-relabel", Duration::from_secs(20));
+    let t = Instant::now();
+    let o = hub.towerctl(&["cluster", "label", "gamma", "env=prod"]);
+    assert!(o.ok(), "{o:?}");
+    wait_for(
+        "alice's watch on gamma to be cut",
+        Duration::from_secs(10),
+        || on_gamma.has_exited().then_some(()),
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(hub.towerctl(&["cluster", "label", "gamma", "env=dev"]).ok());
     // Removing the allow for web narrows bob to nothing.
     let o = hub.towerctl(&["access", "list", "-o", "json"]);
     let rules: Vec<serde_json::Value> = serde_json::from_str(&o.stdout).unwrap();

@@ -104,6 +104,94 @@ fn the_local_admin_cannot_be_removed() {
     assert!(o.stdout.contains("\"admin\""), "{o:?}");
 }
 
+/// `whoami` through the gateway with `token`: the HTTP status.
+fn whoami(hub: &Env, token: &str) -> String {
+    let gw = hub.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = hub.path("data/towerctl/ca.crt");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+    ])
+    .args(["--cacert", ca.to_str().unwrap()])
+    .args(["-H", &format!("Authorization: Bearer {token}")])
+    .arg(format!("{gw}/towerctl/v1/whoami"));
+    support::run_bounded(cmd, Duration::from_secs(20)).stdout
+}
+
+#[test]
+fn replacing_the_admin_token_file_retires_the_old_token() {
+    let hub = Env::new();
+    hub.up();
+    let file = hub.path("data/towerctl/admin.token");
+    let old = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_eq!(whoami(&hub, &old), "200");
+    // How a leaked admin token is replaced: the refusal to remove the
+    // admin says so.
+    let o = hub.towerctl(&["operator", "rm", "admin"]);
+    assert!(o.stderr.contains("admin.token"), "{o:?}");
+    assert!(hub.towerctl(&["down"]).ok());
+    std::fs::remove_file(&file).unwrap();
+    let o = hub.up();
+    assert!(o.ok(), "{o:?}");
+    let new = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert_ne!(new, old);
+    assert_eq!(whoami(&hub, &new), "200");
+    assert_eq!(
+        whoami(&hub, &old),
+        "401",
+        "the replaced admin token still works"
+    );
+    let o = hub.towerctl(&["operator", "list", "-o", "json"]);
+    let ops: Vec<serde_json::Value> = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        ops.iter().filter(|o| o["name"] == "admin").count(),
+        1,
+        "{ops:?}"
+    );
+    // A group that a comma would make two groups on the member is refused.
+    let o = hub.towerctl(&["operator", "add", "hank", "--group", "dev,system:masters"]);
+    assert!(
+        !o.ok() && o.stderr.contains("--group dev --group ops"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn a_request_still_waiting_for_its_answer_ends_when_access_is_withdrawn() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    connected(&hub, &api);
+    let laptop = operator_laptop(&hub, "bob");
+    assert!(laptop.towerctl(&["use", "alpha"]).ok());
+    assert!(laptop.kubectl(&["get", "ns"]).ok());
+    // The member takes 4 s to answer; bob is removed after 1 s. His
+    // request must not get its answer (nor, for a stream, open) after that.
+    api.set_delay(Duration::from_secs(4));
+    let pending = std::thread::spawn(move || {
+        let o = laptop.kubectl(&["get", "--raw", "/api/v1/namespaces"]);
+        (o, laptop)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    assert!(hub.towerctl(&["operator", "rm", "bob"]).ok());
+    let (o, _laptop) = pending.join().unwrap();
+    api.set_delay(Duration::ZERO);
+    assert!(
+        !o.ok() && o.stderr.contains("withdrawn") && !o.stdout.contains("NamespaceList"),
+        "{o:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
 #[test]
 fn rotate_new_key_forces_the_agent_to_join_again() {
     let hub = Env::new();

@@ -95,12 +95,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Removes what an operator must never pass to a member: their own
-/// credentials, and any identity they claim for themselves.
+/// credentials, and any identity they claim for themselves, including the
+/// front-proxy headers (`X-Remote-User`, `-Group`, `-Extra-*`, kube-apiserver's
+/// `--requestheader-*` defaults) that an API server believes when the agent
+/// authenticates with a front-proxy client certificate.
 pub fn strip_identity(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     let forged: Vec<_> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("impersonate-") || k.as_str().starts_with("x-towerctl-"))
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with("impersonate-")
+                || k.starts_with("x-towerctl-")
+                || k.starts_with("x-remote-")
+        })
         .cloned()
         .collect();
     for k in forged {
@@ -290,6 +298,9 @@ mod tests {
             HeaderValue::from_static("system:masters"),
         );
         h.insert("impersonate-extra-x", HeaderValue::from_static("y"));
+        h.insert("x-remote-user", HeaderValue::from_static("root"));
+        h.insert("x-remote-group", HeaderValue::from_static("system:masters"));
+        h.insert("x-remote-extra-scopes", HeaderValue::from_static("all"));
         h.insert("accept", HeaderValue::from_static("application/json"));
         strip_identity(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");

@@ -22,8 +22,42 @@ pub fn validate_name_of(kind: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// Why `group` cannot be an operator's Kubernetes group, if it cannot.
+/// Groups reach the member as `Impersonate-Group` header values and are
+/// named in access rules: printable ASCII, and no comma, which
+/// `--group dev,ops` would make one group on the hub and two on a member
+/// that splits the header.
+pub fn group_problem(group: &str) -> Option<String> {
+    let shown = group.escape_debug().to_string();
+    if group.is_empty() || group.len() > 253 {
+        return Some(format!("invalid group '{shown}': use 1-253 characters"));
+    }
+    if group.contains(',') {
+        return Some(format!(
+            "invalid group '{shown}': it contains ','; give each group its own --group (--group dev --group ops)"
+        ));
+    }
+    if group.trim() != group || !group.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Some(format!(
+            "invalid group '{shown}': use printable ASCII without leading or trailing spaces"
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn groups_are_one_printable_value_each() {
+        assert_eq!(super::group_problem("system:masters"), None);
+        assert_eq!(super::group_problem("team ops"), None);
+        let e = super::group_problem("dev,system:masters").unwrap();
+        assert!(e.contains("--group dev --group ops"), "{e}");
+        for bad in ["", " ops", "ops ", "a\nb", "caf\u{e9}", &"g".repeat(254)] {
+            assert!(super::group_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn names_are_dns_labels() {
         assert!(super::validate_name("alpha-1").is_ok());

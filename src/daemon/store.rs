@@ -91,6 +91,11 @@ pub struct Operator {
     #[serde(default)]
     pub groups: Vec<String>,
     pub created_at: u64,
+    /// For the local admin's rows: the hub whose `admin.token` this is
+    /// ("local" alone, `HOST:GATEWAY_PORT` with several hubs), so that a
+    /// hub replaces its own old admin token and no other hub's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +130,9 @@ pub trait Store: Send + Sync + 'static {
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError>;
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
-    /// Removes every token of operator `name`; returns how many.
-    fn delete_operator(&self, name: &str) -> Result<usize, StoreError>;
+    /// Removes every operator token for which `doomed` holds (all of one
+    /// operator's, or a local admin's old ones); returns how many.
+    fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError>;
     /// A hub-wide setting (a JSON document such as the access rules).
     fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         let _ = key;
@@ -269,23 +275,23 @@ impl Store for RedbStore {
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
         self.list(OPERATORS)
     }
-    fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
+    fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
         let tx = self.db.begin_write().map_err(io)?;
         let n = {
             let mut t = tx.open_table(OPERATORS).map_err(io)?;
-            let mut doomed = Vec::new();
+            let mut keys = Vec::new();
             for row in t.iter().map_err(io)? {
                 let (k, v) = row.map_err(io)?;
                 if let Ok(op) = serde_json::from_slice::<Operator>(v.value()) {
-                    if op.name == name {
-                        doomed.push(k.value().to_string());
+                    if doomed(&op) {
+                        keys.push(k.value().to_string());
                     }
                 }
             }
-            for k in &doomed {
+            for k in &keys {
                 t.remove(k.as_str()).map_err(io)?;
             }
-            doomed.len()
+            keys.len()
         };
         tx.commit().map_err(io)?;
         Ok(n)
@@ -367,11 +373,11 @@ impl Store for MemStore {
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
         Ok(self.operators.lock().unwrap().values().cloned().collect())
     }
-    fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
+    fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
         self.wrote();
         let mut ops = self.operators.lock().unwrap();
         let before = ops.len();
-        ops.retain(|_, o| o.name != name);
+        ops.retain(|_, o| !doomed(o));
         Ok(before - ops.len())
     }
     fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -406,10 +406,10 @@ impl Store for EtcdStore {
         self.put_raw(&format!("settings/{key}"), value.as_bytes(), 0)
             .map(|_| ())
     }
-    fn delete_operator(&self, name: &str) -> Result<usize, StoreError> {
+    fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
         let mut n = 0;
         for op in self.list_operators()? {
-            if op.name == name && self.delete(&format!("{OPERATORS}{}", op.token_hash))? {
+            if doomed(&op) && self.delete(&format!("{OPERATORS}{}", op.token_hash))? {
                 n += 1;
             }
         }

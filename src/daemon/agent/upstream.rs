@@ -131,17 +131,15 @@ fn impersonation(
     else {
         return Err("the request carries no operator identity to impersonate".into());
     };
+    // One value per group (the hub never joins them: a group containing a
+    // comma stays one group).
     let groups = headers
-        .get(GROUPS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|g| {
-            g.split(',')
-                .map(str::trim)
-                .filter(|g| !g.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
+        .get_all(GROUPS_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect();
     Ok(Some((user, groups)))
 }
 

@@ -5,7 +5,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::revoked_reason;
 use super::Hub;
 use crate::daemon::control::{self, ClusterAdded, HubStatus, Request, Response};
-use crate::daemon::names::{validate_name, validate_name_of};
+use crate::daemon::names::{group_problem, validate_name, validate_name_of};
 use crate::daemon::store::{Member, Operator};
 use crate::tunnel::keys;
 
@@ -163,7 +163,15 @@ pub(super) fn handle(
         }
         Request::ClusterLabel { name, set, remove } => {
             match crate::daemon::labels::apply(hub.store.as_ref(), &name, set, &remove) {
-                Ok(l) => Response::ok(l),
+                Ok(l) => {
+                    // Rules that select by label may now refuse streams
+                    // already open to this member.
+                    let cut = hub.recheck_streams();
+                    if cut > 0 {
+                        tracing::info!(cluster = %name, "labels changed; {cut} open streams cut");
+                    }
+                    Response::ok(l)
+                }
                 Err(e) => Response::err(e),
             }
         }
@@ -211,6 +219,9 @@ pub(super) fn handle(
             if let Err(e) = validate_name_of("operator", &name) {
                 return Response::err(e);
             }
+            if let Some(e) = groups.iter().find_map(|g| group_problem(g)) {
+                return Response::err(e);
+            }
             if hub
                 .store
                 .list_operators()
@@ -229,6 +240,7 @@ pub(super) fn handle(
                 token_hash: keys::token_hash(&token),
                 groups,
                 created_at: control::now_unix(),
+                hub: None,
             };
             if let Err(e) = hub.store.put_operator(&op) {
                 return Response::err(e.to_string());
@@ -275,9 +287,9 @@ pub(super) fn handle(
             Err(e) => Response::err(e.to_string()),
         },
         Request::OperatorRemove { name } if name == super::LOCAL_ADMIN => Response::err(format!(
-            "'{name}' is the hub's local admin: it is what 'towerctl use' on the hub machine runs as, and it is recreated from the hub's admin.token at every start, so it cannot be removed; give other people their own operators ('towerctl operator add NAME') instead"
+            "'{name}' is the hub's local admin: it is what 'towerctl use' on the hub machine runs as, and it is recreated from the hub's admin.token at every start, so it cannot be removed; give other people their own operators ('towerctl operator add NAME') instead. To replace its token (it leaked), stop the hub, delete '{}' and start the hub again: the old token stops working", crate::paths::data_dir().join("admin.token").display()
         )),
-        Request::OperatorRemove { name } => match hub.store.delete_operator(&name) {
+        Request::OperatorRemove { name } => match hub.store.delete_operators(&|o| o.name == name) {
             Ok(0) => Response::err(format!(
                 "no operator named '{name}'; 'towerctl operator list' shows them"
             )),

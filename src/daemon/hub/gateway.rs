@@ -447,19 +447,19 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     };
     // Access rules: a member the operator may not reach answers exactly
     // like one that does not exist, so names do not leak.
-    let decision = hub.decide(&operator, &name);
+    let (decision, guard) = hub.admit(&operator, &name);
     let record = Record {
         rule: Some(decision.why.clone()),
         ..record
     };
-    if !decision.allowed {
+    let Some(guard) = guard else {
         let (code, reason, msg) = unknown_cluster(&hub, &name);
         hub.auditor.record(Record {
             status: code.as_u16(),
             ..record
         });
         return status_response(code, reason, &msg);
-    }
+    };
     // Long-lived streams are recorded when they open and when they close.
     if is_upgrade(req.headers()) {
         hub.auditor.record_start(&record);
@@ -472,6 +472,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             &operator,
             name,
             upstream_path,
+            guard,
             Some(end.clone()),
         )
         .await;
@@ -482,7 +483,18 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     if long {
         hub.auditor.record_start(&record);
     }
-    let resp = proxy(&hub, slot, req, peer, &operator, name, upstream_path, None).await;
+    let resp = proxy(
+        &hub,
+        slot,
+        req,
+        peer,
+        &operator,
+        name,
+        upstream_path,
+        guard,
+        None,
+    )
+    .await;
     let (parts, body) = resp.into_parts();
     let record = Record {
         status: parts.status.as_u16(),
@@ -572,6 +584,18 @@ pub(super) struct RawStream {
     _counted: super::OpenChannel,
 }
 
+/// A raw stream whose access was withdrawn before it opened: audited, and
+/// refused like a request ([`revoked`]).
+fn raw_revoked(hub: &Hub, mut record: Record, cluster: &str) -> RawRefusal {
+    record.status = StatusCode::FORBIDDEN.as_u16();
+    record.error = Some("access withdrawn before the stream opened".into());
+    hub.auditor.record(record);
+    RawRefusal::Answer(
+        StatusCode::FORBIDDEN,
+        format!("access to cluster '{cluster}' was withdrawn while the stream was opening"),
+    )
+}
+
 /// Opens a raw stream for `operator` to `target:port` in `cluster`: the
 /// access rules first (a member the operator may not reach answers like an
 /// unknown one), then the channel and the agent's answer to its dial. Shared
@@ -584,7 +608,8 @@ pub(super) async fn open_raw(
     port: u16,
     peer: SocketAddr,
 ) -> Result<RawStream, RawRefusal> {
-    let decision = hub.decide(operator, cluster);
+    // Registered before the decision: see `Hub::admit`.
+    let (decision, guard) = hub.admit(operator, cluster);
     let mut record = Record {
         time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
         operator: operator.name.clone(),
@@ -597,12 +622,12 @@ pub(super) async fn open_raw(
         rule: Some(decision.why),
         ..Record::default()
     };
-    if !decision.allowed {
+    let Some(guard) = guard else {
         let (code, _, msg) = unknown_cluster(hub, cluster);
         record.status = code.as_u16();
         hub.auditor.record(record);
         return Err(RawRefusal::Answer(code, msg));
-    }
+    };
     let Some(session) = hub.session(cluster) else {
         return Err(RawRefusal::Elsewhere);
     };
@@ -626,9 +651,13 @@ pub(super) async fn open_raw(
         u32::from(peer.port()),
     );
     // A wedged agent answers nothing until its keepalives give up: bounded.
-    let opened = tokio::time::timeout(Duration::from_secs(20), open)
-        .await
-        .unwrap_or(Err(russh::Error::ConnectionTimeout));
+    // Access withdrawn meanwhile ends the wait (the stream never opens).
+    let opened = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(20), open) => {
+            r.unwrap_or(Err(russh::Error::ConnectionTimeout))
+        }
+        () = guard.cut.cancelled() => return Err(raw_revoked(hub, record, cluster)),
+    };
     let mut stream = match opened {
         Ok(s) => crate::tunnel::counted::Counted::new(
             s,
@@ -640,20 +669,23 @@ pub(super) async fn open_raw(
             return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting")));
         }
     };
-    let answer =
-        match tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)).await {
-            Ok(Ok(a)) => a,
-            _ => {
-                hub.dial_failures.add(DialFailure::AgentError);
-                return Err(RawRefusal::Answer(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "cluster '{cluster}': the agent did not answer for {}",
-                        target.describe()
-                    ),
-                ));
-            }
-        };
+    let read = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,
+        () = guard.cut.cancelled() => return Err(raw_revoked(hub, record, cluster)),
+    };
+    let answer = match read {
+        Ok(Ok(a)) => a,
+        _ => {
+            hub.dial_failures.add(DialFailure::AgentError);
+            return Err(RawRefusal::Answer(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "cluster '{cluster}': the agent did not answer for {}",
+                    target.describe()
+                ),
+            ));
+        }
+    };
     if let RawAnswer::Err(code, msg) = answer {
         hub.dial_failures.add(DialFailure::from(code));
         let status = code.http_status();
@@ -666,12 +698,15 @@ pub(super) async fn open_raw(
             format!("cluster '{cluster}': {msg}"),
         ));
     }
+    if guard.cut.is_cancelled() {
+        return Err(raw_revoked(hub, record, cluster));
+    }
     hub.auditor.record_start(&record);
     record.phase = Some("end".into());
     Ok(RawStream {
         stream,
         record,
-        guard: hub.streams.open(&operator.name, cluster),
+        guard,
         start,
         auditor: hub.auditor.clone(),
         _counted: session.channel_opened(),
@@ -750,6 +785,16 @@ fn impersonation_agrees(session: &LiveSession) -> Result<(), String> {
     }
 }
 
+/// The answer to a request whose access was withdrawn while it waited for
+/// the member.
+fn revoked(cluster: &str) -> Response<Body> {
+    status_response(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &format!("access to cluster '{cluster}' was withdrawn while the request was in flight"),
+    )
+}
+
 /// Carries one request to the member and its response back.
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
@@ -760,6 +805,7 @@ async fn proxy(
     operator: &Operator,
     name: String,
     upstream_path: String,
+    guard: crate::daemon::streams::StreamGuard,
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
     let Some(session) = hub.session(&name) else {
@@ -803,9 +849,11 @@ async fn proxy(
     if let Ok(v) = HeaderValue::from_str(&operator.name) {
         parts.headers.insert(OPERATOR_HEADER, v);
     }
-    if !operator.groups.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&operator.groups.join(",")) {
-            parts.headers.insert(GROUPS_HEADER, v);
+    // One header value per group, never joined: a group is one value
+    // whatever it contains.
+    for g in &operator.groups {
+        if let Ok(v) = HeaderValue::from_str(g) {
+            parts.headers.append(GROUPS_HEADER, v);
         }
     }
     if session.impersonate.load(Ordering::Relaxed) {
@@ -815,66 +863,81 @@ async fn proxy(
     }
     let up_req = Request::from_parts(parts, body);
 
-    // An upgraded connection is spliced for good: it gets its own channel.
-    let reused = if upgrade {
-        None
-    } else {
-        slot.take(&name, session.id)
-    };
-    let was_reused = reused.is_some();
-    let mut sender = match reused {
-        Some(s) => s,
-        None => match open_channel(hub, &session, &name, peer).await {
-            Ok(s) => s,
-            Err(resp) => {
-                hub.dial_failures.add(DialFailure::ChannelRefused);
-                return resp;
-            }
-        },
-    };
-    let mut resp = match sender.try_send_request(up_req).await {
-        Ok(r) => r,
-        Err(mut e) => match (was_reused, e.take_message()) {
-            // The reused channel was closed under us before the request
-            // went out: safe to send it again on a fresh one, whatever its
-            // method.
-            (true, Some(up_req)) => {
-                sender = match open_channel(hub, &session, &name, peer).await {
-                    Ok(s) => s,
-                    Err(resp) => {
-                        hub.dial_failures.add(DialFailure::ChannelRefused);
-                        return resp;
-                    }
-                };
-                match sender.send_request(up_req).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        hub.dial_failures.add(DialFailure::AgentError);
-                        return status_response(
-                            StatusCode::BAD_GATEWAY,
-                            "BadGateway",
-                            &format!("cluster '{name}': the agent did not answer: {e}"),
-                        );
+    let exchange = async {
+        // An upgraded connection is spliced for good: it gets its own channel.
+        let reused = if upgrade {
+            None
+        } else {
+            slot.take(&name, session.id)
+        };
+        let was_reused = reused.is_some();
+        let mut sender = match reused {
+            Some(s) => s,
+            None => match open_channel(hub, &session, &name, peer).await {
+                Ok(s) => s,
+                Err(resp) => {
+                    hub.dial_failures.add(DialFailure::ChannelRefused);
+                    return Err(resp);
+                }
+            },
+        };
+        let resp = match sender.try_send_request(up_req).await {
+            Ok(r) => r,
+            Err(mut e) => match (was_reused, e.take_message()) {
+                // The reused channel was closed under us before the request
+                // went out: safe to send it again on a fresh one, whatever
+                // its method.
+                (true, Some(up_req)) => {
+                    sender = match open_channel(hub, &session, &name, peer).await {
+                        Ok(s) => s,
+                        Err(resp) => {
+                            hub.dial_failures.add(DialFailure::ChannelRefused);
+                            return Err(resp);
+                        }
+                    };
+                    match sender.send_request(up_req).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            hub.dial_failures.add(DialFailure::AgentError);
+                            return Err(status_response(
+                                StatusCode::BAD_GATEWAY,
+                                "BadGateway",
+                                &format!("cluster '{name}': the agent did not answer: {e}"),
+                            ));
+                        }
                     }
                 }
-            }
-            _ => {
-                hub.dial_failures.add(DialFailure::AgentError);
-                return status_response(
-                    StatusCode::BAD_GATEWAY,
-                    "BadGateway",
-                    &format!("cluster '{name}': the agent did not answer: {}", e.error()),
-                );
-            }
-        },
+                _ => {
+                    hub.dial_failures.add(DialFailure::AgentError);
+                    return Err(status_response(
+                        StatusCode::BAD_GATEWAY,
+                        "BadGateway",
+                        &format!("cluster '{name}': the agent did not answer: {}", e.error()),
+                    ));
+                }
+            },
+        };
+        Ok((resp, sender))
     };
+    // The stream was registered before access was decided (`Hub::admit`):
+    // access withdrawn while the member has not answered yet ends the
+    // request here, and an answer never opens a stream for it.
+    let (mut resp, sender) = tokio::select! {
+        r = exchange => match r {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        },
+        () = guard.cut.cancelled() => return revoked(&name),
+    };
+    if guard.cut.is_cancelled() {
+        return revoked(&name);
+    }
     if !upgrade {
         slot.put(name.clone(), &session, sender);
     }
     // Every stream is registered under its operator and member, so that
     // revoking access cuts it at once, whatever it is (watch, logs -f,
     // exec, port-forward).
-    let guard = hub.streams.open(&operator.name, &name);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let stop = guard.cut.clone();
         finish_upgrade(&hub.tasks, client_upgrade, &mut resp, stop, (guard, end));

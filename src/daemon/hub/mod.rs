@@ -383,19 +383,58 @@ impl Hub {
 
     /// Whether `op` may reach member `name`, and the rule that decided. The
     /// member's labels are read from the registry (a missing member has
-    /// none; the caller answers for it as unknown either way).
+    /// none; the caller answers for it as unknown either way). A registry
+    /// that cannot be read refuses: label rules could not be applied, and
+    /// one of them may be a deny.
     pub fn decide(&self, op: &Operator, name: &str) -> super::access::Decision {
         let labels = if op.name == LOCAL_ADMIN {
             Default::default()
         } else {
-            self.store
-                .get_member(name)
-                .ok()
-                .flatten()
-                .map(|m| m.labels)
-                .unwrap_or_default()
+            match self.store.get_member(name) {
+                Ok(m) => m.map(|m| m.labels).unwrap_or_default(),
+                Err(e) => {
+                    tracing::error!(cluster = %name, "cannot read the member's labels; refusing: {e}");
+                    return super::access::Decision {
+                        allowed: false,
+                        why: "the registry cannot be read".into(),
+                    };
+                }
+            }
         };
         self.decide_labeled(op, name, &labels)
+    }
+
+    /// Registers a stream of `op` to `cluster`, then decides whether it may
+    /// be: the stream is registered *before* the decision, so a revocation
+    /// that lands after it (operator removed, rule or labels changed: each
+    /// changes what `decide` reads and then cuts the registered streams)
+    /// cuts this one too, even while its request still waits for the
+    /// member's answer. The operator must also still exist. The guard comes
+    /// back only when allowed.
+    pub fn admit(
+        &self,
+        op: &Operator,
+        cluster: &str,
+    ) -> (super::access::Decision, Option<super::streams::StreamGuard>) {
+        let guard = self.streams.open(&op.name, cluster);
+        let present = self
+            .operators
+            .read()
+            .map(|m| m.contains_key(&op.token_hash))
+            .unwrap_or(false);
+        if !present {
+            let why = "the operator was removed".to_string();
+            return (
+                super::access::Decision {
+                    allowed: false,
+                    why,
+                },
+                None,
+            );
+        }
+        let decision = self.decide(op, cluster);
+        let guard = decision.allowed.then_some(guard);
+        (decision, guard)
     }
 
     /// [`Hub::decide`] for a member whose labels the caller already has
@@ -437,13 +476,16 @@ impl Hub {
             .read()
             .map(|m| m.values().map(|o| (o.name.clone(), o.clone())).collect())
             .unwrap_or_default();
-        let labels: HashMap<String, super::store::Labels> = self
-            .store
-            .list_members()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| (m.name, m.labels))
-            .collect();
+        let labels: HashMap<String, super::store::Labels> = match self.store.list_members() {
+            Ok(ms) => ms.into_iter().map(|m| (m.name, m.labels)).collect(),
+            Err(e) => {
+                // Label rules cannot be applied: fail closed.
+                tracing::error!("cannot read the members' labels to recheck open streams; cutting every stream but the local admin's: {e}");
+                return self
+                    .streams
+                    .cut(|op, _| ops.get(op).is_none_or(|o| o.name != LOCAL_ADMIN));
+            }
+        };
         let none = Default::default();
         self.streams.cut(|op, cluster| match ops.get(op) {
             Some(o) => {
@@ -603,6 +645,37 @@ impl Hub {
     }
 }
 
+/// Makes the token in `admin.token` the local admin's (LOCAL_ADMIN), and
+/// removes this hub's older admin tokens: deleting `admin.token` and
+/// restarting the hub is how a leaked admin token is replaced, so the old
+/// one must stop working (it used to stay valid for good, and `operator rm
+/// admin` is refused). A hub alone removes every other admin token; with
+/// several hubs, only the rows it wrote itself (`hub_id`), as each hub has
+/// its own admin.token.
+fn local_admin(store: &dyn Store, token: &str, hub_id: &str, alone: bool) -> Result<()> {
+    let hash = keys::token_hash(token);
+    let current = store.operator_by_token_hash(&hash)?;
+    if current.as_ref().map(|o| o.hub.as_deref()) != Some(Some(hub_id)) {
+        store.put_operator(&Operator {
+            name: LOCAL_ADMIN.into(),
+            token_hash: hash.clone(),
+            groups: vec!["system:masters".into()],
+            created_at: current.map_or_else(ctl::now_unix, |o| o.created_at),
+            hub: Some(hub_id.to_string()),
+        })?;
+    }
+    let stale = |o: &Operator| {
+        o.name == LOCAL_ADMIN && o.token_hash != hash && (alone || o.hub.as_deref() == Some(hub_id))
+    };
+    let n = store.delete_operators(&stale)?;
+    if n > 0 {
+        tracing::info!(
+            "{n} earlier admin token(s) of this hub no longer work (admin.token was replaced)"
+        );
+    }
+    Ok(())
+}
+
 fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
     paths::write_atomic(path, data, mode)
 }
@@ -652,16 +725,6 @@ pub async fn run(
             t
         }
     };
-    let admin_hash = keys::token_hash(&admin_token);
-    // LOCAL_ADMIN is the operator this token belongs to.
-    if store.operator_by_token_hash(&admin_hash)?.is_none() {
-        store.put_operator(&Operator {
-            name: LOCAL_ADMIN.into(),
-            token_hash: admin_hash,
-            groups: vec!["system:masters".into()],
-            created_at: ctl::now_unix(),
-        })?;
-    }
 
     let tunnel_listener = TcpListener::bind(cfg.listen).await.with_context(|| {
         format!(
@@ -684,6 +747,18 @@ pub async fn run(
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    // With several hubs, each has its own admin.token and so its own admin
+    // row in the shared registry; the gateway's port tells two hubs on one
+    // host apart.
+    let hub_id = match shared {
+        Some(_) => format!(
+            "{}:{}",
+            hostname().unwrap_or_else(|| "hub".into()),
+            gateway_addr.port()
+        ),
+        None => "local".to_string(),
+    };
+    local_admin(store.as_ref(), &admin_token, &hub_id, shared.is_none())?;
 
     let mut names = vec![
         "localhost".to_string(),
@@ -757,11 +832,7 @@ pub async fn run(
     hub.load_access()?;
     let tracker = hub.tasks.clone();
     if let Some(shared) = shared {
-        let id = format!(
-            "{}:{}",
-            hostname().unwrap_or_else(|| "hub".into()),
-            gateway_addr.port()
-        );
+        let id = hub_id;
         let changes = shared.subscribe();
         let cluster = peer::Cluster::start(
             shared,

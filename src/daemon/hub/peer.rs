@@ -497,10 +497,13 @@ pub async fn run(
                 let Some(ch) = ch else { return };
                 let mut operators = ch == Change::Operators;
                 let mut settings = ch == Change::Settings;
+                // A member's labels may have changed on another hub.
+                let mut members = matches!(ch, Change::Member(_));
                 // Take what else is queued, then act once.
                 while let Ok(more) = changes.try_recv() {
                     operators |= more == Change::Operators;
                     settings |= more == Change::Settings;
+                    members |= matches!(more, Change::Member(_));
                 }
                 if operators {
                     hub.reload_operators();
@@ -511,7 +514,7 @@ pub async fn run(
                         tracing::warn!("cannot load the access rules from etcd: {e}");
                     }
                 }
-                if operators || settings {
+                if operators || settings || members {
                     hub.recheck_streams();
                 }
                 cluster.reconcile(&hub);
