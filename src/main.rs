@@ -56,10 +56,11 @@ fn init_logging(verbose: u8, daemon: bool) {
         _ => "debug",
     };
     // rustls warns once per TLS handshake from a client that sends an IP
-    // address as SNI (curl, wrk): an unauthenticated peer must not be able
-    // to write a log line per connection, so only its errors show.
+    // address as SNI (curl, wrk), and h2 once per connection that breaks
+    // its limits (a reset flood): an unauthenticated peer must not be able
+    // to write a log line per connection, so only their errors show.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("towerctl={default},rustls=error,warn"))
+        tracing_subscriber::EnvFilter::new(format!("towerctl={default},rustls=error,h2=error,warn"))
     });
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -10,13 +10,17 @@
 //!   and a `phase: "end"` one when they close.
 //! - *Hide in the noise*: requests without an accepted token (401) and
 //!   calls to `/towerctl/v1/*` are recorded too; paths are cut to
-//!   [`MAX_PATH`] bytes.
+//!   [`MAX_PATH`] bytes and every other field to a bound of its own, so a
+//!   record stays under ~2 KiB whatever the client sent (a 60 KB method
+//!   name made 60 KB records).
 //! - *Push out others' history*: each operator (and all unauthenticated
 //!   clients together) has a token bucket of records, [`Limits`]
 //!   (`TOWERCTL_AUDIT_RATE` records a second, `TOWERCTL_AUDIT_BURST` at
 //!   once, read by the hub at start); records over it are counted and
 //!   written as one `verb: "suppressed"` summary ("suppressed N records")
-//!   as soon as the bucket refills.
+//!   as soon as the bucket refills. Unauthenticated clients together get a
+//!   tenth of that, and their paths are cut to a quarter: anyone can send
+//!   them, so they must not be able to rotate the history away.
 //! - *Kill the hub to lose it*: every record is written to the file (the
 //!   page cache) as soon as the writer receives it, with no buffering in
 //!   the process, and the writer is woken at least once a second; a hub
@@ -130,7 +134,11 @@ struct Limiter {
 
 impl Limiter {
     fn refill(&mut self, key: &str, now: Instant) -> &mut Bucket {
-        let l = self.limits;
+        let mut l = self.limits;
+        if key == UNAUTHENTICATED {
+            l.rate = (l.rate / 10.0).max(1.0);
+            l.burst = (l.burst / 10.0).max(1.0);
+        }
         let b = self.buckets.entry(key.to_string()).or_insert(Bucket {
             tokens: l.burst,
             last: now,
@@ -186,18 +194,41 @@ fn summary(operator: &str, n: u64) -> Record {
     }
 }
 
-/// Cuts `path` to [`MAX_PATH`] bytes (on a character boundary).
-pub fn truncate_path(path: &mut String) {
-    if path.len() <= MAX_PATH {
+/// Cuts `s` to `max` bytes (on a character boundary), saying how much.
+fn cut(s: &mut String, max: usize) {
+    if s.len() <= max {
         return;
     }
-    let total = path.len();
-    let mut cut = MAX_PATH;
-    while !path.is_char_boundary(cut) {
-        cut -= 1;
+    let total = s.len();
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
     }
-    path.truncate(cut);
-    path.push_str(&format!("…[{} more bytes]", total - cut));
+    s.truncate(at);
+    s.push_str(&format!("…[{} more bytes]", total - at));
+}
+
+/// Bounds every field a client can fill, whatever it sent.
+fn bound(r: &mut Record) {
+    let unauthenticated = r.operator == UNAUTHENTICATED;
+    cut(
+        &mut r.path,
+        if unauthenticated {
+            MAX_PATH / 4
+        } else {
+            MAX_PATH
+        },
+    );
+    cut(&mut r.method, 32);
+    cut(&mut r.verb, 32);
+    cut(&mut r.operator, 128);
+    cut(&mut r.cluster, 128);
+    for s in [&mut r.rule, &mut r.error, &mut r.peer, &mut r.phase]
+        .into_iter()
+        .flatten()
+    {
+        cut(s, 512);
+    }
 }
 
 /// The Kubernetes verb of a request, from its method and path.
@@ -308,7 +339,7 @@ impl Auditor {
     /// Queues `r` for the log, within its operator's budget (its path cut
     /// to [`MAX_PATH`]).
     pub fn record(&self, mut r: Record) {
-        truncate_path(&mut r.path);
+        bound(&mut r);
         let (ok, owed) = self
             .limiter
             .lock()
@@ -335,6 +366,53 @@ impl Auditor {
     fn send(&self, r: Record) {
         if self.tx.try_send(Msg::Record(Box::new(r))).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A request's record while the gateway waits for the member: written
+/// with status 499 (nginx's "client closed request") if the request is
+/// dropped first, as hyper does when the client resets the stream or
+/// closes the connection. Without it such a request reached the member
+/// and left no record.
+pub struct Pending {
+    record: Option<Record>,
+    start: Instant,
+    auditor: Auditor,
+}
+
+impl Pending {
+    pub fn new(record: Record, start: Instant, auditor: Auditor) -> Pending {
+        Pending {
+            record: Some(record),
+            start,
+            auditor,
+        }
+    }
+
+    /// The record back, for the caller to complete and write.
+    pub fn take(mut self) -> Record {
+        self.record.take().unwrap_or_default()
+    }
+
+    /// Writes the record as refused with `status` and `error`.
+    pub fn refuse(self, status: u16, error: &str) {
+        let (start, auditor) = (self.start, self.auditor.clone());
+        let mut r = self.take();
+        r.status = status;
+        r.duration_ms = start.elapsed().as_millis() as u64;
+        r.error = Some(error.to_string());
+        auditor.record(r);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.status = 499;
+            r.duration_ms = self.start.elapsed().as_millis() as u64;
+            r.error = Some("the client went away before the member answered".into());
+            self.auditor.record(r);
         }
     }
 }
@@ -601,16 +679,44 @@ mod tests {
     }
 
     #[test]
+    fn a_record_stays_small_whatever_the_client_sent() {
+        let mut r = Record {
+            operator: UNAUTHENTICATED.into(),
+            method: "X".repeat(60_000),
+            cluster: "c".repeat(30_000),
+            path: "/p".repeat(30_000),
+            error: Some("e".repeat(10_000)),
+            ..Record::default()
+        };
+        bound(&mut r);
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.len() < 2048, "{} bytes", line.len());
+        assert!(r.method.ends_with("more bytes]"), "{}", r.method);
+        // Unauthenticated clients share a tenth of an operator's budget.
+        let mut l = Limiter {
+            limits: Limits {
+                rate: 100.0,
+                burst: 1000.0,
+            },
+            buckets: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        let admitted = (0..1000).filter(|_| l.admit(UNAUTHENTICATED, t0).0).count();
+        assert_eq!(admitted, 100);
+        assert_eq!((0..1000).filter(|_| l.admit("bob", t0).0).count(), 1000);
+    }
+
+    #[test]
     fn paths_are_cut_on_a_character_boundary() {
         let mut p = "é".repeat(MAX_PATH);
-        truncate_path(&mut p);
+        cut(&mut p, MAX_PATH);
         assert!(p.len() < MAX_PATH + 40, "{}", p.len());
         assert!(
             p.ends_with(&format!("…[{} more bytes]", 2 * MAX_PATH - MAX_PATH)),
             "{p}"
         );
         let mut short = "/api".to_string();
-        truncate_path(&mut short);
+        cut(&mut short, MAX_PATH);
         assert_eq!(short, "/api");
     }
 

@@ -237,6 +237,12 @@ pub fn render(snap: &Snapshot) -> String {
     o
 }
 
+/// Connections the metrics listener holds at once (scrapers are few).
+const METRICS_CAPS: super::admission::Caps = super::admission::Caps {
+    total: 64,
+    per_source: 16,
+};
+
 /// Serves `/metrics` until `cancel` fires; `snapshot` is taken per scrape.
 pub async fn serve<F>(
     listener: TcpListener,
@@ -246,8 +252,15 @@ pub async fn serve<F>(
 ) where
     F: Fn() -> Snapshot + Clone + Send + Sync + 'static,
 {
-    while let Some((tcp, _)) = super::accept_next(&listener, &cancel, "metrics").await {
+    // Scrapers never authenticate, so every connection holds a ticket for
+    // its whole life: at most METRICS_CAPS open, the oldest closed for a new
+    // one (of its own source first), each for at most 10 s. Without a cap,
+    // idle connections held the hub's descriptors until the gateway and
+    // the tunnel listener could accept nothing.
+    let admission = super::admission::Admission::new("metrics", METRICS_CAPS);
+    while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "metrics").await {
         let snapshot = snapshot.clone();
+        let ticket = admission.admit(peer.ip());
         tasks.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -271,11 +284,14 @@ pub async fn serve<F>(
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
-            let _ = tokio::time::timeout(
-                Duration::from_secs(30),
+            let conn = tokio::time::timeout(
+                Duration::from_secs(10),
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
-            )
-            .await;
+            );
+            tokio::select! {
+                _ = conn => {}
+                () = ticket.evicted.cancelled() => {}
+            }
         });
     }
 }

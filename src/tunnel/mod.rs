@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod client;
 pub mod counted;
 pub mod flow;
+pub mod framecap;
 pub mod keys;
 pub mod server;
 pub mod slurp;

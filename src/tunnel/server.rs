@@ -225,10 +225,16 @@ pub fn agent_version(ssh_id: &str) -> String {
         .split(' ')
         .next()
         .unwrap_or("");
+    // Stored in the registry and printed by `cluster list` and `status`:
+    // only what a version is made of, bounded (an agent's key holder could
+    // otherwise put terminal escapes on an operator's screen).
     software
         .strip_prefix("towerctl_")
         .unwrap_or(software)
-        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+' | '~'))
+        .take(64)
+        .collect()
 }
 
 /// A farewell reason as the hub keeps it: printable, bounded.
@@ -389,7 +395,16 @@ where
     let handle = running.handle();
     let _ = handle_slot.set(handle.clone());
     let (name, version, features) = tokio::select! {
-        r = rx => r.map_err(|_| AcceptError::NotAuthenticated)?,
+        // The handler is dropped when the login fails, which closes `rx`
+        // too: a refused token must still count as refused (the hub's
+        // penalty for guessing), whichever branch sees the end first.
+        r = rx => r.map_err(|_| {
+            if refused_rx.try_recv().is_ok() {
+                AcceptError::Refused
+            } else {
+                AcceptError::NotAuthenticated
+            }
+        })?,
         r = &mut running => {
             return Err(match r {
                 _ if refused_rx.try_recv().is_ok() => AcceptError::Refused,
@@ -481,6 +496,15 @@ mod tests {
         assert_eq!(
             super::agent_version("SSH-2.0-OpenSSH_9.2p1 Debian-2"),
             "OpenSSH_9.2p1"
+        );
+        // Terminal escapes and bell from a hostile identification string.
+        assert_eq!(
+            super::agent_version("SSH-2.0-towerctl_9.9\x1b[31mRED\x1b]0;pwned\x07\x1b[2J"),
+            "9.931mRED0pwned2J"
+        );
+        assert_eq!(
+            super::agent_version(&format!("SSH-2.0-{}", "9".repeat(500))).len(),
+            64
         );
     }
 }

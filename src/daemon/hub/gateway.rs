@@ -483,6 +483,12 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     if long {
         hub.auditor.record_start(&record);
     }
+    let record = Record {
+        phase: long.then(|| "end".to_string()),
+        ..record
+    };
+    // Recorded even if the client goes away before the member answers.
+    let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
     let resp = proxy(
         &hub,
         slot,
@@ -498,8 +504,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     let (parts, body) = resp.into_parts();
     let record = Record {
         status: parts.status.as_u16(),
-        phase: long.then(|| "end".to_string()),
-        ..record
+        ..pending.take()
     };
     Response::from_parts(
         parts,
@@ -643,6 +648,8 @@ pub(super) async fn open_raw(
         groups: operator.groups.clone(),
     };
     let (address, originator) = (target.channel_address(), who.encode());
+    // Recorded even if the client goes away while the agent dials.
+    let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
     let open = server::open_as(
         &session.handle,
         &address,
@@ -656,7 +663,7 @@ pub(super) async fn open_raw(
         r = tokio::time::timeout(Duration::from_secs(20), open) => {
             r.unwrap_or(Err(russh::Error::ConnectionTimeout))
         }
-        () = guard.cut.cancelled() => return Err(raw_revoked(hub, record, cluster)),
+        () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
     };
     let mut stream = match opened {
         Ok(s) => crate::tunnel::counted::Counted::new(
@@ -666,26 +673,28 @@ pub(super) async fn open_raw(
         ),
         Err(e) => {
             hub.dial_failures.add(DialFailure::ChannelRefused);
-            return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting")));
+            let msg = format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting");
+            pending.refuse(503, &msg);
+            return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
         }
     };
     let read = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,
-        () = guard.cut.cancelled() => return Err(raw_revoked(hub, record, cluster)),
+        () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
     };
     let answer = match read {
         Ok(Ok(a)) => a,
         _ => {
             hub.dial_failures.add(DialFailure::AgentError);
-            return Err(RawRefusal::Answer(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "cluster '{cluster}': the agent did not answer for {}",
-                    target.describe()
-                ),
-            ));
+            let msg = format!(
+                "cluster '{cluster}': the agent did not answer for {}",
+                target.describe()
+            );
+            pending.refuse(504, &msg);
+            return Err(RawRefusal::Answer(StatusCode::GATEWAY_TIMEOUT, msg));
         }
     };
+    let mut record = pending.take();
     if let RawAnswer::Err(code, msg) = answer {
         hub.dial_failures.add(DialFailure::from(code));
         let status = code.http_status();
@@ -783,6 +792,25 @@ fn impersonation_agrees(session: &LiveSession) -> Result<(), String> {
         (false, true) => Err(format!("cluster '{name}' is registered without impersonation but its agent runs with --impersonate; run 'towerctl cluster set {name} --impersonate' on the hub, or restart the agent without --impersonate")),
         _ => Ok(()),
     }
+}
+
+/// The answer when a request could not go through the tunnel: the
+/// client's fault (a body it broke off or framed wrongly: 400) or the
+/// agent's (502, counted as an agent failure).
+fn send_failed(hub: &Hub, cluster: &str, e: &hyper::Error) -> Response<Body> {
+    if e.is_user() {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("the request body could not be read: {e}"),
+        );
+    }
+    hub.dial_failures.add(DialFailure::AgentError);
+    status_response(
+        StatusCode::BAD_GATEWAY,
+        "BadGateway",
+        &format!("cluster '{cluster}': the agent did not answer: {e}"),
+    )
 }
 
 /// The answer to a request whose access was withdrawn while it waited for
@@ -897,24 +925,10 @@ async fn proxy(
                     };
                     match sender.send_request(up_req).await {
                         Ok(r) => r,
-                        Err(e) => {
-                            hub.dial_failures.add(DialFailure::AgentError);
-                            return Err(status_response(
-                                StatusCode::BAD_GATEWAY,
-                                "BadGateway",
-                                &format!("cluster '{name}': the agent did not answer: {e}"),
-                            ));
-                        }
+                        Err(e) => return Err(send_failed(hub, &name, &e)),
                     }
                 }
-                _ => {
-                    hub.dial_failures.add(DialFailure::AgentError);
-                    return Err(status_response(
-                        StatusCode::BAD_GATEWAY,
-                        "BadGateway",
-                        &format!("cluster '{name}': the agent did not answer: {}", e.error()),
-                    ));
-                }
+                _ => return Err(send_failed(hub, &name, e.error())),
             },
         };
         Ok((resp, sender))

@@ -50,6 +50,7 @@ pub(super) async fn accept_tunnels(
     tracker: TaskTracker,
 ) {
     let penalties = Arc::new(Penalties::default());
+    let prelogin_logs = Arc::new(LogBudget::new(10));
     while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "tunnel").await {
         if let Some(left) = penalties.blocked(peer.ip()) {
             tracing::debug!(%peer, "refused: too many refused join tokens from this address, {left:?} left");
@@ -60,6 +61,7 @@ pub(super) async fn accept_tunnels(
         let ssh_cfg = ssh_cfg.clone();
         let cancel = cancel.clone();
         let penalties = penalties.clone();
+        let prelogin_logs = prelogin_logs.clone();
         tracker.spawn(async move {
             let r = tunnel_session(tcp, peer, hub, ticket, ssh_cfg, keepalive, cancel).await;
             match &r {
@@ -75,9 +77,51 @@ pub(super) async fn accept_tunnels(
                 _ => {}
             }
             if let Err(e) = r {
-                tracing::info!(%peer, "tunnel session ended: {e:#}");
+                // Only failures before a login end here, and anyone can
+                // cause one per connection: a few a minute at info (an
+                // agent behind a broken ingress shows why), the rest at
+                // debug, so that a flood cannot rotate the log away.
+                if prelogin_logs.admit() {
+                    tracing::info!(%peer, "tunnel session ended before login: {e:#}");
+                } else {
+                    tracing::debug!(%peer, "tunnel session ended before login: {e:#}");
+                }
             }
         });
+    }
+}
+
+/// Lines allowed per minute for a kind of message any peer can trigger.
+struct LogBudget {
+    per_minute: u32,
+    state: Mutex<(std::time::Instant, u32)>,
+}
+
+impl LogBudget {
+    fn new(per_minute: u32) -> LogBudget {
+        LogBudget {
+            per_minute,
+            state: Mutex::new((std::time::Instant::now(), 0)),
+        }
+    }
+
+    /// Whether one more line may be logged now; says once per minute when
+    /// lines start being held back.
+    fn admit(&self) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        if st.0.elapsed() >= Duration::from_secs(60) {
+            *st = (std::time::Instant::now(), 0);
+        }
+        st.1 += 1;
+        if st.1 == self.per_minute + 1 {
+            tracing::info!(
+                "more than {} failed tunnel logins this minute; the rest are logged at debug",
+                self.per_minute
+            );
+        }
+        st.1 <= self.per_minute
     }
 }
 
@@ -147,14 +191,21 @@ async fn tunnel_session(
             // a hub holds thousands of mostly idle sessions. Bulk is read
             // in bigger gulps underneath (`Slurp`), with no idle cost.
             .read_buffer_size(ws_read_buffer());
-        let tcp = tunnel::slurp::Slurp::new(tcp);
+        // Frames before login are held to 64 KiB (tunnel::framecap).
+        let tcp = tunnel::framecap::FrameCap::new(
+            tunnel::slurp::Slurp::new(tcp),
+            tunnel::framecap::PRELOGIN_MAX,
+        );
+        let lift = tcp.lift();
         let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(ws_cfg))
             .await
             .context("WebSocket handshake failed")?;
         let io = tunnel::ws::WsIo::new(ws);
         let auth: Arc<dyn server::Authenticator> = hub.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        anyhow::Ok(server::accept(ssh_cfg, io, auth, left).await?)
+        let sess = server::accept(ssh_cfg, io, auth, left).await?;
+        lift();
+        anyhow::Ok(sess)
     };
     let mut sess = tokio::select! {
         r = tokio::time::timeout_at(deadline, login) => match r {
