@@ -71,6 +71,37 @@ fn admin_token(env: &Env) -> String {
 }
 
 #[test]
+fn a_request_the_client_abandons_is_still_recorded() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    connected(&env, &api);
+    // The member takes 3 s; the client gives up after 1 s. The request
+    // reached the member, so it must be in the audit log (499, nginx's
+    // "client closed request"), not vanish with the client.
+    api.set_delay(Duration::from_secs(3));
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "1", "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", admin_token(&env)),
+        ])
+        .arg(format!(
+            "{}/clusters/alpha/api/v1/namespaces/abandoned",
+            gateway(&env)
+        ));
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    assert!(!o.ok(), "curl should have timed out: {o:?}");
+    let r = wait_record(&env, "the abandoned request's record", |r| {
+        r["path"] == "/api/v1/namespaces/abandoned"
+    });
+    api.set_delay(Duration::ZERO);
+    assert_eq!(r["status"], 499, "{r}");
+    assert_eq!(r["operator"], "admin", "{r}");
+}
+
+#[test]
 fn streams_are_recorded_when_they_start_and_when_they_end() {
     let env = Env::new();
     let api = ApiServer::start();

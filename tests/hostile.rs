@@ -44,6 +44,44 @@ const HALF_HELLO: &[u8] = &[
 ];
 
 #[test]
+fn a_big_websocket_frame_before_login_is_refused_at_its_header() {
+    // Before login nothing needs more than an SSH packet (~35 KB); a peer
+    // that announces a 1 MB frame used to get 1 MB buffered by the hub
+    // while it dribbled the frame (thousands of such peers: gigabytes).
+    let env = Env::new();
+    assert!(env.up().ok());
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut s = TcpStream::connect(&tunnel).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&ws_upgrade(&tunnel)).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    // A masked binary frame announcing 1,000,000 bytes, and its first KB.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&1_000_000u64.to_be_bytes());
+    frame.extend_from_slice(&[7, 7, 7, 7]);
+    frame.extend_from_slice(&[0u8; 1024]);
+    s.write_all(&frame).unwrap();
+    let t = std::time::Instant::now();
+    let mut rest = [0u8; 4096];
+    loop {
+        match s.read(&mut rest) {
+            Ok(0) | Err(_) if t.elapsed() < Duration::from_secs(4) => break,
+            Ok(0) | Err(_) => panic!("the hub kept the connection for {:?}", t.elapsed()),
+            Ok(_) => {} // a close frame, perhaps
+        }
+    }
+}
+
+#[test]
 fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents() {
     let env = Env::new();
     let api = ApiServer::start();
