@@ -43,6 +43,55 @@ const HALF_HELLO: &[u8] = &[
     0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
 ];
 
+#[path = "support/sshflood.rs"]
+mod sshflood;
+
+#[test]
+fn join_tokens_guessed_in_parallel_from_one_address_get_five_checks() {
+    // The penalty used to count a refused token when its connection ended,
+    // and to close only connections accepted after that: 60 guesses opened
+    // at once from one address were all checked.
+    let env = Env::new();
+    assert!(env.up().ok());
+    assert!(env.towerctl(&["cluster", "add", "alpha"]).ok());
+    let tunnel: std::net::SocketAddr = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcomes = rt.block_on(async move {
+        let from = std::net::IpAddr::from([127, 0, 3, 7]);
+        let guesses = (0..40).map(|_| {
+            sshflood::login(
+                tunnel,
+                from,
+                "alpha",
+                "not-the-token",
+                Duration::from_secs(20),
+            )
+        });
+        futures_util::future::join_all(guesses).await
+    });
+    assert!(
+        !outcomes.contains(&sshflood::Login::Accepted),
+        "{outcomes:?}"
+    );
+    // russh's client reports a connection closed during its login as a
+    // failed login too, so the hub's log tells the checks: one "agent
+    // refused" line per token checked and refused.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    let checked = log.matches("agent refused: auth:").count();
+    assert!(
+        (1..=5).contains(&checked),
+        "{checked} of 40 parallel guesses from one address had their token checked"
+    );
+}
+
 #[test]
 fn a_big_websocket_frame_before_login_is_refused_at_its_header() {
     // Before login nothing needs more than an SSH packet (~35 KB); a peer

@@ -43,6 +43,18 @@ pub trait Authenticator: Send + Sync + 'static {
     fn exposed(&self, cluster: &str, name: &str) -> Option<String>;
 }
 
+/// The hub's penalty for refused join tokens, for one connection's source
+/// address. Every token presented counts *before* it is checked, and an
+/// accepted one clears the count: connections opened in parallel cannot all
+/// try before the first refusal counts.
+pub trait Penalty: Send + Sync + 'static {
+    /// Counts a token about to be checked; false when this source may not
+    /// try one now.
+    fn try_token(&self) -> bool;
+    /// A token from this source was accepted.
+    fn accepted(&self);
+}
+
 /// The russh server configuration for the hub.
 pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
@@ -82,6 +94,7 @@ pub struct HubHandler {
     refused_tx: Option<oneshot::Sender<()>>,
     /// Why the agent said it is closing the session, if it did.
     farewell: Arc<Mutex<Option<String>>>,
+    penalty: Arc<dyn Penalty>,
 }
 
 impl russh::server::Handler for HubHandler {
@@ -108,10 +121,19 @@ impl russh::server::Handler for HubHandler {
             password.to_string(),
             self.proven_key.clone(),
         );
+        // A source past its refused tokens gets no check at all, even on a
+        // connection accepted before the penalty began: the connection is
+        // closed unanswered, as at accept, so that a real agent sharing the
+        // address retries later instead of taking it as a refusal.
+        if !self.penalty.try_token() {
+            return Err(russh::Error::Disconnect);
+        }
         let v = tokio::task::spawn_blocking(move || auth.check_token(&u, &p, k.as_ref()))
             .await
             .unwrap_or(Verdict::Reject(None));
-        if v != Verdict::Accept {
+        if v == Verdict::Accept {
+            self.penalty.accepted();
+        } else {
             if let Some(r) = self.refused_tx.take() {
                 let _ = r.send(());
             }
@@ -366,6 +388,7 @@ pub async fn accept<S>(
     config: Arc<russh::server::Config>,
     io: S,
     auth: Arc<dyn Authenticator>,
+    penalty: Arc<dyn Penalty>,
     timeout: Duration,
 ) -> Result<ServerSession, AcceptError>
 where
@@ -383,6 +406,7 @@ where
         cluster: None,
         authed: Some(tx),
         refused_tx: Some(refused_tx),
+        penalty,
     };
     let kill = CancellationToken::new();
     let io = Killable {

@@ -63,18 +63,15 @@ pub(super) async fn accept_tunnels(
         let penalties = penalties.clone();
         let prelogin_logs = prelogin_logs.clone();
         tracker.spawn(async move {
-            let r = tunnel_session(tcp, peer, hub, ticket, ssh_cfg, keepalive, cancel).await;
-            match &r {
-                Err(e)
-                    if matches!(
-                        e.downcast_ref::<server::AcceptError>(),
-                        Some(server::AcceptError::Refused)
-                    ) =>
-                {
-                    penalties.failed(peer.ip());
-                }
-                Ok(()) => penalties.succeeded(peer.ip()),
-                _ => {}
+            // Tokens count as they are presented (`SourcePenalty`).
+            let penalty = Arc::new(SourcePenalty {
+                penalties: penalties.clone(),
+                ip: peer.ip(),
+            });
+            let r =
+                tunnel_session(tcp, peer, hub, ticket, penalty, ssh_cfg, keepalive, cancel).await;
+            if r.is_ok() {
+                penalties.succeeded(peer.ip());
             }
             if let Err(e) = r {
                 // Only failures before a login end here, and anyone can
@@ -125,9 +122,30 @@ impl LogBudget {
     }
 }
 
+/// [`Penalties`] as seen by one connection's login.
+struct SourcePenalty {
+    penalties: Arc<Penalties>,
+    ip: std::net::IpAddr,
+}
+
+impl server::Penalty for SourcePenalty {
+    fn try_token(&self) -> bool {
+        if self.penalties.blocked(self.ip).is_some() {
+            return false;
+        }
+        self.penalties.failed(self.ip);
+        true
+    }
+
+    fn accepted(&self) {
+        self.penalties.succeeded(self.ip);
+    }
+}
+
 /// Refused join tokens per source address, with exponential backoff: after
 /// [`Penalties::FREE`] refusals in a row, connections from that address are
-/// closed at accept for 0.5 s, doubling up to 60 s. A login from the
+/// closed at accept for 0.5 s, doubling up to 60 s, and those already
+/// accepted get no token checked ([`SourcePenalty`]). A login from the
 /// address clears it. Bounded: the oldest entries go past
 /// [`Penalties::MAX_SOURCES`].
 #[derive(Default)]
@@ -178,6 +196,7 @@ async fn tunnel_session(
     peer: SocketAddr,
     hub: Arc<Hub>,
     ticket: Ticket,
+    penalty: Arc<SourcePenalty>,
     ssh_cfg: Arc<russh::server::Config>,
     keepalive: Duration,
     cancel: CancellationToken,
@@ -203,7 +222,7 @@ async fn tunnel_session(
         let io = tunnel::ws::WsIo::new(ws);
         let auth: Arc<dyn server::Authenticator> = hub.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let sess = server::accept(ssh_cfg, io, auth, left).await?;
+        let sess = server::accept(ssh_cfg, io, auth, penalty, left).await?;
         lift();
         anyhow::Ok(sess)
     };
