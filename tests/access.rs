@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::apiserver::ApiServer;
-use support::{wait_for, Env, Streaming};
+use support::{gateway_get as get, wait_for, Env, Streaming};
 
 /// The printed `towerctl login …` of `operator add NAME --group GROUP`.
 fn add_operator(hub: &Env, name: &str, group: &str) -> Vec<String> {
@@ -28,31 +28,6 @@ fn laptop(login: &[String]) -> Env {
 
 fn token_of(login: &[String]) -> String {
     login[login.iter().position(|a| a == "--token").unwrap() + 1].clone()
-}
-
-/// GET through the gateway with a bearer token: (status, body).
-fn get(hub: &Env, token: &str, path: &str) -> (String, String) {
-    let gw = hub.status()["hub"]["gatewayURL"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ca = hub.path("data/towerctl/ca.crt");
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "10",
-        "--cacert",
-        ca.to_str().unwrap(),
-        "-H",
-        &format!("Authorization: Bearer {token}"),
-        "-w",
-        "\n%{http_code}",
-        &format!("{gw}{path}"),
-    ]);
-    let o = support::run_bounded(cmd, Duration::from_secs(20));
-    let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", ""));
-    (code.to_string(), body.to_string())
 }
 
 #[test]

@@ -106,25 +106,7 @@ fn the_local_admin_cannot_be_removed() {
 
 /// `whoami` through the gateway with `token`: the HTTP status.
 fn whoami(hub: &Env, token: &str) -> String {
-    let gw = hub.status()["hub"]["gatewayURL"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ca = hub.path("data/towerctl/ca.crt");
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "10",
-    ])
-    .args(["--cacert", ca.to_str().unwrap()])
-    .args(["-H", &format!("Authorization: Bearer {token}")])
-    .arg(format!("{gw}/towerctl/v1/whoami"));
-    support::run_bounded(cmd, Duration::from_secs(20)).stdout
+    support::gateway_get(hub, token, "/towerctl/v1/whoami").0
 }
 
 #[test]

@@ -598,3 +598,28 @@ pub fn echo_service(api: &apiserver::ApiServer, name: &str, port: u16) {
     );
     api.set_endpoints("default", name, &[("127.0.0.1", "tcp", upstream)]);
 }
+
+/// GET through the gateway with a bearer token: (status, body).
+pub fn gateway_get(hub: &Env, token: &str, path: &str) -> (String, String) {
+    let gw = hub.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = hub.path("data/towerctl/ca.crt");
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-w",
+        "\n%{http_code}",
+        &format!("{gw}{path}"),
+    ]);
+    let o = run_bounded(cmd, Duration::from_secs(20));
+    let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_string(), body.to_string())
+}

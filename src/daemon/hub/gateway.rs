@@ -460,35 +460,27 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         });
         return status_response(code, reason, &msg);
     };
-    // Long-lived streams are recorded when they open and when they close.
-    if is_upgrade(req.headers()) {
-        hub.auditor.record_start(&record);
-        let end = EndRecord::new(record, start, hub.auditor.clone());
-        let resp = proxy(
-            &hub,
-            slot,
-            req,
-            peer,
-            &operator,
-            name,
-            upstream_path,
-            guard,
-            Some(end.clone()),
-        )
-        .await;
-        end.set_status(resp.status().as_u16());
-        return resp;
-    }
-    let long = record.verb == "watch";
+    // Long-lived streams are recorded when they open and when they close;
+    // a request is recorded even if its client goes away before the member
+    // answers (`Pending`).
+    let upgrade = is_upgrade(req.headers());
+    let long = upgrade || record.verb == "watch";
     if long {
         hub.auditor.record_start(&record);
     }
-    let record = Record {
-        phase: long.then(|| "end".to_string()),
-        ..record
+    let (end, pending) = if upgrade {
+        (
+            Some(EndRecord::new(record, start, hub.auditor.clone())),
+            None,
+        )
+    } else {
+        let record = Record {
+            phase: long.then(|| "end".to_string()),
+            ..record
+        };
+        let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
+        (None, Some(pending))
     };
-    // Recorded even if the client goes away before the member answers.
-    let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
     let resp = proxy(
         &hub,
         slot,
@@ -498,9 +490,15 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         name,
         upstream_path,
         guard,
-        None,
+        end.clone(),
     )
     .await;
+    let Some(pending) = pending else {
+        if let Some(end) = end {
+            end.set_status(resp.status().as_u16());
+        }
+        return resp;
+    };
     let (parts, body) = resp.into_parts();
     let record = Record {
         status: parts.status.as_u16(),
