@@ -161,6 +161,17 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
         "other users' entries must survive: {text}"
     );
     assert!(env.path("home/.kube/config.towerctl.bak").exists());
+    // A `.towerctl.bak` planted as a link is replaced, never written
+    // through (the copy used to land in the link's target).
+    let bak = env.path("home/.kube/config.towerctl.bak");
+    let victim = env.path("home/victim.txt");
+    std::fs::write(&victim, "untouched").unwrap();
+    std::fs::remove_file(&bak).unwrap();
+    std::os::unix::fs::symlink(&victim, &bak).unwrap();
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    assert!(std::fs::symlink_metadata(&bak).unwrap().is_file());
 }
 
 #[test]

@@ -15,7 +15,7 @@ pub fn run(token_file: Option<&Path>, gateway: Option<&str>) -> Result<u8> {
             .trim()
             .to_string(),
         (None, Some(g)) => {
-            let login = operator::find_login(Some(g))
+            let login = operator::find_login(Some(g))?
                 .with_context(|| format!("not logged in to '{g}': run 'towerctl login {g} --token … --ca-hash …'"))?;
             operator::login_token(&login)?
         }

@@ -121,6 +121,10 @@ impl GatewayClient {
     }
 }
 
+/// The most a gateway answer may be (a CA, `whoami`, the member list of a
+/// hub with thousands of members).
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
 /// GETs `url` (https) with an optional bearer token; returns status and body.
 pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u16, Bytes)> {
     let gw = GatewayClient::new(url, trust)?;
@@ -138,7 +142,12 @@ pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u1
             .send_request(req.body(Empty::<Bytes>::new())?)
             .await?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
+        // Read before the gateway is trusted (its CA), so bounded.
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("the gateway's answer could not be read: {e}"))?
+            .to_bytes();
         anyhow::Ok((status, body))
     };
     tokio::time::timeout(std::time::Duration::from_secs(15), fut)

@@ -153,10 +153,14 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
         .map(|m| m.permissions().mode() & 0o777)
         .unwrap_or(0o600);
     if real.exists() {
+        // Written like the kubeconfig itself (directory checked first, a
+        // new file never opened through a link, renamed into place): a
+        // planted `.towerctl.bak` symlink used to receive the copy.
         let bak = backup_path(&real);
-        std::fs::copy(&real, &bak)
+        let current = std::fs::read(&real)
+            .with_context(|| format!("cannot read the kubeconfig '{}'", real.display()))?;
+        paths::write_atomic(&bak, &current, 0o600)
             .with_context(|| format!("cannot back up the kubeconfig to '{}'", bak.display()))?;
-        let _ = std::fs::set_permissions(&bak, std::fs::Permissions::from_mode(0o600));
     }
     f(&mut doc)?;
     let obj = doc.as_object_mut().context("kubeconfig is not a mapping")?;

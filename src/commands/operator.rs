@@ -79,11 +79,22 @@ fn logins_path() -> std::path::PathBuf {
     paths::config_dir().join("logins.json")
 }
 
-pub fn logins() -> Vec<Login> {
-    std::fs::read_to_string(logins_path())
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
+/// The saved logins. A file that cannot be read or parsed is an error,
+/// never an empty list: the next login would otherwise replace it and lose
+/// every other login (whose tokens `logout` could then not find).
+pub fn logins() -> Result<Vec<Login>> {
+    let path = logins_path();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => bail!("cannot read '{}': {e}", path.display()),
+    };
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "'{}' is not valid JSON: fix it by hand, or move it aside and log in again",
+            path.display()
+        )
+    })
 }
 
 fn save_logins(l: &[Login]) -> Result<()> {
@@ -91,23 +102,19 @@ fn save_logins(l: &[Login]) -> Result<()> {
 }
 
 /// The login for `gateway` (or the most recent one).
-pub fn find_login(gateway: Option<&str>) -> Option<Login> {
-    let all = logins();
-    match gateway {
+pub fn find_login(gateway: Option<&str>) -> Result<Option<Login>> {
+    let all = logins()?;
+    Ok(match gateway {
         Some(g) => all
             .into_iter()
             .find(|l| l.gateway_url.trim_end_matches('/') == g.trim_end_matches('/')),
         None => all.into_iter().last(),
-    }
+    })
 }
 
 /// The token of a login, from wherever it was kept.
 pub fn login_token(l: &Login) -> Result<String> {
     secrets::load(l.backend, &l.gateway_url)
-}
-
-fn sha256_of_pem(pem: &str) -> String {
-    crate::daemon::tls::ca_hash(pem)
 }
 
 pub async fn login(
@@ -126,8 +133,15 @@ pub async fn login(
     if status != 200 {
         bail!("'{gateway}' did not serve a towerctl CA (HTTP {status}); is it a towerctl gateway URL?");
     }
-    let ca_pem = String::from_utf8(body.to_vec()).context("the gateway CA is not text")?;
-    let actual = sha256_of_pem(&ca_pem);
+    let served = String::from_utf8(body.to_vec()).context("the gateway CA is not text")?;
+    // Hashed, trusted and kept: the same single certificate, re-encoded.
+    let der = crate::daemon::tls::single_certificate(&served).map_err(|e| {
+        anyhow::anyhow!(
+            "'{gateway}' did not serve one CA certificate ({e}); is it a towerctl gateway URL?"
+        )
+    })?;
+    let actual = crate::daemon::tls::der_hash(&der);
+    let ca_pem = crate::daemon::tls::certificate_pem(&der);
     match (ca_hash, insecure) {
         (Some(expected), _) => {
             if !expected.trim().eq_ignore_ascii_case(&actual) {
@@ -149,14 +163,14 @@ pub async fn login(
     if status != 200 {
         bail!(
             "the gateway answered HTTP {status} to whoami: {}",
-            String::from_utf8_lossy(&body)
+            crate::tunnel::escape_for_log(&String::from_utf8_lossy(&body), 300)
         );
     }
     let who: serde_json::Value =
         serde_json::from_slice(&body).context("malformed whoami answer")?;
     let operator = who["name"].as_str().unwrap_or("?").to_string();
     let backend = secrets::save(&gateway, token)?;
-    let mut all = logins();
+    let mut all = logins()?;
     all.retain(|l| l.gateway_url != gateway);
     all.push(Login {
         gateway_url: gateway.clone(),
@@ -174,14 +188,14 @@ pub async fn login(
 }
 
 pub async fn logout(gateway: Option<&str>) -> Result<u8> {
-    let Some(l) = find_login(gateway) else {
+    let Some(l) = find_login(gateway)? else {
         bail!(
             "not logged in{}",
             gateway.map(|g| format!(" to '{g}'")).unwrap_or_default()
         );
     };
     secrets::delete(l.backend, &l.gateway_url);
-    let mut all = logins();
+    let mut all = logins()?;
     all.retain(|x| x.gateway_url != l.gateway_url);
     save_logins(&all)?;
     println!("logged out of {}", l.gateway_url);

@@ -57,7 +57,7 @@ impl Source {
                 return Source::from_hub(hub);
             }
         }
-        let Some(login) = operator::find_login(gateway) else {
+        let Some(login) = operator::find_login(gateway)? else {
             bail!(match gateway {
                 Some(g) => format!("not logged in to '{g}': run 'towerctl login {g} --token … --ca-hash …' first"),
                 None => "no hub is running on this machine and no login is saved: run 'towerctl up' here, or 'towerctl login GATEWAY_URL --token … --ca-hash …' with a token from 'towerctl operator add' on the hub".into(),

@@ -105,15 +105,94 @@ pub const MUX_CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 DATA frame: fewer frames (and frame headers) per byte.
 pub const MUX_FRAME: u32 = 64 * 1024;
 
-/// `sha256:<hex>` of a PEM certificate's DER bytes.
+/// `sha256:<hex>` of a PEM certificate's DER bytes, or why the text is not
+/// exactly one certificate (which can then match no hash).
 pub fn ca_hash(pem: &str) -> String {
-    use base64::Engine;
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .unwrap_or_default();
+    match single_certificate(pem) {
+        Ok(der) => der_hash(&der),
+        Err(e) => format!("(not a CA certificate: {e})"),
+    }
+}
+
+/// `sha256:<hex>` of DER bytes.
+pub fn der_hash(der: &[u8]) -> String {
     format!(
         "sha256:{}",
-        crate::tunnel::keys::hex(&<sha2::Sha256 as sha2::Digest>::digest(&der))
+        crate::tunnel::keys::hex(&<sha2::Sha256 as sha2::Digest>::digest(der))
     )
+}
+
+/// The one certificate in `pem`, as the TLS stack reads it. A CA fetched
+/// before it is trusted is checked against a hash: the hash must be of
+/// exactly what is then trusted, so anything but a single certificate (a
+/// second one, a key, a block of another kind, text a second parser reads
+/// differently) is refused rather than hashed one way and trusted another.
+pub fn single_certificate(pem: &str) -> Result<Vec<u8>, String> {
+    let mut items = Vec::new();
+    for item in rustls_pemfile::read_all(&mut pem.as_bytes()) {
+        items.push(item.map_err(|e| format!("not valid PEM ({e})"))?);
+    }
+    match items.as_slice() {
+        [rustls_pemfile::Item::X509Certificate(der)] => Ok(der.to_vec()),
+        [] => Err("no certificate".into()),
+        [_] => Err("not a certificate".into()),
+        _ => Err(format!("{} PEM items, not one certificate", items.len())),
+    }
+}
+
+/// The PEM text of a DER certificate, as towerctl writes it.
+pub fn certificate_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_ca() -> String {
+        let key = KeyPair::generate().unwrap();
+        ca_params().unwrap().self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn the_hash_is_of_exactly_the_certificate_that_is_trusted() {
+        let (real, evil) = (new_ca(), new_ca());
+        let real_der = single_certificate(&real).unwrap();
+        assert_eq!(ca_hash(&real), der_hash(&real_der));
+        assert_eq!(certificate_pem(&real_der), real.replace("\r\n", "\n"));
+        // A hostile gateway's answer: the real CA's base64 in a block of
+        // another kind (skipped by the PEM reader, hashed by the old
+        // line-based hash), then its own CA on lines split by '\r' (one line
+        // for a '\n' split, three for the PEM reader). The old hash matched
+        // the real CA while the evil one was trusted.
+        let b64 = |pem: &str| -> String {
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let crafted = format!(
+            "-----BEGIN TOWERCTL-----\n{}\n-----END TOWERCTL-----\n-----BEGIN CERTIFICATE-----\r{}\r-----END CERTIFICATE-----\n",
+            b64(&real),
+            b64(&evil).replace('\n', "")
+        );
+        assert_ne!(ca_hash(&crafted), ca_hash(&real), "{crafted}");
+        if let Ok(der) = single_certificate(&crafted) {
+            assert_eq!(der, single_certificate(&evil).unwrap());
+        }
+        // Two certificates, a key, or nothing: refused.
+        assert!(single_certificate(&format!("{real}{evil}")).is_err());
+        assert!(single_certificate("").is_err());
+        let key = KeyPair::generate().unwrap().serialize_pem();
+        assert!(single_certificate(&key).is_err());
+        assert!(ca_hash(&key).starts_with("(not a CA certificate"));
+    }
 }
