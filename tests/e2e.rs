@@ -161,6 +161,22 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
         "other users' entries must survive: {text}"
     );
     assert!(env.path("home/.kube/config.towerctl.bak").exists());
+    // The namespace set on the context survives another `use`.
+    let o = env.kubectl(&[
+        "config",
+        "set-context",
+        "tower-alpha",
+        "--namespace=payments",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&[
+        "config",
+        "view",
+        "-o",
+        "jsonpath={.contexts[?(@.name==\"tower-alpha\")].context.namespace}",
+    ]);
+    assert_eq!(o.stdout.trim(), "payments", "{o:?}");
     // A `.towerctl.bak` planted as a link is replaced, never written
     // through (the copy used to land in the link's target).
     let bak = env.path("home/.kube/config.towerctl.bak");

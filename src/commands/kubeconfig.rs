@@ -171,6 +171,15 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
     Ok(real)
 }
 
+/// The payload (under `item_key`) of the entry `name` in `list_key`.
+pub fn find<'a>(doc: &'a Value, list_key: &str, item_key: &str, name: &str) -> Option<&'a Value> {
+    doc.get(list_key)?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some(name))?
+        .get(item_key)
+}
+
 /// Inserts or replaces the entry `name` in the list `list_key` (`clusters`,
 /// `users`, `contexts`), whose payload lives under `item_key`. Duplicates of
 /// the same name (left by other tools) are collapsed into one.

@@ -150,8 +150,15 @@ fn write_entries(
     let files = kubeconfig::files(explicit);
     let target = kubeconfig::target(&files);
     let current = kubeconfig::current_context(&files);
-    let (ctx, cluster, user, context) = source.entries(name)?;
+    let (ctx, cluster, user, mut context) = source.entries(name)?;
     let written = kubeconfig::edit(&target, |d| {
+        // The namespace an operator set on the context (`kubectl config
+        // set-context --current --namespace=…`) stays.
+        if let Some(ns) =
+            kubeconfig::find(d, "contexts", "context", &ctx).and_then(|c| c.get("namespace"))
+        {
+            context["namespace"] = ns.clone();
+        }
         kubeconfig::upsert(d, "clusters", "cluster", &ctx, cluster)?;
         kubeconfig::upsert(d, "users", "user", &ctx, user)?;
         kubeconfig::upsert(d, "contexts", "context", &ctx, context)?;
