@@ -65,6 +65,18 @@ impl ChannelService for Upstream {
     fn serve(&self, target: String, port: u32, originator: String, stream: FlowStream) {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             tracing::warn!("refused a stream: {MAX_STREAMS} streams are open already");
+            if target == TARGET_APISERVER {
+                // Said in words: a stream closed unanswered reached kubectl
+                // as "connection closed before message completed".
+                self.tasks.spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let body = format!("the towerctl agent has {MAX_STREAMS} streams open already (its limit); close some (idle port-forward connections, watches) and retry\n");
+                    let head = format!("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let mut stream = stream;
+                    let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
             return;
         };
         if target != TARGET_APISERVER {

@@ -28,8 +28,10 @@ use crate::daemon::targets::Target;
 use crate::tunnel::Secret;
 
 /// Most connections of one forward carried at once; past it a new
-/// connection is closed at once and reported.
-const MAX_CONNECTIONS: usize = 4096;
+/// connection is closed at once and reported. A quarter of what an agent
+/// serves at once (`MAX_STREAMS`): idle local clients of one forward used
+/// to take every stream of the member, for every operator.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// How long the first of a burst of events waits for the others.
 const EVENT_COALESCE: Duration = Duration::from_millis(20);
