@@ -25,25 +25,32 @@ pub struct PortPair {
 }
 
 pub fn parse_ports(s: &str) -> Result<PortPair, String> {
+    let shown = crate::tunnel::escape_for_log(s, 64);
     let bad = |what: &str| {
-        format!("invalid port '{s}': {what}; use LOCAL:REMOTE, :REMOTE (random local port) or PORT")
+        format!(
+            "invalid port '{shown}': {what}; use LOCAL:REMOTE, :REMOTE (random local port) or PORT"
+        )
     };
     let (l, r) = match s.split_once(':') {
         Some((l, r)) => (l, r),
         None => (s, s),
     };
-    let remote: u16 = r
-        .parse()
-        .map_err(|_| bad("the remote port must be a number (named ports are not supported)"))?;
+    // Digits only (`u16::from_str` takes a leading '+'), and a number too
+    // big for a port is told as such.
+    let port = |p: &str, which: &str| -> Result<u16, String> {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(&format!(
+                "the {which} port must be a number (named ports are not supported)"
+            )));
+        }
+        p.parse()
+            .map_err(|_| bad(&format!("the {which} port must be at most 65535")))
+    };
+    let remote = port(r, "remote")?;
     if remote == 0 {
         return Err(bad("the remote port cannot be 0"));
     }
-    let local: u16 = if l.is_empty() {
-        0
-    } else {
-        l.parse()
-            .map_err(|_| bad("the local port must be a number"))?
-    };
+    let local = if l.is_empty() { 0 } else { port(l, "local")? };
     Ok(PortPair { local, remote })
 }
 
@@ -447,5 +454,11 @@ mod tests {
             .unwrap_err()
             .contains("named ports"));
         assert!(parse_ports("x").is_err());
+        assert!(parse_ports("+80:80").is_err());
+        assert!(parse_ports("99999:80")
+            .unwrap_err()
+            .contains("the local port must be at most 65535"));
+        let long = parse_ports(&"x".repeat(5000)).unwrap_err();
+        assert!(long.len() < 400, "{}", long.len());
     }
 }
