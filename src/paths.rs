@@ -166,6 +166,44 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("cannot write '{}'", path.display()))
 }
 
+/// Reads a file the user points towerctl at (a kubeconfig), within `max`
+/// bytes. `Ok(None)` when it does not exist. A FIFO, a device or a
+/// directory is refused at once (opened without blocking: reading a FIFO
+/// waited for a writer forever), and so is a file larger than `max`.
+pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO, socket or device)"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {what}"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.len().min(max) as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it is larger than {} MiB", max / (1024 * 1024)),
+        ));
+    }
+    Ok(Some(buf))
+}
+
 /// Path of the hub's control socket.
 pub fn hub_socket() -> PathBuf {
     runtime_dir().join("hub.sock")

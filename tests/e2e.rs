@@ -793,6 +793,28 @@ fn impersonation_lets_the_member_rbac_decide() {
     assert!(o.ok(), "{o:?}");
     let last = api.requests().into_iter().last().unwrap();
     assert_eq!(last.header("impersonate-user"), Some("admin"), "{last:?}");
+    // The member's audit log lists X-Forwarded-For as the request's
+    // sources: the address the hub saw is added after what the client
+    // claimed, never left out.
+    assert!(
+        last.header("x-forwarded-for")
+            .is_some_and(|v| v.ends_with("127.0.0.1")),
+        "{last:?}"
+    );
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let (code, body) = support::gateway_get_with(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces",
+        &["X-Forwarded-For: 127.0.0.99"],
+    );
+    assert_eq!(code, "200", "{body}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(
+        last.header("x-forwarded-for"),
+        Some("127.0.0.99, 127.0.0.1"),
+        "{last:?}"
+    );
 }
 
 #[test]

@@ -49,16 +49,26 @@ pub fn target(files: &[PathBuf]) -> PathBuf {
         .clone()
 }
 
+/// Largest kubeconfig read: far above any real one (hundreds of contexts
+/// with embedded certificates stay under a few MiB).
+const MAX_KUBECONFIG: u64 = 64 * 1024 * 1024;
+
 /// Reads a kubeconfig document; a missing or empty file is an empty config.
 pub fn read(path: &Path) -> Result<Value> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot read the kubeconfig '{}'", path.display()))
-        }
-    };
+    let bytes = paths::read_regular(path, MAX_KUBECONFIG)
+        .with_context(|| {
+            format!(
+                "cannot read the kubeconfig '{}'; fix it or pass another file with --kubeconfig",
+                path.display()
+            )
+        })?
+        .unwrap_or_default();
+    let text = String::from_utf8(bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "the kubeconfig '{}' is not UTF-8 text; fix it or pass another file with --kubeconfig",
+            path.display()
+        )
+    })?;
     if text.trim().is_empty() {
         return Ok(Value::Object(Map::new()));
     }
@@ -247,6 +257,35 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    #[test]
+    fn a_fifo_or_an_oversized_file_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Reading a FIFO with no writer used to block forever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || tx.send(read(&f).map(|_| ())).unwrap());
+        let err = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("reading a FIFO kubeconfig hung")
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("not a regular file") && msg.contains("--kubeconfig"),
+            "{msg}"
+        );
+
+        let big = dir.path().join("big");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_KUBECONFIG + 1).unwrap();
+        let msg = format!("{:#}", read(&big).unwrap_err());
+        assert!(msg.contains("larger than 64 MiB"), "{msg}");
+        let msg = format!("{:#}", read(dir.path()).unwrap_err());
+        assert!(msg.contains("is a directory"), "{msg}");
     }
 
     #[test]

@@ -116,6 +116,34 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     }
 }
 
+/// Adds the client's address to `X-Forwarded-For`, after any addresses
+/// the client sent, as proxies do: the member's audit log lists every
+/// address in it (`sourceIPs`), so a client could otherwise have its
+/// requests logged under an address of its choosing, with nothing to show
+/// the one it came from. An oversized chain (over 1 KiB) is replaced by
+/// the address alone.
+pub fn append_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
+    const MAX_CHAIN: usize = 1024;
+    let sent: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let ip = peer.to_canonical().to_string();
+    let mut chain = sent.join(", ");
+    if chain.is_empty() || chain.len() > MAX_CHAIN {
+        chain = ip;
+    } else {
+        chain = format!("{chain}, {ip}");
+    }
+    headers.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
 pub fn json_response(v: serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(v.to_string())));
     r.headers_mut().insert(

@@ -601,6 +601,11 @@ pub fn echo_service(api: &apiserver::ApiServer, name: &str, port: u16) {
 
 /// GET through the gateway with a bearer token: (status, body).
 pub fn gateway_get(hub: &Env, token: &str, path: &str) -> (String, String) {
+    gateway_get_with(hub, token, path, &[])
+}
+
+/// [`gateway_get`] with extra request headers (`Name: value`).
+pub fn gateway_get_with(hub: &Env, token: &str, path: &str, headers: &[&str]) -> (String, String) {
     let gw = hub.status()["hub"]["gatewayURL"]
         .as_str()
         .unwrap()
@@ -619,6 +624,9 @@ pub fn gateway_get(hub: &Env, token: &str, path: &str) -> (String, String) {
         "\n%{http_code}",
         &format!("{gw}{path}"),
     ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
     let o = run_bounded(cmd, Duration::from_secs(20));
     let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", ""));
     (code.to_string(), body.to_string())

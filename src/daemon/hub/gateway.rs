@@ -834,6 +834,7 @@ async fn proxy(
     guard: crate::daemon::streams::StreamGuard,
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
+    crate::daemon::http::append_forwarded_for(req.headers_mut(), peer.ip());
     let Some(session) = hub.session(&name) else {
         // Held by another hub: carried there.
         if let Ok(resp) = super::peer::forward(hub, &name, &upstream_path, req).await {
