@@ -367,3 +367,84 @@ fn a_login_closed_before_the_answer_is_retried() {
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
     assert!(seen > 2, "every cut connection was retried");
 }
+
+/// One operator's port-forward connections cannot take a member away from
+/// everyone: past its per-operator limit (set to 3 here; 1,024 by
+/// default) a connection is refused with the reason, while the other
+/// connections, the local admin and kubectl go on.
+#[test]
+fn one_operator_cannot_take_every_stream_of_a_member() {
+    use support::apiserver::TargetPort;
+    let hub = Env::new();
+    let api = ApiServer::start();
+    let echo = support::echo_server();
+    api.add_service(
+        "default",
+        "echo",
+        &[("tcp", 7, TargetPort::Number(echo))],
+        &[],
+    );
+    api.set_endpoints("default", "echo", &[("127.0.0.1", "tcp", echo)]);
+    let mut up = hub.towerctl_cmd(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]);
+    up.env("TOWERCTL_MAX_STREAMS_PER_OPERATOR", "3");
+    let o = support::run_bounded(up, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    let o = hub.towerctl(&["cluster", "add", "alpha"]);
+    let join = support::printed_command(&o.stdout, "join");
+    let kc = hub.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let allow = format!("127.0.0.1:{echo}");
+    let o = hub.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--allow", &allow],
+    );
+    assert!(o.ok(), "{o:?}");
+    let dev = support::operator_laptop(&hub, "dev");
+
+    let pf =
+        support::Streaming::start(dev.towerctl_cmd(&["port-forward", "alpha", "svc/echo", ":7"]));
+    pf.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
+    let local: u16 = pf
+        .output()
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("no local port");
+    let echoes = |c: &mut TcpStream| -> bool {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4];
+        c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"ping"
+    };
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", local)).unwrap())
+        .collect();
+    for c in &mut held {
+        assert!(echoes(c), "{}", pf.output());
+    }
+    // The fourth is refused, and said why.
+    let mut fourth = TcpStream::connect(("127.0.0.1", local)).unwrap();
+    assert!(!echoes(&mut fourth), "a fourth stream was let through");
+    pf.wait_for(
+        "operator 'dev' has 3 streams open to cluster 'alpha' already",
+        Duration::from_secs(10),
+    );
+    // The held ones still work; the admin and kubectl still reach the member.
+    assert!(echoes(&mut held[0]));
+    assert!(hub.towerctl(&["use", "alpha"]).ok());
+    let o = hub.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+    // One closed, one more fits.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut again = TcpStream::connect(("127.0.0.1", local)).unwrap();
+    assert!(echoes(&mut again), "{}", pf.output());
+}

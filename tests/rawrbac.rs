@@ -87,12 +87,65 @@ fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
     let asked = api.subject_access_reviews();
     assert!(asked >= 2, "no SubjectAccessReview was made ({asked})");
 
+    // An endpoint's pod reference counts only when that pod, in the
+    // Service's namespace, owns the endpoint's address: anyone who may
+    // write endpoints can name a pod the operator may port-forward to on
+    // an endpoint leading elsewhere. A reference that does not hold makes
+    // the endpoint a host address (allowed here by --allow 127.0.0.0/8),
+    // and no pod's port-forward right is asked about.
+    api.add_pod("default", "web-2", "127.0.0.1", &[("app", "w2")], true, &[]);
+    api.add_pod("default", "web-3", "127.0.0.2", &[("app", "w3")], true, &[]);
+    api.add_pod(
+        "kube-system",
+        "web-4",
+        "127.0.0.1",
+        &[("app", "w4")],
+        true,
+        &[],
+    );
+    for (svc, pod_ns, pod, pod_asked) in [
+        ("honest", "default", "web-2", true),
+        ("forged", "default", "web-3", false),
+        ("elsewhere", "kube-system", "web-4", false),
+    ] {
+        api.add_service(
+            "default",
+            svc,
+            &[("http", 80, TargetPort::Number(web.port()))],
+            &[],
+        );
+        api.set_endpoints("default", svc, &[("127.0.0.1", "http", web.port())]);
+        api.set_endpoint_pod("default", svc, "127.0.0.1", pod_ns, pod);
+        let before = api.subject_access_reviews();
+        let (o, out) = forward_once(&alice, &format!("svc/{svc}"), 80);
+        assert!(o.stdout.contains("the pod answers"), "{svc}: {o:?} {out}");
+        let asked = api.subject_access_reviews() - before;
+        // get services, then create pods/portforward on a believed pod.
+        let want = if pod_asked { 2 } else { 1 };
+        assert_eq!(
+            asked, want,
+            "svc/{svc} naming pod {pod_ns}/{pod}: {asked} SubjectAccessReviews"
+        );
+    }
+    let log = std::fs::read_to_string(hub.path("state/towerctl/agent-alpha.log")).unwrap();
+    assert!(
+        log.contains("names pod default/web-3 but leads to 127.0.0.1:"),
+        "{log}"
+    );
+
     // bob is not: refused with the member's answer, before any dial.
     let (o, out) = forward_once(&bob, "pod/web-1", web.port());
     assert!(!o.stdout.contains("the pod answers"), "{o:?}");
     assert!(
         out.contains("RBAC does not let operator 'bob' create pods/portforward 'web-1'")
             && out.contains("no RBAC binding"),
+        "{out}"
+    );
+    // A pod bob may not port-forward to is refused before it is looked
+    // up: whether it exists is none of his business.
+    let (_, out) = forward_once(&bob, "pod/ghost", web.port());
+    assert!(
+        out.contains("RBAC does not let operator 'bob' create pods/portforward 'ghost'"),
         "{out}"
     );
     let (o, out) = forward_once(&bob, "deploy/web", web.port());

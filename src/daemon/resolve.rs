@@ -78,15 +78,14 @@ fn host_network(p: &Pod) -> bool {
         .unwrap_or(false)
 }
 
+/// An endpoint's pod reference, if it names a pod in the Service's own
+/// namespace (the endpoints controller never writes another).
 fn pod_ref(r: Option<&ObjectReference>, ns: &str) -> Option<(String, String)> {
     let r = r?;
-    if r.kind.as_deref() != Some("Pod") {
+    if r.kind.as_deref() != Some("Pod") || r.namespace.as_deref().is_some_and(|n| n != ns) {
         return None;
     }
-    Some((
-        r.namespace.clone().unwrap_or_else(|| ns.to_string()),
-        r.name.clone()?,
-    ))
+    Some((ns.to_string(), r.name.clone()?))
 }
 
 /// Where to dial for `target` port `port`.
@@ -153,11 +152,12 @@ pub async fn resolve(
                         .into_iter()
                         .next()
                     {
-                        return Ok(r);
+                        return Ok(confirm_pod(client, cache, r).await);
                     }
                 }
             }
-            resolve_service(client, ns, name, port).await
+            let r = resolve_service(client, cache, ns, name, port).await?;
+            Ok(confirm_pod(client, cache, r).await)
         }
         Target::ApiServer | Target::Host(_) => {
             Err(ResolveError::Api("not a Kubernetes object".into()))
@@ -165,8 +165,86 @@ pub async fn resolve(
     }
 }
 
+/// An endpoint's pod reference is believed only when that pod, in the
+/// Service's namespace, has the endpoint's address. EndpointSlices and
+/// Endpoints can be written by hand and name any pod: a reference to a pod
+/// the operator may port-forward to (or any pod, for the dial policy's
+/// "pod address" leniency) on an endpoint pointing elsewhere let a
+/// CONNECT reach that elsewhere. An endpoint whose reference does not
+/// hold is a host address, judged as such by the dial policy; one of a
+/// host-network pod is a host address too. Pods are read at most once per
+/// [`crate::daemon::watchcache::POD_TTL`].
+async fn confirm_pod(
+    client: &kube::Client,
+    cache: Option<&ServiceCache>,
+    mut r: Resolved,
+) -> Resolved {
+    let Some((ns, name)) = r.pod.clone() else {
+        return r;
+    };
+    let ip = r.addr.ip().to_canonical();
+    let remembered = cache
+        .and_then(|c| c.pod(&ns, &name))
+        .filter(|p| p.ips.contains(&ip));
+    let addrs = match remembered {
+        Some(p) => Some(p),
+        None => match Api::<Pod>::namespaced(client.clone(), &ns).get(&name).await {
+            Ok(pod) => {
+                let p = pod_addrs(&pod);
+                if let Some(c) = cache {
+                    c.remember_pod(&ns, &name, p.clone());
+                }
+                Some(p)
+            }
+            Err(e) => {
+                tracing::debug!(
+                    "endpoint {} names pod {ns}/{name}, which cannot be read: {e}",
+                    r.addr
+                );
+                None
+            }
+        },
+    };
+    match addrs {
+        Some(p) if p.ips.contains(&ip) => r.host |= p.host_network,
+        _ => {
+            tracing::warn!(
+                "an endpoint names pod {ns}/{name} but leads to {}, which is not that pod's address: dialed as a host address",
+                r.addr
+            );
+            r.pod = None;
+            r.host = true;
+        }
+    }
+    r
+}
+
+/// The addresses a pod owns (`status.podIPs`, else `status.podIP`).
+fn pod_addrs(pod: &Pod) -> crate::daemon::watchcache::PodAddrs {
+    let st = pod.status.as_ref();
+    let mut ips: Vec<std::net::IpAddr> = st
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|l| l.iter().filter_map(|p| p.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = st
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|i| i.parse().ok())
+    {
+        ips.push(ip);
+    }
+    crate::daemon::watchcache::PodAddrs {
+        ips: ips
+            .into_iter()
+            .map(|i: std::net::IpAddr| i.to_canonical())
+            .collect(),
+        host_network: host_network(pod),
+        read: std::time::Instant::now(),
+    }
+}
+
 async fn resolve_service(
     client: &kube::Client,
+    cache: Option<&ServiceCache>,
     ns: &str,
     name: &str,
     port: u16,
@@ -176,6 +254,10 @@ async fn resolve_service(
         .get(name)
         .await
         .map_err(|e| api_err(&what, e))?;
+    // It exists: watch it for the next connections.
+    if let Some(c) = cache {
+        c.watch(ns, name);
+    }
     let (port_name, numeric_target) = service_port(&svc, port, &what)?;
 
     // EndpointSlices first; core Endpoints on servers without them.

@@ -2,9 +2,9 @@
 //! EndpointSlices, so that a new forwarded connection is resolved without
 //! two API reads.
 //!
-//! The first connection to a Service starts watching it (the Service by
-//! name, its EndpointSlices by the `kubernetes.io/service-name` label) and
-//! is itself resolved with fresh reads. Once both watches are in sync, the
+//! The first connection to a Service that exists starts watching it (the
+//! Service by name, its EndpointSlices by the `kubernetes.io/service-name`
+//! label) and is itself resolved with fresh reads. Once both watches are in sync, the
 //! next connections read the cache; every change the API server reports
 //! (a pod replaced, an endpoint no longer ready) replaces the snapshot at
 //! once. While a watch is broken (reconnecting, or a server without
@@ -78,6 +78,7 @@ type Key = (String, String);
 pub struct ServiceCache {
     client: kube::Client,
     entries: Arc<Mutex<HashMap<Key, Arc<Entry>>>>,
+    pods: Arc<Mutex<HashMap<Key, PodAddrs>>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -88,22 +89,35 @@ impl ServiceCache {
         ServiceCache {
             client,
             entries: Arc::default(),
+            pods: Arc::default(),
             cancel,
             tasks,
         }
     }
 
     /// The Service `ns/name` and its EndpointSlices if they are watched and
-    /// in sync; otherwise `None`, and a watch is started for next time.
+    /// in sync; otherwise `None` (see [`ServiceCache::watch`]).
     pub fn get(&self, ns: &str, name: &str) -> Option<Arc<Snapshot>> {
         let key = (ns.to_string(), name.to_string());
-        let mut entries = self.entries.lock().ok()?;
-        if let Some(e) = entries.get(&key) {
-            e.touch();
-            return e.snapshot.read().ok()?.clone();
-        }
-        if entries.len() >= MAX_WATCHED {
-            return None;
+        let entries = self.entries.lock().ok()?;
+        let e = entries.get(&key)?;
+        e.touch();
+        let snapshot = e.snapshot.read().ok()?.clone();
+        snapshot
+    }
+
+    /// Starts watching the Service `ns/name` for the next connections, if
+    /// it is not watched yet. Called once a fresh read found the Service:
+    /// a CONNECT to a name that does not exist must not start five minutes
+    /// of watching (300 such names made the agent list and watch 600
+    /// times in 30 s, and filled the cache).
+    pub fn watch(&self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        if entries.contains_key(&key) || entries.len() >= MAX_WATCHED {
+            return;
         }
         let entry = Arc::new(Entry::default());
         entry.touch();
@@ -123,8 +137,45 @@ impl ServiceCache {
                 m.remove(&key);
             }
         });
-        None
     }
+
+    /// The addresses of pod `ns/name` and whether it runs on its node's
+    /// network, as read within [`POD_TTL`]; see [`ServiceCache::remember_pod`].
+    pub fn pod(&self, ns: &str, name: &str) -> Option<PodAddrs> {
+        let pods = self.pods.lock().ok()?;
+        pods.get(&(ns.to_string(), name.to_string()))
+            .filter(|p| p.read.elapsed() < POD_TTL)
+            .cloned()
+    }
+
+    /// Keeps what a read of pod `ns/name` showed, for [`POD_TTL`], within
+    /// [`MAX_PODS`] entries.
+    pub fn remember_pod(&self, ns: &str, name: &str, addrs: PodAddrs) {
+        let Ok(mut pods) = self.pods.lock() else {
+            return;
+        };
+        if pods.len() >= MAX_PODS {
+            pods.retain(|_, p| p.read.elapsed() < POD_TTL);
+        }
+        if pods.len() < MAX_PODS {
+            pods.insert((ns.to_string(), name.to_string()), addrs);
+        }
+    }
+}
+
+/// How long a pod's addresses, read to check an endpoint's pod reference,
+/// are reused: a pod's IP does not move to another pod within seconds.
+pub const POD_TTL: Duration = Duration::from_secs(10);
+/// Most pods remembered at once.
+pub const MAX_PODS: usize = 4096;
+
+/// What a read of a pod showed: its addresses (`status.podIPs`) and
+/// whether it runs on its node's network.
+#[derive(Debug, Clone)]
+pub struct PodAddrs {
+    pub ips: Vec<std::net::IpAddr>,
+    pub host_network: bool,
+    pub read: Instant,
 }
 
 /// Keeps `entry` in sync with the API server until the Service is idle.

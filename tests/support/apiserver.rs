@@ -254,6 +254,37 @@ impl ApiServer {
         self.upsert(&ENDPOINTSLICES, ns, slice);
     }
 
+    /// Gives the endpoint at `ip` of service `service` a `targetRef` to pod `pod_ns/pod` (in the
+    /// Endpoints object and the EndpointSlice [`ApiServer::set_endpoints`] wrote), as the
+    /// endpoints controller does, or as anyone who may write endpoints can.
+    pub fn set_endpoint_pod(&self, ns: &str, service: &str, ip: &str, pod_ns: &str, pod: &str) {
+        let target = json!({"kind": "Pod", "namespace": pod_ns, "name": pod});
+        let slice_name = format!("{service}-fake");
+        let (mut endpoints, mut slice) = {
+            let store = self.shared.lock();
+            let get = |res: &Resource, name: &str| {
+                store.get(res, ns, name).unwrap_or_else(|_| {
+                    panic!("no {} {ns}/{name}: set_endpoints first", res.plural)
+                })
+            };
+            (get(&ENDPOINTS, service), get(&ENDPOINTSLICES, &slice_name))
+        };
+        for sub in endpoints["subsets"].as_array_mut().into_iter().flatten() {
+            for a in sub["addresses"].as_array_mut().into_iter().flatten() {
+                if a["ip"] == ip {
+                    a["targetRef"] = target.clone();
+                }
+            }
+        }
+        for e in slice["endpoints"].as_array_mut().into_iter().flatten() {
+            if e["addresses"][0] == ip {
+                e["targetRef"] = target.clone();
+            }
+        }
+        self.upsert(&ENDPOINTS, ns, endpoints);
+        self.upsert(&ENDPOINTSLICES, ns, slice);
+    }
+
     /// Creates (or replaces) a pod with IP `ip`, `labels` and one container exposing the named
     /// `ports` (name, containerPort). A `ready` pod is `Running` with condition `Ready=True`; an
     /// unready one is `Pending` with `Ready=False`.

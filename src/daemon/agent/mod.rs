@@ -89,6 +89,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         impersonate: cfg.impersonate,
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
+        raw_streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_RAW_STREAMS)),
         body_budget: Arc::new(tokio::sync::Semaphore::new(upstream::BODY_BUDGET_KIB)),
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));

@@ -194,9 +194,13 @@ pub(super) async fn serve_raw(
                     (None, _) => None,
                     (Some(_), None) => return Err(rbac_deny("this member requires impersonation and the hub sent no operator identity with the stream; upgrade the hub".to_string())),
                     (Some(rb), Some(w)) => {
+                        // Asked before anything is looked up: an operator
+                        // without the right learns nothing of the target
+                        // (whether it exists, where it leads).
                         let finder = match k8s {
                             Target::Service { ns, name } => Some(Ask { verb: "get", group: "", resource: "services", subresource: None, namespace: ns.clone(), name: name.clone() }),
                             Target::Deployment { ns, name } => Some(Ask { verb: "get", group: "apps", resource: "deployments", subresource: None, namespace: ns.clone(), name: name.clone() }),
+                            Target::Pod { ns, name } => Some(Ask { verb: "create", group: "", resource: "pods", subresource: Some("portforward"), namespace: ns.clone(), name: name.clone() }),
                             _ => None,
                         };
                         if let Some(a) = finder {
@@ -214,12 +218,8 @@ pub(super) async fn serve_raw(
                         };
                         (code, e.to_string())
                     })?;
-                // Judged whichever way it is reached: a host-network pod's
-                // port-forward lands on its node too.
-                policy
-                    .check_addr(&target.describe(), r.addr, r.host, &policy::own_addresses())
-                    .map_err(refuse)?;
-                // ... and port-forward to the pod behind it?
+                // May the operator port-forward to the pod behind it? Asked
+                // before the dial policy, whose refusal names the address.
                 if let (Some((rb, w)), Some((ns, name))) = (&who, &r.pod) {
                     let a = Ask {
                         verb: "create",
@@ -231,6 +231,11 @@ pub(super) async fn serve_raw(
                     };
                     rb.check(w, &a).await.map_err(rbac_deny)?;
                 }
+                // Judged whichever way it is reached: a host-network pod's
+                // port-forward lands on its node too.
+                policy
+                    .check_addr(&target.describe(), r.addr, r.host, &policy::own_addresses())
+                    .map_err(refuse)?;
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
                         dial_portforward(&tasks, &client, ns, name, r.addr.port()).await

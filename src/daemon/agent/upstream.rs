@@ -40,6 +40,11 @@ const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Streams (channels) the agent serves at once; more are closed at once.
 pub(super) const MAX_STREAMS: usize = 4096;
 
+/// Of [`MAX_STREAMS`], most that raw streams (CONNECT, port-forward) take:
+/// the rest stay for API requests, so kubectl still reaches the member
+/// while port-forward connections fill their share.
+pub(super) const MAX_RAW_STREAMS: usize = 3072;
+
 /// The agent's side of its member API server: a pooled kube client.
 pub(super) struct Upstream {
     pub(super) client: kube::Client,
@@ -51,6 +56,9 @@ pub(super) struct Upstream {
     pub(super) tasks: TaskTracker,
     /// One permit per stream served ([`MAX_STREAMS`]).
     pub(super) streams: Arc<Semaphore>,
+    /// One permit per raw stream ([`MAX_RAW_STREAMS`]), besides its
+    /// stream permit.
+    pub(super) raw_streams: Arc<Semaphore>,
     /// KiB of request bodies buffered ([`BODY_BUDGET_KIB`]).
     pub(super) body_budget: Arc<Semaphore>,
 }
@@ -63,23 +71,39 @@ impl ChannelService for Upstream {
     }
 
     fn serve(&self, target: String, port: u32, originator: String, stream: FlowStream) {
-        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
-            tracing::warn!("refused a stream: {MAX_STREAMS} streams are open already");
-            if target == TARGET_APISERVER {
-                // Said in words: a stream closed unanswered reached kubectl
-                // as "connection closed before message completed".
-                self.tasks.spawn(async move {
-                    use tokio::io::AsyncWriteExt;
-                    let body = format!("the towerctl agent has {MAX_STREAMS} streams open already (its limit); close some (idle port-forward connections, watches) and retry\n");
-                    let head = format!("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                    let mut stream = stream;
-                    let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
+        let raw = target != TARGET_APISERVER;
+        let permits = self.streams.clone().try_acquire_owned().ok().and_then(|p| {
+            if !raw {
+                return Some((p, None));
             }
+            let r = self.raw_streams.clone().try_acquire_owned().ok()?;
+            Some((p, Some(r)))
+        });
+        let Some((permit, raw_permit)) = permits else {
+            let msg = if raw {
+                format!("the towerctl agent has {MAX_RAW_STREAMS} port-forward and CONNECT streams open already (its limit, which keeps the rest of its {MAX_STREAMS} streams for API requests); close some (idle port-forward connections) and retry")
+            } else {
+                format!("the towerctl agent has {MAX_STREAMS} streams open already (its limit); close some (idle port-forward connections, watches) and retry")
+            };
+            tracing::warn!("refused a stream: {msg}");
+            // Said in words: a stream closed unanswered reached kubectl as
+            // "connection closed before message completed", and a CONNECT
+            // waited 20 s for an answer.
+            self.tasks.spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let reply = if raw {
+                    crate::daemon::wire::RawAnswer::Err(crate::daemon::wire::DialCode::Unavailable, msg).to_line()
+                } else {
+                    let body = format!("{msg}\n");
+                    format!("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                };
+                let _ = stream.write_all(reply.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
             return;
         };
-        if target != TARGET_APISERVER {
+        if raw {
             let Some(t) = Target::from_channel_address(&target) else {
                 return;
             };
@@ -87,7 +111,7 @@ impl ChannelService for Upstream {
             let who = crate::daemon::wire::RawIdentity::decode(&originator);
             self.tasks.spawn(async move {
                 serve_raw(d, t, port, who, stream).await;
-                drop(permit);
+                drop((permit, raw_permit));
             });
             return;
         }

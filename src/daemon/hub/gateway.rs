@@ -585,6 +585,8 @@ pub(super) struct RawStream {
     start: std::time::Instant,
     auditor: crate::daemon::audit::Auditor,
     _counted: super::OpenChannel,
+    /// A unit of the operator's [`super::MAX_RAW_PER_OPERATOR`].
+    _held: Option<super::Held>,
 }
 
 /// A raw stream whose access was withdrawn before it opened: audited, and
@@ -638,6 +640,17 @@ pub(super) async fn open_raw(
         hub.dial_failures.add(DialFailure::AgentError);
         return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
     }
+    let Some(held) = session.hold_raw(&operator.name) else {
+        let msg = format!(
+            "operator '{}' has {} streams open to cluster '{cluster}' already (CONNECT and port-forward connections; the limit per operator and member); close some and retry",
+            operator.name,
+            super::max_raw_per_operator()
+        );
+        record.status = 503;
+        record.error = Some(msg.clone());
+        hub.auditor.record(record);
+        return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
+    };
     let start = std::time::Instant::now();
     // The operator travels in the channel's originator field, so that an
     // impersonating agent can check raw access against the member's RBAC.
@@ -717,6 +730,7 @@ pub(super) async fn open_raw(
         start,
         auditor: hub.auditor.clone(),
         _counted: session.channel_opened(),
+        _held: held,
     })
 }
 

@@ -80,6 +80,9 @@ pub struct LiveSession {
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
+    /// Raw streams (CONNECT, port-forward) open per operator
+    /// ([`MAX_RAW_PER_OPERATOR`]).
+    pub raw: Mutex<HashMap<String, Arc<Budget>>>,
     /// The member's counters since the hub started, shared by its
     /// successive sessions (the metrics' counters never go down).
     pub counters: Counters,
@@ -99,6 +102,35 @@ pub struct LiveSession {
 /// none for new work. Past it, a connection's channel is closed after its
 /// request, as before channels were kept (one channel open per request).
 pub const MAX_KEPT_CHANNELS: usize = 512;
+
+/// Most raw streams (CONNECT, port-forward connections) one operator holds
+/// open to one member, whatever path they take (the gateway, a hub-served
+/// forward, another hub): a quarter of the agent's streams, so one operator
+/// cannot take a member away from everyone else (4,200 idle connections
+/// through one `towerctl port-forward` via the gateway took all 4,096).
+/// The local admin is not held to it. `TOWERCTL_MAX_STREAMS_PER_OPERATOR`
+/// (read at start) sets another.
+pub const MAX_RAW_PER_OPERATOR: usize = 1024;
+
+/// [`MAX_RAW_PER_OPERATOR`], or `TOWERCTL_MAX_STREAMS_PER_OPERATOR`.
+pub fn max_raw_per_operator() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        let Ok(v) = std::env::var("TOWERCTL_MAX_STREAMS_PER_OPERATOR") else {
+            return MAX_RAW_PER_OPERATOR;
+        };
+        match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                tracing::warn!(
+                    "TOWERCTL_MAX_STREAMS_PER_OPERATOR={} is not a positive number; using {MAX_RAW_PER_OPERATOR}",
+                    crate::tunnel::escape_for_log(&v, 40)
+                );
+                MAX_RAW_PER_OPERATOR
+            }
+        }
+    })
+}
 
 /// A count bounded by `max`, taken by [`Budget::try_hold`] and given back
 /// when the returned guard is dropped.
@@ -146,6 +178,23 @@ impl Drop for OpenChannel {
 }
 
 impl LiveSession {
+    /// A raw stream slot for `operator` over this session, or `None` when
+    /// it holds [`MAX_RAW_PER_OPERATOR`] already. The local admin always
+    /// gets one.
+    pub fn hold_raw(&self, operator: &str) -> Option<Option<Held>> {
+        if operator == LOCAL_ADMIN {
+            return Some(None);
+        }
+        let budget = self
+            .raw
+            .lock()
+            .ok()?
+            .entry(operator.to_string())
+            .or_insert_with(|| Budget::new(max_raw_per_operator()))
+            .clone();
+        budget.try_hold().map(Some)
+    }
+
     /// Bytes in and out over this session (since it connected).
     pub fn session_bytes(&self) -> (u64, u64) {
         let (i, o) = self.counters.bytes();
