@@ -213,3 +213,46 @@ fn host_targets_work_with_an_explicit_address_rule() {
     let (o, _) = forward_once(&env, "pod/hostpod", web.port());
     assert!(o.stdout.contains("a host port"), "{o:?}");
 }
+
+/// A CONNECT to a Service that does not exist is answered "not found" and
+/// starts no watch (the agent watched every name it was asked for, 5
+/// minutes each: 300 made-up names, 600 list and watch requests in 30 s);
+/// one that exists is watched for the next connections.
+#[test]
+fn only_services_that_exist_are_watched() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    api.add_service(
+        "default",
+        "real",
+        &[("http", 80, TargetPort::Number(9))],
+        &[],
+    );
+    connected(&env, &api, &[]);
+    for name in ["nope1", "nope2", "nope3", "real"] {
+        // curl says how the proxy answered the CONNECT.
+        let o = curl_via_gateway(&env, &format!("{name}.default.svc.alpha:80"));
+        assert!(
+            !o.ok() && (o.stderr.contains("404") || o.stderr.contains("503")),
+            "{name}: {o:?}"
+        );
+    }
+    // A watch starts with a list of the Service by name (connections read
+    // it by GET).
+    let watched = |name: &str| {
+        api.requests().iter().any(|r| {
+            r.path.contains("fieldSelector=")
+                && (r.path.contains(&format!("metadata.name%3D{name}"))
+                    || r.path.contains(&format!("metadata.name={name}")))
+        })
+    };
+    support::wait_for("a watch of service real", Duration::from_secs(20), || {
+        watched("real").then_some(())
+    });
+    for name in ["nope1", "nope2", "nope3"] {
+        assert!(
+            !watched(name),
+            "service {name} does not exist but is watched"
+        );
+    }
+}
