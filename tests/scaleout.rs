@@ -790,3 +790,105 @@ fn an_identity_mode_change_on_one_hub_applies_on_the_hub_holding_the_session() {
         reaches(&hubs[0], "alpha").then_some(())
     });
 }
+
+/// A TCP relay to `to` whose connections open so far can be frozen: they
+/// stay open but carry nothing more, as when a NAT or a firewall drops a
+/// connection without a FIN or RST. Later connections are relayed.
+struct Blackhole {
+    port: u16,
+    cutoff: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Blackhole {
+    fn start(to: String) -> Blackhole {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (cutoff, next) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(1)));
+        let (c2, n2) = (cutoff.clone(), next.clone());
+        std::thread::spawn(move || {
+            for a in l.incoming() {
+                let Ok(a) = a else { return };
+                let Ok(b) = TcpStream::connect(&to) else {
+                    continue;
+                };
+                let id = n2.fetch_add(1, Ordering::SeqCst);
+                for (mut from, mut into) in
+                    [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    let cutoff = c2.clone();
+                    std::thread::spawn(move || {
+                        from.set_read_timeout(Some(Duration::from_millis(100)))
+                            .unwrap();
+                        let mut buf = [0u8; 16384];
+                        // Bounded: a relay thread lives at most 5 minutes.
+                        let end = Instant::now() + Duration::from_secs(300);
+                        while Instant::now() < end {
+                            let r = from.read(&mut buf);
+                            // Judged after the read: bytes that arrive once
+                            // frozen are never passed on.
+                            let frozen = id <= cutoff.load(Ordering::SeqCst);
+                            match r {
+                                Ok(0) => return,
+                                Ok(n) if !frozen => {
+                                    if into.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Blackhole { port, cutoff, next }
+    }
+
+    /// Every connection open now carries nothing more.
+    fn freeze(&self) {
+        use std::sync::atomic::Ordering;
+        let last = self.next.load(Ordering::SeqCst) - 1;
+        self.cutoff.store(last, Ordering::SeqCst);
+    }
+}
+
+/// A hub whose registry watch connection dies silently (no FIN, no RST)
+/// still learns of later changes: here, an operator removed on another
+/// hub. It used to serve the removed operator until it restarted.
+#[test]
+fn a_registry_watch_that_dies_silently_is_replaced() {
+    let etcd = Etcd::start();
+    let relay = Blackhole::start(etcd.client.clone());
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
+    assert!(o.ok(), "{o:?}");
+    let o = a.towerctl(&["operator", "add", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    let bob = support::printed_command(&o.stdout, "login")[3].clone();
+    let bob = bob
+        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
+        .to_string();
+    wait_for("bob known on hub b", Duration::from_secs(10), || {
+        (support::gateway_get(&b, &bob, "/towerctl/v1/whoami").0 == "200").then_some(())
+    });
+
+    relay.freeze();
+    let o = a.towerctl(&["operator", "rm", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    // Not seen at once: the watch connection carries nothing any more.
+    assert_eq!(
+        support::gateway_get(&b, &bob, "/towerctl/v1/whoami").0,
+        "200"
+    );
+    wait_for("bob refused on hub b", Duration::from_secs(45), || {
+        (support::gateway_get(&b, &bob, "/towerctl/v1/whoami").0 == "401").then_some(())
+    });
+}

@@ -549,13 +549,17 @@ impl Etcd {
     /// Watches every key under `prefix` from revision `from`, calling
     /// `on` for each batch of events with the batch's revision, until the
     /// stream ends or `on` returns false. Errors when the stream cannot be
-    /// opened or breaks.
+    /// opened or breaks; [`WatchError::Silent`] when nothing came for
+    /// `silence` (a connection dropped without a FIN or RST by a NAT or a
+    /// firewall looks exactly like a quiet registry, forever: the caller
+    /// watches again from where it was, which replays what it missed).
     pub fn watch(
         &self,
         prefix: &str,
         from: i64,
+        silence: Duration,
         mut on: impl FnMut(i64, Vec<Event>) -> bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), WatchError> {
         let ep = &self.endpoints[self.next.load(Ordering::Relaxed) % self.endpoints.len()];
         let req = json!({"create_request": {
             "key": b64(prefix.as_bytes()),
@@ -563,16 +567,26 @@ impl Etcd {
             "start_revision": from.to_string(),
         }});
         let (st, mut r, len) = self
-            .send(ep, "/v3/watch", &req, None)
+            .send(ep, "/v3/watch", &req, Some(silence))
             .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
         if st != 200 {
             let b = Self::read_body(&mut r, len).unwrap_or_default();
-            return Err(format!("{ep}: HTTP {st}: {}", String::from_utf8_lossy(&b)));
+            return Err(format!("{ep}: HTTP {st}: {}", String::from_utf8_lossy(&b)).into());
         }
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            let Some(c) = Self::chunk(&mut r).map_err(|e| format!("{ep}: {e}"))? else {
-                return Err(format!("{ep}: the watch stream ended"));
+            let c = match Self::chunk(&mut r) {
+                Ok(Some(c)) => c,
+                Ok(None) => return Err(format!("{ep}: the watch stream ended").into()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(WatchError::Silent)
+                }
+                Err(e) => return Err(format!("{ep}: {e}").into()),
             };
             buf.extend(c);
             let mut consumed = 0;
@@ -582,10 +596,10 @@ impl Etcd {
                     consumed = it.byte_offset();
                     let res = &v["result"];
                     if int(&res["compact_revision"]) > 0 {
-                        return Err("the watch fell behind a compaction".into());
+                        return Err("the watch fell behind a compaction".to_string().into());
                     }
                     if !v["error"].is_null() {
-                        return Err(format!("{ep}: watch error: {}", v["error"]));
+                        return Err(format!("{ep}: watch error: {}", v["error"]).into());
                     }
                     let rev = int(&res["header"]["revision"]);
                     let events: Vec<Event> = res["events"]
@@ -613,9 +627,24 @@ impl Etcd {
             }
             buf.drain(..consumed);
             if buf.len() > 64 << 20 {
-                return Err("watch message too large".into());
+                return Err("watch message too large".to_string().into());
             }
         }
+    }
+}
+
+/// Why a watch ended.
+#[derive(Debug)]
+pub enum WatchError {
+    /// Nothing came for the silence allowed.
+    Silent,
+    /// It could not be opened, broke, or fell behind.
+    Failed(String),
+}
+
+impl From<String> for WatchError {
+    fn from(s: String) -> Self {
+        WatchError::Failed(s)
     }
 }
 

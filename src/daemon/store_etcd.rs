@@ -304,7 +304,7 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
         let (etcd, prefix) = (s.etcd.clone(), s.prefix.clone());
         let weak = Arc::downgrade(&s);
         drop(s);
-        let r = etcd.watch(&prefix, rev + 1, |at, events| {
+        let r = etcd.watch(&prefix, rev + 1, WATCH_SILENCE, |at, events| {
             let Some(s) = weak.upgrade() else {
                 return false;
             };
@@ -314,13 +314,32 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
             rev = rev.max(at);
             true
         });
-        if let Err(e) = r {
-            tracing::warn!("registry watch broke: {e}; retrying");
+        match r {
+            // Quiet for a while, or a connection that died without a word:
+            // watch again from the last revision seen (etcd replays what
+            // came since), no listing needed.
+            Err(etcd::WatchError::Silent) => {
+                tracing::debug!("registry watch quiet for {WATCH_SILENCE:?}; watching again from revision {rev}");
+                resync = false;
+                continue;
+            }
+            Err(etcd::WatchError::Failed(e)) => {
+                tracing::warn!("registry watch broke: {e}; retrying")
+            }
+            Ok(()) => {}
         }
         resync = true;
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// A registry watch that brings nothing for this long is opened again
+/// from its last revision: a watch connection dropped without a FIN or RST
+/// (a NAT or load balancer's idle timeout, a firewall change) otherwise
+/// left this hub deaf to every later change, revocations included, while
+/// its other etcd calls, each on a new connection, went on working.
+/// Changes reach a hub within this bound even then.
+const WATCH_SILENCE: Duration = Duration::from_secs(20);
 
 const MEMBERS: &str = "members/";
 const OPERATORS: &str = "operators/";

@@ -372,9 +372,22 @@ impl Hub {
         );
         if let Ok(Some(m)) = self.store.get_member(&s.name) {
             if m.agent_version.as_deref() != Some(s.version.as_str()) {
-                let _ = self.store.update_member(&s.name, &mut |m| {
-                    m.agent_version = Some(s.version.clone());
-                    true
+                // Written off the runtime thread, which carries every tunnel
+                // and request: with etcd slow, each such login froze the
+                // hub for the write's timeout (2 s).
+                let (store, name, version) =
+                    (self.store.clone(), s.name.clone(), s.version.clone());
+                self.tasks.spawn(async move {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        store.update_member(&name, &mut |m| {
+                            if m.agent_version.as_deref() == Some(version.as_str()) {
+                                return false;
+                            }
+                            m.agent_version = Some(version.clone());
+                            true
+                        })
+                    })
+                    .await;
                 });
             }
         }
