@@ -892,3 +892,38 @@ fn a_registry_watch_that_dies_silently_is_replaced() {
         (support::gateway_get(&b, &bob, "/towerctl/v1/whoami").0 == "401").then_some(())
     });
 }
+
+/// Access rules changed on two hubs keep both changes, even when one hub's
+/// copy of the rules is behind (its watch delayed, as above, or two
+/// changes at the same moment): a `deny` written on one hub used to be
+/// overwritten by the other hub's next change, made on its older copy.
+#[test]
+fn access_rules_changed_on_two_hubs_keep_both_changes() {
+    let etcd = Etcd::start();
+    let relay = Blackhole::start(etcd.client.clone());
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
+    assert!(o.ok(), "{o:?}");
+    // Hub b hears nothing more of the registry for a while.
+    relay.freeze();
+    let o = a.towerctl(&["access", "deny", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let o = b.towerctl(&["access", "allow", "group:dev", "--names", "beta"]);
+    assert!(o.ok(), "{o:?}");
+    let o = a.towerctl(&["access", "list"]);
+    assert!(
+        o.stdout.contains("bob") && o.stdout.contains("dev"),
+        "a change was lost: {o:?}"
+    );
+    // Both numbered apart.
+    let ids: Vec<&str> = o
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.trim_start_matches('#').parse::<u32>().is_ok())
+        .collect();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids.len(), unique.len(), "{o:?}");
+}

@@ -145,6 +145,26 @@ pub trait Store: Send + Sync + 'static {
             "this registry backend cannot store hub settings".into(),
         ))
     }
+    /// Read-modify-write of a hub-wide setting, whole against other
+    /// writers (other hubs on a shared registry): `f` gets the current
+    /// value and returns the new one, or a refusal that changes nothing
+    /// (the inner `Err`). `f` may be called again with a newer value.
+    /// Here a read then a write: a single hub's callers serialize
+    /// themselves (the access rules' lock).
+    fn update_setting(
+        &self,
+        key: &str,
+        f: &mut dyn FnMut(Option<&str>) -> Result<String, String>,
+    ) -> Result<Result<String, String>, StoreError> {
+        let current = self.get_setting(key)?;
+        match f(current.as_deref()) {
+            Ok(v) => {
+                self.put_setting(key, &v)?;
+                Ok(Ok(v))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
 }
 
 /// The embedded redb store.

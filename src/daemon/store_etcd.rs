@@ -421,6 +421,47 @@ impl Store for EtcdStore {
             .cached(&format!("settings/{key}"))
             .map(|(b, _)| String::from_utf8_lossy(&b).into_owned()))
     }
+    /// A compare-and-swap on the setting's revision, as `update_member`:
+    /// two hubs changing the access rules at once each applied its change
+    /// to its own copy and wrote the whole document, so one change (a
+    /// `deny`) was silently lost.
+    fn update_setting(
+        &self,
+        key: &str,
+        f: &mut dyn FnMut(Option<&str>) -> Result<String, String>,
+    ) -> Result<Result<String, String>, StoreError> {
+        let rel = format!("settings/{key}");
+        let k = self.key(&rel);
+        for _ in 0..16 {
+            let current = self.etcd.get(&k).map_err(err)?;
+            let text = current
+                .as_ref()
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+            let next = match f(text.as_deref()) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            };
+            let cmp = match &current {
+                Some(kv) => etcd::mod_is(&k, kv.mod_revision),
+                None => etcd::absent(&k),
+            };
+            let (ok, rev, _) = self
+                .etcd
+                .txn(
+                    vec![cmp],
+                    vec![etcd::op_put(&k, next.as_bytes(), 0)],
+                    vec![],
+                )
+                .map_err(err)?;
+            if ok {
+                self.cached_put(&rel, next.clone().into_bytes(), rev);
+                return Ok(Ok(next));
+            }
+        }
+        Err(StoreError::Io(format!(
+            "setting '{key}' is being changed by other hubs; try again"
+        )))
+    }
     fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.put_raw(&format!("settings/{key}"), value.as_bytes(), 0)
             .map(|_| ())

@@ -263,7 +263,7 @@ pub(super) fn handle(
                 Ok(s) => s,
                 Err(e) => return Response::err(e),
             };
-            change_access(hub, |p| p.add(effect, subject, &clusters))
+            change_access(hub, |p| p.add(effect, subject.clone(), &clusters))
         }
         Request::AccessRemove { id } => change_access(hub, |p| {
             p.remove(id).ok_or_else(|| {
@@ -326,28 +326,39 @@ pub(super) fn handle(
     }
 }
 
-/// Changes the access rules: in memory and in the registry together (the
-/// registry first, so a failed write changes nothing), then cuts the open
-/// streams the new rules no longer allow.
+/// Changes the access rules: in the registry, applied to what it holds
+/// now (a compare-and-swap: another hub's change made meanwhile is kept,
+/// not overwritten by this hub's older copy), then in memory; then cuts the
+/// open streams the new rules no longer allow. A failed write changes
+/// nothing.
 fn change_access(
     hub: &Hub,
-    f: impl FnOnce(&mut crate::daemon::access::Policy) -> Result<crate::daemon::access::Rule, String>,
+    mut f: impl FnMut(&mut crate::daemon::access::Policy) -> Result<crate::daemon::access::Rule, String>,
 ) -> Response {
     let Ok(mut guard) = hub.access.write() else {
         return Response::err("the access rules are unavailable");
     };
-    let mut next = guard.clone();
-    let rule = match f(&mut next) {
-        Ok(r) => r,
-        Err(e) => return Response::err(e),
+    let mut applied = None;
+    let written = hub.store.update_setting(crate::daemon::access::SETTING, &mut |current| {
+        let mut next: crate::daemon::access::Policy = match current {
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                format!("the access rules in the registry are unreadable ({e}); nothing was changed")
+            })?,
+            None => Default::default(),
+        };
+        let rule = f(&mut next)?;
+        let json = serde_json::to_string(&next).map_err(|e| e.to_string())?;
+        applied = Some((next, rule));
+        Ok(json)
+    });
+    let (next, rule) = match written {
+        Err(e) => return Response::err(format!("cannot save the access rules: {e}")),
+        Ok(Err(e)) => return Response::err(e),
+        Ok(Ok(_)) => match applied {
+            Some(a) => a,
+            None => return Response::err("the access rules were not changed"),
+        },
     };
-    let json = match serde_json::to_string(&next) {
-        Ok(j) => j,
-        Err(e) => return Response::err(e.to_string()),
-    };
-    if let Err(e) = hub.store.put_setting(crate::daemon::access::SETTING, &json) {
-        return Response::err(format!("cannot save the access rules: {e}"));
-    }
     *guard = next;
     drop(guard);
     let cut = hub.recheck_streams();
