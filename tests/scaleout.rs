@@ -388,10 +388,8 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
     let idx = hubs
         .iter()
         .position(|h| {
-            let s = h.status();
-            s["hub"]["gatewayAddress"]
-                .as_str()
-                .is_some_and(|a| owner.ends_with(&format!(":{}", a.rsplit(':').next().unwrap())))
+            std::fs::read_to_string(h.path("data/towerctl/hub.id"))
+                .is_ok_and(|id| id.trim() == owner)
         })
         .expect("the owner is one of the three hubs");
     let killed = Instant::now();
@@ -926,4 +924,50 @@ fn access_rules_changed_on_two_hubs_keep_both_changes() {
     let mut unique = ids.clone();
     unique.dedup();
     assert_eq!(ids.len(), unique.len(), "{o:?}");
+}
+
+/// Two hubs on machines with the same host name and the same gateway port
+/// (stock images, the default port; here two loopback addresses) are two
+/// hubs: each keeps its admin token, and each reaches a member the other
+/// holds. They used to share one id: the second removed the first one's
+/// admin token as its own stale one.
+#[test]
+fn hubs_on_machines_with_the_same_host_name_stay_apart() {
+    let etcd = Etcd::start();
+    let port = free_port();
+    let (a, b) = (Env::new(), Env::new());
+    for (env, ip) in [(&a, "127.0.0.1"), (&b, "127.0.0.2")] {
+        let gateway = format!("{ip}:{port}");
+        let listen = format!("{ip}:0");
+        let o = env.towerctl(&[
+            "up",
+            "--listen",
+            &listen,
+            "--gateway",
+            &gateway,
+            "--keepalive",
+            "1s",
+            "--metrics",
+            "off",
+            "--store",
+            &etcd.url,
+        ]);
+        assert!(o.ok(), "{o:?}");
+    }
+    let api = ApiServer::start();
+    let member = Env::new();
+    join(&a, &member, "alpha", &api);
+    for hub in [&a, &b] {
+        assert!(hub.towerctl(&["use", "alpha"]).ok());
+        wait_for(
+            "alpha reached through each hub",
+            Duration::from_secs(20),
+            || reaches(hub, "alpha").then_some(()),
+        );
+    }
+    let ids: Vec<String> = [&a, &b]
+        .iter()
+        .map(|h| std::fs::read_to_string(h.path("data/towerctl/hub.id")).unwrap())
+        .collect();
+    assert_ne!(ids[0], ids[1]);
 }

@@ -810,14 +810,10 @@ pub async fn run(
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     // With several hubs, each has its own admin.token and so its own admin
-    // row in the shared registry; the gateway's port tells two hubs on one
-    // host apart.
+    // row in the shared registry, and its own lease, hub record and owner
+    // keys: told apart by an id made once and kept in the data directory.
     let hub_id = match shared {
-        Some(_) => format!(
-            "{}:{}",
-            hostname().unwrap_or_else(|| "hub".into()),
-            gateway_addr.port()
-        ),
+        Some(_) => shared_hub_id(&data)?,
         None => "local".to_string(),
     };
     local_admin(store.as_ref(), &admin_token, &hub_id, shared.is_none())?;
@@ -994,6 +990,51 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// This hub's id in a shared registry: `HOSTNAME-RANDOM`, made at the
+/// first start and kept in `hub.id` in the data directory. It used to be
+/// `HOSTNAME:GATEWAYPORT`, which two hubs share when their machines have
+/// the same host name (stock images: `ubuntu`, `localhost`) and the default
+/// port: the second hub then removed the first one's admin token as its
+/// own stale one, overwrote its record, and neither forwarded to the other.
+/// It also changed with the port, orphaning the hub's older admin rows.
+fn shared_hub_id(data: &std::path::Path) -> Result<String> {
+    let path = data.join("hub.id");
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 90
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) if valid(s.trim()) => return Ok(s.trim().to_string()),
+        Ok(_) => tracing::warn!(
+            "'{}' does not hold a hub id; making a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot read the hub id '{}'; fix its permissions or remove it",
+                    path.display()
+                )
+            })
+        }
+    }
+    let host: String = hostname()
+        .unwrap_or_else(|| "hub".into())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(63)
+        .collect();
+    let mut r = [0u8; 6];
+    getrandom::fill(&mut r).map_err(|e| anyhow::anyhow!("no randomness for the hub id: {e}"))?;
+    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let id = format!("{}-{hex}", if host.is_empty() { "hub" } else { &host });
+    crate::paths::write_atomic(&path, format!("{id}\n").as_bytes(), 0o600)?;
+    Ok(id)
 }
 
 fn hostname() -> Option<String> {
