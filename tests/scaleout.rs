@@ -971,3 +971,24 @@ fn hubs_on_machines_with_the_same_host_name_stay_apart() {
         .collect();
     assert_ne!(ids[0], ids[1]);
 }
+
+/// A member registered on one hub cannot be registered again on another
+/// whose copy of the registry is behind: the second `cluster add` used to
+/// succeed and overwrite the first, whose printed join token then failed.
+#[test]
+fn a_member_is_registered_once_across_hubs() {
+    let etcd = Etcd::start();
+    let relay = Blackhole::start(etcd.client.clone());
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
+    assert!(o.ok(), "{o:?}");
+    relay.freeze();
+    let o = a.towerctl(&["cluster", "add", "gamma"]);
+    assert!(o.ok(), "{o:?}");
+    let o = b.towerctl(&["cluster", "add", "gamma"]);
+    assert!(
+        !o.ok() && o.all().contains("already registered"),
+        "registered twice: {o:?}"
+    );
+}

@@ -115,7 +115,6 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 /// The registry interface the hub needs.
 pub trait Store: Send + Sync + 'static {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError>;
-    fn put_member(&self, m: &Member) -> Result<(), StoreError>;
     /// Read-modify-write of one member in a single transaction, so checks
     /// such as "this single-use token is unused" and marking it used
     /// cannot interleave with another writer. `f` returns `false` to leave
@@ -126,6 +125,11 @@ pub trait Store: Send + Sync + 'static {
         f: &mut dyn FnMut(&mut Member) -> bool,
     ) -> Result<Option<Member>, StoreError>;
     fn list_members(&self) -> Result<Vec<Member>, StoreError>;
+    /// Registers `m` unless a member of that name exists (then `false`), in
+    /// one step against other writers: two `cluster add` of one name (on
+    /// two hubs, or two at once on one) used to both succeed, the second
+    /// overwriting the first, whose printed join token then failed.
+    fn create_member(&self, m: &Member) -> Result<bool, StoreError>;
     fn delete_member(&self, name: &str) -> Result<bool, StoreError>;
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError>;
@@ -241,11 +245,21 @@ impl Store for RedbStore {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
         self.get(MEMBERS, name)
     }
-    fn put_member(&self, m: &Member) -> Result<(), StoreError> {
-        self.put(MEMBERS, &m.name, m)
-    }
     fn list_members(&self) -> Result<Vec<Member>, StoreError> {
         self.list(MEMBERS)
+    }
+    fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
+        let bytes = serde_json::to_vec(m).map_err(io)?;
+        let tx = self.db.begin_write().map_err(io)?;
+        {
+            let mut t = tx.open_table(MEMBERS).map_err(io)?;
+            if t.get(m.name.as_str()).map_err(io)?.is_some() {
+                return Ok(false);
+            }
+            t.insert(m.name.as_str(), bytes.as_slice()).map_err(io)?;
+        }
+        tx.commit().map_err(io)?;
+        Ok(true)
     }
     fn update_member(
         &self,
@@ -348,13 +362,14 @@ impl Store for MemStore {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
         Ok(self.members.lock().unwrap().get(name).cloned())
     }
-    fn put_member(&self, m: &Member) -> Result<(), StoreError> {
+    fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
+        let mut members = self.members.lock().unwrap();
+        if members.contains_key(&m.name) {
+            return Ok(false);
+        }
         self.wrote();
-        self.members
-            .lock()
-            .unwrap()
-            .insert(m.name.clone(), m.clone());
-        Ok(())
+        members.insert(m.name.clone(), m.clone());
+        Ok(true)
     }
     fn update_member(
         &self,
@@ -424,7 +439,8 @@ mod tests {
         {
             let s = RedbStore::open(&path).unwrap();
             let m = Member::new("alpha", "sha256:00".into(), 1);
-            s.put_member(&m).unwrap();
+            assert!(s.create_member(&m).unwrap());
+            assert!(!s.create_member(&m).unwrap(), "created twice");
             assert_eq!(s.get_member("alpha").unwrap(), Some(m));
             assert_eq!(s.get_member("beta").unwrap(), None);
         }

@@ -351,8 +351,22 @@ impl Store for EtcdStore {
             .map(|(b, _)| Self::decode(&rel, &b))
             .transpose()
     }
-    fn put_member(&self, m: &Member) -> Result<(), StoreError> {
-        self.put_json(&format!("{MEMBERS}{}", m.name), m)
+    fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
+        let rel = format!("{MEMBERS}{}", m.name);
+        let key = self.key(&rel);
+        let b = serde_json::to_vec(m).map_err(|e| StoreError::Io(e.to_string()))?;
+        let (ok, rev, _) = self
+            .etcd
+            .txn(
+                vec![etcd::absent(&key)],
+                vec![etcd::op_put(&key, &b, 0)],
+                vec![],
+            )
+            .map_err(err)?;
+        if ok {
+            self.cached_put(&rel, b, rev);
+        }
+        Ok(ok)
     }
     fn update_member(
         &self,

@@ -181,7 +181,7 @@ mod tests {
     fn member(store: &MemStore, name: &str, token: &str, single_use: bool) {
         let mut m = Member::new(name, keys::token_hash(token), control::now_unix());
         m.single_use = single_use;
-        store.put_member(&m).unwrap();
+        assert!(store.create_member(&m).unwrap());
     }
 
     fn key() -> PublicKey {

@@ -57,8 +57,11 @@ pub(super) fn handle(
             m.impersonate = impersonate;
             m.exposes = exposes.iter().cloned().collect();
             m.labels = labels;
-            if let Err(e) = hub.store.put_member(&m) {
-                return Response::err(e.to_string());
+            match hub.store.create_member(&m) {
+                Ok(true) => {}
+                // Registered meanwhile (another hub, another `cluster add`).
+                Ok(false) => return Response::err(format!("cluster '{name}' is already registered; 'towerctl cluster rotate {name}' issues a new join token")),
+                Err(e) => return Response::err(e.to_string()),
             }
             tracing::info!(cluster = %name, "member registered");
             hub.event(&name, "registered".into());
