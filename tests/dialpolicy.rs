@@ -256,3 +256,59 @@ fn only_services_that_exist_are_watched() {
         );
     }
 }
+
+/// A CONNECT to a name longer than the agent takes is refused by the hub
+/// as a bad request naming the limit (it was a 503 blaming an older agent
+/// or a reconnect).
+#[test]
+fn an_overlong_target_name_is_a_bad_request() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    let long = "a".repeat(260);
+    let o = curl_via_gateway(&env, &format!("{long}.default.svc.alpha:80"));
+    assert!(!o.ok() && o.stderr.contains("400"), "{o:?}");
+    let o = connect_answer(&env, &format!("{long}.default.svc.alpha:80"));
+    assert!(
+        o.starts_with("HTTP/1.1 400") && o.contains("at most 253 characters"),
+        "{o}"
+    );
+}
+
+/// The gateway's answer to one CONNECT (status line, headers and body),
+/// read until it stops coming (Python's ssl; curl hides a refused
+/// CONNECT's body).
+fn connect_answer(env: &Env, authority: &str) -> String {
+    let s = env.status();
+    let gw = s["hub"]["gatewayURL"].as_str().unwrap().to_string();
+    let hostport = gw
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let ca = env.path("data/towerctl/ca.crt");
+    let script = r#"
+import socket, ssl, sys
+host, port, ca, authority, token = sys.argv[1:6]
+ctx = ssl.create_default_context(cafile=ca)
+with socket.create_connection((host, int(port)), timeout=5) as raw:
+    with ctx.wrap_socket(raw, server_hostname=host) as s:
+        s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n".encode())
+        out = b""
+        try:
+            while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < 20:
+                c = s.recv(4096)
+                if not c:
+                    break
+                out += c
+        except (socket.timeout, ssl.SSLError):
+            pass
+        sys.stdout.write(out.decode(errors="replace"))
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script, host, port])
+        .arg(ca)
+        .args([authority, token.trim()]);
+    support::run_bounded(cmd, Duration::from_secs(20)).stdout
+}

@@ -613,6 +613,17 @@ pub(super) async fn open_raw(
     port: u16,
     peer: SocketAddr,
 ) -> Result<RawStream, RawRefusal> {
+    // What the agent accepts (names of at most 253 characters); said here
+    // rather than as an agent refusing the stream.
+    if Target::from_channel_address(&target.channel_address()).is_none() {
+        return Err(RawRefusal::Answer(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "cannot open a stream to '{}': names are at most 253 characters of letters, digits, '-', '.' and '_'",
+                crate::tunnel::escape_for_log(&target.describe(), 80)
+            ),
+        ));
+    }
     // Registered before the decision: see `Hub::admit`.
     let (decision, guard) = hub.admit(operator, cluster);
     let mut record = Record {
