@@ -368,10 +368,10 @@ fn a_login_closed_before_the_answer_is_retried() {
     assert!(seen > 2, "every cut connection was retried");
 }
 
-/// One operator's port-forward connections cannot take a member away from
-/// everyone: past its per-operator limit (set to 3 here; 1,024 by
-/// default) a connection is refused with the reason, while the other
-/// connections, the local admin and kubectl go on.
+/// One operator's streams cannot take a member away from everyone: past
+/// its per-operator limit (set to 3 here; 1,024 by default) a connection
+/// or a request is refused with the reason, while the other connections,
+/// the local admin and kubectl go on.
 #[test]
 fn one_operator_cannot_take_every_stream_of_a_member() {
     use support::apiserver::TargetPort;
@@ -436,6 +436,18 @@ fn one_operator_cannot_take_every_stream_of_a_member() {
     pf.wait_for(
         "operator 'dev' has 3 streams open to cluster 'alpha' already",
         Duration::from_secs(10),
+    );
+    // Requests count too: dev's kubectl is refused the same way (as a
+    // watch or a slow request held open would be), with the reason.
+    assert!(dev.towerctl(&["use", "alpha"]).ok());
+    let o = dev.kubectl(&["get", "nodes"]);
+    assert!(!o.ok() && o.stderr.contains("ServiceUnavailable"), "{o:?}");
+    let o = hub.towerctl(&["audit", "-o", "json"]);
+    assert!(
+        o.stdout.lines().any(|l| l.contains("\"operator\":\"dev\"")
+            && l.contains("\"verb\":\"get\"")
+            && l.contains("has 3 streams open")),
+        "{o:?}"
     );
     // The held ones still work; the admin and kubectl still reach the member.
     assert!(echoes(&mut held[0]));

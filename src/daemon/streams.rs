@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub struct OpenStreams {
     next: AtomicU64,
     map: Mutex<HashMap<u64, (String, String, CancellationToken)>>,
+    /// How many streams each `(operator, member)` has open.
+    counts: Mutex<HashMap<(String, String), usize>>,
 }
 
 /// One stream's entry; dropping it (when the stream ends) removes it.
@@ -31,6 +33,10 @@ impl OpenStreams {
         let cut = CancellationToken::new();
         if let Ok(mut m) = self.map.lock() {
             m.insert(id, (operator.to_string(), cluster.to_string(), cut.clone()));
+        }
+        if let Ok(mut c) = self.counts.lock() {
+            *c.entry((operator.to_string(), cluster.to_string()))
+                .or_default() += 1;
         }
         StreamGuard {
             streams: self.clone(),
@@ -53,6 +59,16 @@ impl OpenStreams {
         n
     }
 
+    /// Streams `operator` has open to member `cluster` (requests in
+    /// flight, watches, exec, port-forward and CONNECT streams).
+    pub fn count(&self, operator: &str, cluster: &str) -> usize {
+        self.counts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(operator.to_string(), cluster.to_string())).copied())
+            .unwrap_or(0)
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.lock().map(|m| m.len()).unwrap_or(0)
@@ -61,8 +77,23 @@ impl OpenStreams {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.streams.map.lock() {
-            m.remove(&self.id);
+        let Some((op, cluster, _)) = self
+            .streams
+            .map
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&self.id))
+        else {
+            return;
+        };
+        if let Ok(mut c) = self.streams.counts.lock() {
+            let key = (op, cluster);
+            if let Some(n) = c.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    c.remove(&key);
+                }
+            }
         }
     }
 }
@@ -81,8 +112,14 @@ mod tests {
         assert!(bob_a.cut.is_cancelled() && bob_b.cut.is_cancelled());
         assert!(!eve_a.cut.is_cancelled());
         assert_eq!(s.cut(|op, c| op == "eve" && c == "beta"), 0);
+        assert_eq!(s.count("bob", "alpha"), 1);
+        let bob_a2 = s.open("bob", "alpha");
+        assert_eq!(s.count("bob", "alpha"), 2);
         drop(bob_a);
         drop(bob_b);
+        drop(bob_a2);
         assert_eq!(s.len(), 1);
+        assert_eq!(s.count("bob", "alpha"), 0);
+        assert_eq!(s.count("eve", "alpha"), 1);
     }
 }

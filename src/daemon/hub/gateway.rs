@@ -460,6 +460,15 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         });
         return status_response(code, reason, &msg);
     };
+    if let Some(msg) = hub.over_stream_limit(&operator, &name) {
+        hub.auditor.record(Record {
+            status: 503,
+            error: Some(msg.clone()),
+            ..record
+        });
+        drop(guard);
+        return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
+    }
     // Long-lived streams are recorded when they open and when they close;
     // a request is recorded even if its client goes away before the member
     // answers (`Pending`).
@@ -585,8 +594,6 @@ pub(super) struct RawStream {
     start: std::time::Instant,
     auditor: crate::daemon::audit::Auditor,
     _counted: super::OpenChannel,
-    /// A unit of the operator's [`super::MAX_RAW_PER_OPERATOR`].
-    _held: Option<super::Held>,
 }
 
 /// A raw stream whose access was withdrawn before it opened: audited, and
@@ -651,12 +658,7 @@ pub(super) async fn open_raw(
         hub.dial_failures.add(DialFailure::AgentError);
         return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
     }
-    let Some(held) = session.hold_raw(&operator.name) else {
-        let msg = format!(
-            "operator '{}' has {} streams open to cluster '{cluster}' already (CONNECT and port-forward connections; the limit per operator and member); close some and retry",
-            operator.name,
-            super::max_raw_per_operator()
-        );
+    if let Some(msg) = hub.over_stream_limit(operator, cluster) {
         record.status = 503;
         record.error = Some(msg.clone());
         hub.auditor.record(record);
@@ -741,7 +743,6 @@ pub(super) async fn open_raw(
         start,
         auditor: hub.auditor.clone(),
         _counted: session.channel_opened(),
-        _held: held,
     })
 }
 

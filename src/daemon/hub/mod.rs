@@ -80,9 +80,6 @@ pub struct LiveSession {
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
-    /// Raw streams (CONNECT, port-forward) open per operator
-    /// ([`MAX_RAW_PER_OPERATOR`]).
-    pub raw: Mutex<HashMap<String, Arc<Budget>>>,
     /// The member's counters since the hub started, shared by its
     /// successive sessions (the metrics' counters never go down).
     pub counters: Counters,
@@ -103,30 +100,31 @@ pub struct LiveSession {
 /// request, as before channels were kept (one channel open per request).
 pub const MAX_KEPT_CHANNELS: usize = 512;
 
-/// Most raw streams (CONNECT, port-forward connections) one operator holds
-/// open to one member, whatever path they take (the gateway, a hub-served
-/// forward, another hub): a quarter of the agent's streams, so one operator
-/// cannot take a member away from everyone else (4,200 idle connections
-/// through one `towerctl port-forward` via the gateway took all 4,096).
-/// The local admin is not held to it. `TOWERCTL_MAX_STREAMS_PER_OPERATOR`
-/// (read at start) sets another.
-pub const MAX_RAW_PER_OPERATOR: usize = 1024;
+/// Most streams one operator holds open to one member through this hub:
+/// requests in flight, watches, exec and port-forward sessions, CONNECT and
+/// port-forward connections, whatever path they take (the gateway, a
+/// hub-served forward, another hub). A quarter of an agent's streams, so
+/// one operator cannot take a member away from everyone else (4,200 idle
+/// connections through one `towerctl port-forward` via the gateway took
+/// all 4,096; as many watches would too). The local admin is not held to
+/// it. `TOWERCTL_MAX_STREAMS_PER_OPERATOR` (read at start) sets another.
+pub const MAX_STREAMS_PER_OPERATOR: usize = 1024;
 
-/// [`MAX_RAW_PER_OPERATOR`], or `TOWERCTL_MAX_STREAMS_PER_OPERATOR`.
-pub fn max_raw_per_operator() -> usize {
+/// [`MAX_STREAMS_PER_OPERATOR`], or `TOWERCTL_MAX_STREAMS_PER_OPERATOR`.
+pub fn max_streams_per_operator() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
         let Ok(v) = std::env::var("TOWERCTL_MAX_STREAMS_PER_OPERATOR") else {
-            return MAX_RAW_PER_OPERATOR;
+            return MAX_STREAMS_PER_OPERATOR;
         };
         match v.trim().parse::<usize>() {
             Ok(n) if n > 0 => n,
             _ => {
                 tracing::warn!(
-                    "TOWERCTL_MAX_STREAMS_PER_OPERATOR={} is not a positive number; using {MAX_RAW_PER_OPERATOR}",
+                    "TOWERCTL_MAX_STREAMS_PER_OPERATOR={} is not a positive number; using {MAX_STREAMS_PER_OPERATOR}",
                     crate::tunnel::escape_for_log(&v, 40)
                 );
-                MAX_RAW_PER_OPERATOR
+                MAX_STREAMS_PER_OPERATOR
             }
         }
     })
@@ -178,23 +176,6 @@ impl Drop for OpenChannel {
 }
 
 impl LiveSession {
-    /// A raw stream slot for `operator` over this session, or `None` when
-    /// it holds [`MAX_RAW_PER_OPERATOR`] already. The local admin always
-    /// gets one.
-    pub fn hold_raw(&self, operator: &str) -> Option<Option<Held>> {
-        if operator == LOCAL_ADMIN {
-            return Some(None);
-        }
-        let budget = self
-            .raw
-            .lock()
-            .ok()?
-            .entry(operator.to_string())
-            .or_insert_with(|| Budget::new(max_raw_per_operator()))
-            .clone();
-        budget.try_hold().map(Some)
-    }
-
     /// Bytes in and out over this session (since it connected).
     pub fn session_bytes(&self) -> (u64, u64) {
         let (i, o) = self.counters.bytes();
@@ -497,6 +478,22 @@ impl Hub {
         let decision = self.decide(op, cluster);
         let guard = decision.allowed.then_some(guard);
         (decision, guard)
+    }
+
+    /// Why `op` may not open one more stream to `cluster` (the stream just
+    /// registered by [`Hub::admit`] included), if it may not: past
+    /// [`max_streams_per_operator`]. Never for the local admin.
+    pub fn over_stream_limit(&self, op: &Operator, cluster: &str) -> Option<String> {
+        if op.name == LOCAL_ADMIN {
+            return None;
+        }
+        let max = max_streams_per_operator();
+        (self.streams.count(&op.name, cluster) > max).then(|| {
+            format!(
+                "operator '{}' has {max} streams open to cluster '{cluster}' already (requests in flight, watches, exec, port-forward and CONNECT connections; the limit per operator and member); close some and retry",
+                op.name
+            )
+        })
     }
 
     /// [`Hub::decide`] for a member whose labels the caller already has

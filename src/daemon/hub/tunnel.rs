@@ -254,7 +254,6 @@ async fn tunnel_session(
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
-        raw: Default::default(),
         bytes_at_start: counters.bytes(),
         counters,
         version: sess.version.clone(),
