@@ -193,6 +193,17 @@ pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
             format!("it is {what}"),
         ));
     }
+    // Blocking again for the read: some network and FUSE file systems
+    // answer EAGAIN to a non-blocking read of a regular file.
+    // SAFETY: fcntl on a descriptor this function owns.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
     let mut buf = Vec::with_capacity(meta.len().min(max) as usize);
     f.take(max + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > max {

@@ -815,6 +815,22 @@ fn impersonation_lets_the_member_rbac_decide() {
         Some("127.0.0.99, 127.0.0.1"),
         "{last:?}"
     );
+    // Nor can the client drop it by naming it in Connection, or add an
+    // address of its own as X-Real-Ip (the audit log lists that too).
+    let (code, body) = support::gateway_get_with(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces",
+        &["Connection: x-forwarded-for", "X-Real-Ip: 127.0.0.98"],
+    );
+    assert_eq!(code, "200", "{body}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(
+        last.header("x-forwarded-for"),
+        Some("127.0.0.1"),
+        "{last:?}"
+    );
+    assert_eq!(last.header("x-real-ip"), None, "{last:?}");
 }
 
 #[test]

@@ -103,10 +103,21 @@ fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
         true,
         &[],
     );
+    // Not running: a finished pod keeps its IP in its status after the
+    // network gave it to another pod.
+    api.add_pod(
+        "default",
+        "web-5",
+        "127.0.0.1",
+        &[("app", "w5")],
+        false,
+        &[],
+    );
     for (svc, pod_ns, pod, pod_asked) in [
         ("honest", "default", "web-2", true),
         ("forged", "default", "web-3", false),
         ("elsewhere", "kube-system", "web-4", false),
+        ("finished", "default", "web-5", false),
     ] {
         api.add_service(
             "default",

@@ -547,7 +547,8 @@ impl Etcd {
     }
 
     /// Watches every key under `prefix` from revision `from`, calling
-    /// `on` for each batch of events with the batch's revision, until the
+    /// `on` for each batch of events with the revision of its last event
+    /// (0 for a message without events), until the
     /// stream ends or `on` returns false. Errors when the stream cannot be
     /// opened or breaks; [`WatchError::Silent`] when nothing came for
     /// `silence` (a connection dropped without a FIN or RST by a NAT or a
@@ -601,7 +602,6 @@ impl Etcd {
                     if !v["error"].is_null() {
                         return Err(format!("{ep}: watch error: {}", v["error"]).into());
                     }
-                    let rev = int(&res["header"]["revision"]);
                     let events: Vec<Event> = res["events"]
                         .as_array()
                         .map(|a| {
@@ -620,6 +620,19 @@ impl Etcd {
                                 .collect()
                         })
                         .unwrap_or_default();
+                    // The revision reached is that of the last event
+                    // delivered, never the header's: the "created" message
+                    // and each part of a long catch-up carry the store's
+                    // current revision, and a watch opened again from it
+                    // would skip events still to come.
+                    let rev = events
+                        .iter()
+                        .map(|e| match e {
+                            Event::Put(kv) => kv.mod_revision,
+                            Event::Delete { revision, .. } => *revision,
+                        })
+                        .max()
+                        .unwrap_or(0);
                     if !on(rev, events) {
                         return Ok(());
                     }

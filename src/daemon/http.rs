@@ -78,7 +78,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| t != "upgrade")
+        // Never a header the gateway vouches for: `Connection:
+        // x-forwarded-for` dropped the address the hub had appended.
+        .filter(|t| t != "upgrade" && t != "x-forwarded-for")
         .collect();
     for n in named {
         headers.remove(n.as_str());
@@ -121,9 +123,11 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 /// address in it (`sourceIPs`), so a client could otherwise have its
 /// requests logged under an address of its choosing, with nothing to show
 /// the one it came from. An oversized chain (over 1 KiB) is replaced by
-/// the address alone.
+/// the address alone. A client's own `X-Real-Ip`, which the member's audit
+/// log lists too, is removed: nothing vouches for it.
 pub fn append_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
     const MAX_CHAIN: usize = 1024;
+    headers.remove("x-real-ip");
     let sent: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()

@@ -166,7 +166,8 @@ pub async fn resolve(
 }
 
 /// An endpoint's pod reference is believed only when that pod, in the
-/// Service's namespace, has the endpoint's address. EndpointSlices and
+/// Service's namespace, running and not being deleted, has the endpoint's
+/// address. EndpointSlices and
 /// Endpoints can be written by hand and name any pod: a reference to a pod
 /// the operator may port-forward to (or any pod, for the dial policy's
 /// "pod address" leniency) on an endpoint pointing elsewhere let a
@@ -185,7 +186,7 @@ async fn confirm_pod(
     let ip = r.addr.ip().to_canonical();
     let remembered = cache
         .and_then(|c| c.pod(&ns, &name))
-        .filter(|p| p.ips.contains(&ip));
+        .filter(|p| p.live && p.ips.contains(&ip));
     let addrs = match remembered {
         Some(p) => Some(p),
         None => match Api::<Pod>::namespaced(client.clone(), &ns).get(&name).await {
@@ -206,7 +207,7 @@ async fn confirm_pod(
         },
     };
     match addrs {
-        Some(p) if p.ips.contains(&ip) => r.host |= p.host_network,
+        Some(p) if p.live && p.ips.contains(&ip) => r.host |= p.host_network,
         _ => {
             tracing::warn!(
                 "an endpoint names pod {ns}/{name} but leads to {}, which is not that pod's address: dialed as a host address",
@@ -232,7 +233,9 @@ fn pod_addrs(pod: &Pod) -> crate::daemon::watchcache::PodAddrs {
     {
         ips.push(ip);
     }
+    let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
     crate::daemon::watchcache::PodAddrs {
+        live: running && pod.metadata.deletion_timestamp.is_none(),
         ips: ips
             .into_iter()
             .map(|i: std::net::IpAddr| i.to_canonical())

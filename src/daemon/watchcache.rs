@@ -173,6 +173,9 @@ pub const MAX_PODS: usize = 4096;
 /// whether it runs on its node's network.
 #[derive(Debug, Clone)]
 pub struct PodAddrs {
+    /// Running and not being deleted: a finished pod (a Job's) keeps its
+    /// IP in its status after the network has given it to another pod.
+    pub live: bool,
     pub ips: Vec<std::net::IpAddr>,
     pub host_network: bool,
     pub read: Instant,

@@ -338,7 +338,9 @@ fn change_access(
     hub: &Hub,
     mut f: impl FnMut(&mut crate::daemon::access::Policy) -> Result<crate::daemon::access::Rule, String>,
 ) -> Response {
-    let Ok(mut guard) = hub.access.write() else {
+    // The registry write (round trips to etcd, retried) happens under the
+    // change lock only: requests keep reading the current rules meanwhile.
+    let Ok(_changing) = hub.access_change.lock() else {
         return Response::err("the access rules are unavailable");
     };
     let mut applied = None;
@@ -362,8 +364,10 @@ fn change_access(
             None => return Response::err("the access rules were not changed"),
         },
     };
-    *guard = next;
-    drop(guard);
+    match hub.access.write() {
+        Ok(mut guard) => *guard = next,
+        Err(_) => return Response::err("the access rules are unavailable"),
+    }
     let cut = hub.recheck_streams();
     tracing::info!("access rules changed ({rule}); {cut} open streams cut");
     Response::ok(serde_json::json!({ "rule": rule, "streamsCut": cut }))

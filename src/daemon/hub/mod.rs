@@ -261,6 +261,10 @@ pub struct Hub {
     pub streams: Arc<super::streams::OpenStreams>,
     /// Who may reach which member (cache of the registry's rules).
     pub access: RwLock<super::access::Policy>,
+    /// Serializes this hub's changes to the access rules while they are
+    /// written (etcd round trips), without holding [`Hub::access`], which
+    /// every request reads.
+    pub access_change: Mutex<()>,
     /// The gateway CA (PEM), served to `towerctl login`.
     pub ca_pem: String,
     /// Set when this hub is one of several on etcd.
@@ -292,6 +296,7 @@ impl Hub {
             operators: RwLock::new(HashMap::new()),
             streams: Default::default(),
             access: RwLock::new(Default::default()),
+            access_change: Mutex::new(()),
             ca_pem,
             cluster: std::sync::OnceLock::new(),
         }
