@@ -898,8 +898,18 @@ pub async fn run(
             shared,
             id.clone(),
             peer::HubInfo {
-                tunnel_url: tunnel_url.clone(),
-                gateway_url: base_status.gateway_url.clone(),
+                tunnel_url: for_other_hosts(
+                    &tunnel_url,
+                    tunnel_addr,
+                    cfg.advertise.is_some(),
+                    "--advertise",
+                ),
+                gateway_url: for_other_hosts(
+                    &base_status.gateway_url,
+                    gateway_addr,
+                    cfg.gateway_url.is_some(),
+                    "--gateway-url",
+                ),
             },
             &tls.ca_pem,
         )?;
@@ -994,6 +1004,41 @@ pub async fn run(
     Ok(())
 }
 
+/// The URL other hubs (and the agents they send here) use for a listener
+/// of this hub. A wildcard listener without an explicit URL made it
+/// `127.0.0.1`, which on another machine is that machine itself: every
+/// request forwarded here went to the wrong hub. The host name instead
+/// (the serving certificate names it), and a warning naming the flag.
+fn for_other_hosts(url: &str, addr: SocketAddr, explicit: bool, flag: &str) -> String {
+    if explicit || !addr.ip().is_unspecified() {
+        return url.to_string();
+    }
+    let Some(host) = hostname() else {
+        return url.to_string();
+    };
+    let fixed = replace_host(url, &host);
+    tracing::warn!(
+        "{flag} is not set and the listener is on every address: other hubs will use {fixed}; set {flag} if they cannot reach this hub under that name"
+    );
+    fixed
+}
+
+/// `url` with its host replaced by `host`.
+fn replace_host(url: &str, host: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return url.to_string();
+    };
+    if u.set_host(Some(host)).is_err() {
+        return url.to_string();
+    }
+    let s = u.to_string();
+    // `Url` writes an empty path as "/"; keep the URL's own form.
+    match s.strip_suffix('/') {
+        Some(t) if !url.ends_with('/') => t.to_string(),
+        _ => s,
+    }
+}
+
 /// This hub's id in a shared registry: `HOSTNAME-RANDOM`, made at the
 /// first start and kept in `hub.id` in the data directory. It used to be
 /// `HOSTNAME:GATEWAYPORT`, which two hubs share when their machines have
@@ -1054,6 +1099,31 @@ fn hostname() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn other_hubs_get_the_host_name_for_a_wildcard_listener() {
+        use super::{for_other_hosts, replace_host};
+        assert_eq!(
+            replace_host("https://127.0.0.1:9443", "hub-a"),
+            "https://hub-a:9443"
+        );
+        assert_eq!(
+            replace_host("ws://127.0.0.1:8080/tunnel", "hub-a"),
+            "ws://hub-a:8080/tunnel"
+        );
+        let any: std::net::SocketAddr = "0.0.0.0:9443".parse().unwrap();
+        let lo: std::net::SocketAddr = "127.0.0.1:9443".parse().unwrap();
+        let url = "https://127.0.0.1:9443";
+        // An explicit URL or a specific address is kept as it is.
+        assert_eq!(for_other_hosts(url, any, true, "--gateway-url"), url);
+        assert_eq!(for_other_hosts(url, lo, false, "--gateway-url"), url);
+        if let Some(host) = super::hostname() {
+            assert_eq!(
+                for_other_hosts(url, any, false, "--gateway-url"),
+                format!("https://{host}:9443")
+            );
+        }
+    }
+
     use super::*;
 
     #[test]
