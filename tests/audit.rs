@@ -213,19 +213,7 @@ fn refusals_and_towerctl_calls_are_recorded_with_bounded_paths() {
 fn one_operators_flood_is_summarised_and_cannot_push_out_others() {
     let env = Env::new();
     let api = ApiServer::start();
-    let mut up = env.towerctl_cmd(&[
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-    ]);
-    up.env("TOWERCTL_AUDIT_RATE", "2")
-        .env("TOWERCTL_AUDIT_BURST", "5");
-    let o = support::run_bounded(up, Duration::from_secs(60));
-    assert!(o.ok(), "{o:?}");
+    env.up_with_env(&[("TOWERCTL_AUDIT_RATE", "2"), ("TOWERCTL_AUDIT_BURST", "5")]);
     connected(&env, &api);
     let gw = gateway(&env);
     let o = env.towerctl(&["operator", "add", "bob"]);

@@ -385,18 +385,7 @@ fn one_operator_cannot_take_every_stream_of_a_member() {
         &[],
     );
     api.set_endpoints("default", "echo", &[("127.0.0.1", "tcp", echo)]);
-    let mut up = hub.towerctl_cmd(&[
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-    ]);
-    up.env("TOWERCTL_MAX_STREAMS_PER_OPERATOR", "3");
-    let o = support::run_bounded(up, Duration::from_secs(60));
-    assert!(o.ok(), "{o:?}");
+    hub.up_with_env(&[("TOWERCTL_MAX_STREAMS_PER_OPERATOR", "3")]);
     let o = hub.towerctl(&["cluster", "add", "alpha"]);
     let join = support::printed_command(&o.stdout, "join");
     let kc = hub.path("member.kubeconfig");
@@ -411,14 +400,7 @@ fn one_operator_cannot_take_every_stream_of_a_member() {
 
     let pf =
         support::Streaming::start(dev.towerctl_cmd(&["port-forward", "alpha", "svc/echo", ":7"]));
-    pf.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    let local: u16 = pf
-        .output()
-        .lines()
-        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .expect("no local port");
+    let local = support::forwarded_port(&pf);
     let echoes = |c: &mut TcpStream| -> bool {
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut buf = [0u8; 4];

@@ -14,23 +14,7 @@ use support::{Env, Streaming};
 #[test]
 fn the_hub_log_rotates_by_size_and_logs_follow_crosses_rotations() {
     let env = Env::new();
-    let o = support::run_bounded(
-        {
-            let mut c = env.towerctl_cmd(&[
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--gateway",
-                "127.0.0.1:0",
-                "--metrics",
-                "off",
-            ]);
-            c.env("TOWERCTL_LOG_MAX_BYTES", "4096");
-            c
-        },
-        Duration::from_secs(30),
-    );
-    assert!(o.ok(), "{o:?}");
+    env.up_with_env(&[("TOWERCTL_LOG_MAX_BYTES", "4096")]);
     let follow = Streaming::start(env.towerctl_cmd(&["logs", "hub", "-f"]));
     std::thread::sleep(Duration::from_millis(500));
     let n = 100;

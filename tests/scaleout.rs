@@ -857,17 +857,24 @@ impl Blackhole {
     }
 }
 
-/// A hub whose registry watch connection dies silently (no FIN, no RST)
-/// still learns of later changes: here, an operator removed on another
-/// hub. It used to serve the removed operator until it restarted.
-#[test]
-fn a_registry_watch_that_dies_silently_is_replaced() {
+/// Two hubs on one etcd, the second through a [`Blackhole`] relay that can
+/// leave it hearing nothing more of the registry.
+fn hubs_behind_a_relay() -> (Etcd, Blackhole, Env, Env) {
     let etcd = Etcd::start();
     let relay = Blackhole::start(etcd.client.clone());
     let (a, b) = (Env::new(), Env::new());
     hub_up(&a, &etcd);
     let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
     assert!(o.ok(), "{o:?}");
+    (etcd, relay, a, b)
+}
+
+/// A hub whose registry watch connection dies silently (no FIN, no RST)
+/// still learns of later changes: here, an operator removed on another
+/// hub. It used to serve the removed operator until it restarted.
+#[test]
+fn a_registry_watch_that_dies_silently_is_replaced() {
+    let (_etcd, relay, a, b) = hubs_behind_a_relay();
     let o = a.towerctl(&["operator", "add", "bob"]);
     assert!(o.ok(), "{o:?}");
     let bob = support::printed_command(&o.stdout, "login")[3].clone();
@@ -897,12 +904,7 @@ fn a_registry_watch_that_dies_silently_is_replaced() {
 /// overwritten by the other hub's next change, made on its older copy.
 #[test]
 fn access_rules_changed_on_two_hubs_keep_both_changes() {
-    let etcd = Etcd::start();
-    let relay = Blackhole::start(etcd.client.clone());
-    let (a, b) = (Env::new(), Env::new());
-    hub_up(&a, &etcd);
-    let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
-    assert!(o.ok(), "{o:?}");
+    let (_etcd, relay, a, b) = hubs_behind_a_relay();
     // Hub b hears nothing more of the registry for a while.
     relay.freeze();
     let o = a.towerctl(&["access", "deny", "operator:bob", "--names", "alpha"]);
@@ -977,12 +979,7 @@ fn hubs_on_machines_with_the_same_host_name_stay_apart() {
 /// succeed and overwrite the first, whose printed join token then failed.
 #[test]
 fn a_member_is_registered_once_across_hubs() {
-    let etcd = Etcd::start();
-    let relay = Blackhole::start(etcd.client.clone());
-    let (a, b) = (Env::new(), Env::new());
-    hub_up(&a, &etcd);
-    let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
-    assert!(o.ok(), "{o:?}");
+    let (_etcd, relay, a, b) = hubs_behind_a_relay();
     relay.freeze();
     let o = a.towerctl(&["cluster", "add", "gamma"]);
     assert!(o.ok(), "{o:?}");

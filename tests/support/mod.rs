@@ -184,6 +184,24 @@ impl Env {
         o
     }
 
+    /// `towerctl up` on loopback ephemeral ports, metrics off, with extra
+    /// environment variables (limits read by the hub at start).
+    pub fn up_with_env(&self, vars: &[(&str, &str)]) -> Out {
+        let mut c = self.towerctl_cmd(&[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ]);
+        c.envs(vars.iter().copied());
+        let o = run_bounded(c, Duration::from_secs(60));
+        assert!(o.ok(), "towerctl up failed: {o:?}");
+        o
+    }
+
     /// Status of the hub and agents as JSON.
     pub fn status(&self) -> serde_json::Value {
         let o = self.towerctl(&["status", "-o", "json"]);

@@ -220,7 +220,9 @@ pub(super) async fn serve_raw(
                     })?;
                 // May the operator port-forward to the pod behind it? Asked
                 // before the dial policy, whose refusal names the address.
-                if let (Some((rb, w)), Some((ns, name))) = (&who, &r.pod) {
+                // (A pod target's was asked before its lookup.)
+                let asked = matches!(k8s, Target::Pod { .. });
+                if let (Some((rb, w)), Some((ns, name)), false) = (&who, &r.pod, asked) {
                     let a = Ask {
                         verb: "create",
                         group: "",
