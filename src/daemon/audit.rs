@@ -186,7 +186,7 @@ impl Limiter {
 
 fn summary(operator: &str, n: u64) -> Record {
     Record {
-        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+        time: crate::daemon::fmt::fmt_now(),
         operator: operator.to_string(),
         verb: "suppressed".into(),
         path: format!("suppressed {n} records over the audit rate limit"),

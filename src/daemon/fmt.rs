@@ -1,6 +1,23 @@
 //! Small formatting helpers shared by the daemons, the CLI and the
 //! dashboard: times and ages as people read them.
 
+/// The current time as [`fmt_unix`] writes it. Audit records take one per
+/// request: the text is made once a second per thread and copied after.
+pub fn fmt_now() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static LAST: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = crate::daemon::control::now_unix();
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != now {
+            *last = (now, fmt_unix(now));
+        }
+        last.1.clone()
+    })
+}
+
 /// Formats unix seconds as an RFC 3339 UTC time, for messages.
 pub fn fmt_unix(secs: u64) -> String {
     let days = secs / 86_400;
@@ -38,6 +55,20 @@ pub fn ago(since: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_cached_current_time_is_the_current_time() {
+        let before = crate::daemon::control::now_unix();
+        let a = super::fmt_now();
+        let b = super::fmt_now();
+        let after = crate::daemon::control::now_unix();
+        for t in [&a, &b] {
+            assert!(
+                *t == super::fmt_unix(before) || *t == super::fmt_unix(after),
+                "{t} is not between {before} and {after}"
+            );
+        }
+    }
+
     #[test]
     fn formats_times() {
         assert_eq!(super::fmt_unix(0), "1970-01-01T00:00:00Z");

@@ -3,7 +3,7 @@
 //! hop-by-hop and identity header rules, and the upgrade splice.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -71,25 +71,35 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Removes hop-by-hop headers (keeping the upgrade pair when upgrading).
+/// One pass over the names: most requests carry none of these, and then
+/// nothing is looked up or removed (this runs twice for every request).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        // Never a header the gateway vouches for: `Connection:
-        // x-forwarded-for` dropped the address the hub had appended.
-        .filter(|t| t != "upgrade" && t != "x-forwarded-for")
-        .collect();
-    for n in named {
-        headers.remove(n.as_str());
-    }
-    for h in HOP_BY_HOP {
-        if upgrade && (*h == "connection" || *h == "upgrade") {
-            continue;
+    let mut named: Vec<String> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',').map(str::trim) {
+            // Never a header the gateway vouches for: `Connection:
+            // x-forwarded-for` dropped the address the hub had appended.
+            if !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case(X_FORWARDED_FOR.as_str())
+            {
+                named.push(t.to_ascii_lowercase());
+            }
         }
-        headers.remove(*h);
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            let kept = upgrade && (k == "connection" || k == "upgrade");
+            (HOP_BY_HOP.contains(&k) && !kept) || named.iter().any(|n| n == k)
+        })
+        .cloned()
+        .collect();
+    for k in doomed {
+        headers.remove(k);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -102,14 +112,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// `--requestheader-*` defaults) that an API server believes when the agent
 /// authenticates with a front-proxy client certificate.
 pub fn strip_identity(headers: &mut HeaderMap) {
-    headers.remove(header::AUTHORIZATION);
-    let forged: Vec<_> = headers
+    let forged: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
-            let k = k.as_str();
-            k.starts_with("impersonate-")
-                || k.starts_with("x-towerctl-")
-                || k.starts_with("x-remote-")
+            *k == header::AUTHORIZATION || {
+                let k = k.as_str();
+                k.starts_with("impersonate-")
+                    || k.starts_with("x-towerctl-")
+                    || k.starts_with("x-remote-")
+            }
         })
         .cloned()
         .collect();
@@ -118,33 +129,50 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     }
 }
 
-/// Adds the client's address to `X-Forwarded-For`, after any addresses
-/// the client sent, as proxies do: the member's audit log lists every
-/// address in it (`sourceIPs`), so a client could otherwise have its
-/// requests logged under an address of its choosing, with nothing to show
-/// the one it came from. An oversized chain (over 1 KiB) is replaced by
-/// the address alone. A client's own `X-Real-Ip`, which the member's audit
-/// log lists too, is removed: nothing vouches for it.
-pub fn append_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// A client's address as an `X-Forwarded-For` value, made once per
+/// connection for [`append_forwarded_for`].
+pub fn forwarded_value(peer: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.to_canonical().to_string())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Adds the client's address (`ip`, from [`forwarded_value`]) to
+/// `X-Forwarded-For`, after any addresses the client sent, as proxies do:
+/// the member's audit log lists every address in it (`sourceIPs`), so a
+/// client could otherwise have its requests logged under an address of its
+/// choosing, with nothing to show the one it came from. An oversized chain
+/// (over 1 KiB) is replaced by the address alone. A client's own
+/// `X-Real-Ip`, which the member's audit log lists too, is removed:
+/// nothing vouches for it.
+pub fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
     const MAX_CHAIN: usize = 1024;
-    headers.remove("x-real-ip");
+    if headers.contains_key(X_REAL_IP) {
+        headers.remove(X_REAL_IP);
+    }
+    if !headers.contains_key(X_FORWARDED_FOR) {
+        headers.insert(X_FORWARDED_FOR, ip.clone());
+        return;
+    }
     let sent: Vec<&str> = headers
-        .get_all("x-forwarded-for")
+        .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let ip = peer.to_canonical().to_string();
+    let ip_str = ip.to_str().unwrap_or("unknown");
     let mut chain = sent.join(", ");
     if chain.is_empty() || chain.len() > MAX_CHAIN {
-        chain = ip;
+        chain = ip_str.to_string();
     } else {
-        chain = format!("{chain}, {ip}");
+        chain = format!("{chain}, {ip_str}");
     }
-    headers.remove("x-forwarded-for");
+    headers.remove(X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&chain) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
 }
 
@@ -337,6 +365,65 @@ mod tests {
         strip_identity(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn the_client_address_is_appended_to_what_the_client_sent() {
+        let ip = forwarded_value("192.0.2.7".parse().unwrap());
+        // Nothing sent: the address alone; a client's X-Real-Ip goes.
+        let mut h = HeaderMap::new();
+        h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["192.0.2.7"]
+        );
+        assert!(!h.contains_key("x-real-ip"));
+        // A chain sent in two header lines: kept, in order, ours last.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.0.0.1, 10.0.0.2"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static(" 10.0.0.3 "));
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7"]
+        );
+        // Oversized or empty: the address alone.
+        for sent in ["1".repeat(2000), String::new()] {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_str(&sent).unwrap());
+            append_forwarded_for(&mut h, &ip);
+            assert_eq!(
+                h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+                ["192.0.2.7"]
+            );
+        }
+        // An IPv4-mapped IPv6 peer is written as IPv4.
+        let v = forwarded_value("::ffff:192.0.2.9".parse().unwrap());
+        assert_eq!(v, "192.0.2.9");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_others_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Named, x-forwarded-for"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("x-named", HeaderValue::from_static("1"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.7"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["accept", "x-forwarded-for"]);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl State {
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
-    let (client, upstream_url) =
+    let (client, api, upstream_url) =
         upstream_client(cfg.kubeconfig.as_ref(), cfg.serviceaccount_dir.as_deref()).await?;
     let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
     let denied = Arc::new(AtomicU64::new(0));
@@ -85,7 +85,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                 .impersonate
                 .then(|| Arc::new(rbac::Rbac::new(client.clone()))),
         },
-        client,
+        api,
         impersonate: cfg.impersonate,
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),

@@ -45,9 +45,63 @@ pub(super) const MAX_STREAMS: usize = 4096;
 /// while port-forward connections fill their share.
 pub(super) const MAX_RAW_STREAMS: usize = 3072;
 
+/// The member's API server as the agent forwards requests to it.
+#[derive(Clone)]
+pub(super) enum Api {
+    /// kube's middleware (base URI, credentials, extra headers) over the
+    /// same pooled hyper client as the agent's kube client, called
+    /// directly. `kube::Client` puts a `tower` buffer in front (a worker
+    /// task and a channel hop for every request: a tenth of the agent's
+    /// work per request, measured) and retries 429, 503 and 504 by itself,
+    /// copying every request for that; a proxy leaves retrying to its
+    /// client (kubectl, client-go), which honours `Retry-After`.
+    Direct(ApiService),
+    /// Through the kubeconfig's `proxy-url`: kube's own client.
+    Kube(kube::Client),
+}
+
+type ApiService = tower::util::BoxCloneSyncService<
+    Request<kube::client::Body>,
+    Response<Incoming>,
+    tower::BoxError,
+>;
+
+impl Api {
+    /// Sends `req`; the error is said in words, with its causes.
+    async fn send(&self, req: Request<kube::client::Body>) -> Result<Response<Body>, String> {
+        use tower::ServiceExt;
+        match self {
+            Api::Direct(svc) => match svc.clone().oneshot(req).await {
+                Ok(r) => Ok(r.map(|b| b.map_err(|e| Box::new(e) as _).boxed_unsync())),
+                Err(e) => Err(with_causes(&*e)),
+            },
+            Api::Kube(client) => match client.send(req).await {
+                Ok(r) => Ok(r.map(|b| b.map_err(|e| Box::new(e) as _).boxed_unsync())),
+                Err(e) => Err(with_causes(&e)),
+            },
+        }
+    }
+}
+
+/// An error and its causes, outermost first ("client error (Connect):
+/// tcp connect error: Connection refused").
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// The agent's side of its member API server: a pooled kube client.
 pub(super) struct Upstream {
-    pub(super) client: kube::Client,
+    pub(super) api: Api,
     /// Raw channels (CONNECT, port-forward) go through this.
     pub(super) dialer: Dialer,
     /// This agent agreed to impersonate operators (`--impersonate`).
@@ -115,19 +169,19 @@ impl ChannelService for Upstream {
             });
             return;
         }
-        let client = self.client.clone();
+        let api = self.api.clone();
         let impersonate = self.impersonate;
         let tasks = self.tasks.clone();
         let budget = self.body_budget.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
-                let client = client.clone();
+                let api = api.clone();
                 let tasks = tasks.clone();
                 let budget = budget.clone();
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        forward(&tasks, &budget, client, impersonate, req).await,
+                        forward(&tasks, &budget, &api, impersonate, req).await,
                     )
                 }
             });
@@ -182,7 +236,7 @@ fn impersonation(
 async fn forward(
     tasks: &TaskTracker,
     budget: &Arc<Semaphore>,
-    client: kube::Client,
+    api: &Api,
     impersonate: bool,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -220,7 +274,7 @@ async fn forward(
         Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
     let up_req = Request::from_parts(parts, kube::client::Body::from(body));
-    let mut resp = match client.send(up_req).await {
+    let mut resp = match api.send(up_req).await {
         Ok(r) => r,
         Err(e) => {
             return status_response(
@@ -237,8 +291,7 @@ async fn forward(
         CancellationToken::new(),
         (),
     );
-    let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync())
+    resp
 }
 
 /// Builds the client for the member's API server: `--kubeconfig`, else
@@ -247,7 +300,7 @@ async fn forward(
 pub(super) async fn upstream_client(
     kubeconfig: Option<&PathBuf>,
     sa_dir: Option<&std::path::Path>,
-) -> Result<(kube::Client, String)> {
+) -> Result<(kube::Client, Api, String)> {
     let mut config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
@@ -261,14 +314,14 @@ pub(super) async fn upstream_client(
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
     let url = config.cluster_url.to_string();
-    let client = if config.proxy_url.is_some() {
+    let built = if config.proxy_url.is_some() {
         // kube's builder speaks to the proxy (HTTP CONNECT or SOCKS5).
-        kube::Client::try_from(config)
+        kube::Client::try_from(config).map(|c| (c.clone(), Api::Kube(c)))
     } else {
         client_without_nagle(config)
-    }
-    .context("cannot build the member API client")?;
-    Ok((client, url))
+    };
+    let (client, api) = built.context("cannot build the member API client")?;
+    Ok((client, api, url))
 }
 
 /// kube's own client builder leaves Nagle's algorithm on (hyper's
@@ -280,7 +333,10 @@ pub(super) async fn upstream_client(
 /// (TLS from the kubeconfig, connect and write timeouts, kube's retry on
 /// 429/503/504, the credentials and extra headers), with `TCP_NODELAY` on.
 /// Only for a direct connection; through a proxy, kube's builder is used.
-fn client_without_nagle(config: kube::Config) -> kube::Result<kube::Client> {
+/// The agent's own API calls go through a `kube::Client` over this stack
+/// (with kube's retry); forwarded requests through [`Api::Direct`], which
+/// shares its connection pool.
+fn client_without_nagle(config: kube::Config) -> kube::Result<(kube::Client, Api)> {
     use kube::client::ConfigExt;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
@@ -298,12 +354,18 @@ fn client_without_nagle(config: kube::Config) -> kube::Result<kube::Client> {
         .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
-        .option_layer(retry)
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(client);
-    Ok(kube::Client::new(service, config.default_namespace))
+    let api = Api::Direct(ApiService::new(service.clone()));
+    let client = kube::Client::new(
+        tower::ServiceBuilder::new()
+            .option_layer(retry)
+            .service(service),
+        config.default_namespace,
+    );
+    Ok((client, api))
 }
 
 /// Reads a request body within [`MAX_REQUEST_BODY`], [`BODY_DEADLINE`] and

@@ -119,6 +119,19 @@ struct Conn {
     active: Arc<()>,
     /// When the last request started or the last response ended.
     last: std::sync::Mutex<std::time::Instant>,
+    /// The operator this connection last authenticated as (see
+    /// [`Conn::operator`]).
+    known: std::sync::Mutex<Option<Known>>,
+    /// The client's address as an `X-Forwarded-For` value.
+    forwarded: HeaderValue,
+}
+
+/// A token accepted on a connection, what it stood for, and the operators'
+/// generation ([`Hub::operators_generation`]) when it was looked up.
+struct Known {
+    token: Box<str>,
+    operator: Arc<Operator>,
+    generation: u64,
 }
 
 impl Conn {
@@ -130,6 +143,31 @@ impl Conn {
 
     fn is_authenticated(&self) -> bool {
         self.ticket.lock().map(|t| t.is_none()).unwrap_or(true)
+    }
+
+    /// The operator `token` stands for. A token presented again on the same
+    /// connection (kubectl sends it with every request) is not hashed and
+    /// looked up again while no operator has changed since: any change
+    /// (removal, new token) moves the generation on and the next request
+    /// looks it up afresh.
+    fn operator(&self, hub: &Hub, token: &str) -> Option<Arc<Operator>> {
+        let generation = hub.operators_generation();
+        if let Ok(known) = self.known.lock() {
+            if let Some(k) = known.as_ref() {
+                if k.generation == generation && *k.token == *token {
+                    return Some(k.operator.clone());
+                }
+            }
+        }
+        let operator = Arc::new(hub.operator(token)?);
+        if let Ok(mut known) = self.known.lock() {
+            *known = Some(Known {
+                token: token.into(),
+                operator: operator.clone(),
+                generation,
+            });
+        }
+        Some(operator)
     }
 
     fn touch(&self) {
@@ -187,6 +225,8 @@ pub async fn serve(
                 ticket: std::sync::Mutex::new(Some(ticket)),
                 active: Arc::new(()),
                 last: std::sync::Mutex::new(std::time::Instant::now()),
+                known: std::sync::Mutex::new(None),
+                forwarded: crate::daemon::http::forwarded_value(peer.ip()),
             });
             let svc = {
                 let conn_state = conn_state.clone();
@@ -372,7 +412,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     // about which members exist. Recorded (rate-limited together).
     let unauthorized = |why: &str| {
         hub.auditor.record(Record {
-            time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+            time: crate::daemon::fmt::fmt_now(),
             operator: crate::daemon::audit::UNAUTHENTICATED.into(),
             verb: "unauthenticated".into(),
             method: req.method().to_string(),
@@ -386,7 +426,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     let Some(token) = bearer(req.headers()) else {
         return unauthorized("the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
     };
-    let Some(operator) = hub.operator(token) else {
+    let Some(operator) = conn.operator(&hub, token) else {
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
     conn.authenticated();
@@ -417,7 +457,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             ),
         };
         hub.auditor.record(Record {
-            time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+            time: crate::daemon::fmt::fmt_now(),
             operator: operator.name.clone(),
             verb: "towerctl".into(),
             method: req.method().to_string(),
@@ -433,7 +473,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     };
     let start = std::time::Instant::now();
     let record = Record {
-        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+        time: crate::daemon::fmt::fmt_now(),
         operator: operator.name.clone(),
         cluster: name.clone(),
         verb: crate::daemon::audit::verb(req.method().as_str(), &upstream_path, req.uri().query())
@@ -494,7 +534,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         &hub,
         slot,
         req,
-        peer,
+        (peer, &conn.forwarded),
         &operator,
         name,
         upstream_path,
@@ -634,7 +674,7 @@ pub(super) async fn open_raw(
     // Registered before the decision: see `Hub::admit`.
     let (decision, guard) = hub.admit(operator, cluster);
     let mut record = Record {
-        time: crate::daemon::fmt::fmt_unix(crate::daemon::control::now_unix()),
+        time: crate::daemon::fmt::fmt_now(),
         operator: operator.name.clone(),
         cluster: cluster.to_string(),
         verb: "connect".into(),
@@ -853,14 +893,14 @@ async fn proxy(
     hub: &Hub,
     slot: &ChannelSlot,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    (peer, forwarded): (SocketAddr, &HeaderValue),
     operator: &Operator,
     name: String,
     upstream_path: String,
     guard: crate::daemon::streams::StreamGuard,
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
-    crate::daemon::http::append_forwarded_for(req.headers_mut(), peer.ip());
+    crate::daemon::http::append_forwarded_for(req.headers_mut(), forwarded);
     let Some(session) = hub.session(&name) else {
         // Held by another hub: carried there.
         if let Ok(resp) = super::peer::forward(hub, &name, &upstream_path, req).await {

@@ -251,6 +251,9 @@ pub struct Hub {
     pub auditor: super::audit::Auditor,
     /// Operators by token hash (cache of the registry).
     operators: RwLock<HashMap<String, Operator>>,
+    /// Moves on with every reload of `operators`, after it: what a gateway
+    /// connection remembers of a token is good only while this stays.
+    operators_generation: std::sync::atomic::AtomicU64,
     pub dial_failures: metrics::DialFailures,
     /// Owns every task that serves a connection or a stream, so shutdown
     /// can wait (bounded) for them and their audit records.
@@ -294,6 +297,7 @@ impl Hub {
                 Admission::new("gateway", caps),
             ],
             operators: RwLock::new(HashMap::new()),
+            operators_generation: std::sync::atomic::AtomicU64::new(0),
             streams: Default::default(),
             access: RwLock::new(Default::default()),
             access_change: Mutex::new(()),
@@ -427,6 +431,12 @@ impl Hub {
     pub fn operator(&self, token: &str) -> Option<Operator> {
         let hash = keys::token_hash(token);
         self.operators.read().ok()?.get(&hash).cloned()
+    }
+
+    /// See the `operators_generation` field.
+    pub fn operators_generation(&self) -> u64 {
+        self.operators_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether `op` may reach member `name`, and the rule that decided. The
@@ -567,6 +577,8 @@ impl Hub {
             Ok(ops) => {
                 if let Ok(mut m) = self.operators.write() {
                     *m = ops.into_iter().map(|o| (o.token_hash.clone(), o)).collect();
+                    self.operators_generation
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             Err(e) => tracing::error!("cannot load operators: {e}"),
