@@ -275,6 +275,37 @@ fn an_overlong_target_name_is_a_bad_request() {
     );
 }
 
+/// A path that climbs out of the member's prefix (`/clusters/alpha/../x`,
+/// or its percent-encoded form) is refused at the gateway and never
+/// reaches the member: joined to an API URL with a path of its own
+/// (Rancher's `/k8s/clusters/c-1`) it named another cluster.
+#[test]
+fn paths_with_dot_segments_never_reach_the_member() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let token = token.trim();
+    let (code, _) = support::gateway_get(&env, token, "/clusters/alpha/version");
+    assert_eq!(code, "200");
+    for path in [
+        "/clusters/alpha/../beta/version",
+        "/clusters/alpha/%2e%2e/beta/version",
+        "/clusters/alpha//version",
+    ] {
+        let (code, body) = support::gateway_get(&env, token, path);
+        assert_eq!(code, "400", "{path}: {body}");
+        assert!(body.contains("refuses request paths"), "{path}: {body}");
+    }
+    let seen: Vec<String> = api.requests().into_iter().map(|r| r.path).collect();
+    assert!(
+        seen.iter()
+            .all(|p| !p.contains("..") && !p.contains("%2e") && !p.contains("//")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|p| p == "/version"), "{seen:?}");
+}
+
 /// The gateway's answer to one CONNECT (status line, headers and body),
 /// read until it stops coming (Python's ssl; curl hides a refused
 /// CONNECT's body).

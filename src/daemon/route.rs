@@ -62,6 +62,13 @@ pub fn member_of_sni(sni: Option<&str>) -> Option<String> {
 /// A refusal is a status code, a Kubernetes reason and a message, for
 /// [`super::gateway::status_response`].
 pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> {
+    if let Some(why) = unsafe_path(path) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("the towerctl gateway refuses request paths with {why}: Kubernetes paths never need them, and a member whose API URL has a path prefix would resolve them outside it"),
+        ));
+    }
     match (sni, path_route(path)) {
         (Some(s), Some((p, _))) if s != p => Err((
             StatusCode::BAD_REQUEST,
@@ -77,6 +84,34 @@ pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> 
             "the towerctl gateway serves clusters under /clusters/<name>/ or by TLS server name <name>.clusters.towerctl.invalid; run 'towerctl use CLUSTER' to get a kubeconfig context with the right server URL".into(),
         )),
     }
+}
+
+/// What makes `path` unsafe to forward, if anything: a `.` or `..`
+/// segment, an empty segment (`//`), or a percent-encoded dot, slash or
+/// backslash. Kubernetes never needs them (object names cannot be `.` or
+/// `..` and cannot hold `/` or `%`), but an upstream URL with a path
+/// (`https://rancher.example/k8s/clusters/c-1`) joined with
+/// `/../c-2/api` reaches another cluster with the agent's credentials.
+pub fn unsafe_path(path: &str) -> Option<&'static str> {
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
+        return Some("percent-encoded dots, slashes or backslashes");
+    }
+    if path.contains('\\') {
+        return Some("backslashes");
+    }
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        if *seg == "." || *seg == ".." {
+            return Some("'.' or '..' segments");
+        }
+        // A trailing slash is one empty last segment; `//` is not.
+        if seg.is_empty() && i != last {
+            return Some("empty segments ('//')");
+        }
+    }
+    None
 }
 
 /// Splits `/clusters/<name>/<rest>` into the name and the upstream path.
@@ -121,6 +156,39 @@ mod tests {
         assert_eq!(member_of_sni(Some("xclusters.towerctl.invalid")), None);
         assert_eq!(member_of_sni(None), None);
         assert_eq!(server_name("beta"), "beta.clusters.towerctl.invalid");
+    }
+
+    #[test]
+    fn paths_that_climb_out_of_a_prefix_are_refused() {
+        for bad in [
+            "/clusters/alpha/../beta/api",
+            "/clusters/alpha/%2e%2e/beta/api",
+            "/clusters/alpha/%2E./beta",
+            "/clusters/alpha/api/v1/namespaces/x%2fy",
+            "/clusters/alpha//api",
+            "/clusters/alpha/./api",
+            "/..",
+            "/api/..",
+            "/api\\..\\x",
+        ] {
+            assert!(unsafe_path(bad).is_some(), "{bad}");
+            assert_eq!(
+                pick(None, bad).unwrap_err().0,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+            assert!(pick(Some("alpha"), bad).is_err(), "{bad}");
+        }
+        for good in [
+            "/",
+            "/clusters/alpha",
+            "/clusters/alpha/",
+            "/clusters/alpha/api/v1/namespaces/default/configmaps/my.config",
+            "/api/v1/namespaces/a/services/web:80/proxy/some%20page/",
+            "/apis/apps/v1/",
+        ] {
+            assert_eq!(unsafe_path(good), None, "{good}");
+        }
     }
 
     #[test]

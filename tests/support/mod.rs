@@ -632,6 +632,7 @@ pub fn gateway_get_with(hub: &Env, token: &str, path: &str, headers: &[&str]) ->
     let mut cmd = std::process::Command::new("curl");
     cmd.args([
         "-sS",
+        "--path-as-is",
         "--max-time",
         "10",
         "--cacert",

@@ -240,6 +240,15 @@ async fn forward(
     impersonate: bool,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
+    // The hub refuses these already (`route::pick`); checked again here,
+    // where the path is joined to the API URL's own path.
+    if let Some(why) = crate::daemon::route::unsafe_path(req.uri().path()) {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("refused by the towerctl agent: the request path has {why}"),
+        );
+    }
     let upgrade = is_upgrade(req.headers());
     let hub_side_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
