@@ -346,6 +346,7 @@ fn ip(args: &[&str]) {
 struct Netns {
     name: String,
     host_if: String,
+    member_if: String,
 }
 
 impl Netns {
@@ -355,7 +356,11 @@ impl Netns {
         let host_if = format!("fh{id}");
         let member_if = format!("fm{id}");
         ip(&["netns", "add", &name]);
-        let ns = Netns { name, host_if };
+        let ns = Netns {
+            name,
+            host_if,
+            member_if: member_if.clone(),
+        };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ip(&[
             "link",
@@ -419,6 +424,50 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Holds what leaves the namespace (the member's side of the link) to
+    /// `rate` (tc's syntax, `1mbit`).
+    fn limit_upload(&self, rate: &str) {
+        for args in [
+            vec![
+                "qdisc",
+                "add",
+                "dev",
+                &self.member_if,
+                "root",
+                "handle",
+                "1:",
+                "htb",
+                "default",
+                "10",
+            ],
+            vec![
+                "class",
+                "add",
+                "dev",
+                &self.member_if,
+                "parent",
+                "1:",
+                "classid",
+                "1:10",
+                "htb",
+                "rate",
+                rate,
+            ],
+        ] {
+            let mut c = Command::new("tc");
+            c.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+            c.args(&args);
+            let o = run_bounded(self.wrap(c), Duration::from_secs(10));
+            assert!(
+                o.ok(),
+                "tc {}: {o:?} (needs root, iproute2 and the htb qdisc)",
+                args.join(" ")
+            );
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -428,6 +477,60 @@ impl Drop for Netns {
             .args(["link", "del", &self.host_if])
             .status();
     }
+}
+
+/// Bound: a member on a 1 Mbit/s uplink with 1 s keepalives answers a
+/// 1 MiB read in full (about 9 s, five times the keepalive deadline), and
+/// its tunnel stays up: the keepalive answers wait behind the data, and the
+/// data is the sign of life. Before, the hub declared the member dead after
+/// 1.8 s without an answer and cut the read and every other stream.
+#[test]
+fn a_slow_link_busy_with_a_download_stays_up() {
+    if !enabled() {
+        return;
+    }
+    let subnet = (std::process::id() % 200) as u8 + 20;
+    let ns = Netns::create(subnet);
+    let host_ip = format!("10.214.{subnet}.1");
+    let env = Env::new();
+    let api = ApiServer::start_on(host_ip.parse().unwrap());
+    let big = "x".repeat(1 << 20);
+    api.create_configmap("default", "big", &[("blob", &big)]);
+    env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
+    args.extend(["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"]);
+    let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
+    assert!(o.ok(), "join inside the namespace: {o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(timed_get(&env, "5s").0.ok());
+    ns.limit_upload("1mbit");
+    let start = Instant::now();
+    let o = env.kubectl(&[
+        "get",
+        "configmap",
+        "big",
+        "-o",
+        "jsonpath={.data.blob}",
+        "--request-timeout=90s",
+    ]);
+    let took = start.elapsed();
+    assert!(
+        o.ok(),
+        "the read over the slow link failed after {took:?}: {o:?}"
+    );
+    assert_eq!(o.stdout.len(), big.len(), "a cut read");
+    let log = env.towerctl(&["logs", "hub"]);
+    assert!(
+        log.ok() && log.stdout.contains("agent connected"),
+        "{log:?}"
+    );
+    assert!(!log.stdout.contains("declared dead"), "{}", log.stdout);
+    assert_eq!(env.status()["hub"]["clusters"][0]["state"], "connected");
+    eprintln!("measured: 1 MiB over a 1 Mbit/s uplink with 1 s keepalives: read whole in {took:.1?}, tunnel kept");
+    let _ = env.towerctl(&["down"]);
 }
 
 const BLACKHOLE: Duration = Duration::from_secs(40);

@@ -237,18 +237,19 @@ impl russh::client::Handler for AgentHandler {
 /// A live, authenticated tunnel session.
 pub struct ClientSession {
     handle: Handle<AgentHandler>,
+    /// What the hub has sent so far (keepalives count it as a sign of life).
+    alive: super::Liveness,
     closed: oneshot::Receiver<SessionEnd>,
     pub connected_at: Instant,
 }
 
 impl ClientSession {
-    /// One round trip to the hub; `None` when no reply came within `timeout`.
-    pub async fn ping(&self, timeout: Duration) -> Option<Duration> {
-        let start = Instant::now();
-        match tokio::time::timeout(timeout, self.handle.send_ping()).await {
-            Ok(Ok(())) if !self.handle.is_closed() => Some(start.elapsed()),
-            _ => None,
-        }
+    /// One round trip to the hub; `None` when neither the reply nor
+    /// anything else came from the hub within `deadline`
+    /// ([`super::await_keepalive`]).
+    pub async fn ping(&self, deadline: Duration) -> Option<Duration> {
+        let answer = async { self.handle.send_ping().await.is_ok() && !self.handle.is_closed() };
+        super::await_keepalive(answer, deadline, &self.alive).await
     }
 
     /// A future that resolves with a human-readable reason when the session
@@ -428,9 +429,11 @@ async fn connect_inner(
         service,
         closed: Some(closed_tx),
     };
+    let io = WsIo::new(ws);
+    let alive = io.liveness();
     let mut handle = match russh::client::connect_stream(
         client_config(opts.keepalive, &opts.features),
-        WsIo::new(ws),
+        io,
         handler,
     )
     .await
@@ -492,6 +495,7 @@ async fn connect_inner(
         return Err(refused);
     }
     Ok(ClientSession {
+        alive,
         handle,
         closed: closed_rx,
         connected_at: Instant::now(),

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, Handle, Msg, RunningSession, VerifiedPublicKey};
@@ -490,17 +490,20 @@ pub async fn open_as(
 
 /// Measures one round trip to the agent. The agent refuses the ping target
 /// at once; a refusal is the pong.
-pub async fn ping(handle: &Handle, timeout: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let r = tokio::time::timeout(
-        timeout,
-        handle.channel_open_forwarded_tcpip(TARGET_PING, 0, "127.0.0.1", 0),
-    )
-    .await;
-    match r {
-        Ok(Err(russh::Error::ChannelOpenFailure(_))) | Ok(Ok(_)) => Some(start.elapsed()),
-        _ => None,
-    }
+pub async fn ping(
+    handle: &Handle,
+    deadline: Duration,
+    alive: &super::Liveness,
+) -> Option<Duration> {
+    let answer = async {
+        matches!(
+            handle
+                .channel_open_forwarded_tcpip(TARGET_PING, 0, "127.0.0.1", 0)
+                .await,
+            Err(russh::Error::ChannelOpenFailure(_)) | Ok(_)
+        )
+    };
+    super::await_keepalive(answer, deadline, alive).await
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ const MAX_MESSAGE: usize = 256 * 1024;
 
 pub struct WsIo<S> {
     ws: WebSocketStream<S>,
+    /// Counts every message received: the peer is alive while it moves.
+    alive: super::Liveness,
     /// Unread rest of the last binary message received.
     read_buf: Bytes,
     /// A flush was started and has not completed yet.
@@ -33,9 +35,16 @@ pub struct WsIo<S> {
 }
 
 impl<S> WsIo<S> {
+    /// What this stream has received so far, for keepalives
+    /// ([`super::await_keepalive`]).
+    pub fn liveness(&self) -> super::Liveness {
+        self.alive.clone()
+    }
+
     pub fn new(ws: WebSocketStream<S>) -> Self {
         WsIo {
             ws,
+            alive: super::Liveness::default(),
             read_buf: Bytes::new(),
             flush_pending: false,
             eof: false,
@@ -91,7 +100,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+            let next = ready!(Pin::new(&mut this.ws).poll_next(cx));
+            this.alive.saw();
+            match next {
                 Some(Ok(Message::Binary(data))) => this.read_buf = data,
                 // Pings are answered by tungstenite on the next flush.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}

@@ -220,13 +220,14 @@ async fn tunnel_session(
             .await
             .context("WebSocket handshake failed")?;
         let io = tunnel::ws::WsIo::new(ws);
+        let alive = io.liveness();
         let auth: Arc<dyn server::Authenticator> = hub.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let sess = server::accept(ssh_cfg, io, auth, penalty, left).await?;
         lift();
-        anyhow::Ok(sess)
+        anyhow::Ok((sess, alive))
     };
-    let mut sess = tokio::select! {
+    let (mut sess, alive) = tokio::select! {
         r = tokio::time::timeout_at(deadline, login) => match r {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("no SSH login within {LOGIN_DEADLINE:?}"),
@@ -280,7 +281,13 @@ async fn tunnel_session(
         let hub = hub.clone();
         async move {
             loop {
-                match server::ping(&live.handle, crate::tunnel::ping_deadline(keepalive)).await {
+                match server::ping(
+                    &live.handle,
+                    crate::tunnel::ping_deadline(keepalive),
+                    &alive,
+                )
+                .await
+                {
                     Some(rtt) => {
                         live.rtt_us
                             .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
