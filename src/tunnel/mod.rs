@@ -183,20 +183,7 @@ pub fn escape_for_log(s: &str, max: usize) -> String {
     out
 }
 
-/// Messages received on a tunnel's transport so far (shared with the
-/// stream that counts them).
-#[derive(Clone, Default, Debug)]
-pub struct Liveness(std::sync::Arc<std::sync::atomic::AtomicU64>);
-
-impl Liveness {
-    pub fn saw(&self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn seen(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
+pub use ws::Liveness;
 
 /// Waits for the answer to one keepalive (`answer`: `true` when it came,
 /// `false` when the session ended). The peer is declared dead (`None`)

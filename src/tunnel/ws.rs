@@ -22,10 +22,25 @@ use tokio_tungstenite::WebSocketStream;
 /// huge write does not become one huge frame buffered whole.
 const MAX_MESSAGE: usize = 256 * 1024;
 
+/// Messages received on a tunnel's transport so far (shared with the
+/// stream that counts them).
+#[derive(Clone, Default, Debug)]
+pub struct Liveness(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Liveness {
+    pub fn saw(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn seen(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 pub struct WsIo<S> {
     ws: WebSocketStream<S>,
     /// Counts every message received: the peer is alive while it moves.
-    alive: super::Liveness,
+    alive: Liveness,
     /// Unread rest of the last binary message received.
     read_buf: Bytes,
     /// A flush was started and has not completed yet.
@@ -36,15 +51,15 @@ pub struct WsIo<S> {
 
 impl<S> WsIo<S> {
     /// What this stream has received so far, for keepalives
-    /// ([`super::await_keepalive`]).
-    pub fn liveness(&self) -> super::Liveness {
+    /// (`tunnel::await_keepalive`).
+    pub fn liveness(&self) -> Liveness {
         self.alive.clone()
     }
 
     pub fn new(ws: WebSocketStream<S>) -> Self {
         WsIo {
             ws,
-            alive: super::Liveness::default(),
+            alive: Liveness::default(),
             read_buf: Bytes::new(),
             flush_pending: false,
             eof: false,
