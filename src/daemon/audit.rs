@@ -14,12 +14,17 @@
 //!   record stays under ~2 KiB whatever the client sent (a 60 KB method
 //!   name made 60 KB records).
 //! - *Push out others' history*: each operator (and all unauthenticated
-//!   clients together) has a token bucket of records, [`Limits`]
-//!   (`TOWERCTL_AUDIT_RATE` records a second, `TOWERCTL_AUDIT_BURST` at
-//!   once, read by the hub at start); records over it are counted and
-//!   written as one `verb: "suppressed"` summary ("suppressed N records")
-//!   as soon as the bucket refills. Unauthenticated clients together get a
-//!   tenth of that, and their paths are cut to a quarter: anyone can send
+//!   clients together) has a token bucket, [`Limits`]
+//!   (`TOWERCTL_AUDIT_RATE` a second, `TOWERCTL_AUDIT_BURST` at once, read
+//!   by the hub at start). An operator's requests over it are refused with
+//!   429 before they reach a member ([`Auditor::admit_request`]; the local
+//!   admin is exempt), so every request that does reach one is recorded:
+//!   dropping the records instead let an operator blind the log for a
+//!   write of its choosing. Unauthenticated clients' records over their
+//!   budget are dropped (nothing of theirs reaches a member). Either way
+//!   the count is written as one `verb: "suppressed"` summary as soon as
+//!   the bucket refills. Unauthenticated clients together get a tenth of
+//!   the budget, and their paths are cut to a quarter: anyone can send
 //!   them, so they must not be able to rotate the history away.
 //! - *Kill the hub to lose it*: every record is written to the file (the
 //!   page cache) as soon as the writer receives it, with no buffering in
@@ -185,11 +190,16 @@ impl Limiter {
 }
 
 fn summary(operator: &str, n: u64) -> Record {
+    let path = if operator == UNAUTHENTICATED {
+        format!("suppressed {n} records over the audit rate limit")
+    } else {
+        format!("refused {n} requests over the audit rate limit (429, never sent to a member)")
+    };
     Record {
         time: crate::daemon::fmt::fmt_now(),
         operator: operator.to_string(),
         verb: "suppressed".into(),
-        path: format!("suppressed {n} records over the audit rate limit"),
+        path,
         ..Record::default()
     }
 }
@@ -336,20 +346,52 @@ impl Auditor {
         }
     }
 
-    /// Queues `r` for the log, within its operator's budget (its path cut
-    /// to [`MAX_PATH`]).
-    pub fn record(&self, mut r: Record) {
-        bound(&mut r);
-        let (ok, owed) = self
+    /// Admits one request of an authenticated operator against its
+    /// budget ([`Limits`]), before the request goes anywhere: over it, the
+    /// request is refused (the message says why) and counted for a
+    /// summary record, so every request that reaches a member is
+    /// recorded. Dropping the records instead let an operator blind the
+    /// log at a moment of its choosing (a burst of reads, then a write).
+    pub fn admit_request(&self, operator: &str) -> Result<(), String> {
+        let (ok, owed, limits) = self
             .limiter
             .lock()
-            .map(|mut l| l.admit(&r.operator, Instant::now()))
-            .unwrap_or((true, 0));
-        if !ok {
-            return;
-        }
+            .map(|mut l| {
+                let (ok, owed) = l.admit(operator, Instant::now());
+                (ok, owed, l.limits)
+            })
+            .unwrap_or((true, 0, Limits::default()));
         if owed > 0 {
-            self.send(summary(&r.operator, owed));
+            self.send(summary(operator, owed));
+        }
+        if ok {
+            return Ok(());
+        }
+        Err(format!(
+            "operator '{operator}' is over its audit budget of {} requests a second ({} at once); every request to a member is recorded, so requests over it are refused: retry shortly (the hub's TOWERCTL_AUDIT_RATE and TOWERCTL_AUDIT_BURST set the budget)",
+            limits.rate, limits.burst
+        ))
+    }
+
+    /// Queues `r` for the log (its fields bounded, [`MAX_PATH`]). Records
+    /// of unauthenticated clients share one budget and are dropped over
+    /// it, counted in a summary; an operator's requests are held to its
+    /// budget when they arrive ([`Auditor::admit_request`]) and all of
+    /// their records are written.
+    pub fn record(&self, mut r: Record) {
+        bound(&mut r);
+        if r.operator == UNAUTHENTICATED {
+            let (ok, owed) = self
+                .limiter
+                .lock()
+                .map(|mut l| l.admit(&r.operator, Instant::now()))
+                .unwrap_or((true, 0));
+            if !ok {
+                return;
+            }
+            if owed > 0 {
+                self.send(summary(&r.operator, owed));
+            }
         }
         self.send(r);
     }

@@ -124,6 +124,8 @@ struct Conn {
     known: std::sync::Mutex<Option<Known>>,
     /// The client's address as an `X-Forwarded-For` value.
     forwarded: HeaderValue,
+    /// The client's address and port, as audit records give it.
+    peer_text: String,
 }
 
 /// A token accepted on a connection, what it stood for, and the operators'
@@ -227,6 +229,7 @@ pub async fn serve(
                 last: std::sync::Mutex::new(std::time::Instant::now()),
                 known: std::sync::Mutex::new(None),
                 forwarded: crate::daemon::http::forwarded_value(peer.ip()),
+                peer_text: peer.to_string(),
             });
             let svc = {
                 let conn_state = conn_state.clone();
@@ -430,6 +433,14 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
     conn.authenticated();
+    if operator.name != super::LOCAL_ADMIN {
+        if let Err(msg) = hub.auditor.admit_request(&operator.name) {
+            let mut resp = status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+    }
     if req.method() == http::Method::CONNECT {
         return connect(hub, req, peer, &operator, conn.active.clone()).await;
     }
@@ -483,6 +494,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             Some(q) => format!("{upstream_path}?{q}"),
             None => upstream_path.clone(),
         },
+        peer: Some(conn.peer_text.clone()),
         ..Record::default()
     };
     // Access rules: a member the operator may not reach answers exactly
