@@ -442,3 +442,46 @@ fn one_operator_cannot_take_every_stream_of_a_member() {
     let mut again = TcpStream::connect(("127.0.0.1", local)).unwrap();
     assert!(echoes(&mut again), "{}", pf.output());
 }
+
+/// A member API server that stops answering does not hold kubectl
+/// forever: a request that is not long-running gets a 504 from the agent
+/// after its answer deadline (`TOWERCTL_API_ANSWER_TIMEOUT`, 2 s here),
+/// while a watch may take as long as it likes to answer.
+#[test]
+fn a_hung_api_server_gets_a_504_but_watches_wait() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join_with_env(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap()],
+        &[("TOWERCTL_API_ANSWER_TIMEOUT", "2")],
+    );
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.kubectl(&["get", "ns"]).ok());
+    api.set_delay(Duration::from_secs(5));
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let start = Instant::now();
+    let (code, body) = support::gateway_get(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces/default/configmaps?limit=500",
+    );
+    let took = start.elapsed();
+    assert_eq!(code, "504", "{body}");
+    assert!(body.contains("did not answer within 2s"), "{body}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    // A watch waits out the same delay and gets its answer.
+    let (code, body) = support::gateway_get(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=1",
+    );
+    assert_eq!(code, "200", "{body}");
+    api.set_delay(Duration::ZERO);
+    assert!(env.kubectl(&["get", "ns"]).ok());
+}

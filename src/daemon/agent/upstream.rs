@@ -45,6 +45,75 @@ pub(super) const MAX_STREAMS: usize = 4096;
 /// while port-forward connections fill their share.
 pub(super) const MAX_RAW_STREAMS: usize = 3072;
 
+/// How long the member's API server may take to answer (its status and
+/// headers) a request that is not long-running, unless the request asks
+/// for longer with `?timeout=`. kube-apiserver answers or times out such
+/// requests within 60 s itself; a server that says nothing at all on a
+/// pooled connection (dead host, dropped packets, hung process) otherwise
+/// held kubectl forever while the tunnel looked healthy.
+/// `TOWERCTL_API_ANSWER_TIMEOUT` (seconds) sets another.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn answer_timeout() -> std::time::Duration {
+    static T: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("TOWERCTL_API_ANSWER_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .map_or(ANSWER_TIMEOUT, std::time::Duration::from_secs)
+    })
+}
+
+/// Whether kube-apiserver treats the request as long-running (its
+/// `LongRunningRequestCheck`): watches, `proxy`, and the `attach`, `exec`,
+/// `log` and `portforward` subresources (and any upgrade). Those may take
+/// as long as they like to answer.
+fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
+    if upgrade {
+        return true;
+    }
+    let watch = query.is_some_and(|q| {
+        q.split('&').any(|kv| {
+            matches!(
+                kv,
+                "watch" | "watch=true" | "watch=1" | "follow=true" | "follow=1"
+            )
+        })
+    });
+    watch
+        || path.starts_with("/api/v1/watch/")
+        || path.contains("/watch/")
+        || path
+            .split('/')
+            .any(|seg| matches!(seg, "proxy" | "attach" | "exec" | "log" | "portforward"))
+}
+
+/// The `timeout` a request asks for (`?timeout=1m30s`, Go's duration
+/// syntax in whole units), if it parses.
+fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
+    let v = query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout="))?;
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in v.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        total += match c {
+            'h' => n.checked_mul(3600)?,
+            'm' => n.checked_mul(60)?,
+            's' => n,
+            _ => return None,
+        };
+    }
+    (num.is_empty() && total > 0).then(|| std::time::Duration::from_secs(total))
+}
+
 /// The member's API server as the agent forwards requests to it.
 #[derive(Clone)]
 pub(super) enum Api {
@@ -282,8 +351,31 @@ async fn forward(
         Ok(b) => b,
         Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
+    let wait = (!long_running(parts.uri.path(), parts.uri.query(), upgrade)).then(|| {
+        // A request that asks for longer (`?timeout=`) gets that, and
+        // some room for the server's own answer to it.
+        let asked = asked_timeout(parts.uri.query())
+            .map(|t| t + std::time::Duration::from_secs(30))
+            .unwrap_or_default();
+        answer_timeout().max(asked)
+    });
     let up_req = Request::from_parts(parts, kube::client::Body::from(body));
-    let mut resp = match api.send(up_req).await {
+    let sent = api.send(up_req);
+    let answer = match wait {
+        Some(wait) => match tokio::time::timeout(wait, sent).await {
+            Ok(a) => a,
+            Err(_) => {
+                tracing::warn!("the member's API server did not answer within {wait:?}");
+                return status_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    &format!("the member's API server did not answer within {}s (a hung server, or a connection to it that died silently); the towerctl agent gave up on this request, retry it", wait.as_secs()),
+                );
+            }
+        },
+        None => sent.await,
+    };
+    let mut resp = match answer {
         Ok(r) => r,
         Err(e) => {
             return status_response(
@@ -350,6 +442,9 @@ fn client_without_nagle(config: kube::Config) -> kube::Result<(kube::Client, Api
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
+    // A connection whose peer vanished (no FIN, no RST) is found by the
+    // kernel instead of staying in the pool for good.
+    http.set_keepalive(Some(std::time::Duration::from_secs(30)));
     let https = config.rustls_https_connector_with_connector(http)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
@@ -449,4 +544,60 @@ async fn read_body(
         buf.extend_from_slice(&data);
     }
     Ok((buf.freeze(), reserved))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn only_requests_that_are_not_long_running_get_an_answer_deadline() {
+        for (path, query) in [
+            (
+                "/api/v1/namespaces/a/configmaps",
+                Some("watch=true&resourceVersion=1"),
+            ),
+            ("/api/v1/namespaces/a/pods/p/log", Some("follow=true")),
+            ("/api/v1/namespaces/a/pods/p/exec", Some("command=sh")),
+            ("/api/v1/namespaces/a/services/web:80/proxy/deep/page", None),
+            ("/api/v1/watch/namespaces/a/pods", None),
+        ] {
+            assert!(long_running(path, query, false), "{path}?{query:?}");
+        }
+        assert!(long_running("/anything", None, true));
+        for (path, query) in [
+            ("/api/v1/namespaces/a/configmaps", Some("limit=500")),
+            ("/api/v1/namespaces/a/configmaps/watchful", None),
+            ("/version", None),
+        ] {
+            assert!(!long_running(path, query, false), "{path}?{query:?}");
+        }
+    }
+
+    #[test]
+    fn a_requests_own_timeout_is_read_in_gos_syntax() {
+        assert_eq!(
+            asked_timeout(Some("timeout=32s")),
+            Some(Duration::from_secs(32))
+        );
+        assert_eq!(
+            asked_timeout(Some("limit=1&timeout=1m30s")),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            asked_timeout(Some("timeout=2h")),
+            Some(Duration::from_secs(7200))
+        );
+        for bad in [
+            "timeout=",
+            "timeout=10",
+            "timeout=1.5s",
+            "timeout=5ms",
+            "limit=1",
+        ] {
+            assert_eq!(asked_timeout(Some(bad)), None, "{bad}");
+        }
+        assert_eq!(asked_timeout(None), None);
+    }
 }
