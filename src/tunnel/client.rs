@@ -121,11 +121,18 @@ impl russh::client::Handler for AgentHandler {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
         } else if self.service.accepts(connected_address, connected_port) {
             reply.accept().await;
+            // Answers to API requests get a smaller window than raw
+            // streams: it is what the hub buffers for a stalled reader.
+            let window = if connected_address == super::TARGET_APISERVER {
+                super::flow::API_WINDOW
+            } else {
+                super::flow::STREAM_WINDOW
+            };
             self.service.serve(
                 connected_address.to_string(),
                 connected_port,
                 originator_address.to_string(),
-                FlowStream::new(channel),
+                FlowStream::with_window(channel, window),
             );
         } else {
             tracing::warn!(

@@ -47,10 +47,22 @@ use tokio::sync::Notify;
 /// stalled stream costs at most this much at each end.
 pub const STREAM_WINDOW: u64 = 4 * 1024 * 1024;
 
+/// The window an agent gives itself for answers to API requests (status,
+/// headers and body of each response on the hub's HTTP/1.1 channels): what
+/// the hub buffers for a client that stops reading one. With
+/// [`STREAM_WINDOW`], 100 stalled HTTP/2 streams of one client held
+/// 341 MB of hub memory (a red-team run); API answers do not need bulk
+/// windows (a 1 MiB window still moves 20 MB/s per stream at 50 ms RTT).
+/// Only the sender's own limit: the receiver accepts up to
+/// [`STREAM_WINDOW`] from any sender, so hubs and agents of either version
+/// work together.
+pub const API_WINDOW: u64 = 1024 * 1024;
+
 /// Credit is returned once a reader has consumed this much since the last
-/// return: often enough that a sender always has most of the window, rarely
-/// enough that credit frames cost nothing next to the data.
-const CREDIT_STEP: u64 = STREAM_WINDOW / 4;
+/// return: often enough that a sender always has most of its window (also
+/// [`API_WINDOW`]), rarely enough that credit frames (9 bytes) cost
+/// nothing next to the data.
+const CREDIT_STEP: u64 = API_WINDOW / 4;
 
 /// Extended-data type code of control frames (1 is SSH's stderr, unused by
 /// forwarded channels).
@@ -84,6 +96,9 @@ struct State {
     broken: bool,
     /// The local side dropped the stream: incoming data is discarded.
     dropped: bool,
+    /// What this side may have unacknowledged ([`STREAM_WINDOW`] or
+    /// [`API_WINDOW`]).
+    window: u64,
     /// The local writer half-closed: the control task sends end-of-stream.
     eof_wanted: bool,
     eof_sent: bool,
@@ -148,10 +163,22 @@ impl FlowStream {
     where
         S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
     {
+        Self::with_window(channel, STREAM_WINDOW)
+    }
+
+    /// [`FlowStream::new`] sending at most `window` bytes ahead of what
+    /// the peer has consumed (at most [`STREAM_WINDOW`]).
+    pub fn with_window<S>(channel: Channel<S>, window: u64) -> FlowStream
+    where
+        S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    {
         let id = channel.id();
         let (mut read, write) = channel.split();
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
+                ..State::default()
+            }),
             control: Notify::new(),
         });
         let data: Writer = Box::pin(write.make_writer());
@@ -365,7 +392,7 @@ impl AsyncWrite for FlowStream {
             if st.closed {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
-            let credit = st.peer_consumed + STREAM_WINDOW - st.sent;
+            let credit = (st.peer_consumed + st.window).saturating_sub(st.sent);
             if credit == 0 {
                 st.write_waker = Some(cx.waker().clone());
                 return Poll::Pending;
