@@ -26,20 +26,42 @@ fn stalled_upload(
     tls: Arc<rustls::ClientConfig>,
     hold: std::sync::mpsc::Receiver<()>,
 ) -> String {
+    stalled_upload_of(
+        addr,
+        token,
+        tls,
+        hold,
+        33_554_432,
+        16,
+        Duration::from_secs(15),
+    )
+}
+
+/// [`stalled_upload`] announcing `announce` bytes, sending `chunks` of
+/// 64 KiB, waiting `wait` for an answer.
+fn stalled_upload_of(
+    addr: String,
+    token: String,
+    tls: Arc<rustls::ClientConfig>,
+    hold: std::sync::mpsc::Receiver<()>,
+    announce: u64,
+    chunks: usize,
+    wait: Duration,
+) -> String {
     let tcp = TcpStream::connect(&addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    tcp.set_read_timeout(Some(wait)).unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(tls, name).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
     let head = format!(
         "POST /clusters/alpha/api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: localhost\r\n\
-         Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 33554432\r\n\r\n"
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {announce}\r\n\r\n"
     );
     if s.write_all(head.as_bytes()).is_err() {
         return "write failed".into();
     }
     let chunk = vec![b' '; 64 * 1024];
-    for _ in 0..16 {
+    for _ in 0..chunks {
         if s.write_all(&chunk).is_err() {
             break;
         }
@@ -132,4 +154,70 @@ fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
         .count();
     assert_eq!(refused + cut, 64, "{statuses:?}");
     assert!(refused >= 32, "{statuses:?}");
+}
+
+/// One operator's unfinished uploads hold at most a quarter of the agent's
+/// body budget (16 MiB): three stalled 7 MiB uploads by bob get at least
+/// one 503 naming his share, and the admin's writes keep working while
+/// bob's uploads hang. Before, 8 of them took the whole 64 MiB and every
+/// other operator's writes got 503.
+#[test]
+fn one_operators_stalled_uploads_do_not_block_the_others_writes() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    let o = env.towerctl(&["operator", "add", "bob"]);
+    let bob = support::printed_command(&o.stdout, "login")[3].clone();
+    assert!(env
+        .towerctl(&["access", "allow", "operator:bob", "--names", "alpha"])
+        .ok());
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.kubectl(&["get", "ns"]).ok());
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut holds = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        holds.push(tx);
+        let (gw, bob, tls) = (gw.clone(), bob.clone(), tls.clone());
+        clients.push(std::thread::spawn(move || {
+            // 8 MiB - 1 announced (under the per-request bound), 7 MiB sent.
+            stalled_upload_of(
+                gw,
+                bob,
+                tls,
+                rx,
+                8 * 1024 * 1024 - 1,
+                112,
+                Duration::from_secs(5),
+            )
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // The admin writes while bob's uploads hang.
+    let o = env.kubectl(&["create", "configmap", "during", "--from-literal=a=b"]);
+    assert!(o.ok(), "{o:?}");
+    drop(holds);
+    let statuses: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let refused = statuses.iter().filter(|s| s.contains(" 503")).count();
+    assert!((1..=2).contains(&refused), "{statuses:?}");
 }

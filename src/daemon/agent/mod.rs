@@ -90,7 +90,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
         raw_streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_RAW_STREAMS)),
-        body_budget: Arc::new(tokio::sync::Semaphore::new(upstream::BODY_BUDGET_KIB)),
+        body_budget: Arc::new(upstream::BodyBudget::new()),
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
     let key_path = cfg

@@ -34,6 +34,94 @@ pub(super) const MAX_REQUEST_BODY: usize = 8 * 1024 * 1024;
 /// Request bytes buffered at once across all requests, in KiB.
 pub(super) const BODY_BUDGET_KIB: usize = 64 * 1024;
 
+/// Of [`BODY_BUDGET_KIB`], the most one operator's requests hold at once:
+/// one operator's stalled uploads (8 of 8 MiB, never finished) took the
+/// whole budget and every other operator's writes got 503.
+const OPERATOR_BODY_KIB: usize = BODY_BUDGET_KIB / 4;
+
+/// KiB of request bodies buffered, in all and by operator.
+pub(super) struct BodyBudget {
+    total: Arc<Semaphore>,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl BodyBudget {
+    pub(super) fn new() -> Self {
+        BodyBudget {
+            total: Arc::new(Semaphore::new(BODY_BUDGET_KIB)),
+            held: Default::default(),
+        }
+    }
+
+    /// `kib` more for `operator`'s request, or why not.
+    fn take(&self, operator: &str, kib: usize) -> Result<BodyPermit, String> {
+        {
+            let mut held = self
+                .held
+                .lock()
+                .map_err(|_| "the body budget is unusable".to_string())?;
+            let mine = held.entry(operator.to_string()).or_default();
+            if *mine + kib > OPERATOR_BODY_KIB {
+                if *mine == 0 {
+                    held.remove(operator);
+                }
+                return Err(format!("operator '{operator}' has {} MiB of request bodies being received by this towerctl agent already (its share); finish or cancel those uploads and retry", OPERATOR_BODY_KIB / 1024));
+            }
+            *mine += kib;
+        }
+        // Given back on every path from here, the error's included.
+        let mut permit = BodyPermit {
+            operator: operator.to_string(),
+            kib,
+            held: self.held.clone(),
+            total: None,
+        };
+        match self.total.clone().try_acquire_many_owned(kib as u32) {
+            Ok(p) => {
+                permit.total = Some(p);
+                Ok(permit)
+            }
+            Err(_) => Err(
+                "the towerctl agent is buffering too many request bodies right now; retry shortly"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Budget held for one request's body, given back when dropped.
+pub(super) struct BodyPermit {
+    operator: String,
+    kib: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    total: Option<OwnedSemaphorePermit>,
+}
+
+impl BodyPermit {
+    /// Holds `other`'s budget in this one.
+    fn merge(&mut self, mut other: BodyPermit) {
+        self.kib += std::mem::take(&mut other.kib);
+        match (self.total.as_mut(), other.total.take()) {
+            (Some(a), Some(b)) => a.merge(b),
+            (None, b) => self.total = b,
+            (_, None) => {}
+        }
+    }
+}
+
+impl Drop for BodyPermit {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.held.lock() {
+            if let Some(mine) = held.get_mut(&self.operator) {
+                *mine = mine.saturating_sub(self.kib);
+                if *mine == 0 {
+                    held.remove(&self.operator);
+                }
+            }
+        }
+    }
+}
+
 /// A request body must arrive completely within this.
 const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -183,7 +271,7 @@ pub(super) struct Upstream {
     /// stream permit.
     pub(super) raw_streams: Arc<Semaphore>,
     /// KiB of request bodies buffered ([`BODY_BUDGET_KIB`]).
-    pub(super) body_budget: Arc<Semaphore>,
+    pub(super) body_budget: Arc<BodyBudget>,
 }
 
 impl ChannelService for Upstream {
@@ -304,7 +392,7 @@ fn impersonation(
 
 async fn forward(
     tasks: &TaskTracker,
-    budget: &Arc<Semaphore>,
+    budget: &BodyBudget,
     api: &Api,
     impersonate: bool,
     mut req: Request<Incoming>,
@@ -333,6 +421,14 @@ async fn forward(
             );
         }
     };
+    // Whose body budget the request uses (the hub always names the
+    // operator; read before the identity headers go).
+    let operator = parts
+        .headers
+        .get(OPERATOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     // Removes any Impersonate-* and x-towerctl-* header (defence in depth:
     // the hub already strips what clients send), then adds ours.
     strip_identity(&mut parts.headers);
@@ -347,7 +443,7 @@ async fn forward(
         }
     }
     parts.headers.remove(header::HOST);
-    let (body, _reserved) = match read_body(body, budget).await {
+    let (body, _reserved) = match read_body(body, budget, &operator).await {
         Ok(b) => b,
         Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
@@ -477,8 +573,9 @@ fn client_without_nagle(config: kube::Config) -> kube::Result<(kube::Client, Api
 /// until the request has been sent.
 async fn read_body(
     mut body: Incoming,
-    budget: &Arc<Semaphore>,
-) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), (StatusCode, &'static str, String)> {
+    budget: &BodyBudget,
+    operator: &str,
+) -> Result<(bytes::Bytes, Option<BodyPermit>), (StatusCode, &'static str, String)> {
     let too_large = || {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -498,7 +595,7 @@ async fn read_body(
     }
     let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
     let mut buf = bytes::BytesMut::new();
-    let mut reserved: Option<OwnedSemaphorePermit> = None;
+    let mut reserved: Option<BodyPermit> = None;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => {
@@ -529,13 +626,9 @@ async fn read_body(
         }
         let kib = (buf.len() + data.len()).div_ceil(1024) - buf.len().div_ceil(1024);
         if kib > 0 {
-            let Ok(p) = budget.clone().try_acquire_many_owned(kib as u32) else {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    "the towerctl agent is buffering too many request bodies right now; retry shortly".into(),
-                ));
-            };
+            let p = budget
+                .take(operator, kib)
+                .map_err(|msg| (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg))?;
             match reserved.as_mut() {
                 Some(r) => r.merge(p),
                 None => reserved = Some(p),
