@@ -279,6 +279,9 @@ enum Msg {
 pub struct Auditor {
     tx: mpsc::Sender<Msg>,
     limiter: Arc<Mutex<Limiter>>,
+    /// Records lost: the writer fell behind (the channel was full) or the
+    /// file could not take them (a full disk). Exported as
+    /// `towerctl_audit_dropped_total`.
     pub dropped: Arc<AtomicU64>,
 }
 
@@ -305,8 +308,10 @@ impl Auditor {
             }
         });
         let lim = limiter.clone();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let lost = dropped.clone();
         tokio::task::spawn_blocking(move || {
-            let mut file = open(&path);
+            let mut out = Writer::<std::fs::File>::new(path, lost);
             let mut lines = Vec::new();
             while let Some(first) = rx.blocking_recv() {
                 // What else is queued goes out in the same write: one
@@ -332,7 +337,7 @@ impl Auditor {
                         msg = rx.try_recv().ok();
                     }
                 }
-                write(&path, &mut file, &lines);
+                out.write(&lines);
                 lines.clear();
                 if lines.capacity() > 64 * 1024 {
                     lines = Vec::new();
@@ -342,7 +347,7 @@ impl Auditor {
         Auditor {
             tx,
             limiter,
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped,
         }
     }
 
@@ -509,32 +514,186 @@ fn line(out: &mut Vec<u8>, rec: &Record) {
     }
 }
 
-/// Writes whole lines, then rotates the file if it has grown past
-/// [`MAX_BYTES`].
-fn write(path: &Path, file: &mut Option<std::fs::File>, lines: &[u8]) {
-    if lines.is_empty() {
-        return;
+/// How often a failing audit log is reported in the hub's log: a full disk
+/// fails every batch, and a warning per batch would fill the hub's log
+/// (on the same disk) in its turn. Records lost in between are counted
+/// and named in the next warning.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The audit file as the writer needs it: appended to, and cut back after
+/// a write that failed halfway. A trait so that the tests can fill the
+/// disk under it.
+trait LogFile: Write + Sized {
+    fn open(path: &Path) -> std::io::Result<Self>;
+    fn len(&self) -> std::io::Result<u64>;
+    fn set_len(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl LogFile for std::fs::File {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
     }
-    if file.is_none() {
-        *file = open(path);
+    fn len(&self) -> std::io::Result<u64> {
+        self.metadata().map(|m| m.len())
     }
-    let Some(f) = file.as_mut() else { return };
-    let _ = f.write_all(lines);
-    if f.metadata().map(|m| m.len()).unwrap_or(0) >= MAX_BYTES {
-        rotate(path);
-        *file = open(path);
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        std::fs::File::set_len(self, len)
     }
 }
 
-fn open(path: &Path) -> Option<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| tracing::warn!("cannot open the audit log '{}': {e}", path.display()))
-        .ok()
+/// The writer task's side of the log: the open file, and what it owes
+/// the counter and the hub's log after failed writes.
+struct Writer<F> {
+    path: PathBuf,
+    file: Option<F>,
+    dropped: Arc<AtomicU64>,
+    /// A failed write left part of a line that could not be cut off: the
+    /// next write starts with a newline, so that its first record is a
+    /// line of its own and stays readable.
+    torn: bool,
+    /// When a failure was last reported in the hub's log.
+    warned: Option<Instant>,
+    /// Records lost since then, and the last error.
+    unreported: u64,
+    error: String,
+}
+
+impl<F: LogFile> Writer<F> {
+    fn new(path: PathBuf, dropped: Arc<AtomicU64>) -> Self {
+        let mut w = Writer {
+            path,
+            file: None,
+            dropped,
+            torn: false,
+            warned: None,
+            unreported: 0,
+            error: String::new(),
+        };
+        // Said at once, not at the first request; every write tries again.
+        match F::open(&w.path) {
+            Ok(f) => w.file = Some(f),
+            Err(e) => tracing::warn!("cannot open the audit log '{}': {e}", w.path.display()),
+        }
+        w
+    }
+
+    /// Writes whole lines, then rotates the file if it has grown past
+    /// [`MAX_BYTES`]. Lines that do not reach the file are counted in
+    /// `dropped` and reported in the hub's log.
+    fn write(&mut self, lines: &[u8]) {
+        if lines.is_empty() {
+            return;
+        }
+        if self.file.is_none() {
+            match F::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) => return self.lost(records(lines), "open", e),
+            }
+        }
+        let Some(f) = self.file.as_mut() else { return };
+        let result = append(f, lines, &mut self.torn);
+        let full = f.len().unwrap_or(0) >= MAX_BYTES;
+        match result {
+            // Losses not yet reported are, once the minute is up.
+            Ok(()) => self.report(),
+            Err((n, e)) => self.lost(n, "write", e),
+        }
+        if full {
+            rotate(&self.path);
+            // If this fails, the next write tries again and reports it.
+            self.file = F::open(&self.path).ok();
+        }
+    }
+
+    /// Counts `n` records lost because the log could not be opened or
+    /// written (`what`), and reports them.
+    fn lost(&mut self, n: u64, what: &str, e: std::io::Error) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+        self.unreported += n;
+        self.error = format!("cannot {what} the audit log '{}': {e}", self.path.display());
+        self.report();
+    }
+
+    /// Says in the hub's log how many records were lost and why, at most
+    /// once every [`WARN_EVERY`].
+    fn report(&mut self) {
+        let now = Instant::now();
+        if self.unreported == 0
+            || self
+                .warned
+                .is_some_and(|t| now.saturating_duration_since(t) < WARN_EVERY)
+        {
+            return;
+        }
+        self.warned = Some(now);
+        // Taken outside the macro: its arguments are not evaluated when
+        // no subscriber listens.
+        let n = std::mem::take(&mut self.unreported);
+        tracing::warn!(
+            "{}; {n} audit records lost (counted in towerctl_audit_dropped_total). \
+             Free space on its disk or fix the error: later records are written as soon as it works",
+            self.error,
+        );
+    }
+}
+
+/// How many records (whole lines) `lines` holds.
+fn records(lines: &[u8]) -> u64 {
+    lines.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// Appends `lines` (whole lines) to `f` whole, or not at all: a write that
+/// stops halfway (a full disk) is cut back off, since half a line would
+/// glue the next record written onto it and make both unreadable. If the
+/// cut fails too, the whole lines written stay and `torn` makes the next
+/// append start with a newline. On failure, returns how many records are
+/// not in the file, and the error.
+fn append<F: LogFile>(
+    f: &mut F,
+    lines: &[u8],
+    torn: &mut bool,
+) -> Result<(), (u64, std::io::Error)> {
+    let all = records(lines);
+    if *torn {
+        write_counted(f, b"\n", &mut 0).map_err(|e| (all, e))?;
+        *torn = false;
+    }
+    let before = f.len();
+    let mut done = 0;
+    let Err(e) = write_counted(f, lines, &mut done) else {
+        return Ok(());
+    };
+    if done == 0 {
+        return Err((all, e));
+    }
+    match before.and_then(|len| f.set_len(len)) {
+        Ok(()) => Err((all, e)),
+        Err(_) => {
+            *torn = lines[done - 1] != b'\n';
+            Err((all - records(&lines[..done]), e))
+        }
+    }
+}
+
+/// `write_all` that counts in `done` the bytes written before an error.
+fn write_counted(f: &mut impl Write, mut buf: &[u8], done: &mut usize) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match f.write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                *done += n;
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn rotate(path: &Path) {
@@ -791,5 +950,136 @@ mod tests {
         }
         let t2 = t1 + std::time::Duration::from_secs(2);
         assert_eq!(l.admit("bob", t2), (true, 4));
+    }
+
+    /// A file on a disk that fills up: `room` more bytes fit, then writes
+    /// fail with ENOSPC, a short write first if a buffer straddles the
+    /// end, as on a real disk. With `cut_fails`, cutting the file back
+    /// fails as well.
+    struct Filling {
+        file: std::fs::File,
+        room: Arc<AtomicU64>,
+        cut_fails: bool,
+    }
+
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let room = self.room.load(Ordering::SeqCst) as usize;
+            if room == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = self.file.write(&buf[..buf.len().min(room)])?;
+            self.room.fetch_sub(n as u64, Ordering::SeqCst);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LogFile for Filling {
+        fn open(_: &Path) -> std::io::Result<Self> {
+            Err(std::io::Error::other("the test opens its file itself"))
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            LogFile::len(&self.file)
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            if self.cut_fails {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            LogFile::set_len(&mut self.file, len)
+        }
+    }
+
+    fn filling(path: &Path, cut_fails: bool) -> (Writer<Filling>, Arc<AtomicU64>) {
+        let room = Arc::new(AtomicU64::new(u64::MAX));
+        let mut w = Writer::<Filling>::new(path.to_path_buf(), Arc::new(AtomicU64::new(0)));
+        w.file = Some(Filling {
+            file: LogFile::open(path).unwrap(),
+            room: room.clone(),
+            cut_fails,
+        });
+        (w, room)
+    }
+
+    fn batch(paths: &[&str]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in paths {
+            line(
+                &mut out,
+                &Record {
+                    operator: "bob".into(),
+                    path: p.to_string(),
+                    ..Record::default()
+                },
+            );
+        }
+        out
+    }
+
+    /// The records `towerctl audit` can read back, and the lines it cannot.
+    fn read_back(path: &Path) -> (Vec<String>, usize) {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "half a line at the end: {text:?}"
+        );
+        let mut bad = 0;
+        let mut paths = Vec::new();
+        for l in text.lines() {
+            match serde_json::from_str::<Record>(l) {
+                Ok(r) => paths.push(r.path),
+                Err(_) => bad += 1,
+            }
+        }
+        (paths, bad)
+    }
+
+    #[test]
+    fn a_full_disk_loses_whole_records_counted_and_never_half_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let (mut w, room) = filling(&p, false);
+        w.write(&batch(&["/a1", "/a2"]));
+        // The disk fills in the middle of the next batch's first record.
+        room.store(30, Ordering::SeqCst);
+        w.write(&batch(&["/b1", "/b2", "/b3"]));
+        assert_eq!(w.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(read_back(&p), (vec!["/a1".into(), "/a2".into()], 0));
+        let warned = w.warned.expect("the failure is reported in the hub's log");
+        // Still full: counted, but not reported again within the minute.
+        w.write(&batch(&["/c1"]));
+        assert_eq!(w.dropped.load(Ordering::Relaxed), 4);
+        assert_eq!((w.warned, w.unreported), (Some(warned), 1));
+        // Space is back: the next records are whole lines of their own.
+        room.store(u64::MAX, Ordering::SeqCst);
+        w.write(&batch(&["/d1", "/d2"]));
+        assert_eq!(
+            read_back(&p),
+            (
+                vec!["/a1".into(), "/a2".into(), "/d1".into(), "/d2".into()],
+                0
+            )
+        );
+        assert_eq!(w.dropped.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_half_line_that_cannot_be_cut_off_does_not_swallow_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let (mut w, room) = filling(&p, true);
+        w.write(&batch(&["/a1"]));
+        // Room for the first record of the batch and part of the second.
+        let first = batch(&["/b1"]).len() as u64;
+        room.store(first + 10, Ordering::SeqCst);
+        w.write(&batch(&["/b1", "/b2"]));
+        assert_eq!(w.dropped.load(Ordering::Relaxed), 1, "/b1 is in the file");
+        room.store(u64::MAX, Ordering::SeqCst);
+        w.write(&batch(&["/c1"]));
+        let (paths, bad) = read_back(&p);
+        assert_eq!(paths, ["/a1", "/b1", "/c1"]);
+        assert_eq!(bad, 1, "the broken line is a line of its own");
     }
 }

@@ -102,6 +102,8 @@ pub struct Operator {
 pub enum StoreError {
     #[error("the hub's store at '{path}' cannot be opened: {reason}. Is another hub running with the same data directory?")]
     Open { path: String, reason: String },
+    #[error("the hub's store at '{path}' failed a write earlier (a full disk or another I/O error) and cannot be reopened: {reason}. Free space on that disk, then retry (the hub tries to reopen it at every operation) or restart the hub")]
+    Reopen { path: String, reason: String },
     #[error("store operation failed: {0}")]
     Io(String),
     #[error("a stored record is corrupt: {0}")]
@@ -118,7 +120,9 @@ pub trait Store: Send + Sync + 'static {
     /// Read-modify-write of one member in a single transaction, so checks
     /// such as "this single-use token is unused" and marking it used
     /// cannot interleave with another writer. `f` returns `false` to leave
-    /// the record unchanged. `None` when the member does not exist.
+    /// the record unchanged. `None` when the member does not exist. `f`
+    /// may be called more than once: a backend retries a transaction that
+    /// failed before it committed.
     fn update_member(
         &self,
         name: &str,
@@ -171,26 +175,186 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Opens (or creates) the embedded database; called again to replace a
+/// handle that an I/O error poisoned.
+type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
 /// The embedded redb store.
+///
+/// redb refuses every operation after one failed write (`PreviousIo`:
+/// "close and re-open the database"), so a single ENOSPC used to leave the
+/// registry read-only until the hub restarted, and an operator could not
+/// be revoked once space was freed. The handle therefore sits behind a
+/// lock and is replaced when it reports that state: reads take the shared
+/// side (an uncontended atomic), only a reopen takes the exclusive one.
 pub struct RedbStore {
-    db: Database,
+    path: std::path::PathBuf,
+    open: Opener,
+    db: std::sync::RwLock<Handle>,
+}
+
+struct Handle {
+    /// `None` after a reopen failed: the next operation tries again.
+    db: Option<Database>,
+    /// Bumped at every reopen, so that operations that met the same
+    /// poisoned handle reopen it once between them, not once each.
+    generation: u64,
+}
+
+/// Why one attempt at an operation failed: redb's own errors are kept
+/// whole so that the poisoned state is matched by its variant.
+enum Fault {
+    Redb(redb::Error),
+    Store(StoreError),
+}
+
+impl Fault {
+    fn poisoned(&self) -> bool {
+        matches!(self, Fault::Redb(redb::Error::PreviousIo))
+    }
+}
+
+impl From<Fault> for StoreError {
+    fn from(f: Fault) -> StoreError {
+        match f {
+            Fault::Redb(e) => io(e),
+            Fault::Store(e) => e,
+        }
+    }
+}
+
+impl From<StoreError> for Fault {
+    fn from(e: StoreError) -> Fault {
+        Fault::Store(e)
+    }
+}
+
+/// Every redb error type an operation meets converts into `redb::Error`,
+/// which keeps `PreviousIo` as a variant of its own.
+macro_rules! redb_faults {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Fault {
+            fn from(e: $t) -> Fault {
+                Fault::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_faults!(
+    redb::Error,
+    redb::StorageError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::CommitError
+);
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, Fault> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Fault::Store(StoreError::Corrupt(format!("{key}: {e}"))))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Fault> {
+    serde_json::to_vec(v).map_err(|e| Fault::Store(io(e)))
 }
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open {
+        let file = path.to_path_buf();
+        RedbStore::open_with(path, Box::new(move || Database::create(&file)))
+    }
+
+    /// [`RedbStore::open`] with the database opened by `open`, which the
+    /// tests use to put a disk that fills up under it.
+    fn open_with(path: &Path, open: Opener) -> Result<Self, StoreError> {
+        let db = open().map_err(|e| StoreError::Open {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
         // The registry holds token hashes: keep it private.
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        let store = RedbStore {
+            path: path.to_path_buf(),
+            open,
+            db: std::sync::RwLock::new(Handle {
+                db: Some(db),
+                generation: 0,
+            }),
+        };
         // Create the tables so that read transactions never meet a missing one.
-        let tx = db.begin_write().map_err(io)?;
-        tx.open_table(MEMBERS).map_err(io)?;
-        tx.open_table(OPERATORS).map_err(io)?;
-        tx.open_table(SETTINGS).map_err(io)?;
-        tx.commit().map_err(io)?;
-        Ok(RedbStore { db })
+        store.run(|db| {
+            let tx = db.begin_write()?;
+            tx.open_table(MEMBERS)?;
+            tx.open_table(OPERATORS)?;
+            tx.open_table(SETTINGS)?;
+            tx.commit()?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// The handle, shared. A panic while it was held (in a caller's
+    /// `update_member` closure) leaves nothing half-done: redb aborts a
+    /// transaction that is dropped uncommitted, so the poison is ignored.
+    fn handle(&self) -> std::sync::RwLockReadGuard<'_, Handle> {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `op` on the database; if the handle is poisoned by an earlier
+    /// I/O error, reopens it and runs `op` once more. `op` runs whole
+    /// under the shared lock, so no transaction outlives a handle.
+    fn run<T>(&self, mut op: impl FnMut(&Database) -> Result<T, Fault>) -> Result<T, StoreError> {
+        let seen = {
+            let h = self.handle();
+            if let Some(db) = &h.db {
+                match op(db) {
+                    Err(f) if f.poisoned() => {}
+                    done => return done.map_err(StoreError::from),
+                }
+            }
+            h.generation
+        };
+        self.reopen(seen)?;
+        let h = self.handle();
+        match &h.db {
+            Some(db) => op(db).map_err(StoreError::from),
+            // Another operation's reopen failed in between.
+            None => Err(self.reopen_failed("another operation's attempt failed")),
+        }
+    }
+
+    /// Replaces the handle of generation `seen`, unless another operation
+    /// already did.
+    fn reopen(&self, seen: u64) -> Result<(), StoreError> {
+        let mut h = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if h.generation != seen && h.db.is_some() {
+            return Ok(());
+        }
+        // The old handle holds the file's lock: it goes first.
+        h.db = None;
+        h.generation += 1;
+        match (self.open)() {
+            Ok(db) => {
+                tracing::warn!(
+                    "the hub's store at '{}' was reopened after an earlier I/O error",
+                    self.path.display()
+                );
+                h.db = Some(db);
+                Ok(())
+            }
+            Err(e) => Err(self.reopen_failed(&e.to_string())),
+        }
+    }
+
+    fn reopen_failed(&self, reason: &str) -> StoreError {
+        StoreError::Reopen {
+            path: self.path.display().to_string(),
+            reason: reason.to_string(),
+        }
     }
 
     fn put<T: Serialize>(
@@ -200,12 +364,15 @@ impl RedbStore {
         v: &T,
     ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(v).map_err(io)?;
-        let tx = self.db.begin_write().map_err(io)?;
-        {
-            let mut t = tx.open_table(table).map_err(io)?;
-            t.insert(key, bytes.as_slice()).map_err(io)?;
-        }
-        tx.commit().map_err(io)
+        self.run(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(table)?;
+                t.insert(key, bytes.as_slice())?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     fn get<T: for<'de> Deserialize<'de>>(
@@ -213,31 +380,30 @@ impl RedbStore {
         table: TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(io)?;
-        let t = tx.open_table(table).map_err(io)?;
-        match t.get(key).map_err(io)? {
-            Some(v) => serde_json::from_slice(v.value())
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("{key}: {e}"))),
-            None => Ok(None),
-        }
+        self.run(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(table)?;
+            match t.get(key)? {
+                Some(v) => decode(key, v.value()).map(Some),
+                None => Ok(None),
+            }
+        })
     }
 
     fn list<T: for<'de> Deserialize<'de>>(
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(io)?;
-        let t = tx.open_table(table).map_err(io)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(io)? {
-            let (k, v) = row.map_err(io)?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt(format!("{}: {e}", k.value())))?,
-            );
-        }
-        Ok(out)
+        self.run(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(table)?;
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                out.push(decode(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -250,55 +416,53 @@ impl Store for RedbStore {
     }
     fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
         let bytes = serde_json::to_vec(m).map_err(io)?;
-        let tx = self.db.begin_write().map_err(io)?;
-        {
-            let mut t = tx.open_table(MEMBERS).map_err(io)?;
-            if t.get(m.name.as_str()).map_err(io)?.is_some() {
-                return Ok(false);
+        self.run(|db| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(MEMBERS)?;
+                if t.get(m.name.as_str())?.is_some() {
+                    return Ok(false);
+                }
+                t.insert(m.name.as_str(), bytes.as_slice())?;
             }
-            t.insert(m.name.as_str(), bytes.as_slice()).map_err(io)?;
-        }
-        tx.commit().map_err(io)?;
-        Ok(true)
+            tx.commit()?;
+            Ok(true)
+        })
     }
     fn update_member(
         &self,
         name: &str,
         f: &mut dyn FnMut(&mut Member) -> bool,
     ) -> Result<Option<Member>, StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        let result = {
-            let mut t = tx.open_table(MEMBERS).map_err(io)?;
-            let current: Option<Member> = match t.get(name).map_err(io)? {
-                Some(v) => Some(
-                    serde_json::from_slice(v.value())
-                        .map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?,
-                ),
-                None => None,
-            };
-            match current {
-                None => None,
-                Some(mut m) => {
-                    if f(&mut m) {
-                        let bytes = serde_json::to_vec(&m).map_err(io)?;
-                        t.insert(name, bytes.as_slice()).map_err(io)?;
+        self.run(|db| {
+            let tx = db.begin_write()?;
+            let result = {
+                let mut t = tx.open_table(MEMBERS)?;
+                let current: Option<Member> = match t.get(name)? {
+                    Some(v) => Some(decode(name, v.value())?),
+                    None => None,
+                };
+                match current {
+                    None => None,
+                    Some(mut m) => {
+                        if f(&mut m) {
+                            t.insert(name, encode(&m)?.as_slice())?;
+                        }
+                        Some(m)
                     }
-                    Some(m)
                 }
-            }
-        };
-        tx.commit().map_err(io)?;
-        Ok(result)
+            };
+            tx.commit()?;
+            Ok(result)
+        })
     }
     fn delete_member(&self, name: &str) -> Result<bool, StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        let existed = {
-            let mut t = tx.open_table(MEMBERS).map_err(io)?;
-            let r = t.remove(name).map_err(io)?;
-            r.is_some()
-        };
-        tx.commit().map_err(io)?;
-        Ok(existed)
+        self.run(|db| {
+            let tx = db.begin_write()?;
+            let existed = tx.open_table(MEMBERS)?.remove(name)?.is_some();
+            tx.commit()?;
+            Ok(existed)
+        })
     }
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError> {
         self.get(OPERATORS, hash)
@@ -310,25 +474,27 @@ impl Store for RedbStore {
         self.list(OPERATORS)
     }
     fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
-        let tx = self.db.begin_write().map_err(io)?;
-        let n = {
-            let mut t = tx.open_table(OPERATORS).map_err(io)?;
-            let mut keys = Vec::new();
-            for row in t.iter().map_err(io)? {
-                let (k, v) = row.map_err(io)?;
-                if let Ok(op) = serde_json::from_slice::<Operator>(v.value()) {
-                    if doomed(&op) {
-                        keys.push(k.value().to_string());
+        self.run(|db| {
+            let tx = db.begin_write()?;
+            let n = {
+                let mut t = tx.open_table(OPERATORS)?;
+                let mut keys = Vec::new();
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    if let Ok(op) = serde_json::from_slice::<Operator>(v.value()) {
+                        if doomed(&op) {
+                            keys.push(k.value().to_string());
+                        }
                     }
                 }
-            }
-            for k in &keys {
-                t.remove(k.as_str()).map_err(io)?;
-            }
-            keys.len()
-        };
-        tx.commit().map_err(io)?;
-        Ok(n)
+                for k in &keys {
+                    t.remove(k.as_str())?;
+                }
+                keys.len()
+            };
+            tx.commit()?;
+            Ok(n)
+        })
     }
     fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.get::<String>(SETTINGS, key)
@@ -456,5 +622,119 @@ mod tests {
         assert!(s.delete_member("alpha").unwrap());
         assert!(!s.delete_member("alpha").unwrap());
         assert!(s.list_members().unwrap().is_empty());
+    }
+
+    /// A file on a disk that can fill up: writes fail with ENOSPC, as they
+    /// do on a real full disk, while `full` is set.
+    #[derive(Debug)]
+    struct Disk {
+        file: redb::backends::FileBackend,
+        full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Disk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for Disk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            if len > self.file.len()? {
+                self.check()?;
+            }
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+    }
+
+    /// Opens `path` on a [`Disk`] that is full while `full` is set.
+    fn on_disk(path: &Path, full: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> Opener {
+        let (path, full) = (path.to_path_buf(), full.clone());
+        Box::new(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            Database::builder().create_with_backend(Disk {
+                file: redb::backends::FileBackend::new(file)?,
+                full: full.clone(),
+            })
+        })
+    }
+
+    fn operator(name: &str) -> Operator {
+        Operator {
+            name: name.into(),
+            token_hash: format!("sha256:{name}"),
+            groups: vec![],
+            created_at: 1,
+            hub: None,
+        }
+    }
+
+    #[test]
+    fn an_operator_can_be_revoked_once_a_full_disk_has_space_again() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = RedbStore::open_with(&path, on_disk(&path, &full)).unwrap();
+        s.put_operator(&operator("alice")).unwrap();
+        assert!(s
+            .create_member(&Member::new("alpha", "sha256:00".into(), 1))
+            .unwrap());
+
+        full.store(true, SeqCst);
+        let e = s.put_operator(&operator("bob")).unwrap_err().to_string();
+        assert!(e.contains("No space left on device"), "{e}");
+        // Still full: the poisoned handle cannot be replaced, and the
+        // error says what to do.
+        let e = s.delete_operators(&|o| o.name == "alice").unwrap_err();
+        assert!(matches!(e, StoreError::Reopen { .. }), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("Free space") && e.contains("restart the hub"),
+            "{e}"
+        );
+
+        // Space is back: the next write goes through, without a restart.
+        full.store(false, SeqCst);
+        assert_eq!(s.delete_operators(&|o| o.name == "alice").unwrap(), 1);
+        s.put_operator(&operator("carol")).unwrap();
+        let names: Vec<String> = s
+            .list_operators()
+            .unwrap()
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(names, ["carol"], "bob's failed write left nothing");
+        assert!(s.get_member("alpha").unwrap().is_some());
+
+        // And it is on the disk.
+        drop(s);
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.list_operators().unwrap(), [operator("carol")]);
+        assert_eq!(s.list_members().unwrap().len(), 1);
     }
 }
