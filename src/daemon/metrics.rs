@@ -233,7 +233,7 @@ pub fn render(snap: &Snapshot) -> String {
             "towerctl_unauthenticated_connections{{listener=\"{listener}\"}} {n}"
         );
     }
-    let _ = writeln!(o, "# HELP towerctl_audit_dropped_total Audit records dropped because the writer fell behind.\n# TYPE towerctl_audit_dropped_total counter\ntowerctl_audit_dropped_total {}", snap.audit_dropped);
+    let _ = writeln!(o, "# HELP towerctl_audit_dropped_total Audit records lost: the writer fell behind, or the disk refused them (full, read-only).\n# TYPE towerctl_audit_dropped_total counter\ntowerctl_audit_dropped_total {}", snap.audit_dropped);
     o
 }
 
