@@ -77,7 +77,36 @@ fn init_logging(verbose: u8, daemon: bool) {
     };
 }
 
+/// `towerctl status | head`, `towerctl audit > /dev/full`: the standard
+/// library panics when stdout cannot be written (exit 101 and a
+/// backtrace). A closed pipe now ends the command quietly (exit 0), as
+/// with other tools; any other write error is one line and exit 1. Other
+/// panics, and daemons (whose output is their log file), are untouched.
+fn quiet_output_errors() {
+    if std::env::var_os(daemon::process::DAEMON_ENV).is_some() {
+        return;
+    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            if why.contains("Broken pipe") {
+                std::process::exit(0);
+            }
+            eprintln!("towerctl: cannot write the output: {why}");
+            std::process::exit(commands::exit::ERROR.into());
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_output_errors();
     // Installed as `kubectl-tower` (a symlink), towerctl is the kubectl
     // plugin `kubectl tower …`: same commands, help names it that way.
     let as_plugin = std::env::args_os()

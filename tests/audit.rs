@@ -319,3 +319,42 @@ fn a_hub_killed_with_9_keeps_the_records_of_a_second_ago() {
         "{all:?}"
     );
 }
+
+/// Output that cannot be written is one line and exit 1 (a full disk), or
+/// a quiet end (a closed pipe, `towerctl audit | head`), never a panic
+/// with a backtrace and exit 101.
+#[test]
+fn output_that_cannot_be_written_is_an_error_not_a_panic() {
+    let env = Env::new();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = env
+        .towerctl_cmd(&["audit"])
+        .stdin(std::process::Stdio::null())
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot write the output: No space left on device"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // A reader that has gone away.
+    let mut child = env
+        .towerctl_cmd(&["audit"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
