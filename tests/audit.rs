@@ -144,6 +144,9 @@ fn streams_are_recorded_when_they_start_and_when_they_end() {
     wait_record(&env, "exec start", |r| is_exec(r) && r["phase"] == "start");
     let end = wait_record(&env, "exec end", |r| is_exec(r) && r["phase"] == "end");
     assert_eq!(end["status"], 101, "{end}");
+    // What crossed the upgraded stream (the output "hi", the protocol's
+    // frames) is counted.
+    assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
 
     // CONNECT.
     let web = support::http_server("through connect");

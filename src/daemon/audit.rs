@@ -471,6 +471,8 @@ pub struct EndRecord {
     record: Mutex<Record>,
     start: Instant,
     auditor: Auditor,
+    /// Bytes of an upgraded stream, counted as they cross.
+    bytes: Arc<AtomicU64>,
 }
 
 impl EndRecord {
@@ -480,7 +482,13 @@ impl EndRecord {
             record: Mutex::new(record),
             start,
             auditor,
+            bytes: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The counter whose total the end record reports as `bytes`.
+    pub fn count_bytes(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
     }
 
     pub fn set_status(&self, status: u16) {
@@ -495,6 +503,7 @@ impl Drop for EndRecord {
         if let Ok(r) = self.record.get_mut() {
             let mut r = std::mem::take(r);
             r.duration_ms = self.start.elapsed().as_millis() as u64;
+            r.bytes += self.bytes.load(Ordering::Relaxed);
             self.auditor.record(r);
         }
     }

@@ -202,12 +202,16 @@ pub fn text_response(code: StatusCode, msg: &str) -> Response<Body> {
 ///
 /// `keep` lives as long as the splice (the gateway's stream registration),
 /// and the splice ends when `stop` fires (access revoked).
+/// `bytes`, if given, counts what crosses the splice in both directions
+/// as it goes (the audit's end record of an exec or port-forward reads
+/// it, also when the stream is cut).
 pub fn finish_upgrade<B, K: Send + 'static>(
     tasks: &TaskTracker,
     client: Option<hyper::upgrade::OnUpgrade>,
     resp: &mut Response<B>,
     stop: CancellationToken,
     keep: K,
+    bytes: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
@@ -219,7 +223,17 @@ pub fn finish_upgrade<B, K: Send + 'static>(
         let splice = async {
             match tokio::try_join!(client, upstream) {
                 Ok((a, b)) => {
-                    let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                    let mut b = TokioIo::new(b);
+                    match bytes {
+                        Some(n) => {
+                            let mut a =
+                                crate::tunnel::counted::Counted::new(TokioIo::new(a), n.clone(), n);
+                            let _ = crate::tunnel::splice(&mut a, &mut b).await;
+                        }
+                        None => {
+                            let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut b).await;
+                        }
+                    }
                 }
                 Err(e) => tracing::debug!("upgrade failed: {e}"),
             }

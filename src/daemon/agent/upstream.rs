@@ -487,6 +487,7 @@ async fn forward(
         &mut resp,
         CancellationToken::new(),
         (),
+        None,
     );
     resp
 }

@@ -1031,7 +1031,15 @@ async fn proxy(
     // exec, port-forward).
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let stop = guard.cut.clone();
-        finish_upgrade(&hub.tasks, client_upgrade, &mut resp, stop, (guard, end));
+        let bytes = end.as_ref().map(|e| e.count_bytes());
+        finish_upgrade(
+            &hub.tasks,
+            client_upgrade,
+            &mut resp,
+            stop,
+            (guard, end),
+            bytes,
+        );
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, body.map_err(|e| Box::new(e) as _).boxed_unsync());
     }

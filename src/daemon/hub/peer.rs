@@ -643,6 +643,7 @@ pub(super) async fn forward(
         &mut resp,
         CancellationToken::new(),
         (),
+        None,
     );
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
