@@ -82,8 +82,8 @@ fn stalled_upload_of(
     status
 }
 
-#[test]
-fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
+/// A hub and member `alpha` joined to it, over the stand-in API server.
+fn joined() -> (Env, ApiServer) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let env = Env::new();
     let api = ApiServer::start();
@@ -93,6 +93,26 @@ fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
     api.write_kubeconfig(&kc);
     let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
     assert!(o.ok(), "{o:?}");
+    (env, api)
+}
+
+/// A TLS client configuration that trusts the hub's gateway CA.
+fn gateway_tls(env: &Env) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
+    let (env, _api) = joined();
     assert!(env.towerctl(&["use", "alpha"]).ok());
     assert!(env.kubectl(&["get", "ns"]).ok());
     let agent = env.pid_of("agent-alpha").expect("agent pid");
@@ -106,16 +126,7 @@ fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
         .unwrap()
         .trim()
         .to_string();
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
-    for c in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let tls = gateway_tls(&env);
     let mut holds = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..64 {
@@ -163,15 +174,7 @@ fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
 /// other operator's writes got 503.
 #[test]
 fn one_operators_stalled_uploads_do_not_block_the_others_writes() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let env = Env::new();
-    let api = ApiServer::start();
-    env.up();
-    let join = env.cluster_add("alpha");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
-    assert!(o.ok(), "{o:?}");
+    let (env, _api) = joined();
     let o = env.towerctl(&["operator", "add", "bob"]);
     let bob = support::printed_command(&o.stdout, "login")[3].clone();
     assert!(env
@@ -183,16 +186,7 @@ fn one_operators_stalled_uploads_do_not_block_the_others_writes() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
-    for c in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls = Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let tls = gateway_tls(&env);
     let mut holds = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..3 {

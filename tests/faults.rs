@@ -479,6 +479,33 @@ impl Drop for Netns {
     }
 }
 
+/// A namespace, and a hub (tunnel on the host's side of its link, gateway
+/// on loopback) and a stand-in API server beside it.
+fn hub_beside_a_namespace() -> (Netns, Env, ApiServer) {
+    let subnet = (std::process::id() % 200) as u8 + 20;
+    let ns = Netns::create(subnet);
+    let host_ip = format!("10.214.{subnet}.1");
+    let env = Env::new();
+    let api = ApiServer::start_on(host_ip.parse().unwrap());
+    env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
+    (ns, env, api)
+}
+
+/// Joins member `alpha` from inside `ns` with 1 s keepalives (and
+/// `extra` flags), then checks kubectl reaches it.
+fn join_inside(ns: &Netns, env: &Env, api: &ApiServer, extra: &[&str]) {
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
+    args.extend(["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"]);
+    args.extend_from_slice(extra);
+    let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
+    assert!(o.ok(), "join inside the namespace: {o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(timed_get(env, "5s").0.ok());
+}
+
 /// Bound: a member on a 1 Mbit/s uplink with 1 s keepalives answers a
 /// 1 MiB read in full (about 9 s, five times the keepalive deadline), and
 /// its tunnel stays up: the keepalive answers wait behind the data, and the
@@ -489,23 +516,10 @@ fn a_slow_link_busy_with_a_download_stays_up() {
     if !enabled() {
         return;
     }
-    let subnet = (std::process::id() % 200) as u8 + 20;
-    let ns = Netns::create(subnet);
-    let host_ip = format!("10.214.{subnet}.1");
-    let env = Env::new();
-    let api = ApiServer::start_on(host_ip.parse().unwrap());
+    let (ns, env, api) = hub_beside_a_namespace();
     let big = "x".repeat(1 << 20);
     api.create_configmap("default", "big", &[("blob", &big)]);
-    env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
-    let join = env.cluster_add("alpha");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
-    args.extend(["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"]);
-    let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
-    assert!(o.ok(), "join inside the namespace: {o:?}");
-    assert!(env.towerctl(&["use", "alpha"]).ok());
-    assert!(timed_get(&env, "5s").0.ok());
+    join_inside(&ns, &env, &api, &[]);
     ns.limit_upload("1mbit");
     let start = Instant::now();
     let o = env.kubectl(&[
@@ -549,12 +563,7 @@ fn a_half_open_tunnel_is_detected_and_recovers() {
     if !enabled() {
         return;
     }
-    let subnet = (std::process::id() % 200) as u8 + 20;
-    let ns = Netns::create(subnet);
-    let host_ip = format!("10.214.{subnet}.1");
-    let env = Env::new();
-    let api = ApiServer::start_on(host_ip.parse().unwrap());
-    env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
+    let (ns, env, api) = hub_beside_a_namespace();
     let tunnel_port: u16 = env.status()["hub"]["tunnelAddress"]
         .as_str()
         .unwrap()
@@ -563,23 +572,8 @@ fn a_half_open_tunnel_is_detected_and_recovers() {
         .unwrap()
         .parse()
         .unwrap();
-    let join = env.cluster_add("alpha");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
     let cap = format!("{}s", BACKOFF_CAP.as_secs());
-    args.extend([
-        "--kubeconfig",
-        kc.to_str().unwrap(),
-        "--keepalive",
-        "1s",
-        "--backoff-cap",
-        &cap,
-    ]);
-    let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
-    assert!(o.ok(), "join inside the namespace: {o:?}");
-    assert!(env.towerctl(&["use", "alpha"]).ok());
-    assert!(timed_get(&env, "5s").0.ok());
+    join_inside(&ns, &env, &api, &["--backoff-cap", &cap]);
 
     ns.blackhole("-A", tunnel_port);
     let cut = Instant::now();

@@ -170,7 +170,6 @@ fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
         })
     });
     watch
-        || path.starts_with("/api/v1/watch/")
         || path.contains("/watch/")
         || path
             .split('/')
