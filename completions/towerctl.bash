@@ -1803,7 +1803,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__hub__subcmd__run)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1850,6 +1850,10 @@ _towerctl() {
                     return 0
                     ;;
                 --store-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trusted-proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2399,7 +2403,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__service__subcmd__install__subcmd__hub)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2446,6 +2450,10 @@ _towerctl() {
                     return 0
                     ;;
                 --store-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trusted-proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2497,7 +2505,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2544,6 +2552,10 @@ _towerctl() {
                     return 0
                     ;;
                 --store-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --trusted-proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

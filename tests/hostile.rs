@@ -93,6 +93,90 @@ fn join_tokens_guessed_in_parallel_from_one_address_get_five_checks() {
 }
 
 #[test]
+fn token_guesses_from_an_agents_address_do_not_keep_it_from_logging_in_with_its_key() {
+    // Agents behind one NAT or ingress share an address with whoever else
+    // is there. Refused tokens used to close every connection from the
+    // address at accept, for up to a minute: a guesser next door kept a
+    // joined agent from reconnecting, though its key cannot be guessed.
+    let env = Env::new();
+    let api = ApiServer::start();
+    assert!(env.up().ok());
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--keepalive",
+            "1s",
+            "--backoff-cap",
+            "1s",
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+    let tunnel: std::net::SocketAddr = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The agent frozen until the hub drops its session.
+    let agent = env.pid_of("agent-alpha").unwrap();
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    let thaw = scopeguard_cont(agent);
+    wait_for(
+        "the hub to drop the frozen agent",
+        Duration::from_secs(10),
+        || {
+            env.towerctl(&["cluster", "list"])
+                .stdout
+                .contains("disconnected")
+                .then_some(())
+        },
+    );
+    // Wrong tokens from the agent's own address (loopback), one after
+    // another, while it reconnects.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guesser = sshflood::keep_guessing(
+        tunnel,
+        std::net::IpAddr::from([127, 0, 0, 1]),
+        format!("ws://{tunnel}/tunnel"),
+        None,
+        "beta",
+        stop.clone(),
+        Duration::from_secs(30),
+    );
+    // Six refused: the address is held back for a second, longer with
+    // every guess after.
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    wait_for("six guesses refused", Duration::from_secs(15), || {
+        (log().matches("agent refused: auth:").count() >= 6).then_some(())
+    });
+    // Thawed, the agent logs in again with its key at once.
+    drop(thaw);
+    wait_for("the agent to reconnect", Duration::from_secs(10), || {
+        (env.status()["hub"]["clusters"][0]["state"] == "connected").then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    guesser.join().unwrap();
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+}
+
+/// Sends SIGCONT to `pid` when dropped (also when the test fails).
+fn scopeguard_cont(pid: i32) -> impl Drop {
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    Cont(pid)
+}
+
+#[test]
 fn a_big_websocket_frame_before_login_is_refused_at_its_header() {
     // Before login nothing needs more than an SSH packet (~35 KB); a peer
     // that announces a 1 MB frame used to get 1 MB buffered by the hub

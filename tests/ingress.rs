@@ -9,6 +9,8 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -234,9 +236,14 @@ impl Ingress {
     /// With `untrusted`, nginx first serves a certificate from another CA
     /// ("Some Other CA") until [`Ingress::serve_trusted`].
     fn start_serving(untrusted: bool) -> Ingress {
+        Ingress::start_with(untrusted, &[])
+    }
+
+    /// With `up` flags for the hub.
+    fn start_with(untrusted: bool, up: &[&str]) -> Ingress {
         let env = Env::new();
         let api = ApiServer::start();
-        env.up();
+        env.up_with(up);
         let join = env.cluster_add("alpha");
         let member_kc = env.path("member.kubeconfig");
         api.write_kubeconfig(&member_kc);
@@ -397,6 +404,52 @@ fn join_through_a_tls_ingress_fails_fast_without_its_ca_and_works_with_hub_ca() 
                 .then_some(())
         },
     );
+}
+
+#[path = "support/sshflood.rs"]
+mod sshflood;
+
+#[test]
+fn behind_a_trusted_ingress_token_guesses_hold_back_the_guesser_not_the_agents() {
+    // Through nginx every connection comes from nginx's address. With
+    // --trusted-proxy, the hub counts refused tokens against the address
+    // nginx forwards for: a stranger guessing through the ingress used to
+    // hold back every agent joining through it.
+    let ing = Ingress::start_with(false, &["--trusted-proxy", "127.0.0.1"]);
+    let ca = ing.pki.ca.clone();
+    let nginx: std::net::SocketAddr = ([127, 0, 0, 1], ing.nginx.port).into();
+    let url = ing.wss("localhost");
+    // Wrong tokens from 127.0.0.5 through nginx, one after another, while
+    // a real agent joins through it from 127.0.0.1.
+    let stop = Arc::new(AtomicBool::new(false));
+    let guesser = sshflood::keep_guessing(
+        nginx,
+        std::net::IpAddr::from([127, 0, 0, 5]),
+        url.clone(),
+        Some(ca.clone()),
+        "alpha",
+        stop.clone(),
+        Duration::from_secs(60),
+    );
+    // Six refused: the guesser is held back for a second, longer with
+    // every guess after.
+    let log = || std::fs::read_to_string(ing.env.path("state/towerctl/hub.log")).unwrap();
+    wait_for("six guesses refused", Duration::from_secs(15), || {
+        (log().matches("agent refused: auth:").count() >= 6).then_some(())
+    });
+    // The hub's log names the guesser, with the ingress it came through.
+    assert!(
+        log().contains("client 127.0.0.5 via 127.0.0.1:"),
+        "{}",
+        log()
+    );
+    let ca = ca.to_str().unwrap();
+    let (o, took) = ing.join(&url, &["--hub-ca", ca, "--timeout", "30s"], &[]);
+    stop.store(true, Ordering::Relaxed);
+    guesser.join().unwrap();
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    ing.kubectl_reaches_the_member();
 }
 
 #[test]

@@ -64,24 +64,7 @@ pub async fn up(a: HubArgs) -> Result<u8> {
         print_ready(&s, true);
         return Ok(exit::OK);
     }
-    let mut args: Vec<OsString> = vec!["hub".into(), "run".into()];
-    args.push(format!("--listen={}", a.listen).into());
-    args.push(format!("--gateway={}", a.gateway).into());
-    args.push(format!("--keepalive={}ms", a.keepalive.as_millis()).into());
-    args.push(
-        match a.metrics.0 {
-            Some(m) => format!("--metrics={m}"),
-            None => "--metrics=off".to_string(),
-        }
-        .into(),
-    );
-    if let Some(u) = &a.advertise {
-        args.push(format!("--advertise={u}").into());
-    }
-    if let Some(u) = &a.gateway_url {
-        args.push(format!("--gateway-url={u}").into());
-    }
-    args.extend(a.store_args().into_iter().map(Into::into));
+    let args: Vec<OsString> = a.daemon_args().into_iter().map(Into::into).collect();
     let mut spawned = process::spawn("hub", &args)?;
     let spinner = super::progress::Spinner::new("starting the hub…", false);
     let ready = spawned
@@ -142,6 +125,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let store_tls = a.store_tls();
+    let trusted_proxies = a.trusted();
     let cfg = hub::HubConfig {
         store_tls,
         listen: a.listen,
@@ -151,6 +135,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         keepalive: a.keepalive,
         metrics: a.metrics.0,
         store: a.store.clone(),
+        trusted_proxies,
         store_prefix: a.store_prefix,
     };
     hub::run(cfg, cancel, |s| {

@@ -263,6 +263,11 @@ pub struct HubArgs {
     /// The client certificate's private key (PEM).
     #[arg(long, value_name = "FILE", requires = "store", requires = "store_cert")]
     pub store_key: Option<std::path::PathBuf>,
+    /// Address or network (CIDR) of an ingress or load balancer in front of
+    /// the tunnel listener; repeatable. Connections from it count as from
+    /// the address it appends to X-Forwarded-For.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = crate::daemon::proxied::TrustedProxies::parse_cidr)]
+    pub trusted_proxies: Vec<(std::net::IpAddr, u8)>,
 }
 
 impl HubArgs {
@@ -277,6 +282,35 @@ impl HubArgs {
             cert: abs(&self.store_cert),
             key: abs(&self.store_key),
         }
+    }
+
+    /// The flags that start this hub's daemon (`hub run`), for `up` and
+    /// the service unit alike.
+    pub fn daemon_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "hub".to_string(),
+            "run".into(),
+            format!("--listen={}", self.listen),
+            format!("--gateway={}", self.gateway),
+            format!("--keepalive={}ms", self.keepalive.as_millis()),
+            match self.metrics.0 {
+                Some(m) => format!("--metrics={m}"),
+                None => "--metrics=off".into(),
+            },
+        ];
+        if let Some(u) = &self.advertise {
+            args.push(format!("--advertise={u}"));
+        }
+        if let Some(u) = &self.gateway_url {
+            args.push(format!("--gateway-url={u}"));
+        }
+        args.extend(self.store_args());
+        args.extend(self.trusted().to_args());
+        args
+    }
+
+    pub fn trusted(&self) -> crate::daemon::proxied::TrustedProxies {
+        crate::daemon::proxied::TrustedProxies::new(self.trusted_proxies.clone())
     }
 
     /// `--store…` flags to hand to the daemon.

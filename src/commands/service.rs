@@ -57,24 +57,7 @@ fn write_unit(
 }
 
 pub fn install_hub(a: &HubArgs) -> Result<u8> {
-    let mut args = vec![
-        "hub".to_string(),
-        "run".into(),
-        format!("--listen={}", a.listen),
-        format!("--gateway={}", a.gateway),
-        format!("--keepalive={}ms", a.keepalive.as_millis()),
-        match a.metrics.0 {
-            Some(m) => format!("--metrics={m}"),
-            None => "--metrics=off".into(),
-        },
-    ];
-    if let Some(u) = &a.advertise {
-        args.push(format!("--advertise={u}"));
-    }
-    if let Some(u) = &a.gateway_url {
-        args.push(format!("--gateway-url={u}"));
-    }
-    args.extend(a.store_args());
+    let args = a.daemon_args();
     write_unit(
         "towerctl-hub",
         "towerctl hub (tunnels and gateway)",

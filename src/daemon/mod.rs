@@ -22,6 +22,7 @@ pub mod notify;
 pub mod policy;
 pub mod probes;
 pub mod process;
+pub mod proxied;
 pub mod resolve;
 pub mod route;
 pub mod store;

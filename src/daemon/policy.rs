@@ -107,7 +107,7 @@ impl Rule {
     }
 }
 
-fn in_cidr(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+pub(crate) fn in_cidr(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
             let mask = if prefix == 0 {

@@ -168,7 +168,17 @@ impl Env {
     }
 
     pub fn up_on(&self, listen: &str, gateway: &str) -> Out {
-        let o = self.towerctl(&[
+        self.up_on_with(listen, gateway, &[])
+    }
+
+    /// [`Env::up`] with more flags.
+    #[allow(dead_code)]
+    pub fn up_with(&self, extra: &[&str]) -> Out {
+        self.up_on_with("127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    fn up_on_with(&self, listen: &str, gateway: &str, extra: &[&str]) -> Out {
+        let mut args = vec![
             "up",
             "--listen",
             listen,
@@ -179,7 +189,9 @@ impl Env {
             // Never a fixed port in tests.
             "--metrics",
             "127.0.0.1:0",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let o = self.towerctl(&args);
         assert!(o.ok(), "towerctl up failed: {o:?}");
         o
     }

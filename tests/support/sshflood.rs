@@ -100,9 +100,26 @@ pub enum Login {
 
 /// One password login as `user` to the hub's tunnel at `hub`, from source
 /// address `from` (any 127.x.y.z), bounded by `timeout`.
+#[allow(dead_code)]
 pub async fn login(
     hub: SocketAddr,
     from: std::net::IpAddr,
+    user: &str,
+    password: &str,
+    timeout: Duration,
+) -> Login {
+    let url = format!("ws://{hub}/tunnel");
+    login_at(hub, from, &url, None, user, password, timeout).await
+}
+
+/// [`login`] to `url` (`ws://` or `wss://`, through what listens at
+/// `addr`), trusting the CA in PEM file `ca` for `wss://`.
+#[allow(dead_code)]
+pub async fn login_at(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    url: &str,
+    ca: Option<&std::path::Path>,
     user: &str,
     password: &str,
     timeout: Duration,
@@ -111,8 +128,23 @@ pub async fn login(
         let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
         sock.bind(SocketAddr::new(from, 0))
             .map_err(|e| e.to_string())?;
-        let tcp = sock.connect(hub).await.map_err(|e| e.to_string())?;
-        let (ws, _) = tokio_tungstenite::client_async(format!("ws://{hub}/tunnel"), tcp)
+        let tcp = sock.connect(addr).await.map_err(|e| e.to_string())?;
+        let connector = ca.map(|ca| {
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = std::fs::read(ca).unwrap();
+            for c in rustls_pemfile::certs(&mut &pem[..]) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            tokio_tungstenite::Connector::Rustls(Arc::new(cfg))
+        });
+        let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, tcp, None, connector)
             .await
             .map_err(|e| e.to_string())?;
         let cfg = Arc::new(russh::client::Config::default());
@@ -141,4 +173,42 @@ pub async fn login(
         Ok(Err(e)) => Login::Cut(e),
         Err(_) => Login::Cut("timed out".into()),
     }
+}
+
+/// Wrong tokens as `user`, one after another from `from` to `url` (through
+/// `addr`), on a thread of its own until `stop` is set or `limit` passes:
+/// an attack going on while the test does something else. Returns the
+/// attempts made.
+#[allow(dead_code)]
+pub fn keep_guessing(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    url: String,
+    ca: Option<std::path::PathBuf>,
+    user: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    limit: Duration,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < limit {
+            let _ = rt.block_on(login_at(
+                addr,
+                from,
+                &url,
+                ca.as_deref(),
+                user,
+                "not-the-token",
+                Duration::from_secs(5),
+            ));
+            n += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    })
 }

@@ -236,7 +236,17 @@ async fn carry(
         "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
             .to_string()
     })?;
-    match open_raw(hub, &operator, &d.cluster, &d.target, d.port, peer).await {
+    match open_raw(
+        hub,
+        &operator,
+        &d.cluster,
+        &d.target,
+        d.port,
+        peer,
+        peer.to_string(),
+    )
+    .await
+    {
         Ok(raw) => {
             raw.splice(conn, done).await;
             Ok(())

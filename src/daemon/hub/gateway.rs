@@ -30,6 +30,7 @@ use crate::daemon::http::{
     IMPERSONATE_HEADER, OPERATOR_HEADER,
 };
 use crate::daemon::metrics::DialFailure;
+use crate::daemon::proxied::TrustedProxies;
 use crate::daemon::store::Operator;
 use crate::daemon::targets::Target;
 use crate::daemon::wire::RawAnswer;
@@ -126,6 +127,28 @@ struct Conn {
     forwarded: HeaderValue,
     /// The client's address and port, as audit records give it.
     peer_text: String,
+    /// Set when the peer is a trusted proxy (`--trusted-proxy`): each
+    /// request's client is then the one its `X-Forwarded-For` names (a
+    /// proxy's connection carries many clients' requests).
+    proxy: Option<Arc<TrustedProxies>>,
+}
+
+impl Conn {
+    /// The client of `req` as audit records give it: the peer, or behind a
+    /// trusted proxy `CLIENT-IP via PROXY-IP:PORT`.
+    fn client_text(&self, req: &Request<Incoming>) -> String {
+        match &self.proxy {
+            None => self.peer_text.clone(),
+            Some(t) => {
+                let client = t.client(self.peer.ip(), req.headers());
+                if client == self.peer.ip().to_canonical() {
+                    self.peer_text.clone()
+                } else {
+                    format!("{client} via {}", self.peer_text)
+                }
+            }
+        }
+    }
 }
 
 /// A token accepted on a connection, what it stood for, and the operators'
@@ -193,6 +216,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     hub: Arc<Hub>,
     admission: Arc<Admission>,
+    trusted: Arc<TrustedProxies>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -202,6 +226,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         let cancel = cancel.clone();
+        let proxy = trusted.trusts(peer.ip()).then(|| trusted.clone());
         tracker.spawn(async move {
             let deadline = tokio::time::Instant::now() + PREAUTH_DEADLINE;
             let evicted = ticket.evicted.clone();
@@ -230,6 +255,7 @@ pub async fn serve(
                 known: std::sync::Mutex::new(None),
                 forwarded: crate::daemon::http::forwarded_value(peer.ip()),
                 peer_text: peer.to_string(),
+                proxy,
             });
             let svc = {
                 let conn_state = conn_state.clone();
@@ -421,7 +447,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             method: req.method().to_string(),
             path: req.uri().to_string(),
             status: 401,
-            peer: Some(peer.to_string()),
+            peer: Some(conn.client_text(&req)),
             ..Record::default()
         });
         status_response(StatusCode::UNAUTHORIZED, "Unauthorized", why)
@@ -442,7 +468,8 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         }
     }
     if req.method() == http::Method::CONNECT {
-        return connect(hub, req, peer, &operator, conn.active.clone()).await;
+        let shown = conn.client_text(&req);
+        return connect(hub, req, (peer, shown), &operator, conn.active.clone()).await;
     }
     if let Some(what) = path.strip_prefix(API) {
         let resp = match what {
@@ -494,7 +521,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             Some(q) => format!("{upstream_path}?{q}"),
             None => upstream_path.clone(),
         },
-        peer: Some(conn.peer_text.clone()),
+        peer: Some(conn.client_text(&req)),
         ..Record::default()
     };
     // Access rules: a member the operator may not reach answers exactly
@@ -577,7 +604,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
 async fn connect(
     hub: Arc<Hub>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    (peer, shown): (SocketAddr, String),
     operator: &Operator,
     active: Arc<()>,
 ) -> Response<Body> {
@@ -588,7 +615,7 @@ async fn connect(
         Ok(t) => t,
         Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
     };
-    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer).await {
+    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown).await {
         Ok(raw) => raw,
         Err(RawRefusal::Answer(code, msg)) => return text_response(code, &msg),
         Err(RawRefusal::Elsewhere) => {
@@ -671,6 +698,7 @@ pub(super) async fn open_raw(
     target: &Target,
     port: u16,
     peer: SocketAddr,
+    shown: String,
 ) -> Result<RawStream, RawRefusal> {
     // What the agent accepts (names of at most 253 characters); said here
     // rather than as an agent refusing the stream.
@@ -693,7 +721,7 @@ pub(super) async fn open_raw(
         method: "CONNECT".into(),
         path: format!("{}:{port}", target.connect_host(cluster)),
         status: 200,
-        peer: Some(peer.to_string()),
+        peer: Some(shown),
         rule: Some(decision.why),
         ..Record::default()
     };

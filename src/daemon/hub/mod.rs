@@ -58,6 +58,8 @@ pub struct HubConfig {
     pub store_prefix: String,
     /// TLS to etcd (`https://` endpoints).
     pub store_tls: super::etcd::StoreTls,
+    /// Ingresses whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: super::proxied::TrustedProxies,
 }
 
 /// A live agent session as the hub holds it.
@@ -66,7 +68,9 @@ pub struct LiveSession {
     pub id: u64,
     pub name: String,
     pub handle: russh::server::Handle,
-    pub peer: Option<SocketAddr>,
+    /// Where the agent connected from: `IP:PORT`, or behind a trusted
+    /// proxy `CLIENT-IP via PROXY-IP:PORT`.
+    pub peer: Option<String>,
     pub connected_at: u64,
     /// The member requires the agent to impersonate operators (from the
     /// registry; `cluster set` changes it live).
@@ -356,7 +360,7 @@ impl Hub {
             &s.name,
             format!(
                 "connected from {} (agent {})",
-                s.peer.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                s.peer.clone().unwrap_or_else(|| "?".into()),
                 s.version
             ),
         );
@@ -690,7 +694,7 @@ impl Hub {
                     Some(s) => {
                         st.state = MemberState::Connected;
                         st.since = Some(s.connected_at);
-                        st.remote = s.peer.map(|p| p.to_string());
+                        st.remote = s.peer.clone();
                         st.rtt_ms = match s.rtt_us.load(Ordering::Relaxed) {
                             0 => None,
                             us => Some(us as f64 / 1000.0),
@@ -930,12 +934,20 @@ pub async fn run(
         tracker.spawn(peer::run(hub.clone(), cluster, changes, cancel.clone()));
     }
     let ssh_cfg = server::config(host_key, cfg.keepalive);
+    let trusted = Arc::new(cfg.trusted_proxies.clone());
+    if !trusted.is_empty() {
+        tracing::info!(
+            "connections from {} count as from the address they forward for (X-Forwarded-For)",
+            trusted.describe()
+        );
+    }
     tracker.spawn(tunnel::accept_tunnels(
         tunnel_listener,
         hub.clone(),
         hub.admissions[0].clone(),
         ssh_cfg,
         cfg.keepalive,
+        trusted.clone(),
         cancel.clone(),
         tracker.clone(),
     ));
@@ -944,6 +956,7 @@ pub async fn run(
         tls.server_config.clone(),
         hub.clone(),
         hub.admissions[1].clone(),
+        trusted,
         cancel.clone(),
         tracker.clone(),
     ));

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use super::{Hub, LiveSession};
 use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::control::{self, push_bounded, RTT_SAMPLES_KEPT};
+use crate::daemon::proxied::TrustedProxies;
 use crate::tunnel::{self, server};
 
 /// From accept to a finished SSH login (WebSocket upgrade, SSH banner, key
@@ -40,40 +41,40 @@ fn ws_read_buffer() -> usize {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn accept_tunnels(
     listener: TcpListener,
     hub: Arc<Hub>,
     admission: Arc<Admission>,
     ssh_cfg: Arc<russh::server::Config>,
     keepalive: Duration,
+    trusted: Arc<TrustedProxies>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
     let penalties = Arc::new(Penalties::default());
     let prelogin_logs = Arc::new(LogBudget::new(10));
     while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "tunnel").await {
-        if let Some(left) = penalties.blocked(peer.ip()) {
-            tracing::debug!(%peer, "refused: too many refused join tokens from this address, {left:?} left");
-            continue;
-        }
+        // A source past its refused join tokens is not closed here: an
+        // agent that has joined logs in with its key, which cannot be
+        // guessed, and may share the address (NAT, an ingress) with
+        // whoever is guessing. Only its tokens go unchecked
+        // (`SourcePenalty`).
         let ticket = admission.admit(peer.ip());
         let hub = hub.clone();
         let ssh_cfg = ssh_cfg.clone();
         let cancel = cancel.clone();
         let penalties = penalties.clone();
         let prelogin_logs = prelogin_logs.clone();
+        let trusted = trusted.clone();
         tracker.spawn(async move {
-            // Tokens count as they are presented (`SourcePenalty`).
-            let penalty = Arc::new(SourcePenalty {
-                penalties: penalties.clone(),
-                ip: peer.ip(),
-            });
-            let r =
-                tunnel_session(tcp, peer, hub, ticket, penalty, ssh_cfg, keepalive, cancel).await;
-            if r.is_ok() {
-                penalties.succeeded(peer.ip());
-            }
-            if let Err(e) = r {
+            let conn = Incoming {
+                peer,
+                trusted,
+                penalties,
+                ticket,
+            };
+            if let Err(e) = tunnel_session(tcp, conn, hub, ssh_cfg, keepalive, cancel).await {
                 // Only failures before a login end here, and anyone can
                 // cause one per connection: a few a minute at info (an
                 // agent behind a broken ingress shows why), the rest at
@@ -86,6 +87,15 @@ pub(super) async fn accept_tunnels(
             }
         });
     }
+}
+
+/// A tunnel connection before its login.
+struct Incoming {
+    /// The TCP peer (an ingress, when the hub is behind one).
+    peer: SocketAddr,
+    trusted: Arc<TrustedProxies>,
+    penalties: Arc<Penalties>,
+    ticket: Ticket,
 }
 
 /// Lines allowed per minute for a kind of message any peer can trigger.
@@ -142,12 +152,13 @@ impl server::Penalty for SourcePenalty {
     }
 }
 
-/// Refused join tokens per source address, with exponential backoff: after
-/// [`Penalties::FREE`] refusals in a row, connections from that address are
-/// closed at accept for 0.5 s, doubling up to 60 s, and those already
-/// accepted get no token checked ([`SourcePenalty`]). A login from the
-/// address clears it. Bounded: the oldest entries go past
-/// [`Penalties::MAX_SOURCES`].
+/// Refused join tokens per client address (behind a trusted proxy, the
+/// address it forwarded for), with exponential backoff: after
+/// [`Penalties::FREE`] refusals in a row, tokens from that address are not
+/// checked for 0.5 s, doubling up to 60 s ([`SourcePenalty`]): the
+/// connection is closed unanswered. Logins with a key are not held back.
+/// An accepted token from the address clears it. Bounded: the oldest
+/// entries go past [`Penalties::MAX_SOURCES`].
 #[derive(Default)]
 struct Penalties(Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>);
 
@@ -190,17 +201,20 @@ impl Penalties {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn tunnel_session(
     tcp: tokio::net::TcpStream,
-    peer: SocketAddr,
+    conn: Incoming,
     hub: Arc<Hub>,
-    ticket: Ticket,
-    penalty: Arc<SourcePenalty>,
     ssh_cfg: Arc<russh::server::Config>,
     keepalive: Duration,
     cancel: CancellationToken,
 ) -> Result<()> {
+    let Incoming {
+        peer,
+        trusted,
+        penalties,
+        ticket,
+    } = conn;
     let deadline = tokio::time::Instant::now() + LOGIN_DEADLINE;
     let login = async {
         let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
@@ -216,18 +230,50 @@ async fn tunnel_session(
             tunnel::framecap::PRELOGIN_MAX,
         );
         let lift = tcp.lift();
-        let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(ws_cfg))
-            .await
-            .context("WebSocket handshake failed")?;
+        // The client's own address: the peer's, or behind a trusted proxy
+        // the one it forwarded for.
+        let mut client = peer.ip().to_canonical();
+        // The callback's error type is tungstenite's (a whole response).
+        #[allow(clippy::result_large_err)]
+        let ws = tokio_tungstenite::accept_hdr_async_with_config(
+            tcp,
+            |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
+                client = trusted.client(peer.ip(), req.headers());
+                Ok(res)
+            },
+            Some(ws_cfg),
+        )
+        .await
+        .context("WebSocket handshake failed")?;
         let io = tunnel::ws::WsIo::new(ws);
         let alive = io.liveness();
         let auth: Arc<dyn server::Authenticator> = hub.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let sess = server::accept(ssh_cfg, io, auth, penalty, left).await?;
+        let penalty = Arc::new(SourcePenalty {
+            penalties: penalties.clone(),
+            ip: client,
+        });
+        let sess = server::accept(ssh_cfg, io, auth, penalty, left)
+            .await
+            .map_err(|e| {
+                let e = anyhow::Error::from(e);
+                if client == peer.ip().to_canonical() {
+                    e
+                } else {
+                    e.context(format!("client {client} via {peer}"))
+                }
+            })?;
         lift();
-        anyhow::Ok((sess, alive))
+        // The session's address as shown: behind a proxy, the client's
+        // and the proxy's.
+        let shown = if client == peer.ip().to_canonical() {
+            peer.to_string()
+        } else {
+            format!("{client} via {peer}")
+        };
+        anyhow::Ok((sess, alive, shown))
     };
-    let (mut sess, alive) = tokio::select! {
+    let (mut sess, alive, peer) = tokio::select! {
         r = tokio::time::timeout_at(deadline, login) => match r {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("no SSH login within {LOGIN_DEADLINE:?}"),
@@ -242,7 +288,7 @@ async fn tunnel_session(
         id: hub.next_id.fetch_add(1, Ordering::Relaxed),
         name: sess.name.clone(),
         handle: sess.handle.clone(),
-        peer: Some(peer),
+        peer: Some(peer.clone()),
         connected_at: control::now_unix(),
         impersonate: std::sync::atomic::AtomicBool::new(
             hub.store
