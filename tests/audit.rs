@@ -193,6 +193,21 @@ fn refusals_and_towerctl_calls_are_recorded_with_bounded_paths() {
         r["peer"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
         "{r}"
     );
+    // Without --trusted-proxy, X-Forwarded-For moves nothing.
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args(["-H", "X-Forwarded-For: 203.0.113.9"])
+        .arg(format!("{gw}/clusters/alpha/apis"));
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    assert!(o.stdout.contains("Unauthorized"), "{o:?}");
+    let r = wait_record(&env, "the second 401", |r| {
+        r["status"] == 401 && r["path"].as_str().unwrap_or("").ends_with("/apis")
+    });
+    assert!(
+        r["peer"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
+        "{r}"
+    );
 
     let o = curl(
         &env,
@@ -218,6 +233,63 @@ fn refusals_and_towerctl_calls_are_recorded_with_bounded_paths() {
         p.len() < 1100 && p.contains("more bytes"),
         "{} bytes: {p}",
         p.len()
+    );
+}
+
+#[test]
+fn behind_a_trusted_proxy_records_name_the_client_it_forwarded_for() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up_with(&["--trusted-proxy", "127.0.0.0/8"]);
+    connected(&env, &api);
+    let gw = gateway(&env);
+    // As an ingress sends them: the client's own entry, then the address
+    // the ingress appended.
+    let via_proxy = |token: Option<&str>, url: &str| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(env.path("data/towerctl/ca.crt"))
+            .args(["-H", "X-Forwarded-For: 10.9.9.9, 203.0.113.9"]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        cmd.arg(url);
+        support::run_bounded(cmd, Duration::from_secs(20))
+    };
+    let o = via_proxy(None, &format!("{gw}/clusters/alpha/api"));
+    assert!(o.stdout.contains("Unauthorized"), "{o:?}");
+    let r = wait_record(&env, "the 401", |r| r["status"] == 401);
+    assert!(
+        r["peer"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("203.0.113.9 via 127.0.0.1:"),
+        "{r}"
+    );
+    let o = via_proxy(
+        Some(&admin_token(&env)),
+        &format!("{gw}/clusters/alpha/version"),
+    );
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    let r = wait_record(&env, "the request", |r| r["path"] == "/version");
+    assert!(
+        r["peer"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("203.0.113.9 via 127.0.0.1:"),
+        "{r}"
+    );
+    // Straight from a client (no header): its own address.
+    let o = curl(
+        &env,
+        Some(&admin_token(&env)),
+        &format!("{gw}/clusters/alpha/api"),
+    );
+    assert!(o.ok(), "{o:?}");
+    let r = wait_record(&env, "the direct request", |r| r["path"] == "/api");
+    assert!(
+        r["peer"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
+        "{r}"
     );
 }
 
