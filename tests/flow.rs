@@ -17,6 +17,17 @@ fn pattern(n: u64) -> u8 {
     (n % 251) as u8
 }
 
+/// The pattern from byte 0, long enough for any 64 KiB read at any offset
+/// ([`read_checked`]) and a whole number of periods (251 bytes), so that
+/// writing its first [`PERIODS`] bytes over and over continues it.
+fn pattern_buf() -> &'static [u8] {
+    static BUF: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BUF.get_or_init(|| (0..PERIODS as u64 + 64 * 1024 + 251).map(pattern).collect())
+}
+
+/// 256 periods of the pattern: one write of the endless writers.
+const PERIODS: usize = 251 * 256;
+
 /// A TCP server that writes the pattern to every connection until the
 /// connection fails. Threads end with their connections.
 fn endless_server() -> u16 {
@@ -24,20 +35,8 @@ fn endless_server() -> u16 {
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut n: u64 = 0;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    for b in buf.iter_mut() {
-                        *b = pattern(n);
-                        n += 1;
-                    }
-                    if conn.write_all(&buf).is_err() {
-                        return;
-                    }
-                }
-            });
+            let Ok(conn) = conn else { continue };
+            endless_writer(conn);
         }
     });
     port
@@ -54,12 +53,14 @@ fn read_checked(s: &mut TcpStream, at: &mut u64, len: u64) {
             panic!("read failed at byte {at}: {e}");
         });
         assert!(n > 0, "the stream ended at byte {at}");
-        for (i, b) in buf[..n].iter().enumerate() {
-            let off = *at + i as u64;
-            assert_eq!(
-                *b,
-                pattern(off),
-                "byte {off} is wrong: a byte was lost or repeated"
+        let from = (*at % 251) as usize;
+        if buf[..n] != pattern_buf()[from..from + n] {
+            let i = (0..n)
+                .find(|i| buf[*i] != pattern(*at + *i as u64))
+                .unwrap_or(0);
+            panic!(
+                "byte {} is wrong: a byte was lost or repeated",
+                *at + i as u64
             );
         }
         *at += n as u64;
@@ -98,17 +99,8 @@ fn stalling_sink() -> (
 /// Writes the pattern to `s` until a write fails.
 fn endless_writer(mut s: TcpStream) {
     std::thread::spawn(move || {
-        let mut n: u64 = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            for b in buf.iter_mut() {
-                *b = pattern(n);
-                n += 1;
-            }
-            if s.write_all(&buf).is_err() {
-                return;
-            }
-        }
+        let buf = &pattern_buf()[..PERIODS];
+        while s.write_all(buf).is_ok() {}
     });
 }
 
@@ -158,6 +150,10 @@ fn a_stalled_reader_stops_only_its_own_stream() {
     assert!(o.ok(), "join failed: {o:?}");
     let o = env.towerctl(&["use", "alpha"]);
     assert!(o.ok(), "use failed: {o:?}");
+    // kubectl's discovery (a dozen requests) once before the stall, as on
+    // any machine that used the context before: the bound below is for
+    // one get, not for a cold cache on a loaded test machine.
+    assert!(env.kubectl(&["get", "ns"]).ok());
 
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
     let port = forwarded_port(&pf);
@@ -318,4 +314,79 @@ fn bulk_throughput_through_a_port_forward() {
         up_rates[1]
     );
     assert!(up_rates[1] > 0.0);
+}
+
+#[test]
+fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
+    // Every stream a member has open may have its window in flight towards
+    // the hub, which buffers it while the stream's client does not read:
+    // 4 MiB per port-forward connection, so one operator's 1,024 stalled
+    // connections held gigabytes. Past a budget per member, the hub asks
+    // the agent for 32 KiB windows. Here the budget is 1 byte, so every
+    // stream gets 32 KiB.
+    let env = Env::new();
+    let api = ApiServer::start();
+    let upstream = endless_server();
+    api.add_service(
+        "default",
+        "stream",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "stream")],
+    );
+    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    let budget = [("TOWERCTL_WINDOW_BUDGET", "1")];
+    env.up_with_env(&budget);
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join_with_env(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+        &budget,
+    );
+    assert!(o.ok(), "join failed: {o:?}");
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let port = forwarded_port(&pf);
+    let hub = env.pid_of("hub").unwrap();
+    let rss = || support::status_kib(hub, "VmRSS").unwrap();
+
+    // One stream read through, so that the hub's buffers and pools are warm.
+    let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut first_at = 0u64;
+    read_checked(&mut first, &mut first_at, 4 << 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss();
+
+    // 24 clients read 64 KiB each, then stop reading.
+    let mut stalled = Vec::new();
+    for _ in 0..24 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut at = 0u64;
+        read_checked(&mut c, &mut at, 64 << 10);
+        stalled.push((c, at));
+    }
+    // Time for every window to fill.
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss().saturating_sub(before);
+    eprintln!("hub RSS grew by {grown} KiB for 24 stalled streams");
+    // With 4 MiB windows the agent's data alone would be 96 MiB.
+    assert!(
+        grown < 32 * 1024,
+        "the hub grew by {grown} KiB for 24 stalled streams"
+    );
+
+    // Small windows still carry everything, in order, when reading resumes.
+    for (c, at) in stalled.iter_mut().take(3) {
+        read_checked(c, at, 4 << 20);
+    }
+    read_checked(&mut first, &mut first_at, 4 << 20);
 }

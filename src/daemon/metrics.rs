@@ -107,6 +107,8 @@ pub struct MemberStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub streams: u64,
+    /// The windows the open streams asked the agent for, in bytes.
+    pub windows: u64,
     /// Channels opened since the hub started (a counter).
     pub opened: u64,
     pub reconnects: u64,
@@ -208,6 +210,14 @@ pub fn render(snap: &Snapshot) -> String {
         "gauge",
         "Open tunnel channels (upstream connections).",
         |c| c.streams,
+    );
+    per_cluster(
+        &mut o,
+        stats,
+        "towerctl_tunnel_stream_windows_bytes",
+        "gauge",
+        "What the open channels may have in flight towards the hub together (their windows): the most the hub buffers for them if their clients stop reading. Held to 128 MiB per member, past which new channels get 32 KiB.",
+        |c| c.windows,
     );
     per_cluster(&mut o, stats, "towerctl_tunnel_streams_opened_total", "counter", "Tunnel channels opened since the hub started: API requests on a new channel, CONNECTs and port-forwarded connections.", |c| c.opened);
     per_cluster(
@@ -325,6 +335,7 @@ mod tests {
                     bytes_in: 10,
                     bytes_out: 20,
                     streams: 3,
+                    windows: 1 << 20,
                     opened: 42,
                     reconnects: 1,
                 },
@@ -348,6 +359,7 @@ mod tests {
             "towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"in\"} 10",
             "towerctl_tunnel_bytes_total{cluster=\"alpha\",direction=\"out\"} 20",
             "towerctl_tunnel_streams{cluster=\"alpha\"} 3",
+            "towerctl_tunnel_stream_windows_bytes{cluster=\"alpha\"} 1048576",
             "towerctl_tunnel_streams_opened_total{cluster=\"alpha\"} 42",
             "towerctl_agent_reconnects_total{cluster=\"alpha\"} 1",
             "towerctl_dial_failures_total{reason=\"denied\"} 0",

@@ -64,6 +64,11 @@ pub const API_WINDOW: u64 = 1024 * 1024;
 /// nothing next to the data.
 const CREDIT_STEP: u64 = API_WINDOW / 4;
 
+/// The smallest window a receiver may ask for ([`FlowStream::advertise_window`]):
+/// 32 KiB still moves 640 KB/s per stream at 50 ms RTT, and is what a
+/// stalled stream costs its receiver under pressure.
+pub const MIN_WINDOW: u64 = 32 * 1024;
+
 /// Extended-data type code of control frames (1 is SSH's stderr, unused by
 /// forwarded channels).
 pub const CONTROL_EXT: u32 = 1;
@@ -74,6 +79,10 @@ const FRAME: usize = 9;
 const KIND_CREDIT: u8 = 1;
 /// End of stream: the sender will send no more data (a half-close).
 const KIND_EOF: u8 = 2;
+/// The receiver's window: send at most this many bytes ahead of what it
+/// has consumed (never more than the sender's own window). Ignored by
+/// senders that predate it, which keep to their own window.
+const KIND_WINDOW: u8 = 3;
 
 #[derive(Default)]
 struct State {
@@ -96,9 +105,16 @@ struct State {
     broken: bool,
     /// The local side dropped the stream: incoming data is discarded.
     dropped: bool,
-    /// What this side may have unacknowledged ([`STREAM_WINDOW`] or
-    /// [`API_WINDOW`]).
+    /// What this side may have unacknowledged: its own window
+    /// ([`STREAM_WINDOW`] or [`API_WINDOW`]) or less if the peer asked.
     window: u64,
+    /// This side's own window, the most a peer's `KIND_WINDOW` can give.
+    own_window: u64,
+    /// Credit is returned every this many bytes consumed: a quarter of the
+    /// window this side asked the peer to keep to.
+    credit_step: u64,
+    /// A window to ask the peer for, and who waits until it was sent.
+    window_wanted: Option<(u64, tokio::sync::oneshot::Sender<()>)>,
     /// The local writer half-closed: the control task sends end-of-stream.
     eof_wanted: bool,
     eof_sent: bool,
@@ -177,6 +193,8 @@ impl FlowStream {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
+                own_window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
+                credit_step: CREDIT_STEP,
                 ..State::default()
             }),
             control: Notify::new(),
@@ -214,6 +232,94 @@ impl FlowStream {
             close: Some(close),
             id,
         }
+    }
+}
+
+impl FlowStream {
+    /// Asks the peer to send at most `window` bytes (at least
+    /// [`MIN_WINDOW`]) ahead of what this side has read: what this side
+    /// buffers at most for the stream when its reader stalls. Returns once
+    /// the request is on the channel, so that whatever is written after it
+    /// (a request the peer answers) reaches the peer behind it.
+    pub fn advertise_window(&self, window: u64) -> impl std::future::Future<Output = ()> + Send {
+        let window = window.clamp(MIN_WINDOW, STREAM_WINDOW);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut st = self.shared.lock();
+            st.credit_step = (window / 4).min(CREDIT_STEP);
+            st.window_wanted = Some((window, tx));
+        }
+        self.shared.control.notify_one();
+        async move {
+            // Fails only when the channel is gone; the stream says so itself.
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Windows handed out to streams out of a fixed total: what one side
+/// buffers at most, together, for streams whose readers stall (plus
+/// [`MIN_WINDOW`] for each stream past the total). A stream takes what is
+/// left, between `MIN_WINDOW` and its full window, and gives it back when
+/// its [`WindowPermit`] is dropped.
+pub struct WindowBudget {
+    total: u64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+/// A stream's window out of a [`WindowBudget`].
+pub struct WindowPermit {
+    budget: Arc<WindowBudget>,
+    pub window: u64,
+}
+
+impl WindowBudget {
+    pub fn new(total: u64) -> Arc<WindowBudget> {
+        Arc::new(WindowBudget {
+            total,
+            held: Default::default(),
+        })
+    }
+
+    /// A budget of `default` bytes, or `TOWERCTL_WINDOW_BUDGET` (bytes)
+    /// when set: less for a small pod's memory limit, more for many bulk
+    /// streams at once.
+    pub fn from_env(default: u64) -> Arc<WindowBudget> {
+        let total = std::env::var("TOWERCTL_WINDOW_BUDGET")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default);
+        WindowBudget::new(total)
+    }
+
+    /// A window of at most `full` (at least [`MIN_WINDOW`]).
+    pub fn take(self: &Arc<Self>, full: u64) -> WindowPermit {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut window = MIN_WINDOW;
+        let _ = self.held.fetch_update(Relaxed, Relaxed, |held| {
+            window = self
+                .total
+                .saturating_sub(held)
+                .clamp(MIN_WINDOW, full.max(MIN_WINDOW));
+            Some(held + window)
+        });
+        WindowPermit {
+            budget: self.clone(),
+            window,
+        }
+    }
+
+    /// The windows held now, together.
+    pub fn held(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for WindowPermit {
+    fn drop(&mut self) {
+        self.budget
+            .held
+            .fetch_sub(self.window, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -267,6 +373,12 @@ fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
                             w.wake();
                         }
                     }
+                    KIND_WINDOW => {
+                        st.window = v.clamp(MIN_WINDOW, st.own_window);
+                        if let Some(w) = st.write_waker.take() {
+                            w.wake();
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -294,16 +406,23 @@ fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
 async fn control_task(s: Arc<Shared>, mut w: Writer) {
     let mut credit_sent = 0u64;
     loop {
-        let (credit, eof, done) = {
-            let st = s.lock();
+        let (credit, eof, done, window) = {
+            let mut st = s.lock();
             (
                 st.credited,
                 st.eof_wanted && !st.eof_sent,
                 st.closed || st.dropped,
+                st.window_wanted.take(),
             )
         };
         if done {
             return;
+        }
+        if let Some((window, sent)) = window {
+            if write_frame(&mut w, KIND_WINDOW, window).await.is_err() {
+                return;
+            }
+            let _ = sent.send(());
         }
         if credit > credit_sent {
             if write_frame(&mut w, KIND_CREDIT, credit).await.is_err() {
@@ -372,7 +491,7 @@ impl AsyncRead for FlowStream {
         }
         st.buffered -= copied;
         st.consumed += copied;
-        if st.consumed - st.credited >= CREDIT_STEP {
+        if st.consumed - st.credited >= st.credit_step {
             st.credited = st.consumed;
             drop(st);
             self.shared.control.notify_one();
@@ -440,5 +559,27 @@ impl Drop for FlowStream {
         if let Some(close) = self.close.take() {
             close();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_come_out_of_the_budget_and_go_back() {
+        let b = WindowBudget::new(3 * API_WINDOW);
+        let full: Vec<_> = (0..3).map(|_| b.take(API_WINDOW)).collect();
+        assert!(full.iter().all(|p| p.window == API_WINDOW));
+        // Past the total: the smallest window, still counted.
+        let small = b.take(STREAM_WINDOW);
+        assert_eq!(small.window, MIN_WINDOW);
+        assert_eq!(b.held(), 3 * API_WINDOW + MIN_WINDOW);
+        drop(full);
+        // What is left, up to the stream's full window.
+        let raw = b.take(STREAM_WINDOW);
+        assert_eq!(raw.window, 3 * API_WINDOW - MIN_WINDOW);
+        drop((small, raw));
+        assert_eq!(b.held(), 0);
     }
 }

@@ -462,6 +462,7 @@ pub async fn open(
     target: &str,
     port: u32,
     originator: SocketAddr,
+    window: u64,
 ) -> Result<FlowStream, russh::Error> {
     open_as(
         handle,
@@ -469,23 +470,30 @@ pub async fn open(
         port,
         &originator.ip().to_string(),
         u32::from(originator.port()),
+        window,
     )
     .await
 }
 
 /// Opens a channel with an originator-address field of the caller's
-/// choosing (an opaque string to the tunnel).
+/// choosing (an opaque string to the tunnel), and asks the agent to keep
+/// what it sends ahead of the hub's reading to `window` bytes (what the
+/// hub buffers for the stream at most: see
+/// [`FlowStream::advertise_window`]).
 pub async fn open_as(
     handle: &Handle,
     target: &str,
     port: u32,
     originator: &str,
     originator_port: u32,
+    window: u64,
 ) -> Result<FlowStream, russh::Error> {
     let ch: Channel<Msg> = handle
         .channel_open_forwarded_tcpip(target, port, originator, originator_port)
         .await?;
-    Ok(FlowStream::new(ch))
+    let stream = FlowStream::new(ch);
+    stream.advertise_window(window).await;
+    Ok(stream)
 }
 
 /// Measures one round trip to the agent. The agent refuses the ping target

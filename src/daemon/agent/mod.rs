@@ -91,6 +91,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
         raw_streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_RAW_STREAMS)),
         body_budget: Arc::new(upstream::BodyBudget::new()),
+        windows: crate::tunnel::flow::WindowBudget::from_env(upstream::WINDOW_BUDGET),
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
     let key_path = cfg

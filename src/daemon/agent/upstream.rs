@@ -271,7 +271,20 @@ pub(super) struct Upstream {
     pub(super) raw_streams: Arc<Semaphore>,
     /// KiB of request bodies buffered ([`BODY_BUDGET_KIB`]).
     pub(super) body_budget: Arc<BodyBudget>,
+    /// The windows this agent's streams ask the hub for ([`WINDOW_BUDGET`]).
+    pub(super) windows: Arc<crate::tunnel::flow::WindowBudget>,
 }
+
+/// What the hub may have in flight towards this agent on all its streams
+/// together, and so what the agent buffers at most when the other end of
+/// its streams stops reading (a port-forward target that reads nothing,
+/// an upload the API server is slow to take), plus 32 KiB per stream past
+/// it. Each stream asks the hub for a window out of what is left: 128 full
+/// raw windows (4 MiB), more API ones (1 MiB), before new streams get
+/// less. Without it, one operator's 1,024 port-forward connections to a
+/// target that never reads held 4 GiB of the agent, well past a pod's
+/// memory limit.
+pub const WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 
 impl ChannelService for Upstream {
     fn accepts(&self, target: &str, _port: u32) -> bool {
@@ -313,6 +326,14 @@ impl ChannelService for Upstream {
             });
             return;
         };
+        let window = self.windows.take(if raw {
+            crate::tunnel::flow::STREAM_WINDOW
+        } else {
+            crate::tunnel::flow::API_WINDOW
+        });
+        // On the channel before anything this side answers (a raw
+        // stream's dial answer, after which the hub sends).
+        let advertised = stream.advertise_window(window.window);
         if raw {
             let Some(t) = Target::from_channel_address(&target) else {
                 return;
@@ -320,8 +341,9 @@ impl ChannelService for Upstream {
             let d = self.dialer.clone();
             let who = crate::daemon::wire::RawIdentity::decode(&originator);
             self.tasks.spawn(async move {
+                advertised.await;
                 serve_raw(d, t, port, who, stream).await;
-                drop((permit, raw_permit));
+                drop((permit, raw_permit, window));
             });
             return;
         }
@@ -330,7 +352,8 @@ impl ChannelService for Upstream {
         let tasks = self.tasks.clone();
         let budget = self.body_budget.clone();
         self.tasks.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, window);
+            advertised.await;
             let svc = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 let tasks = tasks.clone();

@@ -28,6 +28,7 @@ use super::control::{
 use super::metrics::{self, DialFailure, MemberStats};
 use super::store::{Operator, RedbStore, Store};
 use crate::paths;
+use crate::tunnel::flow::{WindowBudget, WindowPermit};
 use crate::tunnel::{keys, server};
 
 pub use forward::UNKNOWN_TOKEN as UNKNOWN_FORWARD_TOKEN;
@@ -81,6 +82,9 @@ pub struct LiveSession {
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
     pub streams: AtomicU64,
+    /// The windows the open channels asked the agent for
+    /// ([`MEMBER_WINDOW_BUDGET`]).
+    pub windows: Arc<WindowBudget>,
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
@@ -171,13 +175,23 @@ impl Drop for Held {
 
 /// One open channel of a session: counted in the session's open streams
 /// while it lives, and in its opened total.
-pub struct OpenChannel(Arc<LiveSession>);
+pub struct OpenChannel(Arc<LiveSession>, #[allow(dead_code)] WindowPermit);
 
 impl Drop for OpenChannel {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// What the open streams of one member may have in flight towards the hub
+/// together, and so what the hub buffers for them at most when their
+/// clients stop reading (plus [`crate::tunnel::flow::MIN_WINDOW`] for each
+/// stream past it). Each stream asks the agent for a window out of what is
+/// left, between `MIN_WINDOW` and its full size (1 MiB for API answers,
+/// 4 MiB for raw streams): 128 full API windows, or 32 raw ones, before
+/// new streams get less. Without it, one operator's 1,024 streams whose
+/// reader never reads held 1–4 GiB of the hub.
+pub const MEMBER_WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 
 impl LiveSession {
     /// Bytes in and out over this session (since it connected).
@@ -191,10 +205,15 @@ impl LiveSession {
 
     /// Counts a channel just opened over this session, until the returned
     /// guard is dropped.
-    pub fn channel_opened(self: &Arc<Self>) -> OpenChannel {
+    /// Counts a stream about to open and takes its window out of
+    /// [`MEMBER_WINDOW_BUDGET`]: at most `full`, at least `MIN_WINDOW`.
+    /// Both are given back when the [`OpenChannel`] is dropped.
+    pub fn channel_opened(self: &Arc<Self>, full: u64) -> (OpenChannel, u64) {
         self.streams.fetch_add(1, Ordering::Relaxed);
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
-        OpenChannel(self.clone())
+        let permit = self.windows.take(full);
+        let window = permit.window;
+        (OpenChannel(self.clone(), permit), window)
     }
 
     /// Closes the session from the hub's side, recording why.
@@ -602,6 +621,7 @@ impl Hub {
                     .as_ref()
                     .map(|s| s.streams.load(Ordering::Relaxed))
                     .unwrap_or_default();
+                let windows = live.as_ref().map(|s| s.windows.held()).unwrap_or_default();
                 let (bytes_in, bytes_out) = cm.map(|m| m.counters.bytes()).unwrap_or_default();
                 MemberStats {
                     connected: live.is_some(),
@@ -609,6 +629,7 @@ impl Hub {
                     bytes_in,
                     bytes_out,
                     streams,
+                    windows,
                     opened: cm
                         .map(|m| m.counters.opened.load(Ordering::Relaxed))
                         .unwrap_or(0),

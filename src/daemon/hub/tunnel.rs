@@ -300,6 +300,7 @@ async fn tunnel_session(
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
+        windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
         bytes_at_start: counters.bytes(),
         counters,
