@@ -62,7 +62,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-prefix -d
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-ca -d 'CA bundle (PEM) that issued etcd\'s serving certificate (https:// endpoints; default: the system store)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-cert -d 'Client certificate (PEM) for an etcd that requires one (--client-cert-auth); with --store-key' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-key -d 'The client certificate\'s private key (PEM)' -r -F
-complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l trusted-proxy -d 'Address or network (CIDR) of an ingress or load balancer in front of the tunnel listener; repeatable. Connections from it count as from the address it appends to X-Forwarded-For' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l trusted-proxy -d 'Address or network (CIDR) of an ingress or load balancer in front of the hub; repeatable. Connections from it count as from the client it names: in a PROXY protocol header (v1 or v2) or, for HTTP, the address it appends to X-Forwarded-For' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s V -l version -d 'Print version'
@@ -85,7 +85,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_s
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-ca -d 'CA bundle (PEM) that issued etcd\'s serving certificate (https:// endpoints; default: the system store)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-cert -d 'Client certificate (PEM) for an etcd that requires one (--client-cert-auth); with --store-key' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l store-key -d 'The client certificate\'s private key (PEM)' -r -F
-complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l trusted-proxy -d 'Address or network (CIDR) of an ingress or load balancer in front of the tunnel listener; repeatable. Connections from it count as from the address it appends to X-Forwarded-For' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l trusted-proxy -d 'Address or network (CIDR) of an ingress or load balancer in front of the hub; repeatable. Connections from it count as from the client it names: in a PROXY protocol header (v1 or v2) or, for HTTP, the address it appends to X-Forwarded-For' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s v -l verbose -d 'More logging (-v info, -vv debug); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -s V -l version -d 'Print version'

@@ -452,6 +452,190 @@ fn behind_a_trusted_ingress_token_guesses_hold_back_the_guesser_not_the_agents()
     ing.kubectl_reaches_the_member();
 }
 
+/// HAProxy in TCP mode in front of both of the hub's listeners, as an L4
+/// load balancer: the gateway's TLS passes through, and HAProxy names each
+/// client in a PROXY protocol header (v2 before the gateway, v1 before the
+/// tunnel). A child process, stopped by its pid on drop.
+struct Haproxy {
+    child: Child,
+    gateway_port: u16,
+    tunnel_port: u16,
+}
+
+impl Haproxy {
+    fn start(dir: &Path, gateway: &str, tunnel: &str) -> Haproxy {
+        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "haproxy is not installed: this test runs the real HAProxy as a load \
+                     balancer speaking the PROXY protocol. Install Debian's haproxy \
+                     (apt-get install haproxy; .ci/run does) and rerun"
+                )
+            });
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (gateway_port, tunnel_port) = (free(), free());
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend gateway
+    bind 127.0.0.1:{gateway_port}
+    default_backend gateway
+backend gateway
+    server hub {gateway} send-proxy-v2
+frontend tunnel
+    bind 127.0.0.1:{tunnel_port}
+    default_backend tunnel
+backend tunnel
+    server hub {tunnel} send-proxy
+"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let h = Haproxy {
+            child,
+            gateway_port,
+            tunnel_port,
+        };
+        wait_for("haproxy to listen", Duration::from_secs(10), || {
+            (std::net::TcpStream::connect(("127.0.0.1", gateway_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", tunnel_port)).is_ok())
+            .then_some(())
+        });
+        h
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn behind_a_load_balancer_speaking_the_proxy_protocol_clients_keep_their_addresses() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up_with(&["--trusted-proxy", "127.0.0.1"]);
+    let s = env.status();
+    let (gateway, tunnel) = (
+        s["hub"]["gatewayAddress"].as_str().unwrap().to_string(),
+        s["hub"]["tunnelAddress"].as_str().unwrap().to_string(),
+    );
+    let lb = Haproxy::start(env.dir.path(), &gateway, &tunnel);
+
+    // An agent joins through the load balancer (PROXY v1 before its
+    // WebSocket), and kubectl reaches the member.
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let mut args = join.clone();
+    let i = args.iter().position(|a| a == "--hub").unwrap();
+    args[i + 1] = format!("ws://127.0.0.1:{}/tunnel", lb.tunnel_port);
+    let o = env.join(&args, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.kubectl(&["get", "ns"]).ok());
+
+    // A guess from 127.0.0.5 through it is logged under 127.0.0.5.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let lb_tunnel: std::net::SocketAddr = ([127, 0, 0, 1], lb.tunnel_port).into();
+    let guess = rt.block_on(sshflood::login_at(
+        lb_tunnel,
+        std::net::IpAddr::from([127, 0, 0, 5]),
+        &format!("ws://{lb_tunnel}/tunnel"),
+        None,
+        "alpha",
+        "not-the-token",
+        Duration::from_secs(20),
+    ));
+    assert_ne!(guess, sshflood::Login::Accepted);
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    wait_for(
+        "the guess in the hub's log",
+        Duration::from_secs(10),
+        || {
+            log()
+                .contains("client 127.0.0.5 via 127.0.0.1:")
+                .then_some(())
+        },
+    );
+
+    // A request from 127.0.0.7 through it, TLS passed through (PROXY v2):
+    // the audit record names 127.0.0.7, and the member's X-Forwarded-For
+    // too.
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "--interface",
+        "127.0.0.7",
+        "--cacert",
+    ])
+    .arg(env.path("data/towerctl/ca.crt"))
+    .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+    .arg(format!(
+        "https://127.0.0.1:{}/clusters/alpha/version",
+        lb.gateway_port
+    ));
+    let o = support::run_bounded(curl, Duration::from_secs(20));
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    let r = wait_for(
+        "the request's audit record",
+        Duration::from_secs(10),
+        || {
+            let o = env.towerctl(&["audit", "-o", "json"]);
+            o.stdout
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|r| r["path"] == "/version")
+        },
+    );
+    let peer = r["peer"].as_str().unwrap_or("");
+    assert!(
+        peer.starts_with("127.0.0.7:") && peer.contains(" via 127.0.0.1:"),
+        "{r}"
+    );
+    let last = api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path == "/version")
+        .unwrap();
+    assert_eq!(
+        last.header("x-forwarded-for"),
+        Some("127.0.0.7"),
+        "{last:?}"
+    );
+}
+
 #[test]
 fn ssl_cert_file_is_trusted_like_other_tools_on_the_machine() {
     let ing = Ingress::start();

@@ -264,8 +264,9 @@ pub struct HubArgs {
     #[arg(long, value_name = "FILE", requires = "store", requires = "store_cert")]
     pub store_key: Option<std::path::PathBuf>,
     /// Address or network (CIDR) of an ingress or load balancer in front of
-    /// the tunnel listener; repeatable. Connections from it count as from
-    /// the address it appends to X-Forwarded-For.
+    /// the hub; repeatable. Connections from it count as from the client it
+    /// names: in a PROXY protocol header (v1 or v2) or, for HTTP, the
+    /// address it appends to X-Forwarded-For.
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = crate::daemon::proxied::TrustedProxies::parse_cidr)]
     pub trusted_proxies: Vec<(std::net::IpAddr, u8)>,
 }

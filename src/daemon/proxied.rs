@@ -112,6 +112,160 @@ impl TrustedProxies {
     }
 }
 
+/// Longest PROXY protocol header read: a v1 line is at most 107 bytes, a
+/// v2 header 16 bytes and its addresses (36 for IPv6) and TLVs (cloud load
+/// balancers add an endpoint id or two).
+const MAX_PROXY_HEADER: usize = 16 + 2048;
+
+/// The PROXY protocol v2 signature.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// What the bytes at the start of a connection are.
+#[derive(Debug, PartialEq)]
+enum Header {
+    /// Not a PROXY protocol header: the client's own bytes (TLS, HTTP).
+    None,
+    /// Too few bytes yet to tell.
+    Incomplete,
+    /// A header of `len` bytes, naming the client (`None`: the proxy's own
+    /// connection, a health check, or an address family without one).
+    Proxy {
+        len: usize,
+        client: Option<std::net::SocketAddr>,
+    },
+}
+
+/// Reads the PROXY protocol header (v1 or v2, as HAProxy, nginx and cloud
+/// load balancers send it) that a trusted proxy put before its client's
+/// bytes, and returns the client's address. Returns `None` and consumes
+/// nothing when the connection does not start with one (a proxy that does
+/// not speak it, or one that speaks HTTP and `X-Forwarded-For`). Only ever
+/// called for connections from `--trusted-proxy` addresses: anyone else
+/// could name any address. The caller bounds the wait.
+pub async fn read_proxy_header(
+    tcp: &mut tokio::net::TcpStream,
+) -> std::io::Result<Option<std::net::SocketAddr>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; MAX_PROXY_HEADER];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match parse_header(&buf[..n]).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("invalid PROXY protocol header from a trusted proxy: {e}"),
+            )
+        })? {
+            Header::None => return Ok(None),
+            Header::Proxy { len, client } => {
+                tcp.read_exact(&mut buf[..len]).await?;
+                return Ok(client);
+            }
+            Header::Incomplete if n == buf.len() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "PROXY protocol header too long",
+                ))
+            }
+            // The rest of a header comes in the same segment nearly always;
+            // a peek would return at once with the same bytes.
+            Header::Incomplete => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
+}
+
+fn parse_header(b: &[u8]) -> Result<Header, &'static str> {
+    const V1: &[u8] = b"PROXY ";
+    let prefix_of = |sig: &[u8]| b.len() < sig.len() && sig.starts_with(b);
+    if prefix_of(V2_SIGNATURE) || prefix_of(V1) {
+        return Ok(Header::Incomplete);
+    }
+    if b.starts_with(V2_SIGNATURE) {
+        return parse_v2(b);
+    }
+    if b.starts_with(V1) {
+        return parse_v1(b);
+    }
+    Ok(Header::None)
+}
+
+fn parse_v1(b: &[u8]) -> Result<Header, &'static str> {
+    const MAX_LINE: usize = 107;
+    let Some(end) = b.windows(2).take(MAX_LINE - 1).position(|w| w == b"\r\n") else {
+        return if b.len() < MAX_LINE {
+            Ok(Header::Incomplete)
+        } else {
+            Err("a v1 line longer than 107 bytes")
+        };
+    };
+    let line = std::str::from_utf8(&b[..end]).map_err(|_| "a v1 line that is not text")?;
+    let parts: Vec<&str> = line.split(' ').collect();
+    let client = match parts.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => None,
+        ["PROXY", family @ ("TCP4" | "TCP6"), src, _dst, sport, _dport] => {
+            let ip: IpAddr = src
+                .parse()
+                .map_err(|_| "a v1 source that is not an address")?;
+            if ip.is_ipv4() != (*family == "TCP4") {
+                return Err("a v1 source of the other address family");
+            }
+            let port: u16 = sport
+                .parse()
+                .map_err(|_| "a v1 source port that is not a port")?;
+            Some(std::net::SocketAddr::new(ip.to_canonical(), port))
+        }
+        _ => return Err("a v1 line of neither TCP4, TCP6 nor UNKNOWN"),
+    };
+    Ok(Header::Proxy {
+        len: end + 2,
+        client,
+    })
+}
+
+fn parse_v2(b: &[u8]) -> Result<Header, &'static str> {
+    if b.len() < 16 {
+        return Ok(Header::Incomplete);
+    }
+    if b[12] >> 4 != 2 {
+        return Err("a v2 header of another version");
+    }
+    let len = 16 + usize::from(u16::from_be_bytes([b[14], b[15]]));
+    if len > MAX_PROXY_HEADER {
+        return Err("a v2 header over 2 KiB");
+    }
+    if b.len() < len {
+        return Ok(Header::Incomplete);
+    }
+    let a = &b[16..len];
+    let client = match (b[12] & 0x0f, b[13] >> 4) {
+        // LOCAL: the proxy's own connection (a health check).
+        (0, _) => None,
+        (1, 1) if a.len() >= 12 => {
+            let ip = std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+            Some(std::net::SocketAddr::new(
+                ip.into(),
+                u16::from_be_bytes([a[8], a[9]]),
+            ))
+        }
+        (1, 2) if a.len() >= 36 => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&a[..16]);
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(o)).to_canonical();
+            Some(std::net::SocketAddr::new(
+                ip,
+                u16::from_be_bytes([a[32], a[33]]),
+            ))
+        }
+        (1, 1 | 2) => return Err("a v2 header with its addresses cut short"),
+        // UNSPEC or UNIX: no address to take.
+        (1, _) => None,
+        _ => return Err("a v2 header with an unknown command"),
+    };
+    Ok(Header::Proxy { len, client })
+}
+
 /// One `X-Forwarded-For` entry: an address, perhaps with a port
 /// (`192.0.2.1:4711`, `[2001:db8::1]:4711`), as proxies write them.
 fn parse_entry(s: &str) -> Option<IpAddr> {
@@ -211,6 +365,93 @@ mod tests {
             t.client(ip("::ffff:10.0.0.1"), &xff(&["192.0.2.1"])),
             ip("192.0.2.1")
         );
+    }
+
+    #[test]
+    fn proxy_protocol_headers_are_read_and_nothing_else_is_taken_for_one() {
+        let v1 = b"PROXY TCP4 192.0.2.7 10.0.0.1 40001 443\r\n\x16\x03\x01";
+        assert_eq!(
+            parse_header(v1),
+            Ok(Header::Proxy {
+                len: 41,
+                client: Some("192.0.2.7:40001".parse().unwrap())
+            })
+        );
+        let v1 = b"PROXY TCP6 2001:db8::7 fd00::1 40001 443\r\nGET /";
+        assert!(
+            matches!(parse_header(v1), Ok(Header::Proxy { client: Some(c), .. }) if c == "[2001:db8::7]:40001".parse().unwrap())
+        );
+        assert!(matches!(
+            parse_header(b"PROXY UNKNOWN\r\n"),
+            Ok(Header::Proxy {
+                len: 15,
+                client: None
+            })
+        ));
+        // v2, PROXY over TCP4, with a TLV after the addresses.
+        let mut v2 = V2_SIGNATURE.to_vec();
+        v2.extend_from_slice(&[0x21, 0x11, 0, 12 + 4]);
+        v2.extend_from_slice(&[198, 51, 100, 9, 10, 0, 0, 1, 0x9c, 0x41, 0x01, 0xbb]);
+        v2.extend_from_slice(&[0x04, 0, 1, 0xff]);
+        v2.extend_from_slice(b"\x16\x03");
+        assert_eq!(
+            parse_header(&v2),
+            Ok(Header::Proxy {
+                len: 32,
+                client: Some("198.51.100.9:40001".parse().unwrap())
+            })
+        );
+        // Cut anywhere: more is needed, never a guess.
+        for cut in 1..32 {
+            assert_eq!(parse_header(&v2[..cut]), Ok(Header::Incomplete), "{cut}");
+        }
+        for cut in 1..41 {
+            assert_eq!(
+                parse_header(&b"PROXY TCP4 192.0.2.7 10.0.0.1 40001 443\r\n"[..cut]),
+                Ok(Header::Incomplete),
+                "{cut}"
+            );
+        }
+        // LOCAL (a health check): no client.
+        let mut local = V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        assert_eq!(
+            parse_header(&local),
+            Ok(Header::Proxy {
+                len: 16,
+                client: None
+            })
+        );
+        // The client's own bytes.
+        for own in [
+            &b"\x16\x03\x01\x02\x00"[..],
+            b"GET /tunnel HTTP/1.1\r\n",
+            b"POST / HTTP/1.1",
+            b"PRI * HTTP/2.0",
+        ] {
+            assert_eq!(parse_header(own), Ok(Header::None));
+        }
+        // Malformed: refused, not read past.
+        for bad in [
+            &b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n"[..],
+            b"PROXY TCP4 2001:db8::1 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 99999 2\r\n",
+            b"PROXY SCTP x\r\n",
+            &[b'P', b'R', b'O', b'X', b'Y', b' ']
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(b'1', 120))
+                .collect::<Vec<u8>>(),
+        ] {
+            assert!(
+                parse_header(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut short = V2_SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x11, 0, 4, 1, 2, 3, 4]);
+        assert!(parse_header(&short).is_err());
     }
 
     #[test]

@@ -226,10 +226,30 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let hub = hub.clone();
         let cancel = cancel.clone();
-        let proxy = trusted.trusts(peer.ip()).then(|| trusted.clone());
+        let trusted = trusted.clone();
         tracker.spawn(async move {
             let deadline = tokio::time::Instant::now() + PREAUTH_DEADLINE;
             let evicted = ticket.evicted.clone();
+            // A load balancer passing TLS through names its client in a
+            // PROXY protocol header, if it is trusted to.
+            let mut tcp = tcp;
+            let mut client = None;
+            if trusted.trusts(peer.ip()) {
+                let header = crate::daemon::proxied::read_proxy_header(&mut tcp);
+                match tokio::time::timeout_at(deadline, header).await {
+                    Ok(Ok(c)) => client = c,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, "gateway connection refused: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let (peer, peer_text) = match client {
+                Some(c) => (c, format!("{c} via {peer}")),
+                None => (peer, peer.to_string()),
+            };
+            let proxy = trusted.trusts(peer.ip()).then(|| trusted.clone());
             let tls = tokio::select! {
                 r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
                     Ok(Ok(s)) => s,
@@ -254,7 +274,7 @@ pub async fn serve(
                 last: std::sync::Mutex::new(std::time::Instant::now()),
                 known: std::sync::Mutex::new(None),
                 forwarded: crate::daemon::http::forwarded_value(peer.ip()),
-                peer_text: peer.to_string(),
+                peer_text,
                 proxy,
             });
             let svc = {

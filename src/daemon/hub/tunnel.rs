@@ -217,6 +217,17 @@ async fn tunnel_session(
     } = conn;
     let deadline = tokio::time::Instant::now() + LOGIN_DEADLINE;
     let login = async {
+        // A load balancer in front names its client in a PROXY protocol
+        // header, if it is trusted to; an HTTP ingress in X-Forwarded-For
+        // (below).
+        let mut tcp = tcp;
+        let from = if trusted.trusts(peer.ip()) {
+            crate::daemon::proxied::read_proxy_header(&mut tcp)
+                .await?
+                .unwrap_or(peer)
+        } else {
+            peer
+        };
         let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(MAX_WS_MESSAGE))
             .max_frame_size(Some(MAX_WS_MESSAGE))
@@ -232,13 +243,13 @@ async fn tunnel_session(
         let lift = tcp.lift();
         // The client's own address: the peer's, or behind a trusted proxy
         // the one it forwarded for.
-        let mut client = peer.ip().to_canonical();
+        let mut client = from.ip().to_canonical();
         // The callback's error type is tungstenite's (a whole response).
         #[allow(clippy::result_large_err)]
         let ws = tokio_tungstenite::accept_hdr_async_with_config(
             tcp,
             |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
-                client = trusted.client(peer.ip(), req.headers());
+                client = trusted.client(from.ip(), req.headers());
                 Ok(res)
             },
             Some(ws_cfg),
