@@ -105,6 +105,14 @@ fn quiet_output_errors() {
     }));
 }
 
+/// Whether `e` is a write to a pipe whose reader is gone.
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> ExitCode {
     quiet_output_errors();
     // Installed as `kubectl-tower` (a symlink), towerctl is the kubectl
@@ -159,6 +167,9 @@ fn main() -> ExitCode {
     };
     match rt.block_on(commands::run(cli)) {
         Ok(code) => ExitCode::from(code),
+        // Output piped into something that stopped reading (`| head`): a
+        // quiet end, as the print macros get from the panic hook above.
+        Err(e) if !is_daemon && closed_pipe(&e) => ExitCode::from(commands::exit::OK),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(commands::error::exit_code(&e))
