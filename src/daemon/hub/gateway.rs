@@ -416,8 +416,8 @@ async fn open_channel(
     name: &str,
     peer: SocketAddr,
 ) -> Result<Sender, Response<Body>> {
-    let (counted, window) = session.channel_opened(crate::tunnel::flow::API_WINDOW);
-    let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer, window).await.map_err(|e| {
+    let window = session.window(crate::tunnel::flow::API_WINDOW);
+    let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer, window.window).await.map_err(|e| {
         status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"))
     })?;
     let stream = crate::tunnel::counted::Counted::new(
@@ -434,6 +434,7 @@ async fn open_channel(
                 &format!("cluster '{name}': {e}"),
             )
         })?;
+    let counted = session.channel_opened(window);
     hub.tasks.spawn(async move {
         let _counted = counted;
         if let Err(e) = conn.with_upgrades().await {
@@ -774,14 +775,14 @@ pub(super) async fn open_raw(
     let (address, originator) = (target.channel_address(), who.encode());
     // Recorded even if the client goes away while the agent dials.
     let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
-    let (counted, window) = session.channel_opened(crate::tunnel::flow::STREAM_WINDOW);
+    let window = session.window(crate::tunnel::flow::STREAM_WINDOW);
     let open = server::open_as(
         &session.handle,
         &address,
         u32::from(port),
         &originator,
         u32::from(peer.port()),
-        window,
+        window.window,
     );
     // A wedged agent answers nothing until its keepalives give up: bounded.
     // Access withdrawn meanwhile ends the wait (the stream never opens).
@@ -844,7 +845,7 @@ pub(super) async fn open_raw(
         guard,
         start,
         auditor: hub.auditor.clone(),
-        _counted: counted,
+        _counted: session.channel_opened(window),
     })
 }
 

@@ -59,7 +59,8 @@ pub struct HubConfig {
     pub store_prefix: String,
     /// TLS to etcd (`https://` endpoints).
     pub store_tls: super::etcd::StoreTls,
-    /// Ingresses whose `X-Forwarded-For` names the client.
+    /// Ingresses and load balancers whose PROXY protocol header or
+    /// `X-Forwarded-For` names the client (`--trusted-proxy`).
     pub trusted_proxies: super::proxied::TrustedProxies,
 }
 
@@ -203,17 +204,20 @@ impl LiveSession {
         )
     }
 
+    /// The window for a channel about to open, out of
+    /// [`MEMBER_WINDOW_BUDGET`]: at most `full`, at least `MIN_WINDOW`;
+    /// given back when the permit (or the [`OpenChannel`] holding it) is
+    /// dropped.
+    pub fn window(&self, full: u64) -> WindowPermit {
+        self.windows.take(full)
+    }
+
     /// Counts a channel just opened over this session, until the returned
-    /// guard is dropped.
-    /// Counts a stream about to open and takes its window out of
-    /// [`MEMBER_WINDOW_BUDGET`]: at most `full`, at least `MIN_WINDOW`.
-    /// Both are given back when the [`OpenChannel`] is dropped.
-    pub fn channel_opened(self: &Arc<Self>, full: u64) -> (OpenChannel, u64) {
+    /// guard (which also holds the channel's window) is dropped.
+    pub fn channel_opened(self: &Arc<Self>, window: WindowPermit) -> OpenChannel {
         self.streams.fetch_add(1, Ordering::Relaxed);
         self.counters.opened.fetch_add(1, Ordering::Relaxed);
-        let permit = self.windows.take(full);
-        let window = permit.window;
-        (OpenChannel(self.clone(), permit), window)
+        OpenChannel(self.clone(), window)
     }
 
     /// Closes the session from the hub's side, recording why.
