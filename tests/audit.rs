@@ -420,30 +420,27 @@ fn output_that_cannot_be_written_is_an_error_not_a_panic() {
     );
     assert!(!err.contains("panicked"), "{err}");
     // A reader that has gone away.
-    let mut child = env
-        .towerctl_cmd(&["audit"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let into_closed_pipe = |args: &[&str]| {
+        let mut child = env
+            .towerctl_cmd(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = into_closed_pipe(&["audit"]);
+    assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     // The same for output written in one piece (completions, man pages),
     // which used to end with "error: Broken pipe" and exit 1.
-    let mut child = env
-        .towerctl_cmd(&["completion", "bash"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let (code, err) = into_closed_pipe(&["completion", "bash"]);
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.is_empty(), "{err}");
 }

@@ -42,6 +42,38 @@ fn endless_server() -> u16 {
     port
 }
 
+/// Service `default/stream` in the stand-in, its endpoint an
+/// [`endless_server`].
+fn stream_service(api: &ApiServer) {
+    let upstream = endless_server();
+    api.add_service(
+        "default",
+        "stream",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "stream")],
+    );
+    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+}
+
+/// Registers member `alpha` and joins it to the stand-in, with `extra`
+/// flags and `vars` in the agent's environment.
+fn join_alpha(env: &Env, api: &ApiServer, extra: &[&str], vars: &[(&str, &str)]) {
+    let join = env.cluster_add("alpha");
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let mut flags = vec![
+        "--kubeconfig",
+        member_kc.to_str().unwrap(),
+        // The stand-in's endpoints are on loopback: the dial policy needs
+        // a rule naming those addresses.
+        "--allow",
+        "127.0.0.0/8",
+    ];
+    flags.extend_from_slice(extra);
+    let o = env.join_with_env(&join, &flags, vars);
+    assert!(o.ok(), "join failed: {o:?}");
+}
+
 /// Reads exactly `len` bytes starting at stream offset `*at`, checking each
 /// against the pattern.
 fn read_checked(s: &mut TcpStream, at: &mut u64, len: u64) {
@@ -114,14 +146,7 @@ const STALL: Duration = Duration::from_secs(12);
 fn a_stalled_reader_stops_only_its_own_stream() {
     let env = Env::new();
     let api = ApiServer::start();
-    let upstream = endless_server();
-    api.add_service(
-        "default",
-        "stream",
-        &[("data", 80, TargetPort::Name("data"))],
-        &[("app", "stream")],
-    );
-    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    stream_service(&api);
     let (sink, release, verified) = stalling_sink();
     api.add_service(
         "default",
@@ -131,23 +156,7 @@ fn a_stalled_reader_stops_only_its_own_stream() {
     );
     api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink)]);
     env.up();
-    let join = env.cluster_add("alpha");
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join(
-        &join,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--keepalive",
-            "1s",
-            // The stand-in's endpoints are on loopback: the dial policy
-            // needs a rule naming those addresses.
-            "--allow",
-            "127.0.0.0/8",
-        ],
-    );
-    assert!(o.ok(), "join failed: {o:?}");
+    join_alpha(&env, &api, &["--keepalive", "1s"], &[]);
     let o = env.towerctl(&["use", "alpha"]);
     assert!(o.ok(), "use failed: {o:?}");
     // kubectl's discovery (a dozen requests) once before the stall, as on
@@ -219,28 +228,9 @@ fn bulk_throughput_through_a_port_forward() {
         .unwrap_or(8);
     let env = Env::new();
     let api = ApiServer::start();
-    let upstream = endless_server();
-    api.add_service(
-        "default",
-        "stream",
-        &[("data", 80, TargetPort::Name("data"))],
-        &[("app", "stream")],
-    );
-    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    stream_service(&api);
     env.up();
-    let join = env.cluster_add("alpha");
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join(
-        &join,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--allow",
-            "127.0.0.0/8",
-        ],
-    );
-    assert!(o.ok(), "join failed: {o:?}");
+    join_alpha(&env, &api, &[], &[]);
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
     let port = forwarded_port(&pf);
     let mut rates = Vec::new();
@@ -326,30 +316,10 @@ fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
     // stream gets 32 KiB.
     let env = Env::new();
     let api = ApiServer::start();
-    let upstream = endless_server();
-    api.add_service(
-        "default",
-        "stream",
-        &[("data", 80, TargetPort::Name("data"))],
-        &[("app", "stream")],
-    );
-    api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
+    stream_service(&api);
     let budget = [("TOWERCTL_WINDOW_BUDGET", "1")];
     env.up_with_env(&budget);
-    let join = env.cluster_add("alpha");
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join_with_env(
-        &join,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--allow",
-            "127.0.0.0/8",
-        ],
-        &budget,
-    );
-    assert!(o.ok(), "join failed: {o:?}");
+    join_alpha(&env, &api, &[], &budget);
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
     let port = forwarded_port(&pf);
     let hub = env.pid_of("hub").unwrap();

@@ -285,11 +285,14 @@ impl WindowBudget {
     /// when set: less for a small pod's memory limit, more for many bulk
     /// streams at once.
     pub fn from_env(default: u64) -> Arc<WindowBudget> {
-        let total = std::env::var("TOWERCTL_WINDOW_BUDGET")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(default);
-        WindowBudget::new(total)
+        // Read once per process: the hub makes a budget per agent session.
+        static SET: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let set = SET.get_or_init(|| {
+            std::env::var("TOWERCTL_WINDOW_BUDGET")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        });
+        WindowBudget::new(set.unwrap_or(default))
     }
 
     /// A window of at most `full` (at least [`MIN_WINDOW`]).

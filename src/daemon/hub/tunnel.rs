@@ -264,24 +264,25 @@ async fn tunnel_session(
             penalties: penalties.clone(),
             ip: client,
         });
+        // The session's address as shown: behind a proxy, the client's
+        // and the proxy's.
+        let proxied = client != peer.ip().to_canonical();
+        let shown = if proxied {
+            format!("{client} via {peer}")
+        } else {
+            peer.to_string()
+        };
         let sess = server::accept(ssh_cfg, io, auth, penalty, left)
             .await
             .map_err(|e| {
                 let e = anyhow::Error::from(e);
-                if client == peer.ip().to_canonical() {
-                    e
+                if proxied {
+                    e.context(format!("client {shown}"))
                 } else {
-                    e.context(format!("client {client} via {peer}"))
+                    e
                 }
             })?;
         lift();
-        // The session's address as shown: behind a proxy, the client's
-        // and the proxy's.
-        let shown = if client == peer.ip().to_canonical() {
-            peer.to_string()
-        } else {
-            format!("{client} via {peer}")
-        };
         anyhow::Ok((sess, alive, shown))
     };
     let (mut sess, alive, peer) = tokio::select! {
