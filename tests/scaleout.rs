@@ -974,6 +974,55 @@ fn hubs_on_machines_with_the_same_host_name_stay_apart() {
     assert_ne!(ids[0], ids[1]);
 }
 
+/// A hub started from a copy of another hub's data directory (a cloned
+/// machine or volume) brought the first one's `hub.id` along: the two
+/// overwrote each other's record, each took the other's sessions for its
+/// own, and a member held by one could not be reached through the other.
+#[test]
+fn a_hub_started_from_a_copied_data_directory_takes_its_own_id() {
+    let etcd = Etcd::start();
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let from = a.path("data/towerctl");
+    let to = b.path("data");
+    std::fs::create_dir_all(&to).unwrap();
+    let o = support::run_bounded(
+        {
+            let mut c = Command::new("cp");
+            c.arg("-a").arg(&from).arg(&to);
+            c
+        },
+        Duration::from_secs(10),
+    );
+    assert!(o.ok(), "{o:?}");
+    let id_of = |h: &Env| std::fs::read_to_string(h.path("data/towerctl/hub.id")).unwrap();
+    assert_eq!(id_of(&a), id_of(&b), "the copy did not bring hub.id along");
+    hub_up(&b, &etcd);
+    assert_ne!(id_of(&a), id_of(&b), "both hubs kept one id");
+    let log = std::fs::read_to_string(b.path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(
+        log.contains("is in use by another live hub")
+            && log.contains("this data directory was copied"),
+        "the copy did not say why it changed its id: {log}"
+    );
+    let api = ApiServer::start();
+    let member = Env::new();
+    join(&a, &member, "alpha", &api);
+    for hub in [&a, &b] {
+        assert!(hub.towerctl(&["use", "alpha"]).ok());
+        wait_for(
+            "alpha reached through each hub",
+            Duration::from_secs(20),
+            || reaches(hub, "alpha").then_some(()),
+        );
+    }
+    // A restart keeps the id it has now (its own record is not another hub's).
+    let kept = id_of(&b);
+    assert!(b.towerctl(&["down"]).ok());
+    hub_up(&b, &etcd);
+    assert_eq!(id_of(&b), kept, "a restart changed the hub id");
+}
+
 /// A member registered on one hub cannot be registered again on another
 /// whose copy of the registry is behind: the second `cluster add` used to
 /// succeed and overwrite the first, whose printed join token then failed.

@@ -852,15 +852,6 @@ pub async fn run(
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    // With several hubs, each has its own admin.token and so its own admin
-    // row in the shared registry, and its own lease, hub record and owner
-    // keys: told apart by an id made once and kept in the data directory.
-    let hub_id = match shared {
-        Some(_) => shared_hub_id(&data)?,
-        None => "local".to_string(),
-    };
-    local_admin(store.as_ref(), &admin_token, &hub_id, shared.is_none())?;
-
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
@@ -907,6 +898,32 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("https://{}:{}", host_for(gateway_addr), gateway_addr.port()));
 
+    // With several hubs, each has its own admin.token and so its own admin
+    // row in the shared registry, and its own lease, hub record
+    // (`hubs/<id>`: where the others reach it) and owner keys: told apart
+    // by an id made once and kept in the data directory.
+    let (hub_id, info) = match &shared {
+        Some(s) => {
+            let info = peer::HubInfo {
+                tunnel_url: for_other_hosts(
+                    &tunnel_url,
+                    tunnel_addr,
+                    cfg.advertise.is_some(),
+                    "--advertise",
+                ),
+                gateway_url: for_other_hosts(
+                    &gateway_url,
+                    gateway_addr,
+                    cfg.gateway_url.is_some(),
+                    "--gateway-url",
+                ),
+            };
+            (shared_hub_id(&data, s, &info)?, Some(info))
+        }
+        None => ("local".to_string(), None),
+    };
+    local_admin(store.as_ref(), &admin_token, &hub_id, shared.is_none())?;
+
     let hub = Arc::new(Hub::new(
         store,
         super::audit::Auditor::start(paths::state_dir().join("audit.log")),
@@ -932,28 +949,10 @@ pub async fn run(
     hub.reload_operators();
     hub.load_access()?;
     let tracker = hub.tasks.clone();
-    if let Some(shared) = shared {
+    if let (Some(shared), Some(info)) = (shared, info) {
         let id = hub_id;
         let changes = shared.subscribe();
-        let cluster = peer::Cluster::start(
-            shared,
-            id.clone(),
-            peer::HubInfo {
-                tunnel_url: for_other_hosts(
-                    &tunnel_url,
-                    tunnel_addr,
-                    cfg.advertise.is_some(),
-                    "--advertise",
-                ),
-                gateway_url: for_other_hosts(
-                    &base_status.gateway_url,
-                    gateway_addr,
-                    cfg.gateway_url.is_some(),
-                    "--gateway-url",
-                ),
-            },
-            &tls.ca_pem,
-        )?;
+        let cluster = peer::Cluster::start(shared, id.clone(), info, &tls.ca_pem)?;
         let _ = hub.cluster.set(cluster.clone());
         tracing::info!(hub_id = %id, "sharing the registry with other hubs");
         tracker.spawn(peer::run(hub.clone(), cluster, changes, cancel.clone()));
@@ -1096,30 +1095,66 @@ fn replace_host(url: &str, host: &str) -> String {
 /// port: the second hub then removed the first one's admin token as its
 /// own stale one, overwrote its record, and neither forwarded to the other.
 /// It also changed with the port, orphaning the hub's older admin rows.
-fn shared_hub_id(data: &std::path::Path) -> Result<String> {
+///
+/// A data directory copied to start another hub (a cloned VM or volume, a
+/// shared mount) brings the first hub's id along: the two would overwrite
+/// each other's record and each take the other's sessions for its own, so
+/// requests for members held by one fail on the other. A kept id that
+/// another live hub holds (a different record that outlives a lease) is
+/// replaced by a new one.
+fn shared_hub_id(
+    data: &std::path::Path,
+    store: &crate::daemon::store_etcd::EtcdStore,
+    info: &peer::HubInfo,
+) -> Result<String> {
     let path = data.join("hub.id");
+    match kept_hub_id(&path)? {
+        Some(id) => match peer::held_elsewhere(store, &id, info)? {
+            None => Ok(id),
+            Some(other) => {
+                let new = new_hub_id(&path)?;
+                tracing::warn!(
+                    "the hub id '{id}' in '{}' is in use by another live hub (tunnel {:?}, gateway {:?}): this data directory was copied from it; this hub takes the new id '{new}'",
+                    path.display(),
+                    other.tunnel_url,
+                    other.gateway_url,
+                );
+                Ok(new)
+            }
+        },
+        None => new_hub_id(&path),
+    }
+}
+
+/// The id kept in `path`, if it holds a valid one.
+fn kept_hub_id(path: &std::path::Path) -> Result<Option<String>> {
     let valid = |s: &str| {
         !s.is_empty()
             && s.len() <= 90
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     };
-    match std::fs::read_to_string(&path) {
-        Ok(s) if valid(s.trim()) => return Ok(s.trim().to_string()),
-        Ok(_) => tracing::warn!(
-            "'{}' does not hold a hub id; making a new one",
-            path.display()
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot read the hub id '{}'; fix its permissions or remove it",
-                    path.display()
-                )
-            })
+    match std::fs::read_to_string(path) {
+        Ok(s) if valid(s.trim()) => Ok(Some(s.trim().to_string())),
+        Ok(_) => {
+            tracing::warn!(
+                "'{}' does not hold a hub id; making a new one",
+                path.display()
+            );
+            Ok(None)
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot read the hub id '{}'; fix its permissions or remove it",
+                path.display()
+            )
+        }),
     }
+}
+
+/// A new `HOSTNAME-RANDOM` id, kept in `path`.
+fn new_hub_id(path: &std::path::Path) -> Result<String> {
     let host: String = hostname()
         .unwrap_or_else(|| "hub".into())
         .chars()
@@ -1130,7 +1165,7 @@ fn shared_hub_id(data: &std::path::Path) -> Result<String> {
     getrandom::fill(&mut r).map_err(|e| anyhow::anyhow!("no randomness for the hub id: {e}"))?;
     let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
     let id = format!("{}-{hex}", if host.is_empty() { "hub" } else { &host });
-    crate::paths::write_atomic(&path, format!("{id}\n").as_bytes(), 0o600)?;
+    crate::paths::write_atomic(path, format!("{id}\n").as_bytes(), 0o600)?;
     Ok(id)
 }
 

@@ -55,10 +55,48 @@ pub struct Owner {
 }
 
 /// `hubs/<id>`: a live hub.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HubInfo {
     pub tunnel_url: String,
     pub gateway_url: String,
+}
+
+/// The other live hub that holds the id `id`, if one does.
+///
+/// `hubs/<id>` lives under its hub's lease. A record that reads as `ours`
+/// is this hub's own from before a restart (taken over as it is). A
+/// different one is either this hub's from before a restart at other
+/// addresses, which goes within [`LEASE_TTL`] as nothing renews it, or a
+/// live hub started from a copy of this one's data directory, which stays:
+/// wait out one lease to tell them apart (only in this case).
+pub fn held_elsewhere(store: &EtcdStore, id: &str, ours: &HubInfo) -> Result<Option<HubInfo>> {
+    let key = store.key(&format!("hubs/{id}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(LEASE_TTL as u64 + 2);
+    let mut waiting = false;
+    loop {
+        let Some(kv) = store.etcd.get(&key)? else {
+            return Ok(None);
+        };
+        // Unreadable: not a hub this version can forward to, so not ours.
+        let theirs: Option<HubInfo> = serde_json::from_slice(&kv.value).ok();
+        if theirs.as_ref() == Some(ours) {
+            return Ok(None);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(Some(theirs.unwrap_or(HubInfo {
+                tunnel_url: "?".into(),
+                gateway_url: "?".into(),
+            })));
+        }
+        if !waiting {
+            waiting = true;
+            tracing::info!(
+                "another hub record holds this hub's id '{id}'; waiting up to {} s for it to expire (this hub restarted at other addresses) before taking a new id (a copied data directory)",
+                LEASE_TTL + 2
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 pub struct Cluster {
