@@ -14,13 +14,19 @@ use support::{curl_within, run_bounded, wait_for, Env, Streaming};
 
 /// Hub up (once per env), member `name` joined against `api`.
 fn join_member(env: &Env, api: &ApiServer, name: &str, add_flags: &[&str]) {
+    let kc = env.path(&format!("member-{name}.kubeconfig"));
+    api.write_kubeconfig(&kc);
+    join_member_with(env, name, add_flags, &kc);
+}
+
+/// `cluster add NAME ADD_FLAGS`, then the join with the member kubeconfig
+/// `kc`.
+fn join_member_with(env: &Env, name: &str, add_flags: &[&str], kc: &std::path::Path) {
     let mut args = vec!["cluster", "add", name];
     args.extend_from_slice(add_flags);
     let o = env.towerctl(&args);
     assert!(o.ok(), "cluster add: {o:?}");
     let join = support::printed_command(&o.stdout, "join");
-    let kc = env.path(&format!("member-{name}.kubeconfig"));
-    api.write_kubeconfig(&kc);
     let o = env.join(
         &join,
         &[
@@ -209,8 +215,56 @@ fn pair_server() -> std::net::SocketAddr {
 /// read through `kubectl port-forward` must not stall like that.
 #[test]
 fn interactive_streams_through_kubectl_are_not_held_back_by_nagle() {
-    use std::io::{Read, Write};
     let env = Env::new();
+    let api = pair_api();
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    assert_no_nagle_stalls(&env);
+}
+
+/// The same when the agent reaches its API server through the member
+/// kubeconfig's `proxy-url`: that path used kube's own client builder,
+/// which leaves Nagle on.
+#[test]
+fn interactive_streams_through_the_members_proxy_url_are_not_held_back_by_nagle() {
+    let env = Env::new();
+    let api = pair_api();
+    let proxy = support::ConnectProxy::start();
+    let kc = env.path("member-alpha.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let text = std::fs::read_to_string(&kc).unwrap();
+    let server = format!("    server: http://{}\n", api.addr);
+    assert!(text.contains(&server), "{text}");
+    let with_proxy = text.replace(
+        &server,
+        // Credentials percent-encoded in the URL, as kubectl reads them.
+        &format!(
+            "{server}    proxy-url: http://us%40er:p%3Ass@{}\n",
+            proxy.addr
+        ),
+    );
+    std::fs::write(&kc, with_proxy).unwrap();
+    env.up();
+    join_member_with(&env, "alpha", &[], &kc);
+    assert_no_nagle_stalls(&env);
+    let targets = proxy.targets.lock().unwrap().clone();
+    assert!(
+        targets.contains(&api.addr.to_string()),
+        "the agent did not go through the proxy: {targets:?}"
+    );
+    // base64("us@er:p:ss")
+    let auths = proxy.auths.lock().unwrap().clone();
+    assert!(
+        auths
+            .iter()
+            .all(|a| a.as_deref() == Some("Basic dXNAZXI6cDpzcw==")),
+        "the proxy's credentials were not sent as given: {auths:?}"
+    );
+}
+
+/// A stand-in API server with pod `pair-0` whose port 7000 answers "ok"
+/// after every two bytes.
+fn pair_api() -> ApiServer {
     let api = ApiServer::start();
     api.add_pod(
         "default",
@@ -221,8 +275,13 @@ fn interactive_streams_through_kubectl_are_not_held_back_by_nagle() {
         &[("pair", 7000)],
     );
     api.set_portforward_target("default", "pair-0", 7000, pair_server());
-    env.up();
-    join_member(&env, &api, "alpha", &[]);
+    api
+}
+
+/// Write, 2 ms, write, read through `kubectl port-forward` to `pair-0`:
+/// no round may wait for a delayed ACK (in most rounds).
+fn assert_no_nagle_stalls(env: &Env) {
+    use std::io::{Read, Write};
     let o = env.towerctl(&["use", "alpha"]);
     assert!(o.ok(), "{o:?}");
     let pf = Streaming::start(env.kubectl_cmd(&["port-forward", "pod/pair-0", ":7000"]));

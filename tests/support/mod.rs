@@ -377,6 +377,8 @@ impl Drop for Streaming {
 pub struct ConnectProxy {
     pub addr: std::net::SocketAddr,
     pub targets: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Each CONNECT's `Proxy-Authorization` value, in order.
+    pub auths: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
 }
 
 impl ConnectProxy {
@@ -386,10 +388,12 @@ impl ConnectProxy {
         let addr = listener.local_addr().unwrap();
         let targets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let t = targets.clone();
+        let auths = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = auths.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(client) = conn else { return };
-                let t = t.clone();
+                let (t, a) = (t.clone(), a.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(client.try_clone().unwrap());
                     let mut line = String::new();
@@ -397,18 +401,29 @@ impl ConnectProxy {
                         return;
                     }
                     let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mut auth = None;
                     loop {
                         let mut h = String::new();
                         if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
                             break;
                         }
+                        if let Some((name, value)) = h.split_once(':') {
+                            if name.eq_ignore_ascii_case("proxy-authorization") {
+                                auth = Some(value.trim().to_string());
+                            }
+                        }
                     }
                     t.lock().unwrap().push(target.clone());
+                    a.lock().unwrap().push(auth);
                     let mut client_w = client.try_clone().unwrap();
                     let Ok(upstream) = std::net::TcpStream::connect(&target) else {
                         let _ = client_w.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
                         return;
                     };
+                    // As proxies do for interactive traffic (HAProxy, Envoy):
+                    // no small write waits for the peer's delayed ACK.
+                    let _ = client_w.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
                     let _ = client_w.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
                     let mut up_r = upstream.try_clone().unwrap();
                     let mut up_w = upstream;
@@ -423,7 +438,11 @@ impl ConnectProxy {
                 });
             }
         });
-        ConnectProxy { addr, targets }
+        ConnectProxy {
+            addr,
+            targets,
+            auths,
+        }
     }
 }
 

@@ -201,20 +201,16 @@ fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
     (num.is_empty() && total > 0).then(|| std::time::Duration::from_secs(total))
 }
 
-/// The member's API server as the agent forwards requests to it.
+/// The member's API server as the agent forwards requests to it: kube's
+/// middleware (base URI, credentials, extra headers) over the same pooled
+/// hyper client as the agent's kube client, called directly. `kube::Client`
+/// puts a `tower` buffer in front (a worker task and a channel hop for
+/// every request: a tenth of the agent's work per request, measured) and
+/// retries 429, 503 and 504 by itself, copying every request for that; a
+/// proxy leaves retrying to its client (kubectl, client-go), which honours
+/// `Retry-After`.
 #[derive(Clone)]
-pub(super) enum Api {
-    /// kube's middleware (base URI, credentials, extra headers) over the
-    /// same pooled hyper client as the agent's kube client, called
-    /// directly. `kube::Client` puts a `tower` buffer in front (a worker
-    /// task and a channel hop for every request: a tenth of the agent's
-    /// work per request, measured) and retries 429, 503 and 504 by itself,
-    /// copying every request for that; a proxy leaves retrying to its
-    /// client (kubectl, client-go), which honours `Retry-After`.
-    Direct(ApiService),
-    /// Through the kubeconfig's `proxy-url`: kube's own client.
-    Kube(kube::Client),
-}
+pub(super) struct Api(ApiService);
 
 type ApiService = tower::util::BoxCloneSyncService<
     Request<kube::client::Body>,
@@ -226,15 +222,9 @@ impl Api {
     /// Sends `req`; the error is said in words, with its causes.
     async fn send(&self, req: Request<kube::client::Body>) -> Result<Response<Body>, String> {
         use tower::ServiceExt;
-        match self {
-            Api::Direct(svc) => match svc.clone().oneshot(req).await {
-                Ok(r) => Ok(r.map(|b| b.map_err(|e| Box::new(e) as _).boxed_unsync())),
-                Err(e) => Err(with_causes(&*e)),
-            },
-            Api::Kube(client) => match client.send(req).await {
-                Ok(r) => Ok(r.map(|b| b.map_err(|e| Box::new(e) as _).boxed_unsync())),
-                Err(e) => Err(with_causes(&e)),
-            },
+        match self.0.clone().oneshot(req).await {
+            Ok(r) => Ok(r.map(|b| b.map_err(|e| Box::new(e) as _).boxed_unsync())),
+            Err(e) => Err(with_causes(&*e)),
         }
     }
 }
@@ -534,13 +524,7 @@ pub(super) async fn upstream_client(
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
     let url = config.cluster_url.to_string();
-    let built = if config.proxy_url.is_some() {
-        // kube's builder speaks to the proxy (HTTP CONNECT or SOCKS5).
-        kube::Client::try_from(config).map(|c| (c.clone(), Api::Kube(c)))
-    } else {
-        client_without_nagle(config)
-    };
-    let (client, api) = built.context("cannot build the member API client")?;
+    let (client, api) = client_without_nagle(config)?;
     Ok((client, api, url))
 }
 
@@ -550,13 +534,14 @@ pub(super) async fn upstream_client(
 /// second small write then waited for the API server's delayed ACK of the
 /// first, 40 ms each time (measured: 44 ms per write-write-read round
 /// through the gateway, 2 ms direct). So the same stack as kube's builder
-/// (TLS from the kubeconfig, connect and write timeouts, kube's retry on
-/// 429/503/504, the credentials and extra headers), with `TCP_NODELAY` on.
-/// Only for a direct connection; through a proxy, kube's builder is used.
-/// The agent's own API calls go through a `kube::Client` over this stack
-/// (with kube's retry); forwarded requests through [`Api::Direct`], which
-/// shares its connection pool.
-fn client_without_nagle(config: kube::Config) -> kube::Result<(kube::Client, Api)> {
+/// (the kubeconfig's `proxy-url` over HTTP CONNECT, TLS from the
+/// kubeconfig, connect and write timeouts, kube's retry on 429/503/504, the
+/// credentials and extra headers), with `TCP_NODELAY` on. The agent's own
+/// API calls go through a `kube::Client` over this stack (with kube's
+/// retry); forwarded requests through [`Api`], which shares its connection
+/// pool.
+fn client_without_nagle(config: kube::Config) -> Result<(kube::Client, Api)> {
+    use hyper_util::client::legacy::connect::proxy::Tunnel;
     use kube::client::ConfigExt;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
@@ -564,7 +549,72 @@ fn client_without_nagle(config: kube::Config) -> kube::Result<(kube::Client, Api
     // A connection whose peer vanished (no FIN, no RST) is found by the
     // kernel instead of staying in the pool for good.
     http.set_keepalive(Some(std::time::Duration::from_secs(30)));
-    let https = config.rustls_https_connector_with_connector(http)?;
+    let built = match config.proxy_url.clone() {
+        None => over(config, http),
+        Some(proxy) if proxy.scheme_str() == Some("http") => {
+            let tunnel = with_proxy_auth(&proxy, Tunnel::new(proxy.clone(), http));
+            over(config, tunnel)
+        }
+        // As kube does: TLS to the proxy with the kubeconfig's trust.
+        Some(proxy) if proxy.scheme_str() == Some("https") => {
+            let tls = config.rustls_https_connector_with_connector(http);
+            tls.and_then(|tls| over(config, with_proxy_auth(&proxy, Tunnel::new(proxy.clone(), tls))))
+        }
+        Some(proxy) => anyhow::bail!(
+            "the member kubeconfig's proxy-url '{}' is not supported: use an http:// or https:// proxy (HTTP CONNECT)",
+            redact_userinfo(&proxy)
+        ),
+    };
+    built.context("cannot build the member API client")
+}
+
+/// `proxy` without the user and password it may carry.
+fn redact_userinfo(proxy: &http::Uri) -> String {
+    match proxy.authority().map(|a| a.as_str()) {
+        Some(a) if a.contains('@') => {
+            let host = a.rsplit_once('@').map(|(_, h)| h).unwrap_or(a);
+            format!("{}://…@{host}", proxy.scheme_str().unwrap_or(""))
+        }
+        _ => proxy.to_string(),
+    }
+}
+
+/// `Proxy-Authorization: Basic` from the proxy URL's user and password
+/// (percent-decoded, as kube and curl read them).
+fn with_proxy_auth<C>(
+    proxy: &http::Uri,
+    tunnel: hyper_util::client::legacy::connect::proxy::Tunnel<C>,
+) -> hyper_util::client::legacy::connect::proxy::Tunnel<C> {
+    use base64::Engine;
+    let Some((userinfo, _)) = proxy.authority().and_then(|a| a.as_str().rsplit_once('@')) else {
+        return tunnel;
+    };
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(userinfo).collect();
+    let value = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(decoded)
+    );
+    match http::HeaderValue::from_str(&value) {
+        Ok(v) => tunnel.with_auth(v),
+        Err(_) => tunnel,
+    }
+}
+
+/// kube's client stack over `connector`.
+fn over<C>(config: kube::Config, connector: C) -> kube::Result<(kube::Client, Api)>
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper_util::client::legacy::connect::Connection
+        + hyper::rt::Read
+        + hyper::rt::Write
+        + Send
+        + Unpin
+        + 'static,
+    C::Future: Send + 'static,
+    C::Error: std::error::Error + Send + Sync + 'static,
+{
+    use kube::client::ConfigExt;
+    let https = config.rustls_https_connector_with_connector(connector)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
@@ -581,7 +631,7 @@ fn client_without_nagle(config: kube::Config) -> kube::Result<(kube::Client, Api
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(client);
-    let api = Api::Direct(ApiService::new(service.clone()));
+    let api = Api(ApiService::new(service.clone()));
     let client = kube::Client::new(
         tower::ServiceBuilder::new()
             .option_layer(retry)
@@ -666,6 +716,14 @@ async fn read_body(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_proxy_urls_credentials_are_not_shown() {
+        let with = "http://us%40er:secret@proxy.internal:3128".parse().unwrap();
+        assert_eq!(redact_userinfo(&with), "http://…@proxy.internal:3128");
+        let without = "socks5://proxy.internal:1080".parse().unwrap();
+        assert_eq!(redact_userinfo(&without), "socks5://proxy.internal:1080/");
+    }
 
     #[test]
     fn only_requests_that_are_not_long_running_get_an_answer_deadline() {
