@@ -216,6 +216,26 @@ fn a_big_websocket_frame_before_login_is_refused_at_its_header() {
 
 #[test]
 fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents() {
+    flood_both_listeners(&[], HALF_HELLO, ws_upgrade);
+}
+
+/// The same from a `--trusted-proxy` address sending the start of a PROXY
+/// protocol header and nothing more: the gateway used to keep such
+/// connections open after evicting them, past its caps, until the hub ran
+/// out of descriptors.
+#[test]
+fn proxy_headers_held_open_by_a_trusted_proxy_are_held_to_the_same_caps() {
+    flood_both_listeners(&["--trusted-proxy", "127.0.0.1"], b"PROXY ", |_| {
+        b"PROXY ".to_vec()
+    });
+}
+
+/// A hub under 256 descriptors, `extra` flags; 300 connections to its
+/// gateway sending `to_gateway` and 300 to its tunnel sending
+/// `to_tunnel(address)`, all then silent and held: kubectl and a new agent
+/// still work, the hub stays under its limit and closes them all by its
+/// deadlines.
+fn flood_both_listeners(extra: &[&str], to_gateway: &[u8], to_tunnel: fn(&str) -> Vec<u8>) {
     let env = Env::new();
     let api = ApiServer::start();
     // The hub under a small descriptor limit: 256, so that 600 held
@@ -226,8 +246,9 @@ fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents
             let mut c = std::process::Command::new("sh");
             c.arg("-c")
                 .arg(format!(
-                    "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --keepalive 1s --metrics off",
-                    support::TOWERCTL
+                    "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --keepalive 1s --metrics off {}",
+                    support::TOWERCTL,
+                    extra.join(" ")
                 ));
             env.apply_env(&mut c);
             c
@@ -256,8 +277,8 @@ fn connection_floods_neither_exhaust_descriptors_nor_lock_out_kubectl_and_agents
     let gateway = st["hub"]["gatewayAddress"].as_str().unwrap().to_string();
     let tunnel = st["hub"]["tunnelAddress"].as_str().unwrap().to_string();
     let started = Instant::now();
-    let held_tls = flood(&gateway, 300, HALF_HELLO);
-    let held_ws = flood(&tunnel, 300, &ws_upgrade(&tunnel));
+    let held_tls = flood(&gateway, 300, to_gateway);
+    let held_ws = flood(&tunnel, 300, &to_tunnel(&tunnel));
     assert!(
         held_tls.len() + held_ws.len() >= 500,
         "the flood itself failed"

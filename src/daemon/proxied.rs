@@ -145,10 +145,23 @@ enum Header {
 pub async fn read_proxy_header(
     tcp: &mut tokio::net::TcpStream,
 ) -> std::io::Result<Option<std::net::SocketAddr>> {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, Interest};
     let mut buf = vec![0u8; MAX_PROXY_HEADER];
+    let (mut wait, mut closed) = (true, false);
     loop {
-        let n = tcp.peek(&mut buf).await?;
+        if wait {
+            // Bytes unread, new ones, or the peer's FIN.
+            closed = tcp.ready(Interest::READABLE).await?.is_read_closed();
+        }
+        let n = match peek_now(tcp, &mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Woken with nothing to read: forget it and wait again.
+                forget_readable(tcp);
+                wait = true;
+                continue;
+            }
+            r => r?,
+        };
         if n == 0 {
             return Ok(None);
         }
@@ -169,11 +182,51 @@ pub async fn read_proxy_header(
                     "PROXY protocol header too long",
                 ))
             }
-            // The rest of a header comes in the same segment nearly always;
-            // a peek would return at once with the same bytes.
-            Header::Incomplete => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            Header::Incomplete if closed => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the trusted proxy closed the connection inside a PROXY protocol header",
+                ))
+            }
+            Header::Incomplete => {
+                // A peek leaves the bytes, and so the socket's readiness:
+                // waiting again would return at once, a busy loop for as
+                // long as the rest does not come (it used to be). Forget
+                // the readiness, then look once more, as bytes that came in
+                // between would wake nobody; wait only when nothing did.
+                forget_readable(tcp);
+                wait = peek_now(tcp, &mut buf).map_or(true, |m| m <= n);
+            }
         }
     }
+}
+
+/// Peeks at what the socket holds now, without waiting (it is non-blocking).
+fn peek_now(tcp: &tokio::net::TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    #[cfg(test)]
+    tests::PEEKS.with(|p| p.set(p.get() + 1));
+    // SAFETY: `buf` is valid for writes of its length; the descriptor is
+    // open for as long as `tcp` is borrowed.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Clears the socket's read readiness in tokio (never its closed state).
+fn forget_readable(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+    });
 }
 
 fn parse_header(b: &[u8]) -> Result<Header, &'static str> {
@@ -283,6 +336,61 @@ fn parse_entry(s: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Peeks made by `read_proxy_header` on this thread.
+        pub(super) static PEEKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A connected pair on loopback: (the hub's side, the proxy's side).
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        (l.accept().await.unwrap().0, proxy)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_header_that_comes_in_pieces_is_read_whole_without_spinning() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut hub, mut proxy) = pair().await;
+        let line = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 443\r\nGET";
+        let read = tokio::spawn(async move {
+            let client = read_proxy_header(&mut hub).await;
+            let mut rest = [0u8; 3];
+            hub.read_exact(&mut rest).await.unwrap();
+            (client.unwrap(), rest)
+        });
+        PEEKS.with(|p| p.set(0));
+        for piece in [&line[..6], &line[6..20], &line[20..]] {
+            proxy.write_all(piece).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let (client, rest) = read.await.unwrap();
+        assert_eq!(client, Some("192.0.2.7:40000".parse().unwrap()));
+        assert_eq!(&rest, b"GET", "the bytes after the header were not left");
+        // A few peeks per piece, not one every few milliseconds of the
+        // 600 ms it took (the loop used to poll every 5 ms: over 100).
+        let peeks = PEEKS.with(|p| p.get());
+        assert!(peeks <= 12, "{peeks} peeks for a header in three pieces");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_proxy_that_closes_inside_a_header_ends_it_at_once() {
+        use tokio::io::AsyncWriteExt;
+        let (mut hub, mut proxy) = pair().await;
+        proxy.write_all(b"PROXY TCP4 192.0.2.7").await.unwrap();
+        drop(proxy);
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_proxy_header(&mut hub),
+        )
+        .await
+        .expect("still waiting for a header whose sender has gone");
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
 
     fn proxies(nets: &[&str]) -> TrustedProxies {
         TrustedProxies::new(

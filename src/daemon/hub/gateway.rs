@@ -235,14 +235,22 @@ pub async fn serve(
             let mut tcp = tcp;
             let mut client = None;
             if trusted.trusts(peer.ip()) {
+                // Under the same eviction as the handshake: a connection
+                // from a trusted address holding a header open counts
+                // against the caps like any other (it used to be kept to
+                // the deadline after eviction, past the caps).
                 let header = crate::daemon::proxied::read_proxy_header(&mut tcp);
-                match tokio::time::timeout_at(deadline, header).await {
-                    Ok(Ok(c)) => client = c,
-                    Ok(Err(e)) => {
-                        tracing::info!(%peer, "gateway connection refused: {e}");
-                        return;
-                    }
-                    Err(_) => return,
+                tokio::select! {
+                    r = tokio::time::timeout_at(deadline, header) => match r {
+                        Ok(Ok(c)) => client = c,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, "gateway connection refused: {e}");
+                            return;
+                        }
+                        Err(_) => return,
+                    },
+                    _ = evicted.cancelled() => return,
+                    _ = cancel.cancelled() => return,
                 }
             }
             let (peer, peer_text) = match client {
