@@ -639,6 +639,97 @@ fn requests_forwarded_to_another_hub_reuse_their_connection() {
     );
 }
 
+/// This hub's audit records (`towerctl audit -o json`).
+fn audit_records(env: &Env) -> Vec<serde_json::Value> {
+    let o = env.towerctl(&["audit", "-o", "json"]);
+    assert!(o.ok(), "{o:?}");
+    o.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// An exec carried from the hub the operator reached to the hub holding
+/// the member is recorded on the first hub when it ends, with its length
+/// and bytes: it used to be recorded there as ended at once (101, no
+/// bytes) while it ran.
+#[test]
+fn a_stream_forwarded_to_another_hub_is_recorded_when_it_ends() {
+    use std::io::Write as _;
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    join(&hubs[1], &hubs[1], "beta", &api);
+    wait_for(
+        "hub 1 to see beta connected on hub 2",
+        Duration::from_secs(10),
+        || (member(&hubs[0].status(), "beta")["state"] == "connected").then_some(()),
+    );
+    assert!(hubs[0].towerctl(&["use", "beta"]).ok());
+    let mut cmd = hubs[0].kubectl_cmd(&["exec", "-i", "web-0", "--", "cat"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut exec = cmd.spawn().unwrap();
+    let mut stdin = exec.stdin.take().unwrap();
+    stdin.write_all(b"through two hubs\n").unwrap();
+    let mut out = exec.stdout.take().unwrap();
+    let mut line = [0u8; 17];
+    out.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"through two hubs\n");
+    let is_exec = |r: &serde_json::Value| r["path"].as_str().unwrap_or("").contains("/exec");
+    wait_for("the exec's start record", Duration::from_secs(10), || {
+        audit_records(&hubs[0])
+            .into_iter()
+            .find(|r| is_exec(r) && r["phase"] == "start")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let ended: Vec<_> = audit_records(&hubs[0])
+        .into_iter()
+        .filter(|r| is_exec(r) && r["phase"] == "end")
+        .collect();
+    assert!(
+        ended.is_empty(),
+        "recorded as ended while it runs: {ended:?}"
+    );
+    drop(stdin);
+    let status = exec.wait().unwrap();
+    assert!(status.success(), "kubectl exec: {status:?}");
+    let end = wait_for("the exec's end record", Duration::from_secs(10), || {
+        audit_records(&hubs[0])
+            .into_iter()
+            .find(|r| is_exec(r) && r["phase"] == "end")
+    });
+    assert_eq!(end["status"], 101, "{end}");
+    assert_eq!(end["operator"], "admin", "{end}");
+    assert!(end["duration_ms"].as_u64().unwrap_or(0) >= 1500, "{end}");
+    assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
+
+    // A client sending the hubs' forwarding marker is not carried to the
+    // other hub (no loop), and is told why rather than "not connected".
+    let token = std::fs::read_to_string(hubs[0].path("data/towerctl/admin.token")).unwrap();
+    let url = hubs[0].status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(hubs[0].path("data/towerctl/ca.crt"))
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            "-H",
+            "x-towerctl-forwarded-by: someone",
+            &format!("{url}/clusters/beta/version"),
+        ]);
+    let o = support::run_bounded(curl, Duration::from_secs(20));
+    assert!(
+        o.stdout.contains("is connected to hub") && o.stdout.contains("x-towerctl-forwarded-by"),
+        "{o:?}"
+    );
+}
+
 /// etcd over TLS with client certificates (`--client-cert-auth`): two hubs
 /// share the registry through it; a hub without a client certificate, or
 /// trusting another CA, or presenting a certificate from another CA, does

@@ -974,8 +974,13 @@ async fn proxy(
     crate::daemon::http::append_forwarded_for(req.headers_mut(), forwarded);
     let Some(session) = hub.session(&name) else {
         // Held by another hub: carried there.
-        if let Ok(resp) = super::peer::forward(hub, &name, &upstream_path, req).await {
-            return resp;
+        let held = (guard, end);
+        let req = match super::peer::forward(hub, &name, &upstream_path, req, held).await {
+            Ok(resp) => return resp,
+            Err((req, _)) => req,
+        };
+        if let Some(msg) = super::peer::not_forwarded_again(hub, &name, req.headers()) {
+            return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
         }
         let (code, reason, msg) = no_session(hub, &name);
         return status_response(code, reason, &msg);

@@ -31,11 +31,13 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Hub, LiveSession};
+use crate::daemon::audit::EndRecord;
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body,
-    KeptConns,
+    Guarded, KeptConns,
 };
 use crate::daemon::store_etcd::{Change, EtcdStore};
+use crate::daemon::streams::StreamGuard;
 
 /// The claims' revision after a failed write (retried by the next reconcile).
 const CLAIM_FAILED: i64 = -1;
@@ -583,17 +585,25 @@ fn unreachable_owner(name: &str, o: &Owner, e: &str) -> String {
 }
 
 /// Gateway hook: a request for a member held by another hub, carried there.
+///
+/// `held` is this hub's hold on the request: its stream registration (cut
+/// here too when the operator's access is withdrawn, whatever the owner
+/// does) and, for an upgrade, its end record, written when the spliced
+/// stream ends with the bytes that crossed (it used to be written at once,
+/// as 101 with no bytes). Both come back with the request when it cannot
+/// be forwarded.
 pub(super) async fn forward(
     hub: &Hub,
     name: &str,
     upstream_path: &str,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, Request<Incoming>> {
+    held: Held,
+) -> Result<Response<Body>, (Request<Incoming>, Held)> {
     let Some(c) = hub.cluster.get() else {
-        return Err(req);
+        return Err((req, held));
     };
     let Some(owner) = c.route(name, req.headers()) else {
-        return Err(req);
+        return Err((req, held));
     };
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -673,22 +683,58 @@ pub(super) async fn forward(
     if !upgrade {
         c.keep(&owner.peer, sender);
     }
-    // The owner registers the stream and cuts it when access is revoked;
-    // this splice ends with it.
-    finish_upgrade(
-        &hub.tasks,
-        client_upgrade,
-        &mut resp,
-        CancellationToken::new(),
-        (),
-        None,
-    );
+    // The owner registers the stream too and cuts it when access is
+    // revoked there; this hub's registration cuts it when revoked here.
+    let (guard, end) = held;
+    if let Some(end) = &end {
+        end.set_status(resp.status().as_u16());
+    }
+    let stop = guard.cut.clone();
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let bytes = end.as_ref().map(|e| e.count_bytes());
+        finish_upgrade(
+            &hub.tasks,
+            client_upgrade,
+            &mut resp,
+            stop,
+            (guard, end),
+            bytes,
+        );
+        let (parts, body) = resp.into_parts();
+        return Ok(Response::from_parts(
+            parts,
+            body.map_err(|e| Box::new(e) as _).boxed_unsync(),
+        ));
+    }
     let (parts, body) = resp.into_parts();
+    let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
     Ok(Response::from_parts(
         parts,
-        body.map_err(|e| Box::new(e) as _).boxed_unsync(),
+        Guarded::new(body, Some(stop), (guard, end)).boxed_unsync(),
     ))
 }
+
+/// Why a request for a member held by another hub was not carried there
+/// because it came marked as carried already: sent by a client with the
+/// marker (which would otherwise read "not connected"), or by a hub whose
+/// view was behind while the session moved.
+pub(super) fn not_forwarded_again(
+    hub: &Hub,
+    name: &str,
+    headers: &http::HeaderMap,
+) -> Option<String> {
+    let c = hub.cluster.get()?;
+    let (owner, _) = c.owner(name).filter(|(o, _)| o.hub != c.id)?;
+    headers.contains_key(FORWARDED_HEADER).then(|| {
+        format!(
+            "cluster '{name}' is connected to hub '{}', and this request carries {FORWARDED_HEADER} (it was carried between hubs already), so it is not carried again: retry it (without that header, which only hubs send)",
+            owner.hub
+        )
+    })
+}
+
+/// What the gateway holds for a request while it is carried to its owner.
+pub(super) type Held = (StreamGuard, Option<Arc<EndRecord>>);
 
 /// Gateway hook: a CONNECT for a member held by another hub, carried there
 /// as a CONNECT with the same token, then spliced.
