@@ -576,6 +576,11 @@ fn behind_a_load_balancer_speaking_the_proxy_protocol_clients_keep_their_address
         Duration::from_secs(20),
     ));
     assert_ne!(guess, sshflood::Login::Accepted);
+    // The hub logs the refused login with its client when the connection
+    // ends; russh's session task lives on `rt` and is polled only inside
+    // `block_on`, so the guess's socket closes when the runtime goes
+    // (otherwise only at the hub's 15 s login deadline, past the wait).
+    drop(rt);
     let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
     wait_for(
         "the guess in the hub's log",
