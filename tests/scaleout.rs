@@ -652,14 +652,27 @@ fn audit_records(env: &Env) -> Vec<serde_json::Value> {
 /// An exec carried from the hub the operator reached to the hub holding
 /// the member is recorded on the first hub when it ends, with its length
 /// and bytes: it used to be recorded there as ended at once (101, no
-/// bytes) while it ran.
+/// bytes) while it ran. A CONNECT carried the same way used to leave no
+/// record at all on the first hub.
 #[test]
-fn a_stream_forwarded_to_another_hub_is_recorded_when_it_ends() {
+fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     use std::io::Write as _;
     let etcd = Etcd::start();
     let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
-    join(&hubs[1], &hubs[1], "beta", &api);
+    let printed = hubs[1].cluster_add("beta");
+    let kc = hubs[1].path("beta.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = hubs[1].join(
+        &printed,
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
+    assert!(o.ok(), "join beta: {o:?}");
     wait_for(
         "hub 1 to see beta connected on hub 2",
         Duration::from_secs(10),
@@ -705,14 +718,47 @@ fn a_stream_forwarded_to_another_hub_is_recorded_when_it_ends() {
     assert!(end["duration_ms"].as_u64().unwrap_or(0) >= 1500, "{end}");
     assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
 
-    // A client sending the hubs' forwarding marker is not carried to the
-    // other hub (no loop), and is told why rather than "not connected".
     let token = std::fs::read_to_string(hubs[0].path("data/towerctl/admin.token")).unwrap();
     let url = hubs[0].status()["hub"]["gatewayURL"]
         .as_str()
         .unwrap()
         .trim_end_matches('/')
         .to_string();
+
+    // A CONNECT carried to the other hub is recorded here too, start and
+    // end (it was not recorded here at all).
+    let web = support::http_server("through two hubs");
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--max-time", "10", "--proxy", &url, "--proxy-cacert"])
+        .arg(hubs[0].path("data/towerctl/ca.crt"))
+        .args([
+            "--proxy-header",
+            &format!("Proxy-Authorization: Bearer {}", token.trim()),
+            "-p",
+            &format!("http://127.0.0.1.beta:{}/", web.port()),
+        ]);
+    let o = support::run_bounded(curl, Duration::from_secs(20));
+    assert!(o.stdout.contains("through two hubs"), "{o:?}");
+    let is_connect = |r: &serde_json::Value| r["verb"] == "connect";
+    wait_for(
+        "the CONNECT's start record",
+        Duration::from_secs(10),
+        || {
+            audit_records(&hubs[0])
+                .into_iter()
+                .find(|r| is_connect(r) && r["phase"] == "start")
+        },
+    );
+    let end = wait_for("the CONNECT's end record", Duration::from_secs(10), || {
+        audit_records(&hubs[0])
+            .into_iter()
+            .find(|r| is_connect(r) && r["phase"] == "end")
+    });
+    assert_eq!(end["operator"], "admin", "{end}");
+    assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
+
+    // A client sending the hubs' forwarding marker is not carried to the
+    // other hub (no loop), and is told why rather than "not connected".
     let mut curl = Command::new("curl");
     curl.args(["-sS", "--max-time", "10", "--cacert"])
         .arg(hubs[0].path("data/towerctl/ca.crt"))

@@ -252,16 +252,20 @@ async fn carry(
             Ok(())
         }
         Err(RawRefusal::Answer(_, msg)) => Err(msg),
-        Err(RawRefusal::Elsewhere) => {
-            let mut up =
+        Err(RawRefusal::Elsewhere(held)) => {
+            let up =
                 super::peer::connect_via_owner(hub, &d.cluster, &d.authority, d.token.expose())
-                    .await?;
-            let mut conn = conn;
-            tokio::select! {
-                _ = crate::tunnel::splice(&mut conn, &mut up) => {}
-                _ = done.cancelled() => {}
+                    .await;
+            match up {
+                Ok(up) => {
+                    held.splice(conn, up, done).await;
+                    Ok(())
+                }
+                Err(e) => {
+                    held.finish(Some(http::StatusCode::BAD_GATEWAY));
+                    Err(e)
+                }
             }
-            Ok(())
         }
     }
 }

@@ -647,12 +647,15 @@ async fn connect(
     let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown).await {
         Ok(raw) => raw,
         Err(RawRefusal::Answer(code, msg)) => return text_response(code, &msg),
-        Err(RawRefusal::Elsewhere) => {
+        Err(RawRefusal::Elsewhere(held)) => {
             // Held by another hub: carried there.
-            if let Ok(resp) = super::peer::forward_connect(&hub, &cluster, req).await {
-                return resp;
-            }
+            let held = match super::peer::forward_connect(&hub, &cluster, req, *held, active).await
+            {
+                Ok(resp) => return resp,
+                Err(held) => held,
+            };
             let (code, _, msg) = no_session(&hub, &cluster);
+            held.finish(Some(code));
             return text_response(code, &msg);
         }
     };
@@ -689,8 +692,52 @@ pub(super) fn connect_target(
 pub(super) enum RawRefusal {
     /// The answer for the client: a status and a message naming the cause.
     Answer(StatusCode, String),
-    /// The member's session is on another hub (or on none).
-    Elsewhere,
+    /// The member's session is on another hub (or on none): what this hub
+    /// holds for the stream while it is carried there.
+    Elsewhere(Box<Carried>),
+}
+
+/// A raw stream carried to the hub that holds its member: registered and
+/// audited here as well (the owner does the same), so that revoking
+/// access on this hub cuts it and this hub's log has its start and end.
+pub(super) struct Carried {
+    record: Record,
+    guard: crate::daemon::streams::StreamGuard,
+    start: std::time::Instant,
+    auditor: crate::daemon::audit::Auditor,
+}
+
+impl Carried {
+    /// Carries bytes between `client` and the owner's `upstream` until
+    /// either side ends, the operator loses access or `stop`; audits it.
+    pub(super) async fn splice<A, B>(mut self, client: A, mut upstream: B, stop: CancellationToken)
+    where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        self.auditor.record_start(&self.record);
+        self.record.phase = Some("end".into());
+        let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut client = crate::tunnel::counted::Counted::new(client, rd.clone(), wr.clone());
+        tokio::select! {
+            _ = crate::tunnel::splice(&mut client, &mut upstream) => {}
+            _ = self.guard.cut.cancelled() => {
+                tracing::info!(cluster = %self.record.cluster, operator = %self.record.operator, "a raw stream was cut: access revoked");
+            }
+            _ = stop.cancelled() => {}
+        }
+        self.record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
+        self.finish(None);
+    }
+
+    /// Audits a stream that ended (or never opened: `status`).
+    pub(super) fn finish(mut self, status: Option<StatusCode>) {
+        if let Some(s) = status {
+            self.record.status = s.as_u16();
+        }
+        self.record.duration_ms = self.start.elapsed().as_millis() as u64;
+        self.auditor.record(self.record);
+    }
 }
 
 /// A raw stream to a target in a member: authorized for its operator,
@@ -761,7 +808,12 @@ pub(super) async fn open_raw(
         return Err(RawRefusal::Answer(code, msg));
     };
     let Some(session) = hub.session(cluster) else {
-        return Err(RawRefusal::Elsewhere);
+        return Err(RawRefusal::Elsewhere(Box::new(Carried {
+            record,
+            guard,
+            start: std::time::Instant::now(),
+            auditor: hub.auditor.clone(),
+        })));
     };
     if let Err(msg) = impersonation_agrees(&session) {
         hub.dial_failures.add(DialFailure::AgentError);

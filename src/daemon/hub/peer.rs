@@ -738,27 +738,42 @@ pub(super) type Held = (StreamGuard, Option<Arc<EndRecord>>);
 
 /// Gateway hook: a CONNECT for a member held by another hub, carried there
 /// as a CONNECT with the same token, then spliced.
+///
+/// `held` keeps the stream registered and audited on this hub while it
+/// runs (it used to be neither: no record here, and only the owner's
+/// revocation cut it); `active` keeps a multiplexed client connection from
+/// counting as idle. `held` comes back when there is no owner to carry to.
 pub(super) async fn forward_connect(
     hub: &Hub,
     name: &str,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Request<Incoming>> {
+    held: super::gateway::Carried,
+    active: Arc<()>,
+) -> Result<Response<Body>, super::gateway::Carried> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .or_else(|| req.headers().get(header::PROXY_AUTHORIZATION))
         .cloned();
     let resp = match connect_owner(hub, name, req.uri(), auth, req.headers()).await {
-        None => return Err(req),
-        Some(Err(resp)) => return Ok(resp),
+        None => return Err(held),
+        Some(Err(resp)) => {
+            held.finish(Some(resp.status()));
+            return Ok(resp);
+        }
         Some(Ok(resp)) => resp,
     };
     hub.tasks.spawn(async move {
+        let _active = active;
         match tokio::try_join!(hyper::upgrade::on(req), hyper::upgrade::on(resp)) {
             Ok((a, b)) => {
-                let _ = crate::tunnel::splice(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                held.splice(TokioIo::new(a), TokioIo::new(b), CancellationToken::new())
+                    .await;
             }
-            Err(e) => tracing::debug!("forwarded CONNECT failed: {e}"),
+            Err(e) => {
+                tracing::debug!("forwarded CONNECT failed: {e}");
+                held.finish(Some(StatusCode::BAD_GATEWAY));
+            }
         }
     });
     Ok(Response::new(full(Default::default())))
