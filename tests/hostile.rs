@@ -230,6 +230,74 @@ fn proxy_headers_held_open_by_a_trusted_proxy_are_held_to_the_same_caps() {
     });
 }
 
+/// Behind a load balancer speaking the PROXY protocol, the caps on
+/// unauthenticated connections count each client it names, not the
+/// balancer: one client's flood evicts its own oldest connections, never
+/// another client's handshake (all of them used to count as the
+/// balancer's, so the flood pushed out everyone's).
+#[test]
+fn behind_a_trusted_balancer_one_clients_flood_evicts_only_its_own_connections() {
+    let env = Env::new();
+    let o = support::run_bounded(
+        {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c").arg(format!(
+                "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metrics off --trusted-proxy 127.0.0.1",
+                support::TOWERCTL
+            ));
+            env.apply_env(&mut c);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(o.ok(), "{o:?}");
+    let st = env.status();
+    for listener in ["gatewayAddress", "tunnelAddress"] {
+        let addr = st["hub"][listener].as_str().unwrap().to_string();
+        let header = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 40000 443\r\n");
+        // One client's connection, its handshake not finished yet.
+        let mut other = TcpStream::connect(&addr).unwrap();
+        other.write_all(header("192.0.2.2").as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Another client's flood through the same balancer: 100 held
+        // connections, past the per-source cap (32 under 256 descriptors).
+        let flood_ = flood(&addr, 100, header("192.0.2.1").as_bytes());
+        assert!(flood_.len() >= 90, "the flood itself failed");
+        std::thread::sleep(Duration::from_millis(500));
+        other
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match other.read(&mut buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            r => panic!("{listener}: the other client's connection was closed by the flood: {r:?}"),
+        }
+        // The flood itself was held to the cap: most of it was closed.
+        let closed = flood_
+            .into_iter()
+            .filter(|mut s| {
+                s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                match s.read(&mut [0u8; 16]) {
+                    Ok(n) => n == 0,
+                    Err(e) => !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                }
+            })
+            .count();
+        assert!(
+            closed >= 60,
+            "{listener}: only {closed} of the flood's connections were closed"
+        );
+    }
+    let _ = env.towerctl(&["down"]);
+}
+
 /// A hub under 256 descriptors, `extra` flags; 300 connections to its
 /// gateway sending `to_gateway` and 300 to its tunnel sending
 /// `to_tunnel(address)`, all then silent and held: kubectl and a new agent

@@ -7,8 +7,9 @@
 //! process's file-descriptor limit, so half-open or silent connections can
 //! never starve the listeners of descriptors.
 //!
-//! Past a cap, the *oldest* unauthenticated connection (of the same source
-//! when the per-source cap is hit) is closed to make room. Refusing the new
+//! Past a cap, the *oldest* unauthenticated connection of the same source
+//! (the per-source cap) or of the source holding the most (the total cap)
+//! is closed to make room. Refusing the new
 //! one instead would hand the listener to whoever holds the most idle
 //! sockets: an attacker who opens connections and says nothing would lock
 //! out every new kubectl and agent until the deadlines expire, while a
@@ -64,9 +65,41 @@ pub struct Admission {
 pub struct Ticket {
     adm: Arc<Admission>,
     id: u64,
-    source: IpAddr,
     /// Fires when the connection must close to make room for a newer one.
     pub evicted: CancellationToken,
+}
+
+impl Ticket {
+    /// The connection turned out to be some client's behind a trusted
+    /// proxy (a PROXY protocol header, `X-Forwarded-For` on the tunnel's
+    /// upgrade): it counts as that client's from now on, so the per-source
+    /// cap (and eviction, that source's oldest first) falls on each client
+    /// behind a load balancer rather than on all of them together.
+    pub fn rekey(&self, source: IpAddr) {
+        let adm = &self.adm;
+        let mut st = adm.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = st.open.get(&self.id).map(|(ip, _)| *ip) else {
+            return; // evicted already
+        };
+        if old == source {
+            return;
+        }
+        Admission::forget(&mut st, old);
+        if st.per_source.get(&source).copied().unwrap_or(0) >= adm.caps.per_source {
+            let victim = st
+                .open
+                .iter()
+                .find(|(id, (ip, _))| *ip == source && **id != self.id)
+                .map(|(id, _)| *id);
+            if let Some(v) = victim {
+                adm.evict(&mut st, v);
+            }
+        }
+        if let Some(entry) = st.open.get_mut(&self.id) {
+            entry.0 = source;
+        }
+        *st.per_source.entry(source).or_insert(0) += 1;
+    }
 }
 
 impl Admission {
@@ -89,25 +122,24 @@ impl Admission {
                 .find(|(_, (ip, _))| *ip == source)
                 .map(|(id, _)| *id)
         } else if st.open.len() >= self.caps.total {
-            st.open.keys().next().copied()
+            // The oldest of the source holding the most: a flood (from one
+            // address, or one client behind a trusted balancer) gives up
+            // its own connections before anyone else's.
+            let busiest = st
+                .per_source
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(ip, _)| *ip);
+            st.open
+                .iter()
+                .find(|(_, (ip, _))| Some(*ip) == busiest)
+                .or_else(|| st.open.iter().next())
+                .map(|(id, _)| *id)
         } else {
             None
         };
         if let Some(v) = victim {
-            if let Some((ip, token)) = st.open.remove(&v) {
-                token.cancel();
-                Self::forget(&mut st, ip);
-                st.evicted += 1;
-                if st.evicted.is_power_of_two() {
-                    tracing::warn!(
-                        "{}: {} unauthenticated connections closed to make room so far (caps: {} in total, {} per source)",
-                        self.what,
-                        st.evicted,
-                        self.caps.total,
-                        self.caps.per_source
-                    );
-                }
-            }
+            self.evict(&mut st, v);
         }
         let id = st.next;
         st.next += 1;
@@ -117,8 +149,26 @@ impl Admission {
         Ticket {
             adm: self.clone(),
             id,
-            source,
             evicted,
+        }
+    }
+
+    /// Closes unauthenticated connection `id` to make room.
+    fn evict(&self, st: &mut State, id: u64) {
+        let Some((ip, token)) = st.open.remove(&id) else {
+            return;
+        };
+        token.cancel();
+        Self::forget(st, ip);
+        st.evicted += 1;
+        if st.evicted.is_power_of_two() {
+            tracing::warn!(
+                "{}: {} unauthenticated connections closed to make room so far (caps: {} in total, {} per source)",
+                self.what,
+                st.evicted,
+                self.caps.total,
+                self.caps.per_source
+            );
         }
     }
 
@@ -145,8 +195,8 @@ impl Admission {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut st = self.adm.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.open.remove(&self.id).is_some() {
-            Admission::forget(&mut st, self.source);
+        if let Some((ip, _)) = st.open.remove(&self.id) {
+            Admission::forget(&mut st, ip);
         }
     }
 }
@@ -203,15 +253,58 @@ mod tests {
         assert!(a1.evicted.is_cancelled());
         assert!(!b1.evicted.is_cancelled() && !a2.evicted.is_cancelled());
         assert_eq!(adm.open(), 3);
-        // Total cap: the oldest overall goes.
+        // Total cap: the oldest of the source holding the most goes
+        // (10.0.0.1's a2), not the oldest overall (b1).
         let _c1 = adm.admit(ip("10.0.0.3"));
         let _d1 = adm.admit(ip("10.0.0.4"));
-        assert!(b1.evicted.is_cancelled());
+        assert!(a2.evicted.is_cancelled());
+        assert!(!b1.evicted.is_cancelled() && !a3.evicted.is_cancelled());
         assert_eq!(adm.open(), 4);
         // Authenticating (dropping the ticket) frees the place.
         drop(a3);
         drop(a1);
         assert_eq!(adm.open(), 3);
+    }
+
+    #[test]
+    fn a_connection_rekeyed_to_its_client_counts_as_that_clients() {
+        let adm = Admission::new(
+            "test",
+            Caps {
+                total: 8,
+                per_source: 2,
+            },
+        );
+        let lb = ip("10.0.0.9");
+        // Two clients behind one balancer: its cap would hold only two.
+        let a1 = adm.admit(lb);
+        a1.rekey(ip("192.0.2.1"));
+        let b1 = adm.admit(lb);
+        b1.rekey(ip("192.0.2.2"));
+        let a2 = adm.admit(lb);
+        a2.rekey(ip("192.0.2.1"));
+        let b2 = adm.admit(lb);
+        b2.rekey(ip("192.0.2.2"));
+        assert_eq!(adm.open(), 4);
+        assert!([&a1, &b1, &a2, &b2]
+            .iter()
+            .all(|t| !t.evicted.is_cancelled()));
+        // A third from 192.0.2.1 pushes out that client's oldest, not the
+        // other client's (nor itself).
+        let a3 = adm.admit(lb);
+        a3.rekey(ip("192.0.2.1"));
+        assert!(a1.evicted.is_cancelled());
+        assert!(!a2.evicted.is_cancelled() && !a3.evicted.is_cancelled());
+        assert!(!b1.evicted.is_cancelled() && !b2.evicted.is_cancelled());
+        assert_eq!(adm.open(), 4);
+        // Rekeying an evicted ticket, or to its own source, changes nothing;
+        // dropping them all frees every place.
+        a1.rekey(ip("192.0.2.3"));
+        a2.rekey(ip("192.0.2.1"));
+        assert_eq!(adm.open(), 4);
+        drop((a1, a2, a3, b1, b2));
+        assert_eq!(adm.open(), 0);
+        assert!(adm.state.lock().unwrap().per_source.is_empty());
     }
 
     #[test]

@@ -242,7 +242,12 @@ pub async fn serve(
                 let header = crate::daemon::proxied::read_proxy_header(&mut tcp);
                 tokio::select! {
                     r = tokio::time::timeout_at(deadline, header) => match r {
-                        Ok(Ok(c)) => client = c,
+                        Ok(Ok(c)) => {
+                            client = c;
+                            if let Some(c) = c {
+                                ticket.rekey(c.ip().to_canonical());
+                            }
+                        }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, "gateway connection refused: {e}");
                             return;

@@ -221,10 +221,13 @@ async fn tunnel_session(
         // header, if it is trusted to; an HTTP ingress in X-Forwarded-For
         // (below).
         let mut tcp = tcp;
-        let from = if trusted.trusts(peer.ip()) {
-            crate::daemon::proxied::read_proxy_header(&mut tcp)
+        let proxied = trusted.trusts(peer.ip());
+        let from = if proxied {
+            let from = crate::daemon::proxied::read_proxy_header(&mut tcp)
                 .await?
-                .unwrap_or(peer)
+                .unwrap_or(peer);
+            ticket.rekey(from.ip().to_canonical());
+            from
         } else {
             peer
         };
@@ -256,6 +259,9 @@ async fn tunnel_session(
         )
         .await
         .context("WebSocket handshake failed")?;
+        if proxied {
+            ticket.rekey(client);
+        }
         let io = tunnel::ws::WsIo::new(ws);
         let alive = io.liveness();
         let auth: Arc<dyn server::Authenticator> = hub.clone();
