@@ -70,9 +70,21 @@ fn kubectl_reaches_the_member_through_the_tunnel() {
     assert!(o.ok(), "{o:?}");
     assert_eq!(o.stdout.trim(), "hi", "{o:?}");
 
-    // A forged identity never reaches the member; the operator's token
-    // neither. The agent's own token is what the member sees.
+    // A claimed identity is refused with the reason, and never reaches the
+    // member; the operator's token neither. The agent's own token is what
+    // the member sees.
+    let before = api.requests().len();
     let o = env.kubectl(&["get", "ns", "--as", "root", "--as-group", "system:masters"]);
+    assert!(
+        !o.ok() && o.stderr.contains("is not carried through towerctl"),
+        "{o:?}"
+    );
+    assert_eq!(
+        api.requests().len(),
+        before,
+        "a refused request reached the member"
+    );
+    let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
     let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
     let reqs = api.requests();
@@ -788,8 +800,13 @@ fn impersonation_lets_the_member_rbac_decide() {
         Some("system:masters"),
         "{last:?}"
     );
-    // A forged identity is replaced, never passed on.
+    // A claimed identity is refused, never passed on.
     let o = env.kubectl(&["get", "ns", "--as", "root"]);
+    assert!(
+        !o.ok() && o.stderr.contains("is not carried through towerctl"),
+        "{o:?}"
+    );
+    let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
     let last = api.requests().into_iter().last().unwrap();
     assert_eq!(last.header("impersonate-user"), Some("admin"), "{last:?}");

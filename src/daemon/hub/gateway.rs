@@ -573,6 +573,27 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         });
         return status_response(code, reason, &msg);
     };
+    // `kubectl --as`: who a request acts as is the hub's to say (the
+    // operator, or its impersonation on the member), never a client's. It
+    // is refused, not dropped: dropped, `--as readonly delete …` would run
+    // as the operator itself, with rights the operator meant not to use.
+    if let Some(h) = req
+        .headers()
+        .keys()
+        .find(|k| k.as_str().starts_with("impersonate-"))
+    {
+        let msg = format!(
+            "'{h}' (kubectl --as, --as-group, --as-uid) is not carried through towerctl: requests to cluster '{name}' act as operator '{}' as the hub maps it; send the request without it",
+            operator.name
+        );
+        hub.auditor.record(Record {
+            status: 403,
+            error: Some(format!("refused client impersonation ({h})")),
+            ..record
+        });
+        drop(guard);
+        return status_response(StatusCode::FORBIDDEN, "Forbidden", &msg);
+    }
     if let Some(msg) = hub.over_stream_limit(&operator, &name) {
         hub.auditor.record(Record {
             status: 503,
