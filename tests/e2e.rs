@@ -7,7 +7,9 @@ mod support;
 use std::time::Duration;
 
 use support::apiserver::{ApiServer, TOKEN};
-use support::{curl_within, forwarded_port, wait_for, Env, Streaming};
+use support::{
+    curl_within, forwarded_port, http_get, metric, metrics_addr, wait_for, Env, Streaming,
+};
 
 /// Hub up, member `alpha` joined against `api`, kubeconfig context in use.
 fn connected(env: &Env, api: &ApiServer, extra: &[&str]) -> Vec<String> {
@@ -945,43 +947,6 @@ fn status_json_has_a_stable_shape() {
         o.ok() && o.stdout.contains("apiVersion: towerctl/v1"),
         "{o:?}"
     );
-}
-
-/// GET http://ADDR/PATH with a plain TCP client.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The hub's metrics address (`HOST:PORT`), as `towerctl up` prints it for
-/// a running hub.
-fn metrics_addr(env: &Env) -> String {
-    let o = env.towerctl(&["up"]);
-    o.stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("metrics:"))
-        .unwrap_or_else(|| panic!("no metrics address: {o:?}"))
-        .trim()
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string()
-}
-
-/// The value of the metric line that starts with `series` (name and labels).
-fn metric(addr: &str, series: &str) -> u64 {
-    let page = http_get(addr, "/metrics");
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{page}"))
 }
 
 #[test]

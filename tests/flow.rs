@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::apiserver::{ApiServer, TargetPort};
-use support::{forwarded_port, wait_for, Env, Streaming};
+use support::{forwarded_port, metric, metrics_addr, wait_for, Env, Streaming};
 
 /// Byte `n` of the endless stream: a pattern that catches a lost, repeated
 /// or reordered byte anywhere.
@@ -359,4 +359,78 @@ fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
         read_checked(c, at, 4 << 20);
     }
     read_checked(&mut first, &mut first_at, 4 << 20);
+}
+
+/// One operator's stalled streams take at most its share of the member's
+/// window budget: another operator's new stream still gets a full window.
+/// The budget used to be shared first come, first served, so one
+/// operator's stalled port-forward connections left everyone else's new
+/// streams with 32 KiB windows (a bulk transfer over a 50 ms link: 640 KB/s).
+#[test]
+fn one_operators_stalled_streams_leave_the_others_full_windows() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    stream_service(&api);
+    // 8 MiB for the member: two full raw windows, an operator's share one.
+    let budget = [("TOWERCTL_WINDOW_BUDGET", "8388608")];
+    let mut up = env.towerctl_cmd(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    up.envs(budget);
+    let o = support::run_bounded(up, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    join_alpha(&env, &api, &[], &[]);
+    let metrics = metrics_addr(&env);
+    let windows = || {
+        metric(
+            &metrics,
+            "towerctl_tunnel_stream_windows_bytes{cluster=\"alpha\"}",
+        )
+    };
+
+    // The admin's port-forward: six connections read a little, then stall.
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut at = 0u64;
+        read_checked(&mut c, &mut at, 64 << 10);
+        stalled.push(c);
+    }
+
+    // Another operator's port-forward from its own machine.
+    let o = env.towerctl(&["operator", "add", "bob", "--group", "web"]);
+    assert!(o.ok(), "{o:?}");
+    let login = support::printed_command(&o.stdout, "login");
+    let o = env.towerctl(&["access", "allow", "group:web", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let laptop = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    let bobs =
+        Streaming::start(laptop.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let bob_port = forwarded_port(&bobs);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = windows();
+    let mut c = TcpStream::connect(("127.0.0.1", bob_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut at = 0u64;
+    read_checked(&mut c, &mut at, 64 << 10);
+    let grown = windows().saturating_sub(before);
+    assert!(
+        grown >= 1 << 20,
+        "bob's stream got a {grown}-byte window past the admin's stalled streams (held before: {before})"
+    );
+    // Its data all arrives, in order.
+    read_checked(&mut c, &mut at, 4 << 20);
+    drop((stalled, pf, bobs));
 }

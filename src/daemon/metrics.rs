@@ -216,7 +216,7 @@ pub fn render(snap: &Snapshot) -> String {
         stats,
         "towerctl_tunnel_stream_windows_bytes",
         "gauge",
-        "What the open channels may have in flight towards the hub together (their windows): the most the hub buffers for them if their clients stop reading. Held to 128 MiB per member, past which new channels get 32 KiB.",
+        "What the open channels may have in flight towards the hub together (their windows): the most the hub buffers for them if their clients stop reading. Held to 128 MiB per member and half of that per operator, past which new channels get 32 KiB.",
         |c| c.windows,
     );
     per_cluster(&mut o, stats, "towerctl_tunnel_streams_opened_total", "counter", "Tunnel channels opened since the hub started: API requests on a new channel, CONNECTs and port-forwarded connections.", |c| c.opened);

@@ -267,9 +267,11 @@ pub struct WindowBudget {
     held: std::sync::atomic::AtomicU64,
 }
 
-/// A stream's window out of a [`WindowBudget`].
+/// A stream's window out of a [`WindowBudget`] (and, taken with
+/// [`WindowBudget::take_within`], out of a share of it too).
 pub struct WindowPermit {
     budget: Arc<WindowBudget>,
+    share: Option<Arc<WindowBudget>>,
     pub window: u64,
 }
 
@@ -297,6 +299,32 @@ impl WindowBudget {
 
     /// A window of at most `full` (at least [`MIN_WINDOW`]).
     pub fn take(self: &Arc<Self>, full: u64) -> WindowPermit {
+        WindowPermit {
+            budget: self.clone(),
+            share: None,
+            window: self.reserve(full),
+        }
+    }
+
+    /// A window of at most `full` (at least [`MIN_WINDOW`]) out of this
+    /// budget and out of `share`, a smaller budget of one party (an
+    /// operator's part of a member's): what is left of both.
+    pub fn take_within(self: &Arc<Self>, share: &Arc<WindowBudget>, full: u64) -> WindowPermit {
+        use std::sync::atomic::Ordering::Relaxed;
+        let within = share.reserve(full);
+        let window = self.reserve(within);
+        // The whole budget had less left than the share: give the rest back.
+        share.held.fetch_sub(within - window, Relaxed);
+        WindowPermit {
+            budget: self.clone(),
+            share: Some(share.clone()),
+            window,
+        }
+    }
+
+    /// Counts a window of at most `full` (at least [`MIN_WINDOW`]) as held
+    /// and returns it.
+    fn reserve(&self, full: u64) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
         let mut window = MIN_WINDOW;
         let _ = self.held.fetch_update(Relaxed, Relaxed, |held| {
@@ -306,10 +334,12 @@ impl WindowBudget {
                 .clamp(MIN_WINDOW, full.max(MIN_WINDOW));
             Some(held + window)
         });
-        WindowPermit {
-            budget: self.clone(),
-            window,
-        }
+        window
+    }
+
+    /// The budget's total.
+    pub fn total(&self) -> u64 {
+        self.total
     }
 
     /// The windows held now, together.
@@ -320,9 +350,11 @@ impl WindowBudget {
 
 impl Drop for WindowPermit {
     fn drop(&mut self) {
-        self.budget
-            .held
-            .fetch_sub(self.window, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.budget.held.fetch_sub(self.window, Relaxed);
+        if let Some(share) = &self.share {
+            share.held.fetch_sub(self.window, Relaxed);
+        }
     }
 }
 
@@ -584,5 +616,32 @@ mod tests {
         assert_eq!(raw.window, 3 * API_WINDOW - MIN_WINDOW);
         drop((small, raw));
         assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn a_share_holds_one_party_to_its_part_of_the_budget() {
+        let member = WindowBudget::new(4 * STREAM_WINDOW);
+        let (a, b) = (
+            WindowBudget::new(2 * STREAM_WINDOW),
+            WindowBudget::new(2 * STREAM_WINDOW),
+        );
+        // One party's stalled streams: two full windows, then the smallest.
+        let mine: Vec<_> = (0..5)
+            .map(|_| member.take_within(&a, STREAM_WINDOW))
+            .collect();
+        let sizes: Vec<u64> = mine.iter().map(|p| p.window).collect();
+        assert_eq!(sizes[..2], [STREAM_WINDOW, STREAM_WINDOW]);
+        assert!(sizes[2..].iter().all(|w| *w == MIN_WINDOW), "{sizes:?}");
+        // The other party still gets what is left of the whole, up to its
+        // share: a full window.
+        let theirs = member.take_within(&b, STREAM_WINDOW);
+        assert_eq!(theirs.window, STREAM_WINDOW);
+        // Less left in the whole than in the share: the share gets back
+        // what the whole could not give.
+        let more = member.take_within(&b, STREAM_WINDOW);
+        assert_eq!(more.window, STREAM_WINDOW - 3 * MIN_WINDOW);
+        assert_eq!(b.held(), theirs.window + more.window);
+        drop((mine, theirs, more));
+        assert_eq!((member.held(), a.held(), b.held()), (0, 0, 0));
     }
 }

@@ -681,3 +681,40 @@ pub fn gateway_get_with(hub: &Env, token: &str, path: &str, headers: &[&str]) ->
     let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", ""));
     (code.to_string(), body.to_string())
 }
+
+/// GET http://ADDR/PATH with a plain TCP client.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The hub's metrics address (`HOST:PORT`), as `towerctl up` prints it for
+/// a running hub.
+pub fn metrics_addr(env: &Env) -> String {
+    let o = env.towerctl(&["up"]);
+    o.stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("metrics:"))
+        .unwrap_or_else(|| panic!("no metrics address: {o:?}"))
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string()
+}
+
+/// The value of the metric line that starts with `series` (name and labels).
+pub fn metric(addr: &str, series: &str) -> u64 {
+    let page = http_get(addr, "/metrics");
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{page}"))
+}

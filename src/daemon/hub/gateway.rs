@@ -426,10 +426,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 async fn open_channel(
     hub: &Hub,
     session: &Arc<LiveSession>,
-    name: &str,
+    (name, operator): (&str, &str),
     peer: SocketAddr,
 ) -> Result<Sender, Response<Body>> {
-    let window = session.window(crate::tunnel::flow::API_WINDOW);
+    let window = session.window(operator, crate::tunnel::flow::API_WINDOW);
     let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer, window.window).await.map_err(|e| {
         status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"))
     })?;
@@ -861,7 +861,7 @@ pub(super) async fn open_raw(
     let (address, originator) = (target.channel_address(), who.encode());
     // Recorded even if the client goes away while the agent dials.
     let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
-    let window = session.window(crate::tunnel::flow::STREAM_WINDOW);
+    let window = session.window(&operator.name, crate::tunnel::flow::STREAM_WINDOW);
     let open = server::open_as(
         &session.handle,
         &address,
@@ -1120,7 +1120,7 @@ async fn proxy(
         let was_reused = reused.is_some();
         let mut sender = match reused {
             Some(s) => s,
-            None => match open_channel(hub, &session, &name, peer).await {
+            None => match open_channel(hub, &session, (&name, &operator.name), peer).await {
                 Ok(s) => s,
                 Err(resp) => {
                     hub.dial_failures.add(DialFailure::ChannelRefused);
@@ -1135,7 +1135,8 @@ async fn proxy(
                 // went out: safe to send it again on a fresh one, whatever
                 // its method.
                 (true, Some(up_req)) => {
-                    sender = match open_channel(hub, &session, &name, peer).await {
+                    sender = match open_channel(hub, &session, (&name, &operator.name), peer).await
+                    {
                         Ok(s) => s,
                         Err(resp) => {
                             hub.dial_failures.add(DialFailure::ChannelRefused);

@@ -86,6 +86,8 @@ pub struct LiveSession {
     /// The windows the open channels asked the agent for
     /// ([`MEMBER_WINDOW_BUDGET`]).
     pub windows: Arc<WindowBudget>,
+    /// Each operator's share of `windows` ([`OPERATOR_WINDOW_SHARE`]).
+    pub shares: std::sync::Mutex<HashMap<String, Arc<WindowBudget>>>,
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
@@ -194,6 +196,12 @@ impl Drop for OpenChannel {
 /// reader never reads held 1–4 GiB of the hub.
 pub const MEMBER_WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 
+/// One operator's windows to one member are at most this fraction of the
+/// member's budget: an operator whose streams stall (or who opens many
+/// bulk streams) leaves the rest to everyone else's new streams, which
+/// used to get the smallest windows once one operator had taken it all.
+pub const OPERATOR_WINDOW_SHARE: u64 = 2;
+
 impl LiveSession {
     /// Bytes in and out over this session (since it connected).
     pub fn session_bytes(&self) -> (u64, u64) {
@@ -204,12 +212,22 @@ impl LiveSession {
         )
     }
 
-    /// The window for a channel about to open, out of
-    /// [`MEMBER_WINDOW_BUDGET`]: at most `full`, at least `MIN_WINDOW`;
+    /// The window for a channel `operator` is about to open, out of
+    /// [`MEMBER_WINDOW_BUDGET`] and out of the operator's share of it
+    /// ([`OPERATOR_WINDOW_SHARE`]): at most `full`, at least `MIN_WINDOW`;
     /// given back when the permit (or the [`OpenChannel`] holding it) is
     /// dropped.
-    pub fn window(&self, full: u64) -> WindowPermit {
-        self.windows.take(full)
+    pub fn window(&self, operator: &str, full: u64) -> WindowPermit {
+        let share = {
+            let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+            // Operators with no stream open left nothing to keep.
+            shares.retain(|_, s| s.held() > 0);
+            shares
+                .entry(operator.to_string())
+                .or_insert_with(|| WindowBudget::new(self.windows.total() / OPERATOR_WINDOW_SHARE))
+                .clone()
+        };
+        self.windows.take_within(&share, full)
     }
 
     /// Counts a channel just opened over this session, until the returned

@@ -319,6 +319,7 @@ async fn tunnel_session(
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET),
+        shares: Default::default(),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
         bytes_at_start: counters.bytes(),
         counters,
