@@ -373,18 +373,7 @@ fn one_operators_stalled_streams_leave_the_others_full_windows() {
     stream_service(&api);
     // 8 MiB for the member: two full raw windows, an operator's share one.
     let budget = [("TOWERCTL_WINDOW_BUDGET", "8388608")];
-    let mut up = env.towerctl_cmd(&[
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    up.envs(budget);
-    let o = support::run_bounded(up, Duration::from_secs(60));
-    assert!(o.ok(), "{o:?}");
+    env.up_with_env_metrics(&budget, "127.0.0.1:0");
     join_alpha(&env, &api, &[], &[]);
     let metrics = metrics_addr(&env);
     let windows = || {

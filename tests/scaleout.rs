@@ -244,13 +244,17 @@ fn assert_watch_never_broke(hubs: &[Env]) {
 
 /// `cluster add` on `hub`, then the printed command run in `member`.
 fn join(hub: &Env, member: &Env, name: &str, api: &ApiServer) -> Vec<String> {
+    join_with(hub, member, name, api, &[])
+}
+
+/// [`join`] with more flags for the agent.
+fn join_with(hub: &Env, member: &Env, name: &str, api: &ApiServer, extra: &[&str]) -> Vec<String> {
     let join = hub.cluster_add(name);
     let kc = member.path(&format!("{name}.kubeconfig"));
     api.write_kubeconfig(&kc);
-    let o = member.join(
-        &join,
-        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
-    );
+    let mut flags = vec!["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"];
+    flags.extend_from_slice(extra);
+    let o = member.join(&join, &flags);
     assert!(
         o.ok() && o.stdout.contains("the tunnel is up"),
         "join {name}: {o:?}"
@@ -263,6 +267,23 @@ fn member<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
         .as_array()
         .and_then(|a| a.iter().find(|c| c["name"] == name))
         .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Member `alpha` joined to hub `a` (its stand-in API server and machine
+/// returned, to keep them up), then reached with kubectl through each hub.
+fn alpha_on_a_reached_through_both(a: &Env, b: &Env) -> (ApiServer, Env) {
+    let api = ApiServer::start();
+    let member = Env::new();
+    join(a, &member, "alpha", &api);
+    for hub in [a, b] {
+        assert!(hub.towerctl(&["use", "alpha"]).ok());
+        wait_for(
+            "alpha reached through each hub",
+            Duration::from_secs(20),
+            || reaches(hub, "alpha").then_some(()),
+        );
+    }
+    (api, member)
 }
 
 fn reaches(env: &Env, name: &str) -> bool {
@@ -639,6 +660,19 @@ fn requests_forwarded_to_another_hub_reuse_their_connection() {
     );
 }
 
+/// Waits for this hub's audit record matching `f` and `phase`.
+fn wait_audit(env: &Env, phase: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    wait_for(
+        &format!("a {phase} record"),
+        Duration::from_secs(10),
+        || {
+            audit_records(env)
+                .into_iter()
+                .find(|r| f(r) && r["phase"] == phase)
+        },
+    )
+}
+
 /// This hub's audit records (`towerctl audit -o json`).
 fn audit_records(env: &Env) -> Vec<serde_json::Value> {
     let o = env.towerctl(&["audit", "-o", "json"]);
@@ -660,19 +694,13 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     let etcd = Etcd::start();
     let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
-    let printed = hubs[1].cluster_add("beta");
-    let kc = hubs[1].path("beta.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let o = hubs[1].join(
-        &printed,
-        &[
-            "--kubeconfig",
-            kc.to_str().unwrap(),
-            "--allow",
-            "127.0.0.0/8",
-        ],
+    join_with(
+        &hubs[1],
+        &hubs[1],
+        "beta",
+        &api,
+        &["--allow", "127.0.0.0/8"],
     );
-    assert!(o.ok(), "join beta: {o:?}");
     wait_for(
         "hub 1 to see beta connected on hub 2",
         Duration::from_secs(10),
@@ -691,11 +719,7 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     out.read_exact(&mut line).unwrap();
     assert_eq!(&line, b"through two hubs\n");
     let is_exec = |r: &serde_json::Value| r["path"].as_str().unwrap_or("").contains("/exec");
-    wait_for("the exec's start record", Duration::from_secs(10), || {
-        audit_records(&hubs[0])
-            .into_iter()
-            .find(|r| is_exec(r) && r["phase"] == "start")
-    });
+    wait_audit(&hubs[0], "start", is_exec);
     std::thread::sleep(Duration::from_millis(1500));
     let ended: Vec<_> = audit_records(&hubs[0])
         .into_iter()
@@ -708,11 +732,7 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     drop(stdin);
     let status = exec.wait().unwrap();
     assert!(status.success(), "kubectl exec: {status:?}");
-    let end = wait_for("the exec's end record", Duration::from_secs(10), || {
-        audit_records(&hubs[0])
-            .into_iter()
-            .find(|r| is_exec(r) && r["phase"] == "end")
-    });
+    let end = wait_audit(&hubs[0], "end", is_exec);
     assert_eq!(end["status"], 101, "{end}");
     assert_eq!(end["operator"], "admin", "{end}");
     assert!(end["duration_ms"].as_u64().unwrap_or(0) >= 1500, "{end}");
@@ -740,20 +760,8 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     let o = support::run_bounded(curl, Duration::from_secs(20));
     assert!(o.stdout.contains("through two hubs"), "{o:?}");
     let is_connect = |r: &serde_json::Value| r["verb"] == "connect";
-    wait_for(
-        "the CONNECT's start record",
-        Duration::from_secs(10),
-        || {
-            audit_records(&hubs[0])
-                .into_iter()
-                .find(|r| is_connect(r) && r["phase"] == "start")
-        },
-    );
-    let end = wait_for("the CONNECT's end record", Duration::from_secs(10), || {
-        audit_records(&hubs[0])
-            .into_iter()
-            .find(|r| is_connect(r) && r["phase"] == "end")
-    });
+    wait_audit(&hubs[0], "start", is_connect);
+    let end = wait_audit(&hubs[0], "end", is_connect);
     assert_eq!(end["operator"], "admin", "{end}");
     assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
 
@@ -1093,17 +1101,7 @@ fn hubs_on_machines_with_the_same_host_name_stay_apart() {
         ]);
         assert!(o.ok(), "{o:?}");
     }
-    let api = ApiServer::start();
-    let member = Env::new();
-    join(&a, &member, "alpha", &api);
-    for hub in [&a, &b] {
-        assert!(hub.towerctl(&["use", "alpha"]).ok());
-        wait_for(
-            "alpha reached through each hub",
-            Duration::from_secs(20),
-            || reaches(hub, "alpha").then_some(()),
-        );
-    }
+    let _api = alpha_on_a_reached_through_both(&a, &b);
     let ids: Vec<String> = [&a, &b]
         .iter()
         .map(|h| std::fs::read_to_string(h.path("data/towerctl/hub.id")).unwrap())
@@ -1142,17 +1140,7 @@ fn a_hub_started_from_a_copied_data_directory_takes_its_own_id() {
             && log.contains("this data directory was copied"),
         "the copy did not say why it changed its id: {log}"
     );
-    let api = ApiServer::start();
-    let member = Env::new();
-    join(&a, &member, "alpha", &api);
-    for hub in [&a, &b] {
-        assert!(hub.towerctl(&["use", "alpha"]).ok());
-        wait_for(
-            "alpha reached through each hub",
-            Duration::from_secs(20),
-            || reaches(hub, "alpha").then_some(()),
-        );
-    }
+    let _api = alpha_on_a_reached_through_both(&a, &b);
     // A restart keeps the id it has now (its own record is not another hub's).
     let kept = id_of(&b);
     assert!(b.towerctl(&["down"]).ok());

@@ -199,6 +199,11 @@ impl Env {
     /// `towerctl up` on loopback ephemeral ports, metrics off, with extra
     /// environment variables (limits read by the hub at start).
     pub fn up_with_env(&self, vars: &[(&str, &str)]) -> Out {
+        self.up_with_env_metrics(vars, "off")
+    }
+
+    /// [`Env::up_with_env`] with metrics on `metrics` (an address or `off`).
+    pub fn up_with_env_metrics(&self, vars: &[(&str, &str)], metrics: &str) -> Out {
         let mut c = self.towerctl_cmd(&[
             "up",
             "--listen",
@@ -206,7 +211,7 @@ impl Env {
             "--gateway",
             "127.0.0.1:0",
             "--metrics",
-            "off",
+            metrics,
         ]);
         c.envs(vars.iter().copied());
         let o = run_bounded(c, Duration::from_secs(60));

@@ -1156,7 +1156,7 @@ async fn proxy(
     // The stream was registered before access was decided (`Hub::admit`):
     // access withdrawn while the member has not answered yet ends the
     // request here, and an answer never opens a stream for it.
-    let (mut resp, sender) = tokio::select! {
+    let (resp, sender) = tokio::select! {
         r = exchange => match r {
             Ok(r) => r,
             Err(resp) => return resp,
@@ -1169,11 +1169,26 @@ async fn proxy(
     if !upgrade {
         slot.put(name.clone(), &session, sender);
     }
-    // Every stream is registered under its operator and member, so that
-    // revoking access cuts it at once, whatever it is (watch, logs -f,
-    // exec, port-forward).
+    held_response(hub, client_upgrade, resp, (guard, end))
+}
+
+/// The member's answer for the client, holding the request's stream
+/// registration (and an upgrade's end record) for as long as it lasts:
+/// every stream is registered under its operator and member, so that
+/// revoking access cuts it at once, whatever it is (watch, logs -f, exec,
+/// port-forward). Shared by answers from the agent and from another hub.
+pub(super) fn held_response<B>(
+    hub: &Hub,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut resp: Response<B>,
+    (guard, end): super::peer::Held,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let stop = guard.cut.clone();
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let stop = guard.cut.clone();
         let bytes = end.as_ref().map(|e| e.count_bytes());
         finish_upgrade(
             &hub.tasks,
@@ -1188,6 +1203,8 @@ async fn proxy(
     }
     let (parts, body) = resp.into_parts();
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
-    let stop = guard.cut.clone();
-    Response::from_parts(parts, Guarded::new(body, Some(stop), guard).boxed_unsync())
+    Response::from_parts(
+        parts,
+        Guarded::new(body, Some(stop), (guard, end)).boxed_unsync(),
+    )
 }

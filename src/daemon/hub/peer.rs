@@ -33,8 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Hub, LiveSession};
 use crate::daemon::audit::EndRecord;
 use crate::daemon::http::{
-    finish_upgrade, full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body,
-    Guarded, KeptConns,
+    full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body, KeptConns,
 };
 use crate::daemon::store_etcd::{Change, EtcdStore};
 use crate::daemon::streams::StreamGuard;
@@ -658,7 +657,7 @@ pub(super) async fn forward(
         },
     };
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
-    let mut resp = match sender
+    let resp = match sender
         .try_send_request(Request::from_parts(parts, body))
         .await
     {
@@ -685,32 +684,14 @@ pub(super) async fn forward(
     }
     // The owner registers the stream too and cuts it when access is
     // revoked there; this hub's registration cuts it when revoked here.
-    let (guard, end) = held;
-    if let Some(end) = &end {
+    if let Some(end) = &held.1 {
         end.set_status(resp.status().as_u16());
     }
-    let stop = guard.cut.clone();
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let bytes = end.as_ref().map(|e| e.count_bytes());
-        finish_upgrade(
-            &hub.tasks,
-            client_upgrade,
-            &mut resp,
-            stop,
-            (guard, end),
-            bytes,
-        );
-        let (parts, body) = resp.into_parts();
-        return Ok(Response::from_parts(
-            parts,
-            body.map_err(|e| Box::new(e) as _).boxed_unsync(),
-        ));
-    }
-    let (parts, body) = resp.into_parts();
-    let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
-    Ok(Response::from_parts(
-        parts,
-        Guarded::new(body, Some(stop), (guard, end)).boxed_unsync(),
+    Ok(super::gateway::held_response(
+        hub,
+        client_upgrade,
+        resp,
+        held,
     ))
 }
 
