@@ -230,6 +230,70 @@ fn proxy_headers_held_open_by_a_trusted_proxy_are_held_to_the_same_caps() {
     });
 }
 
+/// An agent's key holder opening thousands of channels the hub refuses
+/// (names of kilobytes each) used to get one warning line each: the hub's
+/// whole log (four files of 10 MiB) rotated away in seconds, taking the
+/// record of what happened before with it. Now a few a minute are logged,
+/// each name cut short, and then one line says the rest are not.
+#[test]
+fn an_agent_opening_refused_channels_cannot_flood_the_hub_log() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    env.kill9("agent-alpha");
+    let key = env.path("config/towerctl/agents/alpha.key");
+    let tunnel: std::net::SocketAddr = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    let before = log().len();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = "x".repeat(16 * 1024);
+    let refused = rt.block_on(async {
+        let h = sshflood::login_with_key(tunnel, "alpha", &key)
+            .await
+            .expect("the agent's key logs in");
+        let mut refused = 0;
+        for i in 0..300 {
+            let target = format!("{name}{i}");
+            if h.channel_open_direct_tcpip(target, 80, "127.0.0.1", 0)
+                .await
+                .is_err()
+            {
+                refused += 1;
+            }
+        }
+        refused
+    });
+    drop(rt);
+    assert_eq!(refused, 300, "the hub opened channels it should refuse");
+    let grown = log().len() - before;
+    let added = log()[before..].to_string();
+    let lines = added
+        .lines()
+        .filter(|l| l.contains("refused an agent-opened channel"))
+        .count();
+    assert!(
+        (1..=10).contains(&lines) && added.contains("the rest are not logged"),
+        "{lines} refusal lines: {}",
+        &added[..added.len().min(4000)]
+    );
+    assert!(
+        grown < 64 * 1024,
+        "300 refusals grew the hub log by {grown} bytes"
+    );
+}
+
 /// Behind a load balancer speaking the PROXY protocol, the caps on
 /// unauthenticated connections count each client it names, not the
 /// balancer: one client's flood evicts its own oldest connections, never

@@ -69,10 +69,7 @@ impl RawAnswer {
         match self {
             RawAnswer::Ok => "OK\n".to_string(),
             RawAnswer::Err(code, msg) => {
-                let mut m: String = msg
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .collect();
+                let mut m = crate::tunnel::printable(msg, MAX_LINE);
                 let room = MAX_LINE - 32;
                 if m.len() > room {
                     let mut cut = room;
@@ -92,7 +89,12 @@ impl RawAnswer {
         }
         let rest = line.strip_prefix("ERR ").unwrap_or(line);
         let (code, msg) = rest.split_once(' ').unwrap_or(("dial_failed", rest));
-        RawAnswer::Err(DialCode::parse(code), msg.to_string())
+        // The agent's words reach operators' terminals (the gateway's
+        // answer, `towerctl port-forward`'s error): never its escapes.
+        RawAnswer::Err(
+            DialCode::parse(code),
+            crate::tunnel::printable(msg, MAX_LINE),
+        )
     }
 
     pub async fn write<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
@@ -199,6 +201,26 @@ mod tests {
         assert_eq!(
             RawAnswer::parse("ERR what else"),
             RawAnswer::Err(DialCode::DialFailed, "else".into())
+        );
+    }
+
+    #[test]
+    fn an_agents_words_reach_the_hub_without_escapes() {
+        // A title-set sequence, colours, a carriage return that would write
+        // over the line, a right-to-left override and a zero-width space.
+        let hostile = "ERR denied \u{1b}]0;PWNED\u{7}\u{1b}[31mno\rFAKE: granted\u{202e}x\u{200b}y";
+        let RawAnswer::Err(code, msg) = RawAnswer::parse(hostile) else {
+            panic!("not an error");
+        };
+        assert_eq!(code, DialCode::Denied);
+        assert!(
+            msg.chars()
+                .all(|c| !c.is_control() && !('\u{2000}'..='\u{206f}').contains(&c)),
+            "{msg:?}"
+        );
+        assert!(
+            msg.contains("FAKE: granted") && msg.contains("PWNED"),
+            "{msg:?}"
         );
     }
 

@@ -126,6 +126,13 @@ struct State {
 }
 
 impl State {
+    /// What this side may send now: a window past what the peer consumed.
+    fn credit(&self) -> u64 {
+        self.peer_consumed
+            .saturating_add(self.window)
+            .saturating_sub(self.sent)
+    }
+
     fn wake_all(&mut self) {
         for w in [
             self.read_waker.take(),
@@ -397,7 +404,9 @@ fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
                 let v = u64::from_be_bytes(v);
                 match f[0] {
                     KIND_CREDIT if v > st.peer_consumed => {
-                        st.peer_consumed = v;
+                        // Never more than was sent: a peer claiming more
+                        // (up to u64::MAX) would open an endless window.
+                        st.peer_consumed = v.min(st.sent);
                         if let Some(w) = st.write_waker.take() {
                             w.wake();
                         }
@@ -546,7 +555,7 @@ impl AsyncWrite for FlowStream {
             if st.closed {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
-            let credit = (st.peer_consumed + st.window).saturating_sub(st.sent);
+            let credit = st.credit();
             if credit == 0 {
                 st.write_waker = Some(cx.waker().clone());
                 return Poll::Pending;
@@ -616,6 +625,35 @@ mod tests {
         assert_eq!(raw.window, 3 * API_WINDOW - MIN_WINDOW);
         drop((small, raw));
         assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn a_peer_cannot_claim_more_consumed_than_was_sent() {
+        let s = Shared {
+            state: Mutex::new(State {
+                window: API_WINDOW,
+                own_window: API_WINDOW,
+                sent: 1000,
+                ..State::default()
+            }),
+            control: Notify::new(),
+        };
+        let frame = |kind: u8, v: u64| {
+            let mut f = vec![kind];
+            f.extend_from_slice(&v.to_be_bytes());
+            ChannelMsg::ExtendedData {
+                data: bytes::Bytes::from(f),
+                ext: CONTROL_EXT,
+            }
+        };
+        assert!(on_message(&s, frame(KIND_CREDIT, u64::MAX)));
+        assert!(on_message(&s, frame(KIND_WINDOW, u64::MAX)));
+        let st = s.lock();
+        // What the writer may send next: one window past what was sent,
+        // computed without overflowing (it used to panic, or wrap).
+        assert_eq!(st.peer_consumed, 1000);
+        assert_eq!(st.window, API_WINDOW);
+        assert_eq!(st.credit(), API_WINDOW);
     }
 
     #[test]

@@ -183,6 +183,34 @@ pub fn escape_for_log(s: &str, max: usize) -> String {
     out
 }
 
+/// `s` as text that is safe on a terminal and in one line, at most `max`
+/// characters: control characters (escape sequences, carriage returns,
+/// newlines) and the invisible formatting ones (bidirectional overrides,
+/// zero-width characters, line and paragraph separators, the BOM, tag
+/// characters) become spaces. For what a peer says that the hub shows
+/// operators as words (an agent's dial error, its farewell).
+pub fn printable(s: &str, max: usize) -> String {
+    s.chars()
+        .take(max)
+        .map(|c| {
+            if c.is_control() || is_invisible(c) {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Unicode format characters and separators that change how the text
+/// around them shows without showing themselves.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+        | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+        | '\u{FFF9}'..='\u{FFFB}' | '\u{E0000}'..='\u{E007F}')
+}
+
 pub use ws::Liveness;
 
 /// Waits for the answer to one keepalive (`answer`: `true` when it came,

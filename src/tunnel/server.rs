@@ -95,7 +95,15 @@ pub struct HubHandler {
     /// Why the agent said it is closing the session, if it did.
     farewell: Arc<Mutex<Option<String>>>,
     penalty: Arc<dyn Penalty>,
+    /// Channels this agent opened that were refused or failed, and since
+    /// when they are counted: logged up to [`NOTED_PER_MINUTE`] a minute.
+    noted: (std::time::Instant, u32),
 }
+
+/// Most refused agent-opened channels logged per session and minute: an
+/// agent's key holder opening thousands (each name up to 256 KB) rotated
+/// the hub's whole log away in seconds.
+const NOTED_PER_MINUTE: u32 = 10;
 
 impl russh::server::Handler for HubHandler {
     type Error = russh::Error;
@@ -175,7 +183,9 @@ impl russh::server::Handler for HubHandler {
         }
         let cluster = self.cluster.clone().unwrap_or_default();
         let Some(target) = self.auth.exposed(&cluster, host_to_connect) else {
-            tracing::warn!(%cluster, name = host_to_connect, "refused an agent-opened channel to something not exposed to it");
+            if self.note() {
+                tracing::warn!(%cluster, name = %super::escape_for_log(host_to_connect, 100), "refused an agent-opened channel to something not exposed to it");
+            }
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -197,7 +207,9 @@ impl russh::server::Handler for HubHandler {
                 });
             }
             _ => {
-                tracing::warn!(%cluster, name = host_to_connect, "cannot reach exposed target {target}");
+                if self.note() {
+                    tracing::warn!(%cluster, name = %super::escape_for_log(host_to_connect, 100), "cannot reach exposed target {target}");
+                }
                 reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             }
         }
@@ -206,6 +218,22 @@ impl russh::server::Handler for HubHandler {
 }
 
 impl HubHandler {
+    /// Whether one more refused channel of this agent may be logged now;
+    /// says once a minute when they start being held back.
+    fn note(&mut self) -> bool {
+        if self.noted.0.elapsed() >= Duration::from_secs(60) {
+            self.noted = (std::time::Instant::now(), 0);
+        }
+        self.noted.1 += 1;
+        if self.noted.1 == NOTED_PER_MINUTE + 1 {
+            tracing::warn!(
+                cluster = %self.cluster.as_deref().unwrap_or_default(),
+                "more than {NOTED_PER_MINUTE} refused channels from this agent this minute; the rest are not logged"
+            );
+        }
+        self.noted.1 <= NOTED_PER_MINUTE
+    }
+
     fn verdict(&mut self, user: &str, v: Verdict) -> Auth {
         match v {
             Verdict::Accept => {
@@ -261,10 +289,7 @@ pub fn agent_version(ssh_id: &str) -> String {
 
 /// A farewell reason as the hub keeps it: printable, bounded.
 fn farewell_text(raw: &str) -> String {
-    raw.chars()
-        .filter(|c| !c.is_control())
-        .take(super::FAREWELL_MAX)
-        .collect()
+    super::printable(raw, super::FAREWELL_MAX)
 }
 
 /// The words of an agent's identification comment
@@ -406,6 +431,7 @@ where
         cluster: None,
         authed: Some(tx),
         refused_tx: Some(refused_tx),
+        noted: (std::time::Instant::now(), 0),
         penalty,
     };
     let kill = CancellationToken::new();
@@ -516,6 +542,16 @@ pub async fn ping(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn farewells_keep_words_not_escapes_or_invisible_characters() {
+        let f = super::farewell_text("bye\u{1b}[2J\u{202e}dlrow\u{202c}\u{200b}\u{feff}\u{2028}x");
+        assert_eq!(f, "bye [2J dlrow    x");
+        assert_eq!(
+            super::farewell_text(&"é".repeat(10_000)).chars().count(),
+            super::super::FAREWELL_MAX
+        );
+    }
+
     #[test]
     fn parses_agent_versions() {
         assert_eq!(super::agent_version("SSH-2.0-towerctl_0.1.0"), "0.1.0");

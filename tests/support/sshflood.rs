@@ -125,6 +125,55 @@ pub async fn login_at(
     timeout: Duration,
 ) -> Login {
     let attempt = async {
+        let mut h = connect(addr, from, url, ca).await?;
+        let r = h
+            .authenticate_password(user, password)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(if r.success() {
+            Login::Accepted
+        } else {
+            Login::Refused
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => Login::Cut(e),
+        Err(_) => Login::Cut("timed out".into()),
+    }
+}
+
+/// A session logged in as member `user` with the agent key in `key_file`
+/// (an agent's key holder: it can then do what the real agent would not).
+#[allow(dead_code)]
+pub async fn login_with_key(
+    hub: SocketAddr,
+    user: &str,
+    key_file: &std::path::Path,
+) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
+    let key = russh::keys::load_secret_key(key_file, None).map_err(|e| e.to_string())?;
+    let url = format!("ws://{hub}/tunnel");
+    let mut h = connect(hub, [127, 0, 0, 1].into(), &url, None).await?;
+    let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
+    let r = h
+        .authenticate_publickey(user, key)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.success() {
+        return Err("the key was refused".into());
+    }
+    Ok(h)
+}
+
+/// A WebSocket to `url` (through what listens at `addr`, from `from`) with
+/// an SSH client session on it, not logged in yet.
+async fn connect(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    url: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<russh::client::Handle<AnyHost>, String> {
+    {
         let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
         sock.bind(SocketAddr::new(from, 0))
             .map_err(|e| e.to_string())?;
@@ -148,7 +197,7 @@ pub async fn login_at(
             .await
             .map_err(|e| e.to_string())?;
         let cfg = Arc::new(russh::client::Config::default());
-        let mut h = russh::client::connect_stream(
+        russh::client::connect_stream(
             cfg,
             WsIo {
                 ws,
@@ -157,21 +206,7 @@ pub async fn login_at(
             AnyHost,
         )
         .await
-        .map_err(|e| e.to_string())?;
-        let r = h
-            .authenticate_password(user, password)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(if r.success() {
-            Login::Accepted
-        } else {
-            Login::Refused
-        })
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(l)) => l,
-        Ok(Err(e)) => Login::Cut(e),
-        Err(_) => Login::Cut("timed out".into()),
+        .map_err(|e| e.to_string())
     }
 }
 
