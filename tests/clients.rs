@@ -262,6 +262,66 @@ fn interactive_streams_through_the_members_proxy_url_are_not_held_back_by_nagle(
     );
 }
 
+/// A WebSocket client that cannot set `Authorization` (a browser) names
+/// its token in a `base64url.bearer.authorization.k8s.io.` subprotocol, as
+/// kube-apiserver accepts: the gateway accepts it too, and neither the
+/// token nor the client's cookies reach the member (the subprotocol used
+/// to be refused with 401 here, and passed on to the member).
+#[test]
+fn a_websocket_naming_its_token_as_a_subprotocol_is_served_without_passing_it_on() {
+    use base64::Engine;
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.trim());
+    let gateway = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "-v", "--http1.1", "--max-time", "3", "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args([
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "-H",
+            &format!(
+                "Sec-WebSocket-Protocol: v4.channel.k8s.io, base64url.bearer.authorization.k8s.io.{encoded}"
+            ),
+            "-H",
+            "Cookie: session=browser-secret",
+            &format!(
+                "{gateway}/clusters/alpha/api/v1/namespaces/default/pods/web-0/exec?command=echo&command=hi&stdout=true"
+            ),
+        ]);
+    // curl waits on the upgraded stream until --max-time: the answer's
+    // head (in its trace) is what counts.
+    let o = run_bounded(curl, Duration::from_secs(20));
+    assert!(o.stderr.contains("< HTTP/1.1 101"), "{o:?}");
+    let exec = api
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.contains("/exec"))
+        .expect("the exec reached the member");
+    assert_eq!(
+        exec.header("sec-websocket-protocol"),
+        Some("v4.channel.k8s.io"),
+        "{exec:?}"
+    );
+    assert!(exec.header("cookie").is_none(), "{exec:?}");
+    assert!(!format!("{exec:?}").contains(token.trim()), "{exec:?}");
+    assert!(!format!("{exec:?}").contains(&encoded), "{exec:?}");
+}
+
 /// A stand-in API server with pod `pair-0` whose port 7000 answers "ok"
 /// after every two bytes.
 fn pair_api() -> ApiServer {

@@ -106,6 +106,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Removes from a member's answer what describes its own hop and what
+/// would act on the hub's whole origin, which every member shares (one
+/// member's `Set-Cookie` or `Strict-Transport-Security` would apply to
+/// the others' requests in a browser; `Alt-Svc` would send clients
+/// elsewhere), and the hub's own `x-towerctl-*` names.
+pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            matches!(k, "set-cookie" | "strict-transport-security" | "alt-svc")
+                || k.starts_with("x-towerctl-")
+        })
+        .cloned()
+        .collect();
+    for k in doomed {
+        headers.remove(k);
+    }
+}
+
 /// Removes what an operator must never pass to a member: their own
 /// credentials, and any identity they claim for themselves, including the
 /// front-proxy headers (`X-Remote-User`, `-Group`, `-Extra-*`, kube-apiserver's
@@ -115,7 +136,7 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     let forged: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
-            *k == header::AUTHORIZATION || {
+            *k == header::AUTHORIZATION || *k == header::COOKIE || {
                 let k = k.as_str();
                 k.starts_with("impersonate-")
                     || k.starts_with("x-towerctl-")
@@ -127,7 +148,43 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     for k in forged {
         headers.remove(k);
     }
+    // A WebSocket's bearer token named as a subprotocol: the other
+    // subprotocols go on, the token never.
+    if headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .any(|v| {
+            v.as_bytes()
+                .windows(WS_BEARER_PROTOCOL.len())
+                .any(|w| w.eq_ignore_ascii_case(WS_BEARER_PROTOCOL.as_bytes()))
+        })
+    {
+        let kept: Vec<String> = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| {
+                !p.is_empty()
+                    && !p
+                        .get(..WS_BEARER_PROTOCOL.len())
+                        .is_some_and(|h| h.eq_ignore_ascii_case(WS_BEARER_PROTOCOL))
+            })
+            .map(str::to_string)
+            .collect();
+        headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+            if !kept.is_empty() {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+            }
+        }
+    }
 }
+
+/// The WebSocket subprotocol prefix a client names its bearer token in
+/// when it cannot set `Authorization` (kube-apiserver's convention).
+pub const WS_BEARER_PROTOCOL: &str = "base64url.bearer.authorization.k8s.io.";
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
@@ -360,6 +417,36 @@ impl<B, K> KeptConns<B, K> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_members_answer_loses_its_hop_and_origin_wide_headers() {
+        use super::*;
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("set-cookie", "s=1; Domain=127.0.0.1; Path=/"),
+            ("strict-transport-security", "max-age=1; includeSubDomains"),
+            ("alt-svc", "h3=\":443\""),
+            ("x-towerctl-operator", "admin"),
+            ("content-type", "application/json"),
+            ("audit-id", "abc"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_response(&mut h, false);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["audit-id", "content-type"]);
+        // An upgrade's answer keeps what makes it one.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("sec-websocket-accept", HeaderValue::from_static("x"));
+        strip_response(&mut h, true);
+        assert_eq!(h.len(), 3);
+    }
+
     use super::*;
 
     #[test]

@@ -411,15 +411,35 @@ impl Watch {
 }
 
 /// The bearer token of a request: `Authorization`, or for CONNECT through
-/// the gateway as a proxy, `Proxy-Authorization`.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers
+/// the gateway as a proxy, `Proxy-Authorization`, or for a WebSocket from
+/// a client that cannot set headers (a browser) a
+/// `base64url.bearer.authorization.k8s.io.TOKEN` subprotocol, as
+/// kube-apiserver reads it (removed before the request goes on:
+/// `http::strip_identity`).
+fn bearer(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(v) = headers
         .get(header::AUTHORIZATION)
-        .or_else(|| headers.get(header::PROXY_AUTHORIZATION))?
-        .to_str()
+        .or_else(|| headers.get(header::PROXY_AUTHORIZATION))
+    {
+        let (scheme, token) = v.to_str().ok()?.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().into());
+    }
+    use base64::Engine;
+    let encoded = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| {
+            p.trim()
+                .strip_prefix(crate::daemon::http::WS_BEARER_PROTOCOL)
+        })?;
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
         .ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    String::from_utf8(token).ok().map(Into::into)
 }
 
 /// Opens a new channel to the agent and an HTTP/1.1 connection over it.
@@ -489,7 +509,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     let Some(token) = bearer(req.headers()) else {
         return unauthorized("the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
     };
-    let Some(operator) = conn.operator(&hub, token) else {
+    let Some(operator) = conn.operator(&hub, &token) else {
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
     conn.authenticated();
@@ -1187,8 +1207,10 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    crate::daemon::http::strip_response(resp.headers_mut(), upgraded);
     let stop = guard.cut.clone();
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if upgraded {
         let bytes = end.as_ref().map(|e| e.count_bytes());
         finish_upgrade(
             &hub.tasks,
