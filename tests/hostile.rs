@@ -260,7 +260,7 @@ fn an_agent_opening_refused_channels_cannot_flood_the_hub_log() {
         .unwrap();
     let name = "x".repeat(16 * 1024);
     let refused = rt.block_on(async {
-        let h = sshflood::login_with_key(tunnel, "alpha", &key)
+        let h = sshflood::login_with_key(tunnel, "alpha", &key, 32 * 1024)
             .await
             .expect("the agent's key logs in");
         let mut refused = 0;
@@ -291,6 +291,50 @@ fn an_agent_opening_refused_channels_cannot_flood_the_hub_log() {
     assert!(
         grown < 64 * 1024,
         "300 refusals grew the hub log by {grown} bytes"
+    );
+}
+
+/// An agent's key holder accepting the hub's channels with 1-byte packets
+/// made every write of the hub a packet per byte (a 300 KB request: 13 s
+/// of the hub's CPU) and held requests until the client gave up. Such a
+/// channel is now closed at once and the request answered 503.
+#[test]
+fn an_agent_taking_one_byte_packets_gets_no_channels() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    env.kill9("agent-alpha");
+    let key = env.path("config/towerctl/agents/alpha.key");
+    let tunnel: std::net::SocketAddr = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Polled in the background: the session must answer the hub's opens.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _session = rt
+        .block_on(sshflood::login_with_key(tunnel, "alpha", &key, 1))
+        .expect("the agent's key logs in");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let started = Instant::now();
+    let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout", "20s"]);
+    assert!(
+        !o.ok() && o.all().contains("failed to open a stream"),
+        "{o:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the request waited {:?} on a channel it could never use",
+        started.elapsed()
     );
 }
 

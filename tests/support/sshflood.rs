@@ -144,16 +144,23 @@ pub async fn login_at(
 }
 
 /// A session logged in as member `user` with the agent key in `key_file`
-/// (an agent's key holder: it can then do what the real agent would not).
+/// (an agent's key holder: it can then do what the real agent would not),
+/// accepting the hub's channels with packets of at most `max_packet` bytes
+/// (and doing nothing with them).
 #[allow(dead_code)]
 pub async fn login_with_key(
     hub: SocketAddr,
     user: &str,
     key_file: &std::path::Path,
+    max_packet: u32,
 ) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
     let key = russh::keys::load_secret_key(key_file, None).map_err(|e| e.to_string())?;
     let url = format!("ws://{hub}/tunnel");
-    let mut h = connect(hub, [127, 0, 0, 1].into(), &url, None).await?;
+    let cfg = russh::client::Config {
+        maximum_packet_size: max_packet,
+        ..Default::default()
+    };
+    let mut h = connect_with(hub, [127, 0, 0, 1].into(), &url, None, cfg).await?;
     let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
     let r = h
         .authenticate_publickey(user, key)
@@ -172,6 +179,17 @@ async fn connect(
     from: std::net::IpAddr,
     url: &str,
     ca: Option<&std::path::Path>,
+) -> Result<russh::client::Handle<AnyHost>, String> {
+    connect_with(addr, from, url, ca, russh::client::Config::default()).await
+}
+
+/// [`connect`] with the SSH client configuration `cfg`.
+async fn connect_with(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    url: &str,
+    ca: Option<&std::path::Path>,
+    cfg: russh::client::Config,
 ) -> Result<russh::client::Handle<AnyHost>, String> {
     {
         let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -196,9 +214,8 @@ async fn connect(
         let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, tcp, None, connector)
             .await
             .map_err(|e| e.to_string())?;
-        let cfg = Arc::new(russh::client::Config::default());
         russh::client::connect_stream(
-            cfg,
+            Arc::new(cfg),
             WsIo {
                 ws,
                 read_buf: Bytes::new(),
