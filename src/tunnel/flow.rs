@@ -53,9 +53,10 @@ pub const STREAM_WINDOW: u64 = 4 * 1024 * 1024;
 /// [`STREAM_WINDOW`], 100 stalled HTTP/2 streams of one client held
 /// 341 MB of hub memory (a red-team run); API answers do not need bulk
 /// windows (a 1 MiB window still moves 20 MB/s per stream at 50 ms RTT).
-/// Only the sender's own limit: the receiver accepts up to
-/// [`STREAM_WINDOW`] from any sender, so hubs and agents of either version
-/// work together.
+/// The hub holds agents to it on API channels
+/// ([`FlowStream::receive_at_most`]): agents have sent their answers with
+/// it since it was introduced, and a hostile one ignoring the window the
+/// hub asked for used to get [`STREAM_WINDOW`] buffered per stream.
 pub const API_WINDOW: u64 = 1024 * 1024;
 
 /// Credit is returned once a reader has consumed this much since the last
@@ -113,6 +114,9 @@ struct State {
     /// Credit is returned every this many bytes consumed: a quarter of the
     /// window this side asked the peer to keep to.
     credit_step: u64,
+    /// The most this side takes unread from the peer before closing the
+    /// stream as broken ([`STREAM_WINDOW`] unless lowered).
+    receive_limit: u64,
     /// A window to ask the peer for, and who waits until it was sent.
     window_wanted: Option<(u64, tokio::sync::oneshot::Sender<()>)>,
     /// The local writer half-closed: the control task sends end-of-stream.
@@ -202,6 +206,7 @@ impl FlowStream {
                 window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
                 own_window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
                 credit_step: CREDIT_STEP,
+                receive_limit: STREAM_WINDOW,
                 ..State::default()
             }),
             control: Notify::new(),
@@ -243,6 +248,14 @@ impl FlowStream {
 }
 
 impl FlowStream {
+    /// Takes at most `limit` bytes unread from the peer (at least
+    /// [`API_WINDOW`]): past it the peer broke the protocol and the stream
+    /// is closed. For channels whose peer keeps to `limit` whatever window
+    /// it was asked for (an agent's API answers).
+    pub fn receive_at_most(&self, limit: u64) {
+        self.shared.lock().receive_limit = limit.clamp(API_WINDOW, STREAM_WINDOW);
+    }
+
     /// Asks the peer to send at most `window` bytes (at least
     /// [`MIN_WINDOW`]) ahead of what this side has read: what this side
     /// buffers at most for the stream when its reader stalls. Returns once
@@ -375,7 +388,7 @@ fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
             if st.dropped || n == 0 {
                 return true;
             }
-            if st.received - st.consumed > STREAM_WINDOW {
+            if st.received - st.consumed > st.receive_limit {
                 // Past its credit: a peer that breaks the protocol, or
                 // one without flow control. Never buffer beyond the bound.
                 tracing::warn!("the peer sent past its stream window; closing the stream");
@@ -625,6 +638,26 @@ mod tests {
         assert_eq!(raw.window, 3 * API_WINDOW - MIN_WINDOW);
         drop((small, raw));
         assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn a_peer_past_the_receive_limit_breaks_the_stream() {
+        let s = Shared {
+            state: Mutex::new(State {
+                receive_limit: API_WINDOW,
+                ..State::default()
+            }),
+            control: Notify::new(),
+        };
+        let data = |n: usize| ChannelMsg::Data {
+            data: bytes::Bytes::from(vec![0u8; n]),
+        };
+        assert!(on_message(&s, data(API_WINDOW as usize)));
+        assert!(!s.lock().broken);
+        // One byte more than it may have unread.
+        on_message(&s, data(1));
+        let st = s.lock();
+        assert!(st.broken && st.closed && st.buf.is_empty());
     }
 
     #[test]
