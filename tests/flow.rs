@@ -185,8 +185,11 @@ fn a_stalled_reader_stops_only_its_own_stream() {
         let o = env.kubectl(&["get", "ns"]);
         let took = start.elapsed();
         assert!(o.ok(), "kubectl get ns #{i} failed during the stall: {o:?}");
+        // A get held behind the stalled stream would wait out the 12 s
+        // stall; 3 s tells the two apart on a loaded machine (1 s did not
+        // always: 1.003 s once with the rest of the suite running beside).
         assert!(
-            took < Duration::from_secs(1),
+            took < Duration::from_secs(3),
             "kubectl get ns #{i} took {took:?} during the stall"
         );
         slowest = slowest.max(took);
