@@ -230,6 +230,33 @@ fn proxy_headers_held_open_by_a_trusted_proxy_are_held_to_the_same_caps() {
     });
 }
 
+/// `cluster add alpha` and its agent joined to the stand-in `api`; returns
+/// the member kubeconfig written for it.
+fn join_alpha(env: &Env, api: &ApiServer) -> std::path::PathBuf {
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    kc
+}
+
+/// Member alpha joined, then its agent killed: the agent's key and the
+/// hub's tunnel address, for a key holder to misbehave with.
+fn alpha_key_without_its_agent(
+    env: &Env,
+    api: &ApiServer,
+) -> (std::path::PathBuf, std::net::SocketAddr) {
+    join_alpha(env, api);
+    env.kill9("agent-alpha");
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (env.path("config/towerctl/agents/alpha.key"), tunnel)
+}
+
 /// An agent's key holder opening thousands of channels the hub refuses
 /// (names of kilobytes each) used to get one warning line each: the hub's
 /// whole log (four files of 10 MiB) rotated away in seconds, taking the
@@ -240,18 +267,7 @@ fn an_agent_opening_refused_channels_cannot_flood_the_hub_log() {
     let env = Env::new();
     let api = ApiServer::start();
     env.up();
-    let join = env.cluster_add("alpha");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
-    assert!(o.ok(), "{o:?}");
-    env.kill9("agent-alpha");
-    let key = env.path("config/towerctl/agents/alpha.key");
-    let tunnel: std::net::SocketAddr = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (key, tunnel) = alpha_key_without_its_agent(&env, &api);
     let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
     let before = log().len();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -303,18 +319,7 @@ fn an_agent_taking_one_byte_packets_gets_no_channels() {
     let env = Env::new();
     let api = ApiServer::start();
     env.up();
-    let join = env.cluster_add("alpha");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
-    assert!(o.ok(), "{o:?}");
-    env.kill9("agent-alpha");
-    let key = env.path("config/towerctl/agents/alpha.key");
-    let tunnel: std::net::SocketAddr = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (key, tunnel) = alpha_key_without_its_agent(&env, &api);
     // Polled in the background: the session must answer the hub's opens.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -440,11 +445,7 @@ fn flood_both_listeners(extra: &[&str], to_gateway: &[u8], to_tunnel: fn(&str) -
             .any(|l| l.starts_with("Max open files") && l.contains(" 256 ")),
         "{limits}"
     );
-    let join = env.cluster_add("alpha");
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
-    assert!(o.ok(), "{o:?}");
+    let member_kc = join_alpha(&env, &api);
     assert!(env.towerctl(&["use", "alpha"]).ok());
     std::thread::sleep(Duration::from_millis(500));
     let idle_fds = fd_count(hub_pid);

@@ -258,6 +258,8 @@ async fn carry(
                     .await;
             match up {
                 Ok(up) => {
+                    let mut held = *held;
+                    held.opened();
                     held.splice(conn, up, done).await;
                     Ok(())
                 }

@@ -745,9 +745,10 @@ pub(super) enum RawRefusal {
     Elsewhere(Box<Carried>),
 }
 
-/// A raw stream carried to the hub that holds its member: registered and
-/// audited here as well (the owner does the same), so that revoking
-/// access on this hub cuts it and this hub's log has its start and end.
+/// A raw stream's hold on this hub: its stream registration (revoking
+/// access cuts it) and its audit record, written when it ends. Held while
+/// the stream is carried to this hub's agent ([`RawStream`]) or to the hub
+/// that holds its member (which registers and audits it too).
 pub(super) struct Carried {
     record: Record,
     guard: crate::daemon::streams::StreamGuard,
@@ -756,15 +757,21 @@ pub(super) struct Carried {
 }
 
 impl Carried {
-    /// Carries bytes between `client` and the owner's `upstream` until
-    /// either side ends, the operator loses access or `stop`; audits it.
+    /// The stream opened: its start is recorded, its end will be.
+    pub(super) fn opened(&mut self) {
+        self.auditor.record_start(&self.record);
+        self.record.phase = Some("end".into());
+    }
+
+    /// Carries bytes between `client` and `upstream` until either side
+    /// ends, the operator loses access or `stop`; then audits the end.
     pub(super) async fn splice<A, B>(mut self, client: A, mut upstream: B, stop: CancellationToken)
     where
         A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        self.auditor.record_start(&self.record);
-        self.record.phase = Some("end".into());
+        // Counted on the client side: a connection that ends with an
+        // error (a reset, as load tools do) still carried its bytes.
         let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let mut client = crate::tunnel::counted::Counted::new(client, rd.clone(), wr.clone());
         tokio::select! {
@@ -792,10 +799,7 @@ impl Carried {
 /// opened, and answered by the agent; its start is in the audit log.
 pub(super) struct RawStream {
     stream: crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
-    record: Record,
-    guard: crate::daemon::streams::StreamGuard,
-    start: std::time::Instant,
-    auditor: crate::daemon::audit::Auditor,
+    held: Carried,
     _counted: super::OpenChannel,
 }
 
@@ -945,14 +949,16 @@ pub(super) async fn open_raw(
     if guard.cut.is_cancelled() {
         return Err(raw_revoked(hub, record, cluster));
     }
-    hub.auditor.record_start(&record);
-    record.phase = Some("end".into());
-    Ok(RawStream {
-        stream,
+    let mut held = Carried {
         record,
         guard,
         start,
         auditor: hub.auditor.clone(),
+    };
+    held.opened();
+    Ok(RawStream {
+        stream,
+        held,
         _counted: session.channel_opened(window),
     })
 }
@@ -960,29 +966,21 @@ pub(super) async fn open_raw(
 impl RawStream {
     /// Carries bytes between `client` and the stream until either side
     /// ends or the operator loses access; then audits the end.
-    pub(super) async fn splice<C>(mut self, client: C, stop: CancellationToken)
+    pub(super) async fn splice<C>(self, client: C, stop: CancellationToken)
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        // Counted on the client side: a connection that ends with an
-        // error (a reset, as load tools do) still carried its bytes.
-        let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let mut client = crate::tunnel::counted::Counted::new(client, rd.clone(), wr.clone());
-        tokio::select! {
-            _ = crate::tunnel::splice(&mut client, &mut self.stream) => {}
-            _ = self.guard.cut.cancelled() => {
-                tracing::info!(cluster = %self.record.cluster, operator = %self.record.operator, "a raw stream was cut: access revoked");
-            }
-            _ = stop.cancelled() => {}
-        }
-        self.record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
-        self.abandon();
+        let RawStream {
+            stream,
+            held,
+            _counted,
+        } = self;
+        held.splice(client, stream, stop).await;
     }
 
     /// Audits the end of a stream that carried what it carried so far.
-    pub(super) fn abandon(mut self) {
-        self.record.duration_ms = self.start.elapsed().as_millis() as u64;
-        self.auditor.record(self.record);
+    pub(super) fn abandon(self) {
+        self.held.finish(None);
     }
 }
 
@@ -1077,7 +1075,7 @@ async fn proxy(
         let held = (guard, end);
         let req = match super::peer::forward(hub, &name, &upstream_path, req, held).await {
             Ok(resp) => return resp,
-            Err((req, _)) => req,
+            Err(req) => req,
         };
         if let Some(msg) = super::peer::not_forwarded_again(hub, &name, req.headers()) {
             return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
@@ -1194,6 +1192,10 @@ async fn proxy(
     held_response(hub, client_upgrade, resp, (guard, end))
 }
 
+/// What the gateway holds for a request while it is answered: its stream
+/// registration and, for an upgrade, its end record.
+pub(super) type Held = (crate::daemon::streams::StreamGuard, Option<Arc<EndRecord>>);
+
 /// The member's answer for the client, holding the request's stream
 /// registration (and an upgrade's end record) for as long as it lasts:
 /// every stream is registered under its operator and member, so that
@@ -1203,7 +1205,7 @@ pub(super) fn held_response<B>(
     hub: &Hub,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut resp: Response<B>,
-    (guard, end): super::peer::Held,
+    (guard, end): Held,
 ) -> Response<Body>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,

@@ -220,8 +220,10 @@ impl LiveSession {
     pub fn window(&self, operator: &str, full: u64) -> WindowPermit {
         let share = {
             let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
-            // Operators with no stream open left nothing to keep.
-            shares.retain(|_, s| s.held() > 0);
+            if !shares.contains_key(operator) {
+                // Operators with no stream open left nothing to keep.
+                shares.retain(|_, s| s.held() > 0);
+            }
             shares
                 .entry(operator.to_string())
                 .or_insert_with(|| WindowBudget::new(self.windows.total() / OPERATOR_WINDOW_SHARE))
@@ -920,7 +922,7 @@ pub async fn run(
     // row in the shared registry, and its own lease, hub record
     // (`hubs/<id>`: where the others reach it) and owner keys: told apart
     // by an id made once and kept in the data directory.
-    let (hub_id, info) = match &shared {
+    let shared = match shared {
         Some(s) => {
             let info = peer::HubInfo {
                 tunnel_url: for_other_hosts(
@@ -936,11 +938,13 @@ pub async fn run(
                     "--gateway-url",
                 ),
             };
-            (shared_hub_id(&data, s, &info)?, Some(info))
+            let id = shared_hub_id(&data, &s, &info)?;
+            Some((s, id, info))
         }
-        None => ("local".to_string(), None),
+        None => None,
     };
-    local_admin(store.as_ref(), &admin_token, &hub_id, shared.is_none())?;
+    let hub_id = shared.as_ref().map_or("local", |(_, id, _)| id.as_str());
+    local_admin(store.as_ref(), &admin_token, hub_id, shared.is_none())?;
 
     let hub = Arc::new(Hub::new(
         store,
@@ -967,8 +971,7 @@ pub async fn run(
     hub.reload_operators();
     hub.load_access()?;
     let tracker = hub.tasks.clone();
-    if let (Some(shared), Some(info)) = (shared, info) {
-        let id = hub_id;
+    if let Some((shared, id, info)) = shared {
         let changes = shared.subscribe();
         let cluster = peer::Cluster::start(shared, id.clone(), info, &tls.ca_pem)?;
         let _ = hub.cluster.set(cluster.clone());

@@ -31,12 +31,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Hub, LiveSession};
-use crate::daemon::audit::EndRecord;
 use crate::daemon::http::{
     full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body, KeptConns,
 };
 use crate::daemon::store_etcd::{Change, EtcdStore};
-use crate::daemon::streams::StreamGuard;
 
 /// The claims' revision after a failed write (retried by the next reconcile).
 const CLAIM_FAILED: i64 = -1;
@@ -589,20 +587,19 @@ fn unreachable_owner(name: &str, o: &Owner, e: &str) -> String {
 /// here too when the operator's access is withdrawn, whatever the owner
 /// does) and, for an upgrade, its end record, written when the spliced
 /// stream ends with the bytes that crossed (it used to be written at once,
-/// as 101 with no bytes). Both come back with the request when it cannot
-/// be forwarded.
+/// as 101 with no bytes).
 pub(super) async fn forward(
     hub: &Hub,
     name: &str,
     upstream_path: &str,
     mut req: Request<Incoming>,
-    held: Held,
-) -> Result<Response<Body>, (Request<Incoming>, Held)> {
+    held: super::gateway::Held,
+) -> Result<Response<Body>, Request<Incoming>> {
     let Some(c) = hub.cluster.get() else {
-        return Err((req, held));
+        return Err(req);
     };
     let Some(owner) = c.route(name, req.headers()) else {
-        return Err((req, held));
+        return Err(req);
     };
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -684,9 +681,6 @@ pub(super) async fn forward(
     }
     // The owner registers the stream too and cuts it when access is
     // revoked there; this hub's registration cuts it when revoked here.
-    if let Some(end) = &held.1 {
-        end.set_status(resp.status().as_u16());
-    }
     Ok(super::gateway::held_response(
         hub,
         client_upgrade,
@@ -713,9 +707,6 @@ pub(super) fn not_forwarded_again(
         )
     })
 }
-
-/// What the gateway holds for a request while it is carried to its owner.
-pub(super) type Held = (StreamGuard, Option<Arc<EndRecord>>);
 
 /// Gateway hook: a CONNECT for a member held by another hub, carried there
 /// as a CONNECT with the same token, then spliced.
@@ -748,6 +739,8 @@ pub(super) async fn forward_connect(
         let _active = active;
         match tokio::try_join!(hyper::upgrade::on(req), hyper::upgrade::on(resp)) {
             Ok((a, b)) => {
+                let mut held = held;
+                held.opened();
                 held.splice(TokioIo::new(a), TokioIo::new(b), CancellationToken::new())
                     .await;
             }
