@@ -409,7 +409,7 @@ fn a_forward_carried_by_the_hub_is_held_to_its_operators_access() {
     support::echo(&mut open, "bob was here\n").unwrap();
     event_with(&mut events, "accepted");
     assert_eq!(support::established_to(gateway_port), 0);
-    // Audited as bob's (the audit log is written once a second).
+    // Audited as bob's (the hub writes the audit log a few milliseconds later).
     wait_for(
         "bob's connection in the audit log",
         Duration::from_secs(10),
