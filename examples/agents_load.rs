@@ -77,14 +77,11 @@ async fn session(
     sock.bind(SocketAddr::new(src.into(), 0))
         .map_err(|e| e.to_string())?;
     let (addr, url) = &o.hubs[hub];
-    let mut tcp = sock.connect(*addr).await.map_err(|e| e.to_string())?;
+    let tcp = sock.connect(*addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let rest = url.trim_start_matches("ws://");
-    let (host_port, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let left = ws::client_handshake(&mut tcp, host_port, path, &[])
+    let (wsock, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
         .await
         .map_err(|e| e.to_string())?;
-    let wsock = ws::WsIo::new(tcp, ws::Role::Client, left);
     let cfg = Arc::new(russh::client::Config {
         client_id: russh::SshId::Standard("SSH-2.0-towerctl_load".into()),
         keepalive_interval: Some(o.keepalive),
@@ -96,9 +93,10 @@ async fn session(
         ..Default::default()
     });
     let (tx, rx) = oneshot::channel();
-    let mut h = russh::client::connect_stream(cfg, wsock, Agent { closed: Some(tx) })
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut h =
+        russh::client::connect_stream(cfg, ws::WsIo::new(wsock), Agent { closed: Some(tx) })
+            .await
+            .map_err(|e| e.to_string())?;
     // As the agent does: "failure" with no methods left on a closed
     // connection is the hub's login deadline, not a refusal.
     let cut = |r: &russh::client::AuthResult, h: &russh::client::Handle<Agent>| {

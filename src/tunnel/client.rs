@@ -12,6 +12,7 @@ use russh::{Channel, ChannelOpenFailure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use super::flow::FlowStream;
 use super::keys::fingerprint;
@@ -389,49 +390,43 @@ async fn connect_inner(
     };
     super::nodelay(&tcp);
 
+    let mut request = opts
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| TunnelError::BadUrl {
+            url: opts.url.clone(),
+            reason: e.to_string(),
+        })?;
+    request.headers_mut().insert(
+        "user-agent",
+        http::HeaderValue::from_static(concat!("towerctl/", env!("CARGO_PKG_VERSION"))),
+    );
     let (tls_config, refused) = opts
         .tls
         .connector()
         .map_err(|e| unreachable(e.to_string()))?;
-    let tcp = super::slurp::Slurp::new(tcp);
-    let mut stream = if tls {
-        let name = rustls::pki_types::ServerName::try_from(
-            host.trim_matches(|c| c == '[' || c == ']').to_string(),
-        )
-        .map_err(|e| TunnelError::BadUrl {
-            url: opts.url.clone(),
-            reason: format!("'{host}' is not a name to check a certificate for: {e}"),
-        })?;
-        let tls_stream = tokio_rustls::TlsConnector::from(tls_config)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| match refused.take() {
-                // rustls' own words ("UnknownIssuer") say little; the
-                // verifier kept what was presented.
-                Some(failure) => TunnelError::Certificate {
-                    url: opts.url.clone(),
-                    failure: Box::new(failure),
-                },
-                None => unreachable(format!("TLS handshake failed: {e}")),
-            })?;
-        tokio_tungstenite::MaybeTlsStream::Rustls(tls_stream)
-    } else {
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp)
-    };
-    let host_port = match url.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_string(),
-    };
-    let user_agent = concat!("towerctl/", env!("CARGO_PKG_VERSION"));
-    let leftover = super::ws::client_handshake(
-        &mut stream,
-        &host_port,
-        &url[url::Position::BeforePath..url::Position::AfterQuery],
-        &[("User-Agent", user_agent)],
+    // tungstenite allocates and zeroes its read buffer per read (128 KiB by
+    // default); a small one with `Slurp` underneath reads bulk in gulps
+    // without that cost.
+    let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(super::WS_READ_BUFFER);
+    let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(
+        request,
+        super::slurp::Slurp::new(tcp),
+        Some(ws_cfg),
+        Some(tokio_tungstenite::Connector::Rustls(tls_config)),
     )
     .await
-    .map_err(|e| unreachable(format!("WebSocket handshake failed: {e}")))?;
-    let ws = WsIo::new(stream, super::ws::Role::Client, leftover);
+    .map_err(|e| match refused.take() {
+        // rustls' own words ("UnknownIssuer") say little; the verifier kept
+        // what was presented.
+        Some(failure) => TunnelError::Certificate {
+            url: opts.url.clone(),
+            failure: Box::new(failure),
+        },
+        None => unreachable(format!("WebSocket handshake failed: {e}")),
+    })?;
 
     let seen_key = Arc::new(Mutex::new(None));
     let (closed_tx, closed_rx) = oneshot::channel();
@@ -441,7 +436,7 @@ async fn connect_inner(
         service,
         closed: Some(closed_tx),
     };
-    let io = ws;
+    let io = WsIo::new(ws);
     let alive = io.liveness();
     let mut handle = match russh::client::connect_stream(
         client_config(opts.keepalive, &opts.features),

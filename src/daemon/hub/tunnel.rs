@@ -234,9 +234,9 @@ async fn tunnel_session(
         let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(MAX_WS_MESSAGE))
             .max_frame_size(Some(MAX_WS_MESSAGE))
-            // For the upgrade request only (tungstenite's default is 128
-            // KiB); the hub frames the stream itself after it. Bulk is
-            // read in bigger gulps underneath (`Slurp`), with no idle cost.
+            // Allocated eagerly per agent (tungstenite's default is 128 KiB):
+            // a hub holds thousands of mostly idle sessions. Bulk is read
+            // in bigger gulps underneath (`Slurp`), with no idle cost.
             .read_buffer_size(ws_read_buffer());
         // Frames before login are held to 64 KiB (tunnel::framecap).
         let tcp = tunnel::framecap::FrameCap::new(
@@ -248,10 +248,9 @@ async fn tunnel_session(
         // the one it forwarded for.
         let mut client = from.ip().to_canonical();
         // The callback's error type is tungstenite's (a whole response).
-        let mut lent = tunnel::ws::Lend::new(tcp);
         #[allow(clippy::result_large_err)]
         let ws = tokio_tungstenite::accept_hdr_async_with_config(
-            &mut lent,
+            tcp,
             |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
                 client = trusted.client(from.ip(), req.headers());
                 Ok(res)
@@ -263,15 +262,7 @@ async fn tunnel_session(
         if proxied {
             ticket.rekey(client);
         }
-        // The upgrade is done: the hub frames the stream itself from here
-        // (`tunnel::ws`). An agent sends nothing before the answer, so
-        // tungstenite holds nothing of it.
-        drop(ws);
-        let tcp = lent
-            .hand_back()
-            .context("WebSocket handshake failed: the stream was not handed back")?;
-        let io = tunnel::ws::WsIo::new(tcp, tunnel::ws::Role::Server, Default::default())
-            .max_frame(MAX_WS_MESSAGE as u64);
+        let io = tunnel::ws::WsIo::new(ws);
         let alive = io.liveness();
         let auth: Arc<dyn server::Authenticator> = hub.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
