@@ -286,8 +286,7 @@ pub struct Auditor {
     bell: Arc<Bell>,
     /// Declared after `tx`: dropped with the last `Auditor`, once every
     /// sender is gone, so the writer wakes to write what is left and end.
-    #[allow(dead_code)]
-    closer: Arc<Closer>,
+    _closer: Arc<Closer>,
 }
 
 /// How records reach the writer thread without a system call per record.
@@ -416,7 +415,7 @@ impl Auditor {
             tx,
             limiter,
             dropped,
-            closer: Arc::new(Closer(bell.clone())),
+            _closer: Arc::new(Closer(bell.clone())),
             bell,
         }
     }
@@ -945,15 +944,7 @@ mod tests {
                 ..Record::default()
             });
         }
-        let mut lines = Vec::new();
-        for _ in 0..100 {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            lines = text.lines().map(str::to_string).collect();
-            if lines.len() >= 1000 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let lines = lines_within(&p, 1000, std::time::Duration::from_secs(5)).await;
         assert_eq!(lines.len(), 1000, "every record written once");
         assert_eq!(a.dropped.load(Ordering::Relaxed), 0);
         for (i, l) in lines.iter().enumerate() {
