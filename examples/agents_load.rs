@@ -79,9 +79,10 @@ async fn session(
     let (addr, url) = &o.hubs[hub];
     let tcp = sock.connect(*addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let (wsock, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (wsock, _) =
+        tokio_tungstenite::client_async(url.as_str(), ws::Gate::new(tcp, ws::Role::Client))
+            .await
+            .map_err(|e| e.to_string())?;
     let cfg = Arc::new(russh::client::Config {
         client_id: russh::SshId::Standard("SSH-2.0-towerctl_load".into()),
         keepalive_interval: Some(o.keepalive),

@@ -402,31 +402,55 @@ async fn connect_inner(
         "user-agent",
         http::HeaderValue::from_static(concat!("towerctl/", env!("CARGO_PKG_VERSION"))),
     );
-    let (tls_config, refused) = opts
-        .tls
-        .connector()
-        .map_err(|e| unreachable(e.to_string()))?;
     // tungstenite allocates and zeroes its read buffer per read (128 KiB by
     // default); a small one with `Slurp` underneath reads bulk in gulps
     // without that cost.
     let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(super::WS_READ_BUFFER);
-    let (ws, _resp) = tokio_tungstenite::client_async_tls_with_config(
+    let (tls_config, refused) = opts
+        .tls
+        .connector()
+        .map_err(|e| unreachable(e.to_string()))?;
+    let tcp = super::slurp::Slurp::new(tcp);
+    // TLS here rather than inside tokio-tungstenite: the frames `WsIo`
+    // writes itself go into the gate, which must sit above TLS.
+    let stream = if tls {
+        // rustls wants an IPv6 address without its brackets.
+        let name = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name =
+            rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| {
+                TunnelError::BadUrl {
+                    url: opts.url.clone(),
+                    reason: format!("'{name}' is not a valid TLS server name: {e}"),
+                }
+            })?;
+        match tokio_rustls::TlsConnector::from(tls_config)
+            .connect(server_name, tcp)
+            .await
+        {
+            Ok(s) => tokio_tungstenite::MaybeTlsStream::Rustls(s),
+            // rustls' own words ("UnknownIssuer") say little; the verifier
+            // kept what was presented.
+            Err(e) => {
+                return Err(match refused.take() {
+                    Some(failure) => TunnelError::Certificate {
+                        url: opts.url.clone(),
+                        failure: Box::new(failure),
+                    },
+                    None => unreachable(format!("TLS handshake failed: {e}")),
+                })
+            }
+        }
+    } else {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp)
+    };
+    let (ws, _resp) = tokio_tungstenite::client_async_with_config(
         request,
-        super::slurp::Slurp::new(tcp),
+        super::ws::Gate::new(stream, super::ws::Role::Client),
         Some(ws_cfg),
-        Some(tokio_tungstenite::Connector::Rustls(tls_config)),
     )
     .await
-    .map_err(|e| match refused.take() {
-        // rustls' own words ("UnknownIssuer") say little; the verifier kept
-        // what was presented.
-        Some(failure) => TunnelError::Certificate {
-            url: opts.url.clone(),
-            failure: Box::new(failure),
-        },
-        None => unreachable(format!("WebSocket handshake failed: {e}")),
-    })?;
+    .map_err(|e| unreachable(format!("WebSocket handshake failed: {e}")))?;
 
     let seen_key = Arc::new(Mutex::new(None));
     let (closed_tx, closed_rx) = oneshot::channel();

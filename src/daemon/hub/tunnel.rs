@@ -250,7 +250,7 @@ async fn tunnel_session(
         // The callback's error type is tungstenite's (a whole response).
         #[allow(clippy::result_large_err)]
         let ws = tokio_tungstenite::accept_hdr_async_with_config(
-            tcp,
+            tunnel::ws::Gate::new(tcp, tunnel::ws::Role::Server),
             |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
                 client = trusted.client(from.ip(), req.headers());
                 Ok(res)
