@@ -40,6 +40,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     }
 }
 
+/// Bytes written out of the inner stream count as read from it.
+impl<S: super::WriteInto> super::WriteInto for Counted<S> {
+    fn poll_write_into<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: Pin<&mut W>,
+    ) -> Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_write_into(cx, w);
+        if let Poll::Ready(Ok(n)) = r {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,

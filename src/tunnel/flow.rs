@@ -33,7 +33,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use russh::{Channel, ChannelId, ChannelMsg};
@@ -162,6 +162,18 @@ impl Shared {
         // A panic while holding this lock leaves plain counters behind;
         // carrying on with them is safe.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Accounts for `n` bytes taken out of the buffer by the local reader,
+    /// and has credit sent back every credit step.
+    fn consumed(&self, mut st: MutexGuard<'_, State>, n: u64) {
+        st.buffered -= n;
+        st.consumed += n;
+        if st.consumed - st.credited >= st.credit_step {
+            st.credited = st.consumed;
+            drop(st);
+            self.control.notify_one();
+        }
     }
 }
 
@@ -546,15 +558,87 @@ impl AsyncRead for FlowStream {
             }
             copied += n as u64;
         }
-        st.buffered -= copied;
-        st.consumed += copied;
-        if st.consumed - st.credited >= st.credit_step {
-            st.credited = st.consumed;
-            drop(st);
-            self.shared.control.notify_one();
-        }
+        self.shared.consumed(st, copied);
         Poll::Ready(Ok(()))
     }
+}
+
+/// Most received chunks (SSH packets, 32 KiB each at most) handed to one
+/// vectored write.
+const WRITE_INTO_CHUNKS: usize = 16;
+
+impl FlowStream {
+    /// Writes what has been received straight into `w`, in one vectored
+    /// write of the buffered chunks, instead of copying it out through a
+    /// reader's buffer first. Ready(0) at the end of the stream; Pending
+    /// when nothing is buffered (woken when something is) or `w` is full.
+    pub fn poll_write_into<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: Pin<&mut W>,
+    ) -> Poll<io::Result<usize>> {
+        write_into(&self.shared, cx, w)
+    }
+}
+
+/// [`FlowStream::poll_write_into`].
+fn write_into<W: AsyncWrite + ?Sized>(
+    shared: &Shared,
+    cx: &mut Context<'_>,
+    w: Pin<&mut W>,
+) -> Poll<io::Result<usize>> {
+    let mut chunks: [Bytes; WRITE_INTO_CHUNKS] = Default::default();
+    let taken = {
+        let mut st = shared.lock();
+        if st.broken {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer sent past its stream window",
+            )));
+        }
+        if st.buffered == 0 {
+            if st.eof || st.closed {
+                return Poll::Ready(Ok(0));
+            }
+            st.read_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        // Reference-counted handles: the lock is not held while writing.
+        let mut taken = 0;
+        for (slot, b) in chunks.iter_mut().zip(st.buf.iter()) {
+            *slot = b.clone();
+            taken += 1;
+        }
+        taken
+    };
+    let mut slices = [io::IoSlice::new(&[]); WRITE_INTO_CHUNKS];
+    for (s, b) in slices.iter_mut().zip(&chunks[..taken]) {
+        *s = io::IoSlice::new(b);
+    }
+    let n = ready!(w.poll_write_vectored(cx, &slices[..taken]))?;
+    if n == 0 {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    let mut st = shared.lock();
+    // Cleared meanwhile (the drain task found the peer past its window):
+    // nothing left to account for; the next call reports it.
+    if st.buffered < n as u64 {
+        return Poll::Ready(Ok(n));
+    }
+    let mut left = n;
+    while left > 0 {
+        let Some(front) = st.buf.front_mut() else {
+            break;
+        };
+        let k = front.len().min(left);
+        front.advance(k);
+        if front.is_empty() {
+            st.buf.pop_front();
+        }
+        left -= k;
+    }
+    shared.consumed(st, n as u64);
+    Poll::Ready(Ok(n))
 }
 
 impl AsyncWrite for FlowStream {
@@ -714,5 +798,84 @@ mod tests {
         assert_eq!(b.held(), theirs.window + more.window);
         drop((mine, theirs, more));
         assert_eq!((member.held(), a.held(), b.held()), (0, 0, 0));
+    }
+    #[test]
+    fn what_is_written_into_a_writer_comes_out_whole_in_order_and_is_credited() {
+        let s = Shared {
+            state: Mutex::new(State {
+                credit_step: 1000,
+                receive_limit: STREAM_WINDOW,
+                ..State::default()
+            }),
+            control: Notify::new(),
+        };
+        let sent: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+        for chunk in sent.chunks(700) {
+            assert!(on_message(
+                &s,
+                ChannelMsg::Data {
+                    data: Bytes::copy_from_slice(chunk)
+                }
+            ));
+        }
+        // A writer that takes at most 1,500 bytes a call: writes end
+        // inside chunks and across them.
+        struct Short(Vec<u8>);
+        impl AsyncWrite for Short {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                b: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                let n = b.len().min(1500);
+                self.0.extend_from_slice(&b[..n]);
+                Poll::Ready(Ok(n))
+            }
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                let mut n = 0;
+                for b in bufs {
+                    let k = b.len().min(1500 - n);
+                    self.0.extend_from_slice(&b[..k]);
+                    n += k;
+                    if n == 1500 {
+                        break;
+                    }
+                }
+                Poll::Ready(Ok(n))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut w = Short(Vec::new());
+        loop {
+            match write_into(&s, &mut cx, Pin::new(&mut w)) {
+                Poll::Ready(Ok(n)) => assert!(n > 0 && n <= 1500),
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => panic!("{e}"),
+            }
+        }
+        assert!(w.0 == sent, "bytes changed or reordered");
+        let st = s.lock();
+        assert_eq!((st.buffered, st.consumed), (0, sent.len() as u64));
+        assert!(st.buf.is_empty());
+        // Credit promised up to the last whole step.
+        assert_eq!(st.credited, sent.len() as u64);
+        drop(st);
+        // The end of the stream: Ready(0) once drained.
+        s.lock().eof = true;
+        assert!(matches!(
+            write_into(&s, &mut cx, Pin::new(&mut w)),
+            Poll::Ready(Ok(0))
+        ));
     }
 }

@@ -203,7 +203,7 @@ impl russh::server::Handler for HubHandler {
                 tokio::spawn(async move {
                     let mut tcp = tcp;
                     let mut ch = FlowStream::new(channel);
-                    let _ = super::splice(&mut ch, &mut tcp).await;
+                    let _ = super::splice_from(&mut ch, &mut tcp).await;
                 });
             }
             _ => {

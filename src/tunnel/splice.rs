@@ -142,6 +142,99 @@ where
     }
 }
 
+/// A stream that can write what it has received straight into a writer,
+/// without a copy through a buffer of the caller's (a tunnel channel holds
+/// what arrived as the SSH packets' own buffers).
+pub trait WriteInto {
+    /// One write of what is buffered into `w`; Ready(0) at the end of the
+    /// stream, Pending when nothing is buffered (woken when something is)
+    /// or `w` is full.
+    fn poll_write_into<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: Pin<&mut W>,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl WriteInto for crate::tunnel::flow::FlowStream {
+    fn poll_write_into<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: Pin<&mut W>,
+    ) -> Poll<io::Result<usize>> {
+        crate::tunnel::flow::FlowStream::poll_write_into(self, cx, w)
+    }
+}
+
+/// The direction out of a [`WriteInto`] source.
+enum Out {
+    Running { amt: u64, need_flush: bool },
+    ShuttingDown(u64),
+    Done(u64),
+}
+
+fn poll_transfer_into<A, B>(
+    cx: &mut Context<'_>,
+    state: &mut Out,
+    a: &mut A,
+    mut w: Pin<&mut B>,
+) -> Poll<io::Result<u64>>
+where
+    A: WriteInto + ?Sized,
+    B: AsyncWrite + ?Sized,
+{
+    loop {
+        match state {
+            Out::Running { amt, need_flush } => match a.poll_write_into(cx, w.as_mut()) {
+                Poll::Ready(Ok(0)) => {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    *state = Out::ShuttingDown(*amt);
+                }
+                Poll::Ready(Ok(n)) => {
+                    *amt += n as u64;
+                    *need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if *need_flush {
+                        ready!(w.as_mut().poll_flush(cx))?;
+                        *need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            },
+            Out::ShuttingDown(n) => {
+                ready!(w.as_mut().poll_shutdown(cx))?;
+                *state = Out::Done(*n);
+            }
+            Out::Done(n) => return Poll::Ready(Ok(*n)),
+        }
+    }
+}
+
+/// [`splice`] with `a` a [`WriteInto`] source: what `a` received goes into
+/// `b` without being copied first; `b` to `a` as in [`splice`]. Returns
+/// bytes a→b and b→a.
+pub async fn splice_from<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: WriteInto + AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Out::Running {
+        amt: 0,
+        need_flush: false,
+    };
+    let mut b_to_a = State::Running(Half::new());
+    poll_fn(|cx| {
+        let ab = poll_transfer_into(cx, &mut a_to_b, &mut *a, Pin::new(&mut *b))?;
+        let ba = poll_transfer(cx, &mut b_to_a, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let ab = ready!(ab);
+        let ba = ready!(ba);
+        Poll::Ready(Ok((ab, ba)))
+    })
+    .await
+}
+
 /// Copies both ways until both sides are done; returns bytes a→b and b→a.
 /// When one side reaches end of file, the other is shut down for writing
 /// and the copy goes on the other way, as with tokio's
@@ -213,5 +306,83 @@ mod tests {
         assert!(r.is_pending());
         assert_eq!(h.buf.capacity(), 0, "an idle direction holds no buffer");
         assert_eq!(h.size, START);
+    }
+    /// A [`WriteInto`] source of fixed bytes (handed out 5,000 at a time),
+    /// reading and writing the other way through `back`.
+    struct Source {
+        data: Vec<u8>,
+        at: usize,
+        back: tokio::io::DuplexStream,
+    }
+
+    impl WriteInto for Source {
+        fn poll_write_into<W: AsyncWrite + ?Sized>(
+            &mut self,
+            cx: &mut Context<'_>,
+            w: Pin<&mut W>,
+        ) -> Poll<io::Result<usize>> {
+            let end = (self.at + 5000).min(self.data.len());
+            if self.at == end {
+                return Poll::Ready(Ok(0));
+            }
+            let n = ready!(w.poll_write(cx, &self.data[self.at..end]))?;
+            self.at += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncRead for Source {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.back).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Source {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.back).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.back).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.back).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_into_source_is_carried_whole_then_ended() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (back, mut back_far) = tokio::io::duplex(1024);
+        let mut a = Source {
+            data: data.clone(),
+            at: 0,
+            back,
+        };
+        let (mut b, mut b_far) = tokio::io::duplex(4096);
+        let task = tokio::spawn(async move { splice_from(&mut a, &mut b).await });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b_far.read_to_end(&mut got).await.unwrap();
+            b_far.write_all(b"back").await.unwrap();
+            b_far.shutdown().await.unwrap();
+            got
+        });
+        let got = reader.await.unwrap();
+        assert!(
+            got == data,
+            "bytes changed in transit or the end was not passed on"
+        );
+        let mut back = Vec::new();
+        back_far.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"back");
+        assert_eq!(task.await.unwrap().unwrap(), (1_000_000, 4));
     }
 }

@@ -46,7 +46,7 @@ pub(super) async fn push_listener(
         tasks.spawn(async move {
             match sess.open_direct(&name, peer).await {
                 Ok(mut ch) => {
-                    let _ = crate::tunnel::splice(&mut conn, &mut ch).await;
+                    let _ = crate::tunnel::splice_from(&mut ch, &mut conn).await;
                 }
                 Err(e) => {
                     tracing::warn!(%name, "the hub refused to carry a workload connection: {e}")
@@ -277,7 +277,7 @@ pub(super) async fn serve_raw(
             if RawAnswer::Ok.write(&mut stream).await.is_err() {
                 return;
             }
-            let _ = crate::tunnel::splice(&mut stream, &mut conn).await;
+            let _ = crate::tunnel::splice_from(&mut stream, &mut conn).await;
         }
         Err((code, msg)) => {
             let _ = RawAnswer::Err(code, msg).write(&mut stream).await;

@@ -765,17 +765,28 @@ impl Carried {
 
     /// Carries bytes between `client` and `upstream` until either side
     /// ends, the operator loses access or `stop`; then audits the end.
-    pub(super) async fn splice<A, B>(mut self, client: A, mut upstream: B, stop: CancellationToken)
+    pub(super) async fn splice<A, B>(self, client: A, mut upstream: B, stop: CancellationToken)
     where
         A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        // Counted on the client side: a connection that ends with an
-        // error (a reset, as load tools do) still carried its bytes.
-        let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let mut client = crate::tunnel::counted::Counted::new(client, rd.clone(), wr.clone());
+        let (mut client, counts) = counted(client);
+        let copy = async {
+            let _ = crate::tunnel::splice(&mut client, &mut upstream).await;
+        };
+        self.carry(copy, counts, stop).await;
+    }
+
+    /// Runs `copy` until it ends, the operator loses access or `stop`;
+    /// then audits the end with the bytes `counts` saw.
+    async fn carry(
+        mut self,
+        copy: impl std::future::Future<Output = ()>,
+        (rd, wr): (Arc<AtomicU64>, Arc<AtomicU64>),
+        stop: CancellationToken,
+    ) {
         tokio::select! {
-            _ = crate::tunnel::splice(&mut client, &mut upstream) => {}
+            _ = copy => {}
             _ = self.guard.cut.cancelled() => {
                 tracing::info!(cluster = %self.record.cluster, operator = %self.record.operator, "a raw stream was cut: access revoked");
             }
@@ -793,6 +804,20 @@ impl Carried {
         self.record.duration_ms = self.start.elapsed().as_millis() as u64;
         self.auditor.record(self.record);
     }
+}
+
+/// `client` counting its bytes each way: a connection that ends with an
+/// error (a reset, as load tools do) still carried its bytes.
+#[allow(clippy::type_complexity)]
+fn counted<C>(
+    client: C,
+) -> (
+    crate::tunnel::counted::Counted<C>,
+    (Arc<AtomicU64>, Arc<AtomicU64>),
+) {
+    let (rd, wr) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let client = crate::tunnel::counted::Counted::new(client, rd.clone(), wr.clone());
+    (client, (rd, wr))
 }
 
 /// A raw stream to a target in a member: authorized for its operator,
@@ -975,7 +1000,14 @@ impl RawStream {
             held,
             _counted,
         } = self;
-        held.splice(client, stream, stop).await;
+        // What the agent sent goes to the client from the channel's own
+        // buffers (no copy through a splice buffer).
+        let (mut client, counts) = counted(client);
+        let mut stream = stream;
+        let copy = async {
+            let _ = crate::tunnel::splice_from(&mut stream, &mut client).await;
+        };
+        held.carry(copy, counts, stop).await;
     }
 
     /// Audits the end of a stream that carried what it carried so far.
