@@ -67,6 +67,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         }
         r
     }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -93,5 +107,26 @@ mod tests {
             (r.load(Ordering::Relaxed), w.load(Ordering::Relaxed)),
             (3, 5)
         );
+    }
+    #[tokio::test]
+    async fn vectored_writes_stay_vectored_and_are_counted() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut far, _) = l.accept().await.unwrap();
+        let (r, w) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut c = Counted::new(tcp, r, w.clone());
+        assert!(
+            c.is_write_vectored(),
+            "a socket's vectored writes must pass through"
+        );
+        let bufs = [std::io::IoSlice::new(b"ab"), std::io::IoSlice::new(b"cde")];
+        let n = c.write_vectored(&bufs).await.unwrap();
+        assert_eq!(n, 5, "both slices in one write");
+        assert_eq!(w.load(Ordering::Relaxed), 5);
+        let mut got = [0u8; 5];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"abcde");
     }
 }

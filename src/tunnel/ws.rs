@@ -275,6 +275,8 @@ pub struct WsIo<S> {
     flush_pending: bool,
     /// The peer sent Close or the stream ended.
     eof: bool,
+    /// This side closed the WebSocket.
+    shut: bool,
 }
 
 impl<S> WsIo<S> {
@@ -291,6 +293,7 @@ impl<S> WsIo<S> {
             read_buf: Bytes::new(),
             flush_pending: false,
             eof: false,
+            shut: false,
         }
     }
 }
@@ -382,6 +385,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        if this.eof || this.shut {
+            // Nothing goes after a close (the peer's or ours).
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "websocket closed",
+            )));
+        }
         // tungstenite's own frames (pongs, a close) go out first, whole.
         if this.flush_pending {
             ready!(this.drive_flush(cx))?;
@@ -400,6 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.shut = true;
         match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
             Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(to_io(e))),
