@@ -55,6 +55,21 @@ impl<S: super::WriteInto> super::WriteInto for Counted<S> {
     }
 }
 
+/// Bytes taken as owned count as written.
+impl<S: super::WriteBytes> super::WriteBytes for Counted<S> {
+    fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &bytes::Bytes,
+    ) -> Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_write_bytes(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,

@@ -179,11 +179,34 @@ impl Shared {
 
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
+/// A channel's data writer: `AsyncWrite`, and owned bytes sent without a
+/// copy (russh's `ChannelTx`, patched; see `vendor/russh/PATCHES.md`).
+trait DataTx: AsyncWrite + Send {
+    fn poll_write_bytes(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &Bytes,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl<S> DataTx for russh::ChannelTx<S>
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + 'static,
+{
+    fn poll_write_bytes(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &Bytes,
+    ) -> Poll<io::Result<usize>> {
+        russh::ChannelTx::poll_write_bytes(self.get_mut(), cx, data)
+    }
+}
+
 /// A channel as an `AsyncRead + AsyncWrite` with per-stream flow control.
 /// See the module documentation.
 pub struct FlowStream {
     shared: Arc<Shared>,
-    data: Writer,
+    data: Pin<Box<dyn DataTx>>,
     /// Sends the channel's close when the stream is dropped.
     close: Option<Box<dyn FnOnce() + Send>>,
     id: ChannelId,
@@ -223,7 +246,7 @@ impl FlowStream {
             }),
             control: Notify::new(),
         });
-        let data: Writer = Box::pin(write.make_writer());
+        let data: Pin<Box<dyn DataTx>> = Box::pin(write.make_tx(None));
         let control: Writer = Box::pin(write.make_writer_ext(Some(CONTROL_EXT)));
 
         let s = shared.clone();
@@ -639,6 +662,38 @@ fn write_into<W: AsyncWrite + ?Sized>(
     }
     shared.consumed(st, n as u64);
     Poll::Ready(Ok(n))
+}
+
+impl FlowStream {
+    /// [`AsyncWrite::poll_write`] for owned bytes: what goes on the
+    /// channel is a slice of `data`, not a copy. Same contract: after
+    /// `Pending`, call again with the same bytes.
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let allowed = {
+            let mut st = self.shared.lock();
+            if st.closed {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            let credit = st.credit();
+            if credit == 0 {
+                st.write_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            credit.min(data.len() as u64) as usize
+        };
+        let r = self
+            .data
+            .as_mut()
+            .poll_write_bytes(cx, &data.slice(..allowed));
+        if let Poll::Ready(Ok(n)) = r {
+            self.shared.lock().sent += n as u64;
+        }
+        r
+    }
 }
 
 impl AsyncWrite for FlowStream {

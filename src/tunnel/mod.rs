@@ -166,7 +166,7 @@ fn auth_message(name: &str, reason: Option<&str>) -> String {
     }
 }
 
-pub use splice::{splice, splice_from, WriteInto};
+pub use splice::{splice, splice_from, WriteBytes, WriteInto};
 
 /// An untrusted string made safe for one log line: control characters and
 /// quotes escaped (no forged lines, no terminal escapes), cut to `max`

@@ -17,7 +17,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// First buffer of a direction: one read of a small request or response.
@@ -166,6 +166,131 @@ impl WriteInto for crate::tunnel::flow::FlowStream {
     }
 }
 
+/// A stream that takes owned bytes to send without copying them (a tunnel
+/// channel: the bytes become the SSH message as they are).
+pub trait WriteBytes {
+    /// Like `poll_write`; after `Pending`, call again with the same bytes.
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>>;
+}
+
+impl WriteBytes for crate::tunnel::flow::FlowStream {
+    fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        crate::tunnel::flow::FlowStream::poll_write_bytes(self, cx, data)
+    }
+}
+
+/// One direction into a [`WriteBytes`] sink: each read is handed over as
+/// owned bytes (the buffer goes with them; the next read gets a new one
+/// unless the last was small).
+struct HalfBytes {
+    buf: BytesMut,
+    /// Read and not yet taken by the sink.
+    pending: Bytes,
+    size: usize,
+    read_done: bool,
+    need_flush: bool,
+    amt: u64,
+}
+
+impl HalfBytes {
+    fn new() -> HalfBytes {
+        HalfBytes {
+            buf: BytesMut::new(),
+            pending: Bytes::new(),
+            size: START,
+            read_done: false,
+            need_flush: false,
+            amt: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        writer: &mut W,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: WriteBytes + AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.pending.is_empty() && !self.read_done {
+                if self.buf.capacity() < self.size {
+                    self.buf.reserve(self.size);
+                }
+                match tokio_util::io::poll_read_buf(reader.as_mut(), cx, &mut self.buf) {
+                    Poll::Ready(Ok(0)) => {
+                        self.read_done = true;
+                        self.buf = BytesMut::new();
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        if n >= self.size && self.size < MAX {
+                            self.size = (self.size * 2).min(MAX);
+                        }
+                        self.pending = self.buf.split().freeze();
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        // Idle: no buffer kept (as in `Half`).
+                        self.buf = BytesMut::new();
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while !self.pending.is_empty() {
+                let n = ready!(writer.poll_write_bytes(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+                self.amt += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                self.need_flush = false;
+                return Poll::Ready(Ok(self.amt));
+            }
+        }
+    }
+}
+
+enum InState {
+    Running(HalfBytes),
+    ShuttingDown(u64),
+    Done(u64),
+}
+
+fn poll_transfer_bytes<R, W>(
+    cx: &mut Context<'_>,
+    state: &mut InState,
+    mut r: Pin<&mut R>,
+    w: &mut W,
+) -> Poll<io::Result<u64>>
+where
+    R: AsyncRead + ?Sized,
+    W: WriteBytes + AsyncWrite + Unpin + ?Sized,
+{
+    loop {
+        match state {
+            InState::Running(h) => {
+                let n = ready!(h.poll_copy(cx, r.as_mut(), w))?;
+                *state = InState::ShuttingDown(n);
+            }
+            InState::ShuttingDown(n) => {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                *state = InState::Done(*n);
+            }
+            InState::Done(n) => return Poll::Ready(Ok(*n)),
+        }
+    }
+}
+
 /// The direction out of a [`WriteInto`] source.
 enum Out {
     Running { amt: u64, need_flush: bool },
@@ -212,22 +337,23 @@ where
     }
 }
 
-/// [`splice`] with `a` a [`WriteInto`] source: what `a` received goes into
-/// `b` without being copied first; `b` to `a` as in [`splice`]. Returns
-/// bytes a→b and b→a.
+/// [`splice`] with `a` a tunnel channel: what `a` received goes into `b`
+/// from the buffers it arrived in ([`WriteInto`]), and what is read from
+/// `b` goes to `a` as owned bytes ([`WriteBytes`]): no copy through a
+/// splice buffer either way. Returns bytes a→b and b→a.
 pub async fn splice_from<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
-    A: WriteInto + AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: WriteInto + WriteBytes + AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut a_to_b = Out::Running {
         amt: 0,
         need_flush: false,
     };
-    let mut b_to_a = State::Running(Half::new());
+    let mut b_to_a = InState::Running(HalfBytes::new());
     poll_fn(|cx| {
         let ab = poll_transfer_into(cx, &mut a_to_b, &mut *a, Pin::new(&mut *b))?;
-        let ba = poll_transfer(cx, &mut b_to_a, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let ba = poll_transfer_bytes(cx, &mut b_to_a, Pin::new(&mut *b), &mut *a)?;
         let ab = ready!(ab);
         let ba = ready!(ba);
         Poll::Ready(Ok((ab, ba)))
@@ -331,6 +457,19 @@ mod tests {
         }
     }
 
+    /// Takes at most 3,000 bytes a call, so that owned bytes are handed
+    /// over in pieces.
+    impl WriteBytes for Source {
+        fn poll_write_bytes(
+            &mut self,
+            cx: &mut Context<'_>,
+            data: &Bytes,
+        ) -> Poll<io::Result<usize>> {
+            let n = data.len().min(3000);
+            Pin::new(&mut self.back).poll_write(cx, &data[..n])
+        }
+    }
+
     impl AsyncRead for Source {
         fn poll_read(
             mut self: Pin<&mut Self>,
@@ -368,21 +507,30 @@ mod tests {
         };
         let (mut b, mut b_far) = tokio::io::duplex(4096);
         let task = tokio::spawn(async move { splice_from(&mut a, &mut b).await });
+        let up: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+        let up2 = up.clone();
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             b_far.read_to_end(&mut got).await.unwrap();
-            b_far.write_all(b"back").await.unwrap();
+            b_far.write_all(&up2).await.unwrap();
             b_far.shutdown().await.unwrap();
             got
+        });
+        let back_reader = tokio::spawn(async move {
+            let mut back = Vec::new();
+            back_far.read_to_end(&mut back).await.unwrap();
+            back
         });
         let got = reader.await.unwrap();
         assert!(
             got == data,
             "bytes changed in transit or the end was not passed on"
         );
-        let mut back = Vec::new();
-        back_far.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"back");
-        assert_eq!(task.await.unwrap().unwrap(), (1_000_000, 4));
+        let back = back_reader.await.unwrap();
+        assert!(
+            back == up,
+            "bytes the other way changed or the end was lost"
+        );
+        assert_eq!(task.await.unwrap().unwrap(), (1_000_000, 300_000));
     }
 }

@@ -61,6 +61,8 @@ macro_rules! push_packet {
 
 mod channels;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
+// towerctl patch: the concrete writer of `ChannelWriteHalf::make_tx`.
+pub use channels::io::ChannelTx;
 
 mod parsing;
 mod session;

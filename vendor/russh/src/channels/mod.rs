@@ -433,6 +433,12 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
     /// Make a writer for the [`Channel`] to send [`ChannelMsg::Data`] or [`ChannelMsg::ExtendedData`]
     /// depending on the `ext` parameter, through the `AsyncWrite` trait.
     pub fn make_writer_ext(&self, ext: Option<u32>) -> impl AsyncWrite + 'static {
+        self.make_tx(ext)
+    }
+
+    /// towerctl patch: [`Self::make_writer_ext`] as its concrete type, whose
+    /// [`io::ChannelTx::poll_write_bytes`] sends owned bytes without a copy.
+    pub fn make_tx(&self, ext: Option<u32>) -> io::ChannelTx<S> {
         io::ChannelTx::new(
             self.sender.clone(),
             self.id,

@@ -125,6 +125,32 @@ where
         Poll::Ready((msg, writable))
     }
 
+    /// towerctl patch: [`AsyncWrite::poll_write`] for owned bytes: the
+    /// message takes a slice of `data` (a reference count, not a copy).
+    /// As with `poll_write`, a call that returned `Pending` must be made
+    /// again with the same bytes; `Ready(n)` says how many were sent.
+    pub fn poll_write_bytes(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "cannot send empty buffer",
+            )));
+        }
+        let send_fut = if let Some(x) = self.send_fut.as_mut() {
+            x
+        } else {
+            let writable = ready!(self.poll_writable(cx, data.len()));
+            let data = data.slice(..writable.get());
+            let msg = match self.ext {
+                None => ChannelMsg::Data { data },
+                Some(ext) => ChannelMsg::ExtendedData { data, ext },
+            };
+            self.activate(msg, writable.into())
+        };
+        let r = ready!(send_fut.as_mut().poll_unpin(cx));
+        Poll::Ready(self.handle_write_result(r))
+    }
+
     fn activate(&mut self, msg: ChannelMsg, writable: usize) -> &mut OwnedPermitFuture<S> {
         use futures::TryFutureExt;
         self.send_fut.insert(Box::pin(
