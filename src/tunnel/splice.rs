@@ -179,9 +179,14 @@ impl WriteBytes for crate::tunnel::flow::FlowStream {
     }
 }
 
+/// Reads shorter than this are copied out rather than handed over with
+/// their buffer.
+const SMALL_READ: usize = 4 * 1024;
+
 /// One direction into a [`WriteBytes`] sink: each read is handed over as
-/// owned bytes (the buffer goes with them; the next read gets a new one
-/// unless the last was small).
+/// owned bytes. A big read's buffer goes with its bytes (the next read gets
+/// a new one); a small read is copied out, so that a few bytes never hold
+/// a large buffer in the session's send queue, and the buffer is reused.
 struct HalfBytes {
     buf: BytesMut,
     /// Read and not yet taken by the sink.
@@ -228,7 +233,12 @@ impl HalfBytes {
                         if n >= self.size && self.size < MAX {
                             self.size = (self.size * 2).min(MAX);
                         }
-                        self.pending = self.buf.split().freeze();
+                        if n < SMALL_READ {
+                            self.pending = Bytes::copy_from_slice(&self.buf);
+                            self.buf.clear();
+                        } else {
+                            self.pending = self.buf.split().freeze();
+                        }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
@@ -251,6 +261,8 @@ impl HalfBytes {
                 self.amt += n as u64;
                 self.need_flush = true;
             }
+            // Sent: the (empty) handle would keep the whole buffer alive.
+            self.pending = Bytes::new();
             if self.read_done {
                 ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                 self.need_flush = false;

@@ -225,7 +225,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
     }
 }
 
-/// What tungstenite writes.
+/// What tungstenite writes (the handshake, pongs, a close). A write is
+/// taken whole or not at all: what the socket does not take is queued, so
+/// tungstenite never holds the rest of a frame that is half on the socket
+/// while `WsIo` writes one of its own.
 impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -239,17 +242,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
             }
         }
         if this.queued() == 0 {
-            return Pin::new(&mut this.io).poll_write(cx, buf);
+            let n = ready!(Pin::new(&mut this.io).poll_write(cx, buf))?;
+            if n > 0 && n < buf.len() {
+                this.out.extend_from_slice(&buf[n..]);
+                return Poll::Ready(Ok(buf.len()));
+            }
+            return Poll::Ready(Ok(n));
         }
         // Behind an unfinished frame: queued after it, up to a bound (the
-        // waker is registered by the drain above).
-        let room = MAX_QUEUED.saturating_sub(this.queued());
-        if room == 0 {
+        // waker is registered by the drain above). Past the bound nothing
+        // is taken; tungstenite keeps it and tries again.
+        if this.queued() >= MAX_QUEUED {
             return Poll::Pending;
         }
-        let n = buf.len().min(room);
-        this.out.extend_from_slice(&buf[..n]);
-        Poll::Ready(Ok(n))
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -332,8 +339,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.flush_pending {
-            // Errors surface on the next write; here we only make progress.
+        if this.flush_pending || this.ws.get_ref().queued() > 0 {
+            // Whatever is still going out is driven from here too; a
+            // failed flush ends the read.
             if let Poll::Ready(Err(e)) = this.drive_flush(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -393,7 +401,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
             )));
         }
         // tungstenite's own frames (pongs, a close) go out first, whole.
-        if this.flush_pending {
+        if this.flush_pending || this.ws.get_ref().queued() > 0 {
             ready!(this.drive_flush(cx))?;
         }
         let n = ready!(this.ws.get_mut().poll_frame(cx, buf))?;
@@ -531,6 +539,39 @@ mod tests {
             assert!(got == sent, "{role:?}: bytes changed on the way");
             assert_eq!(pongs, 1, "{role:?}: the ping was not answered once");
         }
+    }
+
+    #[tokio::test]
+    async fn a_write_of_tungstenites_the_socket_takes_in_part_goes_out_before_ours() {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let (a, mut far) = tokio::io::duplex(4);
+        let mut gate = Gate::new(a, Role::Server);
+        // tungstenite's write: the pipe takes 4 bytes, the rest is kept,
+        // and the write counts as whole.
+        match Pin::new(&mut gate).poll_write(&mut cx, b"PONG-REST") {
+            Poll::Ready(Ok(n)) => assert_eq!(n, 9),
+            other => panic!("not taken whole: {other:?}"),
+        }
+        assert_eq!(gate.queued(), 5);
+        // Our frame waits for it.
+        let mut got = Vec::new();
+        let mut b = [0u8; 64];
+        for _ in 0..100 {
+            if let Poll::Ready(r) = gate.poll_frame(&mut cx, b"data") {
+                assert_eq!(r.unwrap(), 4);
+                break;
+            }
+            let n = far.read(&mut b).await.unwrap();
+            got.extend_from_slice(&b[..n]);
+        }
+        while got.len() < 9 + 2 + 4 {
+            let _ = Pin::new(&mut gate).poll_flush(&mut cx);
+            let n = far.read(&mut b).await.unwrap();
+            got.extend_from_slice(&b[..n]);
+        }
+        assert_eq!(&got[..9], b"PONG-REST", "tungstenite's bytes were cut into");
+        assert_eq!(&got[9..], &[0x82, 4, b'd', b'a', b't', b'a'][..]);
     }
 
     #[test]
