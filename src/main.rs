@@ -158,6 +158,10 @@ fn main() -> ExitCode {
     // stray feature elsewhere in the tree can never make TLS set-up panic.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
+    if is_daemon {
+        // Bulk buffers kept while a daemon works, returned when it is quiet.
+        daemon::memory::tune();
+    }
     let rt = match runtime(is_daemon) {
         Ok(rt) => rt,
         Err(e) => {
@@ -165,6 +169,9 @@ fn main() -> ExitCode {
             return ExitCode::from(commands::exit::ERROR);
         }
     };
+    if is_daemon {
+        rt.spawn(daemon::memory::trimmer());
+    }
     match rt.block_on(commands::run(cli)) {
         Ok(code) => ExitCode::from(code),
         // Output piped into something that stopped reading (`| head`): a

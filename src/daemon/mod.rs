@@ -16,6 +16,7 @@ pub mod hub;
 pub mod incluster;
 pub mod labels;
 pub mod logfile;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod notify;
