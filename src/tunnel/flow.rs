@@ -673,26 +673,35 @@ impl FlowStream {
         cx: &mut Context<'_>,
         data: &Bytes,
     ) -> Poll<io::Result<usize>> {
-        let allowed = {
-            let mut st = self.shared.lock();
-            if st.closed {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-            }
-            let credit = st.credit();
-            if credit == 0 {
-                st.write_waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            credit.min(data.len() as u64) as usize
-        };
+        let allowed = ready!(self.poll_credit(cx, data.len()))?;
         let r = self
             .data
             .as_mut()
             .poll_write_bytes(cx, &data.slice(..allowed));
-        if let Poll::Ready(Ok(n)) = r {
-            self.shared.lock().sent += n as u64;
-        }
+        self.count_sent(&r);
         r
+    }
+
+    /// How much of `len` bytes the peer's window takes now: Pending (woken
+    /// when credit comes) at none, an error once the stream is closed.
+    fn poll_credit(&self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let credit = st.credit();
+        if credit == 0 {
+            st.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(credit.min(len as u64) as usize))
+    }
+
+    /// Accounts what a write sent against the window.
+    fn count_sent(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.shared.lock().sent += *n as u64;
+        }
     }
 }
 
@@ -702,22 +711,9 @@ impl AsyncWrite for FlowStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let allowed = {
-            let mut st = self.shared.lock();
-            if st.closed {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-            }
-            let credit = st.credit();
-            if credit == 0 {
-                st.write_waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            credit.min(buf.len() as u64) as usize
-        };
+        let allowed = ready!(self.poll_credit(cx, buf.len()))?;
         let r = self.data.as_mut().poll_write(cx, &buf[..allowed]);
-        if let Poll::Ready(Ok(n)) = r {
-            self.shared.lock().sent += n as u64;
-        }
+        self.count_sent(&r);
         r
     }
 

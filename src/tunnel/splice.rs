@@ -111,33 +111,35 @@ impl Half {
     }
 }
 
-enum State {
-    Running(Half),
+/// One direction of a splice: carrying (`H`, what it needs while it
+/// runs), then shutting the writer down, then done with its byte count.
+enum Dir<H> {
+    Running(H),
     ShuttingDown(u64),
     Done(u64),
 }
 
-fn poll_transfer<A, B>(
-    cx: &mut Context<'_>,
-    state: &mut State,
-    mut r: Pin<&mut A>,
-    mut w: Pin<&mut B>,
-) -> Poll<io::Result<u64>>
-where
-    A: AsyncRead + ?Sized,
-    B: AsyncWrite + ?Sized,
-{
-    loop {
-        match state {
-            State::Running(h) => {
-                let n = ready!(h.poll_copy(cx, r.as_mut(), w.as_mut()))?;
-                *state = State::ShuttingDown(n);
+impl<H> Dir<H> {
+    /// Drives the direction: `run` until it has carried everything
+    /// (Ready with the byte count), then the writer's shutdown.
+    fn poll<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+        mut run: impl FnMut(&mut H, &mut Context<'_>, Pin<&mut W>) -> Poll<io::Result<u64>>,
+    ) -> Poll<io::Result<u64>> {
+        loop {
+            match self {
+                Dir::Running(h) => {
+                    let n = ready!(run(h, cx, w.as_mut()))?;
+                    *self = Dir::ShuttingDown(n);
+                }
+                Dir::ShuttingDown(n) => {
+                    ready!(w.as_mut().poll_shutdown(cx))?;
+                    *self = Dir::Done(*n);
+                }
+                Dir::Done(n) => return Poll::Ready(Ok(*n)),
             }
-            State::ShuttingDown(n) => {
-                ready!(w.as_mut().poll_shutdown(cx))?;
-                *state = State::Done(*n);
-            }
-            State::Done(n) => return Poll::Ready(Ok(*n)),
         }
     }
 }
@@ -272,79 +274,45 @@ impl HalfBytes {
     }
 }
 
-enum InState {
-    Running(HalfBytes),
-    ShuttingDown(u64),
-    Done(u64),
+/// The direction out of a [`WriteInto`] source while it runs.
+#[derive(Default)]
+struct OutOf {
+    amt: u64,
+    need_flush: bool,
 }
 
-fn poll_transfer_bytes<R, W>(
-    cx: &mut Context<'_>,
-    state: &mut InState,
-    mut r: Pin<&mut R>,
-    w: &mut W,
-) -> Poll<io::Result<u64>>
-where
-    R: AsyncRead + ?Sized,
-    W: WriteBytes + AsyncWrite + Unpin + ?Sized,
-{
-    loop {
-        match state {
-            InState::Running(h) => {
-                let n = ready!(h.poll_copy(cx, r.as_mut(), w))?;
-                *state = InState::ShuttingDown(n);
-            }
-            InState::ShuttingDown(n) => {
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
-                *state = InState::Done(*n);
-            }
-            InState::Done(n) => return Poll::Ready(Ok(*n)),
-        }
-    }
-}
-
-/// The direction out of a [`WriteInto`] source.
-enum Out {
-    Running { amt: u64, need_flush: bool },
-    ShuttingDown(u64),
-    Done(u64),
-}
-
-fn poll_transfer_into<A, B>(
-    cx: &mut Context<'_>,
-    state: &mut Out,
-    a: &mut A,
-    mut w: Pin<&mut B>,
-) -> Poll<io::Result<u64>>
-where
-    A: WriteInto + ?Sized,
-    B: AsyncWrite + ?Sized,
-{
-    loop {
-        match state {
-            Out::Running { amt, need_flush } => match a.poll_write_into(cx, w.as_mut()) {
+impl OutOf {
+    /// Writes what `a` holds into `w` until `a` ends (then flushed);
+    /// flushes whenever `a` has nothing more for now.
+    fn poll_copy<A, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        a: &mut A,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        A: WriteInto + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            match a.poll_write_into(cx, w.as_mut()) {
                 Poll::Ready(Ok(0)) => {
                     ready!(w.as_mut().poll_flush(cx))?;
-                    *state = Out::ShuttingDown(*amt);
+                    return Poll::Ready(Ok(self.amt));
                 }
                 Poll::Ready(Ok(n)) => {
-                    *amt += n as u64;
-                    *need_flush = true;
+                    self.amt += n as u64;
+                    self.need_flush = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if *need_flush {
+                    if self.need_flush {
                         ready!(w.as_mut().poll_flush(cx))?;
-                        *need_flush = false;
+                        self.need_flush = false;
                     }
                     return Poll::Pending;
                 }
-            },
-            Out::ShuttingDown(n) => {
-                ready!(w.as_mut().poll_shutdown(cx))?;
-                *state = Out::Done(*n);
             }
-            Out::Done(n) => return Poll::Ready(Ok(*n)),
         }
     }
 }
@@ -358,14 +326,15 @@ where
     A: WriteInto + WriteBytes + AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Out::Running {
-        amt: 0,
-        need_flush: false,
-    };
-    let mut b_to_a = InState::Running(HalfBytes::new());
+    let mut a_to_b = Dir::Running(OutOf::default());
+    let mut b_to_a = Dir::Running(HalfBytes::new());
     poll_fn(|cx| {
-        let ab = poll_transfer_into(cx, &mut a_to_b, &mut *a, Pin::new(&mut *b))?;
-        let ba = poll_transfer_bytes(cx, &mut b_to_a, Pin::new(&mut *b), &mut *a)?;
+        let ab = a_to_b.poll(cx, Pin::new(&mut *b), |h, cx, w| {
+            h.poll_copy(cx, &mut *a, w)
+        })?;
+        let ba = b_to_a.poll(cx, Pin::new(&mut *a), |h, cx, w| {
+            h.poll_copy(cx, Pin::new(&mut *b), w.get_mut())
+        })?;
         let ab = ready!(ab);
         let ba = ready!(ba);
         Poll::Ready(Ok((ab, ba)))
@@ -382,11 +351,15 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = State::Running(Half::new());
-    let mut b_to_a = State::Running(Half::new());
+    let mut a_to_b = Dir::Running(Half::new());
+    let mut b_to_a = Dir::Running(Half::new());
     poll_fn(|cx| {
-        let ab = poll_transfer(cx, &mut a_to_b, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let ba = poll_transfer(cx, &mut b_to_a, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        let ab = a_to_b.poll(cx, Pin::new(&mut *b), |h, cx, w| {
+            h.poll_copy(cx, Pin::new(&mut *a), w)
+        })?;
+        let ba = b_to_a.poll(cx, Pin::new(&mut *a), |h, cx, w| {
+            h.poll_copy(cx, Pin::new(&mut *b), w)
+        })?;
         let ab = ready!(ab);
         let ba = ready!(ba);
         Poll::Ready(Ok((ab, ba)))
