@@ -402,16 +402,20 @@ async fn connect_inner(
         "user-agent",
         http::HeaderValue::from_static(concat!("towerctl/", env!("CARGO_PKG_VERSION"))),
     );
-    // tungstenite allocates and zeroes its read buffer per read (128 KiB by
-    // default); a small one with `Slurp` underneath reads bulk in gulps
-    // without that cost.
+    // tungstenite reads only the upgrade's head (`WsIo` reads the frames).
     let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(super::WS_READ_BUFFER);
     let (tls_config, refused) = opts
         .tls
         .connector()
         .map_err(|e| unreachable(e.to_string()))?;
-    let tcp = super::slurp::Slurp::new(tcp);
+    // rustls reads the socket in small steps: gulped underneath. A plain
+    // socket is read by `WsIo` in big steps itself.
+    let tcp = if tls {
+        super::slurp::Slurp::new(tcp)
+    } else {
+        super::slurp::Slurp::direct(tcp)
+    };
     // TLS here rather than inside tokio-tungstenite: the frames `WsIo`
     // writes itself go into the gate, which must sit above TLS.
     let stream = if tls {

@@ -1,15 +1,17 @@
 //! A tighter WebSocket frame limit until the SSH login is done.
 //!
-//! tungstenite buffers a whole frame (and a whole fragmented message)
-//! before handing it on, up to the configured maximum. After login the hub
-//! needs 1 MiB (an agent sends up to 256 KiB per message, see `ws.rs`), but
-//! nothing before login comes near that: SSH packets are at most ~35 KB.
-//! With the 1 MiB limit, an unauthenticated peer that announced a big frame
-//! and sent all but its last byte made the hub hold 1 MiB for it, and the
-//! admission caps allow thousands of such peers (+1.9 GB in 4.5 s from one
-//! address). [`FrameCap`] sits under tungstenite, reads the frame headers
-//! in the byte stream as they pass, and fails the read on a frame or
-//! message longer than its limit, until [`FrameCap::lift`] is called.
+//! tungstenite, which read the tunnel's frames until the fourteenth
+//! session, buffered a whole frame (and a whole fragmented message) before
+//! handing it on, up to the configured maximum: an unauthenticated peer
+//! that announced a big frame and sent all but its last byte made the hub
+//! hold 1 MiB for it, and the admission caps allow thousands of such peers
+//! (+1.9 GB in 4.5 s from one address). `ws::WsIo` now passes frames on as
+//! they come and holds none whole, but nothing before login has a reason
+//! to come near 1 MiB (SSH packets are at most ~35 KB), so the tighter
+//! limit stays: [`FrameCap`] sits under the WebSocket reader, reads the
+//! frame headers in the byte stream as they pass, and fails the read on a
+//! frame or message longer than its limit, until [`FrameCap::lift`] is
+//! called.
 
 use std::io;
 use std::pin::Pin;

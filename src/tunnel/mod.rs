@@ -70,12 +70,8 @@ pub fn preferred() -> russh::Preferred {
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
 pub const MAX_PACKET: u32 = 32 * 1024;
 
-/// The WebSocket read buffer of a tunnel (tungstenite's, allocated and
-/// zeroed up front, and zeroed again per read): kept small because a hub
-/// holds thousands of mostly idle sessions (8 KiB: 58 KiB of hub RSS per
-/// idle agent at 1,000 instead of 87 KiB with 32 KiB). Bulk is not read in
-/// 8 KiB steps: [`slurp::Slurp`] underneath reads the socket in gulps of
-/// up to 256 KiB while data streams in.
+/// tungstenite's read buffer, allocated for the WebSocket upgrade and
+/// dropped with tungstenite after it: `ws::WsIo` reads the frames itself.
 pub const WS_READ_BUFFER: usize = 8 * 1024;
 
 /// A secret string whose `Debug` prints nothing, so it cannot leak into a

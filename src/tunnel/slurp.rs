@@ -1,16 +1,17 @@
 //! A read side that drinks from the socket in big gulps while data streams
 //! in, and holds no buffer while the connection is idle.
 //!
-//! tungstenite reads through a buffer it allocates (and zeroes) up front
-//! for the connection's life: the hub keeps it small (8 KiB) because it
-//! holds thousands of idle sessions, which cuts a bulk stream into 8 KiB
-//! reads, each a system call and a pass through the WebSocket reader.
-//! [`Slurp`] sits under it: small reads go straight into the caller's
-//! buffer; once a read fills that buffer (more is waiting), reads go into a
-//! buffer of our own that starts at [`START`], doubles with every read that
-//! fills it up to [`MAX`], and is handed out to the caller from memory. The
-//! buffer is freed whenever the socket has nothing more to give and it is
-//! drained, and a short read switches back to direct reads.
+//! A reader above that asks for little at a time (rustls reads its records
+//! in small steps; tungstenite, which read the tunnel's frames until the
+//! fourteenth session, read 8 KiB at a time) would cut a bulk stream into
+//! small reads, each a system call. [`Slurp`] sits under it: small reads
+//! go straight into the caller's buffer; once a read fills that buffer
+//! (more is waiting), reads go into a buffer of our own that starts at
+//! [`START`], doubles with every read that fills it up to [`MAX`], and is
+//! handed out to the caller from memory. The buffer is freed whenever the
+//! socket has nothing more to give and it is drained, and a short read
+//! switches back to direct reads. [`Slurp::direct`] never gulps, for a
+//! reader that reads in big steps itself.
 
 use std::io;
 use std::pin::Pin;
@@ -30,6 +31,8 @@ pub struct Slurp<S> {
     buf: BytesMut,
     /// Size of the next read into `buf`; 0 reads straight into the caller's.
     size: usize,
+    /// Never gulps: the reader above reads in big steps itself.
+    direct: bool,
 }
 
 impl<S> Slurp<S> {
@@ -38,6 +41,18 @@ impl<S> Slurp<S> {
             inner,
             buf: BytesMut::new(),
             size: 0,
+            direct: false,
+        }
+    }
+
+    /// Reads pass straight through, whatever their size: for a reader that
+    /// gulps itself (`WsIo` on a plain socket), where gulping here would
+    /// only add a copy. A TLS stream reads its records in small steps and
+    /// keeps gulping.
+    pub fn direct(inner: S) -> Self {
+        Slurp {
+            direct: true,
+            ..Slurp::new(inner)
         }
     }
 
@@ -59,7 +74,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Slurp<S> {
             if this.size == 0 {
                 let before = out.filled().len();
                 ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
-                if out.filled().len() > before && out.remaining() == 0 {
+                if out.filled().len() > before && out.remaining() == 0 && !this.direct {
                     // Filled: more is probably waiting; gulp from now on.
                     this.size = START;
                 }
@@ -169,5 +184,25 @@ mod tests {
         assert_eq!(&chunk[..n], b"ping");
         assert_eq!(r.read(&mut chunk).await.unwrap(), 0);
         assert_eq!(r.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_direct_slurp_never_gulps() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut r = Slurp::direct(rx);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        tx.write_all(&data).await.unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = r.read(&mut chunk).await.unwrap();
+            assert_eq!(r.held(), 0, "gulped into a buffer of its own");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, data);
     }
 }

@@ -1,14 +1,22 @@
 //! A byte stream over a WebSocket, for russh to run on.
 //!
-//! Reading goes through tungstenite (frame parsing, pings answered, close,
-//! size limits). Writing does not: a write through tungstenite's message
-//! API copied every byte twice (into a `Bytes` message, then into its frame
-//! buffer) and allocated per write. [`WsIo`] frames its writes itself, under
-//! tungstenite, through [`Gate`]: a hub's write (no mask) goes out as
-//! header + the caller's bytes in one `writev`, an agent's is masked once
-//! into a buffer kept for the session. The gate keeps every byte in order:
-//! the rest of a frame the socket did not take whole goes out before
-//! anything tungstenite writes after it (a pong, a close).
+//! tungstenite does the HTTP upgrade; after it, [`WsIo`] reads and writes
+//! the frames itself. Writing through tungstenite's message API copied
+//! every byte twice (into a `Bytes` message, then into its frame buffer)
+//! and allocated per write; reading through it copied every byte from the
+//! socket's buffer into tungstenite's, which it zeroed first, and then held
+//! whole frames. Here a hub's write (no mask) goes out as header + the
+//! caller's bytes in one `writev`, an agent's is masked once into a buffer
+//! kept for the session; a read gulps the socket into one buffer (freed
+//! when the socket is drained) and hands payload bytes to the caller as
+//! they come, unmasked on the way, without waiting for a frame's end. A
+//! tunnel is a byte stream, so message boundaries (fragments) do not
+//! matter; pings are answered, a close is answered and ends the stream,
+//! and everything RFC 6455 forbids (reserved bits, unknown opcodes, text,
+//! a mask from the server or none from a client, long or fragmented
+//! control frames, a continuation with nothing to continue) fails the read.
+//! [`Gate`] keeps every byte written in order: the rest of a frame the
+//! socket did not take whole goes out before a pong or a close.
 //!
 //! Why not tokio-util's `SinkWriter` or a `split()` sink: russh writes its
 //! version banner and then waits to read the peer's without flushing
@@ -21,10 +29,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
-use futures_util::{Sink, Stream};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 /// Largest single WebSocket message we send; bigger writes are split so one
@@ -32,9 +38,17 @@ use tokio_tungstenite::WebSocketStream;
 const MAX_MESSAGE: usize = 256 * 1024;
 
 /// Most bytes the gate holds for tungstenite behind an unfinished frame
-/// (pongs and a close are small; a peer pinging without reading gets
-/// tungstenite's own back-pressure past this).
+/// (its handshake; then our pongs and a close, which are small).
 const MAX_QUEUED: usize = 64 * 1024;
+
+/// Longest frame accepted (the peer sends at most [`MAX_MESSAGE`]); frames
+/// are passed on as they come, never held whole, so this is a sanity bound.
+pub const MAX_FRAME: u64 = 1024 * 1024;
+
+/// First read buffer once the socket has more than a read takes.
+const READ_START: usize = 16 * 1024;
+/// Largest read buffer: a few SSH packets per system call.
+const READ_MAX: usize = 256 * 1024;
 
 /// Which end of the WebSocket this is: a client masks what it sends
 /// (RFC 6455, section 5.3), a server must not.
@@ -81,8 +95,14 @@ fn copy_masked(dst: &mut [u8], src: &[u8], mask: [u8; 4]) {
 /// The header of a final binary frame of `len` bytes, masked with `mask`
 /// if given; and its length.
 fn binary_header(len: usize, mask: Option<[u8; 4]>) -> ([u8; 14], usize) {
+    header(0x82, len, mask) // FIN, binary
+}
+
+/// A frame header starting with the byte `first` (FIN, opcode), for `len`
+/// bytes masked with `mask` if given; and its length.
+fn header(first: u8, len: usize, mask: Option<[u8; 4]>) -> ([u8; 14], usize) {
     let mut h = [0u8; 14];
-    h[0] = 0x82; // FIN, binary
+    h[0] = first;
     let m = if mask.is_some() { 0x80 } else { 0 };
     let mut n = if len < 126 {
         h[1] = m | len as u8;
@@ -120,6 +140,12 @@ pub struct Gate<S> {
     /// tungstenite wrote behind an unfinished frame.
     out: Vec<u8>,
     out_at: usize,
+    /// Read from the socket during the HTTP upgrade and not given to
+    /// tungstenite: what follows the blank line ending the head, the
+    /// first frames, which [`WsIo`] reads.
+    early: BytesMut,
+    /// How much of the head's "\r\n\r\n" end tungstenite has been given.
+    head_end: u8,
 }
 
 impl<S> Gate<S> {
@@ -132,6 +158,8 @@ impl<S> Gate<S> {
             masked_at: 0,
             out: Vec::new(),
             out_at: 0,
+            early: BytesMut::new(),
+            head_end: 0,
         }
     }
 
@@ -215,13 +243,48 @@ impl<S: AsyncWrite + Unpin> Gate<S> {
     }
 }
 
+/// What tungstenite reads: the HTTP head of the upgrade, up to and with
+/// its blank line, and not a byte more (tungstenite would keep bytes read
+/// past it in a buffer of its own, and they are the first frames). After
+/// the head it reads nothing.
 impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.head_end == 4 {
+            return Poll::Ready(Ok(()));
+        }
+        if this.early.is_empty() {
+            this.early.reserve(4096);
+            if ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.io),
+                cx,
+                &mut this.early
+            ))? == 0
+            {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let mut n = 0;
+        for &b in this.early.iter().take(buf.remaining()) {
+            n += 1;
+            this.head_end = if b == b"\r\n\r\n"[this.head_end as usize] {
+                this.head_end + 1
+            } else if b == b'\r' {
+                1
+            } else {
+                0
+            };
+            if this.head_end == 4 {
+                break;
+            }
+        }
+        buf.put_slice(&this.early[..n]);
+        this.early.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -272,12 +335,98 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     }
 }
 
+/// What the reader is in the middle of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    /// Between frames: a header comes next.
+    Header,
+    /// In a data frame's payload: `left` bytes to go, unmasked with `mask`
+    /// from `at` (the offset into the payload, for the key's rotation).
+    Payload {
+        left: u64,
+        mask: Option<[u8; 4]>,
+        at: usize,
+    },
+}
+
+/// A frame header as read: (FIN, opcode, mask key, payload length), and
+/// the header's own length.
+type Header = (bool, u8, Option<[u8; 4]>, u64, usize);
+
+/// Parses the frame header at the start of `b`: `Ok(None)` until it is all
+/// there.
+fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
+    if b.len() < 2 {
+        return Ok(None);
+    }
+    let (fin, rsv, opcode) = (b[0] & 0x80 != 0, b[0] & 0x70, b[0] & 0x0f);
+    if rsv != 0 {
+        return Err(invalid("a websocket frame with reserved bits set"));
+    }
+    let masked = b[1] & 0x80 != 0;
+    let (len, mut n) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+        127 if b.len() >= 10 => {
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&b[2..10]);
+            (u64::from_be_bytes(l), 10)
+        }
+        126 | 127 => return Ok(None),
+        l => (u64::from(l), 2),
+    };
+    let mask = if masked {
+        if b.len() < n + 4 {
+            return Ok(None);
+        }
+        let k = [b[n], b[n + 1], b[n + 2], b[n + 3]];
+        n += 4;
+        Some(k)
+    } else {
+        None
+    };
+    Ok(Some((fin, opcode, mask, len, n)))
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// A whole frame: header (starting with `first`) and `payload`, masked
+/// with `mask` if given.
+fn frame_bytes(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let (h, hn) = header(first, payload.len(), mask);
+    let mut f = Vec::with_capacity(hn + payload.len());
+    f.extend_from_slice(&h[..hn]);
+    match mask {
+        Some(k) => {
+            f.resize(hn + payload.len(), 0);
+            copy_masked(&mut f[hn..], payload, k);
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// A control frame (`opcode` 8 to 10) with `payload` (its first 125
+/// bytes), masked if `mask`.
+fn control_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    frame_bytes(0x80 | opcode, &payload[..payload.len().min(125)], mask)
+}
+
 pub struct WsIo<S> {
-    ws: WebSocketStream<Gate<S>>,
-    /// Counts every message received: the peer is alive while it moves.
+    io: Gate<S>,
+    /// Counts every frame received: the peer is alive while it moves.
     alive: Liveness,
-    /// Unread rest of the last binary message received.
-    read_buf: Bytes,
+    /// Read from the socket and not yet handed out or parsed. Allocated
+    /// while data comes in, freed when the socket has nothing more.
+    rbuf: BytesMut,
+    /// Size of the next read into `rbuf`: grows while reads fill it.
+    rsize: usize,
+    frame: Frame,
+    /// A data message is unfinished: the next data frame continues it.
+    in_message: bool,
+    /// Control frames to hand to the gate (a pong, a close).
+    ctl: Vec<u8>,
     /// A flush was started and has not completed yet.
     flush_pending: bool,
     /// The peer sent Close or the stream ended.
@@ -293,42 +442,173 @@ impl<S> WsIo<S> {
         self.alive.clone()
     }
 
+    /// Takes the stream over from tungstenite once the upgrade is done
+    /// (tungstenite reads nothing past the head, see [`Gate`]; whatever
+    /// came after it is read here first).
     pub fn new(ws: WebSocketStream<Gate<S>>) -> Self {
+        let mut io = ws.into_inner();
+        let rbuf = std::mem::take(&mut io.early);
         WsIo {
-            ws,
+            io,
             alive: Liveness::default(),
-            read_buf: Bytes::new(),
+            rbuf,
+            rsize: READ_START,
+            frame: Frame::Header,
+            in_message: false,
+            ctl: Vec::new(),
             flush_pending: false,
             eof: false,
             shut: false,
         }
     }
-}
 
-fn to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => {
-            io::Error::new(io::ErrorKind::BrokenPipe, "websocket closed")
+    fn mask(&self) -> Option<[u8; 4]> {
+        match self.io.role {
+            Role::Client => Some(rand::random()),
+            Role::Server => None,
         }
-        other => io::Error::other(other),
+    }
+
+    /// Takes the frame at the start of `rbuf` if it is all there (a data
+    /// frame's header, a control frame whole). `Ok(false)`: more bytes
+    /// are needed.
+    fn take_frame(&mut self) -> io::Result<bool> {
+        let Some((fin, opcode, mask, len, hn)) = parse_header(&self.rbuf)? else {
+            return Ok(false);
+        };
+        match (self.io.role, mask) {
+            (Role::Server, None) => {
+                return Err(invalid("an unmasked websocket frame from the client"))
+            }
+            (Role::Client, Some(_)) => {
+                return Err(invalid("a masked websocket frame from the server"))
+            }
+            _ => {}
+        }
+        match opcode {
+            0 | 2 => {
+                if (opcode == 0) != self.in_message {
+                    return Err(invalid(if opcode == 0 {
+                        "a websocket continuation frame with no message to continue"
+                    } else {
+                        "a websocket message inside an unfinished one"
+                    }));
+                }
+                if len > MAX_FRAME {
+                    return Err(invalid(&format!(
+                        "a websocket frame of {len} bytes (at most {MAX_FRAME})"
+                    )));
+                }
+                self.rbuf.advance(hn);
+                self.alive.saw();
+                self.in_message = !fin;
+                if len > 0 {
+                    self.frame = Frame::Payload {
+                        left: len,
+                        mask,
+                        at: 0,
+                    };
+                }
+            }
+            1 => return Err(invalid("unexpected text message on the tunnel websocket")),
+            8..=10 => {
+                if !fin || len > 125 {
+                    return Err(invalid("a fragmented or long websocket control frame"));
+                }
+                let end = hn + len as usize;
+                if self.rbuf.len() < end {
+                    return Ok(false);
+                }
+                let mut payload = [0u8; 125];
+                let payload = &mut payload[..len as usize];
+                match mask {
+                    Some(k) => copy_masked(payload, &self.rbuf[hn..end], k),
+                    None => payload.copy_from_slice(&self.rbuf[hn..end]),
+                }
+                self.rbuf.advance(end);
+                self.alive.saw();
+                match opcode {
+                    9 if !self.shut => {
+                        // Only the latest ping needs its pong (RFC 6455,
+                        // 5.5.3): one waiting is replaced.
+                        self.ctl = control_frame(10, payload, self.mask());
+                    }
+                    8 => {
+                        if len == 1 {
+                            return Err(invalid("a websocket close frame of one byte"));
+                        }
+                        self.eof = true;
+                        if !self.shut {
+                            // Answered with its status code, then nothing
+                            // more is sent.
+                            self.ctl =
+                                control_frame(8, &payload[..len.min(2) as usize], self.mask());
+                            self.shut = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            op => {
+                return Err(invalid(&format!(
+                    "a websocket frame of unknown opcode {op}"
+                )))
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads more from the socket into `rbuf`; `Ok(0)` at its end.
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        if self.rbuf.capacity() - self.rbuf.len() < self.rsize / 2 {
+            self.rbuf.reserve(self.rsize);
+        }
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut self.rbuf) {
+            Poll::Pending => {
+                if self.rbuf.is_empty() {
+                    // Idle for now: hold nothing while waiting.
+                    self.rbuf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(n)) => {
+                if n >= room {
+                    self.rsize = (self.rsize * 2).min(READ_MAX);
+                } else if n < room / 2 {
+                    self.rsize = READ_START;
+                }
+                Poll::Ready(Ok(n))
+            }
+            r => r,
+        }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
-    /// Flushes tungstenite's own frames into the gate and the gate onto the
-    /// socket.
+    /// Hands our control frames to the gate, then flushes the gate onto
+    /// the socket.
     fn drive_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.ws).poll_flush(cx) {
-            Poll::Ready(r) => {
-                self.flush_pending = false;
-                Poll::Ready(r.map_err(to_io))
+        let r = (|| {
+            if !self.ctl.is_empty() {
+                if ready!(Pin::new(&mut self.io).poll_write(cx, &self.ctl))? == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.ctl = Vec::new();
             }
-            Poll::Pending => {
-                self.flush_pending = true;
-                Poll::Pending
-            }
-        }
+            ready!(self.io.drain(cx))?;
+            Pin::new(&mut self.io.io).poll_flush(cx)
+        })();
+        self.flush_pending = r.is_pending();
+        r
+    }
+
+    /// Whether anything is still to go out.
+    fn unflushed(&self) -> bool {
+        self.flush_pending || !self.ctl.is_empty() || self.io.queued() > 0
     }
 }
 
@@ -339,45 +619,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.flush_pending || this.ws.get_ref().queued() > 0 {
+        if this.unflushed() {
             // Whatever is still going out is driven from here too; a
             // failed flush ends the read.
             if let Poll::Ready(Err(e)) = this.drive_flush(cx) {
                 return Poll::Ready(Err(e));
             }
         }
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
-            if !this.read_buf.is_empty() {
-                let n = this.read_buf.len().min(buf.remaining());
-                buf.put_slice(&this.read_buf[..n]);
-                this.read_buf.advance(n);
-                return Poll::Ready(Ok(()));
+            let frame = this.frame;
+            match frame {
+                Frame::Payload { left, mask, at } if !this.rbuf.is_empty() => {
+                    let n = (this.rbuf.len() as u64).min(left) as usize;
+                    let n = n.min(buf.remaining());
+                    let dst = &mut buf.initialize_unfilled_to(n)[..n];
+                    match mask {
+                        Some(k) => {
+                            let k = [k[at % 4], k[(at + 1) % 4], k[(at + 2) % 4], k[(at + 3) % 4]];
+                            copy_masked(dst, &this.rbuf[..n], k);
+                        }
+                        None => dst.copy_from_slice(&this.rbuf[..n]),
+                    }
+                    buf.advance(n);
+                    this.rbuf.advance(n);
+                    this.frame = if left == n as u64 {
+                        Frame::Header
+                    } else {
+                        Frame::Payload {
+                            left: left - n as u64,
+                            mask,
+                            at: at + n,
+                        }
+                    };
+                    return Poll::Ready(Ok(()));
+                }
+                // A frame taken whole or its header: on to the next.
+                Frame::Header if !this.eof && this.take_frame()? => {
+                    if !this.ctl.is_empty() {
+                        // A pong or our close: out at once.
+                        if let Poll::Ready(Err(e)) = this.drive_flush(cx) {
+                            return Poll::Ready(Err(e));
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
             }
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            let next = ready!(Pin::new(&mut this.ws).poll_next(cx));
-            this.alive.saw();
-            match next {
-                Some(Ok(Message::Binary(data))) => this.read_buf = data,
-                // Pings are answered by tungstenite (through the gate,
-                // after any frame of ours still going out).
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "unexpected text message on the tunnel websocket",
-                    )))
-                }
-                Some(Ok(Message::Close(_))) | None => this.eof = true,
-                Some(Err(e)) => {
-                    let e = to_io(e);
-                    if e.kind() == io::ErrorKind::BrokenPipe {
-                        this.eof = true;
-                    } else {
-                        return Poll::Ready(Err(e));
-                    }
-                }
+            if ready!(this.fill(cx))? == 0 {
+                return Poll::Ready(if this.frame == Frame::Header && this.rbuf.is_empty() {
+                    // The stream ended with no close: as tungstenite put it.
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "WebSocket protocol error: Connection reset without closing handshake",
+                    ))
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the websocket ended inside a frame",
+                    ))
+                });
             }
         }
     }
@@ -400,12 +706,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
                 "websocket closed",
             )));
         }
-        // tungstenite's own frames (pongs, a close) go out first, whole.
-        if this.flush_pending || this.ws.get_ref().queued() > 0 {
+        // Our control frames (pongs) go out first, whole.
+        if this.unflushed() {
             ready!(this.drive_flush(cx))?;
         }
-        let n = ready!(this.ws.get_mut().poll_frame(cx, buf))?;
-        if this.ws.get_ref().queued() > 0 {
+        let n = ready!(this.io.poll_frame(cx, buf))?;
+        if this.io.queued() > 0 {
             // The rest goes out from the read side or the next write.
             this.flush_pending = true;
         }
@@ -418,10 +724,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.shut = true;
-        match ready!(Pin::new(&mut this.ws).poll_close(cx)) {
-            Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(to_io(e))),
+        if !this.shut {
+            this.shut = true;
+            this.ctl = control_frame(8, &[], this.mask());
+        }
+        match ready!(this.drive_flush(cx)) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Poll::Ready(Ok(())),
+            r => Poll::Ready(r),
         }
     }
 }
@@ -433,6 +742,7 @@ mod tests {
     use futures_util::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+    use tokio_tungstenite::tungstenite::Message;
 
     fn data(n: usize, seed: u32) -> Vec<u8> {
         (0..n as u32)
@@ -506,10 +816,7 @@ mod tests {
                 Poll::Ready(Ok(n)) => assert_eq!(n, sent.len()),
                 other => panic!("{role:?}: the write was not accepted: {other:?}"),
             }
-            assert!(
-                ours.ws.get_ref().queued() > 0,
-                "{role:?}: the pipe took it all"
-            );
+            assert!(ours.io.queued() > 0, "{role:?}: the pipe took it all");
             // A ping arrives; our read side answers it while the frame is
             // still going out.
             peer.send(Message::Ping(b"hi".to_vec().into()))
@@ -572,6 +879,225 @@ mod tests {
         }
         assert_eq!(&got[..9], b"PONG-REST", "tungstenite's bytes were cut into");
         assert_eq!(&got[9..], &[0x82, 4, b'd', b'a', b't', b'a'][..]);
+    }
+
+    /// Our end with `role` over a pipe of `capacity` bytes, and the far end
+    /// of the pipe, raw.
+    fn raw_pair(role: Role, capacity: usize) -> (WsIo<DuplexStream>, DuplexStream) {
+        let (a, b) = tokio::io::duplex(capacity);
+        let ws = futures_util::FutureExt::now_or_never(WebSocketStream::from_raw_socket(
+            Gate::new(a, role),
+            match role {
+                Role::Server => WsRole::Server,
+                Role::Client => WsRole::Client,
+            },
+            None,
+        ))
+        .unwrap();
+        (WsIo::new(ws), b)
+    }
+
+    /// A frame as a peer in the other role would send it.
+    fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        frame_bytes(first, payload, mask)
+    }
+
+    #[tokio::test]
+    async fn fragments_and_pings_from_a_peer_come_through_and_a_close_ends_the_stream() {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+        for role in [Role::Server, Role::Client] {
+            // A small pipe: headers and payloads arrive cut anywhere.
+            let (mut ours, mut peer) = pair(role, 7).await;
+            let parts = [data(3000, 1), data(1, 2), data(0, 3), data(70_000, 4)];
+            let want: Vec<u8> = parts.concat();
+            let sender = tokio::spawn(async move {
+                for (i, p) in parts.iter().enumerate() {
+                    let op = if i == 0 {
+                        OpCode::Data(Data::Binary)
+                    } else {
+                        OpCode::Data(Data::Continue)
+                    };
+                    let last = i == parts.len() - 1;
+                    peer.send(Message::Frame(WsFrame::message(p.clone(), op, last)))
+                        .await
+                        .unwrap();
+                    // A ping between fragments, as RFC 6455 allows.
+                    peer.send(Message::Ping(vec![i as u8; 3].into()))
+                        .await
+                        .unwrap();
+                }
+                peer.send(Message::Close(None)).await.unwrap();
+                // Pongs and the answer to the close come back.
+                let mut pongs = Vec::new();
+                loop {
+                    match peer.next().await {
+                        Some(Ok(Message::Pong(p))) => pongs.push(p.to_vec()),
+                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(other)) => panic!("{role:?}: unexpected {other:?}"),
+                        Some(Err(e)) => panic!("{role:?}: {e}"),
+                    }
+                }
+                pongs
+            });
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            loop {
+                let n = ours.read(&mut b).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&b[..n]);
+            }
+            assert!(
+                got == want,
+                "{role:?}: bytes changed ({} of {})",
+                got.len(),
+                want.len()
+            );
+            ours.flush().await.unwrap();
+            let pongs = sender.await.unwrap();
+            assert!(!pongs.is_empty(), "{role:?}: no ping was answered");
+            assert!(
+                pongs.iter().all(|p| p.len() == 3 && p[0] == p[2]),
+                "{role:?}: pongs did not echo their pings: {pongs:?}"
+            );
+            // Nothing goes out after the close.
+            assert_eq!(
+                ours.write(b"late").await.unwrap_err().kind(),
+                io::ErrorKind::BrokenPipe
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn what_rfc_6455_forbids_fails_the_read_with_the_reason() {
+        let k = Some([9, 8, 7, 6]);
+        let long = vec![0u8; 126];
+        let cases: Vec<(Role, Vec<u8>, &str)> = vec![
+            (Role::Server, frame(0x81, b"hi", k), "text"),
+            (Role::Server, frame(0xc2, b"hi", k), "reserved"),
+            (Role::Server, frame(0x82, b"hi", None), "unmasked"),
+            (Role::Client, frame(0x82, b"hi", k), "masked"),
+            (Role::Client, frame(0x80, b"hi", None), "continuation"),
+            (
+                Role::Client,
+                [frame(0x02, b"a", None), frame(0x82, b"b", None)].concat(),
+                "inside an unfinished",
+            ),
+            (Role::Client, frame(0x89, &long, None), "control"),
+            (Role::Client, frame(0x09, b"p", None), "control"),
+            (Role::Client, frame(0x83, b"x", None), "opcode 3"),
+            (Role::Client, frame(0x88, b"x", None), "one byte"),
+            (
+                Role::Client,
+                [&[0x82u8, 127][..], &(MAX_FRAME + 1).to_be_bytes()].concat(),
+                "at most",
+            ),
+        ];
+        for (role, bytes, why) in cases {
+            let (mut ours, mut far) = raw_pair(role, 1 << 16);
+            far.write_all(&bytes).await.unwrap();
+            let mut b = [0u8; 64];
+            let mut got = Vec::new();
+            let err = loop {
+                match ours.read(&mut b).await {
+                    Ok(0) => panic!("{why}: ended without an error"),
+                    Ok(n) => got.extend_from_slice(&b[..n]),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{why}: {err}");
+            assert!(err.to_string().contains(why), "{why}: said {err}");
+            assert!(got.len() <= 1, "{why}: passed on {got:?}");
+        }
+        // A stream ending inside a frame, or with no close, is an error too.
+        for (bytes, why) in [
+            (frame(0x82, b"hello", None)[..4].to_vec(), "inside a frame"),
+            (Vec::new(), "without closing handshake"),
+        ] {
+            let (mut ours, mut far) = raw_pair(Role::Client, 1 << 16);
+            far.write_all(&bytes).await.unwrap();
+            drop(far);
+            let mut b = [0u8; 64];
+            let err = loop {
+                match ours.read(&mut b).await {
+                    Ok(0) => panic!("{why}: a clean end"),
+                    Ok(_) => {}
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{why}: {err}");
+            assert!(err.to_string().contains(why), "{why}: said {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_sent_with_the_upgrade_answer_are_not_lost_and_an_idle_reader_holds_no_buffer() {
+        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+        // The agent's side: the hub's first frame comes in the same write
+        // as its 101 (tungstenite would have kept it in its own buffer).
+        let (a, mut hub) = tokio::io::duplex(1 << 16);
+        let client = tokio::spawn(tokio_tungstenite::client_async(
+            "ws://hub.example/tunnel",
+            Gate::new(a, Role::Client),
+        ));
+        let mut req = Vec::new();
+        let mut b = [0u8; 1024];
+        while !req.ends_with(b"\r\n\r\n") {
+            let n = hub.read(&mut b).await.unwrap();
+            req.extend_from_slice(&b[..n]);
+        }
+        let req = String::from_utf8(req).unwrap();
+        let key = req
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .or_else(|| {
+                req.lines()
+                    .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+            })
+            .expect("no key in the request");
+        let first = data(5000, 11);
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.trim().as_bytes())
+        )
+        .into_bytes();
+        answer.extend_from_slice(&frame(0x82, &first, None));
+        hub.write_all(&answer).await.unwrap();
+        let (ws, _) = client.await.unwrap().unwrap();
+        let mut ours = WsIo::new(ws);
+        let mut got = vec![0u8; first.len()];
+        let wait = std::time::Duration::from_secs(5);
+        tokio::time::timeout(wait, ours.read_exact(&mut got))
+            .await
+            .expect("the frame sent with the 101 never came")
+            .unwrap();
+        assert!(got == first, "the frame sent with the 101 was changed");
+        // Nothing more to read: the reader holds no buffer while it waits.
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut ours)
+            .poll_read(&mut cx, &mut ReadBuf::new(&mut b))
+            .is_pending());
+        assert_eq!(ours.rbuf.capacity(), 0, "an idle reader kept its buffer");
+
+        // The hub's side: a client that sends its first frame with the
+        // upgrade request.
+        let (a, mut agent) = tokio::io::duplex(1 << 16);
+        let mut hello = b"GET /tunnel HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec();
+        hello.extend_from_slice(&frame(0x82, &first, Some([1, 2, 3, 4])));
+        agent.write_all(&hello).await.unwrap();
+        let ws = tokio_tungstenite::accept_async(Gate::new(a, Role::Server))
+            .await
+            .unwrap();
+        let mut ours = WsIo::new(ws);
+        let mut got = vec![0u8; first.len()];
+        tokio::time::timeout(wait, ours.read_exact(&mut got))
+            .await
+            .expect("the frame sent with the request never came")
+            .unwrap();
+        assert!(got == first, "the frame sent with the request was changed");
     }
 
     #[test]

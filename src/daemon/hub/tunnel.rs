@@ -29,18 +29,6 @@ pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
 
 use crate::tunnel::WS_READ_BUFFER;
 
-/// [`WS_READ_BUFFER`], or `TOWERCTL_WS_READ_BUFFER` (bytes, 4 KiB–1 MiB) for
-/// benchmarks that compare sizes in one build.
-fn ws_read_buffer() -> usize {
-    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SIZE.get_or_init(|| {
-        std::env::var("TOWERCTL_WS_READ_BUFFER")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(WS_READ_BUFFER, |n: usize| n.clamp(4096, 1 << 20))
-    })
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn accept_tunnels(
     listener: TcpListener,
@@ -234,15 +222,11 @@ async fn tunnel_session(
         let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .max_message_size(Some(MAX_WS_MESSAGE))
             .max_frame_size(Some(MAX_WS_MESSAGE))
-            // Allocated eagerly per agent (tungstenite's default is 128 KiB):
-            // a hub holds thousands of mostly idle sessions. Bulk is read
-            // in bigger gulps underneath (`Slurp`), with no idle cost.
-            .read_buffer_size(ws_read_buffer());
+            // tungstenite reads only the upgrade's head (`WsIo` reads the
+            // frames); its buffer is dropped with it after the upgrade.
+            .read_buffer_size(WS_READ_BUFFER);
         // Frames before login are held to 64 KiB (tunnel::framecap).
-        let tcp = tunnel::framecap::FrameCap::new(
-            tunnel::slurp::Slurp::new(tcp),
-            tunnel::framecap::PRELOGIN_MAX,
-        );
+        let tcp = tunnel::framecap::FrameCap::new(tcp, tunnel::framecap::PRELOGIN_MAX);
         let lift = tcp.lift();
         // The client's own address: the peer's, or behind a trusted proxy
         // the one it forwarded for.
