@@ -26,7 +26,7 @@ pub const PRELOGIN_MAX: u64 = 64 * 1024;
 
 #[derive(Debug)]
 enum State {
-    /// The HTTP upgrade request; how much of its "\r\n\r\n" end was seen.
+    /// The HTTP upgrade request; how far its end is (`ws::head_end_after`).
     Http(u8),
     /// A frame header being read (2 to 14 bytes).
     Header { buf: [u8; 14], have: usize },
@@ -69,15 +69,9 @@ impl<S> FrameCap<S> {
                 State::Http(seen) => {
                     let b = bytes[0];
                     bytes = &bytes[1..];
-                    let want = b"\r\n\r\n"[*seen as usize];
-                    *seen = if b == want {
-                        *seen + 1
-                    } else if b == b'\r' {
-                        1
-                    } else {
-                        0
-                    };
-                    if *seen == 4 {
+                    // The head ends as httparse ends it (`\n\n` too).
+                    *seen = super::ws::head_end_after(*seen, b);
+                    if *seen == super::ws::HEAD_DONE {
                         self.state = State::Header {
                             buf: [0; 14],
                             have: 0,

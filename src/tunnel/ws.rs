@@ -144,7 +144,8 @@ pub struct Gate<S> {
     /// tungstenite: what follows the blank line ending the head, the
     /// first frames, which [`WsIo`] reads.
     early: BytesMut,
-    /// How much of the head's "\r\n\r\n" end tungstenite has been given.
+    /// How far tungstenite has been given the head's end (see
+    /// [`head_end_after`]).
     head_end: u8,
 }
 
@@ -243,6 +244,23 @@ impl<S: AsyncWrite + Unpin> Gate<S> {
     }
 }
 
+/// [`head_end_after`]'s state once the head's blank line is through.
+pub const HEAD_DONE: u8 = 3;
+
+/// Where an HTTP head's end is after byte `b`, from `state`: 0 in a line,
+/// 1 after a line's `\n`, 2 after `\n\r`, [`HEAD_DONE`] after the blank
+/// line. Ends as httparse (under tungstenite and hyper) ends a head: `\n`,
+/// an optional `\r`, `\n`.
+pub fn head_end_after(state: u8, b: u8) -> u8 {
+    match (state, b) {
+        (HEAD_DONE, _) => HEAD_DONE,
+        (1 | 2, b'\n') => HEAD_DONE,
+        (_, b'\n') => 1,
+        (1, b'\r') => 2,
+        _ => 0,
+    }
+}
+
 /// What tungstenite reads: the HTTP head of the upgrade, up to and with
 /// its blank line, and not a byte more (tungstenite would keep bytes read
 /// past it in a buffer of its own, and they are the first frames). After
@@ -254,7 +272,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.head_end == 4 {
+        if this.head_end == HEAD_DONE {
             return Poll::Ready(Ok(()));
         }
         if this.early.is_empty() {
@@ -271,14 +289,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
         let mut n = 0;
         for &b in this.early.iter().take(buf.remaining()) {
             n += 1;
-            this.head_end = if b == b"\r\n\r\n"[this.head_end as usize] {
-                this.head_end + 1
-            } else if b == b'\r' {
-                1
-            } else {
-                0
-            };
-            if this.head_end == 4 {
+            this.head_end = head_end_after(this.head_end, b);
+            if this.head_end == HEAD_DONE {
                 break;
             }
         }
@@ -385,6 +397,11 @@ fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
         None
     };
     Ok(Some((fin, opcode, mask, len, n)))
+}
+
+/// Whether a peer may send this close status (RFC 6455, 7.4.1 and 7.4.2).
+fn close_code_ok(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -530,7 +547,8 @@ impl<S> WsIo<S> {
                 match opcode {
                     9 if !self.shut => {
                         // Only the latest ping needs its pong (RFC 6455,
-                        // 5.5.3): one waiting is replaced.
+                        // 5.5.3): one waiting is replaced (it is handed to
+                        // the gate only once the gate has sent the rest).
                         self.ctl = control_frame(10, payload, self.mask());
                     }
                     8 => {
@@ -539,10 +557,23 @@ impl<S> WsIo<S> {
                         }
                         self.eof = true;
                         if !self.shut {
-                            // Answered with its status code, then nothing
-                            // more is sent.
-                            self.ctl =
-                                control_frame(8, &payload[..len.min(2) as usize], self.mask());
+                            // Answered with its status code if it is one
+                            // a peer may send (RFC 6455, 7.4), with 1002
+                            // (protocol error) if not; then nothing more
+                            // is sent.
+                            let code =
+                                (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                            let reply = match code {
+                                None => Vec::new(),
+                                Some(c)
+                                    if close_code_ok(c)
+                                        && std::str::from_utf8(&payload[2..]).is_ok() =>
+                                {
+                                    c.to_be_bytes().to_vec()
+                                }
+                                Some(_) => 1002u16.to_be_bytes().to_vec(),
+                            };
+                            self.ctl = control_frame(8, &reply, self.mask());
                             self.shut = true;
                         }
                     }
@@ -569,10 +600,16 @@ impl<S> WsIo<S> {
         let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut self.rbuf) {
             Poll::Pending => {
-                if self.rbuf.is_empty() {
-                    // Idle for now: hold nothing while waiting.
-                    self.rbuf = BytesMut::new();
-                }
+                // Idle for now: hold nothing while waiting, or only the
+                // start of a header or control frame (at most 139 bytes)
+                // in a buffer of its size (a burst of small frames ending
+                // in one byte must not keep the buffer it grew).
+                self.rbuf = if self.rbuf.is_empty() {
+                    BytesMut::new()
+                } else {
+                    BytesMut::from(&self.rbuf[..])
+                };
+                self.rsize = READ_START;
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
@@ -593,13 +630,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
     /// the socket.
     fn drive_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = (|| {
+            ready!(self.io.drain(cx))?;
             if !self.ctl.is_empty() {
+                // The gate is empty: taken whole, what the socket does not
+                // take is queued in the gate.
                 if ready!(Pin::new(&mut self.io).poll_write(cx, &self.ctl))? == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.ctl = Vec::new();
+                ready!(self.io.drain(cx))?;
             }
-            ready!(self.io.drain(cx))?;
             Pin::new(&mut self.io.io).poll_flush(cx)
         })();
         self.flush_pending = r.is_pending();
@@ -613,23 +653,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
+    /// Hands out payload bytes of as many frames as are read and fit;
+    /// reads the socket only when nothing was handed out yet.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // Whatever is still going out (our frames, a pong, a close) is
+        // driven from here too; a failed flush ends the read, unless the
+        // peer has closed already (its socket may be gone before our
+        // answer to its close).
         if this.unflushed() {
-            // Whatever is still going out is driven from here too; a
-            // failed flush ends the read.
             if let Poll::Ready(Err(e)) = this.drive_flush(cx) {
-                return Poll::Ready(Err(e));
+                if !this.eof {
+                    return Poll::Ready(Err(e));
+                }
             }
         }
-        if buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
+        let start = buf.filled().len();
         loop {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
             let frame = this.frame;
             match frame {
                 Frame::Payload { left, mask, at } if !this.rbuf.is_empty() => {
@@ -654,21 +701,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                             at: at + n,
                         }
                     };
-                    return Poll::Ready(Ok(()));
-                }
-                // A frame taken whole or its header: on to the next.
-                Frame::Header if !this.eof && this.take_frame()? => {
-                    if !this.ctl.is_empty() {
-                        // A pong or our close: out at once.
-                        if let Poll::Ready(Err(e)) = this.drive_flush(cx) {
-                            return Poll::Ready(Err(e));
-                        }
-                    }
                     continue;
                 }
+                // A frame taken whole or its header: on to the next.
+                Frame::Header if !this.eof => match this.take_frame() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        // Said to the peer if the socket takes it now
+                        // (RFC 6455, 7.1.7), then the read fails.
+                        if !this.shut {
+                            this.shut = true;
+                            this.ctl = control_frame(8, &1002u16.to_be_bytes(), this.mask());
+                            let _ = this.drive_flush(cx);
+                        }
+                        return Poll::Ready(Err(e));
+                    }
+                },
                 _ => {}
             }
-            if this.eof {
+            if !this.ctl.is_empty() {
+                // A pong or our answer to a close, once per batch of
+                // frames read.
+                if let Poll::Ready(Err(e)) = this.drive_flush(cx) {
+                    if !this.eof {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+            if this.eof || buf.filled().len() > start {
                 return Poll::Ready(Ok(()));
             }
             if ready!(this.fill(cx))? == 0 {
@@ -1036,51 +1097,65 @@ mod tests {
     async fn frames_sent_with_the_upgrade_answer_are_not_lost_and_an_idle_reader_holds_no_buffer() {
         use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
         // The agent's side: the hub's first frame comes in the same write
-        // as its 101 (tungstenite would have kept it in its own buffer).
-        let (a, mut hub) = tokio::io::duplex(1 << 16);
-        let client = tokio::spawn(tokio_tungstenite::client_async(
-            "ws://hub.example/tunnel",
-            Gate::new(a, Role::Client),
-        ));
-        let mut req = Vec::new();
-        let mut b = [0u8; 1024];
-        while !req.ends_with(b"\r\n\r\n") {
-            let n = hub.read(&mut b).await.unwrap();
-            req.extend_from_slice(&b[..n]);
-        }
-        let req = String::from_utf8(req).unwrap();
-        let key = req
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-            .or_else(|| {
-                req.lines()
-                    .find_map(|l| l.strip_prefix("sec-websocket-key: "))
-            })
-            .expect("no key in the request");
+        // as its 101 (tungstenite would have kept it in its own buffer),
+        // with the usual line ends and with bare `\n` (httparse takes both).
         let first = data(5000, 11);
-        let mut answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.trim().as_bytes())
-        )
-        .into_bytes();
-        answer.extend_from_slice(&frame(0x82, &first, None));
-        hub.write_all(&answer).await.unwrap();
-        let (ws, _) = client.await.unwrap().unwrap();
-        let mut ours = WsIo::new(ws);
-        let mut got = vec![0u8; first.len()];
         let wait = std::time::Duration::from_secs(5);
-        tokio::time::timeout(wait, ours.read_exact(&mut got))
-            .await
-            .expect("the frame sent with the 101 never came")
-            .unwrap();
-        assert!(got == first, "the frame sent with the 101 was changed");
-        // Nothing more to read: the reader holds no buffer while it waits.
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        assert!(Pin::new(&mut ours)
-            .poll_read(&mut cx, &mut ReadBuf::new(&mut b))
-            .is_pending());
-        assert_eq!(ours.rbuf.capacity(), 0, "an idle reader kept its buffer");
+        let mut b = [0u8; 1024];
+        for eol in ["\r\n", "\n"] {
+            let (a, mut hub) = tokio::io::duplex(1 << 16);
+            let client = tokio::spawn(tokio_tungstenite::client_async(
+                "ws://hub.example/tunnel",
+                Gate::new(a, Role::Client),
+            ));
+            let mut req = Vec::new();
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = hub.read(&mut b).await.unwrap();
+                req.extend_from_slice(&b[..n]);
+            }
+            let req = String::from_utf8(req).unwrap();
+            let key = req
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("sec-websocket-key:")
+                        .then(|| l[18..].trim().to_string())
+                })
+                .expect("no key in the request");
+            let mut answer = [
+                "HTTP/1.1 101 Switching Protocols",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                &format!(
+                    "Sec-WebSocket-Accept: {}",
+                    derive_accept_key(key.as_bytes())
+                ),
+                "",
+                "",
+            ]
+            .join(eol)
+            .into_bytes();
+            answer.extend_from_slice(&frame(0x82, &first, None));
+            hub.write_all(&answer).await.unwrap();
+            let (ws, _) = client.await.unwrap().unwrap();
+            let mut ours = WsIo::new(ws);
+            let mut got = vec![0u8; first.len()];
+            tokio::time::timeout(wait, ours.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("{eol:?}: the frame sent with the 101 never came"))
+                .unwrap();
+            assert!(
+                got == first,
+                "{eol:?}: the frame sent with the 101 was changed"
+            );
+            // Nothing more to read: the reader holds no buffer while it waits.
+            let waker = futures_util::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            assert!(Pin::new(&mut ours)
+                .poll_read(&mut cx, &mut ReadBuf::new(&mut b))
+                .is_pending());
+            assert_eq!(ours.rbuf.capacity(), 0, "an idle reader kept its buffer");
+        }
 
         // The hub's side: a client that sends its first frame with the
         // upgrade request.
@@ -1098,6 +1173,165 @@ mod tests {
             .expect("the frame sent with the request never came")
             .unwrap();
         assert!(got == first, "the frame sent with the request was changed");
+    }
+
+    /// Reads from `ours` until it would wait (nothing more buffered or on
+    /// the pipe); returns the bytes read.
+    fn read_until_pending(ours: &mut WsIo<DuplexStream>) -> io::Result<Vec<u8>> {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut got = Vec::new();
+        let mut b = vec![0u8; 64 * 1024];
+        loop {
+            let mut rb = ReadBuf::new(&mut b);
+            match Pin::new(&mut *ours).poll_read(&mut cx, &mut rb) {
+                Poll::Pending => return Ok(got),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Ok(got),
+                Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Control frames the far end of a raw pair received: (opcode, payload).
+    async fn control_frames_at(far: &mut DuplexStream) -> Vec<(u8, Vec<u8>)> {
+        let mut raw = Vec::new();
+        let mut b = [0u8; 4096];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), far.read(&mut b)).await
+        {
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&b[..n]);
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 2 <= raw.len() {
+            let (op, masked, len) = (
+                raw[at] & 0x0f,
+                raw[at + 1] & 0x80 != 0,
+                (raw[at + 1] & 0x7f) as usize,
+            );
+            let hn = if masked { 6 } else { 2 };
+            let mut p = raw[at + hn..at + hn + len].to_vec();
+            if masked {
+                let k = [raw[at + 2], raw[at + 3], raw[at + 4], raw[at + 5]];
+                let src = p.clone();
+                copy_masked(&mut p, &src, k);
+            }
+            out.push((op, p));
+            at += hn + len;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_small_frames_leaves_no_big_buffer_and_its_pings_one_pong() {
+        let (mut ours, mut far) = raw_pair(Role::Client, 1 << 20);
+        // 300 KB of empty frames and 1,000 pings, then one byte of a header.
+        let mut burst = Vec::new();
+        for i in 0..50_000u32 {
+            burst.extend_from_slice(&[0x82, 0]);
+            if i % 50 == 0 {
+                burst.extend_from_slice(&frame(0x89, &i.to_be_bytes(), None));
+            }
+        }
+        burst.extend_from_slice(&[0x82, 0, 0x82, 0, 0x82, 0]);
+        let last_ping = (49_950u32).to_be_bytes();
+        burst.push(0x82);
+        far.write_all(&burst).await.unwrap();
+        let got = read_until_pending(&mut ours).unwrap();
+        assert!(got.is_empty(), "empty frames gave bytes: {}", got.len());
+        assert!(
+            ours.rbuf.capacity() < 1024,
+            "one byte of a header kept a buffer of {}",
+            ours.rbuf.capacity()
+        );
+        assert_eq!(ours.rbuf.len(), 1);
+        let ctl = control_frames_at(&mut far).await;
+        assert!(!ctl.is_empty(), "no pong");
+        assert!(
+            ctl.len() < 100,
+            "{} pongs for 1,000 pings read in a few gulps",
+            ctl.len()
+        );
+        assert_eq!(
+            ctl.last().unwrap(),
+            &(10, last_ping.to_vec()),
+            "the last pong is not the last ping's"
+        );
+        // The rest of the frame still comes through.
+        far.write_all(&[3, b'a', b'b', b'c']).await.unwrap();
+        assert_eq!(read_until_pending(&mut ours).unwrap(), b"abc");
+    }
+
+    #[tokio::test]
+    async fn a_close_is_answered_with_its_code_or_1002_and_a_protocol_error_with_1002() {
+        let cases: Vec<(Vec<u8>, Option<u16>)> = vec![
+            (Vec::new(), None),
+            (1000u16.to_be_bytes().to_vec(), Some(1000)),
+            ([&4000u16.to_be_bytes()[..], b"bye"].concat(), Some(4000)),
+            (1005u16.to_be_bytes().to_vec(), Some(1002)),
+            (999u16.to_be_bytes().to_vec(), Some(1002)),
+            (
+                [&1000u16.to_be_bytes()[..], &[0xff, 0xfe]].concat(),
+                Some(1002),
+            ),
+        ];
+        for (payload, want) in cases {
+            let (mut ours, mut far) = raw_pair(Role::Server, 1 << 16);
+            far.write_all(&frame(0x88, &payload, Some([5, 6, 7, 8])))
+                .await
+                .unwrap();
+            assert_eq!(read_until_pending(&mut ours).unwrap(), b"");
+            assert!(ours.eof, "{payload:?}: the close did not end the stream");
+            let ctl = control_frames_at(&mut far).await;
+            let code = ctl[0].1.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            assert_eq!((ctl.len(), ctl[0].0, code), (1, 8, want), "{payload:?}");
+        }
+        // A frame RFC 6455 forbids: the peer hears 1002 before the read fails.
+        let (mut ours, mut far) = raw_pair(Role::Server, 1 << 16);
+        far.write_all(&frame(0x81, b"text", Some([1, 1, 1, 1])))
+            .await
+            .unwrap();
+        assert!(read_until_pending(&mut ours).is_err());
+        let ctl = control_frames_at(&mut far).await;
+        assert_eq!(ctl, vec![(8, 1002u16.to_be_bytes().to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn frames_in_one_read_come_out_in_one_call() {
+        let (mut ours, mut far) = raw_pair(Role::Client, 1 << 16);
+        let parts = [data(100, 1), data(2000, 2), data(5, 3)];
+        for p in &parts {
+            far.write_all(&frame(0x82, p, None)).await.unwrap();
+        }
+        let mut b = vec![0u8; 8192];
+        let n = ours.read(&mut b).await.unwrap();
+        assert_eq!(&b[..n], &parts.concat()[..]);
+    }
+
+    #[test]
+    fn a_head_ends_where_httparse_ends_it() {
+        let end = |head: &[u8]| {
+            let mut st = 0;
+            head.iter().position(|&b| {
+                st = head_end_after(st, b);
+                st == HEAD_DONE
+            })
+        };
+        // The blank line's last byte: just before what follows the head.
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\nFRAME"[..],
+            b"GET / HTTP/1.1\nHost: x\n\nFRAME",
+            b"GET / HTTP/1.1\nHost: x\n\r\nFRAME",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\nFRAME",
+        ] {
+            assert_eq!(end(head), Some(head.len() - 6), "{head:?}");
+        }
+        assert_eq!(end(b"GET / HTTP/1.1\r\nHost: x\r\n\r"), None);
+        assert_eq!(end(b"GET / HTTP/1.1\r\nHost: x\r\rx\r\n"), None);
     }
 
     #[test]

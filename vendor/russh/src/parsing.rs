@@ -1,8 +1,22 @@
+use bytes::Bytes;
 use ssh_encoding::{Decode, Encode, Reader};
 
 use crate::msg;
 
 use crate::map_err;
+
+/// towerctl patch: the string of a CHANNEL_DATA or CHANNEL_EXTENDED_DATA
+/// message copied out of the packet as it is (`Bytes::decode` zeroes a new
+/// buffer first, then copies into it: a fill and a copy of every byte
+/// carried). Same checks: a length prefix within the packet and at most
+/// `usize::decode`'s limit.
+pub(crate) fn decode_data(r: &mut &[u8]) -> Result<Bytes, ssh_encoding::Error> {
+    r.read_prefixed(|p: &mut &[u8]| {
+        let data = Bytes::copy_from_slice(p);
+        *p = &[];
+        Ok(data)
+    })
+}
 
 /// Require a decoded known-message payload to be fully consumed.
 ///

@@ -1433,11 +1433,12 @@ async fn reply_userauth_info_response(
 }
 
 impl Session {
-    async fn server_read_authenticated<H: Handler + Send, R: Reader>(
+    // towerctl patch: the packet's slice (was any `Reader`), for `decode_data`.
+    async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
         msg: u8,
-        r: &mut R,
+        r: &mut &[u8],
     ) -> Result<(), H::Error> {
         match msg {
             msg::CHANNEL_OPEN => self.server_handle_channel_open(handler, r).await,
@@ -1498,7 +1499,8 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(Bytes::decode(r))?;
+                // towerctl patch: copied out without a zeroed buffer first.
+                let data = map_err!(crate::parsing::decode_data(r))?;
                 map_err!(ensure_end(r))?;
                 let target = self.target_window_size;
 
