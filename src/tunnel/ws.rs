@@ -604,12 +604,14 @@ impl<S> WsIo<S> {
                 // start of a header or control frame (at most 139 bytes)
                 // in a buffer of its size (a burst of small frames ending
                 // in one byte must not keep the buffer it grew).
+                // The size of the next read stays: a bulk stream drains
+                // the socket often, and starting again at READ_START each
+                // time cost it more, smaller reads.
                 self.rbuf = if self.rbuf.is_empty() {
                     BytesMut::new()
                 } else {
                     BytesMut::from(&self.rbuf[..])
                 };
-                self.rsize = READ_START;
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
