@@ -444,3 +444,28 @@ fn output_that_cannot_be_written_is_an_error_not_a_panic() {
     assert_eq!(code, Some(0), "{err}");
     assert!(err.is_empty(), "{err}");
 }
+
+#[test]
+fn a_forwarded_connection_whose_client_speaks_first_is_carried_whole_and_counted() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    env.up();
+    connected(&env, &api);
+    // Carried by the hub (this is its machine).
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    let port = support::forwarded_port(&pf);
+    // Written right after connect(): it is on the hub's socket when the
+    // channel opens, and goes ahead of the agent's answer to its dial.
+    let msg = "x".repeat(5000) + "\n";
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    support::echo(&mut c, &msg).unwrap_or_else(|e| panic!("{e}; {}", pf.output()));
+    drop(c);
+    let end = wait_record(&env, "the forwarded connection's end", |r| {
+        r["verb"] == "connect" && r["phase"] == "end"
+    });
+    // Both ways, the bytes sent ahead of the answer included.
+    assert_eq!(end["bytes"].as_u64(), Some(2 * msg.len() as u64), "{end}");
+    assert_eq!(end["status"], 200, "{end}");
+}

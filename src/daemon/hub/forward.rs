@@ -244,6 +244,7 @@ async fn carry(
         d.port,
         peer,
         peer.to_string(),
+        Some(&conn),
     )
     .await
     {

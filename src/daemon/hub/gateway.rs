@@ -692,7 +692,7 @@ async fn connect(
         Ok(t) => t,
         Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
     };
-    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown).await {
+    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown, None).await {
         Ok(raw) => raw,
         Err(RawRefusal::Answer(code, msg)) => return text_response(code, &msg),
         Err(RawRefusal::Elsewhere(held)) => {
@@ -826,6 +826,40 @@ pub(super) struct RawStream {
     stream: crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
     held: Carried,
     _counted: super::OpenChannel,
+    /// Bytes of the client's sent ahead of the agent's answer.
+    early: u64,
+}
+
+/// The most of a client's first bytes sent on a raw stream before the
+/// agent's answer.
+const EARLY_MAX: usize = 16 * 1024;
+
+/// Sends on `stream` what `client` has already sent (up to [`EARLY_MAX`],
+/// without waiting for more), so that the agent has it when its dial
+/// completes instead of a round trip later. The agent reads nothing from
+/// the stream before its dial is allowed and done; on a refusal the bytes
+/// are dropped with the stream. Returns how many were sent, or `None` if
+/// bytes taken from the client could not be sent (the stream must not go
+/// on without them).
+async fn send_early(
+    client: &tokio::net::TcpStream,
+    stream: &mut crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
+) -> Option<u64> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::with_capacity(EARLY_MAX);
+    match client.try_read_buf(&mut buf) {
+        // A fresh stream's window takes it at once; bounded all the same,
+        // as the answer is.
+        Ok(n) if n > 0 => {
+            match tokio::time::timeout(Duration::from_secs(20), stream.write_all(&buf)).await {
+                Ok(Ok(())) => Some(n as u64),
+                _ => None,
+            }
+        }
+        // Nothing yet, the client's end (kept by the socket for the splice)
+        // or an error the splice meets again.
+        _ => Some(0),
+    }
 }
 
 /// A raw stream whose access was withdrawn before it opened: audited, and
@@ -843,7 +877,10 @@ fn raw_revoked(hub: &Hub, mut record: Record, cluster: &str) -> RawRefusal {
 /// Opens a raw stream for `operator` to `target:port` in `cluster`: the
 /// access rules first (a member the operator may not reach answers like an
 /// unknown one), then the channel and the agent's answer to its dial. Shared
-/// by the gateway's CONNECT and the hub's local forwards.
+/// by the gateway's CONNECT and the hub's local forwards; a local forward
+/// passes its `client`, whose first bytes then go ahead of the answer
+/// ([`send_early`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn open_raw(
     hub: &Hub,
     operator: &Operator,
@@ -852,6 +889,7 @@ pub(super) async fn open_raw(
     port: u16,
     peer: SocketAddr,
     shown: String,
+    client: Option<&tokio::net::TcpStream>,
 ) -> Result<RawStream, RawRefusal> {
     // What the agent accepts (names of at most 253 characters); said here
     // rather than as an agent refusing the stream.
@@ -942,6 +980,12 @@ pub(super) async fn open_raw(
             return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
         }
     };
+    // A client that spoke first (a TCP client through a hub-served
+    // port-forward): its bytes go now, ahead of the answer.
+    let early = match client {
+        Some(c) => send_early(c, &mut stream).await,
+        None => Some(0),
+    };
     let read = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,
         () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
@@ -974,6 +1018,18 @@ pub(super) async fn open_raw(
     if guard.cut.is_cancelled() {
         return Err(raw_revoked(hub, record, cluster));
     }
+    let Some(early) = early else {
+        // Answered, but the client's first bytes did not get through.
+        hub.dial_failures.add(DialFailure::AgentError);
+        let msg = format!(
+            "cluster '{cluster}': the stream to {} broke before it began",
+            target.describe()
+        );
+        record.status = 502;
+        record.error = Some(msg.clone());
+        hub.auditor.record(record);
+        return Err(RawRefusal::Answer(StatusCode::BAD_GATEWAY, msg));
+    };
     let mut held = Carried {
         record,
         guard,
@@ -985,6 +1041,7 @@ pub(super) async fn open_raw(
         stream,
         held,
         _counted: session.channel_opened(window),
+        early,
     })
 }
 
@@ -999,10 +1056,12 @@ impl RawStream {
             stream,
             held,
             _counted,
+            early,
         } = self;
         // What the agent sent goes to the client from the channel's own
         // buffers (no copy through a splice buffer).
         let (mut client, counts) = counted(client);
+        counts.0.fetch_add(early, Ordering::Relaxed);
         let mut stream = stream;
         let copy = async {
             let _ = crate::tunnel::splice_from(&mut stream, &mut client).await;
