@@ -767,3 +767,87 @@ fn a_hung_api_server_gets_a_504_but_watches_wait() {
     api.set_delay(Duration::ZERO);
     assert!(env.kubectl(&["get", "ns"]).ok());
 }
+
+/// Before login a peer may send any number of small frames, and the hub's
+/// WebSocket reader grows its read buffer while they stream in. A burst
+/// that ends in one byte of a frame header must not leave that buffer held
+/// for the login deadline (it was 256–512 KiB per connection), and pings
+/// get one pong per batch read, not one each.
+#[test]
+fn bursts_of_small_frames_and_pings_before_login_leave_the_hub_holding_little() {
+    const HELD: usize = 40;
+    let env = Env::new();
+    assert!(env.up().ok());
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hub = env.pid_of("hub").expect("hub pid");
+    // 100,000 empty masked binary frames, an empty ping every 200th, and
+    // the first byte of one more header.
+    let mut burst = Vec::new();
+    for i in 0..100_000u32 {
+        burst.extend_from_slice(&[0x82, 0x80, 1, 2, 3, 4]);
+        if i % 200 == 0 {
+            burst.extend_from_slice(&[0x89, 0x80, 1, 2, 3, 4]);
+        }
+    }
+    burst.push(0x82);
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect(&tunnel).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(&ws_upgrade(&tunnel)).unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    assert_eq!(s.read(&mut b).unwrap(), 1, "{head:?}");
+                    head.push(b[0]);
+                }
+                assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+                s.write_all(&burst).unwrap();
+                s
+            })
+            .collect()
+    };
+    // A few first, so that the hub's heap has its working size.
+    let _warm = open(4);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = support::status_kib(hub, "RssAnon").unwrap();
+    let mut held = open(HELD);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = support::status_kib(hub, "RssAnon").unwrap();
+    let per_conn = after.saturating_sub(before) / HELD as u64;
+    eprintln!("hub RssAnon {before} -> {after} KiB with {HELD} held: {per_conn} KiB each");
+    assert!(
+        per_conn < 64,
+        "each connection left the hub holding {per_conn} KiB ({before} -> {after} KiB)"
+    );
+    // The pongs of one connection: far fewer than its 500 pings.
+    let mut got = Vec::new();
+    let mut b = [0u8; 65536];
+    held[0]
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(n) = held[0].read(&mut b) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&b[..n]);
+    }
+    let (mut pongs, mut at) = (0, 0);
+    while at + 2 <= got.len() {
+        if got[at] == 0x8a {
+            pongs += 1;
+        }
+        at += 2 + (got[at + 1] & 0x7f) as usize;
+    }
+    assert!(
+        (1..100).contains(&pongs),
+        "{pongs} pongs for 500 pings ({} bytes back)",
+        got.len()
+    );
+    // And the hub serves on.
+    assert!(env.towerctl(&["status"]).ok());
+}
