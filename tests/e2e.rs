@@ -389,7 +389,10 @@ fn registry_survives_kill_9_during_writes() {
     for n in &added {
         assert!(
             names.contains(n),
-            "cluster '{n}' was acknowledged but lost after kill -9"
+            "cluster '{n}' was acknowledged but lost after kill -9 ({} acknowledged, {} listed after the restart: {names:?}); hub log:\n{}",
+            added.len(),
+            names.len(),
+            std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default()
         );
     }
 
