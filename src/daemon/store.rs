@@ -413,7 +413,7 @@ impl RedbStore {
 /// without redb's checksum-based choice between slots. With the default
 /// one-phase commit, `e2e::registry_survives_kill_9_during_writes` saw an
 /// acknowledged `cluster add` missing after a `kill -9` and a restart in 2
-/// of ~12 runs of the e2e binary (redb 3.1.3; not reproduced alone).
+/// of ~10 runs (redb 3.1.3; not reproduced alone), 0 of 14 after.
 /// Registry writes are rare; the extra sync is cheap.
 fn begin_write(db: &Database) -> Result<redb::WriteTransaction, redb::TransactionError> {
     let mut tx = db.begin_write()?;
