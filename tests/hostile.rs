@@ -38,6 +38,22 @@ fn ws_upgrade(addr: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A connection to the hub's tunnel listener `addr` through its WebSocket
+/// upgrade (the 101 read byte by byte, nothing after it), before any login.
+fn upgraded(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&ws_upgrade(addr)).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    s
+}
+
 /// A TLS ClientHello cut short: the record header promises more than comes.
 const HALF_HELLO: &[u8] = &[
     0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
@@ -187,16 +203,7 @@ fn a_big_websocket_frame_before_login_is_refused_at_its_header() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut s = TcpStream::connect(&tunnel).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(&ws_upgrade(&tunnel)).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).unwrap(), 1, "{head:?}");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    let mut s = upgraded(&tunnel);
     // A masked binary frame announcing 1,000,000 bytes, and its first KB.
     let mut frame = vec![0x82, 0x80 | 127];
     frame.extend_from_slice(&1_000_000u64.to_be_bytes());
@@ -796,16 +803,7 @@ fn bursts_of_small_frames_and_pings_before_login_leave_the_hub_holding_little() 
     let open = |n: usize| -> Vec<TcpStream> {
         (0..n)
             .map(|_| {
-                let mut s = TcpStream::connect(&tunnel).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                s.write_all(&ws_upgrade(&tunnel)).unwrap();
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    assert_eq!(s.read(&mut b).unwrap(), 1, "{head:?}");
-                    head.push(b[0]);
-                }
-                assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+                let mut s = upgraded(&tunnel);
                 s.write_all(&burst).unwrap();
                 s
             })

@@ -93,25 +93,10 @@ impl<S> FrameCap<S> {
                     buf[*have] = bytes[0];
                     *have += 1;
                     bytes = &bytes[1..];
-                    if *have < 2 {
+                    let Some((fin, opcode, _, len, _)) = super::ws::header_fields(&buf[..*have])
+                    else {
                         continue;
-                    }
-                    let len7 = buf[1] & 0x7f;
-                    let ext = match len7 {
-                        126 => 2,
-                        127 => 8,
-                        _ => 0,
                     };
-                    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
-                    if *have < 2 + ext + mask {
-                        continue;
-                    }
-                    let len = match ext {
-                        0 => u64::from(len7),
-                        2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
-                        _ => u64::from_be_bytes(buf[2..10].try_into().unwrap_or([0xff; 8])),
-                    };
-                    let (fin, opcode) = (buf[0] & 0x80 != 0, buf[0] & 0x0f);
                     if opcode < 8 {
                         // Text, binary or continuation: part of a message.
                         self.message = self.message.saturating_add(len);

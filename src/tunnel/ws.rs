@@ -363,40 +363,40 @@ enum Frame {
 
 /// A frame header as read: (FIN, opcode, mask key, payload length), and
 /// the header's own length.
-type Header = (bool, u8, Option<[u8; 4]>, u64, usize);
+pub type Header = (bool, u8, Option<[u8; 4]>, u64, usize);
 
-/// Parses the frame header at the start of `b`: `Ok(None)` until it is all
-/// there.
-fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
+/// The fields of the frame header at the start of `b`, unchecked; `None`
+/// until it is all there. Shared with `framecap`, which only needs the
+/// lengths.
+pub fn header_fields(b: &[u8]) -> Option<Header> {
     if b.len() < 2 {
-        return Ok(None);
+        return None;
     }
-    let (fin, rsv, opcode) = (b[0] & 0x80 != 0, b[0] & 0x70, b[0] & 0x0f);
-    if rsv != 0 {
-        return Err(invalid("a websocket frame with reserved bits set"));
-    }
-    let masked = b[1] & 0x80 != 0;
-    let (len, mut n) = match b[1] & 0x7f {
+    let (fin, opcode) = (b[0] & 0x80 != 0, b[0] & 0x0f);
+    let (len, n) = match b[1] & 0x7f {
         126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
         127 if b.len() >= 10 => {
             let mut l = [0u8; 8];
             l.copy_from_slice(&b[2..10]);
             (u64::from_be_bytes(l), 10)
         }
-        126 | 127 => return Ok(None),
+        126 | 127 => return None,
         l => (u64::from(l), 2),
     };
-    let mask = if masked {
-        if b.len() < n + 4 {
-            return Ok(None);
-        }
-        let k = [b[n], b[n + 1], b[n + 2], b[n + 3]];
-        n += 4;
-        Some(k)
-    } else {
-        None
-    };
-    Ok(Some((fin, opcode, mask, len, n)))
+    if b[1] & 0x80 == 0 {
+        return Some((fin, opcode, None, len, n));
+    }
+    let k = b.get(n..n + 4)?;
+    Some((fin, opcode, Some([k[0], k[1], k[2], k[3]]), len, n + 4))
+}
+
+/// Parses the frame header at the start of `b`: `Ok(None)` until it is all
+/// there; reserved bits set (no extension is negotiated) fail it.
+fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
+    if b.len() >= 2 && b[0] & 0x70 != 0 {
+        return Err(invalid("a websocket frame with reserved bits set"));
+    }
+    Ok(header_fields(b))
 }
 
 /// Whether a peer may send this close status (RFC 6455, 7.4.1 and 7.4.2).
