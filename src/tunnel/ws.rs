@@ -595,7 +595,21 @@ impl<S> WsIo<S> {
         S: AsyncRead + Unpin,
     {
         if self.rbuf.capacity() - self.rbuf.len() < self.rsize / 2 {
-            self.rbuf.reserve(self.rsize);
+            // What is left here is at most the start of a header (a read
+            // hands out all payload first). It moves to the front of this
+            // allocation if that holds a whole read, else into a new one:
+            // `reserve` would reallocate, copying the bytes already read
+            // past as well (perf: ~2 % of the hub's samples on a bulk
+            // download, and the buffer doubled each time).
+            let need = self
+                .rsize
+                .saturating_sub(self.rbuf.len())
+                .max(self.rsize / 2);
+            if !self.rbuf.try_reclaim(need) {
+                let mut fresh = BytesMut::with_capacity(self.rbuf.len() + need);
+                fresh.extend_from_slice(&self.rbuf);
+                self.rbuf = fresh;
+            }
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut self.rbuf) {

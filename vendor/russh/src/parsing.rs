@@ -6,16 +6,27 @@ use crate::msg;
 use crate::map_err;
 
 /// towerctl patch: the string of a CHANNEL_DATA or CHANNEL_EXTENDED_DATA
-/// message copied out of the packet as it is (`Bytes::decode` zeroes a new
-/// buffer first, then copies into it: a fill and a copy of every byte
-/// carried). Same checks: a length prefix within the packet and at most
+/// message as a slice of the packet that holds it (`packet`, which `r`
+/// reads), without copying it (`Bytes::decode` zeroed a new buffer, then
+/// copied into it). A reader that is not within `packet` gets a copy.
+/// Same checks: a length prefix within the packet and at most
 /// `usize::decode`'s limit.
-pub(crate) fn decode_data(r: &mut &[u8]) -> Result<Bytes, ssh_encoding::Error> {
+pub(crate) fn decode_data(r: &mut &[u8], packet: &Bytes) -> Result<Bytes, ssh_encoding::Error> {
     r.read_prefixed(|p: &mut &[u8]| {
-        let data = Bytes::copy_from_slice(p);
+        let data = slice_of(packet, p);
         *p = &[];
         Ok(data)
     })
+}
+
+/// `part` as a slice of `whole` if it lies within it, else a copy.
+fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    if !part.is_empty() && part.as_ptr() >= whole.as_ptr() && start + part.len() <= whole.len() {
+        whole.slice(start..start + part.len())
+    } else {
+        Bytes::copy_from_slice(part)
+    }
 }
 
 /// Require a decoded known-message payload to be fully consumed.

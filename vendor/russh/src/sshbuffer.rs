@@ -384,10 +384,12 @@ impl PacketBytesWriter {
 }
 
 /// Incoming SSH packet after decryption and optional decompression.
-/// Uses Vec<u8> (not CryptoVec/mlocked) because incoming network data is not secret.
+/// Not CryptoVec/mlocked because incoming network data is not secret.
+/// towerctl patch: `Bytes` (was `Vec<u8>`), so that channel data can be
+/// handed on as a slice of it instead of a second copy.
 #[derive(Debug)]
 pub(crate) struct IncomingSshPacket {
-    pub buffer: Vec<u8>,
+    pub buffer: Bytes,
     pub seqn: Wrapping<u32>,
 }
 

@@ -71,13 +71,23 @@ impl Session {
             pkt.buffer.len()
         );
 
-        self.process_packet(client, &pkt.buffer).await
+        self.process_packet_bytes(client, &pkt.buffer).await
     }
 
     pub(crate) async fn process_packet<H: Handler>(
         &mut self,
         client: &mut H,
         buf: &[u8],
+    ) -> Result<(), H::Error> {
+        self.process_packet_bytes(client, &Bytes::copy_from_slice(buf))
+            .await
+    }
+
+    // towerctl patch: the packet as `Bytes`, which channel data is sliced from.
+    pub(crate) async fn process_packet_bytes<H: Handler>(
+        &mut self,
+        client: &mut H,
+        buf: &Bytes,
     ) -> Result<(), H::Error> {
         // If we've successfully read a packet.
         trace!("process_packet buf = {:?} bytes", buf.len());
@@ -477,10 +487,11 @@ impl Session {
         Ok(())
     }
 
+    // towerctl patch: the packet as `Bytes`, for `decode_data`.
     async fn client_read_authenticated<H: Handler>(
         &mut self,
         client: &mut H,
-        buf: &[u8],
+        buf: &Bytes,
     ) -> Result<(), H::Error> {
         match buf.split_first() {
             Some((&msg::CHANNEL_OPEN_CONFIRMATION, mut reader)) => {
@@ -603,8 +614,8 @@ impl Session {
             Some((&msg::CHANNEL_DATA, mut r)) => {
                 trace!("channel_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
-                // towerctl patch: copied out without a zeroed buffer first.
-                let data = map_err!(crate::parsing::decode_data(&mut r))?;
+                // towerctl patch: a slice of the packet, not a copy.
+                let data = map_err!(crate::parsing::decode_data(&mut r, buf))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());
@@ -631,8 +642,8 @@ impl Session {
                 debug!("channel_extended_data");
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 let extended_code = map_err!(u32::decode(&mut r))?;
-                // towerctl patch: copied out without a zeroed buffer first.
-                let data = map_err!(crate::parsing::decode_data(&mut r))?;
+                // towerctl patch: a slice of the packet, not a copy.
+                let data = map_err!(crate::parsing::decode_data(&mut r, buf))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
                     return Ok(());

@@ -39,13 +39,23 @@ impl Session {
         handler: &mut H,
         pkt: &mut IncomingSshPacket,
     ) -> Result<(), H::Error> {
-        self.process_packet(handler, &pkt.buffer).await
+        self.process_packet_bytes(handler, &pkt.buffer).await
     }
 
     pub(crate) async fn process_packet<H: Handler + Send>(
         &mut self,
         handler: &mut H,
         buf: &[u8],
+    ) -> Result<(), H::Error> {
+        self.process_packet_bytes(handler, &Bytes::copy_from_slice(buf))
+            .await
+    }
+
+    // towerctl patch: the packet as `Bytes`, which channel data is sliced from.
+    pub(crate) async fn process_packet_bytes<H: Handler + Send>(
+        &mut self,
+        handler: &mut H,
+        buf: &Bytes,
     ) -> Result<(), H::Error> {
         let rejection_wait_until =
             tokio::time::Instant::now() + self.common.config.auth_rejection_time;
@@ -153,10 +163,10 @@ impl Session {
                         .init_compress(self.common.packet_writer.compress());
                 }
                 enc.state = EncryptedState::Authenticated;
-                self.server_read_authenticated(handler, *msg, &mut r).await
+                self.server_read_authenticated(handler, *msg, &mut r, buf).await
             }
             (EncryptedState::Authenticated, Some((msg, mut r))) => {
-                self.server_read_authenticated(handler, *msg, &mut r).await
+                self.server_read_authenticated(handler, *msg, &mut r, buf).await
             }
             _ => Ok(()),
         }
@@ -1433,12 +1443,14 @@ async fn reply_userauth_info_response(
 }
 
 impl Session {
-    // towerctl patch: the packet's slice (was any `Reader`), for `decode_data`.
+    // towerctl patch: the packet's slice (was any `Reader`) and the packet,
+    // for `decode_data`.
     async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
         msg: u8,
         r: &mut &[u8],
+        packet: &Bytes,
     ) -> Result<(), H::Error> {
         match msg {
             msg::CHANNEL_OPEN => self.server_handle_channel_open(handler, r).await,
@@ -1499,8 +1511,8 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                // towerctl patch: copied out without a zeroed buffer first.
-                let data = map_err!(crate::parsing::decode_data(r))?;
+                // towerctl patch: a slice of the packet, not a copy.
+                let data = map_err!(crate::parsing::decode_data(r, packet))?;
                 map_err!(ensure_end(r))?;
                 let target = self.target_window_size;
 
