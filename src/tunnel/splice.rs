@@ -191,6 +191,9 @@ const SMALL_READ: usize = 4 * 1024;
 /// a large buffer in the session's send queue, and the buffer is reused.
 struct HalfBytes {
     buf: BytesMut,
+    /// No buffer is held (nothing came since the last wait): the next read
+    /// goes to the stack first.
+    idle: bool,
     /// Read and not yet taken by the sink.
     pending: Bytes,
     size: usize,
@@ -203,6 +206,7 @@ impl HalfBytes {
     fn new() -> HalfBytes {
         HalfBytes {
             buf: BytesMut::new(),
+            idle: true,
             pending: Bytes::new(),
             size: START,
             read_done: false,
@@ -222,7 +226,29 @@ impl HalfBytes {
         W: WriteBytes + AsyncWrite + Unpin + ?Sized,
     {
         loop {
-            if self.pending.is_empty() && !self.read_done {
+            if self.pending.is_empty() && !self.read_done && self.idle {
+                // Most reads after a wait are one small request or
+                // response: read on the stack, and it costs one allocation
+                // of its size instead of a START buffer allocated and freed
+                // around it. A full read means more is coming: the buffer.
+                let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_READ];
+                let mut rb = tokio::io::ReadBuf::uninit(&mut stack);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => self.read_done = true,
+                    Poll::Ready(Ok(())) => {
+                        self.idle = rb.filled().len() < SMALL_READ;
+                        self.pending = Bytes::copy_from_slice(rb.filled());
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            } else if self.pending.is_empty() && !self.read_done {
                 if self.buf.capacity() < self.size {
                     self.buf.reserve(self.size);
                 }
@@ -250,6 +276,7 @@ impl HalfBytes {
                         }
                         // Idle: no buffer kept (as in `Half`).
                         self.buf = BytesMut::new();
+                        self.idle = true;
                         return Poll::Pending;
                     }
                 }
@@ -479,6 +506,49 @@ mod tests {
         fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.back).poll_shutdown(cx)
         }
+    }
+
+    #[tokio::test]
+    async fn a_small_read_after_a_wait_takes_no_buffer_and_a_big_one_comes_whole() {
+        use futures_util::FutureExt;
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let (back, mut back_far) = tokio::io::duplex(1 << 20);
+        let mut sink = Source {
+            data: Vec::new(),
+            at: 0,
+            back,
+        };
+        let (mut far, mut near) = tokio::io::duplex(1 << 20);
+        let mut h = HalfBytes::new();
+        let mut got = Vec::new();
+        let mut expect = Vec::new();
+        for round in 0..3u8 {
+            // A request, then a burst several reads long, each after a wait.
+            for len in [18usize, 3 * SMALL_READ + 123] {
+                let msg: Vec<u8> = (0..len).map(|i| (i as u8) ^ round).collect();
+                far.write_all(&msg).now_or_never().unwrap().unwrap();
+                expect.extend_from_slice(&msg);
+                let r = h.poll_copy(&mut cx, Pin::new(&mut near), &mut sink);
+                assert!(r.is_pending(), "the direction ended: {r:?}");
+                assert!(h.idle, "a direction waiting for bytes is not idle");
+                assert_eq!(h.buf.capacity(), 0, "a waiting direction holds a buffer");
+                let mut b = vec![0u8; 1 << 16];
+                while let Some(Ok(n)) = back_far.read(&mut b).now_or_never() {
+                    got.extend_from_slice(&b[..n]);
+                    if got.len() == expect.len() {
+                        break;
+                    }
+                }
+                assert!(
+                    got == expect,
+                    "bytes lost or reordered in round {round}, {len} bytes"
+                );
+            }
+        }
+        drop(far);
+        let r = h.poll_copy(&mut cx, Pin::new(&mut near), &mut sink);
+        assert!(matches!(r, Poll::Ready(Ok(n)) if n == expect.len() as u64));
     }
 
     #[tokio::test]

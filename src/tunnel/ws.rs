@@ -49,6 +49,8 @@ pub const MAX_FRAME: u64 = 1024 * 1024;
 const READ_START: usize = 16 * 1024;
 /// Largest read buffer: a few SSH packets per system call.
 const READ_MAX: usize = 256 * 1024;
+/// A read after a wait goes to a stack buffer of this size first.
+const STACK_READ: usize = 4 * 1024;
 
 /// Which end of the WebSocket this is: a client masks what it sends
 /// (RFC 6455, section 5.3), a server must not.
@@ -439,6 +441,9 @@ pub struct WsIo<S> {
     rbuf: BytesMut,
     /// Size of the next read into `rbuf`: grows while reads fill it.
     rsize: usize,
+    /// The last read found the socket empty (or none was made yet): the
+    /// next one goes to the stack first.
+    idle: bool,
     frame: Frame,
     /// A data message is unfinished: the next data frame continues it.
     in_message: bool,
@@ -470,6 +475,7 @@ impl<S> WsIo<S> {
             alive: Liveness::default(),
             rbuf,
             rsize: READ_START,
+            idle: true,
             frame: Frame::Header,
             in_message: false,
             ctl: Vec::new(),
@@ -594,6 +600,20 @@ impl<S> WsIo<S> {
     where
         S: AsyncRead + Unpin,
     {
+        if self.idle && self.rbuf.is_empty() {
+            // After a wait, most reads are a few small frames (a request, a
+            // response): read on the stack and keep them in a buffer of
+            // their size (a small allocation, cached by malloc) instead of
+            // allocating a READ_START buffer and freeing it once drained.
+            // A full read means more is coming: reads go to `rbuf` again.
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut rb = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut self.io.io).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            self.idle = n < STACK_READ;
+            self.rbuf = BytesMut::from(rb.filled());
+            return Poll::Ready(Ok(n));
+        }
         if self.rbuf.capacity() - self.rbuf.len() < self.rsize / 2 {
             // What is left here is at most the start of a header (a read
             // hands out all payload first). It moves to the front of this
@@ -626,6 +646,7 @@ impl<S> WsIo<S> {
                 } else {
                     BytesMut::from(&self.rbuf[..])
                 };
+                self.idle = true;
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
@@ -1240,6 +1261,42 @@ mod tests {
             at += hn + len;
         }
         out
+    }
+
+    #[tokio::test]
+    async fn a_small_frame_after_a_wait_is_held_in_a_buffer_of_its_size() {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let (mut ours, mut far) = raw_pair(Role::Client, 1 << 20);
+        for round in 0..3u8 {
+            far.write_all(&frame(0x82, b"hello, hub", None))
+                .await
+                .unwrap();
+            // A reader that takes two bytes: the rest waits in `rbuf`.
+            let mut two = [0u8; 2];
+            let mut rb = ReadBuf::new(&mut two);
+            let r = Pin::new(&mut ours).poll_read(&mut cx, &mut rb);
+            assert!(matches!(r, Poll::Ready(Ok(()))), "{r:?}");
+            assert_eq!(rb.filled(), b"he");
+            assert!(
+                ours.rbuf.capacity() < 64,
+                "round {round}: a 12-byte frame is held in a buffer of {}",
+                ours.rbuf.capacity()
+            );
+            assert_eq!(read_until_pending(&mut ours).unwrap(), b"llo, hub");
+            // Then a burst many stack reads long comes through whole.
+            let burst: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 ^ round).collect();
+            let mut frames = Vec::new();
+            for chunk in burst.chunks(70_000) {
+                frames.extend_from_slice(&frame(0x82, chunk, None));
+            }
+            far.write_all(&frames).await.unwrap();
+            assert!(
+                read_until_pending(&mut ours).unwrap() == burst,
+                "round {round}: burst changed"
+            );
+            assert_eq!(ours.rbuf.capacity(), 0, "a waiting reader holds a buffer");
+        }
     }
 
     #[tokio::test]
