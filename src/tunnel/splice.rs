@@ -192,8 +192,11 @@ const SMALL_READ: usize = 4 * 1024;
 struct HalfBytes {
     buf: BytesMut,
     /// No buffer is held (nothing came since the last wait): the next read
-    /// goes to the stack first.
+    /// goes to the stack first, unless the stream is `bulk`.
     idle: bool,
+    /// The last read filled what it read into: more than a request or a
+    /// response comes at a time, and reads go to the buffer.
+    bulk: bool,
     /// Read and not yet taken by the sink.
     pending: Bytes,
     size: usize,
@@ -207,6 +210,7 @@ impl HalfBytes {
         HalfBytes {
             buf: BytesMut::new(),
             idle: true,
+            bulk: false,
             pending: Bytes::new(),
             size: START,
             read_done: false,
@@ -226,21 +230,26 @@ impl HalfBytes {
         W: WriteBytes + AsyncWrite + Unpin + ?Sized,
     {
         loop {
-            if self.pending.is_empty() && !self.read_done && self.idle {
+            if self.pending.is_empty() && !self.read_done && self.idle && !self.bulk {
                 // Most reads after a wait are one small request or
                 // response: read on the stack, and it costs one allocation
                 // of its size instead of a START buffer allocated and freed
-                // around it. A full read means more is coming: the buffer.
+                // around it. A full read means more is coming: the buffer,
+                // also after the next wait, until a read is small again
+                // (a bulk stream waits often, and its reads stay big).
                 let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_READ];
                 let mut rb = tokio::io::ReadBuf::uninit(&mut stack);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) if rb.filled().is_empty() => self.read_done = true,
                     Poll::Ready(Ok(())) => {
-                        self.idle = rb.filled().len() < SMALL_READ;
+                        self.bulk = rb.filled().len() == SMALL_READ;
+                        self.idle = !self.bulk;
                         self.pending = Bytes::copy_from_slice(rb.filled());
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
+                        // The buffer of a read before, if any, goes too.
+                        self.buf = BytesMut::new();
                         if self.need_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx))?;
                             self.need_flush = false;
@@ -258,6 +267,7 @@ impl HalfBytes {
                         self.buf = BytesMut::new();
                     }
                     Poll::Ready(Ok(n)) => {
+                        self.bulk = n >= SMALL_READ;
                         if n >= self.size && self.size < MAX {
                             self.size = (self.size * 2).min(MAX);
                         }
@@ -508,8 +518,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_small_read_after_a_wait_takes_no_buffer_and_a_big_one_comes_whole() {
+    /// Polled by hand, outside a runtime: tokio's cooperative budget would
+    /// make the pipes return `Pending` after a while.
+    #[test]
+    fn a_small_read_after_a_wait_takes_no_buffer_and_a_big_one_comes_whole() {
         use futures_util::FutureExt;
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);

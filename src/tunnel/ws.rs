@@ -442,8 +442,11 @@ pub struct WsIo<S> {
     /// Size of the next read into `rbuf`: grows while reads fill it.
     rsize: usize,
     /// The last read found the socket empty (or none was made yet): the
-    /// next one goes to the stack first.
+    /// next one goes to the stack first, unless the stream is `bulk`.
     idle: bool,
+    /// The last read got more than the stack takes: reads go to `rbuf`,
+    /// also after a wait, until one is small again.
+    bulk: bool,
     frame: Frame,
     /// A data message is unfinished: the next data frame continues it.
     in_message: bool,
@@ -476,6 +479,7 @@ impl<S> WsIo<S> {
             rbuf,
             rsize: READ_START,
             idle: true,
+            bulk: false,
             frame: Frame::Header,
             in_message: false,
             ctl: Vec::new(),
@@ -600,7 +604,7 @@ impl<S> WsIo<S> {
     where
         S: AsyncRead + Unpin,
     {
-        if self.idle && self.rbuf.is_empty() {
+        if self.idle && !self.bulk && self.rbuf.is_empty() {
             // After a wait, most reads are a few small frames (a request, a
             // response): read on the stack and keep them in a buffer of
             // their size (a small allocation, cached by malloc) instead of
@@ -608,9 +612,17 @@ impl<S> WsIo<S> {
             // A full read means more is coming: reads go to `rbuf` again.
             let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
             let mut rb = ReadBuf::uninit(&mut stack);
-            ready!(Pin::new(&mut self.io.io).poll_read(cx, &mut rb))?;
+            if Pin::new(&mut self.io.io)
+                .poll_read(cx, &mut rb)?
+                .is_pending()
+            {
+                // The buffer of a read before, if any, goes too.
+                self.rbuf = BytesMut::new();
+                return Poll::Pending;
+            }
             let n = rb.filled().len();
-            self.idle = n < STACK_READ;
+            self.bulk = n == STACK_READ;
+            self.idle = !self.bulk;
             self.rbuf = BytesMut::from(rb.filled());
             return Poll::Ready(Ok(n));
         }
@@ -650,6 +662,7 @@ impl<S> WsIo<S> {
                 Poll::Pending
             }
             Poll::Ready(Ok(n)) => {
+                self.bulk = n >= STACK_READ;
                 if n >= room {
                     self.rsize = (self.rsize * 2).min(READ_MAX);
                 } else if n < room / 2 {
@@ -1296,6 +1309,16 @@ mod tests {
                 "round {round}: burst changed"
             );
             assert_eq!(ours.rbuf.capacity(), 0, "a waiting reader holds a buffer");
+            // After a burst the next read goes to the buffer (a bulk stream
+            // waits often); a small one ends that.
+            assert!(ours.bulk, "round {round}: a burst of big reads is not bulk");
+            far.write_all(&frame(0x82, b"ok", None)).await.unwrap();
+            assert_eq!(read_until_pending(&mut ours).unwrap(), b"ok");
+            assert!(
+                !ours.bulk,
+                "round {round}: a small read after a burst is still bulk"
+            );
+            assert_eq!(ours.rbuf.capacity(), 0, "round {round}: the buffer stayed");
         }
     }
 
