@@ -19,10 +19,17 @@ pub(crate) fn decode_data(r: &mut &[u8], packet: &Bytes) -> Result<Bytes, ssh_en
     })
 }
 
-/// `part` as a slice of `whole` if it lies within it, else a copy.
+/// `part` as a slice of `whole` if it lies within it and is at least half
+/// of it, else a copy: a small string (a keystroke, a credit frame) must not
+/// keep a packet's padding alive with it while a stalled reader holds
+/// thousands of them.
 fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
     let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
-    if !part.is_empty() && part.as_ptr() >= whole.as_ptr() && start + part.len() <= whole.len() {
+    if !part.is_empty()
+        && part.len() >= whole.len() / 2
+        && part.as_ptr() >= whole.as_ptr()
+        && start + part.len() <= whole.len()
+    {
         whole.slice(start..start + part.len())
     } else {
         Bytes::copy_from_slice(part)
