@@ -609,7 +609,8 @@ impl<S> WsIo<S> {
             // response): read on the stack and keep them in a buffer of
             // their size (a small allocation, cached by malloc) instead of
             // allocating a READ_START buffer and freeing it once drained.
-            // A full read means more is coming: reads go to `rbuf` again.
+            // A full read means more is coming: reads go to `rbuf` again,
+            // also after later waits, until one is small (`bulk`).
             let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
             let mut rb = ReadBuf::uninit(&mut stack);
             if Pin::new(&mut self.io.io)
