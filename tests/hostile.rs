@@ -38,6 +38,14 @@ fn ws_upgrade(addr: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The hub's tunnel address, from `towerctl status`.
+fn tunnel_address(env: &Env) -> String {
+    env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A connection to the hub's tunnel listener `addr` through its WebSocket
 /// upgrade (the 101 read byte by byte, nothing after it), before any login.
 fn upgraded(addr: &str) -> TcpStream {
@@ -199,10 +207,7 @@ fn a_big_websocket_frame_before_login_is_refused_at_its_header() {
     // while it dribbled the frame (thousands of such peers: gigabytes).
     let env = Env::new();
     assert!(env.up().ok());
-    let tunnel = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let tunnel = tunnel_address(&env);
     let mut s = upgraded(&tunnel);
     // A masked binary frame announcing 1,000,000 bytes, and its first KB.
     let mut frame = vec![0x82, 0x80 | 127];
@@ -611,10 +616,7 @@ fn join_through_cuts(cuts: Vec<usize>, reset: bool, timeout: &str) -> (Env, ApiS
     let api = ApiServer::start();
     env.up();
     let mut args = env.cluster_add("alpha");
-    let tunnel = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let tunnel = tunnel_address(&env);
     let (proxy, seen) = cutting_proxy(tunnel, cuts, reset);
     let hub_at = args.iter().position(|a| a == "--hub").unwrap() + 1;
     args[hub_at] = format!("ws://{proxy}/tunnel");
@@ -785,10 +787,7 @@ fn bursts_of_small_frames_and_pings_before_login_leave_the_hub_holding_little() 
     const HELD: usize = 40;
     let env = Env::new();
     assert!(env.up().ok());
-    let tunnel = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let tunnel = tunnel_address(&env);
     let hub = env.pid_of("hub").expect("hub pid");
     // 100,000 empty masked binary frames, an empty ping every 200th, and
     // the first byte of one more header.

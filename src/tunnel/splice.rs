@@ -219,6 +219,21 @@ impl HalfBytes {
         }
     }
 
+    /// Nothing to read for now: idle, with no buffer kept (as in `Half`);
+    /// what was written is flushed.
+    fn wait<W>(&mut self, cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<u64>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        self.buf = BytesMut::new();
+        self.idle = true;
+        if self.need_flush {
+            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
+    }
+
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -247,15 +262,7 @@ impl HalfBytes {
                         self.pending = Bytes::copy_from_slice(rb.filled());
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        // The buffer of a read before, if any, goes too.
-                        self.buf = BytesMut::new();
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
+                    Poll::Pending => return self.wait(cx, writer),
                 }
             } else if self.pending.is_empty() && !self.read_done {
                 if self.buf.capacity() < self.size {
@@ -279,16 +286,7 @@ impl HalfBytes {
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        // Idle: no buffer kept (as in `Half`).
-                        self.buf = BytesMut::new();
-                        self.idle = true;
-                        return Poll::Pending;
-                    }
+                    Poll::Pending => return self.wait(cx, writer),
                 }
             }
             while !self.pending.is_empty() {

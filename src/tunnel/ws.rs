@@ -599,6 +599,22 @@ impl<S> WsIo<S> {
         Ok(true)
     }
 
+    /// The socket has nothing for now: hold nothing while waiting, or only
+    /// the start of a header or control frame (at most 139 bytes) in a
+    /// buffer of its size (a burst of small frames ending in one byte must
+    /// not keep the buffer it grew). The size of the next read stays: a
+    /// bulk stream drains the socket often, and starting again at
+    /// READ_START each time cost it more, smaller reads.
+    fn wait(&mut self) -> Poll<io::Result<usize>> {
+        self.rbuf = if self.rbuf.is_empty() {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&self.rbuf[..])
+        };
+        self.idle = true;
+        Poll::Pending
+    }
+
     /// Reads more from the socket into `rbuf`; `Ok(0)` at its end.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>
     where
@@ -617,9 +633,7 @@ impl<S> WsIo<S> {
                 .poll_read(cx, &mut rb)?
                 .is_pending()
             {
-                // The buffer of a read before, if any, goes too.
-                self.rbuf = BytesMut::new();
-                return Poll::Pending;
+                return self.wait();
             }
             let n = rb.filled().len();
             self.bulk = n == STACK_READ;
@@ -646,22 +660,7 @@ impl<S> WsIo<S> {
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut self.rbuf) {
-            Poll::Pending => {
-                // Idle for now: hold nothing while waiting, or only the
-                // start of a header or control frame (at most 139 bytes)
-                // in a buffer of its size (a burst of small frames ending
-                // in one byte must not keep the buffer it grew).
-                // The size of the next read stays: a bulk stream drains
-                // the socket often, and starting again at READ_START each
-                // time cost it more, smaller reads.
-                self.rbuf = if self.rbuf.is_empty() {
-                    BytesMut::new()
-                } else {
-                    BytesMut::from(&self.rbuf[..])
-                };
-                self.idle = true;
-                Poll::Pending
-            }
+            Poll::Pending => self.wait(),
             Poll::Ready(Ok(n)) => {
                 self.bulk = n >= STACK_READ;
                 if n >= room {
