@@ -3,6 +3,7 @@
 //! credentials.
 
 mod config;
+mod pool;
 mod raw;
 mod rbac;
 mod upstream;

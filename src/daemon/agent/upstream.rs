@@ -202,8 +202,8 @@ fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
 }
 
 /// The member's API server as the agent forwards requests to it: kube's
-/// middleware (base URI, credentials, extra headers) over the same pooled
-/// hyper client as the agent's kube client, called directly. `kube::Client`
+/// middleware (credentials, extra headers) over the same connection pool
+/// as the agent's kube client ([`super::pool::Pool`]), called directly. `kube::Client`
 /// puts a `tower` buffer in front (a worker task and a channel hop for
 /// every request: a tenth of the agent's work per request, measured) and
 /// retries 429, 503 and 504 by itself, copying every request for that; a
@@ -214,7 +214,7 @@ pub(super) struct Api(ApiService);
 
 type ApiService = tower::util::BoxCloneSyncService<
     Request<kube::client::Body>,
-    Response<Incoming>,
+    Response<super::pool::PooledBody>,
     tower::BoxError,
 >;
 
@@ -620,13 +620,11 @@ where
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
     connector.set_reset_reader_on_write(config.reset_reader_on_write);
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(connector);
+    let client = super::pool::Pool::new(connector, config.cluster_url.clone());
     let retry = config
         .default_retry
         .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
-        .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
