@@ -16,9 +16,11 @@ use std::task::{Context, Poll};
 pub type Body = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Identity headers from the hub to the agent (never forwarded upstream).
-pub const OPERATOR_HEADER: &str = "x-towerctl-operator";
-pub const GROUPS_HEADER: &str = "x-towerctl-groups";
-pub const IMPERSONATE_HEADER: &str = "x-towerctl-impersonate";
+/// Names, not strings: a string is parsed into a name (and copied) each
+/// time it is inserted.
+pub const OPERATOR_HEADER: HeaderName = HeaderName::from_static("x-towerctl-operator");
+pub const GROUPS_HEADER: HeaderName = HeaderName::from_static("x-towerctl-groups");
+pub const IMPERSONATE_HEADER: HeaderName = HeaderName::from_static("x-towerctl-impersonate");
 
 /// A Kubernetes `Status` object, which kubectl prints as a readable error.
 pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {

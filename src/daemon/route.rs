@@ -93,21 +93,29 @@ pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> 
 /// (`https://rancher.example/k8s/clusters/c-1`) joined with
 /// `/../c-2/api` reaches another cluster with the agent's credentials.
 pub fn unsafe_path(path: &str) -> Option<&'static str> {
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) {
+    // One pass over the bytes, no allocation: every request through the
+    // gateway is checked, at the hub and again at the agent.
+    let bytes = path.as_bytes();
+    let encoded = bytes.windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e') | (b'2', b'f') | (b'5', b'c')
+            )
+    });
+    if encoded {
         return Some("percent-encoded dots, slashes or backslashes");
     }
-    if path.contains('\\') {
+    if bytes.contains(&b'\\') {
         return Some("backslashes");
     }
-    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
-    let last = segments.len() - 1;
-    for (i, seg) in segments.iter().enumerate() {
-        if *seg == "." || *seg == ".." {
+    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
+    while let Some(seg) = segments.next() {
+        if seg == "." || seg == ".." {
             return Some("'.' or '..' segments");
         }
         // A trailing slash is one empty last segment; `//` is not.
-        if seg.is_empty() && i != last {
+        if seg.is_empty() && segments.peek().is_some() {
             return Some("empty segments ('//')");
         }
     }
@@ -170,6 +178,10 @@ mod tests {
             "/..",
             "/api/..",
             "/api\\..\\x",
+            "/api/x%5Cy",
+            "/api/x%5c",
+            "/api/%2F",
+            "/api/v1/%2e",
         ] {
             assert!(unsafe_path(bad).is_some(), "{bad}");
             assert_eq!(
@@ -186,6 +198,9 @@ mod tests {
             "/clusters/alpha/api/v1/namespaces/default/configmaps/my.config",
             "/api/v1/namespaces/a/services/web:80/proxy/some%20page/",
             "/apis/apps/v1/",
+            "/api/v1/x%2",
+            "/api/v1/x%25e",
+            "/api/v1/%3e",
         ] {
             assert_eq!(unsafe_path(good), None, "{good}");
         }

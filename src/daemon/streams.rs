@@ -9,19 +9,50 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-/// Every stream in flight through the gateway.
+/// Every stream in flight through the gateway, by operator and member.
+///
+/// Every request through the gateway registers here and leaves again, so
+/// the names are looked up by `&str` and shared (`Arc<str>`) with the
+/// guard, not copied: a request costs no allocation here but its
+/// cancellation token, as long as its operator and member have a stream
+/// in flight or were used lately ([`KEEP_EMPTY`]).
 #[derive(Default)]
 pub struct OpenStreams {
     next: AtomicU64,
-    map: Mutex<HashMap<u64, (String, String, CancellationToken)>>,
-    /// How many streams each `(operator, member)` has open.
-    counts: Mutex<HashMap<(String, String), usize>>,
+    registry: Mutex<Registry>,
 }
+
+#[derive(Default)]
+struct Registry {
+    by_operator: HashMap<Arc<str>, Operator>,
+    /// `(operator, member)` entries, with or without streams.
+    pairs: usize,
+}
+
+/// One operator's streams, by member.
+struct Operator {
+    name: Arc<str>,
+    members: HashMap<Arc<str>, Member>,
+}
+
+/// One operator's streams to one member, by id.
+struct Member {
+    name: Arc<str>,
+    streams: HashMap<u64, CancellationToken>,
+}
+
+/// Most `(operator, member)` pairs kept with no stream in flight, so that
+/// the next request of a pair in use finds its entry. Past this, an entry
+/// goes as its last stream ends (member names come from request paths:
+/// the registry must not grow with every name a client makes up).
+const KEEP_EMPTY: usize = 256;
 
 /// One stream's entry; dropping it (when the stream ends) removes it.
 pub struct StreamGuard {
     streams: Arc<OpenStreams>,
     id: u64,
+    operator: Arc<str>,
+    member: Arc<str>,
     /// Fires when the stream must end (its operator lost access).
     pub cut: CancellationToken,
 }
@@ -31,16 +62,38 @@ impl OpenStreams {
     pub fn open(self: &Arc<Self>, operator: &str, cluster: &str) -> StreamGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cut = CancellationToken::new();
-        if let Ok(mut m) = self.map.lock() {
-            m.insert(id, (operator.to_string(), cluster.to_string(), cut.clone()));
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = &mut *reg;
+        let map = &mut reg.by_operator;
+        if !map.contains_key(operator) {
+            let name: Arc<str> = Arc::from(operator);
+            let entry = Operator {
+                name: name.clone(),
+                members: HashMap::new(),
+            };
+            map.insert(name, entry);
         }
-        if let Ok(mut c) = self.counts.lock() {
-            *c.entry((operator.to_string(), cluster.to_string()))
-                .or_default() += 1;
+        let Some(op) = map.get_mut(operator) else {
+            unreachable!("inserted above")
+        };
+        if !op.members.contains_key(cluster) {
+            let name: Arc<str> = Arc::from(cluster);
+            let entry = Member {
+                name: name.clone(),
+                streams: HashMap::new(),
+            };
+            op.members.insert(name, entry);
+            reg.pairs += 1;
         }
+        let Some(member) = op.members.get_mut(cluster) else {
+            unreachable!("inserted above")
+        };
+        member.streams.insert(id, cut.clone());
         StreamGuard {
             streams: self.clone(),
             id,
+            operator: op.name.clone(),
+            member: member.name.clone(),
             cut,
         }
     }
@@ -48,12 +101,16 @@ impl OpenStreams {
     /// Cuts every stream for which `doomed(operator, cluster)` holds;
     /// returns how many.
     pub fn cut(&self, doomed: impl Fn(&str, &str) -> bool) -> usize {
-        let Ok(m) = self.map.lock() else { return 0 };
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
-        for (op, cluster, token) in m.values() {
-            if doomed(op, cluster) {
-                token.cancel();
-                n += 1;
+        for op in reg.by_operator.values() {
+            for member in op.members.values() {
+                if doomed(&op.name, &member.name) {
+                    for token in member.streams.values() {
+                        token.cancel();
+                        n += 1;
+                    }
+                }
             }
         }
         n
@@ -62,37 +119,53 @@ impl OpenStreams {
     /// Streams `operator` has open to member `cluster` (requests in
     /// flight, watches, exec, port-forward and CONNECT streams).
     pub fn count(&self, operator: &str, cluster: &str) -> usize {
-        self.counts
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&(operator.to_string(), cluster.to_string())).copied())
-            .unwrap_or(0)
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.by_operator
+            .get(operator)
+            .and_then(|op| op.members.get(cluster))
+            .map_or(0, |m| m.streams.len())
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.map.lock().map(|m| m.len()).unwrap_or(0)
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.by_operator
+            .values()
+            .flat_map(|op| op.members.values())
+            .map(|m| m.streams.len())
+            .sum()
+    }
+
+    /// `(operator, member)` entries held, with or without streams.
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let n = reg.by_operator.values().map(|op| op.members.len()).sum();
+        assert_eq!(n, reg.pairs);
+        n
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let Some((op, cluster, _)) = self
+        let mut reg = self
             .streams
-            .map
+            .registry
             .lock()
-            .ok()
-            .and_then(|mut m| m.remove(&self.id))
-        else {
+            .unwrap_or_else(|e| e.into_inner());
+        let reg = &mut *reg;
+        let Some(op) = reg.by_operator.get_mut(&*self.operator) else {
             return;
         };
-        if let Ok(mut c) = self.streams.counts.lock() {
-            let key = (op, cluster);
-            if let Some(n) = c.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    c.remove(&key);
-                }
+        let Some(member) = op.members.get_mut(&*self.member) else {
+            return;
+        };
+        member.streams.remove(&self.id);
+        if member.streams.is_empty() && reg.pairs > KEEP_EMPTY {
+            op.members.remove(&*self.member);
+            reg.pairs -= 1;
+            if op.members.is_empty() {
+                reg.by_operator.remove(&*self.operator);
             }
         }
     }
@@ -121,5 +194,18 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s.count("bob", "alpha"), 0);
         assert_eq!(s.count("eve", "alpha"), 1);
+        drop(eve_a);
+        assert_eq!(s.len(), 0);
+        // Entries without streams are kept for the next request, up to a
+        // bound: made-up member names do not make the registry grow.
+        assert_eq!(s.entries(), 3);
+        for i in 0..2 * KEEP_EMPTY {
+            drop(s.open("eve", &format!("made-up-{i}")));
+        }
+        assert!(s.entries() <= KEEP_EMPTY + 1, "{}", s.entries());
+        let kept = s.open("bob", "alpha");
+        assert_eq!(s.count("bob", "alpha"), 1);
+        assert_eq!(s.cut(|op, c| op == "bob" && c == "alpha"), 1);
+        assert!(kept.cut.is_cancelled());
     }
 }
