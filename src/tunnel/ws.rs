@@ -77,6 +77,28 @@ impl Liveness {
     }
 }
 
+/// [`copy_masked`] into memory not yet written: a reader's buffer handed
+/// over uninitialised (russh reads each packet into a fresh allocation),
+/// which would otherwise be zeroed first only to be overwritten.
+fn copy_masked_uninit(dst: &mut [std::mem::MaybeUninit<u8>], src: &[u8], mask: [u8; 4]) {
+    let word = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(s);
+        let v = (u64::from_ne_bytes(v) ^ word).to_ne_bytes();
+        for (d, b) in d.iter_mut().zip(v) {
+            d.write(b);
+        }
+    }
+    for (i, (d, s)) in d.into_remainder().iter_mut().zip(s.remainder()).enumerate() {
+        d.write(s ^ mask[i % 4]);
+    }
+}
+
 /// Copies `src` into `dst` (as long) XORed with `mask`, in one pass.
 fn copy_masked(dst: &mut [u8], src: &[u8], mask: [u8; 4]) {
     let word = u64::from_ne_bytes([
@@ -732,15 +754,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 Frame::Payload { left, mask, at } if !this.rbuf.is_empty() => {
                     let n = (this.rbuf.len() as u64).min(left) as usize;
                     let n = n.min(buf.remaining());
-                    let dst = &mut buf.initialize_unfilled_to(n)[..n];
+                    // Written straight into the reader's buffer, which may
+                    // be uninitialised: never zeroed first.
                     match mask {
                         Some(k) => {
                             let k = [k[at % 4], k[(at + 1) % 4], k[(at + 2) % 4], k[(at + 3) % 4]];
-                            copy_masked(dst, &this.rbuf[..n], k);
+                            // SAFETY: only bytes are written into it, no
+                            // uninitialised value.
+                            let dst = unsafe { &mut buf.unfilled_mut()[..n] };
+                            copy_masked_uninit(dst, &this.rbuf[..n], k);
+                            // SAFETY: the n bytes were all written just above.
+                            unsafe { buf.assume_init(n) };
+                            buf.advance(n);
                         }
-                        None => dst.copy_from_slice(&this.rbuf[..n]),
+                        None => buf.put_slice(&this.rbuf[..n]),
                     }
-                    buf.advance(n);
                     this.rbuf.advance(n);
                     this.frame = if left == n as u64 {
                         Frame::Header
@@ -1442,6 +1470,46 @@ mod tests {
             let mut back = vec![0u8; len];
             copy_masked(&mut back, &b, [1, 2, 3, 4]);
             assert_eq!(back, orig);
+            let mut into = vec![std::mem::MaybeUninit::new(0xaa); len];
+            copy_masked_uninit(&mut into, &orig, [1, 2, 3, 4]);
+            // SAFETY: every element was initialised when made.
+            let into: Vec<u8> = into.iter().map(|m| unsafe { m.assume_init() }).collect();
+            assert_eq!(into, b, "{len}");
+        }
+    }
+
+    /// A read into a buffer handed over uninitialised (as russh's packet
+    /// reads are) gets the frames' bytes unmasked, across frame and read
+    /// boundaries.
+    #[tokio::test]
+    async fn frames_read_into_an_uninitialised_buffer_come_out_whole() {
+        use tokio::io::AsyncReadExt;
+        let payload = data(100_003, 3);
+        // A server reads masked frames, a client unmasked ones.
+        for role in [Role::Server, Role::Client] {
+            let (mut ws, mut raw) = raw_pair(role, 1 << 20);
+            let mut wire = Vec::new();
+            for (i, chunk) in payload.chunks(7_001).enumerate() {
+                let mask = matches!(role, Role::Server).then_some([i as u8, 9, 200, 7]);
+                wire.extend(frame(0x82, chunk, mask));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut raw, &wire)
+                .await
+                .unwrap();
+            let mut got: Vec<u8> = Vec::new();
+            while got.len() < payload.len() {
+                // Reads of odd sizes into spare capacity, as `read_buf` does.
+                got.reserve(4_099);
+                let mut limited = bytes::BufMut::limit(&mut got, 4_099);
+                let read = ws.read_buf(&mut limited);
+                let n = tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                    .await
+                    .expect("bytes lost: no read in 5 s")
+                    .unwrap();
+                assert!(n > 0);
+            }
+            assert_eq!(got.len(), payload.len());
+            assert!(got == payload);
         }
     }
 }

@@ -472,24 +472,28 @@ impl Handle {
 }
 
 impl Session {
-    fn maybe_decompress(&mut self, buffer: &SSHBuffer) -> Result<IncomingSshPacket, Error> {
-        if let Some(ref mut enc) = self.common.encrypted {
-            let mut decomp = Vec::new();
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: Bytes::copy_from_slice(enc.decompress.decompress(
-                    &buffer.buffer[5..],
-                    &mut decomp,
-                )?),
+    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
+        let compressed = self
+            .common
+            .encrypted
+            .as_ref()
+            .is_some_and(|enc| !matches!(enc.decompress, crate::compression::Decompress::None));
+        if !compressed {
+            // towerctl patch: the packet's own allocation, taken (the next
+            // packet is read into one of its size), not copied.
+            let packet = Bytes::from(std::mem::take(&mut buffer.buffer));
+            return Ok(IncomingSshPacket {
+                buffer: packet.slice(5..),
                 seqn: buffer.seqn,
-            })
-        } else {
-            Ok(IncomingSshPacket {
-                #[allow(clippy::indexing_slicing)] // length checked
-                buffer: Bytes::copy_from_slice(&buffer.buffer[5..]),
-                seqn: buffer.seqn,
-            })
+            });
         }
+        let mut decomp = Vec::new();
+        let enc = self.common.encrypted.as_mut().ok_or(Error::Inconsistent)?;
+        Ok(IncomingSshPacket {
+            #[allow(clippy::indexing_slicing)] // length checked
+            buffer: Bytes::copy_from_slice(enc.decompress.decompress(&buffer.buffer[5..], &mut decomp)?),
+            seqn: buffer.seqn,
+        })
     }
 
     /// Dispatch a single message received on the session's internal channel
@@ -725,7 +729,7 @@ impl Session {
                         break
                     }
 
-                    let mut pkt = self.maybe_decompress(&buffer)?;
+                    let mut pkt = self.maybe_decompress(&mut buffer)?;
 
                     match pkt.buffer.first() {
                         None => (),
@@ -1697,8 +1701,8 @@ mod tests {
     async fn compressed_debug_is_ignored_after_server_parses_it() {
         let mut session = authenticated_session();
         let mut handler = TestHandler;
-        let buffer = incoming_packet(compressed_debug_payload(200 * 1024));
-        let mut pkt: IncomingSshPacket = session.maybe_decompress(&buffer).unwrap();
+        let mut buffer = incoming_packet(compressed_debug_payload(200 * 1024));
+        let mut pkt: IncomingSshPacket = session.maybe_decompress(&mut buffer).unwrap();
 
         super::super::reply(&mut session, &mut handler, &mut pkt)
             .await
@@ -1710,11 +1714,11 @@ mod tests {
     #[test]
     fn oversized_compressed_debug_is_rejected_before_server_ignores_it() {
         let mut session = authenticated_session();
-        let buffer = incoming_packet(compressed_debug_payload(
+        let mut buffer = incoming_packet(compressed_debug_payload(
             crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN + 1024,
         ));
 
-        let err = session.maybe_decompress(&buffer).unwrap_err();
+        let err = session.maybe_decompress(&mut buffer).unwrap_err();
         assert!(
             matches!(err, crate::Error::PacketSize(len) if len > crate::cipher::MAXIMUM_DECOMPRESSED_PACKET_LEN)
         );
