@@ -77,9 +77,10 @@ impl Liveness {
     }
 }
 
-/// [`copy_masked`] into memory not yet written: a reader's buffer handed
-/// over uninitialised (russh reads each packet into a fresh allocation),
-/// which would otherwise be zeroed first only to be overwritten.
+/// Copies `src` into `dst` (as long) XORed with `mask`, in one pass, into
+/// memory that may not be written yet: a reader's buffer handed over
+/// uninitialised (russh reads each packet into a fresh allocation), which
+/// would otherwise be zeroed first only to be overwritten.
 fn copy_masked_uninit(dst: &mut [std::mem::MaybeUninit<u8>], src: &[u8], mask: [u8; 4]) {
     let word = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
@@ -101,19 +102,11 @@ fn copy_masked_uninit(dst: &mut [std::mem::MaybeUninit<u8>], src: &[u8], mask: [
 
 /// Copies `src` into `dst` (as long) XORed with `mask`, in one pass.
 fn copy_masked(dst: &mut [u8], src: &[u8], mask: [u8; 4]) {
-    let word = u64::from_ne_bytes([
-        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
-    ]);
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (d, s) in (&mut d).zip(&mut s) {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(s);
-        d.copy_from_slice(&(u64::from_ne_bytes(v) ^ word).to_ne_bytes());
-    }
-    for (i, (d, s)) in d.into_remainder().iter_mut().zip(s.remainder()).enumerate() {
-        *d = s ^ mask[i % 4];
-    }
+    // SAFETY: `MaybeUninit<u8>` has `u8`'s layout, and `copy_masked_uninit`
+    // only writes initialised bytes through the view: `dst` stays
+    // initialised.
+    let dst = unsafe { &mut *(dst as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    copy_masked_uninit(dst, src, mask);
 }
 
 /// The header of a final binary frame of `len` bytes, masked with `mask`
