@@ -29,8 +29,10 @@ use crate::daemon::http::KeptConns;
 const MAX_IDLE: usize = 64;
 
 /// An idle connection older than this is closed rather than reused (the
-/// server, or a middlebox, may have dropped it silently).
-const IDLE_FOR: Duration = Duration::from_secs(90);
+/// server, or a middlebox, may have dropped it silently). Under the
+/// common load balancers' idle timeouts (60 s), so that a request rarely
+/// meets a close on its way out.
+const IDLE_FOR: Duration = Duration::from_secs(55);
 
 type Sender = SendRequest<kube::client::Body>;
 
@@ -64,9 +66,20 @@ impl<C: Clone> Clone for Pool<C> {
 impl<C> Pool<C> {
     pub(super) fn new(connector: C, base: Uri) -> Self {
         let prefix = base.path().trim_end_matches('/');
-        let host = base
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        // As hyper-util's client wrote it: the host, and the port when it
+        // is not the scheme's default; never the URL's user and password.
+        let default_port = match base.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        };
+        let host = base.host().and_then(|h| {
+            let text = match base.port_u16() {
+                Some(p) if Some(p) != default_port => format!("{h}:{p}"),
+                _ => h.to_string(),
+            };
+            HeaderValue::from_str(&text).ok()
+        });
         Pool {
             connector,
             prefix: Arc::from(prefix),
@@ -80,6 +93,10 @@ impl<C> Pool<C> {
     /// line carries it (origin form).
     fn origin_form(&self, uri: &Uri) -> Result<Uri, tower::BoxError> {
         let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        // `*` (OPTIONS) joined to a prefix would name a sibling of it.
+        if !pq.starts_with('/') {
+            return Err(format!("request target '{pq}' is not a path").into());
+        }
         if self.prefix.is_empty() {
             if let Some(p) = uri.path_and_query() {
                 return Ok(Uri::from(p.clone()));
@@ -393,8 +410,13 @@ mod tests {
     async fn a_kept_connection_the_server_closed_is_replaced_without_an_error() {
         let (base, conns, _) = server();
         let p = pool(&base);
+        // Each closed once its answer is out, the close seen before the
+        // next request. (A close that arrives while a request is being
+        // written on the connection fails that request, as it did with
+        // hyper-util's pool: not tested, a race by nature.)
         for _ in 0..3 {
             assert_eq!(text(get(&p, "/once").await).await, "ok");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(conns.load(Ordering::SeqCst), 3);
         // Closed a while after its answer, while this side was idle.
@@ -402,6 +424,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(text(get(&p, "/version").await).await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn the_host_header_is_the_host_and_a_port_that_is_not_the_default() {
+        let host = |url: &str| pool(url).host.map(|h| h.to_str().unwrap().to_string());
+        assert_eq!(
+            host("https://api.example:443").as_deref(),
+            Some("api.example")
+        );
+        assert_eq!(
+            host("https://u:pw@api.example:6443/k8s").as_deref(),
+            Some("api.example:6443")
+        );
+        assert_eq!(host("http://10.0.0.1:80").as_deref(), Some("10.0.0.1"));
+        assert_eq!(host("http://[::1]:8080").as_deref(), Some("[::1]:8080"));
+        let p = pool("https://api.example/k8s");
+        assert!(p.origin_form(&"*".parse().unwrap()).is_err());
+        assert_eq!(
+            p.origin_form(&"/api?x=1".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "/k8s/api?x=1"
+        );
     }
 
     #[tokio::test]

@@ -57,12 +57,12 @@ struct Kept {
 
 /// Most channels one client connection keeps for its next requests. Each
 /// is a channel and an HTTP/1.1 connection at the agent; the member's
-/// budget ([`super::MAX_KEPT_CHANNELS`]) bounds them all. With 16, an
-/// HTTP/2 client running 32 requests at a time (a controller, a
-/// dashboard; kubectl's discovery runs its fetches in parallel) opened a
+/// budget ([`super::MAX_KEPT_CHANNELS`], 512) bounds them all, so 16
+/// connections at this cap take all of it. With 16, an HTTP/2 client
+/// running 32 requests at a time (a controller, a dashboard) opened a
 /// channel for one request in four (h2load -c1 -m32: 488 opens for 2,000
 /// requests; -m16: 16).
-const IDLE_CHANNELS: usize = 64;
+const IDLE_CHANNELS: usize = 32;
 
 impl Default for ChannelSlot {
     fn default() -> Self {

@@ -106,7 +106,7 @@ pub struct LiveSession {
 
 /// Most idle channels kept for client connections' next requests, per
 /// member. Kept channels count against the agent's own cap on open streams
-/// (4096): a few hundred HTTP/2 clients each keeping 64 must not leave it
+/// (4096): a few hundred HTTP/2 clients each keeping 32 must not leave it
 /// none for new work. Past it, a connection's channel is closed after its
 /// request, as before channels were kept (one channel open per request).
 pub const MAX_KEPT_CHANNELS: usize = 512;
