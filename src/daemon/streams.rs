@@ -64,30 +64,17 @@ impl OpenStreams {
         let cut = CancellationToken::new();
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let reg = &mut *reg;
-        let map = &mut reg.by_operator;
-        if !map.contains_key(operator) {
-            let name: Arc<str> = Arc::from(operator);
-            let entry = Operator {
-                name: name.clone(),
-                members: HashMap::new(),
-            };
-            map.insert(name, entry);
-        }
-        let Some(op) = map.get_mut(operator) else {
-            unreachable!("inserted above")
-        };
-        if !op.members.contains_key(cluster) {
-            let name: Arc<str> = Arc::from(cluster);
-            let entry = Member {
-                name: name.clone(),
-                streams: HashMap::new(),
-            };
-            op.members.insert(name, entry);
+        let (op, _) = named(&mut reg.by_operator, operator, |name| Operator {
+            name,
+            members: HashMap::new(),
+        });
+        let (member, added) = named(&mut op.members, cluster, |name| Member {
+            name,
+            streams: HashMap::new(),
+        });
+        if added {
             reg.pairs += 1;
         }
-        let Some(member) = op.members.get_mut(cluster) else {
-            unreachable!("inserted above")
-        };
         member.streams.insert(id, cut.clone());
         StreamGuard {
             streams: self.clone(),
@@ -143,6 +130,25 @@ impl OpenStreams {
         let n = reg.by_operator.values().map(|op| op.members.len()).sum();
         assert_eq!(n, reg.pairs);
         n
+    }
+}
+
+/// The entry named `name`, made with `make` (given the name as the key's
+/// `Arc`) if there is none, and whether it was made: looked up by `&str`,
+/// so that an existing entry costs no allocation.
+fn named<'a, V>(
+    map: &'a mut HashMap<Arc<str>, V>,
+    name: &str,
+    make: impl FnOnce(Arc<str>) -> V,
+) -> (&'a mut V, bool) {
+    let added = !map.contains_key(name);
+    if added {
+        let key: Arc<str> = Arc::from(name);
+        map.insert(key.clone(), make(key));
+    }
+    match map.get_mut(name) {
+        Some(v) => (v, added),
+        None => unreachable!("inserted above"),
     }
 }
 

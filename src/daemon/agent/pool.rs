@@ -42,6 +42,7 @@ type Idle = Mutex<KeptConns<kube::client::Body, Instant>>;
 /// Connections to one API server (`base`, the kubeconfig's cluster URL,
 /// whose path prefixes every request's) over `connector` (TCP, the
 /// kubeconfig's proxy, TLS, kube's timeouts).
+#[derive(Clone)]
 pub(super) struct Pool<C> {
     connector: C,
     base: Uri,
@@ -49,18 +50,6 @@ pub(super) struct Pool<C> {
     prefix: Arc<str>,
     host: Option<HeaderValue>,
     idle: Arc<Idle>,
-}
-
-impl<C: Clone> Clone for Pool<C> {
-    fn clone(&self) -> Self {
-        Pool {
-            connector: self.connector.clone(),
-            base: self.base.clone(),
-            prefix: self.prefix.clone(),
-            host: self.host.clone(),
-            idle: self.idle.clone(),
-        }
-    }
 }
 
 impl<C> Pool<C> {
@@ -175,11 +164,7 @@ where
         // An upgraded connection belongs to its stream from now on.
         let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
             .then(|| (sender, Arc::downgrade(&self.idle)));
-        Ok(resp.map(|inner| PooledBody {
-            inner,
-            back,
-            ended: false,
-        }))
+        Ok(resp.map(|inner| PooledBody { inner, back }))
     }
 }
 
@@ -210,7 +195,6 @@ where
 pub(super) struct PooledBody {
     inner: Incoming,
     back: Option<(Sender, Weak<Idle>)>,
-    ended: bool,
 }
 
 impl PooledBody {
@@ -236,10 +220,7 @@ impl http_body::Body for PooledBody {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
-            Poll::Ready(None) => {
-                self.ended = true;
-                self.give_back();
-            }
+            Poll::Ready(None) => self.give_back(),
             Poll::Ready(Some(Err(_))) => self.back = None,
             _ => {}
         }
@@ -256,8 +237,11 @@ impl http_body::Body for PooledBody {
 }
 
 impl Drop for PooledBody {
+    /// An answer whose end was read has given its connection back already
+    /// (`poll_frame`); one that hyper knows complete without that last
+    /// poll (a length reached, an empty body) gives it back here.
     fn drop(&mut self) {
-        if self.ended || http_body::Body::is_end_stream(&self.inner) {
+        if http_body::Body::is_end_stream(&self.inner) {
             self.give_back();
         }
     }
@@ -356,9 +340,12 @@ mod tests {
         p.clone().oneshot(req).await.unwrap()
     }
 
+    async fn body(resp: Response<PooledBody>) -> bytes::Bytes {
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
     async fn text(resp: Response<PooledBody>) -> String {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8_lossy(&body).to_string()
+        String::from_utf8_lossy(&body(resp).await).to_string()
     }
 
     #[tokio::test]
@@ -393,14 +380,7 @@ mod tests {
         assert_eq!(text(get(&p, "/version").await).await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
         // Read to its end, a big answer's connection is reused.
-        let n = get(&p, "/big")
-            .await
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .len();
+        let n = body(get(&p, "/big").await).await.len();
         assert_eq!(n, 4 << 20);
         assert_eq!(text(get(&p, "/version").await).await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
