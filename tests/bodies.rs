@@ -68,7 +68,7 @@ fn stalled_upload_of(
     }
     let _ = s.flush();
     let mut buf = [0u8; 256];
-    let status = match s.read(&mut buf) {
+    let status = match read_answer(&mut s, &mut buf) {
         Ok(n) if n > 0 => String::from_utf8_lossy(&buf[..n])
             .lines()
             .next()
@@ -80,6 +80,31 @@ fn stalled_upload_of(
     // Keep the connection open (stalled) until the test says so.
     let _ = hold.recv_timeout(Duration::from_secs(30));
     status
+}
+
+/// Reads what the gateway answered without writing first. A refused
+/// upload's answer is followed by the gateway closing the connection while
+/// the client still has body to send; `StreamOwned::read` first flushes
+/// that pending TLS data and fails with a broken pipe (or a reset) before
+/// looking at the answer already received. Reads TLS records straight from
+/// the socket instead, so the status line is seen whenever it arrived.
+fn read_answer(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    loop {
+        match s.conn.reader().read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if s.conn.read_tls(&mut s.sock)? == 0 {
+            return Ok(0);
+        }
+        s.conn
+            .process_new_packets()
+            .map_err(std::io::Error::other)?;
+    }
 }
 
 /// A hub and member `alpha` joined to it, over the stand-in API server.
