@@ -272,6 +272,10 @@ done
 [[ -n $UPPORT ]] || die "bench_upstream did not start: $(cat "$W/upstream.err")"
 DIRECT=http://127.0.0.1:$UPPORT
 wait_http "$DIRECT/version" 10 "$UPSTREAM_PID" || die "bench_upstream does not answer on $DIRECT"
+# The same answers over TLS (HTTP/2 or HTTP/1.1), as a kube-apiserver serves
+# them: the gateway is also reported against this direct path.
+UPTLS=$(sed -n 's/^tls on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$W/upstream.out")
+DIRECT_TLS=${UPTLS:+https://127.0.0.1:$UPTLS}
 log "upstream on 127.0.0.1:$UPPORT"
 
 # --- towerctl: hub, member, agent -------------------------------------------------
@@ -898,19 +902,21 @@ held() {
     echo "$n $f"
 }
 
-# h2rate: the gateway as kubectl speaks to it: one TLS connection carrying
-# H2_STREAMS requests at a time as HTTP/2 streams (h2load), for DURATION after
-# WARMUP. Prints "rps mean_ms requests failed tunnel_cpu_ticks", or "-" fields.
+# h2rate NAME URL [h2load args...]: the path as kubectl speaks to it: one TLS
+# connection carrying H2_STREAMS requests at a time as HTTP/2 streams
+# (h2load), for DURATION after WARMUP. Prints "rps mean_ms requests failed
+# tunnel_cpu_ticks", or "-" fields.
 H2_STREAMS=${H2_STREAMS:-16}
 h2rate() {
-    local ticks warm=$WARMUP
+    local name=$1 url=$2 ticks warm=$WARMUP
+    shift 2
     [[ $warm =~ ^0+[smh]?$ ]] && warm=0
-    log "gateway: h2load -c1 -m$H2_STREAMS -D $DURATION /version (HTTP/2, as kubectl)"
-    cpu_begin gateway h2
-    h2load -c1 -m"$H2_STREAMS" -D "$DURATION" --warm-up-time="$warm" -H "$AUTH" \
-        "$GATEWAY/version" >"$W/h2load-gateway.txt" 2>&1 || true
-    ticks=$(cpu_end gateway h2)
-    cp "$W/h2load-gateway.txt" "$RESULTS_DIR/h2load-gateway.txt"
+    log "$name: h2load -c1 -m$H2_STREAMS -D $DURATION /version (HTTP/2, as kubectl)"
+    cpu_begin "$name" h2
+    h2load -c1 -m"$H2_STREAMS" -D "$DURATION" --warm-up-time="$warm" "$@" \
+        "$url/version" >"$W/h2load-$name.txt" 2>&1 || true
+    ticks=$(cpu_end "$name" h2)
+    cp "$W/h2load-$name.txt" "$RESULTS_DIR/h2load-$name.txt"
     awk -v ticks="$ticks" "$AWK_MS"'
         /^finished in/ { rps = $4 }
         /^requests:/ { reqs = $2; failed = $10 }
@@ -918,7 +924,7 @@ h2rate() {
         END {
             if (rps == "") { print "- - - - -"; exit }
             printf "%s %s %d %d %d\n", rps, mean, reqs, failed, ticks
-        }' "$W/h2load-gateway.txt"
+        }' "$W/h2load-$name.txt"
 }
 
 # measure NAME LABEL URL: one row of results.tsv. Extra arguments for curl,
@@ -927,7 +933,7 @@ h2rate() {
 CURL_EXTRA=()
 WRK_EXTRA=()
 SETUP_EXTRA=()
-H2="" H2_NOTE=""
+H2="" H2_NOTE="" DTLS_RATE="" DTLS_LIGHT="" DTLS_H2=""
 measure() {
     local name=$1 label=$2 url=$3 b r l c k h code busy attempt after
     if [[ -z $url ]]; then
@@ -982,13 +988,23 @@ if wants gateway; then
         H2_NOTE="skipped: h2load is not on PATH (Debian: apt-get install nghttp2-client)"
     elif awk -F'\t' '$1 == "gateway" && $3 ~ /^[0-9]/ { ok = 1 } END { exit !ok }' "$RESULTS_TSV"; then
         wait_quiet gateway-h2 >/dev/null
-        H2=$(h2rate)
+        H2=$(h2rate gateway "$GATEWAY" -H "$AUTH")
     else
         H2_NOTE="skipped: the gateway row was not measured"
     fi
     CURL_EXTRA=()
     WRK_EXTRA=()
     SETUP_EXTRA=()
+    # Direct over TLS, as kubectl reaches a kube-apiserver (its only
+    # transport): loaded and one-connection rates over HTTP/1.1 (wrk), and
+    # HTTP/2 (h2load) when the gateway's HTTP/2 row was measured. Printed
+    # beside the targets, which are held against plain direct.
+    if [[ -n $DIRECT_TLS ]]; then
+        wait_quiet direct_tls >/dev/null
+        DTLS_RATE=$(rate direct_tls "$DIRECT_TLS")
+        DTLS_LIGHT=$(light direct_tls "$DIRECT_TLS")
+        [[ -n $H2 ]] && DTLS_H2=$(h2rate direct_tls "$DIRECT_TLS")
+    fi
 fi
 if wants portfwd; then measure portfwd "towerctl port-forward (hub machine)" "$PORTFWD" "$PORTFWD_NOTE"; fi
 if wants portfwd_gw; then measure portfwd_gw "towerctl port-forward (via gateway)" "$PORTFWD_GW" "$PORTFWD_GW_NOTE"; fi
@@ -1036,6 +1052,7 @@ REPORTING=1
 BENCH_RESULTS=$RESULTS_TSV BENCH_JSON=$RESULTS_DIR/latest.json BENCH_BYTES=$BYTES_N \
     BENCH_DURATION=$DURATION BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
     BENCH_H2=$H2 BENCH_H2_NOTE=$H2_NOTE BENCH_H2_STREAMS=$H2_STREAMS \
+    BENCH_DTLS_RATE=$DTLS_RATE BENCH_DTLS_LIGHT=$DTLS_LIGHT BENCH_DTLS_H2=$DTLS_H2 \
     BENCH_SSH_CIPHER=$SSH_CIPHER BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_BORE_NOTE=$BORE_NOTE BENCH_QUIET_MAX_BUSY=$QUIET_MAX_BUSY \
     BENCH_HELD=$HELD BENCH_IDLE_HUB_KIB=$IDLE_HUB_KIB BENCH_IDLE_HUB_ANON_KIB=$IDLE_HUB_ANON_KIB \
     BENCH_CLK_TCK=$CLK_TCK BENCH_LIGHT_DURATION=$LIGHT_DURATION BENCH_SETUP_CONNECTIONS=$SETUP_CONNECTIONS \
@@ -1225,6 +1242,22 @@ if len(h2f) == 5 and num(h2f[0]) is not None:
     h2["vs_gateway_http1_req_per_s"] = ratio(h2["req_per_s"], rows.get("gateway", {}).get("req_per_s"))
 ratios["gateway_h2_vs_direct_req_per_s"] = h2["vs_direct_req_per_s"] if h2 else None
 
+# Direct over TLS, as a kube-apiserver is reached: wrk "rps p50 p99 ..."
+# at 16 connections and at 1, h2load "rps mean ...".
+dtls = None
+dr, dl, dh = ((env.get(k) or "").split() for k in ("BENCH_DTLS_RATE", "BENCH_DTLS_LIGHT", "BENCH_DTLS_H2"))
+if len(dr) == 7 and num(dr[0]) is not None:
+    g = rows.get("gateway", {})
+    dtls = {"req_per_s": num(dr[0]), "p50_ms": num(dr[1]), "p99_ms": num(dr[2]),
+            "one_conn_p50_ms": num(dl[1]) if len(dl) == 7 else None,
+            "one_conn_p99_ms": num(dl[2]) if len(dl) == 7 else None,
+            "h2_req_per_s": num(dh[0]) if len(dh) == 5 else None}
+    dtls["gateway_vs_req_per_s"] = ratio(g.get("req_per_s"), dtls["req_per_s"])
+    one = g.get("one_conn_p50_ms")
+    dtls["gateway_added_one_conn_p50_ms"] = (round(one - dtls["one_conn_p50_ms"], 3)
+                                             if one is not None and dtls["one_conn_p50_ms"] is not None else None)
+    dtls["gateway_h2_vs_h2_req_per_s"] = ratio(h2["req_per_s"], dtls["h2_req_per_s"]) if h2 else None
+
 # The best encrypted peer for small requests (goal 2): the OpenSSH rows and
 # rathole (noise); bore is not encrypted.
 enc_rps, enc_rps_name = best("req_per_s", SSH + ["rathole"])
@@ -1303,6 +1336,7 @@ doc = {
     "hub_idle_rss_kib": IDLE_HUB_KIB,
     "hub_idle_anon_kib": IDLE_HUB_ANON_KIB,
     "gateway_http2": h2 or env.get("BENCH_H2_NOTE") or None,
+    "direct_tls": dtls,
     "ratios": ratios,
     "targets": targets,
     "problems": health + log_issues,
@@ -1362,6 +1396,13 @@ if h2:
           + (" (" + ", ".join(f"{k} {v}" for k, v in by.items()) + ")" if by else ""))
 elif env.get("BENCH_H2_NOTE"):
     print(f"gateway over HTTP/2: {env['BENCH_H2_NOTE']}")
+if dtls:
+    print(f"direct over TLS (as kube-apiserver is reached; not a target): {fmt(dtls['req_per_s'], '.0f')} req/s at "
+          f"{env['BENCH_CONNECTIONS']} connections, p50 {fmt(dtls['p50_ms'], '.3f')} ms, 1 connection p50 {fmt(dtls['one_conn_p50_ms'], '.3f')} ms"
+          + (f", HTTP/2 {fmt(dtls['h2_req_per_s'], '.0f')} req/s" if dtls["h2_req_per_s"] else ""))
+    print(f"  gateway against it: {times(dtls['gateway_vs_req_per_s'])} req/s, added p50 at 1 connection "
+          f"{fmt(dtls['gateway_added_one_conn_p50_ms'], '.3f')} ms"
+          + (f", HTTP/2 {times(dtls['gateway_h2_vs_h2_req_per_s'])} (h2load both)" if dtls["gateway_h2_vs_h2_req_per_s"] else ""))
 print()
 print(f"{'':<31} {'-- Connection: close --':>26} {'--- ' + str(HELD_N) + ' held connections ---':>40}")
 print(f"{'path':<31} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'KiB/conn':>9}  by process (KiB per held connection; RSS before, MiB)")

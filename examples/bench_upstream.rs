@@ -23,11 +23,17 @@
 //!   (`examples/watch_load.rs`, `bench/watches.sh`). `POST /trigger`
 //!   answers how many watches the event was handed to.
 //!
-//! Connections are kept alive. Usage:
+//! Connections are kept alive. The same answers are served over TLS on a
+//! second port, as a kube-apiserver serves them (its only transport): a
+//! self-signed ECDSA P-256 certificate made at start, as the hub's gateway
+//! has, and ALPN `h2` and `http/1.1`, so that a client measured directly
+//! against it pays the TLS (and HTTP/2) costs it pays through the gateway.
+//! Usage:
 //!
 //! ```sh
 //! cargo build --release --example bench_upstream
-//! target/release/examples/bench_upstream [PORT]   # prints "listening on 127.0.0.1:PORT"
+//! target/release/examples/bench_upstream [PORT]
+//! # prints "listening on 127.0.0.1:PORT", then "tls on 127.0.0.1:PORT2"
 //! ```
 
 use std::convert::Infallible;
@@ -317,11 +323,15 @@ async fn main() -> std::io::Result<()> {
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let _ = KUBE.set(kube_objects(listener.local_addr()?.port()));
     let _ = EVENTS.set(tokio::sync::broadcast::channel(16).0);
+    let tls_listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let acceptor = tls_acceptor()?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {}", listener.local_addr()?)?;
+        writeln!(out, "tls on {}", tls_listener.local_addr()?)?;
         out.flush()?;
     }
+    tokio::spawn(serve_tls(tls_listener, acceptor));
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -339,6 +349,68 @@ async fn main() -> std::io::Result<()> {
             if let Err(e) = conn.await {
                 if !e.is_incomplete_message() {
                     eprintln!("connection: {e}");
+                }
+            }
+        });
+    }
+}
+
+/// The TLS side: a self-signed certificate for `localhost` and 127.0.0.1
+/// (clients measuring against it do not verify it), HTTP/2 or HTTP/1.1 by
+/// ALPN, the server's preference first.
+fn tls_acceptor() -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("{what}: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(|e| bad("key", &e))?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| bad("certificate", &e))?;
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| bad("key", &e))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("TLS", &e))?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], der)
+    .map_err(|e| bad("TLS", &e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)))
+}
+
+async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let svc = hyper::service::service_fn(handle);
+            let result = if h2 {
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_concurrent_streams(1000)
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await
+            };
+            if let Err(e) = result {
+                if !e.is_incomplete_message() {
+                    eprintln!("tls connection: {e}");
                 }
             }
         });
