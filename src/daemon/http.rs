@@ -389,11 +389,19 @@ impl<B, K> KeptConns<B, K> {
         &mut self,
         wanted: impl Fn(&K) -> bool,
     ) -> Option<hyper::client::conn::http1::SendRequest<B>> {
+        self.take_kept(wanted).map(|(s, _)| s)
+    }
+
+    /// [`KeptConns::take`], with what the connection was kept for.
+    pub fn take_kept(
+        &mut self,
+        wanted: impl Fn(&K) -> bool,
+    ) -> Option<(hyper::client::conn::http1::SendRequest<B>, K)> {
         let i = self
             .conns
             .iter()
             .rposition(|(s, k)| s.is_ready() && wanted(k))?;
-        Some(self.conns.remove(i).0)
+        Some(self.conns.remove(i))
     }
 
     /// Keeps `s` (unless it has closed already).
