@@ -1003,7 +1003,7 @@ if wants gateway; then
         wait_quiet direct_tls >/dev/null
         DTLS_RATE=$(rate direct_tls "$DIRECT_TLS")
         DTLS_LIGHT=$(light direct_tls "$DIRECT_TLS")
-        [[ -n $H2 ]] && DTLS_H2=$(h2rate direct_tls "$DIRECT_TLS")
+        [[ $H2 == [0-9]* ]] && DTLS_H2=$(h2rate direct_tls "$DIRECT_TLS")
     fi
 fi
 if wants portfwd; then measure portfwd "towerctl port-forward (hub machine)" "$PORTFWD" "$PORTFWD_NOTE"; fi

@@ -326,9 +326,14 @@ async fn main() -> std::io::Result<()> {
     let tls_listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let acceptor = tls_acceptor()?;
     {
+        // One write: a reader of the first line finds the second too.
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on {}", listener.local_addr()?)?;
-        writeln!(out, "tls on {}", tls_listener.local_addr()?)?;
+        write!(
+            out,
+            "listening on {}\ntls on {}\n",
+            listener.local_addr()?,
+            tls_listener.local_addr()?
+        )?;
         out.flush()?;
     }
     tokio::spawn(serve_tls(tls_listener, acceptor));

@@ -12,10 +12,10 @@
 //! most recently used is taken first, and one the server has closed is
 //! dropped; a request that found its kept connection closed under it
 //! before it went out is sent again on a fresh one, and so is a GET, HEAD
-//! or OPTIONS without a body whose kept connection, idle for a second or
-//! more, closed once the request was on it, before any answer (a server's
-//! idle timeout crossing it), as Go's HTTP transport does: once, on a
-//! fresh connection.
+//! or OPTIONS without a body (not an upgrade) whose kept connection, idle
+//! for a second or more, closed once the request was on it, before a
+//! whole answer head (a server's idle timeout crossing it), as Go's HTTP
+//! transport does: once, on a fresh connection.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -180,10 +180,10 @@ where
                     sender = self.connect().await?;
                     sender.send_request(req).await?
                 }
-                // It closed once the request was on it, without an answer
-                // (an idle close crossing the request, a server shutting
-                // down): a GET, HEAD or OPTIONS without a body goes again,
-                // once, on a fresh connection.
+                // It closed once the request was on it, before a whole
+                // answer head (an idle close crossing the request): a GET,
+                // HEAD or OPTIONS without a body, not an upgrade, goes
+                // again, once, on a fresh connection.
                 (true, None, Some(req)) if closed_under(e.error()) => {
                     tracing::debug!(
                         "API server closed a kept connection under a request ({}); sending it again",
@@ -203,12 +203,15 @@ where
 }
 
 /// Whether a request may be sent a second time: a safe method (RFC 9110
-/// §9.2.1: the server changes nothing for it) without a body.
+/// §9.2.1: the server changes nothing for it) without a body, and not an
+/// upgrade (exec, attach and port-forward are GETs that do act: a command
+/// must not run twice).
 fn replayable(parts: &http::request::Parts, body: &kube::client::Body) -> bool {
     matches!(
         parts.method,
         http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
     ) && http_body::Body::is_end_stream(body)
+        && !crate::daemon::http::is_upgrade(&parts.headers)
 }
 
 /// The request again, for [`replayable`] ones: method, target, version
@@ -222,8 +225,10 @@ fn copy_head(parts: &http::request::Parts) -> Request<kube::client::Body> {
     req
 }
 
-/// Whether `e` says the connection ended under the request before any
-/// answer: closed (EOF) or reset by the server.
+/// Whether `e` says the connection ended under the request before a
+/// whole answer head: closed (EOF; over TLS, without close_notify too) or
+/// reset by the server. (Errors while reading the answer's body reach its
+/// reader, not this.)
 fn closed_under(e: &hyper::Error) -> bool {
     if e.is_incomplete_message() {
         return true;
@@ -236,6 +241,7 @@ fn closed_under(e: &hyper::Error) -> bool {
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         source = s.source();
@@ -514,14 +520,28 @@ mod tests {
         assert!(p.clone().oneshot(post).await.is_err());
         assert_eq!(cuts(&heads), 3);
         assert_eq!(conns.load(Ordering::SeqCst), 2);
+        // Nor a GET with a body, nor an upgrade (exec is a GET).
+        for req in [
+            Request::get("/cut").body(kube::client::Body::from(b"x".to_vec())),
+            Request::get("/cut")
+                .header(header::CONNECTION, "Upgrade")
+                .header(header::UPGRADE, "websocket")
+                .body(kube::client::Body::empty()),
+        ] {
+            assert_eq!(text(get(&p, "/version").await).await, "ok");
+            tokio::time::sleep(REPLAY_AFTER_IDLE).await;
+            assert!(p.clone().oneshot(req.unwrap()).await.is_err());
+        }
+        assert_eq!(cuts(&heads), 5);
+        assert_eq!(conns.load(Ordering::SeqCst), 4);
         // A connection in steady use keeps no copy: cut, the GET fails.
         assert_eq!(text(get(&p, "/version").await).await, "ok");
         let req = Request::get("/cut")
             .body(kube::client::Body::empty())
             .unwrap();
         assert!(p.clone().oneshot(req).await.is_err());
-        assert_eq!(cuts(&heads), 4);
-        assert_eq!(conns.load(Ordering::SeqCst), 3);
+        assert_eq!(cuts(&heads), 6);
+        assert_eq!(conns.load(Ordering::SeqCst), 5);
     }
 
     #[test]
