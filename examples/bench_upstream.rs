@@ -338,15 +338,7 @@ async fn main() -> std::io::Result<()> {
     }
     tokio::spawn(serve_tls(tls_listener, acceptor));
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = accept(&listener).await;
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -383,17 +375,26 @@ fn tls_acceptor() -> std::io::Result<tokio_rustls::TlsAcceptor> {
     Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)))
 }
 
-async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+/// The next connection, with `TCP_NODELAY` set; failed accepts (out of
+/// descriptors) are said and retried.
+async fn accept(listener: &TcpListener) -> tokio::net::TcpStream {
     loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(x) => x,
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                return tcp;
+            }
             Err(e) => {
                 eprintln!("accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
             }
-        };
-        let _ = tcp.set_nodelay(true);
+        }
+    }
+}
+
+async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    loop {
+        let tcp = accept(&listener).await;
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
