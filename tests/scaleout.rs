@@ -20,7 +20,7 @@ struct Etcd {
     child: Child,
     url: String,
     client: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn free_port() -> u16 {
@@ -93,7 +93,39 @@ impl Etcd {
     }
 
     /// With `pki`: TLS only, and a client certificate from its CA required.
+    /// Its ports are picked free just before it starts, so another test's
+    /// process can take one first: an etcd that exits while starting is
+    /// started again on other ports (three tries), and one that never
+    /// answers fails the test with the end of etcd's own log.
     fn start_with(pki: Option<&EtcdPki>) -> Etcd {
+        for attempt in 1..=3 {
+            let mut e = Etcd::spawn(pki);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if e.answers(pki) {
+                    return e;
+                }
+                if let Ok(Some(status)) = e.child.try_wait() {
+                    let log = e.log_tail();
+                    assert!(
+                        attempt < 3,
+                        "etcd exited while starting ({status}), three times; its log ends:\n{log}"
+                    );
+                    eprintln!("etcd exited while starting ({status}); trying other ports. Its log ends:\n{log}");
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd did not answer within 30 s; its log ends:\n{}",
+                    e.log_tail()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        unreachable!("the third attempt returns or fails")
+    }
+
+    fn spawn(pki: Option<&EtcdPki>) -> Etcd {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -115,6 +147,7 @@ impl Etcd {
                 &pki.file("ca.pem"),
             ]);
         }
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
         let child = cmd
             .args([
                 "--name",
@@ -133,47 +166,49 @@ impl Etcd {
                 &format!("t={peer}"),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("cannot start etcd");
-        let e = Etcd {
+        Etcd {
             child,
             url: match pki {
                 Some(_) => format!("https://{client}"),
                 None => format!("etcd://{client}"),
             },
             client,
-            _dir: dir,
-        };
-        match pki {
-            None => wait_for("etcd to answer", Duration::from_secs(20), || {
-                etcd_post(&e.client, "/v3/kv/range", r#"{"key":"AA=="}"#).map(drop)
-            }),
-            Some(pki) => wait_for("etcd to answer over TLS", Duration::from_secs(20), || {
-                let o = support::run_bounded(
-                    {
-                        let mut c = Command::new("curl");
-                        c.args([
-                            "-sf",
-                            "--cacert",
-                            &pki.file("ca.pem"),
-                            "--cert",
-                            &pki.file("client.pem"),
-                            "--key",
-                            &pki.file("client-key.pem"),
-                            "-XPOST",
-                            "--data",
-                            r#"{"key":"AA=="}"#,
-                            &format!("https://{}/v3/kv/range", e.client),
-                        ]);
-                        c
-                    },
-                    Duration::from_secs(5),
-                );
-                o.ok().then_some(())
-            }),
+            dir,
         }
-        e
+    }
+
+    /// One read of the key space answered.
+    fn answers(&self, pki: Option<&EtcdPki>) -> bool {
+        match pki {
+            None => etcd_post(&self.client, "/v3/kv/range", r#"{"key":"AA=="}"#).is_some(),
+            Some(pki) => {
+                let mut c = Command::new("curl");
+                c.args([
+                    "-sf",
+                    "--cacert",
+                    &pki.file("ca.pem"),
+                    "--cert",
+                    &pki.file("client.pem"),
+                    "--key",
+                    &pki.file("client-key.pem"),
+                    "-XPOST",
+                    "--data",
+                    r#"{"key":"AA=="}"#,
+                    &format!("https://{}/v3/kv/range", self.client),
+                ]);
+                support::run_bounded(c, Duration::from_secs(5)).ok()
+            }
+        }
+    }
+
+    /// The last lines etcd wrote (it logs to stderr).
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
     }
 
     fn signal(&self, sig: &str) {
