@@ -339,16 +339,7 @@ async fn main() -> std::io::Result<()> {
     tokio::spawn(serve_tls(tls_listener, acceptor));
     loop {
         let tcp = accept(&listener).await;
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(handle));
-            if let Err(e) = conn.await {
-                if !e.is_incomplete_message() {
-                    eprintln!("connection: {e}");
-                }
-            }
-        });
+        tokio::spawn(serve(tcp, false));
     }
 }
 
@@ -402,23 +393,31 @@ async fn serve_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
                 Err(_) => return,
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-            let svc = hyper::service::service_fn(handle);
-            let result = if h2 {
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .max_concurrent_streams(1000)
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await
-            } else {
-                hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await
-            };
-            if let Err(e) = result {
-                if !e.is_incomplete_message() {
-                    eprintln!("tls connection: {e}");
-                }
-            }
+            serve(tls, h2).await;
         });
+    }
+}
+
+/// One client connection, HTTP/2 or HTTP/1.1 (kept alive), until it ends.
+async fn serve<I>(io: I, h2: bool)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(handle);
+    let result = if h2 {
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_concurrent_streams(1000)
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+    };
+    if let Err(e) = result {
+        if !e.is_incomplete_message() {
+            eprintln!("connection: {e}");
+        }
     }
 }
