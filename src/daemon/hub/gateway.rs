@@ -904,7 +904,8 @@ pub(super) async fn open_raw(
 ) -> Result<RawStream, RawRefusal> {
     // What the agent accepts (names of at most 253 characters); said here
     // rather than as an agent refusing the stream.
-    if Target::from_channel_address(&target.channel_address()).is_none() {
+    let address = target.channel_address();
+    if Target::from_channel_address(&address).is_none() {
         return Err(RawRefusal::Answer(
             StatusCode::BAD_REQUEST,
             format!(
@@ -958,7 +959,7 @@ pub(super) async fn open_raw(
         user: operator.name.clone(),
         groups: operator.groups.clone(),
     };
-    let (address, originator) = (target.channel_address(), who.encode());
+    let originator = who.encode();
     // Recorded even if the client goes away while the agent dials.
     let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
     let window = session.window(&operator.name, crate::tunnel::flow::STREAM_WINDOW);
