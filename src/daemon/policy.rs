@@ -197,7 +197,7 @@ impl DialPolicy {
     /// `--allow` rule. `what` names the target in the refusal.
     pub fn check_addr(
         &self,
-        what: &str,
+        what: impl std::fmt::Display,
         addr: SocketAddr,
         host: bool,
         own: &[IpAddr],

@@ -144,7 +144,8 @@ pub async fn resolve(
         Target::Service { ns, name } => {
             let cached = cache.and_then(|c| c.get(ns, name));
             if let Some(svc) = cached.as_ref().and_then(|s| s.service.as_ref()) {
-                let what = format!("service {ns}/{name}");
+                // Written out only in an error: `target` says "service NS/NAME".
+                let what = target;
                 let snap = cached.as_deref().map(|s| &s.slices[..]).unwrap_or_default();
                 // A failure from the cache is confirmed with fresh reads.
                 if let Ok((port_name, numeric)) = service_port(svc, port, &what) {
@@ -311,7 +312,7 @@ async fn resolve_service(
 fn service_port(
     svc: &Service,
     port: u16,
-    what: &str,
+    what: &dyn std::fmt::Display,
 ) -> Result<(String, Option<u16>), ResolveError> {
     let sports = svc
         .spec

@@ -113,12 +113,20 @@ impl Target {
     }
 
     pub fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// What [`Target::describe`] says, for messages built only when needed:
+/// a connection that succeeds formats nothing.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::ApiServer => "the API server".into(),
-            Target::Service { ns, name } => format!("service {ns}/{name}"),
-            Target::Pod { ns, name } => format!("pod {ns}/{name}"),
-            Target::Deployment { ns, name } => format!("deployment {ns}/{name}"),
-            Target::Host(h) => format!("host '{h}'"),
+            Target::ApiServer => f.write_str("the API server"),
+            Target::Service { ns, name } => write!(f, "service {ns}/{name}"),
+            Target::Pod { ns, name } => write!(f, "pod {ns}/{name}"),
+            Target::Deployment { ns, name } => write!(f, "deployment {ns}/{name}"),
+            Target::Host(h) => write!(f, "host '{h}'"),
         }
     }
 }

@@ -64,7 +64,7 @@ type DialError = (DialCode, String);
 
 async fn dial_tcp(
     addrs: &[std::net::SocketAddr],
-    what: &str,
+    what: &Target,
     port: u16,
 ) -> Result<tokio::net::TcpStream, DialError> {
     let mut last = String::from("no address");
@@ -173,10 +173,10 @@ pub(super) async fn serve_raw(
                 let own = policy::own_addresses();
                 for a in &addrs {
                     policy
-                        .check_addr(&target.describe(), *a, false, &own)
+                        .check_addr(&target, *a, false, &own)
                         .map_err(refuse)?;
                 }
-                Ok(Box::new(dial_tcp(&addrs, &target.describe(), port).await?) as Box<dyn Conn>)
+                Ok(Box::new(dial_tcp(&addrs, &target, port).await?) as Box<dyn Conn>)
             }
             Target::ApiServer => Err((
                 DialCode::NotFound,
@@ -236,7 +236,7 @@ pub(super) async fn serve_raw(
                 // Judged whichever way it is reached: a host-network pod's
                 // port-forward lands on its node too.
                 policy
-                    .check_addr(&target.describe(), r.addr, r.host, &policy::own_addresses())
+                    .check_addr(&target, r.addr, r.host, &policy::own_addresses())
                     .map_err(refuse)?;
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
@@ -250,24 +250,22 @@ pub(super) async fn serve_raw(
                             r.addr
                         ),
                     )),
-                    (PodNetwork::Direct, _) => Ok(Box::new(
-                        dial_tcp(&[r.addr], &target.describe(), port).await?,
-                    ) as Box<dyn Conn>),
-                    (PodNetwork::Auto, pod) => {
-                        match dial_tcp(&[r.addr], &target.describe(), port).await {
-                            Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
-                            Err(direct) => match pod {
-                                Some((ns, name)) => {
-                                    tracing::info!(
-                                        "{}; trying pods/portforward through the API server",
-                                        direct.1
-                                    );
-                                    dial_portforward(&tasks, &client, ns, name, r.addr.port()).await
-                                }
-                                None => Err(direct),
-                            },
-                        }
+                    (PodNetwork::Direct, _) => {
+                        Ok(Box::new(dial_tcp(&[r.addr], &target, port).await?) as Box<dyn Conn>)
                     }
+                    (PodNetwork::Auto, pod) => match dial_tcp(&[r.addr], &target, port).await {
+                        Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
+                        Err(direct) => match pod {
+                            Some((ns, name)) => {
+                                tracing::info!(
+                                    "{}; trying pods/portforward through the API server",
+                                    direct.1
+                                );
+                                dial_portforward(&tasks, &client, ns, name, r.addr.port()).await
+                            }
+                            None => Err(direct),
+                        },
+                    },
                 }
             }
         }
