@@ -439,6 +439,14 @@ where
         io,
         killed: Box::pin(kill.clone().cancelled_owned()),
     };
+    // Until the login succeeds, every way out of here cuts the transport: a
+    // refusal, the deadline, a handshake error, or this future dropped (the
+    // hub's login deadline, an eviction to make room). russh's session task
+    // owns the socket and would otherwise go on holding it, past the
+    // deadline and outside the admission caps: until its keepalives gave
+    // up (30 s) or, once it had sent its close after a malformed packet,
+    // for as long as the peer kept its side open.
+    let cut_unless_logged_in = kill.clone().drop_guard();
     let mut running = russh::server::run_stream(config, io, handler)
         .await
         .map_err(AcceptError::Handshake)?;
@@ -471,6 +479,7 @@ where
             });
         }
     };
+    let kill = cut_unless_logged_in.disarm();
     Ok(ServerSession {
         name,
         version,

@@ -172,6 +172,16 @@ pub async fn login_with_key(
     Ok(h)
 }
 
+/// A session with the hub's tunnel at `hub` through its key exchange, never
+/// logging in (it answers the hub's keepalives, as russh does).
+#[allow(dead_code)]
+pub async fn unauthenticated(
+    hub: SocketAddr,
+) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
+    let url = format!("ws://{hub}/tunnel");
+    connect(hub, [127, 0, 0, 1].into(), &url, None).await
+}
+
 /// A WebSocket to `url` (through what listens at `addr`, from `from`) with
 /// an SSH client session on it, not logged in yet.
 async fn connect(

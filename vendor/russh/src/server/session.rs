@@ -16,6 +16,10 @@ use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
 use crate::{ChannelOpenFailure, map_err, msg};
 
+/// How long a session that said goodbye waits for the client to close
+/// (towerctl patch; see the end of `Session::run`).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// A connected server session. This type is unique to a client.
 #[derive(Debug)]
 pub struct Session {
@@ -845,8 +849,21 @@ impl Session {
             }
         }
         debug!("disconnected");
+        // towerctl patch: the goodbye is bounded even without an inactivity
+        // timeout. A client that kept its side open (or stopped reading)
+        // after a malformed packet held the session, its socket and its
+        // buffers for ever; it gets `CLOSE_GRACE` to close, then the
+        // stream is dropped, which closes it.
+        let close_grace = tokio::time::sleep(CLOSE_GRACE);
+        pin!(close_grace);
         // Shutdown
-        map_err!(stream_write.shutdown().await)?;
+        tokio::select! {
+            r = stream_write.shutdown() => map_err!(r)?,
+            () = &mut close_grace => {
+                debug!("timeout sending the close");
+                return Ok(());
+            }
+        }
         loop {
             if let Some((stream_read, buffer, opening_cipher)) = is_reading.take() {
                 reading.set(start_reading(stream_read, buffer, opening_cipher));
@@ -864,6 +881,10 @@ impl Session {
                 // The client was told to disconnect and never closed its side;
                 // dropping the stream closes it for them.
                 () = &mut inactivity_timer => {
+                    debug!("timeout waiting for the client to close");
+                    break;
+                }
+                () = &mut close_grace => {
                     debug!("timeout waiting for the client to close");
                     break;
                 }
