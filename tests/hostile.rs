@@ -849,12 +849,17 @@ fn bursts_of_small_frames_and_pings_before_login_leave_the_hub_holding_little() 
     assert!(env.towerctl(&["status"]).ok());
 }
 
-/// A masked binary WebSocket frame carrying `payload` (under 126 bytes),
-/// as an agent sends it.
+/// A masked binary WebSocket frame carrying `payload` (under 64 KiB), as
+/// an agent sends it.
 fn client_frame(payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
     let key = [9u8, 8, 7, 6];
-    let mut f = vec![0x82, 0x80 | payload.len() as u8];
+    let mut f = vec![0x82];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    }
     f.extend_from_slice(&key);
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     f
@@ -988,4 +993,58 @@ fn unauthenticated_sessions_evicted_past_the_cap_are_closed() {
         "the hub holds {fds} descriptors ({fds_before} before)"
     );
     let _ = env.towerctl(&["down"]);
+}
+
+/// Before login the hub takes SSH packets of at most 35,000 bytes (RFC
+/// 4253 6.1's minimum), not russh's 256 KiB: a peer announcing a bigger one
+/// is closed at its length, before the hub holds its bytes. It used to
+/// hold all but the last byte of a 256 KiB packet for each such connection
+/// (+58 MB for 200 of them in the black-box probe).
+#[test]
+fn a_long_ssh_packet_before_login_is_refused_at_its_length() {
+    const HELD: usize = 40;
+    const ANNOUNCED: u32 = 200_000;
+    let env = Env::new();
+    assert!(env.up().ok());
+    let tunnel = tunnel_address(&env);
+    let hub = env.pid_of("hub").expect("hub pid");
+    let _warm: Vec<TcpStream> = (0..4).map(|_| upgraded(&tunnel)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = support::status_kib(hub, "RssAnon").unwrap();
+    let t = Instant::now();
+    let mut held: Vec<TcpStream> = (0..HELD)
+        .map(|_| {
+            let mut s = upgraded(&tunnel);
+            let mut first = b"SSH-2.0-OpenSSH_9.6\r\n".to_vec();
+            first.extend_from_slice(&ANNOUNCED.to_be_bytes());
+            first.push(4);
+            s.write_all(&client_frame(&first)).unwrap();
+            // All but the last byte of it, in frames under the 64 KiB
+            // frame limit (a hub that refused it may have closed already).
+            let body = vec![0x5au8; 50_000];
+            for _ in 0..3 {
+                if s.write_all(&client_frame(&body)).is_err() {
+                    break;
+                }
+            }
+            let _ = s.write_all(&client_frame(&body[..(ANNOUNCED as usize - 150_000 - 2)]));
+            s
+        })
+        .collect();
+    let after = support::status_kib(hub, "RssAnon").unwrap();
+    let per_conn = after.saturating_sub(before) / HELD as u64;
+    eprintln!("hub RssAnon {before} -> {after} KiB with {HELD} long packets: {per_conn} KiB each");
+    assert!(
+        per_conn < 64,
+        "each connection left the hub holding {per_conn} KiB ({before} -> {after} KiB)"
+    );
+    // Closed at once, not at the keepalives' end or the login deadline.
+    let by = t + Duration::from_secs(3);
+    for (i, s) in held.iter_mut().enumerate() {
+        assert!(
+            closed_by(s, by),
+            "connection {i} still open after {:?}",
+            t.elapsed()
+        );
+    }
 }

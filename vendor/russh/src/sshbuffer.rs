@@ -329,6 +329,10 @@ pub struct SSHBuffer {
     // Sequence numbers are on 32 bits and wrap.
     // https://tools.ietf.org/html/rfc4253#section-6.4
     pub seqn: Wrapping<u32>,
+    /// towerctl patch: the longest packet `cipher::read` takes into this
+    /// buffer (at most the transport's own limit); a server lowers it
+    /// until the client has logged in.
+    pub max_packet_len: usize,
 }
 
 impl SSHBuffer {
@@ -338,6 +342,7 @@ impl SSHBuffer {
             len: 0,
             bytes: 0,
             seqn: Wrapping(0),
+            max_packet_len: crate::cipher::MAXIMUM_PACKET_LEN,
         }
     }
 

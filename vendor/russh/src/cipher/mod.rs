@@ -309,7 +309,7 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
             let len = cipher.decrypt_packet_length(seqn, &block);
             let len = BigEndian::read_u32(&len) as usize;
 
-            if len > MAXIMUM_PACKET_LEN {
+            if len > MAXIMUM_PACKET_LEN.min(buffer.max_packet_len) {
                 return Err(Error::PacketSize(len));
             }
 
@@ -384,7 +384,14 @@ const PADDING_LENGTH_LEN: usize = 1;
 const MAXIMUM_PADDING_LEN: usize = 19;
 const MAXIMUM_PACKET_LEN_HEADROOM: usize =
     PADDING_LENGTH_LEN + CHANNEL_EXTENDED_DATA_PACKET_OVERHEAD + MAXIMUM_PADDING_LEN;
-const MAXIMUM_PACKET_LEN: usize = MAXIMUM_PACKET_LEN_BASELINE + MAXIMUM_PACKET_LEN_HEADROOM;
+pub(crate) const MAXIMUM_PACKET_LEN: usize =
+    MAXIMUM_PACKET_LEN_BASELINE + MAXIMUM_PACKET_LEN_HEADROOM;
+/// towerctl patch: the longest packet a server takes before the client has
+/// logged in: RFC 4253 6.1's 35,000 bytes, which every implementation must
+/// handle (key exchange and login packets are a few KB). A peer that never
+/// logs in could otherwise make the server hold 256 KiB for each of its
+/// connections.
+pub const PRELOGIN_MAXIMUM_PACKET_LEN: usize = 35_000;
 // Keep post-decompression growth within the same packet-acceptance model as
 // the transport read path.
 pub(crate) const MAXIMUM_DECOMPRESSED_PACKET_LEN: usize = MAXIMUM_PACKET_LEN;

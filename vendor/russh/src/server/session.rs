@@ -651,7 +651,9 @@ impl Session {
         map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
 
         let (stream_read, mut stream_write) = stream.split();
-        let buffer = SSHBuffer::new();
+        let mut buffer = SSHBuffer::new();
+        // towerctl patch: short packets until the client has logged in.
+        buffer.max_packet_len = self.max_packet_len();
 
         // Allow handing out references to the cipher
         let mut opening_cipher = Box::new(clear::Key) as Box<dyn OpeningKey + Send>;
@@ -769,6 +771,7 @@ impl Session {
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
                         }
                     }
+                    buffer.max_packet_len = self.max_packet_len();
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
                 () = &mut rekey_timer => {
@@ -960,6 +963,21 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// towerctl patch: the longest packet taken from the client now:
+    /// [`crate::cipher::PRELOGIN_MAXIMUM_PACKET_LEN`] until it has logged in.
+    fn max_packet_len(&self) -> usize {
+        let logged_in = self
+            .common
+            .encrypted
+            .as_ref()
+            .is_some_and(|e| Self::automatic_rekey_eligible(&e.state));
+        if logged_in {
+            crate::cipher::MAXIMUM_PACKET_LEN
+        } else {
+            crate::cipher::PRELOGIN_MAXIMUM_PACKET_LEN
+        }
     }
 
     /// `InitCompression` counts: USERAUTH_SUCCESS is flushed in that state and
