@@ -52,7 +52,15 @@ pub async fn accept_next(
                     return Some((tcp, peer));
                 }
                 Err(e) => {
-                    tracing::warn!("{what} accept failed: {e}");
+                    // Out of descriptors, this repeats every pause on every
+                    // listener: a few lines a minute, the rest at debug.
+                    static ACCEPT_ERRORS: crate::tunnel::LogBudget =
+                        crate::tunnel::LogBudget::new("accept errors", 10);
+                    if ACCEPT_ERRORS.admit() {
+                        tracing::warn!("{what} accept failed: {e}");
+                    } else {
+                        tracing::debug!("{what} accept failed: {e}");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },

@@ -164,6 +164,49 @@ fn auth_message(name: &str, reason: Option<&str>) -> String {
 
 pub use splice::{splice, splice_from, WriteBytes, WriteInto};
 
+/// Lines allowed per minute for a kind of message any peer can trigger (a
+/// failed login, an accept error while out of descriptors): the rest go to
+/// debug, so that a flood cannot rotate the log away. Said once a minute
+/// when lines start being held back.
+pub struct LogBudget {
+    what: &'static str,
+    per_minute: u32,
+    state: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
+}
+
+impl LogBudget {
+    /// `what` names the lines in the hold-back message ("failed tunnel
+    /// logins").
+    pub const fn new(what: &'static str, per_minute: u32) -> LogBudget {
+        LogBudget {
+            what,
+            per_minute,
+            state: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether one more line may be logged at its level now.
+    pub fn admit(&self) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let (start, n) = st.get_or_insert((now, 0));
+        if now.duration_since(*start) >= std::time::Duration::from_secs(60) {
+            (*start, *n) = (now, 0);
+        }
+        *n += 1;
+        if *n == self.per_minute + 1 {
+            tracing::info!(
+                "more than {} {} this minute; the rest are logged at debug",
+                self.per_minute,
+                self.what
+            );
+        }
+        *n <= self.per_minute
+    }
+}
+
 /// An untrusted string made safe for one log line: control characters and
 /// quotes escaped (no forged lines, no terminal escapes), cut to `max`
 /// characters with the original length noted.
@@ -324,6 +367,21 @@ mod keepalive_tests {
 
 #[cfg(test)]
 mod log_tests {
+    /// The budget lets its lines through, then holds the rest back until
+    /// the minute is over.
+    #[test]
+    fn a_log_budget_lets_its_lines_through_then_holds_the_rest() {
+        let b = super::LogBudget::new("test lines", 3);
+        let got: Vec<bool> = (0..6).map(|_| b.admit()).collect();
+        assert_eq!(got, [true, true, true, false, false, false]);
+        // A minute later: a new budget.
+        if let Ok(mut st) = b.state.lock() {
+            let (start, _) = st.as_mut().unwrap();
+            *start -= std::time::Duration::from_secs(61);
+        }
+        assert!(b.admit());
+    }
+
     #[test]
     fn untrusted_strings_stay_on_one_short_line() {
         let forged = format!(

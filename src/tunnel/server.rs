@@ -242,10 +242,22 @@ impl HubHandler {
             }
             Verdict::Reject(reason) => {
                 if let Some(reason) = reason {
-                    tracing::warn!(
-                        cluster = %super::escape_for_log(user, 64),
-                        "agent refused: {reason}"
-                    );
+                    // Anyone can cause one per connection (five per
+                    // address before its penalty starts, and addresses
+                    // are many): a few a minute at warn.
+                    static REFUSED: super::LogBudget =
+                        super::LogBudget::new("refused agent logins", 10);
+                    if REFUSED.admit() {
+                        tracing::warn!(
+                            cluster = %super::escape_for_log(user, 64),
+                            "agent refused: {reason}"
+                        );
+                    } else {
+                        tracing::debug!(
+                            cluster = %super::escape_for_log(user, 64),
+                            "agent refused: {reason}"
+                        );
+                    }
                     let handle = self.handle.clone();
                     tokio::spawn(async move {
                         // Let russh send the failure first (it delays

@@ -41,7 +41,7 @@ pub(super) async fn accept_tunnels(
     tracker: TaskTracker,
 ) {
     let penalties = Arc::new(Penalties::default());
-    let prelogin_logs = Arc::new(LogBudget::new(10));
+    let prelogin_logs = Arc::new(tunnel::LogBudget::new("failed tunnel logins", 10));
     while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "tunnel").await {
         // A source past its refused join tokens is not closed here: an
         // agent that has joined logs in with its key, which cannot be
@@ -84,40 +84,6 @@ struct Incoming {
     trusted: Arc<TrustedProxies>,
     penalties: Arc<Penalties>,
     ticket: Ticket,
-}
-
-/// Lines allowed per minute for a kind of message any peer can trigger.
-struct LogBudget {
-    per_minute: u32,
-    state: Mutex<(std::time::Instant, u32)>,
-}
-
-impl LogBudget {
-    fn new(per_minute: u32) -> LogBudget {
-        LogBudget {
-            per_minute,
-            state: Mutex::new((std::time::Instant::now(), 0)),
-        }
-    }
-
-    /// Whether one more line may be logged now; says once per minute when
-    /// lines start being held back.
-    fn admit(&self) -> bool {
-        let Ok(mut st) = self.state.lock() else {
-            return false;
-        };
-        if st.0.elapsed() >= Duration::from_secs(60) {
-            *st = (std::time::Instant::now(), 0);
-        }
-        st.1 += 1;
-        if st.1 == self.per_minute + 1 {
-            tracing::info!(
-                "more than {} failed tunnel logins this minute; the rest are logged at debug",
-                self.per_minute
-            );
-        }
-        st.1 <= self.per_minute
-    }
 }
 
 /// [`Penalties`] as seen by one connection's login.
