@@ -5,6 +5,8 @@ mod commands;
 mod daemon;
 mod paths;
 mod secrets;
+#[cfg(test)]
+mod testrng;
 mod tui;
 mod tunnel;
 

@@ -1514,42 +1514,7 @@ mod tests {
         }
     }
 
-    /// splitmix64: the small deterministic generator of the randomized test
-    /// below (no crate; a case is rebuilt from its number alone).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        /// A number in `lo..=hi`.
-        fn range(&mut self, lo: usize, hi: usize) -> usize {
-            lo + (self.next() % (hi - lo + 1) as u64) as usize
-        }
-
-        /// True about once in `n` times.
-        fn one_in(&mut self, n: u64) -> bool {
-            self.next().is_multiple_of(n)
-        }
-
-        fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-            from[self.range(0, from.len() - 1)]
-        }
-
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            let mut v = Vec::with_capacity(n + 8);
-            while v.len() < n {
-                v.extend_from_slice(&self.next().to_le_bytes());
-            }
-            v.truncate(n);
-            v
-        }
-    }
+    use crate::testrng::Rng;
 
     /// Appends a frame to `out`, written here rather than with the code
     /// under test: the first byte `first` (FIN, RSV, opcode), the declared
