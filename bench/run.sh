@@ -1449,8 +1449,9 @@ for group, checks in targets.items():
 # target with the private part under it, the code is spread out again: the
 # layout list (link/hot-text.ld) misses functions added since it was made.
 if IDLE_HUB_KIB and IDLE_HUB_KIB > 12 * 1024 and (IDLE_HUB_ANON_KIB or 0) <= 4 * 1024:
-    print("  note: the hub's idle RSS is over 12 MiB but its private memory is not: link/hot-text.ld is likely stale;"
-          " bench/hot-text.sh makes it again (then rebuild)")
+    print("  note: the hub's idle RSS is over 12 MiB but its private memory is not: link/hot-text.ld is likely stale"
+          " (bench/hot-text.sh makes it again, then rebuild), or the binary was built together with an example"
+          " (cargo build --bin towerctl --example ...: other symbol hashes, the list matches less; build it alone)")
 if doc["problems"]:
     print()
     print("problems seen during the run (daemon health; WARN/ERROR lines of the towerctl logs and port-forward's errors, counted):")
