@@ -1,6 +1,8 @@
-//! The small deterministic generator of the randomized tests (splitmix64,
-//! no crate: a case is rebuilt from its number alone), shared by the
-//! WebSocket reader's, `FrameCap`'s and the PROXY header parser's tests.
+//! What the randomized tests share: a small deterministic generator
+//! (splitmix64, no crate: a case is rebuilt from its number alone), used
+//! by the WebSocket reader's, `FrameCap`'s and the PROXY header parser's
+//! tests, and a WebSocket frame header written independently of the code
+//! under test.
 
 pub struct Rng(pub u64);
 
@@ -40,5 +42,25 @@ impl Rng {
         }
         v.truncate(n);
         v
+    }
+}
+
+/// Appends a WebSocket frame header: the first byte `first` (FIN, RSV,
+/// opcode), the declared length `len` in `width` (0: as short as it goes,
+/// 1: at least 16 bits, 2: 64 bits), and the mask key if any.
+pub fn push_ws_header(out: &mut Vec<u8>, first: u8, len: u64, width: usize, key: Option<[u8; 4]>) {
+    out.push(first);
+    let m = if key.is_some() { 0x80 } else { 0 };
+    if len < 126 && width == 0 {
+        out.push(m | len as u8);
+    } else if len < 1 << 16 && width < 2 {
+        out.push(m | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(m | 127);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    if let Some(k) = key {
+        out.extend_from_slice(&k);
     }
 }

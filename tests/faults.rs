@@ -245,18 +245,7 @@ fn floods_at_a_1024_descriptor_limit() {
     }
     let env = Env::new();
     let api = ApiServer::start();
-    let o = run_bounded(
-        {
-            let mut c = Command::new("sh");
-            c.arg("-c").arg(format!(
-                "ulimit -n 1024 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --keepalive 1s --metrics off",
-                support::TOWERCTL
-            ));
-            env.apply_env(&mut c);
-            c
-        },
-        Duration::from_secs(30),
-    );
+    let o = env.up_limited(1024, &["--keepalive", "1s"]);
     assert!(o.ok(), "{o:?}");
     let hub_pid = env.pid_of("hub").unwrap();
     let join = env.cluster_add("alpha");

@@ -363,18 +363,7 @@ fn an_agent_taking_one_byte_packets_gets_no_channels() {
 #[test]
 fn behind_a_trusted_balancer_one_clients_flood_evicts_only_its_own_connections() {
     let env = Env::new();
-    let o = support::run_bounded(
-        {
-            let mut c = std::process::Command::new("sh");
-            c.arg("-c").arg(format!(
-                "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metrics off --trusted-proxy 127.0.0.1",
-                support::TOWERCTL
-            ));
-            env.apply_env(&mut c);
-            c
-        },
-        Duration::from_secs(30),
-    );
+    let o = env.up_limited(256, &["--trusted-proxy", "127.0.0.1"]);
     assert!(o.ok(), "{o:?}");
     let st = env.status();
     for listener in ["gatewayAddress", "tunnelAddress"] {
@@ -434,20 +423,7 @@ fn flood_both_listeners(extra: &[&str], to_gateway: &[u8], to_tunnel: fn(&str) -
     // The hub under a small descriptor limit: 256, so that 600 held
     // connections would exhaust it without the caps (the hub sizes its caps
     // from the limit: 64 unauthenticated connections per listener).
-    let o = support::run_bounded(
-        {
-            let mut c = std::process::Command::new("sh");
-            c.arg("-c")
-                .arg(format!(
-                    "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --keepalive 1s --metrics off {}",
-                    support::TOWERCTL,
-                    extra.join(" ")
-                ));
-            env.apply_env(&mut c);
-            c
-        },
-        Duration::from_secs(30),
-    );
+    let o = env.up_limited(256, &[&["--keepalive", "1s"], extra].concat());
     assert!(o.ok(), "{o:?}");
     let hub_pid = env.pid_of("hub").expect("hub pid");
     let limits = std::fs::read_to_string(format!("/proc/{hub_pid}/limits")).unwrap();
@@ -952,18 +928,7 @@ fn tunnel_connections_whose_login_goes_wrong_are_closed_by_the_deadline() {
 fn unauthenticated_sessions_evicted_past_the_cap_are_closed() {
     const OPENED: usize = 48;
     let env = Env::new();
-    let o = support::run_bounded(
-        {
-            let mut c = std::process::Command::new("sh");
-            c.arg("-c").arg(format!(
-                "ulimit -n 256 && exec {} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metrics off",
-                support::TOWERCTL
-            ));
-            env.apply_env(&mut c);
-            c
-        },
-        Duration::from_secs(30),
-    );
+    let o = env.up_limited(256, &[]);
     assert!(o.ok(), "{o:?}");
     let tunnel: std::net::SocketAddr = tunnel_address(&env).parse().unwrap();
     let hub = env.pid_of("hub").expect("hub pid");

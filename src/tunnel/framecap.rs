@@ -322,20 +322,8 @@ mod tests {
     /// the length `len` written in `width` (0: as short as it goes, 1: at
     /// least 16 bits, 2: 64 bits), a mask key if `masked`.
     fn put_header(out: &mut Vec<u8>, first: u8, len: u64, width: usize, masked: bool) {
-        out.push(first);
-        let m = if masked { 0x80 } else { 0 };
-        if len < 126 && width == 0 {
-            out.push(m | len as u8);
-        } else if len < 1 << 16 && width < 2 {
-            out.push(m | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(m | 127);
-            out.extend_from_slice(&len.to_be_bytes());
-        }
-        if masked {
-            out.extend_from_slice(&[0x37, 0xfa, 0x21, 0x3d]);
-        }
+        let key = masked.then_some([0x37, 0xfa, 0x21, 0x3d]);
+        crate::testrng::push_ws_header(out, first, len, width, key);
     }
 
     /// An HTTP upgrade head as a client might write it: a request line and

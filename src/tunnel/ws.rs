@@ -1530,20 +1530,7 @@ mod tests {
         key: Option<[u8; 4]>,
         payload: &[u8],
     ) {
-        out.push(first);
-        let m = if key.is_some() { 0x80 } else { 0 };
-        if len < 126 && width == 0 {
-            out.push(m | len as u8);
-        } else if len < 1 << 16 && width < 2 {
-            out.push(m | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(m | 127);
-            out.extend_from_slice(&len.to_be_bytes());
-        }
-        if let Some(k) = key {
-            out.extend_from_slice(&k);
-        }
+        crate::testrng::push_ws_header(out, first, len, width, key);
         let at = out.len();
         out.extend_from_slice(payload);
         if let Some(k) = key {

@@ -171,6 +171,20 @@ impl Env {
         self.up_on_with(listen, gateway, &[])
     }
 
+    /// `towerctl up` on ephemeral loopback ports, metrics off, under
+    /// `ulimit -n nofile` (the hub sizes its admission caps from it), with
+    /// the `extra` flags; bounded to 30 s.
+    #[allow(dead_code)]
+    pub fn up_limited(&self, nofile: u32, extra: &[&str]) -> Out {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "ulimit -n {nofile} && exec {TOWERCTL} up --listen 127.0.0.1:0 --gateway 127.0.0.1:0 --metrics off {}",
+            extra.join(" ")
+        ));
+        self.apply_env(&mut c);
+        run_bounded(c, Duration::from_secs(30))
+    }
+
     /// [`Env::up`] with more flags.
     #[allow(dead_code)]
     pub fn up_with(&self, extra: &[&str]) -> Out {

@@ -182,11 +182,8 @@ pub(super) async fn serve(
 /// Where a forward's connections go, and as whom.
 struct Dest {
     token: Secret,
-    /// The operator of `token` and the operators' generation
-    /// ([`Hub::operators_generation`]) when it was looked up: see
-    /// [`Dest::operator`].
-    known: std::sync::Mutex<(u64, Arc<Operator>)>,
-    /// The CONNECT authority, `NAME.NS.svc.CLUSTER:PORT`, …
+    /// The operator of `token`, remembered ([`Hub::operator_memo`]).
+    known: super::OperatorMemo,
     authority: String,
     cluster: String,
     target: Target,
@@ -196,11 +193,10 @@ struct Dest {
 /// The operator of `token` and where `authority` leads, if the operator may
 /// reach that member at all; otherwise why not (a member it may not reach
 /// answers like an unknown one).
-fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Operator, Dest), String> {
-    // Read before the lookup: a change in between moves it on again.
-    let generation = hub.operators_generation();
+fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Arc<Operator>, Dest), String> {
+    let known = super::OperatorMemo::default();
     let operator = hub
-        .operator(token.expose())
+        .operator_memo(&known, token.expose())
         .ok_or_else(|| UNKNOWN_TOKEN.to_string())?;
     let parsed: http::uri::Authority = authority.parse().map_err(|_| {
         format!(
@@ -214,36 +210,13 @@ fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Operator, Dest)
     }
     let dest = Dest {
         token,
-        known: std::sync::Mutex::new((generation, Arc::new(operator.clone()))),
+        known,
         authority,
         cluster,
         target,
         port,
     };
     Ok((operator, dest))
-}
-
-impl Dest {
-    /// The operator of the forward's token, for one more connection. As the
-    /// gateway does for a token presented again on a connection
-    /// (`gateway::Conn::operator`), it is hashed and looked up again only
-    /// when an operator changed since the last lookup: one removed or
-    /// whose token was replaced since then gets nothing. (Hashing the token
-    /// was the largest single cost of a new connection in the hub after
-    /// the channel itself: ~3 % of its instructions.)
-    fn operator(&self, hub: &Hub) -> Option<Arc<Operator>> {
-        let generation = hub.operators_generation();
-        if let Ok(k) = self.known.lock() {
-            if k.0 == generation {
-                return Some(k.1.clone());
-            }
-        }
-        let operator = Arc::new(hub.operator(self.token.expose())?);
-        if let Ok(mut k) = self.known.lock() {
-            *k = (generation, operator.clone());
-        }
-        Some(operator)
-    }
 }
 
 /// What the hub answers a forward whose token it does not know (the
@@ -262,10 +235,15 @@ async fn carry(
 ) -> Result<(), String> {
     // The operator is looked up for every connection, as the gateway does
     // for every request: one removed since the forward began gets nothing.
-    let operator = d.operator(hub).ok_or_else(|| {
-        "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
-            .to_string()
-    })?;
+    // Looked up again only when an operator changed since the last
+    // connection (hashing the token was ~3 % of a new connection's
+    // instructions in the hub).
+    let operator = hub
+        .operator_memo(&d.known, d.token.expose())
+        .ok_or_else(|| {
+            "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
+                .to_string()
+        })?;
     match open_raw(
         hub,
         &operator,

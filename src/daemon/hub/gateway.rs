@@ -125,9 +125,9 @@ struct Conn {
     active: Arc<()>,
     /// When the last request started or the last response ended.
     last: std::sync::Mutex<std::time::Instant>,
-    /// The operator this connection last authenticated as (see
-    /// [`Conn::operator`]).
-    known: std::sync::Mutex<Option<Known>>,
+    /// The operator this connection last authenticated as
+    /// ([`Hub::operator_memo`]).
+    known: super::OperatorMemo,
     /// The client's address as an `X-Forwarded-For` value.
     forwarded: HeaderValue,
     /// The client's address and port, as audit records give it.
@@ -156,14 +156,6 @@ impl Conn {
     }
 }
 
-/// A token accepted on a connection, what it stood for, and the operators'
-/// generation ([`Hub::operators_generation`]) when it was looked up.
-struct Known {
-    token: Box<str>,
-    operator: Arc<Operator>,
-    generation: u64,
-}
-
 impl Conn {
     fn authenticated(&self) {
         if let Ok(mut t) = self.ticket.lock() {
@@ -173,31 +165,6 @@ impl Conn {
 
     fn is_authenticated(&self) -> bool {
         self.ticket.lock().map(|t| t.is_none()).unwrap_or(true)
-    }
-
-    /// The operator `token` stands for. A token presented again on the same
-    /// connection (kubectl sends it with every request) is not hashed and
-    /// looked up again while no operator has changed since: any change
-    /// (removal, new token) moves the generation on and the next request
-    /// looks it up afresh.
-    fn operator(&self, hub: &Hub, token: &str) -> Option<Arc<Operator>> {
-        let generation = hub.operators_generation();
-        if let Ok(known) = self.known.lock() {
-            if let Some(k) = known.as_ref() {
-                if k.generation == generation && *k.token == *token {
-                    return Some(k.operator.clone());
-                }
-            }
-        }
-        let operator = Arc::new(hub.operator(token)?);
-        if let Ok(mut known) = self.known.lock() {
-            *known = Some(Known {
-                token: token.into(),
-                operator: operator.clone(),
-                generation,
-            });
-        }
-        Some(operator)
     }
 
     fn touch(&self) {
@@ -290,7 +257,7 @@ pub async fn serve(
                 ticket: std::sync::Mutex::new(Some(ticket)),
                 active: Arc::new(()),
                 last: std::sync::Mutex::new(std::time::Instant::now()),
-                known: std::sync::Mutex::new(None),
+                known: Default::default(),
                 forwarded: crate::daemon::http::forwarded_value(peer.ip()),
                 peer_text,
                 proxy,
@@ -522,7 +489,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     let Some(token) = bearer(req.headers()) else {
         return unauthorized("the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
     };
-    let Some(operator) = conn.operator(&hub, &token) else {
+    let Some(operator) = hub.operator_memo(&conn.known, &token) else {
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
     conn.authenticated();

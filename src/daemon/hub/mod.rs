@@ -143,6 +143,19 @@ pub fn max_streams_per_operator() -> usize {
 
 /// A count bounded by `max`, taken by [`Budget::try_hold`] and given back
 /// when the returned guard is dropped.
+/// The last token looked up through [`Hub::operator_memo`] and what it
+/// stood for.
+#[derive(Default)]
+pub struct OperatorMemo(std::sync::Mutex<Option<Known>>);
+
+/// A token, the operator it stood for, and the operators' generation
+/// ([`Hub::operators_generation`]) when it was looked up.
+struct Known {
+    token: Box<str>,
+    operator: Arc<Operator>,
+    generation: u64,
+}
+
 pub struct Budget {
     used: std::sync::atomic::AtomicUsize,
     max: usize,
@@ -484,6 +497,33 @@ impl Hub {
     pub fn operators_generation(&self) -> u64 {
         self.operators_generation
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The operator `token` stands for, remembered in `memo`: a token
+    /// presented again (kubectl sends it with every request on a gateway
+    /// connection; a hub-served forward has one for all its connections) is
+    /// not hashed and looked up again while no operator has changed since:
+    /// any change (removal, new token) moves the generation on and the next
+    /// use looks it up afresh.
+    pub fn operator_memo(&self, memo: &OperatorMemo, token: &str) -> Option<Arc<Operator>> {
+        // Read before the lookup: a change in between moves it on again.
+        let generation = self.operators_generation();
+        if let Ok(known) = memo.0.lock() {
+            if let Some(k) = known.as_ref() {
+                if k.generation == generation && *k.token == *token {
+                    return Some(k.operator.clone());
+                }
+            }
+        }
+        let operator = Arc::new(self.operator(token)?);
+        if let Ok(mut known) = memo.0.lock() {
+            *known = Some(Known {
+                token: token.into(),
+                operator: operator.clone(),
+                generation,
+            });
+        }
+        Some(operator)
     }
 
     /// Whether `op` may reach member `name`, and the rule that decided. The
