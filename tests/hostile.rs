@@ -1013,3 +1013,86 @@ fn a_long_ssh_packet_before_login_is_refused_at_its_length() {
         );
     }
 }
+
+/// Sends `request` to `addr` and reads the answer to the end (5 s at most).
+fn exchange(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
+    // A load balancer's health check, curl, a browser or kubectl sent to
+    // the wrong port used to get a bare close, which says nothing (and
+    // marks the hub unhealthy behind a balancer that checks with HTTP).
+    let env = Env::new();
+    assert!(env.up().ok());
+    let tunnel = tunnel_address(&env);
+    let health = exchange(&tunnel, b"GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+    let plain = exchange(&tunnel, b"GET / HTTP/1.1\r\nHost: hub\r\n\r\n");
+    assert!(
+        plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+        "{plain}"
+    );
+    assert!(plain.contains("\r\nUpgrade: websocket\r\n"), "{plain}");
+    assert!(plain.contains("towerctl join"), "{plain}");
+    let post = exchange(&tunnel, b"POST /api HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert!(
+        post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{post}"
+    );
+    assert!(post.contains("\r\nAllow: GET\r\n"), "{post}");
+    let old = ws_upgrade(&tunnel);
+    let old = String::from_utf8(old)
+        .unwrap()
+        .replace("Version: 13", "Version: 8");
+    let version = exchange(&tunnel, old.as_bytes());
+    assert!(version.starts_with("HTTP/1.1 426 "), "{version}");
+    assert!(
+        version.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+        "{version}"
+    );
+    let garbage = exchange(&tunnel, b"\x16\x03\x01\x02\x00hello\r\n\r\n");
+    assert!(
+        garbage.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{garbage}"
+    );
+    let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let long = exchange(&tunnel, long.as_bytes());
+    assert!(long.starts_with("HTTP/1.1 431 "), "{long}");
+    // Empty lines before the request line are skipped (as httparse does),
+    // however many: the upgrade goes through.
+    let mut s = TcpStream::connect(&tunnel).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[b"\r\n\r\n\n".as_slice(), &ws_upgrade(&tunnel)].concat())
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    // A connection closed at once (a TCP health check) is not logged;
+    // the refusals are, escaped, the health check is not.
+    drop(TcpStream::connect(&tunnel).unwrap());
+    exchange(&tunnel, b"GET /\x1b[2J\nevil HTTP/1.1\r\n\r\n");
+    let log = wait_for(
+        "the last refusal in the hub log",
+        Duration::from_secs(5),
+        || {
+            let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+            log.contains("u{1b}[2J").then_some(log)
+        },
+    );
+    assert!(
+        log.contains("not a WebSocket upgrade (\"GET / HTTP/1.1\"): answered 426"),
+        "{log}"
+    );
+    assert!(!log.contains("\x1b[2J"), "{log}");
+    assert!(log.contains("\\u{1b}[2J"), "{log}");
+    assert!(!log.contains("healthz"), "{log}");
+    assert!(!log.contains("WebSocket handshake failed"), "{log}");
+}

@@ -454,7 +454,7 @@ async fn connect_inner(
         Some(ws_cfg),
     )
     .await
-    .map_err(|e| unreachable(format!("WebSocket handshake failed: {e}")))?;
+    .map_err(|e| unreachable(handshake_failure(&e)))?;
 
     let seen_key = Arc::new(Mutex::new(None));
     let (closed_tx, closed_rx) = oneshot::channel();
@@ -649,6 +649,35 @@ fn urlencoding_decode(s: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Why the WebSocket upgrade failed, and for an HTTP answer other than
+/// 101 what it most likely means: between an agent and its hub sit
+/// ingresses and proxies whose own answers say little by themselves.
+fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use tokio_tungstenite::tungstenite::Error;
+    let Error::Http(response) = e else {
+        return format!("WebSocket handshake failed: {e}");
+    };
+    let status = response.status();
+    let hint = match status.as_u16() {
+        200..=399 => {
+            "a server that does not upgrade to WebSocket answered (the hub's gateway port \
+             instead of its tunnel port? an ingress without WebSocket support?)"
+        }
+        401 | 403 | 407 => "a proxy or ingress in front of the hub refused the connection",
+        404 => "nothing is routed to the hub at this path (check the URL's path and the ingress's rules)",
+        400 | 405 | 426 => {
+            "the upgrade was refused on the way (an ingress or proxy that drops the Upgrade \
+             and Connection headers?)"
+        }
+        502..=504 => {
+            "an ingress or proxy answered, but it reaches no hub (is `towerctl up` running, \
+             and its tunnel port the ingress's backend?)"
+        }
+        _ => "the hub or something in front of it refused the upgrade",
+    };
+    format!("WebSocket handshake failed: HTTP {status}: {hint}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -657,5 +686,24 @@ mod tests {
     fn redacts_proxy_credentials() {
         let r = redact_proxy("http://user:pw@proxy:3128");
         assert!(!r.contains("pw") && !r.contains("user"), "{r}");
+    }
+
+    #[test]
+    fn an_answer_other_than_101_says_what_it_likely_means() {
+        use tokio_tungstenite::tungstenite::Error;
+        let said = |status: u16| {
+            let mut response = http::Response::new(None);
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            handshake_failure(&Error::Http(Box::new(response)))
+        };
+        assert!(said(404).contains("HTTP 404 Not Found: nothing is routed to the hub at this path"));
+        assert!(said(502)
+            .contains("HTTP 502 Bad Gateway: an ingress or proxy answered, but it reaches no hub"));
+        assert!(said(200).contains("does not upgrade to WebSocket"));
+        assert!(said(426).contains("Upgrade"));
+        assert!(said(418).contains("refused the upgrade"));
+        let other = handshake_failure(&Error::ConnectionClosed);
+        assert!(other.starts_with("WebSocket handshake failed: "), "{other}");
+        assert!(!other.contains("HTTP"), "{other}");
     }
 }

@@ -264,18 +264,68 @@ impl<S: AsyncWrite + Unpin> Gate<S> {
 /// [`head_end_after`]'s state once the head's blank line is through.
 pub const HEAD_DONE: u8 = 3;
 
-/// Where an HTTP head's end is after byte `b`, from `state`: 0 in a line,
-/// 1 after a line's `\n`, 2 after `\n\r`, [`HEAD_DONE`] after the blank
-/// line. Ends as httparse (under tungstenite and hyper) ends a head: `\n`,
-/// an optional `\r`, `\n`.
+/// Where an HTTP head's end is after byte `b`, from `state`: 0 before the
+/// request line (nothing but empty lines so far, which httparse skips), 5
+/// after a `\r` there, 4 in a line, 1 after a line's `\n`, 2 after
+/// `\n\r`, [`HEAD_DONE`] after the blank line. Ends as httparse (under
+/// tungstenite and hyper) ends a head: `\n`, an optional `\r`, `\n`,
+/// after the first line that is not empty (`\r\n` or `\n`).
 pub fn head_end_after(state: u8, b: u8) -> u8 {
     match (state, b) {
         (HEAD_DONE, _) => HEAD_DONE,
+        (0 | 5, b'\n') => 0,
+        (0, b'\r') => 5,
         (1 | 2, b'\n') => HEAD_DONE,
         (_, b'\n') => 1,
         (1, b'\r') => 2,
-        _ => 0,
+        _ => 4,
     }
+}
+
+impl<S: AsyncRead + Unpin> Gate<S> {
+    /// Reads the peer's HTTP head ahead of tungstenite (which is then
+    /// given it as if read now) and returns it: up to and with its blank
+    /// line, or everything read when the peer ended first or `limit`
+    /// bytes came without one (`complete` false). Reads at most 4 KiB past
+    /// `limit`; bytes after the head stay for the frames.
+    pub async fn peek_head(&mut self, limit: usize) -> io::Result<PeekedHead<'_>> {
+        let (mut state, mut scanned) = (0, 0);
+        loop {
+            if let Some(i) = self.early[scanned..].iter().position(|&b| {
+                state = head_end_after(state, b);
+                state == HEAD_DONE
+            }) {
+                return Ok(PeekedHead {
+                    bytes: &self.early[..scanned + i + 1],
+                    complete: true,
+                });
+            }
+            scanned = self.early.len();
+            if scanned >= limit {
+                break;
+            }
+            self.early.reserve(4096);
+            if tokio_util::io::read_buf(&mut self.io, &mut self.early).await? == 0 {
+                break;
+            }
+        }
+        Ok(PeekedHead {
+            bytes: &self.early,
+            complete: false,
+        })
+    }
+
+    /// The stream under the gate.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+}
+
+/// What [`Gate::peek_head`] read.
+pub struct PeekedHead<'a> {
+    pub bytes: &'a [u8],
+    /// Whether `bytes` ends with the head's blank line.
+    pub complete: bool,
 }
 
 /// What tungstenite reads: the HTTP head of the upgrade, up to and with
@@ -1455,6 +1505,15 @@ mod tests {
         ] {
             assert_eq!(end(head), Some(head.len() - 6), "{head:?}");
         }
+        // Empty lines before the request line are skipped, however many.
+        for head in [
+            &b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\nFRAME"[..],
+            b"\n\n\nGET / HTTP/1.1\nHost: x\n\nFRAME",
+            b"\r\n\n\r\nGET / HTTP/1.1\r\n\r\nFRAME",
+        ] {
+            assert_eq!(end(head), Some(head.len() - 6), "{head:?}");
+        }
+        assert_eq!(end(b"\r\n\r\n\n\n"), None);
         assert_eq!(end(b"GET / HTTP/1.1\r\nHost: x\r\n\r"), None);
         assert_eq!(end(b"GET / HTTP/1.1\r\nHost: x\r\rx\r\n"), None);
     }

@@ -29,6 +29,177 @@ pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
 
 use crate::tunnel::WS_READ_BUFFER;
 
+/// Longest HTTP head taken on the tunnel listener: an agent's upgrade is
+/// ~300 bytes, an ingress adds a few headers (tungstenite alone would take
+/// 64 KiB from every connection before login).
+const MAX_UPGRADE_HEAD: usize = 16 * 1024;
+
+/// Paths a load balancer or ingress may check the tunnel listener on
+/// (without an upgrade): answered 200 while the hub accepts tunnels.
+const HEALTH_PATHS: [&str; 3] = ["/healthz", "/readyz", "/livez"];
+
+/// The answer to a request on the tunnel listener that is not a WebSocket
+/// upgrade.
+struct NotAnUpgrade {
+    /// Status code and reason.
+    status: &'static str,
+    /// Header lines of its own, each ending in CRLF.
+    headers: &'static str,
+    /// The problem, said first in the body.
+    problem: &'static str,
+    /// For the log: `None` for a health check (answered 200, not logged).
+    why: Option<String>,
+}
+
+/// What the tunnel listener says to what is not an agent's upgrade.
+const TUNNEL_ONLY: &str = "This port of the towerctl hub takes member clusters' \
+     tunnels: a WebSocket upgrade from `towerctl join`. kubectl and port-forwards go to the \
+     hub's gateway (`towerctl status` shows its address); load balancers can check GET \
+     /healthz here.\n";
+
+/// `None` when `head` (complete: with its blank line) is a WebSocket
+/// upgrade tungstenite will accept; else how to answer it. The checks are
+/// tungstenite's own (its parser, `create_response`), so that nothing it
+/// would take is refused here.
+fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error, ProtocolError};
+    use tokio_tungstenite::tungstenite::handshake::{
+        machine::TryParse,
+        server::{create_response, Request},
+    };
+    // The request line as sent, escaped, for the log.
+    let line = || {
+        let start = head
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(head.len());
+        let rest = &head[start..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\r' || b == b'\n')
+            .unwrap_or(rest.len());
+        tunnel::escape_for_log(&String::from_utf8_lossy(&rest[..end]), 120)
+    };
+    let refuse = |status, headers, problem, why: String| {
+        Some(NotAnUpgrade {
+            status,
+            headers,
+            problem,
+            why: Some(format!("{why} (\"{}\"): answered {status}", line())),
+        })
+    };
+    let bad = |problem, why: &str| refuse("400 Bad Request", "", problem, why.to_string());
+    let request = match Request::try_parse(head) {
+        Ok(Some((_, request))) => request,
+        Ok(None) if complete => return bad("not an HTTP request", "not an HTTP request"),
+        Ok(None) if head.len() >= MAX_UPGRADE_HEAD => {
+            return refuse(
+                "431 Request Header Fields Too Large",
+                "",
+                "the request's head is longer than 16 KiB",
+                format!("an HTTP head longer than {MAX_UPGRADE_HEAD} bytes"),
+            )
+        }
+        Ok(None) => {
+            return bad(
+                "the request ended before its head did",
+                "the connection ended inside an HTTP head",
+            )
+        }
+        Err(Error::Protocol(ProtocolError::WrongHttpMethod)) => {
+            return refuse(
+                "405 Method Not Allowed",
+                "Allow: GET\r\n",
+                "only GET (a WebSocket upgrade) is taken here",
+                "a method other than GET".to_string(),
+            )
+        }
+        Err(Error::Protocol(ProtocolError::WrongHttpVersion)) => {
+            return refuse(
+                "505 HTTP Version Not Supported",
+                "",
+                "a WebSocket upgrade needs HTTP/1.1",
+                "HTTP before 1.1".to_string(),
+            )
+        }
+        Err(Error::Capacity(CapacityError::TooManyHeaders)) => {
+            return refuse(
+                "431 Request Header Fields Too Large",
+                "",
+                "the request has too many header fields",
+                "too many header fields".to_string(),
+            )
+        }
+        Err(_) => return bad("not an HTTP/1.1 request", "not an HTTP/1.1 request"),
+    };
+    match create_response(&request) {
+        Ok(_) => None,
+        Err(Error::Protocol(
+            ProtocolError::MissingConnectionUpgradeHeader
+            | ProtocolError::MissingUpgradeWebSocketHeader,
+        )) if HEALTH_PATHS.contains(&request.uri().path()) => Some(NotAnUpgrade {
+            status: "200 OK",
+            headers: "",
+            problem: "ok",
+            why: None,
+        }),
+        Err(Error::Protocol(
+            ProtocolError::MissingConnectionUpgradeHeader
+            | ProtocolError::MissingUpgradeWebSocketHeader,
+        )) => refuse(
+            "426 Upgrade Required",
+            "Upgrade: websocket\r\n",
+            "not a WebSocket upgrade",
+            "not a WebSocket upgrade".to_string(),
+        ),
+        Err(Error::Protocol(ProtocolError::MissingSecWebSocketVersionHeader)) => refuse(
+            "426 Upgrade Required",
+            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+            "only WebSocket version 13 (RFC 6455) is spoken here",
+            "a WebSocket version other than 13".to_string(),
+        ),
+        Err(e) => bad(
+            "not a valid WebSocket upgrade",
+            &format!("a WebSocket upgrade tungstenite refuses ({e})"),
+        ),
+    }
+}
+
+impl NotAnUpgrade {
+    /// Writes the answer and closes, then reads what the client still
+    /// sends for a moment (up to 16 KiB), so that closing with it unread
+    /// does not reset the connection under the answer. Errors are the
+    /// client's to see; the caller's deadline bounds all of it.
+    async fn send<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(&self, io: &mut S) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = match self.why {
+            None => "ok\n".to_string(),
+            Some(_) => format!("towerctl hub: {}.\n{TUNNEL_ONLY}", self.problem),
+        };
+        let answer = format!(
+            "HTTP/1.1 {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\n{}Connection: close\r\n\r\n{body}",
+            self.status,
+            body.len(),
+            self.headers,
+        );
+        if io.write_all(answer.as_bytes()).await.is_err() || io.shutdown().await.is_err() {
+            return;
+        }
+        let mut rest = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut left = 16 * 1024usize;
+            while left > 0 {
+                match io.read(&mut rest).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn accept_tunnels(
     listener: TcpListener,
@@ -194,13 +365,32 @@ async fn tunnel_session(
         // Frames before login are held to 64 KiB (tunnel::framecap).
         let tcp = tunnel::framecap::FrameCap::new(tcp, tunnel::framecap::PRELOGIN_MAX);
         let lift = tcp.lift();
+        // What is not a WebSocket upgrade (a health check, a browser, curl,
+        // kubectl pointed at the wrong port) gets an HTTP answer that says
+        // so, rather than the bare close tungstenite gives it.
+        let mut gate = tunnel::ws::Gate::new(tcp, tunnel::ws::Role::Server);
+        let head = gate
+            .peek_head(MAX_UPGRADE_HEAD)
+            .await
+            .context("reading the WebSocket upgrade")?;
+        if head.bytes.is_empty() {
+            // Connected and closed: a TCP health check.
+            return Ok(None);
+        }
+        if let Some(answer) = not_an_upgrade(head.bytes, head.complete) {
+            answer.send(gate.get_mut()).await;
+            return match answer.why {
+                Some(why) => Err(anyhow::anyhow!(why)),
+                None => Ok(None),
+            };
+        }
         // The client's own address: the peer's, or behind a trusted proxy
         // the one it forwarded for.
         let mut client = from.ip().to_canonical();
         // The callback's error type is tungstenite's (a whole response).
         #[allow(clippy::result_large_err)]
         let ws = tokio_tungstenite::accept_hdr_async_with_config(
-            tunnel::ws::Gate::new(tcp, tunnel::ws::Role::Server),
+            gate,
             |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
                 client = trusted.client(from.ip(), req.headers());
                 Ok(res)
@@ -239,11 +429,14 @@ async fn tunnel_session(
                 }
             })?;
         lift();
-        anyhow::Ok((sess, alive, shown))
+        anyhow::Ok(Some((sess, alive, shown)))
     };
     let (mut sess, alive, peer) = tokio::select! {
         r = tokio::time::timeout_at(deadline, login) => match r {
-            Ok(r) => r?,
+            Ok(r) => match r? {
+                Some(logged_in) => logged_in,
+                None => return Ok(()),
+            },
             Err(_) => anyhow::bail!("no SSH login within {LOGIN_DEADLINE:?}"),
         },
         _ = ticket.evicted.cancelled() => anyhow::bail!("closed before login to make room (too many unauthenticated connections)"),
