@@ -1066,6 +1066,14 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
     let long = exchange(&tunnel, long.as_bytes());
     assert!(long.starts_with("HTTP/1.1 431 "), "{long}");
+    let proxied = [
+        b"PROXY TCP4 10.1.2.3 10.0.0.1 4000 80\r\n".as_slice(),
+        &ws_upgrade(&tunnel),
+    ]
+    .concat();
+    let proxied = exchange(&tunnel, &proxied);
+    assert!(proxied.starts_with("HTTP/1.1 400 "), "{proxied}");
+    assert!(proxied.contains("PROXY protocol header"), "{proxied}");
     // Empty lines before the request line are skipped (as httparse does),
     // however many: the upgrade goes through.
     let mut s = TcpStream::connect(&tunnel).unwrap();
@@ -1094,5 +1102,58 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     assert!(!log.contains("\x1b[2J"), "{log}");
     assert!(log.contains("\\u{1b}[2J"), "{log}");
     assert!(!log.contains("healthz"), "{log}");
+    assert!(
+        log.contains("name the balancer with --trusted-proxy"),
+        "{log}"
+    );
     assert!(!log.contains("WebSocket handshake failed"), "{log}");
+}
+
+#[test]
+fn plain_http_on_the_gateway_port_is_told_to_use_https() {
+    // kubectl or curl with http:// used to get a TLS alert or a bare
+    // close ("malformed HTTP response", "EOF"); now an HTTP 400 saying
+    // what to do, as Go's servers (kube-apiserver) answer it.
+    let env = Env::new();
+    assert!(env.up().ok());
+    let gateway = format!("127.0.0.1:{}", env.gateway_port());
+    let answer = exchange(&gateway, b"GET /version HTTP/1.1\r\nHost: hub\r\n\r\n");
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"kind\":\"Status\""), "{answer}");
+    assert!(
+        answer.contains("speaks HTTPS only; use https://"),
+        "{answer}"
+    );
+    let o = env.kubectl(&["--server", &format!("http://{gateway}"), "get", "ns"]);
+    assert!(!o.ok());
+    assert!(o.all().contains("Error from server (BadRequest)"), "{o:?}");
+    // A load balancer's PROXY header, the balancer not named with
+    // --trusted-proxy: closed, and the log says what to do.
+    let proxied = exchange(
+        &gateway,
+        b"PROXY TCP4 10.1.2.3 10.0.0.1 4000 443\r\n\x16\x03\x01",
+    );
+    assert_eq!(proxied, "");
+    let log = wait_for(
+        "the PROXY header in the hub log",
+        Duration::from_secs(5),
+        || {
+            let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+            log.contains("PROXY protocol header").then_some(log)
+        },
+    );
+    assert!(log.contains("gateway connection refused: a PROXY protocol header from an address not trusted to send one (if a load balancer in front of the hub sends it, name the balancer with --trusted-proxy)"), "{log}");
+    // TLS clients are served as before.
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sSk",
+        "--max-time",
+        "10",
+        &format!("https://{gateway}/version"),
+    ]);
+    let tls = support::run_bounded(curl, Duration::from_secs(20));
+    assert!(tls.all().contains("operator bearer token"), "{tls:?}");
 }

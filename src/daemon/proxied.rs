@@ -120,6 +120,20 @@ const MAX_PROXY_HEADER: usize = 16 + 2048;
 /// The PROXY protocol v2 signature.
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
+/// Whether `first`, the first bytes of a connection (whatever one read
+/// got, at least one byte), begin a PROXY protocol header (v1 or v2): on
+/// a connection from an address not trusted with `--trusted-proxy`, most
+/// likely a load balancer the operator has not named.
+pub fn starts_like_proxy_header(first: &[u8]) -> bool {
+    let n = first.len().min(V2_SIGNATURE.len());
+    first.starts_with(b"PROXY ") || (n >= 6 && first[..n] == V2_SIGNATURE[..n])
+}
+
+/// What the tunnel and gateway listeners say to such a connection.
+pub const UNTRUSTED_PROXY_HEADER: &str = "a PROXY protocol header from an address not \
+    trusted to send one (if a load balancer in front of the hub sends it, name the balancer \
+    with --trusted-proxy)";
+
 /// What the bytes at the start of a connection are.
 #[derive(Debug, PartialEq)]
 enum Header {
@@ -436,6 +450,26 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn proxy_headers_are_told_from_tls_and_http_by_their_first_bytes() {
+        assert!(starts_like_proxy_header(
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"
+        ));
+        assert!(starts_like_proxy_header(b"PROXY UNKNOWN\r\n"));
+        assert!(starts_like_proxy_header(V2_SIGNATURE));
+        assert!(starts_like_proxy_header(b"\r\n\r\n\0\r"));
+        assert!(
+            !starts_like_proxy_header(b"\r\n\r\n\0"),
+            "too short to tell"
+        );
+        assert!(!starts_like_proxy_header(b"\r\n\r\nGET / HTTP/1.1\r\n"));
+        assert!(!starts_like_proxy_header(b"PROXYX"));
+        assert!(!starts_like_proxy_header(b"GET / HTTP/1.1\r\n"));
+        assert!(!starts_like_proxy_header(&[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01
+        ]));
     }
 
     #[test]

@@ -235,11 +235,24 @@ pub async fn serve(
                 None => (peer, peer.to_string()),
             };
             let proxy = trusted.trusts(peer.ip()).then(|| trusted.clone());
+            let handshake = acceptor.accept(PlainHttpGuard::new(tcp)).into_fallible();
             let tls = tokio::select! {
-                r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
+                r = tokio::time::timeout_at(deadline, handshake) => match r {
                     Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "gateway TLS handshake failed: {e}");
+                    Ok(Err((e, mut io))) => {
+                        if io.proxy_header {
+                            // Anyone can send one: budgeted.
+                            static UNTRUSTED: crate::tunnel::LogBudget =
+                                crate::tunnel::LogBudget::new("untrusted PROXY headers", 10);
+                            if UNTRUSTED.admit() {
+                                tracing::info!(%peer, "gateway connection refused: {}", crate::daemon::proxied::UNTRUSTED_PROXY_HEADER);
+                            }
+                        } else if io.plain_http {
+                            io.answer_plain_http().await;
+                            tracing::debug!(%peer, "plain HTTP on the gateway's TLS port: answered 400");
+                        } else {
+                            tracing::debug!(%peer, "gateway TLS handshake failed: {e}");
+                        }
                         return;
                     }
                     Err(_) => return,
@@ -326,6 +339,132 @@ pub async fn serve(
                 watch.drive(conn, |c| c.graceful_shutdown()).await;
             }
         });
+    }
+}
+
+/// The gateway's socket under TLS. Its first read tells a TLS client (a
+/// handshake record starts with 22) from one speaking plain HTTP to the
+/// TLS port (a kubeconfig or curl with `http://`): that read is failed
+/// before rustls sees it, so that no TLS alert goes out and the client can
+/// be told in HTTP (as Go's servers, kube-apiserver among them, do).
+struct PlainHttpGuard {
+    tcp: tokio::net::TcpStream,
+    first: bool,
+    plain_http: bool,
+    proxy_header: bool,
+}
+
+impl PlainHttpGuard {
+    fn new(tcp: tokio::net::TcpStream) -> Self {
+        PlainHttpGuard {
+            tcp,
+            first: true,
+            plain_http: false,
+            proxy_header: false,
+        }
+    }
+
+    /// Says what the port speaks, then closes (within the caller's
+    /// deadline).
+    async fn answer_plain_http(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        // A Kubernetes Status, whose message kubectl prints (and curl
+        // shows as it is).
+        let body = serde_json::json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "Client sent an HTTP request to an HTTPS server: the towerctl hub's \
+                gateway speaks HTTPS only; use https:// (the kubeconfig contexts from \
+                'towerctl use' do)",
+            "reason": "BadRequest",
+            "code": 400,
+        })
+        .to_string();
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
+            body.len() + 1
+        );
+        if self.tcp.write_all(answer.as_bytes()).await.is_ok() {
+            let _ = self.tcp.shutdown().await;
+            // What the client still sends, read for a moment, so that
+            // closing with it unread does not reset the answer away.
+            let mut rest = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                for _ in 0..4 {
+                    match tokio::io::AsyncReadExt::read(&mut self.tcp, &mut rest).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for PlainHttpGuard {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf))?;
+        if self.first {
+            let got = &buf.filled()[before..];
+            if let Some(&b) = got.first() {
+                self.first = false;
+                // HTTP methods are upper-case tokens; TLS starts with 22.
+                self.proxy_header = crate::daemon::proxied::starts_like_proxy_header(got);
+                self.plain_http = !self.proxy_header && b.is_ascii_uppercase();
+                if self.proxy_header || self.plain_http {
+                    return std::task::Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not a TLS handshake",
+                    )));
+                }
+            }
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for PlainHttpGuard {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 

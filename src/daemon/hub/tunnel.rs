@@ -89,6 +89,12 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
         })
     };
     let bad = |problem, why: &str| refuse("400 Bad Request", "", problem, why.to_string());
+    if crate::daemon::proxied::starts_like_proxy_header(head) {
+        return bad(
+            "a PROXY protocol header from an address not trusted to send one",
+            crate::daemon::proxied::UNTRUSTED_PROXY_HEADER,
+        );
+    }
     let request = match Request::try_parse(head) {
         Ok(Some((_, request))) => request,
         Ok(None) if complete => return bad("not an HTTP request", "not an HTTP request"),
