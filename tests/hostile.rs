@@ -1035,6 +1035,13 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     let health = exchange(&tunnel, b"GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
     assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+    // HAProxy's httpchk sends HTTP/1.0; some balancers check with HEAD.
+    let health = exchange(&tunnel, b"GET /readyz?full=1 HTTP/1.0\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+    let health = exchange(&tunnel, b"HEAD /livez HTTP/1.0\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
+    assert!(health.ends_with("Connection: close\r\n\r\n"), "{health}");
     let plain = exchange(&tunnel, b"GET / HTTP/1.1\r\nHost: hub\r\n\r\n");
     assert!(
         plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
@@ -1058,11 +1065,15 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
         version.contains("\r\nSec-WebSocket-Version: 13\r\n"),
         "{version}"
     );
-    let garbage = exchange(&tunnel, b"\x16\x03\x01\x02\x00hello\r\n\r\n");
-    assert!(
-        garbage.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-        "{garbage}"
-    );
+    // What is no HTTP at all is answered at once, not at the deadline
+    // (no blank line ever comes): an SSH client, a TLS client (wss://
+    // dialed straight at the hub: closed, as it would not read HTTP).
+    let t = Instant::now();
+    let ssh = exchange(&tunnel, b"SSH-2.0-OpenSSH_9.6\r\n");
+    assert!(ssh.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{ssh}");
+    let tls = exchange(&tunnel, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+    assert_eq!(tls, "");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
     let long = exchange(&tunnel, long.as_bytes());
     assert!(long.starts_with("HTTP/1.1 431 "), "{long}");
@@ -1087,25 +1098,27 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     // the refusals are, escaped, the health check is not.
     drop(TcpStream::connect(&tunnel).unwrap());
     exchange(&tunnel, b"GET /\x1b[2J\nevil HTTP/1.1\r\n\r\n");
+    let expected = [
+        "not a WebSocket upgrade (\"GET / HTTP/1.1\"): answered 426",
+        "a method other than GET (\"POST /api HTTP/1.1\"): answered 405",
+        "a WebSocket version other than 13",
+        "not an HTTP/1.1 request (\"SSH-2.0-OpenSSH_9.6\"): answered 400",
+        "a TLS handshake on the tunnel listener, which serves plain ws://",
+        "an HTTP head longer than 16384 bytes",
+        "name the balancer with --trusted-proxy",
+        "(\"GET /\\u{1b}[2J\"): answered 400",
+    ];
     let log = wait_for(
-        "the last refusal in the hub log",
+        "every refusal in the hub log",
         Duration::from_secs(5),
         || {
             let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
-            log.contains("u{1b}[2J").then_some(log)
+            expected.iter().all(|e| log.contains(e)).then_some(log)
         },
     );
-    assert!(
-        log.contains("not a WebSocket upgrade (\"GET / HTTP/1.1\"): answered 426"),
-        "{log}"
-    );
     assert!(!log.contains("\x1b[2J"), "{log}");
-    assert!(log.contains("\\u{1b}[2J"), "{log}");
     assert!(!log.contains("healthz"), "{log}");
-    assert!(
-        log.contains("name the balancer with --trusted-proxy"),
-        "{log}"
-    );
+    assert!(!log.contains("readyz"), "{log}");
     assert!(!log.contains("WebSocket handshake failed"), "{log}");
 }
 

@@ -441,8 +441,22 @@ async fn connect_inner(
                         url: opts.url.clone(),
                         failure: Box::new(failure),
                     },
-                    None => unreachable(format!("TLS handshake failed: {e}")),
-                })
+                    None => {
+                        // Closed at the hello, or answered with what is
+                        // no TLS record (a plain HTTP server).
+                        let not_tls = e.kind() == std::io::ErrorKind::UnexpectedEof
+                            || e.get_ref()
+                                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                                .is_some_and(|r| matches!(r, rustls::Error::InvalidMessage(_)));
+                        let hint = if not_tls {
+                            " (does this port serve TLS? the hub itself serves plain ws://; \
+                             wss:// goes through a TLS-terminating ingress or load balancer)"
+                        } else {
+                            ""
+                        };
+                        unreachable(format!("TLS handshake failed: {e}{hint}"))
+                    }
+                });
             }
         }
     } else {
@@ -659,15 +673,32 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
     };
     let status = response.status();
     let hint = match status.as_u16() {
-        200..=399 => {
-            "a server that does not upgrade to WebSocket answered (the hub's gateway port \
-             instead of its tunnel port? an ingress without WebSocket support?)"
+        300..=399 => {
+            let to = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(|l| super::escape_for_log(l, 200))
+                .unwrap_or_default();
+            return format!(
+                "WebSocket handshake failed: HTTP {status}: redirected to '{to}'; join with the \
+                 URL it names (wss:// where it is https://), as agents do not follow redirects"
+            );
         }
-        401 | 403 | 407 => "a proxy or ingress in front of the hub refused the connection",
+        200..=299 => {
+            "a server that does not upgrade to WebSocket answered (an ingress without \
+             WebSocket support? another service at this address?)"
+        }
+        401 | 403 => {
+            "refused for want of credentials: the hub's gateway port (an agent dials the \
+             tunnel port: `towerctl status` on the hub shows it as tunnelURL), or a proxy or \
+             ingress in front of the hub that wants authentication"
+        }
+        407 => "the HTTP proxy wants credentials (put them in HTTPS_PROXY/HTTP_PROXY)",
         404 => "nothing is routed to the hub at this path (check the URL's path and the ingress's rules)",
         400 | 405 | 426 => {
-            "the upgrade was refused on the way (an ingress or proxy that drops the Upgrade \
-             and Connection headers?)"
+            "the upgrade was refused on the way (ws:// to the hub's TLS gateway port? an \
+             ingress or proxy that drops the Upgrade and Connection headers?)"
         }
         502..=504 => {
             "an ingress or proxy answered, but it reaches no hub (is `towerctl up` running, \
@@ -700,6 +731,18 @@ mod tests {
         assert!(said(502)
             .contains("HTTP 502 Bad Gateway: an ingress or proxy answered, but it reaches no hub"));
         assert!(said(200).contains("does not upgrade to WebSocket"));
+        assert!(said(401).contains("gateway port"));
+        let mut moved = http::Response::new(None);
+        *moved.status_mut() = http::StatusCode::MOVED_PERMANENTLY;
+        moved.headers_mut().insert(
+            http::header::LOCATION,
+            http::HeaderValue::from_static("https://hub.example.com/tunnel"),
+        );
+        let moved = handshake_failure(&Error::Http(Box::new(moved)));
+        assert!(
+            moved.contains("redirected to 'https://hub.example.com/tunnel'"),
+            "{moved}"
+        );
         assert!(said(426).contains("Upgrade"));
         assert!(said(418).contains("refused the upgrade"));
         let other = handshake_failure(&Error::ConnectionClosed);

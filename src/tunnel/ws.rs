@@ -285,11 +285,19 @@ pub fn head_end_after(state: u8, b: u8) -> u8 {
 impl<S: AsyncRead + Unpin> Gate<S> {
     /// Reads the peer's HTTP head ahead of tungstenite (which is then
     /// given it as if read now) and returns it: up to and with its blank
-    /// line, or everything read when the peer ended first or `limit`
-    /// bytes came without one (`complete` false). Reads at most 4 KiB past
-    /// `limit`; bytes after the head stay for the frames.
-    pub async fn peek_head(&mut self, limit: usize) -> io::Result<PeekedHead<'_>> {
+    /// line, or everything read (`complete` false) when the peer ended
+    /// first, `limit` bytes came without one, or `give_up` says what came
+    /// so far is no HTTP request (a TLS handshake, say). Reads 4 KiB at a
+    /// time, so at most that much past `limit`; bytes after the head stay
+    /// for the frames.
+    pub async fn peek_head(
+        &mut self,
+        limit: usize,
+        give_up: impl Fn(&[u8]) -> bool,
+    ) -> io::Result<PeekedHead<'_>> {
+        use tokio::io::AsyncReadExt;
         let (mut state, mut scanned) = (0, 0);
+        let mut chunk = [0u8; 4096];
         loop {
             if let Some(i) = self.early[scanned..].iter().position(|&b| {
                 state = head_end_after(state, b);
@@ -301,13 +309,14 @@ impl<S: AsyncRead + Unpin> Gate<S> {
                 });
             }
             scanned = self.early.len();
-            if scanned >= limit {
+            if scanned >= limit || (scanned > 0 && give_up(&self.early)) {
                 break;
             }
-            self.early.reserve(4096);
-            if tokio_util::io::read_buf(&mut self.io, &mut self.early).await? == 0 {
+            let n = self.io.read(&mut chunk).await?;
+            if n == 0 {
                 break;
             }
+            self.early.extend_from_slice(&chunk[..n]);
         }
         Ok(PeekedHead {
             bytes: &self.early,

@@ -248,7 +248,11 @@ pub async fn serve(
                                 tracing::info!(%peer, "gateway connection refused: {}", crate::daemon::proxied::UNTRUSTED_PROXY_HEADER);
                             }
                         } else if io.plain_http {
-                            io.answer_plain_http().await;
+                            tokio::select! {
+                                _ = tokio::time::timeout_at(deadline, io.answer_plain_http()) => {}
+                                _ = evicted.cancelled() => {}
+                                _ = cancel.cancelled() => {}
+                            }
                             tracing::debug!(%peer, "plain HTTP on the gateway's TLS port: answered 400");
                         } else {
                             tracing::debug!(%peer, "gateway TLS handshake failed: {e}");
@@ -364,8 +368,8 @@ impl PlainHttpGuard {
         }
     }
 
-    /// Says what the port speaks, then closes (within the caller's
-    /// deadline).
+    /// Says what the port speaks, then closes (the caller bounds it with
+    /// the connection's deadline and eviction).
     async fn answer_plain_http(&mut self) {
         use tokio::io::AsyncWriteExt;
         // A Kubernetes Status, whose message kubectl prints (and curl

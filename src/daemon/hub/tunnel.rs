@@ -38,17 +38,20 @@ const MAX_UPGRADE_HEAD: usize = 16 * 1024;
 /// (without an upgrade): answered 200 while the hub accepts tunnels.
 const HEALTH_PATHS: [&str; 3] = ["/healthz", "/readyz", "/livez"];
 
-/// The answer to a request on the tunnel listener that is not a WebSocket
-/// upgrade.
+/// The answer to a connection on the tunnel listener that is not a
+/// WebSocket upgrade.
 struct NotAnUpgrade {
-    /// Status code and reason.
-    status: &'static str,
+    /// Status code and reason; `None`: closed without an answer (the peer
+    /// does not speak HTTP at all).
+    status: Option<&'static str>,
     /// Header lines of its own, each ending in CRLF.
     headers: &'static str,
     /// The problem, said first in the body.
     problem: &'static str,
     /// For the log: `None` for a health check (answered 200, not logged).
     why: Option<String>,
+    /// Whether the answer has a body (not for HEAD).
+    body: bool,
 }
 
 /// What the tunnel listener says to what is not an agent's upgrade.
@@ -57,23 +60,40 @@ const TUNNEL_ONLY: &str = "This port of the towerctl hub takes member clusters' 
      hub's gateway (`towerctl status` shows its address); load balancers can check GET \
      /healthz here.\n";
 
+/// Whether the first bytes of a connection on the tunnel listener show it
+/// is no HTTP request, so that [`not_an_upgrade`] can answer at once
+/// rather than at the login deadline: a TLS handshake (`wss://` dialed
+/// straight at the hub), an SSH banner, a PROXY header from an untrusted
+/// address, a request line httparse refuses. Looked at while the first
+/// 1 KiB comes (a request line's start is what tells), so that a peer
+/// dribbling a long head is not parsed again at every byte.
+fn not_http(first: &[u8]) -> bool {
+    first.len() <= 1024
+        && (crate::daemon::proxied::starts_like_proxy_header(first)
+            || matches!(
+                httparse::Request::new(&mut []).parse(first),
+                Err(e) if e != httparse::Error::TooManyHeaders
+            ))
+}
+
 /// `None` when `head` (complete: with its blank line) is a WebSocket
 /// upgrade tungstenite will accept; else how to answer it. The checks are
 /// tungstenite's own (its parser, `create_response`), so that nothing it
-/// would take is refused here.
+/// would take is refused here but heads over [`MAX_UPGRADE_HEAD`];
+/// health checks are answered whatever their HTTP/1 version, and to HEAD.
 fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
     use tokio_tungstenite::tungstenite::error::{CapacityError, Error, ProtocolError};
     use tokio_tungstenite::tungstenite::handshake::{
         machine::TryParse,
         server::{create_response, Request},
     };
-    // The request line as sent, escaped, for the log.
+    // The request line as sent (its first 240 bytes), escaped, for the log.
     let line = || {
         let start = head
             .iter()
             .position(|&b| b != b'\r' && b != b'\n')
             .unwrap_or(head.len());
-        let rest = &head[start..];
+        let rest = &head[start..(start + 240).min(head.len())];
         let end = rest
             .iter()
             .position(|&b| b == b'\r' || b == b'\n')
@@ -82,10 +102,11 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
     };
     let refuse = |status, headers, problem, why: String| {
         Some(NotAnUpgrade {
-            status,
+            status: Some(status),
             headers,
             problem,
             why: Some(format!("{why} (\"{}\"): answered {status}", line())),
+            body: true,
         })
     };
     let bad = |problem, why: &str| refuse("400 Bad Request", "", problem, why.to_string());
@@ -94,6 +115,42 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
             "a PROXY protocol header from an address not trusted to send one",
             crate::daemon::proxied::UNTRUSTED_PROXY_HEADER,
         );
+    }
+    if head.first() == Some(&0x16) {
+        // A TLS client would not read an HTTP answer.
+        return Some(NotAnUpgrade {
+            status: None,
+            headers: "",
+            problem: "",
+            why: Some(
+                "a TLS handshake on the tunnel listener, which serves plain ws:// (wss:// \
+                 needs a TLS-terminating ingress or load balancer in front of the hub): closed"
+                    .to_string(),
+            ),
+            body: false,
+        });
+    }
+    if complete {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        if let Ok(httparse::Status::Complete(_)) = request.parse(head) {
+            let path = request.path.unwrap_or_default();
+            let path = path.split('?').next().unwrap_or_default();
+            let upgrade = request
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+            let method = request.method.unwrap_or_default();
+            if HEALTH_PATHS.contains(&path) && !upgrade && (method == "GET" || method == "HEAD") {
+                return Some(NotAnUpgrade {
+                    status: Some("200 OK"),
+                    headers: "",
+                    problem: "ok",
+                    why: None,
+                    body: method == "GET",
+                });
+            }
+        }
     }
     let request = match Request::try_parse(head) {
         Ok(Some((_, request))) => request,
@@ -143,15 +200,6 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
         Err(Error::Protocol(
             ProtocolError::MissingConnectionUpgradeHeader
             | ProtocolError::MissingUpgradeWebSocketHeader,
-        )) if HEALTH_PATHS.contains(&request.uri().path()) => Some(NotAnUpgrade {
-            status: "200 OK",
-            headers: "",
-            problem: "ok",
-            why: None,
-        }),
-        Err(Error::Protocol(
-            ProtocolError::MissingConnectionUpgradeHeader
-            | ProtocolError::MissingUpgradeWebSocketHeader,
         )) => refuse(
             "426 Upgrade Required",
             "Upgrade: websocket\r\n",
@@ -172,23 +220,28 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
 }
 
 impl NotAnUpgrade {
-    /// Writes the answer and closes, then reads what the client still
-    /// sends for a moment (up to 16 KiB), so that closing with it unread
-    /// does not reset the connection under the answer. Errors are the
-    /// client's to see; the caller's deadline bounds all of it.
+    /// Writes the answer (if any) and closes, then reads what the client
+    /// still sends for a moment (up to 16 KiB), so that closing with it
+    /// unread does not reset the connection under the answer. Errors are
+    /// the client's to see; the caller's deadline bounds all of it.
     async fn send<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(&self, io: &mut S) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(status) = self.status else {
+            return;
+        };
         let body = match self.why {
             None => "ok\n".to_string(),
             Some(_) => format!("towerctl hub: {}.\n{TUNNEL_ONLY}", self.problem),
         };
-        let answer = format!(
-            "HTTP/1.1 {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-             Cache-Control: no-store\r\n{}Connection: close\r\n\r\n{body}",
-            self.status,
+        let mut answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\n{}Connection: close\r\n\r\n",
             body.len(),
             self.headers,
         );
+        if self.body {
+            answer.push_str(&body);
+        }
         if io.write_all(answer.as_bytes()).await.is_err() || io.shutdown().await.is_err() {
             return;
         }
@@ -376,7 +429,7 @@ async fn tunnel_session(
         // so, rather than the bare close tungstenite gives it.
         let mut gate = tunnel::ws::Gate::new(tcp, tunnel::ws::Role::Server);
         let head = gate
-            .peek_head(MAX_UPGRADE_HEAD)
+            .peek_head(MAX_UPGRADE_HEAD, not_http)
             .await
             .context("reading the WebSocket upgrade")?;
         if head.bytes.is_empty() {
@@ -384,6 +437,8 @@ async fn tunnel_session(
             return Ok(None);
         }
         if let Some(answer) = not_an_upgrade(head.bytes, head.complete) {
+            // What the client still sends is read (and dropped) unchecked.
+            lift();
             answer.send(gate.get_mut()).await;
             return match answer.why {
                 Some(why) => Err(anyhow::anyhow!(why)),
