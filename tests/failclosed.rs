@@ -446,3 +446,62 @@ fn a_forward_carried_by_the_hub_is_held_to_its_operators_access() {
     assert!(support::echo(&mut c, "removed?\n").is_err());
     event_with(&mut events, "removed or its token revoked");
 }
+
+#[test]
+fn a_members_redirect_cannot_send_a_request_to_another_member_or_off_the_hub() {
+    // A compromised member answering `307 Location: /clusters/<other>/…`
+    // used to have a following client (curl -L; any client that routes by
+    // path) repeat the request, body and bearer token included, on another
+    // member; an absolute Location took the token off the hub.
+    let hub = Env::new();
+    let api = ApiServer::start();
+    connected(&hub, &api);
+    let moved = "/api/v1/namespaces/default/configmaps/moved";
+    api.set_redirect(
+        moved,
+        307,
+        "/clusters/beta/api/v1/namespaces/default/secrets",
+    );
+    let away = "/api/v1/namespaces/default/configmaps/away";
+    api.set_redirect(away, 308, "https://collector.invalid/steal");
+    let token = std::fs::read_to_string(hub.path("data/towerctl/admin.token")).unwrap();
+    let gw = hub.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = hub.path("data/towerctl/ca.crt");
+    let curl = |path: &str, follow: bool| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "-i", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+            .args(["-X", "POST", "--data", "{}"]);
+        if follow {
+            cmd.args(["-L", "--location-trusted"]);
+        }
+        cmd.arg(format!("{gw}/clusters/alpha{path}"));
+        support::run_bounded(cmd, Duration::from_secs(20)).stdout
+    };
+    let answer = curl(moved, false);
+    assert!(answer.starts_with("HTTP/2 307"), "{answer}");
+    assert!(
+        answer.contains(
+            "location: /clusters/alpha/clusters/beta/api/v1/namespaces/default/secrets\r\n"
+        ),
+        "{answer}"
+    );
+    // Followed, it stays on alpha (whose API server 404s the path).
+    curl(moved, true);
+    let seen: Vec<String> = api.requests().into_iter().map(|r| r.path).collect();
+    assert!(
+        seen.iter()
+            .any(|p| p == "/clusters/beta/api/v1/namespaces/default/secrets"),
+        "{seen:?}"
+    );
+    let answer = curl(away, false);
+    assert!(answer.starts_with("HTTP/2 308"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("location:"),
+        "{answer}"
+    );
+}

@@ -129,6 +129,59 @@ pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Keeps a member's redirect on that member. A member's `Location` is
+/// resolved against the path the member was asked for, as a client would
+/// (dot segments removed: a member cannot climb above its own root), and
+/// handed on under the member's prefix, `/clusters/<member>/…`, which
+/// routes back to it whether the client names members by path or by TLS
+/// server name. A `Location` with another scheme or host is removed (the
+/// status stays): a client following it (Go's, client-go's) would carry
+/// the operator's hub credentials to wherever a member points, and a
+/// member's own address means nothing to a client of the hub. Before, a
+/// member answering `307 Location: /clusters/<other>/…` had a following
+/// client repeat its request, body and credentials, on another member.
+pub fn confine_location(headers: &mut HeaderMap, member: &str, asked: &str) {
+    let Some(location) = headers.get(header::LOCATION) else {
+        return;
+    };
+    let confined = location
+        .to_str()
+        .ok()
+        .and_then(|l| confined_location(member, asked, l))
+        .and_then(|c| HeaderValue::from_str(&c).ok());
+    match confined {
+        Some(v) => {
+            headers.insert(header::LOCATION, v);
+        }
+        None => {
+            headers.remove(header::LOCATION);
+        }
+    }
+}
+
+/// [`confine_location`]'s rewrite of `location`, from a member asked for
+/// `asked` (path and query); `None` when it leaves the member.
+fn confined_location(member: &str, asked: &str, location: &str) -> Option<String> {
+    // A stand-in origin for the member: what resolves outside it names
+    // another place.
+    const ORIGIN: &str = "http://member.invalid";
+    let base = url::Url::parse(ORIGIN).ok()?.join(asked).ok()?;
+    let to = base.join(location).ok()?;
+    if to.origin() != base.origin() || !to.username().is_empty() || to.password().is_some() {
+        return None;
+    }
+    let mut out = format!("/clusters/{member}{}", to.path());
+    if let Some(q) = to.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    if let Some(f) = to.fragment() {
+        out.push('#');
+        out.push_str(f);
+    }
+    Some(out)
+}
+
 /// Removes what an operator must never pass to a member: their own
 /// credentials, and any identity they claim for themselves, including the
 /// front-proxy headers (`X-Remote-User`, `-Group`, `-Extra-*`, kube-apiserver's
@@ -427,6 +480,48 @@ impl<B, K> KeptConns<B, K> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_members_redirects_stay_on_that_member() {
+        let at = |location: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::LOCATION, HeaderValue::from_str(location).unwrap());
+            confine_location(&mut h, "alpha", "/api/v1/namespaces/default/pods?watch=1");
+            h.get(header::LOCATION)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let within = |l: &str, want: &str| assert_eq!(at(l).as_deref(), Some(want), "{l}");
+        within("/api/v1/pods", "/clusters/alpha/api/v1/pods");
+        within(
+            "/clusters/beta/api/v1/secrets",
+            "/clusters/alpha/clusters/beta/api/v1/secrets",
+        );
+        within(
+            "services?x=1#f",
+            "/clusters/alpha/api/v1/namespaces/default/services?x=1#f",
+        );
+        within(
+            "../../../../../clusters/beta/api",
+            "/clusters/alpha/clusters/beta/api",
+        );
+        within("/%2e%2e/clusters/beta", "/clusters/alpha/clusters/beta");
+        within("", "/clusters/alpha/api/v1/namespaces/default/pods?watch=1");
+        within("http://member.invalid/x", "/clusters/alpha/x");
+        for gone in [
+            "https://evil.example/steal",
+            "//evil.example/steal",
+            "/\\evil.example/steal",
+            "http://member.invalid:8080/x",
+            "https://member.invalid/x",
+            "http://user@member.invalid/x",
+            "javascript:alert(1)",
+        ] {
+            assert_eq!(at(gone), None, "{gone}");
+        }
+        let mut none = HeaderMap::new();
+        confine_location(&mut none, "alpha", "/api");
+        assert!(none.is_empty());
+    }
+
     #[test]
     fn a_members_answer_loses_its_hop_and_origin_wide_headers() {
         use super::*;

@@ -382,6 +382,15 @@ impl ApiServer {
         *self.shared.delay.lock().unwrap() = d;
     }
 
+    /// Answers requests for `path` (any method, any query) with `status` and `location`.
+    pub fn set_redirect(&self, path: &str, status: u16, location: &str) {
+        self.shared
+            .redirects
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), (status, location.to_owned()));
+    }
+
     /// Makes the fake kubelet's port-forward to port `port` of pod `ns/name` connect to `to`
     /// (by default, it connects to 127.0.0.1:`port`).
     pub fn set_portforward_target(&self, ns: &str, name: &str, port: u16, to: SocketAddr) {
@@ -600,6 +609,9 @@ struct Shared {
     portforward_targets: Mutex<HashMap<(String, String, u16), SocketAddr>>,
     /// How long every request waits before it is answered (a slow or stuck server).
     delay: Mutex<Duration>,
+    /// Path -> (status, Location): answered as a redirect (a member whose
+    /// API server, or something in front of it, redirects).
+    redirects: Mutex<HashMap<String, (u16, String)>>,
 }
 
 impl Shared {
@@ -644,6 +656,7 @@ impl Shared {
             sar_count: std::sync::atomic::AtomicU64::new(0),
             endpointslices: AtomicBool::new(true),
             delay: Mutex::new(Duration::ZERO),
+            redirects: Mutex::new(HashMap::new()),
             portforward_targets: Mutex::new(HashMap::new()),
         }
     }
@@ -994,6 +1007,19 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let auth = req.headers().get(header::AUTHORIZATION);
     if auth.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         return Ok(ApiError::new(401, "Unauthorized", "Unauthorized").into_response());
+    }
+    let redirect = shared
+        .redirects
+        .lock()
+        .unwrap()
+        .get(req.uri().path())
+        .cloned();
+    if let Some((status, location)) = redirect {
+        let mut r = Response::new(Full::new(Bytes::new()).boxed_unsync());
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        r.headers_mut()
+            .insert(header::LOCATION, location.parse().unwrap());
+        return Ok(r);
     }
     // SubjectAccessReview, decided from the same RBAC stand-in as
     // impersonated requests: a bound user may do anything, others nothing.

@@ -1389,13 +1389,14 @@ async fn proxy(
     // The stream was registered before access was decided (`Hub::admit`):
     // access withdrawn while the member has not answered yet ends the
     // request here, and an answer never opens a stream for it.
-    let (resp, sender) = tokio::select! {
+    let (mut resp, sender) = tokio::select! {
         r = exchange => match r {
             Ok(r) => r,
             Err(resp) => return resp,
         },
         () = guard.cut.cancelled() => return revoked(&name),
     };
+    crate::daemon::http::confine_location(resp.headers_mut(), &name, &pq);
     if guard.cut.is_cancelled() {
         return revoked(&name);
     }
