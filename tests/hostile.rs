@@ -1169,4 +1169,16 @@ fn plain_http_on_the_gateway_port_is_told_to_use_https() {
     ]);
     let tls = support::run_bounded(curl, Duration::from_secs(20));
     assert!(tls.all().contains("operator bearer token"), "{tls:?}");
+    // Health checks need no token, as with kube-apiserver.
+    for path in ["/healthz", "/readyz", "/livez"] {
+        let mut curl = std::process::Command::new("curl");
+        curl.args([
+            "-sSk",
+            "--max-time",
+            "10",
+            &format!("https://{gateway}{path}"),
+        ]);
+        let o = support::run_bounded(curl, Duration::from_secs(20));
+        assert_eq!(o.stdout, "ok", "{path}: {o:?}");
+    }
 }

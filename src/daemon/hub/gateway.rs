@@ -607,7 +607,9 @@ const API: &str = "/towerctl/v1/";
 async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
     let path = req.uri().path().to_string();
-    if sni.is_none() && (path == "/healthz" || path == "/readyz") {
+    // Unauthenticated, as kube-apiserver serves them: for load balancers'
+    // HTTPS checks.
+    if sni.is_none() && matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
         return Response::new(full(Bytes::from_static(b"ok")));
     }
     if path == "/towerctl/v1/ca.crt" {
