@@ -165,6 +165,8 @@ where
             .as_ref()
             .is_some_and(|(_, idle)| *idle >= REPLAY_AFTER_IDLE && replayable(&parts, &body))
             .then(|| copy_head(&parts));
+        // What was asked, for a redirect's `Location` (a refcount, no copy).
+        let asked = parts.uri.clone();
         let req = Request::from_parts(parts, body);
         let mut sender = match kept {
             Some((s, _)) => s,
@@ -195,11 +197,57 @@ where
                 _ => return Err(e.into_error().into()),
             },
         };
+        let mut resp = resp;
+        if let Some(location) = resp.headers().get(header::LOCATION) {
+            let hub = location
+                .to_str()
+                .ok()
+                .and_then(|l| location_for_hub(&self.base, &self.prefix, &asked, l))
+                .and_then(|l| HeaderValue::from_str(&l).ok());
+            if let Some(l) = hub {
+                resp.headers_mut().insert(header::LOCATION, l);
+            }
+        }
         // An upgraded connection belongs to its stream from now on.
         let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
             .then(|| (sender, Arc::downgrade(&self.idle)));
         Ok(resp.map(|inner| PooledBody { inner, back }))
     }
+}
+
+/// A member's `Location` in the terms the hub asked in: resolved against
+/// the URL that was requested (`base`'s scheme and host, `asked`'s path,
+/// which is under `base`'s path, `prefix`) and, when it stays on the API
+/// server under `prefix`, the path after `prefix` (`/api/v1/…` for a
+/// cluster URL `https://rancher.example/k8s/clusters/c-1` redirecting to
+/// `/k8s/clusters/c-1/api/v1/…`, or to its own absolute URL); otherwise
+/// the absolute URL it names, which the hub removes
+/// (`http::confine_location`). `None` when it cannot be read.
+fn location_for_hub(base: &Uri, prefix: &str, asked: &Uri, location: &str) -> Option<String> {
+    let root = url::Url::parse(&base.to_string()).ok()?;
+    let requested = root.join(asked.path_and_query()?.as_str()).ok()?;
+    let to = requested.join(location).ok()?;
+    let rest = match to.path().strip_prefix(prefix) {
+        Some(rest)
+            if to.origin() == requested.origin()
+                && to.username().is_empty()
+                && to.password().is_none()
+                && (rest.is_empty() || rest.starts_with('/')) =>
+        {
+            rest
+        }
+        _ => return Some(to.to_string()),
+    };
+    let mut out = if rest.is_empty() { "/" } else { rest }.to_string();
+    if let Some(q) = to.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    if let Some(f) = to.fragment() {
+        out.push('#');
+        out.push_str(f);
+    }
+    Some(out)
 }
 
 /// Whether a request may be sent a second time: a safe method (RFC 9110
@@ -332,6 +380,54 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    #[test]
+    fn a_members_redirect_is_told_to_the_hub_under_the_cluster_urls_path() {
+        let base: Uri = "https://rancher.example/k8s/clusters/c-1".parse().unwrap();
+        let asked: Uri = "/k8s/clusters/c-1/api/v1/namespaces/x/pods?watch=1"
+            .parse()
+            .unwrap();
+        let hub = |l: &str| location_for_hub(&base, "/k8s/clusters/c-1", &asked, l);
+        let on = |l: &str, want: &str| assert_eq!(hub(l).as_deref(), Some(want), "{l}");
+        on("/k8s/clusters/c-1/api/v1/x", "/api/v1/x");
+        on(
+            "https://rancher.example/k8s/clusters/c-1/api?q=1#f",
+            "/api?q=1#f",
+        );
+        on("/k8s/clusters/c-1", "/");
+        on("services", "/api/v1/namespaces/x/services");
+        // Off the member (another cluster behind the same proxy, another
+        // host): absolute, for the hub to remove.
+        on(
+            "/k8s/clusters/c-2/api",
+            "https://rancher.example/k8s/clusters/c-2/api",
+        );
+        on(
+            "/k8s/clusters/c-10/api",
+            "https://rancher.example/k8s/clusters/c-10/api",
+        );
+        on(
+            "/k8s/clusters/c-1/../c-2",
+            "https://rancher.example/k8s/clusters/c-2",
+        );
+        on("https://evil.example/x", "https://evil.example/x");
+        on("/api/v1/x", "https://rancher.example/api/v1/x");
+        on(
+            "http://rancher.example/k8s/clusters/c-1/x",
+            "http://rancher.example/k8s/clusters/c-1/x",
+        );
+        // Without a path in the cluster URL: its own absolute URL becomes a path.
+        let base: Uri = "https://10.0.0.1:6443".parse().unwrap();
+        let asked: Uri = "/api/v1/pods".parse().unwrap();
+        assert_eq!(
+            location_for_hub(&base, "", &asked, "https://10.0.0.1:6443/api/v1/x").as_deref(),
+            Some("/api/v1/x")
+        );
+        assert_eq!(
+            location_for_hub(&base, "", &asked, "/apis/x").as_deref(),
+            Some("/apis/x")
+        );
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
