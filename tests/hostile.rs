@@ -1039,6 +1039,8 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     let health = exchange(&tunnel, b"GET /readyz?full=1 HTTP/1.0\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
     assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+    let health = exchange(&tunnel, b"GET http://hub/healthz HTTP/1.1\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
     let health = exchange(&tunnel, b"HEAD /livez HTTP/1.0\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
     assert!(health.ends_with("Connection: close\r\n\r\n"), "{health}");
@@ -1069,9 +1071,17 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     // (no blank line ever comes): an SSH client, a TLS client (wss://
     // dialed straight at the hub: closed, as it would not read HTTP).
     let t = Instant::now();
-    let ssh = exchange(&tunnel, b"SSH-2.0-OpenSSH_9.6\r\n");
+    // Also in a first flight over 1 KiB: an SSH client's banner and key
+    // exchange, a ClientHello with post-quantum key shares (~1.2-1.8 KB).
+    let ssh = [b"SSH-2.0-OpenSSH_9.6\r\n".as_slice(), &[7u8; 1500]].concat();
+    let ssh = exchange(&tunnel, &ssh);
     assert!(ssh.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{ssh}");
-    let tls = exchange(&tunnel, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+    let hello = [
+        b"\x16\x03\x01\x06\x00\x01\x00\x05\xfc\x03\x03".as_slice(),
+        &[0x11; 1524],
+    ]
+    .concat();
+    let tls = exchange(&tunnel, &hello);
     assert_eq!(tls, "");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));

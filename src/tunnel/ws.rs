@@ -287,16 +287,20 @@ impl<S: AsyncRead + Unpin> Gate<S> {
     /// given it as if read now) and returns it: up to and with its blank
     /// line, or everything read (`complete` false) when the peer ended
     /// first, `limit` bytes came without one, or `give_up` says what came
-    /// so far is no HTTP request (a TLS handshake, say). Reads 4 KiB at a
-    /// time, so at most that much past `limit`; bytes after the head stay
-    /// for the frames.
+    /// so far is no HTTP request (a TLS handshake, say). `give_up` is shown
+    /// the first 1 KiB at most, after each read until it has said no with
+    /// that much in hand (so a peer dribbling a long head is not looked at
+    /// again at every byte, and a big first flight is looked at all the
+    /// same). Reads 4 KiB at a time, so at most that much past `limit`;
+    /// bytes after the head stay for the frames.
     pub async fn peek_head(
         &mut self,
         limit: usize,
         give_up: impl Fn(&[u8]) -> bool,
     ) -> io::Result<PeekedHead<'_>> {
         use tokio::io::AsyncReadExt;
-        let (mut state, mut scanned) = (0, 0);
+        const SPAN: usize = 1024;
+        let (mut state, mut scanned, mut decided) = (0, 0, false);
         let mut chunk = [0u8; 4096];
         loop {
             if let Some(i) = self.early[scanned..].iter().position(|&b| {
@@ -309,8 +313,14 @@ impl<S: AsyncRead + Unpin> Gate<S> {
                 });
             }
             scanned = self.early.len();
-            if scanned >= limit || (scanned > 0 && give_up(&self.early)) {
+            if scanned >= limit {
                 break;
+            }
+            if scanned > 0 && !decided {
+                if give_up(&self.early[..scanned.min(SPAN)]) {
+                    break;
+                }
+                decided = scanned >= SPAN;
             }
             let n = self.io.read(&mut chunk).await?;
             if n == 0 {

@@ -64,16 +64,15 @@ const TUNNEL_ONLY: &str = "This port of the towerctl hub takes member clusters' 
 /// is no HTTP request, so that [`not_an_upgrade`] can answer at once
 /// rather than at the login deadline: a TLS handshake (`wss://` dialed
 /// straight at the hub), an SSH banner, a PROXY header from an untrusted
-/// address, a request line httparse refuses. Looked at while the first
-/// 1 KiB comes (a request line's start is what tells), so that a peer
-/// dribbling a long head is not parsed again at every byte.
+/// address, a request line httparse refuses. Shown the first 1 KiB at
+/// most (`Gate::peek_head`): a request line's start is what tells.
 fn not_http(first: &[u8]) -> bool {
-    first.len() <= 1024
-        && (crate::daemon::proxied::starts_like_proxy_header(first)
-            || matches!(
-                httparse::Request::new(&mut []).parse(first),
-                Err(e) if e != httparse::Error::TooManyHeaders
-            ))
+    first.first() == Some(&0x16)
+        || crate::daemon::proxied::starts_like_proxy_header(first)
+        || matches!(
+            httparse::Request::new(&mut []).parse(first),
+            Err(e) if e != httparse::Error::TooManyHeaders
+        )
 }
 
 /// `None` when `head` (complete: with its blank line) is a WebSocket
@@ -134,7 +133,12 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(_)) = request.parse(head) {
-            let path = request.path.unwrap_or_default();
+            let target = request.path.unwrap_or_default();
+            // Origin form, or absolute form (`GET http://hub/healthz`).
+            let path = match target.split_once("://") {
+                Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+                None => target,
+            };
             let path = path.split('?').next().unwrap_or_default();
             let upgrade = request
                 .headers
@@ -441,6 +445,8 @@ async fn tunnel_session(
             lift();
             answer.send(gate.get_mut()).await;
             return match answer.why {
+                // Behind a trusted balancer, the client it named.
+                Some(why) if from != peer => Err(anyhow::anyhow!("{why} (client {from})")),
                 Some(why) => Err(anyhow::anyhow!(why)),
                 None => Ok(None),
             };
