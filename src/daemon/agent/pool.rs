@@ -202,11 +202,14 @@ where
             let hub = location
                 .to_str()
                 .ok()
-                .and_then(|l| location_for_hub(&self.base, &self.prefix, &asked, l))
+                .and_then(|l| location_for_hub(&self.base, &asked, l))
                 .and_then(|l| HeaderValue::from_str(&l).ok());
-            if let Some(l) = hub {
-                resp.headers_mut().insert(header::LOCATION, l);
-            }
+            // One that cannot be read is not passed on: the hub would
+            // read it under the wrong path.
+            match hub {
+                Some(l) => resp.headers_mut().insert(header::LOCATION, l),
+                None => resp.headers_mut().remove(header::LOCATION),
+            };
         }
         // An upgraded connection belongs to its stream from now on.
         let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
@@ -217,14 +220,16 @@ where
 
 /// A member's `Location` in the terms the hub asked in: resolved against
 /// the URL that was requested (`base`'s scheme and host, `asked`'s path,
-/// which is under `base`'s path, `prefix`) and, when it stays on the API
-/// server under `prefix`, the path after `prefix` (`/api/v1/…` for a
+/// which is under `base`'s path) and, when it stays on the API server
+/// under `base`'s path, the path after it (`/api/v1/…` for a
 /// cluster URL `https://rancher.example/k8s/clusters/c-1` redirecting to
 /// `/k8s/clusters/c-1/api/v1/…`, or to its own absolute URL); otherwise
 /// the absolute URL it names, which the hub removes
 /// (`http::confine_location`). `None` when it cannot be read.
-fn location_for_hub(base: &Uri, prefix: &str, asked: &Uri, location: &str) -> Option<String> {
+fn location_for_hub(base: &Uri, asked: &Uri, location: &str) -> Option<String> {
     let root = url::Url::parse(&base.to_string()).ok()?;
+    // As the url crate writes paths, to compare like with like.
+    let prefix = root.path().trim_end_matches('/');
     let requested = root.join(asked.path_and_query()?.as_str()).ok()?;
     let to = requested.join(location).ok()?;
     let rest = match to.path().strip_prefix(prefix) {
@@ -387,7 +392,7 @@ mod tests {
         let asked: Uri = "/k8s/clusters/c-1/api/v1/namespaces/x/pods?watch=1"
             .parse()
             .unwrap();
-        let hub = |l: &str| location_for_hub(&base, "/k8s/clusters/c-1", &asked, l);
+        let hub = |l: &str| location_for_hub(&base, &asked, l);
         let on = |l: &str, want: &str| assert_eq!(hub(l).as_deref(), Some(want), "{l}");
         on("/k8s/clusters/c-1/api/v1/x", "/api/v1/x");
         on(
@@ -420,11 +425,11 @@ mod tests {
         let base: Uri = "https://10.0.0.1:6443".parse().unwrap();
         let asked: Uri = "/api/v1/pods".parse().unwrap();
         assert_eq!(
-            location_for_hub(&base, "", &asked, "https://10.0.0.1:6443/api/v1/x").as_deref(),
+            location_for_hub(&base, &asked, "https://10.0.0.1:6443/api/v1/x").as_deref(),
             Some("/api/v1/x")
         );
         assert_eq!(
-            location_for_hub(&base, "", &asked, "/apis/x").as_deref(),
+            location_for_hub(&base, &asked, "/apis/x").as_deref(),
             Some("/apis/x")
         );
     }

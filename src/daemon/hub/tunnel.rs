@@ -64,8 +64,9 @@ const TUNNEL_ONLY: &str = "This port of the towerctl hub takes member clusters' 
 /// is no HTTP request, so that [`not_an_upgrade`] can answer at once
 /// rather than at the login deadline: a TLS handshake (`wss://` dialed
 /// straight at the hub), an SSH banner, a PROXY header from an untrusted
-/// address, a request line httparse refuses. Shown the first 1 KiB at
-/// most (`Gate::peek_head`): a request line's start is what tells.
+/// address, a request line (or first header line) httparse refuses, as
+/// tungstenite would. Shown the first 1 KiB at most (`Gate::peek_head`):
+/// a request line's start is what tells.
 fn not_http(first: &[u8]) -> bool {
     first.first() == Some(&0x16)
         || crate::daemon::proxied::starts_like_proxy_header(first)
@@ -136,8 +137,10 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
             let target = request.path.unwrap_or_default();
             // Origin form, or absolute form (`GET http://hub/healthz`).
             let path = match target.split_once("://") {
-                Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
-                None => target,
+                Some((_, rest)) if !target.starts_with('/') => {
+                    rest.find('/').map_or("/", |i| &rest[i..])
+                }
+                _ => target,
             };
             let path = path.split('?').next().unwrap_or_default();
             let upgrade = request
@@ -605,4 +608,37 @@ async fn tunnel_session(
     tracing::info!(cluster = %live.name, %peer, "agent disconnected: {why}");
     hub.unregister(&live, &why);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_paths_are_told_from_other_requests() {
+        let status = |head: &[u8]| not_an_upgrade(head, true).and_then(|a| a.status);
+        assert_eq!(status(b"GET /healthz HTTP/1.1\r\n\r\n"), Some("200 OK"));
+        assert_eq!(
+            status(b"GET http://hub:80/readyz?x HTTP/1.1\r\n\r\n"),
+            Some("200 OK")
+        );
+        assert_eq!(status(b"HEAD /livez HTTP/1.0\r\n\r\n"), Some("200 OK"));
+        // A health path in a query is not one.
+        assert_eq!(
+            status(b"GET /x?u=http://h/healthz HTTP/1.1\r\n\r\n"),
+            Some("426 Upgrade Required")
+        );
+        assert_eq!(
+            status(b"GET /healthzz HTTP/1.1\r\n\r\n"),
+            Some("426 Upgrade Required")
+        );
+        assert_eq!(
+            status(b"POST /healthz HTTP/1.1\r\n\r\n"),
+            Some("405 Method Not Allowed")
+        );
+        let upgrade = b"GET /healthz HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\n\r\n";
+        assert!(not_an_upgrade(upgrade, true).is_none());
+    }
 }
