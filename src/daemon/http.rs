@@ -24,7 +24,18 @@ pub const IMPERSONATE_HEADER: HeaderName = HeaderName::from_static("x-towerctl-i
 
 /// A Kubernetes `Status` object, which kubectl prints as a readable error.
 pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({
+    let mut r = Response::new(full(Bytes::from(status_json(code, reason, message))));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The JSON of a failed Kubernetes `Status`.
+pub fn status_json(code: StatusCode, reason: &str, message: &str) -> String {
+    serde_json::json!({
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -32,14 +43,47 @@ pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Respons
         "message": message,
         "reason": reason,
         "code": code.as_u16(),
-    });
-    let mut r = Response::new(full(Bytes::from(body.to_string())));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
+    })
+    .to_string()
+}
+
+/// Writes `answer` to a connection that is not served further (a refusal
+/// before any HTTP server took it) and closes its sending side, then reads
+/// what the client still sends for a moment (up to 16 KiB, 1 s), so that
+/// closing with it unread does not reset the connection under the answer.
+/// Errors are the client's to see; the caller bounds the whole.
+pub async fn answer_and_close<S>(io: &mut S, answer: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if io.write_all(answer).await.is_err() || io.shutdown().await.is_err() {
+        return;
+    }
+    let mut rest = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let mut left = 16 * 1024usize;
+        while left > 0 {
+            match io.read(&mut rest).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// `path` followed by `url`'s query and fragment, as written in `url`.
+pub fn with_query_and_fragment(mut path: String, url: &url::Url) -> String {
+    if let Some(q) = url.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    if let Some(f) = url.fragment() {
+        path.push('#');
+        path.push_str(f);
+    }
+    path
 }
 
 pub fn full(b: Bytes) -> Body {
@@ -170,16 +214,10 @@ fn confined_location(member: &str, asked: &str, location: &str) -> Option<String
     if to.origin() != base.origin() || !to.username().is_empty() || to.password().is_some() {
         return None;
     }
-    let mut out = format!("/clusters/{member}{}", to.path());
-    if let Some(q) = to.query() {
-        out.push('?');
-        out.push_str(q);
-    }
-    if let Some(f) = to.fragment() {
-        out.push('#');
-        out.push_str(f);
-    }
-    Some(out)
+    Some(with_query_and_fragment(
+        format!("/clusters/{member}{}", to.path()),
+        &to,
+    ))
 }
 
 /// Removes what an operator must never pass to a member: their own

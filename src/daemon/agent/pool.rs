@@ -243,16 +243,8 @@ fn location_for_hub(base: &Uri, asked: &Uri, location: &str) -> Option<String> {
         }
         _ => return Some(to.to_string()),
     };
-    let mut out = if rest.is_empty() { "/" } else { rest }.to_string();
-    if let Some(q) = to.query() {
-        out.push('?');
-        out.push_str(q);
-    }
-    if let Some(f) = to.fragment() {
-        out.push('#');
-        out.push_str(f);
-    }
-    Some(out)
+    let path = if rest.is_empty() { "/" } else { rest }.to_string();
+    Some(crate::daemon::http::with_query_and_fragment(path, &to))
 }
 
 /// Whether a request may be sent a second time: a safe method (RFC 9110

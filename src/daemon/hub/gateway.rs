@@ -371,41 +371,20 @@ impl PlainHttpGuard {
     /// Says what the port speaks, then closes (the caller bounds it with
     /// the connection's deadline and eviction).
     async fn answer_plain_http(&mut self) {
-        use tokio::io::AsyncWriteExt;
         // A Kubernetes Status, whose message kubectl prints (and curl
         // shows as it is).
-        let body = serde_json::json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": "Client sent an HTTP request to an HTTPS server: the towerctl hub's \
-                gateway speaks HTTPS only; use https:// (the kubeconfig contexts from \
-                'towerctl use' do)",
-            "reason": "BadRequest",
-            "code": 400,
-        })
-        .to_string();
+        let body = crate::daemon::http::status_json(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "Client sent an HTTP request to an HTTPS server: the towerctl hub's gateway speaks \
+             HTTPS only; use https:// (the kubeconfig contexts from 'towerctl use' do)",
+        );
         let answer = format!(
             "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}\n",
             body.len() + 1
         );
-        if self.tcp.write_all(answer.as_bytes()).await.is_ok() {
-            let _ = self.tcp.shutdown().await;
-            // What the client still sends, read for a moment, so that
-            // closing with it unread does not reset the answer away.
-            let mut rest = [0u8; 4096];
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                for _ in 0..4 {
-                    match tokio::io::AsyncReadExt::read(&mut self.tcp, &mut rest).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await;
-        }
+        crate::daemon::http::answer_and_close(&mut self.tcp, answer.as_bytes()).await;
     }
 }
 

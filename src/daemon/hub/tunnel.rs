@@ -227,12 +227,9 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
 }
 
 impl NotAnUpgrade {
-    /// Writes the answer (if any) and closes, then reads what the client
-    /// still sends for a moment (up to 16 KiB), so that closing with it
-    /// unread does not reset the connection under the answer. Errors are
-    /// the client's to see; the caller's deadline bounds all of it.
+    /// Writes the answer (if any) and closes (`http::answer_and_close`);
+    /// the caller's deadline bounds it.
     async fn send<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(&self, io: &mut S) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let Some(status) = self.status else {
             return;
         };
@@ -249,20 +246,7 @@ impl NotAnUpgrade {
         if self.body {
             answer.push_str(&body);
         }
-        if io.write_all(answer.as_bytes()).await.is_err() || io.shutdown().await.is_err() {
-            return;
-        }
-        let mut rest = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            let mut left = 16 * 1024usize;
-            while left > 0 {
-                match io.read(&mut rest).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left = left.saturating_sub(n),
-                }
-            }
-        })
-        .await;
+        crate::daemon::http::answer_and_close(io, answer.as_bytes()).await;
     }
 }
 
