@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::apiserver::ApiServer;
-use support::{gateway_get as get, wait_for, Env, Streaming};
+use support::{gateway_get as get, gateway_get_with, wait_for, Env, Streaming};
 
 /// The printed `towerctl login …` of `operator add NAME --group GROUP`.
 fn add_operator(hub: &Env, name: &str, group: &str) -> Vec<String> {
@@ -141,6 +141,40 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
         verdict(&ob.stderr).replace("beta", "NAME"),
         verdict(&ox.stderr).replace("nosuch", "NAME")
     );
+    // Also under a rule that matches by a label's absence (which a name
+    // that does not exist matches too) and with a header refused only on
+    // the way to a member that may be reached: a name that does not exist
+    // used to get that refusal (403), a forbidden member its 404.
+    let carol_login = add_operator(&hub, "carol", "ops");
+    let carol_token = token_of(&carol_login);
+    let o = hub.towerctl(&[
+        "access",
+        "allow",
+        "group:ops",
+        "--clusters",
+        "team notin (payments)",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let as_carol = |name: &str| {
+        gateway_get_with(
+            &hub,
+            &carol_token,
+            &format!("/clusters/{name}/api/v1/namespaces"),
+            &["Impersonate-User: someone"],
+        )
+    };
+    let (code_a, body_a) = as_carol("alpha");
+    let (code_x, body_x) = as_carol("nosuch");
+    assert_eq!(code_a, "404", "{body_a}");
+    assert_eq!(
+        (code_a, body_a.replace("alpha", "NAME")),
+        (code_x, body_x.replace("nosuch", "NAME"))
+    );
+    // The member it may reach still refuses the header, in words.
+    let (code_b, body_b) = as_carol("beta");
+    assert_eq!(code_b, "403", "{body_b}");
+    assert!(body_b.contains("impersonate-user"), "{body_b}");
+
     // The audit record names the rule that decided.
     let o = hub.towerctl(&["audit", "--operator", "alice", "-o", "json"]);
     assert!(

@@ -32,9 +32,20 @@ fn print(r: &Record, json: bool) {
             Some(p) => format!("{}/{p}", r.verb),
             None => r.verb.clone(),
         };
+        // Paths and names come from clients (unauthenticated ones too):
+        // a C1 control or a bidirectional override must not reach the
+        // terminal as itself.
+        use crate::tunnel::shown;
         println!(
             "{:<20} {:<12} {:<14} {:<16} {:>4} {:>8}ms {:>10}  {}",
-            r.time, r.operator, r.cluster, verb, r.status, r.duration_ms, r.bytes, r.path
+            shown(&r.time),
+            shown(&r.operator),
+            shown(&r.cluster),
+            shown(&verb),
+            r.status,
+            r.duration_ms,
+            r.bytes,
+            shown(&r.path)
         );
     }
 }

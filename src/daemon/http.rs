@@ -155,16 +155,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Removes from a member's answer what describes its own hop and what
 /// would act on the hub's whole origin, which every member shares (one
 /// member's `Set-Cookie` or `Strict-Transport-Security` would apply to
-/// the others' requests in a browser; `Alt-Svc` would send clients
-/// elsewhere), and the hub's own `x-towerctl-*` names.
+/// the others' requests in a browser; `Alt-Svc`, `Refresh` and `Link`
+/// would send clients elsewhere, off the hub too; a `WWW-Authenticate`
+/// would have a browser prompt for credentials in the hub's name), and
+/// the hub's own `x-towerctl-*` names. Kubernetes clients use none of
+/// these. (`Location` and `Content-Location` are kept on the member:
+/// [`confine_location`].)
 pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
     strip_hop_by_hop(headers, upgrade);
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
             let k = k.as_str();
-            matches!(k, "set-cookie" | "strict-transport-security" | "alt-svc")
-                || k.starts_with("x-towerctl-")
+            matches!(
+                k,
+                "set-cookie"
+                    | "strict-transport-security"
+                    | "alt-svc"
+                    | "refresh"
+                    | "link"
+                    | "www-authenticate"
+            ) || k.starts_with("x-towerctl-")
         })
         .cloned()
         .collect();
@@ -184,21 +195,25 @@ pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
 /// member's own address means nothing to a client of the hub. Before, a
 /// member answering `307 Location: /clusters/<other>/…` had a following
 /// client repeat its request, body and credentials, on another member.
+/// `Content-Location` (which a browser may take for the address of what
+/// it shows) is kept on the member the same way.
 pub fn confine_location(headers: &mut HeaderMap, member: &str, asked: &str) {
-    let Some(location) = headers.get(header::LOCATION) else {
-        return;
-    };
-    let confined = location
-        .to_str()
-        .ok()
-        .and_then(|l| confined_location(member, asked, l))
-        .and_then(|c| HeaderValue::from_str(&c).ok());
-    match confined {
-        Some(v) => {
-            headers.insert(header::LOCATION, v);
-        }
-        None => {
-            headers.remove(header::LOCATION);
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(location) = headers.get(&name) else {
+            continue;
+        };
+        let confined = location
+            .to_str()
+            .ok()
+            .and_then(|l| confined_location(member, asked, l))
+            .and_then(|c| HeaderValue::from_str(&c).ok());
+        match confined {
+            Some(v) => {
+                headers.insert(name, v);
+            }
+            None => {
+                headers.remove(name);
+            }
         }
     }
 }
@@ -558,6 +573,29 @@ mod tests {
         let mut none = HeaderMap::new();
         confine_location(&mut none, "alpha", "/api");
         assert!(none.is_empty());
+        // Content-Location too.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_LOCATION,
+            HeaderValue::from_static("/clusters/beta/x"),
+        );
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_static("https://evil.example/"),
+        );
+        confine_location(&mut h, "alpha", "/api");
+        assert_eq!(h.get(header::LOCATION), None);
+        assert_eq!(
+            h.get(header::CONTENT_LOCATION).unwrap(),
+            "/clusters/alpha/clusters/beta/x"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_LOCATION,
+            HeaderValue::from_static("//evil.example/x"),
+        );
+        confine_location(&mut h, "alpha", "/api");
+        assert!(h.is_empty());
     }
 
     #[test]
@@ -571,6 +609,12 @@ mod tests {
             ("set-cookie", "s=1; Domain=127.0.0.1; Path=/"),
             ("strict-transport-security", "max-age=1; includeSubDomains"),
             ("alt-svc", "h3=\":443\""),
+            ("refresh", "0; url=https://evil.example/"),
+            ("link", "<https://evil.example/>; rel=preload"),
+            (
+                "www-authenticate",
+                "Basic realm=\"towerctl hub: enter your token\"",
+            ),
             ("x-towerctl-operator", "admin"),
             ("content-type", "application/json"),
             ("audit-id", "abc"),

@@ -132,7 +132,7 @@ impl russh::client::Handler for AgentHandler {
                 connected_address.to_string(),
                 connected_port,
                 originator_address.to_string(),
-                FlowStream::with_window(channel, window),
+                FlowStream::with_windows(channel, super::flow::UNTOLD_WINDOW, window),
             );
         } else {
             tracing::warn!(

@@ -65,6 +65,18 @@ pub const API_WINDOW: u64 = 1024 * 1024;
 /// nothing next to the data.
 const CREDIT_STEP: u64 = API_WINDOW / 4;
 
+/// What a sender may have unacknowledged on a stream before the
+/// receiver's window ([`FlowStream::advertise_window`]) reaches it: an
+/// agent's streams start with it ([`FlowStream::with_windows`]), and the
+/// hub holds an agent to the larger of it and the window the hub asked
+/// for. Before, an agent could send its full window (4 MiB) whatever the
+/// hub asked, and one ignoring the hub's windows had the hub hold ~200 MiB
+/// for 200 stalled streams against the 68 MiB it had handed out (a red-team
+/// run). A window frame reaches the agent within one round trip of the
+/// open, before anything a port-forward target sends has come far; an API
+/// answer's window reaches it ahead of the request.
+pub const UNTOLD_WINDOW: u64 = CREDIT_STEP;
+
 /// The smallest window a receiver may ask for ([`FlowStream::advertise_window`]):
 /// 32 KiB still moves 640 KB/s per stream at 50 ms RTT, and is what a
 /// stalled stream costs its receiver under pressure.
@@ -261,12 +273,23 @@ impl FlowStream {
     where
         S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
     {
+        Self::with_windows(channel, window, window)
+    }
+
+    /// [`FlowStream::with_window`] sending at most `first` bytes ahead
+    /// until the peer says its window, then at most what it said, up to
+    /// `window` (each at least [`CREDIT_STEP`], at most [`STREAM_WINDOW`]).
+    pub fn with_windows<S>(channel: Channel<S>, first: u64, window: u64) -> FlowStream
+    where
+        S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    {
+        let own = window.clamp(CREDIT_STEP, STREAM_WINDOW);
         let id = channel.id();
         let (mut read, write) = channel.split();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
-                own_window: window.clamp(CREDIT_STEP, STREAM_WINDOW),
+                window: first.clamp(CREDIT_STEP, own),
+                own_window: own,
                 credit_step: CREDIT_STEP,
                 receive_limit: STREAM_WINDOW,
                 ..State::default()
@@ -296,9 +319,14 @@ impl FlowStream {
         tokio::spawn(control_task(s, control));
 
         let close = Box::new(move || {
-            tokio::spawn(async move {
-                let _ = write.close().await;
-            });
+            // Queued at once when the session's queue has room (nearly
+            // always): a task per stream just to send the close was one of
+            // the six spawned per forwarded connection.
+            if !write.try_close() {
+                tokio::spawn(async move {
+                    let _ = write.close().await;
+                });
+            }
         });
         FlowStream {
             shared,
@@ -311,11 +339,12 @@ impl FlowStream {
 
 impl FlowStream {
     /// Takes at most `limit` bytes unread from the peer (at least
-    /// [`API_WINDOW`]): past it the peer broke the protocol and the stream
-    /// is closed. For channels whose peer keeps to `limit` whatever window
-    /// it was asked for (an agent's API answers).
+    /// [`UNTOLD_WINDOW`]): past it the peer broke the protocol and the
+    /// stream is closed. For channels whose peer keeps to `limit` (the
+    /// hub's channels to an agent: the window the hub asked for, or
+    /// [`UNTOLD_WINDOW`] before the agent can have read it).
     pub fn receive_at_most(&self, limit: u64) {
-        self.shared.lock().receive_limit = limit.clamp(API_WINDOW, STREAM_WINDOW);
+        self.shared.lock().receive_limit = limit.clamp(UNTOLD_WINDOW, STREAM_WINDOW);
     }
 
     /// Asks the peer to send at most `window` bytes (at least

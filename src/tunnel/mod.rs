@@ -243,6 +243,26 @@ pub fn printable(s: &str, max: usize) -> String {
 
 /// Unicode format characters and separators that change how the text
 /// around them shows without showing themselves.
+/// `s` for a terminal table: as it is when every character shows as
+/// itself; otherwise control and invisible formatting characters written
+/// as escapes (`\u{202e}`), so that what a client sent (a request path in
+/// the audit log) can neither move the cursor nor reorder the line, and
+/// is still seen for what it was.
+pub fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() || is_invisible(c)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() || is_invisible(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn is_invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
@@ -367,6 +387,18 @@ mod keepalive_tests {
 
 #[cfg(test)]
 mod log_tests {
+    #[test]
+    fn shown_text_keeps_words_and_writes_controls_and_bidi_as_escapes() {
+        assert!(matches!(
+            super::shown("/api/v1/naïve"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            super::shown("/x/\u{9b}2J\u{202e}ateb\u{1b}[1m\n"),
+            "/x/\\u{9b}2J\\u{202e}ateb\\u{1b}[1m\\u{a}"
+        );
+    }
+
     /// The budget lets its lines through, then holds the rest back until
     /// the minute is over.
     #[test]

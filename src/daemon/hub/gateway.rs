@@ -553,8 +553,6 @@ async fn open_channel(
     let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer, window.window).await.map_err(|e| {
         status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"))
     })?;
-    // Agents answer API requests within 1 MiB whatever the hub asked.
-    stream.receive_at_most(crate::tunnel::flow::API_WINDOW);
     let stream = crate::tunnel::counted::Counted::new(
         stream,
         session.counters.bytes_in.clone(),

@@ -265,6 +265,10 @@ impl LiveSession {
     }
 }
 
+/// Session lines of one member logged at info per minute
+/// ([`Hub::log_session_line`]).
+pub const SESSION_LINES_PER_MINUTE: u32 = 20;
+
 /// What the hub remembers of a cluster across its sessions (since start).
 #[derive(Default)]
 struct ClusterMeta {
@@ -274,6 +278,9 @@ struct ClusterMeta {
     rtt_histogram: metrics::Histogram,
     /// The member's counters since start, over all its sessions.
     counters: Counters,
+    /// Start of the minute and session lines ("agent connected" and
+    /// "agent disconnected") logged in it ([`Hub::log_session_line`]).
+    session_lines: Option<(std::time::Instant, u32)>,
 }
 
 /// A member's counters since the hub started, shared by its sessions.
@@ -382,6 +389,32 @@ impl Hub {
         if let Ok(mut m) = self.meta.lock() {
             f(m.entry(name.to_string()).or_default());
         }
+    }
+
+    /// Whether one more "agent connected" / "agent disconnected" line of
+    /// member `name` may be logged at info this minute: at most
+    /// [`SESSION_LINES_PER_MINUTE`] per member, the rest at debug. A
+    /// member's agent (or whoever holds its key) reconnecting in a loop
+    /// wrote two lines per login, 169 logins a second, and rotated the
+    /// hub's log away; one member's storm cannot hide another's lines.
+    pub fn log_session_line(&self, name: &str) -> bool {
+        let Ok(mut m) = self.meta.lock() else {
+            return true;
+        };
+        let meta = m.entry(name.to_string()).or_default();
+        let now = std::time::Instant::now();
+        let (start, n) = meta.session_lines.get_or_insert((now, 0));
+        if now.duration_since(*start) >= Duration::from_secs(60) {
+            (*start, *n) = (now, 0);
+        }
+        *n += 1;
+        if *n == SESSION_LINES_PER_MINUTE + 1 {
+            tracing::info!(
+                cluster = %name,
+                "more than {SESSION_LINES_PER_MINUTE} connects and disconnects of this member this minute; the rest are logged at debug (its events in 'towerctl status' keep counting)"
+            );
+        }
+        *n <= SESSION_LINES_PER_MINUTE
     }
 
     /// The counters of member `name`, shared by its sessions.
@@ -527,16 +560,26 @@ impl Hub {
     }
 
     /// Whether `op` may reach member `name`, and the rule that decided. The
-    /// member's labels are read from the registry (a missing member has
-    /// none; the caller answers for it as unknown either way). A registry
-    /// that cannot be read refuses: label rules could not be applied, and
-    /// one of them may be a deny.
+    /// member's labels are read from the registry. A member that is not
+    /// registered is refused like a forbidden one: allowed (a rule that
+    /// matches by a label's absence, `env notin (prod)`, or by name), its
+    /// request went on to checks that a forbidden member never reaches (a
+    /// client's `Impersonate-*` header: 403) before its 404, so an operator
+    /// could tell the members it may not reach from names that do not
+    /// exist. A registry that cannot be read refuses: label rules could not
+    /// be applied, and one of them may be a deny.
     pub fn decide(&self, op: &Operator, name: &str) -> super::access::Decision {
         let labels = if op.name == LOCAL_ADMIN {
             Default::default()
         } else {
             match self.store.get_member(name) {
-                Ok(m) => m.map(|m| m.labels).unwrap_or_default(),
+                Ok(Some(m)) => m.labels,
+                Ok(None) => {
+                    return super::access::Decision {
+                        allowed: false,
+                        why: "not a registered member".into(),
+                    }
+                }
                 Err(e) => {
                     tracing::error!(cluster = %name, "cannot read the member's labels; refusing: {e}");
                     return super::access::Decision {

@@ -417,6 +417,15 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
         self.send_msg(ChannelMsg::Close).await
     }
 
+    /// towerctl patch: queues the channel's close without waiting, when the
+    /// session's queue has room. `false` when it has none (then
+    /// [`Self::close`] waits for room) or the session is gone.
+    pub fn try_close(&self) -> bool {
+        self.sender
+            .try_send((self.id, ChannelMsg::Close).into())
+            .is_ok()
+    }
+
     async fn send_msg(&self, msg: ChannelMsg) -> Result<(), Error> {
         self.sender
             .send((self.id, msg).into())
