@@ -157,7 +157,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// member's `Set-Cookie` or `Strict-Transport-Security` would apply to
 /// the others' requests in a browser; `Alt-Svc`, `Refresh` and `Link`
 /// would send clients elsewhere, off the hub too; a `WWW-Authenticate`
-/// would have a browser prompt for credentials in the hub's name), and
+/// would have a browser prompt for credentials in the hub's name;
+/// `Clear-Site-Data` would wipe what a browser keeps for the whole hub), and
 /// the hub's own `x-towerctl-*` names. Kubernetes clients use none of
 /// these. (`Location` and `Content-Location` are kept on the member:
 /// [`confine_location`].)
@@ -175,6 +176,7 @@ pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
                     | "refresh"
                     | "link"
                     | "www-authenticate"
+                    | "clear-site-data"
             ) || k.starts_with("x-towerctl-")
         })
         .cloned()
@@ -610,6 +612,7 @@ mod tests {
             ("strict-transport-security", "max-age=1; includeSubDomains"),
             ("alt-svc", "h3=\":443\""),
             ("refresh", "0; url=https://evil.example/"),
+            ("clear-site-data", "\"*\""),
             ("link", "<https://evil.example/>; rel=preload"),
             (
                 "www-authenticate",

@@ -391,8 +391,9 @@ impl Hub {
         }
     }
 
-    /// Whether one more "agent connected" / "agent disconnected" line of
-    /// member `name` may be logged at info this minute: at most
+    /// Whether one more "agent connected" / "agent disconnected" / "a new
+    /// session replaces the previous one" line of member `name` may be
+    /// logged at info this minute: at most
     /// [`SESSION_LINES_PER_MINUTE`] per member, the rest at debug. A
     /// member's agent (or whoever holds its key) reconnecting in a loop
     /// wrote two lines per login, 169 logins a second, and rotated the
@@ -481,7 +482,11 @@ impl Hub {
             .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
         peer::registered(self, &s);
         if let Some(old) = old {
-            tracing::info!(cluster = %s.name, "a new session replaces the previous one");
+            if self.log_session_line(&s.name) {
+                tracing::info!(cluster = %s.name, "a new session replaces the previous one");
+            } else {
+                tracing::debug!(cluster = %s.name, "a new session replaces the previous one");
+            }
             self.tasks.spawn(async move {
                 old.close("replaced by a newer session of the same cluster")
                     .await;

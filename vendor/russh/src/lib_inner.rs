@@ -546,6 +546,66 @@ pub(crate) async fn flush_or_timeout<W: AsyncWrite + Unpin>(
     }
 }
 
+/// towerctl patch: a session's rekey timer, one `Sleep` for the whole
+/// session, moved only when its deadline does (a rekey, the write limit
+/// reached) instead of a new `Sleep` every turn of the session loop.
+#[derive(Default)]
+pub(crate) struct RekeyTimer {
+    /// The deadline the timer is set for; `None` when there is none, or it
+    /// fired and has not been set again.
+    at: Option<tokio::time::Instant>,
+}
+
+impl RekeyTimer {
+    /// What the timer is set to while it has no deadline.
+    pub(crate) const FAR: std::time::Duration = std::time::Duration::from_secs(86_400 * 365);
+
+    /// Sets `timer` for `remaining` from now when that is not the deadline
+    /// it is set for already (within a second later: the time limit's
+    /// deadline, recomputed each turn, moves by what the clock moved).
+    pub(crate) fn arm(
+        &mut self,
+        timer: Pin<&mut tokio::time::Sleep>,
+        remaining: Option<std::time::Duration>,
+    ) {
+        let Some(remaining) = remaining else {
+            self.at = None;
+            return;
+        };
+        let at = tokio::time::Instant::now() + remaining;
+        let set = match self.at {
+            None => true,
+            Some(current) => {
+                at + std::time::Duration::from_millis(10) < current
+                    || at > current + std::time::Duration::from_secs(1)
+            }
+        };
+        if set {
+            timer.reset(at);
+            self.at = Some(at);
+        }
+    }
+
+    /// Whether the timer is set (its branch may be polled).
+    pub(crate) fn armed(&self) -> bool {
+        self.at.is_some()
+    }
+
+    /// The timer fired: it is set again on the next turn.
+    pub(crate) fn fired(&mut self) {
+        self.at = None;
+    }
+}
+
+/// towerctl patch: whether a keepalive is due, a whole `interval` after
+/// the last sign of life at `from` (the timer is moved only when it fires).
+pub(crate) fn keepalive_due(
+    from: tokio::time::Instant,
+    interval: Option<std::time::Duration>,
+) -> bool {
+    interval.is_none_or(|d| from + d <= tokio::time::Instant::now())
+}
+
 /// Returns `f(val)` if `val` it is [Some], or a forever pending [Future] if it is [None].
 pub(crate) fn future_or_pending<R, F: Future<Output = R>, T>(
     val: Option<T>,

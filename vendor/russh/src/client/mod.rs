@@ -1418,6 +1418,14 @@ impl Session {
             crate::future_or_pending(self.common.config.inactivity_timeout, tokio::time::sleep);
         pin!(inactivity_timer);
 
+        // towerctl patch: one rekey timer, moved only when its deadline
+        // does, and a keepalive timer moved only when it fires (see the
+        // server's session loop).
+        let mut rekey = crate::RekeyTimer::default();
+        let rekey_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
+        pin!(rekey_timer);
+        let mut keepalive_from = tokio::time::Instant::now();
+
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
 
@@ -1431,9 +1439,7 @@ impl Session {
             // application output in its bounded receivers while a channel is
             // window-blocked.
             let can_receive_outbound = !self.kex.active() && !self.common.has_any_pending_data();
-            let rekey_timer =
-                crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            rekey.arm(rekey_timer.as_mut(), self.rekey_time_remaining());
             tokio::select! {
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
@@ -1476,13 +1482,21 @@ impl Session {
                     std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = &mut rekey_timer, if rekey.armed() => {
                     // The flush after the select sees the elapsed limit.
+                    rekey.fired();
                     debug!("rekey time limit reached");
                 }
                 () = &mut keepalive_timer => {
                     keepalive_elapsed = true;
-                    if let Some(ref mut enc) = self.common.encrypted
+                    // Due a whole interval after the last sign of life,
+                    // which may be later than the timer was set for.
+                    let due = crate::keepalive_due(keepalive_from, self.common.config.keepalive_interval);
+                    if due {
+                        keepalive_from = tokio::time::Instant::now();
+                    }
+                    if due
+                        && let Some(ref mut enc) = self.common.encrypted
                         && matches!(enc.state, EncryptedState::Authenticated)
                     {
                         self.common.alive_timeouts = self.common.alive_timeouts.saturating_add(1);
@@ -1569,13 +1583,16 @@ impl Session {
                 // data from it.
                 self.common.alive_timeouts = 0;
             }
-            if (self.common.received_data || keepalive_elapsed)
+            if self.common.received_data {
+                keepalive_from = tokio::time::Instant::now();
+            }
+            if keepalive_elapsed
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
                     keepalive_timer.as_mut().as_pin_mut(),
                     self.common.config.keepalive_interval,
                 )
             {
-                sleep.as_mut().reset(tokio::time::Instant::now() + d);
+                sleep.as_mut().reset(keepalive_from + d);
             }
             if !keepalive_elapsed
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
