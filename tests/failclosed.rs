@@ -486,7 +486,13 @@ fn a_members_redirect_cannot_send_a_request_to_another_member_or_off_the_hub() {
     assert!(answer.starts_with("HTTP/2 307"), "{answer}");
     assert!(
         answer.contains(
-            "location: /clusters/alpha/clusters/beta/api/v1/namespaces/default/secrets\r\n"
+            "\r\nlocation: /clusters/alpha/clusters/beta/api/v1/namespaces/default/secrets\r\n"
+        ),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(
+            "\r\ncontent-location: /clusters/alpha/clusters/beta/api/v1/namespaces/default/secrets\r\n"
         ),
         "{answer}"
     );

@@ -24,7 +24,8 @@ impl Filter {
 fn print(r: &Record, json: bool) {
     if json {
         if let Ok(s) = serde_json::to_string(r) {
-            println!("{s}");
+            // JSON leaves C1 controls and bidirectional overrides raw.
+            println!("{}", crate::tunnel::json_shown(&s));
         }
     } else {
         // Long-lived streams have a start and an end record.

@@ -241,20 +241,21 @@ pub fn printable(s: &str, max: usize) -> String {
         .collect()
 }
 
-/// Unicode format characters and separators that change how the text
-/// around them shows without showing themselves.
 /// `s` for a terminal table: as it is when every character shows as
 /// itself; otherwise control and invisible formatting characters written
-/// as escapes (`\u{202e}`), so that what a client sent (a request path in
-/// the audit log) can neither move the cursor nor reorder the line, and
-/// is still seen for what it was.
+/// as escapes (`\u{202e}`), and backslashes doubled so that no text can
+/// pass for an escape, so that what a client sent (a request path in the
+/// audit log) can neither move the cursor nor reorder the line, and is
+/// still seen for what it was.
 pub fn shown(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(|c| c.is_control() || is_invisible(c)) {
+    if !s.chars().any(needs_escape) {
         return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if c.is_control() || is_invisible(c) {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if needs_escape(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -263,6 +264,34 @@ pub fn shown(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A JSON text (one `towerctl audit -o json` line) with the control and
+/// invisible characters that JSON leaves as they are (C1 controls,
+/// bidirectional overrides, zero-width characters) written as `\uXXXX`
+/// escapes: the same value to a JSON reader, inert on a terminal.
+pub fn json_shown(json: &str) -> std::borrow::Cow<'_, str> {
+    if !json.chars().any(|c| c.is_control() || is_invisible(c)) {
+        return std::borrow::Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_control() || is_invisible(c) {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '\\' || c.is_control() || is_invisible(c)
+}
+
+/// Unicode format characters and separators that change how the text
+/// around them shows without showing themselves.
 fn is_invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
@@ -396,6 +425,16 @@ mod log_tests {
         assert_eq!(
             super::shown("/x/\u{9b}2J\u{202e}ateb\u{1b}[1m\n"),
             "/x/\\u{9b}2J\\u{202e}ateb\\u{1b}[1m\\u{a}"
+        );
+        // Text that looks like an escape is not taken for one.
+        assert_eq!(super::shown("/a\\u{202e}b"), "/a\\\\u{202e}b");
+        // JSON: the same value, nothing raw on a terminal.
+        let json = serde_json::to_string(&"p\u{9b}\u{202e}\u{e0041}é").unwrap();
+        let safe = super::json_shown(&json);
+        assert_eq!(safe, "\"p\\u009b\\u202e\\udb40\\udc41é\"");
+        assert_eq!(
+            serde_json::from_str::<String>(&safe).unwrap(),
+            "p\u{9b}\u{202e}\u{e0041}é"
         );
     }
 

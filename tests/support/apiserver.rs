@@ -382,7 +382,7 @@ impl ApiServer {
         *self.shared.delay.lock().unwrap() = d;
     }
 
-    /// Answers requests for `path` (any method, any query) with `status` and `location`.
+    /// Answers requests for `path` (any method, any query) with `status` and `location` (as `Location` and `Content-Location`).
     pub fn set_redirect(&self, path: &str, status: u16, location: &str) {
         self.shared
             .redirects
@@ -1019,6 +1019,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         *r.status_mut() = StatusCode::from_u16(status).unwrap();
         r.headers_mut()
             .insert(header::LOCATION, location.parse().unwrap());
+        // And the same as Content-Location, which browsers also read.
+        r.headers_mut()
+            .insert(header::CONTENT_LOCATION, location.parse().unwrap());
         return Ok(r);
     }
     // SubjectAccessReview, decided from the same RBAC stand-in as

@@ -198,7 +198,11 @@ where
             },
         };
         let mut resp = resp;
-        if let Some(location) = resp.headers().get(header::LOCATION) {
+        // `Content-Location` too: the hub keeps both on the member.
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(location) = resp.headers().get(&name) else {
+                continue;
+            };
             let hub = location
                 .to_str()
                 .ok()
@@ -207,8 +211,8 @@ where
             // One that cannot be read is not passed on: the hub would
             // read it under the wrong path.
             match hub {
-                Some(l) => resp.headers_mut().insert(header::LOCATION, l),
-                None => resp.headers_mut().remove(header::LOCATION),
+                Some(l) => resp.headers_mut().insert(name, l),
+                None => resp.headers_mut().remove(name),
             };
         }
         // An upgraded connection belongs to its stream from now on.

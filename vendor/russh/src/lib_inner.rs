@@ -572,7 +572,12 @@ impl RekeyTimer {
             self.at = None;
             return;
         };
-        let at = tokio::time::Instant::now() + remaining;
+        // A limit too far to add (a rekey by time turned off with a huge
+        // limit) is as good as none.
+        let Some(at) = tokio::time::Instant::now().checked_add(remaining.min(Self::FAR)) else {
+            self.at = None;
+            return;
+        };
         let set = match self.at {
             None => true,
             Some(current) => {
