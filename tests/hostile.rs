@@ -322,6 +322,100 @@ fn an_agent_opening_refused_channels_cannot_flood_the_hub_log() {
     );
 }
 
+/// Push mode: an agent's key holder opening channels to an exposed
+/// hub-side service without end used to get a socket of the hub's for
+/// each (descriptors every member shares). Past the limit per session
+/// (`TOWERCTL_MAX_PUSH_STREAMS`, 1,024 by default) an open is refused,
+/// and one closed makes room again.
+#[test]
+fn an_agent_cannot_open_push_channels_without_end() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    // The exposed service: holds each connection until its client's end
+    // (as servers do), and counts them.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_addr = service.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            for mut c in service.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                });
+            }
+        });
+    }
+    let o = env.up_with_env(&[("TOWERCTL_MAX_PUSH_STREAMS", "20")]);
+    assert!(o.ok(), "{o:?}");
+    let o = env.towerctl(&[
+        "cluster",
+        "add",
+        "alpha",
+        "--expose",
+        &format!("web={service_addr}"),
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let mut join = support::printed_command(&o.stdout, "join");
+    // The agent would listen on the service's port on this same machine.
+    let i = join.iter().position(|a| a == "--expose").unwrap();
+    join[i + 1] = "web=127.0.0.1:0".into();
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    env.kill9("agent-alpha");
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let key = env.path("config/towerctl/agents/alpha.key");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let h = sshflood::login_with_key(tunnel, "alpha", &key, 32 * 1024)
+            .await
+            .expect("the agent's key logs in");
+        let mut open = Vec::new();
+        let mut refused = 0;
+        for _ in 0..30 {
+            match h.channel_open_direct_tcpip("web", 0, "127.0.0.1", 0).await {
+                Ok(ch) => open.push(ch),
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!((open.len(), refused), (20, 10), "channels opened / refused");
+        // One closed makes room for one more.
+        let ch = open.pop().unwrap();
+        ch.close().await.unwrap();
+        drop(ch);
+        let mut reopened = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(ch) = h.channel_open_direct_tcpip("web", 0, "127.0.0.1", 0).await {
+                open.push(ch);
+                reopened = true;
+                break;
+            }
+        }
+        assert!(
+            reopened,
+            "a closed push channel did not give its place back"
+        );
+    });
+    drop(rt);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        21,
+        "the hub connected past its limit"
+    );
+}
+
 /// An agent's key holder accepting the hub's channels with 1-byte packets
 /// made every write of the hub a packet per byte (a 300 KB request: 13 s
 /// of the hub's CPU) and held requests until the client gave up. Such a

@@ -288,7 +288,12 @@ impl ClientSession {
                 u32::from(originator.port()),
             )
             .await?;
-        Ok(FlowStream::new(ch))
+        // At most what the hub takes before its window reaches us.
+        Ok(FlowStream::with_windows(
+            ch,
+            super::flow::UNTOLD_WINDOW,
+            super::flow::STREAM_WINDOW,
+        ))
     }
 
     /// Ends a healthy session on purpose (the agent stops): the hub is told

@@ -97,7 +97,36 @@ pub struct HubHandler {
     /// Channels this agent opened that were refused or failed, and since
     /// when they are counted: logged up to [`NOTED_PER_MINUTE`] a minute.
     noted: (std::time::Instant, u32),
+    /// Push mode's channels open at once ([`MAX_PUSH_STREAMS`]).
+    push_slots: Arc<tokio::sync::Semaphore>,
+    /// The windows the hub gives them ([`PUSH_WINDOW_BUDGET`]).
+    push_windows: Arc<super::flow::WindowBudget>,
 }
+
+/// Most push-mode channels (member workloads reaching an exposed hub-side
+/// service) one session may have open at once; past it an open is
+/// refused. Each is a socket of the hub's to the exposed service: a
+/// member's key holder opening them without end took descriptors and
+/// memory from every other member. `TOWERCTL_MAX_PUSH_STREAMS` sets it.
+pub const MAX_PUSH_STREAMS: usize = 1024;
+
+fn max_push_streams() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("TOWERCTL_MAX_PUSH_STREAMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(MAX_PUSH_STREAMS)
+    })
+}
+
+/// What the hub buffers at most, together, for one session's push-mode
+/// channels whose hub-side service stops reading: each asks the agent for
+/// a window out of it (full windows while it lasts, 32 KiB past it), and
+/// the hub holds the agent to it. They took 4 MiB each before, whatever
+/// was open.
+pub const PUSH_WINDOW_BUDGET: u64 = 64 * 1024 * 1024;
 
 /// Most refused agent-opened channels logged per session and minute: an
 /// agent's key holder opening thousands (each name up to 256 KB) rotated
@@ -190,6 +219,15 @@ impl russh::server::Handler for HubHandler {
                 .await;
             return Ok(());
         };
+        let Ok(slot) = self.push_slots.clone().try_acquire_owned() else {
+            if self.note() {
+                tracing::warn!(%cluster, "refused an agent-opened channel: {} are open already (the limit per session)", max_push_streams());
+            }
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        };
         match tokio::time::timeout(
             Duration::from_secs(10),
             tokio::net::TcpStream::connect(&target),
@@ -199,10 +237,15 @@ impl russh::server::Handler for HubHandler {
             Ok(Ok(tcp)) => {
                 super::nodelay(&tcp);
                 reply.accept().await;
+                let window = self.push_windows.take(super::flow::STREAM_WINDOW);
                 tokio::spawn(async move {
                     let mut tcp = tcp;
                     let mut ch = FlowStream::new(channel);
+                    ch.advertise_window(window.window).await;
+                    ch.receive_at_most(window.window.max(super::flow::UNTOLD_WINDOW));
                     let _ = super::splice_from(&mut ch, &mut tcp).await;
+                    // Held for as long as the channel is open.
+                    drop((slot, window));
                 });
             }
             _ => {
@@ -519,6 +562,8 @@ where
         refused_tx: Some(refused_tx),
         noted: (std::time::Instant::now(), 0),
         penalty,
+        push_slots: Arc::new(tokio::sync::Semaphore::new(max_push_streams())),
+        push_windows: super::flow::WindowBudget::new(PUSH_WINDOW_BUDGET),
     };
     let kill = CancellationToken::new();
     let io = Killable::new(io, kill.clone());
