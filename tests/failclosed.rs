@@ -504,6 +504,13 @@ fn a_members_redirect_cannot_send_a_request_to_another_member_or_off_the_hub() {
             .any(|p| p == "/clusters/beta/api/v1/namespaces/default/secrets"),
         "{seen:?}"
     );
+    // A member switching protocols on a request that asked for no upgrade
+    // gets a 502 in words, not a 101 and a closed connection.
+    let switch = "/api/v1/namespaces/default/configmaps/switch";
+    api.set_redirect(switch, 101, "/x");
+    let answer = curl(switch, false);
+    assert!(answer.starts_with("HTTP/2 502"), "{answer}");
+    assert!(answer.contains("asked for no upgrade"), "{answer}");
     let answer = curl(away, false);
     assert!(answer.starts_with("HTTP/2 308"), "{answer}");
     assert!(

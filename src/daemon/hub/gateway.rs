@@ -1405,6 +1405,18 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if upgraded && client_upgrade.is_none() {
+        // A member switching protocols on a request that asked for no
+        // upgrade (a hostile one, or something broken in front of it):
+        // passed on, an HTTP/1.1 client got the 101 and then a closed
+        // connection, an HTTP/2 client a reset stream.
+        hub.dial_failures.add(DialFailure::AgentError);
+        return status_response(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            "the member answered 101 Switching Protocols to a request that asked for no upgrade",
+        );
+    }
     crate::daemon::http::strip_response(resp.headers_mut(), upgraded);
     let stop = guard.cut.clone();
     if upgraded {
