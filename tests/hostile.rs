@@ -260,6 +260,11 @@ fn alpha_key_without_its_agent(
     api: &ApiServer,
 ) -> (std::path::PathBuf, std::net::SocketAddr) {
     join_alpha(env, api);
+    kill_alphas_agent(env)
+}
+
+/// Kills the joined alpha's agent: its key and the hub's tunnel address.
+fn kill_alphas_agent(env: &Env) -> (std::path::PathBuf, std::net::SocketAddr) {
     env.kill9("agent-alpha");
     let tunnel = env.status()["hub"]["tunnelAddress"]
         .as_str()
@@ -366,13 +371,7 @@ fn an_agent_cannot_open_push_channels_without_end() {
     api.write_kubeconfig(&kc);
     let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
     assert!(o.ok(), "{o:?}");
-    env.kill9("agent-alpha");
-    let tunnel = env.status()["hub"]["tunnelAddress"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let key = env.path("config/towerctl/agents/alpha.key");
+    let (key, tunnel) = kill_alphas_agent(&env);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

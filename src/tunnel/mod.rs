@@ -190,20 +190,65 @@ impl LogBudget {
         let Ok(mut st) = self.state.lock() else {
             return false;
         };
-        let now = std::time::Instant::now();
-        let (start, n) = st.get_or_insert((now, 0));
-        if now.duration_since(*start) >= std::time::Duration::from_secs(60) {
-            (*start, *n) = (now, 0);
+        match minute_budget(&mut st, self.per_minute) {
+            Budgeted::FirstHeld => {
+                tracing::info!(
+                    "more than {} {} this minute; the rest are logged at debug",
+                    self.per_minute,
+                    self.what
+                );
+                false
+            }
+            b => b == Budgeted::Admitted,
         }
-        *n += 1;
-        if *n == self.per_minute + 1 {
-            tracing::info!(
-                "more than {} {} this minute; the rest are logged at debug",
-                self.per_minute,
-                self.what
+    }
+}
+
+/// What [`minute_budget`] decided for one more line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Budgeted {
+    Admitted,
+    /// The first line past the budget this minute: say that the rest are
+    /// held back.
+    FirstHeld,
+    Held,
+}
+
+/// Counts one more line against `per_minute` lines a minute, `state`
+/// holding the start of the current minute and the lines counted in it.
+/// [`LogBudget`] keeps one such state; the hub keeps one per member.
+pub fn minute_budget(state: &mut Option<(std::time::Instant, u32)>, per_minute: u32) -> Budgeted {
+    let now = std::time::Instant::now();
+    let (start, n) = state.get_or_insert((now, 0));
+    if now.duration_since(*start) >= std::time::Duration::from_secs(60) {
+        (*start, *n) = (now, 0);
+    }
+    *n = n.saturating_add(1);
+    if *n <= per_minute {
+        Budgeted::Admitted
+    } else if *n == per_minute + 1 {
+        Budgeted::FirstHeld
+    } else {
+        Budgeted::Held
+    }
+}
+
+/// A positive count from environment variable `name` (read by the
+/// caller once, at start), or `default` when it is not set; a value that
+/// is not a positive number is said in the log and `default` used.
+pub fn positive_env(name: &str, default: usize) -> usize {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            tracing::warn!(
+                "{name}={} is not a positive number; using {default}",
+                escape_for_log(&v, 40)
             );
+            default
         }
-        *n <= self.per_minute
     }
 }
 

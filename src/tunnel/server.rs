@@ -112,13 +112,7 @@ pub const MAX_PUSH_STREAMS: usize = 1024;
 
 fn max_push_streams() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var("TOWERCTL_MAX_PUSH_STREAMS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|n| *n > 0)
-            .unwrap_or(MAX_PUSH_STREAMS)
-    })
+    *MAX.get_or_init(|| super::positive_env("TOWERCTL_MAX_PUSH_STREAMS", MAX_PUSH_STREAMS))
 }
 
 /// What the hub buffers at most, together, for one session's push-mode

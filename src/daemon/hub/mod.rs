@@ -1,6 +1,19 @@
 //! The hub daemon: accepts agents' tunnels, keeps the registry of live
 //! sessions, serves the gateway and the control socket.
 
+/// Logs a session line of member `$name` ("agent connected" and the like)
+/// at info within the member's budget ([`Hub::log_session_line`]), else at
+/// debug.
+macro_rules! session_line {
+    ($hub:expr, $name:expr, $($line:tt)+) => {
+        if $hub.log_session_line($name) {
+            tracing::info!($($line)+)
+        } else {
+            tracing::debug!($($line)+)
+        }
+    };
+}
+
 mod auth;
 mod control;
 mod forward;
@@ -125,19 +138,10 @@ pub const MAX_STREAMS_PER_OPERATOR: usize = 1024;
 pub fn max_streams_per_operator() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
-        let Ok(v) = std::env::var("TOWERCTL_MAX_STREAMS_PER_OPERATOR") else {
-            return MAX_STREAMS_PER_OPERATOR;
-        };
-        match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                tracing::warn!(
-                    "TOWERCTL_MAX_STREAMS_PER_OPERATOR={} is not a positive number; using {MAX_STREAMS_PER_OPERATOR}",
-                    crate::tunnel::escape_for_log(&v, 40)
-                );
-                MAX_STREAMS_PER_OPERATOR
-            }
-        }
+        crate::tunnel::positive_env(
+            "TOWERCTL_MAX_STREAMS_PER_OPERATOR",
+            MAX_STREAMS_PER_OPERATOR,
+        )
     })
 }
 
@@ -399,23 +403,21 @@ impl Hub {
     /// wrote two lines per login, 169 logins a second, and rotated the
     /// hub's log away; one member's storm cannot hide another's lines.
     pub fn log_session_line(&self, name: &str) -> bool {
+        use crate::tunnel::{minute_budget, Budgeted};
         let Ok(mut m) = self.meta.lock() else {
             return true;
         };
         let meta = m.entry(name.to_string()).or_default();
-        let now = std::time::Instant::now();
-        let (start, n) = meta.session_lines.get_or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(60) {
-            (*start, *n) = (now, 0);
+        match minute_budget(&mut meta.session_lines, SESSION_LINES_PER_MINUTE) {
+            Budgeted::FirstHeld => {
+                tracing::info!(
+                    cluster = %name,
+                    "more than {SESSION_LINES_PER_MINUTE} connects and disconnects of this member this minute; the rest are logged at debug (its events in 'towerctl status' keep counting)"
+                );
+                false
+            }
+            b => b == Budgeted::Admitted,
         }
-        *n += 1;
-        if *n == SESSION_LINES_PER_MINUTE + 1 {
-            tracing::info!(
-                cluster = %name,
-                "more than {SESSION_LINES_PER_MINUTE} connects and disconnects of this member this minute; the rest are logged at debug (its events in 'towerctl status' keep counting)"
-            );
-        }
-        *n <= SESSION_LINES_PER_MINUTE
     }
 
     /// The counters of member `name`, shared by its sessions.
@@ -482,11 +484,7 @@ impl Hub {
             .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
         peer::registered(self, &s);
         if let Some(old) = old {
-            if self.log_session_line(&s.name) {
-                tracing::info!(cluster = %s.name, "a new session replaces the previous one");
-            } else {
-                tracing::debug!(cluster = %s.name, "a new session replaces the previous one");
-            }
+            session_line!(self, &s.name, cluster = %s.name, "a new session replaces the previous one");
             self.tasks.spawn(async move {
                 old.close("replaced by a newer session of the same cluster")
                     .await;

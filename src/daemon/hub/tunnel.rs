@@ -523,11 +523,7 @@ async fn tunnel_session(
         version: sess.version.clone(),
         close_reason: Mutex::new(None),
     });
-    if hub.log_session_line(&live.name) {
-        tracing::info!(cluster = %live.name, %peer, "agent connected");
-    } else {
-        tracing::debug!(cluster = %live.name, %peer, "agent connected");
-    }
+    session_line!(hub, &live.name, cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
     // A revoke or removal that raced this login (the check passed just
     // before it) must not leave a session registered: look again now that
@@ -595,11 +591,7 @@ async fn tunnel_session(
         .unwrap_or(why);
     // The reason may hold the agent's own words (its farewell): a quoted,
     // escaped field, so that it cannot pass for other fields of the line.
-    if hub.log_session_line(&live.name) {
-        tracing::info!(cluster = %live.name, %peer, reason = ?why, "agent disconnected");
-    } else {
-        tracing::debug!(cluster = %live.name, %peer, reason = ?why, "agent disconnected");
-    }
+    session_line!(hub, &live.name, cluster = %live.name, %peer, reason = ?why, "agent disconnected");
     hub.unregister(&live, &why);
     Ok(())
 }
