@@ -475,6 +475,11 @@ impl Handle {
     }
 }
 
+/// towerctl patch: messages taken from the session's channels in one turn of
+/// its loop before it reads the network again: capped so high-rate output
+/// cannot starve the peer's input (Ctrl+C, window adjustments).
+const MAX_MESSAGES_PER_BATCH: usize = 64;
+
 impl Session {
     fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         let compressed = self
@@ -498,6 +503,27 @@ impl Session {
             buffer: Bytes::copy_from_slice(enc.decompress.decompress(&buffer.buffer[5..], &mut decomp)?),
             seqn: buffer.seqn,
         })
+    }
+
+    /// towerctl patch: dispatches up to `max` messages already queued on the
+    /// session's channels (priority first), stopping early when a channel's
+    /// window is exhausted or a key exchange starts; returns how many. Only
+    /// Empty/Disconnected end the drain; both mean "nothing more to hand off
+    /// right now", so they are treated the same.
+    fn drain_queued(&mut self, max: usize) -> Result<usize, Error> {
+        let mut drained = 0;
+        while drained < max && !self.kex.active() && !self.common.has_any_pending_data() {
+            let msg = match self.priority_receiver.try_recv() {
+                Ok(msg) => msg,
+                Err(_) => match self.receiver.try_recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                },
+            };
+            self.dispatch_msg(msg)?;
+            drained += 1;
+        }
+        Ok(drained)
     }
 
     /// Dispatch a single message received on the session's internal channel
@@ -695,28 +721,11 @@ impl Session {
             // client input (Ctrl+C, resize): once the cap is hit we fall through
             // to `select!`, which picks up any client-side event first. Gated on
             // `!kex.active()` to match the `select!` receiver arm.
-            const MAX_MESSAGES_PER_BATCH: usize = 64;
             // Leave application messages in the bounded receiver once a peer's
             // channel window is exhausted. Network reads remain active so a
             // window adjustment can release the queued data.
             if !self.kex.active() && !self.common.has_any_pending_data() {
-                let mut drained = 0;
-                while drained < MAX_MESSAGES_PER_BATCH {
-                    // Only Empty/Disconnected end the drain; both mean "nothing
-                    // more to hand off right now", so treat them the same.
-                    let msg = match self.priority_receiver.try_recv() {
-                        Ok(msg) => msg,
-                        Err(_) => match self.receiver.try_recv() {
-                            Ok(msg) => msg,
-                            Err(_) => break,
-                        },
-                    };
-                    self.dispatch_msg(msg)?;
-                    drained += 1;
-                    if self.common.has_any_pending_data() {
-                        break;
-                    }
-                }
+                let drained = self.drain_queued(MAX_MESSAGES_PER_BATCH)?;
                 if drained > 0 {
                     self.flush()?;
                     crate::flush_or_timeout(
@@ -826,7 +835,14 @@ impl Session {
                         self.dispatch_msg(reply)?;
                     }
                     match msg {
-                        Some(msg) => self.dispatch_msg(msg)?,
+                        Some(msg) => {
+                            self.dispatch_msg(msg)?;
+                            // towerctl patch: take what else is queued into
+                            // the same write (the client's loop does this
+                            // too); the drain at the top of the loop would
+                            // otherwise write it in a second system call.
+                            self.drain_queued(MAX_MESSAGES_PER_BATCH - 1)?;
+                        }
                         None => {
                             debug!("self.receiver: received None");
                         }
