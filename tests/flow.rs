@@ -313,7 +313,7 @@ fn bulk_throughput_through_a_port_forward() {
 fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
     // Every stream a member has open may have its window in flight towards
     // the hub, which buffers it while the stream's client does not read:
-    // 4 MiB per port-forward connection, so one operator's 1,024 stalled
+    // 8 MiB per port-forward connection, so one operator's 1,024 stalled
     // connections held gigabytes. Past a budget per member, the hub asks
     // the agent for 32 KiB windows. Here the budget is 1 byte, so every
     // stream gets 32 KiB.
@@ -351,7 +351,7 @@ fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
     std::thread::sleep(Duration::from_secs(3));
     let grown = rss().saturating_sub(before);
     eprintln!("hub RSS grew by {grown} KiB for 24 stalled streams");
-    // With 4 MiB windows the agent's data alone would be 96 MiB.
+    // With full (8 MiB) windows the agent's data alone would be 192 MiB.
     assert!(
         grown < 32 * 1024,
         "the hub grew by {grown} KiB for 24 stalled streams"

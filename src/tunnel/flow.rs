@@ -41,11 +41,15 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 /// Bytes a sender may have unacknowledged on one stream, and so the most a
-/// receiver buffers for it. Measured on a debug build through
-/// `towerctl port-forward` (docs/ARCHITECTURE.md): 2 MiB lost about 15% of
-/// bulk throughput against russh's plain channels, 4 MiB none, while a
-/// stalled stream costs at most this much at each end.
-pub const STREAM_WINDOW: u64 = 4 * 1024 * 1024;
+/// receiver buffers for it. The window also has to cover what sits in the
+/// tunnel's socket buffers, which TCP grows to several MiB under bulk: with
+/// 4 MiB a 1 GiB download through the hub-served port-forward left the
+/// 2-core machine ~23 % idle (the agent waiting for credit while its last
+/// window crossed the socket buffers), with 8 MiB 11 %, with 16 MiB 8–10 %
+/// (release build; 930–980 → 1,065–1,330 MB/s). A stalled stream costs at
+/// most this much at each end, and the members' window budgets bound the
+/// sum (`MEMBER_WINDOW_BUDGET`, the agent's `WINDOW_BUDGET`).
+pub const STREAM_WINDOW: u64 = 8 * 1024 * 1024;
 
 /// The window an agent gives itself for answers to API requests (status,
 /// headers and body of each response on the hub's HTTP/1.1 channels): what

@@ -269,8 +269,8 @@ pub(super) struct Upstream {
 /// together, and so what the agent buffers at most when the other end of
 /// its streams stops reading (a port-forward target that reads nothing,
 /// an upload the API server is slow to take), plus 32 KiB per stream past
-/// it. Each stream asks the hub for a window out of what is left: 128 full
-/// raw windows (4 MiB), more API ones (1 MiB), before new streams get
+/// it. Each stream asks the hub for a window out of what is left: 16 full
+/// raw windows (8 MiB), more API ones (1 MiB), before new streams get
 /// less. Without it, one operator's 1,024 port-forward connections to a
 /// target that never reads held 4 GiB of the agent, well past a pod's
 /// memory limit.

@@ -208,7 +208,7 @@ impl Drop for OpenChannel {
 /// clients stop reading (plus [`crate::tunnel::flow::MIN_WINDOW`] for each
 /// stream past it). Each stream asks the agent for a window out of what is
 /// left, between `MIN_WINDOW` and its full size (1 MiB for API answers,
-/// 4 MiB for raw streams): 128 full API windows, or 32 raw ones, before
+/// 8 MiB for raw streams): 128 full API windows, or 16 raw ones, before
 /// new streams get less. Without it, one operator's 1,024 streams whose
 /// reader never reads held 1–4 GiB of the hub.
 pub const MEMBER_WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
