@@ -16,6 +16,8 @@
 # SSH_CIPHER (default aes256-gcm@openssh.com), KEEP_WORKDIR=1.
 # Needs curl, wrk, sshd and ssh; loopback only; every loop is bounded.
 set -euo pipefail
+# shellcheck source=bench/sshd-config.sh
+source "$(dirname "$0")/sshd-config.sh"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${ROUNDS:-5}
@@ -61,6 +63,15 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+port_from() { # FILE PATTERN: the port a daemon prints on a line of PATTERN, within 10 s
+    local i port
+    for ((i = 0; i < 100; i++)); do
+        port=$(sed -n "s/^$2\$/\\1/p" "$1")
+        [[ -n $port ]] && echo "$port" && return 0
+        sleep 0.1
+    done
+    return 1
+}
 wait_http() { # URL SECONDS
     local i
     for ((i = 0; i < $2 * 10; i++)); do
@@ -73,12 +84,8 @@ wait_http() { # URL SECONDS
 
 "$UP" >"$W/up.out" 2>"$W/up.err" &
 PIDS+=($!)
-for ((i = 0; i < 50; i++)); do
-    UPPORT=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$W/up.out")
-    [[ -n $UPPORT ]] && break
-    sleep 0.1
-done
-[[ -n ${UPPORT:-} ]] || { echo "pairs.sh: bench_upstream did not start" >&2 && exit 1; }
+UPPORT=$(port_from "$W/up.out" 'listening on 127\.0\.0\.1:\([0-9]*\)') ||
+    { echo "pairs.sh: bench_upstream did not start" >&2 && exit 1; }
 cat >"$W/member.kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
@@ -103,12 +110,8 @@ J[1]=$BIN
 env "${J[@]}" --kubeconfig "$W/member.kubeconfig" --allow 127.0.0.0/8 >"$W/join.out" 2>&1
 TOWERCTL_FORWARD_VIA=hub "$BIN" port-forward bench svc/web :80 --address 127.0.0.1 >"$W/pf.out" 2>"$W/pf.err" &
 PIDS+=($!)
-for ((i = 0; i < 100; i++)); do
-    PFPORT=$(sed -n 's/^Forwarding from 127\.0\.0\.1:\([0-9]*\) -> 80$/\1/p' "$W/pf.out")
-    [[ -n $PFPORT ]] && break
-    sleep 0.1
-done
-[[ -n ${PFPORT:-} ]] || { echo "pairs.sh: port-forward did not start: $(cat "$W/pf.err")" >&2 && exit 1; }
+PFPORT=$(port_from "$W/pf.out" 'Forwarding from 127\.0\.0\.1:\([0-9]*\) -> 80') ||
+    { echo "pairs.sh: port-forward did not start: $(cat "$W/pf.err")" >&2 && exit 1; }
 
 # OpenSSH: a private sshd and two local forwards.
 if [[ $(id -u) == 0 && ! -d /run/sshd ]]; then mkdir -m 0755 /run/sshd && MADE_PRIVSEP=1; fi
@@ -116,23 +119,7 @@ ssh-keygen -q -t ed25519 -N '' -C pairs-host -f "$W/ssh/host"
 ssh-keygen -q -t ed25519 -N '' -C pairs-client -f "$W/ssh/client"
 cp "$W/ssh/client.pub" "$W/ssh/authorized_keys"
 SSHD_PORT=$(free_port)
-cat >"$W/ssh/sshd_config" <<EOF
-Port $SSHD_PORT
-ListenAddress 127.0.0.1
-HostKey $W/ssh/host
-PidFile none
-UsePAM no
-StrictModes no
-AuthorizedKeysFile $W/ssh/authorized_keys
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowTcpForwarding yes
-PermitTTY yes
-UseDNS no
-LogLevel ERROR
-EOF
+sshd_config "$SSHD_PORT" "$W/ssh/host" "$W/ssh/authorized_keys" >"$W/ssh/sshd_config"
 /usr/sbin/sshd -f "$W/ssh/sshd_config" -D -e >"$W/sshd.out" 2>"$W/sshd.log" &
 PIDS+=($!)
 sleep 0.5

@@ -49,6 +49,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/sshd-config.sh
+source "$HERE/sshd-config.sh"
 ROOT=$(cd "$HERE/.." && pwd)
 . "$ROOT/bench/lib.sh"
 
@@ -374,28 +376,7 @@ if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt; then
     ssh-keygen -q -t ed25519 -N '' -C bench-client -f "$W/ssh/client_ed25519"
     cp "$W/ssh/client_ed25519.pub" "$W/ssh/authorized_keys"
     SSHD_PORT=$(free_port)
-    cat >"$W/ssh/sshd_config" <<EOF
-Port $SSHD_PORT
-ListenAddress 127.0.0.1
-HostKey $W/ssh/host_ed25519
-PidFile none
-UsePAM no
-StrictModes no
-AuthorizedKeysFile $W/ssh/authorized_keys
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-AllowTcpForwarding yes
-GatewayPorts no
-X11Forwarding no
-PermitTTY yes
-PrintMotd no
-PrintLastLog no
-UseDNS no
-ClientAliveInterval 0
-LogLevel ERROR
-EOF
+    sshd_config "$SSHD_PORT" "$W/ssh/host_ed25519" "$W/ssh/authorized_keys" >"$W/ssh/sshd_config"
     start_bg "$W/sshd.out" "$W/sshd.log" "$SSHD" -f "$W/ssh/sshd_config" -D -e
     SSHD_PID=$BG_PID
     wait_port "$SSHD_PORT" 10 "$SSHD_PID" || die "sshd did not start: $(cat "$W/sshd.log")"
