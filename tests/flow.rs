@@ -216,6 +216,106 @@ fn a_stalled_reader_stops_only_its_own_stream() {
     assert_eq!(s["hub"]["clusters"][0]["reconnects"], 0, "{s}");
 }
 
+/// A TCP server that reads every connection to its end, checking the
+/// pattern, and reports how much each carried.
+fn checking_sink() -> (u16, std::sync::mpsc::Receiver<u64>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut at = 0u64;
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let from = (at % 251) as usize;
+                            if buf[..n] != pattern_buf()[from..from + n] {
+                                return;
+                            }
+                            at += n as u64;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = tx.send(at);
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn bulk_both_ways_on_many_streams_keeps_the_tunnel_moving() {
+    // Hub and agent each have up to a stream window per stream in flight
+    // towards the other. russh's session loops used to wait for each write
+    // to end before reading again: once both sent more than the socket
+    // buffers between them hold, neither read, so neither write ended, and
+    // every stream of the member stopped until the keepalives gave up (the
+    // stalled-reader test above caught it now and then once windows were
+    // 8 MiB). Four downloads and four uploads at once put up to 32 MiB in
+    // flight each way; all of it must arrive intact.
+    const EACH: u64 = 32 << 20;
+    const STREAMS: usize = 4;
+    let env = Env::new();
+    let api = ApiServer::start();
+    stream_service(&api);
+    let (sink, carried) = checking_sink();
+    api.add_service(
+        "default",
+        "sink",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "sink")],
+    );
+    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink)]);
+    env.up();
+    join_alpha(&env, &api, &["--keepalive", "1s"], &[]);
+    let down = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let down_port = forwarded_port(&down);
+    let up = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/sink", ":80"]));
+    let up_port = forwarded_port(&up);
+
+    let mut threads = Vec::new();
+    for _ in 0..STREAMS {
+        let mut w = TcpStream::connect(("127.0.0.1", up_port)).unwrap();
+        w.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        threads.push(std::thread::spawn(move || {
+            let buf = &pattern_buf()[..PERIODS];
+            let mut left = EACH;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                w.write_all(&buf[..n]).expect("an upload stopped");
+                left -= n as u64;
+            }
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        }));
+        let mut c = TcpStream::connect(("127.0.0.1", down_port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        threads.push(std::thread::spawn(move || {
+            let mut at = 0u64;
+            read_checked(&mut c, &mut at, EACH);
+        }));
+    }
+    for t in threads {
+        t.join()
+            .unwrap_or_else(|_| panic!("a stream stopped or came through wrong"));
+    }
+    for _ in 0..STREAMS {
+        let got = carried
+            .recv_timeout(Duration::from_secs(20))
+            .expect("an upload did not arrive whole");
+        assert_eq!(got, EACH);
+    }
+    let s = env.status();
+    assert_eq!(s["hub"]["clusters"][0]["reconnects"], 0, "{s}");
+}
+
 /// Bulk download throughput through `towerctl port-forward`, for comparing
 /// builds (docs/ARCHITECTURE.md quotes it). Opt-in: `TOWERCTL_FLOW_BENCH=1`;
 /// reads for `TOWERCTL_FLOW_BENCH_SECS` (default 8) seconds, three times.

@@ -512,3 +512,136 @@ mod log_tests {
         assert_eq!(super::escape_for_log("\u{1b}[31m", 64), "\\u{1b}[31m");
     }
 }
+
+/// The vendored russh's session loops against each other over a real TCP
+/// connection (`vendor/russh/PATCHES.md`, change nine).
+#[cfg(test)]
+mod session_loop_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use russh::keys::{Algorithm, PrivateKey};
+    use russh::{server, Channel, ChannelMsg};
+    use tokio::io::AsyncWriteExt;
+
+    /// What each side sends the other, on one channel.
+    const EACH: usize = 16 << 20;
+
+    /// Writes `EACH` bytes into the channel while reading `EACH` from it;
+    /// returns what it read.
+    async fn both_ways<S>(mut ch: Channel<S>) -> usize
+    where
+        S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    {
+        let mut w = ch.make_writer();
+        let writing = tokio::spawn(async move {
+            let chunk = vec![0x5au8; 64 * 1024];
+            for _ in 0..EACH / chunk.len() {
+                w.write_all(&chunk).await.unwrap();
+            }
+            w.flush().await.unwrap();
+            w
+        });
+        let mut got = 0;
+        while got < EACH {
+            match ch.wait().await {
+                Some(ChannelMsg::Data { data }) => got += data.len(),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        let _w = writing.await.unwrap();
+        got
+    }
+
+    struct Srv(tokio::sync::mpsc::UnboundedSender<usize>);
+
+    impl server::Handler for Srv {
+        type Error = russh::Error;
+
+        async fn auth_none(&mut self, _: &str) -> Result<server::Auth, Self::Error> {
+            Ok(server::Auth::Accept)
+        }
+
+        async fn channel_open_session(
+            &mut self,
+            channel: Channel<server::Msg>,
+            reply: server::ChannelOpenHandle,
+            _: &mut server::Session,
+        ) -> Result<(), Self::Error> {
+            reply.accept().await;
+            let done = self.0.clone();
+            tokio::spawn(async move {
+                let _ = done.send(both_ways(channel).await);
+            });
+            Ok(())
+        }
+    }
+
+    struct Cli;
+
+    impl russh::client::Handler for Cli {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _: &russh::keys::PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    /// A socket whose buffers hold 64 KiB (the kernel doubles what is set).
+    fn small_socket() -> tokio::net::TcpSocket {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_send_buffer_size(32 * 1024).unwrap();
+        s.set_recv_buffer_size(32 * 1024).unwrap();
+        s
+    }
+
+    #[tokio::test]
+    async fn both_sides_sending_more_than_the_socket_holds_keep_reading() {
+        // Each session loop used to wait for its whole write before reading
+        // again: with more in flight both ways than the socket buffers
+        // hold, both waited for ever (the keepalives cannot fire either).
+        let listener = small_socket();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let config = Arc::new(server::Config {
+            keys: vec![key],
+            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+            window_size: super::WINDOW_SIZE,
+            maximum_packet_size: super::MAX_PACKET,
+            ..Default::default()
+        });
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let session = server::run_stream(config, stream, Srv(done_tx)).await;
+            if let Ok(session) = session {
+                let _ = session.await;
+            }
+        });
+        let stream = small_socket().connect(addr).await.unwrap();
+        let config = Arc::new(russh::client::Config {
+            window_size: super::WINDOW_SIZE,
+            maximum_packet_size: super::MAX_PACKET,
+            ..Default::default()
+        });
+        let mut client = russh::client::connect_stream(config, stream, Cli)
+            .await
+            .unwrap();
+        assert!(client.authenticate_none("t").await.unwrap().success());
+        let ch = client.channel_open_session().await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            let at_client = both_ways(ch).await;
+            let at_server = done.recv().await.unwrap();
+            (at_client, at_server)
+        })
+        .await
+        .expect("the sessions stopped: both loops waited on their writes");
+        assert_eq!(ended, (EACH, EACH));
+    }
+}

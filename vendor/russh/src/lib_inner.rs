@@ -532,6 +532,51 @@ impl ChannelParams {
     }
 }
 
+/// towerctl patch: encrypted output left unwritten (the stream full) above
+/// which a session loop takes no more messages from its channels: they wait
+/// in their bounded queues, as they did while the loop waited for its
+/// writes. One batch may go past it (64 messages of at most a packet each).
+pub(crate) const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+
+/// towerctl patch: unwritten output above which a session loop stops
+/// reading the peer too. Reading yields little output of its own (window
+/// adjustments, replies), so only a peer that sends and never reads gets
+/// here; it is then held as before, and the keepalives end it.
+pub(crate) const OUTPUT_READ_LIMIT: usize = 16 * 1024 * 1024;
+
+/// towerctl patch: writes what the stream takes now, without waiting for
+/// the rest (a `select!` arm of the session loop writes it, while the loop
+/// goes on reading).
+pub(crate) async fn write_ready<W: AsyncWrite + Unpin>(
+    writer: &mut sshbuffer::PacketWriter,
+    stream: &mut W,
+) -> Result<(), Error> {
+    std::future::poll_fn(|cx| match writer.poll_write_out(cx, stream) {
+        std::task::Poll::Pending => std::task::Poll::Ready(Ok(())),
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(r),
+    })
+    .await?;
+    Ok(())
+}
+
+/// towerctl patch: the session loop's write arm: Ready once the stream took
+/// more of the output (or failed).
+pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
+    writer: &mut sshbuffer::PacketWriter,
+    stream: &mut W,
+) -> Result<(), Error> {
+    std::future::poll_fn(|cx| {
+        let before = writer.unwritten();
+        match writer.poll_write_out(cx, stream) {
+            std::task::Poll::Pending if writer.unwritten() == before => std::task::Poll::Pending,
+            std::task::Poll::Pending => std::task::Poll::Ready(Ok(())),
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(r),
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 pub(crate) async fn flush_or_timeout<W: AsyncWrite + Unpin>(
     writer: &mut sshbuffer::PacketWriter,
     stream: &mut W,

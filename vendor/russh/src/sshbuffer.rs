@@ -22,7 +22,7 @@ use log::debug;
 use ssh_encoding::Writer;
 use super::cipher::SealingKey;
 use compression::Compress;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 
 use super::*;
 
@@ -404,6 +404,12 @@ pub(crate) struct PacketWriter {
     compress: Compress,
     packet_buffer: Vec<u8>,
     write_buffer: SSHBuffer,
+    /// towerctl patch: the front of `write_buffer` already written to the
+    /// stream (the session loop writes what the stream takes and goes on
+    /// reading, see `poll_write_out`).
+    written: usize,
+    /// Bytes were written since the stream was last flushed.
+    unflushed: bool,
 }
 
 impl Debug for PacketWriter {
@@ -427,6 +433,8 @@ impl PacketWriter {
             compress,
             packet_buffer: Vec::new(),
             write_buffer: SSHBuffer::new(),
+            written: 0,
+            unflushed: false,
         }
     }
 
@@ -615,11 +623,63 @@ impl PacketWriter {
     }
 
     pub async fn flush_into<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
-        if !self.write_buffer.buffer.is_empty() {
-            w.write_all(&self.write_buffer.buffer).await?;
-            w.flush().await?;
-            self.write_buffer.buffer.clear();
+        std::future::poll_fn(|cx| self.poll_write_out(cx, w)).await
+    }
+
+    /// towerctl patch: encrypted output not yet written to the stream.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.write_buffer.buffer.len() - self.written
+    }
+
+    /// towerctl patch: whether `poll_write_out` has anything to do.
+    pub(crate) fn has_output(&self) -> bool {
+        self.unwritten() > 0 || self.unflushed
+    }
+
+    /// towerctl patch: writes what the stream takes of the encrypted
+    /// output, then flushes it; Ready once all of it is written and
+    /// flushed. What was written is accounted before returning, so the
+    /// future polling this can be dropped at any point (a `select!` arm):
+    /// the session loop keeps reading the peer while its own writes wait.
+    /// Waiting instead (as russh's loops did) deadlocks two sessions that
+    /// both write more than the socket buffers between them hold: neither
+    /// reads, so neither write ends.
+    pub(crate) fn poll_write_out<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        w: &mut W,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{ready, Poll};
+        while self.unwritten() > 0 {
+            #[allow(clippy::indexing_slicing)] // written <= len
+            let out = &self.write_buffer.buffer[self.written..];
+            let n = ready!(std::pin::Pin::new(&mut *w).poll_write(cx, out))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(n);
         }
-        Ok(())
+        if self.unflushed {
+            ready!(std::pin::Pin::new(&mut *w).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Accounts `n` more bytes as written; moves what is left to the front
+    /// once the written part is most of the buffer, so that a buffer the
+    /// stream never quite empties does not grow without end.
+    fn advance(&mut self, n: usize) {
+        const COMPACT_FROM: usize = 64 * 1024;
+        self.unflushed = true;
+        self.written += n;
+        let buffer = &mut self.write_buffer.buffer;
+        if self.written >= buffer.len() {
+            buffer.clear();
+            self.written = 0;
+        } else if self.written >= COMPACT_FROM && self.written * 2 >= buffer.len() {
+            buffer.drain(..self.written);
+            self.written = 0;
+        }
     }
 }

@@ -1438,10 +1438,21 @@ impl Session {
             // Keep reading the network for window adjustments, but leave
             // application output in its bounded receivers while a channel is
             // window-blocked.
-            let can_receive_outbound = !self.kex.active() && !self.common.has_any_pending_data();
+            // towerctl patch: and while the stream has not taken what was
+            // written before (see `crate::OUTPUT_HIGH_WATER`); the loop
+            // writes in a `select!` arm and goes on reading meanwhile
+            // (`PacketWriter::poll_write_out`).
+            let unwritten = self.common.packet_writer.unwritten();
+            let has_output = self.common.packet_writer.has_output();
+            let take_messages = unwritten < crate::OUTPUT_HIGH_WATER;
+            let can_receive_outbound =
+                !self.kex.active() && !self.common.has_any_pending_data() && take_messages;
             rekey.arm(rekey_timer.as_mut(), self.rekey_time_remaining());
             tokio::select! {
-                r = &mut reading => {
+                r = crate::write_some(&mut self.common.packet_writer, stream_write), if has_output => {
+                    r?;
+                }
+                r = &mut reading, if unwritten < crate::OUTPUT_READ_LIMIT => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
                         Err(e) => return Err(e.into())
@@ -1530,7 +1541,7 @@ impl Session {
                         }
                     }
                 }
-                msg = self.priority_receiver.recv(), if !self.kex.active() => {
+                msg = self.priority_receiver.recv(), if !self.kex.active() && take_messages => {
                     match msg {
                         Some(msg) => self.handle_msg(msg)?,
                         None => (),
@@ -1558,12 +1569,7 @@ impl Session {
             };
 
             self.flush()?;
-            crate::flush_or_timeout(
-                &mut self.common.packet_writer,
-                stream_write,
-                inactivity_timer.as_mut(),
-            )
-            .await?;
+            crate::write_ready(&mut self.common.packet_writer, stream_write).await?;
 
             if let Some(ref mut enc) = self.common.encrypted
                 && let EncryptedState::InitCompression = enc.state
@@ -1602,6 +1608,20 @@ impl Session {
             {
                 sleep.as_mut().reset(tokio::time::Instant::now() + d);
             }
+        }
+
+        // towerctl patch: what the loop left unwritten (a disconnect
+        // message, say) goes out before the stream is shut, within the
+        // inactivity timeout as before.
+        if self.common.packet_writer.has_output()
+            && let Err(e) = crate::flush_or_timeout(
+                &mut self.common.packet_writer,
+                stream_write,
+                inactivity_timer.as_mut(),
+            )
+            .await
+        {
+            debug!("the last output was not written: {e:?}");
         }
 
         result

@@ -724,16 +724,16 @@ impl Session {
             // Leave application messages in the bounded receiver once a peer's
             // channel window is exhausted. Network reads remain active so a
             // window adjustment can release the queued data.
-            if !self.kex.active() && !self.common.has_any_pending_data() {
+            // towerctl patch: and while the stream has not taken what was
+            // written before (see `crate::OUTPUT_HIGH_WATER`).
+            if !self.kex.active()
+                && !self.common.has_any_pending_data()
+                && self.common.packet_writer.unwritten() < crate::OUTPUT_HIGH_WATER
+            {
                 let drained = self.drain_queued(MAX_MESSAGES_PER_BATCH)?;
                 if drained > 0 {
                     self.flush()?;
-                    crate::flush_or_timeout(
-                        &mut self.common.packet_writer,
-                        &mut stream_write,
-                        inactivity_timer.as_mut(),
-                    )
-                    .await?;
+                    crate::write_ready(&mut self.common.packet_writer, &mut stream_write).await?;
                 }
                 // A drained Disconnect sets this; don't block in `select!` after.
                 if self.common.disconnected {
@@ -742,9 +742,17 @@ impl Session {
             }
 
             rekey.arm(rekey_timer.as_mut(), self.rekey_time_remaining());
+            // towerctl patch: the loop writes in a `select!` arm and goes on
+            // reading meanwhile (`PacketWriter::poll_write_out`).
+            let unwritten = self.common.packet_writer.unwritten();
+            let has_output = self.common.packet_writer.has_output();
+            let take_messages = unwritten < crate::OUTPUT_HIGH_WATER;
 
             tokio::select! {
-                r = &mut reading => {
+                r = crate::write_some(&mut self.common.packet_writer, &mut stream_write), if has_output => {
+                    r?;
+                }
+                r = &mut reading, if unwritten < crate::OUTPUT_READ_LIMIT => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
                         Err(e) => return Err(e.into())
@@ -816,7 +824,7 @@ impl Session {
                     debug!("timeout");
                     return Err(crate::Error::InactivityTimeout.into());
                 }
-                msg = self.priority_receiver.recv(), if !self.kex.active() => {
+                msg = self.priority_receiver.recv(), if !self.kex.active() && take_messages => {
                     match msg {
                         Some(msg) => self.dispatch_msg(msg)?,
                         None => {
@@ -824,7 +832,7 @@ impl Session {
                         }
                     }
                 }
-                msg = self.receiver.recv(), if !self.kex.active() && !self.common.has_any_pending_data() => {
+                msg = self.receiver.recv(), if !self.kex.active() && !self.common.has_any_pending_data() && take_messages => {
                     // Channel open replies must be dispatched before any
                     // channel traffic queued after them: `msg` may be data for
                     // a channel whose confirmation is still sitting in the
@@ -850,13 +858,7 @@ impl Session {
                 }
             }
             self.flush()?;
-
-            crate::flush_or_timeout(
-                &mut self.common.packet_writer,
-                &mut stream_write,
-                inactivity_timer.as_mut(),
-            )
-            .await?;
+            crate::write_ready(&mut self.common.packet_writer, &mut stream_write).await?;
 
             if self.common.received_data {
                 // Reset the number of failed keepalive attempts. We don't
@@ -894,6 +896,19 @@ impl Session {
         // stream is dropped, which closes it.
         let close_grace = tokio::time::sleep(CLOSE_GRACE);
         pin!(close_grace);
+        // towerctl patch: what the loop left unwritten (a disconnect
+        // message, say) goes first, within the same grace.
+        tokio::select! {
+            r = self.common.packet_writer.flush_into(&mut stream_write) => {
+                if let Err(e) = r {
+                    debug!("the last output was not written: {e}");
+                }
+            }
+            () = &mut close_grace => {
+                debug!("timeout sending the last output");
+                return Ok(());
+            }
+        }
         // Shutdown
         tokio::select! {
             r = stream_write.shutdown() => map_err!(r)?,
