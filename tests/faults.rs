@@ -520,6 +520,14 @@ fn a_slow_link_busy_with_a_download_stays_up() {
         "--request-timeout=90s",
     ]);
     let took = start.elapsed();
+    if !o.ok() {
+        eprintln!("HUB LOG {}", env.towerctl(&["logs", "hub"]).all());
+        eprintln!(
+            "AGENT LOG {}",
+            std::fs::read_to_string(env.dir.path().join("state/towerctl/agent-alpha.log"))
+                .unwrap_or_default()
+        );
+    }
     assert!(
         o.ok(),
         "the read over the slow link failed after {took:?}: {o:?}"

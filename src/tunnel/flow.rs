@@ -69,6 +69,13 @@ pub const API_WINDOW: u64 = 1024 * 1024;
 /// nothing next to the data.
 const CREDIT_STEP: u64 = API_WINDOW / 4;
 
+/// Credit for less than a step is returned once this long has passed since
+/// the last: a sender on a slow link hears from its peer at least this
+/// often while the peer reads (256 KiB at 1 Mbit/s is 2.1 s, longer than
+/// the agent's ping deadline with 1 s keepalives: its pings wait behind its
+/// own data, and the peer's credit is what shows the peer is there).
+const CREDIT_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What a sender may have unacknowledged on a stream before the
 /// receiver's window ([`FlowStream::advertise_window`]) reaches it: an
 /// agent's streams start with it ([`FlowStream::with_windows`]), and the
@@ -117,6 +124,8 @@ struct State {
     consumed: u64,
     /// `consumed` as last promised to the control task.
     credited: u64,
+    /// When credit was last promised (or the reader first consumed).
+    credited_at: Option<std::time::Instant>,
     sent: u64,
     /// What the peer has consumed of what we sent.
     peer_consumed: u64,
@@ -212,8 +221,16 @@ impl Shared {
     fn consumed(&self, mut st: MutexGuard<'_, State>, n: u64) {
         st.buffered -= n;
         st.consumed += n;
-        if st.consumed - st.credited >= st.credit_step {
+        let owed = st.consumed - st.credited;
+        let due = owed >= st.credit_step
+            || (owed > 0 && {
+                let now = std::time::Instant::now();
+                let at = *st.credited_at.get_or_insert(now);
+                now.duration_since(at) >= CREDIT_AFTER
+            });
+        if due {
             st.credited = st.consumed;
+            st.credited_at = Some(std::time::Instant::now());
             drop(st);
             self.control.notify_one();
         }
@@ -970,6 +987,37 @@ mod tests {
         assert!(got == sent, "bytes changed or reordered");
         let st = s.lock();
         assert!(st.buf.is_empty() && st.tail.is_empty() && st.buffered == 0);
+    }
+
+    #[test]
+    fn credit_for_less_than_a_step_goes_back_once_a_while_has_passed() {
+        let s = Shared {
+            state: Mutex::new(State {
+                credit_step: 1 << 20,
+                receive_limit: STREAM_WINDOW,
+                ..State::default()
+            }),
+            control: Notify::new(),
+        };
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out: Vec<u8> = Vec::new();
+        // 1,000 bytes arrive and are read.
+        let mut pass = || {
+            let data = Bytes::from(vec![1u8; 1000]);
+            assert!(on_message(&s, ChannelMsg::Data { data }));
+            let r = write_into(&s, &mut cx, Pin::new(&mut out));
+            assert!(matches!(r, Poll::Ready(Ok(1000))), "{r:?}");
+            s.lock().credited
+        };
+        // Far below a step, and soon after the reader started: no credit.
+        assert_eq!(pass(), 0);
+        assert_eq!(pass(), 0);
+        std::thread::sleep(CREDIT_AFTER + std::time::Duration::from_millis(50));
+        // A while later the next read returns all that is owed.
+        assert_eq!(pass(), 3000);
+        // And the while starts again.
+        assert_eq!(pass(), 3000);
     }
 
     #[test]

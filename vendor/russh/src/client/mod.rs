@@ -1451,6 +1451,14 @@ impl Session {
             tokio::select! {
                 r = crate::write_some(&mut self.common.packet_writer, stream_write), if has_output => {
                     r?;
+                    // The stream took more of a backlog it had no room
+                    // for: the peer reads, a sign of life as good as a
+                    // packet from it (a keepalive queued behind the
+                    // backlog cannot be answered sooner; counting it
+                    // unanswered cut a member busy on a slow uplink). A
+                    // peer that stopped reading takes nothing, and its
+                    // keepalives count as before.
+                    self.common.received_data = true;
                 }
                 r = &mut reading, if unwritten < crate::OUTPUT_READ_LIMIT => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
