@@ -4,7 +4,7 @@ use std::future::{Future, Pending};
 use std::pin::Pin;
 
 use futures::future::Either as EitherFuture;
-use log::{debug, warn};
+use log::warn;
 use parsing::ChannelOpenConfirmation;
 pub use russh_cryptovec::CryptoVec;
 use ssh_encoding::{Decode, Encode};
@@ -532,10 +532,15 @@ impl ChannelParams {
     }
 }
 
+/// towerctl patch: how long a session that ended waits to write what it
+/// left unwritten, to shut its stream, and (server) for the peer to close.
+pub(crate) const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// towerctl patch: encrypted output left unwritten (the stream full) above
 /// which a session loop takes no more messages from its channels: they wait
 /// in their bounded queues, as they did while the loop waited for its
-/// writes. One batch may go past it (64 messages of at most a packet each).
+/// writes. One batch may go past it (the server's: 64 messages of at most a
+/// packet each; the client's: up to one message past it).
 pub(crate) const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 
 /// towerctl patch: unwritten output above which a session loop stops
@@ -575,20 +580,6 @@ pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
     })
     .await?;
     Ok(())
-}
-
-pub(crate) async fn flush_or_timeout<W: AsyncWrite + Unpin>(
-    writer: &mut sshbuffer::PacketWriter,
-    stream: &mut W,
-    inactivity_timer: Pin<&mut impl Future<Output = ()>>,
-) -> Result<(), Error> {
-    tokio::select! {
-        r = writer.flush_into(stream) => Ok(r?),
-        _ = inactivity_timer => {
-            debug!("timeout while writing");
-            Err(Error::InactivityTimeout)
-        }
-    }
 }
 
 /// towerctl patch: a session's rekey timer, one `Sleep` for the whole

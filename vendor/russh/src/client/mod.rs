@@ -1291,6 +1291,12 @@ async fn start_reading<R: AsyncRead + Unpin>(
 }
 
 impl Session {
+    /// towerctl patch: output on its way to the stream: handled but not
+    /// yet encrypted, and encrypted but not yet written.
+    fn pending_output(&self) -> usize {
+        self.common.packet_writer.unwritten()
+            + self.common.encrypted.as_ref().map_or(0, |enc| enc.write.len())
+    }
     fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         let compressed = self
             .common
@@ -1363,7 +1369,11 @@ impl Session {
         self.receiver.close();
         self.priority_receiver.close();
         self.inbound_channel_receiver.close();
-        map_err!(stream_write.shutdown().await)?;
+        // towerctl patch: bounded as the last write is.
+        match tokio::time::timeout(crate::CLOSE_GRACE, stream_write.shutdown()).await {
+            Ok(r) => map_err!(r)?,
+            Err(_) => debug!("timeout shutting the stream"),
+        }
         match result {
             Ok(v) => {
                 handler
@@ -1478,6 +1488,12 @@ impl Session {
                         if pkt.buffer[0] == crate::msg::DISCONNECT {
                             debug!("received disconnect");
                             result = self.process_disconnect(&pkt).map_err(H::Error::from);
+                            // towerctl patch: straight to the end of the
+                            // loop, where a failed last write is only
+                            // logged: the peer that said goodbye may have
+                            // closed already, and its reason must not be
+                            // lost to a write error here.
+                            break;
                         } else {
                             self.common.received_data = true;
                             let kex_was_active = self.kex.active();
@@ -1541,7 +1557,12 @@ impl Session {
                     };
 
                     // eagerly take all outgoing messages so writes are batched
-                    while !self.kex.active() && !self.common.has_any_pending_data() {
+                    // (towerctl patch: up to `crate::OUTPUT_HIGH_WATER`,
+                    // counting what waits to be encrypted too).
+                    while !self.kex.active()
+                        && !self.common.has_any_pending_data()
+                        && self.pending_output() < crate::OUTPUT_HIGH_WATER
+                    {
                         self.drain_priority_msgs()?;
                         match self.receiver.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
@@ -1566,7 +1587,11 @@ impl Session {
                     }
 
                     // eagerly take all outgoing messages so writes are batched
-                    while !self.kex.active() && !self.common.has_any_pending_data() {
+                    // (towerctl patch: up to `crate::OUTPUT_HIGH_WATER`).
+                    while !self.kex.active()
+                        && !self.common.has_any_pending_data()
+                        && self.pending_output() < crate::OUTPUT_HIGH_WATER
+                    {
                         self.drain_priority_msgs()?;
                         match self.inbound_channel_receiver.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
@@ -1619,17 +1644,20 @@ impl Session {
         }
 
         // towerctl patch: what the loop left unwritten (a disconnect
-        // message, say) goes out before the stream is shut, within the
-        // inactivity timeout as before.
-        if self.common.packet_writer.has_output()
-            && let Err(e) = crate::flush_or_timeout(
-                &mut self.common.packet_writer,
-                stream_write,
-                inactivity_timer.as_mut(),
+        // message, say) goes out before the stream is shut, within
+        // `crate::CLOSE_GRACE` (the keepalives have stopped with the loop,
+        // and a peer that reads nothing would hold this for ever).
+        if self.common.packet_writer.has_output() {
+            match tokio::time::timeout(
+                crate::CLOSE_GRACE,
+                self.common.packet_writer.flush_into(stream_write),
             )
             .await
-        {
-            debug!("the last output was not written: {e:?}");
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!("the last output was not written: {e}"),
+                Err(_) => debug!("timeout sending the last output"),
+            }
         }
 
         result

@@ -16,9 +16,7 @@ use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
 use crate::{ChannelOpenFailure, map_err, msg};
 
-/// How long a session that said goodbye waits for the client to close
-/// (towerctl patch; see the end of `Session::run`).
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+use crate::CLOSE_GRACE;
 
 /// A connected server session. This type is unique to a client.
 #[derive(Debug)]
