@@ -274,6 +274,79 @@ fn kill_alphas_agent(env: &Env) -> (std::path::PathBuf, std::net::SocketAddr) {
     (env.path("config/towerctl/agents/alpha.key"), tunnel)
 }
 
+/// An agent's key holder that keeps sending requests wanting a reply and
+/// reads none of the replies. The hub's session loop goes on reading while
+/// its writes wait, and counts its backlog being taken as a sign of the
+/// peer's life (russh patch nine): neither may keep such a peer's session,
+/// or much of the hub's memory. Measured: 400,000 requests, the hub grew by
+/// ~5 MiB, the session ended ~4 s after the last request (1 s
+/// keepalives). (This flood does not fill the hub's backlog to the 4 MiB
+/// past which it stops reading a peer: 64 MiB there measured the same.)
+#[test]
+fn an_agent_that_reads_nothing_costs_the_hub_a_bounded_backlog_and_is_cut() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let (key, tunnel) = alpha_key_without_its_agent(&env, &api);
+    let hub = env.pid_of("hub").unwrap();
+    let rss = || support::status_kib(hub, "VmRSS").unwrap();
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sent, grown, cut_after) = rt.block_on(async {
+        let h = sshflood::login_with_key_deaf(tunnel, "alpha", &key, 32 * 1024, Some(deaf.clone()))
+            .await
+            .expect("the agent's key logs in");
+        let sessions_before = log().matches("agent disconnected").count();
+        let before = rss();
+        deaf.store(true, std::sync::atomic::Ordering::Relaxed);
+        let start = Instant::now();
+        let (mut sent, mut peak) = (0u64, before);
+        // Bounded: 400,000 requests or 30 s, or until the hub stops
+        // taking them (a send waiting 2 s).
+        while sent < 400_000 && start.elapsed() < Duration::from_secs(30) {
+            match tokio::time::timeout(Duration::from_secs(2), h.send_keepalive(true)).await {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
+            if sent % 5_000 == 0 {
+                peak = peak.max(rss());
+            }
+        }
+        // The hub's keepalives (1 s) end the session within a few
+        // intervals of it no longer reading.
+        let stopped = Instant::now();
+        let mut cut_after = None;
+        while stopped.elapsed() < Duration::from_secs(15) {
+            peak = peak.max(rss());
+            if log().matches("agent disconnected").count() > sessions_before {
+                cut_after = Some(stopped.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (sent, peak.saturating_sub(before), cut_after)
+    });
+    drop(rt);
+    eprintln!("{sent} requests; hub RSS grew by {grown} KiB; cut after {cut_after:?}");
+    assert!(
+        sent > 10_000,
+        "the hub stopped taking requests after {sent}"
+    );
+    assert!(
+        grown < 12 * 1024,
+        "a peer that reads nothing grew the hub by {grown} KiB"
+    );
+    assert!(
+        cut_after.is_some(),
+        "the session of a peer that reads nothing was not ended: {}",
+        log()
+    );
+}
+
 /// An agent's key holder opening thousands of channels the hub refuses
 /// (names of kilobytes each) used to get one warning line each: the hub's
 /// whole log (four files of 10 MiB) rotated away in seconds, taking the

@@ -20,6 +20,9 @@ use tokio_tungstenite::WebSocketStream;
 struct WsIo<S> {
     ws: WebSocketStream<S>,
     read_buf: Bytes,
+    /// Once set, nothing more is read from the socket (a peer that stops
+    /// reading and goes on writing).
+    deaf: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn to_io(e: tokio_tungstenite::tungstenite::Error) -> io::Error {
@@ -34,6 +37,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let _ = Pin::new(&mut this.ws).poll_flush(cx);
+        if let Some(deaf) = &this.deaf {
+            if deaf.load(std::sync::atomic::Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+        }
         loop {
             if !this.read_buf.is_empty() {
                 let n = this.read_buf.len().min(buf.remaining());
@@ -154,13 +162,26 @@ pub async fn login_with_key(
     key_file: &std::path::Path,
     max_packet: u32,
 ) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
+    login_with_key_deaf(hub, user, key_file, max_packet, None).await
+}
+
+/// [`login_with_key`], reading nothing more from the hub once `deaf` is
+/// set.
+#[allow(dead_code)]
+pub async fn login_with_key_deaf(
+    hub: SocketAddr,
+    user: &str,
+    key_file: &std::path::Path,
+    max_packet: u32,
+    deaf: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
     let key = russh::keys::load_secret_key(key_file, None).map_err(|e| e.to_string())?;
     let url = format!("ws://{hub}/tunnel");
     let cfg = russh::client::Config {
         maximum_packet_size: max_packet,
         ..Default::default()
     };
-    let mut h = connect_with(hub, [127, 0, 0, 1].into(), &url, None, cfg).await?;
+    let mut h = connect_with(hub, [127, 0, 0, 1].into(), &url, None, cfg, deaf).await?;
     let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
     let r = h
         .authenticate_publickey(user, key)
@@ -190,7 +211,7 @@ async fn connect(
     url: &str,
     ca: Option<&std::path::Path>,
 ) -> Result<russh::client::Handle<AnyHost>, String> {
-    connect_with(addr, from, url, ca, russh::client::Config::default()).await
+    connect_with(addr, from, url, ca, russh::client::Config::default(), None).await
 }
 
 /// [`connect`] with the SSH client configuration `cfg`.
@@ -200,6 +221,7 @@ async fn connect_with(
     url: &str,
     ca: Option<&std::path::Path>,
     cfg: russh::client::Config,
+    deaf: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<russh::client::Handle<AnyHost>, String> {
     {
         let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -229,6 +251,7 @@ async fn connect_with(
             WsIo {
                 ws,
                 read_buf: Bytes::new(),
+                deaf,
             },
             AnyHost,
         )

@@ -544,10 +544,14 @@ pub(crate) const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_se
 pub(crate) const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 
 /// towerctl patch: unwritten output above which a session loop stops
-/// reading the peer too. Reading yields little output of its own (window
-/// adjustments, replies), so only a peer that sends and never reads gets
-/// here; it is then held as before, and the keepalives end it.
-pub(crate) const OUTPUT_READ_LIMIT: usize = 16 * 1024 * 1024;
+/// reading the peer too. The loop's own messages stop at
+/// [`OUTPUT_HIGH_WATER`] plus a batch (3 MiB at most), and reading yields
+/// little output of its own (window adjustments, replies), so only a peer
+/// that sends requests and never reads gets here; it is then held as
+/// before (the keepalives end it), having cost at most this much. Kept
+/// near what one batch could hold before (2 MiB): each member's key
+/// holder may be that peer.
+pub(crate) const OUTPUT_READ_LIMIT: usize = 4 * 1024 * 1024;
 
 /// towerctl patch: writes what the stream takes now, without waiting for
 /// the rest (a `select!` arm of the session loop writes it, while the loop
