@@ -331,7 +331,12 @@ fn an_agent_that_reads_nothing_costs_the_hub_a_bounded_backlog_and_is_cut() {
         (sent, peak.saturating_sub(before), cut_after)
     });
     drop(rt);
-    eprintln!("{sent} requests; hub RSS grew by {grown} KiB; cut after {cut_after:?}");
+    let ended = log()
+        .lines()
+        .rfind(|l| l.contains("agent disconnected"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    eprintln!("{sent} requests; hub RSS grew by {grown} KiB; cut after {cut_after:?}: {ended}");
     assert!(
         sent > 10_000,
         "the hub stopped taking requests after {sent}"
