@@ -521,12 +521,10 @@ fn a_slow_link_busy_with_a_download_stays_up() {
     ]);
     let took = start.elapsed();
     if !o.ok() {
-        eprintln!("HUB LOG {}", env.towerctl(&["logs", "hub"]).all());
-        eprintln!(
-            "AGENT LOG {}",
-            std::fs::read_to_string(env.dir.path().join("state/towerctl/agent-alpha.log"))
-                .unwrap_or_default()
-        );
+        for log in ["hub.log", "agent-alpha.log"] {
+            let text = std::fs::read_to_string(env.path(&format!("state/towerctl/{log}")));
+            eprintln!("{log}:\n{}", text.unwrap_or_default());
+        }
     }
     assert!(
         o.ok(),

@@ -55,6 +55,18 @@ fn stream_service(api: &ApiServer) {
     api.set_endpoints("default", "stream", &[("127.0.0.1", "data", upstream)]);
 }
 
+/// Service `default/sink` in the stand-in, its endpoint a local server on
+/// `port` (the upload tests' sinks).
+fn sink_service(api: &ApiServer, port: u16) {
+    api.add_service(
+        "default",
+        "sink",
+        &[("data", 80, TargetPort::Name("data"))],
+        &[("app", "sink")],
+    );
+    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", port)]);
+}
+
 /// Registers member `alpha` and joins it to the stand-in, with `extra`
 /// flags and `vars` in the agent's environment.
 fn join_alpha(env: &Env, api: &ApiServer, extra: &[&str], vars: &[(&str, &str)]) {
@@ -148,13 +160,7 @@ fn a_stalled_reader_stops_only_its_own_stream() {
     let api = ApiServer::start();
     stream_service(&api);
     let (sink, release, verified) = stalling_sink();
-    api.add_service(
-        "default",
-        "sink",
-        &[("data", 80, TargetPort::Name("data"))],
-        &[("app", "sink")],
-    );
-    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink)]);
+    sink_service(&api, sink);
     env.up();
     join_alpha(&env, &api, &["--keepalive", "1s"], &[]);
     let o = env.towerctl(&["use", "alpha"]);
@@ -267,13 +273,7 @@ fn bulk_both_ways_on_many_streams_keeps_the_tunnel_moving() {
     let api = ApiServer::start();
     stream_service(&api);
     let (sink, carried) = checking_sink();
-    api.add_service(
-        "default",
-        "sink",
-        &[("data", 80, TargetPort::Name("data"))],
-        &[("app", "sink")],
-    );
-    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink)]);
+    sink_service(&api, sink);
     env.up();
     join_alpha(&env, &api, &["--keepalive", "1s"], &[]);
     let down = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
@@ -380,13 +380,7 @@ fn bulk_throughput_through_a_port_forward() {
             });
         }
     });
-    api.add_service(
-        "default",
-        "sink",
-        &[("data", 80, TargetPort::Name("data"))],
-        &[("app", "sink")],
-    );
-    api.set_endpoints("default", "sink", &[("127.0.0.1", "data", sink_port)]);
+    sink_service(&api, sink_port);
     let up = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/sink", ":80"]));
     let up_port = forwarded_port(&up);
     let mut up_rates = Vec::new();

@@ -840,6 +840,19 @@ impl Drop for FlowStream {
 mod tests {
     use super::*;
 
+    /// A stream's shared state as a receiver with a full receive limit,
+    /// returning credit every `credit_step` bytes.
+    fn receiving(credit_step: u64) -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                credit_step,
+                receive_limit: STREAM_WINDOW,
+                ..State::default()
+            }),
+            control: Notify::new(),
+        }
+    }
+
     #[test]
     fn windows_come_out_of_the_budget_and_go_back() {
         let b = WindowBudget::new(3 * API_WINDOW);
@@ -934,14 +947,7 @@ mod tests {
     }
     #[test]
     fn tiny_chunks_for_a_stalled_reader_are_gathered_and_come_out_in_order() {
-        let s = Shared {
-            state: Mutex::new(State {
-                credit_step: 1 << 20,
-                receive_limit: STREAM_WINDOW,
-                ..State::default()
-            }),
-            control: Notify::new(),
-        };
+        let s = receiving(1 << 20);
         // 100,000 one-byte chunks with big ones in between, none read.
         let mut sent = Vec::new();
         for i in 0..100_000u32 {
@@ -991,14 +997,7 @@ mod tests {
 
     #[test]
     fn credit_for_less_than_a_step_goes_back_once_a_while_has_passed() {
-        let s = Shared {
-            state: Mutex::new(State {
-                credit_step: 1 << 20,
-                receive_limit: STREAM_WINDOW,
-                ..State::default()
-            }),
-            control: Notify::new(),
-        };
+        let s = receiving(1 << 20);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut out: Vec<u8> = Vec::new();
@@ -1022,14 +1021,7 @@ mod tests {
 
     #[test]
     fn what_is_written_into_a_writer_comes_out_whole_in_order_and_is_credited() {
-        let s = Shared {
-            state: Mutex::new(State {
-                credit_step: 1000,
-                receive_limit: STREAM_WINDOW,
-                ..State::default()
-            }),
-            control: Notify::new(),
-        };
+        let s = receiving(1000);
         let sent: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
         for chunk in sent.chunks(700) {
             assert!(on_message(
