@@ -1035,6 +1035,19 @@ impl Blackhole {
         let last = self.next.load(Ordering::SeqCst) - 1;
         self.cutoff.store(last, Ordering::SeqCst);
     }
+
+    /// Every connection, open now or later, carries nothing (a partition
+    /// between the hub and etcd), until [`Blackhole::thaw`].
+    fn freeze_all(&self) {
+        self.cutoff
+            .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections made from now on are relayed again (those made before
+    /// stay dead, as after a partition).
+    fn thaw(&self) {
+        self.freeze();
+    }
 }
 
 /// Two hubs on one etcd, the second through a [`Blackhole`] relay that can
@@ -1076,6 +1089,121 @@ fn a_registry_watch_that_dies_silently_is_replaced() {
     wait_for("bob refused on hub b", Duration::from_secs(45), || {
         (support::gateway_get(&b, &bob, "/towerctl/v1/whoami").0 == "401").then_some(())
     });
+}
+
+/// A hub cut off from etcd (here by a relay that carries nothing more,
+/// as in a partition) can no longer learn of changes made on other hubs.
+/// Once its copy of the registry has gone unconfirmed for longer than
+/// `--store-max-stale`, it refuses operators (503, naming etcd and the
+/// flag) and cuts their open streams; its local admin still gets in. An
+/// operator removed on another hub meanwhile is not served there; once
+/// etcd is back it is refused as removed. It used to be served for as
+/// long as the partition lasted.
+#[test]
+fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
+    let etcd = Etcd::start();
+    let relay = Blackhole::start(etcd.client.clone());
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let store = format!("http://127.0.0.1:{}", relay.port);
+    let o = up_on_store(&b, &store, &["--store-max-stale", "3s"]);
+    assert!(o.ok(), "{o:?}");
+    let api = ApiServer::start();
+    join(&b, &b, "alpha", &api);
+    let o = a.towerctl(&["operator", "add", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    let bob = support::printed_command(&o.stdout, "login")[3]
+        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
+        .to_string();
+    let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let admin = std::fs::read_to_string(b.path("data/towerctl/admin.token")).unwrap();
+    let admin = admin.trim();
+    let get = |token: &str, path: &str| support::gateway_get(&b, token, path);
+    wait_for(
+        "bob reaches alpha through hub b",
+        Duration::from_secs(15),
+        || (get(&bob, "/clusters/alpha/version").0 == "200").then_some(()),
+    );
+    // With etcd reachable a quiet registry stays confirmed (its watch is
+    // opened again every second): past the limit, bob is still served.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(get(&bob, "/clusters/alpha/version").0, "200");
+
+    let gw = b.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut watch = support::Streaming::start({
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-N", "--cacert"])
+            .arg(b.path("data/towerctl/ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {bob}")])
+            .arg(format!(
+                "{gw}/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true"
+            ));
+        c
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!watch.has_exited(), "bob's watch: {}", watch.output());
+
+    relay.freeze_all();
+    let frozen = Instant::now();
+    wait_for(
+        "bob's watch through hub b to be cut",
+        Duration::from_secs(20),
+        || watch.has_exited().then_some(()),
+    );
+    eprintln!("bob's watch cut {:?} after the partition", frozen.elapsed());
+    let (code, body) = get(&bob, "/clusters/alpha/version");
+    assert_eq!(code, "503", "{body}");
+    assert!(
+        body.contains("etcd") && body.contains("--store-max-stale"),
+        "the refusal names etcd and the flag: {body}"
+    );
+    assert_eq!(
+        get(admin, "/towerctl/v1/whoami").0,
+        "200",
+        "the local admin"
+    );
+    let s = b.status();
+    let why = s["hub"]["refusingOperators"].as_str().unwrap_or_default();
+    assert!(why.contains("etcd"), "status says why: {s}");
+    assert!(
+        b.towerctl(&["status"])
+            .stdout
+            .contains("REFUSING OPERATORS"),
+        "the human status too"
+    );
+    // Removed on hub a meanwhile: never served by hub b.
+    let o = a.towerctl(&["operator", "rm", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(
+        support::gateway_get(&a, &bob, "/towerctl/v1/whoami").0,
+        "401"
+    );
+    assert_eq!(get(&bob, "/towerctl/v1/whoami").0, "503");
+
+    relay.thaw();
+    wait_for(
+        "hub b to refuse bob as removed",
+        Duration::from_secs(30),
+        || (get(&bob, "/towerctl/v1/whoami").0 == "401").then_some(()),
+    );
+    assert_eq!(get(admin, "/clusters/alpha/version").0, "200");
+    assert!(b.status()["hub"]["refusingOperators"].is_null());
+    let log = || std::fs::read_to_string(b.path("state/towerctl/hub.log")).unwrap_or_default();
+    // Said at the next check, within a second.
+    wait_for(
+        "hub b's log to say it serves again",
+        Duration::from_secs(10),
+        || log().contains("confirmed current again").then_some(()),
+    );
+    assert!(
+        log().contains("refusing operators' requests"),
+        "hub b's log says when it refused: {}",
+        log()
+    );
 }
 
 /// Access rules changed on two hubs keep both changes, even when one hub's

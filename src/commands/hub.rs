@@ -137,6 +137,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         store: a.store.clone(),
         trusted_proxies,
         store_prefix: a.store_prefix,
+        store_max_stale: a.store_max_stale.0,
     };
     hub::run(cfg, cancel, |s| {
         crate::daemon::notify::notify(&format!(

@@ -252,6 +252,14 @@ pub struct HubArgs {
     /// Key prefix in etcd, to share one etcd between several hub groups.
     #[arg(long, default_value = "/towerctl/", value_name = "PREFIX")]
     pub store_prefix: String,
+    /// With etcd: once this hub's copy of the registry has gone this long
+    /// without being confirmed current (etcd unreachable from it),
+    /// operators other than the local admin are refused (503) and their
+    /// streams cut, so that a removal or a narrowed rule made on another
+    /// hub cannot go unheeded here; '0' serves from the copy for as long
+    /// as etcd is away.
+    #[arg(long, default_value = "60s", value_parser = parse_max_stale, value_name = "DURATION")]
+    pub store_max_stale: MaxStale,
     /// CA bundle (PEM) that issued etcd's serving certificate (https://
     /// endpoints; default: the system store).
     #[arg(long, value_name = "FILE", requires = "store")]
@@ -322,6 +330,12 @@ impl HubArgs {
         let mut args = vec![
             format!("--store={st}"),
             format!("--store-prefix={}", self.store_prefix),
+            format!(
+                "--store-max-stale={}",
+                self.store_max_stale
+                    .0
+                    .map_or("0".to_string(), |d| format!("{}ms", d.as_millis()))
+            ),
         ];
         let tls = self.store_tls();
         for (flag, p) in [
@@ -692,6 +706,26 @@ pub struct StatusArgs {
 }
 
 /// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
+/// `--store-max-stale`: a duration, or none (`0`).
+#[derive(Clone, Copy, Debug)]
+pub struct MaxStale(pub Option<std::time::Duration>);
+
+/// `--store-max-stale`: a duration of a second or more, or `0` for none.
+fn parse_max_stale(s: &str) -> Result<MaxStale, String> {
+    if s.trim() == "0" {
+        return Ok(MaxStale(None));
+    }
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "'{s}' is too short: a hub confirms its copy of the registry about once a \
+             second at best; use 1s or more, or 0 to serve from the copy for as long as \
+             etcd is away"
+        ));
+    }
+    Ok(MaxStale(Some(d)))
+}
+
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -885,6 +919,18 @@ mod tests {
     }
 
     #[test]
+    fn max_stale_is_a_second_or_more_or_none() {
+        assert_eq!(parse_max_stale("0").unwrap().0, None);
+        assert_eq!(
+            parse_max_stale("90s").unwrap().0,
+            Some(Duration::from_secs(90))
+        );
+        let e = parse_max_stale("500ms").unwrap_err();
+        assert!(e.contains("1s or more") && e.contains("0 to serve"), "{e}");
+        assert!(parse_max_stale("soon").is_err());
+    }
+
+    #[test]
     fn store_tls_flags_reach_the_daemon_as_absolute_paths() {
         use clap::Parser;
         let cli = Cli::try_parse_from([
@@ -909,6 +955,7 @@ mod tests {
             vec![
                 "--store=https://10.0.0.5:2379".to_string(),
                 "--store-prefix=/towerctl/".to_string(),
+                "--store-max-stale=60000ms".to_string(),
                 format!("--store-ca={}", cwd.join("etcd-ca.pem").display()),
                 "--store-cert=/etc/hub.pem".to_string(),
                 format!("--store-key={}", cwd.join("hub-key.pem").display()),

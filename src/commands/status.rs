@@ -107,16 +107,23 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
         let v = json!({
             "apiVersion": "towerctl/v1",
             "kind": "Status",
-            "hub": hub.as_ref().map(|h| json!({
-                "pid": h.pid,
-                "version": h.version,
-                "tunnelAddress": h.tunnel_addr,
-                "gatewayAddress": h.gateway_addr,
-                "tunnelURL": h.tunnel_url,
-                "gatewayURL": h.gateway_url,
-                "hubKey": h.hub_key,
-                "clusters": h.clusters.iter().map(cluster_out).collect::<Vec<_>>(),
-            })),
+            "hub": hub.as_ref().map(|h| {
+                let mut v = json!({
+                    "pid": h.pid,
+                    "version": h.version,
+                    "tunnelAddress": h.tunnel_addr,
+                    "gatewayAddress": h.gateway_addr,
+                    "tunnelURL": h.tunnel_url,
+                    "gatewayURL": h.gateway_url,
+                    "hubKey": h.hub_key,
+                    "clusters": h.clusters.iter().map(cluster_out).collect::<Vec<_>>(),
+                });
+                // Additive to towerctl/v1: only while it holds.
+                if let Some(why) = &h.refusing_operators {
+                    v["refusingOperators"] = json!(why);
+                }
+                v
+            }),
             "agents": agents.iter().map(|(name, s)| match s {
                 Probe::Up(s) => agent_out(s),
                 Probe::NotResponding => json!({"name": name, "state": "not_responding"}),
@@ -143,6 +150,9 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                     "HUB  running (pid {})  tunnel {}  gateway {}  key {}",
                     h.pid, h.tunnel_addr, h.gateway_addr, h.hub_key
                 );
+                if let Some(why) = &h.refusing_operators {
+                    println!("  REFUSING OPERATORS: {why}");
+                }
                 if h.clusters.is_empty() {
                     println!("  no members yet: 'towerctl cluster add NAME'");
                 } else {

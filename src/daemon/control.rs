@@ -202,6 +202,10 @@ pub struct HubStatus {
     #[serde(default)]
     pub metrics_addr: Option<String>,
     pub clusters: Vec<ClusterStatus>,
+    /// Why operators other than the local admin are refused now (a shared
+    /// registry this hub cannot confirm as current: `--store-max-stale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusing_operators: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

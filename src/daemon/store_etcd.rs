@@ -48,6 +48,10 @@ pub struct EtcdStore {
     pub prefix: String,
     cache: RwLock<Cache>,
     changes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Change>>>,
+    /// When the cache was last known to be current: the whole prefix
+    /// listed, or a message on a registry watch (its opening included:
+    /// etcd replays what came since the revision it is opened from).
+    confirmed: Mutex<std::time::Instant>,
 }
 
 fn err(e: etcd::EtcdError) -> StoreError {
@@ -68,10 +72,14 @@ fn change_of(rel: &str) -> Option<Change> {
 
 impl EtcdStore {
     /// Connects, loads the whole prefix and starts the watch thread.
+    /// A watch that brings nothing for `silence` is opened again from its
+    /// last revision, which also confirms the cache as current (see
+    /// [`Store::unconfirmed_for`]).
     pub fn open(
         spec: &str,
         prefix: &str,
         tls: &etcd::StoreTls,
+        silence: Duration,
     ) -> Result<Arc<EtcdStore>, StoreError> {
         let etcd = Arc::new(Etcd::new(spec, tls).map_err(StoreError::Io)?);
         let mut prefix = prefix.to_string();
@@ -89,14 +97,20 @@ impl EtcdStore {
             prefix,
             cache: RwLock::new(Cache::default()),
             changes: Mutex::new(None),
+            confirmed: Mutex::new(std::time::Instant::now()),
         });
         s.replace_all(kvs);
         let weak = Arc::downgrade(&s);
         std::thread::Builder::new()
             .name("etcd-watch".into())
-            .spawn(move || watch_loop(weak, rev))
+            .spawn(move || watch_loop(weak, rev, silence))
             .map_err(|e| StoreError::Io(e.to_string()))?;
         Ok(s)
+    }
+
+    /// The cache is current as of now.
+    fn confirm(&self) {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
     }
 
     /// Where changes are reported (one receiver).
@@ -282,7 +296,7 @@ impl EtcdStore {
 
 /// Keeps the cache current: watch from `rev + 1`; after a break, list the
 /// whole prefix again (reporting what changed meanwhile) and watch anew.
-fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
+fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration) {
     let mut resync = false;
     // Bounded by the store's life: the loop ends once the hub drops it.
     while let Some(s) = store.upgrade() {
@@ -291,6 +305,7 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
                 Ok((r, kvs)) => {
                     rev = r;
                     s.replace_all(kvs);
+                    s.confirm();
                     tracing::info!("registry watch resumed at revision {rev}");
                 }
                 Err(e) => {
@@ -304,10 +319,11 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
         let (etcd, prefix) = (s.etcd.clone(), s.prefix.clone());
         let weak = Arc::downgrade(&s);
         drop(s);
-        let r = etcd.watch(&prefix, rev + 1, WATCH_SILENCE, |at, events| {
+        let r = etcd.watch(&prefix, rev + 1, silence, |at, events| {
             let Some(s) = weak.upgrade() else {
                 return false;
             };
+            s.confirm();
             for e in events {
                 s.apply(e);
             }
@@ -319,7 +335,9 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
             // watch again from the last revision seen (etcd replays what
             // came since), no listing needed.
             Err(etcd::WatchError::Silent) => {
-                tracing::debug!("registry watch quiet for {WATCH_SILENCE:?}; watching again from revision {rev}");
+                tracing::debug!(
+                    "registry watch quiet for {silence:?}; watching again from revision {rev}"
+                );
                 resync = false;
                 continue;
             }
@@ -333,18 +351,29 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64) {
     }
 }
 
-/// A registry watch that brings nothing for this long is opened again
-/// from its last revision: a watch connection dropped without a FIN or RST
-/// (a NAT or load balancer's idle timeout, a firewall change) otherwise
-/// left this hub deaf to every later change, revocations included, while
-/// its other etcd calls, each on a new connection, went on working.
-/// Changes reach a hub within this bound even then.
-const WATCH_SILENCE: Duration = Duration::from_secs(20);
+/// A registry watch that brings nothing for this long (at most; less when
+/// `--store-max-stale` is under six times it) is opened again from its
+/// last revision: a watch connection dropped without a FIN or RST (a NAT
+/// or load balancer's idle timeout, a firewall change) otherwise left this
+/// hub deaf to every later change, revocations included, while its other
+/// etcd calls, each on a new connection, went on working. Changes reach a
+/// hub within this bound even then, and each opening confirms the cache.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(20);
 
 const MEMBERS: &str = "members/";
 const OPERATORS: &str = "operators/";
 
 impl Store for EtcdStore {
+    fn unconfirmed_for(&self) -> Option<Duration> {
+        // A poisoned lock still holds the last time set: never "current".
+        Some(
+            self.confirmed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed(),
+        )
+    }
+
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
         let rel = format!("{MEMBERS}{name}");
         self.cached(&rel)

@@ -34,6 +34,7 @@ fn hub(clusters: Vec<ClusterStatus>) -> HubStatus {
         admin_token_file: "/nonexistent/admin.token".into(),
         metrics_addr: None,
         clusters,
+        refusing_operators: None,
     }
 }
 

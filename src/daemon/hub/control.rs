@@ -23,6 +23,7 @@ pub(super) fn handle(
         Request::Status | Request::Watch { .. } => {
             let mut s = base.clone();
             s.clusters = hub.cluster_statuses();
+            s.refusing_operators = hub.stale_refusal();
             Response::ok(s)
         }
         Request::ClusterAdd {

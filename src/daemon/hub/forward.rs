@@ -190,6 +190,15 @@ struct Dest {
     port: u16,
 }
 
+/// Operators but the local admin are refused while the hub cannot
+/// confirm its copy of a shared registry ([`Hub::stale_refusal`]).
+fn refuse_if_stale(hub: &Hub, operator: &Operator) -> Result<(), String> {
+    match hub.stale_refusal() {
+        Some(why) if operator.name != super::LOCAL_ADMIN => Err(why),
+        _ => Ok(()),
+    }
+}
+
 /// The operator of `token` and where `authority` leads, if the operator may
 /// reach that member at all; otherwise why not (a member it may not reach
 /// answers like an unknown one).
@@ -198,6 +207,7 @@ fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Arc<Operator>, 
     let operator = hub
         .operator_memo(&known, token.expose())
         .ok_or_else(|| UNKNOWN_TOKEN.to_string())?;
+    refuse_if_stale(hub, &operator)?;
     let parsed: http::uri::Authority = authority.parse().map_err(|_| {
         format!(
             "cannot read '{}' as HOST:PORT",
@@ -244,6 +254,7 @@ async fn carry(
             "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
                 .to_string()
         })?;
+    refuse_if_stale(hub, &operator)?;
     match open_raw(
         hub,
         &operator,

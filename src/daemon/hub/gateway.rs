@@ -616,6 +616,13 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     };
     conn.authenticated();
     if operator.name != super::LOCAL_ADMIN {
+        if let Some(msg) = hub.stale_refusal() {
+            let mut resp =
+                status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return resp;
+        }
         if let Err(msg) = hub.auditor.admit_request(&operator.name) {
             let mut resp = status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);
             resp.headers_mut()

@@ -72,6 +72,10 @@ pub struct HubConfig {
     pub store_prefix: String,
     /// TLS to etcd (`https://` endpoints).
     pub store_tls: super::etcd::StoreTls,
+    /// With etcd: how long this hub serves operators from a copy of the
+    /// registry it cannot confirm as current (`--store-max-stale`; `None`:
+    /// for as long as etcd is away).
+    pub store_max_stale: Option<Duration>,
     /// Ingresses and load balancers whose PROXY protocol header or
     /// `X-Forwarded-For` names the client (`--trusted-proxy`).
     pub trusted_proxies: super::proxied::TrustedProxies,
@@ -343,6 +347,10 @@ pub struct Hub {
     pub ca_pem: String,
     /// Set when this hub is one of several on etcd.
     cluster: std::sync::OnceLock<Arc<peer::Cluster>>,
+    /// See [`HubConfig::store_max_stale`].
+    max_stale: Option<Duration>,
+    /// Whether the last check found the registry unconfirmed for longer.
+    stale_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -374,6 +382,63 @@ impl Hub {
             access_change: Mutex::new(()),
             ca_pem,
             cluster: std::sync::OnceLock::new(),
+            max_stale: None,
+            stale_seen: Default::default(),
+        }
+    }
+
+    /// Refuses operators (all but the local admin) while its copy of the
+    /// registry has gone unconfirmed for longer than `max` (see
+    /// [`HubConfig::store_max_stale`]).
+    pub fn with_max_stale(mut self, max: Option<Duration>) -> Hub {
+        self.max_stale = max;
+        self
+    }
+
+    /// Why operators other than the local admin are refused now: this
+    /// hub's copy of a shared registry (etcd) has not been confirmed
+    /// current for longer than `--store-max-stale`. An operator removed,
+    /// or a rule narrowed, on another hub meanwhile would otherwise still
+    /// be served here for as long as this hub cannot reach etcd: the
+    /// check fails closed instead.
+    pub fn stale_refusal(&self) -> Option<String> {
+        let max = self.max_stale?;
+        let age = self.store.unconfirmed_for()?;
+        (age > max).then(|| {
+            format!(
+                "this towerctl hub cannot confirm operators' access: its copy of the shared \
+                 registry was last confirmed current {:.1}s ago, over the {}s allowed \
+                 (--store-max-stale); the hub cannot reach etcd. Retry through another hub, \
+                 or once this one reaches etcd again",
+                age.as_secs_f64(),
+                max.as_secs_f64()
+            )
+        })
+    }
+
+    /// Run every second with a shared registry: on turning stale (see
+    /// [`Hub::stale_refusal`]) says so and cuts every operator's stream
+    /// but the local admin's, as a revocation would; while stale, cuts any
+    /// that began meanwhile; says when the registry is confirmed again.
+    pub fn check_stale(&self) {
+        let refusal = self.stale_refusal();
+        let was = self
+            .stale_seen
+            .swap(refusal.is_some(), std::sync::atomic::Ordering::SeqCst);
+        match (was, refusal) {
+            (false, Some(why)) => {
+                let n = self.streams.cut(|op, _| op != LOCAL_ADMIN);
+                tracing::error!(
+                    "refusing operators' requests and cutting their {n} open streams: {why}"
+                );
+            }
+            (true, Some(_)) => {
+                self.streams.cut(|op, _| op != LOCAL_ADMIN);
+            }
+            (true, None) => tracing::warn!(
+                "the shared registry is confirmed current again: serving operators' requests"
+            ),
+            (false, None) => {}
         }
     }
 
@@ -892,6 +957,19 @@ fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
 }
 
 /// Runs the hub until `cancel` fires. `ready` is called once every listener is up.
+/// How long a quiet registry watch is kept before it is opened again
+/// (which confirms the cache): at most [`WATCH_SILENCE`], and a sixth of
+/// `--store-max-stale` (at least a second), so that a hub with nothing to
+/// hear is confirmed current well within the limit, and an etcd outage
+/// of most of the limit (50 s of the default 60) is still served from the
+/// cache.
+///
+/// [`WATCH_SILENCE`]: super::store_etcd::WATCH_SILENCE
+fn watch_silence(max_stale: Option<Duration>) -> Duration {
+    let most = super::store_etcd::WATCH_SILENCE;
+    max_stale.map_or(most, |m| (m / 6).clamp(Duration::from_secs(1), most))
+}
+
 pub async fn run(
     cfg: HubConfig,
     cancel: CancellationToken,
@@ -909,8 +987,13 @@ pub async fn run(
     paths::ensure_private_dir(&data)?;
     let shared = match &cfg.store {
         Some(spec) => Some(
-            super::store_etcd::EtcdStore::open(spec, &cfg.store_prefix, &cfg.store_tls)
-                .with_context(|| format!("cannot use the shared registry '{spec}'"))?,
+            super::store_etcd::EtcdStore::open(
+                spec,
+                &cfg.store_prefix,
+                &cfg.store_tls,
+                watch_silence(cfg.store_max_stale),
+            )
+            .with_context(|| format!("cannot use the shared registry '{spec}'"))?,
         ),
         None => None,
     };
@@ -1032,12 +1115,15 @@ pub async fn run(
     let hub_id = shared.as_ref().map_or("local", |(_, id, _)| id.as_str());
     local_admin(store.as_ref(), &admin_token, hub_id, shared.is_none())?;
 
-    let hub = Arc::new(Hub::new(
-        store,
-        super::audit::Auditor::start(paths::state_dir().join("audit.log")),
-        tls.ca_pem.clone(),
-        caps,
-    ));
+    let hub = Arc::new(
+        Hub::new(
+            store,
+            super::audit::Auditor::start(paths::state_dir().join("audit.log")),
+            tls.ca_pem.clone(),
+            caps,
+        )
+        .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale)),
+    );
 
     let base_status = HubStatus {
         pid: std::process::id(),
@@ -1052,6 +1138,7 @@ pub async fn run(
         admin_token_file: admin_file.display().to_string(),
         metrics_addr: metrics_addr.map(|a| a.to_string()),
         clusters: vec![],
+        refusing_operators: None,
     };
 
     hub.reload_operators();

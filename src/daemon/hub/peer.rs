@@ -556,7 +556,10 @@ pub async fn run(
                 }
                 cluster.reconcile(&hub);
             }
-            _ = tick.tick() => cluster.reconcile(&hub),
+            _ = tick.tick() => {
+                hub.check_stale();
+                cluster.reconcile(&hub);
+            }
         }
     }
 }
