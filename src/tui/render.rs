@@ -105,6 +105,14 @@ fn header(app: &App, rows: &[(&Cluster, RowView)], theme: &Theme, f: &mut Frame,
         }
         HubState::Up(h) => {
             spans.push(Span::raw(format!("hub up (pid {})", h.pid)));
+            if h.refusing_operators.is_some() {
+                // The reason is in `towerctl status` and the hub's log.
+                spans.push(sep(theme));
+                spans.push(Span::styled(
+                    "REFUSING OPERATORS: registry unconfirmed (etcd)",
+                    theme.warn(),
+                ));
+            }
             Some(format!(
                 "tunnel {} · gateway {}",
                 h.tunnel_addr, h.gateway_addr

@@ -318,6 +318,18 @@ fn screen_nothing_on_this_machine() {
     insta::assert_snapshot!(screen(&a, 80, 24));
 }
 
+/// A hub on etcd that cannot confirm its registry says at the top that it
+/// refuses operators (`--store-max-stale`).
+#[test]
+fn screen_hub_refusing_operators() {
+    let mut a = one(true);
+    let mut h = hub(vec![connected("alpha", 1)]);
+    h.refusing_operators =
+        Some("its copy of the shared registry was last confirmed 75.0s ago".into());
+    update(&mut a, Action::Hub(Box::new(h)));
+    insta::assert_snapshot!(screen(&a, 120, 12));
+}
+
 #[test]
 fn screen_help() {
     let mut a = one(false);
