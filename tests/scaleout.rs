@@ -1166,6 +1166,11 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
         "200",
         "the local admin"
     );
+    // Only its own: hub a's admin token may have been replaced meanwhile.
+    let a_admin = std::fs::read_to_string(a.path("data/towerctl/admin.token")).unwrap();
+    assert_eq!(get(a_admin.trim(), "/towerctl/v1/whoami").0, "503");
+    // A load balancer in front takes it out of rotation.
+    assert_eq!(get("", "/readyz").0, "503");
     let s = b.status();
     let why = s["hub"]["refusingOperators"].as_str().unwrap_or_default();
     assert!(why.contains("etcd"), "status says why: {s}");
@@ -1185,11 +1190,18 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
     assert_eq!(get(&bob, "/towerctl/v1/whoami").0, "503");
 
     relay.thaw();
+    // Never served in between: the refusal lifts only once the removal
+    // learnt on reconnecting is applied.
     wait_for(
         "hub b to refuse bob as removed",
         Duration::from_secs(30),
-        || (get(&bob, "/towerctl/v1/whoami").0 == "401").then_some(()),
+        || {
+            let code = get(&bob, "/towerctl/v1/whoami").0;
+            assert_ne!(code, "200", "bob served by hub b after his removal");
+            (code == "401").then_some(())
+        },
     );
+    assert_eq!(get("", "/readyz").0, "200");
     assert_eq!(get(admin, "/clusters/alpha/version").0, "200");
     assert!(b.status()["hub"]["refusingOperators"].is_null());
     let log = || std::fs::read_to_string(b.path("state/towerctl/hub.log")).unwrap_or_default();

@@ -253,11 +253,11 @@ pub struct HubArgs {
     #[arg(long, default_value = "/towerctl/", value_name = "PREFIX")]
     pub store_prefix: String,
     /// With etcd: once this hub's copy of the registry has gone this long
-    /// without being confirmed current (etcd unreachable from it),
-    /// operators other than the local admin are refused (503) and their
-    /// streams cut, so that a removal or a narrowed rule made on another
-    /// hub cannot go unheeded here; '0' serves from the copy for as long
-    /// as etcd is away.
+    /// without being confirmed current (etcd or its quorum unreachable
+    /// from it), operators other than this hub's local admin are refused
+    /// (503), their streams cut and /readyz answers 503, so that a removal
+    /// or a narrowed rule made on another hub cannot go unheeded here;
+    /// at least 3s; '0' serves from the copy for as long as etcd is away.
     #[arg(long, default_value = "60s", value_parser = parse_max_stale, value_name = "DURATION")]
     pub store_max_stale: MaxStale,
     /// CA bundle (PEM) that issued etcd's serving certificate (https://
@@ -705,27 +705,28 @@ pub struct StatusArgs {
     pub output: String,
 }
 
-/// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 /// `--store-max-stale`: a duration, or none (`0`).
 #[derive(Clone, Copy, Debug)]
 pub struct MaxStale(pub Option<std::time::Duration>);
 
-/// `--store-max-stale`: a duration of a second or more, or `0` for none.
+/// `--store-max-stale`: a duration of three seconds or more, or `0` (also
+/// `0s`, `0ms`) for none.
 fn parse_max_stale(s: &str) -> Result<MaxStale, String> {
-    if s.trim() == "0" {
+    if s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
         return Ok(MaxStale(None));
     }
     let d = parse_duration(s)?;
-    if d < std::time::Duration::from_secs(1) {
+    if d < std::time::Duration::from_secs(3) {
         return Err(format!(
-            "'{s}' is too short: a hub confirms its copy of the registry about once a \
-             second at best; use 1s or more, or 0 to serve from the copy for as long as \
-             etcd is away"
+            "'{s}' is too short: a quiet hub confirms its copy of the registry about once \
+             a second at best, so a shorter limit would refuse operators of a healthy hub; \
+             use 3s or more, or 0 to serve from the copy for as long as etcd is away"
         ));
     }
     Ok(MaxStale(Some(d)))
 }
 
+/// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -919,14 +920,15 @@ mod tests {
     }
 
     #[test]
-    fn max_stale_is_a_second_or_more_or_none() {
+    fn max_stale_is_three_seconds_or_more_or_none() {
         assert_eq!(parse_max_stale("0").unwrap().0, None);
         assert_eq!(
             parse_max_stale("90s").unwrap().0,
             Some(Duration::from_secs(90))
         );
-        let e = parse_max_stale("500ms").unwrap_err();
-        assert!(e.contains("1s or more") && e.contains("0 to serve"), "{e}");
+        assert_eq!(parse_max_stale("0s").unwrap().0, None);
+        let e = parse_max_stale("2s").unwrap_err();
+        assert!(e.contains("3s or more") && e.contains("0 to serve"), "{e}");
         assert!(parse_max_stale("soon").is_err());
     }
 

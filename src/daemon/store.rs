@@ -141,12 +141,6 @@ pub trait Store: Send + Sync + 'static {
     /// Removes every operator token for which `doomed` holds (all of one
     /// operator's, or a local admin's old ones); returns how many.
     fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError>;
-    /// How long since this hub's copy of the registry was last known to be
-    /// current (a cache fed by another process's changes, as on etcd);
-    /// `None` for a registry read where it lives, always current.
-    fn unconfirmed_for(&self) -> Option<std::time::Duration> {
-        None
-    }
     /// A hub-wide setting (a JSON document such as the access rules).
     fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         let _ = key;

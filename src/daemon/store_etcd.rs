@@ -35,6 +35,12 @@ pub enum Change {
     Hubs,
     /// Hub-wide settings (the access rules).
     Settings,
+    /// The cache was current as of this instant (every change reported
+    /// before this one is in it): a read that needs etcd's quorum listed
+    /// the prefix or showed nothing changed since the last event applied,
+    /// or the watch delivered events. Never sent for a watch's opening
+    /// alone: a member of etcd cut off from its leader still opens one.
+    Confirmed(std::time::Instant),
 }
 
 #[derive(Default)]
@@ -48,10 +54,6 @@ pub struct EtcdStore {
     pub prefix: String,
     cache: RwLock<Cache>,
     changes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Change>>>,
-    /// When the cache was last known to be current: the whole prefix
-    /// listed, or a message on a registry watch (its opening included:
-    /// etcd replays what came since the revision it is opened from).
-    confirmed: Mutex<std::time::Instant>,
 }
 
 fn err(e: etcd::EtcdError) -> StoreError {
@@ -73,8 +75,8 @@ fn change_of(rel: &str) -> Option<Change> {
 impl EtcdStore {
     /// Connects, loads the whole prefix and starts the watch thread.
     /// A watch that brings nothing for `silence` is opened again from its
-    /// last revision, which also confirms the cache as current (see
-    /// [`Store::unconfirmed_for`]).
+    /// last revision, after a quorum read confirms that nothing changed
+    /// meanwhile ([`Change::Confirmed`]).
     pub fn open(
         spec: &str,
         prefix: &str,
@@ -97,7 +99,6 @@ impl EtcdStore {
             prefix,
             cache: RwLock::new(Cache::default()),
             changes: Mutex::new(None),
-            confirmed: Mutex::new(std::time::Instant::now()),
         });
         s.replace_all(kvs);
         let weak = Arc::downgrade(&s);
@@ -108,9 +109,38 @@ impl EtcdStore {
         Ok(s)
     }
 
-    /// The cache is current as of now.
-    fn confirm(&self) {
-        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    /// The cache was current as of `at` (see [`Change::Confirmed`]); not
+    /// said of a cache whose lock was poisoned (a change may be missing).
+    fn confirm(&self, at: std::time::Instant) {
+        if self.cache.is_poisoned() {
+            return;
+        }
+        if let Ok(c) = self.changes.lock() {
+            if let Some(tx) = c.as_ref() {
+                let _ = tx.send(Change::Confirmed(at));
+            }
+        }
+    }
+
+    /// Whether nothing under the prefix changed after revision `rev` (the
+    /// last event applied) and the cache holds as many keys as etcd: one
+    /// linearizable read (only an etcd with its quorum answers) of the
+    /// keys written since (etcd filters them by revision but counts every
+    /// key in the range). A put since shows as a key, a delete without a
+    /// put in the count.
+    fn unchanged_since(&self, rev: i64) -> Result<bool, etcd::EtcdError> {
+        let v = self.etcd.call(
+            "/v3/kv/range",
+            &serde_json::json!({
+                "key": etcd::b64(self.prefix.as_bytes()),
+                "range_end": etcd::b64(&etcd::prefix_end(&self.prefix)),
+                "keys_only": true,
+                "min_mod_revision": (rev + 1).to_string(),
+            }),
+        )?;
+        let written = v["kvs"].as_array().is_some_and(|a| !a.is_empty());
+        let cached = self.cache.read().map(|c| c.kvs.len() as i64).unwrap_or(-1);
+        Ok(!written && etcd::int(&v["count"]) == cached)
     }
 
     /// Where changes are reported (one receiver).
@@ -301,11 +331,12 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
     // Bounded by the store's life: the loop ends once the hub drops it.
     while let Some(s) = store.upgrade() {
         if resync {
+            let asked = std::time::Instant::now();
             match s.etcd.range_prefix(&s.prefix) {
                 Ok((r, kvs)) => {
                     rev = r;
                     s.replace_all(kvs);
-                    s.confirm();
+                    s.confirm(asked);
                     tracing::info!("registry watch resumed at revision {rev}");
                 }
                 Err(e) => {
@@ -323,9 +354,12 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
             let Some(s) = weak.upgrade() else {
                 return false;
             };
-            s.confirm();
+            let delivered = !events.is_empty();
             for e in events {
                 s.apply(e);
+            }
+            if delivered {
+                s.confirm(std::time::Instant::now());
             }
             rev = rev.max(at);
             true
@@ -333,12 +367,25 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
         match r {
             // Quiet for a while, or a connection that died without a word:
             // watch again from the last revision seen (etcd replays what
-            // came since), no listing needed.
+            // came since), no listing needed. Confirmed by a quorum read
+            // first: a watch served by a member of etcd cut off from its
+            // leader is quiet too.
             Err(etcd::WatchError::Silent) => {
-                tracing::debug!(
-                    "registry watch quiet for {silence:?}; watching again from revision {rev}"
-                );
-                resync = false;
+                let Some(s) = store.upgrade() else { return };
+                let asked = std::time::Instant::now();
+                match s.unchanged_since(rev) {
+                    Ok(true) => {
+                        s.confirm(asked);
+                        tracing::debug!("registry watch quiet for {silence:?}; watching again from revision {rev}");
+                        resync = false;
+                    }
+                    // Something the watch did not bring: list it all again.
+                    Ok(false) => resync = true,
+                    Err(e) => {
+                        tracing::debug!("registry unconfirmed: {e}");
+                        resync = false;
+                    }
+                }
                 continue;
             }
             Err(etcd::WatchError::Failed(e)) => {
@@ -357,23 +404,13 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
 /// or load balancer's idle timeout, a firewall change) otherwise left this
 /// hub deaf to every later change, revocations included, while its other
 /// etcd calls, each on a new connection, went on working. Changes reach a
-/// hub within this bound even then, and each opening confirms the cache.
+/// hub within this bound even then.
 pub const WATCH_SILENCE: Duration = Duration::from_secs(20);
 
 const MEMBERS: &str = "members/";
 const OPERATORS: &str = "operators/";
 
 impl Store for EtcdStore {
-    fn unconfirmed_for(&self) -> Option<Duration> {
-        // A poisoned lock still holds the last time set: never "current".
-        Some(
-            self.confirmed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed(),
-        )
-    }
-
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
         let rel = format!("{MEMBERS}{name}");
         self.cached(&rel)

@@ -190,12 +190,12 @@ struct Dest {
     port: u16,
 }
 
-/// Operators but the local admin are refused while the hub cannot
-/// confirm its copy of a shared registry ([`Hub::stale_refusal`]).
+/// Operators but this hub's local admin are refused while the hub cannot
+/// confirm its copy of a shared registry ([`Hub::stale_refusal_for`]).
 fn refuse_if_stale(hub: &Hub, operator: &Operator) -> Result<(), String> {
-    match hub.stale_refusal() {
-        Some(why) if operator.name != super::LOCAL_ADMIN => Err(why),
-        _ => Ok(()),
+    match hub.stale_refusal_for(operator) {
+        Some(why) => Err(why),
+        None => Ok(()),
     }
 }
 

@@ -587,6 +587,15 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     // Unauthenticated, as kube-apiserver serves them: for load balancers'
     // HTTPS checks.
     if sni.is_none() && matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
+        // Not ready while it refuses operators (a registry it cannot
+        // confirm): a load balancer sends them to another hub.
+        if path == "/readyz" && hub.stale_refusal().is_some() {
+            let mut resp = Response::new(full(Bytes::from_static(
+                b"not ready: the shared registry is unconfirmed (--store-max-stale)",
+            )));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return resp;
+        }
         return Response::new(full(Bytes::from_static(b"ok")));
     }
     if path == "/towerctl/v1/ca.crt" {
@@ -615,14 +624,13 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
     conn.authenticated();
+    if let Some(msg) = hub.stale_refusal_for(&operator) {
+        let mut resp = status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    }
     if operator.name != super::LOCAL_ADMIN {
-        if let Some(msg) = hub.stale_refusal() {
-            let mut resp =
-                status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            return resp;
-        }
         if let Err(msg) = hub.auditor.admit_request(&operator.name) {
             let mut resp = status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);
             resp.headers_mut()

@@ -349,6 +349,14 @@ pub struct Hub {
     cluster: std::sync::OnceLock<Arc<peer::Cluster>>,
     /// See [`HubConfig::store_max_stale`].
     max_stale: Option<Duration>,
+    /// This hub's id in a shared registry: its own local admin (and no
+    /// other hub's) is served while the registry is unconfirmed.
+    id: String,
+    /// When the shared registry was last confirmed current, in ms after
+    /// `epoch`: set by `peer::run` once it has applied every change
+    /// reported before the confirmation (operators and rules reloaded).
+    confirmed_ms: AtomicU64,
+    epoch: std::time::Instant,
     /// Whether the last check found the registry unconfirmed for longer.
     stale_seen: std::sync::atomic::AtomicBool,
 }
@@ -383,16 +391,37 @@ impl Hub {
             ca_pem,
             cluster: std::sync::OnceLock::new(),
             max_stale: None,
+            id: String::new(),
+            confirmed_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             stale_seen: Default::default(),
         }
     }
 
-    /// Refuses operators (all but the local admin) while its copy of the
-    /// registry has gone unconfirmed for longer than `max` (see
-    /// [`HubConfig::store_max_stale`]).
-    pub fn with_max_stale(mut self, max: Option<Duration>) -> Hub {
+    /// Refuses operators (all but this hub's own local admin, `hub_id`'s)
+    /// while its copy of the registry has gone unconfirmed for longer than
+    /// `max` (see [`HubConfig::store_max_stale`]).
+    pub fn with_max_stale(mut self, max: Option<Duration>, hub_id: &str) -> Hub {
         self.max_stale = max;
+        self.id = hub_id.to_string();
         self
+    }
+
+    /// The shared registry was current as of `at` (after every change
+    /// reported before it was applied).
+    pub fn registry_confirmed(&self, at: std::time::Instant) {
+        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.confirmed_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// [`Hub::stale_refusal`], unless `op` is this hub's own local admin:
+    /// the break-glass token in this hub's data directory. Another hub's
+    /// admin token may have been replaced there meanwhile.
+    pub fn stale_refusal_for(&self, op: &Operator) -> Option<String> {
+        if op.name == LOCAL_ADMIN && op.hub.as_deref() == Some(self.id.as_str()) {
+            return None;
+        }
+        self.stale_refusal()
     }
 
     /// Why operators other than the local admin are refused now: this
@@ -403,12 +432,13 @@ impl Hub {
     /// check fails closed instead.
     pub fn stale_refusal(&self) -> Option<String> {
         let max = self.max_stale?;
-        let age = self.store.unconfirmed_for()?;
+        let confirmed = Duration::from_millis(self.confirmed_ms.load(Ordering::SeqCst));
+        let age = self.epoch.elapsed().saturating_sub(confirmed);
         (age > max).then(|| {
             format!(
                 "this towerctl hub cannot confirm operators' access: its copy of the shared \
                  registry was last confirmed current {:.1}s ago, over the {}s allowed \
-                 (--store-max-stale); the hub cannot reach etcd. Retry through another hub, \
+                 (--store-max-stale): this hub cannot reach etcd or its quorum. Retry through another hub, \
                  or once this one reaches etcd again",
                 age.as_secs_f64(),
                 max.as_secs_f64()
@@ -417,9 +447,11 @@ impl Hub {
     }
 
     /// Run every second with a shared registry: on turning stale (see
-    /// [`Hub::stale_refusal`]) says so and cuts every operator's stream
-    /// but the local admin's, as a revocation would; while stale, cuts any
-    /// that began meanwhile; says when the registry is confirmed again.
+    /// [`Hub::stale_refusal`]) says so and cuts every operator stream, as
+    /// a revocation would (this hub's admin may open new ones; every local
+    /// admin is named alike in the stream registry); while stale, cuts any
+    /// but a local admin's that began meanwhile (other hubs' admins are
+    /// refused new ones); says when the registry is confirmed again.
     pub fn check_stale(&self) {
         let refusal = self.stale_refusal();
         let was = self
@@ -427,7 +459,7 @@ impl Hub {
             .swap(refusal.is_some(), std::sync::atomic::Ordering::SeqCst);
         match (was, refusal) {
             (false, Some(why)) => {
-                let n = self.streams.cut(|op, _| op != LOCAL_ADMIN);
+                let n = self.streams.cut(|_, _| true);
                 tracing::error!(
                     "refusing operators' requests and cutting their {n} open streams: {why}"
                 );
@@ -956,7 +988,6 @@ fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
     paths::write_atomic(path, data, mode)
 }
 
-/// Runs the hub until `cancel` fires. `ready` is called once every listener is up.
 /// How long a quiet registry watch is kept before it is opened again
 /// (which confirms the cache): at most [`WATCH_SILENCE`], and a sixth of
 /// `--store-max-stale` (at least a second), so that a hub with nothing to
@@ -970,6 +1001,7 @@ fn watch_silence(max_stale: Option<Duration>) -> Duration {
     max_stale.map_or(most, |m| (m / 6).clamp(Duration::from_secs(1), most))
 }
 
+/// Runs the hub until `cancel` fires. `ready` is called once every listener is up.
 pub async fn run(
     cfg: HubConfig,
     cancel: CancellationToken,
@@ -1122,7 +1154,7 @@ pub async fn run(
             tls.ca_pem.clone(),
             caps,
         )
-        .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale)),
+        .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale), hub_id),
     );
 
     let base_status = HubStatus {

@@ -536,11 +536,19 @@ pub async fn run(
                 let mut settings = ch == Change::Settings;
                 // A member's labels may have changed on another hub.
                 let mut members = matches!(ch, Change::Member(_));
+                let confirmed = |c: &Change| match c {
+                    Change::Confirmed(at) => Some(*at),
+                    _ => None,
+                };
+                let mut current = confirmed(&ch);
+                let mut only_confirmations = current.is_some();
                 // Take what else is queued, then act once.
                 while let Ok(more) = changes.try_recv() {
                     operators |= more == Change::Operators;
                     settings |= more == Change::Settings;
                     members |= matches!(more, Change::Member(_));
+                    only_confirmations &= matches!(more, Change::Confirmed(_));
+                    current = confirmed(&more).or(current);
                 }
                 if operators {
                     hub.reload_operators();
@@ -554,7 +562,13 @@ pub async fn run(
                 if operators || settings || members {
                     hub.recheck_streams();
                 }
-                cluster.reconcile(&hub);
+                // Only now: every change reported before it is applied.
+                if let Some(at) = current {
+                    hub.registry_confirmed(at);
+                }
+                if !only_confirmations {
+                    cluster.reconcile(&hub);
+                }
             }
             _ = tick.tick() => {
                 hub.check_stale();
