@@ -436,10 +436,12 @@ impl Hub {
         let age = self.epoch.elapsed().saturating_sub(confirmed);
         (age > max).then(|| {
             format!(
-                "this towerctl hub cannot confirm operators' access: its copy of the shared \
+                "towerctl hub '{}' cannot confirm operators' access: its copy of the shared \
                  registry was last confirmed current {:.1}s ago, over the {}s allowed \
-                 (--store-max-stale): this hub cannot reach etcd or its quorum. Retry through another hub, \
-                 or once this one reaches etcd again",
+                 (--store-max-stale): it cannot reach etcd or its quorum. Retry through \
+                 another hub, or once it reaches etcd again (a member whose agent is \
+                 connected to this hub is reachable through no other meanwhile)",
+                self.id,
                 age.as_secs_f64(),
                 max.as_secs_f64()
             )
