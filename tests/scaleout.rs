@@ -221,6 +221,89 @@ impl Etcd {
     }
 }
 
+/// Three etcd members forming one cluster on loopback: a hub given one
+/// member's address can be left with a member that has lost its quorum
+/// (stop the other two) while that member still answers.
+fn etcd_cluster() -> [Etcd; 3] {
+    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("etcd is not installed: these tests need a real etcd (Debian package 'etcd-server', which .ci/run installs)");
+    // Ports are picked free just before etcd starts: another process may
+    // take one first, so the whole cluster is started again (three tries).
+    for attempt in 1..=3 {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, pp))| format!("m{i}=http://127.0.0.1:{pp}"))
+            .collect();
+        let members: Vec<Etcd> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (cp, pp))| {
+                let dir = tempfile::tempdir().unwrap();
+                let client = format!("127.0.0.1:{cp}");
+                let peer = format!("http://127.0.0.1:{pp}");
+                let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+                let child = Command::new(bin)
+                    .args([
+                        "--name",
+                        &format!("m{i}"),
+                        "--data-dir",
+                        dir.path().join("d").to_str().unwrap(),
+                        "--listen-client-urls",
+                        &format!("http://{client}"),
+                        "--advertise-client-urls",
+                        &format!("http://{client}"),
+                        "--listen-peer-urls",
+                        &peer,
+                        "--initial-advertise-peer-urls",
+                        &peer,
+                        "--initial-cluster",
+                        &initial.join(","),
+                        "--initial-cluster-state",
+                        "new",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("cannot start etcd");
+                Etcd {
+                    child,
+                    url: format!("etcd://{client}"),
+                    client,
+                    dir,
+                }
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut members = members;
+        loop {
+            // A linearizable read on every member: a leader is elected.
+            if members.iter().all(|m| m.answers(None)) {
+                return members.try_into().unwrap_or_else(|_| unreachable!());
+            }
+            if let Some(i) = (0..3).find(|&i| matches!(members[i].child.try_wait(), Ok(Some(_)))) {
+                let log = members[i].log_tail();
+                assert!(
+                    attempt < 3,
+                    "an etcd member exited while starting, three times; its log ends:\n{log}"
+                );
+                eprintln!("an etcd member exited while starting; trying other ports. Its log ends:\n{log}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the etcd cluster did not answer within 30 s; a member's log ends:\n{}",
+                members[0].log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    unreachable!("the third attempt returns or fails")
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = Command::new("kill")
@@ -1216,6 +1299,64 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
         "hub b's log says when it refused: {}",
         log()
     );
+}
+
+/// A hub whose etcd member has lost its quorum (the two others stopped)
+/// is not confirmed by that member: it still opens watches and answers
+/// serializable reads, but nothing that needs the quorum. Past
+/// `--store-max-stale` the hub refuses operators; once the quorum is back
+/// it serves them again.
+#[test]
+fn an_etcd_member_without_its_quorum_does_not_keep_a_hub_serving() {
+    let etcd = etcd_cluster();
+    let hub = Env::new();
+    let o = up_on_store(&hub, &etcd[2].url, &["--store-max-stale", "3s"]);
+    assert!(o.ok(), "{o:?}");
+    let o = hub.towerctl(&["operator", "add", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    let bob = support::printed_command(&o.stdout, "login")[3]
+        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
+        .to_string();
+    let whoami = || support::gateway_get(&hub, &bob, "/towerctl/v1/whoami").0;
+    wait_for("bob served", Duration::from_secs(10), || {
+        (whoami() == "200").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        whoami(),
+        "200",
+        "a quiet registry with its quorum stays confirmed"
+    );
+
+    etcd[0].signal("-STOP");
+    etcd[1].signal("-STOP");
+    let stopped = Instant::now();
+    // Member 2 still answers what needs no quorum.
+    assert!(etcd_post(
+        &etcd[2].client,
+        "/v3/kv/range",
+        r#"{"key":"AA==","serializable":true}"#
+    )
+    .is_some());
+    wait_for("bob refused", Duration::from_secs(20), || {
+        (whoami() == "503").then_some(())
+    });
+    eprintln!(
+        "bob refused {:?} after the quorum was lost",
+        stopped.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        whoami(),
+        "503",
+        "still refused: the member alone confirms nothing"
+    );
+
+    etcd[0].signal("-CONT");
+    etcd[1].signal("-CONT");
+    wait_for("bob served again", Duration::from_secs(30), || {
+        (whoami() == "200").then_some(())
+    });
 }
 
 /// Access rules changed on two hubs keep both changes, even when one hub's
