@@ -196,6 +196,12 @@ fn explain(e: std::io::Error, tls: bool) -> String {
         BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof if tls => {
             format!("{text}: {CLIENT_CERT_HINT}")
         }
+        // A read or write deadline passed: the socket says "Resource
+        // temporarily unavailable", which reads like a local fault.
+        WouldBlock | TimedOut => {
+            "no answer in time (etcd stopped, overloaded, without its quorum, or out of reach)"
+                .to_string()
+        }
         _ => text,
     }
 }
