@@ -156,6 +156,8 @@ fn main() -> ExitCode {
     if !matches!(cli.command, commands::Command::Ui(_)) {
         init_logging(cli.verbose, is_daemon);
     }
+    // Daemons this command starts in the background log as verbosely.
+    daemon::process::set_verbosity(cli.verbose);
     // One TLS crypto provider for the whole process, chosen explicitly, so a
     // stray feature elsewhere in the tree can never make TLS set-up panic.
     let _ = rustls::crypto::ring::default_provider().install_default();

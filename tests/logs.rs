@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use support::{Env, Streaming};
@@ -79,6 +80,48 @@ const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO towerctl::daemon::hub::c
 /// by at most 1 KiB per attempt (the names alone are 20 MB), no forged line
 /// appears, and kubectl's p99 during the flood stays within twice its idle
 /// p99 (three times beside other tests, see below).
+/// `towerctl -vv up` starts a hub that logs at debug: the background
+/// daemon gets the verbosity of the command that started it (it used to
+/// log at info whatever was asked).
+#[test]
+fn verbose_up_starts_a_hub_that_logs_at_debug() {
+    let env = Env::new();
+    let o = env.towerctl(&[
+        "-vv",
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    // Plain HTTP on the gateway's TLS port is answered 400 and logged at
+    // debug only.
+    let gateway = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut c = std::net::TcpStream::connect(&gateway).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = c.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    support::wait_for(
+        "a debug line in the hub's log",
+        Duration::from_secs(10),
+        || {
+            log()
+                .contains("plain HTTP on the gateway's TLS port")
+                .then_some(())
+        },
+    );
+    assert!(env.towerctl(&["down"]).ok());
+}
+
 #[test]
 fn a_login_flood_with_hostile_user_names_neither_floods_nor_forges_the_log() {
     use support::apiserver::ApiServer;

@@ -61,7 +61,8 @@ Quick start:
 #[derive(Debug, Parser)]
 #[command(name = "towerctl", version, about, after_help = FOOTER, propagate_version = true)]
 pub struct Cli {
-    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    /// More logging (-v info, -vv debug), also in the daemons this command
+    /// starts in the background (up, join, port-forward); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]

@@ -89,6 +89,15 @@ pub struct Spawned {
 }
 
 /// Starts `towerctl ARGS…` detached, with output appended to the daemon's log.
+/// The `-v` count of the command that starts daemons (see [`spawn`]).
+static VERBOSITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Daemons started from now on get `-v` this many times (`towerctl -vv up`
+/// starts a hub that logs at debug).
+pub fn set_verbosity(n: u8) {
+    VERBOSITY.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
     let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
     let log = paths::log_file(daemon);
@@ -106,6 +115,11 @@ pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
     // printed join and login lines) are not the daemon's: it has its
     // config and key. Left in, they would also stay readable in
     // /proc/PID/environ for the daemon's whole life.
+    // Before the subcommand: a global flag there is never taken for a
+    // positional argument.
+    for _ in 0..VERBOSITY.load(std::sync::atomic::Ordering::Relaxed).min(2) {
+        cmd.arg("-v");
+    }
     cmd.args(args)
         .env(DAEMON_ENV, "1")
         // The daemon rotates this file itself (daemon::logfile).
