@@ -230,11 +230,23 @@ impl Cluster {
 
     /// Renews the lease; takes a new one when it was lost (etcd away for
     /// longer than the TTL). Runs on its own thread until `cancel`.
+    /// While etcd stays away, its failure is logged at warn once, then once
+    /// a minute (every try at debug): an outage of hours used to write a
+    /// warning every few seconds.
     fn keep_lease(self: Arc<Self>, cancel: CancellationToken) {
+        let mut failed: u64 = 0;
+        let every = (60 / KEEPALIVE.as_secs().max(1)).max(1);
         while !cancel.is_cancelled() {
             std::thread::sleep(KEEPALIVE);
             let lease = self.lease.load(Ordering::SeqCst);
-            match self.store.etcd.lease_keepalive(lease) {
+            let r = self.store.etcd.lease_keepalive(lease);
+            if r.is_ok() && failed > 0 {
+                tracing::info!(
+                    "etcd answers again: this hub's lease renewed after {failed} failed tries"
+                );
+                failed = 0;
+            }
+            match r {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!("this hub's etcd lease expired; taking a new one and claiming its sessions again");
@@ -242,7 +254,14 @@ impl Cluster {
                         tracing::warn!("cannot take a new etcd lease: {e}");
                     }
                 }
-                Err(e) => tracing::warn!("cannot renew this hub's etcd lease: {e}"),
+                Err(e) => {
+                    failed += 1;
+                    if failed % every == 1 || every == 1 {
+                        tracing::warn!("cannot renew this hub's etcd lease (failed try {failed}; said again once a minute while it fails): {e}");
+                    } else {
+                        tracing::debug!("cannot renew this hub's etcd lease: {e}");
+                    }
+                }
             }
         }
     }
