@@ -242,7 +242,7 @@ impl Cluster {
             let r = self.store.etcd.lease_keepalive(lease);
             if r.is_ok() && failed > 0 {
                 tracing::info!(
-                    "etcd answers again: this hub's lease renewed after {failed} failed tries"
+                    "etcd answers this hub's lease renewals again, after {failed} failed tries"
                 );
                 failed = 0;
             }
