@@ -40,7 +40,8 @@ pub enum Change {
     /// the prefix or showed nothing changed since the last event applied,
     /// or the watch delivered events. Never sent for a watch's opening
     /// alone: a member of etcd cut off from its leader still opens one.
-    Confirmed(std::time::Instant),
+    /// In [`boot_ms`].
+    Confirmed(u64),
 }
 
 #[derive(Default)]
@@ -58,6 +59,21 @@ pub struct EtcdStore {
 
 fn err(e: etcd::EtcdError) -> StoreError {
     StoreError::Io(e.to_string())
+}
+
+/// Milliseconds on `CLOCK_BOOTTIME`: unlike `Instant` (`CLOCK_MONOTONIC`)
+/// it counts a suspend, so a hub woken after hours does not take its cache
+/// for minutes old.
+pub fn boot_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 fn change_of(rel: &str) -> Option<Change> {
@@ -111,7 +127,7 @@ impl EtcdStore {
 
     /// The cache was current as of `at` (see [`Change::Confirmed`]); not
     /// said of a cache whose lock was poisoned (a change may be missing).
-    fn confirm(&self, at: std::time::Instant) {
+    fn confirm(&self, at: u64) {
         if self.cache.is_poisoned() {
             return;
         }
@@ -331,7 +347,7 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
     // Bounded by the store's life: the loop ends once the hub drops it.
     while let Some(s) = store.upgrade() {
         if resync {
-            let asked = std::time::Instant::now();
+            let asked = boot_ms();
             match s.etcd.range_prefix(&s.prefix) {
                 Ok((r, kvs)) => {
                     rev = r;
@@ -359,7 +375,7 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
                 s.apply(e);
             }
             if delivered {
-                s.confirm(std::time::Instant::now());
+                s.confirm(boot_ms());
             }
             rev = rev.max(at);
             true
@@ -372,7 +388,7 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
             // leader is quiet too.
             Err(etcd::WatchError::Silent) => {
                 let Some(s) = store.upgrade() else { return };
-                let asked = std::time::Instant::now();
+                let asked = boot_ms();
                 match s.unchanged_since(rev) {
                     Ok(true) => {
                         s.confirm(asked);

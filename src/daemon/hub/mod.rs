@@ -352,11 +352,11 @@ pub struct Hub {
     /// This hub's id in a shared registry: its own local admin (and no
     /// other hub's) is served while the registry is unconfirmed.
     id: String,
-    /// When the shared registry was last confirmed current, in ms after
-    /// `epoch`: set by `peer::run` once it has applied every change
-    /// reported before the confirmation (operators and rules reloaded).
+    /// When the shared registry was last confirmed current, in
+    /// [`boot_ms`](super::store_etcd::boot_ms): set by `peer::run` once it
+    /// has applied every change reported before the confirmation
+    /// (operators and rules reloaded).
     confirmed_ms: AtomicU64,
-    epoch: std::time::Instant,
     /// Whether the last check found the registry unconfirmed for longer.
     stale_seen: std::sync::atomic::AtomicBool,
 }
@@ -392,8 +392,7 @@ impl Hub {
             cluster: std::sync::OnceLock::new(),
             max_stale: None,
             id: String::new(),
-            confirmed_ms: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
+            confirmed_ms: AtomicU64::new(super::store_etcd::boot_ms()),
             stale_seen: Default::default(),
         }
     }
@@ -409,9 +408,8 @@ impl Hub {
 
     /// The shared registry was current as of `at` (after every change
     /// reported before it was applied).
-    pub fn registry_confirmed(&self, at: std::time::Instant) {
-        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.confirmed_ms.fetch_max(ms, Ordering::SeqCst);
+    pub fn registry_confirmed(&self, at_ms: u64) {
+        self.confirmed_ms.fetch_max(at_ms, Ordering::SeqCst);
     }
 
     /// [`Hub::stale_refusal`], unless `op` is this hub's own local admin:
@@ -432,8 +430,8 @@ impl Hub {
     /// check fails closed instead.
     pub fn stale_refusal(&self) -> Option<String> {
         let max = self.max_stale?;
-        let confirmed = Duration::from_millis(self.confirmed_ms.load(Ordering::SeqCst));
-        let age = self.epoch.elapsed().saturating_sub(confirmed);
+        let confirmed = self.confirmed_ms.load(Ordering::SeqCst);
+        let age = Duration::from_millis(super::store_etcd::boot_ms().saturating_sub(confirmed));
         (age > max).then(|| {
             format!(
                 "towerctl hub '{}' cannot confirm operators' access: its copy of the shared \
