@@ -86,16 +86,8 @@ const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO towerctl::daemon::hub::c
 #[test]
 fn verbose_up_starts_a_hub_that_logs_at_debug() {
     let env = Env::new();
-    let o = env.towerctl(&[
-        "-vv",
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-    ]);
+    // -v is a global flag: after the subcommand's own it counts the same.
+    let o = env.up_with(&["-vv"]);
     assert!(o.ok(), "{o:?}");
     // Plain HTTP on the gateway's TLS port is answered 400 and logged at
     // debug only.

@@ -126,12 +126,18 @@ impl Etcd {
     }
 
     fn spawn(pki: Option<&EtcdPki>) -> Etcd {
+        let (cp, pp) = (free_port(), free_port());
+        Etcd::spawn_member("t", cp, pp, &format!("t=http://127.0.0.1:{pp}"), pki)
+    }
+
+    /// Member `name` of the cluster `initial` (etcd's `--initial-cluster`),
+    /// serving clients on `cp` and peers on `pp`.
+    fn spawn_member(name: &str, cp: u16, pp: u16, initial: &str, pki: Option<&EtcdPki>) -> Etcd {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("etcd is not installed: these tests need a real etcd (Debian package 'etcd-server', which .ci/run installs)");
         let dir = tempfile::tempdir().unwrap();
-        let (cp, pp) = (free_port(), free_port());
         let client = format!("127.0.0.1:{cp}");
         let peer = format!("http://127.0.0.1:{pp}");
         let scheme = if pki.is_some() { "https" } else { "http" };
@@ -151,7 +157,7 @@ impl Etcd {
         let child = cmd
             .args([
                 "--name",
-                "t",
+                name,
                 "--data-dir",
                 dir.path().join("d").to_str().unwrap(),
                 "--listen-client-urls",
@@ -163,7 +169,7 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &peer,
                 "--initial-cluster",
-                &format!("t={peer}"),
+                initial,
             ])
             .stdout(Stdio::null())
             .stderr(log)
@@ -225,10 +231,6 @@ impl Etcd {
 /// member's address can be left with a member that has lost its quorum
 /// (stop the other two) while that member still answers.
 fn etcd_cluster() -> [Etcd; 3] {
-    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("etcd is not installed: these tests need a real etcd (Debian package 'etcd-server', which .ci/run installs)");
     // Ports are picked free just before etcd starts: another process may
     // take one first, so the whole cluster is started again (three tries).
     for attempt in 1..=3 {
@@ -241,40 +243,8 @@ fn etcd_cluster() -> [Etcd; 3] {
         let members: Vec<Etcd> = ports
             .iter()
             .enumerate()
-            .map(|(i, (cp, pp))| {
-                let dir = tempfile::tempdir().unwrap();
-                let client = format!("127.0.0.1:{cp}");
-                let peer = format!("http://127.0.0.1:{pp}");
-                let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-                let child = Command::new(bin)
-                    .args([
-                        "--name",
-                        &format!("m{i}"),
-                        "--data-dir",
-                        dir.path().join("d").to_str().unwrap(),
-                        "--listen-client-urls",
-                        &format!("http://{client}"),
-                        "--advertise-client-urls",
-                        &format!("http://{client}"),
-                        "--listen-peer-urls",
-                        &peer,
-                        "--initial-advertise-peer-urls",
-                        &peer,
-                        "--initial-cluster",
-                        &initial.join(","),
-                        "--initial-cluster-state",
-                        "new",
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("cannot start etcd");
-                Etcd {
-                    child,
-                    url: format!("etcd://{client}"),
-                    client,
-                    dir,
-                }
+            .map(|(i, &(cp, pp))| {
+                Etcd::spawn_member(&format!("m{i}"), cp, pp, &initial.join(","), None)
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -402,6 +372,16 @@ fn alpha_on_a_reached_through_both(a: &Env, b: &Env) -> (ApiServer, Env) {
         );
     }
     (api, member)
+}
+
+/// `operator add NAME` on `hub`: the operator's token, from the printed
+/// login command.
+fn operator_token(hub: &Env, name: &str) -> String {
+    let o = hub.towerctl(&["operator", "add", name]);
+    assert!(o.ok(), "{o:?}");
+    support::printed_command(&o.stdout, "login")[3]
+        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
+        .to_string()
 }
 
 fn reaches(env: &Env, name: &str) -> bool {
@@ -1151,12 +1131,7 @@ fn hubs_behind_a_relay() -> (Etcd, Blackhole, Env, Env) {
 #[test]
 fn a_registry_watch_that_dies_silently_is_replaced() {
     let (_etcd, relay, a, b) = hubs_behind_a_relay();
-    let o = a.towerctl(&["operator", "add", "bob"]);
-    assert!(o.ok(), "{o:?}");
-    let bob = support::printed_command(&o.stdout, "login")[3].clone();
-    let bob = bob
-        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
-        .to_string();
+    let bob = operator_token(&a, "bob");
     wait_for("bob known on hub b", Duration::from_secs(10), || {
         (support::gateway_get(&b, &bob, "/towerctl/v1/whoami").0 == "200").then_some(())
     });
@@ -1193,11 +1168,7 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
     assert!(o.ok(), "{o:?}");
     let api = ApiServer::start();
     join(&b, &b, "alpha", &api);
-    let o = a.towerctl(&["operator", "add", "bob"]);
-    assert!(o.ok(), "{o:?}");
-    let bob = support::printed_command(&o.stdout, "login")[3]
-        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
-        .to_string();
+    let bob = operator_token(&a, "bob");
     let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
     assert!(o.ok(), "{o:?}");
     let admin = std::fs::read_to_string(b.path("data/towerctl/admin.token")).unwrap();
@@ -1312,15 +1283,14 @@ fn an_etcd_member_without_its_quorum_does_not_keep_a_hub_serving() {
     let hub = Env::new();
     let o = up_on_store(&hub, &etcd[2].url, &["--store-max-stale", "3s"]);
     assert!(o.ok(), "{o:?}");
-    let o = hub.towerctl(&["operator", "add", "bob"]);
-    assert!(o.ok(), "{o:?}");
-    let bob = support::printed_command(&o.stdout, "login")[3]
-        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
-        .to_string();
+    let bob = operator_token(&hub, "bob");
     let whoami = || support::gateway_get(&hub, &bob, "/towerctl/v1/whoami").0;
-    wait_for("bob served", Duration::from_secs(10), || {
-        (whoami() == "200").then_some(())
-    });
+    let wait_answer = |what: &str, code: &str, secs: u64| {
+        wait_for(what, Duration::from_secs(secs), || {
+            (whoami() == code).then_some(())
+        })
+    };
+    wait_answer("bob served", "200", 10);
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
         whoami(),
@@ -1338,9 +1308,7 @@ fn an_etcd_member_without_its_quorum_does_not_keep_a_hub_serving() {
         r#"{"key":"AA==","serializable":true}"#
     )
     .is_some());
-    wait_for("bob refused", Duration::from_secs(20), || {
-        (whoami() == "503").then_some(())
-    });
+    wait_answer("bob refused", "503", 20);
     eprintln!(
         "bob refused {:?} after the quorum was lost",
         stopped.elapsed()
@@ -1354,9 +1322,7 @@ fn an_etcd_member_without_its_quorum_does_not_keep_a_hub_serving() {
 
     etcd[0].signal("-CONT");
     etcd[1].signal("-CONT");
-    wait_for("bob served again", Duration::from_secs(30), || {
-        (whoami() == "200").then_some(())
-    });
+    wait_answer("bob served again", "200", 30);
 }
 
 /// Access rules changed on two hubs keep both changes, even when one hub's

@@ -190,15 +190,6 @@ struct Dest {
     port: u16,
 }
 
-/// Operators but this hub's local admin are refused while the hub cannot
-/// confirm its copy of a shared registry ([`Hub::stale_refusal_for`]).
-fn refuse_if_stale(hub: &Hub, operator: &Operator) -> Result<(), String> {
-    match hub.stale_refusal_for(operator) {
-        Some(why) => Err(why),
-        None => Ok(()),
-    }
-}
-
 /// The operator of `token` and where `authority` leads, if the operator may
 /// reach that member at all; otherwise why not (a member it may not reach
 /// answers like an unknown one).
@@ -207,7 +198,8 @@ fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Arc<Operator>, 
     let operator = hub
         .operator_memo(&known, token.expose())
         .ok_or_else(|| UNKNOWN_TOKEN.to_string())?;
-    refuse_if_stale(hub, &operator)?;
+    // Refused while the hub cannot confirm a shared registry.
+    hub.stale_refusal_for(&operator).map_or(Ok(()), Err)?;
     let parsed: http::uri::Authority = authority.parse().map_err(|_| {
         format!(
             "cannot read '{}' as HOST:PORT",
@@ -254,7 +246,8 @@ async fn carry(
             "the operator was removed or its token revoked on the hub; run 'towerctl use' again"
                 .to_string()
         })?;
-    refuse_if_stale(hub, &operator)?;
+    // Refused while the hub cannot confirm a shared registry.
+    hub.stale_refusal_for(&operator).map_or(Ok(()), Err)?;
     match open_raw(
         hub,
         &operator,

@@ -349,9 +349,6 @@ pub struct Hub {
     cluster: std::sync::OnceLock<Arc<peer::Cluster>>,
     /// See [`HubConfig::store_max_stale`].
     max_stale: Option<Duration>,
-    /// This hub's id in a shared registry: its own local admin (and no
-    /// other hub's) is served while the registry is unconfirmed.
-    id: String,
     /// When the shared registry was last confirmed current, in
     /// [`boot_ms`](super::store_etcd::boot_ms): set by `peer::run` once it
     /// has applied every change reported before the confirmation
@@ -391,19 +388,22 @@ impl Hub {
             ca_pem,
             cluster: std::sync::OnceLock::new(),
             max_stale: None,
-            id: String::new(),
             confirmed_ms: AtomicU64::new(super::store_etcd::boot_ms()),
             stale_seen: Default::default(),
         }
     }
 
-    /// Refuses operators (all but this hub's own local admin, `hub_id`'s)
-    /// while its copy of the registry has gone unconfirmed for longer than
-    /// `max` (see [`HubConfig::store_max_stale`]).
-    pub fn with_max_stale(mut self, max: Option<Duration>, hub_id: &str) -> Hub {
+    /// Refuses operators (all but this hub's own local admin) while its
+    /// copy of the registry has gone unconfirmed for longer than `max`
+    /// (see [`HubConfig::store_max_stale`]).
+    pub fn with_max_stale(mut self, max: Option<Duration>) -> Hub {
         self.max_stale = max;
-        self.id = hub_id.to_string();
         self
+    }
+
+    /// This hub's id in a shared registry (etcd).
+    fn shared_id(&self) -> &str {
+        self.cluster.get().map_or("", |c| c.id.as_str())
     }
 
     /// The shared registry was current as of `at` (after every change
@@ -416,7 +416,7 @@ impl Hub {
     /// the break-glass token in this hub's data directory. Another hub's
     /// admin token may have been replaced there meanwhile.
     pub fn stale_refusal_for(&self, op: &Operator) -> Option<String> {
-        if op.name == LOCAL_ADMIN && op.hub.as_deref() == Some(self.id.as_str()) {
+        if op.name == LOCAL_ADMIN && op.hub.as_deref() == Some(self.shared_id()) {
             return None;
         }
         self.stale_refusal()
@@ -439,7 +439,7 @@ impl Hub {
                  (--store-max-stale): it cannot reach etcd or its quorum. Retry through \
                  another hub, or once it reaches etcd again (a member whose agent is \
                  connected to this hub is reachable through no other meanwhile)",
-                self.id,
+                self.shared_id(),
                 age.as_secs_f64(),
                 max.as_secs_f64()
             )
@@ -1154,7 +1154,7 @@ pub async fn run(
             tls.ca_pem.clone(),
             caps,
         )
-        .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale), hub_id),
+        .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale)),
     );
 
     let base_status = HubStatus {
