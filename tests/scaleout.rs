@@ -1272,6 +1272,147 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
     );
 }
 
+/// A hub cut off from etcd refuses operators, and so every request
+/// another hub forwards to it for a member whose agent it holds: such
+/// members were out of every operator's reach for as long as the partition
+/// lasted. It hands its agents to a hub that can reach etcd (the next hub
+/// of their join command), refuses their tunnels and a load balancer's
+/// `/readyz` on its tunnel listener meanwhile, and takes tunnels again once
+/// it reaches etcd.
+#[test]
+fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
+    let etcd = Etcd::start();
+    let relay = Blackhole::start(etcd.client.clone());
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let store = format!("http://127.0.0.1:{}", relay.port);
+    let o = up_on_store(&b, &store, &["--store-max-stale", "3s"]);
+    assert!(o.ok(), "{o:?}");
+    let api = ApiServer::start();
+    let machine = Env::new();
+    let command = join(&b, &machine, "alpha", &api);
+    assert_eq!(
+        command.iter().filter(|w| *w == "--hub").count(),
+        2,
+        "the join command names both hubs, b's first: {command:?}"
+    );
+    let bob = operator_token(&a, "bob");
+    let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let through_a = || support::gateway_get(&a, &bob, "/clusters/alpha/version");
+    wait_for(
+        "bob reaches alpha (on hub b) through hub a",
+        Duration::from_secs(15),
+        || (through_a().0 == "200").then_some(()),
+    );
+    // Hub a names the hub holding alpha's session: b's id, for now.
+    let b_id = member(&a.status(), "alpha")["hub"].clone();
+    assert!(b_id.is_string(), "{}", a.status());
+    let tunnel = b.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ready_b = || support::curl_within(&format!("http://{tunnel}/readyz"), 5).stdout;
+    assert_eq!(ready_b().trim(), "ok");
+    let log = || std::fs::read_to_string(b.path("state/towerctl/hub.log")).unwrap_or_default();
+    let agent_log = || {
+        std::fs::read_to_string(machine.path("state/towerctl/agent-alpha.log")).unwrap_or_default()
+    };
+
+    // No other hub answers (hub a stopped by SIGSTOP, as if b were cut
+    // off from it too): b keeps its agents, whose members its own admin
+    // can still reach.
+    let a_pid = a.status()["hub"]["pid"].to_string();
+    let signal_a = |sig: &str| {
+        let o = Command::new("kill").args([sig, &a_pid]).output().unwrap();
+        assert!(o.status.success(), "kill {sig} {a_pid}: {o:?}");
+    };
+    relay.freeze_all();
+    signal_a("-STOP");
+    wait_for("hub b to refuse operators", Duration::from_secs(20), || {
+        log().contains("refusing operators' requests").then_some(())
+    });
+    // Hub a asked (and asked again) in between.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(!log().contains("handing"), "{}", log());
+    assert!(!agent_log().contains("tunnel down"), "{}", agent_log());
+    assert_eq!(ready_b().trim(), "ok");
+    signal_a("-CONT");
+    relay.thaw();
+    wait_for("hub b to serve again", Duration::from_secs(30), || {
+        log().contains("confirmed current again").then_some(())
+    });
+    wait_for(
+        "bob reaches alpha through hub a again",
+        Duration::from_secs(15),
+        || (through_a().0 == "200").then_some(()),
+    );
+
+    relay.freeze_all();
+    let frozen = Instant::now();
+    // Through b meanwhile: 503 (refused there), then 502s while the agent
+    // moves; then served by a, which holds the session itself.
+    wait_for(
+        "alpha's agent to move to hub a",
+        Duration::from_secs(30),
+        || {
+            let alpha = member(&a.status(), "alpha").clone();
+            (alpha["state"] == "connected" && alpha["hub"].is_string() && alpha["hub"] != b_id)
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "alpha's agent moved to hub a {:?} after the partition",
+        frozen.elapsed()
+    );
+    let (code, body) = through_a();
+    assert_eq!(code, "200", "bob reaches alpha through hub a: {body}");
+    // b refuses tunnels, and says so to a load balancer and to agents.
+    assert!(ready_b().contains("cannot reach etcd"), "{}", ready_b());
+    let upgrade = {
+        use std::io::{Read, Write};
+        let mut c = TcpStream::connect(&tunnel).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(
+            b"GET /tunnel HTTP/1.1\r\nHost: hub\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        answer
+    };
+    assert!(
+        upgrade.starts_with("HTTP/1.1 503") && upgrade.contains("x-towerctl-refusal"),
+        "an agent's upgrade is refused by hub b: {upgrade}"
+    );
+    assert!(
+        log().contains("handing 1 agents to the other hubs"),
+        "{}",
+        log()
+    );
+    assert!(
+        agent_log().contains("cannot reach etcd and refuses operators"),
+        "the agent says why it left hub b: {}",
+        agent_log()
+    );
+
+    relay.thaw();
+    wait_for(
+        "hub b to take tunnels again",
+        Duration::from_secs(30),
+        || (ready_b().trim() == "ok").then_some(()),
+    );
+    assert!(log().contains("taking agents' tunnels again"), "{}", log());
+    // Still served: the agent stays where it is.
+    assert_eq!(through_a().0, "200");
+    assert_eq!(
+        support::gateway_get(&b, &bob, "/clusters/alpha/version").0,
+        "200",
+        "and through b, forwarded to a"
+    );
+}
+
 /// A hub whose etcd member has lost its quorum (the two others stopped)
 /// is not confirmed by that member: it still opens watches and answers
 /// serializable reads, but nothing that needs the quorum. Past

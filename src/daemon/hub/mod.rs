@@ -356,6 +356,10 @@ pub struct Hub {
     confirmed_ms: AtomicU64,
     /// Whether the last check found the registry unconfirmed for longer.
     stale_seen: std::sync::atomic::AtomicBool,
+    /// Set while this hub, refusing operators, hands its agents to another
+    /// hub that is ready (see `peer::hand_off`): the tunnel listener
+    /// refuses agents' upgrades and its `/readyz` answers 503.
+    handing_off: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -390,6 +394,7 @@ impl Hub {
             max_stale: None,
             confirmed_ms: AtomicU64::new(super::store_etcd::boot_ms()),
             stale_seen: Default::default(),
+            handing_off: Default::default(),
         }
     }
 
@@ -402,7 +407,7 @@ impl Hub {
     }
 
     /// This hub's id in a shared registry (etcd).
-    fn shared_id(&self) -> &str {
+    pub(super) fn shared_id(&self) -> &str {
         self.cluster.get().map_or("", |c| c.id.as_str())
     }
 
@@ -437,8 +442,8 @@ impl Hub {
                 "towerctl hub '{}' cannot confirm operators' access: its copy of the shared \
                  registry was last confirmed current {:.1}s ago, over the {}s allowed \
                  (--store-max-stale): it cannot reach etcd or its quorum. Retry through \
-                 another hub, or once it reaches etcd again (a member whose agent is \
-                 connected to this hub is reachable through no other meanwhile)",
+                 another hub, or once it reaches etcd again (agents connected to this hub \
+                 move to another hub, if one reaches etcd)",
                 self.shared_id(),
                 age.as_secs_f64(),
                 max.as_secs_f64()
@@ -472,6 +477,12 @@ impl Hub {
             ),
             (false, None) => {}
         }
+    }
+
+    /// Whether this hub hands its agents to other hubs now (see
+    /// `peer::hand_off`): agents' tunnels are refused here meanwhile.
+    pub fn handing_off(&self) -> bool {
+        self.handing_off.load(Ordering::Relaxed)
     }
 
     /// With several hubs: every other live hub's tunnel URL.

@@ -279,6 +279,39 @@ impl Cluster {
         v
     }
 
+    /// The gateway URL of another live hub that answers `/readyz` with 200
+    /// (its registry confirmed current), if one does; each is given
+    /// [`READY_DEADLINE`].
+    async fn ready_peer(&self, hub: &Hub) -> Option<String> {
+        let mut peers: Vec<String> = self
+            .store
+            .cached_under("hubs/")
+            .into_iter()
+            .filter_map(|(_, b, _)| serde_json::from_slice::<HubInfo>(&b).ok())
+            .map(|h| h.gateway_url)
+            .filter(|u| *u != self.info.gateway_url)
+            .collect();
+        peers.dedup();
+        for peer in peers {
+            let ask = async {
+                let mut sender = self.dial(hub, &peer).await.ok()?;
+                let authority = url::Url::parse(&peer).ok().and_then(|u| {
+                    Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?))
+                })?;
+                let req = Request::get("/readyz")
+                    .header(header::HOST, authority)
+                    .body(full(bytes::Bytes::new()))
+                    .ok()?;
+                sender.send_request(req).await.ok()
+            };
+            match tokio::time::timeout(READY_DEADLINE, ask).await {
+                Ok(Some(r)) if r.status() == StatusCode::OK => return Some(peer),
+                _ => tracing::debug!("hub at {peer} is not ready to take agents"),
+            }
+        }
+        None
+    }
+
     /// The hub holding `name`'s session, and the owner key's revision.
     pub fn owner(&self, name: &str) -> Option<(Owner, i64)> {
         let (b, rev) = self.store.cached(&format!("owners/{name}"))?;
@@ -537,6 +570,7 @@ pub async fn run(
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hand_off = HandOff::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -591,9 +625,110 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 hub.check_stale();
+                hand_off.tick(&hub, &cluster);
                 cluster.reconcile(&hub);
             }
         }
+    }
+}
+
+/// How often a hub that refuses operators asks the other hubs whether one
+/// of them is ready to take its agents.
+const HAND_OFF_EVERY: Duration = Duration::from_secs(5);
+
+/// Longest wait for one other hub's answer to `/readyz`.
+const READY_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Moves a cut-off hub's agents to a hub that is not cut off.
+///
+/// A hub whose registry has gone unconfirmed past `--store-max-stale`
+/// refuses operators ([`Hub::stale_refusal`]), and requests other hubs
+/// forward to it for the members whose agents it holds get the same
+/// refusal: those members would be out of every operator's reach for as
+/// long as it cannot reach etcd. So while it refuses, it asks the other
+/// hubs' gateways (`/readyz`: 200 when their registry is confirmed) every
+/// [`HAND_OFF_EVERY`]; when one is ready, it closes its agents' sessions
+/// (not as revoked: each agent dials the next hub of its join command, or
+/// its load balancer again) and refuses their tunnels with 503 meanwhile,
+/// its tunnel listener's `/readyz` too, so that a load balancer sends
+/// them elsewhere. When no other hub is ready (etcd down for all, or this
+/// hub cut off from them too) it keeps its agents, and takes them again:
+/// its own admin can still reach their members. Ends when the registry
+/// is confirmed again.
+#[derive(Default)]
+struct HandOff {
+    next: Option<tokio::time::Instant>,
+    asking: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HandOff {
+    fn tick(&mut self, hub: &Arc<Hub>, cluster: &Arc<Cluster>) {
+        let now = tokio::time::Instant::now();
+        if hub.stale_refusal().is_none() {
+            self.next = None;
+            if hub.handing_off.swap(false, Ordering::SeqCst) {
+                tracing::warn!(
+                    "the shared registry is confirmed current again: taking agents' tunnels again"
+                );
+            }
+            return;
+        }
+        if self.next.is_some_and(|t| now < t) || self.asking.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.next = Some(now + HAND_OFF_EVERY);
+        let (hub, cluster, asking) = (hub.clone(), cluster.clone(), self.asking.clone());
+        tokio::spawn(async move {
+            let ready = cluster.ready_peer(&hub).await;
+            hand_off(&hub, ready);
+            asking.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// What [`HandOff`] does once the other hubs answered: `ready`, the
+/// gateway of one that is ready, if any.
+fn hand_off(hub: &Hub, ready: Option<String>) {
+    // Confirmed while the others were asked: nothing to hand off.
+    if hub.stale_refusal().is_none() {
+        return;
+    }
+    let Some(ready) = ready else {
+        if hub.handing_off.swap(false, Ordering::SeqCst) {
+            tracing::warn!(
+                "no other hub is ready now: taking agents' tunnels again (their members are \
+                 reachable through this hub by its own admin only, until it reaches etcd)"
+            );
+        }
+        return;
+    };
+    let first = !hub.handing_off.swap(true, Ordering::SeqCst);
+    let why = format!(
+        "towerctl hub '{}' cannot reach etcd and refuses operators (--store-max-stale): \
+         reconnect to another hub of the group",
+        hub.shared_id()
+    );
+    let sessions: Vec<Arc<LiveSession>> = hub
+        .sessions
+        .read()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let mut n = 0;
+    for s in sessions {
+        if s.close_reason.lock().map(|r| r.is_some()).unwrap_or(true) {
+            continue;
+        }
+        n += 1;
+        hub.event(&s.name, why.clone());
+        let why = why.clone();
+        hub.tasks.spawn(async move { s.close(&why).await });
+    }
+    if first || n > 0 {
+        tracing::warn!(
+            "this hub cannot reach etcd and the hub at {ready} can: handing {n} agents to the \
+             other hubs (closing their sessions; agents' tunnels are refused here until the \
+             registry is confirmed current again)"
+        );
     }
 }
 

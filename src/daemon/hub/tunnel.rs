@@ -52,6 +52,9 @@ struct NotAnUpgrade {
     why: Option<String>,
     /// Whether the answer has a body (not for HEAD).
     body: bool,
+    /// A load balancer's readiness check (`/readyz`): answered 503 while
+    /// the hub hands its agents to other hubs.
+    readiness: bool,
 }
 
 /// What the tunnel listener says to what is not an agent's upgrade.
@@ -107,6 +110,7 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
             problem,
             why: Some(format!("{why} (\"{}\"): answered {status}", line())),
             body: true,
+            readiness: false,
         })
     };
     let bad = |problem, why: &str| refuse("400 Bad Request", "", problem, why.to_string());
@@ -128,6 +132,7 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
                     .to_string(),
             ),
             body: false,
+            readiness: false,
         });
     }
     if complete {
@@ -155,6 +160,7 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
                     problem: "ok",
                     why: None,
                     body: method == "GET",
+                    readiness: path == "/readyz",
                 });
             }
         }
@@ -248,6 +254,31 @@ impl NotAnUpgrade {
         }
         crate::daemon::http::answer_and_close(io, answer.as_bytes()).await;
     }
+}
+
+/// The answer to an agent's upgrade or a readiness check (`with_body`:
+/// not to HEAD) while the hub hands its agents to other hubs
+/// (`peer::HandOff`): 503, with [`tunnel::REFUSAL_HEADER`] so that the
+/// agent shows the reason.
+async fn refuse_while_handing_off<S>(io: &mut S, id: &str, with_body: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let body = format!(
+        "not ready: towerctl hub '{id}' cannot reach etcd and hands its agents to another hub \
+         of the group that can (it takes tunnels again once it reaches etcd)\n"
+    );
+    let mut answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nCache-Control: no-store\r\nRetry-After: 5\r\n{}: \
+         handing-off\r\nConnection: close\r\n\r\n",
+        body.len(),
+        tunnel::REFUSAL_HEADER,
+    );
+    if with_body {
+        answer.push_str(&body);
+    }
+    crate::daemon::http::answer_and_close(io, answer.as_bytes()).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -427,7 +458,21 @@ async fn tunnel_session(
             // Connected and closed: a TCP health check.
             return Ok(None);
         }
-        if let Some(answer) = not_an_upgrade(head.bytes, head.complete) {
+        let answer = not_an_upgrade(head.bytes, head.complete);
+        // Handing agents to other hubs: not ready, and no tunnel taken.
+        if hub.handing_off() && answer.as_ref().is_none_or(|a| a.readiness) {
+            lift();
+            let agent = answer.is_none();
+            let body = answer.is_none_or(|a| a.body);
+            refuse_while_handing_off(gate.get_mut(), hub.shared_id(), body).await;
+            return match agent {
+                true => Err(anyhow::anyhow!(
+                    "a tunnel refused: this hub hands its agents to other hubs (it cannot reach etcd)"
+                )),
+                false => Ok(None),
+            };
+        }
+        if let Some(answer) = answer {
             // What the client still sends is read (and dropped) unchecked.
             lift();
             answer.send(gate.get_mut()).await;
