@@ -677,15 +677,6 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         return format!("WebSocket handshake failed: {e}");
     };
     let status = response.status();
-    if response.headers().contains_key(super::REFUSAL_HEADER) {
-        let said = response
-            .body()
-            .as_deref()
-            .map(|b| super::escape_for_log(String::from_utf8_lossy(b).trim(), 300))
-            .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| "the hub takes no tunnels now".to_string());
-        return format!("the hub refused the tunnel for now (HTTP {status}): {said}");
-    }
     let hint = match status.as_u16() {
         300..=399 => {
             let to = response
@@ -759,18 +750,6 @@ mod tests {
         );
         assert!(said(426).contains("Upgrade"));
         assert!(said(418).contains("refused the upgrade"));
-        let mut refused =
-            http::Response::new(Some(b"not ready: hub 'b' cannot reach etcd\n".to_vec()));
-        *refused.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-        refused.headers_mut().insert(
-            crate::tunnel::REFUSAL_HEADER,
-            http::HeaderValue::from_static("handing-off"),
-        );
-        let refused = handshake_failure(&Error::Http(Box::new(refused)));
-        assert_eq!(
-            refused,
-            "the hub refused the tunnel for now (HTTP 503 Service Unavailable): not ready: hub 'b' cannot reach etcd"
-        );
         let other = handshake_failure(&Error::ConnectionClosed);
         assert!(other.starts_with("WebSocket handshake failed: "), "{other}");
         assert!(!other.contains("HTTP"), "{other}");

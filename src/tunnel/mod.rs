@@ -43,11 +43,6 @@ pub const AUTH_PREFIX: &str = "auth: ";
 /// the agent stops instead of reconnecting.
 pub const REVOKED_PREFIX: &str = "revoked: ";
 
-/// Marks a hub's own refusal of a tunnel's WebSocket upgrade (not an
-/// ingress's or a proxy's): the agent shows the answer's body as the
-/// reason, and dials the next hub.
-pub const REFUSAL_HEADER: &str = "x-towerctl-refusal";
-
 /// Default interval between keepalives; a peer silent for three of them is
 /// declared dead.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);

@@ -589,14 +589,24 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     if sni.is_none() && matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
         // Not ready while it refuses operators (a registry it cannot
         // confirm): a load balancer sends them to another hub.
-        if path == "/readyz" && hub.stale_refusal().is_some() {
+        let mut resp = if path == "/readyz" && hub.stale_refusal().is_some() {
             let mut resp = Response::new(full(Bytes::from_static(
                 b"not ready: the shared registry is unconfirmed (--store-max-stale)",
             )));
             *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            return resp;
+            resp
+        } else {
+            Response::new(full(Bytes::from_static(b"ok")))
+        };
+        // With several hubs: for a cut-off hub deciding whether this one
+        // reaches etcd (`peer::HandOff`).
+        if path == "/readyz" && hub.cluster.get().is_some() {
+            resp.headers_mut().insert(
+                super::peer::REGISTRY_AGE_HEADER,
+                HeaderValue::from(hub.registry_age().as_millis() as u64),
+            );
         }
-        return Response::new(full(Bytes::from_static(b"ok")));
+        return resp;
     }
     if path == "/towerctl/v1/ca.crt" {
         // Public: the client checks it against the hash it was given.

@@ -357,9 +357,11 @@ pub struct Hub {
     /// Whether the last check found the registry unconfirmed for longer.
     stale_seen: std::sync::atomic::AtomicBool,
     /// Set while this hub, refusing operators, hands its agents to another
-    /// hub that is ready (see `peer::hand_off`): the tunnel listener
-    /// refuses agents' upgrades and its `/readyz` answers 503.
+    /// hub that reaches etcd (`peer::HandOff`): agents logging in are sent
+    /// on, and the tunnel listener's `/readyz` answers 503.
     handing_off: std::sync::atomic::AtomicBool,
+    /// Members sent on since the hand-off began, and how many times.
+    handed_off: Mutex<HashMap<String, u32>>,
 }
 
 impl Hub {
@@ -395,6 +397,7 @@ impl Hub {
             confirmed_ms: AtomicU64::new(super::store_etcd::boot_ms()),
             stale_seen: Default::default(),
             handing_off: Default::default(),
+            handed_off: Default::default(),
         }
     }
 
@@ -435,8 +438,7 @@ impl Hub {
     /// check fails closed instead.
     pub fn stale_refusal(&self) -> Option<String> {
         let max = self.max_stale?;
-        let confirmed = self.confirmed_ms.load(Ordering::SeqCst);
-        let age = Duration::from_millis(super::store_etcd::boot_ms().saturating_sub(confirmed));
+        let age = self.registry_age();
         (age > max).then(|| {
             format!(
                 "towerctl hub '{}' cannot confirm operators' access: its copy of the shared \
@@ -449,6 +451,13 @@ impl Hub {
                 max.as_secs_f64()
             )
         })
+    }
+
+    /// How long ago the shared registry was last confirmed current (see
+    /// [`Hub::registry_confirmed`]).
+    pub fn registry_age(&self) -> Duration {
+        let confirmed = self.confirmed_ms.load(Ordering::SeqCst);
+        Duration::from_millis(super::store_etcd::boot_ms().saturating_sub(confirmed))
     }
 
     /// Run every second with a shared registry: on turning stale (see
@@ -479,8 +488,8 @@ impl Hub {
         }
     }
 
-    /// Whether this hub hands its agents to other hubs now (see
-    /// `peer::hand_off`): agents' tunnels are refused here meanwhile.
+    /// Whether this hub hands its agents to other hubs now
+    /// (`peer::HandOff`).
     pub fn handing_off(&self) -> bool {
         self.handing_off.load(Ordering::Relaxed)
     }

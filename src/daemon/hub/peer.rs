@@ -279,10 +279,10 @@ impl Cluster {
         v
     }
 
-    /// The gateway URL of another live hub that answers `/readyz` with 200
-    /// (its registry confirmed current), if one does; each is given
-    /// [`READY_DEADLINE`].
-    async fn ready_peer(&self, hub: &Hub) -> Option<String> {
+    /// The gateway URL of another live hub that reaches etcd, if one does:
+    /// its `/readyz` says its registry was confirmed less than `within`
+    /// ago ([`REGISTRY_AGE_HEADER`]). Each is given [`READY_DEADLINE`].
+    async fn peer_reaching_etcd(&self, hub: &Hub, within: Duration) -> Option<String> {
         let mut peers: Vec<String> = self
             .store
             .cached_under("hubs/")
@@ -291,6 +291,7 @@ impl Cluster {
             .map(|h| h.gateway_url)
             .filter(|u| *u != self.info.gateway_url)
             .collect();
+        peers.sort();
         peers.dedup();
         for peer in peers {
             let ask = async {
@@ -302,11 +303,17 @@ impl Cluster {
                     .header(header::HOST, authority)
                     .body(full(bytes::Bytes::new()))
                     .ok()?;
-                sender.send_request(req).await.ok()
+                let resp = sender.send_request(req).await.ok()?;
+                let age = resp.headers().get(REGISTRY_AGE_HEADER)?.to_str().ok()?;
+                let age = Duration::from_millis(age.parse().ok()?);
+                (resp.status() == StatusCode::OK).then_some(age)
             };
             match tokio::time::timeout(READY_DEADLINE, ask).await {
-                Ok(Some(r)) if r.status() == StatusCode::OK => return Some(peer),
-                _ => tracing::debug!("hub at {peer} is not ready to take agents"),
+                Ok(Some(age)) if age < within => return Some(peer),
+                Ok(Some(age)) => tracing::debug!(
+                    "hub at {peer} last confirmed the registry {age:?} ago: not taken for one that reaches etcd"
+                ),
+                _ => tracing::debug!("hub at {peer} does not answer ready"),
             }
         }
         None
@@ -633,81 +640,123 @@ pub async fn run(
 }
 
 /// How often a hub that refuses operators asks the other hubs whether one
-/// of them is ready to take its agents.
+/// of them reaches etcd.
 const HAND_OFF_EVERY: Duration = Duration::from_secs(5);
 
 /// Longest wait for one other hub's answer to `/readyz`.
 const READY_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Moves a cut-off hub's agents to a hub that is not cut off.
+/// Rounds in a row without another hub that reaches etcd before a hub
+/// handing its agents off takes them again: one slow answer (the other
+/// hub busy taking the agents) does not bounce them back.
+const HAND_OFF_MISSES: u32 = 3;
+
+/// Times one member's agent is sent on during one hand-off: an agent that
+/// reaches no other hub (its join command names only this one, or the
+/// others are out of its reach) comes back, and is kept after that.
+const HAND_OFF_TRIES: u32 = 3;
+
+/// The header of the gateway's `/readyz` answer on a hub on etcd: how long
+/// ago its registry was last confirmed current, in milliseconds.
+pub const REGISTRY_AGE_HEADER: &str = "x-towerctl-registry-age-ms";
+
+/// Moves a cut-off hub's agents to a hub that reaches etcd.
 ///
 /// A hub whose registry has gone unconfirmed past `--store-max-stale`
-/// refuses operators ([`Hub::stale_refusal`]), and requests other hubs
-/// forward to it for the members whose agents it holds get the same
-/// refusal: those members would be out of every operator's reach for as
-/// long as it cannot reach etcd. So while it refuses, it asks the other
-/// hubs' gateways (`/readyz`: 200 when their registry is confirmed) every
-/// [`HAND_OFF_EVERY`]; when one is ready, it closes its agents' sessions
-/// (not as revoked: each agent dials the next hub of its join command, or
-/// its load balancer again) and refuses their tunnels with 503 meanwhile,
-/// its tunnel listener's `/readyz` too, so that a load balancer sends
-/// them elsewhere. When no other hub is ready (etcd down for all, or this
-/// hub cut off from them too) it keeps its agents, and takes them again:
-/// its own admin can still reach their members. Ends when the registry
-/// is confirmed again.
+/// refuses operators ([`Hub::stale_refusal`]), and so every request other
+/// hubs forward to it for the members whose agents it holds: those members
+/// would be out of every operator's reach for as long as it cannot reach
+/// etcd. So while it refuses, it asks the other hubs' gateways for
+/// `/readyz` every [`HAND_OFF_EVERY`], and takes one for a hub that reaches
+/// etcd only if it confirmed its registry after this one turned stale
+/// (its [`REGISTRY_AGE_HEADER`] is below this hub's age less the limit): in
+/// an outage of etcd for all, each hub's last confirmation predates that
+/// (hubs confirm a quiet registry every sixth of the limit), so the first
+/// hub to turn stale does not move its agents to hubs about to turn stale
+/// too. While one does, this hub closes its agents' sessions (not as
+/// revoked: each dials the next hub of its join command, or its load
+/// balancer again), sends on each agent logging in, at most
+/// [`HAND_OFF_TRIES`] times per member (an agent that reaches no other hub
+/// comes back and is kept), and answers 503 on its tunnel listener's
+/// `/readyz` so that a load balancer sends agents elsewhere. After
+/// [`HAND_OFF_MISSES`] rounds without such a hub, or once its registry is
+/// confirmed again, it takes agents as before.
 #[derive(Default)]
 struct HandOff {
     next: Option<tokio::time::Instant>,
     asking: Arc<std::sync::atomic::AtomicBool>,
+    misses: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl HandOff {
     fn tick(&mut self, hub: &Arc<Hub>, cluster: &Arc<Cluster>) {
         let now = tokio::time::Instant::now();
-        if hub.stale_refusal().is_none() {
+        let Some(max) = hub.max_stale.filter(|_| hub.stale_refusal().is_some()) else {
             self.next = None;
-            if hub.handing_off.swap(false, Ordering::SeqCst) {
+            if end_hand_off(hub) {
                 tracing::warn!(
-                    "the shared registry is confirmed current again: taking agents' tunnels again"
+                    "the shared registry is confirmed current again: taking agents as before"
                 );
             }
             return;
-        }
+        };
         if self.next.is_some_and(|t| now < t) || self.asking.swap(true, Ordering::SeqCst) {
             return;
         }
         self.next = Some(now + HAND_OFF_EVERY);
-        let (hub, cluster, asking) = (hub.clone(), cluster.clone(), self.asking.clone());
+        // Cleared however the task ends.
+        struct Asking(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Asking {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let asking = Asking(self.asking.clone());
+        let (hub, cluster, misses) = (hub.clone(), cluster.clone(), self.misses.clone());
         tokio::spawn(async move {
-            let ready = cluster.ready_peer(&hub).await;
-            hand_off(&hub, ready);
-            asking.store(false, Ordering::SeqCst);
+            let _asking = asking;
+            let within = hub.registry_age().saturating_sub(max);
+            match cluster.peer_reaching_etcd(&hub, within).await {
+                Some(peer) => {
+                    misses.store(0, Ordering::SeqCst);
+                    hand_off(&hub, &peer);
+                }
+                // Ended only after a few rounds without one.
+                None if misses.fetch_add(1, Ordering::SeqCst) + 1 >= HAND_OFF_MISSES
+                    && end_hand_off(&hub) =>
+                {
+                    tracing::warn!(
+                        "no other hub reaches etcd now: taking agents as before (their members \
+                         are reachable through this hub by its own admin only, until it \
+                         reaches etcd again)"
+                    );
+                }
+                None => {}
+            }
         });
     }
 }
 
-/// What [`HandOff`] does once the other hubs answered: `ready`, the
-/// gateway of one that is ready, if any.
-fn hand_off(hub: &Hub, ready: Option<String>) {
-    // Confirmed while the others were asked: nothing to hand off.
-    if hub.stale_refusal().is_none() {
-        return;
-    }
-    let Some(ready) = ready else {
-        if hub.handing_off.swap(false, Ordering::SeqCst) {
-            tracing::warn!(
-                "no other hub is ready now: taking agents' tunnels again (their members are \
-                 reachable through this hub by its own admin only, until it reaches etcd)"
-            );
+/// Ends a hand-off; whether one was under way.
+fn end_hand_off(hub: &Hub) -> bool {
+    let mut handed = hub.handed_off.lock().unwrap_or_else(|e| e.into_inner());
+    handed.clear();
+    hub.handing_off.swap(false, Ordering::SeqCst)
+}
+
+/// Sends this hub's agents to the others, `peer` reaching etcd (see
+/// [`HandOff`]).
+fn hand_off(hub: &Hub, peer: &str) {
+    let first = {
+        let _turn = hub.handed_off.lock().unwrap_or_else(|e| e.into_inner());
+        // Confirmed while the others were asked: nothing to hand off (and
+        // a confirmation now waits for the flag, then clears it).
+        if hub.stale_refusal().is_none() {
+            return;
         }
-        return;
+        !hub.handing_off.swap(true, Ordering::SeqCst)
     };
-    let first = !hub.handing_off.swap(true, Ordering::SeqCst);
-    let why = format!(
-        "towerctl hub '{}' cannot reach etcd and refuses operators (--store-max-stale): \
-         reconnect to another hub of the group",
-        hub.shared_id()
-    );
+    // After the flag: a session registered from now on sends itself on.
     let sessions: Vec<Arc<LiveSession>> = hub
         .sessions
         .read()
@@ -718,18 +767,44 @@ fn hand_off(hub: &Hub, ready: Option<String>) {
         if s.close_reason.lock().map(|r| r.is_some()).unwrap_or(true) {
             continue;
         }
-        n += 1;
-        hub.event(&s.name, why.clone());
-        let why = why.clone();
-        hub.tasks.spawn(async move { s.close(&why).await });
+        if let Some(why) = hand_off_refusal(hub, &s.name) {
+            n += 1;
+            hub.tasks.spawn(async move { s.close(&why).await });
+        }
     }
-    if first || n > 0 {
+    if first {
         tracing::warn!(
-            "this hub cannot reach etcd and the hub at {ready} can: handing {n} agents to the \
-             other hubs (closing their sessions; agents' tunnels are refused here until the \
-             registry is confirmed current again)"
+            "this hub cannot reach etcd and the hub at {peer} can: handing {n} agents to the \
+             other hubs (each sent on up to {HAND_OFF_TRIES} times, then kept)"
         );
+    } else if n > 0 {
+        tracing::info!("handing {n} more agents to the other hubs");
     }
+}
+
+/// Why the session of member `name` is closed while this hub hands its
+/// agents to other hubs ([`HandOff`]): `None` when it is not, or when the
+/// member was sent on [`HAND_OFF_TRIES`] times already (its agent reaches
+/// no other hub: kept).
+pub(super) fn hand_off_refusal(hub: &Hub, name: &str) -> Option<String> {
+    if !hub.handing_off() {
+        return None;
+    }
+    let mut handed = hub.handed_off.lock().ok()?;
+    if !hub.handing_off() {
+        return None;
+    }
+    // Bounded by the members this hub holds sessions of.
+    let tries = handed.entry(name.to_string()).or_insert(0);
+    if *tries >= HAND_OFF_TRIES {
+        return None;
+    }
+    *tries += 1;
+    let why = "this towerctl hub cannot reach etcd and refuses operators \
+               (--store-max-stale): reconnect to another hub of the group"
+        .to_string();
+    hub.event(name, why.clone());
+    Some(why)
 }
 
 /// Hook for [`Hub::register`].

@@ -256,27 +256,22 @@ impl NotAnUpgrade {
     }
 }
 
-/// The answer to an agent's upgrade or a readiness check (`with_body`:
-/// not to HEAD) while the hub hands its agents to other hubs
-/// (`peer::HandOff`): 503, with [`tunnel::REFUSAL_HEADER`] so that the
-/// agent shows the reason.
-async fn refuse_while_handing_off<S>(io: &mut S, id: &str, with_body: bool)
+/// The answer to a readiness check (`with_body`: not to HEAD) while the
+/// hub hands its agents to other hubs (`peer::HandOff`).
+async fn not_ready<S>(io: &mut S, with_body: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let body = format!(
-        "not ready: towerctl hub '{id}' cannot reach etcd and hands its agents to another hub \
-         of the group that can (it takes tunnels again once it reaches etcd)\n"
-    );
+    let body = "not ready: this towerctl hub cannot reach etcd and hands its agents to \
+                another hub of the group\n";
     let mut answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nCache-Control: no-store\r\nRetry-After: 5\r\n{}: \
-         handing-off\r\nConnection: close\r\n\r\n",
+         Content-Length: {}\r\nCache-Control: no-store\r\nRetry-After: 5\r\n\
+         Connection: close\r\n\r\n",
         body.len(),
-        tunnel::REFUSAL_HEADER,
     );
     if with_body {
-        answer.push_str(&body);
+        answer.push_str(body);
     }
     crate::daemon::http::answer_and_close(io, answer.as_bytes()).await;
 }
@@ -459,18 +454,12 @@ async fn tunnel_session(
             return Ok(None);
         }
         let answer = not_an_upgrade(head.bytes, head.complete);
-        // Handing agents to other hubs: not ready, and no tunnel taken.
-        if hub.handing_off() && answer.as_ref().is_none_or(|a| a.readiness) {
+        // Handing agents to other hubs: a load balancer's readiness check
+        // is told to send them elsewhere.
+        if let Some(a) = answer.as_ref().filter(|a| a.readiness && hub.handing_off()) {
             lift();
-            let agent = answer.is_none();
-            let body = answer.is_none_or(|a| a.body);
-            refuse_while_handing_off(gate.get_mut(), hub.shared_id(), body).await;
-            return match agent {
-                true => Err(anyhow::anyhow!(
-                    "a tunnel refused: this hub hands its agents to other hubs (it cannot reach etcd)"
-                )),
-                false => Ok(None),
-            };
+            not_ready(gate.get_mut(), a.body).await;
+            return Ok(None);
         }
         if let Some(answer) = answer {
             // What the client still sends is read (and dropped) unchecked.
@@ -579,6 +568,11 @@ async fn tunnel_session(
             let why = super::auth::revoked_reason(&live.name);
             live.close(&why).await;
         }
+    }
+    // Handing agents to other hubs (after registering: a hand-off that
+    // began meanwhile sees this session, or this sees it).
+    if let Some(why) = super::peer::hand_off_refusal(&hub, &live.name) {
+        live.close(&why).await;
     }
 
     // A ping goes out at most one interval after the last answer and gets
