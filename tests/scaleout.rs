@@ -1400,6 +1400,16 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
     );
     std::thread::sleep(Duration::from_secs(6));
     assert_eq!(sent_on(), 3, "{}", log());
+    // The agent says why, each time (not "hub declared dead": its
+    // keepalive fails at once on a closed session, before the reason).
+    assert_eq!(
+        agent_log_of("beta")
+            .matches("cannot reach etcd and refuses operators")
+            .count(),
+        3,
+        "{}",
+        agent_log_of("beta")
+    );
     assert_eq!(member(&b.status(), "beta")["state"], "connected");
     assert!(
         agent_log().contains("cannot reach etcd and refuses operators"),

@@ -300,7 +300,7 @@ async fn tunnel_loop(
                     }
                     s.event(format!("connected to {}", opts.url));
                 });
-                let closed = sess.take_closed();
+                let mut closed = std::pin::pin!(sess.take_closed());
                 // Shared with the push-mode listeners for as long as it lives.
                 let sess = Arc::new(sess);
                 current.send_replace(Some(sess.clone()));
@@ -322,8 +322,22 @@ async fn tunnel_loop(
                         tokio::time::sleep(keepalive).await;
                     }
                 };
-                let why = tokio::select! {
-                    end = closed => {
+                let ended = tokio::select! {
+                    end = &mut closed => Ok(end),
+                    // A ping fails at once on a session the hub closed: its
+                    // reason, when it comes right after, says more.
+                    _ = pinger => tokio::time::timeout(Duration::from_millis(300), &mut closed)
+                        .await
+                        .map_err(|_| format!("no answer to keepalives within {:?}: hub declared dead", crate::tunnel::ping_deadline(keepalive))),
+                    _ = cancel.cancelled() => {
+                        current.send_replace(None);
+                        sess.farewell("agent stopped").await;
+                        return Ok(());
+                    }
+                };
+                let why = match ended {
+                    Err(why) => why,
+                    Ok(end) => {
                         if end.revoked {
                             let reason = end.from_hub.unwrap_or(end.reason);
                             set(&|s| {
@@ -334,12 +348,6 @@ async fn tunnel_loop(
                             return Err(anyhow::Error::new(TunnelError::Revoked { reason }));
                         }
                         end.reason
-                    }
-                    _ = pinger => format!("no answer to keepalives within {:?}: hub declared dead", crate::tunnel::ping_deadline(keepalive)),
-                    _ = cancel.cancelled() => {
-                        current.send_replace(None);
-                        sess.farewell("agent stopped").await;
-                        return Ok(());
                     }
                 };
                 current.send_replace(None);
