@@ -47,6 +47,9 @@ pub struct DialOptions {
     /// string's comment (RFC 4253 4.2), e.g. `impersonate`; the hub reads
     /// them as [`super::server::ServerSession::features`].
     pub features: Vec<String>,
+    /// The hub group's tunnel URLs as a hub last told them
+    /// ([`super::TARGET_HUBS`]), for the agent to fail over to.
+    pub learned_hubs: Arc<Mutex<Vec<String>>>,
 }
 
 /// Serves channels the hub opens. Implemented by the agent daemon.
@@ -64,6 +67,7 @@ pub struct AgentHandler {
     seen_key: Arc<Mutex<Option<String>>>,
     service: Arc<dyn ChannelService>,
     closed: Option<oneshot::Sender<SessionEnd>>,
+    learned_hubs: Arc<Mutex<Vec<String>>>,
 }
 
 /// Why a session ended.
@@ -119,6 +123,19 @@ impl russh::client::Handler for AgentHandler {
     ) -> Result<(), Self::Error> {
         if connected_address == TARGET_PING {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        } else if connected_address == super::TARGET_HUBS {
+            let hubs = super::parse_hub_list(originator_address);
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            if let Ok(mut learned) = self.learned_hubs.lock() {
+                if *learned != hubs {
+                    tracing::info!(
+                        "the hub names {} hubs in its group, dialed after the join command's when a session ends: {}",
+                        hubs.len(),
+                        super::escape_for_log(&hubs.join(" "), 2000)
+                    );
+                    *learned = hubs;
+                }
+            }
         } else if self.service.accepts(connected_address, connected_port) {
             reply.accept().await;
             // Answers to API requests get a smaller window than raw
@@ -482,6 +499,7 @@ async fn connect_inner(
         seen_key: seen_key.clone(),
         service,
         closed: Some(closed_tx),
+        learned_hubs: opts.learned_hubs.clone(),
     };
     let io = WsIo::new(ws);
     let alive = io.liveness();

@@ -35,6 +35,38 @@ pub const TARGET_PING: &str = "towerctl.ping";
 pub const TARGET_FAREWELL: &str = "towerctl.farewell";
 /// Longest farewell reason the hub keeps.
 pub const FAREWELL_MAX: usize = 200;
+/// Channel target the hub opens toward an agent right after its login,
+/// with every hub of its group's tunnel URL in the originator address
+/// (space-separated): the agent keeps them to dial when its session ends,
+/// after the hubs of its join command, so that an agent joined before
+/// another hub existed fails over to it too. The agent refuses the channel
+/// (the refusal is the acknowledgment). Sent to agents that declare
+/// [`FEATURE_HUBS`].
+pub const TARGET_HUBS: &str = "towerctl.hubs";
+/// The agent's feature word for [`TARGET_HUBS`].
+pub const FEATURE_HUBS: &str = "hubs";
+/// Most hub URLs an agent takes from [`TARGET_HUBS`], and the longest one.
+pub const MAX_LEARNED_HUBS: usize = 16;
+pub const MAX_HUB_URL: usize = 512;
+
+/// The hub URLs in a [`TARGET_HUBS`] list that an agent may dial: `ws://`
+/// or `wss://` with a host, at most [`MAX_HUB_URL`] bytes each, at most
+/// [`MAX_LEARNED_HUBS`]; anything else is dropped.
+pub fn parse_hub_list(list: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for u in list.split_ascii_whitespace() {
+        if out.len() == MAX_LEARNED_HUBS {
+            break;
+        }
+        let ok = u.len() <= MAX_HUB_URL
+            && url::Url::parse(u)
+                .is_ok_and(|p| matches!(p.scheme(), "ws" | "wss") && p.host_str().is_some());
+        if ok && !out.iter().any(|o| o == u) {
+            out.push(u.to_string());
+        }
+    }
+    out
+}
 
 /// Prefix of a hub's disconnect reason that explains an authentication
 /// refusal; the agent prints it and stops.
@@ -389,6 +421,28 @@ where
 /// (two full intervals measured 3.1 s with a 1 s interval).
 pub fn ping_deadline(keepalive: std::time::Duration) -> std::time::Duration {
     keepalive * 9 / 5
+}
+
+#[cfg(test)]
+mod hub_list_tests {
+    #[test]
+    fn a_hub_list_keeps_only_what_an_agent_may_dial() {
+        let long = format!("ws://{}.example/", "h".repeat(super::MAX_HUB_URL));
+        let list = format!(
+            "ws://a:1/tunnel  wss://b.example/t\tws://a:1/tunnel http://c/ file:///etc/passwd \
+             ws:// {long} not-a-url wss://[::1]:8443/t"
+        );
+        assert_eq!(
+            super::parse_hub_list(&list),
+            ["ws://a:1/tunnel", "wss://b.example/t", "wss://[::1]:8443/t"]
+        );
+        let many: Vec<String> = (0..40).map(|i| format!("ws://h{i}:1/")).collect();
+        assert_eq!(
+            super::parse_hub_list(&many.join(" ")).len(),
+            super::MAX_LEARNED_HUBS
+        );
+        assert!(super::parse_hub_list("").is_empty());
+    }
 }
 
 #[cfg(test)]

@@ -113,11 +113,11 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         connect_timeout: Duration::from_secs(15),
         // The hub refuses to route to an agent whose impersonation mode
         // differs from the member's: it learns the agent's from here.
-        features: if cfg.impersonate {
-            vec!["impersonate".to_string()]
-        } else {
-            Vec::new()
-        },
+        features: std::iter::once(crate::tunnel::FEATURE_HUBS)
+            .chain(cfg.impersonate.then_some("impersonate"))
+            .map(String::from)
+            .collect(),
+        learned_hubs: Default::default(),
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
             cfg.insecure_skip_tls_verify,
@@ -267,7 +267,12 @@ async fn tunnel_loop(
     let mut opts = opts.clone();
     let mut turn = 0usize;
     loop {
-        opts.url = hubs[turn % hubs.len().max(1)].clone();
+        // The join command's hubs first, then those a hub named since.
+        let mut now: Vec<String> = hubs.to_vec();
+        if let Ok(learned) = opts.learned_hubs.lock() {
+            now.extend(learned.iter().filter(|u| !hubs.contains(u)).cloned());
+        }
+        opts.url = now[turn % now.len().max(1)].clone();
         turn += 1;
         let opts = &opts;
         set(&|s| {

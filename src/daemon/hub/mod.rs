@@ -494,6 +494,16 @@ impl Hub {
         self.handing_off.load(Ordering::Relaxed)
     }
 
+    /// With several hubs: every live hub's tunnel URL, this one's first,
+    /// as an agent takes them ([`crate::tunnel::TARGET_HUBS`]); empty
+    /// without.
+    pub fn group_tunnel_urls(&self) -> Vec<String> {
+        self.cluster
+            .get()
+            .map(|c| crate::tunnel::parse_hub_list(&c.tunnel_urls().join(" ")))
+            .unwrap_or_default()
+    }
+
     /// With several hubs: every other live hub's tunnel URL.
     pub fn other_hubs(&self) -> Vec<String> {
         self.cluster

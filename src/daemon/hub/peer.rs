@@ -1095,3 +1095,37 @@ async fn connect_owner(
     }
     Some(Ok(resp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_agent_is_sent_on_a_bounded_number_of_times_per_hand_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::new(
+            Arc::new(crate::daemon::store::MemStore::default()),
+            crate::daemon::audit::Auditor::start(dir.path().join("audit.log")),
+            String::new(),
+            crate::daemon::admission::Caps::from_fd_limit(1024),
+        );
+        assert_eq!(hand_off_refusal(&hub, "alpha"), None, "not handing off");
+        hub.handing_off.store(true, Ordering::SeqCst);
+        for n in 1..=HAND_OFF_TRIES {
+            let why = hand_off_refusal(&hub, "alpha").unwrap_or_else(|| panic!("try {n}"));
+            assert!(why.contains("reconnect to another hub"), "{why}");
+        }
+        assert_eq!(hand_off_refusal(&hub, "alpha"), None, "kept after that");
+        assert!(
+            hand_off_refusal(&hub, "beta").is_some(),
+            "counted per member"
+        );
+        assert!(end_hand_off(&hub));
+        assert_eq!(hand_off_refusal(&hub, "alpha"), None);
+        // A new hand-off counts from zero.
+        hub.handing_off.store(true, Ordering::SeqCst);
+        assert!(hand_off_refusal(&hub, "alpha").is_some());
+        assert!(end_hand_off(&hub));
+        assert!(!end_hand_off(&hub), "ended once");
+    }
+}
