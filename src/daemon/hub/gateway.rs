@@ -1210,6 +1210,11 @@ pub(super) fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, St
             let msg = match hub.disconnected_since(name).or(m.last_seen) {
                 _ if m.revoked => format!("cluster '{name}' is not connected: it was revoked on the hub (register it anew with 'towerctl cluster rm {name}' and 'towerctl cluster add {name}')"),
                 Some(t) => format!("cluster '{name}' is not connected: its agent has been disconnected {}; check the agent with 'towerctl status' on the member", crate::daemon::fmt::ago(t)),
+                // Joined (its key registered), but no session is known
+                // here: with several hubs, the hub that held it may be down
+                // or cut off from etcd while the agent moves.
+                None if m.agent_key.is_some() && hub.cluster.get().is_some() => format!("cluster '{name}' is not connected: its agent has joined, but no hub of this group holds its session now (the hub that held it may be down or cut off from etcd; the agent dials the next hub on its own); check the agent with 'towerctl status' on the member"),
+                None if m.agent_key.is_some() => format!("cluster '{name}' is not connected: its agent has joined, but holds no session now; check the agent with 'towerctl status' on the member"),
                 None => format!("cluster '{name}' is not connected: no agent has joined yet; run the command printed by 'towerctl cluster add {name}' in the member"),
             };
             hub.dial_failures.add(DialFailure::NotConnected);

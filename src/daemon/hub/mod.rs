@@ -970,7 +970,8 @@ impl Hub {
                         st.since = since;
                         st.state = if m.revoked {
                             MemberState::Revoked
-                        } else if since.is_some() {
+                        } else if since.is_some() || m.agent_key.is_some() {
+                            // Joined: its agent's key is registered.
                             MemberState::Disconnected
                         } else {
                             MemberState::NeverConnected
