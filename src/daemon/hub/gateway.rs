@@ -1469,3 +1469,39 @@ where
         Guarded::new(body, Some(stop), (guard, end)).boxed_unsync(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::daemon::store::{MemStore, Member, Store};
+
+    #[tokio::test]
+    async fn a_member_not_connected_is_told_apart_from_one_never_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MemStore::default());
+        let hub = super::Hub::new(
+            store.clone(),
+            crate::daemon::audit::Auditor::start(dir.path().join("audit.log")),
+            String::new(),
+            crate::daemon::admission::Caps::from_fd_limit(1024),
+        );
+        let said = |name: &str| super::no_session(&hub, name).2;
+        assert!(store
+            .create_member(&Member::new("fresh", "h1".into(), 1))
+            .unwrap());
+        assert!(said("fresh").contains("no agent has joined yet"));
+        // Joined (its key registered) but no session anywhere, and no
+        // disconnection recorded: not "no agent has joined yet".
+        let mut joined = Member::new("joined", "h2".into(), 1);
+        joined.agent_key = Some("ssh-ed25519 AAAA".into());
+        assert!(store.create_member(&joined).unwrap());
+        let msg = said("joined");
+        assert!(msg.contains("its agent has joined"), "{msg}");
+        assert!(!msg.contains("no agent has joined yet"), "{msg}");
+        let mut seen = Member::new("seen", "h3".into(), 1);
+        seen.last_seen = Some(crate::daemon::control::now_unix() - 60);
+        assert!(store.create_member(&seen).unwrap());
+        assert!(said("seen").contains("has been disconnected"));
+    }
+}
