@@ -1378,6 +1378,12 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
     );
     let (code, body) = through_a();
     assert_eq!(code, "200", "bob reaches alpha through hub a: {body}");
+    // The agent's status names the hub it is on now.
+    let on = machine.status()["agents"]
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["name"] == "alpha").cloned())
+        .unwrap_or_default();
+    assert_eq!(on["hub"], a.status()["hub"]["tunnelURL"], "{on}");
     // b refuses tunnels, and says so to a load balancer and to agents.
     assert!(ready_b().contains("cannot reach etcd"), "{}", ready_b());
     assert!(

@@ -47,6 +47,9 @@ struct State {
     reconnects: u64,
     rtt_history: VecDeque<f64>,
     events: VecDeque<Event>,
+    /// The hub dialed now, or connected to (several hubs: not always the
+    /// join command's first); empty before the first attempt.
+    hub: String,
 }
 
 impl State {
@@ -142,6 +145,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         reconnects: 0,
         rtt_history: VecDeque::new(),
         events: VecDeque::new(),
+        hub: String::new(),
     });
     // Push mode: listeners for the member's workloads, carried to the hub
     // over whatever session is current (refused while there is none).
@@ -192,7 +196,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                         CtlResponse::ok(AgentStatus {
                             name,
                             pid: std::process::id(),
-                            hub,
+                            hub: if s.hub.is_empty() { hub } else { s.hub },
                             state: s.state,
                             since: s.since,
                             rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
@@ -278,6 +282,7 @@ async fn tunnel_loop(
         set(&|s| {
             s.state = AgentState::Connecting;
             s.retry_at = None;
+            s.hub.clone_from(&opts.url);
         });
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
