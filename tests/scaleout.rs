@@ -1344,7 +1344,7 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
     wait_for("hub b to refuse operators", Duration::from_secs(20), || {
         log().contains("refusing operators' requests").then_some(())
     });
-    // Asked twice in between.
+    // Asked three times in between.
     std::thread::sleep(Duration::from_secs(7));
     assert!(!log().contains("handing"), "{}", log());
     assert!(!agent_log().contains("tunnel down"), "{}", agent_log());

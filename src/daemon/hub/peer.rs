@@ -640,8 +640,10 @@ pub async fn run(
 }
 
 /// How often a hub that refuses operators asks the other hubs whether one
-/// of them reaches etcd.
-const HAND_OFF_EVERY: Duration = Duration::from_secs(5);
+/// of them reaches etcd: the first answer after it turns stale is most
+/// often "not since you" (the others confirm a quiet registry every sixth
+/// of their limit), and members wait for the next.
+const HAND_OFF_EVERY: Duration = Duration::from_secs(2);
 
 /// Longest wait for one other hub's answer to `/readyz`.
 const READY_DEADLINE: Duration = Duration::from_secs(2);
@@ -649,7 +651,7 @@ const READY_DEADLINE: Duration = Duration::from_secs(2);
 /// Rounds in a row without another hub that reaches etcd before a hub
 /// handing its agents off takes them again: one slow answer (the other
 /// hub busy taking the agents) does not bounce them back.
-const HAND_OFF_MISSES: u32 = 3;
+const HAND_OFF_MISSES: u32 = 5;
 
 /// Times one member's agent is sent on during one hand-off: an agent that
 /// reaches no other hub (its join command names only this one, or the
