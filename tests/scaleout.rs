@@ -1441,6 +1441,68 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
     );
 }
 
+/// An agent joined while its hub was alone, whose join command names only
+/// that hub, learns of a hub started later while it stays connected, and
+/// fails over to it when its own hub dies.
+#[test]
+fn an_agent_joined_before_a_second_hub_existed_fails_over_to_it() {
+    let etcd = Etcd::start();
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&b, &etcd);
+    let api = ApiServer::start();
+    let machine = Env::new();
+    let command = join(&b, &machine, "beta", &api);
+    assert_eq!(
+        command.iter().filter(|w| *w == "--hub").count(),
+        1,
+        "{command:?}"
+    );
+    hub_up(&a, &etcd);
+    let agent_log = || {
+        std::fs::read_to_string(machine.path("state/towerctl/agent-beta.log")).unwrap_or_default()
+    };
+    wait_for(
+        "hub b to name hub a to beta's agent",
+        Duration::from_secs(15),
+        || {
+            agent_log()
+                .contains("the hub names 2 hubs in its group")
+                .then_some(())
+        },
+    );
+    assert!(
+        !agent_log().contains("tunnel down"),
+        "told while connected: {}",
+        agent_log()
+    );
+    let admin = std::fs::read_to_string(a.path("data/towerctl/admin.token")).unwrap();
+    let via_a = || support::gateway_get(&a, admin.trim(), "/clusters/beta/version").0;
+    wait_for(
+        "beta reached through hub a",
+        Duration::from_secs(15),
+        || (via_a() == "200").then_some(()),
+    );
+    let b_id = member(&a.status(), "beta")["hub"].clone();
+    assert!(b_id.is_string(), "{}", a.status());
+    b.kill9("hub");
+    let killed = Instant::now();
+    wait_for(
+        "beta reached through hub a after hub b died",
+        Duration::from_secs(30),
+        || (via_a() == "200").then_some(()),
+    );
+    eprintln!(
+        "beta back through hub a {:?} after hub b died",
+        killed.elapsed()
+    );
+    let now = member(&a.status(), "beta")["hub"].clone();
+    assert!(
+        now.is_string() && now != b_id,
+        "beta's session is on hub a: {}",
+        a.status()
+    );
+}
+
 /// A hub whose etcd member has lost its quorum (the two others stopped)
 /// is not confirmed by that member: it still opens watches and answers
 /// serializable reads, but nothing that needs the quorum. Past

@@ -96,6 +96,9 @@ pub struct LiveSession {
     pub impersonate: std::sync::atomic::AtomicBool,
     /// The agent declared at login that it impersonates (`--impersonate`).
     pub agent_impersonates: bool,
+    /// The agent declared at login that it takes the hub group's URLs
+    /// ([`crate::tunnel::TARGET_HUBS`]).
+    pub takes_hub_list: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.
@@ -362,6 +365,9 @@ pub struct Hub {
     handing_off: std::sync::atomic::AtomicBool,
     /// Members sent on since the hand-off began, and how many times.
     handed_off: Mutex<HashMap<String, u32>>,
+    /// The hub group's tunnel URLs as last sent to every agent
+    /// (`peer::send_hub_list`).
+    hub_list_sent: Mutex<Vec<String>>,
 }
 
 impl Hub {
@@ -398,6 +404,7 @@ impl Hub {
             stale_seen: Default::default(),
             handing_off: Default::default(),
             handed_off: Default::default(),
+            hub_list_sent: Default::default(),
         }
     }
 

@@ -633,6 +633,7 @@ pub async fn run(
             _ = tick.tick() => {
                 hub.check_stale();
                 hand_off.tick(&hub, &cluster);
+                announce_hub_list(&hub);
                 cluster.reconcile(&hub);
             }
         }
@@ -807,6 +808,49 @@ pub(super) fn hand_off_refusal(hub: &Hub, name: &str) -> Option<String> {
         .to_string();
     hub.event(name, why.clone());
     Some(why)
+}
+
+/// Sends `hubs`, the hub group's tunnel URLs, to the agent of `s` if it
+/// takes them ([`crate::tunnel::TARGET_HUBS`]); nothing without.
+pub(super) fn send_hub_list(hub: &Hub, s: &LiveSession, hubs: Vec<String>) {
+    if !s.takes_hub_list || hubs.is_empty() {
+        return;
+    }
+    let handle = s.handle.clone();
+    hub.tasks.spawn(async move {
+        let open =
+            handle.channel_open_forwarded_tcpip(crate::tunnel::TARGET_HUBS, 0, hubs.join(" "), 0);
+        let _ = tokio::time::timeout(Duration::from_secs(10), open).await;
+    });
+}
+
+/// On the tick: when the hub group changed (a hub started or left), every
+/// agent that takes the list gets the new one, so that one that joined
+/// before a hub existed, and stays connected, fails over to it when its
+/// own hub dies. Not while this hub's registry is unconfirmed: its view of
+/// the group may be old.
+fn announce_hub_list(hub: &Hub) {
+    if hub.stale_refusal().is_some() {
+        return;
+    }
+    let hubs = hub.group_tunnel_urls();
+    {
+        let Ok(mut sent) = hub.hub_list_sent.lock() else {
+            return;
+        };
+        if *sent == hubs {
+            return;
+        }
+        sent.clone_from(&hubs);
+    }
+    let sessions: Vec<Arc<LiveSession>> = hub
+        .sessions
+        .read()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    for s in sessions {
+        send_hub_list(hub, &s, hubs.clone());
+    }
 }
 
 /// Hook for [`Hub::register`].

@@ -547,6 +547,7 @@ async fn tunnel_session(
                 .is_some_and(|m| m.impersonate),
         ),
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
+        takes_hub_list: sess.features.iter().any(|f| f == tunnel::FEATURE_HUBS),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET),
@@ -573,18 +574,10 @@ async fn tunnel_session(
     // began meanwhile sees this session, or this sees it).
     if let Some(why) = super::peer::hand_off_refusal(&hub, &live.name) {
         live.close(&why).await;
-    } else if sess.features.iter().any(|f| f == tunnel::FEATURE_HUBS) {
+    } else {
         // Several hubs: every one of them, for the agent to fail over to
         // (its join command may predate some).
-        let hubs = hub.group_tunnel_urls();
-        if !hubs.is_empty() {
-            let handle = live.handle.clone();
-            hub.tasks.spawn(async move {
-                let open =
-                    handle.channel_open_forwarded_tcpip(tunnel::TARGET_HUBS, 0, hubs.join(" "), 0);
-                let _ = tokio::time::timeout(LOGIN_DEADLINE, open).await;
-            });
-        }
+        super::peer::send_hub_list(&hub, &live, hub.group_tunnel_urls());
     }
 
     // A ping goes out at most one interval after the last answer and gets
