@@ -70,6 +70,17 @@ pub struct AgentHandler {
     learned_hubs: Arc<Mutex<Vec<String>>>,
 }
 
+/// The hubs an agent keeps from a hub's [`super::TARGET_HUBS`] list
+/// (`pinned`: it checks the hub's host key). Without a pinned key only TLS
+/// verifies the hub: plain `ws://` is never dialed on a hub's word then.
+fn learned_hubs(list: &str, pinned: bool) -> Vec<String> {
+    let mut hubs = super::parse_hub_list(list);
+    if !pinned {
+        hubs.retain(|u| u.starts_with("wss://"));
+    }
+    hubs
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone)]
 pub struct SessionEnd {
@@ -124,7 +135,7 @@ impl russh::client::Handler for AgentHandler {
         if connected_address == TARGET_PING {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
         } else if connected_address == super::TARGET_HUBS {
-            let hubs = super::parse_hub_list(originator_address);
+            let hubs = learned_hubs(originator_address, self.expected_key.is_some());
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             if let Ok(mut learned) = self.learned_hubs.lock() {
                 if *learned != hubs {
@@ -740,6 +751,13 @@ mod tests {
     fn redacts_proxy_credentials() {
         let r = redact_proxy("http://user:pw@proxy:3128");
         assert!(!r.contains("pw") && !r.contains("user"), "{r}");
+    }
+
+    #[test]
+    fn without_a_pinned_host_key_only_wss_hubs_are_learned() {
+        let list = "ws://a:1/t wss://b:2/t";
+        assert_eq!(learned_hubs(list, true), ["ws://a:1/t", "wss://b:2/t"]);
+        assert_eq!(learned_hubs(list, false), ["wss://b:2/t"]);
     }
 
     #[test]

@@ -50,19 +50,27 @@ pub const MAX_LEARNED_HUBS: usize = 16;
 pub const MAX_HUB_URL: usize = 512;
 
 /// The hub URLs in a [`TARGET_HUBS`] list that an agent may dial: `ws://`
-/// or `wss://` with a host, at most [`MAX_HUB_URL`] bytes each, at most
-/// [`MAX_LEARNED_HUBS`]; anything else is dropped.
+/// or `wss://` with a host, printable ASCII, at most [`MAX_HUB_URL`] bytes
+/// each, at most [`MAX_LEARNED_HUBS`], in `url`'s normal form; anything
+/// else is dropped.
 pub fn parse_hub_list(list: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for u in list.split_ascii_whitespace() {
         if out.len() == MAX_LEARNED_HUBS {
             break;
         }
-        let ok = u.len() <= MAX_HUB_URL
-            && url::Url::parse(u)
-                .is_ok_and(|p| matches!(p.scheme(), "ws" | "wss") && p.host_str().is_some());
-        if ok && !out.iter().any(|o| o == u) {
-            out.push(u.to_string());
+        // Printable ASCII only (shown in logs and status), kept in the
+        // parser's normal form (`wss://h:443/t` and `wss://h/t` are one).
+        let Some(u) = (u.len() <= MAX_HUB_URL && u.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| url::Url::parse(u).ok())
+            .flatten()
+            .filter(|p| matches!(p.scheme(), "ws" | "wss") && p.host_str().is_some())
+            .map(String::from)
+        else {
+            continue;
+        };
+        if !out.contains(&u) {
+            out.push(u);
         }
     }
     out
@@ -429,8 +437,9 @@ mod hub_list_tests {
     fn a_hub_list_keeps_only_what_an_agent_may_dial() {
         let long = format!("ws://{}.example/", "h".repeat(super::MAX_HUB_URL));
         let list = format!(
-            "ws://a:1/tunnel  wss://b.example/t\tws://a:1/tunnel http://c/ file:///etc/passwd \
-             ws:// {long} not-a-url wss://[::1]:8443/t"
+            "ws://a:1/tunnel  wss://b.example:443/t\tws://a:1/tunnel http://c/ file:///etc/passwd \
+             ws:// {long} not-a-url wss://[::1]:8443/t ws://e/\u{1b}[2J ws://f/\u{202e}x \
+             wss://b.example/t"
         );
         assert_eq!(
             super::parse_hub_list(&list),

@@ -269,15 +269,20 @@ async fn tunnel_loop(
     // Several hubs of one group: the next one after each ended session or
     // failed attempt, so that losing one hub costs one backoff.
     let mut opts = opts.clone();
-    let mut turn = 0usize;
+    let mut last: Option<String> = None;
     loop {
-        // The join command's hubs first, then those a hub named since.
+        // The join command's hubs first, then those a hub named since; the
+        // one after the last dialed (the list may have changed meanwhile).
         let mut now: Vec<String> = hubs.to_vec();
         if let Ok(learned) = opts.learned_hubs.lock() {
             now.extend(learned.iter().filter(|u| !hubs.contains(u)).cloned());
         }
-        opts.url = now[turn % now.len().max(1)].clone();
-        turn += 1;
+        let at = last
+            .as_ref()
+            .and_then(|l| now.iter().position(|u| u == l))
+            .map_or(0, |i| i + 1);
+        opts.url = now[at % now.len().max(1)].clone();
+        last = Some(opts.url.clone());
         let opts = &opts;
         set(&|s| {
             s.state = AgentState::Connecting;
@@ -368,6 +373,24 @@ async fn tunnel_loop(
                 set(&|s| {
                     s.event(format!("disconnected: {why}"));
                     s.last_error = Some(why.clone());
+                    s.failure = None;
+                });
+            }
+            // A hub another named (not the join command's) that refuses
+            // for good: a stale view of the registry, an address reused
+            // elsewhere. Not dialed again; the agent goes on.
+            Err(e) if e.is_fatal() && !hubs.contains(&opts.url) => {
+                let msg = format!(
+                    "{e} (at {}, named by a hub of the group, not by the join command: not dialed again)",
+                    opts.url
+                );
+                if let Ok(mut learned) = opts.learned_hubs.lock() {
+                    learned.retain(|u| *u != opts.url);
+                }
+                tracing::warn!("{msg}");
+                set(&|s| {
+                    s.event(format!("cannot connect: {msg}"));
+                    s.last_error = Some(msg.clone());
                     s.failure = None;
                 });
             }

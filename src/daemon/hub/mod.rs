@@ -501,13 +501,18 @@ impl Hub {
         self.handing_off.load(Ordering::Relaxed)
     }
 
-    /// With several hubs: every live hub's tunnel URL, this one's first,
-    /// as an agent takes them ([`crate::tunnel::TARGET_HUBS`]); empty
-    /// without.
+    /// With several hubs: every live hub's tunnel URL as an agent takes
+    /// them ([`crate::tunnel::TARGET_HUBS`]), this one's last (an agent
+    /// this hub drops dials another first); empty without.
     pub fn group_tunnel_urls(&self) -> Vec<String> {
         self.cluster
             .get()
-            .map(|c| crate::tunnel::parse_hub_list(&c.tunnel_urls().join(" ")))
+            .map(|c| {
+                let mut urls = c.tunnel_urls();
+                let first = 1.min(urls.len());
+                urls.rotate_left(first);
+                crate::tunnel::parse_hub_list(&urls.join(" "))
+            })
             .unwrap_or_default()
     }
 

@@ -574,9 +574,10 @@ async fn tunnel_session(
     // began meanwhile sees this session, or this sees it).
     if let Some(why) = super::peer::hand_off_refusal(&hub, &live.name) {
         live.close(&why).await;
-    } else {
+    } else if hub.stale_refusal().is_none() {
         // Several hubs: every one of them, for the agent to fail over to
-        // (its join command may predate some).
+        // (its join command may predate some); not from an unconfirmed
+        // view of the group.
         super::peer::send_hub_list(&hub, &live, hub.group_tunnel_urls());
     }
 
