@@ -111,11 +111,12 @@ pub fn cancel_on_signals(token: CancellationToken) {
         ) else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!("signal received, shutting down");
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        // Every daemon (hub, agent, port-forward) stops through here.
+        tracing::info!(target: "towerctl::daemon", "{which} received, shutting down");
         token.cancel();
     });
 }
