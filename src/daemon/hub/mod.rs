@@ -524,6 +524,14 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Every session held now (a snapshot: no lock held after it).
+    pub fn live_sessions(&self) -> Vec<Arc<LiveSession>> {
+        self.sessions
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn session(&self, name: &str) -> Option<Arc<LiveSession>> {
         self.sessions.read().ok()?.get(name).cloned()
     }
@@ -1302,11 +1310,7 @@ pub async fn run(
     cancel.cancelled().await;
     tracker.close();
     // Tell agents we are going; they reconnect with backoff.
-    let all: Vec<_> = hub
-        .sessions
-        .read()
-        .map(|m| m.values().cloned().collect())
-        .unwrap_or_default();
+    let all: Vec<_> = hub.live_sessions();
     for s in all {
         let _ = s
             .handle

@@ -405,11 +405,7 @@ impl Cluster {
     /// claims again keys lost with an expired lease, cuts sessions replaced
     /// on another hub, revoked or removed.
     fn reconcile(self: &Arc<Self>, hub: &Hub) {
-        let local: Vec<Arc<LiveSession>> = hub
-            .sessions
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let local: Vec<Arc<LiveSession>> = hub.live_sessions();
         for s in local {
             match hub.store.get_member(&s.name) {
                 Ok(Some(m)) if m.revoked => {
@@ -760,11 +756,7 @@ fn hand_off(hub: &Hub, peer: &str) {
         !hub.handing_off.swap(true, Ordering::SeqCst)
     };
     // After the flag: a session registered from now on sends itself on.
-    let sessions: Vec<Arc<LiveSession>> = hub
-        .sessions
-        .read()
-        .map(|m| m.values().cloned().collect())
-        .unwrap_or_default();
+    let sessions: Vec<Arc<LiveSession>> = hub.live_sessions();
     let mut n = 0;
     for s in sessions {
         if s.close_reason.lock().map(|r| r.is_some()).unwrap_or(true) {
@@ -843,11 +835,7 @@ fn announce_hub_list(hub: &Hub) {
         }
         sent.clone_from(&hubs);
     }
-    let sessions: Vec<Arc<LiveSession>> = hub
-        .sessions
-        .read()
-        .map(|m| m.values().cloned().collect())
-        .unwrap_or_default();
+    let sessions: Vec<Arc<LiveSession>> = hub.live_sessions();
     for s in sessions {
         send_hub_list(hub, &s, hubs.clone());
     }
