@@ -465,7 +465,7 @@ async fn connect_inner(
             .connect(server_name, tcp)
             .await
         {
-            Ok(s) => tokio_tungstenite::MaybeTlsStream::Rustls(s),
+            Ok(s) => Transport::Tls(Box::new(s)),
             // rustls' own words ("UnknownIssuer") say little; the verifier
             // kept what was presented.
             Err(e) => {
@@ -493,7 +493,7 @@ async fn connect_inner(
             }
         }
     } else {
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp)
+        Transport::Plain(tcp)
     };
     let (ws, _resp) = tokio_tungstenite::client_async_with_config(
         request,
@@ -741,6 +741,79 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         _ => "the hub or something in front of it refused the upgrade",
     };
     format!("WebSocket handshake failed: HTTP {status}: {hint}")
+}
+
+/// The socket under an agent's WebSocket: plain, or TLS for `wss://`.
+/// tokio-tungstenite's own `MaybeTlsStream` writes only the first slice of
+/// a vectored write, and every frame the agent sends is one (header and
+/// payload, [`super::ws::Gate`]).
+enum Transport {
+    Plain(super::slurp::Slurp<TcpStream>),
+    Tls(Box<tokio_rustls::client::TlsStream<super::slurp::Slurp<TcpStream>>>),
+}
+
+impl tokio::io::AsyncRead for Transport {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Transport {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 #[cfg(test)]
