@@ -668,7 +668,7 @@ impl AsyncRead for FlowStream {
     }
 }
 
-/// Most received chunks (SSH packets, 32 KiB each at most) handed to one
+/// Most received chunks (SSH packets, 64 KiB each at most) handed to one
 /// vectored write.
 const WRITE_INTO_CHUNKS: usize = 16;
 

@@ -108,7 +108,12 @@ pub fn preferred() -> russh::Preferred {
 /// Largest window and packet sizes russh handles well: a bigger window keeps
 /// a single bulk stream from stalling on window updates over a high-RTT link.
 pub const WINDOW_SIZE: u32 = 16 * 1024 * 1024;
-pub const MAX_PACKET: u32 = 32 * 1024;
+/// The largest packet each side takes (and so sends: the smaller of the
+/// two ends' sizes). 64 KiB: half the packets of 32 KiB for bulk, 2–6 %
+/// fewer instructions per KiB on hub and agent (callgrind, 64 MiB each
+/// way); a whole 256 KiB read goes out in four. An older peer asking for
+/// 32 KiB still gets 32 KiB.
+pub const MAX_PACKET: u32 = 64 * 1024;
 
 /// tungstenite's read buffer, allocated for the WebSocket upgrade and
 /// dropped with tungstenite after it: `ws::WsIo` reads the frames itself.

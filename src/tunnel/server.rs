@@ -654,7 +654,7 @@ pub async fn open_as(
         .await?;
     // The agent names the largest packet it takes. Honoured as it is, a
     // tiny one (1 byte) made every write of the hub a packet per byte: a
-    // 300 KB request cost 13 s of the hub's CPU. Ours ask for 32 KiB.
+    // 300 KB request cost 13 s of the hub's CPU. Ours ask for 64 KiB.
     let packet = ch.writable_packet_size().await;
     if packet < MIN_PEER_PACKET {
         tracing::info!("the agent accepted a channel taking packets of {packet} bytes (at least {MIN_PEER_PACKET} expected); closing it");

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// First buffer of a direction: one read of a small request or response.
 pub const START: usize = 16 * 1024;
-/// Largest buffer: lets one read fill several 32 KiB SSH packets and 16 KiB
+/// Largest buffer: lets one read fill several 64 KiB SSH packets and 16 KiB
 /// TLS records (tokio's 8 KiB default cuts bulk into small frames, each
 /// paying framing, encryption set-up and a wake-up).
 pub const MAX: usize = 256 * 1024;
