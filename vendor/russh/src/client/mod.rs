@@ -1228,8 +1228,12 @@ where
 
     let (handle_sender, session_receiver) = channel(10);
     let (session_sender, handle_receiver) = unbounded_channel();
-    // towerctl patch: no error logged for a maximum packet size over
-    // 65,535 bytes (an SSH packet is no TCP packet; towerctl's are 64 KiB).
+    if config.maximum_packet_size > 65535 {
+        error!(
+            "Maximum packet size ({:?}) should not larger than a TCP packet (65535)",
+            config.maximum_packet_size
+        );
+    }
     let channel_buffer_size = config.channel_buffer_size;
     let mut session = Session::new(
         config.window_size,
