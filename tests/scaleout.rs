@@ -1503,6 +1503,120 @@ fn an_agent_joined_before_a_second_hub_existed_fails_over_to_it() {
     );
 }
 
+/// The tunnel address a hub listens on, from its log's "hub ready" line.
+fn tunnel_addr(hub: &Env) -> String {
+    let log = std::fs::read_to_string(hub.path("state/towerctl/hub.log")).unwrap_or_default();
+    log.lines()
+        .rev()
+        .find_map(|l| {
+            let rest = l.split("hub ready tunnel=").nth(1)?;
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .unwrap_or_else(|| panic!("no 'hub ready' line in the hub's log: {log}"))
+}
+
+/// A hub the agent learned of (not in its join command) whose address now
+/// belongs to a hub of another group (another host key) is dropped from
+/// the agent's list and the agent goes on: it used to stop, as it does
+/// when a hub of its join command refuses for good.
+#[test]
+fn a_learned_hub_whose_address_went_to_another_group_is_dropped_and_the_agent_goes_on() {
+    let etcd = Etcd::start();
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&b, &etcd);
+    let api = ApiServer::start();
+    let machine = Env::new();
+    // Joined while hub b was alone: its join command names only hub b.
+    let command = join(&b, &machine, "beta", &api);
+    assert_eq!(
+        command.iter().filter(|w| *w == "--hub").count(),
+        1,
+        "{command:?}"
+    );
+    hub_up(&a, &etcd);
+    let agent_log = || {
+        std::fs::read_to_string(machine.path("state/towerctl/agent-beta.log")).unwrap_or_default()
+    };
+    wait_for(
+        "hub b to name hub a to beta's agent",
+        Duration::from_secs(15),
+        || {
+            agent_log()
+                .contains("the hub names 2 hubs in its group")
+                .then_some(())
+        },
+    );
+    let (a_addr, b_addr) = (tunnel_addr(&a), tunnel_addr(&b));
+    // Hub a dies and its address goes to a hub of no group (its own host
+    // key) before hub b's view of the group drops hub a (the lease of a
+    // killed hub runs out only after seconds), then hub b dies: the agent
+    // dials hub a's address next.
+    a.kill9("hub");
+    let stranger = Env::new();
+    let o = stranger.towerctl(&[
+        "up",
+        "--listen",
+        &a_addr,
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]);
+    assert!(o.ok(), "a hub on hub a's address: {o:?}");
+    b.kill9("hub");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent_log().contains("not dialed again") {
+        assert!(
+            Instant::now() < deadline,
+            "beta's agent did not drop hub a's address within 20 s: {}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = machine.pid_of("agent-beta").expect("the agent's pid file");
+    let dropped = agent_log();
+    assert!(
+        dropped.contains("host key") && dropped.contains(&a_addr),
+        "dropped for the host key, naming the address: {dropped}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists() && !support::is_zombie(pid),
+        "the agent stopped: {}",
+        agent_log()
+    );
+    // Hub b back on its address: the agent, still running, is served again.
+    let o = b.towerctl(&[
+        "up",
+        "--listen",
+        &b_addr,
+        "--gateway",
+        "127.0.0.1:0",
+        "--keepalive",
+        "1s",
+        "--metrics",
+        "127.0.0.1:0",
+        "--store",
+        &etcd.url,
+    ]);
+    assert!(o.ok(), "hub b again: {o:?}");
+    let admin = std::fs::read_to_string(b.path("data/towerctl/admin.token")).unwrap();
+    wait_for(
+        "beta reached through hub b again",
+        Duration::from_secs(45),
+        || {
+            (support::gateway_get(&b, admin.trim(), "/clusters/beta/version").0 == "200")
+                .then_some(())
+        },
+    );
+    let after = agent_log();
+    assert_eq!(
+        after.matches("not dialed again").count(),
+        1,
+        "hub a's address dialed again: {after}"
+    );
+}
+
 /// A hub whose etcd member has lost its quorum (the two others stopped)
 /// is not confirmed by that member: it still opens watches and answers
 /// serializable reads, but nothing that needs the quorum. Past

@@ -140,8 +140,11 @@ impl russh::client::Handler for AgentHandler {
             if let Ok(mut learned) = self.learned_hubs.lock() {
                 if *learned != hubs {
                     tracing::info!(
-                        "the hub names {} hubs in its group, dialed after the join command's when a session ends: {}",
-                        hubs.len(),
+                        "the hub names {} in its group, dialed after the join command's when a session ends: {}",
+                        match hubs.len() {
+                            1 => "1 hub".to_string(),
+                            n => format!("{n} hubs"),
+                        },
                         super::escape_for_log(&hubs.join(" "), 2000)
                     );
                     *learned = hubs;

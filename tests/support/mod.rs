@@ -300,7 +300,7 @@ impl Env {
     }
 }
 
-fn is_zombie(pid: i32) -> bool {
+pub fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')
