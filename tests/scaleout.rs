@@ -1551,6 +1551,8 @@ fn a_learned_hub_whose_address_went_to_another_group_is_dropped_and_the_agent_go
     // key) before hub b's view of the group drops hub a (the lease of a
     // killed hub runs out only after seconds), then hub b dies: the agent
     // dials hub a's address next.
+    let told_one = || agent_log().matches("names 1 hub in").count();
+    let before = told_one();
     a.kill9("hub");
     let stranger = Env::new();
     let o = stranger.towerctl(&[
@@ -1563,6 +1565,15 @@ fn a_learned_hub_whose_address_went_to_another_group_is_dropped_and_the_agent_go
         "off",
     ]);
     assert!(o.ok(), "a hub on hub a's address: {o:?}");
+    // Hub a's lease (10 s, renewed every 3 s) still lists it: if starting
+    // the other hub took longer, hub b has told the agent hub a is gone,
+    // and what follows tests nothing.
+    assert_eq!(
+        told_one(),
+        before,
+        "hub b dropped hub a from the agent's list before hub b was killed: {}",
+        agent_log()
+    );
     b.kill9("hub");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent_log().contains("not dialed again") {

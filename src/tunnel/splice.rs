@@ -24,8 +24,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub const START: usize = 16 * 1024;
 /// Largest buffer: lets one read fill several 64 KiB SSH packets and 16 KiB
 /// TLS records (tokio's 8 KiB default cuts bulk into small frames, each
-/// paying framing, encryption set-up and a wake-up).
-pub const MAX: usize = 256 * 1024;
+/// paying framing, encryption set-up and a wake-up). Four whole packets
+/// (just under 256 KiB): a full read goes out as four packets, not four
+/// and a few bytes in a fifth.
+pub const MAX: usize = 4 * super::MAX_PACKET as usize;
 
 /// One direction of the copy.
 struct Half {

@@ -539,9 +539,14 @@ pub(crate) const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_se
 /// towerctl patch: encrypted output left unwritten (the stream full) above
 /// which a session loop takes no more messages from its channels: they wait
 /// in their bounded queues, as they did while the loop waited for its
-/// writes. One batch may go past it (the server's: 64 messages of at most a
-/// packet each; the client's: up to one message past it).
+/// writes. One batch may go past it (the server's: 64 messages, and no
+/// more once [`OUTPUT_BATCH_BYTES`] past it; the client's: up to one
+/// message past it).
 pub(crate) const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+
+/// towerctl patch: how far past [`OUTPUT_HIGH_WATER`] the server's batch
+/// may take output: 64 packets of 32 KiB, whatever the packet size.
+pub(crate) const OUTPUT_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 /// towerctl patch: unwritten output above which a session loop stops
 /// reading the peer too. The loop's own messages stop at

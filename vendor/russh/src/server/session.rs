@@ -479,6 +479,12 @@ impl Handle {
 const MAX_MESSAGES_PER_BATCH: usize = 64;
 
 impl Session {
+    /// towerctl patch: output not yet on the stream, encrypted or not.
+    fn pending_output(&self) -> usize {
+        self.common.packet_writer.unwritten()
+            + self.common.encrypted.as_ref().map_or(0, |enc| enc.write.len())
+    }
+
     fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         let compressed = self
             .common
@@ -510,7 +516,13 @@ impl Session {
     /// right now", so they are treated the same.
     fn drain_queued(&mut self, max: usize) -> Result<usize, Error> {
         let mut drained = 0;
-        while drained < max && !self.kex.active() && !self.common.has_any_pending_data() {
+        // towerctl patch: and by bytes (`crate::OUTPUT_BATCH_BYTES` past the
+        // high water), whatever the packet size: 64 packets of 64 KiB are 4 MiB.
+        while drained < max
+            && !self.kex.active()
+            && !self.common.has_any_pending_data()
+            && self.pending_output() < crate::OUTPUT_HIGH_WATER + crate::OUTPUT_BATCH_BYTES
+        {
             let msg = match self.priority_receiver.try_recv() {
                 Ok(msg) => msg,
                 Err(_) => match self.receiver.try_recv() {
