@@ -213,9 +213,14 @@ impl<S: AsyncWrite + Unpin> Gate<S> {
             }
             self.out_at += n;
         }
-        // Needed only when a write came up short (a hub holds thousands
-        // of sessions): not kept.
-        self.out = Vec::new();
+        // Needed only when a write came up short: a hub holds thousands of
+        // sessions and keeps none; an agent, with one, keeps its capacity
+        // (at most a frame and a pong or close) for the next short write of
+        // a bulk transfer instead of allocating it again.
+        match self.role {
+            Role::Server => self.out = Vec::new(),
+            Role::Client => self.out.clear(),
+        }
         self.out_at = 0;
         Poll::Ready(Ok(()))
     }
