@@ -653,7 +653,17 @@ impl PacketWriter {
         while self.unwritten() > 0 {
             #[allow(clippy::indexing_slicing)] // written <= len
             let out = &self.write_buffer.buffer[self.written..];
-            let n = ready!(std::pin::Pin::new(&mut *w).poll_write(cx, out))?;
+            let n = match std::pin::Pin::new(&mut *w).poll_write(cx, out) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Only when the stream stops taking: a stream taking
+                    // the buffer in several writes in one poll (a
+                    // WebSocket frame at a time) would otherwise have what
+                    // is left moved to the front after each of them.
+                    self.compact();
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
@@ -666,18 +676,25 @@ impl PacketWriter {
         Poll::Ready(Ok(()))
     }
 
-    /// Accounts `n` more bytes as written; moves what is left to the front
-    /// once the written part is most of the buffer, so that a buffer the
-    /// stream never quite empties does not grow without end.
+    /// Accounts `n` more bytes as written (all of them: the buffer is
+    /// emptied).
     fn advance(&mut self, n: usize) {
-        const COMPACT_FROM: usize = 64 * 1024;
         self.unflushed = true;
         self.written += n;
         let buffer = &mut self.write_buffer.buffer;
         if self.written >= buffer.len() {
             buffer.clear();
             self.written = 0;
-        } else if self.written >= COMPACT_FROM && self.written * 2 >= buffer.len() {
+        }
+    }
+
+    /// Moves what is left to the front once the written part is most of
+    /// the buffer, so that a buffer the stream never quite empties does not
+    /// grow without end.
+    fn compact(&mut self) {
+        const COMPACT_FROM: usize = 64 * 1024;
+        let buffer = &mut self.write_buffer.buffer;
+        if self.written >= COMPACT_FROM && self.written * 2 >= buffer.len() {
             buffer.drain(..self.written);
             self.written = 0;
         }
