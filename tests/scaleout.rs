@@ -1441,14 +1441,12 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
     );
 }
 
-/// An agent joined while its hub was alone, whose join command names only
-/// that hub, learns of a hub started later while it stays connected, and
-/// fails over to it when its own hub dies.
-#[test]
-fn an_agent_joined_before_a_second_hub_existed_fails_over_to_it() {
-    let etcd = Etcd::start();
+/// Hubs a and b on `etcd`; member beta joined through hub b while b was
+/// alone (its join command names only hub b), then told of hub a by hub b.
+/// Returns hub a, hub b, the member's machine and its API server.
+fn beta_joined_before_hub_a(etcd: &Etcd) -> (Env, Env, Env, ApiServer) {
     let (a, b) = (Env::new(), Env::new());
-    hub_up(&b, &etcd);
+    hub_up(&b, etcd);
     let api = ApiServer::start();
     let machine = Env::new();
     let command = join(&b, &machine, "beta", &api);
@@ -1457,19 +1455,30 @@ fn an_agent_joined_before_a_second_hub_existed_fails_over_to_it() {
         1,
         "{command:?}"
     );
-    hub_up(&a, &etcd);
-    let agent_log = || {
-        std::fs::read_to_string(machine.path("state/towerctl/agent-beta.log")).unwrap_or_default()
-    };
+    hub_up(&a, etcd);
     wait_for(
         "hub b to name hub a to beta's agent",
         Duration::from_secs(15),
         || {
-            agent_log()
+            std::fs::read_to_string(machine.path("state/towerctl/agent-beta.log"))
+                .unwrap_or_default()
                 .contains("the hub names 2 hubs in its group")
                 .then_some(())
         },
     );
+    (a, b, machine, api)
+}
+
+/// An agent joined while its hub was alone, whose join command names only
+/// that hub, learns of a hub started later while it stays connected, and
+/// fails over to it when its own hub dies.
+#[test]
+fn an_agent_joined_before_a_second_hub_existed_fails_over_to_it() {
+    let etcd = Etcd::start();
+    let (a, b, machine, _api) = beta_joined_before_hub_a(&etcd);
+    let agent_log = || {
+        std::fs::read_to_string(machine.path("state/towerctl/agent-beta.log")).unwrap_or_default()
+    };
     assert!(
         !agent_log().contains("tunnel down"),
         "told while connected: {}",
@@ -1522,30 +1531,10 @@ fn tunnel_addr(hub: &Env) -> String {
 #[test]
 fn a_learned_hub_whose_address_went_to_another_group_is_dropped_and_the_agent_goes_on() {
     let etcd = Etcd::start();
-    let (a, b) = (Env::new(), Env::new());
-    hub_up(&b, &etcd);
-    let api = ApiServer::start();
-    let machine = Env::new();
-    // Joined while hub b was alone: its join command names only hub b.
-    let command = join(&b, &machine, "beta", &api);
-    assert_eq!(
-        command.iter().filter(|w| *w == "--hub").count(),
-        1,
-        "{command:?}"
-    );
-    hub_up(&a, &etcd);
+    let (a, b, machine, _api) = beta_joined_before_hub_a(&etcd);
     let agent_log = || {
         std::fs::read_to_string(machine.path("state/towerctl/agent-beta.log")).unwrap_or_default()
     };
-    wait_for(
-        "hub b to name hub a to beta's agent",
-        Duration::from_secs(15),
-        || {
-            agent_log()
-                .contains("the hub names 2 hubs in its group")
-                .then_some(())
-        },
-    );
     let (a_addr, b_addr) = (tunnel_addr(&a), tunnel_addr(&b));
     // Hub a dies and its address goes to a hub of no group (its own host
     // key) before hub b's view of the group drops hub a (the lease of a

@@ -129,6 +129,12 @@ impl ChannelFlushResult {
 }
 
 impl<C> CommonSession<C> {
+    /// towerctl patch: output on its way to the stream: handled but not
+    /// yet encrypted, and encrypted but not yet written.
+    pub(crate) fn pending_output(&self) -> usize {
+        self.packet_writer.unwritten() + self.encrypted.as_ref().map_or(0, |enc| enc.write.len())
+    }
+
     pub(crate) fn has_any_pending_data(&self) -> bool {
         self.encrypted
             .as_ref()

@@ -676,8 +676,9 @@ impl PacketWriter {
         Poll::Ready(Ok(()))
     }
 
-    /// Accounts `n` more bytes as written (all of them: the buffer is
-    /// emptied).
+    /// Accounts `n` more bytes as written; empties the buffer once all of
+    /// it is (moving a leftover is [`Self::compact`]'s, when the stream
+    /// stops taking).
     fn advance(&mut self, n: usize) {
         self.unflushed = true;
         self.written += n;

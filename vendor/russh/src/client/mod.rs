@@ -1291,12 +1291,6 @@ async fn start_reading<R: AsyncRead + Unpin>(
 }
 
 impl Session {
-    /// towerctl patch: output on its way to the stream: handled but not
-    /// yet encrypted, and encrypted but not yet written.
-    fn pending_output(&self) -> usize {
-        self.common.packet_writer.unwritten()
-            + self.common.encrypted.as_ref().map_or(0, |enc| enc.write.len())
-    }
     fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         let compressed = self
             .common
@@ -1561,7 +1555,7 @@ impl Session {
                     // counting what waits to be encrypted too).
                     while !self.kex.active()
                         && !self.common.has_any_pending_data()
-                        && self.pending_output() < crate::OUTPUT_HIGH_WATER
+                        && self.common.pending_output() < crate::OUTPUT_HIGH_WATER
                     {
                         self.drain_priority_msgs()?;
                         match self.receiver.try_recv() {
@@ -1590,7 +1584,7 @@ impl Session {
                     // (towerctl patch: up to `crate::OUTPUT_HIGH_WATER`).
                     while !self.kex.active()
                         && !self.common.has_any_pending_data()
-                        && self.pending_output() < crate::OUTPUT_HIGH_WATER
+                        && self.common.pending_output() < crate::OUTPUT_HIGH_WATER
                     {
                         self.drain_priority_msgs()?;
                         match self.inbound_channel_receiver.try_recv() {

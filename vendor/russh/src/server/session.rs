@@ -479,12 +479,6 @@ impl Handle {
 const MAX_MESSAGES_PER_BATCH: usize = 64;
 
 impl Session {
-    /// towerctl patch: output not yet on the stream, encrypted or not.
-    fn pending_output(&self) -> usize {
-        self.common.packet_writer.unwritten()
-            + self.common.encrypted.as_ref().map_or(0, |enc| enc.write.len())
-    }
-
     fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         let compressed = self
             .common
@@ -521,7 +515,7 @@ impl Session {
         while drained < max
             && !self.kex.active()
             && !self.common.has_any_pending_data()
-            && self.pending_output() < crate::OUTPUT_HIGH_WATER + crate::OUTPUT_BATCH_BYTES
+            && self.common.pending_output() < crate::OUTPUT_HIGH_WATER + crate::OUTPUT_BATCH_BYTES
         {
             let msg = match self.priority_receiver.try_recv() {
                 Ok(msg) => msg,
