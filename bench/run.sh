@@ -21,7 +21,7 @@
 #   CONNECTIONS   wrk connections; default 16
 #   THREADS       wrk threads; default 2
 #   PATHS         which paths to measure; default
-#                 "direct gateway portfwd ssh_L ssh_tt_L ssh_N ssh_tt rathole bore"
+#                 "direct gateway portfwd portfwd_gw ssh_L ssh_tt_L ssh_N ssh_tt ssh_dflt rathole bore"
 #                 (rathole and bore only when they are on PATH)
 #   SETUP_CONNECTIONS  fresh connections per path for the connection-setup latency
 #                 (connect -> first byte of GET /version); default 200 (0 to skip)
@@ -31,7 +31,11 @@
 #   HELD          connections held open per path (one request each) to measure the
 #                 memory a held connection costs each side; default 100 (0 to skip)
 #   SSH_CIPHER    cipher for the OpenSSH baseline; default aes256-gcm@openssh.com
-#                 (towerctl's first choice); "default" lets OpenSSH negotiate
+#                 (towerctl's first choice); "default" lets OpenSSH negotiate.
+#                 Path ssh_dflt is `ssh -tt -L` with OpenSSH's own negotiation
+#                 (chacha20-poly1305) whatever SSH_CIPHER says: OpenSSH as an
+#                 operator runs it, reported apart, not one of the rows the
+#                 targets compare with
 #   BULK_TIMEOUT  seconds allowed for one bulk download or upload; default 300
 #   H2_STREAMS    HTTP/2 streams at a time on the one connection of the gateway's
 #                 HTTP/2 run (h2load, when on PATH); default 16
@@ -75,7 +79,7 @@ SETUP_CONNECTIONS=${SETUP_CONNECTIONS:-200}
 SETUP_MAX_SECONDS=${SETUP_MAX_SECONDS:-60}
 CLOSE_DURATION=${CLOSE_DURATION:-5s}
 HELD=${HELD:-100}
-ALL_PATHS="direct gateway portfwd portfwd_gw ssh_L ssh_tt_L ssh_N ssh_tt rathole bore"
+ALL_PATHS="direct gateway portfwd portfwd_gw ssh_L ssh_tt_L ssh_N ssh_tt ssh_dflt rathole bore"
 PATHS=${PATHS:-$ALL_PATHS}
 CLUSTER=bench
 
@@ -367,7 +371,7 @@ fi
 SSHD_PID=""
 SSH_PIDS=()         # every ssh client started here
 declare -A SSH_URL=() # path name -> http://127.0.0.1:PORT
-if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt; then
+if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt || wants ssh_dflt; then
     if [[ $(id -u) == 0 && ! -d /run/sshd ]]; then
         mkdir -m 0755 /run/sshd # sshd's privilege separation dir (Debian), removed at exit
         MADE_PRIVSEP=1
@@ -384,18 +388,20 @@ if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt; then
     SSH_OPTS=(-F /dev/null -p "$SSHD_PORT" -i "$W/ssh/client_ed25519"
         -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null
         -o ExitOnForwardFailure=yes -o Compression=no -o LogLevel=ERROR)
-    if [[ $SSH_CIPHER != default ]]; then SSH_OPTS+=(-c "$SSH_CIPHER"); fi
+
     SSH_USER=$(id -un)
 
-    # ssh_tunnel NAME MODE DIRECTION: one forward from a free local port to
+    # ssh_tunnel NAME MODE DIRECTION [CIPHER]: one forward from a free local port to
     # the upstream. MODE -N (no session) or -tt (a pty: both OpenSSH ends
     # then treat the connection as interactive and set TCP_NODELAY); DIRECTION
-    # -L (ssh listens, sshd dials the upstream) or -R (sshd listens, ssh dials).
+    # -L (ssh listens, sshd dials the upstream) or -R (sshd listens, ssh dials);
+    # CIPHER, when given, "default" (OpenSSH's negotiation) or a cipher name.
     ssh_tunnel() {
-        local name=$1 mode=$2 dir=$3 port
-        local args=()
+        local name=$1 mode=$2 dir=$3 cipher=${4:-$SSH_CIPHER} port
+        local args=() copt=()
         port=$(free_port)
-        args=(ssh "$mode" "${SSH_OPTS[@]}" "$dir" "127.0.0.1:$port:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1")
+        if [[ $cipher != default ]]; then copt=(-c "$cipher"); fi
+        args=(ssh "$mode" "${SSH_OPTS[@]}" "${copt[@]}" "$dir" "127.0.0.1:$port:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1")
         if [[ $mode == -tt ]]; then args+=("exec sleep 86400"); fi
         start_bg "$W/$name.out" "$W/$name.err" "${args[@]}"
         SSH_PIDS+=("$BG_PID")
@@ -408,6 +414,7 @@ if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt; then
     if wants ssh_tt_L; then ssh_tunnel ssh_tt_L -tt -L; fi
     if wants ssh_N; then ssh_tunnel ssh_N -N -R; fi
     if wants ssh_tt; then ssh_tunnel ssh_tt -tt -R; fi
+    if wants ssh_dflt; then ssh_tunnel ssh_dflt -tt -L default; fi
     log "OpenSSH: sshd on 127.0.0.1:$SSHD_PORT, cipher $SSH_CIPHER"
 fi
 
@@ -993,6 +1000,7 @@ if wants ssh_L; then measure ssh_L "ssh -N -L" "${SSH_URL[ssh_L]}"; fi
 if wants ssh_tt_L; then measure ssh_tt_L "ssh -tt -L (pty, TCP_NODELAY)" "${SSH_URL[ssh_tt_L]}"; fi
 if wants ssh_N; then measure ssh_N "ssh -N -R" "${SSH_URL[ssh_N]}"; fi
 if wants ssh_tt; then measure ssh_tt "ssh -tt -R (pty, TCP_NODELAY)" "${SSH_URL[ssh_tt]}"; fi
+if wants ssh_dflt; then measure ssh_dflt "ssh -tt -L, default cipher" "${SSH_URL[ssh_dflt]}"; fi
 if [[ -n $RATHOLE ]]; then
     measure rathole "rathole (noise)" "$RATHOLE"
 fi
@@ -1192,8 +1200,13 @@ ssh_close, ssh_close_name = best("close_req_per_s", SSH)
 rh = rows.get("rathole", {})
 ratios = {"best_ssh_throughput_variant": ssh_tp_name, "best_ssh_req_per_s_variant": ssh_rps_name,
           "best_ssh_close_req_per_s_variant": ssh_close_name}
+dflt = rows.get("ssh_dflt", {})
 for p in ("portfwd", "portfwd_gw", "gateway"):
     row = rows.get(p, {})
+    # OpenSSH out of the box (its default cipher): reported, not a target.
+    ratios[f"{p}_vs_ssh_default_cipher_throughput"] = ratio(row.get("bulk_mb_per_s"), dflt.get("bulk_mb_per_s"))
+    ratios[f"{p}_vs_ssh_default_cipher_upload"] = ratio(row.get("upload_mb_per_s"), dflt.get("upload_mb_per_s"))
+    ratios[f"{p}_vs_ssh_default_cipher_req_per_s"] = ratio(row.get("req_per_s"), dflt.get("req_per_s"))
     ratios[f"{p}_vs_best_ssh_throughput"] = ratio(row.get("bulk_mb_per_s"), ssh_tp)
     ratios[f"{p}_vs_best_ssh_upload"] = ratio(row.get("upload_mb_per_s"), ssh_up)
     ratios[f"{p}_vs_best_ssh_req_per_s"] = ratio(row.get("req_per_s"), ssh_rps)
@@ -1420,6 +1433,13 @@ for p, what in (("portfwd", "port-forward"), ("portfwd_gw", "port-forward via ga
           f"{pair(ratios[f'{p}_added_p50_ms'], ratios[f'{p}_added_p99_ms'])}")
     print(f"  {what} added p50 / p99 over direct, 1 connection:   "
           f"{pair(ratios[f'{p}_added_one_conn_p50_ms'], ratios[f'{p}_added_one_conn_p99_ms'])}")
+if "ssh_dflt" in rows:
+    print("  against `ssh -tt -L` as OpenSSH runs out of the box (its default cipher; reported, not a target):")
+    for p, what in (("portfwd", "port-forward"), ("portfwd_gw", "port-forward via gateway")):
+        if p in rows:
+            print(f"    {what}: download {times(ratios[f'{p}_vs_ssh_default_cipher_throughput'])}, "
+                  f"upload {times(ratios[f'{p}_vs_ssh_default_cipher_upload'])}, "
+                  f"req/s {times(ratios[f'{p}_vs_ssh_default_cipher_req_per_s'])}")
 print()
 print("targets")
 for group, checks in targets.items():
