@@ -469,3 +469,37 @@ fn a_forwarded_connection_whose_client_speaks_first_is_carried_whole_and_counted
     assert_eq!(end["bytes"].as_u64(), Some(2 * msg.len() as u64), "{end}");
     assert_eq!(end["status"], 200, "{end}");
 }
+
+/// A hub run in the foreground (a systemd unit, a container) on a fresh
+/// home makes its state directory and keeps its audit log there: it used
+/// to find no directory and write no record at all.
+#[test]
+fn a_hub_run_in_the_foreground_on_a_fresh_home_keeps_its_audit_log() {
+    let env = Env::new();
+    let state = env.path("state/towerctl");
+    assert!(!state.exists(), "a fresh home has no state directory yet");
+    let hub = Streaming::start(env.towerctl_cmd(&[
+        "hub",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]));
+    hub.wait_for("hub ready", Duration::from_secs(30));
+    let gw = gateway(&env);
+    let o = curl(&env, None, &format!("{gw}/clusters/alpha/api"));
+    assert!(o.stdout.contains("Unauthorized"), "{o:?}");
+    let r = wait_record(&env, "the 401 in the audit log", |r| r["status"] == 401);
+    assert_eq!(r["operator"], "(unauthenticated)", "{r}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the state directory is private");
+    assert!(
+        !hub.output().contains("cannot open the audit log"),
+        "{}",
+        hub.output()
+    );
+}

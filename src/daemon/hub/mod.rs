@@ -1068,6 +1068,10 @@ pub async fn run(
     );
     let data = paths::data_dir();
     paths::ensure_private_dir(&data)?;
+    // The audit log's directory. `towerctl up` made it for the daemon's
+    // log file, but a hub run in the foreground (a systemd unit, a
+    // container) on a fresh home had none, and wrote no audit record.
+    paths::ensure_private_dir(&paths::state_dir())?;
     let shared = match &cfg.store {
         Some(spec) => Some(
             super::store_etcd::EtcdStore::open(
