@@ -3,7 +3,7 @@
 //! (or narrowing what it may reach) cancels its watches, `logs -f`, exec,
 //! port-forward and CONNECT streams at once, not at their next request.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 

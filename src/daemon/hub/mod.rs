@@ -318,7 +318,7 @@ impl Counters {
 /// clone an `Arc`; nothing holds its lock across an await.
 pub struct Hub {
     pub store: Arc<dyn Store>,
-    sessions: RwLock<HashMap<String, Arc<LiveSession>>>,
+    sessions: RwLock<foldhash::HashMap<String, Arc<LiveSession>>>,
     /// When each member's last session ended (unix seconds), for messages.
     disconnected_at: Mutex<HashMap<String, u64>>,
     /// Events and RTT history per cluster; touched on connect, disconnect
@@ -328,7 +328,7 @@ pub struct Hub {
     pub started_at: u64,
     pub auditor: super::audit::Auditor,
     /// Operators by token hash (cache of the registry).
-    operators: RwLock<HashMap<String, Operator>>,
+    operators: RwLock<foldhash::HashMap<String, Operator>>,
     /// Moves on with every reload of `operators`, after it: what a gateway
     /// connection remembers of a token is good only while this stays.
     operators_generation: std::sync::atomic::AtomicU64,
@@ -380,7 +380,7 @@ impl Hub {
     ) -> Hub {
         Hub {
             store,
-            sessions: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(Default::default()),
             disconnected_at: Mutex::new(HashMap::new()),
             meta: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -392,7 +392,7 @@ impl Hub {
                 Admission::new("tunnel", caps),
                 Admission::new("gateway", caps),
             ],
-            operators: RwLock::new(HashMap::new()),
+            operators: RwLock::new(Default::default()),
             operators_generation: std::sync::atomic::AtomicU64::new(0),
             streams: Default::default(),
             access: RwLock::new(Default::default()),
