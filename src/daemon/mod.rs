@@ -8,6 +8,7 @@ pub mod agent;
 pub mod audit;
 pub mod control;
 pub mod etcd;
+pub mod fasthash;
 pub mod fdpass;
 pub mod fmt;
 pub mod forwards;

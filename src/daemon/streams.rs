@@ -3,7 +3,7 @@
 //! (or narrowing what it may reach) cancels its watches, `logs -f`, exec,
 //! port-forward and CONNECT streams at once, not at their next request.
 
-use foldhash::{HashMap, HashMapExt};
+use super::fasthash::FastMap as HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -66,11 +66,11 @@ impl OpenStreams {
         let reg = &mut *reg;
         let (op, _) = named(&mut reg.by_operator, operator, |name| Operator {
             name,
-            members: HashMap::new(),
+            members: HashMap::default(),
         });
         let (member, added) = named(&mut op.members, cluster, |name| Member {
             name,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
         });
         if added {
             reg.pairs += 1;

@@ -318,7 +318,7 @@ impl Counters {
 /// clone an `Arc`; nothing holds its lock across an await.
 pub struct Hub {
     pub store: Arc<dyn Store>,
-    sessions: RwLock<foldhash::HashMap<String, Arc<LiveSession>>>,
+    sessions: RwLock<crate::daemon::fasthash::FastMap<String, Arc<LiveSession>>>,
     /// When each member's last session ended (unix seconds), for messages.
     disconnected_at: Mutex<HashMap<String, u64>>,
     /// Events and RTT history per cluster; touched on connect, disconnect
@@ -328,7 +328,7 @@ pub struct Hub {
     pub started_at: u64,
     pub auditor: super::audit::Auditor,
     /// Operators by token hash (cache of the registry).
-    operators: RwLock<foldhash::HashMap<String, Operator>>,
+    operators: RwLock<crate::daemon::fasthash::FastMap<String, Operator>>,
     /// Moves on with every reload of `operators`, after it: what a gateway
     /// connection remembers of a token is good only while this stays.
     operators_generation: std::sync::atomic::AtomicU64,
