@@ -401,7 +401,7 @@ if wants ssh_L || wants ssh_tt_L || wants ssh_N || wants ssh_tt || wants ssh_dfl
         local args=() copt=()
         port=$(free_port)
         if [[ $cipher != default ]]; then copt=(-c "$cipher"); fi
-        args=(ssh "$mode" "${SSH_OPTS[@]}" "${copt[@]}" "$dir" "127.0.0.1:$port:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1")
+        args=(ssh "$mode" "${SSH_OPTS[@]}" ${copt[@]+"${copt[@]}"} "$dir" "127.0.0.1:$port:127.0.0.1:$UPPORT" "$SSH_USER@127.0.0.1")
         if [[ $mode == -tt ]]; then args+=("exec sleep 86400"); fi
         start_bg "$W/$name.out" "$W/$name.err" "${args[@]}"
         SSH_PIDS+=("$BG_PID")

@@ -3,35 +3,56 @@
 //! SipHash, which was ~3 % of the hub's instructions per request. Their
 //! keys are names and token hashes the hub registered itself (a member
 //! name made up in a request path stays only while its stream is open, or
-//! among the few kept empty), and the seed is drawn from the OS once per
-//! process, so nobody outside can choose colliding keys.
+//! among the few kept empty), and both of foldhash's seeds are drawn from
+//! the OS once per process: a client cannot compute which keys collide.
 
 use std::hash::BuildHasher;
 use std::sync::OnceLock;
 
+use foldhash::fast::SeedableRandomState;
+use foldhash::SharedSeed;
+
 /// A `HashMap` hashed with [`FastHash`]; make one with `FastMap::default()`.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, FastHash>;
 
-/// foldhash with this process's seed.
+/// foldhash with this process's seeds.
 #[derive(Clone, Debug)]
-pub struct FastHash(foldhash::fast::FixedState);
+pub struct FastHash(SeedableRandomState);
+
+/// Both of foldhash's seeds, drawn once: the per-hasher one and the shared
+/// one (foldhash's `FixedState` randomizes only the first and keeps its
+/// published constants for the second).
+struct Seeds {
+    per_hasher: u64,
+    shared: SharedSeed,
+}
+
+fn seeds() -> &'static Seeds {
+    static SEEDS: OnceLock<Seeds> = OnceLock::new();
+    SEEDS.get_or_init(|| {
+        let mut b = [0u8; 16];
+        if getrandom::fill(&mut b).is_err() {
+            // No OS randomness (not seen on Linux): the clock and an
+            // address are still seeds nobody outside chose.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let a = &b as *const _ as u128;
+            b = (t ^ a.rotate_left(64) ^ a).to_ne_bytes();
+        }
+        let (per, shared) = b.split_at(8);
+        let word = |s: &[u8]| u64::from_ne_bytes(s.try_into().unwrap_or([0; 8]));
+        Seeds {
+            per_hasher: word(per),
+            shared: SharedSeed::from_u64(word(shared)),
+        }
+    })
+}
 
 impl Default for FastHash {
     fn default() -> FastHash {
-        static SEED: OnceLock<u64> = OnceLock::new();
-        let seed = *SEED.get_or_init(|| {
-            let mut b = [0u8; 8];
-            if getrandom::fill(&mut b).is_err() {
-                // No OS randomness (not seen on Linux): the clock and an
-                // address are still a seed nobody outside chose.
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64);
-                b = (t ^ (&b as *const _ as u64)).to_ne_bytes();
-            }
-            u64::from_ne_bytes(b)
-        });
-        FastHash(foldhash::fast::FixedState::with_seed(seed))
+        let s = seeds();
+        FastHash(SeedableRandomState::with_seed(s.per_hasher, &s.shared))
     }
 }
 
@@ -56,11 +77,15 @@ mod tests {
             "one seed per process"
         );
         assert_ne!(a.hash_one("alpha"), a.hash_one("beta"));
-        // Not foldhash's fixed default seed.
-        assert_ne!(
-            a.hash_one("alpha"),
-            foldhash::fast::FixedState::default().hash_one("alpha")
-        );
+        // Neither half of the seed is foldhash's published one.
+        let per = seeds().per_hasher;
+        for fixed in [
+            foldhash::fast::FixedState::with_seed(per).hash_one("alpha"),
+            SeedableRandomState::with_seed(per, SharedSeed::global_fixed()).hash_one("alpha"),
+            foldhash::fast::FixedState::default().hash_one("alpha"),
+        ] {
+            assert_ne!(a.hash_one("alpha"), fixed);
+        }
         let mut m: FastMap<String, u32> = FastMap::default();
         for i in 0..1000 {
             m.insert(format!("member-{i}"), i);
