@@ -165,12 +165,14 @@ pub(super) async fn serve(
             // The end of the forward cuts a connection still being set up
             // too (a channel open to a wedged agent, a peer hub's answer);
             // an opened stream sees `done` itself and audits its end.
+            // Polled only when it fires, not at every read and write the
+            // connection carries (`tunnel::quiet`).
             let stop = done.clone();
             tokio::select! {
                 r = carry(&hub2, &dest, peer, conn, done) => if let Err(error) = r {
                     let _ = tx.try_send(ForwardEvent::Failed { port: local, error });
                 },
-                _ = stop.cancelled() => {}
+                _ = crate::tunnel::quiet::Quiet::new(stop.cancelled()) => {}
             }
         });
     }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tunnel::quiet::Quiet;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -487,13 +488,19 @@ impl Watch {
         let mut check = tokio::time::interval(Duration::from_secs(1));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing = false;
+        // Polled only when they fire, not at every wake of the connection
+        // (every request's reads and writes; `tunnel::quiet`).
+        let (mut evicted, mut cancel) = (
+            Quiet::new(evicted.cancelled()),
+            Quiet::new(cancel.cancelled()),
+        );
         loop {
             tokio::select! {
                 r = &mut conn => {
                     if let Err(e) = r { tracing::debug!(%peer, "gateway connection: {e}") }
                     break;
                 }
-                _ = evicted.cancelled(), if !conn_state.is_authenticated() => break,
+                _ = &mut evicted, if !conn_state.is_authenticated() => break,
                 _ = check.tick() => {
                     if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
                         tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
@@ -504,7 +511,7 @@ impl Watch {
                         shutdown(conn.as_mut());
                     }
                 }
-                _ = cancel.cancelled() => break,
+                _ = &mut cancel => break,
             }
         }
     }
@@ -910,12 +917,20 @@ impl Carried {
         (rd, wr): (Arc<AtomicU64>, Arc<AtomicU64>),
         stop: CancellationToken,
     ) {
+        // The two ends are polled only when one of them fires, not at
+        // every read and write the stream carries (`tunnel::quiet`).
+        let cut = &self.guard.cut;
+        let ended = Quiet::new(async move {
+            tokio::select! {
+                _ = cut.cancelled() => true,
+                _ = stop.cancelled() => false,
+            }
+        });
         tokio::select! {
             _ = copy => {}
-            _ = self.guard.cut.cancelled() => {
+            revoked = ended => if revoked {
                 tracing::info!(cluster = %self.record.cluster, operator = %self.record.operator, "a raw stream was cut: access revoked");
             }
-            _ = stop.cancelled() => {}
         }
         self.record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
         self.finish(None);
