@@ -478,16 +478,7 @@ fn a_hub_run_in_the_foreground_on_a_fresh_home_keeps_its_audit_log() {
     let env = Env::new();
     let state = env.path("state/towerctl");
     assert!(!state.exists(), "a fresh home has no state directory yet");
-    let hub = Streaming::start(env.towerctl_cmd(&[
-        "hub",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-    ]));
+    let hub = Streaming::start(env.hub_run_cmd());
     hub.wait_for("hub ready", Duration::from_secs(30));
     let gw = gateway(&env);
     let o = curl(&env, None, &format!("{gw}/clusters/alpha/api"));

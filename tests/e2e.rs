@@ -1009,16 +1009,7 @@ fn daemons_notify_systemd_and_units_are_written() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut cmd = env.towerctl_cmd(&[
-        "hub",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-    ]);
+    let mut cmd = env.hub_run_cmd();
     cmd.env("NOTIFY_SOCKET", &sock_path);
     let hub = Streaming::start(cmd);
     let mut buf = [0u8; 512];

@@ -145,6 +145,22 @@ impl Env {
         c
     }
 
+    /// `towerctl hub run` in the foreground, on free loopback ports,
+    /// without the metrics listener (as a systemd unit or a container
+    /// runs the hub).
+    pub fn hub_run_cmd(&self) -> Command {
+        self.towerctl_cmd(&[
+            "hub",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ])
+    }
+
     pub fn towerctl(&self, args: &[&str]) -> Out {
         run_bounded(self.towerctl_cmd(args), Duration::from_secs(60))
     }
