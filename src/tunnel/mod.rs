@@ -715,3 +715,25 @@ mod session_loop_tests {
         assert_eq!(ended, (EACH, EACH));
     }
 }
+
+#[cfg(test)]
+mod channel_map_tests {
+    use std::hash::Hasher;
+
+    /// The vendored russh's channel maps (patch ten): this side's channel
+    /// numbers, handed out in turn, land in distinct buckets and spread
+    /// over the map's tags, so lookups stay one probe.
+    #[test]
+    fn channel_numbers_in_turn_hash_apart() {
+        let hash = |n: u32| {
+            let mut h = russh::ChannelIdHasher::default();
+            h.write_u32(n);
+            h.finish()
+        };
+        let n = 4096u32;
+        let buckets: std::collections::HashSet<u64> = (0..n).map(|i| hash(i) & 0xfff).collect();
+        assert_eq!(buckets.len(), n as usize, "distinct low bits");
+        let tags: std::collections::HashSet<u64> = (0..n).map(|i| hash(i) >> 57).collect();
+        assert!(tags.len() > 120, "{} of 128 tags used", tags.len());
+    }
+}
