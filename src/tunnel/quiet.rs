@@ -7,7 +7,9 @@
 //! hub's port-forward path that was six lock round trips and ~4 % of the
 //! hub's instructions per kept-alive request. [`Quiet`] wraps such a
 //! branch: it is polled at its first poll and then only after its own
-//! waker fired, and otherwise costs an atomic swap.
+//! waker fired, and otherwise costs registering the task's waker and an
+//! atomic swap (and, once, a box and an `Arc`). Like a fused future it
+//! stays pending once it has returned its output.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +24,7 @@ pub struct Quiet<F> {
     inner: Pin<Box<F>>,
     flag: Arc<Flag>,
     waker: Waker,
+    done: bool,
 }
 
 struct Flag {
@@ -51,6 +54,7 @@ impl<F: Future> Quiet<F> {
             inner: Box::pin(inner),
             waker: Waker::from(flag.clone()),
             flag,
+            done: false,
         }
     }
 }
@@ -60,15 +64,21 @@ impl<F: Future> Future for Quiet<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        if this.done {
+            return Poll::Pending;
+        }
         // Registered before the flag is read: a wake after the read finds
         // this task's waker and polls again.
         this.flag.task.register(cx.waker());
         if !this.flag.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
-        this.inner
+        let out = this
+            .inner
             .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
+            .poll(&mut Context::from_waker(&this.waker));
+        this.done = out.is_ready();
+        out
     }
 }
 
@@ -126,6 +136,68 @@ mod tests {
         waker.lock().unwrap().take().unwrap().wake();
         assert!(q.as_mut().poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::SeqCst), 3);
+    }
+
+    /// Counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_task_woken_is_the_one_that_polled_last() {
+        let open = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(std::sync::Mutex::new(None::<Waker>));
+        let mut q = Quiet::new(Gate {
+            polls: Arc::new(AtomicUsize::new(0)),
+            open: open.clone(),
+            waker: inner.clone(),
+        });
+        let mut q = Pin::new(&mut q);
+        let (a, b) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        assert!(q.as_mut().poll(&mut Context::from_waker(&wa)).is_pending());
+        assert!(q.as_mut().poll(&mut Context::from_waker(&wb)).is_pending());
+        open.store(true, Ordering::SeqCst);
+        inner.lock().unwrap().take().unwrap().wake();
+        assert_eq!(a.0.load(Ordering::SeqCst), 0, "not the task that moved on");
+        assert_eq!(b.0.load(Ordering::SeqCst), 1, "the task that polled last");
+        assert!(q.as_mut().poll(&mut Context::from_waker(&wb)).is_ready());
+        // Fused: pending from then on, its future not polled again.
+        assert!(q.as_mut().poll(&mut Context::from_waker(&wb)).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_from_another_task_ends_a_select_on_an_idle_task() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let stop = Quiet::new(token.clone().cancelled_owned());
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            token.cancel();
+        });
+        // Nothing else wakes this task: only the token's own wake can
+        // (the timeout's timer would too, at 10 s, hence the time check).
+        let t0 = std::time::Instant::now();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            tokio::select! {
+                _ = stop => true,
+                _ = std::future::pending::<()>() => false,
+            }
+        })
+        .await;
+        assert_eq!(ended, Ok(true));
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "the cancellation woke the idle task at once, not the timeout ({:?})",
+            t0.elapsed()
+        );
+        cancel.await.unwrap();
     }
 
     #[tokio::test]

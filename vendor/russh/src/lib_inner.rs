@@ -459,36 +459,57 @@ impl ChannelOpenFailure {
 /// The identifier of a channel.
 pub struct ChannelId(u32);
 
-/// towerctl patch: the sessions' channel maps, hashed with one
-/// multiplication ([`ChannelIdHasher`]) instead of SipHash. Every channel
-/// packet looks a channel up three or four times; with SipHash that was
-/// 2 % of the instructions per forwarded request on each side. The keys
-/// are this side's own channel numbers, handed out in turn
-/// (`new_channel_id`): nothing a peer chooses is ever inserted.
+/// towerctl patch: the sessions' channel maps, hashed with a keyed
+/// 64x64->128-bit multiplication ([`ChannelIdHasher`]) instead of SipHash.
+/// Every channel packet looks a channel up three or four times; with
+/// SipHash that was 2 % of the instructions per forwarded request on each
+/// side. The keys are this side's own channel numbers, handed out in turn
+/// (`new_channel_id`), but a peer decides which of them stay (it can have
+/// its own opens refused and keep only the numbers it likes), so the hash
+/// is keyed per process from the OS, as SipHash's was: the peer cannot
+/// tell which numbers share a bucket.
 #[doc(hidden)]
 pub type ChannelMap<V> =
     std::collections::HashMap<ChannelId, V, std::hash::BuildHasherDefault<ChannelIdHasher>>;
 
-/// See [`ChannelMap`]: multiplies by 2^64 / φ, which keeps distinct
-/// numbers apart in the low bits (the bucket) and spreads them into the
-/// high bits (the map's tag).
+/// See [`ChannelMap`]: the folded product of the number (xored with one
+/// key) and the other key, as foldhash folds one word, then one
+/// multiply-xorshift.
 #[doc(hidden)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ChannelIdHasher(u64);
 
+impl ChannelIdHasher {
+    /// Two keys drawn once per process (std's `RandomState` takes them
+    /// from the OS); the multiplier odd.
+    fn keys() -> (u64, u64) {
+        use std::hash::BuildHasher;
+        static KEYS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+        *KEYS.get_or_init(|| {
+            let s = std::collections::hash_map::RandomState::new();
+            (s.hash_one(1u8), s.hash_one(2u8) | 1)
+        })
+    }
+}
+
 impl std::hash::Hasher for ChannelIdHasher {
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
 
     fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.rotate_left(32) ^ u64::from(n);
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        let (k0, k1) = Self::keys();
+        let full = u128::from(self.0 ^ k0) * u128::from(k1);
+        // Folded, then mixed once more: the fold alone left numbers a
+        // power of two apart crowded in the low bits (the bucket).
+        let h = ((full as u64) ^ ((full >> 64) as u64)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 32)
     }
 }
 
