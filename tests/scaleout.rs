@@ -286,10 +286,15 @@ impl Drop for Etcd {
 
 /// `towerctl up` on the registry at `store`, with `extra` flags.
 fn up_on_store(env: &Env, store: &str, extra: &[&str]) -> support::Out {
+    up_on_store_at(env, store, "127.0.0.1:0", extra)
+}
+
+/// [`up_on_store`] with the tunnel listening on `listen`.
+fn up_on_store_at(env: &Env, store: &str, listen: &str, extra: &[&str]) -> support::Out {
     let mut args = vec![
         "up",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--gateway",
         "127.0.0.1:0",
         "--keepalive",
@@ -1586,19 +1591,7 @@ fn a_learned_hub_whose_address_went_to_another_group_is_dropped_and_the_agent_go
         agent_log()
     );
     // Hub b back on its address: the agent, still running, is served again.
-    let o = b.towerctl(&[
-        "up",
-        "--listen",
-        &b_addr,
-        "--gateway",
-        "127.0.0.1:0",
-        "--keepalive",
-        "1s",
-        "--metrics",
-        "127.0.0.1:0",
-        "--store",
-        &etcd.url,
-    ]);
+    let o = up_on_store_at(&b, &etcd.url, &b_addr, &[]);
     assert!(o.ok(), "hub b again: {o:?}");
     let admin = std::fs::read_to_string(b.path("data/towerctl/admin.token")).unwrap();
     wait_for(

@@ -30,21 +30,11 @@ struct Seeds {
 fn seeds() -> &'static Seeds {
     static SEEDS: OnceLock<Seeds> = OnceLock::new();
     SEEDS.get_or_init(|| {
-        let mut b = [0u8; 16];
-        if getrandom::fill(&mut b).is_err() {
-            // No OS randomness (not seen on Linux): the clock and an
-            // address are still seeds nobody outside chose.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let a = &b as *const _ as u128;
-            b = (t ^ a.rotate_left(64) ^ a).to_ne_bytes();
-        }
-        let (per, shared) = b.split_at(8);
-        let word = |s: &[u8]| u64::from_ne_bytes(s.try_into().unwrap_or([0; 8]));
+        // std's `RandomState` takes its keys from the OS.
+        let os = std::collections::hash_map::RandomState::new();
         Seeds {
-            per_hasher: word(per),
-            shared: SharedSeed::from_u64(word(shared)),
+            per_hasher: os.hash_one(1u8),
+            shared: SharedSeed::from_u64(os.hash_one(2u8)),
         }
     })
 }

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::tunnel::quiet::Quiet;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -35,6 +34,7 @@ use crate::daemon::proxied::TrustedProxies;
 use crate::daemon::store::Operator;
 use crate::daemon::targets::Target;
 use crate::daemon::wire::RawAnswer;
+use crate::tunnel::quiet::Quiet;
 use crate::tunnel::{server, TARGET_APISERVER};
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
