@@ -1823,3 +1823,39 @@ fn ending_a_forward_cuts_connections_still_being_set_up() {
         "the connection being set up was closed {took:?} after the forward ended"
     );
 }
+
+/// A client that speaks first (as HTTP clients do) through a forward the
+/// hub carries: its first bytes travel with the channel's open when the
+/// agent takes them there (up to 16 KiB; `wire::RawOpen`), the rest on the
+/// stream. Whatever the split, every byte reaches the target once and in
+/// order, for a first write shorter than the open carries, exactly as long,
+/// and far longer.
+#[test]
+fn a_client_that_speaks_first_gets_every_byte_through_in_order() {
+    use std::io::{Read, Write};
+    let (_env, _api, _pf, port) = forwarding_to_an_echo_service();
+    for (i, len) in [5usize, 16 * 1024, 16 * 1024 + 1, 300_000]
+        .into_iter()
+        .enumerate()
+    {
+        let sent: Vec<u8> = (0..len).map(|j| ((j * 7 + i) % 251) as u8).collect();
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut w = c.try_clone().unwrap();
+        let out = sent.clone();
+        // Written at once, before anything is read: the hub finds it
+        // waiting when it opens the channel.
+        let writer = std::thread::spawn(move || w.write_all(&out));
+        let mut got = vec![0u8; len];
+        c.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("a first write of {len} bytes: {e}"));
+        writer.join().unwrap().unwrap();
+        assert!(
+            got == sent,
+            "a first write of {len} bytes came back changed (first difference at byte {:?})",
+            got.iter().zip(&sent).position(|(a, b)| a != b)
+        );
+        // And the connection goes on carrying bytes after it.
+        support::echo(&mut c, "and then\n").unwrap();
+    }
+}

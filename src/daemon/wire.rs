@@ -133,7 +133,63 @@ pub struct RawIdentity {
 
 const IDENTITY_PREFIX: &str = "towerctl-operator ";
 
-impl RawIdentity {
+/// The most of a client's first bytes a raw channel's open carries
+/// ([`RawOpen::early`]).
+pub const EARLY_MAX: usize = 16 * 1024;
+
+/// Longest originator field an agent reads: the identity (names and
+/// groups, a few hundred bytes) and up to [`EARLY_MAX`] bytes in base64.
+const MAX_OPEN: usize = MAX_LINE + EARLY_MAX / 3 * 4 + 4;
+
+/// What the hub says in a raw channel's open: the operator and, to an
+/// agent that takes them ([`crate::tunnel::FEATURE_OPEN_EARLY`]), the
+/// window the hub asks the agent to keep to and the bytes the client sent
+/// before the stream opened. With those in the open, a port-forwarded
+/// connection whose client speaks first (HTTP) reaches its target one
+/// round trip to the agent sooner: the agent writes them to the target as
+/// soon as it has dialed, instead of the hub sending them (and its window)
+/// once the agent has confirmed the channel. An older agent ignores the
+/// two fields, so the hub sends them only to agents that said they take
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RawOpen {
+    #[serde(flatten)]
+    pub who: RawIdentity,
+    /// The window the hub asks for (as a window frame would).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+    /// The client's first bytes, base64, at most [`EARLY_MAX`] decoded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early: Option<String>,
+}
+
+impl RawOpen {
+    /// An open naming `who` only.
+    pub fn new(who: RawIdentity) -> RawOpen {
+        RawOpen {
+            who,
+            window: None,
+            early: None,
+        }
+    }
+
+    /// Carries `bytes` (at most [`EARLY_MAX`]) as the client's first bytes.
+    pub fn set_early(&mut self, bytes: &[u8]) {
+        use base64::Engine;
+        debug_assert!(bytes.len() <= EARLY_MAX);
+        self.early =
+            (!bytes.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+
+    /// The client's first bytes (empty when there are none).
+    pub fn early_bytes(&self) -> Vec<u8> {
+        use base64::Engine;
+        self.early
+            .as_deref()
+            .and_then(|e| base64::engine::general_purpose::STANDARD.decode(e).ok())
+            .unwrap_or_default()
+    }
+
     pub fn encode(&self) -> String {
         format!(
             "{IDENTITY_PREFIX}{}",
@@ -141,15 +197,30 @@ impl RawIdentity {
         )
     }
 
-    /// `None` for anything else (an older hub's client address).
-    pub fn decode(s: &str) -> Option<RawIdentity> {
-        let json = s.strip_prefix(IDENTITY_PREFIX)?;
-        if json.len() > MAX_LINE {
-            return None;
+    /// `Ok(None)` for an originator that is no open of ours (an older
+    /// hub's client address); `Err` for one that is but cannot be read
+    /// (no user, bytes that are not base64 or more than [`EARLY_MAX`]): its
+    /// stream is refused, as its first bytes would be lost.
+    pub fn decode(s: &str) -> Result<Option<RawOpen>, &'static str> {
+        use base64::Engine;
+        let Some(json) = s.strip_prefix(IDENTITY_PREFIX) else {
+            return Ok(None);
+        };
+        if json.len() > MAX_OPEN {
+            return Err("the stream's open from the hub is too long");
         }
-        serde_json::from_str::<RawIdentity>(json)
-            .ok()
-            .filter(|i| !i.user.is_empty())
+        let open: RawOpen = serde_json::from_str(json)
+            .map_err(|_| "the stream's open from the hub could not be read")?;
+        if open.who.user.is_empty() {
+            return Err("the stream's open from the hub names no operator");
+        }
+        if let Some(e) = &open.early {
+            match base64::engine::general_purpose::STANDARD.decode(e) {
+                Ok(b) if b.len() <= EARLY_MAX => {}
+                _ => return Err("the client's first bytes in the stream's open are not valid"),
+            }
+        }
+        Ok(Some(open))
     }
 }
 
@@ -176,17 +247,58 @@ mod tests {
     }
 
     #[test]
-    fn raw_identity_round_trips_and_ignores_addresses() {
+    fn raw_opens_round_trip_and_ignore_addresses() {
         let who = RawIdentity {
             user: "bob".into(),
             groups: vec!["devs".into()],
         };
-        assert_eq!(RawIdentity::decode(&who.encode()), Some(who));
-        assert_eq!(RawIdentity::decode("127.0.0.1"), None);
+        let open = RawOpen::new(who.clone());
+        assert_eq!(RawOpen::decode(&open.encode()), Ok(Some(open.clone())));
+        // What an older hub sends, and what it sent before the identity.
         assert_eq!(
-            RawIdentity::decode("towerctl-operator {\"user\":\"\",\"groups\":[]}"),
-            None
+            RawOpen::decode("towerctl-operator {\"user\":\"bob\",\"groups\":[\"devs\"]}"),
+            Ok(Some(open))
         );
+        assert_eq!(RawOpen::decode("127.0.0.1"), Ok(None));
+        assert!(RawOpen::decode("towerctl-operator {\"user\":\"\",\"groups\":[]}").is_err());
+        assert!(RawOpen::decode("towerctl-operator {\"user\":").is_err());
+        // With a window and the client's first bytes, up to the most.
+        let mut full = RawOpen::new(who);
+        full.window = Some(1 << 20);
+        let first: Vec<u8> = (0..EARLY_MAX).map(|i| (i % 251) as u8).collect();
+        full.set_early(&first);
+        let got = RawOpen::decode(&full.encode()).unwrap().unwrap();
+        assert_eq!(got, full);
+        assert_eq!(got.early_bytes(), first);
+        assert_eq!(got.window, Some(1 << 20));
+        // Fields an older agent does not know are ignored by its parser.
+        let old: RawIdentity =
+            serde_json::from_str(full.encode().strip_prefix(IDENTITY_PREFIX).unwrap()).unwrap();
+        assert_eq!(old.user, "bob");
+        let mut none = RawOpen::new(old);
+        none.set_early(b"");
+        assert_eq!(none.early, None);
+        assert!(none.early_bytes().is_empty());
+    }
+
+    #[test]
+    fn an_open_whose_first_bytes_cannot_be_read_is_refused() {
+        let who = RawIdentity {
+            user: "bob".into(),
+            groups: vec![],
+        };
+        let mut open = RawOpen::new(who);
+        open.early = Some("not base64!".into());
+        assert!(RawOpen::decode(&open.encode()).is_err());
+        use base64::Engine;
+        open.early =
+            Some(base64::engine::general_purpose::STANDARD.encode(vec![0u8; EARLY_MAX + 1]));
+        assert!(RawOpen::decode(&open.encode()).is_err());
+        let long = format!(
+            "towerctl-operator {{\"user\":\"{}\",\"groups\":[]}}",
+            "x".repeat(MAX_OPEN)
+        );
+        assert!(RawOpen::decode(&long).is_err());
     }
 
     #[test]

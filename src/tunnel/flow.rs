@@ -387,6 +387,21 @@ impl FlowStream {
             let _ = rx.await;
         }
     }
+
+    /// [`FlowStream::advertise_window`] for a window the peer learned with
+    /// the channel's open ([`crate::daemon::wire::RawOpen`]): nothing is
+    /// sent, credit is returned in steps of a quarter of it.
+    pub fn window_told(&self, window: u64) {
+        let window = window.clamp(MIN_WINDOW, STREAM_WINDOW);
+        self.shared.lock().credit_step = (window / 4).min(CREDIT_STEP);
+    }
+
+    /// The window the peer asked for with the channel's open, taken as a
+    /// window frame from it would be.
+    pub fn peer_window(&self, window: u64) {
+        let mut st = self.shared.lock();
+        st.window = window.clamp(MIN_WINDOW, st.own_window);
+    }
 }
 
 /// Windows handed out to streams out of a fixed total: what one side

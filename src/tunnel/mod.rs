@@ -46,6 +46,10 @@ pub const FAREWELL_MAX: usize = 200;
 pub const TARGET_HUBS: &str = "towerctl.hubs";
 /// The agent's feature word for [`TARGET_HUBS`].
 pub const FEATURE_HUBS: &str = "hubs";
+/// The agent's feature word for raw channels whose open carries the
+/// window the hub asks for and the client's first bytes
+/// ([`crate::daemon::wire::RawOpen`]).
+pub const FEATURE_OPEN_EARLY: &str = "open-early";
 /// Most hub URLs an agent takes from [`TARGET_HUBS`], and the longest one.
 pub const MAX_LEARNED_HUBS: usize = 16;
 pub const MAX_HUB_URL: usize = 512;

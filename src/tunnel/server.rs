@@ -632,6 +632,7 @@ pub async fn open(
         &originator.ip().to_string(),
         u32::from(originator.port()),
         window,
+        false,
     )
     .await
 }
@@ -640,7 +641,8 @@ pub async fn open(
 /// choosing (an opaque string to the tunnel), and asks the agent to keep
 /// what it sends ahead of the hub's reading to `window` bytes (what the
 /// hub buffers for the stream at most: see
-/// [`FlowStream::advertise_window`]).
+/// [`FlowStream::advertise_window`]); `window_in_open` when the originator
+/// says it already ([`crate::daemon::wire::RawOpen`]).
 pub async fn open_as(
     handle: &Handle,
     target: &str,
@@ -648,6 +650,7 @@ pub async fn open_as(
     originator: &str,
     originator_port: u32,
     window: u64,
+    window_in_open: bool,
 ) -> Result<FlowStream, russh::Error> {
     let ch: Channel<Msg> = handle
         .channel_open_forwarded_tcpip(target, port, originator, originator_port)
@@ -664,7 +667,11 @@ pub async fn open_as(
         ));
     }
     let stream = FlowStream::new(ch);
-    stream.advertise_window(window).await;
+    if window_in_open {
+        stream.window_told(window);
+    } else {
+        stream.advertise_window(window).await;
+    }
     // Held to it: an agent that ignored it had the hub buffer its full
     // window (4 MiB) per stream whose client stopped reading, past every
     // member's budget (see `flow::UNTOLD_WINDOW`).

@@ -116,10 +116,14 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         connect_timeout: Duration::from_secs(15),
         // The hub refuses to route to an agent whose impersonation mode
         // differs from the member's: it learns the agent's from here.
-        features: std::iter::once(crate::tunnel::FEATURE_HUBS)
-            .chain(cfg.impersonate.then_some("impersonate"))
-            .map(String::from)
-            .collect(),
+        features: [
+            crate::tunnel::FEATURE_HUBS,
+            crate::tunnel::FEATURE_OPEN_EARLY,
+        ]
+        .into_iter()
+        .chain(cfg.impersonate.then_some("impersonate"))
+        .map(String::from)
+        .collect(),
         learned_hubs: Default::default(),
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),

@@ -130,12 +130,15 @@ pub(super) struct Dialer {
 }
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
-/// answers with a [`RawAnswer`], then splices.
+/// writes `early` to it (the client's first bytes, when the hub sent them
+/// with the open: [`crate::daemon::wire::RawOpen`]), answers with a
+/// [`RawAnswer`], then splices.
 pub(super) async fn serve_raw(
     d: Dialer,
     target: Target,
     port: u32,
     who: Option<RawIdentity>,
+    early: Vec<u8>,
     mut stream: FlowStream,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -270,7 +273,27 @@ pub(super) async fn serve_raw(
             }
         }
     };
-    match dial.await {
+    let dialed = match dial.await {
+        Ok(mut conn) if !early.is_empty() => {
+            // A fresh connection's socket buffer takes it at once; bounded
+            // all the same, as the dial is.
+            match tokio::time::timeout(std::time::Duration::from_secs(20), conn.write_all(&early))
+                .await
+            {
+                Ok(Ok(())) => Ok(conn),
+                Ok(Err(e)) => Err((
+                    DialCode::DialFailed,
+                    format!("{} took no data: {e}", target.describe()),
+                )),
+                Err(_) => Err((
+                    DialCode::DialFailed,
+                    format!("{} took no data for 20s", target.describe()),
+                )),
+            }
+        }
+        other => other,
+    };
+    match dialed {
         Ok(mut conn) => {
             if RawAnswer::Ok.write(&mut stream).await.is_err() {
                 return;

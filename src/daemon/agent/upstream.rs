@@ -329,11 +329,35 @@ impl ChannelService for Upstream {
                 return;
             };
             let d = self.dialer.clone();
-            let who = crate::daemon::wire::RawIdentity::decode(&originator);
+            let open = match crate::daemon::wire::RawOpen::decode(&originator) {
+                Ok(open) => open,
+                Err(msg) => {
+                    tracing::warn!("refused a stream: {msg}");
+                    self.tasks.spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let mut stream = stream;
+                        let answer = crate::daemon::wire::RawAnswer::Err(
+                            crate::daemon::wire::DialCode::DialFailed,
+                            format!("{msg}; is the hub of another version?"),
+                        );
+                        let _ = answer.write(&mut stream).await;
+                        let _ = stream.shutdown().await;
+                        drop((permit, raw_permit, window));
+                    });
+                    return;
+                }
+            };
+            // The hub's window, told in the open instead of a frame: kept
+            // to from the first byte this side sends.
+            if let Some(w) = open.as_ref().and_then(|o| o.window) {
+                stream.peer_window(w);
+            }
+            let early = open.as_ref().map(|o| o.early_bytes()).unwrap_or_default();
+            let who = open.map(|o| o.who);
             // Boxed: the dial's future is large, and unboxed it was copied
             // whole at every move on its way into the task (9 copies per
             // connection, ~3 % of the agent's instructions per connection).
-            let serve = Box::pin(serve_raw(d, t, port, who, stream));
+            let serve = Box::pin(serve_raw(d, t, port, who, early, stream));
             self.tasks.spawn(async move {
                 advertised.await;
                 serve.await;

@@ -970,35 +970,42 @@ pub(super) struct RawStream {
     early: u64,
 }
 
-/// The most of a client's first bytes sent on a raw stream before the
-/// agent's answer.
-const EARLY_MAX: usize = 16 * 1024;
+use crate::daemon::wire::EARLY_MAX;
 
-/// Sends on `stream` what `client` has already sent (up to [`EARLY_MAX`],
-/// without waiting for more), so that the agent has it when its dial
-/// completes instead of a round trip later. The agent reads nothing from
-/// the stream before its dial is allowed and done; on a refusal the bytes
-/// are dropped with the stream. Returns how many were sent, or `None` if
-/// bytes taken from the client could not be sent (the stream must not go
-/// on without them).
+/// What `client` has already sent, up to [`EARLY_MAX`], without waiting
+/// for more: nothing when it has sent nothing yet, has ended, or failed
+/// (the splice meets those again).
+fn take_early(client: &tokio::net::TcpStream) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(EARLY_MAX);
+    match client.try_read_buf(&mut buf) {
+        Ok(n) if n > 0 => buf,
+        _ => Vec::new(),
+    }
+}
+
+/// Sends on `stream` what `client` has already sent ([`take_early`]), so
+/// that the agent has it when its dial completes instead of a round trip
+/// later: for agents whose opens do not carry it ([`wire::RawOpen`]). The
+/// agent reads nothing from the stream before its dial is allowed and
+/// done; on a refusal the bytes are dropped with the stream. Returns how
+/// many were sent, or `None` if bytes taken from the client could not be
+/// sent (the stream must not go on without them).
+///
+/// [`wire::RawOpen`]: crate::daemon::wire::RawOpen
 async fn send_early(
     client: &tokio::net::TcpStream,
     stream: &mut crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
 ) -> Option<u64> {
     use tokio::io::AsyncWriteExt;
-    let mut buf = Vec::with_capacity(EARLY_MAX);
-    match client.try_read_buf(&mut buf) {
-        // A fresh stream's window takes it at once; bounded all the same,
-        // as the answer is.
-        Ok(n) if n > 0 => {
-            match tokio::time::timeout(Duration::from_secs(20), stream.write_all(&buf)).await {
-                Ok(Ok(())) => Some(n as u64),
-                _ => None,
-            }
-        }
-        // Nothing yet, the client's end (kept by the socket for the splice)
-        // or an error the splice meets again.
-        _ => Some(0),
+    let buf = take_early(client);
+    if buf.is_empty() {
+        return Some(0);
+    }
+    // A fresh stream's window takes it at once; bounded all the same, as
+    // the answer is.
+    match tokio::time::timeout(Duration::from_secs(20), stream.write_all(&buf)).await {
+        Ok(Ok(())) => Some(buf.len() as u64),
+        _ => None,
     }
 }
 
@@ -1082,16 +1089,29 @@ pub(super) async fn open_raw(
         return Err(RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg));
     };
     let start = std::time::Instant::now();
+    let window = session.window(&operator.name, crate::tunnel::flow::STREAM_WINDOW);
     // The operator travels in the channel's originator field, so that an
-    // impersonating agent can check raw access against the member's RBAC.
-    let who = crate::daemon::wire::RawIdentity {
+    // impersonating agent can check raw access against the member's RBAC;
+    // to an agent that takes them, with the window and what the client has
+    // already sent (an HTTP client's request): the target has those one
+    // round trip to the agent sooner (`wire::RawOpen`).
+    let mut open = crate::daemon::wire::RawOpen::new(crate::daemon::wire::RawIdentity {
         user: operator.name.clone(),
         groups: operator.groups.clone(),
-    };
-    let originator = who.encode();
+    });
+    let mut early_in_open = None;
+    if session.takes_early {
+        open.window = Some(window.window);
+        if let Some(c) = client {
+            let first = take_early(c);
+            open.set_early(&first);
+            early_in_open = Some(first.len() as u64);
+        }
+    }
+    let originator = open.encode();
+    drop(open);
     // Recorded even if the client goes away while the agent dials.
     let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
-    let window = session.window(&operator.name, crate::tunnel::flow::STREAM_WINDOW);
     let open = server::open_as(
         &session.handle,
         &address,
@@ -1099,6 +1119,7 @@ pub(super) async fn open_raw(
         &originator,
         u32::from(peer.port()),
         window.window,
+        session.takes_early,
     );
     // A wedged agent answers nothing until its keepalives give up: bounded.
     // Access withdrawn meanwhile ends the wait (the stream never opens).
@@ -1122,10 +1143,18 @@ pub(super) async fn open_raw(
         }
     };
     // A client that spoke first (a TCP client through a hub-served
-    // port-forward): its bytes go now, ahead of the answer.
-    let early = match client {
-        Some(c) => send_early(c, &mut stream).await,
-        None => Some(0),
+    // port-forward): its bytes went with the open, or go now, ahead of the
+    // answer.
+    let early = match (early_in_open, client) {
+        (Some(n), _) => {
+            session
+                .counters
+                .bytes_out
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            Some(n)
+        }
+        (None, Some(c)) => send_early(c, &mut stream).await,
+        (None, None) => Some(0),
     };
     let read = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,

@@ -99,6 +99,10 @@ pub struct LiveSession {
     /// The agent declared at login that it takes the hub group's URLs
     /// ([`crate::tunnel::TARGET_HUBS`]).
     pub takes_hub_list: bool,
+    /// The agent declared at login that its raw channels' opens may carry
+    /// the hub's window and the client's first bytes
+    /// ([`crate::tunnel::FEATURE_OPEN_EARLY`]).
+    pub takes_early: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
     /// Open channels (upstream connections) right now.

@@ -548,6 +548,10 @@ async fn tunnel_session(
         ),
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         takes_hub_list: sess.features.iter().any(|f| f == tunnel::FEATURE_HUBS),
+        takes_early: sess
+            .features
+            .iter()
+            .any(|f| f == tunnel::FEATURE_OPEN_EARLY),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET),
