@@ -58,7 +58,11 @@ impl DialCode {
 /// The agent's answer on a raw channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawAnswer {
-    Ok,
+    /// Dialed: the target's bytes follow. With the window the agent asks
+    /// the hub to keep to (`OK window=N`), said here instead of in a
+    /// window frame to a hub whose open told its own ([`RawOpen::window`]:
+    /// an older hub would read the longer line as an error).
+    Ok(Option<u64>),
     Err(DialCode, String),
 }
 
@@ -67,7 +71,8 @@ impl RawAnswer {
     /// message is cut so the line fits [`MAX_LINE`]).
     pub fn to_line(&self) -> String {
         match self {
-            RawAnswer::Ok => "OK\n".to_string(),
+            RawAnswer::Ok(None) => "OK\n".to_string(),
+            RawAnswer::Ok(Some(window)) => format!("OK window={window}\n"),
             RawAnswer::Err(code, msg) => {
                 let mut m = crate::tunnel::printable(msg, MAX_LINE);
                 let room = MAX_LINE - 32;
@@ -85,7 +90,13 @@ impl RawAnswer {
 
     pub fn parse(line: &str) -> RawAnswer {
         if line == "OK" {
-            return RawAnswer::Ok;
+            return RawAnswer::Ok(None);
+        }
+        if let Some(w) = line
+            .strip_prefix("OK window=")
+            .and_then(|w| w.parse::<u64>().ok())
+        {
+            return RawAnswer::Ok(Some(w));
         }
         let rest = line.strip_prefix("ERR ").unwrap_or(line);
         let (code, msg) = rest.split_once(' ').unwrap_or(("dial_failed", rest));
@@ -231,7 +242,8 @@ mod tests {
     #[tokio::test]
     async fn answers_round_trip_and_leave_the_payload() {
         for a in [
-            RawAnswer::Ok,
+            RawAnswer::Ok(None),
+            RawAnswer::Ok(Some(8 << 20)),
             RawAnswer::Err(DialCode::Denied, "no rule allows 10.0.0.1:22".into()),
             RawAnswer::Err(DialCode::NotFound, "service web".into()),
             RawAnswer::Err(DialCode::Unavailable, "no ready endpoint".into()),

@@ -161,6 +161,23 @@ struct State {
 }
 
 impl State {
+    /// The peer asked for `window` (a window frame, or the channel's open):
+    /// this side sends at most that far ahead, within its own window.
+    fn peer_window(&mut self, window: u64) {
+        self.window = window.clamp(MIN_WINDOW, self.own_window);
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// This side asks the peer for `window` (clamped as the request is):
+    /// credit is returned in steps of a quarter of it.
+    fn asks_for(&mut self, window: u64) -> u64 {
+        let window = window.clamp(MIN_WINDOW, STREAM_WINDOW);
+        self.credit_step = (window / 4).min(CREDIT_STEP);
+        window
+    }
+
     /// What this side may send now: a window past what the peer consumed.
     fn credit(&self) -> u64 {
         self.peer_consumed
@@ -374,11 +391,10 @@ impl FlowStream {
     /// the request is on the channel, so that whatever is written after it
     /// (a request the peer answers) reaches the peer behind it.
     pub fn advertise_window(&self, window: u64) -> impl std::future::Future<Output = ()> + Send {
-        let window = window.clamp(MIN_WINDOW, STREAM_WINDOW);
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut st = self.shared.lock();
-            st.credit_step = (window / 4).min(CREDIT_STEP);
+            let window = st.asks_for(window);
             st.window_wanted = Some((window, tx));
         }
         self.shared.control.notify_one();
@@ -392,15 +408,14 @@ impl FlowStream {
     /// the channel's open ([`crate::daemon::wire::RawOpen`]): nothing is
     /// sent, credit is returned in steps of a quarter of it.
     pub fn window_told(&self, window: u64) {
-        let window = window.clamp(MIN_WINDOW, STREAM_WINDOW);
-        self.shared.lock().credit_step = (window / 4).min(CREDIT_STEP);
+        self.shared.lock().asks_for(window);
     }
 
-    /// The window the peer asked for with the channel's open, taken as a
-    /// window frame from it would be.
+    /// The window the peer asked for another way than a window frame (the
+    /// channel's open, the agent's answer to its dial), taken as the frame
+    /// would be.
     pub fn peer_window(&self, window: u64) {
-        let mut st = self.shared.lock();
-        st.window = window.clamp(MIN_WINDOW, st.own_window);
+        self.shared.lock().peer_window(window);
     }
 }
 
@@ -561,12 +576,7 @@ fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
                             w.wake();
                         }
                     }
-                    KIND_WINDOW => {
-                        st.window = v.clamp(MIN_WINDOW, st.own_window);
-                        if let Some(w) = st.write_waker.take() {
-                            w.wake();
-                        }
-                    }
+                    KIND_WINDOW => st.peer_window(v),
                     _ => {}
                 }
             }
@@ -932,6 +942,44 @@ mod tests {
         assert_eq!(st.peer_consumed, 1000);
         assert_eq!(st.window, API_WINDOW);
         assert_eq!(st.credit(), API_WINDOW);
+    }
+
+    #[test]
+    fn a_window_told_with_the_open_counts_as_the_frame_would() {
+        let fresh = || State {
+            window: UNTOLD_WINDOW,
+            own_window: STREAM_WINDOW,
+            credit_step: CREDIT_STEP,
+            ..State::default()
+        };
+        // Said in a frame or otherwise: the same window, within bounds.
+        for asked in [0, 1, MIN_WINDOW + 1, API_WINDOW, u64::MAX] {
+            let mut told = fresh();
+            let s = Shared {
+                state: Mutex::new(fresh()),
+                control: Notify::new(),
+            };
+            let mut f = vec![KIND_WINDOW];
+            f.extend_from_slice(&asked.to_be_bytes());
+            assert!(on_message(
+                &s,
+                ChannelMsg::ExtendedData {
+                    data: bytes::Bytes::from(f),
+                    ext: CONTROL_EXT,
+                }
+            ));
+            told.peer_window(asked);
+            assert_eq!(told.window, s.lock().window, "asked {asked}");
+            assert_eq!(told.window, asked.clamp(MIN_WINDOW, STREAM_WINDOW));
+        }
+        // Asking for a window returns credit in quarters of it.
+        let mut st = fresh();
+        assert_eq!(st.asks_for(API_WINDOW / 2), API_WINDOW / 2);
+        assert_eq!(st.credit_step, API_WINDOW / 8);
+        assert_eq!(st.asks_for(1), MIN_WINDOW);
+        assert_eq!(st.credit_step, MIN_WINDOW / 4);
+        assert_eq!(st.asks_for(u64::MAX), STREAM_WINDOW);
+        assert_eq!(st.credit_step, CREDIT_STEP);
     }
 
     #[test]

@@ -132,13 +132,15 @@ pub(super) struct Dialer {
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// writes `early` to it (the client's first bytes, when the hub sent them
 /// with the open: [`crate::daemon::wire::RawOpen`]), answers with a
-/// [`RawAnswer`], then splices.
+/// [`RawAnswer`] (naming `window`, this side's, for a hub that takes it
+/// there), then splices.
 pub(super) async fn serve_raw(
     d: Dialer,
     target: Target,
     port: u32,
     who: Option<RawIdentity>,
     early: Vec<u8>,
+    window: Option<u64>,
     mut stream: FlowStream,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -295,7 +297,7 @@ pub(super) async fn serve_raw(
     };
     match dialed {
         Ok(mut conn) => {
-            if RawAnswer::Ok.write(&mut stream).await.is_err() {
+            if RawAnswer::Ok(window).write(&mut stream).await.is_err() {
                 return;
             }
             let _ = crate::tunnel::splice_from(&mut stream, &mut conn).await;

@@ -321,9 +321,6 @@ impl ChannelService for Upstream {
         } else {
             crate::tunnel::flow::API_WINDOW
         });
-        // On the channel before anything this side answers (a raw
-        // stream's dial answer, after which the hub sends).
-        let advertised = stream.advertise_window(window.window);
         if raw {
             let Some(t) = Target::from_channel_address(&target) else {
                 return;
@@ -347,24 +344,37 @@ impl ChannelService for Upstream {
                     return;
                 }
             };
-            // The hub's window, told in the open instead of a frame: kept
-            // to from the first byte this side sends.
-            if let Some(w) = open.as_ref().and_then(|o| o.window) {
-                stream.peer_window(w);
-            }
+            // A hub that told its window in the open (kept to from the
+            // first byte this side sends) hears this side's in the answer
+            // to the dial, ahead of which it sends nothing; an older hub in
+            // a window frame, on the channel before anything this side
+            // answers.
+            let hub_window = open.as_ref().and_then(|o| o.window);
+            let (advertised, answer_window) = match hub_window {
+                Some(w) => {
+                    stream.peer_window(w);
+                    stream.window_told(window.window);
+                    (None, Some(window.window))
+                }
+                None => (Some(stream.advertise_window(window.window)), None),
+            };
             let early = open.as_ref().map(|o| o.early_bytes()).unwrap_or_default();
             let who = open.map(|o| o.who);
             // Boxed: the dial's future is large, and unboxed it was copied
             // whole at every move on its way into the task (9 copies per
             // connection, ~3 % of the agent's instructions per connection).
-            let serve = Box::pin(serve_raw(d, t, port, who, early, stream));
+            let serve = Box::pin(serve_raw(d, t, port, who, early, answer_window, stream));
             self.tasks.spawn(async move {
-                advertised.await;
+                if let Some(a) = advertised {
+                    a.await;
+                }
                 serve.await;
                 drop((permit, raw_permit, window));
             });
             return;
         }
+        // On the channel before anything this side answers.
+        let advertised = stream.advertise_window(window.window);
         let api = self.api.clone();
         let impersonate = self.impersonate;
         let tasks = self.tasks.clone();

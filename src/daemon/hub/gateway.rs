@@ -1172,6 +1172,11 @@ pub(super) async fn open_raw(
             return Err(RawRefusal::Answer(StatusCode::GATEWAY_TIMEOUT, msg));
         }
     };
+    // The agent's window, said in its answer to a hub whose open told its
+    // own (nothing was sent on the stream before it).
+    if let RawAnswer::Ok(Some(w)) = answer {
+        stream.get_ref().peer_window(w);
+    }
     let mut record = pending.take();
     if let RawAnswer::Err(code, msg) = answer {
         hub.dial_failures.add(DialFailure::from(code));
