@@ -58,8 +58,30 @@ pub trait ChannelService: Send + Sync + 'static {
     fn accepts(&self, target: &str, port: u32) -> bool;
     /// Serves an accepted channel; must not block (spawn). `originator` is
     /// the channel's originator-address field, opaque here (the hub puts
-    /// the operator identity of raw channels there).
-    fn serve(&self, target: String, port: u32, originator: String, stream: FlowStream);
+    /// the operator identity of raw channels there). The channel is
+    /// confirmed to the hub when `confirm` says so, before anything is
+    /// written on it: at once, or once a raw channel's target is dialed,
+    /// so that the confirmation and the answer to the dial reach the hub
+    /// together. Dropped unconfirmed, the open is refused.
+    fn serve(
+        &self,
+        target: String,
+        port: u32,
+        originator: String,
+        stream: FlowStream,
+        confirm: Confirm,
+    );
+}
+
+/// Confirms a channel the hub opened ([`ChannelService::serve`]).
+pub struct Confirm(russh::client::ChannelOpenHandle);
+
+impl Confirm {
+    /// Confirms the channel: what is written on it afterwards follows the
+    /// confirmation (the session sends open replies first).
+    pub async fn now(self) {
+        self.0.accept().await;
+    }
 }
 
 pub struct AgentHandler {
@@ -151,7 +173,6 @@ impl russh::client::Handler for AgentHandler {
                 }
             }
         } else if self.service.accepts(connected_address, connected_port) {
-            reply.accept().await;
             // Answers to API requests get a smaller window than raw
             // streams: it is what the hub buffers for a stalled reader.
             let window = if connected_address == super::TARGET_APISERVER {
@@ -164,6 +185,7 @@ impl russh::client::Handler for AgentHandler {
                 connected_port,
                 originator_address.to_string(),
                 FlowStream::with_windows(channel, super::flow::UNTOLD_WINDOW, window),
+                Confirm(reply),
             );
         } else {
             tracing::warn!(

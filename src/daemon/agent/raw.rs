@@ -18,6 +18,7 @@ use crate::daemon::targets::Target;
 use crate::daemon::watchcache::ServiceCache;
 use crate::daemon::wire::{DialCode, RawAnswer, RawIdentity};
 use crate::tunnel::client;
+use crate::tunnel::client::Confirm;
 
 /// Accepts the member's workload connections for one exposed name and
 /// carries each to the hub over whatever session is current (refused while
@@ -132,15 +133,16 @@ pub(super) struct Dialer {
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// writes `early` to it (the client's first bytes, when the hub sent them
 /// with the open: [`crate::daemon::wire::RawOpen`]), answers with a
-/// [`RawAnswer`] (naming `window`, this side's, for a hub that takes it
-/// there), then splices.
+/// [`RawAnswer`], then splices. With `answer`, the channel is confirmed
+/// just before the answer, which names this side's window (a hub that
+/// takes both there); without, it was confirmed already.
 pub(super) async fn serve_raw(
     d: Dialer,
     target: Target,
     port: u32,
     who: Option<RawIdentity>,
     early: Vec<u8>,
-    window: Option<u64>,
+    answer: Option<(Confirm, u64)>,
     mut stream: FlowStream,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -294,6 +296,13 @@ pub(super) async fn serve_raw(
             }
         }
         other => other,
+    };
+    let window = match answer {
+        Some((confirm, window)) => {
+            confirm.now().await;
+            Some(window)
+        }
+        None => None,
     };
     match dialed {
         Ok(mut conn) => {

@@ -22,7 +22,7 @@ use crate::daemon::http::{
     GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
 };
 use crate::daemon::targets::Target;
-use crate::tunnel::client::ChannelService;
+use crate::tunnel::client::{ChannelService, Confirm};
 use crate::tunnel::TARGET_APISERVER;
 
 /// Largest request body the agent buffers (kube-apiserver's own default
@@ -283,7 +283,14 @@ impl ChannelService for Upstream {
         Target::from_channel_address(target).is_some()
     }
 
-    fn serve(&self, target: String, port: u32, originator: String, stream: FlowStream) {
+    fn serve(
+        &self,
+        target: String,
+        port: u32,
+        originator: String,
+        stream: FlowStream,
+        confirm: Confirm,
+    ) {
         let raw = target != TARGET_APISERVER;
         let permits = self.streams.clone().try_acquire_owned().ok().and_then(|p| {
             if !raw {
@@ -304,6 +311,7 @@ impl ChannelService for Upstream {
             // waited 20 s for an answer.
             self.tasks.spawn(async move {
                 use tokio::io::AsyncWriteExt;
+                confirm.now().await;
                 let mut stream = stream;
                 let reply = if raw {
                     crate::daemon::wire::RawAnswer::Err(crate::daemon::wire::DialCode::Unavailable, msg).to_line()
@@ -332,6 +340,7 @@ impl ChannelService for Upstream {
                     tracing::warn!("refused a stream: {msg}");
                     self.tasks.spawn(async move {
                         use tokio::io::AsyncWriteExt;
+                        confirm.now().await;
                         let mut stream = stream;
                         let answer = crate::daemon::wire::RawAnswer::Err(
                             crate::daemon::wire::DialCode::DialFailed,
@@ -346,42 +355,45 @@ impl ChannelService for Upstream {
             };
             // A hub that told its window in the open (kept to from the
             // first byte this side sends) hears this side's in the answer
-            // to the dial, ahead of which it sends nothing; an older hub in
-            // a window frame, on the channel before anything this side
-            // answers.
+            // to the dial, ahead of which it sends nothing, and the
+            // channel is confirmed with that answer, once dialed; an older
+            // hub gets the confirmation at once and this side's window in
+            // a frame, on the channel before anything this side answers.
             let hub_window = open.as_ref().and_then(|o| o.window);
-            let (advertised, answer_window) = match hub_window {
+            let (confirm_now, answer) = match hub_window {
                 Some(w) => {
                     stream.peer_window(w);
                     stream.window_told(window.window);
-                    (None, Some(window.window))
+                    (None, Some((confirm, window.window)))
                 }
-                None => (Some(stream.advertise_window(window.window)), None),
+                None => (Some(confirm), None),
             };
             let early = open.as_ref().map(|o| o.early_bytes()).unwrap_or_default();
             let who = open.map(|o| o.who);
-            // Boxed: the dial's future is large, and unboxed it was copied
-            // whole at every move on its way into the task (9 copies per
-            // connection, ~3 % of the agent's instructions per connection).
-            let serve = Box::pin(serve_raw(d, t, port, who, early, answer_window, stream));
+            let own_window = window.window;
             self.tasks.spawn(async move {
-                if let Some(a) = advertised {
-                    a.await;
+                if let Some(c) = confirm_now {
+                    c.now().await;
+                    stream.advertise_window(own_window).await;
                 }
-                serve.await;
+                // Boxed: the dial's future is large, and unboxed it was
+                // copied whole at every move on its way into the task (9
+                // copies per connection, ~3 % of the agent's instructions
+                // per connection).
+                Box::pin(serve_raw(d, t, port, who, early, answer, stream)).await;
                 drop((permit, raw_permit, window));
             });
             return;
         }
-        // On the channel before anything this side answers.
-        let advertised = stream.advertise_window(window.window);
         let api = self.api.clone();
         let impersonate = self.impersonate;
         let tasks = self.tasks.clone();
         let budget = self.body_budget.clone();
         self.tasks.spawn(async move {
+            confirm.now().await;
+            // On the channel before anything this side answers.
+            stream.advertise_window(window.window).await;
             let _permit = (permit, window);
-            advertised.await;
             let svc = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 let tasks = tasks.clone();

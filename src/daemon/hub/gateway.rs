@@ -1009,6 +1009,23 @@ async fn send_early(
     }
 }
 
+/// A raw stream whose agent gave no answer to its dial in time: audited,
+/// and a 504.
+fn agent_silent(
+    hub: &Hub,
+    pending: crate::daemon::audit::Pending,
+    cluster: &str,
+    target: &Target,
+) -> RawRefusal {
+    hub.dial_failures.add(DialFailure::AgentError);
+    let msg = format!(
+        "cluster '{cluster}': the agent did not answer for {}",
+        target.describe()
+    );
+    pending.refuse(504, &msg);
+    RawRefusal::Answer(StatusCode::GATEWAY_TIMEOUT, msg)
+}
+
 /// A raw stream whose access was withdrawn before it opened: audited, and
 /// refused like a request ([`revoked`]).
 fn raw_revoked(hub: &Hub, mut record: Record, cluster: &str) -> RawRefusal {
@@ -1122,20 +1139,21 @@ pub(super) async fn open_raw(
         session.takes_early,
     );
     // A wedged agent answers nothing until its keepalives give up: bounded.
-    // Access withdrawn meanwhile ends the wait (the stream never opens).
+    // Access withdrawn meanwhile ends the wait (the stream never opens). An
+    // agent that takes the window in the open confirms the channel once it
+    // has dialed (with its answer): the wait covers the dial then.
     let opened = tokio::select! {
-        r = tokio::time::timeout(Duration::from_secs(20), open) => {
-            r.unwrap_or(Err(russh::Error::ConnectionTimeout))
-        }
+        r = tokio::time::timeout(Duration::from_secs(20), open) => r,
         () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
     };
     let mut stream = match opened {
-        Ok(s) => crate::tunnel::counted::Counted::new(
+        Ok(Ok(s)) => crate::tunnel::counted::Counted::new(
             s,
             session.counters.bytes_in.clone(),
             session.counters.bytes_out.clone(),
         ),
-        Err(e) => {
+        Err(_) => return Err(agent_silent(hub, pending, cluster, target)),
+        Ok(Err(e)) => {
             hub.dial_failures.add(DialFailure::ChannelRefused);
             let msg = format!("cluster '{cluster}': the agent refused the stream ({e}); it may be an older agent or reconnecting");
             pending.refuse(503, &msg);
@@ -1162,15 +1180,7 @@ pub(super) async fn open_raw(
     };
     let answer = match read {
         Ok(Ok(a)) => a,
-        _ => {
-            hub.dial_failures.add(DialFailure::AgentError);
-            let msg = format!(
-                "cluster '{cluster}': the agent did not answer for {}",
-                target.describe()
-            );
-            pending.refuse(504, &msg);
-            return Err(RawRefusal::Answer(StatusCode::GATEWAY_TIMEOUT, msg));
-        }
+        _ => return Err(agent_silent(hub, pending, cluster, target)),
     };
     // The agent's window, said in its answer to a hub whose open told its
     // own (nothing was sent on the stream before it).
