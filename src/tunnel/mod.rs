@@ -673,6 +673,180 @@ mod session_loop_tests {
         s
     }
 
+    /// Counts the writes that carried bytes into the socket under it.
+    struct CountWrites<S> {
+        inner: S,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountWrites<S> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountWrites<S> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// An agent's side that confirms a channel the hub opened only when it
+    /// has its first bytes to send, and sends them right after.
+    struct ConfirmsWithAnswer;
+
+    impl russh::client::Handler for ConfirmsWithAnswer {
+        type Error = russh::Error;
+
+        async fn check_server_key(
+            &mut self,
+            _: &russh::keys::PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+
+        async fn server_channel_open_forwarded_tcpip(
+            &mut self,
+            channel: Channel<russh::client::Msg>,
+            _: &str,
+            _: u32,
+            _: &str,
+            _: u32,
+            reply: russh::client::ChannelOpenHandle,
+            _: &mut russh::client::Session,
+        ) -> Result<(), Self::Error> {
+            tokio::spawn(async move {
+                reply.accept().await;
+                let mut w = channel.make_writer();
+                let _ = w.write_all(b"OK\n").await;
+                let _ = w.flush().await;
+                // Kept open until the hub has read it.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+            Ok(())
+        }
+    }
+
+    struct Quiet;
+
+    impl server::Handler for Quiet {
+        type Error = russh::Error;
+
+        async fn auth_none(&mut self, _: &str) -> Result<server::Auth, Self::Error> {
+            Ok(server::Auth::Accept)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_and_what_follows_it_leave_in_one_write() {
+        // The agent confirms a raw channel once it has dialed, and writes
+        // its answer to the dial right after: the client's session loop
+        // took the confirmation (a priority message) in one turn and the
+        // answer in the next, two writes and two wake-ups of the hub per
+        // connection. The loop's branch picked among ready ones is random,
+        // so many opens are tried: each had an even chance to split.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let config = Arc::new(server::Config {
+            keys: vec![key],
+            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+            ..Default::default()
+        });
+        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let session = server::run_stream(config, stream, Quiet).await.unwrap();
+            let _ = handle_tx.send(session.handle());
+            let _ = session.await;
+        });
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stream = CountWrites {
+            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            writes: writes.clone(),
+        };
+        let mut client = russh::client::connect_stream(
+            Arc::new(russh::client::Config::default()),
+            stream,
+            ConfirmsWithAnswer,
+        )
+        .await
+        .unwrap();
+        assert!(client.authenticate_none("t").await.unwrap().success());
+        let hub = handle_rx.await.unwrap();
+        let mut split = 0;
+        for i in 0..24u32 {
+            let before = writes.load(std::sync::atomic::Ordering::Relaxed);
+            let mut ch = tokio::time::timeout(
+                Duration::from_secs(10),
+                hub.channel_open_forwarded_tcpip("target", i, "origin", 0),
+            )
+            .await
+            .expect("no confirmation")
+            .unwrap();
+            let first = tokio::time::timeout(Duration::from_secs(10), ch.wait())
+                .await
+                .expect("no answer");
+            assert!(
+                matches!(&first, Some(ChannelMsg::Data { data }) if &data[..] == b"OK\n"),
+                "{first:?}"
+            );
+            let used = writes.load(std::sync::atomic::Ordering::Relaxed) - before;
+            assert!(used >= 1, "the agent wrote nothing");
+            if used > 1 {
+                split += 1;
+            }
+        }
+        assert_eq!(
+            split, 0,
+            "the confirmation and the answer after it left in two writes in {split} of 24 opens"
+        );
+    }
+
     #[tokio::test]
     async fn both_sides_sending_more_than_the_socket_holds_keep_reading() {
         // Each session loop used to wait for its whole write before reading

@@ -1572,6 +1572,12 @@ impl Session {
 
                     // eagerly take all outgoing messages so writes are batched
                     self.drain_priority_msgs()?;
+                    // towerctl patch: and what inbound channels queued
+                    // behind the replies (an answer written right after its
+                    // channel's confirmation): both leave in one write.
+                    if can_receive_outbound {
+                        self.drain_inbound_channel_msgs()?;
+                    }
                 }
                 msg = self.inbound_channel_receiver.recv(), if can_receive_outbound => {
                     self.drain_priority_msgs()?;
@@ -1581,17 +1587,7 @@ impl Session {
                     }
 
                     // eagerly take all outgoing messages so writes are batched
-                    // (towerctl patch: up to `crate::OUTPUT_HIGH_WATER`).
-                    while !self.kex.active()
-                        && !self.common.has_any_pending_data()
-                        && self.common.pending_output() < crate::OUTPUT_HIGH_WATER
-                    {
-                        self.drain_priority_msgs()?;
-                        match self.inbound_channel_receiver.try_recv() {
-                            Ok(next) => self.handle_msg(next)?,
-                            Err(_) => break
-                        }
-                    }
+                    self.drain_inbound_channel_msgs()?;
                 }
             };
 
@@ -1685,6 +1681,22 @@ impl Session {
         while !self.kex.active() {
             match self.priority_receiver.try_recv() {
                 Ok(msg) => self.handle_msg(msg)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// towerctl patch: takes what inbound channels queued, up to
+    /// `crate::OUTPUT_HIGH_WATER`, so that writes are batched.
+    fn drain_inbound_channel_msgs(&mut self) -> Result<(), crate::Error> {
+        while !self.kex.active()
+            && !self.common.has_any_pending_data()
+            && self.common.pending_output() < crate::OUTPUT_HIGH_WATER
+        {
+            self.drain_priority_msgs()?;
+            match self.inbound_channel_receiver.try_recv() {
+                Ok(next) => self.handle_msg(next)?,
                 Err(_) => break,
             }
         }
