@@ -149,8 +149,11 @@ const IDENTITY_PREFIX: &str = "towerctl-operator ";
 pub const EARLY_MAX: usize = 16 * 1024;
 
 /// Longest originator field an agent reads: the identity (names and
-/// groups, a few hundred bytes) and up to [`EARLY_MAX`] bytes in base64.
-const MAX_OPEN: usize = MAX_LINE + EARLY_MAX / 3 * 4 + 4;
+/// groups, a few hundred bytes; at most [`MAX_LINE`] as before the
+/// client's bytes came with it) and up to [`EARLY_MAX`] bytes in base64
+/// with their key. The hub leaves the bytes out of an open they would make
+/// longer (an operator with very many groups) and sends them on the stream.
+pub const MAX_OPEN: usize = MAX_LINE + 64 + EARLY_MAX.div_ceil(3) * 4;
 
 /// What the hub says in a raw channel's open: the operator and, to an
 /// agent that takes them ([`crate::tunnel::FEATURE_OPEN_EARLY`]), the
@@ -291,6 +294,38 @@ mod tests {
         none.set_early(b"");
         assert_eq!(none.early, None);
         assert!(none.early_bytes().is_empty());
+    }
+
+    #[test]
+    fn an_open_fits_the_agents_limit_with_the_most_first_bytes_unless_its_groups_are_many() {
+        let full: Vec<u8> = vec![0xa5; EARLY_MAX];
+        // An operator with a few long groups: the open with the most
+        // first bytes fits, and reads back.
+        let mut open = RawOpen::new(RawIdentity {
+            user: "u".repeat(253),
+            groups: (0..8).map(|i| format!("{i}{}", "g".repeat(250))).collect(),
+        });
+        open.window = Some(u64::MAX);
+        open.set_early(&full);
+        assert!(open.encode().len() <= MAX_OPEN, "{}", open.encode().len());
+        assert_eq!(
+            RawOpen::decode(&open.encode())
+                .unwrap()
+                .unwrap()
+                .early_bytes(),
+            full
+        );
+        // Sixteen of them: too long with the bytes, which the hub then
+        // sends on the stream instead (the agent would refuse the open);
+        // without them it fits.
+        open.who.groups = (0..16)
+            .map(|i| format!("{i:02}{}", "g".repeat(251)))
+            .collect();
+        assert!(open.encode().len() > MAX_OPEN);
+        assert!(RawOpen::decode(&open.encode()).is_err());
+        open.early = None;
+        assert!(open.encode().len() <= MAX_OPEN);
+        assert!(RawOpen::decode(&open.encode()).unwrap().is_some());
     }
 
     #[test]

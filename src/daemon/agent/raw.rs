@@ -63,6 +63,12 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Conn for T 
 
 type DialError = (DialCode, String);
 
+/// The most an agent takes to answer a raw channel (its policy, the
+/// member's RBAC, lookups, the connection, the client's first bytes):
+/// within the hub's 20 s wait, so that the hub hears why rather than
+/// giving up.
+pub(super) const DIAL_DEADLINE: Duration = Duration::from_secs(15);
+
 async fn dial_tcp(
     addrs: &[std::net::SocketAddr],
     what: &Target,
@@ -277,26 +283,33 @@ pub(super) async fn serve_raw(
             }
         }
     };
-    let dialed = match dial.await {
-        Ok(mut conn) if !early.is_empty() => {
-            // A fresh connection's socket buffer takes it at once; bounded
-            // all the same, as the dial is.
-            match tokio::time::timeout(std::time::Duration::from_secs(20), conn.write_all(&early))
-                .await
-            {
-                Ok(Ok(())) => Ok(conn),
-                Ok(Err(e)) => Err((
+    // Bounded as a whole (lookups and RBAC reviews have no bound of their
+    // own): the hub waits 20 s for the answer and must hear why.
+    let dialed = tokio::time::timeout(DIAL_DEADLINE, async {
+        let mut conn = dial.await?;
+        if !early.is_empty() {
+            conn.write_all(&early).await.map_err(|e| {
+                (
                     DialCode::DialFailed,
                     format!("{} took no data: {e}", target.describe()),
-                )),
-                Err(_) => Err((
-                    DialCode::DialFailed,
-                    format!("{} took no data for 20s", target.describe()),
-                )),
-            }
+                )
+            })?;
         }
-        other => other,
-    };
+        Ok(conn)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err((
+            DialCode::DialFailed,
+            format!(
+                "{} could not be reached within {}s",
+                target.describe(),
+                DIAL_DEADLINE.as_secs()
+            ),
+        ))
+    });
+    // Not held while the stream is carried.
+    drop(early);
     let window = match answer {
         Some((confirm, window)) => {
             confirm.now().await;

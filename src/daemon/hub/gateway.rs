@@ -983,28 +983,27 @@ fn take_early(client: &tokio::net::TcpStream) -> Vec<u8> {
     }
 }
 
-/// Sends on `stream` what `client` has already sent ([`take_early`]), so
+/// Sends on `stream` what the client has already sent ([`take_early`]), so
 /// that the agent has it when its dial completes instead of a round trip
-/// later: for agents whose opens do not carry it ([`wire::RawOpen`]). The
-/// agent reads nothing from the stream before its dial is allowed and
-/// done; on a refusal the bytes are dropped with the stream. Returns how
-/// many were sent, or `None` if bytes taken from the client could not be
-/// sent (the stream must not go on without them).
+/// later: for agents whose opens do not carry it ([`wire::RawOpen`]), or an
+/// open it would have made too long. The agent reads nothing from the
+/// stream before its dial is allowed and done; on a refusal the bytes are
+/// dropped with the stream. Returns how many were sent, or `None` if they
+/// could not be (the stream must not go on without them).
 ///
 /// [`wire::RawOpen`]: crate::daemon::wire::RawOpen
 async fn send_early(
-    client: &tokio::net::TcpStream,
+    first: &[u8],
     stream: &mut crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
 ) -> Option<u64> {
     use tokio::io::AsyncWriteExt;
-    let buf = take_early(client);
-    if buf.is_empty() {
+    if first.is_empty() {
         return Some(0);
     }
     // A fresh stream's window takes it at once; bounded all the same, as
     // the answer is.
-    match tokio::time::timeout(Duration::from_secs(20), stream.write_all(&buf)).await {
-        Ok(Ok(())) => Some(buf.len() as u64),
+    match tokio::time::timeout(Duration::from_secs(20), stream.write_all(first)).await {
+        Ok(Ok(())) => Some(first.len() as u64),
         _ => None,
     }
 }
@@ -1116,7 +1115,8 @@ pub(super) async fn open_raw(
         user: operator.name.clone(),
         groups: operator.groups.clone(),
     });
-    let mut early_in_open = None;
+    let (mut early_in_open, mut put_back) = (None, None);
+    let mut originator = open.encode();
     if session.takes_early {
         open.window = Some(window.window);
         if let Some(c) = client {
@@ -1124,26 +1124,57 @@ pub(super) async fn open_raw(
             open.set_early(&first);
             early_in_open = Some(first.len() as u64);
         }
+        originator = open.encode();
+        if originator.len() > crate::daemon::wire::MAX_OPEN {
+            // An operator with very many groups: the bytes go on the
+            // stream after the answer instead (`send_early`'s way, below).
+            let first = open.early_bytes();
+            open.early = None;
+            originator = open.encode();
+            early_in_open = None;
+            put_back = Some(first);
+        }
     }
-    let originator = open.encode();
     drop(open);
     // Recorded even if the client goes away while the agent dials.
     let pending = crate::daemon::audit::Pending::new(record, start, hub.auditor.clone());
-    let open = server::open_as(
-        &session.handle,
-        &address,
-        u32::from(port),
-        &originator,
-        u32::from(peer.port()),
-        window.window,
-        session.takes_early,
-    );
-    // A wedged agent answers nothing until its keepalives give up: bounded.
-    // Access withdrawn meanwhile ends the wait (the stream never opens). An
-    // agent that takes the window in the open confirms the channel once it
-    // has dialed (with its answer): the wait covers the dial then.
+    // Its own task: an agent that takes the window in the open confirms the
+    // channel once it has dialed, with its answer, and a confirmation that
+    // comes after this side stopped waiting (the time limit, revocation,
+    // the client gone) must still find its channel's waiter, which then
+    // closes it; dropped unawaited, the channel stayed open at both ends
+    // with its target connection until the session ended.
+    let open = tokio::spawn({
+        let handle = session.handle.clone();
+        let (address, peer_port, window, told) = (
+            address.clone(),
+            u32::from(peer.port()),
+            window.window,
+            session.takes_early,
+        );
+        async move {
+            server::open_as(
+                &handle,
+                &address,
+                u32::from(port),
+                &originator,
+                peer_port,
+                window,
+                told,
+            )
+            .await
+        }
+    });
+    // A wedged agent answers nothing until its keepalives give up: bounded
+    // (the agent bounds its dial at `agent::raw::DIAL_DEADLINE`, within
+    // this). Access withdrawn meanwhile ends the wait (the stream never
+    // opens).
     let opened = tokio::select! {
-        r = tokio::time::timeout(Duration::from_secs(20), open) => r,
+        r = tokio::time::timeout(Duration::from_secs(20), open) => match r {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Ok(Err(russh::Error::Disconnect)),
+            Err(e) => Err(e),
+        },
         () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
     };
     let mut stream = match opened {
@@ -1163,16 +1194,17 @@ pub(super) async fn open_raw(
     // A client that spoke first (a TCP client through a hub-served
     // port-forward): its bytes went with the open, or go now, ahead of the
     // answer.
-    let early = match (early_in_open, client) {
-        (Some(n), _) => {
+    let early = match (early_in_open, put_back, client) {
+        (Some(n), _, _) => {
             session
                 .counters
                 .bytes_out
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             Some(n)
         }
-        (None, Some(c)) => send_early(c, &mut stream).await,
-        (None, None) => Some(0),
+        (None, Some(first), _) => send_early(&first, &mut stream).await,
+        (None, None, Some(c)) => send_early(&take_early(c), &mut stream).await,
+        (None, None, None) => Some(0),
     };
     let read = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,
