@@ -652,6 +652,9 @@ mod session_loop_tests {
         }
     }
 
+    /// The agent's side. A channel the hub opens is confirmed only when
+    /// its first bytes are ready, and they are sent right after (as the
+    /// agent answers a raw channel's dial).
     struct Cli;
 
     impl russh::client::Handler for Cli {
@@ -662,6 +665,27 @@ mod session_loop_tests {
             _: &russh::keys::PublicKeyOrCertificate,
         ) -> Result<bool, Self::Error> {
             Ok(true)
+        }
+
+        async fn server_channel_open_forwarded_tcpip(
+            &mut self,
+            channel: Channel<russh::client::Msg>,
+            _: &str,
+            _: u32,
+            _: &str,
+            _: u32,
+            reply: russh::client::ChannelOpenHandle,
+            _: &mut russh::client::Session,
+        ) -> Result<(), Self::Error> {
+            tokio::spawn(async move {
+                reply.accept().await;
+                let mut w = channel.make_writer();
+                let _ = w.write_all(b"OK\n").await;
+                let _ = w.flush().await;
+                // Kept open until the hub has read it.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+            Ok(())
         }
     }
 
@@ -735,52 +759,6 @@ mod session_loop_tests {
         }
     }
 
-    /// An agent's side that confirms a channel the hub opened only when it
-    /// has its first bytes to send, and sends them right after.
-    struct ConfirmsWithAnswer;
-
-    impl russh::client::Handler for ConfirmsWithAnswer {
-        type Error = russh::Error;
-
-        async fn check_server_key(
-            &mut self,
-            _: &russh::keys::PublicKeyOrCertificate,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-
-        async fn server_channel_open_forwarded_tcpip(
-            &mut self,
-            channel: Channel<russh::client::Msg>,
-            _: &str,
-            _: u32,
-            _: &str,
-            _: u32,
-            reply: russh::client::ChannelOpenHandle,
-            _: &mut russh::client::Session,
-        ) -> Result<(), Self::Error> {
-            tokio::spawn(async move {
-                reply.accept().await;
-                let mut w = channel.make_writer();
-                let _ = w.write_all(b"OK\n").await;
-                let _ = w.flush().await;
-                // Kept open until the hub has read it.
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            });
-            Ok(())
-        }
-    }
-
-    struct Quiet;
-
-    impl server::Handler for Quiet {
-        type Error = russh::Error;
-
-        async fn auth_none(&mut self, _: &str) -> Result<server::Auth, Self::Error> {
-            Ok(server::Auth::Accept)
-        }
-    }
-
     #[tokio::test]
     async fn a_confirmation_and_what_follows_it_leave_in_one_write() {
         // The agent confirms a raw channel once it has dialed, and writes
@@ -800,7 +778,10 @@ mod session_loop_tests {
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let session = server::run_stream(config, stream, Quiet).await.unwrap();
+            let (unused, _) = tokio::sync::mpsc::unbounded_channel();
+            let session = server::run_stream(config, stream, Srv(unused))
+                .await
+                .unwrap();
             let _ = handle_tx.send(session.handle());
             let _ = session.await;
         });
@@ -809,13 +790,10 @@ mod session_loop_tests {
             inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
             writes: writes.clone(),
         };
-        let mut client = russh::client::connect_stream(
-            Arc::new(russh::client::Config::default()),
-            stream,
-            ConfirmsWithAnswer,
-        )
-        .await
-        .unwrap();
+        let mut client =
+            russh::client::connect_stream(Arc::new(russh::client::Config::default()), stream, Cli)
+                .await
+                .unwrap();
         assert!(client.authenticate_none("t").await.unwrap().success());
         let hub = handle_rx.await.unwrap();
         let mut split = 0;
