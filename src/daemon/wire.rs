@@ -175,6 +175,9 @@ pub struct RawOpen {
     /// The client's first bytes, base64, at most [`EARLY_MAX`] decoded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early: Option<String>,
+    /// `early` decoded, by [`RawOpen::decode`] (which checks it that way).
+    #[serde(skip)]
+    decoded: Vec<u8>,
 }
 
 impl RawOpen {
@@ -184,6 +187,7 @@ impl RawOpen {
             who,
             window: None,
             early: None,
+            decoded: Vec::new(),
         }
     }
 
@@ -193,15 +197,18 @@ impl RawOpen {
         debug_assert!(bytes.len() <= EARLY_MAX);
         self.early =
             (!bytes.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(bytes));
+        self.decoded = bytes.to_vec();
     }
 
-    /// The client's first bytes (empty when there are none).
-    pub fn early_bytes(&self) -> Vec<u8> {
-        use base64::Engine;
-        self.early
-            .as_deref()
-            .and_then(|e| base64::engine::general_purpose::STANDARD.decode(e).ok())
-            .unwrap_or_default()
+    /// Leaves the client's first bytes out.
+    pub fn clear_early(&mut self) {
+        self.early = None;
+        self.decoded = Vec::new();
+    }
+
+    /// The client's first bytes (empty when there are none), taken out.
+    pub fn take_early(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.decoded)
     }
 
     pub fn encode(&self) -> String {
@@ -223,14 +230,14 @@ impl RawOpen {
         if json.len() > MAX_OPEN {
             return Err("the stream's open from the hub is too long");
         }
-        let open: RawOpen = serde_json::from_str(json)
+        let mut open: RawOpen = serde_json::from_str(json)
             .map_err(|_| "the stream's open from the hub could not be read")?;
         if open.who.user.is_empty() {
             return Err("the stream's open from the hub names no operator");
         }
         if let Some(e) = &open.early {
             match base64::engine::general_purpose::STANDARD.decode(e) {
-                Ok(b) if b.len() <= EARLY_MAX => {}
+                Ok(b) if b.len() <= EARLY_MAX => open.decoded = b,
                 _ => return Err("the client's first bytes in the stream's open are not valid"),
             }
         }
@@ -284,7 +291,7 @@ mod tests {
         full.set_early(&first);
         let got = RawOpen::decode(&full.encode()).unwrap().unwrap();
         assert_eq!(got, full);
-        assert_eq!(got.early_bytes(), first);
+        assert_eq!(got.clone().take_early(), first);
         assert_eq!(got.window, Some(1 << 20));
         // Fields an older agent does not know are ignored by its parser.
         let old: RawIdentity =
@@ -293,7 +300,7 @@ mod tests {
         let mut none = RawOpen::new(old);
         none.set_early(b"");
         assert_eq!(none.early, None);
-        assert!(none.early_bytes().is_empty());
+        assert!(none.take_early().is_empty());
     }
 
     #[test]
@@ -312,7 +319,7 @@ mod tests {
             RawOpen::decode(&open.encode())
                 .unwrap()
                 .unwrap()
-                .early_bytes(),
+                .take_early(),
             full
         );
         // Sixteen of them: too long with the bytes, which the hub then
@@ -323,7 +330,7 @@ mod tests {
             .collect();
         assert!(open.encode().len() > MAX_OPEN);
         assert!(RawOpen::decode(&open.encode()).is_err());
-        open.early = None;
+        open.clear_early();
         assert!(open.encode().len() <= MAX_OPEN);
         assert!(RawOpen::decode(&open.encode()).unwrap().is_some());
     }

@@ -368,8 +368,10 @@ impl ChannelService for Upstream {
                 }
                 None => (Some(confirm), None),
             };
-            let early = open.as_ref().map(|o| o.early_bytes()).unwrap_or_default();
-            let who = open.map(|o| o.who);
+            let (early, who) = match open {
+                Some(mut o) => (o.take_early(), Some(o.who)),
+                None => (Vec::new(), None),
+            };
             let own_window = window.window;
             self.tasks.spawn(async move {
                 if let Some(c) = confirm_now {

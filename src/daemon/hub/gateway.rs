@@ -1128,8 +1128,8 @@ pub(super) async fn open_raw(
         if originator.len() > crate::daemon::wire::MAX_OPEN {
             // An operator with very many groups: the bytes go on the
             // stream after the answer instead (`send_early`'s way, below).
-            let first = open.early_bytes();
-            open.early = None;
+            let first = open.take_early();
+            open.clear_early();
             originator = open.encode();
             early_in_open = None;
             put_back = Some(first);
