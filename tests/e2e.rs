@@ -13,6 +13,16 @@ use support::{
 
 /// Hub up, member `alpha` joined against `api`, kubeconfig context in use.
 fn connected(env: &Env, api: &ApiServer, extra: &[&str]) -> Vec<String> {
+    connected_with_env(env, api, extra, &[])
+}
+
+/// [`connected`], the agent started with `vars` in its environment.
+fn connected_with_env(
+    env: &Env,
+    api: &ApiServer,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+) -> Vec<String> {
     env.up();
     let join = env.cluster_add("alpha");
     let member_kc = env.path("member.kubeconfig");
@@ -29,7 +39,7 @@ fn connected(env: &Env, api: &ApiServer, extra: &[&str]) -> Vec<String> {
         flags.extend_from_slice(&["--allow", "127.0.0.0/8"]);
     }
     flags.extend_from_slice(extra);
-    let o = env.join(&join, &flags);
+    let o = env.join_with_env(&join, &flags, vars);
     assert!(o.ok(), "join failed: {o:?}");
     assert!(o.stdout.contains("the tunnel is up"), "{o:?}");
     let o = env.towerctl(&["use", "alpha"]);
@@ -1832,8 +1842,38 @@ fn ending_a_forward_cuts_connections_still_being_set_up() {
 /// and far longer.
 #[test]
 fn a_client_that_speaks_first_gets_every_byte_through_in_order() {
-    use std::io::{Read, Write};
     let (_env, _api, _pf, port) = forwarding_to_an_echo_service();
+    first_writes_come_back_whole(port);
+}
+
+/// An agent that does not take the client's first bytes in the open (as
+/// one older than the hub): they go on the stream after its answer, and
+/// its window in a frame, through the hub's own forward and through the
+/// gateway's CONNECT alike.
+#[test]
+fn an_agent_that_takes_no_first_bytes_in_the_open_still_gets_them_whole() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected_with_env(
+        &env,
+        &api,
+        &[],
+        &[("TOWERCTL_TEST_AGENT_WITHOUT", "open-early")],
+    );
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    first_writes_come_back_whole(forwarded_port(&pf));
+    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let via_gateway = Streaming::start(cmd);
+    first_writes_come_back_whole(forwarded_port(&via_gateway));
+}
+
+/// First writes of 5 bytes to 300 KB through the forward on `port` to an
+/// echo target, each written at once before anything is read: every byte
+/// comes back once and in order, and the connection goes on after.
+fn first_writes_come_back_whole(port: u16) {
+    use std::io::{Read, Write};
     for (i, len) in [5usize, 16 * 1024, 16 * 1024 + 1, 300_000]
         .into_iter()
         .enumerate()

@@ -116,14 +116,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         connect_timeout: Duration::from_secs(15),
         // The hub refuses to route to an agent whose impersonation mode
         // differs from the member's: it learns the agent's from here.
-        features: [
-            crate::tunnel::FEATURE_HUBS,
-            crate::tunnel::FEATURE_OPEN_EARLY,
-        ]
-        .into_iter()
-        .chain(cfg.impersonate.then_some("impersonate"))
-        .map(String::from)
-        .collect(),
+        features: features(cfg.impersonate),
         learned_hubs: Default::default(),
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
@@ -445,4 +438,25 @@ async fn tunnel_loop(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Test hook: feature words (comma-separated) an agent leaves out of what
+/// it declares at login, standing in for an older agent so that the tests
+/// cover a hub's dealings with one
+/// (`e2e::an_agent_that_takes_no_first_bytes_in_the_open_still_gets_them_whole`).
+const WITHOUT_ENV: &str = "TOWERCTL_TEST_AGENT_WITHOUT";
+
+/// The feature words the agent declares at login (its SSH identification
+/// comment; `tunnel::server::agent_features`).
+fn features(impersonate: bool) -> Vec<String> {
+    let without = std::env::var(WITHOUT_ENV).unwrap_or_default();
+    [
+        crate::tunnel::FEATURE_HUBS,
+        crate::tunnel::FEATURE_OPEN_EARLY,
+    ]
+    .into_iter()
+    .chain(impersonate.then_some("impersonate"))
+    .filter(|f| !without.split(',').any(|w| w.trim() == *f))
+    .map(String::from)
+    .collect()
 }
