@@ -1899,3 +1899,93 @@ fn first_writes_come_back_whole(port: u16) {
         support::echo(&mut c, "and then\n").unwrap();
     }
 }
+
+/// A connection whose forward ends while the agent is still dialing its
+/// target: the agent confirms the channel only once it has dialed (with
+/// its answer, `wire::RawOpen`), after the hub has stopped waiting. The
+/// hub's open still takes that late confirmation and closes the channel,
+/// so the agent lets the target go; dropped unawaited, the channel stayed
+/// open at both ends, and the target's connection with it, until the
+/// agent's session ended.
+#[test]
+fn a_channel_confirmed_after_its_forward_ended_is_closed_and_its_target_let_go() {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    // A target that takes no new connection for now: a backlog of one,
+    // filled, so that the agent's SYN goes unanswered until the queue has
+    // room again (its retry comes a second or three later).
+    // SAFETY: a fresh socket, bound and listening, handed to std once.
+    let target = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0);
+        assert_eq!(libc::listen(fd, 0), 0);
+        std::net::TcpListener::from_raw_fd(fd)
+    };
+    let port = target.local_addr().unwrap().port();
+    let filler = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+
+    let env = Env::new();
+    let api = ApiServer::start();
+    api.add_service(
+        "default",
+        "slow",
+        &[("tcp", 80, support::apiserver::TargetPort::Name("tcp"))],
+        &[("app", "slow")],
+    );
+    api.set_endpoints("default", "slow", &[("127.0.0.1", "tcp", port)]);
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/slow", ":80"]));
+    let local = forwarded_port(&pf);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+    c.write_all(b"hello\n").unwrap();
+    // The agent is dialing; the forward ends meanwhile.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(pf);
+    drop(c);
+    // Room in the queue: the agent's retried SYN gets through.
+    target.set_nonblocking(true).unwrap();
+    let accept = || {
+        wait_for(
+            "a connection to the target",
+            Duration::from_secs(15),
+            || target.accept().ok().map(|(c, _)| c),
+        )
+    };
+    let queued = accept();
+    drop((queued, filler));
+    let mut from_agent = accept();
+    from_agent.set_nonblocking(false).unwrap();
+    from_agent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let r = from_agent.read_to_end(&mut got);
+    assert!(
+        r.is_ok(),
+        "the target's connection from the agent was still open 10 s after its dial completed \
+         (read {:?} so far): {r:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // The client's first bytes, when the hub found them already there,
+    // came with the open and reached the target before the agent knew
+    // the client was gone; nothing else did.
+    assert!(
+        got.is_empty() || got == b"hello\n",
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
