@@ -1869,6 +1869,27 @@ fn an_agent_that_takes_no_first_bytes_in_the_open_still_gets_them_whole() {
     first_writes_come_back_whole(forwarded_port(&via_gateway));
 }
 
+/// A hub that does not put the client's first bytes and its window in the
+/// open (as one older than the agent): the agent confirms at once, says
+/// its window in a frame and answers a plain `OK` (an older hub would read
+/// `OK window=N` as an error), through the hub's own forward and through
+/// the gateway's CONNECT alike.
+#[test]
+fn a_hub_that_sends_no_first_bytes_in_the_open_is_answered_as_before() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    let o = env.up_with_env(&[("TOWERCTL_TEST_HUB_WITHOUT", "open-early")]);
+    assert!(o.ok(), "{o:?}");
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    first_writes_come_back_whole(forwarded_port(&pf));
+    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let via_gateway = Streaming::start(cmd);
+    first_writes_come_back_whole(forwarded_port(&via_gateway));
+}
+
 /// First writes of 5 bytes to 300 KB through the forward on `port` to an
 /// echo target, each written at once before anything is read: every byte
 /// comes back once and in order, and the connection goes on after.
