@@ -1116,7 +1116,6 @@ pub(super) async fn open_raw(
         groups: operator.groups.clone(),
     });
     let (mut early_in_open, mut put_back) = (None, None);
-    let mut originator = open.encode();
     if session.takes_early {
         open.window = Some(window.window);
         if let Some(c) = client {
@@ -1124,16 +1123,15 @@ pub(super) async fn open_raw(
             open.set_early(&first);
             early_in_open = Some(first.len() as u64);
         }
+    }
+    let mut originator = open.encode();
+    if early_in_open.is_some() && originator.len() > crate::daemon::wire::MAX_OPEN {
+        // An operator with very many groups: the bytes go on the stream
+        // after the answer instead (`send_early`'s way, below).
+        put_back = Some(open.take_early());
+        open.clear_early();
         originator = open.encode();
-        if originator.len() > crate::daemon::wire::MAX_OPEN {
-            // An operator with very many groups: the bytes go on the
-            // stream after the answer instead (`send_early`'s way, below).
-            let first = open.take_early();
-            open.clear_early();
-            originator = open.encode();
-            early_in_open = None;
-            put_back = Some(first);
-        }
+        early_in_open = None;
     }
     drop(open);
     // Recorded even if the client goes away while the agent dials.
