@@ -1861,12 +1861,7 @@ fn an_agent_that_takes_no_first_bytes_in_the_open_still_gets_them_whole() {
         &[],
         &[("TOWERCTL_TEST_AGENT_WITHOUT", "open-early")],
     );
-    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
-    first_writes_come_back_whole(forwarded_port(&pf));
-    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
-    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
-    let via_gateway = Streaming::start(cmd);
-    first_writes_come_back_whole(forwarded_port(&via_gateway));
+    first_writes_come_back_whole_both_ways(&env);
 }
 
 /// A hub that does not put the client's first bytes and its window in the
@@ -1882,6 +1877,12 @@ fn a_hub_that_sends_no_first_bytes_in_the_open_is_answered_as_before() {
     let o = env.up_with_env(&[("TOWERCTL_TEST_HUB_WITHOUT", "open-early")]);
     assert!(o.ok(), "{o:?}");
     connected(&env, &api, &[]);
+    first_writes_come_back_whole_both_ways(&env);
+}
+
+/// [`first_writes_come_back_whole`] through `towerctl port-forward alpha
+/// svc/web` carried by the hub, then through the gateway's CONNECT.
+fn first_writes_come_back_whole_both_ways(env: &Env) {
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
     first_writes_come_back_whole(forwarded_port(&pf));
     let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);

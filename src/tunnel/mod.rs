@@ -50,6 +50,14 @@ pub const FEATURE_HUBS: &str = "hubs";
 /// window the hub asks for and the client's first bytes
 /// ([`crate::daemon::wire::RawOpen`]).
 pub const FEATURE_OPEN_EARLY: &str = "open-early";
+
+/// Test hook: whether the environment variable `var` (comma-separated
+/// feature words) names `feature`, which the daemon then acts as if it did
+/// not know, standing in for an older one in the tests of mixed versions
+/// (`TOWERCTL_TEST_AGENT_WITHOUT`, `TOWERCTL_TEST_HUB_WITHOUT`).
+pub fn left_out_for_tests(var: &str, feature: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v.split(',').any(|w| w.trim() == feature))
+}
 /// Most hub URLs an agent takes from [`TARGET_HUBS`], and the longest one.
 pub const MAX_LEARNED_HUBS: usize = 16;
 pub const MAX_HUB_URL: usize = 512;

@@ -440,23 +440,18 @@ async fn tunnel_loop(
     }
 }
 
-/// Test hook: feature words (comma-separated) an agent leaves out of what
-/// it declares at login, standing in for an older agent so that the tests
-/// cover a hub's dealings with one
-/// (`e2e::an_agent_that_takes_no_first_bytes_in_the_open_still_gets_them_whole`).
-const WITHOUT_ENV: &str = "TOWERCTL_TEST_AGENT_WITHOUT";
-
 /// The feature words the agent declares at login (its SSH identification
 /// comment; `tunnel::server::agent_features`).
+/// `TOWERCTL_TEST_AGENT_WITHOUT` leaves words out (a test hook:
+/// `tunnel::left_out_for_tests`).
 fn features(impersonate: bool) -> Vec<String> {
-    let without = std::env::var(WITHOUT_ENV).unwrap_or_default();
     [
         crate::tunnel::FEATURE_HUBS,
         crate::tunnel::FEATURE_OPEN_EARLY,
     ]
     .into_iter()
     .chain(impersonate.then_some("impersonate"))
-    .filter(|f| !without.split(',').any(|w| w.trim() == *f))
+    .filter(|f| !crate::tunnel::left_out_for_tests("TOWERCTL_TEST_AGENT_WITHOUT", f))
     .map(String::from)
     .collect()
 }

@@ -276,6 +276,26 @@ pub(super) struct Upstream {
 /// memory limit.
 pub const WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 
+impl Upstream {
+    /// Confirms the channel, writes `reply` (why it is refused) and closes
+    /// it, in a task; `held` (permits) is released at the end.
+    fn refuse(
+        &self,
+        confirm: Confirm,
+        mut stream: FlowStream,
+        reply: String,
+        held: impl Send + 'static,
+    ) {
+        self.tasks.spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            confirm.now().await;
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            drop(held);
+        });
+    }
+}
+
 impl ChannelService for Upstream {
     fn accepts(&self, target: &str, _port: u32) -> bool {
         // Every well-formed target is accepted here; the dial policy is
@@ -309,19 +329,14 @@ impl ChannelService for Upstream {
             // Said in words: a stream closed unanswered reached kubectl as
             // "connection closed before message completed", and a CONNECT
             // waited 20 s for an answer.
-            self.tasks.spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                confirm.now().await;
-                let mut stream = stream;
-                let reply = if raw {
-                    crate::daemon::wire::RawAnswer::Err(crate::daemon::wire::DialCode::Unavailable, msg).to_line()
-                } else {
-                    let body = format!("{msg}\n");
-                    format!("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-                };
-                let _ = stream.write_all(reply.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
+            let reply = if raw {
+                crate::daemon::wire::RawAnswer::Err(crate::daemon::wire::DialCode::Unavailable, msg)
+                    .to_line()
+            } else {
+                let body = format!("{msg}\n");
+                format!("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            };
+            self.refuse(confirm, stream, reply, ());
             return;
         };
         let window = self.windows.take(if raw {
@@ -338,18 +353,16 @@ impl ChannelService for Upstream {
                 Ok(open) => open,
                 Err(msg) => {
                     tracing::warn!("refused a stream: {msg}");
-                    self.tasks.spawn(async move {
-                        use tokio::io::AsyncWriteExt;
-                        confirm.now().await;
-                        let mut stream = stream;
-                        let answer = crate::daemon::wire::RawAnswer::Err(
-                            crate::daemon::wire::DialCode::DialFailed,
-                            format!("{msg}; is the hub of another version?"),
-                        );
-                        let _ = answer.write(&mut stream).await;
-                        let _ = stream.shutdown().await;
-                        drop((permit, raw_permit, window));
-                    });
+                    let answer = crate::daemon::wire::RawAnswer::Err(
+                        crate::daemon::wire::DialCode::DialFailed,
+                        format!("{msg}; is the hub of another version?"),
+                    );
+                    self.refuse(
+                        confirm,
+                        stream,
+                        answer.to_line(),
+                        (permit, raw_permit, window),
+                    );
                     return;
                 }
             };

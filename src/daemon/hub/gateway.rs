@@ -972,6 +972,16 @@ pub(super) struct RawStream {
 
 use crate::daemon::wire::EARLY_MAX;
 
+/// Where a client's first bytes go on a raw stream ([`open_raw`]).
+enum First {
+    /// In the channel's open: this many.
+    InOpen(u64),
+    /// Taken from the client, on the stream after the agent's answer.
+    OnStream(Vec<u8>),
+    /// Not read yet: read and sent on the stream after the answer.
+    Unread,
+}
+
 /// What `client` has already sent, up to [`EARLY_MAX`], without waiting
 /// for more: nothing when it has sent nothing yet, has ended, or failed
 /// (the splice meets those again).
@@ -1115,23 +1125,22 @@ pub(super) async fn open_raw(
         user: operator.name.clone(),
         groups: operator.groups.clone(),
     });
-    let (mut early_in_open, mut put_back) = (None, None);
+    let mut first = First::Unread;
     if session.takes_early {
         open.window = Some(window.window);
         if let Some(c) = client {
-            let first = take_early(c);
-            open.set_early(&first);
-            early_in_open = Some(first.len() as u64);
+            let bytes = take_early(c);
+            open.set_early(&bytes);
+            first = First::InOpen(bytes.len() as u64);
         }
     }
     let mut originator = open.encode();
-    if early_in_open.is_some() && originator.len() > crate::daemon::wire::MAX_OPEN {
+    if matches!(first, First::InOpen(_)) && originator.len() > crate::daemon::wire::MAX_OPEN {
         // An operator with very many groups: the bytes go on the stream
         // after the answer instead (`send_early`'s way, below).
-        put_back = Some(open.take_early());
+        first = First::OnStream(open.take_early());
         open.clear_early();
         originator = open.encode();
-        early_in_open = None;
     }
     drop(open);
     // Recorded even if the client goes away while the agent dials.
@@ -1144,12 +1153,8 @@ pub(super) async fn open_raw(
     // with its target connection until the session ended.
     let open = tokio::spawn({
         let handle = session.handle.clone();
-        let (address, peer_port, window, told) = (
-            address.clone(),
-            u32::from(peer.port()),
-            window.window,
-            session.takes_early,
-        );
+        let (peer_port, window, told) =
+            (u32::from(peer.port()), window.window, session.takes_early);
         async move {
             server::open_as(
                 &handle,
@@ -1192,17 +1197,17 @@ pub(super) async fn open_raw(
     // A client that spoke first (a TCP client through a hub-served
     // port-forward): its bytes went with the open, or go now, ahead of the
     // answer.
-    let early = match (early_in_open, put_back, client) {
-        (Some(n), _, _) => {
+    let early = match (first, client) {
+        (First::InOpen(n), _) => {
             session
                 .counters
                 .bytes_out
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             Some(n)
         }
-        (None, Some(first), _) => send_early(&first, &mut stream).await,
-        (None, None, Some(c)) => send_early(&take_early(c), &mut stream).await,
-        (None, None, None) => Some(0),
+        (First::OnStream(bytes), _) => send_early(&bytes, &mut stream).await,
+        (First::Unread, Some(c)) => send_early(&take_early(c), &mut stream).await,
+        (First::Unread, None) => Some(0),
     };
     let read = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,

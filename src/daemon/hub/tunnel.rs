@@ -552,7 +552,7 @@ async fn tunnel_session(
             .features
             .iter()
             .any(|f| f == tunnel::FEATURE_OPEN_EARLY)
-            && !hub_leaves_out(tunnel::FEATURE_OPEN_EARLY),
+            && !tunnel::left_out_for_tests("TOWERCTL_TEST_HUB_WITHOUT", tunnel::FEATURE_OPEN_EARLY),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
         windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET),
@@ -644,15 +644,6 @@ async fn tunnel_session(
     session_line!(hub, &live.name, cluster = %live.name, %peer, reason = ?why, "agent disconnected");
     hub.unregister(&live, &why);
     Ok(())
-}
-
-/// Test hook: feature words (comma-separated, `TOWERCTL_TEST_HUB_WITHOUT`)
-/// a hub acts as if it did not know, standing in for an older hub so that
-/// the tests cover an agent's dealings with one
-/// (`e2e::a_hub_that_sends_no_first_bytes_in_the_open_is_answered_as_before`).
-fn hub_leaves_out(feature: &str) -> bool {
-    std::env::var("TOWERCTL_TEST_HUB_WITHOUT")
-        .is_ok_and(|v| v.split(',').any(|w| w.trim() == feature))
 }
 
 #[cfg(test)]
