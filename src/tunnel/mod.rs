@@ -833,6 +833,175 @@ mod session_loop_tests {
         );
     }
 
+    /// Reads the first channel opened to it to its end and says how much
+    /// came.
+    struct Sink(tokio::sync::mpsc::UnboundedSender<usize>);
+
+    impl server::Handler for Sink {
+        type Error = russh::Error;
+
+        async fn auth_none(&mut self, _: &str) -> Result<server::Auth, Self::Error> {
+            Ok(server::Auth::Accept)
+        }
+
+        async fn channel_open_session(
+            &mut self,
+            mut channel: Channel<server::Msg>,
+            reply: server::ChannelOpenHandle,
+            _: &mut server::Session,
+        ) -> Result<(), Self::Error> {
+            reply.accept().await;
+            let done = self.0.clone();
+            tokio::spawn(async move {
+                let mut got = 0;
+                while let Some(msg) = channel.wait().await {
+                    match msg {
+                        ChannelMsg::Data { data } => got += data.len(),
+                        ChannelMsg::Eof => break,
+                        _ => {}
+                    }
+                }
+                let _ = done.send(got);
+            });
+            Ok(())
+        }
+    }
+
+    /// Notes, for each write offered to the socket under it, how much of
+    /// it is new (not left over from the write before).
+    struct NewPerWrite<S> {
+        inner: S,
+        left: usize,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for NewPerWrite<S> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: tokio::io::AsyncWrite + Unpin> NewPerWrite<S> {
+        fn offered(&mut self, total: usize, r: &std::task::Poll<std::io::Result<usize>>) {
+            let new = total.saturating_sub(self.left);
+            self.most
+                .fetch_max(new, std::sync::atomic::Ordering::Relaxed);
+            self.left = match r {
+                std::task::Poll::Ready(Ok(n)) => total - n,
+                _ => total,
+            };
+        }
+    }
+
+    impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for NewPerWrite<S> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            self.offered(buf.len(), &r);
+            r
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            self.offered(bufs.iter().map(|b| b.len()).sum(), &r);
+            r
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_agent_writes_what_it_encrypted_in_turns_of_a_quarter_mib() {
+        // The client's loop (the agent's) encrypts each packet as it takes
+        // it from its channels; it took up to 1 MiB before writing, and the
+        // kernel's copy of the first packets into the socket read them back
+        // from memory (a third of the agent's time on a download). Now a
+        // turn stops taking at 256 KiB: at most that plus one message (up
+        // to 256 KiB from a splice read; a channel writer's, as here, up to
+        // a packet) is new in a write. With a 1 MiB turn this wrote 512 KiB
+        // at a time (its queue holds no more).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let config = Arc::new(server::Config {
+            keys: vec![key],
+            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+            window_size: super::WINDOW_SIZE,
+            maximum_packet_size: super::MAX_PACKET,
+            ..Default::default()
+        });
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            if let Ok(session) = server::run_stream(config, stream, Sink(done_tx)).await {
+                let _ = session.await;
+            }
+        });
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stream = NewPerWrite {
+            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            left: 0,
+            most: most.clone(),
+        };
+        let config = Arc::new(russh::client::Config {
+            window_size: super::WINDOW_SIZE,
+            maximum_packet_size: super::MAX_PACKET,
+            ..Default::default()
+        });
+        let mut client = russh::client::connect_stream(config, stream, Cli)
+            .await
+            .unwrap();
+        assert!(client.authenticate_none("t").await.unwrap().success());
+        let ch = client.channel_open_session().await.unwrap();
+        const SENT: usize = 32 << 20;
+        let sent = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut w = ch.make_writer();
+            let chunk = vec![0x5au8; 256 * 1024];
+            for _ in 0..SENT / chunk.len() {
+                w.write_all(&chunk).await.unwrap();
+            }
+            w.flush().await.unwrap();
+            ch.eof().await.unwrap();
+            done.recv().await.unwrap()
+        })
+        .await
+        .expect("the transfer stopped");
+        assert_eq!(sent, SENT);
+        let most = most.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(most > 0, "nothing was written");
+        assert!(
+            most <= 256 * 1024 + super::MAX_PACKET as usize + 4096,
+            "one write carried {most} bytes encrypted since the one before"
+        );
+    }
+
     #[tokio::test]
     async fn both_sides_sending_more_than_the_socket_holds_keep_reading() {
         // Each session loop used to wait for its whole write before reading

@@ -1555,7 +1555,7 @@ impl Session {
                     // counting what waits to be encrypted too).
                     while !self.kex.active()
                         && !self.common.has_any_pending_data()
-                        && self.common.pending_output() < crate::OUTPUT_HIGH_WATER
+                        && self.common.pending_output() < crate::OUTPUT_TURN_BYTES
                     {
                         self.drain_priority_msgs()?;
                         match self.receiver.try_recv() {
@@ -1692,7 +1692,7 @@ impl Session {
     fn drain_inbound_channel_msgs(&mut self) -> Result<(), crate::Error> {
         while !self.kex.active()
             && !self.common.has_any_pending_data()
-            && self.common.pending_output() < crate::OUTPUT_HIGH_WATER
+            && self.common.pending_output() < crate::OUTPUT_TURN_BYTES
         {
             self.drain_priority_msgs()?;
             match self.inbound_channel_receiver.try_recv() {
