@@ -121,20 +121,6 @@ fn joined() -> (Env, ApiServer) {
     (env, api)
 }
 
-/// A TLS client configuration that trusts the hub's gateway CA.
-fn gateway_tls(env: &Env) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
-    for c in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    Arc::new(
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
 #[test]
 fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
     let (env, _api) = joined();
@@ -151,7 +137,7 @@ fn stalled_32mb_uploads_are_refused_and_memory_stays_bounded() {
         .unwrap()
         .trim()
         .to_string();
-    let tls = gateway_tls(&env);
+    let tls = support::gateway_tls(&env);
     let mut holds = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..64 {
@@ -211,7 +197,7 @@ fn one_operators_stalled_uploads_do_not_block_the_others_writes() {
         .as_str()
         .unwrap()
         .to_string();
-    let tls = gateway_tls(&env);
+    let tls = support::gateway_tls(&env);
     let mut holds = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..3 {

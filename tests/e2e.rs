@@ -1871,13 +1871,103 @@ fn an_agent_that_takes_no_first_bytes_in_the_open_still_gets_them_whole() {
 /// the gateway's CONNECT alike.
 #[test]
 fn a_hub_that_sends_no_first_bytes_in_the_open_is_answered_as_before() {
+    let (env, _api) = echo_member_of_a_hub_without("open-early");
+    first_writes_come_back_whole_both_ways(&env);
+}
+
+/// A member whose Service `web` echoes, joined to a hub started with the
+/// test hook `TOWERCTL_TEST_HUB_WITHOUT=feature` (standing in for a hub
+/// older than the rest).
+fn echo_member_of_a_hub_without(feature: &str) -> (Env, ApiServer) {
     let env = Env::new();
     let api = ApiServer::start();
     support::echo_service(&api, "web", 80);
-    let o = env.up_with_env(&[("TOWERCTL_TEST_HUB_WITHOUT", "open-early")]);
+    let o = env.up_with_env(&[("TOWERCTL_TEST_HUB_WITHOUT", feature)]);
     assert!(o.ok(), "{o:?}");
     connected(&env, &api, &[]);
-    first_writes_come_back_whole_both_ways(&env);
+    (env, api)
+}
+
+/// What `towerctl port-forward` sends with its CONNECT through the
+/// gateway: the local client's first bytes, in the `towerctl-early` header.
+/// The hub puts them in the channel's open and says in its 200 how many it
+/// took; the target has them with nothing written on the stream, which
+/// then goes on as any. A value that is not base64 is refused, naming the
+/// header.
+#[test]
+fn first_bytes_sent_with_a_connect_reach_the_target_with_nothing_on_the_stream() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected(&env, &api, &[]);
+    let tls = support::gateway_tls(&env);
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let connect = |early: &str| {
+        let tcp = std::net::TcpStream::connect(&gw).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let head = format!(
+            "CONNECT web.default.svc.alpha:80 HTTP/1.1\r\nHost: web.default.svc.alpha:80\r\n\
+             Proxy-Authorization: Bearer {}\r\ntowerctl-early: {early}\r\n\r\n",
+            token.trim()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        // The answer's head, byte by byte: what follows is the stream's.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)
+                .expect("the gateway's answer ended early");
+            head.push(b[0]);
+        }
+        (String::from_utf8_lossy(&head).to_ascii_lowercase(), s)
+    };
+    // "hello early", base64.
+    let (head, mut s) = connect("aGVsbG8gZWFybHk=");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("towerctl-early-taken: 11\r\n"), "{head}");
+    let mut got = [0u8; 11];
+    s.read_exact(&mut got)
+        .expect("the target did not get the bytes sent with the CONNECT");
+    assert_eq!(&got, b"hello early");
+    s.write_all(b" and after").unwrap();
+    let mut got = [0u8; 10];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b" and after");
+
+    let (head, mut s) = connect("not base64!");
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length: {head}"));
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("towerctl-early header is not base64"),
+        "{body}"
+    );
+}
+
+/// A hub that ignores the first bytes sent with a CONNECT (as one older
+/// than the port-forward) says nothing of them in its 200: the command
+/// writes them on the stream itself, and every byte arrives once, in order.
+#[test]
+fn a_hub_that_ignores_first_bytes_with_a_connect_still_gets_them_whole() {
+    let (env, _api) = echo_member_of_a_hub_without("towerctl-early");
+    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let via_gateway = Streaming::start(cmd);
+    first_writes_come_back_whole(forwarded_port(&via_gateway));
 }
 
 /// [`first_writes_come_back_whole`] through `towerctl port-forward alpha

@@ -20,6 +20,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 pub use crate::daemon::tls::MUX_ALPN;
+use crate::daemon::wire::{encode_early, EARLY_HEADER, EARLY_TAKEN_HEADER};
 
 use super::https::{connect_tunnel, GatewayClient};
 
@@ -97,22 +98,43 @@ impl Mux {
     }
 
     /// A raw stream to `authority` (`NAME.NS.svc.CLUSTER:PORT`…) through the
-    /// gateway's CONNECT. The error is the gateway's (or agent's) own words.
-    pub async fn open(&self, authority: &str) -> Result<Box<dyn Stream>> {
+    /// gateway's CONNECT, with `first` (what the local client has already
+    /// sent) ahead of anything else on it. The error is the gateway's (or
+    /// agent's) own words.
+    ///
+    /// On the multiplexed connection `first` goes in the CONNECT itself
+    /// ([`EARLY_HEADER`]): the hub puts it in the channel's open, and the
+    /// target has it one round trip to the agent sooner. The 200 says how
+    /// much the hub took; the rest (all of it, from an older hub) is
+    /// written on the stream. Not on a connection per stream, which may
+    /// pass through a proxy that terminates TLS and logs headers: there it
+    /// is written on the stream.
+    pub async fn open(&self, authority: &str, first: &[u8]) -> Result<Box<dyn Stream>> {
+        use tokio::io::AsyncWriteExt;
         // A second try only when the shared connection turned out dead
         // before the gateway took the stream (closed while idle).
         for attempt in 0..2 {
             let Some(mut sender) = self.sender().await? else {
-                return Ok(Box::new(
-                    connect_tunnel(&self.gw, &self.token, authority).await?,
-                ));
+                let mut tls = connect_tunnel(&self.gw, &self.token, authority).await?;
+                if !first.is_empty() {
+                    tls.write_all(first)
+                        .await
+                        .context("the stream through the gateway broke at once")?;
+                }
+                return Ok(Box::new(tls));
             };
-            let req = http::Request::connect(authority)
-                .header(
-                    http::header::PROXY_AUTHORIZATION,
-                    format!("Bearer {}", self.token),
-                )
-                .body(Empty::<Bytes>::new())?;
+            let mut req = http::Request::connect(authority).header(
+                http::header::PROXY_AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            );
+            if !first.is_empty() {
+                // Never indexed by HPACK: the client's bytes may hold its
+                // own credentials.
+                let mut v = http::HeaderValue::try_from(encode_early(first))?;
+                v.set_sensitive(true);
+                req = req.header(EARLY_HEADER, v);
+            }
+            let req = req.body(Empty::<Bytes>::new())?;
             let sent = match sender.ready().await {
                 Ok(()) => sender.send_request(req).await,
                 Err(e) => Err(e),
@@ -129,10 +151,23 @@ impl Mux {
             };
             let status = resp.status();
             if status == http::StatusCode::OK {
-                let up = hyper::upgrade::on(resp)
-                    .await
-                    .context("the gateway did not open the stream")?;
-                return Ok(Box::new(TokioIo::new(up)));
+                let taken = resp
+                    .headers()
+                    .get(EARLY_TAKEN_HEADER)
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                    .unwrap_or(0)
+                    .min(first.len());
+                let mut up = TokioIo::new(
+                    hyper::upgrade::on(resp)
+                        .await
+                        .context("the gateway did not open the stream")?,
+                );
+                if taken < first.len() {
+                    up.write_all(&first[taken..])
+                        .await
+                        .context("the stream through the gateway broke at once")?;
+                }
+                return Ok(Box::new(up));
             }
             let body = tokio::time::timeout(
                 std::time::Duration::from_secs(15),

@@ -413,7 +413,9 @@ async fn accept_loop(l: &TcpListener, gateway: Arc<Mux>, authority: &str, remote
         let gateway = gateway.clone();
         let authority = authority.to_string();
         tokio::spawn(async move {
-            match gateway.open(&authority).await {
+            // What the client has sent by now goes with the CONNECT.
+            let first = crate::tunnel::sent_so_far(&conn, crate::daemon::wire::EARLY_MAX);
+            match gateway.open(&authority, &first).await {
                 Ok(mut up) => {
                     let _ = crate::tunnel::splice(&mut conn, &mut up).await;
                 }

@@ -148,6 +148,44 @@ const IDENTITY_PREFIX: &str = "towerctl-operator ";
 /// ([`RawOpen::early`]).
 pub const EARLY_MAX: usize = 16 * 1024;
 
+/// The request header in which `towerctl port-forward` sends, with its
+/// CONNECT to the gateway, what the local client has already sent
+/// (base64, at most [`EARLY_MAX`] decoded): the hub puts them in the
+/// channel's open ([`RawOpen`]), and a client that speaks first (HTTP) has
+/// its answer one round trip to the agent sooner. The gateway's 200 says
+/// in [`EARLY_TAKEN_HEADER`] how many it took; a hub that says nothing
+/// (an older one, or one that carried the CONNECT on to the hub holding
+/// the member) took none, and port-forward sends them on the stream.
+pub const EARLY_HEADER: &str = "towerctl-early";
+
+/// The gateway's answer to a CONNECT with [`EARLY_HEADER`]: how many of
+/// those bytes went to the target.
+pub const EARLY_TAKEN_HEADER: &str = "towerctl-early-taken";
+
+/// The bytes of an [`EARLY_HEADER`] value, or why there are none to take.
+pub fn decode_early(value: &[u8]) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    if value.len() > EARLY_MAX.div_ceil(3) * 4 {
+        return Err(format!(
+            "the {EARLY_HEADER} header carries more than {EARLY_MAX} bytes; send the rest on the stream"
+        ));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()
+        .filter(|b| b.len() <= EARLY_MAX)
+        .ok_or_else(|| {
+            format!("the {EARLY_HEADER} header is not base64 of at most {EARLY_MAX} bytes")
+        })
+}
+
+/// An [`EARLY_HEADER`] value for `bytes` (at most [`EARLY_MAX`]).
+pub fn encode_early(bytes: &[u8]) -> String {
+    use base64::Engine;
+    debug_assert!(bytes.len() <= EARLY_MAX);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// Longest originator field an agent reads: the identity (names and
 /// groups, a few hundred bytes; at most [`MAX_LINE`] as before the
 /// client's bytes came with it) and up to [`EARLY_MAX`] bytes in base64
@@ -248,6 +286,33 @@ impl RawOpen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_bytes_with_a_connect_round_trip_within_their_bound() {
+        for bytes in [b"x".to_vec(), (0..=255u8).collect(), vec![7u8; EARLY_MAX]] {
+            assert_eq!(decode_early(encode_early(&bytes).as_bytes()), Ok(bytes));
+        }
+        use base64::Engine;
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        assert!(decode_early(b64(20_000).as_bytes())
+            .unwrap_err()
+            .contains("more than 16384 bytes"));
+        // As long as a value of EARLY_MAX bytes can be, and two more.
+        let edge = b64(EARLY_MAX + 2);
+        assert_eq!(edge.len(), EARLY_MAX.div_ceil(3) * 4);
+        assert!(decode_early(edge.as_bytes())
+            .unwrap_err()
+            .contains("at most 16384 bytes"));
+        for bad in ["not base64!", "aGVsbG8", "aGVs\nbG8="] {
+            assert!(
+                decode_early(bad.as_bytes())
+                    .unwrap_err()
+                    .contains("towerctl-early header is not base64"),
+                "{bad}"
+            );
+        }
+        assert_eq!(decode_early(b""), Ok(Vec::new()));
+    }
 
     #[tokio::test]
     async fn answers_round_trip_and_leave_the_payload() {

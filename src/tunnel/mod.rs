@@ -203,6 +203,34 @@ impl TunnelError {
     }
 }
 
+/// What the peer of `s` has sent so far, at most `max` bytes, read without
+/// waiting: nothing when it has sent nothing yet, has ended or failed (the
+/// stream's reader meets those again). It reads the socket itself:
+/// tokio's `try_read` answers "would block" until its reactor has seen the
+/// socket readable, which for a connection accepted a moment ago it often
+/// has not, though the client's first bytes are there.
+pub fn sent_so_far(s: &tokio::net::TcpStream, max: usize) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 16 * 1024];
+    let max = max.min(buf.len());
+    // SAFETY: `recv` writes at most `max` bytes into `buf`, which has room
+    // for them, and returns how many it wrote (or -1); the socket stays
+    // non-blocking (MSG_DONTWAIT in any case).
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            max,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n <= 0 {
+        return Vec::new();
+    }
+    // SAFETY: the first `n` bytes were written by `recv`.
+    unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) }.to_vec()
+}
+
 /// Sets TCP_NODELAY: the tunnel carries small interactive writes (kubectl
 /// requests, exec keystrokes) and Nagle would hold them for an ACK.
 pub fn nodelay(s: &tokio::net::TcpStream) {
@@ -697,6 +725,22 @@ mod session_loop_tests {
         }
     }
 
+    /// A server that lets anyone in, with the tunnel's window and packet
+    /// size when `tuned` (russh's defaults otherwise).
+    fn server_config(tuned: bool) -> Arc<server::Config> {
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let mut c = server::Config {
+            keys: vec![key],
+            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+            ..Default::default()
+        };
+        if tuned {
+            c.window_size = super::WINDOW_SIZE;
+            c.maximum_packet_size = super::MAX_PACKET;
+        }
+        Arc::new(c)
+    }
+
     /// A socket whose buffers hold 64 KiB (the kernel doubles what is set).
     fn small_socket() -> tokio::net::TcpSocket {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
@@ -705,10 +749,40 @@ mod session_loop_tests {
         s
     }
 
-    /// Counts the writes that carried bytes into the socket under it.
+    /// Counts the writes that carried bytes into the socket under it, and
+    /// notes the most bytes one write offered that were new (not left over
+    /// from the write before).
     struct CountWrites<S> {
         inner: S,
         writes: Arc<std::sync::atomic::AtomicUsize>,
+        left: usize,
+        most_new: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S> CountWrites<S> {
+        fn new(inner: S) -> CountWrites<S> {
+            CountWrites {
+                inner,
+                writes: Arc::default(),
+                left: 0,
+                most_new: Arc::default(),
+            }
+        }
+
+        fn offered(&mut self, total: usize, r: &std::task::Poll<std::io::Result<usize>>) {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.most_new
+                .fetch_max(total.saturating_sub(self.left), Relaxed);
+            self.left = match r {
+                std::task::Poll::Ready(Ok(n)) => {
+                    if *n > 0 {
+                        self.writes.fetch_add(1, Relaxed);
+                    }
+                    total - n
+                }
+                _ => total,
+            };
+        }
     }
 
     impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountWrites<S> {
@@ -728,10 +802,7 @@ mod session_loop_tests {
             buf: &[u8],
         ) -> std::task::Poll<std::io::Result<usize>> {
             let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-            if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-                self.writes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.offered(buf.len(), &r);
             r
         }
 
@@ -741,10 +812,7 @@ mod session_loop_tests {
             bufs: &[std::io::IoSlice<'_>],
         ) -> std::task::Poll<std::io::Result<usize>> {
             let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-            if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
-                self.writes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+            self.offered(bufs.iter().map(|b| b.len()).sum(), &r);
             r
         }
 
@@ -777,12 +845,7 @@ mod session_loop_tests {
         // so many opens are tried: each had an even chance to split.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
-        let config = Arc::new(server::Config {
-            keys: vec![key],
-            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
-            ..Default::default()
-        });
+        let config = server_config(false);
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
@@ -793,11 +856,8 @@ mod session_loop_tests {
             let _ = handle_tx.send(session.handle());
             let _ = session.await;
         });
-        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stream = CountWrites {
-            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
-            writes: writes.clone(),
-        };
+        let stream = CountWrites::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let writes = stream.writes.clone();
         let mut client =
             russh::client::connect_stream(Arc::new(russh::client::Config::default()), stream, Cli)
                 .await
@@ -867,76 +927,6 @@ mod session_loop_tests {
         }
     }
 
-    /// Notes, for each write offered to the socket under it, how much of
-    /// it is new (not left over from the write before).
-    struct NewPerWrite<S> {
-        inner: S,
-        left: usize,
-        most: Arc<std::sync::atomic::AtomicUsize>,
-    }
-
-    impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for NewPerWrite<S> {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-        }
-    }
-
-    impl<S: tokio::io::AsyncWrite + Unpin> NewPerWrite<S> {
-        fn offered(&mut self, total: usize, r: &std::task::Poll<std::io::Result<usize>>) {
-            let new = total.saturating_sub(self.left);
-            self.most
-                .fetch_max(new, std::sync::atomic::Ordering::Relaxed);
-            self.left = match r {
-                std::task::Poll::Ready(Ok(n)) => total - n,
-                _ => total,
-            };
-        }
-    }
-
-    impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for NewPerWrite<S> {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-            self.offered(buf.len(), &r);
-            r
-        }
-
-        fn poll_write_vectored(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            bufs: &[std::io::IoSlice<'_>],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-            self.offered(bufs.iter().map(|b| b.len()).sum(), &r);
-            r
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            self.inner.is_write_vectored()
-        }
-
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-        }
-
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-        }
-    }
-
     #[tokio::test]
     async fn the_agent_writes_what_it_encrypted_in_turns_of_a_quarter_mib() {
         // The client's loop (the agent's) encrypts each packet as it takes
@@ -949,14 +939,7 @@ mod session_loop_tests {
         // at a time (its queue holds no more).
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
-        let config = Arc::new(server::Config {
-            keys: vec![key],
-            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
-            window_size: super::WINDOW_SIZE,
-            maximum_packet_size: super::MAX_PACKET,
-            ..Default::default()
-        });
+        let config = server_config(true);
         let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
@@ -964,12 +947,8 @@ mod session_loop_tests {
                 let _ = session.await;
             }
         });
-        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stream = NewPerWrite {
-            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
-            left: 0,
-            most: most.clone(),
-        };
+        let stream = CountWrites::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let most = stream.most_new.clone();
         let config = Arc::new(russh::client::Config {
             window_size: super::WINDOW_SIZE,
             maximum_packet_size: super::MAX_PACKET,
@@ -1011,14 +990,7 @@ mod session_loop_tests {
         listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = listener.listen(1).unwrap();
         let addr = listener.local_addr().unwrap();
-        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
-        let config = Arc::new(server::Config {
-            keys: vec![key],
-            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
-            window_size: super::WINDOW_SIZE,
-            maximum_packet_size: super::MAX_PACKET,
-            ..Default::default()
-        });
+        let config = server_config(true);
         let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();

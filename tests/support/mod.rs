@@ -670,6 +670,20 @@ pub fn connections_to(port: u16, states: &[&str]) -> usize {
     n
 }
 
+/// A TLS client configuration that trusts the hub's gateway CA.
+pub fn gateway_tls(env: &Env) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(env.path("data/towerctl/ca.crt")).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 /// Service `NAME` in namespace `default` of `api`, port `port` (named
 /// `tcp`), whose one endpoint is a fresh [`echo_server`] on loopback.
 pub fn echo_service(api: &apiserver::ApiServer, name: &str, port: u16) {

@@ -258,7 +258,7 @@ async fn carry(
         d.port,
         peer,
         peer.to_string(),
-        Some(&conn),
+        super::gateway::Early::From(&conn),
     )
     .await
     {

@@ -824,7 +824,27 @@ async fn connect(
         Ok(t) => t,
         Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
     };
-    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown, None).await {
+    // What the client has already sent, with its CONNECT (`towerctl
+    // port-forward`): into the channel's open.
+    let given = match req.headers().get(crate::daemon::wire::EARLY_HEADER) {
+        None => None,
+        // Test hook: a hub that ignores the header, as an older one does.
+        Some(_)
+            if crate::tunnel::left_out_for_tests(
+                "TOWERCTL_TEST_HUB_WITHOUT",
+                crate::daemon::wire::EARLY_HEADER,
+            ) =>
+        {
+            None
+        }
+        Some(v) => match crate::daemon::wire::decode_early(v.as_bytes()) {
+            Ok(bytes) if bytes.is_empty() => None,
+            Ok(bytes) => Some(bytes),
+            Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
+        },
+    };
+    let early = given.map_or(Early::None, Early::Given);
+    let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown, early).await {
         Ok(raw) => raw,
         Err(RawRefusal::Answer(code, msg)) => return text_response(code, &msg),
         Err(RawRefusal::Elsewhere(held)) => {
@@ -839,6 +859,7 @@ async fn connect(
             return text_response(code, &msg);
         }
     };
+    let taken = raw.early;
     hub.tasks.spawn(async move {
         // A multiplexed connection is not idle while a stream is spliced.
         let _active = active;
@@ -850,7 +871,14 @@ async fn connect(
             }
         }
     });
-    Response::new(full(Bytes::new()))
+    let mut resp = Response::new(full(Bytes::new()));
+    if taken > 0 {
+        resp.headers_mut().insert(
+            crate::daemon::wire::EARLY_TAKEN_HEADER,
+            http::HeaderValue::from(taken),
+        );
+    }
+    resp
 }
 
 /// The member, target and port a CONNECT authority names
@@ -972,6 +1000,19 @@ pub(super) struct RawStream {
 
 use crate::daemon::wire::EARLY_MAX;
 
+/// Where [`open_raw`] finds what the client has already sent.
+pub(super) enum Early<'a> {
+    /// The client's own socket (a forward the hub serves): read from it
+    /// without waiting.
+    From(&'a tokio::net::TcpStream),
+    /// The bytes that came with its CONNECT ([`wire::EARLY_HEADER`]).
+    ///
+    /// [`wire::EARLY_HEADER`]: crate::daemon::wire::EARLY_HEADER
+    Given(Vec<u8>),
+    /// None (a CONNECT without them).
+    None,
+}
+
 /// Where a client's first bytes go on a raw stream ([`open_raw`]).
 enum First {
     /// In the channel's open: this many.
@@ -986,11 +1027,7 @@ enum First {
 /// for more: nothing when it has sent nothing yet, has ended, or failed
 /// (the splice meets those again).
 fn take_early(client: &tokio::net::TcpStream) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(EARLY_MAX);
-    match client.try_read_buf(&mut buf) {
-        Ok(n) if n > 0 => buf,
-        _ => Vec::new(),
-    }
+    crate::tunnel::sent_so_far(client, EARLY_MAX)
 }
 
 /// Sends on `stream` what the client has already sent ([`take_early`]), so
@@ -1062,7 +1099,7 @@ pub(super) async fn open_raw(
     port: u16,
     peer: SocketAddr,
     shown: String,
-    client: Option<&tokio::net::TcpStream>,
+    early: Early<'_>,
 ) -> Result<RawStream, RawRefusal> {
     // What the agent accepts (names of at most 253 characters); said here
     // rather than as an agent refusing the stream.
@@ -1125,11 +1162,19 @@ pub(super) async fn open_raw(
         user: operator.name.clone(),
         groups: operator.groups.clone(),
     });
-    let mut first = First::Unread;
+    let (mut first, client) = match early {
+        Early::From(c) => (First::Unread, Some(c)),
+        Early::Given(bytes) => (First::OnStream(bytes), None),
+        Early::None => (First::Unread, None),
+    };
     if session.takes_early {
         open.window = Some(window.window);
-        if let Some(c) = client {
-            let bytes = take_early(c);
+        // `first` is OnStream (given bytes) or Unread here.
+        let bytes = match std::mem::replace(&mut first, First::Unread) {
+            First::OnStream(bytes) => Some(bytes),
+            _ => client.map(take_early),
+        };
+        if let Some(bytes) = bytes {
             open.set_early(&bytes);
             first = First::InOpen(bytes.len() as u64);
         }
