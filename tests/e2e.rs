@@ -1958,6 +1958,54 @@ fn first_bytes_sent_with_a_connect_reach_the_target_with_nothing_on_the_stream()
     );
 }
 
+/// Through the real command: a client whose bytes are there when
+/// `towerctl port-forward` takes its connection (the command is stopped
+/// while the client connects and writes) has them sent with the CONNECT,
+/// and the hub takes them all (said at `-vv`); they come back whole.
+#[test]
+fn the_port_forwards_connect_carries_what_its_client_sent_first() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected(&env, &api, &[]);
+    let mut cmd = env.towerctl_cmd(&["-vv", "port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let pf = Streaming::start(cmd);
+    let port = forwarded_port(&pf);
+    let echo = |c: &mut std::net::TcpStream, what: &[u8]| {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut got = vec![0u8; what.len()];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, what);
+    };
+    // The first connection opens the command's connection to the gateway.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"warm").unwrap();
+    echo(&mut c, b"warm");
+    let signal = |sig: &str| {
+        let o = support::run_bounded(
+            {
+                let mut k = std::process::Command::new("kill");
+                k.args([sig, &pf.pid().to_string()]);
+                k
+            },
+            Duration::from_secs(5),
+        );
+        assert!(o.ok(), "kill {sig}: {o:?}");
+    };
+    signal("-STOP");
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"hello first").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    signal("-CONT");
+    echo(&mut c, b"hello first");
+    pf.wait_for(
+        "11 bytes the client sent first went with the CONNECT; the hub took 11",
+        Duration::from_secs(10),
+    );
+}
+
 /// A hub that ignores the first bytes sent with a CONNECT (as one older
 /// than the port-forward) says nothing of them in its 200: the command
 /// writes them on the stream itself, and every byte arrives once, in order.

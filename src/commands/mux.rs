@@ -112,7 +112,11 @@ impl Mux {
     pub async fn open(&self, authority: &str, first: &[u8]) -> Result<Box<dyn Stream>> {
         use tokio::io::AsyncWriteExt;
         // A second try only when the shared connection turned out dead
-        // before the gateway took the stream (closed while idle).
+        // before the gateway took the stream (closed while idle). Not once
+        // a CONNECT with the client's bytes was handed to the connection:
+        // it may have reached the hub, whose agent then wrote them to the
+        // target (a request carried out), and a second try would write
+        // them again; that connection fails as any whose proxy broke.
         for attempt in 0..2 {
             let Some(mut sender) = self.sender().await? else {
                 let mut tls = connect_tunnel(&self.gw, &self.token, authority).await?;
@@ -135,15 +139,19 @@ impl Mux {
                 req = req.header(EARLY_HEADER, v);
             }
             let req = req.body(Empty::<Bytes>::new())?;
-            let sent = match sender.ready().await {
-                Ok(()) => sender.send_request(req).await,
-                Err(e) => Err(e),
+            let (sent, handed) = match sender.ready().await {
+                Ok(()) => (sender.send_request(req).await, true),
+                Err(e) => (Err(e), false),
             };
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
                     self.drop_sender(&sender).await;
-                    if attempt == 0 && (e.is_closed() || e.is_canceled() || sender.is_closed()) {
+                    let unsent = !handed || first.is_empty();
+                    if attempt == 0
+                        && unsent
+                        && (e.is_closed() || e.is_canceled() || sender.is_closed())
+                    {
                         continue;
                     }
                     return Err(e).context("the gateway connection failed");
@@ -157,6 +165,12 @@ impl Mux {
                     .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
                     .unwrap_or(0)
                     .min(first.len());
+                if !first.is_empty() {
+                    tracing::debug!(
+                        "{} bytes the client sent first went with the CONNECT; the hub took {taken}",
+                        first.len()
+                    );
+                }
                 let mut up = TokioIo::new(
                     hyper::upgrade::on(resp)
                         .await

@@ -690,8 +690,12 @@ mod session_loop_tests {
 
     /// The agent's side. A channel the hub opens is confirmed only when
     /// its first bytes are ready, and they are sent right after (as the
-    /// agent answers a raw channel's dial).
-    struct Cli;
+    /// agent answers a raw channel's dial): `OK`, or [`SENT`] bytes
+    /// (`Bulk`, as a raw stream's download).
+    enum Cli {
+        Answer,
+        Bulk,
+    }
 
     impl russh::client::Handler for Cli {
         type Error = russh::Error;
@@ -713,8 +717,14 @@ mod session_loop_tests {
             reply: russh::client::ChannelOpenHandle,
             _: &mut russh::client::Session,
         ) -> Result<(), Self::Error> {
+            let bulk = matches!(self, Cli::Bulk);
             tokio::spawn(async move {
                 reply.accept().await;
+                if bulk {
+                    write_sent(&channel).await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return;
+                }
                 let mut w = channel.make_writer();
                 let _ = w.write_all(b"OK\n").await;
                 let _ = w.flush().await;
@@ -835,17 +845,21 @@ mod session_loop_tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_confirmation_and_what_follows_it_leave_in_one_write() {
-        // The agent confirms a raw channel once it has dialed, and writes
-        // its answer to the dial right after: the client's session loop
-        // took the confirmation (a priority message) in one turn and the
-        // answer in the next, two writes and two wake-ups of the hub per
-        // connection. The loop's branch picked among ready ones is random,
-        // so many opens are tried: each had an even chance to split.
+    /// A server session's handle and a logged-in client session over
+    /// loopback (with the tunnel's window and packet size when `tuned`),
+    /// and the counts of the client's writes ([`CountWrites`]).
+    async fn sessions(
+        tuned: bool,
+        cli: Cli,
+    ) -> (
+        server::Handle,
+        russh::client::Handle<Cli>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = server_config(false);
+        let config = server_config(tuned);
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
@@ -857,13 +871,28 @@ mod session_loop_tests {
             let _ = session.await;
         });
         let stream = CountWrites::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-        let writes = stream.writes.clone();
-        let mut client =
-            russh::client::connect_stream(Arc::new(russh::client::Config::default()), stream, Cli)
-                .await
-                .unwrap();
+        let (writes, most_new) = (stream.writes.clone(), stream.most_new.clone());
+        let mut config = russh::client::Config::default();
+        if tuned {
+            config.window_size = super::WINDOW_SIZE;
+            config.maximum_packet_size = super::MAX_PACKET;
+        }
+        let mut client = russh::client::connect_stream(Arc::new(config), stream, cli)
+            .await
+            .unwrap();
         assert!(client.authenticate_none("t").await.unwrap().success());
-        let hub = handle_rx.await.unwrap();
+        (handle_rx.await.unwrap(), client, writes, most_new)
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_and_what_follows_it_leave_in_one_write() {
+        // The agent confirms a raw channel once it has dialed, and writes
+        // its answer to the dial right after: the client's session loop
+        // took the confirmation (a priority message) in one turn and the
+        // answer in the next, two writes and two wake-ups of the hub per
+        // connection. The loop's branch picked among ready ones is random,
+        // so many opens are tried: each had an even chance to split.
+        let (hub, _client, writes, _) = sessions(false, Cli::Answer).await;
         let mut split = 0;
         for i in 0..24u32 {
             let before = writes.load(std::sync::atomic::Ordering::Relaxed);
@@ -927,6 +956,54 @@ mod session_loop_tests {
         }
     }
 
+    /// What the agent's side writes into a channel in the turn tests.
+    const SENT: usize = 32 << 20;
+
+    /// Writes [`SENT`] bytes into `ch` in 256 KiB writes, then its end.
+    async fn write_sent<S>(ch: &Channel<S>)
+    where
+        S: From<(russh::ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    {
+        let mut w = ch.make_writer();
+        let chunk = vec![0x5au8; 256 * 1024];
+        for _ in 0..SENT / chunk.len() {
+            w.write_all(&chunk).await.unwrap();
+        }
+        w.flush().await.unwrap();
+        ch.eof().await.unwrap();
+    }
+
+    /// The same on a channel the hub opens (the agent's raw streams: the
+    /// client loop's inbound-channel batch).
+    #[tokio::test]
+    async fn the_agent_writes_in_quarter_mib_turns_on_channels_the_hub_opens_too() {
+        let (hub, _client, _, most) = sessions(true, Cli::Bulk).await;
+        let got = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut ch = hub
+                .channel_open_forwarded_tcpip("target", 1, "origin", 0)
+                .await
+                .unwrap();
+            let mut got = 0;
+            while let Some(msg) = ch.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => got += data.len(),
+                    ChannelMsg::Eof => break,
+                    _ => {}
+                }
+            }
+            got
+        })
+        .await
+        .expect("the transfer stopped");
+        assert_eq!(got, SENT);
+        let most = most.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(most > 0, "nothing was written");
+        assert!(
+            most <= 256 * 1024 + super::MAX_PACKET as usize + 4096,
+            "one write carried {most} bytes encrypted since the one before"
+        );
+    }
+
     #[tokio::test]
     async fn the_agent_writes_what_it_encrypted_in_turns_of_a_quarter_mib() {
         // The client's loop (the agent's) encrypts each packet as it takes
@@ -954,20 +1031,13 @@ mod session_loop_tests {
             maximum_packet_size: super::MAX_PACKET,
             ..Default::default()
         });
-        let mut client = russh::client::connect_stream(config, stream, Cli)
+        let mut client = russh::client::connect_stream(config, stream, Cli::Answer)
             .await
             .unwrap();
         assert!(client.authenticate_none("t").await.unwrap().success());
         let ch = client.channel_open_session().await.unwrap();
-        const SENT: usize = 32 << 20;
         let sent = tokio::time::timeout(Duration::from_secs(30), async {
-            let mut w = ch.make_writer();
-            let chunk = vec![0x5au8; 256 * 1024];
-            for _ in 0..SENT / chunk.len() {
-                w.write_all(&chunk).await.unwrap();
-            }
-            w.flush().await.unwrap();
-            ch.eof().await.unwrap();
+            write_sent(&ch).await;
             done.recv().await.unwrap()
         })
         .await
@@ -1005,7 +1075,7 @@ mod session_loop_tests {
             maximum_packet_size: super::MAX_PACKET,
             ..Default::default()
         });
-        let mut client = russh::client::connect_stream(config, stream, Cli)
+        let mut client = russh::client::connect_stream(config, stream, Cli::Answer)
             .await
             .unwrap();
         assert!(client.authenticate_none("t").await.unwrap().success());

@@ -1087,9 +1087,10 @@ fn raw_revoked(hub: &Hub, mut record: Record, cluster: &str) -> RawRefusal {
 /// Opens a raw stream for `operator` to `target:port` in `cluster`: the
 /// access rules first (a member the operator may not reach answers like an
 /// unknown one), then the channel and the agent's answer to its dial. Shared
-/// by the gateway's CONNECT and the hub's local forwards; a local forward
-/// passes its `client`, whose first bytes then go ahead of the answer
-/// ([`send_early`]).
+/// by the gateway's CONNECT and the hub's local forwards. What the client
+/// has already sent ([`Early`]: read from a local forward's socket, or
+/// given with a CONNECT) goes ahead of the answer, in the channel's open
+/// or on the stream ([`send_early`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn open_raw(
     hub: &Hub,
@@ -1334,9 +1335,12 @@ impl RawStream {
         held.carry(copy, counts, stop).await;
     }
 
-    /// Audits the end of a stream that carried what it carried so far.
+    /// Audits the end of a stream that carried what it carried so far:
+    /// the client's first bytes, if they went ahead of the answer.
     pub(super) fn abandon(self) {
-        self.held.finish(None);
+        let mut held = self.held;
+        held.record.bytes += self.early;
+        held.finish(None);
     }
 }
 

@@ -1551,7 +1551,7 @@ impl Session {
                     };
 
                     // eagerly take all outgoing messages so writes are batched
-                    // (towerctl patch: up to `crate::OUTPUT_HIGH_WATER`,
+                    // (towerctl patch: up to `crate::OUTPUT_TURN_BYTES`,
                     // counting what waits to be encrypted too).
                     while !self.kex.active()
                         && !self.common.has_any_pending_data()
@@ -1688,7 +1688,7 @@ impl Session {
     }
 
     /// towerctl patch: takes what inbound channels queued, up to
-    /// `crate::OUTPUT_HIGH_WATER`, so that writes are batched.
+    /// `crate::OUTPUT_TURN_BYTES`, so that writes are batched.
     fn drain_inbound_channel_msgs(&mut self) -> Result<(), crate::Error> {
         while !self.kex.active()
             && !self.common.has_any_pending_data()
