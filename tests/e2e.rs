@@ -1901,42 +1901,14 @@ fn first_bytes_sent_with_a_connect_reach_the_target_with_nothing_on_the_stream()
     let api = ApiServer::start();
     support::echo_service(&api, "web", 80);
     connected(&env, &api, &[]);
-    let tls = support::gateway_tls(&env);
-    let gw = env.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
     let connect = |early: &str| {
-        let tcp = std::net::TcpStream::connect(&gw).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let head = format!(
-            "CONNECT web.default.svc.alpha:80 HTTP/1.1\r\nHost: web.default.svc.alpha:80\r\n\
-             Proxy-Authorization: Bearer {}\r\ntowerctl-early: {early}\r\n\r\n",
-            token.trim()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        // The answer's head, byte by byte: what follows is the stream's.
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b)
-                .expect("the gateway's answer ended early");
-            head.push(b[0]);
-        }
-        (String::from_utf8_lossy(&head).to_ascii_lowercase(), s)
+        support::raw_connect(
+            &env,
+            "web.default.svc.alpha:80",
+            &format!("towerctl-early: {early}\r\n"),
+        )
     };
-    // "hello early", base64.
-    let (head, mut s) = connect("aGVsbG8gZWFybHk=");
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("towerctl-early-taken: 11\r\n"), "{head}");
-    let mut got = [0u8; 11];
-    s.read_exact(&mut got)
-        .expect("the target did not get the bytes sent with the CONNECT");
-    assert_eq!(&got, b"hello early");
+    let mut s = support::connect_with_first_bytes_echoed(&env, "web.default.svc.alpha:80");
     s.write_all(b" and after").unwrap();
     let mut got = [0u8; 10];
     s.read_exact(&mut got).unwrap();

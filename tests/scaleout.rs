@@ -868,6 +868,13 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     assert_eq!(end["operator"], "admin", "{end}");
     assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
 
+    // The client's first bytes sent with a CONNECT (`towerctl-early`, as
+    // `towerctl port-forward` sends them) go on with it: the hub holding
+    // the member takes them, this one says so, and the target has them
+    // with nothing written on the stream.
+    let echo = support::echo_server();
+    support::connect_with_first_bytes_echoed(&hubs[0], &format!("127.0.0.1.beta:{echo}"));
+
     // A client sending the hubs' forwarding marker is not carried to the
     // other hub (no loop), and is told why rather than "not connected".
     let mut curl = Command::new("curl");

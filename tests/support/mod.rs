@@ -670,6 +670,63 @@ pub fn connections_to(port: u16, states: &[&str]) -> usize {
     n
 }
 
+/// A raw HTTP/1.1 CONNECT to `authority` through `env`'s gateway, as the
+/// admin operator, with `extra` header lines (each ending in CRLF): the
+/// answer's head (lower case) and the TLS stream, whose next bytes are the
+/// raw stream's.
+pub fn raw_connect(
+    env: &Env,
+    authority: &str,
+    extra: &str,
+) -> (
+    String,
+    rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+) {
+    use std::io::Write;
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let tcp = std::net::TcpStream::connect(&gw).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(gateway_tls(env), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let head = format!(
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {}\r\n{extra}\r\n",
+        token.trim()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    // The answer's head, byte by byte: what follows is the stream's.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)
+            .expect("the gateway's answer ended early");
+        head.push(b[0]);
+    }
+    (String::from_utf8_lossy(&head).to_ascii_lowercase(), s)
+}
+
+/// A CONNECT to the echo target at `authority` with "hello early" in its
+/// `towerctl-early` header ([`raw_connect`]): the gateway says it took all
+/// 11 bytes, and they come back with nothing written on the stream. The
+/// stream, to go on with.
+pub fn connect_with_first_bytes_echoed(
+    env: &Env,
+    authority: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let (head, mut s) = raw_connect(env, authority, "towerctl-early: aGVsbG8gZWFybHk=\r\n");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("towerctl-early-taken: 11\r\n"), "{head}");
+    let mut got = [0u8; 11];
+    s.read_exact(&mut got)
+        .expect("the target did not get the bytes sent with the CONNECT");
+    assert_eq!(&got, b"hello early");
+    s
+}
+
 /// A TLS client configuration that trusts the hub's gateway CA.
 pub fn gateway_tls(env: &Env) -> std::sync::Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();

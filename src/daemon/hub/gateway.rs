@@ -826,15 +826,18 @@ async fn connect(
     };
     // What the client has already sent, with its CONNECT (`towerctl
     // port-forward`): into the channel's open.
+    let mut req = req;
     let given = match req.headers().get(crate::daemon::wire::EARLY_HEADER) {
         None => None,
-        // Test hook: a hub that ignores the header, as an older one does.
+        // Test hook: a hub that ignores the header, as an older one does
+        // (nor does it carry it to the hub holding the member).
         Some(_)
             if crate::tunnel::left_out_for_tests(
                 "TOWERCTL_TEST_HUB_WITHOUT",
                 crate::daemon::wire::EARLY_HEADER,
             ) =>
         {
+            req.headers_mut().remove(crate::daemon::wire::EARLY_HEADER);
             None
         }
         Some(v) => match crate::daemon::wire::decode_early(v.as_bytes()) {
@@ -923,6 +926,12 @@ impl Carried {
         self.record.phase = Some("end".into());
     }
 
+    /// Counts `n` bytes of the client's that reached the target ahead of
+    /// the stream (with the CONNECT carried to the hub holding the member).
+    pub(super) fn sent_ahead(&mut self, n: u64) {
+        self.record.bytes += n;
+    }
+
     /// Carries bytes between `client` and `upstream` until either side
     /// ends, the operator loses access or `stop`; then audits the end.
     pub(super) async fn splice<A, B>(self, client: A, mut upstream: B, stop: CancellationToken)
@@ -960,7 +969,8 @@ impl Carried {
                 tracing::info!(cluster = %self.record.cluster, operator = %self.record.operator, "a raw stream was cut: access revoked");
             }
         }
-        self.record.bytes = rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
+        // Added to what went ahead of the stream (`sent_ahead`).
+        self.record.bytes += rd.load(Ordering::Relaxed) + wr.load(Ordering::Relaxed);
         self.finish(None);
     }
 

@@ -1015,12 +1015,20 @@ pub(super) async fn forward_connect(
         }
         Some(Ok(resp)) => resp,
     };
+    // The client's first bytes that came with the CONNECT went on with it
+    // (`connect_owner`): what that hub took is said to the client, which
+    // sends the rest on the stream.
+    let taken = resp
+        .headers()
+        .get(crate::daemon::wire::EARLY_TAKEN_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     hub.tasks.spawn(async move {
         let _active = active;
         match tokio::try_join!(hyper::upgrade::on(req), hyper::upgrade::on(resp)) {
             Ok((a, b)) => {
                 let mut held = held;
                 held.opened();
+                held.sent_ahead(taken.unwrap_or(0));
                 held.splice(TokioIo::new(a), TokioIo::new(b), CancellationToken::new())
                     .await;
             }
@@ -1030,7 +1038,14 @@ pub(super) async fn forward_connect(
             }
         }
     });
-    Ok(Response::new(full(Default::default())))
+    let mut ours = Response::new(full(Default::default()));
+    if let Some(n) = taken {
+        ours.headers_mut().insert(
+            crate::daemon::wire::EARLY_TAKEN_HEADER,
+            HeaderValue::from(n),
+        );
+    }
+    Ok(ours)
 }
 
 /// A raw stream to `authority` in member `name` through the hub that holds
@@ -1094,6 +1109,12 @@ async fn connect_owner(
     }
     if let Some(a) = uri.authority() {
         out = out.header(header::HOST, a.as_str());
+    }
+    // The client's first bytes (checked by this hub already) go with it.
+    if let Some(v) = headers.get(crate::daemon::wire::EARLY_HEADER) {
+        let mut v = v.clone();
+        v.set_sensitive(true);
+        out = out.header(crate::daemon::wire::EARLY_HEADER, v);
     }
     let out = match out
         .header(FORWARDED_HEADER, c.id.as_str())
