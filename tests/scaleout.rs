@@ -291,6 +291,11 @@ fn up_on_store(env: &Env, store: &str, extra: &[&str]) -> support::Out {
 
 /// [`up_on_store`] with the tunnel listening on `listen`.
 fn up_on_store_at(env: &Env, store: &str, listen: &str, extra: &[&str]) -> support::Out {
+    support::run_bounded(up_cmd(env, store, listen, extra), Duration::from_secs(60))
+}
+
+/// The `towerctl up` of [`up_on_store_at`], to run.
+fn up_cmd(env: &Env, store: &str, listen: &str, extra: &[&str]) -> Command {
     let mut args = vec![
         "up",
         "--listen",
@@ -305,7 +310,7 @@ fn up_on_store_at(env: &Env, store: &str, listen: &str, extra: &[&str]) -> suppo
         store,
     ];
     args.extend_from_slice(extra);
-    env.towerctl(&args)
+    env.towerctl_cmd(&args)
 }
 
 fn hub_up(env: &Env, etcd: &Etcd) {
@@ -796,19 +801,7 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
     use std::io::Write as _;
     let etcd = Etcd::start();
     let hubs: [Env; 2] = hubs_on(&etcd);
-    let api = ApiServer::start();
-    join_with(
-        &hubs[1],
-        &hubs[1],
-        "beta",
-        &api,
-        &["--allow", "127.0.0.0/8"],
-    );
-    wait_for(
-        "hub 1 to see beta connected on hub 2",
-        Duration::from_secs(10),
-        || (member(&hubs[0].status(), "beta")["state"] == "connected").then_some(()),
-    );
+    let _api = beta_on_the_second_hub(&hubs);
     assert!(hubs[0].towerctl(&["use", "beta"]).ok());
     let mut cmd = hubs[0].kubectl_cmd(&["exec", "-i", "web-0", "--", "cat"]);
     cmd.stdin(Stdio::piped())
@@ -892,6 +885,55 @@ fn streams_carried_to_another_hub_are_recorded_on_both_when_they_end() {
         o.stdout.contains("is connected to hub") && o.stdout.contains("x-towerctl-forwarded-by"),
         "{o:?}"
     );
+}
+
+/// Member beta joined to the second of `hubs` (dials allowed to
+/// loopback), once the first sees it connected there; its API server.
+fn beta_on_the_second_hub(hubs: &[Env; 2]) -> ApiServer {
+    let api = ApiServer::start();
+    join_with(
+        &hubs[1],
+        &hubs[1],
+        "beta",
+        &api,
+        &["--allow", "127.0.0.0/8"],
+    );
+    wait_for(
+        "hub 1 to see beta connected on hub 2",
+        Duration::from_secs(10),
+        || (member(&hubs[0].status(), "beta")["state"] == "connected").then_some(()),
+    );
+    api
+}
+
+/// A hub carrying a CONNECT with the client's first bytes to the hub
+/// holding the member, which ignores them (an older one: test hook
+/// `TOWERCTL_TEST_HUB_WITHOUT=towerctl-early`), passes on its silence: no
+/// count in the 200, and the bytes the client then writes on the stream
+/// (as `towerctl port-forward` does) reach the target once.
+#[test]
+fn first_bytes_carried_to_a_hub_that_ignores_them_are_sent_on_the_stream() {
+    use std::io::Write as _;
+    let etcd = Etcd::start();
+    let hubs = [Env::new(), Env::new()];
+    hub_up(&hubs[0], &etcd);
+    let mut older = up_cmd(&hubs[1], &etcd.url, "127.0.0.1:0", &[]);
+    older.env("TOWERCTL_TEST_HUB_WITHOUT", "towerctl-early");
+    let o = support::run_bounded(older, Duration::from_secs(60));
+    assert!(o.ok(), "towerctl up --store failed: {o:?}");
+    let _api = beta_on_the_second_hub(&hubs);
+    let echo = support::echo_server();
+    let (head, mut s) = support::raw_connect(
+        &hubs[0],
+        &format!("127.0.0.1.beta:{echo}"),
+        "towerctl-early: aGVsbG8gZWFybHk=\r\n",
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("towerctl-early-taken"), "{head}");
+    s.write_all(b"hello early, then more").unwrap();
+    let mut got = [0u8; 22];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello early, then more");
 }
 
 /// etcd over TLS with client certificates (`--client-cert-auth`): two hubs

@@ -153,9 +153,10 @@ pub const EARLY_MAX: usize = 16 * 1024;
 /// (base64, at most [`EARLY_MAX`] decoded): the hub puts them in the
 /// channel's open ([`RawOpen`]), and a client that speaks first (HTTP) has
 /// its answer one round trip to the agent sooner. The gateway's 200 says
-/// in [`EARLY_TAKEN_HEADER`] how many it took; a hub that says nothing
-/// (an older one, or one that carried the CONNECT on to the hub holding
-/// the member) took none, and port-forward sends them on the stream.
+/// in [`EARLY_TAKEN_HEADER`] how many it took (a hub that carries the
+/// CONNECT on to the hub holding the member passes the header on and
+/// relays that hub's count); a hub that says nothing (an older one) took
+/// none, and port-forward sends them on the stream.
 pub const EARLY_HEADER: &str = "towerctl-early";
 
 /// The gateway's answer to a CONNECT with [`EARLY_HEADER`]: how many of

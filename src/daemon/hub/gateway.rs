@@ -846,17 +846,20 @@ async fn connect(
             Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
         },
     };
+    let given_len = given.as_ref().map_or(0, |b| b.len() as u64);
     let early = given.map_or(Early::None, Early::Given);
     let raw = match open_raw(&hub, operator, &cluster, &target, port, peer, shown, early).await {
         Ok(raw) => raw,
         Err(RawRefusal::Answer(code, msg)) => return text_response(code, &msg),
         Err(RawRefusal::Elsewhere(held)) => {
             // Held by another hub: carried there.
-            let held = match super::peer::forward_connect(&hub, &cluster, req, *held, active).await
-            {
-                Ok(resp) => return resp,
-                Err(held) => held,
-            };
+            let held =
+                match super::peer::forward_connect(&hub, &cluster, req, *held, active, given_len)
+                    .await
+                {
+                    Ok(resp) => return resp,
+                    Err(held) => held,
+                };
             let (code, _, msg) = no_session(&hub, &cluster);
             held.finish(Some(code));
             return text_response(code, &msg);

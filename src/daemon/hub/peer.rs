@@ -995,12 +995,15 @@ pub(super) fn not_forwarded_again(
 /// runs (it used to be neither: no record here, and only the owner's
 /// revocation cut it); `active` keeps a multiplexed client connection from
 /// counting as idle. `held` comes back when there is no owner to carry to.
+/// `early`: how many of the client's first bytes came with the CONNECT
+/// (`wire::EARLY_HEADER`, carried on with it).
 pub(super) async fn forward_connect(
     hub: &Hub,
     name: &str,
     req: Request<Incoming>,
     held: super::gateway::Carried,
     active: Arc<()>,
+    early: u64,
 ) -> Result<Response<Body>, super::gateway::Carried> {
     let auth = req
         .headers()
@@ -1015,13 +1018,14 @@ pub(super) async fn forward_connect(
         }
         Some(Ok(resp)) => resp,
     };
-    // The client's first bytes that came with the CONNECT went on with it
-    // (`connect_owner`): what that hub took is said to the client, which
-    // sends the rest on the stream.
+    // The client's first bytes that came with the CONNECT (`early` of
+    // them) went on with it (`connect_owner`): what that hub took, at most
+    // those, is said to the client, which sends the rest on the stream.
     let taken = resp
         .headers()
         .get(crate::daemon::wire::EARLY_TAKEN_HEADER)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map(|n| n.min(early));
     hub.tasks.spawn(async move {
         let _active = active;
         match tokio::try_join!(hyper::upgrade::on(req), hyper::upgrade::on(resp)) {
