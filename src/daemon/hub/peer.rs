@@ -1038,6 +1038,9 @@ pub(super) async fn forward_connect(
             }
             Err(e) => {
                 tracing::debug!("forwarded CONNECT failed: {e}");
+                // The bytes that went ahead reached the target all the same.
+                let mut held = held;
+                held.sent_ahead(taken.unwrap_or(0));
                 held.finish(Some(StatusCode::BAD_GATEWAY));
             }
         }
