@@ -1549,10 +1549,7 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
 /// port closes and its connections are cut.
 #[test]
 fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_command() {
-    let env = Env::new();
-    let api = ApiServer::start();
-    support::echo_service(&api, "web", 80);
-    connected(&env, &api, &[]);
+    let (env, _api) = echo_member();
     let gateway_port = env.gateway_port();
 
     let metrics = metrics_addr(&env);
@@ -1628,10 +1625,7 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
 /// and `towerctl port-forward alpha svc/web :80` running on this (the
 /// hub's) machine: the command and its local port.
 fn forwarding_to_an_echo_service() -> (Env, ApiServer, Streaming, u16) {
-    let env = Env::new();
-    let api = ApiServer::start();
-    support::echo_service(&api, "web", 80);
-    connected(&env, &api, &[]);
+    let (env, api) = echo_member();
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
     let port = forwarded_port(&pf);
     (env, api, pf, port)
@@ -1875,6 +1869,15 @@ fn a_hub_that_sends_no_first_bytes_in_the_open_is_answered_as_before() {
     first_writes_come_back_whole_both_ways(&env);
 }
 
+/// A member whose Service `web` (port 80) echoes, joined to a hub.
+fn echo_member() -> (Env, ApiServer) {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    connected(&env, &api, &[]);
+    (env, api)
+}
+
 /// A member whose Service `web` echoes, joined to a hub started with the
 /// test hook `TOWERCTL_TEST_HUB_WITHOUT=feature` (standing in for a hub
 /// older than the rest).
@@ -1897,10 +1900,7 @@ fn echo_member_of_a_hub_without(feature: &str) -> (Env, ApiServer) {
 #[test]
 fn first_bytes_sent_with_a_connect_reach_the_target_with_nothing_on_the_stream() {
     use std::io::{Read, Write};
-    let env = Env::new();
-    let api = ApiServer::start();
-    support::echo_service(&api, "web", 80);
-    connected(&env, &api, &[]);
+    let (env, _api) = echo_member();
     let connect = |early: &str| {
         support::raw_connect(
             &env,
@@ -1937,10 +1937,7 @@ fn first_bytes_sent_with_a_connect_reach_the_target_with_nothing_on_the_stream()
 #[test]
 fn the_port_forwards_connect_carries_what_its_client_sent_first() {
     use std::io::{Read, Write};
-    let env = Env::new();
-    let api = ApiServer::start();
-    support::echo_service(&api, "web", 80);
-    connected(&env, &api, &[]);
+    let (env, _api) = echo_member();
     let mut cmd = env.towerctl_cmd(&["-vv", "port-forward", "alpha", "svc/web", ":80"]);
     cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
     let pf = Streaming::start(cmd);

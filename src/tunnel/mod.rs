@@ -664,7 +664,16 @@ mod session_loop_tests {
         got
     }
 
-    struct Srv(tokio::sync::mpsc::UnboundedSender<usize>);
+    /// The hub's side: on a session channel opened to it, sends back what
+    /// it received (`BothWays`: [`both_ways`]) or only reads it to its end
+    /// (`Sink`), then says how much came.
+    struct Srv(tokio::sync::mpsc::UnboundedSender<usize>, Serve);
+
+    #[derive(Clone, Copy)]
+    enum Serve {
+        BothWays,
+        Sink,
+    }
 
     impl server::Handler for Srv {
         type Error = russh::Error;
@@ -680,9 +689,14 @@ mod session_loop_tests {
             _: &mut server::Session,
         ) -> Result<(), Self::Error> {
             reply.accept().await;
-            let done = self.0.clone();
+            let (done, serve) = (self.0.clone(), self.1);
+            let mut channel = channel;
             tokio::spawn(async move {
-                let _ = done.send(both_ways(channel).await);
+                let got = match serve {
+                    Serve::BothWays => both_ways(channel).await,
+                    Serve::Sink => read_to_end(&mut channel).await,
+                };
+                let _ = done.send(got);
             });
             Ok(())
         }
@@ -845,26 +859,28 @@ mod session_loop_tests {
         }
     }
 
-    /// A server session's handle and a logged-in client session over
-    /// loopback (with the tunnel's window and packet size when `tuned`),
-    /// and the counts of the client's writes ([`CountWrites`]).
-    async fn sessions(
-        tuned: bool,
-        cli: Cli,
-    ) -> (
-        server::Handle,
-        russh::client::Handle<Cli>,
-        Arc<std::sync::atomic::AtomicUsize>,
-        Arc<std::sync::atomic::AtomicUsize>,
-    ) {
+    /// A server session (serving its session channels as `serve` says)
+    /// and a logged-in client session over loopback, with the tunnel's
+    /// window and packet size when `tuned`.
+    struct Sessions {
+        hub: server::Handle,
+        client: russh::client::Handle<Cli>,
+        /// The client's writes ([`CountWrites`]).
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+        most_new: Arc<std::sync::atomic::AtomicUsize>,
+        /// What the server's session channels received.
+        served: tokio::sync::mpsc::UnboundedReceiver<usize>,
+    }
+
+    async fn sessions(tuned: bool, cli: Cli, serve: Serve) -> Sessions {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = server_config(tuned);
         let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, served) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let (unused, _) = tokio::sync::mpsc::unbounded_channel();
-            let session = server::run_stream(config, stream, Srv(unused))
+            let session = server::run_stream(config, stream, Srv(done_tx, serve))
                 .await
                 .unwrap();
             let _ = handle_tx.send(session.handle());
@@ -881,7 +897,13 @@ mod session_loop_tests {
             .await
             .unwrap();
         assert!(client.authenticate_none("t").await.unwrap().success());
-        (handle_rx.await.unwrap(), client, writes, most_new)
+        Sessions {
+            hub: handle_rx.await.unwrap(),
+            client,
+            writes,
+            most_new,
+            served,
+        }
     }
 
     #[tokio::test]
@@ -892,7 +914,13 @@ mod session_loop_tests {
         // answer in the next, two writes and two wake-ups of the hub per
         // connection. The loop's branch picked among ready ones is random,
         // so many opens are tried: each had an even chance to split.
-        let (hub, _client, writes, _) = sessions(false, Cli::Answer).await;
+        // The client's handle is kept: dropped, it would end its session.
+        let Sessions {
+            hub,
+            client: _client,
+            writes,
+            ..
+        } = sessions(false, Cli::Answer, Serve::BothWays).await;
         let mut split = 0;
         for i in 0..24u32 {
             let before = writes.load(std::sync::atomic::Ordering::Relaxed);
@@ -920,32 +948,6 @@ mod session_loop_tests {
             split, 0,
             "the confirmation and the answer after it left in two writes in {split} of 24 opens"
         );
-    }
-
-    /// Reads the first channel opened to it to its end and says how much
-    /// came.
-    struct Sink(tokio::sync::mpsc::UnboundedSender<usize>);
-
-    impl server::Handler for Sink {
-        type Error = russh::Error;
-
-        async fn auth_none(&mut self, _: &str) -> Result<server::Auth, Self::Error> {
-            Ok(server::Auth::Accept)
-        }
-
-        async fn channel_open_session(
-            &mut self,
-            mut channel: Channel<server::Msg>,
-            reply: server::ChannelOpenHandle,
-            _: &mut server::Session,
-        ) -> Result<(), Self::Error> {
-            reply.accept().await;
-            let done = self.0.clone();
-            tokio::spawn(async move {
-                let _ = done.send(read_to_end(&mut channel).await);
-            });
-            Ok(())
-        }
     }
 
     /// How many data bytes come on `ch` before its end.
@@ -996,7 +998,12 @@ mod session_loop_tests {
     /// client loop's inbound-channel batch).
     #[tokio::test]
     async fn the_agent_writes_in_quarter_mib_turns_on_channels_the_hub_opens_too() {
-        let (hub, _client, _, most) = sessions(true, Cli::Bulk).await;
+        let Sessions {
+            hub,
+            client: _client,
+            most_new: most,
+            ..
+        } = sessions(true, Cli::Bulk, Serve::Sink).await;
         let got = tokio::time::timeout(Duration::from_secs(30), async {
             let mut ch = hub
                 .channel_open_forwarded_tcpip("target", 1, "origin", 0)
@@ -1020,27 +1027,12 @@ mod session_loop_tests {
         // to 256 KiB from a splice read; a channel writer's, as here, up to
         // a packet) is new in a write. With a 1 MiB turn this wrote 512 KiB
         // at a time (its queue holds no more).
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = server_config(true);
-        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            if let Ok(session) = server::run_stream(config, stream, Sink(done_tx)).await {
-                let _ = session.await;
-            }
-        });
-        let stream = CountWrites::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-        let most = stream.most_new.clone();
-        let config = Arc::new(russh::client::Config {
-            window_size: super::WINDOW_SIZE,
-            maximum_packet_size: super::MAX_PACKET,
-            ..Default::default()
-        });
-        let mut client = russh::client::connect_stream(config, stream, Cli::Answer)
-            .await
-            .unwrap();
-        assert!(client.authenticate_none("t").await.unwrap().success());
+        let Sessions {
+            client,
+            most_new: most,
+            served: mut done,
+            ..
+        } = sessions(true, Cli::Answer, Serve::Sink).await;
         let ch = client.channel_open_session().await.unwrap();
         let sent = tokio::time::timeout(Duration::from_secs(30), async {
             write_sent(&ch).await;
@@ -1065,7 +1057,7 @@ mod session_loop_tests {
         let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let session = server::run_stream(config, stream, Srv(done_tx)).await;
+            let session = server::run_stream(config, stream, Srv(done_tx, Serve::BothWays)).await;
             if let Ok(session) = session {
                 let _ = session.await;
             }
