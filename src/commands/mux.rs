@@ -110,7 +110,6 @@ impl Mux {
     /// pass through a proxy that terminates TLS and logs headers: there it
     /// is written on the stream.
     pub async fn open(&self, authority: &str, first: &[u8]) -> Result<Box<dyn Stream>> {
-        use tokio::io::AsyncWriteExt;
         // A second try only when the shared connection turned out dead
         // before the gateway took the stream (closed while idle). Not once
         // a CONNECT with the client's bytes was handed to the connection:
@@ -120,11 +119,7 @@ impl Mux {
         for attempt in 0..2 {
             let Some(mut sender) = self.sender().await? else {
                 let mut tls = connect_tunnel(&self.gw, &self.token, authority).await?;
-                if !first.is_empty() {
-                    tls.write_all(first)
-                        .await
-                        .context("the stream through the gateway broke at once")?;
-                }
+                write_first(&mut tls, first).await?;
                 return Ok(Box::new(tls));
             };
             let mut req = http::Request::connect(authority).header(
@@ -176,11 +171,7 @@ impl Mux {
                         .await
                         .context("the gateway did not open the stream")?,
                 );
-                if taken < first.len() {
-                    up.write_all(&first[taken..])
-                        .await
-                        .context("the stream through the gateway broke at once")?;
-                }
+                write_first(&mut up, &first[taken..]).await?;
                 return Ok(Box::new(up));
             }
             let body = tokio::time::timeout(
@@ -200,4 +191,16 @@ impl Mux {
         }
         bail!("the gateway closed the connection twice in a row; is the hub restarting?")
     }
+}
+
+/// Writes the client's first bytes (those the gateway did not take) on a
+/// fresh stream, ahead of anything else.
+async fn write_first<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, first: &[u8]) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !first.is_empty() {
+        s.write_all(first)
+            .await
+            .context("the stream through the gateway broke at once")?;
+    }
+    Ok(())
 }

@@ -165,19 +165,24 @@ pub const EARLY_TAKEN_HEADER: &str = "towerctl-early-taken";
 
 /// The bytes of an [`EARLY_HEADER`] value, or why there are none to take.
 pub fn decode_early(value: &[u8]) -> Result<Vec<u8>, String> {
-    use base64::Engine;
     if value.len() > EARLY_MAX.div_ceil(3) * 4 {
         return Err(format!(
             "the {EARLY_HEADER} header carries more than {EARLY_MAX} bytes; send the rest on the stream"
         ));
     }
+    early_bytes(value).ok_or_else(|| {
+        format!("the {EARLY_HEADER} header is not base64 of at most {EARLY_MAX} bytes")
+    })
+}
+
+/// Base64 of at most [`EARLY_MAX`] bytes, decoded (in the header and in
+/// the open alike).
+fn early_bytes(b64: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
     base64::engine::general_purpose::STANDARD
-        .decode(value)
+        .decode(b64)
         .ok()
         .filter(|b| b.len() <= EARLY_MAX)
-        .ok_or_else(|| {
-            format!("the {EARLY_HEADER} header is not base64 of at most {EARLY_MAX} bytes")
-        })
 }
 
 /// An [`EARLY_HEADER`] value for `bytes` (at most [`EARLY_MAX`]).
@@ -232,10 +237,7 @@ impl RawOpen {
 
     /// Carries `bytes` (at most [`EARLY_MAX`]) as the client's first bytes.
     pub fn set_early(&mut self, bytes: &[u8]) {
-        use base64::Engine;
-        debug_assert!(bytes.len() <= EARLY_MAX);
-        self.early =
-            (!bytes.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(bytes));
+        self.early = (!bytes.is_empty()).then(|| encode_early(bytes));
         self.decoded = bytes.to_vec();
     }
 
@@ -262,7 +264,6 @@ impl RawOpen {
     /// (no user, bytes that are not base64 or more than [`EARLY_MAX`]): its
     /// stream is refused, as its first bytes would be lost.
     pub fn decode(s: &str) -> Result<Option<RawOpen>, &'static str> {
-        use base64::Engine;
         let Some(json) = s.strip_prefix(IDENTITY_PREFIX) else {
             return Ok(None);
         };
@@ -275,10 +276,8 @@ impl RawOpen {
             return Err("the stream's open from the hub names no operator");
         }
         if let Some(e) = &open.early {
-            match base64::engine::general_purpose::STANDARD.decode(e) {
-                Ok(b) if b.len() <= EARLY_MAX => open.decoded = b,
-                _ => return Err("the client's first bytes in the stream's open are not valid"),
-            }
+            open.decoded = early_bytes(e.as_bytes())
+                .ok_or("the client's first bytes in the stream's open are not valid")?;
         }
         Ok(Some(open))
     }

@@ -807,6 +807,19 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     )
 }
 
+/// Test hook (`TOWERCTL_TEST_HUB_WITHOUT=towerctl-early`): the hub ignores
+/// the first bytes sent with a CONNECT, as an older one does. Read once,
+/// not on every CONNECT.
+fn ignores_early_for_tests() -> bool {
+    static IGNORES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IGNORES.get_or_init(|| {
+        crate::tunnel::left_out_for_tests(
+            "TOWERCTL_TEST_HUB_WITHOUT",
+            crate::daemon::wire::EARLY_HEADER,
+        )
+    })
+}
+
 /// HTTP CONNECT: a raw byte stream to a target in a member, named
 /// `NAME.NS.svc.CLUSTER:PORT` (or `.pod.`, `.deploy.`, or `HOST.CLUSTER`),
 /// subject to the agent's dial policy.
@@ -831,12 +844,7 @@ async fn connect(
         None => None,
         // Test hook: a hub that ignores the header, as an older one does
         // (nor does it carry it to the hub holding the member).
-        Some(_)
-            if crate::tunnel::left_out_for_tests(
-                "TOWERCTL_TEST_HUB_WITHOUT",
-                crate::daemon::wire::EARLY_HEADER,
-            ) =>
-        {
+        Some(_) if ignores_early_for_tests() => {
             req.headers_mut().remove(crate::daemon::wire::EARLY_HEADER);
             None
         }
