@@ -604,6 +604,15 @@ pub fn echo_server() -> u16 {
     port
 }
 
+/// Minor page faults process `pid` has taken so far (`/proc/PID/stat`).
+pub fn minor_faults(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, which may hold spaces and parentheses:
+    // state is the 3rd field, minflt the 10th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(7).unwrap().parse().unwrap()
+}
+
 /// Sends `msg` on `c` and reads it back.
 pub fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
     use std::io::{Read, Write};
