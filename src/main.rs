@@ -12,14 +12,16 @@ mod tunnel;
 
 use std::process::ExitCode;
 
-/// The async runtime. Daemons on small machines run on one thread: every
-/// request crosses several tasks (gateway connection, SSH session, channel,
-/// upstream pool), and on 2 cores shared with the other daemon and the
-/// clients, handing those between worker threads costs more than a second
-/// worker gains — measured here with wrk through the gateway: 17k → 22k
-/// requests/s, p99 2.1 → 1.3 ms. `TOWERCTL_WORKER_THREADS=N` overrides it
-/// (1 = single-threaded); the CLI and the dashboard keep the default pool.
-fn runtime(daemon: bool) -> std::io::Result<tokio::runtime::Runtime> {
+/// The async runtime. Daemons and port-forwards on small machines run on
+/// one thread: every request crosses several tasks (gateway connection,
+/// SSH session, channel, upstream pool), and on 2 cores shared with the
+/// other processes on the path and the clients, handing those between
+/// worker threads costs more than a second worker gains — measured here
+/// with wrk through the gateway: 17k → 22k requests/s, p99 2.1 → 1.3 ms;
+/// through `towerctl port-forward` via the gateway 22–24k → 25–29k.
+/// `TOWERCTL_WORKER_THREADS=N` overrides it (1 = single-threaded); the
+/// other commands and the dashboard keep the default pool.
+fn runtime(carries_bulk: bool, daemon: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -27,10 +29,7 @@ fn runtime(daemon: bool) -> std::io::Result<tokio::runtime::Runtime> {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0);
-    let single = match workers {
-        Some(n) => n == 1,
-        None => daemon && cores <= 2,
-    };
+    let single = single_threaded(carries_bulk, cores, workers);
     let mut b = if single {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -49,6 +48,15 @@ fn runtime(daemon: bool) -> std::io::Result<tokio::runtime::Runtime> {
         b.max_blocking_threads(16);
     }
     b.enable_all().build()
+}
+
+/// Whether the runtime runs on one thread: as `TOWERCTL_WORKER_THREADS`
+/// (`workers`) says, else for a process carrying bulk on up to 2 cores.
+fn single_threaded(carries_bulk: bool, cores: usize, workers: Option<usize>) -> bool {
+    match workers {
+        Some(n) => n == 1,
+        None => carries_bulk && cores <= 2,
+    }
 }
 
 fn init_logging(verbose: u8, daemon: bool) {
@@ -171,7 +179,7 @@ fn main() -> ExitCode {
         // Bulk buffers kept while it works, returned when it is quiet.
         daemon::memory::tune();
     }
-    let rt = match runtime(is_daemon) {
+    let rt = match runtime(carries_bulk, is_daemon) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -190,5 +198,26 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(commands::error::exit_code(&e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::single_threaded;
+
+    #[test]
+    fn processes_carrying_bulk_run_on_one_thread_on_small_machines() {
+        assert!(single_threaded(true, 1, None));
+        assert!(single_threaded(true, 2, None));
+        assert!(!single_threaded(true, 4, None), "more cores: the pool");
+        assert!(!single_threaded(false, 2, None), "other commands: the pool");
+        assert!(
+            single_threaded(false, 8, Some(1)),
+            "TOWERCTL_WORKER_THREADS=1"
+        );
+        assert!(
+            !single_threaded(true, 2, Some(2)),
+            "TOWERCTL_WORKER_THREADS=2"
+        );
     }
 }
