@@ -173,7 +173,7 @@ fn main() -> ExitCode {
     // Processes that carry bulk for their life: the daemons, and a
     // port-forward, which through the gateway is one of the three on the
     // path (it took ~190,000 page faults per GiB downloaded with the
-    // allocator's defaults, a third of its CPU).
+    // allocator's defaults, about a third of its CPU).
     let carries_bulk = is_daemon || matches!(cli.command, commands::Command::PortForward { .. });
     if carries_bulk {
         // Bulk buffers kept while it works, returned when it is quiet.

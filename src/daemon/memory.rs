@@ -10,7 +10,8 @@
 //! about 74,000 page faults per GiB and the hub 10,000–17,000, a tenth of
 //! the agent's CPU; `towerctl port-forward` through the gateway, whose
 //! HTTP/2 reads run ahead of its client by up to a stream's window, took
-//! ~190,000 per GiB, a third of its CPU. [`tune`] lets a daemon keep up to [`KEEP_FREE`] at the
+//! ~190,000 per GiB downloaded, about a third of its CPU. [`tune`] lets a
+//! daemon (and the port-forward) keep up to [`KEEP_FREE`] at the
 //! top of each heap while it works (and sends only allocations of
 //! [`MMAP_FROM`] or more to their own mappings); [`trimmer`] gives what is
 //! held back once a daemon has gone quiet (or at least every
