@@ -2037,6 +2037,59 @@ fn a_port_forward_through_the_gateway_carries_bulk_without_faulting_its_buffers_
     );
 }
 
+/// A terminal that stops taking the port-forward's output (paused with
+/// Ctrl-S, a pipe nobody reads) does not stop the forward: its lines wait
+/// or are counted, and connections go on being carried. A `println!` per
+/// connection in the accept loop stopped every connection once the pipe
+/// was full (here after ~140 connections).
+#[test]
+fn a_port_forward_whose_terminal_takes_no_output_goes_on_forwarding() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let (env, _api) = echo_member();
+    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut pf = Killed(cmd.spawn().unwrap());
+    let mut out = pf.0.stdout.take().unwrap();
+    // The smallest pipe there is (a page): ~140 lines fill it.
+    // SAFETY: fcntl on a pipe descriptor this process owns.
+    let size = unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(
+        size >= 4096,
+        "F_SETPIPE_SZ: {}",
+        std::io::Error::last_os_error()
+    );
+    // "Forwarding from 127.0.0.1:PORT -> 80", and nothing read after it.
+    let mut first = Vec::new();
+    let mut b = [0u8; 1];
+    while first.last() != Some(&b'\n') {
+        assert_eq!(out.read(&mut b).unwrap(), 1, "{first:?}");
+        first.push(b[0]);
+    }
+    let first = String::from_utf8(first).unwrap();
+    let port: u16 = first
+        .split_once("127.0.0.1:")
+        .and_then(|(_, r)| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {first:?}"));
+    for i in 0..400 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        support::echo(&mut c, &format!("connection {i}\n"))
+            .unwrap_or_else(|e| panic!("connection {i} with the output unread: {e}"));
+    }
+    drop(out);
+}
+
 /// [`first_writes_come_back_whole`] through `towerctl port-forward alpha
 /// svc/web` carried by the hub, then through the gateway's CONNECT.
 fn first_writes_come_back_whole_both_ways(env: &Env) {
