@@ -17,16 +17,17 @@ use super::mux::Mux;
 use super::usectx::Source;
 use crate::daemon::targets::Target;
 
-/// Lines a terminal that stops taking output may have waiting for it.
-const CONSOLE_LINES: usize = 1024;
+/// Writes that may wait for a terminal that stops taking output.
+const CONSOLE_WAITING: usize = 1024;
 
 /// The operator's terminal, written from a thread of its own. A terminal
 /// that stops taking output (paused with Ctrl-S, a pipe nobody reads)
 /// holds that thread only: the forwarded connections go on. A `println!`
 /// per accepted connection in the accept loop stopped every connection of
 /// the forward once the pipe was full (the process runs them on one thread
-/// on small machines). Up to [`CONSOLE_LINES`] writes wait; past that they
-/// are counted, and the count is said once the terminal takes output again.
+/// on small machines). Up to [`CONSOLE_WAITING`] writes wait; past that their
+/// lines are counted, and the count is said once the terminal takes output
+/// again. Not `println!`, which also panics on a closed pipe.
 struct Console {
     tx: Option<std::sync::mpsc::SyncSender<(Dest, String)>>,
     lost: Arc<std::sync::atomic::AtomicU64>,
@@ -40,7 +41,7 @@ enum Dest {
 
 impl Console {
     fn start() -> Console {
-        Console::writing_with(CONSOLE_LINES, write_to)
+        Console::writing_with(CONSOLE_WAITING, write_to)
     }
 
     /// A console whose thread writes with `write`, `waiting` writes held
