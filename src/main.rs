@@ -59,7 +59,11 @@ fn single_threaded(carries_bulk: bool, cores: usize, workers: Option<usize>) -> 
     }
 }
 
-fn init_logging(verbose: u8, daemon: bool) {
+/// Logging to the daemon's own file (started in the background), else to
+/// stderr: through the console's queue (`daemon::console`) in a process
+/// carrying connections (`queued`), whose work must not wait for a reader
+/// of stderr that stopped taking output.
+fn init_logging(verbose: u8, daemon: bool, queued: bool) {
     let default = match (verbose, daemon) {
         (0, false) => "warn",
         (0, true) | (1, _) => "info",
@@ -82,6 +86,9 @@ fn init_logging(verbose: u8, daemon: bool) {
     let _ = match log_file {
         Some(path) => fmt
             .with_writer(crate::daemon::logfile::Rotating::new(path.into()))
+            .try_init(),
+        None if queued => fmt
+            .with_writer(crate::daemon::console::QueuedStderr)
             .try_init(),
         None => fmt.with_writer(std::io::stderr).try_init(),
     };
@@ -159,10 +166,15 @@ fn main() -> ExitCode {
         cli.command,
         commands::Command::Hub(_) | commands::Command::Agent(_)
     );
+    // Processes that carry connections for their life: the daemons, and a
+    // port-forward, which through the gateway is one of the three on the
+    // path (it took ~190,000 page faults per GiB downloaded with the
+    // allocator's defaults, about a third of its CPU).
+    let carries_bulk = is_daemon || matches!(cli.command, commands::Command::PortForward { .. });
     // The dashboard owns the screen: a log line on stderr would be drawn
     // over it, so it logs nothing.
     if !matches!(cli.command, commands::Command::Ui(_)) {
-        init_logging(cli.verbose, is_daemon);
+        init_logging(cli.verbose, is_daemon, carries_bulk);
     }
     // Daemons this command starts in the background log as verbosely.
     daemon::process::set_verbosity(cli.verbose);
@@ -170,11 +182,6 @@ fn main() -> ExitCode {
     // stray feature elsewhere in the tree can never make TLS set-up panic.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    // Processes that carry bulk for their life: the daemons, and a
-    // port-forward, which through the gateway is one of the three on the
-    // path (it took ~190,000 page faults per GiB downloaded with the
-    // allocator's defaults, about a third of its CPU).
-    let carries_bulk = is_daemon || matches!(cli.command, commands::Command::PortForward { .. });
     if carries_bulk {
         // Bulk buffers kept while it works, returned when it is quiet.
         daemon::memory::tune();
@@ -189,7 +196,12 @@ fn main() -> ExitCode {
     if carries_bulk {
         rt.spawn(daemon::memory::trimmer());
     }
-    match rt.block_on(commands::run(cli)) {
+    let result = rt.block_on(commands::run(cli));
+    if carries_bulk {
+        // What it logged last (why it stops) is written before it exits.
+        daemon::console::drain(std::time::Duration::from_secs(1));
+    }
+    match result {
         Ok(code) => ExitCode::from(code),
         // Output piped into something that stopped reading (`| head`): a
         // quiet end, as the print macros get from the panic hook above.

@@ -47,6 +47,27 @@ fn connected_with_env(
     join
 }
 
+/// `agent run alpha` as a container runs it: against the hub of `join`
+/// (the printed join command), with the key and member kubeconfig that
+/// `connected` left in `env`, and `extra` flags.
+fn agent_run(env: &Env, join: &[String], extra: &[&str]) -> Vec<String> {
+    let after = |flag: &str| join[join.iter().position(|a| a == flag).unwrap() + 1].clone();
+    let path = |p: &str| env.path(p).to_str().unwrap().to_string();
+    let mut args: Vec<String> = ["agent", "run", "alpha", "--hub"].map(String::from).into();
+    args.extend([after("--hub"), "--hub-key".into(), after("--hub-key")]);
+    args.extend([
+        "--key-file".into(),
+        path("config/towerctl/agents/alpha.key"),
+    ]);
+    args.extend(["--kubeconfig".into(), path("member.kubeconfig")]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn kubectl_reaches_the_member_through_the_tunnel() {
     let env = Env::new();
@@ -555,24 +576,8 @@ fn several_agents_per_machine_and_a_new_session_replaces_the_old() {
         .unwrap()
         .to_string();
     let other = Env::new();
-    let key = env.path("config/towerctl/agents/alpha.key");
-    let hub_url = &alpha_join[alpha_join.iter().position(|a| a == "--hub").unwrap() + 1];
-    let hub_key = &alpha_join[alpha_join.iter().position(|a| a == "--hub-key").unwrap() + 1];
-    let member_kc = env.path("member.kubeconfig");
-    let args = [
-        "agent",
-        "run",
-        "alpha",
-        "--hub",
-        hub_url,
-        "--hub-key",
-        hub_key,
-        "--key-file",
-        key.to_str().unwrap(),
-        "--kubeconfig",
-        member_kc.to_str().unwrap(),
-    ];
-    let second = Streaming::start(other.towerctl_cmd(&args));
+    let args = agent_run(&env, &alpha_join, &[]);
+    let second = Streaming::start(other.towerctl_cmd(&strs(&args)));
     wait_for(
         "the hub to switch to the new session",
         Duration::from_secs(15),
@@ -2041,39 +2046,19 @@ fn a_port_forward_through_the_gateway_carries_bulk_without_faulting_its_buffers_
 /// Ctrl-S, a pipe nobody reads) does not stop the forward: its lines wait
 /// or are counted, and connections go on being carried. A `println!` per
 /// connection in the accept loop stopped every connection once the pipe
-/// was full (here after ~140 connections).
+/// was full (here at the 135th connection).
 #[test]
 fn a_port_forward_whose_terminal_takes_no_output_goes_on_forwarding() {
     use std::io::Read;
-    use std::os::fd::AsRawFd;
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let (env, _api) = echo_member();
     let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
-    cmd.env("TOWERCTL_FORWARD_VIA", "gateway")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut pf = Killed(cmd.spawn().unwrap());
-    let mut out = pf.0.stdout.take().unwrap();
-    // The smallest pipe there is (a page): ~140 lines fill it.
-    // SAFETY: fcntl on a pipe descriptor this process owns.
-    let size = unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
-    assert!(
-        size >= 4096,
-        "F_SETPIPE_SZ: {}",
-        std::io::Error::last_os_error()
-    );
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let mut pf = Unread::spawn(cmd, Unread::STDOUT);
     // "Forwarding from 127.0.0.1:PORT -> 80", and nothing read after it.
     let mut first = Vec::new();
     let mut b = [0u8; 1];
     while first.last() != Some(&b'\n') {
-        assert_eq!(out.read(&mut b).unwrap(), 1, "{first:?}");
+        assert_eq!(pf.pipe.read(&mut b).unwrap(), 1, "{first:?}");
         first.push(b[0]);
     }
     let first = String::from_utf8(first).unwrap();
@@ -2081,13 +2066,97 @@ fn a_port_forward_whose_terminal_takes_no_output_goes_on_forwarding() {
         .split_once("127.0.0.1:")
         .and_then(|(_, r)| r.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no port in {first:?}"));
-    for i in 0..400 {
+    echo_connections(port, 400, "the port-forward's output unread");
+}
+
+/// An agent run in the foreground (a container, systemd) logs to stderr;
+/// when nothing takes that output any more (a container runtime on a full
+/// disk), its tunnel goes on: the lines wait or are counted. Logged with
+/// writes on stderr, it stopped at the first line past the pipe's room,
+/// and every connection of the member with it.
+#[test]
+fn a_foreground_agent_whose_stderr_takes_no_output_goes_on_carrying() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    support::echo_service(&api, "web", 80);
+    let join = connected(&env, &api, &[]);
+    env.kill9("agent-alpha");
+    let down = |want: &str| {
+        wait_for(
+            &format!("alpha to be {want}"),
+            Duration::from_secs(20),
+            || (env.status()["hub"]["clusters"][0]["state"] == want).then_some(()),
+        )
+    };
+    down("disconnected");
+    let other = Env::new();
+    let args = agent_run(&env, &join, &["--allow", "127.0.0.0/8"]);
+    let mut cmd = other.towerctl_cmd(&strs(&args));
+    // Every line it can log: the pipe is full within its login.
+    cmd.env("RUST_LOG", "trace");
+    let _agent = Unread::spawn(cmd, Unread::STDERR);
+    down("connected");
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
+    echo_connections(forwarded_port(&pf), 200, "the agent's stderr unread");
+}
+
+/// A child whose stdout or stderr is a pipe of a page (the smallest there
+/// is) that the test does not read beyond what it asks; killed on drop.
+struct Unread {
+    child: std::process::Child,
+    pipe: Box<dyn std::io::Read>,
+}
+
+impl Unread {
+    const STDOUT: bool = true;
+    const STDERR: bool = false;
+
+    fn spawn(mut cmd: std::process::Command, stdout: bool) -> Unread {
+        use std::os::fd::AsRawFd;
+        use std::process::Stdio;
+        cmd.stdin(Stdio::null());
+        if stdout {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (pipe, fd): (Box<dyn std::io::Read>, _) = if stdout {
+            let p = child.stdout.take().unwrap();
+            let fd = p.as_raw_fd();
+            (Box::new(p), fd)
+        } else {
+            let p = child.stderr.take().unwrap();
+            let fd = p.as_raw_fd();
+            (Box::new(p), fd)
+        };
+        // SAFETY: fcntl on a pipe descriptor this process owns.
+        let size = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096) };
+        assert!(
+            size >= 4096,
+            "F_SETPIPE_SZ: {}",
+            std::io::Error::last_os_error()
+        );
+        Unread { child, pipe }
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `n` connections to the echo target behind local `port`, one after
+/// another, each answered within 10 s.
+fn echo_connections(port: u16, n: usize, while_: &str) {
+    for i in 0..n {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         support::echo(&mut c, &format!("connection {i}\n"))
-            .unwrap_or_else(|e| panic!("connection {i} with the output unread: {e}"));
+            .unwrap_or_else(|e| panic!("connection {i} with {while_}: {e}"));
     }
-    drop(out);
 }
 
 /// [`first_writes_come_back_whole`] through `towerctl port-forward alpha

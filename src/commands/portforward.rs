@@ -15,94 +15,8 @@ use super::exit;
 use super::https::{GatewayClient, Trust};
 use super::mux::Mux;
 use super::usectx::Source;
+use crate::daemon::console::{console, Dest};
 use crate::daemon::targets::Target;
-
-/// Writes that may wait for a terminal that stops taking output.
-const CONSOLE_WAITING: usize = 1024;
-
-/// The operator's terminal, written from a thread of its own. A terminal
-/// that stops taking output (paused with Ctrl-S, a pipe nobody reads)
-/// holds that thread only: the forwarded connections go on. A `println!`
-/// per accepted connection in the accept loop stopped every connection of
-/// the forward once the pipe was full (the process runs them on one thread
-/// on small machines). Up to [`CONSOLE_WAITING`] writes wait; past that their
-/// lines are counted, and the count is said once the terminal takes output
-/// again. Not `println!`, which also panics on a closed pipe.
-struct Console {
-    tx: Option<std::sync::mpsc::SyncSender<(Dest, String)>>,
-    lost: Arc<std::sync::atomic::AtomicU64>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Dest {
-    Out,
-    Err,
-}
-
-impl Console {
-    fn start() -> Console {
-        Console::writing_with(CONSOLE_WAITING, write_to)
-    }
-
-    /// A console whose thread writes with `write`, `waiting` writes held
-    /// while it is busy.
-    fn writing_with(waiting: usize, mut write: impl FnMut(Dest, &str) + Send + 'static) -> Console {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Dest, String)>(waiting);
-        let lost = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = lost.clone();
-        let spawned = std::thread::Builder::new()
-            .name("console".into())
-            .spawn(move || {
-                for (dest, text) in rx {
-                    let n = counted.swap(0, std::sync::atomic::Ordering::Relaxed);
-                    if n > 0 {
-                        write(
-                            Dest::Err,
-                            &format!("note: {n} lines of output were left out while the terminal took none\n"),
-                        );
-                    }
-                    write(dest, &text);
-                }
-            });
-        Console {
-            // Without the thread, lines are written where they are made.
-            tx: spawned.ok().map(|_| tx),
-            lost,
-        }
-    }
-
-    /// Writes `text` (whole lines) to `dest` without waiting for the
-    /// terminal.
-    fn say(&self, dest: Dest, text: String) {
-        match &self.tx {
-            Some(tx) => {
-                use std::sync::mpsc::TrySendError;
-                if let Err(TrySendError::Full((_, text)) | TrySendError::Disconnected((_, text))) =
-                    tx.try_send((dest, text))
-                {
-                    let lines = text.lines().count().max(1) as u64;
-                    self.lost
-                        .fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            None => write_to(dest, &text),
-        }
-    }
-}
-
-fn write_to(dest: Dest, text: &str) {
-    use std::io::Write as _;
-    let _ = match dest {
-        Dest::Out => std::io::stdout().lock().write_all(text.as_bytes()),
-        Dest::Err => std::io::stderr().lock().write_all(text.as_bytes()),
-    };
-}
-
-/// The process's [`Console`], started on first use.
-fn console() -> &'static Console {
-    static CONSOLE: std::sync::OnceLock<Console> = std::sync::OnceLock::new();
-    CONSOLE.get_or_init(Console::start)
-}
 
 /// A `[LOCAL:]REMOTE` pair; local 0 picks a free port.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -524,54 +438,6 @@ async fn accept_loop(l: &TcpListener, gateway: Arc<Mux>, authority: &str, remote
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Writes a console cannot take while its terminal is held are
-    /// counted, never waited for, and the count is said when the terminal
-    /// takes output again.
-    #[test]
-    fn a_held_terminal_costs_lines_never_a_wait() {
-        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let written = Arc::new(std::sync::Mutex::new(Vec::<(Dest, String)>::new()));
-        let w = written.clone();
-        let mut first = true;
-        let console = Console::writing_with(2, move |dest, text| {
-            if std::mem::take(&mut first) {
-                // The terminal holds the first write until released.
-                entered_tx.send(()).unwrap();
-                released.recv().unwrap();
-            }
-            w.lock().unwrap().push((dest, text.to_string()));
-        });
-        console.say(Dest::Out, "line 0\n".into());
-        entered.recv().unwrap();
-        // Two wait; the rest are left out, and say() returned for each.
-        for i in 1..9 {
-            console.say(Dest::Out, format!("line {i}\n"));
-        }
-        // Counted by lines, however many a write holds.
-        console.say(Dest::Out, "line 9\nline 10\n".into());
-        assert_eq!(console.lost.load(std::sync::atomic::Ordering::Relaxed), 8);
-        release.send(()).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while written.lock().unwrap().len() < 4 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let got = written.lock().unwrap().clone();
-        let line = |d: Dest, t: &str| (d, t.to_string());
-        assert_eq!(
-            got,
-            [
-                line(Dest::Out, "line 0\n"),
-                line(
-                    Dest::Err,
-                    "note: 8 lines of output were left out while the terminal took none\n"
-                ),
-                line(Dest::Out, "line 1\n"),
-                line(Dest::Out, "line 2\n"),
-            ]
-        );
-    }
 
     #[test]
     fn ports() {
