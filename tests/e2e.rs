@@ -2066,7 +2066,12 @@ fn a_port_forward_whose_terminal_takes_no_output_goes_on_forwarding() {
         .split_once("127.0.0.1:")
         .and_then(|(_, r)| r.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no port in {first:?}"));
-    echo_connections(port, 400, "the port-forward's output unread");
+    // Three pipes' worth of its ~30-byte lines.
+    echo_connections(
+        port,
+        400.max(pf.size / 10),
+        "the port-forward's output unread",
+    );
 }
 
 /// An agent run in the foreground (a container, systemd) logs to stderr;
@@ -2094,17 +2099,24 @@ fn a_foreground_agent_whose_stderr_takes_no_output_goes_on_carrying() {
     let mut cmd = other.towerctl_cmd(&strs(&args));
     // Every line it can log: the pipe is full within its login.
     cmd.env("RUST_LOG", "trace");
-    let _agent = Unread::spawn(cmd, Unread::STDERR);
+    let agent = Unread::spawn(cmd, Unread::STDERR);
     down("connected");
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
-    echo_connections(forwarded_port(&pf), 200, "the agent's stderr unread");
+    // Each connection logs a few hundred bytes at least.
+    echo_connections(
+        forwarded_port(&pf),
+        200.max(agent.size / 100),
+        "the agent's stderr unread",
+    );
 }
 
 /// A child whose stdout or stderr is a pipe of a page (the smallest there
-/// is) that the test does not read beyond what it asks; killed on drop.
+/// is; its size in `size`), made so before the child starts, that the test
+/// does not read beyond what it asks; killed on drop.
 struct Unread {
     child: std::process::Child,
-    pipe: Box<dyn std::io::Read>,
+    pipe: std::fs::File,
+    size: usize,
 }
 
 impl Unread {
@@ -2112,32 +2124,38 @@ impl Unread {
     const STDERR: bool = false;
 
     fn spawn(mut cmd: std::process::Command, stdout: bool) -> Unread {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::{FromRawFd, OwnedFd};
         use std::process::Stdio;
-        cmd.stdin(Stdio::null());
-        if stdout {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::null());
-        } else {
-            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        }
-        let mut child = cmd.spawn().unwrap();
-        let (pipe, fd): (Box<dyn std::io::Read>, _) = if stdout {
-            let p = child.stdout.take().unwrap();
-            let fd = p.as_raw_fd();
-            (Box::new(p), fd)
-        } else {
-            let p = child.stderr.take().unwrap();
-            let fd = p.as_raw_fd();
-            (Box::new(p), fd)
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors, each handed to one
+        // owner below; fcntl on a descriptor of that pipe.
+        let (read, write, size) = unsafe {
+            assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            let size = libc::fcntl(fds[0], libc::F_SETPIPE_SZ, 4096);
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+                size,
+            )
         };
-        // SAFETY: fcntl on a pipe descriptor this process owns.
-        let size = unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, 4096) };
         assert!(
             size >= 4096,
             "F_SETPIPE_SZ: {}",
             std::io::Error::last_os_error()
         );
-        Unread { child, pipe }
+        cmd.stdin(Stdio::null());
+        if stdout {
+            cmd.stdout(Stdio::from(write)).stderr(Stdio::null());
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::from(write));
+        }
+        // The write end is the child's alone once `cmd` is dropped here.
+        let child = cmd.spawn().unwrap();
+        Unread {
+            child,
+            pipe: read,
+            size: size as usize,
+        }
     }
 }
 

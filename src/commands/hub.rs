@@ -146,9 +146,14 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
             s.tunnel_addr, s.gateway_addr
         ));
         if std::env::var_os(process::DAEMON_ENV).is_none() {
-            eprintln!(
-                "hub ready: tunnel {} ({}), gateway {} ({}), hub key {}",
-                s.tunnel_addr, s.tunnel_url, s.gateway_addr, s.gateway_url, s.hub_key
+            // Through the console's queue, as the log: a stderr nobody
+            // takes must not stop the hub at its readiness.
+            crate::daemon::console::console().say(
+                crate::daemon::console::Dest::Err,
+                format!(
+                    "hub ready: tunnel {} ({}), gateway {} ({}), hub key {}\n",
+                    s.tunnel_addr, s.tunnel_url, s.gateway_addr, s.gateway_url, s.hub_key
+                ),
             );
         }
     })

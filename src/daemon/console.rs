@@ -10,11 +10,12 @@
 //! `agent run`: containers, systemd) logs to stderr, whose reader (a
 //! container runtime on a full disk) can stop the same way, and the
 //! daemon's tunnels with it. Their lines go to a bounded queue instead; a
-//! thread writes them. Past [`WAITING`] writes queued, lines are counted
-//! and left out, and a note says how many once output moves again.
+//! thread writes them. Past [`WAITING`] writes queued (and the one being
+//! written), lines are counted and left out, and a note says how many once
+//! what waited has been written.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -51,18 +52,30 @@ impl Console {
         let spawned = std::thread::Builder::new()
             .name("console".into())
             .spawn(move || {
-                for (dest, text) in rx {
-                    let n = counted.swap(0, Ordering::Relaxed);
-                    if n > 0 {
-                        write(
-                            Dest::Err,
-                            &format!(
-                                "note: {n} lines of output were left out while nothing took them\n"
-                            ),
-                        );
+                let Ok(mut msg) = rx.recv() else { return };
+                loop {
+                    write(msg.0, &msg.1);
+                    let next = rx.try_recv();
+                    if next.is_err() {
+                        // All that waited is written: say what was left
+                        // out meanwhile.
+                        let n = counted.swap(0, Ordering::Relaxed);
+                        if n > 0 {
+                            write(
+                                Dest::Err,
+                                &format!("note: {n} lines of output were left out while nothing took them\n"),
+                            );
+                        }
                     }
-                    write(dest, &text);
                     left.fetch_sub(1, Ordering::Release);
+                    msg = match next {
+                        Ok(m) => m,
+                        Err(TryRecvError::Empty) => match rx.recv() {
+                            Ok(m) => m,
+                            Err(_) => return,
+                        },
+                        Err(TryRecvError::Disconnected) => return,
+                    };
                 }
             });
         Console {
@@ -103,12 +116,24 @@ impl Console {
     }
 }
 
+/// Writes to the process's stdout or stderr. Output piped into something
+/// that stopped reading (`towerctl port-forward … | head`) ends the
+/// process quietly, as `println!` did with the panic hook in `main`;
+/// other errors (and stderr's) are left: the work goes on.
 fn write_to(dest: Dest, text: &str) {
     use std::io::Write as _;
-    let _ = match dest {
-        Dest::Out => std::io::stdout().lock().write_all(text.as_bytes()),
-        Dest::Err => std::io::stderr().lock().write_all(text.as_bytes()),
-    };
+    match dest {
+        Dest::Out => {
+            if let Err(e) = std::io::stdout().lock().write_all(text.as_bytes()) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    std::process::exit(0);
+                }
+            }
+        }
+        Dest::Err => {
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        }
+    }
 }
 
 static CONSOLE: OnceLock<Console> = OnceLock::new();
@@ -180,6 +205,7 @@ mod tests {
             "held: not drained"
         );
         release.send(()).unwrap();
+        // Drained: what waited and the note are written.
         assert!(console.drain(Duration::from_secs(10)), "released: drained");
         let got = written.lock().unwrap().clone();
         let line = |d: Dest, t: &str| (d, t.to_string());
@@ -187,12 +213,12 @@ mod tests {
             got,
             [
                 line(Dest::Out, "line 0\n"),
+                line(Dest::Out, "line 1\n"),
+                line(Dest::Out, "line 2\n"),
                 line(
                     Dest::Err,
                     "note: 8 lines of output were left out while nothing took them\n"
                 ),
-                line(Dest::Out, "line 1\n"),
-                line(Dest::Out, "line 2\n"),
             ]
         );
     }
