@@ -197,10 +197,9 @@ fn main() -> ExitCode {
         rt.spawn(daemon::memory::trimmer());
     }
     let result = rt.block_on(commands::run(cli));
-    if carries_bulk {
-        // What it logged last (why it stops) is written before it exits.
-        daemon::console::drain(std::time::Duration::from_secs(1));
-    }
+    // What went through the console last (why it stops) is written before
+    // it exits (nothing to wait for if it was never used).
+    daemon::console::drain(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => ExitCode::from(code),
         // Output piped into something that stopped reading (`| head`): a

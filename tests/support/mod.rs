@@ -317,13 +317,16 @@ impl Env {
 }
 
 pub fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+    stat_fields(pid).is_none_or(|f| f.first().map(String::as_str) == Some("Z"))
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may hold
+/// spaces and parentheses): `[0]` is the state, `[7]` the minor faults.
+/// `None` once the process is gone.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    Some(rest.split_whitespace().map(String::from).collect())
 }
 
 impl Drop for Env {
@@ -606,11 +609,7 @@ pub fn echo_server() -> u16 {
 
 /// Minor page faults process `pid` has taken so far (`/proc/PID/stat`).
 pub fn minor_faults(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // After the command name, which may hold spaces and parentheses:
-    // state is the 3rd field, minflt the 10th.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    rest.split(' ').nth(7).unwrap().parse().unwrap()
+    stat_fields(pid).unwrap()[7].parse().unwrap()
 }
 
 /// Sends `msg` on `c` and reads it back.
