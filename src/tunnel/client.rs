@@ -790,6 +790,30 @@ impl tokio::io::AsyncRead for Transport {
     }
 }
 
+/// A plain socket reads pairs; rustls reads its records its own way.
+impl super::ws::ReadPair for Transport {
+    fn pairs(&self) -> bool {
+        match self {
+            Transport::Plain(s) => s.pairs(),
+            Transport::Tls(_) => false,
+        }
+    }
+
+    fn poll_read_pair(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        first: &mut tokio::io::ReadBuf<'_>,
+        second: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self {
+            Transport::Plain(s) => s.poll_read_pair(cx, first, second),
+            Transport::Tls(_) => {
+                std::task::Poll::Ready(Err(std::io::Error::other("a TLS transport reads no pairs")))
+            }
+        }
+    }
+}
+
 impl tokio::io::AsyncWrite for Transport {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,

@@ -152,6 +152,30 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameCap<S> {
     }
 }
 
+impl<S: super::ws::ReadPair> super::ws::ReadPair for FrameCap<S> {
+    fn pairs(&self) -> bool {
+        self.inner.pairs()
+    }
+
+    fn poll_read_pair(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut ReadBuf<'_>,
+        second: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let (a, b) = (first.filled().len(), second.filled().len());
+        let r = self.inner.poll_read_pair(cx, first, second);
+        if let Poll::Ready(Ok(())) = r {
+            if self.on.load(Ordering::Relaxed) {
+                // In the order they came.
+                self.check(&first.filled()[a..])?;
+                self.check(&second.filled()[b..])?;
+            }
+        }
+        r
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for FrameCap<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -238,6 +262,57 @@ mod tests {
         let mut c = cap();
         c.check(&frame(false, 2, 40_000)).unwrap();
         assert!(c.check(&frame(false, 0, 40_000)[..8]).is_err());
+    }
+
+    /// Reads into two buffers at once (the WebSocket reader's straight
+    /// reads) are checked as the socket's bytes in order: a frame over the
+    /// limit whose header falls in the second buffer fails the read, one
+    /// within it passes, and once lifted nothing is checked.
+    #[tokio::test]
+    async fn reads_into_two_buffers_are_checked_in_order() {
+        use crate::tunnel::ws::ReadPair;
+        use tokio::io::AsyncWriteExt;
+        let head = b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n";
+        for (big, lifted) in [(false, false), (true, false), (true, true)] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut raw = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut c = FrameCap::new(tcp, PRELOGIN_MAX);
+            let mut bytes = head.to_vec();
+            bytes.extend(frame(true, 2, 1_000));
+            bytes.extend(frame(true, 2, if big { 70_000 } else { 60_000 }));
+            raw.write_all(&bytes).await.unwrap();
+            raw.shutdown().await.unwrap();
+            if lifted {
+                c.lift()();
+            }
+            // The first buffer ends inside the first frame: the second
+            // frame's header is read into the second buffer.
+            let (mut a, mut b) = (vec![0u8; head.len() + 500], vec![0u8; 256 * 1024]);
+            let mut total = 0;
+            let failed = loop {
+                let (mut first, mut second) = (ReadBuf::new(&mut a), ReadBuf::new(&mut b));
+                let r = std::future::poll_fn(|cx| c.poll_read_pair(cx, &mut first, &mut second));
+                match tokio::time::timeout(std::time::Duration::from_secs(5), r)
+                    .await
+                    .unwrap()
+                {
+                    Ok(()) if first.filled().is_empty() => break None,
+                    Ok(()) => total += first.filled().len() + second.filled().len(),
+                    Err(e) => break Some(e),
+                }
+            };
+            match (big && !lifted, failed) {
+                (true, Some(e)) => {
+                    assert!(e.to_string().contains("70000 bytes before login"), "{e}")
+                }
+                (true, None) => panic!("a 70,000-byte frame before login passed"),
+                (false, Some(e)) => panic!("big {big}, lifted {lifted}: {e}"),
+                (false, None) => assert_eq!(total, bytes.len()),
+            }
+        }
     }
 
     use crate::testrng::Rng;

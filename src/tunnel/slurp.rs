@@ -117,6 +117,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Slurp<S> {
     }
 }
 
+/// Pairs pass straight through while nothing is held here (a direct
+/// `Slurp` never holds anything).
+impl<S: super::ws::ReadPair> super::ws::ReadPair for Slurp<S> {
+    fn pairs(&self) -> bool {
+        self.buf.is_empty() && self.size == 0 && self.inner.pairs()
+    }
+
+    fn poll_read_pair(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut ReadBuf<'_>,
+        second: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_read_pair(cx, first, second)
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Slurp<S> {
     fn poll_write(
         self: Pin<&mut Self>,

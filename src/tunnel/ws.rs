@@ -10,7 +10,9 @@
 //! read gulps the socket into one buffer (freed when the socket is
 //! drained) and hands payload bytes to the caller as they come, unmasked
 //! on the way if a key other than zero came, without waiting for a
-//! frame's end. A
+//! frame's end; on a plain socket, long payloads (an SSH packet's body in
+//! a bulk transfer) are read straight into the caller's buffer instead,
+//! with the next header in a small buffer of ours ([`ReadPair`]). A
 //! tunnel is a byte stream, so message boundaries (fragments) do not
 //! matter; pings are answered, a close is answered and ends the stream,
 //! and everything RFC 6455 forbids (reserved bits, unknown opcodes, text,
@@ -30,7 +32,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 
@@ -52,6 +54,17 @@ const READ_START: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 /// A read after a wait goes to a stack buffer of this size first.
 const STACK_READ: usize = 4 * 1024;
+/// Payload wanted by a reader from which a read goes straight into its
+/// buffer (see [`ReadPair`]): an SSH packet's body in a bulk transfer.
+/// Smaller reads (a packet's length, small packets) are served from `rbuf`.
+const DIRECT_MIN: usize = 16 * 1024;
+/// What such a read takes past the payload into `rbuf`: the next frame's
+/// header and the next packet's start (their length), which would
+/// otherwise cost a read of their own, and small packets that follow.
+const PAIR_TAIL: usize = 2 * 1024;
+/// Reads in a row without a long payload after which direct mode ends
+/// (see `WsIo::direct`). A bulk stream reads one every two or three reads.
+const SMALL_READS: u8 = 16;
 
 /// Which end of the WebSocket this is: a client masks what it sends
 /// (RFC 6455, section 5.3), a server must not.
@@ -424,6 +437,126 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     }
 }
 
+/// A transport that reads into two buffers with one system call
+/// (`readv`): a reader's own buffer first, then what does not fit into a
+/// second. [`WsIo`] reads a long payload this way straight into the
+/// reader's buffer (russh's packet), with the next frame's start in a
+/// small buffer of its own, instead of gulping the socket into one buffer
+/// and copying the payload out of it: that copy was 11 % of the hub's
+/// samples on a bulk download (perf), the largest item after the kernel's
+/// own copies and the cipher.
+pub trait ReadPair {
+    /// Whether [`ReadPair::poll_read_pair`] reads both buffers now (a
+    /// plain socket); if not, [`WsIo`] reads as before.
+    fn pairs(&self) -> bool {
+        false
+    }
+
+    /// Reads into `first`, and what does not fit into it into `second`,
+    /// as one read. Called only when [`ReadPair::pairs`] says so.
+    fn poll_read_pair(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _first: &mut ReadBuf<'_>,
+        _second: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Err(io::Error::other("this transport reads no pairs")))
+    }
+}
+
+impl ReadPair for tokio::net::TcpStream {
+    fn pairs(&self) -> bool {
+        true
+    }
+
+    fn poll_read_pair(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut ReadBuf<'_>,
+        second: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        loop {
+            ready!(self.poll_read_ready(cx))?;
+            let (a, b) = (first.remaining(), second.remaining());
+            let fd = self.as_raw_fd();
+            // SAFETY: the two vectors are the buffers' unfilled parts,
+            // which the kernel only writes into, never reads.
+            let iov = unsafe {
+                [
+                    libc::iovec {
+                        iov_base: first.unfilled_mut().as_mut_ptr().cast(),
+                        iov_len: a,
+                    },
+                    libc::iovec {
+                        iov_base: second.unfilled_mut().as_mut_ptr().cast(),
+                        iov_len: b,
+                    },
+                ]
+            };
+            let read = self.try_io(tokio::io::Interest::READABLE, || {
+                // SAFETY: `fd` is this socket's, open while `self` is; the
+                // vectors point into memory borrowed for this call.
+                let n = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match read {
+                Ok(n) => {
+                    let (x, y) = (n.min(a), n.saturating_sub(a));
+                    // SAFETY: the kernel wrote the first n bytes of the two
+                    // vectors, in order.
+                    unsafe {
+                        first.assume_init(x);
+                        second.assume_init(y);
+                    }
+                    first.advance(x);
+                    second.advance(y);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was cleared: wait for the next.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Whether a test's pipes read pairs (as a socket does) or not (as
+    /// TLS does): the tests of the reader run both ways.
+    pub(super) static DUPLEX_PAIRS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A test pipe reads pairs as `readv` does: into the second buffer only
+/// what does not fit into the first.
+#[cfg(test)]
+impl ReadPair for tokio::io::DuplexStream {
+    fn pairs(&self) -> bool {
+        DUPLEX_PAIRS.with(|p| p.get())
+    }
+
+    fn poll_read_pair(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut ReadBuf<'_>,
+        second: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut *self).poll_read(cx, first))?;
+        if first.remaining() == 0 {
+            if let Poll::Ready(r) = Pin::new(&mut *self).poll_read(cx, second) {
+                r?;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// What the reader is in the middle of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Frame {
@@ -522,6 +655,18 @@ pub struct WsIo<S> {
     /// The last read got more than the stack takes: reads go to `rbuf`,
     /// also after a wait, until one is small again.
     bulk: bool,
+    /// A long payload was read straight into the reader's buffer, and
+    /// not many reads have gone by without one since: payload is
+    /// read that way whatever the reader wants (a packet's length too,
+    /// with the rest of the read in `rbuf`), and the socket read into
+    /// `rbuf` only in small steps (at most [`PAIR_TAIL`], a header's
+    /// rest), so that payload is not gulped into `rbuf` and copied out.
+    direct: bool,
+    /// Reads in a row in direct mode that took no long payload.
+    small_reads: u8,
+    /// Reads made straight into the reader's buffer, for tests.
+    #[cfg(test)]
+    direct_reads: usize,
     frame: Frame,
     /// A data message is unfinished: the next data frame continues it.
     in_message: bool,
@@ -555,6 +700,10 @@ impl<S> WsIo<S> {
             rsize: READ_START,
             idle: true,
             bulk: false,
+            direct: false,
+            small_reads: 0,
+            #[cfg(test)]
+            direct_reads: 0,
             frame: Frame::Header,
             in_message: false,
             ctl: Vec::new(),
@@ -690,6 +839,17 @@ impl<S> WsIo<S> {
         Poll::Pending
     }
 
+    /// Counts a read in direct mode that took no long payload: after
+    /// [`SMALL_READS`] of them in a row the stream carries small messages
+    /// only, and the socket is gulped again.
+    fn count_small_read(&mut self) {
+        self.small_reads += 1;
+        if self.small_reads > SMALL_READS {
+            self.direct = false;
+            self.small_reads = 0;
+        }
+    }
+
     /// Reads more from the socket into `rbuf`; `Ok(0)` at its end.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>>
     where
@@ -732,6 +892,22 @@ impl<S> WsIo<S> {
                 fresh.extend_from_slice(&self.rbuf);
                 self.rbuf = fresh;
             }
+        }
+        if self.direct {
+            // Between reads straight into the reader's buffer: what the
+            // tail of the last one did not hold of a header.
+            if self.rbuf.capacity() - self.rbuf.len() < PAIR_TAIL {
+                self.rbuf.reserve(PAIR_TAIL);
+            }
+            let mut limited = (&mut self.rbuf).limit(PAIR_TAIL);
+            return match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut limited)
+            {
+                Poll::Pending => self.wait(),
+                r => {
+                    self.count_small_read();
+                    r
+                }
+            };
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut self.rbuf) {
@@ -777,7 +953,77 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
+impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> WsIo<S> {
+    /// Reads the payload the reader wants (at most `left`, the frame's
+    /// rest) straight into `buf`, and up to [`PAIR_TAIL`] bytes after it
+    /// into `rbuf` (empty when this is called), in one system call.
+    /// `Ok(false)`: the socket is at its end.
+    fn read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        left: u64,
+        mask: Option<[u8; 4]>,
+        at: usize,
+    ) -> Poll<io::Result<bool>> {
+        let want = left.min(buf.remaining() as u64) as usize;
+        if self.rbuf.capacity() < PAIR_TAIL {
+            self.rbuf = BytesMut::with_capacity(PAIR_TAIL);
+        }
+        // SAFETY: handed to a read as uninitialised memory, only written.
+        let mut first = ReadBuf::uninit(unsafe { &mut buf.unfilled_mut()[..want] });
+        let spare = self.rbuf.spare_capacity_mut();
+        let tail = spare.len().min(PAIR_TAIL);
+        let mut second = ReadBuf::uninit(&mut spare[..tail]);
+        match self.io.io.poll_read_pair(cx, &mut first, &mut second) {
+            Poll::Pending => return self.wait().map_ok(|_| true),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let (n, m) = (first.filled().len(), second.filled().len());
+        if n == 0 {
+            return Poll::Ready(Ok(false));
+        }
+        if let Some(k) = mask {
+            // SAFETY: the n bytes were written by the read.
+            let got = unsafe { &mut *(&mut buf.unfilled_mut()[..n] as *mut [_] as *mut [u8]) };
+            for (i, b) in got.iter_mut().enumerate() {
+                *b ^= k[(at + i) % 4];
+            }
+        }
+        // SAFETY: the read wrote the first n bytes of `buf`'s unfilled part
+        // and the first m of `rbuf`'s spare capacity (empty before).
+        unsafe {
+            buf.assume_init(n);
+            self.rbuf.set_len(m);
+        }
+        buf.advance(n);
+        self.frame = if left == n as u64 {
+            Frame::Header
+        } else {
+            Frame::Payload {
+                left: left - n as u64,
+                mask,
+                at: at + n,
+            }
+        };
+        self.idle = false;
+        self.bulk = true;
+        if n >= DIRECT_MIN {
+            self.direct = true;
+            self.small_reads = 0;
+        } else {
+            self.count_small_read();
+        }
+        #[cfg(test)]
+        {
+            self.direct_reads += 1;
+        }
+        Poll::Ready(Ok(true))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> AsyncRead for WsIo<S> {
     /// Hands out payload bytes of as many frames as are read and fit;
     /// reads the socket only when nothing was handed out yet.
     fn poll_read(
@@ -868,6 +1114,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
             }
             if this.eof || buf.filled().len() > start {
                 return Poll::Ready(Ok(()));
+            }
+            if let Frame::Payload { left, mask, at } = this.frame {
+                if this.rbuf.is_empty()
+                    && (this.direct || buf.remaining() >= DIRECT_MIN)
+                    && this.io.io.pairs()
+                {
+                    if ready!(this.read_direct(cx, buf, left, mask, at))? {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the websocket ended inside a frame",
+                    )));
+                }
             }
             if ready!(this.fill(cx))? == 0 {
                 return Poll::Ready(if this.frame == Frame::Header && this.rbuf.is_empty() {
@@ -1588,6 +1848,98 @@ mod tests {
         }
     }
 
+    /// Over a real socket, long payloads are read straight into the
+    /// reader's buffer (`ReadPair`): the bytes come out whole and in
+    /// order, unmasked where a key other than zero came, whatever the
+    /// frames' and the reads' sizes, with headers, lengths and small
+    /// frames between them and the socket's bytes arriving cut anywhere.
+    #[tokio::test]
+    async fn long_payloads_read_straight_into_the_readers_buffer_come_out_whole() {
+        use tokio::io::AsyncReadExt;
+        let sizes = [
+            70_001usize,
+            3,
+            200_000,
+            16_384,
+            16_383,
+            1,
+            65_600,
+            100,
+            300_007,
+        ];
+        let payload = data(sizes.iter().sum(), 5);
+        for role in [Role::Server, Role::Client] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut raw = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (tcp, _) = l.accept().await.unwrap();
+            let ws = WebSocketStream::from_raw_socket(
+                Gate::new(tcp, role),
+                match role {
+                    Role::Server => WsRole::Server,
+                    Role::Client => WsRole::Client,
+                },
+                None,
+            )
+            .await;
+            let mut ws = WsIo::new(ws);
+            let mut wire = Vec::new();
+            let mut at = 0;
+            for (i, n) in sizes.iter().enumerate() {
+                let key = if i % 2 == 0 {
+                    AGENT_MASK
+                } else {
+                    [i as u8, 9, 200, 7]
+                };
+                let mask = matches!(role, Role::Server).then_some(key);
+                wire.extend(frame(0x82, &payload[at..at + n], mask));
+                at += n;
+            }
+            let writer = tokio::spawn(async move {
+                // Cut at odd places, with pauses: reads find the socket
+                // empty, or holding part of a header or payload.
+                for (i, chunk) in wire.chunks(50_021).enumerate() {
+                    raw.write_all(chunk).await.unwrap();
+                    if i % 2 == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    }
+                }
+                raw
+            });
+            let mut got: Vec<u8> = Vec::new();
+            let mut i = 0usize;
+            while got.len() < payload.len() {
+                // As russh reads a packet: its length (4 bytes, whole),
+                // then its body into spare capacity until it is all there.
+                let body = [65_539, 20_000, 16_384, 131_072, 10][i % 5];
+                i += 1;
+                for want in [4, body] {
+                    let end = (got.len() + want).min(payload.len());
+                    while got.len() < end {
+                        let want = end - got.len();
+                        got.reserve(want);
+                        let mut limited = bytes::BufMut::limit(&mut got, want);
+                        let read = ws.read_buf(&mut limited);
+                        let n = tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                            .await
+                            .expect("bytes lost: no read in 5 s")
+                            .unwrap();
+                        assert!(n > 0);
+                    }
+                }
+            }
+            let _raw = writer.await.unwrap();
+            assert_eq!(got.len(), payload.len(), "{role:?}");
+            assert!(got == payload, "{role:?}: bytes differ");
+            assert!(
+                ws.direct_reads > 5,
+                "{role:?}: {} direct reads",
+                ws.direct_reads
+            );
+        }
+    }
+
     /// A socket that takes vectored writes and records each one.
     #[derive(Default)]
     struct Recorder {
@@ -2138,7 +2490,7 @@ mod tests {
         moves: Moves,
         r: &mut Rng,
         bufs: &mut ReadBufs,
-    ) {
+    ) -> usize {
         let _running = Running(ctx);
         let want = expected_reading(role, stream);
         let waker = futures_util::task::noop_waker();
@@ -2319,6 +2671,7 @@ mod tests {
                 assert_eq!(pongs.last(), want.pings.last(), "{ctx}: the last pong");
             }
         }
+        ours.direct_reads
     }
 
     /// Random frame streams from a peer, valid and not (fragments of every
@@ -2374,8 +2727,9 @@ mod tests {
                 read: 1 << 16,
             };
             for seed in 0..4 {
-                let ctx = format!("{what} (seed {seed})");
-                check_reading(
+                DUPLEX_PAIRS.with(|p| p.set(seed % 2 == 1));
+                let ctx = format!("{what} (seed {seed}, pairs {})", seed % 2 == 1);
+                let _ = check_reading(
                     &ctx,
                     Role::Client,
                     &stream,
@@ -2385,6 +2739,7 @@ mod tests {
                 );
             }
         }
+        let (mut direct_reads, cases_run) = (0, cases.end - cases.start);
         for case in cases {
             let seed = Rng(case).next();
             let mut r = Rng(seed);
@@ -2403,12 +2758,26 @@ mod tests {
                     .pick(&[1, 2, 7, 100, 4099, 16_384, 1 << 16, ReadBufs::MAX])
                     .clamp(least, ReadBufs::MAX),
             };
+            // Every other case reads as a socket does, straight into the
+            // reader's buffer where it wants much (`ReadPair`).
+            let pairs = case % 2 == 1;
+            DUPLEX_PAIRS.with(|p| p.set(pairs));
             let ctx = format!(
-                "case {case} (seed {seed:#018x}, {role:?}, {} bytes, {moves:?}; \
+                "case {case} (seed {seed:#018x}, {role:?}, {} bytes, {moves:?}, pairs {pairs}; \
                  TOWERCTL_WS_FUZZ_CASE={case} reruns it)",
                 stream.len()
             );
-            check_reading(&ctx, role, &stream, moves, &mut r, &mut bufs);
+            let direct = check_reading(&ctx, role, &stream, moves, &mut r, &mut bufs);
+            assert!(
+                pairs || direct == 0,
+                "{ctx}: {direct} direct reads without pairs"
+            );
+            direct_reads += direct;
         }
+        // Most cases are small; some read long payloads straight.
+        assert!(
+            direct_reads > 0 || cases_run < 100,
+            "no direct read in {cases_run} cases"
+        );
     }
 }
