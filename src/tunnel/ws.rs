@@ -876,6 +876,22 @@ impl<S> WsIo<S> {
             self.rbuf = BytesMut::from(rb.filled());
             return Poll::Ready(Ok(n));
         }
+        if self.direct {
+            // Between reads straight into the reader's buffer: what the
+            // tail of the last one did not hold of a header.
+            if self.rbuf.capacity() - self.rbuf.len() < PAIR_TAIL {
+                self.rbuf.reserve(PAIR_TAIL);
+            }
+            let mut limited = (&mut self.rbuf).limit(PAIR_TAIL);
+            return match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut limited)
+            {
+                Poll::Pending => self.wait(),
+                r => {
+                    self.count_small_read();
+                    r
+                }
+            };
+        }
         if self.rbuf.capacity() - self.rbuf.len() < self.rsize / 2 {
             // What is left here is at most the start of a header (a read
             // hands out all payload first). It moves to the front of this
@@ -892,22 +908,6 @@ impl<S> WsIo<S> {
                 fresh.extend_from_slice(&self.rbuf);
                 self.rbuf = fresh;
             }
-        }
-        if self.direct {
-            // Between reads straight into the reader's buffer: what the
-            // tail of the last one did not hold of a header.
-            if self.rbuf.capacity() - self.rbuf.len() < PAIR_TAIL {
-                self.rbuf.reserve(PAIR_TAIL);
-            }
-            let mut limited = (&mut self.rbuf).limit(PAIR_TAIL);
-            return match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut limited)
-            {
-                Poll::Pending => self.wait(),
-                r => {
-                    self.count_small_read();
-                    r
-                }
-            };
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io.io), cx, &mut self.rbuf) {
@@ -967,6 +967,8 @@ impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> WsIo<S> {
         at: usize,
     ) -> Poll<io::Result<bool>> {
         let want = left.min(buf.remaining() as u64) as usize;
+        // What makes `set_len` below and "nothing read: the end" right.
+        debug_assert!(self.rbuf.is_empty() && want > 0);
         if self.rbuf.capacity() < PAIR_TAIL {
             self.rbuf = BytesMut::with_capacity(PAIR_TAIL);
         }
@@ -1929,13 +1931,31 @@ mod tests {
                     }
                 }
             }
-            let _raw = writer.await.unwrap();
+            let mut raw = writer.await.unwrap();
             assert_eq!(got.len(), payload.len(), "{role:?}");
             assert!(got == payload, "{role:?}: bytes differ");
             assert!(
                 ws.direct_reads > 5,
                 "{role:?}: {} direct reads",
                 ws.direct_reads
+            );
+            assert!(ws.direct, "{role:?}: direct mode ended inside the bulk");
+            // Small messages only, one at a time: direct mode ends, and
+            // they come through whole.
+            let small = data(100, 9);
+            let mask = matches!(role, Role::Server).then_some([1, 2, 3, 4]);
+            for i in 0..2 * usize::from(SMALL_READS) {
+                raw.write_all(&frame(0x82, &small, mask)).await.unwrap();
+                let mut got = vec![0u8; small.len()];
+                tokio::time::timeout(std::time::Duration::from_secs(5), ws.read_exact(&mut got))
+                    .await
+                    .expect("a small message lost")
+                    .unwrap();
+                assert_eq!(got, small, "{role:?}: small message {i}");
+            }
+            assert!(
+                !ws.direct,
+                "{role:?}: still in direct mode after small messages only"
             );
         }
     }
