@@ -1372,3 +1372,145 @@ fn plain_http_on_the_gateway_port_is_told_to_use_https() {
         assert_eq!(o.stdout, "ok", "{path}: {o:?}");
     }
 }
+
+/// An HTTP/2 frame: type, flags, stream and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The GOAWAY error code in `got` (frames as read from the connection),
+/// if one came whole.
+fn goaway_code(got: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while got.len() >= at + 9 {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        if got.len() < at + 9 + len {
+            return None;
+        }
+        if got[at + 3] == 7 && len >= 8 {
+            let p = &got[at + 9..];
+            return Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+/// HTTP/2 floods on the gateway, before any token (kubectl's protocol, so
+/// the one an attacker on the internet meets first): requests opened and
+/// cancelled at once (rapid reset, CVE-2023-44487) and one header block
+/// continued for ever (CONTINUATION flood) are each cut with a GOAWAY
+/// (ENHANCE_YOUR_CALM) long before the attacker is done, the hub's memory
+/// stays where it was, and others are served meanwhile.
+#[test]
+fn http2_floods_before_any_token_are_cut_with_a_goaway() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let gateway = format!("127.0.0.1:{}", env.gateway_port());
+    let hub = std::fs::read_to_string(env.path("run/towerctl/hub.pid"))
+        .unwrap()
+        .trim()
+        .parse::<i32>()
+        .unwrap();
+    let rss = || {
+        let s = std::fs::read_to_string(format!("/proc/{hub}/status")).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap()
+    };
+    let mut tls = (*support::gateway_tls(&env)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = Arc::new(tls);
+    // GET /version with a literal authority (HPACK, no Huffman).
+    let mut head = vec![0x82, 0x87, 0x04, 8];
+    head.extend(b"/version");
+    head.extend([0x01, 9]);
+    head.extend(b"localhost");
+    // A header field of 110 bytes, repeated in each CONTINUATION.
+    let mut field = vec![0x00, 10];
+    field.extend(b"x-aaaaaaaa");
+    field.push(96);
+    field.extend([b'v'; 96]);
+    let before = rss();
+    for attack in ["rapid reset", "continuation flood"] {
+        let conn =
+            rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
+        let tcp = TcpStream::connect(&gateway).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(4, 0, 0, &[]));
+        s.write_all(&out).unwrap();
+        let (mut got, mut sent, mut code, mut closed) = (Vec::new(), 0usize, None, false);
+        let mut buf = vec![0u8; 1 << 16];
+        // At most 20,000 frames, 100 per write; read between writes.
+        while sent < 20_000 && code.is_none() && !closed {
+            let mut batch = Vec::new();
+            for i in 0..100 {
+                let stream = 2 * (sent + i) as u32 + 1;
+                match attack {
+                    "rapid reset" => {
+                        batch.extend(h2_frame(1, 0x5, stream, &head));
+                        batch.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
+                    }
+                    _ if sent + i == 0 => batch.extend(h2_frame(1, 0x1, 1, &head)),
+                    _ => batch.extend(h2_frame(9, 0, 1, &field)),
+                }
+            }
+            sent += 100;
+            if s.write_all(&batch).and_then(|()| s.flush()).is_err() {
+                closed = true;
+            }
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            code = goaway_code(&got);
+        }
+        assert_eq!(
+            code,
+            Some(11),
+            "{attack}: no GOAWAY (ENHANCE_YOUR_CALM) after {sent} frames (closed: {closed}; {} bytes read)",
+            got.len()
+        );
+        assert!(sent <= 1_000, "{attack}: cut only after {sent} frames");
+    }
+    // The hub serves on, and holds no more than it did.
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sSk",
+        "--max-time",
+        "10",
+        &format!("https://{gateway}/healthz"),
+    ]);
+    let o = support::run_bounded(curl, Duration::from_secs(20));
+    assert_eq!(o.stdout, "ok", "{o:?}");
+    let after = rss();
+    assert!(
+        after < before + 8 * 1024,
+        "the hub's RSS grew from {before} KiB to {after} KiB"
+    );
+}
