@@ -109,9 +109,12 @@ impl<C> Pool<C> {
     /// A kept connection, and how long it sat idle.
     fn take(&self) -> Option<(Sender, Duration)> {
         let mut idle = self.idle.lock().ok()?;
-        idle.prune(|kept| kept.elapsed() < IDLE_FOR);
+        // One clock read, not one per kept connection (with 16 kept, the
+        // reads were 1.3 % of the agent's samples under gateway load).
+        let now = Instant::now();
+        idle.prune(|kept| now.saturating_duration_since(*kept) < IDLE_FOR);
         idle.take_kept(|_| true)
-            .map(|(s, kept)| (s, kept.elapsed()))
+            .map(|(s, kept)| (s, now.saturating_duration_since(kept)))
     }
 }
 

@@ -493,7 +493,8 @@ impl Cluster {
     fn take_idle(&self, peer: &str) -> Option<PeerSender> {
         let mut idle = self.idle.lock().ok()?;
         let kept = idle.get_mut(peer)?;
-        kept.prune(|at| at.elapsed() < PEER_IDLE_FOR);
+        let now = std::time::Instant::now();
+        kept.prune(|at| now.saturating_duration_since(*at) < PEER_IDLE_FOR);
         let found = kept.take(|_| true);
         if kept.is_empty() {
             idle.remove(peer);
@@ -505,13 +506,15 @@ impl Cluster {
         if let Ok(mut idle) = self.idle.lock() {
             // Hubs that went away leave nothing behind for long: their
             // connections close and are dropped here.
+            // One clock read for all of them.
+            let now = std::time::Instant::now();
             idle.retain(|_, kept| {
-                kept.prune(|at| at.elapsed() < PEER_IDLE_FOR);
+                kept.prune(|at| now.saturating_duration_since(*at) < PEER_IDLE_FOR);
                 !kept.is_empty()
             });
             idle.entry(peer.to_string())
                 .or_insert_with(|| KeptConns::new(PEER_IDLE))
-                .put(s, std::time::Instant::now());
+                .put(s, now);
         }
     }
 
