@@ -139,6 +139,23 @@ fn copy_masked_uninit(dst: &mut [std::mem::MaybeUninit<u8>], src: &[u8], mask: [
     }
 }
 
+/// XORs `buf` with `mask` in place, eight bytes at a time (frames from
+/// an agent of an earlier release, or re-masked on the way, have a key
+/// other than zero).
+fn mask_in_place(buf: &mut [u8], mask: [u8; 4]) {
+    let word = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut words = buf.chunks_exact_mut(8);
+    for w in &mut words {
+        let v = u64::from_ne_bytes(w.try_into().unwrap_or([0; 8])) ^ word;
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+}
+
 /// Copies `src` into `dst` (as long) XORed with `mask`, in one pass.
 fn copy_masked(dst: &mut [u8], src: &[u8], mask: [u8; 4]) {
     // SAFETY: `MaybeUninit<u8>` has `u8`'s layout, and `copy_masked_uninit`
@@ -989,9 +1006,8 @@ impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> WsIo<S> {
         if let Some(k) = mask {
             // SAFETY: the n bytes were written by the read.
             let got = unsafe { &mut *(&mut buf.unfilled_mut()[..n] as *mut [_] as *mut [u8]) };
-            for (i, b) in got.iter_mut().enumerate() {
-                *b ^= k[(at + i) % 4];
-            }
+            let k = [k[at % 4], k[(at + 1) % 4], k[(at + 2) % 4], k[(at + 3) % 4]];
+            mask_in_place(got, k);
         }
         // SAFETY: the read wrote the first n bytes of `buf`'s unfilled part
         // and the first m of `rbuf`'s spare capacity (empty before).
@@ -1800,6 +1816,9 @@ mod tests {
             let mut back = vec![0u8; len];
             copy_masked(&mut back, &b, [1, 2, 3, 4]);
             assert_eq!(back, orig);
+            let mut inplace = orig.clone();
+            mask_in_place(&mut inplace, [1, 2, 3, 4]);
+            assert_eq!(inplace, b, "in place, {len}");
             let mut into = vec![std::mem::MaybeUninit::new(0xaa); len];
             copy_masked_uninit(&mut into, &orig, [1, 2, 3, 4]);
             // SAFETY: every element was initialised when made.
