@@ -1361,16 +1361,21 @@ fn plain_http_on_the_gateway_port_is_told_to_use_https() {
     assert!(tls.all().contains("operator bearer token"), "{tls:?}");
     // Health checks need no token, as with kube-apiserver.
     for path in ["/healthz", "/readyz", "/livez"] {
-        let mut curl = std::process::Command::new("curl");
-        curl.args([
-            "-sSk",
-            "--max-time",
-            "10",
-            &format!("https://{gateway}{path}"),
-        ]);
-        let o = support::run_bounded(curl, Duration::from_secs(20));
-        assert_eq!(o.stdout, "ok", "{path}: {o:?}");
+        assert_healthy(&gateway, path);
     }
+}
+
+/// `https://GATEWAY/PATH` (no token, the CA not checked) answers `ok`.
+fn assert_healthy(gateway: &str, path: &str) {
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sSk",
+        "--max-time",
+        "10",
+        &format!("https://{gateway}{path}"),
+    ]);
+    let o = support::run_bounded(curl, Duration::from_secs(20));
+    assert_eq!(o.stdout, "ok", "{path}: {o:?}");
 }
 
 /// An HTTP/2 frame: type, flags, stream and payload.
@@ -1499,15 +1504,7 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
         assert!(sent <= 1_000, "{attack}: cut only after {sent} frames");
     }
     // The hub serves on, and holds no more than it did.
-    let mut curl = std::process::Command::new("curl");
-    curl.args([
-        "-sSk",
-        "--max-time",
-        "10",
-        &format!("https://{gateway}/healthz"),
-    ]);
-    let o = support::run_bounded(curl, Duration::from_secs(20));
-    assert_eq!(o.stdout, "ok", "{o:?}");
+    assert_healthy(&gateway, "/healthz");
     let after = rss();
     assert!(
         after < before + 8 * 1024,
