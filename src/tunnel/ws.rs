@@ -588,6 +588,27 @@ enum Frame {
     },
 }
 
+impl Frame {
+    /// Where the reader is once `n` more bytes of a payload with `left`
+    /// to go (from offset `at`, unmasked with `mask`) are handed out.
+    fn after_payload(left: u64, mask: Option<[u8; 4]>, at: usize, n: usize) -> Frame {
+        if left == n as u64 {
+            Frame::Header
+        } else {
+            Frame::Payload {
+                left: left - n as u64,
+                mask,
+                at: at + n,
+            }
+        }
+    }
+}
+
+/// The mask key `k` rotated to start at payload offset `at`.
+fn key_from(k: [u8; 4], at: usize) -> [u8; 4] {
+    [k[at % 4], k[(at + 1) % 4], k[(at + 2) % 4], k[(at + 3) % 4]]
+}
+
 /// A frame header as read: (FIN, opcode, mask key, payload length), and
 /// the header's own length.
 pub type Header = (bool, u8, Option<[u8; 4]>, u64, usize);
@@ -1006,7 +1027,7 @@ impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> WsIo<S> {
         if let Some(k) = mask {
             // SAFETY: the n bytes were written by the read.
             let got = unsafe { &mut *(&mut buf.unfilled_mut()[..n] as *mut [_] as *mut [u8]) };
-            let k = [k[at % 4], k[(at + 1) % 4], k[(at + 2) % 4], k[(at + 3) % 4]];
+            let k = key_from(k, at);
             mask_in_place(got, k);
         }
         // SAFETY: the read wrote the first n bytes of `buf`'s unfilled part
@@ -1016,15 +1037,7 @@ impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> WsIo<S> {
             self.rbuf.set_len(m);
         }
         buf.advance(n);
-        self.frame = if left == n as u64 {
-            Frame::Header
-        } else {
-            Frame::Payload {
-                left: left - n as u64,
-                mask,
-                at: at + n,
-            }
-        };
+        self.frame = Frame::after_payload(left, mask, at, n);
         self.idle = false;
         self.bulk = true;
         if n >= DIRECT_MIN {
@@ -1075,7 +1088,7 @@ impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> AsyncRead for WsIo<S> {
                     // be uninitialised: never zeroed first.
                     match mask {
                         Some(k) => {
-                            let k = [k[at % 4], k[(at + 1) % 4], k[(at + 2) % 4], k[(at + 3) % 4]];
+                            let k = key_from(k, at);
                             // SAFETY: only bytes are written into it, no
                             // uninitialised value.
                             let dst = unsafe { &mut buf.unfilled_mut()[..n] };
@@ -1087,15 +1100,7 @@ impl<S: AsyncRead + AsyncWrite + ReadPair + Unpin> AsyncRead for WsIo<S> {
                         None => buf.put_slice(&this.rbuf[..n]),
                     }
                     this.rbuf.advance(n);
-                    this.frame = if left == n as u64 {
-                        Frame::Header
-                    } else {
-                        Frame::Payload {
-                            left: left - n as u64,
-                            mask,
-                            at: at + n,
-                        }
-                    };
+                    this.frame = Frame::after_payload(left, mask, at, n);
                     continue;
                 }
                 // A frame taken whole or its header: on to the next.
