@@ -280,8 +280,10 @@ fn kill_alphas_agent(env: &Env) -> (std::path::PathBuf, std::net::SocketAddr) {
 /// peer's life (russh patch nine): neither may keep such a peer's session,
 /// or much of the hub's memory. Measured: 400,000 requests, the hub grew by
 /// ~5 MiB, the session ended ~4 s after the last request (1 s
-/// keepalives). (This flood does not fill the hub's backlog to the 4 MiB
-/// past which it stops reading a peer: 64 MiB there measured the same.)
+/// keepalives). This peer keeps its window small (`sshflood`), so the
+/// flood fills the hub's backlog to the 4 MiB past which the hub stops
+/// reading it (~250,000 requests here); with a window the kernel let grow,
+/// 400,000 requests did not.
 #[test]
 fn an_agent_that_reads_nothing_costs_the_hub_a_bounded_backlog_and_is_cut() {
     let env = Env::new();
@@ -344,6 +346,107 @@ fn an_agent_that_reads_nothing_costs_the_hub_a_bounded_backlog_and_is_cut() {
     assert!(
         grown < 12 * 1024,
         "a peer that reads nothing grew the hub by {grown} KiB"
+    );
+    assert!(
+        cut_after.is_some(),
+        "the session of a peer that reads nothing was not ended: {}",
+        log()
+    );
+}
+
+/// The same peer, opening channels among its requests without waiting for
+/// the answers. The hub's loop took its answers to channel opens only while
+/// less than 1 MiB of its output was unwritten, and went on reading up to
+/// 4 MiB: answers held back added no output, so past 1 MiB such a peer was
+/// read for ever, each open holding a channel, its queue and its answer in
+/// the hub (measured before the fix: 20,304 opens grew the hub by 71 MiB,
+/// ~3.5 KiB each, without end, and the session was not cut while they came:
+/// the peer's packets count as signs of life). Now the answers are taken
+/// whenever the peer is read, and reading stops at 4 MiB of them (after the
+/// fix: 19,880 opens, the hub grew by 5.3 MiB).
+#[test]
+fn an_agent_that_reads_nothing_and_opens_channels_costs_the_hub_a_bounded_backlog() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let (key, tunnel) = alpha_key_without_its_agent(&env, &api);
+    let hub = env.pid_of("hub").unwrap();
+    let rss = || support::status_kib(hub, "VmRSS").unwrap();
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (requests, opens, grown, cut_after) = rt.block_on(async {
+        let h = sshflood::login_with_key_deaf(tunnel, "alpha", &key, 32 * 1024, Some(deaf.clone()))
+            .await
+            .expect("the agent's key logs in");
+        let sessions_before = log().matches("agent disconnected").count();
+        let before = rss();
+        deaf.store(true, std::sync::atomic::Ordering::Relaxed);
+        let start = Instant::now();
+        let (mut requests, mut opens, mut peak) = (0u64, 0u64, before);
+        // First requests alone, whose answers fill the kernel's buffers
+        // (this peer keeps a small window; the hub's send queue stops
+        // growing) and then, 50,000 more, ~1.8 MiB of the hub's backlog:
+        // between the 1 MiB past which the hub took no answers to opens and
+        // the 4 MiB at which it stops reading. Then a request and eight
+        // opens at a time. Bounded: 400,000 requests, 40,000 opens, 18 s in
+        // all, or until the hub stops taking them (a send waiting 2 s).
+        let (mut queued, mut still, mut full_at) = (0u64, 0u32, None);
+        while requests < 400_000 && opens < 40_000 && start.elapsed() < Duration::from_secs(18) {
+            match tokio::time::timeout(Duration::from_secs(2), h.send_keepalive(true)).await {
+                Ok(Ok(())) => requests += 1,
+                _ => break,
+            }
+            match full_at {
+                None => {
+                    if requests % 1_000 == 0 {
+                        let now = support::send_queue_of(tunnel.port());
+                        still = if now > queued { 0 } else { still + 1 };
+                        queued = queued.max(now);
+                        if still >= 5 {
+                            full_at = Some(requests);
+                        }
+                    }
+                    continue;
+                }
+                Some(at) if requests < at + 50_000 => continue,
+                Some(_) => {}
+            }
+            for _ in 0..8 {
+                // Polled once: the open is queued to be sent, its answer
+                // (which this peer never reads) not awaited.
+                let open = h.channel_open_direct_tcpip("not-exposed", 80, "127.0.0.1", 0);
+                let _ = tokio::time::timeout(Duration::ZERO, open).await;
+                opens += 1;
+            }
+            if requests % 250 == 0 {
+                peak = peak.max(rss());
+            }
+        }
+        let stopped = Instant::now();
+        let mut cut_after = None;
+        while stopped.elapsed() < Duration::from_secs(15) {
+            peak = peak.max(rss());
+            if log().matches("agent disconnected").count() > sessions_before {
+                cut_after = Some(stopped.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (requests, opens, peak.saturating_sub(before), cut_after)
+    });
+    drop(rt);
+    eprintln!("{requests} requests and {opens} opens sent; hub RSS grew by {grown} KiB; cut after {cut_after:?}");
+    assert!(
+        opens > 1_000,
+        "no opens were sent after {requests} requests"
+    );
+    assert!(
+        grown < 16 * 1024,
+        "a peer that reads nothing and opens channels grew the hub by {grown} KiB"
     );
     assert!(
         cut_after.is_some(),

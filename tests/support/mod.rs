@@ -678,6 +678,33 @@ pub fn connections_to(port: u16, states: &[&str]) -> usize {
     n
 }
 
+/// Bytes queued in the kernel to be sent on the established connections
+/// accepted at loopback `port` (the listener's side: `tx_queue` in
+/// `/proc/net/tcp`), added up.
+#[allow(dead_code)]
+pub fn send_queue_of(port: u16) -> u64 {
+    let mut total = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (Some(local), Some(st), Some(queues)) = (cols.get(1), cols.get(3), cols.get(4))
+            else {
+                continue;
+            };
+            let lport = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if lport == Some(port) && *st == "01" {
+                let tx = queues.split(':').next().unwrap_or("0");
+                total += u64::from_str_radix(tx, 16).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
 /// A raw HTTP/1.1 CONNECT to `authority` through `env`'s gateway, as the
 /// admin operator, with `extra` header lines (each ending in CRLF): the
 /// answer's head (lower case) and the TLS stream, whose next bytes are the

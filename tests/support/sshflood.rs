@@ -227,6 +227,12 @@ async fn connect_with(
         let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
         sock.bind(SocketAddr::new(from, 0))
             .map_err(|e| e.to_string())?;
+        if deaf.is_some() {
+            // A peer that will stop reading keeps its window small, so that
+            // what the hub sends it waits in the hub, not in the kernel.
+            sock.set_recv_buffer_size(8 * 1024)
+                .map_err(|e| e.to_string())?;
+        }
         let tcp = sock.connect(addr).await.map_err(|e| e.to_string())?;
         let connector = ca.map(|ca| {
             let mut roots = rustls::RootCertStore::empty();

@@ -191,14 +191,26 @@ fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
         }
         let n: u64 = num.parse().ok()?;
         num.clear();
-        total += match c {
+        // Checked: the query is the client's (`timeout=18446744073709551615s1s`
+        // wrapped past zero, and overflowed the wait below into a panic).
+        total = total.checked_add(match c {
             'h' => n.checked_mul(3600)?,
             'm' => n.checked_mul(60)?,
             's' => n,
             _ => return None,
-        };
+        })?;
     }
     (num.is_empty() && total > 0).then(|| std::time::Duration::from_secs(total))
+}
+
+/// How long the agent waits for the answer to a request that is not
+/// long-running: [`answer_timeout`], or what the request asks for
+/// (`?timeout=`) and 30 s for the server's own answer to it, if longer.
+fn answer_wait(query: Option<&str>) -> std::time::Duration {
+    let asked = asked_timeout(query)
+        .map(|t| t.saturating_add(std::time::Duration::from_secs(30)))
+        .unwrap_or_default();
+    answer_timeout().max(asked)
 }
 
 /// The member's API server as the agent forwards requests to it: kube's
@@ -524,14 +536,8 @@ async fn forward(
         Ok(b) => b,
         Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
-    let wait = (!long_running(parts.uri.path(), parts.uri.query(), upgrade)).then(|| {
-        // A request that asks for longer (`?timeout=`) gets that, and
-        // some room for the server's own answer to it.
-        let asked = asked_timeout(parts.uri.query())
-            .map(|t| t + std::time::Duration::from_secs(30))
-            .unwrap_or_default();
-        answer_timeout().max(asked)
-    });
+    let wait = (!long_running(parts.uri.path(), parts.uri.query(), upgrade))
+        .then(|| answer_wait(parts.uri.query()));
     let up_req = Request::from_parts(parts, kube::client::Body::from(body));
     let sent = api.send(up_req);
     let answer = match wait {
@@ -836,5 +842,22 @@ mod tests {
             assert_eq!(asked_timeout(Some(bad)), None, "{bad}");
         }
         assert_eq!(asked_timeout(None), None);
+    }
+
+    #[test]
+    fn timeouts_past_what_a_duration_holds_neither_wrap_nor_panic() {
+        let max = format!("timeout={}s", u64::MAX);
+        assert_eq!(
+            asked_timeout(Some(&max)),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        // The sum of two parts past u64: refused, not wrapped to a second.
+        let wrapped = format!("timeout={}s1s", u64::MAX);
+        assert_eq!(asked_timeout(Some(&wrapped)), None);
+        assert_eq!(asked_timeout(Some("timeout=5124095576030431h1h")), None);
+        // The wait adds 30 s to what is asked: saturates instead.
+        assert_eq!(answer_wait(Some(&max)), Duration::MAX);
+        assert_eq!(answer_wait(Some("timeout=600s")), Duration::from_secs(630));
+        assert_eq!(answer_wait(None), answer_timeout());
     }
 }

@@ -1564,7 +1564,11 @@ impl Session {
                         }
                     }
                 }
-                msg = self.priority_receiver.recv(), if !self.kex.active() && take_messages => {
+                // towerctl patch: answers to the peer's channel opens are
+                // taken whenever the peer is read (see the server's loop):
+                // a hub that reads nothing and opens channels is read only
+                // up to `OUTPUT_READ_LIMIT` of answers.
+                msg = self.priority_receiver.recv(), if !self.kex.active() && unwritten < crate::OUTPUT_READ_LIMIT => {
                     match msg {
                         Some(msg) => self.handle_msg(msg)?,
                         None => (),

@@ -836,7 +836,14 @@ impl Session {
                     debug!("timeout");
                     return Err(crate::Error::InactivityTimeout.into());
                 }
-                msg = self.priority_receiver.recv(), if !self.kex.active() && take_messages => {
+                // towerctl patch: answers to the peer's channel opens are
+                // taken whenever the peer is read, not only below the high
+                // water: held back, they added no output, so a peer that
+                // reads nothing and sends opens was read for ever, each open
+                // holding a channel and its queue here (unbounded memory).
+                // Taken, each adds its answer, and reading stops at
+                // `OUTPUT_READ_LIMIT`.
+                msg = self.priority_receiver.recv(), if !self.kex.active() && unwritten < crate::OUTPUT_READ_LIMIT => {
                     match msg {
                         Some(msg) => self.dispatch_msg(msg)?,
                         None => {
