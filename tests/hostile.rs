@@ -1614,3 +1614,99 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
         "the hub's RSS grew from {before} KiB to {after} KiB"
     );
 }
+
+/// An HTTP/2 string literal (no Huffman): its length as an HPACK integer
+/// with a 7-bit prefix, then its bytes.
+fn hpack_string(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    if s.len() < 127 {
+        out.push(s.len() as u8);
+    } else {
+        out.push(127);
+        let mut rest = s.len() - 127;
+        while rest >= 128 {
+            out.push((rest % 128) as u8 | 0x80);
+            rest /= 128;
+        }
+        out.push(rest as u8);
+    }
+    out.extend_from_slice(s);
+    out
+}
+
+/// An operator's HTTP/2 connection, idle past the gateway's idle timeout,
+/// that never answers the PING of the graceful close: hyper waits for the
+/// answer before its final GOAWAY, and the connection (with a descriptor of
+/// the hub) was held for ever, outside the caps on unauthenticated
+/// connections and on streams. Now it is dropped `CLOSE_GRACE` (10 s) after
+/// the graceful close began. (The idle timeout is 2 s here, 120 s by
+/// default.)
+#[test]
+fn an_idle_http2_connection_that_ignores_the_closing_ping_is_dropped() {
+    let env = Env::new();
+    assert!(env
+        .up_with_env(&[("TOWERCTL_GATEWAY_IDLE_TIMEOUT", "2")])
+        .ok());
+    let gateway = format!("127.0.0.1:{}", env.gateway_port());
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let mut tls = (*support::gateway_tls(&env)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let conn =
+        rustls::ClientConnection::new(Arc::new(tls), "localhost".try_into().unwrap()).unwrap();
+    let tcp = TcpStream::connect(&gateway).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    // GET /version as the admin: authenticated (a 404: no member named).
+    let mut head = vec![0x82, 0x87, 0x04, 8];
+    head.extend(b"/version");
+    head.extend([0x01, 9]);
+    head.extend(b"localhost");
+    head.push(0x00);
+    head.extend(hpack_string(b"authorization"));
+    head.extend(hpack_string(format!("Bearer {}", token.trim()).as_bytes()));
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    out.extend(h2_frame(1, 0x5, 1, &head));
+    s.write_all(&out).unwrap();
+    s.flush().unwrap();
+    // Read everything, answer nothing (not the server's SETTINGS, not its
+    // PINGs), until the hub closes the connection. Bounded: 40 s.
+    let (start, mut got, mut closed) = (Instant::now(), Vec::new(), None);
+    let mut buf = vec![0u8; 1 << 16];
+    while closed.is_none() && start.elapsed() < Duration::from_secs(40) {
+        match s.read(&mut buf) {
+            Ok(0) => closed = Some(start.elapsed()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => closed = Some(start.elapsed()),
+        }
+    }
+    // The request was answered, and the graceful close began (GOAWAY).
+    let mut at = 0;
+    let (mut headers, mut goaway, mut pings) = (false, false, 0);
+    while got.len() >= at + 9 {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        match got[at + 3] {
+            1 => headers = true,
+            6 => pings += 1,
+            7 => goaway = true,
+            _ => {}
+        }
+        at += 9 + len;
+    }
+    assert!(headers, "no answer to the authenticated request");
+    assert!(goaway, "no GOAWAY once idle ({} bytes read)", got.len());
+    let closed = closed.unwrap_or_else(|| {
+        panic!("the hub kept an idle connection that ignores its PING ({pings} PINGs) for 40 s")
+    });
+    assert!(
+        closed < Duration::from_secs(25),
+        "dropped only after {closed:?}"
+    );
+    eprintln!("dropped after {closed:?}, {pings} PINGs unanswered");
+}

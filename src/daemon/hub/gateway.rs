@@ -104,8 +104,26 @@ pub const PREAUTH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A kept-alive connection with no request in flight is closed after this
 /// (kubectl reconnects transparently); watches and streams in flight keep
-/// their connection.
+/// their connection. `TOWERCTL_GATEWAY_IDLE_TIMEOUT` (seconds) sets another.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a connection closed for being idle has to end by itself (an
+/// HTTP/2 client answers the closing PING, and its GOAWAY follows) before
+/// it is dropped: a client that never answered held its connection, and a
+/// descriptor of the hub, for ever.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// [`IDLE_TIMEOUT`], or `TOWERCTL_GATEWAY_IDLE_TIMEOUT` seconds.
+fn idle_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("TOWERCTL_GATEWAY_IDLE_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .map_or(IDLE_TIMEOUT, Duration::from_secs)
+    })
+}
 
 /// Headers of one request must arrive within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -471,7 +489,8 @@ struct Watch {
 impl Watch {
     /// Serves `conn` until it ends, is evicted before authenticating,
     /// misses the pre-auth deadline, or is idle for [`IDLE_TIMEOUT`]
-    /// (then closed gracefully).
+    /// (then closed gracefully, and dropped if still open [`CLOSE_GRACE`]
+    /// later).
     async fn drive<F, E>(self, conn: F, shutdown: impl Fn(std::pin::Pin<&mut F>))
     where
         F: std::future::Future<Output = Result<(), E>>,
@@ -506,9 +525,16 @@ impl Watch {
                         tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
                         break;
                     }
-                    if !closing && conn_state.idle_for().is_some_and(|d| d >= IDLE_TIMEOUT) {
+                    let idle = conn_state.idle_for();
+                    if !closing && idle.is_some_and(|d| d >= idle_timeout()) {
                         closing = true;
                         shutdown(conn.as_mut());
+                    }
+                    // Still idle a grace after the graceful close: dropped
+                    // (an HTTP/2 client that ignores the closing PING).
+                    if closing && idle.is_some_and(|d| d >= idle_timeout() + CLOSE_GRACE) {
+                        tracing::debug!(%peer, "gateway connection dropped: idle, and not closed within {CLOSE_GRACE:?} of being asked to");
+                        break;
                     }
                 }
                 _ = &mut cancel => break,
