@@ -298,10 +298,14 @@ pub(super) fn handle(
                 "no operator named '{name}'; 'towerctl operator list' shows them"
             )),
             Ok(_) => {
+                // Out of the cache first: its token stops working here even
+                // if the reload below fails (it would keep the cache).
+                let gone = hub.forget_operators(|o| o.name == name);
                 hub.reload_operators();
                 // Access ends now, not at the operator's next request: its
-                // open watches, exec, port-forward and CONNECT streams go.
-                let cut = hub.streams.cut(|op, _| op == name);
+                // open watches, exec, port-forward and CONNECT streams go
+                // (registered by token).
+                let cut = hub.streams.cut(|token, _| gone.iter().any(|h| h == token));
                 tracing::info!(operator = %name, "operator removed; {cut} open streams cut");
                 Response::ok(serde_json::json!({ "streamsCut": cut }))
             }

@@ -473,10 +473,10 @@ impl Hub {
 
     /// Run every second with a shared registry: on turning stale (see
     /// [`Hub::stale_refusal`]) says so and cuts every operator stream, as
-    /// a revocation would (this hub's admin may open new ones; every local
-    /// admin is named alike in the stream registry); while stale, cuts any
-    /// but a local admin's that began meanwhile (other hubs' admins are
-    /// refused new ones); says when the registry is confirmed again.
+    /// a revocation would (this hub's admin may open new ones); while
+    /// stale, cuts any but this hub's admin's that began meanwhile (other
+    /// hubs' admins are refused new ones); says when the registry is
+    /// confirmed again.
     pub fn check_stale(&self) {
         let refusal = self.stale_refusal();
         let was = self
@@ -490,7 +490,8 @@ impl Hub {
                 );
             }
             (true, Some(_)) => {
-                self.streams.cut(|op, _| op != LOCAL_ADMIN);
+                let own = self.own_admin_hashes();
+                self.streams.cut(|token, _| !own.iter().any(|h| h == token));
             }
             (true, None) => tracing::warn!(
                 "the shared registry is confirmed current again: serving operators' requests"
@@ -758,7 +759,11 @@ impl Hub {
         op: &Operator,
         cluster: &str,
     ) -> (super::access::Decision, Option<super::streams::StreamGuard>) {
-        let guard = self.streams.open(&op.name, cluster);
+        // By the operator's token, not its name: with several hubs each
+        // has its own admin (all named alike), and a name can be removed
+        // and added again with a new token; streams opened with a token
+        // that is gone are cut whatever else bears the name.
+        let guard = self.streams.open(&op.token_hash, cluster);
         let present = self
             .operators
             .read()
@@ -787,7 +792,7 @@ impl Hub {
             return None;
         }
         let max = max_streams_per_operator();
-        (self.streams.count(&op.name, cluster) > max).then(|| {
+        (self.streams.count(&op.token_hash, cluster) > max).then(|| {
             format!(
                 "operator '{}' has {max} streams open to cluster '{cluster}' already (requests in flight, watches, exec, port-forward and CONNECT connections; the limit per operator and member); close some and retry",
                 op.name
@@ -829,10 +834,11 @@ impl Hub {
     /// Cuts every open stream whose operator may no longer reach its member
     /// (after rules were narrowed or an operator removed); returns how many.
     pub fn recheck_streams(&self) -> usize {
+        // By token hash, as streams are registered (`admit`).
         let ops: HashMap<String, Operator> = self
             .operators
             .read()
-            .map(|m| m.values().map(|o| (o.name.clone(), o.clone())).collect())
+            .map(|m| m.iter().map(|(h, o)| (h.clone(), o.clone())).collect())
             .unwrap_or_default();
         let labels: HashMap<String, super::store::Labels> = match self.store.list_members() {
             Ok(ms) => ms.into_iter().map(|m| (m.name, m.labels)).collect(),
@@ -855,18 +861,61 @@ impl Hub {
         })
     }
 
-    /// Reloads the operator cache from the registry.
-    fn reload_operators(&self) {
+    /// Reloads the operator cache from the registry; false (logged) when
+    /// it could not, and the cache is as it was.
+    fn reload_operators(&self) -> bool {
         match self.store.list_operators() {
-            Ok(ops) => {
-                if let Ok(mut m) = self.operators.write() {
+            Ok(ops) => match self.operators.write() {
+                Ok(mut m) => {
                     *m = ops.into_iter().map(|o| (o.token_hash.clone(), o)).collect();
                     self.operators_generation
                         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    true
                 }
+                Err(_) => false,
+            },
+            Err(e) => {
+                tracing::error!("cannot load operators: {e}");
+                false
             }
-            Err(e) => tracing::error!("cannot load operators: {e}"),
         }
+    }
+
+    /// Takes the operators for which `gone` holds out of the cache (their
+    /// tokens stop working here at once, whether or not a reload follows);
+    /// returns their token hashes.
+    fn forget_operators(&self, gone: impl Fn(&Operator) -> bool) -> Vec<String> {
+        let Ok(mut m) = self.operators.write() else {
+            return Vec::new();
+        };
+        let hashes: Vec<String> = m
+            .iter()
+            .filter(|(_, o)| gone(o))
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in &hashes {
+            m.remove(h);
+        }
+        self.operators_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        hashes
+    }
+
+    /// The token hashes of this hub's own admin (`admin.token`), as the
+    /// cache has them.
+    fn own_admin_hashes(&self) -> Vec<String> {
+        let id = self.shared_id();
+        self.operators
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|o| {
+                        o.name == LOCAL_ADMIN && (id.is_empty() || o.hub.as_deref() == Some(id))
+                    })
+                    .map(|o| o.token_hash.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// What the metrics page shows, taken at once.
@@ -1503,5 +1552,86 @@ mod tests {
         assert!(b.try_hold().is_none());
         drop((two, three));
         assert!(b.try_hold().is_some());
+    }
+
+    /// Streams are registered by the token they were opened with: with
+    /// several hubs each has its own admin, all named `admin`, and a name
+    /// can be removed and added again with a new token. Registered by name,
+    /// a stream opened with a token that was gone stayed open as long as
+    /// anything bore its name (another hub's admin; the new alice).
+    #[tokio::test]
+    async fn streams_opened_with_a_token_that_is_gone_are_cut_whatever_else_bears_its_name() {
+        use crate::daemon::access::{names_selector, Effect, Subject};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::daemon::store::MemStore::default());
+        let hub = Hub::new(
+            store.clone(),
+            crate::daemon::audit::Auditor::start(dir.path().join("audit.log")),
+            String::new(),
+            Caps::from_fd_limit(1024),
+        );
+        let op = |name: &str, hash: &str, at: Option<&str>| Operator {
+            name: name.into(),
+            token_hash: hash.into(),
+            groups: vec![],
+            created_at: 1,
+            hub: at.map(Into::into),
+        };
+        let admin_a = op(LOCAL_ADMIN, "a1", Some("hub-a"));
+        let admin_b = op(LOCAL_ADMIN, "b1", Some("hub-b"));
+        let (alice_1, alice_2) = (op("alice", "t1", None), op("alice", "t2", None));
+        for o in [&admin_a, &admin_b, &alice_1] {
+            store.put_operator(o).unwrap();
+        }
+        assert!(store
+            .create_member(&crate::daemon::store::Member::new("alpha", "h".into(), 1))
+            .unwrap());
+        hub.access
+            .write()
+            .unwrap()
+            .add(
+                Effect::Allow,
+                Subject::Operator("alice".into()),
+                &names_selector(&["alpha".into()]),
+            )
+            .unwrap();
+        assert!(hub.reload_operators());
+        let admitted = |o: &Operator| {
+            let (d, g) = hub.admit(o, "alpha");
+            assert!(d.allowed, "{}: {}", o.name, d.why);
+            g.unwrap()
+        };
+        let (a, b, one) = (admitted(&admin_a), admitted(&admin_b), admitted(&alice_1));
+        // Hub A's admin.token replaced (its row goes), and alice removed and
+        // added again with a new token, applied in one reload (as a hub
+        // applies what it hears of another's changes in a batch).
+        store
+            .delete_operators(&|o| o.token_hash == "a1" || o.token_hash == "t1")
+            .unwrap();
+        store.put_operator(&alice_2).unwrap();
+        assert!(hub.reload_operators());
+        hub.recheck_streams();
+        assert!(
+            a.cut.is_cancelled(),
+            "a stream of hub A's replaced admin token"
+        );
+        assert!(one.cut.is_cancelled(), "a stream of alice's removed token");
+        assert!(
+            !b.cut.is_cancelled(),
+            "another hub's admin token is still there"
+        );
+        let two = admitted(&alice_2);
+        assert_eq!(hub.streams.count("t2", "alpha"), 1);
+        // `operator rm` takes the token out of the cache itself, whatever
+        // the reload after it does.
+        assert_eq!(
+            hub.forget_operators(|o| o.name == "alice"),
+            vec!["t2".to_string()]
+        );
+        assert!(!hub.operators.read().unwrap().contains_key("t2"));
+        let (d, g) = hub.admit(&alice_2, "alpha");
+        assert!(!d.allowed && g.is_none(), "{}", d.why);
+        hub.recheck_streams();
+        assert!(two.cut.is_cancelled());
     }
 }

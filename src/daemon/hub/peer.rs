@@ -577,6 +577,9 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hand_off = HandOff::default();
+    // Changes that could not be applied yet (their reload failed): retried
+    // with every later change, and until then nothing confirms the copy.
+    let (mut unapplied_operators, mut unapplied_settings) = (false, false);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -609,20 +612,29 @@ pub async fn run(
                     only_confirmations &= matches!(more, Change::Confirmed(_));
                     current = confirmed(&more).or(current);
                 }
-                if operators {
-                    hub.reload_operators();
-                }
+                operators |= unapplied_operators;
+                settings |= unapplied_settings;
+                unapplied_operators = operators && !hub.reload_operators();
                 if settings {
                     // Access rules changed on another hub.
-                    if let Err(e) = hub.load_access() {
-                        tracing::warn!("cannot load the access rules from etcd: {e}");
-                    }
+                    unapplied_settings = match hub.load_access() {
+                        Ok(()) => false,
+                        Err(e) => {
+                            tracing::warn!("cannot load the access rules from etcd: {e:#}");
+                            true
+                        }
+                    };
                 }
                 if operators || settings || members {
                     hub.recheck_streams();
                 }
-                // Only now: every change reported before it is applied.
-                if let Some(at) = current {
+                // Only now: every change reported before it is applied. A
+                // change that could not be applied (an operator list or
+                // access rules unreadable: etcd failing, or rules written by
+                // a newer hub) leaves the copy unconfirmed, so that past
+                // --store-max-stale this hub refuses operators rather than
+                // serve them by rules it no longer has.
+                if let (Some(at), false) = (current, unapplied_operators || unapplied_settings) {
                     hub.registry_confirmed(at);
                 }
                 if !only_confirmations {
