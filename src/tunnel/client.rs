@@ -103,6 +103,11 @@ fn learned_hubs(list: &str, pinned: bool) -> Vec<String> {
     hubs
 }
 
+/// Channels the hub opens that this agent does not serve, logged 10 a
+/// minute (then at debug): a hostile hub could open them without end.
+static REFUSED_CHANNELS: super::LogBudget =
+    super::LogBudget::new("refused channels from the hub", 10);
+
 /// Why a session ended.
 #[derive(Debug, Clone)]
 pub struct SessionEnd {
@@ -114,11 +119,27 @@ pub struct SessionEnd {
     pub from_hub: Option<String>,
 }
 
+impl SessionEnd {
+    /// The hub closed the session saying `message`: its words are kept for
+    /// the agent's log and the operator's `status` as plain text, one line,
+    /// bounded (a hostile or impostor hub could send escapes and newlines).
+    fn by_hub(message: &str) -> SessionEnd {
+        let message = super::printable(message, 500);
+        SessionEnd {
+            reason: format!("the hub closed the session: {message}"),
+            revoked: message.starts_with(REVOKED_PREFIX),
+            from_hub: Some(message),
+        }
+    }
+}
+
 impl AgentHandler {
     fn refuse(reply: russh::client::ChannelOpenHandle, kind: &str) {
-        tracing::warn!(
-            "refused a '{kind}' channel from the hub: agents only serve forwarded-tcpip"
-        );
+        if REFUSED_CHANNELS.admit() {
+            tracing::warn!(
+                "refused a '{kind}' channel from the hub: agents only serve forwarded-tcpip"
+            );
+        }
         drop(reply); // dropping rejects with AdministrativelyProhibited
     }
 }
@@ -188,11 +209,13 @@ impl russh::client::Handler for AgentHandler {
                 Confirm(reply),
             );
         } else {
-            tracing::warn!(
-                target = connected_address,
-                port = connected_port,
-                "refused a channel to a target this agent does not serve"
-            );
+            if REFUSED_CHANNELS.admit() {
+                tracing::warn!(
+                    target = %super::escape_for_log(connected_address, 100),
+                    port = connected_port,
+                    "refused a channel to a target this agent does not serve"
+                );
+            }
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -270,14 +293,9 @@ impl russh::client::Handler for AgentHandler {
         reason: russh::client::DisconnectReason<Self::Error>,
     ) -> Result<(), Self::Error> {
         let (end, r) = match reason {
-            russh::client::DisconnectReason::ReceivedDisconnect(info) => (
-                SessionEnd {
-                    reason: format!("the hub closed the session: {}", info.message),
-                    revoked: info.message.starts_with(REVOKED_PREFIX),
-                    from_hub: Some(info.message),
-                },
-                Ok(()),
-            ),
+            russh::client::DisconnectReason::ReceivedDisconnect(info) => {
+                (SessionEnd::by_hub(&info.message), Ok(()))
+            }
             russh::client::DisconnectReason::Error(e) => (
                 SessionEnd {
                     reason: format!("the tunnel failed: {e}"),
@@ -709,7 +727,8 @@ async fn connect_via_proxy(proxy: &str, host: &str, port: u16) -> std::io::Resul
     let code = status_line.split_whitespace().nth(1).unwrap_or("");
     if code != "200" {
         return Err(std::io::Error::other(format!(
-            "proxy answered '{status_line}'"
+            "proxy answered '{}'",
+            super::printable(status_line, 200)
         )));
     }
     Ok(s)
@@ -868,6 +887,28 @@ impl tokio::io::AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_hub_says_when_it_closes_the_session_is_kept_as_plain_text() {
+        let hostile = format!(
+            "auth: \x1b]0;owned\x07\nFAKE LOG LINE \u{202e}{}",
+            "x".repeat(100_000)
+        );
+        let end = SessionEnd::by_hub(&hostile);
+        for s in [&end.reason, end.from_hub.as_ref().unwrap()] {
+            assert!(
+                !s.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{s:?}"
+            );
+            assert!(s.len() < 1_000, "{} bytes", s.len());
+        }
+        assert!(end
+            .reason
+            .starts_with("the hub closed the session: auth:  ]0;owned  FAKE LOG LINE"));
+        assert!(!end.revoked);
+        let revoked = SessionEnd::by_hub(&format!("{REVOKED_PREFIX} by an operator"));
+        assert!(revoked.revoked, "{revoked:?}");
+    }
 
     #[test]
     fn redacts_proxy_credentials() {

@@ -533,7 +533,12 @@ fn on_message(s: &Shared, msg: ChannelMsg) -> bool {
             if st.received - st.consumed > st.receive_limit {
                 // Past its credit: a peer that breaks the protocol, or
                 // one without flow control. Never buffer beyond the bound.
-                tracing::warn!("the peer sent past its stream window; closing the stream");
+                // A hostile peer can do this on every stream: 10 a minute.
+                static PAST_WINDOW: super::LogBudget =
+                    super::LogBudget::new("streams the peer sent past their window", 10);
+                if PAST_WINDOW.admit() {
+                    tracing::warn!("the peer sent past its stream window; closing the stream");
+                }
                 st.broken = true;
                 st.closed = true;
                 st.discard();

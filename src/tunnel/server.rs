@@ -660,7 +660,11 @@ pub async fn open_as(
     // 300 KB request cost 13 s of the hub's CPU. Ours ask for 64 KiB.
     let packet = ch.writable_packet_size().await;
     if packet < MIN_PEER_PACKET {
-        tracing::info!("the agent accepted a channel taking packets of {packet} bytes (at least {MIN_PEER_PACKET} expected); closing it");
+        // On every request a hostile agent is sent: 10 a minute.
+        static TINY: super::LogBudget = super::LogBudget::new("channels with tiny packets", 10);
+        if TINY.admit() {
+            tracing::info!("the agent accepted a channel taking packets of {packet} bytes (at least {MIN_PEER_PACKET} expected); closing it");
+        }
         let _ = ch.close().await;
         return Err(russh::Error::ChannelOpenFailure(
             russh::ChannelOpenFailure::ResourceShortage,
@@ -687,12 +691,19 @@ pub async fn ping(
     alive: &super::Liveness,
 ) -> Option<Duration> {
     let answer = async {
-        matches!(
-            handle
-                .channel_open_forwarded_tcpip(TARGET_PING, 0, "127.0.0.1", 0)
-                .await,
-            Err(russh::Error::ChannelOpenFailure(_)) | Ok(_)
-        )
+        match handle
+            .channel_open_forwarded_tcpip(TARGET_PING, 0, "127.0.0.1", 0)
+            .await
+        {
+            Err(russh::Error::ChannelOpenFailure(_)) => true,
+            // Agents refuse it; one that accepts gets it closed again (a
+            // channel dropped open stays in the session, one a ping).
+            Ok(ch) => {
+                let _ = ch.close().await;
+                true
+            }
+            Err(_) => false,
+        }
     };
     super::await_keepalive(answer, deadline, alive).await
 }

@@ -20,6 +20,11 @@ use crate::daemon::wire::{DialCode, RawAnswer, RawIdentity};
 use crate::tunnel::client;
 use crate::tunnel::client::Confirm;
 
+/// Dials refused by the agent's policy or the member's RBAC, logged 10 a
+/// minute (then at debug; each is counted, and answered to its operator):
+/// an operator's refused requests must not rotate the agent's log away.
+static REFUSED_DIALS: crate::tunnel::LogBudget = crate::tunnel::LogBudget::new("refused dials", 10);
+
 /// Accepts the member's workload connections for one exposed name and
 /// carries each to the hub over whatever session is current (refused while
 /// there is none).
@@ -168,7 +173,9 @@ pub(super) async fn serve_raw(
             .map_err(|_| (DialCode::NotFound, format!("invalid port {port}")))?;
         let refuse = |d: crate::daemon::policy::Denied| {
             denied.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("refused a dial: {d}");
+            if REFUSED_DIALS.admit() {
+                tracing::warn!("refused a dial: {d}");
+            }
             (DialCode::Denied, d.public)
         };
         policy.check(&target, port).map_err(refuse)?;
@@ -202,7 +209,9 @@ pub(super) async fn serve_raw(
                 // way (get the service or deployment)?
                 let rbac_deny = |m: String| {
                     denied.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("refused a dial: {m}");
+                    if REFUSED_DIALS.admit() {
+                        tracing::warn!("refused a dial: {m}");
+                    }
                     (DialCode::Denied, m)
                 };
                 let who = match (&rbac, &who) {

@@ -44,6 +44,21 @@ impl Ask {
     }
 }
 
+/// A refusal in words. The operator's name is the hub's word and the
+/// reason the API server's: both plain text, bounded, before they reach the
+/// agent's log or the operator's terminal.
+fn refusal(user: &str, ask: &Ask, reason: Option<&str>) -> String {
+    let reason = reason
+        .filter(|r| !r.is_empty())
+        .map(|r| format!(": {}", crate::tunnel::printable(r, 500)))
+        .unwrap_or_default();
+    format!(
+        "the member's RBAC does not let operator '{}' {}{reason}",
+        crate::tunnel::printable(user, 100),
+        ask.describe()
+    )
+}
+
 type Key = (String, Vec<String>, Ask);
 type Answer = (Instant, Result<(), String>);
 
@@ -105,7 +120,7 @@ impl Rbac {
             .map_err(|e| {
                 format!(
                     "the member could not check whether operator '{}' may {} (SubjectAccessReview failed: {e}); the agent needs 'create subjectaccessreviews' in its RBAC",
-                    who.user,
+                    crate::tunnel::printable(&who.user, 100),
                     ask.describe()
                 )
             })?;
@@ -113,15 +128,34 @@ impl Rbac {
         if status.allowed && status.denied != Some(true) {
             return Ok(());
         }
-        let reason = status
-            .reason
-            .filter(|r| !r.is_empty())
-            .map(|r| format!(": {r}"))
-            .unwrap_or_default();
-        Err(format!(
-            "the member's RBAC does not let operator '{}' {}{reason}",
-            who.user,
-            ask.describe()
-        ))
+        Err(refusal(&who.user, ask, status.reason.as_deref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_refusal_names_the_operator_in_plain_text() {
+        let ask = super::Ask {
+            verb: "get",
+            group: "",
+            resource: "services",
+            subresource: None,
+            namespace: "prod".into(),
+            name: "db".into(),
+        };
+        let hostile = format!("eve\x1b]0;owned\x07\nFAKE LOG LINE{}", "x".repeat(10_000));
+        let m = super::refusal(&hostile, &ask, Some("no rule\r\nallows it"));
+        assert!(!m.chars().any(char::is_control), "{m:?}");
+        assert!(m.len() < 1_000, "{} bytes", m.len());
+        assert!(m.contains("operator 'eve ]0;owned  FAKE LOG LINE"), "{m}");
+        assert!(
+            m.ends_with("get services 'db' in namespace 'prod': no rule  allows it"),
+            "{m}"
+        );
+        assert_eq!(
+            super::refusal("alice", &ask, Some("")),
+            "the member's RBAC does not let operator 'alice' get services 'db' in namespace 'prod'"
+        );
     }
 }
