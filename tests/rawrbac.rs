@@ -184,4 +184,39 @@ fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
         .or_else(|| s["agents"][0]["deniedDials"].as_u64())
         .unwrap_or_else(|| panic!("no denied-dial count: {s}"));
     assert!(denied_dials >= 2, "{s}");
+
+    // A CONNECT naming a Service by its cluster DNS name is checked as
+    // svc/NAME: dialed as a host, it went past the member's RBAC with only
+    // the dial policy to stop it (a suffix rule like *.svc.cluster.local
+    // let every operator of the member reach every Service). Other names
+    // in the cluster's DNS name nothing RBAC can be asked about: refused.
+    let connect = |authority: &str| {
+        use std::io::{Read, Write};
+        let (head, mut s) = support::raw_connect(&hub, authority, "");
+        if head.starts_with("http/1.1 200") {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+                .unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        (head, String::from_utf8_lossy(&rest).into_owned())
+    };
+    let (head, body) = connect("10-0-0-1.default.pod.cluster.local.alpha:80");
+    assert!(head.starts_with("http/1.1 403"), "{head}{body}");
+    assert!(body.contains("forward to svc/NAME or pod/NAME"), "{body}");
+    // The local admin is impersonated as 'admin', bound to nothing here.
+    let before = api.subject_access_reviews();
+    let (head, body) = connect("web.default.svc.cluster.local.alpha:80");
+    assert!(head.starts_with("http/1.1 403"), "{head}{body}");
+    assert!(
+        body.contains(
+            "RBAC does not let operator 'admin' get services 'web' in namespace 'default'"
+        ),
+        "{body}"
+    );
+    assert_eq!(api.subject_access_reviews(), before + 1);
+    api.bind_user("admin");
+    let (head, body) = connect("honest.default.svc.cluster.local.alpha:80");
+    assert!(head.starts_with("http/1.1 200"), "{head}{body}");
+    assert!(body.contains("the pod answers"), "{body}");
 }

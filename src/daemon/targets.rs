@@ -115,6 +115,36 @@ impl Target {
     pub fn describe(&self) -> String {
         self.to_string()
     }
+
+    /// This target as an agent that impersonates operators dials it. A
+    /// host name in the cluster's DNS names a Kubernetes object, and the
+    /// member's RBAC is asked about it as about that object: dialed as a
+    /// host, `db.prod.svc.cluster.local` (allowed by a suffix rule) reached
+    /// a Service that `svc/db -n prod` would have refused. So
+    /// `NAME.NS.svc[.DOMAIN]` is the Service `NS/NAME`; other names in those
+    /// zones (a pod's `A-B-C-D.NS.pod.DOMAIN`, a StatefulSet member's
+    /// `POD.SVC.NS.svc.DOMAIN`) name nothing RBAC can be asked about and are
+    /// refused. Other hosts, and addresses, stay as they are (the dial
+    /// policy bounds them).
+    pub fn impersonated(self) -> Result<Target, String> {
+        let Target::Host(h) = &self else {
+            return Ok(self);
+        };
+        let lower = h.trim_end_matches('.').to_ascii_lowercase();
+        let labels: Vec<&str> = lower.split('.').collect();
+        if labels.len() >= 3 && labels[2] == "svc" && labels[..2].iter().all(|l| !l.is_empty()) {
+            return Ok(Target::Service {
+                ns: labels[1].to_string(),
+                name: labels[0].to_string(),
+            });
+        }
+        if labels.iter().skip(2).any(|l| matches!(*l, "svc" | "pod")) {
+            return Err(format!(
+                "'{h}' is a name in the cluster's DNS that the member's RBAC cannot be asked about (this member's agent acts as each operator); forward to svc/NAME or pod/NAME instead"
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// What [`Target::describe`] says, for messages built only when needed:
@@ -134,6 +164,38 @@ impl std::fmt::Display for Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_impersonation_cluster_dns_names_are_what_they_name() {
+        let host = |h: &str| Target::Host(h.into()).impersonated();
+        let svc = |ns: &str, name: &str| {
+            Ok(Target::Service {
+                ns: ns.into(),
+                name: name.into(),
+            })
+        };
+        assert_eq!(host("db.prod.svc.cluster.local"), svc("prod", "db"));
+        assert_eq!(host("db.prod.svc.cluster.local."), svc("prod", "db"));
+        assert_eq!(host("DB.Prod.SVC"), svc("prod", "db"));
+        assert_eq!(host("db.prod.svc.corp.internal"), svc("prod", "db"));
+        for unaskable in [
+            "10-0-0-5.prod.pod.cluster.local",
+            "db-0.db.prod.svc.cluster.local",
+        ] {
+            let e = host(unaskable).unwrap_err();
+            assert!(e.contains(unaskable) && e.contains("svc/NAME"), "{e}");
+        }
+        // Other hosts and addresses stay hosts (the dial policy bounds
+        // them); other targets are unchanged.
+        for h in ["10.96.0.10", "db.example.com", "svc.example.com", "a.svc"] {
+            assert_eq!(host(h), Ok(Target::Host(h.into())), "{h}");
+        }
+        let pod = Target::Pod {
+            ns: "a".into(),
+            name: "b".into(),
+        };
+        assert_eq!(pod.clone().impersonated(), Ok(pod));
+    }
 
     #[test]
     fn round_trips() {

@@ -166,11 +166,27 @@ pub(super) async fn serve_raw(
         services,
         rbac,
     } = d;
+    // Acting as the operator, a host name in the cluster's DNS is checked
+    // as what it names (`Target::impersonated`).
+    let (target, unaskable) = match &rbac {
+        Some(_) => match target.clone().impersonated() {
+            Ok(t) => (t, None),
+            Err(m) => (target, Some(m)),
+        },
+        None => (target, None),
+    };
     // Boxed: it is large, and the deadline below would otherwise copy it
     // whole into its own future (12 KB a connection, callgrind).
     let dial = Box::pin(async {
         let port = u16::try_from(port)
             .map_err(|_| (DialCode::NotFound, format!("invalid port {port}")))?;
+        if let Some(m) = &unaskable {
+            denied.fetch_add(1, Ordering::Relaxed);
+            if REFUSED_DIALS.admit() {
+                tracing::warn!("refused a dial: {m}");
+            }
+            return Err((DialCode::Denied, m.clone()));
+        }
         let refuse = |d: crate::daemon::policy::Denied| {
             denied.fetch_add(1, Ordering::Relaxed);
             if REFUSED_DIALS.admit() {
