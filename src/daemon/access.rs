@@ -39,10 +39,19 @@ impl std::fmt::Display for Subject {
 
 impl Subject {
     /// `operator:NAME` or `group:NAME`.
+    /// The name must be one an operator or group can have: a rule naming
+    /// `operator:Bob` (names are lower case) would match no one, and a deny
+    /// rule that matches no one fails open without a word.
     pub fn parse(s: &str) -> Result<Subject, String> {
         match s.split_once(':') {
-            Some(("operator", n)) if !n.is_empty() => Ok(Subject::Operator(n.to_string())),
-            Some(("group", n)) if !n.is_empty() => Ok(Subject::Group(n.to_string())),
+            Some(("operator", n)) if !n.is_empty() => {
+                crate::daemon::names::validate_name_of("operator", n)?;
+                Ok(Subject::Operator(n.to_string()))
+            }
+            Some(("group", n)) if !n.is_empty() => match crate::daemon::names::group_problem(n) {
+                Some(problem) => Err(problem),
+                None => Ok(Subject::Group(n.to_string())),
+            },
             _ => Err(format!(
                 "invalid subject '{s}': use operator:NAME or group:NAME (like group:payments)"
             )),
@@ -146,9 +155,13 @@ impl Policy {
         }
         let mut all = labels.clone();
         all.insert(NAME_LABEL.to_string(), name.to_string());
+        // A selector that does not parse (written by a newer hub, or by
+        // hand) fails closed: a deny rule with one denies every member to
+        // its subject, an allow rule with one allows none.
         let selects = |r: &Rule| {
             r.subject.covers(operator, groups)
-                && Selector::parse(&r.clusters).is_ok_and(|s| s.matches(&all))
+                && Selector::parse(&r.clusters)
+                    .map_or(r.effect == Effect::Deny, |s| s.matches(&all))
         };
         if let Some(r) = self
             .rules
@@ -234,5 +247,42 @@ mod tests {
             Subject::Group("payments".into())
         );
         assert!(Subject::parse("payments").is_err());
+    }
+
+    #[test]
+    fn subjects_no_operator_or_group_could_have_are_refused() {
+        let e = Subject::parse("operator:Bob").unwrap_err();
+        assert!(e.contains("invalid operator name 'Bob'"), "{e}");
+        assert!(Subject::parse("group:dev,ops").unwrap_err().contains("','"));
+        assert!(Subject::parse("group:system:masters").is_ok());
+        assert!(Subject::parse("operator:bob-2").is_ok());
+    }
+
+    /// Rules are read back from the registry, where a newer hub (or a hand)
+    /// may have written a selector this one cannot parse: such a deny rule
+    /// used to be skipped, so what it was meant to deny was allowed.
+    #[test]
+    fn a_selector_that_does_not_parse_fails_closed() {
+        let mut p = Policy::default();
+        let sel = names_selector(&["alpha".into()]);
+        p.add(Effect::Allow, Subject::Operator("alice".into()), &sel)
+            .unwrap();
+        p.add(Effect::Allow, Subject::Operator("bob".into()), &sel)
+            .unwrap();
+        let none = Labels::new();
+        assert!(p.decide("alice", &[], false, "alpha", &none).allowed);
+        let unreadable = |effect, who: &str| Rule {
+            id: 99,
+            effect,
+            subject: Subject::Operator(who.into()),
+            clusters: "env in (prod".into(),
+        };
+        p.rules.push(unreadable(Effect::Deny, "alice"));
+        let d = p.decide("alice", &[], false, "alpha", &none);
+        assert!(!d.allowed && d.why.contains("#99 deny"), "{d:?}");
+        // Not for others; an allow rule that cannot be read allows nothing.
+        assert!(p.decide("bob", &[], false, "alpha", &none).allowed);
+        p.rules.push(unreadable(Effect::Allow, "carol"));
+        assert!(!p.decide("carol", &[], false, "alpha", &none).allowed);
     }
 }
