@@ -1036,6 +1036,57 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
 /// member's session: it stops routing with the agent's own identity within
 /// a second or two (fails closed), and routes again once the setting is
 /// changed back, with no agent restart.
+/// `cluster rotate --new-key` on one hub retires the agent's key for every
+/// hub: the hub holding the session hears of it through etcd and cuts it
+/// (before, only a session on the hub where the command ran was cut, and a
+/// possibly stolen key went on serving the member through the other). The
+/// agent, its key and spent token refused, stops; the new join command
+/// brings the member back.
+#[test]
+fn a_key_retired_on_one_hub_cuts_the_session_on_the_hub_holding_it() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let machine = Env::new();
+    join(&hubs[0], &machine, "alpha", &api);
+    assert!(hubs[0].towerctl(&["use", "alpha"]).ok());
+    wait_for("alpha through hub 0", Duration::from_secs(10), || {
+        reaches(&hubs[0], "alpha").then_some(())
+    });
+    let agent = machine.pid_of("agent-alpha").expect("agent pid");
+    let o = hubs[1].towerctl(&["cluster", "rotate", "alpha", "--new-key"]);
+    assert!(o.ok(), "{o:?}");
+    let new_join = support::printed_command(&o.stdout, "join");
+    let at = Instant::now();
+    wait_for(
+        "the agent with the retired key to stop",
+        Duration::from_secs(20),
+        || {
+            (!std::path::Path::new(&format!("/proc/{agent}")).exists()
+                || std::fs::read_to_string(format!("/proc/{agent}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true))
+            .then_some(())
+        },
+    );
+    eprintln!(
+        "the agent stopped {:?} after the rotate on hub 1",
+        at.elapsed()
+    );
+    let log = std::fs::read_to_string(hubs[0].path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(log.contains("is no longer registered on the hub"), "{log}");
+    assert!(!reaches(&hubs[0], "alpha"));
+    let kc = machine.path("alpha.kubeconfig");
+    let o = machine.join(
+        &new_join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    wait_for("alpha back through hub 0", Duration::from_secs(10), || {
+        reaches(&hubs[0], "alpha").then_some(())
+    });
+}
+
 #[test]
 fn an_identity_mode_change_on_one_hub_applies_on_the_hub_holding_the_session() {
     let etcd = Etcd::start();

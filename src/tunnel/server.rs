@@ -88,7 +88,7 @@ pub struct HubHandler {
     proven_key: Option<PublicKey>,
     /// The cluster this session authenticated as.
     cluster: Option<String>,
-    authed: Option<oneshot::Sender<(String, String, Vec<String>)>>,
+    authed: Option<oneshot::Sender<Authed>>,
     /// Told when a join token was presented and refused in this connection.
     refused_tx: Option<oneshot::Sender<()>>,
     /// Why the agent said it is closing the session, if it did.
@@ -177,7 +177,8 @@ impl russh::server::Handler for HubHandler {
     ) -> Result<(), Self::Error> {
         if let (Some(name), Some(tx)) = (self.cluster.clone(), self.authed.take()) {
             let id = String::from_utf8_lossy(session.remote_sshid()).to_string();
-            let _ = tx.send((name, agent_version(&id), agent_features(&id)));
+            let key = self.proven_key.as_ref().and_then(|k| k.to_openssh().ok());
+            let _ = tx.send((name, agent_version(&id), agent_features(&id), key));
         }
         Ok(())
     }
@@ -360,10 +361,17 @@ pub fn agent_features(ssh_id: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a login established: the cluster name, the agent's version and
+/// features, and the key it proved (OpenSSH form).
+type Authed = (String, String, Vec<String>, Option<String>);
+
 /// An authenticated agent session.
 pub struct ServerSession {
     /// The cluster name the agent authenticated as.
     pub name: String,
+    /// The key the agent proved at login (OpenSSH form), if it proved one:
+    /// what the registry must still hold for the session to go on.
+    pub key: Option<String>,
     /// The agent's version, from its SSH identification string.
     pub version: String,
     /// What the agent declared about itself (its identification comment).
@@ -574,7 +582,7 @@ where
         .map_err(AcceptError::Handshake)?;
     let handle = running.handle();
     let _ = handle_slot.set(handle.clone());
-    let (name, version, features) = tokio::select! {
+    let (name, version, features, key) = tokio::select! {
         // The handler is dropped when the login fails, which closes `rx`
         // too: a refused token must still count as refused (the hub's
         // penalty for guessing), whichever branch sees the end first.
@@ -604,6 +612,7 @@ where
     let kill = cut_unless_logged_in.disarm();
     Ok(ServerSession {
         name,
+        key,
         version,
         features,
         handle,

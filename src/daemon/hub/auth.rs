@@ -106,6 +106,31 @@ impl Hub {
     }
 }
 
+/// Why `session` may not go on with the key it logged in with, if the
+/// registry no longer holds that key for its member: retired by `cluster
+/// rotate --new-key`, or the member removed and added again, on any hub
+/// (the hub holding the session only hears of it through the registry).
+pub(super) fn key_retired(
+    m: &crate::daemon::store::Member,
+    session: &super::LiveSession,
+) -> Option<String> {
+    let same = match (&m.agent_key, &session.key) {
+        (Some(k), Some(s)) => keys::ct_eq(k.trim(), s.trim()),
+        // A session that proved no key (a token alone) stands as long as
+        // no key was registered since.
+        (None, None) => true,
+        _ => false,
+    };
+    (!same).then(|| {
+        format!(
+            "{}the agent key of cluster '{}' is no longer registered on the hub (retired with 'towerctl cluster rotate {} --new-key', or the cluster removed and added again); join again with the new join token",
+            crate::tunnel::AUTH_PREFIX,
+            session.name,
+            session.name
+        )
+    })
+}
+
 pub(super) fn revoked_reason(name: &str) -> String {
     format!("{REVOKED_PREFIX}cluster '{name}' was revoked on the hub; to let it back, run 'towerctl cluster rm {name}' and 'towerctl cluster add {name}' there and join again")
 }

@@ -86,6 +86,8 @@ pub struct LiveSession {
     /// Distinguishes a session from its replacement under the same name.
     pub id: u64,
     pub name: String,
+    /// The key the agent proved at login (OpenSSH form), if any.
+    pub key: Option<String>,
     pub handle: russh::server::Handle,
     /// Where the agent connected from: `IP:PORT`, or behind a trusted
     /// proxy `CLIENT-IP via PROXY-IP:PORT`.

@@ -418,6 +418,12 @@ impl Cluster {
                     continue;
                 }
                 Ok(Some(m)) => {
+                    // `cluster rotate --new-key` (or `rm` and `add`) on
+                    // another hub: the key this session proved is gone.
+                    if let Some(why) = super::auth::key_retired(&m, &s) {
+                        cut(hub, &s, why);
+                        continue;
+                    }
                     // `cluster set --impersonate` on another hub: this hub
                     // must stop routing with the agent's identity at once.
                     if s.impersonate.swap(m.impersonate, Ordering::Relaxed) != m.impersonate {

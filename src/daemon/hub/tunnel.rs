@@ -536,6 +536,7 @@ async fn tunnel_session(
     let live = Arc::new(LiveSession {
         id: hub.next_id.fetch_add(1, Ordering::Relaxed),
         name: sess.name.clone(),
+        key: sess.key.clone(),
         handle: sess.handle.clone(),
         peer: Some(peer.clone()),
         connected_at: control::now_unix(),
@@ -569,7 +570,11 @@ async fn tunnel_session(
     // before it) must not leave a session registered: look again now that
     // the session is visible to the revoke's cut.
     match hub.store.get_member(&live.name) {
-        Ok(Some(m)) if !m.revoked => {}
+        Ok(Some(m)) if !m.revoked => {
+            if let Some(why) = super::auth::key_retired(&m, &live) {
+                live.close(&why).await;
+            }
+        }
         _ => {
             let why = super::auth::revoked_reason(&live.name);
             live.close(&why).await;
