@@ -66,7 +66,7 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     let o = alice.towerctl(&["use"]);
     assert!(!o.stdout.contains("alpha"), "{o:?}");
     let (code, _) = get(&hub, &alice_token, "/clusters/alpha/api/v1/namespaces");
-    assert_eq!(code, "404");
+    assert_eq!(code, "403");
 
     let o = hub.towerctl(&[
         "access",
@@ -110,10 +110,13 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     let o = bob.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
 
-    // A member alice may not reach answers exactly like one that does not exist.
+    // A member alice may not reach answers exactly like one that does not
+    // exist: 403, as RBAC would (a 404 made clients take objects for gone:
+    // `kubectl delete --ignore-not-found` succeeded without deleting).
     let (code_b, body_b) = get(&hub, &alice_token, "/clusters/beta/api/v1/namespaces");
     let (code_x, body_x) = get(&hub, &alice_token, "/clusters/nosuch/api/v1/namespaces");
-    assert_eq!(code_b, "404");
+    assert_eq!(code_b, "403", "{body_b}");
+    assert!(body_b.contains("\"reason\":\"Forbidden\""), "{body_b}");
     assert_eq!(code_b, code_x);
     assert_eq!(
         body_b.replace("beta", "NAME"),
@@ -135,6 +138,19 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     };
     let (ob, ox) = (kubectl_to("beta"), kubectl_to("nosuch"));
     assert!(!ob.ok() && !ox.ok(), "{ob:?} {ox:?}");
+    // Not taken for objects that are gone: a delete that tolerates absent
+    // objects fails (with a 404 it exited 0, having deleted nothing).
+    let o = alice.kubectl(&[
+        "delete",
+        "configmap",
+        "settings",
+        "--ignore-not-found",
+        "--server",
+        &format!("{gw}/clusters/beta"),
+        "--tls-server-name",
+        "localhost",
+    ]);
+    assert!(!o.ok() && o.stderr.contains("Forbidden"), "{o:?}");
     // (kubectl's own log lines carry times and pids: compare its verdict.)
     let verdict = |s: &str| s.lines().last().unwrap_or("").to_string();
     assert_eq!(
@@ -165,7 +181,7 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     };
     let (code_a, body_a) = as_carol("alpha");
     let (code_x, body_x) = as_carol("nosuch");
-    assert_eq!(code_a, "404", "{body_a}");
+    assert_eq!(code_a, "403", "{body_a}");
     assert_eq!(
         (code_a, body_a.replace("alpha", "NAME")),
         (code_x, body_x.replace("nosuch", "NAME"))

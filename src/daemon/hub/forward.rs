@@ -209,8 +209,13 @@ fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Arc<Operator>, 
         )
     })?;
     let (cluster, target, port) = super::gateway::connect_target(&parsed)?;
-    if !hub.decide(&operator, &cluster).allowed {
-        return Err(super::gateway::unknown_cluster(hub, &cluster).2);
+    let decision = hub.decide(&operator, &cluster);
+    if !decision.allowed {
+        let record = crate::daemon::audit::Record {
+            rule: Some(decision.why),
+            ..Default::default()
+        };
+        return Err(super::gateway::refused_member(hub, &operator, &cluster, &record).2);
     }
     let dest = Dest {
         token,

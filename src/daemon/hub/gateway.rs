@@ -746,12 +746,17 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         ..record
     };
     let Some(guard) = guard else {
-        let (code, reason, msg) = unknown_cluster(&hub, &name);
+        let (code, reason, msg) = refused_member(&hub, &operator, &name, &record);
         hub.auditor.record(Record {
             status: code.as_u16(),
             ..record
         });
-        return status_response(code, reason, &msg);
+        let mut resp = status_response(code, reason, &msg);
+        if code == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
+        return resp;
     };
     // `kubectl --as`: who a request acts as is the hub's to say (the
     // operator, or its impersonation on the member), never a client's. It
@@ -1176,7 +1181,7 @@ pub(super) async fn open_raw(
         ..Record::default()
     };
     let Some(guard) = guard else {
-        let (code, _, msg) = unknown_cluster(hub, cluster);
+        let (code, _, msg) = refused_member(hub, operator, cluster, &record);
         record.status = code.as_u16();
         hub.auditor.record(record);
         return Err(RawRefusal::Answer(code, msg));
@@ -1410,8 +1415,49 @@ pub(super) fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, St
             hub.dial_failures.add(DialFailure::NotConnected);
             (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", msg)
         }
-        _ => unknown_cluster(hub, name),
+        Ok(None) => unknown_cluster(hub, name),
+        Err(e) => {
+            tracing::error!(cluster = %name, "cannot read the member from the registry: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("the hub cannot read cluster '{name}' from its registry now; retry in a few seconds"),
+            )
+        }
     }
+}
+
+/// The answer for a member `op` may not reach — and, word for word, for
+/// one that is not registered (names do not leak): 403, as kube-apiserver
+/// answers what RBAC forbids. A 404 (`NotFound`) made clients believe the
+/// objects they asked about were gone: `kubectl delete --ignore-not-found`
+/// and `kubectl wait --for=delete` succeeded, and a Terraform provider
+/// dropped its resources from state, when only the operator's access had
+/// been narrowed. A registry that could not be read is a 503 to retry.
+/// (The local admin reaches every member: its unknown names are told as
+/// not registered, 404.)
+pub(super) fn refused_member(
+    hub: &Hub,
+    op: &super::Operator,
+    name: &str,
+    record: &Record,
+) -> (StatusCode, &'static str, String) {
+    if record.rule.as_deref() == Some(super::REGISTRY_UNREADABLE) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            format!("the hub cannot read its registry to check access to cluster '{name}' now; retry in a few seconds"),
+        );
+    }
+    if op.name == super::LOCAL_ADMIN {
+        return unknown_cluster(hub, name);
+    }
+    hub.dial_failures.add(DialFailure::UnknownCluster);
+    (
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!("operator '{}' may not reach cluster '{name}', or no cluster of that name is registered on this hub (both are answered alike); the hub's admin grants access with 'towerctl access allow'", op.name),
+    )
 }
 
 /// The answer for a member that does not exist — and, word for word, for

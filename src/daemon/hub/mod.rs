@@ -50,6 +50,9 @@ pub use forward::UNKNOWN_TOKEN as UNKNOWN_FORWARD_TOKEN;
 /// (`towerctl use` there runs as it).
 pub const LOCAL_ADMIN: &str = "admin";
 
+/// Why access was refused when the member's labels could not be read.
+pub(super) const REGISTRY_UNREADABLE: &str = "the registry cannot be read";
+
 /// How the hub is started.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -741,7 +744,7 @@ impl Hub {
                     tracing::error!(cluster = %name, "cannot read the member's labels; refusing: {e}");
                     return super::access::Decision {
                         allowed: false,
-                        why: "the registry cannot be read".into(),
+                        why: REGISTRY_UNREADABLE.into(),
                     };
                 }
             }
