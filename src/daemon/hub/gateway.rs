@@ -125,9 +125,6 @@ fn idle_timeout() -> Duration {
     })
 }
 
-/// Headers of one request must arrive within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Largest request head (line and headers) accepted; hyper's own default
 /// is about 400 KiB.
 const MAX_HEAD: usize = 64 * 1024;
@@ -355,7 +352,13 @@ pub async fn serve(
             } else {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    // hyper's head timer also runs while a kept-alive
+                    // connection waits for its next request: at 10 s it
+                    // closed every idle connection after 10 s, not the
+                    // idle timeout's 120 (a POST crossing the close fails:
+                    // clients do not send those again). The first head is
+                    // held to the pre-auth deadline (10 s from accept).
+                    .header_read_timeout(idle_timeout())
                     .max_buf_size(MAX_HEAD.max(8192))
                     .serve_connection(TokioIo::new(tls), svc)
                     .with_upgrades();
