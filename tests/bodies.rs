@@ -67,13 +67,17 @@ fn stalled_upload_of(
         }
     }
     let _ = s.flush();
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; 1024];
     let status = match read_answer(&mut s, &mut buf) {
-        Ok(n) if n > 0 => String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string(),
+        Ok(n) if n > 0 => {
+            // The status line, and whether the answer says when to retry.
+            let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+            let line = head.lines().next().unwrap_or("").to_string();
+            match head.lines().any(|l| l.starts_with("retry-after:")) {
+                true => format!("{line} (retry-after)"),
+                false => line,
+            }
+        }
         Ok(_) => "closed".into(),
         Err(e) => format!("no answer: {e}"),
     };
@@ -225,4 +229,12 @@ fn one_operators_stalled_uploads_do_not_block_the_others_writes() {
     let statuses: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let refused = statuses.iter().filter(|s| s.contains(" 503")).count();
     assert!((1..=2).contains(&refused), "{statuses:?}");
+    // Said when to retry: client-go retries a 503 only then.
+    assert!(
+        statuses
+            .iter()
+            .filter(|s| s.contains(" 503"))
+            .all(|s| s.ends_with("(retry-after)")),
+        "{statuses:?}"
+    );
 }

@@ -33,6 +33,17 @@ pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Respons
     r
 }
 
+/// `resp` with `Retry-After: SECS`: for refusals of towerctl's own that a
+/// moment may lift (the agent reconnecting, a budget full), made before
+/// anything reached the member. client-go retries a 5xx only when the
+/// answer says when (up to 10 times); without it, Helm or Argo CD failed
+/// at once.
+pub fn retry_after(mut resp: Response<Body>, secs: u32) -> Response<Body> {
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
 /// The JSON of a failed Kubernetes `Status`.
 pub fn status_json(code: StatusCode, reason: &str, message: &str) -> String {
     serde_json::json!({

@@ -534,6 +534,10 @@ async fn forward(
     parts.headers.remove(header::HOST);
     let (body, _reserved) = match read_body(body, budget, &operator).await {
         Ok(b) => b,
+        // A budget full (503) is lifted by others' requests ending.
+        Err((code, reason, msg)) if code == StatusCode::SERVICE_UNAVAILABLE => {
+            return crate::daemon::http::retry_after(status_response(code, reason, &msg), 1)
+        }
         Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
     let wait = (!long_running(parts.uri.path(), parts.uri.query(), upgrade))

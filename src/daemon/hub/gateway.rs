@@ -587,7 +587,7 @@ async fn open_channel(
 ) -> Result<Sender, Response<Body>> {
     let window = session.window(operator, crate::tunnel::flow::API_WINDOW);
     let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer, window.window).await.map_err(|e| {
-        status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds"))
+        crate::daemon::http::retry_after(status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds")), 1)
     })?;
     let stream = crate::tunnel::counted::Counted::new(
         stream,
@@ -789,6 +789,8 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
             ..record
         });
         drop(guard);
+        // No Retry-After: the operator's own streams hold the limit, for
+        // as long as they are open; clients would retry for 10 s in vain.
         return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
     }
     // Long-lived streams are recorded when they open and when they close;
