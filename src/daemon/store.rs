@@ -527,6 +527,8 @@ pub struct MemStore {
     operators: std::sync::Mutex<std::collections::BTreeMap<String, Operator>>,
     settings: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     pub writes: std::sync::atomic::AtomicUsize,
+    /// Set, member reads and writes fail (a registry that cannot be read).
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(test)]
@@ -535,11 +537,19 @@ impl MemStore {
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Io("the test made the store fail".into()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 impl Store for MemStore {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
+        self.check()?;
         Ok(self.members.lock().unwrap().get(name).cloned())
     }
     fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
@@ -556,6 +566,7 @@ impl Store for MemStore {
         name: &str,
         f: &mut dyn FnMut(&mut Member) -> bool,
     ) -> Result<Option<Member>, StoreError> {
+        self.check()?;
         let mut all = self.members.lock().unwrap();
         let Some(m) = all.get_mut(name) else {
             return Ok(None);

@@ -26,6 +26,11 @@ pub enum Verdict {
     /// can print it (SSH itself only says "failure"). Reasons start with
     /// [`super::AUTH_PREFIX`] or [`super::REVOKED_PREFIX`].
     Reject(Option<String>),
+    /// The hub cannot decide now (its registry cannot be read): the
+    /// connection is closed unanswered, as at accept, so that the agent
+    /// retries with its backoff. A refusal would stop it for good (agents
+    /// take every refusal as final), and the fault is the hub's.
+    Unavailable(String),
 }
 
 /// Decides whether an agent may log in. Implemented by the hub's registry.
@@ -137,7 +142,7 @@ impl russh::server::Handler for HubHandler {
     ) -> Result<Auth, Self::Error> {
         self.proven_key = Some(key.public_key.clone());
         let v = self.auth.check_key(user, key.public_key);
-        Ok(self.verdict(user, v))
+        self.verdict(user, v)
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
@@ -161,14 +166,17 @@ impl russh::server::Handler for HubHandler {
         let v = tokio::task::spawn_blocking(move || auth.check_token(&u, &p, k.as_ref()))
             .await
             .unwrap_or(Verdict::Reject(None));
-        if v == Verdict::Accept {
-            self.penalty.accepted();
-        } else {
-            if let Some(r) = self.refused_tx.take() {
-                let _ = r.send(());
+        match v {
+            Verdict::Accept => self.penalty.accepted(),
+            // Not the token's fault: not counted as a refusal.
+            Verdict::Unavailable(_) => {}
+            Verdict::Reject(_) => {
+                if let Some(r) = self.refused_tx.take() {
+                    let _ = r.send(());
+                }
             }
         }
-        Ok(self.verdict(user, v))
+        self.verdict(user, v)
     }
 
     async fn auth_succeeded(
@@ -271,11 +279,22 @@ impl HubHandler {
         self.noted.1 <= NOTED_PER_MINUTE
     }
 
-    fn verdict(&mut self, user: &str, v: Verdict) -> Auth {
-        match v {
+    fn verdict(&mut self, user: &str, v: Verdict) -> Result<Auth, russh::Error> {
+        Ok(match v {
             Verdict::Accept => {
                 self.cluster = Some(user.to_string());
                 Auth::Accept
+            }
+            Verdict::Unavailable(why) => {
+                static UNAVAILABLE: super::LogBudget =
+                    super::LogBudget::new("logins the hub could not decide", 10);
+                if UNAVAILABLE.admit() {
+                    tracing::warn!(
+                        cluster = %super::escape_for_log(user, 64),
+                        "agent login left undecided (the agent retries): {why}"
+                    );
+                }
+                return Err(russh::Error::Disconnect);
             }
             Verdict::Reject(reason) => {
                 if let Some(reason) = reason {
@@ -309,7 +328,7 @@ impl HubHandler {
                 }
                 Auth::reject()
             }
-        }
+        })
     }
 }
 

@@ -19,8 +19,10 @@ impl server::Authenticator for Hub {
         if validate_name(name).is_err() {
             return Verdict::Reject(None);
         }
-        let Ok(Some(m)) = self.store.get_member(name) else {
-            return Verdict::Reject(None);
+        let m = match self.store.get_member(name) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Verdict::Reject(None),
+            Err(e) => return Verdict::Unavailable(format!("the registry cannot be read: {e}")),
         };
         if m.revoked {
             return Verdict::Reject(Some(revoked_reason(name)));
@@ -56,8 +58,9 @@ impl server::Authenticator for Hub {
             }
             Ok(None) => return wrong_token(name),
             Err(e) => {
-                tracing::error!("registry error while checking a join token: {e}");
-                return Verdict::Reject(None);
+                return Verdict::Unavailable(format!(
+                    "the registry cannot be read to check a join token: {e}"
+                ));
             }
         }
         // The token would be accepted: spend it in one transaction that
@@ -85,11 +88,11 @@ impl server::Authenticator for Hub {
             });
         match r {
             Ok(_) => verdict,
-            Err(e) => {
-                tracing::error!("registry error while spending a join token: {e}");
-                // The token was right: say why it could not be used.
-                Verdict::Reject(Some(format!("{AUTH_PREFIX}the hub could not record the join in its registry (with several hubs: etcd may be unavailable); run the join command again in a minute")))
-            }
+            // The token was right but could not be spent (with several
+            // hubs: etcd may be unavailable): the agent tries again.
+            Err(e) => Verdict::Unavailable(format!(
+                "the join could not be recorded in the registry: {e}"
+            )),
         }
     }
 }
@@ -250,6 +253,32 @@ mod tests {
         );
         assert_eq!(store.writes.load(Ordering::Relaxed), writes);
         assert!(store.get_member("alpha").unwrap().unwrap().token_used);
+    }
+
+    /// A registry that cannot be read decides nothing: the login is left
+    /// undecided (the connection closed unanswered), not refused, since
+    /// agents take a refusal as final and stop for good over the hub's
+    /// own fault.
+    #[tokio::test]
+    async fn a_registry_that_cannot_be_read_refuses_no_agent_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hub) = hub(dir.path());
+        member(&store, "alpha", "tj_good", true);
+        let k = key();
+        store.failing.store(true, Ordering::SeqCst);
+        for v in [
+            hub.check_key("alpha", &k),
+            hub.check_token("alpha", "tj_good", Some(&k)),
+            hub.check_token("alpha", "tj_wrong", None),
+        ] {
+            assert!(matches!(v, Verdict::Unavailable(_)), "{v:?}");
+        }
+        store.failing.store(false, Ordering::SeqCst);
+        assert_eq!(
+            hub.check_token("alpha", "tj_good", Some(&k)),
+            Verdict::Accept
+        );
+        assert_eq!(hub.check_key("alpha", &k), Verdict::Accept);
     }
 
     #[tokio::test]

@@ -575,6 +575,14 @@ async fn tunnel_session(
                 live.close(&why).await;
             }
         }
+        // Cannot be confirmed now: closed, but not as a revocation, which
+        // would stop the agent for good; it reconnects.
+        Err(e) => {
+            let why = format!(
+                "the hub cannot read its registry to confirm the login now ({e}); reconnect later"
+            );
+            live.close(&why).await;
+        }
         _ => {
             let why = super::auth::revoked_reason(&live.name);
             live.close(&why).await;
