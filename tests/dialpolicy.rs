@@ -127,7 +127,9 @@ fn connect_raw(env: &Env, authority: &str) -> String {
     let gw = s["hub"]["gatewayURL"].as_str().unwrap().to_string();
     let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
     let ca = env.path("data/towerctl/ca.crt");
-    // curl shows the proxy's refusal body only with -v; use openssl instead.
+    // curl shows the proxy's refusal body only with -v; use openssl instead
+    // (`-no_ign_eof`: it ends when its input does, 3 s on, not when the
+    // hub closes the kept-alive connection, which is idle for 120 s).
     let hostport = gw
         .trim_start_matches("https://")
         .trim_end_matches('/')
@@ -139,7 +141,7 @@ fn connect_raw(env: &Env, authority: &str) -> String {
     let mut cmd = std::process::Command::new("sh");
     cmd.arg("-c")
         .arg(format!(
-            "(printf '%s' \"$REQ\"; sleep 3) | openssl s_client -quiet -connect {hostport} -CAfile {} 2>/dev/null",
+            "(printf '%s' \"$REQ\"; sleep 3) | openssl s_client -quiet -no_ign_eof -connect {hostport} -CAfile {} 2>/dev/null",
             ca.display()
         ))
         .env("REQ", req);

@@ -197,8 +197,19 @@ fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
             s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
                 .unwrap();
         }
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest);
+        // A refusal's body by its length (the connection stays open);
+        // the stream's until the target closes it.
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let mut rest = vec![0u8; length.unwrap_or(0)];
+        match length {
+            Some(_) => s.read_exact(&mut rest).unwrap(),
+            None => {
+                let _ = s.read_to_end(&mut rest);
+            }
+        }
         (head, String::from_utf8_lossy(&rest).into_owned())
     };
     let (head, body) = connect("10-0-0-1.default.pod.cluster.local.alpha:80");
