@@ -40,6 +40,40 @@ pub mod wire;
 /// `cancel` fires. Accept errors (out of file descriptors, a reset before
 /// accept) are logged and retried after a short pause instead of ending
 /// the listener.
+/// TCP keepalive on an accepted connection: a probe after 60 s of
+/// silence, every 10 s, 6 unanswered end it. A client that vanished (a
+/// laptop put to sleep, a NAT entry dropped) during a quiet `exec`, `logs
+/// -f` or port-forward otherwise held its stream, its channel to the agent
+/// and its place under the operator's stream limit for ever; kube-apiserver
+/// probes its clients the same way.
+pub fn keepalive(tcp: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let set = |level, name, value: libc::c_int| {
+        // SAFETY: `fd` is an open socket for the duration of the call, and
+        // the option value is a c_int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    let ok = set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1) == 0
+        && set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60) == 0
+        && set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10) == 0
+        && set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6) == 0;
+    if !ok {
+        tracing::debug!(
+            "cannot set TCP keepalive: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub async fn accept_next(
     listener: &tokio::net::TcpListener,
     cancel: &tokio_util::sync::CancellationToken,
@@ -51,6 +85,7 @@ pub async fn accept_next(
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     crate::tunnel::nodelay(&tcp);
+                    keepalive(&tcp);
                     return Some((tcp, peer));
                 }
                 Err(e) => {
@@ -67,5 +102,40 @@ pub async fn accept_next(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod accept_tests {
+    /// Accepted connections carry TCP keepalive (60 s, then every 10 s, 6
+    /// probes).
+    #[tokio::test]
+    async fn accepted_connections_are_probed_when_silent() {
+        use std::os::fd::AsRawFd;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (tcp, _) = super::accept_next(&l, &cancel, "test").await.unwrap();
+        let get = |level, name| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: an open socket; `v` and `len` describe a c_int.
+            let r = unsafe {
+                libc::getsockopt(
+                    tcp.as_raw_fd(),
+                    level,
+                    name,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 60);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
+        assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 6);
     }
 }

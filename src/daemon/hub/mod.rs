@@ -1286,11 +1286,15 @@ pub async fn run(
         refusing_operators: None,
     };
 
+    // Subscribed before the first load: a change that lands between the
+    // load and a later subscription (an operator removed, a deny rule) was
+    // dropped unheard, and stayed unapplied until the next change of its
+    // kind, while confirmations marked the copy current.
+    let changes = shared.as_ref().map(|(s, _, _)| s.subscribe());
     hub.reload_operators();
     hub.load_access()?;
     let tracker = hub.tasks.clone();
-    if let Some((shared, id, info)) = shared {
-        let changes = shared.subscribe();
+    if let (Some((shared, id, info)), Some(changes)) = (shared, changes) {
         let cluster = peer::Cluster::start(shared, id.clone(), info, &tls.ca_pem)?;
         let _ = hub.cluster.set(cluster.clone());
         tracing::info!(hub_id = %id, "sharing the registry with other hubs");
