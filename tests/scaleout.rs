@@ -1087,6 +1087,56 @@ fn a_key_retired_on_one_hub_cuts_the_session_on_the_hub_holding_it() {
     });
 }
 
+/// An owner key naming a session its hub no longer has (its release failed
+/// while etcd was away, or landed before its claim) is removed by that hub:
+/// before, other hubs showed the member connected and sent its requests
+/// there, to be answered 503, for as long as the hub lived.
+#[test]
+fn an_owner_key_left_by_a_session_that_ended_is_removed_by_its_hub() {
+    use base64::Engine;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let machine = Env::new();
+    join(&hubs[0], &machine, "alpha", &api);
+    assert!(hubs[0].towerctl(&["cluster", "add", "ghost"]).ok());
+    let range = |key: &str| {
+        etcd_post(
+            &etcd.client,
+            "/v3/kv/range",
+            &format!(r#"{{"key":"{}"}}"#, b64(key.as_bytes())),
+        )
+        .and_then(|r| r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["kvs"][0]["value"].as_str().map(str::to_string))
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+    };
+    // Hub 0's owner key for alpha says what such a key looks like.
+    let alpha = wait_for("alpha's owner key", Duration::from_secs(10), || {
+        range("/towerctl/owners/alpha")
+    });
+    let mut ghost: serde_json::Value = serde_json::from_str(&alpha).unwrap();
+    ghost["session"] = serde_json::json!(999_999);
+    let put = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64(b"/towerctl/owners/ghost"),
+        b64(ghost.to_string().as_bytes())
+    );
+    assert!(etcd_post(&etcd.client, "/v3/kv/put", &put).is_some());
+    let at = Instant::now();
+    wait_for(
+        "hub 0 to remove the stale owner key",
+        Duration::from_secs(10),
+        || range("/towerctl/owners/ghost").is_none().then_some(()),
+    );
+    eprintln!("removed {:?} after it was written", at.elapsed());
+    // alpha's own key, of a live session, stays.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(range("/towerctl/owners/alpha"), Some(alpha));
+}
+
 #[test]
 fn an_identity_mode_change_on_one_hub_applies_on_the_hub_holding_the_session() {
     let etcd = Etcd::start();

@@ -481,6 +481,37 @@ impl Cluster {
                 }
             }
         }
+        self.drop_stale_owner_keys(hub);
+    }
+
+    /// Owner keys naming a session of this hub that is no longer here (its
+    /// release failed with etcd away, or landed before its claim): other
+    /// hubs showed the member connected and sent its requests here, to be
+    /// answered 503, for as long as this hub lived. Removed only if they
+    /// still hold that value (a newer claim wins).
+    fn drop_stale_owner_keys(self: &Arc<Self>, hub: &Hub) {
+        for (rel, value, _) in self.store.cached_under("owners/") {
+            let Ok(o) = serde_json::from_slice::<Owner>(&value) else {
+                continue;
+            };
+            let name = rel.trim_start_matches("owners/");
+            if o.hub != self.id || hub.session(name).is_some_and(|s| s.id == o.session) {
+                continue;
+            }
+            let st = self.store.clone();
+            hub.tasks.spawn(async move {
+                let name = rel.trim_start_matches("owners/").to_string();
+                match tokio::task::spawn_blocking(move || st.delete_if(&rel, &value)).await {
+                    Ok(Ok(true)) => {
+                        tracing::info!(cluster = %name, "removed this hub's owner key of a session that ended")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(cluster = %name, "cannot remove a stale owner key yet: {e}")
+                    }
+                    _ => {}
+                }
+            });
+        }
     }
 
     /// Where a request for `name`, which has no session here, should go.
