@@ -1137,6 +1137,52 @@ fn an_owner_key_left_by_a_session_that_ended_is_removed_by_its_hub() {
     assert_eq!(range("/towerctl/owners/alpha"), Some(alpha));
 }
 
+/// A hub whose record in etcd is gone while its lease lives (a new lease
+/// taken whose write then failed, or the key deleted) writes it again: it
+/// used to drop out of agents' hub lists, join commands and hand-offs for
+/// good.
+#[test]
+fn a_hub_whose_record_is_gone_writes_it_again() {
+    use base64::Engine;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let etcd = Etcd::start();
+    let _hubs: [Env; 2] = hubs_on(&etcd);
+    let range = format!(
+        r#"{{"key":"{}","range_end":"{}","count_only":true}}"#,
+        b64(b"/towerctl/hubs/"),
+        b64(b"/towerctl/hubs0")
+    );
+    let count = || {
+        etcd_post(&etcd.client, "/v3/kv/range", &range)
+            .and_then(|r| r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .map(|v| {
+                v["count"]
+                    .as_str()
+                    .and_then(|c| c.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    };
+    wait_for("both hubs' records", Duration::from_secs(10), || {
+        (count() == 2).then_some(())
+    });
+    let delete = format!(
+        r#"{{"key":"{}","range_end":"{}"}}"#,
+        b64(b"/towerctl/hubs/"),
+        b64(b"/towerctl/hubs0")
+    );
+    assert!(etcd_post(&etcd.client, "/v3/kv/deleterange", &delete).is_some());
+    assert_eq!(count(), 0);
+    let at = Instant::now();
+    wait_for(
+        "both hubs' records written again",
+        Duration::from_secs(15),
+        || (count() == 2).then_some(()),
+    );
+    eprintln!("written again {:?} after they were deleted", at.elapsed());
+}
+
 #[test]
 fn an_identity_mode_change_on_one_hub_applies_on_the_hub_holding_the_session() {
     let etcd = Etcd::start();

@@ -235,6 +235,7 @@ impl Cluster {
     /// warning every few seconds.
     fn keep_lease(self: Arc<Self>, cancel: CancellationToken) {
         let mut failed: u64 = 0;
+        let mut missing = 0u32;
         let every = (60 / KEEPALIVE.as_secs().max(1)).max(1);
         while !cancel.is_cancelled() {
             std::thread::sleep(KEEPALIVE);
@@ -247,7 +248,34 @@ impl Cluster {
                 failed = 0;
             }
             match r {
-                Ok(true) => {}
+                Ok(true) => {
+                    // The lease lives but our record is gone (a new lease
+                    // taken whose write failed, or the key deleted): other
+                    // hubs and agents no longer see this hub. Written again
+                    // once it has been missing at two renewals in a row
+                    // (not racing the watch that brings our own write).
+                    let rel = format!("hubs/{}", self.id);
+                    missing = match self.store.cached(&rel) {
+                        Some(_) => 0,
+                        None => missing + 1,
+                    };
+                    if missing >= 2 {
+                        match serde_json::to_vec(&self.info) {
+                            Ok(v) => match self.store.put_raw(&rel, &v, lease) {
+                                Ok(_) => {
+                                    tracing::warn!(
+                                        "this hub's record in etcd was missing; written again"
+                                    );
+                                    missing = 0;
+                                }
+                                Err(e) => tracing::warn!(
+                                    "cannot write this hub's record in etcd again: {e}"
+                                ),
+                            },
+                            Err(e) => tracing::warn!("cannot encode this hub's record: {e}"),
+                        }
+                    }
+                }
                 Ok(false) => {
                     tracing::warn!("this hub's etcd lease expired; taking a new one and claiming its sessions again");
                     if let Err(e) = self.announce() {
