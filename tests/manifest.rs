@@ -342,6 +342,51 @@ fn kubectl_accepts_the_manifest() {
     }
 }
 
+/// What a pod cannot use is refused, not printed: a probe address the
+/// kubelet cannot reach (the pod's loopback, port 0: the agent would be
+/// restarted for ever), and push mode, which the manifest does not carry
+/// (the pod would run without it, silently).
+#[test]
+fn what_a_pod_cannot_use_is_refused_with_the_fix() {
+    let env = Env::new();
+    let refused = |extra: &[&str]| {
+        let mut args = vec![
+            "join",
+            "alpha",
+            "--token",
+            "tj_secret",
+            "--hub",
+            "ws://hub.example:8080/tunnel",
+            "--hub-key",
+            KEY,
+            "--print-manifest",
+        ];
+        args.extend_from_slice(extra);
+        let o = env.towerctl(&args);
+        assert!(!o.ok() && o.stdout.is_empty(), "{extra:?}: {o:?}");
+        o.stderr
+    };
+    for addr in ["127.0.0.1:9090", "[::1]:8081", "0.0.0.0:0"] {
+        let e = refused(&["--probe-addr", addr]);
+        assert!(
+            e.contains("cannot be probed in a pod") && e.contains("0.0.0.0:8081"),
+            "{e}"
+        );
+    }
+    let e = refused(&["--expose", "db=10.0.0.5:5432"]);
+    assert!(
+        e.contains("--expose (push mode) is not in the printed manifest"),
+        "{e}"
+    );
+    // A port of its own on any address is taken.
+    let docs = print(&["--probe-addr", "0.0.0.0:9090"]);
+    let deploy = of_kind(&docs, "Deployment")[0];
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        9090
+    );
+}
+
 #[test]
 fn a_bad_namespace_is_refused_with_the_rule() {
     let env = Env::new();

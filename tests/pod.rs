@@ -63,8 +63,12 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
     env.up_on(&tunnel, "127.0.0.1:0");
     let join = env.cluster_add("alpha");
 
-    // The manifest the operator would apply, with a local probe address.
-    let probe_addr = format!("127.0.0.1:{}", free_port());
+    // The manifest the operator would apply, with a probe port of its
+    // own (any address, as in a pod: probed here over loopback, both
+    // families).
+    let probe_port = free_port();
+    let probe_any = format!("0.0.0.0:{probe_port}");
+    let probe_addr = format!("127.0.0.1:{probe_port}");
     let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
     args.extend([
         "--keepalive",
@@ -72,7 +76,7 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
         "--backoff-cap",
         "1s",
         "--probe-addr",
-        &probe_addr,
+        &probe_any,
         "--print-manifest",
     ]);
     let o = env.towerctl(&args);

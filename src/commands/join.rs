@@ -155,6 +155,15 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
         }
         let mut cfg = config_from_opts_for_manifest(&a.name, &a.opts)?;
         cfg.kubeconfig = None;
+        if let Some(p) = &cfg.probe_addr {
+            let addr: std::net::SocketAddr = p.parse()?;
+            if addr.ip().is_loopback() || addr.port() == 0 {
+                bail!("--probe-addr {p} cannot be probed in a pod: the kubelet reaches the pod's own IP, not its loopback, on a fixed port; use 0.0.0.0:PORT (the default, 0.0.0.0:8081)");
+            }
+        }
+        if !cfg.exposes.is_empty() {
+            bail!("--expose (push mode) is not in the printed manifest: the pod would run without it; run the agent with 'towerctl join' on a machine in the member network, or add '--expose NAME=HOST:PORT' to the Deployment's args and a Service for it yourself");
+        }
         let hub_ca_pem = match &cfg.hub_ca {
             Some(p) => Some(
                 std::fs::read_to_string(p)

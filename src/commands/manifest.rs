@@ -20,6 +20,9 @@ const HUB_CA_KEY: &str = "hub-ca.pem";
 /// Where the pod's agent serves `/healthz` and `/readyz` unless
 /// `--probe-addr` says otherwise.
 pub const POD_PROBE_ADDR: &str = "0.0.0.0:8081";
+
+/// The namespace `--print-manifest` creates when none is named.
+pub const DEFAULT_NAMESPACE: &str = "towerctl-system";
 /// The only writable path of the pod (an in-memory emptyDir): HOME and the
 /// XDG directories (pid file and control socket) point into it.
 const SCRATCH: &str = "/tmp";
@@ -223,9 +226,15 @@ pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {
         .to_string();
     let mut out = String::new();
     out.push_str(&format!(
-        "# towerctl agent for cluster '{}'; apply in the member: kubectl apply -f -\n# The Secret holds the join token and the agent's private key.\n",
-        cfg.name
+        "# towerctl agent for cluster '{}'; apply in the member: kubectl apply -f -\n# The Secret holds the join token and the agent's private key.\n# Printed again, the Secret holds a new key and the same (spent) token:\n# to change the image, use 'kubectl set image'; to start over, print\n# with the command 'towerctl cluster rotate {}' prints.\n",
+        cfg.name, cfg.name
     ));
+    if o.namespace != DEFAULT_NAMESPACE {
+        out.push_str(&format!(
+            "# It declares namespace '{}': 'kubectl delete -f' deletes it, with everything in it.\n",
+            o.namespace
+        ));
+    }
     for d in documents(cfg, &pem, o) {
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&d)?);

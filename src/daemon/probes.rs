@@ -23,11 +23,48 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest life of one probe connection.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Binds `addr` for [`serve`], naming the flag in the error.
+/// Binds `addr` for [`serve`], naming the flag in the error. Any IPv4
+/// address (`0.0.0.0:PORT`, the manifest's) is taken as any address at all:
+/// both families where the host has IPv6 (`[::]:PORT`, IPv4 mapped), as a
+/// kubelet probes the pod's first IP, which is IPv6 on IPv6-only and
+/// IPv6-first dual-stack clusters (bound to IPv4 only, the probes were
+/// refused and the agent restarted every 30 s); IPv4 alone otherwise.
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let fail = |e: std::io::Error| {
         anyhow::anyhow!("cannot listen on '{addr}' for the health probes: {e}; choose another address with --probe-addr")
-    })
+    };
+    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+        if a.ip() == std::net::Ipv4Addr::UNSPECIFIED {
+            if let Ok(l) = bind_any_family(a.port()) {
+                return Ok(l);
+            }
+        }
+    }
+    TcpListener::bind(addr).await.map_err(fail)
+}
+
+/// `[::]:port` taking IPv4 too (`IPV6_V6ONLY` off, whatever the host's
+/// default).
+fn bind_any_family(port: u16) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    let s = tokio::net::TcpSocket::new_v6()?;
+    let off: libc::c_int = 0;
+    // SAFETY: an open socket; the value is a c_int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    s.set_reuseaddr(true)?;
+    s.bind((std::net::Ipv6Addr::UNSPECIFIED, port).into())?;
+    s.listen(64)
 }
 
 /// The answer to one probe request.
@@ -87,6 +124,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The manifest's `0.0.0.0:PORT` answers on IPv6 too (a kubelet probes
+    /// the pod's first IP), and on IPv4.
+    #[tokio::test]
+    async fn any_ipv4_address_listens_on_both_families() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = bind("0.0.0.0:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve(l, || true, cancel.clone()));
+        let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+        let mut addrs = vec![format!("127.0.0.1:{port}")];
+        if ipv6 {
+            addrs.push(format!("[::1]:{port}"));
+        }
+        for a in addrs {
+            let mut s = tokio::net::TcpStream::connect(&a).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..n]);
+            assert!(head.starts_with("HTTP/1.1 200"), "{a}: {head}");
+        }
+        cancel.cancel();
+    }
 
     #[test]
     fn readiness_follows_the_tunnel() {
