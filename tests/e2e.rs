@@ -2308,3 +2308,59 @@ fn a_channel_confirmed_after_its_forward_ended_is_closed_and_its_target_let_go()
         String::from_utf8_lossy(&got)
     );
 }
+
+/// A port-forward through the gateway whose hub stops answering (its host
+/// gone, a VPN dropped; here the hub stopped with SIGSTOP) says so for
+/// each new connection within the deadlines (the CONNECT's answer 25 s),
+/// instead of holding them with no end; and goes on once the hub answers
+/// again.
+#[test]
+fn a_port_forward_whose_gateway_stops_answering_says_so_and_recovers() {
+    use std::io::{Read, Write};
+    let (env, _api) = echo_member();
+    let mut cmd = env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]);
+    cmd.env("TOWERCTL_FORWARD_VIA", "gateway");
+    let pf = support::Streaming::start(cmd);
+    let port = support::forwarded_port(&pf);
+    let echo_once = |what: &str| -> std::io::Result<()> {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        c.set_read_timeout(Some(Duration::from_secs(40)))?;
+        c.write_all(what.as_bytes())?;
+        let mut buf = vec![0u8; what.len()];
+        c.read_exact(&mut buf)?;
+        (buf == what.as_bytes())
+            .then_some(())
+            .ok_or_else(|| std::io::Error::other("not echoed"))
+    };
+    echo_once("before").expect("the forward works");
+    let hub = env.pid_of("hub").unwrap();
+    // SAFETY: a plain signal to the hub this test started.
+    unsafe { libc::kill(hub, libc::SIGSTOP) };
+    let resume = scopeguard_cont(hub);
+    let at = std::time::Instant::now();
+    let stalled = echo_once("during");
+    let took = at.elapsed();
+    drop(resume);
+    assert!(stalled.is_err(), "echoed through a stopped hub?");
+    assert!(
+        took < Duration::from_secs(35),
+        "the connection was held {took:?}"
+    );
+    pf.wait_for("did not answer within", Duration::from_secs(5));
+    wait_for("the forward to work again", Duration::from_secs(30), || {
+        echo_once("after").ok()
+    });
+}
+
+/// Sends SIGCONT to `pid` when dropped (a stopped hub must not outlive a
+/// failed assertion).
+fn scopeguard_cont(pid: i32) -> impl Drop {
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            // SAFETY: a plain signal to a process this test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    Cont(pid)
+}

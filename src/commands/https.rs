@@ -105,21 +105,37 @@ impl GatewayClient {
         })
     }
 
-    /// A TLS connection to the gateway.
+    /// A TLS connection to the gateway, within [`CONNECT_DEADLINE`]: a hub
+    /// gone with its host (or a VPN dropped) left a TCP connect waiting
+    /// for minutes, and something that accepts and never answers TLS, for
+    /// ever.
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let (host, port) = (&self.host, self.port);
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        let connecting = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
+            crate::tunnel::nodelay(&tcp);
+            let name = ServerName::try_from(host.clone())
+                .with_context(|| format!("invalid server name '{host}'"))?;
+            self.connector
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake with the gateway failed (is the CA right?)")
+        };
+        tokio::time::timeout(CONNECT_DEADLINE, connecting)
             .await
-            .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
-        crate::tunnel::nodelay(&tcp);
-        let name = ServerName::try_from(host.clone())
-            .with_context(|| format!("invalid server name '{host}'"))?;
-        self.connector
-            .connect(name, tcp)
-            .await
-            .context("TLS handshake with the gateway failed (is the CA right?)")
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the gateway at {host}:{port} did not answer within {}s (TCP connect and TLS handshake): is the hub up, and reachable from here?",
+                    CONNECT_DEADLINE.as_secs()
+                )
+            })?
     }
 }
+
+/// How long a connection to the gateway may take to set up (TCP and TLS).
+pub const CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The most a gateway answer may be (a CA, `whoami`, the member list of a
 /// hub with thousands of members).
@@ -165,19 +181,27 @@ pub async fn connect_tunnel(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tls = gw.connect().await?;
     let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {token}\r\n\r\n");
-    tls.write_all(req.as_bytes()).await?;
     // The response head, byte by byte: what follows belongs to the stream.
+    // Within 25 s (the hub gives the agent 20): a stopped hub is said, not
+    // waited on for ever.
     let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 16 * 1024 {
-            bail!("the gateway's answer to CONNECT is too long");
+    let asked = async {
+        tls.write_all(req.as_bytes()).await?;
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() > 16 * 1024 {
+                bail!("the gateway's answer to CONNECT is too long");
+            }
+            head.push(
+                tls.read_u8()
+                    .await
+                    .context("the gateway closed the connection")?,
+            );
         }
-        head.push(
-            tls.read_u8()
-                .await
-                .context("the gateway closed the connection")?,
-        );
-    }
+        Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(25), asked)
+        .await
+        .map_err(|_| anyhow::anyhow!("the gateway did not answer within 25s; is the hub up?"))??;
     let head = String::from_utf8_lossy(&head).into_owned();
     let status: u16 = head
         .split_whitespace()

@@ -42,6 +42,15 @@ pub struct Mux {
     current: tokio::sync::Mutex<Current>,
 }
 
+/// Between PINGs on the multiplexed connection, and how long an answer
+/// may take before the connection is given up.
+const MUX_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+const MUX_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a CONNECT may wait for the gateway's answer (the hub gives the
+/// agent 20 s).
+const CONNECT_ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(25);
+
 enum Current {
     None,
     H2(SendRequest<Empty<Bytes>>),
@@ -72,13 +81,27 @@ impl Mux {
             *cur = Current::PerConnection;
             return Ok(None);
         }
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        // PINGs while the connection lives, idle or not: one that died
+        // silently (the hub's host gone, a NAT entry dropped) is found
+        // within 25 s and replaced at the next connection, instead of
+        // holding every new one until TCP gives up (~15 min).
+        let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(MUX_STREAM_WINDOW)
             .initial_connection_window_size(MUX_CONN_WINDOW)
             .max_frame_size(MUX_FRAME)
-            .handshake(TokioIo::new(tls))
+            .keep_alive_interval(MUX_PING_EVERY)
+            .keep_alive_timeout(MUX_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls));
+        let (sender, conn) = tokio::time::timeout(super::https::CONNECT_DEADLINE, handshake)
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the gateway did not complete the HTTP/2 handshake within {}s; is the hub up?",
+                    super::https::CONNECT_DEADLINE.as_secs()
+                )
+            })?
             .context("HTTP/2 handshake with the gateway failed")?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -134,9 +157,21 @@ impl Mux {
                 req = req.header(EARLY_HEADER, v);
             }
             let req = req.body(Empty::<Bytes>::new())?;
-            let (sent, handed) = match sender.ready().await {
-                Ok(()) => (sender.send_request(req).await, true),
-                Err(e) => (Err(e), false),
+            // The hub answers within its 20 s wait for the agent; past
+            // that, it is gone (or stopped): said, not waited on for ever.
+            let asked = async {
+                match sender.ready().await {
+                    Ok(()) => (sender.send_request(req).await, true),
+                    Err(e) => (Err(e), false),
+                }
+            };
+            let Ok((sent, handed)) = tokio::time::timeout(CONNECT_ANSWER_DEADLINE, asked).await
+            else {
+                self.drop_sender(&sender).await;
+                bail!(
+                    "the gateway did not answer within {}s; is the hub up?",
+                    CONNECT_ANSWER_DEADLINE.as_secs()
+                );
             };
             let resp = match sent {
                 Ok(r) => r,
