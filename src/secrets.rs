@@ -78,7 +78,11 @@ fn candidates() -> Vec<Backend> {
         if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_some() {
             v.push(Backend::SecretService);
         }
-        v.push(Backend::Keyutils);
+        // Not the kernel keyring unless asked for (TOWERCTL_KEYRING=
+        // keyutils): it forgets at reboot (and 3 days after logout), and a
+        // token is shown once: an operator whose token it kept could not
+        // log in again without the admin issuing a new one. The 0600 file
+        // follows.
         v
     } else if cfg!(target_os = "macos") {
         vec![Backend::Keychain]
@@ -171,7 +175,7 @@ pub fn load(backend: Backend, account: &str) -> Result<String> {
     let store = os_store(backend)?;
     let entry = store.build(SERVICE, account, None)?;
     entry.get_password().with_context(|| {
-        format!("the token is no longer in {} (the kernel keyring forgets at reboot or outside its session); run 'towerctl login' again", backend.describe())
+        format!("the token is no longer in {} (the kernel keyring forgets at reboot or outside its session); run the login command again (the admin who ran 'towerctl operator add' gave it; if it is lost, the admin issues a new token with 'towerctl operator rm NAME' and 'towerctl operator add NAME')", backend.describe())
     })
 }
 
@@ -182,6 +186,21 @@ pub fn delete(backend: Backend, account: &str) {
     } else if let Ok(store) = os_store(backend) {
         if let Ok(e) = store.build(SERVICE, account, None) {
             let _ = e.delete_credential();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Left to choose, towerctl never keeps a token where a reboot loses it.
+    #[test]
+    fn the_kernel_keyring_is_used_only_when_asked_for() {
+        assert!(!super::candidates().contains(&super::Backend::Keyutils));
+        if cfg!(target_os = "linux") {
+            assert_eq!(
+                super::Backend::parse("keyutils").unwrap(),
+                super::Backend::Keyutils
+            );
         }
     }
 }
