@@ -16,7 +16,7 @@ pub fn run(token_file: Option<&Path>, gateway: Option<&str>) -> Result<u8> {
             .to_string(),
         (None, Some(g)) => {
             let login = operator::find_login(Some(g))?
-                .with_context(|| format!("not logged in to '{g}': run 'towerctl login {g} --token … --ca-hash …'"))?;
+                .with_context(|| format!("not logged in to '{g}': run the login command 'towerctl operator add' printed on the hub (' TOWERCTL_OPERATOR_TOKEN=… towerctl login {g} --ca-hash …')"))?;
             operator::login_token(&login)?
         }
         (None, None) => bail!("towerctl credential needs --token-file or --gateway (it is called by kubectl through kubeconfig entries written by 'towerctl use')"),

@@ -54,7 +54,7 @@ Exit codes: 0 ok · 1 error · 2 usage · 3 daemon not running · 4 hub refused 
 Quick start:
   towerctl up                       # on the hub
   towerctl cluster add alpha        # prints the join command for the member
-  towerctl join alpha --token … --hub ws://HUB:8080/tunnel --hub-key sha256:…   # in the member
+   TOWERCTL_TOKEN=… towerctl join alpha --hub ws://HUB:8080/tunnel --hub-key sha256:…   # in the member, as printed
   towerctl use alpha && kubectl get nodes";
 
 /// Reach every Kubernetes cluster you run through reverse tunnels to one hub.

@@ -59,8 +59,8 @@ impl Source {
         }
         let Some(login) = operator::find_login(gateway)? else {
             bail!(match gateway {
-                Some(g) => format!("not logged in to '{g}': run 'towerctl login {g} --token … --ca-hash …' first"),
-                None => "no hub is running on this machine and no login is saved: run 'towerctl up' here, or 'towerctl login GATEWAY_URL --token … --ca-hash …' with a token from 'towerctl operator add' on the hub".into(),
+                Some(g) => format!("not logged in to '{g}': run the login command 'towerctl operator add' printed on the hub (' TOWERCTL_OPERATOR_TOKEN=… towerctl login {g} --ca-hash …') first"),
+                None => "no hub is running on this machine and no login is saved: run 'towerctl up' here, or the login command 'towerctl operator add' printed on the hub (' TOWERCTL_OPERATOR_TOKEN=… towerctl login GATEWAY_URL --ca-hash …')".into(),
             });
         };
         let token = operator::login_token(&login)?;
