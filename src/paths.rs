@@ -143,6 +143,42 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     } else {
         ensure_private_dir(dir)?;
     }
+    replace(path, contents, mode)
+}
+
+/// [`write_atomic`] for a file of the user's own choosing in a directory
+/// towerctl does not own (the kubeconfig and its backup): refused only
+/// where anyone may plant or swap files (writable by others, not sticky).
+/// A `~/.kube` made group-writable under umask 002 (as kubeadm's steps do
+/// on Ubuntu), or a user's directory written to under `sudo -E`, was
+/// refused as if towerctl kept its own secrets there, while kubectl
+/// writes it.
+pub fn write_atomic_user_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        ensure_private_dir(dir)?;
+    }
+    let m = std::fs::metadata(dir)
+        .with_context(|| format!("cannot inspect directory '{}'", dir.display()))?;
+    if m.mode() & 0o002 != 0 && m.mode() & 0o1000 == 0 {
+        anyhow::bail!(
+            "directory '{}' is writable by everyone (mode {:o}): anyone could swap the file written there; run 'chmod o-w {}'",
+            dir.display(),
+            m.mode() & 0o7777,
+            dir.display()
+        );
+    }
+    replace(path, contents, mode)
+}
+
+/// The temp-file, fsync and rename of [`write_atomic`], its directory
+/// checked.
+fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = None;
     let mut write = || -> std::io::Result<()> {
         let (mut f, t) = create_temp(path, mode)?;
@@ -237,6 +273,28 @@ pub fn log_file(daemon: &str) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    /// A kubeconfig's directory is the user's: group-writable is theirs to
+    /// choose (kubectl writes there); writable by everyone without the
+    /// sticky bit, anyone could swap the file, and it is refused.
+    #[test]
+    fn a_users_file_is_written_unless_anyone_may_swap_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let kube = d.path().join("kube");
+        std::fs::create_dir(&kube).unwrap();
+        let config = kube.join("config");
+        std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(super::write_atomic(&config, b"a", 0o600).is_err());
+        super::write_atomic_user_file(&config, b"b", 0o600).unwrap();
+        assert_eq!(std::fs::read(&config).unwrap(), b"b");
+        std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = super::write_atomic_user_file(&config, b"c", 0o600).unwrap_err();
+        assert!(format!("{e:#}").contains("chmod o-w"), "{e:#}");
+        std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        super::write_atomic_user_file(&config, b"d", 0o600).unwrap();
+        assert_eq!(std::fs::read(&config).unwrap(), b"d");
+    }
+
     use super::*;
 
     #[test]

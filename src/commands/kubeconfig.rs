@@ -163,13 +163,14 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
         .map(|m| m.permissions().mode() & 0o777)
         .unwrap_or(0o600);
     if real.exists() {
-        // Written like the kubeconfig itself (directory checked first, a
-        // new file never opened through a link, renamed into place): a
-        // planted `.towerctl.bak` symlink used to receive the copy.
+        // Written like the kubeconfig itself (a new file never opened
+        // through a link, renamed into place; a directory anyone may write
+        // refused): a planted `.towerctl.bak` symlink used to receive the
+        // copy.
         let bak = backup_path(&real);
         let current = std::fs::read(&real)
             .with_context(|| format!("cannot read the kubeconfig '{}'", real.display()))?;
-        paths::write_atomic(&bak, &current, 0o600)
+        paths::write_atomic_user_file(&bak, &current, 0o600)
             .with_context(|| format!("cannot back up the kubeconfig to '{}'", bak.display()))?;
     }
     f(&mut doc)?;
@@ -177,7 +178,7 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
     obj.entry("apiVersion").or_insert_with(|| json!("v1"));
     obj.entry("kind").or_insert_with(|| json!("Config"));
     let yaml = serde_saphyr::to_string(&doc).context("cannot encode the kubeconfig")?;
-    paths::write_atomic(&real, yaml.as_bytes(), mode)?;
+    paths::write_atomic_user_file(&real, yaml.as_bytes(), mode)?;
     Ok(real)
 }
 
