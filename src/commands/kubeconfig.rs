@@ -157,6 +157,10 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
             paths::ensure_private_dir(dir)?;
         }
     }
+    // kubectl locks the path it was given ('<link>.lock'), not the
+    // link's target: both are taken, the given one first (as kubectl
+    // would), so that neither program's edit is lost to the other's.
+    let _given = (real != path).then(|| lock(path)).transpose()?;
     let _lock = lock(&real)?;
     let mut doc = read(&real)?;
     let mode = std::fs::metadata(&real)
@@ -376,5 +380,23 @@ mod tests {
         std::fs::write(lock_path(&p), "").unwrap();
         let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
         assert!(err.contains("locked"), "{err}");
+    }
+
+    /// kubectl locks the path it is given, not a symlink's target: a
+    /// `<link>.lock` it holds keeps towerctl out too (before, only the
+    /// target's lock was taken, and either program's edit could be lost).
+    #[test]
+    fn a_symlinked_kubeconfig_is_locked_where_kubectl_locks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        let link = dir.path().join("link");
+        std::fs::write(&real, "").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        std::fs::write(lock_path(&link), "").unwrap();
+        let err = edit(&link, |_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("locked") && err.contains("link.lock"), "{err}");
+        std::fs::remove_file(lock_path(&link)).unwrap();
+        edit(&link, |d| set_current(d, "z")).unwrap();
+        assert!(!lock_path(&link).exists() && !lock_path(&real).exists());
     }
 }
