@@ -184,7 +184,9 @@ impl Mux {
                     {
                         continue;
                     }
-                    return Err(e).context("the gateway connection failed");
+                    return Err(e).context(
+                        "the gateway connection failed (the hub did not answer its PINGs, or closed it); is the hub up?",
+                    );
                 }
             };
             let status = resp.status();
