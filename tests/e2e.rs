@@ -2336,7 +2336,7 @@ fn a_port_forward_whose_gateway_stops_answering_says_so_and_recovers() {
     let hub = env.pid_of("hub").unwrap();
     // SAFETY: a plain signal to the hub this test started.
     unsafe { libc::kill(hub, libc::SIGSTOP) };
-    let resume = scopeguard_cont(hub);
+    let resume = support::scopeguard_cont(hub);
     let at = std::time::Instant::now();
     let stalled = echo_once("during");
     let took = at.elapsed();
@@ -2355,17 +2355,4 @@ fn a_port_forward_whose_gateway_stops_answering_says_so_and_recovers() {
     wait_for("the forward to work again", Duration::from_secs(30), || {
         echo_once("after").ok()
     });
-}
-
-/// Sends SIGCONT to `pid` when dropped (a stopped hub must not outlive a
-/// failed assertion).
-fn scopeguard_cont(pid: i32) -> impl Drop {
-    struct Cont(i32);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            // SAFETY: a plain signal to a process this test started.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    Cont(pid)
 }

@@ -148,7 +148,7 @@ fn token_guesses_from_an_agents_address_do_not_keep_it_from_logging_in_with_its_
     // The agent frozen until the hub drops its session.
     let agent = env.pid_of("agent-alpha").unwrap();
     unsafe { libc::kill(agent, libc::SIGSTOP) };
-    let thaw = scopeguard_cont(agent);
+    let thaw = support::scopeguard_cont(agent);
     wait_for(
         "the hub to drop the frozen agent",
         Duration::from_secs(10),
@@ -187,17 +187,6 @@ fn token_guesses_from_an_agents_address_do_not_keep_it_from_logging_in_with_its_
     assert!(env.towerctl(&["use", "alpha"]).ok());
     let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
-}
-
-/// Sends SIGCONT to `pid` when dropped (also when the test fails).
-fn scopeguard_cont(pid: i32) -> impl Drop {
-    struct Cont(i32);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    Cont(pid)
 }
 
 #[test]

@@ -1061,13 +1061,7 @@ fn a_key_retired_on_one_hub_cuts_the_session_on_the_hub_holding_it() {
     wait_for(
         "the agent with the retired key to stop",
         Duration::from_secs(20),
-        || {
-            (!std::path::Path::new(&format!("/proc/{agent}")).exists()
-                || std::fs::read_to_string(format!("/proc/{agent}/stat"))
-                    .map(|s| s.contains(") Z "))
-                    .unwrap_or(true))
-            .then_some(())
-        },
+        || support::is_zombie(agent).then_some(()),
     );
     eprintln!(
         "the agent stopped {:?} after the rotate on hub 1",

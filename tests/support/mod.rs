@@ -316,6 +316,20 @@ impl Env {
     }
 }
 
+/// Sends SIGCONT to `pid` when dropped (also when the test fails): a
+/// process the test stopped must not outlive it stopped.
+#[allow(dead_code)]
+pub fn scopeguard_cont(pid: i32) -> impl Drop {
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            // SAFETY: a plain signal to a process the test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    Cont(pid)
+}
+
 pub fn is_zombie(pid: i32) -> bool {
     stat_fields(pid).is_none_or(|f| f.first().map(String::as_str) == Some("Z"))
 }
