@@ -1131,6 +1131,54 @@ fn an_owner_key_left_by_a_session_that_ended_is_removed_by_its_hub() {
     assert_eq!(range("/towerctl/owners/alpha"), Some(alpha));
 }
 
+/// An owner key of a hub naming an ended session of its own, written after
+/// the claim of the member's live session on that hub (two claims landing
+/// out of order), is claimed back for the live session: the hub used to cut
+/// its own live session as "replaced by a newer session on" itself.
+#[test]
+fn a_hubs_older_claim_landing_last_does_not_cut_its_live_session() {
+    use base64::Engine;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let machine = Env::new();
+    join(&hubs[0], &machine, "alpha", &api);
+    let range = |key: &str| {
+        etcd_post(
+            &etcd.client,
+            "/v3/kv/range",
+            &format!(r#"{{"key":"{}"}}"#, b64(key.as_bytes())),
+        )
+        .and_then(|r| r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["kvs"][0]["value"].as_str().map(str::to_string))
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+    };
+    let live = wait_for("alpha's owner key", Duration::from_secs(10), || {
+        range("/towerctl/owners/alpha")
+    });
+    let mut older = live.clone();
+    older["session"] = serde_json::json!(live["session"].as_u64().unwrap().wrapping_sub(1));
+    let put = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64(b"/towerctl/owners/alpha"),
+        b64(older.to_string().as_bytes())
+    );
+    assert!(etcd_post(&etcd.client, "/v3/kv/put", &put).is_some());
+    // Claimed back for the live session, which goes on.
+    wait_for(
+        "the live session's claim back",
+        Duration::from_secs(10),
+        || (range("/towerctl/owners/alpha").as_ref() == Some(&live)).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let log = std::fs::read_to_string(hubs[0].path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(!log.contains("replaced by a newer session"), "{log}");
+    assert_eq!(log.matches("agent connected").count(), 1, "{log}");
+}
+
 /// A hub whose record in etcd is gone while its lease lives (a new lease
 /// taken whose write then failed, or the key deleted) writes it again: it
 /// used to drop out of agents' hub lists, join commands and hand-offs for

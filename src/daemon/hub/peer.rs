@@ -479,6 +479,15 @@ impl Cluster {
                     if o.hub == self.id && o.session == s.id {
                         continue;
                     }
+                    // A key of this hub naming another session: an ended
+                    // one, whose claim landed after the live session's (a
+                    // hub holds one session per member). Claimed again; it
+                    // used to cut the live session as "replaced by a newer
+                    // session on" this very hub.
+                    if o.hub == self.id {
+                        self.claim(hub, &s);
+                        continue;
+                    }
                     if mine > 0 && rev > mine {
                         cut(
                             hub,
