@@ -238,17 +238,23 @@ pub fn set_current(doc: &mut Value, ctx: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether a context of that name exists in any of the files.
-pub fn has_context(files: &[PathBuf], name: &str) -> bool {
-    files.iter().any(|f| {
-        read(f)
-            .ok()
-            .and_then(|d| d.get("contexts").and_then(Value::as_array).cloned())
+/// Whether a context of that name exists in any of the files. A file that
+/// cannot be read is an error naming it (it used to count as holding no
+/// context, and `use -` then said the previous context was gone).
+pub fn has_context(files: &[PathBuf], name: &str) -> Result<bool> {
+    for f in files {
+        let d = read(f)?;
+        if d.get("contexts")
+            .and_then(Value::as_array)
             .is_some_and(|a| {
                 a.iter()
                     .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
             })
-    })
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -380,6 +386,21 @@ mod tests {
         std::fs::write(lock_path(&p), "").unwrap();
         let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
         assert!(err.contains("locked"), "{err}");
+    }
+
+    #[test]
+    fn a_kubeconfig_that_cannot_be_read_is_named_not_taken_for_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        let bad = dir.path().join("bad");
+        std::fs::write(&good, "contexts:\n- name: a\n  context: {}\n").unwrap();
+        std::fs::write(&bad, "current-context: a\ncurrent-context: b\n").unwrap();
+        assert!(has_context(std::slice::from_ref(&good), "a").unwrap());
+        assert!(!has_context(std::slice::from_ref(&good), "b").unwrap());
+        let missing = dir.path().join("missing");
+        assert!(!has_context(&[missing, good.clone()], "b").unwrap());
+        let e = format!("{:#}", has_context(&[bad.clone(), good], "a").unwrap_err());
+        assert!(e.contains("not valid YAML") && e.contains("bad"), "{e}");
     }
 
     /// kubectl locks the path it is given, not a symlink's target: a

@@ -211,7 +211,7 @@ pub async fn run(a: UseArgs) -> Result<u8> {
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
                 .context("no previous context to return to: 'towerctl use -' works after a 'towerctl use NAME'")?;
-            if !kubeconfig::has_context(&files, &prev) {
+            if !kubeconfig::has_context(&files, &prev)? {
                 bail!("the previous context '{prev}' no longer exists in the kubeconfig");
             }
             let written = kubeconfig::edit(&target, |d| kubeconfig::set_current(d, &prev))?;
