@@ -2356,3 +2356,32 @@ fn a_port_forward_whose_gateway_stops_answering_says_so_and_recovers() {
         echo_once("after").ok()
     });
 }
+
+/// As kubectl: an address named with `--address` must be bound, or the
+/// command fails naming it (with `localhost`, one of its two addresses
+/// will do). It used to forward on the addresses that bound and say
+/// nothing of the one that did not.
+#[test]
+fn a_port_forward_address_that_cannot_be_bound_fails_the_command_naming_it() {
+    let (env, _api) = echo_member();
+    let held = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let o = support::run_bounded(
+        env.towerctl_cmd(&[
+            "port-forward",
+            "alpha",
+            "svc/web",
+            &format!("{port}:80"),
+            "--address",
+            "127.0.0.1,127.0.0.2",
+        ]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        !o.ok()
+            && o.stderr
+                .contains(&format!("unable to listen on 127.0.0.2:{port}")),
+        "{o:?}"
+    );
+    assert!(o.stderr.contains("':80' picks a free one"), "{o:?}");
+}

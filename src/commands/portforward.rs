@@ -55,14 +55,23 @@ pub fn parse_ports(s: &str) -> Result<PortPair, String> {
     Ok(PortPair { local, remote })
 }
 
-fn addresses(list: &[String]) -> Result<Vec<IpAddr>> {
+/// The addresses to listen on, each with whether it must be bound: as
+/// kubectl, `localhost`'s two addresses need only one to bind (a host
+/// without IPv6), an address named explicitly must.
+fn addresses(list: &[String]) -> Result<Vec<(IpAddr, bool)>> {
     let mut out = Vec::new();
     for a in list.iter().flat_map(|a| a.split(',')) {
         match a.trim() {
-            "localhost" => out.extend([IpAddr::from([127, 0, 0, 1]), "::1".parse()?]),
-            other => out.push(other.parse().with_context(|| {
-                format!("invalid --address '{other}': use an IP address or localhost")
-            })?),
+            "localhost" => out.extend([
+                (IpAddr::from([127, 0, 0, 1]), false),
+                ("::1".parse()?, false),
+            ]),
+            other => out.push((
+                other.parse().with_context(|| {
+                    format!("invalid --address '{other}': use an IP address or localhost")
+                })?,
+                true,
+            )),
         }
     }
     Ok(out)
@@ -215,8 +224,8 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
         let mut local = pair.local;
         let mut bound = 0;
         let mut last_err = None;
-        for ip in &addrs {
-            match TcpListener::bind(SocketAddr::new(*ip, local)).await {
+        for &(ip, required) in &addrs {
+            match TcpListener::bind(SocketAddr::new(ip, local)).await {
                 Ok(l) => {
                     let a = l.local_addr()?;
                     local = a.port();
@@ -233,13 +242,19 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                         serve_listener(l, gateway, &authority, pair.remote, via_hub).await
                     });
                 }
-                Err(e) => last_err = Some(format!("{ip}:{local}: {e}")),
+                Err(e) if required => bail!(
+                    "unable to listen on {}: {e}; choose another local port (':{}' picks a free one) or another --address",
+                    SocketAddr::new(ip, local),
+                    pair.remote
+                ),
+                Err(e) => last_err = Some(format!("{}: {e}", SocketAddr::new(ip, local))),
             }
         }
         if bound == 0 {
             bail!(
-                "unable to listen on any of the requested addresses: {}",
-                last_err.unwrap_or_default()
+                "unable to listen on any of the requested addresses: {}; choose another local port (':{}' picks a free one)",
+                last_err.unwrap_or_default(),
+                pair.remote
             );
         }
     }
