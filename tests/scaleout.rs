@@ -41,6 +41,35 @@ fn etcd_post(client: &str, path: &str, body: &str) -> Option<String> {
     out.starts_with("HTTP/1.1 200").then_some(out)
 }
 
+/// Base64, as etcd's JSON gateway takes keys and values.
+fn b64(s: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The JSON value at `key` in `etcd`, if there is one.
+fn etcd_json(etcd: &Etcd, key: &str) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let body = format!(r#"{{"key":"{}"}}"#, b64(key.as_bytes()));
+    let answer = etcd_post(&etcd.client, "/v3/kv/range", &body)?;
+    let (_, json) = answer.split_once("\r\n\r\n")?;
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let value = base64::engine::general_purpose::STANDARD
+        .decode(v["kvs"][0]["value"].as_str()?)
+        .ok()?;
+    serde_json::from_slice(&value).ok()
+}
+
+/// Writes `value` at `key` in `etcd` (no lease).
+fn etcd_put_json(etcd: &Etcd, key: &str, value: &serde_json::Value) {
+    let body = format!(
+        r#"{{"key":"{}","value":"{}"}}"#,
+        b64(key.as_bytes()),
+        b64(value.to_string().as_bytes())
+    );
+    assert!(etcd_post(&etcd.client, "/v3/kv/put", &body).is_some());
+}
+
 /// Certificates for an etcd that serves TLS and requires client
 /// certificates: a CA, etcd's serving pair (127.0.0.1), a client pair, and
 /// a client pair from another CA.
@@ -1087,38 +1116,20 @@ fn a_key_retired_on_one_hub_cuts_the_session_on_the_hub_holding_it() {
 /// there, to be answered 503, for as long as the hub lived.
 #[test]
 fn an_owner_key_left_by_a_session_that_ended_is_removed_by_its_hub() {
-    use base64::Engine;
-    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
     let etcd = Etcd::start();
     let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     let machine = Env::new();
     join(&hubs[0], &machine, "alpha", &api);
     assert!(hubs[0].towerctl(&["cluster", "add", "ghost"]).ok());
-    let range = |key: &str| {
-        etcd_post(
-            &etcd.client,
-            "/v3/kv/range",
-            &format!(r#"{{"key":"{}"}}"#, b64(key.as_bytes())),
-        )
-        .and_then(|r| r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["kvs"][0]["value"].as_str().map(str::to_string))
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-    };
+    let range = |key: &str| etcd_json(&etcd, key);
     // Hub 0's owner key for alpha says what such a key looks like.
     let alpha = wait_for("alpha's owner key", Duration::from_secs(10), || {
         range("/towerctl/owners/alpha")
     });
-    let mut ghost: serde_json::Value = serde_json::from_str(&alpha).unwrap();
+    let mut ghost = alpha.clone();
     ghost["session"] = serde_json::json!(999_999);
-    let put = format!(
-        r#"{{"key":"{}","value":"{}"}}"#,
-        b64(b"/towerctl/owners/ghost"),
-        b64(ghost.to_string().as_bytes())
-    );
-    assert!(etcd_post(&etcd.client, "/v3/kv/put", &put).is_some());
+    etcd_put_json(&etcd, "/towerctl/owners/ghost", &ghost);
     let at = Instant::now();
     wait_for(
         "hub 0 to remove the stale owner key",
@@ -1137,36 +1148,18 @@ fn an_owner_key_left_by_a_session_that_ended_is_removed_by_its_hub() {
 /// its own live session as "replaced by a newer session on" itself.
 #[test]
 fn a_hubs_older_claim_landing_last_does_not_cut_its_live_session() {
-    use base64::Engine;
-    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
     let etcd = Etcd::start();
     let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     let machine = Env::new();
     join(&hubs[0], &machine, "alpha", &api);
-    let range = |key: &str| {
-        etcd_post(
-            &etcd.client,
-            "/v3/kv/range",
-            &format!(r#"{{"key":"{}"}}"#, b64(key.as_bytes())),
-        )
-        .and_then(|r| r.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["kvs"][0]["value"].as_str().map(str::to_string))
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
-        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-    };
+    let range = |key: &str| etcd_json(&etcd, key);
     let live = wait_for("alpha's owner key", Duration::from_secs(10), || {
         range("/towerctl/owners/alpha")
     });
     let mut older = live.clone();
     older["session"] = serde_json::json!(live["session"].as_u64().unwrap().wrapping_sub(1));
-    let put = format!(
-        r#"{{"key":"{}","value":"{}"}}"#,
-        b64(b"/towerctl/owners/alpha"),
-        b64(older.to_string().as_bytes())
-    );
-    assert!(etcd_post(&etcd.client, "/v3/kv/put", &put).is_some());
+    etcd_put_json(&etcd, "/towerctl/owners/alpha", &older);
     // Claimed back for the live session, which goes on.
     wait_for(
         "the live session's claim back",
@@ -1185,8 +1178,6 @@ fn a_hubs_older_claim_landing_last_does_not_cut_its_live_session() {
 /// good.
 #[test]
 fn a_hub_whose_record_is_gone_writes_it_again() {
-    use base64::Engine;
-    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
     let etcd = Etcd::start();
     let _hubs: [Env; 2] = hubs_on(&etcd);
     let range = format!(

@@ -49,28 +49,37 @@ pub mod wire;
 pub fn keepalive(tcp: &tokio::net::TcpStream) {
     use std::os::fd::AsRawFd;
     let fd = tcp.as_raw_fd();
-    let set = |level, name, value: libc::c_int| {
-        // SAFETY: `fd` is an open socket for the duration of the call, and
-        // the option value is a c_int of the size passed.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
+    let r = set_int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
+        .and_then(|()| set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60))
+        .and_then(|()| set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10))
+        .and_then(|()| set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6));
+    if let Err(e) = r {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+}
+
+/// `setsockopt` of an integer option on the open socket `fd`.
+pub fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: the caller's `fd` is an open socket for the duration of the
+    // call, and the option value is a c_int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
-    let ok = set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1) == 0
-        && set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60) == 0
-        && set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10) == 0
-        && set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6) == 0;
-    if !ok {
-        tracing::debug!(
-            "cannot set TCP keepalive: {}",
-            std::io::Error::last_os_error()
-        );
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

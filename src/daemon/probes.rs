@@ -48,20 +48,7 @@ pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
 fn bind_any_family(port: u16) -> std::io::Result<TcpListener> {
     use std::os::fd::AsRawFd;
     let s = tokio::net::TcpSocket::new_v6()?;
-    let off: libc::c_int = 0;
-    // SAFETY: an open socket; the value is a c_int of the size passed.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    super::set_int_option(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     s.set_reuseaddr(true)?;
     s.bind((std::net::Ipv6Addr::UNSPECIFIED, port).into())?;
     s.listen(64)

@@ -211,11 +211,7 @@ fn check(hub: &Hub, token: Secret, authority: String) -> Result<(Arc<Operator>, 
     let (cluster, target, port) = super::gateway::connect_target(&parsed)?;
     let decision = hub.decide(&operator, &cluster);
     if !decision.allowed {
-        let record = crate::daemon::audit::Record {
-            rule: Some(decision.why),
-            ..Default::default()
-        };
-        return Err(super::gateway::refused_member(hub, &operator, &cluster, &record).2);
+        return Err(super::gateway::refused_member(hub, &operator, &cluster, &decision.why).2);
     }
     let dest = Dest {
         token,

@@ -749,15 +749,14 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         ..record
     };
     let Some(guard) = guard else {
-        let (code, reason, msg) = refused_member(&hub, &operator, &name, &record);
+        let (code, reason, msg) = refused_member(&hub, &operator, &name, &decision.why);
         hub.auditor.record(Record {
             status: code.as_u16(),
             ..record
         });
-        let mut resp = status_response(code, reason, &msg);
+        let resp = status_response(code, reason, &msg);
         if code == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            return crate::daemon::http::retry_after(resp, 2);
         }
         return resp;
     };
@@ -1186,7 +1185,8 @@ pub(super) async fn open_raw(
         ..Record::default()
     };
     let Some(guard) = guard else {
-        let (code, _, msg) = refused_member(hub, operator, cluster, &record);
+        let (code, _, msg) =
+            refused_member(hub, operator, cluster, record.rule.as_deref().unwrap_or(""));
         record.status = code.as_u16();
         hub.auditor.record(record);
         return Err(RawRefusal::Answer(code, msg));
@@ -1445,9 +1445,9 @@ pub(super) fn refused_member(
     hub: &Hub,
     op: &super::Operator,
     name: &str,
-    record: &Record,
+    why: &str,
 ) -> (StatusCode, &'static str, String) {
-    if record.rule.as_deref() == Some(super::REGISTRY_UNREADABLE) {
+    if why == super::REGISTRY_UNREADABLE {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "ServiceUnavailable",
