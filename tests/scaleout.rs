@@ -1662,7 +1662,7 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
         || (ready_b().trim() == "ok").then_some(()),
     );
     assert!(
-        log().contains("confirmed current again: taking agents as before"),
+        log().contains("reaches etcd again: taking agents as before"),
         "{}",
         log()
     );
@@ -1672,6 +1672,110 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
         support::gateway_get(&b, &bob, "/clusters/alpha/version").0,
         "200",
         "and through b, forwarded to a"
+    );
+}
+
+/// A hub cut off from etcd hands its agents to a hub that reaches it as
+/// soon as its lease there has expired, taking its owner keys with it: its
+/// members were out of reach through every other hub from then (~10 s)
+/// until its `--store-max-stale` (60 s by default). An outage of etcd for
+/// every hub moves no agent, during it or as etcd comes back.
+#[test]
+fn a_hub_cut_off_from_etcd_hands_its_agents_off_once_its_lease_is_gone() {
+    let etcd = Etcd::start();
+    let relay = Blackhole::start(etcd.client.clone());
+    let (a, b) = (Env::new(), Env::new());
+    // Hub a confirms its quiet registry every 5 s (a sixth of 30 s); hub b
+    // keeps the default limit.
+    let o = up_on_store(&a, &etcd.url, &["--store-max-stale", "30s"]);
+    assert!(o.ok(), "{o:?}");
+    let o = up_on_store(&b, &format!("http://127.0.0.1:{}", relay.port), &[]);
+    assert!(o.ok(), "{o:?}");
+    let api = ApiServer::start();
+    let machine = Env::new();
+    join(&b, &machine, "alpha", &api);
+    let bob = operator_token(&a, "bob");
+    let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let through_a = || support::gateway_get(&a, &bob, "/clusters/alpha/version");
+    let reached = |what: &str| {
+        wait_for(what, Duration::from_secs(30), || {
+            (through_a().0 == "200").then_some(())
+        })
+    };
+    reached("bob reaches alpha (on hub b) through hub a");
+    let b_id = member(&a.status(), "alpha")["hub"].clone();
+    assert!(b_id.is_string(), "{}", a.status());
+    let log = || std::fs::read_to_string(b.path("state/towerctl/hub.log")).unwrap_or_default();
+    let agent_log = || {
+        std::fs::read_to_string(machine.path("state/towerctl/agent-alpha.log")).unwrap_or_default()
+    };
+
+    // etcd away for both, past hub b's lease (and not yet past hub a's
+    // limit): hub a last reached etcd before b's lease expired.
+    etcd.signal("-STOP");
+    std::thread::sleep(Duration::from_secs(20));
+    etcd.signal("-CONT");
+    reached("bob reaches alpha through hub a after the outage");
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!log().contains("handing"), "{}", log());
+    assert!(
+        !agent_log().contains("reconnect to another hub"),
+        "{}",
+        agent_log()
+    );
+    assert_eq!(member(&a.status(), "alpha")["hub"], b_id);
+
+    // Hub b alone cut off: alpha's agent moves to hub a well before b's
+    // 60 s limit.
+    relay.freeze_all();
+    let frozen = Instant::now();
+    wait_for(
+        "alpha's agent to move to hub a",
+        Duration::from_secs(45),
+        || {
+            let alpha = member(&a.status(), "alpha").clone();
+            (alpha["state"] == "connected" && alpha["hub"].is_string() && alpha["hub"] != b_id)
+                .then_some(())
+        },
+    );
+    eprintln!(
+        "alpha's agent moved to hub a {:?} after the partition",
+        frozen.elapsed()
+    );
+    assert_eq!(through_a().0, "200", "bob reaches alpha through hub a");
+    assert!(
+        log().contains("its lease there last renewed") && !log().contains("refusing operators"),
+        "hub b hands off for its lease, before refusing operators: {}",
+        log()
+    );
+    assert!(
+        agent_log().contains("its lease there expired"),
+        "{}",
+        agent_log()
+    );
+
+    relay.thaw();
+    wait_for(
+        "hub b to take agents again",
+        Duration::from_secs(30),
+        || {
+            log()
+                .contains("reaches etcd again: taking agents as before")
+                .then_some(())
+        },
+    );
+    assert_eq!(through_a().0, "200");
+    // Once hub b hears the registry again (its watch found dead and
+    // replaced), through b too, forwarded to a.
+    wait_for(
+        "bob to reach alpha through hub b, forwarded to a",
+        Duration::from_secs(30),
+        || {
+            let (code, body) = support::gateway_get(&b, &bob, "/clusters/alpha/version");
+            eprintln!("through b: {code} {body}");
+            (code == "200").then_some(())
+        },
     );
 }
 

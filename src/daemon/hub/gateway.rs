@@ -639,7 +639,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         if path == "/readyz" && hub.cluster.get().is_some() {
             resp.headers_mut().insert(
                 super::peer::REGISTRY_AGE_HEADER,
-                HeaderValue::from(hub.registry_age().as_millis() as u64),
+                HeaderValue::from(hub.etcd_age().as_millis() as u64),
             );
         }
         return resp;

@@ -469,6 +469,16 @@ impl Hub {
         })
     }
 
+    /// With several hubs: how long ago this hub last surely reached etcd,
+    /// its registry confirmed current and its lease renewed (the older of
+    /// the two; other hubs read it in its `/readyz`, `peer::HandOff`).
+    pub fn etcd_age(&self) -> Duration {
+        let registry = self.registry_age();
+        self.cluster
+            .get()
+            .map_or(registry, |c| registry.max(c.lease_age()))
+    }
+
     /// How long ago the shared registry was last confirmed current (see
     /// [`Hub::registry_confirmed`]).
     pub fn registry_age(&self) -> Duration {

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use super::{Hub, LiveSession};
 use crate::daemon::http::{
     full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body, KeptConns,
 };
-use crate::daemon::store_etcd::{Change, EtcdStore};
+use crate::daemon::store_etcd::{boot_ms, Change, EtcdStore};
 
 /// The claims' revision after a failed write (retried by the next reconcile).
 const CLAIM_FAILED: i64 = -1;
@@ -103,6 +103,9 @@ pub struct Cluster {
     pub id: String,
     info: HubInfo,
     lease: AtomicI64,
+    /// [`boot_ms`] when etcd last answered a grant or renewal of `lease`:
+    /// the lease lives at most [`LEASE_TTL`] past it.
+    renewed_ms: AtomicU64,
     /// Member → (our session id, revision our owner key was written at;
     /// 0 while the write is in flight, [`CLAIM_FAILED`] after it failed).
     claims: Mutex<HashMap<String, (u64, i64)>>,
@@ -208,6 +211,7 @@ impl Cluster {
             id,
             info,
             lease: AtomicI64::new(0),
+            renewed_ms: AtomicU64::new(boot_ms()),
             claims: Mutex::new(HashMap::new()),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             idle: Mutex::new(HashMap::new()),
@@ -220,6 +224,7 @@ impl Cluster {
     fn announce(&self) -> Result<()> {
         let lease = self.store.etcd.lease_grant(LEASE_TTL)?;
         self.lease.store(lease, Ordering::SeqCst);
+        self.renewed_ms.store(boot_ms(), Ordering::SeqCst);
         self.store.put_raw(
             &format!("hubs/{}", self.id),
             &serde_json::to_vec(&self.info)?,
@@ -249,6 +254,7 @@ impl Cluster {
             }
             match r {
                 Ok(true) => {
+                    self.renewed_ms.store(boot_ms(), Ordering::SeqCst);
                     // The lease lives but our record is gone (a new lease
                     // taken whose write failed, or the key deleted): other
                     // hubs and agents no longer see this hub. Written again
@@ -292,6 +298,44 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// How long ago etcd last answered a grant or renewal of this hub's
+    /// lease.
+    pub fn lease_age(&self) -> Duration {
+        Duration::from_millis(boot_ms().saturating_sub(self.renewed_ms.load(Ordering::SeqCst)))
+    }
+
+    /// How long ago this hub's lease expired in etcd, with its `hubs/<id>`
+    /// record and its owner keys: other hubs no longer route to its
+    /// sessions. `None` while the lease may live (renewed less than
+    /// [`LEASE_TTL`] ago).
+    fn lease_gone_for(&self) -> Option<Duration> {
+        self.lease_age()
+            .checked_sub(Duration::from_secs(LEASE_TTL as u64))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Whether etcd answers a renewal of this hub's lease now, within
+    /// [`READY_DEADLINE`] (asked just before agents are handed off for a
+    /// lost lease: etcd may have come back since the lease thread last
+    /// tried). A lease etcd no longer knows is taken anew by that thread.
+    async fn answers_renewal(self: &Arc<Self>) -> bool {
+        let me = self.clone();
+        let ask = tokio::task::spawn_blocking(move || {
+            let r = me
+                .store
+                .etcd
+                .lease_keepalive(me.lease.load(Ordering::SeqCst));
+            if let Ok(true) = r {
+                me.renewed_ms.store(boot_ms(), Ordering::SeqCst);
+            }
+            r.is_ok()
+        });
+        matches!(
+            tokio::time::timeout(READY_DEADLINE, ask).await,
+            Ok(Ok(true))
+        )
     }
 
     /// Every live hub's tunnel URL, this one first.
@@ -725,10 +769,10 @@ pub async fn run(
     }
 }
 
-/// How often a hub that refuses operators asks the other hubs whether one
-/// of them reaches etcd: the first answer after it turns stale is most
-/// often "not since you" (the others confirm a quiet registry every sixth
-/// of their limit), and members wait for the next.
+/// How often a hub cut off from etcd ([`HandOff`]) asks the other hubs
+/// whether one of them reaches etcd: the first answer after it is cut off
+/// is most often "not since you" (the others confirm a quiet registry
+/// every sixth of their limit), and members wait for the next.
 const HAND_OFF_EVERY: Duration = Duration::from_secs(2);
 
 /// Longest wait for one other hub's answer to `/readyz`.
@@ -745,30 +789,35 @@ const HAND_OFF_MISSES: u32 = 5;
 const HAND_OFF_TRIES: u32 = 3;
 
 /// The header of the gateway's `/readyz` answer on a hub on etcd: how long
-/// ago its registry was last confirmed current, in milliseconds.
+/// ago it last surely reached etcd, its registry confirmed current and its
+/// lease renewed ([`Hub::etcd_age`]), in milliseconds.
 pub const REGISTRY_AGE_HEADER: &str = "x-towerctl-registry-age-ms";
 
 /// Moves a cut-off hub's agents to a hub that reaches etcd.
 ///
-/// A hub whose registry has gone unconfirmed past `--store-max-stale`
-/// refuses operators ([`Hub::stale_refusal`]), and so every request other
-/// hubs forward to it for the members whose agents it holds: those members
-/// would be out of every operator's reach for as long as it cannot reach
-/// etcd. So while it refuses, it asks the other hubs' gateways for
-/// `/readyz` every [`HAND_OFF_EVERY`], and takes one for a hub that reaches
-/// etcd only if it confirmed its registry after this one turned stale
-/// (its [`REGISTRY_AGE_HEADER`] is below this hub's age less the limit): in
-/// an outage of etcd for all, each hub's last confirmation predates that
-/// (hubs confirm a quiet registry every sixth of the limit), so the first
-/// hub to turn stale does not move its agents to hubs about to turn stale
-/// too. While one does, this hub closes its agents' sessions (not as
-/// revoked: each dials the next hub of its join command, or its load
-/// balancer again), sends on each agent logging in, at most
+/// A hub is cut off from etcd once its lease has expired there (no
+/// renewal answered for [`LEASE_TTL`]): its `hubs/<id>` record and owner
+/// keys are gone with it, so the other hubs no longer route to the members
+/// whose agents it holds, and those members are out of reach of every
+/// operator not on this hub. Past `--store-max-stale` it also refuses
+/// operators ([`Hub::stale_refusal`]), and with them every request other
+/// hubs would forward. So while cut off, it asks the other hubs' gateways
+/// for `/readyz` every [`HAND_OFF_EVERY`], and takes one for a hub that
+/// reaches etcd only if that hub confirmed its registry, and had its own
+/// lease renewed, after this one was cut off (its [`REGISTRY_AGE_HEADER`]
+/// is below the time since then): in an outage of etcd for all, each hub's
+/// last confirmation predates that (hubs renew every [`KEEPALIVE`] and
+/// confirm a quiet registry every sixth of their limit), so the first hub
+/// to lose its lease does not move its agents to hubs about to lose theirs
+/// too. Cut off by its lease alone, it first tries one renewal itself
+/// (etcd may be back). While it hands off, this hub closes its agents'
+/// sessions (not as revoked: each dials the next hub of its join command,
+/// or its load balancer again), sends on each agent logging in, at most
 /// [`HAND_OFF_TRIES`] times per member (an agent that reaches no other hub
 /// comes back and is kept), and answers 503 on its tunnel listener's
 /// `/readyz` so that a load balancer sends agents elsewhere. After
-/// [`HAND_OFF_MISSES`] rounds without such a hub, or once its registry is
-/// confirmed again, it takes agents as before.
+/// [`HAND_OFF_MISSES`] rounds without such a hub, or once it reaches etcd
+/// again, it takes agents as before.
 #[derive(Default)]
 struct HandOff {
     next: Option<tokio::time::Instant>,
@@ -776,15 +825,40 @@ struct HandOff {
     misses: Arc<std::sync::atomic::AtomicU32>,
 }
 
+/// Why a hub hands its agents off ([`HandOff`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CutOff {
+    /// How long ago it was cut off: a hub that reaches etcd confirmed its
+    /// registry more recently than that.
+    since: Duration,
+    /// Past `--store-max-stale` (it refuses operators), not only without
+    /// its lease.
+    stale: bool,
+}
+
+/// Whether, and since when, `hub` is cut off from etcd (see [`HandOff`]).
+fn cut_off(hub: &Hub, cluster: &Cluster) -> Option<CutOff> {
+    let stale = hub
+        .max_stale
+        .filter(|_| hub.stale_refusal().is_some())
+        .map(|max| hub.registry_age().saturating_sub(max));
+    let lease = cluster.lease_gone_for();
+    if stale.is_none() && lease.is_none() {
+        return None;
+    }
+    Some(CutOff {
+        since: stale.unwrap_or_default().max(lease.unwrap_or_default()),
+        stale: stale.is_some(),
+    })
+}
+
 impl HandOff {
     fn tick(&mut self, hub: &Arc<Hub>, cluster: &Arc<Cluster>) {
         let now = tokio::time::Instant::now();
-        let Some(max) = hub.max_stale.filter(|_| hub.stale_refusal().is_some()) else {
+        let Some(cut) = cut_off(hub, cluster) else {
             self.next = None;
             if end_hand_off(hub) {
-                tracing::warn!(
-                    "the shared registry is confirmed current again: taking agents as before"
-                );
+                tracing::warn!("this hub reaches etcd again: taking agents as before");
             }
             return;
         };
@@ -803,11 +877,13 @@ impl HandOff {
         let (hub, cluster, misses) = (hub.clone(), cluster.clone(), self.misses.clone());
         tokio::spawn(async move {
             let _asking = asking;
-            let within = hub.registry_age().saturating_sub(max);
-            match cluster.peer_reaching_etcd(&hub, within).await {
+            match cluster.peer_reaching_etcd(&hub, cut.since).await {
                 Some(peer) => {
                     misses.store(0, Ordering::SeqCst);
-                    hand_off(&hub, &peer);
+                    if !cut.stale && !hub.handing_off() && cluster.answers_renewal().await {
+                        return;
+                    }
+                    hand_off(&hub, &cluster, &peer);
                 }
                 // Ended only after a few rounds without one.
                 None if misses.fetch_add(1, Ordering::SeqCst) + 1 >= HAND_OFF_MISSES
@@ -815,8 +891,8 @@ impl HandOff {
                 {
                     tracing::warn!(
                         "no other hub reaches etcd now: taking agents as before (their members \
-                         are reachable through this hub by its own admin only, until it \
-                         reaches etcd again)"
+                         are reachable through this hub only, and by its own admin only past \
+                         --store-max-stale, until it reaches etcd again)"
                     );
                 }
                 None => {}
@@ -834,12 +910,12 @@ fn end_hand_off(hub: &Hub) -> bool {
 
 /// Sends this hub's agents to the others, `peer` reaching etcd (see
 /// [`HandOff`]).
-fn hand_off(hub: &Hub, peer: &str) {
+fn hand_off(hub: &Hub, cluster: &Cluster, peer: &str) {
     let first = {
         let _turn = hub.handed_off.lock().unwrap_or_else(|e| e.into_inner());
-        // Confirmed while the others were asked: nothing to hand off (and
-        // a confirmation now waits for the flag, then clears it).
-        if hub.stale_refusal().is_none() {
+        // Reached etcd again while the others were asked: nothing to hand
+        // off.
+        if cut_off(hub, cluster).is_none() {
             return;
         }
         !hub.handing_off.swap(true, Ordering::SeqCst)
@@ -858,8 +934,10 @@ fn hand_off(hub: &Hub, peer: &str) {
     }
     if first {
         tracing::warn!(
-            "this hub cannot reach etcd and the hub at {peer} can: handing {n} agents to the \
-             other hubs (each sent on up to {HAND_OFF_TRIES} times, then kept)"
+            "this hub cannot reach etcd (its lease there last renewed {:.1}s ago) and the hub at \
+             {peer} can: handing {n} agents to the other hubs (each sent on up to \
+             {HAND_OFF_TRIES} times, then kept)",
+            cluster.lease_age().as_secs_f64()
         );
     } else if n > 0 {
         tracing::info!("handing {n} more agents to the other hubs");
@@ -884,9 +962,14 @@ pub(super) fn hand_off_refusal(hub: &Hub, name: &str) -> Option<String> {
         return None;
     }
     *tries += 1;
-    let why = "this towerctl hub cannot reach etcd and refuses operators \
-               (--store-max-stale): reconnect to another hub of the group"
-        .to_string();
+    let why = if hub.stale_refusal().is_some() {
+        "this towerctl hub cannot reach etcd and refuses operators \
+         (--store-max-stale): reconnect to another hub of the group"
+    } else {
+        "this towerctl hub cannot reach etcd (its lease there expired, so the other hubs \
+         no longer route to it): reconnect to another hub of the group"
+    }
+    .to_string();
     hub.event(name, why.clone());
     Some(why)
 }
