@@ -54,6 +54,79 @@ impl Drop for Agent {
     }
 }
 
+/// A memory cgroup under this process's own with a limit, as a container
+/// runtime makes for a pod's `resources.limits.memory`; removed on drop
+/// (once the processes in it are gone).
+struct MemCgroup(std::path::PathBuf);
+
+impl MemCgroup {
+    /// Why not, where this machine lets no cgroup be made.
+    fn new(limit: u64) -> Result<MemCgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let mut tried = Vec::new();
+        for line in own.lines() {
+            let mut p = line.splitn(3, ':');
+            let (Some(_), Some(c), Some(path)) = (p.next(), p.next(), p.next()) else {
+                continue;
+            };
+            let (base, file) = if c.is_empty() {
+                ("/sys/fs/cgroup", "memory.max")
+            } else if c.split(',').any(|x| x == "memory") {
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+            } else {
+                continue;
+            };
+            let dir = std::path::Path::new(base)
+                .join(path.trim_start_matches('/'))
+                .join(format!("towerctl-test-{}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => match std::fs::write(dir.join(file), limit.to_string()) {
+                    Ok(()) => return Ok(MemCgroup(dir)),
+                    Err(e) => {
+                        tried.push(format!("{}: {e}", dir.join(file).display()));
+                        let _ = std::fs::remove_dir(&dir);
+                    }
+                },
+                Err(e) => tried.push(format!("{}: {e}", dir.display())),
+            }
+        }
+        Err(tried.join("; "))
+    }
+
+    /// `program` started inside this cgroup (moved in before it runs).
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("/bin/sh");
+        c.args([
+            "-c",
+            "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
+            "sh",
+        ])
+        .arg(&self.0)
+        .arg(program);
+        c
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Bytes of a Kubernetes quantity in Mi or Gi.
+fn quantity(q: &str) -> u64 {
+    match q.split_at(q.len() - 2) {
+        (n, "Mi") => n.parse::<u64>().unwrap() << 20,
+        (n, "Gi") => n.parse::<u64>().unwrap() << 30,
+        _ => panic!("quantity {q}"),
+    }
+}
+
 #[test]
 fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly() {
     let api = ApiServer::start();
@@ -115,7 +188,15 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
         })
         .collect();
     assert_eq!(&pod_args[..3], ["agent", "run", "alpha"], "{pod_args:?}");
-    let mut cmd = Command::new(support::TOWERCTL);
+    // In a memory cgroup of the manifest's limit, where one can be made.
+    let limit = quantity(container["resources"]["limits"]["memory"].as_str().unwrap());
+    let cgroup = MemCgroup::new(limit)
+        .map_err(|e| eprintln!("not in a memory cgroup (none can be made here: {e})"))
+        .ok();
+    let mut cmd = match &cgroup {
+        Some(cg) => cg.command(support::TOWERCTL),
+        None => Command::new(support::TOWERCTL),
+    };
     cmd.env_clear()
         .args(&pod_args)
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -180,6 +261,17 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
     let _ = agent.0.stderr.take().unwrap().read_to_string(&mut stderr);
     assert!(status.success(), "{status:?}\n{stderr}");
     eprintln!("the agent exited {:?} after SIGTERM", started.elapsed());
+    // Its buffering held to half the pod's memory limit, and said so.
+    if cgroup.is_some() {
+        assert_eq!(limit, 256 << 20);
+        assert!(
+            stderr.contains(
+                "memory limit 256 MiB (cgroup): streams' windows are held to 64 MiB in all, \
+                 request bodies being received to 32 MiB"
+            ),
+            "{stderr}"
+        );
+    }
     let s = wait_for(
         "the hub to record the disconnect",
         Duration::from_secs(10),

@@ -135,6 +135,56 @@ pub async fn trimmer() {
     }
 }
 
+/// The memory limit this process runs under, in bytes: the smallest
+/// limit of its memory cgroup and the cgroups above it (a container's
+/// `resources.limits.memory`, a systemd unit's `MemoryMax=`), read under
+/// `/sys/fs/cgroup` from `/proc/self/cgroup`; `None` without one.
+pub fn cgroup_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_limit_in(std::path::Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// [`cgroup_limit`] with the cgroup file system at `root` and
+/// `/proc/self/cgroup` reading `own`. cgroup v2 (`0::/PATH`,
+/// `memory.max`) and v1 (`N:…memory…:/PATH`, `memory/…/
+/// memory.limit_in_bytes`). Each directory from `PATH` up to the root is
+/// read where it exists: in a container without its own cgroup namespace
+/// `PATH` is the host's, and only the root (the container's own cgroup,
+/// mounted there) exists.
+pub fn cgroup_limit_in(root: &std::path::Path, own: &str) -> Option<u64> {
+    let mut places: Vec<(std::path::PathBuf, &str, &str)> = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if controllers.is_empty() {
+            places.push((root.to_path_buf(), path, "memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            places.push((root.join("memory"), path, "memory.limit_in_bytes"));
+        }
+    }
+    let mut least: Option<u64> = None;
+    for (base, path, file) in places {
+        let mut dir = std::path::PathBuf::from(path.trim_start_matches('/'));
+        loop {
+            let limit = std::fs::read_to_string(base.join(&dir).join(file))
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                // v1's "no limit" is a page-rounded i64::MAX.
+                .filter(|&v| v < 1 << 62);
+            if let Some(v) = limit {
+                least = Some(least.map_or(v, |l| l.min(v)));
+            }
+            if !dir.pop() {
+                break;
+            }
+        }
+    }
+    least
+}
+
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
@@ -221,5 +271,51 @@ mod tests {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
         }
         assert!(cpu_used().unwrap() > before);
+    }
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use super::cgroup_limit_in;
+
+    fn put(root: &std::path::Path, rel: &str, v: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, v).unwrap();
+    }
+
+    #[test]
+    fn the_tightest_memory_limit_of_the_cgroup_and_those_above_it_is_read() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        // v2: a pod's limit above the container's "max".
+        put(root, "kubepods/pod1/memory.max", "268435456\n");
+        put(root, "kubepods/pod1/ctr/memory.max", "max\n");
+        assert_eq!(
+            cgroup_limit_in(root, "0::/kubepods/pod1/ctr\n"),
+            Some(256 << 20)
+        );
+        // Inside its own namespace the container's cgroup is the root.
+        let t2 = tempfile::tempdir().unwrap();
+        put(t2.path(), "memory.max", "134217728");
+        assert_eq!(cgroup_limit_in(t2.path(), "0::/\n"), Some(128 << 20));
+        // Without one, a host path that does not exist here: the root's.
+        assert_eq!(
+            cgroup_limit_in(t2.path(), "0::/system.slice/docker-1.scope\n"),
+            Some(128 << 20)
+        );
+        // v1: the memory controller's hierarchy; "unlimited" is no limit.
+        let t3 = tempfile::tempdir().unwrap();
+        put(
+            t3.path(),
+            "memory/a/memory.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+        let own = "9:name=systemd:/\n4:memory:/a\n0::/\n";
+        assert_eq!(cgroup_limit_in(t3.path(), own), None);
+        put(t3.path(), "memory/a/b/memory.limit_in_bytes", "104857600\n");
+        let own = "4:cpuacct,memory:/a/b\n";
+        assert_eq!(cgroup_limit_in(t3.path(), own), Some(100 << 20));
+        assert_eq!(cgroup_limit_in(t3.path(), "garbage"), None);
     }
 }

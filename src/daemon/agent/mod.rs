@@ -73,6 +73,18 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
     let denied = Arc::new(AtomicU64::new(0));
     let tasks = TaskTracker::new();
+    let limit = crate::daemon::memory::cgroup_limit();
+    let budgets = upstream::budgets(limit);
+    let windows = crate::tunnel::flow::WindowBudget::from_env(budgets.windows);
+    if let Some(limit) = limit {
+        tracing::info!(
+            "memory limit {} MiB (cgroup): streams' windows are held to {} MiB in all, request \
+             bodies being received to {} MiB",
+            limit >> 20,
+            windows.total() >> 20,
+            budgets.bodies >> 20
+        );
+    }
     let service: Arc<dyn ChannelService> = Arc::new(Upstream {
         dialer: raw::Dialer {
             tasks: tasks.clone(),
@@ -94,8 +106,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
         raw_streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_RAW_STREAMS)),
-        body_budget: Arc::new(upstream::BodyBudget::new()),
-        windows: crate::tunnel::flow::WindowBudget::from_env(upstream::WINDOW_BUDGET),
+        body_budget: Arc::new(upstream::BodyBudget::new((budgets.bodies >> 10) as usize)),
+        windows,
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
     let key_path = cfg

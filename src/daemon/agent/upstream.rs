@@ -34,21 +34,23 @@ pub(super) const MAX_REQUEST_BODY: usize = 8 * 1024 * 1024;
 /// Request bytes buffered at once across all requests, in KiB.
 pub(super) const BODY_BUDGET_KIB: usize = 64 * 1024;
 
-/// Of [`BODY_BUDGET_KIB`], the most one operator's requests hold at once:
-/// one operator's stalled uploads (8 of 8 MiB, never finished) took the
-/// whole budget and every other operator's writes got 503.
-const OPERATOR_BODY_KIB: usize = BODY_BUDGET_KIB / 4;
-
 /// KiB of request bodies buffered, in all and by operator.
 pub(super) struct BodyBudget {
     total: Arc<Semaphore>,
+    /// Of the total, the most one operator's requests hold at once (a
+    /// quarter, and at least one largest body): one operator's stalled
+    /// uploads (8 of 8 MiB, never finished) took the whole budget and
+    /// every other operator's writes got 503.
+    operator_kib: usize,
     held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl BodyBudget {
-    pub(super) fn new() -> Self {
+    /// A budget of `total_kib` KiB.
+    pub(super) fn new(total_kib: usize) -> Self {
         BodyBudget {
-            total: Arc::new(Semaphore::new(BODY_BUDGET_KIB)),
+            total: Arc::new(Semaphore::new(total_kib)),
+            operator_kib: (total_kib / 4).max(MAX_REQUEST_BODY / 1024).min(total_kib),
             held: Default::default(),
         }
     }
@@ -61,11 +63,11 @@ impl BodyBudget {
                 .lock()
                 .map_err(|_| "the body budget is unusable".to_string())?;
             let mine = held.entry(operator.to_string()).or_default();
-            if *mine + kib > OPERATOR_BODY_KIB {
+            if *mine + kib > self.operator_kib {
                 if *mine == 0 {
                     held.remove(operator);
                 }
-                return Err(format!("operator '{operator}' has {} MiB of request bodies being received by this towerctl agent already (its share); finish or cancel those uploads and retry", OPERATOR_BODY_KIB / 1024));
+                return Err(format!("operator '{operator}' has {} MiB of request bodies being received by this towerctl agent already (its share); finish or cancel those uploads and retry", self.operator_kib / 1024));
             }
             *mine += kib;
         }
@@ -287,6 +289,33 @@ pub(super) struct Upstream {
 /// target that never reads held 4 GiB of the agent, well past a pod's
 /// memory limit.
 pub const WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
+
+/// What the agent buffers at most: windows asked of the hub in all
+/// ([`WINDOW_BUDGET`]) and request bodies ([`BODY_BUDGET_KIB`]), in bytes.
+#[derive(Debug, PartialEq)]
+pub(super) struct Budgets {
+    pub windows: u64,
+    pub bodies: u64,
+}
+
+/// [`Budgets`] for a process with `limit` bytes of memory (its cgroup's,
+/// [`crate::daemon::memory::cgroup_limit`]): a quarter for windows and an
+/// eighth for bodies, within the defaults, so that both full stay below
+/// half the limit. At their defaults (192 MiB together, and the windows'
+/// 32 KiB per stream past them) they took a pod's 256 MiB limit: the
+/// agent was killed for memory under load instead of slowing its streams
+/// down. Bodies keep room for one largest body ([`MAX_REQUEST_BODY`]).
+pub(super) fn budgets(limit: Option<u64>) -> Budgets {
+    let full = Budgets {
+        windows: WINDOW_BUDGET,
+        bodies: (BODY_BUDGET_KIB * 1024) as u64,
+    };
+    let Some(limit) = limit else { return full };
+    Budgets {
+        windows: (limit / 4).clamp(4 << 20, full.windows),
+        bodies: (limit / 8).clamp(MAX_REQUEST_BODY as u64, full.bodies),
+    }
+}
 
 impl Upstream {
     /// Confirms the channel, writes `reply` (why it is refused) and closes
@@ -789,6 +818,41 @@ async fn read_body(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn buffering_stays_under_half_a_memory_limit() {
+        assert_eq!(
+            budgets(None),
+            Budgets {
+                windows: 128 << 20,
+                bodies: 64 << 20
+            }
+        );
+        // The manifest's 256 MiB: 96 MiB where 192 were.
+        assert_eq!(
+            budgets(Some(256 << 20)),
+            Budgets {
+                windows: 64 << 20,
+                bodies: 32 << 20
+            }
+        );
+        assert_eq!(budgets(Some(8 << 30)), budgets(None));
+        // Small limits keep room for one largest body and some windows.
+        let small = budgets(Some(16 << 20));
+        assert_eq!(small.bodies, MAX_REQUEST_BODY as u64);
+        assert_eq!(small.windows, 4 << 20);
+        // A share of a small budget still takes one largest body.
+        let b = BodyBudget::new(small.bodies as usize >> 10);
+        let one = b.take("alice", MAX_REQUEST_BODY / 1024);
+        assert!(one.is_ok());
+        assert!(b.take("bob", 1).is_err(), "the total is spent");
+        drop(one);
+        let b = BodyBudget::new(BODY_BUDGET_KIB);
+        let _held = b.take("alice", BODY_BUDGET_KIB / 4).unwrap();
+        let e = b.take("alice", 1).err().unwrap();
+        assert!(e.contains("16 MiB"), "{e}");
+        assert!(b.take("bob", 1).is_ok());
+    }
 
     #[test]
     fn a_proxy_urls_credentials_are_not_shown() {
