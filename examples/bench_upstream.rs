@@ -7,6 +7,8 @@
 //!   one static buffer (nothing of size N is ever allocated).
 //! - `POST /sink`: reads the request body as it comes, keeps none of it,
 //!   and answers how many bytes it read (the upload direction).
+//! - `POST /stall`: reads no body and never answers (a target that stops
+//!   reading).
 //! - The two Kubernetes API reads an agent makes to resolve Service
 //!   `default/web` for `towerctl port-forward CLUSTER svc/web :80`:
 //!   `GET /api/v1/namespaces/default/services/web` (port 80 named `http`,
@@ -256,6 +258,12 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     }
     if req.method() == Method::POST && req.uri().path() == "/sink" {
         return Ok(sink(req.into_body()).await);
+    }
+    if req.method() == Method::POST && req.uri().path() == "/stall" {
+        // Reads nothing more and never answers: what the tunnel buffers
+        // towards a target that stops reading (`bench/memory.sh`).
+        let _body = req.into_body();
+        return std::future::pending().await;
     }
     if req.uri().path() == CONFIGMAPS_PATH && is_watch(req.uri().query()) {
         return Ok(event_watch());
