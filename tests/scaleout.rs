@@ -2116,3 +2116,109 @@ fn a_member_is_registered_once_across_hubs() {
         "registered twice: {o:?}"
     );
 }
+
+/// A TCP load balancer on loopback: each connection goes to the next of
+/// `to`, in turn. Its threads end with their connections (or after 5
+/// minutes).
+fn round_robin(to: Vec<String>) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, a) in l.incoming().enumerate() {
+            let Ok(a) = a else { return };
+            let Ok(b) = TcpStream::connect(&to[n % to.len()]) else {
+                continue;
+            };
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                std::thread::spawn(move || {
+                    from.set_read_timeout(Some(Duration::from_secs(300)))
+                        .unwrap();
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    port
+}
+
+/// Several hubs behind one load balancer, whose URL each hub writes into
+/// kubeconfigs (`--gateway-url`): a request the balancer sends to a hub
+/// that does not hold its member's tunnel is forwarded to the hub that
+/// does at that hub's own address (`--peer-url`). Before, the other hubs
+/// were given the balancer's URL too, so a forwarded request went back
+/// through the balancer, half of the time to a hub without the tunnel,
+/// and failed. A second hub that would be reached at the same URL as a
+/// live one is refused, naming `--peer-url`.
+#[test]
+fn hubs_behind_one_load_balancer_forward_to_each_others_own_address() {
+    let etcd = Etcd::start();
+    let (a, b) = (Env::new(), Env::new());
+    let (ga, gb) = (free_port(), free_port());
+    let lb = round_robin(vec![format!("127.0.0.1:{ga}"), format!("127.0.0.1:{gb}")]);
+    let lb_url = format!("https://127.0.0.1:{lb}");
+    let up = |env: &Env, gw: u16, extra: &[&str]| {
+        let gateway = format!("127.0.0.1:{gw}");
+        let mut args = vec![
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            &gateway,
+            "--gateway-url",
+            &lb_url,
+            "--keepalive",
+            "1s",
+            "--metrics",
+            "off",
+            "--store",
+            &etcd.url,
+        ];
+        args.extend_from_slice(extra);
+        support::run_bounded(env.towerctl_cmd(&args), Duration::from_secs(60))
+    };
+    let peer_a = format!("https://127.0.0.1:{ga}");
+    let o = up(&a, ga, &["--peer-url", &peer_a]);
+    assert!(o.ok(), "{o:?}");
+    // Hub b without --peer-url would be reached at the balancer's URL,
+    // as hub a is not: taken. With a's own address: refused.
+    let o = up(&b, gb, &["--peer-url", &peer_a]);
+    assert!(!o.ok(), "{o:?}");
+    let log = std::fs::read_to_string(b.path("state/towerctl/hub.log")).unwrap_or_default();
+    let said = format!("{}{}{log}", o.stdout, o.stderr);
+    assert!(
+        said.contains(&format!("is reached by the other hubs at {peer_a} too"))
+            && said.contains("--peer-url https://HOST:PORT"),
+        "{said}"
+    );
+    let o = up(&b, gb, &["--peer-url", &format!("https://127.0.0.1:{gb}")]);
+    assert!(o.ok(), "{o:?}");
+    // A URL with a path is no peer URL.
+    let o = b.towerctl(&["up", "--store", &etcd.url, "--peer-url", "https://h:1/x"]);
+    assert!(
+        !o.ok() && o.stderr.contains("scheme, host and port"),
+        "{o:?}"
+    );
+
+    let api = ApiServer::start();
+    let machine = Env::new();
+    join(&a, &machine, "alpha", &api);
+    let bob = operator_token(&a, "bob");
+    let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    assert_eq!(b.status()["hub"]["gatewayURL"], lb_url.as_str());
+    wait_for(
+        "hub b to learn where alpha is",
+        Duration::from_secs(15),
+        || {
+            member(&b.status(), "alpha")["hub"]
+                .is_string()
+                .then_some(())
+        },
+    );
+    // Every request through the balancer: half land on hub b.
+    for n in 0..12 {
+        let (code, body) = support::gateway_get(&a, &bob, "/clusters/alpha/version");
+        assert_eq!(code, "200", "request {n} through the balancer: {body}");
+    }
+}

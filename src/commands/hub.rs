@@ -133,6 +133,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         gateway: a.gateway,
         advertise: a.advertise,
         gateway_url: a.gateway_url,
+        peer_url: a.peer_url,
         keepalive: a.keepalive,
         metrics: a.metrics.0,
         store: a.store.clone(),

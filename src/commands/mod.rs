@@ -240,6 +240,13 @@ pub struct HubArgs {
     /// another address.
     #[arg(long, value_name = "URL")]
     pub gateway_url: Option<String>,
+    /// With etcd: the gateway URL the other hubs forward requests to this
+    /// hub at (default: --gateway-url, else the gateway's address). Give
+    /// each hub its own when --gateway-url names a load balancer in front
+    /// of several hubs: through it, a request could not reach the hub
+    /// holding its member's tunnel.
+    #[arg(long, value_name = "URL", requires = "store", value_parser = parse_peer_url)]
+    pub peer_url: Option<String>,
     /// Keepalive interval; a peer silent for three intervals is declared dead.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
@@ -313,6 +320,9 @@ impl HubArgs {
         }
         if let Some(u) = &self.gateway_url {
             args.push(format!("--gateway-url={u}"));
+        }
+        if let Some(u) = &self.peer_url {
+            args.push(format!("--peer-url={u}"));
         }
         args.extend(self.store_args());
         args.extend(self.trusted().to_args());
@@ -712,6 +722,30 @@ pub struct MaxStale(pub Option<std::time::Duration>);
 
 /// `--store-max-stale`: a duration of three seconds or more, or `0` (also
 /// `0s`, `0ms`) for none.
+/// `--peer-url`: an `https://HOST[:PORT]` URL with nothing after the
+/// authority (the other hubs' requests go to its root).
+fn parse_peer_url(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s).map_err(|e| {
+        format!("'{s}' is not a URL ({e}): give https://HOST:PORT, this hub's gateway as the other hubs reach it")
+    })?;
+    if u.scheme() != "https" || u.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "'{s}' is not an https://HOST[:PORT] URL: the other hubs reach this hub's gateway over HTTPS"
+        ));
+    }
+    if u.path() != "/"
+        || u.query().is_some()
+        || u.fragment().is_some()
+        || !u.username().is_empty()
+        || u.password().is_some()
+    {
+        return Err(format!(
+            "'{s}' has more than a scheme, host and port: give https://HOST:PORT only"
+        ));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
 fn parse_max_stale(s: &str) -> Result<MaxStale, String> {
     if s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
         return Ok(MaxStale(None));

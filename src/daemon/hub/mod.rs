@@ -65,6 +65,9 @@ pub struct HubConfig {
     pub advertise: Option<String>,
     /// URL operators should use for the gateway.
     pub gateway_url: Option<String>,
+    /// With etcd: the gateway URL other hubs forward to (default:
+    /// `gateway_url`, else the gateway's address).
+    pub peer_url: Option<String>,
     pub keepalive: Duration,
     /// Where `/metrics` is served; `None` disables it.
     pub metrics: Option<SocketAddr>,
@@ -1204,10 +1207,10 @@ pub async fn run(
     if !gateway_addr.ip().is_unspecified() && !gateway_addr.ip().is_loopback() {
         names.push(gateway_addr.ip().to_string());
     }
-    if let Some(u) = cfg
-        .gateway_url
-        .as_deref()
-        .and_then(|u| url::Url::parse(u).ok())
+    for u in [cfg.gateway_url.as_deref(), cfg.peer_url.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|u| url::Url::parse(u).ok())
     {
         if let Some(h) = u.host_str() {
             names.push(h.trim_matches(|c| c == '[' || c == ']').to_string());
@@ -1255,14 +1258,26 @@ pub async fn run(
                     cfg.advertise.is_some(),
                     "--advertise",
                 ),
-                gateway_url: for_other_hosts(
-                    &gateway_url,
-                    gateway_addr,
-                    cfg.gateway_url.is_some(),
-                    "--gateway-url",
-                ),
+                gateway_url: match &cfg.peer_url {
+                    Some(u) => u.clone(),
+                    None => for_other_hosts(
+                        &gateway_url,
+                        gateway_addr,
+                        cfg.gateway_url.is_some(),
+                        "--gateway-url",
+                    ),
+                },
             };
             let id = shared_hub_id(&data, &s, &info)?;
+            if let Some(other) = peer::peer_url_taken(&s, &id, &info)? {
+                anyhow::bail!(
+                    "another live hub ('{other}') is reached by the other hubs at {} too: requests \
+                     for members whose tunnel is on this hub would go there. When --gateway-url \
+                     names a load balancer in front of several hubs, give each hub the address \
+                     the others reach it at directly with --peer-url https://HOST:PORT",
+                    info.gateway_url
+                );
+            }
             Some((s, id, info))
         }
         None => None,

@@ -60,6 +60,40 @@ pub struct HubInfo {
     pub gateway_url: String,
 }
 
+/// The id of another live hub that other hubs reach at `ours`'s gateway
+/// URL (`--peer-url`), if one does: several hubs behind one load balancer
+/// whose URL each gives as its own. A record left by a hub that stopped
+/// without revoking its lease goes within [`LEASE_TTL`]: waited out.
+pub fn peer_url_taken(store: &EtcdStore, id: &str, ours: &HubInfo) -> Result<Option<String>> {
+    let prefix = store.key("hubs/");
+    let deadline = std::time::Instant::now() + Duration::from_secs(LEASE_TTL as u64 + 2);
+    let mut waiting = false;
+    loop {
+        let (_, kvs) = store.etcd.range_prefix(&prefix)?;
+        let other = kvs.into_iter().find_map(|kv| {
+            let theirs: HubInfo = serde_json::from_slice(&kv.value).ok()?;
+            let their_id = kv.key.strip_prefix(&prefix)?;
+            (their_id != id && theirs.gateway_url == ours.gateway_url).then(|| their_id.to_string())
+        });
+        let Some(other) = other else {
+            return Ok(None);
+        };
+        if std::time::Instant::now() >= deadline {
+            return Ok(Some(other));
+        }
+        if !waiting {
+            waiting = true;
+            tracing::info!(
+                "hub '{other}' is reached at {} as this hub would be; waiting up to {} s for its \
+                 record to expire (a hub that stopped at this address)",
+                ours.gateway_url,
+                LEASE_TTL + 2
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The other live hub that holds the id `id`, if one does.
 ///
 /// `hubs/<id>` lives under its hub's lease. A record that reads as `ours`
