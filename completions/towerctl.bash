@@ -1803,7 +1803,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__hub__subcmd__run)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1822,6 +1822,10 @@ _towerctl() {
                     return 0
                     ;;
                 --gateway-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --peer-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2407,7 +2411,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__service__subcmd__install__subcmd__hub)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2426,6 +2430,10 @@ _towerctl() {
                     return 0
                     ;;
                 --gateway-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --peer-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2513,7 +2521,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --keepalive --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2532,6 +2540,10 @@ _towerctl() {
                     return 0
                     ;;
                 --gateway-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --peer-url)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
