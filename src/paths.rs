@@ -89,8 +89,18 @@ fn check_dir(dir: &Path, sticky_ok: bool) -> Result<()> {
         );
     }
     if m.mode() & 0o022 != 0 && !sticky {
+        // Set-group-ID and group-writable: how the kubelet leaves every
+        // directory of a volume mounted with `fsGroup`, at each mount.
+        let kubelet = if m.mode() & 0o2020 == 0o2020 {
+            "; in a Kubernetes pod, the kubelet makes every directory of a volume mounted with \
+             securityContext.fsGroup so at each mount: set securityContext.fsGroupChangePolicy: \
+             OnRootMismatch (directories towerctl made inside the volume are then left as they \
+             are), or mount it without fsGroup"
+        } else {
+            ""
+        };
         anyhow::bail!(
-            "directory '{}' is writable by group or others (mode {:o}); towerctl keeps secrets there: run 'chmod go-w {}'",
+            "directory '{}' is writable by group or others (mode {:o}); towerctl keeps secrets there: run 'chmod go-w {}'{kubelet}",
             dir.display(),
             m.mode() & 0o7777,
             dir.display()
@@ -309,6 +319,14 @@ mod tests {
         assert!(
             format!("{e:#}").contains("writable by group or others"),
             "{e:#}"
+        );
+        assert!(!format!("{e:#}").contains("fsGroup"), "{e:#}");
+        // As the kubelet leaves a volume mounted with fsGroup.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        let e = ensure_private_dir(&open).unwrap_err().to_string();
+        assert!(
+            e.contains("chmod go-w") && e.contains("fsGroupChangePolicy: OnRootMismatch"),
+            "{e}"
         );
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
         write_atomic(&open.join("x"), b"s", 0o600).unwrap();
