@@ -5,11 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use russh::client::{Handle, Msg, Session};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelOpenFailure};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -456,10 +455,10 @@ async fn connect_inner(
         reason,
     };
 
-    let tcp = match proxy_for(tls, host) {
-        Some(proxy) => connect_via_proxy(&proxy, host, port)
+    let tcp = match super::proxy::from_env(tls, host, port).map_err(&unreachable)? {
+        Some(proxy) => super::proxy::connect(&proxy, host, port)
             .await
-            .map_err(|e| unreachable(format!("through proxy '{}': {e}", redact_proxy(&proxy))))?,
+            .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?,
         None => TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
             .await
             .map_err(|e| unreachable(e.to_string()))?,
@@ -649,98 +648,6 @@ async fn refusal(closed: &mut oneshot::Receiver<SessionEnd>, name: &str) -> Tunn
     }
 }
 
-/// The proxy to use for the hub, from `HTTPS_PROXY`/`HTTP_PROXY` (either
-/// case), unless `NO_PROXY` matches the host.
-fn proxy_for(tls: bool, host: &str) -> Option<String> {
-    let get = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-    };
-    let proxy = if tls {
-        get(&["HTTPS_PROXY", "https_proxy"])
-    } else {
-        get(&["HTTP_PROXY", "http_proxy"])
-    }?;
-    if let Some(no) = get(&["NO_PROXY", "no_proxy"]) {
-        let h = host
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_ascii_lowercase();
-        for pat in no.split(',').map(|p| p.trim().to_ascii_lowercase()) {
-            if pat == "*" {
-                return None;
-            }
-            let pat = pat.trim_start_matches('.');
-            if !pat.is_empty() && (h == pat || h.ends_with(&format!(".{pat}"))) {
-                return None;
-            }
-        }
-    }
-    Some(proxy)
-}
-
-fn redact_proxy(p: &str) -> String {
-    match url::Url::parse(p) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("***");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        _ => p.to_string(),
-    }
-}
-
-/// Opens a TCP tunnel with HTTP `CONNECT` through an HTTP proxy.
-async fn connect_via_proxy(proxy: &str, host: &str, port: u16) -> std::io::Result<TcpStream> {
-    let with_scheme = if proxy.contains("://") {
-        proxy.to_string()
-    } else {
-        format!("http://{proxy}")
-    };
-    let u = url::Url::parse(&with_scheme).map_err(std::io::Error::other)?;
-    let phost = u
-        .host_str()
-        .ok_or_else(|| std::io::Error::other("proxy URL has no host"))?;
-    let pport = u.port_or_known_default().unwrap_or(3128);
-    let mut s = TcpStream::connect((phost.trim_matches(|c| c == '[' || c == ']'), pport)).await?;
-    let mut req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
-    if !u.username().is_empty() {
-        let user = urlencoding_decode(u.username());
-        let pass = urlencoding_decode(u.password().unwrap_or(""));
-        let cred = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-        req.push_str(&format!("Proxy-Authorization: Basic {cred}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await?;
-    // Read the response head byte by byte: nothing past it may be consumed,
-    // it belongs to the WebSocket handshake.
-    let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 16 * 1024 {
-            return Err(std::io::Error::other("proxy response head too large"));
-        }
-        let b = s.read_u8().await?;
-        head.push(b);
-    }
-    let status_line = String::from_utf8_lossy(&head);
-    let status_line = status_line.lines().next().unwrap_or("");
-    let code = status_line.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        return Err(std::io::Error::other(format!(
-            "proxy answered '{}'",
-            super::printable(status_line, 200)
-        )));
-    }
-    Ok(s)
-}
-
-fn urlencoding_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
 /// Why the WebSocket upgrade failed, and for an HTTP answer other than
 /// 101 what it most likely means: between an agent and its hub sit
 /// ingresses and proxies whose own answers say little by themselves.
@@ -772,7 +679,10 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
              tunnel port: `towerctl status` on the hub shows it as tunnelURL), or a proxy or \
              ingress in front of the hub that wants authentication"
         }
-        407 => "the HTTP proxy wants credentials (put them in HTTPS_PROXY/HTTP_PROXY)",
+        407 => {
+            "a proxy wants credentials: one not named in HTTPS_PROXY/HTTP_PROXY (a \
+             transparent proxy, or a reverse proxy in front of the hub)"
+        }
         404 => "nothing is routed to the hub at this path (check the URL's path and the ingress's rules)",
         400 | 405 | 426 => {
             "the upgrade was refused on the way (ws:// to the hub's TLS gateway port? an \
@@ -908,12 +818,6 @@ mod tests {
         assert!(!end.revoked);
         let revoked = SessionEnd::by_hub(&format!("{REVOKED_PREFIX} by an operator"));
         assert!(revoked.revoked, "{revoked:?}");
-    }
-
-    #[test]
-    fn redacts_proxy_credentials() {
-        let r = redact_proxy("http://user:pw@proxy:3128");
-        assert!(!r.contains("pw") && !r.contains("user"), "{r}");
     }
 
     #[test]

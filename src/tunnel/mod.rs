@@ -12,6 +12,7 @@ pub mod counted;
 pub mod flow;
 pub mod framecap;
 pub mod keys;
+pub mod proxy;
 pub mod quiet;
 pub mod server;
 pub mod slurp;

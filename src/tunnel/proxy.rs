@@ -1,0 +1,439 @@
+//! The agent's way out through a company's HTTP proxy: `HTTPS_PROXY` /
+//! `HTTP_PROXY` and `NO_PROXY`, read as Go's `net/http` reads them (what
+//! kubectl and most of the tools next to it do), and an HTTP `CONNECT`.
+
+use std::net::IpAddr;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An HTTP proxy from the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proxy {
+    host: String,
+    port: u16,
+    /// `user:password`, decoded, for `Proxy-Authorization: Basic`.
+    credentials: Option<String>,
+}
+
+impl Proxy {
+    /// The proxy as logs and errors may show it: no credentials.
+    pub fn shown(&self) -> String {
+        let auth = if self.credentials.is_some() {
+            "***@"
+        } else {
+            ""
+        };
+        if self.host.contains(':') {
+            format!("http://{auth}[{}]:{}", self.host, self.port)
+        } else {
+            format!("http://{auth}{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The proxy for a hub at `host:port` (`tls`: `wss://`), from the
+/// environment: `HTTPS_PROXY` (or `https_proxy`) for `wss://`,
+/// `HTTP_PROXY` (or `http_proxy`) for `ws://`, upper case first as Go reads
+/// them, unless `NO_PROXY` (or `no_proxy`) names the host. `Err` for a proxy URL that cannot be used, naming it
+/// without its credentials.
+pub fn from_env(tls: bool, host: &str, port: u16) -> Result<Option<Proxy>, String> {
+    let get = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+    };
+    let (names, raw) = if tls {
+        ("HTTPS_PROXY", get(&["HTTPS_PROXY", "https_proxy"]))
+    } else {
+        ("HTTP_PROXY", get(&["HTTP_PROXY", "http_proxy"]))
+    };
+    let Some(raw) = raw else { return Ok(None) };
+    if bypassed(
+        &get(&["NO_PROXY", "no_proxy"]).unwrap_or_default(),
+        host,
+        port,
+    ) {
+        return Ok(None);
+    }
+    parse(&raw).map(Some).map_err(|e| format!("{names}: {e}"))
+}
+
+/// A proxy URL: `http://[USER[:PASSWORD]@]HOST[:PORT]`, the scheme
+/// optional (`HOST:PORT`), the port 80 by default, as Go takes them.
+pub fn parse(raw: &str) -> Result<Proxy, String> {
+    let raw = raw.trim();
+    let with_scheme = if raw.contains("://") {
+        raw.to_string()
+    } else {
+        format!("http://{raw}")
+    };
+    let shown = || redact(&with_scheme);
+    let u = url::Url::parse(&with_scheme).map_err(|e| {
+        format!(
+            "'{}' is not a proxy URL ({e}): give http://HOST:PORT",
+            shown()
+        )
+    })?;
+    match u.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "'{}': a proxy reached over TLS (https://) is not supported; give the proxy's \
+                 plain HTTP address, http://HOST:PORT (the hub's own TLS still runs end to end \
+                 through it)",
+                shown()
+            ))
+        }
+        s if s.starts_with("socks") => {
+            return Err(format!(
+                "'{}': SOCKS proxies are not supported; give an HTTP proxy that allows CONNECT, \
+                 http://HOST:PORT",
+                shown()
+            ))
+        }
+        s => {
+            return Err(format!(
+                "'{}': scheme '{s}' is not a proxy's; give http://HOST:PORT",
+                shown()
+            ))
+        }
+    }
+    let host = u
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("'{}' names no host: give http://HOST:PORT", shown()))?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = (!u.username().is_empty() || u.password().is_some()).then(|| {
+        format!(
+            "{}:{}",
+            decode(u.username()),
+            decode(u.password().unwrap_or(""))
+        )
+    });
+    Ok(Proxy {
+        host,
+        port: u.port_or_known_default().unwrap_or(80),
+        credentials,
+    })
+}
+
+/// `raw` with whatever precedes an `@` in its authority hidden.
+pub fn redact(raw: &str) -> String {
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), raw),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}***@{}{tail}", &authority[at + 1..]),
+        None => format!("{scheme}{rest}"),
+    }
+}
+
+/// Whether `no_proxy` (comma- or space-separated, as Go reads it) keeps
+/// `host:port` off the proxy: `*`; a name, matching it and its subdomains
+/// (`example.com`, `.example.com` and `*.example.com` alike); an IP
+/// address or a CIDR (`10.0.0.0/8`); any of these with `:PORT`, then for
+/// that port only (IPv6 in brackets). Unlike Go, loopback hosts are not
+/// kept off the proxy unless named: a hub on this machine reached through
+/// a proxy is what the variables say.
+pub fn bypassed(no_proxy: &str, host: &str, port: u16) -> bool {
+    let host = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let ip: Option<IpAddr> = host.parse().ok();
+    for entry in no_proxy.split([',', ' ']).map(str::trim) {
+        if entry.is_empty() {
+            continue;
+        }
+        if entry == "*" {
+            return true;
+        }
+        let entry = entry.to_ascii_lowercase();
+        // A port, when given, must match.
+        let (name, want_port) = split_port(&entry);
+        if want_port.is_some_and(|p| p != port) {
+            continue;
+        }
+        if let Some(ip) = ip {
+            if let Some((net, bits)) = cidr(name) {
+                if in_net(ip, net, bits) {
+                    return true;
+                }
+                continue;
+            }
+        }
+        let name = name.trim_start_matches('*').trim_start_matches('.');
+        let name = name.trim_end_matches('.');
+        if !name.is_empty() && (host == name || host.ends_with(&format!(".{name}"))) {
+            return true;
+        }
+    }
+    false
+}
+
+/// `entry` and its port: `host:port`, `[v6]:port`, `[v6]`, a bare IPv6
+/// address (no port), or a name.
+fn split_port(entry: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (rest, None),
+        };
+    }
+    // Two colons or more: an IPv6 address (or CIDR) without brackets.
+    if entry.matches(':').count() == 1 {
+        if let Some((h, p)) = entry.rsplit_once(':') {
+            if let Ok(p) = p.parse() {
+                return (h, Some(p));
+            }
+        }
+    }
+    (entry, None)
+}
+
+/// An IP address or CIDR.
+fn cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, bits) = match s.split_once('/') {
+        Some((a, b)) => (a, Some(b.parse::<u8>().ok()?)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let bits = bits.unwrap_or(max);
+    (bits <= max).then_some((addr, bits))
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    match (ip.to_canonical(), net.to_canonical()) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - bits as u32).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - bits as u32).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// What a proxy's answer other than 2xx most likely means.
+fn refusal_hint(code: u16, head: &str, port: u16) -> String {
+    match code {
+        407 => {
+            let offered: Vec<String> = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(n, _)| n.trim().eq_ignore_ascii_case("proxy-authenticate"))
+                .filter_map(|(_, v)| v.split_whitespace().next())
+                .map(|s| super::printable(s, 40))
+                .collect();
+            let offered = if offered.is_empty() {
+                String::new()
+            } else {
+                format!(" (it offers: {})", offered.join(", "))
+            };
+            format!(
+                ": the proxy wants credentials{offered}; put them in the proxy URL, \
+                 http://USER:PASSWORD@HOST:PORT, percent-encoded (only Basic is sent)"
+            )
+        }
+        403 if port != 443 => format!(
+            ": many proxies allow CONNECT to port 443 only; serve the hub's tunnel on 443 \
+             (wss://), or have the proxy allow port {port}, or name the hub in NO_PROXY if it \
+             is reachable without the proxy"
+        ),
+        403 => ": the proxy's policy refuses this host; have it allowed, or name the hub in \
+                 NO_PROXY if it is reachable without the proxy"
+            .into(),
+        _ => String::new(),
+    }
+}
+
+/// Opens a TCP tunnel to `host:port` with HTTP `CONNECT` through `proxy`.
+pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
+    // IPv6 hosts keep (or get) their brackets in the authority.
+    let bare = host.trim_matches(|c| c == '[' || c == ']');
+    let authority = if bare.contains(':') {
+        format!("[{bare}]:{port}")
+    } else {
+        format!("{bare}:{port}")
+    };
+    let mut req = format!(
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: towerctl/{}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    if let Some(c) = &proxy.credentials {
+        let cred = base64::engine::general_purpose::STANDARD.encode(c);
+        req.push_str(&format!("Proxy-Authorization: Basic {cred}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    // Read the response head byte by byte: nothing past it may be consumed,
+    // it belongs to the WebSocket handshake.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(std::io::Error::other("proxy response head too large"));
+        }
+        let b = s.read_u8().await?;
+        head.push(b);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status_line = head.lines().next().unwrap_or("");
+    let code: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if !(200..300).contains(&code) {
+        return Err(std::io::Error::other(format!(
+            "proxy answered '{}'{}",
+            super::printable(status_line, 200),
+            refusal_hint(code, &head, port)
+        )));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_proxy_is_read_as_go_reads_it() {
+        let no = "10.0.0.0/8, .svc,*.corp.example,internal.example:8080,[fd00::1],192.168.1.5";
+        for (host, port, want) in [
+            ("10.1.2.3", 8080, true),
+            ("11.1.2.3", 8080, false),
+            ("hub.ns.svc", 80, true),
+            ("svc", 80, true),
+            ("a.b.corp.example", 443, true),
+            ("corp.example", 443, true),
+            ("xcorp.example", 443, false),
+            ("internal.example", 8080, true),
+            ("internal.example", 443, false),
+            ("[fd00::1]", 443, true),
+            ("fd00::2", 443, false),
+            ("192.168.1.5", 1, true),
+            ("hub.example.com", 443, false),
+            ("localhost", 8080, false),
+            ("127.0.0.1", 8080, false),
+        ] {
+            assert_eq!(bypassed(no, host, port), want, "{host}:{port}");
+        }
+        assert!(bypassed("*", "hub.example.com", 443));
+        assert!(!bypassed("", "hub.example.com", 443));
+        assert!(bypassed("HUB.Example.com.", "hub.example.com", 443));
+        assert!(bypassed("fd00::/16", "[fd00:1::5]", 443));
+        assert!(!bypassed("10.0.0.0/8", "hub10.example", 443));
+    }
+
+    #[test]
+    fn proxy_urls_take_credentials_as_written_and_show_none() {
+        let p = parse("http://us%40er:p+ss&w%3Ard@proxy.corp:3128").unwrap();
+        assert_eq!(p.credentials.as_deref(), Some("us@er:p+ss&w:rd"));
+        assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 3128));
+        assert_eq!(p.shown(), "http://***@proxy.corp:3128");
+        // No scheme: http, and the credentials are still hidden.
+        let p = parse("user:secret@proxy.corp:3128").unwrap();
+        assert_eq!(p.credentials.as_deref(), Some("user:secret"));
+        assert!(!p.shown().contains("secret"));
+        // A password alone is sent too.
+        let p = parse("http://:tok@proxy").unwrap();
+        assert_eq!(p.credentials.as_deref(), Some(":tok"));
+        assert_eq!(p.port, 80);
+        assert_eq!(
+            parse("http://[fd00::9]:3128").unwrap().shown(),
+            "http://[fd00::9]:3128"
+        );
+        for (bad, says) in [
+            (
+                "https://u:secret@proxy:443",
+                "over TLS (https://) is not supported",
+            ),
+            (
+                "socks5://u:secret@proxy:1080",
+                "SOCKS proxies are not supported",
+            ),
+            ("ftp://proxy", "is not a proxy's"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says) && !e.contains("secret"), "{e}");
+        }
+        assert_eq!(redact("user:secret@proxy.corp:3128"), "***@proxy.corp:3128");
+        assert_eq!(redact("http://a:b@h/p@q"), "http://***@h/p@q");
+    }
+
+    /// A one-shot proxy on loopback that answers `answer` to a CONNECT,
+    /// and hands back what it was sent.
+    async fn proxy_answering(answer: &'static str) -> (Proxy, tokio::task::JoinHandle<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(answer.as_bytes()).await.unwrap();
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        let p = parse(&format!("http://us%2Ber:p+w@127.0.0.1:{port}")).unwrap();
+        (p, seen)
+    }
+
+    #[tokio::test]
+    async fn a_connect_sends_credentials_and_takes_any_2xx() {
+        let (p, seen) = proxy_answering("HTTP/1.1 204 Connection Established\r\n\r\n").await;
+        connect(&p, "[fd00::1]", 443).await.unwrap();
+        let req = seen.await.unwrap();
+        let cred = base64::engine::general_purpose::STANDARD.encode("us+er:p+w");
+        assert!(
+            req.starts_with("CONNECT [fd00::1]:443 HTTP/1.1\r\n")
+                && req.contains(&format!("Proxy-Authorization: Basic {cred}\r\n"))
+                && req.contains("User-Agent: towerctl/"),
+            "{req}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxys_refusal_says_what_it_likely_means() {
+        let (p, _) = proxy_answering(
+            "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Negotiate\r\n\
+             Proxy-Authenticate: NTLM\r\n\r\n",
+        )
+        .await;
+        let e = connect(&p, "hub.example.com", 443)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("407") && e.contains("it offers: Negotiate, NTLM"),
+            "{e}"
+        );
+        let (p, _) = proxy_answering("HTTP/1.1 403 Forbidden\r\n\r\n").await;
+        let e = connect(&p, "hub.example.com", 8080)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CONNECT to port 443 only"), "{e}");
+    }
+}
