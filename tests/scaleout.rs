@@ -1598,6 +1598,11 @@ fn a_hub_cut_off_from_etcd_hands_its_agents_to_a_hub_that_can_reach_it() {
         Duration::from_secs(15),
         || (through_a().0 == "200").then_some(()),
     );
+    // Both were past their limits: as etcd came back, neither handed its
+    // agents to the other for having been heard from first.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!log().contains("handing"), "{}", log());
+    assert!(!agent_log().contains("tunnel down"), "{}", agent_log());
 
     relay.freeze_all();
     let frozen = Instant::now();

@@ -429,9 +429,19 @@ impl Etcd {
         }
     }
 
-    /// One unary call, trying each endpoint in turn.
+    /// One unary call, trying each endpoint in turn; for [`TIMEOUT`] after
+    /// every endpoint failed, failed at once.
     pub fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        if let Ok(d) = self.down_until.lock() {
+        self.call_as(path, body, true)
+    }
+
+    /// Longest a call that tries every endpoint can take.
+    pub fn longest_call(&self) -> std::time::Duration {
+        TIMEOUT * self.endpoints.len().max(1) as u32
+    }
+
+    fn call_as(&self, path: &str, body: &Value, fail_fast: bool) -> Result<Value, EtcdError> {
+        if let Some(Ok(d)) = fail_fast.then(|| self.down_until.lock()) {
             if let Some((until, reason)) = d.as_ref() {
                 if std::time::Instant::now() < *until {
                     return Err(EtcdError::Unreachable {
@@ -544,6 +554,13 @@ impl Etcd {
     /// Renews a lease; `Ok(false)` when etcd no longer knows it (expired).
     pub fn lease_keepalive(&self, id: i64) -> Result<bool, EtcdError> {
         let v = self.call("/v3/lease/keepalive", &json!({"ID": id.to_string()}))?;
+        Ok(int(&v["result"]["TTL"]) > 0)
+    }
+
+    /// [`Etcd::lease_keepalive`], asking etcd even within [`TIMEOUT`] of a
+    /// call that found it away.
+    pub fn lease_keepalive_now(&self, id: i64) -> Result<bool, EtcdError> {
+        let v = self.call_as("/v3/lease/keepalive", &json!({"ID": id.to_string()}), false)?;
         Ok(int(&v["result"]["TTL"]) > 0)
     }
 

@@ -350,26 +350,32 @@ impl Cluster {
             .filter(|d| !d.is_zero())
     }
 
-    /// Whether etcd answers a renewal of this hub's lease now, within
-    /// [`READY_DEADLINE`] (asked just before agents are handed off for a
-    /// lost lease: etcd may have come back since the lease thread last
-    /// tried). A lease etcd no longer knows is taken anew by that thread.
+    /// Whether etcd answers a renewal of this hub's lease now (asked just
+    /// before agents are handed off: etcd may have come back since the
+    /// lease thread last tried, and the hub's own confirmation may lag the
+    /// other hubs'). Asked on a thread of its own, past the client's "etcd
+    /// is away" shortcut, and waited for as long as the call can take. A
+    /// lease etcd no longer knows is taken anew by the lease thread.
     async fn answers_renewal(self: &Arc<Self>) -> bool {
         let me = self.clone();
-        let ask = tokio::task::spawn_blocking(move || {
-            let r = me
-                .store
-                .etcd
-                .lease_keepalive(me.lease.load(Ordering::SeqCst));
-            if let Ok(true) = r {
-                me.renewed_ms.store(boot_ms(), Ordering::SeqCst);
-            }
-            r.is_ok()
-        });
-        matches!(
-            tokio::time::timeout(READY_DEADLINE, ask).await,
-            Ok(Ok(true))
-        )
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("etcd-probe".into())
+            .spawn(move || {
+                let r = me
+                    .store
+                    .etcd
+                    .lease_keepalive_now(me.lease.load(Ordering::SeqCst));
+                if let Ok(true) = r {
+                    me.renewed_ms.store(boot_ms(), Ordering::SeqCst);
+                }
+                let _ = tx.send(r.is_ok());
+            });
+        if spawned.is_err() {
+            return false;
+        }
+        let wait = self.store.etcd.longest_call() + Duration::from_secs(1);
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(true)))
     }
 
     /// Every live hub's tunnel URL, this one first.
@@ -400,6 +406,7 @@ impl Cluster {
         peers.sort();
         peers.dedup();
         for peer in peers {
+            let shown = crate::tunnel::escape_for_log(&peer, 200);
             let ask = async {
                 let mut sender = self.dial(hub, &peer).await.ok()?;
                 let authority = url::Url::parse(&peer).ok().and_then(|u| {
@@ -417,9 +424,9 @@ impl Cluster {
             match tokio::time::timeout(READY_DEADLINE, ask).await {
                 Ok(Some(age)) if age < within => return Some(peer),
                 Ok(Some(age)) => tracing::debug!(
-                    "hub at {peer} last confirmed the registry {age:?} ago: not taken for one that reaches etcd"
+                    "hub at {shown} last reached etcd {age:?} ago: not taken for one that reaches it"
                 ),
-                _ => tracing::debug!("hub at {peer} does not answer ready"),
+                _ => tracing::debug!("hub at {shown} does not answer ready"),
             }
         }
         None
@@ -843,8 +850,10 @@ pub const REGISTRY_AGE_HEADER: &str = "x-towerctl-registry-age-ms";
 /// last confirmation predates that (hubs renew every [`KEEPALIVE`] and
 /// confirm a quiet registry every sixth of their limit), so the first hub
 /// to lose its lease does not move its agents to hubs about to lose theirs
-/// too. Cut off by its lease alone, it first tries one renewal itself
-/// (etcd may be back). While it hands off, this hub closes its agents'
+/// too. Before it starts, it tries one renewal of its lease itself: etcd
+/// may be back, and after a long outage for all, the first hub to hear
+/// from it again is found by the others before they confirm their own
+/// registries. While it hands off, this hub closes its agents'
 /// sessions (not as revoked: each dials the next hub of its join command,
 /// or its load balancer again), sends on each agent logging in, at most
 /// [`HAND_OFF_TRIES`] times per member (an agent that reaches no other hub
@@ -914,7 +923,10 @@ impl HandOff {
             match cluster.peer_reaching_etcd(&hub, cut.since).await {
                 Some(peer) => {
                     misses.store(0, Ordering::SeqCst);
-                    if !cut.stale && !hub.handing_off() && cluster.answers_renewal().await {
+                    // Not yet handing off: only if this hub cannot reach
+                    // etcd itself now (in an outage for all, the other
+                    // hubs may be heard from again first).
+                    if !hub.handing_off() && cluster.answers_renewal().await {
                         return;
                     }
                     hand_off(&hub, &cluster, &peer);
@@ -969,9 +981,10 @@ fn hand_off(hub: &Hub, cluster: &Cluster, peer: &str) {
     if first {
         tracing::warn!(
             "this hub cannot reach etcd (its lease there last renewed {:.1}s ago) and the hub at \
-             {peer} can: handing {n} agents to the other hubs (each sent on up to \
+             {} can: handing {n} agents to the other hubs (each sent on up to \
              {HAND_OFF_TRIES} times, then kept)",
-            cluster.lease_age().as_secs_f64()
+            cluster.lease_age().as_secs_f64(),
+            crate::tunnel::escape_for_log(peer, 200)
         );
     } else if n > 0 {
         tracing::info!("handing {n} more agents to the other hubs");
