@@ -743,7 +743,7 @@ fn parse_peer_url(s: &str) -> Result<String, String> {
             "'{s}' has more than a scheme, host and port: give https://HOST:PORT only"
         ));
     }
-    Ok(s.trim_end_matches('/').to_string())
+    Ok(u.as_str().trim_end_matches('/').to_string())
 }
 
 fn parse_max_stale(s: &str) -> Result<MaxStale, String> {

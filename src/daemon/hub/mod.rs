@@ -1269,14 +1269,19 @@ pub async fn run(
                 },
             };
             let id = shared_hub_id(&data, &s, &info)?;
-            if let Some(other) = peer::peer_url_taken(&s, &id, &info)? {
-                anyhow::bail!(
-                    "another live hub ('{other}') is reached by the other hubs at {} too: requests \
-                     for members whose tunnel is on this hub would go there. When --gateway-url \
-                     names a load balancer in front of several hubs, give each hub the address \
-                     the others reach it at directly with --peer-url https://HOST:PORT",
-                    info.gateway_url
-                );
+            // Warned, not refused: a group whose hubs all give one
+            // balancer's URL keeps running as it did through a restart.
+            match peer::peer_url_taken(&s, &id, &info) {
+                Ok(Some(other)) => tracing::error!(
+                    "another live hub ('{}') is reached by the other hubs at {} too: requests \
+                     for members whose tunnel is on this hub may go there and fail. When \
+                     --gateway-url names a load balancer in front of several hubs, give each hub \
+                     the address the others reach it at directly with --peer-url https://HOST:PORT",
+                    crate::tunnel::escape_for_log(&other, 200),
+                    crate::tunnel::escape_for_log(&info.gateway_url, 200)
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("cannot read the other hubs' records in etcd: {e:#}"),
             }
             Some((s, id, info))
         }

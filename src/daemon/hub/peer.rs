@@ -62,36 +62,24 @@ pub struct HubInfo {
 
 /// The id of another live hub that other hubs reach at `ours`'s gateway
 /// URL (`--peer-url`), if one does: several hubs behind one load balancer
-/// whose URL each gives as its own. A record left by a hub that stopped
-/// without revoking its lease goes within [`LEASE_TTL`]: waited out.
+/// whose URL each gives as its own. URLs are compared as parsed (host
+/// case, a default port written or not).
 pub fn peer_url_taken(store: &EtcdStore, id: &str, ours: &HubInfo) -> Result<Option<String>> {
     let prefix = store.key("hubs/");
-    let deadline = std::time::Instant::now() + Duration::from_secs(LEASE_TTL as u64 + 2);
-    let mut waiting = false;
-    loop {
-        let (_, kvs) = store.etcd.range_prefix(&prefix)?;
-        let other = kvs.into_iter().find_map(|kv| {
-            let theirs: HubInfo = serde_json::from_slice(&kv.value).ok()?;
-            let their_id = kv.key.strip_prefix(&prefix)?;
-            (their_id != id && theirs.gateway_url == ours.gateway_url).then(|| their_id.to_string())
-        });
-        let Some(other) = other else {
-            return Ok(None);
-        };
-        if std::time::Instant::now() >= deadline {
-            return Ok(Some(other));
-        }
-        if !waiting {
-            waiting = true;
-            tracing::info!(
-                "hub '{other}' is reached at {} as this hub would be; waiting up to {} s for its \
-                 record to expire (a hub that stopped at this address)",
-                ours.gateway_url,
-                LEASE_TTL + 2
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (_, kvs) = store.etcd.range_prefix(&prefix)?;
+    let mine = same_url(&ours.gateway_url);
+    Ok(kvs.into_iter().find_map(|kv| {
+        let theirs: HubInfo = serde_json::from_slice(&kv.value).ok()?;
+        let their_id = kv.key.strip_prefix(&prefix)?;
+        (their_id != id && same_url(&theirs.gateway_url) == mine).then(|| their_id.to_string())
+    }))
+}
+
+/// `url` as parsed, for comparing; as written when it does not parse.
+fn same_url(url: &str) -> String {
+    url::Url::parse(url.trim())
+        .map(|u| u.as_str().trim_end_matches('/').to_string())
+        .unwrap_or_else(|_| url.to_string())
 }
 
 /// The other live hub that holds the id `id`, if one does.
