@@ -137,48 +137,78 @@ pub async fn trimmer() {
 
 /// The memory limit this process runs under, in bytes: the smallest
 /// limit of its memory cgroup and the cgroups above it (a container's
-/// `resources.limits.memory`, a systemd unit's `MemoryMax=`), read under
-/// `/sys/fs/cgroup` from `/proc/self/cgroup`; `None` without one.
+/// `resources.limits.memory`, a systemd unit's `MemoryMax=`); `None`
+/// without one.
 pub fn cgroup_limit() -> Option<u64> {
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    cgroup_limit_in(std::path::Path::new("/sys/fs/cgroup"), &own)
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup_limit_in(std::path::Path::new("/"), &own, &mounts)
 }
 
-/// [`cgroup_limit`] with the cgroup file system at `root` and
-/// `/proc/self/cgroup` reading `own`. cgroup v2 (`0::/PATH`,
-/// `memory.max`) and v1 (`N:…memory…:/PATH`, `memory/…/
-/// memory.limit_in_bytes`). Each directory from `PATH` up to the root is
-/// read where it exists: in a container without its own cgroup namespace
-/// `PATH` is the host's, and only the root (the container's own cgroup,
-/// mounted there) exists.
-pub fn cgroup_limit_in(root: &std::path::Path, own: &str) -> Option<u64> {
-    let mut places: Vec<(std::path::PathBuf, &str, &str)> = Vec::new();
+/// [`cgroup_limit`] with the file system at `root`, `/proc/self/cgroup`
+/// reading `own` and `/proc/self/mountinfo` reading `mounts`. cgroup v2
+/// (`0::/PATH`, `memory.max`) and v1 (`N:…memory…:/PATH`,
+/// `memory.limit_in_bytes`), each found where it is mounted; `PATH` is
+/// taken relative to the mount's own root (a container without a cgroup
+/// namespace sees its cgroup mounted from `/docker/ID` or the like), and
+/// each directory from there up to the mount point is read.
+pub fn cgroup_limit_in(root: &std::path::Path, own: &str, mounts: &str) -> Option<u64> {
+    // (fs root of the mount, mount point, v2)
+    let mut found: Vec<(String, String, bool)> = Vec::new();
+    for line in mounts.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(fs_root), Some(point), Some(kind)) = (left.get(3), left.get(4), right.first())
+        else {
+            continue;
+        };
+        let v2 = *kind == "cgroup2";
+        let v1_memory = *kind == "cgroup"
+            && right
+                .get(2)
+                .is_some_and(|o| o.split(',').any(|x| x == "memory"));
+        if v2 || v1_memory {
+            found.push((fs_root.to_string(), point.to_string(), v2));
+        }
+    }
+    let mut least: Option<u64> = None;
     for line in own.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
         else {
             continue;
         };
-        if controllers.is_empty() {
-            places.push((root.to_path_buf(), path, "memory.max"));
-        } else if controllers.split(',').any(|c| c == "memory") {
-            places.push((root.join("memory"), path, "memory.limit_in_bytes"));
+        let v2 = controllers.is_empty();
+        if !v2 && !controllers.split(',').any(|c| c == "memory") {
+            continue;
         }
-    }
-    let mut least: Option<u64> = None;
-    for (base, path, file) in places {
-        let mut dir = std::path::PathBuf::from(path.trim_start_matches('/'));
-        loop {
-            let limit = std::fs::read_to_string(base.join(&dir).join(file))
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                // v1's "no limit" is a page-rounded i64::MAX.
-                .filter(|&v| v < 1 << 62);
-            if let Some(v) = limit {
-                least = Some(least.map_or(v, |l| l.min(v)));
-            }
-            if !dir.pop() {
-                break;
+        let file = if v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        for (fs_root, point, _) in found.iter().filter(|m| m.2 == v2) {
+            let rel = path
+                .strip_prefix(fs_root.as_str())
+                .filter(|r| fs_root == "/" || r.is_empty() || r.starts_with('/'))
+                .unwrap_or("");
+            let base = root.join(point.trim_start_matches('/'));
+            let mut dir = base.join(rel.trim_start_matches('/'));
+            loop {
+                let limit = std::fs::read_to_string(dir.join(file))
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    // v1's "no limit" is a page-rounded i64::MAX.
+                    .filter(|&v| v < 1 << 62);
+                if let Some(v) = limit {
+                    least = Some(least.map_or(v, |l| l.min(v)));
+                }
+                if dir == base || !dir.pop() {
+                    break;
+                }
             }
         }
     }
@@ -284,38 +314,64 @@ mod cgroup_tests {
         std::fs::write(p, v).unwrap();
     }
 
+    const V2: &str = "30 24 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+
     #[test]
     fn the_tightest_memory_limit_of_the_cgroup_and_those_above_it_is_read() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
         // v2: a pod's limit above the container's "max".
-        put(root, "kubepods/pod1/memory.max", "268435456\n");
-        put(root, "kubepods/pod1/ctr/memory.max", "max\n");
+        put(
+            root,
+            "sys/fs/cgroup/kubepods/pod1/memory.max",
+            "268435456\n",
+        );
+        put(root, "sys/fs/cgroup/kubepods/pod1/ctr/memory.max", "max\n");
         assert_eq!(
-            cgroup_limit_in(root, "0::/kubepods/pod1/ctr\n"),
+            cgroup_limit_in(root, "0::/kubepods/pod1/ctr\n", V2),
             Some(256 << 20)
         );
         // Inside its own namespace the container's cgroup is the root.
         let t2 = tempfile::tempdir().unwrap();
-        put(t2.path(), "memory.max", "134217728");
-        assert_eq!(cgroup_limit_in(t2.path(), "0::/\n"), Some(128 << 20));
-        // Without one, a host path that does not exist here: the root's.
-        assert_eq!(
-            cgroup_limit_in(t2.path(), "0::/system.slice/docker-1.scope\n"),
-            Some(128 << 20)
-        );
-        // v1: the memory controller's hierarchy; "unlimited" is no limit.
+        put(t2.path(), "sys/fs/cgroup/memory.max", "134217728");
+        assert_eq!(cgroup_limit_in(t2.path(), "0::/\n", V2), Some(128 << 20));
+        // Without one: the cgroup is mounted from its host path, and a
+        // directory of the same name below it (a container's own
+        // systemd) is not read.
         let t3 = tempfile::tempdir().unwrap();
+        put(t3.path(), "sys/fs/cgroup/memory.max", "134217728");
         put(
             t3.path(),
-            "memory/a/memory.limit_in_bytes",
+            "sys/fs/cgroup/system.slice/docker-1.scope/memory.max",
+            "1048576",
+        );
+        let mounted =
+            "30 24 0:26 /system.slice/docker-1.scope /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup_limit_in(t3.path(), "0::/system.slice/docker-1.scope\n", mounted),
+            Some(128 << 20)
+        );
+        // v1: the memory controller's hierarchy, wherever it is mounted,
+        // co-mounted or not; "unlimited" is no limit.
+        let t4 = tempfile::tempdir().unwrap();
+        let v1 =
+            "40 30 0:35 / /sys/fs/cgroup/cpuacct,memory rw - cgroup cgroup rw,cpuacct,memory\n\
+                  41 30 0:36 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
+        put(
+            t4.path(),
+            "sys/fs/cgroup/cpuacct,memory/a/memory.limit_in_bytes",
             "9223372036854771712\n",
         );
-        let own = "9:name=systemd:/\n4:memory:/a\n0::/\n";
-        assert_eq!(cgroup_limit_in(t3.path(), own), None);
-        put(t3.path(), "memory/a/b/memory.limit_in_bytes", "104857600\n");
-        let own = "4:cpuacct,memory:/a/b\n";
-        assert_eq!(cgroup_limit_in(t3.path(), own), Some(100 << 20));
-        assert_eq!(cgroup_limit_in(t3.path(), "garbage"), None);
+        let own = "9:name=systemd:/\n4:cpuacct,memory:/a\n0::/\n";
+        assert_eq!(cgroup_limit_in(t4.path(), own, v1), None);
+        put(
+            t4.path(),
+            "sys/fs/cgroup/cpuacct,memory/a/b/memory.limit_in_bytes",
+            "104857600\n",
+        );
+        let own = "4:cpuacct,memory:/a/b\n0::/\n";
+        assert_eq!(cgroup_limit_in(t4.path(), own, v1), Some(100 << 20));
+        assert_eq!(cgroup_limit_in(t4.path(), "garbage", v1), None);
+        assert_eq!(cgroup_limit_in(t4.path(), own, "garbage"), None);
     }
 }

@@ -79,10 +79,11 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     if let Some(limit) = limit {
         tracing::info!(
             "memory limit {} MiB (cgroup): streams' windows are held to {} MiB in all, request \
-             bodies being received to {} MiB",
+             bodies being received to {} MiB, port-forward and CONNECT streams to {} at once",
             limit >> 20,
             windows.total() >> 20,
-            budgets.bodies >> 20
+            budgets.bodies >> 20,
+            budgets.raw_streams
         );
     }
     let service: Arc<dyn ChannelService> = Arc::new(Upstream {
@@ -105,7 +106,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         impersonate: cfg.impersonate,
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
-        raw_streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_RAW_STREAMS)),
+        raw_streams: Arc::new(tokio::sync::Semaphore::new(budgets.raw_streams)),
+        raw_limit: budgets.raw_streams,
         body_budget: Arc::new(upstream::BodyBudget::new((budgets.bodies >> 10) as usize)),
         windows,
     });

@@ -270,9 +270,11 @@ pub(super) struct Upstream {
     pub(super) tasks: TaskTracker,
     /// One permit per stream served ([`MAX_STREAMS`]).
     pub(super) streams: Arc<Semaphore>,
-    /// One permit per raw stream ([`MAX_RAW_STREAMS`]), besides its
-    /// stream permit.
+    /// One permit per raw stream ([`MAX_RAW_STREAMS`], fewer under a
+    /// memory limit: [`budgets`]), besides its stream permit.
     pub(super) raw_streams: Arc<Semaphore>,
+    /// How many permits `raw_streams` has in all.
+    pub(super) raw_limit: usize,
     /// KiB of request bodies buffered ([`BODY_BUDGET_KIB`]).
     pub(super) body_budget: Arc<BodyBudget>,
     /// The windows this agent's streams ask the hub for ([`WINDOW_BUDGET`]).
@@ -296,24 +298,33 @@ pub const WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 pub(super) struct Budgets {
     pub windows: u64,
     pub bodies: u64,
+    /// Raw streams at once ([`MAX_RAW_STREAMS`]): past the windows'
+    /// budget, each still takes a window of
+    /// [`crate::tunnel::flow::MIN_WINDOW`].
+    pub raw_streams: usize,
 }
 
 /// [`Budgets`] for a process with `limit` bytes of memory (its cgroup's,
-/// [`crate::daemon::memory::cgroup_limit`]): a quarter for windows and an
-/// eighth for bodies, within the defaults, so that both full stay below
-/// half the limit. At their defaults (192 MiB together, and the windows'
-/// 32 KiB per stream past them) they took a pod's 256 MiB limit: the
-/// agent was killed for memory under load instead of slowing its streams
-/// down. Bodies keep room for one largest body ([`MAX_REQUEST_BODY`]).
+/// [`crate::daemon::memory::cgroup_limit`]): a quarter for windows, an
+/// eighth for bodies and an eighth for the smallest windows of raw streams
+/// past the windows' budget, within the defaults, so that all of them full
+/// stay within half a limit of 64 MiB or more. At their defaults (128 MiB
+/// of windows, 64 MiB of bodies, 3,072 raw streams' 32 KiB: 288 MiB) they
+/// were past a pod's 256 MiB limit: the agent could be killed for memory
+/// under load instead of slowing its streams down. Bodies keep room for
+/// one largest body ([`MAX_REQUEST_BODY`]) and raw streams 256 at least.
 pub(super) fn budgets(limit: Option<u64>) -> Budgets {
     let full = Budgets {
         windows: WINDOW_BUDGET,
         bodies: (BODY_BUDGET_KIB * 1024) as u64,
+        raw_streams: MAX_RAW_STREAMS,
     };
     let Some(limit) = limit else { return full };
+    let min_window = crate::tunnel::flow::MIN_WINDOW;
     Budgets {
         windows: (limit / 4).clamp(4 << 20, full.windows),
         bodies: (limit / 8).clamp(MAX_REQUEST_BODY as u64, full.bodies),
+        raw_streams: ((limit / 8 / min_window) as usize).clamp(256, full.raw_streams),
     }
 }
 
@@ -362,7 +373,7 @@ impl ChannelService for Upstream {
         });
         let Some((permit, raw_permit)) = permits else {
             let msg = if raw {
-                format!("the towerctl agent has {MAX_RAW_STREAMS} port-forward and CONNECT streams open already (its limit, which keeps the rest of its {MAX_STREAMS} streams for API requests); close some (idle port-forward connections) and retry")
+                format!("the towerctl agent has {} port-forward and CONNECT streams open already (its limit, which keeps the rest of its {MAX_STREAMS} streams for API requests, and its memory limit); close some (idle port-forward connections) and retry", self.raw_limit)
             } else {
                 format!("the towerctl agent has {MAX_STREAMS} streams open already (its limit); close some (idle port-forward connections, watches) and retry")
             };
@@ -825,22 +836,33 @@ mod tests {
             budgets(None),
             Budgets {
                 windows: 128 << 20,
-                bodies: 64 << 20
+                bodies: 64 << 20,
+                raw_streams: 3072,
             }
         );
-        // The manifest's 256 MiB: 96 MiB where 192 were.
+        // The manifest's 256 MiB: 128 MiB in all where 288 were.
+        let pod = budgets(Some(256 << 20));
         assert_eq!(
-            budgets(Some(256 << 20)),
+            pod,
             Budgets {
                 windows: 64 << 20,
-                bodies: 32 << 20
+                bodies: 32 << 20,
+                raw_streams: 1024,
             }
         );
+        let most = |b: &Budgets| {
+            b.windows + b.bodies + b.raw_streams as u64 * crate::tunnel::flow::MIN_WINDOW
+        };
+        for limit in [64u64 << 20, 256 << 20, 1 << 30, 3 << 30] {
+            let b = budgets(Some(limit));
+            assert!(most(&b) <= limit / 2, "{limit}: {b:?}");
+        }
         assert_eq!(budgets(Some(8 << 30)), budgets(None));
-        // Small limits keep room for one largest body and some windows.
+        // Small limits keep room for one largest body and some streams.
         let small = budgets(Some(16 << 20));
         assert_eq!(small.bodies, MAX_REQUEST_BODY as u64);
         assert_eq!(small.windows, 4 << 20);
+        assert_eq!(small.raw_streams, 256);
         // A share of a small budget still takes one largest body.
         let b = BodyBudget::new(small.bodies as usize >> 10);
         let one = b.take("alice", MAX_REQUEST_BODY / 1024);
