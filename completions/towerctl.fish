@@ -54,7 +54,7 @@ complete -c towerctl -n "__fish_towerctl_needs_command" -f -a "help" -d 'Print t
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l listen -d 'Address for agents\' tunnels (WebSocket)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway -d 'Address for the HTTPS gateway kubectl talks to' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l advertise -d 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)' -r
-complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address (https://HOST[:PORT][/PATH])' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l peer-url -d 'With etcd: the gateway URL the other hubs forward requests to this hub at (default: --gateway-url, else the gateway\'s address). Give each hub its own when --gateway-url names a load balancer in front of several hubs: through it, a request could not reach the hub holding its member\'s tunnel' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l metrics -d 'Address for Prometheus /metrics (loopback by default), or \'off\'' -r
@@ -79,7 +79,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and not __fish_se
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l listen -d 'Address for agents\' tunnels (WebSocket)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway -d 'Address for the HTTPS gateway kubectl talks to' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l advertise -d 'Tunnel URL printed in join commands, when agents see the hub under another address (NAT, ingress, wss://)' -r
-complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l gateway-url -d 'Gateway URL written into kubeconfigs, when operators see it under another address (https://HOST[:PORT][/PATH])' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l peer-url -d 'With etcd: the gateway URL the other hubs forward requests to this hub at (default: --gateway-url, else the gateway\'s address). Give each hub its own when --gateway-url names a load balancer in front of several hubs: through it, a request could not reach the hub holding its member\'s tunnel' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval; a peer silent for three intervals is declared dead' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand hub; and __fish_seen_subcommand_from run" -l metrics -d 'Address for Prometheus /metrics (loopback by default), or \'off\'' -r

@@ -131,6 +131,13 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn main() -> ExitCode {
+    // No core dump of a process that holds tokens and keys (a crash wrote
+    // them to a core file, or to systemd-coredump's journal entry, which
+    // the adm group reads); this also keeps other processes of the same
+    // user from tracing it.
+    // SAFETY: PR_SET_DUMPABLE takes plain integers and changes only this
+    // process's flag.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     quiet_output_errors();
     // Installed as `kubectl-tower` (a symlink), towerctl is the kubectl
     // plugin `kubectl tower …`: same commands, help names it that way.

@@ -237,8 +237,8 @@ pub struct HubArgs {
     #[arg(long, value_name = "URL")]
     pub advertise: Option<String>,
     /// Gateway URL written into kubeconfigs, when operators see it under
-    /// another address.
-    #[arg(long, value_name = "URL")]
+    /// another address (https://HOST[:PORT][/PATH]).
+    #[arg(long, value_name = "URL", value_parser = parse_gateway_url)]
     pub gateway_url: Option<String>,
     /// With etcd: the gateway URL the other hubs forward requests to this
     /// hub at (default: --gateway-url, else the gateway's address). Give
@@ -722,6 +722,33 @@ pub struct MaxStale(pub Option<std::time::Duration>);
 
 /// `--store-max-stale`: a duration of three seconds or more, or `0` (also
 /// `0s`, `0ms`) for none.
+/// `--gateway-url`: an `https://` URL with a host, and no credentials,
+/// query or fragment. kubectl sends operators' tokens (and the local
+/// admin's) to it: `http://` would put them on the wire in the clear.
+fn parse_gateway_url(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s.trim()).map_err(|e| {
+        format!(
+            "'{s}' is not a URL ({e}): give https://HOST[:PORT], the gateway as operators reach it"
+        )
+    })?;
+    if u.scheme() != "https" || u.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "'{s}' is not an https://HOST[:PORT] URL: the gateway speaks only HTTPS, and kubectl \
+             sends operators' tokens to this URL"
+        ));
+    }
+    if u.query().is_some()
+        || u.fragment().is_some()
+        || !u.username().is_empty()
+        || u.password().is_some()
+    {
+        return Err(format!(
+            "'{s}' carries credentials, a query or a fragment: give https://HOST[:PORT][/PATH] only"
+        ));
+    }
+    Ok(s.trim().to_string())
+}
+
 /// `--peer-url`: an `https://HOST[:PORT]` URL with nothing after the
 /// authority (the other hubs' requests go to its root).
 fn parse_peer_url(s: &str) -> Result<String, String> {
@@ -952,6 +979,32 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("10x").unwrap_err().contains("unit"));
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn gateway_and_peer_urls_are_https_without_credentials() {
+        assert_eq!(
+            parse_gateway_url("https://hub.corp:9443").unwrap(),
+            "https://hub.corp:9443"
+        );
+        assert!(parse_gateway_url("https://hub.corp/towerctl").is_ok());
+        for bad in [
+            "http://hub.corp:9443",
+            "hub.corp:9443",
+            "https://admin:pw@hub.corp",
+            "https://hub.corp/?x=1",
+        ] {
+            assert!(parse_gateway_url(bad).is_err(), "{bad}");
+        }
+        assert!(parse_gateway_url("http://hub.corp:9443")
+            .unwrap_err()
+            .contains("operators' tokens"));
+        assert_eq!(
+            parse_peer_url("https://Hub-A:443/").unwrap(),
+            "https://hub-a"
+        );
+        assert!(parse_peer_url("https://hub-a:9443/x").is_err());
+        assert!(parse_peer_url("http://hub-a:9443").is_err());
     }
 
     #[test]

@@ -305,6 +305,30 @@ impl Etcd {
         })
     }
 
+    /// Endpoints reached without TLS on another machine: what crosses the
+    /// network to them (the group's CA key and SSH host key among it) is
+    /// readable on the way.
+    pub fn plaintext_remote(&self) -> Vec<&str> {
+        if self.tls.is_some() {
+            return Vec::new();
+        }
+        self.endpoints
+            .iter()
+            .filter(|e| {
+                let host = e
+                    .rsplit_once(':')
+                    .map_or(e.as_str(), |(h, _)| h)
+                    .trim_matches(|c| c == '[' || c == ']');
+                let loopback = host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                !loopback
+            })
+            .map(String::as_str)
+            .collect()
+    }
+
     pub fn endpoints(&self) -> String {
         self.endpoints.join(",")
     }
@@ -737,6 +761,12 @@ mod tests {
         assert!(Etcd::new("https://127.0.0.1:2379", &none).is_ok());
         let two = Etcd::new("https://a:1,https://b:2/", &none).unwrap();
         assert_eq!(two.endpoints(), "a:1,b:2");
+        assert!(two.plaintext_remote().is_empty());
+        let plain = Etcd::new(
+            "etcd://127.0.0.1:2379,localhost:1,[::1]:2,10.0.0.5:2379",
+            &none,
+        );
+        assert_eq!(plain.unwrap().plaintext_remote(), ["10.0.0.5:2379"]);
         assert!(Etcd::new("127.0.0.1:2379", &none).is_err());
         assert!(Etcd::new("etcd://nohostport", &none).is_err());
         let ca = StoreTls {

@@ -1157,6 +1157,15 @@ pub async fn run(
     };
     let store: Arc<dyn Store> = match &shared {
         Some(s) => {
+            let plain = s.etcd.plaintext_remote();
+            if !plain.is_empty() {
+                tracing::warn!(
+                    "etcd at {} is reached without TLS: the hub group's CA key and SSH host key, \
+                     which it keeps there, and its registry cross the network readable; write the \
+                     endpoints as https://HOST:PORT (with --store-ca, --store-cert, --store-key)",
+                    plain.join(",")
+                );
+            }
             peer::share_secrets(s, &data, write_secret)?;
             s.clone()
         }
