@@ -701,6 +701,60 @@ fn agents_reach_the_hub_through_a_connect_proxy_over_ws_and_wss() {
     );
     ing.kubectl_reaches_the_member();
 
+    // As systemd runs it (`service install agent`): from its saved
+    // settings, in an environment without the proxy variables. It goes
+    // through the proxy `join` ran with; it used to dial the hub directly.
+    let config = ing.env.path("config/towerctl/agents/alpha.json");
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains(&proxy_url), "{saved}");
+    let pid = ing.env.pid_of("agent-alpha").expect("the agent's pid");
+    // SAFETY: signalling the agent this test started, by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    support::wait_for("the agent to stop", Duration::from_secs(10), || {
+        // SAFETY: probing a pid this test started.
+        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+    });
+    let mut cmd = ing.env.towerctl_cmd(&[
+        "agent",
+        "run",
+        "alpha",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    for v in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut run = cmd.spawn().unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut back = false;
+    while !back && Instant::now() < until {
+        back = ing.env.kubectl(&["get", "nodes"]).ok();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(back, "the agent run from its settings reaches the hub");
+    // (The first agent's client for its member API server took the proxy
+    // variables of its environment too: those targets are the API server.)
+    let targets = proxy.targets.lock().unwrap().clone();
+    let hub = format!("localhost:{}", ing.nginx.port);
+    assert_eq!(
+        targets.iter().filter(|t| **t == hub).count(),
+        2,
+        "the agent run from its settings must CONNECT to the hub through the saved proxy: \
+         {targets:?}"
+    );
+
     // ws:// straight to the hub's listener through the same proxy: plain
     // URLs take HTTP_PROXY, as curl and Go do for http://.
     let beta = ing.env.cluster_add("beta");

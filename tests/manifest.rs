@@ -23,6 +23,11 @@ fn print(extra: &[&str]) -> Vec<serde_json::Value> {
 }
 
 fn print_raw(extra: &[&str]) -> String {
+    print_with(extra, &[])
+}
+
+/// [`print_raw`] with `vars` in `join`'s environment.
+fn print_with(extra: &[&str], vars: &[(&str, &str)]) -> String {
     let env = Env::new();
     let mut args = vec![
         "join",
@@ -36,9 +41,86 @@ fn print_raw(extra: &[&str]) -> String {
         "--print-manifest",
     ];
     args.extend_from_slice(extra);
-    let o = support::run_bounded(env.towerctl_cmd(&args), Duration::from_secs(30));
+    let mut cmd = env.towerctl_cmd(&args);
+    for v in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.envs(vars.iter().copied());
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
     assert!(o.ok(), "{o:?}");
     o.stdout
+}
+
+/// The proxy variables `join --print-manifest` ran with reach the pod,
+/// from the Secret (a proxy URL may carry a password); without any, the
+/// pod gets none. An agent behind a company's egress proxy used to lose
+/// it in the pod and never reach the hub.
+#[test]
+fn the_proxy_join_ran_with_reaches_the_pod_from_the_secret() {
+    let proxy = "http://user:p%40ss@proxy.corp:3128";
+    let docs: Vec<serde_json::Value> = print_with(
+        &[],
+        &[("https_proxy", proxy), ("NO_PROXY", ".svc,10.0.0.0/8")],
+    )
+    .split("\n---\n")
+    .skip(1)
+    .map(|d| serde_saphyr::from_str(d).unwrap())
+    .collect();
+    let secret = of_kind(&docs, "Secret")[0];
+    assert_eq!(secret["stringData"]["https-proxy"], proxy);
+    assert_eq!(secret["stringData"]["no-proxy"], ".svc,10.0.0.0/8");
+    assert!(secret["stringData"].get("http-proxy").is_none(), "{secret}");
+    let deploy = of_kind(&docs, "Deployment")[0];
+    let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    let from_secret = |var: &str| {
+        env.iter()
+            .find(|e| e["name"] == var)
+            .map(|e| e["valueFrom"]["secretKeyRef"]["key"].clone())
+    };
+    assert_eq!(from_secret("HTTPS_PROXY"), Some("https-proxy".into()));
+    assert_eq!(from_secret("NO_PROXY"), Some("no-proxy".into()));
+    assert_eq!(from_secret("HTTP_PROXY"), None);
+    // Typed, as the API server reads them.
+    let _: Secret = typed(secret);
+    let _: Deployment = typed(deploy);
+    // Without proxy variables: nothing of the kind.
+    let plain = print(&[]);
+    let secret = of_kind(&plain, "Secret")[0];
+    assert!(
+        secret["stringData"].get("https-proxy").is_none(),
+        "{secret}"
+    );
+    // A proxy the agent could not use is refused with the variable named.
+    let env = Env::new();
+    let mut cmd = env.towerctl_cmd(&[
+        "join",
+        "alpha",
+        "--token",
+        "tj_secret",
+        "--hub",
+        "wss://hub.example:443/tunnel",
+        "--hub-key",
+        KEY,
+        "--print-manifest",
+    ]);
+    cmd.env("HTTPS_PROXY", "socks5://u:hidden@proxy.corp:1080");
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(
+        !o.ok()
+            && o.stderr.contains("HTTPS_PROXY")
+            && o.stderr.contains("SOCKS proxies are not supported")
+            && !o.stderr.contains("hidden"),
+        "{o:?}"
+    );
 }
 
 fn of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {

@@ -82,9 +82,20 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
         }
         None => None,
     };
+    // Checked now, so that a proxy URL the agent cannot use fails here and
+    // not in its log.
+    let proxy = crate::tunnel::proxy::ProxyVars::from_env();
+    if let Some(v) = &proxy {
+        for (var, raw) in [("HTTPS_PROXY", &v.https), ("HTTP_PROXY", &v.http)] {
+            if let Some(raw) = raw {
+                crate::tunnel::proxy::parse(raw).map_err(|e| anyhow::anyhow!("{var}: {e}"))?;
+            }
+        }
+    }
     Ok(AgentConfig {
         name: name.to_string(),
         hub,
+        proxy,
         more_hubs: o.hub.iter().skip(1).cloned().collect(),
         token,
         key_file,

@@ -87,10 +87,30 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
         }));
     }
+    // The proxy variables this command ran with reach the pod too (from
+    // the Secret: a proxy URL may carry a password). The agent's in-cluster
+    // client for its API server does not use them.
+    let proxy_vars: Vec<(&str, &str, &String)> = cfg
+        .proxy
+        .iter()
+        .flat_map(|v| {
+            [
+                ("HTTPS_PROXY", "https-proxy", &v.https),
+                ("HTTP_PROXY", "http-proxy", &v.http),
+                ("NO_PROXY", "no-proxy", &v.no),
+            ]
+        })
+        .filter_map(|(var, key, value)| value.as_ref().map(|v| (var, key, v)))
+        .collect();
+    let mut secret_data =
+        json!({"token": cfg.token.clone().unwrap_or_default(), "agent.key": agent_key_pem});
+    for (_, key, value) in &proxy_vars {
+        secret_data[*key] = json!(value);
+    }
     docs.push(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": name, "namespace": ns, "labels": labels},
-        "stringData": {"token": cfg.token.clone().unwrap_or_default(), "agent.key": agent_key_pem},
+        "stringData": secret_data,
     }));
     let mut args = vec![
         "agent".to_string(),
@@ -141,6 +161,9 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         ("XDG_RUNTIME_DIR", "/run"),
     ] {
         env.push(json!({"name": var, "value": format!("{SCRATCH}{sub}")}));
+    }
+    for (var, key, _) in &proxy_vars {
+        env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}));
     }
     let probe = |path: &str, period: u32, failures: u32| json!({"httpGet": {"path": path, "port": "probes"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures});
     let mut mounts = vec![

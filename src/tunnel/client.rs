@@ -49,6 +49,9 @@ pub struct DialOptions {
     /// The hub group's tunnel URLs as a hub last told them
     /// ([`super::TARGET_HUBS`]), for the agent to fail over to.
     pub learned_hubs: Arc<Mutex<Vec<String>>>,
+    /// Proxy variables saved with the agent, for when its environment has
+    /// none ([`super::proxy::choose`]).
+    pub proxy: Option<super::proxy::ProxyVars>,
 }
 
 /// Serves channels the hub opens. Implemented by the agent daemon.
@@ -455,7 +458,8 @@ async fn connect_inner(
         reason,
     };
 
-    let tcp = match super::proxy::from_env(tls, host, port).map_err(&unreachable)? {
+    let saved = opts.proxy.as_ref();
+    let tcp = match super::proxy::choose(tls, host, port, saved).map_err(&unreachable)? {
         Some(proxy) => super::proxy::connect(&proxy, host, port)
             .await
             .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?,

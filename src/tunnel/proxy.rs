@@ -33,31 +33,77 @@ impl Proxy {
     }
 }
 
-/// The proxy for a hub at `host:port` (`tls`: `wss://`), from the
-/// environment: `HTTPS_PROXY` (or `https_proxy`) for `wss://`,
-/// `HTTP_PROXY` (or `http_proxy`) for `ws://`, upper case first as Go reads
-/// them, unless `NO_PROXY` (or `no_proxy`) names the host. `Err` for a proxy URL that cannot be used, naming it
-/// without its credentials.
-pub fn from_env(tls: bool, host: &str, port: u16) -> Result<Option<Proxy>, String> {
-    let get = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+/// The proxy variables an agent goes by: the environment's, as `join`
+/// saw them and saved them with the agent (so that an agent run later by
+/// systemd, whose environment has none, goes through the same proxy).
+#[derive(Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProxyVars {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no: Option<String>,
+}
+
+impl std::fmt::Debug for ProxyVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |v: &Option<String>| v.as_deref().map(redact);
+        f.debug_struct("ProxyVars")
+            .field("https", &shown(&self.https))
+            .field("http", &shown(&self.http))
+            .field("no", &self.no)
+            .finish()
+    }
+}
+
+impl ProxyVars {
+    /// `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` (or their lower-case
+    /// forms, upper case first as Go reads them) from the environment;
+    /// `None` when none is set.
+    pub fn from_env() -> Option<ProxyVars> {
+        let get = |names: [&str; 2]| {
+            names
+                .iter()
+                .find_map(|n| std::env::var(n).ok().filter(|v| !v.trim().is_empty()))
+        };
+        let v = ProxyVars {
+            https: get(["HTTPS_PROXY", "https_proxy"]),
+            http: get(["HTTP_PROXY", "http_proxy"]),
+            no: get(["NO_PROXY", "no_proxy"]),
+        };
+        (v != ProxyVars::default()).then_some(v)
+    }
+}
+
+/// The proxy for a hub at `host:port` (`tls`: `wss://`): `HTTPS_PROXY` for
+/// `wss://`, `HTTP_PROXY` for `ws://`, unless `NO_PROXY` names the host;
+/// the environment's when it sets any of them, else those `saved` with the
+/// agent. `Err` for a proxy URL that cannot be used, naming it without
+/// its credentials.
+pub fn choose(
+    tls: bool,
+    host: &str,
+    port: u16,
+    saved: Option<&ProxyVars>,
+) -> Result<Option<Proxy>, String> {
+    let vars = match ProxyVars::from_env() {
+        Some(v) => v,
+        None => match saved {
+            Some(v) => v.clone(),
+            None => return Ok(None),
+        },
     };
-    let (names, raw) = if tls {
-        ("HTTPS_PROXY", get(&["HTTPS_PROXY", "https_proxy"]))
+    let (name, raw) = if tls {
+        ("HTTPS_PROXY", vars.https)
     } else {
-        ("HTTP_PROXY", get(&["HTTP_PROXY", "http_proxy"]))
+        ("HTTP_PROXY", vars.http)
     };
     let Some(raw) = raw else { return Ok(None) };
-    if bypassed(
-        &get(&["NO_PROXY", "no_proxy"]).unwrap_or_default(),
-        host,
-        port,
-    ) {
+    if bypassed(vars.no.as_deref().unwrap_or_default(), host, port) {
         return Ok(None);
     }
-    parse(&raw).map(Some).map_err(|e| format!("{names}: {e}"))
+    parse(&raw).map(Some).map_err(|e| format!("{name}: {e}"))
 }
 
 /// A proxy URL: `http://[USER[:PASSWORD]@]HOST[:PORT]`, the scheme
@@ -311,6 +357,32 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_proxy_variables_are_used_when_the_environment_has_none() {
+        let saved = ProxyVars {
+            https: Some("http://u:secret@proxy.corp:3128".into()),
+            http: None,
+            no: Some(".internal".into()),
+        };
+        assert!(!format!("{saved:?}").contains("secret"));
+        // Only meaningful where the tests' own environment sets none.
+        if ProxyVars::from_env().is_none() {
+            let wss = choose(true, "hub.example.com", 443, Some(&saved)).unwrap();
+            assert_eq!(wss.unwrap().shown(), "http://***@proxy.corp:3128");
+            assert_eq!(
+                choose(true, "hub.internal", 443, Some(&saved)).unwrap(),
+                None
+            );
+            assert_eq!(
+                choose(false, "hub.example.com", 80, Some(&saved)).unwrap(),
+                None
+            );
+            assert_eq!(choose(true, "hub.example.com", 443, None).unwrap(), None);
+        } else {
+            eprintln!("proxy variables set in this environment: the saved ones are not used");
+        }
+    }
 
     #[test]
     fn no_proxy_is_read_as_go_reads_it() {

@@ -53,6 +53,10 @@ pub struct AgentConfig {
     /// In-cluster service account directory (see [`crate::daemon::incluster`]).
     #[serde(default)]
     pub serviceaccount_dir: Option<PathBuf>,
+    /// The proxy variables `join` ran with (mode 0600: a proxy URL may
+    /// carry a password), used when the agent's own environment sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<crate::tunnel::proxy::ProxyVars>,
 }
 
 fn default_keepalive() -> u64 {

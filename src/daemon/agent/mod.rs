@@ -132,6 +132,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         // differs from the member's: it learns the agent's from here.
         features: features(cfg.impersonate),
         learned_hubs: Default::default(),
+        proxy: cfg.proxy.clone(),
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
             cfg.insecure_skip_tls_verify,
