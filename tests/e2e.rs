@@ -430,6 +430,20 @@ fn registry_survives_kill_9_during_writes() {
     // `up` is idempotent; `down` stops the hub.
     let o = env.up();
     assert!(o.stdout.contains("already running"), "{o:?}");
+    assert!(!o.stderr.contains("started otherwise"), "{o:?}");
+    // Other settings are not applied to the running hub: said, with how.
+    let o = env.up_on_with(
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--gateway-url", "https://hub.example:9443"],
+    );
+    assert!(
+        o.ok()
+            && o.stdout.contains("already running")
+            && o.stderr.contains("the running hub was started otherwise: --gateway-url https://hub.example:9443 (running: https://127.0.0.1:")
+            && o.stderr.contains("'towerctl down', then this command again"),
+        "{o:?}"
+    );
     let o = env.towerctl(&["down"]);
     assert!(o.ok(), "{o:?}");
     assert_eq!(env.towerctl(&["status"]).code, Some(3));

@@ -59,9 +59,46 @@ fn print_ready(s: &HubStatus, already: bool) {
     println!("next: towerctl cluster add NAME");
 }
 
+/// What `a` asks for that the running hub `s` does not have, as flags.
+fn differs(a: &HubArgs, s: &HubStatus) -> Vec<String> {
+    let addr = |want: std::net::SocketAddr, have: &str| match have.parse::<std::net::SocketAddr>() {
+        // Port 0: any port the hub took.
+        Ok(h) => h.ip() == want.ip() && (want.port() == 0 || h.port() == want.port()),
+        Err(_) => true,
+    };
+    let mut out = Vec::new();
+    if !addr(a.listen, &s.tunnel_addr) {
+        out.push(format!(
+            "--listen {} (running: {})",
+            a.listen, s.tunnel_addr
+        ));
+    }
+    if !addr(a.gateway, &s.gateway_addr) {
+        out.push(format!(
+            "--gateway {} (running: {})",
+            a.gateway, s.gateway_addr
+        ));
+    }
+    if let Some(u) = a.advertise.as_ref().filter(|u| **u != s.tunnel_url) {
+        out.push(format!("--advertise {u} (running: {})", s.tunnel_url));
+    }
+    if let Some(u) = a.gateway_url.as_ref().filter(|u| **u != s.gateway_url) {
+        out.push(format!("--gateway-url {u} (running: {})", s.gateway_url));
+    }
+    out
+}
+
 pub async fn up(a: HubArgs) -> Result<u8> {
     if let Some(s) = hub_status().await {
         print_ready(&s, true);
+        let differ = differs(&a, &s);
+        if !differ.is_empty() {
+            eprintln!(
+                "warning: the running hub was started otherwise: {}; to apply these, run \
+                 'towerctl down', then this command again",
+                differ.join(", ")
+            );
+        }
         return Ok(exit::OK);
     }
     let args: Vec<OsString> = a.daemon_args().into_iter().map(Into::into).collect();

@@ -207,7 +207,7 @@ impl Env {
         self.up_on_with("127.0.0.1:0", "127.0.0.1:0", extra)
     }
 
-    fn up_on_with(&self, listen: &str, gateway: &str, extra: &[&str]) -> Out {
+    pub fn up_on_with(&self, listen: &str, gateway: &str, extra: &[&str]) -> Out {
         let mut args = vec![
             "up",
             "--listen",
