@@ -643,7 +643,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__agent__subcmd__run)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --probe-addr --serviceaccount-dir --config --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --proxy --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --probe-addr --serviceaccount-dir --config --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -662,6 +662,10 @@ _towerctl() {
                     return 0
                     ;;
                 --hub-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1873,7 +1877,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__join)
-            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --probe-addr --serviceaccount-dir --timeout --print-manifest --namespace --image --verbose --help --version"
+            opts="-v -h -V --hub --token --key-file --impersonate --hub-key --insecure-skip-hub-key --proxy --hub-ca --insecure-skip-tls-verify --kubeconfig --keepalive --allow --expose --pod-network --backoff-cap --probe-addr --serviceaccount-dir --timeout --print-manifest --namespace --image --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1892,6 +1896,10 @@ _towerctl() {
                     return 0
                     ;;
                 --hub-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -163,6 +163,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub -d 'Hub t
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l proxy -d 'HTTP proxy (CONNECT) to reach the hub through, http://[USER:PASSWORD@]HOST:PORT (or TOWERCTL_PROXY); without it, HTTPS_PROXY/HTTP_PROXY and NO_PROXY of the environment, saved with the agent for a later run. Shipped in the Secret with --print-manifest, which does not take this machine\'s variables' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l hub-ca -d 'CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand join" -l keepalive -d 'Keepalive interval' -r
@@ -191,6 +192,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l token -d 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l key-file -d 'The agent\'s private key (default: created next to its config)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub-key -d 'Fingerprint of the hub\'s host key (sha256:…), printed by `cluster add`' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l proxy -d 'HTTP proxy (CONNECT) to reach the hub through, http://[USER:PASSWORD@]HOST:PORT (or TOWERCTL_PROXY); without it, HTTPS_PROXY/HTTP_PROXY and NO_PROXY of the environment, saved with the agent for a later run. Shipped in the Secret with --print-manifest, which does not take this machine\'s variables' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l hub-ca -d 'CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l kubeconfig -d 'Kubeconfig of the member\'s API server (default: KUBECONFIG, ~/.kube/config, or in-cluster)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand agent; and __fish_seen_subcommand_from run" -l keepalive -d 'Keepalive interval' -r

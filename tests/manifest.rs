@@ -58,65 +58,73 @@ fn print_with(extra: &[&str], vars: &[(&str, &str)]) -> String {
     o.stdout
 }
 
-/// The proxy variables `join --print-manifest` ran with reach the pod,
-/// from the Secret (a proxy URL may carry a password); without any, the
-/// pod gets none. An agent behind a company's egress proxy used to lose
-/// it in the pod and never reach the hub.
+/// `--proxy` reaches the pod from the Secret (a proxy URL may carry a
+/// password) as TOWERCTL_PROXY, which the pod's client for its own API
+/// server does not read; the proxy variables of the machine printing the
+/// manifest are not the pod's and are not carried. An agent behind a
+/// company's egress proxy used to lose it in the pod and never reach the
+/// hub.
 #[test]
-fn the_proxy_join_ran_with_reaches_the_pod_from_the_secret() {
+fn a_proxy_named_with_proxy_reaches_the_pod_from_the_secret() {
     let proxy = "http://user:p%40ss@proxy.corp:3128";
-    let docs: Vec<serde_json::Value> = print_with(
-        &[],
-        &[("https_proxy", proxy), ("NO_PROXY", ".svc,10.0.0.0/8")],
-    )
-    .split("\n---\n")
-    .skip(1)
-    .map(|d| serde_saphyr::from_str(d).unwrap())
-    .collect();
+    let parse = |raw: String| -> Vec<serde_json::Value> {
+        raw.split("\n---\n")
+            .skip(1)
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect()
+    };
+    let docs = parse(print_with(
+        &["--proxy", proxy],
+        &[
+            ("HTTPS_PROXY", "http://127.0.0.1:3128"),
+            ("NO_PROXY", ".corp"),
+        ],
+    ));
     let secret = of_kind(&docs, "Secret")[0];
-    assert_eq!(secret["stringData"]["https-proxy"], proxy);
-    assert_eq!(secret["stringData"]["no-proxy"], ".svc,10.0.0.0/8");
-    assert!(secret["stringData"].get("http-proxy").is_none(), "{secret}");
+    assert_eq!(secret["stringData"]["proxy"], proxy);
     let deploy = of_kind(&docs, "Deployment")[0];
     let env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()
         .unwrap();
-    let from_secret = |var: &str| {
-        env.iter()
-            .find(|e| e["name"] == var)
-            .map(|e| e["valueFrom"]["secretKeyRef"]["key"].clone())
-    };
-    assert_eq!(from_secret("HTTPS_PROXY"), Some("https-proxy".into()));
-    assert_eq!(from_secret("NO_PROXY"), Some("no-proxy".into()));
-    assert_eq!(from_secret("HTTP_PROXY"), None);
-    // Typed, as the API server reads them.
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+    assert_eq!(
+        var("TOWERCTL_PROXY").map(|e| e["valueFrom"]["secretKeyRef"]["key"].clone()),
+        Some("proxy".into())
+    );
+    for v in ["HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy"] {
+        assert_eq!(var(v), None, "{v} is this machine's, not the pod's");
+    }
     let _: Secret = typed(secret);
     let _: Deployment = typed(deploy);
-    // Without proxy variables: nothing of the kind.
-    let plain = print(&[]);
-    let secret = of_kind(&plain, "Secret")[0];
-    assert!(
-        secret["stringData"].get("https-proxy").is_none(),
-        "{secret}"
-    );
-    // A proxy the agent could not use is refused with the variable named.
+    // This machine's proxy alone: nothing of it in the manifest.
+    let docs = parse(print_with(&[], &[("HTTPS_PROXY", "http://127.0.0.1:3128")]));
+    let secret = of_kind(&docs, "Secret")[0];
+    assert!(secret["stringData"].get("proxy").is_none(), "{secret}");
+    assert!(!serde_json::to_string(&docs)
+        .unwrap()
+        .contains("127.0.0.1:3128"));
+    // A proxy the agent could not use is refused, naming the flag and
+    // showing no password.
     let env = Env::new();
-    let mut cmd = env.towerctl_cmd(&[
-        "join",
-        "alpha",
-        "--token",
-        "tj_secret",
-        "--hub",
-        "wss://hub.example:443/tunnel",
-        "--hub-key",
-        KEY,
-        "--print-manifest",
-    ]);
-    cmd.env("HTTPS_PROXY", "socks5://u:hidden@proxy.corp:1080");
-    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    let o = support::run_bounded(
+        env.towerctl_cmd(&[
+            "join",
+            "alpha",
+            "--token",
+            "tj_secret",
+            "--hub",
+            "wss://hub.example:443/tunnel",
+            "--hub-key",
+            KEY,
+            "--proxy",
+            "socks5://u:hidden@proxy.corp:1080",
+            "--print-manifest",
+        ]),
+        Duration::from_secs(30),
+    );
     assert!(
         !o.ok()
-            && o.stderr.contains("HTTPS_PROXY")
+            && o.stderr.contains("--proxy")
             && o.stderr.contains("SOCKS proxies are not supported")
             && !o.stderr.contains("hidden"),
         "{o:?}"

@@ -66,23 +66,38 @@ fn differs(a: &HubArgs, s: &HubStatus) -> Vec<String> {
         Ok(h) => h.ip() == want.ip() && (want.port() == 0 || h.port() == want.port()),
         Err(_) => true,
     };
+    // URLs as parsed: a trailing slash or the host's case is no change.
+    let same_url = |a: &str, b: &str| match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    // The listeners' defaults are no request: a plain `up` against a hub
+    // started on other addresses says nothing.
+    let (listen, gateway) = (
+        super::DEFAULT_LISTEN.parse::<std::net::SocketAddr>().ok(),
+        super::DEFAULT_GATEWAY.parse::<std::net::SocketAddr>().ok(),
+    );
     let mut out = Vec::new();
-    if !addr(a.listen, &s.tunnel_addr) {
+    if Some(a.listen) != listen && !addr(a.listen, &s.tunnel_addr) {
         out.push(format!(
             "--listen {} (running: {})",
             a.listen, s.tunnel_addr
         ));
     }
-    if !addr(a.gateway, &s.gateway_addr) {
+    if Some(a.gateway) != gateway && !addr(a.gateway, &s.gateway_addr) {
         out.push(format!(
             "--gateway {} (running: {})",
             a.gateway, s.gateway_addr
         ));
     }
-    if let Some(u) = a.advertise.as_ref().filter(|u| **u != s.tunnel_url) {
+    if let Some(u) = a.advertise.as_ref().filter(|u| !same_url(u, &s.tunnel_url)) {
         out.push(format!("--advertise {u} (running: {})", s.tunnel_url));
     }
-    if let Some(u) = a.gateway_url.as_ref().filter(|u| **u != s.gateway_url) {
+    if let Some(u) = a
+        .gateway_url
+        .as_ref()
+        .filter(|u| !same_url(u, &s.gateway_url))
+    {
         out.push(format!("--gateway-url {u} (running: {})", s.gateway_url));
     }
     out

@@ -19,6 +19,12 @@ use crate::tunnel::tls::{load_pem_bundle, TrustError, SKIP_VERIFY_WARNING};
 
 /// Turns command-line options into an agent configuration, checking each.
 fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
+    config_for(name, o, false)
+}
+
+/// [`config_from_opts`]; `for_pod`: the environment's proxy variables are
+/// this machine's, not the pod's, and are not saved (`--proxy` is).
+fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let hub = o
         .hub
@@ -82,20 +88,33 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
         }
         None => None,
     };
-    // Checked now, so that a proxy URL the agent cannot use fails here and
-    // not in its log.
-    let proxy = crate::tunnel::proxy::ProxyVars::from_env();
-    if let Some(v) = &proxy {
-        for (var, raw) in [("HTTPS_PROXY", &v.https), ("HTTP_PROXY", &v.http)] {
-            if let Some(raw) = raw {
-                crate::tunnel::proxy::parse(raw).map_err(|e| anyhow::anyhow!("{var}: {e}"))?;
-            }
-        }
+    // Checked now, for each hub, so that a proxy the agent cannot use fails
+    // here and not in its log (variables it would not use are not judged).
+    let proxy = if for_pod {
+        None
+    } else {
+        crate::tunnel::proxy::ProxyVars::from_env()
+    };
+    for h in &o.hub {
+        let Ok(u) = url::Url::parse(h) else { continue };
+        let tls = u.scheme() == "wss";
+        let port = u
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
+        crate::tunnel::proxy::choose(
+            tls,
+            u.host_str().unwrap_or_default(),
+            port,
+            o.proxy.as_deref(),
+            proxy.as_ref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(AgentConfig {
         name: name.to_string(),
         hub,
         proxy,
+        proxy_url: o.proxy.clone(),
         more_hubs: o.hub.iter().skip(1).cloned().collect(),
         token,
         key_file,
@@ -141,7 +160,7 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
 fn config_from_opts_for_manifest(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     let mut o = o.clone();
     o.key_file = None;
-    config_from_opts(name, &o)
+    config_for(name, &o, true)
 }
 
 async fn agent_status(name: &str) -> Option<AgentStatus> {

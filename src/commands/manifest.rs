@@ -87,25 +87,14 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
         }));
     }
-    // The proxy variables this command ran with reach the pod too (from
-    // the Secret: a proxy URL may carry a password). The agent's in-cluster
-    // client for its API server does not use them.
-    let proxy_vars: Vec<(&str, &str, &String)> = cfg
-        .proxy
-        .iter()
-        .flat_map(|v| {
-            [
-                ("HTTPS_PROXY", "https-proxy", &v.https),
-                ("HTTP_PROXY", "http-proxy", &v.http),
-                ("NO_PROXY", "no-proxy", &v.no),
-            ]
-        })
-        .filter_map(|(var, key, value)| value.as_ref().map(|v| (var, key, v)))
-        .collect();
+    // `--proxy` reaches the pod from the Secret (a proxy URL may carry a
+    // password), as TOWERCTL_PROXY: not HTTPS_PROXY, which the pod's client
+    // for its own API server would take too. This machine's proxy
+    // variables are not the pod's and are not carried.
     let mut secret_data =
         json!({"token": cfg.token.clone().unwrap_or_default(), "agent.key": agent_key_pem});
-    for (_, key, value) in &proxy_vars {
-        secret_data[*key] = json!(value);
+    if let Some(p) = &cfg.proxy_url {
+        secret_data["proxy"] = json!(p);
     }
     docs.push(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
@@ -162,8 +151,8 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
     ] {
         env.push(json!({"name": var, "value": format!("{SCRATCH}{sub}")}));
     }
-    for (var, key, _) in &proxy_vars {
-        env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}));
+    if cfg.proxy_url.is_some() {
+        env.push(json!({"name": "TOWERCTL_PROXY", "valueFrom": {"secretKeyRef": {"name": name, "key": "proxy"}}}));
     }
     let probe = |path: &str, period: u32, failures: u32| json!({"httpGet": {"path": path, "port": "probes"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures});
     let mut mounts = vec![

@@ -227,10 +227,10 @@ timed-out members are listed on stderr at the end; the exit code is 1 if any fai
 #[derive(Debug, Clone, Args)]
 pub struct HubArgs {
     /// Address for agents' tunnels (WebSocket).
-    #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR")]
+    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
     pub listen: SocketAddr,
     /// Address for the HTTPS gateway kubectl talks to.
-    #[arg(long, default_value = "0.0.0.0:9443", value_name = "ADDR")]
+    #[arg(long, default_value = DEFAULT_GATEWAY, value_name = "ADDR")]
     pub gateway: SocketAddr,
     /// Tunnel URL printed in join commands, when agents see the hub under
     /// another address (NAT, ingress, wss://).
@@ -522,6 +522,17 @@ pub struct AgentOpts {
     /// Do not verify the hub's host key (unsafe: anyone on the path can impersonate the hub).
     #[arg(long)]
     pub insecure_skip_hub_key: bool,
+    /// HTTP proxy (CONNECT) to reach the hub through, http://[USER:PASSWORD@]HOST:PORT
+    /// (or TOWERCTL_PROXY); without it, HTTPS_PROXY/HTTP_PROXY and NO_PROXY of the
+    /// environment, saved with the agent for a later run. Shipped in the Secret with
+    /// --print-manifest, which does not take this machine's variables.
+    #[arg(
+        long,
+        env = "TOWERCTL_PROXY",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub proxy: Option<String>,
     /// CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides
     /// the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR).
     #[arg(long, value_name = "FILE")]
@@ -722,11 +733,26 @@ pub struct MaxStale(pub Option<std::time::Duration>);
 
 /// `--store-max-stale`: a duration of three seconds or more, or `0` (also
 /// `0s`, `0ms`) for none.
+/// `--listen`'s default.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// `--gateway`'s default.
+pub const DEFAULT_GATEWAY: &str = "0.0.0.0:9443";
+
 /// `--gateway-url`: an `https://` URL with a host, and no credentials,
-/// query or fragment. kubectl sends operators' tokens (and the local
-/// admin's) to it: `http://` would put them on the wire in the clear.
+/// query or fragment (`HOST:PORT` alone is taken as `https://`, as
+/// kubectl takes a server without a scheme). kubectl sends operators'
+/// tokens (and the local admin's) to it: `http://` would put them on the
+/// wire in the clear.
 fn parse_gateway_url(s: &str) -> Result<String, String> {
-    let u = url::Url::parse(s.trim()).map_err(|e| {
+    let s = s.trim();
+    let with_scheme;
+    let s = if s.contains("://") {
+        s
+    } else {
+        with_scheme = format!("https://{s}");
+        &with_scheme
+    };
+    let u = url::Url::parse(s).map_err(|e| {
         format!(
             "'{s}' is not a URL ({e}): give https://HOST[:PORT], the gateway as operators reach it"
         )
@@ -746,7 +772,7 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
             "'{s}' carries credentials, a query or a fragment: give https://HOST[:PORT][/PATH] only"
         ));
     }
-    Ok(s.trim().to_string())
+    Ok(s.to_string())
 }
 
 /// `--peer-url`: an `https://HOST[:PORT]` URL with nothing after the
@@ -988,9 +1014,12 @@ mod tests {
             "https://hub.corp:9443"
         );
         assert!(parse_gateway_url("https://hub.corp/towerctl").is_ok());
+        assert_eq!(
+            parse_gateway_url("hub.corp:9443").unwrap(),
+            "https://hub.corp:9443"
+        );
         for bad in [
             "http://hub.corp:9443",
-            "hub.corp:9443",
             "https://admin:pw@hub.corp",
             "https://hub.corp/?x=1",
         ] {

@@ -52,6 +52,8 @@ pub struct DialOptions {
     /// Proxy variables saved with the agent, for when its environment has
     /// none ([`super::proxy::choose`]).
     pub proxy: Option<super::proxy::ProxyVars>,
+    /// `--proxy`: the proxy for the hub, whatever the environment says.
+    pub proxy_url: Option<String>,
 }
 
 /// Serves channels the hub opens. Implemented by the agent daemon.
@@ -458,8 +460,8 @@ async fn connect_inner(
         reason,
     };
 
-    let saved = opts.proxy.as_ref();
-    let tcp = match super::proxy::choose(tls, host, port, saved).map_err(&unreachable)? {
+    let (explicit, saved) = (opts.proxy_url.as_deref(), opts.proxy.as_ref());
+    let tcp = match super::proxy::choose(tls, host, port, explicit, saved).map_err(&unreachable)? {
         Some(proxy) => super::proxy::connect(&proxy, host, port)
             .await
             .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?,

@@ -76,30 +76,33 @@ impl ProxyVars {
     }
 }
 
-/// The proxy for a hub at `host:port` (`tls`: `wss://`): `HTTPS_PROXY` for
-/// `wss://`, `HTTP_PROXY` for `ws://`, unless `NO_PROXY` names the host;
-/// the environment's when it sets any of them, else those `saved` with the
-/// agent. `Err` for a proxy URL that cannot be used, naming it without
-/// its credentials.
+/// The proxy for a hub at `host:port` (`tls`: `wss://`): `explicit`
+/// (`--proxy`) when given; else `HTTPS_PROXY` for `wss://`, `HTTP_PROXY`
+/// for `ws://`, unless `NO_PROXY` names the host, the environment's when
+/// it sets that variable, else those `saved` with the agent (with the
+/// saved `NO_PROXY`). `Err` for a proxy URL that cannot be used, naming
+/// it without its credentials.
 pub fn choose(
     tls: bool,
     host: &str,
     port: u16,
+    explicit: Option<&str>,
     saved: Option<&ProxyVars>,
 ) -> Result<Option<Proxy>, String> {
-    let vars = match ProxyVars::from_env() {
-        Some(v) => v,
-        None => match saved {
-            Some(v) => v.clone(),
-            None => return Ok(None),
-        },
+    if let Some(p) = explicit {
+        return parse(p).map(Some).map_err(|e| format!("--proxy: {e}"));
+    }
+    let pick = |v: &ProxyVars| if tls { v.https.clone() } else { v.http.clone() };
+    let env = ProxyVars::from_env().unwrap_or_default();
+    let vars = match (pick(&env), saved) {
+        (Some(_), _) => env,
+        (None, Some(s)) if pick(s).is_some() => s.clone(),
+        _ => return Ok(None),
     };
-    let (name, raw) = if tls {
-        ("HTTPS_PROXY", vars.https)
-    } else {
-        ("HTTP_PROXY", vars.http)
+    let name = if tls { "HTTPS_PROXY" } else { "HTTP_PROXY" };
+    let Some(raw) = pick(&vars) else {
+        return Ok(None);
     };
-    let Some(raw) = raw else { return Ok(None) };
     if bypassed(vars.no.as_deref().unwrap_or_default(), host, port) {
         return Ok(None);
     }
@@ -171,34 +174,34 @@ pub fn parse(raw: &str) -> Result<Proxy, String> {
     })
 }
 
-/// `raw` with whatever precedes an `@` in its authority hidden.
+/// `raw` with whatever lies between its scheme and its last `@` hidden (a
+/// password may hold `/`, `?` or `#`, which end an authority).
 pub fn redact(raw: &str) -> String {
     let (scheme, rest) = match raw.split_once("://") {
         Some((s, r)) => (format!("{s}://"), r),
         None => (String::new(), raw),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rfind('@') {
-        Some(at) => format!("{scheme}***@{}{tail}", &authority[at + 1..]),
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
         None => format!("{scheme}{rest}"),
     }
 }
 
-/// Whether `no_proxy` (comma- or space-separated, as Go reads it) keeps
-/// `host:port` off the proxy: `*`; a name, matching it and its subdomains
-/// (`example.com`, `.example.com` and `*.example.com` alike); an IP
-/// address or a CIDR (`10.0.0.0/8`); any of these with `:PORT`, then for
-/// that port only (IPv6 in brackets). Unlike Go, loopback hosts are not
-/// kept off the proxy unless named: a hub on this machine reached through
-/// a proxy is what the variables say.
+/// Whether `no_proxy` keeps `host:port` off the proxy, as Go's
+/// `httpproxy` reads it: comma-separated entries; `*`; an IP address or a
+/// CIDR (`10.0.0.0/8`); a name, matching itself and its subdomains
+/// (`example.com`), or its subdomains only when it starts with `.` or `*.`
+/// (`.example.com`); any of the names and addresses with `:PORT`, then
+/// for that port only (IPv6 in brackets). Unlike Go, loopback hosts are
+/// not kept off the proxy unless named: a hub on this machine reached
+/// through a proxy is what the variables say.
 pub fn bypassed(no_proxy: &str, host: &str, port: u16) -> bool {
     let host = host
         .trim_matches(|c| c == '[' || c == ']')
         .trim_end_matches('.')
         .to_ascii_lowercase();
     let ip: Option<IpAddr> = host.parse().ok();
-    for entry in no_proxy.split([',', ' ']).map(str::trim) {
+    for entry in no_proxy.split(',').map(str::trim) {
         if entry.is_empty() {
             continue;
         }
@@ -206,22 +209,32 @@ pub fn bypassed(no_proxy: &str, host: &str, port: u16) -> bool {
             return true;
         }
         let entry = entry.to_ascii_lowercase();
-        // A port, when given, must match.
+        // A CIDR first (`fd00::/16` holds colons), then a port.
+        if let Some((net, bits)) = cidr(&entry).filter(|_| entry.contains('/')) {
+            if ip.is_some_and(|ip| in_net(ip, net, bits)) {
+                return true;
+            }
+            continue;
+        }
         let (name, want_port) = split_port(&entry);
         if want_port.is_some_and(|p| p != port) {
             continue;
         }
-        if let Some(ip) = ip {
-            if let Some((net, bits)) = cidr(name) {
-                if in_net(ip, net, bits) {
-                    return true;
-                }
-                continue;
+        if let Ok(want) = name.parse::<IpAddr>() {
+            if ip.is_some_and(|ip| ip.to_canonical() == want.to_canonical()) {
+                return true;
             }
+            continue;
         }
-        let name = name.trim_start_matches('*').trim_start_matches('.');
+        let (name, subdomains_only) = match name.strip_prefix("*.").or(name.strip_prefix('.')) {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
         let name = name.trim_end_matches('.');
-        if !name.is_empty() && (host == name || host.ends_with(&format!(".{name}"))) {
+        if name.is_empty() {
+            continue;
+        }
+        if host.ends_with(&format!(".{name}")) || (!subdomains_only && host == name) {
             return true;
         }
     }
@@ -261,13 +274,24 @@ fn cidr(s: &str) -> Option<(IpAddr, u8)> {
 }
 
 fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
-    match (ip.to_canonical(), net.to_canonical()) {
+    // An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is the IPv4
+    // network it maps, with its prefix counted in IPv4 bits.
+    let (net, bits) = match net {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) if bits >= 96 => (IpAddr::V4(v4), bits - 96),
+            _ => (net, bits),
+        },
+        IpAddr::V4(_) => (net, bits),
+    };
+    match (ip.to_canonical(), net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - bits as u32).unwrap_or(0);
+            let mask = u32::MAX.checked_shl(32 - bits.min(32) as u32).unwrap_or(0);
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - bits as u32).unwrap_or(0);
+            let mask = u128::MAX
+                .checked_shl(128 - bits.min(128) as u32)
+                .unwrap_or(0);
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -366,19 +390,21 @@ mod tests {
             no: Some(".internal".into()),
         };
         assert!(!format!("{saved:?}").contains("secret"));
+        // --proxy wins over everything.
+        let p = choose(false, "h.internal", 80, Some("http://p:1"), Some(&saved));
+        assert_eq!(p.unwrap().unwrap().shown(), "http://p:1");
+        let e = choose(true, "h", 443, Some("socks5://p:1"), None).unwrap_err();
+        assert!(e.starts_with("--proxy: "), "{e}");
         // Only meaningful where the tests' own environment sets none.
         if ProxyVars::from_env().is_none() {
-            let wss = choose(true, "hub.example.com", 443, Some(&saved)).unwrap();
+            let wss = choose(true, "hub.example.com", 443, None, Some(&saved)).unwrap();
             assert_eq!(wss.unwrap().shown(), "http://***@proxy.corp:3128");
-            assert_eq!(
-                choose(true, "hub.internal", 443, Some(&saved)).unwrap(),
-                None
-            );
-            assert_eq!(
-                choose(false, "hub.example.com", 80, Some(&saved)).unwrap(),
-                None
-            );
-            assert_eq!(choose(true, "hub.example.com", 443, None).unwrap(), None);
+            let inside = choose(true, "hub.internal", 443, None, Some(&saved)).unwrap();
+            assert_eq!(inside, None);
+            let ws = choose(false, "hub.example.com", 80, None, Some(&saved)).unwrap();
+            assert_eq!(ws, None);
+            let none = choose(true, "hub.example.com", 443, None, None).unwrap();
+            assert_eq!(none, None);
         } else {
             eprintln!("proxy variables set in this environment: the saved ones are not used");
         }
@@ -386,19 +412,23 @@ mod tests {
 
     #[test]
     fn no_proxy_is_read_as_go_reads_it() {
-        let no = "10.0.0.0/8, .svc,*.corp.example,internal.example:8080,[fd00::1],192.168.1.5";
+        let no =
+            "10.0.0.0/8, .svc,*.corp.example,internal.example:8080,[fd00::1],192.168.1.5,fd01::/16";
         for (host, port, want) in [
             ("10.1.2.3", 8080, true),
             ("11.1.2.3", 8080, false),
             ("hub.ns.svc", 80, true),
-            ("svc", 80, true),
+            // A leading dot or "*.": subdomains only, as Go.
+            ("svc", 80, false),
             ("a.b.corp.example", 443, true),
-            ("corp.example", 443, true),
+            ("corp.example", 443, false),
             ("xcorp.example", 443, false),
             ("internal.example", 8080, true),
+            ("sub.internal.example", 8080, true),
             ("internal.example", 443, false),
             ("[fd00::1]", 443, true),
             ("fd00::2", 443, false),
+            ("[fd01:ab::5]", 443, true),
             ("192.168.1.5", 1, true),
             ("hub.example.com", 443, false),
             ("localhost", 8080, false),
@@ -409,8 +439,18 @@ mod tests {
         assert!(bypassed("*", "hub.example.com", 443));
         assert!(!bypassed("", "hub.example.com", 443));
         assert!(bypassed("HUB.Example.com.", "hub.example.com", 443));
-        assert!(bypassed("fd00::/16", "[fd00:1::5]", 443));
+        assert!(bypassed("example.com", "hub.example.com", 443));
         assert!(!bypassed("10.0.0.0/8", "hub10.example", 443));
+        // Commas only: a space is part of no entry's name.
+        assert!(!bypassed("a.example b.example", "b.example", 443));
+        assert!(bypassed("a.example, b.example,", "b.example", 443));
+        // IPv4-mapped entries mean their IPv4 addresses, no more.
+        assert!(bypassed("::ffff:10.0.0.0/104", "10.1.2.3", 443));
+        assert!(!bypassed("::ffff:10.0.0.0/104", "11.1.2.3", 443));
+        assert!(bypassed("::ffff:192.168.1.5", "192.168.1.5", 443));
+        assert!(!bypassed("::ffff:192.168.1.5", "192.168.1.6", 443));
+        assert!(!bypassed("10.0.0.0/0", "fd00::1", 443));
+        assert!(bypassed("0.0.0.0/0", "8.8.8.8", 443));
     }
 
     #[test]
@@ -446,7 +486,12 @@ mod tests {
             assert!(e.contains(says) && !e.contains("secret"), "{e}");
         }
         assert_eq!(redact("user:secret@proxy.corp:3128"), "***@proxy.corp:3128");
-        assert_eq!(redact("http://a:b@h/p@q"), "http://***@h/p@q");
+        assert_eq!(
+            redact("http://user:pa/ss@proxy:3128"),
+            "http://***@proxy:3128"
+        );
+        let e = parse("http://user:pa/ss@proxy:3128").unwrap_err();
+        assert!(!e.contains("pa/ss"), "{e}");
     }
 
     /// A one-shot proxy on loopback that answers `answer` to a CONNECT,

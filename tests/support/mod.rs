@@ -580,10 +580,17 @@ pub fn curl_within(url: &str, max_secs: u64) -> Out {
 }
 
 /// Open file descriptors of process `pid`.
+/// Open descriptors of `pid`. towerctl's processes are not dumpable, so
+/// this needs root (or CAP_SYS_PTRACE): said, rather than counted as none.
 pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
-        .unwrap_or(0)
+        .unwrap_or_else(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                panic!("cannot list /proc/{pid}/fd ({e}): run the tests as root")
+            }
+            _ => panic!("cannot list /proc/{pid}/fd ({e}): has the process ended?"),
+        })
 }
 
 /// `operator add NAME` on `hub`, an access rule letting it reach `alpha`,

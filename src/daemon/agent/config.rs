@@ -57,6 +57,10 @@ pub struct AgentConfig {
     /// carry a password), used when the agent's own environment sets none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<crate::tunnel::proxy::ProxyVars>,
+    /// `--proxy`: the proxy to reach the hub through, whatever the
+    /// environment says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_url: Option<String>,
 }
 
 fn default_keepalive() -> u64 {

@@ -133,6 +133,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         features: features(cfg.impersonate),
         learned_hubs: Default::default(),
         proxy: cfg.proxy.clone(),
+        proxy_url: cfg.proxy_url.clone(),
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
             cfg.insecure_skip_tls_verify,

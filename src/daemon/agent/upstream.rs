@@ -630,11 +630,42 @@ pub(super) async fn upstream_client(
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
                 .with_context(|| format!("cannot read the member kubeconfig '{}'", p.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("the member kubeconfig '{}' is not usable", p.display()))?
+            let named = kc.clusters.iter().any(|c| {
+                c.cluster
+                    .as_ref()
+                    .and_then(|c| c.proxy_url.as_deref())
+                    .is_some_and(|u| !u.is_empty())
+            });
+            let mut c = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("the member kubeconfig '{}' is not usable", p.display()))?;
+            // From HTTPS_PROXY: kube judges NO_PROXY against the proxy's
+            // own address, not the API server's; judged here as kubectl
+            // does.
+            if !named && c.proxy_url.is_some() {
+                let no = std::env::var("NO_PROXY")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .or_else(|| std::env::var("no_proxy").ok())
+                    .unwrap_or_default();
+                let host = c.cluster_url.host().unwrap_or_default();
+                let port = c.cluster_url.port_u16().unwrap_or(443);
+                if crate::tunnel::proxy::bypassed(&no, host, port) {
+                    c.proxy_url = None;
+                }
+            }
+            c
         }
-        None => crate::daemon::incluster::infer(sa_dir).await?,
+        None => {
+            let mut c = crate::daemon::incluster::infer(sa_dir).await?;
+            // A pod reaches its own cluster's API server directly, whatever
+            // proxy variables its environment carries.
+            c.proxy_url = None;
+            c
+        }
     };
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
