@@ -2231,3 +2231,98 @@ fn hubs_behind_one_load_balancer_forward_to_each_others_own_address() {
         assert_eq!(code, "200", "request {n} through the balancer: {body}");
     }
 }
+
+/// The admin token of a hub that is gone (stopped for good, or restarted
+/// with a data directory it did not keep: a new id and a new admin.token)
+/// stops working once the hub has had no live record for
+/// `TOWERCTL_ADMIN_ORPHAN_AFTER`; it used to stay a valid `system:masters`
+/// credential for good, and `operator rm admin` cannot remove it. A hub
+/// that comes back writes its own again, and one whose admin row was
+/// removed while it ran writes it back.
+#[test]
+fn a_gone_hubs_admin_token_stops_working_and_a_hub_keeps_its_own() {
+    let etcd = Etcd::start();
+    let (a, b) = (Env::new(), Env::new());
+    let mut up_a = up_cmd(&a, &etcd.url, "127.0.0.1:0", &[]);
+    up_a.env("TOWERCTL_ADMIN_ORPHAN_AFTER", "2");
+    let o = support::run_bounded(up_a, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    hub_up(&b, &etcd);
+    let token_of = |hub: &Env| {
+        std::fs::read_to_string(hub.path("data/towerctl/admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (a_admin, b_admin) = (token_of(&a), token_of(&b));
+    // Through hub a: an unknown member is a 404 for a valid admin token,
+    // a 401 for one that is not.
+    let through_a = |token: &str| support::gateway_get(&a, token, "/clusters/nope/version").0;
+    wait_for(
+        "hub a to know hub b's admin",
+        Duration::from_secs(10),
+        || (through_a(&b_admin) == "404").then_some(()),
+    );
+    assert_eq!(through_a("top_not-a-token"), "401");
+
+    // Hub b stops (its record goes with its lease): past the limit and a
+    // round of hub a's, b's admin token is refused everywhere.
+    assert!(b.towerctl(&["down"]).ok());
+    let gone = Instant::now();
+    wait_for(
+        "hub b's admin token to stop working",
+        Duration::from_secs(30),
+        || (through_a(&b_admin) == "401").then_some(()),
+    );
+    eprintln!(
+        "hub b's admin token refused {:?} after it stopped",
+        gone.elapsed()
+    );
+    let log = std::fs::read_to_string(a.path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(log.contains("removed the admin token of hub"), "{log}");
+    assert_eq!(through_a(&a_admin), "404", "hub a's own still works");
+
+    // Hub b back with its data directory: its admin token works again.
+    hub_up(&b, &etcd);
+    wait_for("hub b's admin token back", Duration::from_secs(10), || {
+        (through_a(&b_admin) == "404").then_some(())
+    });
+
+    // Hub a's own row removed behind its back: written again.
+    let a_id = std::fs::read_to_string(a.path("data/towerctl/hub.id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let body = format!(
+        r#"{{"key":"{}","range_end":"{}"}}"#,
+        b64(b"/towerctl/operators/"),
+        b64(b"/towerctl/operators0")
+    );
+    let answer = etcd_post(&etcd.client, "/v3/kv/range", &body).unwrap();
+    let (_, json) = answer.split_once("\r\n\r\n").unwrap();
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let key = v["kvs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|kv| {
+            use base64::Engine;
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(kv["value"].as_str().unwrap())
+                .unwrap();
+            let op: serde_json::Value = serde_json::from_slice(&value).unwrap();
+            op["name"] == "admin" && op["hub"] == a_id.as_str()
+        })
+        .map(|kv| kv["key"].as_str().unwrap().to_string())
+        .expect("hub a's admin row");
+    let del = format!(r#"{{"key":"{key}"}}"#);
+    assert!(etcd_post(&etcd.client, "/v3/kv/deleterange", &del).is_some());
+    wait_for("hub a's admin row gone", Duration::from_secs(10), || {
+        (through_a(&a_admin) == "401").then_some(())
+    });
+    wait_for(
+        "hub a's admin row written again",
+        Duration::from_secs(20),
+        || (through_a(&a_admin) == "404").then_some(()),
+    );
+}

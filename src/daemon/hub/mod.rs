@@ -1335,6 +1335,7 @@ pub async fn run(
     let tracker = hub.tasks.clone();
     if let (Some((shared, id, info)), Some(changes)) = (shared, changes) {
         let cluster = peer::Cluster::start(shared, id.clone(), info, &tls.ca_pem)?;
+        cluster.keep_admin(keys::token_hash(&admin_token));
         let _ = hub.cluster.set(cluster.clone());
         tracing::info!(hub_id = %id, "sharing the registry with other hubs");
         tracker.spawn(peer::run(hub.clone(), cluster, changes, cancel.clone()));

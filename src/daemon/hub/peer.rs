@@ -34,6 +34,7 @@ use super::{Hub, LiveSession};
 use crate::daemon::http::{
     full, is_upgrade, status_response, strip_hop_by_hop, text_response, Body, KeptConns,
 };
+use crate::daemon::store::Store;
 use crate::daemon::store_etcd::{boot_ms, Change, EtcdStore};
 
 /// The claims' revision after a failed write (retried by the next reconcile).
@@ -136,6 +137,24 @@ pub struct Cluster {
     /// next forwarded request: a request routed to the hub that holds its
     /// member then pays no TCP and TLS handshake between the hubs.
     idle: Mutex<HashMap<String, KeptConns<Body, std::time::Instant>>>,
+    /// The token hash of this hub's own admin row ([`Cluster::tend_admins`]).
+    admin_hash: Mutex<Option<String>>,
+    /// Hubs with admin rows and no live record, since when they were seen so.
+    admins_gone: Mutex<HashMap<String, std::time::Instant>>,
+    /// When [`Cluster::tend_admins`] last looked.
+    admins_tended: Mutex<Option<std::time::Instant>>,
+}
+
+/// How long the admin row of a hub with no live record is kept before any
+/// other hub removes it (`TOWERCTL_ADMIN_ORPHAN_AFTER`, seconds): a hub
+/// whose data directory is not kept (an emptyDir in a pod) takes a new id
+/// and a new admin token at every start, and the old token, a
+/// `system:masters` credential, stayed valid for good.
+fn admins_orphaned_after() -> Duration {
+    static AFTER: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *AFTER.get_or_init(|| {
+        Duration::from_secs(crate::tunnel::positive_env("TOWERCTL_ADMIN_ORPHAN_AFTER", 900) as u64)
+    })
 }
 
 type PeerSender = hyper::client::conn::http1::SendRequest<Body>;
@@ -237,6 +256,9 @@ impl Cluster {
             claims: Mutex::new(HashMap::new()),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             idle: Mutex::new(HashMap::new()),
+            admin_hash: Mutex::new(None),
+            admins_gone: Mutex::new(HashMap::new()),
+            admins_tended: Mutex::new(None),
         });
         c.announce().context("cannot register this hub in etcd")?;
         Ok(c)
@@ -364,6 +386,104 @@ impl Cluster {
         }
         let wait = self.store.etcd.longest_call() + Duration::from_secs(1);
         matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(true)))
+    }
+
+    /// Remembers this hub's admin token hash, whose row
+    /// [`Cluster::tend_admins`] writes again if it goes.
+    pub fn keep_admin(&self, hash: String) {
+        if let Ok(mut h) = self.admin_hash.lock() {
+            *h = Some(hash);
+        }
+    }
+
+    /// Every 10 s while this hub reaches etcd: writes its own admin row
+    /// again if it is gone (removed by other hubs while this one was cut
+    /// off from etcd past [`admins_orphaned_after`]), and removes the admin
+    /// rows of hubs that have had no live record for that long. The writes
+    /// go to etcd off the runtime's thread.
+    fn tend_admins(self: &Arc<Self>, hub: &Arc<Hub>) {
+        let now = std::time::Instant::now();
+        {
+            let Ok(mut last) = self.admins_tended.lock() else {
+                return;
+            };
+            if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let (me, hub) = (self.clone(), hub.clone());
+        tokio::task::spawn_blocking(move || me.tend_admins_now(&hub, now));
+    }
+
+    fn tend_admins_now(&self, hub: &Hub, now: std::time::Instant) {
+        // Only from a view of the registry that is current: a hub cut off
+        // sees every other hub as gone.
+        let Ok(mut gone) = self.admins_gone.lock() else {
+            return;
+        };
+        if cut_off(hub, self).is_some() || hub.registry_age() > Duration::from_secs(30) {
+            gone.clear();
+            return;
+        }
+        let Ok(operators) = self.store.list_operators() else {
+            return;
+        };
+        let own = self.admin_hash.lock().ok().and_then(|h| h.clone());
+        if let Some(hash) = own {
+            if !operators.iter().any(|o| o.token_hash == hash) {
+                let op = crate::daemon::store::Operator {
+                    name: super::LOCAL_ADMIN.into(),
+                    token_hash: hash,
+                    groups: vec!["system:masters".into()],
+                    created_at: crate::daemon::control::now_unix(),
+                    hub: Some(self.id.clone()),
+                };
+                match self.store.put_operator(&op) {
+                    Ok(()) => tracing::warn!(
+                        "this hub's admin token was gone from the shared registry (removed while \
+                         this hub was away from etcd); written again"
+                    ),
+                    Err(e) => tracing::warn!("cannot write this hub's admin token again: {e}"),
+                }
+            }
+        }
+        let live: std::collections::HashSet<String> = self
+            .store
+            .cached_under("hubs/")
+            .into_iter()
+            .map(|(k, _, _)| k.trim_start_matches("hubs/").to_string())
+            .collect();
+        let orphans: std::collections::HashSet<String> = operators
+            .iter()
+            .filter(|o| o.name == super::LOCAL_ADMIN)
+            .filter_map(|o| o.hub.clone())
+            .filter(|h| *h != self.id && !live.contains(h))
+            .collect();
+        gone.retain(|h, _| orphans.contains(h));
+        for h in orphans {
+            let since = *gone.entry(h.clone()).or_insert(now);
+            if now.duration_since(since) < admins_orphaned_after() {
+                continue;
+            }
+            let doomed = |o: &crate::daemon::store::Operator| {
+                o.name == super::LOCAL_ADMIN && o.hub.as_deref() == Some(h.as_str())
+            };
+            match self.store.delete_operators(&doomed) {
+                Ok(n) if n > 0 => {
+                    gone.remove(&h);
+                    tracing::warn!(
+                        "removed the admin token of hub '{}', which has had no live record for \
+                         {} s (TOWERCTL_ADMIN_ORPHAN_AFTER): a hub that comes back writes its \
+                         own again",
+                        crate::tunnel::escape_for_log(&h, 100),
+                        admins_orphaned_after().as_secs()
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot remove a gone hub's admin token: {e}"),
+            }
+        }
     }
 
     /// Every live hub's tunnel URL, this one first.
@@ -791,6 +911,7 @@ pub async fn run(
             _ = tick.tick() => {
                 hub.check_stale();
                 hand_off.tick(&hub, &cluster);
+                cluster.tend_admins(&hub);
                 announce_hub_list(&hub);
                 cluster.reconcile(&hub);
             }
