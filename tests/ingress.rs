@@ -842,3 +842,75 @@ fn readme_shows_the_nginx_config_the_tests_run() {
             && SNIPPET.contains("proxy_read_timeout")
     );
 }
+
+/// `--require-proxy-protocol`: behind a layer-4 balancer that passes its
+/// clients' bytes on untouched, every connection from the trusted address
+/// must start with the balancer's PROXY protocol header; one without (a
+/// client's own bytes, in which it could write any header or
+/// `X-Forwarded-For`) is refused on both ports, with a log line naming the
+/// flag. Through the balancer, agents and kubectl work as before, and
+/// connections from other addresses are taken at their word.
+#[test]
+fn with_a_required_proxy_protocol_a_trusted_address_without_a_header_is_refused() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let o = env.up_with(&["--trusted-proxy", "127.0.0.1", "--require-proxy-protocol"]);
+    assert!(o.ok(), "{o:?}");
+    let s = env.status();
+    let (gateway, tunnel) = (
+        s["hub"]["gatewayAddress"].as_str().unwrap().to_string(),
+        s["hub"]["tunnelAddress"].as_str().unwrap().to_string(),
+    );
+    let lb = Haproxy::start(env.dir.path(), &gateway, &tunnel);
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let mut args = join.clone();
+    let i = args.iter().position(|a| a == "--hub").unwrap();
+    args[i + 1] = format!("ws://127.0.0.1:{}/tunnel", lb.tunnel_port);
+    let o = env.join(&args, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let get = |from: &str, url: &str| {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--max-time", "10", "--interface", from, "--cacert"])
+            .arg(env.path("data/towerctl/ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+            .arg(url);
+        support::run_bounded(curl, Duration::from_secs(20))
+    };
+    // Through the balancer: served.
+    let o = get(
+        "127.0.0.1",
+        &format!(
+            "https://127.0.0.1:{}/clusters/alpha/version",
+            lb.gateway_port
+        ),
+    );
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    // Straight from the trusted address, no header: refused on both ports.
+    let o = get(
+        "127.0.0.1",
+        &format!("https://{gateway}/clusters/alpha/version"),
+    );
+    assert!(!o.stdout.contains("gitVersion"), "{o:?}");
+    let o = get("127.0.0.1", &format!("http://{tunnel}/healthz"));
+    assert!(!o.stdout.contains("ok"), "{o:?}");
+    let log = || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    wait_for(
+        "the refusal in the hub's log",
+        Duration::from_secs(10),
+        || {
+            log()
+                .contains("without a PROXY protocol header (--require-proxy-protocol)")
+                .then_some(())
+        },
+    );
+    // From an address not trusted: taken at its word, as before.
+    let o = get("127.0.0.2", &format!("http://{tunnel}/healthz"));
+    assert!(o.ok() && o.stdout.trim() == "ok", "{o:?}");
+    // The flag means nothing without a trusted proxy: refused.
+    let o = Env::new().towerctl(&["up", "--require-proxy-protocol"]);
+    assert!(!o.ok() && o.stderr.contains("--trusted-proxy"), "{o:?}");
+}

@@ -285,6 +285,12 @@ pub struct HubArgs {
     /// address it appends to X-Forwarded-For.
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = crate::daemon::proxied::TrustedProxies::parse_cidr)]
     pub trusted_proxies: Vec<(std::net::IpAddr, u8)>,
+    /// With --trusted-proxy: every connection from those addresses must
+    /// start with a PROXY protocol header, and X-Forwarded-For is not read.
+    /// For a layer-4 load balancer that passes its clients' bytes on
+    /// untouched: without it, a client could name any address itself.
+    #[arg(long, requires = "trusted_proxies")]
+    pub require_proxy_protocol: bool,
 }
 
 impl HubArgs {
@@ -331,6 +337,7 @@ impl HubArgs {
 
     pub fn trusted(&self) -> crate::daemon::proxied::TrustedProxies {
         crate::daemon::proxied::TrustedProxies::new(self.trusted_proxies.clone())
+            .requiring_header(self.require_proxy_protocol)
     }
 
     /// `--store…` flags to hand to the daemon.

@@ -21,7 +21,15 @@ use hyper::HeaderMap;
 
 /// Addresses (CIDRs) of proxies whose `X-Forwarded-For` is believed.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct TrustedProxies(Vec<(IpAddr, u8)>);
+pub struct TrustedProxies(Vec<(IpAddr, u8)>, RequireHeader);
+
+/// `--require-proxy-protocol`: connections from trusted addresses must
+/// start with a PROXY protocol header, and `X-Forwarded-For` is not read.
+/// Behind a layer-4 balancer that passes its clients' bytes on untouched,
+/// a client could otherwise write its own header (or `X-Forwarded-For`)
+/// when the balancer sends none, and name any address.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequireHeader(pub bool);
 
 /// Most `X-Forwarded-For` entries read from the right: a chain is as long
 /// as the proxies in a row, a handful.
@@ -29,7 +37,19 @@ const MAX_HOPS: usize = 16;
 
 impl TrustedProxies {
     pub fn new(nets: Vec<(IpAddr, u8)>) -> TrustedProxies {
-        TrustedProxies(nets)
+        TrustedProxies(nets, RequireHeader(false))
+    }
+
+    /// These proxies, required to send a PROXY protocol header
+    /// ([`RequireHeader`]).
+    pub fn requiring_header(mut self, yes: bool) -> TrustedProxies {
+        self.1 = RequireHeader(yes);
+        self
+    }
+
+    /// Whether a PROXY protocol header is required of them.
+    pub fn require_header(&self) -> bool {
+        self.1 .0
     }
 
     /// Parses `--trusted-proxy`: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one
@@ -68,12 +88,18 @@ impl TrustedProxies {
         nets.join(", ")
     }
 
-    /// The CIDRs as `--trusted-proxy` values.
+    /// The CIDRs as `--trusted-proxy` values (and
+    /// `--require-proxy-protocol`).
     pub fn to_args(&self) -> Vec<String> {
-        self.0
+        let mut args: Vec<String> = self
+            .0
             .iter()
             .map(|(n, p)| format!("--trusted-proxy={n}/{p}"))
-            .collect()
+            .collect();
+        if self.require_header() {
+            args.push("--require-proxy-protocol".into());
+        }
+        args
     }
 
     pub fn trusts(&self, ip: IpAddr) -> bool {
@@ -89,7 +115,7 @@ impl TrustedProxies {
     /// the trusted hop that passed it on (never anything to its left).
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = peer.to_canonical();
-        if !self.trusts(peer) {
+        if !self.trusts(peer) || self.require_header() {
             return peer;
         }
         let values: Vec<&HeaderValue> = headers.get_all("x-forwarded-for").iter().collect();
@@ -158,6 +184,7 @@ enum Header {
 /// could name any address. The caller bounds the wait.
 pub async fn read_proxy_header(
     tcp: &mut tokio::net::TcpStream,
+    required: RequireHeader,
 ) -> std::io::Result<Option<std::net::SocketAddr>> {
     use tokio::io::{AsyncReadExt, Interest};
     let mut buf = vec![0u8; MAX_PROXY_HEADER];
@@ -185,6 +212,13 @@ pub async fn read_proxy_header(
                 format!("invalid PROXY protocol header from a trusted proxy: {e}"),
             )
         })? {
+            Header::None if required.0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a connection from a trusted proxy without a PROXY protocol header \
+                     (--require-proxy-protocol): the balancer must send one on every connection",
+                ))
+            }
             Header::None => return Ok(None),
             Header::Proxy { len, client } => {
                 tcp.read_exact(&mut buf[..len]).await?;
@@ -397,7 +431,7 @@ mod tests {
         let (mut hub, mut proxy) = pair().await;
         let line = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 443\r\nGET";
         let read = tokio::spawn(async move {
-            let client = read_proxy_header(&mut hub).await;
+            let client = read_proxy_header(&mut hub, RequireHeader(false)).await;
             let mut rest = [0u8; 3];
             hub.read_exact(&mut rest).await.unwrap();
             (client.unwrap(), rest)
@@ -424,7 +458,7 @@ mod tests {
         drop(proxy);
         let r = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            read_proxy_header(&mut hub),
+            read_proxy_header(&mut hub, RequireHeader(false)),
         )
         .await
         .expect("still waiting for a header whose sender has gone");
@@ -1415,7 +1449,7 @@ mod tests {
                     use tokio::io::AsyncReadExt;
                     let mut hub = tokio::net::TcpStream::from_std(hub).unwrap();
                     PEEKS.with(|p| p.set(0));
-                    let got = read_proxy_header(&mut hub).await;
+                    let got = read_proxy_header(&mut hub, RequireHeader(false)).await;
                     let peeks = PEEKS.with(|p| p.get());
                     let mut rest = Vec::new();
                     if got.is_ok() {

@@ -227,7 +227,8 @@ pub async fn serve(
                 // from a trusted address holding a header open counts
                 // against the caps like any other (it used to be kept to
                 // the deadline after eviction, past the caps).
-                let header = crate::daemon::proxied::read_proxy_header(&mut tcp);
+                let required = crate::daemon::proxied::RequireHeader(trusted.require_header());
+                let header = crate::daemon::proxied::read_proxy_header(&mut tcp, required);
                 tokio::select! {
                     r = tokio::time::timeout_at(deadline, header) => match r {
                         Ok(Ok(c)) => {

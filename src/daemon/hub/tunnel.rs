@@ -424,7 +424,8 @@ async fn tunnel_session(
         let mut tcp = tcp;
         let proxied = trusted.trusts(peer.ip());
         let from = if proxied {
-            let from = crate::daemon::proxied::read_proxy_header(&mut tcp)
+            let required = crate::daemon::proxied::RequireHeader(trusted.require_header());
+            let from = crate::daemon::proxied::read_proxy_header(&mut tcp, required)
                 .await?
                 .unwrap_or(peer);
             ticket.rekey(from.ip().to_canonical());
