@@ -2399,3 +2399,63 @@ fn a_port_forward_address_that_cannot_be_bound_fails_the_command_naming_it() {
     );
     assert!(o.stderr.contains("':80' picks a free one"), "{o:?}");
 }
+
+/// `--shutdown-delay`: on SIGTERM (a pod being stopped) the hub answers 503
+/// on both `/readyz` while it goes on serving, then stops, so that a load
+/// balancer stops sending new connections first; it used to close its
+/// listeners at once. `towerctl down` stops it at once.
+#[test]
+fn a_hub_stopped_by_a_signal_answers_503_on_readyz_for_its_shutdown_delay() {
+    let env = Env::new();
+    let o = env.up_with(&["--shutdown-delay", "3s"]);
+    assert!(o.ok(), "{o:?}");
+    let s = env.status();
+    let tunnel = s["hub"]["tunnelAddress"].as_str().unwrap().to_string();
+    let gateway = s["hub"]["gatewayAddress"].as_str().unwrap().to_string();
+    let ca = env.path("data/towerctl/ca.crt");
+    let gw = |path: &str| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&ca)
+            .arg(format!("https://{gateway}{path}"));
+        support::run_bounded(c, Duration::from_secs(15)).stdout
+    };
+    let tun = |path: &str| support::curl_within(&format!("http://{tunnel}{path}"), 5).stdout;
+    assert_eq!(tun("/readyz").trim(), "ok");
+    assert!(gw("/readyz").ends_with("\n200"), "{}", gw("/readyz"));
+    let pid = env.pid_of("hub").unwrap();
+    let sent = std::time::Instant::now();
+    // SAFETY: signalling the hub this test started, by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        tun("/readyz").contains("stopping (--shutdown-delay)"),
+        "{}",
+        tun("/readyz")
+    );
+    let g = gw("/readyz");
+    assert!(g.contains("stopping") && g.ends_with("\n503"), "{g}");
+    // Still serving meanwhile.
+    assert_eq!(tun("/healthz").trim(), "ok");
+    assert!(gw("/healthz").ends_with("\n200"));
+    wait_for("the hub to stop", Duration::from_secs(15), || {
+        // SAFETY: probing a pid this test started.
+        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+    });
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "stopped after {took:?}"
+    );
+
+    // `towerctl down` does not wait for the delay.
+    let o = env.up_with(&["--shutdown-delay", "60s"]);
+    assert!(o.ok(), "{o:?}");
+    let asked = std::time::Instant::now();
+    assert!(env.towerctl(&["down"]).ok());
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+}

@@ -250,6 +250,11 @@ pub struct HubArgs {
     /// Keepalive interval; a peer silent for three intervals is declared dead.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
+    /// On SIGTERM (a pod being stopped), answer 503 on /readyz for this long,
+    /// still serving, before stopping, so that a load balancer or Service
+    /// stops sending new connections first (`towerctl down` stops at once).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+    pub shutdown_delay: std::time::Duration,
     /// Address for Prometheus /metrics (loopback by default), or 'off'.
     #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
     pub metrics: MetricsAddr,
@@ -329,6 +334,12 @@ impl HubArgs {
         }
         if let Some(u) = &self.peer_url {
             args.push(format!("--peer-url={u}"));
+        }
+        if !self.shutdown_delay.is_zero() {
+            args.push(format!(
+                "--shutdown-delay={}ms",
+                self.shutdown_delay.as_millis()
+            ));
         }
         args.extend(self.store_args());
         args.extend(self.trusted().to_args());

@@ -626,7 +626,13 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     if sni.is_none() && matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
         // Not ready while it refuses operators (a registry it cannot
         // confirm): a load balancer sends them to another hub.
-        let mut resp = if path == "/readyz" && hub.stale_refusal().is_some() {
+        let mut resp = if path == "/readyz" && hub.draining() {
+            let mut resp = Response::new(full(Bytes::from_static(
+                b"not ready: the hub is stopping (--shutdown-delay)",
+            )));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            resp
+        } else if path == "/readyz" && hub.stale_refusal().is_some() {
             let mut resp = Response::new(full(Bytes::from_static(
                 b"not ready: the shared registry is unconfirmed (--store-max-stale)",
             )));

@@ -68,6 +68,10 @@ pub struct HubConfig {
     /// With etcd: the gateway URL other hubs forward to (default:
     /// `gateway_url`, else the gateway's address).
     pub peer_url: Option<String>,
+    /// On SIGTERM or SIGINT, how long both `/readyz` answer 503 while the
+    /// hub goes on serving, before it stops: a load balancer (a Kubernetes
+    /// Service) stops sending new connections first.
+    pub shutdown_delay: Duration,
     pub keepalive: Duration,
     /// Where `/metrics` is served; `None` disables it.
     pub metrics: Option<SocketAddr>,
@@ -375,6 +379,8 @@ pub struct Hub {
     /// hub that reaches etcd (`peer::HandOff`): agents logging in are sent
     /// on, and the tunnel listener's `/readyz` answers 503.
     handing_off: std::sync::atomic::AtomicBool,
+    /// Stopping after `--shutdown-delay`: both `/readyz` answer 503.
+    draining: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
     /// Members sent on since the hand-off began, and how many times.
     handed_off: Mutex<HashMap<String, u32>>,
     /// The hub group's tunnel URLs as last sent to every agent
@@ -415,6 +421,7 @@ impl Hub {
             confirmed_ms: AtomicU64::new(super::store_etcd::boot_ms()),
             stale_seen: Default::default(),
             handing_off: Default::default(),
+            draining: Default::default(),
             handed_off: Default::default(),
             hub_list_sent: Default::default(),
         }
@@ -522,6 +529,13 @@ impl Hub {
     /// (`peer::HandOff`).
     pub fn handing_off(&self) -> bool {
         self.handing_off.load(Ordering::Relaxed)
+    }
+
+    /// Whether this hub is about to stop (`--shutdown-delay`).
+    pub fn draining(&self) -> bool {
+        self.draining
+            .get()
+            .is_some_and(|d| d.load(Ordering::Relaxed))
     }
 
     /// With several hubs: every live hub's tunnel URL as an agent takes
@@ -1123,12 +1137,38 @@ fn watch_silence(max_stale: Option<Duration>) -> Duration {
     max_stale.map_or(most, |m| (m / 6).clamp(Duration::from_secs(1), most))
 }
 
-/// Runs the hub until `cancel` fires. `ready` is called once every listener is up.
+/// Runs the hub until `cancel` fires (a signal: after
+/// [`HubConfig::shutdown_delay`], answering 503 on both `/readyz`
+/// meanwhile) or `towerctl down` asks (at once). `ready` is called once
+/// every listener is up.
 pub async fn run(
     cfg: HubConfig,
     cancel: CancellationToken,
     ready: impl FnOnce(&HubStatus),
 ) -> Result<()> {
+    let (signalled, cancel) = (cancel, CancellationToken::new());
+    let draining: Arc<std::sync::atomic::AtomicBool> = Default::default();
+    {
+        let (cancel, draining, delay) = (cancel.clone(), draining.clone(), cfg.shutdown_delay);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = signalled.cancelled() => {}
+                _ = cancel.cancelled() => return,
+            }
+            if !delay.is_zero() {
+                draining.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    "answering 503 on /readyz for {:.1}s (--shutdown-delay) before stopping",
+                    delay.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            cancel.cancel();
+        });
+    }
     let fd_limit = super::admission::raise_fd_limit();
     let caps = Caps::from_fd_limit(fd_limit);
     tracing::info!(
@@ -1308,6 +1348,7 @@ pub async fn run(
         )
         .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale)),
     );
+    let _ = hub.draining.set(draining);
 
     let base_status = HubStatus {
         pid: std::process::id(),

@@ -258,12 +258,10 @@ impl NotAnUpgrade {
 
 /// The answer to a readiness check (`with_body`: not to HEAD) while the
 /// hub hands its agents to other hubs (`peer::HandOff`).
-async fn not_ready<S>(io: &mut S, with_body: bool)
+async fn not_ready<S>(io: &mut S, with_body: bool, body: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let body = "not ready: this towerctl hub cannot reach etcd and hands its agents to \
-                another hub of the group\n";
     let mut answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
          Content-Length: {}\r\nCache-Control: no-store\r\nRetry-After: 5\r\n\
@@ -457,9 +455,18 @@ async fn tunnel_session(
         let answer = not_an_upgrade(head.bytes, head.complete);
         // Handing agents to other hubs: a load balancer's readiness check
         // is told to send them elsewhere.
-        if let Some(a) = answer.as_ref().filter(|a| a.readiness && hub.handing_off()) {
+        if let Some(a) = answer
+            .as_ref()
+            .filter(|a| a.readiness && (hub.handing_off() || hub.draining()))
+        {
             lift();
-            not_ready(gate.get_mut(), a.body).await;
+            let why = if hub.draining() {
+                "not ready: this towerctl hub is stopping (--shutdown-delay)\n"
+            } else {
+                "not ready: this towerctl hub cannot reach etcd and hands its agents to \
+                 another hub of the group\n"
+            };
+            not_ready(gate.get_mut(), a.body, why).await;
             return Ok(None);
         }
         if let Some(answer) = answer {
