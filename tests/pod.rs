@@ -328,3 +328,45 @@ fn in_cluster_without_a_service_account_names_the_fix() {
         "{o:?}"
     );
 }
+
+/// A hub under a memory limit (a pod's) holds the windows of all its
+/// members together to a quarter of it, and says so; per member alone
+/// (128 MiB each), a few members with stalled readers passed the limit.
+#[test]
+fn a_hub_in_a_memory_cgroup_holds_its_members_windows_together() {
+    let Ok(cgroup) = MemCgroup::new(512 << 20)
+        .map_err(|e| eprintln!("not in a memory cgroup (none can be made here: {e})"))
+    else {
+        return;
+    };
+    let env = Env::new();
+    let mut cmd = cgroup.command(support::TOWERCTL);
+    env.apply_env(&mut cmd);
+    cmd.args([
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    let down = env.towerctl(&["down"]);
+    assert!(down.ok(), "{down:?}");
+    let seen: u64 = log
+        .split("memory limit ")
+        .nth(1)
+        .and_then(|r| r.split(" MiB (cgroup)").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory limit logged: {log}"));
+    assert!(seen <= 512, "{log}");
+    if seen == 512 {
+        assert!(
+            log.contains("streams' windows are held to 128 MiB in all members together"),
+            "{log}"
+        );
+    }
+}

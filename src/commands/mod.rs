@@ -253,7 +253,7 @@ pub struct HubArgs {
     /// On SIGTERM (a pod being stopped), answer 503 on /readyz for this long,
     /// still serving, before stopping, so that a load balancer or Service
     /// stops sending new connections first (`towerctl down` stops at once).
-    #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "0s", value_parser = parse_shutdown_delay, value_name = "DURATION")]
     pub shutdown_delay: std::time::Duration,
     /// Address for Prometheus /metrics (loopback by default), or 'off'.
     #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
@@ -832,6 +832,25 @@ fn parse_max_stale(s: &str) -> Result<MaxStale, String> {
     Ok(MaxStale(Some(d)))
 }
 
+/// `--shutdown-delay`: a [`parse_duration`], or `0` (`0s`) for none, at
+/// most 10 minutes.
+fn parse_shutdown_delay(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim()
+        .trim_end_matches(['s', 'm', 'h'])
+        .trim_end_matches("ms")
+        == "0"
+    {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let d = parse_duration(s)?;
+    if d > std::time::Duration::from_secs(600) {
+        return Err(format!(
+            "'{s}' is too long: a load balancer takes seconds to stop sending; use at most 10m"
+        ));
+    }
+    Ok(d)
+}
+
 /// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
@@ -1023,6 +1042,30 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("10x").unwrap_err().contains("unit"));
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn a_shutdown_delay_may_be_zero_and_is_bounded() {
+        for zero in ["0", "0s", "0ms", " 0s "] {
+            assert_eq!(
+                parse_shutdown_delay(zero).unwrap(),
+                std::time::Duration::ZERO,
+                "{zero}"
+            );
+        }
+        assert_eq!(
+            parse_shutdown_delay("5s").unwrap(),
+            std::time::Duration::from_secs(5)
+        );
+        assert!(parse_shutdown_delay("1h").is_err());
+        assert!(parse_shutdown_delay("soon").is_err());
+        // The default parses (a default clap cannot parse fails every run).
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["towerctl", "up"]).unwrap();
+        let Command::Up(a) = cli.command else {
+            panic!("not up")
+        };
+        assert!(a.shutdown_delay.is_zero());
     }
 
     #[test]

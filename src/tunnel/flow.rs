@@ -427,6 +427,25 @@ impl FlowStream {
 pub struct WindowBudget {
     total: u64,
     held: std::sync::atomic::AtomicU64,
+    /// A budget above this one (a process's, over its members'): what is
+    /// taken here is taken there too, and no more than it has left.
+    parent: Option<Arc<WindowBudget>>,
+}
+
+/// The budget every window of this process is also taken from, when one
+/// is set ([`set_process_budget`]).
+static PROCESS_BUDGET: std::sync::OnceLock<Arc<WindowBudget>> = std::sync::OnceLock::new();
+
+/// Sets the budget every window budget of this process made
+/// [`WindowBudget::within`] [`process_budget`] is taken from too: a hub
+/// under a memory limit, whose budgets are per member. Once.
+pub fn set_process_budget(total: u64) {
+    let _ = PROCESS_BUDGET.set(WindowBudget::new(total));
+}
+
+/// The budget set with [`set_process_budget`], if any.
+pub fn process_budget() -> Option<Arc<WindowBudget>> {
+    PROCESS_BUDGET.get().cloned()
 }
 
 /// A stream's window out of a [`WindowBudget`] (and, taken with
@@ -442,7 +461,21 @@ impl WindowBudget {
         Arc::new(WindowBudget {
             total,
             held: Default::default(),
+            parent: None,
         })
+    }
+
+    /// This budget's total, within `parent` (when given): a window taken
+    /// here is taken there too.
+    pub fn within(self: Arc<Self>, parent: Option<Arc<WindowBudget>>) -> Arc<WindowBudget> {
+        match parent {
+            None => self,
+            Some(p) => Arc::new(WindowBudget {
+                total: self.total,
+                held: Default::default(),
+                parent: Some(p),
+            }),
+        }
     }
 
     /// A budget of `default` bytes, or `TOWERCTL_WINDOW_BUDGET` (bytes)
@@ -472,11 +505,10 @@ impl WindowBudget {
     /// budget and out of `share`, a smaller budget of one party (an
     /// operator's part of a member's): what is left of both.
     pub fn take_within(self: &Arc<Self>, share: &Arc<WindowBudget>, full: u64) -> WindowPermit {
-        use std::sync::atomic::Ordering::Relaxed;
         let within = share.reserve(full);
         let window = self.reserve(within);
         // The whole budget had less left than the share: give the rest back.
-        share.held.fetch_sub(within - window, Relaxed);
+        share.release(within - window);
         WindowPermit {
             budget: self.clone(),
             share: Some(share.clone()),
@@ -485,7 +517,7 @@ impl WindowBudget {
     }
 
     /// Counts a window of at most `full` (at least [`MIN_WINDOW`]) as held
-    /// and returns it.
+    /// (here and in the parent) and returns it.
     fn reserve(&self, full: u64) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
         let mut window = MIN_WINDOW;
@@ -496,7 +528,21 @@ impl WindowBudget {
                 .clamp(MIN_WINDOW, full.max(MIN_WINDOW));
             Some(held + window)
         });
+        if let Some(p) = &self.parent {
+            let granted = p.reserve(window);
+            self.held.fetch_sub(window - granted, Relaxed);
+            window = granted;
+        }
         window
+    }
+
+    /// Gives back a window counted by [`WindowBudget::reserve`].
+    fn release(&self, window: u64) {
+        self.held
+            .fetch_sub(window, std::sync::atomic::Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.release(window);
+        }
     }
 
     /// The budget's total.
@@ -512,10 +558,9 @@ impl WindowBudget {
 
 impl Drop for WindowPermit {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.budget.held.fetch_sub(self.window, Relaxed);
+        self.budget.release(self.window);
         if let Some(share) = &self.share {
-            share.held.fetch_sub(self.window, Relaxed);
+            share.release(self.window);
         }
     }
 }
@@ -1013,6 +1058,35 @@ mod tests {
         drop((mine, theirs, more));
         assert_eq!((member.held(), a.held(), b.held()), (0, 0, 0));
     }
+
+    #[test]
+    fn budgets_within_a_process_budget_take_from_it_too() {
+        let process = WindowBudget::new(3 * STREAM_WINDOW);
+        let (m1, m2) = (
+            WindowBudget::new(2 * STREAM_WINDOW).within(Some(process.clone())),
+            WindowBudget::new(2 * STREAM_WINDOW).within(Some(process.clone())),
+        );
+        let op = WindowBudget::new(2 * STREAM_WINDOW);
+        let first: Vec<_> = (0..2).map(|_| m1.take(STREAM_WINDOW)).collect();
+        assert!(first.iter().all(|p| p.window == STREAM_WINDOW));
+        // The second member has its own budget left, the process one window.
+        let a = m2.take_within(&op, STREAM_WINDOW);
+        assert_eq!(a.window, STREAM_WINDOW);
+        let b = m2.take_within(&op, STREAM_WINDOW);
+        assert_eq!(b.window, MIN_WINDOW, "past the process budget");
+        assert_eq!(m2.held(), STREAM_WINDOW + MIN_WINDOW);
+        assert_eq!(op.held(), STREAM_WINDOW + MIN_WINDOW);
+        assert_eq!(process.held(), 3 * STREAM_WINDOW + MIN_WINDOW);
+        drop((first, a, b));
+        assert_eq!(
+            (process.held(), m1.held(), m2.held(), op.held()),
+            (0, 0, 0, 0)
+        );
+        // Without one: as before.
+        let alone = WindowBudget::new(STREAM_WINDOW).within(None);
+        assert_eq!(alone.take(STREAM_WINDOW).window, STREAM_WINDOW);
+    }
+
     #[test]
     fn tiny_chunks_for_a_stalled_reader_are_gathered_and_come_out_in_order() {
         let s = receiving(1 << 20);

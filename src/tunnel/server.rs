@@ -584,7 +584,8 @@ where
         noted: (std::time::Instant::now(), 0),
         penalty,
         push_slots: Arc::new(tokio::sync::Semaphore::new(max_push_streams())),
-        push_windows: super::flow::WindowBudget::new(PUSH_WINDOW_BUDGET),
+        push_windows: super::flow::WindowBudget::new(PUSH_WINDOW_BUDGET)
+            .within(super::flow::process_budget()),
     };
     let kill = CancellationToken::new();
     let io = Killable::new(io, kill.clone());

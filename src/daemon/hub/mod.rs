@@ -1169,6 +1169,19 @@ pub async fn run(
             cancel.cancel();
         });
     }
+    // Under a memory limit (a pod's), every member's and session's window
+    // budget is also taken from a quarter of it: per member alone (128 MiB
+    // each), a few members with stalled readers passed it.
+    if let Some(limit) = super::memory::cgroup_limit() {
+        let total = (limit / 4).max(16 << 20);
+        crate::tunnel::flow::set_process_budget(total);
+        tracing::info!(
+            "memory limit {} MiB (cgroup): streams' windows are held to {} MiB in all members \
+             together",
+            limit >> 20,
+            total >> 20
+        );
+    }
     let fd_limit = super::admission::raise_fd_limit();
     let caps = Caps::from_fd_limit(fd_limit);
     tracing::info!(

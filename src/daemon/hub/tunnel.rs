@@ -564,7 +564,8 @@ async fn tunnel_session(
             && !tunnel::left_out_for_tests("TOWERCTL_TEST_HUB_WITHOUT", tunnel::FEATURE_OPEN_EARLY),
         rtt_us: AtomicU64::new(0),
         streams: AtomicU64::new(0),
-        windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET),
+        windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET)
+            .within(crate::tunnel::flow::process_budget()),
         shares: Default::default(),
         kept: super::Budget::new(super::MAX_KEPT_CHANNELS),
         bytes_at_start: counters.bytes(),
