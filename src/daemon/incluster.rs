@@ -34,8 +34,9 @@ fn server_url(host: &str, port: &str) -> Result<String> {
 /// The member's client configuration when no `--kubeconfig` is given:
 /// in-cluster when `KUBERNETES_SERVICE_HOST` is set and `KUBECONFIG` is
 /// not (or when a service-account directory is given explicitly), else
-/// `KUBECONFIG`/`~/.kube/config` as kubectl finds them.
-pub async fn infer(sa_dir: Option<&Path>) -> Result<kube::Config> {
+/// `KUBECONFIG`/`~/.kube/config` as kubectl finds them; and whether it is
+/// the pod's service account.
+pub async fn infer(sa_dir: Option<&Path>) -> Result<(kube::Config, bool)> {
     let explicit = sa_dir.is_some();
     let kubeconfig_set = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
     match server_from_env() {
@@ -43,11 +44,12 @@ pub async fn infer(sa_dir: Option<&Path>) -> Result<kube::Config> {
             let dir = sa_dir
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
-            config(&server?, &dir).await
+            config(&server?, &dir).await.map(|c| (c, true))
         }
         None if explicit => bail!("--serviceaccount-dir is given but KUBERNETES_SERVICE_HOST is not set: set KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT to the member's API server, or pass --kubeconfig instead"),
         _ => kube::Config::infer()
             .await
+            .map(|c| (c, false))
             .context("no member API server credentials found: pass --kubeconfig, set KUBECONFIG, or run the agent in a pod with a service account"),
     }
 }

@@ -626,44 +626,53 @@ pub(super) async fn upstream_client(
     kubeconfig: Option<&PathBuf>,
     sa_dir: Option<&std::path::Path>,
 ) -> Result<(kube::Client, Api, String)> {
+    let no_proxy_hint = || {
+        let set = ["NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        if set {
+            " (with HTTPS_PROXY set, kube also parses NO_PROXY, and refuses entries Go \
+             accepts, such as an empty one from a trailing comma: check NO_PROXY)"
+        } else {
+            ""
+        }
+    };
     let mut config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
                 .with_context(|| format!("cannot read the member kubeconfig '{}'", p.display()))?;
-            let named = kc.clusters.iter().any(|c| {
-                c.cluster
-                    .as_ref()
-                    .and_then(|c| c.proxy_url.as_deref())
-                    .is_some_and(|u| !u.is_empty())
-            });
+            let named = current_proxy_url(&kc);
             let mut c = kube::Config::from_custom_kubeconfig(
                 kc,
                 &kube::config::KubeConfigOptions::default(),
             )
             .await
-            .with_context(|| format!("the member kubeconfig '{}' is not usable", p.display()))?;
-            // From HTTPS_PROXY: kube judges NO_PROXY against the proxy's
-            // own address, not the API server's; judged here as kubectl
-            // does.
-            if !named && c.proxy_url.is_some() {
-                let no = std::env::var("NO_PROXY")
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .or_else(|| std::env::var("no_proxy").ok())
-                    .unwrap_or_default();
-                let host = c.cluster_url.host().unwrap_or_default();
-                let port = c.cluster_url.port_u16().unwrap_or(443);
-                if crate::tunnel::proxy::bypassed(&no, host, port) {
-                    c.proxy_url = None;
-                }
-            }
+            .with_context(|| {
+                format!(
+                    "the member kubeconfig '{}' is not usable{}",
+                    p.display(),
+                    no_proxy_hint()
+                )
+            })?;
+            c.proxy_url = member_proxy(&c.cluster_url, named.as_deref());
             c
         }
         None => {
-            let mut c = crate::daemon::incluster::infer(sa_dir).await?;
-            // A pod reaches its own cluster's API server directly, whatever
-            // proxy variables its environment carries.
-            c.proxy_url = None;
+            let (mut c, service_account) = match crate::daemon::incluster::infer(sa_dir).await {
+                Ok(x) => x,
+                Err(e) if no_proxy_hint().is_empty() => return Err(e),
+                Err(e) => return Err(e.context(no_proxy_hint().trim().to_string())),
+            };
+            c.proxy_url = if service_account {
+                // A pod reaches its own cluster's API server directly,
+                // whatever proxy variables its environment carries.
+                None
+            } else {
+                let named = kube::config::Kubeconfig::read()
+                    .ok()
+                    .and_then(|kc| current_proxy_url(&kc));
+                member_proxy(&c.cluster_url, named.as_deref())
+            };
             c
         }
     };
@@ -672,6 +681,78 @@ pub(super) async fn upstream_client(
     let url = config.cluster_url.to_string();
     let (client, api) = client_without_nagle(config)?;
     Ok((client, api, url))
+}
+
+/// The `proxy-url` of the kubeconfig's current cluster, if it names one.
+fn current_proxy_url(kc: &kube::config::Kubeconfig) -> Option<String> {
+    let context = kc.current_context.as_deref()?;
+    let cluster = kc
+        .contexts
+        .iter()
+        .find(|c| c.name == context)?
+        .context
+        .as_ref()?
+        .cluster
+        .clone();
+    kc.clusters
+        .iter()
+        .find(|c| c.name == cluster)?
+        .cluster
+        .as_ref()?
+        .proxy_url
+        .clone()
+        .filter(|u| !u.is_empty())
+}
+
+/// The proxy to the member's API server at `server`, as kubectl picks it:
+/// the current cluster's `proxy-url` when it names one (`named`); else
+/// `HTTPS_PROXY` (or `HTTP_PROXY` for an `http://` server), unless the
+/// server is a loopback one or `NO_PROXY` names it. (kube 5 judges
+/// `NO_PROXY` against the proxy's own address, and reads `HTTPS_PROXY`
+/// only.)
+fn member_proxy(server: &http::Uri, named: Option<&str>) -> Option<http::Uri> {
+    member_proxy_with(server, named, |n| std::env::var(n).ok())
+}
+
+/// [`member_proxy`] with the environment read through `env`.
+fn member_proxy_with(
+    server: &http::Uri,
+    named: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<http::Uri> {
+    let with_scheme = |p: &str| {
+        if p.contains("://") {
+            p.to_string()
+        } else {
+            format!("http://{p}")
+        }
+    };
+    if let Some(p) = named {
+        return with_scheme(p).parse().ok();
+    }
+    let get = |names: [&str; 2]| {
+        names
+            .iter()
+            .find_map(|n| env(n).filter(|v| !v.trim().is_empty()))
+    };
+    let tls = server.scheme_str() != Some("http");
+    let proxy = if tls {
+        get(["HTTPS_PROXY", "https_proxy"])
+    } else {
+        get(["HTTP_PROXY", "http_proxy"])
+    }?;
+    let host = server.host().unwrap_or_default();
+    let bare = host.trim_matches(|c| c == '[' || c == ']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let port = server.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let no = get(["NO_PROXY", "no_proxy"]).unwrap_or_default();
+    if loopback || crate::tunnel::proxy::bypassed(&no, host, port) {
+        return None;
+    }
+    with_scheme(proxy.trim()).parse().ok()
 }
 
 /// kube's own client builder leaves Nagle's algorithm on (hyper's
@@ -860,6 +941,45 @@ async fn read_body(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_member_api_servers_proxy_is_picked_as_kubectl_picks_it() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let api: http::Uri = "https://api.corp.example:6443".parse().unwrap();
+        let vars = &[
+            ("HTTPS_PROXY", "proxy.corp.example:3128"),
+            ("NO_PROXY", ".internal"),
+        ];
+        // HTTPS_PROXY, scheme-less taken as http://, even when NO_PROXY
+        // names the proxy's own domain (kube dropped it then).
+        let p = member_proxy_with(&api, None, env(vars)).unwrap();
+        assert_eq!(p.to_string(), "http://proxy.corp.example:3128/");
+        let vars2 = &[
+            ("HTTPS_PROXY", "http://p:3128"),
+            ("NO_PROXY", ".corp.example"),
+        ];
+        assert_eq!(
+            member_proxy_with(&api, None, env(vars2)),
+            None,
+            "NO_PROXY names the API server"
+        );
+        // The current cluster's proxy-url wins, NO_PROXY or not.
+        let p = member_proxy_with(&api, Some("http://named:1"), env(vars2)).unwrap();
+        assert_eq!(p.host(), Some("named"));
+        // A loopback API server (kind, k3d, minikube) never goes through one.
+        let local: http::Uri = "https://127.0.0.1:34567".parse().unwrap();
+        assert_eq!(member_proxy_with(&local, None, env(vars)), None);
+        // An http:// server takes HTTP_PROXY.
+        let plain: http::Uri = "http://api.corp.example:8080".parse().unwrap();
+        assert_eq!(member_proxy_with(&plain, None, env(vars)), None);
+        assert!(member_proxy_with(&plain, None, env(&[("HTTP_PROXY", "http://p:1")])).is_some());
+    }
 
     #[test]
     fn buffering_stays_under_half_a_memory_limit() {

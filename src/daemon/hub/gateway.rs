@@ -238,7 +238,15 @@ pub async fn serve(
                             }
                         }
                         Ok(Err(e)) => {
-                            tracing::info!(%peer, "gateway connection refused: {e}");
+                            // Anything in the trusted range can cause these:
+                            // 10 a minute.
+                            static REFUSED: crate::tunnel::LogBudget = crate::tunnel::LogBudget::new(
+                                "gateway connections refused for their PROXY header",
+                                10,
+                            );
+                            if REFUSED.admit() {
+                                tracing::info!(%peer, "gateway connection refused: {e}");
+                            }
                             return;
                         }
                         Err(_) => return,

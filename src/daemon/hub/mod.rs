@@ -1398,8 +1398,13 @@ pub async fn run(
     let trusted = Arc::new(cfg.trusted_proxies.clone());
     if !trusted.is_empty() {
         tracing::info!(
-            "connections from {} count as from the address they forward for (X-Forwarded-For)",
-            trusted.describe()
+            "connections from {} count as from the address they forward for ({})",
+            trusted.describe(),
+            if trusted.require_header() {
+                "a PROXY protocol header, required"
+            } else {
+                "a PROXY protocol header or X-Forwarded-For"
+            }
         );
     }
     tracker.spawn(tunnel::accept_tunnels(
