@@ -118,6 +118,15 @@ impl Drop for MemCgroup {
     }
 }
 
+/// The memory limit (MiB) a daemon's log says it found in its cgroup.
+fn logged_limit_mib(log: &str) -> u64 {
+    log.split("memory limit ")
+        .nth(1)
+        .and_then(|r| r.split(" MiB (cgroup)").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory limit logged: {log}"))
+}
+
 /// Bytes of a Kubernetes quantity in Mi or Gi.
 fn quantity(q: &str) -> u64 {
     match q.split_at(q.len() - 2) {
@@ -265,12 +274,7 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
     // tighter limit above this test's own cgroup would win).
     if cgroup.is_some() {
         assert_eq!(limit, 256 << 20);
-        let seen: u64 = stderr
-            .split("memory limit ")
-            .nth(1)
-            .and_then(|r| r.split(" MiB (cgroup)").next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no memory limit logged: {stderr}"));
+        let seen = logged_limit_mib(&stderr);
         assert!(seen <= 256, "{stderr}");
         if seen == 256 {
             assert!(
@@ -356,12 +360,7 @@ fn a_hub_in_a_memory_cgroup_holds_its_members_windows_together() {
     let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
     let down = env.towerctl(&["down"]);
     assert!(down.ok(), "{down:?}");
-    let seen: u64 = log
-        .split("memory limit ")
-        .nth(1)
-        .and_then(|r| r.split(" MiB (cgroup)").next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no memory limit logged: {log}"));
+    let seen = logged_limit_mib(&log);
     assert!(seen <= 512, "{log}");
     if seen == 512 {
         assert!(
