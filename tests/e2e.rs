@@ -2458,4 +2458,29 @@ fn a_hub_stopped_by_a_signal_answers_503_on_readyz_for_its_shutdown_delay() {
         "{:?}",
         asked.elapsed()
     );
+
+    // Nor does a second signal (Ctrl-C twice).
+    let o = env.up_with(&["--shutdown-delay", "60s"]);
+    assert!(o.ok(), "{o:?}");
+    let pid = env.pid_of("hub").unwrap();
+    let tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // SAFETY: signalling the hub this test started, by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_for("the hub to drain", Duration::from_secs(10), || {
+        support::curl_within(&format!("http://{tunnel}/readyz"), 5)
+            .stdout
+            .contains("stopping")
+            .then_some(())
+    });
+    let again = std::time::Instant::now();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    wait_for("the hub to stop at once", Duration::from_secs(15), || {
+        // SAFETY: probing a pid this test started.
+        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+    });
+    eprintln!("stopped {:?} after the second signal", again.elapsed());
 }

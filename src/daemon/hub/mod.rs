@@ -1158,12 +1158,31 @@ pub async fn run(
             if !delay.is_zero() {
                 draining.store(true, Ordering::SeqCst);
                 tracing::info!(
-                    "answering 503 on /readyz for {:.1}s (--shutdown-delay) before stopping",
+                    "answering 503 on /readyz for {:.1}s (--shutdown-delay) before stopping; \
+                     a second signal stops at once",
                     delay.as_secs_f64()
                 );
+                // A second SIGTERM or SIGINT (Ctrl-C again) does not wait.
+                use tokio::signal::unix::{signal, SignalKind};
+                let (mut term, mut int) = (
+                    signal(SignalKind::terminate()).ok(),
+                    signal(SignalKind::interrupt()).ok(),
+                );
+                let again = async {
+                    match (term.as_mut(), int.as_mut()) {
+                        (Some(t), Some(i)) => {
+                            tokio::select! {
+                                _ = t.recv() => {}
+                                _ = i.recv() => {}
+                            }
+                        }
+                        _ => std::future::pending::<()>().await,
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = cancel.cancelled() => {}
+                    _ = again => tracing::info!("a second signal: stopping now"),
                 }
             }
             cancel.cancel();
