@@ -364,7 +364,7 @@ fn a_hub_in_a_memory_cgroup_holds_its_members_windows_together() {
     assert!(seen <= 512, "{log}");
     if seen == 512 {
         assert!(
-            log.contains("streams' windows are held to 128 MiB in all members together"),
+            log.contains("streams' full windows are held to 128 MiB in all members together"),
             "{log}"
         );
     }

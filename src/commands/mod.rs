@@ -835,11 +835,10 @@ fn parse_max_stale(s: &str) -> Result<MaxStale, String> {
 /// `--shutdown-delay`: a [`parse_duration`], or `0` (`0s`) for none, at
 /// most 10 minutes.
 fn parse_shutdown_delay(s: &str) -> Result<std::time::Duration, String> {
-    if s.trim()
-        .trim_end_matches(['s', 'm', 'h'])
-        .trim_end_matches("ms")
-        == "0"
-    {
+    let t = s.trim();
+    let num = t.strip_suffix("ms").unwrap_or(t);
+    let num = num.strip_suffix(['s', 'm', 'h']).unwrap_or(num);
+    if num.parse::<f64>() == Ok(0.0) {
         return Ok(std::time::Duration::ZERO);
     }
     let d = parse_duration(s)?;
@@ -1046,7 +1045,7 @@ mod tests {
 
     #[test]
     fn a_shutdown_delay_may_be_zero_and_is_bounded() {
-        for zero in ["0", "0s", "0ms", " 0s "] {
+        for zero in ["0", "0s", "0ms", " 0s ", "00", "0.0s", "0h"] {
             assert_eq!(
                 parse_shutdown_delay(zero).unwrap(),
                 std::time::Duration::ZERO,
@@ -1058,6 +1057,11 @@ mod tests {
             std::time::Duration::from_secs(5)
         );
         assert!(parse_shutdown_delay("1h").is_err());
+        assert!(parse_shutdown_delay("0sss").is_err());
+        assert_eq!(
+            parse_shutdown_delay("0.5s").unwrap(),
+            std::time::Duration::from_millis(500)
+        );
         assert!(parse_shutdown_delay("soon").is_err());
         // The default parses (a default clap cannot parse fails every run).
         use clap::Parser;

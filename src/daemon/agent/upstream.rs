@@ -654,7 +654,7 @@ pub(super) async fn upstream_client(
                     no_proxy_hint()
                 )
             })?;
-            c.proxy_url = member_proxy(&c.cluster_url, named.as_deref());
+            c.proxy_url = member_proxy(&c.cluster_url, named.as_deref())?;
             c
         }
         None => {
@@ -671,7 +671,7 @@ pub(super) async fn upstream_client(
                 let named = kube::config::Kubeconfig::read()
                     .ok()
                     .and_then(|kc| current_proxy_url(&kc));
-                member_proxy(&c.cluster_url, named.as_deref())
+                member_proxy(&c.cluster_url, named.as_deref())?
             };
             c
         }
@@ -705,12 +705,13 @@ fn current_proxy_url(kc: &kube::config::Kubeconfig) -> Option<String> {
 }
 
 /// The proxy to the member's API server at `server`, as kubectl picks it:
-/// the current cluster's `proxy-url` when it names one (`named`); else
-/// `HTTPS_PROXY` (or `HTTP_PROXY` for an `http://` server), unless the
-/// server is a loopback one or `NO_PROXY` names it. (kube 5 judges
+/// the current cluster's `proxy-url` when it names one (`named`); else,
+/// for an `https://` server, `HTTPS_PROXY`, unless the server is a
+/// loopback one or `NO_PROXY` names it. A value that is no URL is an
+/// error naming where it came from (it was a direct connection). (kube 5 judges
 /// `NO_PROXY` against the proxy's own address, and reads `HTTPS_PROXY`
 /// only.)
-fn member_proxy(server: &http::Uri, named: Option<&str>) -> Option<http::Uri> {
+fn member_proxy(server: &http::Uri, named: Option<&str>) -> Result<Option<http::Uri>> {
     member_proxy_with(server, named, |n| std::env::var(n).ok())
 }
 
@@ -719,40 +720,49 @@ fn member_proxy_with(
     server: &http::Uri,
     named: Option<&str>,
     env: impl Fn(&str) -> Option<String>,
-) -> Option<http::Uri> {
-    let with_scheme = |p: &str| {
-        if p.contains("://") {
+) -> Result<Option<http::Uri>> {
+    let parse = |p: &str, from: &str| -> Result<Option<http::Uri>> {
+        let p = p.trim();
+        let with_scheme = if p.contains("://") {
             p.to_string()
         } else {
             format!("http://{p}")
-        }
+        };
+        with_scheme.parse().map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "{from} '{}' is not a proxy URL ({e})",
+                crate::tunnel::proxy::redact(p)
+            )
+        })
     };
     if let Some(p) = named {
-        return with_scheme(p).parse().ok();
+        return parse(p, "the member kubeconfig's proxy-url");
+    }
+    // As kube reads it: HTTPS_PROXY only, for an https:// server (an
+    // http:// one would need plain forwarding, not CONNECT).
+    if server.scheme_str() == Some("http") {
+        return Ok(None);
     }
     let get = |names: [&str; 2]| {
         names
             .iter()
             .find_map(|n| env(n).filter(|v| !v.trim().is_empty()))
     };
-    let tls = server.scheme_str() != Some("http");
-    let proxy = if tls {
-        get(["HTTPS_PROXY", "https_proxy"])
-    } else {
-        get(["HTTP_PROXY", "http_proxy"])
-    }?;
+    let Some(proxy) = get(["HTTPS_PROXY", "https_proxy"]) else {
+        return Ok(None);
+    };
     let host = server.host().unwrap_or_default();
     let bare = host.trim_matches(|c| c == '[' || c == ']');
     let loopback = bare.eq_ignore_ascii_case("localhost")
         || bare
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    let port = server.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let port = server.port_u16().unwrap_or(443);
     let no = get(["NO_PROXY", "no_proxy"]).unwrap_or_default();
     if loopback || crate::tunnel::proxy::bypassed(&no, host, port) {
-        return None;
+        return Ok(None);
     }
-    with_scheme(proxy.trim()).parse().ok()
+    parse(&proxy, "HTTPS_PROXY")
 }
 
 /// kube's own client builder leaves Nagle's algorithm on (hyper's
@@ -958,27 +968,36 @@ mod tests {
         ];
         // HTTPS_PROXY, scheme-less taken as http://, even when NO_PROXY
         // names the proxy's own domain (kube dropped it then).
-        let p = member_proxy_with(&api, None, env(vars)).unwrap();
+        let p = member_proxy_with(&api, None, env(vars)).unwrap().unwrap();
         assert_eq!(p.to_string(), "http://proxy.corp.example:3128/");
         let vars2 = &[
             ("HTTPS_PROXY", "http://p:3128"),
             ("NO_PROXY", ".corp.example"),
         ];
-        assert_eq!(
-            member_proxy_with(&api, None, env(vars2)),
-            None,
-            "NO_PROXY names the API server"
-        );
+        let p = member_proxy_with(&api, None, env(vars2)).unwrap();
+        assert_eq!(p, None, "NO_PROXY names the API server");
         // The current cluster's proxy-url wins, NO_PROXY or not.
-        let p = member_proxy_with(&api, Some("http://named:1"), env(vars2)).unwrap();
+        let p = member_proxy_with(&api, Some("http://named:1"), env(vars2))
+            .unwrap()
+            .unwrap();
         assert_eq!(p.host(), Some("named"));
         // A loopback API server (kind, k3d, minikube) never goes through one.
         let local: http::Uri = "https://127.0.0.1:34567".parse().unwrap();
-        assert_eq!(member_proxy_with(&local, None, env(vars)), None);
-        // An http:// server takes HTTP_PROXY.
+        assert_eq!(member_proxy_with(&local, None, env(vars)).unwrap(), None);
+        // An http:// server: no proxy from the environment (CONNECT is
+        // what the agent speaks; kube reads HTTPS_PROXY only).
         let plain: http::Uri = "http://api.corp.example:8080".parse().unwrap();
-        assert_eq!(member_proxy_with(&plain, None, env(vars)), None);
-        assert!(member_proxy_with(&plain, None, env(&[("HTTP_PROXY", "http://p:1")])).is_some());
+        let none = member_proxy_with(&plain, None, env(&[("HTTP_PROXY", "http://p:1")]));
+        assert_eq!(none.unwrap(), None);
+        // Not a URL: said, naming where it came from, without credentials.
+        let e = member_proxy_with(
+            &api,
+            None,
+            env(&[("HTTPS_PROXY", "http://u:pw@bad host:1")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("HTTPS_PROXY") && !e.contains("pw"), "{e}");
     }
 
     #[test]

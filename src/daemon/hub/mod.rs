@@ -1148,26 +1148,38 @@ pub async fn run(
 ) -> Result<()> {
     let (signalled, cancel) = (cancel, CancellationToken::new());
     let draining: Arc<std::sync::atomic::AtomicBool> = Default::default();
+    // Set once every listener is up: a signal before that stops at once.
+    let started: Arc<std::sync::atomic::AtomicBool> = Default::default();
     {
-        let (cancel, draining, delay) = (cancel.clone(), draining.clone(), cfg.shutdown_delay);
+        let (cancel, draining, started, delay) = (
+            cancel.clone(),
+            draining.clone(),
+            started.clone(),
+            cfg.shutdown_delay,
+        );
         tokio::spawn(async move {
             tokio::select! {
                 _ = signalled.cancelled() => {}
                 _ = cancel.cancelled() => return,
             }
-            if !delay.is_zero() {
+            if !delay.is_zero() && started.load(Ordering::SeqCst) {
+                // A second SIGTERM or SIGINT (Ctrl-C again) does not wait;
+                // listened for before /readyz says so.
+                use tokio::signal::unix::{signal, SignalKind};
+                let (mut term, mut int) = (
+                    signal(SignalKind::terminate()).ok(),
+                    signal(SignalKind::interrupt()).ok(),
+                );
                 draining.store(true, Ordering::SeqCst);
                 tracing::info!(
                     "answering 503 on /readyz for {:.1}s (--shutdown-delay) before stopping; \
                      a second signal stops at once",
                     delay.as_secs_f64()
                 );
-                // A second SIGTERM or SIGINT (Ctrl-C again) does not wait.
-                use tokio::signal::unix::{signal, SignalKind};
-                let (mut term, mut int) = (
-                    signal(SignalKind::terminate()).ok(),
-                    signal(SignalKind::interrupt()).ok(),
-                );
+                crate::daemon::notify::notify(&format!(
+                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}",
+                    (delay + Duration::from_secs(30)).as_micros()
+                ));
                 let again = async {
                     match (term.as_mut(), int.as_mut()) {
                         (Some(t), Some(i)) => {
@@ -1195,8 +1207,8 @@ pub async fn run(
         let total = (limit / 4).max(16 << 20);
         crate::tunnel::flow::set_process_budget(total);
         tracing::info!(
-            "memory limit {} MiB (cgroup): streams' windows are held to {} MiB in all members \
-             together",
+            "memory limit {} MiB (cgroup): streams' full windows are held to {} MiB in all \
+             members together (past it, each stream still gets 32 KiB)",
             limit >> 20,
             total >> 20
         );
@@ -1490,6 +1502,7 @@ pub async fn run(
     }
     tracing::info!(tunnel = %tunnel_addr, gateway = %gateway_addr, hub_key = %hub_key, "hub ready");
     ready(&base_status);
+    started.store(true, Ordering::SeqCst);
 
     cancel.cancelled().await;
     tracker.close();
