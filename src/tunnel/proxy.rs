@@ -80,7 +80,7 @@ impl ProxyVars {
 /// (`--proxy`) when given; else `HTTPS_PROXY` for `wss://`, `HTTP_PROXY`
 /// for `ws://`, unless `NO_PROXY` names the host, the environment's when
 /// it sets that variable, else those `saved` with the agent (with the
-/// saved `NO_PROXY`). `Err` for a proxy URL that cannot be used, naming
+/// saved `NO_PROXY` and the environment's). `Err` for a proxy URL that cannot be used, naming
 /// it without its credentials.
 pub fn choose(
     tls: bool,
@@ -89,14 +89,35 @@ pub fn choose(
     explicit: Option<&str>,
     saved: Option<&ProxyVars>,
 ) -> Result<Option<Proxy>, String> {
+    let env = ProxyVars::from_env().unwrap_or_default();
+    choose_with(tls, host, port, explicit, saved, env)
+}
+
+/// [`choose`] with the environment's variables given.
+fn choose_with(
+    tls: bool,
+    host: &str,
+    port: u16,
+    explicit: Option<&str>,
+    saved: Option<&ProxyVars>,
+    env: ProxyVars,
+) -> Result<Option<Proxy>, String> {
     if let Some(p) = explicit {
         return parse(p).map(Some).map_err(|e| format!("--proxy: {e}"));
     }
     let pick = |v: &ProxyVars| if tls { v.https.clone() } else { v.http.clone() };
-    let env = ProxyVars::from_env().unwrap_or_default();
     let vars = match (pick(&env), saved) {
         (Some(_), _) => env,
-        (None, Some(s)) if pick(s).is_some() => s.clone(),
+        // The saved proxy, kept off the hosts either NO_PROXY names (a
+        // unit's Environment=NO_PROXY=… still counts).
+        (None, Some(s)) if pick(s).is_some() => {
+            let mut v = s.clone();
+            v.no = match (v.no.take(), env.no) {
+                (Some(a), Some(b)) => Some(format!("{a},{b}")),
+                (a, b) => a.or(b),
+            };
+            v
+        }
         _ => return Ok(None),
     };
     let name = if tls { "HTTPS_PROXY" } else { "HTTP_PROXY" };
@@ -408,6 +429,33 @@ mod tests {
         } else {
             eprintln!("proxy variables set in this environment: the saved ones are not used");
         }
+    }
+
+    #[test]
+    fn the_environment_wins_per_scheme_and_both_no_proxy_lists_count() {
+        let saved = ProxyVars {
+            https: Some("http://saved:1".into()),
+            http: None,
+            no: Some(".internal".into()),
+        };
+        let env = |https: Option<&str>, no: Option<&str>| ProxyVars {
+            https: https.map(String::from),
+            http: None,
+            no: no.map(String::from),
+        };
+        let pick = |host: &str, e: ProxyVars| {
+            choose_with(true, host, 443, None, Some(&saved), e)
+                .unwrap()
+                .map(|p| p.shown())
+        };
+        // Only NO_PROXY in the environment: the saved proxy, both lists.
+        let e = env(None, Some("hub.example.com"));
+        assert_eq!(pick("hub.example.com", e.clone()), None);
+        assert_eq!(pick("hub.internal", e.clone()), None);
+        assert_eq!(pick("other.example", e).as_deref(), Some("http://saved:1"));
+        // The environment's HTTPS_PROXY: it, with its own NO_PROXY only.
+        let e = env(Some("http://env:2"), None);
+        assert_eq!(pick("hub.internal", e).as_deref(), Some("http://env:2"));
     }
 
     #[test]
