@@ -466,8 +466,13 @@ impl WindowBudget {
     }
 
     /// This budget's total, within `parent` (when given): a window taken
-    /// here is taken there too.
+    /// here is taken there too. For a budget just made (a new one with
+    /// the same total is returned: nothing held, no parent of its own).
     pub fn within(self: Arc<Self>, parent: Option<Arc<WindowBudget>>) -> Arc<WindowBudget> {
+        debug_assert!(
+            self.parent.is_none() && self.held() == 0,
+            "within a fresh budget"
+        );
         match parent {
             None => self,
             Some(p) => Arc::new(WindowBudget {
