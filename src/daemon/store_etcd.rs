@@ -306,6 +306,24 @@ impl EtcdStore {
     }
 
     /// Deletes `rel` if it still holds `value`.
+    /// Deletes `rel` if `absent` does not exist, in one transaction;
+    /// whether it did.
+    pub fn delete_while_absent(&self, rel: &str, absent: &str) -> Result<bool, StoreError> {
+        let key = self.key(rel);
+        let (ok, _, _) = self
+            .etcd
+            .txn(
+                vec![etcd::absent(&self.key(absent))],
+                vec![etcd::op_delete(&key)],
+                vec![],
+            )
+            .map_err(err)?;
+        if ok {
+            self.cached_delete(rel);
+        }
+        Ok(ok)
+    }
+
     pub fn delete_if(&self, rel: &str, value: &[u8]) -> Result<bool, StoreError> {
         let key = self.key(rel);
         let (ok, _, _) = self

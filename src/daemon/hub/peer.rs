@@ -466,10 +466,21 @@ impl Cluster {
             if now.duration_since(since) < admins_orphaned_after() {
                 continue;
             }
-            let doomed = |o: &crate::daemon::store::Operator| {
-                o.name == super::LOCAL_ADMIN && o.hub.as_deref() == Some(h.as_str())
-            };
-            match self.store.delete_operators(&doomed) {
+            // Each row in one transaction with the hub's record still
+            // absent: a hub coming back at this moment keeps its row.
+            let rows = operators
+                .iter()
+                .filter(|o| o.name == super::LOCAL_ADMIN && o.hub.as_deref() == Some(h.as_str()));
+            let mut removed = Ok(0usize);
+            for o in rows {
+                let rel = format!("operators/{}", o.token_hash);
+                match self.store.delete_while_absent(&rel, &format!("hubs/{h}")) {
+                    Ok(true) => removed = removed.map(|n| n + 1),
+                    Ok(false) => {}
+                    Err(e) => removed = Err(e),
+                }
+            }
+            match removed {
                 Ok(n) if n > 0 => {
                     gone.remove(&h);
                     tracing::warn!(
