@@ -444,6 +444,14 @@ fn registry_survives_kill_9_during_writes() {
             && o.stderr.contains("'towerctl down', then this command again"),
         "{o:?}"
     );
+    // Who may name clients' addresses too.
+    let o = env.up_with(&["--trusted-proxy", "127.0.0.1", "--require-proxy-protocol"]);
+    assert!(
+        o.ok()
+            && o.stderr
+                .contains("--trusted-proxy=127.0.0.1/32 --require-proxy-protocol (running: none)"),
+        "{o:?}"
+    );
     let o = env.towerctl(&["down"]);
     assert!(o.ok(), "{o:?}");
     assert_eq!(env.towerctl(&["status"]).code, Some(3));

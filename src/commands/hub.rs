@@ -100,6 +100,16 @@ fn differs(a: &HubArgs, s: &HubStatus) -> Vec<String> {
     {
         out.push(format!("--gateway-url {u} (running: {})", s.gateway_url));
     }
+    // Given at all: compared whole (who may name clients' addresses).
+    let trusted = a.trusted().to_args();
+    if !trusted.is_empty() && trusted != s.trusted_proxies {
+        let running = if s.trusted_proxies.is_empty() {
+            "none".to_string()
+        } else {
+            s.trusted_proxies.join(" ")
+        };
+        out.push(format!("{} (running: {running})", trusted.join(" ")));
+    }
     out
 }
 

@@ -206,6 +206,10 @@ pub struct HubStatus {
     /// registry this hub cannot confirm as current: `--store-max-stale`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusing_operators: Option<String>,
+    /// `--trusted-proxy` (and `--require-proxy-protocol`) as the hub runs
+    /// with them, as flags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

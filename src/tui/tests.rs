@@ -35,6 +35,7 @@ fn hub(clusters: Vec<ClusterStatus>) -> HubStatus {
         metrics_addr: None,
         clusters,
         refusing_operators: None,
+        trusted_proxies: vec![],
     }
 }
 

@@ -1408,6 +1408,7 @@ pub async fn run(
         metrics_addr: metrics_addr.map(|a| a.to_string()),
         clusters: vec![],
         refusing_operators: None,
+        trusted_proxies: cfg.trusted_proxies.to_args(),
     };
 
     // Subscribed before the first load: a change that lands between the
