@@ -305,34 +305,23 @@ impl EtcdStore {
         Ok(kv.value)
     }
 
-    /// Deletes `rel` if it still holds `value`.
     /// Deletes `rel` if `absent` does not exist, in one transaction;
     /// whether it did.
     pub fn delete_while_absent(&self, rel: &str, absent: &str) -> Result<bool, StoreError> {
-        let key = self.key(rel);
-        let (ok, _, _) = self
-            .etcd
-            .txn(
-                vec![etcd::absent(&self.key(absent))],
-                vec![etcd::op_delete(&key)],
-                vec![],
-            )
-            .map_err(err)?;
-        if ok {
-            self.cached_delete(rel);
-        }
-        Ok(ok)
+        self.delete_when(rel, etcd::absent(&self.key(absent)))
     }
 
+    /// Deletes `rel` if it still holds `value`.
     pub fn delete_if(&self, rel: &str, value: &[u8]) -> Result<bool, StoreError> {
-        let key = self.key(rel);
+        self.delete_when(rel, etcd::value_is(&self.key(rel), value))
+    }
+
+    /// Deletes `rel` if `compare` (an etcd transaction comparison) holds,
+    /// in one transaction; whether it did.
+    fn delete_when(&self, rel: &str, compare: serde_json::Value) -> Result<bool, StoreError> {
         let (ok, _, _) = self
             .etcd
-            .txn(
-                vec![etcd::value_is(&key, value)],
-                vec![etcd::op_delete(&key)],
-                vec![],
-            )
+            .txn(vec![compare], vec![etcd::op_delete(&self.key(rel))], vec![])
             .map_err(err)?;
         if ok {
             self.cached_delete(rel);
