@@ -28,6 +28,13 @@ fn print_raw(extra: &[&str]) -> String {
 
 /// [`print_raw`] with `vars` in `join`'s environment.
 fn print_with(extra: &[&str], vars: &[(&str, &str)]) -> String {
+    let o = print_out(extra, vars);
+    assert!(o.ok(), "{o:?}");
+    o.stdout
+}
+
+/// `join … --print-manifest` with `extra` flags and `vars`, as it ends.
+fn print_out(extra: &[&str], vars: &[(&str, &str)]) -> support::Out {
     let env = Env::new();
     let mut args = vec![
         "join",
@@ -44,9 +51,7 @@ fn print_with(extra: &[&str], vars: &[(&str, &str)]) -> String {
     let mut cmd = env.towerctl_cmd(&args);
     // (`towerctl_cmd` clears the environment: no proxy variables.)
     cmd.envs(vars.iter().copied());
-    let o = support::run_bounded(cmd, Duration::from_secs(30));
-    assert!(o.ok(), "{o:?}");
-    o.stdout
+    support::run_bounded(cmd, Duration::from_secs(30))
 }
 
 /// `--proxy` reaches the pod from the Secret (a proxy URL may carry a
@@ -96,23 +101,7 @@ fn a_proxy_named_with_proxy_reaches_the_pod_from_the_secret() {
         .contains("127.0.0.1:3128"));
     // A proxy the agent could not use is refused, naming the flag and
     // showing no password.
-    let env = Env::new();
-    let o = support::run_bounded(
-        env.towerctl_cmd(&[
-            "join",
-            "alpha",
-            "--token",
-            "tj_secret",
-            "--hub",
-            "wss://hub.example:443/tunnel",
-            "--hub-key",
-            KEY,
-            "--proxy",
-            "socks5://u:hidden@proxy.corp:1080",
-            "--print-manifest",
-        ]),
-        Duration::from_secs(30),
-    );
+    let o = print_out(&["--proxy", "socks5://u:hidden@proxy.corp:1080"], &[]);
     assert!(
         !o.ok()
             && o.stderr.contains("--proxy")

@@ -67,10 +67,7 @@ fn differs(a: &HubArgs, s: &HubStatus) -> Vec<String> {
         Err(_) => true,
     };
     // URLs as parsed: a trailing slash or the host's case is no change.
-    let same_url = |a: &str, b: &str| match (url::Url::parse(a), url::Url::parse(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
+    let same_url = |a: &str, b: &str| hub::normalized_url(a) == hub::normalized_url(b);
     // The listeners' defaults are no request: a plain `up` against a hub
     // started on other addresses says nothing.
     let (listen, gateway) = (

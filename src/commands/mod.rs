@@ -814,7 +814,7 @@ fn parse_peer_url(s: &str) -> Result<String, String> {
             "'{s}' has more than a scheme, host and port: give https://HOST:PORT only"
         ));
     }
-    Ok(u.as_str().trim_end_matches('/').to_string())
+    Ok(crate::daemon::hub::normalized_url(u.as_str()))
 }
 
 fn parse_max_stale(s: &str) -> Result<MaxStale, String> {

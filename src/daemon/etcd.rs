@@ -315,15 +315,8 @@ impl Etcd {
         self.endpoints
             .iter()
             .filter(|e| {
-                let host = e
-                    .rsplit_once(':')
-                    .map_or(e.as_str(), |(h, _)| h)
-                    .trim_matches(|c| c == '[' || c == ']');
-                let loopback = host.eq_ignore_ascii_case("localhost")
-                    || host
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback());
-                !loopback
+                let host = e.rsplit_once(':').map_or(e.as_str(), |(h, _)| h);
+                !crate::tunnel::proxy::is_loopback_host(host)
             })
             .map(String::as_str)
             .collect()

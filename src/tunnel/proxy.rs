@@ -262,6 +262,14 @@ pub fn bypassed(no_proxy: &str, host: &str, port: u16) -> bool {
     false
 }
 
+/// Whether `host` (a name, an IP address, IPv6 in brackets or not) is this
+/// machine's loopback: `localhost` or a loopback address.
+pub fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_matches(|c| c == '[' || c == ']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// `entry` and its port: `host:port`, `[v6]:port`, `[v6]`, a bare IPv6
 /// address (no port), or a name.
 fn split_port(entry: &str) -> (&str, Option<u16>) {

@@ -752,14 +752,11 @@ fn member_proxy_with(
         return Ok(None);
     };
     let host = server.host().unwrap_or_default();
-    let bare = host.trim_matches(|c| c == '[' || c == ']');
-    let loopback = bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
     let port = server.port_u16().unwrap_or(443);
     let no = get(["NO_PROXY", "no_proxy"]).unwrap_or_default();
-    if loopback || crate::tunnel::proxy::bypassed(&no, host, port) {
+    if crate::tunnel::proxy::is_loopback_host(host)
+        || crate::tunnel::proxy::bypassed(&no, host, port)
+    {
         return Ok(None);
     }
     parse(&proxy, "HTTPS_PROXY")

@@ -380,7 +380,7 @@ pub struct Hub {
     /// on, and the tunnel listener's `/readyz` answers 503.
     handing_off: std::sync::atomic::AtomicBool,
     /// Stopping after `--shutdown-delay`: both `/readyz` answer 503.
-    draining: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
+    draining: std::sync::atomic::AtomicBool,
     /// Members sent on since the hand-off began, and how many times.
     handed_off: Mutex<HashMap<String, u32>>,
     /// The hub group's tunnel URLs as last sent to every agent
@@ -533,9 +533,7 @@ impl Hub {
 
     /// Whether this hub is about to stop (`--shutdown-delay`).
     pub fn draining(&self) -> bool {
-        self.draining
-            .get()
-            .is_some_and(|d| d.load(Ordering::Relaxed))
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// With several hubs: every live hub's tunnel URL as an agent takes
@@ -1147,59 +1145,6 @@ pub async fn run(
     ready: impl FnOnce(&HubStatus),
 ) -> Result<()> {
     let (signalled, cancel) = (cancel, CancellationToken::new());
-    let draining: Arc<std::sync::atomic::AtomicBool> = Default::default();
-    // Set once every listener is up: a signal before that stops at once.
-    let started: Arc<std::sync::atomic::AtomicBool> = Default::default();
-    {
-        let (cancel, draining, started, delay) = (
-            cancel.clone(),
-            draining.clone(),
-            started.clone(),
-            cfg.shutdown_delay,
-        );
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = signalled.cancelled() => {}
-                _ = cancel.cancelled() => return,
-            }
-            if !delay.is_zero() && started.load(Ordering::SeqCst) {
-                // A second SIGTERM or SIGINT (Ctrl-C again) does not wait;
-                // listened for before /readyz says so.
-                use tokio::signal::unix::{signal, SignalKind};
-                let (mut term, mut int) = (
-                    signal(SignalKind::terminate()).ok(),
-                    signal(SignalKind::interrupt()).ok(),
-                );
-                draining.store(true, Ordering::SeqCst);
-                tracing::info!(
-                    "answering 503 on /readyz for {:.1}s (--shutdown-delay) before stopping; \
-                     a second signal stops at once",
-                    delay.as_secs_f64()
-                );
-                crate::daemon::notify::notify(&format!(
-                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}",
-                    (delay + Duration::from_secs(30)).as_micros()
-                ));
-                let again = async {
-                    match (term.as_mut(), int.as_mut()) {
-                        (Some(t), Some(i)) => {
-                            tokio::select! {
-                                _ = t.recv() => {}
-                                _ = i.recv() => {}
-                            }
-                        }
-                        _ => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => {}
-                    _ = again => tracing::info!("a second signal: stopping now"),
-                }
-            }
-            cancel.cancel();
-        });
-    }
     // Under a memory limit (a pod's), every member's and session's window
     // budget is also taken from a quarter of it: per member alone (128 MiB
     // each), a few members with stalled readers passed it.
@@ -1392,7 +1337,58 @@ pub async fn run(
         )
         .with_max_stale(cfg.store.as_ref().and(cfg.store_max_stale)),
     );
-    let _ = hub.draining.set(draining);
+    // Set once every listener is up: a signal before that stops at once.
+    let started: Arc<std::sync::atomic::AtomicBool> = Default::default();
+    {
+        let (hub, cancel, started, delay) = (
+            hub.clone(),
+            cancel.clone(),
+            started.clone(),
+            cfg.shutdown_delay,
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = signalled.cancelled() => {}
+                _ = cancel.cancelled() => return,
+            }
+            if !delay.is_zero() && started.load(Ordering::SeqCst) {
+                // A second SIGTERM or SIGINT (Ctrl-C again) does not wait;
+                // listened for before /readyz says so.
+                use tokio::signal::unix::{signal, SignalKind};
+                let (mut term, mut int) = (
+                    signal(SignalKind::terminate()).ok(),
+                    signal(SignalKind::interrupt()).ok(),
+                );
+                hub.draining.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    "answering 503 on /readyz for {:.1}s (--shutdown-delay) before stopping; \
+                     a second signal stops at once",
+                    delay.as_secs_f64()
+                );
+                crate::daemon::notify::notify(&format!(
+                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}",
+                    (delay + Duration::from_secs(30)).as_micros()
+                ));
+                let again = async {
+                    match (term.as_mut(), int.as_mut()) {
+                        (Some(t), Some(i)) => {
+                            tokio::select! {
+                                _ = t.recv() => {}
+                                _ = i.recv() => {}
+                            }
+                        }
+                        _ => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => {}
+                    _ = again => tracing::info!("a second signal: stopping now"),
+                }
+            }
+            cancel.cancel();
+        });
+    }
 
     let base_status = HubStatus {
         pid: std::process::id(),
@@ -1522,6 +1518,14 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// `url` as parsed (host case, a default port written or not, a trailing
+/// slash), for comparing and keeping; as written when it does not parse.
+pub fn normalized_url(url: &str) -> String {
+    url::Url::parse(url.trim())
+        .map(|u| u.as_str().trim_end_matches('/').to_string())
+        .unwrap_or_else(|_| url.to_string())
 }
 
 /// The URL other hubs (and the agents they send here) use for a listener

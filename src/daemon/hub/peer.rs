@@ -68,19 +68,13 @@ pub struct HubInfo {
 pub fn peer_url_taken(store: &EtcdStore, id: &str, ours: &HubInfo) -> Result<Option<String>> {
     let prefix = store.key("hubs/");
     let (_, kvs) = store.etcd.range_prefix(&prefix)?;
-    let mine = same_url(&ours.gateway_url);
+    let mine = super::normalized_url(&ours.gateway_url);
     Ok(kvs.into_iter().find_map(|kv| {
         let theirs: HubInfo = serde_json::from_slice(&kv.value).ok()?;
         let their_id = kv.key.strip_prefix(&prefix)?;
-        (their_id != id && same_url(&theirs.gateway_url) == mine).then(|| their_id.to_string())
+        (their_id != id && super::normalized_url(&theirs.gateway_url) == mine)
+            .then(|| their_id.to_string())
     }))
-}
-
-/// `url` as parsed, for comparing; as written when it does not parse.
-fn same_url(url: &str) -> String {
-    url::Url::parse(url.trim())
-        .map(|u| u.as_str().trim_end_matches('/').to_string())
-        .unwrap_or_else(|_| url.to_string())
 }
 
 /// The other live hub that holds the id `id`, if one does.
@@ -138,7 +132,7 @@ pub struct Cluster {
     /// member then pays no TCP and TLS handshake between the hubs.
     idle: Mutex<HashMap<String, KeptConns<Body, std::time::Instant>>>,
     /// The token hash of this hub's own admin row ([`Cluster::tend_admins`]).
-    admin_hash: Mutex<Option<String>>,
+    admin_hash: std::sync::OnceLock<String>,
     /// Hubs with admin rows and no live record, since when they were seen so.
     admins_gone: Mutex<HashMap<String, std::time::Instant>>,
     /// When [`Cluster::tend_admins`] last looked.
@@ -256,7 +250,7 @@ impl Cluster {
             claims: Mutex::new(HashMap::new()),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             idle: Mutex::new(HashMap::new()),
-            admin_hash: Mutex::new(None),
+            admin_hash: std::sync::OnceLock::new(),
             admins_gone: Mutex::new(HashMap::new()),
             admins_tended: Mutex::new(None),
         });
@@ -391,9 +385,7 @@ impl Cluster {
     /// Remembers this hub's admin token hash, whose row
     /// [`Cluster::tend_admins`] writes again if it goes.
     pub fn keep_admin(&self, hash: String) {
-        if let Ok(mut h) = self.admin_hash.lock() {
-            *h = Some(hash);
-        }
+        let _ = self.admin_hash.set(hash);
     }
 
     /// Every 10 s while this hub reaches etcd: writes its own admin row
@@ -429,7 +421,7 @@ impl Cluster {
         let Ok(operators) = self.store.list_operators() else {
             return;
         };
-        let own = self.admin_hash.lock().ok().and_then(|h| h.clone());
+        let own = self.admin_hash.get().cloned();
         if let Some(hash) = own {
             if !operators.iter().any(|o| o.token_hash == hash) {
                 let op = crate::daemon::store::Operator {
