@@ -494,3 +494,66 @@ fn a_hub_run_in_the_foreground_on_a_fresh_home_keeps_its_audit_log() {
         hub.output()
     );
 }
+
+/// A hub on the any address (`0.0.0.0`, the defaults) answers IPv6
+/// clients too where the host has IPv6, as Go's servers do, and an IPv4
+/// client of that listener is recorded as the IPv4 address it is (not
+/// `::ffff:127.0.0.1`, which `--trusted-proxy` ranges and per-address
+/// limits would not match).
+#[test]
+fn a_hub_on_the_any_address_serves_ipv6_clients_and_records_ipv4_ones_as_ipv4() {
+    let env = Env::new();
+    let o = env.up_on("0.0.0.0:0", "0.0.0.0:0");
+    assert!(o.ok(), "{o:?}");
+    let s = env.status();
+    let port = |key: &str| -> u16 {
+        let a = s["hub"][key].as_str().unwrap_or_default();
+        assert!(
+            a.starts_with("0.0.0.0:"),
+            "{key} reported as the address given: {s}"
+        );
+        a.rsplit(':').next().unwrap().parse().unwrap()
+    };
+    let (gw, tunnel) = (port("gatewayAddress"), port("tunnelAddress"));
+
+    let o = curl(
+        &env,
+        None,
+        &format!("https://127.0.0.1:{gw}/clusters/v4/api"),
+    );
+    assert!(o.stdout.contains("Unauthorized"), "{o:?}");
+    let r = wait_record(&env, "the IPv4 401", |r| {
+        r["path"].as_str().unwrap_or("").contains("/clusters/v4/")
+    });
+    assert!(
+        r["peer"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
+        "{r}"
+    );
+
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here: the IPv6 half is not checked");
+        return;
+    }
+    let o = curl(&env, None, &format!("https://[::1]:{gw}/clusters/v6/api"));
+    assert!(o.stdout.contains("Unauthorized"), "over IPv6: {o:?}");
+    let r = wait_record(&env, "the IPv6 401", |r| {
+        r["path"].as_str().unwrap_or("").contains("/clusters/v6/")
+    });
+    assert!(
+        r["peer"].as_str().unwrap_or("").starts_with("[::1]:"),
+        "{r}"
+    );
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg(format!("http://[::1]:{tunnel}/readyz"));
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    assert_eq!(o.stdout, "200", "the tunnel listener over IPv6: {o:?}");
+}

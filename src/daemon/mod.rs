@@ -36,10 +36,6 @@ pub mod tls;
 pub mod watchcache;
 pub mod wire;
 
-/// The next connection on `listener` (with TCP_NODELAY set), or `None` once
-/// `cancel` fires. Accept errors (out of file descriptors, a reset before
-/// accept) are logged and retried after a short pause instead of ending
-/// the listener.
 /// TCP keepalive on an accepted connection: a probe after 60 s of
 /// silence, every 10 s, 6 unanswered end it. A client that vanished (a
 /// laptop put to sleep, a NAT entry dropped) during a quiet `exec`, `logs
@@ -83,6 +79,50 @@ pub fn set_int_option(
     }
 }
 
+/// Binds a TCP listener on `addr` with room for `backlog` connections
+/// waiting to be accepted. Any IPv4 address (`0.0.0.0:PORT`, the hub's
+/// defaults and the manifests') is taken as any address at all, as Go's
+/// `net.Listen` and so kube-apiserver and the kubelet take it: both
+/// families where the host has IPv6 (`[::]:PORT` with `IPV6_V6ONLY` off,
+/// IPv4 clients seen as IPv4-mapped addresses, which [`accept_next`] turns
+/// back into IPv4), IPv4 alone where it has not. Bound to IPv4 alone, an
+/// IPv6-only or IPv6-first cluster's clients, probes and agents were
+/// refused. Returns the listener and the address to report: `addr` with
+/// the port the kernel gave.
+pub fn listen_tcp(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    use std::os::fd::AsRawFd;
+    let any_family = || -> std::io::Result<tokio::net::TcpListener> {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        set_int_option(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+        s.set_reuseaddr(true)?;
+        s.bind((std::net::Ipv6Addr::UNSPECIFIED, addr.port()).into())?;
+        s.listen(backlog)
+    };
+    let l = match (addr.ip() == std::net::Ipv4Addr::UNSPECIFIED).then(any_family) {
+        Some(Ok(l)) => l,
+        _ => {
+            let s = match addr {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(backlog)?
+        }
+    };
+    let port = l.local_addr()?.port();
+    Ok((l, std::net::SocketAddr::new(addr.ip(), port)))
+}
+
+/// The next connection on `listener` (with TCP_NODELAY set), or `None` once
+/// `cancel` fires. Accept errors (out of file descriptors, a reset before
+/// accept) are logged and retried after a short pause instead of ending
+/// the listener. The peer's address is an IPv4 one for an IPv4 client of a
+/// listener of both families (see [`listen_tcp`]), so that limits per
+/// address, `--trusted-proxy` and the logs see one form of it.
 pub async fn accept_next(
     listener: &tokio::net::TcpListener,
     cancel: &tokio_util::sync::CancellationToken,
@@ -95,6 +135,7 @@ pub async fn accept_next(
                 Ok((tcp, peer)) => {
                     crate::tunnel::nodelay(&tcp);
                     keepalive(&tcp);
+                    let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     return Some((tcp, peer));
                 }
                 Err(e) => {

@@ -24,34 +24,18 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Binds `addr` for [`serve`], naming the flag in the error. Any IPv4
-/// address (`0.0.0.0:PORT`, the manifest's) is taken as any address at all:
-/// both families where the host has IPv6 (`[::]:PORT`, IPv4 mapped), as a
-/// kubelet probes the pod's first IP, which is IPv6 on IPv6-only and
-/// IPv6-first dual-stack clusters (bound to IPv4 only, the probes were
-/// refused and the agent restarted every 30 s); IPv4 alone otherwise.
+/// address (`0.0.0.0:PORT`, the manifest's) is taken as any address at all
+/// (see [`super::listen_tcp`]): a kubelet probes the pod's first IP, which
+/// is IPv6 on IPv6-only and IPv6-first dual-stack clusters (bound to IPv4
+/// only, the probes were refused and the agent restarted every 30 s).
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     let fail = |e: std::io::Error| {
         anyhow::anyhow!("cannot listen on '{addr}' for the health probes: {e}; choose another address with --probe-addr")
     };
-    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
-        if a.ip() == std::net::Ipv4Addr::UNSPECIFIED {
-            if let Ok(l) = bind_any_family(a.port()) {
-                return Ok(l);
-            }
-        }
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => super::listen_tcp(a, 64).map(|(l, _)| l).map_err(fail),
+        Err(_) => TcpListener::bind(addr).await.map_err(fail),
     }
-    TcpListener::bind(addr).await.map_err(fail)
-}
-
-/// `[::]:port` taking IPv4 too (`IPV6_V6ONLY` off, whatever the host's
-/// default).
-fn bind_any_family(port: u16) -> std::io::Result<TcpListener> {
-    use std::os::fd::AsRawFd;
-    let s = tokio::net::TcpSocket::new_v6()?;
-    super::set_int_option(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
-    s.set_reuseaddr(true)?;
-    s.bind((std::net::Ipv6Addr::UNSPECIFIED, port).into())?;
-    s.listen(64)
 }
 
 /// The answer to one probe request.

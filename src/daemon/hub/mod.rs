@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use russh::keys::PublicKey;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +48,10 @@ pub use forward::UNKNOWN_TOKEN as UNKNOWN_FORWARD_TOKEN;
 /// The operator the hub creates at first start for its own machine
 /// (`towerctl use` there runs as it).
 pub const LOCAL_ADMIN: &str = "admin";
+
+/// Connections the kernel holds for each of the hub's two listeners until
+/// they are accepted (what `TcpListener::bind` asks for).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Why access was refused when the member's labels could not be read.
 pub(super) const REGISTRY_UNREADABLE: &str = "the registry cannot be read";
@@ -1216,27 +1219,30 @@ pub async fn run(
         }
     };
 
-    let tunnel_listener = TcpListener::bind(cfg.listen).await.with_context(|| {
-        format!(
-            "cannot listen for tunnels on '{}': choose another address with --listen",
-            cfg.listen
-        )
-    })?;
-    let gateway_listener = TcpListener::bind(cfg.gateway).await.with_context(|| {
+    // 0.0.0.0 (the default) listens on IPv6 too where the host has it.
+    let (tunnel_listener, tunnel_addr) = crate::daemon::listen_tcp(cfg.listen, LISTEN_BACKLOG)
+        .with_context(|| {
+            format!(
+                "cannot listen for tunnels on '{}': choose another address with --listen",
+                cfg.listen
+            )
+        })?;
+    let (gateway_listener, gateway_addr) = crate::daemon::listen_tcp(cfg.gateway, LISTEN_BACKLOG)
+        .with_context(|| {
         format!(
             "cannot listen for the gateway on '{}': choose another address with --gateway",
             cfg.gateway
         )
     })?;
-    let tunnel_addr = tunnel_listener.local_addr()?;
-    let gateway_addr = gateway_listener.local_addr()?;
-    let metrics_listener = match cfg.metrics {
-        Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
-            format!("cannot serve metrics on '{a}': choose another address with --metrics, or --metrics off")
-        })?),
-        None => None,
+    let (metrics_listener, metrics_addr) = match cfg.metrics {
+        Some(a) => {
+            let (l, at) = crate::daemon::listen_tcp(a, 128).with_context(|| {
+                format!("cannot serve metrics on '{a}': choose another address with --metrics, or --metrics off")
+            })?;
+            (Some(l), Some(at))
+        }
+        None => (None, None),
     };
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
