@@ -2326,3 +2326,155 @@ fn a_gone_hubs_admin_token_stops_working_and_a_hub_keeps_its_own() {
         || (through_a(&a_admin) == "404").then_some(()),
     );
 }
+
+/// A loopback port outside the kernel's ephemeral range (so that no
+/// other test's outgoing connection takes it meanwhile), free now.
+fn quiet_port() -> u16 {
+    loop {
+        let p = 20_000 + (rand_u16() % 10_000);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u16
+}
+
+/// One plain HTTP GET on loopback `port`: the status and the body.
+fn http_get(port: u16, path: &str, upgrade: bool) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let extra = if upgrade {
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        ""
+    };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: hub\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12)?.parse().ok()?;
+    Some((status, out.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// A hub started before its etcd (a pod, a compose file, a boot) waits for
+/// it instead of exiting: its tunnel port answers `/healthz` 200 and
+/// `/readyz` and agents' upgrades 503, its log says why, and once etcd
+/// answers it starts and serves. A signal while it waits stops it at once;
+/// `towerctl up` gives up after its 20 s naming etcd.
+#[test]
+fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
+    let (cp, pp) = (quiet_port(), quiet_port());
+    let store = format!("etcd://127.0.0.1:{cp}");
+
+    // `towerctl up` meanwhile, in its own installation, on an etcd that
+    // never comes.
+    let up_env = Env::new();
+    let up = {
+        let nowhere = format!("etcd://127.0.0.1:{}", quiet_port());
+        let cmd = up_cmd(&up_env, &nowhere, "127.0.0.1:0", &[]);
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            (
+                support::run_bounded(cmd, Duration::from_secs(60)),
+                t.elapsed(),
+            )
+        })
+    };
+
+    let hub = Env::new();
+    let tport = quiet_port();
+    let listen = format!("127.0.0.1:{tport}");
+    let mut run = hub.towerctl_cmd(&[
+        "hub",
+        "run",
+        "--listen",
+        &listen,
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--store",
+        &store,
+    ]);
+    run.env("RUST_LOG", "info");
+    let waiting = support::Streaming::start(run);
+    waiting.wait_for("waiting for it", Duration::from_secs(15));
+    assert!(
+        waiting
+            .output()
+            .contains(&format!("etcd at 127.0.0.1:{cp} did not answer")),
+        "{}",
+        waiting.output()
+    );
+    assert_eq!(http_get(tport, "/healthz", false).map(|r| r.0), Some(200));
+    let (status, body) = http_get(tport, "/readyz", false).expect("an answer to /readyz");
+    assert!(
+        status == 503 && body.contains("waits for etcd"),
+        "{status} {body}"
+    );
+    let (status, _) = http_get(tport, "/tunnel", true).expect("an answer to an upgrade");
+    assert_eq!(status, 503, "an agent is told to come back");
+
+    // Another hub waiting: a signal stops it at once.
+    let other = Env::new();
+    let mut stopped = support::Streaming::start(other.towerctl_cmd(&[
+        "hub",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--store",
+        &store,
+    ]));
+    stopped.wait_for("waiting for it", Duration::from_secs(15));
+    let t = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &stopped.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_for(
+        "the waiting hub to stop on SIGTERM",
+        Duration::from_secs(3),
+        || stopped.has_exited().then_some(()),
+    );
+    eprintln!("stopped {:?} after SIGTERM", t.elapsed());
+
+    // etcd comes up on its ports: the hub starts and serves.
+    let etcd = Etcd::spawn_member("t", cp, pp, &format!("t=http://127.0.0.1:{pp}"), None);
+    wait_for("etcd to answer", Duration::from_secs(30), || {
+        etcd.answers(None).then_some(())
+    });
+    wait_for("the hub to be ready", Duration::from_secs(20), || {
+        (http_get(tport, "/readyz", false)?.0 == 200).then_some(())
+    });
+    assert!(
+        waiting.output().contains("etcd answered after"),
+        "{}",
+        waiting.output()
+    );
+    let o = hub.towerctl(&["cluster", "add", "alpha"]);
+    assert!(o.ok(), "the registry works: {o:?}");
+
+    let (o, took) = up.join().unwrap();
+    assert!(!o.ok(), "{o:?}");
+    assert!(
+        o.stderr.contains("did not become ready within 20s")
+            && o.stderr.contains("did not answer")
+            && o.stderr.contains("waiting for it"),
+        "up names why: {o:?}"
+    );
+    assert!(took < Duration::from_secs(40), "{took:?}");
+}

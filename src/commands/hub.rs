@@ -136,9 +136,14 @@ pub async fn up(a: HubArgs) -> Result<u8> {
             Ok(exit::OK)
         }
         None => {
+            // Waiting for etcd, say: its last warning says why.
+            let why = spawned
+                .last_warning()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default();
             spawned.kill();
             bail!(
-                "the hub did not become ready within 20s; see its log '{}'",
+                "the hub did not become ready within 20s{why}; see its log '{}'",
                 spawned.log.display()
             )
         }

@@ -57,21 +57,32 @@ pub async fn serve<F>(listener: TcpListener, ready: F, cancel: CancellationToken
 where
     F: Fn() -> bool + Send + Sync + 'static,
 {
-    let ready = Arc::new(ready);
+    serve_with(&listener, move |path| answer(path, ready()), cancel).await
+}
+
+/// Serves `answers` (the status and text for a request's path) on
+/// `listener` until `cancel` fires or the future is dropped, one request
+/// per connection, [`MAX_CONNECTIONS`] at once: the agent's probes, and a
+/// hub's tunnel port while it waits for etcd at start.
+pub async fn serve_with<F>(listener: &TcpListener, answers: F, cancel: CancellationToken)
+where
+    F: Fn(&str) -> (StatusCode, &'static str) + Send + Sync + 'static,
+{
+    let answers = Arc::new(answers);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Owns the probe connections, so stopping waits for them (bounded).
     let tasks = tokio_util::task::TaskTracker::new();
-    while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "probe").await {
+    while let Some((tcp, peer)) = super::accept_next(listener, &cancel, "probe").await {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::debug!("probe connection from {peer} closed: {MAX_CONNECTIONS} already open");
             continue;
         };
-        let ready = ready.clone();
+        let answers = answers.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (status, text) = answer(req.uri().path(), ready());
+                    let (status, text) = answers(req.uri().path());
                     let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
                     *r.status_mut() = status;
                     r.headers_mut().insert(

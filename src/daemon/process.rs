@@ -168,13 +168,29 @@ impl Spawned {
         }
     }
 
-    /// The error the daemon printed before exiting, from its log.
-    pub fn failure(&self, code: Option<i32>) -> String {
+    /// What the daemon logged since it was started (its first 64 KiB).
+    fn logged(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = File::open(&self.log) {
             let _ = f.seek(SeekFrom::Start(self.offset));
             let _ = f.take(64 * 1024).read_to_string(&mut s);
         }
+        s
+    }
+
+    /// The message of the last warning the daemon logged since it was
+    /// started, without its time and source: why it is not ready yet.
+    pub fn last_warning(&self) -> Option<String> {
+        let s = self.logged();
+        let line = s.lines().rev().find(|l| l.contains(" WARN "))?;
+        let (_, rest) = line.split_once(" WARN ")?;
+        let msg = rest.split_once(": ").map_or(rest, |(_, m)| m);
+        Some(msg.trim().to_string())
+    }
+
+    /// The error the daemon printed before exiting, from its log.
+    pub fn failure(&self, code: Option<i32>) -> String {
+        let s = self.logged();
         match s.rfind("error: ") {
             Some(i) => s[i + 7..].trim().to_string(),
             None => format!(

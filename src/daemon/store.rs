@@ -106,6 +106,9 @@ pub enum StoreError {
     Reopen { path: String, reason: String },
     #[error("store operation failed: {0}")]
     Io(String),
+    /// The shared registry (etcd) did not answer at all: worth waiting for.
+    #[error("{0}")]
+    Unreachable(String),
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),
 }

@@ -38,7 +38,7 @@ use super::control::{
     EVENTS_KEPT,
 };
 use super::metrics::{self, DialFailure, MemberStats};
-use super::store::{Operator, RedbStore, Store};
+use super::store::{Operator, RedbStore, Store, StoreError};
 use crate::paths;
 use crate::tunnel::flow::{WindowBudget, WindowPermit};
 use crate::tunnel::{keys, server};
@@ -1138,6 +1138,95 @@ fn watch_silence(max_stale: Option<Duration>) -> Duration {
     max_stale.map_or(most, |m| (m / 6).clamp(Duration::from_secs(1), most))
 }
 
+/// Opens the shared registry in etcd, waiting while etcd does not answer:
+/// a hub started with or before its etcd (a pod, a compose file, a
+/// machine's boot) comes up once etcd does, instead of exiting and being
+/// started again after longer and longer pauses. Meanwhile the tunnel port
+/// answers `/healthz` and `/livez` with 200 and everything else with 503
+/// (an agent backs off and tries again; the gateway, whose certificate is
+/// in etcd, is not served yet), the log says why every 30 s and whenever
+/// the reason changes, and a signal stops the hub at once (`None`). What
+/// etcd answers with a refusal (a permission, a bad request) or a bad
+/// `--store` is not waited for.
+async fn open_shared(
+    cfg: &HubConfig,
+    spec: &str,
+    tunnel: &tokio::net::TcpListener,
+    signalled: &CancellationToken,
+) -> Result<Option<Arc<super::store_etcd::EtcdStore>>> {
+    const LOG_EVERY: Duration = Duration::from_secs(30);
+    fn starting(path: &str) -> (http::StatusCode, &'static str) {
+        match path {
+            "/healthz" | "/livez" => (http::StatusCode::OK, "ok\n"),
+            _ => (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "the hub is starting: it waits for etcd (see its log); try again shortly\n",
+            ),
+        }
+    }
+    // The tunnel port's answers while `fut` runs.
+    async fn serving<T>(
+        tunnel: &tokio::net::TcpListener,
+        fut: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(fut);
+        tokio::select! {
+            v = &mut fut => v,
+            _ = super::probes::serve_with(tunnel, starting, CancellationToken::new()) => fut.await,
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut backoff =
+        crate::tunnel::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let mut said: Option<(std::time::Instant, String)> = None;
+    loop {
+        let open = {
+            let (spec, prefix, tls) = (
+                spec.to_string(),
+                cfg.store_prefix.clone(),
+                cfg.store_tls.clone(),
+            );
+            let silence = watch_silence(cfg.store_max_stale);
+            tokio::task::spawn_blocking(move || {
+                super::store_etcd::EtcdStore::open(&spec, &prefix, &tls, silence)
+            })
+        };
+        let r = tokio::select! {
+            r = serving(tunnel, open) => r.context("the registry's opening thread failed")?,
+            _ = signalled.cancelled() => return Ok(None),
+        };
+        match r {
+            Ok(s) => {
+                if said.is_some() {
+                    tracing::info!(
+                        "etcd answered after {}s: starting",
+                        started.elapsed().as_secs()
+                    );
+                }
+                return Ok(Some(s));
+            }
+            Err(StoreError::Unreachable(why)) => {
+                let due = said
+                    .as_ref()
+                    .is_none_or(|(at, before)| *before != why || at.elapsed() >= LOG_EVERY);
+                if due {
+                    tracing::warn!("{why}; waiting for it (the tunnel port answers 503 meanwhile)");
+                    // A Type=notify unit's start would time out (90 s).
+                    super::notify::notify("STATUS=waiting for etcd\nEXTEND_TIMEOUT_USEC=60000000");
+                    said = Some((std::time::Instant::now(), why));
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot use the shared registry '{spec}'"))
+            }
+        }
+        tokio::select! {
+            _ = serving(tunnel, tokio::time::sleep(backoff.next_delay())) => {}
+            _ = signalled.cancelled() => return Ok(None),
+        }
+    }
+}
+
 /// Runs the hub until `cancel` fires (a signal: after
 /// [`HubConfig::shutdown_delay`], answering 503 on both `/readyz`
 /// meanwhile) or `towerctl down` asks (at once). `ready` is called once
@@ -1175,16 +1264,36 @@ pub async fn run(
     // log file, but a hub run in the foreground (a systemd unit, a
     // container) on a fresh home had none, and wrote no audit record.
     paths::ensure_private_dir(&paths::state_dir())?;
-    let shared = match &cfg.store {
-        Some(spec) => Some(
-            super::store_etcd::EtcdStore::open(
-                spec,
-                &cfg.store_prefix,
-                &cfg.store_tls,
-                watch_silence(cfg.store_max_stale),
+    // 0.0.0.0 (the default) listens on IPv6 too where the host has it.
+    let (tunnel_listener, tunnel_addr) = crate::daemon::listen_tcp(cfg.listen, LISTEN_BACKLOG)
+        .with_context(|| {
+            format!(
+                "cannot listen for tunnels on '{}': choose another address with --listen",
+                cfg.listen
             )
-            .with_context(|| format!("cannot use the shared registry '{spec}'"))?,
-        ),
+        })?;
+    let (gateway_listener, gateway_addr) = crate::daemon::listen_tcp(cfg.gateway, LISTEN_BACKLOG)
+        .with_context(|| {
+        format!(
+            "cannot listen for the gateway on '{}': choose another address with --gateway",
+            cfg.gateway
+        )
+    })?;
+    let (metrics_listener, metrics_addr) = match cfg.metrics {
+        Some(a) => {
+            let (l, at) = crate::daemon::listen_tcp(a, 128).with_context(|| {
+                format!("cannot serve metrics on '{a}': choose another address with --metrics, or --metrics off")
+            })?;
+            (Some(l), Some(at))
+        }
+        None => (None, None),
+    };
+    let shared = match &cfg.store {
+        Some(spec) => match open_shared(&cfg, spec, &tunnel_listener, &signalled).await? {
+            Some(s) => Some(s),
+            // A signal while waiting for etcd: nothing was started.
+            None => return Ok(()),
+        },
         None => None,
     };
     let store: Arc<dyn Store> = match &shared {
@@ -1219,30 +1328,6 @@ pub async fn run(
         }
     };
 
-    // 0.0.0.0 (the default) listens on IPv6 too where the host has it.
-    let (tunnel_listener, tunnel_addr) = crate::daemon::listen_tcp(cfg.listen, LISTEN_BACKLOG)
-        .with_context(|| {
-            format!(
-                "cannot listen for tunnels on '{}': choose another address with --listen",
-                cfg.listen
-            )
-        })?;
-    let (gateway_listener, gateway_addr) = crate::daemon::listen_tcp(cfg.gateway, LISTEN_BACKLOG)
-        .with_context(|| {
-        format!(
-            "cannot listen for the gateway on '{}': choose another address with --gateway",
-            cfg.gateway
-        )
-    })?;
-    let (metrics_listener, metrics_addr) = match cfg.metrics {
-        Some(a) => {
-            let (l, at) = crate::daemon::listen_tcp(a, 128).with_context(|| {
-                format!("cannot serve metrics on '{a}': choose another address with --metrics, or --metrics off")
-            })?;
-            (Some(l), Some(at))
-        }
-        None => (None, None),
-    };
     let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
