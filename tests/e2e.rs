@@ -821,6 +821,21 @@ fn impersonation_lets_the_member_rbac_decide() {
     // The printed join command carries the member's mode.
     assert!(join.iter().any(|a| a == "--impersonate"), "{join:?}");
     let kc = env.path("member.kubeconfig");
+    // A kubeconfig user that impersonates itself would add its groups to
+    // every operator's: refused, naming what to remove.
+    api.write_kubeconfig(&kc);
+    let own = std::fs::read_to_string(&kc).unwrap().replace(
+        "    token:",
+        "    as: agent\n    as-groups: [\"system:masters\"]\n    token:",
+    );
+    std::fs::write(&kc, own).unwrap();
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(
+        !o.ok()
+            && o.stderr.contains("impersonates (as, as-groups)")
+            && o.stderr.contains("--impersonate"),
+        "{o:?}"
+    );
     api.write_kubeconfig(&kc);
     let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
     assert!(o.ok(), "{o:?}");

@@ -68,8 +68,12 @@ impl State {
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
-    let (client, api, upstream_url) =
-        upstream_client(cfg.kubeconfig.as_ref(), cfg.serviceaccount_dir.as_deref()).await?;
+    let (client, api, upstream_url) = upstream_client(
+        cfg.kubeconfig.as_ref(),
+        cfg.serviceaccount_dir.as_deref(),
+        cfg.impersonate,
+    )
+    .await?;
     let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
     let denied = Arc::new(AtomicU64::new(0));
     let tasks = TaskTracker::new();

@@ -625,6 +625,7 @@ async fn forward(
 pub(super) async fn upstream_client(
     kubeconfig: Option<&PathBuf>,
     sa_dir: Option<&std::path::Path>,
+    impersonate: bool,
 ) -> Result<(kube::Client, Api, String)> {
     let no_proxy_hint = || {
         let set = ["NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"]
@@ -676,11 +677,40 @@ pub(super) async fn upstream_client(
             c
         }
     };
+    if impersonate {
+        own_impersonation_refused(&config.auth_info)?;
+    }
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
     let url = config.cluster_url.to_string();
     let (client, api) = client_without_nagle(config)?;
     Ok((client, api, url))
+}
+
+/// With `--impersonate` the agent names each operator in `Impersonate-*`
+/// headers; impersonation set on the kubeconfig's user (`as`, `as-groups`,
+/// `as-uid`, `as-user-extra`) would be added to them on every request (kube
+/// appends its extra headers), and the API server takes every group and
+/// extra: each operator would act with groups the hub never gave it (say
+/// `system:masters`), audited and checked as itself. Refused at start.
+fn own_impersonation_refused(user: &kube::config::AuthInfo) -> Result<()> {
+    let set: Vec<&str> = [
+        ("as", user.impersonate.is_some()),
+        ("as-groups", user.impersonate_groups.is_some()),
+        ("as-uid", user.impersonate_uid.is_some()),
+        ("as-user-extra", user.impersonate_user_extra.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    if set.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the member kubeconfig's user impersonates ({}), and this agent runs with --impersonate,          which names each operator itself: the kubeconfig's groups and extras would be added to          every operator's. Remove {} from the agent's kubeconfig user (give the agent credentials          of its own), or run the agent without --impersonate",
+        set.join(", "),
+        if set.len() == 1 { "it" } else { "them" }
+    )
 }
 
 /// The `proxy-url` of the kubeconfig's current cluster, if it names one.
