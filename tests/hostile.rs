@@ -1745,3 +1745,55 @@ fn an_operators_idle_http1_connection_is_kept_to_the_idle_timeout() {
         "the kept-alive connection was closed while idle for 13 s: {again:?}"
     );
 }
+
+/// A session the hub ends (a revoke here; a removal, a rotation, a newer
+/// session and a hand-off end theirs the same way) ends even when its
+/// agent takes nothing: stopped here, as a key holder that leaves a key
+/// exchange unfinished is to the hub. The hub's DISCONNECT waited for the
+/// peer, so the revoked session stayed registered, its connection open,
+/// until keepalives declared it dead (60 s here, three intervals).
+#[test]
+fn a_session_the_hub_ends_is_cut_even_when_its_agent_takes_nothing() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let o = env.up_limited(4096, &["--keepalive", "60s"]);
+    assert!(o.ok(), "{o:?}");
+    join_alpha(&env, &api);
+    let agent = env.pid_of("agent-alpha").unwrap();
+    let state = || env.status()["hub"]["clusters"][0]["state"].clone();
+    assert_eq!(state(), "connected");
+    // SAFETY: a plain signal to a process this test started.
+    unsafe { libc::kill(agent, libc::SIGSTOP) };
+    let _cont = support::scopeguard_cont(agent);
+    let o = env.towerctl(&["cluster", "revoke", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let t = Instant::now();
+    wait_for(
+        "the revoked session to end",
+        Duration::from_secs(15),
+        || (state() != "connected").then_some(()),
+    );
+    eprintln!("status says so {:?} after the revoke", t.elapsed());
+    // From the hub's own log: the revoke, and the session's end ~1 s
+    // later (without the cut, ~8 s here with a stopped agent, and never
+    // with a key holder that keeps a key exchange open).
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    let at = |needle: &str| -> f64 {
+        let line = log
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no '{needle}' in the hub's log:\n{log}"));
+        // 2026-12-06T10:25:00.398754Z: seconds of the day.
+        let hms: Vec<f64> = line[11..26]
+            .split(':')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]
+    };
+    let took = at("agent disconnected") - at("member revoked");
+    assert!(
+        (0.0..4.0).contains(&took),
+        "the session ended {took:.1} s after the revoke:\n{log}"
+    );
+    assert!(log.contains("was revoked on the hub"), "{log}");
+}

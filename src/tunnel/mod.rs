@@ -951,6 +951,115 @@ mod session_loop_tests {
         );
     }
 
+    /// A stream that, once `frozen` is set, takes every write without
+    /// passing it on and never reads again: a peer that stopped in the
+    /// middle of whatever it was doing.
+    struct Freezable<S> {
+        inner: S,
+        frozen: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Freezable<S> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                return std::task::Poll::Pending;
+            }
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Freezable<S> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.frozen.load(std::sync::atomic::Ordering::Relaxed) {
+                return std::task::Poll::Ready(Ok(buf.len()));
+            }
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A key exchange the peer leaves unfinished ends the session (russh
+    /// patch: `KEX_DEADLINE`). While one is under way the server's loop
+    /// takes no message, its DISCONNECT included, and nothing bounded it:
+    /// such a session (a key holder sending KEXINIT and then only IGNORE
+    /// packets) was held for ever. Here the server rekeys by time and the
+    /// client takes nothing from then on; time is paused, so the 30 s pass
+    /// at once (the 2 s before the rekey are real).
+    #[tokio::test(start_paused = true)]
+    async fn a_key_exchange_the_peer_leaves_unfinished_ends_the_session() {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let mut config = server::Config {
+            keys: vec![key],
+            methods: russh::MethodSet::from(&[russh::MethodKind::None][..]),
+            ..Default::default()
+        };
+        config.limits.rekey_time_limit = Duration::from_secs(2);
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        let (done_tx, _served) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let session = server::run_stream(Arc::new(config), far, Srv(done_tx, Serve::Sink))
+                .await
+                .unwrap();
+            let _ = ended_tx.send(session.await);
+        });
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stream = Freezable {
+            inner: near,
+            frozen: frozen.clone(),
+        };
+        let mut client = russh::client::connect_stream(
+            Arc::new(russh::client::Config::default()),
+            stream,
+            Cli::Answer,
+        )
+        .await
+        .unwrap();
+        assert!(client.authenticate_none("t").await.unwrap().success());
+        let start = tokio::time::Instant::now();
+        frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+        // russh reads the rekey interval on the real clock (the paused one
+        // only moves its timer): 2 s of it pass with nothing else running.
+        std::thread::sleep(Duration::from_millis(2100));
+        let r = tokio::time::timeout(Duration::from_secs(600), ended)
+            .await
+            .expect("the session was still there after 600 s")
+            .unwrap();
+        assert!(
+            matches!(r, Err(russh::Error::KexTimeout(_))),
+            "{r:?} after {:?}",
+            start.elapsed()
+        );
+        // The rekey at 2 s, then the exchange's 30 s.
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(client);
+    }
+
     /// How many data bytes come on `ch` before its end.
     async fn read_to_end<S>(ch: &mut Channel<S>) -> usize
     where

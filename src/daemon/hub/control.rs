@@ -189,12 +189,7 @@ pub(super) fn handle(
                 Ok(Some(_)) => {
                     if let Some(s) = hub.session(&name) {
                         let reason = revoked_reason(&name);
-                        hub.tasks.spawn(async move {
-                            let _ = s
-                                .handle
-                                .disconnect(russh::Disconnect::ByApplication, reason, String::new())
-                                .await;
-                        });
+                        hub.tasks.spawn(async move { s.close(&reason).await });
                     }
                     tracing::info!(cluster = %name, "member revoked");
                     hub.event(&name, "revoked".into());

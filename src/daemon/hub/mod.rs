@@ -141,7 +141,13 @@ pub struct LiveSession {
     /// disconnect, a replacement, a removal): russh only reports that the
     /// session closed, and the event log should say why.
     close_reason: Mutex<Option<String>>,
+    /// Cuts the session's transport ([`server::ServerSession::abort`]).
+    pub kill: CancellationToken,
 }
+
+/// How long a session the hub ends gets to take its DISCONNECT before its
+/// transport is cut ([`LiveSession::close`]).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Most idle channels kept for client connections' next requests, per
 /// member. Kept channels count against the agent's own cap on open streams
@@ -283,15 +289,31 @@ impl LiveSession {
         OpenChannel(self.clone(), window)
     }
 
-    /// Closes the session from the hub's side, recording why.
-    async fn close(&self, why: &str) {
+    /// Closes the session from the hub's side, recording why. The
+    /// DISCONNECT is queued for the session loop, which takes no message
+    /// while a key exchange is under way, while a channel has data waiting
+    /// for window or while its output backlog is full, and after sending it
+    /// waits for the peer to close its side: an agent (or a key holder) that
+    /// leaves a key exchange unfinished, stops reading or stops answering
+    /// kept a revoked, removed or replaced session, and its connection, for
+    /// as long as it liked (a key could so hold any number of connections,
+    /// each replaced session left open). So the transport is cut
+    /// [`CLOSE_GRACE`] later whatever happened, as the keepalive path did.
+    pub(crate) async fn close(&self, why: &str) {
         if let Ok(mut r) = self.close_reason.lock() {
             r.get_or_insert_with(|| why.to_string());
         }
-        let _ = self
-            .handle
-            .disconnect(russh::Disconnect::ByApplication, why.into(), String::new())
-            .await;
+        let kill = self.kill.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLOSE_GRACE).await;
+            kill.cancel();
+        });
+        let _ = tokio::time::timeout(
+            CLOSE_GRACE,
+            self.handle
+                .disconnect(russh::Disconnect::ByApplication, why.into(), String::new()),
+        )
+        .await;
     }
 }
 
@@ -1595,17 +1617,10 @@ pub async fn run(
     cancel.cancelled().await;
     tracker.close();
     // Tell agents we are going; they reconnect with backoff.
+    // All at once: one that does not take its DISCONNECT (see
+    // `LiveSession::close`) held up every one after it.
     let all: Vec<_> = hub.live_sessions();
-    for s in all {
-        let _ = s
-            .handle
-            .disconnect(
-                russh::Disconnect::ByApplication,
-                "the hub is shutting down".into(),
-                String::new(),
-            )
-            .await;
-    }
+    futures_util::future::join_all(all.iter().map(|s| s.close("the hub is shutting down"))).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
     let _ = std::fs::remove_file(&socket);
     Ok(())

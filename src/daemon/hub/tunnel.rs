@@ -572,6 +572,7 @@ async fn tunnel_session(
         counters,
         version: sess.version.clone(),
         close_reason: Mutex::new(None),
+        kill: sess.abort(),
     });
     session_line!(hub, &live.name, cluster = %live.name, %peer, "agent connected");
     hub.register(live.clone());
@@ -637,18 +638,21 @@ async fn tunnel_session(
             }
         }
     };
-    let kill = sess.abort();
     let why = tokio::select! {
         r = &mut sess.running => match r {
             Ok(()) => "session closed".to_string(),
             Err(e) => format!("session failed: {e}"),
         },
         _ = pinger => {
-            let _ = live.handle.disconnect(russh::Disconnect::ByApplication, "no keepalive answer".into(), String::new()).await;
-            // A moment for the reason to go out, then cut the transport:
-            // requests in flight on a dead peer fail now, not never.
+            // A moment for the reason to go out, then the transport is
+            // cut: requests in flight on a dead peer fail now, not never.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                live.handle.disconnect(russh::Disconnect::ByApplication, "no keepalive answer".into(), String::new()),
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            kill.cancel();
+            live.kill.cancel();
             format!("no answer to keepalives within {:?}: declared dead", crate::tunnel::ping_deadline(keepalive))
         }
         _ = cancel.cancelled() => "hub shutting down".to_string(),

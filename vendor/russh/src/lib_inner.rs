@@ -182,6 +182,11 @@ pub enum Error {
     #[error("Inactivity timeout")]
     InactivityTimeout,
 
+    /// towerctl patch: a key exchange the peer did not finish in time
+    /// ([`KEX_DEADLINE`]).
+    #[error("Key exchange not finished within {0:?}")]
+    KexTimeout(std::time::Duration),
+
     /// Missing authentication method.
     #[error("No authentication method")]
     NoAuthMethod,
@@ -622,6 +627,14 @@ pub(crate) const OUTPUT_TURN_BYTES: usize = 256 * 1024;
 /// near what one batch could hold before (2 MiB): each member's key
 /// holder may be that peer.
 pub(crate) const OUTPUT_READ_LIMIT: usize = 4 * 1024 * 1024;
+
+/// towerctl patch: longest a key exchange may take once started, by either
+/// side, before the server ends the session. While one is under way the
+/// session loop takes no message (no channel data, no DISCONNECT), and
+/// nothing bounded it: a peer that sent KEXINIT and never went on, keeping
+/// the session alive with IGNORE packets, held it, and its connection,
+/// for ever. An exchange takes a round trip or two.
+pub const KEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// towerctl patch: writes what the stream takes now, without waiting for
 /// the rest (a `select!` arm of the session loop writes it, while the loop

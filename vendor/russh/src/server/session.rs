@@ -706,6 +706,10 @@ impl Session {
         let rekey_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
         pin!(rekey_timer);
         let mut keepalive_from = tokio::time::Instant::now();
+        // towerctl patch: a key exchange has `KEX_DEADLINE` to finish.
+        let kex_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
+        pin!(kex_timer);
+        let mut kex_timed = false;
 
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
@@ -746,6 +750,16 @@ impl Session {
             }
 
             rekey.arm(rekey_timer.as_mut(), self.rekey_time_remaining());
+            match (self.kex.active(), kex_timed) {
+                (true, false) => {
+                    kex_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + crate::KEX_DEADLINE);
+                    kex_timed = true;
+                }
+                (false, true) => kex_timed = false,
+                _ => {}
+            }
             // towerctl patch: the loop writes in a `select!` arm and goes on
             // reading meanwhile (`PacketWriter::poll_write_out`).
             let unwritten = self.common.packet_writer.unwritten();
@@ -812,6 +826,10 @@ impl Session {
                     }
                     buffer.max_packet_len = self.max_packet_len();
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
+                }
+                () = &mut kex_timer, if kex_timed => {
+                    debug!("key exchange not finished in time");
+                    return Err(crate::Error::KexTimeout(crate::KEX_DEADLINE).into());
                 }
                 () = &mut rekey_timer, if rekey.armed() => {
                     // The flush after the select sees the elapsed limit.
