@@ -63,19 +63,29 @@ fn single_threaded(carries_bulk: bool, cores: usize, workers: Option<usize>) -> 
 /// stderr: through the console's queue (`daemon::console`) in a process
 /// carrying connections (`queued`), whose work must not wait for a reader
 /// of stderr that stopped taking output.
+///
+/// What is logged without `RUST_LOG`: towerctl's own lines at `level`, and
+/// of the libraries' only what a peer cannot trigger at will. rustls warns
+/// once per TLS handshake from a client that sends an IP address as SNI
+/// (curl, wrk), and h2 once per connection that breaks its limits (a reset
+/// flood): only their errors show. russh logs peer-chosen strings as they
+/// come (an unknown channel request's type, CR and LF included) and an
+/// error per unsolicited global request answer (40 bytes each, no budget):
+/// an agent's key holder could flood the hub's log and write lines that
+/// look like the hub's own; towerctl logs what matters of a session itself,
+/// escaped and rate-limited, so russh's lines are off.
+fn default_filter(level: &str) -> String {
+    format!("towerctl={level},rustls=error,h2=error,russh=off,warn")
+}
+
 fn init_logging(verbose: u8, daemon: bool, queued: bool) {
     let default = match (verbose, daemon) {
         (0, false) => "warn",
         (0, true) | (1, _) => "info",
         _ => "debug",
     };
-    // rustls warns once per TLS handshake from a client that sends an IP
-    // address as SNI (curl, wrk), and h2 once per connection that breaks
-    // its limits (a reset flood): an unauthenticated peer must not be able
-    // to write a log line per connection, so only their errors show.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("towerctl={default},rustls=error,h2=error,warn"))
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter(default)));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::env::var_os("NO_COLOR").is_none() && !daemon);
@@ -222,6 +232,44 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::single_threaded;
+
+    /// The default filter keeps towerctl's warnings and drops what an
+    /// agent's key holder can make russh log (its `log` records arrive as
+    /// events of their module's target).
+    #[test]
+    fn the_default_filter_drops_russhs_lines_and_keeps_towerctls() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(super::default_filter(
+                "info",
+            )))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "russh::server::encrypted", "Received global request failure for unknown request!");
+            tracing::warn!(target: "russh::server::encrypted", "unknown channel request forged\nline");
+            tracing::warn!(target: "towerctl::daemon::hub", "kept");
+            tracing::info!(target: "towerctl::daemon::hub", "kept too");
+            tracing::warn!(target: "hyper", "a library's warning");
+        });
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(!out.contains("unknown"), "{out}");
+        assert!(out.contains("kept") && out.contains("kept too"), "{out}");
+        assert!(out.contains("a library's warning"), "{out}");
+    }
 
     #[test]
     fn processes_carrying_bulk_run_on_one_thread_on_small_machines() {
