@@ -1143,7 +1143,11 @@ pub(super) fn send_hub_list(hub: &Hub, s: &LiveSession, hubs: Vec<String>) {
     hub.tasks.spawn(async move {
         let open =
             handle.channel_open_forwarded_tcpip(crate::tunnel::TARGET_HUBS, 0, hubs.join(" "), 0);
-        let _ = tokio::time::timeout(Duration::from_secs(10), open).await;
+        // The agent refuses this open once it has the list; one that
+        // confirms it (a key holder) gets it closed, not kept for good.
+        if let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(10), open).await {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ch.close()).await;
+        }
     });
 }
 
