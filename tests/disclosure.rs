@@ -206,3 +206,43 @@ fn the_printed_join_command_runs_as_is_with_its_token_in_the_environment() {
     let o = support::run_bounded(cmd, Duration::from_secs(60));
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
 }
+
+/// A request whose `Host` names another member than the connection's
+/// server name is not served as the connection's member (421): a reused
+/// connection must not send a request meant for one cluster to another.
+#[test]
+fn a_host_naming_another_member_than_the_server_name_gets_421() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api);
+    let gw = gateway(&env);
+    let hostport = gw.trim_start_matches("https://").to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let sni = "alpha.clusters.towerctl.invalid";
+    let get = |extra: &[&str]| {
+        let connect = format!("{sni}:443:{hostport}");
+        let url = format!("https://{sni}/api");
+        let mut args = vec![
+            "-w",
+            "\n%{http_code}",
+            "--connect-to",
+            &connect,
+            "-H",
+            &auth,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&env, &args).stdout
+    };
+    let o = get(&[]);
+    assert!(o.ends_with("\n200"), "{o}");
+    let o = get(&["-H", "Host: gamma.clusters.towerctl.invalid"]);
+    assert!(o.ends_with("\n421") && o.contains("cluster 'gamma'"), "{o}");
+    let o = get(&[
+        "--http1.1",
+        "-H",
+        "Host: gamma.clusters.towerctl.invalid:443",
+    ]);
+    assert!(o.ends_with("\n421"), "over HTTP/1.1: {o}");
+}

@@ -243,10 +243,7 @@ fn bound(r: &mut Record) {
 
 /// The Kubernetes verb of a request, from its method and path.
 pub fn verb(method: &str, path: &str, query: Option<&str>) -> &'static str {
-    let watch = query.is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv == "watch=true" || kv == "watch=1" || kv == "watch")
-    });
+    let watch = super::http::query_flag(query, "watch");
     // Segments after /api/v1 or /apis/GROUP/VERSION: an odd count names a
     // collection (`namespaces/ns/pods`), an even one an object.
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -958,6 +955,28 @@ mod tests {
             ),
             "watch"
         );
+        // As kube-apiserver reads the flag: a watch to it is one here.
+        let cm = "/api/v1/namespaces/default/configmaps";
+        for q in [
+            "watch=yes",
+            "watch=TRUE",
+            "%77atch=1",
+            "watch",
+            "watch=",
+            "limit=1&watch=1&watch=false",
+            "resourceVersion=5&watch=on",
+        ] {
+            assert_eq!(verb("GET", cm, Some(q)), "watch", "{q}");
+        }
+        for q in [
+            "watch=0",
+            "watch=False",
+            "watch=false&watch=1",
+            "watcher=1",
+            "xwatch=1",
+        ] {
+            assert_eq!(verb("GET", cm, Some(q)), "list", "{q}");
+        }
         assert_eq!(
             verb("GET", "/apis/apps/v1/namespaces/x/deployments/web", None),
             "get"

@@ -544,6 +544,20 @@ impl<B, K> KeptConns<B, K> {
     }
 }
 
+/// Whether the boolean query parameter `name` is on, as kube-apiserver
+/// reads it (`url.Values` then `Convert_Slice_string_To_bool`): keys and
+/// values percent-decoded, the first value counts, and anything but `0`
+/// or `false` (any case) is true, an empty value too. So `?watch=yes`,
+/// `?watch=TRUE`, `?%77atch=1` and `?watch` are watches to the API server;
+/// read any other way, the hub recorded such a watch as a `list`, written
+/// only when it ended (review finding).
+pub fn query_flag(query: Option<&str>, name: &str) -> bool {
+    let Some(q) = query else { return false };
+    url::form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == name)
+        .is_some_and(|(_, v)| v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

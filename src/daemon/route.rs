@@ -86,6 +86,26 @@ pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> 
     }
 }
 
+/// Why `req` must not be served as member `name`'s, if its `Host` (or
+/// HTTP/2 `:authority`) is another member's server name: a connection
+/// reused for another server name (HTTP/2 coalescing by a client or a
+/// proxy under the one wildcard certificate) would otherwise send a request
+/// meant for one member, a write say, to the member of the connection. 421
+/// tells the client to send it again on a connection of its own. Clients
+/// that route by `tls-server-name` send the gateway's own host as `Host`,
+/// which names no member.
+pub fn misdirected<B>(req: &http::Request<B>, name: &str) -> Option<String> {
+    let host = req.uri().host().map(str::to_string).or_else(|| {
+        let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+        // `host`, `host:port`, `[v6]:port`: a member name has no colon.
+        Some(h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+    })?;
+    let other = member_of_sni(Some(&host))?;
+    (other != name).then(|| {
+        format!("this request names cluster '{other}' in its Host but came on a connection for cluster '{name}': send it on a connection to {}", server_name(&other))
+    })
+}
+
 /// What makes `path` unsafe to forward, if anything: a `.` or `..`
 /// segment, an empty segment (`//`), or a percent-encoded dot, slash or
 /// backslash. Kubernetes never needs them (object names cannot be `.` or
@@ -134,6 +154,30 @@ pub fn path_route(path: &str) -> Option<(&str, String)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_host_naming_another_member_is_misdirected() {
+        let req = |host: &str| {
+            http::Request::builder()
+                .uri("/api")
+                .header(http::header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        let m = |host: &str| super::misdirected(&req(host), "alpha");
+        assert!(m("beta.clusters.towerctl.invalid").is_some());
+        assert!(m("BETA.clusters.towerctl.invalid.:9443").is_some());
+        assert!(m("alpha.clusters.towerctl.invalid:443").is_none());
+        assert!(m("hub.corp:9443").is_none());
+        assert!(m("127.0.0.1:9443").is_none());
+        assert!(m("[::1]:9443").is_none());
+        // HTTP/2: the authority.
+        let h2 = http::Request::builder()
+            .uri("https://beta.clusters.towerctl.invalid/api")
+            .body(())
+            .unwrap();
+        assert!(super::misdirected(&h2, "alpha").is_some());
+    }
+
     #[test]
     fn routes_by_path() {
         use super::path_route as route;

@@ -163,14 +163,8 @@ fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
     if upgrade {
         return true;
     }
-    let watch = query.is_some_and(|q| {
-        q.split('&').any(|kv| {
-            matches!(
-                kv,
-                "watch" | "watch=true" | "watch=1" | "follow=true" | "follow=1"
-            )
-        })
-    });
+    let watch = crate::daemon::http::query_flag(query, "watch")
+        || crate::daemon::http::query_flag(query, "follow");
     watch
         || path.contains("/watch/")
         || path

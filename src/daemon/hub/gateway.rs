@@ -741,6 +741,9 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         Ok(r) => r,
         Err((code, reason, msg)) => return status_response(code, reason, &msg),
     };
+    if let Some(msg) = crate::daemon::route::misdirected(&req, &name) {
+        return status_response(StatusCode::MISDIRECTED_REQUEST, "MisdirectedRequest", &msg);
+    }
     let start = std::time::Instant::now();
     let record = Record {
         time: crate::daemon::fmt::fmt_now(),
