@@ -557,3 +557,47 @@ fn a_hub_on_the_any_address_serves_ipv6_clients_and_records_ipv4_ones_as_ipv4() 
     let o = support::run_bounded(cmd, Duration::from_secs(20));
     assert_eq!(o.stdout, "200", "the tunnel listener over IPv6: {o:?}");
 }
+
+/// What the API server acts on is what is recorded: an escaped letter in
+/// the path is recorded (and forwarded) decoded, and a watch flag spelled
+/// as kube-apiserver still takes it (`watch=yes`) is recorded as a watch
+/// when it starts.
+#[test]
+fn escaped_paths_and_watch_flags_are_recorded_as_the_api_server_reads_them() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    connected(&env, &api);
+    let gw = gateway(&env);
+    let admin = admin_token(&env);
+    let o = curl(
+        &env,
+        Some(&admin),
+        &format!("{gw}/clusters/alpha/api/v1/%6eamespaces"),
+    );
+    assert!(o.stdout.contains("NamespaceList"), "{o:?}");
+    let r = wait_record(&env, "the escaped list", |r| r["verb"] == "list");
+    assert_eq!(r["path"], "/api/v1/namespaces", "{r}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.path, "/api/v1/namespaces", "{last:?}");
+
+    let watch = std::thread::spawn({
+        let (gw, admin, ca) = (gw.clone(), admin.clone(), env.path("data/towerctl/ca.crt"));
+        move || {
+            let mut cmd = std::process::Command::new("curl");
+            cmd.args(["-sS", "--max-time", "3", "--cacert"])
+                .arg(ca)
+                .args(["-H", &format!("Authorization: Bearer {admin}")])
+                .arg(format!("{gw}/clusters/alpha/api/v1/namespaces?watch=yes"));
+            support::run_bounded(cmd, Duration::from_secs(20))
+        }
+    });
+    let r = wait_record(&env, "the watch's start", |r| {
+        r["verb"] == "watch" && r["phase"] == "start"
+    });
+    assert!(
+        r["path"].as_str().unwrap_or("").contains("watch=yes"),
+        "{r}"
+    );
+    let _ = watch.join();
+}

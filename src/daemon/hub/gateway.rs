@@ -628,7 +628,9 @@ const API: &str = "/towerctl/v1/";
 
 async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
-    let path = req.uri().path().to_string();
+    // `%73ecrets` is `secrets` to the API server: audited, routed and
+    // forwarded as such.
+    let path = crate::daemon::route::decode_unreserved(req.uri().path());
     // Unauthenticated, as kube-apiserver serves them: for load balancers'
     // HTTPS checks.
     if sni.is_none() && matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
