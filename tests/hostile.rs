@@ -1746,9 +1746,9 @@ fn an_operators_idle_http1_connection_is_kept_to_the_idle_timeout() {
     );
 }
 
-/// A session the hub ends (a revoke here; a removal, a rotation, a newer
-/// session and a hand-off end theirs the same way) ends even when its
-/// agent takes nothing: stopped here, as a key holder that leaves a key
+/// An agent that takes nothing gets its requests answered with 504 after
+/// 20 s, and a session the hub ends (a revoke here; a removal, a rotation,
+/// a newer session and a hand-off end theirs the same way) ends even so: stopped here, as a key holder that leaves a key
 /// exchange unfinished is to the hub. The hub's DISCONNECT waited for the
 /// peer, so the revoked session stayed registered, its connection open,
 /// until keepalives declared it dead (60 s here, three intervals).
@@ -1765,6 +1765,31 @@ fn a_session_the_hub_ends_is_cut_even_when_its_agent_takes_nothing() {
     // SAFETY: a plain signal to a process this test started.
     unsafe { libc::kill(agent, libc::SIGSTOP) };
     let _cont = support::scopeguard_cont(agent);
+    // A request to it meanwhile is answered when the agent accepts no
+    // stream (it waited as long as the agent took: for ever for a key
+    // holder that answers pings only).
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let gw = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "40",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+    ])
+    .arg(env.path("data/towerctl/ca.crt"))
+    .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+    .arg(format!("{}/clusters/alpha/api", gw.trim_end_matches('/')));
+    let o = support::run_bounded(curl, Duration::from_secs(60));
+    assert!(
+        o.stdout.ends_with("\n504") && o.stdout.contains("did not accept a stream within 20s"),
+        "{o:?}"
+    );
     let o = env.towerctl(&["cluster", "revoke", "alpha"]);
     assert!(o.ok(), "{o:?}");
     let t = Instant::now();

@@ -588,6 +588,10 @@ fn bearer(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 /// Opens a new channel to the agent and an HTTP/1.1 connection over it.
+/// Longest wait for an agent to accept a stream for an API request (it
+/// does so at once; raw streams, which it dials first, have 20 s too).
+const OPEN_DEADLINE: Duration = Duration::from_secs(20);
+
 async fn open_channel(
     hub: &Hub,
     session: &Arc<LiveSession>,
@@ -595,9 +599,34 @@ async fn open_channel(
     peer: SocketAddr,
 ) -> Result<Sender, Response<Body>> {
     let window = session.window(operator, crate::tunnel::flow::API_WINDOW);
-    let stream = server::open(&session.handle, TARGET_APISERVER, 443, peer, window.window).await.map_err(|e| {
+    // Its own task, bounded: an agent that confirms nothing (wedged, or a
+    // key holder answering only pings) held every request to its member,
+    // and the operator's stream slots, for as long as it liked; a
+    // confirmation after the limit still finds its waiter, which closes
+    // the channel (see `connect`).
+    let open = tokio::spawn({
+        let handle = session.handle.clone();
+        let window = window.window;
+        async move { server::open(&handle, TARGET_APISERVER, 443, peer, window).await }
+    });
+    let failed = |e: &dyn std::fmt::Display| {
         crate::daemon::http::retry_after(status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds")), 1)
-    })?;
+    };
+    let stream = match tokio::time::timeout(OPEN_DEADLINE, open).await {
+        Ok(Ok(Ok(s))) => s,
+        Ok(Ok(Err(e))) => return Err(failed(&e)),
+        Ok(Err(e)) => return Err(failed(&e)),
+        Err(_) => {
+            return Err(status_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                &format!(
+                    "cluster '{name}': its agent did not accept a stream within {}s; it may be overloaded or stuck, see 'towerctl status'",
+                    OPEN_DEADLINE.as_secs()
+                ),
+            ))
+        }
+    };
     let stream = crate::tunnel::counted::Counted::new(
         stream,
         session.counters.bytes_in.clone(),
