@@ -2327,15 +2327,18 @@ fn a_gone_hubs_admin_token_stops_working_and_a_hub_keeps_its_own() {
     );
 }
 
-/// A loopback port outside the kernel's ephemeral range (so that no
-/// other test's outgoing connection takes it meanwhile), free now.
-fn quiet_port() -> u16 {
-    loop {
+/// `N` different loopback ports outside the kernel's ephemeral range (so
+/// that no other test's outgoing connection takes one meanwhile), free
+/// now.
+fn quiet_ports<const N: usize>() -> [u16; N] {
+    let mut got: Vec<u16> = Vec::new();
+    while got.len() < N {
         let p = 20_000 + (rand_u16() % 10_000);
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
+        if !got.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            got.push(p);
         }
     }
+    got.try_into().unwrap()
 }
 
 fn rand_u16() -> u16 {
@@ -2372,14 +2375,14 @@ fn http_get(port: u16, path: &str, upgrade: bool) -> Option<(u16, String)> {
 /// `towerctl up` gives up after its 20 s naming etcd.
 #[test]
 fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
-    let (cp, pp) = (quiet_port(), quiet_port());
+    let [cp, pp, nowhere_port, tport] = quiet_ports::<4>();
     let store = format!("etcd://127.0.0.1:{cp}");
 
     // `towerctl up` meanwhile, in its own installation, on an etcd that
     // never comes.
     let up_env = Env::new();
     let up = {
-        let nowhere = format!("etcd://127.0.0.1:{}", quiet_port());
+        let nowhere = format!("etcd://127.0.0.1:{nowhere_port}");
         let cmd = up_cmd(&up_env, &nowhere, "127.0.0.1:0", &[]);
         std::thread::spawn(move || {
             let t = Instant::now();
@@ -2391,7 +2394,6 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
     };
 
     let hub = Env::new();
-    let tport = quiet_port();
     let listen = format!("127.0.0.1:{tport}");
     let mut run = hub.towerctl_cmd(&[
         "hub",
@@ -2451,6 +2453,33 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
         || stopped.has_exited().then_some(()),
     );
     eprintln!("stopped {:?} after SIGTERM", t.elapsed());
+
+    // One started by `towerctl up` (no control socket yet): `towerctl
+    // down` stops it at once too (it waited 10 s for the socket's answer).
+    let downed = Env::new();
+    let downed_up = {
+        let cmd = up_cmd(&downed, &store, "127.0.0.1:0", &[]);
+        std::thread::spawn(move || support::run_bounded(cmd, Duration::from_secs(60)))
+    };
+    wait_for(
+        "the hub of 'up' to wait for etcd",
+        Duration::from_secs(15),
+        || {
+            std::fs::read_to_string(downed.path("state/towerctl/hub.log"))
+                .ok()?
+                .contains("waiting for it")
+                .then_some(())
+        },
+    );
+    let t = Instant::now();
+    let o = downed.towerctl(&["down"]);
+    assert!(o.ok() && o.stdout.contains("hub stopped"), "{o:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "down took {:?}",
+        t.elapsed()
+    );
+    assert!(!downed_up.join().unwrap().ok(), "up reports the hub gone");
 
     // etcd comes up on its ports: the hub starts and serves.
     let etcd = Etcd::spawn_member("t", cp, pp, &format!("t=http://127.0.0.1:{pp}"), None);

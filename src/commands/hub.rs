@@ -157,8 +157,13 @@ pub async fn down() -> Result<u8> {
         eprintln!("no hub is running on this machine");
         return Ok(exit::NOT_RUNNING);
     }
-    let _ = control::call(&socket, Request::Shutdown).await;
+    let asked = control::call(&socket, Request::Shutdown).await.is_ok();
     if let Some(pid) = pid {
+        if !asked {
+            // No control socket yet (a hub waiting for etcd at start): the
+            // signal stops it at once.
+            process::terminate(pid, Duration::from_secs(5)).await;
+        }
         process::await_exit(pid, "the hub").await?;
     }
     println!("hub stopped");

@@ -44,6 +44,20 @@ impl Caps {
     }
 }
 
+/// What a source is counted as for limits per source: an IPv4 address
+/// itself, an IPv6 address its /64 (the least a host or a customer is
+/// given, SLAAC's prefix): one client holds a whole /64 and could move
+/// through it, one address per connection, past any limit per address.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 #[derive(Default)]
 struct State {
     next: u64,
@@ -76,6 +90,7 @@ impl Ticket {
     /// cap (and eviction, that source's oldest first) falls on each client
     /// behind a load balancer rather than on all of them together.
     pub fn rekey(&self, source: IpAddr) {
+        let source = source_key(source);
         let adm = &self.adm;
         let mut st = adm.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(old) = st.open.get(&self.id).map(|(ip, _)| *ip) else {
@@ -114,6 +129,7 @@ impl Admission {
     /// Admits a new connection from `source`, evicting the oldest
     /// unauthenticated one when a cap is reached.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Ticket {
+        let source = source_key(source);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let from_source = st.per_source.get(&source).copied().unwrap_or(0);
         let victim = if from_source >= self.caps.per_source {
@@ -232,6 +248,35 @@ pub fn raise_fd_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_source_is_its_64() {
+        use super::source_key;
+        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            source_key(ip("2001:db8:1:2::7"))
+        );
+        assert_ne!(
+            source_key(ip("2001:db8:1:3::1")),
+            source_key(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(source_key(ip("10.0.0.7")), ip("10.0.0.7"));
+        assert_eq!(source_key(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
+        // Many addresses of one /64 share one source's cap.
+        let adm = Admission::new(
+            "test",
+            Caps {
+                total: 100,
+                per_source: 3,
+            },
+        );
+        let tickets: Vec<_> = (1..=5u16)
+            .map(|i| adm.admit(ip(&format!("2001:db8:1:2::{i:x}"))))
+            .collect();
+        let evicted = tickets.iter().filter(|t| t.evicted.is_cancelled()).count();
+        assert_eq!(evicted, 2, "the /64's oldest evicted past its cap");
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

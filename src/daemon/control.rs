@@ -364,8 +364,8 @@ pub fn push_bounded<T>(v: &mut std::collections::VecDeque<T>, item: T, cap: usiz
     v.push_back(item);
 }
 
-/// What `cluster add` gets back.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `cluster add` gets back (its `Debug` leaves the token out).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ClusterAdded {
     pub name: String,
     #[serde(default)]
@@ -384,14 +384,40 @@ pub struct ClusterAdded {
     pub impersonate: bool,
 }
 
-/// What `operator add` gets back.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `operator add` gets back (its `Debug` leaves the token out).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct OperatorAdded {
     pub name: String,
     pub token: String,
     pub gateway_url: String,
     /// `sha256:<hex>` of the gateway CA certificate (DER), for `login --ca-hash`.
     pub ca_hash: String,
+}
+
+impl std::fmt::Debug for ClusterAdded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterAdded")
+            .field("name", &self.name)
+            .field("exposes", &self.exposes)
+            .field("token", &"***")
+            .field("expires_at", &self.expires_at)
+            .field("tunnel_url", &self.tunnel_url)
+            .field("hub_key", &self.hub_key)
+            .field("more_hubs", &self.more_hubs)
+            .field("impersonate", &self.impersonate)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for OperatorAdded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorAdded")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .field("gateway_url", &self.gateway_url)
+            .field("ca_hash", &self.ca_hash)
+            .finish()
+    }
 }
 
 /// An operator as listed (no secret).
@@ -821,5 +847,28 @@ mod state_tests {
         );
         assert_eq!(AgentState::from("revoked"), AgentState::Revoked);
         assert_eq!(MemberState::Revoked.to_string(), "revoked");
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    /// What `cluster add` and `operator add` get back never prints its
+    /// token with `{:?}`.
+    #[test]
+    fn answers_with_tokens_leave_them_out_of_debug() {
+        let c: super::ClusterAdded = serde_json::from_value(serde_json::json!({
+            "name": "alpha", "token": "tj_topsecret", "expires_at": null,
+            "tunnel_url": "ws://h/tunnel", "hub_key": "sha256:x",
+        }))
+        .unwrap();
+        let o: super::OperatorAdded = serde_json::from_value(serde_json::json!({
+            "name": "bob", "token": "top_topsecret", "gateway_url": "https://h",
+            "ca_hash": "sha256:y",
+        }))
+        .unwrap();
+        for shown in [format!("{c:?}"), format!("{o:?}")] {
+            assert!(!shown.contains("topsecret"), "{shown}");
+            assert!(shown.contains("sha256:"), "{shown}");
+        }
     }
 }

@@ -28,7 +28,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error("etcd at {endpoints} did not answer ({reason}); registry changes and new joins fail until it is back (a change sent just now may still apply then: check with 'towerctl cluster list'); established tunnels keep working")]
-    Unreachable { endpoints: String, reason: String },
+    Unreachable {
+        endpoints: String,
+        reason: String,
+        /// An endpoint refused the TLS handshake (its certificate is not
+        /// trusted, or it wants a client certificate it trusts): a
+        /// configuration to fix, not an outage to wait out.
+        tls_refused: bool,
+    },
     #[error("etcd at {endpoint} refused the request: {reason}")]
     Refused { endpoint: String, reason: String },
 }
@@ -204,6 +211,17 @@ fn explain(e: std::io::Error, tls: bool) -> String {
         }
         _ => text,
     }
+}
+
+/// Whether `e`, on a TLS endpoint, is the handshake refused (by either
+/// side: a certificate not trusted, an alert, the server closing at once
+/// for want of a client certificate), as [`explain`] tells them.
+fn refused_tls(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        InvalidData | BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+    )
 }
 
 const CLIENT_CERT_HINT: &str = "etcd closed the TLS connection, most likely for want of a client certificate it trusts: pass --store-cert and --store-key, a pair signed by the CA etcd's --trusted-ca-file names";
@@ -464,6 +482,7 @@ impl Etcd {
                     return Err(EtcdError::Unreachable {
                         endpoints: self.endpoints(),
                         reason: reason.clone(),
+                        tls_refused: false,
                     });
                 }
             }
@@ -471,6 +490,7 @@ impl Etcd {
         let n = self.endpoints.len();
         let first = self.next.load(Ordering::Relaxed);
         let mut reason = String::new();
+        let mut tls_refused = false;
         for i in 0..n {
             let idx = (first + i) % n;
             let ep = &self.endpoints[idx];
@@ -505,7 +525,10 @@ impl Etcd {
                         reason: format!("HTTP {st}: {msg}"),
                     });
                 }
-                Err(e) => reason = format!("{ep}: {}", explain(e, self.tls.is_some())),
+                Err(e) => {
+                    tls_refused |= self.tls.is_some() && refused_tls(&e);
+                    reason = format!("{ep}: {}", explain(e, self.tls.is_some()));
+                }
             }
         }
         if let Ok(mut d) = self.down_until.lock() {
@@ -514,6 +537,7 @@ impl Etcd {
         Err(EtcdError::Unreachable {
             endpoints: self.endpoints(),
             reason,
+            tls_refused,
         })
     }
 

@@ -113,8 +113,9 @@ pub fn listen_tcp(
             s.listen(backlog)?
         }
     };
-    let port = l.local_addr()?.port();
-    Ok((l, std::net::SocketAddr::new(addr.ip(), port)))
+    let mut at = addr;
+    at.set_port(l.local_addr()?.port());
+    Ok((l, at))
 }
 
 /// The next connection on `listener` (with TCP_NODELAY set), or `None` once

@@ -263,7 +263,23 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Fault> {
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let file = path.to_path_buf();
-        RedbStore::open_with(path, Box::new(move || Database::create(&file)))
+        RedbStore::open_with(
+            path,
+            Box::new(move || {
+                // Made private from its first byte (the registry holds token
+                // hashes): created with the umask and chmod'ed after, it was
+                // readable for a moment where the data directory is not
+                // private (a volume mounted by a pod).
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&file)?;
+                Database::create(&file)
+            }),
+        )
     }
 
     /// [`RedbStore::open`] with the database opened by `open`, which the

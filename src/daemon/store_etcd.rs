@@ -105,7 +105,14 @@ impl EtcdStore {
             prefix.push('/');
         }
         let (rev, kvs) = etcd.range_prefix(&prefix).map_err(|e| match e {
-            etcd::EtcdError::Unreachable { endpoints, reason } => StoreError::Unreachable(format!(
+            etcd::EtcdError::Unreachable {
+                endpoints,
+                reason,
+                tls_refused: true,
+            } => StoreError::Io(format!(
+                "etcd at {endpoints} refused the TLS handshake ({reason}): fix --store-ca, --store-cert and --store-key"
+            )),
+            etcd::EtcdError::Unreachable { endpoints, reason, .. } => StoreError::Unreachable(format!(
                 "etcd at {endpoints} did not answer ({reason}): start etcd, or fix --store (and its TLS flags)"
             )),
             e => StoreError::Io(e.to_string()),

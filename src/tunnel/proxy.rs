@@ -8,13 +8,19 @@ use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An HTTP proxy from the environment.
-#[derive(Debug, Clone, PartialEq)]
+/// An HTTP proxy from the environment (its `Debug` is [`Proxy::shown`]).
+#[derive(Clone, PartialEq)]
 pub struct Proxy {
     host: String,
     port: u16,
     /// `user:password`, decoded, for `Proxy-Authorization: Basic`.
     credentials: Option<String>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Proxy({})", self.shown())
+    }
 }
 
 impl Proxy {
@@ -519,6 +525,7 @@ mod tests {
         let p = parse("user:secret@proxy.corp:3128").unwrap();
         assert_eq!(p.credentials.as_deref(), Some("user:secret"));
         assert!(!p.shown().contains("secret"));
+        assert!(!format!("{p:?}").contains("secret"), "{p:?}");
         // A password alone is sent too.
         let p = parse("http://:tok@proxy").unwrap();
         assert_eq!(p.credentials.as_deref(), Some(":tok"));

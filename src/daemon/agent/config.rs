@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::paths;
 
 /// An agent's configuration, as `join` saves it (mode 0600: holds the token).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Its `Debug` leaves the token and a proxy's password out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct AgentConfig {
     pub name: String,
     pub hub: String,
@@ -61,6 +62,35 @@ pub struct AgentConfig {
     /// environment says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_url: Option<String>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("name", &self.name)
+            .field("hub", &self.hub)
+            .field("more_hubs", &self.more_hubs)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("key_file", &self.key_file)
+            .field("impersonate", &self.impersonate)
+            .field("hub_key", &self.hub_key)
+            .field("kubeconfig", &self.kubeconfig)
+            .field("keepalive_secs", &self.keepalive_secs)
+            .field("backoff_cap_secs", &self.backoff_cap_secs)
+            .field("allow", &self.allow)
+            .field("exposes", &self.exposes)
+            .field("pod_network", &self.pod_network)
+            .field("hub_ca", &self.hub_ca)
+            .field("insecure_skip_tls_verify", &self.insecure_skip_tls_verify)
+            .field("probe_addr", &self.probe_addr)
+            .field("serviceaccount_dir", &self.serviceaccount_dir)
+            .field("proxy", &self.proxy)
+            .field(
+                "proxy_url",
+                &self.proxy_url.as_deref().map(crate::tunnel::proxy::redact),
+            )
+            .finish()
+    }
 }
 
 fn default_keepalive() -> u64 {
@@ -134,5 +164,32 @@ impl PodNetwork {
                 "invalid --pod-network '{s}': use auto, direct or portforward"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Printed with `{:?}` (a future log line, a panic message), an
+    /// agent's configuration shows neither its token nor a proxy password.
+    #[test]
+    fn debug_leaves_the_token_and_proxy_passwords_out() {
+        let cfg: super::AgentConfig = serde_json::from_value(serde_json::json!({
+            "name": "alpha",
+            "hub": "wss://hub:8080/tunnel",
+            "token": "tj_topsecret",
+            "hub_key": "sha256:x",
+            "kubeconfig": null,
+            "proxy": {"https": "http://user:pw-sekrit@proxy:3128"},
+            "proxy_url": "http://user:url-sekrit@proxy:3128",
+        }))
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        for secret in ["tj_topsecret", "pw-sekrit", "url-sekrit"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("alpha") && shown.contains("proxy:3128"),
+            "{shown}"
+        );
     }
 }

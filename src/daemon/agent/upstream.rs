@@ -701,7 +701,7 @@ fn own_impersonation_refused(user: &kube::config::AuthInfo) -> Result<()> {
         return Ok(());
     }
     anyhow::bail!(
-        "the member kubeconfig's user impersonates ({}), and this agent runs with --impersonate,          which names each operator itself: the kubeconfig's groups and extras would be added to          every operator's. Remove {} from the agent's kubeconfig user (give the agent credentials          of its own), or run the agent without --impersonate",
+        "the member kubeconfig's user impersonates ({}), and this agent runs with --impersonate, which names each operator itself: the kubeconfig's groups and extras would be added to every operator's. Remove {} from the agent's kubeconfig user (give the agent credentials of its own), or run the agent without --impersonate",
         set.join(", "),
         if set.len() == 1 { "it" } else { "them" }
     )

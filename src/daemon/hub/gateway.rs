@@ -607,7 +607,19 @@ async fn open_channel(
     let open = tokio::spawn({
         let handle = session.handle.clone();
         let window = window.window;
-        async move { server::open(&handle, TARGET_APISERVER, 443, peer, window).await }
+        // Given up after a while all the same: against an agent that
+        // answers nothing, every request would leave its task waiting.
+        async move {
+            match tokio::time::timeout(
+                OPEN_DEADLINE * 15,
+                server::open(&handle, TARGET_APISERVER, 443, peer, window),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(russh::Error::Disconnect),
+            }
+        }
     });
     let failed = |e: &dyn std::fmt::Display| {
         crate::daemon::http::retry_after(status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds")), 1)

@@ -1209,9 +1209,19 @@ async fn open_shared(
                 cfg.store_tls.clone(),
             );
             let silence = watch_silence(cfg.store_max_stale);
-            tokio::task::spawn_blocking(move || {
-                super::store_etcd::EtcdStore::open(&spec, &prefix, &tls, silence)
-            })
+            // A thread of its own, not the runtime's blocking pool: the
+            // runtime's end waits for those, and a signal must stop a
+            // waiting hub at once, not after the attempt (2 s per address).
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("etcd-open".into())
+                .spawn(move || {
+                    let _ = tx.send(super::store_etcd::EtcdStore::open(
+                        &spec, &prefix, &tls, silence,
+                    ));
+                })
+                .context("cannot start a thread to reach etcd")?;
+            rx
         };
         let r = tokio::select! {
             r = serving(tunnel, open) => r.context("the registry's opening thread failed")?,
@@ -1231,10 +1241,11 @@ async fn open_shared(
                 let due = said
                     .as_ref()
                     .is_none_or(|(at, before)| *before != why || at.elapsed() >= LOG_EVERY);
+                // At every attempt (one over several endpoints can take
+                // long): a Type=notify unit's start would time out (90 s).
+                super::notify::notify("STATUS=waiting for etcd\nEXTEND_TIMEOUT_USEC=60000000");
                 if due {
                     tracing::warn!("{why}; waiting for it (the tunnel port answers 503 meanwhile)");
-                    // A Type=notify unit's start would time out (90 s).
-                    super::notify::notify("STATUS=waiting for etcd\nEXTEND_TIMEOUT_USEC=60000000");
                     said = Some((std::time::Instant::now(), why));
                 }
             }
@@ -1294,6 +1305,17 @@ pub async fn run(
                 cfg.listen
             )
         })?;
+    let shared = match &cfg.store {
+        Some(spec) => match open_shared(&cfg, spec, &tunnel_listener, &signalled).await? {
+            Some(s) => Some(s),
+            // A signal while waiting for etcd: nothing was started.
+            None => return Ok(()),
+        },
+        None => None,
+    };
+    // Bound once etcd answered: while the hub waits for it, a load
+    // balancer's TCP check must not find the gateway up and send kubectl to
+    // a hub that cannot serve it (its certificate is in etcd).
     let (gateway_listener, gateway_addr) = crate::daemon::listen_tcp(cfg.gateway, LISTEN_BACKLOG)
         .with_context(|| {
         format!(
@@ -1309,14 +1331,6 @@ pub async fn run(
             (Some(l), Some(at))
         }
         None => (None, None),
-    };
-    let shared = match &cfg.store {
-        Some(spec) => match open_shared(&cfg, spec, &tunnel_listener, &signalled).await? {
-            Some(s) => Some(s),
-            // A signal while waiting for etcd: nothing was started.
-            None => return Ok(()),
-        },
-        None => None,
     };
     let store: Arc<dyn Store> = match &shared {
         Some(s) => {

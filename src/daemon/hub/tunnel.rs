@@ -374,6 +374,7 @@ impl Penalties {
     }
 
     fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        let ip = crate::daemon::admission::source_key(ip);
         let m = self.0.lock().ok()?;
         let (n, at) = m.get(&ip)?;
         let until = *at + Self::delay(*n);
@@ -381,6 +382,7 @@ impl Penalties {
     }
 
     fn failed(&self, ip: std::net::IpAddr) {
+        let ip = crate::daemon::admission::source_key(ip);
         if let Ok(mut m) = self.0.lock() {
             if m.len() >= Self::MAX_SOURCES && !m.contains_key(&ip) {
                 if let Some(oldest) = m.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
@@ -394,6 +396,7 @@ impl Penalties {
     }
 
     fn succeeded(&self, ip: std::net::IpAddr) {
+        let ip = crate::daemon::admission::source_key(ip);
         if let Ok(mut m) = self.0.lock() {
             m.remove(&ip);
         }

@@ -628,8 +628,9 @@ pub(crate) const OUTPUT_TURN_BYTES: usize = 256 * 1024;
 /// holder may be that peer.
 pub(crate) const OUTPUT_READ_LIMIT: usize = 4 * 1024 * 1024;
 
-/// towerctl patch: longest a key exchange may take once started, by either
-/// side, before the server ends the session. While one is under way the
+/// towerctl patch: longest a key exchange may go without progress (see the
+/// server's session loop) once started, by either side, before the server
+/// ends the session. While one is under way the
 /// session loop takes no message (no channel data, no DISCONNECT), and
 /// nothing bounded it: a peer that sent KEXINIT and never went on, keeping
 /// the session alive with IGNORE packets, held it, and its connection,

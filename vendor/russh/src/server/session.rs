@@ -706,7 +706,12 @@ impl Session {
         let rekey_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
         pin!(rekey_timer);
         let mut keepalive_from = tokio::time::Instant::now();
-        // towerctl patch: a key exchange has `KEX_DEADLINE` to finish.
+        // towerctl patch: a key exchange has `KEX_DEADLINE` without
+        // progress to finish. Progress: our output taken by the peer (our
+        // KEXINIT may wait behind megabytes of it on a slow link), a key
+        // exchange packet or channel data from the peer (its KEXINIT may
+        // wait behind its own upload; channel data is bounded by our
+        // windows, IGNORE and the rest are not progress).
         let kex_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
         pin!(kex_timer);
         let mut kex_timed = false;
@@ -760,6 +765,7 @@ impl Session {
                 (false, true) => kex_timed = false,
                 _ => {}
             }
+            let mut kex_progress = false;
             // towerctl patch: the loop writes in a `select!` arm and goes on
             // reading meanwhile (`PacketWriter::poll_write_out`).
             let unwritten = self.common.packet_writer.unwritten();
@@ -769,6 +775,7 @@ impl Session {
             tokio::select! {
                 r = crate::write_some(&mut self.common.packet_writer, &mut stream_write), if has_output => {
                     r?;
+                    kex_progress = true;
                     // The stream took more of a backlog it had no room
                     // for: the peer reads, a sign of life as good as a
                     // packet from it (a keepalive queued behind the
@@ -797,8 +804,9 @@ impl Session {
                             is_reading = Some((stream_read, buffer, opening_cipher));
                             break;
                         }
-                        Some(_) => {
+                        Some(&m) => {
                             self.common.received_data = true;
+                            kex_progress |= matches!(m, 20..=49 | crate::msg::CHANNEL_DATA | crate::msg::CHANNEL_EXTENDED_DATA);
                             // TODO it'd be cleaner to just pass cipher to reply()
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
@@ -893,6 +901,11 @@ impl Session {
                         }
                     }
                 }
+            }
+            if kex_progress && kex_timed {
+                kex_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + crate::KEX_DEADLINE);
             }
             self.flush()?;
             crate::write_ready(&mut self.common.packet_writer, &mut stream_write).await?;
