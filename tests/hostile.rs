@@ -1318,13 +1318,29 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     let health = exchange(&tunnel, b"HEAD /livez HTTP/1.0\r\n\r\n");
     assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
     assert!(health.ends_with("Connection: close\r\n\r\n"), "{health}");
-    let plain = exchange(&tunnel, b"GET / HTTP/1.1\r\nHost: hub\r\n\r\n");
+    // `/` is what most balancers check by default (HAProxy with OPTIONS):
+    // healthy, and it says what the port is for.
+    let root = exchange(&tunnel, b"GET / HTTP/1.1\r\nHost: hub\r\n\r\n");
+    assert!(root.starts_with("HTTP/1.1 200 OK\r\n"), "{root}");
+    assert!(
+        root.contains("\r\n\r\nok\n") && root.contains("towerctl join"),
+        "{root}"
+    );
+    let root = exchange(&tunnel, b"OPTIONS / HTTP/1.0\r\n\r\n");
+    assert!(root.starts_with("HTTP/1.1 200 OK\r\n"), "{root}");
+    let plain = exchange(&tunnel, b"GET /tunnel HTTP/1.1\r\nHost: hub\r\n\r\n");
     assert!(
         plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
         "{plain}"
     );
     assert!(plain.contains("\r\nUpgrade: websocket\r\n"), "{plain}");
     assert!(plain.contains("towerctl join"), "{plain}");
+    // A proxy speaking HTTP/2 (h2c) to the hub is named as such.
+    let h2 = exchange(&tunnel, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    assert!(
+        h2.starts_with("HTTP/1.1 400 ") && h2.contains("HTTP/2"),
+        "{h2}"
+    );
     let post = exchange(&tunnel, b"POST /api HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
     assert!(
         post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
@@ -1383,8 +1399,9 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     drop(TcpStream::connect(&tunnel).unwrap());
     exchange(&tunnel, b"GET /\x1b[2J\nevil HTTP/1.1\r\n\r\n");
     let expected = [
-        "not a WebSocket upgrade (\"GET / HTTP/1.1\"): answered 426",
+        "not a WebSocket upgrade (\"GET /tunnel HTTP/1.1\"): answered 426",
         "a method other than GET (\"POST /api HTTP/1.1\"): answered 405",
+        "an HTTP/2 connection (a proxy or balancer that speaks HTTP/2 to the hub",
         "a WebSocket version other than 13",
         "not an HTTP/1.1 request (\"SSH-2.0-OpenSSH_9.6\"): answered 400",
         "a TLS handshake on the tunnel listener, which serves plain ws://",

@@ -3,10 +3,28 @@
 //! The delay grows `base * 2^attempt` up to `cap`, and the wait is drawn
 //! uniformly from [delay/2, delay] so that a hub restart does not get every
 //! agent back at the same instant. The attempt counter resets only after a
-//! session has stayed up for `stable` — a tunnel that flaps right after the
-//! handshake keeps backing off instead of hammering the hub.
+//! session has stayed up for `stable` (10 s) — a tunnel that flaps right
+//! after the handshake keeps backing off instead of hammering the hub. Not
+//! longer: a load balancer that ends every connection at a fixed lifetime
+//! (GCP's backend timeout, 30 s by default) cut sessions just short of a
+//! 30 s `stable`, and the backoff grew to its cap (a member down up to half
+//! the time).
 
 use std::time::Duration;
+
+/// How long a session must have lasted for the next failure to start
+/// the backoff over.
+pub const STABLE: Duration = Duration::from_secs(10);
+
+/// The lifetime at which something cuts every session, if the last three
+/// (`uptimes`, oldest first) each lasted within a second or two of the
+/// same length, of at least `STABLE`: a load balancer's or proxy's
+/// connection lifetime, which the agent cannot fix, but its operator can.
+pub fn fixed_lifetime(uptimes: &[Duration]) -> Option<Duration> {
+    let last: &[Duration] = uptimes.get(uptimes.len().checked_sub(3)?..)?;
+    let (lo, hi) = (*last.iter().min()?, *last.iter().max()?);
+    (lo >= STABLE && hi - lo <= Duration::from_secs(2)).then_some(hi)
+}
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -21,7 +39,7 @@ impl Backoff {
         Backoff {
             base,
             cap,
-            stable: Duration::from_secs(30),
+            stable: STABLE,
             attempt: 0,
         }
     }
@@ -83,8 +101,34 @@ mod tests {
         }
         b.session_ended(Duration::from_secs(1));
         assert_eq!(b.attempt(), 5, "a short session must not reset the backoff");
-        b.session_ended(Duration::from_secs(31));
+        // Cut at GCP's default backend timeout: long enough.
+        b.session_ended(Duration::from_millis(29_800));
         assert_eq!(b.attempt(), 0);
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn sessions_cut_at_one_length_are_told_apart() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(
+            fixed_lifetime(&[ms(29_800), ms(29_900), ms(29_700)]),
+            Some(ms(29_900))
+        );
+        assert_eq!(
+            fixed_lifetime(&[s(400), ms(59_000), ms(60_100), ms(59_800)]),
+            Some(ms(60_100))
+        );
+        assert_eq!(
+            fixed_lifetime(&[s(30), s(30)]),
+            None,
+            "two are not a pattern"
+        );
+        assert_eq!(fixed_lifetime(&[s(30), s(95), s(31)]), None);
+        assert_eq!(
+            fixed_lifetime(&[s(2), s(2), s(2)]),
+            None,
+            "flapping, not a lifetime"
+        );
     }
 }

@@ -663,7 +663,31 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         return format!("WebSocket handshake failed: {e}");
     };
     let status = response.status();
+    // Who answered, when it says: an ingress's answer reads as the hub's
+    // otherwise.
+    let server = response
+        .headers()
+        .get(http::header::SERVER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| super::escape_for_log(v, 80))
+        .filter(|v| !v.is_empty());
+    let by = server
+        .as_deref()
+        .map(|s| format!(" (answered by '{s}')"))
+        .unwrap_or_default();
+    let envoy = server
+        .as_deref()
+        .is_some_and(|s| s.to_ascii_lowercase().contains("envoy") || s.contains("istio"));
     let hint = match status.as_u16() {
+        403 if envoy => {
+            "Envoy refuses a WebSocket upgrade on a route that does not enable it (Contour: \
+             `enableWebsockets: true` on the route; Istio, Envoy Gateway or plain Envoy: an \
+             `upgrade_configs` entry for websocket), and while the route has no ready backend"
+        }
+        505 => {
+            "a proxy speaks HTTP/1.0 to the hub, and a WebSocket upgrade needs HTTP/1.1 (nginx: \
+             `proxy_http_version 1.1` and pass the Upgrade and Connection headers)"
+        }
         300..=399 => {
             let to = response
                 .headers()
@@ -696,11 +720,13 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         }
         502..=504 => {
             "an ingress or proxy answered, but it reaches no hub (is `towerctl up` running, \
-             and its tunnel port the ingress's backend?)"
+             its tunnel port the ingress's backend, and the balancer's health check passing? \
+             Check /healthz or / on the tunnel port; a proxy that speaks HTTP/2 to the hub \
+             cannot carry a WebSocket upgrade either)"
         }
         _ => "the hub or something in front of it refused the upgrade",
     };
-    format!("WebSocket handshake failed: HTTP {status}: {hint}")
+    format!("WebSocket handshake failed: HTTP {status}{by}: {hint}")
 }
 
 /// The socket under an agent's WebSocket: plain, or TLS for `wss://`.
@@ -858,6 +884,19 @@ mod tests {
             "{moved}"
         );
         assert!(said(426).contains("Upgrade"));
+        assert!(said(505).contains("proxy_http_version 1.1"));
+        let mut envoy = http::Response::new(None);
+        *envoy.status_mut() = http::StatusCode::FORBIDDEN;
+        envoy.headers_mut().insert(
+            http::header::SERVER,
+            http::HeaderValue::from_static("envoy"),
+        );
+        let envoy = handshake_failure(&Error::Http(Box::new(envoy)));
+        assert!(
+            envoy.contains("(answered by 'envoy')") && envoy.contains("enableWebsockets"),
+            "{envoy}"
+        );
+        assert!(!said(403).contains("enableWebsockets"));
         assert!(said(418).contains("refused the upgrade"));
         let other = handshake_failure(&Error::ConnectionClosed);
         assert!(other.starts_with("WebSocket handshake failed: "), "{other}");

@@ -283,6 +283,10 @@ async fn tunnel_loop(
     );
     let set = |f: &dyn Fn(&mut State)| tx.send_modify(|s| f(s));
     let mut connected_before = false;
+    // The last sessions' lengths, for `fixed_lifetime`, and the lifetime
+    // last said.
+    let mut uptimes: std::collections::VecDeque<Duration> = Default::default();
+    let mut said_lifetime: Option<Duration> = None;
     // Several hubs of one group: the next one after each ended session or
     // failed attempt, so that losing one hub costs one backoff.
     let mut opts = opts.clone();
@@ -387,6 +391,23 @@ async fn tunnel_loop(
                 let uptime = sess.connected_at.elapsed();
                 backoff.session_ended(uptime);
                 tracing::warn!("tunnel down after {uptime:?}: {why}");
+                push_bounded(&mut uptimes, uptime, 3);
+                let lifetime = crate::tunnel::backoff::fixed_lifetime(uptimes.make_contiguous());
+                if let Some(l) = lifetime.filter(|l| {
+                    said_lifetime.is_none_or(|s| s.abs_diff(*l) > Duration::from_secs(2))
+                }) {
+                    said_lifetime = Some(l);
+                    let hint = format!(
+                        "the last three sessions each ended after about {}s: something between this agent \
+                         and the hub ends connections at a fixed lifetime, most likely a load balancer or \
+                         proxy (GCP's backend service timeout is 30s by default: raise its timeoutSec, in a \
+                         BackendConfig or GCPBackendPolicy; an idle or tunnel timeout elsewhere); streams \
+                         open at that moment are cut",
+                        l.as_secs()
+                    );
+                    tracing::warn!("{hint}");
+                    set(&|s| s.event(hint.clone()));
+                }
                 set(&|s| {
                     s.event(format!("disconnected: {why}"));
                     s.last_error = Some(why.clone());

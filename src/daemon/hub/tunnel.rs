@@ -35,8 +35,13 @@ use crate::tunnel::WS_READ_BUFFER;
 const MAX_UPGRADE_HEAD: usize = 16 * 1024;
 
 /// Paths a load balancer or ingress may check the tunnel listener on
-/// (without an upgrade): answered 200 while the hub accepts tunnels.
-const HEALTH_PATHS: [&str; 3] = ["/healthz", "/readyz", "/livez"];
+/// (without an upgrade, with GET, HEAD or OPTIONS): answered 200 while the
+/// hub accepts tunnels. `/` too, answered as `/readyz` with a word on the
+/// port: the AWS Load Balancer Controller, GKE's Gateway, Azure's
+/// Application Gateway and HAProxy's `httpchk` (`OPTIONS /`) check `/` by
+/// default, and got 426 or 405: every hub unhealthy, and agents told
+/// by the balancer that there was no hub.
+const HEALTH_PATHS: [&str; 4] = ["/healthz", "/readyz", "/livez", "/"];
 
 /// The answer to a connection on the tunnel listener that is not a
 /// WebSocket upgrade.
@@ -52,9 +57,11 @@ struct NotAnUpgrade {
     why: Option<String>,
     /// Whether the answer has a body (not for HEAD).
     body: bool,
-    /// A load balancer's readiness check (`/readyz`): answered 503 while
-    /// the hub hands its agents to other hubs.
+    /// A load balancer's readiness check (`/readyz`, `/`): answered 503
+    /// while the hub hands its agents to other hubs.
     readiness: bool,
+    /// The health answer says what the port is for (`/`).
+    explained: bool,
 }
 
 /// What the tunnel listener says to what is not an agent's upgrade.
@@ -111,6 +118,7 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
             why: Some(format!("{why} (\"{}\"): answered {status}", line())),
             body: true,
             readiness: false,
+            explained: false,
         })
     };
     let bad = |problem, why: &str| refuse("400 Bad Request", "", problem, why.to_string());
@@ -118,6 +126,14 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
         return bad(
             "a PROXY protocol header from an address not trusted to send one",
             crate::daemon::proxied::UNTRUSTED_PROXY_HEADER,
+        );
+    }
+    if head.starts_with(b"PRI * HTTP/2.0") {
+        return bad(
+            "HTTP/2 cannot carry a WebSocket upgrade here",
+            "an HTTP/2 connection (a proxy or balancer that speaks HTTP/2 to the hub: a \
+             WebSocket upgrade needs HTTP/1.1 to the backend; Istio: a port named http or tcp, \
+             not http2 or grpc; an ALB target group: HTTP1)",
         );
     }
     if head.first() == Some(&0x16) {
@@ -133,6 +149,7 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
             ),
             body: false,
             readiness: false,
+            explained: false,
         });
     }
     if complete {
@@ -153,14 +170,18 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
                 .iter()
                 .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
             let method = request.method.unwrap_or_default();
-            if HEALTH_PATHS.contains(&path) && !upgrade && (method == "GET" || method == "HEAD") {
+            if HEALTH_PATHS.contains(&path)
+                && !upgrade
+                && matches!(method, "GET" | "HEAD" | "OPTIONS")
+            {
                 return Some(NotAnUpgrade {
                     status: Some("200 OK"),
                     headers: "",
                     problem: "ok",
                     why: None,
-                    body: method == "GET",
-                    readiness: path == "/readyz",
+                    body: method != "HEAD",
+                    readiness: matches!(path, "/readyz" | "/"),
+                    explained: path == "/",
                 });
             }
         }
@@ -240,6 +261,7 @@ impl NotAnUpgrade {
             return;
         };
         let body = match self.why {
+            None if self.explained => format!("ok\n{TUNNEL_ONLY}"),
             None => "ok\n".to_string(),
             Some(_) => format!("towerctl hub: {}.\n{TUNNEL_ONLY}", self.problem),
         };
