@@ -95,12 +95,19 @@ pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> 
 /// that route by `tls-server-name` send the gateway's own host as `Host`,
 /// which names no member.
 pub fn misdirected<B>(req: &http::Request<B>, name: &str) -> Option<String> {
-    let host = req.uri().host().map(str::to_string).or_else(|| {
+    let host = req.uri().host().or_else(|| {
         let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
         // `host`, `host:port`, `[v6]:port`: a member name has no colon.
-        Some(h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+        Some(h.rsplit_once(':').map_or(h, |(h, _)| h))
     })?;
-    let other = member_of_sni(Some(&host))?;
+    // Every request passes here: most name the gateway's own host, told
+    // apart without an allocation.
+    let bare = host.trim_end_matches('.');
+    let tail = bare.len().checked_sub(SNI_SUFFIX.len())?;
+    if !bare.get(tail..)?.eq_ignore_ascii_case(SNI_SUFFIX) {
+        return None;
+    }
+    let other = member_of_sni(Some(host))?;
     (other != name).then(|| {
         format!("this request names cluster '{other}' in its Host but came on a connection for cluster '{name}': send it on a connection to {}", server_name(&other))
     })
