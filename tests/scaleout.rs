@@ -2099,6 +2099,18 @@ fn a_hub_started_from_a_copied_data_directory_takes_its_own_id() {
         "the copy did not say why it changed its id: {log}"
     );
     let _api = alpha_on_a_reached_through_both(&a, &b);
+    // Alpha's tunnel is up on a only; through both it can be reached.
+    let up = "towerctl_tunnel_up{cluster=\"alpha\"}";
+    let reachable = "towerctl_member_reachable{cluster=\"alpha\"}";
+    let (ma, mb) = (support::metrics_addr(&a), support::metrics_addr(&b));
+    assert_eq!(
+        (support::metric(&ma, up), support::metric(&ma, reachable)),
+        (1, 1)
+    );
+    assert_eq!(
+        (support::metric(&mb, up), support::metric(&mb, reachable)),
+        (0, 1)
+    );
     // A restart keeps the id it has now (its own record is not another hub's).
     let kept = id_of(&b);
     assert!(b.towerctl(&["down"]).ok());

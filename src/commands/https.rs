@@ -118,10 +118,12 @@ impl GatewayClient {
             crate::tunnel::nodelay(&tcp);
             let name = ServerName::try_from(host.clone())
                 .with_context(|| format!("invalid server name '{host}'"))?;
-            self.connector
-                .connect(name, tcp)
-                .await
-                .context("TLS handshake with the gateway failed (is the CA right?)")
+            self.connector.connect(name, tcp).await.context(
+                "TLS handshake with the gateway failed (is the CA right? A certificate the \
+                     hub's CA did not issue means something in front of the hub terminates TLS, \
+                     an ingress or load balancer: the gateway needs TLS passed through, see \
+                     README, ingresses)",
+            )
         };
         tokio::time::timeout(CONNECT_DEADLINE, connecting)
             .await

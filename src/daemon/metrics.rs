@@ -103,6 +103,9 @@ impl DialFailures {
 pub struct MemberStats {
     pub name: String,
     pub connected: bool,
+    /// Its tunnel is up on this hub or on another hub of the group: what
+    /// operators reach through this hub.
+    pub reachable: bool,
     pub rtt: Histogram,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -161,6 +164,17 @@ pub fn render(snap: &Snapshot) -> String {
             "towerctl_tunnel_up{{cluster=\"{}\"}} {}",
             esc(&c.name),
             u8::from(c.connected)
+        );
+    }
+    // With several hubs, `towerctl_tunnel_up` is 0 on every hub but the one
+    // holding the member: an alert on it alone fired from all the others.
+    let _ = writeln!(o, "# HELP towerctl_member_reachable Whether the member's tunnel is up on this hub or on another hub of its group (reachable through this hub).\n# TYPE towerctl_member_reachable gauge");
+    for c in stats {
+        let _ = writeln!(
+            o,
+            "towerctl_member_reachable{{cluster=\"{}\"}} {}",
+            esc(&c.name),
+            u8::from(c.reachable || c.connected)
         );
     }
     let _ = writeln!(o, "# HELP towerctl_tunnel_rtt_seconds Round-trip time of tunnel keepalives.\n# TYPE towerctl_tunnel_rtt_seconds histogram");
@@ -331,6 +345,7 @@ mod tests {
                 MemberStats {
                     name: "alpha".into(),
                     connected: true,
+                    reachable: true,
                     rtt,
                     bytes_in: 10,
                     bytes_out: 20,
@@ -343,6 +358,11 @@ mod tests {
                     name: "we\"ird\n".into(),
                     ..Default::default()
                 },
+                MemberStats {
+                    name: "beta".into(),
+                    reachable: true,
+                    ..Default::default()
+                },
             ],
             dial_failures: DialFailure::ALL.iter().map(|f| (*f, 0)).collect(),
             audit_dropped: 7,
@@ -350,7 +370,11 @@ mod tests {
         };
         let text = render(&snap);
         for line in [
-            "towerctl_members 2",
+            "towerctl_members 3",
+            "towerctl_tunnel_up{cluster=\"beta\"} 0",
+            "towerctl_member_reachable{cluster=\"beta\"} 1",
+            "towerctl_member_reachable{cluster=\"alpha\"} 1",
+            "towerctl_member_reachable{cluster=\"we\\\"ird\\n\"} 0",
             "towerctl_agents_connected 1",
             "towerctl_tunnel_up{cluster=\"alpha\"} 1",
             "towerctl_tunnel_up{cluster=\"we\\\"ird\\n\"} 0",

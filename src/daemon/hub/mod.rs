@@ -990,6 +990,7 @@ impl Hub {
                 let (bytes_in, bytes_out) = cm.map(|m| m.counters.bytes()).unwrap_or_default();
                 MemberStats {
                     connected: live.is_some(),
+                    reachable: live.is_some() || peer::holder(self, &m.name).is_some(),
                     rtt: cm.map(|c| c.rtt_histogram.clone()).unwrap_or_default(),
                     bytes_in,
                     bytes_out,
