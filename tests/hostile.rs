@@ -1328,6 +1328,7 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     );
     let root = exchange(&tunnel, b"OPTIONS / HTTP/1.0\r\n\r\n");
     assert!(root.starts_with("HTTP/1.1 200 OK\r\n"), "{root}");
+
     let plain = exchange(&tunnel, b"GET /tunnel HTTP/1.1\r\nHost: hub\r\n\r\n");
     assert!(
         plain.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
@@ -1398,6 +1399,8 @@ fn what_is_not_an_upgrade_on_the_tunnel_port_gets_an_http_answer() {
     // the refusals are, escaped, the health check is not.
     drop(TcpStream::connect(&tunnel).unwrap());
     exchange(&tunnel, b"GET /\x1b[2J\nevil HTTP/1.1\r\n\r\n");
+    // Pre-login refusals are logged 10 a minute (then at debug): this list
+    // and the refusals above must stay within that.
     let expected = [
         "not a WebSocket upgrade (\"GET /tunnel HTTP/1.1\"): answered 426",
         "a method other than GET (\"POST /api HTTP/1.1\"): answered 405",
@@ -1842,4 +1845,46 @@ fn a_session_the_hub_ends_is_cut_even_when_its_agent_takes_nothing() {
         "the session ended {took:.1} s after the revoke:\n{log}"
     );
     assert!(log.contains("was revoked on the hub"), "{log}");
+}
+
+/// `/` is a health path on the tunnel port, but an upgrade a proxy mangled
+/// on the way (nginx left at HTTP/1.0 drops Upgrade and Connection, and
+/// passes the Sec-WebSocket fields) is still answered as an upgrade
+/// attempt (426, 505: what the agent's hints explain), and a whole
+/// upgrade to `/` goes through.
+#[test]
+fn an_upgrade_to_the_root_path_is_never_taken_for_a_health_check() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let tunnel = tunnel_address(&env);
+    let mangled = exchange(
+        &tunnel,
+        b"GET / HTTP/1.1\r\nHost: hub\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    );
+    assert!(mangled.starts_with("HTTP/1.1 426 "), "{mangled}");
+    let mangled = exchange(
+        &tunnel,
+        b"GET / HTTP/1.0\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert!(mangled.starts_with("HTTP/1.1 505 "), "{mangled}");
+    let connection_only = exchange(
+        &tunnel,
+        b"GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+    );
+    assert!(
+        connection_only.starts_with("HTTP/1.1 426 "),
+        "{connection_only}"
+    );
+    let to_root =
+        String::from_utf8(ws_upgrade(&tunnel))
+            .unwrap()
+            .replacen("GET /tunnel ", "GET / ", 1);
+    assert!(to_root.starts_with("GET / HTTP/1.1"), "{to_root}");
+    let mut s = TcpStream::connect(&tunnel).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(to_root.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
 }

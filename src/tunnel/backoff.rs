@@ -18,12 +18,13 @@ pub const STABLE: Duration = Duration::from_secs(10);
 
 /// The lifetime at which something cuts every session, if the last three
 /// (`uptimes`, oldest first) each lasted within a second or two of the
-/// same length, of at least `STABLE`: a load balancer's or proxy's
-/// connection lifetime, which the agent cannot fix, but its operator can.
+/// same length, of at least 3 s (shorter is a refusal after login, not a
+/// lifetime): a load balancer's or proxy's connection lifetime, which the
+/// agent cannot fix, but its operator can.
 pub fn fixed_lifetime(uptimes: &[Duration]) -> Option<Duration> {
     let last: &[Duration] = uptimes.get(uptimes.len().checked_sub(3)?..)?;
     let (lo, hi) = (*last.iter().min()?, *last.iter().max()?);
-    (lo >= STABLE && hi - lo <= Duration::from_secs(2)).then_some(hi)
+    (lo >= Duration::from_secs(3) && hi - lo <= Duration::from_secs(2)).then_some(hi)
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +102,8 @@ mod tests {
         }
         b.session_ended(Duration::from_secs(1));
         assert_eq!(b.attempt(), 5, "a short session must not reset the backoff");
+        b.session_ended(Duration::from_millis(9_900));
+        assert_eq!(b.attempt(), 5, "under 10 s is not stable");
         // Cut at GCP's default backend timeout: long enough.
         b.session_ended(Duration::from_millis(29_800));
         assert_eq!(b.attempt(), 0);
@@ -129,6 +132,11 @@ mod tests {
             fixed_lifetime(&[s(2), s(2), s(2)]),
             None,
             "flapping, not a lifetime"
+        );
+        assert_eq!(
+            fixed_lifetime(&[s(5), s(5), s(5)]),
+            Some(s(5)),
+            "short, but one age"
         );
     }
 }

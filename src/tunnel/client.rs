@@ -675,14 +675,16 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         .as_deref()
         .map(|s| format!(" (answered by '{s}')"))
         .unwrap_or_default();
-    let envoy = server
-        .as_deref()
-        .is_some_and(|s| s.to_ascii_lowercase().contains("envoy") || s.contains("istio"));
+    let envoy = server.as_deref().is_some_and(|s| {
+        let s = s.to_ascii_lowercase();
+        s.contains("envoy") || s.contains("istio")
+    });
     let hint = match status.as_u16() {
         403 if envoy => {
             "Envoy refuses a WebSocket upgrade on a route that does not enable it (Contour: \
-             `enableWebsockets: true` on the route; Istio, Envoy Gateway or plain Envoy: an \
-             `upgrade_configs` entry for websocket), and while the route has no ready backend"
+             `enableWebsockets: true` on the route; Envoy Gateway or plain Envoy: an \
+             `upgrade_configs` entry for websocket), and an authorization policy that denies \
+             the agent answers 403 too (Istio: `RBAC: access denied`)"
         }
         505 => {
             "a proxy speaks HTTP/1.0 to the hub, and a WebSocket upgrade needs HTTP/1.1 (nginx: \

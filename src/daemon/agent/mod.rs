@@ -393,6 +393,10 @@ async fn tunnel_loop(
                 tracing::warn!("tunnel down after {uptime:?}: {why}");
                 push_bounded(&mut uptimes, uptime, 3);
                 let lifetime = crate::tunnel::backoff::fixed_lifetime(uptimes.make_contiguous());
+                if lifetime.is_none() {
+                    // Said again if the pattern comes back later.
+                    said_lifetime = None;
+                }
                 if let Some(l) = lifetime.filter(|l| {
                     said_lifetime.is_none_or(|s| s.abs_diff(*l) > Duration::from_secs(2))
                 }) {

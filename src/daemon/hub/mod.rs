@@ -976,6 +976,13 @@ impl Hub {
     /// What the metrics page shows, taken at once.
     pub fn metrics_snapshot(&self) -> metrics::Snapshot {
         let members = self.store.list_members().unwrap_or_default();
+        // Before `meta` is taken (every session's history waits on it).
+        let elsewhere: std::collections::HashSet<String> = members
+            .iter()
+            .filter(|m| self.session(&m.name).is_none())
+            .filter(|m| peer::reachable_elsewhere(self, &m.name))
+            .map(|m| m.name.clone())
+            .collect();
         let meta = self.meta.lock();
         let members = members
             .into_iter()
@@ -990,7 +997,7 @@ impl Hub {
                 let (bytes_in, bytes_out) = cm.map(|m| m.counters.bytes()).unwrap_or_default();
                 MemberStats {
                     connected: live.is_some(),
-                    reachable: live.is_some() || peer::holder(self, &m.name).is_some(),
+                    reachable: live.is_some() || elsewhere.contains(&m.name),
                     rtt: cm.map(|c| c.rtt_histogram.clone()).unwrap_or_default(),
                     bytes_in,
                     bytes_out,

@@ -1183,6 +1183,18 @@ pub(super) fn registered(hub: &Hub, s: &Arc<LiveSession>) {
     }
 }
 
+/// Whether requests for `name` through this hub reach its agent on
+/// another hub: an owner other than this hub, in a registry view this hub
+/// still serves from (its own owner keys may outlive a hand-off it could
+/// not record while cut off from etcd).
+pub(super) fn reachable_elsewhere(hub: &Hub, name: &str) -> bool {
+    hub.stale_refusal().is_none()
+        && hub
+            .cluster
+            .get()
+            .is_some_and(|c| c.route(name, &http::HeaderMap::new()).is_some())
+}
+
 /// The hub id holding `name` (this hub's own id when it is here).
 pub(super) fn holder(hub: &Hub, name: &str) -> Option<String> {
     let c = hub.cluster.get()?;

@@ -165,10 +165,19 @@ fn not_an_upgrade(head: &[u8], complete: bool) -> Option<NotAnUpgrade> {
                 _ => target,
             };
             let path = path.split('?').next().unwrap_or_default();
-            let upgrade = request
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+            // An upgrade attempt, even one a proxy on the way mangled (nginx
+            // left at HTTP/1.0 drops Upgrade and Connection but passes the
+            // Sec-WebSocket-* fields): answered as such below (426, 505),
+            // not taken for a health check of `/`.
+            let upgrade = request.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("upgrade")
+                    || h.name.eq_ignore_ascii_case("sec-websocket-key")
+                    || h.name.eq_ignore_ascii_case("sec-websocket-version")
+                    || (h.name.eq_ignore_ascii_case("connection")
+                        && String::from_utf8_lossy(h.value)
+                            .split(',')
+                            .any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            });
             let method = request.method.unwrap_or_default();
             if HEALTH_PATHS.contains(&path)
                 && !upgrade
