@@ -321,6 +321,9 @@ pub struct ClientSession {
     handle: Handle<AgentHandler>,
     /// What the hub has sent so far (keepalives count it as a sign of life).
     alive: super::Liveness,
+    /// The WebSocket's Close from the other end, if one came
+    /// ([`super::ws::WsIo::close_note`]).
+    ws_closed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     closed: oneshot::Receiver<SessionEnd>,
     pub connected_at: Instant,
 }
@@ -339,12 +342,21 @@ impl ClientSession {
     /// session.
     pub fn take_closed(&mut self) -> impl std::future::Future<Output = SessionEnd> + use<> {
         let rx = std::mem::replace(&mut self.closed, oneshot::channel().1);
+        let ws_closed = self.ws_closed.clone();
         async move {
-            rx.await.unwrap_or_else(|_| SessionEnd {
+            let mut end = rx.await.unwrap_or_else(|_| SessionEnd {
                 reason: "the tunnel closed".to_string(),
                 revoked: false,
                 from_hub: None,
-            })
+            });
+            // Not the hub's own goodbye (an SSH disconnect): the WebSocket's
+            // close, if one came, says who ended it (a proxy's 1001).
+            if end.from_hub.is_none() {
+                if let Some(c) = ws_closed.lock().ok().and_then(|c| c.clone()) {
+                    end.reason = format!("{} (after {c})", end.reason);
+                }
+            }
+            end
         }
     }
 
@@ -562,6 +574,7 @@ async fn connect_inner(
     };
     let io = WsIo::new(ws);
     let alive = io.liveness();
+    let ws_closed = io.close_note();
     let mut handle = match russh::client::connect_stream(
         client_config(opts.keepalive, &opts.features),
         io,
@@ -627,6 +640,7 @@ async fn connect_inner(
     }
     Ok(ClientSession {
         alive,
+        ws_closed,
         handle,
         closed: closed_rx,
         connected_at: Instant::now(),

@@ -648,6 +648,39 @@ fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
 }
 
 /// Whether a peer may send this close status (RFC 6455, 7.4.1 and 7.4.2).
+/// A Close frame's payload in words: its code (and its name when it is a
+/// common one) and its reason, escaped and cut.
+pub fn close_description(payload: &[u8]) -> String {
+    let Some(code) = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]])) else {
+        return "a WebSocket close without a code".to_string();
+    };
+    let name = match code {
+        1000 => " (normal)",
+        1001 => " (going away: a server or proxy shutting down or cutting the connection)",
+        1006 => " (abnormal)",
+        1008 => " (policy violation)",
+        1009 => " (message too big)",
+        1011 => " (server error)",
+        1012 => " (service restart)",
+        1013 => " (try again later)",
+        1014 => " (bad gateway)",
+        _ => "",
+    };
+    let reason = String::from_utf8_lossy(&payload[2..]);
+    if reason.is_empty() {
+        format!("a WebSocket close with code {code}{name}")
+    } else {
+        // Escaped here (this file is also built into the examples, without
+        // the tunnel module's helpers): control characters cannot forge
+        // log lines.
+        let cut: String = reason.chars().take(120).collect();
+        format!(
+            "a WebSocket close with code {code}{name}: '{}'",
+            cut.escape_debug()
+        )
+    }
+}
+
 fn close_code_ok(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
@@ -716,6 +749,10 @@ pub struct WsIo<S> {
     eof: bool,
     /// This side closed the WebSocket.
     shut: bool,
+    /// What the peer's Close frame said (its code and reason, escaped),
+    /// once one came: a proxy's or balancer's close ("1001 going away")
+    /// otherwise read as a bare end of the tunnel.
+    closed_with: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl<S> WsIo<S> {
@@ -723,6 +760,12 @@ impl<S> WsIo<S> {
     /// (`tunnel::await_keepalive`).
     pub fn liveness(&self) -> Liveness {
         self.alive.clone()
+    }
+
+    /// Where the peer's Close frame, when one comes, is described
+    /// ([`close_description`]).
+    pub fn close_note(&self) -> std::sync::Arc<std::sync::Mutex<Option<String>>> {
+        self.closed_with.clone()
     }
 
     /// Takes the stream over from tungstenite once the upgrade is done
@@ -748,6 +791,7 @@ impl<S> WsIo<S> {
             flush_pending: false,
             eof: false,
             shut: false,
+            closed_with: Default::default(),
         }
     }
 
@@ -828,6 +872,9 @@ impl<S> WsIo<S> {
                     }
                     8 => {
                         self.eof = true;
+                        if let Ok(mut note) = self.closed_with.lock() {
+                            note.get_or_insert_with(|| close_description(payload));
+                        }
                         if !self.shut {
                             // Answered with its status code if it is one
                             // a peer may send (RFC 6455, 7.4), with 1002
@@ -1752,6 +1799,13 @@ mod tests {
                 .unwrap();
             assert_eq!(read_until_pending(&mut ours).unwrap(), b"");
             assert!(ours.eof, "{payload:?}: the close did not end the stream");
+            let note = ours
+                .close_note()
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_default();
+            assert!(note.starts_with("a WebSocket close"), "{note}");
             let ctl = control_frames_at(&mut far).await;
             let code = ctl[0].1.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
             assert_eq!((ctl.len(), ctl[0].0, code), (1, 8, want), "{payload:?}");
@@ -1764,6 +1818,20 @@ mod tests {
         assert!(read_until_pending(&mut ours).is_err());
         let ctl = control_frames_at(&mut far).await;
         assert_eq!(ctl, vec![(8, 1002u16.to_be_bytes().to_vec())]);
+    }
+
+    #[test]
+    fn a_close_is_described_with_its_code_and_escaped_reason() {
+        let d = |code: u16, reason: &[u8]| {
+            close_description(&[&code.to_be_bytes()[..], reason].concat())
+        };
+        assert_eq!(
+            d(1001, b""),
+            "a WebSocket close with code 1001 (going away: a server or proxy shutting down or cutting the connection)"
+        );
+        let forged = d(4000, b"bye\nagent connected cluster=prod");
+        assert!(forged.contains("4000: 'bye\\nagent"), "{forged}");
+        assert_eq!(close_description(&[]), "a WebSocket close without a code");
     }
 
     #[tokio::test]
