@@ -2437,6 +2437,8 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
     );
     let (status, _) = http_get(tport, "/tunnel", true).expect("an answer to an upgrade");
     assert_eq!(status, 503, "an agent is told to come back");
+    let o = hub.towerctl(&["status"]);
+    assert!(o.stdout.contains("HUB  starting (pid"), "{o:?}");
 
     // Another hub waiting: a signal stops it at once.
     let other = Env::new();

@@ -196,7 +196,15 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                     }
                 }
             }
-            None => println!("HUB  not running on this machine"),
+            // Its process holds the pid file but does not answer yet: a
+            // hub waiting for etcd at start, say.
+            None => match crate::daemon::process::running_pid("hub") {
+                Some(pid) => println!(
+                    "HUB  starting (pid {pid}): not answering yet (a hub on etcd waits for it at \
+                     start: see its log)"
+                ),
+                None => println!("HUB  not running on this machine"),
+            },
         }
         if !agents.is_empty() {
             println!("AGENTS");
