@@ -533,7 +533,7 @@ async fn tunnel_session(
             ticket.rekey(client);
         }
         let io = tunnel::ws::WsIo::new(ws);
-        let alive = io.liveness();
+        let alive = (io.liveness(), io.close_note());
         let auth: Arc<dyn server::Authenticator> = hub.clone();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let penalty = Arc::new(SourcePenalty {
@@ -561,7 +561,7 @@ async fn tunnel_session(
         lift();
         anyhow::Ok(Some((sess, alive, shown)))
     };
-    let (mut sess, alive, peer) = tokio::select! {
+    let (mut sess, (alive, ws_closed), peer) = tokio::select! {
         r = tokio::time::timeout_at(deadline, login) => match r {
             Ok(r) => match r? {
                 Some(logged_in) => logged_in,
@@ -692,7 +692,16 @@ async fn tunnel_session(
         _ = cancel.cancelled() => "hub shutting down".to_string(),
     };
     // What the agent said when it stopped on purpose ("agent stopped").
-    let why = sess.farewell().unwrap_or(why);
+    // Without the agent's goodbye, what the WebSocket's Close said, if
+    // one came (a proxy in front of the hub ending it: 1001).
+    let why = match (
+        sess.farewell(),
+        ws_closed.lock().ok().and_then(|c| c.clone()),
+    ) {
+        (Some(farewell), _) => farewell,
+        (None, Some(closed)) => format!("{why} (after {closed})"),
+        (None, None) => why,
+    };
     let why = live
         .close_reason
         .lock()
