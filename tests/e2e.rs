@@ -300,12 +300,33 @@ fn agent_reconnects_by_itself_after_a_hub_restart() {
     });
     assert!(s["agents"][0]["retryInMs"].is_number(), "{s}");
 
+    let saved = env.path("config/towerctl/agents/alpha.json");
+    let has_token = || {
+        std::fs::read_to_string(&saved)
+            .unwrap()
+            .contains("\"token\"")
+    };
+    assert!(
+        has_token(),
+        "joined with the token, which the first login spent"
+    );
     env.up_on(&tunnel, &gateway);
     wait_for("the agent to reconnect", Duration::from_secs(20), || {
         (env.status()["agents"][0]["state"] == "connected").then_some(())
     });
     let o = env.kubectl(&["get", "nodes"]);
     assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+    // Back with its key alone: the join token is no longer kept on disk,
+    // and the rest of the saved settings are.
+    wait_for(
+        "the token to leave the agent's config",
+        Duration::from_secs(10),
+        || (!has_token()).then_some(()),
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(cfg["name"], "alpha", "{cfg}");
+    assert!(cfg["hub_key"].is_string(), "{cfg}");
 }
 
 #[test]

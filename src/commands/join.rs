@@ -111,6 +111,7 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(AgentConfig {
+        saved_at: None,
         name: name.to_string(),
         hub,
         proxy,
@@ -325,6 +326,8 @@ pub async fn run_foreground(name: String, opts: AgentOpts, config: Option<PathBu
                     c.name
                 );
             }
+            let mut c = c;
+            c.saved_at = Some(p);
             c
         }
         None => config_from_opts(&name, &opts)?,

@@ -324,6 +324,9 @@ pub struct ClientSession {
     /// The WebSocket's Close from the other end, if one came
     /// ([`super::ws::WsIo::close_note`]).
     ws_closed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The hub took the agent's key (not a join token): the key is
+    /// registered, and the token no longer needed.
+    pub by_key: bool,
     closed: oneshot::Receiver<SessionEnd>,
     pub connected_at: Instant,
 }
@@ -612,6 +615,7 @@ async fn connect_inner(
         .authenticate_publickey(opts.name.clone(), key)
         .await
         .map_err(transient)?;
+    let key_taken = by_key.success();
     let last = if by_key.success() {
         by_key
     } else if let Some(token) = &opts.token {
@@ -641,6 +645,7 @@ async fn connect_inner(
     Ok(ClientSession {
         alive,
         ws_closed,
+        by_key: key_taken,
         handle,
         closed: closed_rx,
         connected_at: Instant::now(),

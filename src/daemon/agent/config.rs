@@ -62,6 +62,10 @@ pub struct AgentConfig {
     /// environment says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_url: Option<String>,
+    /// The file this configuration was read from (`agent run --config`),
+    /// where the join token is removed once the agent's key is registered.
+    #[serde(skip)]
+    pub saved_at: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -89,6 +93,7 @@ impl std::fmt::Debug for AgentConfig {
                 "proxy_url",
                 &self.proxy_url.as_deref().map(crate::tunnel::proxy::redact),
             )
+            .field("saved_at", &self.saved_at)
             .finish()
     }
 }

@@ -254,7 +254,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         service,
         &tx,
         &current,
-        cfg.backoff_cap_secs,
+        (cfg.backoff_cap_secs, cfg.saved_at.clone()),
         cancel.clone(),
     )
     .await;
@@ -268,13 +268,38 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     result
 }
 
+/// Removes the join token from the agent's saved configuration at `path`
+/// (everything else kept as written). A file that cannot be rewritten (a
+/// Secret mounted read-only in a pod) is left as it is.
+fn forget_token(path: &std::path::Path) {
+    let done = (|| -> anyhow::Result<bool> {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        let Some(o) = v.as_object_mut() else {
+            return Ok(false);
+        };
+        if o.remove("token").is_none() {
+            return Ok(false);
+        }
+        paths::write_atomic(path, &serde_json::to_vec_pretty(&v)?, 0o600)?;
+        Ok(true)
+    })();
+    match done {
+        Ok(true) => tracing::info!(
+            "the agent's key is registered: its join token is no longer needed and was removed from '{}'",
+            path.display()
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::debug!("cannot remove the join token from '{}': {e}", path.display()),
+    }
+}
+
 async fn tunnel_loop(
     opts: &DialOptions,
     hubs: &[String],
     service: Arc<dyn ChannelService>,
     tx: &watch::Sender<State>,
     current: &watch::Sender<Option<Arc<client::ClientSession>>>,
-    cap_secs: u64,
+    (cap_secs, mut token_file): (u64, Option<std::path::PathBuf>),
     cancel: CancellationToken,
 ) -> Result<()> {
     let mut backoff = Backoff::new(
@@ -291,7 +316,11 @@ async fn tunnel_loop(
     // failed attempt, so that losing one hub costs one backoff.
     let mut opts = opts.clone();
     let mut last: Option<String> = None;
+    let mut token_spent = false;
     loop {
+        if token_spent {
+            opts.token = None;
+        }
         // The join command's hubs first, then those a hub named since; the
         // one after the last dialed (the list may have changed meanwhile).
         let mut now: Vec<String> = hubs.to_vec();
@@ -317,6 +346,15 @@ async fn tunnel_loop(
         match attempt {
             Ok(mut sess) => {
                 tracing::info!(hub = %opts.url, "tunnel up");
+                if sess.by_key && opts.token.is_some() {
+                    // The key is registered: the join token (a secret that
+                    // could join this name again with this key) is not
+                    // kept in memory or on disk any longer.
+                    token_spent = true;
+                    if let Some(path) = token_file.take() {
+                        tokio::task::spawn_blocking(move || forget_token(&path));
+                    }
+                }
                 // systemd: ready once the first attempt is settled.
                 crate::daemon::notify::notify(&format!(
                     "READY=1\nSTATUS=connected to {}",
