@@ -68,7 +68,10 @@ pub fn join_command(added: &ClusterAdded) -> String {
     };
     format!(
         " TOWERCTL_TOKEN={} towerctl join {} --hub {}{more} --hub-key {}{impersonate}{exposes}",
-        added.token, added.name, added.tunnel_url, added.hub_key
+        added.token.expose(),
+        added.name,
+        added.tunnel_url,
+        added.hub_key
     )
 }
 

@@ -16,6 +16,7 @@ use crate::daemon::process;
 use crate::paths;
 use crate::tunnel::keys::normalize_fingerprint;
 use crate::tunnel::tls::{load_pem_bundle, TrustError, SKIP_VERIFY_WARNING};
+use crate::tunnel::Secret;
 
 /// Turns command-line options into an agent configuration, checking each.
 fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
@@ -48,7 +49,8 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
         .token
         .clone()
         .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty());
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
     let key_file = o
         .key_file
         .as_ref()
@@ -115,7 +117,7 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
         name: name.to_string(),
         hub,
         proxy,
-        proxy_url: o.proxy.clone(),
+        proxy_url: o.proxy.clone().map(Secret::new),
         more_hubs: o.hub.iter().skip(1).cloned().collect(),
         token,
         key_file,
@@ -313,7 +315,7 @@ pub async fn run_foreground(name: String, opts: AgentOpts, config: Option<PathBu
         Some(p) => {
             let s = std::fs::read_to_string(&p)
                 .with_context(|| format!("cannot read the agent config '{}'", p.display()))?;
-            let c: AgentConfig = serde_json::from_str(&s).with_context(|| {
+            let mut c: AgentConfig = serde_json::from_str(&s).with_context(|| {
                 format!(
                     "the agent config '{}' is malformed; run 'towerctl join' again",
                     p.display()
@@ -326,7 +328,6 @@ pub async fn run_foreground(name: String, opts: AgentOpts, config: Option<PathBu
                     c.name
                 );
             }
-            let mut c = c;
             c.saved_at = Some(p);
             c
         }

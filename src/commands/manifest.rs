@@ -92,7 +92,7 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
     // for its own API server would take too. This machine's proxy
     // variables are not the pod's and are not carried.
     let mut secret_data =
-        json!({"token": cfg.token.clone().unwrap_or_default(), "agent.key": agent_key_pem});
+        json!({"token": cfg.token.as_ref().map_or("", |t| t.expose()), "agent.key": agent_key_pem});
     if let Some(p) = &cfg.proxy_url {
         secret_data["proxy"] = json!(p);
     }

@@ -27,7 +27,9 @@ pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
     // keeps the line out of shell history (see `cluster::join_command`).
     println!(
         " TOWERCTL_OPERATOR_TOKEN={} towerctl login {} --ca-hash {}",
-        a.token, a.gateway_url, a.ca_hash
+        a.token.expose(),
+        a.gateway_url,
+        a.ca_hash
     );
     eprintln!(
         "note: '{}' reaches no member until a rule allows it, for example:\n  towerctl access allow operator:{} --clusters 'env=dev'",

@@ -365,12 +365,12 @@ pub fn push_bounded<T>(v: &mut std::collections::VecDeque<T>, item: T, cap: usiz
 }
 
 /// What `cluster add` gets back (its `Debug` leaves the token out).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterAdded {
     pub name: String,
     #[serde(default)]
     pub exposes: Vec<(String, String)>,
-    pub token: String,
+    pub token: crate::tunnel::Secret,
     pub expires_at: Option<u64>,
     pub tunnel_url: String,
     pub hub_key: String,
@@ -385,39 +385,13 @@ pub struct ClusterAdded {
 }
 
 /// What `operator add` gets back (its `Debug` leaves the token out).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OperatorAdded {
     pub name: String,
-    pub token: String,
+    pub token: crate::tunnel::Secret,
     pub gateway_url: String,
     /// `sha256:<hex>` of the gateway CA certificate (DER), for `login --ca-hash`.
     pub ca_hash: String,
-}
-
-impl std::fmt::Debug for ClusterAdded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterAdded")
-            .field("name", &self.name)
-            .field("exposes", &self.exposes)
-            .field("token", &"***")
-            .field("expires_at", &self.expires_at)
-            .field("tunnel_url", &self.tunnel_url)
-            .field("hub_key", &self.hub_key)
-            .field("more_hubs", &self.more_hubs)
-            .field("impersonate", &self.impersonate)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for OperatorAdded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OperatorAdded")
-            .field("name", &self.name)
-            .field("token", &"***")
-            .field("gateway_url", &self.gateway_url)
-            .field("ca_hash", &self.ca_hash)
-            .finish()
-    }
 }
 
 /// An operator as listed (no secret).

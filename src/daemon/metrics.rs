@@ -103,8 +103,8 @@ impl DialFailures {
 pub struct MemberStats {
     pub name: String,
     pub connected: bool,
-    /// Its tunnel is up on this hub or on another hub of the group: what
-    /// operators reach through this hub.
+    /// Its tunnel is up on this hub (`connected` implies it) or on another
+    /// hub of the group: what operators reach through this hub.
     pub reachable: bool,
     pub rtt: Histogram,
     pub bytes_in: u64,
@@ -174,7 +174,7 @@ pub fn render(snap: &Snapshot) -> String {
             o,
             "towerctl_member_reachable{{cluster=\"{}\"}} {}",
             esc(&c.name),
-            u8::from(c.reachable || c.connected)
+            u8::from(c.reachable)
         );
     }
     let _ = writeln!(o, "# HELP towerctl_tunnel_rtt_seconds Round-trip time of tunnel keepalives.\n# TYPE towerctl_tunnel_rtt_seconds histogram");

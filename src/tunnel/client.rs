@@ -323,7 +323,7 @@ pub struct ClientSession {
     alive: super::Liveness,
     /// The WebSocket's Close from the other end, if one came
     /// ([`super::ws::WsIo::close_note`]).
-    ws_closed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    ws_closed: super::ws::CloseNote,
     /// The hub took the agent's key (not a join token): the key is
     /// registered, and the token no longer needed.
     pub by_key: bool,

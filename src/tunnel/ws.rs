@@ -647,7 +647,9 @@ fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
     Ok(header_fields(b))
 }
 
-/// Whether a peer may send this close status (RFC 6455, 7.4.1 and 7.4.2).
+/// Where a [`WsIo`] notes what the peer's Close frame said.
+pub type CloseNote = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
 /// A Close frame's payload in words: its code (and its name when it is a
 /// common one) and its reason, escaped and cut.
 pub fn close_description(payload: &[u8]) -> String {
@@ -681,6 +683,7 @@ pub fn close_description(payload: &[u8]) -> String {
     }
 }
 
+/// Whether a peer may send this close status (RFC 6455, 7.4.1 and 7.4.2).
 fn close_code_ok(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999)
 }
@@ -752,7 +755,7 @@ pub struct WsIo<S> {
     /// What the peer's Close frame said (its code and reason, escaped),
     /// once one came: a proxy's or balancer's close ("1001 going away")
     /// otherwise read as a bare end of the tunnel.
-    closed_with: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    closed_with: CloseNote,
 }
 
 impl<S> WsIo<S> {
@@ -764,7 +767,7 @@ impl<S> WsIo<S> {
 
     /// Where the peer's Close frame, when one comes, is described
     /// ([`close_description`]).
-    pub fn close_note(&self) -> std::sync::Arc<std::sync::Mutex<Option<String>>> {
+    pub fn close_note(&self) -> CloseNote {
         self.closed_with.clone()
     }
 

@@ -8,7 +8,7 @@ use crate::paths;
 
 /// An agent's configuration, as `join` saves it (mode 0600: holds the token).
 /// Its `Debug` leaves the token and a proxy's password out.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentConfig {
     pub name: String,
     pub hub: String,
@@ -18,7 +18,7 @@ pub struct AgentConfig {
     pub more_hubs: Vec<String>,
     /// Join token; only needed until the agent's key is registered.
     #[serde(default)]
-    pub token: Option<String>,
+    pub token: Option<crate::tunnel::Secret>,
     /// The agent's private key (created at first start when missing).
     #[serde(default)]
     pub key_file: Option<PathBuf>,
@@ -61,41 +61,11 @@ pub struct AgentConfig {
     /// `--proxy`: the proxy to reach the hub through, whatever the
     /// environment says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy_url: Option<String>,
+    pub proxy_url: Option<crate::tunnel::Secret>,
     /// The file this configuration was read from (`agent run --config`),
     /// where the join token is removed once the agent's key is registered.
     #[serde(skip)]
     pub saved_at: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for AgentConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentConfig")
-            .field("name", &self.name)
-            .field("hub", &self.hub)
-            .field("more_hubs", &self.more_hubs)
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .field("key_file", &self.key_file)
-            .field("impersonate", &self.impersonate)
-            .field("hub_key", &self.hub_key)
-            .field("kubeconfig", &self.kubeconfig)
-            .field("keepalive_secs", &self.keepalive_secs)
-            .field("backoff_cap_secs", &self.backoff_cap_secs)
-            .field("allow", &self.allow)
-            .field("exposes", &self.exposes)
-            .field("pod_network", &self.pod_network)
-            .field("hub_ca", &self.hub_ca)
-            .field("insecure_skip_tls_verify", &self.insecure_skip_tls_verify)
-            .field("probe_addr", &self.probe_addr)
-            .field("serviceaccount_dir", &self.serviceaccount_dir)
-            .field("proxy", &self.proxy)
-            .field(
-                "proxy_url",
-                &self.proxy_url.as_deref().map(crate::tunnel::proxy::redact),
-            )
-            .field("saved_at", &self.saved_at)
-            .finish()
-    }
 }
 
 fn default_keepalive() -> u64 {

@@ -30,7 +30,7 @@ use super::policy::DialPolicy;
 use crate::paths;
 use crate::tunnel::backoff::Backoff;
 use crate::tunnel::client::{self, ChannelService, DialOptions};
-use crate::tunnel::{Secret, TunnelError};
+use crate::tunnel::TunnelError;
 use upstream::{upstream_client, Upstream};
 
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         url: cfg.hub.clone(),
         name: cfg.name.clone(),
         key: Arc::new(key),
-        token: cfg.token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+        token: cfg.token.clone().filter(|t| !t.expose().is_empty()),
         hub_key: cfg.hub_key.clone(),
         keepalive,
         connect_timeout: Duration::from_secs(15),
@@ -137,7 +137,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         features: features(cfg.impersonate),
         learned_hubs: Default::default(),
         proxy: cfg.proxy.clone(),
-        proxy_url: cfg.proxy_url.clone(),
+        proxy_url: cfg.proxy_url.as_ref().map(|p| p.expose().to_string()),
         tls: Arc::new(crate::tunnel::tls::HubTls::new(
             cfg.hub_ca.as_deref(),
             cfg.insecure_skip_tls_verify,
@@ -254,7 +254,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         service,
         &tx,
         &current,
-        (cfg.backoff_cap_secs, cfg.saved_at.clone()),
+        cfg.backoff_cap_secs,
+        cfg.saved_at.clone(),
         cancel.clone(),
     )
     .await;
@@ -293,13 +294,16 @@ fn forget_token(path: &std::path::Path) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn tunnel_loop(
     opts: &DialOptions,
     hubs: &[String],
     service: Arc<dyn ChannelService>,
     tx: &watch::Sender<State>,
     current: &watch::Sender<Option<Arc<client::ClientSession>>>,
-    (cap_secs, mut token_file): (u64, Option<std::path::PathBuf>),
+    cap_secs: u64,
+    // Where the join token is removed from once the key is taken.
+    mut token_file: Option<std::path::PathBuf>,
     cancel: CancellationToken,
 ) -> Result<()> {
     let mut backoff = Backoff::new(

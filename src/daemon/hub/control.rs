@@ -248,7 +248,7 @@ pub(super) fn handle(
             tracing::info!(operator = %name, "operator added");
             Response::ok(control::OperatorAdded {
                 name,
-                token,
+                token: crate::tunnel::Secret::new(token),
                 gateway_url: base.gateway_url.clone(),
                 ca_hash: crate::daemon::tls::ca_hash(&base.ca_pem),
             })
@@ -379,7 +379,7 @@ fn join_info(hub: &Hub, base: &HubStatus, m: &Member, token: String) -> ClusterA
     ClusterAdded {
         name: m.name.clone(),
         exposes: m.exposes.clone().into_iter().collect(),
-        token,
+        token: crate::tunnel::Secret::new(token),
         expires_at: m.token_expires_at,
         tunnel_url: base.tunnel_url.clone(),
         hub_key: base.hub_key.clone(),

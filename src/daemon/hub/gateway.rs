@@ -587,11 +587,11 @@ fn bearer(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
     String::from_utf8(token).ok().map(Into::into)
 }
 
-/// Opens a new channel to the agent and an HTTP/1.1 connection over it.
 /// Longest wait for an agent to accept a stream for an API request (it
 /// does so at once; raw streams, which it dials first, have 20 s too).
 const OPEN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Opens a new channel to the agent and an HTTP/1.1 connection over it.
 async fn open_channel(
     hub: &Hub,
     session: &Arc<LiveSession>,

@@ -365,6 +365,8 @@ struct Incoming {
 /// [`Penalties`] as seen by one connection's login.
 struct SourcePenalty {
     penalties: Arc<Penalties>,
+    /// The source as limits count it (`admission::source_key`: an IPv6
+    /// address's /64).
     ip: std::net::IpAddr,
 }
 
@@ -405,7 +407,6 @@ impl Penalties {
     }
 
     fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
-        let ip = crate::daemon::admission::source_key(ip);
         let m = self.0.lock().ok()?;
         let (n, at) = m.get(&ip)?;
         let until = *at + Self::delay(*n);
@@ -413,7 +414,6 @@ impl Penalties {
     }
 
     fn failed(&self, ip: std::net::IpAddr) {
-        let ip = crate::daemon::admission::source_key(ip);
         if let Ok(mut m) = self.0.lock() {
             if m.len() >= Self::MAX_SOURCES && !m.contains_key(&ip) {
                 if let Some(oldest) = m.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
@@ -427,7 +427,6 @@ impl Penalties {
     }
 
     fn succeeded(&self, ip: std::net::IpAddr) {
-        let ip = crate::daemon::admission::source_key(ip);
         if let Ok(mut m) = self.0.lock() {
             m.remove(&ip);
         }
@@ -538,7 +537,7 @@ async fn tunnel_session(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let penalty = Arc::new(SourcePenalty {
             penalties: penalties.clone(),
-            ip: client,
+            ip: crate::daemon::admission::source_key(client),
         });
         // The session's address as shown: behind a proxy, the client's
         // and the proxy's.
