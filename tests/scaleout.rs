@@ -2442,18 +2442,9 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
 
     // Another hub waiting: a signal stops it at once.
     let other = Env::new();
-    let mut stopped = support::Streaming::start(other.towerctl_cmd(&[
-        "hub",
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        "127.0.0.1:0",
-        "--metrics",
-        "off",
-        "--store",
-        &store,
-    ]));
+    let mut run_other = other.hub_run_cmd();
+    run_other.args(["--store", &store]);
+    let mut stopped = support::Streaming::start(run_other);
     stopped.wait_for("waiting for it", Duration::from_secs(15));
     let t = Instant::now();
     assert!(Command::new("kill")

@@ -1714,6 +1714,12 @@ where
             }
         }
     } else {
+        // A kubelet starts the process before any output comes (tens of
+        // milliseconds at least). Output sent the instant the upgrade is
+        // answered can reach kubectl 1.32's WebSocket executor before it
+        // has created its stdout stream, and it drops it ("Unknown stream
+        // id 1, discarding message": seen once in CI, a client-go race).
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let args = command.get(1..).unwrap_or_default();
         let line = format!("{}\n", args.join(" "));
         ws.send(frame(STDOUT, line.as_bytes())).await?;
