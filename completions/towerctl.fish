@@ -66,7 +66,11 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-ca -d 'CA
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-cert -d 'Client certificate (PEM) for an etcd that requires one (--client-cert-auth); with --store-key' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l store-key -d 'The client certificate\'s private key (PEM)' -r -F
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l trusted-proxy -d 'Address or network (CIDR) of an ingress or load balancer in front of the hub; repeatable. Connections from it count as from the client it names: in a PROXY protocol header (v1 or v2) or, for HTTP, the address it appends to X-Forwarded-For' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l namespace -d 'Namespace for --print-manifest' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l image -d 'Container image for --print-manifest' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l replicas -d 'Hubs to run, for --print-manifest (default: 2 with --store, else 1; more than one needs --store)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l require-proxy-protocol -d 'With --trusted-proxy: every connection from those addresses must start with a PROXY protocol header, and X-Forwarded-For is not read. For a layer-4 load balancer that passes its clients\' bytes on untouched: without it, a client could name any address itself'
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l print-manifest -d 'Print Kubernetes manifests that run the hub (a StatefulSet, with these flags) instead of starting it here; needs --advertise and --gateway-url'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s v -l verbose -d 'More logging (-v info, -vv debug), also in the daemons this command starts in the background (up, join, port-forward); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s V -l version -d 'Print version'

@@ -2512,3 +2512,259 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
     );
     assert!(took < Duration::from_secs(40), "{took:?}");
 }
+
+/// A process started by a test, killed if the test ends early.
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Status code of `GET path` on `addr`, or `None` when nothing answers.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut c = TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `towerctl up --print-manifest` for a hub on an etcd that requires client
+/// certificates, then the printed pod run as the kubelet would run it: its
+/// args and env (`$(POD_NAME)` expanded), its volumes as directories (the
+/// Secret's files written out, the data claim, the scratch emptyDir), and
+/// nothing else of this machine. It must come up ready on the probes'
+/// paths, serve `kubectl exec … towerctl` (cluster and operator add, with
+/// the pod's env) and a member through it, and on SIGTERM stop within its
+/// termination grace, not ready first.
+#[test]
+fn a_hub_runs_as_its_printed_statefulset_runs_it() {
+    let pki = EtcdPki::new();
+    let etcd = Etcd::start_with(Some(&pki));
+    let (tp, gp) = (free_port(), free_port());
+    let (listen, gateway) = (format!("0.0.0.0:{tp}"), format!("0.0.0.0:{gp}"));
+    let (advertise, gateway_url) = (
+        format!("ws://127.0.0.1:{tp}"),
+        format!("https://127.0.0.1:{gp}"),
+    );
+    let (ca, cert, key) = (
+        pki.file("ca.pem"),
+        pki.file("client.pem"),
+        pki.file("client-key.pem"),
+    );
+    let printer = Env::new();
+    let o = printer.towerctl(&[
+        "up",
+        "--print-manifest",
+        "--replicas",
+        "1",
+        "--listen",
+        &listen,
+        "--gateway",
+        &gateway,
+        "--keepalive",
+        "1s",
+        "--advertise",
+        &advertise,
+        "--gateway-url",
+        &gateway_url,
+        "--store",
+        &etcd.url,
+        "--store-ca",
+        &ca,
+        "--store-cert",
+        &cert,
+        "--store-key",
+        &key,
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let docs: Vec<serde_json::Value> = o
+        .stdout
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect();
+    let secret = docs.iter().find(|d| d["kind"] == "Secret").unwrap();
+    let sts = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let pod_name = format!("{}-0", sts["metadata"]["name"].as_str().unwrap());
+
+    // The pod's volumes as directories under one short root (the control
+    // socket's path must stay under the limit of Unix socket paths).
+    let root = tempfile::Builder::new()
+        .prefix("twpod")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mounts: Vec<(String, String)> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["mountPath"].as_str().unwrap().to_string(),
+                m["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let host_path = |p: &str| -> String {
+        let (m, _) = mounts
+            .iter()
+            .find(|(m, _)| p == m || p.starts_with(&format!("{m}/")))
+            .unwrap_or_else(|| panic!("{p} is on no volume of the pod"));
+        format!("{}{m}{}", root.path().display(), &p[m.len()..])
+    };
+    for (m, name) in &mounts {
+        let dir = host_path(m);
+        std::fs::create_dir_all(&dir).unwrap();
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name.as_str());
+        if let Some(s) = volume.and_then(|v| v["secret"].as_object()) {
+            assert_eq!(s["secretName"], secret["metadata"]["name"]);
+            for (file, pem) in secret["stringData"].as_object().unwrap() {
+                std::fs::write(format!("{dir}/{file}"), pem.as_str().unwrap()).unwrap();
+            }
+        }
+    }
+    let expand = |s: &str| s.replace("$(POD_NAME)", &pod_name);
+    let pod_env: Vec<(String, String)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_string();
+            let value = match e["value"].as_str() {
+                Some(v) if v.starts_with('/') => host_path(v),
+                Some(v) => v.to_string(),
+                None => {
+                    assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+                    pod_name.clone()
+                }
+            };
+            (name, value)
+        })
+        .collect();
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = expand(a.as_str().unwrap());
+            // Paths in the pod's volumes (not --store-prefix=/towerctl/).
+            match a.split_once("=/") {
+                Some((flag, path))
+                    if mounts
+                        .iter()
+                        .any(|(m, _)| format!("/{path}").starts_with(m)) =>
+                {
+                    format!("{flag}={}", host_path(&format!("/{path}")))
+                }
+                _ => a,
+            }
+        })
+        .collect();
+    let in_pod = |args: &[&str]| -> Command {
+        let mut cmd = Command::new(support::TOWERCTL);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(pod_env.iter().map(|(k, v)| (k, v)))
+            .args(args);
+        cmd
+    };
+    let log = root.path().join("hub.log");
+    let mut hub = in_pod(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    hub.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut hub = Killed(hub.spawn().unwrap());
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // The probes, on the named port's path.
+    let port_of = |name: &str| {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    let probe = |which: &str| {
+        let get = &c[which]["httpGet"];
+        let addr = format!("127.0.0.1:{}", port_of(get["port"].as_str().unwrap()));
+        http_status(&addr, get["path"].as_str().unwrap())
+    };
+    let started = Instant::now();
+    while probe("readinessProbe") != Some(200) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30) && hub.0.try_wait().unwrap().is_none(),
+            "the pod's hub never became ready; its log:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(probe("livenessProbe"), Some(200));
+
+    // `kubectl exec POD -- towerctl …` runs with the container's env.
+    let exec = |args: &[&str]| support::run_bounded(in_pod(args), Duration::from_secs(60));
+    let o = exec(&["cluster", "add", "alpha"]);
+    assert!(o.ok(), "cluster add in the pod: {o:?}\n{}", log_text());
+    let join = support::printed_command(&o.stdout, "join");
+    assert!(
+        join.contains(&advertise),
+        "agents dial --advertise: {join:?}"
+    );
+    let api = ApiServer::start();
+    let member = Env::new();
+    let kc = member.path("alpha.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = member.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--keepalive", "1s"],
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    let o = exec(&["operator", "add", "alice"]);
+    assert!(o.ok(), "operator add in the pod: {o:?}");
+    assert!(exec(&["access", "allow", "operator:alice", "--names", "alpha"]).ok());
+    let login = support::printed_command(&o.stdout, "login");
+    assert!(login.contains(&gateway_url), "{login:?}");
+    let laptop = Env::new();
+    let o = laptop.towerctl(&login.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.ok(), "login: {o:?}");
+    assert!(laptop.towerctl(&["use", "alpha"]).ok());
+    assert!(reaches(&laptop, "alpha"), "kubectl through the pod's hub");
+
+    // SIGTERM, as the kubelet stops a pod: not ready at once, still alive
+    // for the readiness grace, then gone within the termination grace.
+    let grace = Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap());
+    let stopped = Instant::now();
+    unsafe { libc::kill(hub.0.id() as i32, libc::SIGTERM) };
+    wait_for(
+        "readiness to fail after SIGTERM",
+        Duration::from_secs(3),
+        || (probe("readinessProbe") == Some(503)).then_some(()),
+    );
+    assert_eq!(probe("livenessProbe"), Some(200), "still alive meanwhile");
+    loop {
+        if let Some(status) = hub.0.try_wait().unwrap() {
+            assert!(status.success(), "{status}; log:\n{}", log_text());
+            break;
+        }
+        assert!(
+            stopped.elapsed() < grace,
+            "the hub outlived its termination grace ({grace:?}); the kubelet would SIGKILL it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use tokio_util::sync::CancellationToken;
 
-use super::{exit, HubArgs};
+use super::{exit, HubArgs, UpArgs};
 use crate::daemon::control::{self, HubStatus, Request};
 use crate::daemon::{hub, process};
 use crate::paths;
@@ -110,7 +110,16 @@ fn differs(a: &HubArgs, s: &HubStatus) -> Vec<String> {
     out
 }
 
-pub async fn up(a: HubArgs) -> Result<u8> {
+pub async fn up(up: UpArgs) -> Result<u8> {
+    if up.print_manifest {
+        let o = super::hubmanifest::HubManifestOptions {
+            namespace: up.namespace,
+            image: up.image,
+            replicas: up.replicas,
+        };
+        return super::hubmanifest::print(&up.hub, &o);
+    }
+    let a = up.hub;
     if let Some(s) = hub_status().await {
         print_ready(&s, true);
         let differ = differs(&a, &s);

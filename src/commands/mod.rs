@@ -9,6 +9,7 @@ pub mod fanout;
 pub mod gen;
 pub mod https;
 pub mod hub;
+pub mod hubmanifest;
 pub mod join;
 pub mod kubeconfig;
 pub mod manifest;
@@ -72,7 +73,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the hub in the background and print where it listens.
-    Up(HubArgs),
+    Up(UpArgs),
     /// Stop the hub started with `towerctl up`.
     Down,
     /// Hub daemon commands.
@@ -222,6 +223,26 @@ timed-out members are listed on stderr at the end; the exit code is 1 if any fai
         #[arg(long)]
         gateway: Option<String>,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub hub: HubArgs,
+    /// Print Kubernetes manifests that run the hub (a StatefulSet, with these
+    /// flags) instead of starting it here; needs --advertise and --gateway-url.
+    #[arg(long)]
+    pub print_manifest: bool,
+    /// Namespace for --print-manifest.
+    #[arg(long, default_value = hubmanifest::DEFAULT_NAMESPACE, requires = "print_manifest")]
+    pub namespace: String,
+    /// Container image for --print-manifest.
+    #[arg(long, default_value = concat!("localhost/towerctl:", env!("CARGO_PKG_VERSION")), requires = "print_manifest")]
+    pub image: String,
+    /// Hubs to run, for --print-manifest (default: 2 with --store, else 1;
+    /// more than one needs --store).
+    #[arg(long, value_name = "N", requires = "print_manifest")]
+    pub replicas: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -1069,7 +1090,7 @@ mod tests {
         let Command::Up(a) = cli.command else {
             panic!("not up")
         };
-        assert!(a.shutdown_delay.is_zero());
+        assert!(a.hub.shutdown_delay.is_zero());
     }
 
     #[test]
@@ -1135,7 +1156,7 @@ mod tests {
         };
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
-            a.store_args(),
+            a.hub.store_args(),
             vec![
                 "--store=https://10.0.0.5:2379".to_string(),
                 "--store-prefix=/towerctl/".to_string(),
@@ -1161,7 +1182,7 @@ mod tests {
         let Command::Up(a) = Cli::try_parse_from(["towerctl", "up"]).unwrap().command else {
             panic!("not up")
         };
-        assert!(a.store_args().is_empty());
+        assert!(a.hub.store_args().is_empty());
     }
 
     #[test]
