@@ -329,6 +329,63 @@ fn agent_reconnects_by_itself_after_a_hub_restart() {
     assert!(cfg["hub_key"].is_string(), "{cfg}");
 }
 
+/// Something else answering at the hub's address with another SSH host
+/// key (anyone on a `ws://` path, an address reused) is never accepted,
+/// but does not stop a running agent either: it used to exit with code 4,
+/// which systemd does not restart, so one forged handshake took a member
+/// off the hub for good. The agent keeps retrying, says why, and is back
+/// when the real hub is.
+#[test]
+fn a_running_agent_outlasts_a_stranger_at_the_hubs_address() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &["--backoff-cap", "1s"]);
+    let s = env.status();
+    let tunnel = s["hub"]["tunnelAddress"].as_str().unwrap().to_string();
+    let gateway = s["hub"]["gatewayAddress"].as_str().unwrap().to_string();
+    let agent = env.pid_of("agent-alpha").expect("the agent runs");
+    env.kill9("hub");
+
+    let stranger = Env::new();
+    let o = stranger.up_on(&tunnel, "127.0.0.1:0");
+    assert!(o.ok(), "{o:?}");
+    let s = wait_for(
+        "the agent to meet the stranger",
+        Duration::from_secs(20),
+        || {
+            let s = env.status();
+            s["agents"][0]["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("does not match the pinned one"))
+                .then_some(s)
+        },
+    );
+    let why = s["agents"][0]["lastError"].as_str().unwrap();
+    assert!(why.contains("retrying"), "{why}");
+    // Several attempts at the stranger, none accepted, the agent alive.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        env.pid_of("agent-alpha"),
+        Some(agent),
+        "the agent must not stop"
+    );
+    assert_ne!(env.status()["agents"][0]["state"], "connected");
+    assert!(stranger
+        .towerctl(&["cluster", "list"])
+        .stdout
+        .lines()
+        .all(|l| !l.contains("alpha")));
+    assert!(stranger.towerctl(&["down"]).ok());
+
+    env.up_on(&tunnel, &gateway);
+    wait_for("the agent to reconnect", Duration::from_secs(20), || {
+        (env.status()["agents"][0]["state"] == "connected").then_some(())
+    });
+    assert_eq!(env.pid_of("agent-alpha"), Some(agent));
+    let o = env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}
+
 #[test]
 fn join_fails_fast_with_the_reason() {
     let env = Env::new();

@@ -276,6 +276,16 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 ),
                 _ => format!("dialing {} and handshaking…", cfg.hub),
             });
+            if s.failure == Some(FailureKind::HostKey) {
+                // A first connection to a hub with another key than the
+                // join command pins: a wrong key or a wrong address, which
+                // waiting cannot fix.
+                spawned.kill();
+                restore();
+                spinner.done();
+                let why = s.last_error.as_deref().unwrap_or("host key mismatch");
+                return Err(CliError::Refused(format!("{why}. The agent was stopped.")).into());
+            }
             if s.failure == Some(FailureKind::Certificate) {
                 // Retrying cannot fix a certificate the agent does not
                 // trust: say so now rather than after --timeout.

@@ -444,11 +444,18 @@ pub enum FailureKind {
     /// The `wss://` endpoint's TLS certificate was refused: `join` stops at
     /// once instead of waiting out its timeout.
     Certificate,
+    /// The hub presented another SSH host key than the pinned one: `join`
+    /// stops at once (exit 4); a running agent retries (see the agent loop).
+    HostKey,
 }
 
 impl FailureKind {
     pub fn of(e: &crate::tunnel::TunnelError) -> Option<FailureKind> {
-        e.is_certificate().then_some(FailureKind::Certificate)
+        match e {
+            crate::tunnel::TunnelError::HostKeyMismatch { .. } => Some(FailureKind::HostKey),
+            e if e.is_certificate() => Some(FailureKind::Certificate),
+            _ => None,
+        }
     }
 }
 

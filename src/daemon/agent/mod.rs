@@ -478,6 +478,27 @@ async fn tunnel_loop(
                     s.failure = None;
                 });
             }
+            // Another host key than the pinned one, at a hub of the join
+            // command: never accepted, but not the end of the agent either.
+            // Whoever can answer in the hub's place on the path (`ws://`, a
+            // reused address or name) could otherwise stop every agent for
+            // good with one forged handshake (exit 4: systemd does not
+            // restart it). Retried at the backoff's pace; `join` stops at
+            // once on it.
+            Err(e @ TunnelError::HostKeyMismatch { .. }) => {
+                let msg = format!(
+                    "{e} (not accepted; retrying: if the hub was not reinstalled, something between this agent and {} answered in its place)",
+                    opts.url
+                );
+                set(&|s| {
+                    if s.last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("{msg}");
+                        s.event(format!("cannot connect: {msg}"));
+                    }
+                    s.last_error = Some(msg.clone());
+                    s.failure = Some(control::FailureKind::HostKey);
+                });
+            }
             Err(e) if e.is_fatal() => {
                 let msg = e.to_string();
                 let revoked = matches!(e, TunnelError::Revoked { .. });
