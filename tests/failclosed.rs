@@ -90,6 +90,35 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
     admins_watch.wait_for("after-bob", Duration::from_secs(20));
 }
 
+/// `cluster set --impersonate` on a member whose agent acts with its own
+/// identity: new requests are refused until the agent declares the mode,
+/// and the streams already open (made with the agent's identity, e.g. as
+/// cluster-admin) end too; they used to run on until the agent restarted.
+#[test]
+fn requiring_impersonation_cuts_the_streams_opened_with_the_agents_identity() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    connected(&hub, &api);
+    let mut watch = Streaming::start(hub.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    api.create_configmap("default", "before", &[("k", "v")]);
+    watch.wait_for("before", Duration::from_secs(20));
+
+    let t = Instant::now();
+    let o = hub.towerctl(&["cluster", "set", "alpha", "--impersonate"]);
+    assert!(o.ok(), "{o:?}");
+    wait_for("the watch to be cut", Duration::from_secs(10), || {
+        watch.has_exited().then_some(())
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the watch outlived the change by {:?}",
+        t.elapsed()
+    );
+    let o = hub.kubectl(&["get", "ns"]);
+    assert!(!o.ok(), "no new request with the agent's identity: {o:?}");
+}
+
 #[test]
 fn the_local_admin_cannot_be_removed() {
     let hub = Env::new();

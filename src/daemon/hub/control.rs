@@ -147,8 +147,12 @@ pub(super) fn handle(
             match r {
                 Ok(Some(m)) => {
                     if let Some(s) = hub.session(&name) {
-                        s.impersonate
-                            .store(m.impersonate, std::sync::atomic::Ordering::Relaxed);
+                        let was = s
+                            .impersonate
+                            .swap(m.impersonate, std::sync::atomic::Ordering::Relaxed);
+                        if m.impersonate && !was {
+                            hub.impersonation_now_required(&name);
+                        }
                     }
                     let mode = if m.impersonate {
                         "impersonation required"

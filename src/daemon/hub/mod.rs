@@ -886,6 +886,18 @@ impl Hub {
         Ok(())
     }
 
+    /// `name` now requires impersonation: streams opened before, which
+    /// act with the agent's own identity (a watch, an exec, a CONNECT),
+    /// end, as new requests in that mode are refused until the agent
+    /// declares it. Returns how many.
+    pub fn impersonation_now_required(&self, name: &str) -> usize {
+        let n = self.streams.cut(|_, c| c == name);
+        if n > 0 {
+            tracing::info!(cluster = %name, "impersonation now required: {n} open stream(s) made with the agent's identity cut");
+        }
+        n
+    }
+
     /// Cuts every open stream whose operator may no longer reach its member
     /// (after rules were narrowed or an operator removed); returns how many.
     pub fn recheck_streams(&self) -> usize {
