@@ -46,6 +46,14 @@ impl Subject {
         match s.split_once(':') {
             Some(("operator", n)) if !n.is_empty() => {
                 crate::daemon::names::validate_name_of("operator", n)?;
+                if n == crate::daemon::names::LOCAL_ADMIN {
+                    // Rules leave the local admin alone: a deny naming it
+                    // would be accepted and change nothing.
+                    return Err(format!(
+                        "'{s}' is the hub's local admin, which rules do not apply to: it reaches every member; \
+                         give other operators their own names and rules"
+                    ));
+                }
                 Ok(Subject::Operator(n.to_string()))
             }
             Some(("group", n)) if !n.is_empty() => match crate::daemon::names::group_problem(n) {
@@ -82,6 +90,12 @@ pub struct Rule {
     pub subject: Subject,
     /// A label selector over the member's labels plus [`NAME_LABEL`].
     pub clusters: String,
+    /// Fields of a rule written by a newer hub (one sharing the registry
+    /// in etcd during an upgrade): kept when this hub writes the rules
+    /// back, and the rule fails closed here, as one with a selector this
+    /// hub cannot read (it may narrow what it allows).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 impl std::fmt::Display for Rule {
@@ -90,7 +104,16 @@ impl std::fmt::Display for Rule {
             Effect::Allow => "allow",
             Effect::Deny => "deny",
         };
-        write!(f, "#{} {e} {} '{}'", self.id, self.subject, self.clusters)
+        write!(f, "#{} {e} {} '{}'", self.id, self.subject, self.clusters)?;
+        if !self.unknown.is_empty() {
+            let fields: Vec<&str> = self.unknown.keys().map(String::as_str).collect();
+            write!(
+                f,
+                " (with fields this towerctl does not know, read as failing closed: {})",
+                fields.join(", ")
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -100,6 +123,10 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     #[serde(default)]
     pub next_id: u64,
+    /// Settings of a newer hub, kept on rewrite; while there are any, no
+    /// rule allows anything here (they may restrict what rules allow).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The answer for one operator and member, with the rule that decided.
@@ -126,6 +153,7 @@ impl Policy {
             effect,
             subject,
             clusters: clusters.to_string(),
+            unknown: Default::default(),
         };
         self.rules.push(r.clone());
         Ok(r)
@@ -153,6 +181,16 @@ impl Policy {
                 why: "local admin".into(),
             };
         }
+        if !self.unknown.is_empty() {
+            let fields: Vec<&str> = self.unknown.keys().map(String::as_str).collect();
+            return Decision {
+                allowed: false,
+                why: format!(
+                    "the access rules hold settings this towerctl does not know ({}), written by a newer hub: upgrade this hub",
+                    fields.join(", ")
+                ),
+            };
+        }
         let mut all = labels.clone();
         all.insert(NAME_LABEL.to_string(), name.to_string());
         // A selector that does not parse (written by a newer hub, or by
@@ -160,8 +198,12 @@ impl Policy {
         // its subject, an allow rule with one allows none.
         let selects = |r: &Rule| {
             r.subject.covers(operator, groups)
-                && Selector::parse(&r.clusters)
-                    .map_or(r.effect == Effect::Deny, |s| s.matches(&all))
+                && if r.unknown.is_empty() {
+                    Selector::parse(&r.clusters)
+                        .map_or(r.effect == Effect::Deny, |s| s.matches(&all))
+                } else {
+                    r.effect == Effect::Deny
+                }
         };
         if let Some(r) = self
             .rules
@@ -256,6 +298,9 @@ mod tests {
         assert!(Subject::parse("group:dev,ops").unwrap_err().contains("','"));
         assert!(Subject::parse("group:system:masters").is_ok());
         assert!(Subject::parse("operator:bob-2").is_ok());
+        // Rules do not apply to the local admin: naming it changes nothing.
+        let e = Subject::parse("operator:admin").unwrap_err();
+        assert!(e.contains("local admin"), "{e}");
     }
 
     /// Rules are read back from the registry, where a newer hub (or a hand)
@@ -276,6 +321,7 @@ mod tests {
             effect,
             subject: Subject::Operator(who.into()),
             clusters: "env in (prod".into(),
+            unknown: Default::default(),
         };
         p.rules.push(unreadable(Effect::Deny, "alice"));
         let d = p.decide("alice", &[], false, "alpha", &none);
@@ -284,5 +330,42 @@ mod tests {
         assert!(p.decide("bob", &[], false, "alpha", &none).allowed);
         p.rules.push(unreadable(Effect::Allow, "carol"));
         assert!(!p.decide("carol", &[], false, "alpha", &none).allowed);
+    }
+
+    /// A rule or setting a newer hub wrote (hubs of several versions share
+    /// one etcd during an upgrade) is not read as if its new fields were
+    /// not there: the rule fails closed, as an unreadable selector does,
+    /// and the fields survive this hub writing the rules back (they used
+    /// to be dropped, for every hub).
+    #[test]
+    fn fields_of_a_newer_hub_fail_closed_and_are_kept() {
+        let newer = r#"{"rules":[
+            {"id":7,"effect":"allow","subject":{"group":"dev"},"clusters":"env=dev","namespaces":["team-a"]},
+            {"id":8,"effect":"allow","subject":{"group":"ops"},"clusters":"env=dev"}
+        ],"next_id":8}"#;
+        let mut p: Policy = serde_json::from_str(newer).unwrap();
+        let dev: Labels = [("env".to_string(), "dev".to_string())].into();
+        let d = p.decide("x", &["dev".into()], false, "alpha", &dev);
+        assert!(!d.allowed, "{d:?}");
+        assert!(p.decide("y", &["ops".into()], false, "alpha", &dev).allowed);
+        p.add(Effect::Allow, Subject::Group("qa".into()), "env=dev")
+            .unwrap();
+        let back = serde_json::to_value(&p).unwrap();
+        assert_eq!(back["rules"][0]["namespaces"][0], "team-a", "{back}");
+        assert!(back["rules"][1].get("namespaces").is_none());
+        assert!(p.rules[0].to_string().contains("namespaces"));
+        // A policy-wide setting: nothing allowed but to the local admin.
+        let mut p: Policy = serde_json::from_value(serde_json::json!({
+            "rules": back["rules"], "next_id": 9, "defaultNamespaces": ["x"]
+        }))
+        .unwrap();
+        let d = p.decide("y", &["ops".into()], false, "alpha", &dev);
+        assert!(!d.allowed && d.why.contains("defaultNamespaces"), "{d:?}");
+        assert!(p.decide("admin", &[], true, "alpha", &dev).allowed);
+        p.remove(9);
+        assert_eq!(
+            serde_json::to_value(&p).unwrap()["defaultNamespaces"][0],
+            "x"
+        );
     }
 }

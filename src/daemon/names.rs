@@ -6,6 +6,11 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     validate_name_of("cluster", name)
 }
 
+/// The operator the hub creates at first start for its own machine
+/// (`towerctl use` there runs as it); it reaches every member whatever
+/// the access rules say.
+pub const LOCAL_ADMIN: &str = "admin";
+
 /// [`validate_name`] for other kinds of names (`operator`).
 pub fn validate_name_of(kind: &str, name: &str) -> Result<(), String> {
     let ok = !name.is_empty()

@@ -225,13 +225,15 @@ pub(super) fn handle(
             if let Some(e) = groups.iter().find_map(|g| group_problem(g)) {
                 return Response::err(e);
             }
-            if hub
-                .store
-                .list_operators()
-                .unwrap_or_default()
-                .iter()
-                .any(|o| o.name == name)
-            {
+            if name == super::LOCAL_ADMIN {
+                return Response::err(format!("'{name}' is the hub's own local operator (admin.token on the hub's machine): give another name"));
+            }
+            let existing = match hub.store.list_operators() {
+                Ok(ops) => ops,
+                // Not known to be free: never a second operator of a name.
+                Err(e) => return Response::err(e.to_string()),
+            };
+            if existing.iter().any(|o| o.name == name) {
                 return Response::err(format!("operator '{name}' already exists; remove it first with 'towerctl operator rm {name}'"));
             }
             let token = match keys::new_token("top_") {

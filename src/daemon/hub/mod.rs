@@ -45,9 +45,7 @@ use crate::tunnel::{keys, server};
 
 pub use forward::UNKNOWN_TOKEN as UNKNOWN_FORWARD_TOKEN;
 
-/// The operator the hub creates at first start for its own machine
-/// (`towerctl use` there runs as it).
-pub const LOCAL_ADMIN: &str = "admin";
+pub use super::names::LOCAL_ADMIN;
 
 /// Connections the kernel holds for each of the hub's two listeners until
 /// they are accepted (what `TcpListener::bind` asks for).

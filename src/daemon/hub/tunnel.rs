@@ -581,13 +581,10 @@ async fn tunnel_session(
         handle: sess.handle.clone(),
         peer: Some(peer.clone()),
         connected_at: control::now_unix(),
-        impersonate: std::sync::atomic::AtomicBool::new(
-            hub.store
-                .get_member(&sess.name)
-                .ok()
-                .flatten()
-                .is_some_and(|m| m.impersonate),
-        ),
+        impersonate: std::sync::atomic::AtomicBool::new(impersonation_at_login(
+            hub.store.as_ref(),
+            &sess.name,
+        )),
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         takes_hub_list: sess.features.iter().any(|f| f == tunnel::FEATURE_HUBS),
         takes_early: sess
@@ -614,6 +611,9 @@ async fn tunnel_session(
     // the session is visible to the revoke's cut.
     match hub.store.get_member(&live.name) {
         Ok(Some(m)) if !m.revoked => {
+            // The mode as the registry has it now (a `cluster set` that
+            // raced the login, or a first read that failed).
+            live.impersonate.store(m.impersonate, Ordering::Relaxed);
             if let Some(why) = super::auth::key_retired(&m, &live) {
                 live.close(&why).await;
             }
@@ -714,9 +714,39 @@ async fn tunnel_session(
     Ok(())
 }
 
+/// Whether a member's new session must route with impersonation, from the
+/// registry. A registry that cannot be read says "required" (requests are
+/// refused until it is confirmed), never "agent identity": that would let
+/// an agent without `--impersonate` act with its own rights for every
+/// operator of a member that requires impersonation.
+fn impersonation_at_login(store: &dyn crate::daemon::store::Store, name: &str) -> bool {
+    match store.get_member(name) {
+        Ok(m) => m.is_some_and(|m| m.impersonate),
+        Err(_) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registry_that_cannot_be_read_at_login_requires_impersonation() {
+        use crate::daemon::store::{MemStore, Member, Store};
+        let store = MemStore::default();
+        let mut m = Member::new("alpha", "h".into(), 0);
+        m.impersonate = true;
+        assert!(store.create_member(&m).unwrap());
+        assert!(store
+            .create_member(&Member::new("beta", "h".into(), 0))
+            .unwrap());
+        assert!(impersonation_at_login(&store, "alpha"));
+        assert!(!impersonation_at_login(&store, "beta"));
+        store
+            .failing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(impersonation_at_login(&store, "beta"), "fails closed");
+    }
 
     #[test]
     fn health_paths_are_told_from_other_requests() {
