@@ -1060,6 +1060,49 @@ mod session_loop_tests {
         drop(client);
     }
 
+    /// The agent's side of the same: a peer that sends an SSH banner and
+    /// then nothing (anything on the path before the host key is checked)
+    /// made `connect` give up at its caller's timeout, but russh's session
+    /// task, spawned at the banner, went on waiting for the key exchange
+    /// for ever, holding the connection (a socket and a task per attempt,
+    /// at every retry). The client's loop now has the deadline too.
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_client_whose_first_key_exchange_stalls_lets_go_of_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (near, mut far) = tokio::io::duplex(1 << 16);
+        let (eof_tx, eof) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            far.write_all(b"SSH-2.0-stall\r\n").await.unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = far.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = eof_tx.send(());
+        });
+        let start = tokio::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            russh::client::connect_stream(
+                Arc::new(russh::client::Config::default()),
+                near,
+                Cli::Answer,
+            ),
+        )
+        .await;
+        assert!(r.is_err(), "no session with a peer that only stalls");
+        tokio::time::timeout(Duration::from_secs(600), eof)
+            .await
+            .expect("the abandoned session still held the connection after 600 s")
+            .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
     /// How many data bytes come on `ch` before its end.
     async fn read_to_end<S>(ch: &mut Channel<S>) -> usize
     where

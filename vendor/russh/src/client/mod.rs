@@ -1429,6 +1429,14 @@ impl Session {
         let rekey_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
         pin!(rekey_timer);
         let mut keepalive_from = tokio::time::Instant::now();
+        // towerctl patch: a key exchange has `KEX_DEADLINE` without progress
+        // to finish, the first one too (see the server's session loop). A
+        // peer that answered the banner and then only stalls (anything on
+        // the path before the host key is checked) held this task and its
+        // socket for ever once `connect`'s caller gave up on it.
+        let kex_timer = tokio::time::sleep(crate::RekeyTimer::FAR);
+        pin!(kex_timer);
+        let mut kex_timed = false;
 
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
@@ -1452,9 +1460,21 @@ impl Session {
             let can_receive_outbound =
                 !self.kex.active() && !self.common.has_any_pending_data() && take_messages;
             rekey.arm(rekey_timer.as_mut(), self.rekey_time_remaining());
+            match (self.kex.active(), kex_timed) {
+                (true, false) => {
+                    kex_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + crate::KEX_DEADLINE);
+                    kex_timed = true;
+                }
+                (false, true) => kex_timed = false,
+                _ => {}
+            }
+            let mut kex_progress = false;
             tokio::select! {
                 r = crate::write_some(&mut self.common.packet_writer, stream_write), if has_output => {
                     r?;
+                    kex_progress = true;
                     // The stream took more of a backlog it had no room
                     // for: the peer reads, a sign of life as good as a
                     // packet from it (a keepalive queued behind the
@@ -1490,6 +1510,9 @@ impl Session {
                             break;
                         } else {
                             self.common.received_data = true;
+                            #[allow(clippy::indexing_slicing)] // not empty
+                            let m = pkt.buffer[0];
+                            kex_progress |= matches!(m, 20..=49 | crate::msg::CHANNEL_DATA | crate::msg::CHANNEL_EXTENDED_DATA);
                             let kex_was_active = self.kex.active();
                             reply(self, handler, kex_done_signal, &mut pkt).await?;
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
@@ -1510,6 +1533,10 @@ impl Session {
 
                     std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
+                }
+                () = &mut kex_timer, if kex_timed => {
+                    debug!("key exchange not finished in time");
+                    return Err(crate::Error::KexTimeout(crate::KEX_DEADLINE).into());
                 }
                 () = &mut rekey_timer, if rekey.armed() => {
                     // The flush after the select sees the elapsed limit.
@@ -1594,6 +1621,11 @@ impl Session {
                     self.drain_inbound_channel_msgs()?;
                 }
             };
+            if kex_progress && kex_timed {
+                kex_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + crate::KEX_DEADLINE);
+            }
 
             self.flush()?;
             crate::write_ready(&mut self.common.packet_writer, stream_write).await?;
