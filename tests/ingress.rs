@@ -905,3 +905,79 @@ fn with_a_required_proxy_protocol_a_trusted_address_without_a_header_is_refused(
     let o = Env::new().towerctl(&["up", "--require-proxy-protocol"]);
     assert!(!o.ok() && o.stderr.contains("--trusted-proxy"), "{o:?}");
 }
+
+/// A proxy between agent and hub that answers the upgrade with
+/// `Connection` listing more than `Upgrade` (as some proxies and servers
+/// do; RFC 6455 asks only that it contain the token), then carries the
+/// bytes both ways. The agent's WebSocket client refused such an answer
+/// ("no Connection: upgrade header") and never connected through it.
+#[test]
+fn an_upgrade_answered_with_a_listed_connection_header_is_taken() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let hub_tunnel = env.status()["hub"]["tunnelAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let rewrote = Arc::new(AtomicBool::new(false));
+    let seen = rewrote.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().take(20) {
+            let Ok(mut client) = client else { return };
+            let Ok(mut hub) = std::net::TcpStream::connect(&hub_tunnel) else {
+                return;
+            };
+            let (mut c2, mut h2) = (client.try_clone().unwrap(), hub.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut h2);
+                let _ = h2.shutdown(std::net::Shutdown::Write);
+            });
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                // The head, byte by byte, then the rest as it comes.
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && hub.read_exact(&mut b).is_ok() {
+                    head.push(b[0]);
+                }
+                let text: String = String::from_utf8_lossy(&head)
+                    .split_inclusive("\r\n")
+                    .map(|l| {
+                        if l.to_ascii_lowercase().starts_with("connection:") {
+                            seen.store(true, Ordering::SeqCst);
+                            "Connection: keep-alive\r\nConnection: Upgrade, keep-alive\r\n"
+                                .to_string()
+                        } else {
+                            l.to_string()
+                        }
+                    })
+                    .collect();
+                if client.write_all(text.as_bytes()).is_ok() {
+                    let _ = std::io::copy(&mut hub, &mut client);
+                }
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let mut join = env.cluster_add("alpha");
+    let i = join.iter().position(|a| a == "--hub").unwrap();
+    join[i + 1] = format!("ws://{proxy}/tunnel");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--timeout", "10s"],
+    );
+    assert!(
+        rewrote.load(Ordering::SeqCst),
+        "the proxy never rewrote an answer"
+    );
+    assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "nodes"]);
+    assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+}

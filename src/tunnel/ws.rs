@@ -213,6 +213,74 @@ pub struct Gate<S> {
     /// How far tungstenite has been given the head's end (see
     /// [`head_end_after`]).
     head_end: u8,
+    /// An agent's: the hub's (or a proxy's) answer to the upgrade was read
+    /// whole and its list-valued headers put as tungstenite checks them
+    /// (see [`answer_as_tungstenite_reads_it`]).
+    answer_ready: bool,
+}
+
+/// Most of an upgrade's answer an agent reads ahead to look at its headers
+/// (tungstenite's own limit on a head is larger, and still applies).
+const ANSWER_HEAD_MAX: usize = 16 * 1024;
+
+/// The answer to an agent's upgrade with `Connection` and `Upgrade` put as
+/// tungstenite's client checks them: one `Connection: Upgrade` and one
+/// `Upgrade: websocket` line where the answer lists those tokens among
+/// others (`Connection: Upgrade, keep-alive`, or `keep-alive` and `upgrade`
+/// on two lines), as RFC 6455 (4.1) and 9110 (7.6.1) allow and some
+/// proxies answer. tungstenite compared the first line's whole value and
+/// refused those with "no Connection: upgrade header". `None` when there
+/// is nothing to change.
+fn answer_as_tungstenite_reads_it(head: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let value = |name: &str, line: &str| -> Option<String> {
+        let (n, v) = line.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    };
+    let mut changed = false;
+    let mut out: Vec<&str> = Vec::with_capacity(lines.len());
+    let mut put: Vec<(&str, &str)> = Vec::new();
+    for (name, token, canonical) in [
+        ("connection", "upgrade", "Connection: Upgrade\r\n"),
+        ("upgrade", "websocket", "Upgrade: websocket\r\n"),
+    ] {
+        let values: Vec<String> = lines
+            .iter()
+            .skip(1)
+            .filter_map(|l| value(name, l))
+            .collect();
+        let has = values
+            .iter()
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token));
+        let plain = values.len() == 1 && values[0].eq_ignore_ascii_case(token);
+        if has && !plain {
+            put.push((name, canonical));
+            changed = true;
+        }
+    }
+    if !changed {
+        return None;
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let replaced = (i > 0)
+            .then(|| put.iter().find(|(name, _)| value(name, line).is_some()))
+            .flatten();
+        match replaced {
+            // The first line of such a header becomes the canonical one;
+            // its other lines go.
+            Some((_, canonical)) => {
+                if !out.contains(canonical) {
+                    out.push(canonical);
+                }
+            }
+            None => out.push(line),
+        }
+    }
+    Some(out.concat().into_bytes())
 }
 
 impl<S> Gate<S> {
@@ -224,6 +292,7 @@ impl<S> Gate<S> {
             out_at: 0,
             early: BytesMut::new(),
             head_end: 0,
+            answer_ready: role == Role::Server,
         }
     }
 
@@ -381,6 +450,39 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
         let this = self.get_mut();
         if this.head_end == HEAD_DONE {
             return Poll::Ready(Ok(()));
+        }
+        if !this.answer_ready {
+            // The whole answer first (or as much as makes no head, or the
+            // peer's end), then its headers put as tungstenite reads them.
+            loop {
+                let mut state = 0;
+                let end = this.early.iter().position(|&b| {
+                    state = head_end_after(state, b);
+                    state == HEAD_DONE
+                });
+                if let Some(end) = end {
+                    if let Some(head) = answer_as_tungstenite_reads_it(&this.early[..=end]) {
+                        let rest = this.early.split_off(end + 1);
+                        this.early.clear();
+                        this.early.extend_from_slice(&head);
+                        this.early.unsplit(rest);
+                    }
+                    break;
+                }
+                if this.early.len() >= ANSWER_HEAD_MAX {
+                    break;
+                }
+                this.early.reserve(4096);
+                if ready!(tokio_util::io::poll_read_buf(
+                    Pin::new(&mut this.io),
+                    cx,
+                    &mut this.early
+                ))? == 0
+                {
+                    break;
+                }
+            }
+            this.answer_ready = true;
         }
         if this.early.is_empty() {
             this.early.reserve(4096);
@@ -1268,6 +1370,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_answer_listing_upgrade_among_other_tokens_is_read_as_an_upgrade() {
+        let fixed = |head: &str| {
+            answer_as_tungstenite_reads_it(head.as_bytes()).map(|h| String::from_utf8(h).unwrap())
+        };
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n";
+        assert_eq!(fixed(ok), None, "nothing to change");
+        assert_eq!(fixed(&ok.replace("Upgrade\r\nSec", "upgrade\r\nSec")), None);
+        let listed = ok.replace("Connection: Upgrade", "Connection: Upgrade, keep-alive");
+        assert_eq!(fixed(&listed).as_deref(), Some(ok));
+        let two_lines = ok.replace(
+            "Connection: Upgrade\r\n",
+            "Connection: keep-alive\r\nServer: p\r\nconnection: upgrade\r\n",
+        );
+        assert_eq!(
+            fixed(&two_lines).as_deref(),
+            Some(&*ok.replace(
+                "Connection: Upgrade\r\n",
+                "Connection: Upgrade\r\nServer: p\r\n"
+            ))
+        );
+        let upgrade_listed = ok.replace("Upgrade: websocket", "Upgrade: WebSocket, h2c");
+        assert_eq!(fixed(&upgrade_listed).as_deref(), Some(ok));
+        // No upgrade token at all: left for tungstenite to refuse.
+        let none = ok.replace("Connection: Upgrade", "Connection: keep-alive, close");
+        assert_eq!(fixed(&none), None);
+    }
+
     use super::*;
     use futures_util::SinkExt;
     use futures_util::StreamExt;
