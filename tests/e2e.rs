@@ -419,6 +419,17 @@ fn join_fails_fast_with_the_reason() {
         "both fingerprints must be shown: {o:?}"
     );
 
+    // Credentials in the hub's URL: never sent, so refused, and not
+    // repeated in the error.
+    let o = env.join(
+        &with("--hub", "ws://agent:s3cret-pw@127.0.0.1:9/tunnel"),
+        &["--kubeconfig", kc],
+    );
+    assert!(
+        !o.ok() && o.stderr.contains("never sent") && !o.all().contains("s3cret-pw"),
+        "{o:?}"
+    );
+
     // A hub that is not there: a closed port on loopback.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -44,6 +44,17 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
                 u.scheme()
             );
         }
+        if !u.username().is_empty() || u.password().is_some() {
+            // Never sent (the WebSocket client drops it), and the URL is
+            // shown in every error, status line and event: not repeated.
+            let mut shown = u.clone();
+            let _ = shown.set_username("");
+            let _ = shown.set_password(None);
+            bail!(
+                "invalid --hub '{shown}' (credentials left out here): a user or password in the URL is never sent to the hub; \
+                 the agent authenticates with its key and join token, and a proxy's credentials go in --proxy"
+            );
+        }
     }
     let token = o
         .token

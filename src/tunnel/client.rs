@@ -595,7 +595,10 @@ async fn connect_inner(
                         actual,
                     }
                 }
-                _ => TunnelError::Handshake(e.to_string()),
+                // russh's text can quote the peer's lists (algorithm
+                // names of a KEXINIT, kilobytes of them, from a peer whose
+                // key is not checked yet): one short printable line.
+                _ => TunnelError::Handshake(super::printable(&e.to_string(), 500)),
             });
         }
     };
@@ -605,7 +608,10 @@ async fn connect_inner(
     // authenticating (a reset, a hub restarting mid-handshake) is an I/O
     // fault like any other and is retried with backoff.
     let transient = |e: russh::Error| {
-        TunnelError::Handshake(format!("the connection failed during authentication: {e}"))
+        TunnelError::Handshake(super::printable(
+            &format!("the connection failed during authentication: {e}"),
+            500,
+        ))
     };
     // russh also answers "failure" with no methods left when the connection
     // closes before the hub answered (its login deadline cut a login that

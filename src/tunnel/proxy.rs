@@ -388,12 +388,16 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
     s.write_all(req.as_bytes()).await?;
     // Read the response head byte by byte: nothing past it may be consumed,
     // it belongs to the WebSocket handshake.
+    // Its end as httparse finds one (`\n\n` too: some proxies end lines
+    // with a bare LF).
     let mut head = Vec::with_capacity(256);
-    while !head.ends_with(b"\r\n\r\n") {
+    let mut state = 0;
+    while state != super::ws::HEAD_DONE {
         if head.len() > 16 * 1024 {
             return Err(std::io::Error::other("proxy response head too large"));
         }
         let b = s.read_u8().await?;
+        state = super::ws::head_end_after(state, b);
         head.push(b);
     }
     let head = String::from_utf8_lossy(&head);
@@ -592,6 +596,17 @@ mod tests {
                 && req.contains("User-Agent: towerctl/"),
             "{req}"
         );
+        // A head whose lines end with a bare LF (httparse and Go take it)
+        // ends at its blank line: it used to be waited on until the
+        // connect timeout.
+        let (p, _) = proxy_answering("HTTP/1.0 200 Connection established\n\n").await;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            connect(&p, "hub.example.com", 443),
+        )
+        .await
+        .expect("the head's end was not seen")
+        .unwrap();
     }
 
     #[tokio::test]

@@ -297,7 +297,8 @@ impl Presented {
             Ok(c) => (
                 render_name(c.subject()),
                 render_name(c.issuer()),
-                c.valid_dns_names().map(clean).collect(),
+                // A certificate may list thousands.
+                c.valid_dns_names().take(20).map(clean).collect(),
             ),
             Err(e) => (
                 format!("(undecodable: {e})"),
@@ -307,6 +308,7 @@ impl Presented {
         };
         let intermediates = intermediates
             .iter()
+            .take(5)
             .map(|c| match webpki::EndEntityCert::try_from(c) {
                 Ok(c) => render_name(c.subject()),
                 Err(_) => "(undecodable)".into(),
@@ -481,7 +483,13 @@ fn utc(t: &UnixTime) -> String {
 fn clean(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| {
+            if c.is_control() || super::is_invisible(c) {
+                '?'
+            } else {
+                c
+            }
+        })
         .take(200)
         .collect();
     if s.chars().count() > 200 {
@@ -599,6 +607,15 @@ mod tests {
         assert_eq!(pr.subject, "CN=hub.corp");
         assert_eq!(pr.issuer, "CN=Corp CA, O=Corp");
         assert_eq!(pr.dns_names, vec!["hub.corp", "localhost"]);
+        // A refused certificate's text is the peer's: no control or
+        // invisible characters (a right-to-left override reorders what a
+        // terminal shows), bounded in length and in count.
+        assert_eq!(clean("a\u{202e}b\u{7}c"), "a?b?c");
+        let names: Vec<String> = (0..100).map(|i| format!("n{i}.corp")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (_, k, p) = ca();
+        let pr = Presented::decode(&leaf(&names, p, &k), &[]);
+        assert_eq!(pr.dns_names.len(), 20);
     }
 
     fn verify(tls: &HubTls, cert: &CertificateDer<'static>, name: &str) -> Option<CertFailure> {
