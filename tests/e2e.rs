@@ -252,6 +252,37 @@ fn disconnected_member_answers_a_status_and_recovers() {
         "{o:?}"
     );
     assert!(o.stderr.contains("disconnected since"), "{o:?}");
+    // Just after the agent left, the 503 says when to retry (client-go,
+    // Helm and Argo CD retry only then: an agent restarting is waited for).
+    let gw = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let o = support::run_bounded(
+        {
+            let mut c = std::process::Command::new("curl");
+            c.args([
+                "-sS",
+                "-i",
+                "--max-time",
+                "10",
+                "--cacert",
+                env.path("data/towerctl/ca.crt").to_str().unwrap(),
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &format!("{gw}/clusters/alpha/api"),
+            ]);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    let head = o.stdout.to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/2 503") || head.starts_with("http/1.1 503"),
+        "{o:?}"
+    );
+    assert!(head.contains("retry-after: 1\r\n"), "{o:?}");
 
     // An unknown cluster is a 404 Status naming it. (kubectl's discovery
     // hides a 404's message, so ask for a raw path.)

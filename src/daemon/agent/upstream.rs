@@ -379,8 +379,7 @@ impl ChannelService for Upstream {
                 crate::daemon::wire::RawAnswer::Err(crate::daemon::wire::DialCode::Unavailable, msg)
                     .to_line()
             } else {
-                let body = format!("{msg}\n");
-                format!("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                full_limit_answer(&msg)
             };
             self.refuse(confirm, stream, reply, ());
             return;
@@ -968,9 +967,51 @@ async fn read_body(
     Ok((buf.freeze(), reserved))
 }
 
+/// The agent's answer to an API request past its stream limit: a `Status`
+/// (kubectl prints its message; a plain text body read as "the server
+/// could not find the requested resource" or was dropped) saying when to
+/// retry (client-go, Helm and Argo CD retry a 503 only then).
+fn full_limit_answer(msg: &str) -> String {
+    let body = crate::daemon::http::status_json(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailable",
+        msg,
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_api_request_past_the_stream_limit_gets_a_status_saying_when_to_retry() {
+        let a = full_limit_answer("too many \"streams\"");
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut r = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(at) = r.parse(a.as_bytes()).unwrap() else {
+            panic!("{a}")
+        };
+        assert_eq!(r.code, Some(503));
+        let h = |n: &str| {
+            r.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(n))
+                .map(|h| h.value)
+        };
+        assert_eq!(h("retry-after"), Some(&b"1"[..]));
+        assert_eq!(h("content-type"), Some(&b"application/json"[..]));
+        let body: serde_json::Value = serde_json::from_str(&a[at..]).unwrap();
+        assert_eq!(body["kind"], "Status");
+        assert_eq!(body["message"], "too many \"streams\"");
+        assert_eq!(
+            h("content-length").map(|v| std::str::from_utf8(v).unwrap().to_string()),
+            Some((a.len() - at).to_string())
+        );
+    }
     use std::time::Duration;
 
     #[test]

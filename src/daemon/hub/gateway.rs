@@ -1465,6 +1465,12 @@ impl RawStream {
 /// Why `name` has no live session — not connected (since when, or revoked)
 /// or not registered — as a status code, a Kubernetes reason and a message;
 /// counted in the dial-failure metrics. Shared by proxying and CONNECT.
+/// How long after its agent left a member's refusals say when to retry
+/// (`Retry-After: 1`; client-go then retries up to ten times, ~10 s):
+/// an agent restarting or handed to another hub is back within it; a
+/// member down for longer fails at once again.
+const RECONNECTING_FOR: u64 = 30;
+
 pub(super) fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
     match hub.store.get_member(name) {
         Ok(Some(m)) => {
@@ -1605,7 +1611,18 @@ async fn proxy(
             return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
         }
         let (code, reason, msg) = no_session(hub, &name);
-        return status_response(code, reason, &msg);
+        let resp = status_response(code, reason, &msg);
+        // An agent that left a moment ago is most likely reconnecting (a
+        // restart, a hub hand-off): clients that retry only when told when
+        // (client-go, Helm, Argo CD) wait for it instead of failing.
+        let recent = hub.disconnected_since(&name).is_some_and(|t| {
+            crate::daemon::control::now_unix().saturating_sub(t) < RECONNECTING_FOR
+        });
+        return if recent && code == StatusCode::SERVICE_UNAVAILABLE {
+            crate::daemon::http::retry_after(resp, 1)
+        } else {
+            resp
+        };
     };
     if let Err(msg) = impersonation_agrees(&session) {
         hub.dial_failures.add(DialFailure::AgentError);
