@@ -124,8 +124,14 @@ impl Drop for BodyPermit {
     }
 }
 
-/// A request body must arrive completely within this.
-const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// A request body may go this long without a byte (a client that stalled
+/// holds its share of the body budget no longer).
+const BODY_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// A request body must arrive completely within this: kube-apiserver's own
+/// time for a request (`--request-timeout`, 60 s). A whole-body limit of
+/// 30 s refused a 3 MiB apply from a client sending under ~100 KB/s (a
+/// slow VPN), which the API server itself would have taken.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Streams (channels) the agent serves at once; more are closed at once.
 pub(super) const MAX_STREAMS: usize = 4096;
@@ -896,14 +902,18 @@ where
     Ok((client, api))
 }
 
-/// Reads a request body within [`MAX_REQUEST_BODY`], [`BODY_DEADLINE`] and
-/// the shared [`BODY_BUDGET_KIB`]; the permits returned hold the budget
-/// until the request has been sent.
-async fn read_body(
-    mut body: Incoming,
+/// Reads a request body within [`MAX_REQUEST_BODY`], [`BODY_STALL`],
+/// [`BODY_DEADLINE`] and the shared [`BODY_BUDGET_KIB`]; the permits
+/// returned hold the budget until the request has been sent.
+async fn read_body<B>(
+    mut body: B,
     budget: &BodyBudget,
     operator: &str,
-) -> Result<(bytes::Bytes, Option<BodyPermit>), (StatusCode, &'static str, String)> {
+) -> Result<(bytes::Bytes, Option<BodyPermit>), (StatusCode, &'static str, String)>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let too_large = || {
         (
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -925,16 +935,21 @@ async fn read_body(
     let mut buf = bytes::BytesMut::new();
     let mut reserved: Option<BodyPermit> = None;
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        let until = (tokio::time::Instant::now() + BODY_STALL).min(deadline);
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
             Err(_) => {
-                return Err((
-                    StatusCode::REQUEST_TIMEOUT,
-                    "Timeout",
+                let msg = if until == deadline {
                     format!(
-                        "request body not received within {}s by the towerctl agent",
+                        "request body not received whole within {}s by the towerctl agent",
                         BODY_DEADLINE.as_secs()
-                    ),
-                ))
+                    )
+                } else {
+                    format!(
+                        "request body stalled: nothing of it for {}s at the towerctl agent",
+                        BODY_STALL.as_secs()
+                    )
+                };
+                return Err((StatusCode::REQUEST_TIMEOUT, "Timeout", msg));
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -986,6 +1001,36 @@ fn full_limit_answer(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that keeps coming, slowly, is taken up to the API server's
+    /// own 60 s (a 30 s limit on the whole refused a slow client's apply);
+    /// one that stalls for 30 s, or is still coming at 60 s, is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_is_taken_and_a_stalled_one_is_not() {
+        use futures_util::StreamExt;
+        let body = |gaps: Vec<u64>| {
+            let frames = futures_util::stream::iter(gaps).then(|secs| async move {
+                tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(
+                    vec![b'x'; 1024],
+                )))
+            });
+            http_body_util::StreamBody::new(Box::pin(frames))
+        };
+        let budget = BodyBudget::new(BODY_BUDGET_KIB);
+        // 50 s in all, 10 s between pieces.
+        let (got, _) = read_body(body(vec![10; 5]), &budget, "op").await.unwrap();
+        assert_eq!(got.len(), 5 * 1024);
+        let Err(e) = read_body(body(vec![1, 31]), &budget, "op").await else {
+            panic!("a body stalled for 31 s was taken")
+        };
+        assert_eq!(e.0, StatusCode::REQUEST_TIMEOUT);
+        assert!(e.2.contains("stalled"), "{e:?}");
+        let Err(e) = read_body(body(vec![20; 4]), &budget, "op").await else {
+            panic!("a body still coming at 60 s was taken")
+        };
+        assert!(e.2.contains("whole within 60s"), "{e:?}");
+    }
 
     #[test]
     fn an_api_request_past_the_stream_limit_gets_a_status_saying_when_to_retry() {
