@@ -480,7 +480,7 @@ async fn connect_inner(
         Some(proxy) => super::proxy::connect(&proxy, host, port)
             .await
             .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?,
-        None => TcpStream::connect((host.trim_matches(|c| c == '[' || c == ']'), port))
+        None => super::dial::connect(host, port)
             .await
             .map_err(|e| unreachable(e.to_string()))?,
     };

@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod client;
 pub mod counted;
+pub mod dial;
 pub mod flow;
 pub mod framecap;
 pub mod keys;

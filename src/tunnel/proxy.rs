@@ -368,7 +368,7 @@ fn refusal_hint(code: u16, head: &str, port: u16) -> String {
 
 /// Opens a TCP tunnel to `host:port` with HTTP `CONNECT` through `proxy`.
 pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<TcpStream> {
-    let mut s = TcpStream::connect((proxy.host.as_str(), proxy.port)).await?;
+    let mut s = super::dial::connect(&proxy.host, proxy.port).await?;
     // IPv6 hosts keep (or get) their brackets in the authority.
     let bare = host.trim_matches(|c| c == '[' || c == ']');
     let authority = if bare.contains(':') {
