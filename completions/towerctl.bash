@@ -2537,7 +2537,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --print-manifest --namespace --image --replicas --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --print-manifest --namespace --image --replicas --storage-class --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2612,6 +2612,10 @@ _towerctl() {
                     return 0
                     ;;
                 --replicas)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --storage-class)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

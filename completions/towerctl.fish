@@ -69,6 +69,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l trusted-proxy -
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l namespace -d 'Namespace for --print-manifest' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l image -d 'Container image for --print-manifest' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l replicas -d 'Hubs to run, for --print-manifest (default: 2 with --store, else 1; more than one needs --store)' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l storage-class -d 'StorageClass of the hubs\' volumes, for --print-manifest (default: the cluster\'s default class)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l require-proxy-protocol -d 'With --trusted-proxy: every connection from those addresses must start with a PROXY protocol header, and X-Forwarded-For is not read. For a layer-4 load balancer that passes its clients\' bytes on untouched: without it, a client could name any address itself'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -l print-manifest -d 'Print Kubernetes manifests that run the hub (a StatefulSet, with these flags) instead of starting it here; needs --advertise and --gateway-url'
 complete -c towerctl -n "__fish_towerctl_using_subcommand up" -s v -l verbose -d 'More logging (-v info, -vv debug), also in the daemons this command starts in the background (up, join, port-forward); RUST_LOG overrides'

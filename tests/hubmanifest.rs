@@ -97,6 +97,8 @@ fn hub_manifests_parse_and_are_wired_together() {
         "0.0.0.0:9464",
         "--trusted-proxy",
         "10.0.0.0/8",
+        "--storage-class",
+        "fast",
     ];
     args.extend(ADVERTISE);
     let docs = print(&env, &args);
@@ -241,9 +243,10 @@ fn hub_manifests_parse_and_are_wired_together() {
     assert_eq!(flag("trusted-proxy"), "10.0.0.0/8");
     assert_eq!(flag("advertise"), "ws://hub.example.com:8080");
     assert_eq!(flag("gateway-url"), "https://hub.example.com:9443");
-    // The readiness grace, within the pod's termination grace.
-    assert_eq!(flag("shutdown-delay"), "5000ms");
-    assert!(pod.termination_grace_period_seconds.unwrap() > 5 + 5);
+    // The readiness grace, within the pod's termination grace: behind a
+    // cloud load balancer, as long as its health checks take to notice.
+    assert_eq!(flag("shutdown-delay"), "30000ms");
+    assert!(pod.termination_grace_period_seconds.unwrap() > 30 + 5);
 
     // The etcd files: each where its flag says, in the Secret mounted
     // there, with the file's contents; nothing of this machine's paths.
@@ -266,18 +269,27 @@ fn hub_manifests_parse_and_are_wired_together() {
         let file = path.rsplit('/').next().unwrap();
         assert_eq!(sd[file], std::fs::read_to_string(local).unwrap(), "{f}");
     }
-    // The data directory on each pod's own claim; the other XDG
-    // directories writable under a read-only root.
-    let data = env_of["XDG_DATA_HOME"].value.as_deref().unwrap();
+    // The data directory and the state directory (the audit log, which
+    // must outlive a restart) on each pod's own claim, of the class asked
+    // for; the other XDG directories writable under a read-only root.
     let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
-    let m = mounts.iter().find(|m| m.mount_path == data).unwrap();
-    assert_eq!(Some(m.name.as_str()), claim.metadata.name.as_deref());
-    for var in [
-        "HOME",
-        "XDG_CONFIG_HOME",
-        "XDG_STATE_HOME",
-        "XDG_RUNTIME_DIR",
-    ] {
+    assert_eq!(
+        claim.spec.as_ref().unwrap().storage_class_name.as_deref(),
+        Some("fast")
+    );
+    for var in ["XDG_DATA_HOME", "XDG_STATE_HOME"] {
+        let p = env_of[var].value.as_deref().unwrap();
+        let m = mounts
+            .iter()
+            .find(|m| p.starts_with(&format!("{}/", m.mount_path)))
+            .unwrap_or_else(|| panic!("{var}={p} is on no mount"));
+        assert_eq!(
+            Some(m.name.as_str()),
+            claim.metadata.name.as_deref(),
+            "{var} on the claim"
+        );
+    }
+    for var in ["HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR"] {
         let p = env_of[var].value.as_deref().unwrap();
         assert!(
             mounts
@@ -318,6 +330,10 @@ fn one_hub_without_etcd_behind_an_ingress() {
         !args
             .iter()
             .any(|a| a.starts_with("--peer-url") || a.starts_with("--store")),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&"--shutdown-delay=5000ms".to_string()),
         "{args:?}"
     );
     // wss:// (TLS ends in front) on one port for both: an ingress routes
@@ -395,6 +411,14 @@ fn what_cannot_run_in_a_pod_is_refused_naming_the_fix() {
                 "https://hub.example.com",
             ],
             "ws:// or wss://",
+        ),
+        (
+            [
+                &ADVERTISE[..],
+                &["--trusted-proxy", "10.0.0.0/8", "--require-proxy-protocol"],
+            ]
+            .concat(),
+            "kubelet's probes",
         ),
     ];
     for (extra, names) in cases {

@@ -2439,6 +2439,13 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
     assert_eq!(status, 503, "an agent is told to come back");
     let o = hub.towerctl(&["status"]);
     assert!(o.stdout.contains("HUB  starting (pid"), "{o:?}");
+    // A registry command meanwhile says the hub is starting, not that
+    // none runs (whose advice, 'towerctl up', would start a second).
+    let o = hub.towerctl(&["cluster", "list"]);
+    assert!(
+        !o.ok() && o.stderr.contains("is starting") && !o.stderr.contains("towerctl up"),
+        "{o:?}"
+    );
 
     // Another hub waiting: a signal stops it at once.
     let other = Env::new();
@@ -2571,6 +2578,8 @@ fn a_hub_runs_as_its_printed_statefulset_runs_it() {
         &gateway,
         "--keepalive",
         "1s",
+        "--shutdown-delay",
+        "2s",
         "--advertise",
         &advertise,
         "--gateway-url",

@@ -13,6 +13,15 @@ use crate::paths;
 
 /// The message for commands that need the hub on this machine.
 pub fn no_hub() -> anyhow::Error {
+    // Its process holds the pid file but does not answer yet (waiting for
+    // etcd at start): starting another would not help.
+    if let Some(pid) = process::running_pid("hub") {
+        return super::error::CliError::NotRunning(format!(
+            "the hub (pid {pid}) is starting and does not answer yet (it may be waiting for etcd); \
+             see its log ('towerctl logs hub', or the pod's 'kubectl logs') and retry"
+        ))
+        .into();
+    }
     super::error::CliError::NotRunning(
         "no hub is running on this machine: start one with 'towerctl up'".into(),
     )
@@ -116,6 +125,7 @@ pub async fn up(up: UpArgs) -> Result<u8> {
             namespace: up.namespace,
             image: up.image,
             replicas: up.replicas,
+            storage_class: up.storage_class,
         };
         return super::hubmanifest::print(&up.hub, &o);
     }

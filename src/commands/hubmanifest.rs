@@ -16,6 +16,8 @@ pub struct HubManifestOptions {
     pub image: String,
     /// `None`: two hubs with `--store`, one without.
     pub replicas: Option<u32>,
+    /// The volume claims' StorageClass (`None`: the cluster's default).
+    pub storage_class: Option<String>,
 }
 
 /// The namespace `up --print-manifest` declares when none is named.
@@ -29,15 +31,23 @@ const PUBLIC: &str = "towerctl-hub-public";
 const ETCD_SECRET: &str = "towerctl-hub-etcd";
 /// Where that Secret is mounted.
 const ETCD_DIR: &str = "/etc/towerctl-etcd";
-/// The volume of each pod's data directory (`XDG_DATA_HOME`): its hub id
-/// and admin token, and without etcd the registry, CA and host key.
-const DATA: &str = "/var/lib/towerctl";
-/// The pod's other writable path (in memory): HOME, config, state (the pid
-/// file) and runtime (the control socket `kubectl exec … towerctl` uses).
+/// Each pod's volume: its data directory (`XDG_DATA_HOME` under it: hub
+/// id and admin token, and without etcd the registry, CA and host key)
+/// and its state directory (`XDG_STATE_HOME`: the audit log, up to 40 MiB
+/// with its rotations, which must outlive a restart).
+const VOLUME: &str = "/var/lib/towerctl";
+/// The pod's other writable path (in memory): HOME, config and runtime
+/// (the control socket `kubectl exec … towerctl` uses).
 const SCRATCH: &str = "/tmp";
 /// The readiness grace (`--shutdown-delay`) the manifest sets when none is
-/// given: long enough for the endpoints to drop the pod before it stops.
+/// given, behind an ingress: long enough for the endpoints to drop the pod
+/// before it stops.
 const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+/// The same behind a cloud load balancer keeping clients' addresses
+/// (`externalTrafficPolicy: Local`): it learns that a node lost its hub
+/// only from its own health checks, tens of seconds (GKE ~24 s, an AWS
+/// classic ELB up to 60 s), and meanwhile sends there.
+const LB_SHUTDOWN_DELAY: Duration = Duration::from_secs(30);
 
 /// What `--advertise` (agents) and `--gateway-url` (kubectl) say about how
 /// the hubs are reached, for the public Service.
@@ -119,6 +129,9 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
     if replicas > 1 && !shared {
         bail!("--replicas {replicas} needs --store etcd://HOST:PORT (or https://…): several hubs share their registry in etcd; without it, give --replicas 1");
     }
+    if a.require_proxy_protocol {
+        bail!("--require-proxy-protocol cannot run in the printed pod: the kubelet's probes and the other hubs reach it without a PROXY header; give --trusted-proxy alone (a proxy's X-Forwarded-For and PROXY headers are still read from it)");
+    }
     let tunnel_port = reachable_port("listen", a.listen)?;
     let gateway_port = reachable_port("gateway", a.gateway)?;
     if tunnel_port == gateway_port {
@@ -137,8 +150,13 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
             "https://$(POD_NAME).{NAME}.{ns}.svc:{gateway_port}"
         ));
     }
+    let load_balancer = public.plain_tunnel && public.tunnel_port != public.gateway_port;
     if pod.shutdown_delay.is_zero() {
-        pod.shutdown_delay = DEFAULT_SHUTDOWN_DELAY;
+        pod.shutdown_delay = if load_balancer {
+            LB_SHUTDOWN_DELAY
+        } else {
+            DEFAULT_SHUTDOWN_DELAY
+        };
     }
     let mut etcd_files = serde_json::Map::new();
     for (flag, given, file) in [
@@ -160,7 +178,7 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": NAME, "namespace": ns, "labels": labels}, "automountServiceAccountToken": false}),
     ];
     let mut mounts = vec![
-        json!({"name": "data", "mountPath": DATA}),
+        json!({"name": "data", "mountPath": VOLUME}),
         json!({"name": "scratch", "mountPath": SCRATCH}),
     ];
     let mut volumes =
@@ -198,7 +216,6 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
     // limits and penalties): through a node's SNAT every agent and
     // operator behind it would count as one source. Otherwise (wss://, or
     // one port for both) an ingress in front routes to this Service.
-    let load_balancer = public.plain_tunnel && public.tunnel_port != public.gateway_port;
     let public_spec = if load_balancer {
         json!({
             "type": "LoadBalancer",
@@ -216,9 +233,17 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
             "ports": [port("tunnel", tunnel_port), port("gateway", gateway_port)],
         })
     };
+    let mut public_meta = json!({"name": PUBLIC, "namespace": ns, "labels": labels});
+    if load_balancer {
+        // EKS's in-tree default is a classic ELB, which proxies (every
+        // client would be its address); a network load balancer passes
+        // them through. Other clouds ignore the annotation.
+        public_meta["annotations"] =
+            json!({"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"});
+    }
     docs.push(json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": PUBLIC, "namespace": ns, "labels": labels},
+        "metadata": public_meta,
         "spec": public_spec,
     }));
     if replicas > 1 {
@@ -231,12 +256,12 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
 
     let mut env = vec![
         json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
-        json!({"name": "XDG_DATA_HOME", "value": DATA}),
+        json!({"name": "XDG_DATA_HOME", "value": format!("{VOLUME}/data")}),
+        json!({"name": "XDG_STATE_HOME", "value": format!("{VOLUME}/state")}),
     ];
     for (var, sub) in [
         ("HOME", ""),
         ("XDG_CONFIG_HOME", "/config"),
-        ("XDG_STATE_HOME", "/state"),
         ("XDG_RUNTIME_DIR", "/run"),
     ] {
         env.push(json!({"name": var, "value": format!("{SCRATCH}{sub}")}));
@@ -254,6 +279,13 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
     // The readiness grace, then the hub's own goodbye to its agents and
     // streams.
     let grace = pod.shutdown_delay.as_secs() + 15;
+    let mut claim = json!({
+        "metadata": {"name": "data", "labels": labels},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    });
+    if let Some(class) = &o.storage_class {
+        claim["spec"]["storageClassName"] = json!(class);
+    }
     docs.push(json!({
         "apiVersion": "apps/v1", "kind": "StatefulSet",
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
@@ -299,18 +331,18 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
                         },
                         // No CPU limit: throttling would show as latency
                         // on every member's requests.
+                        // No ephemeral-storage limit: the root is read-only,
+                        // and the kubelet counts the container's log files
+                        // against it (50 MiB each on OpenShift's defaults).
                         "resources": {
-                            "requests": {"cpu": "100m", "memory": "64Mi", "ephemeral-storage": "16Mi"},
-                            "limits": {"memory": "1Gi", "ephemeral-storage": "64Mi"},
+                            "requests": {"cpu": "100m", "memory": "128Mi", "ephemeral-storage": "16Mi"},
+                            "limits": {"memory": "1Gi"},
                         },
                     }],
                     "volumes": volumes,
                 },
             },
-            "volumeClaimTemplates": [{
-                "metadata": {"name": "data", "labels": labels},
-                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-            }],
+            "volumeClaimTemplates": [claim],
         },
     }));
     Ok(docs)
@@ -337,7 +369,24 @@ pub fn print(a: &HubArgs, o: &HubManifestOptions) -> Result<u8> {
              # the tunnel (port 'tunnel', WebSocket) and passed through untouched to port 'gateway'\n\
              # (README, \"Hub behind an ingress\").\n"
         ));
+        if a.trusted_proxies.is_empty() {
+            out.push_str(
+                "# Without --trusted-proxy (the ingress's addresses), every client counts as the\n\
+                 # ingress for audit and per-source limits.\n",
+            );
+        }
     }
+    if o.image.starts_with("localhost/") {
+        out.push_str(&format!(
+            "# Image {}: built here by scripts/image.sh; push it where the nodes pull from and\n\
+             # pass --image.\n",
+            o.image
+        ));
+    }
+    out.push_str(
+        "# OpenShift: its restricted SCC refuses the fixed user 65532; allow it with\n\
+         # 'oc adm policy add-scc-to-user nonroot-v2 -z towerctl-hub -n NAMESPACE'.\n",
+    );
     out.push_str(&format!(
         "# Then: kubectl -n {ns} exec {NAME}-0 -- towerctl cluster add NAME   (prints the join command)\n\
          #       kubectl -n {ns} exec {NAME}-0 -- towerctl operator add NAME  (prints the login command)\n"
@@ -347,11 +396,15 @@ pub fn print(a: &HubArgs, o: &HubManifestOptions) -> Result<u8> {
             "# The Secret {ETCD_SECRET} holds the etcd client key: whoever reads it can act as the hubs in etcd.\n"
         ));
     }
-    if ns != DEFAULT_NAMESPACE {
-        out.push_str(&format!(
-            "# It declares namespace '{ns}': 'kubectl delete -f' deletes it, with everything in it.\n"
-        ));
-    }
+    out.push_str(&format!(
+        "# It declares namespace '{ns}': 'kubectl delete -f' deletes it with everything in it,\n\
+         # the hubs' volumes too (their data{} and audit logs).\n",
+        if a.store.is_none() {
+            ": the registry, CA and host key, which every join and kubeconfig trusts"
+        } else {
+            ""
+        }
+    ));
     for d in docs {
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&d)?);

@@ -243,6 +243,10 @@ pub struct UpArgs {
     /// more than one needs --store).
     #[arg(long, value_name = "N", requires = "print_manifest")]
     pub replicas: Option<u32>,
+    /// StorageClass of the hubs' volumes, for --print-manifest (default: the
+    /// cluster's default class).
+    #[arg(long, value_name = "CLASS", requires = "print_manifest")]
+    pub storage_class: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
