@@ -235,6 +235,31 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
     assert!(std::fs::symlink_metadata(&bak).unwrap().is_file());
 }
 
+/// The head (lower case) and body of the local admin's `GET path` on the
+/// gateway.
+fn admin_head(env: &Env, path: &str) -> String {
+    let gw = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let mut c = std::process::Command::new("curl");
+    c.args([
+        "-sS",
+        "-i",
+        "--max-time",
+        "10",
+        "--cacert",
+        env.path("data/towerctl/ca.crt").to_str().unwrap(),
+        "-H",
+        &format!("Authorization: Bearer {}", token.trim()),
+        &format!("{gw}{path}"),
+    ]);
+    support::run_bounded(c, Duration::from_secs(20))
+        .stdout
+        .to_ascii_lowercase()
+}
+
 #[test]
 fn disconnected_member_answers_a_status_and_recovers() {
     let env = Env::new();
@@ -254,35 +279,12 @@ fn disconnected_member_answers_a_status_and_recovers() {
     assert!(o.stderr.contains("disconnected since"), "{o:?}");
     // Just after the agent left, the 503 says when to retry (client-go,
     // Helm and Argo CD retry only then: an agent restarting is waited for).
-    let gw = env.status()["hub"]["gatewayURL"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
-    let o = support::run_bounded(
-        {
-            let mut c = std::process::Command::new("curl");
-            c.args([
-                "-sS",
-                "-i",
-                "--max-time",
-                "10",
-                "--cacert",
-                env.path("data/towerctl/ca.crt").to_str().unwrap(),
-                "-H",
-                &format!("Authorization: Bearer {}", token.trim()),
-                &format!("{gw}/clusters/alpha/api"),
-            ]);
-            c
-        },
-        Duration::from_secs(20),
-    );
-    let head = o.stdout.to_ascii_lowercase();
+    let head = admin_head(&env, "/clusters/alpha/api");
     assert!(
         head.starts_with("http/2 503") || head.starts_with("http/1.1 503"),
-        "{o:?}"
+        "{head}"
     );
-    assert!(head.contains("retry-after: 1\r\n"), "{o:?}");
+    assert!(head.contains("retry-after: 1\r\n"), "{head}");
 
     // An unknown cluster is a 404 Status naming it. (kubectl's discovery
     // hides a 404's message, so ask for a raw path.)
@@ -449,17 +451,23 @@ fn join_fails_fast_with_the_reason() {
         o.stderr.contains(fake_key) && o.stderr.contains(&real_key),
         "both fingerprints must be shown: {o:?}"
     );
+    assert!(!o.stderr.contains("retrying"), "join stopped: {o:?}");
 
     // Credentials in the hub's URL: never sent, so refused, and not
     // repeated in the error.
+    for hub in [
+        "ws://agent:s3cret-pw@127.0.0.1:9/tunnel",
+        "https://agent:s3cret-pw@127.0.0.1:9/tunnel",
+        "ws://agent:s3cret-pw@[::1/tunnel",
+    ] {
+        let o = env.join(&with("--hub", hub), &["--kubeconfig", kc]);
+        assert!(!o.ok() && !o.all().contains("s3cret-pw"), "{hub}: {o:?}");
+    }
     let o = env.join(
         &with("--hub", "ws://agent:s3cret-pw@127.0.0.1:9/tunnel"),
         &["--kubeconfig", kc],
     );
-    assert!(
-        !o.ok() && o.stderr.contains("never sent") && !o.all().contains("s3cret-pw"),
-        "{o:?}"
-    );
+    assert!(o.stderr.contains("never sent"), "{o:?}");
 
     // A hub that is not there: a closed port on loopback.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -792,6 +800,12 @@ fn join_tokens_expire_are_single_use_and_revoke_cuts_the_session() {
     assert!(
         o.stderr.contains("ServiceUnavailable") && o.stderr.contains("revoked"),
         "{o:?}"
+    );
+    // No retry brings a revoked member back: not told to retry.
+    let head = admin_head(&env, "/clusters/alpha/api");
+    assert!(
+        head.contains(" 503") && !head.contains("retry-after"),
+        "{head}"
     );
 
     // A revoked cluster's key is refused too, with the reason.

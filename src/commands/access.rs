@@ -66,8 +66,18 @@ pub async fn list(output: &str) -> Result<u8> {
             Effect::Allow => "allow",
             Effect::Deny => "deny",
         };
+        // A rule with fields a newer hub wrote fails closed here: shown so.
+        let unknown = if r.unknown.is_empty() {
+            String::new()
+        } else {
+            let fields: Vec<&str> = r.unknown.keys().map(String::as_str).collect();
+            format!(
+                "  (fails closed on this hub: fields it does not know: {})",
+                fields.join(", ")
+            )
+        };
         println!(
-            "{:<5} {:<7} {:<28} {}",
+            "{:<5} {:<7} {:<28} {}{unknown}",
             r.id,
             e,
             r.subject.to_string(),

@@ -34,16 +34,16 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
         .context("missing --hub: pass the hub's tunnel URL printed by 'towerctl cluster add' (ws://HOST:PORT/tunnel)")?;
     for hub in &o.hub {
         let u = url::Url::parse(hub).map_err(|e| {
+            // What cannot be parsed is not repeated past an '@' (it may
+            // hold a password).
+            let shown = match hub.rsplit_once('@') {
+                Some((_, host)) => format!("…@{host}"),
+                None => hub.clone(),
+            };
             anyhow::anyhow!(
-                "invalid --hub '{hub}': {e}; expected ws://HOST:PORT/tunnel or wss://HOST/tunnel"
+                "invalid --hub '{shown}': {e}; expected ws://HOST:PORT/tunnel or wss://HOST/tunnel"
             )
         })?;
-        if u.scheme() != "ws" && u.scheme() != "wss" {
-            bail!(
-                "invalid --hub '{hub}': the scheme must be ws:// or wss://, not '{}://'",
-                u.scheme()
-            );
-        }
         if !u.username().is_empty() || u.password().is_some() {
             // Never sent (the WebSocket client drops it), and the URL is
             // shown in every error, status line and event: not repeated.
@@ -53,6 +53,12 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
             bail!(
                 "invalid --hub '{shown}' (credentials left out here): a user or password in the URL is never sent to the hub; \
                  the agent authenticates with its key and join token, and a proxy's credentials go in --proxy"
+            );
+        }
+        if u.scheme() != "ws" && u.scheme() != "wss" {
+            bail!(
+                "invalid --hub '{hub}': the scheme must be ws:// or wss://, not '{}://'",
+                u.scheme()
             );
         }
     }
@@ -294,7 +300,14 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 spawned.kill();
                 restore();
                 spinner.done();
-                let why = s.last_error.as_deref().unwrap_or("host key mismatch");
+                // The running agent's words say it retries: not so here.
+                let why = s
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("host key mismatch")
+                    .split(" (not accepted; retrying")
+                    .next()
+                    .unwrap_or_default();
                 return Err(CliError::Refused(format!("{why}. The agent was stopped.")).into());
             }
             if s.failure == Some(FailureKind::Certificate) {

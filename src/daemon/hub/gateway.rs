@@ -1462,15 +1462,15 @@ impl RawStream {
     }
 }
 
-/// Why `name` has no live session — not connected (since when, or revoked)
-/// or not registered — as a status code, a Kubernetes reason and a message;
-/// counted in the dial-failure metrics. Shared by proxying and CONNECT.
 /// How long after its agent left a member's refusals say when to retry
 /// (`Retry-After: 1`; client-go then retries up to ten times, ~10 s):
 /// an agent restarting or handed to another hub is back within it; a
 /// member down for longer fails at once again.
 const RECONNECTING_FOR: u64 = 30;
 
+/// Why `name` has no live session — not connected (since when, or revoked)
+/// or not registered — as a status code, a Kubernetes reason and a message;
+/// counted in the dial-failure metrics. Shared by proxying and CONNECT.
 pub(super) fn no_session(hub: &Hub, name: &str) -> (StatusCode, &'static str, String) {
     match hub.store.get_member(name) {
         Ok(Some(m)) => {
@@ -1617,7 +1617,11 @@ async fn proxy(
         // (client-go, Helm, Argo CD) wait for it instead of failing.
         let recent = hub.disconnected_since(&name).is_some_and(|t| {
             crate::daemon::control::now_unix().saturating_sub(t) < RECONNECTING_FOR
-        });
+        }) && hub
+            .store
+            .get_member(&name)
+            // Not a revoked member, which no retry brings back.
+            .is_ok_and(|m| m.is_some_and(|m| !m.revoked));
         return if recent && code == StatusCode::SERVICE_UNAVAILABLE {
             crate::daemon::http::retry_after(resp, 1)
         } else {

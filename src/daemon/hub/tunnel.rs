@@ -574,6 +574,7 @@ async fn tunnel_session(
     // Logged in: no longer counted among the unauthenticated.
     drop(ticket);
     let counters = hub.counters(&sess.name);
+    let mode_at_login = impersonation_at_login(hub.store.as_ref(), &sess.name);
     let live = Arc::new(LiveSession {
         id: hub.next_id.fetch_add(1, Ordering::Relaxed),
         name: sess.name.clone(),
@@ -581,10 +582,7 @@ async fn tunnel_session(
         handle: sess.handle.clone(),
         peer: Some(peer.clone()),
         connected_at: control::now_unix(),
-        impersonate: std::sync::atomic::AtomicBool::new(impersonation_at_login(
-            hub.store.as_ref(),
-            &sess.name,
-        )),
+        impersonate: std::sync::atomic::AtomicBool::new(mode_at_login.unwrap_or(true)),
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         takes_hub_list: sess.features.iter().any(|f| f == tunnel::FEATURE_HUBS),
         takes_early: sess
@@ -611,9 +609,18 @@ async fn tunnel_session(
     // the session is visible to the revoke's cut.
     match hub.store.get_member(&live.name) {
         Ok(Some(m)) if !m.revoked => {
-            // The mode as the registry has it now (a `cluster set` that
-            // raced the login, or a first read that failed).
-            live.impersonate.store(m.impersonate, Ordering::Relaxed);
+            // The mode as the registry has it now. Raised when a `cluster
+            // set --impersonate` raced the login (and what the session
+            // opened meanwhile cut); lowered only when the first read
+            // failed, never over a `cluster set` that lands between this
+            // read and the store.
+            if m.impersonate {
+                if !live.impersonate.swap(true, Ordering::Relaxed) {
+                    hub.impersonation_now_required(&live.name);
+                }
+            } else if mode_at_login.is_none() {
+                live.impersonate.store(false, Ordering::Relaxed);
+            }
             if let Some(why) = super::auth::key_retired(&m, &live) {
                 live.close(&why).await;
             }
@@ -719,11 +726,13 @@ async fn tunnel_session(
 /// refused until it is confirmed), never "agent identity": that would let
 /// an agent without `--impersonate` act with its own rights for every
 /// operator of a member that requires impersonation.
-fn impersonation_at_login(store: &dyn crate::daemon::store::Store, name: &str) -> bool {
-    match store.get_member(name) {
-        Ok(m) => m.is_some_and(|m| m.impersonate),
-        Err(_) => true,
-    }
+/// `None` when the registry could not be read: the session then starts as
+/// "required" (`unwrap_or(true)`).
+fn impersonation_at_login(store: &dyn crate::daemon::store::Store, name: &str) -> Option<bool> {
+    store
+        .get_member(name)
+        .ok()
+        .map(|m| m.is_some_and(|m| m.impersonate))
 }
 
 #[cfg(test)]
@@ -740,12 +749,14 @@ mod tests {
         assert!(store
             .create_member(&Member::new("beta", "h".into(), 0))
             .unwrap());
-        assert!(impersonation_at_login(&store, "alpha"));
-        assert!(!impersonation_at_login(&store, "beta"));
+        assert_eq!(impersonation_at_login(&store, "alpha"), Some(true));
+        assert_eq!(impersonation_at_login(&store, "beta"), Some(false));
         store
             .failing
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(impersonation_at_login(&store, "beta"), "fails closed");
+        let failed = impersonation_at_login(&store, "beta");
+        assert_eq!(failed, None);
+        assert!(failed.unwrap_or(true), "fails closed");
     }
 
     #[test]
