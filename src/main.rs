@@ -223,7 +223,12 @@ fn main() -> ExitCode {
         // quiet end, as the print macros get from the panic hook above.
         Err(e) if !is_daemon && closed_pipe(&e) => ExitCode::from(commands::exit::OK),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors can quote what others wrote (etcd's answers, registry
+            // records, a member's messages): nothing in them may drive the
+            // terminal. Line breaks are kept.
+            let text = format!("{e:#}");
+            let shown: Vec<_> = text.split('\n').map(tunnel::shown).collect();
+            eprintln!("error: {}", shown.join("\n"));
             ExitCode::from(commands::error::exit_code(&e))
         }
     }

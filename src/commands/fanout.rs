@@ -265,7 +265,12 @@ async fn gateway_refusal(source: &Source, name: &str) -> Option<String> {
         return None;
     }
     let v: Value = serde_json::from_slice(&body).ok()?;
-    Some(format!("HTTP {status}: {}", v["message"].as_str()?))
+    // Relayed from the member (its agent, its API server): one printable
+    // line.
+    Some(format!(
+        "HTTP {status}: {}",
+        crate::tunnel::printable(v["message"].as_str()?, 500)
+    ))
 }
 
 /// The line that says why kubectl failed: its last non-empty one.
@@ -275,8 +280,8 @@ fn last_error(stderr: &str) -> String {
         .rev()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .unwrap_or("(no message)")
-        .to_string()
+        .map(|l| crate::tunnel::printable(l, 500))
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 async fn run_one(

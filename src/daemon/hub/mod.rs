@@ -576,9 +576,19 @@ impl Hub {
 
     /// With several hubs: every other live hub's tunnel URL.
     pub fn other_hubs(&self) -> Vec<String> {
+        // Read from etcd, written by any hub of the group: only what reads
+        // as one ws:// or wss:// URL of printable ASCII goes into the join
+        // commands this hub prints.
         self.cluster
             .get()
-            .map(|c| c.tunnel_urls().into_iter().skip(1).collect())
+            .map(|c| {
+                c.tunnel_urls()
+                    .into_iter()
+                    .skip(1)
+                    .filter(|u| u.bytes().all(|b| b.is_ascii_graphic()))
+                    .flat_map(|u| crate::tunnel::parse_hub_list(&u))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -634,6 +644,10 @@ impl Hub {
     }
 
     fn event(&self, name: &str, text: String) {
+        // Events quote what peers said (a session's error can list a
+        // KEXINIT's names, kilobytes of them): one printable line, bounded,
+        // in every status snapshot.
+        let text = crate::tunnel::printable(&text, 500);
         self.record(name, |m| {
             push_bounded(
                 &mut m.events,
