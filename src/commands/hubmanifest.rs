@@ -323,12 +323,7 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
                         "livenessProbe": probe("/healthz", 10, 3),
                         "readinessProbe": probe("/readyz", 5, 2),
                         "volumeMounts": mounts,
-                        "securityContext": {
-                            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "privileged": false,
-                            "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        "securityContext": super::manifest::restricted_container(),
                         // No CPU limit: throttling would show as latency
                         // on every member's requests.
                         // No ephemeral-storage limit: the root is read-only,

@@ -42,6 +42,17 @@ fn agent_own_rules() -> Value {
     ])
 }
 
+/// The security context of the agent's and the hubs' containers: user
+/// 65532 (the image's), nothing to escalate to, a read-only root.
+pub fn restricted_container() -> Value {
+    json!({
+        "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+        "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "privileged": false,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
 /// The documents, in apply order.
 pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) -> Vec<Value> {
     let name = format!("towerctl-agent-{}", cfg.name);
@@ -212,12 +223,7 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
                         "livenessProbe": probe("/healthz", 10, 3),
                         "readinessProbe": probe("/readyz", 5, 1),
                         "volumeMounts": mounts,
-                        "securityContext": {
-                            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "privileged": false,
-                            "capabilities": {"drop": ["ALL"]},
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        "securityContext": restricted_container(),
                         "resources": {
                             "requests": {"cpu": "10m", "memory": "32Mi", "ephemeral-storage": "16Mi"},
                             "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "64Mi"},

@@ -373,6 +373,12 @@ pub fn head_end_after(state: u8, b: u8) -> u8 {
 }
 
 impl<S: AsyncRead + Unpin> Gate<S> {
+    /// Reads what the socket has into `early`; how much (0 at its end).
+    fn read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.early.reserve(4096);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.early)
+    }
+
     /// Reads the peer's HTTP head ahead of tungstenite (which is then
     /// given it as if read now) and returns it: up to and with its blank
     /// line, or everything read (`complete` false) when the peer ended
@@ -472,28 +478,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                 if this.early.len() >= ANSWER_HEAD_MAX {
                     break;
                 }
-                this.early.reserve(4096);
-                if ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut this.io),
-                    cx,
-                    &mut this.early
-                ))? == 0
-                {
+                if ready!(this.read_more(cx))? == 0 {
                     break;
                 }
             }
             this.answer_ready = true;
         }
-        if this.early.is_empty() {
-            this.early.reserve(4096);
-            if ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.io),
-                cx,
-                &mut this.early
-            ))? == 0
-            {
-                return Poll::Ready(Ok(()));
-            }
+        if this.early.is_empty() && ready!(this.read_more(cx))? == 0 {
+            return Poll::Ready(Ok(()));
         }
         let mut n = 0;
         for &b in this.early.iter().take(buf.remaining()) {
