@@ -510,11 +510,15 @@ impl Etcd {
                 }
                 Ok((st, b)) => {
                     let v: Value = serde_json::from_slice(&b).unwrap_or_default();
-                    let msg = v["error"]
-                        .as_str()
-                        .or(v["message"].as_str())
-                        .map(str::to_string)
-                        .unwrap_or_else(|| String::from_utf8_lossy(&b).into_owned());
+                    // etcd's (or whatever answered) words, shown in logs
+                    // and CLI errors: escaped and bounded.
+                    let msg = crate::tunnel::escape_for_log(
+                        v["error"]
+                            .as_str()
+                            .or(v["message"].as_str())
+                            .unwrap_or(&String::from_utf8_lossy(&b)),
+                        300,
+                    );
                     // etcd answers 503 while it has no leader: try another.
                     if st >= 500 {
                         reason = format!("{ep}: HTTP {st}: {msg}");
@@ -636,7 +640,11 @@ impl Etcd {
             .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
         if st != 200 {
             let b = Self::read_body(&mut r, len).unwrap_or_default();
-            return Err(format!("{ep}: HTTP {st}: {}", String::from_utf8_lossy(&b)).into());
+            return Err(format!(
+                "{ep}: HTTP {st}: {}",
+                crate::tunnel::escape_for_log(&String::from_utf8_lossy(&b), 300)
+            )
+            .into());
         }
         let mut buf: Vec<u8> = Vec::new();
         loop {

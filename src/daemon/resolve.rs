@@ -199,9 +199,13 @@ async fn confirm_pod(
                 Some(p)
             }
             Err(e) => {
+                // Names from an EndpointSlice: whoever may write those in
+                // the member chose them.
                 tracing::debug!(
-                    "endpoint {} names pod {ns}/{name}, which cannot be read: {e}",
-                    r.addr
+                    "endpoint {} names pod {}/{}, which cannot be read: {e}",
+                    r.addr,
+                    crate::tunnel::escape_for_log(&ns, 100),
+                    crate::tunnel::escape_for_log(&name, 100)
                 );
                 None
             }
@@ -211,7 +215,9 @@ async fn confirm_pod(
         Some(p) if p.live && p.ips.contains(&ip) => r.host |= p.host_network,
         _ => {
             tracing::warn!(
-                "an endpoint names pod {ns}/{name} but leads to {}, which is not that pod's address: dialed as a host address",
+                "an endpoint names pod {}/{} but leads to {}, which is not that pod's address: dialed as a host address",
+                crate::tunnel::escape_for_log(&ns, 100),
+                crate::tunnel::escape_for_log(&name, 100),
                 r.addr
             );
             r.pod = None;

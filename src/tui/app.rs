@@ -433,22 +433,28 @@ impl Cluster {
             .flatten()
             .map(|s| now_unix.saturating_sub(s));
         let hub_side = self.hub.as_ref().filter(|h| !h.stale);
+        // What the registry, the agents and other hubs wrote: ratatui drops
+        // control characters, not bidi overrides or zero-width ones, which
+        // a table cell passes to the terminal (a member shown as another).
+        let inert = |s: &str, max: usize| crate::tunnel::printable(s, max);
+        let remote = hub_connected
+            .and_then(|h| {
+                h.remote
+                    .clone()
+                    .or_else(|| h.hub.as_ref().map(|x| format!("via hub {x}")))
+            })
+            .or_else(|| agent.map(|a| format!("hub {}", hub_host(&a.hub))));
+        let version = hub
+            .and_then(|h| h.agent_version.clone())
+            .or_else(|| agent.and_then(|a| a.version.clone()));
         RowView {
-            name: self.name.clone(),
+            name: inert(&self.name, 100),
             state,
             // From the hub: where the agent dials from; from the agent:
             // the hub it dials.
             // With several hubs, a member held by another: that hub.
-            remote: hub_connected
-                .and_then(|h| {
-                    h.remote
-                        .clone()
-                        .or_else(|| h.hub.as_ref().map(|x| format!("via hub {x}")))
-                })
-                .or_else(|| agent.map(|a| format!("hub {}", hub_host(&a.hub)))),
-            version: hub
-                .and_then(|h| h.agent_version.clone())
-                .or_else(|| agent.and_then(|a| a.version.clone())),
+            remote: remote.map(|r| inert(&r, 200)),
+            version: version.map(|v| inert(&v, 64)),
             uptime,
             rtt_ms: if connected {
                 hub_connected
@@ -465,7 +471,7 @@ impl Cluster {
                 (Some(h), Some(a)) => Some(h.max(a)),
                 (h, a) => h.or(a),
             },
-            detail,
+            detail: inert(&detail, 500),
             animated,
         }
     }

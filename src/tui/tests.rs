@@ -794,3 +794,23 @@ fn p_types_a_port_forward_and_the_pane_lists_forwards() {
     );
     assert!(text_of(&a, 160, 48).contains("k3x9 shop/svc/web 127.0.0.1:8080 -> 80"));
 }
+
+/// What a row shows came from the registry, the agents and other hubs: a
+/// right-to-left override or a zero-width space in a version or a remote
+/// address (which ratatui passes to the terminal inside a table cell) is
+/// shown as a space, and nothing is unbounded.
+#[test]
+fn a_rows_text_from_others_is_shown_inert() {
+    let (mut a, _) = app(true);
+    let mut c = connected("alpha", 1);
+    c.agent_version = Some("0.1\u{202e}0.9".into());
+    c.remote = Some(format!("10.0.0.1:1\u{200b}{}", "x".repeat(1000)));
+    update(&mut a, Action::Hub(Box::new(hub(vec![c]))));
+    let v = a.clusters["alpha"].view(a.now, a.now_unix);
+    assert_eq!(v.version.as_deref(), Some("0.1 0.9"));
+    let remote = v.remote.unwrap();
+    assert!(
+        remote.starts_with("10.0.0.1:1 x") && remote.chars().count() <= 200,
+        "{remote}"
+    );
+}
