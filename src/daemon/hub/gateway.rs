@@ -1586,6 +1586,17 @@ fn revoked(cluster: &str) -> Response<Body> {
     )
 }
 
+/// The answer to a request cut while it waited for the member: 503 naming
+/// the mode change when the member now requires impersonation that its
+/// agent does not do (nothing was withdrawn from the operator: a 403
+/// reads to client-go as final), else [`revoked`].
+fn cut_answer(session: &LiveSession, cluster: &str) -> Response<Body> {
+    match impersonation_agrees(session) {
+        Err(msg) => status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg),
+        Ok(()) => revoked(cluster),
+    }
+}
+
 /// Carries one request to the member and its response back.
 #[allow(clippy::too_many_arguments)]
 async fn proxy(
@@ -1726,11 +1737,11 @@ async fn proxy(
             Ok(r) => r,
             Err(resp) => return resp,
         },
-        () = guard.cut.cancelled() => return revoked(&name),
+        () = guard.cut.cancelled() => return cut_answer(&session, &name),
     };
     crate::daemon::http::confine_location(resp.headers_mut(), &name, &pq);
     if guard.cut.is_cancelled() {
-        return revoked(&name);
+        return cut_answer(&session, &name);
     }
     if !upgrade {
         slot.put(name.clone(), &session, sender);
