@@ -1807,7 +1807,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__hub__subcmd__run)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1830,6 +1830,10 @@ _towerctl() {
                     return 0
                     ;;
                 --peer-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-san)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2423,7 +2427,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__service__subcmd__install__subcmd__hub)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2446,6 +2450,10 @@ _towerctl() {
                     return 0
                     ;;
                 --peer-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-san)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2537,7 +2545,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --print-manifest --namespace --image --replicas --storage-class --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --print-manifest --namespace --image --replicas --storage-class --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2560,6 +2568,10 @@ _towerctl() {
                     return 0
                     ;;
                 --peer-url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-san)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

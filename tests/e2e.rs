@@ -489,6 +489,58 @@ fn join_fails_fast_with_the_reason() {
     assert_eq!(s["agents"].as_array().unwrap().len(), 0, "{s}");
 }
 
+/// `--tls-san`: operators reaching the gateway by another name (a DNS
+/// alias) or address (a load balancer's IP) than --gateway-url's host get
+/// a certificate that covers it; other names still fail verification.
+#[test]
+fn the_gateway_certificate_covers_the_names_given_with_tls_san() {
+    let env = Env::new();
+    env.up_with(&[
+        "--tls-san",
+        "Hub-Alias.example.test",
+        "--tls-san",
+        "192.0.2.7",
+    ]);
+    let port = env.gateway_port();
+    let ca = env.path("data/towerctl/ca.crt");
+    let curl = |name: &str| {
+        let mut c = std::process::Command::new("curl");
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--connect-to",
+            &format!("{name}:{port}:127.0.0.1:{port}"),
+            &format!(
+                "https://{}:{port}/version",
+                if name.contains(':') {
+                    format!("[{name}]")
+                } else {
+                    name.to_string()
+                }
+            ),
+        ]);
+        support::run_bounded(c, Duration::from_secs(20))
+    };
+    for name in ["hub-alias.example.test", "192.0.2.7"] {
+        let o = curl(name);
+        assert!(o.ok() && o.stdout == "401", "{name}: {o:?}");
+    }
+    let o = curl("other.example.test");
+    assert!(!o.ok() && o.code == Some(60), "not covered: {o:?}");
+    let o = env.towerctl(&["up", "--tls-san", "not a name"]);
+    assert!(
+        !o.ok() && o.stderr.contains("neither a DNS name nor an IP address"),
+        "{o:?}"
+    );
+}
+
 #[test]
 fn bad_input_gets_a_clear_error() {
     let env = Env::new();

@@ -222,6 +222,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         advertise: a.advertise,
         gateway_url: a.gateway_url,
         peer_url: a.peer_url,
+        tls_sans: a.tls_sans,
         shutdown_delay: a.shutdown_delay,
         keepalive: a.keepalive,
         metrics: a.metrics.0,

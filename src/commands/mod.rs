@@ -272,6 +272,11 @@ pub struct HubArgs {
     /// holding its member's tunnel.
     #[arg(long, value_name = "URL", requires = "store", value_parser = parse_peer_url)]
     pub peer_url: Option<String>,
+    /// Another name or address the gateway's certificate covers (repeatable):
+    /// a DNS alias or a load balancer's IP that operators reach it by
+    /// besides --gateway-url's host.
+    #[arg(long = "tls-san", value_name = "NAME|IP", value_parser = parse_tls_san)]
+    pub tls_sans: Vec<String>,
     /// Keepalive interval; a peer silent for three intervals is declared dead.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
@@ -359,6 +364,9 @@ impl HubArgs {
         }
         if let Some(u) = &self.peer_url {
             args.push(format!("--peer-url={u}"));
+        }
+        for n in &self.tls_sans {
+            args.push(format!("--tls-san={n}"));
         }
         if !self.shutdown_delay.is_zero() {
             args.push(format!(
@@ -820,6 +828,33 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
 
 /// `--peer-url`: an `https://HOST[:PORT]` URL with nothing after the
 /// authority (the other hubs' requests go to its root).
+/// `--tls-san`: a DNS name (lower-cased; a leading `*.` for one label) or
+/// an IP address, as a certificate can name it.
+fn parse_tls_san(s: &str) -> Result<String, String> {
+    let t = s.trim().trim_matches(|c| c == '[' || c == ']');
+    if let Ok(ip) = t.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let name = t.to_ascii_lowercase();
+    let labels = name.strip_prefix("*.").unwrap_or(&name);
+    let ok = !labels.is_empty()
+        && labels.len() <= 253
+        && labels.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(name)
+    } else {
+        Err(format!(
+            "'{s}' is neither a DNS name nor an IP address: give a name like hub.example.com (or *.example.com) or an address like 203.0.113.10"
+        ))
+    }
+}
+
 fn parse_peer_url(s: &str) -> Result<String, String> {
     let u = url::Url::parse(s).map_err(|e| {
         format!("'{s}' is not a URL ({e}): give https://HOST:PORT, this hub's gateway as the other hubs reach it")
@@ -1124,6 +1159,25 @@ mod tests {
         );
         assert!(parse_peer_url("https://hub-a:9443/x").is_err());
         assert!(parse_peer_url("http://hub-a:9443").is_err());
+    }
+
+    #[test]
+    fn tls_sans_are_dns_names_or_addresses() {
+        assert_eq!(parse_tls_san("Hub.Example.COM").unwrap(), "hub.example.com");
+        assert_eq!(parse_tls_san("*.hubs.example").unwrap(), "*.hubs.example");
+        assert_eq!(parse_tls_san("[::1]").unwrap(), "::1");
+        assert_eq!(parse_tls_san("203.0.113.10").unwrap(), "203.0.113.10");
+        for bad in [
+            "",
+            "a b",
+            "-x.example",
+            "x..example",
+            "*.",
+            "https://h",
+            "h:443",
+        ] {
+            assert!(parse_tls_san(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct HubConfig {
     /// With etcd: the gateway URL other hubs forward to (default:
     /// `gateway_url`, else the gateway's address).
     pub peer_url: Option<String>,
+    /// More names and addresses the gateway's certificate covers
+    /// (`--tls-san`): others operators reach it by.
+    pub tls_sans: Vec<String>,
     /// On SIGTERM or SIGINT, how long both `/readyz` answer 503 while the
     /// hub goes on serving, before it stops: a load balancer (a Kubernetes
     /// Service) stops sending new connections first.
@@ -1416,6 +1419,7 @@ pub async fn run(
     if let Some(h) = hostname() {
         names.push(h);
     }
+    names.extend(cfg.tls_sans.iter().cloned());
     // Every member's TLS server name, now and later (routing by SNI).
     names.push(super::route::sni_wildcard());
     names.dedup();
