@@ -226,8 +226,19 @@ fn main() -> ExitCode {
             // Errors can quote what others wrote (etcd's answers, registry
             // records, a member's messages): nothing in them may drive the
             // terminal. Line breaks are kept.
+            // Only a line that holds such characters is escaped (its
+            // backslashes too, so that the escapes read unambiguously).
             let text = format!("{e:#}");
-            let shown: Vec<_> = text.split('\n').map(tunnel::shown).collect();
+            let shown: Vec<_> = text
+                .split('\n')
+                .map(|l| {
+                    if tunnel::printable(l, usize::MAX) == l {
+                        std::borrow::Cow::Borrowed(l)
+                    } else {
+                        tunnel::shown(l)
+                    }
+                })
+                .collect();
             eprintln!("error: {}", shown.join("\n"));
             ExitCode::from(commands::error::exit_code(&e))
         }

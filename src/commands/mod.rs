@@ -826,20 +826,32 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// `--peer-url`: an `https://HOST[:PORT]` URL with nothing after the
-/// authority (the other hubs' requests go to its root).
-/// `--tls-san`: a DNS name (lower-cased; a leading `*.` for one label) or
-/// an IP address, as a certificate can name it.
+/// `--tls-san`: a DNS name (lower-cased, a trailing dot dropped; a
+/// leading `*.` for one label over at least two) or an IP address, as a
+/// certificate can name it and rustls and Go match it.
 fn parse_tls_san(s: &str) -> Result<String, String> {
-    let t = s.trim().trim_matches(|c| c == '[' || c == ']');
-    if let Ok(ip) = t.parse::<std::net::IpAddr>() {
-        return Ok(ip.to_string());
+    let t = s.trim();
+    if let Ok(ip) = t
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+    {
+        // An IPv4-mapped address is matched as the IPv4 one it is.
+        return Ok(ip.to_canonical().to_string());
     }
-    let name = t.to_ascii_lowercase();
-    let labels = name.strip_prefix("*.").unwrap_or(&name);
+    let name = t.trim_end_matches('.').to_ascii_lowercase();
+    let (wild, labels) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name.as_str()),
+    };
+    let parts: Vec<&str> = labels.split('.').collect();
     let ok = !labels.is_empty()
         && labels.len() <= 253
-        && labels.split('.').all(|l| {
+        && (!wild || parts.len() >= 2)
+        // A last label of digits only is a mistyped address, not a name.
+        && !parts
+            .last()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && parts.iter().all(|l| {
             !l.is_empty()
                 && l.len() <= 63
                 && !l.starts_with('-')
@@ -855,6 +867,8 @@ fn parse_tls_san(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--peer-url`: an `https://HOST[:PORT]` URL with nothing after the
+/// authority (the other hubs' requests go to its root).
 fn parse_peer_url(s: &str) -> Result<String, String> {
     let u = url::Url::parse(s).map_err(|e| {
         format!("'{s}' is not a URL ({e}): give https://HOST:PORT, this hub's gateway as the other hubs reach it")
@@ -1167,12 +1181,16 @@ mod tests {
         assert_eq!(parse_tls_san("*.hubs.example").unwrap(), "*.hubs.example");
         assert_eq!(parse_tls_san("[::1]").unwrap(), "::1");
         assert_eq!(parse_tls_san("203.0.113.10").unwrap(), "203.0.113.10");
+        assert_eq!(parse_tls_san("::ffff:192.0.2.7").unwrap(), "192.0.2.7");
+        assert_eq!(parse_tls_san("hub.example.").unwrap(), "hub.example");
         for bad in [
             "",
             "a b",
             "-x.example",
             "x..example",
             "*.",
+            "*.com",
+            "203.0.113.256",
             "https://h",
             "h:443",
         ] {

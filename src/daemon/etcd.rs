@@ -512,11 +512,12 @@ impl Etcd {
                     let v: Value = serde_json::from_slice(&b).unwrap_or_default();
                     // etcd's (or whatever answered) words, shown in logs
                     // and CLI errors: escaped and bounded.
-                    let msg = crate::tunnel::escape_for_log(
+                    let msg = crate::tunnel::printable(
                         v["error"]
                             .as_str()
                             .or(v["message"].as_str())
-                            .unwrap_or(&String::from_utf8_lossy(&b)),
+                            .unwrap_or(&String::from_utf8_lossy(&b))
+                            .trim(),
                         300,
                     );
                     // etcd answers 503 while it has no leader: try another.
@@ -642,7 +643,7 @@ impl Etcd {
             let b = Self::read_body(&mut r, len).unwrap_or_default();
             return Err(format!(
                 "{ep}: HTTP {st}: {}",
-                crate::tunnel::escape_for_log(&String::from_utf8_lossy(&b), 300)
+                crate::tunnel::printable(String::from_utf8_lossy(&b).trim(), 300)
             )
             .into());
         }

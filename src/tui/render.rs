@@ -478,7 +478,10 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
         .border_style(theme.border())
         .padding(Padding::horizontal(1))
         .title(Line::from(vec![
-            Span::styled(format!(" {} ", c.name), theme.title()),
+            Span::styled(
+                format!(" {} ", crate::tunnel::printable(&c.name, 100)),
+                theme.title(),
+            ),
             Span::styled(format!("{} ", v.state.label()), theme.state(v.state)),
         ]));
     let label = |s: &'static str| Span::styled(format!("{s:<11}"), theme.label());
@@ -520,12 +523,19 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
     let mut tunnel = Vec::new();
     if let Some(h) = c.live_hub() {
         if let Some(r) = &h.remote {
-            tunnel.push(format!("agent at {r}"));
+            tunnel.push(format!("agent at {}", crate::tunnel::printable(r, 200)));
         }
     }
     if let Some((a, _)) = c.live_agent() {
-        tunnel.push(format!("local agent (pid {}) → {}", a.pid, a.hub));
-        tunnel.push(format!("upstream {}", a.upstream));
+        tunnel.push(format!(
+            "local agent (pid {}) → {}",
+            a.pid,
+            crate::tunnel::printable(&a.hub, 200)
+        ));
+        tunnel.push(format!(
+            "upstream {}",
+            crate::tunnel::printable(&a.upstream, 200)
+        ));
     }
     if let Some(r) = v.reconnects {
         tunnel.push(format!("{r} reconnect{}", if r == 1 { "" } else { "s" }));
