@@ -165,12 +165,14 @@ pub async fn login(
     if status != 200 {
         bail!(
             "the gateway answered HTTP {status} to whoami: {}",
-            crate::tunnel::escape_for_log(&String::from_utf8_lossy(&body), 300)
+            crate::tunnel::printable(String::from_utf8_lossy(&body).trim(), 300)
         );
     }
     let who: serde_json::Value =
         serde_json::from_slice(&body).context("malformed whoami answer")?;
-    let operator = who["name"].as_str().unwrap_or("?").to_string();
+    // The gateway's words (with --insecure-skip-ca-hash, whoever answered):
+    // saved and shown, so printable and bounded.
+    let operator = crate::tunnel::printable(who["name"].as_str().unwrap_or("?"), 100);
     let backend = secrets::save(&gateway, token)?;
     let mut all = logins()?;
     all.retain(|l| l.gateway_url != gateway);

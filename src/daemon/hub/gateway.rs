@@ -1189,9 +1189,16 @@ fn agent_silent(
     RawRefusal::Answer(StatusCode::GATEWAY_TIMEOUT, msg)
 }
 
-/// A raw stream whose access was withdrawn before it opened: audited, and
-/// refused like a request ([`revoked`]).
-fn raw_revoked(hub: &Hub, mut record: Record, cluster: &str) -> RawRefusal {
+/// A raw stream cut before it opened: audited, and refused like a request
+/// ([`cut_answer`]: 503 naming the mode change when the member now
+/// requires impersonation its agent does not do, else [`revoked`]'s 403).
+fn raw_revoked(hub: &Hub, mut record: Record, cluster: &str, session: &LiveSession) -> RawRefusal {
+    if let Err(msg) = impersonation_agrees(session) {
+        record.status = StatusCode::SERVICE_UNAVAILABLE.as_u16();
+        record.error = Some("the member's identity mode changed before the stream opened".into());
+        hub.auditor.record(record);
+        return RawRefusal::Answer(StatusCode::SERVICE_UNAVAILABLE, msg);
+    }
     record.status = StatusCode::FORBIDDEN.as_u16();
     record.error = Some("access withdrawn before the stream opened".into());
     hub.auditor.record(record);
@@ -1342,7 +1349,7 @@ pub(super) async fn open_raw(
             Ok(Err(_)) => Ok(Err(russh::Error::Disconnect)),
             Err(e) => Err(e),
         },
-        () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
+        () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster, &session)),
     };
     let mut stream = match opened {
         Ok(Ok(s)) => crate::tunnel::counted::Counted::new(
@@ -1375,7 +1382,7 @@ pub(super) async fn open_raw(
     };
     let read = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(20), RawAnswer::read(&mut stream)) => r,
-        () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster)),
+        () = guard.cut.cancelled() => return Err(raw_revoked(hub, pending.take(), cluster, &session)),
     };
     let answer = match read {
         Ok(Ok(a)) => a,
@@ -1400,7 +1407,7 @@ pub(super) async fn open_raw(
         ));
     }
     if guard.cut.is_cancelled() {
-        return Err(raw_revoked(hub, record, cluster));
+        return Err(raw_revoked(hub, record, cluster, &session));
     }
     let Some(early) = early else {
         // Answered, but the client's first bytes did not get through.
