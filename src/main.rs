@@ -225,9 +225,9 @@ fn main() -> ExitCode {
         Err(e) => {
             // Errors can quote what others wrote (etcd's answers, registry
             // records, a member's messages): nothing in them may drive the
-            // terminal. Line breaks are kept.
-            // Only a line that holds such characters is escaped (its
-            // backslashes too, so that the escapes read unambiguously).
+            // terminal. Line breaks are kept; only a line that holds control
+            // or invisible characters is escaped (its backslashes too, so
+            // that the escapes read unambiguously).
             let text = format!("{e:#}");
             let shown: Vec<_> = text
                 .split('\n')

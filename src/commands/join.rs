@@ -305,7 +305,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                     .last_error
                     .as_deref()
                     .unwrap_or("host key mismatch")
-                    .split(" (not accepted; retrying")
+                    .split(control::RETRYING_NOTE)
                     .next()
                     .unwrap_or_default();
                 return Err(CliError::Refused(format!("{why}. The agent was stopped.")).into());

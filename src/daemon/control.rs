@@ -449,6 +449,10 @@ pub enum FailureKind {
     HostKey,
 }
 
+/// What a running agent adds to a host key mismatch it retries after
+/// (`join`, which stops, shows the error without it).
+pub const RETRYING_NOTE: &str = " (not accepted; retrying";
+
 impl FailureKind {
     pub fn of(e: &crate::tunnel::TunnelError) -> Option<FailureKind> {
         match e {

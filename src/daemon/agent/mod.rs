@@ -487,7 +487,8 @@ async fn tunnel_loop(
             // once on it.
             Err(e @ TunnelError::HostKeyMismatch { .. }) => {
                 let msg = format!(
-                    "{e} (not accepted; retrying: if the hub was not reinstalled, something between this agent and {} answered in its place)",
+                    "{e}{}: if the hub was not reinstalled, something between this agent and {} answered in its place)",
+                    control::RETRYING_NOTE,
                     opts.url
                 );
                 set(&|s| {

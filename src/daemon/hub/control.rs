@@ -147,12 +147,7 @@ pub(super) fn handle(
             match r {
                 Ok(Some(m)) => {
                     if let Some(s) = hub.session(&name) {
-                        let was = s
-                            .impersonate
-                            .swap(m.impersonate, std::sync::atomic::Ordering::Relaxed);
-                        if m.impersonate && !was {
-                            hub.impersonation_now_required(&name);
-                        }
+                        hub.set_impersonation(&s, m.impersonate);
                     }
                     let mode = if m.impersonate {
                         "impersonation required"

@@ -901,16 +901,19 @@ impl Hub {
         Ok(())
     }
 
-    /// `name` now requires impersonation: streams opened before, which
-    /// act with the agent's own identity (a watch, an exec, a CONNECT),
-    /// end, as new requests in that mode are refused until the agent
-    /// declares it. Returns how many.
-    pub fn impersonation_now_required(&self, name: &str) -> usize {
-        let n = self.streams.cut(|_, c| c == name);
-        if n > 0 {
-            tracing::info!(cluster = %name, "impersonation now required: {n} open stream(s) made with the agent's identity cut");
+    /// Sets whether session `s` routes with impersonation; whether that
+    /// changed it. Raised, the member's streams opened before (a watch, an
+    /// exec, a CONNECT, made with the agent's own identity) end, as new
+    /// requests in that mode are refused until the agent declares it.
+    pub fn set_impersonation(&self, s: &LiveSession, required: bool) -> bool {
+        let was = s.impersonate.swap(required, Ordering::Relaxed);
+        if required && !was {
+            let n = self.streams.cut(|_, c| c == &*s.name);
+            if n > 0 {
+                tracing::info!(cluster = %s.name, "impersonation now required: {n} open stream(s) made with the agent's identity cut");
+            }
         }
-        n
+        was != required
     }
 
     /// Cuts every open stream whose operator may no longer reach its member

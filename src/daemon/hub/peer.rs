@@ -650,16 +650,12 @@ impl Cluster {
                     }
                     // `cluster set --impersonate` on another hub: this hub
                     // must stop routing with the agent's identity at once.
-                    let was = s.impersonate.swap(m.impersonate, Ordering::Relaxed);
-                    if was != m.impersonate {
+                    if hub.set_impersonation(&s, m.impersonate) {
                         tracing::info!(
                             cluster = %s.name,
                             impersonate = m.impersonate,
                             "identity mode changed in the shared registry"
                         );
-                        if m.impersonate {
-                            hub.impersonation_now_required(&s.name);
-                        }
                     }
                 }
                 Err(_) => {}

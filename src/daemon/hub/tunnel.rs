@@ -614,12 +614,8 @@ async fn tunnel_session(
             // opened meanwhile cut); lowered only when the first read
             // failed, never over a `cluster set` that lands between this
             // read and the store.
-            if m.impersonate {
-                if !live.impersonate.swap(true, Ordering::Relaxed) {
-                    hub.impersonation_now_required(&live.name);
-                }
-            } else if mode_at_login.is_none() {
-                live.impersonate.store(false, Ordering::Relaxed);
+            if m.impersonate || mode_at_login.is_none() {
+                hub.set_impersonation(&live, m.impersonate);
             }
             if let Some(why) = super::auth::key_retired(&m, &live) {
                 live.close(&why).await;
