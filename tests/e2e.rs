@@ -103,20 +103,18 @@ fn kubectl_reaches_the_member_through_the_tunnel() {
     assert!(o.ok(), "{o:?}");
     assert_eq!(o.stdout.trim(), "hi", "{o:?}");
 
-    // A claimed identity is refused with the reason, and never reaches the
-    // member; the operator's token neither. The agent's own token is what
-    // the member sees.
-    let before = api.requests().len();
+    // A client's own impersonation reaches the member as sent, where the
+    // API server decides (the stand-in's RBAC binds no 'root'); no other
+    // request carries one. The operator's token never reaches the member:
+    // the agent's own is what the member sees.
     let o = env.kubectl(&["get", "ns", "--as", "root", "--as-group", "system:masters"]);
-    assert!(
-        !o.ok() && o.stderr.contains("is not carried through towerctl"),
-        "{o:?}"
-    );
-    assert_eq!(
-        api.requests().len(),
-        before,
-        "a refused request reached the member"
-    );
+    assert!(!o.ok() && o.stderr.contains("User \"root\""), "{o:?}");
+    let claimed = api
+        .requests()
+        .iter()
+        .filter(|r| r.header("impersonate-user") == Some("root"))
+        .count();
+    assert!(claimed >= 1, "{:?}", api.requests());
     let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
     let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
@@ -124,8 +122,9 @@ fn kubectl_reaches_the_member_through_the_tunnel() {
     assert!(reqs.len() > 5, "{reqs:?}");
     for r in &reqs {
         assert!(
-            r.headers.keys().all(|k| !k.starts_with("impersonate-")),
-            "forged identity reached the member: {r:?}"
+            r.header("impersonate-user") == Some("root")
+                || r.headers.keys().all(|k| !k.starts_with("impersonate-")),
+            "an identity no client asked for reached the member: {r:?}"
         );
         assert_eq!(
             r.header("authorization"),
@@ -1043,16 +1042,76 @@ fn impersonation_lets_the_member_rbac_decide() {
         Some("system:masters"),
         "{last:?}"
     );
-    // A claimed identity is refused, never passed on.
+    // A client's own impersonation (`kubectl --as`): the member's RBAC
+    // decides whether the operator may impersonate what it names, as
+    // kube-apiserver decides for a direct client, and nothing reaches the
+    // member before it says yes.
+    let before = api.requests().len();
     let o = env.kubectl(&["get", "ns", "--as", "root"]);
     assert!(
-        !o.ok() && o.stderr.contains("is not carried through towerctl"),
+        !o.ok()
+            && o.stderr
+                .contains("does not let operator 'admin' impersonate users 'root'"),
         "{o:?}"
     );
+    assert!(
+        api.requests()[before..]
+            .iter()
+            .all(|r| r.path.starts_with("/apis/authorization.k8s.io/")
+                || !r.path.contains("namespaces")),
+        "{:?}",
+        &api.requests()[before..]
+    );
+    api.allow_impersonation("admin", "users", "root");
+    api.bind_user("root");
+    let o = env.kubectl(&["get", "ns", "--as", "root"]);
+    assert!(o.ok(), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    // As root, not as the operator, and with no group the client did not
+    // name (the API server adds system:authenticated itself).
+    assert_eq!(last.header("impersonate-user"), Some("root"), "{last:?}");
+    assert_eq!(last.header("impersonate-group"), None, "{last:?}");
+    // Each group, UID and service account is asked about too.
+    let o = env.kubectl(&["get", "ns", "--as", "root", "--as-group", "system:masters"]);
+    assert!(
+        !o.ok() && o.stderr.contains("impersonate groups 'system:masters'"),
+        "{o:?}"
+    );
+    api.allow_impersonation("admin", "groups", "system:masters");
+    let o = env.kubectl(&["get", "ns", "--as", "root", "--as-group", "system:masters"]);
+    assert!(o.ok(), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.header("impersonate-group"), Some("system:masters"));
+    let sa = "system:serviceaccount:flux-system:kustomize-controller";
+    let o = env.kubectl(&["get", "ns", "--as", sa]);
+    assert!(
+        !o.ok()
+            && o.stderr.contains(
+                "impersonate serviceaccounts 'kustomize-controller' in namespace 'flux-system'"
+            ),
+        "{o:?}"
+    );
+    api.allow_impersonation(
+        "admin",
+        "serviceaccounts",
+        "flux-system/kustomize-controller",
+    );
+    api.bind_user(sa);
+    let o = env.kubectl(&["get", "ns", "--as", sa]);
+    assert!(o.ok(), "{o:?}");
     let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok(), "{o:?}");
     let last = api.requests().into_iter().last().unwrap();
     assert_eq!(last.header("impersonate-user"), Some("admin"), "{last:?}");
+    // The hub's audit log names both.
+    let o = env.towerctl(&["audit", "-o", "json"]);
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.contains("\"operator\":\"admin\"")
+                && l.contains("\"as\":\"'root' groups [system:masters]\"")),
+        "{o:?}"
+    );
     // The member's audit log lists X-Forwarded-For as the request's
     // sources: the address the hub saw is added after what the client
     // claimed, never left out.
@@ -1091,6 +1150,139 @@ fn impersonation_lets_the_member_rbac_decide() {
         "{last:?}"
     );
     assert_eq!(last.header("x-real-ip"), None, "{last:?}");
+}
+
+/// A client's own impersonation (`kubectl --as`, `--as-group`, `--as-uid`,
+/// extras; Helm's, Flux's and Argo CD's) on a member where operators act
+/// with the agent's identity: carried to the member as the client sent
+/// it, where the API server checks the agent's own right to impersonate
+/// (an operator here has the agent's rights already); recorded in the
+/// hub's audit log; refused in words when malformed, and by the hub when
+/// the agent is too old to carry it (it would strip it, and the request
+/// run as the operator).
+#[test]
+fn a_clients_own_impersonation_reaches_the_member_as_sent() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    // The member's RBAC decides for the user named: not bound, refused
+    // by the member itself.
+    let o = env.kubectl(&["get", "ns", "--as", "bob"]);
+    assert!(!o.ok() && o.stderr.contains("User \"bob\""), "{o:?}");
+    api.bind_user("bob");
+    let o = env.kubectl(&[
+        "get",
+        "ns",
+        "--as",
+        "bob",
+        "--as-group",
+        "devs",
+        "--as-group",
+        "ops",
+        "--as-uid",
+        "42",
+    ]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.header("impersonate-user"), Some("bob"), "{last:?}");
+    assert_eq!(
+        last.header("impersonate-group"),
+        Some("devs, ops"),
+        "{last:?}"
+    );
+    assert_eq!(last.header("impersonate-uid"), Some("42"), "{last:?}");
+    // Extras (client-go percent-encodes their keys) pass as sent.
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let (code, body) = support::gateway_get_with(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces",
+        &[
+            "Impersonate-User: bob",
+            "Impersonate-Extra-example.com%2Fscopes: view",
+        ],
+    );
+    assert_eq!(code, "200", "{body}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(
+        last.header("impersonate-extra-example.com%2fscopes"),
+        Some("view"),
+        "{last:?}"
+    );
+    // Malformed: refused before the member, naming the fix.
+    let before = api.requests().len();
+    // (kubectl itself refuses --as-group without --as; other clients may
+    // not.)
+    let (code, body) = support::gateway_get_with(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces",
+        &["Impersonate-Group: devs"],
+    );
+    assert!(
+        code == "400" && body.contains("without 'Impersonate-User'"),
+        "{code} {body}"
+    );
+    let (code, body) = support::gateway_get_with(
+        &env,
+        token.trim(),
+        "/clusters/alpha/api/v1/namespaces",
+        &["Impersonate-User: bob", "Impersonate-User: root"],
+    );
+    assert!(
+        code == "400" && body.contains("more than once"),
+        "{code} {body}"
+    );
+    assert_eq!(
+        api.requests().len(),
+        before,
+        "{:?}",
+        &api.requests()[before..]
+    );
+    // Without --as, the agent's identity as before: no impersonation.
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.header("impersonate-user"), None, "{last:?}");
+    let o = env.towerctl(&["audit", "-o", "json"]);
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.contains("\"as\":\"'bob' groups [devs, ops] uid '42'\"")),
+        "{o:?}"
+    );
+    let o = env.towerctl(&["audit"]);
+    assert!(o.stdout.contains("admin as 'bob'"), "{o:?}");
+
+    // An agent that does not say it carries them (an older one) would
+    // strip them: the hub refuses instead of running the request as the
+    // operator.
+    let env2 = Env::new();
+    let api2 = ApiServer::start();
+    connected_with_env(
+        &env2,
+        &api2,
+        &[],
+        &[("TOWERCTL_TEST_AGENT_WITHOUT", "client-as")],
+    );
+    api2.bind_user("bob");
+    // (Discovery first, which kubectl reports as "unknown" when refused.)
+    let o = env2.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
+    let o = env2.kubectl(&["get", "ns", "--as", "bob"]);
+    assert!(
+        !o.ok()
+            && o.stderr.contains("does not carry impersonation")
+            && o.stderr.contains("upgrade the agent"),
+        "{o:?}"
+    );
+    assert!(
+        api2.requests()
+            .iter()
+            .all(|r| r.header("impersonate-user").is_none()),
+        "{:?}",
+        api2.requests()
+    );
 }
 
 #[test]

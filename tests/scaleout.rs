@@ -795,6 +795,15 @@ fn requests_forwarded_to_another_hub_reuse_their_connection() {
         (1..=2).contains(&made),
         "20 requests forwarded from hub 1 made {made} connections to hub 2"
     );
+    // A client's own impersonation crosses the hop whole: hub 2 checks it
+    // again and carries it to beta's agent, and the member sees it as the
+    // client sent it.
+    api.bind_user("bob");
+    let o = hubs[0].kubectl(&["get", "ns", "--as", "bob", "--as-group", "devs"]);
+    assert!(o.ok(), "{o:?}");
+    let last = api.requests().into_iter().last().unwrap();
+    assert_eq!(last.header("impersonate-user"), Some("bob"), "{last:?}");
+    assert_eq!(last.header("impersonate-group"), Some("devs"), "{last:?}");
 }
 
 /// Waits for this hub's audit record matching `f` and `phase`.

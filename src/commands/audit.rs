@@ -37,10 +37,14 @@ fn print(r: &Record, json: bool) {
         // a C1 control or a bidirectional override must not reach the
         // terminal as itself.
         use crate::tunnel::shown;
+        let operator = match &r.acting_as {
+            Some(a) => format!("{} as {a}", r.operator),
+            None => r.operator.clone(),
+        };
         println!(
             "{:<20} {:<12} {:<14} {:<16} {:>4} {:>8}ms {:>10}  {}",
             shown(&r.time),
-            shown(&r.operator),
+            shown(&operator),
             shown(&r.cluster),
             shown(&verb),
             r.status,

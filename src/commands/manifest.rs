@@ -71,6 +71,10 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         // need their own bindings.
         let mut rules = vec![
             json!({"apiGroups": [""], "resources": ["users", "groups", "serviceaccounts"], "verbs": ["impersonate"]}),
+            // A client's own `kubectl --as-uid`, once the operator's RBAC
+            // allows it (`--as-user-extra` needs `userextras/KEY` granted
+            // per key: RBAC has no narrower wildcard than every key).
+            json!({"apiGroups": ["authentication.k8s.io"], "resources": ["uids"], "verbs": ["impersonate"]}),
             // Raw access (CONNECT, port-forward) is checked against the
             // operator's own RBAC with a SubjectAccessReview.
             json!({"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}),

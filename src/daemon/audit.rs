@@ -82,6 +82,10 @@ pub struct Record {
     /// The client's address, for requests without an accepted token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// Who the client asked to act as on the member (`kubectl --as`):
+    /// user, groups, uid and extra keys, one printable line.
+    #[serde(rename = "as", default, skip_serializing_if = "Option::is_none")]
+    pub acting_as: Option<String>,
 }
 
 /// The operator name under which requests without an accepted token are
@@ -233,9 +237,15 @@ fn bound(r: &mut Record) {
     cut(&mut r.verb, 32);
     cut(&mut r.operator, 128);
     cut(&mut r.cluster, 128);
-    for s in [&mut r.rule, &mut r.error, &mut r.peer, &mut r.phase]
-        .into_iter()
-        .flatten()
+    for s in [
+        &mut r.rule,
+        &mut r.error,
+        &mut r.peer,
+        &mut r.phase,
+        &mut r.acting_as,
+    ]
+    .into_iter()
+    .flatten()
     {
         cut(s, 512);
     }
@@ -607,11 +617,12 @@ fn line(out: &mut Vec<u8>, rec: &Record) {
         ",\"status\":{},\"duration_ms\":{},\"bytes\":{}",
         rec.status, rec.duration_ms, rec.bytes
     );
-    let optional: [(&[u8], &Option<String>); 4] = [
+    let optional: [(&[u8], &Option<String>); 5] = [
         (b",\"rule\":", &rec.rule),
         (b",\"phase\":", &rec.phase),
         (b",\"error\":", &rec.error),
         (b",\"peer\":", &rec.peer),
+        (b",\"as\":", &rec.acting_as),
     ];
     for (name, value) in optional {
         if let Some(v) = value {
@@ -1132,6 +1143,7 @@ mod tests {
             phase: Some("end".into()),
             error: Some(odd.clone()),
             peer: Some("127.0.0.1:1 via [::1]:2".into()),
+            acting_as: Some(format!("'{odd}' groups [a]")),
         };
         let bare = Record::default();
         let some = Record {

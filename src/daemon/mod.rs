@@ -6,6 +6,7 @@ pub mod access;
 pub mod admission;
 pub mod agent;
 pub mod audit;
+pub mod clientas;
 pub mod console;
 pub mod control;
 pub mod etcd;

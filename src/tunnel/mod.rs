@@ -52,6 +52,11 @@ pub const FEATURE_HUBS: &str = "hubs";
 /// window the hub asks for and the client's first bytes
 /// ([`crate::daemon::wire::RawOpen`]).
 pub const FEATURE_OPEN_EARLY: &str = "open-early";
+/// The agent's feature word for a client's own impersonation carried
+/// under the hub's names ([`crate::daemon::clientas::CARRIED_PREFIX`]):
+/// an agent without it would strip them, and the request would run as
+/// the operator itself, so the hub refuses such requests to it.
+pub const FEATURE_CLIENT_AS: &str = "client-as";
 
 /// Test hook: whether the environment variable `var` (comma-separated
 /// feature words) names `feature`, which the daemon then acts as if it did

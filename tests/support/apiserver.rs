@@ -108,7 +108,6 @@ impl ApiServer {
         }
     }
 
-    /// Grants `user` access when a client impersonates it (RBAC stand-in).
     /// How many SubjectAccessReviews were answered.
     pub fn subject_access_reviews(&self) -> u64 {
         self.shared
@@ -116,12 +115,26 @@ impl ApiServer {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Grants `user` access when a client impersonates it (RBAC stand-in).
     pub fn bind_user(&self, user: &str) {
         self.shared
             .bound_users
             .lock()
             .unwrap()
             .push(user.to_string());
+    }
+
+    /// Lets `user` impersonate `resource` (`users`, `groups`,
+    /// `serviceaccounts`, `uids`, `userextras/KEY`) named `name` (`*`: any;
+    /// a service account as `NAMESPACE/NAME`)
+    /// in a SubjectAccessReview, as a ClusterRole with verb `impersonate`
+    /// would. Reviews of `impersonate` are refused otherwise.
+    pub fn allow_impersonation(&self, user: &str, resource: &str, name: &str) {
+        self.shared.impersonators.lock().unwrap().push((
+            user.to_string(),
+            resource.to_string(),
+            name.to_string(),
+        ));
     }
 
     /// Every request's headers seen so far, in arrival order.
@@ -603,6 +616,8 @@ struct Shared {
     bound_users: Mutex<Vec<String>>,
     /// SubjectAccessReviews answered.
     sar_count: std::sync::atomic::AtomicU64,
+    /// (user, resource[/subresource], name) an `impersonate` review allows.
+    impersonators: Mutex<Vec<(String, String, String)>>,
     /// Whether `discovery.k8s.io/v1` is served.
     endpointslices: AtomicBool,
     /// (namespace, pod, pod port) -> where the fake kubelet's port-forward connects.
@@ -654,6 +669,7 @@ impl Shared {
             requests: Mutex::new(Vec::new()),
             bound_users: Mutex::new(Vec::new()),
             sar_count: std::sync::atomic::AtomicU64::new(0),
+            impersonators: Mutex::new(Vec::new()),
             endpointslices: AtomicBool::new(true),
             delay: Mutex::new(Duration::ZERO),
             redirects: Mutex::new(HashMap::new()),
@@ -1077,7 +1093,32 @@ async fn subject_access_review(shared: &Shared, req: Request<Incoming>) -> Respo
         return ApiError::new(400, "BadRequest", "not a SubjectAccessReview").into_response();
     };
     let user = review["spec"]["user"].as_str().unwrap_or("").to_string();
-    let allowed = shared.bound_users.lock().unwrap().contains(&user);
+    let attrs = &review["spec"]["resourceAttributes"];
+    let allowed = if attrs["verb"] == "impersonate" {
+        let text = |k: &str| attrs[k].as_str().unwrap_or("").to_string();
+        let resource = match text("subresource").as_str() {
+            "" => text("resource"),
+            sub => format!("{}/{sub}", text("resource")),
+        };
+        // The API group must be the one kube-apiserver asks about.
+        let group_ok = match resource.split('/').next().unwrap_or("") {
+            "users" | "groups" | "serviceaccounts" => text("group").is_empty(),
+            _ => text("group") == "authentication.k8s.io",
+        };
+        let name = match text("namespace").as_str() {
+            "" => text("name"),
+            ns => format!("{ns}/{}", text("name")),
+        };
+        group_ok
+            && shared
+                .impersonators
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(u, r, n)| *u == user && *r == resource && (n == "*" || *n == name))
+    } else {
+        shared.bound_users.lock().unwrap().contains(&user)
+    };
     review["status"] = if allowed {
         json!({"allowed": true, "reason": "bound by the stand-in's RBAC"})
     } else {

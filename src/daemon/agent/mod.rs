@@ -68,7 +68,7 @@ impl State {
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
-    let (client, api, upstream_url) = upstream_client(
+    let (client, api, upstream_url, own_impersonation) = upstream_client(
         cfg.kubeconfig.as_ref(),
         cfg.serviceaccount_dir.as_deref(),
         cfg.impersonate,
@@ -90,6 +90,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
             budgets.raw_streams
         );
     }
+    let rbac = cfg
+        .impersonate
+        .then(|| Arc::new(rbac::Rbac::new(client.clone())));
     let service: Arc<dyn ChannelService> = Arc::new(Upstream {
         dialer: raw::Dialer {
             tasks: tasks.clone(),
@@ -102,12 +105,14 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                 cancel.child_token(),
                 tasks.clone(),
             ),
-            rbac: cfg
-                .impersonate
-                .then(|| Arc::new(rbac::Rbac::new(client.clone()))),
+            rbac: rbac.clone(),
         },
         api,
-        impersonate: cfg.impersonate,
+        identity: Arc::new(upstream::Identity {
+            impersonate: cfg.impersonate,
+            own_impersonation,
+            rbac,
+        }),
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
         raw_streams: Arc::new(tokio::sync::Semaphore::new(budgets.raw_streams)),
@@ -557,6 +562,7 @@ fn features(impersonate: bool) -> Vec<String> {
     [
         crate::tunnel::FEATURE_HUBS,
         crate::tunnel::FEATURE_OPEN_EARLY,
+        crate::tunnel::FEATURE_CLIENT_AS,
     ]
     .into_iter()
     .chain(impersonate.then_some("impersonate"))

@@ -240,7 +240,7 @@ pub(super) async fn serve_raw(
                         let finder = match k8s {
                             Target::Service { ns, name } => Some(Ask { verb: "get", group: "", resource: "services", subresource: None, namespace: ns.clone(), name: name.clone() }),
                             Target::Deployment { ns, name } => Some(Ask { verb: "get", group: "apps", resource: "deployments", subresource: None, namespace: ns.clone(), name: name.clone() }),
-                            Target::Pod { ns, name } => Some(Ask { verb: "create", group: "", resource: "pods", subresource: Some("portforward"), namespace: ns.clone(), name: name.clone() }),
+                            Target::Pod { ns, name } => Some(Ask { verb: "create", group: "", resource: "pods", subresource: Some("portforward".into()), namespace: ns.clone(), name: name.clone() }),
                             _ => None,
                         };
                         if let Some(a) = finder {
@@ -267,7 +267,7 @@ pub(super) async fn serve_raw(
                         verb: "create",
                         group: "",
                         resource: "pods",
-                        subresource: Some("portforward"),
+                        subresource: Some("portforward".into()),
                         namespace: ns.clone(),
                         name: name.clone(),
                     };

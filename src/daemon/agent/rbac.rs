@@ -3,7 +3,13 @@
 //! port-forward, it asks its API server with a `SubjectAccessReview`
 //! whether the operator could do the same with kubectl — `get` on the
 //! service or deployment used to find the pod, `create pods/portforward`
-//! on the pod. Answers are cached for [`TTL`] per operator and question.
+//! on the pod. Allowances are cached for [`TTL`] per operator and
+//! question; refusals are asked again (a binding just made counts at once,
+//! as it does with kubectl).
+//! A client's own impersonation (`kubectl --as`) under an impersonating
+//! agent is checked the same way, as kube-apiserver checks it for a
+//! direct client: `impersonate` on each user (or service account), group,
+//! UID and extra value asked for ([`Rbac::may_impersonate`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,10 +20,15 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::api::{Api, PostParams};
 
+use crate::daemon::clientas::{unescape_key, ClientAs};
 use crate::daemon::wire::RawIdentity;
 
 /// How long an answer is reused.
 pub const TTL: Duration = Duration::from_secs(10);
+
+/// Most allowances kept: past it the cache starts over (distinct questions,
+/// each a SubjectAccessReview, within one [`TTL`]).
+const MAX_CACHED: usize = 4096;
 
 /// One question: may the operator `verb` `resource[/subresource]` `name`
 /// in `namespace`?
@@ -26,20 +37,26 @@ pub struct Ask {
     pub verb: &'static str,
     pub group: &'static str,
     pub resource: &'static str,
-    pub subresource: Option<&'static str>,
+    pub subresource: Option<String>,
+    /// Empty for cluster-wide resources (users, groups).
     pub namespace: String,
     pub name: String,
 }
 
 impl Ask {
     fn describe(&self) -> String {
-        let res = match self.subresource {
-            Some(s) => format!("{}/{s}", self.resource),
+        let res = match &self.subresource {
+            Some(s) => format!("{}/{}", self.resource, crate::tunnel::printable(s, 100)),
             None => self.resource.to_string(),
         };
+        let name = crate::tunnel::printable(&self.name, 200);
+        if self.namespace.is_empty() {
+            return format!("{} {res} '{name}'", self.verb);
+        }
         format!(
-            "{} {res} '{}' in namespace '{}'",
-            self.verb, self.name, self.namespace
+            "{} {res} '{name}' in namespace '{}'",
+            self.verb,
+            crate::tunnel::printable(&self.namespace, 100)
         )
     }
 }
@@ -60,12 +77,12 @@ fn refusal(user: &str, ask: &Ask, reason: Option<&str>) -> String {
 }
 
 type Key = (String, Vec<String>, Ask);
-type Answer = (Instant, Result<(), String>);
 
-/// The agent's SubjectAccessReview client and its cache.
+/// The agent's SubjectAccessReview client and its cache of allowances
+/// (when each was given).
 pub struct Rbac {
     client: kube::Client,
-    cache: Mutex<HashMap<Key, Answer>>,
+    cache: Mutex<HashMap<Key, Instant>>,
 }
 
 impl Rbac {
@@ -81,18 +98,30 @@ impl Rbac {
     pub async fn check(&self, who: &RawIdentity, ask: &Ask) -> Result<(), String> {
         let key: Key = (who.user.clone(), who.groups.clone(), ask.clone());
         if let Ok(c) = self.cache.lock() {
-            if let Some((at, r)) = c.get(&key) {
+            if let Some(at) = c.get(&key) {
                 if at.elapsed() < TTL {
-                    return r.clone();
+                    return Ok(());
                 }
             }
         }
-        let r = self.review(who, ask).await;
+        self.review(who, ask).await?;
         if let Ok(mut c) = self.cache.lock() {
-            c.retain(|_, (at, _)| at.elapsed() < TTL);
-            c.insert(key, (Instant::now(), r.clone()));
+            c.retain(|_, at| at.elapsed() < TTL);
+            if c.len() >= MAX_CACHED {
+                c.clear();
+            }
+            c.insert(key, Instant::now());
         }
-        r
+        Ok(())
+    }
+
+    /// `Ok` when the member's RBAC lets `who` impersonate everything `a`
+    /// names; otherwise the first refusal in words.
+    pub async fn may_impersonate(&self, who: &RawIdentity, a: &ClientAs) -> Result<(), String> {
+        for ask in impersonation_asks(a) {
+            self.check(who, &ask).await?;
+        }
+        Ok(())
     }
 
     async fn review(&self, who: &RawIdentity, ask: &Ask) -> Result<(), String> {
@@ -104,8 +133,8 @@ impl Rbac {
                     verb: Some(ask.verb.to_string()),
                     group: Some(ask.group.to_string()),
                     resource: Some(ask.resource.to_string()),
-                    subresource: ask.subresource.map(str::to_string),
-                    namespace: Some(ask.namespace.clone()),
+                    subresource: ask.subresource.clone(),
+                    namespace: (!ask.namespace.is_empty()).then(|| ask.namespace.clone()),
                     name: Some(ask.name.clone()),
                     ..ResourceAttributes::default()
                 }),
@@ -132,8 +161,82 @@ impl Rbac {
     }
 }
 
+/// The questions kube-apiserver asks before it lets a client act as `a`
+/// (its impersonation filter): `impersonate` on the user (a service
+/// account's user name: on that service account in its namespace), on
+/// each group, on the UID and on each extra value
+/// (`authentication.k8s.io`, `uids`, `userextras/KEY`).
+pub fn impersonation_asks(a: &ClientAs) -> Vec<Ask> {
+    let ask =
+        |group: &'static str, resource: &'static str, sub: Option<String>, ns: &str, name: &str| {
+            Ask {
+                verb: "impersonate",
+                group,
+                resource,
+                subresource: sub,
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            }
+        };
+    let mut asks = vec![match a.service_account() {
+        Some((ns, name)) => ask("", "serviceaccounts", None, ns, name),
+        None => ask("", "users", None, "", &a.user),
+    }];
+    asks.extend(a.groups.iter().map(|g| ask("", "groups", None, "", g)));
+    if let Some(uid) = &a.uid {
+        asks.push(ask("authentication.k8s.io", "uids", None, "", uid));
+    }
+    for (key, values) in &a.extra {
+        let key = unescape_key(key);
+        asks.extend(values.iter().map(|v| {
+            ask(
+                "authentication.k8s.io",
+                "userextras",
+                Some(key.clone()),
+                "",
+                v,
+            )
+        }));
+    }
+    asks
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn impersonation_is_asked_about_as_kube_apiserver_asks() {
+        let a = crate::daemon::clientas::ClientAs {
+            user: "system:serviceaccount:flux:reconciler".into(),
+            groups: vec!["devs".into()],
+            uid: Some("42".into()),
+            extra: vec![("example.com%2Fscopes".into(), vec!["a".into(), "b".into()])],
+        };
+        let asks: Vec<String> = super::impersonation_asks(&a)
+            .iter()
+            .map(|a| format!("{}|{}|{}", a.group, a.describe(), a.namespace))
+            .collect();
+        assert_eq!(
+            asks,
+            [
+                "|impersonate serviceaccounts 'reconciler' in namespace 'flux'|flux",
+                "|impersonate groups 'devs'|",
+                "authentication.k8s.io|impersonate uids '42'|",
+                "authentication.k8s.io|impersonate userextras/example.com/scopes 'a'|",
+                "authentication.k8s.io|impersonate userextras/example.com/scopes 'b'|",
+            ]
+        );
+        let user = crate::daemon::clientas::ClientAs {
+            user: "bob".into(),
+            ..Default::default()
+        };
+        let asks = super::impersonation_asks(&user);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(
+            (asks[0].resource, asks[0].describe()),
+            ("users", "impersonate users 'bob'".to_string())
+        );
+    }
+
     #[test]
     fn a_refusal_names_the_operator_in_plain_text() {
         let ask = super::Ask {

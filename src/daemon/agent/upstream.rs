@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::raw::{serve_raw, Dialer};
+use crate::daemon::clientas::{ClientAs, CARRIED_PREFIX, CLIENT_PREFIX};
 use crate::daemon::http::{
     finish_upgrade, is_upgrade, status_response, strip_hop_by_hop, strip_identity, Body,
     GROUPS_HEADER, IMPERSONATE_HEADER, OPERATOR_HEADER,
 };
 use crate::daemon::targets::Target;
+use crate::daemon::wire::RawIdentity;
 use crate::tunnel::client::{ChannelService, Confirm};
 use crate::tunnel::TARGET_APISERVER;
 
@@ -264,8 +266,10 @@ pub(super) struct Upstream {
     pub(super) api: Api,
     /// Raw channels (CONNECT, port-forward) go through this.
     pub(super) dialer: Dialer,
-    /// This agent agreed to impersonate operators (`--impersonate`).
-    pub(super) impersonate: bool,
+    /// Whose identity requests carry: the agent's `--impersonate`, its
+    /// kubeconfig's own impersonation, the SubjectAccessReviews a
+    /// client's own impersonation needs.
+    pub(super) identity: Arc<Identity>,
     /// Owns every stream the agent serves, so shutdown can wait for them.
     pub(super) tasks: TaskTracker,
     /// One permit per stream served ([`MAX_STREAMS`]).
@@ -452,7 +456,7 @@ impl ChannelService for Upstream {
             return;
         }
         let api = self.api.clone();
-        let impersonate = self.impersonate;
+        let identity = self.identity.clone();
         let tasks = self.tasks.clone();
         let budget = self.body_budget.clone();
         self.tasks.spawn(async move {
@@ -464,9 +468,10 @@ impl ChannelService for Upstream {
                 let api = api.clone();
                 let tasks = tasks.clone();
                 let budget = budget.clone();
+                let identity = identity.clone();
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        forward(&tasks, &budget, &api, impersonate, req).await,
+                        forward(&tasks, &budget, &api, &identity, req).await,
                     )
                 }
             });
@@ -518,11 +523,83 @@ fn impersonation(
     Ok(Some((user, groups)))
 }
 
+/// Whose identity the agent's requests to its API server carry.
+pub(super) struct Identity {
+    /// `--impersonate`: each operator acts as itself.
+    pub impersonate: bool,
+    /// The agent's kubeconfig user impersonates (`as`, `as-groups`, …):
+    /// kube adds those headers to every request, and a client's own could
+    /// not be layered on them.
+    pub own_impersonation: bool,
+    /// Under `--impersonate`: asks the member's RBAC whether an operator
+    /// may impersonate what its client names.
+    pub rbac: Option<Arc<super::rbac::Rbac>>,
+}
+
+/// A 403 from the agent, in words, logged.
+fn refused(why: &str) -> Response<Body> {
+    tracing::warn!("refused a request: {why}");
+    status_response(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &format!("refused by the towerctl agent: {why}"),
+    )
+}
+
+/// The impersonation headers a request to the member carries: the
+/// operator's where the member requires impersonation, else none; a
+/// client's own (`kubectl --as`, carried by the hub) instead, once the
+/// member's RBAC lets the operator impersonate it (under `--impersonate`)
+/// or as they are (with the agent's identity, whose own right to
+/// impersonate the API server then checks). `Err`: the refusal.
+async fn acting_as(
+    identity: &Identity,
+    operator: Option<(String, Vec<String>)>,
+    client: Option<ClientAs>,
+    headers: &mut http::HeaderMap,
+) -> Result<(), Response<Body>> {
+    match (operator, client) {
+        (None, None) => {}
+        (Some((user, groups)), None) => {
+            if let Ok(v) = http::HeaderValue::from_str(&user) {
+                headers.insert("impersonate-user", v);
+            }
+            for g in groups {
+                if let Ok(v) = http::HeaderValue::from_str(&g) {
+                    headers.append("impersonate-group", v);
+                }
+            }
+        }
+        (None, Some(a)) => {
+            if identity.own_impersonation {
+                return Err(refused(&format!(
+                    "the agent's kubeconfig user impersonates, and a client's own impersonation ({}) cannot be added to it; send the request without --as, or give the agent credentials that do not impersonate",
+                    a.describe()
+                )));
+            }
+            a.write(headers, CLIENT_PREFIX);
+        }
+        (Some((user, groups)), Some(a)) => {
+            let Some(rbac) = &identity.rbac else {
+                return Err(refused(
+                    "no SubjectAccessReview client to check impersonation with",
+                ));
+            };
+            let who = RawIdentity { user, groups };
+            if let Err(why) = rbac.may_impersonate(&who, &a).await {
+                return Err(refused(&format!("{why} (kubectl --as {})", a.describe())));
+            }
+            a.write(headers, CLIENT_PREFIX);
+        }
+    }
+    Ok(())
+}
+
 async fn forward(
     tasks: &TaskTracker,
     budget: &BodyBudget,
     api: &Api,
-    impersonate: bool,
+    identity: &Identity,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     // The hub refuses these already (`route::pick`); checked again here,
@@ -538,15 +615,18 @@ async fn forward(
     let hub_side_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let identity = match impersonation(&parts.headers, impersonate) {
+    let operator_as = match impersonation(&parts.headers, identity.impersonate) {
         Ok(i) => i,
+        Err(why) => return refused(&why),
+    };
+    let client_as = match ClientAs::read(&parts.headers, CARRIED_PREFIX) {
+        Ok(a) => a,
         Err(why) => {
-            tracing::warn!("refused a request: {why}");
             return status_response(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                &format!("refused by the towerctl agent: {why}"),
-            );
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("refused by the towerctl agent: impersonation {why}"),
+            )
         }
     };
     // Whose body budget the request uses (the hub always names the
@@ -560,15 +640,8 @@ async fn forward(
     // Removes any Impersonate-* and x-towerctl-* header (defence in depth:
     // the hub already strips what clients send), then adds ours.
     strip_identity(&mut parts.headers);
-    if let Some((user, groups)) = identity {
-        if let Ok(v) = http::HeaderValue::from_str(&user) {
-            parts.headers.insert("impersonate-user", v);
-        }
-        for g in groups {
-            if let Ok(v) = http::HeaderValue::from_str(&g) {
-                parts.headers.append("impersonate-group", v);
-            }
-        }
+    if let Err(refusal) = acting_as(identity, operator_as, client_as, &mut parts.headers).await {
+        return refusal;
     }
     parts.headers.remove(header::HOST);
     let (body, _reserved) = match read_body(body, budget, &operator).await {
@@ -625,7 +698,7 @@ pub(super) async fn upstream_client(
     kubeconfig: Option<&PathBuf>,
     sa_dir: Option<&std::path::Path>,
     impersonate: bool,
-) -> Result<(kube::Client, Api, String)> {
+) -> Result<(kube::Client, Api, String, bool)> {
     let no_proxy_hint = || {
         let set = ["NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"]
             .iter()
@@ -679,11 +752,12 @@ pub(super) async fn upstream_client(
     if impersonate {
         own_impersonation_refused(&config.auth_info)?;
     }
+    let own_impersonation = !own_impersonation(&config.auth_info).is_empty();
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
     let url = config.cluster_url.to_string();
     let (client, api) = client_without_nagle(config)?;
-    Ok((client, api, url))
+    Ok((client, api, url, own_impersonation))
 }
 
 /// With `--impersonate` the agent names each operator in `Impersonate-*`
@@ -693,15 +767,7 @@ pub(super) async fn upstream_client(
 /// extra: each operator would act with groups the hub never gave it (say
 /// `system:masters`), audited and checked as itself. Refused at start.
 fn own_impersonation_refused(user: &kube::config::AuthInfo) -> Result<()> {
-    let set: Vec<&str> = [
-        ("as", user.impersonate.is_some()),
-        ("as-groups", user.impersonate_groups.is_some()),
-        ("as-uid", user.impersonate_uid.is_some()),
-        ("as-user-extra", user.impersonate_user_extra.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(name, on)| on.then_some(name))
-    .collect();
+    let set = own_impersonation(user);
     if set.is_empty() {
         return Ok(());
     }
@@ -710,6 +776,19 @@ fn own_impersonation_refused(user: &kube::config::AuthInfo) -> Result<()> {
         set.join(", "),
         if set.len() == 1 { "it" } else { "them" }
     )
+}
+
+/// Which impersonation fields the kubeconfig's user sets.
+fn own_impersonation(user: &kube::config::AuthInfo) -> Vec<&'static str> {
+    [
+        ("as", user.impersonate.is_some()),
+        ("as-groups", user.impersonate_groups.is_some()),
+        ("as-uid", user.impersonate_uid.is_some()),
+        ("as-user-extra", user.impersonate_user_extra.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect()
 }
 
 /// The `proxy-url` of the kubeconfig's current cluster, if it names one.

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::{Hub, LiveSession};
 use crate::daemon::admission::{Admission, Ticket};
 use crate::daemon::audit::{Audited, EndRecord, Record};
+use crate::daemon::clientas::{ClientAs, CARRIED_PREFIX, CLIENT_PREFIX};
 use crate::daemon::http::{
     finish_upgrade, full, is_upgrade, json_response, status_response, strip_hop_by_hop,
     strip_identity, text_response, Body, Guarded, KeptConns, OnDrop, GROUPS_HEADER,
@@ -821,27 +822,37 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         }
         return resp;
     };
-    // `kubectl --as`: who a request acts as is the hub's to say (the
-    // operator, or its impersonation on the member), never a client's. It
-    // is refused, not dropped: dropped, `--as readonly delete …` would run
-    // as the operator itself, with rights the operator meant not to use.
-    if let Some(h) = req
+    // `kubectl --as` (and Helm's, Flux's, Argo CD's impersonation): read
+    // and checked here, carried to the agent under the hub's own names,
+    // and decided there (the member's RBAC, for the operator's identity
+    // on a member that requires impersonation; the agent's own rights
+    // otherwise). Never dropped: dropped, `--as readonly delete …` would
+    // run as the operator itself.
+    let client_as = if req
         .headers()
         .keys()
-        .find(|k| k.as_str().starts_with("impersonate-"))
+        .any(|k| k.as_str().starts_with(CLIENT_PREFIX))
     {
-        let msg = format!(
-            "'{h}' (kubectl --as, --as-group, --as-uid) is not carried through towerctl: requests to cluster '{name}' act as operator '{}' as the hub maps it; send the request without it",
-            operator.name
-        );
-        hub.auditor.record(Record {
-            status: 403,
-            error: Some(format!("refused client impersonation ({h})")),
-            ..record
-        });
-        drop(guard);
-        return status_response(StatusCode::FORBIDDEN, "Forbidden", &msg);
-    }
+        match ClientAs::read(req.headers(), CLIENT_PREFIX) {
+            Ok(a) => a,
+            Err(why) => {
+                let msg = format!("impersonation refused: {why}");
+                hub.auditor.record(Record {
+                    status: 400,
+                    error: Some(msg.clone()),
+                    ..record
+                });
+                drop(guard);
+                return status_response(StatusCode::BAD_REQUEST, "BadRequest", &msg);
+            }
+        }
+    } else {
+        None
+    };
+    let record = Record {
+        acting_as: client_as.as_ref().map(ClientAs::describe),
+        ..record
+    };
     if let Some(msg) = hub.over_stream_limit(&operator, &name) {
         hub.auditor.record(Record {
             status: 503,
@@ -880,8 +891,8 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         req,
         (peer, &conn.forwarded),
         &operator,
-        name,
-        upstream_path,
+        (name, upstream_path),
+        client_as,
         guard,
         end.clone(),
     )
@@ -1612,8 +1623,8 @@ async fn proxy(
     mut req: Request<Incoming>,
     (peer, forwarded): (SocketAddr, &HeaderValue),
     operator: &Operator,
-    name: String,
-    upstream_path: String,
+    (name, upstream_path): (String, String),
+    client_as: Option<ClientAs>,
     guard: crate::daemon::streams::StreamGuard,
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
@@ -1690,6 +1701,21 @@ async fn proxy(
         parts
             .headers
             .insert(IMPERSONATE_HEADER, HeaderValue::from_static("1"));
+    }
+    if let Some(a) = &client_as {
+        // An agent that does not say it takes them would strip them, and
+        // the request would run as the operator itself.
+        if !session.takes_client_as {
+            return status_response(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!(
+                    "cluster '{name}''s towerctl agent ({}) does not carry impersonation (kubectl --as, --as-group); upgrade the agent, or send the request without it",
+                    crate::tunnel::printable(&session.version, 64)
+                ),
+            );
+        }
+        a.write(&mut parts.headers, CARRIED_PREFIX);
     }
     let up_req = Request::from_parts(parts, body);
 

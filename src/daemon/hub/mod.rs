@@ -115,6 +115,9 @@ pub struct LiveSession {
     /// The agent declared at login that it takes the hub group's URLs
     /// ([`crate::tunnel::TARGET_HUBS`]).
     pub takes_hub_list: bool,
+    /// The agent declared at login that it carries a client's own
+    /// impersonation ([`crate::tunnel::FEATURE_CLIENT_AS`]).
+    pub takes_client_as: bool,
     /// The agent declared at login that its raw channels' opens may carry
     /// the hub's window and the client's first bytes
     /// ([`crate::tunnel::FEATURE_OPEN_EARLY`]).
@@ -789,7 +792,7 @@ impl Hub {
     /// registered is refused like a forbidden one: allowed (a rule that
     /// matches by a label's absence, `env notin (prod)`, or by name), its
     /// request went on to checks that a forbidden member never reaches (a
-    /// client's `Impersonate-*` header: 403) before its 404, so an operator
+    /// client's malformed `Impersonate-*` headers: 400) before its 404, so an operator
     /// could tell the members it may not reach from names that do not
     /// exist. A registry that cannot be read refuses: label rules could not
     /// be applied, and one of them may be a deny.

@@ -585,6 +585,7 @@ async fn tunnel_session(
         impersonate: std::sync::atomic::AtomicBool::new(mode_at_login.unwrap_or(true)),
         agent_impersonates: sess.features.iter().any(|f| f == "impersonate"),
         takes_hub_list: sess.features.iter().any(|f| f == tunnel::FEATURE_HUBS),
+        takes_client_as: sess.features.iter().any(|f| f == tunnel::FEATURE_CLIENT_AS),
         takes_early: sess
             .features
             .iter()

@@ -1,0 +1,320 @@
+//! A client's own impersonation (`kubectl --as`, `--as-group`, `--as-uid`,
+//! `--as-user-extra`; Helm's `--kube-as-user`, Flux's and Argo CD's
+//! service-account impersonation): the `Impersonate-*` headers a client
+//! sends, read and checked once at the gateway, carried to the agent under
+//! the hub's own names ([`CARRIED_PREFIX`]: an agent strips every
+//! `Impersonate-*` it receives), and put back on the request to the member
+//! by the agent, which decides first whether the operator may (see
+//! `agent::upstream`).
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// What clients send (`Impersonate-User`, `-Group`, `-Uid`, `-Extra-KEY`).
+pub const CLIENT_PREFIX: &str = "impersonate-";
+/// What the hub sends the agent in their place.
+pub const CARRIED_PREFIX: &str = "x-towerctl-as-";
+
+/// Most groups, extra keys and values per key a request may name (client-go
+/// sends what its kubeconfig says; these bound what one request makes the
+/// agent ask its API server).
+const MAX_GROUPS: usize = 64;
+const MAX_EXTRA_KEYS: usize = 16;
+const MAX_EXTRA_VALUES: usize = 16;
+/// Longest name, group, UID, extra key or value, in bytes.
+const MAX_VALUE: usize = 1024;
+
+/// Who a client asks to act as.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientAs {
+    pub user: String,
+    pub groups: Vec<String>,
+    pub uid: Option<String>,
+    /// Extra keys as sent (percent-encoded, lower case: header names are
+    /// case-insensitive, and kube-apiserver lowers them too) with their
+    /// values, in the order sent.
+    pub extra: Vec<(String, Vec<String>)>,
+}
+
+/// One value as text: UTF-8 without control characters, not empty, bounded.
+fn value(name: &str, v: &HeaderValue) -> Result<String, String> {
+    let s = std::str::from_utf8(v.as_bytes()).map_err(|_| format!("'{name}' is not UTF-8 text"))?;
+    if s.trim().is_empty() {
+        return Err(format!("'{name}' is empty"));
+    }
+    if s.len() > MAX_VALUE {
+        return Err(format!("'{name}' is longer than {MAX_VALUE} bytes"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(format!("'{name}' holds a control character"));
+    }
+    Ok(s.to_string())
+}
+
+impl ClientAs {
+    /// Reads the headers under `prefix` ([`CLIENT_PREFIX`] or
+    /// [`CARRIED_PREFIX`]). `Ok(None)`: none. An error names the header and
+    /// what is wrong with it (answered 400: the client's request is
+    /// malformed, as kube-apiserver answers it).
+    pub fn read(headers: &HeaderMap, prefix: &str) -> Result<Option<ClientAs>, String> {
+        let mut found = false;
+        let mut user = None;
+        let mut groups = Vec::new();
+        let mut uid = None;
+        let mut extra: Vec<(String, Vec<String>)> = Vec::new();
+        for name in headers.keys() {
+            let Some(rest) = name.as_str().strip_prefix(prefix) else {
+                continue;
+            };
+            found = true;
+            let shown = format!("Impersonate-{rest}");
+            let all = headers.get_all(name);
+            match rest {
+                "user" | "uid" => {
+                    let mut values = all.iter();
+                    let (Some(v), None) = (values.next(), values.next()) else {
+                        return Err(format!("'{shown}' is given more than once"));
+                    };
+                    let v = value(&shown, v)?;
+                    if rest == "user" {
+                        user = Some(v);
+                    } else {
+                        uid = Some(v);
+                    }
+                }
+                "group" => {
+                    for v in all.iter() {
+                        groups.push(value(&shown, v)?);
+                    }
+                    if groups.len() > MAX_GROUPS {
+                        return Err(format!("more than {MAX_GROUPS} 'Impersonate-Group' values"));
+                    }
+                }
+                _ => {
+                    let Some(key) = rest.strip_prefix("extra-").filter(|k| !k.is_empty()) else {
+                        return Err(format!(
+                            "'{shown}' is not an impersonation header Kubernetes knows \
+                             (Impersonate-User, -Group, -Uid, -Extra-KEY)"
+                        ));
+                    };
+                    if key.len() > MAX_VALUE {
+                        return Err(format!(
+                            "an 'Impersonate-Extra-' key is longer than {MAX_VALUE} bytes"
+                        ));
+                    }
+                    let values = all
+                        .iter()
+                        .map(|v| value(&shown, v))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if values.len() > MAX_EXTRA_VALUES {
+                        return Err(format!("more than {MAX_EXTRA_VALUES} values for '{shown}'"));
+                    }
+                    extra.push((key.to_string(), values));
+                    if extra.len() > MAX_EXTRA_KEYS {
+                        return Err(format!(
+                            "more than {MAX_EXTRA_KEYS} 'Impersonate-Extra-' keys"
+                        ));
+                    }
+                }
+            }
+        }
+        if !found {
+            return Ok(None);
+        }
+        let Some(user) = user else {
+            return Err(
+                "'Impersonate-Group', '-Uid' or '-Extra-' without 'Impersonate-User': \
+                        name the user to act as (kubectl --as USER with --as-group, --as-uid, \
+                        --as-user-extra)"
+                    .into(),
+            );
+        };
+        Ok(Some(ClientAs {
+            user,
+            groups,
+            uid,
+            extra,
+        }))
+    }
+
+    /// Puts these headers on `headers` under `prefix`.
+    pub fn write(&self, headers: &mut HeaderMap, prefix: &str) {
+        let mut put = |rest: &str, v: &str| {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(format!("{prefix}{rest}").as_bytes()),
+                HeaderValue::from_bytes(v.as_bytes()),
+            ) {
+                headers.append(n, v);
+            }
+        };
+        put("user", &self.user);
+        for g in &self.groups {
+            put("group", g);
+        }
+        if let Some(u) = &self.uid {
+            put("uid", u);
+        }
+        for (k, vs) in &self.extra {
+            for v in vs {
+                put(&format!("extra-{k}"), v);
+            }
+        }
+    }
+
+    /// Whether the user is a service account's, and then its namespace and
+    /// name (kube-apiserver checks `impersonate serviceaccounts` for these).
+    pub fn service_account(&self) -> Option<(&str, &str)> {
+        let rest = self.user.strip_prefix("system:serviceaccount:")?;
+        let (ns, name) = rest.split_once(':')?;
+        (!ns.is_empty() && !name.is_empty() && !name.contains(':')).then_some((ns, name))
+    }
+
+    /// One printable line for logs, audit records and messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!("'{}'", crate::tunnel::printable(&self.user, 200));
+        if !self.groups.is_empty() {
+            let g: Vec<String> = self
+                .groups
+                .iter()
+                .take(8)
+                .map(|g| crate::tunnel::printable(g, 100))
+                .collect();
+            let more = if self.groups.len() > 8 { ", …" } else { "" };
+            s.push_str(&format!(" groups [{}{more}]", g.join(", ")));
+        }
+        if let Some(u) = &self.uid {
+            s.push_str(&format!(" uid '{}'", crate::tunnel::printable(u, 100)));
+        }
+        if !self.extra.is_empty() {
+            let k: Vec<String> = self
+                .extra
+                .iter()
+                .map(|(k, _)| crate::tunnel::printable(&unescape_key(k), 100))
+                .collect();
+            s.push_str(&format!(" extra [{}]", k.join(", ")));
+        }
+        s
+    }
+}
+
+/// An extra key as kube-apiserver reads it (`Impersonate-Extra-` keys are
+/// percent-encoded by client-go, so that a key such as
+/// `example.com/scopes` fits a header name).
+pub fn unescape_key(k: &str) -> String {
+    percent_encoding::percent_decode_str(k)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(list: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in list {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn what_kubectl_sends_is_read_and_carried_whole() {
+        let h = headers(&[
+            ("Impersonate-User", "system:serviceaccount:flux:reconciler"),
+            ("Impersonate-Group", "devs"),
+            ("Impersonate-Group", "a, b"),
+            ("Impersonate-Uid", "1234"),
+            ("Impersonate-Extra-example.com%2fscopes", "view"),
+            ("Impersonate-Extra-example.com%2fscopes", "edit"),
+            ("Accept", "application/json"),
+        ]);
+        let a = ClientAs::read(&h, CLIENT_PREFIX).unwrap().unwrap();
+        assert_eq!(a.user, "system:serviceaccount:flux:reconciler");
+        // One value per group, never split at a comma.
+        assert_eq!(a.groups, ["devs", "a, b"]);
+        assert_eq!(a.uid.as_deref(), Some("1234"));
+        assert_eq!(
+            a.extra,
+            [(
+                "example.com%2fscopes".to_string(),
+                vec!["view".to_string(), "edit".to_string()]
+            )]
+        );
+        assert_eq!(unescape_key(&a.extra[0].0), "example.com/scopes");
+        assert_eq!(a.service_account(), Some(("flux", "reconciler")));
+        // Under the hub's names and back: the same.
+        let mut carried = HeaderMap::new();
+        a.write(&mut carried, CARRIED_PREFIX);
+        assert!(carried
+            .keys()
+            .all(|k| k.as_str().starts_with(CARRIED_PREFIX)));
+        assert_eq!(
+            ClientAs::read(&carried, CARRIED_PREFIX).unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(ClientAs::read(&carried, CLIENT_PREFIX).unwrap(), None);
+        let mut back = HeaderMap::new();
+        a.write(&mut back, CLIENT_PREFIX);
+        assert_eq!(back.get_all("impersonate-group").iter().count(), 2);
+        assert_eq!(ClientAs::read(&back, CLIENT_PREFIX).unwrap(), Some(a));
+        assert_eq!(
+            ClientAs::read(&headers(&[("Accept", "x")]), CLIENT_PREFIX),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn malformed_impersonation_is_refused_in_words() {
+        let refused = |list: &[(&str, &str)], says: &str| {
+            let e = ClientAs::read(&headers(list), CLIENT_PREFIX).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        };
+        refused(
+            &[("Impersonate-Group", "devs")],
+            "without 'Impersonate-User'",
+        );
+        refused(&[("Impersonate-Uid", "1")], "without 'Impersonate-User'");
+        refused(
+            &[("Impersonate-User", "a"), ("Impersonate-User", "b")],
+            "more than once",
+        );
+        refused(&[("Impersonate-User", " ")], "is empty");
+        refused(&[("Impersonate-User", "a\tb")], "control character");
+        refused(
+            &[("Impersonate-User", "a"), ("Impersonate-Extra-", "x")],
+            "not an impersonation header",
+        );
+        refused(
+            &[("Impersonate-User", "a"), ("Impersonate-Whatever", "x")],
+            "not an impersonation header",
+        );
+        let many: Vec<(&str, &str)> = std::iter::once(("Impersonate-User", "a"))
+            .chain(std::iter::repeat_n(
+                ("Impersonate-Group", "g"),
+                MAX_GROUPS + 1,
+            ))
+            .collect();
+        refused(&many, "more than 64");
+        let long = "x".repeat(MAX_VALUE + 1);
+        refused(&[("Impersonate-User", &long)], "longer than");
+    }
+
+    #[test]
+    fn a_description_is_one_printable_line() {
+        let a = ClientAs {
+            user: "eve\x1b[2J\nFAKE".into(),
+            groups: (0..20).map(|i| format!("g{i}")).collect(),
+            uid: Some("u\u{202e}1".into()),
+            extra: vec![("k%2Fx".into(), vec!["v".into()])],
+        };
+        let d = a.describe();
+        assert!(
+            !d.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{d:?}"
+        );
+        assert!(d.contains("g7, …]") && d.contains("extra [k/x]"), "{d}");
+    }
+}
