@@ -1109,7 +1109,7 @@ fn impersonation_lets_the_member_rbac_decide() {
         o.stdout
             .lines()
             .any(|l| l.contains("\"operator\":\"admin\"")
-                && l.contains("\"as\":\"'root' groups [system:masters]\"")),
+                && l.contains(r#""as":"\"root\" groups [\"system:masters\"]""#)),
         "{o:?}"
     );
     // The member's audit log lists X-Forwarded-For as the request's
@@ -1248,11 +1248,11 @@ fn a_clients_own_impersonation_reaches_the_member_as_sent() {
     assert!(
         o.stdout
             .lines()
-            .any(|l| l.contains("\"as\":\"'bob' groups [devs, ops] uid '42'\"")),
+            .any(|l| l.contains(r#""as":"\"bob\" groups [\"devs\", \"ops\"] uid \"42\"""#)),
         "{o:?}"
     );
     let o = env.towerctl(&["audit"]);
-    assert!(o.stdout.contains("admin as 'bob'"), "{o:?}");
+    assert!(o.stdout.contains(r#"admin as "bob""#), "{o:?}");
 
     // An agent that does not say it carries them (an older one) would
     // strip them: the hub refuses instead of running the request as the

@@ -14,12 +14,10 @@ pub const CLIENT_PREFIX: &str = "impersonate-";
 /// What the hub sends the agent in their place.
 pub const CARRIED_PREFIX: &str = "x-towerctl-as-";
 
-/// Most groups, extra keys and values per key a request may name (client-go
-/// sends what its kubeconfig says; these bound what one request makes the
-/// agent ask its API server).
-const MAX_GROUPS: usize = 64;
-const MAX_EXTRA_KEYS: usize = 16;
-const MAX_EXTRA_VALUES: usize = 16;
+/// Most groups, UIDs and extra values one request may name in all (each
+/// is a header on the HTTP/1.1 hops to other hubs and to the agent, which
+/// take 100 headers, and, under `--impersonate`, a SubjectAccessReview).
+const MAX_VALUES: usize = 32;
 /// Longest name, group, UID, extra key or value, in bytes.
 const MAX_VALUE: usize = 1024;
 
@@ -35,11 +33,17 @@ pub struct ClientAs {
     pub extra: Vec<(String, Vec<String>)>,
 }
 
-/// One value as text: UTF-8 without control characters, not empty, bounded.
+/// One value as text: UTF-8 without control characters or white space
+/// at either end, not empty, bounded.
 fn value(name: &str, v: &HeaderValue) -> Result<String, String> {
     let s = std::str::from_utf8(v.as_bytes()).map_err(|_| format!("'{name}' is not UTF-8 text"))?;
     if s.trim().is_empty() {
         return Err(format!("'{name}' is empty"));
+    }
+    // HTTP/2 can carry them (RFC 9113 calls it malformed); an HTTP/1.1 hop
+    // trims them: what was checked and recorded would not be what acts.
+    if s.trim() != s {
+        return Err(format!("'{name}' begins or ends with white space"));
     }
     if s.len() > MAX_VALUE {
         return Err(format!("'{name}' is longer than {MAX_VALUE} bytes"));
@@ -53,8 +57,7 @@ fn value(name: &str, v: &HeaderValue) -> Result<String, String> {
 impl ClientAs {
     /// Reads the headers under `prefix` ([`CLIENT_PREFIX`] or
     /// [`CARRIED_PREFIX`]). `Ok(None)`: none. An error names the header and
-    /// what is wrong with it (answered 400: the client's request is
-    /// malformed, as kube-apiserver answers it).
+    /// what is wrong with it (answered 400: the request is malformed).
     pub fn read(headers: &HeaderMap, prefix: &str) -> Result<Option<ClientAs>, String> {
         let mut found = false;
         let mut user = None;
@@ -85,9 +88,6 @@ impl ClientAs {
                     for v in all.iter() {
                         groups.push(value(&shown, v)?);
                     }
-                    if groups.len() > MAX_GROUPS {
-                        return Err(format!("more than {MAX_GROUPS} 'Impersonate-Group' values"));
-                    }
                 }
                 _ => {
                     let Some(key) = rest.strip_prefix("extra-").filter(|k| !k.is_empty()) else {
@@ -101,30 +101,37 @@ impl ClientAs {
                             "an 'Impersonate-Extra-' key is longer than {MAX_VALUE} bytes"
                         ));
                     }
+                    // Checked under the key kube-apiserver will apply.
+                    if unescape_key(key).is_none() {
+                        return Err(format!(
+                            "'{shown}': the key is not percent-encoded UTF-8 (client-go \
+                             writes 'example.com%2Fscopes' for 'example.com/scopes')"
+                        ));
+                    }
                     let values = all
                         .iter()
                         .map(|v| value(&shown, v))
                         .collect::<Result<Vec<_>, _>>()?;
-                    if values.len() > MAX_EXTRA_VALUES {
-                        return Err(format!("more than {MAX_EXTRA_VALUES} values for '{shown}'"));
-                    }
                     extra.push((key.to_string(), values));
-                    if extra.len() > MAX_EXTRA_KEYS {
-                        return Err(format!(
-                            "more than {MAX_EXTRA_KEYS} 'Impersonate-Extra-' keys"
-                        ));
-                    }
                 }
             }
         }
         if !found {
             return Ok(None);
         }
+        let values = groups.len()
+            + usize::from(uid.is_some())
+            + extra.iter().map(|(_, v)| v.len()).sum::<usize>();
+        if values > MAX_VALUES {
+            return Err(format!(
+                "more than {MAX_VALUES} groups, UIDs and extra values to impersonate in all"
+            ));
+        }
         let Some(user) = user else {
             return Err(
-                "'Impersonate-Group', '-Uid' or '-Extra-' without 'Impersonate-User': \
-                        name the user to act as (kubectl --as USER with --as-group, --as-uid, \
-                        --as-user-extra)"
+                "'Impersonate-Group', '-Uid' or '-Extra-' without 'Impersonate-User': name \
+                 the user to act as (kubectl --as USER with --as-group, --as-uid, \
+                 --as-user-extra)"
                     .into(),
             );
         };
@@ -136,7 +143,8 @@ impl ClientAs {
         }))
     }
 
-    /// Puts these headers on `headers` under `prefix`.
+    /// Puts these headers on `headers` under `prefix` (every value was
+    /// checked by [`ClientAs::read`], so each makes a header).
     pub fn write(&self, headers: &mut HeaderMap, prefix: &str) {
         let mut put = |rest: &str, v: &str| {
             if let (Ok(n), Ok(v)) = (
@@ -160,15 +168,17 @@ impl ClientAs {
         }
     }
 
-    /// Whether the user is a service account's, and then its namespace and
-    /// name (kube-apiserver checks `impersonate serviceaccounts` for these).
+    /// As kube-apiserver's `serviceaccount.SplitUsername` reads it: two
+    /// parts, the namespace a DNS-1123 label and the name a DNS-1123
+    /// subdomain; any other user name is a plain user (checked as `users`
+    /// there, and so here).
     pub fn service_account(&self) -> Option<(&str, &str)> {
         let rest = self.user.strip_prefix("system:serviceaccount:")?;
         let (ns, name) = rest.split_once(':')?;
-        (!ns.is_empty() && !name.is_empty() && !name.contains(':')).then_some((ns, name))
+        (dns1123_label(ns) && !name.contains(':') && dns1123_subdomain(name)).then_some((ns, name))
     }
 
-    /// One printable line for logs, audit records and messages.
+    /// One printable, bounded line for logs and messages.
     pub fn describe(&self) -> String {
         let mut s = format!("'{}'", crate::tunnel::printable(&self.user, 200));
         if !self.groups.is_empty() {
@@ -188,9 +198,26 @@ impl ClientAs {
             let k: Vec<String> = self
                 .extra
                 .iter()
-                .map(|(k, _)| crate::tunnel::printable(&unescape_key(k), 100))
+                .map(|(k, _)| crate::tunnel::printable(&unescape_key(k).unwrap_or_default(), 100))
                 .collect();
             s.push_str(&format!(" extra [{}]", k.join(", ")));
+        }
+        s
+    }
+
+    /// Every value exactly, each quoted and escaped as Rust's `{:?}` does
+    /// (so that no two identities read the same), for the audit record.
+    pub fn record(&self) -> String {
+        let mut s = format!("{:?}", self.user);
+        if !self.groups.is_empty() {
+            s.push_str(&format!(" groups {:?}", self.groups));
+        }
+        if let Some(u) = &self.uid {
+            s.push_str(&format!(" uid {u:?}"));
+        }
+        for (k, v) in &self.extra {
+            let k = unescape_key(k).unwrap_or_else(|| k.clone());
+            s.push_str(&format!(" extra {k:?}={v:?}"));
         }
         s
     }
@@ -198,11 +225,42 @@ impl ClientAs {
 
 /// An extra key as kube-apiserver reads it (`Impersonate-Extra-` keys are
 /// percent-encoded by client-go, so that a key such as
-/// `example.com/scopes` fits a header name).
-pub fn unescape_key(k: &str) -> String {
+/// `example.com/scopes` fits a header name). `None` where Go's
+/// `url.PathUnescape` fails (kube then keeps the key as sent) or gives
+/// bytes that are not UTF-8: such keys are refused, so that the key asked
+/// about is the key applied.
+pub fn unescape_key(k: &str) -> Option<String> {
+    let b = k.as_bytes();
+    let escape_ok = |i: usize| {
+        b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+    };
+    if !(0..b.len()).all(|i| b[i] != b'%' || escape_ok(i)) {
+        return None;
+    }
     percent_encoding::percent_decode_str(k)
-        .decode_utf8_lossy()
-        .into_owned()
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
+/// A DNS-1123 label: 1–63 of `[a-z0-9-]`, alphanumeric at both ends.
+fn dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && dns1123_part(s)
+}
+
+/// A DNS-1123 subdomain: at most 253 bytes of such labels joined by dots.
+fn dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns1123_part)
+}
+
+fn dns1123_part(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 #[cfg(test)]
@@ -243,8 +301,16 @@ mod tests {
                 vec!["view".to_string(), "edit".to_string()]
             )]
         );
-        assert_eq!(unescape_key(&a.extra[0].0), "example.com/scopes");
+        assert_eq!(
+            unescape_key(&a.extra[0].0).as_deref(),
+            Some("example.com/scopes")
+        );
         assert_eq!(a.service_account(), Some(("flux", "reconciler")));
+        // The audit record: every value exactly, quoted.
+        assert_eq!(
+            a.record(),
+            r#""system:serviceaccount:flux:reconciler" groups ["devs", "a, b"] uid "1234" extra "example.com/scopes"=["view", "edit"]"#
+        );
         // Under the hub's names and back: the same.
         let mut carried = HeaderMap::new();
         a.write(&mut carried, CARRIED_PREFIX);
@@ -282,6 +348,7 @@ mod tests {
             "more than once",
         );
         refused(&[("Impersonate-User", " ")], "is empty");
+        refused(&[("Impersonate-User", " bob")], "white space");
         refused(&[("Impersonate-User", "a\tb")], "control character");
         refused(
             &[("Impersonate-User", "a"), ("Impersonate-Extra-", "x")],
@@ -292,14 +359,56 @@ mod tests {
             "not an impersonation header",
         );
         let many: Vec<(&str, &str)> = std::iter::once(("Impersonate-User", "a"))
-            .chain(std::iter::repeat_n(
-                ("Impersonate-Group", "g"),
-                MAX_GROUPS + 1,
-            ))
+            .chain(std::iter::repeat_n(("Impersonate-Group", "g"), MAX_VALUES))
+            .chain(std::iter::once(("Impersonate-Uid", "u")))
             .collect();
-        refused(&many, "more than 64");
+        refused(&many, "more than 32");
+        refused(
+            &[("Impersonate-User", "a"), ("Impersonate-Extra-k%zz", "v")],
+            "not percent-encoded",
+        );
+        refused(
+            &[("Impersonate-User", "a"), ("Impersonate-Extra-k%", "v")],
+            "not percent-encoded",
+        );
+        refused(
+            &[("Impersonate-User", "a"), ("Impersonate-Extra-k%ff", "v")],
+            "not percent-encoded",
+        );
         let long = "x".repeat(MAX_VALUE + 1);
         refused(&[("Impersonate-User", &long)], "longer than");
+    }
+
+    #[test]
+    fn a_service_account_is_one_only_where_kube_apiserver_takes_it_for_one() {
+        let sa = |user: &str| {
+            ClientAs {
+                user: user.into(),
+                ..Default::default()
+            }
+            .service_account()
+            .map(|(ns, n)| format!("{ns}/{n}"))
+        };
+        assert_eq!(
+            sa("system:serviceaccount:team-a:web.v2").as_deref(),
+            Some("team-a/web.v2")
+        );
+        // Anything else is a plain user there, checked as `users`.
+        for user in [
+            "system:serviceaccount:team-a:Admin",
+            "system:serviceaccount:team-a:a_b",
+            "system:serviceaccount:Team:web",
+            "system:serviceaccount:team.a:web",
+            "system:serviceaccount:team-a:web:x",
+            "system:serviceaccount::web",
+            "system:serviceaccount:team-a:",
+            "system:serviceaccount:-a:web",
+            "system:serviceaccounts:team-a:web",
+        ] {
+            assert_eq!(sa(user), None, "{user}");
+        }
+        let long = format!("system:serviceaccount:{}:web", "a".repeat(64));
+        assert_eq!(sa(&long), None);
     }
 
     #[test]
@@ -316,5 +425,14 @@ mod tests {
             "{d:?}"
         );
         assert!(d.contains("g7, …]") && d.contains("extra [k/x]"), "{d}");
+        // The record keeps every value, escaped so that none acts on a
+        // terminal or passes for another.
+        let r = a.record();
+        assert!(
+            !r.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{r:?}"
+        );
+        assert!(r.starts_with(r#""eve\u{1b}[2J\nFAKE" groups ["g0""#), "{r}");
+        assert!(r.contains(r#"uid "u\u{202e}1""#), "{r}");
     }
 }

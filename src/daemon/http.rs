@@ -163,6 +163,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The first header under `prefix` that `Connection` names (so that a hop
+/// removes it), if any.
+pub fn connection_names(headers: &HeaderMap, prefix: &str) -> Option<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .find(|t| t.starts_with(prefix))
+}
+
 /// Removes from a member's answer what describes its own hop and what
 /// would act on the hub's whole origin, which every member shares (one
 /// member's `Set-Cookie` or `Strict-Transport-Security` would apply to
@@ -758,5 +770,20 @@ mod tests {
         );
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn a_header_named_in_connection_is_found_whatever_its_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert_eq!(super::connection_names(&h, "impersonate-"), None);
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close,  Impersonate-User"),
+        );
+        assert_eq!(
+            super::connection_names(&h, "impersonate-").as_deref(),
+            Some("impersonate-user")
+        );
     }
 }

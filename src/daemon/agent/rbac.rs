@@ -107,8 +107,12 @@ impl Rbac {
         self.review(who, ask).await?;
         if let Ok(mut c) = self.cache.lock() {
             c.retain(|_, at| at.elapsed() < TTL);
+            // Full of live answers: the oldest goes (clearing all would let
+            // one operator's many questions cost everyone theirs).
             if c.len() >= MAX_CACHED {
-                c.clear();
+                if let Some(oldest) = c.iter().min_by_key(|(_, at)| **at).map(|(k, _)| k.clone()) {
+                    c.remove(&oldest);
+                }
             }
             c.insert(key, Instant::now());
         }
@@ -128,7 +132,7 @@ impl Rbac {
         let sar = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(who.user.clone()),
-                groups: Some(who.groups.clone()),
+                groups: Some(with_authenticated(&who.groups)),
                 resource_attributes: Some(ResourceAttributes {
                     verb: Some(ask.verb.to_string()),
                     group: Some(ask.group.to_string()),
@@ -148,9 +152,10 @@ impl Rbac {
             .await
             .map_err(|e| {
                 format!(
-                    "the member could not check whether operator '{}' may {} (SubjectAccessReview failed: {e}); the agent needs 'create subjectaccessreviews' in its RBAC",
+                    "the member could not check whether operator '{}' may {} (SubjectAccessReview failed: {}); the agent needs 'create subjectaccessreviews' in its RBAC",
                     crate::tunnel::printable(&who.user, 100),
-                    ask.describe()
+                    ask.describe(),
+                    crate::tunnel::printable(&e.to_string(), 500)
                 )
             })?;
         let status = answer.status.unwrap_or_default();
@@ -159,6 +164,17 @@ impl Rbac {
         }
         Err(refusal(&who.user, ask, status.reason.as_deref()))
     }
+}
+
+/// The groups kube-apiserver gives a user the agent impersonates: those
+/// the hub named, and `system:authenticated` (added by its impersonation
+/// filter), so that a binding to it counts here as it does for kubectl.
+fn with_authenticated(groups: &[String]) -> Vec<String> {
+    let mut g = groups.to_vec();
+    if !g.iter().any(|g| g == "system:authenticated") {
+        g.push("system:authenticated".to_string());
+    }
+    g
 }
 
 /// The questions kube-apiserver asks before it lets a client act as `a`
@@ -187,7 +203,8 @@ pub fn impersonation_asks(a: &ClientAs) -> Vec<Ask> {
         asks.push(ask("authentication.k8s.io", "uids", None, "", uid));
     }
     for (key, values) in &a.extra {
-        let key = unescape_key(key);
+        // Refused at the gateway when it does not unescape.
+        let key = unescape_key(key).unwrap_or_else(|| key.clone());
         asks.extend(values.iter().map(|v| {
             ask(
                 "authentication.k8s.io",

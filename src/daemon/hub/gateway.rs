@@ -833,7 +833,14 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         .keys()
         .any(|k| k.as_str().starts_with(CLIENT_PREFIX))
     {
-        match ClientAs::read(req.headers(), CLIENT_PREFIX) {
+        match ClientAs::read(req.headers(), CLIENT_PREFIX).and_then(|a| {
+            // A hop would drop what `Connection` names (another hub's
+            // forward does): the request would run as the operator.
+            match crate::daemon::http::connection_names(req.headers(), CLIENT_PREFIX) {
+                Some(h) => Err(format!("'Connection' names '{h}', which would be removed on the way to the member; send it as an end-to-end header")),
+                None => Ok(a),
+            }
+        }) {
             Ok(a) => a,
             Err(why) => {
                 let msg = format!("impersonation refused: {why}");
@@ -850,7 +857,7 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
         None
     };
     let record = Record {
-        acting_as: client_as.as_ref().map(ClientAs::describe),
+        acting_as: client_as.as_ref().map(ClientAs::record),
         ..record
     };
     if let Some(msg) = hub.over_stream_limit(&operator, &name) {
