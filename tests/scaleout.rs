@@ -2786,3 +2786,31 @@ fn a_hub_runs_as_its_printed_statefulset_runs_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A hub that ran alone before joins a group: the group's CA and host key
+/// win (every hub must serve the same), and its own are kept beside them
+/// (`F.pre-group`), so that a wrong `--store` loses nothing.
+#[test]
+fn a_hub_that_ran_alone_keeps_its_own_ca_and_host_key_when_it_joins_a_group() {
+    let etcd = Etcd::start();
+    let a = Env::new();
+    hub_up(&a, &etcd);
+    let b = Env::new();
+    b.up();
+    let file = |env: &Env, f: &str| std::fs::read(env.path(&format!("data/towerctl/{f}"))).unwrap();
+    let (own_ca, own_host) = (file(&b, "ca.key"), file(&b, "host_key"));
+    assert_ne!(own_ca, file(&a, "ca.key"));
+    let o = b.towerctl(&["down"]);
+    assert!(o.ok(), "{o:?}");
+    hub_up(&b, &etcd);
+    assert_eq!(file(&b, "ca.key"), file(&a, "ca.key"));
+    assert_eq!(file(&b, "host_key"), file(&a, "host_key"));
+    assert_eq!(file(&b, "ca.key.pre-group"), own_ca);
+    assert_eq!(file(&b, "host_key.pre-group"), own_host);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(b.path("data/towerctl/ca.key.pre-group"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}

@@ -62,6 +62,16 @@ pub fn member_of_sni(sni: Option<&str>) -> Option<String> {
 /// A refusal is a status code, a Kubernetes reason and a message, for
 /// [`super::gateway::status_response`].
 pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> {
+    // HTTP/2 lets a `:path` not start with '/' through (`-beta/api` on a
+    // connection named for `alpha` read as `/clusters/alpha-beta/api` once
+    // joined to a prefix, on another hub).
+    if !path.starts_with('/') {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the request path does not begin with '/'".into(),
+        ));
+    }
     if let Some(why) = unsafe_path(path) {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -291,6 +301,12 @@ mod tests {
                 "{bad}"
             );
             assert!(pick(Some("alpha"), bad).is_err(), "{bad}");
+        }
+        // A path that does not begin with '/' (HTTP/2 lets it through).
+        for bad in ["-beta/api", "api/v1", "", "*"] {
+            let e = pick(Some("alpha"), bad).unwrap_err();
+            assert_eq!(e.0, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(e.2.contains("begin with '/'"), "{bad}: {}", e.2);
         }
         for good in [
             "/",

@@ -40,17 +40,43 @@ pub fn load(
 ) -> Result<GatewayTls> {
     let key_path = dir.join("ca.key");
     let cert_path = dir.join("ca.crt");
-    let (ca_key, ca_pem) = match (std::fs::read_to_string(&key_path), std::fs::read_to_string(&cert_path)) {
-        (Ok(k), Ok(c)) => (
-            KeyPair::from_pem(&k).with_context(|| format!("the gateway CA key '{}' is unreadable; delete ca.key and ca.crt to create a new CA (kubeconfigs must then be rewritten with 'towerctl use')", key_path.display()))?,
+    // A new CA only when neither file is there: any other failure to read
+    // them (one of the two gone, a permission, an I/O error) is said, not
+    // papered over with a CA no operator's saved CA or --ca-hash matches.
+    let read = |p: &Path| {
+        match std::fs::read_to_string(p) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot read the gateway CA file '{}'; fix its permissions, or restore it from a backup",
+            p.display()
+        ))),
+    }
+    };
+    let (ca_key, ca_pem) = match (read(&key_path)?, read(&cert_path)?) {
+        (Some(k), Some(c)) => (
+            KeyPair::from_pem(&k).with_context(|| format!("the gateway CA key '{}' is unreadable; restore it from a backup, or delete ca.key and ca.crt to create a new CA (every operator must then log in again, and kubeconfigs be rewritten with 'towerctl use')", key_path.display()))?,
             c,
         ),
-        _ => {
+        (None, None) => {
             let key = KeyPair::generate().context("cannot generate the gateway CA key")?;
             let cert = ca_params()?.self_signed(&key).context("cannot create the gateway CA")?;
             write_secret(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
             write_secret(&cert_path, cert.pem().as_bytes(), 0o644)?;
             (key, cert.pem())
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            let (there, gone) = if key_path.exists() {
+                (&key_path, &cert_path)
+            } else {
+                (&cert_path, &key_path)
+            };
+            anyhow::bail!(
+                "the gateway CA is half there: '{}' exists but '{}' does not; restore the missing file from a backup, or delete '{}' too to create a new CA (every operator must then log in again)",
+                there.display(),
+                gone.display(),
+                there.display()
+            )
         }
     };
     let issuer = Issuer::new(ca_params()?, ca_key);
@@ -160,6 +186,31 @@ mod tests {
     fn new_ca() -> String {
         let key = KeyPair::generate().unwrap();
         ca_params().unwrap().self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn a_ca_is_made_only_where_neither_file_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |p: &Path, b: &[u8], _mode: u32| -> Result<()> {
+            std::fs::write(p, b)?;
+            Ok(())
+        };
+        let names = ["localhost".to_string()];
+        let first = load(dir.path(), &names, write).unwrap().ca_pem;
+        // Loaded again: the same CA.
+        assert_eq!(load(dir.path(), &names, write).unwrap().ca_pem, first);
+        // Half of it gone: refused in words, the key left as it was.
+        let key = std::fs::read(dir.path().join("ca.key")).unwrap();
+        std::fs::remove_file(dir.path().join("ca.crt")).unwrap();
+        let e = format!("{:#}", load(dir.path(), &names, write).err().unwrap());
+        assert!(e.contains("half there") && e.contains("ca.crt"), "{e}");
+        assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), key);
+        assert!(!dir.path().join("ca.crt").exists());
+        // Unreadable (a directory where the file should be): refused too.
+        std::fs::create_dir(dir.path().join("ca.crt")).unwrap();
+        let e = format!("{:#}", load(dir.path(), &names, write).err().unwrap());
+        assert!(e.contains("cannot read the gateway CA file"), "{e}");
+        assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), key);
     }
 
     #[test]

@@ -1398,6 +1398,14 @@ pub async fn run(
     let admin_file = data.join("admin.token");
     let admin_token = match std::fs::read_to_string(&admin_file) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        // Unreadable (a permission, an I/O error): said, not replaced
+        // behind the admin's back. Missing or emptied: a new one.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot read the local admin token '{}'; fix its permissions (0600, owned by the hub's user), or delete it to have a new one made",
+                admin_file.display()
+            )));
+        }
         _ => {
             let t = keys::new_token("top_")?;
             write_secret(&admin_file, format!("{t}\n").as_bytes(), 0o600)?;

@@ -208,11 +208,20 @@ pub fn share_secrets(
                 .with_context(|| format!("the shared {rel} in etcd lacks {f}"))?;
             match std::fs::read_to_string(data.join(f)) {
                 Ok(local) if local == s => {}
-                Ok(_) => {
+                Ok(local) => {
                     // A hub that ran alone before joins the group: the
                     // group's CA and host key win (agents and kubeconfigs
                     // made against the old ones must be redone).
-                    tracing::warn!("replacing this hub's own {f} with the one shared in etcd");
+                    // Its own are kept beside them (`F.pre-group`), never
+                    // lost: a wrong --store is undone by putting them back.
+                    let kept = data.join(format!("{f}.pre-group"));
+                    if !kept.exists() {
+                        write(&kept, local.as_bytes(), 0o600)?;
+                    }
+                    tracing::warn!(
+                        "replacing this hub's own {f} with the one shared in etcd (its own kept as '{}')",
+                        kept.display()
+                    );
                     write(&data.join(f), s.as_bytes(), *mode)?;
                 }
                 Err(_) => write(&data.join(f), s.as_bytes(), *mode)?,
