@@ -322,6 +322,71 @@ fn a_websocket_naming_its_token_as_a_subprotocol_is_served_without_passing_it_on
     assert!(!format!("{exec:?}").contains(&encoded), "{exec:?}");
 }
 
+/// An upgraded stream (exec here; attach and port-forward alike) counts
+/// among the member's streams, and its window in the member's budget, for
+/// as long as it is open: hyper ends the task that drove the channel at
+/// the 101, which gave both back while the stream went on (an operator
+/// could so hold any number of exec streams' buffers outside every
+/// budget).
+#[test]
+fn an_upgraded_stream_counts_among_the_members_streams_while_it_is_open() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    let metrics = support::metrics_addr(&env);
+    let streams = || support::metric(&metrics, "towerctl_tunnel_streams{cluster=\"alpha\"} ");
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let gateway = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    // One request on its own connection, the upgrade: no kept channel.
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--http1.1", "--max-time", "6", "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "-H",
+            "Sec-WebSocket-Protocol: v5.channel.k8s.io",
+            &format!(
+                "{gateway}/clusters/alpha/api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true&stdout=true"
+            ),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut held = curl.spawn().unwrap();
+    wait_for(
+        "the exec to reach the member",
+        Duration::from_secs(5),
+        || {
+            api.requests()
+                .iter()
+                .any(|r| r.path.contains("/exec"))
+                .then_some(())
+        },
+    );
+    // Well after its 101: still counted.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(streams(), 1, "the open exec stream is not counted");
+    let _ = held.wait();
+    wait_for(
+        "the stream to be given back",
+        Duration::from_secs(10),
+        || (streams() == 0).then_some(()),
+    );
+}
+
 /// A stand-in API server with pod `pair-0` whose port 7000 answers "ok"
 /// after every two bytes.
 fn pair_api() -> ApiServer {

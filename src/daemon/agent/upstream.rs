@@ -463,7 +463,9 @@ impl ChannelService for Upstream {
             confirm.now().await;
             // On the channel before anything this side answers.
             stream.advertise_window(window.window).await;
-            let _permit = (permit, window);
+            // Held by the stream itself: past an upgrade (exec, attach,
+            // port-forward) hyper ends this task and hands the stream on.
+            let stream = crate::tunnel::counted::Holding::new(stream, (permit, window));
             let svc = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 let tasks = tasks.clone();

@@ -645,6 +645,9 @@ async fn open_channel(
         session.counters.bytes_in.clone(),
         session.counters.bytes_out.clone(),
     );
+    // Counted (the member's streams, the window's share of its budget)
+    // for as long as the channel lives, past an upgrade too.
+    let stream = crate::tunnel::counted::Holding::new(stream, session.channel_opened(window));
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| {
@@ -654,9 +657,7 @@ async fn open_channel(
                 &format!("cluster '{name}': {e}"),
             )
         })?;
-    let counted = session.channel_opened(window);
     hub.tasks.spawn(async move {
-        let _counted = counted;
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!("tunnel stream: {e}");
         }
