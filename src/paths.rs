@@ -261,19 +261,56 @@ pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// Path of a daemon's anchor (`hub` or `agent-NAME`): a file in the
+/// state directory, which does not depend on `XDG_RUNTIME_DIR`, that the
+/// running daemon holds locked and that names its pid and its runtime
+/// directory. A daemon started from a shell with `XDG_RUNTIME_DIR` (a
+/// login) and managed from one without (cron, `sudo -u`, a container's
+/// exec), or whose `/run/user/UID` logind removed at logout, is still
+/// found, and never started twice.
+pub fn anchor_file(daemon: &str) -> PathBuf {
+    state_dir().join(format!("{daemon}.anchor"))
+}
+
+/// What a running daemon's anchor says: its pid and runtime directory.
+/// `None` when no daemon holds it.
+pub fn anchored(daemon: &str) -> Option<(u32, PathBuf)> {
+    use std::os::unix::io::AsRawFd;
+    let path = anchor_file(daemon);
+    let f = std::fs::File::open(&path).ok()?;
+    // SAFETY: flock on a valid, open descriptor; released right away.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return None;
+    }
+    let text = read_regular(&path, 4096).ok()??;
+    let text = String::from_utf8(text).ok()?;
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let dir = PathBuf::from(lines.next()?);
+    dir.is_absolute().then_some((pid, dir))
+}
+
+/// The runtime directory of `daemon`: the running one's (its anchor),
+/// else this process's [`runtime_dir`].
+fn daemon_dir(daemon: &str) -> PathBuf {
+    anchored(daemon).map(|(_, d)| d).unwrap_or_else(runtime_dir)
+}
+
 /// Path of the hub's control socket.
 pub fn hub_socket() -> PathBuf {
-    runtime_dir().join("hub.sock")
+    daemon_dir("hub").join("hub.sock")
 }
 
 /// Path of an agent's control socket.
 pub fn agent_socket(name: &str) -> PathBuf {
-    runtime_dir().join(format!("agent-{name}.sock"))
+    let daemon = format!("agent-{name}");
+    daemon_dir(&daemon).join(format!("{daemon}.sock"))
 }
 
 /// Path of a daemon's pid file (`hub` or `agent-NAME`).
 pub fn pid_file(daemon: &str) -> PathBuf {
-    runtime_dir().join(format!("{daemon}.pid"))
+    daemon_dir(daemon).join(format!("{daemon}.pid"))
 }
 
 /// Path of a daemon's log file.

@@ -631,10 +631,30 @@ fn registry_survives_kill_9_during_writes() {
                 .contains("--trusted-proxy=127.0.0.1/32 --require-proxy-protocol (running: none)"),
         "{o:?}"
     );
-    let o = env.towerctl(&["down"]);
+    // Managed from a shell with another XDG_RUNTIME_DIR, or none (cron,
+    // `sudo -u`, a container's exec; logind removing /run/user/UID at
+    // logout): the same hub, found through its anchor in the state
+    // directory, never a second one started beside it.
+    let elsewhere = |args: &[&str], runtime: Option<&str>| {
+        let mut c = env.towerctl_cmd(args);
+        match runtime {
+            Some(p) => c.env("XDG_RUNTIME_DIR", env.path(p)),
+            None => c.env_remove("XDG_RUNTIME_DIR"),
+        };
+        support::run_bounded(c, Duration::from_secs(60))
+    };
+    let o = elsewhere(&["status"], None);
+    assert!(o.ok(), "{o:?}");
+    let o = elsewhere(
+        &["up", "--listen", "127.0.0.1:0", "--gateway", "127.0.0.1:0"],
+        Some("run2"),
+    );
+    assert!(o.ok() && o.stdout.contains("already running"), "{o:?}");
+    let o = elsewhere(&["down"], None);
     assert!(o.ok(), "{o:?}");
     assert_eq!(env.towerctl(&["status"]).code, Some(3));
     assert_eq!(env.towerctl(&["down"]).code, Some(3));
+    assert_eq!(elsewhere(&["down"], Some("run2")).code, Some(3));
 }
 
 /// Sends a signal to a pid (SIGSTOP/SIGCONT), for freezing a peer.

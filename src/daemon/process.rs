@@ -19,22 +19,25 @@ use crate::paths;
 /// Set in a daemon's environment by the process that started it.
 pub const DAEMON_ENV: &str = "TOWERCTL_DAEMON";
 
-/// Holds the pid file lock for the daemon's lifetime.
+/// Holds the daemon's anchor and pid file locked for its lifetime.
 pub struct PidLock {
-    _file: File,
-    path: PathBuf,
+    anchor: File,
+    pid: File,
 }
 
 impl Drop for PidLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Emptied, not removed: a starter that opened the old file would
+        // lock it while another locked a new one at the same path, and two
+        // daemons would run. The locks go with the descriptors.
+        let _ = self.pid.set_len(0);
+        let _ = self.anchor.set_len(0);
     }
 }
 
-/// Takes the pid file of `daemon` (`hub`, `agent-NAME`), or fails when a
-/// live daemon holds it.
-pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
-    let path = paths::pid_file(daemon);
+/// Opens `path` (0600, created if missing) and locks it, or says who holds
+/// it.
+fn lock(path: &Path, daemon: &str) -> Result<File> {
     paths::ensure_private_dir(path.parent().unwrap_or(Path::new("/")))?;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -42,27 +45,48 @@ pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("cannot open '{}'", path.display()))?;
     // SAFETY: flock on a valid, open descriptor.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
         let mut s = String::new();
         let _ = f.read_to_string(&mut s);
-        bail!(
-            "the {daemon} daemon is already running (pid {}); stop it first",
-            s.trim()
-        );
+        let pid = s.lines().next().unwrap_or("").trim().to_string();
+        bail!("the {daemon} daemon is already running (pid {pid}); stop it first");
     }
-    f.set_len(0)?;
-    f.seek(SeekFrom::Start(0))?;
-    writeln!(f, "{}", std::process::id())?;
-    f.flush()?;
-    Ok(PidLock { _file: f, path })
+    Ok(f)
 }
 
-/// Pid recorded in a daemon's pid file, if the daemon still holds its lock.
+fn rewrite(f: &mut File, text: &str) -> Result<()> {
+    f.set_len(0)?;
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(text.as_bytes())?;
+    f.flush()?;
+    Ok(())
+}
+
+/// Takes the anchor and the pid file of `daemon` (`hub`, `agent-NAME`),
+/// or fails when a live daemon holds them. The anchor, in the state
+/// directory, is taken first: one daemon per name whatever
+/// `XDG_RUNTIME_DIR` says ([`paths::anchor_file`]).
+pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
+    let mut anchor = lock(&paths::anchor_file(daemon), daemon)?;
+    let me = std::process::id();
+    // Ours before anything reads it (a daemon that died left its own).
+    let dir = paths::runtime_dir();
+    rewrite(&mut anchor, &format!("{me}\n{}\n", dir.display()))?;
+    let mut pid = lock(&dir.join(format!("{daemon}.pid")), daemon)?;
+    rewrite(&mut pid, &format!("{me}\n"))?;
+    Ok(PidLock { anchor, pid })
+}
+
+/// Pid of the running daemon, if one holds its anchor (or, for one started
+/// before anchors, its pid file).
 pub fn running_pid(daemon: &str) -> Option<u32> {
+    if let Some((pid, _)) = paths::anchored(daemon) {
+        return valid_pid(pid).then_some(pid);
+    }
     let path = paths::pid_file(daemon);
     let f = File::open(&path).ok()?;
     // SAFETY: flock on a valid, open descriptor; released right away.
