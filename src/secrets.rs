@@ -172,11 +172,35 @@ pub fn load(backend: Backend, account: &str) -> Result<String> {
                 )
             });
     }
-    let store = os_store(backend)?;
-    let entry = store.build(SERVICE, account, None)?;
-    entry.get_password().with_context(|| {
-        format!("the token is no longer in {} (the kernel keyring forgets at reboot or outside its session); run the login command again (the admin who ran 'towerctl operator add' gave it; if it is lost, the admin issues a new token with 'towerctl operator rm NAME' and 'towerctl operator add NAME')", backend.describe())
-    })
+    // The keyring not reachable from here is not a lost token: said apart,
+    // so that nobody reissues a token that is still there.
+    let unreachable = |e: &dyn std::fmt::Display| {
+        let hint = match backend {
+            Backend::SecretService => " (kubectl run outside the desktop session, from cron, CI, tmux or sudo, has no session bus; or the keyring is locked): run it from the session that logged in, unlock the keyring",
+            Backend::Keyutils => " (the kernel keyring is per session)",
+            _ => " (locked, or access was not granted)",
+        };
+        anyhow::anyhow!(
+            "cannot reach {} to read the token: {e}{hint}, or log in again with TOWERCTL_KEYRING=file to keep the token in a private file",
+            backend.describe()
+        )
+    };
+    let store = os_store(backend).map_err(|e| unreachable(&e))?;
+    let entry = store
+        .build(SERVICE, account, None)
+        .map_err(|e| unreachable(&e))?;
+    match entry.get_password() {
+        Ok(p) => Ok(p),
+        Err(keyring_core::Error::NoEntry) => {
+            let why = if backend == Backend::Keyutils {
+                " (the kernel keyring forgets at reboot and outside its session)"
+            } else {
+                " (removed from it)"
+            };
+            bail!("the token is no longer in {}{why}; run the login command again (the admin who ran 'towerctl operator add' gave it; if it is lost, the admin issues a new token with 'towerctl operator rm NAME' and 'towerctl operator add NAME')", backend.describe())
+        }
+        Err(e) => Err(unreachable(&e)),
+    }
 }
 
 /// Deletes the secret of `account` (best effort).

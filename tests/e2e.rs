@@ -1015,6 +1015,38 @@ fn the_kernel_keyring_holds_the_token_inside_a_session_keyring() {
     );
 }
 
+/// A keyring that cannot be reached from where kubectl runs (no session
+/// bus: cron, CI, tmux, sudo; a locked collection) is said as such, with
+/// the way out, and not taken for a lost token (which had admins issue
+/// new tokens for tokens that were still there).
+#[test]
+fn a_keyring_out_of_reach_is_not_taken_for_a_lost_token() {
+    let laptop = Env::new();
+    let dir = laptop.path("config/towerctl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway = "https://hub.example:9443";
+    let login = serde_json::json!([{
+        "gateway_url": gateway,
+        "ca_pem": "",
+        "operator": "bob",
+        "backend": "secret-service",
+    }]);
+    std::fs::write(dir.join("logins.json"), login.to_string()).unwrap();
+    let mut cmd = laptop.towerctl_cmd(&["credential", "--gateway", gateway]);
+    cmd.env(
+        "DBUS_SESSION_BUS_ADDRESS",
+        format!("unix:path={}", laptop.path("no-such-bus").display()),
+    );
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(
+        !o.ok()
+            && o.stderr.contains("cannot reach the Secret Service keyring")
+            && o.stderr.contains("TOWERCTL_KEYRING=file")
+            && !o.stderr.contains("issues a new token"),
+        "{o:?}"
+    );
+}
+
 #[test]
 fn impersonation_lets_the_member_rbac_decide() {
     let env = Env::new();

@@ -77,7 +77,7 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
         .unwrap_or(&agent::default_key_path(name))
         .exists();
     if token.is_none() && !has_key {
-        bail!("missing --token: pass the join token printed by 'towerctl cluster add' (or set TOWERCTL_TOKEN)");
+        bail!("no join token: run the join command 'towerctl cluster add' printed, which sets it in the environment (' TOWERCTL_TOKEN=… towerctl join …', kept out of the shell history and of 'ps' by the leading space); --token also works, but shows it to every user of this machine in 'ps'");
     }
     let hub_key = match (&o.hub_key, o.insecure_skip_hub_key) {
         (Some(k), _) => Some(normalize_fingerprint(k).with_context(|| format!("invalid --hub-key '{k}': expected 'sha256:' followed by the base64 fingerprint printed by 'towerctl cluster add'"))?),
@@ -193,7 +193,7 @@ async fn agent_status(name: &str) -> Option<AgentStatus> {
 pub async fn join(a: JoinArgs) -> Result<u8> {
     if a.print_manifest {
         if a.opts.token.is_none() {
-            bail!("--print-manifest needs --token: the manifests carry the join token for the agent pod");
+            bail!("--print-manifest needs the join token (TOWERCTL_TOKEN=… in the environment, as 'towerctl cluster add' printed it, or --token): the manifests carry it for the agent pod");
         }
         if a.opts.kubeconfig.is_some() {
             bail!("--kubeconfig does not apply to --print-manifest: the agent pod uses its service account");

@@ -13,6 +13,22 @@ pub fn load_or_create_host_key(
     path: &Path,
     write: impl Fn(&Path, &[u8]) -> Result<()>,
 ) -> Result<PrivateKey> {
+    // A key another user owns could be one they know (planted at a path
+    // in a shared directory such as /tmp, given with --key-file): the
+    // identity it proves would be theirs too. Root's (a Kubernetes
+    // Secret's mounted files) and ours are taken.
+    if let Ok(m) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if m.uid() != me && m.uid() != 0 {
+            anyhow::bail!(
+                "the key file '{}' is owned by uid {}, not by you (uid {me}) or root: whoever owns it may know the key; use a key file of your own (or remove it to have a new one made)",
+                path.display(),
+                m.uid()
+            );
+        }
+    }
     match std::fs::read_to_string(path) {
         Ok(pem) => PrivateKey::from_openssh(pem.trim())
             .with_context(|| format!("the hub host key '{}' is unreadable; restore it from a backup, or delete it to create a new one (every agent must then be re-joined)", path.display())),
@@ -99,6 +115,30 @@ pub fn ct_eq(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_another_user_owns_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let write = |p: &Path, b: &[u8]| -> Result<()> {
+            std::fs::write(p, b)?;
+            Ok(())
+        };
+        let made = load_or_create_host_key(&path, write).unwrap();
+        // Ours: taken, the same key.
+        let again = load_or_create_host_key(&path, write).unwrap();
+        assert_eq!(made.public_key(), again.public_key());
+        // Another user's (only root can give a file away).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
+        let e = load_or_create_host_key(&path, write).unwrap_err();
+        assert!(format!("{e:#}").contains("owned by uid 4242"), "{e:#}");
+        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        assert!(load_or_create_host_key(&path, write).is_ok());
+    }
 
     #[test]
     fn tokens_are_unique_and_long() {
