@@ -1888,3 +1888,117 @@ fn an_upgrade_to_the_root_path_is_never_taken_for_a_health_check() {
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
 }
+
+/// One HTTP/1.1 request on a fresh TLS connection to `env`'s gateway with
+/// `token`: the stream, and the answer's head and as much of its body as
+/// the first read brought (lower case).
+fn gateway_request(
+    env: &Env,
+    token: &str,
+    path: &str,
+) -> (
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    String,
+) {
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tcp = TcpStream::connect(&gw).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(support::gateway_tls(env), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let head =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    (s, text)
+}
+
+/// A valid operator token holds at most `TOWERCTL_MAX_CONNECTIONS_PER_OPERATOR`
+/// gateway connections: past it the operator's oldest idle one is closed
+/// for the new one, and with all of them busy (watches) the new one is
+/// refused in words (429); the local admin's are not counted. Without it,
+/// a token holder could hold any number of connections (descriptors, TLS
+/// buffers): the pre-authentication caps stop counting a connection at
+/// its first valid token.
+#[test]
+fn one_operators_gateway_connections_are_bounded() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up_with_env(&[("TOWERCTL_MAX_CONNECTIONS_PER_OPERATOR", "3")]);
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    let o = env.towerctl(&["operator", "add", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    let token = support::printed_command(&o.stdout, "login")[3]
+        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
+        .to_string();
+    assert!(env
+        .towerctl(&["access", "allow", "operator:bob", "--names", "alpha"])
+        .ok());
+
+    // Three idle connections, then a fourth: served, and the oldest idle
+    // one is closed.
+    let mut idle: Vec<_> = (0..3)
+        .map(|_| {
+            let (s, head) = gateway_request(&env, &token, "/towerctl/v1/whoami");
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            s
+        })
+        .collect();
+    let (_fourth, head) = gateway_request(&env, &token, "/towerctl/v1/whoami");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut rest = Vec::new();
+    let closed = idle[0].read_to_end(&mut rest);
+    let kind = closed.as_ref().err().map(std::io::Error::kind);
+    assert!(
+        matches!(closed, Ok(0))
+            || matches!(
+                kind,
+                Some(std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset)
+            ),
+        "the oldest idle connection was not closed: {closed:?} {rest:?}"
+    );
+    drop(idle.remove(0));
+    drop(idle);
+    drop(_fourth);
+
+    // Three busy ones (watches): a fourth connection is refused, in words.
+    let watch = "/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true";
+    let watches: Vec<_> = (0..3)
+        .map(|i| {
+            let (s, head) = wait_for("a watch", Duration::from_secs(15), || {
+                let (s, head) = gateway_request(&env, &token, watch);
+                head.starts_with("http/1.1 200").then_some((s, head))
+            });
+            assert!(
+                head.contains("transfer-encoding: chunked"),
+                "watch {i}: {head}"
+            );
+            s
+        })
+        .collect();
+    let (_, head) = gateway_request(&env, &token, "/towerctl/v1/whoami");
+    assert!(
+        head.starts_with("http/1.1 429")
+            && head.contains("holds 3 connections to the gateway, all busy"),
+        "{head}"
+    );
+    // The local admin is not counted.
+    let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let (_, head) = gateway_request(&env, admin.trim(), "/towerctl/v1/whoami");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // A watch ends: room again.
+    drop(watches);
+    wait_for("room for a new connection", Duration::from_secs(15), || {
+        let (_, head) = gateway_request(&env, &token, "/towerctl/v1/whoami");
+        head.starts_with("http/1.1 200").then_some(())
+    });
+}

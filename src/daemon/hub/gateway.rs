@@ -7,6 +7,7 @@
 //! HTTP/1.1 upgrades (exec, attach, port-forward; WebSocket or SPDY) are
 //! spliced through once both sides have switched protocols.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -153,6 +154,100 @@ struct Conn {
     /// request's client is then the one its `X-Forwarded-For` names (a
     /// proxy's connection carries many clients' requests).
     proxy: Option<Arc<TrustedProxies>>,
+    /// Asks the connection to close (gracefully, then dropped a
+    /// [`CLOSE_GRACE`] later): its operator holds too many.
+    closer: CancellationToken,
+    /// Its place among its operator's connections ([`AuthedConns`]), from
+    /// its first authenticated request.
+    registration: std::sync::Mutex<Option<Registration>>,
+}
+
+/// Most gateway connections one operator holds at once, unless
+/// `TOWERCTL_MAX_CONNECTIONS_PER_OPERATOR` (read at start) says otherwise.
+/// Past it the operator's oldest idle connection is closed for the new
+/// one; with none idle the new one is refused. Without it a token holder
+/// could hold any number of connections (descriptors and TLS buffers):
+/// the pre-authentication caps no longer count a connection once its
+/// first request carried a valid token.
+pub const MAX_CONNECTIONS_PER_OPERATOR: usize = 4096;
+
+fn max_connections_per_operator() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        crate::tunnel::positive_env(
+            "TOWERCTL_MAX_CONNECTIONS_PER_OPERATOR",
+            MAX_CONNECTIONS_PER_OPERATOR,
+        )
+    })
+}
+
+/// The authenticated gateway connections of each operator (the hub's local
+/// admin's are not counted), oldest first.
+#[derive(Default)]
+pub(super) struct AuthedConns {
+    next: AtomicU64,
+    by_operator:
+        std::sync::Mutex<HashMap<String, std::collections::BTreeMap<u64, std::sync::Weak<Conn>>>>,
+}
+
+/// A connection's place in [`AuthedConns`], given back when it ends.
+struct Registration {
+    conns: Arc<AuthedConns>,
+    operator: String,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.conns.by_operator.lock() {
+            if let Some(list) = m.get_mut(&self.operator) {
+                list.remove(&self.id);
+                if list.is_empty() {
+                    m.remove(&self.operator);
+                }
+            }
+        }
+    }
+}
+
+impl AuthedConns {
+    /// Counts `conn` among `operator`'s; past `max`, the oldest idle one
+    /// is asked to close. `Err` (in words) when all of them are busy.
+    fn register(
+        self: &Arc<Self>,
+        operator: &str,
+        conn: &Arc<Conn>,
+        max: usize,
+    ) -> Result<Registration, String> {
+        let mut m = self
+            .by_operator
+            .lock()
+            .map_err(|_| "the gateway's connection registry is unavailable".to_string())?;
+        let list = m.entry(operator.to_string()).or_default();
+        if list.len() >= max {
+            let idle = list
+                .iter()
+                .find(|(_, c)| c.upgrade().is_some_and(|c| c.idle_for().is_some()))
+                .map(|(id, c)| (*id, c.clone()));
+            let Some((id, oldest)) = idle else {
+                return Err(format!(
+                    "operator '{operator}' holds {} connections to the gateway, all busy (the limit per operator); close some (clients that open a connection per watch: use HTTP/2) and retry",
+                    list.len()
+                ));
+            };
+            list.remove(&id);
+            if let Some(c) = oldest.upgrade() {
+                c.closer.cancel();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        list.insert(id, Arc::downgrade(conn));
+        Ok(Registration {
+            conns: self.clone(),
+            operator: operator.to_string(),
+            id,
+        })
+    }
 }
 
 impl Conn {
@@ -174,9 +269,36 @@ impl Conn {
 }
 
 impl Conn {
-    fn authenticated(&self) {
+    /// Leaves the unauthenticated pool for `operator`'s connections; `Err`
+    /// (and the connection asked to close) when the operator holds too
+    /// many, all busy.
+    fn authenticated(self: &Arc<Self>, hub: &Hub, operator: &str) -> Result<(), String> {
         if let Ok(mut t) = self.ticket.lock() {
             t.take();
+        }
+        if operator == super::LOCAL_ADMIN {
+            return Ok(());
+        }
+        let Ok(mut reg) = self.registration.lock() else {
+            return Ok(());
+        };
+        // Counted once, under the operator of its first request (a trusted
+        // proxy's connection carries many operators' requests).
+        if reg.is_some() {
+            return Ok(());
+        }
+        match hub
+            .authed_conns
+            .register(operator, self, max_connections_per_operator())
+        {
+            Ok(r) => {
+                *reg = Some(r);
+                Ok(())
+            }
+            Err(msg) => {
+                self.closer.cancel();
+                Err(msg)
+            }
         }
     }
 
@@ -304,6 +426,8 @@ pub async fn serve(
                 forwarded: crate::daemon::http::forwarded_value(peer.ip()),
                 peer_text,
                 proxy,
+                closer: CancellationToken::new(),
+                registration: Default::default(),
             });
             let svc = {
                 let conn_state = conn_state.clone();
@@ -520,11 +644,15 @@ impl Watch {
         let mut check = tokio::time::interval(Duration::from_secs(1));
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing = false;
+        // When it was asked to close for its operator's newer ones.
+        let mut closed_at: Option<tokio::time::Instant> = None;
+        let closer = conn_state.closer.clone();
         // Polled only when they fire, not at every wake of the connection
         // (every request's reads and writes; `tunnel::quiet`).
-        let (mut evicted, mut cancel) = (
+        let (mut evicted, mut cancel, mut closer) = (
             Quiet::new(evicted.cancelled()),
             Quiet::new(cancel.cancelled()),
+            Quiet::new(closer.cancelled()),
         );
         loop {
             tokio::select! {
@@ -550,7 +678,18 @@ impl Watch {
                         break;
                     }
                 }
+                _ = &mut closer, if closed_at.is_none() => {
+                    closed_at = Some(tokio::time::Instant::now());
+                    if !closing {
+                        closing = true;
+                        shutdown(conn.as_mut());
+                    }
+                }
                 _ = &mut cancel => break,
+            }
+            if closed_at.is_some_and(|t| t.elapsed() >= CLOSE_GRACE) {
+                tracing::debug!(%peer, "gateway connection dropped: its operator's connections are over the limit");
+                break;
             }
         }
     }
@@ -669,7 +808,7 @@ async fn open_channel(
 /// operator machines. Everything but the CA needs an operator token.
 const API: &str = "/towerctl/v1/";
 
-async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
     let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
     // `%73ecrets` is `secrets` to the API server: audited, routed and
     // forwarded as such.
@@ -729,7 +868,18 @@ async fn handle(hub: Arc<Hub>, conn: &Conn, req: Request<Incoming>) -> Response<
     let Some(operator) = hub.operator_memo(&conn.known, &token) else {
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
-    conn.authenticated();
+    if let Err(msg) = conn.authenticated(&hub, &operator.name) {
+        hub.auditor.record(Record {
+            time: crate::daemon::fmt::fmt_now(),
+            operator: operator.name.clone(),
+            method: req.method().to_string(),
+            path: path.clone(),
+            status: 429,
+            error: Some(msg.clone()),
+            ..Record::default()
+        });
+        return status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);
+    }
     if let Some(msg) = hub.stale_refusal_for(&operator) {
         let mut resp = status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &msg);
         resp.headers_mut()

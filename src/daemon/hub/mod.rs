@@ -363,6 +363,8 @@ impl Counters {
 /// clone an `Arc`; nothing holds its lock across an await.
 pub struct Hub {
     pub store: Arc<dyn Store>,
+    /// The gateway's authenticated connections, by operator.
+    authed_conns: Arc<gateway::AuthedConns>,
     sessions: RwLock<crate::daemon::fasthash::FastMap<String, Arc<LiveSession>>>,
     /// When each member's last session ended (unix seconds), for messages.
     disconnected_at: Mutex<HashMap<String, u64>>,
@@ -453,6 +455,7 @@ impl Hub {
             draining: Default::default(),
             handed_off: Default::default(),
             hub_list_sent: Default::default(),
+            authed_conns: Default::default(),
         }
     }
 
