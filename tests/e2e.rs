@@ -1901,6 +1901,31 @@ fn background_port_forwards_survive_the_shell_and_stop_on_request() {
         !o.ok() && o.stderr.contains("no background forward"),
         "{o:?}"
     );
+    // A record no live forward holds (one killed with -9 whose pid another
+    // process took since): not listed, and that process never signalled.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let record = env.path("run/towerctl/pf-stale.json");
+    let rec = serde_json::json!({
+        "id": "stale", "pid": bystander.id(), "cluster": "alpha",
+        "resource": "svc/web", "namespace": "default", "forwarding": [],
+    });
+    std::fs::write(&record, rec.to_string()).unwrap();
+    let o = env.towerctl(&["port-forward", "stop", "--all"]);
+    assert!(
+        !o.ok() && o.stderr.contains("no background forward"),
+        "{o:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "a process that took a dead forward's pid was signalled"
+    );
+    assert!(!record.exists());
+    let _ = bystander.kill();
+    let _ = bystander.wait();
 }
 
 #[test]

@@ -181,7 +181,7 @@ pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
     }
     for b in doomed {
         crate::daemon::process::terminate(b.pid, std::time::Duration::from_secs(5)).await;
-        let _ = std::fs::remove_file(record_path(&b.id));
+        forwards::remove(&b.id);
         println!("stopped forward {} ({} {})", b.id, b.cluster, b.resource);
     }
     Ok(exit::OK)
@@ -258,6 +258,14 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
             );
         }
     }
+    // Its lock, held while this forward runs and taken before its record
+    // appears: the record of one killed with -9 (or left by a reboot) is
+    // told from a live one, never signalled through a pid another process
+    // took since.
+    let _held = match daemon_id {
+        Some(id) => Some(forwards::hold(id)?),
+        None => None,
+    };
     if let Some(id) = daemon_id {
         let rec = Background {
             id: id.to_string(),
@@ -281,7 +289,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
         _ = tasks.join_next() => Err(anyhow::anyhow!("a listener failed")),
     };
     if let Some(id) = daemon_id {
-        let _ = std::fs::remove_file(record_path(id));
+        forwards::remove(id);
     }
     result
 }
