@@ -284,10 +284,14 @@ pub fn anchored(daemon: &str) -> Option<(u32, PathBuf)> {
         return None;
     }
     let text = read_regular(&path, 4096).ok()??;
-    let text = String::from_utf8(text).ok()?;
-    let mut lines = text.lines();
-    let pid = lines.next()?.trim().parse().ok()?;
-    let dir = PathBuf::from(lines.next()?);
+    let mut lines = text.split(|&b| b == b'\n');
+    let pid = std::str::from_utf8(lines.next()?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let dir = lines.next().filter(|d| !d.is_empty())?;
+    let dir = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(dir));
     dir.is_absolute().then_some((pid, dir))
 }
 

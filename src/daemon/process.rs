@@ -21,8 +21,10 @@ pub const DAEMON_ENV: &str = "TOWERCTL_DAEMON";
 
 /// Holds the daemon's anchor and pid file locked for its lifetime.
 pub struct PidLock {
-    anchor: File,
+    // Dropped in this order: the pid file's lock goes first, so that a
+    // starter that gets the anchor finds the pid file free too.
     pid: File,
+    anchor: Option<File>,
 }
 
 impl Drop for PidLock {
@@ -31,7 +33,9 @@ impl Drop for PidLock {
         // lock it while another locked a new one at the same path, and two
         // daemons would run. The locks go with the descriptors.
         let _ = self.pid.set_len(0);
-        let _ = self.anchor.set_len(0);
+        if let Some(a) = &self.anchor {
+            let _ = a.set_len(0);
+        }
     }
 }
 
@@ -47,8 +51,18 @@ fn lock(path: &Path, daemon: &str) -> Result<File> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot open '{}'", path.display()))?;
-    // SAFETY: flock on a valid, open descriptor.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // A few tries: a CLI looking for the daemon holds a shared lock on
+    // the anchor for an instant (`paths::anchored`), which must not pass
+    // for a running daemon.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let r = loop {
+        // SAFETY: flock on a valid, open descriptor.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 || Instant::now() >= deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     if r != 0 {
         let mut s = String::new();
         let _ = f.read_to_string(&mut s);
@@ -71,14 +85,30 @@ fn rewrite(f: &mut File, text: &str) -> Result<()> {
 /// directory, is taken first: one daemon per name whatever
 /// `XDG_RUNTIME_DIR` says ([`paths::anchor_file`]).
 pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
-    let mut anchor = lock(&paths::anchor_file(daemon), daemon)?;
     let me = std::process::id();
-    // Ours before anything reads it (a daemon that died left its own).
     let dir = paths::runtime_dir();
-    rewrite(&mut anchor, &format!("{me}\n{}\n", dir.display()))?;
+    // Only a daemon started in the background (`up`, `join`) takes one: a
+    // foreground one (`hub run`, `agent run`) is its supervisor's to find
+    // (systemd, the kubelet), and a hub pod's state directory is on a
+    // volume whose locks a crashed node can leave held.
+    let dir_text = std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str());
+    let anchor = if std::env::var_os(DAEMON_ENV).is_some() && !dir_text.contains(&b'\n') {
+        let mut a = lock(&paths::anchor_file(daemon), daemon)?;
+        // Ours before anything reads it (a daemon that died left its own).
+        let mut text = format!("{me}\n").into_bytes();
+        text.extend_from_slice(dir_text);
+        text.push(b'\n');
+        a.set_len(0)?;
+        a.seek(SeekFrom::Start(0))?;
+        a.write_all(&text)?;
+        a.flush()?;
+        Some(a)
+    } else {
+        None
+    };
     let mut pid = lock(&dir.join(format!("{daemon}.pid")), daemon)?;
     rewrite(&mut pid, &format!("{me}\n"))?;
-    Ok(PidLock { anchor, pid })
+    Ok(PidLock { pid, anchor })
 }
 
 /// Pid of the running daemon, if one holds its anchor (or, for one started

@@ -48,16 +48,39 @@ fn api_err(what: &str, e: kube::Error) -> ResolveError {
     }
 }
 
+fn pod_running(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
 fn pod_ready(p: &Pod) -> bool {
-    let st = p.status.as_ref();
-    st.and_then(|s| s.phase.as_deref()) == Some("Running")
-        && st
+    pod_running(p)
+        && p.status
+            .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn pod_addr(p: &Pod, port: u16, what: &str) -> Result<SocketAddr, ResolveError> {
-    if p.metadata.deletion_timestamp.is_some() || !pod_ready(p) {
+/// A pod's address for `port`. A pod named by the operator needs only to
+/// be running, as with kubectl (one failing its readiness probe is what an
+/// operator port-forwards to in order to see why); `ready` asks more.
+fn pod_addr(p: &Pod, port: u16, what: &str, ready: bool) -> Result<SocketAddr, ResolveError> {
+    if p.metadata.deletion_timestamp.is_some() {
+        return Err(ResolveError::Unavailable(format!(
+            "{what} is being deleted"
+        )));
+    }
+    if !pod_running(p) {
+        let phase = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .unwrap_or("Unknown");
+        return Err(ResolveError::Unavailable(format!(
+            "{what} is not running (phase {})",
+            crate::tunnel::printable(phase, 40)
+        )));
+    }
+    if ready && !pod_ready(p) {
         return Err(ResolveError::Unavailable(format!("{what} is not ready")));
     }
     let ip = p
@@ -69,6 +92,32 @@ fn pod_addr(p: &Pod, port: u16, what: &str) -> Result<SocketAddr, ResolveError> 
         .parse()
         .map_err(|_| ResolveError::Unavailable(format!("{what} has an invalid IP '{ip}'")))?;
     Ok(SocketAddr::new(ip, port))
+}
+
+/// A label selector as the API's `labelSelector` parameter: every
+/// `matchLabels` pair and `matchExpressions` term (In, NotIn, Exists,
+/// DoesNotExist). `None` for an empty selector (which would select every
+/// pod of the namespace) or an operator this does not know.
+fn selector_text(
+    sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> Option<String> {
+    let mut terms: Vec<String> = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        terms.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            _ => return None,
+        });
+    }
+    (!terms.is_empty()).then(|| terms.join(","))
 }
 
 fn host_network(p: &Pod) -> bool {
@@ -103,7 +152,7 @@ pub async fn resolve(
                 .await
                 .map_err(|e| api_err(&what, e))?;
             Ok(Resolved {
-                addr: pod_addr(&pod, port, &what)?,
+                addr: pod_addr(&pod, port, &what, false)?,
                 pod: Some((ns.clone(), name.clone())),
                 host: host_network(&pod),
             })
@@ -114,32 +163,30 @@ pub async fn resolve(
                 .get(name)
                 .await
                 .map_err(|e| api_err(&what, e))?;
-            let labels = d
+            let selector = d
                 .spec
-                .and_then(|s| s.selector.match_labels)
-                .filter(|l| !l.is_empty())
+                .as_ref()
+                .and_then(|s| selector_text(&s.selector))
                 .ok_or_else(|| {
-                    ResolveError::Unavailable(format!("{what} has no matchLabels selector"))
+                    ResolveError::Unavailable(format!("{what} has no usable pod selector"))
                 })?;
-            let selector = labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
             let pods = Api::<Pod>::namespaced(client.clone(), ns)
                 .list(&ListParams::default().labels(&selector))
                 .await
                 .map_err(|e| api_err(&what, e))?;
-            pods.items
-                .iter()
-                .find_map(|p| {
-                    Some(Resolved {
-                        addr: pod_addr(p, port, &what).ok()?,
-                        pod: Some((ns.clone(), p.metadata.name.clone()?)),
-                        host: host_network(p),
+            // A ready pod first, else a running one (kubectl's choice).
+            [true, false]
+                .into_iter()
+                .find_map(|ready| {
+                    pods.items.iter().find_map(|p| {
+                        Some(Resolved {
+                            addr: pod_addr(p, port, &what, ready).ok()?,
+                            pod: Some((ns.clone(), p.metadata.name.clone()?)),
+                            host: host_network(p),
+                        })
                     })
                 })
-                .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no ready pod")))
+                .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no running pod")))
         }
         Target::Service { ns, name } => {
             let cached = cache.and_then(|c| c.get(ns, name));
@@ -380,4 +427,75 @@ fn from_slices(
         }
     }
     candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(phase: &str, ready: bool) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-0"},
+            "status": {
+                "phase": phase,
+                "podIP": "10.0.0.7",
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+            },
+        }))
+        .unwrap()
+    }
+
+    /// A pod named by the operator needs only to run, as with kubectl (one
+    /// failing its readiness probe is what one forwards to, to see why);
+    /// a pod picked for a deployment is a ready one where there is one.
+    #[test]
+    fn a_named_pod_needs_only_to_run() {
+        let addr: SocketAddr = "10.0.0.7:80".parse().unwrap();
+        assert_eq!(
+            pod_addr(&pod("Running", false), 80, "pod a/b", false).unwrap(),
+            addr
+        );
+        assert!(pod_addr(&pod("Running", false), 80, "pod a/b", true).is_err());
+        assert_eq!(
+            pod_addr(&pod("Running", true), 80, "pod a/b", true).unwrap(),
+            addr
+        );
+        let e = pod_addr(&pod("Pending", false), 80, "pod a/b", false).unwrap_err();
+        assert!(
+            format!("{e:?}").contains("not running (phase Pending)"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_selector_with_expressions_is_written_whole() {
+        let sel: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+            serde_json::from_value(serde_json::json!({
+                "matchLabels": {"app": "web"},
+                "matchExpressions": [
+                    {"key": "tier", "operator": "In", "values": ["a", "b"]},
+                    {"key": "canary", "operator": "DoesNotExist"},
+                    {"key": "track", "operator": "NotIn", "values": ["x"]},
+                    {"key": "zone", "operator": "Exists"},
+                ],
+            }))
+            .unwrap();
+        assert_eq!(
+            selector_text(&sel).as_deref(),
+            Some("app=web,tier in (a,b),!canary,track notin (x),zone")
+        );
+        let only: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+            serde_json::from_value(serde_json::json!({
+                "matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}],
+            }))
+            .unwrap();
+        assert_eq!(selector_text(&only).as_deref(), Some("app in (web)"));
+        assert_eq!(selector_text(&Default::default()), None);
+        let odd: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+            serde_json::from_value(serde_json::json!({
+                "matchExpressions": [{"key": "app", "operator": "Gt", "values": ["1"]}],
+            }))
+            .unwrap();
+        assert_eq!(selector_text(&odd), None);
+    }
 }

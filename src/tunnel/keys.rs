@@ -13,25 +13,30 @@ pub fn load_or_create_host_key(
     path: &Path,
     write: impl Fn(&Path, &[u8]) -> Result<()>,
 ) -> Result<PrivateKey> {
-    // A key another user owns could be one they know (planted at a path
-    // in a shared directory such as /tmp, given with --key-file): the
-    // identity it proves would be theirs too. Root's (a Kubernetes
-    // Secret's mounted files) and ours are taken.
-    if let Ok(m) = std::fs::metadata(path) {
+    // Read from the file opened once (its owner checked on the open file,
+    // not looked up apart: no window to swap it in between).
+    let read = || -> std::io::Result<(String, u32)> {
+        use std::io::Read as _;
         use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if m.uid() != me && m.uid() != 0 {
-            anyhow::bail!(
-                "the key file '{}' is owned by uid {}, not by you (uid {me}) or root: whoever owns it may know the key; use a key file of your own (or remove it to have a new one made)",
-                path.display(),
-                m.uid()
-            );
+        let mut f = std::fs::File::open(path)?;
+        let owner = f.metadata()?.uid();
+        let mut pem = String::new();
+        f.read_to_string(&mut pem)?;
+        Ok((pem, owner))
+    };
+    match read() {
+        Ok((pem, owner)) => {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if planted(owner, me, shared_dir(path)) {
+                anyhow::bail!(
+                    "the key file '{}' is owned by uid {owner}, not by you (uid {me}) or root, in a directory anyone may write to: whoever put it there may know the key; use a key file of your own in a private directory (or remove it to have a new one made)",
+                    path.display()
+                );
+            }
+            PrivateKey::from_openssh(pem.trim())
+            .with_context(|| format!("the hub host key '{}' is unreadable; restore it from a backup, or delete it to create a new one (every agent must then be re-joined)", path.display()))
         }
-    }
-    match std::fs::read_to_string(path) {
-        Ok(pem) => PrivateKey::from_openssh(pem.trim())
-            .with_context(|| format!("the hub host key '{}' is unreadable; restore it from a backup, or delete it to create a new one (every agent must then be re-joined)", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
                 .context("cannot generate the hub host key")?;
@@ -43,6 +48,25 @@ pub fn load_or_create_host_key(
         }
         Err(e) => Err(e).with_context(|| format!("cannot read '{}'", path.display())),
     }
+}
+
+/// Whether a key file may have been put there by someone else who knows
+/// it: owned by another user than us and root, in a directory anyone may
+/// write to (`/tmp`, given with `--key-file`). A file another user owns in
+/// a directory that is not shared was put there by whoever administers it
+/// (a bind mount, a secrets injector running as its own uid).
+fn planted(owner: u32, me: u32, dir_shared: bool) -> bool {
+    owner != me && owner != 0 && dir_shared
+}
+
+/// Whether the directory holding `path` is writable by everyone.
+fn shared_dir(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o002 != 0)
 }
 
 /// `sha256:<base64>` of the public key, like OpenSSH's `SHA256:` form.
@@ -117,7 +141,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_file_another_user_owns_is_refused() {
+    fn a_key_file_another_user_put_in_a_shared_directory_is_refused() {
+        // Another user's, in /tmp: refused. Ours, root's, or another user's
+        // in a directory only its administrator writes (a bind mount, a
+        // secrets injector with its own uid): taken.
+        assert!(planted(4242, 1000, true));
+        assert!(!planted(4242, 1000, false));
+        assert!(!planted(1000, 1000, true));
+        assert!(!planted(0, 1000, true));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key");
         let write = |p: &Path, b: &[u8]| -> Result<()> {
@@ -125,19 +156,21 @@ mod tests {
             Ok(())
         };
         let made = load_or_create_host_key(&path, write).unwrap();
-        // Ours: taken, the same key.
         let again = load_or_create_host_key(&path, write).unwrap();
         assert_eq!(made.public_key(), again.public_key());
-        // Another user's (only root can give a file away).
+        assert!(!shared_dir(&path));
+        // As root, the whole path: a file given away in a directory made
+        // writable by all.
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return;
         }
+        use std::os::unix::fs::PermissionsExt;
         std::os::unix::fs::chown(&path, Some(4242), None).unwrap();
+        assert!(load_or_create_host_key(&path, write).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         let e = load_or_create_host_key(&path, write).unwrap_err();
         assert!(format!("{e:#}").contains("owned by uid 4242"), "{e:#}");
-        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
-        assert!(load_or_create_host_key(&path, write).is_ok());
     }
 
     #[test]

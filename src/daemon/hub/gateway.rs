@@ -219,25 +219,36 @@ impl AuthedConns {
         conn: &Arc<Conn>,
         max: usize,
     ) -> Result<Registration, String> {
+        // Declared before the guard, so dropped after it: the last `Arc`
+        // of a connection that ended meanwhile, dropped under the lock,
+        // would run its `Registration`'s drop, which takes the same lock.
+        let mut upgraded: Vec<Arc<Conn>> = Vec::new();
         let mut m = self
             .by_operator
             .lock()
             .map_err(|_| "the gateway's connection registry is unavailable".to_string())?;
         let list = m.entry(operator.to_string()).or_default();
         if list.len() >= max {
-            let idle = list
-                .iter()
-                .find(|(_, c)| c.upgrade().is_some_and(|c| c.idle_for().is_some()))
-                .map(|(id, c)| (*id, c.clone()));
-            let Some((id, oldest)) = idle else {
+            // The one idle longest goes.
+            let mut idlest: Option<(u64, Duration)> = None;
+            for (id, c) in list.iter() {
+                let Some(c) = c.upgrade() else { continue };
+                if let Some(d) = c.idle_for() {
+                    if idlest.is_none_or(|(_, longest)| d > longest) {
+                        idlest = Some((*id, d));
+                    }
+                }
+                upgraded.push(c);
+            }
+            let Some((id, _)) = idlest else {
                 return Err(format!(
                     "operator '{operator}' holds {} connections to the gateway, all busy (the limit per operator); close some (clients that open a connection per watch: use HTTP/2) and retry",
                     list.len()
                 ));
             };
-            list.remove(&id);
-            if let Some(c) = oldest.upgrade() {
+            if let Some(c) = list.remove(&id).and_then(|c| c.upgrade()) {
                 c.closer.cancel();
+                upgraded.push(c);
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -273,17 +284,22 @@ impl Conn {
     /// (and the connection asked to close) when the operator holds too
     /// many, all busy.
     fn authenticated(self: &Arc<Self>, hub: &Hub, operator: &str) -> Result<(), String> {
-        if let Ok(mut t) = self.ticket.lock() {
-            t.take();
-        }
-        if operator == super::LOCAL_ADMIN {
+        let take_ticket = || {
+            if let Ok(mut t) = self.ticket.lock() {
+                t.take();
+            }
+        };
+        // Not counted: the local admin's, and a trusted proxy's (an
+        // ingress's connection carries many operators' requests).
+        if operator == super::LOCAL_ADMIN || self.proxy.is_some() {
+            take_ticket();
             return Ok(());
         }
         let Ok(mut reg) = self.registration.lock() else {
+            take_ticket();
             return Ok(());
         };
-        // Counted once, under the operator of its first request (a trusted
-        // proxy's connection carries many operators' requests).
+        // Counted once, under the operator of its first request.
         if reg.is_some() {
             return Ok(());
         }
@@ -293,8 +309,11 @@ impl Conn {
         {
             Ok(r) => {
                 *reg = Some(r);
+                take_ticket();
                 Ok(())
             }
+            // Refused: it keeps its place among the unauthenticated (under
+            // their caps) while it closes.
             Err(msg) => {
                 self.closer.cancel();
                 Err(msg)
@@ -687,7 +706,11 @@ impl Watch {
                 }
                 _ = &mut cancel => break,
             }
-            if closed_at.is_some_and(|t| t.elapsed() >= CLOSE_GRACE) {
+            // Dropped only while still idle: a request that came just
+            // before the close (a watch, an exec) runs to its end.
+            if closed_at.is_some_and(|t| t.elapsed() >= CLOSE_GRACE)
+                && conn_state.idle_for().is_some()
+            {
                 tracing::debug!(%peer, "gateway connection dropped: its operator's connections are over the limit");
                 break;
             }
@@ -876,6 +899,7 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
             path: path.clone(),
             status: 429,
             error: Some(msg.clone()),
+            peer: Some(conn.client_text(&req)),
             ..Record::default()
         });
         return status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);

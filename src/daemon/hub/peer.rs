@@ -211,10 +211,19 @@ pub fn share_secrets(
                 Ok(local) => {
                     // A hub that ran alone before joins the group: the
                     // group's CA and host key win (agents and kubeconfigs
-                    // made against the old ones must be redone).
-                    // Its own are kept beside them (`F.pre-group`), never
-                    // lost: a wrong --store is undone by putting them back.
-                    let kept = data.join(format!("{f}.pre-group"));
+                    // made against the old ones must be redone). Its own
+                    // are kept beside them (`F.pre-group`, then
+                    // `F.pre-group.2` …), never lost: a wrong --store is
+                    // undone by putting them back.
+                    let kept = (1..100)
+                        .map(|n| match n {
+                            1 => data.join(format!("{f}.pre-group")),
+                            n => data.join(format!("{f}.pre-group.{n}")),
+                        })
+                        .find(|p| {
+                            std::fs::read_to_string(p).map_or(true, |old| old == local)
+                        })
+                        .with_context(|| format!("too many kept copies of {f} in '{}'", data.display()))?;
                     if !kept.exists() {
                         write(&kept, local.as_bytes(), 0o600)?;
                     }
@@ -224,7 +233,16 @@ pub fn share_secrets(
                     );
                     write(&data.join(f), s.as_bytes(), *mode)?;
                 }
-                Err(_) => write(&data.join(f), s.as_bytes(), *mode)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    write(&data.join(f), s.as_bytes(), *mode)?
+                }
+                // Unreadable: said, not overwritten unkept.
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot read '{}' (to compare it with the group's in etcd); fix its permissions",
+                        data.join(f).display()
+                    )))
+                }
             }
         }
     }
