@@ -1744,11 +1744,13 @@ fn port_forward_follows_the_service_and_survives_a_tunnel_bounce() {
     let o = curl_within(&url, 15);
     assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
 
-    // A target that cannot be resolved: the error names it, the forward lives on.
-    let bad = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/nope", ":80"]));
-    let bad_port = forwarded_port(&bad);
-    let _ = curl_within(&format!("http://127.0.0.1:{bad_port}/"), 15);
-    bad.wait_for("service default/nope not found", Duration::from_secs(10));
+    // A target that does not exist: refused at once, naming it (as
+    // kubectl); the running forward lives on.
+    let o = env.towerctl(&["port-forward", "alpha", "svc/nope", ":80"]);
+    assert!(
+        o.code == Some(1) && o.stderr.contains("services \"nope\" not found"),
+        "{o:?}"
+    );
     let o = curl_within(&url, 15);
     assert!(o.stdout.contains("served by endpoint two"), "{o:?}");
 }
@@ -2056,9 +2058,10 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
             &format!("towerctl_tunnel_streams{m}{{cluster=\"alpha\"}} "),
         )
     };
-    let opened_before = open("_opened_total");
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
     let port = forwarded_port(&pf);
+    // (After its check of the Service, an API request of its own.)
+    let opened_before = open("_opened_total");
     let mut held = Vec::new();
     for i in 0..4 {
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -2961,4 +2964,53 @@ fn a_hub_stopped_by_a_signal_answers_503_on_readyz_for_its_shutdown_delay() {
         (unsafe { libc::kill(pid, 0) } != 0).then_some(())
     });
     eprintln!("stopped {:?} after the second signal", again.elapsed());
+}
+
+/// As kubectl, `towerctl port-forward` checks its target before it
+/// listens (it used to print "Forwarding from …" for anything and fail on
+/// every connection, and scripts waiting on its exit never saw one), and
+/// takes the namespace of the cluster's kubeconfig context when `-n` is
+/// not given (it took `default`, whatever the context said).
+#[test]
+fn port_forward_checks_its_target_first_and_takes_the_contexts_namespace() {
+    let (env, _api) = echo_member();
+    for (target, says) in [
+        ("svc/nosuch", "services \"nosuch\" not found"),
+        ("pod/nosuch", "pods \"nosuch\" not found"),
+        ("deploy/nosuch", "\"nosuch\" not found"),
+    ] {
+        let o = env.towerctl(&["port-forward", "alpha", target, ":80"]);
+        assert!(
+            o.code == Some(1) && o.stderr.contains(says) && !o.stdout.contains("Forwarding"),
+            "{target}: {o:?}"
+        );
+    }
+    let o = env.kubectl(&[
+        "config",
+        "set-context",
+        "tower-alpha",
+        "--namespace",
+        "other",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let o = env.towerctl(&["port-forward", "alpha", "svc/web", ":80"]);
+    assert!(
+        o.code == Some(1) && o.stderr.contains("services \"web\" not found"),
+        "the context's namespace was not taken: {o:?}"
+    );
+    // -n says otherwise: found, and forwarded.
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "svc/web",
+        ":80",
+        "-n",
+        "default",
+        "--address",
+        "127.0.0.1",
+    ]));
+    let port = forwarded_port(&pf);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    support::echo(&mut c, "through -n\n").unwrap_or_else(|e| panic!("{e}; {}", pf.output()));
 }

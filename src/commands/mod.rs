@@ -120,9 +120,10 @@ pub enum Command {
         /// Internal: the ID of a background forward this process serves.
         #[arg(long, hide = true)]
         daemon_id: Option<String>,
-        /// Namespace of the resource.
-        #[arg(short, long, default_value = "default")]
-        namespace: String,
+        /// Namespace of the resource (default: the namespace of the
+        /// cluster's kubeconfig context `tower-CLUSTER`, else `default`).
+        #[arg(short, long)]
+        namespace: Option<String>,
         /// Local addresses to listen on (comma-separated or repeated): IPs or localhost.
         #[arg(long, default_value = "localhost")]
         address: Vec<String>,
@@ -1020,6 +1021,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
                 portforward::stop(resource.as_deref(), all).await
             } else {
                 let resource = resource.ok_or_else(|| anyhow::anyhow!("missing the target: towerctl port-forward {cluster} TYPE/NAME [LOCAL:]REMOTE"))?;
+                let namespace =
+                    namespace.unwrap_or_else(|| portforward::context_namespace(&cluster));
                 let args = portforward::Args {
                     cluster,
                     resource,

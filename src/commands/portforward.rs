@@ -55,6 +55,106 @@ pub fn parse_ports(s: &str) -> Result<PortPair, String> {
     Ok(PortPair { local, remote })
 }
 
+/// The namespace of the cluster's kubeconfig context (`tower-CLUSTER`, as
+/// `towerctl use` writes it, keeping one the operator set), as kubectl
+/// takes its context's; else `default`.
+pub fn context_namespace(cluster: &str) -> String {
+    let ctx = format!("tower-{cluster}");
+    super::kubeconfig::files(None)
+        .iter()
+        .filter_map(|f| super::kubeconfig::read(f).ok())
+        .find_map(|d| {
+            super::kubeconfig::find(&d, "contexts", "context", &ctx)?
+                .get("namespace")?
+                .as_str()
+                .filter(|ns| !ns.is_empty())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "default".to_string())
+}
+
+/// What kubectl checks before it listens: that the object exists and that
+/// a pod runs. Those refusals (and an unknown cluster) end the command at
+/// once, as with kubectl; an object the operator may not read, or a
+/// member not reachable right now, is only said (the agent decides each
+/// connection, and every connection reaches for the member anew, so the
+/// forward works once the tunnel is back).
+async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result<()> {
+    let (kind, path) = match target {
+        Target::Pod { ns, name } => ("pod", format!("/api/v1/namespaces/{ns}/pods/{name}")),
+        Target::Service { ns, name } => (
+            "service",
+            format!("/api/v1/namespaces/{ns}/services/{name}"),
+        ),
+        Target::Deployment { ns, name } => (
+            "deployment",
+            format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}"),
+        ),
+        Target::ApiServer | Target::Host(_) => return Ok(()),
+    };
+    let url = format!(
+        "{}/clusters/{cluster}{path}",
+        source.gateway_url.trim_end_matches('/')
+    );
+    let (status, body) =
+        match super::https::get(&url, Trust::Ca(&source.ca_pem), Some(source.token.expose())).await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                console().say(
+                    Dest::Err,
+                    format!("warning: could not check the {kind} first: {e:#}\n"),
+                );
+                return Ok(());
+            }
+        };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let message = || {
+        v["message"]
+            .as_str()
+            .map(|m| crate::tunnel::printable(m, 300))
+            .unwrap_or_else(|| format!("HTTP {status}"))
+    };
+    match status {
+        200 => {
+            if let Target::Pod { .. } = target {
+                let phase = v["status"]["phase"].as_str().unwrap_or("Unknown");
+                if phase != "Running" {
+                    bail!(
+                        "unable to forward port because pod is not running. Current status={}",
+                        crate::tunnel::printable(phase, 40)
+                    );
+                }
+            }
+            Ok(())
+        }
+        401 | 404 => bail!("error from cluster '{cluster}': {}", message()),
+        // The operator may not read it (under impersonation, the member's
+        // RBAC): said; each connection is decided by the agent, which asks
+        // the member whether the operator may port-forward there.
+        403 => {
+            console().say(
+                Dest::Err,
+                format!(
+                    "warning: cluster '{cluster}': {}; forwarding anyway, the member decides each connection\n",
+                    message()
+                ),
+            );
+            Ok(())
+        }
+        _ => {
+            console().say(
+                Dest::Err,
+                format!(
+                    "warning: cluster '{cluster}' did not confirm the {kind} ({}); forwarding anyway, each connection tries again\n",
+                    message()
+                ),
+            );
+            Ok(())
+        }
+    }
+}
+
 /// The addresses to listen on, each with whether it must be bound: as
 /// kubectl, `localhost`'s two addresses need only one to bind (a host
 /// without IPv6), an address named explicitly must.
@@ -201,6 +301,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     }
     let source = Arc::new(Source::find(a.gateway.as_deref()).await?);
     source.check(cluster)?;
+    check_target(&source, cluster, &target).await?;
     let gateway = Arc::new(Mux::new(
         GatewayClient::with_alpn(
             &source.gateway_url,
