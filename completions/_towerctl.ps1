@@ -388,8 +388,8 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         }
         'towerctl;port-forward' {
             [CompletionResult]::new('--daemon-id', '--daemon-id', [CompletionResultType]::ParameterName, 'Internal: the ID of a background forward this process serves')
-            [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Namespace of the resource')
-            [CompletionResult]::new('--namespace', '--namespace', [CompletionResultType]::ParameterName, 'Namespace of the resource')
+            [CompletionResult]::new('-n', '-n', [CompletionResultType]::ParameterName, 'Namespace of the resource (default: the namespace of the cluster''s kubeconfig context `tower-CLUSTER`, else `default`)')
+            [CompletionResult]::new('--namespace', '--namespace', [CompletionResultType]::ParameterName, 'Namespace of the resource (default: the namespace of the cluster''s kubeconfig context `tower-CLUSTER`, else `default`)')
             [CompletionResult]::new('--address', '--address', [CompletionResultType]::ParameterName, 'Local addresses to listen on (comma-separated or repeated): IPs or localhost')
             [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
             [CompletionResult]::new('--background', '--background', [CompletionResultType]::ParameterName, 'Keep forwarding in the background after this command returns')

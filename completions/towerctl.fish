@@ -231,7 +231,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s v -l verbose -
 complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand use" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l daemon-id -d 'Internal: the ID of a background forward this process serves' -r
-complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s n -l namespace -d 'Namespace of the resource' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -s n -l namespace -d 'Namespace of the resource (default: the namespace of the cluster\'s kubeconfig context `tower-CLUSTER`, else `default`)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l address -d 'Local addresses to listen on (comma-separated or repeated): IPs or localhost' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l gateway -d 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand port-forward" -l background -d 'Keep forwarding in the background after this command returns'

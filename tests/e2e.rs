@@ -1805,8 +1805,11 @@ fn port_forward_to_pods_and_deployments_and_bad_input() {
 
     let o = env.towerctl(&["port-forward", "alpha", "cm/x", "80"]);
     assert!(!o.ok() && o.stderr.contains("pod/NAME"), "{o:?}");
-    let o = env.towerctl(&["port-forward", "alpha", "svc/web", "80:http"]);
-    assert!(!o.ok() && o.stderr.contains("named ports"), "{o:?}");
+    let o = env.towerctl(&["port-forward", "alpha", "svc/web", "80:HTTP"]);
+    assert!(
+        !o.ok() && o.stderr.contains("a number or a port's name"),
+        "{o:?}"
+    );
     let o = env.towerctl(&["port-forward", "nope", "svc/web", "80"]);
     assert!(
         !o.ok() && o.stderr.contains("cluster 'nope' is not registered"),
@@ -2998,12 +3001,21 @@ fn port_forward_checks_its_target_first_and_takes_the_contexts_namespace() {
         o.code == Some(1) && o.stderr.contains("services \"web\" not found"),
         "the context's namespace was not taken: {o:?}"
     );
+    // A port named as the Service names it (kubectl's `:https`); a name
+    // it does not have is refused at once.
+    let o = env.towerctl(&["port-forward", "alpha", "svc/web", ":nope", "-n", "default"]);
+    assert!(
+        o.code == Some(1)
+            && o.stderr
+                .contains("Service 'web' does not have a port named 'nope'"),
+        "{o:?}"
+    );
     // -n says otherwise: found, and forwarded.
     let pf = Streaming::start(env.towerctl_cmd(&[
         "port-forward",
         "alpha",
         "svc/web",
-        ":80",
+        ":tcp",
         "-n",
         "default",
         "--address",

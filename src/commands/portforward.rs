@@ -25,34 +25,129 @@ pub struct PortPair {
     pub remote: u16,
 }
 
-pub fn parse_ports(s: &str) -> Result<PortPair, String> {
+/// The remote side of a `[LOCAL:]REMOTE` as written: a number, or a port's
+/// name (a Service port's, a container port's), as kubectl takes them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Remote {
+    Number(u16),
+    Name(String),
+}
+
+/// A `[LOCAL:]REMOTE` as written; `local` `None`: the remote's number
+/// (`5432`, `http`), `Some(0)`: a free port (`:80`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortSpec {
+    pub local: Option<u16>,
+    pub remote: Remote,
+}
+
+impl PortSpec {
+    /// The pair, with a named remote port's number (`named`).
+    fn pair(&self, named: impl Fn(&str) -> Result<u16>) -> Result<PortPair> {
+        let remote = match &self.remote {
+            Remote::Number(n) => *n,
+            Remote::Name(name) => named(name)?,
+        };
+        Ok(PortPair {
+            local: self.local.unwrap_or(remote),
+            remote,
+        })
+    }
+}
+
+/// A port name as Kubernetes allows it (IANA_SVC_NAME): 1–15 of
+/// `[a-z0-9-]`, at least one letter, no `-` at either end or twice in a row.
+fn port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+pub fn parse_ports(s: &str) -> Result<PortSpec, String> {
     let shown = crate::tunnel::escape_for_log(s, 64);
     let bad = |what: &str| {
         format!(
-            "invalid port '{shown}': {what}; use LOCAL:REMOTE, :REMOTE (random local port) or PORT"
+            "invalid port '{shown}': {what}; use LOCAL:REMOTE, :REMOTE (random local port) or PORT, REMOTE a number or a port's name"
         )
     };
     let (l, r) = match s.split_once(':') {
-        Some((l, r)) => (l, r),
-        None => (s, s),
+        Some((l, r)) => (Some(l), r),
+        None => (None, s),
     };
     // Digits only (`u16::from_str` takes a leading '+'), and a number too
     // big for a port is told as such.
-    let port = |p: &str, which: &str| -> Result<u16, String> {
+    let number = |p: &str, which: &str| -> Result<u16, String> {
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(bad(&format!(
-                "the {which} port must be a number (named ports are not supported)"
-            )));
+            return Err(bad(&format!("the {which} port must be a number")));
         }
         p.parse()
             .map_err(|_| bad(&format!("the {which} port must be at most 65535")))
     };
-    let remote = port(r, "remote")?;
-    if remote == 0 {
-        return Err(bad("the remote port cannot be 0"));
-    }
-    let local = if l.is_empty() { 0 } else { port(l, "local")? };
-    Ok(PortPair { local, remote })
+    let remote = if !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()) {
+        let n = number(r, "remote")?;
+        if n == 0 {
+            return Err(bad("the remote port cannot be 0"));
+        }
+        Remote::Number(n)
+    } else if port_name(r) {
+        Remote::Name(r.to_string())
+    } else {
+        return Err(bad(
+            "the remote port must be a number or a port's name (up to 15 of a-z, 0-9 and '-')",
+        ));
+    };
+    let local = match l {
+        None => None,
+        Some("") => Some(0),
+        Some(l) => Some(number(l, "local")?),
+    };
+    Ok(PortSpec { local, remote })
+}
+
+/// The number of the port named `name` on the object port-forward checked
+/// (`obj`, the API's JSON): a Service's port (`spec.ports[].name`, then
+/// mapped to its target by the agent, as any Service port), a pod's or a
+/// deployment's pod template's container port.
+fn named_port(target: &Target, obj: Option<&serde_json::Value>, name: &str) -> Result<u16> {
+    let Some(obj) = obj else {
+        bail!("cannot resolve the named port '{name}': the target could not be read (see above); give the port's number");
+    };
+    let number = |p: &serde_json::Value, key: &str| {
+        (p["name"].as_str() == Some(name))
+            .then(|| p[key].as_u64())
+            .flatten()
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0)
+    };
+    let containers = |spec: &serde_json::Value| -> Option<u16> {
+        spec["containers"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["ports"].as_array())
+            .flatten()
+            .find_map(|p| number(p, "containerPort"))
+    };
+    let found = match target {
+        Target::Service { .. } => obj["spec"]["ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find_map(|p| number(p, "port"))),
+        Target::Pod { .. } => containers(&obj["spec"]),
+        Target::Deployment { .. } => containers(&obj["spec"]["template"]["spec"]),
+        Target::ApiServer | Target::Host(_) => None,
+    };
+    found.ok_or_else(|| {
+        let (kind, what) = match target {
+            Target::Service { name: n, .. } => ("Service", n.as_str()),
+            Target::Pod { name: n, .. } => ("Pod", n.as_str()),
+            Target::Deployment { name: n, .. } => ("Deployment", n.as_str()),
+            _ => ("target", ""),
+        };
+        anyhow::anyhow!("{kind} '{what}' does not have a port named '{name}'")
+    })
 }
 
 /// The namespace of the cluster's kubeconfig context (`tower-CLUSTER`, as
@@ -79,7 +174,11 @@ pub fn context_namespace(cluster: &str) -> String {
 /// member not reachable right now, is only said (the agent decides each
 /// connection, and every connection reaches for the member anew, so the
 /// forward works once the tunnel is back).
-async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result<()> {
+async fn check_target(
+    source: &Source,
+    cluster: &str,
+    target: &Target,
+) -> Result<Option<serde_json::Value>> {
     let (kind, path) = match target {
         Target::Pod { ns, name } => ("pod", format!("/api/v1/namespaces/{ns}/pods/{name}")),
         Target::Service { ns, name } => (
@@ -90,7 +189,7 @@ async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result
             "deployment",
             format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}"),
         ),
-        Target::ApiServer | Target::Host(_) => return Ok(()),
+        Target::ApiServer | Target::Host(_) => return Ok(None),
     };
     let url = format!(
         "{}/clusters/{cluster}{path}",
@@ -105,7 +204,7 @@ async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result
                     Dest::Err,
                     format!("warning: could not check the {kind} first: {e:#}\n"),
                 );
-                return Ok(());
+                return Ok(None);
             }
         };
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -126,7 +225,7 @@ async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result
                     );
                 }
             }
-            Ok(())
+            Ok(Some(v))
         }
         401 | 404 => bail!("error from cluster '{cluster}': {}", message()),
         // The operator may not read it (under impersonation, the member's
@@ -140,7 +239,7 @@ async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result
                     message()
                 ),
             );
-            Ok(())
+            Ok(None)
         }
         _ => {
             console().say(
@@ -150,7 +249,7 @@ async fn check_target(source: &Source, cluster: &str, target: &Target) -> Result
                     message()
                 ),
             );
-            Ok(())
+            Ok(None)
         }
     }
 }
@@ -290,18 +389,22 @@ pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
 pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     let (cluster, resource) = (a.cluster.as_str(), a.resource.as_str());
     let target = Target::from_kubectl(resource, &a.namespace).map_err(anyhow::Error::msg)?;
-    let pairs: Vec<PortPair> = a
+    let specs: Vec<PortSpec> = a
         .ports
         .iter()
         .map(|p| parse_ports(p))
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
-    if pairs.is_empty() {
+    if specs.is_empty() {
         bail!("at least one port is required: towerctl port-forward {cluster} {resource} [LOCAL:]REMOTE");
     }
     let source = Arc::new(Source::find(a.gateway.as_deref()).await?);
     source.check(cluster)?;
-    check_target(&source, cluster, &target).await?;
+    let object = check_target(&source, cluster, &target).await?;
+    let pairs: Vec<PortPair> = specs
+        .iter()
+        .map(|p| p.pair(|name| named_port(&target, object.as_ref(), name)))
+        .collect::<Result<_>>()?;
     let gateway = Arc::new(Mux::new(
         GatewayClient::with_alpn(
             &source.gateway_url,
@@ -565,36 +668,66 @@ mod tests {
 
     #[test]
     fn ports() {
+        let spec = |local, remote: Remote| Ok(PortSpec { local, remote });
+        assert_eq!(parse_ports("8080:80"), spec(Some(8080), Remote::Number(80)));
+        assert_eq!(parse_ports(":80"), spec(Some(0), Remote::Number(80)));
+        assert_eq!(parse_ports("5432"), spec(None, Remote::Number(5432)));
         assert_eq!(
-            parse_ports("8080:80"),
-            Ok(PortPair {
-                local: 8080,
-                remote: 80
-            })
+            parse_ports("8443:https"),
+            spec(Some(8443), Remote::Name("https".into()))
         );
-        assert_eq!(
-            parse_ports(":80"),
-            Ok(PortPair {
-                local: 0,
-                remote: 80
-            })
-        );
-        assert_eq!(
-            parse_ports("5432"),
-            Ok(PortPair {
-                local: 5432,
-                remote: 5432
-            })
-        );
-        assert!(parse_ports("8080:http")
-            .unwrap_err()
-            .contains("named ports"));
-        assert!(parse_ports("x").is_err());
+        assert_eq!(parse_ports("http"), spec(None, Remote::Name("http".into())));
+        assert!(parse_ports("x_y").is_err());
+        assert!(parse_ports("8080:HTTP").is_err());
+        assert!(parse_ports("8080:-web").is_err());
+        assert!(parse_ports("8080:0").is_err());
         assert!(parse_ports("+80:80").is_err());
         assert!(parse_ports("99999:80")
             .unwrap_err()
             .contains("the local port must be at most 65535"));
         let long = parse_ports(&"x".repeat(5000)).unwrap_err();
         assert!(long.len() < 400, "{}", long.len());
+    }
+
+    /// Named ports as kubectl takes them: a Service's port name, a pod's
+    /// (or a deployment's pod template's) container port name.
+    #[test]
+    fn named_ports_are_looked_up_on_the_object() {
+        let svc = serde_json::json!({"spec": {"ports": [
+            {"name": "metrics", "port": 9090, "targetPort": 9091},
+            {"name": "https", "port": 443, "targetPort": "web"},
+        ]}});
+        let pod_spec = serde_json::json!({"containers": [
+            {"name": "a"},
+            {"name": "b", "ports": [{"name": "web", "containerPort": 8443}]},
+        ]});
+        let pod = serde_json::json!({"spec": pod_spec});
+        let deploy = serde_json::json!({"spec": {"template": {"spec": pod_spec}}});
+        let t = |kind: &str| Target::from_kubectl(&format!("{kind}/x"), "default").unwrap();
+        let spec = parse_ports("8443:https").unwrap();
+        assert_eq!(
+            spec.pair(|n| named_port(&t("svc"), Some(&svc), n)).unwrap(),
+            PortPair {
+                local: 8443,
+                remote: 443
+            }
+        );
+        let bare = parse_ports("web").unwrap();
+        for (kind, obj) in [("pod", &pod), ("deploy", &deploy)] {
+            assert_eq!(
+                bare.pair(|n| named_port(&t(kind), Some(obj), n)).unwrap(),
+                PortPair {
+                    local: 8443,
+                    remote: 8443
+                },
+                "{kind}"
+            );
+        }
+        let e = named_port(&t("svc"), Some(&svc), "web").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Service 'x' does not have a port named 'web'"
+        );
+        assert!(named_port(&t("pod"), None, "web").is_err());
     }
 }
