@@ -1969,6 +1969,8 @@ fn one_operators_gateway_connections_are_bounded() {
     drop(idle.remove(0));
     drop(idle);
     drop(_fourth);
+    // (Their ends reach the hub: none left idle to make room.)
+    std::thread::sleep(Duration::from_millis(500));
 
     // Three busy ones (watches): a fourth connection is refused, in words.
     let watch = "/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true";

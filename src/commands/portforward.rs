@@ -155,17 +155,39 @@ fn named_port(target: &Target, obj: Option<&serde_json::Value>, name: &str) -> R
 /// takes its context's; else `default`.
 pub fn context_namespace(cluster: &str) -> String {
     let ctx = format!("tower-{cluster}");
+    // The first file that defines the context decides, as with kubectl.
     super::kubeconfig::files(None)
         .iter()
         .filter_map(|f| super::kubeconfig::read(f).ok())
         .find_map(|d| {
-            super::kubeconfig::find(&d, "contexts", "context", &ctx)?
-                .get("namespace")?
-                .as_str()
-                .filter(|ns| !ns.is_empty())
-                .map(str::to_string)
+            let c = super::kubeconfig::find(&d, "contexts", "context", &ctx)?;
+            Some(
+                c.get("namespace")
+                    .and_then(|n| n.as_str())
+                    .filter(|ns| !ns.is_empty())
+                    .map(str::to_string),
+            )
         })
+        .flatten()
         .unwrap_or_else(|| "default".to_string())
+}
+
+/// A namespace name as Kubernetes allows it (a DNS-1123 label): it goes
+/// into the API path of the check and into the agent's target.
+fn check_namespace(ns: &str) -> Result<()> {
+    let ok = (1..=63).contains(&ns.len())
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-');
+    if !ok {
+        bail!(
+            "invalid namespace '{}': a namespace is up to 63 of a-z, 0-9 and '-', starting and ending with a letter or digit",
+            crate::tunnel::escape_for_log(ns, 80)
+        );
+    }
+    Ok(())
 }
 
 /// What kubectl checks before it listens: that the object exists and that
@@ -195,18 +217,25 @@ async fn check_target(
         "{}/clusters/{cluster}{path}",
         source.gateway_url.trim_end_matches('/')
     );
-    let (status, body) =
-        match super::https::get(&url, Trust::Ca(&source.ca_pem), Some(source.token.expose())).await
-        {
-            Ok(a) => a,
-            Err(e) => {
-                console().say(
-                    Dest::Err,
-                    format!("warning: could not check the {kind} first: {e:#}\n"),
-                );
-                return Ok(None);
-            }
-        };
+    // Bounded well under a background forward's start-up wait: a hub
+    // machine that cannot reach its own public gateway URL (NAT without
+    // hairpin) is only told so, its forward carried by the hub itself.
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        super::https::get(&url, Trust::Ca(&source.ca_pem), Some(source.token.expose())),
+    )
+    .await
+    .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 5s")));
+    let (status, body) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            console().say(
+                Dest::Err,
+                format!("warning: could not check the {kind} first: {e:#}\n"),
+            );
+            return Ok(None);
+        }
+    };
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let message = || {
         v["message"]
@@ -307,6 +336,7 @@ pub async fn background(a: Args) -> Result<u8> {
 /// Prints nothing (the dashboard uses it too).
 pub async fn start_background(a: Args) -> Result<Background> {
     // Check everything that can be checked before detaching.
+    check_namespace(&a.namespace)?;
     Target::from_kubectl(&a.resource, &a.namespace).map_err(anyhow::Error::msg)?;
     if a.ports.is_empty() {
         bail!(
@@ -333,8 +363,7 @@ pub async fn start_background(a: Args) -> Result<Background> {
     ];
     argv.extend(a.ports.iter().map(Into::into));
     argv.extend([
-        "--namespace".into(),
-        a.namespace.clone().into(),
+        format!("--namespace={}", a.namespace).into(),
         "--daemon-id".into(),
         id.clone().into(),
     ]);
@@ -388,6 +417,7 @@ pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
 
 pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
     let (cluster, resource) = (a.cluster.as_str(), a.resource.as_str());
+    check_namespace(&a.namespace)?;
     let target = Target::from_kubectl(resource, &a.namespace).map_err(anyhow::Error::msg)?;
     let specs: Vec<PortSpec> = a
         .ports

@@ -87,12 +87,12 @@ fn rewrite(f: &mut File, text: &str) -> Result<()> {
 pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
     let me = std::process::id();
     let dir = paths::runtime_dir();
-    // Only a daemon started in the background (`up`, `join`) takes one: a
-    // foreground one (`hub run`, `agent run`) is its supervisor's to find
-    // (systemd, the kubelet), and a hub pod's state directory is on a
-    // volume whose locks a crashed node can leave held.
+    // Not in a Kubernetes pod: the kubelet finds its daemon, and a hub
+    // pod's state directory is on a volume whose locks a crashed node can
+    // leave held (the pod would then never start again).
     let dir_text = std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str());
-    let anchor = if std::env::var_os(DAEMON_ENV).is_some() && !dir_text.contains(&b'\n') {
+    let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let anchor = if !in_pod && !dir_text.contains(&b'\n') {
         let mut a = lock(&paths::anchor_file(daemon), daemon)?;
         // Ours before anything reads it (a daemon that died left its own).
         let mut text = format!("{me}\n").into_bytes();

@@ -228,25 +228,38 @@ impl AuthedConns {
             .lock()
             .map_err(|_| "the gateway's connection registry is unavailable".to_string())?;
         let list = m.entry(operator.to_string()).or_default();
+        // Gone ones no longer count (their registrations are on their way
+        // out); ones asked to close count until they are gone.
+        list.retain(|_, c| c.strong_count() > 0);
         if list.len() >= max {
+            let all_busy = |n: usize| {
+                format!(
+                    "operator '{operator}' holds {n} connections to the gateway, all busy or closing (the limit per operator); close some (clients that open a connection per watch: use HTTP/2) and retry"
+                )
+            };
+            // An HTTP/2 client that never acknowledges a close can go on
+            // opening streams on a closing connection: past twice the
+            // limit, nothing more is taken, whatever is idle.
+            if list.len() >= max.saturating_mul(2) {
+                return Err(all_busy(list.len()));
+            }
             // The one idle longest goes.
             let mut idlest: Option<(u64, Duration)> = None;
             for (id, c) in list.iter() {
                 let Some(c) = c.upgrade() else { continue };
-                if let Some(d) = c.idle_for() {
-                    if idlest.is_none_or(|(_, longest)| d > longest) {
-                        idlest = Some((*id, d));
+                if !c.closer.is_cancelled() {
+                    if let Some(d) = c.idle_for() {
+                        if idlest.is_none_or(|(_, longest)| d > longest) {
+                            idlest = Some((*id, d));
+                        }
                     }
                 }
                 upgraded.push(c);
             }
             let Some((id, _)) = idlest else {
-                return Err(format!(
-                    "operator '{operator}' holds {} connections to the gateway, all busy (the limit per operator); close some (clients that open a connection per watch: use HTTP/2) and retry",
-                    list.len()
-                ));
+                return Err(all_busy(list.len()));
             };
-            if let Some(c) = list.remove(&id).and_then(|c| c.upgrade()) {
+            if let Some(c) = list.get(&id).and_then(|c| c.upgrade()) {
                 c.closer.cancel();
                 upgraded.push(c);
             }

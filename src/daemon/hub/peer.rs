@@ -220,8 +220,11 @@ pub fn share_secrets(
                             1 => data.join(format!("{f}.pre-group")),
                             n => data.join(format!("{f}.pre-group.{n}")),
                         })
-                        .find(|p| {
-                            std::fs::read_to_string(p).map_or(true, |old| old == local)
+                        // A free name, or one holding this very copy; never
+                        // one that cannot be read (it would pass for kept).
+                        .find(|p| match std::fs::read_to_string(p) {
+                            Ok(old) => old == local,
+                            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
                         })
                         .with_context(|| format!("too many kept copies of {f} in '{}'", data.display()))?;
                     if !kept.exists() {
