@@ -3026,3 +3026,49 @@ fn port_forward_checks_its_target_first_and_takes_the_contexts_namespace() {
     c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     support::echo(&mut c, "through -n\n").unwrap_or_else(|e| panic!("{e}; {}", pf.output()));
 }
+
+/// Every workload kubectl port-forwards to (`sts/`, `rs/`, `ds/`, `job/`,
+/// `rc/` besides `deploy/`) is a target: a pod of it, found by its
+/// selector (`matchExpressions` here), and its pod template's named
+/// container ports.
+#[test]
+fn port_forward_reaches_a_statefulsets_pod_by_a_named_port() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("served by the statefulset's pod");
+    api.add_pod(
+        "default",
+        "db-0",
+        "127.0.0.1",
+        &[("app", "db")],
+        true,
+        &[("pg", web.port())],
+    );
+    api.add_statefulset("default", "db", &[("app", "db")], ("pg", web.port()));
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "statefulset/db",
+        ":pg",
+        "--address",
+        "127.0.0.1",
+    ]));
+    let port = forwarded_port(&pf);
+    assert!(
+        pf.output().contains(&format!("-> {}", web.port())),
+        "{}",
+        pf.output()
+    );
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
+    assert!(
+        o.stdout.contains("served by the statefulset's pod"),
+        "{o:?} {}",
+        pf.output()
+    );
+    let o = env.towerctl(&["port-forward", "alpha", "sts/nosuch", ":5432"]);
+    assert!(
+        o.code == Some(1) && o.stderr.contains("\"nosuch\" not found"),
+        "{o:?}"
+    );
+}

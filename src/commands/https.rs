@@ -223,8 +223,14 @@ pub async fn connect_tunnel(
         .unwrap_or(0)
         .min(64 * 1024);
     let mut body = vec![0u8; len];
-    let _ = tls.read_exact(&mut body).await;
-    let msg = String::from_utf8_lossy(&body).trim().to_string();
+    // Bounded: a length announced and never sent held the connection's
+    // task for ever.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        tls.read_exact(&mut body),
+    )
+    .await;
+    let msg = crate::tunnel::printable(String::from_utf8_lossy(&body).trim(), 500);
     bail!(
         "{}",
         if msg.is_empty() {

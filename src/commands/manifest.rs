@@ -35,7 +35,10 @@ fn agent_own_rules() -> Value {
     json!([
         {"apiGroups": [""], "resources": ["pods", "services", "endpoints"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
+        // The workloads port-forward reaches a pod of (`deploy/`, `sts/` …).
+        {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "verbs": ["get", "list"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["replicationcontrollers"], "verbs": ["get", "list"]},
         // WebSocket port-forward is a GET the API server authorizes as
         // `create` (and older servers as `get`).
         {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},

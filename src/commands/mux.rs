@@ -220,7 +220,9 @@ impl Mux {
             .and_then(|r| r.ok())
             .map(|c| c.to_bytes())
             .unwrap_or_default();
-            let msg = String::from_utf8_lossy(&body).trim().to_string();
+            // Whatever answered (a proxy's error page too): one printable
+            // line, bounded.
+            let msg = crate::tunnel::printable(String::from_utf8_lossy(&body).trim(), 500);
             if msg.is_empty() {
                 bail!("the gateway answered HTTP {}", status.as_u16());
             }

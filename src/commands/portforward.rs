@@ -18,6 +18,10 @@ use super::usectx::Source;
 use crate::daemon::console::{console, Dest};
 use crate::daemon::targets::Target;
 
+/// Most connections of one local port carried at once through the gateway
+/// (as the hub's own forward: `daemon::hub::forward`).
+const MAX_CONNECTIONS: usize = 1024;
+
 /// A `[LOCAL:]REMOTE` pair; local 0 picks a free port.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PortPair {
@@ -136,14 +140,14 @@ fn named_port(target: &Target, obj: Option<&serde_json::Value>, name: &str) -> R
             .as_array()
             .and_then(|ps| ps.iter().find_map(|p| number(p, "port"))),
         Target::Pod { .. } => containers(&obj["spec"]),
-        Target::Deployment { .. } => containers(&obj["spec"]["template"]["spec"]),
+        Target::Workload { .. } => containers(&obj["spec"]["template"]["spec"]),
         Target::ApiServer | Target::Host(_) => None,
     };
     found.ok_or_else(|| {
         let (kind, what) = match target {
             Target::Service { name: n, .. } => ("Service", n.as_str()),
             Target::Pod { name: n, .. } => ("Pod", n.as_str()),
-            Target::Deployment { name: n, .. } => ("Deployment", n.as_str()),
+            Target::Workload { kind, name: n, .. } => (kind.singular(), n.as_str()),
             _ => ("target", ""),
         };
         anyhow::anyhow!("{kind} '{what}' does not have a port named '{name}'")
@@ -207,10 +211,7 @@ async fn check_target(
             "service",
             format!("/api/v1/namespaces/{ns}/services/{name}"),
         ),
-        Target::Deployment { ns, name } => (
-            "deployment",
-            format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}"),
-        ),
+        Target::Workload { kind, ns, name } => (kind.singular(), kind.api_path(ns, name)),
         Target::ApiServer | Target::Host(_) => return Ok(None),
     };
     let url = format!(
@@ -457,7 +458,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
         // One local port for all addresses: the first bind picks it.
         let mut local = pair.local;
         let mut bound = 0;
-        let mut last_err = None;
+        let mut errors: Vec<String> = Vec::new();
         for &(ip, required) in &addrs {
             match TcpListener::bind(SocketAddr::new(ip, local)).await {
                 Ok(l) => {
@@ -481,13 +482,13 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     SocketAddr::new(ip, local),
                     pair.remote
                 ),
-                Err(e) => last_err = Some(format!("{}: {e}", SocketAddr::new(ip, local))),
+                Err(e) => errors.push(format!("{}: {e}", SocketAddr::new(ip, local))),
             }
         }
         if bound == 0 {
             bail!(
                 "unable to listen on any of the requested addresses: {}; choose another local port (':{}' picks a free one)",
-                last_err.unwrap_or_default(),
+                errors.join("; "),
                 pair.remote
             );
         }
@@ -666,10 +667,22 @@ async fn hub_back(socket: &std::path::Path) {
 /// CONNECT stream to `authority` each.
 async fn accept_loop(l: &TcpListener, gateway: Arc<Mux>, authority: &str, remote: u16) {
     let local = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    // Connections carried at once, as the hub's own forward bounds them:
+    // past it a new one is closed at once and said (local clients piling
+    // up while the gateway is unreachable held a task and a descriptor
+    // each, without end).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((mut conn, _)) = l.accept().await else {
             // Out of descriptors and the like: wait, do not spin.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            console().say(
+                Dest::Err,
+                format!("error: {local}: more than {MAX_CONNECTIONS} connections at once; this one was closed\n"),
+            );
             continue;
         };
         crate::tunnel::nodelay(&conn);
@@ -677,6 +690,7 @@ async fn accept_loop(l: &TcpListener, gateway: Arc<Mux>, authority: &str, remote
         let gateway = gateway.clone();
         let authority = authority.to_string();
         tokio::spawn(async move {
+            let _slot = slot;
             // What the client has sent by now goes with the CONNECT.
             let first = crate::tunnel::sent_so_far(&conn, crate::daemon::wire::EARLY_MAX);
             match gateway.open(&authority, &first).await {

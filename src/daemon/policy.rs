@@ -82,7 +82,7 @@ impl Rule {
                 Target::ApiServer
                 | Target::Service { .. }
                 | Target::Pod { .. }
-                | Target::Deployment { .. },
+                | Target::Workload { .. },
             ) => true,
             (Rule::Host { host, port: p }, Target::Host(h)) => {
                 port_ok(p) && h.eq_ignore_ascii_case(host)

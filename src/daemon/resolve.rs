@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -94,6 +93,23 @@ fn pod_addr(p: &Pod, port: u16, what: &str, ready: bool) -> Result<SocketAddr, R
     Ok(SocketAddr::new(ip, port))
 }
 
+/// The pod selector of a workload object (the API's JSON): a
+/// ReplicationController's `spec.selector` is a plain map, the others'
+/// a `LabelSelector`.
+fn workload_selector(
+    kind: crate::daemon::targets::Workload,
+    obj: &serde_json::Value,
+) -> Option<String> {
+    let sel = &obj["spec"]["selector"];
+    let sel: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector =
+        if kind == crate::daemon::targets::Workload::ReplicationController {
+            serde_json::from_value(serde_json::json!({ "matchLabels": sel })).ok()?
+        } else {
+            serde_json::from_value(sel.clone()).ok()?
+        };
+    selector_text(&sel)
+}
+
 /// A label selector as the API's `labelSelector` parameter: every
 /// `matchLabels` pair and `matchExpressions` term (In, NotIn, Exists,
 /// DoesNotExist). `None` for an empty selector (which would select every
@@ -157,19 +173,16 @@ pub async fn resolve(
                 host: host_network(&pod),
             })
         }
-        Target::Deployment { ns, name } => {
-            let what = format!("deployment {ns}/{name}");
-            let d = Api::<Deployment>::namespaced(client.clone(), ns)
-                .get(name)
-                .await
-                .map_err(|e| api_err(&what, e))?;
-            let selector = d
-                .spec
-                .as_ref()
-                .and_then(|s| selector_text(&s.selector))
-                .ok_or_else(|| {
-                    ResolveError::Unavailable(format!("{what} has no usable pod selector"))
-                })?;
+        Target::Workload { kind, ns, name } => {
+            let what = format!("{} {ns}/{name}", kind.singular());
+            let req = http::Request::get(kind.api_path(ns, name))
+                .body(Vec::new())
+                .map_err(|e| ResolveError::Api(e.to_string()))?;
+            let obj: serde_json::Value =
+                client.request(req).await.map_err(|e| api_err(&what, e))?;
+            let selector = workload_selector(*kind, &obj).ok_or_else(|| {
+                ResolveError::Unavailable(format!("{what} has no usable pod selector"))
+            })?;
             let pods = Api::<Pod>::namespaced(client.clone(), ns)
                 .list(&ListParams::default().labels(&selector))
                 .await

@@ -1,23 +1,132 @@
 //! What a tunnel channel can lead to, and how targets are named.
 //!
 //! - On the channel (hub → agent), the `forwarded-tcpip` address field:
-//!   `kube-apiserver`, `svc/NS/NAME`, `pod/NS/NAME`, `deploy/NS/NAME`,
-//!   `host/HOST`; the port field is the port.
+//!   `kube-apiserver`, `svc/NS/NAME`, `pod/NS/NAME`, `deploy/NS/NAME`
+//!   (and `rs/`, `sts/`, `ds/`, `job/`, `rc/`), `host/HOST`; the port field
+//!   is the port.
 //! - In an HTTP `CONNECT` to the gateway, a DNS-like authority whose last
 //!   label is the cluster: `NAME.NS.svc.CLUSTER:PORT`,
-//!   `NAME.NS.pod.CLUSTER:PORT`, `NAME.NS.deploy.CLUSTER:PORT`, or any other
+//!   `NAME.NS.pod.CLUSTER:PORT`, `NAME.NS.deploy.CLUSTER:PORT` (`rs`, `sts`,
+//!   `ds`, `job`, `rc` alike), or any other
 //!   `HOST.CLUSTER:PORT` for a plain host the agent may dial.
 //! - On `towerctl port-forward`, kubectl's syntax: `pod/NAME`, `svc/NAME`,
-//!   `deploy/NAME` (and long forms), or a bare pod name, with `-n NS`.
+//!   a workload (`deploy/`, `rs/`, `sts/`, `ds/`, `job/`, `rc/` and their
+//!   long forms), or a bare pod name, with `-n NS`.
 
 use crate::tunnel::TARGET_APISERVER;
+
+/// The workloads port-forward reaches a pod of, as kubectl does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Workload {
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    Job,
+    ReplicationController,
+}
+
+impl Workload {
+    const ALL: [Workload; 6] = [
+        Workload::Deployment,
+        Workload::ReplicaSet,
+        Workload::StatefulSet,
+        Workload::DaemonSet,
+        Workload::Job,
+        Workload::ReplicationController,
+    ];
+
+    /// kubectl's short name, used on channels and in CONNECT names.
+    pub fn short(self) -> &'static str {
+        match self {
+            Workload::Deployment => "deploy",
+            Workload::ReplicaSet => "rs",
+            Workload::StatefulSet => "sts",
+            Workload::DaemonSet => "ds",
+            Workload::Job => "job",
+            Workload::ReplicationController => "rc",
+        }
+    }
+
+    /// The lower-case kind (`statefulset`).
+    pub fn singular(self) -> &'static str {
+        match self {
+            Workload::Deployment => "deployment",
+            Workload::ReplicaSet => "replicaset",
+            Workload::StatefulSet => "statefulset",
+            Workload::DaemonSet => "daemonset",
+            Workload::Job => "job",
+            Workload::ReplicationController => "replicationcontroller",
+        }
+    }
+
+    /// The API group (`""`: core).
+    pub fn group(self) -> &'static str {
+        match self {
+            Workload::Job => "batch",
+            Workload::ReplicationController => "",
+            _ => "apps",
+        }
+    }
+
+    /// The resource (`statefulsets`).
+    pub fn resource(self) -> &'static str {
+        match self {
+            Workload::Deployment => "deployments",
+            Workload::ReplicaSet => "replicasets",
+            Workload::StatefulSet => "statefulsets",
+            Workload::DaemonSet => "daemonsets",
+            Workload::Job => "jobs",
+            Workload::ReplicationController => "replicationcontrollers",
+        }
+    }
+
+    /// The API path of object `name` in `ns`.
+    pub fn api_path(self, ns: &str, name: &str) -> String {
+        let base = match self.group() {
+            "" => "/api/v1".to_string(),
+            g => format!("/apis/{g}/v1"),
+        };
+        format!("{base}/namespaces/{ns}/{}/{name}", self.resource())
+    }
+
+    fn from_short(s: &str) -> Option<Workload> {
+        Self::ALL.into_iter().find(|w| w.short() == s)
+    }
+
+    /// kubectl's names for it: short, singular, plural, and `KIND.GROUP`.
+    fn from_kubectl(s: &str) -> Option<Workload> {
+        let s = s.to_ascii_lowercase();
+        Self::ALL.into_iter().find(|w| {
+            let group = match w.group() {
+                "" => String::new(),
+                g => format!(".{g}"),
+            };
+            [w.short(), w.singular(), w.resource()]
+                .iter()
+                .any(|n| s == *n || s == format!("{n}{group}"))
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     ApiServer,
-    Service { ns: String, name: String },
-    Pod { ns: String, name: String },
-    Deployment { ns: String, name: String },
+    Service {
+        ns: String,
+        name: String,
+    },
+    Pod {
+        ns: String,
+        name: String,
+    },
+    /// A pod of a workload (Deployment, ReplicaSet, StatefulSet, …), found
+    /// by its selector, as kubectl picks one.
+    Workload {
+        kind: Workload,
+        ns: String,
+        name: String,
+    },
     Host(String),
 }
 
@@ -34,7 +143,7 @@ impl Target {
             Target::ApiServer => TARGET_APISERVER.to_string(),
             Target::Service { ns, name } => format!("svc/{ns}/{name}"),
             Target::Pod { ns, name } => format!("pod/{ns}/{name}"),
-            Target::Deployment { ns, name } => format!("deploy/{ns}/{name}"),
+            Target::Workload { kind, ns, name } => format!("{}/{ns}/{name}", kind.short()),
             Target::Host(h) => format!("host/{h}"),
         }
     }
@@ -51,9 +160,11 @@ impl Target {
         Some(match kind {
             "svc" => two().map(|(ns, name)| Target::Service { ns, name })?,
             "pod" => two().map(|(ns, name)| Target::Pod { ns, name })?,
-            "deploy" => two().map(|(ns, name)| Target::Deployment { ns, name })?,
             "host" if dns_label(rest) => Target::Host(rest.to_string()),
-            _ => return None,
+            other => {
+                let kind = Workload::from_short(other)?;
+                two().map(|(ns, name)| Target::Workload { kind, ns, name })?
+            }
         })
     }
 
@@ -73,7 +184,8 @@ impl Target {
                 ns: ns.to_string(),
                 name: name.to_string(),
             },
-            [name, ns, "deploy", _] => Target::Deployment {
+            [name, ns, kind, _] if Workload::from_short(kind).is_some() => Target::Workload {
+                kind: Workload::from_short(kind)?,
                 ns: ns.to_string(),
                 name: name.to_string(),
             },
@@ -88,7 +200,9 @@ impl Target {
             Target::ApiServer => format!("kubernetes.default.svc.{cluster}"),
             Target::Service { ns, name } => format!("{name}.{ns}.svc.{cluster}"),
             Target::Pod { ns, name } => format!("{name}.{ns}.pod.{cluster}"),
-            Target::Deployment { ns, name } => format!("{name}.{ns}.deploy.{cluster}"),
+            Target::Workload { kind, ns, name } => {
+                format!("{name}.{ns}.{}.{cluster}", kind.short())
+            }
             Target::Host(h) => format!("{h}.{cluster}"),
         }
     }
@@ -103,12 +217,15 @@ impl Target {
         Ok(match kind {
             "pod" | "pods" | "po" => Target::Pod { ns, name },
             "svc" | "service" | "services" => Target::Service { ns, name },
-            "deploy" | "deployment" | "deployments" => Target::Deployment { ns, name },
-            other => {
-                return Err(format!(
-                    "cannot forward to '{other}/{name}': use pod/NAME, svc/NAME or deploy/NAME (or a bare pod name)"
-                ))
-            }
+            other => match Workload::from_kubectl(other) {
+                Some(kind) => Target::Workload { kind, ns, name },
+                None => {
+                    return Err(format!(
+                        "cannot forward to '{}/{name}': use pod/NAME, svc/NAME, or a workload's TYPE/NAME (deploy, rs, sts, ds, job, rc), or a bare pod name",
+                        crate::tunnel::escape_for_log(other, 40)
+                    ))
+                }
+            },
         })
     }
 
@@ -155,7 +272,7 @@ impl std::fmt::Display for Target {
             Target::ApiServer => f.write_str("the API server"),
             Target::Service { ns, name } => write!(f, "service {ns}/{name}"),
             Target::Pod { ns, name } => write!(f, "pod {ns}/{name}"),
-            Target::Deployment { ns, name } => write!(f, "deployment {ns}/{name}"),
+            Target::Workload { kind, ns, name } => write!(f, "{} {ns}/{name}", kind.singular()),
             Target::Host(h) => write!(f, "host '{h}'"),
         }
     }
@@ -164,6 +281,57 @@ impl std::fmt::Display for Target {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_workload_kubectl_names_is_a_target_both_ways() {
+        for (written, kind) in [
+            ("deploy/web", Workload::Deployment),
+            ("deployments.apps/web", Workload::Deployment),
+            ("rs/web", Workload::ReplicaSet),
+            ("replicaset/web", Workload::ReplicaSet),
+            ("sts/web", Workload::StatefulSet),
+            ("StatefulSet/web", Workload::StatefulSet),
+            ("statefulsets.apps/web", Workload::StatefulSet),
+            ("ds/web", Workload::DaemonSet),
+            ("job/web", Workload::Job),
+            ("jobs.batch/web", Workload::Job),
+            ("rc/web", Workload::ReplicationController),
+            (
+                "replicationcontrollers/web",
+                Workload::ReplicationController,
+            ),
+        ] {
+            let t = Target::from_kubectl(written, "prod").unwrap();
+            let want = Target::Workload {
+                kind,
+                ns: "prod".into(),
+                name: "web".into(),
+            };
+            assert_eq!(t, want, "{written}");
+            assert_eq!(
+                Target::from_channel_address(&t.channel_address()),
+                Some(t.clone())
+            );
+            assert_eq!(
+                Target::from_connect_host(&t.connect_host("alpha")),
+                Some(("alpha".to_string(), t))
+            );
+        }
+        assert_eq!(
+            Workload::StatefulSet.api_path("prod", "db"),
+            "/apis/apps/v1/namespaces/prod/statefulsets/db"
+        );
+        assert_eq!(
+            Workload::ReplicationController.api_path("prod", "db"),
+            "/api/v1/namespaces/prod/replicationcontrollers/db"
+        );
+        assert_eq!(
+            Workload::Job.api_path("prod", "db"),
+            "/apis/batch/v1/namespaces/prod/jobs/db"
+        );
+        assert!(Target::from_kubectl("cm/web", "prod").is_err());
+        assert!(Target::from_kubectl("deployments.batch/web", "prod").is_err());
+    }
 
     #[test]
     fn under_impersonation_cluster_dns_names_are_what_they_name() {

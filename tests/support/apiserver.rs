@@ -357,6 +357,32 @@ impl ApiServer {
 
     /// Creates (or replaces) a Deployment whose `spec.selector.matchLabels` (and pod template
     /// labels) are `labels`, with `status.readyReplicas` = `ready_replicas`.
+    /// A StatefulSet whose selector is `selector`, with a named container
+    /// port (`name`, `port`) in its pod template.
+    pub fn add_statefulset(
+        &self,
+        ns: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        port: (&str, u16),
+    ) {
+        let labels = string_map(selector);
+        let obj = json!({
+            "metadata": {"name": name, "labels": labels, "generation": 1},
+            "spec": {
+                "replicas": 1,
+                "serviceName": name,
+                "selector": {"matchExpressions": labels.as_object().unwrap().iter().map(|(k, v)| json!({"key": k, "operator": "In", "values": [v]})).collect::<Vec<_>>()},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "app", "image": "postgres:17", "ports": [{"name": port.0, "containerPort": port.1}]}]},
+                },
+            },
+            "status": {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1},
+        });
+        self.upsert(&STATEFULSETS, ns, obj);
+    }
+
     pub fn add_deployment(
         &self,
         ns: &str,
@@ -550,6 +576,8 @@ const ENDPOINTSLICES: Resource = resource(
 );
 const DEPLOYMENTS: Resource =
     resource("apps/v1", "deployments", "Deployment", true, "deploy", true);
+const STATEFULSETS: Resource =
+    resource("apps/v1", "statefulsets", "StatefulSet", true, "sts", true);
 // What the agent's manifest (`join --print-manifest`) creates, so that
 // `kubectl apply --dry-run=client` of it can be checked here.
 const SERVICEACCOUNTS: Resource =
@@ -571,7 +599,7 @@ const CLUSTERROLEBINDINGS: Resource = resource(
     "",
     false,
 );
-const RESOURCES: [&Resource; 12] = [
+const RESOURCES: [&Resource; 13] = [
     &NAMESPACES,
     &NODES,
     &CONFIGMAPS,
@@ -580,6 +608,7 @@ const RESOURCES: [&Resource; 12] = [
     &ENDPOINTS,
     &ENDPOINTSLICES,
     &DEPLOYMENTS,
+    &STATEFULSETS,
     &SERVICEACCOUNTS,
     &SECRETS,
     &CLUSTERROLES,

@@ -239,7 +239,7 @@ pub(super) async fn serve_raw(
                         // (whether it exists, where it leads).
                         let finder = match k8s {
                             Target::Service { ns, name } => Some(Ask { verb: "get", group: "", resource: "services", subresource: None, namespace: ns.clone(), name: name.clone() }),
-                            Target::Deployment { ns, name } => Some(Ask { verb: "get", group: "apps", resource: "deployments", subresource: None, namespace: ns.clone(), name: name.clone() }),
+                            Target::Workload { kind, ns, name } => Some(Ask { verb: "get", group: kind.group(), resource: kind.resource(), subresource: None, namespace: ns.clone(), name: name.clone() }),
                             Target::Pod { ns, name } => Some(Ask { verb: "create", group: "", resource: "pods", subresource: Some("portforward".into()), namespace: ns.clone(), name: name.clone() }),
                             _ => None,
                         };
