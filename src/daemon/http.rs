@@ -163,6 +163,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The `timeout` a request asks for (`?timeout=1m30s`, Go's duration
+/// syntax in whole units), if it parses.
+pub fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
+    let v = query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout="))?;
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in v.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        // Checked: the query is the client's (`timeout=18446744073709551615s1s`
+        // wrapped past zero, and overflowed the wait below into a panic).
+        total = total.checked_add(match c {
+            'h' => n.checked_mul(3600)?,
+            'm' => n.checked_mul(60)?,
+            's' => n,
+            _ => return None,
+        })?;
+    }
+    (num.is_empty() && total > 0).then(|| std::time::Duration::from_secs(total))
+}
+
 /// The first header under `prefix` that `Connection` names (so that a hop
 /// removes it), if any.
 pub fn connection_names(headers: &HeaderMap, prefix: &str) -> Option<String> {

@@ -180,38 +180,11 @@ fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
             .any(|seg| matches!(seg, "proxy" | "attach" | "exec" | "log" | "portforward"))
 }
 
-/// The `timeout` a request asks for (`?timeout=1m30s`, Go's duration
-/// syntax in whole units), if it parses.
-fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
-    let v = query?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("timeout="))?;
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in v.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().ok()?;
-        num.clear();
-        // Checked: the query is the client's (`timeout=18446744073709551615s1s`
-        // wrapped past zero, and overflowed the wait below into a panic).
-        total = total.checked_add(match c {
-            'h' => n.checked_mul(3600)?,
-            'm' => n.checked_mul(60)?,
-            's' => n,
-            _ => return None,
-        })?;
-    }
-    (num.is_empty() && total > 0).then(|| std::time::Duration::from_secs(total))
-}
-
 /// How long the agent waits for the answer to a request that is not
 /// long-running: [`answer_timeout`], or what the request asks for
 /// (`?timeout=`) and 30 s for the server's own answer to it, if longer.
 fn answer_wait(query: Option<&str>) -> std::time::Duration {
-    let asked = asked_timeout(query)
+    let asked = crate::daemon::http::asked_timeout(query)
         .map(|t| t.saturating_add(std::time::Duration::from_secs(30)))
         .unwrap_or_default();
     answer_timeout().max(asked)
@@ -1268,6 +1241,7 @@ mod tests {
 
     #[test]
     fn a_requests_own_timeout_is_read_in_gos_syntax() {
+        use crate::daemon::http::asked_timeout;
         assert_eq!(
             asked_timeout(Some("timeout=32s")),
             Some(Duration::from_secs(32))
@@ -1294,6 +1268,7 @@ mod tests {
 
     #[test]
     fn timeouts_past_what_a_duration_holds_neither_wrap_nor_panic() {
+        use crate::daemon::http::asked_timeout;
         let max = format!("timeout={}s", u64::MAX);
         assert_eq!(
             asked_timeout(Some(&max)),

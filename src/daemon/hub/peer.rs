@@ -39,6 +39,34 @@ use crate::daemon::store_etcd::{boot_ms, Change, EtcdStore};
 
 /// The claims' revision after a failed write (retried by the next reconcile).
 const CLAIM_FAILED: i64 = -1;
+
+/// Names with an operation in flight; [`InFlight::try_hold`] gives one a
+/// guard that frees the name when dropped.
+#[derive(Default)]
+pub(super) struct InFlight(Mutex<std::collections::HashSet<String>>);
+
+pub(super) struct InFlightGuard(Arc<InFlight>, String);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0 .0.lock() {
+            s.remove(&self.1);
+        }
+    }
+}
+
+impl InFlight {
+    fn try_hold(self: &Arc<Self>, name: &str) -> Option<InFlightGuard> {
+        let mut s = self.0.lock().ok()?;
+        s.insert(name.to_string())
+            .then(|| InFlightGuard(self.clone(), name.to_string()))
+    }
+}
+
+/// How long a request carried to another hub waits for its answer's head
+/// (the member's own request deadline, 60 s at the agent, and the tunnel's
+/// margin).
+const PEER_ANSWER_DEADLINE: Duration = Duration::from_secs(90);
 /// A hub's lease lives this long without renewal.
 pub const LEASE_TTL: i64 = 10;
 const KEEPALIVE: Duration = Duration::from_secs(3);
@@ -126,6 +154,8 @@ pub struct Cluster {
     /// Member → (our session id, revision our owner key was written at;
     /// 0 while the write is in flight, [`CLAIM_FAILED`] after it failed).
     claims: Mutex<HashMap<String, (u64, i64)>>,
+    /// Owner keys whose removal is in flight (`drop_stale_owner_keys`).
+    deleting: Arc<InFlight>,
     tls: tokio_rustls::TlsConnector,
     /// Kept-alive connections to other hubs' gateways, by peer URL, for the
     /// next forwarded request: a request routed to the hub that holds its
@@ -278,6 +308,7 @@ impl Cluster {
             lease: AtomicI64::new(0),
             renewed_ms: AtomicU64::new(boot_ms()),
             claims: Mutex::new(HashMap::new()),
+            deleting: Default::default(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             idle: Mutex::new(HashMap::new()),
             admin_hash: std::sync::OnceLock::new(),
@@ -703,6 +734,18 @@ impl Cluster {
                 (Some(_), None) => self.claim(hub, &s),
                 (Some((_, mine)), Some((o, rev))) => {
                     if o.hub == self.id && o.session == s.id {
+                        // Ours, as the registry shows it: its revision is
+                        // the claim's, also when the write was reported as
+                        // failed but applied (a leader change under it),
+                        // so that a newer session on another hub still
+                        // replaces it and it is not written again.
+                        if mine <= 0 {
+                            if let Ok(mut c) = self.claims.lock() {
+                                if let Some(cl) = c.get_mut(&s.name).filter(|cl| cl.0 == s.id) {
+                                    cl.1 = rev;
+                                }
+                            }
+                        }
                         continue;
                     }
                     // A key of this hub naming another session: an ended
@@ -761,8 +804,16 @@ impl Cluster {
             if o.hub != self.id || hub.session(name).is_some_and(|s| s.id == o.session) {
                 continue;
             }
+            // One removal in flight per key: with etcd away each takes
+            // seconds, and reconciling (every second) spawned one more
+            // each time, for every such key, into the 16 blocking threads
+            // the control socket and logins need too.
+            let Some(in_flight) = self.deleting.try_hold(&rel) else {
+                continue;
+            };
             let st = self.store.clone();
             hub.tasks.spawn(async move {
+                let _in_flight = in_flight;
                 let name = rel.trim_start_matches("owners/").to_string();
                 match tokio::task::spawn_blocking(move || st.delete_if(&rel, &value)).await {
                     Ok(Ok(true)) => {
@@ -1311,27 +1362,45 @@ pub(super) async fn forward(
         },
     };
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
-    let resp = match sender
-        .try_send_request(Request::from_parts(parts, body))
-        .await
-    {
-        Ok(r) => r,
-        Err(mut e) => match (reused, e.take_message()) {
-            // The kept connection was closed under us before the request
-            // went out: safe to send it again on a new one, whatever its
-            // method.
-            (true, Some(req)) => {
-                sender = match c.dial(hub, &owner.peer).await {
-                    Ok(s) => s,
-                    Err(e) => return Ok(unreachable(&e)),
-                };
-                match sender.send_request(req).await {
-                    Ok(r) => r,
-                    Err(e) => return Ok(unreachable(&e.to_string())),
+    // Bounded: a kept connection to a hub frozen or cut off since has no
+    // other deadline (a partition held the request ~15 minutes, until TCP
+    // gave up). Watches, logs and upgrades answer their head at once; a
+    // request the member is slow on has the agent's own deadline inside.
+    // A request asking the member for longer (`?timeout=`) is given it.
+    let deadline = crate::daemon::http::asked_timeout(parts.uri.query())
+        .map(|t| t.saturating_add(PEER_ANSWER_DEADLINE))
+        .unwrap_or(PEER_ANSWER_DEADLINE);
+    let answered = tokio::time::timeout(deadline, async {
+        match sender
+            .try_send_request(Request::from_parts(parts, body))
+            .await
+        {
+            Ok(r) => Ok(r),
+            Err(mut e) => match (reused, e.take_message()) {
+                // The kept connection was closed under us before the
+                // request went out: safe to send it again on a new one,
+                // whatever its method.
+                (true, Some(req)) => {
+                    sender = match c.dial(hub, &owner.peer).await {
+                        Ok(s) => s,
+                        Err(e) => return Err(e),
+                    };
+                    sender.send_request(req).await.map_err(|e| e.to_string())
                 }
-            }
-            _ => return Ok(unreachable(&e.error().to_string())),
-        },
+                _ => Err(e.error().to_string()),
+            },
+        }
+    })
+    .await;
+    let resp = match answered {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Ok(unreachable(&e)),
+        Err(_) => {
+            return Ok(unreachable(&format!(
+                "no answer within {}s",
+                deadline.as_secs()
+            )))
+        }
     };
     if !upgrade {
         c.keep(&owner.peer, sender);
