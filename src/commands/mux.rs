@@ -157,6 +157,7 @@ impl Mux {
                 req = req.header(EARLY_HEADER, v);
             }
             let req = req.body(Empty::<Bytes>::new())?;
+            let asked_at = std::time::Instant::now();
             // The hub answers within its 20 s wait for the agent; past
             // that, it is gone (or stopped): said, not waited on for ever.
             let asked = async {
@@ -178,8 +179,14 @@ impl Mux {
                 Err(e) => {
                     self.drop_sender(&sender).await;
                     let unsent = !handed || first.is_empty();
+                    // Found closed at once (it died while idle): worth a new
+                    // one. Found dead after a wait (its PINGs unanswered: the
+                    // hub stopped or gone), a new one would wait again (a
+                    // TLS handshake to a stopped hub: 10 s more).
+                    let at_once = asked_at.elapsed() < std::time::Duration::from_secs(2);
                     if attempt == 0
                         && unsent
+                        && at_once
                         && (e.is_closed() || e.is_canceled() || sender.is_closed())
                     {
                         continue;
