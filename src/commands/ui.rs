@@ -123,7 +123,10 @@ async fn carry_out(effect: Effect, kubeconfig: Option<PathBuf>) -> Result<Outcom
                 .next()
                 .context("type the target and ports, like: svc/web 8080:80")?
                 .to_string();
-            let (mut ports, mut namespace) = (Vec::new(), "default".to_string());
+            // As on the command line: the cluster context's namespace
+            // unless `-n` says otherwise.
+            let (mut ports, mut namespace) =
+                (Vec::new(), super::portforward::context_namespace(&cluster));
             while let Some(w) = words.next() {
                 match w {
                     "-n" | "--namespace" => {
