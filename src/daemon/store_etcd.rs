@@ -451,18 +451,30 @@ impl Store for EtcdStore {
         let rel = format!("{MEMBERS}{}", m.name);
         let key = self.key(&rel);
         let b = serde_json::to_vec(m).map_err(|e| StoreError::Io(e.to_string()))?;
-        let (ok, rev, _) = self
+        let (ok, rev, v) = self
             .etcd
             .txn(
                 vec![etcd::absent(&key)],
                 vec![etcd::op_put(&key, &b, 0)],
-                vec![],
+                vec![etcd::op_get(&key)],
             )
             .map_err(err)?;
         if ok {
             self.cached_put(&rel, b, rev);
+            return Ok(true);
         }
-        Ok(ok)
+        // Our own record, byte for byte (its join token's hash is new):
+        // an earlier attempt of this very call was applied and its answer
+        // lost (a leader change; the call went on to the next endpoint).
+        // Said "already registered", the join token printed for it was
+        // never shown.
+        match etcd::txn_range(&v, 0) {
+            Some(kv) if kv.value == b => {
+                self.cached_put(&rel, kv.value, kv.mod_revision);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
     fn update_member(
         &self,
