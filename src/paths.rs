@@ -272,15 +272,27 @@ pub fn anchor_file(daemon: &str) -> PathBuf {
     state_dir().join(format!("{daemon}.anchor"))
 }
 
-/// What a running daemon's anchor says: its pid and runtime directory.
-/// `None` when no daemon holds it.
-pub fn anchored(daemon: &str) -> Option<(u32, PathBuf)> {
+/// Whether a live process holds `path` locked (`flock`, as daemons hold
+/// their pid files and anchors, and background forwards their locks): a
+/// shared lock taken and given back at once is refused then.
+pub fn locked_by_someone(path: &Path) -> bool {
     use std::os::unix::io::AsRawFd;
-    let path = anchor_file(daemon);
-    let f = std::fs::File::open(&path).ok()?;
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
     // SAFETY: flock on a valid, open descriptor; released right away.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return false;
+    }
+    true
+}
+
+/// What a running daemon's anchor says: its pid and runtime directory.
+/// `None` when no daemon holds it.
+pub fn anchored(daemon: &str) -> Option<(u32, PathBuf)> {
+    let path = anchor_file(daemon);
+    if !locked_by_someone(&path) {
         return None;
     }
     let text = read_regular(&path, 4096).ok()??;

@@ -267,6 +267,40 @@ fn interactive_streams_through_the_members_proxy_url_are_not_held_back_by_nagle(
 /// kube-apiserver accepts: the gateway accepts it too, and neither the
 /// token nor the client's cookies reach the member (the subprotocol used
 /// to be refused with 401 here, and passed on to the member).
+/// `curl -v` asking `env`'s gateway for a WebSocket upgrade at `path`
+/// (HTTP/1.1, its CA trusted), with `headers` besides the upgrade's own; it
+/// holds the upgraded stream until `max_secs`.
+fn websocket_curl(env: &Env, max_secs: u32, headers: &[&str], path: &str) -> Command {
+    let gateway = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "-v",
+        "--http1.1",
+        "--max-time",
+        &max_secs.to_string(),
+        "--cacert",
+    ])
+    .arg(env.path("data/towerctl/ca.crt"));
+    for h in [
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ]
+    .iter()
+    .chain(headers)
+    {
+        curl.args(["-H", h]);
+    }
+    curl.arg(format!("{gateway}{path}"));
+    curl
+}
+
 #[test]
 fn a_websocket_naming_its_token_as_a_subprotocol_is_served_without_passing_it_on() {
     use base64::Engine;
@@ -276,33 +310,17 @@ fn a_websocket_naming_its_token_as_a_subprotocol_is_served_without_passing_it_on
     join_member(&env, &api, "alpha", &[]);
     let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
     let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.trim());
-    let gateway = env.status()["hub"]["gatewayURL"]
-        .as_str()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
-    let mut curl = Command::new("curl");
-    curl.args(["-sS", "-v", "--http1.1", "--max-time", "3", "--cacert"])
-        .arg(env.path("data/towerctl/ca.crt"))
-        .args([
-            "-H",
-            "Connection: Upgrade",
-            "-H",
-            "Upgrade: websocket",
-            "-H",
-            "Sec-WebSocket-Version: 13",
-            "-H",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "-H",
+    let curl = websocket_curl(
+        &env,
+        3,
+        &[
             &format!(
                 "Sec-WebSocket-Protocol: v4.channel.k8s.io, base64url.bearer.authorization.k8s.io.{encoded}"
             ),
-            "-H",
             "Cookie: session=browser-secret",
-            &format!(
-                "{gateway}/clusters/alpha/api/v1/namespaces/default/pods/web-0/exec?command=echo&command=hi&stdout=true"
-            ),
-        ]);
+        ],
+        "/clusters/alpha/api/v1/namespaces/default/pods/web-0/exec?command=echo&command=hi&stdout=true",
+    );
     // curl waits on the upgraded stream until --max-time: the answer's
     // head (in its trace) is what counts.
     let o = run_bounded(curl, Duration::from_secs(20));
@@ -337,33 +355,17 @@ fn an_upgraded_stream_counts_among_the_members_streams_while_it_is_open() {
     let metrics = support::metrics_addr(&env);
     let streams = || support::metric(&metrics, "towerctl_tunnel_streams{cluster=\"alpha\"} ");
     let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
-    let gateway = env.status()["hub"]["gatewayURL"]
-        .as_str()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
     // One request on its own connection, the upgrade: no kept channel.
-    let mut curl = Command::new("curl");
-    curl.args(["-sS", "--http1.1", "--max-time", "6", "--cacert"])
-        .arg(env.path("data/towerctl/ca.crt"))
-        .args([
-            "-H",
+    let mut curl = websocket_curl(
+        &env,
+        6,
+        &[
             &format!("Authorization: Bearer {}", token.trim()),
-            "-H",
-            "Connection: Upgrade",
-            "-H",
-            "Upgrade: websocket",
-            "-H",
-            "Sec-WebSocket-Version: 13",
-            "-H",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "-H",
             "Sec-WebSocket-Protocol: v5.channel.k8s.io",
-            &format!(
-                "{gateway}/clusters/alpha/api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true&stdout=true"
-            ),
-        ])
-        .stdout(std::process::Stdio::null())
+        ],
+        "/clusters/alpha/api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true&stdout=true",
+    );
+    curl.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut held = curl.spawn().unwrap();
     wait_for(

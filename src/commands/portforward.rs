@@ -179,13 +179,7 @@ pub fn context_namespace(cluster: &str) -> String {
 /// A namespace name as Kubernetes allows it (a DNS-1123 label): it goes
 /// into the API path of the check and into the agent's target.
 fn check_namespace(ns: &str) -> Result<()> {
-    let ok = (1..=63).contains(&ns.len())
-        && ns
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !ns.starts_with('-')
-        && !ns.ends_with('-');
-    if !ok {
+    if !crate::daemon::names::is_dns_label(ns) {
         bail!(
             "invalid namespace '{}': a namespace is up to 63 of a-z, 0-9 and '-', starting and ending with a letter or digit",
             crate::tunnel::escape_for_log(ns, 80)

@@ -175,7 +175,8 @@ impl ClientAs {
     pub fn service_account(&self) -> Option<(&str, &str)> {
         let rest = self.user.strip_prefix("system:serviceaccount:")?;
         let (ns, name) = rest.split_once(':')?;
-        (dns1123_label(ns) && !name.contains(':') && dns1123_subdomain(name)).then_some((ns, name))
+        (crate::daemon::names::is_dns_label(ns) && !name.contains(':') && dns1123_subdomain(name))
+            .then_some((ns, name))
     }
 
     /// One printable, bounded line for logs and messages.
@@ -244,23 +245,9 @@ pub fn unescape_key(k: &str) -> Option<String> {
         .map(|c| c.into_owned())
 }
 
-/// A DNS-1123 label: 1–63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn dns1123_label(s: &str) -> bool {
-    s.len() <= 63 && dns1123_part(s)
-}
-
-/// A DNS-1123 subdomain: at most 253 bytes of such labels joined by dots.
+/// A DNS-1123 subdomain: at most 253 bytes of labels joined by dots.
 fn dns1123_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(dns1123_part)
-}
-
-fn dns1123_part(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.iter()
-            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
+    s.len() <= 253 && s.split('.').all(crate::daemon::names::is_dns_label)
 }
 
 #[cfg(test)]

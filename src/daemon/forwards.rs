@@ -50,16 +50,7 @@ pub fn hold(id: &str) -> anyhow::Result<std::fs::File> {
 
 /// Whether a live process holds forward `id`'s lock.
 fn held(id: &str) -> bool {
-    use std::os::unix::io::AsRawFd;
-    let Ok(f) = std::fs::File::open(lock_path(id)) else {
-        return false;
-    };
-    // SAFETY: flock on a valid, open descriptor; released right away.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
-        return false;
-    }
-    true
+    crate::paths::locked_by_someone(&lock_path(id))
 }
 
 /// Removes forward `id`'s record and lock.

@@ -132,20 +132,11 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// nothing is looked up or removed (this runs twice for every request).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Headers named in `Connection` are hop-by-hop too.
-    let mut named: Vec<String> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for t in v.split(',').map(str::trim) {
-            // Never a header the gateway vouches for: `Connection:
-            // x-forwarded-for` dropped the address the hub had appended.
-            if !t.is_empty()
-                && !t.eq_ignore_ascii_case("upgrade")
-                && !t.eq_ignore_ascii_case(X_FORWARDED_FOR.as_str())
-            {
-                named.push(t.to_ascii_lowercase());
-            }
-        }
-    }
+    // Never a header the gateway vouches for: `Connection:
+    // x-forwarded-for` dropped the address the hub had appended.
+    let named: Vec<String> = connection_tokens(headers)
+        .filter(|t| t != "upgrade" && t != X_FORWARDED_FOR.as_str())
+        .collect();
     let doomed: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
@@ -193,13 +184,18 @@ pub fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {
 /// The first header under `prefix` that `Connection` names (so that a hop
 /// removes it), if any.
 pub fn connection_names(headers: &HeaderMap, prefix: &str) -> Option<String> {
+    connection_tokens(headers).find(|t| t.starts_with(prefix))
+}
+
+/// The tokens of every `Connection` header, lower case, empty ones left out.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
-        .find(|t| t.starts_with(prefix))
+        .filter(|t| !t.is_empty())
 }
 
 /// Removes from a member's answer what describes its own hop and what

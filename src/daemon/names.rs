@@ -11,16 +11,20 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// the access rules say.
 pub const LOCAL_ADMIN: &str = "admin";
 
+/// A DNS-1123 label, as Kubernetes names namespaces: 1–63 of `[a-z0-9-]`,
+/// alphanumeric at both ends.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// [`validate_name`] for other kinds of names (`operator`).
 pub fn validate_name_of(kind: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if is_dns_label(name) {
         Ok(())
     } else {
         Err(format!("invalid {kind} name '{name}': use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit (like a Kubernetes name)"))

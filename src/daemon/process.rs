@@ -118,11 +118,7 @@ pub fn running_pid(daemon: &str) -> Option<u32> {
         return valid_pid(pid).then_some(pid);
     }
     let path = paths::pid_file(daemon);
-    let f = File::open(&path).ok()?;
-    // SAFETY: flock on a valid, open descriptor; released right away.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+    if !paths::locked_by_someone(&path) {
         return None; // nobody holds it: stale
     }
     let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
