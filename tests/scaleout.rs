@@ -712,23 +712,20 @@ fn etcd_outage_keeps_tunnels_and_refuses_registry_changes() {
     }
 }
 
-#[test]
-fn a_newer_session_on_another_hub_replaces_the_old_one() {
-    let etcd = Etcd::start();
-    let hubs: [Env; 2] = hubs_on(&etcd);
-    let api = ApiServer::start();
-    let j = join(&hubs[0], &hubs[0], "alpha", &api);
-    let hub2 = hubs[1].status()["hub"]["tunnelURL"]
+/// The agent `join` (its printed command) started in `first`, started
+/// again in `second` with the same identity (its key copied) and only
+/// `second`'s tunnel URL: a member's agent that moved.
+fn same_agent_through(first: &Env, second: &Env, join: &[String], api: &ApiServer) {
+    let hub2 = second.status()["hub"]["tunnelURL"]
         .as_str()
         .unwrap()
         .to_string();
     let key = |h: &Env| h.path("config/towerctl/agents/alpha.key");
-    std::fs::copy(key(&hubs[0]), hubs[1].path("alpha-copy.key")).unwrap();
-    let hub_key = j[j.iter().position(|a| a == "--hub-key").unwrap() + 1].clone();
-    let kc = hubs[1].path("alpha.kubeconfig");
+    std::fs::copy(key(first), second.path("alpha-copy.key")).unwrap();
+    let hub_key = join[join.iter().position(|a| a == "--hub-key").unwrap() + 1].clone();
+    let kc = second.path("alpha.kubeconfig");
     api.write_kubeconfig(&kc);
-    // The same agent identity, now through hub 2 only.
-    let o = hubs[1].towerctl(&[
+    let o = second.towerctl(&[
         "join",
         "alpha",
         "--hub",
@@ -736,28 +733,94 @@ fn a_newer_session_on_another_hub_replaces_the_old_one() {
         "--hub-key",
         &hub_key,
         "--key-file",
-        hubs[1].path("alpha-copy.key").to_str().unwrap(),
+        second.path("alpha-copy.key").to_str().unwrap(),
         "--kubeconfig",
         kc.to_str().unwrap(),
         "--keepalive",
         "1s",
     ]);
     assert!(o.ok(), "second agent: {o:?}");
+}
+
+/// Whether hub `h`'s events for `name` include one containing `text`.
+fn member_event(h: &Env, name: &str, text: &str) -> bool {
+    let s = h.status();
+    member(&s, name)["events"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|e| e["text"].as_str().is_some_and(|t| t.contains(text)))
+    })
+}
+
+/// A hub frozen past its etcd lease's TTL (its owner key gone with the
+/// lease) wakes to find, after that removal in its watch's backlog, the
+/// claim another hub made meanwhile for the member's agent, which moved
+/// there. Its own session's claim is made again only where the key is free
+/// in etcd, not where its copy of the moment shows it free: it used to be
+/// written over the newer claim, and the other hub then cut the healthy
+/// session as replaced (the agent reconnected; requests failed meanwhile).
+#[test]
+fn a_hub_woken_from_a_freeze_leaves_a_newer_claim_on_another_hub_standing() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let j = join(&hubs[0], &hubs[0], "alpha", &api);
+    let owner = || etcd_json(&etcd, "/towerctl/owners/alpha");
+    let gateway = |h: &Env| h.status()["hub"]["gatewayURL"].clone();
+    let (gw0, gw1) = (gateway(&hubs[0]), gateway(&hubs[1]));
+    wait_for("hub 0's claim", Duration::from_secs(10), || {
+        owner().filter(|o| o["peer"] == gw0)
+    });
+    // The hub and the agent it holds frozen (the agent's session on it
+    // stays open, as with a stalled VM); the lease expires with its key.
+    let (hub0, agent0) = (
+        hubs[0].pid_of("hub").unwrap(),
+        hubs[0].pid_of("agent-alpha").unwrap(),
+    );
+    for pid in [agent0, hub0] {
+        // SAFETY: signals to processes this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    }
+    let (_agent, _hub) = (Resume(agent0), Resume(hub0));
+    wait_for(
+        "hub 0's owner key gone with its lease",
+        Duration::from_secs(25),
+        || owner().is_none().then_some(()),
+    );
+    same_agent_through(&hubs[0], &hubs[1], &j, &api);
+    wait_for("hub 1's claim", Duration::from_secs(10), || {
+        owner().filter(|o| o["peer"] == gw1)
+    });
+    drop(_hub);
+    wait_for(
+        "hub 0 to cut its session as replaced on hub 1",
+        Duration::from_secs(10),
+        || member_event(&hubs[0], "alpha", "replaced by a newer session on hub").then_some(()),
+    );
+    // Past hub 0's reconciling after its wake (each second) and its
+    // session's keepalives (1 s): hub 1's claim and session stand.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(owner().map(|o| o["peer"].clone()), Some(gw1.clone()));
+    assert!(
+        !member_event(&hubs[1], "alpha", "replaced by a newer session"),
+        "hub 1 cut the member's healthy session: {}",
+        hubs[1].status()
+    );
+    let admin = std::fs::read_to_string(hubs[1].path("data/towerctl/admin.token")).unwrap();
+    let (code, body) = support::gateway_get(&hubs[1], admin.trim(), "/clusters/alpha/version");
+    assert_eq!(code, "200", "alpha through hub 1: {body}");
+}
+
+#[test]
+fn a_newer_session_on_another_hub_replaces_the_old_one() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let j = join(&hubs[0], &hubs[0], "alpha", &api);
+    same_agent_through(&hubs[0], &hubs[1], &j, &api);
     wait_for(
         "hub 1 to cut its copy, naming hub 2",
         Duration::from_secs(10),
-        || {
-            let s = hubs[0].status();
-            member(&s, "alpha")["events"]
-                .as_array()?
-                .iter()
-                .any(|e| {
-                    e["text"]
-                        .as_str()
-                        .is_some_and(|t| t.contains("replaced by a newer session on hub"))
-                })
-                .then_some(())
-        },
+        || member_event(&hubs[0], "alpha", "replaced by a newer session on hub").then_some(()),
     );
 }
 
@@ -1518,6 +1581,116 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
         log().contains("refusing operators' requests"),
         "hub b's log says when it refused: {}",
         log()
+    );
+}
+
+/// Sends SIGCONT to a stopped process when dropped (the test failing
+/// midway leaves no hub frozen).
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: a signal to a pid this test started (the hub's).
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A hub frozen (SIGSTOP: a paused VM, a stalled node) past its
+/// `--store-max-stale` while the registry changed finds the changes as a
+/// backlog in its watch's socket on waking. None of them confirms its copy
+/// current (when each was sent is unknown): requests queued meanwhile are
+/// refused as stale or judged once the whole backlog is in, never served
+/// on a copy that has the backlog's first changes but not yet an
+/// operator's removal further on. The first message used to confirm it.
+#[test]
+fn a_hub_woken_from_a_freeze_is_not_confirmed_by_its_watchs_backlog() {
+    let etcd = Etcd::start();
+    let (a, b) = (Env::new(), Env::new());
+    hub_up(&a, &etcd);
+    let o = up_on_store(&b, &etcd.url, &["--store-max-stale", "3s"]);
+    assert!(o.ok(), "{o:?}");
+    let bob = operator_token(&a, "bob");
+    let gw = b.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ca = b.path("data/towerctl/ca.crt");
+    let whoami = |token: &str| {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ])
+        .arg("--cacert")
+        .arg(&ca)
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{gw}/towerctl/v1/whoami"));
+        c
+    };
+    wait_for("bob served by hub b", Duration::from_secs(15), || {
+        (support::run_bounded(whoami(&bob), Duration::from_secs(25)).stdout == "200").then_some(())
+    });
+
+    let pid = b.pid_of("hub").expect("hub b's pid");
+    // SAFETY: a signal to the hub this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let resume = Resume(pid);
+    let frozen = Instant::now();
+    // Changes, each its own revision (one watch message each), before and
+    // after bob's removal; keys no hub reads, written on one connection.
+    let puts = |from: usize| {
+        let mut c = Command::new("curl");
+        c.arg("-sSf");
+        for i in from..from + 400 {
+            let body = format!(
+                r#"{{"key":"{}","value":"{}"}}"#,
+                b64(format!("/towerctl/test-backlog/{i}").as_bytes()),
+                b64(&[b'x'; 512])
+            );
+            c.args(["-o", "/dev/null", "--data", &body])
+                .arg(format!("http://{}/v3/kv/put", etcd.client))
+                .arg("--next");
+        }
+        c.args(["-o", "/dev/null", "--data", r#"{"key":"AA=="}"#])
+            .arg(format!("http://{}/v3/kv/range", etcd.client));
+        let o = support::run_bounded(c, Duration::from_secs(60));
+        assert!(o.ok(), "writing the backlog: {o:?}");
+    };
+    puts(0);
+    let o = a.towerctl(&["operator", "rm", "bob"]);
+    assert!(o.ok(), "{o:?}");
+    puts(400);
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(frozen.elapsed()));
+    // Requests queued at the frozen hub, then the hub woken.
+    let asked: Vec<_> = (0..8)
+        .map(|_| {
+            let c = whoami(&bob);
+            std::thread::spawn(move || support::run_bounded(c, Duration::from_secs(25)).stdout)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(resume);
+    let codes: Vec<String> = asked.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!("bob's requests queued at the frozen hub: {codes:?}");
+    for c in &codes {
+        assert!(
+            c == "503" || c == "401",
+            "bob's request on waking: {c} (all: {codes:?})"
+        );
+    }
+    wait_for(
+        "hub b to refuse bob as removed",
+        Duration::from_secs(20),
+        || {
+            let code = support::run_bounded(whoami(&bob), Duration::from_secs(25)).stdout;
+            assert_ne!(code, "200", "bob served by hub b after his removal");
+            (code == "401").then_some(())
+        },
     );
 }
 

@@ -600,14 +600,14 @@ impl Etcd {
     /// Renews a lease; `Ok(false)` when etcd no longer knows it (expired).
     pub fn lease_keepalive(&self, id: i64) -> Result<bool, EtcdError> {
         let v = self.call("/v3/lease/keepalive", &json!({"ID": id.to_string()}))?;
-        Ok(int(&v["result"]["TTL"]) > 0)
+        kept_alive(&v, self.endpoints())
     }
 
     /// [`Etcd::lease_keepalive`], asking etcd even within [`TIMEOUT`] of a
     /// call that found it away.
     pub fn lease_keepalive_now(&self, id: i64) -> Result<bool, EtcdError> {
         let v = self.call_as("/v3/lease/keepalive", &json!({"ID": id.to_string()}), false)?;
-        Ok(int(&v["result"]["TTL"]) > 0)
+        kept_alive(&v, self.endpoints())
     }
 
     pub fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
@@ -671,6 +671,16 @@ impl Etcd {
                     let res = &v["result"];
                     if int(&res["compact_revision"]) > 0 {
                         return Err("the watch fell behind a compaction".to_string().into());
+                    }
+                    // Canceled by etcd for another reason (its leader
+                    // lost, a permission): nothing more comes on it.
+                    if res["canceled"].as_bool() == Some(true) {
+                        let why = res["cancel_reason"].as_str().unwrap_or("no reason given");
+                        return Err(format!(
+                            "{ep}: etcd canceled the watch: {}",
+                            crate::tunnel::printable(why, 300)
+                        )
+                        .into());
                     }
                     if !v["error"].is_null() {
                         return Err(format!("{ep}: watch error: {}", v["error"]).into());
@@ -773,9 +783,47 @@ pub fn txn_range(v: &Value, i: usize) -> Option<Kv> {
         .map(kv)
 }
 
+/// A lease renewal's answer: whether the lease lives. Renewal is a
+/// streaming call, so etcd's error ("no leader", a timeout) comes in the
+/// body of a 200 answer, without a TTL: it used to read as the lease
+/// expired, and the hub took a new lease and claimed its sessions again
+/// under it, while the old one, still alive, went unrenewed.
+fn kept_alive(v: &Value, endpoints: String) -> Result<bool, EtcdError> {
+    let e = &v["error"];
+    if !e.is_null() {
+        let msg = e["message"]
+            .as_str()
+            .map_or_else(|| e.to_string(), str::to_string);
+        return Err(EtcdError::Refused {
+            endpoint: endpoints,
+            reason: format!(
+                "lease renewal failed: {}",
+                crate::tunnel::printable(msg.trim(), 300)
+            ),
+        });
+    }
+    Ok(int(&v["result"]["TTL"]) > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_renewals_error_is_not_taken_for_an_expired_lease() {
+        let ep = || "127.0.0.1:2379".to_string();
+        let live = json!({"result": {"header": {"revision": "9"}, "ID": "7", "TTL": "10"}});
+        assert!(kept_alive(&live, ep()).unwrap());
+        let expired = json!({"result": {"header": {"revision": "9"}, "ID": "7"}});
+        assert!(!kept_alive(&expired, ep()).unwrap());
+        let failed = json!({"error": {"grpc_code": 14, "http_code": 503,
+            "message": "etcdserver: no leader", "http_status": "Service Unavailable"}});
+        let e = kept_alive(&failed, ep()).unwrap_err().to_string();
+        assert!(
+            e.contains("no leader") && e.contains("127.0.0.1:2379"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn prefix_ends() {

@@ -37,10 +37,11 @@ pub enum Change {
     Settings,
     /// The cache was current as of this instant (every change reported
     /// before this one is in it): a read that needs etcd's quorum listed
-    /// the prefix or showed nothing changed since the last event applied,
-    /// or the watch delivered events. Never sent for a watch's opening
-    /// alone: a member of etcd cut off from its leader still opens one.
-    /// In [`boot_ms`].
+    /// the prefix or showed nothing changed since the last event applied.
+    /// Never sent for a watch's opening alone (a member of etcd cut off
+    /// from its leader still opens one) nor for events delivered (when
+    /// they were sent is unknown): at least every `silence` while etcd's
+    /// quorum answers. In [`boot_ms`].
     Confirmed(u64),
 }
 
@@ -312,6 +313,37 @@ impl EtcdStore {
         Ok(kv.value)
     }
 
+    /// Puts `rel` (under `lease`) unless a key is there, in one
+    /// transaction: its revision where written or already holding `value`;
+    /// `None` where it holds another value (cached).
+    pub fn put_if_free(
+        &self,
+        rel: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let key = self.key(rel);
+        let (ok, rev, v) = self
+            .etcd
+            .txn(
+                vec![etcd::absent(&key)],
+                vec![etcd::op_put(&key, value, lease)],
+                vec![etcd::op_get(&key)],
+            )
+            .map_err(err)?;
+        if ok {
+            self.cached_put(rel, value.to_vec(), rev);
+            return Ok(Some(rev));
+        }
+        // Deleted between the comparison and the read: tried again later.
+        let Some(kv) = etcd::txn_range(&v, 0) else {
+            return Ok(None);
+        };
+        let held = kv.value == value;
+        self.cached_put(rel, kv.value, kv.mod_revision);
+        Ok(held.then_some(kv.mod_revision))
+    }
+
     /// Deletes `rel` if `absent` does not exist, in one transaction;
     /// whether it did.
     pub fn delete_while_absent(&self, rel: &str, absent: &str) -> Result<bool, StoreError> {
@@ -357,7 +389,11 @@ impl EtcdStore {
 /// Keeps the cache current: watch from `rev + 1`; after a break, list the
 /// whole prefix again (reporting what changed meanwhile) and watch anew.
 fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration) {
-    let mut resync = false;
+    // Whether to list the whole prefix again; whether after a break.
+    let (mut resync, mut broke) = (false, false);
+    // When the last confirmation was asked for (see [`Change::Confirmed`]).
+    let mut confirmed = boot_ms();
+    let silence_ms = silence.as_millis() as u64;
     // Bounded by the store's life: the loop ends once the hub drops it.
     while let Some(s) = store.upgrade() {
         if resync {
@@ -367,7 +403,12 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
                     rev = r;
                     s.replace_all(kvs);
                     s.confirm(asked);
-                    tracing::info!("registry watch resumed at revision {rev}");
+                    confirmed = asked;
+                    if std::mem::take(&mut broke) {
+                        tracing::info!("registry watch resumed at revision {rev}");
+                    } else {
+                        tracing::debug!("registry listed again at revision {rev}: it changed while being confirmed");
+                    }
                 }
                 Err(e) => {
                     tracing::debug!("registry resync: {e}");
@@ -380,50 +421,60 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
         let (etcd, prefix) = (s.etcd.clone(), s.prefix.clone());
         let weak = Arc::downgrade(&s);
         drop(s);
+        // Events delivered never confirm the copy by themselves: when a
+        // message was sent is unknown (a hub frozen, or starved of CPU,
+        // finds a backlog in its socket on waking, whose first message
+        // would have confirmed as current a copy still missing the rest,
+        // an operator's removal perhaps, while requests queued meanwhile
+        // were served). A busy registry is confirmed as a quiet one is: by
+        // a quorum read, once `silence` has passed since the last one.
+        let mut due = false;
         let r = etcd.watch(&prefix, rev + 1, silence, |at, events| {
             let Some(s) = weak.upgrade() else {
                 return false;
             };
-            let delivered = !events.is_empty();
             for e in events {
                 s.apply(e);
             }
-            if delivered {
-                s.confirm(boot_ms());
-            }
             rev = rev.max(at);
+            if boot_ms().saturating_sub(confirmed) >= silence_ms {
+                due = true;
+                return false;
+            }
             true
         });
-        match r {
-            // Quiet for a while, or a connection that died without a word:
-            // watch again from the last revision seen (etcd replays what
-            // came since), no listing needed. Confirmed by a quorum read
-            // first: a watch served by a member of etcd cut off from its
-            // leader is quiet too.
-            Err(etcd::WatchError::Silent) => {
-                let Some(s) = store.upgrade() else { return };
-                let asked = boot_ms();
-                match s.unchanged_since(rev) {
-                    Ok(true) => {
-                        s.confirm(asked);
+        // Quiet for a while, a connection that died without a word, or
+        // due for confirmation: watch again from the last revision seen
+        // (etcd replays what came since), no listing needed. Confirmed by
+        // a quorum read first: a watch served by a member of etcd cut off
+        // from its leader is quiet too.
+        if due || matches!(r, Err(etcd::WatchError::Silent)) {
+            let Some(s) = store.upgrade() else { return };
+            let asked = boot_ms();
+            match s.unchanged_since(rev) {
+                Ok(true) => {
+                    s.confirm(asked);
+                    confirmed = asked;
+                    if !due {
                         tracing::debug!("registry watch quiet for {silence:?}; watching again from revision {rev}");
-                        resync = false;
                     }
-                    // Something the watch did not bring: list it all again.
-                    Ok(false) => resync = true,
-                    Err(e) => {
-                        tracing::debug!("registry unconfirmed: {e}");
-                        resync = false;
-                    }
+                    resync = false;
                 }
-                continue;
+                // Something the watch did not bring (or has not yet): list
+                // it all again.
+                Ok(false) => resync = true,
+                Err(e) => {
+                    tracing::debug!("registry unconfirmed: {e}");
+                    resync = false;
+                }
             }
-            Err(etcd::WatchError::Failed(e)) => {
-                tracing::warn!("registry watch broke: {e}; retrying")
-            }
-            Ok(()) => {}
+            continue;
+        }
+        if let Err(etcd::WatchError::Failed(e)) = r {
+            tracing::warn!("registry watch broke: {e}; retrying")
         }
         resync = true;
+        broke = true;
         std::thread::sleep(Duration::from_millis(300));
     }
 }

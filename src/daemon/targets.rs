@@ -6,9 +6,11 @@
 //!   is the port.
 //! - In an HTTP `CONNECT` to the gateway, a DNS-like authority whose last
 //!   label is the cluster: `NAME.NS.svc.CLUSTER:PORT`,
-//!   `NAME.NS.pod.CLUSTER:PORT`, `NAME.NS.deploy.CLUSTER:PORT` (`rs`, `sts`,
-//!   `ds`, `job`, `rc` alike), or any other
-//!   `HOST.CLUSTER:PORT` for a plain host the agent may dial.
+//!   `NAME.NS.pod.CLUSTER:PORT`, `NAME.NS.deployment.CLUSTER:PORT`
+//!   (`replicaset`, `statefulset`, `daemonset`, `job`,
+//!   `replicationcontroller` alike; the short names but `rs`, a country's
+//!   domain, are read too), or any other `HOST.CLUSTER:PORT` for a plain
+//!   host the agent may dial. A pod's or workload's name may hold dots.
 //! - On `towerctl port-forward`, kubectl's syntax: `pod/NAME`, `svc/NAME`,
 //!   a workload (`deploy/`, `rs/`, `sts/`, `ds/`, `job/`, `rc/` and their
 //!   long forms), or a bare pod name, with `-n NS`.
@@ -94,6 +96,15 @@ impl Workload {
         Self::ALL.into_iter().find(|w| w.short() == s)
     }
 
+    /// The kind's label in a CONNECT name: its lower-case kind, or its
+    /// short name except `rs`, which is also a country's domain
+    /// (`www.example.rs.CLUSTER` is a host). Written as the kind.
+    fn from_connect_label(s: &str) -> Option<Workload> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.singular() == s || w.short() == s && s != "rs")
+    }
+
     /// kubectl's names for it: short, singular, plural, and `KIND.GROUP`.
     fn from_kubectl(s: &str) -> Option<Workload> {
         let s = s.to_ascii_lowercase();
@@ -169,27 +180,40 @@ impl Target {
     }
 
     /// Parses the host part of a CONNECT authority: `(cluster, target)`.
+    /// A pod's or a workload's name may hold dots (Kubernetes allows them
+    /// there, not in a Service's or a namespace's): the labels before the
+    /// namespace are its name.
     pub fn from_connect_host(host: &str) -> Option<(String, Target)> {
         let labels: Vec<&str> = host.trim_end_matches('.').split('.').collect();
         if labels.len() < 2 || labels.iter().any(|l| l.is_empty()) {
             return None;
         }
-        let cluster = labels[labels.len() - 1].to_string();
+        let n = labels.len();
+        let cluster = labels[n - 1].to_string();
+        let named = |kind_at: usize| {
+            (
+                labels[..kind_at - 1].join("."),
+                labels[kind_at - 1].to_string(),
+            )
+        };
         let t = match labels.as_slice() {
             [name, ns, "svc", _] => Target::Service {
                 ns: ns.to_string(),
                 name: name.to_string(),
             },
-            [name, ns, "pod", _] => Target::Pod {
-                ns: ns.to_string(),
-                name: name.to_string(),
-            },
-            [name, ns, kind, _] if Workload::from_short(kind).is_some() => Target::Workload {
-                kind: Workload::from_short(kind)?,
-                ns: ns.to_string(),
-                name: name.to_string(),
-            },
-            _ => Target::Host(labels[..labels.len() - 1].join(".")),
+            [.., "pod", _] if n >= 4 => {
+                let (name, ns) = named(n - 2);
+                Target::Pod { ns, name }
+            }
+            [.., kind, _] if n >= 4 && Workload::from_connect_label(kind).is_some() => {
+                let (name, ns) = named(n - 2);
+                Target::Workload {
+                    kind: Workload::from_connect_label(kind)?,
+                    ns,
+                    name,
+                }
+            }
+            _ => Target::Host(labels[..n - 1].join(".")),
         };
         Some((cluster, t))
     }
@@ -201,7 +225,7 @@ impl Target {
             Target::Service { ns, name } => format!("{name}.{ns}.svc.{cluster}"),
             Target::Pod { ns, name } => format!("{name}.{ns}.pod.{cluster}"),
             Target::Workload { kind, ns, name } => {
-                format!("{name}.{ns}.{}.{cluster}", kind.short())
+                format!("{name}.{ns}.{}.{cluster}", kind.singular())
             }
             Target::Host(h) => format!("{h}.{cluster}"),
         }
@@ -210,13 +234,26 @@ impl Target {
     /// kubectl's `TYPE/NAME` (or a bare pod name) in namespace `ns`.
     pub fn from_kubectl(s: &str, ns: &str) -> Result<Target, String> {
         let (kind, name) = s.split_once('/').unwrap_or(("pod", s));
-        if !dns_label(name) || name.contains('.') && kind != "host" {
-            return Err(format!("invalid resource name in '{s}'"));
+        // A DNS subdomain name (dots allowed), as Kubernetes names pods and
+        // workloads; a Service's is one label.
+        let subdomain =
+            name.len() <= 253 && name.split('.').all(crate::daemon::names::is_dns_label);
+        let service = matches!(kind, "svc" | "service" | "services");
+        if !subdomain || service && name.contains('.') {
+            return Err(format!(
+                "invalid resource name in '{}': {}",
+                crate::tunnel::escape_for_log(s, 300),
+                if service {
+                    "a Service's name is lower-case letters, digits and '-' (a DNS label)"
+                } else {
+                    "a name is lower-case letters, digits, '-' and '.' (a DNS subdomain)"
+                }
+            ));
         }
         let (ns, name) = (ns.to_string(), name.to_string());
         Ok(match kind {
             "pod" | "pods" | "po" => Target::Pod { ns, name },
-            "svc" | "service" | "services" => Target::Service { ns, name },
+            _ if service => Target::Service { ns, name },
             other => match Workload::from_kubectl(other) {
                 Some(kind) => Target::Workload { kind, ns, name },
                 None => {
@@ -331,6 +368,60 @@ mod tests {
         );
         assert!(Target::from_kubectl("cm/web", "prod").is_err());
         assert!(Target::from_kubectl("deployments.batch/web", "prod").is_err());
+        // Names with dots (Kubernetes allows them for pods and workloads),
+        // through every form.
+        for written in [
+            "pod/web.v2",
+            "web.v2",
+            "deploy/api.v1.internal",
+            "sts/db.eu",
+        ] {
+            let t = Target::from_kubectl(written, "prod").unwrap();
+            assert!(
+                matches!(&t, Target::Pod { name, .. } | Target::Workload { name, .. }
+                    if written.ends_with(name.as_str()) && name.contains('.')),
+                "{written}: {t:?}"
+            );
+            assert_eq!(
+                Target::from_channel_address(&t.channel_address()),
+                Some(t.clone())
+            );
+            assert_eq!(
+                Target::from_connect_host(&t.connect_host("alpha")),
+                Some(("alpha".to_string(), t))
+            );
+        }
+        for bad in [
+            "svc/web.v2",
+            "pod/Web",
+            "pod/a..b",
+            "pod/-a",
+            "deploy/a_b",
+            "pod/.a",
+        ] {
+            let e = Target::from_kubectl(bad, "prod").unwrap_err();
+            assert!(
+                e.contains("invalid resource name") && e.contains(bad),
+                "{e}"
+            );
+        }
+        // A country's domain that is also a short name stays a host; the
+        // short names written by earlier versions are still read.
+        assert_eq!(
+            Target::from_connect_host("www.example.rs.alpha"),
+            Some(("alpha".into(), Target::Host("www.example.rs".into())))
+        );
+        assert_eq!(
+            Target::from_connect_host("db.prod.sts.alpha"),
+            Some((
+                "alpha".into(),
+                Target::Workload {
+                    kind: Workload::StatefulSet,
+                    ns: "prod".into(),
+                    name: "db".into()
+                }
+            ))
+        );
     }
 
     #[test]

@@ -1207,7 +1207,7 @@ pub(super) fn connect_target(
         return Err(format!("CONNECT '{authority}' has no port"));
     };
     let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
-        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT or HOST.CLUSTER:PORT"));
+        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deployment.CLUSTER:PORT (statefulset, daemonset, …) or HOST.CLUSTER:PORT"));
     };
     Ok((cluster, target, port))
 }

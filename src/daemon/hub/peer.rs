@@ -619,25 +619,53 @@ impl Cluster {
         .unwrap_or_default()
     }
 
-    /// Writes the owner key for a session (off the runtime thread).
+    /// Writes the owner key for a session (off the runtime thread): a new
+    /// session's at once (the newest session of a member wins, wherever
+    /// its older one was).
     fn claim(self: &Arc<Self>, hub: &Hub, s: &Arc<LiveSession>) {
+        self.write_claim(hub, s, false);
+    }
+
+    /// Claims again a key found gone (lease expired) or never written
+    /// (etcd away), only where it is still free in etcd, not as this hub's
+    /// copy shows it: a hub resumed from a freeze reads the removal of its
+    /// lease's keys before the claim another hub made since for the
+    /// member's new session, which a blind write overwrote (that hub then
+    /// cut the healthy session as replaced). Held by another, the claim
+    /// keeps its earlier revision, so the newer claim cuts this session.
+    fn claim_again(self: &Arc<Self>, hub: &Hub, s: &Arc<LiveSession>) {
+        self.write_claim(hub, s, true);
+    }
+
+    fn write_claim(self: &Arc<Self>, hub: &Hub, s: &Arc<LiveSession>, if_free: bool) {
+        let mut prior = 0;
         if let Ok(mut c) = self.claims.lock() {
-            c.insert(s.name.clone(), (s.id, 0));
+            let old = c.insert(s.name.clone(), (s.id, 0));
+            prior = old.filter(|o| o.0 == s.id).map_or(0, |o| o.1);
         }
         let (me, s) = (self.clone(), s.clone());
         hub.tasks.spawn(async move {
             let value = me.owner_value(&s);
             let lease = me.lease.load(Ordering::SeqCst);
             let (st, rel) = (me.store.clone(), format!("owners/{}", s.name));
-            let r = tokio::task::spawn_blocking(move || st.put_raw(&rel, &value, lease)).await;
-            match r {
-                Ok(Ok(rev)) => {
-                    if let Ok(mut c) = me.claims.lock() {
-                        if let Some(cl) = c.get_mut(&s.name).filter(|cl| cl.0 == s.id) {
-                            cl.1 = rev;
-                        }
+            let r = tokio::task::spawn_blocking(move || match if_free {
+                false => st.put_raw(&rel, &value, lease).map(Some),
+                true => st.put_if_free(&rel, &value, lease),
+            })
+            .await;
+            let set = |rev: i64, in_flight_only: bool| {
+                if let Ok(mut c) = me.claims.lock() {
+                    if let Some(cl) = c
+                        .get_mut(&s.name)
+                        .filter(|cl| cl.0 == s.id && (cl.1 == 0 || !in_flight_only))
+                    {
+                        cl.1 = rev;
                     }
                 }
+            };
+            match r {
+                Ok(Ok(Some(rev))) => set(rev, false),
+                Ok(Ok(None)) => set(if prior == 0 { CLAIM_FAILED } else { prior }, true),
                 Ok(Err(e)) => {
                     tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
                     me.claim_failed(&s);
@@ -731,7 +759,7 @@ impl Cluster {
                 (Some((id, _)), _) if id != s.id => self.claim(hub, &s),
                 (None, _) => self.claim(hub, &s),
                 (Some((_, 0)), None) => {} // claim in flight
-                (Some(_), None) => self.claim(hub, &s),
+                (Some(_), None) => self.claim_again(hub, &s),
                 (Some((_, mine)), Some((o, rev))) => {
                     if o.hub == self.id && o.session == s.id {
                         // Ours, as the registry shows it: its revision is
@@ -783,7 +811,7 @@ impl Cluster {
                 // Only where nobody holds the key: a newer session on another
                 // hub may have claimed it meanwhile, and must keep it.
                 if self.owner(&name).is_none() {
-                    self.claim(hub, &s);
+                    self.claim_again(hub, &s);
                 }
             }
         }
