@@ -3071,4 +3071,30 @@ fn port_forward_reaches_a_statefulsets_pod_by_a_named_port() {
         o.code == Some(1) && o.stderr.contains("\"nosuch\" not found"),
         "{o:?}"
     );
+    // A pod whose name holds dots, as Kubernetes allows (kubectl forwards
+    // to it; it used to be refused as an invalid name).
+    let dotted = support::http_server("served by the dotted pod");
+    api.add_pod(
+        "default",
+        "cache.v2",
+        "127.0.0.1",
+        &[("app", "cache")],
+        true,
+        &[("http", dotted.port())],
+    );
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "pod/cache.v2",
+        ":http",
+        "--address",
+        "127.0.0.1",
+    ]));
+    let port = forwarded_port(&pf);
+    let o = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
+    assert!(
+        o.stdout.contains("served by the dotted pod"),
+        "{o:?} {}",
+        pf.output()
+    );
 }
