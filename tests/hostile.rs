@@ -1918,6 +1918,128 @@ fn gateway_request(
     (s, text)
 }
 
+/// `towerctl port-forward`'s multiplexed HTTP/2 connections (each can
+/// make the hub hold 16 MiB of uploads outside the members' window
+/// budgets) are counted apart, under a smaller limit per operator: past
+/// it, one not carrying a stream is closed for the new one; with all
+/// carrying streams, the new port-forward's connection is refused in
+/// words, and gets through once a stream ends.
+#[test]
+fn one_operators_port_forward_connections_are_bounded() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    // A target that holds every connection open until its client closes
+    // it, counting them.
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let holder_port = holder.local_addr().unwrap().port();
+    let held = Arc::new(AtomicUsize::new(0));
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            // Bounded: a dozen connections, each at most a minute.
+            for mut c in holder.incoming().take(12).flatten() {
+                held.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut buf = [0u8; 1024];
+                    while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+                });
+            }
+        });
+    }
+    let o = hub.up_with_env(&[("TOWERCTL_MAX_MUX_CONNECTIONS_PER_OPERATOR", "2")]);
+    assert!(o.ok(), "{o:?}");
+    let join = hub.cluster_add("alpha");
+    let kc = hub.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let allow = format!("127.0.0.1:{holder_port}");
+    let o = hub.join(
+        &join,
+        &["--kubeconfig", kc.to_str().unwrap(), "--allow", &allow],
+    );
+    assert!(o.ok(), "{o:?}");
+    let o = hub.towerctl(&["operator", "add", "alice"]);
+    assert!(o.ok(), "{o:?}");
+    assert!(hub
+        .towerctl(&["access", "allow", "operator:alice", "--names", "alpha"])
+        .ok());
+    let laptop = Env::new();
+    let login = support::printed_command(&o.stdout, "login");
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+
+    api.add_pod(
+        "default",
+        "holder",
+        "127.0.0.1",
+        &[("app", "holder")],
+        true,
+        &[("tcp", holder_port)],
+    );
+    let forwards: Vec<support::Streaming> = (0..3)
+        .map(|_| {
+            support::Streaming::start(laptop.towerctl_cmd(&[
+                "port-forward",
+                "alpha",
+                "pod/holder",
+                ":tcp",
+                "--address",
+                "127.0.0.1",
+            ]))
+        })
+        .collect();
+    let ports: Vec<u16> = forwards.iter().map(support::forwarded_port).collect();
+    let through = |i: usize| TcpStream::connect(("127.0.0.1", ports[i])).unwrap();
+    // Two port-forwards, each carrying a stream: their connections busy.
+    let first = through(0);
+    let _second = through(1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while held.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        held.load(Ordering::SeqCst),
+        2,
+        "two streams held: {}\n{}",
+        forwards[0].output(),
+        forwards[1].output()
+    );
+    // The third's is refused: the connection through it is closed, and
+    // the port-forward says why.
+    let mut third = through(2);
+    third
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let r = third.read(&mut buf);
+    assert!(
+        matches!(r, Ok(0)) || r.is_err() && forwards[2].output().contains("holds"),
+        "{r:?}"
+    );
+    forwards[2].wait_for(
+        "holds 2 port-forward connections to the gateway",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        held.load(Ordering::SeqCst),
+        2,
+        "the third reached the target"
+    );
+    // One stream ends: its connection idle, the third's takes its place.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        "the third port-forward through",
+        Duration::from_secs(15),
+        || {
+            let _c = through(2);
+            std::thread::sleep(Duration::from_millis(300));
+            (held.load(Ordering::SeqCst) >= 3).then_some(_c)
+        },
+    );
+}
+
 /// A valid operator token holds at most `TOWERCTL_MAX_CONNECTIONS_PER_OPERATOR`
 /// gateway connections: past it the operator's oldest idle one is closed
 /// for the new one, and with all of them busy (watches) the new one is

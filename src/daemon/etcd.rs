@@ -161,6 +161,15 @@ enum Conn {
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -499,14 +508,28 @@ impl Etcd {
                 .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)));
             match attempt {
                 Ok((200, b)) => {
+                    let v: Value = match serde_json::from_slice(&b) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            return Err(EtcdError::Refused {
+                                endpoint: ep.clone(),
+                                reason: format!("unreadable answer: {e}"),
+                            })
+                        }
+                    };
+                    // A streaming call's error (a lease renewal's "no
+                    // leader") comes in a 200 answer's body: as a 5xx, the
+                    // next endpoint is tried (this one may be cut off from
+                    // its leader; it is not kept as the one to ask first).
+                    if let Some(msg) = stream_error(&v) {
+                        reason = format!("{ep}: {msg}");
+                        continue;
+                    }
                     self.next.store(idx, Ordering::Relaxed);
                     if let Ok(mut d) = self.down_until.lock() {
                         *d = None;
                     }
-                    return serde_json::from_slice(&b).map_err(|e| EtcdError::Refused {
-                        endpoint: ep.clone(),
-                        reason: format!("unreadable answer: {e}"),
-                    });
+                    return Ok(v);
                 }
                 Ok((st, b)) => {
                     let v: Value = serde_json::from_slice(&b).unwrap_or_default();
@@ -600,14 +623,14 @@ impl Etcd {
     /// Renews a lease; `Ok(false)` when etcd no longer knows it (expired).
     pub fn lease_keepalive(&self, id: i64) -> Result<bool, EtcdError> {
         let v = self.call("/v3/lease/keepalive", &json!({"ID": id.to_string()}))?;
-        kept_alive(&v, self.endpoints())
+        Ok(int(&v["result"]["TTL"]) > 0)
     }
 
     /// [`Etcd::lease_keepalive`], asking etcd even within [`TIMEOUT`] of a
     /// call that found it away.
     pub fn lease_keepalive_now(&self, id: i64) -> Result<bool, EtcdError> {
         let v = self.call_as("/v3/lease/keepalive", &json!({"ID": id.to_string()}), false)?;
-        kept_alive(&v, self.endpoints())
+        Ok(int(&v["result"]["TTL"]) > 0)
     }
 
     pub fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
@@ -622,12 +645,15 @@ impl Etcd {
     /// opened or breaks; [`WatchError::Silent`] when nothing came for
     /// `silence` (a connection dropped without a FIN or RST by a NAT or a
     /// firewall looks exactly like a quiet registry, forever: the caller
-    /// watches again from where it was, which replays what it missed).
+    /// watches again from where it was, which replays what it missed), or
+    /// once `left` (asked before each read) says no time is left, however
+    /// busy the watch.
     pub fn watch(
         &self,
         prefix: &str,
         from: i64,
         silence: Duration,
+        left: impl Fn() -> Duration,
         mut on: impl FnMut(i64, Vec<Event>) -> bool,
     ) -> Result<(), WatchError> {
         let ep = &self.endpoints[self.next.load(Ordering::Relaxed) % self.endpoints.len()];
@@ -649,6 +675,14 @@ impl Etcd {
         }
         let mut buf: Vec<u8> = Vec::new();
         loop {
+            let wait = left().min(silence);
+            if wait.is_zero() {
+                return Err(WatchError::Silent);
+            }
+            r.get_ref()
+                .tcp()
+                .set_read_timeout(Some(wait))
+                .map_err(|e| format!("{ep}: {e}"))?;
             let c = match Self::chunk(&mut r) {
                 Ok(Some(c)) => c,
                 Ok(None) => return Err(format!("{ep}: the watch stream ended").into()),
@@ -732,7 +766,7 @@ impl Etcd {
 /// Why a watch ended.
 #[derive(Debug)]
 pub enum WatchError {
-    /// Nothing came for the silence allowed.
+    /// Nothing came for the silence allowed, or the time allowed ran out.
     Silent,
     /// It could not be opened, broke, or fell behind.
     Failed(String),
@@ -783,26 +817,23 @@ pub fn txn_range(v: &Value, i: usize) -> Option<Kv> {
         .map(kv)
 }
 
-/// A lease renewal's answer: whether the lease lives. Renewal is a
-/// streaming call, so etcd's error ("no leader", a timeout) comes in the
-/// body of a 200 answer, without a TTL: it used to read as the lease
-/// expired, and the hub took a new lease and claimed its sessions again
-/// under it, while the old one, still alive, went unrenewed.
-fn kept_alive(v: &Value, endpoints: String) -> Result<bool, EtcdError> {
+/// The error a streaming call's answer carries in its body (a lease
+/// renewal's, etcd's gateway having sent its 200 head already), in words.
+/// It used to read as the lease expired: the hub took a new lease and
+/// claimed its sessions again under it, while the old one, still alive,
+/// went unrenewed.
+fn stream_error(v: &Value) -> Option<String> {
     let e = &v["error"];
-    if !e.is_null() {
-        let msg = e["message"]
-            .as_str()
-            .map_or_else(|| e.to_string(), str::to_string);
-        return Err(EtcdError::Refused {
-            endpoint: endpoints,
-            reason: format!(
-                "lease renewal failed: {}",
-                crate::tunnel::printable(msg.trim(), 300)
-            ),
-        });
+    if e.is_null() {
+        return None;
     }
-    Ok(int(&v["result"]["TTL"]) > 0)
+    let msg = e["message"]
+        .as_str()
+        .map_or_else(|| e.to_string(), str::to_string);
+    Some(format!(
+        "answered with an error: {}",
+        crate::tunnel::printable(msg.trim(), 300)
+    ))
 }
 
 #[cfg(test)]
@@ -810,19 +841,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_renewals_error_is_not_taken_for_an_expired_lease() {
-        let ep = || "127.0.0.1:2379".to_string();
+    fn a_streaming_calls_error_is_an_error() {
         let live = json!({"result": {"header": {"revision": "9"}, "ID": "7", "TTL": "10"}});
-        assert!(kept_alive(&live, ep()).unwrap());
+        assert_eq!(stream_error(&live), None);
         let expired = json!({"result": {"header": {"revision": "9"}, "ID": "7"}});
-        assert!(!kept_alive(&expired, ep()).unwrap());
+        assert_eq!(stream_error(&expired), None);
         let failed = json!({"error": {"grpc_code": 14, "http_code": 503,
             "message": "etcdserver: no leader", "http_status": "Service Unavailable"}});
-        let e = kept_alive(&failed, ep()).unwrap_err().to_string();
-        assert!(
-            e.contains("no leader") && e.contains("127.0.0.1:2379"),
-            "{e}"
-        );
+        let e = stream_error(&failed).unwrap();
+        assert!(e.contains("etcdserver: no leader"), "{e}");
     }
 
     #[test]

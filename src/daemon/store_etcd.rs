@@ -40,8 +40,8 @@ pub enum Change {
     /// the prefix or showed nothing changed since the last event applied.
     /// Never sent for a watch's opening alone (a member of etcd cut off
     /// from its leader still opens one) nor for events delivered (when
-    /// they were sent is unknown): at least every `silence` while etcd's
-    /// quorum answers. In [`boot_ms`].
+    /// they were sent is unknown): every `silence` (the watch's) while
+    /// etcd's quorum answers, busy or quiet. In [`boot_ms`].
     Confirmed(u64),
 }
 
@@ -91,9 +91,9 @@ fn change_of(rel: &str) -> Option<Change> {
 
 impl EtcdStore {
     /// Connects, loads the whole prefix and starts the watch thread.
-    /// A watch that brings nothing for `silence` is opened again from its
-    /// last revision, after a quorum read confirms that nothing changed
-    /// meanwhile ([`Change::Confirmed`]).
+    /// Every `silence` (whether the watch is quiet or busy), the watch is
+    /// opened again from its last revision after a quorum read confirms
+    /// that nothing else changed meanwhile ([`Change::Confirmed`]).
     pub fn open(
         spec: &str,
         prefix: &str,
@@ -388,22 +388,25 @@ impl EtcdStore {
 
 /// Keeps the cache current: watch from `rev + 1`; after a break, list the
 /// whole prefix again (reporting what changed meanwhile) and watch anew.
+/// Confirmed current (see [`Change::Confirmed`]) by a quorum read every
+/// `silence`, whether the watch is quiet or busy.
 fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration) {
     // Whether to list the whole prefix again; whether after a break.
     let (mut resync, mut broke) = (false, false);
-    // When the last confirmation was asked for (see [`Change::Confirmed`]).
-    let mut confirmed = boot_ms();
+    // When the last quorum read (listing or check) was asked for, answered
+    // or not: the next is due `silence` later.
+    let checked = std::cell::Cell::new(boot_ms());
     let silence_ms = silence.as_millis() as u64;
     // Bounded by the store's life: the loop ends once the hub drops it.
     while let Some(s) = store.upgrade() {
         if resync {
             let asked = boot_ms();
+            checked.set(asked);
             match s.etcd.range_prefix(&s.prefix) {
                 Ok((r, kvs)) => {
                     rev = r;
                     s.replace_all(kvs);
                     s.confirm(asked);
-                    confirmed = asked;
                     if std::mem::take(&mut broke) {
                         tracing::info!("registry watch resumed at revision {rev}");
                     } else {
@@ -426,10 +429,14 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
         // finds a backlog in its socket on waking, whose first message
         // would have confirmed as current a copy still missing the rest,
         // an operator's removal perhaps, while requests queued meanwhile
-        // were served). A busy registry is confirmed as a quiet one is: by
-        // a quorum read, once `silence` has passed since the last one.
-        let mut due = false;
-        let r = etcd.watch(&prefix, rev + 1, silence, |at, events| {
+        // were served). A busy registry is confirmed as a quiet one is: the
+        // watch ends once `silence` has passed since the last quorum read.
+        let left = || {
+            Duration::from_millis(
+                silence_ms.saturating_sub(boot_ms().saturating_sub(checked.get())),
+            )
+        };
+        let r = etcd.watch(&prefix, rev + 1, silence, left, |at, events| {
             let Some(s) = weak.upgrade() else {
                 return false;
             };
@@ -437,32 +444,27 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
                 s.apply(e);
             }
             rev = rev.max(at);
-            if boot_ms().saturating_sub(confirmed) >= silence_ms {
-                due = true;
-                return false;
-            }
             true
         });
-        // Quiet for a while, a connection that died without a word, or
-        // due for confirmation: watch again from the last revision seen
-        // (etcd replays what came since), no listing needed. Confirmed by
-        // a quorum read first: a watch served by a member of etcd cut off
+        // Quiet for a while, a connection that died without a word, or a
+        // confirmation due: watch again from the last revision seen (etcd
+        // replays what came since), no listing needed. Confirmed by a
+        // quorum read first: a watch served by a member of etcd cut off
         // from its leader is quiet too.
-        if due || matches!(r, Err(etcd::WatchError::Silent)) {
+        if let Err(etcd::WatchError::Silent) = r {
             let Some(s) = store.upgrade() else { return };
             let asked = boot_ms();
+            checked.set(asked);
             match s.unchanged_since(rev) {
                 Ok(true) => {
                     s.confirm(asked);
-                    confirmed = asked;
-                    if !due {
-                        tracing::debug!("registry watch quiet for {silence:?}; watching again from revision {rev}");
-                    }
                     resync = false;
                 }
-                // Something the watch did not bring (or has not yet): list
-                // it all again.
+                // Something the watch did not bring (or not yet): list it
+                // all again.
                 Ok(false) => resync = true,
+                // Tried again `silence` later (the watch, opened again, is
+                // served meanwhile).
                 Err(e) => {
                     tracing::debug!("registry unconfirmed: {e}");
                     resync = false;

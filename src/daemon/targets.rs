@@ -6,10 +6,9 @@
 //!   is the port.
 //! - In an HTTP `CONNECT` to the gateway, a DNS-like authority whose last
 //!   label is the cluster: `NAME.NS.svc.CLUSTER:PORT`,
-//!   `NAME.NS.pod.CLUSTER:PORT`, `NAME.NS.deployment.CLUSTER:PORT`
-//!   (`replicaset`, `statefulset`, `daemonset`, `job`,
-//!   `replicationcontroller` alike; the short names but `rs`, a country's
-//!   domain, are read too), or any other `HOST.CLUSTER:PORT` for a plain
+//!   `NAME.NS.pod.CLUSTER:PORT`, `NAME.NS.deploy.CLUSTER:PORT` (`sts`,
+//!   `ds`, `job`, `rc` alike; a ReplicaSet's `replicaset`, since `rs` is a
+//!   country's domain), or any other `HOST.CLUSTER:PORT` for a plain
 //!   host the agent may dial. A pod's or workload's name may hold dots.
 //! - On `towerctl port-forward`, kubectl's syntax: `pod/NAME`, `svc/NAME`,
 //!   a workload (`deploy/`, `rs/`, `sts/`, `ds/`, `job/`, `rc/` and their
@@ -96,13 +95,18 @@ impl Workload {
         Self::ALL.into_iter().find(|w| w.short() == s)
     }
 
-    /// The kind's label in a CONNECT name: its lower-case kind, or its
-    /// short name except `rs`, which is also a country's domain
-    /// (`www.example.rs.CLUSTER` is a host). Written as the kind.
+    /// The kind's label in a CONNECT name: its short name, but
+    /// `replicaset` for a ReplicaSet: `rs` is also a country's domain
+    /// (`www.example.rs.CLUSTER` is a host). Hubs before it read `rs`.
+    fn connect_label(self) -> &'static str {
+        match self {
+            Workload::ReplicaSet => "replicaset",
+            w => w.short(),
+        }
+    }
+
     fn from_connect_label(s: &str) -> Option<Workload> {
-        Self::ALL
-            .into_iter()
-            .find(|w| w.singular() == s || w.short() == s && s != "rs")
+        Self::ALL.into_iter().find(|w| w.connect_label() == s)
     }
 
     /// kubectl's names for it: short, singular, plural, and `KIND.GROUP`.
@@ -225,7 +229,7 @@ impl Target {
             Target::Service { ns, name } => format!("{name}.{ns}.svc.{cluster}"),
             Target::Pod { ns, name } => format!("{name}.{ns}.pod.{cluster}"),
             Target::Workload { kind, ns, name } => {
-                format!("{name}.{ns}.{}.{cluster}", kind.singular())
+                format!("{name}.{ns}.{}.{cluster}", kind.connect_label())
             }
             Target::Host(h) => format!("{h}.{cluster}"),
         }
@@ -405,8 +409,7 @@ mod tests {
                 "{e}"
             );
         }
-        // A country's domain that is also a short name stays a host; the
-        // short names written by earlier versions are still read.
+        // A country's domain that is also a short name stays a host.
         assert_eq!(
             Target::from_connect_host("www.example.rs.alpha"),
             Some(("alpha".into(), Target::Host("www.example.rs".into())))

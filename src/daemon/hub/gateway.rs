@@ -160,6 +160,11 @@ struct Conn {
     /// Its place among its operator's connections ([`AuthedConns`]), from
     /// its first authenticated request.
     registration: std::sync::Mutex<Option<Registration>>,
+    /// `towerctl port-forward`'s multiplexed HTTP/2 ([`MUX_ALPN`]): counted
+    /// apart, under [`MAX_MUX_CONNECTIONS_PER_OPERATOR`].
+    ///
+    /// [`MUX_ALPN`]: crate::daemon::tls::MUX_ALPN
+    mux: bool,
 }
 
 /// Most gateway connections one operator holds at once, unless
@@ -170,6 +175,26 @@ struct Conn {
 /// the pre-authentication caps no longer count a connection once its
 /// first request carried a valid token.
 pub const MAX_CONNECTIONS_PER_OPERATOR: usize = 4096;
+
+/// Most of an operator's connections that are `towerctl port-forward`'s
+/// multiplexed HTTP/2, unless `TOWERCTL_MAX_MUX_CONNECTIONS_PER_OPERATOR`
+/// says otherwise; past it, as past [`MAX_CONNECTIONS_PER_OPERATOR`]. Each
+/// takes up to [`MUX_CONN_WINDOW`] of uploads its streams' agents have not
+/// taken yet, outside the members' window budgets: 4,096 of them were
+/// 64 GiB one token could make the hub hold. One per port-forward process.
+///
+/// [`MUX_CONN_WINDOW`]: crate::daemon::tls::MUX_CONN_WINDOW
+pub const MAX_MUX_CONNECTIONS_PER_OPERATOR: usize = 16;
+
+fn max_mux_connections_per_operator() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        crate::tunnel::positive_env(
+            "TOWERCTL_MAX_MUX_CONNECTIONS_PER_OPERATOR",
+            MAX_MUX_CONNECTIONS_PER_OPERATOR,
+        )
+    })
+}
 
 fn max_connections_per_operator() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -182,28 +207,32 @@ fn max_connections_per_operator() -> usize {
 }
 
 /// The authenticated gateway connections of each operator (the hub's local
-/// admin's are not counted), oldest first.
+/// admin's are not counted), oldest first; port-forward's multiplexed ones
+/// apart from the rest.
 #[derive(Default)]
 pub(super) struct AuthedConns {
     next: AtomicU64,
-    by_operator:
-        std::sync::Mutex<HashMap<String, std::collections::BTreeMap<u64, std::sync::Weak<Conn>>>>,
+    by_operator: std::sync::Mutex<HashMap<(String, bool), ConnsByAge>>,
 }
+
+/// Connections by registration order.
+type ConnsByAge = std::collections::BTreeMap<u64, std::sync::Weak<Conn>>;
 
 /// A connection's place in [`AuthedConns`], given back when it ends.
 struct Registration {
     conns: Arc<AuthedConns>,
-    operator: String,
+    /// The operator, and whether the connection is multiplexed.
+    key: (String, bool),
     id: u64,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut m) = self.conns.by_operator.lock() {
-            if let Some(list) = m.get_mut(&self.operator) {
+            if let Some(list) = m.get_mut(&self.key) {
                 list.remove(&self.id);
                 if list.is_empty() {
-                    m.remove(&self.operator);
+                    m.remove(&self.key);
                 }
             }
         }
@@ -211,14 +240,16 @@ impl Drop for Registration {
 }
 
 impl AuthedConns {
-    /// Counts `conn` among `operator`'s; past `max`, the oldest idle one
-    /// is asked to close. `Err` (in words) when all of them are busy.
+    /// Counts `conn` among `operator`'s (its multiplexed ones, if it is
+    /// one); past `max`, the oldest idle one is asked to close. `Err` (in
+    /// words) when all of them are busy.
     fn register(
         self: &Arc<Self>,
         operator: &str,
         conn: &Arc<Conn>,
         max: usize,
     ) -> Result<Registration, String> {
+        let key = (operator.to_string(), conn.mux);
         // Declared before the guard, so dropped after it: the last `Arc`
         // of a connection that ended meanwhile, dropped under the lock,
         // would run its `Registration`'s drop, which takes the same lock.
@@ -227,15 +258,20 @@ impl AuthedConns {
             .by_operator
             .lock()
             .map_err(|_| "the gateway's connection registry is unavailable".to_string())?;
-        let list = m.entry(operator.to_string()).or_default();
+        let list = m.entry(key.clone()).or_default();
         // Gone ones no longer count (their registrations are on their way
         // out); ones asked to close count until they are gone.
         list.retain(|_, c| c.strong_count() > 0);
         if list.len() >= max {
             let all_busy = |n: usize| {
-                format!(
+                match conn.mux {
+                false => format!(
                     "operator '{operator}' holds {n} connections to the gateway, all busy or closing (the limit per operator); close some (clients that open a connection per watch: use HTTP/2) and retry"
-                )
+                ),
+                true => format!(
+                    "operator '{operator}' holds {n} port-forward connections to the gateway (one per 'towerctl port-forward'), all carrying streams or closing (the limit per operator); stop some port-forwards and retry"
+                ),
+            }
             };
             // An HTTP/2 client that never acknowledges a close can go on
             // opening streams on a closing connection: past twice the
@@ -268,7 +304,7 @@ impl AuthedConns {
         list.insert(id, Arc::downgrade(conn));
         Ok(Registration {
             conns: self.clone(),
-            operator: operator.to_string(),
+            key,
             id,
         })
     }
@@ -316,10 +352,11 @@ impl Conn {
         if reg.is_some() {
             return Ok(());
         }
-        match hub
-            .authed_conns
-            .register(operator, self, max_connections_per_operator())
-        {
+        let max = match self.mux {
+            true => max_mux_connections_per_operator(),
+            false => max_connections_per_operator(),
+        };
+        match hub.authed_conns.register(operator, self, max) {
             Ok(r) => {
                 *reg = Some(r);
                 take_ticket();
@@ -460,6 +497,7 @@ pub async fn serve(
                 proxy,
                 closer: CancellationToken::new(),
                 registration: Default::default(),
+                mux: tls.get_ref().1.alpn_protocol() == Some(crate::daemon::tls::MUX_ALPN),
             });
             let svc = {
                 let conn_state = conn_state.clone();
@@ -1207,7 +1245,7 @@ pub(super) fn connect_target(
         return Err(format!("CONNECT '{authority}' has no port"));
     };
     let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
-        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deployment.CLUSTER:PORT (statefulset, daemonset, …) or HOST.CLUSTER:PORT"));
+        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT (sts, ds, job, rc, replicaset) or HOST.CLUSTER:PORT"));
     };
     Ok((cluster, target, port))
 }

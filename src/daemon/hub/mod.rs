@@ -1191,8 +1191,8 @@ fn write_secret(path: &std::path::Path, data: &[u8], mode: u32) -> Result<()> {
     paths::write_atomic(path, data, mode)
 }
 
-/// How long a quiet registry watch is kept before a quorum read confirms
-/// the cache and the watch is opened again: at most [`WATCH_SILENCE`], and a sixth of
+/// How long a registry watch is kept (quiet or busy) before a quorum read
+/// confirms the cache and the watch is opened again: at most [`WATCH_SILENCE`], and a sixth of
 /// `--store-max-stale` (at least a second), so that a hub with nothing to
 /// hear is confirmed current well within the limit, and an etcd outage
 /// of most of the limit (50 s of the default 60) is still served from the

@@ -666,10 +666,18 @@ impl Cluster {
             match r {
                 Ok(Ok(Some(rev))) => set(rev, false),
                 Ok(Ok(None)) => set(if prior == 0 { CLAIM_FAILED } else { prior }, true),
+                // A claim made again keeps its earlier revision (the key is
+                // claimed again while missing; a newer claim elsewhere cuts
+                // this session): a new lease's put refused, say.
+                Ok(Err(e)) if prior > 0 => {
+                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd again: {e}; retrying");
+                    set(prior, true);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
                     me.claim_failed(&s);
                 }
+                Err(_) if prior > 0 => set(prior, true),
                 Err(_) => me.claim_failed(&s),
             }
         });
@@ -1033,7 +1041,7 @@ pub async fn run(
 
 /// How often a hub cut off from etcd ([`HandOff`]) asks the other hubs
 /// whether one of them reaches etcd: the first answer after it is cut off
-/// is most often "not since you" (the others confirm a quiet registry
+/// is most often "not since you" (the others confirm their registry
 /// every sixth of their limit), and members wait for the next.
 const HAND_OFF_EVERY: Duration = Duration::from_secs(2);
 
@@ -1069,7 +1077,7 @@ pub const REGISTRY_AGE_HEADER: &str = "x-towerctl-registry-age-ms";
 /// lease renewed, after this one was cut off (its [`REGISTRY_AGE_HEADER`]
 /// is below the time since then): in an outage of etcd for all, each hub's
 /// last confirmation predates that (hubs renew every [`KEEPALIVE`] and
-/// confirm a quiet registry every sixth of their limit), so the first hub
+/// confirm their registry every sixth of their limit), so the first hub
 /// to lose its lease does not move its agents to hubs about to lose theirs
 /// too. Before it starts, it tries one renewal of its lease itself: etcd
 /// may be back, and after a long outage for all, the first hub to hear
