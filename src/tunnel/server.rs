@@ -102,6 +102,8 @@ pub struct HubHandler {
     /// Channels this agent opened that were refused or failed, and since
     /// when they are counted: logged up to [`NOTED_PER_MINUTE`] a minute.
     noted: (std::time::Instant, u32),
+    /// Public keys offered in this connection ([`MAX_OFFERED_KEYS`]).
+    offered: u32,
     /// Push mode's channels open at once ([`MAX_PUSH_STREAMS`]).
     push_slots: Arc<tokio::sync::Semaphore>,
     /// The windows the hub gives them ([`PUSH_WINDOW_BUDGET`]).
@@ -132,8 +134,39 @@ pub const PUSH_WINDOW_BUDGET: u64 = 64 * 1024 * 1024;
 /// the hub's whole log away in seconds.
 const NOTED_PER_MINUTE: u32 = 10;
 
+/// Public keys a connection may offer before it logs in, probes and signed
+/// requests together (an agent offers one), and the largest offered key
+/// taken (an Ed25519 key is 51 bytes, an RSA key of 8,192 bits about 1 KiB).
+/// Each accepted probe is answered with the key it offered: a peer that
+/// sent 35 KB keys and never read the answers made the hub hold 4 MiB per
+/// connection before any login, across thousands of connections.
+const MAX_OFFERED_KEYS: u32 = 4;
+const MAX_OFFERED_KEY_BYTES: usize = 2048;
+
+/// Whether the `nth` key offered in a connection is taken (see
+/// [`MAX_OFFERED_KEYS`]); a refused one is answered after the rejection
+/// delay, with a failure that does not echo it.
+fn offer_taken(nth: u32, key: &PublicKey) -> bool {
+    nth <= MAX_OFFERED_KEYS
+        && key
+            .to_bytes()
+            .is_ok_and(|b| b.len() <= MAX_OFFERED_KEY_BYTES)
+}
+
 impl russh::server::Handler for HubHandler {
     type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: russh::server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        self.offered += 1;
+        Ok(match offer_taken(self.offered, offer.public_key) {
+            true => Auth::Accept,
+            false => Auth::reject(),
+        })
+    }
 
     async fn auth_publickey(
         &mut self,
@@ -265,7 +298,12 @@ impl russh::server::Handler for HubHandler {
 impl HubHandler {
     /// Whether one more refused channel of this agent may be logged now;
     /// says once a minute when they start being held back.
+    /// The process's budget is shared by every session: one per session
+    /// started afresh at each login, and an agent's key holder logging in
+    /// and out in a loop wrote ten lines per login.
     fn note(&mut self) -> bool {
+        static ALL: super::LogBudget =
+            super::LogBudget::new("refused agent-opened channels", 6 * NOTED_PER_MINUTE);
         if self.noted.0.elapsed() >= Duration::from_secs(60) {
             self.noted = (std::time::Instant::now(), 0);
         }
@@ -276,7 +314,7 @@ impl HubHandler {
                 "more than {NOTED_PER_MINUTE} refused channels from this agent this minute; the rest are not logged"
             );
         }
-        self.noted.1 <= NOTED_PER_MINUTE
+        self.noted.1 <= NOTED_PER_MINUTE && ALL.admit()
     }
 
     fn verdict(&mut self, user: &str, v: Verdict) -> Result<Auth, russh::Error> {
@@ -582,6 +620,7 @@ where
         authed: Some(tx),
         refused_tx: Some(refused_tx),
         noted: (std::time::Instant::now(), 0),
+        offered: 0,
         penalty,
         push_slots: Arc::new(tokio::sync::Semaphore::new(max_push_streams())),
         push_windows: super::flow::WindowBudget::new(PUSH_WINDOW_BUDGET)
@@ -740,6 +779,33 @@ pub async fn ping(
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_connection_offers_a_few_small_keys() {
+        use russh::keys::ssh_key::{public::KeyData, public::RsaPublicKey, Mpint};
+        let small =
+            russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+                .unwrap()
+                .public_key()
+                .clone();
+        assert!(super::offer_taken(1, &small));
+        assert!(super::offer_taken(super::MAX_OFFERED_KEYS, &small));
+        assert!(!super::offer_taken(super::MAX_OFFERED_KEYS + 1, &small));
+        // A 30 KB "RSA key" (the packet allows 35 KB before login).
+        let modulus = |len: usize| {
+            let mut n = vec![0xc3u8; len];
+            n[len - 1] |= 1;
+            let rsa = RsaPublicKey::new(
+                Mpint::from_positive_bytes(&[1, 0, 1]),
+                Mpint::from_positive_bytes(&n),
+            )
+            .unwrap();
+            russh::keys::PublicKey::from(KeyData::Rsa(rsa))
+        };
+        assert!(!super::offer_taken(1, &modulus(30_000)));
+        // An 8,192-bit one is taken.
+        assert!(super::offer_taken(1, &modulus(1024)));
+    }
 
     #[tokio::test]
     async fn a_kill_fails_a_waiting_read_and_every_later_read_and_write() {

@@ -24,12 +24,14 @@ impl server::Authenticator for Hub {
             Ok(None) => return Verdict::Reject(None),
             Err(e) => return Verdict::Unavailable(format!("the registry cannot be read: {e}")),
         };
-        if m.revoked {
-            return Verdict::Reject(Some(revoked_reason(name)));
-        }
         let offered = key.to_openssh().unwrap_or_default();
         match &m.agent_key {
-            Some(k) if keys::ct_eq(k.trim(), offered.trim()) => Verdict::Accept,
+            // Said only to the member's own key: told to anyone signing
+            // with a key of their own, it showed which names were revoked.
+            Some(k) if keys::ct_eq(k.trim(), offered.trim()) => match m.revoked {
+                true => Verdict::Reject(Some(revoked_reason(name))),
+                false => Verdict::Accept,
+            },
             // Not (or no longer) registered: the agent may still present a token.
             _ => Verdict::Reject(None),
         }
@@ -330,5 +332,7 @@ mod tests {
             })
             .unwrap();
         refused_with(hub.check_key("gone", &k), "revoked");
+        // Anyone else's key learns nothing of the revocation.
+        assert_eq!(hub.check_key("gone", &key()), Verdict::Reject(None));
     }
 }

@@ -179,9 +179,10 @@ pub(super) fn handle(
             }
         }
         Request::ClusterRevoke { name } => {
+            // The key stays registered, refused: its agent is told why (and
+            // only its agent: another key is refused without a word).
             let r = hub.store.update_member(&name, &mut |m| {
                 m.revoked = true;
-                m.agent_key = None;
                 true
             });
             match r {

@@ -368,6 +368,9 @@ pub struct Hub {
     sessions: RwLock<crate::daemon::fasthash::FastMap<String, Arc<LiveSession>>>,
     /// When each member's last session ended (unix seconds), for messages.
     disconnected_at: Mutex<HashMap<String, u64>>,
+    /// Members whose `last_seen` is being written, with the time to write
+    /// ([`Hub::record_last_seen`]).
+    last_seen_pending: Arc<Mutex<HashMap<String, u64>>>,
     /// Events and RTT history per cluster; touched on connect, disconnect
     /// and once per ping, never per request.
     meta: Mutex<HashMap<String, ClusterMeta>>,
@@ -431,6 +434,7 @@ impl Hub {
             store,
             sessions: RwLock::new(Default::default()),
             disconnected_at: Mutex::new(HashMap::new()),
+            last_seen_pending: Default::default(),
             meta: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             started_at: ctl::now_unix(),
@@ -733,18 +737,55 @@ impl Hub {
         if let Ok(mut d) = self.disconnected_at.lock() {
             d.insert(s.name.clone(), now);
         }
-        if let Some(c) = self.cluster.get() {
-            // Off the runtime thread: etcd may be away.
-            c.release(self, s, now);
-            return;
+        match self.cluster.get() {
+            Some(c) => c.release(self, s, now),
+            None => self.record_last_seen(&s.name, now),
         }
-        // One read-modify-write: never writes back a stale copy over
-        // another hub's change (a revoke) to the same member.
-        if let Err(e) = self.store.update_member(&s.name, &mut |m| {
-            m.last_seen = Some(now);
-            true
-        }) {
-            tracing::warn!("cannot record last_seen of '{}': {e}", s.name);
+    }
+
+    /// Records when member `name` was last seen, off the runtime thread
+    /// (etcd may be away; the embedded registry's commit waits on two
+    /// fsyncs, which stopped every tunnel and the gateway of a hub on one
+    /// runtime thread), one write in flight per member: an agent that logs
+    /// in and drops in a loop queued a write per session end on the
+    /// blocking threads the control socket and logins need. A later time
+    /// arriving meanwhile is written once the one in flight is done.
+    pub(super) fn record_last_seen(&self, name: &str, now: u64) {
+        let Ok(mut pending) = self.last_seen_pending.lock() else {
+            return;
+        };
+        if pending.insert(name.to_string(), now).is_some() {
+            return; // written by the task in flight
+        }
+        drop(pending);
+        let (store, pending, name) = (
+            self.store.clone(),
+            self.last_seen_pending.clone(),
+            name.to_string(),
+        );
+        let write = move || loop {
+            let Some(at) = pending.lock().ok().and_then(|p| p.get(&name).copied()) else {
+                return;
+            };
+            // One read-modify-write: never writes back a stale copy over
+            // another hub's change (a revoke) to the same member.
+            if let Err(e) = store.update_member(&name, &mut |m| {
+                m.last_seen = Some(at);
+                true
+            }) {
+                tracing::warn!("cannot record last_seen of '{name}': {e}");
+            }
+            let Ok(mut p) = pending.lock() else { return };
+            if p.get(&name) == Some(&at) {
+                p.remove(&name);
+                return;
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                self.tasks.spawn_blocking_on(write, &rt);
+            }
+            Err(_) => write(),
         }
     }
 

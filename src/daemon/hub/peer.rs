@@ -694,8 +694,8 @@ impl Cluster {
         }
     }
 
-    /// The session ended here: drop the owner key if it is still ours.
-    /// Also records when the member was last seen.
+    /// The session ended here: drop the owner key if it is still ours,
+    /// and record when the member was last seen.
     pub(super) fn release(self: &Arc<Self>, hub: &Hub, s: &LiveSession, now: u64) {
         if let Ok(mut c) = self.claims.lock() {
             if c.get(&s.name).is_some_and(|cl| cl.0 == s.id) {
@@ -707,19 +707,13 @@ impl Cluster {
             format!("owners/{}", s.name),
             self.owner_value(s),
         );
-        let name = s.name.clone();
         hub.tasks.spawn(async move {
             let _ = tokio::task::spawn_blocking(move || {
                 let _ = st.delete_if(&rel, &value);
-                if let Err(e) = crate::daemon::store::Store::update_member(&*st, &name, &mut |m| {
-                    m.last_seen = Some(now);
-                    true
-                }) {
-                    tracing::warn!("cannot record last_seen of '{name}': {e}");
-                }
             })
             .await;
         });
+        hub.record_last_seen(&s.name, now);
     }
 
     /// Brings ownership in line with the registry: claims new sessions,

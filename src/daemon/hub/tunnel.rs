@@ -343,10 +343,14 @@ pub(super) async fn accept_tunnels(
                 // cause one per connection: a few a minute at info (an
                 // agent behind a broken ingress shows why), the rest at
                 // debug, so that a flood cannot rotate the log away.
+                // Bounded, without control characters: russh's words may
+                // hold the peer's own lists (35 KB of algorithm names it
+                // offered); the hub's own are escaped already.
+                let e = crate::tunnel::printable(&format!("{e:#}"), 500);
                 if prelogin_logs.admit() {
-                    tracing::info!(%peer, "tunnel session ended before login: {e:#}");
+                    tracing::info!(%peer, "tunnel session ended before login: {e}");
                 } else {
-                    tracing::debug!(%peer, "tunnel session ended before login: {e:#}");
+                    tracing::debug!(%peer, "tunnel session ended before login: {e}");
                 }
             }
         });
@@ -713,7 +717,10 @@ async fn tunnel_session(
         .unwrap_or(why);
     // The reason may hold the agent's own words (its farewell): a quoted,
     // escaped field, so that it cannot pass for other fields of the line.
-    session_line!(hub, &live.name, cluster = %live.name, %peer, reason = ?why, "agent disconnected");
+    // Bounded too: russh's words after a failed key exchange hold the
+    // agent's lists (up to a 256 KiB packet).
+    let shown = crate::tunnel::printable(&why, 500);
+    session_line!(hub, &live.name, cluster = %live.name, %peer, reason = ?shown, "agent disconnected");
     hub.unregister(&live, &why);
     Ok(())
 }
