@@ -178,7 +178,10 @@ impl Mux {
                 Ok(r) => r,
                 Err(e) => {
                     self.drop_sender(&sender).await;
-                    let unsent = !handed || first.is_empty();
+                    // Canceled: the connection ended (a GOAWAY: the hub
+                    // closed it as its operator's idle one) before the
+                    // request went out, first bytes and all.
+                    let unsent = !handed || first.is_empty() || e.is_canceled();
                     // Found closed at once (it died while idle): worth a new
                     // one. Found dead after a wait (its PINGs unanswered: the
                     // hub stopped or gone), a new one would wait again (a

@@ -500,6 +500,8 @@ impl Etcd {
         let first = self.next.load(Ordering::Relaxed);
         let mut reason = String::new();
         let mut tls_refused = false;
+        // Whether every endpoint answered, with a streaming call's error.
+        let mut all_answered = true;
         for i in 0..n {
             let idx = (first + i) % n;
             let ep = &self.endpoints[idx];
@@ -521,7 +523,7 @@ impl Etcd {
                     // leader") comes in a 200 answer's body: as a 5xx, the
                     // next endpoint is tried (this one may be cut off from
                     // its leader; it is not kept as the one to ask first).
-                    if let Some(msg) = stream_error(&v) {
+                    if let Some(msg) = stream_error(path, &v) {
                         reason = format!("{ep}: {msg}");
                         continue;
                     }
@@ -545,6 +547,7 @@ impl Etcd {
                     );
                     // etcd answers 503 while it has no leader: try another.
                     if st >= 500 {
+                        all_answered = false;
                         reason = format!("{ep}: HTTP {st}: {msg}");
                         continue;
                     }
@@ -554,10 +557,19 @@ impl Etcd {
                     });
                 }
                 Err(e) => {
+                    all_answered = false;
                     tls_refused |= self.tls.is_some() && refused_tls(&e);
                     reason = format!("{ep}: {}", explain(e, self.tls.is_some()));
                 }
             }
+        }
+        // Every endpoint answered (a renewal refused everywhere): etcd is
+        // there, other calls are not failed in advance.
+        if all_answered && n > 0 {
+            return Err(EtcdError::Refused {
+                endpoint: self.endpoints(),
+                reason,
+            });
         }
         if let Ok(mut d) = self.down_until.lock() {
             *d = Some((std::time::Instant::now() + TIMEOUT, reason.clone()));
@@ -817,14 +829,15 @@ pub fn txn_range(v: &Value, i: usize) -> Option<Kv> {
         .map(kv)
 }
 
-/// The error a streaming call's answer carries in its body (a lease
-/// renewal's, etcd's gateway having sent its 200 head already), in words.
-/// It used to read as the lease expired: the hub took a new lease and
-/// claimed its sessions again under it, while the old one, still alive,
-/// went unrenewed.
-fn stream_error(v: &Value) -> Option<String> {
+/// The error a lease renewal's answer carries in its body (a streaming
+/// call: etcd's gateway has sent its 200 head already), in words. It used
+/// to read as the lease expired: the hub took a new lease and claimed its
+/// sessions again under it, while the old one, still alive, went
+/// unrenewed. Other calls' answers are not read for one (a lease grant's
+/// answer has a string field of that name).
+fn stream_error(path: &str, v: &Value) -> Option<String> {
     let e = &v["error"];
-    if e.is_null() {
+    if path != "/v3/lease/keepalive" || !e.is_object() {
         return None;
     }
     let msg = e["message"]
@@ -843,13 +856,17 @@ mod tests {
     #[test]
     fn a_streaming_calls_error_is_an_error() {
         let live = json!({"result": {"header": {"revision": "9"}, "ID": "7", "TTL": "10"}});
-        assert_eq!(stream_error(&live), None);
+        let path = "/v3/lease/keepalive";
+        assert_eq!(stream_error(path, &live), None);
         let expired = json!({"result": {"header": {"revision": "9"}, "ID": "7"}});
-        assert_eq!(stream_error(&expired), None);
+        assert_eq!(stream_error(path, &expired), None);
         let failed = json!({"error": {"grpc_code": 14, "http_code": 503,
             "message": "etcdserver: no leader", "http_status": "Service Unavailable"}});
-        let e = stream_error(&failed).unwrap();
+        let e = stream_error(path, &failed).unwrap();
         assert!(e.contains("etcdserver: no leader"), "{e}");
+        // Not a renewal: not read for one.
+        assert_eq!(stream_error("/v3/lease/grant", &failed), None);
+        assert_eq!(stream_error(path, &json!({"error": ""})), None);
     }
 
     #[test]

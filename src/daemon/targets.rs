@@ -105,8 +105,11 @@ impl Workload {
         }
     }
 
+    /// Also the lower-case kind (`statefulset`), never `rs`.
     fn from_connect_label(s: &str) -> Option<Workload> {
-        Self::ALL.into_iter().find(|w| w.connect_label() == s)
+        Self::ALL
+            .into_iter()
+            .find(|w| w.connect_label() == s || w.singular() == s)
     }
 
     /// kubectl's names for it: short, singular, plural, and `KIND.GROUP`.

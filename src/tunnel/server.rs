@@ -247,8 +247,11 @@ impl russh::server::Handler for HubHandler {
         }
         let cluster = self.cluster.clone().unwrap_or_default();
         let Some(target) = self.auth.exposed(&cluster, host_to_connect) else {
+            let name = super::escape_for_log(host_to_connect, 100);
             if self.note() {
-                tracing::warn!(%cluster, name = %super::escape_for_log(host_to_connect, 100), "refused an agent-opened channel to something not exposed to it");
+                tracing::warn!(%cluster, %name, "refused an agent-opened channel to something not exposed to it");
+            } else {
+                tracing::debug!(%cluster, %name, "refused an agent-opened channel to something not exposed to it");
             }
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -258,6 +261,8 @@ impl russh::server::Handler for HubHandler {
         let Ok(slot) = self.push_slots.clone().try_acquire_owned() else {
             if self.note() {
                 tracing::warn!(%cluster, "refused an agent-opened channel: {} are open already (the limit per session)", max_push_streams());
+            } else {
+                tracing::debug!(%cluster, "refused an agent-opened channel: {} are open already (the limit per session)", max_push_streams());
             }
             reply
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
@@ -285,8 +290,11 @@ impl russh::server::Handler for HubHandler {
                 });
             }
             _ => {
+                let name = super::escape_for_log(host_to_connect, 100);
                 if self.note() {
-                    tracing::warn!(%cluster, name = %super::escape_for_log(host_to_connect, 100), "cannot reach exposed target {target}");
+                    tracing::warn!(%cluster, %name, "cannot reach exposed target {target}");
+                } else {
+                    tracing::debug!(%cluster, %name, "cannot reach exposed target {target}");
                 }
                 reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             }
@@ -300,7 +308,8 @@ impl HubHandler {
     /// says once a minute when they start being held back.
     /// The process's budget is shared by every session: one per session
     /// started afresh at each login, and an agent's key holder logging in
-    /// and out in a loop wrote ten lines per login.
+    /// and out in a loop wrote ten lines per login. Held back, a line is
+    /// logged at debug.
     fn note(&mut self) -> bool {
         static ALL: super::LogBudget =
             super::LogBudget::new("refused agent-opened channels", 6 * NOTED_PER_MINUTE);
@@ -311,7 +320,7 @@ impl HubHandler {
         if self.noted.1 == NOTED_PER_MINUTE + 1 {
             tracing::warn!(
                 cluster = %self.cluster.as_deref().unwrap_or_default(),
-                "more than {NOTED_PER_MINUTE} refused channels from this agent this minute; the rest are not logged"
+                "more than {NOTED_PER_MINUTE} refused channels from this agent this minute; the rest are logged at debug"
             );
         }
         self.noted.1 <= NOTED_PER_MINUTE && ALL.admit()

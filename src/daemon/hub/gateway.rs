@@ -339,8 +339,10 @@ impl Conn {
             }
         };
         // Not counted: the local admin's, and a trusted proxy's (an
-        // ingress's connection carries many operators' requests).
-        if operator == super::LOCAL_ADMIN || self.proxy.is_some() {
+        // ingress's connection carries many operators' requests). A
+        // port-forward connection behind one is one client's (the proxy
+        // passed TLS through: the ALPN is the client's) and counts.
+        if operator == super::LOCAL_ADMIN || self.proxy.is_some() && !self.mux {
             take_ticket();
             return Ok(());
         }
@@ -970,6 +972,16 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
         }
     }
     if req.method() == http::Method::CONNECT {
+        // On HTTP/1.1 (one stream per connection), or on port-forward's
+        // own connections, counted under their own limit: on an `h2`
+        // connection 1,000 of them at once escaped that limit.
+        if req.version() == http::Version::HTTP_2 && !conn.mux {
+            return status_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                "CONNECT is served over HTTP/1.1 here (or by 'towerctl port-forward'); not over HTTP/2",
+            );
+        }
         let shown = conn.client_text(&req);
         return connect(hub, req, (peer, shown), &operator, conn.active.clone()).await;
     }

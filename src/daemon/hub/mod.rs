@@ -754,8 +754,17 @@ impl Hub {
         let Ok(mut pending) = self.last_seen_pending.lock() else {
             return;
         };
-        if pending.insert(name.to_string(), now).is_some() {
-            return; // written by the task in flight
+        match pending.entry(name.to_string()) {
+            // Written by the task in flight (never an earlier time: the
+            // clock may have stepped back).
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let at = e.get_mut();
+                *at = (*at).max(now);
+                return;
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(now);
+            }
         }
         drop(pending);
         let (store, pending, name) = (
@@ -763,7 +772,20 @@ impl Hub {
             self.last_seen_pending.clone(),
             name.to_string(),
         );
+        /// Lets later times be written after a write that panicked.
+        struct Unwinding(Arc<Mutex<HashMap<String, u64>>>, String);
+        impl Drop for Unwinding {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    if let Ok(mut p) = self.0.lock() {
+                        p.remove(&self.1);
+                    }
+                }
+            }
+        }
+        let _unwinding = Unwinding(pending.clone(), name.clone());
         let write = move || loop {
+            let _unwinding = &_unwinding;
             let Some(at) = pending.lock().ok().and_then(|p| p.get(&name).copied()) else {
                 return;
             };
