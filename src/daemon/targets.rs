@@ -148,11 +148,19 @@ pub enum Target {
     Host(String),
 }
 
-fn dns_label(s: &str) -> bool {
+/// A host name as a channel may carry it.
+fn host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// A Kubernetes object name that may hold dots (a DNS subdomain: a pod's,
+/// a workload's); never `.` or `..`, which would be path segments in the
+/// API paths built from it.
+fn is_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(crate::daemon::names::is_dns_label)
 }
 
 impl Target {
@@ -171,17 +179,24 @@ impl Target {
             return Some(Target::ApiServer);
         }
         let (kind, rest) = s.split_once('/')?;
-        let two = || {
+        // As Kubernetes names them: a namespace and a Service in one
+        // label, a pod or workload in a subdomain.
+        let two = |one_label: bool| {
             let (ns, name) = rest.split_once('/')?;
-            (dns_label(ns) && dns_label(name)).then(|| (ns.to_string(), name.to_string()))
+            let named = match one_label {
+                true => crate::daemon::names::is_dns_label(name),
+                false => is_subdomain(name),
+            };
+            (crate::daemon::names::is_dns_label(ns) && named)
+                .then(|| (ns.to_string(), name.to_string()))
         };
         Some(match kind {
-            "svc" => two().map(|(ns, name)| Target::Service { ns, name })?,
-            "pod" => two().map(|(ns, name)| Target::Pod { ns, name })?,
-            "host" if dns_label(rest) => Target::Host(rest.to_string()),
+            "svc" => two(true).map(|(ns, name)| Target::Service { ns, name })?,
+            "pod" => two(false).map(|(ns, name)| Target::Pod { ns, name })?,
+            "host" if host_name(rest) => Target::Host(rest.to_string()),
             other => {
                 let kind = Workload::from_short(other)?;
-                two().map(|(ns, name)| Target::Workload { kind, ns, name })?
+                two(false).map(|(ns, name)| Target::Workload { kind, ns, name })?
             }
         })
     }
@@ -243,8 +258,7 @@ impl Target {
         let (kind, name) = s.split_once('/').unwrap_or(("pod", s));
         // A DNS subdomain name (dots allowed), as Kubernetes names pods and
         // workloads; a Service's is one label.
-        let subdomain =
-            name.len() <= 253 && name.split('.').all(crate::daemon::names::is_dns_label);
+        let subdomain = is_subdomain(name);
         let service = matches!(kind, "svc" | "service" | "services");
         if !subdomain || service && name.contains('.') {
             return Err(format!(
@@ -488,6 +502,20 @@ mod tests {
         );
         assert_eq!(Target::from_connect_host("alpha"), None);
         assert_eq!(Target::from_channel_address("svc/a"), None);
+        // Never a path segment of its own, nor one a Service's name or a
+        // namespace cannot be.
+        for bad in [
+            "pod/prod/..",
+            "rc/prod/.",
+            "deploy/../x",
+            "pod/prod/a..b",
+            "pod/Prod/x",
+            "svc/prod/a.b",
+            "pod/prod/-x",
+        ] {
+            assert_eq!(Target::from_channel_address(bad), None, "{bad}");
+        }
+        assert!(Target::from_channel_address("pod/prod/web.v2").is_some());
         assert_eq!(Target::from_channel_address("host/a b"), None);
         assert_eq!(
             Target::from_kubectl("web-0", "ns"),
