@@ -119,6 +119,31 @@ fn typed<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> T {
     serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"))
 }
 
+/// Kubernetes expands `$(NAME)` in a container's args from its environment,
+/// which holds the join token: a hub URL (the other hubs' come from the
+/// shared registry) written `…/$(TOWERCTL_TOKEN)` reached the agent with
+/// the token in it. Every argument is written as taken (`$$`).
+#[test]
+fn a_dollar_in_an_argument_is_not_expanded_by_kubernetes() {
+    let docs = print(&["--hub", "wss://other.example/t$(TOWERCTL_TOKEN)"]);
+    let deploy = of_kind(&docs, "Deployment")[0];
+    let args: Vec<&str> = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.iter()
+            .any(|a| a.contains("other.example") && a.contains("$$(TOWERCTL_TOKEN)")),
+        "{args:?}"
+    );
+    assert!(
+        !args.iter().any(|a| a.replace("$$", "").contains("$(")),
+        "{args:?}"
+    );
+}
+
 #[test]
 fn manifests_parse_and_are_wired_together() {
     let docs = print(&["--namespace", "edge"]);

@@ -2827,7 +2827,12 @@ fn a_hub_runs_as_its_printed_statefulset_runs_it() {
             }
         }
     }
-    let expand = |s: &str| s.replace("$(POD_NAME)", &pod_name);
+    // As the kubelet does: `$(POD_NAME)` expanded, `$$` a `$`.
+    let expand = |s: &str| {
+        s.replace("$$", "\u{0}")
+            .replace("$(POD_NAME)", &pod_name)
+            .replace('\u{0}', "$")
+    };
     let pod_env: Vec<(String, String)> = c["env"]
         .as_array()
         .unwrap()

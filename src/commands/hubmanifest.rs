@@ -145,10 +145,11 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
     // The daemon's own flags, as `up` would hand them over, with the
     // pod's paths and its stable name.
     let mut pod = a.clone();
+    // Kubernetes expands `$(POD_NAME)` in it (the pod's own address): the
+    // one argument not taken as written (`manifest::literal_arg`).
+    let peer_url = format!("https://$(POD_NAME).{NAME}.{ns}.svc:{gateway_port}");
     if shared {
-        pod.peer_url = Some(format!(
-            "https://$(POD_NAME).{NAME}.{ns}.svc:{gateway_port}"
-        ));
+        pod.peer_url = Some(peer_url.clone());
     }
     let load_balancer = public.plain_tunnel && public.tunnel_port != public.gateway_port;
     if pod.shutdown_delay.is_zero() {
@@ -169,7 +170,14 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
             *given = Some(PathBuf::from(ETCD_DIR).join(file));
         }
     }
-    let args = pod.daemon_args();
+    let args: Vec<String> = pod
+        .daemon_args()
+        .iter()
+        .map(|a| match shared && *a == format!("--peer-url={peer_url}") {
+            true => a.clone(),
+            false => super::manifest::literal_arg(a),
+        })
+        .collect();
 
     let mut docs = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
@@ -347,8 +355,9 @@ pub fn print(a: &HubArgs, o: &HubManifestOptions) -> Result<u8> {
     let docs = documents(a, o)?;
     let ns = &o.namespace;
     let public = public(a)?;
-    let adv = a.advertise.as_deref().unwrap_or_default();
-    let gw = a.gateway_url.as_deref().unwrap_or_default();
+    // In comments: one line each, whatever they hold.
+    let adv = crate::tunnel::shown(a.advertise.as_deref().unwrap_or_default());
+    let gw = crate::tunnel::shown(a.gateway_url.as_deref().unwrap_or_default());
     let mut out = format!(
         "# towerctl hub (StatefulSet {NAME}) in namespace '{ns}'; apply where the hubs run: kubectl apply -f -\n\
          # Agents dial {adv}; kubectl reaches {gw}.\n"
@@ -375,7 +384,7 @@ pub fn print(a: &HubArgs, o: &HubManifestOptions) -> Result<u8> {
         out.push_str(&format!(
             "# Image {}: built here by scripts/image.sh; push it where the nodes pull from and\n\
              # pass --image.\n",
-            o.image
+            crate::tunnel::shown(&o.image)
         ));
     }
     out.push_str(

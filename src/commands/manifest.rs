@@ -224,7 +224,7 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
                         "name": "agent",
                         "image": o.image,
                         "imagePullPolicy": "IfNotPresent",
-                        "args": args,
+                        "args": args.iter().map(|a| literal_arg(a)).collect::<Vec<_>>(),
                         "env": env,
                         "ports": [{"name": "probes", "containerPort": probe_port, "protocol": "TCP"}],
                         "livenessProbe": probe("/healthz", 10, 3),
@@ -242,6 +242,15 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         },
     }));
     docs
+}
+
+/// A container argument taken as written: Kubernetes expands `$(NAME)` in
+/// `args` from the container's environment (which holds the join token and
+/// the proxy's credentials), and `$$` is its escape. A hub URL from the
+/// shared registry written `wss://h/$(TOWERCTL_TOKEN)` handed the token to
+/// whoever ran that address.
+pub fn literal_arg(s: &str) -> String {
+    s.replace('$', "$$")
 }
 
 pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {

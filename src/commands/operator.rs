@@ -25,11 +25,14 @@ pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
     );
     // The token in the environment, not in an argument; the leading space
     // keeps the line out of shell history (see `cluster::join_command`).
+    // Every part quoted for the shell (the gateway URL is the hub's
+    // `--gateway-url` as given): a line to paste runs nothing else.
+    use super::cluster::shell_word;
     println!(
         " TOWERCTL_OPERATOR_TOKEN={} towerctl login {} --ca-hash {}",
-        a.token.expose(),
-        a.gateway_url,
-        a.ca_hash
+        shell_word(a.token.expose()),
+        shell_word(&a.gateway_url),
+        shell_word(&a.ca_hash)
     );
     eprintln!(
         "note: '{}' reaches no member until a rule allows it, for example:\n  towerctl access allow operator:{} --clusters 'env=dev'",

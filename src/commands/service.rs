@@ -19,14 +19,27 @@ fn unit_dir() -> PathBuf {
     }
 }
 
-fn quote(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+/// One word of a unit's `ExecStart=`, taken as written: systemd expands
+/// `%` specifiers and `$VAR`/`${VAR}` even inside quotes (`%%` and `$$`
+/// are theirs escapes); a control character (a newline would start a
+/// directive of its own) is refused.
+fn quote(s: &str) -> Result<String> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        bail!(
+            "'{}' holds a control character ({c:?}), which a systemd unit cannot carry: fix the value",
+            crate::tunnel::shown(s)
+        );
     }
+    let s = s.replace('%', "%%").replace('$', "$$");
+    Ok(
+        if s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,%".contains(c))
+        {
+            s
+        } else {
+            format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+        },
+    )
 }
 
 fn write_unit(
@@ -39,7 +52,7 @@ fn write_unit(
     let exec = std::iter::once(exe.display().to_string())
         .chain(args.iter().cloned())
         .map(|a| quote(&a))
-        .collect::<Vec<_>>()
+        .collect::<Result<Vec<_>>>()?
         .join(" ");
     let mut unit = format!(
         "# Written by 'towerctl service install'.\n[Unit]\nDescription={description}\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={exec}\nRestart=on-failure\nRestartSec=5\n"
@@ -67,6 +80,7 @@ pub fn install_hub(a: &HubArgs) -> Result<u8> {
 }
 
 pub fn install_agent(name: &str) -> Result<u8> {
+    crate::daemon::names::validate_name(name).map_err(anyhow::Error::msg)?;
     let cfg = agent::config_path(name);
     if !cfg.exists() {
         bail!("no agent configuration for '{name}' at '{}': run 'towerctl join {name} …' first (then 'towerctl leave'-free: the unit reuses its settings)", cfg.display());
@@ -84,4 +98,26 @@ pub fn install_agent(name: &str) -> Result<u8> {
         &args,
         true,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+
+    #[test]
+    fn a_units_words_are_taken_as_written() {
+        assert_eq!(
+            quote("--listen=0.0.0.0:7443").unwrap(),
+            "--listen=0.0.0.0:7443"
+        );
+        // systemd's specifiers and variables, escaped.
+        assert_eq!(quote("wss://h/t%2Fx").unwrap(), "wss://h/t%%2Fx");
+        assert_eq!(quote("/t${HOME}/").unwrap(), "\"/t$${HOME}/\"");
+        assert_eq!(quote("a b\"c\\").unwrap(), "\"a b\\\"c\\\\\"");
+        // A newline would start a directive of its own.
+        let e = quote("wss://h\nExecStartPre=/bin/touch /tmp/p")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control character"), "{e}");
+    }
 }
