@@ -76,8 +76,19 @@ impl Source {
         if status != 200 {
             bail!("the gateway '{}' answered HTTP {status}", login.gateway_url);
         }
-        let clusters: Vec<ClusterStatus> =
+        let mut clusters: Vec<ClusterStatus> =
             serde_json::from_slice(&body).context("malformed cluster list from the gateway")?;
+        // Names a hub can register only: they go into kubeconfig entries,
+        // URLs, CONNECT names and terminal lines.
+        let before = clusters.len();
+        clusters.retain(|c| crate::daemon::names::validate_name(&c.name).is_ok());
+        if clusters.len() < before {
+            eprintln!(
+                "warning: the gateway '{}' listed {} member name(s) no hub can register; left out",
+                login.gateway_url,
+                before - clusters.len()
+            );
+        }
         Ok(Source {
             token: crate::tunnel::Secret::new(token),
             credential_args: vec![
