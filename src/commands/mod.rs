@@ -790,11 +790,6 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// `--gateway`'s default.
 pub const DEFAULT_GATEWAY: &str = "0.0.0.0:9443";
 
-/// `--gateway-url`: an `https://` URL with a host, and no credentials,
-/// query or fragment (`HOST:PORT` alone is taken as `https://`, as
-/// kubectl takes a server without a scheme). kubectl sends operators'
-/// tokens (and the local admin's) to it: `http://` would put them on the
-/// wire in the clear.
 /// `--advertise`: a `ws://` or `wss://` URL with a host, as join commands,
 /// unit files and manifests carry it.
 fn parse_advertise(s: &str) -> Result<String, String> {
@@ -811,6 +806,16 @@ fn parse_advertise(s: &str) -> Result<String, String> {
             crate::tunnel::shown(s)
         ));
     }
+    if u.query().is_some()
+        || u.fragment().is_some()
+        || !u.username().is_empty()
+        || u.password().is_some()
+    {
+        return Err(format!(
+            "'{}' carries credentials, a query or a fragment: give ws[s]://HOST[:PORT][/PATH] only (it is printed in every join command)",
+            crate::tunnel::shown(s)
+        ));
+    }
     if s.chars()
         .any(|c| c.is_whitespace() || c.is_control() || "$`\"'\\;|&<>(){}".contains(c))
     {
@@ -822,6 +827,11 @@ fn parse_advertise(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `--gateway-url`: an `https://` URL with a host, and no credentials,
+/// query or fragment (`HOST:PORT` alone is taken as `https://`, as
+/// kubectl takes a server without a scheme). kubectl sends operators'
+/// tokens (and the local admin's) to it: `http://` would put them on the
+/// wire in the clear.
 fn parse_gateway_url(s: &str) -> Result<String, String> {
     let s = s.trim();
     let with_scheme;
@@ -831,14 +841,15 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
         with_scheme = format!("https://{s}");
         &with_scheme
     };
+    let shown = crate::tunnel::shown(s);
     let u = url::Url::parse(s).map_err(|e| {
         format!(
-            "'{s}' is not a URL ({e}): give https://HOST[:PORT], the gateway as operators reach it"
+            "'{shown}' is not a URL ({e}): give https://HOST[:PORT], the gateway as operators reach it"
         )
     })?;
     if u.scheme() != "https" || u.host_str().is_none_or(str::is_empty) {
         return Err(format!(
-            "'{s}' is not an https://HOST[:PORT] URL: the gateway speaks only HTTPS, and kubectl \
+            "'{shown}' is not an https://HOST[:PORT] URL: the gateway speaks only HTTPS, and kubectl \
              sends operators' tokens to this URL"
         ));
     }
@@ -848,7 +859,7 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
         || u.password().is_some()
     {
         return Err(format!(
-            "'{s}' carries credentials, a query or a fragment: give https://HOST[:PORT][/PATH] only"
+            "'{shown}' carries credentials, a query or a fragment: give https://HOST[:PORT][/PATH] only"
         ));
     }
     // The URL parser drops tabs and newlines and keeps spaces and shell
@@ -1214,6 +1225,7 @@ mod tests {
         );
         for bad in [
             "https://hub.corp",
+            "wss://user:pw@hub.corp/t",
             "wss://hub.corp/t\nExecStart=/bin/sh",
             "wss://hub.corp/$(x)",
             "hub.corp:7443",

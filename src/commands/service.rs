@@ -20,17 +20,26 @@ fn unit_dir() -> PathBuf {
 }
 
 /// One word of a unit's `ExecStart=`, taken as written: systemd expands
-/// `%` specifiers and `$VAR`/`${VAR}` even inside quotes (`%%` and `$$`
-/// are theirs escapes); a control character (a newline would start a
-/// directive of its own) is refused.
+/// `%` specifiers in every word and `$VAR`/`${VAR}` in the arguments (not
+/// in the executable's path), even inside quotes (`%%` and `$$` are its
+/// escapes); a control character (a newline would start a directive of its
+/// own) is refused.
 fn quote(s: &str) -> Result<String> {
+    quote_word(s, true)
+}
+
+fn quote_word(s: &str, argument: bool) -> Result<String> {
     if let Some(c) = s.chars().find(|c| c.is_control()) {
         bail!(
             "'{}' holds a control character ({c:?}), which a systemd unit cannot carry: fix the value",
             crate::tunnel::shown(s)
         );
     }
-    let s = s.replace('%', "%%").replace('$', "$$");
+    let s = s.replace('%', "%%");
+    let s = match argument {
+        true => s.replace('$', "$$"),
+        false => s,
+    };
     Ok(
         if s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,%".contains(c))
@@ -49,9 +58,8 @@ fn write_unit(
     prevent_restart_on_auth: bool,
 ) -> Result<u8> {
     let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
-    let exec = std::iter::once(exe.display().to_string())
-        .chain(args.iter().cloned())
-        .map(|a| quote(&a))
+    let exec = std::iter::once(quote_word(&exe.display().to_string(), false))
+        .chain(args.iter().map(|a| quote(a)))
         .collect::<Result<Vec<_>>>()?
         .join(" ");
     let mut unit = format!(
@@ -115,6 +123,11 @@ mod tests {
         assert_eq!(quote("/t${HOME}/").unwrap(), "\"/t$${HOME}/\"");
         assert_eq!(quote("a b\"c\\").unwrap(), "\"a b\\\"c\\\\\"");
         // A newline would start a directive of its own.
+        // The executable's path: no variables expanded there.
+        assert_eq!(
+            super::quote_word("/opt/a$b%/towerctl", false).unwrap(),
+            "\"/opt/a$b%%/towerctl\""
+        );
         let e = quote("wss://h\nExecStartPre=/bin/touch /tmp/p")
             .unwrap_err()
             .to_string();

@@ -157,10 +157,19 @@ fn host_name(s: &str) -> bool {
 }
 
 /// A Kubernetes object name that may hold dots (a DNS subdomain: a pod's,
-/// a workload's); never `.` or `..`, which would be path segments in the
-/// API paths built from it.
+/// a workload's, as Kubernetes' `IsDNS1123Subdomain` takes it: at most 253
+/// characters, no limit per part); never `.` or `..`, which would be path
+/// segments in the API paths built from it.
 fn is_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(crate::daemon::names::is_dns_label)
+    s.len() <= 253
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
 }
 
 impl Target {
@@ -516,6 +525,11 @@ mod tests {
             assert_eq!(Target::from_channel_address(bad), None, "{bad}");
         }
         assert!(Target::from_channel_address("pod/prod/web.v2").is_some());
+        // Kubernetes limits a subdomain name as a whole, not per part.
+        let long = "a".repeat(100);
+        assert!(Target::from_channel_address(&format!("pod/prod/{long}")).is_some());
+        assert!(Target::from_channel_address(&format!("svc/prod/{long}")).is_none());
+        assert!(Target::from_channel_address(&format!("pod/prod/{}", "a".repeat(254))).is_none());
         assert_eq!(Target::from_channel_address("host/a b"), None);
         assert_eq!(
             Target::from_kubectl("web-0", "ns"),

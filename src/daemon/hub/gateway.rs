@@ -1489,7 +1489,7 @@ pub(super) async fn open_raw(
         return Err(RawRefusal::Answer(
             StatusCode::BAD_REQUEST,
             format!(
-                "cannot open a stream to '{}': names are at most 253 characters of letters, digits, '-', '.' and '_'",
+                "cannot open a stream to '{}': a namespace and a Service's name are one DNS label (lower-case letters, digits and '-', at most 63 characters), a pod's or workload's name lower-case letters, digits, '-' and '.' (at most 253 characters), a host name letters, digits, '-', '.' and '_' (at most 253 characters)",
                 crate::tunnel::escape_for_log(&target.describe(), 80)
             ),
         ));
