@@ -759,9 +759,10 @@ fn member_event(h: &Env, name: &str, text: &str) -> bool {
 /// in etcd, not where its copy of the moment shows it free (written under
 /// a new lease, it went over the newer claim, and the other hub then cut
 /// the healthy session as replaced: a race this test does not force), and
-/// a claim made again that fails (under the expired lease) keeps its
-/// earlier revision, so that the newer claim cuts this hub's session at
-/// once (it was left standing, uncut: this test failed 3 of 3 runs so).
+/// a claim made again that is refused (the key held, or the write failing
+/// under the expired lease) keeps its earlier revision, so that the newer
+/// claim cuts this hub's session at once (before, the failed write left it
+/// standing, uncut: this test failed 3 of 3 runs so).
 #[test]
 fn a_hub_woken_from_a_freeze_leaves_a_newer_claim_on_another_hub_standing() {
     let etcd = Etcd::start();
@@ -806,8 +807,8 @@ fn a_hub_woken_from_a_freeze_leaves_a_newer_claim_on_another_hub_standing() {
         Duration::from_secs(10),
         || member_event(&hubs[0], "alpha", "replaced by a newer session on hub").then_some(()),
     );
-    // Past hub 0's reconciling after its wake (each second) and its
-    // session's keepalives (1 s): hub 1's claim and session stand.
+    // Past hub 0's reconciling after its wake (each second): hub 1's claim
+    // and session stand.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(owner().map(|o| o["peer"].clone()), Some(gw1.clone()));
     assert!(

@@ -948,7 +948,7 @@ fn parse_max_stale(s: &str) -> Result<MaxStale, String> {
     let d = parse_duration(s)?;
     if d < std::time::Duration::from_secs(3) {
         return Err(format!(
-            "'{s}' is too short: a quiet hub confirms its copy of the registry about once \
+            "'{s}' is too short: a hub confirms its copy of the registry about once \
              a second at best, so a shorter limit would refuse operators of a healthy hub; \
              use 3s or more, or 0 to serve from the copy for as long as etcd is away"
         ));

@@ -269,7 +269,7 @@ impl Target {
         // workloads; a Service's is one label.
         let subdomain = is_subdomain(name);
         let service = matches!(kind, "svc" | "service" | "services");
-        if !subdomain || service && name.contains('.') {
+        if !subdomain || service && !crate::daemon::names::is_dns_label(name) {
             return Err(format!(
                 "invalid resource name in '{}': {}",
                 crate::tunnel::escape_for_log(s, 300),

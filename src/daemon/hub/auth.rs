@@ -26,6 +26,9 @@ impl server::Authenticator for Hub {
         };
         let offered = key.to_openssh().unwrap_or_default();
         match &m.agent_key {
+            // Revoked by an earlier version, which forgot the key: told as
+            // before (nothing to compare the offer with).
+            None if m.revoked => Verdict::Reject(Some(revoked_reason(name))),
             // Said only to the member's own key: told to anyone signing
             // with a key of their own, it showed which names were revoked.
             Some(k) if keys::ct_eq(k.trim(), offered.trim()) => match m.revoked {
@@ -334,5 +337,14 @@ mod tests {
         refused_with(hub.check_key("gone", &k), "revoked");
         // Anyone else's key learns nothing of the revocation.
         assert_eq!(hub.check_key("gone", &key()), Verdict::Reject(None));
+        // Revoked by an earlier version, which forgot the key: told as
+        // before (its agent has no token left to be told by).
+        store
+            .update_member("gone", &mut |m| {
+                m.agent_key = None;
+                true
+            })
+            .unwrap();
+        refused_with(hub.check_key("gone", &key()), "revoked");
     }
 }

@@ -791,8 +791,9 @@ impl Hub {
             };
             // One read-modify-write: never writes back a stale copy over
             // another hub's change (a revoke) to the same member.
+            // Never an earlier time over a later one another hub wrote.
             if let Err(e) = store.update_member(&name, &mut |m| {
-                m.last_seen = Some(at);
+                m.last_seen = m.last_seen.max(Some(at));
                 true
             }) {
                 tracing::warn!("cannot record last_seen of '{name}': {e}");

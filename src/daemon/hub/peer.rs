@@ -631,8 +631,11 @@ impl Cluster {
     /// copy shows it: a hub resumed from a freeze reads the removal of its
     /// lease's keys before the claim another hub made since for the
     /// member's new session, which a blind write overwrote (that hub then
-    /// cut the healthy session as replaced). Held by another, the claim
-    /// keeps its earlier revision, so the newer claim cuts this session.
+    /// cut the healthy session as replaced). Held by another, or failing,
+    /// a claim that had been written keeps its earlier revision, so the
+    /// newer claim cuts this session; one never written stays failed (no
+    /// revision to compare: its session ends by its own keepalives if the
+    /// agent left, and the key is claimed once free if it did not).
     fn claim_again(self: &Arc<Self>, hub: &Hub, s: &Arc<LiveSession>) {
         self.write_claim(hub, s, true);
     }
