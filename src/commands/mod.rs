@@ -806,13 +806,23 @@ fn parse_advertise(s: &str) -> Result<String, String> {
             crate::tunnel::shown(s)
         ));
     }
+    plain_url(s, &u, "ws[s]://HOST[:PORT][/PATH]")?;
+    Ok(s.to_string())
+}
+
+/// What the URL flags refuse besides their scheme: credentials, a query
+/// or a fragment, and (the URL parser drops tabs and newlines and keeps
+/// spaces and shell characters in a path) white space, control and shell
+/// characters: the text goes into printed commands, unit files and
+/// manifest comments as given.
+fn plain_url(s: &str, u: &url::Url, form: &str) -> Result<(), String> {
     if u.query().is_some()
         || u.fragment().is_some()
         || !u.username().is_empty()
         || u.password().is_some()
     {
         return Err(format!(
-            "'{}' carries credentials, a query or a fragment: give ws[s]://HOST[:PORT][/PATH] only (it is printed in every join command)",
+            "'{}' carries credentials, a query or a fragment: give {form} only",
             crate::tunnel::shown(s)
         ));
     }
@@ -820,11 +830,11 @@ fn parse_advertise(s: &str) -> Result<String, String> {
         .any(|c| c.is_whitespace() || c.is_control() || "$`\"'\\;|&<>(){}".contains(c))
     {
         return Err(format!(
-            "'{}' holds white space, a control character or a shell character: give the tunnel's URL as agents reach it",
+            "'{}' holds white space, a control character or a shell character: give {form}",
             crate::tunnel::shown(s)
         ));
     }
-    Ok(s.to_string())
+    Ok(())
 }
 
 /// `--gateway-url`: an `https://` URL with a host, and no credentials,
@@ -853,26 +863,7 @@ fn parse_gateway_url(s: &str) -> Result<String, String> {
              sends operators' tokens to this URL"
         ));
     }
-    if u.query().is_some()
-        || u.fragment().is_some()
-        || !u.username().is_empty()
-        || u.password().is_some()
-    {
-        return Err(format!(
-            "'{shown}' carries credentials, a query or a fragment: give https://HOST[:PORT][/PATH] only"
-        ));
-    }
-    // The URL parser drops tabs and newlines and keeps spaces and shell
-    // characters in a path; the text goes into printed commands, unit
-    // files and manifest comments as given.
-    if s.chars()
-        .any(|c| c.is_whitespace() || c.is_control() || "$`\"'\\;|&<>(){}".contains(c))
-    {
-        return Err(format!(
-            "'{}' holds white space, a control character or a shell character: give https://HOST[:PORT][/PATH] as operators reach it",
-            crate::tunnel::shown(s)
-        ));
-    }
+    plain_url(s, &u, "https://HOST[:PORT][/PATH]")?;
     Ok(s.to_string())
 }
 
