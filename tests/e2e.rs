@@ -3082,11 +3082,13 @@ fn port_forward_reaches_a_statefulsets_pod_by_a_named_port() {
         true,
         &[("http", dotted.port())],
     );
+    drop(pf);
+    let remote = format!(":{}", dotted.port());
     let pf = Streaming::start(env.towerctl_cmd(&[
         "port-forward",
         "alpha",
         "pod/cache.v2",
-        ":http",
+        &remote,
         "--address",
         "127.0.0.1",
     ]));

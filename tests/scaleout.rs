@@ -336,7 +336,7 @@ fn up_cmd(env: &Env, store: &str, listen: &str, extra: &[&str]) -> Command {
         "--store",
         store,
     ];
-    if !extra.contains(&"--keepalive") {
+    if !extra.iter().any(|a| a.starts_with("--keepalive")) {
         args.extend(["--keepalive", "1s"]);
     }
     args.extend_from_slice(extra);
@@ -716,7 +716,14 @@ fn etcd_outage_keeps_tunnels_and_refuses_registry_changes() {
 /// The agent `join` (its printed command) started in `first`, started
 /// again in `second` with the same identity (its key copied) and only
 /// `second`'s tunnel URL: a member's agent that moved.
-fn same_agent_through(first: &Env, second: &Env, join: &[String], api: &ApiServer) {
+/// Its keepalive is `keepalive`.
+fn same_agent_through(
+    first: &Env,
+    second: &Env,
+    join: &[String],
+    api: &ApiServer,
+    keepalive: &str,
+) {
     let hub2 = second.status()["hub"]["tunnelURL"]
         .as_str()
         .unwrap()
@@ -738,7 +745,7 @@ fn same_agent_through(first: &Env, second: &Env, join: &[String], api: &ApiServe
         "--kubeconfig",
         kc.to_str().unwrap(),
         "--keepalive",
-        "1s",
+        keepalive,
     ]);
     assert!(o.ok(), "second agent: {o:?}");
 }
@@ -766,11 +773,12 @@ fn member_event(h: &Env, name: &str, text: &str) -> bool {
 #[test]
 fn a_hub_woken_from_a_freeze_leaves_a_newer_claim_on_another_hub_standing() {
     let etcd = Etcd::start();
-    // Keepalives every 5 s: the frozen agent's session on hub 0 outlives
-    // hub 0's first reconciling after its wake by seconds.
+    // Keepalives every 15 s: the frozen agent's session on hub 0 outlives
+    // the wait below for hub 0's cut (its third unanswered keepalive ends
+    // it, the first overdue at its wake).
     let hubs: [Env; 2] = std::array::from_fn(|_| Env::new());
     for h in &hubs {
-        let o = up_on_store(h, &etcd.url, &["--keepalive", "5s"]);
+        let o = up_on_store(h, &etcd.url, &["--keepalive", "15s"]);
         assert!(o.ok(), "{o:?}");
     }
     let api = ApiServer::start();
@@ -797,7 +805,7 @@ fn a_hub_woken_from_a_freeze_leaves_a_newer_claim_on_another_hub_standing() {
         Duration::from_secs(25),
         || owner().is_none().then_some(()),
     );
-    same_agent_through(&hubs[0], &hubs[1], &j, &api);
+    same_agent_through(&hubs[0], &hubs[1], &j, &api, "5s");
     wait_for("hub 1's claim", Duration::from_secs(10), || {
         owner().filter(|o| o["peer"] == gw1)
     });
@@ -827,7 +835,7 @@ fn a_newer_session_on_another_hub_replaces_the_old_one() {
     let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     let j = join(&hubs[0], &hubs[0], "alpha", &api);
-    same_agent_through(&hubs[0], &hubs[1], &j, &api);
+    same_agent_through(&hubs[0], &hubs[1], &j, &api, "1s");
     wait_for(
         "hub 1 to cut its copy, naming hub 2",
         Duration::from_secs(10),
@@ -1648,6 +1656,7 @@ fn a_hub_woken_from_a_freeze_is_not_confirmed_by_its_watchs_backlog() {
     });
 
     let pid = b.pid_of("hub").expect("hub b's pid");
+    let port = b.gateway_port();
     // SAFETY: a signal to the hub this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let resume = Resume(pid);
@@ -1684,7 +1693,12 @@ fn a_hub_woken_from_a_freeze_is_not_confirmed_by_its_watchs_backlog() {
             std::thread::spawn(move || support::run_bounded(c, Duration::from_secs(25)).stdout)
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Each connected (the kernel completes handshakes for the frozen hub).
+    let before = support::established_to(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::established_to(port) < before.max(8) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(resume);
     let codes: Vec<String> = asked.into_iter().map(|t| t.join().unwrap()).collect();
     eprintln!("bob's requests queued at the frozen hub: {codes:?}");
