@@ -170,10 +170,11 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
             *given = Some(PathBuf::from(ETCD_DIR).join(file));
         }
     }
+    let expanded = format!("--peer-url={peer_url}");
     let args: Vec<String> = pod
         .daemon_args()
         .iter()
-        .map(|a| match shared && *a == format!("--peer-url={peer_url}") {
+        .map(|a| match shared && *a == expanded {
             true => a.clone(),
             false => super::manifest::literal_arg(a),
         })

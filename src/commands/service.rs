@@ -122,12 +122,12 @@ mod tests {
         assert_eq!(quote("wss://h/t%2Fx").unwrap(), "wss://h/t%%2Fx");
         assert_eq!(quote("/t${HOME}/").unwrap(), "\"/t$${HOME}/\"");
         assert_eq!(quote("a b\"c\\").unwrap(), "\"a b\\\"c\\\\\"");
-        // A newline would start a directive of its own.
         // The executable's path: no variables expanded there.
         assert_eq!(
             super::quote_word("/opt/a$b%/towerctl", false).unwrap(),
             "\"/opt/a$b%%/towerctl\""
         );
+        // A newline would start a directive of its own.
         let e = quote("wss://h\nExecStartPre=/bin/touch /tmp/p")
             .unwrap_err()
             .to_string();

@@ -14,8 +14,20 @@ pub const LOCAL_ADMIN: &str = "admin";
 /// A DNS-1123 label, as Kubernetes names namespaces: 1–63 of `[a-z0-9-]`,
 /// alphanumeric at both ends.
 pub fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63 && label_chars(s)
+}
+
+/// A DNS-1123 subdomain, as Kubernetes' `IsDNS1123Subdomain` takes a pod's
+/// or a workload's name: labels of [`is_dns_label`]'s characters joined by
+/// dots, at most 253 characters in all (no limit per label); never `.` or
+/// `..`.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(label_chars)
+}
+
+/// Lower-case letters, digits and `-`, not at either end, not empty.
+fn label_chars(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')

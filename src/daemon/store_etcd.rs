@@ -291,37 +291,16 @@ impl EtcdStore {
         Ok(rev)
     }
 
-    /// Creates `rel` with `value` unless it exists; returns what is there
-    /// afterwards (ours or the winner's).
-    pub fn create_if_absent(&self, rel: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let key = self.key(rel);
-        let (ok, rev, v) = self
-            .etcd
-            .txn(
-                vec![etcd::absent(&key)],
-                vec![etcd::op_put(&key, value, 0)],
-                vec![etcd::op_get(&key)],
-            )
-            .map_err(err)?;
-        if ok {
-            self.cached_put(rel, value.to_vec(), rev);
-            return Ok(value.to_vec());
-        }
-        let kv = etcd::txn_range(&v, 0)
-            .ok_or_else(|| StoreError::Io(format!("{key} vanished while being created")))?;
-        self.cached_put(rel, kv.value.clone(), kv.mod_revision);
-        Ok(kv.value)
-    }
-
-    /// Puts `rel` (under `lease`) unless a key is there, in one
-    /// transaction: its revision where written or already holding `value`;
-    /// `None` where it holds another value (cached).
-    pub fn put_if_free(
+    /// Puts `rel` (under `lease`, 0 for none) unless a key is there, in one
+    /// transaction, and caches the outcome: `Ok(revision)` where written,
+    /// else what is there (`None`: deleted between the comparison and the
+    /// read).
+    fn put_if_absent(
         &self,
         rel: &str,
         value: &[u8],
         lease: i64,
-    ) -> Result<Option<i64>, StoreError> {
+    ) -> Result<Result<i64, Option<Kv>>, StoreError> {
         let key = self.key(rel);
         let (ok, rev, v) = self
             .etcd
@@ -333,15 +312,41 @@ impl EtcdStore {
             .map_err(err)?;
         if ok {
             self.cached_put(rel, value.to_vec(), rev);
-            return Ok(Some(rev));
+            return Ok(Ok(rev));
         }
-        // Deleted between the comparison and the read: tried again later.
-        let Some(kv) = etcd::txn_range(&v, 0) else {
-            return Ok(None);
-        };
-        let held = kv.value == value;
-        self.cached_put(rel, kv.value, kv.mod_revision);
-        Ok(held.then_some(kv.mod_revision))
+        let kv = etcd::txn_range(&v, 0);
+        if let Some(kv) = &kv {
+            self.cached_put(rel, kv.value.clone(), kv.mod_revision);
+        }
+        Ok(Err(kv))
+    }
+
+    /// Creates `rel` with `value` unless it exists; returns what is there
+    /// afterwards (ours or the winner's).
+    pub fn create_if_absent(&self, rel: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        match self.put_if_absent(rel, value, 0)? {
+            Ok(_) => Ok(value.to_vec()),
+            Err(Some(kv)) => Ok(kv.value),
+            Err(None) => Err(StoreError::Io(format!(
+                "{} vanished while being created",
+                self.key(rel)
+            ))),
+        }
+    }
+
+    /// Puts `rel` (under `lease`) unless a key is there: its revision where
+    /// written or already holding `value`; `None` where it holds another
+    /// value, or none any more (tried again later).
+    pub fn put_if_free(
+        &self,
+        rel: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(match self.put_if_absent(rel, value, lease)? {
+            Ok(rev) => Some(rev),
+            Err(kv) => kv.filter(|kv| kv.value == value).map(|kv| kv.mod_revision),
+        })
     }
 
     /// Deletes `rel` if `absent` does not exist, in one transaction;

@@ -14,6 +14,7 @@
 //!   a workload (`deploy/`, `rs/`, `sts/`, `ds/`, `job/`, `rc/` and their
 //!   long forms), or a bare pod name, with `-n NS`.
 
+use crate::daemon::names::{is_dns_label, is_dns_subdomain};
 use crate::tunnel::TARGET_APISERVER;
 
 /// The workloads port-forward reaches a pod of, as kubectl does.
@@ -156,22 +157,6 @@ fn host_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
-/// A Kubernetes object name that may hold dots (a DNS subdomain: a pod's,
-/// a workload's, as Kubernetes' `IsDNS1123Subdomain` takes it: at most 253
-/// characters, no limit per part); never `.` or `..`, which would be path
-/// segments in the API paths built from it.
-fn is_subdomain(s: &str) -> bool {
-    s.len() <= 253
-        && s.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
-}
-
 impl Target {
     pub fn channel_address(&self) -> String {
         match self {
@@ -193,11 +178,10 @@ impl Target {
         let two = |one_label: bool| {
             let (ns, name) = rest.split_once('/')?;
             let named = match one_label {
-                true => crate::daemon::names::is_dns_label(name),
-                false => is_subdomain(name),
+                true => is_dns_label(name),
+                false => is_dns_subdomain(name),
             };
-            (crate::daemon::names::is_dns_label(ns) && named)
-                .then(|| (ns.to_string(), name.to_string()))
+            (is_dns_label(ns) && named).then(|| (ns.to_string(), name.to_string()))
         };
         Some(match kind {
             "svc" => two(true).map(|(ns, name)| Target::Service { ns, name })?,
@@ -267,9 +251,9 @@ impl Target {
         let (kind, name) = s.split_once('/').unwrap_or(("pod", s));
         // A DNS subdomain name (dots allowed), as Kubernetes names pods and
         // workloads; a Service's is one label.
-        let subdomain = is_subdomain(name);
+        let subdomain = is_dns_subdomain(name);
         let service = matches!(kind, "svc" | "service" | "services");
-        if !subdomain || service && !crate::daemon::names::is_dns_label(name) {
+        if !subdomain || service && !is_dns_label(name) {
             return Err(format!(
                 "invalid resource name in '{}': {}",
                 crate::tunnel::escape_for_log(s, 300),
@@ -349,6 +333,18 @@ impl std::fmt::Display for Target {
 mod tests {
     use super::*;
 
+    /// `t` read back the same from its channel address and its CONNECT name.
+    fn reads_back(t: Target) {
+        assert_eq!(
+            Target::from_channel_address(&t.channel_address()),
+            Some(t.clone())
+        );
+        assert_eq!(
+            Target::from_connect_host(&t.connect_host("alpha")),
+            Some(("alpha".to_string(), t))
+        );
+    }
+
     #[test]
     fn every_workload_kubectl_names_is_a_target_both_ways() {
         for (written, kind) in [
@@ -375,14 +371,7 @@ mod tests {
                 name: "web".into(),
             };
             assert_eq!(t, want, "{written}");
-            assert_eq!(
-                Target::from_channel_address(&t.channel_address()),
-                Some(t.clone())
-            );
-            assert_eq!(
-                Target::from_connect_host(&t.connect_host("alpha")),
-                Some(("alpha".to_string(), t))
-            );
+            reads_back(t);
         }
         assert_eq!(
             Workload::StatefulSet.api_path("prod", "db"),
@@ -412,14 +401,7 @@ mod tests {
                     if written.ends_with(name.as_str()) && name.contains('.')),
                 "{written}: {t:?}"
             );
-            assert_eq!(
-                Target::from_channel_address(&t.channel_address()),
-                Some(t.clone())
-            );
-            assert_eq!(
-                Target::from_connect_host(&t.connect_host("alpha")),
-                Some(("alpha".to_string(), t))
-            );
+            reads_back(t);
         }
         for bad in [
             "svc/web.v2",

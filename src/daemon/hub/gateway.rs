@@ -486,6 +486,13 @@ pub async fn serve(
             // The member this connection is for, when its TLS server name says so.
             let sni: Option<Arc<str>> =
                 crate::daemon::route::member_of_sni(tls.get_ref().1.server_name()).map(Arc::from);
+            // `towerctl port-forward` multiplexes its streams over one
+            // HTTP/2 connection (see `daemon::tls::MUX_ALPN`); clients that
+            // offer `h2` (kubectl) get HTTP/2 with kube-apiserver's stream
+            // cap; the rest HTTP/1.1, with upgrades.
+            let alpn = tls.get_ref().1.alpn_protocol();
+            let mux = alpn == Some(crate::daemon::tls::MUX_ALPN);
+            let h2 = alpn == Some(b"h2".as_slice());
             let conn_state = Arc::new(Conn {
                 slot: ChannelSlot::default(),
                 peer,
@@ -499,7 +506,7 @@ pub async fn serve(
                 proxy,
                 closer: CancellationToken::new(),
                 registration: Default::default(),
-                mux: tls.get_ref().1.alpn_protocol() == Some(crate::daemon::tls::MUX_ALPN),
+                mux,
             });
             let svc = {
                 let conn_state = conn_state.clone();
@@ -529,13 +536,6 @@ pub async fn serve(
                     }
                 })
             };
-            // `towerctl port-forward` multiplexes its streams over one
-            // HTTP/2 connection (see `daemon::tls::MUX_ALPN`); clients that
-            // offer `h2` (kubectl) get HTTP/2 with kube-apiserver's stream
-            // cap; the rest HTTP/1.1, with upgrades.
-            let alpn = tls.get_ref().1.alpn_protocol();
-            let mux = alpn == Some(crate::daemon::tls::MUX_ALPN);
-            let h2 = alpn == Some(b"h2".as_slice());
             let watch = Watch {
                 conn_state,
                 evicted,

@@ -783,25 +783,27 @@ impl Hub {
                 }
             }
         }
-        let _unwinding = Unwinding(pending.clone(), name.clone());
-        let write = move || loop {
-            let _unwinding = &_unwinding;
-            let Some(at) = pending.lock().ok().and_then(|p| p.get(&name).copied()) else {
-                return;
-            };
-            // One read-modify-write: never writes back a stale copy over
-            // another hub's change (a revoke) to the same member.
-            // Never an earlier time over a later one another hub wrote.
-            if let Err(e) = store.update_member(&name, &mut |m| {
-                m.last_seen = m.last_seen.max(Some(at));
-                true
-            }) {
-                tracing::warn!("cannot record last_seen of '{name}': {e}");
-            }
-            let Ok(mut p) = pending.lock() else { return };
-            if p.get(&name) == Some(&at) {
-                p.remove(&name);
-                return;
+        let unwinding = Unwinding(pending.clone(), name.clone());
+        let write = move || {
+            let _unwinding = unwinding;
+            loop {
+                let Some(at) = pending.lock().ok().and_then(|p| p.get(&name).copied()) else {
+                    return;
+                };
+                // One read-modify-write: never writes back a stale copy over
+                // another hub's change (a revoke) to the same member.
+                // Never an earlier time over a later one another hub wrote.
+                if let Err(e) = store.update_member(&name, &mut |m| {
+                    m.last_seen = m.last_seen.max(Some(at));
+                    true
+                }) {
+                    tracing::warn!("cannot record last_seen of '{name}': {e}");
+                }
+                let Ok(mut p) = pending.lock() else { return };
+                if p.get(&name) == Some(&at) {
+                    p.remove(&name);
+                    return;
+                }
             }
         };
         match tokio::runtime::Handle::try_current() {

@@ -656,45 +656,31 @@ impl Cluster {
                 true => st.put_if_free(&rel, &value, lease),
             })
             .await;
-            let set = |rev: i64, in_flight_only: bool| {
-                if let Ok(mut c) = me.claims.lock() {
-                    if let Some(cl) = c
-                        .get_mut(&s.name)
-                        .filter(|cl| cl.0 == s.id && (cl.1 == 0 || !in_flight_only))
-                    {
-                        cl.1 = rev;
+            // Written: its revision. Held by another hub, or failed: a claim
+            // that had been written keeps its earlier revision (a newer
+            // claim elsewhere cuts this session; a missing key is claimed
+            // again), else it is failed, retried by the next reconcile (one
+            // in flight is not: re-sending those on every registry event
+            // multiplied the writes tenfold when 1,000 agents logged in at
+            // once). A result landing after another write began is left.
+            let (rev, in_flight_only) = match r {
+                Ok(Ok(Some(rev))) => (rev, false),
+                other => {
+                    if let Ok(Err(e)) = other {
+                        tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
                     }
+                    (if prior > 0 { prior } else { CLAIM_FAILED }, true)
                 }
             };
-            match r {
-                Ok(Ok(Some(rev))) => set(rev, false),
-                Ok(Ok(None)) => set(if prior == 0 { CLAIM_FAILED } else { prior }, true),
-                // A claim made again keeps its earlier revision (the key is
-                // claimed again while missing; a newer claim elsewhere cuts
-                // this session): a new lease's put refused, say.
-                Ok(Err(e)) if prior > 0 => {
-                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd again: {e}; retrying");
-                    set(prior, true);
+            if let Ok(mut c) = me.claims.lock() {
+                if let Some(cl) = c
+                    .get_mut(&s.name)
+                    .filter(|cl| cl.0 == s.id && (cl.1 == 0 || !in_flight_only))
+                {
+                    cl.1 = rev;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
-                    me.claim_failed(&s);
-                }
-                Err(_) if prior > 0 => set(prior, true),
-                Err(_) => me.claim_failed(&s),
             }
         });
-    }
-
-    /// A claim's write failed: retried by the next reconcile (one in flight
-    /// is not: re-sending those on every registry event multiplied the
-    /// writes tenfold when 1,000 agents logged in at once).
-    fn claim_failed(&self, s: &LiveSession) {
-        if let Ok(mut c) = self.claims.lock() {
-            if let Some(cl) = c.get_mut(&s.name).filter(|cl| cl.0 == s.id && cl.1 == 0) {
-                cl.1 = CLAIM_FAILED;
-            }
-        }
     }
 
     /// The session ended here: drop the owner key if it is still ours,
