@@ -70,6 +70,12 @@ fn etcd_put_json(etcd: &Etcd, key: &str, value: &serde_json::Value) {
     assert!(etcd_post(&etcd.client, "/v3/kv/put", &body).is_some());
 }
 
+/// Removes `key` from `etcd`.
+fn etcd_delete(etcd: &Etcd, key: &str) {
+    let body = format!(r#"{{"key":"{}"}}"#, b64(key.as_bytes()));
+    assert!(etcd_post(&etcd.client, "/v3/kv/deleterange", &body).is_some());
+}
+
 /// Certificates for an etcd that serves TLS and requires client
 /// certificates: a CA, etcd's serving pair (127.0.0.1), a client pair, and
 /// a client pair from another CA.
@@ -2212,6 +2218,62 @@ fn an_etcd_member_without_its_quorum_does_not_keep_a_hub_serving() {
 /// copy of the rules is behind (its watch delayed, as above, or two
 /// changes at the same moment): a `deny` written on one hub used to be
 /// overwritten by the other hub's next change, made on its older copy.
+/// Access rules or an operator record this hub cannot read (a newer
+/// hub's shape during an upgrade, a hand edit) fail closed at once: the
+/// rules and operators read before stayed in force (a narrowed grant, a
+/// new deny rule, a removed operator) until the staleness limit, 60 s by
+/// default. Read again, they apply again.
+#[test]
+fn access_rules_or_operators_this_hub_cannot_read_refuse_operators() {
+    let etcd = Etcd::start();
+    let a = Env::new();
+    hub_up(&a, &etcd);
+    let api = ApiServer::start();
+    join(&a, &a, "alpha", &api);
+    let bob = operator_token(&a, "bob");
+    let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let admin = std::fs::read_to_string(a.path("data/towerctl/admin.token")).unwrap();
+    let admin = admin.trim();
+    let get = |token: &str| support::gateway_get(&a, token, "/clusters/alpha/version");
+    let wait_code = |what: &str, token: &str, code: &str| {
+        wait_for(what, Duration::from_secs(10), || {
+            let (c, body) = get(token);
+            (c == code).then_some(body)
+        })
+    };
+    wait_code("bob reaches alpha", &bob, "200");
+
+    let key = "/towerctl/settings/access";
+    let rules = etcd_json(&etcd, key).expect("the access rules in etcd");
+    let mut newer = rules.clone();
+    newer["rules"]
+        .as_array_mut()
+        .expect("a list of rules")
+        .push(serde_json::json!({"id": 99, "effect": "audit", "subject": {"operator": "bob"}, "clusters": ""}));
+    etcd_put_json(&etcd, key, &newer);
+    wait_code("bob refused under rules this hub cannot read", &bob, "403");
+    let log = std::fs::read_to_string(a.path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(
+        log.contains("access rules in the registry are unreadable"),
+        "the hub's log says why: {log}"
+    );
+    assert_eq!(get(admin).0, "200", "the local admin");
+    etcd_put_json(&etcd, key, &rules);
+    wait_code("bob reaches alpha once the rules are read", &bob, "200");
+
+    let corrupt = "/towerctl/operators/zz-unreadable";
+    etcd_put_json(&etcd, corrupt, &serde_json::json!("not an operator"));
+    wait_code(
+        "bob refused while the operators cannot be read",
+        &bob,
+        "401",
+    );
+    assert_eq!(get(admin).0, "200", "the local admin");
+    etcd_delete(&etcd, corrupt);
+    wait_code("bob reaches alpha once the operators are read", &bob, "200");
+}
+
 #[test]
 fn access_rules_changed_on_two_hubs_keep_both_changes() {
     let (_etcd, relay, a, b) = hubs_behind_a_relay();

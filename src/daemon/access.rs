@@ -127,6 +127,12 @@ pub struct Policy {
     /// rule allows anything here (they may restrict what rules allow).
     #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub unknown: serde_json::Map<String, serde_json::Value>,
+    /// Why the registry's rules could not be read here (a rule of a shape
+    /// a newer hub wrote, a document edited by hand): no rule applies, and
+    /// every operator but the local admin is refused until they are read.
+    /// Kept in memory only ([`Policy::unreadable`]).
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
 /// The answer for one operator and member, with the rule that decided.
@@ -139,6 +145,17 @@ pub struct Decision {
 }
 
 impl Policy {
+    /// The rules a hub holds when the registry's cannot be read: they
+    /// refuse every operator but the local admin, saying why. Keeping the
+    /// rules read before instead kept a narrowed grant or a new deny rule
+    /// from applying (until `--store-max-stale`, or for ever without it).
+    pub fn unreadable(why: impl std::fmt::Display) -> Policy {
+        Policy {
+            unreadable: Some(crate::tunnel::escape_for_log(&why.to_string(), 300)),
+            ..Default::default()
+        }
+    }
+
     /// Adds a rule after checking its selector; returns it.
     pub fn add(
         &mut self,
@@ -179,6 +196,14 @@ impl Policy {
             return Decision {
                 allowed: true,
                 why: "local admin".into(),
+            };
+        }
+        if let Some(why) = &self.unreadable {
+            return Decision {
+                allowed: false,
+                why: format!(
+                    "the access rules in the registry cannot be read by this hub ({why}), so none applies: upgrade this hub if a newer one wrote them, or rewrite them with 'towerctl access'"
+                ),
             };
         }
         if !self.unknown.is_empty() {

@@ -46,8 +46,30 @@ use http_body::{Body, Frame, SizeHint};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-/// Rotate when the current file passes this size.
+/// Rotate when the current file passes this size, unless
+/// [`MAX_BYTES_ENV`] says otherwise ([`max_bytes`]).
 pub const MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// The rotation size in bytes (at least 64 KiB): how much history the
+/// hub keeps is `(KEEP + 1)` times it.
+pub const MAX_BYTES_ENV: &str = "TOWERCTL_AUDIT_MAX_BYTES";
+
+/// [`MAX_BYTES`], or what [`MAX_BYTES_ENV`] says (read once).
+pub fn max_bytes() -> u64 {
+    static SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| match std::env::var(MAX_BYTES_ENV) {
+        Err(_) => MAX_BYTES,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) => n.max(64 * 1024),
+            Err(_) => {
+                tracing::warn!(
+                    "ignoring {MAX_BYTES_ENV}='{}': use a size in bytes",
+                    crate::tunnel::escape_for_log(&v, 40)
+                );
+                MAX_BYTES
+            }
+        },
+    })
+}
 /// Rotated files kept besides the current one (`audit.log.1` … `.3`).
 pub const KEEP: usize = 3;
 
@@ -145,7 +167,10 @@ impl Limiter {
     fn refill(&mut self, key: &str, now: Instant) -> &mut Bucket {
         let mut l = self.limits;
         if key == UNAUTHENTICATED {
-            l.rate = (l.rate / 10.0).max(1.0);
+            // A hundredth of an operator's rate: at ten a second, clients
+            // without a token (anyone who reaches the gateway) turned the
+            // whole history over in about two hours.
+            l.rate = (l.rate / 100.0).max(1.0);
             l.burst = (l.burst / 10.0).max(1.0);
         }
         let b = self.buckets.entry(key.to_string()).or_insert(Bucket {
@@ -757,7 +782,7 @@ impl<F: LogFile> Writer<F> {
         }
         let Some(f) = self.file.as_mut() else { return };
         let result = append(f, lines, &mut self.torn);
-        let full = f.len().unwrap_or(0) >= MAX_BYTES;
+        let full = f.len().unwrap_or(0) >= max_bytes();
         match result {
             // Losses not yet reported are, once the minute is up.
             Ok(()) => self.report(),

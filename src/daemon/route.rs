@@ -128,7 +128,10 @@ pub fn misdirected<B>(req: &http::Request<B>, name: &str) -> Option<String> {
 /// so a request for `/api/v1/namespaces/x/%73ecrets` acts on secrets; kept
 /// encoded, the hub's audit said `%73ecrets` (a search for `secrets`
 /// missed it). Encoded dots stay so, for [`unsafe_path`] to refuse; other
-/// escapes (`%3A`) stay as written.
+/// escapes (`%3A`) stay as written. A `%` that starts no escape is written
+/// `%25`: left as it was, `%%373ecrets` became `%73ecrets` here (audited
+/// so) and `secrets` at the API server; every `%` of the result starts one
+/// of the client's own escapes, so decoding it again changes nothing.
 pub fn decode_unreserved(path: &str) -> String {
     if !path.contains('%') {
         return path.to_string();
@@ -138,12 +141,21 @@ pub fn decode_unreserved(path: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let c = h << 4 | l;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'~') {
-                    out.push(c);
-                    i += 3;
+        if bytes[i] == b'%' {
+            let pair = (bytes.get(i + 1).copied().and_then(hex))
+                .zip(bytes.get(i + 2).copied().and_then(hex));
+            match pair {
+                Some((h, l)) => {
+                    let c = h << 4 | l;
+                    if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'~') {
+                        out.push(c);
+                        i += 3;
+                        continue;
+                    }
+                }
+                None => {
+                    out.extend_from_slice(b"%25");
+                    i += 1;
                     continue;
                 }
             }
@@ -215,10 +227,25 @@ mod tests {
             "/clusters/alpha/api/~-_"
         );
         assert_eq!(d("/api/%2e%2e/%2F/%3A/%25"), "/api/%2e%2e/%2F/%3A/%25");
-        assert_eq!(d("/a%7"), "/a%7");
-        assert_eq!(d("/a%"), "/a%");
-        assert_eq!(d("/a%zz%41"), "/a%zzA");
+        assert_eq!(d("/a%7"), "/a%257");
+        assert_eq!(d("/a%"), "/a%25");
+        assert_eq!(d("/a%zz%41"), "/a%25zzA");
         assert_eq!(d("/plain"), "/plain");
+        // A stray `%` cannot make an escape of what follows it decoded.
+        assert_eq!(
+            d("/api/v1/namespaces/x/%%373ecrets"),
+            "/api/v1/namespaces/x/%2573ecrets"
+        );
+        for p in [
+            "/x/%%373ecrets",
+            "/x/%%%3737%33ecrets",
+            "/a%7",
+            "/a%zz%41",
+            "/%2573",
+            "/%%2e%2e",
+        ] {
+            assert_eq!(d(&d(p)), d(p), "decoding {p} again changes it");
+        }
     }
 
     #[test]

@@ -944,6 +944,18 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
     let Some(operator) = hub.operator_memo(&conn.known, &token) else {
         return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
     };
+    // Held to the operator's budget first: the refusals below are
+    // recorded, and a token's connections past their limit (refused on
+    // each of a multiplexed connection's streams) wrote records past it,
+    // enough to rotate the audit history away.
+    if operator.name != super::LOCAL_ADMIN {
+        if let Err(msg) = hub.auditor.admit_request(&operator.name) {
+            let mut resp = status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+    }
     if let Err(msg) = conn.authenticated(&hub, &operator.name) {
         hub.auditor.record(Record {
             time: crate::daemon::fmt::fmt_now(),
@@ -962,14 +974,6 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return resp;
-    }
-    if operator.name != super::LOCAL_ADMIN {
-        if let Err(msg) = hub.auditor.admit_request(&operator.name) {
-            let mut resp = status_response(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &msg);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
-        }
     }
     if req.method() == http::Method::CONNECT {
         // On HTTP/1.1 (one stream per connection), or on port-forward's

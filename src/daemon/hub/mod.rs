@@ -960,11 +960,26 @@ impl Hub {
         }
     }
 
-    /// Loads the access rules from the registry (at start).
+    /// Loads the access rules from the registry (at start, and when
+    /// another hub changed them). Rules that cannot be read fail closed
+    /// (an error all the same): every operator but the local admin is
+    /// refused until they are read ([`super::access::Policy::unreadable`]).
+    /// A registry that cannot be reached leaves the rules as they were
+    /// (the copy's staleness limit refuses operators past it).
     fn load_access(&self) -> Result<()> {
         let p = match self.store.get_setting(super::access::SETTING)? {
-            Some(json) => serde_json::from_str(&json)
-                .context("the access rules in the registry are unreadable")?,
+            Some(json) => match serde_json::from_str(&json) {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Ok(mut a) = self.access.write() {
+                        *a = super::access::Policy::unreadable(&e);
+                    }
+                    let n = self.recheck_streams();
+                    return Err(anyhow::anyhow!(
+                        "the access rules in the registry are unreadable ({e}); every operator but the local admin is refused until they are read ({n} open streams cut)"
+                    ));
+                }
+            },
             None => Default::default(),
         };
         if let Ok(mut a) = self.access.write() {
@@ -1031,6 +1046,15 @@ impl Hub {
                 }
                 Err(_) => false,
             },
+            Err(e @ super::store::StoreError::Corrupt(_)) => {
+                // A record this hub cannot read (a newer hub's, or edited
+                // by hand): the list it was read with is not the registry's
+                // (an operator removed since would stay valid here). Fails
+                // closed: only the local admin is kept until it is read.
+                let n = self.forget_operators(|o| o.name != LOCAL_ADMIN).len();
+                tracing::error!("cannot load operators: {e}; {n} operator token(s) refused here until the registry's list can be read");
+                false
+            }
             Err(e) => {
                 tracing::error!("cannot load operators: {e}");
                 false
