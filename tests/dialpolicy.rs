@@ -171,7 +171,8 @@ fn hand_made_endpoints_and_host_network_pods_are_host_targets() {
         &[("http", web.port())],
     );
     api.set_host_network("default", "hostpod");
-    connected(&env, &api, &[]);
+    // A suffix rule for the cluster's names does not make them hosts.
+    connected(&env, &api, &["*.svc.cluster.local"]);
 
     let (o, text) = forward_once(&env, "svc/web", 80);
     assert!(!o.stdout.contains("a host port"), "{o:?}");
@@ -184,6 +185,25 @@ fn hand_made_endpoints_and_host_network_pods_are_host_targets() {
     let (o, text) = forward_once(&env, "pod/hostpod", web.port());
     assert!(!o.stdout.contains("a host port"), "{o:?}");
     assert!(text.contains(&want), "{text}");
+
+    // Named in the cluster's DNS, they are the same Service and pod (a
+    // headless Service's name resolved, as a host, to its endpoints
+    // unvetted: a host-network pod's node, a hand-made slice's address).
+    let o = connect_raw(&env, "web.default.svc.cluster.local.alpha:80");
+    assert!(
+        o.contains("403") && o.contains("service default/web") && o.contains(&want),
+        "{o}"
+    );
+    let o = connect_raw(
+        &env,
+        &format!("hostpod.h.default.svc.cluster.local.alpha:{}", web.port()),
+    );
+    assert!(
+        o.contains("403") && o.contains("pod default/hostpod") && o.contains(&want),
+        "{o}"
+    );
+    let o = connect_raw(&env, "10-0-0-1.default.pod.cluster.local.alpha:80");
+    assert!(o.contains("403") && o.contains("pod/NAME"), "{o}");
     let s = env.status();
     assert!(s["agents"].is_array(), "{s}");
 }
@@ -213,6 +233,10 @@ fn host_targets_work_with_an_explicit_address_rule() {
     let (o, _) = forward_once(&env, "svc/web", 80);
     assert!(o.stdout.contains("a host port"), "{o:?}");
     let (o, _) = forward_once(&env, "pod/hostpod", web.port());
+    assert!(o.stdout.contains("a host port"), "{o:?}");
+    // The same through their names in the cluster's DNS (the agent reads
+    // them, it does not ask a resolver; none here knows them).
+    let o = curl_via_gateway(&env, "web.default.svc.cluster.local.alpha:80");
     assert!(o.stdout.contains("a host port"), "{o:?}");
 }
 

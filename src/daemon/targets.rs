@@ -284,34 +284,43 @@ impl Target {
         self.to_string()
     }
 
-    /// This target as an agent that impersonates operators dials it. A
-    /// host name in the cluster's DNS names a Kubernetes object, and the
-    /// member's RBAC is asked about it as about that object: dialed as a
-    /// host, `db.prod.svc.cluster.local` (allowed by a suffix rule) reached
-    /// a Service that `svc/db -n prod` would have refused. So
-    /// `NAME.NS.svc[.DOMAIN]` is the Service `NS/NAME`; other names in those
-    /// zones (a pod's `A-B-C-D.NS.pod.DOMAIN`, a StatefulSet member's
-    /// `POD.SVC.NS.svc.DOMAIN`) name nothing RBAC can be asked about and are
-    /// refused. Other hosts, and addresses, stay as they are (the dial
-    /// policy bounds them).
-    pub fn impersonated(self) -> Result<Target, String> {
+    /// This target as the agent dials it: a host name in the cluster's DNS
+    /// is what it names, checked as that object is. `NAME.NS.svc[.DOMAIN]`
+    /// is the Service `NS/NAME` (its endpoints vetted as `svc/` vets them),
+    /// a StatefulSet member's `POD.SVC.NS.svc[.DOMAIN]` the pod `NS/POD`;
+    /// other names in those zones (a pod's `A-B-C-D.NS.pod.DOMAIN`, which
+    /// the cluster's DNS answers with any address written in it) are
+    /// refused. Dialed as a host (allowed by a suffix rule such as
+    /// `*.svc.cluster.local`), a headless Service's name led to its
+    /// endpoints' addresses unvetted: a host-network pod's node, any
+    /// address of a hand-made EndpointSlice; and under impersonation,
+    /// `db.prod.svc.cluster.local` reached a Service that `svc/db -n prod`
+    /// would have refused. Other hosts, and addresses, stay as they are
+    /// (the dial policy bounds them).
+    pub fn in_cluster_dns(self) -> Result<Target, String> {
         let Target::Host(h) = &self else {
             return Ok(self);
         };
         let lower = h.trim_end_matches('.').to_ascii_lowercase();
         let labels: Vec<&str> = lower.split('.').collect();
-        if labels.len() >= 3 && labels[2] == "svc" && labels[..2].iter().all(|l| !l.is_empty()) {
-            return Ok(Target::Service {
-                ns: labels[1].to_string(),
-                name: labels[0].to_string(),
-            });
+        let label = |l: &str| crate::daemon::names::is_dns_label(l);
+        let refused = || {
+            Err(format!(
+                "'{h}' is a name in the cluster's DNS that names no Service or pod the agent can check; forward to svc/NAME or pod/NAME instead"
+            ))
+        };
+        match labels.as_slice() {
+            [name, ns, "svc", ..] if label(name) && label(ns) => Ok(Target::Service {
+                ns: ns.to_string(),
+                name: name.to_string(),
+            }),
+            [pod, svc, ns, "svc", ..] if label(pod) && label(svc) && label(ns) => Ok(Target::Pod {
+                ns: ns.to_string(),
+                name: pod.to_string(),
+            }),
+            [_, _, rest @ ..] if rest.iter().any(|l| matches!(*l, "svc" | "pod")) => refused(),
+            _ => Ok(self),
         }
-        if labels.iter().skip(2).any(|l| matches!(*l, "svc" | "pod")) {
-            return Err(format!(
-                "'{h}' is a name in the cluster's DNS that the member's RBAC cannot be asked about (this member's agent acts as each operator); forward to svc/NAME or pod/NAME instead"
-            ));
-        }
-        Ok(self)
     }
 }
 
@@ -436,8 +445,8 @@ mod tests {
     }
 
     #[test]
-    fn under_impersonation_cluster_dns_names_are_what_they_name() {
-        let host = |h: &str| Target::Host(h.into()).impersonated();
+    fn cluster_dns_names_are_what_they_name() {
+        let host = |h: &str| Target::Host(h.into()).in_cluster_dns();
         let svc = |ns: &str, name: &str| {
             Ok(Target::Service {
                 ns: ns.into(),
@@ -448,9 +457,21 @@ mod tests {
         assert_eq!(host("db.prod.svc.cluster.local."), svc("prod", "db"));
         assert_eq!(host("DB.Prod.SVC"), svc("prod", "db"));
         assert_eq!(host("db.prod.svc.corp.internal"), svc("prod", "db"));
+        // A StatefulSet member's name is its pod.
+        let pod = |ns: &str, name: &str| {
+            Ok(Target::Pod {
+                ns: ns.into(),
+                name: name.into(),
+            })
+        };
+        assert_eq!(host("db-0.db.prod.svc.cluster.local"), pod("prod", "db-0"));
+        assert_eq!(host("db-0.db.prod.svc"), pod("prod", "db-0"));
         for unaskable in [
             "10-0-0-5.prod.pod.cluster.local",
-            "db-0.db.prod.svc.cluster.local",
+            "10-0-0-5.prod.pod",
+            "a.b.c.d.svc.cluster.local",
+            "db_x.prod.svc.cluster.local",
+            "x.-y.svc",
         ] {
             let e = host(unaskable).unwrap_err();
             assert!(e.contains(unaskable) && e.contains("svc/NAME"), "{e}");
@@ -464,7 +485,7 @@ mod tests {
             ns: "a".into(),
             name: "b".into(),
         };
-        assert_eq!(pod.clone().impersonated(), Ok(pod));
+        assert_eq!(pod.clone().in_cluster_dns(), Ok(pod));
     }
 
     #[test]

@@ -166,14 +166,12 @@ pub(super) async fn serve_raw(
         services,
         rbac,
     } = d;
-    // Acting as the operator, a host name in the cluster's DNS is checked
-    // as what it names (`Target::impersonated`).
-    let (target, unaskable) = match &rbac {
-        Some(_) => match target.clone().impersonated() {
-            Ok(t) => (t, None),
-            Err(m) => (target, Some(m)),
-        },
-        None => (target, None),
+    // A host name in the cluster's DNS is checked as what it names
+    // (`Target::in_cluster_dns`): the Service's endpoints vetted, the
+    // operator's RBAC asked about it when acting as the operator.
+    let (target, unaskable) = match target.clone().in_cluster_dns() {
+        Ok(t) => (t, None),
+        Err(m) => (target, Some(m)),
     };
     // Boxed: it is large, and the deadline below would otherwise copy it
     // whole into its own future (12 KB a connection, callgrind).
