@@ -892,6 +892,35 @@ fn requests_forwarded_to_another_hub_reuse_their_connection() {
     let last = api.requests().into_iter().last().unwrap();
     assert_eq!(last.header("impersonate-user"), Some("bob"), "{last:?}");
     assert_eq!(last.header("impersonate-group"), Some("devs"), "{last:?}");
+    // The token hub 1 accepted is the one hub 2 is given, wherever the
+    // client put it: in `Proxy-Authorization` (a hop-by-hop header) it was
+    // dropped on the way, and hub 2 answered 401.
+    let admin = std::fs::read_to_string(hubs[0].path("data/towerctl/admin.token")).unwrap();
+    let gw = hubs[0].status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let mut c = Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+    ])
+    .arg(hubs[0].path("data/towerctl/ca.crt"))
+    .args([
+        "-H",
+        &format!("Proxy-Authorization: Bearer {}", admin.trim()),
+    ])
+    .arg(format!("{gw}/clusters/beta/version"));
+    let o = support::run_bounded(c, Duration::from_secs(20));
+    assert!(
+        o.stdout.ends_with("\n200") && o.stdout.contains("gitVersion"),
+        "{o:?}"
+    );
 }
 
 /// Waits for this hub's audit record matching `f` and `phase`.

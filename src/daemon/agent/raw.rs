@@ -35,30 +35,57 @@ pub(super) async fn push_listener(
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
-    loop {
-        let (mut conn, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(_) => continue,
-            },
-        };
-        crate::tunnel::nodelay(&conn);
+    // Connections carried at once per exposed name: each holds a socket,
+    // and one whose open the hub never answers would otherwise be held
+    // until the session ends.
+    let carried = Arc::new(tokio::sync::Semaphore::new(PUSH_MAX_CONNECTIONS));
+    // `accept_next` pauses after an error (out of descriptors, the
+    // backlog stays readable: retried at once, the loop spun a core).
+    while let Some((mut conn, peer)) = crate::daemon::accept_next(&l, &cancel, "expose").await {
         let Some(sess) = current.borrow().clone() else {
-            tracing::warn!(%name, "refused a workload connection from {peer}: the tunnel is down");
+            refused(
+                &name,
+                format_args!("refused a workload connection from {peer}: the tunnel is down"),
+            );
+            continue;
+        };
+        let Ok(permit) = carried.clone().try_acquire_owned() else {
+            refused(&name, format_args!("refused a workload connection from {peer}: {PUSH_MAX_CONNECTIONS} are carried already"));
             continue;
         };
         let name = name.clone();
         tasks.spawn(async move {
-            match sess.open_direct(&name, peer).await {
-                Ok(mut ch) => {
+            let _permit = permit;
+            match tokio::time::timeout(PUSH_OPEN_WAIT, sess.open_direct(&name, peer)).await {
+                Ok(Ok(mut ch)) => {
                     let _ = crate::tunnel::splice_from(&mut ch, &mut conn).await;
                 }
-                Err(e) => {
-                    tracing::warn!(%name, "the hub refused to carry a workload connection: {e}")
-                }
+                Ok(Err(e)) => refused(
+                    &name,
+                    format_args!("the hub refused to carry a workload connection: {e}"),
+                ),
+                Err(_) => refused(
+                    &name,
+                    format_args!("the hub did not answer a workload connection's open within {PUSH_OPEN_WAIT:?}"),
+                ),
             }
         });
+    }
+}
+
+/// Most workload connections carried at once per exposed name (push mode).
+const PUSH_MAX_CONNECTIONS: usize = 1024;
+/// Longest wait for the hub to take a workload connection's channel.
+const PUSH_OPEN_WAIT: Duration = Duration::from_secs(20);
+/// Push mode's refused connections, logged 10 a minute (then at debug).
+static PUSH_REFUSALS: crate::tunnel::LogBudget =
+    crate::tunnel::LogBudget::new("refused workload connections", 10);
+
+fn refused(name: &str, what: std::fmt::Arguments<'_>) {
+    if PUSH_REFUSALS.admit() {
+        tracing::warn!(%name, "{what}");
+    } else {
+        tracing::debug!(%name, "{what}");
     }
 }
 
@@ -85,6 +112,8 @@ async fn dial_tcp(
         {
             Ok(Ok(s)) => {
                 crate::tunnel::nodelay(&s);
+                // A target that vanishes silently is found by the probes.
+                crate::daemon::keepalive(&s);
                 return Ok(s);
             }
             Ok(Err(e)) => last = format!("{a}: {e}"),

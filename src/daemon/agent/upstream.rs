@@ -450,7 +450,19 @@ impl ChannelService for Upstream {
                     )
                 }
             });
+            // Bounded as the gateway bounds its clients: a request head of
+            // at most 128 KiB (the gateway's 64 KiB and the identity it
+            // adds; hyper's default is 408 KiB, held outside the window
+            // budget once read off the stream), and a head that takes
+            // more than 5 minutes to come (a channel kept idle for a
+            // client connection waits at most the gateway's 120 s idle
+            // time) ends the stream: without a timer hyper has no head
+            // deadline at all, and a hub could hold 4,096 streams with
+            // unfinished heads for ever.
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_WAIT)
+                .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades()
                 .await
@@ -460,6 +472,12 @@ impl ChannelService for Upstream {
         });
     }
 }
+
+/// Most bytes of a request head from the hub (the gateway's 64 KiB cap
+/// and the identity headers it adds).
+const MAX_HEAD: usize = 128 * 1024;
+/// Longest wait for a request head on an API stream, idle ones included.
+const HEAD_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The operator to impersonate, when both the hub (for this member) and
 /// this agent allow it: `(user, groups)`.

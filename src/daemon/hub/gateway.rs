@@ -777,7 +777,7 @@ impl Watch {
 /// `base64url.bearer.authorization.k8s.io.TOKEN` subprotocol, as
 /// kube-apiserver reads it (removed before the request goes on:
 /// `http::strip_identity`).
-fn bearer(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .or_else(|| headers.get(header::PROXY_AUTHORIZATION))

@@ -897,6 +897,10 @@ impl Cluster {
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
+            // A stream carried to a hub that vanished (a crash, a
+            // partition: no FIN, no RST) is found dead by the probes; a
+            // watch only read would otherwise wait on it for ever.
+            crate::daemon::keepalive(&tcp);
             let name =
                 rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
                     .map_err(|e| e.to_string())?;
@@ -1330,8 +1334,20 @@ pub(super) async fn forward(
     };
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // The token this hub authenticated, wherever the client put it, is the
+    // one the owner authenticates: from `Proxy-Authorization` (a hop-by-hop
+    // header) it was lost on the way (401 there), and an `Authorization`
+    // the client named in `Connection` was dropped, so the owner took
+    // another token from the WebSocket subprotocol (two hubs acting for
+    // two operators on one request).
+    let token = super::gateway::bearer(req.headers()).map(|t| format!("Bearer {t}"));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(header::PROXY_AUTHORIZATION);
+    if let Some(v) = token.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        parts.headers.insert(header::AUTHORIZATION, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&c.id) {
         parts.headers.insert(FORWARDED_HEADER, v);
     }
@@ -1385,9 +1401,10 @@ pub(super) async fn forward(
     // other deadline (a partition held the request ~15 minutes, until TCP
     // gave up). Watches, logs and upgrades answer their head at once; a
     // request the member is slow on has the agent's own deadline inside.
-    // A request asking the member for longer (`?timeout=`) is given it.
+    // A request asking the member for longer (`?timeout=`) is given it,
+    // up to an hour (`timeout=876000h` lifted the bound).
     let deadline = crate::daemon::http::asked_timeout(parts.uri.query())
-        .map(|t| t.saturating_add(PEER_ANSWER_DEADLINE))
+        .map(|t| t.min(Duration::from_secs(3600)) + PEER_ANSWER_DEADLINE)
         .unwrap_or(PEER_ANSWER_DEADLINE);
     let answered = tokio::time::timeout(deadline, async {
         match sender
