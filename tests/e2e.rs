@@ -1785,6 +1785,18 @@ fn port_forward_to_pods_and_deployments_and_bad_input() {
             pf.output()
         );
     }
+    // A workload's pods are read a page at a time (a DaemonSet's every pod
+    // was read whole for each connection).
+    let lists: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with("/api/v1/namespaces/default/pods?"))
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        !lists.is_empty() && lists.iter().all(|p| p.contains("limit=100")),
+        "{lists:?}"
+    );
     // An older server without discovery.k8s.io: core Endpoints, numeric targetPort.
     api.set_endpointslices(false);
     api.add_service(

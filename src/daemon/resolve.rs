@@ -154,6 +154,10 @@ fn pod_ref(r: Option<&ObjectReference>, ns: &str) -> Option<(String, String)> {
 }
 
 /// Where to dial for `target` port `port`.
+/// Pods read at a time to find a workload's pod, and most pages read.
+const WORKLOAD_PAGE: u32 = 100;
+const WORKLOAD_PAGES: usize = 50;
+
 pub async fn resolve(
     client: &kube::Client,
     cache: Option<&ServiceCache>,
@@ -183,23 +187,37 @@ pub async fn resolve(
             let selector = workload_selector(*kind, &obj).ok_or_else(|| {
                 ResolveError::Unavailable(format!("{what} has no usable pod selector"))
             })?;
-            let pods = Api::<Pod>::namespaced(client.clone(), ns)
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(|e| api_err(&what, e))?;
-            // A ready pod first, else a running one (kubectl's choice).
-            [true, false]
-                .into_iter()
-                .find_map(|ready| {
-                    pods.items.iter().find_map(|p| {
+            // A ready pod first, else a running one (kubectl's choice);
+            // read a page at a time, stopping at the first ready one: a
+            // DaemonSet's every pod (tens of MB on a large cluster) was
+            // read whole for each connection.
+            let api = Api::<Pod>::namespaced(client.clone(), ns);
+            let mut params = ListParams::default().labels(&selector).limit(WORKLOAD_PAGE);
+            let mut running = None;
+            for _ in 0..WORKLOAD_PAGES {
+                let pods = api.list(&params).await.map_err(|e| api_err(&what, e))?;
+                for ready in [true, false] {
+                    if !ready && running.is_some() {
+                        break;
+                    }
+                    let found = pods.items.iter().find_map(|p| {
                         Some(Resolved {
                             addr: pod_addr(p, port, &what, ready).ok()?,
                             pod: Some((ns.clone(), p.metadata.name.clone()?)),
                             host: host_network(p),
                         })
-                    })
-                })
-                .ok_or_else(|| ResolveError::Unavailable(format!("{what} has no running pod")))
+                    });
+                    match found {
+                        Some(r) if ready => return Ok(r),
+                        found => running = running.or(found),
+                    }
+                }
+                match pods.metadata.continue_.filter(|c| !c.is_empty()) {
+                    Some(next) => params = params.continue_token(&next),
+                    None => break,
+                }
+            }
+            running.ok_or_else(|| ResolveError::Unavailable(format!("{what} has no running pod")))
         }
         Target::Service { ns, name } => {
             let cached = cache.and_then(|c| c.get(ns, name));

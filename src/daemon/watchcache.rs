@@ -236,8 +236,23 @@ async fn sync(
     by_label: &str,
     entry: &Entry,
 ) -> Stop {
-    match sync_inner(services, slices, by_name, by_label, entry).await {
-        Ok(s) | Err(s) => s,
+    // Bounded on this side too: the server ends its watches at
+    // `WATCH_TIMEOUT`, but one whose connection stays open after its API
+    // server died (behind a load balancer) went silent with its copy still
+    // published as current, and a list that never answered held its slot
+    // for ever. Past the bound the copy is withdrawn and read again.
+    let bound = Duration::from_secs(u64::from(WATCH_TIMEOUT) + 60);
+    match tokio::time::timeout(
+        bound,
+        sync_inner(services, slices, by_name, by_label, entry),
+    )
+    .await
+    {
+        Ok(Ok(s) | Err(s)) => s,
+        Err(_) => {
+            tracing::debug!("the resolve cache's watch went silent past {bound:?}; listing again");
+            Stop::Ended
+        }
     }
 }
 

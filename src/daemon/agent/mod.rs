@@ -93,6 +93,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let rbac = cfg
         .impersonate
         .then(|| Arc::new(rbac::Rbac::new(client.clone())));
+    let raw_streams = Arc::new(tokio::sync::Semaphore::new(budgets.raw_streams));
     let service: Arc<dyn ChannelService> = Arc::new(Upstream {
         dialer: raw::Dialer {
             tasks: tasks.clone(),
@@ -106,6 +107,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                 tasks.clone(),
             ),
             rbac: rbac.clone(),
+            raw_streams: raw_streams.clone(),
         },
         api,
         identity: Arc::new(upstream::Identity {
@@ -115,7 +117,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         }),
         tasks: tasks.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(upstream::MAX_STREAMS)),
-        raw_streams: Arc::new(tokio::sync::Semaphore::new(budgets.raw_streams)),
+        raw_streams,
         raw_limit: budgets.raw_streams,
         body_budget: Arc::new(upstream::BodyBudget::new((budgets.bodies >> 10) as usize)),
         windows,

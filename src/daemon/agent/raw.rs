@@ -130,10 +130,16 @@ async fn dial_tcp(
 async fn dial_portforward(
     tasks: &TaskTracker,
     client: &kube::Client,
-    ns: &str,
-    name: &str,
+    budget: &Arc<tokio::sync::Semaphore>,
+    (ns, name): (&str, &str),
     port: u16,
 ) -> Result<Box<dyn Conn>, DialError> {
+    let Ok(held) = budget.clone().try_acquire_many_owned(PORTFORWARD_PERMITS) else {
+        return Err((
+            DialCode::Unavailable,
+            format!("pod {ns}/{name} is reached through the API server's port-forward here, and the agent carries as many such connections as its memory budget allows; retry when some have ended"),
+        ));
+    };
     let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns);
     let mut pf = api.portforward(name, &[port]).await.map_err(|e| {
         (
@@ -151,7 +157,7 @@ async fn dial_portforward(
     tasks.spawn(async move {
         let _ = pf.join().await;
     });
-    Ok(Box::new(stream))
+    Ok(Box::new(crate::tunnel::counted::Holding::new(stream, held)))
 }
 
 /// What raw channels need to reach targets in the member.
@@ -168,7 +174,18 @@ pub(super) struct Dialer {
     /// Present when the member requires impersonation: raw access to
     /// Kubernetes targets is then checked against the member's RBAC.
     pub(super) rbac: Option<Arc<super::rbac::Rbac>>,
+    /// The raw streams' budget (one permit a stream, taken before the
+    /// dial): a stream through `pods/portforward` takes
+    /// [`PORTFORWARD_PERMITS`] more for what kube buffers for it.
+    pub(super) raw_streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Raw-stream permits (each [`crate::tunnel::flow::MIN_WINDOW`], 32 KiB)
+/// a stream through the API server's port-forward takes besides its own:
+/// kube's forwarder buffers up to 1 MiB each way per connection, which
+/// the budget counted as 32 KiB (an agent under a 256 MiB limit took 1,024
+/// of them: 2 GiB).
+const PORTFORWARD_PERMITS: u32 = 63;
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// writes `early` to it (the client's first bytes, when the hub sent them
@@ -194,6 +211,7 @@ pub(super) async fn serve_raw(
         pod_network,
         services,
         rbac,
+        raw_streams,
     } = d;
     // A host name in the cluster's DNS is checked as what it names
     // (`Target::in_cluster_dns`): the Service's endpoints vetted, the
@@ -307,7 +325,8 @@ pub(super) async fn serve_raw(
                     .map_err(refuse)?;
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
-                        dial_portforward(&tasks, &client, ns, name, r.addr.port()).await
+                        dial_portforward(&tasks, &client, &raw_streams, (ns, name), r.addr.port())
+                            .await
                     }
                     (PodNetwork::PortForward, None) => Err((
                         DialCode::Unavailable,
@@ -328,7 +347,14 @@ pub(super) async fn serve_raw(
                                     "{}; trying pods/portforward through the API server",
                                     direct.1
                                 );
-                                dial_portforward(&tasks, &client, ns, name, r.addr.port()).await
+                                dial_portforward(
+                                    &tasks,
+                                    &client,
+                                    &raw_streams,
+                                    (ns, name),
+                                    r.addr.port(),
+                                )
+                                .await
                             }
                             None => Err(direct),
                         },

@@ -473,6 +473,9 @@ impl ChannelService for Upstream {
     }
 }
 
+/// Longest wait for the member's answers on what a request may act as.
+const RBAC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Most bytes of a request head from the hub (the gateway's 64 KiB cap
 /// and the identity headers it adds).
 const MAX_HEAD: usize = 128 * 1024;
@@ -633,8 +636,20 @@ async fn forward(
     // Removes any Impersonate-* and x-towerctl-* header (defence in depth:
     // the hub already strips what clients send), then adds ours.
     strip_identity(&mut parts.headers);
-    if let Err(refusal) = acting_as(identity, operator_as, client_as, &mut parts.headers).await {
-        return refusal;
+    // The member's RBAC is asked (SubjectAccessReviews, one per value
+    // impersonated) before the request has its own deadline: bounded, so
+    // that an API server that stopped answering does not hold it for ever.
+    let asked = acting_as(identity, operator_as, client_as, &mut parts.headers);
+    match tokio::time::timeout(RBAC_WAIT, asked).await {
+        Ok(Ok(())) => {}
+        Ok(Err(refusal)) => return refusal,
+        Err(_) => {
+            return status_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                &format!("the member's API server did not answer the agent's access reviews for this request within {RBAC_WAIT:?}"),
+            )
+        }
     }
     parts.headers.remove(header::HOST);
     let (body, _reserved) = match read_body(body, budget, &operator).await {
