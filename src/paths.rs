@@ -285,7 +285,11 @@ pub fn locked_by_someone(path: &Path) -> bool {
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
         return false;
     }
-    true
+    // Only a lock held elsewhere says so: where locks do not work at all
+    // (`ENOLCK` on an NFS home without its lock service), a pid left in
+    // the file by a daemon that crashed was taken for a running daemon's,
+    // and `down` signalled whatever process has that pid now.
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
 /// What a running daemon's anchor says: its pid and runtime directory.

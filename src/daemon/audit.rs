@@ -658,20 +658,26 @@ fn line(out: &mut Vec<u8>, rec: &Record) {
     out.extend_from_slice(b"}\n");
 }
 
-/// `s` as a JSON string, escaped as serde_json escapes it.
+/// `s` as a JSON string, escaped as serde_json escapes it, and besides,
+/// as `\uXXXX`, the control characters it leaves raw (DEL, C1: a terminal
+/// `tail`ing the log acts on U+009B as on ESC [) and the invisible ones
+/// that change how text around them shows (U+202E): the same string to a
+/// JSON reader (`tunnel::json_shown`).
 fn json_string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = s.as_bytes();
-    // Most values need no escape: found in one branch-free pass.
-    let plain = bytes
-        .iter()
-        .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'));
+    // Most values need no escape: printable ASCII, found in one
+    // branch-free pass.
+    let plain = bytes.iter().fold(true, |ok, &b| {
+        ok & (0x20..0x7f).contains(&b) & (b != b'"') & (b != b'\\')
+    });
     if plain {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
     }
+    let start = out.len();
     let mut from = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short: &[u8] = match b {
@@ -696,6 +702,15 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
         from = i + 1;
     }
     out.extend_from_slice(&bytes[from..]);
+    if !s.is_ascii() || s.contains('\u{7f}') {
+        // Only whole escapes and `s`'s own characters were written: UTF-8.
+        if let Ok(escaped) = std::str::from_utf8(&out[start..]) {
+            if let std::borrow::Cow::Owned(shown) = crate::tunnel::json_shown(escaped) {
+                out.truncate(start);
+                out.extend_from_slice(shown.as_bytes());
+            }
+        }
+    }
     out.push(b'"');
 }
 
@@ -1137,7 +1152,7 @@ mod tests {
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.len() < 2048, "{} bytes", line.len());
         assert!(r.method.ends_with("more bytes]"), "{}", r.method);
-        // Unauthenticated clients share a tenth of an operator's budget.
+        // Unauthenticated clients share a tenth of an operator's burst.
         let mut l = Limiter {
             limits: Limits {
                 rate: 100.0,
@@ -1179,9 +1194,27 @@ mod tests {
         for r in [full, bare, some] {
             let mut ours = Vec::new();
             line(&mut ours, &r);
+            let ours = String::from_utf8(ours).unwrap();
+            // The same record to a JSON reader; no control or invisible
+            // character raw in the line.
+            assert_eq!(serde_json::from_str::<Record>(&ours).unwrap(), r);
+            assert!(ours.ends_with("}\n"), "{ours}");
+            assert_eq!(
+                crate::tunnel::json_shown(&ours[..ours.len() - 1]),
+                &ours[..ours.len() - 1]
+            );
+            // Where serde_json leaves nothing raw, the very same bytes.
             let theirs = serde_json::to_string(&r).unwrap() + "\n";
-            assert_eq!(String::from_utf8(ours).unwrap(), theirs);
+            if theirs.is_ascii() && !theirs.contains('\u{7f}') {
+                assert_eq!(ours, theirs);
+            }
         }
+        let mut c1 = Vec::new();
+        json_string(&mut c1, "/a\u{9b}31m\u{202e}é\u{7f}");
+        assert_eq!(
+            String::from_utf8(c1).unwrap(),
+            "\"/a\\u009b31m\\u202eé\\u007f\""
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -261,6 +262,41 @@ pub fn render(snap: &Snapshot) -> String {
     o
 }
 
+/// The metrics page, rendered off the runtime's threads (a snapshot reads
+/// every member from the registry, which blocks) and once at a time:
+/// scrapes that arrive while a rendering runs wait and get the next one
+/// that starts after they asked, or share one started after them. A client
+/// asking in a loop (anyone who reaches the port; 64 connections, each for
+/// 10 s) made the hub, on one runtime thread, do nothing else.
+#[derive(Default)]
+struct Page {
+    /// When the last rendering started, and what it made.
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
+}
+
+impl Page {
+    async fn get<F>(&self, snapshot: F) -> Bytes
+    where
+        F: Fn() -> Snapshot + Send + 'static,
+    {
+        let asked = std::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, body)) = last.as_ref() {
+            if *started >= asked {
+                return body.clone();
+            }
+        }
+        let started = std::time::Instant::now();
+        let body = match tokio::task::spawn_blocking(move || Bytes::from(render(&snapshot()))).await
+        {
+            Ok(b) => b,
+            Err(_) => return Bytes::from_static(b"# the metrics could not be gathered\n"),
+        };
+        *last = Some((started, body.clone()));
+        body
+    }
+}
+
 /// Connections the metrics listener holds at once (scrapers are few).
 const METRICS_CAPS: super::admission::Caps = super::admission::Caps {
     total: 64,
@@ -282,17 +318,19 @@ pub async fn serve<F>(
     // idle connections held the hub's descriptors until the gateway and
     // the tunnel listener could accept nothing.
     let admission = super::admission::Admission::new("metrics", METRICS_CAPS);
+    let page = Arc::new(Page::default());
     while let Some((tcp, peer)) = super::accept_next(&listener, &cancel, "metrics").await {
         let snapshot = snapshot.clone();
+        let page = page.clone();
         let ticket = admission.admit(peer.ip());
         tasks.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let snapshot = snapshot.clone();
+                    let page = page.clone();
                     async move {
                         let resp = if req.uri().path() == "/metrics" {
-                            let mut r =
-                                http::Response::new(Full::new(Bytes::from(render(&snapshot()))));
+                            let mut r = http::Response::new(Full::new(page.get(snapshot).await));
                             r.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
                                 http::HeaderValue::from_static("text/plain; version=0.0.4"),
