@@ -1966,6 +1966,73 @@ fn connect_over_plain_http2_is_refused() {
     assert!(body.contains("not over HTTP/2"), "{body}");
 }
 
+/// An `h2` connection (kubectl's) may send 256 KiB of request bodies
+/// ahead of the member taking them, per stream and for the connection:
+/// hyper's 1 MiB, across the 4,096 connections one operator may hold, let
+/// one token make the hub hold 4 GiB. Read from the hub's first frames.
+#[test]
+fn an_http2_connection_may_send_256_kib_ahead() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut tls = (*support::gateway_tls(&env)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(&gw).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(tls), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    // The client preface and an empty SETTINGS frame.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let (mut stream_window, mut conn_update) = (None, None);
+    let mut head = [0u8; 9];
+    // The hub's SETTINGS and WINDOW_UPDATE come first; bounded frames.
+    for _ in 0..8 {
+        if s.read_exact(&mut head).is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, stream) = (
+            head[3],
+            u32::from_be_bytes([head[5], head[6], head[7], head[8]]),
+        );
+        let mut payload = vec![0u8; len.min(1 << 16)];
+        s.read_exact(&mut payload).unwrap();
+        match kind {
+            0x4 => {
+                for e in payload.chunks_exact(6) {
+                    if u16::from_be_bytes([e[0], e[1]]) == 0x4 {
+                        stream_window = Some(u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
+                    }
+                }
+            }
+            0x8 if stream == 0 => {
+                conn_update = Some(u32::from_be_bytes([
+                    payload[0] & 0x7f,
+                    payload[1],
+                    payload[2],
+                    payload[3],
+                ]))
+            }
+            _ => {}
+        }
+        if stream_window.is_some() && conn_update.is_some() {
+            break;
+        }
+    }
+    assert_eq!(stream_window, Some(256 * 1024), "a stream's window");
+    // Raised from HTTP/2's 65,535 to 256 KiB.
+    assert_eq!(
+        conn_update,
+        Some(256 * 1024 - 65_535),
+        "the connection's window"
+    );
+}
+
 /// `towerctl port-forward`'s multiplexed HTTP/2 connections (each can
 /// make the hub hold 16 MiB of uploads outside the members' window
 /// budgets) are counted apart, under a smaller limit per operator: past

@@ -552,6 +552,12 @@ pub async fn serve(
                     b.initial_stream_window_size(crate::daemon::tls::MUX_STREAM_WINDOW)
                         .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
                         .max_frame_size(crate::daemon::tls::MUX_FRAME);
+                } else {
+                    // What a client may send ahead of the member taking it,
+                    // per connection: hyper's 1 MiB across an operator's
+                    // 4,096 connections was 4 GiB held for one token.
+                    b.initial_stream_window_size(H2_WINDOW)
+                        .initial_connection_window_size(H2_WINDOW);
                 }
                 let conn = b.serve_connection(TokioIo::new(tls), svc);
                 watch.drive(conn, |c| c.graceful_shutdown()).await;
@@ -685,6 +691,11 @@ const MUX_MAX_STREAMS: u32 = 4096;
 /// Most requests at once on one HTTP/2 client connection (kube-apiserver's
 /// default `--http2-max-streams-per-connection`).
 const H2_MAX_STREAMS: u32 = 1000;
+/// Request body bytes an `h2` connection (kubectl's) may send ahead, for
+/// all its streams: request bodies are small (objects of at most 1.5 MB,
+/// as etcd stores them), and the window comes back as the member takes
+/// them.
+const H2_WINDOW: u32 = 256 * 1024;
 
 /// What watches over one client connection while hyper serves it.
 struct Watch {
