@@ -3112,3 +3112,84 @@ fn port_forward_reaches_a_statefulsets_pod_by_a_named_port() {
         pf.output()
     );
 }
+
+/// A member reached through its API server's `pods/portforward` (an agent
+/// outside the pod network) carries as many such connections as its
+/// memory budget allows: kube buffers up to 1 MiB each way for each, and
+/// the budget counted them as 32 KiB (an agent under a pod's 256 MiB
+/// limit took 1,024 of them, 2 GiB). Each takes 64 of the raw streams'
+/// 3,072 permits here (no memory limit): 48 at once, the next refused in
+/// words, and room again once one ends. (Without the budget, the 49th
+/// went through.)
+#[test]
+fn connections_through_the_members_port_forward_are_held_to_the_agents_budget() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let env = Env::new();
+    let api = ApiServer::start();
+    // A target that holds every connection until its client closes it.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = holder.local_addr().unwrap();
+    // Connections open at the target now, and the most at once.
+    let live = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    {
+        let (live, most) = (live.clone(), most.clone());
+        std::thread::spawn(move || {
+            // Bounded: 60 connections, each at most a minute.
+            for mut c in holder.incoming().take(60).flatten() {
+                most.fetch_max(live.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                let live = live.clone();
+                std::thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut b = [0u8; 64];
+                    while let Ok(n) = c.read(&mut b) {
+                        if n == 0 || c.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    live.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+    }
+    api.add_pod(
+        "default",
+        "web-1",
+        "10.99.0.1",
+        &[("app", "web")],
+        true,
+        &[("echo", 7000)],
+    );
+    api.set_portforward_target("default", "web-1", 7000, target);
+    connected(&env, &api, &["--pod-network", "portforward"]);
+    let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "pod/web-1", ":7000"]));
+    let port = forwarded_port(&pf);
+    let open = || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        let echoed = matches!(c.read(&mut b), Ok(1));
+        (c, echoed)
+    };
+    let mut conns = Vec::new();
+    for i in 0..48 {
+        let (c, echoed) = open();
+        assert!(echoed, "connection {i}: {}", pf.output());
+        conns.push(c);
+    }
+    // Three more: refused (one of the 48 ending meanwhile makes room for
+    // one), never more than 48 at the target at once.
+    let extra: Vec<_> = (0..3).map(|_| open()).collect();
+    assert!(extra.iter().any(|(_, echoed)| !echoed), "all got through");
+    pf.wait_for("which takes 64 of them each", Duration::from_secs(15));
+    assert_eq!(most.load(Ordering::SeqCst), 48);
+    drop(extra);
+    drop(conns.pop());
+    wait_for("room again once one ended", Duration::from_secs(15), || {
+        let (c, echoed) = open();
+        echoed.then_some(c)
+    });
+}

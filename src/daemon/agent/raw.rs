@@ -185,7 +185,7 @@ pub(super) struct Dialer {
 /// kube's forwarder buffers up to 1 MiB each way per connection, which
 /// the budget counted as 32 KiB (an agent under a 256 MiB limit took 1,024
 /// of them: 2 GiB).
-const PORTFORWARD_PERMITS: u32 = 63;
+pub(super) const PORTFORWARD_PERMITS: u32 = 63;
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// writes `early` to it (the client's first bytes, when the hub sent them

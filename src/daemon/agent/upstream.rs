@@ -350,7 +350,7 @@ impl ChannelService for Upstream {
         });
         let Some((permit, raw_permit)) = permits else {
             let msg = if raw {
-                format!("the towerctl agent has {} port-forward and CONNECT streams open already (its limit, which keeps the rest of its {MAX_STREAMS} streams for API requests, and its memory limit); close some (idle port-forward connections) and retry", self.raw_limit)
+                format!("the towerctl agent carries as many port-forward and CONNECT streams as its limit allows ({} at once, fewer where they go through the API server's port-forward, which takes {} of them each; the rest of its {MAX_STREAMS} streams are kept for API requests, and its memory limit sets the number); close some (idle port-forward connections) and retry", self.raw_limit, super::raw::PORTFORWARD_PERMITS + 1)
             } else {
                 format!("the towerctl agent has {MAX_STREAMS} streams open already (its limit); close some (idle port-forward connections, watches) and retry")
             };
