@@ -202,8 +202,19 @@ fn hand_made_endpoints_and_host_network_pods_are_host_targets() {
         o.contains("403") && o.contains("pod default/hostpod") && o.contains(&want),
         "{o}"
     );
+    // Names the agent cannot vet so (a pod's address name, a Service it
+    // does not find: ExternalName, a hostname that is not a pod's name)
+    // are dialed as the hosts they are, each address needing a rule that
+    // names it; nothing resolves them here.
+    let name = "ghost.default.svc.cluster.local";
+    let o = connect_raw(&env, &format!("{name}.alpha:80"));
+    assert!(
+        o.contains("404") && o.contains(&format!("cannot resolve '{name}'")),
+        "{o}"
+    );
+    // (A name no rule allows is refused first, as any host.)
     let o = connect_raw(&env, "10-0-0-1.default.pod.cluster.local.alpha:80");
-    assert!(o.contains("403") && o.contains("pod/NAME"), "{o}");
+    assert!(o.contains("403") && o.contains("is not allowed"), "{o}");
     let s = env.status();
     assert!(s["agents"].is_array(), "{s}");
 }

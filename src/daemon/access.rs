@@ -202,7 +202,7 @@ impl Policy {
             return Decision {
                 allowed: false,
                 why: format!(
-                    "the access rules in the registry cannot be read by this hub ({why}), so none applies: upgrade this hub if a newer one wrote them, or rewrite them with 'towerctl access'"
+                    "the access rules in the registry cannot be read by this hub ({why}), so none applies: upgrade this hub if a newer one wrote them, or correct the registry's 'access' setting"
                 ),
             };
         }

@@ -270,8 +270,10 @@ pub fn render(snap: &Snapshot) -> String {
 /// 10 s) made the hub, on one runtime thread, do nothing else.
 #[derive(Default)]
 struct Page {
-    /// When the last rendering started, and what it made.
-    last: tokio::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
+    /// When the last rendering started, and what it made; held by the
+    /// rendering itself, so a scrape that goes away (its client, the
+    /// connection's 10 s) does not let another start beside it.
+    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Bytes)>>>,
 }
 
 impl Page {
@@ -280,20 +282,21 @@ impl Page {
         F: Fn() -> Snapshot + Send + 'static,
     {
         let asked = std::time::Instant::now();
-        let mut last = self.last.lock().await;
+        let mut last = self.last.clone().lock_owned().await;
         if let Some((started, body)) = last.as_ref() {
             if *started >= asked {
                 return body.clone();
             }
         }
         let started = std::time::Instant::now();
-        let body = match tokio::task::spawn_blocking(move || Bytes::from(render(&snapshot()))).await
-        {
-            Ok(b) => b,
-            Err(_) => return Bytes::from_static(b"# the metrics could not be gathered\n"),
-        };
-        *last = Some((started, body.clone()));
-        body
+        let rendering = tokio::task::spawn_blocking(move || {
+            let body = Bytes::from(render(&snapshot()));
+            *last = Some((started, body.clone()));
+            body
+        });
+        rendering
+            .await
+            .unwrap_or_else(|_| Bytes::from_static(b"# the metrics could not be gathered\n"))
     }
 }
 

@@ -426,6 +426,21 @@ impl RedbStore {
     }
 }
 
+/// An operator record as read from a registry: one this hub cannot decode
+/// (a newer hub's shape, a hand edit) is logged and left out, an operator
+/// this hub does not know (fails closed for it alone). Failing the whole
+/// list instead kept the list read before, in which an operator removed
+/// since stayed valid.
+pub(crate) fn readable_operator<E: std::fmt::Display>(r: Result<Operator, E>) -> Option<Operator> {
+    match r {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!("an operator record this hub cannot read is left out (its token is refused here): {e}");
+            None
+        }
+    }
+}
+
 /// A write transaction with two-phase commit: the commit slot is written
 /// and synced only after the data it points to, so recovery after a crash
 /// (`kill -9` included) takes the newest commit by the god byte alone,
@@ -504,7 +519,20 @@ impl Store for RedbStore {
         self.put(OPERATORS, &op.token_hash, op)
     }
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
-        self.list(OPERATORS)
+        self.run(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(OPERATORS)?;
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                if let Some(o) = readable_operator(
+                    decode::<Operator>(k.value(), v.value()).map_err(StoreError::from),
+                ) {
+                    out.push(o);
+                }
+            }
+            Ok(out)
+        })
     }
     fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
         self.run(|db| {

@@ -591,10 +591,11 @@ impl Store for EtcdStore {
         self.put_json(&format!("{OPERATORS}{}", op.token_hash), op)
     }
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
-        self.cached_under(OPERATORS)
+        Ok(self
+            .cached_under(OPERATORS)
             .into_iter()
-            .map(|(k, b, _)| Self::decode(&k, &b))
-            .collect()
+            .filter_map(|(k, b, _)| super::store::readable_operator(Self::decode(&k, &b)))
+            .collect())
     }
     fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self

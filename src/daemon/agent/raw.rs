@@ -101,6 +101,36 @@ type DialError = (DialCode, String);
 /// giving up.
 pub(super) const DIAL_DEADLINE: Duration = Duration::from_secs(15);
 
+/// Why a host could not be dialed: the policy's refusal of an address it
+/// resolved to, or another failure, said as it is.
+type HostError = Result<DialError, crate::daemon::policy::Denied>;
+
+/// Resolves `h` in the member network, then judges every address it leads
+/// to (a permitted name must not reach the agent's own host; with
+/// `strict`, each needs a rule naming it), then dials.
+async fn dial_host(
+    policy: &DialPolicy,
+    target: &Target,
+    h: &str,
+    port: u16,
+    strict: bool,
+) -> Result<tokio::net::TcpStream, HostError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((h, port))
+        .await
+        .map_err(|e| {
+            Ok((
+                DialCode::NotFound,
+                format!("cannot resolve '{h}' in the member network: {e}"),
+            ))
+        })?
+        .collect();
+    let own = policy::own_addresses();
+    for a in &addrs {
+        policy.check_addr(target, *a, strict, &own).map_err(Err)?;
+    }
+    dial_tcp(&addrs, target, port).await.map_err(Ok)
+}
+
 async fn dial_tcp(
     addrs: &[std::net::SocketAddr],
     what: &Target,
@@ -134,10 +164,13 @@ async fn dial_portforward(
     (ns, name): (&str, &str),
     port: u16,
 ) -> Result<Box<dyn Conn>, DialError> {
-    let Ok(held) = budget.clone().try_acquire_many_owned(PORTFORWARD_PERMITS) else {
+    // Waited for a while (connections that end make room), within the
+    // dial's own deadline.
+    let permits = budget.clone().acquire_many_owned(PORTFORWARD_PERMITS);
+    let Ok(Ok(held)) = tokio::time::timeout(PORTFORWARD_WAIT, permits).await else {
         return Err((
             DialCode::Unavailable,
-            format!("pod {ns}/{name} is reached through the API server's port-forward here, and the agent carries as many such connections as its memory budget allows; retry when some have ended"),
+            format!("pod {ns}/{name} is reached through the API server's port-forward here, and the agent carries as many such connections as its memory budget allows (each takes {} of its raw streams' permits); retry when some have ended", PORTFORWARD_PERMITS + 1),
         ));
     };
     let api = kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns);
@@ -186,6 +219,8 @@ pub(super) struct Dialer {
 /// the budget counted as 32 KiB (an agent under a 256 MiB limit took 1,024
 /// of them: 2 GiB).
 pub(super) const PORTFORWARD_PERMITS: u32 = 63;
+/// Longest wait for them.
+const PORTFORWARD_WAIT: Duration = Duration::from_secs(5);
 
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// writes `early` to it (the client's first bytes, when the hub sent them
@@ -216,10 +251,24 @@ pub(super) async fn serve_raw(
     // A host name in the cluster's DNS is checked as what it names
     // (`Target::in_cluster_dns`): the Service's endpoints vetted, the
     // operator's RBAC asked about it when acting as the operator.
+    //
+    // Without impersonation, a cluster name that names nothing the agent
+    // can vet (a pod's `A-B-C-D.NS.pod…`), or whose Service or pod is not
+    // found so (an ExternalName Service, a pod whose DNS name is its
+    // hostname, a not-ready address a headless Service publishes), is
+    // dialed as the host it is, every address it resolves to needing an
+    // `--allow` rule that names it, as a hand-made endpoint's does.
+    let named = match (&rbac, &target) {
+        (None, Target::Host(_)) => Some(target.clone()),
+        _ => None,
+    };
     let (target, unaskable) = match target.clone().in_cluster_dns() {
         Ok(t) => (t, None),
         Err(m) => (target, Some(m)),
     };
+    let strict = unaskable.is_some() && named.is_some();
+    let unaskable = unaskable.filter(|_| !strict);
+    let fallback = named.filter(|n| *n != target);
     // Boxed: it is large, and the deadline below would otherwise copy it
     // whole into its own future (12 KB a connection, callgrind).
     let dial = Box::pin(async {
@@ -241,26 +290,10 @@ pub(super) async fn serve_raw(
         };
         policy.check(&target, port).map_err(refuse)?;
         match &target {
-            Target::Host(h) => {
-                // Resolve first, then judge every address the name leads
-                // to: a permitted name must not reach the agent's own host.
-                let addrs: Vec<_> = tokio::net::lookup_host((h.as_str(), port))
-                    .await
-                    .map_err(|e| {
-                        (
-                            DialCode::NotFound,
-                            format!("cannot resolve '{h}' in the member network: {e}"),
-                        )
-                    })?
-                    .collect();
-                let own = policy::own_addresses();
-                for a in &addrs {
-                    policy
-                        .check_addr(&target, *a, false, &own)
-                        .map_err(refuse)?;
-                }
-                Ok(Box::new(dial_tcp(&addrs, &target, port).await?) as Box<dyn Conn>)
-            }
+            Target::Host(h) => dial_host(&policy, &target, h, port, strict)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Conn>)
+                .map_err(|e| e.unwrap_or_else(refuse)),
             Target::ApiServer => Err((
                 DialCode::NotFound,
                 "the API server is reached through the gateway, not CONNECT".to_string(),
@@ -294,15 +327,28 @@ pub(super) async fn serve_raw(
                         Some((rb.clone(), w.clone()))
                     }
                 };
-                let r = resolve::resolve(&client, Some(&services), k8s, port)
-                    .await
-                    .map_err(|e| {
+                let r = match resolve::resolve(&client, Some(&services), k8s, port).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if let (
+                            Some(named @ Target::Host(h)),
+                            resolve::ResolveError::NotFound(_)
+                            | resolve::ResolveError::Unavailable(_),
+                        ) = (&fallback, &e)
+                        {
+                            policy.check(named, port).map_err(refuse)?;
+                            return dial_host(&policy, named, h, port, true)
+                                .await
+                                .map(|s| Box::new(s) as Box<dyn Conn>)
+                                .map_err(|e| e.unwrap_or_else(refuse));
+                        }
                         let code = match e {
                             resolve::ResolveError::NotFound(_) => DialCode::NotFound,
                             _ => DialCode::Unavailable,
                         };
-                        (code, e.to_string())
-                    })?;
+                        return Err((code, e.to_string()));
+                    }
+                };
                 // May the operator port-forward to the pod behind it? Asked
                 // before the dial policy, whose refusal names the address.
                 // (A pod target's was asked before its lookup.)

@@ -1046,15 +1046,6 @@ impl Hub {
                 }
                 Err(_) => false,
             },
-            Err(e @ super::store::StoreError::Corrupt(_)) => {
-                // A record this hub cannot read (a newer hub's, or edited
-                // by hand): the list it was read with is not the registry's
-                // (an operator removed since would stay valid here). Fails
-                // closed: only the local admin is kept until it is read.
-                let n = self.forget_operators(|o| o.name != LOCAL_ADMIN).len();
-                tracing::error!("cannot load operators: {e}; {n} operator token(s) refused here until the registry's list can be read");
-                false
-            }
             Err(e) => {
                 tracing::error!("cannot load operators: {e}");
                 false
@@ -1683,7 +1674,16 @@ pub async fn run(
     // kind, while confirmations marked the copy current.
     let changes = shared.as_ref().map(|(s, _, _)| s.subscribe());
     hub.reload_operators();
-    hub.load_access()?;
+    if let Err(e) = hub.load_access() {
+        // Rules it cannot decode refuse every operator but the local
+        // admin (who can still see why and act); a registry it cannot
+        // read stops the start.
+        let unreadable = hub.access.read().is_ok_and(|a| a.unreadable.is_some());
+        if !unreadable {
+            return Err(e);
+        }
+        tracing::error!("{e:#}");
+    }
     let tracker = hub.tasks.clone();
     if let (Some((shared, id, info)), Some(changes)) = (shared, changes) {
         let cluster = peer::Cluster::start(shared, id.clone(), info, &tls.ca_pem)?;
