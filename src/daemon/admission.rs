@@ -58,13 +58,38 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// What a source's network is, for choosing whom to close at the total
+/// cap: an IPv4 address itself, an IPv6 source's /48 (a site's, as
+/// tunnel brokers hand out for free). Counted by /64, one client with a
+/// /48 holds 65,536 sources of one connection each, and closing the oldest
+/// connection among them all, at a high enough connection rate, closed
+/// every handshake in progress (anyone's agent, anyone's kubectl).
+fn network_key(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 80) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 #[derive(Default)]
 struct State {
     next: u64,
     /// Oldest first.
     open: BTreeMap<u64, (IpAddr, CancellationToken)>,
     per_source: HashMap<IpAddr, usize>,
+    /// The same, by [`network_key`].
+    per_network: HashMap<IpAddr, usize>,
     evicted: u64,
+}
+
+impl State {
+    fn count(&mut self, source: IpAddr) {
+        *self.per_source.entry(source).or_insert(0) += 1;
+        *self.per_network.entry(network_key(source)).or_insert(0) += 1;
+    }
 }
 
 /// The unauthenticated connections of one listener.
@@ -113,7 +138,7 @@ impl Ticket {
         if let Some(entry) = st.open.get_mut(&self.id) {
             entry.0 = source;
         }
-        *st.per_source.entry(source).or_insert(0) += 1;
+        st.count(source);
     }
 }
 
@@ -138,19 +163,21 @@ impl Admission {
                 .find(|(_, (ip, _))| *ip == source)
                 .map(|(id, _)| *id)
         } else if st.open.len() >= self.caps.total {
-            // The oldest of the sources holding the most: a flood (from one
-            // address, or one client behind a trusted balancer) gives up
-            // its own connections before anyone else's. Among sources that
-            // hold as many (a flood from many addresses, one each), the
-            // oldest connection goes: a legitimate handshake takes
-            // milliseconds, so it is never the oldest. Ties used to go by
-            // the hash map's order, and the same few addresses lost their
-            // handshakes again and again (a black-box probe: 80 % of one
-            // client's attempts under a churn from many addresses).
-            let most = st.per_source.values().copied().max().unwrap_or(0);
+            // The oldest of the networks holding the most ([`network_key`]:
+            // an IPv4 address, an IPv6 /48): a flood (from one address, a
+            // site's many addresses, or one client behind a trusted
+            // balancer) gives up its own connections before anyone
+            // else's. Among networks that hold as many (a flood from many
+            // IPv4 addresses, one each), the oldest connection goes: a
+            // legitimate handshake takes milliseconds, so it is seldom the
+            // oldest. Ties used to go by the hash map's order, and the
+            // same few addresses lost their handshakes again and again (a
+            // black-box probe: 80 % of one client's attempts under a churn
+            // from many addresses).
+            let most = st.per_network.values().copied().max().unwrap_or(0);
             st.open
                 .iter()
-                .find(|(_, (ip, _))| st.per_source.get(ip).copied() == Some(most))
+                .find(|(_, (ip, _))| st.per_network.get(&network_key(*ip)).copied() == Some(most))
                 .or_else(|| st.open.iter().next())
                 .map(|(id, _)| *id)
         } else {
@@ -163,7 +190,7 @@ impl Admission {
         st.next += 1;
         let evicted = CancellationToken::new();
         st.open.insert(id, (source, evicted.clone()));
-        *st.per_source.entry(source).or_insert(0) += 1;
+        st.count(source);
         Ticket {
             adm: self.clone(),
             id,
@@ -191,10 +218,15 @@ impl Admission {
     }
 
     fn forget(st: &mut State, ip: IpAddr) {
-        if let Some(n) = st.per_source.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                st.per_source.remove(&ip);
+        for (map, key) in [
+            (&mut st.per_source, ip),
+            (&mut st.per_network, network_key(ip)),
+        ] {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
             }
         }
     }
@@ -380,6 +412,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A churn from many /64s of one /48 (a tunnel broker's free prefix),
+    /// one connection each, closes its own connections, never another
+    /// network's handshake in progress: counted by /64 alone, the oldest
+    /// connection overall went, whoever's it was.
+    #[test]
+    fn a_churn_from_one_ipv6_site_closes_its_own_connections() {
+        let adm = Admission::new(
+            "test",
+            Caps {
+                total: 16,
+                per_source: 8,
+            },
+        );
+        let agent = adm.admit(ip("192.0.2.7"));
+        let kubectl = adm.admit(ip("2001:db8:ffff:1::5"));
+        let churn: Vec<Ticket> = (0..200u32)
+            .map(|i| adm.admit(ip(&format!("2001:db8:77:{:x}::1", i + 1))))
+            .collect();
+        assert!(!agent.evicted.is_cancelled() && !kubectl.evicted.is_cancelled());
+        assert_eq!(
+            churn.iter().filter(|t| !t.evicted.is_cancelled()).count(),
+            14
+        );
+        drop((agent, kubectl, churn));
+        let st = adm.state.lock().unwrap();
+        assert!(st.per_source.is_empty() && st.per_network.is_empty());
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub trait Penalty: Send + Sync + 'static {
     fn try_token(&self) -> bool;
     /// A token from this source was accepted.
     fn accepted(&self);
+    /// The token counted by `try_token` could not be checked (the registry
+    /// away): not a refusal, so it no longer counts.
+    fn unchecked(&self) {}
 }
 
 /// The russh server configuration for the hub.
@@ -201,8 +204,10 @@ impl russh::server::Handler for HubHandler {
             .unwrap_or(Verdict::Reject(None));
         match v {
             Verdict::Accept => self.penalty.accepted(),
-            // Not the token's fault: not counted as a refusal.
-            Verdict::Unavailable(_) => {}
+            // Not the token's fault: not counted as a refusal (agents
+            // behind one address retrying through an etcd outage had
+            // their tokens left unchecked for up to a minute after it).
+            Verdict::Unavailable(_) => self.penalty.unchecked(),
             Verdict::Reject(_) => {
                 if let Some(r) = self.refused_tx.take() {
                     let _ = r.send(());

@@ -386,6 +386,10 @@ impl server::Penalty for SourcePenalty {
     fn accepted(&self) {
         self.penalties.succeeded(self.ip);
     }
+
+    fn unchecked(&self) {
+        self.penalties.uncount(self.ip);
+    }
 }
 
 /// Refused join tokens per client address (behind a trusted proxy, the
@@ -427,6 +431,14 @@ impl Penalties {
             let e = m.entry(ip).or_insert((0, std::time::Instant::now()));
             e.0 += 1;
             e.1 = std::time::Instant::now();
+        }
+    }
+
+    fn uncount(&self, ip: std::net::IpAddr) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(e) = m.get_mut(&ip) {
+                e.0 = e.0.saturating_sub(1);
+            }
         }
     }
 
@@ -789,5 +801,27 @@ mod tests {
             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
             Sec-WebSocket-Version: 13\r\n\r\n";
         assert!(not_an_upgrade(upgrade, true).is_none());
+    }
+
+    /// A token that could not be checked (the registry away) does not
+    /// count toward its source's penalty: agents behind one address
+    /// retrying through an outage were left unchecked for up to a minute.
+    #[test]
+    fn tokens_the_registry_could_not_check_are_not_counted_against_their_source() {
+        use crate::tunnel::server::Penalty;
+        let p = SourcePenalty {
+            penalties: Arc::new(Penalties::default()),
+            ip: "192.0.2.1".parse().unwrap(),
+        };
+        for _ in 0..20 {
+            assert!(p.try_token());
+            p.unchecked();
+        }
+        assert_eq!(p.penalties.blocked(p.ip), None);
+        // Refusals still count.
+        for _ in 0..Penalties::FREE + 1 {
+            p.try_token();
+        }
+        assert!(p.penalties.blocked(p.ip).is_some());
     }
 }
