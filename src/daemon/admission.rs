@@ -8,8 +8,8 @@
 //! never starve the listeners of descriptors.
 //!
 //! Past a cap, the *oldest* unauthenticated connection of the same source
-//! (the per-source cap) or of the source holding the most (the total cap)
-//! is closed to make room. Refusing the new
+//! (the per-source cap) or of the network holding the most (the total
+//! cap; an IPv4 address, an IPv6 /48) is closed to make room. Refusing the new
 //! one instead would hand the listener to whoever holds the most idle
 //! sockets: an attacker who opens connections and says nothing would lock
 //! out every new kubectl and agent until the deadlines expire, while a

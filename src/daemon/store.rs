@@ -141,6 +141,13 @@ pub trait Store: Send + Sync + 'static {
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError>;
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
+    /// The operators whose records this hub can read, the others logged
+    /// and left out ([`readable_operator`]): what the hub authenticates
+    /// with. Changes (a name taken, tokens removed) read the strict list,
+    /// which fails on a record it cannot read.
+    fn list_readable_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        self.list_operators()
+    }
     /// Removes every operator token for which `doomed` holds (all of one
     /// operator's, or a local admin's old ones); returns how many.
     fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError>;
@@ -435,7 +442,14 @@ pub(crate) fn readable_operator<E: std::fmt::Display>(r: Result<Operator, E>) ->
     match r {
         Ok(o) => Some(o),
         Err(e) => {
-            tracing::warn!("an operator record this hub cannot read is left out (its token is refused here): {e}");
+            // Read again at each reload: a few lines a minute.
+            static UNREADABLE: crate::tunnel::LogBudget =
+                crate::tunnel::LogBudget::new("unreadable operator records", 10);
+            if UNREADABLE.admit() {
+                tracing::warn!("an operator record this hub cannot read is left out (its token is refused here; if it is this hub's own admin, its admin.token is refused until the record is written again): {e}");
+            } else {
+                tracing::debug!("an operator record this hub cannot read is left out: {e}");
+            }
             None
         }
     }
@@ -519,6 +533,9 @@ impl Store for RedbStore {
         self.put(OPERATORS, &op.token_hash, op)
     }
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        self.list(OPERATORS)
+    }
+    fn list_readable_operators(&self) -> Result<Vec<Operator>, StoreError> {
         self.run(|db| {
             let tx = db.begin_read()?;
             let t = tx.open_table(OPERATORS)?;

@@ -591,6 +591,12 @@ impl Store for EtcdStore {
         self.put_json(&format!("{OPERATORS}{}", op.token_hash), op)
     }
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
+        self.cached_under(OPERATORS)
+            .into_iter()
+            .map(|(k, b, _)| Self::decode(&k, &b))
+            .collect()
+    }
+    fn list_readable_operators(&self) -> Result<Vec<Operator>, StoreError> {
         Ok(self
             .cached_under(OPERATORS)
             .into_iter()

@@ -62,6 +62,18 @@ pub trait Penalty: Send + Sync + 'static {
     fn unchecked(&self) {}
 }
 
+/// A token counted by [`Penalty::try_token`] whose check has not ended:
+/// dropped so, it was not refused.
+struct Pending(Option<Arc<dyn Penalty>>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.unchecked();
+        }
+    }
+}
+
 /// The russh server configuration for the hub.
 pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
@@ -199,9 +211,13 @@ impl russh::server::Handler for HubHandler {
         if !self.penalty.try_token() {
             return Err(russh::Error::Disconnect);
         }
+        // A login dropped while its token is checked (evicted, past its
+        // deadline while the registry is slow) was not refused.
+        let mut pending = Pending(Some(self.penalty.clone()));
         let v = tokio::task::spawn_blocking(move || auth.check_token(&u, &p, k.as_ref()))
             .await
             .unwrap_or(Verdict::Reject(None));
+        pending.0 = None;
         match v {
             Verdict::Accept => self.penalty.accepted(),
             // Not the token's fault: not counted as a refusal (agents

@@ -165,9 +165,20 @@ async fn dial_portforward(
     port: u16,
 ) -> Result<Box<dyn Conn>, DialError> {
     // Waited for a while (connections that end make room), within the
-    // dial's own deadline.
-    let permits = budget.clone().acquire_many_owned(PORTFORWARD_PERMITS);
-    let Ok(Ok(held)) = tokio::time::timeout(PORTFORWARD_WAIT, permits).await else {
+    // dial's own deadline; tried, not queued for: a queued request for 63
+    // takes every permit freed meanwhile, refusing every other raw stream
+    // while it waits.
+    let until = tokio::time::Instant::now() + PORTFORWARD_WAIT;
+    let held = loop {
+        match budget.clone().try_acquire_many_owned(PORTFORWARD_PERMITS) {
+            Ok(h) => break Some(h),
+            Err(_) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(_) => break None,
+        }
+    };
+    let Some(held) = held else {
         return Err((
             DialCode::Unavailable,
             format!("pod {ns}/{name} is reached through the API server's port-forward here, and the agent carries as many such connections as its memory budget allows (each takes {} of its raw streams' permits); retry when some have ended", PORTFORWARD_PERMITS + 1),
@@ -330,23 +341,33 @@ pub(super) async fn serve_raw(
                 let r = match resolve::resolve(&client, Some(&services), k8s, port).await {
                     Ok(r) => r,
                     Err(e) => {
-                        if let (
-                            Some(named @ Target::Host(h)),
-                            resolve::ResolveError::NotFound(_)
-                            | resolve::ResolveError::Unavailable(_),
-                        ) = (&fallback, &e)
-                        {
-                            policy.check(named, port).map_err(refuse)?;
-                            return dial_host(&policy, named, h, port, true)
-                                .await
-                                .map(|s| Box::new(s) as Box<dyn Conn>)
-                                .map_err(|e| e.unwrap_or_else(refuse));
-                        }
                         let code = match e {
                             resolve::ResolveError::NotFound(_) => DialCode::NotFound,
                             _ => DialCode::Unavailable,
                         };
-                        return Err((code, e.to_string()));
+                        let why = e.to_string();
+                        // The name as the host it is, where a rule allows
+                        // the name; what the object's lookup said stays
+                        // the answer when the name leads nowhere either.
+                        let as_host = match (&fallback, &e) {
+                            (
+                                Some(named @ Target::Host(h)),
+                                resolve::ResolveError::NotFound(_)
+                                | resolve::ResolveError::Unavailable(_),
+                            ) if policy.check(named, port).is_ok() => Some((named, h)),
+                            _ => None,
+                        };
+                        let Some((named, h)) = as_host else {
+                            return Err((code, why));
+                        };
+                        return match dial_host(&policy, named, h, port, true).await {
+                            Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
+                            Err(Err(denied)) => {
+                                let (c, public) = refuse(denied);
+                                Err((c, format!("{why}; as a host, {public}")))
+                            }
+                            Err(Ok(_)) => Err((code, why)),
+                        };
                     }
                 };
                 // May the operator port-forward to the pod behind it? Asked

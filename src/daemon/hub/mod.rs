@@ -1036,7 +1036,7 @@ impl Hub {
     /// Reloads the operator cache from the registry; false (logged) when
     /// it could not, and the cache is as it was.
     fn reload_operators(&self) -> bool {
-        match self.store.list_operators() {
+        match self.store.list_readable_operators() {
             Ok(ops) => match self.operators.write() {
                 Ok(mut m) => {
                     *m = ops.into_iter().map(|o| (o.token_hash.clone(), o)).collect();
