@@ -309,22 +309,7 @@ fn one_operators_flood_is_refused_not_hidden_and_cannot_push_out_others() {
 
     // 40 requests in one curl (one connection) within well under a second.
     let url = format!("{gw}/towerctl/v1/whoami");
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-w",
-        "%{http_code}\n",
-        "--max-time",
-        "20",
-        "--cacert",
-    ])
-    .arg(env.path("data/towerctl/ca.crt"))
-    .args(["-H", &format!("Authorization: Bearer {bob}")]);
-    for _ in 0..40 {
-        cmd.args(["-o", "/dev/null"]).arg(&url);
-    }
-    let o = support::run_bounded(cmd, Duration::from_secs(30));
-    assert!(o.ok(), "{o:?}");
+    let o = whoami_40_times(&env, &bob, &url);
     let codes: Vec<&str> = o.stdout.lines().collect();
     let served = codes.iter().filter(|c| **c == "200").count();
     let refused = codes.iter().filter(|c| **c == "429").count();
@@ -398,24 +383,9 @@ fn requests_refused_past_a_tokens_connection_limit_stay_within_its_audit_budget(
     });
     // 40 requests on a second connection: each refused.
     let url = format!("{gw}/towerctl/v1/whoami");
-    let mut cmd = std::process::Command::new("curl");
-    cmd.args([
-        "-sS",
-        "-w",
-        "%{http_code}\n",
-        "--max-time",
-        "20",
-        "--cacert",
-    ])
-    .arg(env.path("data/towerctl/ca.crt"))
-    .args(["-H", &format!("Authorization: Bearer {bob}")]);
-    for _ in 0..40 {
-        cmd.args(["-o", "/dev/null"]).arg(&url);
-    }
     let started = std::time::Instant::now();
-    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    let o = whoami_40_times(&env, &bob, &url);
     let secs = started.elapsed().as_secs() as usize;
-    assert!(o.ok(), "{o:?}");
     let codes: Vec<&str> = o.stdout.lines().collect();
     assert_eq!(codes, vec!["429"; 40], "{o:?}");
     // Recorded as far as the budget goes (two of the burst's three left,
@@ -430,6 +400,28 @@ fn requests_refused_past_a_tokens_connection_limit_stay_within_its_audit_budget(
         (1..=3 + secs).contains(&recorded),
         "{recorded} refusals recorded in {secs} s"
     );
+}
+
+/// `url` asked 40 times with `token` in one curl (one connection, well
+/// under a second): a status code a line.
+fn whoami_40_times(env: &Env, token: &str, url: &str) -> Out {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-w",
+        "%{http_code}\n",
+        "--max-time",
+        "20",
+        "--cacert",
+    ])
+    .arg(env.path("data/towerctl/ca.crt"))
+    .args(["-H", &format!("Authorization: Bearer {token}")]);
+    for _ in 0..40 {
+        cmd.args(["-o", "/dev/null"]).arg(url);
+    }
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    o
 }
 
 /// Waits (up to 10 s) for `want` records matching `f`; returns how many
