@@ -50,6 +50,13 @@ impl Caps {
 /// through it, one address per connection, past any limit per address.
 pub fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
+        // An IPv4 client behind a NAT64 or SIIT translator (the well-known
+        // prefix, RFC 6052) is its IPv4 address: by /64, every IPv4 client
+        // of the translator was one source (one cap, one penalty).
+        IpAddr::V6(v6) if v6.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0] => {
+            let [.., a, b, c, d] = v6.octets();
+            IpAddr::from([a, b, c, d])
+        }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
             IpAddr::V6(std::net::Ipv6Addr::from(bits))
@@ -295,6 +302,12 @@ mod tests {
         );
         assert_eq!(source_key(ip("10.0.0.7")), ip("10.0.0.7"));
         assert_eq!(source_key(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
+        // Through a NAT64 translator's well-known prefix: its IPv4 client.
+        assert_eq!(source_key(ip("64:ff9b::c000:207")), ip("192.0.2.7"));
+        assert_ne!(
+            source_key(ip("64:ff9b::c000:207")),
+            source_key(ip("64:ff9b::c000:208"))
+        );
         // Many addresses of one /64 share one source's cap.
         let adm = Admission::new(
             "test",

@@ -354,7 +354,7 @@ impl ChannelService for Upstream {
             } else {
                 format!("the towerctl agent has {MAX_STREAMS} streams open already (its limit); close some (idle port-forward connections, watches) and retry")
             };
-            tracing::warn!("refused a stream: {msg}");
+            hub_driven(format_args!("refused a stream: {msg}"));
             // Said in words: a stream closed unanswered reached kubectl as
             // "connection closed before message completed", and a CONNECT
             // waited 20 s for an answer.
@@ -380,7 +380,7 @@ impl ChannelService for Upstream {
             let open = match crate::daemon::wire::RawOpen::decode(&originator) {
                 Ok(open) => open,
                 Err(msg) => {
-                    tracing::warn!("refused a stream: {msg}");
+                    hub_driven(format_args!("refused a stream: {msg}"));
                     let answer = crate::daemon::wire::RawAnswer::Err(
                         crate::daemon::wire::DialCode::DialFailed,
                         format!("{msg}; is the hub of another version?"),
@@ -532,9 +532,22 @@ pub(super) struct Identity {
     pub rbac: Option<Arc<super::rbac::Rbac>>,
 }
 
+/// Logs a warning the hub's requests cause: 10 a minute, the rest at
+/// debug (each refusal is answered to its client; a hub, or an operator
+/// through it, repeating one must not rotate the agent's log away).
+fn hub_driven(what: std::fmt::Arguments<'_>) {
+    static WARNINGS: crate::tunnel::LogBudget =
+        crate::tunnel::LogBudget::new("refused streams and requests", 10);
+    if WARNINGS.admit() {
+        tracing::warn!("{what}");
+    } else {
+        tracing::debug!("{what}");
+    }
+}
+
 /// A 403 from the agent, in words, logged.
 fn refused(why: &str) -> Response<Body> {
-    tracing::warn!("refused a request: {why}");
+    hub_driven(format_args!("refused a request: {why}"));
     status_response(
         StatusCode::FORBIDDEN,
         "Forbidden",
