@@ -233,6 +233,39 @@ pub(super) const PORTFORWARD_PERMITS: u32 = 63;
 /// Longest wait for them.
 const PORTFORWARD_WAIT: Duration = Duration::from_secs(5);
 
+/// How a raw channel's target is dialed ([`serve_raw`]).
+#[derive(Debug, PartialEq)]
+struct Reading {
+    /// What is looked up and judged first.
+    target: Target,
+    /// Why it is refused before anything is looked up (a cluster name
+    /// RBAC cannot be asked about, under impersonation).
+    unaskable: Option<String>,
+    /// A host whose every address needs a rule naming it (a cluster name
+    /// that names nothing the agent can vet).
+    strict: bool,
+    /// The host name to dial (strictly) when the Service or pod it was
+    /// read as is not found.
+    fallback: Option<Target>,
+}
+
+impl Reading {
+    fn of(target: Target, impersonating: bool) -> Reading {
+        let named = (!impersonating && matches!(target, Target::Host(_))).then(|| target.clone());
+        let (target, unaskable) = match target.clone().in_cluster_dns() {
+            Ok(t) => (t, None),
+            Err(m) => (target, Some(m)),
+        };
+        let strict = unaskable.is_some() && named.is_some();
+        Reading {
+            unaskable: unaskable.filter(|_| !strict),
+            fallback: named.filter(|n| *n != target),
+            target,
+            strict,
+        }
+    }
+}
+
 /// Dials `target` for a raw channel after the dial policy allowed it,
 /// writes `early` to it (the client's first bytes, when the hub sent them
 /// with the open: [`crate::daemon::wire::RawOpen`]), answers with a
@@ -269,17 +302,12 @@ pub(super) async fn serve_raw(
     // hostname, a not-ready address a headless Service publishes), is
     // dialed as the host it is, every address it resolves to needing an
     // `--allow` rule that names it, as a hand-made endpoint's does.
-    let named = match (&rbac, &target) {
-        (None, Target::Host(_)) => Some(target.clone()),
-        _ => None,
-    };
-    let (target, unaskable) = match target.clone().in_cluster_dns() {
-        Ok(t) => (t, None),
-        Err(m) => (target, Some(m)),
-    };
-    let strict = unaskable.is_some() && named.is_some();
-    let unaskable = unaskable.filter(|_| !strict);
-    let fallback = named.filter(|n| *n != target);
+    let Reading {
+        target,
+        unaskable,
+        strict,
+        fallback,
+    } = Reading::of(target, rbac.is_some());
     // Boxed: it is large, and the deadline below would otherwise copy it
     // whole into its own future (12 KB a connection, callgrind).
     let dial = Box::pin(async {
@@ -474,6 +502,75 @@ pub(super) async fn serve_raw(
         Err((code, msg)) => {
             let _ = RawAnswer::Err(code, msg).write(&mut stream).await;
             let _ = stream.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cluster names are what they name; without impersonation, one the
+    /// agent cannot vet so is a host each of whose addresses needs a rule
+    /// naming it; under impersonation it is refused and nothing falls back.
+    #[test]
+    fn cluster_names_are_read_as_objects_else_as_strict_hosts() {
+        let host = |h: &str| Target::Host(h.into());
+        let svc = Target::Service {
+            ns: "prod".into(),
+            name: "db".into(),
+        };
+        let name = "db.prod.svc.cluster.local";
+        assert_eq!(
+            Reading::of(host(name), false),
+            Reading {
+                target: svc.clone(),
+                unaskable: None,
+                strict: false,
+                fallback: Some(host(name)),
+            }
+        );
+        assert_eq!(
+            Reading::of(host(name), true),
+            Reading {
+                target: svc.clone(),
+                unaskable: None,
+                strict: false,
+                fallback: None,
+            }
+        );
+        let pod_ip = "10-0-0-1.prod.pod.cluster.local";
+        assert_eq!(
+            Reading::of(host(pod_ip), false),
+            Reading {
+                target: host(pod_ip),
+                unaskable: None,
+                strict: true,
+                fallback: None,
+            }
+        );
+        let under = Reading::of(host(pod_ip), true);
+        assert!(under.unaskable.is_some() && !under.strict && under.fallback.is_none());
+        // Other hosts and other targets are as they were.
+        for impersonating in [false, true] {
+            assert_eq!(
+                Reading::of(host("db.example.com"), impersonating),
+                Reading {
+                    target: host("db.example.com"),
+                    unaskable: None,
+                    strict: false,
+                    fallback: None,
+                }
+            );
+            assert_eq!(
+                Reading::of(svc.clone(), impersonating),
+                Reading {
+                    target: svc.clone(),
+                    unaskable: None,
+                    strict: false,
+                    fallback: None,
+                }
+            );
         }
     }
 }
