@@ -655,7 +655,9 @@ impl Store for EtcdStore {
     }
     fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
         let mut n = 0;
-        for op in self.list_operators()? {
+        // Those it can read: a record a newer hub wrote stays as it is (an
+        // operator's removal checks the whole list first).
+        for op in self.list_readable_operators()? {
             if doomed(&op) && self.delete(&format!("{OPERATORS}{}", op.token_hash))? {
                 n += 1;
             }

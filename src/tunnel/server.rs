@@ -62,18 +62,6 @@ pub trait Penalty: Send + Sync + 'static {
     fn unchecked(&self) {}
 }
 
-/// A token counted by [`Penalty::try_token`] whose check has not ended:
-/// dropped so, it was not refused.
-struct Pending(Option<Arc<dyn Penalty>>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            p.unchecked();
-        }
-    }
-}
-
 /// The russh server configuration for the hub.
 pub fn config(key: PrivateKey, keepalive: Duration) -> Arc<russh::server::Config> {
     Arc::new(russh::server::Config {
@@ -211,19 +199,26 @@ impl russh::server::Handler for HubHandler {
         if !self.penalty.try_token() {
             return Err(russh::Error::Disconnect);
         }
-        // A login dropped while its token is checked (evicted, past its
-        // deadline while the registry is slow) was not refused.
-        let mut pending = Pending(Some(self.penalty.clone()));
-        let v = tokio::task::spawn_blocking(move || auth.check_token(&u, &p, k.as_ref()))
-            .await
-            .unwrap_or(Verdict::Reject(None));
-        pending.0 = None;
+        // The count is settled with the check itself, whether or not the
+        // login is still there to hear it (evicted, past its deadline): a
+        // token the registry could not check is not counted as a refusal
+        // (agents behind one address retrying through an etcd outage had
+        // their tokens left unchecked for up to a minute after it), and a
+        // refused one counts even if its login was dropped meanwhile.
+        let penalty = self.penalty.clone();
+        let v = tokio::task::spawn_blocking(move || {
+            let v = auth.check_token(&u, &p, k.as_ref());
+            match v {
+                Verdict::Accept => penalty.accepted(),
+                Verdict::Unavailable(_) => penalty.unchecked(),
+                Verdict::Reject(_) => {}
+            }
+            v
+        })
+        .await
+        .unwrap_or(Verdict::Reject(None));
         match v {
-            Verdict::Accept => self.penalty.accepted(),
-            // Not the token's fault: not counted as a refusal (agents
-            // behind one address retrying through an etcd outage had
-            // their tokens left unchecked for up to a minute after it).
-            Verdict::Unavailable(_) => self.penalty.unchecked(),
+            Verdict::Accept | Verdict::Unavailable(_) => {}
             Verdict::Reject(_) => {
                 if let Some(r) = self.refused_tx.take() {
                     let _ = r.send(());

@@ -394,7 +394,10 @@ pub(super) async fn serve_raw(
                                 let (c, public) = refuse(denied);
                                 Err((c, format!("{why}; as a host, {public}")))
                             }
-                            Err(Ok(_)) => Err((code, why)),
+                            // Leading nowhere as a host either: what the
+                            // lookup found is the answer.
+                            Err(Ok((DialCode::NotFound, _))) => Err((code, why)),
+                            Err(Ok(e)) => Err(e),
                         };
                     }
                 };

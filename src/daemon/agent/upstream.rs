@@ -681,7 +681,9 @@ async fn forward(
         Some(wait) => match tokio::time::timeout(wait, sent).await {
             Ok(a) => a,
             Err(_) => {
-                tracing::warn!("the member's API server did not answer within {wait:?}");
+                hub_driven(format_args!(
+                    "the member's API server did not answer within {wait:?}"
+                ));
                 return status_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "Timeout",

@@ -295,7 +295,14 @@ pub(super) fn handle(
         Request::OperatorRemove { name } if name == super::LOCAL_ADMIN => Response::err(format!(
             "'{name}' is the hub's local admin: it is what 'towerctl use' on the hub machine runs as, and it is recreated from the hub's admin.token at every start, so it cannot be removed; give other people their own operators ('towerctl operator add NAME') instead. To replace its token (it leaked), stop the hub, delete '{}' and start the hub again: the old token stops working", crate::paths::data_dir().join("admin.token").display()
         )),
-        Request::OperatorRemove { name } => match hub.store.delete_operators(&|o| o.name == name) {
+        // Read whole first: a record this hub cannot read (a newer hub's)
+        // may be one of this operator's tokens, which removing the others
+        // would leave valid there.
+        Request::OperatorRemove { name } => match hub
+            .store
+            .list_operators()
+            .and_then(|_| hub.store.delete_operators(&|o| o.name == name))
+        {
             Ok(0) => Response::err(format!(
                 "no operator named '{name}'; 'towerctl operator list' shows them"
             )),

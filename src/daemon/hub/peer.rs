@@ -479,7 +479,9 @@ impl Cluster {
             gone.clear();
             return;
         }
-        let Ok(operators) = self.store.list_operators() else {
+        // Those it can read: its own admin's record unreadable is missing,
+        // and written again.
+        let Ok(operators) = self.store.list_readable_operators() else {
             return;
         };
         let own = self.admin_hash.get().cloned();
