@@ -3022,6 +3022,25 @@ fn port_forward_checks_its_target_first_and_takes_the_contexts_namespace() {
                 .contains("Service 'web' does not have a port named 'nope'"),
         "{o:?}"
     );
+    // Both families' any-address, as kubectl binds them: `::` is IPv6
+    // alone (it listened on IPv4 too, and the second bind failed "in use").
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "svc/web",
+        ":tcp",
+        "-n",
+        "default",
+        "--address",
+        "0.0.0.0,::",
+    ]));
+    pf.wait_for("Forwarding from [::]:", Duration::from_secs(20));
+    assert!(
+        pf.output().contains("Forwarding from 0.0.0.0:"),
+        "{}",
+        pf.output()
+    );
+    drop(pf);
     // -n says otherwise: found, and forwarded.
     let pf = Streaming::start(env.towerctl_cmd(&[
         "port-forward",

@@ -520,3 +520,51 @@ fn one_operators_stalled_streams_leave_the_others_full_windows() {
     read_checked(&mut c, &mut at, 4 << 20);
     drop((stalled, pf, bobs));
 }
+
+/// One `towerctl port-forward` process carries all its connections on one
+/// HTTP/2 connection to the gateway: local clients that stop reading (a
+/// paused download, a pager) hold their streams' windows, and they must
+/// not hold the connection's. With a connection window of eight stream
+/// windows, nine stalled clients froze every other connection of the
+/// process until one of them read again.
+#[test]
+fn stalled_local_clients_of_one_port_forward_leave_its_other_connections_flowing() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    stream_service(&api);
+    env.up();
+    join_alpha(&env, &api, &[], &[]);
+    let o = env.towerctl(&["operator", "add", "bob", "--group", "web"]);
+    assert!(o.ok(), "{o:?}");
+    let login = support::printed_command(&o.stdout, "login");
+    let o = env.towerctl(&["access", "allow", "group:web", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    // From another machine: through the gateway, one multiplexed connection.
+    let laptop = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    let pf = Streaming::start(laptop.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
+    let port = forwarded_port(&pf);
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut at = 0u64;
+        read_checked(&mut c, &mut at, 64 << 10);
+        stalled.push(c);
+    }
+    // (Their windows and the sockets' buffers fill within a moment.)
+    std::thread::sleep(Duration::from_secs(3));
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut at = 0u64;
+    read_checked(&mut c, &mut at, 8 << 20);
+    // And the stalled ones resume intact.
+    for (i, s) in stalled.iter_mut().enumerate().take(2) {
+        let mut at = 64 << 10;
+        read_checked(s, &mut at, 4 << 20);
+        assert!(at > 64 << 10, "stalled connection {i}");
+    }
+    drop((stalled, pf));
+}

@@ -32,7 +32,7 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for 
 /// same, see `daemon::tls`): big enough that one bulk stream is not held
 /// back by window updates, bounded so a slow reader cannot make the other
 /// end buffer without limit.
-pub use crate::daemon::tls::{MUX_CONN_WINDOW, MUX_FRAME, MUX_STREAM_WINDOW};
+pub use crate::daemon::tls::{MUX_CLIENT_CONN_WINDOW, MUX_FRAME, MUX_STREAM_WINDOW};
 
 /// The shared connection, opened on first use and again after the gateway
 /// closed it (idle timeout, restart).
@@ -88,7 +88,7 @@ impl Mux {
         let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(MUX_STREAM_WINDOW)
-            .initial_connection_window_size(MUX_CONN_WINDOW)
+            .initial_connection_window_size(MUX_CLIENT_CONN_WINDOW)
             .max_frame_size(MUX_FRAME)
             .keep_alive_interval(MUX_PING_EVERY)
             .keep_alive_timeout(MUX_PING_TIMEOUT)

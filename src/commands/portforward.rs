@@ -411,6 +411,10 @@ pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
 }
 
 pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
+    // Each local connection holds a descriptor: the default soft limit of
+    // 1,024 ran out well before the forward's own cap (kubectl's runtime
+    // raises it as well).
+    crate::daemon::admission::raise_fd_limit();
     let (cluster, resource) = (a.cluster.as_str(), a.resource.as_str());
     check_namespace(&a.namespace)?;
     let target = Target::from_kubectl(resource, &a.namespace).map_err(anyhow::Error::msg)?;
@@ -454,7 +458,7 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
         let mut bound = 0;
         let mut errors: Vec<String> = Vec::new();
         for &(ip, required) in &addrs {
-            match TcpListener::bind(SocketAddr::new(ip, local)).await {
+            match crate::daemon::listen_exactly(SocketAddr::new(ip, local)) {
                 Ok(l) => {
                     let a = l.local_addr()?;
                     local = a.port();

@@ -119,6 +119,25 @@ pub fn listen_tcp(
     Ok((l, at))
 }
 
+/// Binds a TCP listener on exactly `addr`, as kubectl's port-forward binds
+/// its addresses: an IPv6 address listens for IPv6 alone (`IPV6_V6ONLY`).
+/// Bound with the system's default, `::` listened on every IPv4 address
+/// too, and `0.0.0.0,::` failed on its second address ("in use").
+pub fn listen_exactly(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::AsRawFd;
+    let s = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => {
+            let s = tokio::net::TcpSocket::new_v6()?;
+            set_int_option(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+            s
+        }
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
 /// The next connection on `listener` (with TCP_NODELAY set), or `None` once
 /// `cancel` fires. Accept errors (out of file descriptors, a reset before
 /// accept) are logged and retried after a short pause instead of ending

@@ -128,6 +128,13 @@ pub const MUX_ALPN: &[u8] = b"towerctl-h2";
 /// buffer, at most).
 pub const MUX_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const MUX_CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// The port-forward's own connection window, for what the hub sends it:
+/// 128 streams' windows. Local clients that stop reading (a paused
+/// download, a pager) hold their streams' windows; with eight streams'
+/// worth for the connection, eight of them froze every other connection
+/// of the process. What it bounds is the operator's own memory, each
+/// stream still held to its window.
+pub const MUX_CLIENT_CONN_WINDOW: u32 = 256 * 1024 * 1024;
 /// Largest HTTP/2 DATA frame: fewer frames (and frame headers) per byte.
 pub const MUX_FRAME: u32 = 64 * 1024;
 

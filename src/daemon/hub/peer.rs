@@ -1554,21 +1554,27 @@ pub(super) async fn connect_via_owner(
         None => Err(super::gateway::no_session(hub, name).2),
         Some(Err(resp)) => {
             let status = resp.status();
-            // The reason, bounded: at most the first 4 KiB of it.
+            // The reason, bounded: at most the first 4 KiB of it, within
+            // 15 s (a hub that sends the head and stalls its body held the
+            // local connection), shown printable (it reaches the
+            // operator's terminal).
             let mut body = resp.into_body();
             let mut text = Vec::new();
-            while let Some(Ok(frame)) = body.frame().await {
-                if let Ok(d) = frame.into_data() {
-                    text.extend_from_slice(&d);
+            let read = async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Ok(d) = frame.into_data() {
+                        text.extend_from_slice(&d);
+                    }
+                    if text.len() >= 4096 {
+                        text.truncate(4096);
+                        break;
+                    }
                 }
-                if text.len() >= 4096 {
-                    text.truncate(4096);
-                    break;
-                }
-            }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(15), read).await;
             Err(format!(
                 "{status}: {}",
-                String::from_utf8_lossy(&text).trim()
+                crate::tunnel::printable(String::from_utf8_lossy(&text).trim(), 500)
             ))
         }
         Some(Ok(resp)) => hyper::upgrade::on(resp)
