@@ -39,8 +39,30 @@ pub use crate::daemon::tls::{MUX_CLIENT_CONN_WINDOW, MUX_FRAME, MUX_STREAM_WINDO
 pub struct Mux {
     gw: GatewayClient,
     token: String,
-    current: tokio::sync::Mutex<Current>,
+    current: tokio::sync::Mutex<State>,
 }
+
+struct State {
+    current: Current,
+    /// The last attempt to connect failed: connections that come until
+    /// `until` are told so at once, instead of each making (one after the
+    /// other, under the lock) its own attempt of up to 20 s against a
+    /// gateway that drops packets, or a handshake the hub refuses.
+    failed: Option<Failed>,
+}
+
+struct Failed {
+    why: String,
+    until: std::time::Instant,
+    /// The next wait after another failure (1 s, doubling to 30 s).
+    next: std::time::Duration,
+}
+
+/// How long a gateway without `towerctl-h2` is taken to stay so, before
+/// the shared connection is tried again (a rolling upgrade's older hub
+/// answered one connection, and a background forward went on with a
+/// handshake per connection for days).
+const PER_CONNECTION_FOR: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Between PINGs on the multiplexed connection, and how long an answer
 /// may take before the connection is given up.
@@ -54,8 +76,9 @@ const CONNECT_ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_s
 enum Current {
     None,
     H2(SendRequest<Empty<Bytes>>),
-    /// The gateway does not multiplex: one connection per stream.
-    PerConnection,
+    /// The gateway does not multiplex: one connection per stream (seen
+    /// then).
+    PerConnection(std::time::Instant),
 }
 
 impl Mux {
@@ -63,22 +86,56 @@ impl Mux {
         Mux {
             gw,
             token: token.to_string(),
-            current: tokio::sync::Mutex::new(Current::None),
+            current: tokio::sync::Mutex::new(State {
+                current: Current::None,
+                failed: None,
+            }),
         }
     }
 
     /// The live HTTP/2 sender, after connecting if needed; `None` when the
     /// gateway speaks only HTTP/1.1.
     async fn sender(&self) -> Result<Option<SendRequest<Empty<Bytes>>>> {
-        let mut cur = self.current.lock().await;
-        match &*cur {
+        let mut st = self.current.lock().await;
+        match &st.current {
             Current::H2(s) if !s.is_closed() => return Ok(Some(s.clone())),
-            Current::PerConnection => return Ok(None),
+            Current::PerConnection(at) if at.elapsed() < PER_CONNECTION_FOR => return Ok(None),
             _ => {}
         }
+        if let Some(f) = &st.failed {
+            let left = f.until.saturating_duration_since(std::time::Instant::now());
+            if !left.is_zero() {
+                bail!("{} (tried again in {}s)", f.why, left.as_secs().max(1));
+            }
+        }
+        match self.connect().await {
+            Ok(sender) => {
+                st.failed = None;
+                st.current = match &sender {
+                    Some(s) => Current::H2(s.clone()),
+                    None => Current::PerConnection(std::time::Instant::now()),
+                };
+                Ok(sender)
+            }
+            Err(e) => {
+                let next = st
+                    .failed
+                    .as_ref()
+                    .map_or(std::time::Duration::from_secs(1), |f| f.next);
+                st.failed = Some(Failed {
+                    why: format!("{e:#}"),
+                    until: std::time::Instant::now() + next,
+                    next: (next * 2).min(std::time::Duration::from_secs(30)),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// A new shared connection; `None` when the gateway does not offer it.
+    async fn connect(&self) -> Result<Option<SendRequest<Empty<Bytes>>>> {
         let tls = self.gw.connect().await?;
         if tls.get_ref().1.alpn_protocol() != Some(MUX_ALPN) {
-            *cur = Current::PerConnection;
             return Ok(None);
         }
         // PINGs while the connection lives, idle or not: one that died
@@ -108,15 +165,14 @@ impl Mux {
                 tracing::debug!("gateway connection: {e}");
             }
         });
-        *cur = Current::H2(sender.clone());
         Ok(Some(sender))
     }
 
     /// Forgets `dead` if it is still the current connection.
     async fn drop_sender(&self, dead: &SendRequest<Empty<Bytes>>) {
-        let mut cur = self.current.lock().await;
-        if matches!(&*cur, Current::H2(s) if s.is_closed() || dead.is_closed()) {
-            *cur = Current::None;
+        let mut st = self.current.lock().await;
+        if matches!(&st.current, Current::H2(s) if s.is_closed() || dead.is_closed()) {
+            st.current = Current::None;
         }
     }
 
