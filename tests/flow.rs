@@ -561,10 +561,9 @@ fn stalled_local_clients_of_one_port_forward_leave_its_other_connections_flowing
     let mut at = 0u64;
     read_checked(&mut c, &mut at, 8 << 20);
     // And the stalled ones resume intact.
-    for (i, s) in stalled.iter_mut().enumerate().take(2) {
+    for s in stalled.iter_mut().take(2) {
         let mut at = 64 << 10;
         read_checked(s, &mut at, 4 << 20);
-        assert!(at > 64 << 10, "stalled connection {i}");
     }
     drop((stalled, pf));
 }

@@ -28,10 +28,11 @@ use super::https::{connect_tunnel, GatewayClient};
 pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
-/// Flow-control windows of the multiplexed connection (both ends use the
-/// same, see `daemon::tls`): big enough that one bulk stream is not held
-/// back by window updates, bounded so a slow reader cannot make the other
-/// end buffer without limit.
+/// Flow-control windows of the multiplexed connection (see `daemon::tls`):
+/// big enough that one bulk stream is not held back by window updates,
+/// bounded so a slow reader cannot make the other end buffer without
+/// limit; this side's connection window holds 128 streams' (local clients
+/// that stop reading must not freeze the others).
 pub use crate::daemon::tls::{MUX_CLIENT_CONN_WINDOW, MUX_FRAME, MUX_STREAM_WINDOW};
 
 /// The shared connection, opened on first use and again after the gateway
@@ -44,12 +45,17 @@ pub struct Mux {
 
 struct State {
     current: Current,
-    /// The last attempt to connect failed: connections that come until
-    /// `until` are told so at once, instead of each making (one after the
-    /// other, under the lock) its own attempt of up to 20 s against a
-    /// gateway that drops packets, or a handshake the hub refuses.
+    /// The last attempt to connect failed slowly (no answer: a gateway
+    /// that drops packets): connections that come until `until` are told
+    /// so at once, instead of each making, one after the other under the
+    /// lock, its own attempt of up to 20 s. A quick failure (refused while
+    /// the hub restarts) is not remembered: the next connection tries
+    /// again, and finds the hub back at once.
     failed: Option<Failed>,
 }
+
+/// An attempt that took this long before failing is remembered.
+const SLOW_FAILURE: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Failed {
     why: String,
@@ -108,6 +114,7 @@ impl Mux {
                 bail!("{} (tried again in {}s)", f.why, left.as_secs().max(1));
             }
         }
+        let started = std::time::Instant::now();
         match self.connect().await {
             Ok(sender) => {
                 st.failed = None;
@@ -116,6 +123,10 @@ impl Mux {
                     None => Current::PerConnection(std::time::Instant::now()),
                 };
                 Ok(sender)
+            }
+            Err(e) if started.elapsed() < SLOW_FAILURE => {
+                st.failed = None;
+                Err(e)
             }
             Err(e) => {
                 let next = st
@@ -168,10 +179,13 @@ impl Mux {
         Ok(Some(sender))
     }
 
-    /// Forgets `dead` if it is still the current connection.
-    async fn drop_sender(&self, dead: &SendRequest<Empty<Bytes>>) {
+    /// Forgets the current connection if it is closed. Only then: a
+    /// sender's clones share their state, so a dead current one is closed
+    /// itself, and asking whether the caller's was closed too threw away
+    /// the live one another connection had just made.
+    async fn forget_closed(&self) {
         let mut st = self.current.lock().await;
-        if matches!(&st.current, Current::H2(s) if s.is_closed() || dead.is_closed()) {
+        if matches!(&st.current, Current::H2(s) if s.is_closed()) {
             st.current = Current::None;
         }
     }
@@ -224,7 +238,7 @@ impl Mux {
             };
             let Ok((sent, handed)) = tokio::time::timeout(CONNECT_ANSWER_DEADLINE, asked).await
             else {
-                self.drop_sender(&sender).await;
+                self.forget_closed().await;
                 bail!(
                     "the gateway did not answer within {}s; is the hub up?",
                     CONNECT_ANSWER_DEADLINE.as_secs()
@@ -233,7 +247,7 @@ impl Mux {
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    self.drop_sender(&sender).await;
+                    self.forget_closed().await;
                     // Canceled: the connection ended (a GOAWAY: the hub
                     // closed it as its operator's idle one) before the
                     // request went out, first bytes and all.

@@ -271,13 +271,19 @@ pub fn raise_fd_limit() -> u64 {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
             return 1024;
         }
-        if rl.rlim_cur < rl.rlim_max {
+        // The hard limit, else (macOS refuses an unlimited hard limit as
+        // the soft one) OPEN_MAX's 10,240.
+        for to in [rl.rlim_max, rl.rlim_max.min(10_240)] {
+            if rl.rlim_cur >= to {
+                break;
+            }
             let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
+                rlim_cur: to,
                 rlim_max: rl.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                rl.rlim_cur = rl.rlim_max;
+                rl.rlim_cur = to;
+                break;
             }
         }
     }
