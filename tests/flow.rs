@@ -463,6 +463,21 @@ fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
 /// The budget used to be shared first come, first served, so one
 /// operator's stalled port-forward connections left everyone else's new
 /// streams with 32 KiB windows (a bulk transfer over a 50 ms link: 640 KB/s).
+/// Operator bob (group `web`, allowed alpha) logged in on a machine of
+/// his own.
+fn bobs_laptop(hub: &Env) -> Env {
+    let o = hub.towerctl(&["operator", "add", "bob", "--group", "web"]);
+    assert!(o.ok(), "{o:?}");
+    let login = support::printed_command(&o.stdout, "login");
+    let o = hub.towerctl(&["access", "allow", "group:web", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let laptop = Env::new();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    laptop
+}
+
 #[test]
 fn one_operators_stalled_streams_leave_the_others_full_windows() {
     let env = Env::new();
@@ -493,15 +508,7 @@ fn one_operators_stalled_streams_leave_the_others_full_windows() {
     }
 
     // Another operator's port-forward from its own machine.
-    let o = env.towerctl(&["operator", "add", "bob", "--group", "web"]);
-    assert!(o.ok(), "{o:?}");
-    let login = support::printed_command(&o.stdout, "login");
-    let o = env.towerctl(&["access", "allow", "group:web", "--names", "alpha"]);
-    assert!(o.ok(), "{o:?}");
-    let laptop = Env::new();
-    let args: Vec<&str> = login.iter().map(String::as_str).collect();
-    let o = laptop.towerctl(&args);
-    assert!(o.ok(), "{o:?}");
+    let laptop = bobs_laptop(&env);
     let bobs =
         Streaming::start(laptop.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
     let bob_port = forwarded_port(&bobs);
@@ -534,16 +541,8 @@ fn stalled_local_clients_of_one_port_forward_leave_its_other_connections_flowing
     stream_service(&api);
     env.up();
     join_alpha(&env, &api, &[], &[]);
-    let o = env.towerctl(&["operator", "add", "bob", "--group", "web"]);
-    assert!(o.ok(), "{o:?}");
-    let login = support::printed_command(&o.stdout, "login");
-    let o = env.towerctl(&["access", "allow", "group:web", "--names", "alpha"]);
-    assert!(o.ok(), "{o:?}");
     // From another machine: through the gateway, one multiplexed connection.
-    let laptop = Env::new();
-    let args: Vec<&str> = login.iter().map(String::as_str).collect();
-    let o = laptop.towerctl(&args);
-    assert!(o.ok(), "{o:?}");
+    let laptop = bobs_laptop(&env);
     let pf = Streaming::start(laptop.towerctl_cmd(&["port-forward", "alpha", "svc/stream", ":80"]));
     let port = forwarded_port(&pf);
     let mut stalled = Vec::new();
