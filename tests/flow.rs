@@ -458,11 +458,6 @@ fn past_the_window_budget_stalled_streams_cost_the_hub_only_small_windows() {
     read_checked(&mut first, &mut first_at, 4 << 20);
 }
 
-/// One operator's stalled streams take at most its share of the member's
-/// window budget: another operator's new stream still gets a full window.
-/// The budget used to be shared first come, first served, so one
-/// operator's stalled port-forward connections left everyone else's new
-/// streams with 32 KiB windows (a bulk transfer over a 50 ms link: 640 KB/s).
 /// Operator bob (group `web`, allowed alpha) logged in on a machine of
 /// his own.
 fn bobs_laptop(hub: &Env) -> Env {
@@ -478,6 +473,11 @@ fn bobs_laptop(hub: &Env) -> Env {
     laptop
 }
 
+/// One operator's stalled streams take at most its share of the member's
+/// window budget: another operator's new stream still gets a full window.
+/// The budget used to be shared first come, first served, so one
+/// operator's stalled port-forward connections left everyone else's new
+/// streams with 32 KiB windows (a bulk transfer over a 50 ms link: 640 KB/s).
 #[test]
 fn one_operators_stalled_streams_leave_the_others_full_windows() {
     let env = Env::new();
@@ -532,7 +532,7 @@ fn one_operators_stalled_streams_leave_the_others_full_windows() {
 /// HTTP/2 connection to the gateway: local clients that stop reading (a
 /// paused download, a pager) hold their streams' windows, and they must
 /// not hold the connection's. With a connection window of eight stream
-/// windows, nine stalled clients froze every other connection of the
+/// windows, eight stalled clients froze every other connection of the
 /// process until one of them read again.
 #[test]
 fn stalled_local_clients_of_one_port_forward_leave_its_other_connections_flowing() {

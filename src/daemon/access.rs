@@ -156,6 +156,16 @@ impl Policy {
         }
     }
 
+    /// Why no rule applies, for rules that could not be read
+    /// ([`Policy::unreadable`]), naming the fixes.
+    pub fn unreadable_reason(&self) -> Option<String> {
+        self.unreadable.as_ref().map(|why| {
+            format!(
+                "the access rules in the registry cannot be read by this hub ({why}); until they are, every operator but the local admin is refused: upgrade this hub if a newer one wrote them, or correct the 'settings/access' key under the hub's --store-prefix in etcd (a hub on its own registry is restarted once its rules are fixed)"
+            )
+        })
+    }
+
     /// Adds a rule after checking its selector; returns it.
     pub fn add(
         &mut self,
@@ -198,12 +208,10 @@ impl Policy {
                 why: "local admin".into(),
             };
         }
-        if let Some(why) = &self.unreadable {
+        if let Some(why) = self.unreadable_reason() {
             return Decision {
                 allowed: false,
-                why: format!(
-                    "the access rules in the registry cannot be read by this hub ({why}), so none applies: upgrade this hub if a newer one wrote them, or correct the registry's 'access' setting"
-                ),
+                why,
             };
         }
         if !self.unknown.is_empty() {

@@ -47,7 +47,8 @@ impl Caps {
 /// What a source is counted as for limits per source: an IPv4 address
 /// itself, an IPv6 address its /64 (the least a host or a customer is
 /// given, SLAAC's prefix): one client holds a whole /64 and could move
-/// through it, one address per connection, past any limit per address.
+/// through it, one address per connection, past any limit per address; an
+/// address under NAT64's `64:ff9b::/96` the IPv4 address it carries.
 pub fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         // An IPv4 client behind a NAT64 or SIIT translator (the well-known
@@ -258,9 +259,10 @@ impl Drop for Ticket {
     }
 }
 
-/// Raises the soft open-files limit to the hard one (the default soft
-/// limit of 1,024 is what a connection flood exhausts first) and returns
-/// the limit now in force.
+/// Raises the soft open-files limit to the hard one, else to 10,240 where
+/// the hard one is refused (macOS's unlimited), (the default soft limit of
+/// 1,024 is what a connection flood exhausts first) and returns the limit
+/// now in force.
 pub fn raise_fd_limit() -> u64 {
     let mut rl = libc::rlimit {
         rlim_cur: 0,

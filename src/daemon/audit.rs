@@ -23,8 +23,9 @@
 //!   write of its choosing. Unauthenticated clients' records over their
 //!   budget are dropped (nothing of theirs reaches a member). Either way
 //!   the count is written as one `verb: "suppressed"` summary as soon as
-//!   the bucket refills. Unauthenticated clients together get a tenth of
-//!   the budget, and their paths are cut to a quarter: anyone can send
+//!   the bucket refills. Unauthenticated clients together get a hundredth
+//!   of the rate (at least one a second) and a tenth of the burst, and
+//!   their paths are cut to a quarter: anyone can send
 //!   them, so they must not be able to rotate the history away.
 //! - *Kill the hub to lose it*: every record is written to the file (the
 //!   page cache) as soon as the writer receives it, with no buffering in
@@ -613,7 +614,7 @@ impl Drop for EndRecord {
 }
 
 /// Most records written in one go; a batch may take the file past
-/// [`MAX_BYTES`] by at most this many records before it rotates.
+/// [`max_bytes`] by at most this many records before it rotates.
 const BATCH: usize = 256;
 
 /// How long a queued record may wait for the writer to be woken.
@@ -783,7 +784,7 @@ impl<F: LogFile> Writer<F> {
     }
 
     /// Writes whole lines, then rotates the file if it has grown past
-    /// [`MAX_BYTES`]. Lines that do not reach the file are counted in
+    /// [`max_bytes`]. Lines that do not reach the file are counted in
     /// `dropped` and reported in the hub's log.
     fn write(&mut self, lines: &[u8]) {
         if lines.is_empty() {

@@ -43,7 +43,14 @@ pub fn hold(id: &str) -> anyhow::Result<std::fs::File> {
         .map_err(|e| anyhow::anyhow!("cannot open '{}': {e}", path.display()))?;
     // SAFETY: flock on a valid, open descriptor.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!("background forward '{id}' is already running");
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            anyhow::bail!("background forward '{id}' is already running");
+        }
+        anyhow::bail!(
+            "cannot lock '{}': {err}; the runtime directory must be on a file system with working locks",
+            path.display()
+        );
     }
     Ok(f)
 }

@@ -306,7 +306,8 @@ const METRICS_CAPS: super::admission::Caps = super::admission::Caps {
     per_source: 16,
 };
 
-/// Serves `/metrics` until `cancel` fires; `snapshot` is taken per scrape.
+/// Serves `/metrics` until `cancel` fires; `snapshot` is taken per
+/// rendering, scrapes arriving meanwhile sharing the next one ([`Page`]).
 pub async fn serve<F>(
     listener: TcpListener,
     snapshot: F,

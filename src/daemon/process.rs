@@ -55,14 +55,23 @@ fn lock(path: &Path, daemon: &str) -> Result<File> {
     // the anchor for an instant (`paths::anchored`), which must not pass
     // for a running daemon.
     let deadline = Instant::now() + Duration::from_millis(500);
-    let r = loop {
+    let (r, err) = loop {
         // SAFETY: flock on a valid, open descriptor.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 || Instant::now() >= deadline {
-            break r;
+        let err = std::io::Error::last_os_error();
+        if r == 0 || Instant::now() >= deadline || err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            break (r, err);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    // Only a lock held elsewhere is a running daemon (where locks do not
+    // work at all, `ENOLCK`, there is nothing to stop).
+    if r != 0 && err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        bail!(
+            "cannot lock '{}' to run the {daemon} daemon: {err}; its directory must be on a file system with working locks (not an NFS mount without its lock service)",
+            path.display()
+        );
+    }
     if r != 0 {
         let mut s = String::new();
         let _ = f.read_to_string(&mut s);

@@ -153,11 +153,11 @@ fn pod_ref(r: Option<&ObjectReference>, ns: &str) -> Option<(String, String)> {
     Some((ns.to_string(), r.name.clone()?))
 }
 
-/// Where to dial for `target` port `port`.
 /// Pods read at a time to find a workload's pod, and most pages read.
 const WORKLOAD_PAGE: u32 = 100;
 const WORKLOAD_PAGES: usize = 50;
 
+/// Where to dial for `target` port `port`.
 pub async fn resolve(
     client: &kube::Client,
     cache: Option<&ServiceCache>,

@@ -121,11 +121,12 @@ pub fn load(
 /// private name rather than `h2`, so that its larger windows and stream cap
 /// are only for it.
 pub const MUX_ALPN: &[u8] = b"towerctl-h2";
-/// Flow-control windows of that connection, the same on both ends: a
-/// stream may have this much in flight before the reader takes it (enough
-/// for a bulk stream not to wait on window updates), the connection this
-/// much over all its streams (what a stalled reader can make the other end
-/// buffer, at most).
+/// Flow-control windows of that connection: a stream may have this much in
+/// flight before the reader takes it, on both ends (enough for a bulk
+/// stream not to wait on window updates); the hub's connection takes this
+/// much over all its streams (what a port-forward's stalled targets can
+/// make the hub buffer, at most), the port-forward's
+/// [`MUX_CLIENT_CONN_WINDOW`].
 pub const MUX_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 pub const MUX_CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// The port-forward's own connection window, for what the hub sends it:

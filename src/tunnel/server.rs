@@ -48,9 +48,10 @@ pub trait Authenticator: Send + Sync + 'static {
 }
 
 /// The hub's penalty for refused join tokens, for one connection's source
-/// address. Every token presented counts *before* it is checked, and an
-/// accepted one clears the count: connections opened in parallel cannot all
-/// try before the first refusal counts.
+/// address. Every token presented counts *before* it is checked, an
+/// accepted one clears the count, and one the registry could not check is
+/// taken back: connections opened in parallel cannot all try before the
+/// first refusal counts.
 pub trait Penalty: Send + Sync + 'static {
     /// Counts a token about to be checked; false when this source may not
     /// try one now.

@@ -245,7 +245,7 @@ struct Reading {
     /// that names nothing the agent can vet).
     strict: bool,
     /// The host name to dial (strictly) when the Service or pod it was
-    /// read as is not found.
+    /// read as is not found or has no address to dial.
     fallback: Option<Target>,
 }
 

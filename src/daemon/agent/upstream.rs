@@ -248,7 +248,8 @@ pub(super) struct Upstream {
     /// One permit per stream served ([`MAX_STREAMS`]).
     pub(super) streams: Arc<Semaphore>,
     /// One permit per raw stream ([`MAX_RAW_STREAMS`], fewer under a
-    /// memory limit: [`budgets`]), besides its stream permit.
+    /// memory limit: [`budgets`]), besides its stream permit; one through
+    /// `pods/portforward` takes `raw::PORTFORWARD_PERMITS` more.
     pub(super) raw_streams: Arc<Semaphore>,
     /// How many permits `raw_streams` has in all.
     pub(super) raw_limit: usize,
@@ -537,7 +538,7 @@ pub(super) struct Identity {
 /// through it, repeating one must not rotate the agent's log away).
 fn hub_driven(what: std::fmt::Arguments<'_>) {
     static WARNINGS: crate::tunnel::LogBudget =
-        crate::tunnel::LogBudget::new("refused streams and requests", 10);
+        crate::tunnel::LogBudget::new("warnings the hub's requests cause", 10);
     if WARNINGS.admit() {
         tracing::warn!("{what}");
     } else {

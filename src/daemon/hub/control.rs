@@ -272,10 +272,8 @@ pub(super) fn handle(
             })
         }),
         Request::AccessList => match hub.access.read() {
-            Ok(p) => match &p.unreadable {
-                Some(why) => Response::err(format!(
-                    "the access rules in the registry cannot be read by this hub ({why}); until they are, every operator but the local admin is refused: upgrade this hub if a newer one wrote them, or correct the registry's 'access' setting"
-                )),
+            Ok(p) => match p.unreadable_reason() {
+                Some(why) => Response::err(why),
                 None => Response::ok(p.rules.clone()),
             },
             Err(_) => Response::err("the access rules are unavailable"),

@@ -370,7 +370,7 @@ struct Incoming {
 struct SourcePenalty {
     penalties: Arc<Penalties>,
     /// The source as limits count it (`admission::source_key`: an IPv6
-    /// address's /64).
+    /// address's /64, a NAT64 address's IPv4 one).
     ip: std::net::IpAddr,
 }
 
