@@ -2339,10 +2339,22 @@ fn access_rules_or_operators_this_hub_cannot_read_refuse_operators() {
     let o = b.towerctl(&["operator", "rm", "bob"]);
     assert!(!o.ok() && o.stderr.contains("zz-unreadable"), "{o:?}");
     // A hub starts with such a record in the registry (its start removes
-    // its own stale admin tokens: it read the whole list, and failed).
+    // its own stale admin tokens: it read the whole list, and failed),
+    // even its own admin's (written again).
     assert!(b.towerctl(&["down"]).ok());
-    hub_up(&b, &etcd);
     let b_admin = std::fs::read_to_string(b.path("data/towerctl/admin.token")).unwrap();
+    let own = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(b_admin.trim().as_bytes());
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        format!("/towerctl/operators/sha256:{hex}")
+    };
+    assert!(
+        etcd_json(&etcd, &own).is_some(),
+        "hub b's admin record at {own}"
+    );
+    etcd_put_json(&etcd, &own, &serde_json::json!(["not", "an", "operator"]));
+    hub_up(&b, &etcd);
     wait_for("hub b's admin served", Duration::from_secs(10), || {
         (support::gateway_get(&b, b_admin.trim(), "/towerctl/v1/whoami").0 == "200").then_some(())
     });

@@ -1246,7 +1246,15 @@ impl Hub {
 /// its own admin.token.
 fn local_admin(store: &dyn Store, token: &str, hub_id: &str, alone: bool) -> Result<()> {
     let hash = keys::token_hash(token);
-    let current = store.operator_by_token_hash(&hash)?;
+    // Its own record is this hub's to write: one it cannot read (edited
+    // by hand, cut short) is written again, not a reason not to start.
+    let current = match store.operator_by_token_hash(&hash) {
+        Err(StoreError::Corrupt(e)) => {
+            tracing::warn!("this hub's own admin record cannot be read ({e}); writing it again");
+            None
+        }
+        r => r?,
+    };
     if current.as_ref().map(|o| o.hub.as_deref()) != Some(Some(hub_id)) {
         store.put_operator(&Operator {
             name: LOCAL_ADMIN.into(),
