@@ -1918,6 +1918,17 @@ fn gateway_request(
     (s, text)
 }
 
+/// The gateway's address and a TLS client for it offering `h2` alone.
+fn h2_to_the_gateway(env: &Env) -> (String, rustls::ClientConfig) {
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut tls = (*support::gateway_tls(env)).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    (gw, tls)
+}
+
 /// CONNECT on an `h2` connection (kubectl's kind, not port-forward's own)
 /// is refused in words: 1,000 streams at once on one such connection
 /// escaped the limit on port-forward connections, whose uploads the hub
@@ -1927,12 +1938,7 @@ fn connect_over_plain_http2_is_refused() {
     let env = Env::new();
     assert!(env.up().ok());
     let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
-    let gw = env.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut tls = (*support::gateway_tls(&env)).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (gw, tls) = h2_to_the_gateway(&env);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (status, body) = rt.block_on(async {
         use http_body_util::BodyExt;
@@ -1974,12 +1980,7 @@ fn connect_over_plain_http2_is_refused() {
 fn an_http2_connection_may_send_256_kib_ahead() {
     let env = Env::new();
     assert!(env.up().ok());
-    let gw = env.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut tls = (*support::gateway_tls(&env)).clone();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let (gw, tls) = h2_to_the_gateway(&env);
     let tcp = TcpStream::connect(&gw).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();

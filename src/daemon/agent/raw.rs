@@ -251,17 +251,30 @@ struct Reading {
 
 impl Reading {
     fn of(target: Target, impersonating: bool) -> Reading {
-        let named = (!impersonating && matches!(target, Target::Host(_))).then(|| target.clone());
-        let (target, unaskable) = match target.clone().in_cluster_dns() {
-            Ok(t) => (t, None),
-            Err(m) => (target, Some(m)),
-        };
-        let strict = unaskable.is_some() && named.is_some();
-        Reading {
-            unaskable: unaskable.filter(|_| !strict),
-            fallback: named.filter(|n| *n != target),
-            target,
-            strict,
+        // Services, pods and workloads (every connection of a forward to
+        // one) are as they are: nothing copied.
+        if !matches!(target, Target::Host(_)) {
+            return Reading {
+                target,
+                unaskable: None,
+                strict: false,
+                fallback: None,
+            };
+        }
+        let named = target.clone();
+        match named.clone().in_cluster_dns() {
+            Ok(t) => Reading {
+                fallback: (!impersonating && t != named).then_some(named),
+                target: t,
+                unaskable: None,
+                strict: false,
+            },
+            Err(m) => Reading {
+                target: named,
+                strict: !impersonating,
+                unaskable: impersonating.then_some(m),
+                fallback: None,
+            },
         }
     }
 }
