@@ -2042,9 +2042,16 @@ fn port_forward_multiplexes_its_connections_over_one_gateway_connection() {
         }
         held.push(c);
     }
+    // Its check of the Service went on a connection of its own, closed
+    // once answered (by a task of its own: waited for a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut open = support::established_from(pf.pid(), gateway_port);
+    while open != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        open = support::established_from(pf.pid(), gateway_port);
+    }
     assert_eq!(
-        support::established_to(gateway_port),
-        1,
+        open, 1,
         "8 forwarded connections should share one connection to the gateway on port {gateway_port}"
     );
     drop(held);
@@ -2086,7 +2093,7 @@ fn port_forward_on_the_hub_machine_is_carried_by_the_hub_and_ends_with_the_comma
         held.push(c);
     }
     assert_eq!(
-        support::established_to(gateway_port),
+        support::established_from(pf.pid(), gateway_port),
         0,
         "the forward should not use the gateway on port {gateway_port}: {}",
         pf.output()
@@ -2255,7 +2262,7 @@ fn kubectl_shares_one_http2_connection_to_the_gateway() {
     std::thread::sleep(Duration::from_millis(1500));
     api.create_configmap("default", "seen", &[("k", "v")]);
     watch.wait_for("seen", Duration::from_secs(20));
-    let open = support::established_to(port);
+    let open = support::established_from(watch.pid(), port);
     assert_eq!(open, 1, "kubectl holds {open} connections to the gateway");
 }
 

@@ -649,6 +649,44 @@ pub fn established_to(port: u16) -> usize {
     connections_to(port, &["01"])
 }
 
+/// Established TCP connections of process `pid` (IPv4 and IPv6) whose
+/// remote port is `port`. Tests run side by side in one network namespace:
+/// another test's client that probes a port it took for free (and that a
+/// hub of this test took meanwhile) is counted by [`established_to`], not
+/// here.
+#[allow(dead_code)]
+pub fn established_from(pid: i32, port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut n = 0;
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (Some(rem), Some(st), Some(inode)) = (cols.get(2), cols.get(3), cols.get(9)) else {
+                continue;
+            };
+            let rport = rem
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if rport == Some(port) && *st == "01" && inodes.contains(*inode) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// A `kB` field of `/proc/PID/status` (VmRSS, RssAnon, …); None if the
 /// process or the field is gone.
 pub fn status_kib(pid: i32, field: &str) -> Option<u64> {
