@@ -469,10 +469,7 @@ fn join_fails_fast_with_the_reason() {
     assert!(o.stderr.contains("never sent"), "{o:?}");
 
     // A hub that is not there: a closed port on loopback.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = format!("127.0.0.1:{}", support::free_port());
     let o = env.join(
         &with("--hub", &format!("ws://{closed}/tunnel")),
         &["--kubeconfig", kc, "--timeout", "3s"],

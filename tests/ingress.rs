@@ -108,11 +108,7 @@ impl Nginx {
         // retry on the rare race with another process.
         let mut last_error = String::new();
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = support::free_port();
             std::fs::write(
                 dir.join("site.conf"),
                 site_config(port, cert, key, hub_tunnel),
@@ -474,14 +470,7 @@ impl Haproxy {
                      (apt-get install haproxy; .ci/run does) and rerun"
                 )
             });
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (gateway_port, tunnel_port) = (free(), free());
+        let (gateway_port, tunnel_port) = (support::free_port(), support::free_port());
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(
             &cfg,

@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 
 use support::apiserver::{ApiServer, TOKEN};
 use support::tls_front::TlsFront;
-use support::{wait_for, Env};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use support::{free_port, wait_for, Env};
 
 /// Status code of `GET path` on `addr`, or `None` when nothing answers.
 fn probe(addr: &str, path: &str) -> Option<u16> {

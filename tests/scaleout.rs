@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::apiserver::ApiServer;
-use support::{wait_for, Env};
+use support::{free_port, wait_for, Env};
 
 /// An etcd on loopback ephemeral ports with a temporary data dir, stopped
 /// by PID on drop.
@@ -21,14 +21,6 @@ struct Etcd {
     url: String,
     client: String,
     dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One POST to etcd's JSON gateway; `None` when it does not answer.

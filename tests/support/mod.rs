@@ -644,6 +644,31 @@ pub fn echo(c: &mut std::net::TcpStream, msg: &str) -> Result<(), String> {
         .ok_or_else(|| format!("got {:?}", String::from_utf8_lossy(&got)))
 }
 
+/// A port nothing listens on (loopback and any address), for a process
+/// that binds it later. Taken from below the kernel's ephemeral range
+/// (32768–60999 by default): a port from that range, released here, may be
+/// taken meanwhile by another test's listener on port 0, and then this
+/// test's client reaches that test's hub (or this test's process cannot
+/// listen). Tests share one network namespace.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    // Never the same one twice in a process (two picks before either is
+    // bound).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999 after 1,000 tries")
+}
+
 /// Established TCP connections (IPv4 and IPv6) whose remote port is `port`.
 pub fn established_to(port: u16) -> usize {
     connections_to(port, &["01"])
