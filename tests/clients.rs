@@ -683,14 +683,28 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
     );
     assert!(!o.stdout.contains("beta"), "{o:?}");
 
-    // Other output: prefixed line by line.
-    let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "--raw", "/version"]);
+    // Other output: prefixed line by line. A member named twice runs once
+    // (`alpha beta alpha` ran kubectl twice on alpha).
+    let o = env.towerctl(&[
+        "kubectl", "alpha", "beta", "alpha", "--", "get", "--raw", "/version",
+    ]);
     assert!(o.ok(), "{o:?}");
     assert!(
         o.stdout
             .lines()
             .any(|l| l.starts_with("alpha | ") && l.contains("gitVersion"))
             && o.stdout.lines().any(|l| l.starts_with("beta  | ")),
+        "{o:?}"
+    );
+    let versions = |m: &str| {
+        o.stdout
+            .lines()
+            .filter(|l| l.starts_with(m) && l.contains("gitVersion"))
+            .count()
+    };
+    assert_eq!(
+        (versions("alpha | "), versions("beta  | ")),
+        (1, 1),
         "{o:?}"
     );
 

@@ -2360,6 +2360,70 @@ fn access_rules_or_operators_this_hub_cannot_read_refuse_operators() {
     etcd_delete(&etcd, corrupt);
 }
 
+/// A member record a hub cannot read (edited by hand, or a newer hub's
+/// with a field this one does not know, such as a new restriction) is one
+/// member it refuses: the others are listed and served as before (one such
+/// record emptied every list, and each registry change cut every operator's
+/// streams), and the record is never written back without its field.
+#[test]
+fn a_member_record_this_hub_cannot_read_refuses_that_member_alone() {
+    let etcd = Etcd::start();
+    let [a]: [Env; 1] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    join(&a, &a, "alpha", &api);
+    assert!(a.towerctl(&["cluster", "add", "beta"]).ok());
+    let bob = operator_token(&a, "bob");
+    let o = a.towerctl(&["access", "allow", "operator:bob", "--names", "alpha,beta"]);
+    assert!(o.ok(), "{o:?}");
+    let get = |token: &str, path: &str| support::gateway_get(&a, token, path);
+    wait_for("bob reaches alpha", Duration::from_secs(10), || {
+        (get(&bob, "/clusters/alpha/version").0 == "200").then_some(())
+    });
+
+    // beta's record with a field this hub does not know, and a record that
+    // is no member at all.
+    let key = "/towerctl/members/beta";
+    let mut newer = etcd_json(&etcd, key).expect("beta's record");
+    newer["suspended"] = serde_json::json!(true);
+    etcd_put_json(&etcd, key, &newer);
+    let corrupt = "/towerctl/members/zz-bad";
+    etcd_put_json(&etcd, corrupt, &serde_json::json!("not a member"));
+    let log = || std::fs::read_to_string(a.path("state/towerctl/hub.log")).unwrap_or_default();
+    wait_for("hub a to read the records", Duration::from_secs(10), || {
+        log()
+            .contains("a member record this hub cannot read is left out")
+            .then_some(())
+    });
+    let o = a.towerctl(&["cluster", "list"]);
+    assert!(
+        o.ok() && o.stdout.contains("alpha") && !o.stdout.contains("beta"),
+        "{o:?}"
+    );
+    assert_eq!(get(&bob, "/clusters/alpha/version").0, "200", "alpha");
+    let (code, body) = get(&bob, "/clusters/beta/version");
+    assert!(code != "200" && code != "404", "beta: {code} {body}");
+    // A change to it fails, and leaves the record as it was.
+    let o = a.towerctl(&["cluster", "label", "beta", "env=dev"]);
+    assert!(!o.ok(), "{o:?}");
+    assert_eq!(
+        etcd_json(&etcd, key).expect("beta's record")["suspended"],
+        true,
+        "the field this hub does not know was written away"
+    );
+    etcd_put_json(&etcd, key, &{
+        let mut v = newer.clone();
+        v.as_object_mut().unwrap().remove("suspended");
+        v
+    });
+    etcd_delete(&etcd, corrupt);
+    wait_for("beta listed again", Duration::from_secs(10), || {
+        a.towerctl(&["cluster", "list"])
+            .stdout
+            .contains("beta")
+            .then_some(())
+    });
+}
+
 /// Access rules changed on two hubs keep both changes, even when one hub's
 /// copy of the rules is behind (its watch delayed, as above, or two
 /// changes at the same moment): a `deny` written on one hub used to be

@@ -41,7 +41,7 @@ pub async fn remove(id: u64) -> Result<u8> {
 fn report(what: &str, v: &serde_json::Value) -> Result<u8> {
     let rule: Rule =
         serde_json::from_value(v["rule"].clone()).context("malformed answer from the hub")?;
-    println!("{what} {rule}");
+    println!("{what} {}", crate::tunnel::shown(&rule.to_string()));
     let cut = v["streamsCut"].as_u64().unwrap_or(0);
     if cut > 0 {
         eprintln!("{cut} open streams no longer allowed were cut");
@@ -73,15 +73,18 @@ pub async fn list(output: &str) -> Result<u8> {
             let fields: Vec<&str> = r.unknown.keys().map(String::as_str).collect();
             format!(
                 "  (fails closed on this hub: fields it does not know: {})",
-                fields.join(", ")
+                crate::tunnel::shown(&fields.join(", "))
             )
         };
+        // Registry text (a rule written to etcd by hand need not parse as
+        // one `access` accepts): escaped, so that no rule can hide another
+        // line of this list.
         println!(
             "{:<5} {:<7} {:<28} {}{unknown}",
             r.id,
             e,
-            r.subject.to_string(),
-            r.clusters
+            crate::tunnel::shown(&r.subject.to_string()),
+            crate::tunnel::shown(&r.clusters.to_string())
         );
     }
     Ok(exit::OK)

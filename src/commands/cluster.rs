@@ -265,7 +265,7 @@ pub async fn list(output: &str) -> Result<u8> {
                         } else {
                             "agent"
                         },
-                        labels::display(&c.labels)
+                        crate::tunnel::shown(&labels::display(&c.labels))
                     );
                 } else {
                     println!(

@@ -94,7 +94,16 @@ enum Status {
     Killed,
     TimedOut,
     NotStarted(String),
+    /// Its output passed [`MAX_STDOUT`] or [`MAX_STDERR`]: stopped.
+    TooLong,
 }
+
+/// What one member's kubectl may print, kept in memory until every member
+/// has answered: past it, that kubectl is stopped (a `get -A -o json`
+/// across many large members, or an API server that streams without end,
+/// ran the operator's machine out of memory).
+const MAX_STDOUT: usize = 64 << 20;
+const MAX_STDERR: usize = 1 << 20;
 
 struct Outcome {
     name: String,
@@ -124,8 +133,11 @@ fn select(source: &Source, selector: Option<&str>, names: &[String]) -> Result<V
         for n in names {
             source.check(n)?;
         }
+        // Each once, in the order given (`a b a` ran kubectl twice at
+        // once on `a`: a `delete` twice).
+        let mut seen = std::collections::HashSet::new();
         let mut v = names.to_vec();
-        v.dedup();
+        v.retain(|n| seen.insert(n.clone()));
         return Ok(v);
     }
     let sel = match selector {
@@ -218,12 +230,37 @@ pub async fn run(a: Args) -> Result<u8> {
         "towerctl kubectl: {failed} of {} members failed",
         outcomes.len()
     );
+    // What the gateway says of each member whose kubectl failed, asked of
+    // them all at once (one by one, 150 members held by a hub that died
+    // took 12 minutes), and Ctrl-C still stops it.
+    let probes = futures_util::stream::iter(
+        outcomes
+            .iter()
+            .filter(|o| matches!(o.status, Status::Exited(c) if c != 0))
+            .map(|o| o.name.clone()),
+    )
+    .map(|name| {
+        let source = &source;
+        async move {
+            let r = gateway_refusal(source, &name).await;
+            (name, r)
+        }
+    })
+    .buffer_unordered(a.parallel.max(1))
+    .collect::<Vec<_>>();
+    let mut refusals: std::collections::HashMap<String, Option<String>> = tokio::select! {
+        r = probes => r.into_iter().collect(),
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted");
+            return Ok(exit::INTERRUPTED);
+        }
+    };
     for o in &outcomes {
         let (code, why) = match &o.status {
             Status::Exited(0) => ("exit 0".to_string(), String::new()),
             Status::Exited(c) => (
                 format!("exit {c}"),
-                match gateway_refusal(&source, &o.name).await {
+                match refusals.remove(&o.name).flatten() {
                     Some(m) => m,
                     None => last_error(&o.stderr),
                 },
@@ -237,6 +274,14 @@ pub async fn run(a: Args) -> Result<u8> {
                 ),
             ),
             Status::NotStarted(e) => ("not run".into(), e.clone()),
+            Status::TooLong => (
+                "stopped".into(),
+                format!(
+                    "printed more than {} MiB of output (or {} MiB of errors); narrow the query (a namespace, a selector, fewer members) or run kubectl on this member alone",
+                    MAX_STDOUT >> 20,
+                    MAX_STDERR >> 20
+                ),
+            ),
         };
         eprintln!("  {:<width$}  {code:<9}  {why}", o.name);
     }
@@ -307,7 +352,7 @@ async fn run_one(
         stdout: String::from_utf8_lossy(stdout).into_owned(),
         stderr: String::from_utf8_lossy(stderr).into_owned(),
     };
-    let child = match cmd.spawn() {
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             return outcome(
@@ -320,36 +365,91 @@ async fn run_one(
             )
         }
     };
-    // On timeout the future is dropped with the child: kill_on_drop kills it.
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(out)) => {
-            let status = match out.status.code() {
+    let (Some(mut so), Some(mut se)) = (child.stdout.take(), child.stderr.take()) else {
+        return outcome(Status::NotStarted("no pipes to kubectl".into()), b"", b"");
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    // What it printed before a timeout is kept (shown with the summary).
+    let ran = tokio::time::timeout(timeout, async {
+        let (o, e) = tokio::join!(
+            read_capped(&mut so, &mut out, MAX_STDOUT),
+            read_capped(&mut se, &mut err, MAX_STDERR)
+        );
+        if o || e {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Ok(None);
+        }
+        child.wait().await.map(Some)
+    })
+    .await;
+    // On timeout the child is dropped: kill_on_drop kills it.
+    match ran {
+        Ok(Ok(Some(st))) => {
+            let status = match st.code() {
                 Some(c) => Status::Exited(c),
                 None => Status::Killed,
             };
-            outcome(status, &out.stdout, &out.stderr)
+            outcome(status, &out, &err)
         }
-        Ok(Err(e)) => outcome(Status::NotStarted(e.to_string()), b"", b""),
-        Err(_) => outcome(Status::TimedOut, b"", b""),
+        Ok(Ok(None)) => outcome(Status::TooLong, &out, &err),
+        Ok(Err(e)) => outcome(Status::NotStarted(e.to_string()), &out, &err),
+        Err(_) => outcome(Status::TimedOut, &out, &err),
+    }
+}
+
+/// Reads `r` to its end into `buf`; true (and stops) once `buf` would pass
+/// `max`.
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if buf.len() + n > max => return true,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
     }
 }
 
 /// `NAME | line` for each line; stdout to stdout (unless `stderr_only`).
 fn print_prefixed(o: &Outcome, width: usize, with_stdout: bool) {
-    use std::io::Write;
+    use std::io::{IsTerminal, Write};
     if with_stdout {
+        let tty = std::io::stdout().is_terminal();
         let mut out = std::io::stdout().lock();
         for l in o.stdout.lines() {
-            let _ = writeln!(out, "{:<width$} | {l}", o.name);
+            let _ = writeln!(out, "{:<width$} | {}", o.name, on_terminal(l, tty));
         }
     }
     // A failed member's last error line is in the summary; the rest of its
     // stderr is noise there (client-go repeats discovery errors).
     if with_stdout || o.ok() {
+        let tty = std::io::stderr().is_terminal();
         let mut err = std::io::stderr().lock();
         for l in o.stderr.lines() {
-            let _ = writeln!(err, "{:<width$} | {l}", o.name);
+            let _ = writeln!(err, "{:<width$} | {}", o.name, on_terminal(l, tty));
         }
+    }
+}
+
+/// A member's line as a terminal gets it: control and invisible characters
+/// as spaces. A carriage return (or a cursor move) in one member's output
+/// wrote over its `NAME |` prefix, and the line read as another member's.
+/// Redirected output stays byte for byte.
+fn on_terminal(l: &str, tty: bool) -> std::borrow::Cow<'_, str> {
+    if !tty {
+        return std::borrow::Cow::Borrowed(l);
+    }
+    let p = crate::tunnel::printable(l, usize::MAX);
+    if p == l {
+        std::borrow::Cow::Borrowed(l)
+    } else {
+        std::borrow::Cow::Owned(p)
     }
 }
 
@@ -403,6 +503,10 @@ fn print_table(outcomes: &[Outcome]) {
             None => groups.push((header, rows.collect())),
         }
     }
+    let tty = {
+        use std::io::IsTerminal;
+        std::io::stdout().is_terminal()
+    };
     let mut out = String::new();
     for (i, (header, rows)) in groups.iter().enumerate() {
         if i > 0 {
@@ -417,8 +521,9 @@ fn print_table(outcomes: &[Outcome]) {
         for r in std::iter::once(header).chain(rows) {
             let n = r.len();
             for (j, c) in r.iter().enumerate() {
+                let c = on_terminal(c, tty);
                 if j + 1 == n {
-                    out.push_str(c);
+                    out.push_str(&c);
                 } else {
                     out.push_str(&format!("{c:<w$}   ", w = widths[j]));
                 }

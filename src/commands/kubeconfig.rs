@@ -72,7 +72,13 @@ pub fn read(path: &Path) -> Result<Value> {
     if text.trim().is_empty() {
         return Ok(Value::Object(Map::new()));
     }
-    let v: Value = serde_saphyr::from_str(&text)
+    // Without the library's snippet of the lines around the error: a
+    // kubeconfig holds tokens, passwords and keys, and the error goes to a
+    // terminal or a CI log. Line and column say where to look.
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    let v: Value = serde_saphyr::from_str_with_options(&text, options)
+        .map_err(|e| anyhow::anyhow!("{}", crate::tunnel::printable(&e.to_string(), 300)))
         .with_context(|| format!("the kubeconfig '{}' is not valid YAML; fix it (a backup may be at '{}') or pass another file with --kubeconfig", path.display(), backup_path(path).display()))?;
     match v {
         Value::Object(_) => Ok(v),
@@ -268,6 +274,30 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// A kubeconfig that is not valid YAML is named with where it broke,
+    /// never with its lines: those next to the error hold tokens and keys.
+    #[test]
+    fn a_broken_kubeconfig_is_refused_without_quoting_its_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        for doc in [
+            "users:\n- name: u\n  user:\n    token: sekrit-token-1\n    token: sekrit-token-2\n",
+            "users:\n- name: u\n  user:\n    password: sekrit-password\n\t  bad: [\n",
+            "users:\n- name: u\n  user:\n    client-key-data: c2Vrcml0\n  - ]]\n",
+        ] {
+            std::fs::write(&path, doc).unwrap();
+            let msg = format!("{:#}", read(&path).unwrap_err());
+            assert!(
+                msg.contains("not valid YAML") && msg.contains("line"),
+                "{msg}"
+            );
+            assert!(
+                !msg.contains("sekrit") && !msg.contains("c2Vrcml0"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

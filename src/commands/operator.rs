@@ -51,11 +51,12 @@ pub async fn list(output: &str) -> Result<u8> {
     }
     println!("{:<20} {:<22} GROUPS", "NAME", "CREATED");
     for o in ops {
+        // Registry text: escaped (a record edited by hand in etcd).
         println!(
             "{:<20} {:<22} {}",
-            o.name,
+            crate::tunnel::shown(&o.name),
             fmt_unix(o.created_at),
-            o.groups.join(",")
+            crate::tunnel::shown(&o.groups.join(","))
         );
     }
     Ok(exit::OK)

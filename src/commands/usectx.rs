@@ -29,6 +29,20 @@ pub struct Source {
     pub token: crate::tunnel::Secret,
 }
 
+/// Keeps the members whose names a hub can register: they go into
+/// kubeconfig entries, URLs, CONNECT names and terminal lines (a hub's own
+/// list too: its registry may have been edited by hand).
+fn keep_registrable(clusters: &mut Vec<ClusterStatus>, from: &str) {
+    let before = clusters.len();
+    clusters.retain(|c| crate::daemon::names::validate_name(&c.name).is_ok());
+    if clusters.len() < before {
+        eprintln!(
+            "warning: {from} listed {} member name(s) no hub can register; left out",
+            before - clusters.len()
+        );
+    }
+}
+
 impl Source {
     /// The hub running on this machine, with its local admin.
     pub fn from_hub(hub: HubStatus) -> Result<Source> {
@@ -38,6 +52,8 @@ impl Source {
                 hub.admin_token_file
             )
         })?;
+        let mut clusters = hub.clusters;
+        keep_registrable(&mut clusters, "the hub on this machine");
         Ok(Source {
             token: crate::tunnel::Secret::new(token.trim()),
             gateway_url: hub.gateway_url,
@@ -47,7 +63,7 @@ impl Source {
                 "--token-file".into(),
                 hub.admin_token_file,
             ],
-            clusters: hub.clusters,
+            clusters,
         })
     }
 
@@ -78,17 +94,10 @@ impl Source {
         }
         let mut clusters: Vec<ClusterStatus> =
             serde_json::from_slice(&body).context("malformed cluster list from the gateway")?;
-        // Names a hub can register only: they go into kubeconfig entries,
-        // URLs, CONNECT names and terminal lines.
-        let before = clusters.len();
-        clusters.retain(|c| crate::daemon::names::validate_name(&c.name).is_ok());
-        if clusters.len() < before {
-            eprintln!(
-                "warning: the gateway '{}' listed {} member name(s) no hub can register; left out",
-                login.gateway_url,
-                before - clusters.len()
-            );
-        }
+        keep_registrable(
+            &mut clusters,
+            &format!("the gateway '{}'", login.gateway_url),
+        );
         Ok(Source {
             token: crate::tunnel::Secret::new(token),
             credential_args: vec![
@@ -223,11 +232,18 @@ pub async fn run(a: UseArgs) -> Result<u8> {
                 .filter(|s| !s.is_empty())
                 .context("no previous context to return to: 'towerctl use -' works after a 'towerctl use NAME'")?;
             if !kubeconfig::has_context(&files, &prev)? {
-                bail!("the previous context '{prev}' no longer exists in the kubeconfig");
+                bail!(
+                    "the previous context '{}' no longer exists in the kubeconfig",
+                    crate::tunnel::shown(&prev)
+                );
             }
             let written = kubeconfig::edit(&target, |d| kubeconfig::set_current(d, &prev))?;
             remember(current.as_deref());
-            println!("switched to context \"{prev}\" (in {})", written.display());
+            println!(
+                "switched to context \"{}\" (in {})",
+                crate::tunnel::shown(&prev),
+                written.display()
+            );
             Ok(exit::OK)
         }
         Some(name) => {

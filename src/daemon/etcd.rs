@@ -156,42 +156,86 @@ fn client_config(tls: &StoreTls) -> Result<rustls::ClientConfig, String> {
 }
 
 /// One connection to an etcd endpoint.
-enum Conn {
+struct Conn {
+    io: Io,
+    /// For a unary call: reads fail past this (each read waits at most
+    /// what is left). The socket's read timeout alone bounds each read, and
+    /// an answer trickled a byte at a time held the call (and the thread:
+    /// a login's, the lease's) for ever.
+    until: Option<(std::time::Instant, Duration)>,
+}
+
+enum Io {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
+/// Longest one answer (a unary call's body, one watch message) may be.
+const MAX_ANSWER: usize = 64 << 20;
+
+/// Longest line of an answer's head or a chunk size.
+const MAX_LINE: u64 = 16 * 1024;
+
+/// Longest a unary call to one endpoint may take, from its connection to
+/// the end of its answer.
+const CALL_DEADLINE: Duration = Duration::from_secs(8);
+
 impl Conn {
     fn tcp(&self) -> &TcpStream {
-        match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(s) => s.get_ref(),
+        match &self.io {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref(),
         }
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.read(buf),
-            Conn::Tls(s) => s.read(buf),
+        if let Some((until, each)) = self.until {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.tcp().set_read_timeout(Some(left.min(each)))?;
+        }
+        match &mut self.io {
+            Io::Plain(s) => s.read(buf),
+            Io::Tls(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.write(buf),
-            Conn::Tls(s) => s.write(buf),
+        match &mut self.io {
+            Io::Plain(s) => s.write(buf),
+            Io::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.flush(),
-            Conn::Tls(s) => s.flush(),
+        match &mut self.io {
+            Io::Plain(s) => s.flush(),
+            Io::Tls(s) => s.flush(),
         }
     }
+}
+
+/// One line (an answer's status or header line, a chunk size), at most
+/// [`MAX_LINE`] bytes: a peer sending a line without end made the hub
+/// buffer it without limit.
+fn read_line(r: &mut BufReader<Conn>, line: &mut String) -> std::io::Result<usize> {
+    let n = r.by_ref().take(MAX_LINE).read_line(line)?;
+    if n as u64 == MAX_LINE && !line.ends_with('\n') {
+        return Err(std::io::Error::other("a line of etcd's answer is too long"));
+    }
+    Ok(n)
+}
+
+fn too_large() -> std::io::Error {
+    std::io::Error::other(format!(
+        "etcd's answer is larger than {} MiB (a registry this large, or not etcd answering)",
+        MAX_ANSWER >> 20
+    ))
 }
 
 /// What a failed TLS exchange most likely needs, appended to its error.
@@ -360,9 +404,16 @@ impl Etcd {
                 Ok(s) => {
                     s.set_write_timeout(Some(TIMEOUT))?;
                     let _ = s.set_nodelay(true);
+                    // Until the answer's head at least (a watch lifts it
+                    // then).
+                    let until =
+                        read_timeout.map(|t| (std::time::Instant::now() + CALL_DEADLINE, t));
                     let Some(cfg) = &self.tls else {
                         s.set_read_timeout(read_timeout)?;
-                        return Ok(Conn::Plain(s));
+                        return Ok(Conn {
+                            io: Io::Plain(s),
+                            until,
+                        });
                     };
                     // The handshake is bounded even for the watch's
                     // connection (no read timeout once it is up).
@@ -383,7 +434,10 @@ impl Etcd {
                         tls.conn.complete_io(&mut tls.sock)?;
                     }
                     tls.sock.set_read_timeout(read_timeout)?;
-                    return Ok(Conn::Tls(Box::new(tls)));
+                    return Ok(Conn {
+                        io: Io::Tls(Box::new(tls)),
+                        until,
+                    });
                 }
                 Err(e) => last = Some(e),
             }
@@ -411,7 +465,7 @@ impl Etcd {
         s.flush()?;
         let mut r = BufReader::new(s);
         let mut line = String::new();
-        r.read_line(&mut line)?;
+        read_line(&mut r, &mut line)?;
         let status: u16 = line
             .split_whitespace()
             .nth(1)
@@ -420,7 +474,7 @@ impl Etcd {
         let mut length = None;
         loop {
             line.clear();
-            if r.read_line(&mut line)? == 0 {
+            if read_line(&mut r, &mut line)? == 0 {
                 break;
             }
             let l = line.trim_end();
@@ -436,16 +490,27 @@ impl Etcd {
         Ok((status, r, length))
     }
 
-    /// Reads a chunk of a chunked body; `None` at its end.
-    fn chunk(r: &mut BufReader<Conn>) -> std::io::Result<Option<Vec<u8>>> {
+    /// Reads a chunk of a chunked body, at most `max` bytes (checked
+    /// before anything is allocated: the size is the peer's word); `None`
+    /// at its end.
+    fn chunk(r: &mut BufReader<Conn>, max: usize) -> std::io::Result<Option<Vec<u8>>> {
         let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
+        if read_line(r, &mut line)? == 0 {
             return Ok(None);
         }
-        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-            .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+        let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(
+            |_| {
+                std::io::Error::other(format!(
+                    "bad chunk size {:?}",
+                    crate::tunnel::printable(&line, 40)
+                ))
+            },
+        )?;
         if size == 0 {
             return Ok(None);
+        }
+        if size > max {
+            return Err(too_large());
         }
         let mut buf = vec![0; size + 2];
         r.read_exact(&mut buf)?;
@@ -455,6 +520,7 @@ impl Etcd {
 
     fn read_body(r: &mut BufReader<Conn>, length: Option<usize>) -> std::io::Result<Vec<u8>> {
         match length {
+            Some(n) if n > MAX_ANSWER => Err(too_large()),
             Some(n) => {
                 let mut b = vec![0; n];
                 r.read_exact(&mut b)?;
@@ -462,11 +528,8 @@ impl Etcd {
             }
             None => {
                 let mut out = Vec::new();
-                while let Some(c) = Self::chunk(r)? {
+                while let Some(c) = Self::chunk(r, MAX_ANSWER - out.len())? {
                     out.extend(c);
-                    if out.len() > 64 << 20 {
-                        return Err(std::io::Error::other("answer too large"));
-                    }
                 }
                 Ok(out)
             }
@@ -677,6 +740,8 @@ impl Etcd {
         let (st, mut r, len) = self
             .send(ep, "/v3/watch", &req, Some(silence))
             .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
+        // A stream: each read is bounded by `silence` and `left` below.
+        r.get_mut().until = None;
         if st != 200 {
             let b = Self::read_body(&mut r, len).unwrap_or_default();
             return Err(format!(
@@ -695,7 +760,7 @@ impl Etcd {
                 .tcp()
                 .set_read_timeout(Some(wait))
                 .map_err(|e| format!("{ep}: {e}"))?;
-            let c = match Self::chunk(&mut r) {
+            let c = match Self::chunk(&mut r, MAX_ANSWER.saturating_sub(buf.len())) {
                 Ok(Some(c)) => c,
                 Ok(None) => return Err(format!("{ep}: the watch stream ended").into()),
                 Err(e)
@@ -768,9 +833,6 @@ impl Etcd {
                 }
             }
             buf.drain(..consumed);
-            if buf.len() > 64 << 20 {
-                return Err("watch message too large".to_string().into());
-            }
         }
     }
 }
@@ -852,6 +914,71 @@ fn stream_error(path: &str, v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint that answers each connection with `answer`, then
+    /// trickles `trickle` a byte every 500 ms (for at most 30 s).
+    fn hostile_endpoint(answer: &'static [u8], trickle: bool) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in l.incoming().take(4) {
+                let Ok(mut c) = c else { return };
+                std::thread::spawn(move || {
+                    let mut req = [0u8; 4096];
+                    let _ = c.read(&mut req);
+                    let _ = c.write_all(answer);
+                    if trickle {
+                        for _ in 0..60 {
+                            std::thread::sleep(Duration::from_millis(500));
+                            if c.write_all(b"x").is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        format!("etcd://{addr}")
+    }
+
+    /// What an endpoint says about its answer's size is checked before
+    /// anything is allocated, a line has an end within 16 KiB, and a call
+    /// ends within its deadline however slowly its answer comes.
+    #[test]
+    fn hostile_answers_are_refused_within_bounds() {
+        let none = StoreTls::default();
+        let huge_chunk = hostile_endpoint(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffff\r\n",
+            false,
+        );
+        let e = Etcd::new(&huge_chunk, &none)
+            .unwrap()
+            .get("/k")
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than 64 MiB"), "{e}");
+        let huge_length = hostile_endpoint(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
+            false,
+        );
+        let e = Etcd::new(&huge_length, &none)
+            .unwrap()
+            .get("/k")
+            .unwrap_err();
+        assert!(e.to_string().contains("larger than 64 MiB"), "{e}");
+        // A header line that never ends.
+        let endless = hostile_endpoint(b"HTTP/1.1 200 OK\r\nX: ", true);
+        let started = std::time::Instant::now();
+        let e = Etcd::new(&endless, &none).unwrap().get("/k").unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            took < CALL_DEADLINE + Duration::from_secs(4),
+            "a trickled answer held the call {took:?}: {e}"
+        );
+        assert!(
+            took >= CALL_DEADLINE - Duration::from_secs(1),
+            "{took:?}: {e}"
+        );
+    }
 
     #[test]
     fn a_streaming_calls_error_is_an_error() {

@@ -20,7 +20,13 @@ const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// A registered member cluster.
+///
+/// A record with a field this hub does not know (a newer hub's, such as a
+/// new restriction) does not decode: that member is refused on this hub
+/// (its reads fail closed) and its record is left as it is, never written
+/// back without the field.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Member {
     pub name: String,
     /// Hash of the current join token (never the token itself).
@@ -83,8 +89,11 @@ impl Member {
     }
 }
 
-/// An operator allowed to use the gateway.
+/// An operator allowed to use the gateway. As with [`Member`], a record
+/// with a field this hub does not know does not decode: that operator's
+/// token is refused here.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Operator {
     pub name: String,
     pub token_hash: String,
@@ -132,6 +141,14 @@ pub trait Store: Send + Sync + 'static {
         f: &mut dyn FnMut(&mut Member) -> bool,
     ) -> Result<Option<Member>, StoreError>;
     fn list_members(&self) -> Result<Vec<Member>, StoreError>;
+    /// The members whose records this hub can read, and the names of
+    /// those it cannot (logged, [`readable_member`]): what lists, metrics
+    /// and stream rechecks go on with. One unreadable record (a newer
+    /// hub's, a hand edit) emptied every list, and each recheck cut every
+    /// operator's streams to every member.
+    fn list_readable_members(&self) -> Result<(Vec<Member>, Vec<String>), StoreError> {
+        Ok((self.list_members()?, Vec::new()))
+    }
     /// Registers `m` unless a member of that name exists (then `false`), in
     /// one step against other writers: two `cluster add` of one name (on
     /// two hubs, or two at once on one) used to both succeed, the second
@@ -259,8 +276,13 @@ redb_faults!(
 );
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, Fault> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Fault::Store(StoreError::Corrupt(format!("{key}: {e}"))))
+    serde_json::from_slice(bytes).map_err(|e| Fault::Store(StoreError::Corrupt(corrupt(key, &e))))
+}
+
+/// Why the record at `key` does not decode, for a log line: the key and
+/// serde's words (which quote the record's unknown field names) escaped.
+pub(crate) fn corrupt(key: &str, e: &serde_json::Error) -> String {
+    crate::tunnel::escape_for_log(&format!("{key}: {e}"), 400)
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Fault> {
@@ -455,6 +477,29 @@ pub(crate) fn readable_operator<E: std::fmt::Display>(r: Result<Operator, E>) ->
     }
 }
 
+/// A member record as read for a list: one this hub cannot decode is
+/// logged (under a budget) and named in the second list, not served.
+pub(crate) fn readable_member<E: std::fmt::Display>(
+    name: &str,
+    r: Result<Member, E>,
+    unreadable: &mut Vec<String>,
+) -> Option<Member> {
+    match r {
+        Ok(m) => Some(m),
+        Err(e) => {
+            static UNREADABLE: crate::tunnel::LogBudget =
+                crate::tunnel::LogBudget::new("unreadable member records", 10);
+            if UNREADABLE.admit() {
+                tracing::warn!("a member record this hub cannot read is left out (the member is refused here until the record is readable; a newer hub's record, or one edited by hand): {e}");
+            } else {
+                tracing::debug!("a member record this hub cannot read is left out: {e}");
+            }
+            unreadable.push(name.to_string());
+            None
+        }
+    }
+}
+
 /// A write transaction with two-phase commit: the commit slot is written
 /// and synced only after the data it points to, so recovery after a crash
 /// (`kill -9` included) takes the newest commit by the god byte alone,
@@ -475,6 +520,21 @@ impl Store for RedbStore {
     }
     fn list_members(&self) -> Result<Vec<Member>, StoreError> {
         self.list(MEMBERS)
+    }
+    fn list_readable_members(&self) -> Result<(Vec<Member>, Vec<String>), StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(MEMBERS)?;
+            let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let m = decode::<Member>(k.value(), v.value()).map_err(StoreError::from);
+                if let Some(m) = readable_member(k.value(), m, &mut unreadable) {
+                    out.push(m);
+                }
+            }
+            Ok((out, unreadable))
+        })
     }
     fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
         let bytes = serde_json::to_vec(m).map_err(io)?;

@@ -281,7 +281,7 @@ impl EtcdStore {
     }
 
     fn decode<T: for<'de> serde::Deserialize<'de>>(rel: &str, b: &[u8]) -> Result<T, StoreError> {
-        serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(format!("{rel}: {e}")))
+        serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(super::store::corrupt(rel, &e)))
     }
 
     /// Puts a key (under `lease`, 0 for none) and caches it.
@@ -419,7 +419,16 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
                     }
                 }
                 Err(e) => {
-                    tracing::debug!("registry resync: {e}");
+                    // Twice a second while etcd is out of reach: a line at
+                    // warn now and then (an answer past its size cap is
+                    // not out of reach, and fails every time).
+                    static RESYNC: crate::tunnel::LogBudget =
+                        crate::tunnel::LogBudget::new("registry resync failures", 1);
+                    if RESYNC.admit() {
+                        tracing::warn!("the registry could not be read again (operators are refused once the copy is older than --store-max-stale): {e}");
+                    } else {
+                        tracing::debug!("registry resync: {e}");
+                    }
                     drop(s);
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
@@ -578,6 +587,18 @@ impl Store for EtcdStore {
             .map(|(k, b, _)| Self::decode(&k, &b))
             .collect()
     }
+    fn list_readable_members(&self) -> Result<(Vec<Member>, Vec<String>), StoreError> {
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+        for (k, b, _) in self.cached_under(MEMBERS) {
+            let name = k.strip_prefix(MEMBERS).unwrap_or(&k);
+            if let Some(m) =
+                super::store::readable_member(name, Self::decode(&k, &b), &mut unreadable)
+            {
+                out.push(m);
+            }
+        }
+        Ok((out, unreadable))
+    }
     fn delete_member(&self, name: &str) -> Result<bool, StoreError> {
         self.delete(&format!("{MEMBERS}{name}"))
     }
@@ -657,8 +678,14 @@ impl Store for EtcdStore {
         let mut n = 0;
         // Those it can read: a record a newer hub wrote stays as it is (an
         // operator's removal checks the whole list first).
-        for op in self.list_readable_operators()? {
-            if doomed(&op) && self.delete(&format!("{OPERATORS}{}", op.token_hash))? {
+        // By the record's own key, which authentication looks tokens up
+        // by: the hash inside a record (a hand edit) may name another key,
+        // and its token stayed valid after `operator rm`.
+        for (k, b, _) in self.cached_under(OPERATORS) {
+            let Some(op) = super::store::readable_operator(Self::decode::<Operator>(&k, &b)) else {
+                continue;
+            };
+            if doomed(&op) && self.delete(&k)? {
                 n += 1;
             }
         }

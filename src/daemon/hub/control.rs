@@ -365,20 +365,22 @@ fn change_access(
         };
         let rule = f(&mut next)?;
         let json = serde_json::to_string(&next).map_err(|e| e.to_string())?;
-        applied = Some((next, rule));
+        applied = Some(rule);
         Ok(json)
     });
-    let (next, rule) = match written {
+    let rule = match written {
         Err(e) => return Response::err(format!("cannot save the access rules: {e}")),
         Ok(Err(e)) => return Response::err(e),
         Ok(Ok(_)) => match applied {
-            Some(a) => a,
+            Some(rule) => rule,
             None => return Response::err("the access rules were not changed"),
         },
     };
-    match hub.access.write() {
-        Ok(mut guard) => *guard = next,
-        Err(_) => return Response::err("the access rules are unavailable"),
+    // From the registry's copy (this write, or a newer one from another
+    // hub that the watch brought meanwhile), not from `next`: installed
+    // after the watch had installed a newer change, it undid that one here.
+    if let Err(e) = hub.load_access() {
+        return Response::err(format!("{e:#}"));
     }
     let cut = hub.recheck_streams();
     tracing::info!("access rules changed ({rule}); {cut} open streams cut");

@@ -966,24 +966,39 @@ impl Hub {
     /// refused until they are read ([`super::access::Policy::unreadable`]).
     /// A registry that cannot be reached leaves the rules as they were
     /// (the copy's staleness limit refuses operators past it).
-    fn load_access(&self) -> Result<()> {
-        let p = match self.store.get_setting(super::access::SETTING)? {
-            Some(json) => match serde_json::from_str(&json) {
-                Ok(p) => p,
-                Err(e) => {
-                    if let Ok(mut a) = self.access.write() {
-                        *a = super::access::Policy::unreadable(&e);
+    pub(crate) fn load_access(&self) -> Result<()> {
+        // Read and installed under the write lock: two loads at once (the
+        // watch's and an `access` command's after its write) install in
+        // the order they read, so the newer rules are the ones left (the
+        // registry's copy only moves forward). An older copy installed
+        // last kept another hub's new deny unapplied here until the next
+        // change.
+        let unreadable = {
+            let Ok(mut a) = self.access.write() else {
+                anyhow::bail!("the access rules are unavailable");
+            };
+            match self.store.get_setting(super::access::SETTING)? {
+                Some(json) => match serde_json::from_str(&json) {
+                    Ok(p) => {
+                        *a = p;
+                        None
                     }
-                    let n = self.recheck_streams();
-                    return Err(anyhow::anyhow!(
-                        "the access rules in the registry are unreadable ({e}); every operator but the local admin is refused until they are read ({n} open streams cut)"
-                    ));
+                    Err(e) => {
+                        *a = super::access::Policy::unreadable(&e);
+                        Some(e)
+                    }
+                },
+                None => {
+                    *a = Default::default();
+                    None
                 }
-            },
-            None => Default::default(),
+            }
         };
-        if let Ok(mut a) = self.access.write() {
-            *a = p;
+        if let Some(e) = unreadable {
+            let n = self.recheck_streams();
+            return Err(anyhow::anyhow!(
+                "the access rules in the registry are unreadable ({e}); every operator but the local admin is refused until they are read ({n} open streams cut)"
+            ));
         }
         Ok(())
     }
@@ -1012,8 +1027,14 @@ impl Hub {
             .read()
             .map(|m| m.iter().map(|(h, o)| (h.clone(), o.clone())).collect())
             .unwrap_or_default();
-        let labels: HashMap<String, super::store::Labels> = match self.store.list_members() {
-            Ok(ms) => ms.into_iter().map(|m| (m.name, m.labels)).collect(),
+        let (labels, unreadable): (HashMap<String, super::store::Labels>, Vec<String>) = match self
+            .store
+            .list_readable_members()
+        {
+            Ok((ms, unreadable)) => (
+                ms.into_iter().map(|m| (m.name, m.labels)).collect(),
+                unreadable,
+            ),
             Err(e) => {
                 // Label rules cannot be applied: fail closed.
                 tracing::error!("cannot read the members' labels to recheck open streams; cutting every stream but the local admin's: {e}");
@@ -1024,6 +1045,10 @@ impl Hub {
         };
         let none = Default::default();
         self.streams.cut(|op, cluster| match ops.get(op) {
+            // A member whose record this hub cannot read: its labels (and
+            // any restriction a newer hub wrote) unknown, only the local
+            // admin's streams stay, as its requests are refused.
+            Some(o) if unreadable.iter().any(|n| n == cluster) => o.name != LOCAL_ADMIN,
             Some(o) => {
                 !self
                     .decide_labeled(o, cluster, labels.get(cluster).unwrap_or(&none))
@@ -1092,7 +1117,11 @@ impl Hub {
 
     /// What the metrics page shows, taken at once.
     pub fn metrics_snapshot(&self) -> metrics::Snapshot {
-        let members = self.store.list_members().unwrap_or_default();
+        let members = self
+            .store
+            .list_readable_members()
+            .map(|(m, _)| m)
+            .unwrap_or_default();
         // Before `meta` is taken (every session's history waits on it).
         let elsewhere: std::collections::HashSet<String> = members
             .iter()
@@ -1144,7 +1173,11 @@ impl Hub {
     }
 
     pub fn cluster_statuses(&self) -> Vec<ClusterStatus> {
-        let members = self.store.list_members().unwrap_or_default();
+        let members = self
+            .store
+            .list_readable_members()
+            .map(|(m, _)| m)
+            .unwrap_or_default();
         let meta = |name: &str| -> (u64, Vec<Event>, Vec<f64>) {
             self.meta
                 .lock()
@@ -1163,6 +1196,22 @@ impl Hub {
         let now = ctl::now_unix();
         members
             .into_iter()
+            // Names only a hand edit of etcd gives (no hub registers one):
+            // they go into kubeconfig entries, URLs and terminal lines.
+            .filter(|m| {
+                let ok = super::names::validate_name(&m.name).is_ok();
+                if !ok {
+                    static BAD: crate::tunnel::LogBudget =
+                        crate::tunnel::LogBudget::new("member records with bad names", 5);
+                    if BAD.admit() {
+                        tracing::warn!(
+                            "a member record named '{}' is left out of lists: no hub registers such a name (edited by hand in the registry?)",
+                            crate::tunnel::escape_for_log(&m.name, 80)
+                        );
+                    }
+                }
+                ok
+            })
             .map(|m| {
                 let (reconnects, events, rtt_history_ms) = meta(&m.name);
                 let key_fingerprint = m
@@ -1186,7 +1235,11 @@ impl Hub {
                     remote: None,
                     rtt_ms: None,
                     streams: 0,
-                    agent_version: m.agent_version.clone(),
+                    // Registry text (any hub, or a hand edit, wrote it).
+                    agent_version: m
+                        .agent_version
+                        .as_deref()
+                        .map(|v| crate::tunnel::printable(v, 64)),
                     bytes_in: 0,
                     bytes_out: 0,
                     reconnects,
@@ -1197,7 +1250,7 @@ impl Hub {
                         .then_some(m.token_expires_at)
                         .flatten(),
                     token_state,
-                    hub: peer::holder(self, &m.name),
+                    hub: peer::holder(self, &m.name).map(|h| crate::tunnel::printable(&h, 200)),
                     labels: m.labels.clone(),
                     impersonate: m.impersonate,
                 };
