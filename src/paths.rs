@@ -153,7 +153,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     } else {
         ensure_private_dir(dir)?;
     }
-    replace(path, contents, mode)
+    replace(path, contents, mode, None)
 }
 
 /// [`write_atomic`] for a file of the user's own choosing in a directory
@@ -163,7 +163,17 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 /// on Ubuntu), or a user's directory written to under `sudo -E`, was
 /// refused as if towerctl kept its own secrets there, while kubectl
 /// writes it.
-pub fn write_atomic_user_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+///
+/// `owner` (uid, gid): the file's owner and group to keep (those of the
+/// file it replaces). A rename puts a new file in place, owned by whoever
+/// wrote it: under `sudo -E` a user's kubeconfig became root's, and their
+/// kubectl could no longer read it.
+pub fn write_atomic_user_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -182,17 +192,32 @@ pub fn write_atomic_user_file(path: &Path, contents: &[u8], mode: u32) -> Result
             dir.display()
         );
     }
-    replace(path, contents, mode)
+    replace(path, contents, mode, owner)
 }
 
 /// The temp-file, fsync and rename of [`write_atomic`], its directory
 /// checked.
-fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+fn replace(path: &Path, contents: &[u8], mode: u32, owner: Option<(u32, u32)>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = None;
     let mut write = || -> std::io::Result<()> {
         let (mut f, t) = create_temp(path, mode)?;
         let t = tmp.insert(t).clone();
+        if let Some((uid, gid)) = owner {
+            let m = f.metadata()?;
+            if (m.uid(), m.gid()) != (uid, gid) {
+                // SAFETY: fchown on a valid, open descriptor.
+                if unsafe { libc::fchown(f.as_raw_fd(), uid, gid) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("it is owned by uid {uid} and gid {gid}, which a file written by this user cannot keep ({e}); run towerctl as its owner, or pass another file with --kubeconfig"),
+                    ));
+                }
+            }
+        }
         // `mode` above is filtered by the umask; make it exact.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
@@ -352,13 +377,13 @@ mod tests {
         let config = kube.join("config");
         std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o775)).unwrap();
         assert!(super::write_atomic(&config, b"a", 0o600).is_err());
-        super::write_atomic_user_file(&config, b"b", 0o600).unwrap();
+        super::write_atomic_user_file(&config, b"b", 0o600, None).unwrap();
         assert_eq!(std::fs::read(&config).unwrap(), b"b");
         std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = super::write_atomic_user_file(&config, b"c", 0o600).unwrap_err();
+        let e = super::write_atomic_user_file(&config, b"c", 0o600, None).unwrap_err();
         assert!(format!("{e:#}").contains("chmod o-w"), "{e:#}");
         std::fs::set_permissions(&kube, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        super::write_atomic_user_file(&config, b"d", 0o600).unwrap();
+        super::write_atomic_user_file(&config, b"d", 0o600, None).unwrap();
         assert_eq!(std::fs::read(&config).unwrap(), b"d");
     }
 

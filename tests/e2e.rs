@@ -943,6 +943,16 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
         "{o:?}"
     );
 
+    // A gateway URL with credentials in it is refused, as --gateway-url
+    // is (it was saved, and went into the kubeconfig and the plugin's
+    // command line for every local user's `ps`).
+    let mut with_password = login.clone();
+    assert!(with_password[1].starts_with("https://"), "{login:?}");
+    with_password[1] = with_password[1].replacen("https://", "https://u:pw@", 1);
+    let args: Vec<&str> = with_password.iter().map(String::as_str).collect();
+    let o = Env::new().towerctl(&args);
+    assert!(!o.ok() && o.stderr.contains("carries credentials"), "{o:?}");
+
     // The audit log on the hub names the operator, the cluster and the verb.
     let o = hub.towerctl(&["audit", "--operator", "alice", "-o", "json"]);
     let recs: Vec<serde_json::Value> = o

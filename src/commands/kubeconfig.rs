@@ -169,9 +169,23 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
     let _given = (real != path).then(|| lock(path)).transpose()?;
     let _lock = lock(&real)?;
     let mut doc = read(&real)?;
-    let mode = std::fs::metadata(&real)
+    let meta = std::fs::metadata(&real).ok();
+    let mode = meta
+        .as_ref()
         .map(|m| m.permissions().mode() & 0o777)
         .unwrap_or(0o600);
+    // Kept as they are: the new file is renamed into place, and was
+    // owned by whoever ran towerctl (root under `sudo -E`).
+    let owner = meta.as_ref().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.gid())
+    });
+    if meta.is_some() && !writable(&real) {
+        bail!(
+            "the kubeconfig '{}' is read-only for you (mode {mode:o}): make it writable ('chmod u+w'), or pass another file with --kubeconfig",
+            real.display()
+        );
+    }
     if real.exists() {
         // Written like the kubeconfig itself (a new file never opened
         // through a link, renamed into place; a directory anyone may write
@@ -180,7 +194,7 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
         let bak = backup_path(&real);
         let current = std::fs::read(&real)
             .with_context(|| format!("cannot read the kubeconfig '{}'", real.display()))?;
-        paths::write_atomic_user_file(&bak, &current, 0o600)
+        paths::write_atomic_user_file(&bak, &current, 0o600, owner)
             .with_context(|| format!("cannot back up the kubeconfig to '{}'", bak.display()))?;
     }
     f(&mut doc)?;
@@ -188,8 +202,18 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
     obj.entry("apiVersion").or_insert_with(|| json!("v1"));
     obj.entry("kind").or_insert_with(|| json!("Config"));
     let yaml = serde_saphyr::to_string(&doc).context("cannot encode the kubeconfig")?;
-    paths::write_atomic_user_file(&real, yaml.as_bytes(), mode)?;
+    paths::write_atomic_user_file(&real, yaml.as_bytes(), mode, owner)?;
     Ok(real)
+}
+
+/// Whether this user may write `path` as it is (kubectl would): a file
+/// made read-only on purpose was replaced by the rename.
+fn writable(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// The payload (under `item_key`) of the entry `name` in `list_key`.
@@ -274,6 +298,31 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// A kubeconfig rewritten by root (`sudo -E towerctl use`) keeps its
+    /// owner and group, and so does its backup: the user's kubectl read
+    /// neither after (root:root 0600). Run as root only (it chowns).
+    #[test]
+    fn a_kubeconfig_keeps_its_owner_when_root_rewrites_it() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to give the file another owner");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        std::fs::write(&path, "apiVersion: v1\nkind: Config\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65533)).unwrap();
+        edit(&path, |d| set_current(d, "tower-alpha")).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65533, 0o640));
+        let b = std::fs::metadata(backup_path(&path)).unwrap();
+        assert_eq!((b.uid(), b.gid()), (65534, 65533));
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("tower-alpha"));
     }
 
     /// A kubeconfig that is not valid YAML is named with where it broke,

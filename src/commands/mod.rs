@@ -160,6 +160,7 @@ timed-out members are listed on stderr at the end; the exit code is 1 if any fai
     /// Use a hub from this machine with an operator token from 'towerctl operator add'.
     Login {
         /// The hub's gateway URL (https://HOST:PORT).
+        #[arg(value_parser = parse_gateway_url)]
         gateway: String,
         /// Operator token.
         #[arg(long, env = "TOWERCTL_OPERATOR_TOKEN", hide_env_values = true)]

@@ -103,6 +103,31 @@ pub fn logins() -> Result<Vec<Login>> {
     })
 }
 
+/// Held (`flock`) for one read-change-write of the logins: two logins at
+/// once each read the old list and wrote it with their own entry alone,
+/// and one token stayed in its store with no login naming it.
+fn lock_logins() -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let dir = paths::config_dir();
+    paths::ensure_private_dir(&dir)?;
+    let path = dir.join("logins.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .with_context(|| format!("cannot open '{}'", path.display()))?;
+    // SAFETY: flock on a valid, open descriptor, released when it closes.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("cannot lock '{}': {e}", path.display());
+    }
+    Ok(f)
+}
+
 fn save_logins(l: &[Login]) -> Result<()> {
     paths::write_atomic(&logins_path(), &serde_json::to_vec_pretty(l)?, 0o600)
 }
@@ -177,8 +202,17 @@ pub async fn login(
     // The gateway's words (with --insecure-skip-ca-hash, whoever answered):
     // saved and shown, so printable and bounded.
     let operator = crate::tunnel::printable(who["name"].as_str().unwrap_or("?"), 100);
+    let _locked = lock_logins()?;
     let backend = secrets::save(&gateway, token)?;
     let mut all = logins()?;
+    // The previous login's token, kept in another store (a file over ssh,
+    // the Secret Service on the desktop), goes too: `logout` removes only
+    // what the current entry names.
+    let previous = all
+        .iter()
+        .find(|l| l.gateway_url == gateway)
+        .map(|l| l.backend)
+        .filter(|b| *b != backend);
     all.retain(|l| l.gateway_url != gateway);
     all.push(Login {
         gateway_url: gateway.clone(),
@@ -187,6 +221,9 @@ pub async fn login(
         backend,
     });
     save_logins(&all)?;
+    if let Some(old) = previous {
+        secrets::delete(old, &gateway);
+    }
     println!(
         "logged in to {gateway} as '{operator}' (token kept in {})",
         backend.describe()
@@ -202,6 +239,7 @@ pub async fn logout(gateway: Option<&str>) -> Result<u8> {
             gateway.map(|g| format!(" to '{g}'")).unwrap_or_default()
         );
     };
+    let _locked = lock_logins()?;
     secrets::delete(l.backend, &l.gateway_url);
     let mut all = logins()?;
     all.retain(|x| x.gateway_url != l.gateway_url);
