@@ -458,6 +458,53 @@ fn a_hub_killed_with_9_keeps_the_records_of_a_second_ago() {
     );
 }
 
+/// `towerctl audit` reads past a torn or non-UTF-8 line (a hub killed
+/// mid-write: the listing stopped there, exit 0), and `audit -f` loses no
+/// record when the hub rotates the file (records written to the old file
+/// after its last look were never shown).
+#[test]
+fn audit_reads_past_torn_lines_and_follows_across_a_rotation() {
+    use std::io::Write;
+    let env = Env::new();
+    let dir = env.path("state/towerctl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = |n: u32| {
+        format!(
+            r#"{{"time":"2026-12-06T00:00:{n:02}Z","operator":"op{n}","cluster":"alpha","verb":"get","method":"GET","path":"/api/v1/pods/p{n}","status":200,"duration_ms":1,"bytes":1}}"#
+        )
+    };
+    let log = dir.join("audit.log");
+    let mut f = std::fs::File::create(&log).unwrap();
+    writeln!(f, "{}", rec(1)).unwrap();
+    f.write_all(b"{\"time\":\"torn \xff\xfe\n").unwrap();
+    writeln!(f, "{}", rec(2)).unwrap();
+    drop(f);
+    let o = env.towerctl(&["audit", "-o", "json"]);
+    assert!(
+        o.ok() && o.stdout.contains("\"op1\"") && o.stdout.contains("\"op2\""),
+        "{o:?}"
+    );
+
+    let follow = Streaming::start(env.towerctl_cmd(&["audit", "-f", "-o", "json"]));
+    follow.wait_for("\"op2\"", Duration::from_secs(10));
+    // Records appended, then the file rotated at once (within one look
+    // of the follower), then records in the new file.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    writeln!(f, "{}", rec(3)).unwrap();
+    drop(f);
+    std::fs::rename(&log, dir.join("audit.log.1")).unwrap();
+    let mut f = std::fs::File::create(&log).unwrap();
+    writeln!(f, "{}", rec(4)).unwrap();
+    drop(f);
+    follow.wait_for("\"op4\"", Duration::from_secs(10));
+    let out = follow.output();
+    assert!(
+        out.contains("\"op3\""),
+        "a record lost at the rotation: {out}"
+    );
+    assert_eq!(out.matches("\"op1\"").count(), 1, "{out}");
+}
+
 /// Output that cannot be written is one line and exit 1 (a full disk), or
 /// a quiet end (a closed pipe, `towerctl audit | head`), never a panic
 /// with a backtrace and exit 101.

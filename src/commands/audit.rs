@@ -1,6 +1,6 @@
 //! `towerctl audit`: read the hub's audit log (on the hub machine).
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -80,44 +80,84 @@ pub async fn run(filter: Filter, follow: bool, output: &str) -> Result<u8> {
         );
         return Ok(exit::OK);
     }
-    for f in &files {
-        if let Ok(file) = std::fs::File::open(f) {
-            for line in BufReader::new(file).lines().map_while(Result::ok) {
-                emit(&line, &filter, json);
-            }
+    // The current file through one handle, opened before anything is
+    // read, and followed from where this reading of it ended: nothing
+    // written in between is skipped. Lines are split on bytes: a torn or
+    // non-UTF-8 line (a hub killed mid-write) is one record left out, not
+    // the end of the listing.
+    use std::os::unix::fs::MetadataExt;
+    let mut current = std::fs::File::open(&path).ok();
+    let mut partial = Vec::new();
+    for f in files.iter().filter(|f| **f != path) {
+        if let Ok(mut file) = std::fs::File::open(f) {
+            read_new(&mut file, &mut partial, &filter, json)?;
+            partial.clear();
         }
     }
+    let mut pos = match current.as_mut() {
+        Some(file) => read_new(file, &mut partial, &filter, json)?,
+        None => 0,
+    };
     if !follow {
         return Ok(exit::OK);
     }
-    // Follow the current file, reopening it when it is rotated.
-    let mut pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    let mut partial = String::new();
+    // When the hub rotates the file (a new one under the same name), the
+    // old one is read to its end first, then the new one from its start:
+    // no record lost at the rotation, none shown twice.
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let Ok(mut file) = std::fs::File::open(&path) else {
+        let Some(file) = current.as_mut() else {
+            current = std::fs::File::open(&path).ok();
+            pos = 0;
+            partial.clear();
             continue;
         };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            pos = 0; // rotated
-        }
-        if len == pos {
-            continue;
-        }
         file.seek(SeekFrom::Start(pos))?;
-        let mut reader = BufReader::new(file);
-        let mut buf = String::new();
-        while reader.read_line(&mut buf)? > 0 {
-            pos += buf.len() as u64;
-            if buf.ends_with('\n') {
-                partial.push_str(&buf);
-                emit(partial.trim_end(), &filter, json);
+        pos += read_new(file, &mut partial, &filter, json)?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.ino() != file.metadata()?.ino() => {
+                // Renamed away: what the hub wrote to it before it did
+                // (after the read above) is read now. What it ended with,
+                // unterminated, is not glued to the new file's first line.
+                read_new(file, &mut partial, &filter, json)?;
                 partial.clear();
-            } else {
-                partial.push_str(&buf);
+                current = std::fs::File::open(&path).ok();
+                pos = 0;
             }
-            buf.clear();
+            // Truncated in place (by hand): from the top again.
+            Ok(m) if m.len() < pos => {
+                partial.clear();
+                pos = 0;
+            }
+            _ => {}
         }
     }
+}
+
+/// Emits the complete lines read from `file` (from where it stands) to
+/// its end, keeping an unterminated last one in `partial`; how many bytes
+/// were read.
+fn read_new(
+    file: &mut std::fs::File,
+    partial: &mut Vec<u8>,
+    filter: &Filter,
+    json: bool,
+) -> Result<u64> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let n = file.read_to_end(&mut buf)?;
+    let mut rest: &[u8] = &buf;
+    while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+        partial.extend_from_slice(&rest[..i]);
+        emit(String::from_utf8_lossy(partial).trim_end(), filter, json);
+        partial.clear();
+        rest = &rest[i + 1..];
+    }
+    partial.extend_from_slice(rest);
+    // A line past any record's size is no record: dropped, not kept
+    // growing.
+    if partial.len() > 1 << 20 {
+        partial.clear();
+    }
+    Ok(n as u64)
 }

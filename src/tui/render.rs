@@ -596,7 +596,10 @@ fn detail_pane(app: &App, c: &Cluster, v: &RowView, theme: &Theme, f: &mut Frame
         ]));
     }
     if let Some(h) = c.hub.as_ref().filter(|h| !h.status.labels.is_empty()) {
-        let l = crate::daemon::labels::display(&h.status.labels);
+        // Registry text (checked when set through towerctl, not when
+        // written to etcd by hand): no bidi override or zero-width
+        // character reorders what the operator reads.
+        let l = crate::tunnel::printable(&crate::daemon::labels::display(&h.status.labels), 500);
         lines.push(Line::from(vec![label("labels"), Span::raw(l)]));
     }
 

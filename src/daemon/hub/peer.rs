@@ -783,7 +783,12 @@ impl Cluster {
                         cut(
                             hub,
                             &s,
-                            format!("replaced by a newer session on hub {}", o.hub),
+                            // Registry text: escaped (it goes to the log,
+                            // the agent and the dashboard).
+                            format!(
+                                "replaced by a newer session on hub {}",
+                                crate::tunnel::escape_for_log(&o.hub, 200)
+                            ),
                         );
                     }
                 }
@@ -1312,7 +1317,12 @@ pub(super) fn holder(hub: &Hub, name: &str) -> Option<String> {
 }
 
 fn unreachable_owner(name: &str, o: &Owner, e: &str) -> String {
-    format!("cluster '{name}' is connected to hub {} ({}), which did not answer this hub: {e}; its agent reconnects to a live hub within one backoff, retry in a few seconds", o.hub, o.peer)
+    // Registry text (the owner record), shown to operators and logged.
+    format!(
+        "cluster '{name}' is connected to hub {} ({}), which did not answer this hub: {e}; its agent reconnects to a live hub within one backoff, retry in a few seconds",
+        crate::tunnel::printable(&o.hub, 200),
+        crate::tunnel::printable(&o.peer, 200)
+    )
 }
 
 /// Gateway hook: a request for a member held by another hub, carried there.
@@ -1468,7 +1478,7 @@ pub(super) fn not_forwarded_again(
     headers.contains_key(FORWARDED_HEADER).then(|| {
         format!(
             "cluster '{name}' is connected to hub '{}', and this request carries {FORWARDED_HEADER} (it was carried between hubs already), so it is not carried again: retry it (without that header, which only hubs send)",
-            owner.hub
+            crate::tunnel::printable(&owner.hub, 200)
         )
     })
 }
