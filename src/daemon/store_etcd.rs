@@ -49,6 +49,51 @@ pub enum Change {
 struct Cache {
     /// Keys relative to the prefix → (value, mod_revision).
     kvs: BTreeMap<String, (Vec<u8>, i64)>,
+    /// Keys deleted → the revision of their deletion, so that a write
+    /// older than it (this hub's own, cached as its answer comes back after
+    /// the watch delivered the delete) does not bring the key back, and a
+    /// delete does not drop a newer write the watch applied. Emptied by a
+    /// full listing; at most [`MAX_TOMBSTONES`], the oldest forgotten.
+    deleted: BTreeMap<String, i64>,
+}
+
+const MAX_TOMBSTONES: usize = 4096;
+
+impl Cache {
+    fn put(&mut self, rel: &str, value: Vec<u8>, rev: i64) -> bool {
+        let newest = self
+            .kvs
+            .get(rel)
+            .map(|v| v.1)
+            .into_iter()
+            .chain(self.deleted.get(rel).copied())
+            .max()
+            .unwrap_or(0);
+        if rev < newest {
+            return false;
+        }
+        self.deleted.remove(rel);
+        self.kvs.insert(rel.to_string(), (value, rev));
+        true
+    }
+
+    fn delete(&mut self, rel: &str, rev: i64) -> bool {
+        if self.kvs.get(rel).is_some_and(|v| v.1 > rev) {
+            return false;
+        }
+        self.kvs.remove(rel);
+        let t = self.deleted.entry(rel.to_string()).or_insert(rev);
+        *t = (*t).max(rev);
+        if self.deleted.len() > MAX_TOMBSTONES {
+            // The oldest half goes: a write older than those deletions has
+            // long come back.
+            let mut revs: Vec<i64> = self.deleted.values().copied().collect();
+            revs.sort_unstable();
+            let cut = revs[revs.len() / 2];
+            self.deleted.retain(|_, r| *r > cut);
+        }
+        true
+    }
 }
 
 pub struct EtcdStore {
@@ -218,6 +263,7 @@ impl EtcdStore {
                     .map(|(k, _)| k.clone()),
             );
             c.kvs = fresh;
+            c.deleted.clear();
             changed
         };
         for k in changed {
@@ -234,15 +280,13 @@ impl EtcdStore {
             return;
         };
         if let Ok(mut c) = self.cache.write() {
-            let cur = c.kvs.get(&rel).map(|v| v.1).unwrap_or(0);
             match ev {
-                Event::Put(kv) if kv.mod_revision >= cur => {
-                    c.kvs.insert(rel.clone(), (kv.value, kv.mod_revision));
+                Event::Put(kv) => {
+                    c.put(&rel, kv.value, kv.mod_revision);
                 }
-                Event::Delete { revision, .. } if revision >= cur => {
-                    c.kvs.remove(&rel);
+                Event::Delete { revision, .. } => {
+                    c.delete(&rel, revision);
                 }
-                _ => {}
             }
         }
         self.notify(&rel);
@@ -251,15 +295,14 @@ impl EtcdStore {
     /// Records our own write in the cache at once (read-your-writes).
     fn cached_put(&self, rel: &str, value: Vec<u8>, rev: i64) {
         if let Ok(mut c) = self.cache.write() {
-            if c.kvs.get(rel).map(|v| v.1).unwrap_or(0) <= rev {
-                c.kvs.insert(rel.to_string(), (value, rev));
-            }
+            c.put(rel, value, rev);
         }
     }
 
-    fn cached_delete(&self, rel: &str) {
+    /// Records our own delete, made at revision `rev`.
+    fn cached_delete(&self, rel: &str, rev: i64) {
         if let Ok(mut c) = self.cache.write() {
-            c.kvs.remove(rel);
+            c.delete(rel, rev);
         }
     }
 
@@ -363,12 +406,12 @@ impl EtcdStore {
     /// Deletes `rel` if `compare` (an etcd transaction comparison) holds,
     /// in one transaction; whether it did.
     fn delete_when(&self, rel: &str, compare: serde_json::Value) -> Result<bool, StoreError> {
-        let (ok, _, _) = self
+        let (ok, rev, _) = self
             .etcd
             .txn(vec![compare], vec![etcd::op_delete(&self.key(rel))], vec![])
             .map_err(err)?;
         if ok {
-            self.cached_delete(rel);
+            self.cached_delete(rel, rev);
         }
         Ok(ok)
     }
@@ -386,7 +429,7 @@ impl EtcdStore {
                 &serde_json::json!({"key": etcd::b64(self.key(rel).as_bytes())}),
             )
             .map_err(err)?;
-        self.cached_delete(rel);
+        self.cached_delete(rel, etcd::int(&v["header"]["revision"]));
         Ok(etcd::int(&v["deleted"]) > 0)
     }
 }
@@ -553,12 +596,21 @@ impl Store for EtcdStore {
         // Compare-and-swap on the key's revision: a concurrent writer on
         // another hub makes the transaction fail, and we start over from
         // what it wrote.
+        // As in `update_setting`: the last attempt's bytes found in place
+        // are that attempt applied, its answer lost.
+        let mut tried: Option<Vec<u8>> = None;
         for _ in 0..16 {
+            // Absent: the watch brings its deletion to the cache (the
+            // read's revision is not known here, and a later write the
+            // watch applied must not be dropped).
             let Some(kv) = self.etcd.get(&key).map_err(err)? else {
-                self.cached_delete(&rel);
                 return Ok(None);
             };
             let mut m: Member = Self::decode(&rel, &kv.value)?;
+            if tried.as_deref() == Some(kv.value.as_slice()) {
+                self.cached_put(&rel, kv.value, kv.mod_revision);
+                return Ok(Some(m));
+            }
             if !f(&mut m) {
                 self.cached_put(&rel, kv.value, kv.mod_revision);
                 return Ok(Some(m));
@@ -576,6 +628,7 @@ impl Store for EtcdStore {
                 self.cached_put(&rel, b, rev);
                 return Ok(Some(m));
             }
+            tried = Some(b);
         }
         Err(StoreError::Io(format!(
             "member '{name}' is being changed by other hubs; try again"
@@ -640,8 +693,20 @@ impl Store for EtcdStore {
     ) -> Result<Result<String, String>, StoreError> {
         let rel = format!("settings/{key}");
         let k = self.key(&rel);
+        // What the last attempt wrote: found in place after its compare
+        // failed, that attempt was applied and its answer lost (the call
+        // went on to the next endpoint, whose compare then failed on it).
+        // Applied again, `access allow` added its rule twice and `access
+        // rm` said "no access rule" of the rule it had removed.
+        let mut tried: Option<String> = None;
         for _ in 0..16 {
             let current = self.etcd.get(&k).map_err(err)?;
+            if let (Some(t), Some(kv)) = (&tried, &current) {
+                if kv.value == t.as_bytes() {
+                    self.cached_put(&rel, kv.value.clone(), kv.mod_revision);
+                    return Ok(Ok(t.clone()));
+                }
+            }
             let text = current
                 .as_ref()
                 .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
@@ -665,6 +730,7 @@ impl Store for EtcdStore {
                 self.cached_put(&rel, next.clone().into_bytes(), rev);
                 return Ok(Ok(next));
             }
+            tried = Some(next);
         }
         Err(StoreError::Io(format!(
             "setting '{key}' is being changed by other hubs; try again"
@@ -690,5 +756,35 @@ impl Store for EtcdStore {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::Cache;
+
+    /// A write's answer that comes back after the watch delivered a later
+    /// delete does not bring the key back; a delete does not drop a later
+    /// write; a full listing starts afresh.
+    #[test]
+    fn writes_and_deletes_apply_in_revision_order_whatever_order_they_come_in() {
+        let mut c = Cache::default();
+        assert!(c.put("owners/a", b"1".to_vec(), 10));
+        assert!(c.delete("owners/a", 12));
+        // This hub's own write at 11, cached after the delete at 12.
+        assert!(!c.put("owners/a", b"2".to_vec(), 11));
+        assert!(!c.kvs.contains_key("owners/a"));
+        assert!(c.put("owners/a", b"3".to_vec(), 13));
+        // A delete at 12 heard after the write at 13.
+        assert!(!c.delete("owners/a", 12));
+        assert_eq!(c.kvs["owners/a"], (b"3".to_vec(), 13));
+        for i in 0..(super::MAX_TOMBSTONES as i64 + 10) {
+            c.delete(&format!("k{i}"), 100 + i);
+        }
+        assert!(c.deleted.len() <= super::MAX_TOMBSTONES);
+        // The newest deletions are those kept.
+        assert!(c
+            .deleted
+            .contains_key(&format!("k{}", super::MAX_TOMBSTONES + 9)));
     }
 }
