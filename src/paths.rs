@@ -286,6 +286,52 @@ pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// The path of this towerctl for what outlives the command (kubeconfig
+/// exec entries, unit files): the one it was run by (as typed, or as
+/// found on `PATH`) when that is this very program, else the resolved one.
+/// `current_exe` resolves symbolic links, to a package manager's
+/// versioned path (Homebrew's Cellar, the Nix store) that the next upgrade
+/// removes, and every `tower-*` context then failed with "no such file".
+pub fn stable_exe() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let real = std::fs::canonicalize(&exe).ok();
+    let same = |p: &Path| real.is_some() && std::fs::canonicalize(p).ok() == real;
+    let Some(arg0) = std::env::args_os().next().map(PathBuf::from) else {
+        return Ok(exe);
+    };
+    let candidate = if arg0.components().count() > 1 {
+        // A path: made absolute, not resolved.
+        std::env::current_dir().ok().map(|d| d.join(&arg0))
+    } else {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(&arg0))
+                .find(|c| c.is_absolute() && same(c))
+        })
+    };
+    Ok(candidate
+        .map(|c| normalize(&c))
+        .filter(|c| c.is_absolute() && same(c))
+        .unwrap_or(exe))
+}
+
+/// `path` without `.` components and with `..` applied lexically (links
+/// left as they are).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Path of a daemon's anchor (`hub` or `agent-NAME`): a file in the
 /// state directory, which does not depend on `XDG_RUNTIME_DIR`, that the
 /// running daemon holds locked and that names its pid and its runtime

@@ -1377,6 +1377,31 @@ fn kubeconfig_lists_symlinks_and_standalone_files() {
     let o = support::run_bounded(k, Duration::from_secs(30));
     assert!(o.ok(), "{o:?}");
 
+    // A namespace set on the context where it is, then a first file in
+    // the list: `use` updates the entries where they are defined (written
+    // into the first file, a second `tower-alpha` without the namespace
+    // shadowed the first one) and sets the current context there.
+    let kubectl = |args: &[&str]| {
+        let mut k = env.kubectl_cmd(args);
+        k.env("KUBECONFIG", &list);
+        support::run_bounded(k, Duration::from_secs(30))
+    };
+    let o = kubectl(&["config", "set-context", "tower-alpha", "--namespace=prod"]);
+    assert!(o.ok(), "{o:?}");
+    std::fs::write(&missing, "apiVersion: v1\nkind: Config\n").unwrap();
+    let mut cmd = env.towerctl_cmd(&["use", "alpha"]);
+    cmd.env("KUBECONFIG", &list);
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    let first = std::fs::read_to_string(&missing).unwrap();
+    assert!(
+        !first.contains("name: tower-alpha") && first.contains("current-context: tower-alpha"),
+        "{first}"
+    );
+    let o = kubectl(&["config", "view", "--minify", "-o", "jsonpath={..namespace}"]);
+    assert_eq!(o.stdout.trim(), "prod", "{o:?}");
+    std::fs::remove_file(&missing).unwrap();
+
     // A symlinked ~/.kube/config stays a symlink; ten uses, one context.
     let real = env.path("dotfiles-kubeconfig");
     std::fs::write(&real, "").unwrap();
@@ -1388,6 +1413,35 @@ fn kubeconfig_lists_symlinks_and_standalone_files() {
     assert!(env.path("home/.kube/config").is_symlink());
     let text = std::fs::read_to_string(&real).unwrap();
     assert_eq!(text.matches("name: tower-alpha").count(), 3, "{text}");
+
+    // Run through a link on PATH (a package manager's `bin/towerctl` into
+    // its versioned directory), the entries name the link, which the next
+    // upgrade keeps, not the versioned file it resolves to.
+    let bin = env.path("pkg/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(support::TOWERCTL, bin.join("towerctl")).unwrap();
+    let mut cmd = env.towerctl_cmd(&["use", "alpha"]);
+    let mut path = std::ffi::OsString::from(bin.as_os_str());
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    // Found on PATH by name, as a shell finds it.
+    cmd.env("PATH", &path);
+    let cmd = {
+        let mut c = std::process::Command::new("towerctl");
+        c.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    };
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    let text = std::fs::read_to_string(&real).unwrap();
+    let link = bin.join("towerctl").display().to_string();
+    assert!(text.contains(&format!("command: {link}")), "{link}: {text}");
 
     // A standalone kubeconfig works on its own.
     let o = env.towerctl(&["kubeconfig", "alpha"]);

@@ -139,7 +139,15 @@ fn lock(path: &Path) -> Result<Lock> {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot lock '{}'", path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot lock the kubeconfig '{}' (its lock file '{}' cannot be made); pass a kubeconfig you can write with --kubeconfig",
+                        path.display(),
+                        lp.display()
+                    )
+                })
+            }
         }
     }
 }
@@ -272,6 +280,12 @@ pub fn set_current(doc: &mut Value, ctx: &str) -> Result<()> {
 /// cannot be read is an error naming it (it used to count as holding no
 /// context, and `use -` then said the previous context was gone).
 pub fn has_context(files: &[PathBuf], name: &str) -> Result<bool> {
+    Ok(defining(files, name)?.is_some())
+}
+
+/// The first file of the list that defines context `name` (the one
+/// kubectl reads it from, and edits it in).
+pub fn defining(files: &[PathBuf], name: &str) -> Result<Option<PathBuf>> {
     for f in files {
         let d = read(f)?;
         if d.get("contexts")
@@ -281,10 +295,10 @@ pub fn has_context(files: &[PathBuf], name: &str) -> Result<bool> {
                     .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
             })
         {
-            return Ok(true);
+            return Ok(Some(f.clone()));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ fn write_unit(
     args: &[String],
     prevent_restart_on_auth: bool,
 ) -> Result<u8> {
-    let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
+    let exe = crate::paths::stable_exe().context("cannot find the towerctl executable")?;
     let exec = std::iter::once(quote_word(&exe.display().to_string(), false))
         .chain(args.iter().map(|a| quote(a)))
         .collect::<Result<Vec<_>>>()?

@@ -124,7 +124,7 @@ impl Source {
 
     /// The three kubeconfig entries of member `name`: cluster, user, context.
     pub fn entries(&self, name: &str) -> Result<(String, Value, Value, Value)> {
-        let exe = std::env::current_exe().context("cannot find the towerctl executable")?;
+        let exe = crate::paths::stable_exe().context("cannot find the towerctl executable")?;
         let ctx = format!("tower-{name}");
         // The member travels twice: as the TLS server name, which clients
         // that build request paths themselves (`kubectl get --raw`,
@@ -171,7 +171,13 @@ fn write_entries(
     let target = kubeconfig::target(&files);
     let current = kubeconfig::current_context(&files);
     let (ctx, cluster, user, mut context) = source.entries(name)?;
-    let written = kubeconfig::edit(&target, |d| {
+    // With several files (KUBECONFIG=a:b), the entries are updated where
+    // they are already defined, as kubectl edits them: written anew into
+    // the first file, a second `tower-NAME` without the namespace set on
+    // the first one shadowed it. New ones go to the first file, and so
+    // does the current context (the first one set is kubectl's).
+    let home = kubeconfig::defining(&files, &ctx)?.unwrap_or_else(|| target.clone());
+    let written = kubeconfig::edit(&home, |d| {
         // The namespace an operator set on the context (`kubectl config
         // set-context --current --namespace=…`) stays.
         if let Some(ns) =
@@ -182,8 +188,14 @@ fn write_entries(
         kubeconfig::upsert(d, "clusters", "cluster", &ctx, cluster)?;
         kubeconfig::upsert(d, "users", "user", &ctx, user)?;
         kubeconfig::upsert(d, "contexts", "context", &ctx, context)?;
-        kubeconfig::set_current(d, &ctx)
+        if home == target {
+            kubeconfig::set_current(d, &ctx)?;
+        }
+        Ok(())
     })?;
+    if home != target {
+        kubeconfig::edit(&target, |d| kubeconfig::set_current(d, &ctx))?;
+    }
     if current.as_deref() != Some(ctx.as_str()) {
         remember(current.as_deref());
     }
