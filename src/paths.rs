@@ -205,7 +205,11 @@ fn replace(path: &Path, contents: &[u8], mode: u32, owner: Option<(u32, u32)>) -
     let mut write = || -> std::io::Result<()> {
         let (mut f, t) = create_temp(path, mode)?;
         let t = tmp.insert(t).clone();
-        if let Some((uid, gid)) = owner {
+        // Only as root (another user cannot give a file away, nor to a
+        // group it is not in: a kubeconfig left in group root by `sudo
+        // chown USER` was refused): what a user writes stays theirs.
+        // SAFETY: geteuid has no preconditions.
+        if let Some((uid, gid)) = owner.filter(|_| unsafe { libc::geteuid() } == 0) {
             let m = f.metadata()?;
             if (m.uid(), m.gid()) != (uid, gid) {
                 // SAFETY: fchown on a valid, open descriptor.

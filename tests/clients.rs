@@ -708,6 +708,35 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
         "{o:?}"
     );
 
+    // A kubectl that prints without end (a watch, a huge list) is stopped
+    // past 64 MiB and said so; what the others print stays. (Kept whole,
+    // it ran the machine out of memory, or waited out --timeout.)
+    let endless = env.path("endless-kubectl");
+    std::fs::write(
+        &endless,
+        "#!/bin/sh\nexec yes 'a line of a kubectl that prints without end'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &endless,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut cmd = env.towerctl_cmd(&["kubectl", "alpha", "--timeout", "60s", "--", "get", "ns"]);
+    cmd.env("TOWERCTL_KUBECTL", &endless);
+    let start = std::time::Instant::now();
+    let o = support::run_bounded(cmd, Duration::from_secs(90));
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(
+        o.stderr.contains("stopped") && o.stderr.contains("more than 64 MiB"),
+        "{o:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        start.elapsed()
+    );
+
     // A failing subcommand fails on every member, each with its code.
     let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "nosuchkind"]);
     assert_eq!(o.code, Some(1), "{o:?}");

@@ -365,15 +365,17 @@ async fn run_one(
             )
         }
     };
-    let (Some(mut so), Some(mut se)) = (child.stdout.take(), child.stderr.take()) else {
+    let (Some(so), Some(se)) = (child.stdout.take(), child.stderr.take()) else {
         return outcome(Status::NotStarted("no pipes to kubectl".into()), b"", b"");
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());
     // What it printed before a timeout is kept (shown with the summary).
     let ran = tokio::time::timeout(timeout, async {
+        // A reader past its cap closes its pipe (kubectl then stops on
+        // EPIPE), so the other one ends too.
         let (o, e) = tokio::join!(
-            read_capped(&mut so, &mut out, MAX_STDOUT),
-            read_capped(&mut se, &mut err, MAX_STDERR)
+            read_capped(so, &mut out, MAX_STDOUT),
+            read_capped(se, &mut err, MAX_STDERR)
         );
         if o || e {
             let _ = child.start_kill();
@@ -398,10 +400,10 @@ async fn run_one(
     }
 }
 
-/// Reads `r` to its end into `buf`; true (and stops) once `buf` would pass
-/// `max`.
+/// Reads `r` to its end into `buf`; true (and stops, closing `r`) once
+/// `buf` would pass `max`.
 async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
+    mut r: R,
     buf: &mut Vec<u8>,
     max: usize,
 ) -> bool {

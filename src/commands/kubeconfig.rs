@@ -166,9 +166,18 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
     } else {
         path.to_path_buf()
     };
+    // A file not there yet, written as root (`sudo -E towerctl use` on a
+    // fresh machine): it, and a directory made for it, are given to the
+    // owner of the directory it goes in (the user's home), or the user's
+    // kubectl could read neither.
+    let inherited = (!real.exists()).then(|| inherited_owner(&real)).flatten();
     if let Some(dir) = real.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             paths::ensure_private_dir(dir)?;
+            if let Some((uid, gid)) = inherited {
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                    .with_context(|| format!("cannot give '{}' to uid {uid}", dir.display()))?;
+            }
         }
     }
     // kubectl locks the path it was given ('<link>.lock'), not the
@@ -184,10 +193,13 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
         .unwrap_or(0o600);
     // Kept as they are: the new file is renamed into place, and was
     // owned by whoever ran towerctl (root under `sudo -E`).
-    let owner = meta.as_ref().map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        (m.uid(), m.gid())
-    });
+    let owner = meta
+        .as_ref()
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.uid(), m.gid())
+        })
+        .or(inherited);
     if meta.is_some() && !writable(&real) {
         bail!(
             "the kubeconfig '{}' is read-only for you (mode {mode:o}): make it writable ('chmod u+w'), or pass another file with --kubeconfig",
@@ -212,6 +224,25 @@ pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<Pat
     let yaml = serde_saphyr::to_string(&doc).context("cannot encode the kubeconfig")?;
     paths::write_atomic_user_file(&real, yaml.as_bytes(), mode, owner)?;
     Ok(real)
+}
+
+/// For root only: the owner of the nearest directory above `path` that
+/// exists, unless that is root itself.
+fn inherited_owner(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let m = path.ancestors().skip(1).find_map(|d| {
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
+        std::fs::metadata(d).ok()
+    })?;
+    (m.uid() != 0).then(|| (m.uid(), m.gid()))
 }
 
 /// Whether this user may write `path` as it is (kubectl would): a file
@@ -337,6 +368,17 @@ mod tests {
         assert!(std::fs::read_to_string(&path)
             .unwrap()
             .contains("tower-alpha"));
+
+        // A new one (and its new directory) in a user's home is the user's.
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65533)).unwrap();
+        let fresh = home.join(".kube").join("config");
+        edit(&fresh, |d| set_current(d, "tower-alpha")).unwrap();
+        for p in [fresh.parent().unwrap(), fresh.as_path()] {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65533), "{}", p.display());
+        }
     }
 
     /// A kubeconfig that is not valid YAML is named with where it broke,

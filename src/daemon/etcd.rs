@@ -156,18 +156,41 @@ fn client_config(tls: &StoreTls) -> Result<rustls::ClientConfig, String> {
 }
 
 /// One connection to an etcd endpoint.
-struct Conn {
-    io: Io,
-    /// For a unary call: reads fail past this (each read waits at most
-    /// what is left). The socket's read timeout alone bounds each read, and
-    /// an answer trickled a byte at a time held the call (and the thread:
-    /// a login's, the lease's) for ever.
+enum Conn {
+    Plain(Timed),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Timed>>),
+}
+
+/// The socket of a connection, read under a unary call's deadline: reads
+/// fail past it (each waits at most what is left). The socket's read
+/// timeout alone bounds each read, and an answer trickled a byte at a time
+/// held the call (and the thread: a login's, the lease's) for ever. Under
+/// rustls, which reads the socket itself until a record is whole.
+struct Timed {
+    tcp: TcpStream,
     until: Option<(std::time::Instant, Duration)>,
 }
 
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some((until, each)) = self.until {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.tcp.set_read_timeout(Some(left.min(each)))?;
+        }
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
 }
 
 /// Longest one answer (a unary call's body, one watch message) may be.
@@ -177,45 +200,40 @@ const MAX_ANSWER: usize = 64 << 20;
 const MAX_LINE: u64 = 16 * 1024;
 
 /// Longest a unary call to one endpoint may take, from its connection to
-/// the end of its answer.
+/// the end of its answer; a listing of the whole registry (at start, after
+/// a break) gets [`LIST_DEADLINE`].
 const CALL_DEADLINE: Duration = Duration::from_secs(8);
+const LIST_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match &self.io {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.get_ref(),
+    fn timed(&mut self) -> &mut Timed {
+        match self {
+            Conn::Plain(t) => t,
+            Conn::Tls(s) => &mut s.sock,
         }
     }
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if let Some((until, each)) = self.until {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(std::io::ErrorKind::TimedOut.into());
-            }
-            self.tcp().set_read_timeout(Some(left.min(each)))?;
-        }
-        match &mut self.io {
-            Io::Plain(s) => s.read(buf),
-            Io::Tls(s) => s.read(buf),
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match &mut self.io {
-            Io::Plain(s) => s.write(buf),
-            Io::Tls(s) => s.write(buf),
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        match &mut self.io {
-            Io::Plain(s) => s.flush(),
-            Io::Tls(s) => s.flush(),
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
         }
     }
 }
@@ -397,27 +415,35 @@ impl Etcd {
         self.endpoints.join(",")
     }
 
-    fn open(&self, endpoint: &str, read_timeout: Option<Duration>) -> std::io::Result<Conn> {
+    /// A connection whose reads end by `deadline` from now (until the
+    /// answer's head at least: a watch lifts it then), each read waiting
+    /// at most `read_timeout`.
+    fn open(
+        &self,
+        endpoint: &str,
+        read_timeout: Option<Duration>,
+        deadline: Duration,
+    ) -> std::io::Result<Conn> {
         let mut last = None;
         for a in endpoint.to_socket_addrs()? {
             match TcpStream::connect_timeout(&a, TIMEOUT) {
                 Ok(s) => {
                     s.set_write_timeout(Some(TIMEOUT))?;
                     let _ = s.set_nodelay(true);
-                    // Until the answer's head at least (a watch lifts it
-                    // then).
-                    let until =
-                        read_timeout.map(|t| (std::time::Instant::now() + CALL_DEADLINE, t));
+                    let by = std::time::Instant::now() + deadline;
                     let Some(cfg) = &self.tls else {
                         s.set_read_timeout(read_timeout)?;
-                        return Ok(Conn {
-                            io: Io::Plain(s),
-                            until,
-                        });
+                        return Ok(Conn::Plain(Timed {
+                            tcp: s,
+                            until: read_timeout.map(|t| (by, t)),
+                        }));
                     };
                     // The handshake is bounded even for the watch's
                     // connection (no read timeout once it is up).
-                    s.set_read_timeout(Some(TIMEOUT))?;
+                    let s = Timed {
+                        tcp: s,
+                        until: Some((by, TIMEOUT)),
+                    };
                     let host = endpoint
                         .rsplit_once(':')
                         .map_or(endpoint, |(h, _)| h)
@@ -433,11 +459,9 @@ impl Etcd {
                     while tls.conn.is_handshaking() {
                         tls.conn.complete_io(&mut tls.sock)?;
                     }
-                    tls.sock.set_read_timeout(read_timeout)?;
-                    return Ok(Conn {
-                        io: Io::Tls(Box::new(tls)),
-                        until,
-                    });
+                    tls.sock.tcp.set_read_timeout(read_timeout)?;
+                    tls.sock.until = read_timeout.map(|t| (by, t));
+                    return Ok(Conn::Tls(Box::new(tls)));
                 }
                 Err(e) => last = Some(e),
             }
@@ -453,8 +477,9 @@ impl Etcd {
         path: &str,
         body: &Value,
         read_timeout: Option<Duration>,
+        deadline: Duration,
     ) -> std::io::Result<(u16, BufReader<Conn>, Option<usize>)> {
-        let mut s = self.open(endpoint, read_timeout)?;
+        let mut s = self.open(endpoint, read_timeout, deadline)?;
         let body = body.to_string();
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -539,7 +564,7 @@ impl Etcd {
     /// One unary call, trying each endpoint in turn; for [`TIMEOUT`] after
     /// every endpoint failed, failed at once.
     pub fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
-        self.call_as(path, body, true)
+        self.call_as(path, body, true, CALL_DEADLINE)
     }
 
     /// Longest a call that tries every endpoint can take.
@@ -547,7 +572,13 @@ impl Etcd {
         TIMEOUT * self.endpoints.len().max(1) as u32
     }
 
-    fn call_as(&self, path: &str, body: &Value, fail_fast: bool) -> Result<Value, EtcdError> {
+    fn call_as(
+        &self,
+        path: &str,
+        body: &Value,
+        fail_fast: bool,
+        deadline: Duration,
+    ) -> Result<Value, EtcdError> {
         if let Some(Ok(d)) = fail_fast.then(|| self.down_until.lock()) {
             if let Some((until, reason)) = d.as_ref() {
                 if std::time::Instant::now() < *until {
@@ -569,7 +600,7 @@ impl Etcd {
             let idx = (first + i) % n;
             let ep = &self.endpoints[idx];
             let attempt = self
-                .send(ep, path, body, Some(TIMEOUT))
+                .send(ep, path, body, Some(TIMEOUT), deadline)
                 .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)));
             match attempt {
                 Ok((200, b)) => {
@@ -646,9 +677,11 @@ impl Etcd {
 
     /// Every key under `prefix` and the store's revision.
     pub fn range_prefix(&self, prefix: &str) -> Result<(i64, Vec<Kv>), EtcdError> {
-        let v = self.call(
+        let v = self.call_as(
             "/v3/kv/range",
             &json!({"key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix))}),
+            true,
+            LIST_DEADLINE,
         )?;
         let kvs = v["kvs"]
             .as_array()
@@ -704,7 +737,12 @@ impl Etcd {
     /// [`Etcd::lease_keepalive`], asking etcd even within [`TIMEOUT`] of a
     /// call that found it away.
     pub fn lease_keepalive_now(&self, id: i64) -> Result<bool, EtcdError> {
-        let v = self.call_as("/v3/lease/keepalive", &json!({"ID": id.to_string()}), false)?;
+        let v = self.call_as(
+            "/v3/lease/keepalive",
+            &json!({"ID": id.to_string()}),
+            false,
+            CALL_DEADLINE,
+        )?;
         Ok(int(&v["result"]["TTL"]) > 0)
     }
 
@@ -738,10 +776,10 @@ impl Etcd {
             "start_revision": from.to_string(),
         }});
         let (st, mut r, len) = self
-            .send(ep, "/v3/watch", &req, Some(silence))
+            .send(ep, "/v3/watch", &req, Some(silence), CALL_DEADLINE)
             .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
         // A stream: each read is bounded by `silence` and `left` below.
-        r.get_mut().until = None;
+        r.get_mut().timed().until = None;
         if st != 200 {
             let b = Self::read_body(&mut r, len).unwrap_or_default();
             return Err(format!(
@@ -756,8 +794,9 @@ impl Etcd {
             if wait.is_zero() {
                 return Err(WatchError::Silent);
             }
-            r.get_ref()
-                .tcp()
+            r.get_mut()
+                .timed()
+                .tcp
                 .set_read_timeout(Some(wait))
                 .map_err(|e| format!("{ep}: {e}"))?;
             let c = match Self::chunk(&mut r, MAX_ANSWER.saturating_sub(buf.len())) {

@@ -55,6 +55,10 @@ struct Cache {
     /// delete does not drop a newer write the watch applied. Emptied by a
     /// full listing; at most [`MAX_TOMBSTONES`], the oldest forgotten.
     deleted: BTreeMap<String, i64>,
+    /// The revision of the last full listing: a key it did not hold was
+    /// not there then, so a write at or below it (an answer that comes back
+    /// after the listing) does not bring it back.
+    listed_at: i64,
 }
 
 const MAX_TOMBSTONES: usize = 4096;
@@ -69,7 +73,7 @@ impl Cache {
             .chain(self.deleted.get(rel).copied())
             .max()
             .unwrap_or(0);
-        if rev < newest {
+        if rev < newest || (newest == 0 && rev <= self.listed_at) {
             return false;
         }
         self.deleted.remove(rel);
@@ -169,7 +173,7 @@ impl EtcdStore {
             cache: RwLock::new(Cache::default()),
             changes: Mutex::new(None),
         });
-        s.replace_all(kvs);
+        s.replace_all(kvs, rev);
         let weak = Arc::downgrade(&s);
         std::thread::Builder::new()
             .name("etcd-watch".into())
@@ -238,7 +242,7 @@ impl EtcdStore {
     }
 
     /// Replaces the cache with a full listing, reporting what differs.
-    fn replace_all(&self, kvs: Vec<Kv>) {
+    fn replace_all(&self, kvs: Vec<Kv>, rev: i64) {
         let fresh: BTreeMap<String, (Vec<u8>, i64)> = kvs
             .into_iter()
             .filter_map(|kv| {
@@ -264,6 +268,7 @@ impl EtcdStore {
             );
             c.kvs = fresh;
             c.deleted.clear();
+            c.listed_at = rev;
             changed
         };
         for k in changed {
@@ -453,7 +458,7 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
             match s.etcd.range_prefix(&s.prefix) {
                 Ok((r, kvs)) => {
                     rev = r;
-                    s.replace_all(kvs);
+                    s.replace_all(kvs, r);
                     s.confirm(asked);
                     if std::mem::take(&mut broke) {
                         tracing::info!("registry watch resumed at revision {rev}");
@@ -596,9 +601,9 @@ impl Store for EtcdStore {
         // Compare-and-swap on the key's revision: a concurrent writer on
         // another hub makes the transaction fail, and we start over from
         // what it wrote.
-        // As in `update_setting`: the last attempt's bytes found in place
-        // are that attempt applied, its answer lost.
-        let mut tried: Option<Vec<u8>> = None;
+        // Not as in `update_setting`: two hubs spending one single-use
+        // token write the same bytes, and the second would take the first
+        // one's write for its own; `f` decides again on what is there.
         for _ in 0..16 {
             // Absent: the watch brings its deletion to the cache (the
             // read's revision is not known here, and a later write the
@@ -607,10 +612,6 @@ impl Store for EtcdStore {
                 return Ok(None);
             };
             let mut m: Member = Self::decode(&rel, &kv.value)?;
-            if tried.as_deref() == Some(kv.value.as_slice()) {
-                self.cached_put(&rel, kv.value, kv.mod_revision);
-                return Ok(Some(m));
-            }
             if !f(&mut m) {
                 self.cached_put(&rel, kv.value, kv.mod_revision);
                 return Ok(Some(m));
@@ -628,7 +629,6 @@ impl Store for EtcdStore {
                 self.cached_put(&rel, b, rev);
                 return Ok(Some(m));
             }
-            tried = Some(b);
         }
         Err(StoreError::Io(format!(
             "member '{name}' is being changed by other hubs; try again"
@@ -786,5 +786,12 @@ mod cache_tests {
         assert!(c
             .deleted
             .contains_key(&format!("k{}", super::MAX_TOMBSTONES + 9)));
+        // After a listing at 50 without the key, a write at 40 heard late
+        // does not bring it back; one at 60 is new.
+        c.deleted.clear();
+        c.kvs.clear();
+        c.listed_at = 50;
+        assert!(!c.put("owners/b", b"1".to_vec(), 40));
+        assert!(c.put("owners/b", b"2".to_vec(), 60));
     }
 }
