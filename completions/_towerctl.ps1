@@ -290,7 +290,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;join' {
             [CompletionResult]::new('--hub', '--hub', [CompletionResultType]::ParameterName, 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for several hubs of one group: the agent tries them in turn')
             [CompletionResult]::new('--token', '--token', [CompletionResultType]::ParameterName, 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)')
-            [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The agent''s private key (default: created next to its config)')
+            [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The agent''s private key (default: created next to its config). With --print-manifest: the key the Secret gets (a new one if not given)')
             [CompletionResult]::new('--hub-key', '--hub-key', [CompletionResultType]::ParameterName, 'Fingerprint of the hub''s host key (sha256:…), printed by `cluster add`')
             [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'HTTP proxy (CONNECT) to reach the hub through, http://[USER:PASSWORD@]HOST:PORT (or TOWERCTL_PROXY); without it, HTTPS_PROXY/HTTP_PROXY and NO_PROXY of the environment, saved with the agent for a later run. Shipped in the Secret with --print-manifest, which does not take this machine''s variables')
             [CompletionResult]::new('--hub-ca', '--hub-ca', [CompletionResultType]::ParameterName, 'CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR)')
@@ -331,7 +331,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;agent;run' {
             [CompletionResult]::new('--hub', '--hub', [CompletionResultType]::ParameterName, 'Hub tunnel URL (ws://HOST:PORT/tunnel or wss://…); repeat it for several hubs of one group: the agent tries them in turn')
             [CompletionResult]::new('--token', '--token', [CompletionResultType]::ParameterName, 'Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN)')
-            [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The agent''s private key (default: created next to its config)')
+            [CompletionResult]::new('--key-file', '--key-file', [CompletionResultType]::ParameterName, 'The agent''s private key (default: created next to its config). With --print-manifest: the key the Secret gets (a new one if not given)')
             [CompletionResult]::new('--hub-key', '--hub-key', [CompletionResultType]::ParameterName, 'Fingerprint of the hub''s host key (sha256:…), printed by `cluster add`')
             [CompletionResult]::new('--proxy', '--proxy', [CompletionResultType]::ParameterName, 'HTTP proxy (CONNECT) to reach the hub through, http://[USER:PASSWORD@]HOST:PORT (or TOWERCTL_PROXY); without it, HTTPS_PROXY/HTTP_PROXY and NO_PROXY of the environment, saved with the agent for a later run. Shipped in the Secret with --print-manifest, which does not take this machine''s variables')
             [CompletionResult]::new('--hub-ca', '--hub-ca', [CompletionResultType]::ParameterName, 'CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR)')

@@ -166,6 +166,45 @@ fn manifests_parse_and_are_wired_together() {
     let sd = secret.string_data.as_ref().unwrap();
     assert_eq!(sd["token"], "tj_secret");
     assert!(sd["agent.key"].contains("OPENSSH PRIVATE KEY"));
+    // Printed again: a new key, unless --key-file names the registered
+    // one (it was dropped, and the pod's new key was refused by the hub).
+    let again: Secret = typed(of_kind(&print(&["--namespace", "edge"]), "Secret")[0]);
+    assert_ne!(
+        again.string_data.as_ref().unwrap()["agent.key"],
+        sd["agent.key"]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("agent.key");
+    std::fs::write(&key_file, &sd["agent.key"]).unwrap();
+    let kept: Secret = typed(
+        of_kind(
+            &print(&[
+                "--namespace",
+                "edge",
+                "--key-file",
+                key_file.to_str().unwrap(),
+            ]),
+            "Secret",
+        )[0],
+    );
+    assert_eq!(
+        kept.string_data.as_ref().unwrap()["agent.key"],
+        sd["agent.key"]
+    );
+    std::fs::write(&key_file, "not a key").unwrap();
+    let o = print_out(
+        &[
+            "--namespace",
+            "edge",
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        !o.ok() && o.stderr.contains("not an OpenSSH private key"),
+        "{o:?}"
+    );
 
     let pod = deploy
         .spec
@@ -418,15 +457,22 @@ fn kubectl_accepts_the_manifest() {
             file.to_str().unwrap(),
         ]);
         assert!(o.ok(), "{extra:?}: {o:?}");
+        // The member-wide objects name their namespace, and each mode
+        // its own binding (a binding cannot change its role).
         let mut kinds = vec![
             "namespace/towerctl-system",
             "serviceaccount/towerctl-agent-alpha",
-            "clusterrolebinding.rbac.authorization.k8s.io/towerctl-agent-alpha",
             "secret/towerctl-agent-alpha",
             "deployment.apps/towerctl-agent-alpha",
         ];
-        if !extra.is_empty() {
-            kinds.push("clusterrole.rbac.authorization.k8s.io/towerctl-agent-alpha");
+        if extra.is_empty() {
+            kinds.push("clusterrolebinding.rbac.authorization.k8s.io/towerctl-agent:towerctl-system:alpha:cluster-admin");
+        } else {
+            kinds.push(
+                "clusterrolebinding.rbac.authorization.k8s.io/towerctl-agent:towerctl-system:alpha",
+            );
+            kinds
+                .push("clusterrole.rbac.authorization.k8s.io/towerctl-agent:towerctl-system:alpha");
         }
         for k in kinds {
             assert!(

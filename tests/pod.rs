@@ -325,6 +325,33 @@ fn in_cluster_without_a_service_account_names_the_fix() {
     );
 }
 
+/// In a pod whose `~/.kube/config` names the member (a CI runner, a dev
+/// container), the agent fronts that member, as kubectl would reach it,
+/// not the pod's own cluster with the pod's service account.
+#[test]
+fn a_kubeconfig_in_home_wins_over_the_pods_own_cluster() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let home_kc = env.path("home/.kube/config");
+    std::fs::create_dir_all(home_kc.parent().unwrap()).unwrap();
+    api.write_kubeconfig(&home_kc);
+    let o = env.join_with_env(
+        &join,
+        &["--allow", "127.0.0.0/8"],
+        &[
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "9"),
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+    assert!(
+        o.stdout.contains(&format!("upstream: http://{}", api.addr)),
+        "{o:?}"
+    );
+}
+
 /// A hub under a memory limit (a pod's) holds the windows of all its
 /// members together to a quarter of it, and says so; per member alone
 /// (128 MiB each), a few members with stalled readers passed the limit.

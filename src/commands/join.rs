@@ -221,6 +221,23 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             ),
             None => None,
         };
+        // The agent's registered key, when named: printed again with it,
+        // the pod is the same agent to the hub (a new key and the spent
+        // token were refused, and the pod restarted for ever).
+        let agent_key_pem = match &a.opts.key_file {
+            Some(p) => {
+                let pem = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read --key-file '{}'", p.display()))?;
+                russh::keys::PrivateKey::from_openssh(pem.trim()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--key-file '{}' is not an OpenSSH private key ({e}): give the agent's key, as the Secret holds it",
+                        p.display()
+                    )
+                })?;
+                Some(pem)
+            }
+            None => None,
+        };
         cfg.serviceaccount_dir = None;
         return super::manifest::print(
             &cfg,
@@ -228,6 +245,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 namespace: a.namespace.clone(),
                 image: a.image.clone(),
                 hub_ca_pem,
+                agent_key_pem,
             },
         );
     }

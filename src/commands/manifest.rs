@@ -11,6 +11,21 @@ pub struct ManifestOptions {
     pub image: String,
     /// `--hub-ca` contents, shipped as a ConfigMap mounted into the pod.
     pub hub_ca_pem: Option<String>,
+    /// `--key-file`'s key (OpenSSH PEM), for the Secret: the key the hub
+    /// registered at the first join, kept when the manifest is printed
+    /// again. A new one otherwise.
+    pub agent_key_pem: Option<String>,
+}
+
+/// The names of the member-wide RBAC objects of an install: with its
+/// namespace in them (two installs of one member name, for two hub
+/// groups, took each other's binding), and one binding name per mode (a
+/// binding cannot change its role: applied over the other mode's, the
+/// apply failed and the agent kept cluster-admin).
+pub fn rbac_names(cluster: &str, ns: &str) -> (String, String) {
+    let role = format!("towerctl-agent:{ns}:{cluster}");
+    let admin_binding = format!("{role}:cluster-admin");
+    (role, admin_binding)
 }
 
 /// Where the pod finds `--hub-ca`: its own mount, next to (not inside) the
@@ -60,6 +75,7 @@ pub fn restricted_container() -> Value {
 pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) -> Vec<Value> {
     let name = format!("towerctl-agent-{}", cfg.name);
     let ns = &o.namespace;
+    let (role, admin_binding) = rbac_names(&cfg.name, ns);
     let labels =
         json!({"app.kubernetes.io/name": "towerctl-agent", "app.kubernetes.io/instance": cfg.name});
     let mut docs = vec![
@@ -85,13 +101,13 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         rules.extend(agent_own_rules().as_array().cloned().unwrap_or_default());
         docs.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": name, "labels": labels},
+            "metadata": {"name": role, "labels": labels},
             "rules": rules,
         }));
         docs.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": name, "labels": labels},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "metadata": {"name": role, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
         }));
     } else {
@@ -100,7 +116,7 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
         // README, "Run the agent as a pod", for when to pick which).
         docs.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-            "metadata": {"name": name, "labels": labels},
+            "metadata": {"name": admin_binding, "labels": labels},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
         }));
@@ -232,8 +248,14 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
                         "volumeMounts": mounts,
                         "securityContext": restricted_container(),
                         "resources": {
+                            // No ephemeral-storage limit: the kubelet counts
+                            // the container's log files against it (50 MiB
+                            // rotated logs on OpenShift's defaults), and a
+                            // long hub outage's retry lines evicted the
+                            // agent. Its only writable path is the
+                            // size-limited in-memory scratch.
                             "requests": {"cpu": "10m", "memory": "32Mi", "ephemeral-storage": "16Mi"},
-                            "limits": {"cpu": "1", "memory": "256Mi", "ephemeral-storage": "64Mi"},
+                            "limits": {"cpu": "1", "memory": "256Mi"},
                         },
                     }],
                     "volumes": volumes,
@@ -254,14 +276,34 @@ pub fn literal_arg(s: &str) -> String {
 }
 
 pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {
-    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)?;
-    let pem = key
-        .to_openssh(russh::keys::ssh_key::LineEnding::LF)?
-        .to_string();
+    let pem = match &o.agent_key_pem {
+        Some(pem) => pem.clone(),
+        None => russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)?
+            .to_openssh(russh::keys::ssh_key::LineEnding::LF)?
+            .to_string(),
+    };
+    let name = &cfg.name;
+    let ns = &o.namespace;
+    let (role, admin_binding) = rbac_names(name, ns);
     let mut out = String::new();
     out.push_str(&format!(
-        "# towerctl agent for cluster '{}'; apply in the member: kubectl apply -f -\n# The Secret holds the join token and the agent's private key.\n# Printed again, the Secret holds a new key and the same (spent) token:\n# to change the image, use 'kubectl set image'; to start over, print\n# with the command 'towerctl cluster rotate {}' prints.\n",
-        cfg.name, cfg.name
+        "# towerctl agent for cluster '{name}'; apply in the member: kubectl apply -f -\n# The Secret holds the join token and the agent's private key.\n"
+    ));
+    if o.agent_key_pem.is_some() {
+        out.push_str("# The key is the one --key-file names.\n");
+    } else {
+        out.push_str(&format!(
+            "# Printed again, the Secret holds a new key and the same (spent) token,\n# which the hub refuses: to change the arguments of a running agent, print\n# with its key, --key-file FILE, after\n#   kubectl -n {ns} get secret towerctl-agent-{name} -o jsonpath='{{.data.agent\\.key}}' | base64 -d > FILE\n# or start over with the command 'towerctl cluster rotate {name}' prints.\n"
+        ));
+    }
+    // The other mode's objects, and those of the names before this one.
+    let stale = if cfg.impersonate {
+        format!("clusterrolebinding {admin_binding} towerctl-agent-{name}")
+    } else {
+        format!("clusterrolebinding,clusterrole {role} towerctl-agent-{name}")
+    };
+    out.push_str(&format!(
+        "# Switched from the other mode (--impersonate or not), or printed by an\n# older towerctl before: remove what it granted with\n#   kubectl delete {stale} --ignore-not-found\n# OpenShift: its restricted SCC refuses the fixed user 65532; allow it with\n#   oc adm policy add-scc-to-user nonroot-v2 -z towerctl-agent-{name} -n {ns}\n"
     ));
     if o.namespace != DEFAULT_NAMESPACE {
         out.push_str(&format!(

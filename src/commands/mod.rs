@@ -562,7 +562,8 @@ pub struct AgentOpts {
     /// Join token printed by `towerctl cluster add` (or TOWERCTL_TOKEN).
     #[arg(long, env = "TOWERCTL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// The agent's private key (default: created next to its config).
+    /// The agent's private key (default: created next to its config). With
+    /// --print-manifest: the key the Secret gets (a new one if not given).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
     /// Add the calling operator's identity as Impersonate-User/Group headers

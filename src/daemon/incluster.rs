@@ -32,13 +32,16 @@ fn server_url(host: &str, port: &str) -> Result<String> {
 }
 
 /// The member's client configuration when no `--kubeconfig` is given:
-/// in-cluster when `KUBERNETES_SERVICE_HOST` is set and `KUBECONFIG` is
-/// not (or when a service-account directory is given explicitly), else
-/// `KUBECONFIG`/`~/.kube/config` as kubectl finds them; and whether it is
-/// the pod's service account.
+/// `KUBECONFIG`/`~/.kube/config` as kubectl finds them, else in-cluster
+/// when `KUBERNETES_SERVICE_HOST` is set (or when a service-account
+/// directory is given explicitly); and whether it is the pod's service
+/// account. As kubectl: in a CI runner's or a dev container's pod whose
+/// `~/.kube/config` names the member, the pod's own cluster (and its
+/// service account's rights) was served as the member.
 pub async fn infer(sa_dir: Option<&Path>) -> Result<(kube::Config, bool)> {
     let explicit = sa_dir.is_some();
-    let kubeconfig_set = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty());
+    let kubeconfig_set = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || dirs::home_dir().is_some_and(|h| h.join(".kube").join("config").is_file());
     match server_from_env() {
         Some(server) if explicit || !kubeconfig_set => {
             let dir = sa_dir
