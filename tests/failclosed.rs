@@ -231,17 +231,23 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
     let log =
         std::fs::read_to_string(hub.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
     assert!(log.contains("retired"), "{log}");
-    // Joining again with the new token works.
+    // Joining again with the new token and the retired key is refused,
+    // naming the fix (it registered the retired key again: a copy of it
+    // worked again); after `leave`, which forgets the key, it works.
     let member_kc = hub.path("member.kubeconfig");
-    let o = hub.join(
-        &new_join,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--allow",
-            "127.0.0.0/8",
-        ],
+    let args = [
+        "--kubeconfig",
+        member_kc.to_str().unwrap(),
+        "--allow",
+        "127.0.0.0/8",
+    ];
+    let o = hub.join(&new_join, &args);
+    assert!(
+        !o.ok() && o.stderr.contains("towerctl leave alpha"),
+        "{o:?}"
     );
+    assert!(hub.towerctl(&["leave", "alpha"]).ok());
+    let o = hub.join(&new_join, &args);
     assert!(o.ok(), "{o:?}");
     let o = hub.kubectl(&["get", "nodes"]);
     assert!(o.ok(), "{o:?}");

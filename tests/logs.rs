@@ -53,6 +53,29 @@ fn the_hub_log_rotates_by_size_and_logs_follow_crosses_rotations() {
     let _ = env.towerctl(&["down"]);
 }
 
+/// A hub log removed by hand (to free space) is made again at the next
+/// rotation, and the history kept: the hub logged to the deleted file for
+/// good, and its failed rotations shifted it out of `.3`.
+#[test]
+fn a_hub_log_removed_by_hand_is_made_again() {
+    let env = Env::new();
+    env.up_with_env(&[("TOWERCTL_LOG_MAX_BYTES", "4096")]);
+    let log = env.path("state/towerctl/hub.log");
+    for i in 0..20 {
+        assert!(env.towerctl(&["cluster", "add", &format!("a{i}")]).ok());
+    }
+    std::fs::remove_file(&log).unwrap();
+    for i in 0..60 {
+        assert!(env.towerctl(&["cluster", "add", &format!("b{i}")]).ok());
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("member registered cluster=b59"),
+        "the hub log was not made again: {text:?}"
+    );
+    let _ = env.towerctl(&["down"]);
+}
+
 #[path = "support/sshflood.rs"]
 mod sshflood;
 
@@ -223,4 +246,46 @@ fn a_login_flood_with_hostile_user_names_neither_floods_nor_forges_the_log() {
         "kubectl p99 {during_p99:?} during the flood, {idle_p99:?} idle (bound {factor}x)"
     );
     let _ = env.towerctl(&["down"]);
+}
+
+/// A daemon holds none of the descriptors towerctl inherited from its
+/// caller (a provisioning script's `flock 9` was held for the hub's whole
+/// life, and the script's next run waited for ever).
+#[test]
+fn daemons_hold_none_of_their_callers_descriptors() {
+    use std::os::unix::io::AsRawFd;
+    let env = Env::new();
+    let marker = env.path("held-by-the-caller");
+    let f = std::fs::File::create(&marker).unwrap();
+    // Inheritable, as a shell's `9>FILE` is.
+    let fd = f.as_raw_fd();
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        assert!(libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) == 0);
+    }
+    // A child started as `towerctl up` is holds it (the check below can
+    // fail)…
+    let mut child = std::process::Command::new("sleep")
+        .arg("5")
+        .spawn()
+        .unwrap();
+    let holds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .any(|l| l == marker)
+            })
+            .unwrap_or(false)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(holds(child.id() as i32), "a child inherits it");
+    let _ = child.kill();
+    let _ = child.wait();
+    // …the hub it starts does not.
+    env.up();
+    let pid = env.pid_of("hub").expect("the hub's pid");
+    assert!(!holds(pid), "the hub holds its caller's descriptor");
+    let _ = env.towerctl(&["down"]);
+    drop(f);
 }

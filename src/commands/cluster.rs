@@ -127,11 +127,15 @@ pub async fn rotate(
         new_key,
     })
     .await?;
-    print_join(
+    let code = print_join(
         v,
         output,
         "has a new join token (the old one no longer works)",
-    )
+    )?;
+    if new_key && output != "json" {
+        eprintln!("The agent key is retired, and refused from now on: on the member, run 'towerctl leave {name}' first (it forgets the key), then the join command; the agent makes a new key. A pod agent: print its manifest again (a new key) and apply it.");
+    }
+    Ok(code)
 }
 
 pub async fn expose(name: &str, add: Vec<(String, String)>, remove: Vec<String>) -> Result<u8> {

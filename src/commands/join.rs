@@ -287,6 +287,10 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
     let mut last: Option<AgentStatus> = None;
     let spinner =
         super::progress::Spinner::new(format!("starting the agent for '{}'…", a.name), false);
+    // Ctrl-C while it comes up stops the agent too (it runs in a session of
+    // its own, which the terminal's signal does not reach: it went on
+    // retrying with the saved token).
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         if let Some(st) = spawned.child.try_wait()? {
             restore();
@@ -358,7 +362,16 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             spinner.done();
             return Err(CliError::Unreachable(format!("the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here. The agent was stopped.", a.timeout, cfg.hub)).into());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = interrupt.recv() => {
+                spawned.kill();
+                restore();
+                spinner.done();
+                eprintln!("interrupted: the agent was stopped");
+                return Ok(exit::INTERRUPTED);
+            }
+        }
     }
 }
 
@@ -406,7 +419,17 @@ pub async fn leave(name: &str) -> Result<u8> {
     if let Some(pid) = pid {
         process::await_exit(pid, &format!("the agent '{name}'")).await?;
     }
+    // Its key too, where towerctl made it (not a --key-file of the
+    // user's): the next join makes a new one, as one after `cluster rotate
+    // --new-key` must (the hub refuses a retired key).
+    let own_key = agent::list_configs()
+        .into_iter()
+        .find(|c| c.name == name)
+        .is_none_or(|c| c.key_file.is_none());
     let _ = std::fs::remove_file(&path);
+    if own_key {
+        let _ = std::fs::remove_file(agent::default_key_path(name));
+    }
     println!("agent '{name}' stopped and forgotten");
     Ok(exit::OK)
 }

@@ -293,7 +293,7 @@ pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {
         out.push_str("# The key is the one --key-file names.\n");
     } else {
         out.push_str(&format!(
-            "# Printed again, the Secret holds a new key and the same (spent) token,\n# which the hub refuses: to change the arguments of a running agent, print\n# with its key, --key-file FILE, after\n#   kubectl -n {ns} get secret towerctl-agent-{name} -o jsonpath='{{.data.agent\\.key}}' | base64 -d > FILE\n# or start over with the command 'towerctl cluster rotate {name}' prints.\n"
+            "# Printed again, the Secret holds a new key and the same (spent) token,\n# which the hub refuses: to change the arguments of a running agent, print\n# with its key, --key-file FILE, after\n#   (umask 077; kubectl -n {ns} get secret towerctl-agent-{name} -o jsonpath='{{.data.agent\\.key}}' | base64 -d > FILE)\n# or start over with the command 'towerctl cluster rotate {name}' prints.\n"
         ));
     }
     // The other mode's objects, and those of the names before this one.

@@ -402,12 +402,28 @@ pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
             id.map(|i| format!(" '{i}'")).unwrap_or_default()
         );
     }
+    let mut failed = 0;
     for b in doomed {
         crate::daemon::process::terminate(b.pid, std::time::Duration::from_secs(5)).await;
+        // Gone when its lock is free (a forward that is its caller's
+        // unreaped child, `towerctl ui`'s, still answers signal 0); one
+        // still holding it keeps its record, and is said so.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while forwards::held(&b.id) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if forwards::held(&b.id) {
+            failed += 1;
+            eprintln!(
+                "forward {} (pid {}) did not stop within 7s; it still listens: 'kill -9 {}'",
+                b.id, b.pid, b.pid
+            );
+            continue;
+        }
         forwards::remove(&b.id);
         println!("stopped forward {} ({} {})", b.id, b.cluster, b.resource);
     }
-    Ok(exit::OK)
+    Ok(if failed == 0 { exit::OK } else { exit::ERROR })
 }
 
 pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {

@@ -326,6 +326,15 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
         }
         match std::fs::metadata(&file) {
             Ok(m) if m.ino() != ino => {
+                // Renamed away: what the daemon wrote to it after the read
+                // above, before it did, is shown first.
+                buf.clear();
+                f.seek(SeekFrom::Start(pos))?;
+                f.read_to_end(&mut buf)?;
+                if !buf.is_empty() {
+                    std::io::stdout().write_all(&buf)?;
+                    std::io::stdout().flush()?;
+                }
                 if let Ok(next) = std::fs::File::open(&file) {
                     ino = next.metadata()?.ino();
                     f = next;

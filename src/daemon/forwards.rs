@@ -56,7 +56,7 @@ pub fn hold(id: &str) -> anyhow::Result<std::fs::File> {
 }
 
 /// Whether a live process holds forward `id`'s lock.
-fn held(id: &str) -> bool {
+pub fn held(id: &str) -> bool {
     crate::paths::locked_by_someone(&lock_path(id))
 }
 

@@ -86,19 +86,43 @@ impl Rotating {
 }
 
 /// Shifts `path` to `path.1` (and so on) and points stdout and stderr at a
-/// new, empty `path`.
+/// new, empty `path`. The new file is made first: when it cannot be (out
+/// of descriptors, a full disk), nothing moves, and the line goes on in
+/// the current file. (Shifted first, a failure after the shift left the
+/// live file at `.1`, the next attempt at `.2`, then deleted, the daemon
+/// logging to a deleted file for good.) A `path` removed by hand is made
+/// again.
 fn rotate(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    let next = {
+        let mut s = path.as_os_str().to_owned();
+        s.push(".next");
+        PathBuf::from(s)
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&next)?;
     let _ = std::fs::remove_file(rotated(path, KEEP));
     for i in (1..KEEP).rev() {
         let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
     }
-    std::fs::rename(path, rotated(path, 1))?;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)?;
+    match std::fs::rename(path, rotated(path, 1)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let _ = std::fs::remove_file(&next);
+            return Err(e);
+        }
+    }
+    if let Err(e) = std::fs::rename(&next, path) {
+        let _ = std::fs::rename(rotated(path, 1), path);
+        let _ = std::fs::remove_file(&next);
+        return Err(e);
+    }
     for fd in [1, 2] {
         // SAFETY: dup2 onto the process's own stdout/stderr from a valid,
         // open descriptor; `f` is closed afterwards, the duplicates stay.

@@ -185,14 +185,25 @@ pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
         .env(super::logfile::LOG_ENV, &log)
         .env_remove("TOWERCTL_TOKEN")
         .env_remove("TOWERCTL_OPERATOR_TOKEN")
+        // The caller's systemd notification socket is not the daemon's.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from the
-    // terminal's session so a closing shell does not take it down.
+    // SAFETY: setsid and close_range are async-signal-safe system calls.
+    // setsid detaches the daemon from the terminal's session so a closing
+    // shell does not take it down; the descriptors towerctl inherited from
+    // its caller (a `flock 9` of a provisioning script, a test harness's
+    // pipe) are not the daemon's to hold for its whole life.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }

@@ -63,7 +63,16 @@ pub struct Member {
     /// Labels for selecting members (`towerctl kubectl -l env=prod`).
     #[serde(default)]
     pub labels: Labels,
+    /// Fingerprints of the agent keys `cluster rotate --new-key` retired
+    /// (the last [`RETIRED_KEYS`]): refused with a new join token too, or
+    /// the member's next join registered the retired (perhaps copied) key
+    /// again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_keys: Vec<String>,
 }
+
+/// How many retired agent keys a member remembers.
+pub const RETIRED_KEYS: usize = 16;
 
 fn yes() -> bool {
     true
@@ -85,6 +94,7 @@ impl Member {
             impersonate: false,
             exposes: Default::default(),
             labels: Default::default(),
+            retired_keys: Vec::new(),
         }
     }
 }

@@ -26,9 +26,6 @@ impl server::Authenticator for Hub {
         };
         let offered = key.to_openssh().unwrap_or_default();
         match &m.agent_key {
-            // Revoked by an earlier version, which forgot the key: told as
-            // before (nothing to compare the offer with).
-            None if m.revoked => Verdict::Reject(Some(revoked_reason(name))),
             // Said only to the member's own key: told to anyone signing
             // with a key of their own, it showed which names were revoked.
             Some(k) if keys::ct_eq(k.trim(), offered.trim()) => match m.revoked {
@@ -48,9 +45,19 @@ impl server::Authenticator for Hub {
                 "{AUTH_PREFIX}the cluster name is not valid (1-63 lowercase letters, digits and '-')"
             )));
         }
+        // The towerctl agent proves its key before it shows a token. A
+        // login with a token alone (another SSH client) is refused, the
+        // same words for every name: such a session could not be told
+        // apart from the next one, nor cut when a key is retired.
+        let Some(proven_key) = proven_key else {
+            return Verdict::Reject(Some(format!(
+                "{AUTH_PREFIX}a join needs the agent's own key proven first; join with 'towerctl join'"
+            )));
+        };
         let hash = keys::token_hash(token);
         let now = control::now_unix();
-        let offered = proven_key.and_then(|k| k.to_openssh().ok());
+        let offered = proven_key.to_openssh().ok();
+        let print = keys::fingerprint(proven_key);
         // Read-only first: a refused attempt costs no write transaction.
         match self.store.get_member(name) {
             Ok(Some(m)) => {
@@ -59,6 +66,11 @@ impl server::Authenticator for Hub {
                         return Verdict::Accept;
                     }
                     return v;
+                }
+                if m.retired_keys.contains(&print) {
+                    return Verdict::Reject(Some(format!(
+                        "{AUTH_PREFIX}this agent's key was retired on the hub ('towerctl cluster rotate {name} --new-key'); run 'towerctl leave {name}' here (it forgets the key), then the join command again: the agent makes a new key"
+                    )));
                 }
             }
             Ok(None) => return wrong_token(name),
@@ -74,6 +86,10 @@ impl server::Authenticator for Hub {
         let r = self
             .store
             .update_member(name, &mut |m| match judge_token(m, &hash, now) {
+                Ok(()) if m.retired_keys.contains(&print) => {
+                    verdict = wrong_token(name);
+                    false
+                }
                 Ok(()) => {
                     m.token_used = true;
                     if let Some(k) = &offered {
@@ -92,7 +108,10 @@ impl server::Authenticator for Hub {
                 }
             });
         match r {
-            Ok(_) => verdict,
+            Ok(Some(_)) => verdict,
+            // Removed meanwhile (the write's compare failed on it, and the
+            // decision made before does not stand).
+            Ok(None) => wrong_token(name),
             // The token was right but could not be spent (with several
             // hubs: etcd may be unavailable): the agent tries again.
             Err(e) => Verdict::Unavailable(format!(
@@ -122,11 +141,10 @@ pub(super) fn key_retired(
     m: &crate::daemon::store::Member,
     session: &super::LiveSession,
 ) -> Option<String> {
+    // A session without a key (a token alone, which hubs no longer take)
+    // does not stand.
     let same = match (&m.agent_key, &session.key) {
         (Some(k), Some(s)) => keys::ct_eq(k.trim(), s.trim()),
-        // A session that proved no key (a token alone) stands as long as
-        // no key was registered since.
-        (None, None) => true,
         _ => false,
     };
     (!same).then(|| {
@@ -248,7 +266,12 @@ mod tests {
             hub.check_token("alpha", "tj_good", Some(&key())),
             "already used",
         );
-        refused_with(hub.check_token("alpha", "tj_good", None), "already used");
+        // A token without a proven key: refused, whatever the name.
+        refused_with(
+            hub.check_token("alpha", "tj_good", None),
+            "key proven first",
+        );
+        refused_with(hub.check_token("nobody", "tj_x", None), "key proven first");
         // The agent that spent it, presenting it again with its key (its
         // first answer was lost): let in, nothing written.
         let writes = store.writes.load(Ordering::Relaxed);
@@ -274,7 +297,7 @@ mod tests {
         for v in [
             hub.check_key("alpha", &k),
             hub.check_token("alpha", "tj_good", Some(&k)),
-            hub.check_token("alpha", "tj_wrong", None),
+            hub.check_token("alpha", "tj_wrong", Some(&k)),
         ] {
             assert!(matches!(v, Verdict::Unavailable(_)), "{v:?}");
         }
@@ -292,11 +315,14 @@ mod tests {
         let (store, hub) = hub(dir.path());
         member(&store, "alpha", "tj_good", true);
         let before = store.writes.load(Ordering::SeqCst);
-        refused_with(hub.check_token("alpha", "tj_wrong", None), "wrong");
-        refused_with(hub.check_token("nobody", "tj_good", None), "not registered");
+        refused_with(hub.check_token("alpha", "tj_wrong", Some(&key())), "wrong");
+        refused_with(
+            hub.check_token("nobody", "tj_good", Some(&key())),
+            "not registered",
+        );
         // A hostile name is refused without being read or echoed.
         let hostile = format!("a\nFAKE LOG LINE{}", "x".repeat(100_000));
-        match hub.check_token(&hostile, "tj_good", None) {
+        match hub.check_token(&hostile, "tj_good", Some(&key())) {
             Verdict::Reject(Some(r)) => assert!(!r.contains("FAKE") && r.len() < 200, "{r}"),
             other => panic!("{other:?}"),
         }
@@ -313,8 +339,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, hub) = hub(dir.path());
         member(&store, "reuse", "tj_r", false);
-        assert_eq!(hub.check_token("reuse", "tj_r", None), Verdict::Accept);
-        assert_eq!(hub.check_token("reuse", "tj_r", None), Verdict::Accept);
+        assert_eq!(
+            hub.check_token("reuse", "tj_r", Some(&key())),
+            Verdict::Accept
+        );
+        assert_eq!(
+            hub.check_token("reuse", "tj_r", Some(&key())),
+            Verdict::Accept
+        );
 
         member(&store, "old", "tj_o", true);
         store
@@ -323,7 +355,7 @@ mod tests {
                 true
             })
             .unwrap();
-        refused_with(hub.check_token("old", "tj_o", None), "expired");
+        refused_with(hub.check_token("old", "tj_o", Some(&key())), "expired");
 
         member(&store, "gone", "tj_g", true);
         let k = key();
@@ -337,14 +369,49 @@ mod tests {
         refused_with(hub.check_key("gone", &k), "revoked");
         // Anyone else's key learns nothing of the revocation.
         assert_eq!(hub.check_key("gone", &key()), Verdict::Reject(None));
-        // Revoked by an earlier version, which forgot the key: told as
-        // before (its agent has no token left to be told by).
+        // Revoked with no key registered (revoked before any join, or
+        // after `rotate --new-key`): a key of anyone's learns nothing.
         store
             .update_member("gone", &mut |m| {
                 m.agent_key = None;
                 true
             })
             .unwrap();
-        refused_with(hub.check_key("gone", &key()), "revoked");
+        assert_eq!(hub.check_key("gone", &key()), Verdict::Reject(None));
+    }
+
+    /// A key retired by `rotate --new-key` is refused with the new token
+    /// too (the member's next join registered it again, and a copy of it
+    /// worked again), naming the fix; another key joins.
+    #[tokio::test]
+    async fn a_retired_key_cannot_join_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, hub) = hub(dir.path());
+        member(&store, "alpha", "tj_1", true);
+        let old = key();
+        assert_eq!(
+            hub.check_token("alpha", "tj_1", Some(&old)),
+            Verdict::Accept
+        );
+        // What `cluster rotate alpha --new-key` writes.
+        store
+            .update_member("alpha", &mut |m| {
+                let k = russh::keys::PublicKey::from_openssh(m.agent_key.take().unwrap().trim())
+                    .unwrap();
+                m.retired_keys.push(keys::fingerprint(&k));
+                m.token_hash = keys::token_hash("tj_2");
+                m.token_used = false;
+                true
+            })
+            .unwrap();
+        assert_eq!(hub.check_key("alpha", &old), Verdict::Reject(None));
+        refused_with(
+            hub.check_token("alpha", "tj_2", Some(&old)),
+            "towerctl leave alpha",
+        );
+        assert_eq!(
+            hub.check_token("alpha", "tj_2", Some(&key())),
+            Verdict::Accept
+        );
     }
 }

@@ -90,8 +90,18 @@ pub(super) fn handle(
                 m.token_expires_at = (ttl_secs > 0).then(|| now + ttl_secs);
                 if new_key {
                     // A possibly compromised agent key is of no use from now
-                    // on: the agent must join again with the new token.
-                    m.agent_key = None;
+                    // on: the agent must join again with the new token,
+                    // and with another key (this one is remembered).
+                    if let Some(k) = m.agent_key.take() {
+                        if let Ok(k) = russh::keys::PublicKey::from_openssh(k.trim()) {
+                            m.retired_keys.push(crate::tunnel::keys::fingerprint(&k));
+                            let over = m
+                                .retired_keys
+                                .len()
+                                .saturating_sub(crate::daemon::store::RETIRED_KEYS);
+                            m.retired_keys.drain(..over);
+                        }
+                    }
                 }
                 true
             });
