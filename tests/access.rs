@@ -264,3 +264,41 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
         bobs.has_exited().then_some(())
     });
 }
+
+/// An operator with many groups (each goes to the agent as a header line
+/// of its own) reaches its member: past hyper's 100 lines, its own agent
+/// answered 431 to every request. Past 128 groups, `operator add` says so.
+#[test]
+fn an_operator_with_many_groups_reaches_its_member() {
+    let hub = Env::new();
+    let api = ApiServer::start();
+    hub.up();
+    let kc = hub.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let join = hub.cluster_add("alpha");
+    assert!(hub
+        .join(&join, &["--kubeconfig", kc.to_str().unwrap()])
+        .ok());
+    let groups: Vec<String> = (0..120).map(|i| format!("team-{i}")).collect();
+    let mut args = vec!["operator".to_string(), "add".into(), "carol".into()];
+    for g in &groups {
+        args.extend(["--group".to_string(), g.clone()]);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = hub.towerctl(&a);
+    assert!(o.ok(), "{o:?}");
+    let login = support::printed_command(&o.stdout, "login");
+    assert!(hub
+        .towerctl(&["access", "allow", "group:team-119", "--names", "alpha"])
+        .ok());
+    let (code, body) = get(&hub, &token_of(&login), "/clusters/alpha/api/v1/namespaces");
+    assert_eq!(code, "200", "{body}");
+    // 129 groups: refused, naming the limit.
+    let mut args = vec!["operator".to_string(), "add".into(), "dave".into()];
+    for i in 0..129 {
+        args.extend(["--group".to_string(), format!("g{i}")]);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = hub.towerctl(&a);
+    assert!(!o.ok() && o.stderr.contains("at most 128"), "{o:?}");
+}

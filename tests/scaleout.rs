@@ -1251,6 +1251,8 @@ fn a_key_retired_on_one_hub_cuts_the_session_on_the_hub_holding_it() {
     let log = std::fs::read_to_string(hubs[0].path("state/towerctl/hub.log")).unwrap_or_default();
     assert!(log.contains("is no longer registered on the hub"), "{log}");
     assert!(!reaches(&hubs[0], "alpha"));
+    // With a new key: the retired one is refused with the new token too.
+    std::fs::remove_file(machine.path("config/towerctl/agents/alpha.key")).unwrap();
     let kc = machine.path("alpha.kubeconfig");
     let o = machine.join(
         &new_join,

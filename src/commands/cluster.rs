@@ -133,7 +133,7 @@ pub async fn rotate(
         "has a new join token (the old one no longer works)",
     )?;
     if new_key && output != "json" {
-        eprintln!("The agent key is retired, and refused from now on: on the member, run 'towerctl leave {name}' first (it forgets the key), then the join command; the agent makes a new key. A pod agent: print its manifest again (a new key) and apply it.");
+        eprintln!("The agent key is retired, and refused from now on: on the member, remove the agent's key file first (~/.config/towerctl/agents/{name}.key, or the one --key-file names), then run the join command; towerctl makes a new key. A pod agent: print its manifest again without --key-file (a new key) and apply it.");
     }
     Ok(code)
 }

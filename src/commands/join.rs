@@ -419,17 +419,9 @@ pub async fn leave(name: &str) -> Result<u8> {
     if let Some(pid) = pid {
         process::await_exit(pid, &format!("the agent '{name}'")).await?;
     }
-    // Its key too, where towerctl made it (not a --key-file of the
-    // user's): the next join makes a new one, as one after `cluster rotate
-    // --new-key` must (the hub refuses a retired key).
-    let own_key = agent::list_configs()
-        .into_iter()
-        .find(|c| c.name == name)
-        .is_none_or(|c| c.key_file.is_none());
+    // The key stays: the same join command gets in with it again (a
+    // single-use token is spent).
     let _ = std::fs::remove_file(&path);
-    if own_key {
-        let _ = std::fs::remove_file(agent::default_key_path(name));
-    }
     println!("agent '{name}' stopped and forgotten");
     Ok(exit::OK)
 }

@@ -293,7 +293,7 @@ pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {
         out.push_str("# The key is the one --key-file names.\n");
     } else {
         out.push_str(&format!(
-            "# Printed again, the Secret holds a new key and the same (spent) token,\n# which the hub refuses: to change the arguments of a running agent, print\n# with its key, --key-file FILE, after\n#   (umask 077; kubectl -n {ns} get secret towerctl-agent-{name} -o jsonpath='{{.data.agent\\.key}}' | base64 -d > FILE)\n# or start over with the command 'towerctl cluster rotate {name}' prints.\n"
+            "# Printed again, the Secret holds a new key and the same (spent) token,\n# which the hub refuses: to change the arguments of a running agent, print\n# with its key, --key-file FILE, after\n#   (umask 077; kubectl -n {ns} get secret towerctl-agent-{name} -o jsonpath='{{.data.agent\\.key}}' | base64 -d > FILE)\n# (not after 'cluster rotate {name} --new-key': that key is refused), or\n# start over with the command 'towerctl cluster rotate {name}' prints.\n"
         ));
     }
     // The other mode's objects, and those of the names before this one.
@@ -302,6 +302,12 @@ pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {
     } else {
         format!("clusterrolebinding,clusterrole {role} towerctl-agent-{name}")
     };
+    // Also on stderr: the manifest goes into `kubectl apply`, whose user
+    // sees no comment, and a binding left from the other mode keeps its
+    // rights (cluster-admin) silently.
+    eprintln!(
+        "note: if this member's agent ran in the other mode (--impersonate or not), or from a manifest of an older towerctl, remove what that granted: kubectl delete {stale} --ignore-not-found"
+    );
     out.push_str(&format!(
         "# Switched from the other mode (--impersonate or not), or printed by an\n# older towerctl before: remove what it granted with\n#   kubectl delete {stale} --ignore-not-found\n# OpenShift: its restricted SCC refuses the fixed user 65532; allow it with\n#   oc adm policy add-scc-to-user nonroot-v2 -z towerctl-agent-{name} -n {ns}\n"
     ));

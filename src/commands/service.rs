@@ -63,7 +63,7 @@ fn write_unit(
         .collect::<Result<Vec<_>>>()?
         .join(" ");
     let mut unit = format!(
-        "# Written by 'towerctl service install'.\n[Unit]\nDescription={description}\nAfter=network-online.target\nWants=network-online.target\n# A configuration error (another hub running, a port taken) is not\n# retried every 5 s for ever.\nStartLimitIntervalSec=300\nStartLimitBurst=5\n\n[Service]\nType=notify\nExecStart={exec}\nRestart=on-failure\nRestartSec=5\n"
+        "# Written by 'towerctl service install'.\n[Unit]\nDescription={description}\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={exec}\nRestart=on-failure\nRestartSec=5\n"
     );
     if prevent_restart_on_auth {
         // Exit 4: the hub refused the agent (revoked, bad key): restarting cannot help.

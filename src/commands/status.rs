@@ -331,6 +331,7 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
                 buf.clear();
                 f.seek(SeekFrom::Start(pos))?;
                 f.read_to_end(&mut buf)?;
+                pos += buf.len() as u64;
                 if !buf.is_empty() {
                     std::io::stdout().write_all(&buf)?;
                     std::io::stdout().flush()?;

@@ -115,15 +115,35 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Whether the request's `Transfer-Encoding`, if any, is `chunked` alone.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+        .all(|t| t.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Every `Connection` line counts (`Connection: keep-alive` and
+/// `Connection: Upgrade` on two lines is one upgrade, as Go reads it: read
+/// from the first alone, an exec through such a proxy lost its `Upgrade`).
+/// Header lines a message may have on the hub–agent and agent–API server
+/// legs (hyper's default is 100: an operator with many groups, one line
+/// each, got 431 from its own agent, and an answer with many `Warning`
+/// lines a 502 after the write was done).
+pub const MAX_HEADER_LINES: usize = 512;
+
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         })
-        .unwrap_or(false)
         && headers.contains_key(header::UPGRADE)
 }
 
@@ -595,6 +615,31 @@ pub fn query_flag(query: Option<&str>, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// `Connection` on two lines is read whole; a coding besides `chunked`
+    /// is told apart.
+    #[test]
+    fn upgrades_on_several_connection_lines_and_codings() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(super::is_upgrade(&h));
+        h.remove(header::UPGRADE);
+        assert!(!super::is_upgrade(&h));
+        let te = |v: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in v {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            super::only_chunked(&h)
+        };
+        assert!(te(&[]));
+        assert!(te(&["chunked"]));
+        assert!(te(&["Chunked "]));
+        assert!(!te(&["gzip, chunked"]));
+        assert!(!te(&["gzip", "chunked"]));
+    }
+
     #[test]
     fn a_members_redirects_stay_on_that_member() {
         let at = |location: &str| {

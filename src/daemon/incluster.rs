@@ -40,8 +40,13 @@ fn server_url(host: &str, port: &str) -> Result<String> {
 /// service account's rights) was served as the member.
 pub async fn infer(sa_dir: Option<&Path>) -> Result<(kube::Config, bool)> {
     let explicit = sa_dir.is_some();
+    // A `~/.kube/config` that reads as one (an empty or broken file is
+    // none, as for kube's own inference).
     let kubeconfig_set = std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
-        || dirs::home_dir().is_some_and(|h| h.join(".kube").join("config").is_file());
+        || dirs::home_dir().is_some_and(|h| {
+            kube::config::Kubeconfig::read_from(h.join(".kube").join("config"))
+                .is_ok_and(|k| !k.contexts.is_empty())
+        });
     match server_from_env() {
         Some(server) if explicit || !kubeconfig_set => {
             let dir = sa_dir

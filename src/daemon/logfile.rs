@@ -99,13 +99,16 @@ fn rotate(path: &Path) -> std::io::Result<()> {
         s.push(".next");
         PathBuf::from(s)
     };
+    // Append mode, as the first file: emptied in place (`: > hub.log`,
+    // logrotate's copytruncate), the log goes on from its start, not at
+    // the old offset after a hole.
     let f = std::fs::OpenOptions::new()
         .create(true)
-        .write(true)
-        .truncate(true)
+        .append(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&next)?;
+    f.set_len(0)?;
     let _ = std::fs::remove_file(rotated(path, KEEP));
     for i in (1..KEEP).rev() {
         let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));

@@ -198,12 +198,31 @@ pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
-            libc::syscall(
+            let marked = libc::syscall(
                 libc::SYS_close_range,
                 3u32,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
+            // Kernels before 5.11 (or a seccomp profile without the
+            // call): one descriptor at a time, up to the limit.
+            if marked != 0 {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                    lim.rlim_cur.min(1 << 20) as i32
+                } else {
+                    1024
+                };
+                for fd in 3..top {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                    }
+                }
+            }
             Ok(())
         });
     }

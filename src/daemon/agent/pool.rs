@@ -136,6 +136,7 @@ where
             .await
             .map_err(Into::into)?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_headers(crate::daemon::http::MAX_HEADER_LINES)
             .handshake(io)
             .await?;
         tokio::spawn(async move {

@@ -173,11 +173,33 @@ fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
     }
     let watch = crate::daemon::http::query_flag(query, "watch")
         || crate::daemon::http::query_flag(query, "follow");
-    watch
-        || path.contains("/watch/")
-        || path
-            .split('/')
-            .any(|seg| matches!(seg, "proxy" | "attach" | "exec" | "log" | "portforward"))
+    watch || path.contains("/watch/") || long_running_subresource(path)
+}
+
+/// Whether `path` names a long-running subresource (`…/pods/NAME/log`,
+/// `…/services/NAME/proxy/…`, `…/nodes/NAME/proxy`), read as
+/// kube-apiserver reads it: the segment after a resource's name, not any
+/// segment of that spelling (a namespace named `log`, a ConfigMap named
+/// `exec` lost the answer deadline).
+fn long_running_subresource(path: &str) -> bool {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // /api/v1/… or /apis/GROUP/VERSION/…
+    let rest = match segs.first() {
+        Some(&"api") if segs.len() > 2 => &segs[2..],
+        Some(&"apis") if segs.len() > 3 => &segs[3..],
+        _ => return false,
+    };
+    // namespaces/NS/RESOURCE/NAME/SUB or RESOURCE/NAME/SUB (namespaces
+    // itself: namespaces/NAME/SUB).
+    let sub = match rest {
+        ["namespaces", _ns, _res, _name, sub, ..] => Some(*sub),
+        [_res, _name, sub, ..] => Some(*sub),
+        _ => None,
+    };
+    matches!(
+        sub,
+        Some("proxy" | "attach" | "exec" | "log" | "portforward")
+    )
 }
 
 /// How long the agent waits for the answer to a request that is not
@@ -464,6 +486,9 @@ impl ChannelService for Upstream {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_WAIT)
                 .max_buf_size(MAX_HEAD)
+                // hyper's default is 100 lines; an operator's groups come
+                // one line each, and kube-apiserver has no count limit.
+                .max_headers(crate::daemon::http::MAX_HEADER_LINES)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades()
                 .await
@@ -1275,6 +1300,8 @@ mod tests {
             ("/api/v1/namespaces/a/pods/p/exec", Some("command=sh")),
             ("/api/v1/namespaces/a/services/web:80/proxy/deep/page", None),
             ("/api/v1/watch/namespaces/a/pods", None),
+            ("/api/v1/nodes/n1/proxy/metrics", None),
+            ("/api/v1/namespaces/a/pods/p/log", None),
         ] {
             assert!(long_running(path, query, false), "{path}?{query:?}");
         }
@@ -1283,6 +1310,11 @@ mod tests {
             ("/api/v1/namespaces/a/configmaps", Some("limit=500")),
             ("/api/v1/namespaces/a/configmaps/watchful", None),
             ("/version", None),
+            // Names spelled as subresources are names (they lost the
+            // answer deadline).
+            ("/api/v1/namespaces/log/pods", None),
+            ("/api/v1/namespaces/a/configmaps/exec", None),
+            ("/api/v1/namespaces/exec", None),
         ] {
             assert!(!long_running(path, query, false), "{path}?{query:?}");
         }

@@ -69,7 +69,7 @@ impl server::Authenticator for Hub {
                 }
                 if m.retired_keys.contains(&print) {
                     return Verdict::Reject(Some(format!(
-                        "{AUTH_PREFIX}this agent's key was retired on the hub ('towerctl cluster rotate {name} --new-key'); run 'towerctl leave {name}' here (it forgets the key), then the join command again: the agent makes a new key"
+                        "{AUTH_PREFIX}this agent's key was retired on the hub ('towerctl cluster rotate {name} --new-key'): give the agent a new key (remove its key file, ~/.config/towerctl/agents/{name}.key unless --key-file names another, and towerctl makes a new one; or pass a new --key-file), then run the join command again"
                     )));
                 }
             }
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(hub.check_key("alpha", &old), Verdict::Reject(None));
         refused_with(
             hub.check_token("alpha", "tj_2", Some(&old)),
-            "towerctl leave alpha",
+            "give the agent a new key",
         );
         assert_eq!(
             hub.check_token("alpha", "tj_2", Some(&key())),

@@ -231,6 +231,13 @@ pub(super) fn handle(
             if let Some(e) = groups.iter().find_map(|g| group_problem(g)) {
                 return Response::err(e);
             }
+            // Each goes to the member as a header line of its own.
+            if groups.len() > MAX_GROUPS {
+                return Response::err(format!(
+                    "{} groups: an operator may have at most {MAX_GROUPS}; grant the rest through fewer, wider groups in the member's RBAC",
+                    groups.len()
+                ));
+            }
             if name == super::LOCAL_ADMIN {
                 return Response::err(format!("'{name}' is the hub's own local operator (admin.token on the hub's machine): give another name"));
             }
@@ -350,6 +357,10 @@ pub(super) fn handle(
         }
     }
 }
+
+/// Groups an operator may have (with a client's own `--as-group`s they
+/// stay well under the header lines a hop takes, `http::MAX_HEADER_LINES`).
+const MAX_GROUPS: usize = 128;
 
 /// Changes the access rules: in the registry, applied to what it holds
 /// now (a compare-and-swap: another hub's change made meanwhile is kept,

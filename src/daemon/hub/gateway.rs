@@ -874,7 +874,12 @@ async fn open_channel(
     // Counted (the member's streams, the window's share of its budget)
     // for as long as the channel lives, past an upgrade too.
     let stream = crate::tunnel::counted::Holding::new(stream, session.channel_opened(window));
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    // An answer of more than hyper's 100 header lines (one `Warning` per
+    // unknown field of a write under `fieldValidation=Warn`) is the
+    // member's to send.
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_headers(crate::daemon::http::MAX_HEADER_LINES)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| {
             status_response(
@@ -1889,6 +1894,16 @@ async fn proxy(
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
     crate::daemon::http::append_forwarded_for(req.headers_mut(), forwarded);
+    // A coding besides `chunked` (hyper checks only that it ends so):
+    // stripped as hop-by-hop, the body went on still gzipped, read as
+    // plain by the API server. Refused as Go's server refuses it.
+    if !crate::daemon::http::only_chunked(req.headers()) {
+        return status_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "NotImplemented",
+            "Transfer-Encoding other than 'chunked' is not supported: send the body as it is, with Content-Encoding if it is compressed",
+        );
+    }
     let Some(session) = hub.session(&name) else {
         // Held by another hub: carried there.
         let held = (guard, end);
