@@ -653,8 +653,10 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
     );
     let took = t.elapsed();
     eprintln!("revoke on another hub cut alpha's session in {took:?}");
+    // Two towerctl processes and an etcd round trip inside: 3 s on a
+    // loaded two-core machine (about 0.3 s when quiet).
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(3),
         "revoke took {took:?} to cut a session held by another hub"
     );
     assert_watch_never_broke(&hubs);
