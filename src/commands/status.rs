@@ -314,28 +314,25 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
     use std::os::unix::fs::MetadataExt;
     let mut ino = f.metadata()?.ino();
     let mut pos = text.len() as u64;
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        f.seek(SeekFrom::Start(pos))?;
+    // What was added to `f` since `pos`, shown; `pos` moved past it.
+    let show_new = |f: &mut std::fs::File, pos: &mut u64| -> Result<()> {
+        let mut buf = Vec::new();
+        f.seek(SeekFrom::Start(*pos))?;
         f.read_to_end(&mut buf)?;
-        pos += buf.len() as u64;
+        *pos += buf.len() as u64;
         if !buf.is_empty() {
             std::io::stdout().write_all(&buf)?;
             std::io::stdout().flush()?;
         }
+        Ok(())
+    };
+    loop {
+        show_new(&mut f, &mut pos)?;
         match std::fs::metadata(&file) {
             Ok(m) if m.ino() != ino => {
                 // Renamed away: what the daemon wrote to it after the read
                 // above, before it did, is shown first.
-                buf.clear();
-                f.seek(SeekFrom::Start(pos))?;
-                f.read_to_end(&mut buf)?;
-                pos += buf.len() as u64;
-                if !buf.is_empty() {
-                    std::io::stdout().write_all(&buf)?;
-                    std::io::stdout().flush()?;
-                }
+                show_new(&mut f, &mut pos)?;
                 if let Ok(next) = std::fs::File::open(&file) {
                     ino = next.metadata()?.ino();
                     f = next;
