@@ -17,6 +17,20 @@ use support::{fd_count, wait_for, Env, Out};
 
 /// Opens `n` connections to `addr`, sends `greeting` on each, then holds
 /// them silent. Connections the hub closes are simply dropped.
+/// How many of `held` the hub still keeps open (no end read, no reset;
+/// what it answered, such as a WebSocket upgrade's 101, may wait unread).
+fn still_open(held: &[TcpStream]) -> usize {
+    held.iter()
+        .filter(|s| {
+            s.set_nonblocking(true).is_ok()
+                && match s.peek(&mut [0u8; 1]) {
+                    Ok(n) => n > 0,
+                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                }
+        })
+        .count()
+}
+
 fn flood(addr: &str, n: usize, greeting: &[u8]) -> Vec<TcpStream> {
     let mut held = Vec::new();
     for _ in 0..n {
@@ -727,12 +741,20 @@ fn flood_both_listeners(extra: &[&str], to_gateway: &[u8], to_tunnel: fn(&str) -
     let during = fd_count(hub_pid);
     assert!(during > 0 && during < 240, "hub holds {during} descriptors");
 
-    // During the attack: kubectl through the gateway, and a new agent.
+    // During the attack: kubectl through the gateway, and a new agent;
+    // each listener's flood still held when its check was done (not let
+    // go by its deadline first).
     let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    let tls_open = still_open(&held_tls);
     let join_b = env.cluster_add("beta");
     let o = env.join(&join_b, &["--kubeconfig", member_kc.to_str().unwrap()]);
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
+    let ws_open = still_open(&held_ws);
+    assert!(
+        tls_open >= 16 && ws_open >= 16,
+        "the floods were let go before the checks: {tls_open} gateway and {ws_open} tunnel connections still held"
+    );
     // The checks above ran while the flood was held (before the
     // deadlines closed it): the hub still holds well over its idle count.
     // (A wall-clock bound failed on a loaded machine, not the hub.)

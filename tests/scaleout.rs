@@ -608,7 +608,8 @@ fn three_hubs_share_members_tokens_keys_and_reach_every_member() {
         .to_string();
     assert_ne!(new_owner, owner, "another hub holds beta now");
 
-    // Revoke on one hub cuts a session another hub holds, within 1 s.
+    // Revoke on one hub cuts a session another hub holds, within 3 s
+    // (about 0.3 s on a quiet machine).
     let alpha_owner = member(&others[0].status(), "alpha")["hub"]
         .as_str()
         .unwrap()

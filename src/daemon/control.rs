@@ -493,6 +493,7 @@ pub async fn call_timeout(
 async fn exchange(socket: &Path, req: Request, timeout: Duration) -> Result<Response> {
     let fut = async {
         let stream = UnixStream::connect(socket).await?;
+        served_by_us(&stream, socket)?;
         let (r, mut w) = stream.into_split();
         let mut line = serde_json::to_vec(&Envelope { v: VERSION, req })?;
         line.push(b'\n');
@@ -664,6 +665,7 @@ pub async fn forward(
     let stream = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(socket))
         .await
         .context("the hub did not accept within 2s")??;
+    served_by_us(&stream, socket)?;
     let mut line = serde_json::to_vec(&Envelope {
         v: VERSION,
         req: Request::Forward {
@@ -742,6 +744,25 @@ fn peer_is_us(s: &tokio::net::UnixStream) -> bool {
     }
 }
 
+/// The client's side of [`peer_is_us`]: the daemon answering on `socket`
+/// runs as this user (or root), or this is root. Checked before anything
+/// is sent: `port-forward` sends its operator token (perhaps the admin's)
+/// and a listening socket, and a socket another user planted in a shared
+/// runtime directory (`XDG_RUNTIME_DIR=/tmp`, a `sudo -E`) got them.
+fn served_by_us(s: &UnixStream, socket: &Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match s.peer_cred() {
+        Ok(c) if c.uid() == me || c.uid() == 0 || me == 0 => Ok(()),
+        Ok(c) => anyhow::bail!(
+            "'{}' is served by another user (uid {}), not by a towerctl daemon of yours (uid {me}): nothing was sent to it; check XDG_RUNTIME_DIR",
+            socket.display(),
+            c.uid()
+        ),
+        Err(e) => anyhow::bail!("cannot tell who serves '{}': {e}", socket.display()),
+    }
+}
+
 /// Binds a control socket, replacing a stale one left by a dead daemon.
 /// Fails when a live daemon answers on it.
 pub async fn bind(path: &Path) -> Result<UnixListener> {
@@ -776,6 +797,7 @@ pub async fn watch(
     let stream = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(socket))
         .await
         .context("the daemon did not accept within 2s")??;
+    served_by_us(&stream, socket)?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(&Envelope {
         v: VERSION,

@@ -126,15 +126,15 @@ pub fn only_chunked(headers: &HeaderMap) -> bool {
         .all(|t| t.eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Every `Connection` line counts (`Connection: keep-alive` and
-/// `Connection: Upgrade` on two lines is one upgrade, as Go reads it: read
-/// from the first alone, an exec through such a proxy lost its `Upgrade`).
 /// Header lines a message may have on the hub–agent and agent–API server
 /// legs (hyper's default is 100: an operator with many groups, one line
 /// each, got 431 from its own agent, and an answer with many `Warning`
 /// lines a 502 after the write was done).
 pub const MAX_HEADER_LINES: usize = 512;
 
+/// Every `Connection` line counts (`Connection: keep-alive` and
+/// `Connection: Upgrade` on two lines is one upgrade, as Go reads it: read
+/// from the first alone, an exec through such a proxy lost its `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)

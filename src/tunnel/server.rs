@@ -275,6 +275,7 @@ impl russh::server::Handler for HubHandler {
                 .await;
             return Ok(());
         };
+        let name = host_to_connect.to_string();
         let Ok(slot) = self.push_slots.clone().try_acquire_owned() else {
             if self.note() {
                 tracing::warn!(%cluster, "refused an agent-opened channel: {} are open already (the limit per session)", max_push_streams());
@@ -286,17 +287,23 @@ impl russh::server::Handler for HubHandler {
                 .await;
             return Ok(());
         };
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(&target),
-        )
-        .await
-        {
-            Ok(Ok(tcp)) => {
-                super::nodelay(&tcp);
-                reply.accept().await;
-                let window = self.push_windows.take(super::flow::STREAM_WINDOW);
-                tokio::spawn(async move {
+        // The dial (a name lookup, a connect of up to 10 s) in a task of
+        // its own, answered from there: awaited here, in the session's own
+        // loop, it froze the member's whole tunnel (every operator's exec,
+        // watch and port-forward, and the keepalives) for as long as an
+        // unreachable target took to time out, once per workload retry.
+        let windows = self.push_windows.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(&target),
+            )
+            .await
+            {
+                Ok(Ok(tcp)) => {
+                    super::nodelay(&tcp);
+                    reply.accept().await;
+                    let window = windows.take(super::flow::STREAM_WINDOW);
                     let mut tcp = tcp;
                     let mut ch = FlowStream::new(channel);
                     ch.advertise_window(window.window).await;
@@ -304,18 +311,20 @@ impl russh::server::Handler for HubHandler {
                     let _ = super::splice_from(&mut ch, &mut tcp).await;
                     // Held for as long as the channel is open.
                     drop((slot, window));
-                });
-            }
-            _ => {
-                let name = super::escape_for_log(host_to_connect, 100);
-                if self.note() {
-                    tracing::warn!(%cluster, %name, "cannot reach exposed target {target}");
-                } else {
-                    tracing::debug!(%cluster, %name, "cannot reach exposed target {target}");
                 }
-                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                _ => {
+                    static UNREACHABLE: super::LogBudget =
+                        super::LogBudget::new("unreachable exposed targets", NOTED_PER_MINUTE);
+                    let name = super::escape_for_log(&name, 100);
+                    if UNREACHABLE.admit() {
+                        tracing::warn!(%cluster, %name, "cannot reach exposed target {target}");
+                    } else {
+                        tracing::debug!(%cluster, %name, "cannot reach exposed target {target}");
+                    }
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                }
             }
-        }
+        });
         Ok(())
     }
 }

@@ -173,7 +173,7 @@ fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
     }
     let watch = crate::daemon::http::query_flag(query, "watch")
         || crate::daemon::http::query_flag(query, "follow");
-    watch || path.contains("/watch/") || long_running_subresource(path)
+    watch || long_running_subresource(path)
 }
 
 /// Whether `path` names a long-running subresource (`…/pods/NAME/log`,
@@ -189,10 +189,17 @@ fn long_running_subresource(path: &str) -> bool {
         Some(&"apis") if segs.len() > 3 => &segs[3..],
         _ => return false,
     };
-    // namespaces/NS/RESOURCE/NAME/SUB or RESOURCE/NAME/SUB (namespaces
-    // itself: namespaces/NAME/SUB).
+    // `watch` and `proxy` as verbs, right after the version (the legacy
+    // `/api/v1/watch/…`, `/api/v1/proxy/…`); then
+    // namespaces/NS/RESOURCE/NAME/SUB, or RESOURCE/NAME/SUB for a
+    // cluster-scoped resource (namespaces itself: namespaces/NAME/SUB).
+    if matches!(rest.first(), Some(&"watch" | &"proxy")) {
+        return true;
+    }
     let sub = match rest {
         ["namespaces", _ns, _res, _name, sub, ..] => Some(*sub),
+        ["namespaces", _name, sub] => Some(*sub),
+        ["namespaces", ..] => None,
         [_res, _name, sub, ..] => Some(*sub),
         _ => None,
     };
@@ -1315,6 +1322,8 @@ mod tests {
             ("/api/v1/namespaces/log/pods", None),
             ("/api/v1/namespaces/a/configmaps/exec", None),
             ("/api/v1/namespaces/exec", None),
+            ("/api/v1/namespaces/watch/configmaps", None),
+            ("/apis/example.com/v1/namespaces/a/exec/x", None),
         ] {
             assert!(!long_running(path, query, false), "{path}?{query:?}");
         }
