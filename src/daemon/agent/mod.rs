@@ -416,7 +416,13 @@ async fn tunnel_loop(
                         .map_err(|_| format!("no answer to keepalives within {:?}: hub declared dead", crate::tunnel::ping_deadline(keepalive))),
                     _ = cancel.cancelled() => {
                         current.send_replace(None);
-                        sess.farewell("agent stopped").await;
+                        // Bounded, as the goodbye below: a stopped hub does
+                        // not hold up the agent's own stop.
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            sess.farewell("agent stopped"),
+                        )
+                        .await;
                         return Ok(());
                     }
                 };
@@ -436,10 +442,15 @@ async fn tunnel_loop(
                     }
                 };
                 current.send_replace(None);
-                sess.disconnect("reconnecting").await;
                 let uptime = sess.connected_at.elapsed();
-                backoff.session_ended(uptime);
                 tracing::warn!("tunnel down after {uptime:?}: {why}");
+                // Bounded: to a hub that stopped reading (frozen, its
+                // host gone) the goodbye may never go out, and the agent
+                // waited on it instead of dialing again (another hub).
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), sess.disconnect("reconnecting"))
+                        .await;
+                backoff.session_ended(uptime);
                 push_bounded(&mut uptimes, uptime, 3);
                 let lifetime = crate::tunnel::backoff::fixed_lifetime(uptimes.make_contiguous());
                 if lifetime.is_none() {
