@@ -1780,6 +1780,39 @@ fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
     );
     let _ = pending.join();
 
+    // A push connection to a hub-side service that keeps it open and
+    // silent ends with the member's session: the hub only half-closed it
+    // when the channel ended, and held it (a descriptor each) past a
+    // revoke for as long as the service kept its side open.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let o = env.towerctl(&[
+        "cluster",
+        "expose",
+        "alpha",
+        &format!("other=127.0.0.1:{silent_port}"),
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let held_service = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let workload = std::net::TcpStream::connect(listen("other")).unwrap();
+    let _service_side = held_service.join().unwrap().unwrap();
+    let hub_pid = env.pid_of("hub").expect("hub pid");
+    let any_state = [
+        "01", "02", "03", "04", "05", "06", "07", "08", "09", "0A", "0B",
+    ];
+    wait_for(
+        "the hub's connection to the service",
+        Duration::from_secs(10),
+        || (support::sockets_of(hub_pid, silent_port, &any_state) == 1).then_some(()),
+    );
+    drop(workload);
+    assert!(env.towerctl(&["cluster", "revoke", "alpha"]).ok());
+    wait_for(
+        "the hub to let go of the push connection",
+        Duration::from_secs(10),
+        || (support::sockets_of(hub_pid, silent_port, &any_state) == 0).then_some(()),
+    );
+
     // Exposes can change later.
     let o = env.towerctl(&[
         "cluster", "expose", "alpha", "--remove", "web", "--remove", "other",

@@ -112,6 +112,17 @@ pub struct HubHandler {
     push_slots: Arc<tokio::sync::Semaphore>,
     /// The windows the hub gives them ([`PUSH_WINDOW_BUDGET`]).
     push_windows: Arc<super::flow::WindowBudget>,
+    /// Cancelled when the session ends (the handler is dropped with it):
+    /// its push connections end with it. They only read the channel's end
+    /// as a half-close, and a hub-side service that keeps an idle
+    /// connection open held them (and a descriptor each) past a revoke.
+    ended: CancellationToken,
+}
+
+impl Drop for HubHandler {
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
 }
 
 /// Most push-mode channels (member workloads reaching an exposed hub-side
@@ -293,13 +304,17 @@ impl russh::server::Handler for HubHandler {
         // watch and port-forward, and the keepalives) for as long as an
         // unreachable target took to time out, once per workload retry.
         let windows = self.push_windows.clone();
+        let ended = self.ended.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(
+            let dial = tokio::time::timeout(
                 Duration::from_secs(10),
                 tokio::net::TcpStream::connect(&target),
-            )
-            .await
-            {
+            );
+            let dialed = tokio::select! {
+                d = dial => d,
+                _ = ended.cancelled() => return,
+            };
+            match dialed {
                 Ok(Ok(tcp)) => {
                     super::nodelay(&tcp);
                     reply.accept().await;
@@ -308,7 +323,10 @@ impl russh::server::Handler for HubHandler {
                     let mut ch = FlowStream::new(channel);
                     ch.advertise_window(window.window).await;
                     ch.receive_at_most(window.window.max(super::flow::UNTOLD_WINDOW));
-                    let _ = super::splice_from(&mut ch, &mut tcp).await;
+                    tokio::select! {
+                        _ = super::splice_from(&mut ch, &mut tcp) => {}
+                        _ = ended.cancelled() => {}
+                    }
                     // Held for as long as the channel is open.
                     drop((slot, window));
                 }
@@ -660,6 +678,7 @@ where
         push_slots: Arc::new(tokio::sync::Semaphore::new(max_push_streams())),
         push_windows: super::flow::WindowBudget::new(PUSH_WINDOW_BUDGET)
             .within(super::flow::process_budget()),
+        ended: CancellationToken::new(),
     };
     let kill = CancellationToken::new();
     let io = Killable::new(io, kill.clone());

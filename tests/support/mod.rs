@@ -681,6 +681,13 @@ pub fn established_to(port: u16) -> usize {
 /// here.
 #[allow(dead_code)]
 pub fn established_from(pid: i32, port: u16) -> usize {
+    sockets_of(pid, port, &["01"])
+}
+
+/// TCP sockets of process `pid` whose remote port is `port`, in one of
+/// `states` (`/proc/net/tcp` codes: 01 established, 05 FIN-WAIT-2 …).
+#[allow(dead_code)]
+pub fn sockets_of(pid: i32, port: u16, states: &[&str]) -> usize {
     let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.flatten()
@@ -704,7 +711,7 @@ pub fn established_from(pid: i32, port: u16) -> usize {
                 .rsplit(':')
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if rport == Some(port) && *st == "01" && inodes.contains(*inode) {
+            if rport == Some(port) && states.contains(st) && inodes.contains(*inode) {
                 n += 1;
             }
         }
