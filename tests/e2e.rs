@@ -1649,7 +1649,8 @@ fn connect_through_the_gateway_honours_the_agent_dial_policy() {
 /// A loopback listener that takes no more connections: backlog 0, never
 /// accepting, its queue filled; a connect to it hangs (its SYNs dropped).
 /// The address, and what must stay alive meanwhile.
-fn full_listener() -> (String, (i32, Vec<std::net::TcpStream>)) {
+fn full_listener() -> (String, (std::net::TcpListener, Vec<std::net::TcpStream>)) {
+    use std::os::fd::FromRawFd;
     // SAFETY: plain socket calls on a descriptor this function owns.
     let (fd, port) = unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
@@ -1677,7 +1678,11 @@ fn full_listener() -> (String, (i32, Vec<std::net::TcpStream>)) {
             fill.push(c);
         }
     }
-    (addr, (fd, fill))
+    // SAFETY: `fd` is a listening socket this function made and owns.
+    (
+        addr,
+        (unsafe { std::net::TcpListener::from_raw_fd(fd) }, fill),
+    )
 }
 
 #[test]

@@ -448,6 +448,31 @@ impl RedbStore {
         })
     }
 
+    /// Every row of `table`, each decoded or its error, to `f` with its
+    /// key (the lenient lists keep what they can read). Handed over once
+    /// read whole: `run` may read again after reopening the store.
+    fn each<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        f: &mut dyn FnMut(&str, Result<T, StoreError>),
+    ) -> Result<(), StoreError> {
+        let rows = self.run(|db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(table)?;
+            let mut rows = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let r = decode::<T>(k.value(), v.value()).map_err(StoreError::from);
+                rows.push((k.value().to_string(), r));
+            }
+            Ok(rows)
+        })?;
+        for (k, r) in rows {
+            f(&k, r);
+        }
+        Ok(())
+    }
+
     fn list<T: for<'de> Deserialize<'de>>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -532,19 +557,11 @@ impl Store for RedbStore {
         self.list(MEMBERS)
     }
     fn list_readable_members(&self) -> Result<(Vec<Member>, Vec<String>), StoreError> {
-        self.run(|db| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(MEMBERS)?;
-            let (mut out, mut unreadable) = (Vec::new(), Vec::new());
-            for row in t.iter()? {
-                let (k, v) = row?;
-                let m = decode::<Member>(k.value(), v.value()).map_err(StoreError::from);
-                if let Some(m) = readable_member(k.value(), m, &mut unreadable) {
-                    out.push(m);
-                }
-            }
-            Ok((out, unreadable))
-        })
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
+        self.each::<Member>(MEMBERS, &mut |k, m| {
+            out.extend(readable_member(k, m, &mut unreadable));
+        })?;
+        Ok((out, unreadable))
     }
     fn create_member(&self, m: &Member) -> Result<bool, StoreError> {
         let bytes = serde_json::to_vec(m).map_err(io)?;
@@ -606,20 +623,11 @@ impl Store for RedbStore {
         self.list(OPERATORS)
     }
     fn list_readable_operators(&self) -> Result<Vec<Operator>, StoreError> {
-        self.run(|db| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(OPERATORS)?;
-            let mut out = Vec::new();
-            for row in t.iter()? {
-                let (k, v) = row?;
-                if let Some(o) = readable_operator(
-                    decode::<Operator>(k.value(), v.value()).map_err(StoreError::from),
-                ) {
-                    out.push(o);
-                }
-            }
-            Ok(out)
-        })
+        let mut out = Vec::new();
+        self.each::<Operator>(OPERATORS, &mut |_, o| {
+            out.extend(readable_operator(o));
+        })?;
+        Ok(out)
     }
     fn delete_operators(&self, doomed: &dyn Fn(&Operator) -> bool) -> Result<usize, StoreError> {
         self.run(|db| {

@@ -699,24 +699,46 @@ pub fn sockets_of(pid: i32, port: u16, states: &[&str]) -> usize {
                 .collect()
         })
         .unwrap_or_default();
-    let mut n = 0;
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        for l in text.lines().skip(1) {
+    tcp_sockets()
+        .filter(|t| t.remote_port == port && states.contains(&t.state.as_str()))
+        .filter(|t| inodes.contains(&t.inode))
+        .count()
+}
+
+/// One row of `/proc/net/tcp` or `/proc/net/tcp6`.
+struct TcpSocket {
+    local_port: u16,
+    remote_port: u16,
+    /// `01` established, `06` time-wait, …
+    state: String,
+    /// Bytes queued to be sent.
+    tx_queue: u64,
+    inode: String,
+}
+
+/// Every TCP socket of the network namespace, both families.
+fn tcp_sockets() -> impl Iterator<Item = TcpSocket> {
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .into_iter()
+        .flat_map(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            text.lines().skip(1).map(str::to_string).collect::<Vec<_>>()
+        })
+        .filter_map(move |l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            let (Some(rem), Some(st), Some(inode)) = (cols.get(2), cols.get(3), cols.get(9)) else {
-                continue;
-            };
-            let rport = rem
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if rport == Some(port) && states.contains(st) && inodes.contains(*inode) {
-                n += 1;
-            }
-        }
-    }
-    n
+            Some(TcpSocket {
+                local_port: port(cols.get(1)?)?,
+                remote_port: port(cols.get(2)?)?,
+                state: cols.get(3)?.to_string(),
+                tx_queue: u64::from_str_radix(cols.get(4)?.split(':').next()?, 16).unwrap_or(0),
+                inode: cols.get(9)?.to_string(),
+            })
+        })
 }
 
 /// A `kB` field of `/proc/PID/status` (VmRSS, RssAnon, …); None if the
@@ -749,24 +771,9 @@ pub fn sleeps(pid: i32) -> u64 {
 /// Client-side TCP connections to loopback `port` in any of `states`
 /// (`/proc/net/tcp` codes: 01 established, 06 time-wait, …).
 pub fn connections_to(port: u16, states: &[&str]) -> usize {
-    let mut n = 0;
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        for l in text.lines().skip(1) {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let (Some(rem), Some(st)) = (cols.get(2), cols.get(3)) else {
-                continue;
-            };
-            let rport = rem
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if rport == Some(port) && states.contains(st) {
-                n += 1;
-            }
-        }
-    }
-    n
+    tcp_sockets()
+        .filter(|t| t.remote_port == port && states.contains(&t.state.as_str()))
+        .count()
 }
 
 /// Bytes queued in the kernel to be sent on the established connections
@@ -774,26 +781,10 @@ pub fn connections_to(port: u16, states: &[&str]) -> usize {
 /// `/proc/net/tcp`), added up.
 #[allow(dead_code)]
 pub fn send_queue_of(port: u16) -> u64 {
-    let mut total = 0;
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        for l in text.lines().skip(1) {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let (Some(local), Some(st), Some(queues)) = (cols.get(1), cols.get(3), cols.get(4))
-            else {
-                continue;
-            };
-            let lport = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if lport == Some(port) && *st == "01" {
-                let tx = queues.split(':').next().unwrap_or("0");
-                total += u64::from_str_radix(tx, 16).unwrap_or(0);
-            }
-        }
-    }
-    total
+    tcp_sockets()
+        .filter(|t| t.local_port == port && t.state == "01")
+        .map(|t| t.tx_queue)
+        .sum()
 }
 
 /// A raw HTTP/1.1 CONNECT to `authority` through `env`'s gateway, as the

@@ -182,26 +182,30 @@ fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
 /// segment of that spelling (a namespace named `log`, a ConfigMap named
 /// `exec` lost the answer deadline).
 fn long_running_subresource(path: &str) -> bool {
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Read segment by segment (once per API request: no list built).
+    let mut segs = path.trim_start_matches('/').split('/');
     // /api/v1/… or /apis/GROUP/VERSION/…
-    let rest = match segs.first() {
-        Some(&"api") if segs.len() > 2 => &segs[2..],
-        Some(&"apis") if segs.len() > 3 => &segs[3..],
+    let version_segments = match segs.next() {
+        Some("api") => 1,
+        Some("apis") => 2,
         _ => return false,
     };
+    for _ in 0..version_segments {
+        segs.next();
+    }
     // `watch` and `proxy` as verbs, right after the version (the legacy
     // `/api/v1/watch/…`, `/api/v1/proxy/…`); then
     // namespaces/NS/RESOURCE/NAME/SUB, or RESOURCE/NAME/SUB for a
     // cluster-scoped resource (namespaces itself: namespaces/NAME/SUB).
-    if matches!(rest.first(), Some(&"watch" | &"proxy")) {
-        return true;
-    }
-    let sub = match rest {
-        ["namespaces", _ns, _res, _name, sub, ..] => Some(*sub),
-        ["namespaces", _name, sub] => Some(*sub),
-        ["namespaces", ..] => None,
-        [_res, _name, sub, ..] => Some(*sub),
-        _ => None,
+    let sub = match segs.next() {
+        Some("watch" | "proxy") => return true,
+        Some("namespaces") => match (segs.next(), segs.next(), segs.next(), segs.next()) {
+            (Some(_ns), Some(_res), Some(_name), Some(sub)) => Some(sub),
+            (Some(_name), Some(sub), None, None) => Some(sub),
+            _ => None,
+        },
+        Some(_res) => segs.nth(1),
+        None => None,
     };
     matches!(
         sub,

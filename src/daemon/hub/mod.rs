@@ -1115,13 +1115,18 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// What the metrics page shows, taken at once.
-    pub fn metrics_snapshot(&self) -> metrics::Snapshot {
-        let members = self
-            .store
+    /// The members whose records this hub can read (none if the registry
+    /// cannot be read at all): what lists and metrics show.
+    fn readable_members(&self) -> Vec<super::store::Member> {
+        self.store
             .list_readable_members()
             .map(|(m, _)| m)
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// What the metrics page shows, taken at once.
+    pub fn metrics_snapshot(&self) -> metrics::Snapshot {
+        let members = self.readable_members();
         // Before `meta` is taken (every session's history waits on it).
         let elsewhere: std::collections::HashSet<String> = members
             .iter()
@@ -1173,11 +1178,7 @@ impl Hub {
     }
 
     pub fn cluster_statuses(&self) -> Vec<ClusterStatus> {
-        let members = self
-            .store
-            .list_readable_members()
-            .map(|(m, _)| m)
-            .unwrap_or_default();
+        let members = self.readable_members();
         let meta = |name: &str| -> (u64, Vec<Event>, Vec<f64>) {
             self.meta
                 .lock()
