@@ -737,6 +737,50 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
         start.elapsed()
     );
 
+    // A follow prints each member's lines as they come, every member at
+    // once, with no timeout of its own (all of it came at the end, and
+    // `--timeout`'s 60 s stopped every follow). The stand-in kubectl prints
+    // a line, then waits for the test's gate before its last one.
+    let gate = env.path("follow-gate");
+    let follower = env.path("follow-kubectl");
+    std::fs::write(
+        &follower,
+        format!(
+            "#!/bin/sh\necho \"first of $4\"\necho \"a warning of $4\" >&2\ni=0\nwhile [ ! -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\necho \"last of $4\"\n",
+            gate = gate.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &follower,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut cmd = env.towerctl_cmd(&[
+        "kubectl",
+        "alpha",
+        "beta",
+        "--parallel",
+        "1",
+        "--",
+        "logs",
+        "-f",
+        "deploy/web",
+    ]);
+    cmd.env("TOWERCTL_KUBECTL", &follower);
+    let mut follow = Streaming::start(cmd);
+    follow.wait_for("alpha | first of tower-alpha", Duration::from_secs(30));
+    follow.wait_for("beta  | first of tower-beta", Duration::from_secs(30));
+    follow.wait_for("beta  | a warning of tower-beta", Duration::from_secs(30));
+    assert!(!follow.has_exited(), "{}", follow.output());
+    assert!(!follow.output().contains("last of"), "{}", follow.output());
+    std::fs::write(&gate, "").unwrap();
+    follow.wait_for("alpha | last of tower-alpha", Duration::from_secs(30));
+    follow.wait_for("beta  | last of tower-beta", Duration::from_secs(30));
+    wait_for("the follow ends", Duration::from_secs(30), || {
+        follow.has_exited().then_some(())
+    });
+
     // A failing subcommand fails on every member, each with its code.
     let o = env.towerctl(&["kubectl", "alpha", "beta", "--", "get", "nosuchkind"]);
     assert_eq!(o.code, Some(1), "{o:?}");

@@ -1568,7 +1568,9 @@ fn daemons_notify_systemd_and_units_are_written() {
     let unit =
         std::fs::read_to_string(env.path("config/systemd/user/towerctl-hub.service")).unwrap();
     assert!(
-        unit.contains("Type=notify") && unit.contains("hub run --listen=0.0.0.0:8443"),
+        unit.contains("Type=notify")
+            && unit.contains("hub run --listen=0.0.0.0:8443")
+            && unit.contains("\nRestartPreventExitStatus=2\n"),
         "{unit}"
     );
     let o = env.towerctl(&["service", "install", "agent", "alpha"]);

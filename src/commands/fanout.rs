@@ -7,7 +7,10 @@
 //! - Output: a table gets one header and a leading CLUSTER column; `-o
 //!   json|yaml` becomes one `List` whose items carry the annotation
 //!   `towerctl.io/cluster`; anything else is prefixed `NAME | ` line by line,
-//!   each member's lines together.
+//!   each member's lines together, except that a follow or a watch (`-f`,
+//!   `--follow`, `-w`, `--watch`, `--watch-only`) prints each line as it
+//!   comes, every member at once, and is not stopped at a timeout unless
+//!   `--timeout` is given.
 //! - Failures never hang the command: each kubectl is killed at `--timeout`;
 //!   a closing summary on stderr gives every failed member its exit code and
 //!   its last error line (for a down member, the gateway's 503 text).
@@ -32,7 +35,8 @@ pub struct Args {
     pub selector: Option<String>,
     pub names: Vec<String>,
     pub parallel: usize,
-    pub timeout: Duration,
+    /// None: 60 s, or no limit for a follow or a watch.
+    pub timeout: Option<Duration>,
     pub gateway: Option<String>,
     pub args: Vec<String>,
 }
@@ -45,8 +49,28 @@ enum Mode {
     Lines,
 }
 
+/// Whether kubectl runs until stopped, printing as things happen (`logs
+/// -f`, `get -w`, `events --watch`): its lines are shown as they come (a
+/// follow printed nothing until `--timeout`), and every member runs at once
+/// (queued behind `--parallel` followers that never end, the rest never
+/// started).
+fn follows(args: &[String]) -> bool {
+    let own = || args.iter().take_while(|a| *a != "--").map(String::as_str);
+    // `-f` is `--filename` elsewhere (`apply -f`): a follow only for logs.
+    let logs = own().any(|a| a == "logs");
+    own().any(|a| {
+        matches!(
+            a,
+            "-w" | "--watch" | "--watch=true" | "--watch-only" | "--watch-only=true"
+        ) || (logs && matches!(a, "-f" | "--follow" | "--follow=true"))
+    })
+}
+
 /// How kubectl will print, read from its arguments.
 fn mode(args: &[String]) -> Mode {
+    if follows(args) {
+        return Mode::Lines;
+    }
     let own: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -188,21 +212,42 @@ pub async fn run(a: Args) -> Result<u8> {
         .unwrap_or_else(|| PathBuf::from("kubectl"));
     let mode = mode(&a.args);
     let width = members.iter().map(String::len).max().unwrap_or(0);
+    let live = follows(&a.args).then(|| Live {
+        width,
+        out_tty: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        err_tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        closed: std::sync::Arc::new(tokio::sync::Notify::new()),
+    });
+    let (parallel, timeout) = match &live {
+        Some(_) => (members.len(), a.timeout),
+        None => (a.parallel, Some(a.timeout.unwrap_or(DEFAULT_TIMEOUT))),
+    };
 
     let mut runs = futures_util::stream::iter(members.iter().cloned())
-        .map(|name| run_one(&kubectl, &kc.0, name, &a.args, a.timeout))
-        .buffer_unordered(a.parallel.max(1));
+        .map(|name| run_one(&kubectl, &kc.0, name, &a.args, timeout, live.as_ref()))
+        .buffer_unordered(parallel.max(1));
     let mut outcomes = Vec::new();
     let all = async {
         while let Some(o) = runs.next().await {
-            if mode == Mode::Lines {
+            if mode == Mode::Lines && live.is_none() {
                 print_prefixed(&o, width, true);
             }
             outcomes.push(o);
         }
     };
+    let stdout_closed = async {
+        match &live {
+            Some(l) => l.closed.notified().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = all => {}
+        _ = stdout_closed => {
+            // `towerctl kubectl -- logs -f … | head`: the reader left.
+            // Leaving this branch drops every running kubectl, which kills it.
+            return Ok(exit::OK);
+        }
         _ = tokio::signal::ctrl_c() => {
             // Leaving this branch drops every running kubectl: kill_on_drop.
             eprintln!("interrupted: stopped every kubectl still running");
@@ -270,7 +315,7 @@ pub async fn run(a: Args) -> Result<u8> {
                 "timed out".into(),
                 format!(
                     "no answer within {:?}; kubectl was stopped (raise --timeout for slow members)",
-                    a.timeout
+                    timeout.unwrap_or_default()
                 ),
             ),
             Status::NotStarted(e) => ("not run".into(), e.clone()),
@@ -329,12 +374,84 @@ fn last_error(stderr: &str) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// How long one member's kubectl may run unless `--timeout` says.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A follow's lines, printed as they come.
+struct Live {
+    width: usize,
+    out_tty: bool,
+    err_tty: bool,
+    /// Notified once stdout is gone (`| head`): every kubectl is stopped.
+    closed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// The longest line printed whole; past it a line is printed in parts (a
+/// member's line without end must not take the memory).
+const MAX_LIVE_LINE: usize = 64 * 1024;
+/// What a follow keeps of a member's stderr for the summary: its last
+/// lines, not all (it runs until stopped).
+const LIVE_STDERR_KEPT: usize = 16 * 1024;
+
+impl Live {
+    /// Prints every complete line of `pending` (all of it at `end`, or
+    /// when one line passes [`MAX_LIVE_LINE`]) with `name`'s prefix; false
+    /// once stdout is gone.
+    fn print(&self, name: &str, to_stdout: bool, pending: &mut Vec<u8>, end: bool) -> bool {
+        use std::io::Write;
+        let mut printed = 0;
+        let mut ok = true;
+        {
+            let width = self.width;
+            let tty = if to_stdout {
+                self.out_tty
+            } else {
+                self.err_tty
+            };
+            let line = |l: &[u8]| -> std::io::Result<()> {
+                let l = String::from_utf8_lossy(l);
+                let text = format!("{name:<width$} | {}\n", on_terminal(&l, tty));
+                if to_stdout {
+                    std::io::stdout().lock().write_all(text.as_bytes())
+                } else {
+                    std::io::stderr().lock().write_all(text.as_bytes())
+                }
+            };
+            while printed < pending.len() {
+                let rest = &pending[printed..];
+                let (l, used) = match rest.iter().position(|b| *b == b'\n') {
+                    Some(i) => (&rest[..i], i + 1),
+                    None if end || rest.len() >= MAX_LIVE_LINE => {
+                        let n = rest.len().min(MAX_LIVE_LINE);
+                        (&rest[..n], n)
+                    }
+                    None => break,
+                };
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                if let Err(e) = line(l) {
+                    if to_stdout && e.kind() == std::io::ErrorKind::BrokenPipe {
+                        ok = false;
+                        break;
+                    }
+                }
+                printed += used;
+            }
+        }
+        pending.drain(..printed);
+        if !ok {
+            self.closed.notify_one();
+        }
+        ok
+    }
+}
+
 async fn run_one(
     kubectl: &Path,
     kubeconfig: &Path,
     name: String,
     args: &[String],
-    timeout: Duration,
+    timeout: Option<Duration>,
+    live: Option<&Live>,
 ) -> Outcome {
     let mut cmd = tokio::process::Command::new(kubectl);
     cmd.arg("--kubeconfig")
@@ -370,21 +487,30 @@ async fn run_one(
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());
     // What it printed before a timeout is kept (shown with the summary).
-    let ran = tokio::time::timeout(timeout, async {
+    let run = async {
         // A reader past its cap closes its pipe (kubectl then stops on
         // EPIPE), so the other one ends too.
-        let (o, e) = tokio::join!(
-            read_capped(so, &mut out, MAX_STDOUT),
-            read_capped(se, &mut err, MAX_STDERR)
-        );
+        let (o, e) = match live {
+            None => tokio::join!(
+                read_capped(so, &mut out, MAX_STDOUT),
+                read_capped(se, &mut err, MAX_STDERR)
+            ),
+            Some(l) => tokio::join!(
+                read_live(so, l, &name, true, &mut out),
+                read_live(se, l, &name, false, &mut err)
+            ),
+        };
         if o || e {
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Ok(None);
         }
         child.wait().await.map(Some)
-    })
-    .await;
+    };
+    let ran = match timeout {
+        Some(t) => tokio::time::timeout(t, run).await,
+        None => Ok(run.await),
+    };
     // On timeout the child is dropped: kill_on_drop kills it.
     match ran {
         Ok(Ok(Some(st))) => {
@@ -416,6 +542,38 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// Prints what `r` gives line by line as it comes; keeps the last
+/// [`LIVE_STDERR_KEPT`] bytes of stderr in `kept` for the summary. True
+/// (and `r` closed) once stdout is gone.
+async fn read_live<R: tokio::io::AsyncRead + Unpin>(
+    mut r: R,
+    live: &Live,
+    name: &str,
+    to_stdout: bool,
+    kept: &mut Vec<u8>,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut pending = Vec::new();
+    loop {
+        let n = match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !to_stdout {
+            kept.extend_from_slice(&chunk[..n]);
+            if kept.len() > 2 * LIVE_STDERR_KEPT {
+                kept.drain(..kept.len() - LIVE_STDERR_KEPT);
+            }
+        }
+        pending.extend_from_slice(&chunk[..n]);
+        if !live.print(name, to_stdout, &mut pending, false) {
+            return true;
+        }
+    }
+    !live.print(name, to_stdout, &mut pending, true)
 }
 
 /// `NAME | line` for each line; stdout to stdout (unless `stderr_only`).
@@ -607,6 +765,18 @@ mod tests {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn follows_and_watches_print_as_they_come() {
+        assert!(follows(&args("logs -f deploy/web")));
+        assert!(follows(&args("logs deploy/web --follow=true")));
+        assert!(follows(&args("get pods -w")));
+        assert!(follows(&args("get pods --watch-only -o json")));
+        assert_eq!(mode(&args("get pods -w -o json")), Mode::Lines);
+        assert!(!follows(&args("apply -f manifest.yaml")));
+        assert!(!follows(&args("logs deploy/web")));
+        assert!(!follows(&args("exec web -- tail -f x")));
     }
 
     #[test]

@@ -147,7 +147,8 @@ Examples:
   towerctl kubectl alpha beta --timeout 10s -- version
 
 Tables get one header and a leading CLUSTER column; -o json|yaml gives one List whose items
-carry the annotation towerctl.io/cluster; other output is prefixed 'NAME | '. Failed, down or
+carry the annotation towerctl.io/cluster; other output is prefixed 'NAME | ' (a follow or a watch,
+-f or -w, line by line as it comes, every member at once). Failed, down or
 timed-out members are listed on stderr at the end; the exit code is 1 if any failed.")]
     Kubectl(FanoutArgs),
     /// Manage operators (people and tools allowed through the gateway).
@@ -744,9 +745,9 @@ pub struct FanoutArgs {
     /// How many kubectl run at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub parallel: u16,
-    /// Longest one member's kubectl may run; it is then stopped and reported.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
-    pub timeout: std::time::Duration,
+    /// Longest one member's kubectl may run; it is then stopped and reported (default 60s; no limit for a follow or a watch: -f, -w).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: Option<std::time::Duration>,
     /// Gateway of a hub logged in to (default: the hub on this machine, else the last login).
     #[arg(long, value_name = "URL")]
     pub gateway: Option<String>,

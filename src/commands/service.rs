@@ -65,10 +65,17 @@ fn write_unit(
     let mut unit = format!(
         "# Written by 'towerctl service install'.\n[Unit]\nDescription={description}\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\nType=notify\nExecStart={exec}\nRestart=on-failure\nRestartSec=5\n"
     );
-    if prevent_restart_on_auth {
-        // Exit 4: the hub refused the agent (revoked, bad key): restarting cannot help.
-        unit.push_str("RestartPreventExitStatus=4\n");
-    }
+    // Exit 2: the command line itself is wrong (a flag an older towerctl
+    // does not know after a downgrade, say): every restart fails the same
+    // way, so the unit stops and `systemctl status` shows clap's message.
+    // Exit 4: the hub refused the agent (revoked, bad key): restarting
+    // cannot help either. Other failures (a port still taken, etcd not up
+    // yet at boot) may pass, and are retried every 5 s.
+    unit.push_str(if prevent_restart_on_auth {
+        "RestartPreventExitStatus=2 4\n"
+    } else {
+        "RestartPreventExitStatus=2\n"
+    });
     unit.push_str("\n[Install]\nWantedBy=default.target\n");
     let path = unit_dir().join(format!("{name}.service"));
     paths::write_atomic(&path, unit.as_bytes(), 0o644)?;
