@@ -1800,13 +1800,49 @@ fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
         &format!("other=127.0.0.1:{silent_port}"),
     ]);
     assert!(o.ok(), "{o:?}");
-    let held_service = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
-    let workload = std::net::TcpStream::connect(listen("other")).unwrap();
-    let _service_side = held_service.join().unwrap().unwrap();
     let hub_pid = env.pid_of("hub").expect("hub pid");
     let any_state = [
         "01", "02", "03", "04", "05", "06", "07", "08", "09", "0A", "0B",
     ];
+    let silent_again = silent.try_clone().unwrap();
+    let held_service = std::thread::spawn(move || silent_again.accept().map(|(s, _)| s));
+    let mut workload = std::net::TcpStream::connect(listen("other")).unwrap();
+    let service_side = held_service.join().unwrap().unwrap();
+    wait_for(
+        "the hub's connection to the service",
+        Duration::from_secs(10),
+        || (support::sockets_of(hub_pid, silent_port, &any_state) == 1).then_some(()),
+    );
+    // `cluster expose --remove` ends what is open to the name it takes
+    // away (it refused only new connections; this one went on).
+    let o = env.towerctl(&["cluster", "expose", "alpha", "--remove", "other"]);
+    assert!(o.ok(), "{o:?}");
+    wait_for(
+        "the hub to end the push connection no longer exposed",
+        Duration::from_secs(10),
+        || (support::sockets_of(hub_pid, silent_port, &any_state) == 0).then_some(()),
+    );
+    workload
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        std::io::Read::read(&mut workload, &mut buf).ok(),
+        Some(0),
+        "the workload's connection ends"
+    );
+    drop((workload, service_side));
+    let o = env.towerctl(&[
+        "cluster",
+        "expose",
+        "alpha",
+        &format!("other=127.0.0.1:{silent_port}"),
+    ]);
+    assert!(o.ok(), "{o:?}");
+
+    let held_service = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
+    let workload = std::net::TcpStream::connect(listen("other")).unwrap();
+    let _service_side = held_service.join().unwrap().unwrap();
     wait_for(
         "the hub's connection to the service",
         Duration::from_secs(10),

@@ -45,6 +45,10 @@ pub trait Authenticator: Send + Sync + 'static {
     /// exposes to its workloads under `name`, if any. Agent-opened channels
     /// to anything else are refused.
     fn exposed(&self, cluster: &str, name: &str) -> Option<String>;
+    /// Changes whenever the registry's members may have changed: each open
+    /// push connection then asks [`Authenticator::exposed`] again and ends
+    /// when its name is no longer exposed, or now names another target.
+    fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// The hub's penalty for refused join tokens, for one connection's source
@@ -305,6 +309,9 @@ impl russh::server::Handler for HubHandler {
         // unreachable target took to time out, once per workload retry.
         let windows = self.push_windows.clone();
         let ended = self.ended.clone();
+        let auth = self.auth.clone();
+        let mut changes = auth.registry_changes();
+        changes.mark_unchanged();
         tokio::spawn(async move {
             let dial = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -323,9 +330,23 @@ impl russh::server::Handler for HubHandler {
                     let mut ch = FlowStream::new(channel);
                     ch.advertise_window(window.window).await;
                     ch.receive_at_most(window.window.max(super::flow::UNTOLD_WINDOW));
+                    // `cluster expose --remove` (on any hub) ends the
+                    // connections already open to what it took away: it
+                    // only refused new ones.
+                    let withdrawn = async {
+                        while changes.changed().await.is_ok() {
+                            if auth.exposed(&cluster, &name).as_deref() != Some(&*target) {
+                                return true;
+                            }
+                        }
+                        std::future::pending().await
+                    };
                     tokio::select! {
                         _ = super::splice_from(&mut ch, &mut tcp) => {}
                         _ = ended.cancelled() => {}
+                        true = withdrawn => {
+                            tracing::info!(%cluster, name = %super::escape_for_log(&name, 100), "an open push connection ended: no longer exposed to the member");
+                        }
                     }
                     // Held for as long as the channel is open.
                     drop((slot, window));

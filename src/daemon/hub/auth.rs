@@ -15,6 +15,10 @@ impl server::Authenticator for Hub {
         self.exposed_lookup(cluster, name)
     }
 
+    fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        Hub::registry_changes(self)
+    }
+
     fn check_key(&self, name: &str, key: &PublicKey) -> Verdict {
         if validate_name(name).is_err() {
             return Verdict::Reject(None);

@@ -139,6 +139,8 @@ pub(super) fn handle(
                 }
                 true
             });
+            // Open push connections to what was removed end now.
+            hub.registry_changed();
             match r {
                 Ok(Some(m)) => Response::ok(m.exposes),
                 Ok(None) => {

@@ -420,6 +420,10 @@ pub struct Hub {
     /// The hub group's tunnel URLs as last sent to every agent
     /// (`peer::send_hub_list`).
     hub_list_sent: Mutex<Vec<String>>,
+    /// Bumped when the registry's members may have changed, here or on
+    /// another hub ([`Hub::registry_changed`]): open push connections look
+    /// again at what their member exposes.
+    registry_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Hub {
@@ -460,7 +464,19 @@ impl Hub {
             handed_off: Default::default(),
             hub_list_sent: Default::default(),
             authed_conns: Default::default(),
+            registry_changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Tells what watches the registry's members ([`Hub::registry_changes`])
+    /// that they may have changed.
+    pub fn registry_changed(&self) {
+        self.registry_changes
+            .send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    pub fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.registry_changes.subscribe()
     }
 
     /// Refuses operators (all but this hub's own local admin) while its
@@ -1021,6 +1037,7 @@ impl Hub {
     /// Cuts every open stream whose operator may no longer reach its member
     /// (after rules were narrowed or an operator removed); returns how many.
     pub fn recheck_streams(&self) -> usize {
+        self.registry_changed();
         // By token hash, as streams are registered (`admit`).
         let ops: HashMap<String, Operator> = self
             .operators
