@@ -716,6 +716,8 @@ mod session_loop_tests {
     enum Cli {
         Answer,
         Bulk,
+        /// Never answers the hub's opens (holds them unanswered).
+        Silent(Arc<std::sync::Mutex<Vec<russh::client::ChannelOpenHandle>>>),
     }
 
     impl russh::client::Handler for Cli {
@@ -738,6 +740,11 @@ mod session_loop_tests {
             reply: russh::client::ChannelOpenHandle,
             _: &mut russh::client::Session,
         ) -> Result<(), Self::Error> {
+            if let Cli::Silent(held) = self {
+                held.lock().unwrap().push(reply);
+                drop(channel);
+                return Ok(());
+            }
             let bulk = matches!(self, Cli::Bulk);
             tokio::spawn(async move {
                 reply.accept().await;
@@ -910,6 +917,53 @@ mod session_loop_tests {
             writes,
             most_new,
             served,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_leaving_opens_unanswered_ends_its_session_past_the_cap() {
+        // A compromised member's agent that never answers the hub's opens
+        // (or never answers its closes) kept ~4 KiB of the hub's per open
+        // for the session's life: every request and ping grew the hub.
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let Sessions {
+            hub,
+            client: _client,
+            ..
+        } = sessions(false, Cli::Silent(held.clone()), Serve::BothWays).await;
+        let opens: Vec<_> = (0..russh::MAX_SESSION_CHANNELS as u32)
+            .map(|i| {
+                let hub = hub.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(60),
+                        hub.channel_open_forwarded_tcpip("target", i, "origin", 0),
+                    )
+                    .await;
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while held.lock().unwrap().len() < russh::MAX_SESSION_CHANNELS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} opens reached the peer",
+                held.lock().unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // One more: the session ends instead of keeping it.
+        let more = tokio::time::timeout(
+            Duration::from_secs(10),
+            hub.channel_open_forwarded_tcpip("target", 0, "origin", 0),
+        )
+        .await;
+        assert!(
+            matches!(more, Ok(Err(_))),
+            "the session took one more unanswered open: {more:?}"
+        );
+        for o in opens {
+            let _ = tokio::time::timeout(Duration::from_secs(10), o).await;
         }
     }
 

@@ -328,8 +328,8 @@ impl russh::server::Handler for HubHandler {
                     let window = windows.take(super::flow::STREAM_WINDOW);
                     let mut tcp = tcp;
                     let mut ch = FlowStream::new(channel);
-                    ch.advertise_window(window.window).await;
                     ch.receive_at_most(window.window.max(super::flow::UNTOLD_WINDOW));
+                    ch.advertise_window(window.window).await;
                     // `cluster expose --remove` (on any hub) ends the
                     // connections already open to what it took away: it
                     // only refused new ones.
@@ -814,15 +814,16 @@ pub async fn open_as(
         ));
     }
     let stream = FlowStream::new(ch);
+    // Held to it: an agent that ignored it had the hub buffer its full
+    // window (4 MiB) per stream whose client stopped reading, past every
+    // member's budget (see `flow::UNTOLD_WINDOW`). Before the first await:
+    // data sent right behind the confirmation was held to 8 MiB otherwise.
+    stream.receive_at_most(window.max(super::flow::UNTOLD_WINDOW));
     if window_in_open {
         stream.window_told(window);
     } else {
         stream.advertise_window(window).await;
     }
-    // Held to it: an agent that ignored it had the hub buffer its full
-    // window (4 MiB) per stream whose client stopped reading, past every
-    // member's budget (see `flow::UNTOLD_WINDOW`).
-    stream.receive_at_most(window.max(super::flow::UNTOLD_WINDOW));
     Ok(stream)
 }
 

@@ -1602,8 +1602,11 @@ pub(super) async fn open_raw(
         let handle = session.handle.clone();
         let (peer_port, window, told) =
             (u32::from(peer.port()), window.window, session.takes_early);
+        // Given up after a while all the same (as `open_channel`'s): an
+        // agent that answers nothing left one task, and the client's
+        // first bytes with it, per attempt for the session's life.
         async move {
-            server::open_as(
+            let open = server::open_as(
                 &handle,
                 &address,
                 u32::from(port),
@@ -1611,8 +1614,11 @@ pub(super) async fn open_raw(
                 peer_port,
                 window,
                 told,
-            )
-            .await
+            );
+            match tokio::time::timeout(OPEN_DEADLINE * 15, open).await {
+                Ok(r) => r,
+                Err(_) => Err(russh::Error::Disconnect),
+            }
         }
     });
     // A wedged agent answers nothing until its keepalives give up: bounded
@@ -1992,6 +1998,11 @@ async fn proxy(
         }
         a.write(&mut parts.headers, CARRIED_PREFIX);
     }
+    // The agent answers within its own deadline (120 s), but an agent
+    // that never does (a compromised member's, a stuck one) held the
+    // request, and the operator's stream slot, for as long as the session
+    // lived: client-go sets no deadline of its own.
+    let deadline = super::peer::answer_deadline(parts.uri.query());
     let up_req = Request::from_parts(parts, body);
 
     let exchange = async {
@@ -2041,9 +2052,20 @@ async fn proxy(
     // access withdrawn while the member has not answered yet ends the
     // request here, and an answer never opens a stream for it.
     let (mut resp, sender) = tokio::select! {
-        r = exchange => match r {
-            Ok(r) => r,
-            Err(resp) => return resp,
+        r = tokio::time::timeout(deadline, exchange) => match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(resp)) => return resp,
+            Err(_) => {
+                hub.dial_failures.add(DialFailure::AgentError);
+                return status_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    &format!(
+                        "cluster '{name}': its agent did not answer within {}s; see 'towerctl status' and the agent's log",
+                        deadline.as_secs()
+                    ),
+                );
+            }
         },
         () = guard.cut.cancelled() => return cut_answer(&session, &name),
     };

@@ -67,7 +67,16 @@ impl InFlight {
 /// (the member's own request deadline, 120 s at the agent, and the
 /// tunnel's margin; at 90 s, a request the member answered in 100 s was
 /// served through its own hub and cut through another).
-const PEER_ANSWER_DEADLINE: Duration = Duration::from_secs(130);
+pub(super) const PEER_ANSWER_DEADLINE: Duration = Duration::from_secs(130);
+
+/// How long a request may wait for its answer's head from the member:
+/// [`PEER_ANSWER_DEADLINE`], plus what the request asks the member for
+/// (`?timeout=`), up to an hour (`timeout=876000h` lifted the bound).
+pub(super) fn answer_deadline(query: Option<&str>) -> Duration {
+    crate::daemon::http::asked_timeout(query)
+        .map(|t| t.min(Duration::from_secs(3600)) + PEER_ANSWER_DEADLINE)
+        .unwrap_or(PEER_ANSWER_DEADLINE)
+}
 /// A hub's lease lives this long without renewal.
 pub const LEASE_TTL: i64 = 10;
 const KEEPALIVE: Duration = Duration::from_secs(3);
@@ -1416,9 +1425,7 @@ pub(super) async fn forward(
     // request the member is slow on has the agent's own deadline inside.
     // A request asking the member for longer (`?timeout=`) is given it,
     // up to an hour (`timeout=876000h` lifted the bound).
-    let deadline = crate::daemon::http::asked_timeout(parts.uri.query())
-        .map(|t| t.min(Duration::from_secs(3600)) + PEER_ANSWER_DEADLINE)
-        .unwrap_or(PEER_ANSWER_DEADLINE);
+    let deadline = answer_deadline(parts.uri.query());
     let answered = tokio::time::timeout(deadline, async {
         match sender
             .try_send_request(Request::from_parts(parts, body))

@@ -61,6 +61,11 @@ macro_rules! push_packet {
 
 mod channels;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
+/// towerctl patch: the most channels a server session keeps at once
+/// (open, being opened, or closed by this side and not yet by the peer);
+/// past it the session ends. twice what a towerctl agent takes at once.
+pub const MAX_SESSION_CHANNELS: usize = 8192;
+
 // towerctl patch: the concrete writer of `ChannelWriteHalf::make_tx`.
 pub use channels::io::ChannelTx;
 
@@ -186,6 +191,11 @@ pub enum Error {
     /// ([`KEX_DEADLINE`]).
     #[error("Key exchange not finished within {0:?}")]
     KexTimeout(std::time::Duration),
+
+    /// towerctl patch: the peer left more than this many channels
+    /// unanswered or unclosed ([`MAX_SESSION_CHANNELS`]).
+    #[error("More than {0} channels unanswered or not closed by the peer")]
+    TooManyChannels(usize),
 
     /// Missing authentication method.
     #[error("No authentication method")]

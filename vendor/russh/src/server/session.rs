@@ -503,6 +503,18 @@ impl Session {
         })
     }
 
+    /// towerctl patch: keeps a channel this side opened, refusing past
+    /// [`crate::MAX_SESSION_CHANNELS`]: a peer that never answers opens, or
+    /// never answers the close of a channel this side closed, kept each
+    /// entry (~4 KiB) for the session's life; the session ends instead.
+    fn insert_channel(&mut self, id: ChannelId, channel_ref: ChannelRef) -> Result<(), Error> {
+        if self.channels.len() >= crate::MAX_SESSION_CHANNELS {
+            return Err(Error::TooManyChannels(crate::MAX_SESSION_CHANNELS));
+        }
+        self.channels.insert(id, channel_ref);
+        Ok(())
+    }
+
     /// towerctl patch: dispatches up to `max` messages already queued on the
     /// session's channels (priority first), stopping early when a channel's
     /// window is exhausted or a key exchange starts; returns how many. Only
@@ -575,11 +587,11 @@ impl Session {
             }
             Msg::ChannelOpenAgent { channel_ref } => {
                 let id = self.channel_open_agent()?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::ChannelOpenSession { channel_ref } => {
                 let id = self.channel_open_session()?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::ChannelOpenDirectTcpIp {
                 host_to_connect,
@@ -594,14 +606,14 @@ impl Session {
                     &originator_address,
                     originator_port,
                 )?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::ChannelOpenDirectStreamLocal {
                 socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_direct_streamlocal(&socket_path)?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::ChannelOpenForwardedTcpIp {
                 connected_address,
@@ -616,14 +628,14 @@ impl Session {
                     &originator_address,
                     originator_port,
                 )?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::ChannelOpenForwardedStreamLocal {
                 server_socket_path,
                 channel_ref,
             } => {
                 let id = self.channel_open_forwarded_streamlocal(&server_socket_path)?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::ChannelOpenX11 {
                 originator_address,
@@ -631,7 +643,7 @@ impl Session {
                 channel_ref,
             } => {
                 let id = self.channel_open_x11(&originator_address, originator_port)?;
-                self.channels.insert(id, channel_ref);
+                self.insert_channel(id, channel_ref)?;
             }
             Msg::TcpIpForward {
                 address,
