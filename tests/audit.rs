@@ -219,20 +219,44 @@ fn refusals_and_towerctl_calls_are_recorded_with_bounded_paths() {
         r["verb"] == "towerctl" && r["path"] == "/towerctl/v1/whoami" && r["status"] == 200
     });
 
-    let long = "x".repeat(5000);
+    // What reaches a member is recorded whole: a query padded ahead of an
+    // exec's command pushed the command out of a record cut at 1 KiB.
+    let pad = "x".repeat(5000);
     let _ = curl(
         &env,
         Some(&admin_token(&env)),
-        &format!("{gw}/clusters/alpha/api/v1/namespaces/{long}"),
+        &format!("{gw}/clusters/alpha/api/v1/namespaces/default/pods/web/exec?pad={pad}&container=c&command=the-command-run"),
     );
-    let r = wait_record(&env, "the long path", |r| {
+    let r = wait_record(&env, "the padded exec", |r| {
         r["path"].as_str().unwrap_or("").contains("xxxx")
     });
     let p = r["path"].as_str().unwrap();
     assert!(
-        p.len() < 1100 && p.contains("more bytes"),
+        p.ends_with("&command=the-command-run") && !p.contains("more bytes"),
         "{} bytes: {p}",
         p.len()
+    );
+    // Longer than the record keeps: refused (414) before the member, and
+    // recorded cut.
+    let long = "y".repeat(20_000);
+    let o = curl(
+        &env,
+        Some(&admin_token(&env)),
+        &format!("{gw}/clusters/alpha/api/v1/namespaces/{long}"),
+    );
+    assert!(o.stdout.contains("RequestURITooLong"), "{o:?}");
+    let r = wait_record(&env, "the long path", |r| {
+        r["path"].as_str().unwrap_or("").contains("yyyy")
+    });
+    let p = r["path"].as_str().unwrap();
+    assert!(
+        r["status"] == 414 && p.len() < 16_500 && p.contains("more bytes"),
+        "{} bytes: {r}",
+        p.len()
+    );
+    assert!(
+        !api.requests().iter().any(|r| r.path.contains("yyyy")),
+        "the long request reached the member"
     );
 }
 

@@ -74,8 +74,11 @@ pub fn max_bytes() -> u64 {
 /// Rotated files kept besides the current one (`audit.log.1` … `.3`).
 pub const KEEP: usize = 3;
 
-/// Stored paths longer than this are cut (with a marker).
-pub const MAX_PATH: usize = 1024;
+/// Stored paths longer than this are cut (with a marker). The gateway
+/// refuses a request to a member whose path and query are longer (414),
+/// so that what reached a member is recorded whole: a record cut at 1 KiB
+/// left an exec's `command=` out when the client padded the query first.
+pub const MAX_PATH: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -263,17 +266,15 @@ fn bound(r: &mut Record) {
     cut(&mut r.verb, 32);
     cut(&mut r.operator, 128);
     cut(&mut r.cluster, 128);
-    for s in [
-        &mut r.rule,
-        &mut r.error,
-        &mut r.peer,
-        &mut r.phase,
-        &mut r.acting_as,
-    ]
-    .into_iter()
-    .flatten()
+    for s in [&mut r.rule, &mut r.error, &mut r.peer, &mut r.phase]
+        .into_iter()
+        .flatten()
     {
         cut(s, 512);
+    }
+    if let Some(s) = &mut r.acting_as {
+        // Bounded where it is read (`ClientAs::read`): recorded whole.
+        cut(s, super::clientas::MAX_RECORDED);
     }
 }
 
@@ -289,6 +290,16 @@ pub fn verb(method: &str, path: &str, query: Option<&str>) -> &'static str {
         _ => 0,
     };
     let collection = rest % 2 == 1;
+    // The old watch paths (`/api/v1/watch/secrets`,
+    // `/apis/apps/v1/watch/namespaces/ns/deployments`), which kube-apiserver
+    // still serves as watches (read as a `get`, one held for hours had no
+    // start record).
+    let version_at = match segs.first() {
+        Some(&"api") => 1,
+        Some(&"apis") => 2,
+        _ => usize::MAX,
+    };
+    let watch = watch || segs.get(version_at.saturating_add(1)) == Some(&"watch");
     match method {
         "GET" | "HEAD" if watch => "watch",
         "GET" | "HEAD" if collection => "list",
@@ -1033,6 +1044,13 @@ mod tests {
             verb("GET", "/apis/apps/v1/namespaces/x/deployments/web", None),
             "get"
         );
+        // The old watch paths, still served as watches.
+        assert_eq!(verb("GET", "/api/v1/watch/secrets", None), "watch");
+        assert_eq!(
+            verb("GET", "/apis/apps/v1/watch/namespaces/x/deployments", None),
+            "watch"
+        );
+        assert_eq!(verb("GET", "/api/v1/namespaces/watch", None), "get");
         assert_eq!(
             verb("POST", "/api/v1/namespaces/x/configmaps", None),
             "create"

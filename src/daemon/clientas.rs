@@ -20,6 +20,10 @@ pub const CARRIED_PREFIX: &str = "x-towerctl-as-";
 const MAX_VALUES: usize = 32;
 /// Longest name, group, UID, extra key or value, in bytes.
 const MAX_VALUE: usize = 1024;
+/// Longest the whole of it may be as the audit record writes it
+/// ([`ClientAs::record`]): recorded whole, never cut (a long user name
+/// pushed the groups out of a record cut at 512 bytes).
+pub const MAX_RECORDED: usize = 4096;
 
 /// Who a client asks to act as.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -135,12 +139,18 @@ impl ClientAs {
                     .into(),
             );
         };
-        Ok(Some(ClientAs {
+        let as_ = ClientAs {
             user,
             groups,
             uid,
             extra,
-        }))
+        };
+        if as_.record().len() > MAX_RECORDED {
+            return Err(format!(
+                "the user, groups, UID and extra values to impersonate hold more than {MAX_RECORDED} bytes in all"
+            ));
+        }
+        Ok(Some(as_))
     }
 
     /// Puts these headers on `headers` under `prefix` (every value was
@@ -350,6 +360,12 @@ mod tests {
             .chain(std::iter::once(("Impersonate-Uid", "u")))
             .collect();
         refused(&many, "more than 32");
+        // Each value within its bound, the whole past what a record keeps.
+        let big = "g".repeat(MAX_VALUE);
+        let heavy: Vec<(&str, &str)> = std::iter::once(("Impersonate-User", big.as_str()))
+            .chain(std::iter::repeat_n(("Impersonate-Group", big.as_str()), 4))
+            .collect();
+        refused(&heavy, "more than 4096 bytes in all");
         refused(
             &[("Impersonate-User", "a"), ("Impersonate-Extra-k%zz", "v")],
             "not percent-encoded",

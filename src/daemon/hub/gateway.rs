@@ -1061,6 +1061,20 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
         peer: Some(conn.client_text(&req)),
         ..Record::default()
     };
+    // Recorded whole, or refused: see `audit::MAX_PATH`.
+    if record.path.len() > crate::daemon::audit::MAX_PATH {
+        let msg = format!(
+            "the request's path and query are {} bytes long, more than the {} this hub passes to a member; shorten the query (fewer selector values, fewer parameters)",
+            record.path.len(),
+            crate::daemon::audit::MAX_PATH
+        );
+        hub.auditor.record(Record {
+            status: StatusCode::URI_TOO_LONG.as_u16(),
+            error: Some(msg.clone()),
+            ..record
+        });
+        return status_response(StatusCode::URI_TOO_LONG, "RequestURITooLong", &msg);
+    }
     // Access rules: a member the operator may not reach answers exactly
     // like one that does not exist, so names do not leak.
     let (decision, guard) = hub.admit(&operator, &name);
