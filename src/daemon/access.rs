@@ -173,7 +173,34 @@ impl Policy {
         subject: Subject,
         clusters: &str,
     ) -> Result<Rule, String> {
-        Selector::parse(clusters)?;
+        let selector = Selector::parse(clusters)?;
+        // A name no member can have matches nothing: a deny for `Prod`
+        // (or `prod.eu`) was taken and denied no one, without a word.
+        for r in &selector.0 {
+            let values: Vec<&String> = match r {
+                crate::daemon::labels::Requirement::Eq(k, v)
+                | crate::daemon::labels::Requirement::NotEq(k, v)
+                    if k == NAME_LABEL =>
+                {
+                    vec![v]
+                }
+                crate::daemon::labels::Requirement::In(k, vs)
+                | crate::daemon::labels::Requirement::NotIn(k, vs)
+                    if k == NAME_LABEL =>
+                {
+                    vs.iter().collect()
+                }
+                _ => continue,
+            };
+            for v in values {
+                if let Err(e) = crate::daemon::names::validate_name(v) {
+                    return Err(format!(
+                        "'{}' can never name a member, so the rule would match nothing: {e}",
+                        crate::tunnel::escape_for_log(v, 80)
+                    ));
+                }
+            }
+        }
         self.next_id += 1;
         let r = Rule {
             id: self.next_id,
@@ -276,6 +303,29 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         crate::daemon::labels::tests::labels(pairs)
+    }
+
+    #[test]
+    fn a_rule_naming_what_no_member_can_be_named_is_refused() {
+        let mut p = Policy::default();
+        for bad in [
+            names_selector(&["Prod".into()]),
+            names_selector(&["alpha".into(), "prod.eu".into()]),
+            format!("{NAME_LABEL}=Alpha"),
+            format!("{NAME_LABEL}!=a_b"),
+        ] {
+            let e = p
+                .add(Effect::Deny, Subject::Group("contractors".into()), &bad)
+                .unwrap_err();
+            assert!(e.contains("can never name a member"), "{bad}: {e}");
+        }
+        assert!(p.rules.is_empty());
+        p.add(
+            Effect::Deny,
+            Subject::Group("contractors".into()),
+            &names_selector(&["prod".into(), "alpha".into()]),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -856,7 +856,9 @@ impl Hub {
         let generation = self.operators_generation();
         if let Ok(known) = memo.0.lock() {
             if let Some(k) = known.as_ref() {
-                if k.generation == generation && *k.token == *token {
+                // Constant time: behind a trusted proxy one memo serves
+                // many clients' requests.
+                if k.generation == generation && keys::ct_eq(&k.token, token) {
                     return Some(k.operator.clone());
                 }
             }
@@ -1060,17 +1062,18 @@ impl Hub {
                     .cut(|op, _| ops.get(op).is_none_or(|o| o.name != LOCAL_ADMIN));
             }
         };
-        let none = Default::default();
         self.streams.cut(|op, cluster| match ops.get(op) {
             // A member whose record this hub cannot read: its labels (and
             // any restriction a newer hub wrote) unknown, only the local
             // admin's streams stay, as its requests are refused.
             Some(o) if unreadable.iter().any(|n| n == cluster) => o.name != LOCAL_ADMIN,
-            Some(o) => {
-                !self
-                    .decide_labeled(o, cluster, labels.get(cluster).unwrap_or(&none))
-                    .allowed
-            }
+            // Judged as `decide` judges a request: a member no longer
+            // registered is refused to all (taken with no labels, a rule
+            // by name or by a label's absence kept its streams).
+            Some(o) => match labels.get(cluster) {
+                Some(l) => !self.decide_labeled(o, cluster, l).allowed,
+                None => true,
+            },
             None => true,
         })
     }
