@@ -369,18 +369,29 @@ impl Etcd {
         } else {
             None
         };
+        // One scheme for all: `etcd://a:2379,https://b:2379` spoke plain
+        // text to b as well (the first endpoint's scheme counted).
+        let mut mixed = None;
         let endpoints: Vec<String> = rest
             .split(',')
             .map(|e| {
                 let e = e.trim();
-                let e = ["https://", "http://", "etcd://"]
+                let (scheme, e) = ["https://", "http://", "etcd://"]
                     .iter()
-                    .find_map(|p| e.strip_prefix(p))
-                    .unwrap_or(e);
+                    .find_map(|p| e.strip_prefix(p).map(|r| (Some(*p), r)))
+                    .unwrap_or((None, e));
+                if scheme.is_some_and(|p| (p == "https://") != secure) {
+                    mixed = Some(e.to_string());
+                }
                 e.trim_end_matches('/').to_string()
             })
             .filter(|e| !e.is_empty())
             .collect();
+        if let Some(e) = mixed {
+            return Err(format!(
+                "invalid --store '{spec}': the endpoint '{e}' names another scheme than the first; write every endpoint with one scheme (all https:// for TLS, or all etcd://)"
+            ));
+        }
         if endpoints.is_empty() || endpoints.iter().any(|e| !e.contains(':')) {
             return Err(format!(
                 "invalid --store '{spec}': every etcd endpoint needs HOST:PORT"
@@ -1043,6 +1054,11 @@ mod tests {
         );
         assert_eq!(plain.unwrap().plaintext_remote(), ["10.0.0.5:2379"]);
         assert!(Etcd::new("127.0.0.1:2379", &none).is_err());
+        // One scheme for all endpoints.
+        let e = Etcd::new("etcd://a:1,https://b:2", &none).err().unwrap();
+        assert!(e.contains("'b:2' names another scheme"), "{e}");
+        assert!(Etcd::new("https://a:1,etcd://b:2", &none).is_err());
+        assert!(Etcd::new("etcd://a:1,http://b:2", &none).is_ok());
         assert!(Etcd::new("etcd://nohostport", &none).is_err());
         let ca = StoreTls {
             ca: Some("/nonexistent/ca.pem".into()),

@@ -317,6 +317,19 @@ impl EtcdStore {
     }
 
     /// Every cached value under `rel_prefix`, by relative key.
+    /// The operator records as etcd holds them now (relative key, value,
+    /// revision).
+    fn fresh_operators(&self) -> Result<Vec<(String, Vec<u8>, i64)>, StoreError> {
+        let (_, kvs) = self.etcd.range_prefix(&self.key(OPERATORS)).map_err(err)?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let rel = self.rel(&kv.key)?.to_string();
+                Some((rel, kv.value, kv.mod_revision))
+            })
+            .collect())
+    }
+
     pub fn cached_under(&self, rel_prefix: &str) -> Vec<(String, Vec<u8>, i64)> {
         let Ok(c) = self.cache.read() else {
             return vec![];
@@ -664,8 +677,12 @@ impl Store for EtcdStore {
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
         self.put_json(&format!("{OPERATORS}{}", op.token_hash), op)
     }
+    /// Read from etcd itself (a quorum read), not the cache: what changes
+    /// read (`operator add`'s name check, `operator rm`) must see a token
+    /// another hub wrote a moment ago, which this hub's watch may not have
+    /// brought yet (its `rm` reported success and left that token valid).
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
-        self.cached_under(OPERATORS)
+        self.fresh_operators()?
             .into_iter()
             .map(|(k, b, _)| Self::decode(&k, &b))
             .collect()
@@ -747,11 +764,13 @@ impl Store for EtcdStore {
         // By the record's own key, which authentication looks tokens up
         // by: the hash inside a record (a hand edit) may name another key,
         // and its token stayed valid after `operator rm`.
-        for (k, b, _) in self.cached_under(OPERATORS) {
+        // As etcd has them now (see `list_operators`), each deleted only
+        // as it was read.
+        for (k, b, rev) in self.fresh_operators()? {
             let Some(op) = super::store::readable_operator(Self::decode::<Operator>(&k, &b)) else {
                 continue;
             };
-            if doomed(&op) && self.delete(&k)? {
+            if doomed(&op) && self.delete_when(&k, etcd::mod_is(&self.key(&k), rev))? {
                 n += 1;
             }
         }

@@ -353,6 +353,12 @@ impl Cluster {
         let every = (60 / KEEPALIVE.as_secs().max(1)).max(1);
         while !cancel.is_cancelled() {
             std::thread::sleep(KEEPALIVE);
+            // Stopped while it slept: the shutdown revokes the lease, and
+            // a renewal now would answer "expired" and announce this hub
+            // again, a ghost record for the lease's life.
+            if cancel.is_cancelled() {
+                break;
+            }
             let lease = self.lease.load(Ordering::SeqCst);
             let r = self.store.etcd.lease_keepalive(lease);
             if r.is_ok() && failed > 0 {
