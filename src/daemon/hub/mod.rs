@@ -171,6 +171,10 @@ pub const MAX_KEPT_CHANNELS: usize = 512;
 pub const MAX_STREAMS_PER_OPERATOR: usize = 1024;
 
 /// [`MAX_STREAMS_PER_OPERATOR`], or `TOWERCTL_MAX_STREAMS_PER_OPERATOR`.
+/// The least time between two writes of one member's agent version
+/// ([`Hub::record_agent_version`]).
+const VERSION_WRITE_GAP: Duration = Duration::from_secs(5);
+
 pub fn max_streams_per_operator() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
@@ -420,6 +424,9 @@ pub struct Hub {
     /// The hub group's tunnel URLs as last sent to every agent
     /// (`peer::send_hub_list`).
     hub_list_sent: Mutex<Vec<String>>,
+    /// Agent versions waiting to be written, by member
+    /// ([`Hub::record_agent_version`]).
+    version_pending: Arc<Mutex<HashMap<String, String>>>,
     /// Bumped when the registry's members may have changed, here or on
     /// another hub ([`Hub::registry_changed`]): open push connections look
     /// again at what their member exposes.
@@ -465,6 +472,7 @@ impl Hub {
             hub_list_sent: Default::default(),
             authed_conns: Default::default(),
             registry_changes: tokio::sync::watch::Sender::new(0),
+            version_pending: Default::default(),
         }
     }
 
@@ -706,23 +714,7 @@ impl Hub {
         );
         if let Ok(Some(m)) = self.store.get_member(&s.name) {
             if m.agent_version.as_deref() != Some(s.version.as_str()) {
-                // Written off the runtime thread, which carries every tunnel
-                // and request: with etcd slow, each such login froze the
-                // hub for the write's timeout (2 s).
-                let (store, name, version) =
-                    (self.store.clone(), s.name.clone(), s.version.clone());
-                self.tasks.spawn(async move {
-                    let _ = tokio::task::spawn_blocking(move || {
-                        store.update_member(&name, &mut |m| {
-                            if m.agent_version.as_deref() == Some(version.as_str()) {
-                                return false;
-                            }
-                            m.agent_version = Some(version.clone());
-                            true
-                        })
-                    })
-                    .await;
-                });
+                self.record_agent_version(&s.name, &s.version);
             }
         }
         let old = self
@@ -766,6 +758,61 @@ impl Hub {
     /// in and drops in a loop queued a write per session end on the
     /// blocking threads the control socket and logins need. A later time
     /// arriving meanwhile is written once the one in flight is done.
+    /// Writes the version member `name`'s agent says it runs into its
+    /// record: off the runtime thread (with etcd slow, each such login froze
+    /// the hub for the write's timeout), one write at a time per member and
+    /// at most one every [`VERSION_WRITE_GAP`], the latest version winning.
+    /// An agent's key holder logging in again and again with two versions
+    /// in turn made a registry write (an fsync, or an etcd transaction
+    /// every hub watches) per login, and took the blocking threads that
+    /// logins and the registry share.
+    fn record_agent_version(&self, name: &str, version: &str) {
+        let Ok(mut pending) = self.version_pending.lock() else {
+            return;
+        };
+        if let Some(v) = pending.get_mut(name) {
+            // The task in flight writes it next.
+            *v = version.to_string();
+            return;
+        }
+        pending.insert(name.to_string(), version.to_string());
+        drop(pending);
+        let (store, pending, name) = (
+            self.store.clone(),
+            self.version_pending.clone(),
+            name.to_string(),
+        );
+        // Not among the tasks a shutdown waits for: it may be sleeping.
+        tokio::spawn(async move {
+            let mut written: Option<String> = None;
+            loop {
+                let want = match pending.lock() {
+                    Ok(mut p) => match p.get(&name) {
+                        Some(v) if written.as_ref() != Some(v) => v.clone(),
+                        _ => {
+                            p.remove(&name);
+                            return;
+                        }
+                    },
+                    Err(_) => return,
+                };
+                let (store, n, v) = (store.clone(), name.clone(), want.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    store.update_member(&n, &mut |m| {
+                        if m.agent_version.as_deref() == Some(v.as_str()) {
+                            return false;
+                        }
+                        m.agent_version = Some(v.clone());
+                        true
+                    })
+                })
+                .await;
+                written = Some(want);
+                tokio::time::sleep(VERSION_WRITE_GAP).await;
+            }
+        });
+    }
+
     pub(super) fn record_last_seen(&self, name: &str, now: u64) {
         let Ok(mut pending) = self.last_seen_pending.lock() else {
             return;
@@ -2049,6 +2096,46 @@ mod tests {
     /// can be removed and added again with a new token. Registered by name,
     /// a stream opened with a token that was gone stayed open as long as
     /// anything bore its name (another hub's admin; the new alice).
+    /// An agent's key holder logging in again and again with two versions
+    /// in turn made a registry write per login.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agent_versions_are_written_one_at_a_time_the_latest_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::daemon::store::MemStore::default());
+        let hub = Hub::new(
+            store.clone(),
+            crate::daemon::audit::Auditor::start(dir.path().join("audit.log")),
+            String::new(),
+            Caps::from_fd_limit(1024),
+        );
+        assert!(store
+            .create_member(&crate::daemon::store::Member::new("alpha", "h".into(), 1))
+            .unwrap());
+        let before = store.writes.load(Ordering::SeqCst);
+        let version = || store.get_member("alpha").unwrap().unwrap().agent_version;
+        for i in 0..200 {
+            hub.record_agent_version("alpha", if i % 2 == 0 { "v1" } else { "v2" });
+            tokio::task::yield_now().await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while version().is_none() {
+            assert!(std::time::Instant::now() < deadline, "nothing written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One write now; the latest version waits for the gap.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let writes = store.writes.load(Ordering::SeqCst) - before;
+        assert_eq!(writes, 1, "{writes} writes for 200 logins");
+        assert_eq!(
+            hub.version_pending
+                .lock()
+                .unwrap()
+                .get("alpha")
+                .map(String::as_str),
+            Some("v2")
+        );
+    }
+
     #[tokio::test]
     async fn streams_opened_with_a_token_that_is_gone_are_cut_whatever_else_bears_its_name() {
         use crate::daemon::access::{names_selector, Effect, Subject};
