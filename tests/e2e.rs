@@ -565,7 +565,11 @@ fn bad_input_gets_a_clear_error() {
 fn registry_survives_kill_9_during_writes() {
     let env = Env::new();
     env.up();
-    let mut added = Vec::new();
+    // One acknowledged before the kill is armed: under load the first add
+    // could take the whole 700 ms and nothing was acknowledged.
+    let o = env.towerctl(&["cluster", "add", "first"]);
+    assert!(o.ok(), "{o:?}");
+    let mut added = vec!["first".to_string()];
     let killer = {
         let pid = env.pid_of("hub").unwrap();
         std::thread::spawn(move || {

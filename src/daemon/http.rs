@@ -174,6 +174,66 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether kube-apiserver treats the request as long-running (its
+/// `LongRunningRequestCheck`): watches, `proxy`, and the `attach`, `exec`,
+/// `log` and `portforward` subresources (and any upgrade). Those may take
+/// as long as they like to answer.
+pub fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
+    if upgrade {
+        return true;
+    }
+    let watch = query_flag(query, "watch") || query_flag(query, "follow");
+    watch || long_running_subresource(path)
+}
+
+/// Whether `path` names a long-running subresource (`…/pods/NAME/log`,
+/// `…/services/NAME/proxy/…`, `…/nodes/NAME/proxy`), read as
+/// kube-apiserver reads it: the segment after a resource's name, not any
+/// segment of that spelling (a namespace named `log`, a ConfigMap named
+/// `exec` lost the answer deadline).
+pub fn long_running_subresource(path: &str) -> bool {
+    // Read segment by segment (once per API request: no list built).
+    let mut segs = path.trim_start_matches('/').split('/');
+    // /api/v1/… or /apis/GROUP/VERSION/…
+    let version_segments = match segs.next() {
+        Some("api") => 1,
+        Some("apis") => 2,
+        _ => return false,
+    };
+    for _ in 0..version_segments {
+        segs.next();
+    }
+    // `watch` and `proxy` as verbs, right after the version (the legacy
+    // `/api/v1/watch/…`, `/api/v1/proxy/…`); then
+    // namespaces/NS/RESOURCE/NAME/SUB, or RESOURCE/NAME/SUB for a
+    // cluster-scoped resource (namespaces itself: namespaces/NAME/SUB).
+    let sub = match segs.next() {
+        Some("watch" | "proxy") => return true,
+        Some("namespaces") => match (segs.next(), segs.next(), segs.next(), segs.next()) {
+            (Some(_ns), Some(_res), Some(_name), Some(sub)) => Some(sub),
+            (Some(_name), Some(sub), None, None) => Some(sub),
+            _ => None,
+        },
+        Some(_res) => segs.nth(1),
+        None => None,
+    };
+    matches!(
+        sub,
+        Some("proxy" | "attach" | "exec" | "log" | "portforward")
+    )
+}
+
+/// `fut` within `deadline`, or for as long as it takes without one.
+pub async fn within<F: std::future::Future>(
+    deadline: Option<std::time::Duration>,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(d) => tokio::time::timeout(d, fut).await,
+        None => Ok(fut.await),
+    }
+}
+
 /// The `timeout` a request asks for (`?timeout=1m30s`, Go's duration
 /// syntax in whole units), if it parses.
 pub fn asked_timeout(query: Option<&str>) -> Option<std::time::Duration> {

@@ -96,13 +96,22 @@ pub fn load(
     let certs = vec![leaf.der().clone()];
     let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der())
         .map_err(|e| anyhow::anyhow!("gateway key: {e}"))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("gateway TLS configuration")?;
+    // X25519 and P-256 only: ring's default list also takes P-384, which a
+    // client offering nothing else (a canned ClientHello replayed without
+    // cost) made the hub compute at several times the price, inline on the
+    // runtime that carries every tunnel.
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![
+            rustls::crypto::ring::kx_group::X25519,
+            rustls::crypto::ring::kx_group::SECP256R1,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("gateway TLS configuration")?;
     // HTTP/2 for clients that offer it (kubectl does: its requests, lists
     // and watches then share one TLS connection, as with kube-apiserver;
     // its exec, attach and port-forward upgrades dial their own HTTP/1.1

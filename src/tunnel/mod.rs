@@ -121,6 +121,23 @@ pub fn preferred() -> russh::Preferred {
         // unauthenticated peer must not make the hub inflate its data), and
         // after it the CPU is better spent on the cipher.
         compression: Cow::Borrowed(&[russh::compression::NONE]),
+        // Elliptic-curve (and post-quantum hybrid) key exchanges only.
+        // russh's default list ends with finite-field Diffie-Hellman groups
+        // up to 8192 bits, computed on the session's task with a
+        // full-length exponent: anyone reaching the tunnel port, before
+        // any credential, offered only group18 and a trivial public value,
+        // and cost the hub a large share of a CPU-second per connection,
+        // on the thread that carries every member's tunnel. Both ends are
+        // towerctl, which never needs them.
+        kex: Cow::Borrowed(&[
+            russh::kex::MLKEM768X25519_SHA256,
+            russh::kex::CURVE25519,
+            russh::kex::CURVE25519_PRE_RFC_8731,
+            russh::kex::EXTENSION_SUPPORT_AS_CLIENT,
+            russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]),
         ..russh::Preferred::default()
     }
 }

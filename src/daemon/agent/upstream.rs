@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use crate::daemon::http::long_running;
 use crate::tunnel::flow::FlowStream;
 use anyhow::{Context, Result};
 use http::{header, Request, Response, StatusCode};
@@ -161,56 +162,6 @@ fn answer_timeout() -> std::time::Duration {
             .filter(|s| *s > 0)
             .map_or(ANSWER_TIMEOUT, std::time::Duration::from_secs)
     })
-}
-
-/// Whether kube-apiserver treats the request as long-running (its
-/// `LongRunningRequestCheck`): watches, `proxy`, and the `attach`, `exec`,
-/// `log` and `portforward` subresources (and any upgrade). Those may take
-/// as long as they like to answer.
-fn long_running(path: &str, query: Option<&str>, upgrade: bool) -> bool {
-    if upgrade {
-        return true;
-    }
-    let watch = crate::daemon::http::query_flag(query, "watch")
-        || crate::daemon::http::query_flag(query, "follow");
-    watch || long_running_subresource(path)
-}
-
-/// Whether `path` names a long-running subresource (`…/pods/NAME/log`,
-/// `…/services/NAME/proxy/…`, `…/nodes/NAME/proxy`), read as
-/// kube-apiserver reads it: the segment after a resource's name, not any
-/// segment of that spelling (a namespace named `log`, a ConfigMap named
-/// `exec` lost the answer deadline).
-fn long_running_subresource(path: &str) -> bool {
-    // Read segment by segment (once per API request: no list built).
-    let mut segs = path.trim_start_matches('/').split('/');
-    // /api/v1/… or /apis/GROUP/VERSION/…
-    let version_segments = match segs.next() {
-        Some("api") => 1,
-        Some("apis") => 2,
-        _ => return false,
-    };
-    for _ in 0..version_segments {
-        segs.next();
-    }
-    // `watch` and `proxy` as verbs, right after the version (the legacy
-    // `/api/v1/watch/…`, `/api/v1/proxy/…`); then
-    // namespaces/NS/RESOURCE/NAME/SUB, or RESOURCE/NAME/SUB for a
-    // cluster-scoped resource (namespaces itself: namespaces/NAME/SUB).
-    let sub = match segs.next() {
-        Some("watch" | "proxy") => return true,
-        Some("namespaces") => match (segs.next(), segs.next(), segs.next(), segs.next()) {
-            (Some(_ns), Some(_res), Some(_name), Some(sub)) => Some(sub),
-            (Some(_name), Some(sub), None, None) => Some(sub),
-            _ => None,
-        },
-        Some(_res) => segs.nth(1),
-        None => None,
-    };
-    matches!(
-        sub,
-        Some("proxy" | "attach" | "exec" | "log" | "portforward")
-    )
 }
 
 /// How long the agent waits for the answer to a request that is not

@@ -157,6 +157,9 @@ struct Conn {
     /// Asks the connection to close (gracefully, then dropped a
     /// [`CLOSE_GRACE`] later): its operator holds too many.
     closer: CancellationToken,
+    /// Requests refused on it for want of a valid token
+    /// ([`MAX_REFUSED_PER_CONNECTION`]).
+    refused: std::sync::atomic::AtomicU32,
     /// Its place among its operator's connections ([`AuthedConns`]), from
     /// its first authenticated request.
     registration: std::sync::Mutex<Option<Registration>>,
@@ -175,6 +178,13 @@ struct Conn {
 /// the pre-authentication caps no longer count a connection once its
 /// first request carried a valid token.
 pub const MAX_CONNECTIONS_PER_OPERATOR: usize = 4096;
+
+/// Requests a connection may have refused for want of a valid token
+/// before the hub closes it: one HTTP/2 connection sent 401-bound
+/// requests without end within its pre-authentication deadline (each a
+/// task, a record and an answer on the thread that carries the tunnels),
+/// and a connection of a removed operator kept sending them for ever.
+const MAX_REFUSED_PER_CONNECTION: u32 = 8;
 
 /// Most of an operator's connections that are `towerctl port-forward`'s
 /// multiplexed HTTP/2, unless `TOWERCTL_MAX_MUX_CONNECTIONS_PER_OPERATOR`
@@ -505,6 +515,7 @@ pub async fn serve(
                 peer_text,
                 proxy,
                 closer: CancellationToken::new(),
+                refused: Default::default(),
                 registration: Default::default(),
                 mux,
             });
@@ -557,7 +568,14 @@ pub async fn serve(
                     // per connection: hyper's 1 MiB across an operator's
                     // 4,096 connections was 4 GiB held for one token.
                     b.initial_stream_window_size(H2_WINDOW)
-                        .initial_connection_window_size(H2_WINDOW);
+                        .initial_connection_window_size(H2_WINDOW)
+                        // What the hub queues per stream for a client that
+                        // gave large windows and stopped reading: hyper's
+                        // 400 KiB across 1,000 streams held ~390 MiB per
+                        // connection, outside every stream budget (each
+                        // answer's stream slot is released once its body
+                        // is handed over).
+                        .max_send_buf_size(H2_SEND_BUFFER);
                 }
                 let conn = b.serve_connection(TokioIo::new(tls), svc);
                 watch.drive(conn, |c| c.graceful_shutdown()).await;
@@ -691,6 +709,9 @@ const MUX_MAX_STREAMS: u32 = 4096;
 /// Most requests at once on one HTTP/2 client connection (kube-apiserver's
 /// default `--http2-max-streams-per-connection`).
 const H2_MAX_STREAMS: u32 = 1000;
+/// Bytes of answers the hub queues per HTTP/2 stream to kubectl's
+/// connections (see where it is set).
+const H2_SEND_BUFFER: usize = 64 * 1024;
 /// Request body bytes an `h2` connection (kubectl's) may send ahead, for
 /// all its streams: request bodies are small (objects of at most 1.5 MB,
 /// as etcd stores them), and the window comes back as the member takes
@@ -775,7 +796,7 @@ impl Watch {
             if closed_at.is_some_and(|t| t.elapsed() >= CLOSE_GRACE)
                 && conn_state.idle_for().is_some()
             {
-                tracing::debug!(%peer, "gateway connection dropped: its operator's connections are over the limit");
+                tracing::debug!(%peer, "gateway connection dropped: asked to close (its operator's connections over the limit, or too many requests without a valid token)");
                 break;
             }
         }
@@ -942,6 +963,14 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
     // Refused before any routing: a client without a token learns nothing
     // about which members exist. Recorded (rate-limited together).
     let unauthorized = |why: &str| {
+        let refused = conn
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if refused >= MAX_REFUSED_PER_CONNECTION {
+            // Closed gracefully once this answer is out (then dropped).
+            conn.closer.cancel();
+        }
         hub.auditor.record(Record {
             time: crate::daemon::fmt::fmt_now(),
             operator: crate::daemon::audit::UNAUTHENTICATED.into(),
@@ -2016,7 +2045,7 @@ async fn proxy(
     // that never does (a compromised member's, a stuck one) held the
     // request, and the operator's stream slot, for as long as the session
     // lived: client-go sets no deadline of its own.
-    let deadline = super::peer::answer_deadline(parts.uri.query());
+    let deadline = super::peer::answer_deadline(parts.uri.path(), parts.uri.query(), upgrade);
     let up_req = Request::from_parts(parts, body);
 
     let exchange = async {
@@ -2066,7 +2095,7 @@ async fn proxy(
     // access withdrawn while the member has not answered yet ends the
     // request here, and an answer never opens a stream for it.
     let (mut resp, sender) = tokio::select! {
-        r = tokio::time::timeout(deadline, exchange) => match r {
+        r = crate::daemon::http::within(deadline, exchange) => match r {
             Ok(Ok(r)) => r,
             Ok(Err(resp)) => return resp,
             Err(_) => {
@@ -2076,7 +2105,7 @@ async fn proxy(
                     "Timeout",
                     &format!(
                         "cluster '{name}': its agent did not answer within {}s; see 'towerctl status' and the agent's log",
-                        deadline.as_secs()
+                        deadline.unwrap_or_default().as_secs()
                     ),
                 );
             }

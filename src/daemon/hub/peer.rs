@@ -72,10 +72,18 @@ pub(super) const PEER_ANSWER_DEADLINE: Duration = Duration::from_secs(130);
 /// How long a request may wait for its answer's head from the member:
 /// [`PEER_ANSWER_DEADLINE`], plus what the request asks the member for
 /// (`?timeout=`), up to an hour (`timeout=876000h` lifted the bound).
-pub(super) fn answer_deadline(query: Option<&str>) -> Duration {
-    crate::daemon::http::asked_timeout(query)
-        .map(|t| t.min(Duration::from_secs(3600)) + PEER_ANSWER_DEADLINE)
-        .unwrap_or(PEER_ANSWER_DEADLINE)
+/// None for a request kube-apiserver lets take as long as it likes
+/// (`http::long_running`: a node's `proxy/debug/pprof/profile?seconds=180`
+/// answers its head when the profile is done), as the agent does.
+pub(super) fn answer_deadline(path: &str, query: Option<&str>, upgrade: bool) -> Option<Duration> {
+    if crate::daemon::http::long_running(path, query, upgrade) {
+        return None;
+    }
+    Some(
+        crate::daemon::http::asked_timeout(query)
+            .map(|t| t.min(Duration::from_secs(3600)) + PEER_ANSWER_DEADLINE)
+            .unwrap_or(PEER_ANSWER_DEADLINE),
+    )
 }
 /// A hub's lease lives this long without renewal.
 pub const LEASE_TTL: i64 = 10;
@@ -1431,8 +1439,8 @@ pub(super) async fn forward(
     // request the member is slow on has the agent's own deadline inside.
     // A request asking the member for longer (`?timeout=`) is given it,
     // up to an hour (`timeout=876000h` lifted the bound).
-    let deadline = answer_deadline(parts.uri.query());
-    let answered = tokio::time::timeout(deadline, async {
+    let deadline = answer_deadline(upstream_path, parts.uri.query(), upgrade);
+    let answered = crate::daemon::http::within(deadline, async {
         match sender
             .try_send_request(Request::from_parts(parts, body))
             .await
@@ -1460,7 +1468,7 @@ pub(super) async fn forward(
         Err(_) => {
             return Ok(unreachable(&format!(
                 "no answer within {}s",
-                deadline.as_secs()
+                deadline.unwrap_or_default().as_secs()
             )))
         }
     };
