@@ -937,6 +937,48 @@ mod session_loop_tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_hub_takes_no_finite_field_key_exchange() {
+        // Offered only 8192-bit Diffie-Hellman (no credential needed to
+        // ask), the hub computed it on the tunnels' thread per connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let config = super::server::config(key, Duration::from_secs(10));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let srv = Srv(tokio::sync::mpsc::unbounded_channel().0, Serve::BothWays);
+                    if let Ok(s) = server::run_stream(config, stream, srv).await {
+                        let _ = s.await;
+                    }
+                });
+            }
+        });
+        for (kex, taken) in [
+            (russh::kex::DH_G18_SHA512, false),
+            (russh::kex::DH_G14_SHA256, false),
+            (russh::kex::DH_GEX_SHA256, false),
+            (russh::kex::CURVE25519, true),
+        ] {
+            let config = russh::client::Config {
+                preferred: russh::Preferred {
+                    kex: std::borrow::Cow::Owned(vec![kex]),
+                    ..russh::Preferred::default()
+                },
+                ..Default::default()
+            };
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                russh::client::connect(Arc::new(config), addr, Cli::Answer),
+            )
+            .await
+            .expect("the key exchange neither ended nor failed");
+            assert_eq!(r.is_ok(), taken, "{kex:?}: {:?}", r.err());
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_leaving_opens_unanswered_ends_its_session_past_the_cap() {
         // A compromised member's agent that never answers the hub's opens
