@@ -112,9 +112,21 @@ impl GatewayClient {
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let (host, port) = (&self.host, self.port);
         let connecting = async {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-                .await
-                .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?;
+            let proxy =
+                crate::tunnel::proxy::for_gateway(host, port).map_err(anyhow::Error::msg)?;
+            let tcp = match &proxy {
+                Some(p) => crate::tunnel::proxy::connect(p, host, port)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot connect to the gateway at {host}:{port} through the proxy {} (HTTPS_PROXY; NO_PROXY keeps a host off it)",
+                            p.shown()
+                        )
+                    })?,
+                None => tokio::net::TcpStream::connect((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?,
+            };
             crate::tunnel::nodelay(&tcp);
             let name = ServerName::try_from(host.clone())
                 .with_context(|| format!("invalid server name '{host}'"))?;

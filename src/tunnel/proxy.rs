@@ -99,6 +99,30 @@ pub fn choose(
     choose_with(tls, host, port, explicit, saved, env)
 }
 
+/// The proxy the operator's own commands (`login`, `use`, `port-forward`,
+/// `towerctl kubectl`'s probes) take to a gateway at `host:port`: the
+/// environment's `HTTPS_PROXY` unless `NO_PROXY` names the host, and never
+/// for a loopback host, exactly as kubectl (Go) reads them in the same
+/// shell. They dialed the gateway directly: behind a corporate proxy,
+/// `towerctl login` failed where kubectl worked.
+pub fn for_gateway(host: &str, port: u16) -> Result<Option<Proxy>, String> {
+    gateway_proxy_with(host, port, ProxyVars::from_env().unwrap_or_default())
+}
+
+fn gateway_proxy_with(host: &str, port: u16, env: ProxyVars) -> Result<Option<Proxy>, String> {
+    let bare = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .trim_end_matches('.');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    if loopback {
+        return Ok(None);
+    }
+    choose_with(true, host, port, None, None, env)
+}
+
 /// [`choose`] with the environment's variables given.
 fn choose_with(
     tls: bool,
@@ -420,6 +444,36 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_operators_commands_take_the_proxy_kubectl_takes() {
+        let env = ProxyVars {
+            https: Some("http://u:pw@proxy.corp:3128".into()),
+            http: Some("http://plain.corp:3128".into()),
+            no: Some(".internal,10.0.0.0/8".into()),
+        };
+        let p = gateway_proxy_with("hub.example.com", 9443, env.clone()).unwrap();
+        assert_eq!(p.unwrap().shown(), "http://***@proxy.corp:3128");
+        for direct in [
+            "hub.internal",
+            "10.1.2.3",
+            "localhost",
+            "127.0.0.1",
+            "127.0.0.2",
+            "[::1]",
+            "::ffff:127.0.0.1",
+        ] {
+            assert_eq!(
+                gateway_proxy_with(direct, 9443, env.clone()).unwrap(),
+                None,
+                "{direct}"
+            );
+        }
+        assert_eq!(
+            gateway_proxy_with("hub.example.com", 9443, ProxyVars::default()).unwrap(),
+            None
+        );
+    }
 
     #[test]
     fn saved_proxy_variables_are_used_when_the_environment_has_none() {
