@@ -221,6 +221,54 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
         "jsonpath={.contexts[?(@.name==\"tower-alpha\")].context.namespace}",
     ]);
     assert_eq!(o.stdout.trim(), "payments", "{o:?}");
+    // So do a cluster's proxy-url and disable-compression set with kubectl
+    // (every `use` wiped them); a token set on the user goes (it would
+    // fight the exec plugin).
+    for args in [
+        &[
+            "config",
+            "set",
+            "clusters.tower-alpha.proxy-url",
+            "http://proxy.corp.example:3128",
+        ][..],
+        &[
+            "config",
+            "set",
+            "clusters.tower-alpha.disable-compression",
+            "true",
+        ][..],
+        &["config", "set", "users.tower-alpha.token", "stale-token"][..],
+    ] {
+        let o = env.kubectl(args);
+        assert!(o.ok(), "{o:?}");
+    }
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let field = |path: &str| {
+        env.kubectl(&["config", "view", "-o", &format!("jsonpath={path}")])
+            .stdout
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        field("{.clusters[?(@.name==\"tower-alpha\")].cluster.proxy-url}"),
+        "http://proxy.corp.example:3128"
+    );
+    assert_eq!(
+        field("{.clusters[?(@.name==\"tower-alpha\")].cluster.disable-compression}"),
+        "true"
+    );
+    assert_eq!(field("{.users[?(@.name==\"tower-alpha\")].user.token}"), "");
+    assert!(!field("{.users[?(@.name==\"tower-alpha\")].user.exec.command}").is_empty());
+    for args in [
+        &["config", "unset", "clusters.tower-alpha.proxy-url"][..],
+        &[
+            "config",
+            "unset",
+            "clusters.tower-alpha.disable-compression",
+        ][..],
+    ] {
+        assert!(env.kubectl(args).ok());
+    }
     // A `.towerctl.bak` planted as a link is replaced, never written
     // through (the copy used to land in the link's target).
     let bak = env.path("home/.kube/config.towerctl.bak");

@@ -161,6 +161,22 @@ pub fn write_context(
     write_entries(source, name, explicit)
 }
 
+/// `ours` over what the kubeconfig already holds for the entry: its other
+/// keys kept, those in `fight` (other credentials, another CA) removed.
+fn merged(existing: Option<&Value>, ours: Value, fight: &[&str]) -> Value {
+    let (Some(Value::Object(old)), Value::Object(new)) = (existing, &ours) else {
+        return ours;
+    };
+    let mut out = old.clone();
+    for k in fight {
+        out.remove(*k);
+    }
+    for (k, v) in new {
+        out.insert(k.clone(), v.clone());
+    }
+    Value::Object(out)
+}
+
 /// [`write_context`] without the membership check (the caller made it).
 fn write_entries(
     source: &Source,
@@ -178,13 +194,43 @@ fn write_entries(
     // does the current context (the first one set is kubectl's).
     let home = kubeconfig::defining(&files, &ctx)?.unwrap_or_else(|| target.clone());
     let written = kubeconfig::edit(&home, |d| {
-        // The namespace an operator set on the context (`kubectl config
-        // set-context --current --namespace=…`) stays.
-        if let Some(ns) =
-            kubeconfig::find(d, "contexts", "context", &ctx).and_then(|c| c.get("namespace"))
+        // What an operator added to the entries stays: the context's
+        // namespace (`kubectl config set-context --current --namespace=…`),
+        // a cluster's `proxy-url` or `disable-compression`, a user's `as`
+        // or exec `env` (every `use` wiped them: kubectl then went around
+        // the proxy it needed). Only what would fight towerctl's own goes.
+        let cluster = merged(
+            kubeconfig::find(d, "clusters", "cluster", &ctx),
+            cluster,
+            &["certificate-authority", "insecure-skip-tls-verify"],
+        );
+        let mut user = user;
+        if let Some(env) = kubeconfig::find(d, "users", "user", &ctx)
+            .and_then(|u| u.get("exec"))
+            .and_then(|e| e.get("env"))
         {
-            context["namespace"] = ns.clone();
+            user["exec"]["env"] = env.clone();
         }
+        let user = merged(
+            kubeconfig::find(d, "users", "user", &ctx),
+            user,
+            &[
+                "token",
+                "tokenFile",
+                "client-certificate",
+                "client-certificate-data",
+                "client-key",
+                "client-key-data",
+                "username",
+                "password",
+                "auth-provider",
+            ],
+        );
+        context = merged(
+            kubeconfig::find(d, "contexts", "context", &ctx),
+            context,
+            &[],
+        );
         kubeconfig::upsert(d, "clusters", "cluster", &ctx, cluster)?;
         kubeconfig::upsert(d, "users", "user", &ctx, user)?;
         kubeconfig::upsert(d, "contexts", "context", &ctx, context)?;
