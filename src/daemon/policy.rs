@@ -54,6 +54,10 @@ impl Rule {
             return Err(bad());
         }
         if let Some(suffix) = body.strip_prefix("*.") {
+            // `*.` alone took every name written with a final dot.
+            if suffix.trim_matches('.').is_empty() {
+                return Err(bad());
+            }
             return Ok(Rule::Suffix {
                 suffix: suffix.to_ascii_lowercase(),
                 port,
@@ -365,6 +369,10 @@ mod tests {
         assert!(p.check(&host("DB.internal"), 1).is_ok());
         assert!(Rule::parse("10.0.0.0/33").is_err());
         assert!(Rule::parse("x:notaport").is_err());
+        // `*.` alone would take every name written with a final dot.
+        assert!(Rule::parse("*.").is_err());
+        assert!(Rule::parse("*..").is_err());
+        assert!(Rule::parse("*.corp.example").is_ok());
         assert_eq!(
             Rule::parse("[::1]:80").unwrap(),
             Rule::Host {

@@ -101,6 +101,10 @@ type DialError = (DialCode, String);
 /// giving up.
 pub(super) const DIAL_DEADLINE: Duration = Duration::from_secs(15);
 
+/// Most host-name lookups the agent makes at once for raw streams (see
+/// `dial_host`); the daemons have 16 blocking threads.
+const MAX_LOOKUPS: usize = 8;
+
 /// Why a host could not be dialed: the policy's refusal of an address it
 /// resolved to, or another failure, said as it is.
 type HostError = Result<DialError, crate::daemon::policy::Denied>;
@@ -115,15 +119,41 @@ async fn dial_host(
     port: u16,
     strict: bool,
 ) -> Result<tokio::net::TcpStream, HostError> {
-    let addrs: Vec<_> = tokio::net::lookup_host((h, port))
-        .await
-        .map_err(|e| {
-            Ok((
-                DialCode::NotFound,
-                format!("cannot resolve '{h}' in the member network: {e}"),
-            ))
-        })?
-        .collect();
+    // At most this many lookups at once (each a blocking thread's
+    // `getaddrinfo`, which outlives the dial's deadline): names that never
+    // answer, asked without end, took every blocking thread, and with them
+    // the agent's own reconnection to its hub.
+    static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+    let Ok(_slot) = LOOKUPS.try_acquire() else {
+        return Err(Ok((
+            DialCode::Unavailable,
+            format!("cannot resolve '{h}' now: {MAX_LOOKUPS} name lookups are already in flight in the member network; retry shortly"),
+        )));
+    };
+    // A name with dots is looked up as written first (absolute): through
+    // a pod's search list (`ndots:5`), `db.internal` was first tried as
+    // `db.internal.svc.cluster.local`, the Service `db` of a namespace
+    // named `internal`, whoever made it. As written, then, only when that
+    // finds nothing (a name only `/etc/hosts` knows).
+    let absolute = (h.contains('.') && !h.ends_with('.') && h.parse::<std::net::IpAddr>().is_err())
+        .then(|| format!("{h}."));
+    let found = match absolute {
+        Some(a) => match tokio::net::lookup_host((a.as_str(), port)).await {
+            Ok(found) => Ok(found.collect::<Vec<_>>()),
+            Err(_) => tokio::net::lookup_host((h, port))
+                .await
+                .map(|f| f.collect()),
+        },
+        None => tokio::net::lookup_host((h, port))
+            .await
+            .map(|f| f.collect()),
+    };
+    let addrs: Vec<_> = found.map_err(|e| {
+        Ok((
+            DialCode::NotFound,
+            format!("cannot resolve '{h}' in the member network: {e}"),
+        ))
+    })?;
     let own = policy::own_addresses();
     for a in &addrs {
         policy.check_addr(target, *a, strict, &own).map_err(Err)?;
@@ -342,6 +372,12 @@ pub(super) async fn serve_raw(
         };
         policy.check(&target, port).map_err(refuse)?;
         match &target {
+            // Under impersonation a stream without the operator's identity
+            // is refused whatever its target, as for Kubernetes targets.
+            Target::Host(_) if rbac.is_some() && who.is_none() => {
+                denied.fetch_add(1, Ordering::Relaxed);
+                Err((DialCode::Denied, "this member requires impersonation and the hub sent no operator identity with the stream; upgrade the hub".to_string()))
+            }
             Target::Host(h) => dial_host(&policy, &target, h, port, strict)
                 .await
                 .map(|s| Box::new(s) as Box<dyn Conn>)

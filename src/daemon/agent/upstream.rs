@@ -558,13 +558,17 @@ async fn acting_as(
     match (operator, client) {
         (None, None) => {}
         (Some((user, groups)), None) => {
-            if let Ok(v) = http::HeaderValue::from_str(&user) {
-                headers.insert("impersonate-user", v);
-            }
+            // Fail closed: a value that cannot be a header went out as no
+            // header at all, and the request then ran with the agent's own
+            // credentials.
+            let unfit = || {
+                refused("the operator's identity cannot be written as impersonation headers; refused rather than sent with the agent's own credentials")
+            };
+            let v = http::HeaderValue::from_str(&user).map_err(|_| unfit())?;
+            headers.insert("impersonate-user", v);
             for g in groups {
-                if let Ok(v) = http::HeaderValue::from_str(&g) {
-                    headers.append("impersonate-group", v);
-                }
+                let v = http::HeaderValue::from_str(&g).map_err(|_| unfit())?;
+                headers.append("impersonate-group", v);
             }
         }
         (None, Some(a)) => {
