@@ -216,6 +216,20 @@ fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
         }
         (head, String::from_utf8_lossy(&rest).into_owned())
     };
+    // An address is asked about as what it is in the member: a CONNECT to
+    // a pod's address (allowed by --allow 127.0.0.0/8) went past RBAC with
+    // only the dial policy to stop it. 127.0.0.2 is web-3's, whose
+    // port-forward the local admin (impersonated as 'admin', bound to
+    // nothing yet) may not create.
+    let (head, body) = connect(&format!("127.0.0.2.alpha:{}", web.port()));
+    assert!(head.starts_with("http/1.1 403"), "{head}{body}");
+    assert!(
+        body.contains("RBAC does not let operator 'admin' create pods/portforward 'web-3'"),
+        "{head}{body}"
+    );
+    // An address that is no pod's nor Service's is the dial policy's alone.
+    let (head, body) = connect(&format!("127.0.0.3.alpha:{}", web.port()));
+    assert!(!body.contains("RBAC"), "{head}{body}");
     let (head, body) = connect("10-0-0-1.default.pod.cluster.local.alpha:80");
     assert!(head.starts_with("http/1.1 403"), "{head}{body}");
     assert!(body.contains("forward to svc/NAME or pod/NAME"), "{body}");
@@ -234,4 +248,8 @@ fn port_forward_under_impersonation_needs_the_operators_own_rbac() {
     let (head, body) = connect("honest.default.svc.cluster.local.alpha:80");
     assert!(head.starts_with("http/1.1 200"), "{head}{body}");
     assert!(body.contains("the pod answers"), "{body}");
+    // Bound now: the pod's address is the dial policy's again (nothing
+    // listens there: the dial fails, RBAC says nothing).
+    let (head, body) = connect(&format!("127.0.0.2.alpha:{}", web.port()));
+    assert!(!body.contains("RBAC"), "{head}{body}");
 }

@@ -843,9 +843,23 @@ struct Filter {
     ns: Option<String>,
     name: Option<String>,
     labels: Vec<LabelRequirement>,
+    /// Other `fieldSelector` terms (`status.podIP=…`, `spec.clusterIP=…`):
+    /// a dotted path into the object and the value it must hold; applied
+    /// to lists only.
+    fields: Vec<(String, String)>,
 }
 
 impl Filter {
+    /// Whether `obj` holds every field term's value.
+    fn fields_match(&self, obj: &Value) -> bool {
+        self.fields.iter().all(|(path, want)| {
+            path.split('.')
+                .try_fold(obj, |v, k| v.get(k))
+                .and_then(Value::as_str)
+                == Some(want.as_str())
+        })
+    }
+
     /// Whether the object stored under `key`, with `metadata.labels` `labels`, is covered.
     fn matches(&self, (plural, ns, name): &Key, labels: &Value) -> bool {
         *plural == self.res.plural
@@ -1579,6 +1593,7 @@ fn collection_filter(
         ns,
         name: None,
         labels: parse_label_selector(query.get("labelSelector").unwrap_or(""))?,
+        fields: Vec::new(),
     };
     for term in query.get("fieldSelector").unwrap_or("").split(',') {
         let (field, value) = match term.split_once("==") {
@@ -1588,7 +1603,8 @@ fn collection_filter(
         match field {
             "metadata.name" => filter.name = Some(value.to_owned()),
             "metadata.namespace" => filter.ns = Some(value.to_owned()),
-            _ => {}
+            "" => {}
+            other => filter.fields.push((other.to_owned(), value.to_owned())),
         }
     }
     Ok(filter)
@@ -1598,7 +1614,7 @@ fn list(store: &Store, res: &Resource, filter: &Filter) -> Value {
     let items: Vec<&Value> = store
         .objects
         .iter()
-        .filter(|(k, v)| filter.matches(k, &v["metadata"]["labels"]))
+        .filter(|(k, v)| filter.matches(k, &v["metadata"]["labels"]) && filter.fields_match(v))
         .map(|(_, v)| v)
         .collect();
     json!({

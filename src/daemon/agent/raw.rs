@@ -118,6 +118,7 @@ async fn dial_host(
     h: &str,
     port: u16,
     strict: bool,
+    vet: Option<Vet<'_>>,
 ) -> Result<tokio::net::TcpStream, HostError> {
     // At most this many lookups at once (each a blocking thread's
     // `getaddrinfo`, which outlives the dial's deadline): names that never
@@ -158,7 +159,119 @@ async fn dial_host(
     for a in &addrs {
         policy.check_addr(target, *a, strict, &own).map_err(Err)?;
     }
+    if let Some(v) = vet {
+        let mut seen = Vec::new();
+        for a in &addrs {
+            let ip = a.ip().to_canonical();
+            if !seen.contains(&ip) {
+                seen.push(ip);
+                v.address(ip).await.map_err(|m| Ok((DialCode::Denied, m)))?;
+            }
+        }
+    }
     dial_tcp(&addrs, target, port).await.map_err(Ok)
+}
+
+/// Under impersonation, what a host target's addresses belong to in the
+/// member, asked of its RBAC as the objects themselves would be: an
+/// address, or a name leading to one, reached any pod or Service an
+/// `--allow` CIDR covered, whatever the operator's rights there (the
+/// member's RBAC was asked only for `pod/NAME`, `svc/NAME` and workloads).
+#[derive(Clone, Copy)]
+struct Vet<'a> {
+    client: &'a kube::Client,
+    rbac: &'a super::rbac::Rbac,
+    who: &'a RawIdentity,
+}
+
+/// Services read at a time when looking for an address among them, and
+/// most pages read (then refused: the member is too large to tell).
+const SERVICE_PAGE: u32 = 500;
+const SERVICE_PAGES: usize = 40;
+
+impl Vet<'_> {
+    /// Every pod whose address `ip` is (a host-network pod's is its
+    /// node's), asked as `create pods/portforward`; every Service whose
+    /// cluster IP, external IP or load balancer address it is, asked as
+    /// `get services`. Any failure to tell refuses: fail closed.
+    async fn address(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        use k8s_openapi::api::core::v1::{Pod, Service};
+        use kube::api::{Api, ListParams};
+        let cannot = |what: &str, e: kube::Error| {
+            format!("cannot tell whether {ip} is a {what} in the member (under impersonation the member's RBAC decides who reaches its pods and Services), so it is refused: {e}")
+        };
+        let pods = Api::<Pod>::all(self.client.clone())
+            .list(
+                &ListParams::default()
+                    .fields(&format!("status.podIP={ip}"))
+                    .limit(50),
+            )
+            .await
+            .map_err(|e| cannot("pod's address", e))?;
+        for p in pods.items {
+            let (Some(ns), Some(name)) = (p.metadata.namespace, p.metadata.name) else {
+                continue;
+            };
+            let ask = Ask {
+                verb: "create",
+                group: "",
+                resource: "pods",
+                subresource: Some("portforward".into()),
+                namespace: ns,
+                name,
+            };
+            self.rbac.check(self.who, &ask).await?;
+        }
+        let api = Api::<Service>::all(self.client.clone());
+        let mut params = ListParams::default().limit(SERVICE_PAGE);
+        let text = ip.to_string();
+        for page in 0.. {
+            if page == SERVICE_PAGES {
+                return Err(format!("cannot tell whether {ip} is a Service's address in the member: more than {} Services to read; forward to svc/NAME or pod/NAME instead", SERVICE_PAGE as usize * SERVICE_PAGES));
+            }
+            let list = api
+                .list(&params)
+                .await
+                .map_err(|e| cannot("Service's address", e))?;
+            for s in list.items {
+                let spec = s.spec.as_ref();
+                let owns = spec
+                    .and_then(|sp| sp.cluster_ips.as_ref())
+                    .is_some_and(|l| l.contains(&text))
+                    || spec
+                        .and_then(|sp| sp.cluster_ip.as_deref())
+                        .is_some_and(|a| a == text)
+                    || spec
+                        .and_then(|sp| sp.external_ips.as_ref())
+                        .is_some_and(|l| l.contains(&text))
+                    || s.status
+                        .as_ref()
+                        .and_then(|st| st.load_balancer.as_ref())
+                        .and_then(|lb| lb.ingress.as_ref())
+                        .is_some_and(|l| l.iter().any(|i| i.ip.as_deref() == Some(&text)));
+                if !owns {
+                    continue;
+                }
+                let (Some(ns), Some(name)) = (s.metadata.namespace, s.metadata.name) else {
+                    continue;
+                };
+                let ask = Ask {
+                    verb: "get",
+                    group: "",
+                    resource: "services",
+                    subresource: None,
+                    namespace: ns,
+                    name,
+                };
+                self.rbac.check(self.who, &ask).await?;
+            }
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(next) => params = params.continue_token(&next),
+                None => break,
+            }
+        }
+        Ok(())
+    }
 }
 
 async fn dial_tcp(
@@ -378,10 +491,31 @@ pub(super) async fn serve_raw(
                 denied.fetch_add(1, Ordering::Relaxed);
                 Err((DialCode::Denied, "this member requires impersonation and the hub sent no operator identity with the stream; upgrade the hub".to_string()))
             }
-            Target::Host(h) => dial_host(&policy, &target, h, port, strict)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Conn>)
-                .map_err(|e| e.unwrap_or_else(refuse)),
+            Target::Host(h) => {
+                let vet = match (&rbac, &who) {
+                    (Some(rb), Some(w)) => Some(Vet {
+                        client: &client,
+                        rbac: rb,
+                        who: w,
+                    }),
+                    _ => None,
+                };
+                dial_host(&policy, &target, h, port, strict, vet)
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn Conn>)
+                    .map_err(|e| match e {
+                        Err(d) => refuse(d),
+                        // The member's RBAC, asked about what an address is.
+                        Ok((DialCode::Denied, m)) => {
+                            denied.fetch_add(1, Ordering::Relaxed);
+                            if REFUSED_DIALS.admit() {
+                                tracing::warn!("refused a dial: {m}");
+                            }
+                            (DialCode::Denied, m)
+                        }
+                        Ok(e) => e,
+                    })
+            }
             Target::ApiServer => Err((
                 DialCode::NotFound,
                 "the API server is reached through the gateway, not CONNECT".to_string(),
@@ -437,7 +571,8 @@ pub(super) async fn serve_raw(
                         let Some((named, h)) = as_host else {
                             return Err((code, why));
                         };
-                        return match dial_host(&policy, named, h, port, true).await {
+                        // (Only without impersonation: see `Reading::of`.)
+                        return match dial_host(&policy, named, h, port, true, None).await {
                             Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
                             Err(Err(denied)) => {
                                 let (c, public) = refuse(denied);
