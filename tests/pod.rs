@@ -211,6 +211,10 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
         let name = e["name"].as_str().unwrap();
         if name == "TOWERCTL_TOKEN" {
             cmd.env(name, secret["stringData"]["token"].as_str().unwrap());
+        } else if name == "TOWERCTL_HOST_IPS" {
+            // The kubelet's downward API: the node's address.
+            assert_eq!(e["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
+            cmd.env(name, "127.0.0.1");
         } else {
             let v = e["value"].as_str().unwrap();
             let rel = v.strip_prefix("/tmp").expect("XDG dirs under the emptyDir");

@@ -185,6 +185,11 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
     ] {
         env.push(json!({"name": var, "value": format!("{SCRATCH}{sub}")}));
     }
+    // The node's addresses, which the pod's own interfaces do not show:
+    // counted among the agent's own host addresses, which a dial needs a
+    // rule naming (a name rule like `*.compute.internal` reached the
+    // kubelet of the agent's node).
+    env.push(json!({"name": crate::daemon::policy::HOST_IPS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}));
     if cfg.proxy_url.is_some() {
         env.push(json!({"name": "TOWERCTL_PROXY", "valueFrom": {"secretKeyRef": {"name": name, "key": "proxy"}}}));
     }

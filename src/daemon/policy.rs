@@ -251,6 +251,23 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// service rather than a workload.
 pub fn sensitive(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
     let ip = canonical(ip);
+    // An IPv4 address inside the well-known NAT64 prefix (64:ff9b::/96,
+    // RFC 6052) or written IPv4-compatible (::a.b.c.d) is judged as that
+    // address too: through a translator, 64:ff9b::a9fe:a9fe is the
+    // metadata service.
+    if let IpAddr::V6(v6) = ip {
+        let s = v6.segments();
+        let embedded = (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+            || (s[..6] == [0, 0, 0, 0, 0, 0] && (s[6] != 0 || s[7] > 1)))
+            .then(|| {
+                IpAddr::V4(std::net::Ipv4Addr::from(
+                    ((s[6] as u32) << 16) | s[7] as u32,
+                ))
+            });
+        if let Some(why) = embedded.and_then(|v4| sensitive(v4, own)) {
+            return Some(why);
+        }
+    }
     if ip.is_unspecified() {
         return Some("an unspecified address");
     }
@@ -259,6 +276,17 @@ pub fn sensitive(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
     }
     match ip {
         IpAddr::V4(v4) if v4.octets() == [169, 254, 169, 254] => {
+            return Some("the cloud metadata address")
+        }
+        // Alibaba Cloud's metadata service; Azure's WireServer (the
+        // platform's agent channel, which hands out its configuration).
+        IpAddr::V4(v4)
+            if v4.octets() == [100, 100, 100, 200] || v4.octets() == [168, 63, 129, 16] =>
+        {
+            return Some("the cloud metadata address")
+        }
+        // Google Cloud's IPv6 metadata address.
+        IpAddr::V6(v6) if v6 == std::net::Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254) => {
             return Some("the cloud metadata address")
         }
         IpAddr::V4(v4) if v4.is_link_local() => return Some("a link-local address"),
@@ -288,10 +316,22 @@ pub fn own_addresses() -> Vec<IpAddr> {
             return v.clone();
         }
     }
-    let v = getifaddrs();
+    let mut v = getifaddrs();
+    // In a pod: its node's (the manifest sets it from the downward API).
+    v.extend(
+        std::env::var(HOST_IPS_ENV)
+            .unwrap_or_default()
+            .split([',', ' '])
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok()),
+    );
     *c = Some((Instant::now(), v.clone()));
     v
 }
+
+/// The environment variable holding the node's addresses of an agent pod
+/// (`status.hostIP` through the downward API; `status.hostIPs` would fail
+/// the pod on servers before 1.28).
+pub const HOST_IPS_ENV: &str = "TOWERCTL_HOST_IPS";
 
 fn getifaddrs() -> Vec<IpAddr> {
     let mut out = Vec::new();
@@ -401,6 +441,14 @@ mod tests {
             ("169.254.1.1", Some("a link-local address")),
             ("fe80::1", Some("a link-local address")),
             ("192.0.2.7", Some("one of the agent's own host addresses")),
+            ("100.100.100.200", Some("the cloud metadata address")),
+            ("168.63.129.16", Some("the cloud metadata address")),
+            ("fd20:ce::254", Some("the cloud metadata address")),
+            // Through a NAT64 translator, or written IPv4-compatible.
+            ("64:ff9b::a9fe:a9fe", Some("the cloud metadata address")),
+            ("64:ff9b::127.0.0.1", Some("a loopback address")),
+            ("::169.254.169.254", Some("the cloud metadata address")),
+            ("64:ff9b::10.1.2.3", None),
             ("10.1.2.3", None),
             ("2001:db8::1", None),
         ] {
