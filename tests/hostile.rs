@@ -1914,6 +1914,25 @@ fn an_upgrade_to_the_root_path_is_never_taken_for_a_health_check() {
     let mut head = [0u8; 12];
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
+    // A proxy that puts its own `Connection: keep-alive` line ahead of the
+    // agent's `Connection: Upgrade` (or lists both on one line): still an
+    // upgrade (tungstenite read the first line alone: 426).
+    for split in [
+        "Connection: keep-alive\r\nConnection: Upgrade\r\n",
+        "Connection: keep-alive, Upgrade\r\n",
+    ] {
+        let upgrade = String::from_utf8(ws_upgrade(&tunnel)).unwrap().replacen(
+            "Connection: Upgrade\r\n",
+            split,
+            1,
+        );
+        let mut s = TcpStream::connect(&tunnel).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(upgrade.as_bytes()).unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101", "{split:?}");
+    }
 }
 
 /// One HTTP/1.1 request on a fresh TLS connection to `env`'s gateway with

@@ -434,6 +434,25 @@ impl<S: AsyncRead + Unpin> Gate<S> {
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.io
     }
+
+    /// A hub's: the peeked upgrade head (its first `len` bytes read ahead)
+    /// with `Connection` and `Upgrade` put as tungstenite's server checks
+    /// them ([`answer_as_tungstenite_reads_it`]'s rule): it read the first
+    /// `Connection` line alone, and an agent behind a proxy that adds its
+    /// own `Connection: keep-alive` line ahead of the agent's was answered
+    /// 426. Whether anything changed.
+    pub fn normalize_upgrade_head(&mut self, len: usize) -> bool {
+        let Some(head) = answer_as_tungstenite_reads_it(&self.early[..len.min(self.early.len())])
+        else {
+            return false;
+        };
+        let rest = self.early.split_off(len.min(self.early.len()));
+        let mut early = BytesMut::with_capacity(head.len() + rest.len());
+        early.extend_from_slice(&head);
+        early.extend_from_slice(&rest);
+        self.early = early;
+        true
+    }
 }
 
 /// What [`Gate::peek_head`] read.

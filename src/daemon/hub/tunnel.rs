@@ -493,8 +493,20 @@ async fn tunnel_session(
         // kubectl pointed at the wrong port) gets an HTTP answer that says
         // so, rather than the bare close tungstenite gives it.
         let mut gate = tunnel::ws::Gate::new(tcp, tunnel::ws::Role::Server);
-        let head = gate
+        let peeked = gate
             .peek_head(MAX_UPGRADE_HEAD, not_http)
+            .await
+            .context("reading the WebSocket upgrade")?;
+        let (len, complete) = (peeked.bytes.len(), peeked.complete);
+        // Read again from what is in hand (nothing more is read): the
+        // head whole, and as tungstenite will read it.
+        let limit = if complete && gate.normalize_upgrade_head(len) {
+            MAX_UPGRADE_HEAD + 1024
+        } else {
+            MAX_UPGRADE_HEAD
+        };
+        let head = gate
+            .peek_head(limit, not_http)
             .await
             .context("reading the WebSocket upgrade")?;
         if head.bytes.is_empty() {
