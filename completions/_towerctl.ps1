@@ -415,7 +415,7 @@ Register-ArgumentCompleter -Native -CommandName 'towerctl' -ScriptBlock {
         'towerctl;kubectl' {
             [CompletionResult]::new('-l', '-l', [CompletionResultType]::ParameterName, 'Members whose labels match SELECTOR (env=prod, env!=dev, ''env in (a,b)'', ''env notin (a)'', canary, !canary; commas join)')
             [CompletionResult]::new('--selector', '--selector', [CompletionResultType]::ParameterName, 'Members whose labels match SELECTOR (env=prod, env!=dev, ''env in (a,b)'', ''env notin (a)'', canary, !canary; commas join)')
-            [CompletionResult]::new('--parallel', '--parallel', [CompletionResultType]::ParameterName, 'How many kubectl run at once')
+            [CompletionResult]::new('--parallel', '--parallel', [CompletionResultType]::ParameterName, 'How many kubectl run at once (default 8; for a follow or a watch, every member)')
             [CompletionResult]::new('--timeout', '--timeout', [CompletionResultType]::ParameterName, 'Longest one member''s kubectl may run; it is then stopped and reported (default 60s; no limit for a follow or a watch: -f, -w)')
             [CompletionResult]::new('--gateway', '--gateway', [CompletionResultType]::ParameterName, 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)')
             [CompletionResult]::new('-v', '-v', [CompletionResultType]::ParameterName, 'More logging (-v info, -vv debug), also in the daemons this command starts in the background (up, join, port-forward); RUST_LOG overrides')

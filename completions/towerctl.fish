@@ -244,7 +244,7 @@ complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s v -l ve
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s h -l help -d 'Print help'
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubeconfig" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubectl" -s l -l selector -d 'Members whose labels match SELECTOR (env=prod, env!=dev, \'env in (a,b)\', \'env notin (a)\', canary, !canary; commas join)' -r
-complete -c towerctl -n "__fish_towerctl_using_subcommand kubectl" -l parallel -d 'How many kubectl run at once' -r
+complete -c towerctl -n "__fish_towerctl_using_subcommand kubectl" -l parallel -d 'How many kubectl run at once (default 8; for a follow or a watch, every member)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubectl" -l timeout -d 'Longest one member\'s kubectl may run; it is then stopped and reported (default 60s; no limit for a follow or a watch: -f, -w)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubectl" -l gateway -d 'Gateway of a hub logged in to (default: the hub on this machine, else the last login)' -r
 complete -c towerctl -n "__fish_towerctl_using_subcommand kubectl" -s v -l verbose -d 'More logging (-v info, -vv debug), also in the daemons this command starts in the background (up, join, port-forward); RUST_LOG overrides'

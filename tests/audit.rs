@@ -220,8 +220,9 @@ fn refusals_and_towerctl_calls_are_recorded_with_bounded_paths() {
     });
 
     // What reaches a member is recorded whole: a query padded ahead of an
-    // exec's command pushed the command out of a record cut at 1 KiB.
-    let pad = "x".repeat(5000);
+    // exec's command pushed the command out of a record cut at 1 KiB (and
+    // an inline script, percent-encoded, passes 16 KiB).
+    let pad = "x".repeat(60_000);
     let _ = curl(
         &env,
         Some(&admin_token(&env)),
@@ -233,30 +234,15 @@ fn refusals_and_towerctl_calls_are_recorded_with_bounded_paths() {
     let p = r["path"].as_str().unwrap();
     assert!(
         p.ends_with("&command=the-command-run") && !p.contains("more bytes"),
-        "{} bytes: {p}",
-        p.len()
-    );
-    // Longer than the record keeps: refused (414) before the member, and
-    // recorded cut.
-    let long = "y".repeat(20_000);
-    let o = curl(
-        &env,
-        Some(&admin_token(&env)),
-        &format!("{gw}/clusters/alpha/api/v1/namespaces/{long}"),
-    );
-    assert!(o.stdout.contains("RequestURITooLong"), "{o:?}");
-    let r = wait_record(&env, "the long path", |r| {
-        r["path"].as_str().unwrap_or("").contains("yyyy")
-    });
-    let p = r["path"].as_str().unwrap();
-    assert!(
-        r["status"] == 414 && p.len() < 16_500 && p.contains("more bytes"),
-        "{} bytes: {r}",
-        p.len()
+        "{} bytes: {}…",
+        p.len(),
+        &p[..200.min(p.len())]
     );
     assert!(
-        !api.requests().iter().any(|r| r.path.contains("yyyy")),
-        "the long request reached the member"
+        api.requests()
+            .iter()
+            .any(|r| r.path.contains("the-command-run")),
+        "the request did not reach the member"
     );
 }
 

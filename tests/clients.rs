@@ -756,17 +756,7 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut cmd = env.towerctl_cmd(&[
-        "kubectl",
-        "alpha",
-        "beta",
-        "--parallel",
-        "1",
-        "--",
-        "logs",
-        "-f",
-        "deploy/web",
-    ]);
+    let mut cmd = env.towerctl_cmd(&["kubectl", "alpha", "beta", "--", "logs", "-f", "deploy/web"]);
     cmd.env("TOWERCTL_KUBECTL", &follower);
     let mut follow = Streaming::start(cmd);
     follow.wait_for("alpha | first of tower-alpha", Duration::from_secs(30));

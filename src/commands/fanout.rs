@@ -34,7 +34,8 @@ pub const CLUSTER_ANNOTATION: &str = "towerctl.io/cluster";
 pub struct Args {
     pub selector: Option<String>,
     pub names: Vec<String>,
-    pub parallel: usize,
+    /// None: 8, or every member for a follow or a watch.
+    pub parallel: Option<usize>,
     /// None: 60 s, or no limit for a follow or a watch.
     pub timeout: Option<Duration>,
     pub gateway: Option<String>,
@@ -56,8 +57,34 @@ enum Mode {
 /// started).
 fn follows(args: &[String]) -> bool {
     let own = || args.iter().take_while(|a| *a != "--").map(String::as_str);
-    // `-f` is `--filename` elsewhere (`apply -f`): a follow only for logs.
-    let logs = own().any(|a| a == "logs");
+    // `-f` is `--filename` elsewhere (`apply -f`): a follow only for logs,
+    // the subcommand (the first word that is not a flag or a flag's value:
+    // `-n logs apply -f x.yaml` applies).
+    let mut value_next = false;
+    let logs = own().find(|a| {
+        if std::mem::take(&mut value_next) {
+            return false;
+        }
+        if a.starts_with('-') {
+            value_next = !a.contains('=')
+                && matches!(
+                    *a,
+                    "-n" | "--namespace"
+                        | "-l"
+                        | "--selector"
+                        | "-o"
+                        | "--output"
+                        | "-c"
+                        | "--container"
+                        | "--request-timeout"
+                        | "-s"
+                        | "--as"
+                        | "--as-group"
+                );
+            return false;
+        }
+        true
+    }) == Some("logs");
     own().any(|a| {
         matches!(
             a,
@@ -219,8 +246,21 @@ pub async fn run(a: Args) -> Result<u8> {
         closed: std::sync::Arc::new(tokio::sync::Notify::new()),
     });
     let (parallel, timeout) = match &live {
-        Some(_) => (members.len(), a.timeout),
-        None => (a.parallel, Some(a.timeout.unwrap_or(DEFAULT_TIMEOUT))),
+        // Every member at once unless --parallel says (followers never
+        // end: the members queued behind them would never start).
+        Some(_) => {
+            let n = a.parallel.unwrap_or(members.len());
+            if n < members.len() {
+                eprintln!("warning: --parallel {n} with {} members: the members past the first {n} start only as earlier follows end", members.len());
+            }
+            // One kubectl (and its pipes) per member.
+            crate::daemon::admission::raise_fd_limit();
+            (n, a.timeout)
+        }
+        None => (
+            a.parallel.unwrap_or(DEFAULT_PARALLEL),
+            Some(a.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+        ),
     };
 
     let mut runs = futures_util::stream::iter(members.iter().cloned())
@@ -291,7 +331,7 @@ pub async fn run(a: Args) -> Result<u8> {
             (name, r)
         }
     })
-    .buffer_unordered(a.parallel.max(1))
+    .buffer_unordered(parallel.max(1))
     .collect::<Vec<_>>();
     let mut refusals: std::collections::HashMap<String, Option<String>> = tokio::select! {
         r = probes => r.into_iter().collect(),
@@ -373,6 +413,9 @@ fn last_error(stderr: &str) -> String {
         .map(|l| crate::tunnel::printable(l, 500))
         .unwrap_or_else(|| "(no message)".into())
 }
+
+/// How many kubectl run at once unless `--parallel` says.
+const DEFAULT_PARALLEL: usize = 8;
 
 /// How long one member's kubectl may run unless `--timeout` says.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -777,6 +820,8 @@ mod tests {
         assert!(!follows(&args("apply -f manifest.yaml")));
         assert!(!follows(&args("logs deploy/web")));
         assert!(!follows(&args("exec web -- tail -f x")));
+        assert!(!follows(&args("-n logs apply -f x.yaml")));
+        assert!(follows(&args("-n prod logs -f web")));
     }
 
     #[test]

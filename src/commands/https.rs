@@ -112,8 +112,16 @@ impl GatewayClient {
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let (host, port) = (&self.host, self.port);
         let connecting = async {
-            let proxy =
-                crate::tunnel::proxy::for_gateway(host, port).map_err(anyhow::Error::msg)?;
+            // A proxy towerctl cannot speak through (SOCKS, or TLS to the
+            // proxy, which kubectl takes): dialed directly, as before
+            // towerctl read the variables, and said once.
+            let proxy = crate::tunnel::proxy::for_gateway(host, port).unwrap_or_else(|e| {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!("warning: {e}; connecting to the gateway at {host}:{port} directly");
+                });
+                None
+            });
             let tcp = match &proxy {
                 Some(p) => crate::tunnel::proxy::connect(p, host, port)
                     .await

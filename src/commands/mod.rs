@@ -742,9 +742,9 @@ pub struct FanoutArgs {
     /// Members by name (with neither names nor -l: every member).
     #[arg(value_name = "NAME")]
     pub names: Vec<String>,
-    /// How many kubectl run at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub parallel: u16,
+    /// How many kubectl run at once (default 8; for a follow or a watch, every member).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel: Option<u16>,
     /// Longest one member's kubectl may run; it is then stopped and reported (default 60s; no limit for a follow or a watch: -f, -w).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Option<std::time::Duration>,
@@ -1099,7 +1099,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             fanout::run(fanout::Args {
                 selector: a.selector,
                 names: a.names,
-                parallel: usize::from(a.parallel),
+                parallel: a.parallel.map(usize::from),
                 timeout: a.timeout,
                 gateway: a.gateway,
                 args: a.args,

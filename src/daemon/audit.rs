@@ -78,7 +78,9 @@ pub const KEEP: usize = 3;
 /// refuses a request to a member whose path and query are longer (414),
 /// so that what reached a member is recorded whole: a record cut at 1 KiB
 /// left an exec's `command=` out when the client padded the query first.
-pub const MAX_PATH: usize = 16 * 1024;
+/// As long as a request's whole head may be (`gateway::MAX_HEAD`): an
+/// exec's inline script, percent-encoded, passes 16 KiB.
+pub const MAX_PATH: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Record {

@@ -316,7 +316,6 @@ impl EtcdStore {
         self.cache.read().ok()?.kvs.get(rel).cloned()
     }
 
-    /// Every cached value under `rel_prefix`, by relative key.
     /// The operator records as etcd holds them now (relative key, value,
     /// revision).
     fn fresh_operators(&self) -> Result<Vec<(String, Vec<u8>, i64)>, StoreError> {
@@ -330,6 +329,7 @@ impl EtcdStore {
             .collect())
     }
 
+    /// Every cached value under `rel_prefix`, by relative key.
     pub fn cached_under(&self, rel_prefix: &str) -> Vec<(String, Vec<u8>, i64)> {
         let Ok(c) = self.cache.read() else {
             return vec![];

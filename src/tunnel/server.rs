@@ -278,6 +278,8 @@ impl russh::server::Handler for HubHandler {
             return Ok(());
         }
         let cluster = self.cluster.clone().unwrap_or_default();
+        // Subscribed before the look: a removal between the two is seen.
+        let mut changes = self.auth.registry_changes();
         let Some(target) = self.auth.exposed(&cluster, host_to_connect) else {
             let name = super::escape_for_log(host_to_connect, 100);
             if self.note() {
@@ -310,8 +312,6 @@ impl russh::server::Handler for HubHandler {
         let windows = self.push_windows.clone();
         let ended = self.ended.clone();
         let auth = self.auth.clone();
-        let mut changes = auth.registry_changes();
-        changes.mark_unchanged();
         tokio::spawn(async move {
             let dial = tokio::time::timeout(
                 Duration::from_secs(10),

@@ -846,17 +846,19 @@ struct Filter {
     /// Other `fieldSelector` terms (`status.podIP=…`, `spec.clusterIP=…`):
     /// a dotted path into the object and the value it must hold; applied
     /// to lists only.
-    fields: Vec<(String, String)>,
+    fields: Vec<(String, String, bool)>,
 }
 
 impl Filter {
     /// Whether `obj` holds every field term's value.
     fn fields_match(&self, obj: &Value) -> bool {
-        self.fields.iter().all(|(path, want)| {
-            path.split('.')
+        self.fields.iter().all(|(path, want, equal)| {
+            let has = path
+                .split('.')
                 .try_fold(obj, |v, k| v.get(k))
                 .and_then(Value::as_str)
-                == Some(want.as_str())
+                == Some(want.as_str());
+            has == *equal
         })
     }
 
@@ -1596,6 +1598,12 @@ fn collection_filter(
         fields: Vec::new(),
     };
     for term in query.get("fieldSelector").unwrap_or("").split(',') {
+        if let Some((field, value)) = term.split_once("!=") {
+            filter
+                .fields
+                .push((field.to_owned(), value.to_owned(), false));
+            continue;
+        }
         let (field, value) = match term.split_once("==") {
             Some(kv) => kv,
             None => term.split_once('=').unwrap_or((term, "")),
@@ -1604,7 +1612,9 @@ fn collection_filter(
             "metadata.name" => filter.name = Some(value.to_owned()),
             "metadata.namespace" => filter.ns = Some(value.to_owned()),
             "" => {}
-            other => filter.fields.push((other.to_owned(), value.to_owned())),
+            other => filter
+                .fields
+                .push((other.to_owned(), value.to_owned(), true)),
         }
     }
     Ok(filter)

@@ -123,31 +123,36 @@ async fn dial_host(
     // At most this many lookups at once (each a blocking thread's
     // `getaddrinfo`, which outlives the dial's deadline): names that never
     // answer, asked without end, took every blocking thread, and with them
-    // the agent's own reconnection to its hub.
+    // the agent's own reconnection to its hub. Held for the lookup alone;
+    // an address needs none.
     static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
-    let Ok(_slot) = LOOKUPS.try_acquire() else {
-        return Err(Ok((
-            DialCode::Unavailable,
-            format!("cannot resolve '{h}' now: {MAX_LOOKUPS} name lookups are already in flight in the member network; retry shortly"),
-        )));
-    };
-    // A name with dots is looked up as written first (absolute): through
-    // a pod's search list (`ndots:5`), `db.internal` was first tried as
-    // `db.internal.svc.cluster.local`, the Service `db` of a namespace
-    // named `internal`, whoever made it. As written, then, only when that
-    // finds nothing (a name only `/etc/hosts` knows).
-    let absolute = (h.contains('.') && !h.ends_with('.') && h.parse::<std::net::IpAddr>().is_err())
-        .then(|| format!("{h}."));
-    let found = match absolute {
-        Some(a) => match tokio::net::lookup_host((a.as_str(), port)).await {
-            Ok(found) => Ok(found.collect::<Vec<_>>()),
-            Err(_) => tokio::net::lookup_host((h, port))
-                .await
-                .map(|f| f.collect()),
-        },
-        None => tokio::net::lookup_host((h, port))
+    let literal = h
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+        .ok();
+    let found = match literal {
+        Some(ip) => Ok(vec![std::net::SocketAddr::new(ip, port)]),
+        None => {
+            // Waited for briefly (a burst of a pool's connections), then
+            // refused.
+            let slot = tokio::time::timeout(Duration::from_secs(2), LOOKUPS.acquire()).await;
+            let Ok(Ok(slot)) = slot else {
+                return Err(Ok((
+                    DialCode::Unavailable,
+                    format!("cannot resolve '{h}' now: {MAX_LOOKUPS} name lookups are already in flight in the member network; retry shortly"),
+                )));
+            };
+            // The slot goes with the lookup's thread, which outlives a
+            // dial given up at its deadline.
+            let name = h.to_string();
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
+                    .map(|f| f.collect::<Vec<_>>())
+            })
             .await
-            .map(|f| f.collect()),
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        }
     };
     let addrs: Vec<_> = found.map_err(|e| {
         Ok((
@@ -197,34 +202,69 @@ impl Vet<'_> {
     async fn address(&self, ip: std::net::IpAddr) -> Result<(), String> {
         use k8s_openapi::api::core::v1::{Pod, Service};
         use kube::api::{Api, ListParams};
+        type Key = (String, Vec<String>, std::net::IpAddr);
+        // An address found allowed for an operator is not looked up again
+        // for a while (as the member's answers are kept: `rbac::TTL`): a
+        // pool's every connection listed the member's pods and Services.
+        static ALLOWED: std::sync::Mutex<
+            Option<std::collections::HashMap<Key, std::time::Instant>>,
+        > = std::sync::Mutex::new(None);
+        const KEPT: Duration = Duration::from_secs(10);
+        let key: Key = (self.who.user.clone(), self.who.groups.clone(), ip);
+        if let Ok(m) = ALLOWED.lock() {
+            if m.as_ref()
+                .and_then(|m| m.get(&key))
+                .is_some_and(|at| at.elapsed() < KEPT)
+            {
+                return Ok(());
+            }
+        }
         let cannot = |what: &str, e: kube::Error| {
             format!("cannot tell whether {ip} is a {what} in the member (under impersonation the member's RBAC decides who reaches its pods and Services), so it is refused: {e}")
         };
-        let pods = Api::<Pod>::all(self.client.clone())
-            .list(
-                &ListParams::default()
-                    .fields(&format!("status.podIP={ip}"))
-                    .limit(50),
-            )
-            .await
-            .map_err(|e| cannot("pod's address", e))?;
-        for p in pods.items {
-            let (Some(ns), Some(name)) = (p.metadata.namespace, p.metadata.name) else {
-                continue;
-            };
-            let ask = Ask {
-                verb: "create",
-                group: "",
-                resource: "pods",
-                subresource: Some("portforward".into()),
-                namespace: ns,
-                name,
-            };
-            self.rbac.check(self.who, &ask).await?;
+        // Pods that hold the address now (a finished pod keeps its old
+        // one, which the network may have given to another since).
+        let pods = Api::<Pod>::all(self.client.clone());
+        let mut params = ListParams::default()
+            .fields(&format!(
+                "status.podIP={ip},status.phase!=Succeeded,status.phase!=Failed"
+            ))
+            .limit(100);
+        for page in 0.. {
+            if page == 20 {
+                return Err(format!("cannot tell which pods have {ip} in the member: more than 2,000; forward to pod/NAME instead"));
+            }
+            let list = pods
+                .list(&params)
+                .await
+                .map_err(|e| cannot("pod's address", e))?;
+            for p in list.items {
+                let (Some(ns), Some(name)) = (p.metadata.namespace, p.metadata.name) else {
+                    continue;
+                };
+                let ask = Ask {
+                    verb: "create",
+                    group: "",
+                    resource: "pods",
+                    subresource: Some("portforward".into()),
+                    namespace: ns,
+                    name,
+                };
+                self.rbac.check(self.who, &ask).await?;
+            }
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(next) => params = params.continue_token(&next),
+                None => break,
+            }
         }
         let api = Api::<Service>::all(self.client.clone());
         let mut params = ListParams::default().limit(SERVICE_PAGE);
-        let text = ip.to_string();
+        // Written by hand (external IPs, load balancer addresses), an
+        // address may not be in its canonical form: compared as addresses.
+        let is_ip = |a: &str| {
+            a.parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.to_canonical() == ip)
+        };
         for page in 0.. {
             if page == SERVICE_PAGES {
                 return Err(format!("cannot tell whether {ip} is a Service's address in the member: more than {} Services to read; forward to svc/NAME or pod/NAME instead", SERVICE_PAGE as usize * SERVICE_PAGES));
@@ -237,18 +277,18 @@ impl Vet<'_> {
                 let spec = s.spec.as_ref();
                 let owns = spec
                     .and_then(|sp| sp.cluster_ips.as_ref())
-                    .is_some_and(|l| l.contains(&text))
+                    .is_some_and(|l| l.iter().any(|a| is_ip(a)))
                     || spec
                         .and_then(|sp| sp.cluster_ip.as_deref())
-                        .is_some_and(|a| a == text)
+                        .is_some_and(is_ip)
                     || spec
                         .and_then(|sp| sp.external_ips.as_ref())
-                        .is_some_and(|l| l.contains(&text))
+                        .is_some_and(|l| l.iter().any(|a| is_ip(a)))
                     || s.status
                         .as_ref()
                         .and_then(|st| st.load_balancer.as_ref())
                         .and_then(|lb| lb.ingress.as_ref())
-                        .is_some_and(|l| l.iter().any(|i| i.ip.as_deref() == Some(&text)));
+                        .is_some_and(|l| l.iter().any(|i| i.ip.as_deref().is_some_and(is_ip)));
                 if !owns {
                     continue;
                 }
@@ -269,6 +309,16 @@ impl Vet<'_> {
                 Some(next) => params = params.continue_token(&next),
                 None => break,
             }
+        }
+        if let Ok(mut m) = ALLOWED.lock() {
+            let m = m.get_or_insert_with(Default::default);
+            if m.len() >= 4096 {
+                m.retain(|_, at| at.elapsed() < KEPT);
+                if m.len() >= 4096 {
+                    m.clear();
+                }
+            }
+            m.insert(key, std::time::Instant::now());
         }
         Ok(())
     }

@@ -179,8 +179,8 @@ struct Conn {
 /// first request carried a valid token.
 pub const MAX_CONNECTIONS_PER_OPERATOR: usize = 4096;
 
-/// Requests a connection may have refused for want of a valid token
-/// before the hub closes it: one HTTP/2 connection sent 401-bound
+/// Requests a connection may have refused in a row for want of a valid
+/// token before the hub closes it: one HTTP/2 connection sent 401-bound
 /// requests without end within its pre-authentication deadline (each a
 /// task, a record and an answer on the thread that carries the tunnels),
 /// and a connection of a removed operator kept sending them for ever.
@@ -967,7 +967,10 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
             .refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        if refused >= MAX_REFUSED_PER_CONNECTION {
+        // In a row (a valid token resets it), and never a trusted proxy's
+        // connection, which carries many clients' requests: one client's
+        // bad tokens closed everyone's.
+        if refused >= MAX_REFUSED_PER_CONNECTION && conn.proxy.is_none() {
             // Closed gracefully once this answer is out (then dropped).
             conn.closer.cancel();
         }
@@ -1001,6 +1004,7 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
             return resp;
         }
     }
+    conn.refused.store(0, std::sync::atomic::Ordering::Relaxed);
     if let Err(msg) = conn.authenticated(&hub, &operator.name) {
         hub.auditor.record(Record {
             time: crate::daemon::fmt::fmt_now(),

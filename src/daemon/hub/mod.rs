@@ -170,11 +170,11 @@ pub const MAX_KEPT_CHANNELS: usize = 512;
 /// it. `TOWERCTL_MAX_STREAMS_PER_OPERATOR` (read at start) sets another.
 pub const MAX_STREAMS_PER_OPERATOR: usize = 1024;
 
-/// [`MAX_STREAMS_PER_OPERATOR`], or `TOWERCTL_MAX_STREAMS_PER_OPERATOR`.
 /// The least time between two writes of one member's agent version
 /// ([`Hub::record_agent_version`]).
 const VERSION_WRITE_GAP: Duration = Duration::from_secs(5);
 
+/// [`MAX_STREAMS_PER_OPERATOR`], or `TOWERCTL_MAX_STREAMS_PER_OPERATOR`.
 pub fn max_streams_per_operator() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
@@ -713,7 +713,13 @@ impl Hub {
             ),
         );
         if let Ok(Some(m)) = self.store.get_member(&s.name) {
-            if m.agent_version.as_deref() != Some(s.version.as_str()) {
+            // Also when a write of another version is pending: this one
+            // must be the last written.
+            let pending = self
+                .version_pending
+                .lock()
+                .is_ok_and(|p| p.contains_key(&s.name));
+            if pending || m.agent_version.as_deref() != Some(s.version.as_str()) {
                 self.record_agent_version(&s.name, &s.version);
             }
         }
@@ -751,13 +757,6 @@ impl Hub {
         }
     }
 
-    /// Records when member `name` was last seen, off the runtime thread
-    /// (etcd may be away; the embedded registry's commit waits on two
-    /// fsyncs, which stopped every tunnel and the gateway of a hub on one
-    /// runtime thread), one write in flight per member: an agent that logs
-    /// in and drops in a loop queued a write per session end on the
-    /// blocking threads the control socket and logins need. A later time
-    /// arriving meanwhile is written once the one in flight is done.
     /// Writes the version member `name`'s agent says it runs into its
     /// record: off the runtime thread (with etcd slow, each such login froze
     /// the hub for the write's timeout), one write at a time per member and
@@ -813,6 +812,13 @@ impl Hub {
         });
     }
 
+    /// Records when member `name` was last seen, off the runtime thread
+    /// (etcd may be away; the embedded registry's commit waits on two
+    /// fsyncs, which stopped every tunnel and the gateway of a hub on one
+    /// runtime thread), one write in flight per member: an agent that logs
+    /// in and drops in a loop queued a write per session end on the
+    /// blocking threads the control socket and logins need. A later time
+    /// arriving meanwhile is written once the one in flight is done.
     pub(super) fn record_last_seen(&self, name: &str, now: u64) {
         let Ok(mut pending) = self.last_seen_pending.lock() else {
             return;
@@ -2091,11 +2097,6 @@ mod tests {
         assert!(b.try_hold().is_some());
     }
 
-    /// Streams are registered by the token they were opened with: with
-    /// several hubs each has its own admin, all named `admin`, and a name
-    /// can be removed and added again with a new token. Registered by name,
-    /// a stream opened with a token that was gone stayed open as long as
-    /// anything bore its name (another hub's admin; the new alice).
     /// An agent's key holder logging in again and again with two versions
     /// in turn made a registry write per login.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2136,6 +2137,11 @@ mod tests {
         );
     }
 
+    /// Streams are registered by the token they were opened with: with
+    /// several hubs each has its own admin, all named `admin`, and a name
+    /// can be removed and added again with a new token. Registered by name,
+    /// a stream opened with a token that was gone stayed open as long as
+    /// anything bore its name (another hub's admin; the new alice).
     #[tokio::test]
     async fn streams_opened_with_a_token_that_is_gone_are_cut_whatever_else_bears_its_name() {
         use crate::daemon::access::{names_selector, Effect, Subject};

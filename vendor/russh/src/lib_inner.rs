@@ -61,9 +61,9 @@ macro_rules! push_packet {
 
 mod channels;
 pub use channels::{Channel, ChannelMsg, ChannelReadHalf, ChannelStream, ChannelWriteHalf};
-/// towerctl patch: the most channels a server session keeps at once
-/// (open, being opened, or closed by this side and not yet by the peer);
-/// past it the session ends. twice what a towerctl agent takes at once.
+/// towerctl patch: the most channels a server session keeps unsettled
+/// (opened by this side and not answered, or closed by this side and not
+/// by the peer); past it the session ends. Open channels do not count.
 pub const MAX_SESSION_CHANNELS: usize = 8192;
 
 // towerctl patch: the concrete writer of `ChannelWriteHalf::make_tx`.

@@ -503,12 +503,22 @@ impl Session {
         })
     }
 
-    /// towerctl patch: keeps a channel this side opened, refusing past
-    /// [`crate::MAX_SESSION_CHANNELS`]: a peer that never answers opens, or
-    /// never answers the close of a channel this side closed, kept each
-    /// entry (~4 KiB) for the session's life; the session ends instead.
+    /// towerctl patch: keeps a channel this side opened, ending the session
+    /// once [`crate::MAX_SESSION_CHANNELS`] are unsettled (opens not
+    /// answered, closes of this side not answered): a peer that answers
+    /// neither kept each entry (~4 KiB) for the session's life.
     fn insert_channel(&mut self, id: ChannelId, channel_ref: ChannelRef) -> Result<(), Error> {
-        if self.channels.len() >= crate::MAX_SESSION_CHANNELS {
+        // Not settled: opened and not answered (in `enc.channels`,
+        // unconfirmed), or closed by this side and not by the peer (here
+        // only). Open channels, the peer's own included, do not count.
+        let unsettled = match &self.common.encrypted {
+            Some(enc) => {
+                self.channels.len().saturating_sub(enc.channels.len())
+                    + enc.channels.values().filter(|c| !c.confirmed).count()
+            }
+            None => self.channels.len(),
+        };
+        if unsettled >= crate::MAX_SESSION_CHANNELS {
             return Err(Error::TooManyChannels(crate::MAX_SESSION_CHANNELS));
         }
         self.channels.insert(id, channel_ref);
