@@ -191,6 +191,58 @@ fn manifests_parse_and_are_wired_together() {
         kept.string_data.as_ref().unwrap()["agent.key"],
         sd["agent.key"]
     );
+    // With the key, the join token (shown once, expired since) is not
+    // needed: the documented way to change a running agent asked for it.
+    let env = Env::new();
+    let mut cmd = env.towerctl_cmd(&[
+        "join",
+        "alpha",
+        "--hub",
+        "wss://hub.example:443/tunnel",
+        "--hub-key",
+        KEY,
+        "--print-manifest",
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    cmd.env_remove("TOWERCTL_TOKEN");
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    let tokenless: Vec<serde_json::Value> = o
+        .stdout
+        .split("\n---\n")
+        .skip(1)
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect();
+    let kept_too: Secret = typed(of_kind(&tokenless, "Secret")[0]);
+    assert_eq!(
+        kept_too.string_data.as_ref().unwrap()["agent.key"],
+        sd["agent.key"]
+    );
+    // The pod template names the key's fingerprint: a Secret printed with
+    // another key rolls the pod at apply time (a running agent kept its
+    // loaded key, and the refusal came at its next restart); a new key is
+    // said on stderr, which `kubectl apply` does not swallow.
+    let fingerprint = |docs: &[serde_json::Value]| {
+        of_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["annotations"]
+            ["towerctl.io/agent-key"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let same = fingerprint(&tokenless);
+    assert!(same.starts_with("SHA256:"), "{same}");
+    assert_eq!(
+        fingerprint(&print(&[
+            "--namespace",
+            "edge",
+            "--key-file",
+            key_file.to_str().unwrap()
+        ])),
+        same
+    );
+    let o = print_out(&["--namespace", "edge"], &[]);
+    assert!(o.stderr.contains("NEW agent key"), "{o:?}");
     std::fs::write(&key_file, "not a key").unwrap();
     let o = print_out(
         &[

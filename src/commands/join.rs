@@ -26,6 +26,12 @@ fn config_from_opts(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
 /// [`config_from_opts`]; `for_pod`: the environment's proxy variables are
 /// this machine's, not the pod's, and are not saved (`--proxy` is).
 fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
+    config_keyed(name, o, for_pod, false)
+}
+
+/// [`config_for`]; `keyed`: the pod gets a registered key (`--key-file`
+/// with `--print-manifest`), so no join token is needed.
+fn config_keyed(name: &str, o: &AgentOpts, for_pod: bool, keyed: bool) -> Result<AgentConfig> {
     validate_name(name).map_err(anyhow::Error::msg)?;
     let hub = o
         .hub
@@ -76,7 +82,7 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
         .as_ref()
         .unwrap_or(&agent::default_key_path(name))
         .exists();
-    if token.is_none() && !has_key {
+    if token.is_none() && !has_key && !keyed {
         bail!("no join token: run the join command 'towerctl cluster add' printed, which sets it in the environment (' TOWERCTL_TOKEN=… towerctl join …', kept out of the shell history and of 'ps' by the leading space); --token also works, but shows it to every user of this machine in 'ps'");
     }
     let hub_key = match (&o.hub_key, o.insecure_skip_hub_key) {
@@ -179,8 +185,8 @@ fn config_for(name: &str, o: &AgentOpts, for_pod: bool) -> Result<AgentConfig> {
 /// its own).
 fn config_from_opts_for_manifest(name: &str, o: &AgentOpts) -> Result<AgentConfig> {
     let mut o = o.clone();
-    o.key_file = None;
-    config_for(name, &o, true)
+    let keyed = o.key_file.take().is_some();
+    config_keyed(name, &o, true, keyed)
 }
 
 async fn agent_status(name: &str) -> Option<AgentStatus> {
@@ -192,8 +198,11 @@ async fn agent_status(name: &str) -> Option<AgentStatus> {
 
 pub async fn join(a: JoinArgs) -> Result<u8> {
     if a.print_manifest {
-        if a.opts.token.is_none() {
-            bail!("--print-manifest needs the join token (TOWERCTL_TOKEN=… in the environment, as 'towerctl cluster add' printed it, or --token): the manifests carry it for the agent pod");
+        // With the agent's registered key (`--key-file`: printed again to
+        // change a running agent's arguments or image) the pod logs in by
+        // key, and the token, shown once and expired since, is not needed.
+        if a.opts.token.is_none() && a.opts.key_file.is_none() {
+            bail!("--print-manifest needs the join token (TOWERCTL_TOKEN=… in the environment, as 'towerctl cluster add' printed it, or --token), or for an agent that joined already its key with --key-file: the manifests carry them for the agent pod");
         }
         if a.opts.kubeconfig.is_some() {
             bail!("--kubeconfig does not apply to --print-manifest: the agent pod uses its service account");

@@ -228,7 +228,11 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                // The key the pod logs in with: a Secret printed with another
+                // rolls the pod at apply time (a running agent kept the key
+                // it had loaded, and a wrong one showed only at its next
+                // restart).
+                "metadata": {"labels": labels, "annotations": {"towerctl.io/agent-key": key_fingerprint(agent_key_pem)}},
                 "spec": {
                     "serviceAccountName": name,
                     // The agent's own credentials for the member's API server.
@@ -276,6 +280,17 @@ pub fn documents(cfg: &AgentConfig, agent_key_pem: &str, o: &ManifestOptions) ->
 /// the proxy's credentials), and `$$` is its escape. A hub URL from the
 /// shared registry written `wss://h/$(TOWERCTL_TOKEN)` handed the token to
 /// whoever ran that address.
+/// The SHA-256 fingerprint of the key `pem` holds (empty if it holds none).
+fn key_fingerprint(pem: &str) -> String {
+    russh::keys::PrivateKey::from_openssh(pem.trim())
+        .map(|k| {
+            k.public_key()
+                .fingerprint(russh::keys::HashAlg::Sha256)
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
 pub fn literal_arg(s: &str) -> String {
     s.replace('$', "$$")
 }
@@ -297,6 +312,12 @@ pub fn print(cfg: &AgentConfig, o: &ManifestOptions) -> Result<u8> {
     if o.agent_key_pem.is_some() {
         out.push_str("# The key is the one --key-file names.\n");
     } else {
+        // Also on stderr: `kubectl apply` drops the comment, and a running
+        // agent keeps the key it loaded, so the refusal came only at the
+        // pod's next restart, days later.
+        eprintln!(
+            "note: this manifest holds a NEW agent key for '{name}': if its agent joined already, the hub refuses it (print with the registered key instead: --key-file, see the manifest's header)"
+        );
         out.push_str(&format!(
             "# Printed again, the Secret holds a new key and the same (spent) token,\n# which the hub refuses: to change the arguments of a running agent, print\n# with its key, --key-file FILE, after\n#   (umask 077; kubectl -n {ns} get secret towerctl-agent-{name} -o jsonpath='{{.data.agent\\.key}}' | base64 -d > FILE)\n# (not after 'cluster rotate {name} --new-key': that key is refused), or\n# start over with the command 'towerctl cluster rotate {name}' prints.\n"
         ));
