@@ -195,6 +195,26 @@ const SERVICE_PAGE: u32 = 500;
 const SERVICE_PAGES: usize = 40;
 
 impl Vet<'_> {
+    /// The member's RBAC, asked about a core object for the operator.
+    async fn ask(
+        &self,
+        verb: &'static str,
+        resource: &'static str,
+        subresource: Option<&str>,
+        namespace: String,
+        name: String,
+    ) -> Result<(), String> {
+        let ask = Ask {
+            verb,
+            group: "",
+            resource,
+            subresource: subresource.map(str::to_string),
+            namespace,
+            name,
+        };
+        self.rbac.check(self.who, &ask).await
+    }
+
     /// Every pod whose address `ip` is (a host-network pod's is its
     /// node's), asked as `create pods/portforward`; every Service whose
     /// cluster IP, external IP or load balancer address it is, asked as
@@ -242,15 +262,8 @@ impl Vet<'_> {
                 let (Some(ns), Some(name)) = (p.metadata.namespace, p.metadata.name) else {
                     continue;
                 };
-                let ask = Ask {
-                    verb: "create",
-                    group: "",
-                    resource: "pods",
-                    subresource: Some("portforward".into()),
-                    namespace: ns,
-                    name,
-                };
-                self.rbac.check(self.who, &ask).await?;
+                self.ask("create", "pods", Some("portforward"), ns, name)
+                    .await?;
             }
             match list.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(next) => params = params.continue_token(&next),
@@ -295,15 +308,7 @@ impl Vet<'_> {
                 let (Some(ns), Some(name)) = (s.metadata.namespace, s.metadata.name) else {
                     continue;
                 };
-                let ask = Ask {
-                    verb: "get",
-                    group: "",
-                    resource: "services",
-                    subresource: None,
-                    namespace: ns,
-                    name,
-                };
-                self.rbac.check(self.who, &ask).await?;
+                self.ask("get", "services", None, ns, name).await?;
             }
             match list.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(next) => params = params.continue_token(&next),

@@ -2097,10 +2097,9 @@ mod tests {
         assert!(b.try_hold().is_some());
     }
 
-    /// An agent's key holder logging in again and again with two versions
-    /// in turn made a registry write per login.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn agent_versions_are_written_one_at_a_time_the_latest_winning() {
+    /// A hub over an in-memory registry (its audit log in the directory
+    /// returned, removed when that is dropped).
+    fn mem_hub() -> (tempfile::TempDir, Arc<crate::daemon::store::MemStore>, Hub) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::daemon::store::MemStore::default());
         let hub = Hub::new(
@@ -2109,6 +2108,14 @@ mod tests {
             String::new(),
             Caps::from_fd_limit(1024),
         );
+        (dir, store, hub)
+    }
+
+    /// An agent's key holder logging in again and again with two versions
+    /// in turn made a registry write per login.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agent_versions_are_written_one_at_a_time_the_latest_winning() {
+        let (_dir, store, hub) = mem_hub();
         assert!(store
             .create_member(&crate::daemon::store::Member::new("alpha", "h".into(), 1))
             .unwrap());
@@ -2145,14 +2152,7 @@ mod tests {
     #[tokio::test]
     async fn streams_opened_with_a_token_that_is_gone_are_cut_whatever_else_bears_its_name() {
         use crate::daemon::access::{names_selector, Effect, Subject};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(crate::daemon::store::MemStore::default());
-        let hub = Hub::new(
-            store.clone(),
-            crate::daemon::audit::Auditor::start(dir.path().join("audit.log")),
-            String::new(),
-            Caps::from_fd_limit(1024),
-        );
+        let (_dir, store, hub) = mem_hub();
         let op = |name: &str, hash: &str, at: Option<&str>| Operator {
             name: name.into(),
             token_hash: hash.into(),
