@@ -305,6 +305,10 @@ pub struct Etcd {
     /// After every endpoint failed: fail at once until then, so callers
     /// do not each wait out [`TIMEOUT`] while etcd is away.
     down_until: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Each endpoint's addresses as last resolved ([`Etcd::addresses`]).
+    resolved: std::sync::Mutex<std::collections::HashMap<String, Vec<std::net::SocketAddr>>>,
+    /// Endpoints whose name is being looked up now.
+    resolving: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 pub fn b64(b: &[u8]) -> String {
@@ -402,6 +406,8 @@ impl Etcd {
             tls,
             next: AtomicUsize::new(0),
             down_until: std::sync::Mutex::new(None),
+            resolved: Default::default(),
+            resolving: Default::default(),
         })
     }
 
@@ -426,6 +432,60 @@ impl Etcd {
         self.endpoints.join(",")
     }
 
+    /// `endpoint`'s addresses, its name looked up within [`TIMEOUT`] (one
+    /// lookup at a time per endpoint, on a thread of its own), else as
+    /// last found: a name lookup had no bound, and a slow resolver (a
+    /// cluster's DNS restarting) held the lease thread past the lease's
+    /// life while etcd itself answered; the hub's members then became
+    /// unreachable through the other hubs.
+    fn addresses(&self, endpoint: &str) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        if let Ok(a) = endpoint.parse::<std::net::SocketAddr>() {
+            return Ok(vec![a]);
+        }
+        let known = || {
+            self.resolved
+                .lock()
+                .ok()
+                .and_then(|r| r.get(endpoint).cloned())
+        };
+        let started = self
+            .resolving
+            .lock()
+            .is_ok_and(|mut r| r.insert(endpoint.to_string()));
+        let found = if started {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (name, resolving) = (endpoint.to_string(), self.resolving.clone());
+            std::thread::Builder::new()
+                .name("etcd-resolve".into())
+                .spawn(move || {
+                    let r = name.to_socket_addrs().map(|a| a.collect::<Vec<_>>());
+                    if let Ok(mut g) = resolving.lock() {
+                        g.remove(&name);
+                    }
+                    let _ = tx.send(r);
+                })?;
+            rx.recv_timeout(TIMEOUT).ok()
+        } else {
+            None
+        };
+        match found {
+            Some(Ok(a)) if !a.is_empty() => {
+                if let Ok(mut r) = self.resolved.lock() {
+                    r.insert(endpoint.to_string(), a.clone());
+                }
+                Ok(a)
+            }
+            // Failed or slow: the last addresses found, if any.
+            Some(Err(e)) => known().ok_or(e),
+            _ => known().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("looking up '{endpoint}' took longer than {TIMEOUT:?}"),
+                )
+            }),
+        }
+    }
+
     /// A connection whose reads end by `deadline` from now (until the
     /// answer's head at least: a watch lifts it then), each read waiting
     /// at most `read_timeout`.
@@ -436,7 +496,7 @@ impl Etcd {
         deadline: Duration,
     ) -> std::io::Result<Conn> {
         let mut last = None;
-        for a in endpoint.to_socket_addrs()? {
+        for a in self.addresses(endpoint)? {
             match TcpStream::connect_timeout(&a, TIMEOUT) {
                 Ok(s) => {
                     s.set_write_timeout(Some(TIMEOUT))?;
@@ -1059,6 +1119,22 @@ mod tests {
         assert!(e.contains("'b:2' names another scheme"), "{e}");
         assert!(Etcd::new("https://a:1,etcd://b:2", &none).is_err());
         assert!(Etcd::new("etcd://a:1,http://b:2", &none).is_ok());
+        // Names are looked up within the call's bound and remembered; an
+        // address is taken as it is.
+        let e = Etcd::new("etcd://localhost:2379", &none).unwrap();
+        let found = e.addresses("localhost:2379").unwrap();
+        assert!(
+            found
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 2379),
+            "{found:?}"
+        );
+        assert_eq!(e.resolved.lock().unwrap()["localhost:2379"], found);
+        assert_eq!(
+            e.addresses("127.0.0.1:2379").unwrap(),
+            ["127.0.0.1:2379".parse().unwrap()]
+        );
+        assert!(e.addresses("no-such-host.invalid:2379").is_err());
         assert!(Etcd::new("etcd://nohostport", &none).is_err());
         let ca = StoreTls {
             ca: Some("/nonexistent/ca.pem".into()),
