@@ -1856,15 +1856,21 @@ fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
     let any_state = [
         "01", "02", "03", "04", "05", "06", "07", "08", "09", "0A", "0B",
     ];
-    let silent_again = silent.try_clone().unwrap();
-    let held_service = std::thread::spawn(move || silent_again.accept().map(|(s, _)| s));
-    let mut workload = std::net::TcpStream::connect(listen("other")).unwrap();
-    let service_side = held_service.join().unwrap().unwrap();
-    wait_for(
-        "the hub's connection to the service",
-        Duration::from_secs(10),
-        || (support::sockets_of(hub_pid, silent_port, &any_state) == 1).then_some(()),
-    );
+    // A workload's connection to `other`, and the service's side of it,
+    // once the hub holds its connection to the service.
+    let hold = || {
+        let service = silent.try_clone().unwrap();
+        let accepted = std::thread::spawn(move || service.accept().map(|(s, _)| s));
+        let workload = std::net::TcpStream::connect(listen("other")).unwrap();
+        let service_side = accepted.join().unwrap().unwrap();
+        wait_for(
+            "the hub's connection to the service",
+            Duration::from_secs(10),
+            || (support::sockets_of(hub_pid, silent_port, &any_state) == 1).then_some(()),
+        );
+        (workload, service_side)
+    };
+    let (mut workload, service_side) = hold();
     // `cluster expose --remove` ends what is open to the name it takes
     // away (it refused only new connections; this one went on).
     let o = env.towerctl(&["cluster", "expose", "alpha", "--remove", "other"]);
@@ -1892,14 +1898,7 @@ fn push_mode_lets_member_workloads_reach_only_exposed_hub_services() {
     ]);
     assert!(o.ok(), "{o:?}");
 
-    let held_service = std::thread::spawn(move || silent.accept().map(|(s, _)| s));
-    let workload = std::net::TcpStream::connect(listen("other")).unwrap();
-    let _service_side = held_service.join().unwrap().unwrap();
-    wait_for(
-        "the hub's connection to the service",
-        Duration::from_secs(10),
-        || (support::sockets_of(hub_pid, silent_port, &any_state) == 1).then_some(()),
-    );
+    let (workload, _service_side) = hold();
     drop(workload);
     assert!(env.towerctl(&["cluster", "revoke", "alpha"]).ok());
     wait_for(

@@ -442,49 +442,40 @@ impl Live {
     /// once stdout is gone.
     fn print(&self, name: &str, to_stdout: bool, pending: &mut Vec<u8>, end: bool) -> bool {
         use std::io::Write;
-        let mut printed = 0;
-        let mut ok = true;
-        {
-            let width = self.width;
-            let tty = if to_stdout {
-                self.out_tty
+        let tty = if to_stdout {
+            self.out_tty
+        } else {
+            self.err_tty
+        };
+        let (mut printed, mut gone) = (0, false);
+        while printed < pending.len() {
+            let rest = &pending[printed..];
+            let (l, used) = match rest.iter().position(|b| *b == b'\n') {
+                Some(i) => (&rest[..i], i + 1),
+                None if end || rest.len() >= MAX_LIVE_LINE => {
+                    let n = rest.len().min(MAX_LIVE_LINE);
+                    (&rest[..n], n)
+                }
+                None => break,
+            };
+            let l = String::from_utf8_lossy(l.strip_suffix(b"\r").unwrap_or(l));
+            let text = format!("{}\n", prefixed(name, self.width, &l, tty));
+            if to_stdout {
+                let r = std::io::stdout().lock().write_all(text.as_bytes());
+                if r.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+                    gone = true;
+                    break;
+                }
             } else {
-                self.err_tty
-            };
-            let line = |l: &[u8]| -> std::io::Result<()> {
-                let l = String::from_utf8_lossy(l);
-                let text = format!("{name:<width$} | {}\n", on_terminal(&l, tty));
-                if to_stdout {
-                    std::io::stdout().lock().write_all(text.as_bytes())
-                } else {
-                    std::io::stderr().lock().write_all(text.as_bytes())
-                }
-            };
-            while printed < pending.len() {
-                let rest = &pending[printed..];
-                let (l, used) = match rest.iter().position(|b| *b == b'\n') {
-                    Some(i) => (&rest[..i], i + 1),
-                    None if end || rest.len() >= MAX_LIVE_LINE => {
-                        let n = rest.len().min(MAX_LIVE_LINE);
-                        (&rest[..n], n)
-                    }
-                    None => break,
-                };
-                let l = l.strip_suffix(b"\r").unwrap_or(l);
-                if let Err(e) = line(l) {
-                    if to_stdout && e.kind() == std::io::ErrorKind::BrokenPipe {
-                        ok = false;
-                        break;
-                    }
-                }
-                printed += used;
+                let _ = std::io::stderr().lock().write_all(text.as_bytes());
             }
+            printed += used;
         }
         pending.drain(..printed);
-        if !ok {
+        if gone {
             self.closed.notify_one();
         }
-        ok
+        !gone
     }
 }
 
@@ -550,10 +541,7 @@ async fn run_one(
         }
         child.wait().await.map(Some)
     };
-    let ran = match timeout {
-        Some(t) => tokio::time::timeout(t, run).await,
-        None => Ok(run.await),
-    };
+    let ran = crate::daemon::http::within(timeout, run).await;
     // On timeout the child is dropped: kill_on_drop kills it.
     match ran {
         Ok(Ok(Some(st))) => {
@@ -626,7 +614,7 @@ fn print_prefixed(o: &Outcome, width: usize, with_stdout: bool) {
         let tty = std::io::stdout().is_terminal();
         let mut out = std::io::stdout().lock();
         for l in o.stdout.lines() {
-            let _ = writeln!(out, "{:<width$} | {}", o.name, on_terminal(l, tty));
+            let _ = writeln!(out, "{}", prefixed(&o.name, width, l, tty));
         }
     }
     // A failed member's last error line is in the summary; the rest of its
@@ -635,9 +623,15 @@ fn print_prefixed(o: &Outcome, width: usize, with_stdout: bool) {
         let tty = std::io::stderr().is_terminal();
         let mut err = std::io::stderr().lock();
         for l in o.stderr.lines() {
-            let _ = writeln!(err, "{:<width$} | {}", o.name, on_terminal(l, tty));
+            let _ = writeln!(err, "{}", prefixed(&o.name, width, l, tty));
         }
     }
+}
+
+/// `NAME | line`, the name padded to `width`, the line as a terminal (when
+/// `tty`) gets it.
+fn prefixed(name: &str, width: usize, line: &str, tty: bool) -> String {
+    format!("{name:<width$} | {}", on_terminal(line, tty))
 }
 
 /// A member's line as a terminal gets it: control and invisible characters

@@ -110,14 +110,7 @@ pub fn for_gateway(host: &str, port: u16) -> Result<Option<Proxy>, String> {
 }
 
 fn gateway_proxy_with(host: &str, port: u16, env: ProxyVars) -> Result<Option<Proxy>, String> {
-    let bare = host
-        .trim_matches(|c| c == '[' || c == ']')
-        .trim_end_matches('.');
-    let loopback = bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.to_canonical().is_loopback());
-    if loopback {
+    if is_loopback_host(host) {
         return Ok(None);
     }
     choose_with(true, host, port, None, None, env)
@@ -295,9 +288,13 @@ pub fn bypassed(no_proxy: &str, host: &str, port: u16) -> bool {
 /// Whether `host` (a name, an IP address, IPv6 in brackets or not) is this
 /// machine's loopback: `localhost` or a loopback address.
 pub fn is_loopback_host(host: &str) -> bool {
-    let bare = host.trim_matches(|c| c == '[' || c == ']');
+    let bare = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .trim_end_matches('.');
     bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || bare
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// `entry` and its port: `host:port`, `[v6]:port`, `[v6]`, a bare IPv6
