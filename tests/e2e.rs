@@ -145,6 +145,17 @@ fn kubectl_reaches_the_member_through_the_tunnel() {
         "operator token written into the kubeconfig"
     );
     assert!(kc.contains("client.authentication.k8s.io/v1"), "{kc}");
+    // An entry set to the older credential version (for clients that know
+    // no other) gets its answer in that version: client-go refuses one in
+    // another version than the entry names.
+    let beta = kc.replace(
+        "client.authentication.k8s.io/v1",
+        "client.authentication.k8s.io/v1beta1",
+    );
+    assert_ne!(beta, kc);
+    std::fs::write(env.path("home/.kube/config"), beta).unwrap();
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
 
     // Status shows the member connected with a measured RTT.
     let s = wait_for("an RTT measurement", Duration::from_secs(10), || {
