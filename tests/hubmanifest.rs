@@ -336,6 +336,26 @@ fn one_hub_without_etcd_behind_an_ingress() {
         args.contains(&"--shutdown-delay=5000ms".to_string()),
         "{args:?}"
     );
+    // An explicit 0 is kept (a hub that stops at once), not taken as unset.
+    let docs = print(
+        &env,
+        &[
+            "--advertise",
+            "wss://hub.example.com/tunnel",
+            "--gateway-url",
+            "https://hub.example.com",
+            "--shutdown-delay",
+            "0",
+        ],
+    );
+    let sts: StatefulSet = typed(of_kind(&docs, "StatefulSet")[0]);
+    let args = container(&sts).args.clone().unwrap();
+    assert!(
+        args.contains(&"--shutdown-delay=0ms".to_string()),
+        "{args:?}"
+    );
+    let spec = sts.spec.unwrap().template.spec.unwrap();
+    assert_eq!(spec.termination_grace_period_seconds, Some(15));
     // wss:// (TLS ends in front) on one port for both: an ingress routes
     // to a ClusterIP Service.
     for s in of_kind(&docs, "Service") {

@@ -223,7 +223,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
         gateway_url: a.gateway_url,
         peer_url: a.peer_url,
         tls_sans: a.tls_sans,
-        shutdown_delay: a.shutdown_delay,
+        shutdown_delay: a.shutdown_delay.unwrap_or_default(),
         keepalive: a.keepalive,
         metrics: a.metrics.0,
         store: a.store.clone(),

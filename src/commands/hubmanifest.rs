@@ -152,13 +152,12 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
         pod.peer_url = Some(peer_url.clone());
     }
     let load_balancer = public.plain_tunnel && public.tunnel_port != public.gateway_port;
-    if pod.shutdown_delay.is_zero() {
-        pod.shutdown_delay = if load_balancer {
-            LB_SHUTDOWN_DELAY
-        } else {
-            DEFAULT_SHUTDOWN_DELAY
-        };
-    }
+    // Unless given, 0 included (a hub that stops at once).
+    let shutdown_delay = *pod.shutdown_delay.get_or_insert(if load_balancer {
+        LB_SHUTDOWN_DELAY
+    } else {
+        DEFAULT_SHUTDOWN_DELAY
+    });
     let mut etcd_files = serde_json::Map::new();
     for (flag, given, file) in [
         ("store-ca", &mut pod.store_ca, "ca.pem"),
@@ -287,7 +286,7 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
     let probe = |path: &str, period: u32, failures: u32| json!({"httpGet": {"path": path, "port": "tunnel"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures});
     // The readiness grace, then the hub's own goodbye to its agents and
     // streams.
-    let grace = pod.shutdown_delay.as_secs() + 15;
+    let grace = shutdown_delay.as_secs() + 15;
     let mut claim = json!({
         "metadata": {"name": "data", "labels": labels},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},

@@ -286,8 +286,9 @@ pub struct HubArgs {
     /// On SIGTERM (a pod being stopped), answer 503 on /readyz for this long,
     /// still serving, before stopping, so that a load balancer or Service
     /// stops sending new connections first (`towerctl down` stops at once).
-    #[arg(long, default_value = "0s", value_parser = parse_shutdown_delay, value_name = "DURATION")]
-    pub shutdown_delay: std::time::Duration,
+    /// Default: none (0s); in the pod manifest 5s, 30s behind a load balancer.
+    #[arg(long, value_parser = parse_shutdown_delay, value_name = "DURATION")]
+    pub shutdown_delay: Option<std::time::Duration>,
     /// Address for Prometheus /metrics (loopback by default), or 'off'.
     #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
     pub metrics: MetricsAddr,
@@ -371,11 +372,8 @@ impl HubArgs {
         for n in &self.tls_sans {
             args.push(format!("--tls-san={n}"));
         }
-        if !self.shutdown_delay.is_zero() {
-            args.push(format!(
-                "--shutdown-delay={}ms",
-                self.shutdown_delay.as_millis()
-            ));
+        if let Some(d) = self.shutdown_delay {
+            args.push(format!("--shutdown-delay={}ms", d.as_millis()));
         }
         args.extend(self.store_args());
         args.extend(self.trusted().to_args());
@@ -1189,7 +1187,7 @@ mod tests {
         let Command::Up(a) = cli.command else {
             panic!("not up")
         };
-        assert!(a.hub.shutdown_delay.is_zero());
+        assert_eq!(a.hub.shutdown_delay, None);
     }
 
     #[test]
