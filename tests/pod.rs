@@ -37,9 +37,9 @@ fn wait_probe(addr: &str, path: &str, want: u16, timeout: Duration) {
     );
 }
 
-/// Kills the agent if the test ends early.
-struct Agent(Child);
-impl Drop for Agent {
+/// Kills the process (an agent, the hub's namespace) if the test ends early.
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -224,7 +224,7 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
 
     // Hub down first: alive, not ready.
     assert!(env.towerctl(&["down"]).ok());
-    let mut agent = Agent(cmd.spawn().unwrap());
+    let mut agent = KillOnDrop(cmd.spawn().unwrap());
     wait_probe(&probe_addr, "/healthz", 200, Duration::from_secs(15));
     assert_eq!(probe(&probe_addr, "/readyz"), Some(503));
 
@@ -391,4 +391,103 @@ fn a_hub_in_a_memory_cgroup_holds_its_members_windows_together() {
             "{log}"
         );
     }
+}
+
+/// Host PIDs of the processes whose parent is `parent`, with their state
+/// letter (`Z` for a zombie) and command name.
+fn children_of(parent: u32) -> Vec<(u32, char, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let mut rest = stat[close + 1..].split_whitespace();
+        let state = rest.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid: u32 = rest.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if ppid == parent {
+            out.push((pid, state, comm));
+        }
+    }
+    out
+}
+
+/// The hub's pod runs `towerctl hub run` as PID 1: a process orphaned into
+/// it (a shell's `&` under `kubectl exec`) is its child once its parent
+/// leaves, and must not stay a zombie when it ends. A PID namespace of the
+/// test's own stands for the pod's.
+#[test]
+fn a_hub_as_pid_1_takes_the_exit_of_orphans() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: a PID namespace needs root here");
+        return;
+    }
+    let env = Env::new();
+    let log = env.path("hub.stderr");
+    let mut cmd = Command::new("unshare");
+    env.apply_env(&mut cmd);
+    cmd.args(["--pid", "--fork", "--kill-child", support::TOWERCTL])
+        .args([
+            "hub",
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut unshare = KillOnDrop(cmd.spawn().expect("unshare (util-linux) is needed"));
+    let outer = unshare.0.id();
+    let hub = wait_for("the hub as PID 1", Duration::from_secs(20), || {
+        children_of(outer).first().map(|c| c.0)
+    });
+    wait_for("the hub ready", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("hub ready")
+            .then_some(())
+    });
+    // `sh` leaves its `sleep` behind; the sleep becomes the hub's child.
+    let o = support::run_bounded(
+        {
+            let mut c = Command::new("nsenter");
+            c.args([
+                "-t",
+                &hub.to_string(),
+                "-p",
+                "--",
+                "sh",
+                "-c",
+                "sleep 2 </dev/null >/dev/null 2>&1 & exit 0",
+            ]);
+            c
+        },
+        Duration::from_secs(10),
+    );
+    assert!(o.ok(), "{o:?}");
+    let orphan = wait_for("the orphan under the hub", Duration::from_secs(5), || {
+        children_of(hub)
+            .into_iter()
+            .find(|c| c.2 == "sleep")
+            .map(|c| c.0)
+    });
+    wait_for("the orphan's exit taken", Duration::from_secs(15), || {
+        (!children_of(hub).iter().any(|c| c.0 == orphan)).then_some(())
+    });
+    // The hub is still there, and stops on SIGTERM as a pod's PID 1 does.
+    assert!(children_of(outer).iter().any(|c| c.0 == hub));
+    unsafe { libc::kill(hub as i32, libc::SIGTERM) };
+    let status = wait_for("the hub stopped", Duration::from_secs(20), || {
+        unshare.0.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
 }

@@ -213,6 +213,7 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
     let _lock = process::lock_pid_file("hub")?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
+    process::reap_orphans_as_init();
     let store_tls = a.store_tls();
     let trusted_proxies = a.trusted();
     let cfg = hub::HubConfig {

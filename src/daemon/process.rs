@@ -299,6 +299,40 @@ impl Spawned {
 
 /// Waits (10 s) for a daemon asked to shut down to exit, then sends it
 /// SIGTERM (5 s more); fails naming `what` if it is still there.
+/// As the first process of a container (the hub's pod runs `towerctl hub
+/// run` as PID 1), takes the exit of every process orphaned into it: a
+/// `towerctl port-forward --background` or a shell's `&` started with
+/// `kubectl exec` ends up the hub's child once its parent leaves, and
+/// without this stays a zombie for the pod's life, holding a PID of the
+/// pod's limit. Taking any child's exit is safe only in a process that
+/// waits for no child of its own: the hub starts none (the agent does not
+/// call this: kube's exec credential plugins are its children, waited for
+/// by kube). Elsewhere (PID not 1) it does nothing.
+pub fn reap_orphans_as_init() {
+    if std::process::id() != 1 {
+        return;
+    }
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut child) = signal(SignalKind::child()) else {
+            return;
+        };
+        loop {
+            // Every exit so far: signals of several exits coalesce.
+            loop {
+                let mut status = 0;
+                // SAFETY: waitpid with a valid pointer to an int.
+                if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+                    break;
+                }
+            }
+            if child.recv().await.is_none() {
+                return;
+            }
+        }
+    });
+}
+
 pub async fn await_exit(pid: u32, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) && Instant::now() < deadline {
