@@ -291,3 +291,44 @@ fn daemons_hold_none_of_their_callers_descriptors() {
     let _ = env.towerctl(&["down"]);
     drop(f);
 }
+
+/// A line in a daemon's log that still holds control characters (a forged
+/// line break, a terminal's title or clipboard escape, a carriage return
+/// that writes over the line) is shown with them escaped, by `logs` and by
+/// `logs -f`; lines without any are shown as written, backslashes
+/// included; a log that is not UTF-8 throughout is still shown.
+#[test]
+fn logs_escape_control_characters_left_in_a_log() {
+    let env = Env::new();
+    let dir = env.path("state/towerctl");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("hub.log");
+    let hostile = "WARN refused a dial: down\r2030-01-01 INFO forged \u{1b}]52;c;ZXZpbA==\u{7} \u{202e}lave\n";
+    let plain = "INFO kept as written: \\u{1b} \"quoted\"\n";
+    let mut first = hostile.as_bytes().to_vec();
+    first.extend_from_slice(plain.as_bytes());
+    first.extend_from_slice(b"INFO \xff not utf-8\n");
+    std::fs::write(&log, &first).unwrap();
+    let o = env.towerctl(&["logs", "hub"]);
+    assert!(o.ok(), "{o:?}");
+    for bad in ['\r', '\u{1b}', '\u{7}', '\u{202e}'] {
+        assert!(
+            !o.stdout.contains(bad),
+            "{bad:?} reached the terminal: {o:?}"
+        );
+    }
+    assert!(
+        o.stdout.contains(
+            "down\\u{d}2030-01-01 INFO forged \\u{1b}]52;c;ZXZpbA==\\u{7} \\u{202e}lave\n"
+        ),
+        "{o:?}"
+    );
+    assert!(o.stdout.contains(plain), "{o:?}");
+    assert!(o.stdout.contains("not utf-8"), "{o:?}");
+    let follow = Streaming::start(env.towerctl_cmd(&["logs", "hub", "-f"]));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    f.write_all(b"WARN later\x1b[2J line\n").unwrap();
+    follow.wait_for("later\\u{1b}[2J line\n", Duration::from_secs(10));
+    assert!(!follow.output().contains('\u{1b}'), "{}", follow.output());
+}

@@ -287,8 +287,9 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
             file.display()
         ),
     };
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
+    let mut raw = Vec::new();
+    f.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
     // The last `tail` lines, reaching into the previous (rotated) file
     // when the current one was just started.
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
@@ -300,9 +301,13 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
             lines = older;
         }
     }
+    // Each line with its control characters escaped: the daemons escape what others sent
+    // before they log it, and a line that still holds a control character
+    // (a forged line break, a terminal escape from a member's API server)
+    // is shown escaped rather than acted on by the terminal.
     let mut out = std::io::stdout().lock();
     for l in &lines[lines.len().saturating_sub(tail)..] {
-        writeln!(out, "{l}")?;
+        writeln!(out, "{}", crate::tunnel::controls_escaped(l))?;
     }
     drop(out);
     if !follow {
@@ -313,26 +318,38 @@ pub async fn logs(daemon: &str, follow: bool, tail: usize) -> Result<u8> {
     // its start, so no line is lost or shown twice.
     use std::os::unix::fs::MetadataExt;
     let mut ino = f.metadata()?.ino();
-    let mut pos = text.len() as u64;
-    // What was added to `f` since `pos`, shown; `pos` moved past it.
-    let show_new = |f: &mut std::fs::File, pos: &mut u64| -> Result<()> {
+    let mut pos = raw.len() as u64;
+    // The lines added to `f` since `pos`, shown; `pos` moved past them. A
+    // line still being written waits for its end unless `all`.
+    let show_new = |f: &mut std::fs::File, pos: &mut u64, all: bool| -> Result<()> {
         let mut buf = Vec::new();
         f.seek(SeekFrom::Start(*pos))?;
         f.read_to_end(&mut buf)?;
-        *pos += buf.len() as u64;
-        if !buf.is_empty() {
-            std::io::stdout().write_all(&buf)?;
-            std::io::stdout().flush()?;
+        let whole = if all {
+            buf.len()
+        } else {
+            buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+        };
+        *pos += whole as u64;
+        if whole > 0 {
+            let mut out = std::io::stdout().lock();
+            for l in String::from_utf8_lossy(&buf[..whole]).split_inclusive('\n') {
+                match l.strip_suffix('\n') {
+                    Some(l) => writeln!(out, "{}", crate::tunnel::controls_escaped(l))?,
+                    None => write!(out, "{}", crate::tunnel::controls_escaped(l))?,
+                }
+            }
+            out.flush()?;
         }
         Ok(())
     };
     loop {
-        show_new(&mut f, &mut pos)?;
+        show_new(&mut f, &mut pos, false)?;
         match std::fs::metadata(&file) {
             Ok(m) if m.ino() != ino => {
                 // Renamed away: what the daemon wrote to it after the read
                 // above, before it did, is shown first.
-                show_new(&mut f, &mut pos)?;
+                show_new(&mut f, &mut pos, true)?;
                 if let Ok(next) = std::fs::File::open(&file) {
                     ino = next.metadata()?.ino();
                     f = next;

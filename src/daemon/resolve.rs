@@ -43,8 +43,16 @@ pub struct Resolved {
 fn api_err(what: &str, e: kube::Error) -> ResolveError {
     match &e {
         kube::Error::Api(s) if s.code == 404 => ResolveError::NotFound(what.to_string()),
-        _ => ResolveError::Api(e.to_string()),
+        _ => ResolveError::Api(kube_error(&e)),
     }
+}
+
+/// A kube error as words for an answer or a log line: what the member's
+/// API server (or whatever answered in its place) said is quoted in it,
+/// possibly a whole plain-text page with line breaks and escapes, so it is
+/// made printable and cut to 500 characters.
+pub fn kube_error(e: &kube::Error) -> String {
+    crate::tunnel::printable(&e.to_string(), 500)
 }
 
 fn pod_running(p: &Pod) -> bool {
@@ -280,10 +288,11 @@ async fn confirm_pod(
                 // Names from an EndpointSlice: whoever may write those in
                 // the member chose them.
                 tracing::debug!(
-                    "endpoint {} names pod {}/{}, which cannot be read: {e}",
+                    "endpoint {} names pod {}/{}, which cannot be read: {}",
                     r.addr,
                     crate::tunnel::escape_for_log(&ns, 100),
-                    crate::tunnel::escape_for_log(&name, 100)
+                    crate::tunnel::escape_for_log(&name, 100),
+                    kube_error(&e)
                 );
                 None
             }
@@ -463,6 +472,24 @@ fn from_slices(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kube_error_is_one_printable_bounded_line() {
+        // A plain-text error page, as a proxy in front of the member's API
+        // server answers, becomes the whole message of kube's error.
+        let page = format!(
+            "down\r\n2030-01-01 INFO forged \u{1b}]0;title\u{7}\u{202e}{}",
+            "x".repeat(100_000)
+        );
+        let e = kube::Error::Api(kube::core::Status::failure(&page, "InternalError").boxed());
+        let t = kube_error(&e);
+        assert!(t.contains("forged"), "{t}");
+        assert!(t.chars().count() <= 500, "{}", t.len());
+        assert!(
+            !t.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{t:?}"
+        );
+    }
 
     fn pod(phase: &str, ready: bool) -> Pod {
         serde_json::from_value(serde_json::json!({

@@ -502,6 +502,8 @@ pub(crate) fn readable_operator<E: std::fmt::Display>(r: Result<Operator, E>) ->
             // Read again at each reload: a few lines a minute.
             static UNREADABLE: crate::tunnel::LogBudget =
                 crate::tunnel::LogBudget::new("unreadable operator records", 10);
+            // A decoding error quotes the record's own field names.
+            let e = crate::tunnel::escape_for_log(&e.to_string(), 300);
             if UNREADABLE.admit() {
                 tracing::warn!("an operator record this hub cannot read is left out (its token is refused here; if it is this hub's own admin, its admin.token is refused until the record is written again): {e}");
             } else {
@@ -524,6 +526,7 @@ pub(crate) fn readable_member<E: std::fmt::Display>(
         Err(e) => {
             static UNREADABLE: crate::tunnel::LogBudget =
                 crate::tunnel::LogBudget::new("unreadable member records", 10);
+            let e = crate::tunnel::escape_for_log(&e.to_string(), 300);
             if UNREADABLE.admit() {
                 tracing::warn!("a member record this hub cannot read is left out (the member is refused here until the record is readable; a newer hub's record, or one edited by hand): {e}");
             } else {

@@ -267,7 +267,10 @@ async fn sync_inner(
         .list(&ListParams::default().fields(by_name))
         .await
         .map_err(|e| {
-            tracing::debug!("service list for the resolve cache: {e}");
+            tracing::debug!(
+                "service list for the resolve cache: {}",
+                crate::daemon::resolve::kube_error(&e)
+            );
             Stop::Failed
         })?;
     let slice_list = slices
@@ -276,7 +279,10 @@ async fn sync_inner(
         .map_err(|e| match e {
             kube::Error::Api(s) if s.code == 404 => Stop::Unsupported,
             e => {
-                tracing::debug!("endpointslice list for the resolve cache: {e}");
+                tracing::debug!(
+                    "endpointslice list for the resolve cache: {}",
+                    crate::daemon::resolve::kube_error(&e)
+                );
                 Stop::Failed
             }
         })?;

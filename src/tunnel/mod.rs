@@ -442,6 +442,25 @@ pub fn json_shown(json: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `s` with its control and invisible formatting characters written as
+/// escapes (`\u{1b}`), everything else as it is: for text already
+/// escaped once where it came in (the daemons' log lines, which hold
+/// `escape_for_log`'s backslashes), shown again on a terminal.
+pub fn controls_escaped(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() || is_invisible(c)) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() || is_invisible(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn needs_escape(c: char) -> bool {
     c == '\\' || c.is_control() || is_invisible(c)
 }

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::config::PodNetwork;
 use super::rbac::Ask;
 use crate::daemon::policy::{self, DialPolicy};
-use crate::daemon::resolve;
+use crate::daemon::resolve::{self, kube_error};
 use crate::daemon::targets::Target;
 use crate::daemon::watchcache::ServiceCache;
 use crate::daemon::wire::{DialCode, RawAnswer, RawIdentity};
@@ -240,7 +240,7 @@ impl Vet<'_> {
             }
         }
         let cannot = |what: &str, e: kube::Error| {
-            format!("cannot tell whether {ip} is a {what} in the member (under impersonation the member's RBAC decides who reaches its pods and Services), so it is refused: {e}")
+            format!("cannot tell whether {ip} is a {what} in the member (under impersonation the member's RBAC decides who reaches its pods and Services), so it is refused: {}", kube_error(&e))
         };
         // Pods that hold the address now (a finished pod keeps its old
         // one, which the network may have given to another since).
@@ -386,7 +386,10 @@ async fn dial_portforward(
     let mut pf = api.portforward(name, &[port]).await.map_err(|e| {
         (
             DialCode::DialFailed,
-            format!("port-forward to pod {ns}/{name} through the API server failed: {e}"),
+            format!(
+                "port-forward to pod {ns}/{name} through the API server failed: {}",
+                kube_error(&e)
+            ),
         )
     })?;
     let stream = pf.take_stream(port).ok_or_else(|| {
@@ -564,7 +567,10 @@ pub(super) async fn serve_raw(
                         Ok((DialCode::Denied, m)) => {
                             denied.fetch_add(1, Ordering::Relaxed);
                             if REFUSED_DIALS.admit() {
-                                tracing::warn!("refused a dial: {m}");
+                                tracing::warn!(
+                                    "refused a dial: {}",
+                                    crate::tunnel::escape_for_log(&m, 1000)
+                                );
                             }
                             (DialCode::Denied, m)
                         }

@@ -1068,7 +1068,8 @@ impl Hub {
         if let Some(e) = unreadable {
             let n = self.recheck_streams();
             return Err(anyhow::anyhow!(
-                "the access rules in the registry are unreadable ({e}); every operator but the local admin is refused until they are read ({n} open streams cut)"
+                "the access rules in the registry are unreadable ({}); every operator but the local admin is refused until they are read ({n} open streams cut)",
+                crate::tunnel::escape_for_log(&e.to_string(), 500)
             ));
         }
         Ok(())

@@ -1025,7 +1025,10 @@ pub async fn run(
                     unapplied_settings = match hub.load_access() {
                         Ok(()) => false,
                         Err(e) => {
-                            tracing::warn!("cannot load the access rules from etcd: {e:#}");
+                            tracing::warn!(
+                                "cannot load the access rules from etcd: {}",
+                                crate::tunnel::escape_for_log(&format!("{e:#}"), 500)
+                            );
                             true
                         }
                     };
