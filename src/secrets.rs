@@ -93,7 +93,22 @@ fn candidates() -> Vec<Backend> {
     }
 }
 
+/// The token file of `account` (a gateway URL): its characters that are
+/// safe in a file name, then a hash of the whole URL, so that URLs that
+/// differ only in the others (`https://hub:9443` and `https://hub/9443`)
+/// never share a file, and one gateway's token is never sent to another.
 fn file_path(account: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(account.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut p = legacy_file_path(account).into_os_string();
+    p.push(format!("-{hex}"));
+    p.into()
+}
+
+/// Where tokens were kept before [`file_path`] named them by hash too:
+/// read when the new file is missing, until the next login writes it.
+fn legacy_file_path(account: &str) -> PathBuf {
     let safe: String = account
         .chars()
         .map(|c| {
@@ -145,6 +160,12 @@ pub fn save(account: &str, secret: &str) -> Result<Backend> {
     }
     let path = file_path(account);
     paths::write_atomic(&path, secret.as_bytes(), 0o600)?;
+    // An older copy of this very token under the old name goes; a
+    // different one there may be another gateway's, whose name it shared.
+    let legacy = legacy_file_path(account);
+    if std::fs::read_to_string(&legacy).is_ok_and(|t| t.trim() == secret.trim()) {
+        let _ = std::fs::remove_file(&legacy);
+    }
     if forced.is_none() {
         eprintln!(
             "note: no usable OS keyring{}; the token is kept in '{}' (mode 0600)",
@@ -162,7 +183,10 @@ pub fn save(account: &str, secret: &str) -> Result<Backend> {
 /// Reads the secret of `account` from `backend`.
 pub fn load(backend: Backend, account: &str) -> Result<String> {
     if backend == Backend::File {
-        let path = file_path(account);
+        let mut path = file_path(account);
+        if !path.exists() && legacy_file_path(account).exists() {
+            path = legacy_file_path(account);
+        }
         return std::fs::read_to_string(&path)
             .map(|s| s.trim().to_string())
             .with_context(|| {
@@ -206,7 +230,10 @@ pub fn load(backend: Backend, account: &str) -> Result<String> {
 /// Deletes the secret of `account` (best effort).
 pub fn delete(backend: Backend, account: &str) {
     if backend == Backend::File {
-        let _ = std::fs::remove_file(file_path(account));
+        // The old name only for a login made before the new one existed.
+        if std::fs::remove_file(file_path(account)).is_err() {
+            let _ = std::fs::remove_file(legacy_file_path(account));
+        }
     } else if let Ok(store) = os_store(backend) {
         if let Ok(e) = store.build(SERVICE, account, None) {
             let _ = e.delete_credential();
@@ -216,6 +243,22 @@ pub fn delete(backend: Backend, account: &str) {
 
 #[cfg(test)]
 mod tests {
+    /// Gateway URLs that differ only in characters a file name cannot
+    /// hold get files of their own.
+    #[test]
+    fn each_gateway_has_its_own_token_file() {
+        let a = super::file_path("https://hub.example:9443");
+        let b = super::file_path("https://hub.example/9443");
+        assert_eq!(
+            super::legacy_file_path("https://hub.example:9443"),
+            super::legacy_file_path("https://hub.example/9443")
+        );
+        assert_ne!(a, b);
+        assert_eq!(a, super::file_path("https://hub.example:9443"));
+        let name = a.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("https___hub.example_9443-"), "{name}");
+    }
+
     /// Left to choose, towerctl never keeps a token where a reboot loses it.
     #[test]
     fn the_kernel_keyring_is_used_only_when_asked_for() {

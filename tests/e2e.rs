@@ -1117,6 +1117,30 @@ fn a_keyring_out_of_reach_is_not_taken_for_a_lost_token() {
     );
 }
 
+/// A token kept in a file by an older towerctl (named without the URL's
+/// hash) is still read, and `logout` removes it.
+#[test]
+fn a_token_file_under_its_old_name_is_still_read() {
+    let laptop = Env::new();
+    let dir = laptop.path("config/towerctl");
+    std::fs::create_dir_all(dir.join("credentials")).unwrap();
+    let gateway = "https://hub.example:9443";
+    let login = serde_json::json!([{
+        "gateway_url": gateway,
+        "ca_pem": "",
+        "operator": "bob",
+        "backend": "file",
+    }]);
+    std::fs::write(dir.join("logins.json"), login.to_string()).unwrap();
+    let old = dir.join("credentials/https___hub.example_9443");
+    std::fs::write(&old, "tok_old_name\n").unwrap();
+    let o = laptop.towerctl(&["credential", "--gateway", gateway]);
+    assert!(o.ok() && o.stdout.contains("\"tok_old_name\""), "{o:?}");
+    let o = laptop.towerctl(&["logout"]);
+    assert!(o.ok(), "{o:?}");
+    assert!(!old.exists());
+}
+
 #[test]
 fn impersonation_lets_the_member_rbac_decide() {
     let env = Env::new();

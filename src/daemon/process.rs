@@ -185,6 +185,8 @@ pub fn spawn(daemon: &str, args: &[OsString]) -> Result<Spawned> {
         .env(super::logfile::LOG_ENV, &log)
         .env_remove("TOWERCTL_TOKEN")
         .env_remove("TOWERCTL_OPERATOR_TOKEN")
+        // May carry the proxy's password; the agent has it in its config.
+        .env_remove("TOWERCTL_PROXY")
         // The caller's systemd notification socket is not the daemon's.
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())

@@ -157,7 +157,7 @@ fn choose_with(
 /// optional (`HOST:PORT`), the port 80 by default, as Go takes them.
 pub fn parse(raw: &str) -> Result<Proxy, String> {
     let raw = raw.trim();
-    let with_scheme = if raw.contains("://") {
+    let with_scheme = if split_scheme(raw).is_some() {
         raw.to_string()
     } else {
         format!("http://{raw}")
@@ -221,7 +221,7 @@ pub fn parse(raw: &str) -> Result<Proxy, String> {
 /// `raw` with whatever lies between its scheme and its last `@` hidden (a
 /// password may hold `/`, `?` or `#`, which end an authority).
 pub fn redact(raw: &str) -> String {
-    let (scheme, rest) = match raw.split_once("://") {
+    let (scheme, rest) = match split_scheme(raw) {
         Some((s, r)) => (format!("{s}://"), r),
         None => (String::new(), raw),
     };
@@ -229,6 +229,18 @@ pub fn redact(raw: &str) -> String {
         Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
         None => format!("{scheme}{rest}"),
     }
+}
+
+/// `raw`'s scheme and the rest after `://`, when what comes before the
+/// first `://` can be a scheme (RFC 3986: a letter, then letters, digits,
+/// `+`, `-`, `.`); not when it holds more, as in `user:pass://word@host`,
+/// where it is a password's part and must not be shown as a scheme.
+fn split_scheme(raw: &str) -> Option<(&str, &str)> {
+    let (s, rest) = raw.split_once("://")?;
+    let mut c = s.chars();
+    (c.next()?.is_ascii_alphabetic()
+        && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some((s, rest))
 }
 
 /// Whether `no_proxy` keeps `host:port` off the proxy, as Go's
@@ -610,6 +622,18 @@ mod tests {
         );
         let e = parse("http://user:pa/ss@proxy:3128").unwrap_err();
         assert!(!e.contains("pa/ss"), "{e}");
+        // A password holding `://` is no scheme: neither the user nor any
+        // of the password is shown.
+        for raw in [
+            "puser:se://cret@127.0.0.1:3128",
+            "http://puser:se://cret@proxy:3128",
+        ] {
+            let r = redact(raw);
+            assert!(!r.contains("puser") && !r.contains("se:"), "{r}");
+            if let Err(e) = parse(raw) {
+                assert!(!e.contains("puser") && !e.contains("cret"), "{e}");
+            }
+        }
     }
 
     /// A one-shot proxy on loopback that answers `answer` to a CONNECT,
