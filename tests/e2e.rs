@@ -420,6 +420,29 @@ fn agent_reconnects_by_itself_after_a_hub_restart() {
     assert!(cfg["hub_key"].is_string(), "{cfg}");
 }
 
+/// A hub stopped on purpose says so to its agents: the agent's log tells a
+/// hub going away (a rolling update) from a network fault.
+#[test]
+fn a_stopping_hub_tells_its_agents_why() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &["--backoff-cap", "2s"]);
+    assert!(env.towerctl(&["down"]).ok());
+    let log = wait_for(
+        "the agent to see the tunnel go",
+        Duration::from_secs(15),
+        || {
+            let l = env.towerctl(&["logs", "alpha"]).stdout;
+            l.contains("tunnel down after").then_some(l)
+        },
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("tunnel down after"))
+        .unwrap();
+    assert!(line.contains("the hub is shutting down"), "{log}");
+}
+
 /// Something else answering at the hub's address with another SSH host
 /// key (anyone on a `ws://` path, an address reused) is never accepted,
 /// but does not stop a running agent either: it used to exit with code 4,

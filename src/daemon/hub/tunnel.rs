@@ -720,7 +720,14 @@ async fn tunnel_session(
             live.kill.cancel();
             format!("no answer to keepalives within {:?}: declared dead", crate::tunnel::ping_deadline(keepalive))
         }
-        _ = cancel.cancelled() => "hub shutting down".to_string(),
+        _ = cancel.cancelled() => {
+            // Said to the agent, which reports a hub going away, not a
+            // connection reset; its answer to the DISCONNECT, or the cut
+            // within a second, ends the session.
+            live.close("the hub is shutting down").await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut sess.running).await;
+            "hub shutting down".to_string()
+        }
     };
     // What the agent said when it stopped on purpose ("agent stopped").
     // Without the agent's goodbye, what the WebSocket's Close said, if
