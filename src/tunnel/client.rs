@@ -436,18 +436,45 @@ pub async fn connect(
     opts: &DialOptions,
     service: Arc<dyn ChannelService>,
 ) -> Result<ClientSession, TunnelError> {
-    match tokio::time::timeout(opts.connect_timeout, connect_inner(opts, service)).await {
+    let phase = Phase::default();
+    match tokio::time::timeout(opts.connect_timeout, connect_inner(opts, service, &phase)).await {
         Ok(r) => r,
         Err(_) => Err(TunnelError::Unreachable {
             url: opts.url.clone(),
-            reason: format!("no answer within {:?}", opts.connect_timeout),
+            reason: format!(
+                "no answer within {:?}: {}",
+                opts.connect_timeout,
+                phase.stalled()
+            ),
         }),
+    }
+}
+
+/// How far a connection attempt came, for the words of its timeout: a
+/// firewall, an ingress that holds the upgrade and a hub that does not
+/// answer its login read alike otherwise.
+#[derive(Default)]
+struct Phase(std::sync::Mutex<&'static str>);
+
+impl Phase {
+    fn set(&self, stalled: &'static str) {
+        if let Ok(mut p) = self.0.lock() {
+            *p = stalled;
+        }
+    }
+
+    fn stalled(&self) -> &'static str {
+        match self.0.lock().map(|p| *p) {
+            Ok(p) if !p.is_empty() => p,
+            _ => "no TCP connection to the hub's address (the name not resolving, a firewall dropping the packets, or nothing routing there)",
+        }
     }
 }
 
 async fn connect_inner(
     opts: &DialOptions,
     service: Arc<dyn ChannelService>,
+    phase: &Phase,
 ) -> Result<ClientSession, TunnelError> {
     let url = url::Url::parse(&opts.url).map_err(|e| TunnelError::BadUrl {
         url: opts.url.clone(),
@@ -477,14 +504,22 @@ async fn connect_inner(
 
     let (explicit, saved) = (opts.proxy_url.as_deref(), opts.proxy.as_ref());
     let tcp = match super::proxy::choose(tls, host, port, explicit, saved).map_err(&unreachable)? {
-        Some(proxy) => super::proxy::connect(&proxy, host, port)
-            .await
-            .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?,
+        Some(proxy) => {
+            phase.set("no answer from the proxy to its CONNECT (the proxy unreachable, or slow to reach the hub)");
+            super::proxy::connect(&proxy, host, port)
+                .await
+                .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?
+        }
         None => super::dial::connect(host, port)
             .await
             .map_err(|e| unreachable(e.to_string()))?,
     };
     super::nodelay(&tcp);
+    phase.set(if tls {
+        "connected, but the TLS handshake did not finish (does this port serve TLS?)"
+    } else {
+        "connected, but no answer to the WebSocket upgrade (something other than the hub on this port, or an ingress or proxy holding the upgrade)"
+    });
 
     let mut request = opts
         .url
@@ -558,6 +593,9 @@ async fn connect_inner(
     } else {
         Transport::Plain(tcp)
     };
+    if tls {
+        phase.set("TLS done, but no answer to the WebSocket upgrade (an ingress holding or buffering the upgrade, or not routing this path to the hub)");
+    }
     let (ws, _resp) = tokio_tungstenite::client_async_with_config(
         request,
         super::ws::Gate::new(stream, super::ws::Role::Client),
@@ -575,6 +613,7 @@ async fn connect_inner(
         closed: Some(closed_tx),
         learned_hubs: opts.learned_hubs.clone(),
     };
+    phase.set("upgraded, but the SSH handshake did not finish (the hub overloaded, or something other than a towerctl hub answering the upgrade)");
     let io = WsIo::new(ws);
     let alive = io.liveness();
     let ws_closed = io.close_note();
@@ -602,6 +641,7 @@ async fn connect_inner(
             });
         }
     };
+    phase.set("the hub took the connection but did not answer the login (its registry or etcd slow, or many agents logging in at once)");
     let mut closed_rx = closed_rx;
     let key = PrivateKeyWithHashAlg::new(opts.key.clone(), None);
     // Only an explicit refusal from the hub is fatal. An error while
@@ -856,6 +896,83 @@ impl tokio::io::AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoChannels;
+    impl ChannelService for NoChannels {
+        fn accepts(&self, _: &str, _: u32) -> bool {
+            false
+        }
+        fn serve(&self, _: String, _: u32, _: String, _: FlowStream, _: Confirm) {}
+    }
+
+    /// A connection attempt that times out says how far it came.
+    #[tokio::test]
+    async fn a_stalled_connection_says_where_it_stalled() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (upgrade, says) in [
+            (false, "no answer to the WebSocket upgrade"),
+            (true, "upgraded, but the SSH handshake did not finish"),
+        ] {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            // Takes the connection, answers the upgrade or not, then says
+            // nothing more and keeps the socket open.
+            let fake = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                if upgrade {
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let key = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("sec-websocket-key: "))
+                        .or_else(|| {
+                            text.lines()
+                                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                        })
+                        .unwrap()
+                        .trim()
+                        .to_string();
+                    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                        key.as_bytes(),
+                    );
+                    let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+                    s.write_all(answer.as_bytes()).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(s);
+            });
+            let opts = DialOptions {
+                url: format!("ws://127.0.0.1:{port}/tunnel"),
+                name: "alpha".into(),
+                key: Arc::new(
+                    PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
+                ),
+                token: None,
+                hub_key: None,
+                keepalive: Duration::from_secs(10),
+                connect_timeout: Duration::from_millis(700),
+                tls: Arc::new(super::super::tls::HubTls::new(None, false, false).unwrap()),
+                features: Vec::new(),
+                learned_hubs: Arc::default(),
+                proxy: None,
+                proxy_url: None,
+            };
+            let Err(e) = connect(&opts, Arc::new(NoChannels)).await else {
+                panic!("connected to a fake hub");
+            };
+            let e = e.to_string();
+            assert!(e.contains("no answer within") && e.contains(says), "{e}");
+            fake.abort();
+        }
+    }
 
     #[test]
     fn what_a_hub_says_when_it_closes_the_session_is_kept_as_plain_text() {
