@@ -3538,3 +3538,112 @@ fn connections_through_the_members_port_forward_are_held_to_the_agents_budget() 
         echoed.then_some(c)
     });
 }
+
+/// A listener on loopback that takes no connection: its accept queue is
+/// full, so a connect to it goes unanswered, as to a pod address on a
+/// network the agent does not reach (its packets dropped).
+fn black_hole() -> (
+    std::net::SocketAddr,
+    Vec<std::net::TcpStream>,
+    std::os::fd::OwnedFd,
+) {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    assert_eq!(
+        unsafe { libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len) },
+        0
+    );
+    assert_eq!(unsafe { libc::listen(raw, 0) }, 0);
+    let mut got: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut l = len;
+    assert_eq!(
+        unsafe { libc::getsockname(raw, &mut got as *mut _ as *mut libc::sockaddr, &mut l) },
+        0
+    );
+    let addr =
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, u16::from_be(got.sin_port)));
+    // Fill the queue until a connect goes unanswered (bounded).
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(c) => held.push(c),
+            Err(_) => return (addr, held, fd),
+        }
+    }
+    panic!("the listener's queue never filled");
+}
+
+/// Under `--pod-network auto` (the default), a pod address that goes
+/// unanswered (an agent outside the pod network) is given up on quickly
+/// for the API server's port-forward, and for a while the next
+/// connections go there at once instead of waiting on the address again.
+#[test]
+fn auto_pod_network_stops_trying_pod_addresses_that_go_unanswered() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let api = ApiServer::start();
+    let (hole, _queued, _listener) = black_hole();
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Bounded: 4 connections, each at most 30 s.
+        for mut c in echo.incoming().take(4).flatten() {
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut b = [0u8; 64];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    api.add_pod(
+        "default",
+        "web-1",
+        "127.0.0.1",
+        &[("app", "web")],
+        true,
+        &[("echo", hole.port())],
+    );
+    api.set_portforward_target("default", "web-1", hole.port(), target);
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "pod/web-1",
+        &format!(":{}", hole.port()),
+    ]));
+    let port = forwarded_port(&pf);
+    for i in 0..2 {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(c.read(&mut b), Ok(1)),
+            "connection {i}: {}",
+            pf.output()
+        );
+    }
+    let log =
+        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+    assert_eq!(
+        log.matches("no answer within").count(),
+        1,
+        "the pod's address was tried again: {log}"
+    );
+    assert!(
+        log.contains("through the API server's port-forward for the next"),
+        "{log}"
+    );
+}

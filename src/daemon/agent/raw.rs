@@ -174,7 +174,9 @@ async fn dial_host(
             }
         }
     }
-    dial_tcp(&addrs, target, port).await.map_err(Ok)
+    dial_tcp(&addrs, target, port, DIRECT_WAIT)
+        .await
+        .map_err(|(e, _)| Ok(e))
 }
 
 /// Under impersonation, what a host target's addresses belong to in the
@@ -329,28 +331,69 @@ impl Vet<'_> {
     }
 }
 
+/// How long a TCP connect to one address is waited for.
+const DIRECT_WAIT: Duration = Duration::from_secs(10);
+/// The same for a pod's address under `--pod-network auto`, where the
+/// API server's port-forward is there to fall back on: a pod network the
+/// agent reaches answers within milliseconds.
+const AUTO_DIRECT_WAIT: Duration = Duration::from_secs(2);
+/// After a pod's address went unanswered under `auto` (an agent outside
+/// the pod network, whose packets are dropped), how long pods are reached
+/// through the API server at once, without trying their addresses first.
+const AUTO_DIRECT_SKIP: Duration = Duration::from_secs(60);
+
+/// Until when `auto` skips pods' addresses ([`AUTO_DIRECT_SKIP`]).
+static POD_ADDRESSES_SILENT_UNTIL: std::sync::Mutex<Option<std::time::Instant>> =
+    std::sync::Mutex::new(None);
+
+fn pod_addresses_silent() -> bool {
+    POD_ADDRESSES_SILENT_UNTIL
+        .lock()
+        .ok()
+        .and_then(|u| *u)
+        .is_some_and(|u| std::time::Instant::now() < u)
+}
+
+fn set_pod_addresses_silent(silent: bool) {
+    if let Ok(mut u) = POD_ADDRESSES_SILENT_UNTIL.lock() {
+        *u = silent.then(|| std::time::Instant::now() + AUTO_DIRECT_SKIP);
+    }
+}
+
+/// Connects to the first of `addrs` that answers within `wait` each; the
+/// error says whether the last one went unanswered (rather than refused).
 async fn dial_tcp(
     addrs: &[std::net::SocketAddr],
     what: &Target,
     port: u16,
-) -> Result<tokio::net::TcpStream, DialError> {
+    wait: Duration,
+) -> Result<tokio::net::TcpStream, (DialError, bool)> {
     let mut last = String::from("no address");
+    let mut silent = false;
     for a in addrs {
-        match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(a)).await
-        {
+        match tokio::time::timeout(wait, tokio::net::TcpStream::connect(a)).await {
             Ok(Ok(s)) => {
                 crate::tunnel::nodelay(&s);
                 // A target that vanishes silently is found by the probes.
                 crate::daemon::keepalive(&s);
                 return Ok(s);
             }
-            Ok(Err(e)) => last = format!("{a}: {e}"),
-            Err(_) => last = format!("{a}: no answer within 10s"),
+            Ok(Err(e)) => {
+                last = format!("{a}: {e}");
+                silent = false;
+            }
+            Err(_) => {
+                last = format!("{a}: no answer within {wait:?}");
+                silent = true;
+            }
         }
     }
     Err((
-        DialCode::DialFailed,
-        format!("cannot connect to {what} port {port} ({last})"),
+        (
+            DialCode::DialFailed,
+            format!("cannot connect to {what} port {port} ({last})"),
+        ),
+        silent,
     ))
 }
 
@@ -679,17 +722,47 @@ pub(super) async fn serve_raw(
                             r.addr
                         ),
                     )),
-                    (PodNetwork::Direct, _) => {
-                        Ok(Box::new(dial_tcp(&[r.addr], &target, port).await?) as Box<dyn Conn>)
+                    (PodNetwork::Direct, _) => Ok(Box::new(
+                        dial_tcp(&[r.addr], &target, port, DIRECT_WAIT)
+                            .await
+                            .map_err(|(e, _)| e)?,
+                    ) as Box<dyn Conn>),
+                    (PodNetwork::Auto, Some((ns, name))) if pod_addresses_silent() => {
+                        dial_portforward(&tasks, &client, &raw_streams, (ns, name), r.addr.port())
+                            .await
                     }
-                    (PodNetwork::Auto, pod) => match dial_tcp(&[r.addr], &target, port).await {
-                        Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
-                        Err(direct) => match pod {
+                    (PodNetwork::Auto, pod) => match dial_tcp(
+                        &[r.addr],
+                        &target,
+                        port,
+                        if pod.is_some() {
+                            AUTO_DIRECT_WAIT
+                        } else {
+                            DIRECT_WAIT
+                        },
+                    )
+                    .await
+                    {
+                        Ok(s) => {
+                            if pod.is_some() {
+                                set_pod_addresses_silent(false);
+                            }
+                            Ok(Box::new(s) as Box<dyn Conn>)
+                        }
+                        Err((direct, silent)) => match pod {
                             Some((ns, name)) => {
-                                tracing::info!(
-                                    "{}; trying pods/portforward through the API server",
-                                    direct.1
-                                );
+                                if silent {
+                                    set_pod_addresses_silent(true);
+                                    tracing::info!(
+                                        "{}; pods are reached through the API server's port-forward for the next {AUTO_DIRECT_SKIP:?} (--pod-network portforward says so for good)",
+                                        direct.1
+                                    );
+                                } else {
+                                    tracing::info!(
+                                        "{}; trying pods/portforward through the API server",
+                                        direct.1
+                                    );
+                                }
                                 dial_portforward(
                                     &tasks,
                                     &client,
