@@ -154,6 +154,33 @@ fn named_port(target: &Target, obj: Option<&serde_json::Value>, name: &str) -> R
     })
 }
 
+/// That a Service read before listening has port `port`, as kubectl
+/// checks: without it, "Forwarding from" was printed (and scripts waiting
+/// for it went on) while every connection was then refused.
+fn service_port(target: &Target, obj: &serde_json::Value, port: u16) -> Result<()> {
+    let Target::Service { name, .. } = target else {
+        return Ok(());
+    };
+    let Some(ports) = obj["spec"]["ports"].as_array() else {
+        return Ok(());
+    };
+    if ports
+        .iter()
+        .any(|p| p["port"].as_u64() == Some(u64::from(port)))
+    {
+        return Ok(());
+    }
+    let have: Vec<String> = ports
+        .iter()
+        .filter_map(|p| p["port"].as_u64().map(|n| n.to_string()))
+        .collect();
+    bail!(
+        "Service {name} does not have a service port {port} (it has {}); forward to one of those, e.g. 8080:{}",
+        if have.is_empty() { "none".to_string() } else { have.join(", ") },
+        have.first().map(String::as_str).unwrap_or("80")
+    )
+}
+
 /// The namespace of the cluster's kubeconfig context (`tower-CLUSTER`, as
 /// `towerctl use` writes it, keeping one the operator set), as kubectl
 /// takes its context's; else `default`.
@@ -280,23 +307,31 @@ async fn check_target(
 
 /// The addresses to listen on, each with whether it must be bound: as
 /// kubectl, `localhost`'s two addresses need only one to bind (a host
-/// without IPv6), an address named explicitly must.
+/// without IPv6), an address named explicitly must. Each address once
+/// (`localhost,127.0.0.1` binds 127.0.0.1 once, as required), and the
+/// wildcards (`0.0.0.0`, `::`) first: bound after `localhost`'s
+/// 127.0.0.1 on the same port, `0.0.0.0` failed where kubectl succeeds.
 fn addresses(list: &[String]) -> Result<Vec<(IpAddr, bool)>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(IpAddr, bool)> = Vec::new();
+    let mut add = |ip: IpAddr, required: bool| match out.iter_mut().find(|(a, _)| *a == ip) {
+        Some((_, r)) => *r |= required,
+        None => out.push((ip, required)),
+    };
     for a in list.iter().flat_map(|a| a.split(',')) {
         match a.trim() {
-            "localhost" => out.extend([
-                (IpAddr::from([127, 0, 0, 1]), false),
-                ("::1".parse()?, false),
-            ]),
-            other => out.push((
+            "localhost" => {
+                add(IpAddr::from([127, 0, 0, 1]), false);
+                add(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), false);
+            }
+            other => add(
                 other.parse().with_context(|| {
                     format!("invalid --address '{other}': use an IP address or localhost")
                 })?,
                 true,
-            )),
+            ),
         }
     }
+    out.sort_by_key(|(a, _)| !a.is_unspecified());
     Ok(out)
 }
 
@@ -450,6 +485,11 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
         .iter()
         .map(|p| p.pair(|name| named_port(&target, object.as_ref(), name)))
         .collect::<Result<_>>()?;
+    if let Some(obj) = &object {
+        for p in &pairs {
+            service_port(&target, obj, p.remote)?;
+        }
+    }
     let gateway = Arc::new(Mux::new(
         GatewayClient::with_alpn(
             &source.gateway_url,
@@ -723,6 +763,37 @@ async fn accept_loop(l: &TcpListener, gateway: Arc<Mux>, authority: &str, remote
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_port_it_does_not_have_is_refused() {
+        let svc = serde_json::json!({"spec": {"ports": [{"port": 80, "targetPort": 8080}, {"port": 443}]}});
+        let t = Target::from_kubectl("svc/web", "default").unwrap();
+        assert!(service_port(&t, &svc, 80).is_ok());
+        let e = service_port(&t, &svc, 8080).unwrap_err().to_string();
+        assert!(
+            e.contains("does not have a service port 8080") && e.contains("80, 443"),
+            "{e}"
+        );
+        let pod = Target::from_kubectl("pod/web-0", "default").unwrap();
+        assert!(service_port(&pod, &svc, 8080).is_ok());
+    }
+
+    #[test]
+    fn addresses_are_bound_once_each_wildcards_first() {
+        let of =
+            |l: &[&str]| addresses(&l.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let v4 = IpAddr::from([127, 0, 0, 1]);
+        let v6 = IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+        let any = IpAddr::from([0, 0, 0, 0]);
+        assert_eq!(of(&["localhost"]), [(v4, false), (v6, false)]);
+        assert_eq!(of(&["localhost,127.0.0.1"]), [(v4, true), (v6, false)]);
+        assert_eq!(of(&["127.0.0.1", "127.0.0.1"]), [(v4, true)]);
+        assert_eq!(
+            of(&["localhost,0.0.0.0"]),
+            [(any, true), (v4, false), (v6, false)]
+        );
+        assert!(addresses(&["nowhere".to_string()]).is_err());
+    }
 
     #[test]
     fn ports() {
