@@ -432,10 +432,13 @@ pub async fn stop(id: Option<&str>, all: bool) -> Result<u8> {
         ),
     };
     if doomed.is_empty() {
-        bail!(
+        eprintln!(
             "no background forward{} is running; 'towerctl status' lists them",
             id.map(|i| format!(" '{i}'")).unwrap_or_default()
         );
+        // Nothing left to stop is what `--all` asks for (a cleanup that
+        // runs twice); a named one not running is said as a daemon is.
+        return Ok(if all { exit::OK } else { exit::NOT_RUNNING });
     }
     let mut failed = 0;
     for b in doomed {

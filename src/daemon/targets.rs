@@ -249,6 +249,9 @@ impl Target {
     /// kubectl's `TYPE/NAME` (or a bare pod name) in namespace `ns`.
     pub fn from_kubectl(s: &str, ns: &str) -> Result<Target, String> {
         let (kind, name) = s.split_once('/').unwrap_or(("pod", s));
+        // Any case, as kubectl takes kinds (`Pod/x`, `Service/web`).
+        let kind = kind.to_ascii_lowercase();
+        let kind = kind.as_str();
         // A DNS subdomain name (dots allowed), as Kubernetes names pods and
         // workloads; a Service's is one label.
         let subdomain = is_dns_subdomain(name);
@@ -395,6 +398,17 @@ mod tests {
             "/apis/batch/v1/namespaces/prod/jobs/db"
         );
         assert!(Target::from_kubectl("cm/web", "prod").is_err());
+        for (any_case, want) in [
+            ("Pod/web-0", "pod/web-0"),
+            ("Service/web", "svc/web"),
+            ("SVC/web", "svc/web"),
+        ] {
+            assert_eq!(
+                Target::from_kubectl(any_case, "prod"),
+                Target::from_kubectl(want, "prod"),
+                "{any_case}"
+            );
+        }
         assert!(Target::from_kubectl("deployments.batch/web", "prod").is_err());
         // Names with dots (Kubernetes allows them for pods and workloads),
         // through every form.
