@@ -191,7 +191,10 @@ fn main() -> ExitCode {
     // The dashboard owns the screen: a log line on stderr would be drawn
     // over it, so it logs nothing.
     if !matches!(cli.command, commands::Command::Ui(_)) {
-        init_logging(cli.verbose, is_daemon, carries_bulk);
+        // A process `daemon::process::spawn` started in the background (a
+        // `port-forward --background` too) logs to its own file, rotated.
+        let background = std::env::var_os(daemon::process::DAEMON_ENV).is_some();
+        init_logging(cli.verbose, is_daemon || background, carries_bulk);
     }
     // Daemons this command starts in the background log as verbosely.
     daemon::process::set_verbosity(cli.verbose);

@@ -3648,3 +3648,65 @@ fn auto_pod_network_stops_trying_pod_addresses_that_go_unanswered() {
         "{log}"
     );
 }
+
+/// A background forward's "Handling connection for" lines count toward its
+/// log's bound: the log rotates, and no file passes it.
+#[test]
+fn a_background_forwards_connection_lines_rotate_its_log() {
+    use support::apiserver::TargetPort;
+    let env = Env::new();
+    let api = ApiServer::start();
+    let web = support::http_server("rotated");
+    api.add_service(
+        "default",
+        "web",
+        &[("http", 80, TargetPort::Number(web.port()))],
+        &[("app", "web")],
+    );
+    api.set_endpoints("default", "web", &[("127.0.0.1", "", web.port())]);
+    connected(&env, &api, &[]);
+    let mut cmd = env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "svc/web",
+        ":80",
+        "--background",
+        "--address",
+        "127.0.0.1",
+    ]);
+    cmd.env("TOWERCTL_LOG_MAX_BYTES", "4096");
+    let o = support::run_bounded(cmd, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    let port: u16 = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let id = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("forward "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    // ~30 bytes a connection: 400 of them are three times the bound.
+    for _ in 0..400 {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        drop(c);
+    }
+    let log = env.path(&format!("state/towerctl/pf-{id}.log"));
+    let rotated = env.path(&format!("state/towerctl/pf-{id}.log.1"));
+    wait_for(
+        "the forward's log to rotate",
+        Duration::from_secs(20),
+        || rotated.exists().then_some(()),
+    );
+    for p in [&log, &rotated] {
+        let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        assert!(len <= 4096, "{} is {len} bytes", p.display());
+    }
+    let o = env.towerctl(&["port-forward", "stop", &id]);
+    assert!(o.ok(), "{o:?}");
+}

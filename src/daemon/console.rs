@@ -122,6 +122,12 @@ impl Console {
 /// other errors (and stderr's) are left: the work goes on.
 fn write_to(dest: Dest, text: &str) {
     use std::io::Write as _;
+    // A background daemon's stdout and stderr are its log file: counted
+    // and rotated with its log lines.
+    if let Some(log) = super::logfile::daemon_log() {
+        let _ = log.write_counted(text.as_bytes(), matches!(dest, Dest::Out));
+        return;
+    }
     match dest {
         Dest::Out => {
             if let Err(e) = std::io::stdout().lock().write_all(text.as_bytes()) {

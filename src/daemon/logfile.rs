@@ -52,16 +52,28 @@ pub struct Rotating(Arc<Mutex<State>>);
 
 impl Rotating {
     /// For the file stderr already points at (`path`, from [`LOG_ENV`]).
+    /// Also the process's [`daemon_log`], through which its console
+    /// output (a port-forward's "Handling connection for" lines) is
+    /// written and counted too: counted only in the logger's lines, a
+    /// forward that printed but never logged grew its file without end.
     pub fn new(path: PathBuf) -> Rotating {
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Rotating(Arc::new(Mutex::new(State {
+        let r = Rotating(Arc::new(Mutex::new(State {
             path,
             size,
             max: max_bytes(),
-        })))
+        })));
+        let _ = DAEMON_LOG.set(r.clone());
+        r
     }
 
     fn write_line(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.write_counted(buf, false)
+    }
+
+    /// `buf` to stderr (or stdout, the same file), rotating first when it
+    /// would pass the bound.
+    pub fn write_counted(&self, buf: &[u8], stdout: bool) -> std::io::Result<()> {
         // A poisoned lock only means another thread panicked mid-write; the
         // counters are still usable.
         let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,10 +91,24 @@ impl Rotating {
                 }
             }
         }
-        std::io::stderr().write_all(buf)?;
+        if stdout {
+            let mut out = std::io::stdout().lock();
+            out.write_all(buf)?;
+            out.flush()?;
+        } else {
+            std::io::stderr().write_all(buf)?;
+        }
         st.size += buf.len() as u64;
         Ok(())
     }
+}
+
+static DAEMON_LOG: std::sync::OnceLock<Rotating> = std::sync::OnceLock::new();
+
+/// The log file a background daemon writes and rotates, once its logging
+/// started ([`Rotating::new`]).
+pub fn daemon_log() -> Option<&'static Rotating> {
+    DAEMON_LOG.get()
 }
 
 /// Shifts `path` to `path.1` (and so on) and points stdout and stderr at a
