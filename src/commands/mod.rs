@@ -597,8 +597,8 @@ pub struct AgentOpts {
     /// Kubeconfig of the member's API server (default: KUBECONFIG, ~/.kube/config, or in-cluster).
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
-    /// Keepalive interval.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    /// Keepalive interval, in whole seconds.
+    #[arg(long, default_value = "10s", value_parser = parse_whole_seconds, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
     /// Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member
     /// network (repeatable; the cluster's services, pods and deployments are always allowed).
@@ -966,6 +966,18 @@ fn parse_shutdown_delay(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// A [`parse_duration`] of whole seconds (the agent keeps its keepalive
+/// in seconds: `1500ms` was taken as 1 s without a word).
+fn parse_whole_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 || d.is_zero() {
+        return Err(format!(
+            "'{s}' is not a whole number of seconds: give at least 1s, in seconds (e.g. 2s)"
+        ));
+    }
+    Ok(d)
+}
+
 /// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
@@ -1159,6 +1171,22 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("10x").unwrap_err().contains("unit"));
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn the_agents_keepalive_is_whole_seconds() {
+        assert_eq!(
+            parse_whole_seconds("2s").unwrap(),
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(
+            parse_whole_seconds("2000ms").unwrap(),
+            std::time::Duration::from_secs(2)
+        );
+        assert!(parse_whole_seconds("1500ms")
+            .unwrap_err()
+            .contains("whole number of seconds"));
+        assert!(parse_whole_seconds("500ms").is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Exponential backoff with full jitter.
+//! Exponential backoff with "equal jitter" (half the delay fixed, half drawn).
 //!
 //! The delay grows `base * 2^attempt` up to `cap`, and the wait is drawn
 //! uniformly from [delay/2, delay] so that a hub restart does not get every

@@ -701,7 +701,9 @@ async fn connect_inner(
 /// Turns an authentication refusal into an error, with the hub's reason
 /// when it sent one (it closes the session with it right after refusing).
 async fn refusal(closed: &mut oneshot::Receiver<SessionEnd>, name: &str) -> TunnelError {
-    let hub_says = tokio::time::timeout(Duration::from_secs(1), closed)
+    // The hub closes the session with its reason right after refusing; a
+    // busy hub may take a moment (still within the connect bound).
+    let hub_says = tokio::time::timeout(Duration::from_secs(3), closed)
         .await
         .ok()
         .and_then(|r| r.ok())

@@ -268,7 +268,8 @@ fn auth_message(name: &str, reason: Option<&str>) -> String {
         Some(r) => format!("the hub refused the credentials of cluster '{name}': {}", r.trim_start_matches(AUTH_PREFIX)),
         None => format!(
             "the hub refused the credentials of cluster '{name}': the join token is wrong, expired or already used, \
-             and this agent's key is not registered; run 'towerctl cluster rotate {name}' on the hub for a new join command"
+             and this agent's key is not registered; run 'towerctl cluster rotate {name}' on the hub for a new join command \
+             (or 'towerctl cluster add {name}' if it was removed), then join again"
         ),
     }
 }
