@@ -367,8 +367,13 @@ fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
 }
 
 /// What a proxy's answer other than 2xx most likely means.
-fn refusal_hint(code: u16, head: &str, port: u16) -> String {
+fn refusal_hint(code: u16, head: &str, port: u16, user: Option<&str>) -> String {
     match code {
+        407 if user.is_some() => format!(
+            ": the proxy refused the credentials in the proxy URL (user '{}'): a changed or \
+             expired password? (only Basic is sent; percent-encode special characters)",
+            super::printable(user.unwrap_or(""), 60)
+        ),
         407 => {
             let offered: Vec<String> = head
                 .lines()
@@ -395,6 +400,19 @@ fn refusal_hint(code: u16, head: &str, port: u16) -> String {
         403 => ": the proxy's policy refuses this host; have it allowed, or name the hub in \
                  NO_PROXY if it is reachable without the proxy"
             .into(),
+        502..=504 => {
+            // Squid says why in a header of its own.
+            let why = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(n, _)| n.trim().eq_ignore_ascii_case("x-squid-error"))
+                .map(|(_, v)| format!(" ({})", super::printable(v.trim(), 100)))
+                .unwrap_or_default();
+            format!(
+                ": the proxy could not reach the hub's host and port itself{why}; check the \
+                 hub's name resolves and its port is open from the proxy"
+            )
+        }
         _ => String::new(),
     }
 }
@@ -429,7 +447,15 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
         if head.len() > 16 * 1024 {
             return Err(std::io::Error::other("proxy response head too large"));
         }
-        let b = s.read_u8().await?;
+        let b = s.read_u8().await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::other(
+                    "the proxy closed the connection without answering the CONNECT (not an HTTP proxy, or one that refuses this client)",
+                )
+            } else {
+                e
+            }
+        })?;
         state = super::ws::head_end_after(state, b);
         head.push(b);
     }
@@ -444,7 +470,15 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
         return Err(std::io::Error::other(format!(
             "proxy answered '{}'{}",
             super::printable(status_line, 200),
-            refusal_hint(code, &head, port)
+            refusal_hint(
+                code,
+                &head,
+                port,
+                proxy
+                    .credentials
+                    .as_deref()
+                    .map(|c| c.split_once(':').map_or(c, |(u, _)| u))
+            )
         )));
     }
     Ok(s)
@@ -691,12 +725,27 @@ mod tests {
              Proxy-Authenticate: NTLM\r\n\r\n",
         )
         .await;
-        let e = connect(&p, "hub.example.com", 443)
+        let anonymous = Proxy {
+            credentials: None,
+            ..p
+        };
+        let e = connect(&anonymous, "hub.example.com", 443)
             .await
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("407") && e.contains("it offers: Negotiate, NTLM"),
+            "{e}"
+        );
+        // Credentials sent and refused: a changed password, most likely.
+        let (p, _) = proxy_answering("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
+        let e = connect(&p, "hub.example.com", 443)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refused the credentials in the proxy URL (user 'us+er')")
+                && !e.contains("p+w"),
             "{e}"
         );
         let (p, _) = proxy_answering("HTTP/1.1 403 Forbidden\r\n\r\n").await;
@@ -705,5 +754,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CONNECT to port 443 only"), "{e}");
+        let (p, _) = proxy_answering(
+            "HTTP/1.1 503 Service Unavailable\r\nX-Squid-Error: ERR_DNS_FAIL 0\r\n\r\n",
+        )
+        .await;
+        let e = connect(&p, "hub.example.com", 443)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("could not reach the hub's host and port itself (ERR_DNS_FAIL 0)"),
+            "{e}"
+        );
+        let (p, _) = proxy_answering("").await;
+        let e = connect(&p, "hub.example.com", 443)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("closed the connection without answering"), "{e}");
     }
 }
