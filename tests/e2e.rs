@@ -3710,3 +3710,44 @@ fn a_background_forwards_connection_lines_rotate_its_log() {
     let o = env.towerctl(&["port-forward", "stop", &id]);
     assert!(o.ok(), "{o:?}");
 }
+
+/// An agent whose hubs are all down says each hub's failure once, not once
+/// per attempt (two hubs dialed in turn alternated their messages, and
+/// each attempt logged a warning and an event).
+#[test]
+fn an_agent_says_each_hubs_failure_once() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    // Two ports nothing listens on: refused at once.
+    let closed = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (a, b) = (closed(), closed());
+    let agent = Streaming::start(env.towerctl_cmd(&[
+        "agent",
+        "run",
+        "alpha",
+        "--hub",
+        &format!("ws://127.0.0.1:{a}/tunnel"),
+        "--hub",
+        &format!("ws://127.0.0.1:{b}/tunnel"),
+        "--insecure-skip-hub-key",
+        "--token",
+        "tj_x",
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "--backoff-cap",
+        "1s",
+    ]));
+    wait_for("six attempts", Duration::from_secs(30), || {
+        (agent.output().matches("retrying in").count() >= 6).then_some(())
+    });
+    let out = agent.output();
+    for port in [a, b] {
+        let said = format!("cannot reach the hub at 'ws://127.0.0.1:{port}/tunnel'");
+        assert_eq!(out.matches(&said).count(), 1, "{said} in:\n{out}");
+    }
+}

@@ -186,7 +186,12 @@ impl russh::client::Handler for AgentHandler {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             if let Ok(mut learned) = self.learned_hubs.lock() {
                 if *learned != hubs {
-                    tracing::info!(
+                    // A hub that names a new list at each open is said at
+                    // most a few times a minute.
+                    static HUB_LISTS: super::LogBudget =
+                        super::LogBudget::new("changed hub lists", 5);
+                    if HUB_LISTS.admit() {
+                        tracing::info!(
                         "the hub names {} in its group, dialed after the join command's when a session ends: {}",
                         match hubs.len() {
                             1 => "1 hub".to_string(),
@@ -194,6 +199,7 @@ impl russh::client::Handler for AgentHandler {
                         },
                         super::escape_for_log(&hubs.join(" "), 2000)
                     );
+                    }
                     *learned = hubs;
                 }
             }

@@ -323,6 +323,10 @@ async fn tunnel_loop(
     // last said.
     let mut uptimes: std::collections::VecDeque<Duration> = Default::default();
     let mut said_lifetime: Option<Duration> = None;
+    // The failures said since the last session, one per hub dialed in
+    // turn (each names its URL): several hubs down said each once, not
+    // once per attempt.
+    let mut said_failures: Vec<String> = Vec::new();
     // Several hubs of one group: the next one after each ended session or
     // failed attempt, so that losing one hub costs one backoff.
     let mut opts = opts.clone();
@@ -356,6 +360,7 @@ async fn tunnel_loop(
         };
         match attempt {
             Ok(mut sess) => {
+                said_failures.clear();
                 tracing::info!(hub = %opts.url, "tunnel up");
                 if sess.by_key && opts.token.is_some() {
                     // The key is registered: the join token (a secret that
@@ -535,11 +540,18 @@ async fn tunnel_loop(
             Err(e) => {
                 let msg = e.to_string();
                 let kind = control::FailureKind::of(&e);
+                // One log line and event per distinct failure, not one per
+                // attempt ("retrying in …" still shows each).
+                let new = !said_failures.contains(&msg);
+                if new {
+                    if said_failures.len() == 16 {
+                        said_failures.remove(0);
+                    }
+                    said_failures.push(msg.clone());
+                    tracing::warn!("{msg}");
+                }
                 set(&|s| {
-                    // One log line and event per distinct failure, not one
-                    // per attempt ("retrying in …" still shows each).
-                    if s.last_error.as_deref() != Some(msg.as_str()) {
-                        tracing::warn!("{msg}");
+                    if new {
                         s.event(format!("cannot connect: {msg}"));
                     }
                     s.last_error = Some(msg.clone());
