@@ -144,9 +144,30 @@ fn streams_are_recorded_when_they_start_and_when_they_end() {
     wait_record(&env, "exec start", |r| is_exec(r) && r["phase"] == "start");
     let end = wait_record(&env, "exec end", |r| is_exec(r) && r["phase"] == "end");
     assert_eq!(end["status"], 101, "{end}");
+    // Recorded as kube-apiserver authorizes it, not as a list.
+    assert_eq!(end["verb"], "create", "{end}");
     // What crossed the upgraded stream (the output "hi", the protocol's
     // frames) is counted.
     assert!(end["bytes"].as_u64().unwrap_or(0) > 0, "{end}");
+
+    // A follow (`logs -f`) is long-running: recorded when it starts too.
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", admin_token(&env)),
+        ])
+        .arg(format!(
+            "{}/clusters/alpha/api/v1/namespaces/default/pods/web-0/log?follow=true",
+            gateway(&env)
+        ));
+    let _ = support::run_bounded(cmd, Duration::from_secs(20));
+    let is_log = |r: &serde_json::Value| r["path"].as_str().unwrap_or("").contains("/log?");
+    let start = wait_record(&env, "the follow's start", |r| {
+        is_log(r) && r["phase"] == "start"
+    });
+    assert_eq!(start["verb"], "get", "{start}");
 
     // CONNECT.
     let web = support::http_server("through connect");

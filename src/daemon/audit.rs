@@ -281,29 +281,39 @@ fn bound(r: &mut Record) {
     }
 }
 
-/// The Kubernetes verb of a request, from its method and path.
+/// The Kubernetes verb of a request, from its method and path, read as
+/// kube-apiserver's RequestInfo reads it: after `/api/v1` or
+/// `/apis/GROUP/VERSION`, `namespaces/NS/` (not before `status` or
+/// `finalize`, a namespace's own subresources) is put aside, then
+/// `RESOURCE` is a collection, `RESOURCE/NAME` an object and
+/// `RESOURCE/NAME/SUB…` one of its subresources. `exec`, `attach` and
+/// `portforward` are recorded as `create` whichever way they come (a
+/// WebSocket upgrade is a GET; kube-apiserver authorizes them as `create`),
+/// so that a search for the commands run finds every one.
 pub fn verb(method: &str, path: &str, query: Option<&str>) -> &'static str {
     let watch = super::http::query_flag(query, "watch");
-    // Segments after /api/v1 or /apis/GROUP/VERSION: an odd count names a
-    // collection (`namespaces/ns/pods`), an even one an object.
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let rest = match segs.first() {
-        Some(&"api") => segs.len().saturating_sub(2),
-        Some(&"apis") => segs.len().saturating_sub(3),
-        _ => 0,
-    };
-    let collection = rest % 2 == 1;
-    // The old watch paths (`/api/v1/watch/secrets`,
-    // `/apis/apps/v1/watch/namespaces/ns/deployments`), which kube-apiserver
-    // still serves as watches (read as a `get`, one held for hours had no
-    // start record).
     let version_at = match segs.first() {
         Some(&"api") => 1,
         Some(&"apis") => 2,
         _ => usize::MAX,
     };
-    let watch = watch || segs.get(version_at.saturating_add(1)) == Some(&"watch");
+    let mut rest: &[&str] = segs.get(version_at.saturating_add(1)..).unwrap_or(&[]);
+    // The old watch paths (`/api/v1/watch/secrets`,
+    // `/apis/apps/v1/watch/namespaces/ns/deployments`), which kube-apiserver
+    // still serves as watches (read as a `get`, one held for hours had no
+    // start record).
+    let watch = watch || rest.first() == Some(&"watch");
+    if rest.first() == Some(&"watch") {
+        rest = &rest[1..];
+    }
+    if rest.len() > 2 && rest[0] == "namespaces" && !matches!(rest[2], "status" | "finalize") {
+        rest = &rest[2..];
+    }
+    let collection = rest.len() == 1;
+    let sub = rest.get(2).copied();
     match method {
+        _ if matches!(sub, Some("exec" | "attach" | "portforward")) => "create",
         "GET" | "HEAD" if watch => "watch",
         "GET" | "HEAD" if collection => "list",
         "GET" | "HEAD" => "get",
@@ -1054,6 +1064,43 @@ mod tests {
             "watch"
         );
         assert_eq!(verb("GET", "/api/v1/namespaces/watch", None), "get");
+        // Subresources: the object's, never a list; the commands run in
+        // a pod are `create` however they come.
+        let pod = "/api/v1/namespaces/default/pods/web-0";
+        for sub in ["exec", "attach", "portforward"] {
+            for m in ["GET", "POST"] {
+                assert_eq!(
+                    verb(m, &format!("{pod}/{sub}"), Some("command=sh")),
+                    "create",
+                    "{m} {sub}"
+                );
+            }
+        }
+        assert_eq!(
+            verb("GET", &format!("{pod}/log"), Some("follow=true")),
+            "get"
+        );
+        assert_eq!(verb("GET", &format!("{pod}/status"), None), "get");
+        assert_eq!(verb("PATCH", &format!("{pod}/status"), None), "patch");
+        assert_eq!(
+            verb("GET", "/api/v1/namespaces/default/status", None),
+            "get"
+        );
+        assert_eq!(
+            verb("PUT", "/api/v1/namespaces/default/finalize", None),
+            "update"
+        );
+        assert_eq!(verb("GET", "/api/v1/nodes/n1/proxy/metrics", None), "get");
+        assert_eq!(
+            verb(
+                "GET",
+                "/apis/apps/v1/namespaces/x/deployments/web/scale",
+                None
+            ),
+            "get"
+        );
+        assert_eq!(verb("GET", "/api/v1/namespaces/exec", None), "get");
+        assert_eq!(verb("GET", "/api/v1/namespaces/x/pods/exec", None), "get");
         assert_eq!(
             verb("POST", "/api/v1/namespaces/x/configmaps", None),
             "create"

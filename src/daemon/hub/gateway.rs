@@ -1180,7 +1180,10 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
     // a request is recorded even if its client goes away before the member
     // answers (`Pending`).
     let upgrade = is_upgrade(req.headers());
-    let long = upgrade || record.verb == "watch";
+    // Watches, follows (`logs -f`), proxies and upgrades (exec): as long
+    // as the hub's answer deadline takes them.
+    let long = record.verb == "watch"
+        || crate::daemon::http::long_running(req.uri().path(), req.uri().query(), upgrade);
     if long {
         hub.auditor.record_start(&record);
     }
