@@ -373,10 +373,17 @@ pub fn strip_identity(headers: &mut HeaderMap) {
         .keys()
         .filter(|k| {
             *k == header::AUTHORIZATION || *k == header::COOKIE || {
+                // With `_` for `-` too (`Impersonate_User`): a proxy or
+                // gateway that folds one into the other (CGI-style) would
+                // read it as the header it resembles.
                 let k = k.as_str();
-                k.starts_with("impersonate-")
-                    || k.starts_with("x-towerctl-")
-                    || k.starts_with("x-remote-")
+                let claims = |prefix: &str| {
+                    k.len() >= prefix.len()
+                        && k.bytes()
+                            .zip(prefix.bytes())
+                            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+                };
+                claims("impersonate-") || claims("x-towerctl-") || claims("x-remote-")
             }
         })
         .cloned()
@@ -817,9 +824,16 @@ mod tests {
         h.insert("x-remote-user", HeaderValue::from_static("root"));
         h.insert("x-remote-group", HeaderValue::from_static("system:masters"));
         h.insert("x-remote-extra-scopes", HeaderValue::from_static("all"));
+        // Underscores for dashes: what a CGI-style hop would fold.
+        h.insert("impersonate_user", HeaderValue::from_static("root"));
+        h.insert("x_remote_group", HeaderValue::from_static("system:masters"));
+        h.insert("x-remote_user", HeaderValue::from_static("root"));
+        h.insert("x_towerctl_operator", HeaderValue::from_static("admin"));
         h.insert("accept", HeaderValue::from_static("application/json"));
+        h.insert("x-request_id", HeaderValue::from_static("kept"));
         strip_identity(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h.contains_key("x-request_id"));
         assert!(h.contains_key("accept"));
     }
 

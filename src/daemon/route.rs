@@ -192,7 +192,10 @@ pub fn unsafe_path(path: &str) -> Option<&'static str> {
     }
     let mut segments = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
     while let Some(seg) = segments.next() {
-        if seg == "." || seg == ".." {
+        // `..;x` too: a Tomcat- or Spring-style proxy in front of an
+        // upstream path prefix reads the segment before its `;` as `..`.
+        let bare = seg.split_once(';').map_or(seg, |(b, _)| b);
+        if bare == "." || bare == ".." {
             return Some("'.' or '..' segments");
         }
         // A trailing slash is one empty last segment; `//` is not.
@@ -320,6 +323,8 @@ mod tests {
             "/api/x%5c",
             "/api/%2F",
             "/api/v1/%2e",
+            "/clusters/alpha/..;/beta",
+            "/api/.;x/v1",
         ] {
             assert!(unsafe_path(bad).is_some(), "{bad}");
             assert_eq!(
@@ -345,6 +350,8 @@ mod tests {
             "/api/v1/x%2",
             "/api/v1/x%25e",
             "/api/v1/%3e",
+            "/api/v1/namespaces/a/pods/x;y",
+            "/api/v1/..x;/y",
         ] {
             assert_eq!(unsafe_path(good), None, "{good}");
         }
