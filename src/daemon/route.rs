@@ -104,12 +104,35 @@ pub fn pick(sni: Option<&str>, path: &str) -> Result<(String, String), Refusal> 
 /// tells the client to send it again on a connection of its own. Clients
 /// that route by `tls-server-name` send the gateway's own host as `Host`,
 /// which names no member.
+///
+/// Every name the request carries is looked at: HTTP/2's `:authority` and
+/// a `host` header beside it, and each `Host` line of a request that sent
+/// several, in the forms a proxy may read (`user@host`, `[host]`).
 pub fn misdirected<B>(req: &http::Request<B>, name: &str) -> Option<String> {
-    let host = req.uri().host().or_else(|| {
-        let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-        // `host`, `host:port`, `[v6]:port`: a member name has no colon.
-        Some(h.rsplit_once(':').map_or(h, |(h, _)| h))
-    })?;
+    let headers = req
+        .headers()
+        .get_all(http::header::HOST)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .map(|h| {
+            // `host`, `host:port`, `[v6]:port`, `user@host`: a member name
+            // has no colon, `@` or brackets.
+            let h = h.rsplit_once('@').map_or(h, |(_, h)| h);
+            let h = h.rsplit_once(':').map_or(h, |(h, _)| h);
+            h.trim_start_matches('[').trim_end_matches(']')
+        });
+    req.uri()
+        .host()
+        .into_iter()
+        .chain(headers)
+        .find_map(|host| other_member(host, name))
+        .map(|other| {
+            format!("this request names cluster '{other}' in its Host but came on a connection for cluster '{name}': send it on a connection to {}", server_name(&other))
+        })
+}
+
+/// The member `host` is the server name of, when it is one and not `name`.
+fn other_member(host: &str, name: &str) -> Option<String> {
     // Every request passes here: most name the gateway's own host, told
     // apart without an allocation.
     let bare = host.trim_end_matches('.');
@@ -118,9 +141,7 @@ pub fn misdirected<B>(req: &http::Request<B>, name: &str) -> Option<String> {
         return None;
     }
     let other = member_of_sni(Some(host))?;
-    (other != name).then(|| {
-        format!("this request names cluster '{other}' in its Host but came on a connection for cluster '{name}': send it on a connection to {}", server_name(&other))
-    })
+    (other != name).then_some(other)
 }
 
 /// `path` with percent-encoded letters, digits, `-`, `_` and `~` decoded:
@@ -273,6 +294,23 @@ mod tests {
             .body(())
             .unwrap();
         assert!(super::misdirected(&h2, "alpha").is_some());
+        // The forms a proxy may read another way, and each of two Host
+        // lines, and a `host` header beside HTTP/2's authority.
+        assert!(m("user@beta.clusters.towerctl.invalid").is_some());
+        assert!(m("[beta.clusters.towerctl.invalid]").is_some());
+        let two = http::Request::builder()
+            .uri("/api")
+            .header(http::header::HOST, "127.0.0.1")
+            .header(http::header::HOST, "beta.clusters.towerctl.invalid")
+            .body(())
+            .unwrap();
+        assert!(super::misdirected(&two, "alpha").is_some());
+        let h2_host = http::Request::builder()
+            .uri("https://127.0.0.1/api")
+            .header(http::header::HOST, "beta.clusters.towerctl.invalid")
+            .body(())
+            .unwrap();
+        assert!(super::misdirected(&h2_host, "alpha").is_some());
     }
 
     #[test]
