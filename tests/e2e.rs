@@ -3751,3 +3751,43 @@ fn an_agent_says_each_hubs_failure_once() {
         assert_eq!(out.matches(&said).count(), 1, "{said} in:\n{out}");
     }
 }
+
+/// Under `--pod-network auto`, a port the pod's address refuses is tried
+/// through the API server's port-forward, and when the kubelet refuses it
+/// too, the operator hears why (the stream used to be taken and ended
+/// empty: curl's "Empty reply").
+#[test]
+fn a_port_refused_through_the_port_forward_too_is_said() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    // A port nothing listens on, at the pod's address and behind the
+    // stand-in's port-forward alike.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    api.add_pod(
+        "default",
+        "web-1",
+        "127.0.0.1",
+        &[("app", "web")],
+        true,
+        &[("web", closed)],
+    );
+    connected(&env, &api, &[]);
+    let pf = Streaming::start(env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "pod/web-1",
+        &format!(":{closed}"),
+    ]));
+    let port = forwarded_port(&pf);
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+    pf.wait_for(
+        &format!("port-forward to pod default/web-1 port {closed}: error forwarding"),
+        Duration::from_secs(15),
+    );
+}

@@ -331,6 +331,10 @@ impl Vet<'_> {
     }
 }
 
+/// How long the kubelet's refusal of a port is waited for, through the API
+/// server's port-forward, when the pod's address refused it already.
+const PORTFORWARD_CONFIRM: Duration = Duration::from_millis(500);
+
 /// How long a TCP connect to one address is waited for.
 const DIRECT_WAIT: Duration = Duration::from_secs(10);
 /// The same for a pod's address under `--pod-network auto`, where the
@@ -404,6 +408,7 @@ async fn dial_portforward(
     budget: &Arc<tokio::sync::Semaphore>,
     (ns, name): (&str, &str),
     port: u16,
+    confirm: Option<Duration>,
 ) -> Result<Box<dyn Conn>, DialError> {
     // Waited for a while (connections that end make room), within the
     // dial's own deadline; tried, not queued for: a queued request for 63
@@ -441,6 +446,22 @@ async fn dial_portforward(
             format!("port-forward to pod {ns}/{name} gave no stream"),
         )
     })?;
+    // The kubelet dials the pod's port as the port-forward starts and says
+    // at once when it cannot: waited for a moment where the port is likely
+    // closed (the pod's address refused it), so that the refusal reaches
+    // the operator instead of a stream that only ends.
+    if let (Some(wait), Some(error)) = (confirm, pf.take_error(port)) {
+        if let Ok(said) = tokio::time::timeout(wait, error).await {
+            return Err((
+                DialCode::DialFailed,
+                format!(
+                    "port-forward to pod {ns}/{name} port {port}: {}",
+                    said.map(|m| crate::tunnel::printable(&m, 300))
+                        .unwrap_or_else(|| "the API server ended it".into())
+                ),
+            ));
+        }
+    }
     // The forwarder's own task lives as long as its stream is in use.
     tasks.spawn(async move {
         let _ = pf.join().await;
@@ -711,8 +732,15 @@ pub(super) async fn serve_raw(
                     .map_err(refuse)?;
                 match (pod_network, &r.pod) {
                     (PodNetwork::PortForward, Some((ns, name))) => {
-                        dial_portforward(&tasks, &client, &raw_streams, (ns, name), r.addr.port())
-                            .await
+                        dial_portforward(
+                            &tasks,
+                            &client,
+                            &raw_streams,
+                            (ns, name),
+                            r.addr.port(),
+                            None,
+                        )
+                        .await
                     }
                     (PodNetwork::PortForward, None) => Err((
                         DialCode::Unavailable,
@@ -728,8 +756,15 @@ pub(super) async fn serve_raw(
                             .map_err(|(e, _)| e)?,
                     ) as Box<dyn Conn>),
                     (PodNetwork::Auto, Some((ns, name))) if pod_addresses_silent() => {
-                        dial_portforward(&tasks, &client, &raw_streams, (ns, name), r.addr.port())
-                            .await
+                        dial_portforward(
+                            &tasks,
+                            &client,
+                            &raw_streams,
+                            (ns, name),
+                            r.addr.port(),
+                            None,
+                        )
+                        .await
                     }
                     (PodNetwork::Auto, pod) => match dial_tcp(
                         &[r.addr],
@@ -769,6 +804,9 @@ pub(super) async fn serve_raw(
                                     &raw_streams,
                                     (ns, name),
                                     r.addr.port(),
+                                    // Refused at the pod's address: likely
+                                    // closed on its localhost too.
+                                    (!silent).then_some(PORTFORWARD_CONFIRM),
                                 )
                                 .await
                             }
