@@ -742,3 +742,56 @@ fn escaped_paths_and_watch_flags_are_recorded_as_the_api_server_reads_them() {
     );
     let _ = watch.join();
 }
+
+/// An operator's requests in flight over all its connections are held to
+/// a bound (3 here; 8,192 by default), the hub's own answers included:
+/// past it, 429 in words. An HTTP/2 client that reads no answer kept every
+/// one the hub made for it.
+#[test]
+fn an_operators_requests_in_flight_are_bounded() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up_with_env(&[("TOWERCTL_MAX_LIVE_PER_OPERATOR", "3")]);
+    connected(&env, &api);
+    let o = env.towerctl(&["operator", "add", "bob"]);
+    let bob = support::printed_command(&o.stdout, "login")[3]
+        .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
+        .to_string();
+    assert!(env
+        .towerctl(&["access", "allow", "operator:bob", "--names", "alpha"])
+        .ok());
+    let gw = gateway(&env);
+    let watch = format!("{gw}/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true");
+    // Eight watches at once on one HTTP/2 connection.
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-N",
+        "--http2",
+        "--parallel",
+        "--parallel-max",
+        "8",
+        "--max-time",
+        "6",
+        "--cacert",
+    ])
+    .arg(env.path("data/towerctl/ca.crt"))
+    .args(["-H", &format!("Authorization: Bearer {bob}")]);
+    for _ in 0..8 {
+        cmd.arg(&watch);
+    }
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(
+        o.stdout
+            .contains("requests in flight over its connections to the gateway"),
+        "{o:?}"
+    );
+    // Once they are done, bob is served again.
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {bob}")])
+        .arg(format!("{gw}/clusters/alpha/api/v1/namespaces"));
+    let o = support::run_bounded(cmd, Duration::from_secs(20));
+    assert!(o.stdout.contains("kube-system"), "{o:?}");
+}

@@ -3791,3 +3791,67 @@ fn a_port_refused_through_the_port_forward_too_is_said() {
         Duration::from_secs(15),
     );
 }
+
+/// A gateway client that stops reading what it asked for is dropped once
+/// the hub's writes to it have waited for the write-stall limit (2 s here):
+/// what the hub queued for it is not held for as long as it keeps the
+/// connection open.
+#[test]
+fn a_gateway_client_that_reads_nothing_is_dropped() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up_with_env(&[("TOWERCTL_GATEWAY_WRITE_STALL", "2")]);
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join_with_env(
+        &join,
+        &[
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+        &[],
+    );
+    assert!(o.ok(), "{o:?}");
+    // An answer of ~48 MiB, far more than the sockets on the way hold.
+    let big = "x".repeat(1 << 20);
+    for i in 0..48 {
+        api.create_configmap("default", &format!("big-{i}"), &[("data", big.as_str())]);
+    }
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let tcp = std::net::TcpStream::connect(&gw).unwrap();
+    // A small receive buffer: what the kernel takes for the client is
+    // small beside the answer.
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(support::gateway_tls(&env), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        s,
+        "GET /clusters/alpha/api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    s.flush().unwrap();
+    // Reads nothing for three times the limit, then everything it can.
+    std::thread::sleep(Duration::from_secs(6));
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got > 0, "nothing came at all");
+    assert!(got < 40 << 20, "{got} bytes came: the connection was kept");
+}

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -223,7 +223,47 @@ fn max_connections_per_operator() -> usize {
 pub(super) struct AuthedConns {
     next: AtomicU64,
     by_operator: std::sync::Mutex<HashMap<(String, bool), ConnsByAge>>,
+    /// Each operator's requests in flight on its counted connections,
+    /// from their start until their answer's body is dropped
+    /// ([`MAX_LIVE_PER_OPERATOR`]).
+    live: std::sync::Mutex<HashMap<String, Arc<AtomicUsize>>>,
 }
+
+/// [`MAX_LIVE_PER_OPERATOR`], unless `TOWERCTL_MAX_LIVE_PER_OPERATOR`
+/// (read at start) says otherwise.
+fn max_live_per_operator() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        crate::tunnel::positive_env("TOWERCTL_MAX_LIVE_PER_OPERATOR", MAX_LIVE_PER_OPERATOR)
+    })
+}
+
+/// One request counted among its operator's in flight, until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+
+    /// Whether it is past [`max_live_per_operator`] (itself counted).
+    fn over(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > max_live_per_operator()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Most requests one operator has in flight at once over all its
+/// connections, the hub's own answers included (past it, 429): an HTTP/2
+/// client that opens windows of 0 keeps every answer the hub made for it,
+/// 1,000 streams a connection, 4,096 connections an operator.
+pub const MAX_LIVE_PER_OPERATOR: usize = 8192;
 
 /// Connections by registration order.
 type ConnsByAge = std::collections::BTreeMap<u64, std::sync::Weak<Conn>>;
@@ -234,6 +274,8 @@ struct Registration {
     /// The operator, and whether the connection is multiplexed.
     key: (String, bool),
     id: u64,
+    /// The operator's requests in flight ([`AuthedConns::live`]).
+    live: Arc<AtomicUsize>,
 }
 
 impl Drop for Registration {
@@ -244,6 +286,14 @@ impl Drop for Registration {
                 if list.is_empty() {
                     m.remove(&self.key);
                 }
+            }
+        }
+        // The map's and this one: no other connection of the operator.
+        if let Ok(mut m) = self.conns.live.lock() {
+            if m.get(&self.key.0)
+                .is_some_and(|l| Arc::strong_count(l) <= 2)
+            {
+                m.remove(&self.key.0);
             }
         }
     }
@@ -312,10 +362,16 @@ impl AuthedConns {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         list.insert(id, Arc::downgrade(conn));
+        drop(m);
+        let live = match self.live.lock() {
+            Ok(mut l) => l.entry(key.0.clone()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
         Ok(Registration {
             conns: self.clone(),
             key,
             id,
+            live,
         })
     }
 }
@@ -381,6 +437,15 @@ impl Conn {
                 Err(msg)
             }
         }
+    }
+
+    /// Its operator's requests in flight, once the connection is counted.
+    fn live(&self) -> Option<Arc<AtomicUsize>> {
+        self.registration
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|r| r.live.clone())
     }
 
     fn is_authenticated(&self) -> bool {
@@ -464,7 +529,10 @@ pub async fn serve(
                 None => (peer, peer.to_string()),
             };
             let proxy = trusted.trusts(peer.ip()).then(|| trusted.clone());
-            let handshake = acceptor.accept(PlainHttpGuard::new(tcp)).into_fallible();
+            let stall = Arc::new(WriteStall::default());
+            let handshake = acceptor
+                .accept(PlainHttpGuard::new(tcp, stall.clone()))
+                .into_fallible();
             let tls = tokio::select! {
                 r = tokio::time::timeout_at(deadline, handshake) => match r {
                     Ok(Ok(s)) => s,
@@ -526,6 +594,21 @@ pub async fn serve(
                     let c = conn_state.clone();
                     async move {
                         c.touch();
+                        // Counted until the answer's body is dropped (or
+                        // the request, when its client gives up first).
+                        let mut live = c.live().map(InFlight::new);
+                        if let Some(l) = &live {
+                            if l.over() {
+                                return Ok::<_, std::convert::Infallible>(
+                                    status_response(
+                                        StatusCode::TOO_MANY_REQUESTS,
+                                        "TooManyRequests",
+                                        &format!("this operator has {} requests in flight over its connections to the gateway (the limit per operator); let some finish (or read their answers) and retry", max_live_per_operator()),
+                                    )
+                                    .map(|b| b.boxed_unsync()),
+                                );
+                            }
+                        }
                         let hold = c.active.clone();
                         // Boxed: hyper moves each request's future
                         // several times (into its stream task, and tokio
@@ -534,10 +617,18 @@ pub async fn serve(
                         // moves as a pointer (HTTP/2, h2load -m16: 94.7k
                         // -> 90.2k instructions per request at the hub).
                         let resp = Box::pin(handle(hub, &c, req)).await;
+                        // The connection's first authenticated request
+                        // counts from its answer on.
+                        if live.is_none() {
+                            live = c.live().map(InFlight::new);
+                        }
                         let (parts, body) = resp.into_parts();
                         let touch = {
                             let c = c.clone();
-                            OnDrop(Some(move || c.touch()))
+                            OnDrop(Some(move || {
+                                c.touch();
+                                drop(live);
+                            }))
                         };
                         let body = Guarded::new(body, None, (hold, touch));
                         Ok::<_, std::convert::Infallible>(Response::from_parts(
@@ -553,6 +644,7 @@ pub async fn serve(
                 deadline,
                 cancel,
                 peer,
+                stall,
             };
             if mux || h2 {
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -562,7 +654,11 @@ pub async fn serve(
                 if mux {
                     b.initial_stream_window_size(crate::daemon::tls::MUX_STREAM_WINDOW)
                         .initial_connection_window_size(crate::daemon::tls::MUX_CONN_WINDOW)
-                        .max_frame_size(crate::daemon::tls::MUX_FRAME);
+                        .max_frame_size(crate::daemon::tls::MUX_FRAME)
+                        // As for kubectl's (below): hyper's 400 KiB a stream
+                        // across 4,096 streams for a client that stopped
+                        // reading.
+                        .max_send_buf_size(H2_SEND_BUFFER);
                 } else {
                     // What a client may send ahead of the member taking it,
                     // per connection: hyper's 1 MiB across an operator's
@@ -608,15 +704,64 @@ struct PlainHttpGuard {
     first: bool,
     plain_http: bool,
     proxy_header: bool,
+    /// Since when its writes wait for a client that takes nothing.
+    stall: Arc<WriteStall>,
 }
 
+/// When a connection's writes started waiting (the socket full: the client
+/// reads nothing), for [`WRITE_STALL_LIMIT`]: milliseconds since
+/// [`WriteStall::epoch`], 0 while writes go through.
+#[derive(Default)]
+struct WriteStall(AtomicU64);
+
+impl WriteStall {
+    fn epoch() -> std::time::Instant {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(std::time::Instant::now)
+    }
+
+    fn note<T>(&self, poll: &std::task::Poll<T>) {
+        match poll {
+            std::task::Poll::Pending => {
+                if self.0.load(Ordering::Relaxed) == 0 {
+                    let now = Self::epoch().elapsed().as_millis() as u64;
+                    self.0.store(now.max(1), Ordering::Relaxed);
+                }
+            }
+            std::task::Poll::Ready(_) => {
+                if self.0.load(Ordering::Relaxed) != 0 {
+                    self.0.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// How long writes have waited, if they do.
+    fn stalled_for(&self) -> Option<Duration> {
+        let since = self.0.load(Ordering::Relaxed);
+        (since != 0).then(|| {
+            Duration::from_millis(
+                (Self::epoch().elapsed().as_millis() as u64).saturating_sub(since),
+            )
+        })
+    }
+}
+
+/// How long a connection's writes may wait on a client that reads nothing
+/// before the connection is dropped. What the hub queues for it (answers
+/// whose streams ended are out of every stream budget, up to
+/// [`H2_SEND_BUFFER`] each) is held no longer than this, whatever the
+/// client keeps open. Long enough for a pager paused on a follow.
+const WRITE_STALL_LIMIT: Duration = Duration::from_secs(60);
+
 impl PlainHttpGuard {
-    fn new(tcp: tokio::net::TcpStream) -> Self {
+    fn new(tcp: tokio::net::TcpStream, stall: Arc<WriteStall>) -> Self {
         PlainHttpGuard {
             tcp,
             first: true,
             plain_http: false,
             proxy_header: false,
+            stall,
         }
     }
 
@@ -673,7 +818,9 @@ impl tokio::io::AsyncWrite for PlainHttpGuard {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let p = std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.stall.note(&p);
+        p
     }
 
     fn poll_write_vectored(
@@ -681,7 +828,9 @@ impl tokio::io::AsyncWrite for PlainHttpGuard {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let p = std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.stall.note(&p);
+        p
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -701,6 +850,18 @@ impl tokio::io::AsyncWrite for PlainHttpGuard {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
+}
+
+/// [`WRITE_STALL_LIMIT`], or `TOWERCTL_GATEWAY_WRITE_STALL` seconds (read
+/// at start; tests).
+fn write_stall_limit() -> Duration {
+    static LIMIT: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        Duration::from_secs(crate::tunnel::positive_env(
+            "TOWERCTL_GATEWAY_WRITE_STALL",
+            WRITE_STALL_LIMIT.as_secs() as usize,
+        ) as u64)
+    })
 }
 
 /// Most CONNECT streams at once on one multiplexed connection.
@@ -725,6 +886,7 @@ struct Watch {
     deadline: tokio::time::Instant,
     cancel: CancellationToken,
     peer: SocketAddr,
+    stall: Arc<WriteStall>,
 }
 
 impl Watch {
@@ -743,6 +905,7 @@ impl Watch {
             deadline,
             cancel,
             peer,
+            stall,
         } = self;
         tokio::pin!(conn);
         let mut check = tokio::time::interval(Duration::from_secs(1));
@@ -768,6 +931,10 @@ impl Watch {
                 _ = check.tick() => {
                     if !conn_state.is_authenticated() && tokio::time::Instant::now() >= deadline {
                         tracing::debug!(%peer, "gateway connection closed: no authenticated request within {PREAUTH_DEADLINE:?}");
+                        break;
+                    }
+                    if stall.stalled_for().is_some_and(|d| d >= write_stall_limit()) {
+                        tracing::debug!(%peer, "gateway connection dropped: its client took nothing of what was written for {:?}", write_stall_limit());
                         break;
                     }
                     let idle = conn_state.idle_for();
@@ -1058,7 +1225,10 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
             _ => status_response(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                &format!("no such towerctl API '{path}'"),
+                &format!(
+                    "no such towerctl API '{}'",
+                    crate::tunnel::printable(&path, 200)
+                ),
             ),
         };
         hub.auditor.record(Record {
