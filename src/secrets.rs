@@ -106,6 +106,17 @@ fn file_path(account: &str) -> PathBuf {
     p.into()
 }
 
+/// Removes `account`'s token file of the old name ([`legacy_file_path`]),
+/// once its token was saved again or logged out of, unless one of `others`
+/// (the other logins' accounts) has the same old name: the file may be
+/// theirs.
+pub fn forget_legacy(account: &str, others: &[&str]) {
+    let legacy = legacy_file_path(account);
+    if !others.iter().any(|o| legacy_file_path(o) == legacy) {
+        let _ = std::fs::remove_file(legacy);
+    }
+}
+
 /// Where tokens were kept before [`file_path`] named them by hash too:
 /// read when the new file is missing, until the next login writes it.
 fn legacy_file_path(account: &str) -> PathBuf {
@@ -160,12 +171,6 @@ pub fn save(account: &str, secret: &str) -> Result<Backend> {
     }
     let path = file_path(account);
     paths::write_atomic(&path, secret.as_bytes(), 0o600)?;
-    // An older copy of this very token under the old name goes; a
-    // different one there may be another gateway's, whose name it shared.
-    let legacy = legacy_file_path(account);
-    if std::fs::read_to_string(&legacy).is_ok_and(|t| t.trim() == secret.trim()) {
-        let _ = std::fs::remove_file(&legacy);
-    }
     if forced.is_none() {
         eprintln!(
             "note: no usable OS keyring{}; the token is kept in '{}' (mode 0600)",
@@ -230,10 +235,7 @@ pub fn load(backend: Backend, account: &str) -> Result<String> {
 /// Deletes the secret of `account` (best effort).
 pub fn delete(backend: Backend, account: &str) {
     if backend == Backend::File {
-        // The old name only for a login made before the new one existed.
-        if std::fs::remove_file(file_path(account)).is_err() {
-            let _ = std::fs::remove_file(legacy_file_path(account));
-        }
+        let _ = std::fs::remove_file(file_path(account));
     } else if let Ok(store) = os_store(backend) {
         if let Ok(e) = store.build(SERVICE, account, None) {
             let _ = e.delete_credential();

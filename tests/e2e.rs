@@ -3827,8 +3827,6 @@ fn a_gateway_client_that_reads_nothing_is_dropped() {
         .to_string();
     let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
     let tcp = std::net::TcpStream::connect(&gw).unwrap();
-    // A small receive buffer: what the kernel takes for the client is
-    // small beside the answer.
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(support::gateway_tls(&env), name).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -3839,8 +3837,8 @@ fn a_gateway_client_that_reads_nothing_is_dropped() {
     )
     .unwrap();
     s.flush().unwrap();
-    // Reads nothing for three times the limit, then everything it can.
-    std::thread::sleep(Duration::from_secs(6));
+    // Reads nothing for four times the limit, then everything it can.
+    std::thread::sleep(Duration::from_secs(8));
     s.sock
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

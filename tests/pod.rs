@@ -467,7 +467,7 @@ fn a_hub_as_pid_1_takes_the_exit_of_orphans() {
                 "--",
                 "sh",
                 "-c",
-                "sleep 2 </dev/null >/dev/null 2>&1 & exit 0",
+                "sleep 60 </dev/null >/dev/null 2>&1 & exit 0",
             ]);
             c
         },
@@ -480,6 +480,8 @@ fn a_hub_as_pid_1_takes_the_exit_of_orphans() {
             .find(|c| c.2 == "sleep")
             .map(|c| c.0)
     });
+    // It ends (as a test's kill); its exit is the hub's to take.
+    unsafe { libc::kill(orphan as i32, libc::SIGKILL) };
     wait_for("the orphan's exit taken", Duration::from_secs(15), || {
         (!children_of(hub).iter().any(|c| c.0 == orphan)).then_some(())
     });

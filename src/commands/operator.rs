@@ -224,6 +224,12 @@ pub async fn login(
     if let Some(old) = previous {
         secrets::delete(old, &gateway);
     }
+    let others: Vec<&str> = all
+        .iter()
+        .map(|l| l.gateway_url.as_str())
+        .filter(|g| *g != gateway)
+        .collect();
+    secrets::forget_legacy(&gateway, &others);
     println!(
         "logged in to {gateway} as '{operator}' (token kept in {})",
         backend.describe()
@@ -244,6 +250,8 @@ pub async fn logout(gateway: Option<&str>) -> Result<u8> {
     let mut all = logins()?;
     all.retain(|x| x.gateway_url != l.gateway_url);
     save_logins(&all)?;
+    let others: Vec<&str> = all.iter().map(|x| x.gateway_url.as_str()).collect();
+    secrets::forget_legacy(&l.gateway_url, &others);
     println!("logged out of {}", l.gateway_url);
     Ok(exit::OK)
 }

@@ -552,6 +552,8 @@ pub struct Guarded<K: Send + Unpin + 'static> {
     inner: Body,
     stop: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     _keep: K,
+    /// Never says it ended before it was polled to its end ([`Self::kept_to_the_end`]).
+    kept_to_the_end: bool,
 }
 
 impl<K: Send + Unpin + 'static> Guarded<K> {
@@ -560,7 +562,18 @@ impl<K: Send + Unpin + 'static> Guarded<K> {
             inner,
             stop: stop.map(|s| Box::pin(s.cancelled_owned())),
             _keep: keep,
+            kept_to_the_end: false,
         }
+    }
+
+    /// Keeps `keep` until the client's flow control took the last data:
+    /// HTTP/2 (hyper over h2) drops a body as soon as its last chunk is
+    /// queued with the end of the stream, however long the client's window
+    /// keeps that chunk in the hub; said not ended, the body is polled
+    /// once more, for its end, only when the stream has room again.
+    pub fn kept_to_the_end(mut self) -> Self {
+        self.kept_to_the_end = true;
+        self
     }
 }
 
@@ -581,7 +594,7 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        !self.kept_to_the_end && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

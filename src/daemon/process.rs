@@ -299,8 +299,6 @@ impl Spawned {
     }
 }
 
-/// Waits (10 s) for a daemon asked to shut down to exit, then sends it
-/// SIGTERM (5 s more); fails naming `what` if it is still there.
 /// As the first process of a container (the hub's pod runs `towerctl hub
 /// run` as PID 1), takes the exit of every process orphaned into it: a
 /// `towerctl port-forward --background` or a shell's `&` started with
@@ -335,6 +333,8 @@ pub fn reap_orphans_as_init() {
     });
 }
 
+/// Waits (10 s) for a daemon asked to shut down to exit, then sends it
+/// SIGTERM (5 s more); fails naming `what` if it is still there.
 pub async fn await_exit(pid: u32, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) && Instant::now() < deadline {

@@ -966,7 +966,7 @@ mod tests {
                 token: None,
                 hub_key: None,
                 keepalive: Duration::from_secs(10),
-                connect_timeout: Duration::from_millis(700),
+                connect_timeout: Duration::from_secs(2),
                 tls: Arc::new(super::super::tls::HubTls::new(None, false, false).unwrap()),
                 features: Vec::new(),
                 learned_hubs: Arc::default(),

@@ -333,7 +333,7 @@ impl Vet<'_> {
 
 /// How long the kubelet's refusal of a port is waited for, through the API
 /// server's port-forward, when the pod's address refused it already.
-const PORTFORWARD_CONFIRM: Duration = Duration::from_millis(500);
+const PORTFORWARD_CONFIRM: Duration = Duration::from_secs(1);
 
 /// How long a TCP connect to one address is waited for.
 const DIRECT_WAIT: Duration = Duration::from_secs(10);
@@ -342,38 +342,76 @@ const DIRECT_WAIT: Duration = Duration::from_secs(10);
 /// agent reaches answers within milliseconds.
 const AUTO_DIRECT_WAIT: Duration = Duration::from_secs(2);
 /// After a pod's address went unanswered under `auto` (an agent outside
-/// the pod network, whose packets are dropped), how long pods are reached
-/// through the API server at once, without trying their addresses first.
+/// the pod network, whose packets are dropped or have no route), how long
+/// that address is reached through the API server at once, without trying
+/// it first.
 const AUTO_DIRECT_SKIP: Duration = Duration::from_secs(60);
 
-/// Until when `auto` skips pods' addresses ([`AUTO_DIRECT_SKIP`]).
-static POD_ADDRESSES_SILENT_UNTIL: std::sync::Mutex<Option<std::time::Instant>> =
-    std::sync::Mutex::new(None);
+/// Keys seen lately, each for [`AUTO_DIRECT_SKIP`]; at most 4,096.
+struct Recent<K>(std::sync::Mutex<Option<std::collections::HashMap<K, std::time::Instant>>>);
 
-fn pod_addresses_silent() -> bool {
-    POD_ADDRESSES_SILENT_UNTIL
-        .lock()
-        .ok()
-        .and_then(|u| *u)
-        .is_some_and(|u| std::time::Instant::now() < u)
-}
+impl<K: std::hash::Hash + Eq> Recent<K> {
+    const fn new() -> Self {
+        Recent(std::sync::Mutex::new(None))
+    }
 
-fn set_pod_addresses_silent(silent: bool) {
-    if let Ok(mut u) = POD_ADDRESSES_SILENT_UNTIL.lock() {
-        *u = silent.then(|| std::time::Instant::now() + AUTO_DIRECT_SKIP);
+    fn holds(&self, k: &K) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| m.as_ref()?.get(k).copied())
+            .is_some_and(|at| at.elapsed() < AUTO_DIRECT_SKIP)
+    }
+
+    fn note(&self, k: K) {
+        if let Ok(mut m) = self.0.lock() {
+            let m = m.get_or_insert_with(Default::default);
+            if m.len() >= 4096 {
+                m.retain(|_, at| at.elapsed() < AUTO_DIRECT_SKIP);
+                if m.len() >= 4096 {
+                    m.clear();
+                }
+            }
+            m.insert(k, std::time::Instant::now());
+        }
+    }
+
+    fn forget(&self, k: &K) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(m) = m.as_mut() {
+                m.remove(k);
+            }
+        }
     }
 }
 
+/// Pod addresses that went unanswered under `auto` lately.
+static SILENT_POD_ADDRESSES: Recent<std::net::IpAddr> = Recent::new();
+/// Pods' ports their address refused but the API server's port-forward
+/// reached lately (a listener on the pod's localhost): not waited on for
+/// the kubelet's refusal again.
+static FORWARDED_PORTS: Recent<(String, String, u16)> = Recent::new();
+
+/// How a connect to a target failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Failure {
+    /// Refused: the host is there, the port closed.
+    Refused,
+    /// No answer, or no route to it.
+    Silent,
+    Other,
+}
+
 /// Connects to the first of `addrs` that answers within `wait` each; the
-/// error says whether the last one went unanswered (rather than refused).
+/// error says how the last one failed.
 async fn dial_tcp(
     addrs: &[std::net::SocketAddr],
     what: &Target,
     port: u16,
     wait: Duration,
-) -> Result<tokio::net::TcpStream, (DialError, bool)> {
+) -> Result<tokio::net::TcpStream, (DialError, Failure)> {
     let mut last = String::from("no address");
-    let mut silent = false;
+    let mut failure = Failure::Other;
     for a in addrs {
         match tokio::time::timeout(wait, tokio::net::TcpStream::connect(a)).await {
             Ok(Ok(s)) => {
@@ -384,11 +422,16 @@ async fn dial_tcp(
             }
             Ok(Err(e)) => {
                 last = format!("{a}: {e}");
-                silent = false;
+                failure = match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => Failure::Refused,
+                    std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable => Failure::Silent,
+                    _ => Failure::Other,
+                };
             }
             Err(_) => {
                 last = format!("{a}: no answer within {wait:?}");
-                silent = true;
+                failure = Failure::Silent;
             }
         }
     }
@@ -397,7 +440,7 @@ async fn dial_tcp(
             DialCode::DialFailed,
             format!("cannot connect to {what} port {port} ({last})"),
         ),
-        silent,
+        failure,
     ))
 }
 
@@ -755,7 +798,9 @@ pub(super) async fn serve_raw(
                             .await
                             .map_err(|(e, _)| e)?,
                     ) as Box<dyn Conn>),
-                    (PodNetwork::Auto, Some((ns, name))) if pod_addresses_silent() => {
+                    (PodNetwork::Auto, Some((ns, name)))
+                        if SILENT_POD_ADDRESSES.holds(&r.addr.ip()) =>
+                    {
                         dial_portforward(
                             &tasks,
                             &client,
@@ -778,18 +823,13 @@ pub(super) async fn serve_raw(
                     )
                     .await
                     {
-                        Ok(s) => {
-                            if pod.is_some() {
-                                set_pod_addresses_silent(false);
-                            }
-                            Ok(Box::new(s) as Box<dyn Conn>)
-                        }
-                        Err((direct, silent)) => match pod {
+                        Ok(s) => Ok(Box::new(s) as Box<dyn Conn>),
+                        Err((direct, failure)) => match pod {
                             Some((ns, name)) => {
-                                if silent {
-                                    set_pod_addresses_silent(true);
+                                if failure == Failure::Silent {
+                                    SILENT_POD_ADDRESSES.note(r.addr.ip());
                                     tracing::info!(
-                                        "{}; pods are reached through the API server's port-forward for the next {AUTO_DIRECT_SKIP:?} (--pod-network portforward says so for good)",
+                                        "{}; this pod address is reached through the API server's port-forward for the next {AUTO_DIRECT_SKIP:?} (--pod-network portforward says so for all, for good)",
                                         direct.1
                                     );
                                 } else {
@@ -798,17 +838,28 @@ pub(super) async fn serve_raw(
                                         direct.1
                                     );
                                 }
-                                dial_portforward(
+                                // Refused at the pod's address: likely
+                                // closed on its localhost too, unless the
+                                // port-forward reached it lately.
+                                let key = (ns.to_string(), name.to_string(), r.addr.port());
+                                let confirm = (failure == Failure::Refused
+                                    && !FORWARDED_PORTS.holds(&key))
+                                .then_some(PORTFORWARD_CONFIRM);
+                                let got = dial_portforward(
                                     &tasks,
                                     &client,
                                     &raw_streams,
                                     (ns, name),
                                     r.addr.port(),
-                                    // Refused at the pod's address: likely
-                                    // closed on its localhost too.
-                                    (!silent).then_some(PORTFORWARD_CONFIRM),
+                                    confirm,
                                 )
-                                .await
+                                .await;
+                                match (&got, failure) {
+                                    (Ok(_), Failure::Refused) => FORWARDED_PORTS.note(key),
+                                    (Err(_), _) => FORWARDED_PORTS.forget(&key),
+                                    _ => {}
+                                }
+                                got
                             }
                             None => Err(direct),
                         },

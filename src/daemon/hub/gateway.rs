@@ -587,6 +587,9 @@ pub async fn serve(
                 registration: Default::default(),
                 mux,
             });
+            // Answers counted until the client took them (see
+            // `Guarded::kept_to_the_end`): HTTP/2's.
+            let held_to_the_end = mux || h2;
             let svc = {
                 let conn_state = conn_state.clone();
                 hyper::service::service_fn(move |req| {
@@ -616,6 +619,9 @@ pub async fn serve(
                         // the handler's state machine is large; a box
                         // moves as a pointer (HTTP/2, h2load -m16: 94.7k
                         // -> 90.2k instructions per request at the hub).
+                        // A CONNECT's answer carries no body (its stream is
+                        // the tunnel): not held for one.
+                        let connect = req.method() == hyper::Method::CONNECT;
                         let resp = Box::pin(handle(hub, &c, req)).await;
                         // The connection's first authenticated request
                         // counts from its answer on.
@@ -630,7 +636,10 @@ pub async fn serve(
                                 drop(live);
                             }))
                         };
-                        let body = Guarded::new(body, None, (hold, touch));
+                        let mut body = Guarded::new(body, None, (hold, touch));
+                        if held_to_the_end && !connect {
+                            body = body.kept_to_the_end();
+                        }
                         Ok::<_, std::convert::Infallible>(Response::from_parts(
                             parts,
                             body.boxed_unsync(),
@@ -1353,7 +1362,7 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
     // Watches, follows (`logs -f`), proxies and upgrades (exec): as long
     // as the hub's answer deadline takes them.
     let long = record.verb == "watch"
-        || crate::daemon::http::long_running(req.uri().path(), req.uri().query(), upgrade);
+        || crate::daemon::http::long_running(&upstream_path, req.uri().query(), upgrade);
     if long {
         hub.auditor.record_start(&record);
     }
