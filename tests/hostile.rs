@@ -2291,3 +2291,34 @@ fn one_operators_gateway_connections_are_bounded() {
         head.starts_with("http/1.1 200").then_some(())
     });
 }
+
+/// A connection that has not authenticated gets a few public answers (the
+/// CA, health checks), then is closed: one asked for the CA without end
+/// for its whole pre-authentication deadline.
+#[test]
+fn public_requests_before_authenticating_are_few_per_connection() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let gateway = format!("127.0.0.1:{}", env.gateway_port());
+    let conn =
+        rustls::ClientConnection::new(support::gateway_tls(&env), "localhost".try_into().unwrap())
+            .unwrap();
+    let tcp = TcpStream::connect(&gateway).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let req = "GET /towerctl/v1/ca.crt HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(40);
+    s.write_all(req.as_bytes()).unwrap();
+    s.flush().unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let answered = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!((1..40).contains(&answered), "{answered} of 40 answered");
+}

@@ -53,6 +53,14 @@ pub fn ago(since: u64) -> String {
     format!("since {} ({} ago)", fmt_unix(since), humanize(secs))
 }
 
+/// A kube error as words for an answer or a log line: what the member's
+/// API server (or whatever answered in its place) said is quoted in it,
+/// possibly a whole plain-text page with line breaks and escapes, so it is
+/// made printable and cut to 500 characters.
+pub fn kube_error(e: &kube::Error) -> String {
+    crate::tunnel::printable(&e.to_string(), 500)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

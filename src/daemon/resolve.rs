@@ -43,16 +43,8 @@ pub struct Resolved {
 fn api_err(what: &str, e: kube::Error) -> ResolveError {
     match &e {
         kube::Error::Api(s) if s.code == 404 => ResolveError::NotFound(what.to_string()),
-        _ => ResolveError::Api(kube_error(&e)),
+        _ => ResolveError::Api(crate::daemon::fmt::kube_error(&e)),
     }
-}
-
-/// A kube error as words for an answer or a log line: what the member's
-/// API server (or whatever answered in its place) said is quoted in it,
-/// possibly a whole plain-text page with line breaks and escapes, so it is
-/// made printable and cut to 500 characters.
-pub fn kube_error(e: &kube::Error) -> String {
-    crate::tunnel::printable(&e.to_string(), 500)
 }
 
 fn pod_running(p: &Pod) -> bool {
@@ -292,7 +284,7 @@ async fn confirm_pod(
                     r.addr,
                     crate::tunnel::escape_for_log(&ns, 100),
                     crate::tunnel::escape_for_log(&name, 100),
-                    kube_error(&e)
+                    crate::daemon::fmt::kube_error(&e)
                 );
                 None
             }
@@ -482,7 +474,7 @@ mod tests {
             "x".repeat(100_000)
         );
         let e = kube::Error::Api(kube::core::Status::failure(&page, "InternalError").boxed());
-        let t = kube_error(&e);
+        let t = crate::daemon::fmt::kube_error(&e);
         assert!(t.contains("forged"), "{t}");
         assert!(t.chars().count() <= 500, "{}", t.len());
         assert!(

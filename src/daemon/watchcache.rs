@@ -269,7 +269,7 @@ async fn sync_inner(
         .map_err(|e| {
             tracing::debug!(
                 "service list for the resolve cache: {}",
-                crate::daemon::resolve::kube_error(&e)
+                crate::daemon::fmt::kube_error(&e)
             );
             Stop::Failed
         })?;
@@ -281,7 +281,7 @@ async fn sync_inner(
             e => {
                 tracing::debug!(
                     "endpointslice list for the resolve cache: {}",
-                    crate::daemon::resolve::kube_error(&e)
+                    crate::daemon::fmt::kube_error(&e)
                 );
                 Stop::Failed
             }

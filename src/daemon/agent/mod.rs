@@ -121,6 +121,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         raw_limit: budgets.raw_streams,
         body_budget: Arc::new(upstream::BodyBudget::new((budgets.bodies >> 10) as usize)),
         windows,
+        shares: Default::default(),
     });
     let keepalive = Duration::from_secs(cfg.keepalive_secs.max(1));
     let key_path = cfg

@@ -12,8 +12,9 @@ use tokio_util::task::TaskTracker;
 
 use super::config::PodNetwork;
 use super::rbac::Ask;
+use crate::daemon::fmt::kube_error;
 use crate::daemon::policy::{self, DialPolicy};
-use crate::daemon::resolve::{self, kube_error};
+use crate::daemon::resolve;
 use crate::daemon::targets::Target;
 use crate::daemon::watchcache::ServiceCache;
 use crate::daemon::wire::{DialCode, RawAnswer, RawIdentity};

@@ -241,6 +241,9 @@ pub(super) struct Upstream {
     pub(super) body_budget: Arc<BodyBudget>,
     /// The windows this agent's streams ask the hub for ([`WINDOW_BUDGET`]).
     pub(super) windows: Arc<crate::tunnel::flow::WindowBudget>,
+    /// Each operator's part of `windows` for raw streams ([`Upstream::raw_window`]).
+    pub(super) shares:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<crate::tunnel::flow::WindowBudget>>>,
 }
 
 /// What the hub may have in flight towards this agent on all its streams
@@ -291,6 +294,27 @@ pub(super) fn budgets(limit: Option<u64>) -> Budgets {
 }
 
 impl Upstream {
+    /// A raw stream's window, out of the agent's budget and out of its
+    /// operator's half of it, as the hub shares a member's windows: 16 of
+    /// one operator's port-forward connections, idle ones too, took the
+    /// whole budget, and every other operator's streams then got the
+    /// least window (32 KiB a round trip for an upload or an `apply`).
+    fn raw_window(&self, operator: &str) -> crate::tunnel::flow::WindowPermit {
+        let share = {
+            let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+            if !shares.contains_key(operator) {
+                // Operators with no stream open left nothing to keep.
+                shares.retain(|_, s| s.held() > 0);
+            }
+            shares
+                .entry(operator.to_string())
+                .or_insert_with(|| crate::tunnel::flow::WindowBudget::new(self.windows.total() / 2))
+                .clone()
+        };
+        self.windows
+            .take_within(&share, crate::tunnel::flow::STREAM_WINDOW)
+    }
+
     /// Confirms the channel, writes `reply` (why it is refused) and closes
     /// it, in a task; `held` (permits) is released at the end.
     fn refuse(
@@ -352,11 +376,6 @@ impl ChannelService for Upstream {
             self.refuse(confirm, stream, reply, ());
             return;
         };
-        let window = self.windows.take(if raw {
-            crate::tunnel::flow::STREAM_WINDOW
-        } else {
-            crate::tunnel::flow::API_WINDOW
-        });
         if raw {
             let Some(t) = Target::from_channel_address(&target) else {
                 return;
@@ -370,15 +389,11 @@ impl ChannelService for Upstream {
                         crate::daemon::wire::DialCode::DialFailed,
                         format!("{msg}; is the hub of another version?"),
                     );
-                    self.refuse(
-                        confirm,
-                        stream,
-                        answer.to_line(),
-                        (permit, raw_permit, window),
-                    );
+                    self.refuse(confirm, stream, answer.to_line(), (permit, raw_permit));
                     return;
                 }
             };
+            let window = self.raw_window(open.as_ref().map_or("", |o| o.who.user.as_str()));
             // A hub that told its window in the open (kept to from the
             // first byte this side sends) hears this side's in the answer
             // to the dial, ahead of which it sends nothing, and the
@@ -413,6 +428,7 @@ impl ChannelService for Upstream {
             });
             return;
         }
+        let window = self.windows.take(crate::tunnel::flow::API_WINDOW);
         let api = self.api.clone();
         let identity = self.identity.clone();
         let tasks = self.tasks.clone();

@@ -160,6 +160,8 @@ struct Conn {
     /// Requests refused on it for want of a valid token
     /// ([`MAX_REFUSED_PER_CONNECTION`]).
     refused: std::sync::atomic::AtomicU32,
+    /// Public requests before it authenticated ([`MAX_PUBLIC_PER_CONNECTION`]).
+    public: std::sync::atomic::AtomicU32,
     /// Its place among its operator's connections ([`AuthedConns`]), from
     /// its first authenticated request.
     registration: std::sync::Mutex<Option<Registration>>,
@@ -185,6 +187,11 @@ pub const MAX_CONNECTIONS_PER_OPERATOR: usize = 4096;
 /// task, a record and an answer on the thread that carries the tunnels),
 /// and a connection of a removed operator kept sending them for ever.
 const MAX_REFUSED_PER_CONNECTION: u32 = 8;
+
+/// Public requests (health checks, the CA) a connection may make before it
+/// authenticates, then it is closed: a load balancer's check or a login
+/// asks one or two.
+const MAX_PUBLIC_PER_CONNECTION: u32 = 16;
 
 /// Most of an operator's connections that are `towerctl port-forward`'s
 /// multiplexed HTTP/2, unless `TOWERCTL_MAX_MUX_CONNECTIONS_PER_OPERATOR`
@@ -584,6 +591,7 @@ pub async fn serve(
                 proxy,
                 closer: CancellationToken::new(),
                 refused: Default::default(),
+                public: Default::default(),
                 registration: Default::default(),
                 mux,
             });
@@ -1102,6 +1110,20 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
     // `%73ecrets` is `secrets` to the API server: audited, routed and
     // forwarded as such.
     let path = crate::daemon::route::decode_unreserved(req.uri().path());
+    // What anyone may ask (health checks, the CA): a few on a connection
+    // that has not authenticated, then it is closed (one connection asked
+    // for the CA ~1,600 times a second for its whole pre-auth deadline).
+    let public = |conn: &Conn| {
+        if !conn.is_authenticated() && conn.proxy.is_none() {
+            let n = conn
+                .public
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n >= MAX_PUBLIC_PER_CONNECTION {
+                conn.closer.cancel();
+            }
+        }
+    };
     // Unauthenticated, as kube-apiserver serves them: for load balancers'
     // HTTPS checks.
     if sni.is_none() && matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
@@ -1130,10 +1152,12 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
                 HeaderValue::from(hub.etcd_age().as_millis() as u64),
             );
         }
+        public(conn);
         return resp;
     }
     if path == "/towerctl/v1/ca.crt" {
         // Public: the client checks it against the hash it was given.
+        public(conn);
         return Response::new(full(Bytes::from(hub.ca_pem.clone())));
     }
     // Refused before any routing: a client without a token learns nothing
