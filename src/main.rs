@@ -191,9 +191,14 @@ fn main() -> ExitCode {
     // The dashboard owns the screen: a log line on stderr would be drawn
     // over it, so it logs nothing.
     if !matches!(cli.command, commands::Command::Ui(_)) {
-        // A process `daemon::process::spawn` started in the background (a
-        // `port-forward --background` too) logs to its own file, rotated.
-        let background = std::env::var_os(daemon::process::DAEMON_ENV).is_some();
+        // A `port-forward --background` (started by
+        // `daemon::process::spawn`) logs to its own file, rotated, as the
+        // daemons do. Not any command that finds the variable: the
+        // daemons' children inherit it (a kube exec credential plugin that
+        // is towerctl would log into the agent's file, and a rotation
+        // would point its stdout, the credential, there).
+        let background = matches!(cli.command, commands::Command::PortForward { .. })
+            && std::env::var_os(daemon::process::DAEMON_ENV).is_some();
         init_logging(cli.verbose, is_daemon || background, carries_bulk);
     }
     // Daemons this command starts in the background log as verbosely.
