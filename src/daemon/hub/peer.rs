@@ -161,6 +161,19 @@ pub fn held_elsewhere(store: &EtcdStore, id: &str, ours: &HubInfo) -> Result<Opt
     }
 }
 
+/// A write of a member's owner key ([`Cluster::owner_write`]).
+enum OwnerWrite {
+    /// Session `session`'s claim (`if_free`: only where the key is free);
+    /// `prior`, the revision its key was written at before, if any.
+    Claim {
+        session: Arc<LiveSession>,
+        if_free: bool,
+        prior: i64,
+    },
+    /// The key removed if it still holds `value` (a session that ended).
+    Release { value: Vec<u8> },
+}
+
 pub struct Cluster {
     pub store: Arc<EtcdStore>,
     pub id: String,
@@ -172,6 +185,9 @@ pub struct Cluster {
     /// Member → (our session id, revision our owner key was written at;
     /// 0 while the write is in flight, [`CLAIM_FAILED`] after it failed).
     claims: Mutex<HashMap<String, (u64, i64)>>,
+    /// Owner-key writes per member: one in flight at a time, the latest
+    /// waiting behind it replacing any earlier one ([`Cluster::owner_write`]).
+    owner_writes: Mutex<HashMap<String, Option<OwnerWrite>>>,
     /// Owner keys whose removal is in flight (`drop_stale_owner_keys`).
     deleting: Arc<InFlight>,
     tls: tokio_rustls::TlsConnector,
@@ -326,6 +342,7 @@ impl Cluster {
             lease: AtomicI64::new(0),
             renewed_ms: AtomicU64::new(boot_ms()),
             claims: Mutex::new(HashMap::new()),
+            owner_writes: Mutex::new(HashMap::new()),
             deleting: Default::default(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             idle: Mutex::new(HashMap::new()),
@@ -672,41 +689,105 @@ impl Cluster {
             let old = c.insert(s.name.clone(), (s.id, 0));
             prior = old.filter(|o| o.0 == s.id).map_or(0, |o| o.1);
         }
-        let (me, s) = (self.clone(), s.clone());
-        hub.tasks.spawn(async move {
-            let value = me.owner_value(&s);
-            let lease = me.lease.load(Ordering::SeqCst);
-            let (st, rel) = (me.store.clone(), format!("owners/{}", s.name));
-            let r = tokio::task::spawn_blocking(move || match if_free {
-                false => st.put_raw(&rel, &value, lease).map(Some),
-                true => st.put_if_free(&rel, &value, lease),
-            })
-            .await;
-            // Written: its revision. Held by another hub, or failed: a claim
-            // that had been written keeps its earlier revision (a newer
-            // claim elsewhere cuts this session; a missing key is claimed
-            // again), else it is failed, retried by the next reconcile (one
-            // in flight is not: re-sending those on every registry event
-            // multiplied the writes tenfold when 1,000 agents logged in at
-            // once). A result landing after another write began is left.
-            let (rev, in_flight_only) = match r {
-                Ok(Ok(Some(rev))) => (rev, false),
-                other => {
-                    if let Ok(Err(e)) = other {
-                        tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
-                    }
-                    (if prior > 0 { prior } else { CLAIM_FAILED }, true)
-                }
+        self.owner_write(
+            hub,
+            &s.name,
+            OwnerWrite::Claim {
+                session: s.clone(),
+                if_free,
+                prior,
+            },
+        );
+    }
+
+    /// Queues `w` for member `name`'s owner key: written now when no write
+    /// of that member is in flight, else after it, in place of any write
+    /// still waiting (the latest says what the key must be). A member whose
+    /// key holder logs in and out without pause made one etcd write per
+    /// login and one per logout on the shared blocking threads, which token
+    /// checks, other members' claims and the control socket wait on.
+    fn owner_write(self: &Arc<Self>, hub: &Hub, name: &str, w: OwnerWrite) {
+        {
+            let Ok(mut m) = self.owner_writes.lock() else {
+                return;
             };
-            if let Ok(mut c) = me.claims.lock() {
-                if let Some(cl) = c
-                    .get_mut(&s.name)
-                    .filter(|cl| cl.0 == s.id && (cl.1 == 0 || !in_flight_only))
-                {
-                    cl.1 = rev;
+            match m.get_mut(name) {
+                // In flight: this one waits, replacing one waiting.
+                Some(waiting) => {
+                    *waiting = Some(w);
+                    return;
+                }
+                None => {
+                    m.insert(name.to_string(), None);
                 }
             }
+        }
+        let (me, name) = (self.clone(), name.to_string());
+        hub.tasks.spawn(async move {
+            let mut next = Some(w);
+            while let Some(w) = next {
+                match w {
+                    OwnerWrite::Claim {
+                        session,
+                        if_free,
+                        prior,
+                    } => me.claim_now(session, if_free, prior).await,
+                    OwnerWrite::Release { value } => {
+                        let (st, rel) = (me.store.clone(), format!("owners/{name}"));
+                        let _ = tokio::task::spawn_blocking(move || {
+                            let _ = st.delete_if(&rel, &value);
+                        })
+                        .await;
+                    }
+                }
+                next = match me.owner_writes.lock() {
+                    Ok(mut m) => match m.get_mut(&name).and_then(Option::take) {
+                        Some(w) => Some(w),
+                        None => {
+                            m.remove(&name);
+                            None
+                        }
+                    },
+                    Err(_) => None,
+                };
+            }
         });
+    }
+
+    /// Writes session `s`'s owner key (see [`Cluster::write_claim`]).
+    async fn claim_now(self: &Arc<Self>, s: Arc<LiveSession>, if_free: bool, prior: i64) {
+        let value = self.owner_value(&s);
+        let lease = self.lease.load(Ordering::SeqCst);
+        let (st, rel) = (self.store.clone(), format!("owners/{}", s.name));
+        let r = tokio::task::spawn_blocking(move || match if_free {
+            false => st.put_raw(&rel, &value, lease).map(Some),
+            true => st.put_if_free(&rel, &value, lease),
+        })
+        .await;
+        // Written: its revision. Held by another hub, or failed: a claim
+        // that had been written keeps its earlier revision (a newer
+        // claim elsewhere cuts this session; a missing key is claimed
+        // again), else it is failed, retried by the next reconcile (one
+        // in flight is not: re-sending those on every registry event
+        // multiplied the writes tenfold when 1,000 agents logged in at
+        // once). A result landing after another write began is left.
+        let (rev, in_flight_only) = match r {
+            Ok(Ok(Some(rev))) => (rev, false),
+            other => {
+                if let Ok(Err(e)) = other {
+                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
+                }
+                (if prior > 0 { prior } else { CLAIM_FAILED }, true)
+            }
+        };
+        if let Ok(mut c) = self.claims.lock() {
+            if let Some(cl) = c
+                .get_mut(&s.name)
+                .filter(|cl| cl.0 == s.id && (cl.1 == 0 || !in_flight_only))
+            {
+                cl.1 = rev;
+            }
+        }
     }
 
     /// The session ended here: drop the owner key if it is still ours,
@@ -717,17 +798,8 @@ impl Cluster {
                 c.remove(&s.name);
             }
         }
-        let (st, rel, value) = (
-            self.store.clone(),
-            format!("owners/{}", s.name),
-            self.owner_value(s),
-        );
-        hub.tasks.spawn(async move {
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = st.delete_if(&rel, &value);
-            })
-            .await;
-        });
+        let value = self.owner_value(s);
+        self.owner_write(hub, &s.name, OwnerWrite::Release { value });
         hub.record_last_seen(&s.name, now);
     }
 
