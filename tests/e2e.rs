@@ -2170,6 +2170,38 @@ fn kubectl_port_forward_passes_through_the_gateway() {
     }
 }
 
+/// `port-forward alpha svc/web :80 --background` on 127.0.0.1, with
+/// `vars` in its environment: the local port and the forward's id.
+fn background_forward(env: &Env, vars: &[(&str, &str)]) -> (u16, String) {
+    let mut cmd = env.towerctl_cmd(&[
+        "port-forward",
+        "alpha",
+        "svc/web",
+        ":80",
+        "--background",
+        "--address",
+        "127.0.0.1",
+    ]);
+    cmd.envs(vars.iter().copied());
+    let o = support::run_bounded(cmd, Duration::from_secs(60));
+    assert!(o.ok(), "{o:?}");
+    let port: u16 = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {o:?}"));
+    let id = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("forward "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no forward id in {o:?}"))
+        .to_string();
+    (port, id)
+}
+
 #[test]
 fn background_port_forwards_survive_the_shell_and_stop_on_request() {
     use support::apiserver::TargetPort;
@@ -2184,35 +2216,7 @@ fn background_port_forwards_survive_the_shell_and_stop_on_request() {
     );
     api.set_endpoints("default", "web", &[("127.0.0.1", "", web.port())]);
     connected(&env, &api, &[]);
-    let o = env.towerctl(&[
-        "port-forward",
-        "alpha",
-        "svc/web",
-        ":80",
-        "--background",
-        "--address",
-        "127.0.0.1",
-    ]);
-    assert!(o.ok(), "{o:?}");
-    let port: u16 = o
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let id = o
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("forward "))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let (port, id) = background_forward(&env, &[]);
     let o2 = curl_within(&format!("http://127.0.0.1:{port}/"), 15);
     assert!(o2.stdout.contains("served in the background"), "{o2:?}");
     let s = env.status();
@@ -3665,32 +3669,7 @@ fn a_background_forwards_connection_lines_rotate_its_log() {
     );
     api.set_endpoints("default", "web", &[("127.0.0.1", "", web.port())]);
     connected(&env, &api, &[]);
-    let mut cmd = env.towerctl_cmd(&[
-        "port-forward",
-        "alpha",
-        "svc/web",
-        ":80",
-        "--background",
-        "--address",
-        "127.0.0.1",
-    ]);
-    cmd.env("TOWERCTL_LOG_MAX_BYTES", "4096");
-    let o = support::run_bounded(cmd, Duration::from_secs(60));
-    assert!(o.ok(), "{o:?}");
-    let port: u16 = o
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap();
-    let id = o
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("forward "))
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let (port, id) = background_forward(&env, &[("TOWERCTL_LOG_MAX_BYTES", "4096")]);
     // ~30 bytes a connection: 400 of them are three times the bound.
     for _ in 0..400 {
         let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -916,6 +916,38 @@ impl Drop for FlowStream {
     }
 }
 
+/// Parties' shares of one [`WindowBudget`] (each operator's part of a
+/// member's windows at the hub, of the raw streams' at the agent): a
+/// share is `1/divisor` of the whole, made at a party's first window and
+/// forgotten once none of its windows is held.
+#[derive(Default)]
+pub struct Shares(std::sync::Mutex<std::collections::HashMap<String, Arc<WindowBudget>>>);
+
+impl Shares {
+    /// A window of at most `full` out of `whole` and out of `party`'s
+    /// share of it ([`WindowBudget::take_within`]).
+    pub fn take(
+        &self,
+        whole: &Arc<WindowBudget>,
+        party: &str,
+        divisor: u64,
+        full: u64,
+    ) -> WindowPermit {
+        let share = {
+            let mut shares = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if !shares.contains_key(party) {
+                // Parties with no window held left nothing to keep.
+                shares.retain(|_, s| s.held() > 0);
+            }
+            shares
+                .entry(party.to_string())
+                .or_insert_with(|| WindowBudget::new(whole.total() / divisor.max(1)))
+                .clone()
+        };
+        whole.take_within(&share, full)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

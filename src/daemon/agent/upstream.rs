@@ -242,8 +242,7 @@ pub(super) struct Upstream {
     /// The windows this agent's streams ask the hub for ([`WINDOW_BUDGET`]).
     pub(super) windows: Arc<crate::tunnel::flow::WindowBudget>,
     /// Each operator's part of `windows` for raw streams ([`Upstream::raw_window`]).
-    pub(super) shares:
-        std::sync::Mutex<std::collections::HashMap<String, Arc<crate::tunnel::flow::WindowBudget>>>,
+    pub(super) shares: crate::tunnel::flow::Shares,
 }
 
 /// What the hub may have in flight towards this agent on all its streams
@@ -300,19 +299,12 @@ impl Upstream {
     /// whole budget, and every other operator's streams then got the
     /// least window (32 KiB a round trip for an upload or an `apply`).
     fn raw_window(&self, operator: &str) -> crate::tunnel::flow::WindowPermit {
-        let share = {
-            let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
-            if !shares.contains_key(operator) {
-                // Operators with no stream open left nothing to keep.
-                shares.retain(|_, s| s.held() > 0);
-            }
-            shares
-                .entry(operator.to_string())
-                .or_insert_with(|| crate::tunnel::flow::WindowBudget::new(self.windows.total() / 2))
-                .clone()
-        };
-        self.windows
-            .take_within(&share, crate::tunnel::flow::STREAM_WINDOW)
+        self.shares.take(
+            &self.windows,
+            operator,
+            2,
+            crate::tunnel::flow::STREAM_WINDOW,
+        )
     }
 
     /// Confirms the channel, writes `reply` (why it is refused) and closes

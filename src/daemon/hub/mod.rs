@@ -130,7 +130,7 @@ pub struct LiveSession {
     /// ([`MEMBER_WINDOW_BUDGET`]).
     pub windows: Arc<WindowBudget>,
     /// Each operator's share of `windows` ([`OPERATOR_WINDOW_SHARE`]).
-    pub shares: std::sync::Mutex<HashMap<String, Arc<WindowBudget>>>,
+    pub shares: crate::tunnel::flow::Shares,
     /// Idle channels client connections keep for their next requests
     /// ([`MAX_KEPT_CHANNELS`]).
     pub kept: Arc<Budget>,
@@ -275,18 +275,8 @@ impl LiveSession {
     /// given back when the permit (or the [`OpenChannel`] holding it) is
     /// dropped.
     pub fn window(&self, operator: &str, full: u64) -> WindowPermit {
-        let share = {
-            let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
-            if !shares.contains_key(operator) {
-                // Operators with no stream open left nothing to keep.
-                shares.retain(|_, s| s.held() > 0);
-            }
-            shares
-                .entry(operator.to_string())
-                .or_insert_with(|| WindowBudget::new(self.windows.total() / OPERATOR_WINDOW_SHARE))
-                .clone()
-        };
-        self.windows.take_within(&share, full)
+        self.shares
+            .take(&self.windows, operator, OPERATOR_WINDOW_SHARE, full)
     }
 
     /// Counts a channel just opened over this session, until the returned
