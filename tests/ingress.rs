@@ -796,6 +796,8 @@ fn a_running_agent_logs_a_refused_certificate_once_and_connects_once_it_is_fixed
         "logged once per distinct error: {out}"
     );
     assert!(out.contains("issued by 'CN=Some Other CA"), "{out}");
+    // The file is read at start: said, for whoever fixes it there.
+    assert!(out.contains("restart it after changing the file"), "{out}");
 
     // The ingress gets a certificate from the trusted CA: the next attempt
     // connects, without restarting the agent.

@@ -373,7 +373,7 @@ impl std::fmt::Display for CertFailure {
         }
         let trust_fix = match &self.hub_ca {
             Some(ca) => format!(
-                "check that --hub-ca '{}' holds the CA that issued '{}' (or the root above it) and that the ingress sends its intermediates",
+                "check that --hub-ca '{}' holds the CA that issued '{}' (or the root above it) and that the ingress sends its intermediates; the file is read when the agent starts: restart it after changing the file",
                 ca.display(),
                 p.issuer
             ),
