@@ -801,7 +801,7 @@ fn an_operators_requests_in_flight_are_bounded() {
 /// without end.
 #[test]
 fn a_connection_that_ignores_its_429s_is_closed() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let env = Env::new();
     let api = ApiServer::start();
     env.up_with_env(&[("TOWERCTL_AUDIT_RATE", "1"), ("TOWERCTL_AUDIT_BURST", "1")]);
@@ -810,28 +810,13 @@ fn a_connection_that_ignores_its_429s_is_closed() {
     let bob = support::printed_command(&o.stdout, "login")[3]
         .trim_start_matches("TOWERCTL_OPERATOR_TOKEN=")
         .to_string();
-    let gw = env.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let tcp = std::net::TcpStream::connect(&gw).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(support::gateway_tls(&env), name).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut s = support::gateway_stream(&env);
     let one = format!(
         "GET /towerctl/v1/whoami HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {bob}\r\n\r\n"
     );
     s.write_all(one.repeat(200).as_bytes()).unwrap();
     s.flush().unwrap();
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    let got = support::read_until_closed(&mut s);
     let text = String::from_utf8_lossy(&got);
     let answered = text.matches("HTTP/1.1 ").count();
     assert!(text.contains("HTTP/1.1 429"), "{text}");

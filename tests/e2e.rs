@@ -3800,15 +3800,8 @@ fn a_gateway_client_that_reads_nothing_is_dropped() {
     for i in 0..48 {
         api.create_configmap("default", &format!("big-{i}"), &[("data", big.as_str())]);
     }
-    let gw = env.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
-    let tcp = std::net::TcpStream::connect(&gw).unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(support::gateway_tls(&env), name).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut s = support::gateway_stream(&env);
     write!(
         s,
         "GET /clusters/alpha/api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",

@@ -2299,24 +2299,11 @@ fn one_operators_gateway_connections_are_bounded() {
 fn public_requests_before_authenticating_are_few_per_connection() {
     let env = Env::new();
     assert!(env.up().ok());
-    let gateway = format!("127.0.0.1:{}", env.gateway_port());
-    let conn =
-        rustls::ClientConnection::new(support::gateway_tls(&env), "localhost".try_into().unwrap())
-            .unwrap();
-    let tcp = TcpStream::connect(&gateway).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut s = support::gateway_stream(&env);
     let req = "GET /towerctl/v1/ca.crt HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(40);
     s.write_all(req.as_bytes()).unwrap();
     s.flush().unwrap();
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    let got = support::read_until_closed(&mut s);
     let answered = String::from_utf8_lossy(&got)
         .matches("HTTP/1.1 200")
         .count();

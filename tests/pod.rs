@@ -433,16 +433,7 @@ fn a_hub_as_pid_1_takes_the_exit_of_orphans() {
     let mut cmd = Command::new("unshare");
     env.apply_env(&mut cmd);
     cmd.args(["--pid", "--fork", "--kill-child", support::TOWERCTL])
-        .args([
-            "hub",
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--gateway",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-        ])
+        .args(env.hub_run_cmd().get_args())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     let mut unshare = KillOnDrop(cmd.spawn().expect("unshare (util-linux) is needed"));

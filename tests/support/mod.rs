@@ -800,16 +800,8 @@ pub fn raw_connect(
     rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
 ) {
     use std::io::Write;
-    let gw = env.status()["hub"]["gatewayAddress"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
-    let tcp = std::net::TcpStream::connect(&gw).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(gateway_tls(env), name).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut s = gateway_stream(env);
     let head = format!(
         "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: Bearer {}\r\n{extra}\r\n",
         token.trim()
@@ -824,6 +816,34 @@ pub fn raw_connect(
         head.push(b[0]);
     }
     (String::from_utf8_lossy(&head).to_ascii_lowercase(), s)
+}
+
+/// A TLS connection to `env`'s gateway (server name `localhost`), reads
+/// bounded to 15 s.
+pub fn gateway_stream(
+    env: &Env,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let gw = env.status()["hub"]["gatewayAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tcp = std::net::TcpStream::connect(&gw).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(gateway_tls(env), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Everything `s` gives until it ends, fails or times out.
+pub fn read_until_closed(s: &mut impl std::io::Read) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// A CONNECT to the echo target at `authority` with "hello early" in its

@@ -229,18 +229,10 @@ impl Vet<'_> {
         // An address found allowed for an operator is not looked up again
         // for a while (as the member's answers are kept: `rbac::TTL`): a
         // pool's every connection listed the member's pods and Services.
-        static ALLOWED: std::sync::Mutex<
-            Option<std::collections::HashMap<Key, std::time::Instant>>,
-        > = std::sync::Mutex::new(None);
-        const KEPT: Duration = Duration::from_secs(10);
+        static ALLOWED: Recent<Key> = Recent::new(Duration::from_secs(10));
         let key: Key = (self.who.user.clone(), self.who.groups.clone(), ip);
-        if let Ok(m) = ALLOWED.lock() {
-            if m.as_ref()
-                .and_then(|m| m.get(&key))
-                .is_some_and(|at| at.elapsed() < KEPT)
-            {
-                return Ok(());
-            }
+        if ALLOWED.holds(&key) {
+            return Ok(());
         }
         let cannot = |what: &str, e: kube::Error| {
             format!("cannot tell whether {ip} is a {what} in the member (under impersonation the member's RBAC decides who reaches its pods and Services), so it is refused: {}", kube_error(&e))
@@ -318,16 +310,7 @@ impl Vet<'_> {
                 None => break,
             }
         }
-        if let Ok(mut m) = ALLOWED.lock() {
-            let m = m.get_or_insert_with(Default::default);
-            if m.len() >= 4096 {
-                m.retain(|_, at| at.elapsed() < KEPT);
-                if m.len() >= 4096 {
-                    m.clear();
-                }
-            }
-            m.insert(key, std::time::Instant::now());
-        }
+        ALLOWED.note(key);
         Ok(())
     }
 }
@@ -348,27 +331,33 @@ const AUTO_DIRECT_WAIT: Duration = Duration::from_secs(2);
 /// it first.
 const AUTO_DIRECT_SKIP: Duration = Duration::from_secs(60);
 
-/// Keys seen lately, each for [`AUTO_DIRECT_SKIP`]; at most 4,096.
-struct Recent<K>(std::sync::Mutex<Option<std::collections::HashMap<K, std::time::Instant>>>);
+/// Keys seen lately, each kept for `kept`; at most 4,096.
+struct Recent<K> {
+    seen: std::sync::Mutex<Option<std::collections::HashMap<K, std::time::Instant>>>,
+    kept: Duration,
+}
 
 impl<K: std::hash::Hash + Eq> Recent<K> {
-    const fn new() -> Self {
-        Recent(std::sync::Mutex::new(None))
+    const fn new(kept: Duration) -> Self {
+        Recent {
+            seen: std::sync::Mutex::new(None),
+            kept,
+        }
     }
 
     fn holds(&self, k: &K) -> bool {
-        self.0
+        self.seen
             .lock()
             .ok()
             .and_then(|m| m.as_ref()?.get(k).copied())
-            .is_some_and(|at| at.elapsed() < AUTO_DIRECT_SKIP)
+            .is_some_and(|at| at.elapsed() < self.kept)
     }
 
     fn note(&self, k: K) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.seen.lock() {
             let m = m.get_or_insert_with(Default::default);
             if m.len() >= 4096 {
-                m.retain(|_, at| at.elapsed() < AUTO_DIRECT_SKIP);
+                m.retain(|_, at| at.elapsed() < self.kept);
                 if m.len() >= 4096 {
                     m.clear();
                 }
@@ -378,7 +367,7 @@ impl<K: std::hash::Hash + Eq> Recent<K> {
     }
 
     fn forget(&self, k: &K) {
-        if let Ok(mut m) = self.0.lock() {
+        if let Ok(mut m) = self.seen.lock() {
             if let Some(m) = m.as_mut() {
                 m.remove(k);
             }
@@ -387,11 +376,11 @@ impl<K: std::hash::Hash + Eq> Recent<K> {
 }
 
 /// Pod addresses that went unanswered under `auto` lately.
-static SILENT_POD_ADDRESSES: Recent<std::net::IpAddr> = Recent::new();
+static SILENT_POD_ADDRESSES: Recent<std::net::IpAddr> = Recent::new(AUTO_DIRECT_SKIP);
 /// Pods' ports their address refused but the API server's port-forward
 /// reached lately (a listener on the pod's localhost): not waited on for
 /// the kubelet's refusal again.
-static FORWARDED_PORTS: Recent<(String, String, u16)> = Recent::new();
+static FORWARDED_PORTS: Recent<(String, String, u16)> = Recent::new(AUTO_DIRECT_SKIP);
 
 /// How a connect to a target failed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -799,6 +788,8 @@ pub(super) async fn serve_raw(
                             .await
                             .map_err(|(e, _)| e)?,
                     ) as Box<dyn Conn>),
+                    // An address that went unanswered lately: through the
+                    // API server at once.
                     (PodNetwork::Auto, Some((ns, name)))
                         if SILENT_POD_ADDRESSES.holds(&r.addr.ip()) =>
                     {
