@@ -1807,7 +1807,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__hub__subcmd__run)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --store-user --store-password-file --trusted-proxy --require-proxy-protocol --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1870,6 +1870,14 @@ _towerctl() {
                     return 0
                     ;;
                 --store-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-password-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -2427,7 +2435,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__service__subcmd__install__subcmd__hub)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --store-user --store-password-file --trusted-proxy --require-proxy-protocol --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2493,6 +2501,14 @@ _towerctl() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --store-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-password-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --trusted-proxy)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -2545,7 +2561,7 @@ _towerctl() {
             return 0
             ;;
         towerctl__subcmd__up)
-            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --trusted-proxy --require-proxy-protocol --print-manifest --namespace --image --replicas --storage-class --verbose --help --version"
+            opts="-v -h -V --listen --gateway --advertise --gateway-url --peer-url --tls-san --keepalive --shutdown-delay --metrics --store --store-prefix --store-max-stale --store-ca --store-cert --store-key --store-user --store-password-file --trusted-proxy --require-proxy-protocol --print-manifest --namespace --image --replicas --storage-class --verbose --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -2608,6 +2624,14 @@ _towerctl() {
                     return 0
                     ;;
                 --store-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --store-password-file)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -80,9 +80,22 @@ fn hub_manifests_parse_and_are_wired_together() {
         pem(&env, "hub.pem"),
         pem(&env, "hub-key.pem"),
     );
+    // An etcd user's password, private as the hub wants it.
+    let password = env.path("etcd-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    std::fs::set_permissions(
+        &password,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let password = password.to_str().unwrap().to_string();
     let mut args = vec![
         "--namespace",
         "hubs",
+        "--store-user",
+        "hub",
+        "--store-password-file",
+        &password,
         "--replicas",
         "3",
         "--store",
@@ -253,10 +266,12 @@ fn hub_manifests_parse_and_are_wired_together() {
     let mounts = c.volume_mounts.as_ref().unwrap();
     let volumes = pod.volumes.as_ref().unwrap();
     let sd = secret.string_data.as_ref().unwrap();
+    assert_eq!(flag("store-user"), "hub");
     for (f, local) in [
         ("store-ca", &ca),
         ("store-cert", &cert),
         ("store-key", &key),
+        ("store-password-file", &password),
     ] {
         let path = flag(f);
         assert!(!path.contains(env.path("").to_str().unwrap()), "{path}");

@@ -25,9 +25,16 @@ struct Etcd {
 
 /// One POST to etcd's JSON gateway; `None` when it does not answer.
 fn etcd_post(client: &str, path: &str, body: &str) -> Option<String> {
+    etcd_post_as(client, path, body, None)
+}
+
+/// [`etcd_post`] with an etcd token (of `/v3/auth/authenticate`); `None`
+/// unless etcd answers 200.
+fn etcd_post_as(client: &str, path: &str, body: &str, token: Option<&str>) -> Option<String> {
     let mut s = TcpStream::connect(client).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "POST {path} HTTP/1.1\r\nHost: {client}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
+    write!(s, "POST {path} HTTP/1.1\r\nHost: {client}\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}", body.len()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.1 200").then_some(out)
@@ -1214,6 +1221,169 @@ fn hubs_reach_an_etcd_that_requires_client_certificates() {
     let plain = format!("etcd://{}", etcd.client);
     let o = up_on_store(&env, &plain, &["--store-ca", &ca]);
     assert!(!o.ok() && o.all().contains("https://"), "{o:?}");
+}
+
+/// etcd with authentication enabled (users and roles, as `etcdctl user
+/// add` / `role grant-permission` / `auth enable` make them): hubs log in
+/// as `--store-user` with the password in `--store-password-file`, share
+/// the registry and serve an operator; when etcd forgets every token
+/// (authentication turned off and on), they log in again: writes, the
+/// registry watch and its confirmations go on (a hub whose copy went
+/// unconfirmed past `--store-max-stale` would refuse the operator). A hub
+/// without a user, with a wrong password, a password file anyone may read,
+/// or a user whose role may not touch the prefix does not start and says
+/// what to fix.
+#[test]
+fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
+    let etcd = Etcd::start();
+    let post = |path: &str, body: String, token: Option<&str>| {
+        etcd_post_as(&etcd.client, path, &body, token)
+            .unwrap_or_else(|| panic!("etcd refused {path} {body}"))
+    };
+    let (prefix, end) = (b64(b"/towerctl/"), b64(b"/towerctl0"));
+    for (user, password, role) in [("root", "rootpw", "root"), ("hub", "hubpw", "hub")] {
+        post(
+            "/v3/auth/user/add",
+            format!(r#"{{"name":"{user}","password":"{password}"}}"#),
+            None,
+        );
+        if role != "root" {
+            post("/v3/auth/role/add", format!(r#"{{"name":"{role}"}}"#), None);
+        }
+        post(
+            "/v3/auth/user/grant",
+            format!(r#"{{"user":"{user}","role":"{role}"}}"#),
+            None,
+        );
+    }
+    post(
+        "/v3/auth/role/grant",
+        format!(
+            r#"{{"name":"hub","perm":{{"permType":"READWRITE","key":"{prefix}","range_end":"{end}"}}}}"#
+        ),
+        None,
+    );
+    // A user whose role has no permission at all.
+    post(
+        "/v3/auth/user/add",
+        r#"{"name":"nobody","password":"nobodypw"}"#.into(),
+        None,
+    );
+    post("/v3/auth/enable", "{}".into(), None);
+    let root_token = || {
+        let answer = post(
+            "/v3/auth/authenticate",
+            r#"{"name":"root","password":"rootpw"}"#.into(),
+            None,
+        );
+        let (_, json) = answer.split_once("\r\n\r\n").unwrap();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (good, wrong) = (
+        file("good", "hubpw\n", 0o600),
+        file("wrong", "hubpw2\n", 0o600),
+    );
+    let (open, nobody) = (
+        file("open", "hubpw\n", 0o644),
+        file("nobody", "nobodypw", 0o400),
+    );
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        ("no user", vec![], "--store-user"),
+        (
+            "a wrong password",
+            vec!["--store-user", "hub", "--store-password-file", &wrong],
+            "fix --store-user or the password in --store-password-file",
+        ),
+        (
+            "a password file anyone may read",
+            vec!["--store-user", "hub", "--store-password-file", &open],
+            "chmod 600",
+        ),
+        (
+            "a user whose role may not touch the prefix",
+            vec!["--store-user", "nobody", "--store-password-file", &nobody],
+            "grant its role readwrite",
+        ),
+    ];
+    for (what, flags, names) in cases {
+        let env = Env::new();
+        let o = up_on_store(&env, &etcd.url, &flags);
+        assert!(!o.ok(), "{what}: the hub must not start: {o:?}");
+        assert!(
+            o.all().contains(names),
+            "{what}: the error says {names:?}: {o:?}"
+        );
+        assert!(
+            !o.all().contains("hubpw"),
+            "{what}: no password shown: {o:?}"
+        );
+        assert!(env.pid_of("hub").is_none(), "{what}: no hub left running");
+    }
+
+    let login = [
+        "--store-user",
+        "hub",
+        "--store-password-file",
+        good.as_str(),
+    ];
+    let hubs = [Env::new(), Env::new()];
+    let mut first = login.to_vec();
+    first.extend(["--store-max-stale", "3s", "-vv"]);
+    let o = up_on_store(&hubs[0], &etcd.url, &first);
+    assert!(o.ok(), "{o:?}");
+    let o = up_on_store(&hubs[1], &etcd.url, &login);
+    assert!(o.ok(), "{o:?}");
+    let api = ApiServer::start();
+    join(&hubs[1], &hubs[1], "alpha", &api);
+    let bob = operator_token(&hubs[1], "bob");
+    let o = hubs[1].towerctl(&["access", "allow", "operator:bob", "--names", "alpha"]);
+    assert!(o.ok(), "{o:?}");
+    let get = || support::gateway_get(&hubs[0], &bob, "/clusters/alpha/version").0;
+    wait_for(
+        "bob reaches alpha through hub 0",
+        Duration::from_secs(15),
+        || (get() == "200").then_some(()),
+    );
+    let logins = || {
+        std::fs::read_to_string(hubs[0].path("state/towerctl/hub.log"))
+            .unwrap_or_default()
+            .matches("gave a token for user 'hub'")
+            .count()
+    };
+    let before = logins();
+    assert!(before >= 1, "hub 0 logged in");
+
+    // Every token forgotten by etcd.
+    let root = root_token();
+    post("/v3/auth/disable", "{}".into(), Some(&root));
+    post("/v3/auth/enable", "{}".into(), None);
+    // A registry change on hub 1 reaches hub 0; hub 0 writes too.
+    let o = hubs[1].towerctl(&["cluster", "add", "beta"]);
+    assert!(o.ok(), "a write after etcd forgot the token: {o:?}");
+    wait_for("beta listed on hub 0", Duration::from_secs(10), || {
+        let o = hubs[0].towerctl(&["cluster", "list"]);
+        o.stdout.contains("beta").then_some(())
+    });
+    let o = hubs[0].towerctl(&["cluster", "add", "gamma"]);
+    assert!(o.ok(), "{o:?}");
+    // Past --store-max-stale (3 s): hub 0's copy stayed confirmed.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(get(), "200", "bob is still served by hub 0");
+    assert!(logins() > before, "hub 0 logged in again");
+    assert_watch_never_broke(&hubs);
+    for h in &hubs {
+        let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
+        assert!(!log.contains("hubpw"), "the password in a log: {log}");
+    }
 }
 
 /// `cluster set --impersonate` on one hub reaches the hub that holds the

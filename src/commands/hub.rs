@@ -214,10 +214,10 @@ pub async fn run_foreground(a: HubArgs) -> Result<u8> {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     process::reap_orphans_as_init();
-    let store_tls = a.store_tls();
+    let store_access = a.store_access();
     let trusted_proxies = a.trusted();
     let cfg = hub::HubConfig {
-        store_tls,
+        store_access,
         listen: a.listen,
         gateway: a.gateway,
         advertise: a.advertise,

@@ -169,6 +169,11 @@ pub fn documents(a: &HubArgs, o: &HubManifestOptions) -> Result<Vec<Value>> {
             *given = Some(PathBuf::from(ETCD_DIR).join(file));
         }
     }
+    if let Some(p) = pod.store_password_file.take() {
+        let password = crate::daemon::etcd::read_password(&p).map_err(anyhow::Error::msg)?;
+        etcd_files.insert("password".into(), json!(format!("{password}\n")));
+        pod.store_password_file = Some(PathBuf::from(ETCD_DIR).join("password"));
+    }
     let expanded = format!("--peer-url={peer_url}");
     let args: Vec<String> = pod
         .daemon_args()
@@ -395,9 +400,9 @@ pub fn print(a: &HubArgs, o: &HubManifestOptions) -> Result<u8> {
         "# Then: kubectl -n {ns} exec {NAME}-0 -- towerctl cluster add NAME   (prints the join command)\n\
          #       kubectl -n {ns} exec {NAME}-0 -- towerctl operator add NAME  (prints the login command)\n"
     ));
-    if a.store_cert.is_some() || a.store_key.is_some() {
+    if a.store_cert.is_some() || a.store_key.is_some() || a.store_user.is_some() {
         out.push_str(&format!(
-            "# The Secret {ETCD_SECRET} holds the etcd client key: whoever reads it can act as the hubs in etcd.\n"
+            "# The Secret {ETCD_SECRET} holds the etcd client key or password: whoever reads it can act as the hubs in etcd.\n"
         ));
     }
     out.push_str(&format!(

@@ -318,6 +318,20 @@ pub struct HubArgs {
     /// The client certificate's private key (PEM).
     #[arg(long, value_name = "FILE", requires = "store", requires = "store_cert")]
     pub store_key: Option<std::path::PathBuf>,
+    /// User for an etcd with authentication enabled (its role needs
+    /// readwrite on the keys under --store-prefix); with
+    /// --store-password-file.
+    #[arg(
+        long,
+        value_name = "USER",
+        requires = "store",
+        requires = "store_password_file"
+    )]
+    pub store_user: Option<String>,
+    /// File holding --store-user's password (its first line; not readable
+    /// by others), read when the hub starts.
+    #[arg(long, value_name = "FILE", requires = "store", requires = "store_user")]
+    pub store_password_file: Option<std::path::PathBuf>,
     /// Address or network (CIDR) of an ingress or load balancer in front of
     /// the hub; repeatable. Connections from it count as from the client it
     /// names: in a PROXY protocol header (v1 or v2) or, for HTTP, the
@@ -333,16 +347,19 @@ pub struct HubArgs {
 }
 
 impl HubArgs {
-    /// The etcd TLS flags, as absolute paths (the daemon starts elsewhere).
-    pub fn store_tls(&self) -> crate::daemon::etcd::StoreTls {
+    /// The etcd TLS and user flags, files as absolute paths (the daemon
+    /// starts elsewhere).
+    pub fn store_access(&self) -> crate::daemon::etcd::StoreAccess {
         let abs = |p: &Option<std::path::PathBuf>| {
             p.as_ref()
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
         };
-        crate::daemon::etcd::StoreTls {
+        crate::daemon::etcd::StoreAccess {
             ca: abs(&self.store_ca),
             cert: abs(&self.store_cert),
             key: abs(&self.store_key),
+            user: self.store_user.clone(),
+            password_file: abs(&self.store_password_file),
         }
     }
 
@@ -400,15 +417,19 @@ impl HubArgs {
                     .map_or("0".to_string(), |d| format!("{}ms", d.as_millis()))
             ),
         ];
-        let tls = self.store_tls();
+        let access = self.store_access();
         for (flag, p) in [
-            ("--store-ca", &tls.ca),
-            ("--store-cert", &tls.cert),
-            ("--store-key", &tls.key),
+            ("--store-ca", &access.ca),
+            ("--store-cert", &access.cert),
+            ("--store-key", &access.key),
+            ("--store-password-file", &access.password_file),
         ] {
             if let Some(p) = p {
                 args.push(format!("{flag}={}", p.display()));
             }
+        }
+        if let Some(u) = &access.user {
+            args.push(format!("--store-user={u}"));
         }
         args
     }
@@ -1313,6 +1334,10 @@ mod tests {
             "/etc/hub.pem",
             "--store-key",
             "hub-key.pem",
+            "--store-user",
+            "hub",
+            "--store-password-file",
+            "etcd-password",
         ])
         .unwrap();
         let Command::Up(a) = cli.command else {
@@ -1328,8 +1353,22 @@ mod tests {
                 format!("--store-ca={}", cwd.join("etcd-ca.pem").display()),
                 "--store-cert=/etc/hub.pem".to_string(),
                 format!("--store-key={}", cwd.join("hub-key.pem").display()),
+                format!(
+                    "--store-password-file={}",
+                    cwd.join("etcd-password").display()
+                ),
+                "--store-user=hub".to_string(),
             ]
         );
+        // A user without its password file, and the other way round.
+        for flags in [
+            ["--store-user", "hub"],
+            ["--store-password-file", "etcd-password"],
+        ] {
+            let mut args = vec!["towerctl", "up", "--store", "etcd://h:1"];
+            args.extend(flags);
+            assert!(Cli::try_parse_from(args).is_err(), "{flags:?}");
+        }
         // A certificate without its key, or TLS flags without --store, are
         // refused by the parser.
         assert!(Cli::try_parse_from([

@@ -11,6 +11,14 @@
 //! TLS (`https://` endpoints) with rustls: etcd's CA from `--store-ca` (or
 //! the system store), and a client certificate (`--store-cert`/`--store-key`)
 //! for an etcd started with `--client-cert-auth`.
+//!
+//! For an etcd with authentication enabled, a user and its password
+//! (`--store-user`, `--store-password-file`): etcd's JSON gateway does not
+//! take a client certificate's name as the user, so a password is the one
+//! way in. The token etcd gives for them is held and sent with every
+//! request; asked for again when etcd no longer knows it (a simple token
+//! left unused past etcd's `--auth-token-ttl`, a JWT past its life,
+//! authentication turned off and on).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -55,21 +63,133 @@ pub enum Event {
     Delete { key: String, revision: i64 },
 }
 
-/// TLS material for etcd, as given on the command line.
+/// How to reach etcd, as given on the command line: TLS material, and a
+/// user for an etcd with authentication enabled.
 #[derive(Debug, Clone, Default)]
-pub struct StoreTls {
+pub struct StoreAccess {
     /// CA bundle that issued etcd's serving certificate (default: the
     /// system store).
     pub ca: Option<PathBuf>,
     /// Client certificate chain and its key, for `--client-cert-auth`.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// etcd user, and the file holding its password (read at start).
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
-impl StoreTls {
-    pub fn is_empty(&self) -> bool {
+impl StoreAccess {
+    /// Whether no TLS flag is given.
+    pub fn tls_is_empty(&self) -> bool {
         self.ca.is_none() && self.cert.is_none() && self.key.is_none()
     }
+}
+
+/// Most a password file may hold.
+const MAX_PASSWORD: u64 = 4096;
+
+/// The password in `path`: its first line, without its line end. Refused
+/// when anyone may read the file (a password for the whole registry, the
+/// group's CA key among it).
+pub fn read_password(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let f = std::fs::File::open(path)
+        .map_err(|e| format!("cannot read --store-password-file '{shown}': {e}"))?;
+    let mode = f
+        .metadata()
+        .map_err(|e| format!("cannot read --store-password-file '{shown}': {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        return Err(format!(
+            "--store-password-file '{shown}' may be read by anyone (mode {:o}): make it private first (chmod 600 '{shown}')",
+            mode & 0o777
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_PASSWORD + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read --store-password-file '{shown}': {e}"))?;
+    if buf.len() as u64 > MAX_PASSWORD {
+        return Err(format!(
+            "--store-password-file '{shown}' is larger than {MAX_PASSWORD} bytes: it holds the etcd user's password alone"
+        ));
+    }
+    let text = String::from_utf8(buf).map_err(|_| {
+        format!("--store-password-file '{shown}' is not UTF-8 text: it holds the etcd user's password alone")
+    })?;
+    let password = text.lines().next().unwrap_or("");
+    if password.is_empty() {
+        return Err(format!(
+            "--store-password-file '{shown}' is empty: write the etcd user's password in it"
+        ));
+    }
+    Ok(password.to_string())
+}
+
+/// A user of an etcd with authentication enabled, and what etcd gave it.
+struct Credentials {
+    user: String,
+    password: String,
+    token: std::sync::Mutex<Token>,
+}
+
+#[derive(Clone, PartialEq)]
+pub enum Token {
+    /// To be asked for.
+    Unknown,
+    Held(String),
+    /// etcd said its authentication is not enabled: requests go without.
+    NotNeeded,
+}
+
+impl Credentials {
+    fn current(&self) -> Token {
+        self.token.lock().map_or(Token::Unknown, |t| t.clone())
+    }
+
+    /// Forgets `refused` (unless another thread replaced it meanwhile).
+    fn forget(&self, refused: &Token) {
+        if let Ok(mut t) = self.token.lock() {
+            if *t == *refused {
+                *t = Token::Unknown;
+            }
+        }
+    }
+
+    fn set(&self, token: Token) {
+        if let Ok(mut t) = self.token.lock() {
+            *t = token;
+        }
+    }
+}
+
+/// Whether etcd refused a request for its token (expired, unknown), or
+/// for having none (authentication enabled since).
+fn token_refused(status: u16, body: &[u8]) -> bool {
+    status == 401 || (status == 400 && contains(body, "user name is empty"))
+}
+
+fn contains(body: &[u8], text: &str) -> bool {
+    body.windows(text.len()).any(|w| w == text.as_bytes())
+}
+
+/// What to do about an etcd refusal `msg` that a flag fixes, appended to it.
+fn hint(msg: &str, user: Option<&str>) -> String {
+    let fix = if msg.contains("user name is empty") {
+        "etcd has authentication enabled: give --store-user and --store-password-file (a user whose role may read and write the keys under --store-prefix)".to_string()
+    } else if msg.contains("invalid user ID or password") {
+        "etcd refused the user or its password: fix --store-user or the password in --store-password-file".to_string()
+    } else if msg.contains("permission denied") {
+        match user {
+            Some(u) => format!("the etcd user '{}' may not read or write the keys under --store-prefix: grant its role readwrite on them (etcdctl role grant-permission ROLE readwrite --prefix=true PREFIX)", crate::tunnel::printable(u, 100)),
+            None => "etcd refused it for want of a user: give --store-user and --store-password-file".to_string(),
+        }
+    } else {
+        return String::new();
+    };
+    format!(": {fix}")
 }
 
 /// Most a PEM file given for etcd may hold.
@@ -101,7 +221,7 @@ fn read_certs(
 }
 
 /// The rustls client configuration for `tls`.
-fn client_config(tls: &StoreTls) -> Result<rustls::ClientConfig, String> {
+fn client_config(tls: &StoreAccess) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     match &tls.ca {
         Some(path) => {
@@ -301,6 +421,8 @@ pub struct Etcd {
     endpoints: Vec<String>,
     /// `Some` for `https://` endpoints.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// `Some` with `--store-user`.
+    credentials: Option<Credentials>,
     next: AtomicUsize,
     /// After every endpoint failed: fail at once until then, so callers
     /// do not each wait out [`TIMEOUT`] while etcd is away.
@@ -354,7 +476,7 @@ fn kv(v: &Value) -> Kv {
 impl Etcd {
     /// `spec`: `etcd://HOST:PORT[,HOST:PORT…]` (or `http://…`), or
     /// `https://HOST:PORT[,…]` with `tls`.
-    pub fn new(spec: &str, tls: &StoreTls) -> Result<Etcd, String> {
+    pub fn new(spec: &str, tls: &StoreAccess) -> Result<Etcd, String> {
         let (secure, rest) = if let Some(r) = spec.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = spec
@@ -365,9 +487,31 @@ impl Etcd {
         } else {
             return Err(format!("invalid --store '{spec}': use etcd://HOST:PORT[,HOST:PORT…] (plain), or https://HOST:PORT[,…] for TLS with --store-ca/--store-cert/--store-key"));
         };
-        if !secure && !tls.is_empty() {
+        if !secure && !tls.tls_is_empty() {
             return Err(format!("--store-ca, --store-cert and --store-key need TLS: write the endpoints as https://HOST:PORT instead of '{spec}'"));
         }
+        let credentials = match (&tls.user, &tls.password_file) {
+            (None, None) => None,
+            (Some(user), Some(file)) => {
+                if user.is_empty() || user.chars().any(char::is_control) {
+                    return Err(format!(
+                        "invalid --store-user '{}': give the etcd user's name",
+                        crate::tunnel::printable(user, 100)
+                    ));
+                }
+                Some(Credentials {
+                    user: user.clone(),
+                    password: read_password(file)?,
+                    token: std::sync::Mutex::new(Token::Unknown),
+                })
+            }
+            _ => {
+                return Err(
+                    "--store-user and --store-password-file go together: pass the etcd user and the file holding its password"
+                        .into(),
+                )
+            }
+        };
         let tls = if secure {
             Some(Arc::new(client_config(tls)?))
         } else {
@@ -404,6 +548,7 @@ impl Etcd {
         Ok(Etcd {
             endpoints,
             tls,
+            credentials,
             next: AtomicUsize::new(0),
             down_until: std::sync::Mutex::new(None),
             resolved: Default::default(),
@@ -547,13 +692,18 @@ impl Etcd {
         endpoint: &str,
         path: &str,
         body: &Value,
+        token: &Token,
         read_timeout: Option<Duration>,
         deadline: Duration,
     ) -> std::io::Result<(u16, BufReader<Conn>, Option<usize>)> {
         let mut s = self.open(endpoint, read_timeout, deadline)?;
         let body = body.to_string();
+        let auth = match token {
+            Token::Held(t) => format!("Authorization: {t}\r\n"),
+            _ => String::new(),
+        };
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes())?;
@@ -632,6 +782,89 @@ impl Etcd {
         }
     }
 
+    /// One request to `ep` and its whole answer, with the token of
+    /// `--store-user` when there is one: asked for first when none is
+    /// held, and once more when etcd refuses the one held.
+    fn exchange(
+        &self,
+        ep: &str,
+        path: &str,
+        body: &Value,
+        deadline: Duration,
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut again = false;
+        loop {
+            let token = match self.token(ep, deadline)? {
+                Ok(t) => t,
+                Err(refused) => return Ok(refused),
+            };
+            let (st, b) = self
+                .send(ep, path, body, &token, Some(TIMEOUT), deadline)
+                .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)))?;
+            if !again && self.credentials.is_some() && token_refused(st, &b) {
+                if let Some(c) = &self.credentials {
+                    c.forget(&token);
+                }
+                again = true;
+                continue;
+            }
+            return Ok((st, b));
+        }
+    }
+
+    /// The token to send (none without `--store-user`), asked of `ep`
+    /// when none is held; `Err` holds etcd's refusal to give one (a wrong
+    /// password), to be told as the request's answer.
+    fn token(
+        &self,
+        ep: &str,
+        deadline: Duration,
+    ) -> std::io::Result<Result<Token, (u16, Vec<u8>)>> {
+        let Some(c) = &self.credentials else {
+            return Ok(Ok(Token::NotNeeded));
+        };
+        let held = c.current();
+        if held != Token::Unknown {
+            return Ok(Ok(held));
+        }
+        let (st, b) = self
+            .send(
+                ep,
+                "/v3/auth/authenticate",
+                &json!({"name": c.user, "password": c.password}),
+                &Token::NotNeeded,
+                Some(TIMEOUT),
+                deadline,
+            )
+            .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)))?;
+        if st == 400 && contains(&b, "authentication is not enabled") {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    "etcd at {ep} has authentication turned off: --store-user is not used (requests go without a user until etcd asks for one)"
+                )
+            });
+            c.set(Token::NotNeeded);
+            return Ok(Ok(Token::NotNeeded));
+        }
+        if st != 200 {
+            return Ok(Err((st, b)));
+        }
+        let v: Value = serde_json::from_slice(&b).unwrap_or_default();
+        // Sent back in a header line: printable ASCII only.
+        let token = v["token"]
+            .as_str()
+            .filter(|t| !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| std::io::Error::other("etcd answered a login without a usable token"))?;
+        tracing::debug!(
+            "etcd at {ep} gave a token for user '{}'",
+            crate::tunnel::printable(&c.user, 100)
+        );
+        let token = Token::Held(token.to_string());
+        c.set(token.clone());
+        Ok(Ok(token))
+    }
+
     /// One unary call, trying each endpoint in turn; for [`TIMEOUT`] after
     /// every endpoint failed, failed at once.
     pub fn call(&self, path: &str, body: &Value) -> Result<Value, EtcdError> {
@@ -670,9 +903,7 @@ impl Etcd {
         for i in 0..n {
             let idx = (first + i) % n;
             let ep = &self.endpoints[idx];
-            let attempt = self
-                .send(ep, path, body, Some(TIMEOUT), deadline)
-                .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)));
+            let attempt = self.exchange(ep, path, body, deadline);
             match attempt {
                 Ok((200, b)) => {
                     let v: Value = match serde_json::from_slice(&b) {
@@ -716,9 +947,10 @@ impl Etcd {
                         reason = format!("{ep}: HTTP {st}: {msg}");
                         continue;
                     }
+                    let user = self.credentials.as_ref().map(|c| c.user.as_str());
                     return Err(EtcdError::Refused {
                         endpoint: ep.clone(),
-                        reason: format!("HTTP {st}: {msg}"),
+                        reason: format!("HTTP {st}: {msg}{}", hint(&msg, user)),
                     });
                 }
                 Err(e) => {
@@ -840,14 +1072,51 @@ impl Etcd {
         left: impl Fn() -> Duration,
         mut on: impl FnMut(i64, Vec<Event>) -> bool,
     ) -> Result<(), WatchError> {
+        // A token etcd no longer knows cancels the watch as it is made:
+        // asked for again once (before anything was delivered).
+        match self.watch_once(prefix, from, silence, &left, &mut on) {
+            Err(WatchError::TokenRefused(token)) => {
+                if let Some(c) = &self.credentials {
+                    c.forget(&token);
+                }
+                match self.watch_once(prefix, from, silence, &left, &mut on) {
+                    Err(WatchError::TokenRefused(_)) => Err(WatchError::Failed(
+                        "etcd refused the watch: the token it gave for --store-user is not valid"
+                            .into(),
+                    )),
+                    r => r,
+                }
+            }
+            r => r,
+        }
+    }
+
+    fn watch_once(
+        &self,
+        prefix: &str,
+        from: i64,
+        silence: Duration,
+        left: &impl Fn() -> Duration,
+        on: &mut impl FnMut(i64, Vec<Event>) -> bool,
+    ) -> Result<(), WatchError> {
         let ep = &self.endpoints[self.next.load(Ordering::Relaxed) % self.endpoints.len()];
         let req = json!({"create_request": {
             "key": b64(prefix.as_bytes()),
             "range_end": b64(&prefix_end(prefix)),
             "start_revision": from.to_string(),
         }});
+        let user = self.credentials.as_ref().map(|c| c.user.as_str());
+        let token = match self.token(ep, CALL_DEADLINE) {
+            Ok(Ok(t)) => t,
+            Ok(Err((st, b))) => {
+                let msg = crate::tunnel::printable(String::from_utf8_lossy(&b).trim(), 300);
+                let fix = hint(&msg, user);
+                return Err(format!("{ep}: etcd refused the login: HTTP {st}: {msg}{fix}").into());
+            }
+            Err(e) => return Err(format!("{ep}: {}", explain(e, self.tls.is_some())).into()),
+        };
         let (st, mut r, len) = self
-            .send(ep, "/v3/watch", &req, Some(silence), CALL_DEADLINE)
+            .send(ep, "/v3/watch", &req, &token, Some(silence), CALL_DEADLINE)
             .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
         // A stream: each read is bounded by `silence` and `left` below.
         r.get_mut().timed().until = None;
@@ -897,11 +1166,12 @@ impl Etcd {
                     // lost, a permission): nothing more comes on it.
                     if res["canceled"].as_bool() == Some(true) {
                         let why = res["cancel_reason"].as_str().unwrap_or("no reason given");
-                        return Err(format!(
-                            "{ep}: etcd canceled the watch: {}",
-                            crate::tunnel::printable(why, 300)
-                        )
-                        .into());
+                        if self.credentials.is_some() && token_refused_reason(why) {
+                            return Err(WatchError::TokenRefused(token));
+                        }
+                        let why = crate::tunnel::printable(why, 300);
+                        let fix = hint(&why, user);
+                        return Err(format!("{ep}: etcd canceled the watch: {why}{fix}").into());
                     }
                     if !v["error"].is_null() {
                         return Err(format!("{ep}: watch error: {}", v["error"]).into());
@@ -948,12 +1218,30 @@ impl Etcd {
 }
 
 /// Why a watch ended.
-#[derive(Debug)]
 pub enum WatchError {
     /// Nothing came for the silence allowed, or the time allowed ran out.
     Silent,
     /// It could not be opened, broke, or fell behind.
     Failed(String),
+    /// etcd canceled it for its token (within [`Etcd::watch`] only).
+    TokenRefused(Token),
+}
+
+impl std::fmt::Debug for WatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WatchError::Silent => f.write_str("Silent"),
+            WatchError::Failed(e) => f.debug_tuple("Failed").field(e).finish(),
+            // Never the token itself.
+            WatchError::TokenRefused(_) => f.write_str("TokenRefused"),
+        }
+    }
+}
+
+/// Whether a watch's cancel reason is etcd refusing its token (or its
+/// want of one).
+fn token_refused_reason(why: &str) -> bool {
+    why.contains("invalid auth token") || why.contains("user name is empty")
 }
 
 impl From<String> for WatchError {
@@ -1056,7 +1344,7 @@ mod tests {
     /// ends within its deadline however slowly its answer comes.
     #[test]
     fn hostile_answers_are_refused_within_bounds() {
-        let none = StoreTls::default();
+        let none = StoreAccess::default();
         // A huge chunk, a huge length.
         for answer in [
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffff\r\n"[..],
@@ -1098,11 +1386,62 @@ mod tests {
     }
 
     #[test]
+    fn a_password_file_is_private_and_holds_one_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &[u8], mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let read = |p: &Path| read_password(p);
+        assert_eq!(read(&file("a", b"pw\r\n", 0o600)).unwrap(), "pw");
+        assert_eq!(read(&file("b", b"p w", 0o440)).unwrap(), "p w");
+        let e = read(&file("c", b"pw\n", 0o604)).unwrap_err();
+        assert!(e.contains("chmod 600") && !e.contains("pw\n"), "{e}");
+        let e = read(&file("d", b"\n", 0o600)).unwrap_err();
+        assert!(e.contains("is empty"), "{e}");
+        let e = read(&file("e", &[b'x'; 5000], 0o600)).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+        let e = read(&dir.path().join("missing")).unwrap_err();
+        assert!(e.contains("cannot read --store-password-file"), "{e}");
+        // A user without its password file, or the other way round.
+        let access = StoreAccess {
+            user: Some("hub".into()),
+            ..Default::default()
+        };
+        let e = Etcd::new("etcd://127.0.0.1:2379", &access).err().unwrap();
+        assert!(e.contains("go together"), "{e}");
+    }
+
+    #[test]
+    fn refusals_say_which_flag_fixes_them() {
+        assert!(hint("etcdserver: user name is empty", None).contains("give --store-user"));
+        assert!(hint(
+            "etcdserver: authentication failed, invalid user ID or password",
+            Some("hub")
+        )
+        .contains("--store-password-file"));
+        assert!(hint("etcdserver: permission denied", Some("hub")).contains("'hub' may not"));
+        assert_eq!(hint("etcdserver: no leader", Some("hub")), "");
+        assert!(token_refused(401, b"invalid auth token"));
+        assert!(token_refused(400, b"etcdserver: user name is empty"));
+        assert!(!token_refused(
+            400,
+            b"etcdserver: invalid user ID or password"
+        ));
+        assert!(token_refused_reason(
+            "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
+        ));
+    }
+
+    #[test]
     fn prefix_ends() {
         assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
         assert_eq!(int(&json!("42")), 42);
         assert_eq!(int(&Value::Null), 0);
-        let none = StoreTls::default();
+        let none = StoreAccess::default();
         assert!(Etcd::new("etcd://127.0.0.1:2379,h:1", &none).is_ok());
         assert!(Etcd::new("https://127.0.0.1:2379", &none).is_ok());
         let two = Etcd::new("https://a:1,https://b:2/", &none).unwrap();
@@ -1136,9 +1475,9 @@ mod tests {
         );
         assert!(e.addresses("no-such-host.invalid:2379").is_err());
         assert!(Etcd::new("etcd://nohostport", &none).is_err());
-        let ca = StoreTls {
+        let ca = StoreAccess {
             ca: Some("/nonexistent/ca.pem".into()),
-            ..StoreTls::default()
+            ..StoreAccess::default()
         };
         let e = Etcd::new("etcd://127.0.0.1:2379", &ca).err().unwrap();
         assert!(e.contains("https://"), "{e}");
@@ -1147,9 +1486,9 @@ mod tests {
             e.contains("cannot read --store-ca '/nonexistent/ca.pem'"),
             "{e}"
         );
-        let half = StoreTls {
+        let half = StoreAccess {
             cert: Some("/x".into()),
-            ..StoreTls::default()
+            ..StoreAccess::default()
         };
         let e = Etcd::new("https://127.0.0.1:2379", &half).err().unwrap();
         assert!(e.contains("go together"), "{e}");

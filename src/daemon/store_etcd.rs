@@ -146,7 +146,7 @@ impl EtcdStore {
     pub fn open(
         spec: &str,
         prefix: &str,
-        tls: &etcd::StoreTls,
+        tls: &etcd::StoreAccess,
         silence: Duration,
     ) -> Result<Arc<EtcdStore>, StoreError> {
         let etcd = Arc::new(Etcd::new(spec, tls).map_err(StoreError::Io)?);

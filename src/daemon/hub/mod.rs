@@ -85,7 +85,7 @@ pub struct HubConfig {
     /// Key prefix in etcd.
     pub store_prefix: String,
     /// TLS to etcd (`https://` endpoints).
-    pub store_tls: super::etcd::StoreTls,
+    pub store_access: super::etcd::StoreAccess,
     /// With etcd: how long this hub serves operators from a copy of the
     /// registry it cannot confirm as current (`--store-max-stale`; `None`:
     /// for as long as etcd is away).
@@ -1457,7 +1457,7 @@ async fn open_shared(
             let (spec, prefix, tls) = (
                 spec.to_string(),
                 cfg.store_prefix.clone(),
-                cfg.store_tls.clone(),
+                cfg.store_access.clone(),
             );
             let silence = watch_silence(cfg.store_max_stale);
             // A thread of its own, not the runtime's blocking pool: the
