@@ -796,13 +796,75 @@ fn a_running_agent_logs_a_refused_certificate_once_and_connects_once_it_is_fixed
         "logged once per distinct error: {out}"
     );
     assert!(out.contains("issued by 'CN=Some Other CA"), "{out}");
-    // The file is read at start: said, for whoever fixes it there.
-    assert!(out.contains("restart it after changing the file"), "{out}");
+    // Whoever fixes the file learns that no restart is needed.
+    assert!(
+        out.contains("read again at the next attempt once it changes"),
+        "{out}"
+    );
 
     // The ingress gets a certificate from the trusted CA: the next attempt
     // connects, without restarting the agent.
     ing.serve_trusted();
     agent.wait_for("tunnel up", Duration::from_secs(20));
+    ing.kubectl_reaches_the_member();
+}
+
+/// The ingress's CA rotated: the operator puts the new CA into the running
+/// agent's `--hub-ca` file (as a ConfigMap update does, by renaming a new
+/// file into place). The agent reads it again at its next attempt and
+/// connects, without a restart; a file caught half written (not PEM) is
+/// said and leaves the CA read before in place.
+#[test]
+fn a_running_agent_reads_its_changed_hub_ca_again() {
+    // nginx serves a certificate from "Some Other CA"; the agent's file
+    // holds the CA it served before.
+    let ing = Ingress::start_serving(true);
+    let ca_file = ing.env.path("agent-ca.pem");
+    std::fs::copy(&ing.pki.ca, &ca_file).unwrap();
+    let mut args = ing.args(
+        &ing.wss("localhost"),
+        &["--hub-ca", ca_file.to_str().unwrap(), "--backoff-cap", "1s"],
+    );
+    args[0] = "run".into();
+    args.insert(0, "agent".into());
+    let agent = Streaming::start(
+        ing.env
+            .towerctl_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+    );
+    let attempts = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent.output().matches("retrying in").count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "no {n} attempts within 20s: {}",
+                agent.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    attempts(2);
+    assert!(agent.output().contains("was refused"), "{}", agent.output());
+
+    let replace = |text: &[u8]| {
+        let tmp = ing.env.path("agent-ca.pem.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &ca_file).unwrap();
+    };
+    replace(b"half a file");
+    attempts(4);
+    let out = agent.output();
+    assert!(
+        out.contains("--hub-ca changed but cannot be used") && !out.contains("tunnel up"),
+        "{out}"
+    );
+
+    replace(&std::fs::read(ing.env.path("other-ca.pem")).unwrap());
+    agent.wait_for("tunnel up", Duration::from_secs(20));
+    assert!(
+        agent.output().contains("changed: read again"),
+        "{}",
+        agent.output()
+    );
     ing.kubectl_reaches_the_member();
 }
 

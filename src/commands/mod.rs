@@ -608,7 +608,8 @@ pub struct AgentOpts {
     )]
     pub proxy: Option<String>,
     /// CA certificates (PEM bundle) to trust for a wss:// hub behind an ingress, besides
-    /// the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR).
+    /// the web PKI roots and the system store (SSL_CERT_FILE/SSL_CERT_DIR); read again
+    /// when it changes.
     #[arg(long, value_name = "FILE")]
     pub hub_ca: Option<PathBuf>,
     /// Do not verify the wss:// certificate (the WebSocket layer only: the --hub-key pin

@@ -82,23 +82,60 @@ pub fn load_pem_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, Trus
 }
 
 /// What the agent trusts for `wss://`, built once per agent; each dial gets
-/// its own verifier wrapper (see [`HubTls::connector`]).
+/// its own verifier wrapper (see [`HubTls::connector`]). `--hub-ca` is read
+/// again at a dial when the file changed (an ingress's CA rotated, a
+/// mounted ConfigMap or Secret updated): before, the agent kept the CA it
+/// started with, and every agent refused the new certificate until it was
+/// restarted by hand.
 pub struct HubTls {
     provider: Arc<CryptoProvider>,
-    verifier: Arc<WebPkiServerVerifier>,
+    /// The web PKI roots and the system store, without `--hub-ca`.
+    base: RootCertStore,
+    base_words: Vec<String>,
+    trust: Mutex<Trust>,
     /// `--insecure-skip-tls-verify`: accept any certificate (the SSH host-key
     /// pin still authenticates the hub).
     skip_verify: bool,
-    /// What was trusted, in words, for error messages.
-    trusted: String,
     hub_ca: Option<PathBuf>,
+}
+
+/// The verifier in use, and the `--hub-ca` file it was built from.
+struct Trust {
+    verifier: Arc<WebPkiServerVerifier>,
+    /// What is trusted, in words, for error messages.
+    trusted: String,
+    /// The file as last read (or last found unusable: not read again
+    /// until it changes once more).
+    stamp: Option<Stamp>,
+}
+
+/// What tells a file changed: its inode, size and modification time.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
 }
 
 impl std::fmt::Debug for HubTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubTls")
             .field("skip_verify", &self.skip_verify)
-            .field("trusted", &self.trusted)
+            .field("hub_ca", &self.hub_ca)
             .finish()
     }
 }
@@ -139,6 +176,32 @@ impl HubTls {
         };
         trusted.push(format!("{added} from {source}"));
 
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamp = hub_ca.and_then(Stamp::of);
+        let (verifier, words) = Self::build(&provider, &roots, &trusted, hub_ca)?;
+        Ok(HubTls {
+            provider,
+            base: roots,
+            base_words: trusted,
+            trust: Mutex::new(Trust {
+                verifier,
+                trusted: words,
+                stamp,
+            }),
+            skip_verify,
+            hub_ca: hub_ca.map(Path::to_path_buf),
+        })
+    }
+
+    /// A verifier trusting `base` and what `hub_ca` holds now.
+    fn build(
+        provider: &Arc<CryptoProvider>,
+        base: &RootCertStore,
+        base_words: &[String],
+        hub_ca: Option<&Path>,
+    ) -> Result<(Arc<WebPkiServerVerifier>, String), TrustError> {
+        let mut roots = base.clone();
+        let mut trusted = base_words.to_vec();
         if let Some(path) = hub_ca {
             let certs = load_pem_bundle(path)?;
             let n = certs.len();
@@ -153,19 +216,39 @@ impl HubTls {
         } else {
             trusted.push("no --hub-ca".to_string());
         }
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| TrustError::Setup(e.to_string()))?;
-        Ok(HubTls {
-            provider,
-            verifier,
-            skip_verify,
-            trusted: trusted.join(", "),
-            hub_ca: hub_ca.map(Path::to_path_buf),
-        })
+        Ok((verifier, trusted.join(", ")))
+    }
+
+    /// The verifier for a dial now: built again from `--hub-ca` when the
+    /// file changed since it was last read. A file that cannot be used
+    /// (missing, half written, not PEM) leaves the last good trust in
+    /// place, said once per change.
+    fn current(&self) -> (Arc<WebPkiServerVerifier>, String) {
+        let mut t = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = &self.hub_ca {
+            let now = Stamp::of(path);
+            if now != t.stamp {
+                t.stamp = now;
+                match Self::build(&self.provider, &self.base, &self.base_words, Some(path)) {
+                    Ok((verifier, trusted)) => {
+                        tracing::info!(
+                            "--hub-ca '{}' changed: read again ({trusted})",
+                            path.display()
+                        );
+                        t.verifier = verifier;
+                        t.trusted = trusted;
+                    }
+                    Err(e) => tracing::warn!(
+                        "--hub-ca changed but cannot be used ({e}); the CA read before is still trusted"
+                    ),
+                }
+            }
+        }
+        (t.verifier.clone(), t.trusted.clone())
     }
 
     pub fn skips_verification(&self) -> bool {
@@ -189,11 +272,12 @@ impl HubTls {
 impl HubTls {
     fn recording(&self) -> (Arc<Recording>, FailureSlot) {
         let slot = FailureSlot::default();
+        let (inner, trusted) = self.current();
         let verifier = Arc::new(Recording {
-            inner: self.verifier.clone(),
+            inner,
             slot: slot.clone(),
             skip: self.skip_verify,
-            trusted: self.trusted.clone(),
+            trusted,
             hub_ca: self.hub_ca.clone(),
         });
         (verifier, slot)
@@ -373,7 +457,7 @@ impl std::fmt::Display for CertFailure {
         }
         let trust_fix = match &self.hub_ca {
             Some(ca) => format!(
-                "check that --hub-ca '{}' holds the CA that issued '{}' (or the root above it) and that the ingress sends its intermediates; the file is read when the agent starts: restart it after changing the file",
+                "check that --hub-ca '{}' holds the CA that issued '{}' (or the root above it) and that the ingress sends its intermediates (the file is read again at the next attempt once it changes)",
                 ca.display(),
                 p.issuer
             ),
