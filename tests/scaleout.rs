@@ -1378,7 +1378,13 @@ fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
     // Past --store-max-stale (3 s): hub 0's copy stayed confirmed.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(get(), "200", "bob is still served by hub 0");
-    assert!(logins() > before, "hub 0 logged in again");
+    // Once: its threads that found the token refused wait for one login
+    // (each is a bcrypt and a raft write in etcd).
+    let again = logins() - before;
+    assert!(
+        (1..=2).contains(&again),
+        "hub 0 logged in again, once (a second at most, for a race): {again}"
+    );
     assert_watch_never_broke(&hubs);
     for h in &hubs {
         let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();

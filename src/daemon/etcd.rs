@@ -133,6 +133,10 @@ struct Credentials {
     user: String,
     password: String,
     token: std::sync::Mutex<Token>,
+    /// Held while logging in: threads that find no token at once (after
+    /// etcd forgot it) wait for one login instead of each making theirs
+    /// (each a bcrypt and a raft write in etcd).
+    login: std::sync::Mutex<()>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -503,6 +507,7 @@ impl Etcd {
                     user: user.clone(),
                     password: read_password(file)?,
                     token: std::sync::Mutex::new(Token::Unknown),
+                    login: std::sync::Mutex::new(()),
                 })
             }
             _ => {
@@ -823,6 +828,12 @@ impl Etcd {
         let Some(c) = &self.credentials else {
             return Ok(Ok(Token::NotNeeded));
         };
+        let held = c.current();
+        if held != Token::Unknown {
+            return Ok(Ok(held));
+        }
+        let _one = c.login.lock().unwrap_or_else(|p| p.into_inner());
+        // Another thread may have logged in meanwhile.
         let held = c.current();
         if held != Token::Unknown {
             return Ok(Ok(held));
