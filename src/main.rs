@@ -86,8 +86,12 @@ fn init_logging(verbose: u8, daemon: bool, queued: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter(default)));
+    // A line that cannot be written is not reported with `eprintln!`,
+    // which panics when stderr cannot be written (a full disk under a
+    // daemon's log, a journal gone) and took the logging task with it.
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .log_internal_errors(false)
         .with_ansi(std::env::var_os("NO_COLOR").is_none() && !daemon);
     // A daemon started in the background writes its own log file and
     // rotates it by size (daemon::logfile); in the foreground, stderr

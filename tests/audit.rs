@@ -515,6 +515,11 @@ fn audit_reads_past_torn_lines_and_follows_across_a_rotation() {
         o.ok() && o.stdout.contains("\"op1\"") && o.stdout.contains("\"op2\""),
         "{o:?}"
     );
+    assert!(
+        o.stderr
+            .contains("1 line(s) of the audit log are not records"),
+        "the line left out is said: {o:?}"
+    );
 
     let follow = Streaming::start(env.towerctl_cmd(&["audit", "-f", "-o", "json"]));
     follow.wait_for("\"op2\"", Duration::from_secs(10));
@@ -534,6 +539,27 @@ fn audit_reads_past_torn_lines_and_follows_across_a_rotation() {
         "a record lost at the rotation: {out}"
     );
     assert_eq!(out.matches("\"op1\"").count(), 1, "{out}");
+}
+
+/// A hub started on an audit log whose last line a crash (or a full disk)
+/// left unfinished ends that line first: its first record was glued onto
+/// it, unreadable, and left out by `towerctl audit`.
+#[test]
+fn a_hub_started_on_a_torn_audit_log_ends_that_line_first() {
+    let env = Env::new();
+    let dir = env.path("state/towerctl");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("audit.log"),
+        b"{\"time\":\"2026-12-06T00:00:01Z\",\"oper",
+    )
+    .unwrap();
+    let o = env.up();
+    assert!(o.ok(), "{o:?}");
+    let gw = gateway(&env);
+    let o = curl(&env, None, &format!("{gw}/clusters/alpha/api"));
+    assert!(o.stdout.contains("Unauthorized"), "{o:?}");
+    wait_record(&env, "the 401 in the audit log", |r| r["status"] == 401);
 }
 
 /// Output that cannot be written is one line and exit 1 (a full disk), or

@@ -332,3 +332,116 @@ fn logs_escape_control_characters_left_in_a_log() {
     follow.wait_for("later\\u{1b}[2J line\n", Duration::from_secs(10));
     assert!(!follow.output().contains('\u{1b}'), "{}", follow.output());
 }
+
+/// A tmpfs of `size` mounted at `at`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs at {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// Fills the file system: a file `filler` as large as it will go.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&block[..1]);
+        let _ = f.write_all(&block[..1]);
+        drop(f);
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The hub's state directory (its log and audit log) on a disk that fills
+/// up: the hub goes on registering members (each join token printed),
+/// answering the gateway, and stops on `towerctl down`; once space is
+/// freed, the audit log takes records again and the log says how many of
+/// its lines were lost. Before, a log line that could not be written
+/// panicked whatever was logging it (tracing reports a failed write with
+/// `eprintln!`, to that same full file): a registration committed but
+/// answered as failed (its token never shown), the audit writer dead for
+/// the hub's life, the stop on `down` or SIGTERM never reached.
+#[test]
+fn a_hub_whose_disk_fills_keeps_serving_and_stops() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root here");
+        return;
+    }
+    let env = Env::new();
+    let disk = Tmpfs::mount(&env.path("state"), "2m");
+    let o = env.up();
+    assert!(o.ok(), "{o:?}");
+    let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let admin = admin.trim();
+    let audit_rows = || {
+        let o = env.towerctl(&["audit"]);
+        o.stdout.lines().filter(|l| l.contains("/version")).count()
+    };
+
+    disk.fill();
+    // The log's last page takes a few lines more: enough to pass it.
+    for i in 0..80 {
+        let o = env.towerctl(&["cluster", "add", &format!("full{i}")]);
+        assert!(
+            o.ok() && o.stdout.contains("TOWERCTL_TOKEN="),
+            "a registration with the log's disk full: {o:?}"
+        );
+    }
+    for _ in 0..5 {
+        let (status, _) = support::gateway_get(&env, admin, "/clusters/full0/version");
+        assert_eq!(status, "503", "the gateway answers with its disk full");
+    }
+    // Given the audit writer's time to fail on each of them.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    disk.free();
+    let before = audit_rows();
+    support::wait_for(
+        "the audit log to take records again",
+        Duration::from_secs(15),
+        || {
+            let _ = support::gateway_get(&env, admin, "/clusters/full0/version");
+            (audit_rows() > before).then_some(())
+        },
+    );
+    let o = env.towerctl(&["cluster", "add", "after"]);
+    assert!(o.ok(), "{o:?}");
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(
+        log.contains("log lines could not be written"),
+        "the log says lines were lost: {log}"
+    );
+
+    disk.fill();
+    let o = env.towerctl(&["down"]);
+    assert!(o.ok(), "down with the log's disk full: {o:?}");
+    assert!(env.pid_of("hub").is_none(), "the hub stopped");
+    disk.free();
+}

@@ -55,11 +55,28 @@ fn print(r: &Record, json: bool) {
     }
 }
 
+/// Lines of the log that are not a record (torn by a crash or a full
+/// disk, written by hand): left out, and counted to be said.
+static UNREADABLE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn emit(line: &str, f: &Filter, json: bool) {
-    if let Ok(r) = serde_json::from_str::<Record>(line) {
-        if f.keep(&r) {
-            print(&r, json);
+    match serde_json::from_str::<Record>(line) {
+        Ok(r) if f.keep(&r) => print(&r, json),
+        Ok(_) => {}
+        Err(_) if line.trim().is_empty() => {}
+        Err(_) => {
+            UNREADABLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+}
+
+/// Says how many lines were left out since last said, on stderr.
+fn say_unreadable() {
+    let n = UNREADABLE.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if n > 0 {
+        eprintln!(
+            "{n} line(s) of the audit log are not records (torn by a crash or a full disk, or edited) and were left out"
+        );
     }
 }
 
@@ -98,6 +115,7 @@ pub async fn run(filter: Filter, follow: bool, output: &str) -> Result<u8> {
         Some(file) => read_new(file, &mut partial, &filter, json)?,
         None => 0,
     };
+    say_unreadable();
     if !follow {
         return Ok(exit::OK);
     }
@@ -114,6 +132,7 @@ pub async fn run(filter: Filter, follow: bool, output: &str) -> Result<u8> {
         };
         file.seek(SeekFrom::Start(pos))?;
         pos += read_new(file, &mut partial, &filter, json)?;
+        say_unreadable();
         match std::fs::metadata(&path) {
             Ok(m) if m.ino() != file.metadata()?.ino() => {
                 // Renamed away: what the hub wrote to it before it did

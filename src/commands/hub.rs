@@ -204,8 +204,9 @@ pub fn cancel_on_signals(token: CancellationToken) {
             _ = int.recv() => "SIGINT",
         };
         // Every daemon (hub, agent, port-forward) stops through here.
-        tracing::info!(target: "towerctl::daemon", "{which} received, shutting down");
+        // Stopped first: nothing said after it can keep the daemon up.
         token.cancel();
+        tracing::info!(target: "towerctl::daemon", "{which} received, shutting down");
     });
 }
 

@@ -380,8 +380,8 @@ impl Drop for Closer {
 /// it writes everything queued, in batches of [`BATCH`] records per system
 /// call, and ends once every sender is gone and the queue is empty.
 fn write_until_closed<F: LogFile>(
-    mut rx: mpsc::Receiver<Msg>,
-    mut out: Writer<F>,
+    rx: &mut mpsc::Receiver<Msg>,
+    out: &mut Writer<F>,
     lim: &Mutex<Limiter>,
 ) {
     let mut lines = Vec::new();
@@ -466,7 +466,20 @@ impl Auditor {
         let writer = bell.clone();
         tokio::task::spawn_blocking(move || {
             let _ = writer.writer.set(std::thread::current());
-            write_until_closed(rx, Writer::<std::fs::File>::new(path, lost), &lim);
+            let (mut rx, mut out) = (rx, Writer::<std::fs::File>::new(path, lost));
+            // A panic while writing does not end the audit log for the
+            // hub's life (every later record was dropped): the writer
+            // starts again on a fresh line, once a second at most.
+            while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_until_closed(&mut rx, &mut out, &lim)
+            }))
+            .is_err()
+            {
+                out.file = None;
+                out.torn = true;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                tracing::error!("the audit writer failed and was started again");
+            }
         });
         Auditor {
             tx,
@@ -804,6 +817,10 @@ impl<F: LogFile> Writer<F> {
             Ok(f) => w.file = Some(f),
             Err(e) => tracing::warn!("cannot open the audit log '{}': {e}", w.path.display()),
         }
+        // A line left torn by a crash (or a disk that filled) is ended
+        // first: the next record glued onto it was unreadable, and
+        // skipped by `towerctl audit`.
+        w.torn = ends_torn(&w.path);
         w
     }
 
@@ -865,6 +882,16 @@ impl<F: LogFile> Writer<F> {
             self.error,
         );
     }
+}
+
+/// Whether the file at `path` ends in the middle of a line.
+fn ends_torn(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut last = [0u8];
+    f.seek(SeekFrom::End(-1)).is_ok() && f.read_exact(&mut last).is_ok() && last[0] != b'\n'
 }
 
 /// How many records (whole lines) `lines` holds.

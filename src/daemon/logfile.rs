@@ -44,6 +44,10 @@ struct State {
     path: PathBuf,
     size: u64,
     max: u64,
+    /// Lines that could not be written (a full disk) since the last that
+    /// could, and why: said in a line of their own once one can be.
+    lost: u64,
+    why: String,
 }
 
 /// A `tracing` writer for a daemon's own log file (see the module doc).
@@ -62,6 +66,8 @@ impl Rotating {
             path,
             size,
             max: max_bytes(),
+            lost: 0,
+            why: String::new(),
         })));
         let _ = DAEMON_LOG.set(r.clone());
         r
@@ -91,15 +97,33 @@ impl Rotating {
                 }
             }
         }
-        if stdout {
-            let mut out = std::io::stdout().lock();
-            out.write_all(buf)?;
-            out.flush()?;
-        } else {
-            std::io::stderr().write_all(buf)?;
+        if st.lost > 0 {
+            let note = format!(
+                "towerctl: {} log lines could not be written ({}): free space on the log's disk\n",
+                st.lost, st.why
+            );
+            if std::io::stderr().write_all(note.as_bytes()).is_ok() {
+                st.size += note.len() as u64;
+                st.lost = 0;
+            }
         }
-        st.size += buf.len() as u64;
-        Ok(())
+        let written = if stdout {
+            let mut out = std::io::stdout().lock();
+            out.write_all(buf).and_then(|()| out.flush())
+        } else {
+            std::io::stderr().write_all(buf)
+        };
+        match written {
+            Ok(()) => {
+                st.size += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                st.lost += 1;
+                st.why = e.to_string();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -163,16 +187,23 @@ fn rotate(path: &Path) -> std::io::Result<()> {
 }
 
 /// One log line being written (tracing's fmt layer writes each event with
-/// one `write_all`, so a line never straddles two files).
+/// one `write_all`, so a line never straddles two files). A line that
+/// cannot be written (the log's disk full) is counted and said later,
+/// never an error: tracing reports a writer's error with `eprintln!`,
+/// which panics when stderr (this very file) cannot be written, and the
+/// panic took whatever was logging with it (a registration answered as
+/// failed after its commit, the audit writer for good, the stop on
+/// SIGTERM).
 pub struct Line(Rotating);
 
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write_line(buf)?;
+        let _ = self.0.write_line(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

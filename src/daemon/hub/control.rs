@@ -353,8 +353,9 @@ pub(super) fn handle(
             },
         },
         Request::Shutdown => {
-            tracing::info!("shutdown requested over the control socket");
+            // Stopped first: nothing said after it can keep the hub up.
             cancel.cancel();
+            tracing::info!("shutdown requested over the control socket");
             Response::ok(serde_json::json!({}))
         }
     }
