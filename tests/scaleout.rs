@@ -1269,6 +1269,27 @@ fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
         r#"{"name":"nobody","password":"nobodypw"}"#.into(),
         None,
     );
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let good = file("good", "hubpw\n", 0o600);
+    let login = [
+        "--store-user",
+        "hub",
+        "--store-password-file",
+        good.as_str(),
+    ];
+    // Hub 0 starts while etcd's authentication is still off (its user is
+    // not needed yet), and logs in once etcd asks for one.
+    let hubs = [Env::new(), Env::new()];
+    let mut first = login.to_vec();
+    first.extend(["--store-max-stale", "3s", "-vv"]);
+    let o = up_on_store(&hubs[0], &etcd.url, &first);
+    assert!(o.ok(), "a user given, etcd's authentication off: {o:?}");
     post("/v3/auth/enable", "{}".into(), None);
     let root_token = || {
         let answer = post(
@@ -1281,17 +1302,7 @@ fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
         v["token"].as_str().unwrap().to_string()
     };
 
-    let dir = tempfile::tempdir().unwrap();
-    let file = |name: &str, text: &str, mode: u32| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    let (good, wrong) = (
-        file("good", "hubpw\n", 0o600),
-        file("wrong", "hubpw2\n", 0o600),
-    );
+    let wrong = file("wrong", "hubpw2\n", 0o600);
     let (open, nobody) = (
         file("open", "hubpw\n", 0o644),
         file("nobody", "nobodypw", 0o400),
@@ -1301,7 +1312,7 @@ fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
         (
             "a wrong password",
             vec!["--store-user", "hub", "--store-password-file", &wrong],
-            "fix --store-user or the password in --store-password-file",
+            "fix --store-user, or the password in --store-password-file",
         ),
         (
             "a password file anyone may read",
@@ -1329,17 +1340,6 @@ fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
         assert!(env.pid_of("hub").is_none(), "{what}: no hub left running");
     }
 
-    let login = [
-        "--store-user",
-        "hub",
-        "--store-password-file",
-        good.as_str(),
-    ];
-    let hubs = [Env::new(), Env::new()];
-    let mut first = login.to_vec();
-    first.extend(["--store-max-stale", "3s", "-vv"]);
-    let o = up_on_store(&hubs[0], &etcd.url, &first);
-    assert!(o.ok(), "{o:?}");
     let o = up_on_store(&hubs[1], &etcd.url, &login);
     assert!(o.ok(), "{o:?}");
     let api = ApiServer::start();
@@ -1386,6 +1386,61 @@ fn hubs_reach_an_etcd_that_requires_a_user_and_password() {
         "hub 0 logged in again, once (a second at most, for a race): {again}"
     );
     assert_watch_never_broke(&hubs);
+
+    // The hub's password changed in etcd: its logins are refused, and
+    // tried again after a pause (each is a bcrypt in etcd), not at every
+    // call; the new password written into the file is taken without a
+    // restart.
+    let refusals = || {
+        std::fs::read_to_string(etcd.dir.path().join("etcd.log"))
+            .unwrap_or_default()
+            .matches("invalid password for user hub")
+            .count()
+    };
+    let root = root_token();
+    post(
+        "/v3/auth/user/changepw",
+        r#"{"name":"hub","password":"hubpw3"}"#.into(),
+        Some(&root),
+    );
+    post("/v3/auth/disable", "{}".into(), Some(&root));
+    post("/v3/auth/enable", "{}".into(), None);
+    let refused_before = refusals();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        let o = hubs[0].towerctl(&["cluster", "add", "delta"]);
+        assert!(!o.ok(), "a stale password: {o:?}");
+        assert!(o.all().contains("--store-password-file"), "{o:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let refused = refusals() - refused_before;
+    assert!(
+        (1..=8).contains(&refused),
+        "logins refused in 6 s from two hubs, with ~30 calls: {refused}"
+    );
+    std::fs::write(&good, "hubpw3\n").unwrap();
+    wait_for(
+        "hub 0 to log in with the new password",
+        Duration::from_secs(45),
+        || {
+            hubs[0]
+                .towerctl(&["cluster", "add", "delta"])
+                .ok()
+                .then_some(())
+        },
+    );
+
+    // etcd's authentication turned off: the hubs go on without a token.
+    let root = root_token();
+    post("/v3/auth/disable", "{}".into(), Some(&root));
+    for (i, h) in hubs.iter().enumerate() {
+        let name = format!("off{i}");
+        wait_for(
+            "a write with etcd's authentication off",
+            Duration::from_secs(45),
+            || h.towerctl(&["cluster", "add", &name]).ok().then_some(()),
+        );
+    }
     for h in &hubs {
         let log = std::fs::read_to_string(h.path("state/towerctl/hub.log")).unwrap_or_default();
         assert!(!log.contains("hubpw"), "the password in a log: {log}");

@@ -131,12 +131,28 @@ pub fn read_password(path: &Path) -> Result<String, String> {
 /// A user of an etcd with authentication enabled, and what etcd gave it.
 struct Credentials {
     user: String,
-    password: String,
+    password_file: PathBuf,
+    /// The password last read from `password_file` (read again at each
+    /// login: a password rotated in etcd and in the file, or its Secret,
+    /// is taken without a restart).
+    password: std::sync::Mutex<String>,
     token: std::sync::Mutex<Token>,
     /// Held while logging in: threads that find no token at once (after
     /// etcd forgot it) wait for one login instead of each making theirs
-    /// (each a bcrypt and a raft write in etcd).
-    login: std::sync::Mutex<()>,
+    /// (each a bcrypt and a raft write in etcd), and while logins are
+    /// refused (`refused`) they are not tried again.
+    login: std::sync::Mutex<Refused>,
+}
+
+/// The last login etcd refused (a wrong password, a user removed): its
+/// answer stands for every call until `until`, the wait doubling from
+/// 1 s to 30 s while refusals go on. Each login tried costs etcd a bcrypt:
+/// an idle hub with a stale password made one every call.
+#[derive(Default)]
+struct Refused {
+    answer: Option<(u16, Vec<u8>)>,
+    until: Option<std::time::Instant>,
+    wait: Duration,
 }
 
 #[derive(Clone, PartialEq)]
@@ -167,12 +183,34 @@ impl Credentials {
             *t = token;
         }
     }
+
+    /// A token fresh from a login refused all the same (a proxy that
+    /// drops the header, a clock skewed past a JWT's life): no login for
+    /// a while, as after a refused one.
+    fn refuse(&self, token: &Token, answer: (u16, Vec<u8>)) {
+        let mut r = self.login.lock().unwrap_or_else(|p| p.into_inner());
+        r.refused(answer);
+        drop(r);
+        self.forget(token);
+    }
 }
 
-/// Whether etcd refused a request for its token (expired, unknown), or
-/// for having none (authentication enabled since).
+impl Refused {
+    fn refused(&mut self, answer: (u16, Vec<u8>)) {
+        self.wait = (self.wait * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        self.until = Some(std::time::Instant::now() + self.wait);
+        self.answer = Some(answer);
+    }
+}
+
+/// Whether etcd refused a request for its token (expired, unknown, or
+/// issued before a change of users or roles, as a JWT says), or for
+/// having none (authentication enabled since).
 fn token_refused(status: u16, body: &[u8]) -> bool {
-    status == 401 || (status == 400 && contains(body, "user name is empty"))
+    status == 401
+        || (status == 400
+            && (contains(body, "user name is empty")
+                || contains(body, "revision of auth store is old")))
 }
 
 fn contains(body: &[u8], text: &str) -> bool {
@@ -182,9 +220,12 @@ fn contains(body: &[u8], text: &str) -> bool {
 /// What to do about an etcd refusal `msg` that a flag fixes, appended to it.
 fn hint(msg: &str, user: Option<&str>) -> String {
     let fix = if msg.contains("user name is empty") {
-        "etcd has authentication enabled: give --store-user and --store-password-file (a user whose role may read and write the keys under --store-prefix)".to_string()
+        match user {
+            None => "etcd has authentication enabled: give --store-user and --store-password-file (a user whose role may read and write the keys under --store-prefix)".to_string(),
+            Some(_) => "etcd received the request without the hub's token: something between the hub and etcd drops the Authorization header".to_string(),
+        }
     } else if msg.contains("invalid user ID or password") {
-        "etcd refused the user or its password: fix --store-user or the password in --store-password-file".to_string()
+        "etcd refused the user or its password: fix --store-user, or the password in --store-password-file (read again at the next login, tried again within 30 s)".to_string()
     } else if msg.contains("permission denied") {
         match user {
             Some(u) => format!("the etcd user '{}' may not read or write the keys under --store-prefix: grant its role readwrite on them (etcdctl role grant-permission ROLE readwrite --prefix=true PREFIX)", crate::tunnel::printable(u, 100)),
@@ -505,9 +546,10 @@ impl Etcd {
                 }
                 Some(Credentials {
                     user: user.clone(),
-                    password: read_password(file)?,
+                    password: std::sync::Mutex::new(read_password(file)?),
+                    password_file: file.clone(),
                     token: std::sync::Mutex::new(Token::Unknown),
-                    login: std::sync::Mutex::new(()),
+                    login: std::sync::Mutex::new(Refused::default()),
                 })
             }
             _ => {
@@ -806,10 +848,14 @@ impl Etcd {
             let (st, b) = self
                 .send(ep, path, body, &token, Some(TIMEOUT), deadline)
                 .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)))?;
-            if !again && self.credentials.is_some() && token_refused(st, &b) {
-                if let Some(c) = &self.credentials {
-                    c.forget(&token);
+            if let Some(c) = self.credentials.as_ref().filter(|_| token_refused(st, &b)) {
+                if again {
+                    // Refused twice in a row, the second time just after
+                    // a login.
+                    c.refuse(&token, (st, b.clone()));
+                    return Ok((st, b));
                 }
+                c.forget(&token);
                 again = true;
                 continue;
             }
@@ -832,23 +878,45 @@ impl Etcd {
         if held != Token::Unknown {
             return Ok(Ok(held));
         }
-        let _one = c.login.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = c.login.lock().unwrap_or_else(|p| p.into_inner());
         // Another thread may have logged in meanwhile.
         let held = c.current();
         if held != Token::Unknown {
             return Ok(Ok(held));
         }
+        let now = std::time::Instant::now();
+        if let (Some(until), Some(answer)) = (refused.until, &refused.answer) {
+            if now < until {
+                return Ok(Err(answer.clone()));
+            }
+        }
+        let password = {
+            let mut p = c.password.lock().unwrap_or_else(|p| p.into_inner());
+            match read_password(&c.password_file) {
+                Ok(fresh) => *p = fresh,
+                Err(e) => tracing::warn!("{e}; logging in to etcd with the password read before"),
+            }
+            p.clone()
+        };
         let (st, b) = self
             .send(
                 ep,
                 "/v3/auth/authenticate",
-                &json!({"name": c.user, "password": c.password}),
+                &json!({"name": c.user, "password": password}),
                 &Token::NotNeeded,
                 Some(TIMEOUT),
                 deadline,
             )
             .and_then(|(st, mut r, len)| Self::read_body(&mut r, len).map(|b| (st, b)))?;
-        if st == 400 && contains(&b, "authentication is not enabled") {
+        if (400..500).contains(&st) && !contains(&b, "authentication is not enabled") {
+            // Refused: not asked again for a while (5xx, an etcd without
+            // its leader, goes on to the next endpoint at once).
+            refused.refused((st, b.clone()));
+            return Ok(Err((st, b)));
+        }
+        *refused = Refused::default();
+        // etcd 3.4 answers 412 (FailedPrecondition); matched by its words.
+        if contains(&b, "authentication is not enabled") {
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
                 tracing::warn!(
@@ -863,10 +931,14 @@ impl Etcd {
         }
         let v: Value = serde_json::from_slice(&b).unwrap_or_default();
         // Sent back in a header line: printable ASCII only.
-        let token = v["token"]
-            .as_str()
-            .filter(|t| !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()))
-            .ok_or_else(|| std::io::Error::other("etcd answered a login without a usable token"))?;
+        let Some(token) = v["token"].as_str().filter(|t| {
+            !t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic())
+        }) else {
+            // Told as such (a 5xx: the next endpoint is tried), not as an
+            // etcd that did not answer.
+            let why = json!({"error": "etcd answered the login without a usable token"});
+            return Ok(Err((502, why.to_string().into_bytes())));
+        };
         tracing::debug!(
             "etcd at {ep} gave a token for user '{}'",
             crate::tunnel::printable(&c.user, 100)
@@ -1252,7 +1324,9 @@ impl std::fmt::Debug for WatchError {
 /// Whether a watch's cancel reason is etcd refusing its token (or its
 /// want of one).
 fn token_refused_reason(why: &str) -> bool {
-    why.contains("invalid auth token") || why.contains("user name is empty")
+    why.contains("invalid auth token")
+        || why.contains("user name is empty")
+        || why.contains("revision of auth store is old")
 }
 
 impl From<String> for WatchError {
@@ -1445,6 +1519,16 @@ mod tests {
         assert!(token_refused_reason(
             "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
         ));
+        // A JWT issued before a change of users or roles.
+        assert!(token_refused(
+            400,
+            b"etcdserver: revision of auth store is old"
+        ));
+        assert!(token_refused_reason(
+            "etcdserver: revision of auth store is old"
+        ));
+        // With a user given, the want of one is a header lost on the way.
+        assert!(hint("etcdserver: user name is empty", Some("hub")).contains("Authorization"));
     }
 
     #[test]

@@ -105,17 +105,25 @@ struct Trust {
     /// What is trusted, in words, for error messages.
     trusted: String,
     /// The file as last read (or last found unusable: not read again
-    /// until it changes once more).
+    /// until it changes once more, or, when it could not be read at all,
+    /// [`UNREADABLE_RETRY`] later).
     stamp: Option<Stamp>,
+    unreadable_since: Option<std::time::Instant>,
 }
 
-/// What tells a file changed: its inode, size and modification time.
+/// How soon a `--hub-ca` that could not be read (out of descriptors, an
+/// I/O error) is tried again while it has not changed.
+const UNREADABLE_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What tells a file changed: its inode, size, modification time and
+/// status change time (a `chmod` that makes it readable).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Stamp {
     dev: u64,
     ino: u64,
     len: u64,
     mtime: (i64, i64),
+    ctime: (i64, i64),
 }
 
 impl Stamp {
@@ -127,6 +135,7 @@ impl Stamp {
             ino: m.ino(),
             len: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
         })
     }
 }
@@ -187,6 +196,7 @@ impl HubTls {
                 verifier,
                 trusted: words,
                 stamp,
+                unreadable_since: None,
             }),
             skip_verify,
             hub_ca: hub_ca.map(Path::to_path_buf),
@@ -231,8 +241,13 @@ impl HubTls {
         let mut t = self.trust.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(path) = &self.hub_ca {
             let now = Stamp::of(path);
-            if now != t.stamp {
+            let retry = t
+                .unreadable_since
+                .is_some_and(|at| at.elapsed() >= UNREADABLE_RETRY);
+            if now != t.stamp || retry {
+                let changed = now != t.stamp;
                 t.stamp = now;
+                t.unreadable_since = None;
                 match Self::build(&self.provider, &self.base, &self.base_words, Some(path)) {
                     Ok((verifier, trusted)) => {
                         tracing::info!(
@@ -242,9 +257,18 @@ impl HubTls {
                         t.verifier = verifier;
                         t.trusted = trusted;
                     }
-                    Err(e) => tracing::warn!(
-                        "--hub-ca changed but cannot be used ({e}); the CA read before is still trusted"
-                    ),
+                    Err(e) => {
+                        // Not read at all (a file that is there): tried
+                        // again later even if it does not change.
+                        if matches!(e, TrustError::Unreadable { .. }) && now.is_some() {
+                            t.unreadable_since = Some(std::time::Instant::now());
+                        }
+                        if changed {
+                            tracing::warn!(
+                                "--hub-ca changed but cannot be used ({e}); the CA read before is still trusted"
+                            )
+                        }
+                    }
                 }
             }
         }
