@@ -3825,3 +3825,44 @@ fn a_gateway_client_that_reads_nothing_is_dropped() {
     assert!(got > 0, "nothing came at all");
     assert!(got < 40 << 20, "{got} bytes came: the connection was kept");
 }
+
+/// `up` on a registry file that is damaged (cut short by a full disk or a
+/// bad copy, or not a registry at all) says which file and what to do:
+/// it said "the daemon exited (code 101)" for the first, and cut the
+/// message of the second to "invalid data. Is another hub running with
+/// the same data directory?".
+#[test]
+fn up_on_a_damaged_registry_names_the_file_and_what_to_do() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    assert!(env.towerctl(&["down"]).ok());
+    let registry = env.path("data/towerctl/hub.redb");
+    let len = std::fs::metadata(&registry).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&registry)
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    for round in ["cut short", "not a registry"] {
+        let o = env.towerctl(&[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ]);
+        assert!(!o.ok(), "{round}: {o:?}");
+        let err = o.all();
+        assert!(
+            err.contains(registry.to_str().unwrap())
+                && err.contains("Restore it from a backup")
+                && !err.contains("code 101")
+                && !err.contains("another hub"),
+            "{round}: {o:?}"
+        );
+        std::fs::write(&registry, vec![0x5a; 3000]).unwrap();
+    }
+}

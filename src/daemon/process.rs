@@ -282,8 +282,15 @@ impl Spawned {
     /// The error the daemon printed before exiting, from its log.
     pub fn failure(&self, code: Option<i32>) -> String {
         let s = self.logged();
-        match s.rfind("error: ") {
-            Some(i) => s[i + 7..].trim().to_string(),
+        // The process's own last words (`error: …` at the start of a
+        // line): an "error: " inside them ("I/O error: …") cut off the
+        // part naming the file.
+        let last = s
+            .match_indices("error: ")
+            .filter(|(i, _)| *i == 0 || s.as_bytes()[i - 1] == b'\n')
+            .last();
+        match last {
+            Some((i, _)) => s[i + 7..].trim().to_string(),
             None => format!(
                 "the daemon exited (code {}) before it was ready; see its log '{}'",
                 code.map(|c| c.to_string())

@@ -119,7 +119,8 @@ pub struct Operator {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the hub's store at '{path}' cannot be opened: {reason}. Is another hub running with the same data directory?")]
+    /// `reason` ends with what to do about it ([`open_failure`]).
+    #[error("the hub's store at '{path}' cannot be opened: {reason}")]
     Open { path: String, reason: String },
     #[error("the hub's store at '{path}' failed a write earlier (a full disk or another I/O error) and cannot be reopened: {reason}. Free space on that disk, then retry (the hub tries to reopen it at every operation) or restart the hub")]
     Reopen { path: String, reason: String },
@@ -215,6 +216,35 @@ pub trait Store: Send + Sync + 'static {
 /// Opens (or creates) the embedded database; called again to replace a
 /// handle that an I/O error poisoned.
 type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// What to do about a registry file that cannot be read as one.
+const DAMAGED: &str = "Restore it from a backup; or, to start over with an empty registry (every member and operator added again), move it away";
+
+/// Why the registry could not be opened, and what to do about it.
+fn open_failure(e: &redb::DatabaseError) -> String {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            format!("{e}. Is another hub running with the same data directory?")
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => format!("{e}. {DAMAGED}"),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            format!("{e} (the file is not a registry, or is damaged). {DAMAGED}")
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            format!("{e}. Check the owner and mode of the data directory and of this file: the hub runs as this user")
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            format!("{e}. Free space on that disk, then start the hub again")
+        }
+        _ => e.to_string(),
+    }
+}
 
 /// The embedded redb store.
 ///
@@ -324,10 +354,24 @@ impl RedbStore {
     /// [`RedbStore::open`] with the database opened by `open`, which the
     /// tests use to put a disk that fills up under it.
     fn open_with(path: &Path, open: Opener) -> Result<Self, StoreError> {
-        let db = open().map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        // redb asserts on some damaged files (one cut short) instead of
+        // answering an error: said as a damaged registry, not a daemon
+        // that exited with code 101.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&open));
+        let db = match opened {
+            Ok(r) => r.map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: open_failure(&e),
+            })?,
+            Err(_) => {
+                return Err(StoreError::Open {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "the file is damaged (the database library stopped on it). {DAMAGED}"
+                    ),
+                })
+            }
+        };
         // The registry holds token hashes: keep it private.
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let store = RedbStore {
@@ -368,7 +412,7 @@ impl RedbStore {
             if let Some(db) = &h.db {
                 match op(db) {
                     Err(f) if f.poisoned() => {}
-                    done => return done.map_err(StoreError::from),
+                    done => return done.map_err(|f| self.fault(f)),
                 }
             }
             h.generation
@@ -376,7 +420,7 @@ impl RedbStore {
         self.reopen(seen)?;
         let h = self.handle();
         match &h.db {
-            Some(db) => op(db).map_err(StoreError::from),
+            Some(db) => op(db).map_err(|f| self.fault(f)),
             // Another operation's reopen failed in between.
             None => Err(self.reopen_failed("another operation's attempt failed")),
         }
@@ -384,6 +428,18 @@ impl RedbStore {
 
     /// Replaces the handle of generation `seen`, unless another operation
     /// already did.
+    /// `f` as said to whoever asked: an I/O error names the file and
+    /// what to do.
+    fn fault(&self, f: Fault) -> StoreError {
+        match f {
+            Fault::Redb(redb::Error::Io(e)) => StoreError::Io(format!(
+                "the hub's store at '{}' could not be written: {e}. Free space on that disk or fix the error, then retry",
+                self.path.display()
+            )),
+            f => f.into(),
+        }
+    }
+
     fn reopen(&self, seen: u64) -> Result<(), StoreError> {
         let mut h = self
             .db
@@ -864,6 +920,28 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_registry_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        drop(RedbStore::open(&path).unwrap());
+        let len = std::fs::metadata(&path).unwrap().len();
+        // Cut short (redb stops on an assertion), then not a registry.
+        let cut = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        cut.set_len(len / 2).unwrap();
+        drop(cut);
+        for round in 0..2 {
+            let e = RedbStore::open(&path).err().expect("refused").to_string();
+            assert!(
+                e.contains(&path.display().to_string())
+                    && e.contains("Restore it from a backup")
+                    && !e.contains("another hub"),
+                "round {round}: {e}"
+            );
+            std::fs::write(&path, vec![0x5a; 3000]).unwrap();
+        }
+    }
+
+    #[test]
     fn an_operator_can_be_revoked_once_a_full_disk_has_space_again() {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().unwrap();
@@ -878,6 +956,11 @@ mod tests {
         full.store(true, SeqCst);
         let e = s.put_operator(&operator("bob")).unwrap_err().to_string();
         assert!(e.contains("No space left on device"), "{e}");
+        // The first failure names the file and what to do too.
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("Free space"),
+            "{e}"
+        );
         // Still full: the poisoned handle cannot be replaced, and the
         // error says what to do.
         let e = s.delete_operators(&|o| o.name == "alice").unwrap_err();
