@@ -251,7 +251,10 @@ fn main() -> ExitCode {
                     }
                 })
                 .collect();
-            eprintln!("error: {}", shown.join("\n"));
+            // Not `eprintln!`: a daemon's stderr is its log, which may
+            // sit on a full disk (the panic made exit code 101).
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {}", shown.join("\n"));
             ExitCode::from(commands::error::exit_code(&e))
         }
     }

@@ -3865,4 +3865,13 @@ fn up_on_a_damaged_registry_names_the_file_and_what_to_do() {
         );
         std::fs::write(&registry, vec![0x5a; 3000]).unwrap();
     }
+    // Moved away: the hub starts on an empty registry, and says that the
+    // data directory had one before.
+    std::fs::remove_file(&registry).unwrap();
+    assert!(env.up().ok());
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    assert!(
+        log.contains("is new, but this data directory holds a host key from before"),
+        "{log}"
+    );
 }

@@ -444,4 +444,24 @@ fn a_hub_whose_disk_fills_keeps_serving_and_stops() {
     assert!(o.ok(), "down with the log's disk full: {o:?}");
     assert!(env.pid_of("hub").is_none(), "the hub stopped");
     disk.free();
+
+    // A hub started on a full disk says so, not "exited (code 101)".
+    let env = Env::new();
+    let disk = Tmpfs::mount(&env.path("state"), "1m");
+    disk.fill();
+    let o = env.towerctl(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+    ]);
+    assert!(!o.ok(), "{o:?}");
+    assert!(
+        o.all().contains("is full: free space there") && !o.all().contains("code 101"),
+        "{o:?}"
+    );
+    disk.free();
 }

@@ -93,6 +93,19 @@ fn rewrite(f: &mut File, text: &str) -> Result<()> {
 /// or fails when a live daemon holds them. The anchor, in the state
 /// directory, is taken first: one daemon per name whatever
 /// `XDG_RUNTIME_DIR` says ([`paths::anchor_file`]).
+/// Whether the file system holding `path` has no space left for its user.
+fn disk_full(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs fills the zeroed struct it is given from a valid
+    // NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0) && st.f_bavail == 0
+}
+
 pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
     let me = std::process::id();
     let dir = paths::runtime_dir();
@@ -101,22 +114,31 @@ pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
     // leave held (the pod would then never start again).
     let dir_text = std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str());
     let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let cannot_write = |p: &Path| {
+        format!(
+            "cannot write '{}' (free space on its disk, or fix the error)",
+            p.display()
+        )
+    };
     let anchor = if !in_pod && !dir_text.contains(&b'\n') {
-        let mut a = lock(&paths::anchor_file(daemon), daemon)?;
+        let path = paths::anchor_file(daemon);
+        let mut a = lock(&path, daemon)?;
         // Ours before anything reads it (a daemon that died left its own).
         let mut text = format!("{me}\n").into_bytes();
         text.extend_from_slice(dir_text);
         text.push(b'\n');
-        a.set_len(0)?;
-        a.seek(SeekFrom::Start(0))?;
-        a.write_all(&text)?;
-        a.flush()?;
+        a.set_len(0)
+            .and_then(|()| a.seek(SeekFrom::Start(0)))
+            .and_then(|_| a.write_all(&text))
+            .and_then(|()| a.flush())
+            .with_context(|| cannot_write(&path))?;
         Some(a)
     } else {
         None
     };
-    let mut pid = lock(&dir.join(format!("{daemon}.pid")), daemon)?;
-    rewrite(&mut pid, &format!("{me}\n"))?;
+    let path = dir.join(format!("{daemon}.pid"));
+    let mut pid = lock(&path, daemon)?;
+    rewrite(&mut pid, &format!("{me}\n")).with_context(|| cannot_write(&path))?;
     Ok(PidLock { pid, anchor })
 }
 
@@ -291,6 +313,13 @@ impl Spawned {
             .last();
         match last {
             Some((i, _)) => s[i + 7..].trim().to_string(),
+            // Nothing could be written: a full disk under the log.
+            None if disk_full(&self.log) => format!(
+                "the daemon exited (code {}) before it was ready, and the disk of its log '{}' is full: free space there, then start it again",
+                code.map(|c| c.to_string())
+                    .unwrap_or_else(|| "signal".into()),
+                self.log.display()
+            ),
             None => format!(
                 "the daemon exited (code {}) before it was ready; see its log '{}'",
                 code.map(|c| c.to_string())

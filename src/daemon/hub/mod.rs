@@ -1597,7 +1597,20 @@ pub async fn run(
             peer::share_secrets(s, &data, write_secret)?;
             s.clone()
         }
-        None => Arc::new(RedbStore::open(&data.join("hub.redb"))?),
+        None => {
+            let path = data.join("hub.redb");
+            // A registry file gone or emptied (a bad restore, a volume
+            // swapped) beside the host key it was made with: every member
+            // and operator is missing, which nothing else would say.
+            let fresh = std::fs::metadata(&path).map_or(true, |m| m.len() == 0);
+            if fresh && data.join("host_key").exists() {
+                tracing::warn!(
+                    "the registry '{}' is new, but this data directory holds a host key from before: members and operators registered earlier are not in it. If the file was lost, stop the hub and restore it from a backup",
+                    path.display()
+                );
+            }
+            Arc::new(RedbStore::open(&path)?)
+        }
     };
     let host_key =
         keys::load_or_create_host_key(&data.join("host_key"), |p, b| write_secret(p, b, 0o600))?;
