@@ -3875,3 +3875,18 @@ fn up_on_a_damaged_registry_names_the_file_and_what_to_do() {
         "{log}"
     );
 }
+
+/// `status` says which agent settings it cannot read (cut short, edited by
+/// hand) instead of leaving that agent out without a word.
+#[test]
+fn status_names_agent_settings_it_cannot_read() {
+    let env = Env::new();
+    let dir = env.path("config/towerctl/agents");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("alpha.json"), "{\"name\":\"alpha\",").unwrap();
+    let o = env.towerctl(&["status"]);
+    assert!(
+        o.stderr.contains("alpha.json' cannot be read") && o.stderr.contains("join' again"),
+        "{o:?}"
+    );
+}

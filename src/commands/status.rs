@@ -82,7 +82,16 @@ fn ms(v: Option<f64>) -> String {
 pub async fn run(a: StatusArgs) -> Result<u8> {
     // Ask every agent at once, each bounded: a frozen agent must not make
     // `status` hang.
-    let configs = agent::list_configs();
+    let (configs, unreadable) = agent::list_configs_and_unreadable();
+    // Not hidden: an agent whose saved settings cannot be read is an
+    // agent that will not start again.
+    for (path, why) in &unreadable {
+        eprintln!(
+            "warning: the agent settings '{}' cannot be read ({}): run the member's 'towerctl join' again, or remove the file",
+            path.display(),
+            crate::tunnel::printable(why, 200)
+        );
+    }
     let hub_probe = super::hub::hub_status_within(Duration::from_millis(1500));
     let agents_probe = futures_util::future::join_all(configs.iter().map(|c| async move {
         let socket = paths::agent_socket(&c.name);

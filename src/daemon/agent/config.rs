@@ -94,21 +94,32 @@ pub fn config_path(name: &str) -> PathBuf {
 
 /// Agents configured on this machine.
 pub fn list_configs() -> Vec<AgentConfig> {
+    list_configs_and_unreadable().0
+}
+
+/// Agents configured on this machine, and the config files that cannot be
+/// read as one (cut short, edited by hand), each with why.
+pub fn list_configs_and_unreadable() -> (Vec<AgentConfig>, Vec<(std::path::PathBuf, String)>) {
     let dir = paths::config_dir().join("agents");
-    let mut out = Vec::new();
+    let (mut out, mut bad) = (Vec::new(), Vec::new());
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
-            if e.path().extension().is_some_and(|x| x == "json") {
-                if let Ok(s) = std::fs::read_to_string(e.path()) {
-                    if let Ok(c) = serde_json::from_str::<AgentConfig>(&s) {
-                        out.push(c);
-                    }
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "json") {
+                match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        serde_json::from_str::<AgentConfig>(&s).map_err(|e| e.to_string())
+                    }) {
+                    Ok(c) => out.push(c),
+                    Err(why) => bad.push((path, why)),
                 }
             }
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
-    out
+    bad.sort();
+    (out, bad)
 }
 
 /// Parses an agent-side `NAME=ADDR`.

@@ -9,7 +9,8 @@ mod rbac;
 mod upstream;
 
 pub use config::{
-    config_path, default_key_path, list_configs, parse_agent_expose, AgentConfig, PodNetwork,
+    config_path, default_key_path, list_configs, list_configs_and_unreadable, parse_agent_expose,
+    AgentConfig, PodNetwork,
 };
 
 use std::collections::VecDeque;
