@@ -59,7 +59,21 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
+        .with_context(|| {
+            // "File exists" for a file where the directory goes (or where
+            // one of its parents goes).
+            let file = dir
+                .ancestors()
+                .find(|a| std::fs::metadata(a).is_ok_and(|m| !m.is_dir()));
+            match file {
+                Some(f) => format!(
+                    "cannot create directory '{}': '{}' is a file, not a directory; move it away",
+                    dir.display(),
+                    f.display()
+                ),
+                None => format!("cannot create directory '{}'", dir.display()),
+            }
+        })?;
     check_private_dir(dir)
 }
 
@@ -438,6 +452,20 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_file_where_a_directory_goes_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("towerctl");
+        std::fs::write(&file, "").unwrap();
+        for dir in [file.clone(), file.join("agents")] {
+            let e = format!("{:#}", ensure_private_dir(&dir).unwrap_err());
+            assert!(
+                e.contains(&format!("'{}' is a file, not a directory", file.display())),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn shared_or_foreign_dirs_are_refused_with_the_fix() {

@@ -79,7 +79,20 @@ pub fn read(path: &Path) -> Result<Value> {
     options.with_snippet = false;
     let v: Value = serde_saphyr::from_str_with_options(&text, options)
         .map_err(|e| anyhow::anyhow!("{}", crate::tunnel::printable(&e.to_string(), 300)))
-        .with_context(|| format!("the kubeconfig '{}' is not valid YAML; fix it (a backup may be at '{}') or pass another file with --kubeconfig", path.display(), backup_path(path).display()))?;
+        .with_context(|| {
+            // A second document after `---`: kubectl reads one.
+            let documents = text
+                .lines()
+                .skip_while(|l| l.trim().is_empty() || l.starts_with('#') || *l == "---")
+                .any(|l| l == "---" || l.starts_with("--- "));
+            let backup = backup_path(path);
+            format!(
+                "the kubeconfig '{}' is not valid YAML{}; fix it{} or pass another file with --kubeconfig",
+                path.display(),
+                if documents { " (it holds more than one YAML document: a kubeconfig is one)" } else { "" },
+                if backup.exists() { format!(" (towerctl's backup of it is '{}')", backup.display()) } else { String::new() },
+            )
+        })?;
     match v {
         Value::Object(_) => Ok(v),
         Value::Null => Ok(Value::Object(Map::new())),
@@ -379,6 +392,26 @@ mod tests {
             let m = std::fs::metadata(p).unwrap();
             assert_eq!((m.uid(), m.gid()), (65534, 65533), "{}", p.display());
         }
+    }
+
+    /// Two documents in one file are said as such, and a backup is named
+    /// only where there is one.
+    #[test]
+    fn a_kubeconfig_of_two_documents_is_said_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        std::fs::write(&path, "apiVersion: v1\nkind: Config\n---\napiVersion: v1\n").unwrap();
+        let msg = format!("{:#}", read(&path).unwrap_err());
+        assert!(
+            msg.contains("more than one YAML document") && !msg.contains("backup"),
+            "{msg}"
+        );
+        std::fs::write(&path, "---\napiVersion: v1\nkind: Config\n").unwrap();
+        assert!(read(&path).is_ok(), "a leading '---' is one document");
+        std::fs::write(backup_path(&path), "").unwrap();
+        std::fs::write(&path, "users: [\n").unwrap();
+        let msg = format!("{:#}", read(&path).unwrap_err());
+        assert!(msg.contains("towerctl's backup of it is"), "{msg}");
     }
 
     /// A kubeconfig that is not valid YAML is named with where it broke,

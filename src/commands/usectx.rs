@@ -350,6 +350,12 @@ pub fn standalone(source: &Source, names: &[String]) -> Result<Value> {
 
 fn remember(prev: Option<&str>) {
     if let Some(p) = prev {
-        let _ = paths::write_atomic(&previous_file(), p.as_bytes(), 0o600);
+        // The switch itself is done: only `towerctl use -` is lost.
+        if let Err(e) = paths::write_atomic(&previous_file(), p.as_bytes(), 0o600) {
+            eprintln!(
+                "warning: 'towerctl use -' will not return to '{}': {e:#}",
+                crate::tunnel::printable(p, 200)
+            );
+        }
     }
 }
