@@ -274,13 +274,21 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
     }
     let path = agent::config_path(&a.name);
     let previous = std::fs::read(&path).ok();
-    paths::write_atomic(&path, &serde_json::to_vec_pretty(&cfg)?, 0o600)?;
-    let restore = || match &previous {
-        Some(p) => {
-            let _ = paths::write_atomic(&path, p, 0o600);
+    let written = serde_json::to_vec_pretty(&cfg)?;
+    paths::write_atomic(&path, &written, 0o600)?;
+    // Put back as it was, unless another join of the same name wrote it
+    // meanwhile (the one whose agent runs: two joins at once).
+    let restore = || {
+        if std::fs::read(&path).ok().as_deref() != Some(written.as_slice()) {
+            return;
         }
-        None => {
-            let _ = std::fs::remove_file(&path);
+        match &previous {
+            Some(p) => {
+                let _ = paths::write_atomic(&path, p, 0o600);
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
         }
     };
 
@@ -302,9 +310,11 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         if let Some(st) = spawned.child.try_wait()? {
-            restore();
+            // Said before the settings are put back: that frees the space
+            // whose want `failure` looks for.
             let code = st.code();
             let msg = spawned.failure(code);
+            restore();
             spinner.done();
             return Err(match code {
                 Some(c) if c == i32::from(exit::AUTH) => CliError::Refused(msg).into(),
@@ -350,7 +360,11 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 let why = s.last_error.as_deref().unwrap_or("certificate refused");
                 return Err(CliError::Tls(format!("{why}. The agent was stopped.")).into());
             }
-            if s.state == AgentState::Connected {
+            // Another join's agent for this name (two joins at once): not
+            // ours, whose start then fails on the name's lock and is said
+            // above.
+            let ours = s.pid == spawned.child.id();
+            if s.state == AgentState::Connected && ours {
                 spinner.done();
                 println!(
                     "agent '{}' joined {} (pid {}); the tunnel is up",
@@ -408,6 +422,16 @@ pub async fn run_foreground(name: String, opts: AgentOpts, config: Option<PathBu
         None => config_from_opts(&name, &opts)?,
     };
     let _lock = process::lock_pid_file(&format!("agent-{name}"))?;
+    // Read before the lock was ours: a `leave` that ran meanwhile (the
+    // agent it stopped held the lock) removed the settings, and this agent
+    // would have run on, forgotten, where `status` and `leave` cannot see
+    // it.
+    if let Some(p) = cfg.saved_at.as_ref().filter(|p| !p.exists()) {
+        bail!(
+            "the agent settings '{}' were removed ('towerctl leave {name}') while this agent started; not starting",
+            p.display()
+        );
+    }
     let cancel = CancellationToken::new();
     super::hub::cancel_on_signals(cancel.clone());
     agent::run(cfg, cancel).await?;

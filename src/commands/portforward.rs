@@ -521,7 +521,13 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                 Ok(l) => {
                     let a = l.local_addr()?;
                     local = a.port();
-                    println!("Forwarding from {a} -> {}", pair.remote);
+                    // Not `println!`: a background forward's stdout is its
+                    // log, counted with it, perhaps on a full disk (the
+                    // panic ended the forward with exit code 101).
+                    crate::daemon::console::write_to(
+                        crate::daemon::console::Dest::Out,
+                        &format!("Forwarding from {a} -> {}\n", pair.remote),
+                    );
                     forwarding.push(format!("{a} -> {}", pair.remote));
                     bound += 1;
                     let (gateway, target, cluster) =

@@ -102,6 +102,13 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
             Ok(v) => serde_json::from_value(v)
                 .map(Probe::Up)
                 .unwrap_or(Probe::NotResponding),
+            // A socket left by an agent that was killed: nobody holds
+            // its name.
+            Err(_)
+                if crate::daemon::process::running_pid(&format!("agent-{}", c.name)).is_none() =>
+            {
+                Probe::Stopped
+            }
             Err(_) => Probe::NotResponding,
         }
     }));

@@ -120,7 +120,7 @@ impl Console {
 /// that stopped reading (`towerctl port-forward … | head`) ends the
 /// process quietly, as `println!` did with the panic hook in `main`;
 /// other errors (and stderr's) are left: the work goes on.
-fn write_to(dest: Dest, text: &str) {
+pub fn write_to(dest: Dest, text: &str) {
     use std::io::Write as _;
     // A background daemon's stdout and stderr are its log file: counted
     // and rotated with its log lines.

@@ -330,9 +330,6 @@ pub struct ClientSession {
     /// The WebSocket's Close from the other end, if one came
     /// ([`super::ws::WsIo::close_note`]).
     ws_closed: super::ws::CloseNote,
-    /// The hub took the agent's key (not a join token): the key is
-    /// registered, and the token no longer needed.
-    pub by_key: bool,
     closed: oneshot::Receiver<SessionEnd>,
     pub connected_at: Instant,
 }
@@ -667,7 +664,6 @@ async fn connect_inner(
         .authenticate_publickey(opts.name.clone(), key)
         .await
         .map_err(transient)?;
-    let key_taken = by_key.success();
     let last = if by_key.success() {
         by_key
     } else if let Some(token) = &opts.token {
@@ -697,7 +693,6 @@ async fn connect_inner(
     Ok(ClientSession {
         alive,
         ws_closed,
-        by_key: key_taken,
         handle,
         closed: closed_rx,
         connected_at: Instant::now(),

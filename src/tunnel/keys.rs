@@ -13,19 +13,43 @@ pub fn load_or_create_host_key(
     path: &Path,
     write: impl Fn(&Path, &[u8]) -> Result<()>,
 ) -> Result<PrivateKey> {
+    load_or_create_key(
+        path,
+        write,
+        "the hub host key",
+        "restore it from a backup, or delete it to create a new one (every agent must then be re-joined)",
+    )
+}
+
+/// [`load_or_create_host_key`] for any key: `what` names it and `fix`
+/// says what to do when the file is not a key.
+pub fn load_or_create_key(
+    path: &Path,
+    write: impl Fn(&Path, &[u8]) -> Result<()>,
+    what: &str,
+    fix: &str,
+) -> Result<PrivateKey> {
     // Read from the file opened once (its owner checked on the open file,
     // not looked up apart: no window to swap it in between).
-    let read = || -> std::io::Result<(String, u32)> {
+    let read = || -> std::io::Result<(String, u32, u32)> {
         use std::io::Read as _;
         use std::os::unix::fs::MetadataExt;
         let mut f = std::fs::File::open(path)?;
-        let owner = f.metadata()?.uid();
+        let m = f.metadata()?;
         let mut pem = String::new();
         f.read_to_string(&mut pem)?;
-        Ok((pem, owner))
+        Ok((pem, m.uid(), m.mode()))
     };
     match read() {
-        Ok((pem, owner)) => {
+        Ok((pem, owner, mode)) => {
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "{what} '{}' may be read by others (mode {:o}): make it private (chmod 600 '{}')",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
+            }
             // SAFETY: geteuid has no preconditions.
             let me = unsafe { libc::geteuid() };
             if planted(owner, me, shared_dir(path)) {
@@ -34,15 +58,16 @@ pub fn load_or_create_host_key(
                     path.display()
                 );
             }
-            PrivateKey::from_openssh(pem.trim())
-            .with_context(|| format!("the hub host key '{}' is unreadable; restore it from a backup, or delete it to create a new one (every agent must then be re-joined)", path.display()))
+            PrivateKey::from_openssh(pem.trim()).with_context(|| {
+                format!("{what} '{}' cannot be read as a key; {fix}", path.display())
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-                .context("cannot generate the hub host key")?;
+                .with_context(|| format!("cannot generate {what}"))?;
             let pem = key
                 .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-                .context("cannot encode the hub host key")?;
+                .with_context(|| format!("cannot encode {what}"))?;
             write(path, pem.as_bytes())?;
             Ok(key)
         }
@@ -171,6 +196,21 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         let e = load_or_create_host_key(&path, write).unwrap_err();
         assert!(format!("{e:#}").contains("owned by uid 4242"), "{e:#}");
+    }
+
+    #[test]
+    fn a_key_file_that_is_not_a_key_is_named_with_its_callers_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("alpha.key");
+        std::fs::write(&path, "").unwrap();
+        let write = |_: &Path, _: &[u8]| -> Result<()> { unreachable!("the file exists") };
+        let e =
+            load_or_create_key(&path, write, "the agent key", "run cluster rotate").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("the agent key '") && e.contains("run cluster rotate") && !e.contains("hub"),
+            "{e}"
+        );
     }
 
     #[test]

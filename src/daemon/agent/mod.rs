@@ -129,10 +129,18 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         .key_file
         .clone()
         .unwrap_or_else(|| default_key_path(&cfg.name));
-    let key = crate::tunnel::keys::load_or_create_host_key(&key_path, |p, b| {
-        paths::write_atomic(p, b, 0o600)
-    })
-    .with_context(|| format!("the agent key '{}'", key_path.display()))?;
+    let key = crate::tunnel::keys::load_or_create_key(
+        &key_path,
+        |p, b| {
+            paths::write_atomic(p, b, 0o600)
+                .with_context(|| format!("cannot write the agent key '{}'", p.display()))
+        },
+        "the agent key",
+        &format!(
+            "restore it from a backup; or remove it (a new one is made) and run the join command that 'towerctl cluster rotate {} --new-key' prints on the hub (the hub knows the old key only)",
+            cfg.name
+        ),
+    )?;
     let opts = DialOptions {
         url: cfg.hub.clone(),
         name: cfg.name.clone(),
@@ -281,7 +289,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
 /// Removes the join token from the agent's saved configuration at `path`
 /// (everything else kept as written). A file that cannot be rewritten (a
 /// Secret mounted read-only in a pod) is left as it is.
-fn forget_token(path: &std::path::Path) {
+/// Removes the join token from the saved settings at `path`; whether it is
+/// gone (removed now, or not there).
+fn forget_token(path: &std::path::Path) -> bool {
     let done = (|| -> anyhow::Result<bool> {
         let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
         let Some(o) = v.as_object_mut() else {
@@ -294,12 +304,21 @@ fn forget_token(path: &std::path::Path) {
         Ok(true)
     })();
     match done {
-        Ok(true) => tracing::info!(
-            "the agent's key is registered: its join token is no longer needed and was removed from '{}'",
-            path.display()
-        ),
-        Ok(false) => {}
-        Err(e) => tracing::debug!("cannot remove the join token from '{}': {e}", path.display()),
+        Ok(true) => {
+            tracing::info!(
+                "the agent's key is registered: its join token is no longer needed and was removed from '{}'",
+                path.display()
+            );
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            tracing::warn!(
+                "cannot remove the join token, no longer needed, from '{}' (tried again at the next connection): {e:#}",
+                path.display()
+            );
+            false
+        }
     }
 }
 
@@ -364,13 +383,28 @@ async fn tunnel_loop(
             Ok(mut sess) => {
                 said_failures.clear();
                 tracing::info!(hub = %opts.url, "tunnel up");
-                if sess.by_key && opts.token.is_some() {
-                    // The key is registered: the join token (a secret that
-                    // could join this name again with this key) is not
-                    // kept in memory or on disk any longer.
+                if opts.token.is_some() {
+                    // Logged in, by key or by the token (which the hub
+                    // accepts only once the key it was offered is written
+                    // into the member's record, in the same transaction):
+                    // the key is registered, and the join token (a secret
+                    // that could join this name again, for as long as it
+                    // lives when reusable) is not kept in memory or on
+                    // disk any longer. It used to stay until the second
+                    // session, for as long as the first lasted.
                     token_spent = true;
+                }
+                if token_spent {
                     if let Some(path) = token_file.take() {
-                        tokio::task::spawn_blocking(move || forget_token(&path));
+                        let done = {
+                            let path = path.clone();
+                            tokio::task::spawn_blocking(move || forget_token(&path))
+                                .await
+                                .unwrap_or(false)
+                        };
+                        if !done {
+                            token_file = Some(path);
+                        }
                     }
                 }
                 // systemd: ready once the first attempt is settled.
