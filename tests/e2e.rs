@@ -388,6 +388,22 @@ fn agent_reconnects_by_itself_after_a_hub_restart() {
         (s["agents"][0]["state"] == "backing_off").then_some(s)
     });
     assert!(s["agents"][0]["retryInMs"].is_number(), "{s}");
+    // No session, no round trip; and down since the hub went, not since
+    // the last retry.
+    assert!(s["agents"][0]["rttMs"].is_null(), "{s}");
+    let down_since = s["agents"][0]["since"].clone();
+    let seen = std::time::Instant::now();
+    let later = wait_for(
+        "another retry, seconds later",
+        Duration::from_secs(15),
+        || {
+            let l = env.status();
+            (seen.elapsed() > Duration::from_millis(2200)
+                && l["agents"][0]["attempt"].as_u64() > s["agents"][0]["attempt"].as_u64())
+            .then_some(l)
+        },
+    );
+    assert_eq!(later["agents"][0]["since"], down_since, "{later}");
 
     let saved = env.path("config/towerctl/agents/alpha.json");
     let has_token = || {
@@ -3952,4 +3968,45 @@ fn two_joins_of_one_name_at_once_leave_one_agent_and_leave_stops_it() {
             "an agent for alpha still runs after leave (pid {pid}): {stat}"
         );
     }
+}
+
+/// The member's API server refusing the agent's own credentials (a token
+/// expired) reaches kubectl as that, not as "You must be logged in to the
+/// server" (which reads as the operator's token); it and an API server
+/// that does not answer are said in the agent's log too (with the tunnel
+/// up, `status` says "connected": they were nowhere else).
+#[test]
+fn the_members_refusals_and_absence_are_said_as_the_agents() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    assert!(env.up().ok());
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let text = std::fs::read_to_string(&kc).unwrap();
+    std::fs::write(
+        &kc,
+        text.replace(support::apiserver::TOKEN, "an-expired-token"),
+    )
+    .unwrap();
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "ns"]);
+    assert!(
+        !o.ok()
+            && o.stderr
+                .contains("refused the towerctl agent's own credentials")
+            && !o.stderr.contains("must be logged in"),
+        "{o:?}"
+    );
+    drop(api);
+    let o = env.kubectl(&["get", "ns", "--request-timeout", "20s"]);
+    assert!(!o.ok(), "{o:?}");
+    let log = env.towerctl(&["logs", "alpha"]).stdout;
+    assert!(
+        log.contains("refused the agent's own credentials")
+            && log.contains("cannot reach the member's API server"),
+        "{log}"
+    );
 }

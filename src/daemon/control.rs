@@ -294,8 +294,10 @@ macro_rules! wire_enum {
         }
 
         impl std::fmt::Display for $name {
+            // `pad`: a width in the format (`{:<12}`) is kept; `write_str`
+            // ignored it and the columns after it slipped.
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
 
@@ -854,6 +856,8 @@ mod state_tests {
         );
         assert_eq!(AgentState::from("revoked"), AgentState::Revoked);
         assert_eq!(MemberState::Revoked.to_string(), "revoked");
+        // Widths in a format are kept (status's columns).
+        assert_eq!(format!("{:<12}|", AgentState::Connected), "connected   |");
     }
 }
 

@@ -45,6 +45,45 @@ pub fn retry_after(mut resp: Response<Body>, secs: u32) -> Response<Body> {
 }
 
 /// The JSON of a failed Kubernetes `Status`.
+/// `resp`, an error answered as a JSON `Status` of at most 64 KiB, as
+/// `text/plain` with the Status's message: client-go's discovery shows
+/// an error's words only from a text answer (else "unknown"). Anything
+/// else is returned as it is.
+pub async fn status_as_text(resp: Response<Body>) -> Response<Body> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt as _;
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    let small = resp
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= 64 * 1024);
+    if !json || !small {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
+        return Response::from_parts(parts, full(Bytes::new()));
+    };
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .filter(|v| v["kind"] == "Status")
+        .and_then(|v| v["message"].as_str().map(str::to_string));
+    let Some(message) = message else {
+        return Response::from_parts(parts, full(bytes));
+    };
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, full(Bytes::from(message)))
+}
+
 pub fn status_json(code: StatusCode, reason: &str, message: &str) -> String {
     serde_json::json!({
         "kind": "Status",

@@ -353,6 +353,10 @@ async fn tunnel_loop(
     let mut opts = opts.clone();
     let mut last: Option<String> = None;
     let mut token_spent = false;
+    // Since when the tunnel is down (the agent's start at first): what
+    // `status` and the dashboard show as FOR while it backs off; each
+    // retry set it anew ("backing_off 2s" after a minute down).
+    let mut down_since = control::now_unix();
     loop {
         if token_spent {
             opts.token = None;
@@ -483,6 +487,7 @@ async fn tunnel_loop(
                     }
                 };
                 current.send_replace(None);
+                down_since = control::now_unix();
                 let uptime = sess.connected_at.elapsed();
                 tracing::warn!("tunnel down after {uptime:?}: {why}");
                 // Bounded: to a hub that stopped reading (frozen, its
@@ -517,6 +522,9 @@ async fn tunnel_loop(
                     s.event(format!("disconnected: {why}"));
                     s.last_error = Some(why.clone());
                     s.failure = None;
+                    // No session, no round trip: the last one was shown
+                    // for as long as the outage lasted.
+                    s.rtt = None;
                 });
             }
             // A hub another named (not the join command's) that refuses
@@ -600,7 +608,7 @@ async fn tunnel_loop(
         let now = control::now_unix();
         set(&|s| {
             s.state = AgentState::BackingOff;
-            s.since = now;
+            s.since = down_since.min(now);
             s.attempt = attempt;
             s.retry_at = Some(Instant::now() + delay);
         });

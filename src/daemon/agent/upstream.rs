@@ -696,6 +696,11 @@ async fn forward(
     let mut resp = match answer {
         Ok(r) => r,
         Err(e) => {
+            // Said in the agent's log too: with the tunnel up, `status`
+            // says "connected", and this was nowhere but in kubectl's
+            // error (with no discovery cache, kubectl shows "unknown").
+            let e = crate::tunnel::printable(&e, 500);
+            hub_driven(format_args!("cannot reach the member's API server: {e}"));
             return status_response(
                 StatusCode::BAD_GATEWAY,
                 "BadGateway",
@@ -703,6 +708,20 @@ async fn forward(
             );
         }
     };
+    // The member refusing the agent's own credentials (a token expired or
+    // revoked, a certificate past its date): a 401 reached kubectl as
+    // "You must be logged in to the server", which reads as the operator's
+    // token, fine here. Said as the agent's, in the log too.
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        hub_driven(format_args!(
+            "the member's API server refused the agent's own credentials (401): renew the credentials of the agent's kubeconfig or service account"
+        ));
+        return status_response(
+            StatusCode::BAD_GATEWAY,
+            "BadGateway",
+            "the member's API server refused the towerctl agent's own credentials (401 Unauthorized): the credentials in the agent's kubeconfig (or its pod's service account token) expired or were revoked; renew them on the member and restart the agent if its kubeconfig holds a fixed token",
+        );
+    }
     finish_upgrade(
         tasks,
         hub_side_upgrade,

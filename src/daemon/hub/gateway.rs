@@ -638,7 +638,11 @@ pub async fn serve(
                         // A CONNECT's answer carries no body (its stream is
                         // the tunnel): not held for one.
                         let connect = req.method() == hyper::Method::CONNECT;
-                        let resp = Box::pin(handle(hub, &c, req)).await;
+                        let discovery = is_discovery(&req);
+                        let mut resp = Box::pin(handle(hub, &c, req)).await;
+                        if discovery && resp.status().as_u16() >= 400 {
+                            resp = crate::daemon::http::status_as_text(resp).await;
+                        }
                         // The connection's first authenticated request
                         // counts from its answer on.
                         if live.is_none() {
@@ -1113,6 +1117,16 @@ async fn open_channel(
 /// operator machines. Everything but the CA needs an operator token.
 const API: &str = "/towerctl/v1/";
 
+/// Whether `req` is kubectl's discovery (`GET …/api`, `…/apis`): its
+/// client reads an error's words only from a `text/*` answer, and showed
+/// every refusal of the hub, the agent or the member there as
+/// 'an error on the server ("unknown")' (the first request of a kubectl
+/// without a discovery cache).
+fn is_discovery(req: &Request<Incoming>) -> bool {
+    let path = req.uri().path().trim_end_matches('/');
+    req.method() == hyper::Method::GET && (path.ends_with("/api") || path.ends_with("/apis"))
+}
+
 async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
     let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
     // `%73ecrets` is `secrets` to the API server: audited, routed and
@@ -1198,7 +1212,7 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
         return unauthorized("the towerctl gateway needs an operator bearer token: run 'towerctl use CLUSTER' to write a kubeconfig context that provides it");
     };
     let Some(operator) = hub.operator_memo(&conn.known, &token) else {
-        return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked); run 'towerctl use CLUSTER' again on the hub machine");
+        return unauthorized("the operator token was not accepted by the towerctl gateway (unknown or revoked): on the hub's machine, run 'towerctl use CLUSTER' again; elsewhere, ask the hub's admin for a new login ('towerctl operator add NAME' on the hub) and run the 'towerctl login' command it prints");
     };
     // Held to the operator's budget first: the refusals below are
     // recorded, and a token's connections past their limit (refused on
