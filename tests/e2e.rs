@@ -4010,3 +4010,22 @@ fn the_members_refusals_and_absence_are_said_as_the_agents() {
         "{log}"
     );
 }
+
+/// A hub whose process is suspended (SIGSTOP, a debugger) is said to be
+/// that by `status`, with the way out; it was "starting … waits for etcd".
+#[test]
+fn status_says_a_suspended_hub_is_suspended() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let pid = env.pid_of("hub").expect("the hub's pid");
+    // SAFETY: signalling the hub this test started, by pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let o = env.towerctl(&["status"]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        o.stdout.contains(&format!("HUB  stopped (pid {pid})"))
+            && o.stdout.contains(&format!("kill -CONT {pid}")),
+        "{o:?}"
+    );
+}

@@ -3097,7 +3097,10 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
     let (status, _) = http_get(tport, "/tunnel", true).expect("an answer to an upgrade");
     assert_eq!(status, 503, "an agent is told to come back");
     let o = hub.towerctl(&["status"]);
-    assert!(o.stdout.contains("HUB  starting (pid"), "{o:?}");
+    assert!(
+        o.stdout.contains("HUB  not answering (pid") && o.stdout.contains("waits for it at start"),
+        "{o:?}"
+    );
     // A registry command meanwhile says the hub is starting, not that
     // none runs (whose advice, 'towerctl up', would start a second).
     let o = hub.towerctl(&["cluster", "list"]);

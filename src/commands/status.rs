@@ -79,6 +79,15 @@ fn ms(v: Option<f64>) -> String {
     v.map(|r| format!("{r:.2}ms")).unwrap_or_else(|| "-".into())
 }
 
+/// Whether process `pid` is stopped (state `T` or `t` in /proc).
+fn process_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|c| c == 'T' || c == 't')
+    })
+}
+
 pub async fn run(a: StatusArgs) -> Result<u8> {
     // Ask every agent at once, each bounded: a frozen agent must not make
     // `status` hang.
@@ -215,9 +224,14 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
             // Its process holds the pid file but does not answer yet: a
             // hub waiting for etcd at start, say.
             None => match crate::daemon::process::running_pid("hub") {
+                // Stopped by a signal (SIGSTOP, a debugger): not starting.
+                Some(pid) if process_stopped(pid) => println!(
+                    "HUB  stopped (pid {pid}): its process is suspended (SIGSTOP or a debugger); \
+                     'kill -CONT {pid}' resumes it"
+                ),
                 Some(pid) => println!(
-                    "HUB  starting (pid {pid}): not answering yet (a hub on etcd waits for it at \
-                     start: see its log)"
+                    "HUB  not answering (pid {pid}) within 1.5s: still starting (a hub on etcd \
+                     waits for it at start), or busy or hung: see 'towerctl logs hub'"
                 ),
                 None => println!("HUB  not running on this machine"),
             },

@@ -354,18 +354,35 @@ impl Cluster {
                 }
                 AgentState::BackingOff => {
                     let left = self.retry_in(now).unwrap_or_default();
+                    // What it retries after, where it is no outage to
+                    // wait out: another hub key than the pinned one (the
+                    // path may answer in the hub's place), a certificate
+                    // refused.
+                    let why = match a.failure {
+                        Some(crate::daemon::control::FailureKind::HostKey) => {
+                            "hub host key mismatch · "
+                        }
+                        Some(crate::daemon::control::FailureKind::Certificate) => {
+                            "certificate refused · "
+                        }
+                        None => "",
+                    };
                     detail = if left.is_zero() {
-                        format!("retrying now (attempt {})", a.attempt)
+                        format!("{why}retrying now (attempt {})", a.attempt)
                     } else {
                         animated = true;
                         format!(
-                            "retry in {:.1}s (attempt {})",
+                            "{why}retry in {:.1}s (attempt {})",
                             // Round up, so "0.0s" never shows while waiting.
                             (left.as_millis().div_ceil(100) as f64) / 10.0,
                             a.attempt
                         )
                     };
-                    DisplayState::BackingOff
+                    if a.failure.is_some() {
+                        DisplayState::AuthFailed
+                    } else {
+                        DisplayState::BackingOff
+                    }
                 }
                 AgentState::Revoked => {
                     detail = a.last_error.clone().unwrap_or_default();

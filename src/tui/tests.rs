@@ -419,6 +419,21 @@ fn screen_filter_and_sort() {
 // ---- update: behaviour without a screen
 
 #[test]
+fn an_agent_retrying_after_a_host_key_mismatch_is_not_shown_as_an_outage() {
+    let mut a = one(true);
+    let mut st = agent("alpha", "backing_off");
+    st.failure = Some(crate::daemon::control::FailureKind::HostKey);
+    update(&mut a, Action::Agent(Box::new(st)));
+    let row = a.clusters["alpha"].view(a.now, a.now_unix);
+    assert_eq!(row.state, DisplayState::AuthFailed);
+    assert!(
+        row.detail.starts_with("hub host key mismatch · retry in"),
+        "{}",
+        row.detail
+    );
+}
+
+#[test]
 fn the_countdown_runs_down_between_snapshots() {
     let mut a = one(true);
     update(

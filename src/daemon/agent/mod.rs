@@ -55,6 +55,9 @@ struct State {
 
 impl State {
     fn event(&mut self, text: String) {
+        // Shown in terminals (`ui`, `status`): words from elsewhere in it
+        // (a hub's reason, a proxy's answer) escaped, as the hub's are.
+        let text = crate::tunnel::printable(&text, 2000);
         push_bounded(
             &mut self.events,
             Event {
