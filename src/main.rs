@@ -218,7 +218,11 @@ fn main() -> ExitCode {
     let rt = match runtime(carries_bulk, is_daemon) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(commands::exit::ERROR);
         }
     };

@@ -3957,6 +3957,13 @@ fn two_joins_of_one_name_at_once_leave_one_agent_and_leave_stops_it() {
     assert!(a.ok() != b.ok(), "one join succeeds: {a:?} {b:?}");
     let lost = if a.ok() { &b } else { &a };
     assert!(lost.all().contains("already running"), "{lost:?}");
+    // The running agent keeps its settings (the join that lost wrote the
+    // same bytes, and put back "nothing" over them).
+    assert!(
+        env.path("config/towerctl/agents/alpha.json").exists(),
+        "the running agent's settings were removed"
+    );
+    assert_eq!(env.status()["agents"][0]["name"], "alpha");
     let o = env.towerctl(&["leave", "alpha"]);
     assert!(o.ok(), "{o:?}");
     std::thread::sleep(Duration::from_millis(1500));

@@ -314,7 +314,13 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
             // whose want `failure` looks for.
             let code = st.code();
             let msg = spawned.failure(code);
-            restore();
+            // Another join's agent runs under this name (two joins at
+            // once, with the same settings): they are its settings now.
+            let other = process::running_pid(&format!("agent-{}", a.name))
+                .filter(|p| *p != spawned.child.id());
+            if other.is_none() {
+                restore();
+            }
             spinner.done();
             return Err(match code {
                 Some(c) if c == i32::from(exit::AUTH) => CliError::Refused(msg).into(),

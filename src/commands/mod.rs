@@ -329,7 +329,7 @@ pub struct HubArgs {
     )]
     pub store_user: Option<String>,
     /// File holding --store-user's password (its first line; not readable
-    /// by others), read when the hub starts.
+    /// by others), read at start and again at each login to etcd.
     #[arg(long, value_name = "FILE", requires = "store", requires = "store_user")]
     pub store_password_file: Option<std::path::PathBuf>,
     /// Address or network (CIDR) of an ingress or load balancer in front of

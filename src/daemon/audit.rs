@@ -476,7 +476,7 @@ impl Auditor {
             .is_err()
             {
                 out.file = None;
-                out.torn = true;
+                out.torn = ends_torn(&out.path);
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 tracing::error!("the audit writer failed and was started again");
             }

@@ -73,7 +73,8 @@ pub struct StoreAccess {
     /// Client certificate chain and its key, for `--client-cert-auth`.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// etcd user, and the file holding its password (read at start).
+    /// etcd user, and the file holding its password (read at start and
+    /// again at each login).
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
 }

@@ -67,6 +67,7 @@ pub async fn status_as_text(resp: Response<Body>) -> Response<Body> {
     }
     let (mut parts, body) = resp.into_parts();
     let Ok(bytes) = body.collect().await.map(|c| c.to_bytes()) else {
+        parts.headers.remove(header::CONTENT_LENGTH);
         return Response::from_parts(parts, full(Bytes::new()));
     };
     let message = serde_json::from_slice::<serde_json::Value>(&bytes)

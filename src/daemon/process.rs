@@ -89,10 +89,6 @@ fn rewrite(f: &mut File, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Takes the anchor and the pid file of `daemon` (`hub`, `agent-NAME`),
-/// or fails when a live daemon holds them. The anchor, in the state
-/// directory, is taken first: one daemon per name whatever
-/// `XDG_RUNTIME_DIR` says ([`paths::anchor_file`]).
 /// Whether the file system holding `path` has no space left for its user.
 fn disk_full(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -106,6 +102,10 @@ fn disk_full(path: &Path) -> bool {
     (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0) && st.f_bavail == 0
 }
 
+/// Takes the anchor and the pid file of `daemon` (`hub`, `agent-NAME`),
+/// or fails when a live daemon holds them. The anchor, in the state
+/// directory, is taken first: one daemon per name whatever
+/// `XDG_RUNTIME_DIR` says ([`paths::anchor_file`]).
 pub fn lock_pid_file(daemon: &str) -> Result<PidLock> {
     let me = std::process::id();
     let dir = paths::runtime_dir();

@@ -426,20 +426,20 @@ impl RedbStore {
         }
     }
 
-    /// Replaces the handle of generation `seen`, unless another operation
-    /// already did.
     /// `f` as said to whoever asked: an I/O error names the file and
     /// what to do.
     fn fault(&self, f: Fault) -> StoreError {
         match f {
             Fault::Redb(redb::Error::Io(e)) => StoreError::Io(format!(
-                "the hub's store at '{}' could not be written: {e}. Free space on that disk or fix the error, then retry",
+                "the hub's store at '{}' failed: {e}. Free space on that disk or fix the error, then retry",
                 self.path.display()
             )),
             f => f.into(),
         }
     }
 
+    /// Replaces the handle of generation `seen`, unless another operation
+    /// already did.
     fn reopen(&self, seen: u64) -> Result<(), StoreError> {
         let mut h = self
             .db

@@ -330,6 +330,8 @@ pub struct ClientSession {
     /// The WebSocket's Close from the other end, if one came
     /// ([`super::ws::WsIo::close_note`]).
     ws_closed: super::ws::CloseNote,
+    /// The hub took the agent's key itself (not the join token).
+    pub by_key: bool,
     closed: oneshot::Receiver<SessionEnd>,
     pub connected_at: Instant,
 }
@@ -664,6 +666,7 @@ async fn connect_inner(
         .authenticate_publickey(opts.name.clone(), key)
         .await
         .map_err(transient)?;
+    let key_taken = by_key.success();
     let last = if by_key.success() {
         by_key
     } else if let Some(token) = &opts.token {
@@ -693,6 +696,7 @@ async fn connect_inner(
     Ok(ClientSession {
         alive,
         ws_closed,
+        by_key: key_taken,
         handle,
         closed: closed_rx,
         connected_at: Instant::now(),

@@ -290,10 +290,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
 }
 
 /// Removes the join token from the agent's saved configuration at `path`
-/// (everything else kept as written). A file that cannot be rewritten (a
-/// Secret mounted read-only in a pod) is left as it is.
-/// Removes the join token from the saved settings at `path`; whether it is
-/// gone (removed now, or not there).
+/// (everything else kept as written); whether it is gone (removed now, or
+/// not there). A file that cannot be rewritten (a Secret mounted read-only
+/// in a pod) is left as it is, said once.
 fn forget_token(path: &std::path::Path) -> bool {
     let done = (|| -> anyhow::Result<bool> {
         let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
@@ -316,10 +315,14 @@ fn forget_token(path: &std::path::Path) -> bool {
         }
         Ok(false) => true,
         Err(e) => {
-            tracing::warn!(
-                "cannot remove the join token, no longer needed, from '{}' (tried again at the next connection): {e:#}",
-                path.display()
-            );
+            // Once: a file mounted read-only fails at every connection.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "cannot remove the join token, no longer needed, from '{}' (tried again at the next connections): {e:#}",
+                    path.display()
+                );
+            }
             false
         }
     }
@@ -390,18 +393,22 @@ async fn tunnel_loop(
             Ok(mut sess) => {
                 said_failures.clear();
                 tracing::info!(hub = %opts.url, "tunnel up");
-                if opts.token.is_some() {
-                    // Logged in, by key or by the token (which the hub
-                    // accepts only once the key it was offered is written
-                    // into the member's record, in the same transaction):
-                    // the key is registered, and the join token (a secret
-                    // that could join this name again, for as long as it
-                    // lives when reusable) is not kept in memory or on
-                    // disk any longer. It used to stay until the second
-                    // session, for as long as the first lasted.
+                // Logged in, by key or by the token (which the hub accepts
+                // only once the key it was offered is written into the
+                // member's record, in the same transaction): the key is
+                // registered, and the join token (a secret that could join
+                // this name again, for as long as it lives when reusable)
+                // leaves the disk now; it used to stay until the second
+                // session, for as long as the first lasted. It stays in
+                // memory until a hub takes the key itself: the next hub
+                // dialed (several hubs on etcd) may not have the key in its
+                // copy of the registry yet, and refuses the key alone,
+                // which an agent takes as final; with the token, that
+                // hub's check reads etcd itself and lets it in.
+                if sess.by_key {
                     token_spent = true;
                 }
-                if token_spent {
+                if opts.token.is_some() || token_spent {
                     if let Some(path) = token_file.take() {
                         let done = {
                             let path = path.clone();

@@ -675,6 +675,9 @@ async fn forward(
     };
     let wait = (!long_running(parts.uri.path(), parts.uri.query(), upgrade))
         .then(|| answer_wait(parts.uri.query()));
+    // A proxied backend's own 401 (a Service's app asking for a password)
+    // is its answer, not the member refusing the agent.
+    let proxied = parts.uri.path().split('/').any(|s| s == "proxy");
     let up_req = Request::from_parts(parts, kube::client::Body::from(body));
     let sent = api.send(up_req);
     let answer = match wait {
@@ -712,7 +715,12 @@ async fn forward(
     // revoked, a certificate past its date): a 401 reached kubectl as
     // "You must be logged in to the server", which reads as the operator's
     // token, fine here. Said as the agent's, in the log too.
-    if resp.status() == StatusCode::UNAUTHORIZED {
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if resp.status() == StatusCode::UNAUTHORIZED && !proxied && json {
         hub_driven(format_args!(
             "the member's API server refused the agent's own credentials (401): renew the credentials of the agent's kubeconfig or service account"
         ));

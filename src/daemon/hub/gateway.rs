@@ -1117,14 +1117,30 @@ async fn open_channel(
 /// operator machines. Everything but the CA needs an operator token.
 const API: &str = "/towerctl/v1/";
 
-/// Whether `req` is kubectl's discovery (`GET …/api`, `…/apis`): its
-/// client reads an error's words only from a `text/*` answer, and showed
-/// every refusal of the hub, the agent or the member there as
-/// 'an error on the server ("unknown")' (the first request of a kubectl
-/// without a discovery cache).
+/// Whether `req` is client-go's discovery (`GET …/api`, `…/apis` asking
+/// for aggregated discovery, as kubectl does): it reads an error's words
+/// only from a `text/*` answer, and showed a refusal of the agent or the
+/// member there (a 502) as 'an error on the server ("unknown")', the
+/// first request of a kubectl without a discovery cache. Only there: a
+/// client asking for JSON (`kubectl get --raw /api`, curl) reads the
+/// Status, and client-go shows fixed words for some codes (404, 503)
+/// from a text answer.
 fn is_discovery(req: &Request<Incoming>) -> bool {
+    let aggregated = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("g=apidiscovery.k8s.io"));
+    if !aggregated {
+        return false;
+    }
     let path = req.uri().path().trim_end_matches('/');
-    req.method() == hyper::Method::GET && (path.ends_with("/api") || path.ends_with("/apis"))
+    // `/api`, or `/clusters/NAME/api`: not an object named `api`.
+    let member_path = match path.strip_prefix("/clusters/") {
+        Some(rest) => rest.split_once('/').map_or("", |(_, p)| p),
+        None => path.strip_prefix('/').unwrap_or(path),
+    };
+    req.method() == hyper::Method::GET && (member_path == "api" || member_path == "apis")
 }
 
 async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
