@@ -224,6 +224,14 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     );
     eprintln!("watch cut {:?} after the deny", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // And kubectl says why (a reset stream ended it with no word).
+    assert!(
+        watch
+            .output()
+            .contains("access to cluster 'alpha' was withdrawn"),
+        "{}",
+        watch.output()
+    );
     assert!(
         !bobs.has_exited(),
         "bob's watch must stay: {}",

@@ -591,6 +591,9 @@ pub fn finish_upgrade<B, K: Send + 'static>(
 pub struct Guarded<K: Send + Unpin + 'static> {
     inner: Body,
     stop: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    /// For a JSON watch: the `ERROR` event sent when `stop` fires, after
+    /// which the stream ends cleanly ([`Self::with_farewell`]).
+    farewell: Option<Bytes>,
     _keep: K,
     /// Never says it ended before it was polled to its end ([`Self::kept_to_the_end`]).
     kept_to_the_end: bool,
@@ -601,9 +604,29 @@ impl<K: Send + Unpin + 'static> Guarded<K> {
         Guarded {
             inner,
             stop: stop.map(|s| Box::pin(s.cancelled_owned())),
+            farewell: None,
             _keep: keep,
             kept_to_the_end: false,
         }
+    }
+
+    /// A JSON watch cut by `stop` ends with an `ERROR` event carrying a
+    /// Status with `message` (reason Forbidden), as kube-apiserver ends a
+    /// watch it cannot go on with: kubectl says why and exits 1. A reset
+    /// stream ended `kubectl get -w` with exit 0 and no word.
+    pub fn with_farewell(mut self, message: &str) -> Self {
+        let event = serde_json::json!({
+            "type": "ERROR",
+            "object": serde_json::from_str::<serde_json::Value>(&status_json(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                message,
+            ))
+            .unwrap_or_default(),
+        });
+        // On a line of its own, whatever the stream's last bytes were.
+        self.farewell = Some(Bytes::from(format!("\n{event}\n")));
+        self
     }
 
     /// Keeps `keep` until the client's flow control took the last data:
@@ -627,6 +650,13 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         if let Some(stop) = self.stop.as_mut() {
             if stop.as_mut().poll(cx).is_ready() {
+                if let Some(last) = self.farewell.take() {
+                    // Said once, then the end: the inner body is not read
+                    // again.
+                    self.inner = full(Bytes::new());
+                    self.stop = None;
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(last))));
+                }
                 return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
             }
         }

@@ -2251,6 +2251,7 @@ async fn proxy(
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let watch = crate::daemon::http::query_flag(parts.uri.query(), "watch");
     let pq = match parts.uri.query() {
         Some(q) => format!("{upstream_path}?{q}"),
         None => upstream_path,
@@ -2381,7 +2382,8 @@ async fn proxy(
     if !upgrade {
         slot.put(name.clone(), &session, sender);
     }
-    held_response(hub, client_upgrade, resp, (guard, end))
+    let watch_of = watch.then_some(name.as_str());
+    held_response(hub, client_upgrade, resp, (guard, end), watch_of)
 }
 
 /// What the gateway holds for a request while it is answered: its stream
@@ -2398,6 +2400,7 @@ pub(super) fn held_response<B>(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut resp: Response<B>,
     (guard, end): Held,
+    watch_of: Option<&str>,
 ) -> Response<Body>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -2433,10 +2436,20 @@ where
     }
     let (parts, body) = resp.into_parts();
     let body = body.map_err(|e| Box::new(e) as _).boxed_unsync();
-    Response::from_parts(
-        parts,
-        Guarded::new(body, Some(stop), (guard, end)).boxed_unsync(),
-    )
+    let mut body = Guarded::new(body, Some(stop), (guard, end));
+    // A JSON watch (`watch_of` names its member) cut for access withdrawn
+    // says so in its stream.
+    let json = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if let Some(cluster) = watch_of.filter(|_| json && parts.status == StatusCode::OK) {
+        body = body.with_farewell(&format!(
+            "access to cluster '{cluster}' was withdrawn: the towerctl hub ended this watch (a rule or label changed, the operator was removed, or the hub cannot confirm its registry); run the command again to see why"
+        ));
+    }
+    Response::from_parts(parts, body.boxed_unsync())
 }
 
 #[cfg(test)]

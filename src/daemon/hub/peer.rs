@@ -1472,6 +1472,7 @@ pub(super) async fn forward(
     parts.version = http::Version::HTTP_11;
     // Routed by path at the owner, whether the client named the member by
     // path or by TLS server name here.
+    let watch = crate::daemon::http::query_flag(parts.uri.query(), "watch");
     let pq = match parts.uri.query() {
         Some(q) => format!("/clusters/{name}{upstream_path}?{q}"),
         None => format!("/clusters/{name}{upstream_path}"),
@@ -1557,6 +1558,7 @@ pub(super) async fn forward(
         client_upgrade,
         resp,
         held,
+        watch.then_some(name),
     ))
 }
 
