@@ -933,7 +933,12 @@ fn a_login_closed_before_the_answer_is_retried() {
     // (~2,870): neither request reaches the hub, no answer comes back.
     let (_env, _api, o, seen) = join_through_cuts(vec![2700, 2800], false, "30s");
     assert!(o.ok() && o.stdout.contains("the tunnel is up"), "{o:?}");
-    assert!(seen > 2, "every cut connection was retried");
+    // At least the first was cut and retried. The second cut may come
+    // after the login it aims at: the cuts count the agent's bytes as the
+    // proxy reads them, and under load one read can carry the first
+    // connection's token request past its cut (seen once in CI: the key
+    // registered there, the second connection's key login is shorter).
+    assert!(seen >= 2, "the cut connection was retried");
 }
 
 /// One operator's streams cannot take a member away from everyone: past
