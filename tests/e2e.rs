@@ -3856,15 +3856,7 @@ fn up_on_a_damaged_registry_names_the_file_and_what_to_do() {
     f.set_len(len / 2).unwrap();
     drop(f);
     for round in ["cut short", "not a registry"] {
-        let o = env.towerctl(&[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--gateway",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-        ]);
+        let o = env.up_unchecked();
         assert!(!o.ok(), "{round}: {o:?}");
         let err = o.all();
         assert!(
@@ -3907,16 +3899,22 @@ fn status_names_agent_settings_it_cannot_read() {
 /// into the member's record, so the key is registered then. It used to
 /// stay on disk (and, reusable, able to join the name again) until a
 /// second session logged in by key: for as long as the first one lasted.
+/// A hub up in `env`, member `alpha` added with a reusable token: its
+/// join command and the member kubeconfig (for `api`) to join with.
+fn reusable_alpha(env: &Env, api: &ApiServer) -> (Vec<String>, std::path::PathBuf) {
+    assert!(env.up().ok());
+    let o = env.towerctl(&["cluster", "add", "alpha", "--reusable"]);
+    assert!(o.ok(), "{o:?}");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    (support::printed_command(&o.stdout, "join"), kc)
+}
+
 #[test]
 fn the_join_token_leaves_the_agents_settings_at_its_first_login() {
     let env = Env::new();
     let api = ApiServer::start();
-    assert!(env.up().ok());
-    let o = env.towerctl(&["cluster", "add", "alpha", "--reusable"]);
-    assert!(o.ok(), "{o:?}");
-    let join = support::printed_command(&o.stdout, "join");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
+    let (join, kc) = reusable_alpha(&env, &api);
     let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
     assert!(o.ok(), "{o:?}");
     let settings = env.path("config/towerctl/agents/alpha.json");
@@ -3942,12 +3940,7 @@ fn the_join_token_leaves_the_agents_settings_at_its_first_login() {
 fn two_joins_of_one_name_at_once_leave_one_agent_and_leave_stops_it() {
     let env = Env::new();
     let api = ApiServer::start();
-    assert!(env.up().ok());
-    let o = env.towerctl(&["cluster", "add", "alpha", "--reusable"]);
-    assert!(o.ok(), "{o:?}");
-    let join = support::printed_command(&o.stdout, "join");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
+    let (join, kc) = reusable_alpha(&env, &api);
     let extra = ["--kubeconfig", kc.to_str().unwrap()];
     let (a, b) = std::thread::scope(|s| {
         let one = s.spawn(|| env.join(&join, &extra));

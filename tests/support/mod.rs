@@ -226,6 +226,21 @@ impl Env {
         o
     }
 
+    /// `towerctl up` on ephemeral loopback ports, metrics off, that may
+    /// fail: its output, unchecked.
+    #[allow(dead_code)]
+    pub fn up_unchecked(&self) -> Out {
+        self.towerctl(&[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+        ])
+    }
+
     /// `towerctl up` on loopback ephemeral ports, metrics off, with extra
     /// environment variables (limits read by the hub at start).
     pub fn up_with_env(&self, vars: &[(&str, &str)]) -> Out {
