@@ -208,10 +208,33 @@ impl Refused {
 /// issued before a change of users or roles, as a JWT says), or for
 /// having none (authentication enabled since).
 fn token_refused(status: u16, body: &[u8]) -> bool {
-    status == 401
-        || (status == 400
-            && (contains(body, "user name is empty")
-                || contains(body, "revision of auth store is old")))
+    status == 401 || (status == 400 && names_token_refusal(body))
+}
+
+/// Whether etcd's words `text` refuse a request for its token, or for
+/// having none: an answer's body, or a watch's cancel reason.
+fn names_token_refusal(text: &[u8]) -> bool {
+    [
+        "invalid auth token",
+        "user name is empty",
+        "revision of auth store is old",
+    ]
+    .iter()
+    .any(|words| contains(text, words))
+}
+
+/// etcd's words in an answer `body` (its `error`, else the body itself),
+/// escaped and bounded: they are shown in logs and CLI errors.
+fn answer_words(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or_default();
+    crate::tunnel::printable(
+        v["error"]
+            .as_str()
+            .or(v["message"].as_str())
+            .unwrap_or(&String::from_utf8_lossy(body))
+            .trim(),
+        300,
+    )
 }
 
 fn contains(body: &[u8], text: &str) -> bool {
@@ -1014,17 +1037,7 @@ impl Etcd {
                     return Ok(v);
                 }
                 Ok((st, b)) => {
-                    let v: Value = serde_json::from_slice(&b).unwrap_or_default();
-                    // etcd's (or whatever answered) words, shown in logs
-                    // and CLI errors: escaped and bounded.
-                    let msg = crate::tunnel::printable(
-                        v["error"]
-                            .as_str()
-                            .or(v["message"].as_str())
-                            .unwrap_or(&String::from_utf8_lossy(&b))
-                            .trim(),
-                        300,
-                    );
+                    let msg = answer_words(&b);
                     // etcd answers 503 while it has no leader: try another.
                     if st >= 500 {
                         all_answered = false;
@@ -1193,7 +1206,7 @@ impl Etcd {
         let token = match self.token(ep, CALL_DEADLINE) {
             Ok(Ok(t)) => t,
             Ok(Err((st, b))) => {
-                let msg = crate::tunnel::printable(String::from_utf8_lossy(&b).trim(), 300);
+                let msg = answer_words(&b);
                 let fix = hint(&msg, user);
                 return Err(format!("{ep}: etcd refused the login: HTTP {st}: {msg}{fix}").into());
             }
@@ -1325,9 +1338,7 @@ impl std::fmt::Debug for WatchError {
 /// Whether a watch's cancel reason is etcd refusing its token (or its
 /// want of one).
 fn token_refused_reason(why: &str) -> bool {
-    why.contains("invalid auth token")
-        || why.contains("user name is empty")
-        || why.contains("revision of auth store is old")
+    names_token_refusal(why.as_bytes())
 }
 
 impl From<String> for WatchError {

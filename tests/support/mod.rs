@@ -230,25 +230,12 @@ impl Env {
     /// fail: its output, unchecked.
     #[allow(dead_code)]
     pub fn up_unchecked(&self) -> Out {
-        self.towerctl(&[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--gateway",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-        ])
+        run_bounded(self.up_cmd(&[], "off"), Duration::from_secs(60))
     }
 
-    /// `towerctl up` on loopback ephemeral ports, metrics off, with extra
-    /// environment variables (limits read by the hub at start).
-    pub fn up_with_env(&self, vars: &[(&str, &str)]) -> Out {
-        self.up_with_env_metrics(vars, "off")
-    }
-
-    /// [`Env::up_with_env`] with metrics on `metrics` (an address or `off`).
-    pub fn up_with_env_metrics(&self, vars: &[(&str, &str)], metrics: &str) -> Out {
+    /// `towerctl up` on ephemeral loopback ports, metrics on `metrics`,
+    /// with extra environment variables.
+    fn up_cmd(&self, vars: &[(&str, &str)], metrics: &str) -> Command {
         let mut c = self.towerctl_cmd(&[
             "up",
             "--listen",
@@ -259,7 +246,18 @@ impl Env {
             metrics,
         ]);
         c.envs(vars.iter().copied());
-        let o = run_bounded(c, Duration::from_secs(60));
+        c
+    }
+
+    /// `towerctl up` on loopback ephemeral ports, metrics off, with extra
+    /// environment variables (limits read by the hub at start).
+    pub fn up_with_env(&self, vars: &[(&str, &str)]) -> Out {
+        self.up_with_env_metrics(vars, "off")
+    }
+
+    /// [`Env::up_with_env`] with metrics on `metrics` (an address or `off`).
+    pub fn up_with_env_metrics(&self, vars: &[(&str, &str)], metrics: &str) -> Out {
+        let o = run_bounded(self.up_cmd(vars, metrics), Duration::from_secs(60));
         assert!(o.ok(), "towerctl up failed: {o:?}");
         o
     }

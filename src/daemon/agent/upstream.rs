@@ -677,7 +677,8 @@ async fn forward(
         .then(|| answer_wait(parts.uri.query()));
     // A proxied backend's own 401 (a Service's app asking for a password)
     // is its answer, not the member refusing the agent.
-    let proxied = parts.uri.path().split('/').any(|s| s == "proxy");
+    let path = parts.uri.path();
+    let proxied = path.contains("/proxy") && path.split('/').any(|s| s == "proxy");
     let up_req = Request::from_parts(parts, kube::client::Body::from(body));
     let sent = api.send(up_req);
     let answer = match wait {

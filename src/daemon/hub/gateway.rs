@@ -1126,21 +1126,20 @@ const API: &str = "/towerctl/v1/";
 /// Status, and client-go shows fixed words for some codes (404, 503)
 /// from a text answer.
 fn is_discovery(req: &Request<Incoming>) -> bool {
-    let aggregated = req
-        .headers()
-        .get(hyper::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("g=apidiscovery.k8s.io"));
-    if !aggregated {
-        return false;
-    }
+    // The path first (every request passes here): `/api`, or
+    // `/clusters/NAME/api`, not an object named `api`.
     let path = req.uri().path().trim_end_matches('/');
-    // `/api`, or `/clusters/NAME/api`: not an object named `api`.
     let member_path = match path.strip_prefix("/clusters/") {
         Some(rest) => rest.split_once('/').map_or("", |(_, p)| p),
         None => path.strip_prefix('/').unwrap_or(path),
     };
-    req.method() == hyper::Method::GET && (member_path == "api" || member_path == "apis")
+    req.method() == hyper::Method::GET
+        && (member_path == "api" || member_path == "apis")
+        && req
+            .headers()
+            .get(hyper::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("g=apidiscovery.k8s.io"))
 }
 
 async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
