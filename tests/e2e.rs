@@ -3970,6 +3970,31 @@ fn two_joins_of_one_name_at_once_leave_one_agent_and_leave_stops_it() {
     }
 }
 
+/// A watch whose tunnel goes away (its agent killed) ends with kubectl
+/// saying why: the broken stream ended `kubectl get -w` with no word.
+/// kubectl prints a watch's ERROR event as a row and exits 0 either way
+/// (measured with kubectl 1.32).
+#[test]
+fn a_watch_whose_agent_goes_away_says_why() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    let mut watch = Streaming::start(env.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    api.create_configmap("default", "before-the-kill", &[("k", "v")]);
+    watch.wait_for("before-the-kill", Duration::from_secs(20));
+    env.kill9("agent-alpha");
+    wait_for("the watch to end", Duration::from_secs(20), || {
+        watch.has_exited().then_some(())
+    });
+    let out = watch.output();
+    assert!(
+        out.contains("ServiceUnavailable")
+            && out.contains("the watch on cluster 'alpha' broke on its way from the member"),
+        "{out}"
+    );
+}
+
 /// The member's API server refusing the agent's own credentials (a token
 /// expired) reaches kubectl as that, not as "You must be logged in to the
 /// server" (which reads as the operator's token); it and an API server

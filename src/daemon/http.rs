@@ -594,6 +594,10 @@ pub struct Guarded<K: Send + Unpin + 'static> {
     /// For a JSON watch: the `ERROR` event sent when `stop` fires, after
     /// which the stream ends cleanly ([`Self::with_farewell`]).
     farewell: Option<Bytes>,
+    /// For a JSON watch: the `ERROR` event sent in place of the inner
+    /// body's error, after which the stream ends cleanly
+    /// ([`Self::with_broken_farewell`]).
+    broken: Option<Bytes>,
     _keep: K,
     /// Never says it ended before it was polled to its end ([`Self::kept_to_the_end`]).
     kept_to_the_end: bool,
@@ -605,6 +609,7 @@ impl<K: Send + Unpin + 'static> Guarded<K> {
             inner,
             stop: stop.map(|s| Box::pin(s.cancelled_owned())),
             farewell: None,
+            broken: None,
             _keep: keep,
             kept_to_the_end: false,
         }
@@ -612,20 +617,30 @@ impl<K: Send + Unpin + 'static> Guarded<K> {
 
     /// A JSON watch cut by `stop` ends with an `ERROR` event carrying a
     /// Status with `message` (reason Forbidden), as kube-apiserver ends a
-    /// watch it cannot go on with: kubectl says why and exits 1. A reset
-    /// stream ended `kubectl get -w` with exit 0 and no word.
+    /// watch it cannot go on with: `kubectl get -w` prints it (and exits
+    /// 0, as for any watch that ends). A reset stream ended it with no
+    /// word.
     pub fn with_farewell(mut self, message: &str) -> Self {
-        let event = serde_json::json!({
-            "type": "ERROR",
-            "object": serde_json::from_str::<serde_json::Value>(&status_json(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                message,
-            ))
-            .unwrap_or_default(),
-        });
-        // On a line of its own, whatever the stream's last bytes were.
-        self.farewell = Some(Bytes::from(format!("\n{event}\n")));
+        self.farewell = Some(watch_error_event(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            message,
+        ));
+        self
+    }
+
+    /// A JSON watch whose inner body fails (the tunnel under it closed:
+    /// the agent disconnected or left, the member was removed, or the
+    /// member's end broke) ends with an `ERROR` event carrying a
+    /// ServiceUnavailable Status with `message`, then cleanly: `kubectl
+    /// get -w` prints it, where a broken stream ended it with no word. A
+    /// watch its member ends (a server's `timeoutSeconds`) ends as before.
+    pub fn with_broken_farewell(mut self, message: &str) -> Self {
+        self.broken = Some(watch_error_event(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        ));
         self
     }
 
@@ -660,7 +675,19 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
                 return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
             }
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => match self.broken.take() {
+                Some(last) => {
+                    tracing::debug!("a watch's stream broke, ended with an ERROR event: {e}");
+                    self.inner = full(Bytes::new());
+                    self.stop = None;
+                    self.farewell = None;
+                    Poll::Ready(Some(Ok(http_body::Frame::data(last))))
+                }
+                None => Poll::Ready(Some(Err(e))),
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -670,6 +697,17 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A watch event of type `ERROR` carrying a Status, on a line of its own
+/// whatever the stream's last bytes were.
+fn watch_error_event(code: StatusCode, reason: &str, message: &str) -> Bytes {
+    let event = serde_json::json!({
+        "type": "ERROR",
+        "object": serde_json::from_str::<serde_json::Value>(&status_json(code, reason, message))
+            .unwrap_or_default(),
+    });
+    Bytes::from(format!("\n{event}\n"))
 }
 
 /// Calls its function once, when dropped.
@@ -765,6 +803,49 @@ pub fn query_flag(query: Option<&str>, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A watch whose inner body breaks ends with one ServiceUnavailable
+    /// `ERROR` event and then cleanly; one that ends cleanly gets none.
+    #[tokio::test]
+    async fn a_broken_watch_ends_with_an_error_event_and_a_clean_one_without() {
+        use http_body_util::BodyExt;
+        let body = |broken: bool| -> super::Body {
+            let frames: Vec<
+                Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+            > = if broken {
+                vec![
+                    Ok(http_body::Frame::data(Bytes::from_static(
+                        b"{\"type\":\"ADDED\"}\n",
+                    ))),
+                    Err("connection closed before message completed".into()),
+                ]
+            } else {
+                vec![Ok(http_body::Frame::data(Bytes::from_static(
+                    b"{\"type\":\"ADDED\"}\n",
+                )))]
+            };
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+        };
+        for broken in [true, false] {
+            let g = super::Guarded::new(body(broken), None, ()).with_broken_farewell("gone away");
+            let all = g.collect().await.expect("ends cleanly").to_bytes();
+            let text = String::from_utf8_lossy(&all).to_string();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+            if broken {
+                assert_eq!(lines.len(), 2, "{text}");
+                let ev: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+                assert_eq!(ev["type"], "ERROR");
+                assert_eq!(ev["object"]["code"], 503);
+                assert_eq!(ev["object"]["reason"], "ServiceUnavailable");
+                assert_eq!(ev["object"]["message"], "gone away");
+            } else {
+                assert_eq!(lines, ["{\"type\":\"ADDED\"}"], "{text}");
+            }
+        }
+        // Without the farewell, the error is passed on.
+        let g = super::Guarded::new(body(true), None, ());
+        assert!(g.collect().await.is_err());
+    }
+
     /// `Connection` on two lines is read whole; a coding besides `chunked`
     /// is told apart.
     #[test]

@@ -2444,9 +2444,13 @@ where
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("application/json"));
     if let Some(cluster) = watch_of.filter(|_| json && parts.status == StatusCode::OK) {
-        body = body.with_farewell(&format!(
-            "access to cluster '{cluster}' was withdrawn: the towerctl hub ended this watch (a rule or label changed, the operator was removed, or the hub cannot confirm its registry); run the command again to see why"
-        ));
+        body = body
+            .with_farewell(&format!(
+                "access to cluster '{cluster}' was withdrawn: the towerctl hub ended this watch (a rule or label changed, the operator was removed, or the hub cannot confirm its registry); run the command again to see why"
+            ))
+            .with_broken_farewell(&format!(
+                "the watch on cluster '{cluster}' broke on its way from the member: its towerctl agent disconnected or left, the member was removed, or its API server cut the stream; run the command again to see whether the member is reachable"
+            ));
     }
     Response::from_parts(parts, body.boxed_unsync())
 }
