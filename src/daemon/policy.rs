@@ -111,26 +111,11 @@ impl Rule {
     }
 }
 
+/// Whether `ip` is in `net`/`prefix`; an IPv4-mapped network
+/// (`::ffff:10.0.0.0/104`) is the IPv4 network it maps (a debug build
+/// stopped on `32 - 104` here).
 pub(crate) fn in_cidr(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix))
-            };
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix))
-            };
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
+    crate::tunnel::proxy::in_net(ip, net, prefix)
 }
 
 #[derive(Debug, Clone)]
@@ -184,9 +169,7 @@ impl DialPolicy {
         let ip = canonical(addr.ip());
         let port_ok = |p: &Option<u16>| p.is_none_or(|p| p == addr.port());
         self.rules.iter().any(|r| match r {
-            Rule::Cidr { net, prefix, port } => {
-                port_ok(port) && in_cidr(ip, canonical(*net), *prefix)
-            }
+            Rule::Cidr { net, prefix, port } => port_ok(port) && in_cidr(ip, *net, *prefix),
             Rule::Host { host, port } => {
                 port_ok(port) && host.parse::<IpAddr>().is_ok_and(|h| canonical(h) == ip)
             }
@@ -424,6 +407,35 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    /// A rule written as an IPv4-mapped network is that IPv4 network (a
+    /// debug build stopped on `32 - 104`), for targets and dials alike.
+    #[test]
+    fn an_ipv4_mapped_rule_is_the_network_it_maps() {
+        let p = DialPolicy::new(&["::ffff:127.0.0.0/104".into()]).unwrap();
+        assert!(p
+            .check_addr("host x", sa("127.0.0.5:80"), true, &[])
+            .is_ok());
+        assert!(p
+            .check_addr("host x", sa("[::ffff:127.0.0.5]:80"), true, &[])
+            .is_ok());
+        assert!(p
+            .check_addr("host x", sa("128.0.0.1:80"), true, &[])
+            .is_err());
+        assert!(p.check(&host("127.1.2.3"), 80).is_ok());
+        assert!(p.check(&host("::ffff:127.1.2.3"), 80).is_ok());
+        assert!(p.check(&host("10.1.2.3"), 80).is_err());
+        assert!(in_cidr(
+            "10.1.2.3".parse().unwrap(),
+            "::ffff:10.0.0.0".parse().unwrap(),
+            100
+        ));
+        assert!(!in_cidr(
+            "10.1.2.3".parse().unwrap(),
+            "::ffff:10.0.0.0".parse().unwrap(),
+            128
+        ));
     }
 
     #[test]

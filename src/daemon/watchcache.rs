@@ -32,6 +32,13 @@ pub const MAX_WATCHED: usize = 256;
 const WATCH_TIMEOUT: u32 = 240;
 /// Pause before listing again after a watch failed, doubled on every
 /// failure in a row (a server that forbids watching is not hammered).
+/// Most EndpointSlices one watched Service may have in the cache (100
+/// endpoints each by default: far past any real Service). A member API
+/// server reporting more is not followed: the copy is withdrawn (callers
+/// read the API themselves) and read again after the retry pause; each
+/// event copies the whole set into a new snapshot.
+const MAX_SLICES: usize = 1000;
+
 const RETRY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -296,6 +303,12 @@ async fn sync_inner(
         .resource_version
         .clone()
         .unwrap_or_default();
+    if slice_list.items.len() > MAX_SLICES {
+        tracing::debug!(
+            "the resolve cache does not follow a Service with more than {MAX_SLICES} EndpointSlices"
+        );
+        return Err(Stop::Failed);
+    }
     let mut service = svc_list.items.into_iter().next();
     let mut by_slice: BTreeMap<String, EndpointSlice> = slice_list
         .items
@@ -343,6 +356,12 @@ async fn sync_inner(
             ev = slice_watch.next() => match ev {
                 Some(Ok(WatchEvent::Added(s) | WatchEvent::Modified(s))) => {
                     by_slice.insert(s.metadata.name.clone().unwrap_or_default(), s);
+                    if by_slice.len() > MAX_SLICES {
+                        tracing::debug!(
+                            "the resolve cache does not follow a Service with more than {MAX_SLICES} EndpointSlices"
+                        );
+                        return Err(Stop::Failed);
+                    }
                 }
                 Some(Ok(WatchEvent::Deleted(s))) => {
                     by_slice.remove(s.metadata.name.as_deref().unwrap_or_default());

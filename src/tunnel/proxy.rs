@@ -341,7 +341,8 @@ fn cidr(s: &str) -> Option<(IpAddr, u8)> {
     (bits <= max).then_some((addr, bits))
 }
 
-fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+/// Whether `ip` (IPv4-mapped addresses as IPv4) is in `net`/`bits`.
+pub fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     // An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is the IPv4
     // network it maps, with its prefix counted in IPv4 bits.
     let (net, bits) = match net {

@@ -381,10 +381,173 @@ impl Drop for PooledBody {
     }
 }
 
+/// Most an answer to one of the agent's own API reads (a get, a list
+/// page, an access review) may hold: kube reads it whole into memory. A
+/// member API server (or whatever answers in its place) could otherwise
+/// grow the agent without bound with one answer. Far above what the agent
+/// reads: its lists are of one Service's EndpointSlices or pages of at
+/// most 500 objects.
+pub(super) const MAX_OWN_ANSWER: usize = 64 * 1024 * 1024;
+
+/// Most one event of the agent's own watches (a Service, its
+/// EndpointSlices) may hold: kube splits a watch into lines of any length
+/// (measured: 1.16 GB after 800 MiB of one line that never ended). An
+/// EndpointSlice of 1,000 endpoints is well under 1 MiB.
+pub(super) const MAX_WATCH_EVENT: usize = 16 * 1024 * 1024;
+
+/// The agent's own kube client's requests: each answer held to
+/// [`MAX_OWN_ANSWER`], a watch's lines each to [`MAX_WATCH_EVENT`] (a
+/// watch runs for as long as its server keeps it). Not on forwarded requests: their answers go
+/// on to the hub as they come, under the tunnel's flow control.
+#[derive(Clone)]
+pub(super) struct CapAnswers<S>(pub(super) S);
+
+impl<S, B> tower::Service<Request<kube::client::Body>> for CapAnswers<S>
+where
+    S: tower::Service<Request<kube::client::Body>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    type Response = Response<Capped<B>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<kube::client::Body>) -> Self::Future {
+        let watch = is_watch(req.uri());
+        let answer = self.0.call(req);
+        Box::pin(async move {
+            let resp = answer.await?;
+            Ok(resp.map(|inner| Capped {
+                inner,
+                watch,
+                run: 0,
+            }))
+        })
+    }
+}
+
+/// Whether `uri` asks for a watch (`watch=true` or `=1`, as kube and
+/// client-go write it).
+fn is_watch(uri: &Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch=True"))
+    })
+}
+
+/// A body held to [`MAX_OWN_ANSWER`] in all, or (a watch) to
+/// [`MAX_WATCH_EVENT`] since its last line's end.
+pub(super) struct Capped<B> {
+    inner: B,
+    watch: bool,
+    /// Bytes so far, or since the last newline.
+    run: usize,
+}
+
+impl<B> http_body::Body for Capped<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => f,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref() {
+            let last_newline = if self.watch {
+                data.iter().rposition(|&b| b == b'\n')
+            } else {
+                None
+            };
+            self.run = match last_newline {
+                Some(i) => data.len() - i - 1,
+                None => self.run.saturating_add(data.len()),
+            };
+            let (max, what) = if self.watch {
+                (MAX_WATCH_EVENT, "one watch event")
+            } else {
+                (MAX_OWN_ANSWER, "an answer")
+            };
+            if self.run > max {
+                return Poll::Ready(Some(Err(format!(
+                    "the member's API server sent {what} longer than {} MiB to the towerctl agent; read no further",
+                    max / (1024 * 1024)
+                )
+                .into())));
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    /// An answer past the cap, or a watch line past it, is an error; a
+    /// watch of many lines each under it is not.
+    #[tokio::test]
+    async fn own_answers_and_watch_lines_are_held_to_the_cap() {
+        let chunk = |n: usize, nl: bool| {
+            let mut v = vec![b'x'; n];
+            if nl {
+                v.push(b'\n');
+            }
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(v)))
+        };
+        let mib = 1024 * 1024;
+        let body = |frames: Vec<_>, watch: bool| Capped {
+            inner: http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            watch,
+            run: 0,
+        };
+        // 80 lines of 1 MiB: fine as a watch, too much as an answer.
+        let lines = || (0..80).map(|_| chunk(mib, true)).collect::<Vec<_>>();
+        assert!(body(lines(), true).collect().await.is_ok());
+        let e = body(lines(), false).collect().await.unwrap_err();
+        assert!(
+            e.to_string().contains("an answer longer than 64 MiB"),
+            "{e}"
+        );
+        // One line of 17 MiB in pieces, as a watch.
+        let one = (0..17).map(|_| chunk(mib, false)).collect::<Vec<_>>();
+        let e = body(one, true).collect().await.unwrap_err();
+        assert!(
+            e.to_string().contains("one watch event longer than 16 MiB"),
+            "{e}"
+        );
+        assert!(is_watch(
+            &"/api/v1/x?labelSelector=a&watch=true".parse().unwrap()
+        ));
+        assert!(is_watch(&"/api/v1/x?watch=1".parse().unwrap()));
+        assert!(!is_watch(&"/api/v1/x?watchy=true".parse().unwrap()));
+        assert!(!is_watch(&"/api/v1/x".parse().unwrap()));
+    }
 
     #[test]
     fn a_members_redirect_is_told_to_the_hub_under_the_cluster_urls_path() {

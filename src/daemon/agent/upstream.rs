@@ -1026,7 +1026,7 @@ where
     let client = kube::Client::new(
         tower::ServiceBuilder::new()
             .option_layer(retry)
-            .service(service),
+            .service(super::pool::CapAnswers(service)),
         config.default_namespace,
     );
     Ok((client, api))
@@ -1131,6 +1131,62 @@ fn full_limit_answer(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent's own kube client stops reading an answer past its cap
+    /// and a watch event past its own, with words naming the member's API
+    /// server: kube would read either into memory without end.
+    #[tokio::test]
+    async fn the_agents_own_reads_are_held_to_their_caps() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Every request: a chunked answer of 1 MiB pieces without a
+        // newline, for 80 MiB.
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let _ = s.read(&mut head).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                        .await;
+                    let piece = vec![b' '; 1024 * 1024];
+                    for _ in 0..80 {
+                        let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+                        chunk.extend_from_slice(&piece);
+                        chunk.extend_from_slice(b"\r\n");
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let (client, _) = client_without_nagle(config).unwrap();
+        let services: kube::Api<k8s_openapi::api::core::v1::Service> =
+            kube::Api::namespaced(client, "default");
+        let e = services.get("web").await.unwrap_err();
+        assert!(
+            format!("{e:?}").contains("an answer longer than 64 MiB"),
+            "{e:?}"
+        );
+        use futures_util::StreamExt;
+        let mut watch = services
+            .watch(&kube::api::WatchParams::default(), "0")
+            .await
+            .unwrap()
+            .boxed();
+        let e = match watch.next().await {
+            Some(Err(e)) => e,
+            Some(Ok(ev)) => panic!("an event from no newline: {ev:?}"),
+            None => panic!("the watch ended without an error"),
+        };
+        assert!(
+            format!("{e:?}").contains("one watch event longer than 16 MiB"),
+            "{e:?}"
+        );
+    }
 
     /// A body that keeps coming, slowly, is taken up to the API server's
     /// own 60 s (a 30 s limit on the whole refused a slow client's apply);
