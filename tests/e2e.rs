@@ -959,6 +959,21 @@ fn join_tokens_expire_are_single_use_and_revoke_cuts_the_session() {
     );
     let log = std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap();
     assert!(log.contains("was revoked on the hub"), "{log}");
+    // The member's status says why it stopped, not "start it again with
+    // join" (which fails for a revoked member).
+    let st = env.status();
+    assert_eq!(st["agents"][0]["state"], "stopped", "{st}");
+    assert!(
+        st["agents"][0]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("was revoked on the hub")),
+        "{st}"
+    );
+    let o = env.towerctl(&["status"]);
+    assert!(
+        o.stdout.contains("was revoked on the hub") && !o.stdout.contains("start it again"),
+        "{o:?}"
+    );
     let o = env.kubectl(&["get", "ns"]);
     assert!(!o.ok(), "{o:?}");
     let o = env.kubectl(&["get", "--raw", "/clusters/alpha/api"]);

@@ -66,7 +66,9 @@ pub fn agent_out(a: &AgentStatus) -> serde_json::Value {
 enum Probe {
     Up(Box<AgentStatus>),
     NotResponding,
-    Stopped,
+    /// With its last error, when it stopped on one
+    /// ([`crate::daemon::process::last_words`]).
+    Stopped(Option<String>),
 }
 
 fn age(since: Option<u64>) -> String {
@@ -104,8 +106,14 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     let hub_probe = super::hub::hub_status_within(Duration::from_millis(1500));
     let agents_probe = futures_util::future::join_all(configs.iter().map(|c| async move {
         let socket = paths::agent_socket(&c.name);
+        let stopped = || {
+            Probe::Stopped(crate::daemon::process::last_words(&format!(
+                "agent-{}",
+                c.name
+            )))
+        };
         if !socket.exists() {
-            return Probe::Stopped;
+            return stopped();
         }
         match control::call_timeout(&socket, Request::Status, Duration::from_millis(1500)).await {
             Ok(v) => serde_json::from_value(v)
@@ -116,7 +124,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
             Err(_)
                 if crate::daemon::process::running_pid(&format!("agent-{}", c.name)).is_none() =>
             {
-                Probe::Stopped
+                stopped()
             }
             Err(_) => Probe::NotResponding,
         }
@@ -125,7 +133,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     let agents: Vec<(String, Probe)> = configs.into_iter().map(|c| c.name).zip(answers).collect();
     let forwards = crate::daemon::forwards::list();
     let anything = hub.is_some()
-        || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped))
+        || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped(_)))
         || !forwards.is_empty();
 
     if a.output == "json" || a.output == "yaml" {
@@ -152,7 +160,8 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
             "agents": agents.iter().map(|(name, s)| match s {
                 Probe::Up(s) => agent_out(s),
                 Probe::NotResponding => json!({"name": name, "state": "not_responding"}),
-                Probe::Stopped => json!({"name": name, "state": "stopped"}),
+                Probe::Stopped(None) => json!({"name": name, "state": "stopped"}),
+                Probe::Stopped(Some(why)) => json!({"name": name, "state": "stopped", "lastError": why}),
             }).collect::<Vec<_>>(),
             "forwards": forwards.iter().map(|f| json!({
                 "id": f.id,
@@ -270,8 +279,13 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                         "  {:<20} {:<12} {:<8} {:>9}  its control socket did not answer within 1.5s",
                         name, "unknown", "-", "-"
                     ),
-                    Probe::Stopped => println!(
+                    Probe::Stopped(None) => println!(
                         "  {:<20} {:<12} {:<8} {:>9}  start it again with 'towerctl join {name} …'",
+                        name, "stopped", "-", "-"
+                    ),
+                    // It stopped on an error, which says what to do.
+                    Probe::Stopped(Some(why)) => println!(
+                        "  {:<20} {:<12} {:<8} {:>9}  {why}",
                         name, "stopped", "-", "-"
                     ),
                 }

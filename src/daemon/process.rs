@@ -156,6 +156,27 @@ pub fn running_pid(daemon: &str) -> Option<u32> {
     valid_pid(pid).then_some(pid)
 }
 
+/// Why a daemon that is not running stopped by itself: its log's last
+/// line, when that is its last error (`error: …`, what a daemon writes as
+/// it exits on one). `None` when it ended otherwise (stopped, killed), or
+/// its log cannot be read. Escaped for a terminal.
+pub fn last_words(daemon: &str) -> Option<String> {
+    last_error_line(&paths::log_file(daemon))
+}
+
+fn last_error_line(log: &Path) -> Option<String> {
+    const TAIL: u64 = 16 * 1024;
+    let mut f = File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+    let mut buf = Vec::new();
+    f.take(TAIL).read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let words = last.strip_prefix("error: ")?.trim();
+    (!words.is_empty()).then(|| crate::tunnel::printable(words, 1000))
+}
+
 /// A pid towerctl may signal: never 0 or 1 (the process group, init) and
 /// never one that would read as negative (`kill(-1)` signals everything).
 pub fn valid_pid(pid: u32) -> bool {
@@ -409,6 +430,26 @@ pub fn alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A log ending in an `error:` line gives it (escaped); one ending
+    /// otherwise, or absent, gives nothing.
+    #[test]
+    fn last_words_are_the_logs_last_error_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent-alpha.log");
+        assert_eq!(super::last_error_line(&log), None);
+        std::fs::write(
+            &log,
+            "x INFO tunnel up\nerror: the hub refused \x1b[2Jthe credentials\n\n",
+        )
+        .unwrap();
+        assert_eq!(
+            super::last_error_line(&log).as_deref(),
+            Some("the hub refused  [2Jthe credentials")
+        );
+        std::fs::write(&log, "error: old\nx INFO started again\n").unwrap();
+        assert_eq!(super::last_error_line(&log), None);
+    }
+
     use super::*;
 
     #[test]

@@ -61,8 +61,9 @@ pub enum HubDown {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentDown {
-    /// Configured, but its daemon is not running.
-    Stopped,
+    /// Configured, but its daemon is not running; with its last error,
+    /// when it stopped on one.
+    Stopped(Option<String>),
     /// Its socket exists but it does not answer.
     NotResponding(String),
 }
@@ -425,8 +426,12 @@ impl Cluster {
             }
         } else {
             match &self.agent {
-                Some(AgentSide::Down(AgentDown::Stopped)) => {
-                    detail = format!("start it again with 'towerctl join {} …'", self.name);
+                Some(AgentSide::Down(AgentDown::Stopped(why))) => {
+                    detail = match why {
+                        // It says what to do.
+                        Some(why) => why.clone(),
+                        None => format!("start it again with 'towerctl join {} …'", self.name),
+                    };
                     DisplayState::Stopped
                 }
                 Some(AgentSide::Down(AgentDown::NotResponding(e))) => {

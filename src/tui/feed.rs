@@ -132,7 +132,9 @@ async fn watch_agent(name: String, tx: mpsc::Sender<Action>, cancel: Cancellatio
         .await
         {
             None => return,
-            Some(Lost::NoSocket | Lost::Refused) => AgentDown::Stopped,
+            Some(Lost::NoSocket | Lost::Refused) => {
+                AgentDown::Stopped(crate::daemon::process::last_words(&format!("agent-{name}")))
+            }
             Some(Lost::Other(e)) => AgentDown::NotResponding(e),
         };
         let down = Action::AgentDown {

@@ -529,7 +529,7 @@ fn states_map_from_both_points_of_view() {
         &mut a,
         Action::AgentDown {
             name: "gone".into(),
-            why: AgentDown::Stopped,
+            why: AgentDown::Stopped(None),
         },
     );
     let s = |n: &str| a.clusters[n].view(a.now, a.now_unix).state;
@@ -538,6 +538,19 @@ fn states_map_from_both_points_of_view() {
     assert_eq!(s("other"), DisplayState::Failed);
     assert_eq!(s("dialing"), DisplayState::Connecting);
     assert_eq!(s("gone"), DisplayState::Stopped);
+    let detail = a.clusters["gone"].view(a.now, a.now_unix).detail;
+    assert!(detail.contains("start it again"), "{detail}");
+    // One that stopped on an error shows it (it says what to do).
+    update(
+        &mut a,
+        Action::AgentDown {
+            name: "gone".into(),
+            why: AgentDown::Stopped(Some("cluster 'gone' was revoked on the hub".into())),
+        },
+    );
+    let view = a.clusters["gone"].view(a.now, a.now_unix);
+    assert_eq!(view.state, DisplayState::Stopped);
+    assert_eq!(view.detail, "cluster 'gone' was revoked on the hub");
 }
 
 #[test]
@@ -768,7 +781,7 @@ fn an_agent_that_left_does_not_come_back_from_a_late_snapshot() {
         &mut a,
         Action::AgentDown {
             name: "zeta".into(),
-            why: AgentDown::Stopped,
+            why: AgentDown::Stopped(None),
         },
     );
     assert!(a.clusters["alpha"].agent.is_none());
