@@ -100,7 +100,17 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
         o.stdout.contains("beta") && !o.stdout.contains("alpha") && !o.stdout.contains("gamma"),
         "{o:?}"
     );
-    assert!(!alice.towerctl(&["use", "beta"]).ok());
+    // She is told a member she may not reach may be hers to ask for, not
+    // only to register (which the hub's admin finds already done).
+    let o = alice.towerctl(&["use", "beta"]);
+    assert!(
+        !o.ok()
+            && o.stderr
+                .contains("not among the members operator 'alice' may reach")
+            && o.stderr
+                .contains("towerctl access allow operator:alice --names beta"),
+        "{o:?}"
+    );
 
     // And reaches only its own, with kubectl.
     assert!(alice.towerctl(&["use", "alpha"]).ok());

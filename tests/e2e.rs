@@ -717,6 +717,13 @@ fn registry_survives_kill_9_during_writes() {
             && o.stderr.contains("'towerctl down', then this command again"),
         "{o:?}"
     );
+    // A metrics endpoint too (it was ignored without a word).
+    let o = env.up_with_env_metrics(&[], "off");
+    assert!(
+        o.stderr
+            .contains("started otherwise: --metrics off (running: 127.0.0.1:"),
+        "{o:?}"
+    );
     // Who may name clients' addresses too.
     let o = env.up_with(&["--trusted-proxy", "127.0.0.1", "--require-proxy-protocol"]);
     assert!(
@@ -3983,6 +3990,45 @@ fn two_joins_of_one_name_at_once_leave_one_agent_and_leave_stops_it() {
             "an agent for alpha still runs after leave (pid {pid}): {stat}"
         );
     }
+}
+
+/// An agent joined with its kubeconfig from `KUBECONFIG` keeps the file
+/// in its settings: started again without that environment (a service
+/// unit runs `agent run NAME --config …`), it found no credentials and
+/// exited, every 5 s under systemd.
+#[test]
+fn a_kubeconfig_from_the_environment_is_kept_with_the_agent() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let join = env.cluster_add("alpha");
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join_with_env(
+        &join,
+        &["--allow", "127.0.0.0/8"],
+        &[("KUBECONFIG", kc.to_str().unwrap())],
+    );
+    assert!(o.ok(), "{o:?}");
+    let saved: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.path("config/towerctl/agents/alpha.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["kubeconfig"], kc.to_str().unwrap(), "{saved}");
+    // Started again as a unit would, without KUBECONFIG: it connects.
+    let pid = env.pid_of("agent-alpha").unwrap();
+    env.kill9("agent-alpha");
+    wait_for("the old agent gone", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    let cfg = env.path("config/towerctl/agents/alpha.json");
+    let mut cmd = env.towerctl_cmd(&["agent", "run", "alpha", "--config", cfg.to_str().unwrap()]);
+    cmd.env_remove("KUBECONFIG");
+    let _agent = Streaming::start(cmd);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    wait_for("alpha served again", Duration::from_secs(30), || {
+        env.kubectl(&["get", "ns"]).ok().then_some(())
+    });
 }
 
 /// A watch whose tunnel goes away (its agent killed) ends with kubectl

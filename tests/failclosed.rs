@@ -98,7 +98,7 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
 fn requiring_impersonation_cuts_the_streams_opened_with_the_agents_identity() {
     let hub = Env::new();
     let api = ApiServer::start();
-    connected(&hub, &api);
+    let join = connected(&hub, &api);
     let mut watch = Streaming::start(hub.kubectl_cmd(&["get", "configmaps", "-A", "-w"]));
     std::thread::sleep(Duration::from_millis(1500));
     api.create_configmap("default", "before", &[("k", "v")]);
@@ -115,8 +115,33 @@ fn requiring_impersonation_cuts_the_streams_opened_with_the_agents_identity() {
         "the watch outlived the change by {:?}",
         t.elapsed()
     );
+    assert!(o.stdout.contains("'towerctl leave alpha'"), "{o:?}");
     let o = hub.kubectl(&["get", "ns"]);
     assert!(!o.ok(), "no new request with the agent's identity: {o:?}");
+    // What the refusal and `cluster set` say to do works: leave, then the
+    // join command again with --impersonate (the token is spent; the key
+    // is kept).
+    assert!(
+        o.stderr
+            .contains("'towerctl leave alpha', then its join command with --impersonate"),
+        "{o:?}"
+    );
+    assert!(hub.towerctl(&["leave", "alpha"]).ok());
+    let member_kc = hub.path("member.kubeconfig");
+    let o = hub.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+            "--impersonate",
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+    api.bind_user("admin");
+    let o = hub.kubectl(&["get", "ns"]);
+    assert!(o.ok(), "{o:?}");
 }
 
 #[test]
@@ -255,11 +280,19 @@ fn rotate_new_key_forces_the_agent_to_join_again() {
         "127.0.0.0/8",
     ];
     let o = hub.join(&new_join, &args);
+    let key = hub.path("config/towerctl/agents/alpha.key");
     assert!(
         !o.ok() && o.stderr.contains("give the agent a new key"),
         "{o:?}"
     );
-    std::fs::remove_file(hub.path("config/towerctl/agents/alpha.key")).unwrap();
+    // The file to remove is named as it is on this machine (the hub's
+    // words named ~/.config, wrong under XDG_CONFIG_HOME).
+    assert!(
+        o.stderr
+            .contains(&format!("the agent key '{}' was refused", key.display())),
+        "{o:?}"
+    );
+    std::fs::remove_file(&key).unwrap();
     let o = hub.join(&new_join, &args);
     assert!(o.ok(), "{o:?}");
     let o = hub.kubectl(&["get", "nodes"]);

@@ -133,7 +133,7 @@ pub async fn rotate(
         "has a new join token (the old one no longer works)",
     )?;
     if new_key && output != "json" {
-        eprintln!("The agent key is retired, and refused from now on: on the member, remove the agent's key file first (~/.config/towerctl/agents/{name}.key, or the one --key-file names), then run the join command; towerctl makes a new key. A pod agent: print its manifest again without --key-file (a new key) and apply it.");
+        eprintln!("The agent key is retired, and refused from now on: on the member, remove the agent's key file first (agents/{name}.key in towerctl's config directory there: ~/.config/towerctl unless XDG_CONFIG_HOME says otherwise; or the one --key-file names; the agent's refusal names it), then run the join command; towerctl makes a new key. A pod agent: print its manifest again without --key-file (a new key) and apply it.");
     }
     Ok(code)
 }
@@ -190,7 +190,19 @@ pub async fn set(name: &str, impersonate: Option<bool>) -> Result<u8> {
             "operators act with the agent's identity; its agent must run without --impersonate"
         }
     );
+    println!(
+        "{}",
+        restart_agent_hint(name, if on { "with" } else { "without" })
+    );
     Ok(exit::OK)
+}
+
+/// How a member's agent is started again with or without `--impersonate`
+/// (a running agent keeps the mode it was started in).
+pub fn restart_agent_hint(name: &str, with: &str) -> String {
+    format!(
+        "A running agent keeps its mode until started again {with} --impersonate: on the member, 'towerctl leave {name}' then its join command {with} --impersonate (its key is kept; a spent token is not needed); a pod agent: print its manifest again {with} --impersonate and apply it"
+    )
 }
 
 pub async fn revoke(name: &str) -> Result<u8> {

@@ -205,7 +205,7 @@ fn select(source: &Source, selector: Option<&str>, names: &[String]) -> Result<V
     if v.is_empty() {
         match selector {
             Some(s) => bail!("no member matches the selector '{s}': see the labels with 'towerctl cluster list -o wide', set them with 'towerctl cluster label NAME KEY=VALUE'"),
-            None => bail!("the hub has no members yet: 'towerctl cluster add NAME' on the hub"),
+            None => bail!("{}", source.none_yet()),
         }
     }
     Ok(v)

@@ -53,7 +53,11 @@ pub fn gen_docs(root: &Path) -> Result<u8> {
 
 /// One page per command and subcommand (`towerctl-cluster-add.1`, …).
 fn write_man(cmd: &clap::Command, name: &str, dir: &Path) -> Result<()> {
-    let page = cmd.clone().name(name.to_string());
+    // clap's `help` subcommand gets no page of its own: not listed either.
+    let page = cmd
+        .clone()
+        .name(name.to_string())
+        .disable_help_subcommand(true);
     let mut buf = Vec::new();
     clap_mangen::Man::new(page).render(&mut buf)?;
     std::fs::write(dir.join(format!("{name}.1")), buf)?;

@@ -96,6 +96,23 @@ fn differs(a: &HubArgs, s: &HubStatus) -> Vec<String> {
             a.gateway, s.gateway_addr
         ));
     }
+    // As the listeners: the default is no request.
+    let default_metrics = super::DEFAULT_METRICS.parse::<std::net::SocketAddr>().ok();
+    let metrics_differ = match (a.metrics.0, s.metrics_addr.as_deref()) {
+        (want, _) if want == default_metrics => false,
+        (None, have) => have.is_some(),
+        (Some(_), None) => true,
+        (Some(want), Some(have)) => !addr(want, have),
+    };
+    if metrics_differ {
+        out.push(format!(
+            "--metrics {} (running: {})",
+            a.metrics
+                .0
+                .map_or_else(|| "off".to_string(), |m| m.to_string()),
+            s.metrics_addr.as_deref().unwrap_or("off")
+        ));
+    }
     if let Some(u) = a.advertise.as_ref().filter(|u| !same_url(u, &s.tunnel_url)) {
         out.push(format!("--advertise {u} (running: {})", s.tunnel_url));
     }

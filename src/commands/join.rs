@@ -111,6 +111,11 @@ fn config_keyed(name: &str, o: &AgentOpts, for_pod: bool, keyed: bool) -> Result
             }
             Some(abs)
         }
+        // The agent would find KUBECONFIG in the environment `join` gives
+        // it, but not when started again without it (a service unit,
+        // `towerctl service install agent`): the file it names is saved,
+        // as the proxy variables are.
+        None if !for_pod => kubeconfig_from_env(),
         None => None,
     };
     // Checked now, for each hub, so that a proxy the agent cannot use fails
@@ -463,4 +468,24 @@ pub async fn leave(name: &str) -> Result<u8> {
     let _ = std::fs::remove_file(&path);
     println!("agent '{name}' stopped and forgotten");
     Ok(exit::OK)
+}
+
+/// The one file `KUBECONFIG` names, made absolute, to keep in the agent's
+/// settings; with several (kubectl merges them), none, said.
+fn kubeconfig_from_env() -> Option<std::path::PathBuf> {
+    let v = std::env::var_os("KUBECONFIG")?;
+    let files: Vec<_> = std::env::split_paths(&v)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    match files.as_slice() {
+        // One that does not exist is left to kube's inference, as before.
+        [one] => {
+            Some(std::path::absolute(one).unwrap_or_else(|_| one.clone())).filter(|p| p.exists())
+        }
+        [] => None,
+        _ => {
+            eprintln!("warning: KUBECONFIG names several files, which the agent merges now but does not keep: started again without this environment (a service unit), it would not find them; pass the member's kubeconfig with --kubeconfig FILE to keep it");
+            None
+        }
+    }
 }

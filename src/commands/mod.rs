@@ -107,7 +107,8 @@ pub enum Command {
     PortForward {
         /// Member cluster (or `stop`).
         cluster: String,
-        /// pod/NAME, svc/NAME, deploy/NAME, or a bare pod name (with `stop`: the forward's ID).
+        /// pod/NAME, svc/NAME, a workload's pod (deploy/, rs/, sts/, ds/, job/, rc/NAME), or a
+        /// bare pod name (with `stop`: the forward's ID).
         resource: Option<String>,
         /// [LOCAL:]REMOTE port pairs (':REMOTE' picks a free local port).
         ports: Vec<String>,
@@ -198,7 +199,7 @@ timed-out members are listed on stderr at the end; the exit code is 1 if any fai
     /// Install systemd user units for the daemons.
     #[command(subcommand)]
     Service(ServiceCommand),
-    /// Print a shell completion script (bash, zsh, fish, powershell).
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
     Completion { shell: clap_complete::Shell },
     /// Write completions/ and man/ under DIR (for packagers; the checked-in copies come from it).
     #[command(hide = true)]
@@ -290,7 +291,7 @@ pub struct HubArgs {
     #[arg(long, value_parser = parse_shutdown_delay, value_name = "DURATION")]
     pub shutdown_delay: Option<std::time::Duration>,
     /// Address for Prometheus /metrics (loopback by default), or 'off'.
-    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr, value_name = "ADDR|off")]
+    #[arg(long, default_value = DEFAULT_METRICS, value_parser = parse_metrics_addr, value_name = "ADDR|off")]
     pub metrics: MetricsAddr,
     /// Share the registry with other hubs in etcd (etcd://HOST:PORT[,HOST:PORT…],
     /// or https://… for TLS); default: the embedded store in the data directory.
@@ -812,6 +813,8 @@ pub struct MaxStale(pub Option<std::time::Duration>);
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 /// `--gateway`'s default.
 pub const DEFAULT_GATEWAY: &str = "0.0.0.0:9443";
+/// The hub's Prometheus endpoint unless `--metrics` says otherwise.
+pub const DEFAULT_METRICS: &str = "127.0.0.1:9464";
 
 /// `--advertise`: a `ws://` or `wss://` URL with a host, as join commands,
 /// unit files and manifests carry it.

@@ -27,6 +27,9 @@ pub struct Source {
     pub clusters: Vec<ClusterStatus>,
     /// The operator token, for towerctl's own requests (port-forward).
     pub token: crate::tunnel::Secret,
+    /// The operator logged in, when the list is what the gateway shows
+    /// them (the members their access rules allow), not the hub's own.
+    pub operator: Option<String>,
 }
 
 /// Keeps the members whose names a hub can register: they go into
@@ -64,6 +67,7 @@ impl Source {
                 hub.admin_token_file,
             ],
             clusters,
+            operator: None,
         })
     }
 
@@ -108,6 +112,7 @@ impl Source {
             gateway_url: login.gateway_url,
             ca_pem: login.ca_pem,
             clusters,
+            operator: Some(login.operator),
         })
     }
 
@@ -116,10 +121,32 @@ impl Source {
             return Ok(());
         }
         let known: Vec<_> = self.clusters.iter().map(|c| c.name.as_str()).collect();
-        bail!(
-            "cluster '{name}' is not registered on the hub (known: {}); register it with 'towerctl cluster add {name}' on the hub",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
-        )
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        match &self.operator {
+            // The gateway lists only what the operator's rules allow: a
+            // member they may not reach looks the same as none at all.
+            Some(op) => bail!(
+                "cluster '{name}' is not among the members operator '{op}' may reach through '{}' (yours: {known}): either no access rule gives it to you (the hub's admin grants it with 'towerctl access allow operator:{op} --names {name}' or a rule for one of your groups) or it is not registered (the hub's admin adds it with 'towerctl cluster add {name}')",
+                self.gateway_url
+            ),
+            None => bail!(
+                "cluster '{name}' is not registered on the hub (known: {known}); register it with 'towerctl cluster add {name}' on the hub"
+            ),
+        }
+    }
+
+    /// What to say when the list is empty.
+    pub fn none_yet(&self) -> String {
+        match &self.operator {
+            Some(op) => format!(
+                "no member that operator '{op}' may reach: the hub's admin grants access with 'towerctl access allow operator:{op} …' (or a rule for one of your groups), and adds members with 'towerctl cluster add NAME'"
+            ),
+            None => "the hub has no members yet: 'towerctl cluster add NAME' on the hub".into(),
+        }
     }
 
     /// The three kubeconfig entries of member `name`: cluster, user, context.
@@ -269,7 +296,7 @@ pub async fn run(a: UseArgs) -> Result<u8> {
             // List the members and mark the current one, like kubectx.
             let source = Source::find(a.gateway.as_deref()).await?;
             if source.clusters.is_empty() {
-                println!("no members yet: 'towerctl cluster add NAME' on the hub");
+                println!("{}", source.none_yet());
             }
             for c in &source.clusters {
                 let ctx = format!("tower-{}", c.name);

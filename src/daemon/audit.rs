@@ -54,13 +54,22 @@ pub const MAX_BYTES: u64 = 10 * 1024 * 1024;
 /// hub keeps is `(KEEP + 1)` times it.
 pub const MAX_BYTES_ENV: &str = "TOWERCTL_AUDIT_MAX_BYTES";
 
+/// The least rotation size [`MAX_BYTES_ENV`] may set (64 KiB).
+const MIN_BYTES: u64 = 64 * 1024;
+
 /// [`MAX_BYTES`], or what [`MAX_BYTES_ENV`] says (read once).
 pub fn max_bytes() -> u64 {
     static SIZE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *SIZE.get_or_init(|| match std::env::var(MAX_BYTES_ENV) {
         Err(_) => MAX_BYTES,
         Ok(v) => match v.trim().parse::<u64>() {
-            Ok(n) => n.max(64 * 1024),
+            Ok(n) if n < MIN_BYTES => {
+                tracing::warn!(
+                    "{MAX_BYTES_ENV}={n} is under the least the audit log rotates at: rotating at {MIN_BYTES} bytes"
+                );
+                MIN_BYTES
+            }
+            Ok(n) => n,
             Err(_) => {
                 tracing::warn!(
                     "ignoring {MAX_BYTES_ENV}='{}': use a size in bytes",

@@ -208,7 +208,7 @@ impl EtcdStore {
                 "key": etcd::b64(self.prefix.as_bytes()),
                 "range_end": etcd::b64(&etcd::prefix_end(&self.prefix)),
                 "keys_only": true,
-                "min_mod_revision": (rev + 1).to_string(),
+                "min_mod_revision": rev.saturating_add(1).to_string(),
             }),
         )?;
         let written = v["kvs"].as_array().is_some_and(|a| !a.is_empty());
@@ -511,16 +511,22 @@ fn watch_loop(store: std::sync::Weak<EtcdStore>, mut rev: i64, silence: Duration
                 silence_ms.saturating_sub(boot_ms().saturating_sub(checked.get())),
             )
         };
-        let r = etcd.watch(&prefix, rev + 1, silence, left, |at, events| {
-            let Some(s) = weak.upgrade() else {
-                return false;
-            };
-            for e in events {
-                s.apply(e);
-            }
-            rev = rev.max(at);
-            true
-        });
+        let r = etcd.watch(
+            &prefix,
+            rev.saturating_add(1),
+            silence,
+            left,
+            |at, events| {
+                let Some(s) = weak.upgrade() else {
+                    return false;
+                };
+                for e in events {
+                    s.apply(e);
+                }
+                rev = rev.max(at);
+                true
+            },
+        );
         // Quiet for a while, a connection that died without a word, or a
         // confirmation due: watch again from the last revision seen (etcd
         // replays what came since), no listing needed. Confirmed by a

@@ -183,7 +183,7 @@ impl std::fmt::Debug for Secret {
 pub enum TunnelError {
     #[error(
         "the hub's host key does not match the pinned one: expected '{expected}', the hub presented '{actual}'; \
-         if the hub was reinstalled, get the new key from 'towerctl cluster add' on the hub and pass it as --hub-key"
+         if the hub was reinstalled, read its key on the hub ('towerctl status' shows it, as 'towerctl cluster rotate NAME' prints it in a new join command) and pass it as --hub-key"
     )]
     HostKeyMismatch { expected: String, actual: String },
     #[error("{}", auth_message(name, reason.as_deref()))]

@@ -286,7 +286,18 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(3), tasks.wait()).await;
     let _ = std::fs::remove_file(&socket);
-    result
+    // The hub cannot know where this agent keeps its key: a refusal of
+    // the key itself names the file to replace.
+    result.map_err(|e| {
+        if e.to_string().contains("this agent's key was retired") {
+            e.context(format!(
+                "the agent key '{}' was refused",
+                key_path.display()
+            ))
+        } else {
+            e
+        }
+    })
 }
 
 /// Removes the join token from the agent's saved configuration at `path`

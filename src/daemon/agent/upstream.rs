@@ -491,7 +491,7 @@ fn impersonation(
     let member_requires = headers.get(IMPERSONATE_HEADER).is_some_and(|v| v == "1");
     match (member_requires, agent_requires) {
         (false, false) => return Ok(None),
-        (true, false) => return Err("this member requires impersonation but its towerctl agent runs without --impersonate; restart the agent with --impersonate".into()),
+        (true, false) => return Err("this member requires impersonation but its towerctl agent runs without --impersonate; start the agent again with --impersonate (on the member: 'towerctl leave NAME', then its join command with --impersonate)".into()),
         (false, true) => return Err("this towerctl agent runs with --impersonate but the hub did not ask for it for this member; run 'towerctl cluster set NAME --impersonate' on the hub".into()),
         (true, true) => {}
     }

@@ -73,7 +73,7 @@ impl server::Authenticator for Hub {
                 }
                 if m.retired_keys.contains(&print) {
                     return Verdict::Reject(Some(format!(
-                        "{AUTH_PREFIX}this agent's key was retired on the hub ('towerctl cluster rotate {name} --new-key'): give the agent a new key (remove its key file, ~/.config/towerctl/agents/{name}.key unless --key-file names another, and towerctl makes a new one; or pass a new --key-file), then run the join command again"
+                        "{AUTH_PREFIX}this agent's key was retired on the hub ('towerctl cluster rotate {name} --new-key'): give the agent a new key (remove its key file, which the agent names: agents/{name}.key in towerctl's config directory unless --key-file names another, and towerctl makes a new one; or pass a new --key-file), then run the join command again"
                     )));
                 }
             }

@@ -2144,8 +2144,8 @@ fn impersonation_agrees(session: &LiveSession) -> Result<(), String> {
     let member = session.impersonate.load(Ordering::Relaxed);
     let name = &session.name;
     match (member, session.agent_impersonates) {
-        (true, false) => Err(format!("cluster '{name}' requires impersonation (each operator acts as itself on the member) but its agent runs without --impersonate; restart the agent with --impersonate (as 'towerctl cluster add' printed), or run 'towerctl cluster set {name} --no-impersonate' on the hub to let operators act with the agent's identity")),
-        (false, true) => Err(format!("cluster '{name}' is registered without impersonation but its agent runs with --impersonate; run 'towerctl cluster set {name} --impersonate' on the hub, or restart the agent without --impersonate")),
+        (true, false) => Err(format!("cluster '{name}' requires impersonation (each operator acts as itself on the member) but its agent runs without --impersonate; start the agent again with --impersonate (on the member: 'towerctl leave {name}', then its join command with --impersonate), or run 'towerctl cluster set {name} --no-impersonate' on the hub to let operators act with the agent's identity")),
+        (false, true) => Err(format!("cluster '{name}' is registered without impersonation but its agent runs with --impersonate; run 'towerctl cluster set {name} --impersonate' on the hub, or start the agent again without --impersonate (on the member: 'towerctl leave {name}', then its join command without it)")),
         _ => Ok(()),
     }
 }
