@@ -455,6 +455,16 @@ fn the_countdown_runs_down_between_snapshots() {
         Action::Agent(Box::new(agent("alpha", "backing_off"))),
     );
     assert_eq!(row(&a).detail, "retry in 3.3s (attempt 4)");
+    // A long wait shows whole seconds and is not animated (redrawn once a
+    // second); under ten seconds, tenths at the animation rate.
+    let mut long = agent("alpha", "backing_off");
+    long.retry_in_ms = Some(24_200);
+    update(&mut a, Action::Agent(Box::new(long)));
+    assert_eq!(row(&a).detail, "retry in 25s (attempt 4)");
+    assert!(!a.animating());
+    a.now += Duration::from_millis(14_300);
+    assert_eq!(row(&a).detail, "retry in 9.9s (attempt 4)");
+    assert!(a.animating());
 }
 
 #[test]
