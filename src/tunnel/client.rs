@@ -541,10 +541,17 @@ async fn connect_inner(
     // tungstenite reads only the upgrade's head (`WsIo` reads the frames).
     let ws_cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(super::WS_READ_BUFFER);
-    let (tls_config, refused) = opts
-        .tls
-        .connector()
-        .map_err(|e| unreachable(e.to_string()))?;
+    // With --hub-ca, a dial looks at the file (a stat, and a read when it
+    // changed): off the runtime's thread, which a hung mount would stop.
+    let connector = if opts.tls.reads_a_file() {
+        let tls = opts.tls.clone();
+        tokio::task::spawn_blocking(move || tls.connector())
+            .await
+            .map_err(|e| unreachable(format!("reading --hub-ca: {e}")))?
+    } else {
+        opts.tls.connector()
+    };
+    let (tls_config, refused) = connector.map_err(|e| unreachable(e.to_string()))?;
     // rustls reads the socket in small steps: gulped underneath. A plain
     // socket is read by `WsIo` in big steps itself.
     let tcp = if tls {

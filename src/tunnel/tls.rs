@@ -279,6 +279,11 @@ impl HubTls {
         self.skip_verify
     }
 
+    /// Whether a dial reads `--hub-ca` (its file is looked at each time).
+    pub fn reads_a_file(&self) -> bool {
+        self.hub_ca.is_some()
+    }
+
     /// A TLS configuration for one dial, and the slot where its verifier
     /// leaves a refused certificate.
     pub fn connector(&self) -> Result<(Arc<rustls::ClientConfig>, FailureSlot), TrustError> {
