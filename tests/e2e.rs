@@ -811,6 +811,31 @@ fn a_silent_peer_is_declared_dead_within_three_keepalives() {
     });
     assert!(env.kubectl(&["get", "ns"]).ok());
 
+    // While it is frozen, its round trip shows as the time the keepalive
+    // has waited (it showed the last one, a fraction of a millisecond,
+    // until the agent was declared dead).
+    let agent = env.pid_of("agent-alpha").unwrap();
+    signal(agent, "-STOP");
+    let t = std::time::Instant::now();
+    let mut longest = 0.0f64;
+    while t.elapsed() < Duration::from_secs(5) {
+        let s = env.status();
+        let c = &s["hub"]["clusters"][0];
+        if c["state"] != "connected" {
+            break;
+        }
+        longest = longest.max(c["rttMs"].as_f64().unwrap_or(0.0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(agent, "-CONT");
+    assert!(
+        longest >= 400.0,
+        "the frozen agent's RTT stayed at {longest} ms"
+    );
+    wait_for("the agent to reconnect", Duration::from_secs(15), || {
+        (env.status()["hub"]["clusters"][0]["state"] == "connected").then_some(())
+    });
+
     // The same from the other side: a frozen hub is detected by the agent.
     let hub = env.pid_of("hub").unwrap();
     signal(hub, "-STOP");

@@ -611,12 +611,10 @@ impl App {
     /// Whether something on screen moves by itself faster than once a
     /// second (a countdown), so the loop redraws at the animation rate.
     pub fn animating(&self) -> bool {
-        self.clusters
-            .values()
-            .any(|c| {
-                c.retry_in(self.now)
-                    .is_some_and(|d| !d.is_zero() && d < TENTHS_UNDER)
-            })
+        self.clusters.values().any(|c| {
+            c.retry_in(self.now)
+                .is_some_and(|d| !d.is_zero() && d < TENTHS_UNDER)
+        })
     }
 
     fn configured(&self, name: &str) -> bool {

@@ -124,6 +124,10 @@ pub struct LiveSession {
     pub takes_early: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
+    /// When the keepalive now awaiting its answer went out (`None`
+    /// between them): an answer overdue longer than the last round trip
+    /// is shown as the round trip so far ([`LiveSession::rtt_ms`]).
+    pub ping_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// Open channels (upstream connections) right now.
     pub streams: AtomicU64,
     /// The windows the open channels asked the agent for
@@ -260,6 +264,25 @@ pub const MEMBER_WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 pub const OPERATOR_WINDOW_SHARE: u64 = 2;
 
 impl LiveSession {
+    /// The round trip to show, milliseconds: the last one measured, or,
+    /// while a keepalive's answer is overdue past it, the time waited so
+    /// far (a stalled agent showed its last round trip, a fraction of a
+    /// millisecond, until the hub declared it dead). `None` before the
+    /// first.
+    pub fn rtt_ms(&self) -> Option<f64> {
+        let last = self.rtt_us.load(Ordering::Relaxed);
+        let waited = self
+            .ping_since
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(0, |at| at.elapsed().as_micros() as u64);
+        match last.max(if last == 0 { 0 } else { waited }) {
+            0 => None,
+            us => Some(us as f64 / 1000.0),
+        }
+    }
+
     /// Bytes in and out over this session (since it connected).
     pub fn session_bytes(&self) -> (u64, u64) {
         let (i, o) = self.counters.bytes();
@@ -1324,10 +1347,7 @@ impl Hub {
                         st.state = MemberState::Connected;
                         st.since = Some(s.connected_at);
                         st.remote = s.peer.clone();
-                        st.rtt_ms = match s.rtt_us.load(Ordering::Relaxed) {
-                            0 => None,
-                            us => Some(us as f64 / 1000.0),
-                        };
+                        st.rtt_ms = s.rtt_ms();
                         st.streams = s.streams.load(Ordering::Relaxed);
                         st.agent_version = Some(s.version.clone());
                         (st.bytes_in, st.bytes_out) = s.session_bytes();

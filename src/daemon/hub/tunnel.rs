@@ -620,6 +620,7 @@ async fn tunnel_session(
             .any(|f| f == tunnel::FEATURE_OPEN_EARLY)
             && !tunnel::left_out_for_tests("TOWERCTL_TEST_HUB_WITHOUT", tunnel::FEATURE_OPEN_EARLY),
         rtt_us: AtomicU64::new(0),
+        ping_since: Default::default(),
         streams: AtomicU64::new(0),
         windows: crate::tunnel::flow::WindowBudget::from_env(super::MEMBER_WINDOW_BUDGET)
             .within(crate::tunnel::flow::process_budget()),
@@ -681,7 +682,13 @@ async fn tunnel_session(
         let live = live.clone();
         let hub = hub.clone();
         async move {
+            let since = |at: Option<std::time::Instant>| {
+                if let Ok(mut s) = live.ping_since.lock() {
+                    *s = at;
+                }
+            };
             loop {
+                since(Some(std::time::Instant::now()));
                 match server::ping(
                     &live.handle,
                     crate::tunnel::ping_deadline(keepalive),
@@ -692,6 +699,7 @@ async fn tunnel_session(
                     Some(rtt) => {
                         live.rtt_us
                             .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
+                        since(None);
                         hub.record(&live.name, |m| {
                             push_bounded(&mut m.rtt, rtt.as_secs_f64() * 1000.0, RTT_SAMPLES_KEPT);
                             m.rtt_histogram.observe(rtt.as_secs_f64());
