@@ -4056,6 +4056,33 @@ fn a_kubeconfig_from_the_environment_is_kept_with_the_agent() {
     });
 }
 
+/// A member removed and added again under its name is a new one: never
+/// connected, with none of the old one's events (it showed
+/// "disconnected" since the old session's end, and its history).
+#[test]
+fn a_member_removed_and_added_again_starts_afresh() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    assert!(env.towerctl(&["cluster", "rm", "alpha"]).ok());
+    assert!(env.towerctl(&["cluster", "add", "alpha"]).ok());
+    // Whatever the old session's end still records, now or in a moment.
+    for _ in 0..3 {
+        let s = env.status();
+        let c = &s["hub"]["clusters"][0];
+        assert_eq!(c["state"], "never_connected", "{s}");
+        assert!(c["since"].is_null(), "{s}");
+        let events = c["events"].as_array().cloned().unwrap_or_default();
+        assert!(
+            events
+                .iter()
+                .all(|e| !e["text"].as_str().unwrap_or("").contains("connected")),
+            "an earlier member's events: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A watch whose tunnel goes away (its agent killed) ends with kubectl
 /// saying why: the broken stream ended `kubectl get -w` with no word.
 /// kubectl prints a watch's ERROR event as a row and exits 0 either way

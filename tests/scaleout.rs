@@ -396,6 +396,119 @@ fn hubs_on<const N: usize>(etcd: &Etcd) -> [Env; N] {
     hubs
 }
 
+/// `operator add` of one name on three hubs at once (twice each) gives one
+/// operator: one command succeeds, the others say the name exists (over
+/// etcd, each hub checked the name and wrote its own token: up to six
+/// working tokens of one name, with different groups).
+#[test]
+fn one_operator_name_added_on_every_hub_at_once_is_added_once() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 3] = hubs_on(&etcd);
+    for round in 0..3 {
+        let name = format!("op{round}");
+        let outs: Vec<support::Out> = std::thread::scope(|s| {
+            let runs: Vec<_> = hubs
+                .iter()
+                .chain(hubs.iter())
+                .enumerate()
+                .map(|(i, h)| {
+                    let name = name.clone();
+                    s.spawn(move || {
+                        h.towerctl(&["operator", "add", &name, "--group", &format!("g{i}")])
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let won = outs.iter().filter(|o| o.ok()).count();
+        assert_eq!(won, 1, "round {round}: {outs:?}");
+        for o in outs.iter().filter(|o| !o.ok()) {
+            assert!(o.stderr.contains("already exists"), "{o:?}");
+        }
+        let o = hubs[0].towerctl(&["operator", "list", "-o", "json"]);
+        let list: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        let rows = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["name"] == name.as_str())
+            .count();
+        assert_eq!(rows, 1, "{list}");
+    }
+}
+
+/// The same `access allow` on three hubs at once (twice each) adds one
+/// rule: one command says "added", the others that it exists already (each
+/// said "added" of one rule id, and one `access rm` undid them all).
+/// Different rules at once are each added.
+#[test]
+fn one_rule_allowed_on_every_hub_at_once_is_added_once() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 3] = hubs_on(&etcd);
+    for round in 0..3 {
+        let subject = format!("operator:s{round}");
+        let outs: Vec<support::Out> = std::thread::scope(|s| {
+            let runs: Vec<_> = hubs
+                .iter()
+                .chain(hubs.iter())
+                .map(|h| {
+                    let subject = subject.clone();
+                    s.spawn(move || h.towerctl(&["access", "allow", &subject, "--names", "alpha"]))
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert!(outs.iter().all(|o| o.ok()), "{outs:?}");
+        let added = outs
+            .iter()
+            .filter(|o| o.stdout.starts_with("added"))
+            .count();
+        assert_eq!(added, 1, "round {round}: {outs:?}");
+        assert!(
+            outs.iter()
+                .filter(|o| !o.stdout.starts_with("added"))
+                .all(|o| o.stdout.starts_with("exists already:")),
+            "{outs:?}"
+        );
+        let o = hubs[1].towerctl(&["access", "list", "-o", "json"]);
+        let rules: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+        let n = rules
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["subject"].to_string().contains(&format!("s{round}")))
+            .count();
+        assert_eq!(n, 1, "{rules}");
+    }
+    // Different rules at once: every one added, under ids of their own.
+    let outs: Vec<support::Out> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..6)
+            .map(|i| {
+                let h = &hubs[i % 3];
+                s.spawn(move || {
+                    h.towerctl(&[
+                        "access",
+                        "allow",
+                        &format!("operator:d{i}"),
+                        "--names",
+                        "alpha",
+                    ])
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(
+        outs.iter().all(|o| o.ok() && o.stdout.starts_with("added")),
+        "{outs:?}"
+    );
+    let ids: std::collections::BTreeSet<&str> = outs
+        .iter()
+        .filter_map(|o| o.stdout.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(ids.len(), 6, "{outs:?}");
+}
+
 /// Each hub's registry watch stayed open all along (etcd up): a read
 /// deadline on it would break it and reload the whole registry every few
 /// seconds.

@@ -41,6 +41,12 @@ pub async fn remove(id: u64) -> Result<u8> {
 fn report(what: &str, v: &serde_json::Value) -> Result<u8> {
     let rule: Rule =
         serde_json::from_value(v["rule"].clone()).context("malformed answer from the hub")?;
+    // The same rule was there: nothing added.
+    let what = if v["unchanged"].as_bool() == Some(true) {
+        "exists already:"
+    } else {
+        what
+    };
     println!("{what} {}", crate::tunnel::shown(&rule.to_string()));
     let cut = v["streamsCut"].as_u64().unwrap_or(0);
     if cut > 0 {

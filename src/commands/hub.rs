@@ -17,7 +17,7 @@ pub fn no_hub() -> anyhow::Error {
     // etcd at start): starting another would not help.
     if let Some(pid) = process::running_pid("hub") {
         return super::error::CliError::NotRunning(format!(
-            "the hub (pid {pid}) is starting and does not answer yet (it may be waiting for etcd); \
+            "the hub (pid {pid}) is starting and does not answer yet (opening its registry, or waiting for etcd); \
              see its log ('towerctl logs hub', or the pod's 'kubectl logs') and retry"
         ))
         .into();

@@ -201,6 +201,16 @@ impl Policy {
                 }
             }
         }
+        // The same rule again (run twice, or on two hubs at once): the one
+        // there, nothing added.
+        if let Some(same) = self.rules.iter().find(|r| {
+            r.effect == effect
+                && r.subject == subject
+                && r.clusters == clusters
+                && r.unknown.is_empty()
+        }) {
+            return Ok(same.clone());
+        }
         self.next_id += 1;
         let r = Rule {
             id: self.next_id,
@@ -303,6 +313,25 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         crate::daemon::labels::tests::labels(pairs)
+    }
+
+    /// The same rule again is the one there; a different one is added.
+    #[test]
+    fn the_same_rule_is_not_added_twice() {
+        let mut p = Policy::default();
+        let a = p
+            .add(Effect::Allow, Subject::Group("devs".into()), "env=dev")
+            .unwrap();
+        let again = p
+            .add(Effect::Allow, Subject::Group("devs".into()), "env=dev")
+            .unwrap();
+        assert_eq!(again.id, a.id);
+        assert_eq!(p.rules.len(), 1);
+        let deny = p
+            .add(Effect::Deny, Subject::Group("devs".into()), "env=dev")
+            .unwrap();
+        assert_ne!(deny.id, a.id);
+        assert_eq!(p.rules.len(), 2);
     }
 
     #[test]

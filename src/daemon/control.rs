@@ -499,10 +499,22 @@ async fn exchange(socket: &Path, req: Request, timeout: Duration) -> Result<Resp
         let (r, mut w) = stream.into_split();
         let mut line = serde_json::to_vec(&Envelope { v: VERSION, req })?;
         line.push(b'\n');
-        w.write_all(&line).await?;
+        // Once the request may have reached the daemon, a connection it
+        // closes (it stopped, was killed, crashed) leaves the change
+        // unknown: said so, not as a parse error or a bare reset.
+        let gone = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "the daemon closed the connection before it answered ({e}): it stopped or crashed, and what was asked may or may not have been done; see 'towerctl status' and its log ('towerctl logs'), then check before asking again"
+            )
+        };
+        w.write_all(&line).await.map_err(|e| gone(&e))?;
         let mut reader = BufReader::new(r);
         let mut buf = String::new();
-        reader.read_line(&mut buf).await?;
+        match reader.read_line(&mut buf).await {
+            Ok(0) => return Err(gone(&"no answer")),
+            Ok(_) => {}
+            Err(e) => return Err(gone(&e)),
+        }
         let resp: Response =
             serde_json::from_str(&buf).context("malformed answer from the daemon")?;
         anyhow::Ok(resp)
@@ -881,5 +893,32 @@ mod debug_tests {
             assert!(!shown.contains("topsecret"), "{shown}");
             assert!(shown.contains("sha256:"), "{shown}");
         }
+    }
+}
+
+#[cfg(test)]
+mod exchange_tests {
+    /// A daemon that takes the request and closes without an answer (it
+    /// was killed) is said so, with what to check; not as a parse error.
+    #[tokio::test]
+    async fn a_daemon_that_closes_before_answering_is_said_so() {
+        use tokio::io::AsyncBufReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut line = String::new();
+            let _ = tokio::io::BufReader::new(s).read_line(&mut line).await;
+        });
+        let e = super::call(&path, super::Request::Status)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("closed the connection before it answered")
+                && e.contains("may or may not have been done"),
+            "{e}"
+        );
     }
 }

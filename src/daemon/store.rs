@@ -168,6 +168,12 @@ pub trait Store: Send + Sync + 'static {
     fn delete_member(&self, name: &str) -> Result<bool, StoreError>;
     fn operator_by_token_hash(&self, hash: &str) -> Result<Option<Operator>, StoreError>;
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError>;
+    /// Adds `op` unless an operator of its name exists (then `false`), in
+    /// one step against other writers: two `operator add` of one name at
+    /// once (on two hubs, or on one over etcd) both succeeded, one name
+    /// with two tokens of different groups. A record this hub cannot read
+    /// is an error (the name may be in it).
+    fn create_operator(&self, op: &Operator) -> Result<bool, StoreError>;
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
     /// The operators whose records this hub can read, the others logged
     /// and left out ([`readable_operator`]): what the hub authenticates
@@ -678,6 +684,25 @@ impl Store for RedbStore {
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
         self.put(OPERATORS, &op.token_hash, op)
     }
+    fn create_operator(&self, op: &Operator) -> Result<bool, StoreError> {
+        let bytes = serde_json::to_vec(op).map_err(io)?;
+        self.run(|db| {
+            let tx = begin_write(db)?;
+            {
+                let mut t = tx.open_table(OPERATORS)?;
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    let other: Operator = decode(k.value(), v.value())?;
+                    if other.name == op.name {
+                        return Ok(false);
+                    }
+                }
+                t.insert(op.token_hash.as_str(), bytes.as_slice())?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
         self.list(OPERATORS)
     }
@@ -796,6 +821,15 @@ impl Store for MemStore {
             .unwrap()
             .insert(op.token_hash.clone(), op.clone());
         Ok(())
+    }
+    fn create_operator(&self, op: &Operator) -> Result<bool, StoreError> {
+        let mut ops = self.operators.lock().unwrap();
+        if ops.values().any(|o| o.name == op.name) {
+            return Ok(false);
+        }
+        self.wrote();
+        ops.insert(op.token_hash.clone(), op.clone());
+        Ok(true)
     }
     fn list_operators(&self) -> Result<Vec<Operator>, StoreError> {
         Ok(self.operators.lock().unwrap().values().cloned().collect())
@@ -939,6 +973,20 @@ mod tests {
             );
             std::fs::write(&path, vec![0x5a; 3000]).unwrap();
         }
+    }
+
+    /// An operator name is added once: another token of that name is
+    /// refused, another name is not.
+    #[test]
+    fn an_operator_name_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("hub.redb")).unwrap();
+        assert!(s.create_operator(&operator("alice")).unwrap());
+        let mut again = operator("alice");
+        again.token_hash = "sha256:other".into();
+        assert!(!s.create_operator(&again).unwrap());
+        assert!(s.create_operator(&operator("bob")).unwrap());
+        assert_eq!(s.list_operators().unwrap().len(), 2);
     }
 
     #[test]

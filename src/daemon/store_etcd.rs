@@ -573,6 +573,12 @@ pub const WATCH_SILENCE: Duration = Duration::from_secs(20);
 
 const MEMBERS: &str = "members/";
 const OPERATORS: &str = "operators/";
+/// Beside each setting, the mark of the write that last changed it
+/// ([`Store::update_setting`]).
+const SETTING_WRITES: &str = "setting-writes/";
+/// Reads and checks of [`Store::create_operator`] before it gives up
+/// (other writers won each time).
+const CREATE_ATTEMPTS: usize = 8;
 
 impl Store for EtcdStore {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
@@ -683,6 +689,44 @@ impl Store for EtcdStore {
     fn put_operator(&self, op: &Operator) -> Result<(), StoreError> {
         self.put_json(&format!("{OPERATORS}{}", op.token_hash), op)
     }
+    /// Optimistic: the operators read at revision R, the name checked, and
+    /// the record written only if no operator key was written after R
+    /// (else read and check again). Operators are keyed by token hash, so
+    /// no single key stands for the name.
+    fn create_operator(&self, op: &Operator) -> Result<bool, StoreError> {
+        let rel = format!("{OPERATORS}{}", op.token_hash);
+        let key = self.key(&rel);
+        let b = serde_json::to_vec(op).map_err(|e| StoreError::Io(e.to_string()))?;
+        let prefix = self.key(OPERATORS);
+        for _ in 0..CREATE_ATTEMPTS {
+            let (rev, kvs) = self.etcd.range_prefix(&prefix).map_err(err)?;
+            for kv in &kvs {
+                let Some(k) = self.rel(&kv.key) else { continue };
+                let other: Operator = Self::decode(k, &kv.value)?;
+                if other.name == op.name {
+                    // Our own record: an earlier attempt of this very call
+                    // was applied and its answer lost (a leader change).
+                    return Ok(other.token_hash == op.token_hash && kv.value == b);
+                }
+            }
+            let (ok, at, _) = self
+                .etcd
+                .txn(
+                    vec![etcd::none_written_under_since(&prefix, rev)],
+                    vec![etcd::op_put(&key, &b, 0)],
+                    vec![],
+                )
+                .map_err(err)?;
+            if ok {
+                self.cached_put(&rel, b, at);
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Io(format!(
+            "operators kept changing while adding '{}' ({CREATE_ATTEMPTS} attempts): try again",
+            op.name
+        )))
+    }
     /// Read from etcd itself (a quorum read), not the cache: what changes
     /// read (`operator add`'s name check, `operator rm`) must see a token
     /// another hub wrote a moment ago, which this hub's watch may not have
@@ -716,16 +760,27 @@ impl Store for EtcdStore {
     ) -> Result<Result<String, String>, StoreError> {
         let rel = format!("settings/{key}");
         let k = self.key(&rel);
-        // What the last attempt wrote: found in place after its compare
-        // failed, that attempt was applied and its answer lost (the call
-        // went on to the next endpoint, whose compare then failed on it).
-        // Applied again, `access allow` added its rule twice and `access
-        // rm` said "no access rule" of the rule it had removed.
-        let mut tried: Option<String> = None;
+        // Each attempt also writes a mark of its own beside the setting.
+        // Found in place after its compare failed, the last attempt was
+        // applied and its answer lost (the call went on to the next
+        // endpoint, whose compare then failed on it): applied again,
+        // `access allow` added its rule twice and `access rm` said "no
+        // access rule" of the rule it had removed. The same bytes without
+        // the mark are another hub's write of the same change (two `access
+        // allow` of one rule at once): done again on them, not taken as
+        // ours (each said "added" of one rule).
+        let mark_key = self.key(&format!("{SETTING_WRITES}{key}"));
+        let mut tried: Option<(String, String)> = None;
         for _ in 0..16 {
             let current = self.etcd.get(&k).map_err(err)?;
-            if let (Some(t), Some(kv)) = (&tried, &current) {
-                if kv.value == t.as_bytes() {
+            if let (Some((t, mark)), Some(kv)) = (&tried, &current) {
+                if kv.value == t.as_bytes()
+                    && self
+                        .etcd
+                        .get(&mark_key)
+                        .map_err(err)?
+                        .is_some_and(|m| m.value == mark.as_bytes())
+                {
                     self.cached_put(&rel, kv.value.clone(), kv.mod_revision);
                     return Ok(Ok(t.clone()));
                 }
@@ -741,11 +796,16 @@ impl Store for EtcdStore {
                 Some(kv) => etcd::mod_is(&k, kv.mod_revision),
                 None => etcd::absent(&k),
             };
+            let mark =
+                crate::tunnel::keys::new_token("w_").map_err(|e| StoreError::Io(e.to_string()))?;
             let (ok, rev, _) = self
                 .etcd
                 .txn(
                     vec![cmp],
-                    vec![etcd::op_put(&k, next.as_bytes(), 0)],
+                    vec![
+                        etcd::op_put(&k, next.as_bytes(), 0),
+                        etcd::op_put(&mark_key, mark.as_bytes(), 0),
+                    ],
                     vec![],
                 )
                 .map_err(err)?;
@@ -753,7 +813,7 @@ impl Store for EtcdStore {
                 self.cached_put(&rel, next.clone().into_bytes(), rev);
                 return Ok(Ok(next));
             }
-            tried = Some(next);
+            tried = Some((next, mark));
         }
         Err(StoreError::Io(format!(
             "setting '{key}' is being changed by other hubs; try again"

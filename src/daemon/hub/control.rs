@@ -215,6 +215,7 @@ pub(super) fn handle(
         }
         Request::ClusterRemove { name } => match hub.store.delete_member(&name) {
             Ok(true) => {
+                hub.forget_member(&name);
                 if let Some(s) = hub.session(&name) {
                     hub.tasks.spawn(async move {
                         s.close("the cluster was removed from the hub").await;
@@ -262,8 +263,12 @@ pub(super) fn handle(
                 created_at: control::now_unix(),
                 hub: None,
             };
-            if let Err(e) = hub.store.put_operator(&op) {
-                return Response::err(e.to_string());
+            // Checked above for a clear answer; here in one step against
+            // another add of the name (on this hub or another).
+            match hub.store.create_operator(&op) {
+                Ok(true) => {}
+                Ok(false) => return Response::err(format!("operator '{name}' already exists; remove it first with 'towerctl operator rm {name}'")),
+                Err(e) => return Response::err(e.to_string()),
             }
             hub.reload_operators();
             tracing::info!(operator = %name, "operator added");
@@ -380,6 +385,7 @@ fn change_access(
         return Response::err("the access rules are unavailable");
     };
     let mut applied = None;
+    let mut unchanged = false;
     let written = hub.store.update_setting(crate::daemon::access::SETTING, &mut |current| {
         let mut next: crate::daemon::access::Policy = match current {
             Some(json) => serde_json::from_str(json).map_err(|e| {
@@ -387,8 +393,11 @@ fn change_access(
             })?,
             None => Default::default(),
         };
+        let before = serde_json::to_string(&next).map_err(|e| e.to_string())?;
         let rule = f(&mut next)?;
         let json = serde_json::to_string(&next).map_err(|e| e.to_string())?;
+        // The rule was there already (`Policy::add`).
+        unchanged = json == before;
         applied = Some(rule);
         Ok(json)
     });
@@ -408,7 +417,7 @@ fn change_access(
     }
     let cut = hub.recheck_streams();
     tracing::info!("access rules changed ({rule}); {cut} open streams cut");
-    Response::ok(serde_json::json!({ "rule": rule, "streamsCut": cut }))
+    Response::ok(serde_json::json!({ "rule": rule, "streamsCut": cut, "unchanged": unchanged }))
 }
 
 /// What `cluster add` and `cluster rotate` answer: everything the member's

@@ -714,6 +714,18 @@ impl Hub {
         self.disconnected_at.lock().ok()?.get(name).copied()
     }
 
+    /// Forgets what this hub holds of member `name`'s sessions (when it
+    /// ended, events, round trips): it was removed, and a member added
+    /// under the name again is another.
+    pub fn forget_member(&self, name: &str) {
+        if let Ok(mut d) = self.disconnected_at.lock() {
+            d.remove(name);
+        }
+        if let Ok(mut m) = self.meta.lock() {
+            m.remove(name);
+        }
+    }
+
     /// Registers a session, replacing (and closing) a stale one of the same name.
     fn register(&self, s: Arc<LiveSession>) {
         self.record(&s.name, |m| m.sessions += 1);
@@ -761,11 +773,17 @@ impl Hub {
             }
         }
         let now = ctl::now_unix();
-        if let Ok(mut d) = self.disconnected_at.lock() {
+        // Cut because its member was removed: nothing kept of it for a
+        // member added under the name again.
+        let gone = matches!(self.store.get_member(&s.name), Ok(None));
+        if gone {
+            self.forget_member(&s.name);
+        } else if let Ok(mut d) = self.disconnected_at.lock() {
             d.insert(s.name.clone(), now);
         }
         match self.cluster.get() {
             Some(c) => c.release(self, s, now),
+            None if gone => {}
             None => self.record_last_seen(&s.name, now),
         }
     }
@@ -1301,7 +1319,10 @@ impl Hub {
                 ok
             })
             .map(|m| {
-                let (reconnects, events, rtt_history_ms) = meta(&m.name);
+                let (reconnects, mut events, rtt_history_ms) = meta(&m.name);
+                // Not an earlier member's of the name (removed and added
+                // again on another hub: this one kept its events).
+                events.retain(|e| e.at >= m.created_at);
                 let key_fingerprint = m
                     .agent_key
                     .as_deref()
@@ -1357,7 +1378,16 @@ impl Hub {
                         st.state = MemberState::Connected;
                     }
                     None => {
-                        let since = self.disconnected_since(&m.name).or(m.last_seen);
+                        // A record no agent ever logged in to (no key, never
+                        // seen) is a new registration: what this hub holds
+                        // of the name (a session ended, events) is an
+                        // earlier member's, removed and added again.
+                        let fresh = m.agent_key.is_none() && m.last_seen.is_none();
+                        let since = if fresh {
+                            None
+                        } else {
+                            self.disconnected_since(&m.name).or(m.last_seen)
+                        };
                         st.since = since;
                         st.state = if m.revoked {
                             MemberState::Revoked
