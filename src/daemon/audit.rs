@@ -178,16 +178,22 @@ struct Limiter {
     buckets: HashMap<String, Bucket>,
 }
 
+/// The limits of `key`'s bucket.
+fn limits_for(base: Limits, key: &str) -> Limits {
+    let mut l = base;
+    if key == UNAUTHENTICATED {
+        // A hundredth of an operator's rate: at ten a second, clients
+        // without a token (anyone who reaches the gateway) turned the
+        // whole history over in about two hours.
+        l.rate = (l.rate / 100.0).max(1.0);
+        l.burst = (l.burst / 10.0).max(1.0);
+    }
+    l
+}
+
 impl Limiter {
     fn refill(&mut self, key: &str, now: Instant) -> &mut Bucket {
-        let mut l = self.limits;
-        if key == UNAUTHENTICATED {
-            // A hundredth of an operator's rate: at ten a second, clients
-            // without a token (anyone who reaches the gateway) turned the
-            // whole history over in about two hours.
-            l.rate = (l.rate / 100.0).max(1.0);
-            l.burst = (l.burst / 10.0).max(1.0);
-        }
+        let l = limits_for(self.limits, key);
         let b = self.buckets.entry(key.to_string()).or_insert(Bucket {
             tokens: l.burst,
             last: now,
@@ -229,6 +235,15 @@ impl Limiter {
                 out.push((k, std::mem::take(&mut b.suppressed)));
             }
         }
+        // A bucket full again with nothing owed is what a new one would
+        // be: let go (one was kept for every operator that ever made a
+        // request, removed ones too).
+        let limits = self.limits;
+        self.buckets.retain(|k, b| {
+            let l = limits_for(limits, k);
+            let dt = now.saturating_duration_since(b.last).as_secs_f64();
+            b.suppressed > 0 || b.tokens + dt * l.rate < l.burst
+        });
         out
     }
 }
@@ -1269,6 +1284,37 @@ mod tests {
         let admitted = (0..1000).filter(|_| l.admit(UNAUTHENTICATED, t0).0).count();
         assert_eq!(admitted, 100);
         assert_eq!((0..1000).filter(|_| l.admit("bob", t0).0).count(), 1000);
+    }
+
+    /// Buckets full again with nothing owed are let go (one stayed for
+    /// every operator that ever made a request); one still refilling, or
+    /// owing a summary, stays.
+    #[test]
+    fn full_buckets_are_let_go() {
+        let mut l = Limiter {
+            limits: Limits {
+                rate: 10.0,
+                burst: 20.0,
+            },
+            buckets: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        for i in 0..100 {
+            assert!(l.admit(&format!("op{i}"), t0).0);
+        }
+        // "busy" spends its burst and more: it owes a summary.
+        for _ in 0..30 {
+            l.admit("busy", t0);
+        }
+        assert!(l.due(t0).is_empty());
+        assert_eq!(l.buckets.len(), 101, "none refilled yet");
+        let later = t0 + std::time::Duration::from_secs(3);
+        let owed = l.due(later);
+        assert_eq!(owed, vec![("busy".to_string(), 10)]);
+        // busy took a token for its summary: still refilling.
+        assert_eq!(l.buckets.len(), 1);
+        assert!(l.due(later + std::time::Duration::from_secs(3)).is_empty());
+        assert!(l.buckets.is_empty());
     }
 
     #[test]

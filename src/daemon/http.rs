@@ -601,6 +601,11 @@ pub struct Guarded<K: Send + Unpin + 'static> {
     _keep: K,
     /// Never says it ended before it was polled to its end ([`Self::kept_to_the_end`]).
     kept_to_the_end: bool,
+    /// Whether the data passed on so far ends a line (or there is none):
+    /// a farewell goes only there. In the middle of an event, client-go's
+    /// decoder read it as part of that event (a syntax error, or nothing
+    /// said).
+    at_line_end: bool,
 }
 
 impl<K: Send + Unpin + 'static> Guarded<K> {
@@ -612,6 +617,7 @@ impl<K: Send + Unpin + 'static> Guarded<K> {
             broken: None,
             _keep: keep,
             kept_to_the_end: false,
+            at_line_end: true,
         }
     }
 
@@ -665,7 +671,8 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         if let Some(stop) = self.stop.as_mut() {
             if stop.as_mut().poll(cx).is_ready() {
-                if let Some(last) = self.farewell.take() {
+                let boundary = self.at_line_end;
+                if let Some(last) = self.farewell.take().filter(|_| boundary) {
                     // Said once, then the end: the inner body is not read
                     // again.
                     self.inner = full(Bytes::new());
@@ -675,8 +682,15 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
                 return Poll::Ready(Some(Err("access revoked: the stream was cut".into())));
             }
         }
+        let boundary = self.at_line_end;
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(e))) => match self.broken.take() {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(last) = frame.data_ref().and_then(|d| d.last()) {
+                    self.at_line_end = *last == b'\n';
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => match self.broken.take().filter(|_| boundary) {
                 Some(last) => {
                     tracing::debug!("a watch's stream broke, ended with an ERROR event: {e}");
                     self.inner = full(Bytes::new());
@@ -843,6 +857,18 @@ mod tests {
         }
         // Without the farewell, the error is passed on.
         let g = super::Guarded::new(body(true), None, ());
+        assert!(g.collect().await.is_err());
+        // So it is when the stream broke inside an event: the farewell
+        // would have been read as part of it.
+        let frames: Vec<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(
+                b"{\"type\":\"ADDED\",\"obj",
+            ))),
+            Err("connection closed before message completed".into()),
+        ];
+        let cut =
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+        let g = super::Guarded::new(cut, None, ()).with_broken_farewell("gone away");
         assert!(g.collect().await.is_err());
     }
 

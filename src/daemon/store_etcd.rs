@@ -792,6 +792,12 @@ impl Store for EtcdStore {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
+            // Nothing to change (a rule that is there already): no write,
+            // which would also replace a concurrent writer's mark.
+            if let Some(kv) = current.as_ref().filter(|kv| kv.value == next.as_bytes()) {
+                self.cached_put(&rel, kv.value.clone(), kv.mod_revision);
+                return Ok(Ok(next));
+            }
             let cmp = match &current {
                 Some(kv) => etcd::mod_is(&k, kv.mod_revision),
                 None => etcd::absent(&k),

@@ -30,15 +30,14 @@ pub const MAX_WATCHED: usize = 256;
 /// Server-side timeout of one watch request (kube allows up to 295 s);
 /// the watch is then resumed from its last resourceVersion.
 const WATCH_TIMEOUT: u32 = 240;
-/// Pause before listing again after a watch failed, doubled on every
-/// failure in a row (a server that forbids watching is not hammered).
 /// Most EndpointSlices one watched Service may have in the cache (100
 /// endpoints each by default: far past any real Service). A member API
 /// server reporting more is not followed: the copy is withdrawn (callers
 /// read the API themselves) and read again after the retry pause; each
 /// event copies the whole set into a new snapshot.
 const MAX_SLICES: usize = 1000;
-
+/// Pause before listing again after a watch failed, doubled on every
+/// failure in a row (a server that forbids watching is not hammered).
 const RETRY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 

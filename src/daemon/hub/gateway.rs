@@ -2449,7 +2449,7 @@ where
                 "access to cluster '{cluster}' was withdrawn: the towerctl hub ended this watch (a rule or label changed, the operator was removed, or the hub cannot confirm its registry); run the command again to see why"
             ))
             .with_broken_farewell(&format!(
-                "the watch on cluster '{cluster}' broke on its way from the member: its towerctl agent disconnected or left, the member was removed, or its API server cut the stream; run the command again to see whether the member is reachable"
+                "the watch on cluster '{cluster}' broke on its way from the member: its towerctl agent disconnected or left, the member was removed, a towerctl hub on the way stopped, or its API server cut the stream; run the command again to see whether the member is reachable"
             ));
     }
     Response::from_parts(parts, body.boxed_unsync())

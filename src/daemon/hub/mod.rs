@@ -773,16 +773,22 @@ impl Hub {
             }
         }
         let now = ctl::now_unix();
-        // Cut because its member was removed: nothing kept of it for a
-        // member added under the name again.
-        let gone = matches!(self.store.get_member(&s.name), Ok(None));
+        // Cut because its member was removed (and perhaps added again
+        // already: a record no agent logged in to): nothing kept of it for
+        // the member under the name now, nor its last sighting written
+        // into that one's record.
+        let gone = match self.store.get_member(&s.name) {
+            Ok(None) => true,
+            Ok(Some(m)) => m.agent_key.is_none() && m.last_seen.is_none(),
+            Err(_) => false,
+        };
         if gone {
             self.forget_member(&s.name);
         } else if let Ok(mut d) = self.disconnected_at.lock() {
             d.insert(s.name.clone(), now);
         }
         match self.cluster.get() {
-            Some(c) => c.release(self, s, now),
+            Some(c) => c.release(self, s, now, !gone),
             None if gone => {}
             None => self.record_last_seen(&s.name, now),
         }

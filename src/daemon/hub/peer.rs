@@ -792,7 +792,9 @@ impl Cluster {
 
     /// The session ended here: drop the owner key if it is still ours,
     /// and record when the member was last seen.
-    pub(super) fn release(self: &Arc<Self>, hub: &Hub, s: &LiveSession, now: u64) {
+    /// `seen`: whether to write the session's end into the member's
+    /// record as its last sighting (not into a member added again since).
+    pub(super) fn release(self: &Arc<Self>, hub: &Hub, s: &LiveSession, now: u64, seen: bool) {
         if let Ok(mut c) = self.claims.lock() {
             if c.get(&s.name).is_some_and(|cl| cl.0 == s.id) {
                 c.remove(&s.name);
@@ -800,7 +802,9 @@ impl Cluster {
         }
         let value = self.owner_value(s);
         self.owner_write(hub, &s.name, OwnerWrite::Release { value });
-        hub.record_last_seen(&s.name, now);
+        if seen {
+            hub.record_last_seen(&s.name, now);
+        }
     }
 
     /// Brings ownership in line with the registry: claims new sessions,
