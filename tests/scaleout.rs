@@ -435,6 +435,19 @@ fn one_operator_name_added_on_every_hub_at_once_is_added_once() {
             .count();
         assert_eq!(rows, 1, "{list}");
     }
+    // Different names at once are each added (a check on every operator
+    // key failed a third of them).
+    let outs: Vec<support::Out> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..24)
+            .map(|i| {
+                let h = &hubs[i % 3];
+                s.spawn(move || h.towerctl(&["operator", "add", &format!("d{i}")]))
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let failed: Vec<_> = outs.iter().filter(|o| !o.ok()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
 }
 
 /// The same `access allow` on three hubs at once (twice each) adds one

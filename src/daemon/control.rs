@@ -494,7 +494,12 @@ pub async fn call_timeout(
 /// One request line and its answer line, whatever the answer says.
 async fn exchange(socket: &Path, req: Request, timeout: Duration) -> Result<Response> {
     let fut = async {
-        let stream = UnixStream::connect(socket).await?;
+        let stream = UnixStream::connect(socket).await.with_context(|| {
+            format!(
+                "the daemon's control socket '{}' does not take connections (it stopped or is restarting): see 'towerctl status'",
+                socket.display()
+            )
+        })?;
         served_by_us(&stream, socket)?;
         let (r, mut w) = stream.into_split();
         let mut line = serde_json::to_vec(&Envelope { v: VERSION, req })?;

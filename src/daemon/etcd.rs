@@ -1357,12 +1357,11 @@ pub fn mod_is(key: &str, rev: i64) -> Value {
     json!({"key": b64(key.as_bytes()), "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string()})
 }
 
-/// Comparison: no key under `prefix` was written after revision `rev`
-/// (one removed since is not seen: it leaves no key).
-pub fn none_written_under_since(prefix: &str, rev: i64) -> Value {
+/// Comparison: `key` was not written after revision `rev` (absent, or
+/// last written at `rev` or before).
+pub fn not_written_since(key: &str, rev: i64) -> Value {
     json!({
-        "key": b64(prefix.as_bytes()),
-        "range_end": b64(&prefix_end(prefix)),
+        "key": b64(key.as_bytes()),
         "target": "MOD",
         "result": "LESS",
         "mod_revision": rev.saturating_add(1).to_string(),
