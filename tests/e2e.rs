@@ -1079,6 +1079,10 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     let mut bad = login.clone();
     let i = bad.iter().position(|a| a == "--ca-hash").unwrap() + 1;
     let real = bad[i].clone();
+    // The hub's admin reads it in status (after a CA change, an operator
+    // logs in again with the token they have).
+    assert_eq!(hub.status()["hub"]["caHash"], real.as_str());
+    assert!(hub.towerctl(&["status"]).stdout.contains(&real));
     bad[i] = format!("sha256:{}", "0".repeat(64));
     let args: Vec<&str> = bad.iter().map(String::as_str).collect();
     let o = Env::new().towerctl(&args);
@@ -1116,10 +1120,62 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     );
     assert!(recs.iter().all(|r| r["operator"] == "alice"), "{recs:?}");
 
+    // A second hub with a member of the same name: the laptop logs in to
+    // both. Its `use alpha` now reaches the second hub's alpha, and says
+    // so (the context was silently pointed elsewhere).
+    let hub2 = Env::new();
+    let api2 = ApiServer::start();
+    connected(&hub2, &api2, &[]);
+    let o2 = hub2.towerctl(&["operator", "add", "alice", "--group", "devs"]);
+    assert!(hub2
+        .towerctl(&["access", "allow", "group:devs", "--names", "alpha"])
+        .ok());
+    let login2 = support::printed_command(&o2.stdout, "login");
+    let args: Vec<&str> = login2.iter().map(String::as_str).collect();
+    assert!(laptop.towerctl(&args).ok());
+    let gw1 = login[1].clone();
+    let gw2 = login2[1].clone();
+    let o = laptop.towerctl(&["use", "--gateway", &gw2, "alpha"]);
+    assert!(
+        o.ok()
+            && o.stderr.contains("warning: context 'tower-alpha' reached")
+            && o.stderr.contains(&gw2),
+        "{o:?}"
+    );
+    // A name the second hub does not show points to the other login.
+    let o = laptop.towerctl(&["use", "--gateway", &gw2, "beta"]);
+    assert!(
+        !o.ok() && o.stderr.contains(&format!("--gateway {gw1}")),
+        "{o:?}"
+    );
+    // A login that fails on an unreadable list of logins leaves the saved
+    // token as it was (it was replaced before the list was read).
+    let bob = hub2.towerctl(&["operator", "add", "bob"]);
+    let bob_login = support::printed_command(&bob.stdout, "login");
+    let alice2 = &login2[login2.iter().position(|a| a == "--token").unwrap() + 1];
+    let logins = laptop.path("config/towerctl/logins.json");
+    let kept = std::fs::read(&logins).unwrap();
+    let mut broken = kept.clone();
+    broken.push(b'[');
+    std::fs::write(&logins, &broken).unwrap();
+    let args: Vec<&str> = bob_login.iter().map(String::as_str).collect();
+    let o = laptop.towerctl(&args);
+    assert!(!o.ok() && o.stderr.contains("not valid JSON"), "{o:?}");
+    std::fs::write(&logins, &kept).unwrap();
+    let o = laptop.towerctl(&["credential", "--gateway", &gw2]);
+    assert!(o.ok() && o.stdout.contains(alice2.as_str()), "{o:?}");
+
     // Removing the operator locks the laptop out.
     assert!(hub.towerctl(&["operator", "rm", "alice"]).ok());
-    let o = laptop.kubectl(&["get", "ns"]);
-    assert!(!o.ok(), "{o:?}");
+    let o = laptop.kubectl(&["--context", "tower-alpha", "get", "ns"]);
+    assert!(o.ok(), "the other hub's alpha is still alice's: {o:?}");
+    let o = laptop.towerctl(&["use", "--gateway", &gw1, "alpha"]);
+    assert!(
+        !o.ok()
+            && o.stderr
+                .contains("ask the hub's admin for a new 'towerctl operator add'"),
+        "{o:?}"
+    );
 }
 
 #[test]

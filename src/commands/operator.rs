@@ -176,7 +176,7 @@ pub async fn login(
     match (ca_hash, insecure) {
         (Some(expected), _) => {
             if !expected.trim().eq_ignore_ascii_case(&actual) {
-                bail!("the gateway's CA does not match --ca-hash: expected '{expected}', the gateway presented '{actual}'. Check the URL, or ask the hub operator for the current 'towerctl operator add' command");
+                bail!("the gateway's CA does not match --ca-hash: expected '{expected}', the gateway presented '{actual}'. Check the URL; if the hub's CA changed, the hub's admin reads the new hash in 'towerctl status' on the hub, and your token still logs in with it");
             }
         }
         (None, true) => eprintln!("warning: --insecure-skip-ca-hash: trusting the CA the gateway presented ({actual}) without checking it"),
@@ -203,8 +203,11 @@ pub async fn login(
     // saved and shown, so printable and bounded.
     let operator = crate::tunnel::printable(who["name"].as_str().unwrap_or("?"), 100);
     let _locked = lock_logins()?;
-    let backend = secrets::save(&gateway, token)?;
+    // Read first: a list that cannot be read fails the login before the
+    // token store is touched (the new token replaced the saved one, and
+    // the entry still named the operator before).
     let mut all = logins()?;
+    let backend = secrets::save(&gateway, token)?;
     // The previous login's token, kept in another store (a file over ssh,
     // the Secret Service on the desktop), goes too: `logout` removes only
     // what the current entry names.

@@ -149,6 +149,9 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                     "tunnelURL": h.tunnel_url,
                     "gatewayURL": h.gateway_url,
                     "hubKey": h.hub_key,
+                    // For `towerctl login --ca-hash` (an operator's after
+                    // the CA changed, with the token they have).
+                    "caHash": crate::daemon::tls::ca_hash(&h.ca_pem),
                     "clusters": h.clusters.iter().map(cluster_out).collect::<Vec<_>>(),
                 });
                 // Additive to towerctl/v1: only while it holds.
@@ -183,6 +186,10 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 println!(
                     "HUB  running (pid {})  tunnel {}  gateway {}  key {}",
                     h.pid, h.tunnel_addr, h.gateway_addr, h.hub_key
+                );
+                println!(
+                    "  gateway CA {} (operators' 'towerctl login --ca-hash')",
+                    crate::daemon::tls::ca_hash(&h.ca_pem)
                 );
                 if let Some(why) = &h.refusing_operators {
                     println!("  REFUSING OPERATORS: {why}");

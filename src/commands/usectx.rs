@@ -91,7 +91,7 @@ impl Source {
         )
         .await?;
         if status == 401 {
-            bail!("the gateway '{}' no longer accepts this machine's token; run 'towerctl login' again", login.gateway_url);
+            bail!("the gateway '{}' no longer accepts this machine's token (operator '{}' was removed, or its token replaced): ask the hub's admin for a new 'towerctl operator add' and run the login command it prints", login.gateway_url, login.operator);
         }
         if status != 200 {
             bail!("the gateway '{}' answered HTTP {status}", login.gateway_url);
@@ -129,10 +129,27 @@ impl Source {
         match &self.operator {
             // The gateway lists only what the operator's rules allow: a
             // member they may not reach looks the same as none at all.
-            Some(op) => bail!(
-                "cluster '{name}' is not among the members operator '{op}' may reach through '{}' (yours: {known}): either no access rule gives it to you (the hub's admin grants it with 'towerctl access allow operator:{op} --names {name}' or a rule for one of your groups) or it is not registered (the hub's admin adds it with 'towerctl cluster add {name}')",
-                self.gateway_url
-            ),
+            Some(op) => {
+                // It may be a member of another hub logged in to.
+                let others: Vec<String> = super::operator::logins()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|l| l.gateway_url)
+                    .filter(|g| g != &self.gateway_url)
+                    .collect();
+                let elsewhere = if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; if it is a member of another hub you are logged in to, name that hub: --gateway {}",
+                        others.join(" or --gateway ")
+                    )
+                };
+                bail!(
+                    "cluster '{name}' is not among the members operator '{op}' may reach through '{}' (yours: {known}): either no access rule gives it to you (the hub's admin grants it with 'towerctl access allow operator:{op} --names {name}' or a rule for one of your groups) or it is not registered (the hub's admin adds it with 'towerctl cluster add {name}'){elsewhere}",
+                    self.gateway_url
+                )
+            }
             None => bail!(
                 "cluster '{name}' is not registered on the hub (known: {known}); register it with 'towerctl cluster add {name}' on the hub"
             ),
@@ -220,7 +237,17 @@ fn write_entries(
     // the first one shadowed it. New ones go to the first file, and so
     // does the current context (the first one set is kubectl's).
     let home = kubeconfig::defining(&files, &ctx)?.unwrap_or_else(|| target.clone());
+    let server_of =
+        |c: &serde_json::Value| c.get("server").and_then(|s| s.as_str()).map(str::to_string);
+    let mut replaced: Option<String> = None;
+    let new_server = server_of(&cluster);
     let written = kubeconfig::edit(&home, |d| {
+        // The same member name on another hub (one context per name):
+        // said, not silently pointed elsewhere.
+        let before = kubeconfig::find(d, "clusters", "cluster", &ctx).and_then(server_of);
+        if before.is_some() && before != new_server {
+            replaced = before;
+        }
         // What an operator added to the entries stays: the context's
         // namespace (`kubectl config set-context --current --namespace=…`),
         // a cluster's `proxy-url` or `disable-compression`, a user's `as`
@@ -268,6 +295,13 @@ fn write_entries(
     })?;
     if home != target {
         kubeconfig::edit(&target, |d| kubeconfig::set_current(d, &ctx))?;
+    }
+    if let Some(was) = replaced {
+        eprintln!(
+            "warning: context '{ctx}' reached '{}' and now reaches '{}' (another hub has a member of this name, or the gateway moved): kubectl --context {ctx} now goes there; 'towerctl use' the other again to go back",
+            crate::tunnel::printable(&was, 300),
+            crate::tunnel::printable(new_server.as_deref().unwrap_or("?"), 300)
+        );
     }
     if current.as_deref() != Some(ctx.as_str()) {
         remember(current.as_deref());
