@@ -192,14 +192,24 @@ pub fn load(backend: Backend, account: &str) -> Result<String> {
         if !path.exists() && legacy_file_path(account).exists() {
             path = legacy_file_path(account);
         }
-        return std::fs::read_to_string(&path)
-            .map(|s| s.trim().to_string())
-            .with_context(|| {
-                format!(
-                    "cannot read the token file '{}'; run 'towerctl login' again",
-                    path.display()
-                )
-            });
+        let lost = "run the login command again (the admin who ran 'towerctl operator add' gave it; if it is lost, the admin issues a new token with 'towerctl operator rm NAME' and 'towerctl operator add NAME')";
+        return match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().is_empty() => bail!(
+                "the token file '{}' is empty (cut short, or emptied): {lost}",
+                path.display()
+            ),
+            Ok(s) => Ok(s.trim().to_string()),
+            // Still there: its owner or mode is the fix, not a new token.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "cannot read the token file '{}' ({e}): it must be yours and readable by you alone ('chmod 600 {}', and 'chown' it back if another user owns it)",
+                path.display(),
+                path.display()
+            ),
+            Err(e) => bail!(
+                "cannot read the token file '{}' ({e}): {lost}",
+                path.display()
+            ),
+        };
     }
     // The keyring not reachable from here is not a lost token: said apart,
     // so that nobody reissues a token that is still there.

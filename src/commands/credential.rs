@@ -22,7 +22,7 @@ pub fn run(token_file: Option<&Path>, gateway: Option<&str>) -> Result<u8> {
         (None, None) => bail!("towerctl credential needs --token-file or --gateway (it is called by kubectl through kubeconfig entries written by 'towerctl use')"),
     };
     if token.is_empty() {
-        bail!("the operator token is empty; run 'towerctl login' or 'towerctl use CLUSTER' again");
+        bail!("the operator token is empty; run the login command again (the admin who ran 'towerctl operator add' gave it)");
     }
     let info = std::env::var("KUBERNETES_EXEC_INFO").ok();
     let cred = serde_json::json!({
