@@ -1135,6 +1135,14 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     assert!(laptop.towerctl(&args).ok());
     let gw1 = login[1].clone();
     let gw2 = login2[1].clone();
+    // Its status names the hubs it is logged in to (it said only that no
+    // hub runs here).
+    let o = laptop.towerctl(&["status"]);
+    assert!(
+        o.stdout.contains(&format!("logged in to {gw1} as 'alice'"))
+            && o.stdout.contains(&format!("logged in to {gw2} as 'alice'")),
+        "{o:?}"
+    );
     let o = laptop.towerctl(&["use", "--gateway", &gw2, "alpha"]);
     assert!(
         o.ok()

@@ -249,7 +249,16 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                     "HUB  not answering (pid {pid}) within 1.5s: still starting (a hub on etcd \
                      waits for it at start), or busy or hung: see 'towerctl logs hub'"
                 ),
-                None => println!("HUB  not running on this machine"),
+                None => {
+                    println!("HUB  not running on this machine");
+                    // An operator's machine: the hubs it is logged in to.
+                    for l in super::operator::logins().unwrap_or_default() {
+                        println!(
+                            "  logged in to {} as '{}' ('towerctl use' lists its members)",
+                            l.gateway_url, l.operator
+                        );
+                    }
+                }
             },
         }
         if !agents.is_empty() {
