@@ -1150,6 +1150,14 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
             && o.stderr.contains(&gw2),
         "{o:?}"
     );
+    // Each hub's list marks alpha current only where the context goes.
+    let o = laptop.towerctl(&["use", "--gateway", &gw2]);
+    assert!(o.stdout.contains("* alpha"), "{o:?}");
+    let o = laptop.towerctl(&["use", "--gateway", &gw1]);
+    assert!(
+        o.stdout.contains("alpha") && !o.stdout.contains("* alpha"),
+        "{o:?}"
+    );
     // A name the second hub does not show points to the other login.
     let o = laptop.towerctl(&["use", "--gateway", &gw2, "beta"]);
     assert!(

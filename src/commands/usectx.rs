@@ -332,9 +332,24 @@ pub async fn run(a: UseArgs) -> Result<u8> {
             if source.clusters.is_empty() {
                 println!("{}", source.none_yet());
             }
+            // The current context is this hub's member only if its
+            // cluster reaches this gateway (another hub may have a member
+            // of the same name).
+            let current_server = current.as_deref().and_then(|ctx| {
+                let home = kubeconfig::defining(&files, ctx).ok().flatten()?;
+                let doc = kubeconfig::read(&home).ok()?;
+                kubeconfig::find(&doc, "clusters", "cluster", ctx)?
+                    .get("server")?
+                    .as_str()
+                    .map(str::to_string)
+            });
+            let prefix = format!("{}/clusters/", source.gateway_url.trim_end_matches('/'));
             for c in &source.clusters {
                 let ctx = format!("tower-{}", c.name);
-                let mark = if current.as_deref() == Some(ctx.as_str()) {
+                let here = current_server
+                    .as_deref()
+                    .is_none_or(|s| s.starts_with(&prefix));
+                let mark = if current.as_deref() == Some(ctx.as_str()) && here {
                     "*"
                 } else {
                     " "
