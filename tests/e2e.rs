@@ -703,6 +703,8 @@ fn registry_survives_kill_9_during_writes() {
     // `up` is idempotent; `down` stops the hub.
     let o = env.up();
     assert!(o.stdout.contains("already running"), "{o:?}");
+    // With members registered, no "next: cluster add".
+    assert!(!o.stdout.contains("next: towerctl cluster add"), "{o:?}");
     assert!(!o.stderr.contains("started otherwise"), "{o:?}");
     // Other settings are not applied to the running hub: said, with how.
     let o = env.up_on_with(
@@ -4138,6 +4140,15 @@ fn a_member_removed_and_added_again_starts_afresh() {
     connected(&env, &api, &[]);
     assert!(env.towerctl(&["cluster", "rm", "alpha"]).ok());
     assert!(env.towerctl(&["cluster", "add", "alpha"]).ok());
+    // Switching to it says it is not connected (rather than kubectl's
+    // first 503).
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(
+        o.ok()
+            && o.stderr
+                .contains("note: cluster 'alpha' is never_connected now"),
+        "{o:?}"
+    );
     // Whatever the old session's end still records, now or in a moment.
     for _ in 0..3 {
         let s = env.status();

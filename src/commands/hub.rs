@@ -65,7 +65,9 @@ fn print_ready(s: &HubStatus, already: bool) {
         println!("  metrics:  http://{m}/metrics");
     }
     println!("  logs:     {}", paths::log_file("hub").display());
-    println!("next: towerctl cluster add NAME");
+    if s.clusters.is_empty() {
+        println!("next: towerctl cluster add NAME");
+    }
 }
 
 /// What `a` asks for that the running hub `s` does not have, as flags.

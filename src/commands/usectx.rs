@@ -387,6 +387,15 @@ pub async fn run(a: UseArgs) -> Result<u8> {
                 "switched to context \"tower-{name}\" (in {})",
                 written.display()
             );
+            // Said now rather than by kubectl's first 503.
+            if let Some(c) = source.clusters.iter().find(|c| c.name == name) {
+                if !matches!(c.state, crate::daemon::control::MemberState::Connected) {
+                    eprintln!(
+                        "note: cluster '{name}' is {} now: kubectl reaches it once its agent is connected ('towerctl status' on the hub says more)",
+                        c.state
+                    );
+                }
+            }
             Ok(exit::OK)
         }
     }
