@@ -396,6 +396,27 @@ fn hubs_on<const N: usize>(etcd: &Etcd) -> [Env; N] {
     hubs
 }
 
+/// `n` commands at once, command `i` (its arguments `args(i)`) on hub
+/// `i % hubs.len()`; their outputs in order.
+fn at_once(
+    hubs: &[Env],
+    n: usize,
+    args: impl Fn(usize) -> Vec<String> + Sync,
+) -> Vec<support::Out> {
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..n)
+            .map(|i| {
+                let (h, args) = (&hubs[i % hubs.len()], &args);
+                s.spawn(move || {
+                    let a = args(i);
+                    h.towerctl(&a.iter().map(String::as_str).collect::<Vec<_>>())
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    })
+}
+
 /// `operator add` of one name on three hubs at once (twice each) gives one
 /// operator: one command succeeds, the others say the name exists (over
 /// etcd, each hub checked the name and wrote its own token: up to six
@@ -406,19 +427,10 @@ fn one_operator_name_added_on_every_hub_at_once_is_added_once() {
     let hubs: [Env; 3] = hubs_on(&etcd);
     for round in 0..3 {
         let name = format!("op{round}");
-        let outs: Vec<support::Out> = std::thread::scope(|s| {
-            let runs: Vec<_> = hubs
-                .iter()
-                .chain(hubs.iter())
-                .enumerate()
-                .map(|(i, h)| {
-                    let name = name.clone();
-                    s.spawn(move || {
-                        h.towerctl(&["operator", "add", &name, "--group", &format!("g{i}")])
-                    })
-                })
-                .collect();
-            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        let outs = at_once(&hubs, 6, |i| {
+            ["operator", "add", &name, "--group", &format!("g{i}")]
+                .map(String::from)
+                .to_vec()
         });
         let won = outs.iter().filter(|o| o.ok()).count();
         assert_eq!(won, 1, "round {round}: {outs:?}");
@@ -437,14 +449,10 @@ fn one_operator_name_added_on_every_hub_at_once_is_added_once() {
     }
     // Different names at once are each added (a check on every operator
     // key failed a third of them).
-    let outs: Vec<support::Out> = std::thread::scope(|s| {
-        let runs: Vec<_> = (0..24)
-            .map(|i| {
-                let h = &hubs[i % 3];
-                s.spawn(move || h.towerctl(&["operator", "add", &format!("d{i}")]))
-            })
-            .collect();
-        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    let outs = at_once(&hubs, 24, |i| {
+        ["operator", "add", &format!("d{i}")]
+            .map(String::from)
+            .to_vec()
     });
     let failed: Vec<_> = outs.iter().filter(|o| !o.ok()).collect();
     assert!(failed.is_empty(), "{failed:?}");
@@ -460,16 +468,10 @@ fn one_rule_allowed_on_every_hub_at_once_is_added_once() {
     let hubs: [Env; 3] = hubs_on(&etcd);
     for round in 0..3 {
         let subject = format!("operator:s{round}");
-        let outs: Vec<support::Out> = std::thread::scope(|s| {
-            let runs: Vec<_> = hubs
-                .iter()
-                .chain(hubs.iter())
-                .map(|h| {
-                    let subject = subject.clone();
-                    s.spawn(move || h.towerctl(&["access", "allow", &subject, "--names", "alpha"]))
-                })
-                .collect();
-            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        let outs = at_once(&hubs, 6, |_| {
+            ["access", "allow", &subject, "--names", "alpha"]
+                .map(String::from)
+                .to_vec()
         });
         assert!(outs.iter().all(|o| o.ok()), "{outs:?}");
         let added = outs
@@ -494,22 +496,16 @@ fn one_rule_allowed_on_every_hub_at_once_is_added_once() {
         assert_eq!(n, 1, "{rules}");
     }
     // Different rules at once: every one added, under ids of their own.
-    let outs: Vec<support::Out> = std::thread::scope(|s| {
-        let runs: Vec<_> = (0..6)
-            .map(|i| {
-                let h = &hubs[i % 3];
-                s.spawn(move || {
-                    h.towerctl(&[
-                        "access",
-                        "allow",
-                        &format!("operator:d{i}"),
-                        "--names",
-                        "alpha",
-                    ])
-                })
-            })
-            .collect();
-        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    let outs = at_once(&hubs, 6, |i| {
+        [
+            "access",
+            "allow",
+            &format!("operator:d{i}"),
+            "--names",
+            "alpha",
+        ]
+        .map(String::from)
+        .to_vec()
     });
     assert!(
         outs.iter().all(|o| o.ok() && o.stdout.starts_with("added")),

@@ -222,6 +222,16 @@ fn merged(existing: Option<&Value>, ours: Value, fight: &[&str]) -> Value {
 }
 
 /// [`write_context`] without the membership check (the caller made it).
+/// A kubeconfig cluster entry's `server`.
+fn server_of(cluster: &Value) -> Option<String> {
+    cluster.get("server")?.as_str().map(str::to_string)
+}
+
+/// The `server` of cluster entry `name` in kubeconfig `doc`.
+fn cluster_server(doc: &Value, name: &str) -> Option<String> {
+    kubeconfig::find(doc, "clusters", "cluster", name).and_then(server_of)
+}
+
 fn write_entries(
     source: &Source,
     name: &str,
@@ -237,14 +247,12 @@ fn write_entries(
     // the first one shadowed it. New ones go to the first file, and so
     // does the current context (the first one set is kubectl's).
     let home = kubeconfig::defining(&files, &ctx)?.unwrap_or_else(|| target.clone());
-    let server_of =
-        |c: &serde_json::Value| c.get("server").and_then(|s| s.as_str()).map(str::to_string);
     let mut replaced: Option<String> = None;
     let new_server = server_of(&cluster);
     let written = kubeconfig::edit(&home, |d| {
         // The same member name on another hub (one context per name):
         // said, not silently pointed elsewhere.
-        let before = kubeconfig::find(d, "clusters", "cluster", &ctx).and_then(server_of);
+        let before = cluster_server(d, &ctx);
         if before.is_some() && before != new_server {
             replaced = before;
         }
@@ -337,11 +345,7 @@ pub async fn run(a: UseArgs) -> Result<u8> {
             // of the same name).
             let current_server = current.as_deref().and_then(|ctx| {
                 let home = kubeconfig::defining(&files, ctx).ok().flatten()?;
-                let doc = kubeconfig::read(&home).ok()?;
-                kubeconfig::find(&doc, "clusters", "cluster", ctx)?
-                    .get("server")?
-                    .as_str()
-                    .map(str::to_string)
+                cluster_server(&kubeconfig::read(&home).ok()?, ctx)
             });
             let prefix = format!("{}/clusters/", source.gateway_url.trim_end_matches('/'));
             for c in &source.clusters {

@@ -685,8 +685,12 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
         let boundary = self.at_line_end;
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(last) = frame.data_ref().and_then(|d| d.last()) {
-                    self.at_line_end = *last == b'\n';
+                // Only a body with a farewell to say looks (every proxied
+                // answer is one of these).
+                if self.farewell.is_some() || self.broken.is_some() {
+                    if let Some(last) = frame.data_ref().and_then(|d| d.last()) {
+                        self.at_line_end = *last == b'\n';
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -713,8 +717,8 @@ impl<K: Send + Unpin + 'static> http_body::Body for Guarded<K> {
     }
 }
 
-/// A watch event of type `ERROR` carrying a Status, on a line of its own
-/// whatever the stream's last bytes were.
+/// A watch event of type `ERROR` carrying a Status, as a line (sent only
+/// where one ended: [`Guarded`]'s `at_line_end`).
 fn watch_error_event(code: StatusCode, reason: &str, message: &str) -> Bytes {
     let event = serde_json::json!({
         "type": "ERROR",

@@ -79,6 +79,13 @@ fn yes() -> bool {
 }
 
 impl Member {
+    /// No agent ever logged in to this record (no key registered, never
+    /// seen): a new registration, whatever a hub still holds of an earlier
+    /// member of the name (removed and added again).
+    pub fn never_joined(&self) -> bool {
+        self.agent_key.is_none() && self.last_seen.is_none()
+    }
+
     pub fn new(name: &str, token_hash: String, created_at: u64) -> Member {
         Member {
             name: name.to_string(),

@@ -271,16 +271,16 @@ impl LiveSession {
     /// first.
     pub fn rtt_ms(&self) -> Option<f64> {
         let last = self.rtt_us.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
+        }
         let waited = self
             .ping_since
             .lock()
             .ok()
             .and_then(|s| *s)
             .map_or(0, |at| at.elapsed().as_micros() as u64);
-        match last.max(if last == 0 { 0 } else { waited }) {
-            0 => None,
-            us => Some(us as f64 / 1000.0),
-        }
+        Some(last.max(waited) as f64 / 1000.0)
     }
 
     /// Bytes in and out over this session (since it connected).
@@ -779,7 +779,7 @@ impl Hub {
         // into that one's record.
         let gone = match self.store.get_member(&s.name) {
             Ok(None) => true,
-            Ok(Some(m)) => m.agent_key.is_none() && m.last_seen.is_none(),
+            Ok(Some(m)) => m.never_joined(),
             Err(_) => false,
         };
         if gone {
@@ -1384,12 +1384,10 @@ impl Hub {
                         st.state = MemberState::Connected;
                     }
                     None => {
-                        // A record no agent ever logged in to (no key, never
-                        // seen) is a new registration: what this hub holds
-                        // of the name (a session ended, events) is an
-                        // earlier member's, removed and added again.
-                        let fresh = m.agent_key.is_none() && m.last_seen.is_none();
-                        let since = if fresh {
+                        // What this hub holds of the name (a session that
+                        // ended) is an earlier member's when no agent ever
+                        // logged in to this record.
+                        let since = if m.never_joined() {
                             None
                         } else {
                             self.disconnected_since(&m.name).or(m.last_seen)
