@@ -4242,11 +4242,20 @@ fn status_says_a_suspended_hub_is_suspended() {
     // SAFETY: signalling the hub this test started, by pid.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let o = env.towerctl(&["status"]);
+    let j = env.towerctl(&["status", "-o", "json"]);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(
         o.stdout.contains(&format!("HUB  stopped (pid {pid})"))
             && o.stdout.contains(&format!("kill -CONT {pid}")),
         "{o:?}"
+    );
+    // A script reading JSON learns it too (`hub` null was "not running").
+    let v: serde_json::Value = serde_json::from_str(&j.stdout).expect("status JSON");
+    assert!(v["hub"].is_null(), "{v}");
+    assert_eq!(
+        v["hubProcess"],
+        serde_json::json!({ "pid": pid, "state": "suspended" }),
+        "{v}"
     );
 }

@@ -68,6 +68,14 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
     let t = Instant::now();
     let o = hub.towerctl(&["operator", "rm", "bob"]);
     assert!(o.ok(), "{o:?}");
+    // bob's rule stays (a token is replaced by rm and add): said, with
+    // the command that removes it.
+    assert!(
+        o.stderr
+            .contains("access rule(s) #1 still name operator:bob")
+            && o.stderr.contains("towerctl access rm 1"),
+        "{o:?}"
+    );
     wait_for("bob's watch to be cut", Duration::from_secs(10), || {
         watch.has_exited().then_some(())
     });

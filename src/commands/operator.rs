@@ -63,11 +63,27 @@ pub async fn list(output: &str) -> Result<u8> {
 }
 
 pub async fn remove(name: &str) -> Result<u8> {
-    hub_call(Request::OperatorRemove {
+    let v = hub_call(Request::OperatorRemove {
         name: name.to_string(),
     })
     .await?;
     println!("operator '{name}' removed: its tokens no longer work");
+    let rules: Vec<String> = v["rulesNaming"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.as_u64())
+                .map(|i| i.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !rules.is_empty() {
+        eprintln!(
+            "note: access rule(s) #{} still name operator:{name}: an operator added again under this name gets them (as when replacing a token); if '{name}' is gone for good, remove them: towerctl access rm {}",
+            rules.join(", #"),
+            rules.join("; towerctl access rm ")
+        );
+    }
     Ok(exit::OK)
 }
 

@@ -175,6 +175,19 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 "forwarding": f.forwarding,
             })).collect::<Vec<_>>(),
         });
+        let mut v = v;
+        // A hub process that holds the pid file but did not answer: `hub`
+        // stays null (nothing it would say is known), this says why.
+        if hub.is_none() {
+            if let Some(pid) = crate::daemon::process::running_pid("hub") {
+                let state = if process_stopped(pid) {
+                    "suspended"
+                } else {
+                    "not_responding"
+                };
+                v["hubProcess"] = json!({ "pid": pid, "state": state });
+            }
+        }
         if a.output == "yaml" {
             print!("{}", serde_saphyr::to_string(&v)?);
         } else {

@@ -248,6 +248,7 @@ fn write_entries(
     // does the current context (the first one set is kubectl's).
     let home = kubeconfig::defining(&files, &ctx)?.unwrap_or_else(|| target.clone());
     let mut replaced: Option<String> = None;
+    let mut refreshed = 0;
     let new_server = server_of(&cluster);
     let written = kubeconfig::edit(&home, |d| {
         // The same member name on another hub (one context per name):
@@ -293,6 +294,12 @@ fn write_entries(
             context,
             &[],
         );
+        // The gateway's CA changed (a new login took it): every other
+        // member of this gateway in the file takes it too, rather than
+        // failing kubectl's TLS check until each is `use`d again.
+        if let Some(ca) = cluster.get("certificate-authority-data").cloned() {
+            refreshed = same_gateway_new_ca(d, &ctx, &source.gateway_url, &ca);
+        }
         kubeconfig::upsert(d, "clusters", "cluster", &ctx, cluster)?;
         kubeconfig::upsert(d, "users", "user", &ctx, user)?;
         kubeconfig::upsert(d, "contexts", "context", &ctx, context)?;
@@ -311,10 +318,46 @@ fn write_entries(
             crate::tunnel::printable(new_server.as_deref().unwrap_or("?"), 300)
         );
     }
+    if refreshed > 0 {
+        eprintln!(
+            "note: the gateway's CA changed: {refreshed} other tower-* context(s) of '{}' in {} took the new one",
+            crate::tunnel::printable(&source.gateway_url, 300),
+            home.display()
+        );
+    }
     if current.as_deref() != Some(ctx.as_str()) {
         remember(current.as_deref());
     }
     Ok(written)
+}
+
+/// Sets `ca` on the `tower-*` clusters other than `skip` whose server is on
+/// `gateway` and whose CA differs; returns how many.
+fn same_gateway_new_ca(d: &mut Value, skip: &str, gateway: &str, ca: &Value) -> usize {
+    let prefix = format!("{}/clusters/", gateway.trim_end_matches('/'));
+    let Some(list) = d.get_mut("clusters").and_then(Value::as_array_mut) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in list {
+        let ours = e
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|name| name.starts_with("tower-") && name != skip);
+        let Some(c) = e.get_mut("cluster").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let here = c
+            .get("server")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.starts_with(&prefix));
+        if ours && here && c.get("certificate-authority-data") != Some(ca) {
+            c.insert("certificate-authority-data".into(), ca.clone());
+            c.remove("certificate-authority");
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The dashboard's Enter: [`write_context`] for a member of the local hub.
@@ -445,6 +488,43 @@ fn remember(prev: Option<&str>) {
                 "warning: 'towerctl use -' will not return to '{}': {e:#}",
                 crate::tunnel::printable(p, 200)
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_ca_reaches_every_context_of_the_same_gateway_only() {
+        let entry = |name: &str, server: &str, ca: &str| {
+            json!({ "name": name, "cluster": {
+                "server": server,
+                "certificate-authority-data": ca,
+                "certificate-authority": "/old/ca.crt",
+            }})
+        };
+        let mut d = json!({ "clusters": [
+            entry("tower-alpha", "https://hub:8443/clusters/alpha", "OLD"),
+            entry("tower-beta", "https://hub:8443/clusters/beta", "OLD"),
+            entry("tower-gamma", "https://other:8443/clusters/gamma", "OLD"),
+            entry("prod", "https://hub:8443/clusters/prod", "OLD"),
+            entry("tower-delta", "https://hub:8443/clusters/delta", "NEW"),
+        ]});
+        let n = same_gateway_new_ca(&mut d, "tower-alpha", "https://hub:8443/", &json!("NEW"));
+        assert_eq!(n, 1);
+        let ca = |name| {
+            kubeconfig::find(&d, "clusters", "cluster", name)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(ca("tower-beta")["certificate-authority-data"], "NEW");
+        assert!(ca("tower-beta").get("certificate-authority").is_none());
+        // The one being written (by its caller), another gateway's and a
+        // context that is not towerctl's are left alone.
+        for other in ["tower-alpha", "tower-gamma", "prod"] {
+            assert_eq!(ca(other)["certificate-authority-data"], "OLD", "{other}");
         }
     }
 }

@@ -338,7 +338,23 @@ pub(super) fn handle(
                 // (registered by token).
                 let cut = hub.streams.cut(|token, _| gone.iter().any(|h| h == token));
                 tracing::info!(operator = %name, "operator removed; {cut} open streams cut");
-                Response::ok(serde_json::json!({ "streamsCut": cut }))
+                // Rules by subject outlive the operator (a token is
+                // replaced by rm and add again): said, so that a name
+                // given to someone else later is not granted unawares.
+                let rules: Vec<u64> = hub
+                    .access
+                    .read()
+                    .map(|p| {
+                        p.rules
+                            .iter()
+                            .filter(|r| {
+                                matches!(&r.subject, crate::daemon::access::Subject::Operator(n) if *n == name)
+                            })
+                            .map(|r| r.id)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Response::ok(serde_json::json!({ "streamsCut": cut, "rulesNaming": rules }))
             }
             Err(e) => Response::err(e.to_string()),
         },
