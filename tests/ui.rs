@@ -38,7 +38,8 @@ impl Tmux {
                 // After the dashboard exits, record the terminal's modes:
                 // it must be back in cooked mode.
                 &format!(
-                    "{TOWERCTL} ui; stty -a > {}",
+                    "{TOWERCTL} ui; echo $? > {}; stty -a > {}",
+                    env.path("ui-exit.txt").display(),
                     env.path("stty-after.txt").display()
                 ),
             ],
@@ -361,6 +362,8 @@ fn the_dashboard_follows_a_hub_restart_and_switches_context() {
             "the terminal was left in raw mode ({f} is off): {modes:?}"
         );
     }
+    let code = std::fs::read_to_string(env.path("ui-exit.txt")).unwrap();
+    assert_eq!(code.trim(), "0", "q is a normal end");
 }
 
 /// The modes of the terminal the dashboard left behind, once it exited.
@@ -404,4 +407,7 @@ fn a_hangup_ends_the_dashboard_and_gives_the_terminal_back() {
             "the terminal was left in raw mode ({f} is off): {modes:?}"
         );
     }
+    // Ended by SIGHUP: the shell's 128 + 1, not success.
+    let code = std::fs::read_to_string(env.path("ui-exit.txt")).unwrap();
+    assert_eq!(code.trim(), "129");
 }

@@ -26,8 +26,20 @@ pub async fn run(a: UiArgs) -> Result<u8> {
     let (tx, rx) = mpsc::channel(256);
     feed::start(tx.clone(), cancel.clone(), &tracker);
     tracker.spawn(input(tx.clone(), cancel.clone()));
-    tracker.spawn(signals(tx.clone(), cancel.clone()));
+    let signalled = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    tracker.spawn(signals(tx.clone(), cancel.clone(), signalled.clone()));
     let mut app = App::new(Instant::now(), control::now_unix(), Theme::mono_from_env());
+    app.logins = super::operator::logins()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| {
+            format!(
+                "{} as '{}'",
+                crate::tunnel::printable(&l.gateway_url, 200),
+                crate::tunnel::printable(&l.operator, 100)
+            )
+        })
+        .collect();
     let fx = Live {
         kubeconfig: a.kubeconfig,
         tracker: tracker.clone(),
@@ -41,7 +53,12 @@ pub async fn run(a: UiArgs) -> Result<u8> {
     drop(guard);
     // Let an effect in flight (a kubeconfig being written) finish.
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
-    result.map(|()| exit::OK)
+    // Ended by a signal: the shell's 128 + N, as for any program it stops.
+    let code = match signalled.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => exit::OK,
+        n => 128 + n,
+    };
+    result.map(|()| code)
 }
 
 /// Keys and resizes from the terminal.
@@ -68,7 +85,11 @@ async fn input(tx: mpsc::Sender<Action>, cancel: CancellationToken) {
 
 /// SIGTERM, SIGINT and SIGHUP (an SSH connection that drops) end the
 /// dashboard the normal way, so the terminal is restored.
-async fn signals(tx: mpsc::Sender<Action>, cancel: CancellationToken) {
+async fn signals(
+    tx: mpsc::Sender<Action>,
+    cancel: CancellationToken,
+    signalled: std::sync::Arc<std::sync::atomic::AtomicU8>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -77,12 +98,13 @@ async fn signals(tx: mpsc::Sender<Action>, cancel: CancellationToken) {
     ) else {
         return;
     };
-    tokio::select! {
+    let n = tokio::select! {
         _ = cancel.cancelled() => return,
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = hup.recv() => {}
-    }
+        _ = term.recv() => libc::SIGTERM,
+        _ = int.recv() => libc::SIGINT,
+        _ = hup.recv() => libc::SIGHUP,
+    };
+    signalled.store(n as u8, std::sync::atomic::Ordering::Relaxed);
     let _ = tx.send(Action::Quit).await;
 }
 

@@ -268,6 +268,10 @@ pub struct App {
     /// Something visible changed since the last draw.
     pub dirty: bool,
     pub quit: bool,
+    /// The hubs this machine is logged in to as an operator ("GATEWAY as
+    /// 'NAME'"): the dashboard shows only this machine's daemons, and says
+    /// so to an operator with nothing here.
+    pub logins: Vec<String>,
 }
 
 /// A cluster as one table row: the merge of both views, already decided.
@@ -391,6 +395,12 @@ impl Cluster {
                             a.attempt
                         )
                     };
+                    // Why it retries (at 80 columns the detail pane has no
+                    // room for the events that say it).
+                    if let Some(e) = &a.last_error {
+                        detail.push_str(": ");
+                        detail.push_str(e);
+                    }
                     if a.failure.is_some() {
                         DisplayState::AuthFailed
                     } else {
@@ -411,6 +421,24 @@ impl Cluster {
                 }
                 AgentState::Unknown => DisplayState::Unknown,
             }
+        } else if let (Some(h), Some(AgentSide::Down(AgentDown::Stopped(why)))) = (
+            hub.filter(|h| h.state != MemberState::Connected),
+            &self.agent,
+        ) {
+            // Its agent on this machine stopped: said, rather than only the
+            // hub's "disconnected" (connected, it runs somewhere else).
+            detail = match why {
+                Some(why) => why.clone(),
+                None => match h.since {
+                    Some(s) => format!(
+                        "down {} · the agent on this machine stopped: start it again with 'towerctl join {} …'",
+                        ago(s),
+                        self.name
+                    ),
+                    None => format!("start it again with 'towerctl join {} …'", self.name),
+                },
+            };
+            DisplayState::Stopped
         } else if let Some(h) = hub {
             match h.state {
                 MemberState::Connected => DisplayState::Connected,
@@ -544,6 +572,7 @@ impl App {
             mono,
             dirty: true,
             quit: false,
+            logins: Vec::new(),
         }
     }
 
@@ -818,12 +847,17 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
                     // One flag a line, continued with `\`: it fits a narrow
                     // terminal without wrapping, and still pastes into a
                     // shell as one command.
-                    let join_command = join_command.replace(" --", " \\\n    --");
+                    // The token apart too: a line wrapped between `join`
+                    // and the name pasted as two commands. First in the
+                    // popup, so that a short terminal shows it.
+                    let join_command = join_command
+                        .replace(" towerctl join ", " \\\n  towerctl join ")
+                        .replace(" --", " \\\n    --");
                     app.say(Level::Info, format!("new join token issued for '{name}'"));
                     app.mode = Mode::Popup {
                         title: format!("New join command for '{name}'"),
                         body: format!(
-                            "For a new or re-installed agent, run this in the member (the token is shown once, here only; the old token no longer works; a running agent keeps reconnecting with its key):\n\n{join_command}\n\nPress Esc to close."
+                            "{join_command}\n\nFor a new or re-installed agent, run this in the member: the token is shown once, here only; the old token no longer works; a running agent keeps reconnecting with its key. Esc closes."
                         ),
                     };
                 }

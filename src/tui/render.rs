@@ -305,6 +305,24 @@ fn clusters(
                 ]),
             ],
             HubState::Starting => vec![Line::from("Asking the daemons on this machine…")],
+            // An operator's machine: the members are the hub's to show.
+            _ if !app.logins.is_empty() => {
+                let mut lines = vec![
+                    Line::from("This dashboard shows the hub and agents running on this machine: none runs here."),
+                    Line::from(""),
+                ];
+                for l in &app.logins {
+                    lines.push(Line::from(format!("Logged in to {l}.")));
+                }
+                lines.push(Line::from(""));
+                lines.push(Line::from(vec![
+                    Span::styled("towerctl use", theme.key()),
+                    Span::raw(" lists the members you may reach and switches kubectl to one; "),
+                    Span::styled("towerctl ui", theme.key()),
+                    Span::raw(" on the hub's machine shows their tunnels."),
+                ]));
+                lines
+            }
             _ => vec![
                 Line::from("Nothing to show: no hub and no agent on this machine."),
                 Line::from(""),
@@ -343,7 +361,10 @@ fn clusters(
         .map(|(c, _)| c.name.chars().count() as u16)
         .max()
         .unwrap_or(4)
-        .clamp(4, 24);
+        // Wider on a wide terminal (names run to 63 characters); a longer
+        // one is cut in its middle, where names that share a prefix and a
+        // suffix are told apart least often.
+        .clamp(4, (area.width * 2 / 5).clamp(24, 63));
     let (cols, _) = columns(name_width);
     let (cols, detail_w) = fit(cols, area.width);
     let mut widths: Vec<Constraint> = cols.iter().map(|c| Constraint::Length(c.width)).collect();
@@ -367,7 +388,10 @@ fn clusters(
         .map(|(c, v)| {
             let mut cells: Vec<Cell> = cols
                 .iter()
-                .map(|col| align((col.cell)(app, c, v, theme), col))
+                .map(|col| match col.title {
+                    "NAME" => Cell::from(elide_middle(&v.name, name_width as usize)),
+                    _ => align((col.cell)(app, c, v, theme), col),
+                })
                 .collect();
             if show_detail {
                 let style = match v.state {
@@ -390,6 +414,23 @@ fn clusters(
         .highlight_spacing(ratatui::widgets::HighlightSpacing::Always);
     let mut state = TableState::default().with_selected(selected);
     f.render_stateful_widget(table, area, &mut state);
+}
+
+/// `s` in at most `width` characters: its start and end with `…` between.
+fn elide_middle(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        return s.to_string();
+    }
+    if width < 3 {
+        return s.chars().take(width).collect();
+    }
+    let tail = (width - 1) / 2;
+    let head = width - 1 - tail;
+    let mut out: String = s.chars().take(head).collect();
+    out.push('…');
+    out.extend(s.chars().skip(n - tail));
+    out
 }
 
 /// The last minute of RTT as block characters, one cell per `60/width`
@@ -646,7 +687,10 @@ fn footer(app: &App, theme: &Theme, f: &mut Frame, area: Rect) {
         Line::from(Span::styled(m.text.clone(), theme.message(m.level)))
     } else {
         let mut spans = Vec::new();
+        // Help and quit first: a narrow terminal cuts the end.
         for (k, what) in [
+            ("?", "help"),
+            ("q", "quit"),
             ("↑↓", "select"),
             ("Enter", "use"),
             ("d", "disconnect"),
@@ -654,8 +698,6 @@ fn footer(app: &App, theme: &Theme, f: &mut Frame, area: Rect) {
             ("p", "port-forward"),
             ("/", "filter"),
             ("s", "sort"),
-            ("?", "help"),
-            ("q", "quit"),
         ] {
             spans.push(Span::styled(k, theme.key()));
             spans.push(Span::styled(format!(" {what}  "), theme.dim()));

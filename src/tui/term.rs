@@ -38,6 +38,9 @@ pub fn enter() -> Result<(Terminal<CrosstermBackend<Stdout>>, Guard)> {
     if !std::io::stdout().is_terminal() {
         bail!("'towerctl ui' draws a full-screen dashboard and needs a terminal; for scripts use 'towerctl status -o json'");
     }
+    if std::env::var_os("TERM").is_some_and(|t| t == "dumb") {
+        bail!("'towerctl ui' draws a full-screen dashboard, which TERM=dumb cannot show: run it with TERM set for your terminal (xterm-256color, say), or use 'towerctl status'");
+    }
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         restore();

@@ -317,6 +317,16 @@ fn screen_nothing_on_this_machine() {
     update(&mut a, Action::HubDown(HubDown::Absent));
     update(&mut a, Action::Agents(vec![]));
     insta::assert_snapshot!(screen(&a, 80, 24));
+    // An operator's machine: not told to start a hub.
+    a.logins = vec!["https://hub.example:9443 as 'alice'".into()];
+    a.dirty = true;
+    let s = text_of(&a, 100, 24);
+    assert!(
+        s.contains("Logged in to https://hub.example:9443 as 'alice'.")
+            && s.contains("towerctl use")
+            && !s.contains("Start a hub"),
+        "{s}"
+    );
 }
 
 /// A hub on etcd that cannot confirm its registry says at the top that it
@@ -397,10 +407,30 @@ fn screen_confirm_and_new_token_popup() {
         &mut a,
         Action::Done(Ok(Outcome::Rotated {
             name: "alpha".into(),
-            join_command: "towerctl join alpha --token tj_NEWTOKEN0123456789abcdefghijklmnopqrstuvwxyz --hub ws://127.0.0.1:8080/tunnel --hub-key sha256:TESTKEY".into(),
+            join_command: " TOWERCTL_TOKEN=tj_NEWTOKEN0123456789abcdefghijklmnopqrstuvwxyz0123 towerctl join alpha --hub ws://127.0.0.1:8080/tunnel --hub-key sha256:TESTKEY0123456789abcdefghijklmnopqrstuvwxyz012".into(),
         })),
     );
     insta::assert_snapshot!("screen_new_token_popup", screen(&a, 100, 30));
+    // At 80 columns every line of the command is whole, each but the
+    // last continued with `\` (a line wrapped between `join` and the
+    // name pasted into a shell as two commands).
+    let s = screen(&a, 80, 24);
+    for line in [
+        "TOWERCTL_TOKEN=tj_NEWTOKEN0123456789abcdefghijklmnopqrstuvwxyz0123 \\",
+        "towerctl join alpha \\",
+        "--hub ws://127.0.0.1:8080/tunnel \\",
+    ] {
+        assert!(
+            s.lines().any(|l| l.trim_end().ends_with(line)),
+            "{line}\n{s}"
+        );
+    }
+    assert!(
+        s.lines().any(|l| l
+            .trim_end()
+            .ends_with("--hub-key sha256:TESTKEY0123456789abcdefghijklmnopqrstuvwxyz012")),
+        "{s}"
+    );
 }
 
 #[test]
@@ -441,29 +471,34 @@ fn the_countdown_runs_down_between_snapshots() {
         Action::Agent(Box::new(agent("alpha", "backing_off"))),
     );
     let row = |a: &App| a.clusters["alpha"].view(a.now, a.now_unix);
+    // The countdown, before the reason it retries after.
+    let countdown = |a: &App| {
+        let d = row(a).detail;
+        d.split(": ").next().unwrap().to_string()
+    };
     assert_eq!(row(&a).state, DisplayState::BackingOff);
-    assert_eq!(row(&a).detail, "retry in 3.3s (attempt 4)");
+    assert_eq!(countdown(&a), "retry in 3.3s (attempt 4)");
     assert!(a.animating());
     a.now += Duration::from_millis(1000);
-    assert_eq!(row(&a).detail, "retry in 2.3s (attempt 4)");
+    assert_eq!(countdown(&a), "retry in 2.3s (attempt 4)");
     a.now += Duration::from_millis(2240);
-    assert_eq!(row(&a).detail, "retrying now (attempt 4)");
+    assert_eq!(countdown(&a), "retrying now (attempt 4)");
     assert!(!a.animating());
     // A later snapshot re-anchors the countdown.
     update(
         &mut a,
         Action::Agent(Box::new(agent("alpha", "backing_off"))),
     );
-    assert_eq!(row(&a).detail, "retry in 3.3s (attempt 4)");
+    assert_eq!(countdown(&a), "retry in 3.3s (attempt 4)");
     // A long wait shows whole seconds and is not animated (redrawn once a
     // second); under ten seconds, tenths at the animation rate.
     let mut long = agent("alpha", "backing_off");
     long.retry_in_ms = Some(24_200);
     update(&mut a, Action::Agent(Box::new(long)));
-    assert_eq!(row(&a).detail, "retry in 25s (attempt 4)");
+    assert_eq!(countdown(&a), "retry in 25s (attempt 4)");
     assert!(!a.animating());
     a.now += Duration::from_millis(14_300);
-    assert_eq!(row(&a).detail, "retry in 9.9s (attempt 4)");
+    assert_eq!(countdown(&a), "retry in 9.9s (attempt 4)");
     assert!(a.animating());
 }
 
@@ -850,5 +885,71 @@ fn a_rows_text_from_others_is_shown_inert() {
     assert!(
         remote.starts_with("10.0.0.1:1 x") && remote.chars().count() <= 200,
         "{remote}"
+    );
+}
+
+#[test]
+fn a_stopped_local_agent_shows_through_the_hubs_view_and_a_retry_says_why() {
+    let (mut a, _) = app(true);
+    update(
+        &mut a,
+        Action::Hub(Box::new(hub(vec![
+            member("halted", "disconnected", Some(NOW - 420)),
+            connected("elsewhere", 1),
+            member("retrying", "disconnected", Some(NOW - 8)),
+        ]))),
+    );
+    for name in ["halted", "elsewhere"] {
+        update(
+            &mut a,
+            Action::AgentDown {
+                name: name.into(),
+                why: AgentDown::Stopped(None),
+            },
+        );
+    }
+    update(
+        &mut a,
+        Action::Agent(Box::new(agent("retrying", "backing_off"))),
+    );
+    let view = |n: &str| a.clusters[n].view(a.now, a.now_unix);
+    // The hub says "disconnected"; the agent here stopped: the way out.
+    assert_eq!(view("halted").state, DisplayState::Stopped);
+    assert!(
+        view("halted").detail.contains("down 7m")
+            && view("halted")
+                .detail
+                .contains("the agent on this machine stopped"),
+        "{}",
+        view("halted").detail
+    );
+    // Connected through the hub: its agent runs on another machine.
+    assert_eq!(view("elsewhere").state, DisplayState::Connected);
+    // Backing off: the countdown, then the reason.
+    let d = view("retrying").detail;
+    assert!(
+        d.starts_with("retry in") && d.ends_with("Connection refused (os error 111)"),
+        "{d}"
+    );
+}
+
+#[test]
+fn long_names_are_cut_in_the_middle_never_silently() {
+    let (mut a, _) = app(true);
+    feed_hub(
+        &mut a,
+        vec![
+            member("production-eu-west-1-cluster-aaa", "never_connected", None),
+            member("production-eu-west-1-cluster-bbb", "never_connected", None),
+        ],
+    );
+    // 80 columns: NAME up to 32 wide, each name whole.
+    let s = text_of(&a, 80, 12);
+    assert!(s.contains("production-eu-west-1-cluster-aaa"), "{s}");
+    // 60 columns: 24 wide, cut in the middle, still told apart.
+    let s = text_of(&a, 60, 12);
+    assert!(
+        s.contains("production-e…cluster-aaa") && s.contains("production-e…cluster-bbb"),
+        "{s}"
     );
 }
