@@ -109,8 +109,18 @@ impl GatewayClient {
     /// gone with its host (or a VPN dropped) left a TCP connect waiting
     /// for minutes, and something that accepts and never answers TLS, for
     /// ever.
+    /// `host:port`, an IPv6 address in brackets (a Host header, words).
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let (host, port) = (&self.host, self.port);
+        let at = self.authority();
         let connecting = async {
             // A proxy towerctl cannot speak through (SOCKS, or TLS to the
             // proxy, which kubectl takes): dialed directly, as before
@@ -118,7 +128,7 @@ impl GatewayClient {
             let proxy = crate::tunnel::proxy::for_gateway(host, port).unwrap_or_else(|e| {
                 static SAID: std::sync::Once = std::sync::Once::new();
                 SAID.call_once(|| {
-                    eprintln!("warning: {e}; connecting to the gateway at {host}:{port} directly");
+                    eprintln!("warning: {e}; connecting to the gateway at {at} directly");
                 });
                 None
             });
@@ -127,13 +137,15 @@ impl GatewayClient {
                     .await
                     .with_context(|| {
                         format!(
-                            "cannot connect to the gateway at {host}:{port} through the proxy {} (HTTPS_PROXY; NO_PROXY keeps a host off it)",
+                            "cannot connect to the gateway at {at} through the proxy {} (HTTPS_PROXY; NO_PROXY keeps a host off it)",
                             p.shown()
                         )
                     })?,
-                None => tokio::net::TcpStream::connect((host.as_str(), port))
+                // Every address of the name, families in turn: one that
+                // drops packets (broken IPv6) took the whole deadline.
+                None => crate::tunnel::dial::connect(host, port)
                     .await
-                    .with_context(|| format!("cannot connect to the gateway at {host}:{port}"))?,
+                    .with_context(|| format!("cannot connect to the gateway at {at}"))?,
             };
             crate::tunnel::nodelay(&tcp);
             let name = ServerName::try_from(host.clone())
@@ -149,7 +161,7 @@ impl GatewayClient {
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "the gateway at {host}:{port} did not answer within {}s (TCP connect and TLS handshake): is the hub up, and reachable from here?",
+                    "the gateway at {at} did not answer within {}s (TCP connect and TLS handshake): is the hub up, and reachable from here?",
                     CONNECT_DEADLINE.as_secs()
                 )
             })?
@@ -171,8 +183,7 @@ pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u1
         let tls = gw.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(conn);
-        let mut req =
-            http::Request::get(path).header(http::header::HOST, format!("{}:{}", gw.host, gw.port));
+        let mut req = http::Request::get(path).header(http::header::HOST, gw.authority());
         if let Some(t) = token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }

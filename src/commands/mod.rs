@@ -624,7 +624,8 @@ pub struct AgentOpts {
     #[arg(long, default_value = "10s", value_parser = parse_whole_seconds, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
     /// Also let the hub dial HOST[:PORT], CIDR[:PORT] or *.SUFFIX[:PORT] in the member
-    /// network (repeatable; the cluster's services, pods and deployments are always allowed).
+    /// network (repeatable; the cluster's services, pods and deployments are always allowed;
+    /// IPv6 with a port in brackets: [fd00::/8]:443).
     #[arg(long, value_name = "RULE")]
     pub allow: Vec<String>,
     /// Push mode: listen on ADDR for the member's workloads and carry them to the

@@ -41,17 +41,49 @@ impl Rule {
     /// Parses `HOST[:PORT]`, `CIDR[:PORT]` or `*.SUFFIX[:PORT]`.
     pub fn parse(s: &str) -> Result<Rule, String> {
         let bad = || {
-            format!("invalid --allow '{s}': use HOST[:PORT], CIDR[:PORT] (like 10.0.0.0/8:443) or *.SUFFIX[:PORT] (like *.svc)")
+            format!("invalid --allow '{s}': use HOST[:PORT], CIDR[:PORT] (like 10.0.0.0/8:443; an IPv6 address or network with a port in brackets: [fd00::/8]:443, [::1]:8080) or *.SUFFIX[:PORT] (like *.svc)")
         };
-        let (body, port) = match s.rsplit_once(':') {
-            Some((b, p)) if !b.contains(':') || b.starts_with('[') => (
-                b.trim_matches(|c| c == '[' || c == ']'),
-                Some(p.parse::<u16>().map_err(|_| bad())?),
-            ),
-            _ => (s, None),
+        let (body, port) = if let Some(rest) = s.strip_prefix('[') {
+            // `[V6]`, `[V6]:PORT`, `[V6/N]:PORT`, and `[V6]/N[:PORT]`.
+            let (inside, after) = rest.split_once(']').ok_or_else(bad)?;
+            let (prefix, after) = match after.strip_prefix('/') {
+                Some(a) => match a.split_once(':') {
+                    Some((n, p)) => (Some(n), Some(p)),
+                    None => (Some(a), None),
+                },
+                None => match after {
+                    "" => (None, None),
+                    a => (None, Some(a.strip_prefix(':').ok_or_else(bad)?)),
+                },
+            };
+            let body = match prefix {
+                Some(n) if !inside.contains('/') => format!("{inside}/{n}"),
+                Some(_) => return Err(bad()),
+                None => inside.to_string(),
+            };
+            let port = match after {
+                Some(p) => Some(p.parse::<u16>().map_err(|_| bad())?),
+                None => None,
+            };
+            (body, port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((b, p)) if !b.contains(':') => {
+                    (b.to_string(), Some(p.parse::<u16>().map_err(|_| bad())?))
+                }
+                _ => (s.to_string(), None),
+            }
         };
+        let body = body.as_str();
         if body.is_empty() {
             return Err(bad());
+        }
+        // A zone (`fe80::1%eth0`) is no part of an address a target
+        // resolves to: such a rule matched nothing, silently.
+        if body.contains('%') {
+            return Err(format!(
+                "invalid --allow '{s}': a zone (%…) cannot be matched; name the address without it"
+            ));
         }
         if let Some(suffix) = body.strip_prefix("*.") {
             // `*.` alone took every name written with a final dot.
@@ -403,6 +435,47 @@ mod tests {
                 port: Some(80)
             }
         );
+    }
+
+    /// IPv6 in every spelling the error names, brackets alone too; what
+    /// cannot be read says how to write it.
+    #[test]
+    fn ipv6_rules_are_read_in_brackets_and_zones_refused() {
+        let cidr = |net: &str, prefix, port| Rule::Cidr {
+            net: net.parse().unwrap(),
+            prefix,
+            port,
+        };
+        for (s, want) in [
+            ("[fd00::/8]:443", cidr("fd00::", 8, Some(443))),
+            ("[fd00::]/8:443", cidr("fd00::", 8, Some(443))),
+            ("[fd00::]/8", cidr("fd00::", 8, None)),
+            ("fd00::/8", cidr("fd00::", 8, None)),
+            (
+                "[::1]",
+                Rule::Host {
+                    host: "::1".into(),
+                    port: None,
+                },
+            ),
+            (
+                "::1",
+                Rule::Host {
+                    host: "::1".into(),
+                    port: None,
+                },
+            ),
+        ] {
+            assert_eq!(Rule::parse(s), Ok(want), "{s}");
+        }
+        for s in ["fd00::/8:443", "[fd00::/8]/8", "[::1", "[::1]x", "[::1]:x"] {
+            let e = Rule::parse(s).unwrap_err();
+            assert!(e.contains("[fd00::/8]:443"), "{s}: {e}");
+        }
+        for s in ["fe80::1%lo", "[fe80::1%lo]:80"] {
+            let e = Rule::parse(s).unwrap_err();
+            assert!(e.contains("zone"), "{s}: {e}");
+        }
     }
 
     fn sa(s: &str) -> SocketAddr {

@@ -25,6 +25,20 @@ pub async fn connect(host: &str, port: u16) -> io::Result<TcpStream> {
     connect_first(interleaved(addrs)).await
 }
 
+/// [`connect`] to `HOST:PORT` (`[V6]:PORT` too, and an unbracketed IPv6
+/// address whose last `:` starts the port).
+pub async fn connect_to(target: &str) -> io::Result<TcpStream> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("'{target}' is not HOST:PORT"),
+        )
+    };
+    let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    connect(host, port).await
+}
+
 /// `addrs` with the two families taking turns, the first address's family
 /// first, each family in the resolver's order.
 fn interleaved(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
@@ -44,8 +58,11 @@ fn interleaved(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
 }
 
+/// One address; its failure names it (of several, which one said what).
 async fn attempt(a: SocketAddr) -> io::Result<TcpStream> {
-    TcpStream::connect(a).await
+    TcpStream::connect(a)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))
 }
 
 /// The first of `addrs` to connect, tried as [`connect`] says; the last
@@ -87,7 +104,7 @@ pub async fn connect_first(addrs: Vec<SocketAddr>) -> io::Result<TcpStream> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -115,7 +132,7 @@ mod tests {
 
     /// A listener on 127.0.0.2 whose accept queue is full: the kernel
     /// drops further SYNs, as a black-holed address does.
-    async fn black_hole() -> (tokio::net::TcpListener, SocketAddr, Vec<TcpStream>) {
+    pub(crate) async fn black_hole() -> (tokio::net::TcpListener, SocketAddr, Vec<TcpStream>) {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         let l = sock.listen(0).unwrap();
@@ -161,5 +178,33 @@ mod tests {
         assert_eq!(s.peer_addr().unwrap(), good_addr);
         let e = connect_first(vec![refused]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        // The failure names the address that said it.
+        assert!(e.to_string().starts_with(&format!("{refused}: ")), "{e}");
+    }
+
+    /// `HOST:PORT` as `cluster expose` keeps it: a name, an IPv4 address,
+    /// an IPv6 address with or without brackets.
+    #[tokio::test]
+    async fn exposed_targets_are_read_in_every_spelling() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        for t in [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            format!("[127.0.0.1]:{port}"),
+        ] {
+            assert!(connect_to(&t).await.is_ok(), "{t}");
+        }
+        if let Ok(l6) = tokio::net::TcpListener::bind("[::1]:0").await {
+            let port = l6.local_addr().unwrap().port();
+            for t in [format!("[::1]:{port}"), format!("::1:{port}")] {
+                let s = connect_to(&t).await.unwrap_or_else(|e| panic!("{t}: {e}"));
+                assert_eq!(s.peer_addr().unwrap(), l6.local_addr().unwrap());
+            }
+        }
+        for bad in ["no-port", "host:", "host:99999"] {
+            let e = connect_to(bad).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad}");
+        }
     }
 }

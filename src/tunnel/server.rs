@@ -313,10 +313,8 @@ impl russh::server::Handler for HubHandler {
         let ended = self.ended.clone();
         let auth = self.auth.clone();
         tokio::spawn(async move {
-            let dial = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio::net::TcpStream::connect(&target),
-            );
+            let dial =
+                tokio::time::timeout(Duration::from_secs(10), super::dial::connect_to(&target));
             let dialed = tokio::select! {
                 d = dial => d,
                 _ = ended.cancelled() => return,
@@ -351,14 +349,18 @@ impl russh::server::Handler for HubHandler {
                     // Held for as long as the channel is open.
                     drop((slot, window));
                 }
-                _ => {
+                failed => {
                     static UNREACHABLE: super::LogBudget =
                         super::LogBudget::new("unreachable exposed targets", NOTED_PER_MINUTE);
                     let name = super::escape_for_log(&name, 100);
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer within 10s".to_string(),
+                    };
                     if UNREACHABLE.admit() {
-                        tracing::warn!(%cluster, %name, "cannot reach exposed target {target}");
+                        tracing::warn!(%cluster, %name, "cannot reach exposed target {target}: {why}");
                     } else {
-                        tracing::debug!(%cluster, %name, "cannot reach exposed target {target}");
+                        tracing::debug!(%cluster, %name, "cannot reach exposed target {target}: {why}");
                     }
                     reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
                 }

@@ -1000,7 +1000,9 @@ impl Cluster {
         let host = u.host_str().ok_or("no host")?.to_string();
         let port = u.port_or_known_default().unwrap_or(443);
         let fut = async {
-            let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            // Every address of the name, families in turn (one that
+            // drops packets took the whole deadline).
+            let tcp = crate::tunnel::dial::connect(&host, port)
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
