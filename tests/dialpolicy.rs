@@ -121,6 +121,34 @@ fn an_explicit_address_rule_permits_the_host() {
     assert!(o.contains("403"), "{o}");
 }
 
+/// An IPv6 address as a CONNECT target (`ADDR.ip6.CLUSTER`, since an
+/// authority cannot hold `[::1].alpha`), allowed by a bracketed rule.
+#[test]
+fn an_ipv6_address_is_a_connect_target() {
+    let Ok(l) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here: nothing to check");
+        return;
+    };
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming().take(4) {
+            let Ok(mut c) = c else { return };
+            use std::io::Write;
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nover ipv6\n");
+        }
+    });
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[&format!("[::1]:{port}")]);
+    for host in ["0-0-0-0-0-0-0-1.ip6.alpha", "0--1.ip6.alpha"] {
+        let o = curl_via_gateway(&env, &format!("{host}:{port}"));
+        assert!(o.ok() && o.stdout.contains("over ipv6"), "{host}: {o:?}");
+    }
+    // The rule's port bounds it.
+    let o = connect_raw(&env, &format!("0-0-0-0-0-0-0-1.ip6.alpha:{}", port ^ 1));
+    assert!(o.contains("403"), "{o}");
+}
+
 /// A raw CONNECT with the admin's token: the status line and body.
 fn connect_raw(env: &Env, authority: &str) -> String {
     let s = env.status();

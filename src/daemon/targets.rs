@@ -150,7 +150,20 @@ pub enum Target {
 }
 
 /// A host name as a channel may carry it.
+/// An IPv6 address as one DNS label, `:` written `-`, every group written
+/// out (`fd00-0-0-0-0-0-0-5`: no label starts with `-`), as the CONNECT
+/// host `ADDR.ip6.CLUSTER` carries it (`fd00--5` is read too).
+fn ip6_label(a: std::net::Ipv6Addr) -> String {
+    let groups: Vec<String> = a.segments().iter().map(|g| format!("{g:x}")).collect();
+    groups.join("-")
+}
+
+/// A host a channel may name: a DNS name or address, or an IPv6 address.
 fn host_name(s: &str) -> bool {
+    s.parse::<std::net::Ipv6Addr>().is_ok() || plain_host_name(s)
+}
+
+fn plain_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.bytes()
@@ -212,6 +225,12 @@ impl Target {
             )
         };
         let t = match labels.as_slice() {
+            // An IPv6 address (a CONNECT authority's host cannot hold one
+            // with the member after it).
+            [addr, "ip6", _] => {
+                let a: std::net::Ipv6Addr = addr.replace('-', ":").parse().ok()?;
+                Target::Host(a.to_string())
+            }
             [name, ns, "svc", _] => Target::Service {
                 ns: ns.to_string(),
                 name: name.to_string(),
@@ -242,7 +261,10 @@ impl Target {
             Target::Workload { kind, ns, name } => {
                 format!("{name}.{ns}.{}.{cluster}", kind.connect_label())
             }
-            Target::Host(h) => format!("{h}.{cluster}"),
+            Target::Host(h) => match h.parse::<std::net::Ipv6Addr>() {
+                Ok(a) => format!("{}.ip6.{cluster}", ip6_label(a)),
+                Err(_) => format!("{h}.{cluster}"),
+            },
         }
     }
 
@@ -527,6 +549,23 @@ mod tests {
             Some(("alpha".into(), Target::Host("10.0.0.5".into())))
         );
         assert_eq!(Target::from_connect_host("alpha"), None);
+        // An IPv6 address: one label, `-` for `:`, under `ip6`; both ways,
+        // and through the channel to the agent.
+        let v6 = Target::Host("fd00::5".into());
+        assert_eq!(v6.connect_host("alpha"), "fd00-0-0-0-0-0-0-5.ip6.alpha");
+        for h in ["fd00--5.ip6.alpha", "FD00-0-0-0-0-0-0-5.ip6.alpha"] {
+            assert_eq!(
+                Target::from_connect_host(h),
+                Some(("alpha".into(), v6.clone())),
+                "{h}"
+            );
+        }
+        assert_eq!(
+            Target::from_channel_address(&v6.channel_address()),
+            Some(v6)
+        );
+        assert_eq!(Target::from_connect_host("db--1x.ip6.alpha"), None);
+        assert_eq!(Target::from_connect_host("fe80--1%lo.ip6.alpha"), None);
         assert_eq!(Target::from_channel_address("svc/a"), None);
         // Never a path segment of its own, nor one a Service's name or a
         // namespace cannot be.
