@@ -149,12 +149,26 @@ fn save_logins(l: &[Login]) -> Result<()> {
 }
 
 /// The login for `gateway` (or the most recent one).
+/// A gateway URL as a login keeps it: as the URL parser writes it (host
+/// in lower case, an IPv6 address shortened, the default port left out),
+/// no trailing `/`.
+pub fn canonical_gateway(g: &str) -> String {
+    match url::Url::parse(g) {
+        Ok(u) => u.as_str().trim_end_matches('/').to_string(),
+        Err(_) => g.trim_end_matches('/').to_string(),
+    }
+}
+
+/// Two spellings of one gateway (`https://[0:0::1]:9443/` and
+/// `https://[::1]:9443`).
+pub fn same_gateway(a: &str, b: &str) -> bool {
+    canonical_gateway(a) == canonical_gateway(b)
+}
+
 pub fn find_login(gateway: Option<&str>) -> Result<Option<Login>> {
     let all = logins()?;
     Ok(match gateway {
-        Some(g) => all
-            .into_iter()
-            .find(|l| l.gateway_url.trim_end_matches('/') == g.trim_end_matches('/')),
+        Some(g) => all.into_iter().find(|l| same_gateway(&l.gateway_url, g)),
         None => all.into_iter().last(),
     })
 }
@@ -170,7 +184,7 @@ pub async fn login(
     ca_hash: Option<&str>,
     insecure: bool,
 ) -> Result<u8> {
-    let gateway = gateway.trim_end_matches('/').to_string();
+    let gateway = canonical_gateway(gateway);
     let (status, body) = https::get(
         &format!("{gateway}/towerctl/v1/ca.crt"),
         Trust::FetchCaOnly,
@@ -227,12 +241,13 @@ pub async fn login(
     // The previous login's token, kept in another store (a file over ssh,
     // the Secret Service on the desktop), goes too: `logout` removes only
     // what the current entry names.
+    // So does one saved under another spelling of the URL.
     let previous = all
         .iter()
-        .find(|l| l.gateway_url == gateway)
-        .map(|l| l.backend)
-        .filter(|b| *b != backend);
-    all.retain(|l| l.gateway_url != gateway);
+        .find(|l| same_gateway(&l.gateway_url, &gateway))
+        .map(|l| (l.backend, l.gateway_url.clone()))
+        .filter(|(b, url)| *b != backend || *url != gateway);
+    all.retain(|l| !same_gateway(&l.gateway_url, &gateway));
     all.push(Login {
         gateway_url: gateway.clone(),
         ca_pem,
@@ -240,13 +255,13 @@ pub async fn login(
         backend,
     });
     save_logins(&all)?;
-    if let Some(old) = previous {
-        secrets::delete(old, &gateway);
+    if let Some((old, url)) = previous {
+        secrets::delete(old, &url);
     }
     let others: Vec<&str> = all
         .iter()
         .map(|l| l.gateway_url.as_str())
-        .filter(|g| *g != gateway)
+        .filter(|g| !same_gateway(g, &gateway))
         .collect();
     secrets::forget_legacy(&gateway, &others);
     println!(
@@ -273,4 +288,26 @@ pub async fn logout(gateway: Option<&str>) -> Result<u8> {
     secrets::forget_legacy(&l.gateway_url, &others);
     println!("logged out of {}", l.gateway_url);
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_gateway_is_one_login_however_its_url_is_spelled() {
+        for (a, b) in [
+            ("https://[0:0:0:0:0:0:0:1]:9443/", "https://[::1]:9443"),
+            ("https://Hub.Example:9443", "https://hub.example:9443/"),
+            ("https://hub.example:443", "https://hub.example"),
+        ] {
+            assert!(same_gateway(a, b), "{a} {b}");
+        }
+        assert!(!same_gateway("https://hub:9443", "https://hub:9444"));
+        assert!(!same_gateway("https://hub-a:9443", "https://hub-b:9443"));
+        assert_eq!(
+            canonical_gateway("https://[0:0::1]:32989/"),
+            "https://[::1]:32989"
+        );
+    }
 }
