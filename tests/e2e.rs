@@ -1194,6 +1194,17 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
                 .contains("ask the hub's admin for a new 'towerctl operator add'"),
         "{o:?}"
     );
+    // Logging out of the second hub names the contexts left reaching it
+    // (tower-alpha went there last), not the first hub's.
+    let o = laptop.towerctl(&["logout", &gw2]);
+    assert!(o.ok(), "{o:?}");
+    let note = o
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("note: kubeconfig context(s)"))
+        .unwrap_or_else(|| panic!("{o:?}"));
+    assert!(note.contains("tower-alpha"), "{note}");
+    assert!(!note.contains("tower-beta"), "{note}");
 }
 
 #[test]

@@ -287,7 +287,61 @@ pub async fn logout(gateway: Option<&str>) -> Result<u8> {
     let others: Vec<&str> = all.iter().map(|x| x.gateway_url.as_str()).collect();
     secrets::forget_legacy(&l.gateway_url, &others);
     println!("logged out of {}", l.gateway_url);
+    let left = contexts_through(&l.gateway_url);
+    if !left.is_empty() {
+        let shown: Vec<String> = left
+            .iter()
+            .take(10)
+            .map(|c| crate::tunnel::shown(c).into_owned())
+            .collect();
+        eprintln!(
+            "note: kubeconfig context(s) {}{} still reach kubectl through this login: they fail ('not logged in') until you log in again; 'kubectl config delete-context NAME' removes one",
+            shown.join(", "),
+            if left.len() > 10 { ", …" } else { "" }
+        );
+    }
     Ok(exit::OK)
+}
+
+/// The contexts in the kubeconfig files in effect whose user is towerctl's
+/// credential plugin for `gateway`.
+fn contexts_through(gateway: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in super::kubeconfig::files(None) {
+        let Ok(doc) = super::kubeconfig::read(&f) else {
+            continue;
+        };
+        let list = |key: &str| {
+            doc.get(key)
+                .and_then(|v| v.as_array())
+                .cloned()
+                .unwrap_or_default()
+        };
+        let users: Vec<String> = list("users")
+            .iter()
+            .filter(|u| {
+                let args: Vec<&str> = u["user"]["exec"]["args"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                args.first() == Some(&"credential")
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == "--gateway" && same_gateway(w[1], gateway))
+            })
+            .filter_map(|u| u["name"].as_str().map(str::to_string))
+            .collect();
+        for c in list("contexts") {
+            let (Some(name), Some(user)) = (c["name"].as_str(), c["context"]["user"].as_str())
+            else {
+                continue;
+            };
+            if users.iter().any(|u| u == user) && !out.iter().any(|o| o == name) {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
