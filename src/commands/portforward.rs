@@ -350,6 +350,20 @@ use crate::daemon::forwards::{self, record_path, Background};
 
 /// `--background`: the forward runs as its own detached process, survives
 /// the shell, shows in `towerctl status`, ends with `port-forward stop`.
+/// What to do when a local listener cannot be made.
+fn listen_hint(e: &std::io::Error, ip: IpAddr, remote: u16) -> String {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => format!(
+            "an IPv4-mapped address cannot be listened on here: give --address {}",
+            v6.to_ipv4_mapped().unwrap()
+        ),
+        _ if e.kind() == std::io::ErrorKind::AddrInUse => {
+            format!("choose another local port (':{remote}' picks a free one) or another --address")
+        }
+        _ => "choose another --address (one of this machine's, or localhost)".to_string(),
+    }
+}
+
 pub async fn background(a: Args) -> Result<u8> {
     let rec = start_background(a).await?;
     for f in &rec.forwarding {
@@ -541,9 +555,9 @@ pub async fn run(a: &Args, daemon_id: Option<&str>) -> Result<u8> {
                     });
                 }
                 Err(e) if required => bail!(
-                    "unable to listen on {}: {e}; choose another local port (':{}' picks a free one) or another --address",
+                    "unable to listen on {}: {e}; {}",
                     SocketAddr::new(ip, local),
-                    pair.remote
+                    listen_hint(&e, ip, pair.remote)
                 ),
                 Err(e) => errors.push(format!("{}: {e}", SocketAddr::new(ip, local))),
             }
@@ -867,5 +881,22 @@ mod tests {
             "Service 'x' does not have a port named 'web'"
         );
         assert!(named_port(&t("pod"), None, "web").is_err());
+    }
+}
+
+#[cfg(test)]
+mod listen_hints {
+    use super::*;
+
+    #[test]
+    fn the_hint_fits_why_the_listener_failed() {
+        let in_use = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let invalid = std::io::Error::from(std::io::ErrorKind::InvalidInput);
+        let h = listen_hint(&in_use, "127.0.0.1".parse().unwrap(), 80);
+        assert!(h.contains("':80' picks a free one"), "{h}");
+        let h = listen_hint(&invalid, "::ffff:127.0.0.1".parse().unwrap(), 80);
+        assert!(h.contains("--address 127.0.0.1"), "{h}");
+        let h = listen_hint(&invalid, "192.0.2.1".parse().unwrap(), 80);
+        assert!(!h.contains("free one"), "{h}");
     }
 }
