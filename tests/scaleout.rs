@@ -3298,7 +3298,7 @@ fn a_hub_started_before_its_etcd_waits_for_it_then_serves() {
     assert!(
         o.stderr.contains("did not become ready within 20s")
             && o.stderr.contains("did not answer")
-            && o.stderr.contains("waiting for it"),
+            && o.stderr.contains("so it was stopped"),
         "up names why: {o:?}"
     );
     assert!(took < Duration::from_secs(40), "{took:?}");

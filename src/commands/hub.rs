@@ -174,14 +174,15 @@ pub async fn up(up: UpArgs) -> Result<u8> {
             Ok(exit::OK)
         }
         None => {
-            // Waiting for etcd, say: its last warning says why.
+            // Waiting for etcd, say: its last warning says why. Stopped,
+            // and said so (its warning alone read as "still waiting").
             let why = spawned
                 .last_warning()
-                .map(|w| format!(" ({w})"))
+                .map(|w| format!(" (its last warning: {w})"))
                 .unwrap_or_default();
             spawned.kill();
             bail!(
-                "the hub did not become ready within 20s{why}; see its log '{}'",
+                "the hub did not become ready within 20s{why}, so it was stopped: fix that and run 'towerctl up' again ('towerctl hub run' in a service waits as long as it takes); see its log '{}'",
                 spawned.log.display()
             )
         }

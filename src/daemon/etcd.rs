@@ -250,6 +250,8 @@ fn hint(msg: &str, user: Option<&str>) -> String {
         }
     } else if msg.contains("invalid user ID or password") {
         "etcd refused the user or its password: fix --store-user, or the password in --store-password-file (read again at the next login, tried again within 30 s)".to_string()
+    } else if msg.contains("database space exceeded") {
+        "etcd is out of space (its --quota-backend-bytes; a NOSPACE alarm): it takes only reads and deletes until its admin compacts, defragments and disarms it (etcdctl compact REV; etcdctl defrag; etcdctl alarm disarm); meanwhile the hubs serve the members they hold, and 'towerctl cluster rm' and 'operator rm' still work".to_string()
     } else if msg.contains("permission denied") {
         match user {
             Some(u) => format!("the etcd user '{}' may not read or write the keys under --store-prefix: grant its role readwrite on them (etcdctl role grant-permission ROLE readwrite --prefix=true PREFIX)", crate::tunnel::printable(u, 100)),
@@ -1533,6 +1535,8 @@ mod tests {
         .contains("--store-password-file"));
         assert!(hint("etcdserver: permission denied", Some("hub")).contains("'hub' may not"));
         assert_eq!(hint("etcdserver: no leader", Some("hub")), "");
+        let h = hint("etcdserver: mvcc: database space exceeded", None);
+        assert!(h.contains("alarm disarm") && h.contains("operator rm"), "{h}");
         assert!(token_refused(401, b"invalid auth token"));
         assert!(token_refused(400, b"etcdserver: user name is empty"));
         assert!(!token_refused(
