@@ -1536,7 +1536,10 @@ mod tests {
         assert!(hint("etcdserver: permission denied", Some("hub")).contains("'hub' may not"));
         assert_eq!(hint("etcdserver: no leader", Some("hub")), "");
         let h = hint("etcdserver: mvcc: database space exceeded", None);
-        assert!(h.contains("alarm disarm") && h.contains("operator rm"), "{h}");
+        assert!(
+            h.contains("alarm disarm") && h.contains("operator rm"),
+            "{h}"
+        );
         assert!(token_refused(401, b"invalid auth token"));
         assert!(token_refused(400, b"etcdserver: user name is empty"));
         assert!(!token_refused(

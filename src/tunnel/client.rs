@@ -520,6 +520,7 @@ async fn connect_inner(
             .map_err(|e| unreachable(e.to_string()))?,
     };
     super::nodelay(&tcp);
+    super::notsent_lowat(&tcp);
     phase.set(if tls {
         "connected, but the TLS handshake did not finish (does this port serve TLS?)"
     } else {

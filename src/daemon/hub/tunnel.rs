@@ -319,6 +319,8 @@ pub(super) async fn accept_tunnels(
     let penalties = Arc::new(Penalties::default());
     let prelogin_logs = Arc::new(tunnel::LogBudget::new("failed tunnel logins", 10));
     while let Some((tcp, peer)) = crate::daemon::accept_next(&listener, &cancel, "tunnel").await {
+        // What the hub sends a member waits behind little in the kernel.
+        tunnel::notsent_lowat(&tcp);
         // A source past its refused join tokens is not closed here: an
         // agent that has joined logs in with its key, which cannot be
         // guessed, and may share the address (NAT, an ingress) with
