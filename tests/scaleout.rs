@@ -3594,3 +3594,73 @@ fn a_hub_that_ran_alone_keeps_its_own_ca_and_host_key_when_it_joins_a_group() {
     );
     assert_eq!(mode & 0o077, 0, "{mode:o}");
 }
+
+/// etcd emptied under a running hub (a fresh etcd where the old one was,
+/// or a restore from a backup older than the group): the members' agents
+/// are neither cut as "removed" nor refused (each would stop for good,
+/// every member to be joined again by hand), and all is as before once
+/// the records are back.
+#[test]
+fn an_emptied_etcd_stops_no_agent_and_its_records_back_are_served() {
+    let etcd = Etcd::start();
+    let [hub]: [Env; 1] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let member = Env::new();
+    join(&hub, &member, "alpha", &api);
+    assert!(hub.towerctl(&["use", "alpha"]).ok());
+    wait_for("alpha reached", Duration::from_secs(20), || {
+        reaches(&hub, "alpha").then_some(())
+    });
+    // Every key under the prefix, raw, to put back later.
+    let range = format!(
+        r#"{{"key":"{}","range_end":"{}"}}"#,
+        b64(b"/towerctl/"),
+        b64(b"/towerctl0")
+    );
+    // By curl: an answer this long comes chunked.
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "5", "-X", "POST", "-d", &range])
+        .arg(format!("http://{}/v3/kv/range", etcd.client));
+    let o = support::run_bounded(c, Duration::from_secs(10));
+    let saved: serde_json::Value = serde_json::from_str(&o.stdout).expect("etcd's range");
+    let saved = saved["kvs"].as_array().unwrap().clone();
+    assert!(saved.len() >= 3, "{saved:?}");
+    assert!(etcd_post(&etcd.client, "/v3/kv/deleterange", &range).is_some());
+
+    let log = || std::fs::read_to_string(hub.path("state/towerctl/hub.log")).unwrap_or_default();
+    wait_for(
+        "the hub to see the registry lost",
+        Duration::from_secs(10),
+        || {
+            log()
+                .contains("is not the one this hub joined")
+                .then_some(())
+        },
+    );
+    // Keepalives every second: several rounds of reconciling and of the
+    // agent's own checks.
+    std::thread::sleep(Duration::from_secs(4));
+    let st = member.status();
+    assert_eq!(st["agents"][0]["state"], "connected", "{st}");
+    assert!(
+        !log().contains("the cluster was removed from the hub"),
+        "{}",
+        log()
+    );
+
+    for kv in &saved {
+        let body = format!(
+            r#"{{"key":"{}","value":"{}"}}"#,
+            kv["key"].as_str().unwrap(),
+            kv["value"].as_str().unwrap()
+        );
+        assert!(etcd_post(&etcd.client, "/v3/kv/put", &body).is_some());
+    }
+    wait_for("the records back", Duration::from_secs(10), || {
+        log().contains("CA record is back").then_some(())
+    });
+    wait_for("alpha reached again", Duration::from_secs(20), || {
+        reaches(&hub, "alpha").then_some(())
+    });
+    assert_eq!(member.status()["agents"][0]["state"], "connected");
+}

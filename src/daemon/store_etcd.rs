@@ -105,7 +105,16 @@ pub struct EtcdStore {
     pub prefix: String,
     cache: RwLock<Cache>,
     changes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Change>>>,
+    /// The group's shared CA (`meta/ca`) as this hub first saw it: gone or
+    /// another one later, the registry under the prefix is not the one the
+    /// hub joined (etcd emptied, replaced, or restored from a backup older
+    /// than the group).
+    first_ca: Mutex<Option<Vec<u8>>>,
+    lost_said: std::sync::atomic::AtomicBool,
 }
+
+/// What a registry that lost its records makes of members' reads.
+const REGISTRY_LOST: &str = "the shared registry in etcd is not the one this hub joined: its CA record (meta/ca) is gone or another (etcd emptied, replaced, or restored from a backup older than this hub group). Members are neither refused nor cut meanwhile (their agents would stop for good); operators it no longer lists are refused. Restore etcd from its backup, or restart the hubs to start afresh on what etcd holds now";
 
 fn err(e: etcd::EtcdError) -> StoreError {
     StoreError::Io(e.to_string())
@@ -172,6 +181,8 @@ impl EtcdStore {
             prefix,
             cache: RwLock::new(Cache::default()),
             changes: Mutex::new(None),
+            first_ca: Mutex::new(None),
+            lost_said: Default::default(),
         });
         s.replace_all(kvs, rev);
         let weak = Arc::downgrade(&s);
@@ -309,6 +320,33 @@ impl EtcdStore {
         if let Ok(mut c) = self.cache.write() {
             c.delete(rel, rev);
         }
+    }
+
+    /// Why members' records cannot be trusted now: the registry is not
+    /// the one this hub joined (see [`REGISTRY_LOST`]). Said in the log
+    /// once each time it starts and ends.
+    fn lost(&self) -> Option<StoreError> {
+        use std::sync::atomic::Ordering;
+        let now = self.cached("meta/ca").map(|(b, _)| b);
+        let lost = match self.first_ca.lock() {
+            Ok(mut first) => match (first.as_ref(), now) {
+                (None, Some(ca)) => {
+                    *first = Some(ca);
+                    false
+                }
+                (Some(was), now) => now.as_ref() != Some(was),
+                (None, None) => false,
+            },
+            Err(_) => false,
+        };
+        if lost != self.lost_said.swap(lost, Ordering::Relaxed) {
+            if lost {
+                tracing::error!("{REGISTRY_LOST}");
+            } else {
+                tracing::warn!("the shared registry's CA record is back: members are read again");
+            }
+        }
+        lost.then(|| StoreError::Unreachable(REGISTRY_LOST.into()))
     }
 
     /// One cached value and its revision.
@@ -584,6 +622,9 @@ const CREATE_ATTEMPTS: usize = 8;
 
 impl Store for EtcdStore {
     fn get_member(&self, name: &str) -> Result<Option<Member>, StoreError> {
+        if let Some(e) = self.lost() {
+            return Err(e);
+        }
         let rel = format!("{MEMBERS}{name}");
         self.cached(&rel)
             .map(|(b, _)| Self::decode(&rel, &b))
@@ -662,12 +703,18 @@ impl Store for EtcdStore {
         )))
     }
     fn list_members(&self) -> Result<Vec<Member>, StoreError> {
+        if let Some(e) = self.lost() {
+            return Err(e);
+        }
         self.cached_under(MEMBERS)
             .into_iter()
             .map(|(k, b, _)| Self::decode(&k, &b))
             .collect()
     }
     fn list_readable_members(&self) -> Result<(Vec<Member>, Vec<String>), StoreError> {
+        if let Some(e) = self.lost() {
+            return Err(e);
+        }
         let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for (k, b, _) in self.cached_under(MEMBERS) {
             let name = k.strip_prefix(MEMBERS).unwrap_or(&k);
