@@ -72,7 +72,7 @@ fn removing_an_operator_cuts_its_open_watch_and_port_forward_at_once() {
     // the command that removes it.
     assert!(
         o.stderr
-            .contains("access rule(s) #1 still name operator:bob")
+            .contains("access rule(s) #1 (allow or deny) still name operator:bob")
             && o.stderr.contains("towerctl access rm 1"),
         "{o:?}"
     );

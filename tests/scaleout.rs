@@ -3603,7 +3603,7 @@ fn a_hub_that_ran_alone_keeps_its_own_ca_and_host_key_when_it_joins_a_group() {
 #[test]
 fn an_emptied_etcd_stops_no_agent_and_its_records_back_are_served() {
     let etcd = Etcd::start();
-    let [hub]: [Env; 1] = hubs_on(&etcd);
+    let [hub, other]: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     let member = Env::new();
     join(&hub, &member, "alpha", &api);
@@ -3637,6 +3637,10 @@ fn an_emptied_etcd_stops_no_agent_and_its_records_back_are_served() {
                 .then_some(())
         },
     );
+    // The other hub restarted meanwhile puts back its copy of the group's
+    // CA (the same bytes): still no member listed, still lost.
+    assert!(other.towerctl(&["down"]).ok());
+    hub_up(&other, &etcd);
     // Keepalives every second: several rounds of reconciling and of the
     // agent's own checks.
     std::thread::sleep(Duration::from_secs(4));

@@ -105,10 +105,6 @@ impl GatewayClient {
         })
     }
 
-    /// A TLS connection to the gateway, within [`CONNECT_DEADLINE`]: a hub
-    /// gone with its host (or a VPN dropped) left a TCP connect waiting
-    /// for minutes, and something that accepts and never answers TLS, for
-    /// ever.
     /// `host:port`, an IPv6 address in brackets (a Host header, words).
     fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -118,6 +114,10 @@ impl GatewayClient {
         }
     }
 
+    /// A TLS connection to the gateway, within [`CONNECT_DEADLINE`]: a hub
+    /// gone with its host (or a VPN dropped) left a TCP connect waiting
+    /// for minutes, and something that accepts and never answers TLS, for
+    /// ever.
     pub async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let (host, port) = (&self.host, self.port);
         let at = self.authority();

@@ -79,7 +79,7 @@ pub async fn remove(name: &str) -> Result<u8> {
         .unwrap_or_default();
     if !rules.is_empty() {
         eprintln!(
-            "note: access rule(s) #{} still name operator:{name}: an operator added again under this name gets them (as when replacing a token); if '{name}' is gone for good, remove them: towerctl access rm {}",
+            "note: access rule(s) #{} (allow or deny) still name operator:{name}: an operator added again under this name is under them (as when replacing a token); if '{name}' is gone for good, remove them: towerctl access rm {}",
             rules.join(", #"),
             rules.join("; towerctl access rm ")
         );
@@ -148,7 +148,6 @@ fn save_logins(l: &[Login]) -> Result<()> {
     paths::write_atomic(&logins_path(), &serde_json::to_vec_pretty(l)?, 0o600)
 }
 
-/// The login for `gateway` (or the most recent one).
 /// A gateway URL as a login keeps it: as the URL parser writes it (host
 /// in lower case, an IPv6 address shortened, the default port left out),
 /// no trailing `/`.
@@ -165,6 +164,7 @@ pub fn same_gateway(a: &str, b: &str) -> bool {
     canonical_gateway(a) == canonical_gateway(b)
 }
 
+/// The login for `gateway` (or the most recent one).
 pub fn find_login(gateway: Option<&str>) -> Result<Option<Login>> {
     let all = logins()?;
     Ok(match gateway {
@@ -255,14 +255,16 @@ pub async fn login(
         backend,
     });
     save_logins(&all)?;
-    if let Some((old, url)) = previous {
-        secrets::delete(old, &url);
-    }
     let others: Vec<&str> = all
         .iter()
         .map(|l| l.gateway_url.as_str())
         .filter(|g| !same_gateway(g, &gateway))
         .collect();
+    if let Some((old, url)) = previous {
+        secrets::delete(old, &url);
+        // And its token file of the old name, kept under that spelling.
+        secrets::forget_legacy(&url, &others);
+    }
     secrets::forget_legacy(&gateway, &others);
     println!(
         "logged in to {gateway} as '{operator}' (token kept in {})",

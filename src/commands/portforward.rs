@@ -348,8 +348,6 @@ pub struct Args {
 
 use crate::daemon::forwards::{self, record_path, Background};
 
-/// `--background`: the forward runs as its own detached process, survives
-/// the shell, shows in `towerctl status`, ends with `port-forward stop`.
 /// What to do when a local listener cannot be made.
 fn listen_hint(e: &std::io::Error, ip: IpAddr, remote: u16) -> String {
     match ip {
@@ -364,6 +362,8 @@ fn listen_hint(e: &std::io::Error, ip: IpAddr, remote: u16) -> String {
     }
 }
 
+/// `--background`: the forward runs as its own detached process, survives
+/// the shell, shows in `towerctl status`, ends with `port-forward stop`.
 pub async fn background(a: Args) -> Result<u8> {
     let rec = start_background(a).await?;
     for f in &rec.forwarding {

@@ -254,7 +254,8 @@ fn write_entries(
         // The same member name on another hub (one context per name):
         // said, not silently pointed elsewhere.
         let before = cluster_server(d, &ctx);
-        if before.is_some() && before != new_server {
+        let canonical = |s: &Option<String>| s.as_deref().map(operator::canonical_gateway);
+        if before.is_some() && canonical(&before) != canonical(&new_server) {
             replaced = before;
         }
         // What an operator added to the entries stays: the context's
@@ -331,10 +332,18 @@ fn write_entries(
     Ok(written)
 }
 
+/// Whether kubeconfig server `server` is a member's URL on `gateway`,
+/// however either is spelled (host case, IPv6 form, default port).
+fn on_gateway(server: &str, gateway: &str) -> bool {
+    operator::canonical_gateway(server).starts_with(&format!(
+        "{}/clusters/",
+        operator::canonical_gateway(gateway)
+    ))
+}
+
 /// Sets `ca` on the `tower-*` clusters other than `skip` whose server is on
 /// `gateway` and whose CA differs; returns how many.
 fn same_gateway_new_ca(d: &mut Value, skip: &str, gateway: &str, ca: &Value) -> usize {
-    let prefix = format!("{}/clusters/", gateway.trim_end_matches('/'));
     let Some(list) = d.get_mut("clusters").and_then(Value::as_array_mut) else {
         return 0;
     };
@@ -350,7 +359,7 @@ fn same_gateway_new_ca(d: &mut Value, skip: &str, gateway: &str, ca: &Value) -> 
         let here = c
             .get("server")
             .and_then(Value::as_str)
-            .is_some_and(|s| s.starts_with(&prefix));
+            .is_some_and(|s| on_gateway(s, gateway));
         if ours && here && c.get("certificate-authority-data") != Some(ca) {
             c.insert("certificate-authority-data".into(), ca.clone());
             c.remove("certificate-authority");
@@ -390,12 +399,11 @@ pub async fn run(a: UseArgs) -> Result<u8> {
                 let home = kubeconfig::defining(&files, ctx).ok().flatten()?;
                 cluster_server(&kubeconfig::read(&home).ok()?, ctx)
             });
-            let prefix = format!("{}/clusters/", source.gateway_url.trim_end_matches('/'));
             for c in &source.clusters {
                 let ctx = format!("tower-{}", c.name);
                 let here = current_server
                     .as_deref()
-                    .is_none_or(|s| s.starts_with(&prefix));
+                    .is_none_or(|s| on_gateway(s, &source.gateway_url));
                 let mark = if current.as_deref() == Some(ctx.as_str()) && here {
                     "*"
                 } else {
@@ -511,9 +519,16 @@ mod tests {
             entry("tower-gamma", "https://other:8443/clusters/gamma", "OLD"),
             entry("prod", "https://hub:8443/clusters/prod", "OLD"),
             entry("tower-delta", "https://hub:8443/clusters/delta", "NEW"),
+            // The same gateway spelled otherwise (an older login's).
+            entry("tower-eps", "https://HUB:8443/clusters/eps", "OLD"),
         ]});
         let n = same_gateway_new_ca(&mut d, "tower-alpha", "https://hub:8443/", &json!("NEW"));
-        assert_eq!(n, 1);
+        assert_eq!(n, 2);
+        assert_eq!(
+            kubeconfig::find(&d, "clusters", "cluster", "tower-eps").unwrap()
+                ["certificate-authority-data"],
+            "NEW"
+        );
         let ca = |name| {
             kubeconfig::find(&d, "clusters", "cluster", name)
                 .unwrap()

@@ -26,7 +26,18 @@ impl std::fmt::Display for Rule {
         let port = |p: &Option<u16>| p.map(|p| format!(":{p}")).unwrap_or_default();
         match self {
             Rule::Kubernetes => write!(f, "the cluster's services, pods and deployments"),
+            // An IPv6 address or network with a port in brackets, as
+            // `Rule::parse` reads it back.
+            Rule::Host {
+                host,
+                port: Some(p),
+            } if host.contains(':') => write!(f, "--allow [{host}]:{p}"),
             Rule::Host { host, port: p } => write!(f, "--allow {host}{}", port(p)),
+            Rule::Cidr {
+                net: net @ IpAddr::V6(_),
+                prefix,
+                port: Some(p),
+            } => write!(f, "--allow [{net}/{prefix}]:{p}"),
             Rule::Cidr {
                 net,
                 prefix,
@@ -104,10 +115,12 @@ impl Rule {
             }
             return Ok(Rule::Cidr { net, prefix, port });
         }
-        Ok(Rule::Host {
-            host: body.to_ascii_lowercase(),
-            port,
-        })
+        // An address as the target will carry it (`0:0::1` is `::1`).
+        let host = match body.parse::<IpAddr>() {
+            Ok(a) => a.to_string(),
+            Err(_) => body.to_ascii_lowercase(),
+        };
+        Ok(Rule::Host { host, port })
     }
 
     fn allows(&self, t: &Target, port: u16) -> bool {
@@ -121,7 +134,11 @@ impl Rule {
                 | Target::Workload { .. },
             ) => true,
             (Rule::Host { host, port: p }, Target::Host(h)) => {
-                port_ok(p) && h.eq_ignore_ascii_case(host)
+                port_ok(p)
+                    && match (h.parse::<IpAddr>(), host.parse::<IpAddr>()) {
+                        (Ok(a), Ok(b)) => a == b,
+                        _ => h.eq_ignore_ascii_case(host),
+                    }
             }
             (Rule::Suffix { suffix, port: p }, Target::Host(h)) => {
                 port_ok(p) && h.to_ascii_lowercase().ends_with(&format!(".{suffix}"))
@@ -174,6 +191,9 @@ impl DialPolicy {
             .find(|r| r.allows(t, port))
             .ok_or_else(|| {
                 let hint = match t {
+                    Target::Host(h) if h.contains(':') => {
+                        format!("; the member's admin can permit it with --allow [{h}]:{port}")
+                    }
                     Target::Host(h) => {
                         format!("; the member's admin can permit it with --allow {h}:{port}")
                     }
@@ -476,6 +496,28 @@ mod tests {
             let e = Rule::parse(s).unwrap_err();
             assert!(e.contains("zone"), "{s}: {e}");
         }
+        // Any spelling of an address is the address; what a rule says of
+        // itself (the agent's log) and a refusal's hint read back as it.
+        let p = DialPolicy::new(&["[0:0:0:0:0:0:0:1]:18081".into()]).unwrap();
+        assert!(p.check(&host("::1"), 18081).is_ok());
+        assert!(p.check(&host("::1"), 18082).is_err());
+        for r in [
+            "[::1]:80",
+            "[fd00::/8]:443",
+            "::1",
+            "10.0.0.0/8:443",
+            "db:5432",
+        ] {
+            let rule = Rule::parse(r).unwrap();
+            let shown = rule.to_string();
+            let again = Rule::parse(shown.trim_start_matches("--allow ")).unwrap();
+            assert_eq!(again, rule, "{r} shown as {shown}");
+        }
+        let e = DialPolicy::new(&[])
+            .unwrap()
+            .check(&host("::1"), 80)
+            .unwrap_err();
+        assert!(e.public.contains("--allow [::1]:80"), "{}", e.public);
     }
 
     fn sa(s: &str) -> SocketAddr {

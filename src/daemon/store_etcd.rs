@@ -109,7 +109,9 @@ pub struct EtcdStore {
     /// another one later, the registry under the prefix is not the one the
     /// hub joined (etcd emptied, replaced, or restored from a backup older
     /// than the group).
-    first_ca: Mutex<Option<Vec<u8>>>,
+    /// With the revision it was written at (never changed once written:
+    /// written anew, it was gone meanwhile).
+    first_ca: Mutex<Option<(Vec<u8>, i64)>>,
     lost_said: std::sync::atomic::AtomicBool,
 }
 
@@ -327,15 +329,28 @@ impl EtcdStore {
     /// once each time it starts and ends.
     fn lost(&self) -> Option<StoreError> {
         use std::sync::atomic::Ordering;
-        let now = self.cached("meta/ca").map(|(b, _)| b);
+        let now = self.cached("meta/ca");
         let lost = match self.first_ca.lock() {
-            Ok(mut first) => match (first.as_ref(), now) {
+            Ok(mut first) => match (first.clone(), now) {
                 (None, Some(ca)) => {
                     *first = Some(ca);
                     false
                 }
-                (Some(was), now) => now.as_ref() != Some(was),
-                (None, None) => false,
+                (Some(_), None) => true,
+                (Some((was, _)), Some((ca, _))) if ca != was => true,
+                // The same CA written anew: a hub of the group restarted
+                // on the emptied registry put back its copy. Still lost
+                // while no member is listed (a restore brings them back,
+                // and a new group's hubs, all restarted, never saw one).
+                (Some((_, at)), Some((ca, rev))) if rev != at => {
+                    if self.cached_under(MEMBERS).is_empty() {
+                        true
+                    } else {
+                        *first = Some((ca, rev));
+                        false
+                    }
+                }
+                _ => false,
             },
             Err(_) => false,
         };

@@ -149,7 +149,6 @@ pub enum Target {
     Host(String),
 }
 
-/// A host name as a channel may carry it.
 /// An IPv6 address as one DNS label, `:` written `-`, every group written
 /// out (`fd00-0-0-0-0-0-0-5`: no label starts with `-`), as the CONNECT
 /// host `ADDR.ip6.CLUSTER` carries it (`fd00--5` is read too).
@@ -158,11 +157,13 @@ fn ip6_label(a: std::net::Ipv6Addr) -> String {
     groups.join("-")
 }
 
-/// A host a channel may name: a DNS name or address, or an IPv6 address.
+/// A host a channel may name: a DNS name or IPv4 address, or an IPv6
+/// address.
 fn host_name(s: &str) -> bool {
     s.parse::<std::net::Ipv6Addr>().is_ok() || plain_host_name(s)
 }
 
+/// A host name (or IPv4 address) as a channel may carry it.
 fn plain_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
@@ -227,7 +228,7 @@ impl Target {
         let t = match labels.as_slice() {
             // An IPv6 address (a CONNECT authority's host cannot hold one
             // with the member after it).
-            [addr, "ip6", _] => {
+            [addr, "ip6", _] if addr.replace('-', ":").parse::<std::net::Ipv6Addr>().is_ok() => {
                 let a: std::net::Ipv6Addr = addr.replace('-', ":").parse().ok()?;
                 Target::Host(a.to_string())
             }
@@ -564,8 +565,11 @@ mod tests {
             Target::from_channel_address(&v6.channel_address()),
             Some(v6)
         );
-        assert_eq!(Target::from_connect_host("db--1x.ip6.alpha"), None);
-        assert_eq!(Target::from_connect_host("fe80--1%lo.ip6.alpha"), None);
+        // Not an address: a host of that name, as before.
+        assert_eq!(
+            Target::from_connect_host("db.ip6.alpha"),
+            Some(("alpha".into(), Target::Host("db.ip6".into())))
+        );
         assert_eq!(Target::from_channel_address("svc/a"), None);
         // Never a path segment of its own, nor one a Service's name or a
         // namespace cannot be.

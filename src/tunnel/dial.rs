@@ -41,7 +41,7 @@ pub async fn connect_to(target: &str) -> io::Result<TcpStream> {
 
 /// `addrs` with the two families taking turns, the first address's family
 /// first, each family in the resolver's order.
-fn interleaved(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+pub fn interleaved(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     let Some(first) = addrs.first() else {
         return addrs;
     };

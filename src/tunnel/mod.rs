@@ -255,8 +255,6 @@ pub fn sent_so_far(s: &tokio::net::TcpStream, max: usize) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) }.to_vec()
 }
 
-/// Sets TCP_NODELAY: the tunnel carries small interactive writes (kubectl
-/// requests, exec keystrokes) and Nagle would hold them for an ACK.
 /// Bytes a tunnel socket may hold not yet sent before the kernel stops
 /// calling it writable (`TCP_NOTSENT_LOWAT`). Every stream of a member
 /// shares its one tunnel connection: on a link slower than the sender,
@@ -288,6 +286,8 @@ pub fn notsent_lowat(s: &impl std::os::fd::AsRawFd) {
     }
 }
 
+/// Sets TCP_NODELAY: the tunnel carries small interactive writes (kubectl
+/// requests, exec keystrokes) and Nagle would hold them for an ACK.
 pub fn nodelay(s: &tokio::net::TcpStream) {
     if let Err(e) = s.set_nodelay(true) {
         tracing::warn!("cannot set TCP_NODELAY: {e}");

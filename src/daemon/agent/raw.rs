@@ -404,7 +404,7 @@ async fn dial_tcp(
 ) -> Result<tokio::net::TcpStream, (DialError, Failure)> {
     let (last, failure) = match tokio::time::timeout(
         wait,
-        crate::tunnel::dial::connect_first(addrs.to_vec()),
+        crate::tunnel::dial::connect_first(crate::tunnel::dial::interleaved(addrs.to_vec())),
     )
     .await
     {

@@ -1581,7 +1581,7 @@ pub(super) fn connect_target(
         return Err(format!("CONNECT '{authority}' has no port"));
     };
     let Some((cluster, target)) = Target::from_connect_host(authority.host()) else {
-        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT (sts, ds, job, rc, replicaset) or HOST.CLUSTER:PORT"));
+        return Err(format!("cannot read a target from '{authority}': use NAME.NAMESPACE.svc.CLUSTER:PORT, NAME.NAMESPACE.pod.CLUSTER:PORT, NAME.NAMESPACE.deploy.CLUSTER:PORT (sts, ds, job, rc, replicaset), HOST.CLUSTER:PORT, or for an IPv6 address ADDR.ip6.CLUSTER:PORT with '-' for ':' (fd00--5.ip6.CLUSTER:443)"));
     };
     Ok((cluster, target, port))
 }

@@ -624,7 +624,7 @@ pub(crate) const OUTPUT_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 /// towerctl patch: output (unwritten, counted with what waits to be
 /// encrypted) at which the client's eager batch stops taking messages from
-/// its channels, far below [`OUTPUT_HIGH_WATER`]: each packet is encrypted
+/// its channels (as high as [`OUTPUT_HIGH_WATER`] now): each packet is encrypted
 /// as it is taken, and a batch of 1 MiB was encrypted whole before its
 /// write began, so the kernel's copy of its first packets into the socket
 /// read them back from memory. perf on the agent during a download through
@@ -635,7 +635,7 @@ pub(crate) const OUTPUT_TURN_BYTES: usize = 256 * 1024;
 
 /// towerctl patch: unwritten output above which a session loop stops
 /// reading the peer too. The loop's own messages stop at
-/// [`OUTPUT_HIGH_WATER`] plus a batch (3 MiB at most), and reading yields
+/// [`OUTPUT_HIGH_WATER`] plus a batch (2.25 MiB at most), and reading yields
 /// little output of its own (window adjustments, replies), so only a peer
 /// that sends requests and never reads gets here; it is then held as
 /// before (the keepalives end it), having cost at most this much. Kept
