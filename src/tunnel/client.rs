@@ -626,7 +626,7 @@ async fn connect_inner(
         closed: Some(closed_tx),
         learned_hubs: opts.learned_hubs.clone(),
     };
-    phase.set("upgraded, but the SSH handshake did not finish (the hub overloaded, or something other than a towerctl hub answering the upgrade)");
+    phase.set("upgraded, but the SSH handshake did not finish (the hub overloaded, something other than a towerctl hub answering the upgrade, or a path that drops large packets: an MTU black hole, where ICMP 'fragmentation needed' is filtered; try 'ping -M do -s 1400 HUB')");
     let io = WsIo::new(ws);
     let alive = io.liveness();
     let ws_closed = io.close_note();

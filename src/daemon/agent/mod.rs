@@ -528,12 +528,22 @@ async fn tunnel_loop(
                     said_lifetime.is_none_or(|s| s.abs_diff(*l) > Duration::from_secs(2))
                 }) {
                     said_lifetime = Some(l);
+                    // Ended in silence (no close): as likely a NAT or
+                    // firewall that forgets a flow idle for less than the
+                    // keepalive interval, then drops its packets.
+                    let silent = if why.contains("keepalive") {
+                        "; these ended in silence, as when a NAT or firewall forgets a connection idle \
+                         for less than the keepalive interval: join again with a shorter --keepalive \
+                         (5s, say)"
+                    } else {
+                        ""
+                    };
                     let hint = format!(
                         "the last three sessions each ended after about {}s: something between this agent \
                          and the hub ends connections at a fixed lifetime, most likely a load balancer or \
                          proxy (GCP's backend service timeout is 30s by default: raise its timeoutSec, in a \
-                         BackendConfig or GCPBackendPolicy; an idle or tunnel timeout elsewhere); streams \
-                         open at that moment are cut",
+                         BackendConfig or GCPBackendPolicy; an idle or tunnel timeout elsewhere){silent}; \
+                         streams open at that moment are cut",
                         l.as_secs()
                     );
                     tracing::warn!("{hint}");

@@ -775,7 +775,15 @@ impl Cluster {
             Ok(Ok(Some(rev))) => (rev, false),
             other => {
                 if let Ok(Err(e)) = other {
-                    tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
+                    // Retried every second for every member held: under
+                    // an etcd out of space, a line per member a second.
+                    static FAILED_CLAIMS: crate::tunnel::LogBudget =
+                        crate::tunnel::LogBudget::new("failed owner records", 10);
+                    if FAILED_CLAIMS.admit() {
+                        tracing::warn!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
+                    } else {
+                        tracing::debug!(cluster = %s.name, "cannot record this hub as the session's owner in etcd: {e}; retrying");
+                    }
                 }
                 (if prior > 0 { prior } else { CLAIM_FAILED }, true)
             }
