@@ -39,6 +39,8 @@ struct State {
     state: AgentState,
     since: u64,
     rtt: Option<Duration>,
+    /// When the keepalive now waiting for its answer went out.
+    ping_since: Option<Instant>,
     attempt: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
@@ -51,6 +53,20 @@ struct State {
     /// The hub dialed now, or connected to (several hubs: not always the
     /// join command's first); empty before the first attempt.
     hub: String,
+}
+
+/// The round trip to show: the last one measured, or, while a keepalive's
+/// answer is overdue past it, the time waited so far (a hub gone silent
+/// showed its last fraction of a millisecond until declared dead; the
+/// hub's side does the same, `LiveSession::rtt_ms`).
+fn shown_rtt(
+    last: Option<Duration>,
+    ping_since: Option<Instant>,
+    now: Instant,
+) -> Option<Duration> {
+    let last = last?;
+    let waited = ping_since.map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+    Some(last.max(waited))
 }
 
 impl State {
@@ -175,6 +191,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         state: AgentState::Connecting,
         since: control::now_unix(),
         rtt: None,
+        ping_since: None,
         attempt: 0,
         retry_at: None,
         last_error: None,
@@ -236,7 +253,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                             hub: if s.hub.is_empty() { hub } else { s.hub },
                             state: s.state,
                             since: s.since,
-                            rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                            rtt_ms: shown_rtt(s.rtt, s.ping_since, Instant::now())
+                                .map(|d| d.as_secs_f64() * 1000.0),
                             attempt: s.attempt,
                             retry_in_ms: s.retry_at.map(|t| {
                                 t.saturating_duration_since(Instant::now()).as_millis() as u64
@@ -459,9 +477,16 @@ async fn tunnel_loop(
                 // Same bound as the hub: dead within three intervals.
                 let pinger = async {
                     loop {
+                        // Marked without waking the watchers (read when
+                        // status is asked).
+                        tx.send_if_modified(|s| {
+                            s.ping_since = Some(Instant::now());
+                            false
+                        });
                         match sess.ping(crate::tunnel::ping_deadline(keepalive)).await {
                             Some(rtt) => tx.send_modify(|s| {
                                 s.rtt = Some(rtt);
+                                s.ping_since = None;
                                 push_bounded(
                                     &mut s.rtt_history,
                                     rtt.as_secs_f64() * 1000.0,
@@ -556,6 +581,7 @@ async fn tunnel_loop(
                     // No session, no round trip: the last one was shown
                     // for as long as the outage lasted.
                     s.rtt = None;
+                    s.ping_since = None;
                 });
             }
             // A hub another named (not the join command's) that refuses
@@ -669,4 +695,26 @@ fn features(impersonate: bool) -> Vec<String> {
     .filter(|f| !crate::tunnel::left_out_for_tests("TOWERCTL_TEST_AGENT_WITHOUT", f))
     .map(String::from)
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overdue_keepalive_shows_as_the_time_waited() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Answered: the last round trip.
+        assert_eq!(shown_rtt(Some(ms(2)), None, t0), Some(ms(2)));
+        // Waiting less than that: still the last one.
+        assert_eq!(shown_rtt(Some(ms(2)), Some(t0), t0 + ms(1)), Some(ms(2)));
+        // Overdue: what it has waited, climbing.
+        assert_eq!(
+            shown_rtt(Some(ms(2)), Some(t0), t0 + ms(1500)),
+            Some(ms(1500))
+        );
+        // None measured yet (or the session gone): none shown.
+        assert_eq!(shown_rtt(None, Some(t0), t0 + ms(1500)), None);
+    }
 }
