@@ -258,8 +258,20 @@ fn columns(name_width: u16) -> (Vec<Column>, u16) {
 
 /// The columns that fit in `width`, in display order, plus the width left
 /// for DETAIL. Narrow terminals drop whole columns instead of wrapping.
-fn fit(cols: Vec<Column>, width: u16) -> (Vec<Column>, u16) {
+fn fit(mut cols: Vec<Column>, width: u16) -> (Vec<Column>, u16) {
     let budget = width.saturating_sub(HIGHLIGHT.len() as u16);
+    // NAME gives way to STATE on a very narrow terminal (a list of names
+    // with no state said nothing): cut shorter, in its middle.
+    let kept: u16 = cols
+        .iter()
+        .filter(|c| c.priority >= 99)
+        .map(|c| c.width + 1)
+        .sum();
+    if kept > budget {
+        if let Some(name) = cols.iter_mut().find(|c| c.title == "NAME") {
+            name.width = name.width.saturating_sub(kept - budget).max(4);
+        }
+    }
     let mut by_priority: Vec<usize> = (0..cols.len()).collect();
     by_priority.sort_by_key(|&i| std::cmp::Reverse(cols[i].priority));
     let mut used = 0u16;
@@ -367,6 +379,10 @@ fn clusters(
         .clamp(4, (area.width * 2 / 5).clamp(24, 63));
     let (cols, _) = columns(name_width);
     let (cols, detail_w) = fit(cols, area.width);
+    let name_width = cols
+        .iter()
+        .find(|c| c.title == "NAME")
+        .map_or(name_width, |c| c.width);
     let mut widths: Vec<Constraint> = cols.iter().map(|c| Constraint::Length(c.width)).collect();
     let show_detail = detail_w > 0;
     if show_detail {

@@ -389,6 +389,10 @@ fn screen_narrow_terminal_drops_columns() {
     assert!(s.contains("NAME") && s.contains("STATE") && s.contains("DETAIL"));
     assert!(!s.contains("REMOTE") && !s.contains("VERSION"), "{s}");
     insta::assert_snapshot!(screen(&a, 60, 20));
+    // Narrower than NAME and STATE: NAME gives way, STATE stays (it was
+    // dropped, and DETAIL kept, below 27 columns with these names).
+    let s = text_of(&a, 24, 6);
+    assert!(s.contains("STATE") && s.contains("connected"), "{s}");
 }
 
 #[test]
