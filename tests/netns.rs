@@ -108,21 +108,18 @@ impl Drop for Netns {
     }
 }
 
-#[test]
-fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here() {
-    let subnet = (std::process::id() % 200) as u8 + 20;
-    let ns = Netns::create(subnet);
+/// Member `alpha` inside `ns`: a web server on the namespace's own
+/// loopback serving `www` (Service `default/web`), the member's API server
+/// (the stand-in) on the host side where the agent reaches it, a hub on the
+/// host side, and the agent joined from inside the namespace. Returns the
+/// web server and API server (kept up by the caller) and the web port.
+fn member_in(
+    ns: &Netns,
+    subnet: u8,
+    env: &Env,
+    www: &std::path::Path,
+) -> (Streaming, ApiServer, u16) {
     let host_ip = format!("10.213.{subnet}.1");
-    let env = Env::new();
-
-    // The member's web server, on the namespace's own loopback.
-    let www = env.path("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(
-        www.join("index.html"),
-        "page from inside the member network\n",
-    )
-    .unwrap();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -137,9 +134,7 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
         "--directory",
         www.to_str().unwrap(),
     ]);
-    let _web = Streaming::start(ns.wrap(py));
-
-    // The member's API server (the stand-in) where the agent can reach it.
+    let web = Streaming::start(ns.wrap(py));
     let api = ApiServer::start_on(host_ip.parse().unwrap());
     api.add_service(
         "default",
@@ -148,7 +143,6 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
         &[("app", "web")],
     );
     api.set_endpoints("default", "web", &[("127.0.0.1", "http", port)]);
-
     env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
     let join = env.cluster_add("alpha");
     let kc = env.path("member.kubeconfig");
@@ -162,6 +156,24 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
     ]);
     let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
     assert!(o.ok(), "join inside the namespace: {o:?}");
+    (web, api, port)
+}
+
+#[test]
+fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here() {
+    let subnet = (std::process::id() % 200) as u8 + 20;
+    let ns = Netns::create(subnet);
+    let env = Env::new();
+
+    // The member's web server, on the namespace's own loopback.
+    let www = env.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(
+        www.join("index.html"),
+        "page from inside the member network\n",
+    )
+    .unwrap();
+    let (_web, _api, port) = member_in(&ns, subnet, &env, &www);
 
     // Wait until the web server answers inside the namespace…
     wait_for("the member web server", Duration::from_secs(20), || {
@@ -191,17 +203,7 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
     );
 
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
-    pf.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    let out = pf.output();
-    let local: u16 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let local = support::forwarded_port(&pf);
     let mut c = Command::new("curl");
     c.args([
         "-sS",
@@ -230,9 +232,9 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
 /// (0.1 s idle; 2.3–2.7 s measured with CUBIC), after them ~0.9 s.
 #[test]
 fn one_download_on_a_slow_member_link_does_not_hold_up_kubectl() {
-    let subnet = (std::process::id() % 200) as u8 + 21;
+    // Apart from the other test's 20–219: both may run at once.
+    let subnet = (std::process::id() % 30) as u8 + 220;
     let ns = Netns::create(subnet);
-    let host_ip = format!("10.213.{subnet}.1");
     let tc = {
         // By its path: the namespace's command runs with a cleared
         // environment (no PATH with sbin in it).
@@ -267,42 +269,7 @@ fn one_download_on_a_slow_member_link_does_not_hold_up_kubectl() {
     let www = env.path("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("big"), vec![7u8; 48 << 20]).unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut py = Command::new("python3");
-    py.args([
-        "-m",
-        "http.server",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-        www.to_str().unwrap(),
-    ]);
-    let _web = Streaming::start(ns.wrap(py));
-    let api = ApiServer::start_on(host_ip.parse().unwrap());
-    api.add_service(
-        "default",
-        "web",
-        &[("http", 80, TargetPort::Name("http"))],
-        &[("app", "web")],
-    );
-    api.set_endpoints("default", "web", &[("127.0.0.1", "http", port)]);
-    env.up_on(&format!("{host_ip}:0"), "127.0.0.1:0");
-    let join = env.cluster_add("alpha");
-    let kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&kc);
-    let mut args: Vec<&str> = join.iter().map(String::as_str).collect();
-    args.extend([
-        "--kubeconfig",
-        kc.to_str().unwrap(),
-        "--allow",
-        "127.0.0.0/8",
-    ]);
-    let o = run_bounded(ns.wrap(env.towerctl_cmd(&args)), Duration::from_secs(60));
-    assert!(o.ok(), "join inside the namespace: {o:?}");
+    let (_web, _api, _) = member_in(&ns, subnet, &env, &www);
     assert!(env.towerctl(&["use", "alpha"]).ok());
     let timed = || {
         let t = std::time::Instant::now();
@@ -313,17 +280,7 @@ fn one_download_on_a_slow_member_link_does_not_hold_up_kubectl() {
     let idle = timed();
 
     let pf = Streaming::start(env.towerctl_cmd(&["port-forward", "alpha", "svc/web", ":80"]));
-    pf.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(20));
-    let local: u16 = pf
-        .output()
-        .lines()
-        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let local = support::forwarded_port(&pf);
     let mut c = Command::new("curl");
     c.args([
         "-sS",

@@ -316,8 +316,7 @@ fn contexts_through(gateway: &str) -> Vec<String> {
         let list = |key: &str| {
             doc.get(key)
                 .and_then(|v| v.as_array())
-                .cloned()
-                .unwrap_or_default()
+                .map_or(&[][..], Vec::as_slice)
         };
         let users: Vec<String> = list("users")
             .iter()

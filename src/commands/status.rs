@@ -137,7 +137,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
         || !forwards.is_empty();
 
     if a.output == "json" || a.output == "yaml" {
-        let v = json!({
+        let mut v = json!({
             "apiVersion": "towerctl/v1",
             "kind": "Status",
             "hub": hub.as_ref().map(|h| {
@@ -175,7 +175,6 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 "forwarding": f.forwarding,
             })).collect::<Vec<_>>(),
         });
-        let mut v = v;
         // A hub process that holds the pid file but did not answer: `hub`
         // stays null (nothing it would say is known), this says why.
         if hub.is_none() {

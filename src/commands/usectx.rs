@@ -399,11 +399,11 @@ pub async fn run(a: UseArgs) -> Result<u8> {
                 let home = kubeconfig::defining(&files, ctx).ok().flatten()?;
                 cluster_server(&kubeconfig::read(&home).ok()?, ctx)
             });
+            let here = current_server
+                .as_deref()
+                .is_none_or(|s| on_gateway(s, &source.gateway_url));
             for c in &source.clusters {
                 let ctx = format!("tower-{}", c.name);
-                let here = current_server
-                    .as_deref()
-                    .is_none_or(|s| on_gateway(s, &source.gateway_url));
                 let mark = if current.as_deref() == Some(ctx.as_str()) && here {
                     "*"
                 } else {

@@ -329,28 +329,36 @@ impl EtcdStore {
     /// once each time it starts and ends.
     fn lost(&self) -> Option<StoreError> {
         use std::sync::atomic::Ordering;
-        let now = self.cached("meta/ca");
+        // On every member read: the record's revision first, its bytes
+        // only when that moved (it never does while the group holds).
+        let now_rev = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|c| c.kvs.get("meta/ca").map(|v| v.1));
         let lost = match self.first_ca.lock() {
-            Ok(mut first) => match (first.clone(), now) {
-                (None, Some(ca)) => {
-                    *first = Some(ca);
+            Ok(mut first) => match (first.as_ref().map(|f| f.1), now_rev) {
+                (Some(at), Some(rev)) if rev == at => false,
+                (None, None) => false,
+                (Some(_), None) => true,
+                (None, Some(_)) => {
+                    *first = self.cached("meta/ca");
                     false
                 }
-                (Some(_), None) => true,
-                (Some((was, _)), Some((ca, _))) if ca != was => true,
-                // The same CA written anew: a hub of the group restarted
-                // on the emptied registry put back its copy. Still lost
-                // while no member is listed (a restore brings them back,
-                // and a new group's hubs, all restarted, never saw one).
-                (Some((_, at)), Some((ca, rev))) if rev != at => {
-                    if self.cached_under(MEMBERS).is_empty() {
-                        true
-                    } else {
-                        *first = Some((ca, rev));
+                (Some(_), Some(_)) => match self.cached("meta/ca") {
+                    None => true,
+                    Some((ca, _)) if first.as_ref().is_some_and(|f| f.0 != ca) => true,
+                    // The same CA written anew: a hub of the group
+                    // restarted on the emptied registry put back its copy.
+                    // Still lost while no member is listed (a restore
+                    // brings them back, and a new group's hubs, all
+                    // restarted, never saw one).
+                    Some(_) if self.cached_under(MEMBERS).is_empty() => true,
+                    now => {
+                        *first = now;
                         false
                     }
-                }
-                _ => false,
+                },
             },
             Err(_) => false,
         };

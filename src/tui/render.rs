@@ -145,7 +145,8 @@ struct Column {
     width: u16,
     priority: u8,
     right: bool,
-    cell: fn(&App, &Cluster, &RowView, &Theme) -> Span<'static>,
+    /// The cell, given the column's width.
+    cell: fn(&App, &Cluster, &RowView, &Theme, u16) -> Span<'static>,
 }
 
 fn dash() -> Span<'static> {
@@ -159,35 +160,35 @@ fn columns(name_width: u16) -> (Vec<Column>, u16) {
             width: name_width,
             priority: 100,
             right: false,
-            cell: |_, _, v, _| Span::raw(v.name.clone()),
+            cell: |_, _, v, _, w| Span::raw(elide_middle(&v.name, w as usize)),
         },
         Column {
             title: "STATE",
             width: 15,
             priority: 99,
             right: false,
-            cell: |_, _, v, t| Span::styled(v.state.label(), t.state(v.state)),
+            cell: |_, _, v, t, _| Span::styled(v.state.label(), t.state(v.state)),
         },
         Column {
             title: "REMOTE",
             width: 21,
             priority: 40,
             right: false,
-            cell: |_, _, v, _| v.remote.clone().map(Span::raw).unwrap_or_else(dash),
+            cell: |_, _, v, _, _| v.remote.clone().map(Span::raw).unwrap_or_else(dash),
         },
         Column {
             title: "VERSION",
             width: 8,
             priority: 10,
             right: false,
-            cell: |_, _, v, _| v.version.clone().map(Span::raw).unwrap_or_else(dash),
+            cell: |_, _, v, _, _| v.version.clone().map(Span::raw).unwrap_or_else(dash),
         },
         Column {
             title: "UPTIME",
             width: 6,
             priority: 80,
             right: true,
-            cell: |_, _, v, _| {
+            cell: |_, _, v, _, _| {
                 v.uptime
                     .map(|s| Span::raw(humanize(s)))
                     .unwrap_or_else(dash)
@@ -198,21 +199,23 @@ fn columns(name_width: u16) -> (Vec<Column>, u16) {
             width: 7,
             priority: 90,
             right: true,
-            cell: |_, _, v, _| v.rtt_ms.map(|r| Span::raw(fmt_ms(r))).unwrap_or_else(dash),
+            cell: |_, _, v, _, _| v.rtt_ms.map(|r| Span::raw(fmt_ms(r))).unwrap_or_else(dash),
         },
         Column {
             title: "RTT 1m",
             width: SPARK_WIDTH,
             priority: 70,
             right: false,
-            cell: |app, c, _, t| Span::styled(sparkline(app, c, SPARK_WIDTH as usize), t.spark()),
+            cell: |app, c, _, t, _| {
+                Span::styled(sparkline(app, c, SPARK_WIDTH as usize), t.spark())
+            },
         },
         Column {
             title: "IN",
             width: 10,
             priority: 60,
             right: true,
-            cell: |_, _, v, _| {
+            cell: |_, _, v, _, _| {
                 v.rate_in
                     .map(|r| Span::raw(fmt_rate(r)))
                     .unwrap_or_else(dash)
@@ -223,7 +226,7 @@ fn columns(name_width: u16) -> (Vec<Column>, u16) {
             width: 10,
             priority: 59,
             right: true,
-            cell: |_, _, v, _| {
+            cell: |_, _, v, _, _| {
                 v.rate_out
                     .map(|r| Span::raw(fmt_rate(r)))
                     .unwrap_or_else(dash)
@@ -234,7 +237,7 @@ fn columns(name_width: u16) -> (Vec<Column>, u16) {
             width: 7,
             priority: 30,
             right: true,
-            cell: |_, _, v, _| {
+            cell: |_, _, v, _, _| {
                 v.streams
                     .map(|s| Span::raw(s.to_string()))
                     .unwrap_or_else(dash)
@@ -245,7 +248,7 @@ fn columns(name_width: u16) -> (Vec<Column>, u16) {
             width: 6,
             priority: 20,
             right: true,
-            cell: |_, _, v, _| {
+            cell: |_, _, v, _, _| {
                 v.reconnects
                     .map(|s| Span::raw(s.to_string()))
                     .unwrap_or_else(dash)
@@ -379,10 +382,6 @@ fn clusters(
         .clamp(4, (area.width * 2 / 5).clamp(24, 63));
     let (cols, _) = columns(name_width);
     let (cols, detail_w) = fit(cols, area.width);
-    let name_width = cols
-        .iter()
-        .find(|c| c.title == "NAME")
-        .map_or(name_width, |c| c.width);
     let mut widths: Vec<Constraint> = cols.iter().map(|c| Constraint::Length(c.width)).collect();
     let show_detail = detail_w > 0;
     if show_detail {
@@ -404,10 +403,7 @@ fn clusters(
         .map(|(c, v)| {
             let mut cells: Vec<Cell> = cols
                 .iter()
-                .map(|col| match col.title {
-                    "NAME" => Cell::from(elide_middle(&v.name, name_width as usize)),
-                    _ => align((col.cell)(app, c, v, theme), col),
-                })
+                .map(|col| align((col.cell)(app, c, v, theme, col.width), col))
                 .collect();
             if show_detail {
                 let style = match v.state {
