@@ -4270,3 +4270,99 @@ fn status_says_a_suspended_hub_is_suspended() {
         "{v}"
     );
 }
+
+/// A member far away (100 ms each way between hub and agent, through a
+/// relay that delays what it carries): the first request of a new kubectl
+/// connection reaches the member with its channel's open, one round trip
+/// to the member in all. Each kubectl command is a new connection to the
+/// gateway, and each of its requests a channel to the member; the open
+/// used to be answered before the request went, two round trips.
+#[test]
+fn a_new_connections_first_request_goes_with_its_channels_open() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
+    let far = support::DelayProxy::start(tunnel, Duration::from_millis(100));
+    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    assert!(o.ok(), "join through the relay: {o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    // client-go's own figure for the request (its connection and TLS to
+    // the gateway, the answer), from its log at -v=6.
+    let timed = || {
+        let o = env.kubectl(&["get", "--raw", "/version", "-v=6", "--request-timeout=30s"]);
+        assert!(o.ok(), "{o:?}");
+        let ms = o
+            .stderr
+            .lines()
+            .filter(|l| l.contains("/version"))
+            .find_map(|l| {
+                l.split(" 200 OK in ")
+                    .nth(1)?
+                    .strip_suffix(" milliseconds")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no timed request in kubectl's log: {o:?}"));
+        Duration::from_millis(ms)
+    };
+    let mut took: Vec<Duration> = (0..3).map(|_| timed()).collect();
+    took.sort();
+    eprintln!("kubectl's request on a new connection, 200 ms round trip to the member: {took:?}");
+    assert!(
+        took[1] < Duration::from_millis(300),
+        "a request on a new connection took {took:?}: more than one 200 ms round trip to the member"
+    );
+    // A request that has a channel already goes as before (the open
+    // carried only the first).
+    let o = env.kubectl(&["get", "pods", "-A", "--request-timeout=30s"]);
+    assert!(o.ok(), "{o:?}");
+}
+
+/// A request whose first bytes went in its channel's open reaches the
+/// member whole, with a body longer than the open carries (the rest
+/// follows on the channel); and so do requests between a hub and an agent
+/// of which one does not know the way (an older one), which open first
+/// and send after.
+#[test]
+fn requests_reach_the_member_whole_with_or_without_the_request_in_the_open() {
+    let value: String = (0..40_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for (hub_without, agent_without) in [(false, false), (true, false), (false, true)] {
+        let env = Env::new();
+        let api = ApiServer::start();
+        if hub_without {
+            let o = env.up_with_env(&[("TOWERCTL_TEST_HUB_WITHOUT", "request-in-open")]);
+            assert!(o.ok(), "{o:?}");
+        }
+        let agent_env: &[(&str, &str)] = if agent_without {
+            &[("TOWERCTL_TEST_AGENT_WITHOUT", "request-in-open")]
+        } else {
+            &[]
+        };
+        connected_with_env(&env, &api, &[], agent_env);
+        let case = format!("hub without: {hub_without}, agent without: {agent_without}");
+        let o = env.kubectl(&["get", "--raw", "/version"]);
+        assert!(o.ok() && o.stdout.contains("gitVersion"), "{case}: {o:?}");
+        let literal = format!("data={value}");
+        let o = env.kubectl(&["create", "configmap", "big", "--from-literal", &literal]);
+        assert!(o.ok(), "{case}: {o:?}");
+        let o = env.kubectl(&["get", "configmap", "big", "-o", "jsonpath={.data.data}"]);
+        assert!(o.ok(), "{case}: {o:?}");
+        assert!(
+            o.stdout == value,
+            "{case}: the value came back as {} bytes",
+            o.stdout.len()
+        );
+    }
+}

@@ -81,6 +81,27 @@ impl Netns {
         ns
     }
 
+    /// Sets the root qdisc of the member's side of the veth (what the
+    /// member sends): `tc qdisc add dev IF root ARGS…`.
+    fn qdisc(&self, args: &[&str]) {
+        // By its path: the namespace's command runs with a cleared
+        // environment (no PATH with sbin in it).
+        let tc = ["/usr/sbin/tc", "/sbin/tc"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("tc (iproute2) is needed; .ci/run installs it");
+        let mut c = Command::new(tc);
+        c.args(["qdisc", "add", "dev", &self.member_if, "root"])
+            .args(args);
+        let o = run_bounded(self.wrap(c), Duration::from_secs(10));
+        assert!(
+            o.ok(),
+            "tc (iproute2) and sch_{} are needed: {o:?} {}",
+            args[0],
+            o.stderr
+        );
+    }
+
     /// `cmd` run inside the namespace.
     fn wrap(&self, cmd: Command) -> Command {
         let mut c = Command::new("ip");
@@ -161,6 +182,7 @@ fn member_in(
 
 #[test]
 fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here() {
+    // Apart from the other tests' subnets: all may run at once.
     let subnet = (std::process::id() % 200) as u8 + 20;
     let ns = Netns::create(subnet);
     let env = Env::new();
@@ -232,38 +254,12 @@ fn only_the_agent_can_reach_the_member_service_and_port_forward_brings_it_here()
 /// (0.1 s idle; 2.3–2.7 s measured with CUBIC), after them ~0.9 s.
 #[test]
 fn one_download_on_a_slow_member_link_does_not_hold_up_kubectl() {
-    // Apart from the other test's 20–219: both may run at once.
+    // Apart from the other tests' subnets: all may run at once.
     let subnet = (std::process::id() % 30) as u8 + 220;
     let ns = Netns::create(subnet);
-    let tc = {
-        // By its path: the namespace's command runs with a cleared
-        // environment (no PATH with sbin in it).
-        let tc = ["/usr/sbin/tc", "/sbin/tc"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("tc (iproute2) is needed; .ci/run installs it");
-        let mut c = Command::new(tc);
-        c.args([
-            "qdisc",
-            "add",
-            "dev",
-            &ns.member_if,
-            "root",
-            "tbf",
-            "rate",
-            "20mbit",
-            "burst",
-            "32kbit",
-            "latency",
-            "400ms",
-        ]);
-        run_bounded(ns.wrap(c), Duration::from_secs(10))
-    };
-    assert!(
-        tc.ok(),
-        "tc (iproute2) and sch_tbf are needed: {tc:?} {}",
-        tc.stderr
-    );
+    ns.qdisc(&[
+        "tbf", "rate", "20mbit", "burst", "32kbit", "latency", "400ms",
+    ]);
     let env = Env::new();
     // 48 MB to download: ~20 s at the link's rate.
     let www = env.path("www");

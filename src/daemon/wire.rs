@@ -283,6 +283,35 @@ impl RawOpen {
     }
 }
 
+/// The first bytes of the request on an API channel, carried by the hub
+/// in the channel's originator-address field (`towerctl-request BASE64`,
+/// at most [`EARLY_MAX`] bytes decoded) to agents that take them
+/// ([`crate::tunnel::FEATURE_REQUEST_IN_OPEN`]): the agent reads them
+/// ahead of the channel's bytes, and the request reaches the member with
+/// the open instead of a round trip after it. An older hub's originator
+/// (the client's address) carries none.
+pub struct FirstRequest;
+
+const REQUEST_PREFIX: &str = "towerctl-request ";
+
+impl FirstRequest {
+    /// The originator field carrying `bytes` (at most [`EARLY_MAX`]).
+    pub fn encode(bytes: &[u8]) -> String {
+        format!("{REQUEST_PREFIX}{}", encode_early(bytes))
+    }
+
+    /// The bytes an originator field carries: none for one that is no
+    /// open of ours; `Err` for one that is but cannot be read (the
+    /// request would be lost, so its stream is refused).
+    pub fn decode(originator: &str) -> Result<Vec<u8>, &'static str> {
+        let Some(b64) = originator.strip_prefix(REQUEST_PREFIX) else {
+            return Ok(Vec::new());
+        };
+        early_bytes(b64.as_bytes())
+            .ok_or("the request in the stream's open from the hub is not valid")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +341,24 @@ mod tests {
             );
         }
         assert_eq!(decode_early(b""), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn a_request_in_an_open_round_trips_and_a_bad_one_is_refused() {
+        let head = b"GET /version HTTP/1.1\r\nhost: kube-apiserver\r\n\r\n";
+        assert_eq!(
+            FirstRequest::decode(&FirstRequest::encode(head)).unwrap(),
+            head
+        );
+        // An older hub's originator: the client's address, no bytes.
+        for old in ["127.0.0.1", "::1", ""] {
+            assert_eq!(FirstRequest::decode(old), Ok(Vec::new()));
+        }
+        use base64::Engine;
+        let long = base64::engine::general_purpose::STANDARD.encode(vec![1u8; EARLY_MAX + 1]);
+        for bad in ["towerctl-request !!", &format!("towerctl-request {long}")] {
+            assert!(FirstRequest::decode(bad).unwrap_err().contains("not valid"));
+        }
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod client;
 pub mod counted;
 pub mod dial;
+pub mod first;
 pub mod flow;
 pub mod framecap;
 pub mod keys;
@@ -52,6 +53,10 @@ pub const FEATURE_HUBS: &str = "hubs";
 /// window the hub asks for and the client's first bytes
 /// ([`crate::daemon::wire::RawOpen`]).
 pub const FEATURE_OPEN_EARLY: &str = "open-early";
+/// The agent's feature word for API channels whose open carries the
+/// first bytes of the request on them ([`crate::daemon::wire::FirstRequest`]):
+/// a request on a new channel reaches the member one round trip sooner.
+pub const FEATURE_REQUEST_IN_OPEN: &str = "request-in-open";
 /// The agent's feature word for a client's own impersonation carried
 /// under the hub's names ([`crate::daemon::clientas::CARRIED_PREFIX`]):
 /// an agent without it would strip them, and the request would run as

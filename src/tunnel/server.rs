@@ -1,6 +1,5 @@
 //! Hub side of the tunnel: the SSH server that agents log in to.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -761,26 +760,6 @@ where
 /// The smallest packet (and first window) an agent may accept a channel
 /// with.
 const MIN_PEER_PACKET: usize = 4096;
-
-/// Opens a channel toward the agent for `target:port`.
-pub async fn open(
-    handle: &Handle,
-    target: &str,
-    port: u32,
-    originator: SocketAddr,
-    window: u64,
-) -> Result<FlowStream, russh::Error> {
-    open_as(
-        handle,
-        target,
-        port,
-        &originator.ip().to_string(),
-        u32::from(originator.port()),
-        window,
-        false,
-    )
-    .await
-}
 
 /// Opens a channel with an originator-address field of the caller's
 /// choosing (an opaque string to the tunnel), and asks the agent to keep

@@ -511,6 +511,67 @@ impl ConnectProxy {
     }
 }
 
+/// A TCP relay on loopback that delivers what it reads, each way, `delay`
+/// after it read it, in order (a long link where the kernel has no netem):
+/// a connection through it has a round trip of twice `delay`. Threads end
+/// when their connections close; the listener thread ends with the test
+/// process.
+pub struct DelayProxy {
+    pub addr: std::net::SocketAddr,
+}
+
+impl DelayProxy {
+    pub fn start(target: std::net::SocketAddr, delay: Duration) -> DelayProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { return };
+                let Ok(upstream) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                for s in [&client, &upstream] {
+                    let _ = s.set_nodelay(true);
+                }
+                for (from, to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    Self::direction(from, to, delay);
+                }
+            }
+        });
+        DelayProxy { addr }
+    }
+
+    fn direction(mut from: std::net::TcpStream, mut to: std::net::TcpStream, delay: Duration) {
+        use std::io::{Read, Write};
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = from.read(&mut buf).unwrap_or(0);
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                    || n == 0
+                {
+                    return;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for (due, bytes) in rx {
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                if bytes.is_empty() || to.write_all(&bytes).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
 /// A tiny HTTP server on loopback answering every request with `body`;
 /// it stands for a workload inside a member. Thread-per-connection, ends
 /// with the test process.

@@ -689,6 +689,7 @@ fn features(impersonate: bool) -> Vec<String> {
         crate::tunnel::FEATURE_HUBS,
         crate::tunnel::FEATURE_OPEN_EARLY,
         crate::tunnel::FEATURE_CLIENT_AS,
+        crate::tunnel::FEATURE_REQUEST_IN_OPEN,
     ]
     .into_iter()
     .chain(impersonate.then_some("impersonate"))

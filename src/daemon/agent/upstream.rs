@@ -420,6 +420,16 @@ impl ChannelService for Upstream {
             });
             return;
         }
+        // The request's first bytes, when the hub sent them with the open.
+        let first = match crate::daemon::wire::FirstRequest::decode(&originator) {
+            Ok(first) => first,
+            Err(msg) => {
+                hub_driven(format_args!("refused a stream: {msg}"));
+                let reply = full_limit_answer(&format!("{msg}; is the hub of another version?"));
+                self.refuse(confirm, stream, reply, permit);
+                return;
+            }
+        };
         let window = self.windows.take(crate::tunnel::flow::API_WINDOW);
         let api = self.api.clone();
         let identity = self.identity.clone();
@@ -431,7 +441,10 @@ impl ChannelService for Upstream {
             stream.advertise_window(window.window).await;
             // Held by the stream itself: past an upgrade (exec, attach,
             // port-forward) hyper ends this task and hands the stream on.
-            let stream = crate::tunnel::counted::Holding::new(stream, (permit, window));
+            let stream = crate::tunnel::counted::Holding::new(
+                crate::tunnel::first::Prefixed::new(first, stream),
+                (permit, window),
+            );
             let svc = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 let tasks = tasks.clone();

@@ -1035,62 +1035,79 @@ pub(super) fn bearer(headers: &HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
 /// does so at once; raw streams, which it dials first, have 20 s too).
 const OPEN_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Why a channel's open failed: the answer to give the client, kept by
+/// the open (which runs inside the connection's I/O, see [`open_channel`])
+/// for the request that found its connection failed.
+#[derive(Clone, Default)]
+struct OpenFailed(Arc<std::sync::Mutex<Option<Response<Body>>>>);
+
+impl OpenFailed {
+    fn set(&self, resp: Response<Body>) -> std::io::Error {
+        let msg = "the tunnel stream did not open";
+        if let Ok(mut r) = self.0.lock() {
+            r.get_or_insert(resp);
+        }
+        std::io::Error::other(msg)
+    }
+
+    /// The answer, when the open is what failed.
+    fn take(&self) -> Option<Response<Body>> {
+        self.0.lock().ok()?.take()
+    }
+}
+
 /// Opens a new channel to the agent and an HTTP/1.1 connection over it.
+/// To an agent that takes them ([`LiveSession::takes_request_in_open`]),
+/// the channel is opened when hyper first flushes, with what it wrote (the
+/// request's head, the start of its body) in the open: the request
+/// reaches the member one round trip sooner. A failed open fails the
+/// request, whose answer is then in the [`OpenFailed`].
 async fn open_channel(
     hub: &Hub,
     session: &Arc<LiveSession>,
     (name, operator): (&str, &str),
     peer: SocketAddr,
-) -> Result<Sender, Response<Body>> {
+) -> Result<(Sender, OpenFailed), Response<Body>> {
     let window = session.window(operator, crate::tunnel::flow::API_WINDOW);
-    // Its own task, bounded: an agent that confirms nothing (wedged, or a
-    // key holder answering only pings) held every request to its member,
-    // and the operator's stream slots, for as long as it liked; a
-    // confirmation after the limit still finds its waiter, which closes
-    // the channel (see `connect`).
-    let open = tokio::spawn({
-        let handle = session.handle.clone();
-        let window = window.window;
-        // Given up after a while all the same: against an agent that
-        // answers nothing, every request would leave its task waiting.
-        async move {
-            match tokio::time::timeout(
-                OPEN_DEADLINE * 15,
-                server::open(&handle, TARGET_APISERVER, 443, peer, window),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(russh::Error::Disconnect),
-            }
-        }
-    });
-    let failed = |e: &dyn std::fmt::Display| {
-        crate::daemon::http::retry_after(status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds")), 1)
-    };
-    let stream = match tokio::time::timeout(OPEN_DEADLINE, open).await {
-        Ok(Ok(Ok(s))) => s,
-        Ok(Ok(Err(e))) => return Err(failed(&e)),
-        Ok(Err(e)) => return Err(failed(&e)),
-        Err(_) => {
-            return Err(status_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                "Timeout",
-                &format!(
-                    "cluster '{name}': its agent did not accept a stream within {}s; it may be overloaded or stuck, see 'towerctl status'",
-                    OPEN_DEADLINE.as_secs()
-                ),
+    let failed = OpenFailed::default();
+    let with_request = session.takes_request_in_open;
+    let opener = {
+        let (session, name, failed) = (session.clone(), name.to_string(), failed.clone());
+        move |first: Vec<u8>| async move {
+            let sent = first.len() as u64;
+            let originator = if with_request {
+                crate::daemon::wire::FirstRequest::encode(&first)
+            } else {
+                peer.ip().to_string()
+            };
+            let stream = open_stream(&session, &name, originator, peer.port(), window.window)
+                .await
+                .map_err(|resp| failed.set(resp))?;
+            session
+                .counters
+                .bytes_out
+                .fetch_add(sent, Ordering::Relaxed);
+            let stream = crate::tunnel::counted::Counted::new(
+                stream,
+                session.counters.bytes_in.clone(),
+                session.counters.bytes_out.clone(),
+            );
+            // Counted (the member's streams, the window's share of its
+            // budget) for as long as the channel lives, past an upgrade too.
+            Ok(crate::tunnel::counted::Holding::new(
+                stream,
+                session.channel_opened(window),
             ))
         }
     };
-    let stream = crate::tunnel::counted::Counted::new(
-        stream,
-        session.counters.bytes_in.clone(),
-        session.counters.bytes_out.clone(),
-    );
-    // Counted (the member's streams, the window's share of its budget)
-    // for as long as the channel lives, past an upgrade too.
-    let stream = crate::tunnel::counted::Holding::new(stream, session.channel_opened(window));
+    // Nothing gathered to an agent that takes no request in the open: it
+    // opens at the first flush with none.
+    let max_first = if with_request {
+        crate::daemon::wire::EARLY_MAX
+    } else {
+        0
+    };
+    let stream = crate::tunnel::first::OpenWithFirst::new(max_first, opener);
     // An answer of more than hyper's 100 header lines (one `Warning` per
     // unknown field of a write under `fieldValidation=Warn`) is the
     // member's to send.
@@ -1110,7 +1127,63 @@ async fn open_channel(
             tracing::debug!("tunnel stream: {e}");
         }
     });
-    Ok(sender)
+    Ok((sender, failed))
+}
+
+/// Opens an API channel to the agent of `session`, bounded; `Err` is the
+/// answer to give the client.
+async fn open_stream(
+    session: &LiveSession,
+    name: &str,
+    originator: String,
+    originator_port: u16,
+    window: u64,
+) -> Result<crate::tunnel::flow::FlowStream, Response<Body>> {
+    // Its own task, bounded: an agent that confirms nothing (wedged, or a
+    // key holder answering only pings) held every request to its member,
+    // and the operator's stream slots, for as long as it liked; a
+    // confirmation after the limit still finds its waiter, which closes
+    // the channel (see `connect`).
+    let open = tokio::spawn({
+        let handle = session.handle.clone();
+        // Given up after a while all the same: against an agent that
+        // answers nothing, every request would leave its task waiting.
+        async move {
+            match tokio::time::timeout(
+                OPEN_DEADLINE * 15,
+                server::open_as(
+                    &handle,
+                    TARGET_APISERVER,
+                    443,
+                    &originator,
+                    u32::from(originator_port),
+                    window,
+                    false,
+                ),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(russh::Error::Disconnect),
+            }
+        }
+    });
+    let failed = |e: &dyn std::fmt::Display| {
+        crate::daemon::http::retry_after(status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("cluster '{name}': the tunnel to its agent failed to open a stream ({e}); the agent may be reconnecting, retry in a few seconds")), 1)
+    };
+    match tokio::time::timeout(OPEN_DEADLINE, open).await {
+        Ok(Ok(Ok(s))) => Ok(s),
+        Ok(Ok(Err(e))) => Err(failed(&e)),
+        Ok(Err(e)) => Err(failed(&e)),
+        Err(_) => Err(status_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Timeout",
+            &format!(
+                "cluster '{name}': its agent did not accept a stream within {}s; it may be overloaded or stuck, see 'towerctl status'",
+                OPEN_DEADLINE.as_secs()
+            ),
+        )),
+    }
 }
 
 /// towerctl's own API on the gateway, for `towerctl login` and `use` on
@@ -2318,8 +2391,8 @@ async fn proxy(
             slot.take(&name, session.id)
         };
         let was_reused = reused.is_some();
-        let mut sender = match reused {
-            Some(s) => s,
+        let (mut sender, mut opened) = match reused {
+            Some(s) => (s, OpenFailed::default()),
             None => match open_channel(hub, &session, (&name, &operator.name), peer).await {
                 Ok(s) => s,
                 Err(resp) => {
@@ -2328,6 +2401,12 @@ async fn proxy(
                 }
             },
         };
+        // A request failed by its channel's open is answered with why.
+        let refused = |opened: &OpenFailed| {
+            let resp = opened.take()?;
+            hub.dial_failures.add(DialFailure::ChannelRefused);
+            Some(resp)
+        };
         let resp = match sender.try_send_request(up_req).await {
             Ok(r) => r,
             Err(mut e) => match (was_reused, e.take_message()) {
@@ -2335,20 +2414,28 @@ async fn proxy(
                 // went out: safe to send it again on a fresh one, whatever
                 // its method.
                 (true, Some(up_req)) => {
-                    sender = match open_channel(hub, &session, (&name, &operator.name), peer).await
-                    {
-                        Ok(s) => s,
-                        Err(resp) => {
-                            hub.dial_failures.add(DialFailure::ChannelRefused);
-                            return Err(resp);
-                        }
-                    };
+                    (sender, opened) =
+                        match open_channel(hub, &session, (&name, &operator.name), peer).await {
+                            Ok(s) => s,
+                            Err(resp) => {
+                                hub.dial_failures.add(DialFailure::ChannelRefused);
+                                return Err(resp);
+                            }
+                        };
                     match sender.send_request(up_req).await {
                         Ok(r) => r,
-                        Err(e) => return Err(send_failed(hub, &name, &e)),
+                        Err(e) => {
+                            return Err(
+                                refused(&opened).unwrap_or_else(|| send_failed(hub, &name, &e))
+                            )
+                        }
                     }
                 }
-                _ => return Err(send_failed(hub, &name, e.error())),
+                _ => {
+                    return Err(
+                        refused(&opened).unwrap_or_else(|| send_failed(hub, &name, e.error()))
+                    )
+                }
             },
         };
         Ok((resp, sender))

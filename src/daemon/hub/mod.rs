@@ -122,6 +122,10 @@ pub struct LiveSession {
     /// the hub's window and the client's first bytes
     /// ([`crate::tunnel::FEATURE_OPEN_EARLY`]).
     pub takes_early: bool,
+    /// The agent declared at login that its API channels' opens may carry
+    /// the first bytes of the request
+    /// ([`crate::tunnel::FEATURE_REQUEST_IN_OPEN`]).
+    pub takes_request_in_open: bool,
     /// Last measured round trip, microseconds (0 = not yet measured).
     pub rtt_us: AtomicU64,
     /// When the keepalive now awaiting its answer went out (`None`

@@ -621,6 +621,14 @@ async fn tunnel_session(
             .iter()
             .any(|f| f == tunnel::FEATURE_OPEN_EARLY)
             && !tunnel::left_out_for_tests("TOWERCTL_TEST_HUB_WITHOUT", tunnel::FEATURE_OPEN_EARLY),
+        takes_request_in_open: sess
+            .features
+            .iter()
+            .any(|f| f == tunnel::FEATURE_REQUEST_IN_OPEN)
+            && !tunnel::left_out_for_tests(
+                "TOWERCTL_TEST_HUB_WITHOUT",
+                tunnel::FEATURE_REQUEST_IN_OPEN,
+            ),
         rtt_us: AtomicU64::new(0),
         ping_since: Default::default(),
         streams: AtomicU64::new(0),
