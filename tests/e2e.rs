@@ -4366,3 +4366,56 @@ fn requests_reach_the_member_whole_with_or_without_the_request_in_the_open() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn zz_far_member_timings() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let far = support::DelayProxy::start(tunnel, Duration::from_millis(100));
+    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+    );
+    assert!(o.ok(), "join through the relay: {o:?}");
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    for args in [
+        vec!["get", "--raw", "/version"],
+        vec!["get", "pods", "-A"],
+        vec!["get", "pods", "-A"],
+        vec!["get", "namespaces"],
+        vec!["api-resources"],
+    ] {
+        let t = std::time::Instant::now();
+        let mut a = args.clone();
+        a.push("-v=6");
+        let o = env.kubectl(&a);
+        let lines: Vec<&str> = o
+            .stderr
+            .lines()
+            .filter(|l| l.contains("milliseconds"))
+            .collect();
+        eprintln!(
+            "{args:?}: {:?} ok={}\n  {}",
+            t.elapsed(),
+            o.ok(),
+            lines.join("\n  ")
+        );
+    }
+}

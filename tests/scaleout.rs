@@ -1927,6 +1927,18 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
     // opened again every second): past the limit, bob is still served.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(get(&bob, "/clusters/alpha/version").0, "200");
+    // Its metrics say so too, and then what an alert needs.
+    let metrics = support::metrics_addr(&b);
+    let refusing = || support::metric(&metrics, "towerctl_registry_refusing_operators");
+    assert_eq!(refusing(), 0);
+    let gauge = |series: &str| -> f64 {
+        let page = support::http_get(&metrics, "/metrics");
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+    };
+    assert_eq!(gauge("towerctl_registry_max_stale_seconds "), 3.0);
+    assert!(gauge("towerctl_registry_age_seconds ") < 3.0);
 
     let gw = b.status()["hub"]["gatewayURL"]
         .as_str()
@@ -1969,6 +1981,15 @@ fn a_hub_cut_off_from_etcd_refuses_operators_past_its_max_stale() {
     assert_eq!(get(a_admin.trim(), "/towerctl/v1/whoami").0, "503");
     // A load balancer in front takes it out of rotation.
     assert_eq!(get("", "/readyz").0, "503");
+    assert_eq!(refusing(), 1);
+    assert!(
+        support::metric(
+            &metrics,
+            "towerctl_registry_errors_total{kind=\"unreachable\"}"
+        ) > 0
+    );
+    let age = gauge("towerctl_registry_age_seconds ");
+    assert!(age > 3.0, "registry age {age} s while refusing");
     let s = b.status();
     let why = s["hub"]["refusingOperators"].as_str().unwrap_or_default();
     assert!(why.contains("etcd"), "status says why: {s}");

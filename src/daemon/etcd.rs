@@ -23,7 +23,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -250,7 +250,7 @@ fn hint(msg: &str, user: Option<&str>) -> String {
         }
     } else if msg.contains("invalid user ID or password") {
         "etcd refused the user or its password: fix --store-user, or the password in --store-password-file (read again at the next login, tried again within 30 s)".to_string()
-    } else if msg.contains("database space exceeded") {
+    } else if msg.contains(NO_SPACE) {
         "etcd is out of space (its --quota-backend-bytes; a NOSPACE alarm): it takes only reads and deletes until its admin compacts, defragments and disarms it (etcdctl compact REV; etcdctl defrag; etcdctl alarm disarm); meanwhile the hubs serve the members they hold, and 'towerctl cluster rm' and 'operator rm' still work".to_string()
     } else if msg.contains("permission denied") {
         match user {
@@ -502,7 +502,47 @@ pub struct Etcd {
     resolved: std::sync::Mutex<std::collections::HashMap<String, Vec<std::net::SocketAddr>>>,
     /// Endpoints whose name is being looked up now.
     resolving: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Calls failed so far, by [`CallFailure`].
+    failures: [AtomicU64; 3],
 }
+
+/// How an etcd call failed, for the hub's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFailure {
+    /// No endpoint answered (or each answered it has no leader).
+    Unreachable,
+    /// etcd is out of space (a NOSPACE alarm): it refuses writes.
+    NoSpace,
+    /// Any other refusal (credentials, permissions, a bad answer).
+    Refused,
+}
+
+impl CallFailure {
+    pub const ALL: [CallFailure; 3] = [
+        CallFailure::Unreachable,
+        CallFailure::NoSpace,
+        CallFailure::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallFailure::Unreachable => "unreachable",
+            CallFailure::NoSpace => "no_space",
+            CallFailure::Refused => "refused",
+        }
+    }
+
+    fn of(e: &EtcdError) -> CallFailure {
+        match e {
+            EtcdError::Unreachable { .. } => CallFailure::Unreachable,
+            EtcdError::Refused { reason, .. } if reason.contains(NO_SPACE) => CallFailure::NoSpace,
+            EtcdError::Refused { .. } => CallFailure::Refused,
+        }
+    }
+}
+
+/// etcd's words for a write refused for want of space (NOSPACE).
+const NO_SPACE: &str = "database space exceeded";
 
 pub fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
@@ -626,7 +666,17 @@ impl Etcd {
             down_until: std::sync::Mutex::new(None),
             resolved: Default::default(),
             resolving: Default::default(),
+            failures: Default::default(),
         })
+    }
+
+    /// Calls failed so far, by kind (in [`CallFailure::ALL`]'s order).
+    pub fn failures(&self) -> Vec<(CallFailure, u64)> {
+        CallFailure::ALL
+            .iter()
+            .zip(&self.failures)
+            .map(|(f, n)| (*f, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Endpoints reached without TLS on another machine: what crosses the
@@ -986,6 +1036,24 @@ impl Etcd {
     }
 
     fn call_as(
+        &self,
+        path: &str,
+        body: &Value,
+        fail_fast: bool,
+        deadline: Duration,
+    ) -> Result<Value, EtcdError> {
+        let r = self.call_once(path, body, fail_fast, deadline);
+        if let Err(e) = &r {
+            let i = CallFailure::ALL
+                .iter()
+                .position(|f| *f == CallFailure::of(e))
+                .unwrap_or(0);
+            self.failures[i].fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn call_once(
         &self,
         path: &str,
         body: &Value,
@@ -1422,6 +1490,31 @@ fn stream_error(path: &str, v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_calls_are_told_apart_for_the_metrics() {
+        let refused = |reason: &str| EtcdError::Refused {
+            endpoint: "127.0.0.1:2379".into(),
+            reason: reason.into(),
+        };
+        assert_eq!(
+            CallFailure::of(&refused(&format!(
+                "HTTP 400: etcdserver: mvcc: database space exceeded{}",
+                hint("etcdserver: mvcc: database space exceeded", None)
+            ))),
+            CallFailure::NoSpace
+        );
+        assert_eq!(
+            CallFailure::of(&refused("HTTP 401: etcdserver: permission denied")),
+            CallFailure::Refused
+        );
+        let away = EtcdError::Unreachable {
+            endpoints: "127.0.0.1:2379".into(),
+            reason: "connection refused".into(),
+            tls_refused: false,
+        };
+        assert_eq!(CallFailure::of(&away), CallFailure::Unreachable);
+    }
 
     /// An endpoint that answers each connection with `answer`, then
     /// trickles `trickle` a byte every 500 ms (for at most 30 s).

@@ -128,6 +128,21 @@ pub struct Snapshot {
     pub audit_dropped: u64,
     /// Unauthenticated connections held, by listener.
     pub unauthenticated: Vec<(&'static str, u64)>,
+    /// With a shared registry (etcd): its health as this hub sees it.
+    pub registry: Option<RegistryHealth>,
+}
+
+/// A shared registry's health, as one hub sees it.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryHealth {
+    /// How long ago this hub last surely reached etcd.
+    pub age_seconds: f64,
+    /// `--store-max-stale`, when set.
+    pub max_stale_seconds: Option<f64>,
+    /// Whether it refuses operators now for want of a current registry.
+    pub refusing_operators: bool,
+    /// etcd calls failed so far, by kind.
+    pub failures: Vec<(&'static str, u64)>,
 }
 
 fn esc(s: &str) -> String {
@@ -257,6 +272,17 @@ pub fn render(snap: &Snapshot) -> String {
             o,
             "towerctl_unauthenticated_connections{{listener=\"{listener}\"}} {n}"
         );
+    }
+    if let Some(r) = &snap.registry {
+        let _ = writeln!(o, "# HELP towerctl_registry_age_seconds How long ago this hub last surely reached etcd (its copy of the shared registry confirmed current and its lease renewed; past --store-max-stale it refuses operators).\n# TYPE towerctl_registry_age_seconds gauge\ntowerctl_registry_age_seconds {:.3}", r.age_seconds);
+        if let Some(max) = r.max_stale_seconds {
+            let _ = writeln!(o, "# HELP towerctl_registry_max_stale_seconds --store-max-stale: the registry age past which this hub refuses operators.\n# TYPE towerctl_registry_max_stale_seconds gauge\ntowerctl_registry_max_stale_seconds {max:.3}");
+        }
+        let _ = writeln!(o, "# HELP towerctl_registry_refusing_operators Whether this hub refuses operators now, its copy of the shared registry too old (--store-max-stale).\n# TYPE towerctl_registry_refusing_operators gauge\ntowerctl_registry_refusing_operators {}", u8::from(r.refusing_operators));
+        let _ = writeln!(o, "# HELP towerctl_registry_errors_total Calls to etcd that failed, by kind: unreachable (no endpoint answered, or none had a leader), no_space (etcd out of space, a NOSPACE alarm: registry writes, owner records and joins fail), refused (any other refusal: credentials, permissions).\n# TYPE towerctl_registry_errors_total counter");
+        for (kind, n) in &r.failures {
+            let _ = writeln!(o, "towerctl_registry_errors_total{{kind=\"{kind}\"}} {n}");
+        }
     }
     let _ = writeln!(o, "# HELP towerctl_audit_dropped_total Audit records lost: the writer fell behind, or the disk refused them (full, read-only).\n# TYPE towerctl_audit_dropped_total counter\ntowerctl_audit_dropped_total {}", snap.audit_dropped);
     o
@@ -409,8 +435,22 @@ mod tests {
             dial_failures: DialFailure::ALL.iter().map(|f| (*f, 0)).collect(),
             audit_dropped: 7,
             unauthenticated: vec![("tunnel", 2), ("gateway", 0)],
+            registry: None,
         };
         let text = render(&snap);
+        assert!(
+            !text.contains("towerctl_registry_"),
+            "no registry figures without a shared registry"
+        );
+        let text = render(&Snapshot {
+            registry: Some(RegistryHealth {
+                age_seconds: 4.25,
+                max_stale_seconds: Some(3.0),
+                refusing_operators: true,
+                failures: vec![("unreachable", 5), ("no_space", 2), ("refused", 0)],
+            }),
+            ..snap
+        });
         for line in [
             "towerctl_members 3",
             "towerctl_tunnel_up{cluster=\"beta\"} 0",
@@ -431,6 +471,11 @@ mod tests {
             "towerctl_dial_failures_total{reason=\"denied\"} 0",
             "towerctl_audit_dropped_total 7",
             "towerctl_unauthenticated_connections{listener=\"tunnel\"} 2",
+            "towerctl_registry_age_seconds 4.250",
+            "towerctl_registry_max_stale_seconds 3.000",
+            "towerctl_registry_refusing_operators 1",
+            "towerctl_registry_errors_total{kind=\"unreachable\"} 5",
+            "towerctl_registry_errors_total{kind=\"no_space\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

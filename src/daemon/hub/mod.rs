@@ -1289,6 +1289,18 @@ impl Hub {
                 .iter()
                 .map(|a| (a.what(), a.open() as u64))
                 .collect(),
+            registry: self.cluster.get().map(|c| metrics::RegistryHealth {
+                age_seconds: self.etcd_age().as_secs_f64(),
+                max_stale_seconds: self.max_stale.map(|d| d.as_secs_f64()),
+                refusing_operators: self.stale_refusal().is_some(),
+                failures: c
+                    .store
+                    .etcd
+                    .failures()
+                    .into_iter()
+                    .map(|(f, n)| (f.as_str(), n))
+                    .collect(),
+            }),
         }
     }
 
