@@ -4419,3 +4419,96 @@ fn zz_far_member_timings() {
         );
     }
 }
+
+/// A member a second away (500 ms each way through a relay), on a hub
+/// whose keepalive is shorter than that (1 s, as in every test here): its
+/// agent logs in at its first attempt. The hub sent keepalives during the
+/// login once it had waited an interval for the agent, and russh's client
+/// ended the session on a global request before its login ended ("the hub
+/// closed the connection before answering the login"): such a member
+/// never came through. Now the hub sends none before the login (as the
+/// agent did already), and the agent answers one from an older hub.
+#[test]
+fn a_member_a_second_away_logs_in_at_its_first_attempt() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
+    let far = support::DelayProxy::start(tunnel, Duration::from_millis(500));
+    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let t = std::time::Instant::now();
+    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let log =
+        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+    eprintln!("join took {:?}", t.elapsed());
+    assert!(o.ok(), "join through the relay: {o:?}\n{log}");
+    assert!(
+        !log.contains("retrying"),
+        "the agent's first login did not come through:\n{log}"
+    );
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout=30s"]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+}
+
+/// A write whose client gave up while its new channel waited for the
+/// agent (stopped here, as a wedged or overloaded one is) is never run:
+/// it goes once the channel is confirmed, and not at all with nobody
+/// waiting for it. Only reads go with a channel's open, which leaves the
+/// hub for good: a DELETE in it ran when the agent woke, after the client
+/// had been told it failed (or was answered 504, or had its access
+/// withdrawn), and a retry ran it twice.
+#[test]
+fn a_write_whose_client_left_while_its_channel_opened_never_runs() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api, &[]);
+    let o = env.kubectl(&["create", "configmap", "keep"]);
+    assert!(o.ok(), "{o:?}");
+    let gw = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let curl = |method: &str, max: &str| {
+        let mut c = std::process::Command::new("curl");
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            max,
+        ])
+        .args(["-X", method, "--cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {}", admin.trim())])
+        .arg(format!(
+            "{gw}/clusters/alpha/api/v1/namespaces/default/configmaps/keep"
+        ));
+        support::run_bounded(c, Duration::from_secs(10))
+    };
+    let agent = env.pid_of("agent-alpha").expect("the agent runs");
+    signal(agent, "-STOP");
+    let cont = support::scopeguard_cont(agent);
+    // Gone before the agent reads anything; the agent is woken within the
+    // hub's keepalive (1 s a ping, dead after 2.8 s of silence).
+    let o = curl("DELETE", "1");
+    assert!(!o.ok(), "the DELETE timed out: {o:?}");
+    signal(agent, "-CONT");
+    drop(cont);
+    std::thread::sleep(Duration::from_secs(2));
+    let o = curl("GET", "10");
+    assert_eq!(o.stdout, "200", "the configmap is still there: {o:?}");
+    let o = env.kubectl(&["get", "configmap", "keep"]);
+    assert!(o.ok(), "{o:?}");
+}

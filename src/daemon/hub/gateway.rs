@@ -1056,21 +1056,28 @@ impl OpenFailed {
     }
 }
 
-/// Opens a new channel to the agent and an HTTP/1.1 connection over it.
-/// To an agent that takes them ([`LiveSession::takes_request_in_open`]),
-/// the channel is opened when hyper first flushes, with what it wrote (the
-/// request's head, the start of its body) in the open: the request
-/// reaches the member one round trip sooner. A failed open fails the
+/// Opens a new channel to the agent and an HTTP/1.1 connection over it,
+/// when hyper first writes to it. With `in_open`, to an agent that takes
+/// them ([`LiveSession::takes_request_in_open`]), what hyper wrote by its
+/// first flush (the request's head, the start of its body) goes in the
+/// open: the request reaches the member one round trip sooner. Only for a
+/// read (`GET`, `HEAD`, `OPTIONS`, no upgrade): a request in the open has
+/// left the hub for good, and the agent runs it whenever it reads the
+/// open, also after the hub gave up waiting (504), the client left or its
+/// access was withdrawn; any other request is written once the channel is
+/// confirmed, and not at all when nobody waits for it any more (hyper
+/// drops a request whose caller went away). A failed open fails the
 /// request, whose answer is then in the [`OpenFailed`].
 async fn open_channel(
     hub: &Hub,
     session: &Arc<LiveSession>,
     (name, operator): (&str, &str),
     peer: SocketAddr,
+    in_open: bool,
 ) -> Result<(Sender, OpenFailed), Response<Body>> {
     let window = session.window(operator, crate::tunnel::flow::API_WINDOW);
     let failed = OpenFailed::default();
-    let with_request = session.takes_request_in_open;
+    let with_request = in_open && session.takes_request_in_open;
     let opener = {
         let (session, name, failed) = (session.clone(), name.to_string(), failed.clone());
         move |first: Vec<u8>| async move {
@@ -1100,8 +1107,8 @@ async fn open_channel(
             ))
         }
     };
-    // Nothing gathered to an agent that takes no request in the open: it
-    // opens at the first flush with none.
+    // Nothing gathered without a request in the open: it opens at the
+    // first write with none.
     let max_first = if with_request {
         crate::daemon::wire::EARLY_MAX
     } else {
@@ -2381,6 +2388,12 @@ async fn proxy(
     // request, and the operator's stream slot, for as long as the session
     // lived: client-go sets no deadline of its own.
     let deadline = super::peer::answer_deadline(parts.uri.path(), parts.uri.query(), upgrade);
+    // Only a read goes in a new channel's open (see `open_channel`).
+    let in_open = !upgrade
+        && matches!(
+            parts.method,
+            hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+        );
     let up_req = Request::from_parts(parts, body);
 
     let exchange = async {
@@ -2393,7 +2406,8 @@ async fn proxy(
         let was_reused = reused.is_some();
         let (mut sender, mut opened) = match reused {
             Some(s) => (s, OpenFailed::default()),
-            None => match open_channel(hub, &session, (&name, &operator.name), peer).await {
+            None => match open_channel(hub, &session, (&name, &operator.name), peer, in_open).await
+            {
                 Ok(s) => s,
                 Err(resp) => {
                     hub.dial_failures.add(DialFailure::ChannelRefused);
@@ -2415,7 +2429,9 @@ async fn proxy(
                 // its method.
                 (true, Some(up_req)) => {
                     (sender, opened) =
-                        match open_channel(hub, &session, (&name, &operator.name), peer).await {
+                        match open_channel(hub, &session, (&name, &operator.name), peer, in_open)
+                            .await
+                        {
                             Ok(s) => s,
                             Err(resp) => {
                                 hub.dial_failures.add(DialFailure::ChannelRefused);

@@ -121,6 +121,18 @@ impl Session {
                         Some((&msg::EXT_INFO, mut r)) => {
                             return self.handle_ext_info(&mut r).map_err(Into::into);
                         }
+                        // towerctl patch: a global request before the login
+                        // ended (an older hub's keepalive, sent once the
+                        // login took longer than its interval) is answered
+                        // as refused, as OpenSSH's client answers one it
+                        // does not know, instead of ending the session.
+                        Some((&msg::GLOBAL_REQUEST, mut r)) => {
+                            let _request = map_err!(String::decode(&mut r))?;
+                            if map_err!(u8::decode(&mut r))? != 0 {
+                                push_packet!(enc.write, enc.write.push(msg::REQUEST_FAILURE));
+                            }
+                            return Ok(());
+                        }
                         other => {
                             debug!("unknown message: {other:?}");
                             return Err(crate::Error::Inconsistent.into());
@@ -425,6 +437,18 @@ impl Session {
                         }
                         Some((&msg::EXT_INFO, mut r)) => {
                             return self.handle_ext_info(&mut r).map_err(Into::into);
+                        }
+                        // towerctl patch: a global request before the login
+                        // ended (an older hub's keepalive, sent once the
+                        // login took longer than its interval) is answered
+                        // as refused, as OpenSSH's client answers one it
+                        // does not know, instead of ending the session.
+                        Some((&msg::GLOBAL_REQUEST, mut r)) => {
+                            let _request = map_err!(String::decode(&mut r))?;
+                            if map_err!(u8::decode(&mut r))? != 0 {
+                                push_packet!(enc.write, enc.write.push(msg::REQUEST_FAILURE));
+                            }
+                            return Ok(());
                         }
                         other => {
                             debug!("unknown message: {other:?}");

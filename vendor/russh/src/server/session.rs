@@ -870,7 +870,17 @@ impl Session {
                     // Re-armed below. Due a whole interval after the last
                     // sign of life, which may be later than it was set for.
                     keepalive_fired = true;
-                    if crate::keepalive_due(keepalive_from, self.common.config.keepalive_interval) {
+                    // towerctl patch: not before the client has logged in
+                    // (as the client's own): a global request then is no
+                    // message of the login, and russh's client ended the
+                    // session on it, so that a login slower than one
+                    // interval (a member a second away, a hub's 1 s
+                    // keepalive) never came through.
+                    let logged_in = matches!(
+                        self.common.encrypted.as_ref().map(|e| &e.state),
+                        Some(EncryptedState::Authenticated)
+                    );
+                    if logged_in && crate::keepalive_due(keepalive_from, self.common.config.keepalive_interval) {
                         self.common.alive_timeouts = self.common.alive_timeouts.saturating_add(1);
                         if self.common.config.keepalive_max != 0 && self.common.alive_timeouts > self.common.config.keepalive_max {
                             debug!("Timeout, client not responding to keepalives");
