@@ -1224,6 +1224,35 @@ fn tunnel_connections_whose_login_goes_wrong_are_closed_by_the_deadline() {
     assert!(env.towerctl(&["status"]).ok());
 }
 
+/// A peer quiet after its SSH banner costs the hub no CPU while it waits
+/// for the login deadline: the hub's keepalive, not sent before a login,
+/// was due at once again and again (a review found it; the timer was left
+/// in the past), a core spun for each such peer, up to 15 s.
+#[test]
+fn a_peer_quiet_before_its_login_costs_the_hub_no_cpu() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let tunnel = tunnel_address(&env);
+    let hub = env.pid_of("hub").expect("hub pid");
+    let quiet: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = upgraded(&tunnel);
+            s.write_all(&client_frame(b"SSH-2.0-OpenSSH_9.6\r\n"))
+                .unwrap();
+            s
+        })
+        .collect();
+    // Past the hub's keepalive interval (1 s in the tests).
+    std::thread::sleep(Duration::from_secs(2));
+    let before = support::cpu_ticks(hub);
+    std::thread::sleep(Duration::from_secs(4));
+    let used = support::cpu_ticks(hub) - before;
+    eprintln!("measured: the hub used {used} ticks in 4 s with 4 quiet peers");
+    // Idle, a hub uses a few ticks in 4 s; spinning for four peers, ~400.
+    assert!(used < 100, "the hub used {used} CPU ticks in 4 s");
+    drop(quiet);
+}
+
 /// Sessions through their key exchange that never log in (they answer the
 /// hub's keepalives) are held to the per-source cap: the ones evicted to
 /// make room are closed at once. The eviction used to drop only the login's

@@ -1042,8 +1042,8 @@ impl Etcd {
         fail_fast: bool,
         deadline: Duration,
     ) -> Result<Value, EtcdError> {
-        let r = self.call_once(path, body, fail_fast, deadline);
-        if let Err(e) = &r {
+        let (r, tried) = self.call_once(path, body, fail_fast, deadline);
+        if let (Err(e), true) = (&r, tried) {
             let i = CallFailure::ALL
                 .iter()
                 .position(|f| *f == CallFailure::of(e))
@@ -1053,24 +1053,32 @@ impl Etcd {
         r
     }
 
+    /// The call's result, and whether etcd was asked (not: failed in
+    /// advance while every endpoint failed just now).
     fn call_once(
         &self,
         path: &str,
         body: &Value,
         fail_fast: bool,
         deadline: Duration,
-    ) -> Result<Value, EtcdError> {
+    ) -> (Result<Value, EtcdError>, bool) {
         if let Some(Ok(d)) = fail_fast.then(|| self.down_until.lock()) {
             if let Some((until, reason)) = d.as_ref() {
                 if std::time::Instant::now() < *until {
-                    return Err(EtcdError::Unreachable {
+                    let e = EtcdError::Unreachable {
                         endpoints: self.endpoints(),
                         reason: reason.clone(),
                         tls_refused: false,
-                    });
+                    };
+                    return (Err(e), false);
                 }
             }
         }
+        (self.ask(path, body, deadline), true)
+    }
+
+    /// Asks each endpoint in turn.
+    fn ask(&self, path: &str, body: &Value, deadline: Duration) -> Result<Value, EtcdError> {
         let n = self.endpoints.len();
         let first = self.next.load(Ordering::Relaxed);
         let mut reason = String::new();

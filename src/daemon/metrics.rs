@@ -135,7 +135,8 @@ pub struct Snapshot {
 /// A shared registry's health, as one hub sees it.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryHealth {
-    /// How long ago this hub last surely reached etcd.
+    /// How long ago this hub's copy of the registry was last confirmed
+    /// current (what `--store-max-stale` is held against).
     pub age_seconds: f64,
     /// `--store-max-stale`, when set.
     pub max_stale_seconds: Option<f64>,
@@ -274,12 +275,12 @@ pub fn render(snap: &Snapshot) -> String {
         );
     }
     if let Some(r) = &snap.registry {
-        let _ = writeln!(o, "# HELP towerctl_registry_age_seconds How long ago this hub last surely reached etcd (its copy of the shared registry confirmed current and its lease renewed; past --store-max-stale it refuses operators).\n# TYPE towerctl_registry_age_seconds gauge\ntowerctl_registry_age_seconds {:.3}", r.age_seconds);
+        let _ = writeln!(o, "# HELP towerctl_registry_age_seconds How long ago this hub's copy of the shared registry (etcd) was last confirmed current; past --store-max-stale it refuses operators.\n# TYPE towerctl_registry_age_seconds gauge\ntowerctl_registry_age_seconds {:.3}", r.age_seconds);
         if let Some(max) = r.max_stale_seconds {
             let _ = writeln!(o, "# HELP towerctl_registry_max_stale_seconds --store-max-stale: the registry age past which this hub refuses operators.\n# TYPE towerctl_registry_max_stale_seconds gauge\ntowerctl_registry_max_stale_seconds {max:.3}");
         }
         let _ = writeln!(o, "# HELP towerctl_registry_refusing_operators Whether this hub refuses operators now, its copy of the shared registry too old (--store-max-stale).\n# TYPE towerctl_registry_refusing_operators gauge\ntowerctl_registry_refusing_operators {}", u8::from(r.refusing_operators));
-        let _ = writeln!(o, "# HELP towerctl_registry_errors_total Calls to etcd that failed, by kind: unreachable (no endpoint answered, or none had a leader), no_space (etcd out of space, a NOSPACE alarm: registry writes, owner records and joins fail), refused (any other refusal: credentials, permissions).\n# TYPE towerctl_registry_errors_total counter");
+        let _ = writeln!(o, "# HELP towerctl_registry_errors_total Requests to etcd (reads, writes, lease renewals; not its watch stream) that failed, by kind: unreachable (no endpoint answered, or none had a leader; requests not tried again within 2 s of that are not counted), no_space (etcd out of space, a NOSPACE alarm: registry writes, owner records and joins fail), refused (any other refusal: credentials, permissions).\n# TYPE towerctl_registry_errors_total counter");
         for (kind, n) in &r.failures {
             let _ = writeln!(o, "towerctl_registry_errors_total{{kind=\"{kind}\"}} {n}");
         }

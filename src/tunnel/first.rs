@@ -37,7 +37,9 @@ enum State<S> {
 /// A stream opened, with the first bytes written to it, when first
 /// flushed (see the module's words). `open` is given the first bytes (at
 /// most `max_first`, possibly none: a client that shuts down before
-/// writing) and resolves to the opened stream.
+/// writing) and resolves to the opened stream. Polled from one task (as
+/// hyper's connection polls its I/O): while the open runs, reads and
+/// writes both wait on it, and only the last waker is kept.
 pub struct OpenWithFirst<S> {
     state: State<S>,
     max_first: usize,
@@ -61,6 +63,15 @@ where
                 open: Box::new(move |first| Box::pin(open(first))),
             },
             max_first,
+            reader: None,
+        }
+    }
+
+    /// A stream opened already (nothing goes in its open).
+    pub fn opened(stream: S) -> Self {
+        OpenWithFirst {
+            state: State::Open(stream),
+            max_first: 0,
             reader: None,
         }
     }

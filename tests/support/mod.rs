@@ -347,6 +347,17 @@ pub fn is_zombie(pid: i32) -> bool {
     stat_fields(pid).is_none_or(|f| f.first().map(String::as_str) == Some("Z"))
 }
 
+/// CPU time `pid` has used so far (user and system), in clock ticks
+/// (`/proc/PID/stat`'s utime and stime; 100 a second on Linux).
+pub fn cpu_ticks(pid: i32) -> u64 {
+    stat_fields(pid)
+        .map(|f| {
+            f.get(11..13)
+                .map_or(0, |t| t.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        })
+        .unwrap_or_default()
+}
+
 /// The fields of `/proc/PID/stat` after the command name (which may hold
 /// spaces and parentheses): `[0]` is the state, `[7]` the minor faults.
 /// `None` once the process is gone.

@@ -1056,18 +1056,18 @@ impl OpenFailed {
     }
 }
 
-/// Opens a new channel to the agent and an HTTP/1.1 connection over it,
-/// when hyper first writes to it. With `in_open`, to an agent that takes
-/// them ([`LiveSession::takes_request_in_open`]), what hyper wrote by its
-/// first flush (the request's head, the start of its body) goes in the
-/// open: the request reaches the member one round trip sooner. Only for a
-/// read (`GET`, `HEAD`, `OPTIONS`, no upgrade): a request in the open has
-/// left the hub for good, and the agent runs it whenever it reads the
-/// open, also after the hub gave up waiting (504), the client left or its
-/// access was withdrawn; any other request is written once the channel is
-/// confirmed, and not at all when nobody waits for it any more (hyper
-/// drops a request whose caller went away). A failed open fails the
-/// request, whose answer is then in the [`OpenFailed`].
+/// Opens a new channel to the agent and an HTTP/1.1 connection over it.
+/// With `in_open`, to an agent that takes them
+/// ([`LiveSession::takes_request_in_open`]), the channel opens when hyper
+/// first flushes, with what hyper wrote by then (the request's head, the
+/// start of its body) in the open: the request reaches the member one
+/// round trip sooner; a failed open then fails the request, whose answer
+/// is in the [`OpenFailed`]. Only for a read (`GET`, `HEAD`, `OPTIONS`, no
+/// upgrade): a request in the open has left the hub for good, and the
+/// agent runs it whenever it reads the open, also after the hub gave up
+/// waiting (504), the client left or its access was withdrawn. Any other
+/// request is handed to hyper once the channel is confirmed, as before:
+/// not at all when its caller has gone meanwhile.
 async fn open_channel(
     hub: &Hub,
     session: &Arc<LiveSession>,
@@ -1107,14 +1107,26 @@ async fn open_channel(
             ))
         }
     };
-    // Nothing gathered without a request in the open: it opens at the
-    // first write with none.
-    let max_first = if with_request {
-        crate::daemon::wire::EARLY_MAX
+    let stream = if with_request {
+        crate::tunnel::first::OpenWithFirst::new(crate::daemon::wire::EARLY_MAX, opener)
     } else {
-        0
+        // Opened, and confirmed, before the request is handed to hyper:
+        // once hyper has taken a request it writes it when it can, also
+        // after its caller went away (a client gone, a deadline, access
+        // withdrawn), and a write then ran at the member.
+        match opener(Vec::new()).await {
+            Ok(s) => crate::tunnel::first::OpenWithFirst::opened(s),
+            Err(e) => {
+                return Err(failed.take().unwrap_or_else(|| {
+                    status_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        &format!("cluster '{name}': {e}"),
+                    )
+                }))
+            }
+        }
     };
-    let stream = crate::tunnel::first::OpenWithFirst::new(max_first, opener);
     // An answer of more than hyper's 100 header lines (one `Warning` per
     // unknown field of a write under `fieldValidation=Warn`) is the
     // member's to send.

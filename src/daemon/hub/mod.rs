@@ -1290,7 +1290,7 @@ impl Hub {
                 .map(|a| (a.what(), a.open() as u64))
                 .collect(),
             registry: self.cluster.get().map(|c| metrics::RegistryHealth {
-                age_seconds: self.etcd_age().as_secs_f64(),
+                age_seconds: self.registry_age().as_secs_f64(),
                 max_stale_seconds: self.max_stale.map(|d| d.as_secs_f64()),
                 refusing_operators: self.stale_refusal().is_some(),
                 failures: c

@@ -876,11 +876,22 @@ impl Session {
                     // session on it, so that a login slower than one
                     // interval (a member a second away, a hub's 1 s
                     // keepalive) never came through.
+                    // Due and not sent, it is due again an interval later
+                    // (without moving `keepalive_from`, the timer was set
+                    // in the past again and fired at once, in a loop: a
+                    // peer quiet before its login spun a core until the
+                    // hub's login deadline). A client that has logged in
+                    // and sent nothing since (`InitCompression`) counts as
+                    // logged in.
                     let logged_in = matches!(
                         self.common.encrypted.as_ref().map(|e| &e.state),
-                        Some(EncryptedState::Authenticated)
+                        Some(EncryptedState::Authenticated | EncryptedState::InitCompression)
                     );
-                    if logged_in && crate::keepalive_due(keepalive_from, self.common.config.keepalive_interval) {
+                    let due = crate::keepalive_due(keepalive_from, self.common.config.keepalive_interval);
+                    if due && !logged_in {
+                        keepalive_from = tokio::time::Instant::now();
+                    }
+                    if logged_in && due {
                         self.common.alive_timeouts = self.common.alive_timeouts.saturating_add(1);
                         if self.common.config.keepalive_max != 0 && self.common.alive_timeouts > self.common.config.keepalive_max {
                             debug!("Timeout, client not responding to keepalives");
