@@ -4495,3 +4495,58 @@ fn a_write_whose_client_left_while_its_channel_opened_never_runs() {
         assert_eq!(o.stdout, "200", "configmap {name} is still there: {o:?}");
     }
 }
+
+/// A member 2.6 s away (1.3 s each way through a relay, as on a
+/// bufferbloated satellite or mobile link) logs in: some seven round trips
+/// took ~19 s, and a fixed 15 s deadline on each side cut every attempt
+/// while its handshake was still moving, for good. The deadlines now count
+/// from the last message heard (at most 60 s in all).
+#[test]
+fn a_member_two_and_a_half_seconds_away_logs_in() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let o = env.towerctl(&[
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--keepalive",
+        "10s",
+    ]);
+    assert!(o.ok(), "{o:?}");
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
+    let far = support::DelayProxy::start(tunnel, Duration::from_millis(1300));
+    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let t = std::time::Instant::now();
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--timeout",
+            "60s",
+        ],
+    );
+    let log =
+        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+    eprintln!("join took {:?}", t.elapsed());
+    assert!(o.ok(), "join through the relay: {o:?}\n{log}");
+    assert!(
+        !log.contains("retrying"),
+        "the agent's first login did not come through:\n{log}"
+    );
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout=30s"]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+}

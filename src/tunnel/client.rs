@@ -442,13 +442,23 @@ pub async fn connect(
     service: Arc<dyn ChannelService>,
 ) -> Result<ClientSession, TunnelError> {
     let phase = Phase::default();
-    match tokio::time::timeout(opts.connect_timeout, connect_inner(opts, service, &phase)).await {
+    // `connect_timeout` with nothing heard from the hub, once its frames
+    // come (see `with_progress`).
+    match super::with_progress(
+        connect_inner(opts, service, &phase),
+        opts.connect_timeout,
+        super::LOGIN_CAP.max(opts.connect_timeout),
+        || phase.heard(),
+    )
+    .await
+    {
         Ok(r) => r,
-        Err(_) => Err(TunnelError::Unreachable {
+        Err(took) => Err(TunnelError::Unreachable {
             url: opts.url.clone(),
             reason: format!(
                 "no answer within {:?}: {}",
-                opts.connect_timeout,
+                opts.connect_timeout
+                    .max(Duration::from_secs(took.as_secs())),
                 phase.stalled()
             ),
         }),
@@ -459,9 +469,18 @@ pub async fn connect(
 /// firewall, an ingress that holds the upgrade and a hub that does not
 /// answer its login read alike otherwise.
 #[derive(Default)]
-struct Phase(std::sync::Mutex<&'static str>);
+struct Phase(
+    std::sync::Mutex<&'static str>,
+    /// The WebSocket's frames from the hub, once upgraded.
+    std::sync::OnceLock<super::Liveness>,
+);
 
 impl Phase {
+    /// Frames heard from the hub so far.
+    fn heard(&self) -> u64 {
+        self.1.get().map_or(0, |l| l.seen())
+    }
+
     fn set(&self, stalled: &'static str) {
         if let Ok(mut p) = self.0.lock() {
             *p = stalled;
@@ -629,6 +648,7 @@ async fn connect_inner(
     phase.set("upgraded, but the SSH handshake did not finish (the hub overloaded, something other than a towerctl hub answering the upgrade, or a path that drops large packets: an MTU black hole, where ICMP 'fragmentation needed' is filtered; try 'ping -M do -s 1400 HUB')");
     let io = WsIo::new(ws);
     let alive = io.liveness();
+    let _ = phase.1.set(alive.clone());
     let ws_closed = io.close_note();
     let mut handle = match russh::client::connect_stream(
         client_config(opts.keepalive, &opts.features),

@@ -549,6 +549,48 @@ where
     }
 }
 
+/// Runs `fut` to its end, unless `idle` passes with `progress()` unchanged
+/// (nothing more heard from the peer) or `cap` passes in all: `Err` with
+/// the time it ran. A login over a long or bufferbloated link takes seven
+/// round trips or so: a fixed 15 s locked a member two seconds away out
+/// for good, each attempt cut while the handshake was still moving; a
+/// peer that stops answering is still cut `idle` after its last message.
+pub async fn with_progress<F: std::future::Future>(
+    fut: F,
+    idle: std::time::Duration,
+    cap: std::time::Duration,
+    progress: impl Fn() -> u64,
+) -> Result<F::Output, std::time::Duration> {
+    let start = tokio::time::Instant::now();
+    let end = start + cap;
+    // Looked at ten times an idle bound: a peer quiet since its last
+    // message is cut within a tenth of `idle` past it.
+    let step = (idle / 10).max(std::time::Duration::from_millis(10));
+    tokio::pin!(fut);
+    let mut seen = progress();
+    let mut last = start;
+    let mut next = start + step;
+    loop {
+        tokio::select! {
+            r = &mut fut => return Ok(r),
+            _ = tokio::time::sleep_until(next.min(end)) => {
+                let now = tokio::time::Instant::now();
+                let heard = progress();
+                if heard != seen {
+                    (seen, last) = (heard, now);
+                }
+                if now >= end || now.duration_since(last) >= idle {
+                    return Err(now.duration_since(start));
+                }
+                next = now + step;
+            }
+        }
+    }
+}
+
+/// A login's [`with_progress`] bound in all (hub and agent alike).
+pub const LOGIN_CAP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long one keepalive ping may take before the peer is declared dead.
 /// A ping goes out at most one interval after the last answer, so the
 /// peer is dead within `interval + ping_deadline`: 2.8 intervals, inside
@@ -556,6 +598,43 @@ where
 /// (two full intervals measured 3.1 s with a 1 s interval).
 pub fn ping_deadline(keepalive: std::time::Duration) -> std::time::Duration {
     keepalive * 9 / 5
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::with_progress;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moving_login_runs_past_its_idle_bound_and_a_stalled_one_does_not() {
+        let moved = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let moved = moved.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    moved.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let idle = Duration::from_secs(5);
+        let cap = Duration::from_secs(60);
+        let long = tokio::time::sleep(Duration::from_secs(30));
+        let r = with_progress(long, idle, cap, || moved.load(Ordering::Relaxed)).await;
+        assert!(r.is_ok(), "a login still moving at 30 s was cut: {r:?}");
+        ticker.abort();
+        // Nothing moves: cut `idle` after the start.
+        let stalled = tokio::time::sleep(Duration::from_secs(30));
+        let r = with_progress(stalled, idle, cap, || 7).await;
+        assert_eq!(r.unwrap_err(), idle);
+        // Moving for ever: cut at the cap.
+        let moving = AtomicU64::new(0);
+        let never = std::future::pending::<()>();
+        let r = with_progress(never, idle, cap, || moving.fetch_add(1, Ordering::Relaxed)).await;
+        assert_eq!(r.unwrap_err(), cap);
+    }
 }
 
 #[cfg(test)]

@@ -465,7 +465,10 @@ async fn tunnel_session(
         penalties,
         ticket,
     } = conn;
-    let deadline = tokio::time::Instant::now() + LOGIN_DEADLINE;
+    // LOGIN_DEADLINE with nothing heard from the agent, once its
+    // WebSocket frames come (`tunnel::with_progress`): a login over a
+    // long link takes longer.
+    let heard: std::sync::OnceLock<tunnel::Liveness> = std::sync::OnceLock::new();
     let login = async {
         // A load balancer in front names its client in a PROXY protocol
         // header, if it is trusted to; an HTTP ingress in X-Forwarded-For
@@ -563,8 +566,10 @@ async fn tunnel_session(
         }
         let io = tunnel::ws::WsIo::new(ws);
         let alive = (io.liveness(), io.close_note());
+        let _ = heard.set(io.liveness());
         let auth: Arc<dyn server::Authenticator> = hub.clone();
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // Bounded outside (`with_progress`), within its cap.
+        let left = tunnel::LOGIN_CAP;
         let penalty = Arc::new(SourcePenalty {
             penalties: penalties.clone(),
             ip: crate::daemon::admission::source_key(client),
@@ -591,12 +596,13 @@ async fn tunnel_session(
         anyhow::Ok(Some((sess, alive, shown)))
     };
     let (mut sess, (alive, ws_closed), peer) = tokio::select! {
-        r = tokio::time::timeout_at(deadline, login) => match r {
+        r = tunnel::with_progress(login, LOGIN_DEADLINE, tunnel::LOGIN_CAP, || heard.get().map_or(0, |l| l.seen())) => match r {
             Ok(r) => match r? {
                 Some(logged_in) => logged_in,
                 None => return Ok(()),
             },
-            Err(_) => anyhow::bail!("no SSH login within {LOGIN_DEADLINE:?}"),
+            Err(took) if took >= tunnel::LOGIN_CAP => anyhow::bail!("no SSH login within {:?}", tunnel::LOGIN_CAP),
+            Err(_) => anyhow::bail!("no SSH login: nothing heard from the peer for {LOGIN_DEADLINE:?}"),
         },
         _ = ticket.evicted.cancelled() => anyhow::bail!("closed before login to make room (too many unauthenticated connections)"),
         _ = cancel.cancelled() => return Ok(()),
