@@ -4550,3 +4550,51 @@ fn a_member_two_and_a_half_seconds_away_logs_in() {
     let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout=30s"]);
     assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
 }
+
+/// A member 2 s away (1 s each way through a relay) with keepalives every
+/// second on both sides stays connected once logged in: a ping gets three
+/// round trips where 1.8 intervals are less (the first one judged from the
+/// login's time). It was declared dead at its first ping after every
+/// login, 1.8 s in, again and again.
+#[test]
+fn a_far_member_on_a_short_keepalive_stays_connected() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
+    let far = support::DelayProxy::start(tunnel, Duration::from_millis(1000));
+    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let o = env.join(
+        &join,
+        &[
+            "--kubeconfig",
+            member_kc.to_str().unwrap(),
+            "--keepalive",
+            "1s",
+            "--timeout",
+            "60s",
+        ],
+    );
+    assert!(o.ok(), "join through the relay: {o:?}");
+    // Several pings each way.
+    std::thread::sleep(Duration::from_secs(8));
+    let hub_log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    let agent_log =
+        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+    assert!(
+        !hub_log.contains("declared dead") && !agent_log.contains("declared dead"),
+        "the far member was cut:\n{hub_log}\n{agent_log}"
+    );
+    let s = env.status();
+    let alpha = &s["hub"]["clusters"][0];
+    assert_eq!(alpha["state"], "connected", "{s}");
+    assert_eq!(alpha["reconnects"], 0, "{s}");
+}

@@ -600,6 +600,19 @@ pub fn ping_deadline(keepalive: std::time::Duration) -> std::time::Duration {
     keepalive * 9 / 5
 }
 
+/// A ping's deadline on a link whose round trip is `rtt` (the last one
+/// measured; before any, a seventh of the login's time, which took about
+/// seven): [`ping_deadline`], or three round trips where that is longer.
+/// A member far away on a short `--keepalive` (2 s round trip, 1 s
+/// interval) logged in and was declared dead at its first ping, again and
+/// again.
+pub fn ping_deadline_for(
+    keepalive: std::time::Duration,
+    rtt: std::time::Duration,
+) -> std::time::Duration {
+    ping_deadline(keepalive).max(rtt * 3)
+}
+
 #[cfg(test)]
 mod progress_tests {
     use super::with_progress;
@@ -634,6 +647,17 @@ mod progress_tests {
         let never = std::future::pending::<()>();
         let r = with_progress(never, idle, cap, || moving.fetch_add(1, Ordering::Relaxed)).await;
         assert_eq!(r.unwrap_err(), cap);
+    }
+
+    #[test]
+    fn a_far_peer_gets_three_round_trips_to_answer_a_ping() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            super::ping_deadline_for(s(1), Duration::from_millis(5)),
+            Duration::from_millis(1800)
+        );
+        assert_eq!(super::ping_deadline_for(s(1), s(2)), s(6));
+        assert_eq!(super::ping_deadline_for(s(10), s(2)), s(18));
     }
 }
 

@@ -414,10 +414,13 @@ async fn tunnel_loop(
             s.retry_at = None;
             s.hub.clone_from(&opts.url);
         });
+        let dialed = Instant::now();
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = client::connect(opts, service.clone()) => r,
         };
+        // About seven round trips: the first ping's bound on a far link.
+        let login_rtt = dialed.elapsed() / 7;
         match attempt {
             Ok(mut sess) => {
                 said_failures.clear();
@@ -474,8 +477,10 @@ async fn tunnel_loop(
                 let sess = Arc::new(sess);
                 current.send_replace(Some(sess.clone()));
                 let keepalive = opts.keepalive;
-                // Same bound as the hub: dead within three intervals.
+                // Same bound as the hub: dead within three intervals (or
+                // three round trips on a far link); returns what it waited.
                 let pinger = async {
+                    let mut rtt = login_rtt;
                     loop {
                         // Marked without waking the watchers (read when
                         // status is asked).
@@ -483,17 +488,19 @@ async fn tunnel_loop(
                             s.ping_since = Some(Instant::now());
                             false
                         });
-                        match sess.ping(crate::tunnel::ping_deadline(keepalive)).await {
-                            Some(rtt) => tx.send_modify(|s| {
-                                s.rtt = Some(rtt);
+                        let deadline = crate::tunnel::ping_deadline_for(keepalive, rtt);
+                        match sess.ping(deadline).await {
+                            Some(took) => tx.send_modify(|s| {
+                                rtt = took;
+                                s.rtt = Some(took);
                                 s.ping_since = None;
                                 push_bounded(
                                     &mut s.rtt_history,
-                                    rtt.as_secs_f64() * 1000.0,
+                                    took.as_secs_f64() * 1000.0,
                                     RTT_SAMPLES_KEPT,
                                 );
                             }),
-                            None => return,
+                            None => return deadline,
                         }
                         tokio::time::sleep(keepalive).await;
                     }
@@ -502,9 +509,9 @@ async fn tunnel_loop(
                     end = &mut closed => Ok(end),
                     // A ping fails at once on a session the hub closed: its
                     // reason, when it comes right after, says more.
-                    _ = pinger => tokio::time::timeout(Duration::from_millis(300), &mut closed)
+                    waited = pinger => tokio::time::timeout(Duration::from_millis(300), &mut closed)
                         .await
-                        .map_err(|_| format!("no answer to keepalives within {:?}: hub declared dead", crate::tunnel::ping_deadline(keepalive))),
+                        .map_err(|_| format!("no answer to keepalives within {waited:.1?}: hub declared dead")),
                     _ = cancel.cancelled() => {
                         current.send_replace(None);
                         // Bounded, as the goodbye below: a stopped hub does

@@ -469,6 +469,7 @@ async fn tunnel_session(
     // WebSocket frames come (`tunnel::with_progress`): a login over a
     // long link takes longer.
     let heard: std::sync::OnceLock<tunnel::Liveness> = std::sync::OnceLock::new();
+    let accepted = tokio::time::Instant::now();
     let login = async {
         // A load balancer in front names its client in a PROXY protocol
         // header, if it is trusted to; an HTTP ingress in X-Forwarded-For
@@ -693,11 +694,15 @@ async fn tunnel_session(
 
     // A ping goes out at most one interval after the last answer and gets
     // 1.8 intervals to come back (tunnel::ping_deadline): a silent agent is
-    // dead within three.
+    // dead within three; on a far link, three round trips
+    // (`ping_deadline_for`; before any answer, from the login's time).
+    // Returns what the unanswered ping waited.
+    let login_rtt = accepted.elapsed() / 7;
     let pinger = {
         let live = live.clone();
         let hub = hub.clone();
         async move {
+            let mut last_rtt = login_rtt;
             let since = |at: Option<std::time::Instant>| {
                 if let Ok(mut s) = live.ping_since.lock() {
                     *s = at;
@@ -705,14 +710,10 @@ async fn tunnel_session(
             };
             loop {
                 since(Some(std::time::Instant::now()));
-                match server::ping(
-                    &live.handle,
-                    crate::tunnel::ping_deadline(keepalive),
-                    &alive,
-                )
-                .await
-                {
+                let deadline = crate::tunnel::ping_deadline_for(keepalive, last_rtt);
+                match server::ping(&live.handle, deadline, &alive).await {
                     Some(rtt) => {
+                        last_rtt = rtt;
                         live.rtt_us
                             .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
                         since(None);
@@ -721,7 +722,7 @@ async fn tunnel_session(
                             m.rtt_histogram.observe(rtt.as_secs_f64());
                         });
                     }
-                    None => return,
+                    None => return deadline,
                 }
                 tokio::time::sleep(keepalive).await;
             }
@@ -732,7 +733,7 @@ async fn tunnel_session(
             Ok(()) => "session closed".to_string(),
             Err(e) => format!("session failed: {e}"),
         },
-        _ = pinger => {
+        waited = pinger => {
             // A moment for the reason to go out, then the transport is
             // cut: requests in flight on a dead peer fail now, not never.
             let _ = tokio::time::timeout(
@@ -742,7 +743,7 @@ async fn tunnel_session(
             .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
             live.kill.cancel();
-            format!("no answer to keepalives within {:?}: declared dead", crate::tunnel::ping_deadline(keepalive))
+            format!("no answer to keepalives within {waited:.1?}: declared dead")
         }
         _ = cancel.cancelled() => {
             // Said to the agent, which reports a hub going away, not a
