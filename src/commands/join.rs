@@ -394,7 +394,7 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 .and_then(|s| s.last_error)
                 .unwrap_or_else(|| "no answer".into());
             spinner.done();
-            return Err(CliError::Unreachable(format!("the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here. The agent was stopped.", a.timeout, cfg.hub)).into());
+            return Err(CliError::Unreachable(format!("the tunnel to the hub did not come up within {:?}: {why}; check that the hub runs ('towerctl up') and that --hub '{}' is reachable from here (on a slow or far link a login takes some seven round trips: give it longer with --timeout). The agent was stopped.", a.timeout, cfg.hub)).into());
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}

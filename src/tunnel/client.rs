@@ -455,12 +455,26 @@ pub async fn connect(
         Ok(r) => r,
         Err(took) => Err(TunnelError::Unreachable {
             url: opts.url.clone(),
-            reason: format!(
-                "no answer within {:?}: {}",
-                opts.connect_timeout
-                    .max(Duration::from_secs(took.as_secs())),
-                phase.stalled()
-            ),
+            reason: if took <= opts.connect_timeout + Duration::from_secs(2) {
+                format!(
+                    "no answer within {:?}: {}",
+                    opts.connect_timeout,
+                    phase.stalled()
+                )
+            } else if took >= super::LOGIN_CAP {
+                format!(
+                    "the login went on for {:?} without finishing (a link too slow for it): {}",
+                    super::LOGIN_CAP,
+                    phase.stalled()
+                )
+            } else {
+                format!(
+                    "the hub went quiet for {:?}, {}s into the login: {}",
+                    opts.connect_timeout,
+                    took.as_secs(),
+                    phase.stalled()
+                )
+            },
         }),
     }
 }

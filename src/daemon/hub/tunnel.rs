@@ -603,7 +603,7 @@ async fn tunnel_session(
                 None => return Ok(()),
             },
             Err(took) if took >= tunnel::LOGIN_CAP => anyhow::bail!("no SSH login within {:?}", tunnel::LOGIN_CAP),
-            Err(_) => anyhow::bail!("no SSH login: nothing heard from the peer for {LOGIN_DEADLINE:?}"),
+            Err(_) => anyhow::bail!("no SSH login: no WebSocket upgrade, or no frame from the peer since, for {LOGIN_DEADLINE:?}"),
         },
         _ = ticket.evicted.cancelled() => anyhow::bail!("closed before login to make room (too many unauthenticated connections)"),
         _ = cancel.cancelled() => return Ok(()),
