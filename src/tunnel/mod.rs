@@ -649,6 +649,36 @@ mod progress_tests {
         assert_eq!(r.unwrap_err(), cap);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_login_that_stops_moving_is_cut_an_idle_bound_after_its_last_message() {
+        let moved = Arc::new(AtomicU64::new(0));
+        {
+            let moved = moved.clone();
+            tokio::spawn(async move {
+                // Messages at 2, 4, … 20 s, then silence.
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    moved.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let idle = Duration::from_secs(5);
+        let r = with_progress(
+            std::future::pending::<()>(),
+            idle,
+            Duration::from_secs(60),
+            || moved.load(Ordering::Relaxed),
+        )
+        .await;
+        // Seen at the first look after 20 s (a tenth of `idle` apart), cut
+        // `idle` later.
+        let took = r.unwrap_err();
+        assert!(
+            took >= Duration::from_secs(25) && took <= Duration::from_millis(25_500),
+            "cut after {took:?}"
+        );
+    }
+
     #[test]
     fn a_far_peer_gets_three_round_trips_to_answer_a_ping() {
         let s = Duration::from_secs;
