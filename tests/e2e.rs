@@ -4271,6 +4271,51 @@ fn status_says_a_suspended_hub_is_suspended() {
     );
 }
 
+/// Joins member `alpha` (its API server `api`) to `env`'s running hub
+/// through a relay delaying each way by `each_way_ms` (the kernel here has
+/// no netem), with `extra` join flags: the relay (kept for as long as the
+/// member is used) and the join's output.
+fn join_far(
+    env: &Env,
+    api: &ApiServer,
+    each_way_ms: u64,
+    extra: &[&str],
+) -> (support::DelayProxy, support::Out) {
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
+    let far = support::DelayProxy::start(tunnel, Duration::from_millis(each_way_ms));
+    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
+    let member_kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&member_kc);
+    let mut flags = vec!["--kubeconfig", member_kc.to_str().unwrap()];
+    flags.extend_from_slice(extra);
+    let o = env.join(&join, &flags);
+    (far, o)
+}
+
+/// [`join_far`]: the agent logs in at its first attempt, and kubectl
+/// reaches the member through it.
+fn logs_in_at_its_first_attempt(env: &Env, api: &ApiServer, each_way_ms: u64, extra: &[&str]) {
+    let t = std::time::Instant::now();
+    let (_far, o) = join_far(env, api, each_way_ms, extra);
+    let log =
+        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+    eprintln!("join took {:?}", t.elapsed());
+    assert!(o.ok(), "join through the relay: {o:?}\n{log}");
+    assert!(
+        !log.contains("retrying"),
+        "the agent's first login did not come through:\n{log}"
+    );
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout=30s"]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+}
+
 /// A member far away (100 ms each way between hub and agent, through a
 /// relay that delays what it carries): the first request of a new kubectl
 /// connection reaches the member with its channel's open, one round trip
@@ -4282,18 +4327,7 @@ fn a_new_connections_first_request_goes_with_its_channels_open() {
     let env = Env::new();
     let api = ApiServer::start();
     env.up();
-    let mut join = env.cluster_add("alpha");
-    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
-    let tunnel: std::net::SocketAddr = join[hub]
-        .strip_prefix("ws://")
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
-    let far = support::DelayProxy::start(tunnel, Duration::from_millis(100));
-    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
+    let (_far, o) = join_far(&env, &api, 100, &[]);
     assert!(o.ok(), "join through the relay: {o:?}");
     assert!(env.towerctl(&["use", "alpha"]).ok());
     // client-go's own figure for the request (its connection and TLS to
@@ -4394,30 +4428,7 @@ fn a_member_a_second_away_logs_in_at_its_first_attempt() {
     let env = Env::new();
     let api = ApiServer::start();
     env.up();
-    let mut join = env.cluster_add("alpha");
-    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
-    let tunnel: std::net::SocketAddr = join[hub]
-        .strip_prefix("ws://")
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
-    let far = support::DelayProxy::start(tunnel, Duration::from_millis(500));
-    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let t = std::time::Instant::now();
-    let o = env.join(&join, &["--kubeconfig", member_kc.to_str().unwrap()]);
-    let log =
-        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
-    eprintln!("join took {:?}", t.elapsed());
-    assert!(o.ok(), "join through the relay: {o:?}\n{log}");
-    assert!(
-        !log.contains("retrying"),
-        "the agent's first login did not come through:\n{log}"
-    );
-    assert!(env.towerctl(&["use", "alpha"]).ok());
-    let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout=30s"]);
-    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    logs_in_at_its_first_attempt(&env, &api, 500, &[]);
 }
 
 /// A write whose client gave up while its new channel waited for the
@@ -4517,38 +4528,7 @@ fn a_member_two_and_a_half_seconds_away_logs_in() {
         "10s",
     ]);
     assert!(o.ok(), "{o:?}");
-    let mut join = env.cluster_add("alpha");
-    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
-    let tunnel: std::net::SocketAddr = join[hub]
-        .strip_prefix("ws://")
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
-    let far = support::DelayProxy::start(tunnel, Duration::from_millis(1300));
-    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let t = std::time::Instant::now();
-    let o = env.join(
-        &join,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--timeout",
-            "60s",
-        ],
-    );
-    let log =
-        std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
-    eprintln!("join took {:?}", t.elapsed());
-    assert!(o.ok(), "join through the relay: {o:?}\n{log}");
-    assert!(
-        !log.contains("retrying"),
-        "the agent's first login did not come through:\n{log}"
-    );
-    assert!(env.towerctl(&["use", "alpha"]).ok());
-    let o = env.kubectl(&["get", "--raw", "/version", "--request-timeout=30s"]);
-    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    logs_in_at_its_first_attempt(&env, &api, 1300, &["--timeout", "60s"]);
 }
 
 /// A member 2 s away (1 s each way through a relay) with keepalives every
@@ -4561,28 +4541,7 @@ fn a_far_member_on_a_short_keepalive_stays_connected() {
     let env = Env::new();
     let api = ApiServer::start();
     env.up();
-    let mut join = env.cluster_add("alpha");
-    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
-    let tunnel: std::net::SocketAddr = join[hub]
-        .strip_prefix("ws://")
-        .and_then(|r| r.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("a ws:// hub address in {join:?}"));
-    let far = support::DelayProxy::start(tunnel, Duration::from_millis(1000));
-    join[hub] = join[hub].replace(&tunnel.to_string(), &far.addr.to_string());
-    let member_kc = env.path("member.kubeconfig");
-    api.write_kubeconfig(&member_kc);
-    let o = env.join(
-        &join,
-        &[
-            "--kubeconfig",
-            member_kc.to_str().unwrap(),
-            "--keepalive",
-            "1s",
-            "--timeout",
-            "60s",
-        ],
-    );
+    let (_far, o) = join_far(&env, &api, 1000, &["--keepalive", "1s", "--timeout", "60s"]);
     assert!(o.ok(), "join through the relay: {o:?}");
     // Several pings each way.
     std::thread::sleep(Duration::from_secs(8));

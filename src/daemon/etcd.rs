@@ -510,11 +510,11 @@ pub struct Etcd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallFailure {
     /// No endpoint answered (or each answered it has no leader).
-    Unreachable,
+    Unreachable = 0,
     /// etcd is out of space (a NOSPACE alarm): it refuses writes.
-    NoSpace,
+    NoSpace = 1,
     /// Any other refusal (credentials, permissions, a bad answer).
-    Refused,
+    Refused = 2,
 }
 
 impl CallFailure {
@@ -1042,39 +1042,24 @@ impl Etcd {
         fail_fast: bool,
         deadline: Duration,
     ) -> Result<Value, EtcdError> {
-        let (r, tried) = self.call_once(path, body, fail_fast, deadline);
-        if let (Err(e), true) = (&r, tried) {
-            let i = CallFailure::ALL
-                .iter()
-                .position(|f| *f == CallFailure::of(e))
-                .unwrap_or(0);
-            self.failures[i].fetch_add(1, Ordering::Relaxed);
-        }
-        r
-    }
-
-    /// The call's result, and whether etcd was asked (not: failed in
-    /// advance while every endpoint failed just now).
-    fn call_once(
-        &self,
-        path: &str,
-        body: &Value,
-        fail_fast: bool,
-        deadline: Duration,
-    ) -> (Result<Value, EtcdError>, bool) {
+        // Failed in advance while every endpoint failed just now: not
+        // counted (etcd was not asked).
         if let Some(Ok(d)) = fail_fast.then(|| self.down_until.lock()) {
             if let Some((until, reason)) = d.as_ref() {
                 if std::time::Instant::now() < *until {
-                    let e = EtcdError::Unreachable {
+                    return Err(EtcdError::Unreachable {
                         endpoints: self.endpoints(),
                         reason: reason.clone(),
                         tls_refused: false,
-                    };
-                    return (Err(e), false);
+                    });
                 }
             }
         }
-        (self.ask(path, body, deadline), true)
+        let r = self.ask(path, body, deadline);
+        if let Err(e) = &r {
+            self.failures[CallFailure::of(e) as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Asks each endpoint in turn.

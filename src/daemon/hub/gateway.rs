@@ -1077,55 +1077,30 @@ async fn open_channel(
 ) -> Result<(Sender, OpenFailed), Response<Body>> {
     let window = session.window(operator, crate::tunnel::flow::API_WINDOW);
     let failed = OpenFailed::default();
-    let with_request = in_open && session.takes_request_in_open;
-    let opener = {
+    let stream = if in_open && session.takes_request_in_open {
         let (session, name, failed) = (session.clone(), name.to_string(), failed.clone());
-        move |first: Vec<u8>| async move {
-            let sent = first.len() as u64;
-            let originator = if with_request {
-                crate::daemon::wire::FirstRequest::encode(&first)
-            } else {
-                peer.ip().to_string()
-            };
-            let stream = open_stream(&session, &name, originator, peer.port(), window.window)
+        crate::tunnel::first::OpenWithFirst::new(
+            crate::daemon::wire::EARLY_MAX,
+            move |first: Vec<u8>| async move {
+                let originator = crate::daemon::wire::FirstRequest::encode(&first);
+                opened(
+                    &session,
+                    &name,
+                    (originator, peer.port()),
+                    window,
+                    first.len(),
+                )
                 .await
-                .map_err(|resp| failed.set(resp))?;
-            session
-                .counters
-                .bytes_out
-                .fetch_add(sent, Ordering::Relaxed);
-            let stream = crate::tunnel::counted::Counted::new(
-                stream,
-                session.counters.bytes_in.clone(),
-                session.counters.bytes_out.clone(),
-            );
-            // Counted (the member's streams, the window's share of its
-            // budget) for as long as the channel lives, past an upgrade too.
-            Ok(crate::tunnel::counted::Holding::new(
-                stream,
-                session.channel_opened(window),
-            ))
-        }
-    };
-    let stream = if with_request {
-        crate::tunnel::first::OpenWithFirst::new(crate::daemon::wire::EARLY_MAX, opener)
+                .map_err(|resp| failed.set(resp))
+            },
+        )
     } else {
         // Opened, and confirmed, before the request is handed to hyper:
         // once hyper has taken a request it writes it when it can, also
         // after its caller went away (a client gone, a deadline, access
         // withdrawn), and a write then ran at the member.
-        match opener(Vec::new()).await {
-            Ok(s) => crate::tunnel::first::OpenWithFirst::opened(s),
-            Err(e) => {
-                return Err(failed.take().unwrap_or_else(|| {
-                    status_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "ServiceUnavailable",
-                        &format!("cluster '{name}': {e}"),
-                    )
-                }))
-            }
-        }
+        let origin = (peer.ip().to_string(), peer.port());
+        crate::tunnel::first::OpenWithFirst::opened(opened(session, name, origin, window, 0).await?)
     };
     // An answer of more than hyper's 100 header lines (one `Warning` per
     // unknown field of a write under `fieldValidation=Warn`) is the
@@ -1147,6 +1122,36 @@ async fn open_channel(
         }
     });
     Ok((sender, failed))
+}
+
+/// [`open_stream`], counted in the member's figures (with `sent`, the
+/// bytes its open carried) and holding its window for as long as the
+/// channel lives, past an upgrade too.
+async fn opened(
+    session: &Arc<LiveSession>,
+    name: &str,
+    (originator, originator_port): (String, u16),
+    window: crate::tunnel::flow::WindowPermit,
+    sent: usize,
+) -> Result<
+    crate::tunnel::counted::Holding<
+        crate::tunnel::counted::Counted<crate::tunnel::flow::FlowStream>,
+        super::OpenChannel,
+    >,
+    Response<Body>,
+> {
+    let stream = open_stream(session, name, originator, originator_port, window.window).await?;
+    let counters = &session.counters;
+    counters.bytes_out.fetch_add(sent as u64, Ordering::Relaxed);
+    let stream = crate::tunnel::counted::Counted::new(
+        stream,
+        counters.bytes_in.clone(),
+        counters.bytes_out.clone(),
+    );
+    Ok(crate::tunnel::counted::Holding::new(
+        stream,
+        session.channel_opened(window),
+    ))
 }
 
 /// Opens an API channel to the agent of `session`, bounded; `Err` is the
