@@ -1077,6 +1077,25 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     let o = laptop.towerctl(&["use"]);
     assert!(o.stdout.contains("* alpha"), "{o:?}");
 
+    // The gateway's address written IPv4-mapped (`[::ffff:127.0.0.1]`)
+    // is its IPv4 address, as kubectl (Go) takes it: its certificate
+    // names 127.0.0.1, and the handshake failed in towerctl alone.
+    let mapped_url = login[1].replacen("https://127.0.0.1:", "https://[::ffff:127.0.0.1]:", 1);
+    assert_ne!(mapped_url, login[1], "{login:?}");
+    let port = mapped_url.rsplit(':').next().unwrap().trim_end_matches('/');
+    if std::net::TcpStream::connect(format!("[::ffff:127.0.0.1]:{port}")).is_ok() {
+        let mapped = Env::new();
+        let mut args: Vec<&str> = login.iter().map(String::as_str).collect();
+        args[1] = &mapped_url;
+        let o = mapped.towerctl(&args);
+        assert!(o.ok(), "{o:?}");
+        assert!(mapped.towerctl(&["use", "alpha"]).ok());
+        let o = mapped.kubectl(&["get", "ns"]);
+        assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    } else {
+        eprintln!("no IPv6 sockets here: the IPv4-mapped gateway URL is not checked");
+    }
+
     // A wrong CA hash is refused with both hashes.
     let mut bad = login.clone();
     let i = bad.iter().position(|a| a == "--ca-hash").unwrap() + 1;

@@ -148,7 +148,7 @@ impl GatewayClient {
                     .with_context(|| format!("cannot connect to the gateway at {at}"))?,
             };
             crate::tunnel::nodelay(&tcp);
-            let name = ServerName::try_from(host.clone())
+            let name = crate::tunnel::tls::server_name(host)
                 .with_context(|| format!("invalid server name '{host}'"))?;
             self.connector.connect(name, tcp).await.context(
                 "TLS handshake with the gateway failed (is the CA right? A certificate the \

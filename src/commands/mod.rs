@@ -563,6 +563,17 @@ pub fn parse_expose(s: &str) -> Result<(String, String), String> {
     {
         return Err(bad());
     }
+    // An IPv6 address goes in brackets, as `join --expose` takes it: an
+    // unbracketed `::1:5432` was taken here and then read by the agent as
+    // another address than the operator meant.
+    if host.contains(':') || host.starts_with('[') || host.ends_with(']') {
+        let inner = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        if inner.is_none_or(|h| h.parse::<std::net::Ipv6Addr>().is_err()) {
+            return Err(format!(
+                "invalid expose '{s}': an IPv6 address goes in brackets, like db=[fd00::5]:5432"
+            ));
+        }
+    }
     Ok((name.to_string(), target.to_string()))
 }
 
@@ -1187,6 +1198,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expose_targets_take_ipv6_addresses_in_brackets_only() {
+        assert_eq!(
+            parse_expose("db=10.0.0.5:5432").unwrap(),
+            ("db".into(), "10.0.0.5:5432".into())
+        );
+        assert_eq!(
+            parse_expose("db=[fd00::5]:5432").unwrap().1,
+            "[fd00::5]:5432"
+        );
+        assert_eq!(
+            parse_expose("db=db.internal:5432").unwrap().1,
+            "db.internal:5432"
+        );
+        for bad in [
+            "db=::1:5432",
+            "db=fd00::5:5432",
+            "db=[db.internal]:5432",
+            "db=[::1:5432",
+        ] {
+            let e = parse_expose(bad).unwrap_err();
+            assert!(e.contains("in brackets"), "{bad}: {e}");
+        }
+        assert!(parse_expose("db=host:99999").is_err());
+    }
     use std::time::Duration;
 
     #[test]

@@ -788,7 +788,7 @@ impl Etcd {
                         .map_or(endpoint, |(h, _)| h)
                         .trim_start_matches('[')
                         .trim_end_matches(']');
-                    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    let name = crate::tunnel::tls::server_name(host)
                         .map_err(|e| std::io::Error::other(format!("'{host}': {e}")))?;
                     let conn = rustls::ClientConnection::new(cfg.clone(), name)
                         .map_err(std::io::Error::other)?;

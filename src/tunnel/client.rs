@@ -598,13 +598,10 @@ async fn connect_inner(
     let stream = if tls {
         // rustls wants an IPv6 address without its brackets.
         let name = host.trim_start_matches('[').trim_end_matches(']');
-        let server_name =
-            rustls::pki_types::ServerName::try_from(name.to_string()).map_err(|e| {
-                TunnelError::BadUrl {
-                    url: opts.url.clone(),
-                    reason: format!("'{name}' is not a valid TLS server name: {e}"),
-                }
-            })?;
+        let server_name = super::tls::server_name(name).map_err(|e| TunnelError::BadUrl {
+            url: opts.url.clone(),
+            reason: format!("'{name}' is not a valid TLS server name: {e}"),
+        })?;
         match tokio_rustls::TlsConnector::from(tls_config)
             .connect(server_name, tcp)
             .await

@@ -52,6 +52,21 @@ pub enum TrustError {
     Setup(String),
 }
 
+/// The TLS server name for a URL's host: an IPv6 address without its
+/// brackets, and an IPv4-mapped one (`::ffff:10.0.0.1`) as the IPv4
+/// address it is. Go's clients (kubectl) match such an address against a
+/// certificate's IPv4 address; rustls compares the bytes, so the same
+/// gateway URL failed its handshake in towerctl alone.
+pub fn server_name(
+    host: &str,
+) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(ServerName::IpAddress(ip.to_canonical().into()));
+    }
+    ServerName::try_from(host.to_string())
+}
+
 /// Reads a PEM bundle, refusing a file that holds no certificate.
 pub fn load_pem_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TrustError> {
     use std::io::Read;
@@ -729,6 +744,24 @@ mod tests {
         let (_, k, p) = ca();
         let pr = Presented::decode(&leaf(&names, p, &k), &[]);
         assert_eq!(pr.dns_names.len(), 20);
+    }
+
+    #[test]
+    fn server_names_are_read_as_go_reads_them() {
+        let v4 = ServerName::IpAddress(std::net::IpAddr::from([10, 0, 0, 1]).into());
+        assert_eq!(server_name("10.0.0.1").unwrap(), v4);
+        assert_eq!(server_name("[::ffff:10.0.0.1]").unwrap(), v4);
+        assert_eq!(server_name("::ffff:10.0.0.1").unwrap(), v4);
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(
+            server_name("[2001:db8::1]").unwrap(),
+            ServerName::IpAddress(v6.into())
+        );
+        assert_eq!(
+            server_name("hub.example.com").unwrap(),
+            ServerName::try_from("hub.example.com").unwrap()
+        );
+        assert!(server_name("not a name").is_err());
     }
 
     fn verify(tls: &HubTls, cert: &CertificateDer<'static>, name: &str) -> Option<CertFailure> {

@@ -1018,9 +1018,7 @@ impl Cluster {
             // partition: no FIN, no RST) is found dead by the probes; a
             // watch only read would otherwise wait on it for ever.
             crate::daemon::keepalive(&tcp);
-            let name =
-                rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                    .map_err(|e| e.to_string())?;
+            let name = crate::tunnel::tls::server_name(&host).map_err(|e| e.to_string())?;
             let tls = self
                 .tls
                 .connect(name, tcp)
