@@ -426,6 +426,20 @@ fn clusters(
         .highlight_spacing(ratatui::widgets::HighlightSpacing::Always);
     let mut state = TableState::default().with_selected(selected);
     f.render_stateful_widget(table, area, &mut state);
+    // More members than rows: which of them are shown, at the header's
+    // right end (the list scrolls with the selection and said nothing).
+    let shown = usize::from(area.height.saturating_sub(1));
+    if rows.len() > shown && shown > 0 {
+        let first = state.offset().min(rows.len() - shown);
+        let text = format!(" {}–{} of {} ", first + 1, first + shown, rows.len());
+        let w = text.chars().count() as u16;
+        if area.width >= w + name_width + 12 {
+            f.render_widget(
+                Paragraph::new(Span::styled(text, theme.dim())),
+                Rect::new(area.x + area.width - w, area.y, w, 1),
+            );
+        }
+    }
 }
 
 /// `s` in at most `width` characters: its start and end with `…` between.

@@ -957,3 +957,19 @@ fn long_names_are_cut_in_the_middle_never_silently() {
         "{s}"
     );
 }
+
+/// With more members than rows, the header says which are shown, and the
+/// range follows the selection down the list.
+#[test]
+fn a_long_list_says_which_rows_it_shows() {
+    let mut a = hundred(false);
+    assert!(text_of(&a, 80, 24).contains(" 1–13 of 100 "));
+    for _ in 0..30 {
+        update(&mut a, key(KeyCode::Down));
+    }
+    let t = text_of(&a, 80, 24);
+    assert!(t.contains(" 19–31 of 100 "), "{t}");
+    assert!(t.contains("> edge-030"), "{t}");
+    // All of them fit: nothing said.
+    assert!(!text_of(&one(false), 80, 24).contains(" of 1 "));
+}
