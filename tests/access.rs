@@ -67,6 +67,14 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
     assert!(!o.stdout.contains("alpha"), "{o:?}");
     let (code, _) = get(&hub, &alice_token, "/clusters/alpha/api/v1/namespaces");
     assert_eq!(code, "403");
+    // Answered to her as a member that does not exist; counted apart
+    // for the hub's admin.
+    let (code, _) = get(&hub, &alice_token, "/clusters/nope/api/v1/namespaces");
+    assert_eq!(code, "403");
+    let m = support::metrics_addr(&hub);
+    let series = |r: &str| format!("towerctl_dial_failures_total{{reason=\"{r}\"}} ");
+    assert_eq!(support::metric(&m, &series("forbidden")), 1);
+    assert_eq!(support::metric(&m, &series("unknown_cluster")), 1);
 
     let o = hub.towerctl(&[
         "access",
@@ -88,6 +96,17 @@ fn operators_see_and_reach_only_the_members_their_rules_allow() {
         !o.ok() && o.stderr.contains("operator:NAME or group:NAME"),
         "{o:?}"
     );
+
+    // An operator added into a group with rules is told what they give
+    // it (it was told it reached nothing).
+    let o = hub.towerctl(&["operator", "add", "frank", "--group", "payments"]);
+    assert!(
+        o.ok()
+            && o.stderr
+                .contains("let 'frank' reach 2 members: alpha, gamma"),
+        "{o:?}"
+    );
+    assert!(hub.towerctl(&["operator", "rm", "frank"]).ok());
 
     // Each sees only its own.
     let o = alice.towerctl(&["use"]);

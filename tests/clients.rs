@@ -593,6 +593,32 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
     assert!(!o.ok() && o.stderr.contains("not registered"), "{o:?}");
     let o = env.towerctl(&["cluster", "label", "beta", "bad key=x"]);
     assert!(!o.ok() && o.stderr.contains("invalid label"), "{o:?}");
+    // towerctl.io/name is the member's own name, for every selector: it
+    // cannot be set, and `-l towerctl.io/name=alpha` runs on alpha alone
+    // (a label set on beta made it run there).
+    for forged in ["towerctl.io/name=alpha", "x.towerctl.io/team=a"] {
+        let o = env.towerctl(&["cluster", "label", "beta", forged]);
+        assert!(
+            !o.ok() && o.stderr.contains("towerctl's own"),
+            "{forged}: {o:?}"
+        );
+        let o = env.towerctl(&["cluster", "add", "epsilon", "--label", forged]);
+        assert!(
+            !o.ok() && o.stderr.contains("towerctl's own"),
+            "{forged}: {o:?}"
+        );
+    }
+    let o = env.towerctl(&[
+        "kubectl",
+        "-l",
+        "towerctl.io/name=alpha",
+        "--",
+        "get",
+        "--raw",
+        "/version",
+    ]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    assert!(o.stdout.lines().all(|l| !l.starts_with("beta")), "{o:?}");
 
     // gamma goes down.
     env.kill9("agent-gamma");

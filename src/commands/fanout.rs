@@ -198,7 +198,7 @@ fn select(source: &Source, selector: Option<&str>, names: &[String]) -> Result<V
     let mut v: Vec<String> = source
         .clusters
         .iter()
-        .filter(|c| sel.matches(&c.labels))
+        .filter(|c| sel.matches(&crate::daemon::labels::selectable(&c.labels, &c.name)))
         .map(|c| c.name.clone())
         .collect();
     v.sort();

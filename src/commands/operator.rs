@@ -34,10 +34,29 @@ pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
         shell_word(&a.gateway_url),
         shell_word(&a.ca_hash)
     );
-    eprintln!(
-        "note: '{}' reaches no member until a rule allows it, for example:\n  towerctl access allow operator:{} --clusters 'env=dev'",
-        a.name, a.name
-    );
+    match a.reaches.as_deref() {
+        Some(names) if !names.is_empty() => {
+            const SHOWN: usize = 10;
+            let mut list = names[..names.len().min(SHOWN)].join(", ");
+            if names.len() > SHOWN {
+                list.push_str(&format!(" and {} more", names.len() - SHOWN));
+            }
+            eprintln!(
+                "note: the access rules already there let '{}' reach {} member{}: {list} ('towerctl access list' shows the rules)",
+                a.name,
+                names.len(),
+                if names.len() == 1 { "" } else { "s" }
+            );
+        }
+        Some(_) => eprintln!(
+            "note: '{}' reaches no member until a rule allows it, for example:\n  towerctl access allow operator:{} --clusters 'env=dev'",
+            a.name, a.name
+        ),
+        None => eprintln!(
+            "note: what '{}' reaches is for the access rules to say ('towerctl access list'); a new operator reaches nothing no rule allows",
+            a.name
+        ),
+    }
     Ok(exit::OK)
 }
 

@@ -15,7 +15,7 @@ use super::labels::Selector;
 use super::store::Labels;
 
 /// Implicit label holding a member's name (`--names` on the CLI).
-pub const NAME_LABEL: &str = "towerctl.io/name";
+pub use super::labels::NAME_LABEL;
 
 /// Where the rules live in the registry's settings.
 pub const SETTING: &str = "access";
@@ -261,8 +261,7 @@ impl Policy {
                 ),
             };
         }
-        let mut all = labels.clone();
-        all.insert(NAME_LABEL.to_string(), name.to_string());
+        let all = super::labels::selectable(labels, name);
         // A selector that does not parse (written by a newer hub, or by
         // hand) fails closed: a deny rule with one denies every member to
         // its subject, an allow rule with one allows none.

@@ -394,6 +394,11 @@ pub struct OperatorAdded {
     pub gateway_url: String,
     /// `sha256:<hex>` of the gateway CA certificate (DER), for `login --ca-hash`.
     pub ca_hash: String,
+    /// The members the new operator reaches through the rules already
+    /// there (its groups, or a rule left naming it); `None` from an older
+    /// hub, or when the registry could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reaches: Option<Vec<String>>,
 }
 
 /// An operator as listed (no secret).

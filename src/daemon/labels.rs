@@ -8,6 +8,36 @@ use std::collections::BTreeSet;
 /// A member's labels (the registry's type, named here where the rules are).
 pub use super::store::Labels;
 
+/// Implicit label holding a member's name (`--names` on the CLI).
+pub const NAME_LABEL: &str = "towerctl.io/name";
+
+/// The prefix of towerctl's own label keys: not for `cluster label`.
+const RESERVED_PREFIX: &str = "towerctl.io";
+
+/// A member's labels as every selector reads them (access rules,
+/// `towerctl kubectl -l`, the dashboard's filter): its own, and
+/// [`NAME_LABEL`] holding its name whatever is stored under that key.
+pub fn selectable(labels: &Labels, name: &str) -> Labels {
+    let mut all = labels.clone();
+    all.insert(NAME_LABEL.to_string(), name.to_string());
+    all
+}
+
+/// A key a member's labels may be given: a valid key outside towerctl's
+/// own prefix. `cluster label beta towerctl.io/name=alpha` was taken, and
+/// `towerctl kubectl -l towerctl.io/name=alpha -- delete …` then ran on
+/// beta while the access rules read the same selector as alpha.
+pub fn validate_settable_key(k: &str) -> Result<(), String> {
+    validate_key(k)?;
+    match k.split_once('/') {
+        Some((p, _)) if p == RESERVED_PREFIX || p.ends_with(&format!(".{RESERVED_PREFIX}")) => Err(format!(
+            "label key '{k}' is under {RESERVED_PREFIX}/, towerctl's own ({NAME_LABEL} always holds the member's name, for selectors and access rules): choose another prefix, like example.com/{}",
+            k.rsplit('/').next().unwrap_or(k)
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A Kubernetes "name" part: 1-63 of `[A-Za-z0-9._-]`, alphanumeric at
 /// both ends.
 fn is_name(s: &str) -> bool {
@@ -58,7 +88,7 @@ pub fn parse_pair(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid label '{s}': use KEY=VALUE (like env=prod)"))?;
-    validate_key(k)?;
+    validate_settable_key(k)?;
     validate_value(k, v)?;
     Ok((k.to_string(), v.to_string()))
 }
@@ -196,6 +226,14 @@ impl Selector {
                 (Some(k), Some(op), None) => (key(k)?, op),
                 _ => return Err(format!("'{t}' is not 'KEY in (…)' or 'KEY notin (…)'")),
             };
+            // `env in ()` selects nothing (Kubernetes refuses it): a
+            // deny rule with it was taken and denied no one.
+            if close[open + 1..].trim().is_empty() {
+                return Err(format!(
+                    "'{t}' names no value: list at least one, like '{} {op} (a,b)'",
+                    k
+                ));
+            }
             let set: BTreeSet<String> = close[open + 1..]
                 .split(',')
                 .map(|v| value(&k, v))
@@ -220,7 +258,7 @@ impl Selector {
 /// too; the hub does not trust that).
 pub fn check(l: &Labels) -> Result<(), String> {
     l.iter()
-        .try_for_each(|(k, v)| validate_key(k).and_then(|_| validate_value(k, v)))
+        .try_for_each(|(k, v)| validate_settable_key(k).and_then(|_| validate_value(k, v)))
 }
 
 /// The hub's side of `cluster label`: one registry transaction; answers
@@ -298,6 +336,8 @@ pub(crate) mod tests {
             "env within (a)",
             "in (a)",
             "-env",
+            "env in ()",
+            "env notin ( )",
         ] {
             let e = Selector::parse(bad).expect_err(bad);
             assert!(e.contains("invalid selector"), "{bad}: {e}");
@@ -323,6 +363,25 @@ pub(crate) mod tests {
         assert_eq!(remove, vec!["region".to_string()]);
         assert!(parse_changes(&["env".into()]).is_err());
         assert!(parse_changes(&["env=a".into(), "env-".into()]).is_err());
+        for own in [
+            "towerctl.io/name=beta",
+            "towerctl.io/x=1",
+            "eu.towerctl.io/x=1",
+        ] {
+            let e = parse_pair(own).unwrap_err();
+            assert!(e.contains("towerctl's own"), "{own}: {e}");
+        }
+        assert!(parse_pair("towerctl.io.example.com/x=1").is_ok());
+        assert!(parse_pair("mytowerctl.io/x=1").is_ok());
+        // A label set before this check can still be removed.
+        assert_eq!(
+            parse_changes(&["towerctl.io/name-".to_string()]).unwrap().1,
+            vec!["towerctl.io/name".to_string()]
+        );
+        let mut forged = Labels::new();
+        forged.insert(NAME_LABEL.into(), "alpha".into());
+        assert!(check(&forged).is_err());
+        assert_eq!(selectable(&forged, "beta")[NAME_LABEL], "beta");
         assert!(parse_pair("Bad Key=x").is_err());
         assert!(parse_pair("k=-x").is_err());
         assert_eq!(display(&set), "env=staging,example.com/tier=gold");

@@ -52,16 +52,20 @@ pub enum DialFailure {
     Denied,
     /// The target could not be resolved or dialed in the member.
     TargetFailed,
+    /// The hub's access rules do not let the operator reach the member
+    /// (answered as an unknown member, counted apart for the admin).
+    Forbidden,
 }
 
 impl DialFailure {
-    pub const ALL: [DialFailure; 6] = [
+    pub const ALL: [DialFailure; 7] = [
         DialFailure::NotConnected,
         DialFailure::UnknownCluster,
         DialFailure::ChannelRefused,
         DialFailure::AgentError,
         DialFailure::Denied,
         DialFailure::TargetFailed,
+        DialFailure::Forbidden,
     ];
 
     pub fn label(self) -> &'static str {
@@ -72,6 +76,7 @@ impl DialFailure {
             DialFailure::AgentError => "agent_error",
             DialFailure::Denied => "denied",
             DialFailure::TargetFailed => "target_failed",
+            DialFailure::Forbidden => "forbidden",
         }
     }
 }
@@ -87,7 +92,7 @@ impl From<DialCode> for DialFailure {
 
 /// Counters of [`DialFailure`]s.
 #[derive(Default)]
-pub struct DialFailures([AtomicU64; 6]);
+pub struct DialFailures([AtomicU64; DialFailure::ALL.len()]);
 
 impl DialFailures {
     pub fn add(&self, why: DialFailure) {

@@ -595,7 +595,7 @@ impl App {
             .filter(|(c, v)| {
                 let labels = c.hub.as_ref().map_or(&no_labels, |h| &h.status.labels);
                 match &selector {
-                    Some(sel) => sel.matches(labels),
+                    Some(sel) => sel.matches(&crate::daemon::labels::selectable(labels, &c.name)),
                     None => {
                         needle.is_empty()
                             || c.name.to_lowercase().contains(&needle)

@@ -272,7 +272,16 @@ pub(super) fn handle(
             }
             hub.reload_operators();
             tracing::info!(operator = %name, "operator added");
+            // What the rules already there give it: a group with rules, or
+            // a rule left by an operator of the name removed before.
+            let reaches = hub.store.list_members().ok().map(|ms| {
+                ms.iter()
+                    .filter(|m| hub.decide_labeled(&op, &m.name, &m.labels).allowed)
+                    .map(|m| m.name.clone())
+                    .collect()
+            });
             Response::ok(control::OperatorAdded {
+                reaches,
                 name,
                 token: crate::tunnel::Secret::new(token),
                 gateway_url: base.gateway_url.clone(),

@@ -2214,7 +2214,13 @@ pub(super) fn refused_member(
     if op.name == super::LOCAL_ADMIN {
         return unknown_cluster(hub, name);
     }
-    hub.dial_failures.add(DialFailure::UnknownCluster);
+    // The operator is told nothing more (a member it may not reach reads
+    // as one that does not exist); the admin's metrics tell them apart.
+    hub.dial_failures.add(if why == super::NOT_REGISTERED {
+        DialFailure::UnknownCluster
+    } else {
+        DialFailure::Forbidden
+    });
     (
         StatusCode::FORBIDDEN,
         "Forbidden",

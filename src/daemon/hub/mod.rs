@@ -53,6 +53,8 @@ const LISTEN_BACKLOG: u32 = 1024;
 
 /// Why access was refused when the member's labels could not be read.
 pub(super) const REGISTRY_UNREADABLE: &str = "the registry cannot be read";
+/// Why a member was refused when no member of that name exists.
+pub(super) const NOT_REGISTERED: &str = "not a registered member";
 
 /// How the hub is started.
 #[derive(Debug, Clone)]
@@ -986,7 +988,7 @@ impl Hub {
                 Ok(None) => {
                     return super::access::Decision {
                         allowed: false,
-                        why: "not a registered member".into(),
+                        why: NOT_REGISTERED.into(),
                     }
                 }
                 Err(e) => {
