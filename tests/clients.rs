@@ -593,6 +593,24 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
     assert!(!o.ok() && o.stderr.contains("not registered"), "{o:?}");
     let o = env.towerctl(&["cluster", "label", "beta", "bad key=x"]);
     assert!(!o.ok() && o.stderr.contains("invalid label"), "{o:?}");
+    // The member's server and credentials are the context's: another
+    // given to kubectl is refused (`-s URL` sent the context's token there).
+    for bad in [
+        &["-s", "https://127.0.0.1:9", "get", "ns"][..],
+        &["-shttps://127.0.0.1:9", "get", "ns"],
+        &["--token=abc", "get", "ns"],
+        &["get", "ns", "--client-key", "/tmp/k"],
+    ] {
+        let mut args = vec!["kubectl", "alpha", "--"];
+        args.extend_from_slice(bad);
+        let o = env.towerctl(&args);
+        assert!(
+            !o.ok()
+                && o.stderr
+                    .contains("chooses the context of each member itself"),
+            "{bad:?}: {o:?}"
+        );
+    }
     // towerctl.io/name is the member's own name, for every selector: it
     // cannot be set, and `-l towerctl.io/name=alpha` runs on alpha alone
     // (a label set on beta made it run there).

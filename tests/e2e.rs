@@ -573,6 +573,31 @@ fn join_fails_fast_with_the_reason() {
         "{o:?}"
     );
 
+    // A member kubeconfig that does not parse is told by line and column,
+    // without the lines around the error (a token, a key), on the
+    // terminal and in the agent's log, by path or in KUBECONFIG.
+    let broken = env.path("broken.kubeconfig");
+    let good = std::fs::read_to_string(&member_kc).unwrap();
+    std::fs::write(
+        &broken,
+        format!("{good}\nusers-extra:\n- token: eyJSUPERSECRETTOKEN\n  extra: [unclosed\n"),
+    )
+    .unwrap();
+    for how in ["--kubeconfig", "KUBECONFIG"] {
+        let o = if how == "KUBECONFIG" {
+            env.join_with_env(&join, &[], &[("KUBECONFIG", broken.to_str().unwrap())])
+        } else {
+            env.join(&join, &["--kubeconfig", broken.to_str().unwrap()])
+        };
+        assert!(!o.ok() && o.stderr.contains("line"), "{how}: {o:?}");
+        let log =
+            std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+        assert!(
+            !o.all().contains("SUPERSECRET") && !log.contains("SUPERSECRET"),
+            "{how}: {o:?}\n{log}"
+        );
+    }
+
     // Nothing was left behind by the failed joins.
     let s = env.status();
     assert_eq!(s["agents"].as_array().unwrap().len(), 0, "{s}");
@@ -652,6 +677,12 @@ fn bad_input_gets_a_clear_error() {
     assert!(o.stderr.contains("missing --hub-key"), "{o:?}");
     let o = env.towerctl(&["status"]);
     assert_eq!(o.code, Some(3), "{o:?}");
+    // A keepalive no member can keep (every member was declared dead
+    // about once a second, for good): refused, with the bounds.
+    for (k, words) in [("1ms", "at least 1s"), ("2h", "at most 1h")] {
+        let o = env.towerctl(&["up", "--listen", "127.0.0.1:0", "--keepalive", k]);
+        assert!(o.code == Some(2) && o.stderr.contains(words), "{k}: {o:?}");
+    }
 }
 
 #[test]

@@ -219,9 +219,22 @@ pub async fn run(a: Args) -> Result<u8> {
             "--cluster",
             "--server",
             "--user",
+            // The member's credentials are the context's: a token or a
+            // certificate given here was sent with every member's request,
+            // and `-s URL` sent the context's own token to that URL.
+            "--token",
+            "--username",
+            "--password",
+            "--client-certificate",
+            "--client-key",
+            "--certificate-authority",
+            "--tls-server-name",
+            "--insecure-skip-tls-verify",
         ]
         .iter()
         .any(|f| *x == f || x.starts_with(&format!("{f}=")))
+            // `-s URL`, `-s=URL`, `-sURL`: --server's short form.
+            || x.starts_with("-s") && !x.starts_with("--")
     }) {
         bail!("towerctl kubectl chooses the context of each member itself: remove '{bad}' from the kubectl arguments");
     }

@@ -281,8 +281,8 @@ pub struct HubArgs {
     /// besides --gateway-url's host.
     #[arg(long = "tls-san", value_name = "NAME|IP", value_parser = parse_tls_san)]
     pub tls_sans: Vec<String>,
-    /// Keepalive interval; a peer silent for three intervals is declared dead.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    /// Keepalive interval (1s to 1h); a peer silent for three intervals is declared dead.
+    #[arg(long, default_value = "10s", value_parser = parse_hub_keepalive, value_name = "DURATION")]
     pub keepalive: std::time::Duration,
     /// On SIGTERM (a pod being stopped), answer 503 on /readyz for this long,
     /// still serving, before stopping, so that a load balancer or Service
@@ -1015,6 +1015,19 @@ fn parse_whole_seconds(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// The hub's `--keepalive`: from 1 s (`1ms` was taken, and every member
+/// was declared dead about once a second, for good) to an hour.
+fn parse_hub_keepalive(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("'{s}' is too short for a keepalive: give at least 1s (a member that misses three in a row is declared dead; the default is 10s)"));
+    }
+    if d > std::time::Duration::from_secs(3600) {
+        return Err(format!("'{s}' is too long for a keepalive: give at most 1h (a dead member is found only after three intervals; the default is 10s)"));
+    }
+    Ok(d)
+}
+
 /// Parses `500ms`, `10s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
@@ -1032,8 +1045,13 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("invalid duration unit in '{s}': use ms, s, m or h")),
     };
-    if !(secs > 0.0 && secs < 1e9) {
+    if secs.is_nan() || secs <= 0.0 {
         return Err(format!("invalid duration '{s}': must be positive"));
+    }
+    if secs >= 1e9 {
+        return Err(format!(
+            "invalid duration '{s}': too long (under 1000000000s, some 31 years)"
+        ));
     }
     Ok(std::time::Duration::from_secs_f64(secs))
 }
@@ -1234,6 +1252,19 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("10x").unwrap_err().contains("unit"));
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("99999999999999h")
+            .unwrap_err()
+            .contains("too long"));
+        assert!(parse_hub_keepalive("1ms")
+            .unwrap_err()
+            .contains("at least 1s"));
+        assert!(parse_hub_keepalive("2h")
+            .unwrap_err()
+            .contains("at most 1h"));
+        assert_eq!(
+            parse_hub_keepalive("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
     }
 
     #[test]

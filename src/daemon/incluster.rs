@@ -57,9 +57,28 @@ pub async fn infer(sa_dir: Option<&Path>) -> Result<(kube::Config, bool)> {
         None if explicit => bail!("--serviceaccount-dir is given but KUBERNETES_SERVICE_HOST is not set: set KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT to the member's API server, or pass --kubeconfig instead"),
         _ => kube::Config::infer()
             .await
+            .map_err(without_snippet)
             .map(|c| (c, false))
             .context("no member API server credentials found: pass --kubeconfig, set KUBECONFIG, or run the agent in a pod with a service account"),
     }
+}
+
+/// A kube configuration error in words, without the YAML parser's snippet
+/// of the lines around a syntax error: a kubeconfig holds tokens and keys,
+/// and the words go to the terminal and the agent's log. Line and column
+/// say where to look.
+pub fn without_snippet<E: std::error::Error + Send + Sync + 'static>(e: E) -> anyhow::Error {
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = at {
+        if let Some(kube::config::KubeconfigError::Parse(p)) = c.downcast_ref() {
+            return anyhow::anyhow!(
+                "failed to parse the kubeconfig's YAML: {}",
+                crate::tunnel::printable(&p.without_snippet().to_string(), 300)
+            );
+        }
+        at = c.source();
+    }
+    anyhow::Error::new(e)
 }
 
 /// A client configuration for `server` with the service account in `dir`.

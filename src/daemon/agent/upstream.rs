@@ -777,6 +777,7 @@ pub(super) async fn upstream_client(
     let mut config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
+                .map_err(crate::daemon::incluster::without_snippet)
                 .with_context(|| format!("cannot read the member kubeconfig '{}'", p.display()))?;
             let named = current_proxy_url(&kc);
             let mut c = kube::Config::from_custom_kubeconfig(
