@@ -77,22 +77,39 @@ pub fn read(path: &Path) -> Result<Value> {
     // terminal or a CI log. Line and column say where to look.
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
-    let v: Value = serde_saphyr::from_str_with_options(&text, options)
-        .map_err(|e| anyhow::anyhow!("{}", crate::tunnel::printable(&e.to_string(), 300)))
-        .with_context(|| {
+    // Budgets for the largest file read (`MAX_KUBECONFIG`): the parser's
+    // defaults (250,000 nodes) refused a valid 4 MB kubeconfig of 30,000
+    // contexts that kubectl reads. Aliases and anchors keep their
+    // defaults, which stop alias bombs.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 4_000_000;
+    budget.max_events = 16_000_000;
+    options.budget = Some(budget);
+    let v: Value = match serde_saphyr::from_str_with_options(&text, options) {
+        Ok(v) => v,
+        Err(e) => {
+            let e = e.to_string();
+            if e.contains("budget breached") {
+                bail!(
+                    "the kubeconfig '{}' is larger or more nested than towerctl reads (at most 4,000,000 YAML nodes, 64 levels, 50,000 aliases; {}): pass a smaller file with --kubeconfig",
+                    path.display(),
+                    crate::tunnel::printable(&e, 120)
+                );
+            }
             // A second document after `---`: kubectl reads one.
             let documents = text
                 .lines()
                 .skip_while(|l| l.trim().is_empty() || l.starts_with('#') || *l == "---")
                 .any(|l| l == "---" || l.starts_with("--- "));
             let backup = backup_path(path);
-            format!(
+            return Err(anyhow::anyhow!("{}", crate::tunnel::printable(&e, 300))).context(format!(
                 "the kubeconfig '{}' is not valid YAML{}; fix it{} or pass another file with --kubeconfig",
                 path.display(),
                 if documents { " (it holds more than one YAML document: a kubeconfig is one)" } else { "" },
                 if backup.exists() { format!(" (towerctl's backup of it is '{}')", backup.display()) } else { String::new() },
-            )
-        })?;
+            ));
+        }
+    };
     match v {
         Value::Object(_) => Ok(v),
         Value::Null => Ok(Value::Object(Map::new())),
@@ -135,6 +152,24 @@ impl Drop for Lock {
     }
 }
 
+/// What towerctl writes in a lock it holds, before its PID (kubectl's
+/// locks are empty).
+const LOCK_OWNER: &str = "towerctl pid ";
+
+/// Whether the lock file at `lp` was written by a towerctl process that is
+/// no longer running. Another towerctl that finds it stale at the same
+/// moment may remove it too: both then try to create it again, and one
+/// gets it.
+fn left_by_a_gone_towerctl(lp: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(lp) else {
+        return false;
+    };
+    text.trim()
+        .strip_prefix(LOCK_OWNER)
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| pid > 0 && !Path::new(&format!("/proc/{pid}")).exists())
+}
+
 fn lock(path: &Path) -> Result<Lock> {
     let lp = lock_path(path);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -145,8 +180,20 @@ fn lock(path: &Path) -> Result<Lock> {
             .mode(0o600)
             .open(&lp)
         {
-            Ok(_) => return Ok(Lock(lp)),
+            Ok(mut f) => {
+                // Whose it is: a towerctl killed or interrupted while it
+                // held the lock (Ctrl-C on a large file) left it behind,
+                // and every later `use` and kubectl edit failed until it
+                // was removed by hand.
+                use std::io::Write as _;
+                let _ = writeln!(f, "{LOCK_OWNER}{}", std::process::id());
+                return Ok(Lock(lp));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if left_by_a_gone_towerctl(&lp) {
+                    let _ = std::fs::remove_file(&lp);
+                    continue;
+                }
                 if Instant::now() >= deadline {
                     bail!("the kubeconfig '{}' is locked by another program ('{}' exists); if no kubectl or towerctl is running, remove that file and retry", path.display(), lp.display());
                 }
@@ -547,6 +594,42 @@ mod tests {
         assert_eq!(target(std::slice::from_ref(&a)), a);
     }
 
+    /// A large valid kubeconfig is read (30,000 contexts, some 300,000
+    /// YAML nodes: past the parser's default budget); an alias bomb is
+    /// refused with words, quickly.
+    #[test]
+    fn large_kubeconfigs_are_read_and_alias_bombs_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config");
+        let mut text = String::from("apiVersion: v1\nkind: Config\ncontexts:\n");
+        for i in 0..30_000 {
+            text.push_str(&format!(
+                "- name: ctx-{i}\n  context:\n    cluster: c-{i}\n    user: u-{i}\n    namespace: ns-{i}\n"
+            ));
+        }
+        std::fs::write(&p, &text).unwrap();
+        let v = read(&p).unwrap();
+        assert_eq!(v["contexts"].as_array().unwrap().len(), 30_000);
+
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev; 10].join(", ")));
+        }
+        std::fs::write(&p, &bomb).unwrap();
+        let start = Instant::now();
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(
+            e.contains("larger or more nested than towerctl reads"),
+            "{e}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
     #[test]
     fn held_lock_is_reported() {
         let dir = tempfile::tempdir().unwrap();
@@ -554,6 +637,32 @@ mod tests {
         std::fs::write(lock_path(&p), "").unwrap();
         let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
         assert!(err.contains("locked"), "{err}");
+        // A running towerctl's lock is waited for like kubectl's.
+        std::fs::write(lock_path(&p), format!("{LOCK_OWNER}1\n")).unwrap();
+        let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("locked"), "{err}");
+    }
+
+    /// A lock left by a towerctl that is gone (Ctrl-C, kill -9) is taken
+    /// over; while it is held, its PID is in it.
+    #[test]
+    fn a_lock_left_by_a_gone_towerctl_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        std::fs::write(lock_path(&p), format!("{LOCK_OWNER}{gone}\n")).unwrap();
+        let start = Instant::now();
+        edit(&p, |doc| {
+            let held = std::fs::read_to_string(lock_path(&p)).unwrap();
+            assert_eq!(held.trim(), format!("{LOCK_OWNER}{}", std::process::id()));
+            doc["current-context"] = json!("a");
+            Ok(())
+        })
+        .unwrap();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(!lock_path(&p).exists());
     }
 
     #[test]
