@@ -289,6 +289,20 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
     assert!(o.ok(), "{o:?}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
     assert!(std::fs::symlink_metadata(&bak).unwrap().is_file());
+
+    // A `tower-alpha` made by hand, straight to an API server with a
+    // token: refused, the file untouched (its token was dropped, and the
+    // one backup overwritten by the next `use`).
+    let hand = env.path("hand.kubeconfig");
+    let made = "apiVersion: v1\nkind: Config\nclusters:\n- name: tower-alpha\n  cluster:\n    server: https://10.1.1.1:6443\ncontexts:\n- name: tower-alpha\n  context:\n    cluster: tower-alpha\n    user: tower-alpha\ncurrent-context: tower-alpha\nusers:\n- name: tower-alpha\n  user:\n    token: my-precious-token\n";
+    std::fs::write(&hand, made).unwrap();
+    let o = env.towerctl(&["use", "alpha", "--kubeconfig", hand.to_str().unwrap()]);
+    assert!(
+        !o.ok() && o.stderr.contains("did not write") && o.stderr.contains("rename-context"),
+        "{o:?}"
+    );
+    assert!(!o.all().contains("my-precious-token"), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&hand).unwrap(), made);
 }
 
 /// The head (lower case) and body of the local admin's `GET path` on the
@@ -1107,6 +1121,22 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     // `use` with no name lists the members and marks the current one.
     let o = laptop.towerctl(&["use"]);
     assert!(o.stdout.contains("* alpha"), "{o:?}");
+
+    // A token pasted with a line end logs in (it failed with "failed to
+    // parse header value"); an empty one is refused before any request.
+    let token_at = login.iter().position(|a| a == "--token").unwrap() + 1;
+    let mut pasted = login.clone();
+    pasted[token_at] = format!("{}\r\n", login[token_at]);
+    let args: Vec<&str> = pasted.iter().map(String::as_str).collect();
+    let o = Env::new().towerctl(&args);
+    assert!(o.ok(), "{o:?}");
+    pasted[token_at] = " ".into();
+    let args: Vec<&str> = pasted.iter().map(String::as_str).collect();
+    let o = Env::new().towerctl(&args);
+    assert!(
+        !o.ok() && o.stderr.contains("operator token") && o.stderr.contains("is empty"),
+        "{o:?}"
+    );
 
     // The gateway's address written IPv4-mapped (`[::ffff:127.0.0.1]`)
     // is its IPv4 address, as kubectl (Go) takes it: its certificate

@@ -68,12 +68,13 @@ fn config_keyed(name: &str, o: &AgentOpts, for_pod: bool, keyed: bool) -> Result
             );
         }
     }
-    let token = o
-        .token
-        .clone()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .map(Secret::new);
+    let token = match o.token.as_deref().filter(|t| !t.trim().is_empty()) {
+        Some(t) => Some(Secret::new(super::token_text(
+            "the join token (--token, TOWERCTL_TOKEN)",
+            t,
+        )?)),
+        None => None,
+    };
     let key_file = o
         .key_file
         .as_ref()

@@ -256,10 +256,10 @@ pub struct UpArgs {
 #[derive(Debug, Clone, Args)]
 pub struct HubArgs {
     /// Address for agents' tunnels (WebSocket).
-    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR", value_parser = parse_listen_addr)]
     pub listen: SocketAddr,
     /// Address for the HTTPS gateway kubectl talks to.
-    #[arg(long, default_value = DEFAULT_GATEWAY, value_name = "ADDR")]
+    #[arg(long, default_value = DEFAULT_GATEWAY, value_name = "ADDR", value_parser = parse_listen_addr)]
     pub gateway: SocketAddr,
     /// Tunnel URL printed in join commands, when agents see the hub under
     /// another address (NAT, ingress, wss://).
@@ -444,9 +444,39 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     if s == "off" {
         return Ok(MetricsAddr(None));
     }
-    s.parse().map(|a| MetricsAddr(Some(a))).map_err(|_| {
-        format!("invalid --metrics '{s}': use HOST:PORT (e.g. 127.0.0.1:9464) or 'off'")
-    })
+    parse_listen_addr(s)
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{e}, or 'off'"))
+}
+
+/// An address to listen on, `IP:PORT`, with words for what is not one
+/// (clap said "invalid socket address syntax" for `::1:0`, `localhost:0`
+/// and `127.0.0.1:65536` alike).
+fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let hint = match s.rsplit_once(':') {
+        None => "it has no port".to_string(),
+        Some((h, _)) if h.contains(':') && !h.starts_with('[') => {
+            format!("an IPv6 address goes in brackets, like [{h}]:PORT")
+        }
+        Some((_, p)) if p.parse::<u16>().is_err() => {
+            format!("'{p}' is not a port (0-65535; 0 picks a free one)")
+        }
+        Some((h, _))
+            if h.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_err() =>
+        {
+            format!("'{h}' is not an IP address (a host name is not taken here: give its address, like 127.0.0.1 or 0.0.0.0 for all)")
+        }
+        _ => "it is not IP:PORT".to_string(),
+    };
+    Err(format!(
+        "invalid address '{}': {hint}; use IP:PORT, like 0.0.0.0:8080 or [::]:8080",
+        crate::tunnel::printable(s, 100)
+    ))
 }
 
 #[derive(Debug, Subcommand)]
@@ -549,6 +579,31 @@ pub enum ClusterCommand {
         /// Cluster name.
         name: String,
     },
+}
+
+/// A token as pasted (`--token`, `TOWERCTL_TOKEN`, `TOWERCTL_OPERATOR_TOKEN`):
+/// spaces and line ends around it go, and what cannot be one is refused
+/// in words that name `what` and never repeat it (an empty one was sent
+/// and refused by the hub; a pasted CR failed with "failed to parse header
+/// value"; 100 KB ended a join with words about a busy hub).
+pub fn token_text(what: &str, t: &str) -> anyhow::Result<String> {
+    let t = t.trim();
+    if t.is_empty() {
+        anyhow::bail!("{what} is empty: paste the whole token, as printed on the hub");
+    }
+    if t.len() > 1024 {
+        anyhow::bail!(
+            "{what} is {} bytes long, not a towerctl token (some 50 characters): paste the token alone, as printed on the hub",
+            t.len()
+        );
+    }
+    if let Some(c) = t.chars().find(|c| !c.is_ascii_graphic()) {
+        anyhow::bail!(
+            "{what} holds a character no token has ({}): paste the token alone, as printed on the hub",
+            c.escape_unicode()
+        );
+    }
+    Ok(t.to_string())
 }
 
 /// Parses `NAME=HOST:PORT`.
@@ -1216,6 +1271,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_say_what_is_wrong() {
+        assert_eq!(parse_listen_addr("[::1]:0").unwrap().to_string(), "[::1]:0");
+        for (bad, words) in [
+            ("::1:0", "in brackets, like [::1]:PORT"),
+            ("localhost:0", "'localhost' is not an IP address"),
+            ("127.0.0.1:65536", "'65536' is not a port"),
+            ("127.0.0.1", "no port"),
+        ] {
+            let e = parse_listen_addr(bad).unwrap_err();
+            assert!(e.contains(words), "{bad}: {e}");
+        }
+        assert!(parse_metrics_addr("x").unwrap_err().contains("'off'"));
+    }
+
+    #[test]
+    fn tokens_are_taken_as_pasted_and_never_repeated() {
+        assert_eq!(token_text("t", "  top_abc\r\n").unwrap(), "top_abc");
+        for (bad, words) in [
+            ("", "is empty"),
+            (" \r\n", "is empty"),
+            ("top_a\rb", "no token has (\\u{d})"),
+            ("top_a b", "no token has"),
+        ] {
+            let e = token_text("t", bad).unwrap_err().to_string();
+            assert!(e.contains(words), "{bad:?}: {e}");
+        }
+        let long = "x".repeat(100_000);
+        let e = token_text("t", &long).unwrap_err().to_string();
+        assert!(e.contains("100000 bytes") && e.len() < 300, "{e}");
+    }
 
     #[test]
     fn expose_targets_take_ipv6_addresses_in_brackets_only() {

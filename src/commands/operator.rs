@@ -62,8 +62,10 @@ pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
 
 pub async fn list(output: &str) -> Result<u8> {
     let v = hub_call(Request::OperatorList).await?;
-    let ops: Vec<OperatorInfo> =
+    let mut ops: Vec<OperatorInfo> =
         serde_json::from_value(v).context("malformed answer from the hub")?;
+    // By name, as `cluster list` is (the registry's order is its own).
+    ops.sort_by(|a, b| a.name.cmp(&b.name));
     if output == "json" {
         println!("{}", serde_json::to_string_pretty(&ops)?);
         return Ok(exit::OK);
@@ -203,6 +205,10 @@ pub async fn login(
     ca_hash: Option<&str>,
     insecure: bool,
 ) -> Result<u8> {
+    let token = &super::token_text(
+        "the operator token (--token, TOWERCTL_OPERATOR_TOKEN)",
+        token,
+    )?;
     let gateway = canonical_gateway(gateway);
     let (status, body) = https::get(
         &format!("{gateway}/towerctl/v1/ca.crt"),

@@ -120,6 +120,9 @@ impl Source {
         if self.clusters.iter().any(|c| c.name == name) {
             return Ok(());
         }
+        // Not a name at all: said so, not "register it with 'towerctl
+        // cluster add …'" (a command refused in turn) around a 100 KB echo.
+        crate::daemon::names::validate_name(name).map_err(anyhow::Error::msg)?;
         let known: Vec<_> = self.clusters.iter().map(|c| c.name.as_str()).collect();
         let known = if known.is_empty() {
             "none".to_string()
@@ -232,6 +235,20 @@ fn cluster_server(doc: &Value, name: &str) -> Option<String> {
     kubeconfig::find(doc, "clusters", "cluster", name).and_then(server_of)
 }
 
+/// A kubeconfig user's credentials other than towerctl's exec plugin:
+/// they would fight it, and go when towerctl writes its user.
+const CREDENTIAL_FIELDS: &[&str] = &[
+    "token",
+    "tokenFile",
+    "client-certificate",
+    "client-certificate-data",
+    "client-key",
+    "client-key-data",
+    "username",
+    "password",
+    "auth-provider",
+];
+
 fn write_entries(
     source: &Source,
     name: &str,
@@ -254,6 +271,30 @@ fn write_entries(
         // The same member name on another hub (one context per name):
         // said, not silently pointed elsewhere.
         let before = cluster_server(d, &ctx);
+        // A `tower-NAME` entry towerctl did not write (its server no
+        // member URL of any gateway) with credentials of its own: they
+        // were dropped, and the one backup was overwritten by the next
+        // `use`, so they were gone for good.
+        let own_credentials: Vec<&str> = kubeconfig::find(d, "users", "user", &ctx)
+            .and_then(Value::as_object)
+            .map(|u| {
+                CREDENTIAL_FIELDS
+                    .iter()
+                    .copied()
+                    .filter(|k| u.contains_key(*k))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(server) = before.as_deref().filter(|s| !s.contains("/clusters/")) {
+            if !own_credentials.is_empty() {
+                bail!(
+                    "the kubeconfig '{}' has a context '{ctx}' that towerctl did not write (server {}, user credentials: {}); towerctl would replace them: rename it first ('kubectl config rename-context {ctx} NEW-NAME', and its cluster and user entries), then run 'towerctl use {name}' again",
+                    home.display(),
+                    crate::tunnel::printable(server, 200),
+                    own_credentials.join(", ")
+                );
+            }
+        }
         let canonical = |s: &Option<String>| s.as_deref().map(operator::canonical_gateway);
         if before.is_some() && canonical(&before) != canonical(&new_server) {
             replaced = before;
@@ -278,17 +319,7 @@ fn write_entries(
         let user = merged(
             kubeconfig::find(d, "users", "user", &ctx),
             user,
-            &[
-                "token",
-                "tokenFile",
-                "client-certificate",
-                "client-certificate-data",
-                "client-key",
-                "client-key-data",
-                "username",
-                "password",
-                "auth-provider",
-            ],
+            CREDENTIAL_FIELDS,
         );
         context = merged(
             kubeconfig::find(d, "contexts", "context", &ctx),

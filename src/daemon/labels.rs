@@ -70,7 +70,7 @@ pub fn validate_key(k: &str) -> Result<(), String> {
     if prefix_ok && is_name(name) {
         Ok(())
     } else {
-        Err(format!("invalid label key '{k}': use [PREFIX/]NAME, NAME 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit (like env or example.com/tier)"))
+        Err(format!("invalid label key '{}': use [PREFIX/]NAME, NAME 1-63 letters, digits, '-', '_' or '.' starting and ending with a letter or digit (like env or example.com/tier)", crate::tunnel::escape_for_log(k, 80)))
     }
 }
 
@@ -79,7 +79,7 @@ pub fn validate_value(k: &str, v: &str) -> Result<(), String> {
     if v.is_empty() || is_name(v) {
         Ok(())
     } else {
-        Err(format!("invalid value '{v}' for label '{k}': use at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))
+        Err(format!("invalid value '{}' for label '{}': use at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit", crate::tunnel::escape_for_log(v, 80), crate::tunnel::escape_for_log(k, 80)))
     }
 }
 
@@ -159,7 +159,7 @@ impl Selector {
     /// and `!k`, joined by commas.
     pub fn parse(s: &str) -> Result<Selector, String> {
         let bad = |why: &str| {
-            format!("invalid selector '{s}': {why}; use terms like env=prod, env!=dev, 'env in (prod,staging)', 'env notin (dev)', canary or !canary, joined by commas")
+            format!("invalid selector '{}': {}; use terms like env=prod, env!=dev, 'env in (prod,staging)', 'env notin (dev)', canary or !canary, joined by commas", crate::tunnel::printable(s, 120), crate::tunnel::printable(why, 300))
         };
         let mut terms = Vec::new();
         let (mut depth, mut start) = (0i32, 0usize);

@@ -39,7 +39,9 @@ pub fn validate_name_of(kind: &str, name: &str) -> Result<(), String> {
     if is_dns_label(name) {
         Ok(())
     } else {
-        Err(format!("invalid {kind} name '{name}': use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit (like a Kubernetes name)"))
+        // Shown escaped and cut: a 100,000-character name made a 100 KB
+        // error, and a control character moved the terminal's cursor.
+        Err(format!("invalid {kind} name '{}': use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit (like a Kubernetes name)", crate::tunnel::escape_for_log(name, 80)))
     }
 }
 
@@ -49,7 +51,7 @@ pub fn validate_name_of(kind: &str, name: &str) -> Result<(), String> {
 /// `--group dev,ops` would make one group on the hub and two on a member
 /// that splits the header.
 pub fn group_problem(group: &str) -> Option<String> {
-    let shown = group.escape_debug().to_string();
+    let shown = crate::tunnel::escape_for_log(group, 80);
     if group.is_empty() || group.len() > 253 {
         return Some(format!("invalid group '{shown}': use 1-253 characters"));
     }
@@ -68,6 +70,21 @@ pub fn group_problem(group: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    /// A name or group that is refused is shown cut and escaped, never
+    /// repeated whole (100,000 characters made a 100 KB error).
+    #[test]
+    fn refused_names_are_shown_short_and_inert() {
+        let long = "a".repeat(100_000);
+        let e = super::validate_name(&long).unwrap_err();
+        assert!(e.len() < 400 && e.contains("100000 bytes"), "{e}");
+        let e = super::validate_name("x\u{1b}]0;t\u{7}").unwrap_err();
+        assert!(!e.contains('\u{1b}') && e.contains("\\u{1b}"), "{e}");
+        let e = super::group_problem(&format!("{long},b")).unwrap();
+        assert!(e.len() < 400, "{e}");
+        let e = crate::daemon::labels::Selector::parse(&format!("{long} in (")).unwrap_err();
+        assert!(e.len() < 1000, "{e}");
+    }
+
     #[test]
     fn groups_are_one_printable_value_each() {
         assert_eq!(super::group_problem("system:masters"), None);
