@@ -150,7 +150,7 @@ json\t''"
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l reusable -d 'Let the join token be used more than once'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -l new-key -d 'Also retire the agent\'s registered key and cut its session: the agent must join again with the new token (a possibly compromised agent machine)'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s v -l verbose -d 'More logging (-v info, -vv debug), also in the daemons this command starts in the background (up, join, port-forward); RUST_LOG overrides'
-complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s h -l help -d 'Print help'
+complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from rotate" -s V -l version -d 'Print version'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from revoke" -s v -l verbose -d 'More logging (-v info, -vv debug), also in the daemons this command starts in the background (up, join, port-forward); RUST_LOG overrides'
 complete -c towerctl -n "__fish_towerctl_using_subcommand cluster; and __fish_seen_subcommand_from revoke" -s h -l help -d 'Print help'

@@ -691,6 +691,12 @@ fn bad_input_gets_a_clear_error() {
     assert!(o.stderr.contains("missing --hub-key"), "{o:?}");
     let o = env.towerctl(&["status"]);
     assert_eq!(o.code, Some(3), "{o:?}");
+    // With ports, `stop` is a member's name, not `port-forward stop ID`.
+    let o = env.towerctl(&["port-forward", "stop", "svc/web", ":80"]);
+    assert!(
+        o.stderr.contains("no hub is running") && !o.stderr.contains("background forward"),
+        "{o:?}"
+    );
     // A keepalive no member can keep (every member was declared dead
     // about once a second, for good): refused, with the bounds.
     for (k, words) in [("1ms", "at least 1s"), ("2h", "at most 1h")] {

@@ -105,7 +105,7 @@ pub enum Command {
     ///
     /// `towerctl port-forward stop ID|--all` ends forwards started with --background.
     PortForward {
-        /// Member cluster (or `stop`).
+        /// Member cluster (or `stop` followed by an ID or --all, without ports).
         cluster: String,
         /// pod/NAME, svc/NAME, a workload's pod (deploy/, rs/, sts/, ds/, job/, rc/NAME), or a
         /// bare pod name (with `stop`: the forward's ID).
@@ -545,6 +545,11 @@ pub enum ClusterCommand {
         remove: Vec<String>,
     },
     /// Issue a new join token; the old one stops working at once.
+    ///
+    /// The running agent keeps its session. Whoever joins with the new token
+    /// becomes the member: its key replaces the registered one, and the
+    /// agent running until then is cut off and refused (give the token to the
+    /// member's machine only). --new-key cuts the running agent at once.
     Rotate {
         /// Cluster name.
         name: String,
@@ -1180,7 +1185,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             all,
             daemon_id,
         } => {
-            if cluster == "stop" {
+            // `stop ID|--all` takes no ports; with ports, `stop` is a
+            // member of that name (which could not be reached before).
+            if cluster == "stop" && ports.is_empty() {
                 portforward::stop(resource.as_deref(), all).await
             } else {
                 let resource = resource.ok_or_else(|| anyhow::anyhow!("missing the target: towerctl port-forward {cluster} TYPE/NAME [LOCAL:]REMOTE"))?;

@@ -13,6 +13,15 @@ use crate::paths;
 use crate::secrets::{self, Backend};
 
 pub async fn add(name: &str, groups: Vec<String>) -> Result<u8> {
+    // Kubernetes' own groups mean what they mean on every member that acts
+    // as the operator (`--impersonate`): `system:masters` is cluster-admin
+    // there whatever its RBAC says.
+    for g in groups.iter().filter(|g| g.starts_with("system:")) {
+        eprintln!(
+            "warning: group '{g}' is one of Kubernetes' own: on members with --impersonate the operator acts with it{}",
+            if g == "system:masters" { " (cluster-admin, past every RBAC rule)" } else { "" }
+        );
+    }
     let v = hub_call(Request::OperatorAdd {
         name: name.to_string(),
         groups,
