@@ -1136,6 +1136,20 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     let args: Vec<&str> = pasted.iter().map(String::as_str).collect();
     let o = Env::new().towerctl(&args);
     assert!(o.ok(), "{o:?}");
+    // Exit codes as the help's footer says: a refused token 4, a gateway
+    // that is not there 5.
+    pasted[token_at] = "top_not-a-real-token".into();
+    let args: Vec<&str> = pasted.iter().map(String::as_str).collect();
+    let o = Env::new().towerctl(&args);
+    assert_eq!(o.code, Some(4), "{o:?}");
+    let mut nowhere = pasted.clone();
+    nowhere[1] = format!("https://127.0.0.1:{}", support::free_port());
+    let args: Vec<&str> = nowhere.iter().map(String::as_str).collect();
+    let o = Env::new().towerctl(&args);
+    assert!(
+        o.code == Some(5) && o.stderr.contains("cannot connect"),
+        "{o:?}"
+    );
     pasted[token_at] = " ".into();
     let args: Vec<&str> = pasted.iter().map(String::as_str).collect();
     let o = Env::new().towerctl(&args);

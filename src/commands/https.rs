@@ -143,9 +143,11 @@ impl GatewayClient {
                     })?,
                 // Every address of the name, families in turn: one that
                 // drops packets (broken IPv6) took the whole deadline.
-                None => crate::tunnel::dial::connect(host, port)
-                    .await
-                    .with_context(|| format!("cannot connect to the gateway at {at}"))?,
+                None => crate::tunnel::dial::connect(host, port).await.map_err(|e| {
+                    super::error::CliError::Unreachable(format!(
+                        "cannot connect to the gateway at {at}: {e}"
+                    ))
+                })?,
             };
             crate::tunnel::nodelay(&tcp);
             let name = crate::tunnel::tls::server_name(host)
@@ -160,10 +162,10 @@ impl GatewayClient {
         tokio::time::timeout(CONNECT_DEADLINE, connecting)
             .await
             .map_err(|_| {
-                anyhow::anyhow!(
+                super::error::CliError::Unreachable(format!(
                     "the gateway at {at} did not answer within {}s (TCP connect and TLS handshake): is the hub up, and reachable from here?",
                     CONNECT_DEADLINE.as_secs()
-                )
+                ))
             })?
     }
 }

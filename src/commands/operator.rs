@@ -253,7 +253,7 @@ pub async fn login(
     )
     .await?;
     if status == 401 {
-        bail!("the gateway refused the token (unknown or removed operator); ask the hub operator for a new one with 'towerctl operator add'");
+        return Err(super::error::CliError::Refused("the gateway refused the token (unknown or removed operator); ask the hub operator for a new one with 'towerctl operator add'".into()).into());
     }
     if status != 200 {
         bail!(

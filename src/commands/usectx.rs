@@ -91,7 +91,7 @@ impl Source {
         )
         .await?;
         if status == 401 {
-            bail!("the gateway '{}' no longer accepts this machine's token (operator '{}' was removed, or its token replaced): ask the hub's admin for a new 'towerctl operator add' and run the login command it prints", login.gateway_url, login.operator);
+            return Err(super::error::CliError::Refused(format!("the gateway '{}' no longer accepts this machine's token (operator '{}' was removed, or its token replaced): ask the hub's admin for a new 'towerctl operator add' and run the login command it prints", login.gateway_url, login.operator)).into());
         }
         if status != 200 {
             bail!("the gateway '{}' answered HTTP {status}", login.gateway_url);
