@@ -1583,8 +1583,11 @@ fn goaway_code(got: &[u8]) -> Option<u32> {
 /// the one an attacker on the internet meets first): requests opened and
 /// cancelled at once (rapid reset, CVE-2023-44487) and one header block
 /// continued for ever (CONTINUATION flood) are each cut with a GOAWAY
-/// (ENHANCE_YOUR_CALM) long before the attacker is done, the hub's memory
-/// stays where it was, and others are served meanwhile.
+/// (ENHANCE_YOUR_CALM) long before the attacker is done; SETTINGS and PING
+/// floods and more than 256 streams without a token end the connection
+/// (the gateway's frame budgets: one connection toggling the initial
+/// window over 1,000 open streams held every other operator 8–18 s); the
+/// hub's memory stays where it was, and others are served meanwhile.
 #[test]
 fn http2_floods_before_any_token_are_cut_with_a_goaway() {
     let env = Env::new();
@@ -1616,7 +1619,13 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
     field.push(96);
     field.extend([b'v'; 96]);
     let before = rss();
-    for attack in ["rapid reset", "continuation flood"] {
+    for attack in [
+        "rapid reset",
+        "continuation flood",
+        "settings flood",
+        "ping flood",
+        "streams without a token",
+    ] {
         let conn =
             rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
         let tcp = TcpStream::connect(&gateway).unwrap();
@@ -1638,6 +1647,21 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
                         batch.extend(h2_frame(1, 0x5, stream, &head));
                         batch.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
                     }
+                    // The initial window toggled: each walks every open
+                    // stream.
+                    "settings flood" => {
+                        let window = if i % 2 == 0 {
+                            [0, 0, 0, 0]
+                        } else {
+                            [0, 0, 255, 255]
+                        };
+                        let mut setting = vec![0, 4];
+                        setting.extend(window);
+                        batch.extend(h2_frame(4, 0, 0, &setting));
+                    }
+                    "ping flood" => batch.extend(h2_frame(6, 0, 0, &[0; 8])),
+                    // Requests whose bodies never come, no token.
+                    "streams without a token" => batch.extend(h2_frame(1, 0x4, stream, &head)),
                     _ if sent + i == 0 => batch.extend(h2_frame(1, 0x1, 1, &head)),
                     _ => batch.extend(h2_frame(9, 0, 1, &field)),
                 }
@@ -1669,13 +1693,74 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
             }
             code = goaway_code(&got);
         }
-        assert_eq!(
-            code,
-            Some(11),
-            "{attack}: no GOAWAY (ENHANCE_YOUR_CALM) after {sent} frames (closed: {closed}; {} bytes read)",
-            got.len()
+        match attack {
+            // h2's own limits: a GOAWAY.
+            "rapid reset" | "continuation flood" => assert_eq!(
+                code,
+                Some(11),
+                "{attack}: no GOAWAY (ENHANCE_YOUR_CALM) after {sent} frames (closed: {closed}; {} bytes read)",
+                got.len()
+            ),
+            // Refused 401s close it (a GOAWAY) or the count of streams
+            // before a token does.
+            "streams without a token" => assert!(
+                closed || code.is_some(),
+                "{attack}: still open after {sent} frames ({} bytes read)",
+                got.len()
+            ),
+            // The gateway's frame budgets (`h2guard`): the connection ends.
+            _ => assert!(
+                closed,
+                "{attack}: still open after {sent} frames ({} bytes read)",
+                got.len()
+            ),
+        }
+        let bound = match attack {
+            // 1,000 at once, then 500 a second.
+            "ping flood" => 4_000,
+            _ => 1_000,
+        };
+        assert!(sent <= bound, "{attack}: cut only after {sent} frames");
+    }
+    // A thousand requests at once without a token, bodies never sent: at
+    // most 256 are taken (h2 allows 1,000 streams; each was served a 401).
+    {
+        let conn =
+            rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
+        let tcp = TcpStream::connect(&gateway).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(4, 0, 0, &[]));
+        for i in 0..1000u32 {
+            out.extend(h2_frame(1, 0x4, 2 * i + 1, &head));
+        }
+        let _ = s.write_all(&out).and_then(|()| s.flush());
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        let (mut answers, mut at) = (0, 0);
+        while got.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+            answers += usize::from(got[at + 3] == 1);
+            at += 9 + len;
+        }
+        assert!(
+            answers <= 256,
+            "{answers} requests without a token answered on one connection"
         );
-        assert!(sent <= 1_000, "{attack}: cut only after {sent} frames");
     }
     // The hub serves on, and holds no more than it did.
     assert_healthy(&gateway, "/healthz");

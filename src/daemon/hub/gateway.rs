@@ -606,6 +606,7 @@ pub async fn serve(
             // Answers counted until the client took them (see
             // `Guarded::kept_to_the_end`): HTTP/2's.
             let held_to_the_end = mux || h2;
+            let guard_state = conn_state.clone();
             let svc = {
                 let conn_state = conn_state.clone();
                 hyper::service::service_fn(move |req| {
@@ -702,7 +703,22 @@ pub async fn serve(
                         // is handed over).
                         .max_send_buf_size(H2_SEND_BUFFER);
                 }
-                let conn = b.serve_connection(TokioIo::new(tls), svc);
+                // Frame budgets beneath hyper (`h2guard`): a connection
+                // past one is ended, said at info a few times a minute.
+                let authed = guard_state.clone();
+                let who = guard_state.peer_text.clone();
+                let io = super::h2guard::H2Guard::new(
+                    tls,
+                    move || authed.is_authenticated(),
+                    move |flood| {
+                        static FLOODS: crate::tunnel::LogBudget =
+                            crate::tunnel::LogBudget::new("HTTP/2 connections closed for floods", 10);
+                        if FLOODS.admit() {
+                            tracing::info!(peer = %who, "gateway connection closed: {}", flood.words());
+                        }
+                    },
+                );
+                let conn = b.serve_connection(TokioIo::new(io), svc);
                 watch.drive(conn, |c| c.graceful_shutdown()).await;
             } else {
                 let conn = hyper::server::conn::http1::Builder::new()

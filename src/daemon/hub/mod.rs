@@ -18,6 +18,7 @@ mod auth;
 mod control;
 mod forward;
 pub mod gateway;
+mod h2guard;
 mod peer;
 mod tunnel;
 
