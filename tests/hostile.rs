@@ -2427,3 +2427,24 @@ fn public_requests_before_authenticating_are_few_per_connection() {
         .count();
     assert!((1..40).contains(&answered), "{answered} of 40 answered");
 }
+
+/// The request head limit (64 KiB) holds for one long header too: hyper's
+/// read buffer took a single header of 100 KB.
+#[test]
+fn one_long_header_is_held_to_the_head_limit() {
+    let env = Env::new();
+    assert!(env.up().ok());
+    let mut s = support::gateway_stream(&env);
+    let req = format!(
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Long: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    s.flush().unwrap();
+    let got = String::from_utf8_lossy(&support::read_until_closed(&mut s)).to_string();
+    assert!(
+        got.starts_with("HTTP/1.1 431 "),
+        "{}",
+        &got[..got.len().min(300)]
+    );
+}

@@ -1257,6 +1257,23 @@ fn is_discovery(req: &Request<Incoming>) -> bool {
 
 async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
     let (slot, peer, sni) = (&conn.slot, conn.peer, conn.sni.as_deref());
+    // The head as the limit means it, however it came: hyper bounds its
+    // read buffer, which took one header of 100 KB (HTTP/2's header list
+    // limit is the same size, counted its own way).
+    let head = req.uri().path().len()
+        + req.uri().query().map_or(0, |q| q.len() + 1)
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > MAX_HEAD {
+        return status_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "RequestHeaderFieldsTooLarge",
+            &format!("the request's line and headers are {head} bytes; the towerctl gateway takes at most {MAX_HEAD}"),
+        );
+    }
     // `%73ecrets` is `secrets` to the API server: audited, routed and
     // forwarded as such.
     let path = crate::daemon::route::decode_unreserved(req.uri().path());
