@@ -2439,7 +2439,13 @@ fn one_long_header_is_held_to_the_head_limit() {
         "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Long: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(70_000)
     );
-    s.write_all(req.as_bytes()).unwrap();
+    // Most of it first (hyper reads it and waits for more, under its
+    // buffer's limit), then the rest at once: a head past the limit
+    // that its read buffer took whole.
+    s.write_all(&req.as_bytes()[..60_000]).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&req.as_bytes()[60_000..]).unwrap();
     s.flush().unwrap();
     let got = String::from_utf8_lossy(&support::read_until_closed(&mut s)).to_string();
     assert!(
