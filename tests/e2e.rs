@@ -293,16 +293,24 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
     // A `tower-alpha` made by hand, straight to an API server with a
     // token: refused, the file untouched (its token was dropped, and the
     // one backup overwritten by the next `use`).
+    // Likewise one behind another product's /clusters/ URL, and a user
+    // with a cloud's exec plugin.
     let hand = env.path("hand.kubeconfig");
-    let made = "apiVersion: v1\nkind: Config\nclusters:\n- name: tower-alpha\n  cluster:\n    server: https://10.1.1.1:6443\ncontexts:\n- name: tower-alpha\n  context:\n    cluster: tower-alpha\n    user: tower-alpha\ncurrent-context: tower-alpha\nusers:\n- name: tower-alpha\n  user:\n    token: my-precious-token\n";
-    std::fs::write(&hand, made).unwrap();
-    let o = env.towerctl(&["use", "alpha", "--kubeconfig", hand.to_str().unwrap()]);
-    assert!(
-        !o.ok() && o.stderr.contains("did not write") && o.stderr.contains("rename-context"),
-        "{o:?}"
-    );
-    assert!(!o.all().contains("my-precious-token"), "{o:?}");
-    assert_eq!(std::fs::read_to_string(&hand).unwrap(), made);
+    for (server, user) in [
+        ("https://10.1.1.1:6443", "token: my-precious-token"),
+        ("https://rancher.example.com/k8s/clusters/c-m-abc", "token: my-precious-token"),
+        ("https://10.1.1.1:6443", "exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: aws\n      args: [eks, get-token, --cluster-name, my-precious-token]"),
+    ] {
+        let made = format!("apiVersion: v1\nkind: Config\nclusters:\n- name: tower-alpha\n  cluster:\n    server: {server}\ncontexts:\n- name: tower-alpha\n  context:\n    cluster: tower-alpha\n    user: tower-alpha\ncurrent-context: tower-alpha\nusers:\n- name: tower-alpha\n  user:\n    {user}\n");
+        std::fs::write(&hand, &made).unwrap();
+        let o = env.towerctl(&["use", "alpha", "--kubeconfig", hand.to_str().unwrap()]);
+        assert!(
+            !o.ok() && o.stderr.contains("did not write") && o.stderr.contains("rename-context"),
+            "{server} {user}: {o:?}"
+        );
+        assert!(!o.all().contains("my-precious-token"), "{o:?}");
+        assert_eq!(std::fs::read_to_string(&hand).unwrap(), made);
+    }
 }
 
 /// The head (lower case) and body of the local admin's `GET path` on the

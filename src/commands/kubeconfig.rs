@@ -144,36 +144,116 @@ fn lock_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-struct Lock(PathBuf);
+/// A kubeconfig lock: the `<file>.lock` kubectl also takes (made with
+/// O_EXCL, removed when done), held together with towerctl's own lock on
+/// the directory (`flock`, gone with the process that held it).
+struct Lock {
+    path: PathBuf,
+    dir: Option<DirLock>,
+}
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // The lock file first, then the directory's lock (field order).
+        let _ = std::fs::remove_file(&self.path);
+        self.dir.take();
     }
 }
 
-/// What towerctl writes in a lock it holds, before its PID (kubectl's
-/// locks are empty).
+/// What towerctl writes in a lock file it holds, with its PID (kubectl's
+/// are empty).
 const LOCK_OWNER: &str = "towerctl pid ";
 
-/// Whether the lock file at `lp` was written by a towerctl process that is
-/// no longer running. Another towerctl that finds it stale at the same
-/// moment may remove it too: both then try to create it again, and one
-/// gets it.
-fn left_by_a_gone_towerctl(lp: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(lp) else {
-        return false;
-    };
-    text.trim()
-        .strip_prefix(LOCK_OWNER)
-        .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|pid| pid > 0 && !Path::new(&format!("/proc/{pid}")).exists())
+/// This process's `flock`s on kubeconfig directories, by device and inode,
+/// with how many of its locks use each (a symlinked kubeconfig takes two
+/// lock files, often in one directory: a second `flock` there on another
+/// descriptor would wait on the first).
+static DIR_LOCKS: std::sync::Mutex<Vec<HeldDir>> = std::sync::Mutex::new(Vec::new());
+
+/// A directory's (device, inode), its locked descriptor, and its users.
+type HeldDir = ((u64, u64), std::fs::File, usize);
+
+/// One use of this process's `flock` on a directory.
+struct DirLock((u64, u64));
+
+impl DirLock {
+    /// The directory's lock, if this process has it or gets it now;
+    /// `Ok(None)` when another process holds it; `Err` when the directory
+    /// cannot be locked at all.
+    fn take(dir: &Path) -> std::io::Result<Option<DirLock>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dir)?;
+        let key = (m.dev(), m.ino());
+        let mut held = DIR_LOCKS
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        if let Some(h) = held.iter_mut().find(|h| h.0 == key) {
+            h.2 += 1;
+            return Ok(Some(DirLock(key)));
+        }
+        let f = std::fs::File::open(dir)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        held.push((key, f, 1));
+        Ok(Some(DirLock(key)))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        if let Ok(mut held) = DIR_LOCKS.lock() {
+            if let Some(i) = held.iter().position(|h| h.0 == self.0) {
+                held[i].2 -= 1;
+                if held[i].2 == 0 {
+                    // Closing the descriptor releases the flock.
+                    held.swap_remove(i);
+                }
+            }
+        }
+    }
+}
+
+/// Whether the lock file at `lp` is one a towerctl wrote. Found while this
+/// process holds the directory's lock, it is one a towerctl left (killed,
+/// or interrupted: Ctrl-C on a large file), whatever became of its PID:
+/// a running towerctl holds the directory's lock while its file exists.
+fn written_by_towerctl(lp: &Path) -> bool {
+    std::fs::read_to_string(lp).is_ok_and(|t| t.starts_with(LOCK_OWNER))
 }
 
 fn lock(path: &Path) -> Result<Lock> {
     let lp = lock_path(path);
+    let dir = lp
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
     let deadline = Instant::now() + Duration::from_secs(5);
+    // Without the directory's lock (a directory that cannot be opened),
+    // no lock file is ever taken over.
+    let mut dir_lock: Option<DirLock> = None;
+    let mut lockable = true;
     loop {
+        if dir_lock.is_none() && lockable {
+            match DirLock::take(&dir) {
+                Ok(Some(l)) => dir_lock = Some(l),
+                Ok(None) => {
+                    if Instant::now() >= deadline {
+                        bail!("the kubeconfig '{}' is being edited by another towerctl (it holds the lock on '{}'); retry when it is done", path.display(), dir.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(_) => lockable = false,
+            }
+        }
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -182,16 +262,20 @@ fn lock(path: &Path) -> Result<Lock> {
         {
             Ok(mut f) => {
                 // Whose it is: a towerctl killed or interrupted while it
-                // held the lock (Ctrl-C on a large file) left it behind,
-                // and every later `use` and kubectl edit failed until it
-                // was removed by hand.
+                // held the lock left it behind, and every later `use` and
+                // kubectl edit failed until it was removed by hand.
                 use std::io::Write as _;
                 let _ = writeln!(f, "{LOCK_OWNER}{}", std::process::id());
-                return Ok(Lock(lp));
+                return Ok(Lock {
+                    path: lp,
+                    dir: dir_lock,
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if left_by_a_gone_towerctl(&lp) {
-                    let _ = std::fs::remove_file(&lp);
+                if dir_lock.is_some()
+                    && written_by_towerctl(&lp)
+                    && std::fs::remove_file(&lp).is_ok()
+                {
                     continue;
                 }
                 if Instant::now() >= deadline {
@@ -637,10 +721,20 @@ mod tests {
         std::fs::write(lock_path(&p), "").unwrap();
         let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
         assert!(err.contains("locked"), "{err}");
-        // A running towerctl's lock is waited for like kubectl's.
-        std::fs::write(lock_path(&p), format!("{LOCK_OWNER}1\n")).unwrap();
-        let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
-        assert!(err.contains("locked"), "{err}");
+        // A running towerctl's: it holds the directory's lock too.
+        let child = std::process::Command::new("flock")
+            .arg("--no-fork")
+            .arg(dir.path())
+            .args(["sleep", "10"])
+            .spawn();
+        if let Ok(mut child) = child {
+            std::fs::write(lock_path(&p), format!("{LOCK_OWNER}{}\n", child.id())).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let err = edit(&p, |_| Ok(())).unwrap_err().to_string();
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(err.contains("another towerctl"), "{err}");
+        }
     }
 
     /// A lock left by a towerctl that is gone (Ctrl-C, kill -9) is taken

@@ -271,27 +271,34 @@ fn write_entries(
         // The same member name on another hub (one context per name):
         // said, not silently pointed elsewhere.
         let before = cluster_server(d, &ctx);
-        // A `tower-NAME` entry towerctl did not write (its server no
-        // member URL of any gateway) with credentials of its own: they
-        // were dropped, and the one backup was overwritten by the next
-        // `use`, so they were gone for good.
-        let own_credentials: Vec<&str> = kubeconfig::find(d, "users", "user", &ctx)
-            .and_then(Value::as_object)
-            .map(|u| {
-                CREDENTIAL_FIELDS
-                    .iter()
-                    .copied()
-                    .filter(|k| u.contains_key(*k))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(server) = before.as_deref().filter(|s| !s.contains("/clusters/")) {
-            if !own_credentials.is_empty() {
+        // A `tower-NAME` user towerctl did not write (no towerctl
+        // credential plugin) that has credentials of its own (a token, a
+        // certificate, an exec plugin such as a cloud's): they were
+        // dropped, and the one backup was overwritten by the next `use`,
+        // so they were gone for good.
+        if let Some(u) = kubeconfig::find(d, "users", "user", &ctx).and_then(Value::as_object) {
+            let ours = u
+                .get("exec")
+                .and_then(|e| e.get("args"))
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                == Some("credential");
+            let own: Vec<&str> = CREDENTIAL_FIELDS
+                .iter()
+                .copied()
+                .chain(["exec"])
+                .filter(|k| u.contains_key(*k))
+                .collect();
+            if !ours && !own.is_empty() {
                 bail!(
-                    "the kubeconfig '{}' has a context '{ctx}' that towerctl did not write (server {}, user credentials: {}); towerctl would replace them: rename it first ('kubectl config rename-context {ctx} NEW-NAME', and its cluster and user entries), then run 'towerctl use {name}' again",
+                    "the kubeconfig '{}' has a user '{ctx}' that towerctl did not write (with {}){}; towerctl would replace it: rename that context and its user first ('kubectl config rename-context {ctx} NEW-NAME', and the user's entry), then run 'towerctl use {name}' again",
                     home.display(),
-                    crate::tunnel::printable(server, 200),
-                    own_credentials.join(", ")
+                    own.join(", "),
+                    before
+                        .as_deref()
+                        .map(|s| format!(", for server {}", crate::tunnel::printable(s, 200)))
+                        .unwrap_or_default()
                 );
             }
         }
