@@ -2428,6 +2428,58 @@ fn public_requests_before_authenticating_are_few_per_connection() {
     assert!((1..40).contains(&answered), "{answered} of 40 answered");
 }
 
+/// The gateway PINGs an HTTP/2 connection that carries nothing (an idle
+/// watch): a balancer passing TLS through with a 30 s idle timeout cut
+/// kubectl's idle watches (20 s by default, 1 s here).
+#[test]
+fn an_idle_http2_connection_is_pinged() {
+    let env = Env::new();
+    assert!(env
+        .up_with_env(&[("TOWERCTL_GATEWAY_PING_INTERVAL", "1")])
+        .ok());
+    let (gw, tls) = h2_to_the_gateway(&env);
+    let conn =
+        rustls::ClientConnection::new(Arc::new(tls), "localhost".try_into().unwrap()).unwrap();
+    let tcp = TcpStream::connect(&gw).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    s.write_all(&out).unwrap();
+    s.flush().unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    let until = Instant::now() + Duration::from_secs(5);
+    let pinged = |got: &[u8]| {
+        let mut at = 0;
+        while got.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+            if got[at + 3] == 6 && got[at + 4] & 1 == 0 {
+                return true;
+            }
+            at += 9 + len;
+        }
+        false
+    };
+    while Instant::now() < until && !pinged(&got) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(
+        pinged(&got),
+        "no PING within 5 s ({} bytes read)",
+        got.len()
+    );
+}
+
 /// The request head limit (64 KiB) holds for one long header too: hyper's
 /// read buffer took a single header of 100 KB.
 #[test]

@@ -211,6 +211,25 @@ fn select(source: &Source, selector: Option<&str>, names: &[String]) -> Result<V
     Ok(v)
 }
 
+/// Whether `arg` gives kubectl's `-s` (--server): alone or after
+/// kubectl's boolean short flags in one word (`-As`), as pflag reads it;
+/// a flag that takes a value ends the word (`-lapp=sales`).
+fn server_short_flag(arg: &str) -> bool {
+    let Some(flags) = arg.strip_prefix('-').filter(|f| !f.starts_with('-')) else {
+        return false;
+    };
+    for c in flags.chars() {
+        match c {
+            's' => return true,
+            // --all-namespaces, --watch, --stdin, --tty, --recursive,
+            // --quiet, --help.
+            'A' | 'w' | 'i' | 't' | 'R' | 'q' | 'h' => continue,
+            _ => return false,
+        }
+    }
+    false
+}
+
 pub async fn run(a: Args) -> Result<u8> {
     if let Some(bad) = a.args.iter().take_while(|x| *x != "--").find(|x| {
         [
@@ -233,8 +252,9 @@ pub async fn run(a: Args) -> Result<u8> {
         ]
         .iter()
         .any(|f| *x == f || x.starts_with(&format!("{f}=")))
-            // `-s URL`, `-s=URL`, `-sURL`: --server's short form.
-            || x.starts_with("-s") && !x.starts_with("--")
+            // `-s URL`, `-s=URL`, `-sURL`, and after kubectl's boolean
+            // short flags (`-As URL`): --server's short form.
+            || server_short_flag(x)
     }) {
         bail!("towerctl kubectl chooses the context of each member itself: remove '{bad}' from the kubectl arguments");
     }
@@ -811,6 +831,33 @@ fn annotate(obj: &mut Value, cluster: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_server_short_flag_is_found_as_pflag_reads_it() {
+        for yes in [
+            "-s",
+            "-shttps://x",
+            "-s=https://x",
+            "-As",
+            "-As=https://x",
+            "-wAs",
+        ] {
+            assert!(super::server_short_flag(yes), "{yes}");
+        }
+        for no in [
+            "--sort-by=x",
+            "-lapp=sales",
+            "-oyaml",
+            "-n",
+            "-f",
+            "-",
+            "-cs",
+            "--since",
+            "sales",
+        ] {
+            assert!(!super::server_short_flag(no), "{no}");
+        }
+    }
+
     use super::*;
 
     fn args(s: &str) -> Vec<String> {

@@ -135,11 +135,11 @@ impl GatewayClient {
             let tcp = match &proxy {
                 Some(p) => crate::tunnel::proxy::connect(p, host, port)
                     .await
-                    .with_context(|| {
-                        format!(
-                            "cannot connect to the gateway at {at} through the proxy {} (HTTPS_PROXY; NO_PROXY keeps a host off it)",
+                    .map_err(|e| {
+                        super::error::CliError::Unreachable(format!(
+                            "cannot connect to the gateway at {at} through the proxy {} (HTTPS_PROXY; NO_PROXY keeps a host off it): {e:#}",
                             p.shown()
-                        )
+                        ))
                     })?,
                 // Every address of the name, families in turn: one that
                 // drops packets (broken IPv6) took the whole deadline.
@@ -152,12 +152,28 @@ impl GatewayClient {
             crate::tunnel::nodelay(&tcp);
             let name = crate::tunnel::tls::server_name(host)
                 .with_context(|| format!("invalid server name '{host}'"))?;
-            self.connector.connect(name, tcp).await.context(
-                "TLS handshake with the gateway failed (is the CA right? A certificate the \
-                     hub's CA did not issue means something in front of the hub terminates TLS, \
-                     an ingress or load balancer: the gateway needs TLS passed through, see \
-                     README, ingresses)",
-            )
+            self.connector.connect(name, tcp).await.map_err(|e| {
+                let certificate = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+                if certificate {
+                    super::error::CliError::Tls(format!(
+                        "TLS handshake with the gateway at {at} failed: {e} (is the CA right? A certificate the \
+                         hub's CA did not issue means something in front of the hub terminates TLS, \
+                         an ingress or load balancer: the gateway needs TLS passed through, see \
+                         README, ingresses)"
+                    ))
+                    .into()
+                } else {
+                    anyhow::anyhow!(
+                        "the TLS handshake with the gateway at {at} did not complete: {e} (the hub, or \
+                         something in front of it, closed the connection; a load balancer sending a \
+                         PROXY protocol header needs --trusted-proxy on the hub, and the hub's log \
+                         says why it refused)"
+                    )
+                }
+            })
         };
         tokio::time::timeout(CONNECT_DEADLINE, connecting)
             .await
@@ -203,7 +219,11 @@ pub async fn get(url: &str, trust: Trust<'_>, token: Option<&str>) -> Result<(u1
     };
     tokio::time::timeout(std::time::Duration::from_secs(15), fut)
         .await
-        .with_context(|| format!("the gateway at '{url}' did not answer within 15s"))?
+        .map_err(|_| {
+            super::error::CliError::Unreachable(format!(
+                "the gateway at '{url}' did not answer within 15s"
+            ))
+        })?
 }
 
 /// A raw stream to `authority` in a member through the gateway's CONNECT.
@@ -236,7 +256,11 @@ pub async fn connect_tunnel(
     };
     tokio::time::timeout(std::time::Duration::from_secs(25), asked)
         .await
-        .map_err(|_| anyhow::anyhow!("the gateway did not answer within 25s; is the hub up?"))??;
+        .map_err(|_| {
+            super::error::CliError::Unreachable(
+                "the gateway did not answer within 25s; is the hub up?".into(),
+            )
+        })??;
     let head = String::from_utf8_lossy(&head).into_owned();
     let status: u16 = head
         .split_whitespace()

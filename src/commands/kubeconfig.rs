@@ -89,9 +89,9 @@ pub fn read(path: &Path) -> Result<Value> {
         Ok(v) => v,
         Err(e) => {
             let e = e.to_string();
-            if e.contains("budget breached") {
+            if e.contains("budget breached") || e.contains("alias replay limit") {
                 bail!(
-                    "the kubeconfig '{}' is larger or more nested than towerctl reads (at most 4,000,000 YAML nodes, 64 levels, 50,000 aliases; {}): pass a smaller file with --kubeconfig",
+                    "the kubeconfig '{}' is larger, more nested or more aliased than towerctl reads (the YAML parser's limit: {}): pass a smaller file with --kubeconfig, or one without YAML aliases (kubectl writes none)",
                     path.display(),
                     crate::tunnel::printable(&e, 120)
                 );
@@ -704,7 +704,7 @@ mod tests {
         let start = Instant::now();
         let e = format!("{:#}", read(&p).unwrap_err());
         assert!(
-            e.contains("larger or more nested than towerctl reads"),
+            e.contains("larger, more nested or more aliased than towerctl reads"),
             "{e}"
         );
         assert!(

@@ -453,10 +453,27 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 /// (clap said "invalid socket address syntax" for `::1:0`, `localhost:0`
 /// and `127.0.0.1:65536` alike).
 fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
     let hint = match s.rsplit_once(':') {
+        // `::1:0`: an IPv6 address and a port, or an address alone.
+        Some((h, p))
+            if !s.starts_with('[')
+                && h.parse::<std::net::Ipv6Addr>().is_ok()
+                && p.parse::<u16>().is_ok() =>
+        {
+            format!("an IPv6 address goes in brackets, like [{h}]:{p}")
+        }
+        _ if bare.parse::<std::net::IpAddr>().is_ok() => {
+            if bare.contains(':') {
+                format!("it has no port: like [{bare}]:8080")
+            } else {
+                format!("it has no port: like {bare}:8080")
+            }
+        }
         None => "it has no port".to_string(),
         Some((h, _)) if h.contains(':') && !h.starts_with('[') => {
             format!("an IPv6 address goes in brackets, like [{h}]:PORT")
@@ -627,7 +644,12 @@ pub fn parse_expose(s: &str) -> Result<(String, String), String> {
     // unbracketed `::1:5432` was taken here and then read by the agent as
     // another address than the operator meant.
     if host.contains(':') || host.starts_with('[') || host.ends_with(']') {
-        let inner = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+        // A numeric zone (`fe80::1%2`) as the agent's address parser
+        // takes it.
+        let inner = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .map(|h| h.split_once('%').map_or(h, |(a, _)| a));
         if inner.is_none_or(|h| h.parse::<std::net::Ipv6Addr>().is_err()) {
             return Err(format!(
                 "invalid expose '{s}': an IPv6 address goes in brackets, like db=[fd00::5]:5432"
@@ -1282,11 +1304,17 @@ mod tests {
     #[test]
     fn listen_addresses_say_what_is_wrong() {
         assert_eq!(parse_listen_addr("[::1]:0").unwrap().to_string(), "[::1]:0");
+        assert_eq!(
+            parse_listen_addr(" 127.0.0.1:0").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
         for (bad, words) in [
-            ("::1:0", "in brackets, like [::1]:PORT"),
+            ("::1:0", "in brackets, like [::1]:0"),
             ("localhost:0", "'localhost' is not an IP address"),
             ("127.0.0.1:65536", "'65536' is not a port"),
             ("127.0.0.1", "no port"),
+            ("::1", "no port: like [::1]:8080"),
+            ("[::1]", "no port: like [::1]:8080"),
         ] {
             let e = parse_listen_addr(bad).unwrap_err();
             assert!(e.contains(words), "{bad}: {e}");
@@ -1325,6 +1353,7 @@ mod tests {
             parse_expose("db=db.internal:5432").unwrap().1,
             "db.internal:5432"
         );
+        assert!(parse_expose("db=[fe80::1%2]:5432").is_ok());
         for bad in [
             "db=::1:5432",
             "db=fd00::5:5432",

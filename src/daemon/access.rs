@@ -268,7 +268,7 @@ impl Policy {
         let selects = |r: &Rule| {
             r.subject.covers(operator, groups)
                 && if r.unknown.is_empty() {
-                    Selector::parse(&r.clusters)
+                    Selector::parse_stored(&r.clusters)
                         .map_or(r.effect == Effect::Deny, |s| s.matches(&all))
                 } else {
                     r.effect == Effect::Deny
@@ -354,6 +354,30 @@ mod tests {
             &names_selector(&["prod".into(), "alpha".into()]),
         )
         .unwrap();
+    }
+
+    /// `KEY in ()` is refused in a new rule (it matches nothing: a deny
+    /// denied no one, without a word), and a rule stored with one before
+    /// reads as it did, not as a selector this hub cannot read (which
+    /// would deny its subject everything after an upgrade).
+    #[test]
+    fn an_empty_value_set_is_refused_new_and_read_as_before_stored() {
+        let mut p = Policy::default();
+        let e = p
+            .add(Effect::Deny, Subject::Group("dev".into()), "env in ()")
+            .unwrap_err();
+        assert!(e.contains("names no value"), "{e}");
+        p.add(Effect::Allow, Subject::Group("dev".into()), "env=dev")
+            .unwrap();
+        let mut r = p
+            .add(Effect::Deny, Subject::Group("dev".into()), "env in (q)")
+            .unwrap();
+        p.remove(r.id);
+        r.clusters = "env in ( )".into();
+        p.rules.push(r);
+        let g = vec!["dev".to_string()];
+        let d = p.decide("op1", &g, false, "a1", &labels(&[("env", "dev")]));
+        assert!(d.allowed, "{d:?}");
     }
 
     #[test]

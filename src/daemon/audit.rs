@@ -284,15 +284,33 @@ fn cut(s: &mut String, max: usize) {
 /// recorded whole, for every reader of the audit log.
 fn redact_query(path: &mut String) {
     let Some(at) = path.find('?') else { return };
+    // Read as the server reads them (`%74oken` is `token`); a towerctl
+    // token is its prefix and 43 base64url characters, anywhere in the
+    // value (`Bearer top_…`), and `top_tier` is a label, not one.
+    let decoded = |x: &str| -> String {
+        percent_encoding::percent_decode_str(&x.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let has_token = |v: &str| {
+        ["top_", "tj_"].iter().any(|p| {
+            v.match_indices(p).any(|(i, _)| {
+                v[i + p.len()..]
+                    .bytes()
+                    .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+                    .count()
+                    >= 40
+            })
+        })
+    };
     let secret = |k: &str, v: &str| {
-        let k = k.to_ascii_lowercase();
+        let k = decoded(k).to_ascii_lowercase();
         [
             "token", "password", "passwd", "secret", "auth", "apikey", "api_key", "api-key",
         ]
         .iter()
         .any(|w| k.contains(w))
-            || v.starts_with("top_")
-            || v.starts_with("tj_")
+            || has_token(&decoded(v))
     };
     let query = &path[at + 1..];
     if !query
@@ -1304,7 +1322,15 @@ mod tests {
                 "https://hub:9443/clusters/a/version?access_token=REDACTED",
             ),
             (
-                "/api/v1/pods?labelSelector=app%3Dweb&x=tj_secret&Password=p&limit=5",
+                "/api/v1/pods?labelSelector=top_tier&fieldSelector=tj_canary%3Dyes&limit=500",
+                "/api/v1/pods?labelSelector=top_tier&fieldSelector=tj_canary%3Dyes&limit=500",
+            ),
+            (
+                "/x?%74oken=abc&x=Bearer%20top_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA&y=1",
+                "/x?%74oken=REDACTED&x=REDACTED&y=1",
+            ),
+            (
+                "/api/v1/pods?labelSelector=app%3Dweb&x=tj_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb&Password=p&limit=5",
                 "/api/v1/pods?labelSelector=app%3Dweb&x=REDACTED&Password=REDACTED&limit=5",
             ),
             (

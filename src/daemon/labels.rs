@@ -85,9 +85,12 @@ pub fn validate_value(k: &str, v: &str) -> Result<(), String> {
 
 /// `KEY=VALUE`, for `cluster add --label`.
 pub fn parse_pair(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("invalid label '{s}': use KEY=VALUE (like env=prod)"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        format!(
+            "invalid label '{}': use KEY=VALUE (like env=prod)",
+            crate::tunnel::escape_for_log(s, 80)
+        )
+    })?;
     validate_settable_key(k)?;
     validate_value(k, v)?;
     Ok((k.to_string(), v.to_string()))
@@ -158,6 +161,16 @@ impl Selector {
     /// Parses `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`
     /// and `!k`, joined by commas.
     pub fn parse(s: &str) -> Result<Selector, String> {
+        Self::parse_as(s, true)
+    }
+
+    /// [`Selector::parse`] of a stored selector, as it was taken when it
+    /// was stored (`KEY in ()` included).
+    pub fn parse_stored(s: &str) -> Result<Selector, String> {
+        Self::parse_as(s, false)
+    }
+
+    fn parse_as(s: &str, strict: bool) -> Result<Selector, String> {
         let bad = |why: &str| {
             format!("invalid selector '{}': {}; use terms like env=prod, env!=dev, 'env in (prod,staging)', 'env notin (dev)', canary or !canary, joined by commas", crate::tunnel::printable(s, 120), crate::tunnel::printable(why, 300))
         };
@@ -187,12 +200,12 @@ impl Selector {
             if t.is_empty() {
                 return Err(bad("empty term"));
             }
-            reqs.push(Self::term(t).map_err(|e| bad(&e))?);
+            reqs.push(Self::term(t, strict).map_err(|e| bad(&e))?);
         }
         Ok(Selector(reqs))
     }
 
-    fn term(t: &str) -> Result<Requirement, String> {
+    fn term(t: &str, strict: bool) -> Result<Requirement, String> {
         let key = |k: &str| -> Result<String, String> {
             let k = k.trim();
             validate_key(k)?;
@@ -227,8 +240,10 @@ impl Selector {
                 _ => return Err(format!("'{t}' is not 'KEY in (…)' or 'KEY notin (…)'")),
             };
             // `env in ()` selects nothing (Kubernetes refuses it): a
-            // deny rule with it was taken and denied no one.
-            if close[open + 1..].trim().is_empty() {
+            // deny rule with it was taken and denied no one. Refused in
+            // new selectors only: a rule stored with one before still
+            // reads as it did (unreadable, it would deny everything).
+            if strict && close[open + 1..].trim().is_empty() {
                 return Err(format!(
                     "'{t}' names no value: list at least one, like '{} {op} (a,b)'",
                     k

@@ -690,6 +690,14 @@ pub async fn serve(
                         // reading.
                         .max_send_buf_size(H2_SEND_BUFFER);
                 } else {
+                    // A PING every 20 s while the connection is up: an idle
+                    // watch sent nothing for minutes, and a balancer passing
+                    // TLS through with a 30 s idle timeout (HAProxy's
+                    // common `timeout client 30s`) cut it; kubectl's own
+                    // PING every 30 s raced that timer. A client that
+                    // answers none within 20 s is gone.
+                    b.keep_alive_interval(Some(h2_ping_every()))
+                        .keep_alive_timeout(h2_ping_every());
                     // What a client may send ahead of the member taking it,
                     // per connection: hyper's 1 MiB across an operator's
                     // 4,096 connections was 4 GiB held for one token.
@@ -918,6 +926,22 @@ const H2_MAX_STREAMS: u32 = 1000;
 /// Bytes of answers the hub queues per HTTP/2 stream to kubectl's
 /// connections (see where it is set).
 const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// How often the gateway PINGs a kubectl (HTTP/2) connection, and how long
+/// it waits for the answer (`TOWERCTL_GATEWAY_PING_INTERVAL` seconds, read
+/// at start, for tests).
+const H2_PING_EVERY: Duration = Duration::from_secs(20);
+
+fn h2_ping_every() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("TOWERCTL_GATEWAY_PING_INTERVAL")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .map_or(H2_PING_EVERY, Duration::from_secs)
+    })
+}
 /// Request body bytes an `h2` connection (kubectl's) may send ahead, for
 /// all its streams: request bodies are small (objects of at most 1.5 MB,
 /// as etcd stores them), and the window comes back as the member takes
