@@ -1579,6 +1579,41 @@ fn goaway_code(got: &[u8]) -> Option<u32> {
     None
 }
 
+/// The (type, flags) of each whole frame in `got` (as read from a
+/// connection).
+fn h2_frame_kinds(got: &[u8]) -> Vec<(u8, u8)> {
+    let (mut out, mut at) = (Vec::new(), 0);
+    while got.len() >= at + 9 {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        if got.len() < at + 9 + len {
+            break;
+        }
+        out.push((got[at + 3], got[at + 4]));
+        at += 9 + len;
+    }
+    out
+}
+
+/// What `s` sends until it closes, `done` says so, or `within` passes
+/// (its read timeout sets how often `done` is asked).
+fn read_h2_until(s: &mut impl Read, within: Duration, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    let until = Instant::now() + within;
+    while Instant::now() < until && !done(&got) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
 /// HTTP/2 floods on the gateway, before any token (kubectl's protocol, so
 /// the one an attacker on the internet meets first): requests opened and
 /// cancelled at once (rapid reset, CVE-2023-44487) and one header block
@@ -1737,26 +1772,8 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
             out.extend(h2_frame(1, 0x4, 2 * i + 1, &head));
         }
         let _ = s.write_all(&out).and_then(|()| s.flush());
-        let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
-        let until = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < until {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
-            }
-        }
-        let (mut answers, mut at) = (0, 0);
-        while got.len() >= at + 9 {
-            let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
-            answers += usize::from(got[at + 3] == 1);
-            at += 9 + len;
-        }
+        let got = read_h2_until(&mut s, Duration::from_secs(15), |_| false);
+        let answers = h2_frame_kinds(&got).iter().filter(|f| f.0 == 1).count();
         assert!(
             answers <= 256,
             "{answers} requests without a token answered on one connection"
@@ -2448,31 +2465,12 @@ fn an_idle_http2_connection_is_pinged() {
     out.extend(h2_frame(4, 0, 0, &[]));
     s.write_all(&out).unwrap();
     s.flush().unwrap();
-    let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
-    let until = Instant::now() + Duration::from_secs(5);
     let pinged = |got: &[u8]| {
-        let mut at = 0;
-        while got.len() >= at + 9 {
-            let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
-            if got[at + 3] == 6 && got[at + 4] & 1 == 0 {
-                return true;
-            }
-            at += 9 + len;
-        }
-        false
+        h2_frame_kinds(got)
+            .iter()
+            .any(|&(k, f)| k == 6 && f & 1 == 0)
     };
-    while Instant::now() < until && !pinged(&got) {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
+    let got = read_h2_until(&mut s, Duration::from_secs(5), pinged);
     assert!(
         pinged(&got),
         "no PING within 5 s ({} bytes read)",
