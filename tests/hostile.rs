@@ -1594,6 +1594,24 @@ fn h2_frame_kinds(got: &[u8]) -> Vec<(u8, u8)> {
     out
 }
 
+/// A TLS connection to the gateway speaking HTTP/2 (ALPN in `tls`), and
+/// the preface and SETTINGS it opens with, not sent yet.
+fn h2_client(
+    gateway: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    read_timeout: Duration,
+) -> (
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    Vec<u8>,
+) {
+    let conn = rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
+    let tcp = TcpStream::connect(gateway).unwrap();
+    tcp.set_read_timeout(Some(read_timeout)).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    (rustls::StreamOwned::new(conn, tcp), out)
+}
+
 /// What `s` sends until it closes, `done` says so, or `within` passes
 /// (its read timeout sets how often `done` is asked).
 fn read_h2_until(s: &mut impl Read, within: Duration, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
@@ -1661,14 +1679,7 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
         "ping flood",
         "streams without a token",
     ] {
-        let conn =
-            rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
-        let tcp = TcpStream::connect(&gateway).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(h2_frame(4, 0, 0, &[]));
+        let (mut s, out) = h2_client(&gateway, &tls, Duration::from_millis(50));
         s.write_all(&out).unwrap();
         let (mut got, mut sent, mut code, mut closed) = (Vec::new(), 0usize, None, false);
         let mut buf = vec![0u8; 1 << 16];
@@ -1760,14 +1771,7 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
     // A thousand requests at once without a token, bodies never sent: at
     // most 256 are taken (h2 allows 1,000 streams; each was served a 401).
     {
-        let conn =
-            rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
-        let tcp = TcpStream::connect(&gateway).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(h2_frame(4, 0, 0, &[]));
+        let (mut s, mut out) = h2_client(&gateway, &tls, Duration::from_millis(200));
         for i in 0..1000u32 {
             out.extend(h2_frame(1, 0x4, 2 * i + 1, &head));
         }
@@ -2455,14 +2459,7 @@ fn an_idle_http2_connection_is_pinged() {
         .up_with_env(&[("TOWERCTL_GATEWAY_PING_INTERVAL", "1")])
         .ok());
     let (gw, tls) = h2_to_the_gateway(&env);
-    let conn =
-        rustls::ClientConnection::new(Arc::new(tls), "localhost".try_into().unwrap()).unwrap();
-    let tcp = TcpStream::connect(&gw).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(h2_frame(4, 0, 0, &[]));
+    let (mut s, out) = h2_client(&gw, &Arc::new(tls), Duration::from_millis(200));
     s.write_all(&out).unwrap();
     s.flush().unwrap();
     let pinged = |got: &[u8]| {
