@@ -595,6 +595,27 @@ fn join_fails_fast_with_the_reason() {
         "{o:?}"
     );
 
+    // Something in the hub's place that will answer the same until it is
+    // reconfigured (here the gateway's TLS port, dialed with ws://: 400):
+    // said at once, not after --timeout with words about a slow link.
+    let start = std::time::Instant::now();
+    let o = env.join(
+        &with(
+            "--hub",
+            &format!("ws://127.0.0.1:{}/tunnel", env.gateway_port()),
+        ),
+        &["--kubeconfig", kc, "--timeout", "30s"],
+    );
+    assert_eq!(o.code, Some(5), "{o:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15)
+            && o.stderr.contains("HTTP 400")
+            && o.stderr.contains("The agent was stopped")
+            && !o.stderr.contains("did not come up"),
+        "{:?}: {o:?}",
+        start.elapsed()
+    );
+
     // A member kubeconfig that does not parse is told by line and column,
     // without the lines around the error (a token, a key), on the
     // terminal and in the agent's log, by path or in KUBECONFIG.

@@ -372,6 +372,16 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                 let why = s.last_error.as_deref().unwrap_or("certificate refused");
                 return Err(CliError::Tls(format!("{why}. The agent was stopped.")).into());
             }
+            if s.failure == Some(FailureKind::Misrouted) {
+                // A proxy or ingress answering in the hub's place what it
+                // will answer until reconfigured: said now, not after
+                // --timeout with words about a slow link.
+                spawned.kill();
+                restore();
+                spinner.done();
+                let why = s.last_error.as_deref().unwrap_or("refused on the way");
+                return Err(CliError::Unreachable(format!("{why}. The agent was stopped.")).into());
+            }
             // Another join's agent for this name (two joins at once): not
             // ours, whose start then fails on the name's lock and is said
             // above.

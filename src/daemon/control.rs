@@ -454,6 +454,9 @@ pub enum FailureKind {
     /// The hub presented another SSH host key than the pinned one: `join`
     /// stops at once (exit 4); a running agent retries (see the agent loop).
     HostKey,
+    /// Something in the hub's place answered what waiting will not change
+    /// (a proxy's 407, an ingress's 404): `join` stops at once (exit 5).
+    Misrouted,
 }
 
 /// What a running agent adds to a host key mismatch it retries after
@@ -465,6 +468,7 @@ impl FailureKind {
         match e {
             crate::tunnel::TunnelError::HostKeyMismatch { .. } => Some(FailureKind::HostKey),
             e if e.is_certificate() => Some(FailureKind::Certificate),
+            e if e.is_misrouted() => Some(FailureKind::Misrouted),
             _ => None,
         }
     }

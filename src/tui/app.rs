@@ -373,6 +373,9 @@ impl Cluster {
                         Some(crate::daemon::control::FailureKind::Certificate) => {
                             "certificate refused · "
                         }
+                        Some(crate::daemon::control::FailureKind::Misrouted) => {
+                            "refused on the way · "
+                        }
                         None => "",
                     };
                     detail = if left.is_zero() {

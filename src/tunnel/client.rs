@@ -546,7 +546,19 @@ async fn connect_inner(
             phase.set("no answer from the proxy to its CONNECT (the proxy unreachable, or slow to reach the hub)");
             super::proxy::connect(&proxy, host, port)
                 .await
-                .map_err(|e| unreachable(format!("through proxy '{}': {e}", proxy.shown())))?
+                .map_err(|e| {
+                    let reason = format!("through proxy '{}': {e}", proxy.shown());
+                    // 403 and 407: the proxy's answer until it is told
+                    // otherwise.
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        TunnelError::Misrouted {
+                            url: opts.url.clone(),
+                            reason,
+                        }
+                    } else {
+                        unreachable(reason)
+                    }
+                })?
         }
         None => super::dial::connect(host, port)
             .await
@@ -645,7 +657,17 @@ async fn connect_inner(
         Some(ws_cfg),
     )
     .await
-    .map_err(|e| unreachable(handshake_failure(&e)))?;
+    .map_err(|e| {
+        let reason = handshake_failure(&e);
+        if misrouted(&e) {
+            TunnelError::Misrouted {
+                url: opts.url.clone(),
+                reason,
+            }
+        } else {
+            unreachable(reason)
+        }
+    })?;
 
     let seen_key = Arc::new(Mutex::new(None));
     let (closed_tx, closed_rx) = oneshot::channel();
@@ -763,6 +785,21 @@ async fn refusal(closed: &mut oneshot::Receiver<SessionEnd>, name: &str) -> Tunn
             reason: None,
         },
     }
+}
+
+/// Whether the upgrade was answered by something that will answer the
+/// same until it is reconfigured: a success or redirect that is no
+/// upgrade, a refusal for credentials, nothing routed at the path, a proxy
+/// that drops the upgrade or speaks HTTP/1.0 (502–504 and other answers
+/// may pass: a hub restarting behind its ingress).
+fn misrouted(e: &tokio_tungstenite::tungstenite::Error) -> bool {
+    let tokio_tungstenite::tungstenite::Error::Http(response) = e else {
+        return false;
+    };
+    matches!(
+        response.status().as_u16(),
+        200..=399 | 400 | 401 | 403 | 404 | 405 | 407 | 426 | 505
+    )
 }
 
 /// Why the WebSocket upgrade failed, and for an HTTP answer other than

@@ -200,6 +200,12 @@ pub enum TunnelError {
     Revoked { reason: String },
     #[error("cannot reach the hub at '{url}': {reason}")]
     Unreachable { url: String, reason: String },
+    /// Something on the way answered in the hub's place and will answer
+    /// the same until it is reconfigured (a proxy wanting credentials, an
+    /// ingress with no route to the hub, a redirect): retried by a running
+    /// agent, but `join` reports it at once.
+    #[error("cannot reach the hub at '{url}': {reason}")]
+    Misrouted { url: String, reason: String },
     #[error("invalid hub URL '{url}': {reason} (expected ws://HOST:PORT or wss://HOST:PORT)")]
     BadUrl { url: String, reason: String },
     #[error("the SSH handshake with the hub failed: {0}")]
@@ -229,6 +235,12 @@ impl TunnelError {
     /// the join timeout cannot fix, though a running agent keeps retrying.
     pub fn is_certificate(&self) -> bool {
         matches!(self, TunnelError::Certificate { .. })
+    }
+
+    /// An answer from something in the hub's place that waiting will not
+    /// change ([`TunnelError::Misrouted`]).
+    pub fn is_misrouted(&self) -> bool {
+        matches!(self, TunnelError::Misrouted { .. })
     }
 }
 

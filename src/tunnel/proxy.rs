@@ -468,19 +468,29 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     if !(200..300).contains(&code) {
-        return Err(std::io::Error::other(format!(
-            "proxy answered '{}'{}",
-            super::printable(status_line, 200),
-            refusal_hint(
-                code,
-                &head,
-                port,
-                proxy
-                    .credentials
-                    .as_deref()
-                    .map(|c| c.split_once(':').map_or(c, |(u, _)| u))
-            )
-        )));
+        // A refusal (credentials, a port not allowed) stays one until the
+        // proxy or its URL changes: told apart for `join`.
+        let kind = if matches!(code, 403 | 407) {
+            std::io::ErrorKind::PermissionDenied
+        } else {
+            std::io::ErrorKind::Other
+        };
+        return Err(std::io::Error::new(
+            kind,
+            format!(
+                "proxy answered '{}'{}",
+                super::printable(status_line, 200),
+                refusal_hint(
+                    code,
+                    &head,
+                    port,
+                    proxy
+                        .credentials
+                        .as_deref()
+                        .map(|c| c.split_once(':').map_or(c, |(u, _)| u))
+                )
+            ),
+        ));
     }
     Ok(s)
 }
