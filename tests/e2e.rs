@@ -251,7 +251,13 @@ fn repeated_use_never_duplicates_entries_and_use_dash_goes_back() {
         let o = env.kubectl(args);
         assert!(o.ok(), "{o:?}");
     }
-    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.towerctl(&["use", "alpha"]);
+    assert!(
+        o.ok()
+            && o.stderr
+                .contains("note: removed token from user 'tower-alpha'"),
+        "said, not silently: {o:?}"
+    );
     let field = |path: &str| {
         env.kubectl(&["config", "view", "-o", &format!("jsonpath={path}")])
             .stdout
@@ -1217,6 +1223,7 @@ fn an_operator_on_another_machine_logs_in_and_uses_a_member() {
     bad[i] = format!("sha256:{}", "0".repeat(64));
     let args: Vec<&str> = bad.iter().map(String::as_str).collect();
     let o = Env::new().towerctl(&args);
+    assert_eq!(o.code, Some(6), "a CA other than the pinned one: {o:?}");
     assert!(
         !o.ok() && o.stderr.contains(&real) && o.stderr.contains(&bad[i]),
         "{o:?}"

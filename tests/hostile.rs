@@ -1783,6 +1783,24 @@ fn http2_floods_before_any_token_are_cut_with_a_goaway() {
             "{answers} requests without a token answered on one connection"
         );
     }
+    // With a valid token, 300 at once on a new connection are all
+    // answered: those past the first 256 wait for one of those to have
+    // authenticated (they were cut with the connection).
+    {
+        let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+        let mut authed = head.clone();
+        authed.extend([0x0f, 0x08]);
+        authed.extend(hpack_string(format!("Bearer {}", token.trim()).as_bytes()));
+        let (mut s, mut out) = h2_client(&gateway, &tls, Duration::from_millis(200));
+        for i in 0..300u32 {
+            out.extend(h2_frame(1, 0x5, 2 * i + 1, &authed));
+        }
+        s.write_all(&out).unwrap();
+        s.flush().unwrap();
+        let answered = |got: &[u8]| h2_frame_kinds(got).iter().filter(|f| f.0 == 1).count();
+        let got = read_h2_until(&mut s, Duration::from_secs(15), |g| answered(g) >= 300);
+        assert_eq!(answered(&got), 300, "{} bytes read", got.len());
+    }
     // The hub serves on, and holds no more than it did.
     assert_healthy(&gateway, "/healthz");
     let after = rss();

@@ -166,12 +166,13 @@ impl GatewayClient {
                     ))
                     .into()
                 } else {
-                    anyhow::anyhow!(
+                    super::error::CliError::Unreachable(format!(
                         "the TLS handshake with the gateway at {at} did not complete: {e} (the hub, or \
-                         something in front of it, closed the connection; a load balancer sending a \
-                         PROXY protocol header needs --trusted-proxy on the hub, and the hub's log \
-                         says why it refused)"
-                    )
+                         something in front of it, closed the connection: a load balancer with no \
+                         healthy backend, or one sending a PROXY protocol header, which needs \
+                         --trusted-proxy on the hub; the hub's log says why it refused)"
+                    ))
+                    .into()
                 }
             })
         };

@@ -299,6 +299,12 @@ fn lock(path: &Path) -> Result<Lock> {
 /// Applies `f` to the kubeconfig at `path` under the lock, then writes it
 /// back atomically. Returns the path actually written (the symlink target).
 pub fn edit(path: &Path, f: impl FnOnce(&mut Value) -> Result<()>) -> Result<PathBuf> {
+    // One edit at a time in this process (the dashboard runs each Enter on
+    // a thread of its own): the directory's lock is this process's, and
+    // a second thread took the first one's lock file for a left one, and
+    // one of two edits was lost.
+    static EDITS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = EDITS.lock().unwrap_or_else(|p| p.into_inner());
     // Follow a symlinked kubeconfig instead of replacing the link.
     let real = if path.is_symlink() {
         std::fs::canonicalize(path).with_context(|| {
@@ -735,6 +741,32 @@ mod tests {
             let _ = child.wait();
             assert!(err.contains("another towerctl"), "{err}");
         }
+    }
+
+    /// Edits from several threads of one process (the dashboard's) take
+    /// turns: the second took the first one's lock file for one left
+    /// behind, and one of the edits was lost.
+    #[test]
+    fn edits_from_threads_of_one_process_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config");
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    edit(&p, |doc| {
+                        std::thread::sleep(Duration::from_millis(100));
+                        upsert(doc, "contexts", "context", &format!("c{i}"), json!({}))
+                    })
+                    .unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let doc = read(&p).unwrap();
+        assert_eq!(ctx(&doc).len(), 4, "{doc}");
     }
 
     /// A lock left by a towerctl that is gone (Ctrl-C, kill -9) is taken

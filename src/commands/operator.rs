@@ -240,7 +240,7 @@ pub async fn login(
     match (ca_hash, insecure) {
         (Some(expected), _) => {
             if !expected.trim().eq_ignore_ascii_case(&actual) {
-                bail!("the gateway's CA does not match --ca-hash: expected '{expected}', the gateway presented '{actual}'. Check the URL; if the hub's CA changed, the hub's admin reads the new hash in 'towerctl status' on the hub, and your token still logs in with it");
+                return Err(super::error::CliError::Tls(format!("the gateway's CA does not match --ca-hash: expected '{expected}', the gateway presented '{actual}'. Check the URL; if the hub's CA changed, the hub's admin reads the new hash in 'towerctl status' on the hub, and your token still logs in with it")).into());
             }
         }
         (None, true) => eprintln!("warning: --insecure-skip-ca-hash: trusting the CA the gateway presented ({actual}) without checking it"),

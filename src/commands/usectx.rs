@@ -277,19 +277,37 @@ fn write_entries(
         // dropped, and the one backup was overwritten by the next `use`,
         // so they were gone for good.
         if let Some(u) = kubeconfig::find(d, "users", "user", &ctx).and_then(Value::as_object) {
-            let ours = u
-                .get("exec")
+            // towerctl's credential plugin: its `credential` argument, or
+            // a towerctl binary with its arguments changed by hand
+            // (`kubectl config set-credentials --exec-arg=…`).
+            let exec = u.get("exec");
+            let ours = exec
                 .and_then(|e| e.get("args"))
                 .and_then(Value::as_array)
-                .and_then(|a| a.first())
-                .and_then(Value::as_str)
-                == Some("credential");
+                .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("credential")))
+                || exec
+                    .and_then(|e| e.get("command"))
+                    .and_then(Value::as_str)
+                    .and_then(|c| std::path::Path::new(c).file_name())
+                    .is_some_and(|n| n.to_string_lossy().starts_with("towerctl"));
             let own: Vec<&str> = CREDENTIAL_FIELDS
                 .iter()
                 .copied()
                 .chain(["exec"])
                 .filter(|k| u.contains_key(*k))
                 .collect();
+            if ours {
+                // Credentials set on towerctl's user by hand (kubectl
+                // prefers a token to the plugin) go: said, not silently.
+                let set: Vec<&str> = own.iter().copied().filter(|k| *k != "exec").collect();
+                if !set.is_empty() {
+                    eprintln!(
+                        "note: removed {} from user '{ctx}' in '{}': towerctl's credential plugin authenticates it (a copy is in the file's .towerctl.bak)",
+                        set.join(", "),
+                        home.display()
+                    );
+                }
+            }
             if !ours && !own.is_empty() {
                 bail!(
                     "the kubeconfig '{}' has a user '{ctx}' that towerctl did not write (with {}){}; towerctl would replace it: rename that context and its user first ('kubectl config rename-context {ctx} NEW-NAME', and the user's entry), then run 'towerctl use {name}' again",

@@ -313,16 +313,17 @@ fn redact_query(path: &mut String) {
             || has_token(&decoded(v))
     };
     let query = &path[at + 1..];
-    if !query
-        .split('&')
-        .any(|p| p.split_once('=').is_some_and(|(k, v)| secret(k, v)))
-    {
+    if !query.split('&').any(|p| {
+        p.split_once('=')
+            .map_or(has_token(&decoded(p)), |(k, v)| secret(k, v))
+    }) {
         return;
     }
     let redacted: Vec<String> = query
         .split('&')
         .map(|p| match p.split_once('=') {
             Some((k, v)) if secret(k, v) => format!("{k}=REDACTED"),
+            None if has_token(&decoded(p)) => "REDACTED".to_string(),
             _ => p.to_string(),
         })
         .collect();
@@ -1338,6 +1339,7 @@ mod tests {
                 "/api/v1/pods?continue=abc&labelSelector=app%3Ddesktop_top_1",
             ),
             ("/api/v1/pods", "/api/v1/pods"),
+            ("/version?top_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB&a=1", "/version?REDACTED&a=1"),
         ] {
             let mut r = Record {
                 operator: "alice".into(),

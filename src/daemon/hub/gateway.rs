@@ -694,10 +694,13 @@ pub async fn serve(
                     // watch sent nothing for minutes, and a balancer passing
                     // TLS through with a 30 s idle timeout (HAProxy's
                     // common `timeout client 30s`) cut it; kubectl's own
-                    // PING every 30 s raced that timer. A client that
-                    // answers none within 20 s is gone.
+                    // PING every 30 s raced that timer. Traffic, not a
+                    // liveness check: its answer may wait behind megabytes
+                    // on a slow link (a 20 s wait cut downloads under ~1.5
+                    // Mbit/s), and a client that takes nothing is dropped
+                    // by the write-stall limit, so it waits an hour.
                     b.keep_alive_interval(Some(h2_ping_every()))
-                        .keep_alive_timeout(h2_ping_every());
+                        .keep_alive_timeout(Duration::from_secs(3600));
                     // What a client may send ahead of the member taking it,
                     // per connection: hyper's 1 MiB across an operator's
                     // 4,096 connections was 4 GiB held for one token.

@@ -77,8 +77,9 @@ pub enum Flood {
     /// PRIORITY, unknown frame types, and DATA or HEADERS frames that
     /// carry nothing and end nothing.
     Empty,
-    /// More streams than [`PREAUTH_STREAMS`] before a valid token.
-    Unauthenticated,
+    /// RST_STREAM (h2 ignores one for a stream already closed) and
+    /// WINDOW_UPDATE frames past any client's pace.
+    Control,
 }
 
 impl Flood {
@@ -87,9 +88,18 @@ impl Flood {
             Flood::Settings => "a SETTINGS flood (over 10 a second)",
             Flood::Ping => "a PING flood (over 500 a second)",
             Flood::Empty => "a flood of frames that carry nothing (over 500 a second)",
-            Flood::Unauthenticated => "over 256 streams before any request with a valid token",
+            Flood::Control => "a RST_STREAM or WINDOW_UPDATE flood",
         }
     }
+}
+
+/// What [`Budgets::feed`] lets through of what it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fed {
+    All,
+    /// The first this many bytes; the rest starts a new stream that waits
+    /// until one of the connection's requests carried a valid token.
+    Until(usize),
 }
 
 /// The frame budgets of one connection, fed the bytes the client sends.
@@ -102,6 +112,8 @@ pub struct Budgets {
     settings: Bucket,
     ping: Bucket,
     empty: Bucket,
+    resets: Bucket,
+    window_updates: Bucket,
     streams: u32,
     authenticated: bool,
 }
@@ -116,6 +128,10 @@ impl Default for Budgets {
             settings: Bucket::new(100.0, 10.0),
             ping: Bucket::new(1000.0, 500.0),
             empty: Bucket::new(1000.0, 500.0),
+            resets: Bucket::new(1000.0, 500.0),
+            // A fast download's updates (one per half window read) stay
+            // far below it.
+            window_updates: Bucket::new(10_000.0, 5_000.0),
             streams: 0,
             authenticated: false,
         }
@@ -124,69 +140,77 @@ impl Default for Budgets {
 
 impl Budgets {
     /// Reads `bytes` (the next the client sent); `authenticated` is asked
-    /// only for new streams, and only until it says yes.
-    pub fn feed(
-        &mut self,
-        mut bytes: &[u8],
-        authenticated: impl Fn() -> bool,
-    ) -> Result<(), Flood> {
-        while !bytes.is_empty() {
+    /// only for new streams, and only until it says yes. A new stream past
+    /// [`PREAUTH_STREAMS`] before then is not read: the bytes from its
+    /// frame on are to be fed again later (nothing of them was counted).
+    pub fn feed(&mut self, bytes: &[u8], authenticated: impl Fn() -> bool) -> Result<Fed, Flood> {
+        let mut at = 0;
+        while at < bytes.len() {
             if self.preface > 0 {
-                let n = self.preface.min(bytes.len());
+                let n = self.preface.min(bytes.len() - at);
                 self.preface -= n;
-                bytes = &bytes[n..];
+                at += n;
                 continue;
             }
             if self.skip > 0 {
-                let n = (self.skip.min(bytes.len() as u64)) as usize;
+                let n = (self.skip.min((bytes.len() - at) as u64)) as usize;
                 self.skip -= n as u64;
-                bytes = &bytes[n..];
+                at += n;
                 continue;
             }
-            let n = (9 - self.have).min(bytes.len());
-            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            let had = self.have;
+            let n = (9 - self.have).min(bytes.len() - at);
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[at..at + n]);
             self.have += n;
-            bytes = &bytes[n..];
             if self.have < 9 {
                 break;
             }
-            self.have = 0;
             let h = self.header;
+            if h[3] == 0x1 && !self.may_open(&authenticated) {
+                // Not read yet: the header as before this chunk.
+                self.have = had;
+                return Ok(Fed::Until(at));
+            }
+            at += n;
+            self.have = 0;
             let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
             self.skip = u64::from(len);
-            self.frame(h[3], h[4], len, &authenticated)?;
+            self.frame(h[3], h[4], len)?;
         }
-        Ok(())
+        Ok(Fed::All)
     }
 
-    fn frame(
-        &mut self,
-        kind: u8,
-        flags: u8,
-        len: u32,
-        authenticated: &impl Fn() -> bool,
-    ) -> Result<(), Flood> {
+    /// Whether a new stream (a HEADERS frame; trailers are counted alike)
+    /// may be read now.
+    fn may_open(&mut self, authenticated: &impl Fn() -> bool) -> bool {
+        if self.authenticated {
+            return true;
+        }
+        self.authenticated = authenticated();
+        if self.authenticated {
+            return true;
+        }
+        if self.streams >= PREAUTH_STREAMS {
+            return false;
+        }
+        self.streams += 1;
+        true
+    }
+
+    fn frame(&mut self, kind: u8, flags: u8, len: u32) -> Result<(), Flood> {
         const END_STREAM: u8 = 0x1;
-        const ACK: u8 = 0x1;
         let budget = match kind {
-            // HEADERS: a new stream (or trailers, counted alike).
-            0x1 if !self.authenticated => {
-                self.authenticated = authenticated();
-                if !self.authenticated {
-                    self.streams += 1;
-                    if self.streams > PREAUTH_STREAMS {
-                        return Err(Flood::Unauthenticated);
-                    }
-                }
-                None
-            }
             // An empty DATA frame that ends nothing, PRIORITY, and the
             // types h2 reads and drops.
             0x0 if len == 0 && flags & END_STREAM == 0 => Some((&mut self.empty, Flood::Empty)),
             0x2 => Some((&mut self.empty, Flood::Empty)),
             k if k > 0x9 => Some((&mut self.empty, Flood::Empty)),
-            0x4 if flags & ACK == 0 => Some((&mut self.settings, Flood::Settings)),
-            0x6 if flags & ACK == 0 => Some((&mut self.ping, Flood::Ping)),
+            0x3 => Some((&mut self.resets, Flood::Control)),
+            // SETTINGS and PING, asked or answered (a client answers the
+            // hub's one SETTINGS and one PING each 20 s).
+            0x4 => Some((&mut self.settings, Flood::Settings)),
+            0x6 => Some((&mut self.ping, Flood::Ping)),
+            0x8 => Some((&mut self.window_updates, Flood::Control)),
             _ => None,
         };
         if let Some((bucket, flood)) = budget {
@@ -198,12 +222,23 @@ impl Budgets {
     }
 }
 
+/// How often a connection holding back a new stream looks again whether
+/// one of its requests authenticated.
+const HELD_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// A connection's IO with [`Budgets`] on what it reads: past one, its reads
-/// fail (h2 then ends the connection).
+/// fail (h2 then ends the connection); a stream past [`PREAUTH_STREAMS`]
+/// before any valid token waits, unread, until there is one (the
+/// pre-authentication deadline ends a connection that never has one).
 pub struct H2Guard<T, A> {
     inner: T,
     budgets: Budgets,
     authenticated: A,
+    /// Fed and admitted, not handed on yet (a read buffer too small).
+    ready: Vec<u8>,
+    /// Read but not fed: from a held stream's frame on.
+    held: Vec<u8>,
+    recheck: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Said once, by the first read past a budget.
     tripped: Option<Flood>,
     on_trip: Option<Box<dyn FnOnce(Flood) + Send>>,
@@ -215,9 +250,41 @@ impl<T, A: Fn() -> bool> H2Guard<T, A> {
             inner,
             budgets: Budgets::default(),
             authenticated,
+            ready: Vec::new(),
+            held: Vec::new(),
+            recheck: None,
             tripped: None,
             on_trip: Some(Box::new(on_trip)),
         }
+    }
+
+    /// Feeds `bytes`: how many may be handed on (the caller keeps the rest
+    /// in `held`), or the flood that ends the connection.
+    fn admit(&mut self, bytes: &[u8]) -> Result<usize, Flood> {
+        match self.budgets.feed(bytes, &self.authenticated) {
+            Ok(Fed::All) => Ok(bytes.len()),
+            Ok(Fed::Until(n)) => Ok(n),
+            Err(f) => {
+                self.tripped = Some(f);
+                if let Some(say) = self.on_trip.take() {
+                    say(f);
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Pending until [`HELD_RECHECK`] from now (to look again whether a
+    /// request authenticated).
+    fn wait_a_moment(&mut self, cx: &mut Context<'_>) {
+        let sleep = self
+            .recheck
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(HELD_RECHECK)));
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + HELD_RECHECK);
+        // Polled to register the waker for the new deadline.
+        let _ = std::future::Future::poll(sleep.as_mut(), cx);
     }
 }
 
@@ -228,24 +295,55 @@ impl<T: AsyncRead + Unpin, A: Fn() -> bool + Unpin> AsyncRead for H2Guard<T, A> 
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(f) = this.tripped {
-            return Poll::Ready(Err(io::Error::other(f.words())));
-        }
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let new = &buf.filled()[before..];
-            if let Err(f) = this.budgets.feed(new, &this.authenticated) {
-                this.tripped = Some(f);
-                if let Some(say) = this.on_trip.take() {
-                    say(f);
-                }
-                // What was read is not handed on: the connection ends here.
-                buf.set_filled(before);
+        loop {
+            if let Some(f) = this.tripped {
                 return Poll::Ready(Err(io::Error::other(f.words())));
             }
+            if !this.ready.is_empty() {
+                let give = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..give]);
+                this.ready.drain(..give);
+                return Poll::Ready(Ok(()));
+            }
+            if !this.held.is_empty() {
+                // Held back for a token: handed on once a request had one.
+                let held = std::mem::take(&mut this.held);
+                let n = match this.admit(&held) {
+                    Ok(n) => n,
+                    Err(f) => return Poll::Ready(Err(io::Error::other(f.words()))),
+                };
+                this.held = held[n..].to_vec();
+                if n == 0 {
+                    this.wait_a_moment(cx);
+                    return Poll::Pending;
+                }
+                this.recheck = None;
+                this.ready = held[..n].to_vec();
+                continue;
+            }
+            let before = buf.filled().len();
+            let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if let Poll::Ready(Ok(())) = r {
+                let got = buf.filled().len() - before;
+                let n = match this.admit(&buf.filled()[before..]) {
+                    Ok(n) => n,
+                    Err(f) => {
+                        // What was read is not handed on: the connection ends.
+                        buf.set_filled(before);
+                        return Poll::Ready(Err(io::Error::other(f.words())));
+                    }
+                };
+                if n < got {
+                    this.held = buf.filled()[before + n..].to_vec();
+                    buf.set_filled(before + n);
+                    if n == 0 {
+                        this.wait_a_moment(cx);
+                        return Poll::Pending;
+                    }
+                }
+            }
+            return r;
         }
-        r
     }
 }
 
@@ -303,7 +401,7 @@ mod tests {
         // A megabyte of DATA, fed a byte at a time, is one frame.
         bytes.extend(frame(0x0, 0, &vec![7; 1 << 20]));
         for chunk in bytes.chunks(1) {
-            b.feed(chunk, || true).unwrap();
+            assert_eq!(b.feed(chunk, || true), Ok(Fed::All));
         }
         let toggle = frame(0x4, 0, &[0, 4, 0, 0, 255, 255]);
         let mut refused = None;
@@ -316,27 +414,25 @@ mod tests {
         let (i, f) = refused.expect("a flood of SETTINGS was taken");
         assert_eq!(f, Flood::Settings);
         assert!((90..=110).contains(&i), "{i}");
-        // ACKs are answers, not asks.
-        let mut b = Budgets::default();
-        b.feed(&preface(), || true).unwrap();
-        for _ in 0..10_000 {
-            b.feed(&frame(0x4, 0x1, &[]), || true).unwrap();
-            b.feed(&frame(0x6, 0x1, &[0; 8]), || true).unwrap();
-        }
     }
 
     #[test]
-    fn pings_empty_frames_and_unknown_types_have_budgets() {
-        for (f, want) in [
-            (frame(0x6, 0, &[0; 8]), Flood::Ping),
-            (frame(0xfa, 0, &[1; 100]), Flood::Empty),
-            (frame(0x2, 0, &[0; 5]), Flood::Empty),
-            (frame(0x0, 0, &[]), Flood::Empty),
+    fn every_frame_that_costs_work_has_a_budget() {
+        for (f, want, within) in [
+            (frame(0x6, 0, &[0; 8]), Flood::Ping, 5_000),
+            // Answers the hub never asked for, too.
+            (frame(0x6, 0x1, &[0; 8]), Flood::Ping, 5_000),
+            (frame(0x4, 0x1, &[]), Flood::Settings, 5_000),
+            (frame(0xfa, 0, &[1; 100]), Flood::Empty, 5_000),
+            (frame(0x2, 0, &[0; 5]), Flood::Empty, 5_000),
+            (frame(0x0, 0, &[]), Flood::Empty, 5_000),
+            (frame(0x3, 0, &[0, 0, 0, 8]), Flood::Control, 5_000),
+            (frame(0x8, 0, &[0, 0, 0, 1]), Flood::Control, 50_000),
         ] {
             let mut b = Budgets::default();
             b.feed(&preface(), || true).unwrap();
-            let stopped = (0..5000).find_map(|_| b.feed(&f, || true).err());
-            assert_eq!(stopped, Some(want));
+            let stopped = (0..within).find_map(|_| b.feed(&f, || true).err());
+            assert_eq!(stopped, Some(want), "{f:?}");
         }
         // An empty DATA frame that ends its stream is a request's end.
         let mut b = Budgets::default();
@@ -347,20 +443,61 @@ mod tests {
     }
 
     #[test]
-    fn streams_before_a_valid_token_are_counted_until_one() {
+    fn streams_past_the_first_ones_wait_for_a_valid_token() {
         let headers = frame(0x1, 0x4, &[0x82]);
         let mut b = Budgets::default();
         b.feed(&preface(), || false).unwrap();
         for _ in 0..PREAUTH_STREAMS {
-            b.feed(&headers, || false).unwrap();
+            assert_eq!(b.feed(&headers, || false), Ok(Fed::All));
         }
-        assert_eq!(b.feed(&headers, || false), Err(Flood::Unauthenticated));
-        // Once one request authenticated, no count.
-        let mut b = Budgets::default();
-        b.feed(&preface(), || false).unwrap();
-        b.feed(&headers, || false).unwrap();
+        // Held from its first byte, counted once it is read.
+        let two = [headers.clone(), headers.clone()].concat();
+        assert_eq!(b.feed(&two, || false), Ok(Fed::Until(0)));
+        assert_eq!(b.feed(&two, || false), Ok(Fed::Until(0)));
+        // Its header split across reads: held where this read's part starts.
+        assert_eq!(b.feed(&headers[..4], || false), Ok(Fed::All));
+        assert_eq!(b.feed(&headers[4..], || false), Ok(Fed::Until(0)));
+        assert_eq!(b.feed(&headers[4..], || true), Ok(Fed::All));
         for _ in 0..5000 {
-            b.feed(&headers, || true).unwrap();
+            assert_eq!(b.feed(&headers, || false), Ok(Fed::All));
         }
+    }
+
+    /// Through the IO: what follows the held stream is handed on, whole and
+    /// in order, once a request authenticated.
+    #[tokio::test]
+    async fn held_bytes_go_on_in_order_once_a_request_authenticated() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut sent = preface();
+        for i in 0..300u16 {
+            sent.extend(frame(0x1, 0x4, &[0x82, i as u8]));
+        }
+        client.write_all(&sent).await.unwrap();
+        let authed = Arc::new(AtomicBool::new(false));
+        let a = authed.clone();
+        let mut g = H2Guard::new(server, move || a.load(Ordering::Relaxed), |_| {});
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 7000];
+        let first = PREFACE_LEN + PREAUTH_STREAMS as usize * 11;
+        while got.len() < first {
+            let n = g.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got.len(), first);
+        let more =
+            tokio::time::timeout(std::time::Duration::from_millis(100), g.read(&mut buf)).await;
+        assert!(more.is_err(), "read past the held stream: {more:?}");
+        authed.store(true, Ordering::Relaxed);
+        while got.len() < sent.len() {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(2), g.read(&mut buf))
+                .await
+                .expect("held bytes never came")
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, sent);
     }
 }
