@@ -77,8 +77,8 @@ pub enum Flood {
     /// PRIORITY, unknown frame types, and DATA or HEADERS frames that
     /// carry nothing and end nothing.
     Empty,
-    /// RST_STREAM (h2 ignores one for a stream already closed) and
-    /// WINDOW_UPDATE frames past any client's pace.
+    /// RST_STREAM (h2 ignores one for a stream already closed) past any
+    /// client's pace, and WINDOW_UPDATE before a valid token.
     Control,
 }
 
@@ -129,9 +129,7 @@ impl Default for Budgets {
             ping: Bucket::new(1000.0, 500.0),
             empty: Bucket::new(1000.0, 500.0),
             resets: Bucket::new(1000.0, 500.0),
-            // A fast download's updates (one per half window read) stay
-            // far below it.
-            window_updates: Bucket::new(10_000.0, 5_000.0),
+            window_updates: Bucket::new(1000.0, 500.0),
             streams: 0,
             authenticated: false,
         }
@@ -175,7 +173,7 @@ impl Budgets {
             self.have = 0;
             let len = u32::from_be_bytes([0, h[0], h[1], h[2]]);
             self.skip = u64::from(len);
-            self.frame(h[3], h[4], len)?;
+            self.frame(h[3], h[4], len, &authenticated)?;
         }
         Ok(Fed::All)
     }
@@ -197,8 +195,21 @@ impl Budgets {
         true
     }
 
-    fn frame(&mut self, kind: u8, flags: u8, len: u32) -> Result<(), Flood> {
+    fn frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        len: u32,
+        authenticated: &impl Fn() -> bool,
+    ) -> Result<(), Flood> {
         const END_STREAM: u8 = 0x1;
+        // WINDOW_UPDATE: a client reading a large answer sends one for
+        // every few KiB it reads (Go's every 4 KiB, per stream and for
+        // the connection), tens of thousands a second on a fast link: held
+        // to a budget only before a valid token.
+        if kind == 0x8 && !self.authenticated {
+            self.authenticated = authenticated();
+        }
         let budget = match kind {
             // An empty DATA frame that ends nothing, PRIORITY, and the
             // types h2 reads and drops.
@@ -210,7 +221,7 @@ impl Budgets {
             // hub's one SETTINGS and one PING each 20 s).
             0x4 => Some((&mut self.settings, Flood::Settings)),
             0x6 => Some((&mut self.ping, Flood::Ping)),
-            0x8 => Some((&mut self.window_updates, Flood::Control)),
+            0x8 if !self.authenticated => Some((&mut self.window_updates, Flood::Control)),
             _ => None,
         };
         if let Some((bucket, flood)) = budget {
@@ -427,12 +438,19 @@ mod tests {
             (frame(0x2, 0, &[0; 5]), Flood::Empty, 5_000),
             (frame(0x0, 0, &[]), Flood::Empty, 5_000),
             (frame(0x3, 0, &[0, 0, 0, 8]), Flood::Control, 5_000),
-            (frame(0x8, 0, &[0, 0, 0, 1]), Flood::Control, 50_000),
+            (frame(0x8, 0, &[0, 0, 0, 1]), Flood::Control, 5_000),
         ] {
             let mut b = Budgets::default();
-            b.feed(&preface(), || true).unwrap();
-            let stopped = (0..within).find_map(|_| b.feed(&f, || true).err());
+            b.feed(&preface(), || false).unwrap();
+            let stopped = (0..within).find_map(|_| b.feed(&f, || false).err());
             assert_eq!(stopped, Some(want), "{f:?}");
+        }
+        // A download's WINDOW_UPDATEs once a request had a valid token:
+        // no budget.
+        let mut b = Budgets::default();
+        b.feed(&preface(), || true).unwrap();
+        for _ in 0..100_000 {
+            b.feed(&frame(0x8, 0, &[0, 0, 16, 0]), || true).unwrap();
         }
         // An empty DATA frame that ends its stream is a request's end.
         let mut b = Budgets::default();
