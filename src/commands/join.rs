@@ -363,24 +363,20 @@ pub async fn join(a: JoinArgs) -> Result<u8> {
                     .unwrap_or_default();
                 return Err(CliError::Refused(format!("{why}. The agent was stopped.")).into());
             }
-            if s.failure == Some(FailureKind::Certificate) {
-                // Retrying cannot fix a certificate the agent does not
-                // trust: say so now rather than after --timeout.
+            // Retrying cannot fix a certificate the agent does not trust,
+            // nor a proxy or ingress answering in the hub's place what it
+            // will answer until reconfigured: said now, not after
+            // --timeout with words about a slow link.
+            if let Some(kind @ (FailureKind::Certificate | FailureKind::Misrouted)) = s.failure {
                 spawned.kill();
                 restore();
                 spinner.done();
-                let why = s.last_error.as_deref().unwrap_or("certificate refused");
-                return Err(CliError::Tls(format!("{why}. The agent was stopped.")).into());
-            }
-            if s.failure == Some(FailureKind::Misrouted) {
-                // A proxy or ingress answering in the hub's place what it
-                // will answer until reconfigured: said now, not after
-                // --timeout with words about a slow link.
-                spawned.kill();
-                restore();
-                spinner.done();
-                let why = s.last_error.as_deref().unwrap_or("refused on the way");
-                return Err(CliError::Unreachable(format!("{why}. The agent was stopped.")).into());
+                let (default, as_error): (_, fn(String) -> CliError) = match kind {
+                    FailureKind::Certificate => ("certificate refused", CliError::Tls),
+                    _ => ("refused on the way", CliError::Unreachable),
+                };
+                let why = s.last_error.as_deref().unwrap_or(default);
+                return Err(as_error(format!("{why}. The agent was stopped.")).into());
             }
             // Another join's agent for this name (two joins at once): not
             // ours, whose start then fails on the name's lock and is said

@@ -318,18 +318,18 @@ impl<T: AsyncRead + Unpin, A: Fn() -> bool + Unpin> AsyncRead for H2Guard<T, A> 
             }
             if !this.held.is_empty() {
                 // Held back for a token: handed on once a request had one.
-                let held = std::mem::take(&mut this.held);
+                let mut held = std::mem::take(&mut this.held);
                 let n = match this.admit(&held) {
                     Ok(n) => n,
                     Err(f) => return Poll::Ready(Err(io::Error::other(f.words()))),
                 };
-                this.held = held[n..].to_vec();
+                this.held = held.split_off(n);
                 if n == 0 {
                     this.wait_a_moment(cx);
                     return Poll::Pending;
                 }
                 this.recheck = None;
-                this.ready = held[..n].to_vec();
+                this.ready = held;
                 continue;
             }
             let before = buf.filled().len();
