@@ -23,6 +23,7 @@ pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod notify;
+pub mod pace;
 pub mod policy;
 pub mod probes;
 pub mod process;

@@ -441,8 +441,15 @@ impl ChannelService for Upstream {
             stream.advertise_window(window.window).await;
             // Held by the stream itself: past an upgrade (exec, attach,
             // port-forward) hyper ends this task and hands the stream on.
+            // Answers are paced by what the stream took of them
+            // (`daemon::pace`): hyper's writer would queue up to its head
+            // limit (128 KiB) of each one whose reader stopped reading.
+            let pace = crate::daemon::pace::Pace::new();
             let stream = crate::tunnel::counted::Holding::new(
-                crate::tunnel::first::Prefixed::new(first, stream),
+                crate::daemon::pace::Drained::new(
+                    crate::tunnel::first::Prefixed::new(first, stream),
+                    pace.clone(),
+                ),
                 (permit, window),
             );
             let svc = hyper::service::service_fn(move |req| {
@@ -450,9 +457,11 @@ impl ChannelService for Upstream {
                 let tasks = tasks.clone();
                 let budget = budget.clone();
                 let identity = identity.clone();
+                let pace = pace.clone();
                 async move {
+                    let answer = forward(&tasks, &budget, &api, &identity, req).await;
                     Ok::<_, std::convert::Infallible>(
-                        forward(&tasks, &budget, &api, &identity, req).await,
+                        answer.map(|b| crate::daemon::pace::Paced::new(b, pace)),
                     )
                 }
             });
