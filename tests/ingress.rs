@@ -1034,3 +1034,59 @@ fn an_upgrade_answered_with_a_listed_connection_header_is_taken() {
     let o = env.kubectl(&["get", "nodes"]);
     assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
 }
+
+/// An ingress whose idle timeout (nginx's `proxy_read_timeout`, 3 s here)
+/// is shorter than the agent's keepalive interval (12 s) ends every
+/// session idle that long. The agent says so with the fix (a shorter
+/// `--keepalive`); it said "a fixed lifetime" and named GCP's backend
+/// timeout.
+#[test]
+fn an_ingress_idle_timeout_shorter_than_the_keepalive_is_named_with_the_fix() {
+    // The hub's own keepalive (1 s in tests) would keep the tunnel busy.
+    let ing = Ingress::start_with(false, &["--keepalive", "30s"]);
+    let conf = ing.nginx.dir.join("site.conf");
+    let site = std::fs::read_to_string(&conf).unwrap();
+    assert_eq!(site.matches("proxy_read_timeout 1h;").count(), 1, "{site}");
+    std::fs::write(
+        &conf,
+        site.replace("proxy_read_timeout 1h;", "proxy_read_timeout 5s;"),
+    )
+    .unwrap();
+    ing.nginx.signal("-HUP");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let ca = ing.pki.ca.to_str().unwrap();
+    let mut args = ing.args(&ing.wss("localhost"), &["--hub-ca", ca]);
+    let k = args.iter().position(|a| a == "--keepalive").unwrap();
+    args[k + 1] = "12s".into();
+    let o = support::run_bounded(
+        ing.env
+            .towerctl_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        Duration::from_secs(60),
+    );
+    assert!(o.ok(), "{o:?}");
+    let log = ing.env.path("state/towerctl/agent-alpha.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let said = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains("the last three sessions each ended"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no hint on sessions ending between keepalives within 60 s:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for want in [
+        "shorter than this agent's keepalive interval (12s)",
+        "idle for about",
+        "--keepalive",
+    ] {
+        assert!(said.contains(want), "'{want}' missing: {said}");
+    }
+    assert!(!said.contains("GCP"), "{said}");
+}

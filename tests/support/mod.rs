@@ -220,6 +220,10 @@ impl Env {
             "--metrics",
             "127.0.0.1:0",
         ];
+        // A test's own keepalive in place of the 1 s one.
+        if extra.contains(&"--keepalive") {
+            args.drain(5..7);
+        }
         args.extend_from_slice(extra);
         let o = self.towerctl(&args);
         assert!(o.ok(), "towerctl up failed: {o:?}");

@@ -570,14 +570,7 @@ async fn tunnel_loop(
                     } else {
                         ""
                     };
-                    let hint = format!(
-                        "the last three sessions each ended after about {}s: something between this agent \
-                         and the hub ends connections at a fixed lifetime, most likely a load balancer or \
-                         proxy (GCP's backend service timeout is 30s by default: raise its timeoutSec, in a \
-                         BackendConfig or GCPBackendPolicy; an idle or tunnel timeout elsewhere){silent}; \
-                         streams open at that moment are cut",
-                        l.as_secs()
-                    );
+                    let hint = lifetime_hint(l, opts.keepalive, silent);
                     tracing::warn!("{hint}");
                     set(&|s| s.event(hint.clone()));
                 }
@@ -705,6 +698,33 @@ fn features(impersonate: bool) -> Vec<String> {
     .collect()
 }
 
+/// What the agent says when its sessions each end after about `l`.
+/// Shorter than its own keepalive interval, the tunnel was idle that
+/// long: as likely an idle timeout on the path as a fixed lifetime (a
+/// proxy with a 30 s idle timeout and the agent's 45 s keepalive were
+/// said to be "a fixed lifetime" and no more).
+fn lifetime_hint(l: Duration, keepalive: Duration, silent: &str) -> String {
+    let secs = l.as_secs();
+    if l + Duration::from_secs(1) < keepalive {
+        let shorter = (secs / 2).max(1);
+        return format!(
+            "the last three sessions each ended after about {secs}s, shorter than this agent's \
+             keepalive interval ({}s): something between this agent and the hub ends connections \
+             idle for about {secs}s (a load balancer's, proxy's or NAT's idle timeout) or at that \
+             lifetime: join again with --keepalive {shorter}s, or raise that timeout; streams open \
+             at that moment are cut",
+            keepalive.as_secs()
+        );
+    }
+    format!(
+        "the last three sessions each ended after about {secs}s: something between this agent \
+         and the hub ends connections at a fixed lifetime, most likely a load balancer or \
+         proxy (GCP's backend service timeout is 30s by default: raise its timeoutSec, in a \
+         BackendConfig or GCPBackendPolicy; an idle or tunnel timeout elsewhere){silent}; \
+         streams open at that moment are cut"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,5 +744,23 @@ mod tests {
         );
         // None measured yet (or the session gone): none shown.
         assert_eq!(shown_rtt(None, Some(t0), t0 + ms(1500)), None);
+    }
+
+    #[test]
+    fn sessions_ending_between_keepalives_are_said_to_be_an_idle_timeout() {
+        let s = Duration::from_secs;
+        // 30 s sessions with a 45 s keepalive: the tunnel idle that long.
+        let h = lifetime_hint(s(30), s(45), "");
+        assert!(
+            h.contains("shorter than this agent's keepalive interval (45s)"),
+            "{h}"
+        );
+        assert!(h.contains("--keepalive 15s"), "{h}");
+        // With a 10 s keepalive the tunnel was never idle 30 s: a lifetime.
+        let h = lifetime_hint(s(30), s(10), "");
+        assert!(
+            h.contains("fixed lifetime") && !h.contains("--keepalive 15s"),
+            "{h}"
+        );
     }
 }
