@@ -342,6 +342,27 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Fault> {
     serde_json::to_vec(v).map_err(|e| Fault::Store(io(e)))
 }
 
+/// Whether `f` has bytes and every one of them is zero: a registry file
+/// created and never written. A registry redb wrote starts with its magic
+/// number, so only such a file is read past its first block.
+fn never_written(f: &std::fs::File) -> std::io::Result<bool> {
+    use std::io::Read;
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut r = f;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let file = path.to_path_buf();
@@ -353,12 +374,25 @@ impl RedbStore {
                 // readable for a moment where the data directory is not
                 // private (a volume mounted by a pod).
                 use std::os::unix::fs::OpenOptionsExt;
-                std::fs::OpenOptions::new()
+                let f = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
+                    .read(true)
                     .write(true)
                     .mode(0o600)
                     .open(&file)?;
+                // A first start on a full disk leaves the file redb sized
+                // and never wrote: zeros, which it refuses as damaged on
+                // every later start (a pod in CrashLoopBackOff once the
+                // volume had room). It held nothing: made anew.
+                if never_written(&f)? {
+                    tracing::info!(
+                        "the registry file '{}' holds no data (a first start that failed, on a full disk say): creating it anew",
+                        crate::tunnel::escape_for_log(&file.display().to_string(), 300)
+                    );
+                    f.set_len(0)?;
+                }
+                drop(f);
                 Database::create(&file)
             }),
         )
@@ -980,6 +1014,28 @@ mod tests {
             );
             std::fs::write(&path, vec![0x5a; 3000]).unwrap();
         }
+    }
+
+    /// A first start on a full disk leaves a file of zeros (redb sized it
+    /// and wrote nothing): the next start makes it anew. It was refused as
+    /// damaged on every start after.
+    #[test]
+    fn a_registry_file_never_written_is_made_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.redb");
+        std::fs::write(&path, vec![0u8; 1_056_768]).unwrap();
+        let s = RedbStore::open(&path).expect("a file of zeros is made anew");
+        assert!(s
+            .create_member(&Member::new("alpha", "sha256:00".into(), 1))
+            .unwrap());
+        drop(s);
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.list_members().unwrap().len(), 1);
+        // One byte that is not zero: not a file redb never wrote.
+        let mut bytes = vec![0u8; 1_056_768];
+        bytes[500_000] = 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(RedbStore::open(&path).is_err());
     }
 
     /// An operator name is added once: another token of that name is
