@@ -21,6 +21,33 @@ pub fn load_or_create_host_key(
     )
 }
 
+/// Whether a key file of `mode` and `group` may be read by anyone but
+/// this process's user and groups. A group of its own is not others: a
+/// pod's Secret volume with `fsGroup` is the pod's group, kubelet gives
+/// it read whatever `defaultMode` says, and the mount is read-only (every
+/// agent pod warned, with a fix it could not apply).
+fn readable_by_others(mode: u32, group: u32) -> bool {
+    if mode & 0o007 != 0 {
+        return true;
+    }
+    mode & 0o070 != 0 && !in_own_groups(group)
+}
+
+/// Whether `gid` is this process's effective group or one of its
+/// supplementary groups.
+fn in_own_groups(gid: u32) -> bool {
+    // SAFETY: getegid has no preconditions; getgroups writes at most
+    // `len` entries into a buffer of that many.
+    unsafe {
+        if libc::getegid() == gid {
+            return true;
+        }
+        let mut groups = vec![0 as libc::gid_t; 256];
+        let n = libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
+}
+
 /// [`load_or_create_host_key`] for any key: `what` names it and `fix`
 /// says what to do when the file is not a key.
 pub fn load_or_create_key(
@@ -31,18 +58,18 @@ pub fn load_or_create_key(
 ) -> Result<PrivateKey> {
     // Read from the file opened once (its owner checked on the open file,
     // not looked up apart: no window to swap it in between).
-    let read = || -> std::io::Result<(String, u32, u32)> {
+    let read = || -> std::io::Result<(String, u32, u32, u32)> {
         use std::io::Read as _;
         use std::os::unix::fs::MetadataExt;
         let mut f = std::fs::File::open(path)?;
         let m = f.metadata()?;
         let mut pem = String::new();
         f.read_to_string(&mut pem)?;
-        Ok((pem, m.uid(), m.mode()))
+        Ok((pem, m.uid(), m.mode(), m.gid()))
     };
     match read() {
-        Ok((pem, owner, mode)) => {
-            if mode & 0o077 != 0 {
+        Ok((pem, owner, mode, group)) => {
+            if readable_by_others(mode, group) {
                 tracing::warn!(
                     "{what} '{}' may be read by others (mode {:o}): make it private (chmod 600 '{}')",
                     path.display(),
@@ -164,6 +191,21 @@ pub fn ct_eq(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_readable_by_its_own_group_only_is_private_enough() {
+        // SAFETY: getegid has no preconditions.
+        let mine = unsafe { libc::getegid() };
+        let not_mine = (1..u32::MAX - 1)
+            .map(|g| mine.wrapping_add(g))
+            .find(|g| !in_own_groups(*g))
+            .unwrap();
+        assert!(!readable_by_others(0o100600, mine));
+        // A pod's Secret volume with fsGroup: 0440, the pod's own group.
+        assert!(!readable_by_others(0o100440, mine));
+        assert!(readable_by_others(0o100440, not_mine));
+        assert!(readable_by_others(0o100604, mine));
+    }
 
     #[test]
     fn a_key_file_another_user_put_in_a_shared_directory_is_refused() {
