@@ -370,7 +370,7 @@ impl ServerCertVerifier for Recording {
         if let Err(rustls::Error::InvalidCertificate(e)) = &r {
             let failure = CertFailure {
                 dialed: server_name.to_str().into_owned(),
-                presented: Presented::decode(end_entity, intermediates),
+                presented: Presented::decode(end_entity, intermediates, server_name),
                 error: e.clone(),
                 trusted: self.trusted.clone(),
                 hub_ca: self.hub_ca.clone(),
@@ -412,22 +412,34 @@ impl ServerCertVerifier for Recording {
 pub struct Presented {
     pub subject: String,
     pub issuer: String,
-    /// DNS names in the subject alternative names (IP addresses come from
-    /// rustls' own error where it has them).
+    /// DNS names in the subject alternative names, and the address dialed
+    /// when it is an IP address the certificate covers (other IP
+    /// addresses come from rustls' own error where it has them).
     pub dns_names: Vec<String>,
     /// Subjects of the intermediates sent along.
     pub intermediates: Vec<String>,
 }
 
 impl Presented {
-    fn decode(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Presented {
+    fn decode(
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        dialed: &ServerName<'_>,
+    ) -> Presented {
         let (subject, issuer, dns_names) = match webpki::EndEntityCert::try_from(end_entity) {
-            Ok(c) => (
-                render_name(c.subject()),
-                render_name(c.issuer()),
+            Ok(c) => {
                 // A certificate may list thousands.
-                c.valid_dns_names().take(20).map(clean).collect(),
-            ),
+                let mut names: Vec<String> = c.valid_dns_names().take(20).map(clean).collect();
+                // An IP address dialed and covered: said too (a refusal
+                // for its CA read as a name mismatch when only the DNS
+                // names were listed).
+                if let ServerName::IpAddress(ip) = dialed {
+                    if c.verify_is_valid_for_subject_name(dialed).is_ok() {
+                        names.push(std::net::IpAddr::from(*ip).to_string());
+                    }
+                }
+                (render_name(c.subject()), render_name(c.issuer()), names)
+            }
             Err(e) => (
                 format!("(undecodable: {e})"),
                 "(unknown)".into(),
@@ -474,7 +486,10 @@ impl std::fmt::Display for CertFailure {
             _ => p.dns_names.clone(),
         };
         let covers = if names.is_empty() {
-            "no DNS name or IP address".to_string()
+            match self.dialed.parse::<std::net::IpAddr>() {
+                Ok(_) => format!("no DNS name, nor '{}'", self.dialed),
+                Err(_) => "no DNS name".to_string(),
+            }
         } else {
             names
                 .iter()
@@ -731,10 +746,20 @@ mod tests {
     fn names_subject_issuer_and_sans() {
         let (_, k, p) = ca();
         let cert = leaf(&["hub.corp", "localhost"], p, &k);
-        let pr = Presented::decode(&cert, &[]);
+        let dialed = ServerName::try_from("hub.corp").unwrap();
+        let pr = Presented::decode(&cert, &[], &dialed);
         assert_eq!(pr.subject, "CN=hub.corp");
         assert_eq!(pr.issuer, "CN=Corp CA, O=Corp");
         assert_eq!(pr.dns_names, vec!["hub.corp", "localhost"]);
+        // An IP address dialed is named when the certificate covers it:
+        // a refusal for its CA read as a name mismatch.
+        let (_, k, p) = ca();
+        let cert = leaf(&["localhost", "127.0.0.1"], p, &k);
+        let at = |ip: &str| ServerName::IpAddress(ip.parse::<std::net::IpAddr>().unwrap().into());
+        let pr = Presented::decode(&cert, &[], &at("127.0.0.1"));
+        assert_eq!(pr.dns_names, vec!["localhost", "127.0.0.1"]);
+        let pr = Presented::decode(&cert, &[], &at("127.0.0.2"));
+        assert_eq!(pr.dns_names, vec!["localhost"]);
         // A refused certificate's text is the peer's: no control or
         // invisible characters (a right-to-left override reorders what a
         // terminal shows), bounded in length and in count.
@@ -742,7 +767,7 @@ mod tests {
         let names: Vec<String> = (0..100).map(|i| format!("n{i}.corp")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let (_, k, p) = ca();
-        let pr = Presented::decode(&leaf(&names, p, &k), &[]);
+        let pr = Presented::decode(&leaf(&names, p, &k), &[], &dialed);
         assert_eq!(pr.dns_names.len(), 20);
     }
 
