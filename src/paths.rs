@@ -417,6 +417,38 @@ pub fn agent_socket(name: &str) -> PathBuf {
     daemon_dir(&daemon).join(format!("{daemon}.sock"))
 }
 
+/// Names of the agents running for this user, found by what they hold
+/// locked (their anchors in the state directory, their pid files in the
+/// runtime directory), whether or not `join` saved their settings: an
+/// agent a pod runs (`agent run`) has none, and `towerctl status` in the
+/// pod showed nothing.
+pub fn running_agents() -> Vec<String> {
+    let mut names = Vec::new();
+    for (dir, suffix) in [(state_dir(), ".anchor"), (runtime_dir(), ".pid")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten().take(10_000) {
+            let file = e.file_name();
+            let Some(name) = file
+                .to_str()
+                .and_then(|f| f.strip_prefix("agent-"))
+                .and_then(|f| f.strip_suffix(suffix))
+            else {
+                continue;
+            };
+            if crate::daemon::names::validate_name(name).is_ok()
+                && !names.iter().any(|n| n == name)
+                && locked_by_someone(&e.path())
+            {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
 /// Path of a daemon's pid file (`hub` or `agent-NAME`).
 pub fn pid_file(daemon: &str) -> PathBuf {
     daemon_dir(daemon).join(format!("{daemon}.pid"))

@@ -198,6 +198,11 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
         Some(cg) => cg.command(support::TOWERCTL),
         None => Command::new(support::TOWERCTL),
     };
+    // What `kubectl exec` into the pod would have: its env.
+    let mut pod_env: Vec<(String, String)> = vec![
+        ("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()),
+        ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+    ];
     cmd.env_clear()
         .args(&pod_args)
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -219,6 +224,7 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
             let v = e["value"].as_str().unwrap();
             let rel = v.strip_prefix("/tmp").expect("XDG dirs under the emptyDir");
             cmd.env(name, format!("{}{rel}", scratch.display()));
+            pod_env.push((name.to_string(), format!("{}{rel}", scratch.display())));
         }
     }
 
@@ -235,6 +241,18 @@ fn pod_agent_with_in_cluster_credentials_serves_kubectl_probes_and_stops_cleanly
     assert!(env.towerctl(&["use", "alpha"]).ok());
     let o = env.kubectl(&["get", "ns"]);
     assert!(o.ok() && o.stdout.contains("kube-system"), "{o:?}");
+    // `towerctl status` in the pod (`kubectl exec`) finds the agent,
+    // which `join` saved no settings for: it showed nothing.
+    let mut status = Command::new(support::TOWERCTL);
+    status
+        .env_clear()
+        .envs(pod_env.iter().map(|(k, v)| (k, v)))
+        .args(["status", "-o", "json"]);
+    let o = support::run_bounded(status, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["agents"][0]["name"], "alpha", "{v}");
+    assert_eq!(v["agents"][0]["state"], "connected", "{v}");
     let reqs = api.requests();
     assert!(!reqs.is_empty());
     for r in &reqs {

@@ -104,14 +104,19 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
         );
     }
     let hub_probe = super::hub::hub_status_within(Duration::from_millis(1500));
-    let agents_probe = futures_util::future::join_all(configs.iter().map(|c| async move {
-        let socket = paths::agent_socket(&c.name);
-        let stopped = || {
-            Probe::Stopped(crate::daemon::process::last_words(&format!(
-                "agent-{}",
-                c.name
-            )))
-        };
+    // Agents running with no settings saved (`agent run`, as in a pod)
+    // too, after those `join` saved.
+    let mut names: Vec<String> = configs.into_iter().map(|c| c.name).collect();
+    let saved = names.len();
+    for n in paths::running_agents() {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    let agents_probe = futures_util::future::join_all(names.iter().map(|name| async move {
+        let socket = paths::agent_socket(name);
+        let stopped =
+            || Probe::Stopped(crate::daemon::process::last_words(&format!("agent-{name}")));
         if !socket.exists() {
             return stopped();
         }
@@ -121,16 +126,21 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
                 .unwrap_or(Probe::NotResponding),
             // A socket left by an agent that was killed: nobody holds
             // its name.
-            Err(_)
-                if crate::daemon::process::running_pid(&format!("agent-{}", c.name)).is_none() =>
-            {
+            Err(_) if crate::daemon::process::running_pid(&format!("agent-{name}")).is_none() => {
                 stopped()
             }
             Err(_) => Probe::NotResponding,
         }
     }));
     let (hub, answers) = tokio::join!(hub_probe, agents_probe);
-    let agents: Vec<(String, Probe)> = configs.into_iter().map(|c| c.name).zip(answers).collect();
+    // One without settings that stopped meanwhile has nothing to say.
+    let agents: Vec<(String, Probe)> = names
+        .into_iter()
+        .zip(answers)
+        .enumerate()
+        .filter(|(i, (_, p))| *i < saved || !matches!(p, Probe::Stopped(_)))
+        .map(|(_, a)| a)
+        .collect();
     let forwards = crate::daemon::forwards::list();
     let anything = hub.is_some()
         || agents.iter().any(|(_, s)| !matches!(s, Probe::Stopped(_)))
