@@ -312,14 +312,32 @@ pub fn nodelay(s: &tokio::net::TcpStream) {
 }
 
 fn auth_message(name: &str, reason: Option<&str>) -> String {
-    match reason {
+    auth_words(
+        name,
+        reason,
+        std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+    )
+}
+
+fn auth_words(name: &str, reason: Option<&str>, in_pod: bool) -> String {
+    let mut text = match reason {
         Some(r) => format!("the hub refused the credentials of cluster '{name}': {}", r.trim_start_matches(AUTH_PREFIX)),
         None => format!(
             "the hub refused the credentials of cluster '{name}': the join token is wrong, expired or already used, \
              and this agent's key is not registered; run 'towerctl cluster rotate {name}' on the hub for a new join command \
              (or 'towerctl cluster add {name}' if it was removed), then join again"
         ),
+    };
+    // In a pod, joining again is applying the manifests again: the token
+    // is in their Secret, and the pod restarting reads the same one.
+    if in_pod {
+        text.push_str(&format!(
+            " (for this agent's pod: add --print-manifest to that join command and apply what it prints, \
+             which replaces the Secret holding the token; then 'kubectl rollout restart deployment/towerctl-agent-{name}' \
+             in its namespace if the pod does not restart by itself)"
+        ));
     }
+    text
 }
 
 pub use splice::{splice, splice_from, WriteBytes, WriteInto};
@@ -791,6 +809,27 @@ mod keepalive_tests {
             await_keepalive(async { false }, Duration::from_secs(1), &alive).await,
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod auth_words_tests {
+    #[test]
+    fn a_refused_agent_in_a_pod_is_told_to_apply_its_manifests_again() {
+        let r = Some("auth: the join token is wrong or cluster 'beta' is not registered");
+        let out = super::auth_words("beta", r, false);
+        assert!(
+            out.contains("is not registered") && !out.contains("--print-manifest"),
+            "{out}"
+        );
+        for reason in [r, None] {
+            let pod = super::auth_words("beta", reason, true);
+            assert!(
+                pod.contains("add --print-manifest to that join command and apply")
+                    && pod.contains("deployment/towerctl-agent-beta"),
+                "{pod}"
+            );
+        }
     }
 }
 
