@@ -403,11 +403,12 @@ fn what_cannot_run_in_a_pod_is_refused_naming_the_fix() {
         ([&ADVERTISE[..], &["--replicas", "0"]].concat(), "1 or more"),
         (
             [&ADVERTISE[..], &["--listen", "127.0.0.1:8080"]].concat(),
-            "0.0.0.0:PORT",
+            "not its loopback; use 0.0.0.0:8080",
         ),
         (
+            // Said as port 0, not as loopback (it was both, in one text).
             [&ADVERTISE[..], &["--gateway", "0.0.0.0:0"]].concat(),
-            "fixed port",
+            "port 0 (any free port) cannot be named by the pod's Service and probes, which need a fixed port; use 0.0.0.0:PORT",
         ),
         (
             [

@@ -84,8 +84,15 @@ fn public(a: &HubArgs) -> Result<Public> {
 /// A listener the pod's Service and probes can reach: not loopback, a
 /// fixed port.
 fn reachable_port(flag: &str, addr: std::net::SocketAddr) -> Result<u16> {
-    if addr.ip().is_loopback() || addr.port() == 0 {
-        bail!("--{flag} {addr} cannot be reached in a pod: its Service and the kubelet reach the pod's own IP, not its loopback, on a fixed port; use 0.0.0.0:PORT");
+    if addr.ip().is_loopback() {
+        bail!("--{flag} {addr} cannot be reached in a pod: its Service and the kubelet reach the pod's own IP, not its loopback; use 0.0.0.0:{}", if addr.port() == 0 { "PORT".to_string() } else { addr.port().to_string() });
+    }
+    if addr.port() == 0 {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        bail!("--{flag} {addr}: port 0 (any free port) cannot be named by the pod's Service and probes, which need a fixed port; use {ip}:PORT");
     }
     Ok(addr.port())
 }
