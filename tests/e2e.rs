@@ -1834,11 +1834,22 @@ fn kubeconfig_lists_symlinks_and_standalone_files() {
 
     // A standalone kubeconfig works on its own.
     let o = env.towerctl(&["kubeconfig", "alpha"]);
-    assert!(o.ok(), "{o:?}");
+    assert!(o.ok() && !o.stderr.contains("only in this pod"), "{o:?}");
     let standalone = env.path("standalone.yaml");
     std::fs::write(&standalone, &o.stdout).unwrap();
     let o = env.kubectl(&["--kubeconfig", standalone.to_str().unwrap(), "get", "nodes"]);
     assert!(o.ok() && o.stdout.contains("fake-node-1"), "{o:?}");
+    // In the hub's pod (`kubectl exec`), the same, with a note that its
+    // credential's files are the pod's own.
+    let mut cmd = env.towerctl_cmd(&["kubeconfig", "alpha"]);
+    cmd.env("KUBERNETES_SERVICE_HOST", "10.96.0.1");
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(o.ok() && o.stdout.contains("tower-alpha"), "{o:?}");
+    assert!(
+        o.stderr.contains("exist only in this pod")
+            && o.stderr.contains("'towerctl operator add NAME' here"),
+        "{o:?}"
+    );
 }
 
 /// The shape of a JSON value: every leaf replaced by its type, arrays by

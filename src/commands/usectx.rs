@@ -524,6 +524,20 @@ pub async fn print_kubeconfig(names: &[String], gateway: Option<&str>) -> Result
         names.to_vec()
     };
     let doc = standalone(&source, &names)?;
+    // Its credential runs this binary on the hub's admin token file, which
+    // exist where the hub runs: in a pod (`kubectl exec … towerctl
+    // kubeconfig`), nowhere else ("fork/exec /usr/local/bin/towerctl: no
+    // such file or directory" on the operator's machine).
+    if source.operator.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        eprintln!(
+            "note: this kubeconfig's credential runs '{}' on '{}', which exist only in this pod; \
+             for a machine outside it, run 'towerctl operator add NAME' here and the login command it prints there",
+            std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "towerctl".into()),
+            source.credential_args.last().map(String::as_str).unwrap_or("")
+        );
+    }
     print!("{}", serde_saphyr::to_string(&doc)?);
     Ok(exit::OK)
 }
