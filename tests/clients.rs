@@ -499,6 +499,53 @@ fn the_official_python_client_uses_the_context_towerctl_wrote() {
     assert!(o.stdout.contains("ADDED:py-watched"), "{o:?}");
 }
 
+/// Watches a namespace's configmaps until the stream ends; says each
+/// event's type (`NONE` for an event that is `None`) and how it ended.
+const PY_WATCH_TO_THE_END: &str = r#"
+from kubernetes import client, config, watch
+config.load_kube_config()
+v1 = client.CoreV1Api()
+seen = []
+try:
+    for ev in watch.Watch().stream(v1.list_namespaced_config_map, "default", timeout_seconds=120, _request_timeout=120):
+        seen.append("NONE" if ev is None else ev["type"])
+        print("event", seen[-1], flush=True)
+except client.rest.ApiException as e:
+    seen.append("error %s" % e.status)
+except Exception as e:
+    seen.append("exception %s" % type(e).__name__)
+print("ended", " ".join(seen), flush=True)
+"#;
+
+/// A watch the hub ends (its member's tunnel went away) ends in the
+/// official Python client with the hub's error: a blank line ahead of the
+/// ERROR event was handed to the caller as a `None` event, and code that
+/// reads `ev["object"]` failed with a TypeError instead.
+#[test]
+fn the_python_clients_watch_ended_by_the_hub_raises_its_error() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    api.create_configmap("default", "py-before", &[("k", "v")]);
+    env.up();
+    join_member(&env, &api, "alpha", &[]);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let mut cmd = Command::new(python());
+    env.apply_env(&mut cmd);
+    cmd.args(["-c", PY_WATCH_TO_THE_END]);
+    let mut watch = Streaming::start(cmd);
+    watch.wait_for("event ADDED", Duration::from_secs(30));
+    env.kill9("agent-alpha");
+    wait_for("the watch to end", Duration::from_secs(30), || {
+        watch.has_exited().then_some(())
+    });
+    let out = watch.output();
+    let ended = out
+        .lines()
+        .find(|l| l.starts_with("ended"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(ended, "ended ADDED error 503", "{out}");
+}
+
 #[test]
 fn members_behind_one_gateway_never_share_kubectl_discovery_caches() {
     let env = Env::new();
