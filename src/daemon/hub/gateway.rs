@@ -678,6 +678,13 @@ pub async fn serve(
             };
             if mux || h2 {
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                // The head limit, told to the client in SETTINGS: Go
+                // refuses a request past it itself ("request header list
+                // larger than peer's advertised limit"). Raised, a :path
+                // past 64 KiB (what `http::Uri` holds) is reset by h2 as
+                // PROTOCOL_ERROR, and Go sends it again on a new
+                // connection every few ms until its timeout (kubectl's
+                // default: none).
                 b.timer(hyper_util::rt::TokioTimer::new())
                     .max_header_list_size(MAX_HEAD as u32)
                     .max_concurrent_streams(if mux { MUX_MAX_STREAMS } else { H2_MAX_STREAMS });
