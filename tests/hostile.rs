@@ -2548,3 +2548,103 @@ fn one_long_header_is_held_to_the_head_limit() {
         &got[..got.len().min(300)]
     );
 }
+
+/// A member API server of its own kind (a hostile or broken one): each
+/// connection is answered by `answer(path)`, raw, then closed.
+fn raw_member(answer: fn(&str) -> String) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                let _ = c.write_all(answer(&path).as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// Answers a member may send that a proxy must still carry: both
+/// `Transfer-Encoding` and `Content-Length` (the first frames it, RFC
+/// 9112 §6.3: the stream broke, "the agent did not answer"), and HTTP/1.0
+/// (passed on as HTTP/1.0, it closed an HTTP/1.1 client's connection to
+/// the gateway, whatever member that connection went to next).
+#[test]
+fn a_members_odd_but_valid_answers_are_carried_in_http_1_1() {
+    let member = raw_member(|path| {
+        if path.ends_with("/tecl") {
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\
+             Transfer-Encoding: chunked\r\n\r\n11\r\nseventeen bytes!!\r\n0\r\n\r\n"
+                .to_string()
+        } else if path.ends_with("/http10") {
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nan old answer".to_string()
+        } else {
+            let body = r#"{"major":"1","minor":"32","gitVersion":"v1.32.0"}"#;
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        }
+    });
+    let env = Env::new();
+    env.up();
+    let kc = env.path("member.kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: m\n  cluster:\n    server: http://{member}\n\
+             users:\n- name: m\n  user:\n    token: t\n\
+             contexts:\n- name: m\n  context:\n    cluster: m\n    user: m\n\
+             current-context: m\n"
+        ),
+    )
+    .unwrap();
+    let join = env.cluster_add("alpha");
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let token = token.trim();
+    let (code, body) = support::gateway_get(&env, token, "/clusters/alpha/x/tecl");
+    assert_eq!((code.as_str(), body.as_str()), ("200", "seventeen bytes!!"));
+
+    // HTTP/1.1 to the gateway: the HTTP/1.0 answer comes in HTTP/1.1 and
+    // the connection stays for the next request.
+    let gw = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sSv",
+        "--http1.1",
+        "--max-time",
+        "20",
+        "--cacert",
+        env.path("data/towerctl/ca.crt").to_str().unwrap(),
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        &format!("{gw}/clusters/alpha/x/http10"),
+        &format!("{gw}/clusters/alpha/version"),
+    ]);
+    let o = support::run_bounded(curl, Duration::from_secs(30));
+    assert!(o.ok(), "{o:?}");
+    assert!(
+        o.stdout.contains("an old answer") && o.stdout.contains("gitVersion"),
+        "{o:?}"
+    );
+    assert!(!o.stderr.contains("< HTTP/1.0"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("Re-using existing connection"),
+        "{}",
+        o.stderr
+    );
+}

@@ -329,6 +329,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
 /// these. (`Location` and `Content-Location` are kept on the member:
 /// [`confine_location`].)
 pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
+    framed_by_transfer_encoding(headers);
     strip_hop_by_hop(headers, upgrade);
     let doomed: Vec<HeaderName> = headers
         .keys()
@@ -349,6 +350,17 @@ pub fn strip_response(headers: &mut HeaderMap, upgrade: bool) {
         .collect();
     for k in doomed {
         headers.remove(k);
+    }
+}
+
+/// An answer with both `Transfer-Encoding` and `Content-Length` is framed
+/// by the first (RFC 9112 §6.3), and a proxy drops the second: kept, a
+/// member's 17-byte chunked answer claiming 5 bytes was written on with a
+/// length its body did not have, and the stream broke ("the agent did
+/// not answer").
+pub fn framed_by_transfer_encoding(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 

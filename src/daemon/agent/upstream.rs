@@ -753,6 +753,11 @@ async fn forward(
             "the member's API server refused the towerctl agent's own credentials (401 Unauthorized): the credentials in the agent's kubeconfig (or its pod's service account token) expired or were revoked; renew them on the member and restart the agent if its kubeconfig holds a fixed token",
         );
     }
+    crate::daemon::http::framed_by_transfer_encoding(resp.headers_mut());
+    // Answered on in HTTP/1.1 whatever the member spoke: an HTTP/1.0
+    // answer was passed on as one, and the hub's connection (and an
+    // HTTP/1.1 client's to the gateway) closed after it.
+    *resp.version_mut() = hyper::Version::HTTP_11;
     finish_upgrade(
         tasks,
         hub_side_upgrade,

@@ -2612,6 +2612,12 @@ where
         );
     }
     crate::daemon::http::strip_response(resp.headers_mut(), upgraded);
+    // The client's protocol, whatever the member (or an agent of an older
+    // version) answered in: an HTTP/1.0 answer closed an HTTP/1.1
+    // client's connection.
+    if resp.version() < hyper::Version::HTTP_11 {
+        *resp.version_mut() = hyper::Version::HTTP_11;
+    }
     let stop = guard.cut.clone();
     if upgraded {
         let bytes = end.as_ref().map(|e| e.count_bytes());
