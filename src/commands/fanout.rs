@@ -819,11 +819,20 @@ fn print_list(outcomes: &mut [Outcome], mode: Mode) -> Result<()> {
 
 fn annotate(obj: &mut Value, cluster: &str) {
     let Some(o) = obj.as_object_mut() else { return };
+    // `null` (or anything but an object) where a map belongs is a map:
+    // left alone, an item with `"annotations": null` came out with no
+    // word of its member.
     let meta = o.entry("metadata").or_insert_with(|| json!({}));
+    if !meta.is_object() {
+        *meta = json!({});
+    }
     let Some(meta) = meta.as_object_mut() else {
         return;
     };
     let ann = meta.entry("annotations").or_insert_with(|| json!({}));
+    if !ann.is_object() {
+        *ann = json!({});
+    }
     if let Some(ann) = ann.as_object_mut() {
         ann.insert(CLUSTER_ANNOTATION.into(), Value::String(cluster.into()));
     }
@@ -831,6 +840,24 @@ fn annotate(obj: &mut Value, cluster: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_item_is_annotated_with_its_member_even_with_null_maps() {
+        use serde_json::json;
+        for mut item in [
+            json!({"metadata": {"name": "a"}}),
+            json!({"metadata": {"name": "a", "annotations": null}}),
+            json!({"metadata": null}),
+            json!({}),
+        ] {
+            super::annotate(&mut item, "alpha");
+            assert_eq!(
+                item["metadata"]["annotations"][super::CLUSTER_ANNOTATION],
+                "alpha",
+                "{item}"
+            );
+        }
+    }
+
     #[test]
     fn the_server_short_flag_is_found_as_pflag_reads_it() {
         for yes in [
