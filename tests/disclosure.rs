@@ -246,3 +246,29 @@ fn a_host_naming_another_member_than_the_server_name_gets_421() {
     ]);
     assert!(o.ends_with("\n421"), "over HTTP/1.1: {o}");
 }
+
+/// A towerctl token a client put in its URL (`?access_token=…`, a bare
+/// key, percent-encoded) never reaches the member, which is less trusted
+/// than the hub (the hub reads tokens from `Authorization` only); the
+/// rest of the query does.
+#[test]
+fn a_token_in_the_query_is_not_handed_to_the_member() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    connected(&env, &api);
+    let tok = operator_token(&env, "bob");
+    let encoded = tok.replace('_', "%5F");
+    let url = format!(
+        "{}/clusters/alpha/api/v1/namespaces?access_token={tok}&limit=5&{encoded}&x=Bearer%20{tok}",
+        gateway(&env)
+    );
+    let o = curl(&env, &["-H", &format!("Authorization: Bearer {tok}"), &url]);
+    assert!(o.ok() && o.stdout.contains("NamespaceList"), "{o:?}");
+    let seen: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/api/v1/namespaces?"))
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(seen, ["/api/v1/namespaces?limit=5"], "{seen:?}");
+}

@@ -277,6 +277,54 @@ fn cut(s: &mut String, max: usize) {
     s.push_str(&format!("…[{} more bytes]", total - at));
 }
 
+/// A query parameter (or key) read as the server reads it (`%74oken` is
+/// `token`). Borrowed unless there is something to decode (the common
+/// case: this runs for every recorded request with a query).
+fn decoded(x: &str) -> std::borrow::Cow<'_, str> {
+    if !x.contains(['%', '+']) {
+        return x.into();
+    }
+    percent_encoding::percent_decode_str(&x.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+        .into()
+}
+
+/// Whether `v` carries a towerctl token: its prefix and 40 or more
+/// base64url characters, anywhere in the value (`Bearer top_…`);
+/// `top_tier` is a label, not one.
+fn has_token(v: &str) -> bool {
+    ["top_", "tj_"].iter().any(|p| {
+        v.match_indices(p).any(|(i, _)| {
+            v[i + p.len()..]
+                .bytes()
+                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+                .count()
+                >= 40
+        })
+    })
+}
+
+/// `query` without the parameters that carry a towerctl token (by value
+/// or as a bare key), if it has any: what the gateway sends a member. The
+/// hub took its token from `Authorization` only, and a member (less
+/// trusted than the hub) saw `?access_token=top_…` a client added.
+pub fn query_without_tokens(query: &str) -> Option<String> {
+    let carries = |p: &str| {
+        has_token(&decoded(p.split_once('=').map_or(p, |(_, v)| v))) || has_token(&decoded(p))
+    };
+    if !query.split('&').any(carries) {
+        return None;
+    }
+    Some(
+        query
+            .split('&')
+            .filter(|p| !carries(p))
+            .collect::<Vec<_>>()
+            .join("&"),
+    )
+}
+
 /// The values of query parameters that carry credentials, replaced: a
 /// parameter named like one (`access_token`, `password`, …) or a value
 /// that is a towerctl token. A client that put its token in the URL (no
@@ -284,31 +332,6 @@ fn cut(s: &mut String, max: usize) {
 /// recorded whole, for every reader of the audit log.
 fn redact_query(path: &mut String) {
     let Some(at) = path.find('?') else { return };
-    // Read as the server reads them (`%74oken` is `token`); a towerctl
-    // token is its prefix and 43 base64url characters, anywhere in the
-    // value (`Bearer top_…`), and `top_tier` is a label, not one.
-    // Borrowed unless there is something to decode (the common case: this
-    // runs for every recorded request with a query).
-    fn decoded(x: &str) -> std::borrow::Cow<'_, str> {
-        if !x.contains(['%', '+']) {
-            return x.into();
-        }
-        percent_encoding::percent_decode_str(&x.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-            .into()
-    }
-    let has_token = |v: &str| {
-        ["top_", "tj_"].iter().any(|p| {
-            v.match_indices(p).any(|(i, _)| {
-                v[i + p.len()..]
-                    .bytes()
-                    .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-                    .count()
-                    >= 40
-            })
-        })
-    };
     let secret = |k: &str, v: &str| {
         let k = decoded(k).to_ascii_lowercase();
         [
@@ -1132,6 +1155,24 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Audited<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_taken_out_of_what_a_member_is_asked() {
+        let tok = format!("top_{}", "A".repeat(43));
+        assert_eq!(
+            super::query_without_tokens("limit=5&labelSelector=top_tier"),
+            None
+        );
+        assert_eq!(
+            super::query_without_tokens(&format!("access_token={tok}&limit=5")).as_deref(),
+            Some("limit=5")
+        );
+        assert_eq!(
+            super::query_without_tokens(&format!("{}&x=Bearer%20{tok}", tok.replace('_', "%5F")))
+                .as_deref(),
+            Some("")
+        );
+    }
 
     #[test]
     fn verbs() {

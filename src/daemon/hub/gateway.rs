@@ -2421,8 +2421,16 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let watch = crate::daemon::http::query_flag(parts.uri.query(), "watch");
+    // Never a towerctl token to the member: a client that added one to
+    // its URL (`?access_token=…`; the hub reads it from `Authorization`
+    // only) had it handed to the member, which is less trusted than the
+    // hub. The audit log records it redacted.
     let pq = match parts.uri.query() {
-        Some(q) => format!("{upstream_path}?{q}"),
+        Some(q) => match crate::daemon::audit::query_without_tokens(q) {
+            Some(q) if q.is_empty() => upstream_path,
+            Some(q) => format!("{upstream_path}?{q}"),
+            None => format!("{upstream_path}?{q}"),
+        },
         None => upstream_path,
     };
     parts.uri = match pq.parse() {
