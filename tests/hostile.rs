@@ -2648,3 +2648,59 @@ fn a_members_odd_but_valid_answers_are_carried_in_http_1_1() {
         o.stderr
     );
 }
+
+/// Two agents with one member's key (a copied config, an old install left
+/// running) take turns replacing each other, each back after its
+/// backoff, and every turn cuts the requests in flight: the hub says so,
+/// at warn and in the member's events, where it said only "a new
+/// session replaces the previous one" at info, as for any reconnection.
+#[test]
+fn two_agents_with_one_key_are_said_to_take_turns() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let kc = join_alpha(&env, &api);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(env.path("config/towerctl/agents/alpha.json")).unwrap(),
+    )
+    .unwrap();
+    let twin = Env::new();
+    let cmd = twin.towerctl_cmd(&[
+        "agent",
+        "run",
+        "alpha",
+        "--hub",
+        cfg["hub"].as_str().unwrap(),
+        "--hub-key",
+        cfg["hub_key"].as_str().unwrap(),
+        "--key-file",
+        env.path("config/towerctl/agents/alpha.key")
+            .to_str()
+            .unwrap(),
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+    ]);
+    let _twin_agent = support::Streaming::start(cmd);
+    let log = env.path("state/towerctl/hub.log");
+    let said = wait_for(
+        "the hub to say two agents take turns",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains("two agents hold cluster 'alpha''s key"))
+                .map(str::to_string)
+        },
+    );
+    assert!(
+        said.contains("WARN") && said.contains("stop one of them"),
+        "{said}"
+    );
+    let s = env.status();
+    let events = s["hub"]["clusters"][0]["events"].to_string();
+    assert!(
+        events.contains("take turns replacing each other"),
+        "{events}"
+    );
+}

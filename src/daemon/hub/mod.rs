@@ -361,6 +361,11 @@ struct ClusterMeta {
     /// Start of the minute and session lines ("agent connected" and
     /// "agent disconnected") logged in it ([`Hub::log_session_line`]).
     session_lines: Option<(std::time::Instant, u32)>,
+    /// Replacements of a session that still answered its keepalives (two
+    /// agents holding the member's key): when the first of the last ones
+    /// was, how many since, and when it was last said.
+    contention: Option<(std::time::Instant, u32)>,
+    contention_said: Option<std::time::Instant>,
 }
 
 /// A member's counters since the hub started, shared by its sessions.
@@ -762,11 +767,57 @@ impl Hub {
             .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
         peer::registered(self, &s);
         if let Some(old) = old {
+            self.note_contention(&s, &old);
             session_line!(self, &s.name, cluster = %s.name, "a new session replaces the previous one");
             self.tasks.spawn(async move {
                 old.close("replaced by a newer session of the same cluster")
                     .await;
             });
+        }
+    }
+
+    /// A session replaced while it still answered its keepalives (none
+    /// outstanding, or one sent under 2 s ago) is another agent's with the
+    /// same key, not the same agent come back over a path that died (its
+    /// old session then has a keepalive long unanswered). Two of them
+    /// within ten minutes are said, at warn and in the member's events,
+    /// once every ten minutes: two agents took turns replacing each other
+    /// (each back after its backoff), cutting the requests in flight at
+    /// every turn, said only as reconnections.
+    fn note_contention(&self, new: &LiveSession, old: &LiveSession) {
+        const WINDOW: Duration = Duration::from_secs(600);
+        let answering = old
+            .ping_since
+            .lock()
+            .is_ok_and(|p| p.is_none_or(|since| since.elapsed() < Duration::from_secs(2)));
+        if !answering {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut say = false;
+        self.record(&new.name, |m| {
+            let (first, n) = match m.contention {
+                Some((first, n)) if now.duration_since(first) < WINDOW => (first, n + 1),
+                _ => (now, 1),
+            };
+            m.contention = Some((first, n));
+            if n >= 2
+                && m.contention_said
+                    .is_none_or(|t| now.duration_since(t) >= WINDOW)
+            {
+                m.contention_said = Some(now);
+                say = true;
+            }
+        });
+        if say {
+            let text = format!(
+                "two agents hold cluster '{}''s key and take turns replacing each other (the one at {} replaced the one at {}, which still answered): requests in flight are cut at every turn; stop one of them (an old install, a copied key or config, a second replica)",
+                new.name,
+                new.peer.as_deref().unwrap_or("?"),
+                old.peer.as_deref().unwrap_or("?"),
+            );
+            tracing::warn!(cluster = %new.name, "{text}");
+            self.event(&new.name, text);
         }
     }
 
