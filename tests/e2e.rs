@@ -2018,6 +2018,30 @@ fn connect_through_the_gateway_honours_the_agent_dial_policy() {
         o.ok() && o.stdout.contains("hello from the member network"),
         "{o:?}"
     );
+    // Without -p, curl sends `GET http://…` to the proxy (plain HTTP
+    // through it), with the application's own Authorization: said to be
+    // CONNECT-only, not refused as a bad operator token.
+    let gw = env.status()["hub"]["gatewayURL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", "--proxy", &gw, "--proxy-cacert"])
+        .arg(env.path("data/towerctl/ca.crt"))
+        .args([
+            "--proxy-header",
+            &format!("Proxy-Authorization: Bearer {}", token.trim()),
+            "-H",
+            "Authorization: Bearer the-apps-own-token",
+            &format!("http://127.0.0.1.alpha:{}/", web.port()),
+        ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(30));
+    assert!(
+        o.stdout.contains("a proxy for CONNECT only")
+            && !o.stdout.contains("operator token was not accepted"),
+        "{o:?}"
+    );
 
     // Not in the allow-list: refused by the agent, with the rule named.
     let o = curl_via_gateway(&env, &format!("127.0.0.1.alpha:{}", other.port()));

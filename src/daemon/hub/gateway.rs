@@ -1308,6 +1308,20 @@ async fn handle(hub: Arc<Hub>, conn: &Arc<Conn>, req: Request<Incoming>) -> Resp
             &format!("the request's line and headers are {head} bytes; the towerctl gateway takes at most {MAX_HEAD}"),
         );
     }
+    // `GET http://host/… HTTP/1.1` on the TLS port is a client using the
+    // gateway as a forward proxy for plain HTTP, which it is only for
+    // CONNECT: said so, before its `Authorization` (the application's own,
+    // for that host) is read as an operator token and refused as one.
+    if req.version() <= hyper::Version::HTTP_11
+        && req.method() != hyper::Method::CONNECT
+        && req.uri().scheme_str() == Some("http")
+    {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the towerctl gateway is a proxy for CONNECT only: a plain request through it (GET http://…) is not carried; tunnel it (curl -p / --proxytunnel, or an https:// URL through HTTPS_PROXY), with the operator token in Proxy-Authorization",
+        );
+    }
     // `%73ecrets` is `secrets` to the API server: audited, routed and
     // forwarded as such.
     let path = crate::daemon::route::decode_unreserved(req.uri().path());
