@@ -305,13 +305,30 @@ fn has_token(v: &str) -> bool {
     })
 }
 
-/// `query` without the parameters that carry a towerctl token (by value
-/// or as a bare key), if it has any: what the gateway sends a member. The
-/// hub took its token from `Authorization` only, and a member (less
-/// trusted than the hub) saw `?access_token=top_…` a client added.
-pub fn query_without_tokens(query: &str) -> Option<String> {
-    let carries = |p: &str| {
-        has_token(&decoded(p.split_once('=').map_or(p, |(_, v)| v))) || has_token(&decoded(p))
+/// `query` without the parameters that carry `token` (the token the
+/// request authenticated with: a value, `Bearer TOKEN`, or a bare key,
+/// percent-encoded or not), if it has any: what the gateway sends a
+/// member. The hub reads its token from `Authorization` only, and a
+/// member (less trusted than the hub) saw `?access_token=top_…` a client
+/// added. Only that exact token: a first version dropped whatever looked
+/// like one (a label value `laptop_` and 40 characters, an exec
+/// argument, a service's `state`), and `kubectl delete -l` with such a
+/// selector deleted every pod of the namespace.
+pub fn query_without(query: &str, token: &str) -> Option<String> {
+    if token.is_empty() {
+        return None;
+    }
+    let is_token = |x: &str| {
+        let x = decoded(x);
+        let x = x.trim();
+        x == token
+            || x.split_once(' ').is_some_and(|(scheme, rest)| {
+                scheme.eq_ignore_ascii_case("bearer") && rest.trim() == token
+            })
+    };
+    let carries = |p: &str| match p.split_once('=') {
+        Some((_, v)) => is_token(v),
+        None => is_token(p),
     };
     if !query.split('&').any(carries) {
         return None;
@@ -1157,21 +1174,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_are_taken_out_of_what_a_member_is_asked() {
+    fn the_callers_token_is_taken_out_of_what_a_member_is_asked() {
         let tok = format!("top_{}", "A".repeat(43));
+        let other = format!("laptop_{}", "3f786850e387550fdab836ed7e6dc881de23001b");
+        // Whatever only looks like a token stays: a label value, an exec
+        // argument, another value of that shape.
         assert_eq!(
-            super::query_without_tokens("limit=5&labelSelector=top_tier"),
+            super::query_without(&format!("labelSelector=session%3D{other}&limit=5"), &tok),
             None
         );
         assert_eq!(
-            super::query_without_tokens(&format!("access_token={tok}&limit=5")).as_deref(),
+            super::query_without(
+                &format!("command={}", "top_".to_string() + &"B".repeat(43)),
+                &tok
+            ),
+            None
+        );
+        assert_eq!(
+            super::query_without(&format!("access_token={tok}&limit=5"), &tok).as_deref(),
             Some("limit=5")
         );
         assert_eq!(
-            super::query_without_tokens(&format!("{}&x=Bearer%20{tok}", tok.replace('_', "%5F")))
-                .as_deref(),
+            super::query_without(
+                &format!("{}&x=Bearer%20{tok}", tok.replace('_', "%5F")),
+                &tok
+            )
+            .as_deref(),
             Some("")
         );
+        assert_eq!(super::query_without("a=b", ""), None);
     }
 
     #[test]

@@ -2435,12 +2435,15 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let watch = crate::daemon::http::query_flag(parts.uri.query(), "watch");
-    // Never a towerctl token to the member: a client that added one to
-    // its URL (`?access_token=…`; the hub reads it from `Authorization`
-    // only) had it handed to the member, which is less trusted than the
-    // hub. The audit log records it redacted.
+    // Never the caller's towerctl token to the member: a client that added
+    // it to its URL (`?access_token=…`; the hub reads it from
+    // `Authorization` only) had it handed to the member, which is less
+    // trusted than the hub. The audit log records it redacted.
+    let presented = bearer(&parts.headers)
+        .map(|t| t.into_owned())
+        .unwrap_or_default();
     let pq = match parts.uri.query() {
-        Some(q) => match crate::daemon::audit::query_without_tokens(q) {
+        Some(q) => match crate::daemon::audit::query_without(q, &presented) {
             Some(q) if q.is_empty() => upstream_path,
             Some(q) => format!("{upstream_path}?{q}"),
             None => format!("{upstream_path}?{q}"),
