@@ -2704,3 +2704,125 @@ fn two_agents_with_one_key_are_said_to_take_turns() {
         "{events}"
     );
 }
+
+/// A relay on loopback between agents and the hub whose connections can
+/// be cut on the agent's side alone: the agent sees its connection reset
+/// at once (a NAT or balancer resetting it, a Wi-Fi or VPN switch) while
+/// the hub's side stays open and silent (what the hub sends is read and
+/// dropped). New connections go through.
+struct HalfCutRelay {
+    addr: std::net::SocketAddr,
+    conns: Arc<std::sync::Mutex<Vec<RelayedConn>>>,
+}
+
+/// A relayed connection: whether it was cut, and its agent's side.
+type RelayedConn = (Arc<std::sync::atomic::AtomicBool>, TcpStream);
+
+impl HalfCutRelay {
+    fn start(target: std::net::SocketAddr) -> HalfCutRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<std::sync::Mutex<Vec<RelayedConn>>> = Default::default();
+        let all = conns.clone();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(client) = c else { return };
+                let Ok(up) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                all.lock()
+                    .unwrap()
+                    .push((cut.clone(), client.try_clone().unwrap()));
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, client),
+                ] {
+                    let cut = cut.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        // Bounded: a cut connection's hub side is read for
+                        // at most two minutes.
+                        let until = Instant::now() + Duration::from_secs(120);
+                        let _ = from.set_read_timeout(Some(Duration::from_secs(1)));
+                        while Instant::now() < until {
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if !cut.load(Ordering::Relaxed)
+                                        && to.write_all(&buf[..n]).is_err()
+                                    {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) if cut.load(Ordering::Relaxed) => {
+                                    std::thread::sleep(Duration::from_millis(100))
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if !cut.load(Ordering::Relaxed) {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
+                    });
+                }
+            }
+        });
+        HalfCutRelay { addr, conns }
+    }
+
+    /// Every connection open now is closed on the agent's side and goes
+    /// silent on the hub's.
+    fn cut_agent_sides(&self) {
+        for (cut, client) in self.conns.lock().unwrap().drain(..) {
+            cut.store(true, Ordering::Relaxed);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// One agent whose connection is reset on its side twice (it logs in
+/// again at once, while the hub still holds the old session, silent) is
+/// not said to be two agents: the old session is asked, and does not
+/// answer. The first version judged by its last keepalive (none
+/// outstanding: taken as answering) and warned.
+#[test]
+fn one_agent_whose_path_dies_is_not_taken_for_two() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up_with(&["--keepalive", "5s"]);
+    let mut join = env.cluster_add("alpha");
+    let hub = join.iter().position(|a| a == "--hub").unwrap() + 1;
+    let tunnel: std::net::SocketAddr = join[hub]
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let relay = HalfCutRelay::start(tunnel);
+    join[hub] = join[hub].replace(&tunnel.to_string(), &relay.addr.to_string());
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let o = env.join(&join, &["--kubeconfig", kc.to_str().unwrap()]);
+    assert!(o.ok(), "{o:?}");
+    let sessions = |env: &Env| {
+        env.status()["hub"]["clusters"][0]["reconnects"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for round in 1..=2u64 {
+        let before = sessions(&env);
+        relay.cut_agent_sides();
+        wait_for("the agent to log in again", Duration::from_secs(30), || {
+            (sessions(&env) > before).then_some(())
+        });
+        eprintln!("round {round}: logged in again");
+    }
+    // The replaced sessions' questions (2 s each) are answered or not by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap();
+    assert!(!log.contains("two agents hold"), "{log}");
+    assert_eq!(env.status()["hub"]["clusters"][0]["state"], "connected");
+}

@@ -270,6 +270,22 @@ pub const MEMBER_WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 /// used to get the smallest windows once one operator had taken it all.
 pub const OPERATOR_WINDOW_SHARE: u64 = 2;
 
+/// Whether a session answers a keepalive within 2 s (asked now).
+async fn still_answers(s: &LiveSession) -> bool {
+    let asked =
+        s.handle
+            .channel_open_forwarded_tcpip(crate::tunnel::TARGET_PING, 0, "127.0.0.1", 0);
+    match tokio::time::timeout(Duration::from_secs(2), asked).await {
+        // Agents refuse it: an answer all the same.
+        Ok(Err(russh::Error::ChannelOpenFailure(_))) => true,
+        Ok(Ok(ch)) => {
+            let _ = ch.close().await;
+            true
+        }
+        _ => false,
+    }
+}
+
 impl LiveSession {
     /// The round trip to show, milliseconds: the last one measured, or,
     /// while a keepalive's answer is overdue past it, the time waited so
@@ -739,7 +755,7 @@ impl Hub {
     }
 
     /// Registers a session, replacing (and closing) a stale one of the same name.
-    fn register(&self, s: Arc<LiveSession>) {
+    fn register(self: &Arc<Self>, s: Arc<LiveSession>) {
         self.record(&s.name, |m| m.sessions += 1);
         self.event(
             &s.name,
@@ -767,32 +783,31 @@ impl Hub {
             .and_then(|mut m| m.insert(s.name.clone(), s.clone()));
         peer::registered(self, &s);
         if let Some(old) = old {
-            self.note_contention(&s, &old);
             session_line!(self, &s.name, cluster = %s.name, "a new session replaces the previous one");
+            let hub = self.clone();
             self.tasks.spawn(async move {
+                // Asked first whether it still answers (another agent
+                // with the key), then closed.
+                if still_answers(&old).await {
+                    hub.note_contention(&s, &old);
+                }
                 old.close("replaced by a newer session of the same cluster")
                     .await;
             });
         }
     }
 
-    /// A session replaced while it still answered its keepalives (none
-    /// outstanding, or one sent under 2 s ago) is another agent's with the
-    /// same key, not the same agent come back over a path that died (its
-    /// old session then has a keepalive long unanswered). Two of them
-    /// within ten minutes are said, at warn and in the member's events,
-    /// once every ten minutes: two agents took turns replacing each other
-    /// (each back after its backoff), cutting the requests in flight at
-    /// every turn, said only as reconnections.
+    /// A session replaced while it still answers (a keepalive asked then,
+    /// [`still_answers`]) is another agent's with the same key, not the
+    /// same agent come back over a path that died. Two of them within ten
+    /// minutes are said, at warn and in the member's events, once every
+    /// ten minutes: two agents took turns replacing each other (each back
+    /// after its backoff), cutting the requests in flight at every turn,
+    /// said only as reconnections. (A first version judged by the old
+    /// session's last keepalive, and warned for one agent whose path died
+    /// between two of the hub's keepalives.)
     fn note_contention(&self, new: &LiveSession, old: &LiveSession) {
         const WINDOW: Duration = Duration::from_secs(600);
-        let answering = old
-            .ping_since
-            .lock()
-            .is_ok_and(|p| p.is_none_or(|since| since.elapsed() < Duration::from_secs(2)));
-        if !answering {
-            return;
-        }
         let now = std::time::Instant::now();
         let mut say = false;
         self.record(&new.name, |m| {
