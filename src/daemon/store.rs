@@ -384,8 +384,14 @@ impl RedbStore {
                 // A first start on a full disk leaves the file redb sized
                 // and never wrote: zeros, which it refuses as damaged on
                 // every later start (a pod in CrashLoopBackOff once the
-                // volume had room). It held nothing: made anew.
-                if never_written(&f)? {
+                // volume had room). It held nothing: made anew. Not where
+                // a hub ran before (its host key, made after the registry
+                // at the first start, is there): a registry that reads
+                // back as zeros there was lost, and is refused as damaged
+                // (a first version made it anew, every member and operator
+                // gone with a line at info).
+                let ran_here = file.with_file_name("host_key").exists();
+                if !ran_here && never_written(&f)? {
                     tracing::info!(
                         "the registry file '{}' holds no data (a first start that failed, on a full disk say): creating it anew",
                         crate::tunnel::escape_for_log(&file.display().to_string(), 300)
@@ -1036,6 +1042,17 @@ mod tests {
         bytes[500_000] = 1;
         std::fs::write(&path, bytes).unwrap();
         assert!(RedbStore::open(&path).is_err());
+        // Zeros where a hub ran before (its host key beside it): a
+        // registry lost, refused as damaged, never emptied in silence.
+        // (Another directory: redb's lock of the refused file above
+        // stays with this process.)
+        let ran = dir.path().join("ran");
+        std::fs::create_dir(&ran).unwrap();
+        std::fs::write(ran.join("host_key"), "key").unwrap();
+        let path = ran.join("hub.redb");
+        std::fs::write(&path, vec![0u8; 1_056_768]).unwrap();
+        let e = RedbStore::open(&path).err().expect("refused").to_string();
+        assert!(e.contains("Restore it from a backup"), "{e}");
     }
 
     /// An operator name is added once: another token of that name is
