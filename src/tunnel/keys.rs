@@ -22,15 +22,29 @@ pub fn load_or_create_host_key(
 }
 
 /// Whether a key file of `mode` and `group` may be read by anyone but
-/// this process's user and groups. A group of its own is not others: a
-/// pod's Secret volume with `fsGroup` is the pod's group, kubelet gives
-/// it read whatever `defaultMode` says, and the mount is read-only (every
-/// agent pod warned, with a fix it could not apply).
-fn readable_by_others(mode: u32, group: u32) -> bool {
+/// this process's user. Group read is let pass in one case: a pod's
+/// Secret volume with `fsGroup`, where kubelet gives the pod's group read
+/// whatever `defaultMode` says, on a read-only mount (every agent pod
+/// warned, with a fix it could not apply): the process's own group, read
+/// only, on a read-only filesystem. Elsewhere a group of one's own may be
+/// everyone's (`users`, `staff`), and a first version let 0640 and even
+/// 0660 pass there.
+fn readable_by_others(mode: u32, group: u32, read_only_fs: bool) -> bool {
     if mode & 0o007 != 0 {
         return true;
     }
-    mode & 0o070 != 0 && !in_own_groups(group)
+    if mode & 0o070 == 0 {
+        return false;
+    }
+    mode & 0o020 != 0 || !read_only_fs || !in_own_groups(group)
+}
+
+/// Whether the filesystem `f` is on is mounted read-only.
+fn on_read_only_fs(f: &std::fs::File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fstatvfs on a valid, open descriptor, into a zeroed struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstatvfs(f.as_raw_fd(), &mut st) } == 0) && st.f_flag & libc::ST_RDONLY != 0
 }
 
 /// Whether `gid` is this process's effective group or one of its
@@ -58,18 +72,18 @@ pub fn load_or_create_key(
 ) -> Result<PrivateKey> {
     // Read from the file opened once (its owner checked on the open file,
     // not looked up apart: no window to swap it in between).
-    let read = || -> std::io::Result<(String, u32, u32, u32)> {
+    let read = || -> std::io::Result<(String, u32, u32, u32, bool)> {
         use std::io::Read as _;
         use std::os::unix::fs::MetadataExt;
         let mut f = std::fs::File::open(path)?;
         let m = f.metadata()?;
         let mut pem = String::new();
         f.read_to_string(&mut pem)?;
-        Ok((pem, m.uid(), m.mode(), m.gid()))
+        Ok((pem, m.uid(), m.mode(), m.gid(), on_read_only_fs(&f)))
     };
     match read() {
-        Ok((pem, owner, mode, group)) => {
-            if readable_by_others(mode, group) {
+        Ok((pem, owner, mode, group, read_only)) => {
+            if readable_by_others(mode, group, read_only) {
                 tracing::warn!(
                     "{what} '{}' may be read by others (mode {:o}): make it private (chmod 600 '{}')",
                     path.display(),
@@ -193,18 +207,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_readable_by_its_own_group_only_is_private_enough() {
+    fn a_key_readable_by_its_own_group_on_a_read_only_mount_is_private_enough() {
         // SAFETY: getegid has no preconditions.
         let mine = unsafe { libc::getegid() };
         let not_mine = (1..u32::MAX - 1)
             .map(|g| mine.wrapping_add(g))
             .find(|g| !in_own_groups(*g))
             .unwrap();
-        assert!(!readable_by_others(0o100600, mine));
-        // A pod's Secret volume with fsGroup: 0440, the pod's own group.
-        assert!(!readable_by_others(0o100440, mine));
-        assert!(readable_by_others(0o100440, not_mine));
-        assert!(readable_by_others(0o100604, mine));
+        assert!(!readable_by_others(0o100600, mine, false));
+        // A pod's Secret volume with fsGroup: 0440, the pod's own group,
+        // a read-only mount.
+        assert!(!readable_by_others(0o100440, mine, true));
+        assert!(readable_by_others(0o100440, not_mine, true));
+        // A group of one's own on a writable disk may be everyone's
+        // (`users`); group-writable never passes.
+        assert!(readable_by_others(0o100640, mine, false));
+        assert!(readable_by_others(0o100460, mine, true));
+        assert!(readable_by_others(0o100604, mine, true));
     }
 
     #[test]
