@@ -710,9 +710,10 @@ fn lifetime_hint(l: Duration, keepalive: Duration, silent: &str) -> String {
         return format!(
             "the last three sessions each ended after about {secs}s, shorter than this agent's \
              keepalive interval ({}s): something between this agent and the hub ends connections \
-             idle for about {secs}s (a load balancer's, proxy's or NAT's idle timeout) or at that \
-             lifetime: join again with --keepalive {shorter}s, or raise that timeout; streams open \
-             at that moment are cut",
+             idle for about {secs}s (a load balancer's, proxy's or NAT's idle timeout; join again \
+             with --keepalive {shorter}s, or raise that timeout) or at that lifetime whatever they \
+             carry (if the hub's own keepalive is under {secs}s, or sessions still end so with a \
+             shorter --keepalive: raise that lifetime there); streams open at that moment are cut",
             keepalive.as_secs()
         );
     }
