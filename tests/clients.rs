@@ -921,3 +921,52 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
         (!alive(kubectl)).then_some(())
     });
 }
+
+/// A member API server whose certificate is a self-signed CA certificate
+/// (`CA:TRUE`, `openssl req -x509`'s default), trusted as itself in the
+/// member kubeconfig: kubectl takes it directly, the agent's TLS (webpki)
+/// does not. The operator gets that in words, with the fix: it was
+/// "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))".
+#[test]
+fn a_member_server_certificate_that_is_a_ca_is_explained() {
+    use base64::Engine;
+    let env = Env::new();
+    let api = ApiServer::start();
+    let front = support::tls_front::TlsFront::start_self_signed_ca(api.addr);
+    let kc = env.path("member-tls.kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: m\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {}\n\
+             users:\n- name: m\n  user:\n    token: {}\n\
+             contexts:\n- name: m\n  context:\n    cluster: m\n    user: m\n\
+             current-context: m\n",
+            front.addr.port(),
+            base64::engine::general_purpose::STANDARD.encode(&front.ca_pem),
+            support::apiserver::TOKEN,
+        ),
+    )
+    .unwrap();
+    // kubectl straight to it: taken.
+    let mut direct = Command::new(support::kubectl_path());
+    direct.args([
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "get",
+        "--raw",
+        "/version",
+    ]);
+    let o = run_bounded(direct, Duration::from_secs(30));
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    env.up();
+    join_member_with(&env, "alpha", &[], &kc);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "--raw", "/version"]);
+    assert!(
+        !o.ok()
+            && o.stderr
+                .contains("presents a CA certificate (basicConstraints CA:TRUE) as its own")
+            && o.stderr.contains("CA:FALSE"),
+        "{o:?}"
+    );
+}

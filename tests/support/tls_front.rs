@@ -28,6 +28,28 @@ impl TlsFront {
             .unwrap()
             .signed_by(&leaf_key, &issuer)
             .unwrap();
+        Self::serve(upstream, leaf.der().clone(), leaf_key, ca_pem)
+    }
+
+    /// [`TlsFront::start`] with one self-signed certificate that is also a
+    /// CA (`CA:TRUE`, what `openssl req -x509` makes by default), trusted
+    /// as itself: `ca_pem` is that certificate.
+    #[allow(dead_code)]
+    pub fn start_self_signed_ca(upstream: SocketAddr) -> TlsFront {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self::serve(upstream, cert.der().clone(), key, cert.pem())
+    }
+
+    fn serve(
+        upstream: SocketAddr,
+        leaf: rustls::pki_types::CertificateDer<'static>,
+        leaf_key: KeyPair,
+        ca_pem: String,
+    ) -> TlsFront {
         let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -35,7 +57,7 @@ impl TlsFront {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
+        .with_single_cert(vec![leaf], key)
         .unwrap();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));

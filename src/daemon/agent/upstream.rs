@@ -725,7 +725,7 @@ async fn forward(
             // Said in the agent's log too: with the tunnel up, `status`
             // says "connected", and this was nowhere but in kubectl's
             // error (with no discovery cache, kubectl shows "unknown").
-            let e = crate::tunnel::printable(&e, 500);
+            let e = format!("{}{}", crate::tunnel::printable(&e, 500), tls_hint(&e));
             hub_driven(format_args!("cannot reach the member's API server: {e}"));
             return status_response(
                 StatusCode::BAD_GATEWAY,
@@ -767,6 +767,21 @@ async fn forward(
         None,
     );
     resp
+}
+
+/// Words for what rustls refuses and Go's TLS (kubectl's) takes, so that
+/// "kubectl works, the agent does not" is explained: a self-signed
+/// certificate with `CA:TRUE` (what `openssl req -x509` makes by
+/// default) as the API server's own.
+fn tls_hint(error: &str) -> &'static str {
+    if error.contains("CaUsedAsEndEntity") {
+        "; the API server presents a CA certificate (basicConstraints CA:TRUE) as its own: \
+         kubectl accepts that, the towerctl agent does not; give the API server a server \
+         certificate issued by that CA, or make its self-signed one with CA:FALSE \
+         (openssl req -x509 … -addext basicConstraints=critical,CA:FALSE)"
+    } else {
+        ""
+    }
 }
 
 /// Builds the client for the member's API server: `--kubeconfig`, else
