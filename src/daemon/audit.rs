@@ -305,41 +305,40 @@ fn has_token(v: &str) -> bool {
     })
 }
 
-/// `query` without the parameters that carry `token` (the token the
-/// request authenticated with: a value, `Bearer TOKEN`, or a bare key,
-/// percent-encoded or not), if it has any: what the gateway sends a
-/// member. The hub reads its token from `Authorization` only, and a
-/// member (less trusted than the hub) saw `?access_token=top_…` a client
-/// added. Only that exact token: a first version dropped whatever looked
-/// like one (a label value `laptop_` and 40 characters, an exec
-/// argument, a service's `state`), and `kubectl delete -l` with such a
-/// selector deleted every pod of the namespace.
-pub fn query_without(query: &str, token: &str) -> Option<String> {
-    if token.is_empty() {
-        return None;
+/// The towerctl operator tokens `target` (a request's path and query)
+/// carries anywhere, read as the server reads it (percent-decoded, `+` a
+/// space): each run of a token's prefix and its 43 characters, at most
+/// 16, for the gateway to look up. A request whose URL carries a valid
+/// token is refused (`gateway::proxy`): the member, less trusted than
+/// the hub, saw `?access_token=top_…` a client added. Refused, not cut
+/// out: a first version dropped the parameters of a token's shape, and a
+/// label selector `session=laptop_` + 40 hex characters was dropped,
+/// `kubectl delete -l` deleting every pod of the namespace; the next
+/// dropped only the caller's own token as a whole value, which left it in
+/// a key, after `;`, in quotes or behind a tab, and still changed what a
+/// request did (`kubectl exec p -- TOKEN` ran no command).
+pub fn token_candidates(target: &str) -> Vec<String> {
+    const PREFIX: &str = "top_";
+    const LEN: usize = 43;
+    let text = decoded(target);
+    let mut found = Vec::new();
+    for (i, _) in text.match_indices(PREFIX) {
+        let rest = &text[i + PREFIX.len()..];
+        let run = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .count();
+        if run >= LEN {
+            let t = format!("{PREFIX}{}", &rest[..LEN]);
+            if !found.contains(&t) {
+                found.push(t);
+            }
+            if found.len() == 16 {
+                break;
+            }
+        }
     }
-    let is_token = |x: &str| {
-        let x = decoded(x);
-        let x = x.trim();
-        x == token
-            || x.split_once(' ').is_some_and(|(scheme, rest)| {
-                scheme.eq_ignore_ascii_case("bearer") && rest.trim() == token
-            })
-    };
-    let carries = |p: &str| match p.split_once('=') {
-        Some((_, v)) => is_token(v),
-        None => is_token(p),
-    };
-    if !query.split('&').any(carries) {
-        return None;
-    }
-    Some(
-        query
-            .split('&')
-            .filter(|p| !carries(p))
-            .collect::<Vec<_>>()
-            .join("&"),
-    )
+    found
 }
 
 /// The values of query parameters that carry credentials, replaced: a
@@ -360,14 +359,17 @@ fn redact_query(path: &mut String) {
     };
     let query = &path[at + 1..];
     if !query.split('&').any(|p| {
-        p.split_once('=')
-            .map_or(has_token(&decoded(p)), |(k, v)| secret(k, v))
+        p.split_once('=').map_or(has_token(&decoded(p)), |(k, v)| {
+            secret(k, v) || has_token(&decoded(k))
+        })
     }) {
         return;
     }
     let redacted: Vec<String> = query
         .split('&')
         .map(|p| match p.split_once('=') {
+            // A token as the key (`TOKEN=`): the key is the secret.
+            Some((k, _)) if has_token(&decoded(k)) => "REDACTED".to_string(),
             Some((k, v)) if secret(k, v) => format!("{k}=REDACTED"),
             None if has_token(&decoded(p)) => "REDACTED".to_string(),
             _ => p.to_string(),
@@ -378,10 +380,46 @@ fn redact_query(path: &mut String) {
     path.push_str(&q);
 }
 
+/// A towerctl token in the path before the query (`/namespaces/top_…`),
+/// replaced (the request is refused, but recorded): the path is written
+/// decoded when it had to be decoded to find it.
+fn redact_path(path: &mut String) {
+    let end = path.find('?').unwrap_or(path.len());
+    let part = decoded(&path[..end]);
+    if !has_token(&part) {
+        return;
+    }
+    let mut out = String::with_capacity(part.len());
+    let mut rest: &str = &part;
+    loop {
+        let i = match (rest.find("top_"), rest.find("tj_")) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => break,
+        };
+        let p = if rest[i..].starts_with("top_") { 4 } else { 3 };
+        let run = rest[i + p..]
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            .count();
+        out.push_str(&rest[..i]);
+        if run >= 40 {
+            out.push_str("REDACTED");
+        } else {
+            out.push_str(&rest[i..i + p + run]);
+        }
+        rest = &rest[i + p + run..];
+    }
+    out.push_str(rest);
+    let tail = path[end..].to_string();
+    *path = out + &tail;
+}
+
 /// Bounds every field a client can fill, whatever it sent, and keeps
 /// credentials a client put in its URL out.
 fn bound(r: &mut Record) {
     redact_query(&mut r.path);
+    redact_path(&mut r.path);
     let unauthenticated = r.operator == UNAUTHENTICATED;
     cut(
         &mut r.path,
@@ -1174,35 +1212,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_callers_token_is_taken_out_of_what_a_member_is_asked() {
+    fn tokens_are_found_however_a_url_carries_them() {
         let tok = format!("top_{}", "A".repeat(43));
-        let other = format!("laptop_{}", "3f786850e387550fdab836ed7e6dc881de23001b");
-        // Whatever only looks like a token stays: a label value, an exec
-        // argument, another value of that shape.
+        for target in [
+            format!("/api?access_token={tok}&limit=5"),
+            format!("/api?{tok}=&limit=1"),
+            format!("/api?limit=5;access_token={tok}"),
+            format!("/api?access_token=Bearer%09{tok}"),
+            format!("/api?access_token=%22{tok}%22"),
+            format!("/api?x=a={}", tok.replace('_', "%5F")),
+            format!("/api/v1/namespaces/{tok}"),
+        ] {
+            assert_eq!(
+                super::token_candidates(&target),
+                std::slice::from_ref(&tok),
+                "{target}"
+            );
+        }
+        // A label value of a token's shape is one candidate, looked up
+        // (and found to be no one's token) by the gateway; short runs are
+        // none.
         assert_eq!(
-            super::query_without(&format!("labelSelector=session%3D{other}&limit=5"), &tok),
-            None
-        );
-        assert_eq!(
-            super::query_without(
-                &format!("command={}", "top_".to_string() + &"B".repeat(43)),
-                &tok
-            ),
-            None
-        );
-        assert_eq!(
-            super::query_without(&format!("access_token={tok}&limit=5"), &tok).as_deref(),
-            Some("limit=5")
-        );
-        assert_eq!(
-            super::query_without(
-                &format!("{}&x=Bearer%20{tok}", tok.replace('_', "%5F")),
-                &tok
+            super::token_candidates(
+                "/api?labelSelector=session%3Dlaptop_3f786850e387550fdab836ed7e6dc881de23001b"
             )
-            .as_deref(),
-            Some("")
+            .len(),
+            0
         );
-        assert_eq!(super::query_without("a=b", ""), None);
+        assert!(super::token_candidates("/api?labelSelector=tier%3Dtop_tier").is_empty());
+    }
+
+    #[test]
+    fn a_token_in_the_path_is_redacted() {
+        let tok = format!("top_{}", "A".repeat(43));
+        let mut path = format!("/api/v1/namespaces/{tok}/pods?limit=1");
+        super::redact_path(&mut path);
+        assert_eq!(path, "/api/v1/namespaces/REDACTED/pods?limit=1");
+        let mut path = format!("/x/{}", tok.replace('_', "%5F"));
+        super::redact_path(&mut path);
+        assert_eq!(path, "/x/REDACTED");
+        let mut path = "/api/v1/namespaces/top_tier".to_string();
+        super::redact_path(&mut path);
+        assert_eq!(path, "/api/v1/namespaces/top_tier");
+    }
+
+    #[test]
+    fn a_token_as_a_query_key_is_redacted_whole() {
+        let tok = format!("top_{}", "A".repeat(43));
+        let mut path = format!("/api?{tok}=&limit=1");
+        super::redact_query(&mut path);
+        assert_eq!(path, "/api?REDACTED&limit=1");
     }
 
     #[test]

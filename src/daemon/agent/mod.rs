@@ -704,7 +704,8 @@ fn features(impersonate: bool) -> Vec<String> {
 /// proxy with a 30 s idle timeout and the agent's 45 s keepalive were
 /// said to be "a fixed lifetime" and no more).
 fn lifetime_hint(l: Duration, keepalive: Duration, silent: &str) -> String {
-    let secs = l.as_secs();
+    // Rounded: sessions of 5.9 s were "about 5s".
+    let secs = l.as_secs_f64().round() as u64;
     if l + Duration::from_secs(1) < keepalive {
         let shorter = (secs / 2).max(1);
         return format!(

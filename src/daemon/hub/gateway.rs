@@ -2388,6 +2388,26 @@ async fn proxy(
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
     crate::daemon::http::append_forwarded_for(req.headers_mut(), forwarded);
+    // A valid operator token in the URL (a client that added its own as
+    // `?access_token=…`, anywhere, however encoded; or anyone's) never goes
+    // to the member, which is less trusted than the hub: the request is
+    // refused in words, not altered (`audit::token_candidates`).
+    let target = req.uri().path_and_query().map_or("", |pq| pq.as_str());
+    let carried = crate::daemon::audit::token_candidates(target)
+        .iter()
+        .find_map(|t| hub.operator(t).map(|o| o.name == operator.name));
+    if let Some(own) = carried {
+        let whose = if own {
+            "your towerctl token"
+        } else {
+            "a towerctl operator token"
+        };
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("the request's URL carries {whose}, which the towerctl gateway does not send on to a member: send tokens in the Authorization header only, and take it out of the URL (a label, an argument or a parameter that holds it)"),
+        );
+    }
     // A coding besides `chunked` (hyper checks only that it ends so):
     // stripped as hop-by-hop, the body went on still gzipped, read as
     // plain by the API server. Refused as Go's server refuses it.
@@ -2435,19 +2455,8 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let watch = crate::daemon::http::query_flag(parts.uri.query(), "watch");
-    // Never the caller's towerctl token to the member: a client that added
-    // it to its URL (`?access_token=…`; the hub reads it from
-    // `Authorization` only) had it handed to the member, which is less
-    // trusted than the hub. The audit log records it redacted.
-    let presented = bearer(&parts.headers)
-        .map(|t| t.into_owned())
-        .unwrap_or_default();
     let pq = match parts.uri.query() {
-        Some(q) => match crate::daemon::audit::query_without(q, &presented) {
-            Some(q) if q.is_empty() => upstream_path,
-            Some(q) => format!("{upstream_path}?{q}"),
-            None => format!("{upstream_path}?{q}"),
-        },
+        Some(q) => format!("{upstream_path}?{q}"),
         None => upstream_path,
     };
     parts.uri = match pq.parse() {

@@ -270,12 +270,16 @@ pub const MEMBER_WINDOW_BUDGET: u64 = 128 * 1024 * 1024;
 /// used to get the smallest windows once one operator had taken it all.
 pub const OPERATOR_WINDOW_SHARE: u64 = 2;
 
-/// Whether a session answers a keepalive within 2 s (asked now).
+/// Whether a session answers a keepalive (asked now) within three of its
+/// round trips, 2 s at least (30 s at most): a far member's agents, 2.4 s
+/// away, were never said to be two with a fixed 2 s.
 async fn still_answers(s: &LiveSession) -> bool {
+    let rtt = Duration::from_micros(s.rtt_us.load(Ordering::Relaxed));
+    let wait = (rtt * 3).clamp(Duration::from_secs(2), Duration::from_secs(30));
     let asked =
         s.handle
             .channel_open_forwarded_tcpip(crate::tunnel::TARGET_PING, 0, "127.0.0.1", 0);
-    match tokio::time::timeout(Duration::from_secs(2), asked).await {
+    match tokio::time::timeout(wait, asked).await {
         // Agents refuse it: an answer all the same.
         Ok(Err(russh::Error::ChannelOpenFailure(_))) => true,
         Ok(Ok(ch)) => {
