@@ -290,51 +290,84 @@ fn decoded(x: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
-/// Whether `v` carries a towerctl token: its prefix and 40 or more
-/// base64url characters, anywhere in the value (`Bearer top_…`);
-/// `top_tier` is a label, not one.
+/// The characters of a towerctl token after its prefix (`top_`, `tj_`):
+/// 32 random bytes in base64url.
+const TOKEN_CHARS: usize = 43;
+
+/// How many token characters `s` starts with, counted up to
+/// [`TOKEN_CHARS`] only (counted to the end of the run, a URL of
+/// `top_top_top_…` cost the hub seconds per request, every other request
+/// waiting).
+fn token_run(s: &str) -> usize {
+    s.bytes()
+        .take(TOKEN_CHARS)
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        .count()
+}
+
+/// Whether `v` carries a towerctl token: its prefix and 43 base64url
+/// characters, anywhere in the value (`Bearer top_…`); `top_tier` is a
+/// label, not one.
 fn has_token(v: &str) -> bool {
     ["top_", "tj_"].iter().any(|p| {
-        v.match_indices(p).any(|(i, _)| {
-            v[i + p.len()..]
-                .bytes()
-                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-                .count()
-                >= 40
-        })
+        v.match_indices(p)
+            .any(|(i, _)| token_run(&v[i + p.len()..]) == TOKEN_CHARS)
     })
 }
 
-/// The towerctl operator tokens `target` (a request's path and query)
-/// carries anywhere, read as the server reads it (percent-decoded, `+` a
-/// space): each run of a token's prefix and its 43 characters, at most
-/// 16, for the gateway to look up. A request whose URL carries a valid
-/// token is refused (`gateway::proxy`): the member, less trusted than
-/// the hub, saw `?access_token=top_…` a client added. Refused, not cut
-/// out: a first version dropped the parameters of a token's shape, and a
-/// label selector `session=laptop_` + 40 hex characters was dropped,
-/// `kubectl delete -l` deleting every pod of the namespace; the next
-/// dropped only the caller's own token as a whole value, which left it in
-/// a key, after `;`, in quotes or behind a tab, and still changed what a
-/// request did (`kubectl exec p -- TOKEN` ran no command).
+/// `s` with every towerctl token in it (a prefix and 43 token characters)
+/// replaced by `REDACTED`, as it is otherwise (no decoding), if it had one.
+fn without_tokens(s: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = s;
+    let mut any = false;
+    loop {
+        let i = match (rest.find("top_"), rest.find("tj_")) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => break,
+        };
+        let p = if rest[i..].starts_with("top_") { 4 } else { 3 };
+        out.push_str(&rest[..i]);
+        if token_run(&rest[i + p..]) == TOKEN_CHARS {
+            out.push_str("REDACTED");
+            any = true;
+            rest = &rest[i + p + TOKEN_CHARS..];
+        } else {
+            out.push_str(&rest[i..i + p]);
+            rest = &rest[i + p..];
+        }
+    }
+    out.push_str(rest);
+    any.then_some(out)
+}
+
+/// The towerctl operator tokens `target` (a request's path and query, or
+/// a CONNECT authority) may carry, read as the server reads it
+/// (percent-decoded, `+` a space): each `top_` and the 43 token
+/// characters after it, all of them (a first version looked at 16, and a
+/// real token after 16 decoys went on), for the gateway to look up. The
+/// scan is linear in `target`, which the head limit bounds. A request
+/// whose URL carries a valid token is refused (`gateway::proxy`): the
+/// member, less trusted than the hub, saw `?access_token=top_…` a client
+/// added. Refused, not cut out: a first version dropped the parameters of
+/// a token's shape, and a label selector `session=laptop_` + 40 hex
+/// characters was dropped, `kubectl delete -l` deleting every pod of the
+/// namespace; the next dropped only the caller's own token as a whole
+/// value, which left it in a key, after `;`, in quotes or behind a tab,
+/// and still changed what a request did (`kubectl exec p -- TOKEN` ran no
+/// command).
 pub fn token_candidates(target: &str) -> Vec<String> {
     const PREFIX: &str = "top_";
-    const LEN: usize = 43;
     let text = decoded(target);
-    let mut found = Vec::new();
+    let mut found: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (i, _) in text.match_indices(PREFIX) {
         let rest = &text[i + PREFIX.len()..];
-        let run = rest
-            .bytes()
-            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-            .count();
-        if run >= LEN {
-            let t = format!("{PREFIX}{}", &rest[..LEN]);
-            if !found.contains(&t) {
+        if token_run(rest) == TOKEN_CHARS {
+            let t = format!("{PREFIX}{}", &rest[..TOKEN_CHARS]);
+            if seen.insert(t.clone()) {
                 found.push(t);
-            }
-            if found.len() == 16 {
-                break;
             }
         }
     }
@@ -380,39 +413,26 @@ fn redact_query(path: &mut String) {
     path.push_str(&q);
 }
 
-/// A towerctl token in the path before the query (`/namespaces/top_…`),
-/// replaced (the request is refused, but recorded): the path is written
-/// decoded when it had to be decoded to find it.
+/// A towerctl token in the path before the query (`/namespaces/top_…`,
+/// a CONNECT authority), replaced: the request is refused, but recorded.
+/// The path is kept as it came (a first version wrote it decoded, `+` as
+/// a space, whenever it held a run of a token's shape); decoded only when
+/// the token was percent-encoded.
 fn redact_path(path: &mut String) {
     let end = path.find('?').unwrap_or(path.len());
-    let part = decoded(&path[..end]);
-    if !has_token(&part) {
-        return;
-    }
-    let mut out = String::with_capacity(part.len());
-    let mut rest: &str = &part;
-    loop {
-        let i = match (rest.find("top_"), rest.find("tj_")) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => break,
-        };
-        let p = if rest[i..].starts_with("top_") { 4 } else { 3 };
-        let run = rest[i + p..]
-            .bytes()
-            .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-            .count();
-        out.push_str(&rest[..i]);
-        if run >= 40 {
-            out.push_str("REDACTED");
-        } else {
-            out.push_str(&rest[i..i + p + run]);
-        }
-        rest = &rest[i + p + run..];
-    }
-    out.push_str(rest);
+    let redacted = match without_tokens(&path[..end]) {
+        Some(r) => r,
+        // Something was decoded: a token percent-encoded.
+        None => match decoded(&path[..end]) {
+            std::borrow::Cow::Owned(d) => match without_tokens(&d) {
+                Some(r) => r,
+                None => return,
+            },
+            std::borrow::Cow::Borrowed(_) => return,
+        },
+    };
     let tail = path[end..].to_string();
-    *path = out + &tail;
+    *path = redacted + &tail;
 }
 
 /// Bounds every field a client can fill, whatever it sent, and keeps
@@ -434,6 +454,13 @@ fn bound(r: &mut Record) {
     cut(&mut r.verb, 32);
     cut(&mut r.operator, 128);
     cut(&mut r.cluster, 128);
+    // An error may repeat what the client sent (a dial policy naming a
+    // CONNECT host): no token in it either.
+    if let Some(e) = &mut r.error {
+        if let Some(clean) = without_tokens(e) {
+            *e = clean;
+        }
+    }
     for s in [&mut r.rule, &mut r.error, &mut r.peer, &mut r.phase]
         .into_iter()
         .flatten()
@@ -1254,6 +1281,19 @@ mod tests {
         let mut path = "/api/v1/namespaces/top_tier".to_string();
         super::redact_path(&mut path);
         assert_eq!(path, "/api/v1/namespaces/top_tier");
+        // Kept as it came: `+` and escapes, and a run of a token's shape
+        // that is shorter than one.
+        let kept = "/proxy/a+b/c%20d/laptop_3f786850e387550fdab836ed7e6dc881de23001b?q=1";
+        let mut path = kept.to_string();
+        super::redact_path(&mut path);
+        assert_eq!(path, kept);
+        // A path of nothing but prefixes (each one and the 43 characters
+        // after it have a token's shape): one candidate, looked at in
+        // linear time (it took seconds before, every request waiting).
+        let mut path = "top_".repeat(15_000);
+        super::redact_path(&mut path);
+        assert!(path.starts_with("REDACTED"), "{}", &path[..40]);
+        assert_eq!(super::token_candidates(&"top_".repeat(15_000)).len(), 1);
     }
 
     #[test]

@@ -1677,6 +1677,21 @@ fn ignores_early_for_tests() -> bool {
 /// HTTP CONNECT: a raw byte stream to a target in a member, named
 /// `NAME.NS.svc.CLUSTER:PORT` (or `.pod.`, `.deploy.`, or `HOST.CLUSTER`),
 /// subject to the agent's dial policy.
+/// Why a request whose URL or CONNECT target carries a valid operator
+/// token is refused. Whose it is, is not said.
+const TOKEN_IN_URL: &str = "the request's URL (or CONNECT target) carries a towerctl operator token, which the towerctl gateway does not send on to a member: send tokens in the Authorization header only, and take it out of the URL (a label, an argument or a parameter that holds it)";
+
+/// Whether `target` (a request's path and query, a CONNECT authority)
+/// carries a valid operator token, anyone's, however encoded
+/// (`audit::token_candidates`): the member, less trusted than the hub,
+/// saw `?access_token=top_…` a client added. Refused in words, not
+/// altered (see there for the two versions that altered requests).
+fn carries_a_token(hub: &Hub, target: &str) -> bool {
+    crate::daemon::audit::token_candidates(target)
+        .iter()
+        .any(|t| hub.operator(t).is_some())
+}
+
 async fn connect(
     hub: Arc<Hub>,
     req: Request<Incoming>,
@@ -1687,6 +1702,11 @@ async fn connect(
     let Some(authority) = req.uri().authority().cloned() else {
         return text_response(StatusCode::BAD_REQUEST, "CONNECT needs HOST:PORT");
     };
+    // Nor in a CONNECT target (a host named with one reached the member's
+    // dial policy, its log and its resolver).
+    if carries_a_token(&hub, authority.as_str()) {
+        return text_response(StatusCode::BAD_REQUEST, TOKEN_IN_URL);
+    }
     let (cluster, target, port) = match connect_target(&authority) {
         Ok(t) => t,
         Err(msg) => return text_response(StatusCode::BAD_REQUEST, &msg),
@@ -2388,25 +2408,10 @@ async fn proxy(
     end: Option<Arc<EndRecord>>,
 ) -> Response<Body> {
     crate::daemon::http::append_forwarded_for(req.headers_mut(), forwarded);
-    // A valid operator token in the URL (a client that added its own as
-    // `?access_token=…`, anywhere, however encoded; or anyone's) never goes
-    // to the member, which is less trusted than the hub: the request is
-    // refused in words, not altered (`audit::token_candidates`).
+    // A valid operator token in the URL never goes to the member.
     let target = req.uri().path_and_query().map_or("", |pq| pq.as_str());
-    let carried = crate::daemon::audit::token_candidates(target)
-        .iter()
-        .find_map(|t| hub.operator(t).map(|o| o.name == operator.name));
-    if let Some(own) = carried {
-        let whose = if own {
-            "your towerctl token"
-        } else {
-            "a towerctl operator token"
-        };
-        return status_response(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            &format!("the request's URL carries {whose}, which the towerctl gateway does not send on to a member: send tokens in the Authorization header only, and take it out of the URL (a label, an argument or a parameter that holds it)"),
-        );
+    if carries_a_token(hub, target) {
+        return status_response(StatusCode::BAD_REQUEST, "BadRequest", TOKEN_IN_URL);
     }
     // A coding besides `chunked` (hyper checks only that it ends so):
     // stripped as hop-by-hop, the body went on still gzipped, read as
