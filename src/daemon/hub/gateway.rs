@@ -1674,9 +1674,6 @@ fn ignores_early_for_tests() -> bool {
     })
 }
 
-/// HTTP CONNECT: a raw byte stream to a target in a member, named
-/// `NAME.NS.svc.CLUSTER:PORT` (or `.pod.`, `.deploy.`, or `HOST.CLUSTER`),
-/// subject to the agent's dial policy.
 /// Why a request whose URL or CONNECT target carries a valid operator
 /// token is refused. Whose it is, is not said.
 const TOKEN_IN_URL: &str = "the request's URL (or CONNECT target) carries a towerctl operator token, which the towerctl gateway does not send on to a member: send tokens in the Authorization header only, and take it out of the URL (a label, an argument or a parameter that holds it)";
@@ -1692,6 +1689,9 @@ fn carries_a_token(hub: &Hub, target: &str) -> bool {
         .any(|t| hub.operator(t).is_some())
 }
 
+/// HTTP CONNECT: a raw byte stream to a target in a member, named
+/// `NAME.NS.svc.CLUSTER:PORT` (or `.pod.`, `.deploy.`, or `HOST.CLUSTER`),
+/// subject to the agent's dial policy.
 async fn connect(
     hub: Arc<Hub>,
     req: Request<Incoming>,
