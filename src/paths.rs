@@ -417,13 +417,13 @@ pub fn agent_socket(name: &str) -> PathBuf {
     daemon_dir(&daemon).join(format!("{daemon}.sock"))
 }
 
-/// Names of the agents running for this user, found by what they hold
-/// locked (their anchors in the state directory, their pid files in the
-/// runtime directory), whether or not `join` saved their settings: an
-/// agent a pod runs (`agent run`) has none, and `towerctl status` in the
-/// pod showed nothing.
-pub fn running_agents() -> Vec<String> {
-    let mut names = Vec::new();
+/// Adds to `names` the agents running for this user that it lacks, found
+/// by what they hold locked (their anchors in the state directory, their
+/// pid files in the runtime directory), whether or not `join` saved their
+/// settings: an agent a pod runs (`agent run`) has none, and `towerctl
+/// status` in the pod showed nothing.
+pub fn add_running_agents(names: &mut Vec<String>) {
+    let known = names.len();
     for (dir, suffix) in [(state_dir(), ".anchor"), (runtime_dir(), ".pid")] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -445,8 +445,7 @@ pub fn running_agents() -> Vec<String> {
             }
         }
     }
-    names.sort();
-    names
+    names[known..].sort();
 }
 
 /// Path of a daemon's pid file (`hub` or `agent-NAME`).

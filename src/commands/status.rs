@@ -108,11 +108,7 @@ pub async fn run(a: StatusArgs) -> Result<u8> {
     // too, after those `join` saved.
     let mut names: Vec<String> = configs.into_iter().map(|c| c.name).collect();
     let saved = names.len();
-    for n in paths::running_agents() {
-        if !names.contains(&n) {
-            names.push(n);
-        }
-    }
+    paths::add_running_agents(&mut names);
     let agents_probe = futures_util::future::join_all(names.iter().map(|name| async move {
         let socket = paths::agent_socket(name);
         let stopped =

@@ -294,52 +294,71 @@ fn decoded(x: &str) -> std::borrow::Cow<'_, str> {
 /// 32 random bytes in base64url.
 const TOKEN_CHARS: usize = 43;
 
-/// How many token characters `s` starts with, counted up to
+/// How many token characters `b` starts with, counted up to
 /// [`TOKEN_CHARS`] only (counted to the end of the run, a URL of
 /// `top_top_top_…` cost the hub seconds per request, every other request
 /// waiting).
-fn token_run(s: &str) -> usize {
-    s.bytes()
+fn token_run(b: &[u8]) -> usize {
+    b.iter()
         .take(TOKEN_CHARS)
-        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        .take_while(|b| b.is_ascii_alphanumeric() || **b == b'-' || **b == b'_')
         .count()
+}
+
+/// Where `s` holds a towerctl token's shape: a prefix (`top_`, `tj_`) and
+/// 43 token characters after it, as (start, prefix length), in one pass
+/// (a search for each prefix from every position was quadratic on a path
+/// of many `tj_` and one `top_` at its end). Prefixes are found one after
+/// the other, not past a candidate: `top_` ahead of a real token must not
+/// hide it.
+fn token_starts(s: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let b = s.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < b.len() {
+            let p = if b[i..].starts_with(b"top_") {
+                4
+            } else if b[i..].starts_with(b"tj_") {
+                3
+            } else {
+                i += 1;
+                continue;
+            };
+            let at = i;
+            i += p;
+            if token_run(&b[i..]) == TOKEN_CHARS {
+                return Some((at, p));
+            }
+        }
+        None
+    })
 }
 
 /// Whether `v` carries a towerctl token: its prefix and 43 base64url
 /// characters, anywhere in the value (`Bearer top_…`); `top_tier` is a
 /// label, not one.
 fn has_token(v: &str) -> bool {
-    ["top_", "tj_"].iter().any(|p| {
-        v.match_indices(p)
-            .any(|(i, _)| token_run(&v[i + p.len()..]) == TOKEN_CHARS)
-    })
+    token_starts(v).next().is_some()
 }
 
 /// `s` with every towerctl token in it (a prefix and 43 token characters)
 /// replaced by `REDACTED`, as it is otherwise (no decoding), if it had one.
 fn without_tokens(s: &str) -> Option<String> {
     let mut out = String::new();
-    let mut rest = s;
-    let mut any = false;
-    loop {
-        let i = match (rest.find("top_"), rest.find("tj_")) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => break,
-        };
-        let p = if rest[i..].starts_with("top_") { 4 } else { 3 };
-        out.push_str(&rest[..i]);
-        if token_run(&rest[i + p..]) == TOKEN_CHARS {
-            out.push_str("REDACTED");
-            any = true;
-            rest = &rest[i + p + TOKEN_CHARS..];
-        } else {
-            out.push_str(&rest[i..i + p]);
-            rest = &rest[i + p..];
+    let mut done = 0;
+    for (at, p) in token_starts(s) {
+        if at < done {
+            continue;
         }
+        out.push_str(&s[done..at]);
+        out.push_str("REDACTED");
+        done = at + p + TOKEN_CHARS;
     }
-    out.push_str(rest);
-    any.then_some(out)
+    if done == 0 {
+        return None;
+    }
+    out.push_str(&s[done..]);
+    Some(out)
 }
 
 /// The towerctl operator tokens `target` (a request's path and query, or
@@ -358,17 +377,14 @@ fn without_tokens(s: &str) -> Option<String> {
 /// and still changed what a request did (`kubectl exec p -- TOKEN` ran no
 /// command).
 pub fn token_candidates(target: &str) -> Vec<String> {
-    const PREFIX: &str = "top_";
     let text = decoded(target);
     let mut found: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (i, _) in text.match_indices(PREFIX) {
-        let rest = &text[i + PREFIX.len()..];
-        if token_run(rest) == TOKEN_CHARS {
-            let t = format!("{PREFIX}{}", &rest[..TOKEN_CHARS]);
-            if seen.insert(t.clone()) {
-                found.push(t);
-            }
+    // Operator tokens (`top_`) only: join tokens are not looked up.
+    for (at, _) in token_starts(&text).filter(|(_, p)| *p == 4) {
+        let t = &text[at..at + 4 + TOKEN_CHARS];
+        if seen.insert(t) {
+            found.push(t.to_string());
         }
     }
     found

@@ -170,11 +170,7 @@ async fn watch_agents(tx: mpsc::Sender<Action>, cancel: CancellationToken, track
         // Agents running with no settings saved (`agent run`, as in a
         // pod) too, as `status` lists them.
         let mut names: Vec<String> = agent::list_configs().into_iter().map(|c| c.name).collect();
-        for n in crate::paths::running_agents() {
-            if !names.contains(&n) {
-                names.push(n);
-            }
-        }
+        crate::paths::add_running_agents(&mut names);
         // The list goes first: the dashboard ignores news of agents not on it.
         if known.as_ref() != Some(&names) {
             if tx.send(Action::Agents(names.clone())).await.is_err() {

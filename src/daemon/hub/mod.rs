@@ -276,18 +276,12 @@ pub const OPERATOR_WINDOW_SHARE: u64 = 2;
 async fn still_answers(s: &LiveSession) -> bool {
     let rtt = Duration::from_micros(s.rtt_us.load(Ordering::Relaxed));
     let wait = (rtt * 3).clamp(Duration::from_secs(2), Duration::from_secs(30));
-    let asked =
-        s.handle
-            .channel_open_forwarded_tcpip(crate::tunnel::TARGET_PING, 0, "127.0.0.1", 0);
-    match tokio::time::timeout(wait, asked).await {
-        // Agents refuse it: an answer all the same.
-        Ok(Err(russh::Error::ChannelOpenFailure(_))) => true,
-        Ok(Ok(ch)) => {
-            let _ = ch.close().await;
-            true
-        }
-        _ => false,
-    }
+    // The keepalive the pinger sends, with a liveness of its own that
+    // nothing moves: only the answer counts, within `wait`.
+    let quiet = crate::tunnel::ws::Liveness::default();
+    crate::tunnel::server::ping(&s.handle, wait, &quiet)
+        .await
+        .is_some()
 }
 
 impl LiveSession {
