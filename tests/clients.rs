@@ -922,17 +922,10 @@ fn towerctl_kubectl_runs_on_selected_members_and_merges_their_output() {
     });
 }
 
-/// A member API server whose certificate is a self-signed CA certificate
-/// (`CA:TRUE`, `openssl req -x509`'s default), trusted as itself in the
-/// member kubeconfig: kubectl takes it directly, the agent's TLS (webpki)
-/// does not. The operator gets that in words, with the fix: it was
-/// "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))".
-#[test]
-fn a_member_server_certificate_that_is_a_ca_is_explained() {
+/// A member kubeconfig for an API server behind `front`, trusting
+/// `front.ca_pem`.
+fn member_kubeconfig_for_front(env: &Env, front: &support::tls_front::TlsFront) -> PathBuf {
     use base64::Engine;
-    let env = Env::new();
-    let api = ApiServer::start();
-    let front = support::tls_front::TlsFront::start_self_signed_ca(api.addr);
     let kc = env.path("member-tls.kubeconfig");
     std::fs::write(
         &kc,
@@ -958,6 +951,38 @@ fn a_member_server_certificate_that_is_a_ca_is_explained() {
     ]);
     let o = run_bounded(direct, Duration::from_secs(30));
     assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    kc
+}
+
+/// A member API server whose certificate is a self-signed CA certificate
+/// (`CA:TRUE`, `openssl req -x509`'s default), trusted as itself in the
+/// member kubeconfig: kubectl takes it directly, and so does the agent
+/// (`daemon::agent::member_tls`; webpki alone refused it with
+/// "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))").
+#[test]
+fn a_member_server_certificate_that_is_its_own_trusted_ca_is_taken() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let front = support::tls_front::TlsFront::start_self_signed_ca(api.addr);
+    let kc = member_kubeconfig_for_front(&env, &front);
+    env.up();
+    join_member_with(&env, "alpha", &[], &kc);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    let o = env.kubectl(&["get", "--raw", "/version"]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+    let o = env.kubectl(&["get", "pods", "-A"]);
+    assert!(o.ok(), "{o:?}");
+}
+
+/// A member API server whose certificate is a CA certificate issued by the
+/// trusted CA: Go takes any leaf, the agent's webpki does not. The operator
+/// gets that in words, with the fix.
+#[test]
+fn a_member_server_certificate_that_is_a_ca_issued_by_the_ca_is_explained() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let front = support::tls_front::TlsFront::start_ca_leaf_issued_by_ca(api.addr);
+    let kc = member_kubeconfig_for_front(&env, &front);
     env.up();
     join_member_with(&env, "alpha", &[], &kc);
     assert!(env.towerctl(&["use", "alpha"]).ok());

@@ -44,6 +44,23 @@ impl TlsFront {
         Self::serve(upstream, cert.der().clone(), key, cert.pem())
     }
 
+    /// [`TlsFront::start`] with a leaf that is a CA (`CA:TRUE`) issued by
+    /// the trusted CA (Go takes such a leaf; webpki does not).
+    #[allow(dead_code)]
+    pub fn start_ca_leaf_issued_by_ca(upstream: SocketAddr) -> TlsFront {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        Self::serve(upstream, leaf.der().clone(), leaf_key, ca_pem)
+    }
+
     fn serve(
         upstream: SocketAddr,
         leaf: rustls::pki_types::CertificateDer<'static>,

@@ -3,6 +3,7 @@
 //! credentials.
 
 mod config;
+mod member_tls;
 mod pool;
 mod raw;
 mod rbac;

@@ -770,15 +770,17 @@ async fn forward(
 }
 
 /// Words for what rustls refuses and Go's TLS (kubectl's) takes, so that
-/// "kubectl works, the agent does not" is explained: a self-signed
-/// certificate with `CA:TRUE` (what `openssl req -x509` makes by
-/// default) as the API server's own.
+/// "kubectl works, the agent does not" is explained: a certificate with
+/// `CA:TRUE` as the API server's own, issued by the trusted CA (one that
+/// is itself the kubeconfig's trusted certificate, what `openssl req
+/// -x509` makes by default, is taken: [`super::member_tls`]).
 fn tls_hint(error: &str) -> &'static str {
     if error.contains("CaUsedAsEndEntity") {
         "; the API server presents a CA certificate (basicConstraints CA:TRUE) as its own: \
-         kubectl accepts that, the towerctl agent does not; give the API server a server \
-         certificate issued by that CA, or make its self-signed one with CA:FALSE \
-         (openssl req -x509 … -addext basicConstraints=critical,CA:FALSE)"
+         kubectl accepts that, the towerctl agent only when that certificate is itself the \
+         kubeconfig's certificate-authority; give the API server a server certificate with \
+         CA:FALSE (openssl … -addext basicConstraints=critical,CA:FALSE), or put its own \
+         certificate in the member kubeconfig's certificate-authority-data"
     } else {
         ""
     }
@@ -978,7 +980,6 @@ fn member_proxy_with(
 /// pool.
 fn client_without_nagle(config: kube::Config) -> Result<(kube::Client, Api)> {
     use hyper_util::client::legacy::connect::proxy::Tunnel;
-    use kube::client::ConfigExt;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -993,7 +994,7 @@ fn client_without_nagle(config: kube::Config) -> Result<(kube::Client, Api)> {
         }
         // As kube does: TLS to the proxy with the kubeconfig's trust.
         Some(proxy) if proxy.scheme_str() == Some("https") => {
-            let tls = config.rustls_https_connector_with_connector(http);
+            let tls = super::member_tls::https_connector(&config, http);
             tls.and_then(|tls| over(config, with_proxy_auth(&proxy, Tunnel::new(proxy.clone(), tls))))
         }
         Some(proxy) => anyhow::bail!(
@@ -1037,7 +1038,7 @@ fn with_proxy_auth<C>(
 }
 
 /// kube's client stack over `connector`.
-fn over<C>(config: kube::Config, connector: C) -> kube::Result<(kube::Client, Api)>
+fn over<C>(config: kube::Config, connector: C) -> Result<(kube::Client, Api)>
 where
     C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
     C::Response: hyper_util::client::legacy::connect::Connection
@@ -1050,7 +1051,7 @@ where
     C::Error: std::error::Error + Send + Sync + 'static,
 {
     use kube::client::ConfigExt;
-    let https = config.rustls_https_connector_with_connector(connector)?;
+    let https = super::member_tls::https_connector(&config, connector)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
