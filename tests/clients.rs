@@ -995,3 +995,67 @@ fn a_member_server_certificate_that_is_a_ca_issued_by_the_ca_is_explained() {
         "{o:?}"
     );
 }
+
+/// A member kubeconfig renewed while the agent runs (a rotated token, a
+/// renewed client certificate) is used without a restart, as kubectl reads
+/// its kubeconfig at each run; one that cannot be used (half written) is
+/// said, and the one in use is kept.
+#[test]
+fn a_changed_member_kubeconfig_is_used_without_a_restart() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    let kc = env.path("member.kubeconfig");
+    api.write_kubeconfig(&kc);
+    let good = std::fs::read_to_string(&kc).unwrap();
+    // As tools replace a file: written aside, renamed over it.
+    let replace = |text: &str| {
+        let aside = env.path("member.kubeconfig.new");
+        std::fs::write(&aside, text).unwrap();
+        std::fs::rename(&aside, &kc).unwrap();
+    };
+    env.up();
+    join_member_with(&env, "alpha", &[], &kc);
+    assert!(env.towerctl(&["use", "alpha"]).ok());
+    assert!(env.kubectl(&["get", "--raw", "/version"]).ok());
+    let events =
+        || std::fs::read_to_string(env.path("state/towerctl/agent-alpha.log")).unwrap_or_default();
+
+    // Half written: said, and the agent goes on with what it had.
+    replace(&good[..good.len() / 2]);
+    wait_for(
+        "the unusable kubeconfig to be said",
+        Duration::from_secs(30),
+        || events().contains("changed but is not usable").then_some(()),
+    );
+    let o = env.kubectl(&["get", "--raw", "/version"]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
+
+    // A token the member refuses: taken (the member says no) ...
+    replace(&good.replace(support::apiserver::TOKEN, "a-revoked-token"));
+    let refused = wait_for("the new token to be used", Duration::from_secs(30), || {
+        let o = env.kubectl(&["get", "--raw", "/version"]);
+        (!o.ok()).then_some(o)
+    });
+    assert!(
+        refused
+            .stderr
+            .contains("refused the towerctl agent's own credentials"),
+        "{refused:?}"
+    );
+    // ... and the renewed one, without a restart.
+    replace(&good);
+    wait_for(
+        "the renewed token to be used",
+        Duration::from_secs(30),
+        || {
+            env.kubectl(&["get", "--raw", "/version"])
+                .ok()
+                .then_some(())
+        },
+    );
+    assert!(
+        events().contains("now reaches the member's API server"),
+        "{}",
+        events()
+    );
+}

@@ -54,6 +54,9 @@ struct State {
     /// The hub dialed now, or connected to (several hubs: not always the
     /// join command's first); empty before the first attempt.
     hub: String,
+    /// The member API server, once a changed member kubeconfig was read
+    /// again (`upstream::follow_kubeconfig`).
+    upstream: Option<String>,
 }
 
 /// The round trip to show: the last one measured, or, while a keepalive's
@@ -89,12 +92,17 @@ impl State {
 /// Runs the agent until `cancel` fires or a fatal error (wrong key or
 /// token) occurs. `ready` is called when the control socket is up.
 pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
-    let (client, api, upstream_url, own_impersonation) = upstream_client(
-        cfg.kubeconfig.as_ref(),
-        cfg.serviceaccount_dir.as_deref(),
-        cfg.impersonate,
-    )
-    .await?;
+    let source = upstream::MemberSource {
+        kubeconfig: cfg.kubeconfig.clone(),
+        sa_dir: cfg.serviceaccount_dir.clone(),
+        impersonate: cfg.impersonate,
+    };
+    let member = upstream_client(&source).await?;
+    let (client, upstream_url, own_impersonation) = (
+        member.client.clone(),
+        member.url.clone(),
+        member.own_impersonation,
+    );
     let policy = Arc::new(DialPolicy::new(&cfg.allow).map_err(anyhow::Error::msg)?);
     let denied = Arc::new(AtomicU64::new(0));
     let tasks = TaskTracker::new();
@@ -130,7 +138,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
             rbac: rbac.clone(),
             raw_streams: raw_streams.clone(),
         },
-        api,
+        api: member.api.clone(),
         identity: Arc::new(upstream::Identity {
             impersonate: cfg.impersonate,
             own_impersonation,
@@ -201,6 +209,27 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
         rtt_history: VecDeque::new(),
         events: VecDeque::new(),
         hub: String::new(),
+        upstream: None,
+    });
+    tasks.spawn({
+        let tx = tx.clone();
+        let cancel = cancel.clone();
+        async move {
+            upstream::follow_kubeconfig(source, &member, cancel, |said| match said {
+                Ok((text, url)) => {
+                    tracing::info!("{text}");
+                    tx.send_modify(|s| {
+                        s.upstream = Some(url);
+                        s.event(text);
+                    });
+                }
+                Err(text) => {
+                    tracing::warn!("{text}");
+                    tx.send_modify(|s| s.event(text));
+                }
+            })
+            .await;
+        }
     });
     // Push mode: listeners for the member's workloads, carried to the hub
     // over whatever session is current (refused while there is none).
@@ -262,7 +291,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<()> {
                             }),
                             last_error: s.last_error,
                             failure: s.failure,
-                            upstream,
+                            upstream: s.upstream.unwrap_or(upstream),
                             reconnects: s.reconnects,
                             rtt_history_ms: s.rtt_history.into_iter().collect(),
                             events: s.events.into_iter().collect(),

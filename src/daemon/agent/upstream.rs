@@ -183,7 +183,7 @@ fn answer_wait(query: Option<&str>) -> std::time::Duration {
 /// proxy leaves retrying to its client (kubectl, client-go), which honours
 /// `Retry-After`.
 #[derive(Clone)]
-pub(super) struct Api(ApiService);
+pub(super) struct Api(Member);
 
 type ApiService = tower::util::BoxCloneSyncService<
     Request<kube::client::Body>,
@@ -191,11 +191,53 @@ type ApiService = tower::util::BoxCloneSyncService<
     tower::BoxError,
 >;
 
+/// The member API server's request stack (kube's credentials and extra
+/// headers over the connection pool), replaced whole when the member
+/// kubeconfig changes ([`follow_kubeconfig`]): the agent's kube client and
+/// [`Api`] both go through it. Requests already sent finish on the stack
+/// they started on (its pooled connections close as they end).
+#[derive(Clone)]
+pub(super) struct Member(Arc<std::sync::RwLock<ApiService>>);
+
+impl Member {
+    fn new(service: ApiService) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(service)))
+    }
+
+    fn current(&self) -> ApiService {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, service: ApiService) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = service;
+    }
+}
+
+impl tower::Service<Request<kube::client::Body>> for Member {
+    type Response = Response<super::pool::PooledBody>;
+    type Error = tower::BoxError;
+    type Future = tower::util::Oneshot<ApiService, Request<kube::client::Body>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // The pool under it is always ready; the call readies the current
+        // stack itself.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<kube::client::Body>) -> Self::Future {
+        use tower::ServiceExt;
+        self.current().oneshot(req)
+    }
+}
+
 impl Api {
     /// Sends `req`; the error is said in words, with its causes.
     async fn send(&self, req: Request<kube::client::Body>) -> Result<Response<Body>, String> {
         use tower::ServiceExt;
-        match self.0.clone().oneshot(req).await {
+        match self.0.current().oneshot(req).await {
             Ok(r) => Ok(r.map(|b| b.map_err(|e| Box::new(e) as _).boxed_unsync())),
             Err(e) => Err(with_causes(&*e)),
         }
@@ -750,7 +792,7 @@ async fn forward(
         return status_response(
             StatusCode::BAD_GATEWAY,
             "BadGateway",
-            "the member's API server refused the towerctl agent's own credentials (401 Unauthorized): the credentials in the agent's kubeconfig (or its pod's service account token) expired or were revoked; renew them on the member and restart the agent if its kubeconfig holds a fixed token",
+            "the member's API server refused the towerctl agent's own credentials (401 Unauthorized): the credentials in the agent's kubeconfig (or its pod's service account token) expired or were revoked; renew them on the member and put them in the agent's kubeconfig (the agent reads it again within seconds of a change; no restart)",
         );
     }
     crate::daemon::http::framed_by_transfer_encoding(resp.headers_mut());
@@ -786,14 +828,49 @@ fn tls_hint(error: &str) -> &'static str {
     }
 }
 
+/// Where the agent's member API client comes from, to be read again.
+#[derive(Clone)]
+pub(super) struct MemberSource {
+    pub(super) kubeconfig: Option<PathBuf>,
+    pub(super) sa_dir: Option<PathBuf>,
+    pub(super) impersonate: bool,
+}
+
+/// The agent's client for its member API server, built by
+/// [`upstream_client`].
+pub(super) struct MemberClient {
+    pub(super) client: kube::Client,
+    pub(super) api: Api,
+    pub(super) url: String,
+    pub(super) own_impersonation: bool,
+    /// What [`follow_kubeconfig`] replaces.
+    pub(super) member: Member,
+    /// The kubeconfig files it was read from (none from a service account).
+    pub(super) files: Vec<PathBuf>,
+}
+
 /// Builds the client for the member's API server: `--kubeconfig`, else
 /// what [`crate::daemon::incluster::infer`] finds (the pod's service
 /// account, or `KUBECONFIG`/`~/.kube/config`).
-pub(super) async fn upstream_client(
-    kubeconfig: Option<&PathBuf>,
-    sa_dir: Option<&std::path::Path>,
-    impersonate: bool,
-) -> Result<(kube::Client, Api, String, bool)> {
+pub(super) async fn upstream_client(source: &MemberSource) -> Result<MemberClient> {
+    let (config, files) = member_config(source).await?;
+    let own_impersonation = !own_impersonation(&config.auth_info).is_empty();
+    let url = config.cluster_url.to_string();
+    let member = Member::new(member_service(&config)?);
+    let (client, api) = clients(&member, config);
+    Ok(MemberClient {
+        client,
+        api,
+        url,
+        own_impersonation,
+        member,
+        files,
+    })
+}
+
+/// The member API configuration `source` names, and the kubeconfig files
+/// it was read from.
+async fn member_config(source: &MemberSource) -> Result<(kube::Config, Vec<PathBuf>)> {
     let no_proxy_hint = || {
         let set = ["NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"]
             .iter()
@@ -805,7 +882,7 @@ pub(super) async fn upstream_client(
             ""
         }
     };
-    let mut config = match kubeconfig {
+    let (mut config, files) = match &source.kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
                 .map_err(crate::daemon::incluster::without_snippet)
@@ -824,36 +901,129 @@ pub(super) async fn upstream_client(
                 )
             })?;
             c.proxy_url = member_proxy(&c.cluster_url, named.as_deref())?;
-            c
+            (c, vec![p.clone()])
         }
         None => {
-            let (mut c, service_account) = match crate::daemon::incluster::infer(sa_dir).await {
-                Ok(x) => x,
-                Err(e) if no_proxy_hint().is_empty() => return Err(e),
-                Err(e) => return Err(e.context(no_proxy_hint().trim().to_string())),
-            };
-            c.proxy_url = if service_account {
+            let (mut c, service_account) =
+                match crate::daemon::incluster::infer(source.sa_dir.as_deref()).await {
+                    Ok(x) => x,
+                    Err(e) if no_proxy_hint().is_empty() => return Err(e),
+                    Err(e) => return Err(e.context(no_proxy_hint().trim().to_string())),
+                };
+            if service_account {
                 // A pod reaches its own cluster's API server directly,
                 // whatever proxy variables its environment carries.
-                None
+                // (kube re-reads the token and CA files itself.)
+                c.proxy_url = None;
+                (c, Vec::new())
             } else {
                 let named = kube::config::Kubeconfig::read()
                     .ok()
                     .and_then(|kc| current_proxy_url(&kc));
-                member_proxy(&c.cluster_url, named.as_deref())?
-            };
-            c
+                c.proxy_url = member_proxy(&c.cluster_url, named.as_deref())?;
+                (c, inferred_kubeconfig_files())
+            }
         }
     };
-    if impersonate {
+    if source.impersonate {
         own_impersonation_refused(&config.auth_info)?;
     }
-    let own_impersonation = !own_impersonation(&config.auth_info).is_empty();
     // Watches and `logs -f` stay open for as long as the operator wants.
     config.read_timeout = None;
-    let url = config.cluster_url.to_string();
-    let (client, api) = client_without_nagle(config)?;
-    Ok((client, api, url, own_impersonation))
+    Ok((config, files))
+}
+
+/// The files kube's inference reads: `KUBECONFIG`'s list, else
+/// `~/.kube/config`.
+fn inferred_kubeconfig_files() -> Vec<PathBuf> {
+    match std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        Some(list) => std::env::split_paths(&list)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect(),
+        None => dirs::home_dir()
+            .map(|h| vec![h.join(".kube").join("config")])
+            .unwrap_or_default(),
+    }
+}
+
+/// How often the agent looks at its member kubeconfig for changes.
+const KUBECONFIG_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads the member kubeconfig `client` came from every
+/// [`KUBECONFIG_CHECK`] and, when its bytes changed, builds the member
+/// API client from it again and puts it in place: as kubectl reads its
+/// kubeconfig at each run, a renewed client certificate (`kubeadm certs
+/// renew`), a rotated token or CA, or a moved server reach the agent
+/// without a restart. What cannot be used (half written, broken, an
+/// impersonation that changed) is said once and the client in use is
+/// kept. `said` gets each outcome in words, for the log and the agent's
+/// events (with the server's URL when the new client is in place). Returns at `cancel`, or at once when there is no file.
+pub(super) async fn follow_kubeconfig(
+    source: MemberSource,
+    client: &MemberClient,
+    cancel: CancellationToken,
+    said: impl Fn(Result<(String, String), String>),
+) {
+    if client.files.is_empty() {
+        return;
+    }
+    let files = client.files.clone();
+    let member = client.member.clone();
+    let own = client.own_impersonation;
+    let read = move || {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in &files {
+            std::fs::read(f).ok().hash(&mut h);
+        }
+        h.finish()
+    };
+    let mut seen = read();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(KUBECONFIG_CHECK) => {}
+        }
+        let now = read();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let names = client
+            .files
+            .iter()
+            .map(|f| format!("'{}'", f.display()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let built = async {
+            let (config, _) = member_config(&source).await?;
+            let own_now = !own_impersonation(&config.auth_info).is_empty();
+            if own != own_now {
+                anyhow::bail!(
+                    "its user's impersonation (as, as-groups, as-uid, as-user-extra) was {}: restart the agent to use it",
+                    if own { "removed" } else { "added" }
+                );
+            }
+            let url = config.cluster_url.to_string();
+            Ok((member_service(&config)?, url))
+        };
+        match built.await {
+            Ok((service, url)) => {
+                member.replace(service);
+                let url = crate::tunnel::printable(&url, 300);
+                said(Ok((
+                    format!(
+                        "the member kubeconfig {names} changed: the agent now reaches the member's API server ({url}) with it"
+                    ),
+                    url,
+                )));
+            }
+            Err(e) => said(Err(format!(
+                "the member kubeconfig {names} changed but is not usable ({}): the agent goes on with the one it read before; fix the file (the agent reads it again when it changes)",
+                crate::tunnel::printable(&format!("{e:#}"), 1000)
+            ))),
+        }
+    }
 }
 
 /// With `--impersonate` the agent names each operator in `Impersonate-*`
@@ -978,7 +1148,7 @@ fn member_proxy_with(
 /// API calls go through a `kube::Client` over this stack (with kube's
 /// retry); forwarded requests through [`Api`], which shares its connection
 /// pool.
-fn client_without_nagle(config: kube::Config) -> Result<(kube::Client, Api)> {
+fn member_service(config: &kube::Config) -> Result<ApiService> {
     use hyper_util::client::legacy::connect::proxy::Tunnel;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
@@ -994,7 +1164,7 @@ fn client_without_nagle(config: kube::Config) -> Result<(kube::Client, Api)> {
         }
         // As kube does: TLS to the proxy with the kubeconfig's trust.
         Some(proxy) if proxy.scheme_str() == Some("https") => {
-            let tls = super::member_tls::https_connector(&config, http);
+            let tls = super::member_tls::https_connector(config, http);
             tls.and_then(|tls| over(config, with_proxy_auth(&proxy, Tunnel::new(proxy.clone(), tls))))
         }
         Some(proxy) => anyhow::bail!(
@@ -1037,8 +1207,9 @@ fn with_proxy_auth<C>(
     }
 }
 
-/// kube's client stack over `connector`.
-fn over<C>(config: kube::Config, connector: C) -> Result<(kube::Client, Api)>
+/// kube's client stack over `connector`: credentials and extra headers
+/// over the connection pool.
+fn over<C>(config: &kube::Config, connector: C) -> Result<ApiService>
 where
     C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
     C::Response: hyper_util::client::legacy::connect::Connection
@@ -1051,29 +1222,34 @@ where
     C::Error: std::error::Error + Send + Sync + 'static,
 {
     use kube::client::ConfigExt;
-    let https = super::member_tls::https_connector(&config, connector)?;
+    let https = super::member_tls::https_connector(config, connector)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
     connector.set_reset_reader_on_write(config.reset_reader_on_write);
     let client = super::pool::Pool::new(connector, config.cluster_url.clone());
-    let retry = config
-        .default_retry
-        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = tower::ServiceBuilder::new()
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(client);
-    let api = Api(ApiService::new(service.clone()));
+    Ok(ApiService::new(service))
+}
+
+/// The agent's kube client (kube's retry on 429/503/504, answers capped)
+/// and the forwarding [`Api`], both over `member`.
+fn clients(member: &Member, config: kube::Config) -> (kube::Client, Api) {
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let client = kube::Client::new(
         tower::ServiceBuilder::new()
             .option_layer(retry)
-            .service(super::pool::CapAnswers(service)),
+            .service(super::pool::CapAnswers(member.clone())),
         config.default_namespace,
     );
-    Ok((client, api))
+    (client, Api(member.clone()))
 }
 
 /// Reads a request body within [`MAX_REQUEST_BODY`], [`BODY_STALL`],
@@ -1207,7 +1383,8 @@ mod tests {
             }
         });
         let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        let (client, _) = client_without_nagle(config).unwrap();
+        let member = Member::new(member_service(&config).unwrap());
+        let (client, _) = clients(&member, config);
         let services: kube::Api<k8s_openapi::api::core::v1::Service> =
             kube::Api::namespaced(client, "default");
         let e = services.get("web").await.unwrap_err();
