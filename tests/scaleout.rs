@@ -3689,3 +3689,98 @@ fn an_emptied_etcd_stops_no_agent_and_its_records_back_are_served() {
     });
     assert_eq!(member.status()["agents"][0]["state"], "connected");
 }
+
+/// A watch and a request carried from one hub to the hub holding their
+/// member end when that hub freezes (SIGSTOP: a paused VM) and the
+/// member's agent goes to another hub: the connection to a frozen hub
+/// stays open and silent (its kernel still answers TCP), so the watch saw
+/// nothing, and said nothing, for as long as the freeze lasted, and a
+/// request on a kept connection waited up to its deadline (130 s). The
+/// request is answered 503 with `Retry-After` (client-go sends it again),
+/// the watch ends saying its stream broke on the way.
+#[test]
+fn streams_carried_to_a_frozen_hub_end_when_its_member_moves() {
+    let etcd = Etcd::start();
+    let hubs: [Env; 2] = hubs_on(&etcd);
+    let api = ApiServer::start();
+    let member = Env::new();
+    join(&hubs[0], &member, "alpha", &api);
+    let owner = || etcd_json(&etcd, "/towerctl/owners/alpha");
+    let gateway = |h: &Env| {
+        h.status()["hub"]["gatewayURL"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_string()
+    };
+    let (gw0, gw1) = (gateway(&hubs[0]), gateway(&hubs[1]));
+    wait_for("hub 0's claim", Duration::from_secs(10), || {
+        owner().filter(|o| o["peer"].as_str().map(|p| p.trim_end_matches('/')) == Some(&*gw0))
+    });
+    let token = std::fs::read_to_string(hubs[1].path("data/towerctl/admin.token")).unwrap();
+    let curl = |args: &[&str]| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--cacert"])
+            .arg(hubs[1].path("data/towerctl/ca.crt"))
+            .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+            .args(args);
+        c
+    };
+    let mut watch = support::Streaming::start(curl(&[
+        "-N",
+        &format!("{gw1}/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true"),
+    ]));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!watch.has_exited(), "the watch: {}", watch.output());
+    // Through hub 1 to hub 0, which leaves hub 1 a kept connection to it.
+    let (code, body) = support::gateway_get(&hubs[1], token.trim(), "/clusters/alpha/version");
+    assert_eq!(code, "200", "{body}");
+
+    let hub0 = hubs[0].pid_of("hub").unwrap();
+    // SAFETY: a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(hub0, libc::SIGSTOP) }, 0);
+    let _hub0 = Resume(hub0);
+    let frozen = Instant::now();
+    let mut waiting = curl(&[
+        "--max-time",
+        "60",
+        "-w",
+        "\n%{http_code} %header{retry-after}",
+        &format!("{gw1}/clusters/alpha/version"),
+    ]);
+    let o = support::run_bounded(
+        {
+            waiting.stdin(Stdio::null());
+            waiting
+        },
+        Duration::from_secs(70),
+    );
+    let took = frozen.elapsed();
+    let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", ""));
+    // Answered by the hub holding alpha now, or told it moved, within the
+    // agent's move (keepalives of 1 s): not at the freeze's end.
+    assert!(took < Duration::from_secs(40), "took {took:?}: {o:?}");
+    // (Sent within milliseconds of the freeze, on the kept connection: the
+    // agent needs three keepalives to find its hub gone.)
+    assert_eq!(code, "503 1", "{o:?}");
+    assert!(body.contains("is no longer held by hub"), "{o:?}");
+    wait_for(
+        "the watch carried to the frozen hub to end",
+        Duration::from_secs(40),
+        || watch.has_exited().then_some(()),
+    );
+    assert!(
+        watch.output().contains("broke on its way from the member"),
+        "{}",
+        watch.output()
+    );
+    eprintln!(
+        "request answered after {took:?}; watch ended after {:?}",
+        frozen.elapsed()
+    );
+    let (code, body) = support::gateway_get(&hubs[1], token.trim(), "/clusters/alpha/version");
+    assert_eq!(
+        code, "200",
+        "alpha through hub 1 while hub 0 is frozen: {body}"
+    );
+}

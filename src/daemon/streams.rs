@@ -55,6 +55,15 @@ pub struct StreamGuard {
     member: Arc<str>,
     /// Fires when the stream must end (its operator lost access).
     pub cut: CancellationToken,
+    /// Dropped with the stream: what watches it on the side ends with it.
+    tied: Option<tokio_util::sync::DropGuard>,
+}
+
+impl StreamGuard {
+    /// Cancels `done` when the stream ends, whichever way.
+    pub fn tie(&mut self, done: CancellationToken) {
+        self.tied = Some(done.drop_guard());
+    }
 }
 
 impl OpenStreams {
@@ -82,6 +91,7 @@ impl OpenStreams {
             operator: op.name.clone(),
             member: member.name.clone(),
             cut,
+            tied: None,
         }
     }
 

@@ -1805,6 +1805,11 @@ pub(super) struct Carried {
 }
 
 impl Carried {
+    /// The stream's registration.
+    pub(super) fn guard_mut(&mut self) -> &mut crate::daemon::streams::StreamGuard {
+        &mut self.guard
+    }
+
     /// The stream opened: its start is recorded, its end will be.
     pub(super) fn opened(&mut self) {
         self.auditor.record_start(&self.record);

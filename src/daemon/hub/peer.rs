@@ -1506,6 +1506,12 @@ pub(super) async fn forward(
             &unreachable_owner(name, &owner, e),
         )
     };
+    // The owner may stop holding the member while this waits or streams
+    // (frozen past its lease, cut off from etcd: the agent goes to another
+    // hub): the request is answered, or the stream ended, then, instead of
+    // waiting on a hub that says nothing (an upgrade is cut with it).
+    let (mut guard, end) = held;
+    let moved = watch_owner(c, name, &owner, &mut guard, upgrade);
     // An upgraded connection is spliced for good: it gets its own.
     let kept = if upgrade {
         None
@@ -1548,8 +1554,11 @@ pub(super) async fn forward(
                 _ => Err(e.error().to_string()),
             },
         }
-    })
-    .await;
+    });
+    let answered = tokio::select! {
+        a = answered => a,
+        () = moved.fired.cancelled() => return Ok(moved.answer()),
+    };
     let resp = match answered {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Ok(unreachable(&e)),
@@ -1565,13 +1574,162 @@ pub(super) async fn forward(
     }
     // The owner registers the stream too and cuts it when access is
     // revoked there; this hub's registration cuts it when revoked here.
+    let resp = resp.map(|body| EndsWhenMoved {
+        inner: body,
+        moved: Some(Box::pin(moved.fired.clone().cancelled_owned())),
+        why: moved.why.clone(),
+        ended: false,
+    });
     Ok(super::gateway::held_response(
         hub,
         client_upgrade,
         resp,
-        held,
+        (guard, end),
         watch.then_some(name),
     ))
+}
+
+/// How often a request or stream carried to the hub holding its member
+/// looks whether that hub still holds it (the registry's view, kept by
+/// its watch: a lookup in memory).
+const OWNER_CHECK: Duration = Duration::from_secs(1);
+
+/// Fires when the hub a request or stream was carried to no longer holds
+/// its member's session, with the words for the client.
+struct Moved {
+    fired: CancellationToken,
+    why: Arc<std::sync::OnceLock<String>>,
+}
+
+impl Moved {
+    /// The answer to a request still waiting: 503 with `Retry-After`, so
+    /// that client-go sends it again (to the hub holding the member now).
+    fn answer(&self) -> Response<Body> {
+        let mut resp = status_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            self.why.get().map_or("", String::as_str),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp
+    }
+}
+
+/// Watches, for as long as the stream of `guard` lives, whether `owner`
+/// still holds `name`'s session as the registry shows it: a hub frozen,
+/// or cut off from etcd, past its lease loses its keys and the agent goes
+/// to another hub, but the connection to it stays open and silent (a
+/// frozen process's kernel still answers TCP), so a watch carried there
+/// saw nothing for as long as it was frozen, and a request waited up to
+/// its deadline. With `cut`, the stream's own cut fires too (an upgraded
+/// stream, which has no body to end).
+fn watch_owner(
+    c: &Arc<Cluster>,
+    name: &str,
+    owner: &Owner,
+    guard: &mut crate::daemon::streams::StreamGuard,
+    cut: bool,
+) -> Moved {
+    let moved = Moved {
+        fired: CancellationToken::new(),
+        why: Default::default(),
+    };
+    let done = CancellationToken::new();
+    guard.tie(done.clone());
+    let cut = cut.then(|| guard.cut.clone());
+    let (c, name, owner) = (c.clone(), name.to_string(), owner.clone());
+    let (fired, why) = (moved.fired.clone(), moved.why.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = done.cancelled() => {}
+            now = moved_from(&c, &name, &owner) => {
+                let _ = why.set(moved_words(&name, &owner, now.as_deref()));
+                fired.cancel();
+                if let Some(cut) = cut {
+                    cut.cancel();
+                }
+            }
+        }
+    });
+    moved
+}
+
+/// Resolves when `name`'s owner key no longer names `owner`'s session,
+/// with the hub that holds it now, if one does.
+async fn moved_from(c: &Cluster, name: &str, owner: &Owner) -> Option<String> {
+    let mut tick = tokio::time::interval(OWNER_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match c.owner(name) {
+            Some((o, _)) if o.hub == owner.hub && o.session == owner.session => {}
+            Some((o, _)) => return Some(o.hub),
+            None => return None,
+        }
+    }
+}
+
+fn moved_words(name: &str, owner: &Owner, now: Option<&str>) -> String {
+    let was = crate::tunnel::printable(&owner.hub, 200);
+    match now {
+        Some(now) => format!(
+            "cluster '{name}' is no longer held by hub '{was}', which carried this (it stopped answering, lost etcd, or its agent reconnected): its agent is now on hub '{}'; run the command again",
+            crate::tunnel::printable(now, 200)
+        ),
+        None => format!(
+            "cluster '{name}' is no longer held by hub '{was}', which carried this (it stopped answering, lost etcd, or its agent left): run the command again once the member is connected ('towerctl cluster list')"
+        ),
+    }
+}
+
+/// A body from the hub holding the member, ended with an error when that
+/// hub no longer holds it ([`Moved`]): the gateway then tells a watch
+/// that its stream broke on the way, and the client starts it again.
+struct EndsWhenMoved<B> {
+    inner: B,
+    moved: Option<std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    why: Arc<std::sync::OnceLock<String>>,
+    ended: bool,
+}
+
+impl<B> http_body::Body for EndsWhenMoved<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if this.ended {
+            return std::task::Poll::Ready(None);
+        }
+        if let Some(m) = this.moved.as_mut() {
+            if m.as_mut().poll(cx).is_ready() {
+                this.moved = None;
+                this.ended = true;
+                let why = this.why.get().cloned().unwrap_or_default();
+                return std::task::Poll::Ready(Some(Err(std::io::Error::other(why))));
+            }
+        }
+        std::pin::Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(std::io::Error::other)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Why a request for a member held by another hub was not carried there
@@ -1615,13 +1773,19 @@ pub(super) async fn forward_connect(
         .get(header::AUTHORIZATION)
         .or_else(|| req.headers().get(header::PROXY_AUTHORIZATION))
         .cloned();
-    let resp = match connect_owner(hub, name, req.uri(), auth, req.headers()).await {
+    let (resp, owner) = match connect_owner(hub, name, req.uri(), auth, req.headers()).await {
         None => return Err(held),
         Some(Err(resp)) => {
             held.finish(Some(resp.status()));
             return Ok(resp);
         }
-        Some(Ok(resp)) => resp,
+        Some(Ok(r)) => r,
+    };
+    let mut held = held;
+    // Ended when that hub no longer holds the member (see `watch_owner`).
+    let moved = match hub.cluster.get() {
+        Some(c) => watch_owner(c, name, &owner, held.guard_mut(), false).fired,
+        None => CancellationToken::new(),
     };
     // The client's first bytes that came with the CONNECT (`early` of
     // them) went on with it (`connect_owner`): what that hub took, at most
@@ -1638,8 +1802,7 @@ pub(super) async fn forward_connect(
                 let mut held = held;
                 held.opened();
                 held.sent_ahead(taken.unwrap_or(0));
-                held.splice(TokioIo::new(a), TokioIo::new(b), CancellationToken::new())
-                    .await;
+                held.splice(TokioIo::new(a), TokioIo::new(b), moved).await;
             }
             Err(e) => {
                 tracing::debug!("forwarded CONNECT failed: {e}");
@@ -1698,7 +1861,7 @@ pub(super) async fn connect_via_owner(
                 crate::tunnel::printable(String::from_utf8_lossy(&text).trim(), 500)
             ))
         }
-        Some(Ok(resp)) => hyper::upgrade::on(resp)
+        Some(Ok((resp, _))) => hyper::upgrade::on(resp)
             .await
             .map(TokioIo::new)
             .map_err(|e| {
@@ -1718,7 +1881,7 @@ async fn connect_owner(
     uri: &http::Uri,
     auth: Option<HeaderValue>,
     headers: &http::HeaderMap,
-) -> Option<Result<Response<Incoming>, Response<Body>>> {
+) -> Option<Result<(Response<Incoming>, Owner), Response<Body>>> {
     let c = hub.cluster.get()?;
     let owner = c.route(name, headers)?;
     let mut out = Request::connect(uri.clone());
@@ -1766,7 +1929,7 @@ async fn connect_owner(
             body.map_err(|e| Box::new(e) as _).boxed_unsync(),
         )));
     }
-    Some(Ok(resp))
+    Some(Ok((resp, owner)))
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ mod server {
     // https://tools.ietf.org/html/rfc4256#section-5
     pub const USERAUTH_INFO_REQUEST: u8 = 60;
     pub const USERAUTH_PK_OK: u8 = 60;
+    #[allow(dead_code)] // towerctl patch: refused through the open handle now
     pub const SSH_OPEN_ADMINISTRATIVELY_PROHIBITED: u8 = 1;
 }
 

@@ -2143,31 +2143,21 @@ impl Session {
                     .channel_open_direct_streamlocal(channel, &d.socket_path, reply, self)
                     .await
             }
-            ChannelType::ForwardedStreamLocal(_) => {
-                if let Some(ref mut enc) = self.common.encrypted {
-                    msg.fail(
-                        &mut enc.write,
-                        msg::SSH_OPEN_ADMINISTRATIVELY_PROHIBITED,
-                        b"Unsupported channel type",
-                    )?;
-                }
-                Ok(())
-            }
-            ChannelType::AgentForward => {
-                if let Some(ref mut enc) = self.common.encrypted {
-                    msg.fail(
-                        &mut enc.write,
-                        msg::SSH_OPEN_ADMINISTRATIVELY_PROHIBITED,
-                        b"Unsupported channel type",
-                    )?;
-                }
+            // towerctl patch: refused through `reply` only. These arms
+            // wrote a failure themselves and then dropped `reply`, whose
+            // `Drop` refused the open a second time: two
+            // CHANNEL_OPEN_FAILUREs per open (a peer that reused the
+            // channel number could have its next open failed by the stale
+            // second one).
+            ChannelType::ForwardedStreamLocal(_) | ChannelType::AgentForward => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await;
                 Ok(())
             }
             ChannelType::Unknown { typ } => {
                 debug!("unknown channel type: {typ}");
-                if let Some(ref mut enc) = self.common.encrypted {
-                    msg.unknown_type(&mut enc.write)?;
-                }
+                reply.reject(ChannelOpenFailure::UnknownChannelType).await;
                 Ok(())
             }
         }
