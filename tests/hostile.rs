@@ -2826,3 +2826,53 @@ fn one_agent_whose_path_dies_is_not_taken_for_two() {
     assert!(!log.contains("two agents hold"), "{log}");
     assert_eq!(env.status()["hub"]["clusters"][0]["state"], "connected");
 }
+
+/// An agent's key holder answering each request with informational heads
+/// (`100 Continue`) and never a final answer, within its window. hyper
+/// reads past 1xx heads without a bound, each costing the hub far more per
+/// byte than a body (measured by a review: ~160 ns against ~10, the hub's
+/// one thread busy, every member slowed), for as long as the request
+/// lived: 130 s, or a watch's whole life. The hub takes 8
+/// (`gateway::MAX_INFORMATIONAL`) and answers 502 in words.
+#[test]
+fn an_agent_answering_informational_heads_without_end_is_cut_off() {
+    let env = Env::new();
+    let api = ApiServer::start();
+    env.up();
+    let (key, tunnel) = alpha_key_without_its_agent(&env, &api);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let heads = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(4_000);
+    let _session = rt
+        .block_on(sshflood::login_with_key_answering(
+            tunnel, "alpha", &key, heads,
+        ))
+        .expect("the agent's key logs in");
+    let admin = std::fs::read_to_string(env.path("data/towerctl/admin.token")).unwrap();
+    for path in [
+        "/clusters/alpha/version",
+        "/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true",
+    ] {
+        let start = Instant::now();
+        let (code, body) = support::gateway_get(&env, admin.trim(), path);
+        let took = start.elapsed();
+        let log =
+            || std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+        assert_eq!(code, "502", "{path} after {took:?}: {body}");
+        assert!(
+            body.contains("more than 8 informational (1xx) answers"),
+            "{path}: {body}\n{}",
+            log()
+        );
+        assert!(took < Duration::from_secs(8), "{path} took {took:?}");
+    }
+    let log = std::fs::read_to_string(env.path("state/towerctl/hub.log")).unwrap_or_default();
+    assert!(
+        log.contains("informational (1xx) answers to one request") && log.contains("alpha"),
+        "{log}"
+    );
+    drop(rt);
+}

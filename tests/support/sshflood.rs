@@ -84,7 +84,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 }
 
-struct AnyHost;
+/// Takes any host key; answers every channel the hub opens with `answer`
+/// (written at once, whatever the hub sends), when there is one.
+struct AnyHost {
+    answer: Option<Arc<Vec<u8>>>,
+}
 
 impl russh::client::Handler for AnyHost {
     type Error = russh::Error;
@@ -93,6 +97,31 @@ impl russh::client::Handler for AnyHost {
         _key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         Ok(true)
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<russh::client::Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        if let Some(answer) = self.answer.clone() {
+            tokio::spawn(async move {
+                // After the request (which may have come in the open,
+                // with nothing on the channel to wait for).
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = channel.data(&answer[..]).await;
+                // Held open: the answer never ends.
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                drop(channel);
+            });
+        }
+        Ok(())
     }
 }
 
@@ -175,13 +204,36 @@ pub async fn login_with_key_deaf(
     max_packet: u32,
     deaf: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
+    login_with_key_as(hub, user, key_file, max_packet, deaf, None).await
+}
+
+/// [`login_with_key`], answering every channel the hub opens with
+/// `answer` (a hostile member's agent).
+#[allow(dead_code)]
+pub async fn login_with_key_answering(
+    hub: SocketAddr,
+    user: &str,
+    key_file: &std::path::Path,
+    answer: Vec<u8>,
+) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
+    login_with_key_as(hub, user, key_file, 32 * 1024, None, Some(Arc::new(answer))).await
+}
+
+async fn login_with_key_as(
+    hub: SocketAddr,
+    user: &str,
+    key_file: &std::path::Path,
+    max_packet: u32,
+    deaf: Option<Arc<std::sync::atomic::AtomicBool>>,
+    answer: Option<Arc<Vec<u8>>>,
+) -> Result<russh::client::Handle<impl russh::client::Handler>, String> {
     let key = russh::keys::load_secret_key(key_file, None).map_err(|e| e.to_string())?;
     let url = format!("ws://{hub}/tunnel");
     let cfg = russh::client::Config {
         maximum_packet_size: max_packet,
         ..Default::default()
     };
-    let mut h = connect_with(hub, [127, 0, 0, 1].into(), &url, None, cfg, deaf).await?;
+    let mut h = connect_with(hub, [127, 0, 0, 1].into(), &url, None, cfg, deaf, answer).await?;
     let key = russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None);
     let r = h
         .authenticate_publickey(user, key)
@@ -211,7 +263,16 @@ async fn connect(
     url: &str,
     ca: Option<&std::path::Path>,
 ) -> Result<russh::client::Handle<AnyHost>, String> {
-    connect_with(addr, from, url, ca, russh::client::Config::default(), None).await
+    connect_with(
+        addr,
+        from,
+        url,
+        ca,
+        russh::client::Config::default(),
+        None,
+        None,
+    )
+    .await
 }
 
 /// [`connect`] with the SSH client configuration `cfg`.
@@ -222,6 +283,7 @@ async fn connect_with(
     ca: Option<&std::path::Path>,
     cfg: russh::client::Config,
     deaf: Option<Arc<std::sync::atomic::AtomicBool>>,
+    answer: Option<Arc<Vec<u8>>>,
 ) -> Result<russh::client::Handle<AnyHost>, String> {
     {
         let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -259,7 +321,7 @@ async fn connect_with(
                 read_buf: Bytes::new(),
                 deaf,
             },
-            AnyHost,
+            AnyHost { answer },
         )
         .await
         .map_err(|e| e.to_string())

@@ -41,6 +41,10 @@ use crate::tunnel::{server, TARGET_APISERVER};
 
 type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
 
+/// Most informational (1xx) answers taken before a member's final answer
+/// (see `proxy`).
+const MAX_INFORMATIONAL: u32 = 8;
+
 /// The tunnel channels a client connection has used and may use again.
 /// kubectl keeps its connection to the gateway alive, so a request finds
 /// an idle channel to its member instead of paying a channel open (a tunnel
@@ -2528,7 +2532,21 @@ async fn proxy(
             parts.method,
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
-    let up_req = Request::from_parts(parts, body);
+    let mut up_req = Request::from_parts(parts, body);
+    // hyper reads past informational (1xx) answers without a bound, each
+    // a few bytes to parse: an agent sending `100 Continue` without end,
+    // within its window, kept the hub's one thread busy at ~160 ns a byte
+    // (bodies cost ~10), slowing every member, for as long as a watch
+    // stayed open. A member's API server sends one or two.
+    let informational = CancellationToken::new();
+    {
+        let (seen, past) = (std::sync::atomic::AtomicU32::new(0), informational.clone());
+        hyper::ext::on_informational(&mut up_req, move |_| {
+            if seen.fetch_add(1, Ordering::Relaxed) + 1 > MAX_INFORMATIONAL {
+                past.cancel();
+            }
+        });
+    }
 
     let exchange = async {
         // An upgraded connection is spliced for good: it gets its own channel.
@@ -2610,6 +2628,24 @@ async fn proxy(
             }
         },
         () = guard.cut.cancelled() => return cut_answer(&session, &name),
+        () = informational.cancelled() => {
+            hub.dial_failures.add(DialFailure::AgentError);
+            static TOO_MANY: crate::tunnel::LogBudget =
+                crate::tunnel::LogBudget::new("answers with too many informational heads", 10);
+            if TOO_MANY.admit() {
+                tracing::warn!(
+                    cluster = %name,
+                    "the agent sent more than {MAX_INFORMATIONAL} informational (1xx) answers to one request; the request's channel is closed"
+                );
+            }
+            return status_response(
+                StatusCode::BAD_GATEWAY,
+                "BadGateway",
+                &format!(
+                    "cluster '{name}': its agent sent more than {MAX_INFORMATIONAL} informational (1xx) answers to this request; see the agent's log and its member's API server"
+                ),
+            );
+        }
     };
     crate::daemon::http::confine_location(resp.headers_mut(), &name, &pq);
     if guard.cut.is_cancelled() {
