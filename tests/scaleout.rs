@@ -145,6 +145,17 @@ impl EtcdPki {
             vec!["127.0.0.1".into(), "localhost".into()],
         );
         leaf(&good, "client", vec!["towerctl-hub".into()]);
+        // The client pair's own, past its end.
+        {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec!["towerctl-hub".to_string()]).unwrap();
+            p.distinguished_name.push(DnType::CommonName, "expired");
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            let cert = p.signed_by(&key, &good).unwrap();
+            write("expired.pem", cert.pem());
+            write("expired-key.pem", key.serialize_pem());
+        }
         let other = ca("other-ca");
         leaf(&other, "stranger", vec!["towerctl-hub".into()]);
         EtcdPki { dir }
@@ -3783,4 +3794,71 @@ fn streams_carried_to_a_frozen_hub_end_when_its_member_moves() {
         code, "200",
         "alpha through hub 1 while hub 0 is frozen: {body}"
     );
+}
+
+/// etcd's client certificate renewed on disk (cert-manager, a short
+/// lifetime) is used by the hub's next connections without a restart:
+/// it was read once at start, and at its expiry every hub refused
+/// operators until restarted. Shown here with an expired certificate put
+/// in its place (refused within seconds, the refusal naming the file and
+/// its end), then the good one back (taken within seconds).
+#[test]
+fn a_renewed_etcd_client_certificate_is_used_without_a_restart() {
+    let pki = EtcdPki::new();
+    let etcd = Etcd::start_with(Some(&pki));
+    let hub = Env::new();
+    let (cert, key) = (hub.path("etcd-client.pem"), hub.path("etcd-client-key.pem"));
+    let put = |c: &str, k: &str| {
+        // As a renewal writes them: aside, then renamed over the old ones.
+        for (from, to) in [(c, &cert), (k, &key)] {
+            let aside = to.with_extension("new");
+            std::fs::copy(pki.file(from), &aside).unwrap();
+            std::fs::rename(&aside, to).unwrap();
+        }
+    };
+    put("client.pem", "client-key.pem");
+    let o = up_on_store(
+        &hub,
+        &etcd.url,
+        &[
+            "--store-ca",
+            &pki.file("ca.pem"),
+            "--store-cert",
+            cert.to_str().unwrap(),
+            "--store-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(o.ok(), "{o:?}");
+    let add = |name: &str| hub.towerctl(&["operator", "add", name]);
+    assert!(add("first").ok());
+
+    put("expired.pem", "expired-key.pem");
+    let mut n = 0;
+    let refused = wait_for(
+        "the new certificate to be used",
+        Duration::from_secs(30),
+        || {
+            n += 1;
+            let o = add(&format!("refused-{n}"));
+            (!o.ok()).then_some(o)
+        },
+    );
+    let log = || std::fs::read_to_string(hub.path("state/towerctl/hub.log")).unwrap_or_default();
+    wait_for("the expiry to be said", Duration::from_secs(20), || {
+        (refused.all() + &log())
+            .contains("etcd-client.pem' expired on 2021-01-01")
+            .then_some(())
+    });
+
+    put("client.pem", "client-key.pem");
+    wait_for(
+        "the renewed certificate to be used",
+        Duration::from_secs(30),
+        || {
+            n += 1;
+            add(&format!("taken-{n}")).ok().then_some(())
+        },
+    );
+    assert!(log().contains("etcd's TLS files changed"), "{}", log());
 }

@@ -346,6 +346,100 @@ fn client_config(tls: &StoreAccess) -> Result<rustls::ClientConfig, String> {
     }
 }
 
+/// The TLS configuration for etcd, made again from its files when they
+/// change: a client certificate renewed on disk (cert-manager, a short
+/// lifetime) is used by the next connection, looked at once every
+/// [`TlsFiles::CHECK`] at most. It was read once at start: at its expiry
+/// every hub refused operators until restarted, all at the same moment.
+/// Files that cannot be used (half written, a key without its
+/// certificate yet) are said once and the configuration in use is kept.
+struct TlsFiles {
+    access: StoreAccess,
+    state: std::sync::Mutex<TlsState>,
+}
+
+struct TlsState {
+    config: Arc<rustls::ClientConfig>,
+    /// The files' bytes the configuration was made from (a hash).
+    made_from: u64,
+    /// The files' bytes last found unusable, said once.
+    refused: Option<u64>,
+    checked: std::time::Instant,
+}
+
+impl TlsFiles {
+    const CHECK: Duration = Duration::from_secs(5);
+
+    fn read(access: &StoreAccess) -> Result<TlsFiles, String> {
+        let made_from = Self::fingerprint(access);
+        let config = Arc::new(client_config(access)?);
+        Ok(TlsFiles {
+            access: access.clone(),
+            state: std::sync::Mutex::new(TlsState {
+                config,
+                made_from,
+                refused: None,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// A hash of the CA, certificate and key files' bytes.
+    fn fingerprint(access: &StoreAccess) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in [&access.ca, &access.cert, &access.key]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::read(p).ok().hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Words for a client certificate (`--store-cert`) past its end.
+    fn expired(&self) -> Option<String> {
+        let path = self.access.cert.as_ref()?;
+        let facts = crate::daemon::x509::leaf_facts(&crate::daemon::x509::first_pem_cert(path)?)?;
+        let now = rustls::pki_types::UnixTime::now();
+        (now.as_secs() > facts.not_after).then(|| {
+            format!(
+                "the client certificate --store-cert '{}' expired on {}: renew it and its key in place (the hub reads them again within {} s of a change, no restart)",
+                path.display(),
+                crate::tunnel::tls::utc(&rustls::pki_types::UnixTime::since_unix_epoch(
+                    Duration::from_secs(facts.not_after)
+                )),
+                Self::CHECK.as_secs()
+            )
+        })
+    }
+
+    /// The configuration for a new connection, made again first if its
+    /// files changed.
+    fn current(&self) -> Arc<rustls::ClientConfig> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.checked.elapsed() >= Self::CHECK {
+            st.checked = std::time::Instant::now();
+            let now = Self::fingerprint(&self.access);
+            if now != st.made_from && st.refused != Some(now) {
+                match client_config(&self.access) {
+                    Ok(c) => {
+                        tracing::info!("etcd's TLS files changed (--store-ca, --store-cert, --store-key): new connections to etcd use them");
+                        st.config = Arc::new(c);
+                        st.made_from = now;
+                        st.refused = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!("etcd's TLS files changed but cannot be used ({e}); connections to etcd go on with the ones read before");
+                        st.refused = Some(now);
+                    }
+                }
+            }
+        }
+        st.config.clone()
+    }
+}
+
 /// One connection to an etcd endpoint.
 enum Conn {
     Plain(Timed),
@@ -448,22 +542,24 @@ fn too_large() -> std::io::Error {
 }
 
 /// What a failed TLS exchange most likely needs, appended to its error.
-fn explain(e: std::io::Error, tls: bool) -> String {
+fn explain(e: std::io::Error, tls: Option<&TlsFiles>) -> String {
     use std::io::ErrorKind::*;
     let text = e.to_string();
+    // An expired client certificate is the likeliest reason of all.
+    let hint = || match tls.and_then(TlsFiles::expired) {
+        Some(expired) => expired,
+        None => CLIENT_CERT_HINT.to_string(),
+    };
     match e.kind() {
         InvalidData if text.contains("peer certificate") => format!(
             "TLS: {text}: etcd's certificate is not trusted: pass the CA that issued it with --store-ca"
         ),
-        InvalidData if text.contains("alert") => format!(
-            "TLS: {text}: {}",
-            CLIENT_CERT_HINT
-        ),
-        InvalidData if tls => format!("TLS: {text}"),
+        InvalidData if text.contains("alert") => format!("TLS: {text}: {}", hint()),
+        InvalidData if tls.is_some() => format!("TLS: {text}"),
         // A server that wants a client certificate and got none (or one it
         // does not trust) closes the connection after the handshake.
-        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof if tls => {
-            format!("{text}: {CLIENT_CERT_HINT}")
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof if tls.is_some() => {
+            format!("{text}: {}", hint())
         }
         // A read or write deadline passed: the socket says "Resource
         // temporarily unavailable", which reads like a local fault.
@@ -491,7 +587,7 @@ const CLIENT_CERT_HINT: &str = "etcd closed the TLS connection, most likely for 
 pub struct Etcd {
     endpoints: Vec<String>,
     /// `Some` for `https://` endpoints.
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<TlsFiles>,
     /// `Some` with `--store-user`.
     credentials: Option<Credentials>,
     next: AtomicUsize,
@@ -626,7 +722,7 @@ impl Etcd {
             }
         };
         let tls = if secure {
-            Some(Arc::new(client_config(tls)?))
+            Some(TlsFiles::read(tls)?)
         } else {
             None
         };
@@ -770,7 +866,7 @@ impl Etcd {
                     s.set_write_timeout(Some(TIMEOUT))?;
                     let _ = s.set_nodelay(true);
                     let by = std::time::Instant::now() + deadline;
-                    let Some(cfg) = &self.tls else {
+                    let Some(cfg) = self.tls.as_ref().map(TlsFiles::current) else {
                         s.set_read_timeout(read_timeout)?;
                         return Ok(Conn::Plain(Timed {
                             tcp: s,
@@ -790,8 +886,8 @@ impl Etcd {
                         .trim_end_matches(']');
                     let name = crate::tunnel::tls::server_name(host)
                         .map_err(|e| std::io::Error::other(format!("'{host}': {e}")))?;
-                    let conn = rustls::ClientConnection::new(cfg.clone(), name)
-                        .map_err(std::io::Error::other)?;
+                    let conn =
+                        rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
                     let mut tls = rustls::StreamOwned::new(conn, s);
                     // Handshake now, within the deadline, so that its
                     // failure is told as such.
@@ -1116,7 +1212,7 @@ impl Etcd {
                 Err(e) => {
                     all_answered = false;
                     tls_refused |= self.tls.is_some() && refused_tls(&e);
-                    reason = format!("{ep}: {}", explain(e, self.tls.is_some()));
+                    reason = format!("{ep}: {}", explain(e, self.tls.as_ref()));
                 }
             }
         }
@@ -1273,11 +1369,11 @@ impl Etcd {
                 let fix = hint(&msg, user);
                 return Err(format!("{ep}: etcd refused the login: HTTP {st}: {msg}{fix}").into());
             }
-            Err(e) => return Err(format!("{ep}: {}", explain(e, self.tls.is_some())).into()),
+            Err(e) => return Err(format!("{ep}: {}", explain(e, self.tls.as_ref())).into()),
         };
         let (st, mut r, len) = self
             .send(ep, "/v3/watch", &req, &token, Some(silence), CALL_DEADLINE)
-            .map_err(|e| format!("{ep}: {}", explain(e, self.tls.is_some())))?;
+            .map_err(|e| format!("{ep}: {}", explain(e, self.tls.as_ref())))?;
         // A stream: each read is bounded by `silence` and `left` below.
         r.get_mut().timed().until = None;
         if st != 200 {

@@ -37,6 +37,7 @@ pub mod targets;
 pub mod tls;
 pub mod watchcache;
 pub mod wire;
+pub mod x509;
 
 /// TCP keepalive on an accepted connection: a probe after 60 s of
 /// silence, every 10 s, 6 unanswered end it. A client that vanished (a

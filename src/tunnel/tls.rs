@@ -599,7 +599,7 @@ fn plain_name(debug: &str) -> Option<String> {
 }
 
 /// A date for messages: `2026-12-01 23:59:59 UTC`.
-fn utc(t: &UnixTime) -> String {
+pub(crate) fn utc(t: &UnixTime) -> String {
     let secs = t.as_secs();
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
