@@ -418,7 +418,24 @@ impl<S: AsyncRead + Unpin> Gate<S> {
                 }
                 decided = scanned >= SPAN;
             }
-            let n = self.io.read(&mut chunk).await?;
+            let n = match self.io.read(&mut chunk).await {
+                Ok(n) => n,
+                // A peer that connected and reset before sending anything
+                // is a health check that closes so (HAProxy's `check` with
+                // `check-send-proxy`: a PROXY header, then a reset), as a
+                // bare connect and close is: not a failed login.
+                Err(e)
+                    if self.role == Role::Server
+                        && self.early.is_empty()
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                        ) =>
+                {
+                    0
+                }
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 break;
             }
