@@ -827,6 +827,29 @@ fn handshake_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         let s = s.to_ascii_lowercase();
         s.contains("envoy") || s.contains("istio")
     });
+    let body = response
+        .body()
+        .as_deref()
+        .map(|b| String::from_utf8_lossy(&b[..b.len().min(2048)]).into_owned())
+        .unwrap_or_default();
+    // The hub's own words, when it is the hub that refused (a PROXY header
+    // from an address it does not trust, a path it does not serve): they
+    // name the problem, where a guess from the status would not.
+    if let Some(words) = body.strip_prefix("towerctl hub: ") {
+        let first = words.lines().next().unwrap_or_default();
+        return format!(
+            "WebSocket handshake failed: HTTP {status}: the hub says: {}",
+            super::escape_for_log(first, 300)
+        );
+    }
+    // Go's (Caddy, Traefik) and nginx's answer to plain HTTP on a TLS port.
+    if body.contains("HTTP request to an HTTPS server")
+        || body.contains("plain HTTP request was sent to HTTPS port")
+    {
+        return format!(
+            "WebSocket handshake failed: HTTP {status}{by}: this port speaks TLS: join with wss:// instead of ws://"
+        );
+    }
     let hint = match status.as_u16() {
         403 if envoy => {
             "Envoy refuses a WebSocket upgrade on a route that does not enable it (Contour: \
@@ -1086,6 +1109,54 @@ mod tests {
         assert_eq!(learned_hubs(list, false), ["wss://b:2/t"]);
     }
 
+    /// A refusal in HTTP/1.0 (HAProxy's stock error pages, Go's answer to
+    /// plain HTTP on a TLS port) is told by its status, its `Server` and
+    /// the hint, as in HTTP/1.1: tungstenite refused the version first
+    /// ("HTTP version must be 1.1 or higher") and the agent retried.
+    #[tokio::test]
+    async fn a_refusal_in_http_1_0_is_told_by_its_status() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fake = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(
+                    b"HTTP/1.0 403 Forbidden\r\nCache-Control: no-cache\r\nConnection: close\r\n\
+                      Content-Type: text/html\r\nServer: haproxy\r\n\r\n\
+                      <html><body><h1>403 Forbidden</h1></body></html>\n",
+                )
+                .await;
+        });
+        let opts = DialOptions {
+            url: format!("ws://127.0.0.1:{port}/tunnel"),
+            name: "alpha".into(),
+            key: Arc::new(
+                PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
+            ),
+            token: None,
+            hub_key: None,
+            keepalive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            tls: Arc::new(super::super::tls::HubTls::new(None, false, false).unwrap()),
+            features: Vec::new(),
+            learned_hubs: Arc::default(),
+            proxy: None,
+            proxy_url: None,
+        };
+        let Err(e) = connect(&opts, Arc::new(NoChannels)).await else {
+            panic!("connected to a refusal");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("HTTP 403 Forbidden (answered by 'haproxy')") && e.contains("credentials"),
+            "{e}"
+        );
+        fake.abort();
+    }
+
     #[test]
     fn an_answer_other_than_101_says_what_it_likely_means() {
         use tokio_tungstenite::tungstenite::Error;
@@ -1125,6 +1196,25 @@ mod tests {
         );
         assert!(!said(403).contains("enableWebsockets"));
         assert!(said(418).contains("refused the upgrade"));
+        let with_body = |status: u16, body: &str| {
+            let mut response = http::Response::new(Some(body.as_bytes().to_vec()));
+            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            handshake_failure(&Error::Http(Box::new(response)))
+        };
+        let hub = with_body(
+            400,
+            "towerctl hub: a PROXY protocol header from an address not trusted to send one.\nmore\n",
+        );
+        assert!(
+            hub.ends_with(
+                "the hub says: a PROXY protocol header from an address not trusted to send one."
+            ),
+            "{hub}"
+        );
+        assert!(
+            with_body(400, "Client sent an HTTP request to an HTTPS server.\n")
+                .contains("join with wss://"),
+        );
         let other = handshake_failure(&Error::ConnectionClosed);
         assert!(other.starts_with("WebSocket handshake failed: "), "{other}");
         assert!(!other.contains("HTTP"), "{other}");

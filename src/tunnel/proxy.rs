@@ -370,12 +370,13 @@ pub fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
 /// What a proxy's answer other than 2xx most likely means.
 fn refusal_hint(code: u16, head: &str, port: u16, user: Option<&str>) -> String {
     match code {
-        407 if user.is_some() => format!(
+        // tinyproxy answers its BasicAuth refusals 401 (not 407).
+        401 | 407 if user.is_some() => format!(
             ": the proxy refused the credentials in the proxy URL (user '{}'): a changed or \
              expired password? (only Basic is sent; percent-encode special characters)",
             super::printable(user.unwrap_or(""), 60)
         ),
-        407 => {
+        401 | 407 => {
             let offered: Vec<String> = head
                 .lines()
                 .filter_map(|l| l.split_once(':'))
@@ -401,7 +402,8 @@ fn refusal_hint(code: u16, head: &str, port: u16, user: Option<&str>) -> String 
         403 => ": the proxy's policy refuses this host; have it allowed, or name the hub in \
                  NO_PROXY if it is reachable without the proxy"
             .into(),
-        502..=504 => {
+        // tinyproxy: "500 Unable to connect".
+        500 | 502..=504 => {
             // Squid says why in a header of its own.
             let why = head
                 .lines()
@@ -470,7 +472,7 @@ pub async fn connect(proxy: &Proxy, host: &str, port: u16) -> std::io::Result<Tc
     if !(200..300).contains(&code) {
         // A refusal (credentials, a port not allowed) stays one until the
         // proxy or its URL changes: told apart for `join`.
-        let kind = if matches!(code, 403 | 407) {
+        let kind = if matches!(code, 401 | 403 | 407) {
             std::io::ErrorKind::PermissionDenied
         } else {
             std::io::ErrorKind::Other
@@ -757,6 +759,26 @@ mod tests {
         assert!(
             e.contains("refused the credentials in the proxy URL (user 'us+er')")
                 && !e.contains("p+w"),
+            "{e}"
+        );
+        // tinyproxy's BasicAuth refusal is a 401, told the same way, and
+        // stops `join` as one (not retried as if the hub were away).
+        let (p, _) = proxy_answering("HTTP/1.0 401 Unauthorized\r\n\r\n").await;
+        let e = connect(&p, "hub.example.com", 443).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        let e = e.to_string();
+        assert!(
+            e.contains("refused the credentials in the proxy URL (user 'us+er')"),
+            "{e}"
+        );
+        // tinyproxy's answer for a hub it cannot reach.
+        let (p, _) = proxy_answering("HTTP/1.1 500 Unable to connect\r\n\r\n").await;
+        let e = connect(&p, "hub.example.com", 443)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("could not reach the hub's host and port itself"),
             "{e}"
         );
         let (p, _) = proxy_answering("HTTP/1.1 403 Forbidden\r\n\r\n").await;

@@ -509,6 +509,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
                         this.early.extend_from_slice(&head);
                         this.early.unsplit(rest);
                     }
+                    // A refusal in HTTP/1.0 (HAProxy's stock error pages,
+                    // Go's answer to plain HTTP on a TLS port): tungstenite
+                    // refuses the version before it looks at the status,
+                    // and the agent said only "HTTP version must be 1.1 or
+                    // higher", without the status, the `Server` or the
+                    // hint, and retried for ever. Read as HTTP/1.1: the
+                    // refusal is then told as any other.
+                    if this.early.starts_with(b"HTTP/1.0 ") && !this.early[9..].starts_with(b"101")
+                    {
+                        this.early[7] = b'1';
+                    }
                     break;
                 }
                 if this.early.len() >= ANSWER_HEAD_MAX {
@@ -940,6 +951,12 @@ impl<S> WsIo<S> {
             return Ok(false);
         };
         match (self.io.role, mask) {
+            // A close frame unmasked: a proxy closing on its own behalf as
+            // it reloads (Caddy sends its 1001 "going away" upstream so),
+            // taken as the close it is rather than logged as the agent
+            // breaking the protocol. Any other frame unmasked still ends
+            // the session.
+            (Role::Server, None) if opcode == 8 && fin => {}
             (Role::Server, None) => {
                 return Err(invalid("an unmasked websocket frame from the client"))
             }
@@ -1971,6 +1988,21 @@ mod tests {
             let code = ctl[0].1.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
             assert_eq!((ctl.len(), ctl[0].0, code), (1, 8, want), "{payload:?}");
         }
+        // A proxy's own close, unmasked (Caddy reloading): the close it is,
+        // not a protocol error; any other unmasked frame still is one.
+        let (mut ours, mut far) = raw_pair(Role::Server, 1 << 16);
+        far.write_all(&frame(0x88, &1001u16.to_be_bytes(), None))
+            .await
+            .unwrap();
+        assert_eq!(read_until_pending(&mut ours).unwrap(), b"");
+        assert!(ours.eof);
+        let note = ours
+            .close_note()
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default();
+        assert!(note.contains("1001 (going away"), "{note}");
         // A frame RFC 6455 forbids: the peer hears 1002 before the read fails.
         let (mut ours, mut far) = raw_pair(Role::Server, 1 << 16);
         far.write_all(&frame(0x81, b"text", Some([1, 1, 1, 1])))
