@@ -3715,7 +3715,13 @@ fn streams_carried_to_a_frozen_hub_end_when_its_member_moves() {
     let hubs: [Env; 2] = hubs_on(&etcd);
     let api = ApiServer::start();
     let member = Env::new();
-    join(&hubs[0], &member, "alpha", &api);
+    join_with(
+        &hubs[0],
+        &member,
+        "alpha",
+        &api,
+        &["--allow", "127.0.0.0/8"],
+    );
     let owner = || etcd_json(&etcd, "/towerctl/owners/alpha");
     let gateway = |h: &Env| {
         h.status()["hub"]["gatewayURL"]
@@ -3743,6 +3749,14 @@ fn streams_carried_to_a_frozen_hub_end_when_its_member_moves() {
     ]));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!watch.has_exited(), "the watch: {}", watch.output());
+    // A CONNECT carried the same way, open through the freeze.
+    let echo = support::echo_server();
+    let (head, mut tcp) = support::raw_connect(&hubs[1], &format!("127.0.0.1.alpha:{echo}"), "");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    tcp.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    tcp.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
     // Through hub 1 to hub 0, which leaves hub 1 a kept connection to it.
     let (code, body) = support::gateway_get(&hubs[1], token.trim(), "/clusters/alpha/version");
     assert_eq!(code, "200", "{body}");
@@ -3785,8 +3799,17 @@ fn streams_carried_to_a_frozen_hub_end_when_its_member_moves() {
         "{}",
         watch.output()
     );
+    tcp.sock
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tcp.read_to_end(&mut rest);
+    assert!(
+        !matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "the CONNECT carried to the frozen hub stayed open: {read:?}"
+    );
     eprintln!(
-        "request answered after {took:?}; watch ended after {:?}",
+        "request answered after {took:?}; watch and CONNECT ended after {:?}",
         frozen.elapsed()
     );
     let (code, body) = support::gateway_get(&hubs[1], token.trim(), "/clusters/alpha/version");

@@ -269,12 +269,17 @@ async fn carry(
         }
         Err(RawRefusal::Answer(_, msg)) => Err(msg),
         Err(RawRefusal::Elsewhere(held)) => {
-            let up =
-                super::peer::connect_via_owner(hub, &d.cluster, &d.authority, d.token.expose())
-                    .await;
+            let mut held = *held;
+            let up = super::peer::connect_via_owner(
+                hub,
+                &d.cluster,
+                &d.authority,
+                d.token.expose(),
+                &mut held,
+            )
+            .await;
             match up {
                 Ok(up) => {
-                    let mut held = *held;
                     held.opened();
                     held.splice(conn, up, done).await;
                     Ok(())

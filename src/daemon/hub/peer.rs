@@ -1831,6 +1831,7 @@ pub(super) async fn connect_via_owner(
     name: &str,
     authority: &str,
     token: &str,
+    held: &mut super::gateway::Carried,
 ) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
     let uri: http::Uri = authority.parse().map_err(|e| format!("{e}"))?;
     let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
@@ -1861,12 +1862,19 @@ pub(super) async fn connect_via_owner(
                 crate::tunnel::printable(String::from_utf8_lossy(&text).trim(), 500)
             ))
         }
-        Some(Ok((resp, _))) => hyper::upgrade::on(resp)
-            .await
-            .map(TokioIo::new)
-            .map_err(|e| {
-                format!("cluster '{name}': the hub holding it did not switch to a stream: {e}")
-            }),
+        Some(Ok((resp, owner))) => {
+            // Cut when that hub no longer holds the member (see
+            // `watch_owner`), as the gateway's carried streams are.
+            if let Some(c) = hub.cluster.get() {
+                watch_owner(c, name, &owner, held.guard_mut(), true);
+            }
+            hyper::upgrade::on(resp)
+                .await
+                .map(TokioIo::new)
+                .map_err(|e| {
+                    format!("cluster '{name}': the hub holding it did not switch to a stream: {e}")
+                })
+        }
     }
 }
 
