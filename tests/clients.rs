@@ -1030,6 +1030,30 @@ fn a_changed_member_kubeconfig_is_used_without_a_restart() {
     let o = env.kubectl(&["get", "--raw", "/version"]);
     assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
 
+    // Another context made current (`kubectl config use-context`): not
+    // followed, the member stays the cluster the agent serves.
+    let other = good
+        .replace("current-context: fake", "current-context: other")
+        .replace(
+            "contexts:\n",
+            "contexts:\n- name: other\n  context:\n    cluster: elsewhere\n    user: fake\n",
+        )
+        .replace(
+            "clusters:\n",
+            "clusters:\n- name: elsewhere\n  cluster:\n    server: http://127.0.0.1:9\n",
+        );
+    replace(&other);
+    wait_for(
+        "the switched context to be refused",
+        Duration::from_secs(30),
+        || {
+            events()
+                .contains("current-context is now 'other'")
+                .then_some(())
+        },
+    );
+    let o = env.kubectl(&["get", "--raw", "/version"]);
+    assert!(o.ok() && o.stdout.contains("gitVersion"), "{o:?}");
     // A token the member refuses: taken (the member says no) ...
     replace(&good.replace(support::apiserver::TOKEN, "a-revoked-token"));
     let refused = wait_for("the new token to be used", Duration::from_secs(30), || {

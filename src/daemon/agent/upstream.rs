@@ -847,6 +847,21 @@ pub(super) struct MemberClient {
     pub(super) member: Member,
     /// The kubeconfig files it was read from (none from a service account).
     pub(super) files: Vec<PathBuf>,
+    /// Their `current-context` then: kept by [`follow_kubeconfig`].
+    context: Option<String>,
+}
+
+/// The `current-context` of the kubeconfig `source` names (`None` from a
+/// service account, or when it cannot be read).
+fn current_context(source: &MemberSource, files: &[PathBuf]) -> Option<String> {
+    if files.is_empty() {
+        return None;
+    }
+    let kc = match &source.kubeconfig {
+        Some(p) => kube::config::Kubeconfig::read_from(p).ok()?,
+        None => kube::config::Kubeconfig::read().ok()?,
+    };
+    kc.current_context
 }
 
 /// Builds the client for the member's API server: `--kubeconfig`, else
@@ -858,6 +873,7 @@ pub(super) async fn upstream_client(source: &MemberSource) -> Result<MemberClien
     let url = config.cluster_url.to_string();
     let member = Member::new(member_service(&config)?);
     let (client, api) = clients(&member, config);
+    let context = current_context(source, &files);
     Ok(MemberClient {
         client,
         api,
@@ -865,6 +881,7 @@ pub(super) async fn upstream_client(source: &MemberSource) -> Result<MemberClien
         own_impersonation,
         member,
         files,
+        context,
     })
 }
 
@@ -996,6 +1013,17 @@ pub(super) async fn follow_kubeconfig(
             .collect::<Vec<_>>()
             .join(", ");
         let built = async {
+            // `kubectl config use-context` on the member machine must not
+            // move the member to another cluster behind the operators'
+            // backs: the agent keeps the context it started with.
+            let context = current_context(&source, &client.files);
+            if context != client.context {
+                anyhow::bail!(
+                    "its current-context is now '{}', and the agent serves context '{}': restart the agent to serve another cluster (or set current-context back)",
+                    context.as_deref().unwrap_or(""),
+                    client.context.as_deref().unwrap_or("")
+                );
+            }
             let (config, _) = member_config(&source).await?;
             let own_now = !own_impersonation(&config.auth_info).is_empty();
             if own != own_now {
