@@ -1011,6 +1011,26 @@ mod tests {
         fn serve(&self, _: String, _: u32, _: String, _: FlowStream, _: Confirm) {}
     }
 
+    /// An agent's options for a fake hub on loopback `port`.
+    fn fake_hub_options(port: u16, connect_timeout: Duration) -> DialOptions {
+        DialOptions {
+            url: format!("ws://127.0.0.1:{port}/tunnel"),
+            name: "alpha".into(),
+            key: Arc::new(
+                PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
+            ),
+            token: None,
+            hub_key: None,
+            keepalive: Duration::from_secs(10),
+            connect_timeout,
+            tls: Arc::new(super::super::tls::HubTls::new(None, false, false).unwrap()),
+            features: Vec::new(),
+            learned_hubs: Arc::default(),
+            proxy: None,
+            proxy_url: None,
+        }
+    }
+
     /// A connection attempt that times out says how far it came.
     #[tokio::test]
     async fn a_stalled_connection_says_where_it_stalled() {
@@ -1055,22 +1075,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 drop(s);
             });
-            let opts = DialOptions {
-                url: format!("ws://127.0.0.1:{port}/tunnel"),
-                name: "alpha".into(),
-                key: Arc::new(
-                    PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
-                ),
-                token: None,
-                hub_key: None,
-                keepalive: Duration::from_secs(10),
-                connect_timeout: Duration::from_secs(2),
-                tls: Arc::new(super::super::tls::HubTls::new(None, false, false).unwrap()),
-                features: Vec::new(),
-                learned_hubs: Arc::default(),
-                proxy: None,
-                proxy_url: None,
-            };
+            let opts = fake_hub_options(port, Duration::from_secs(2));
             let Err(e) = connect(&opts, Arc::new(NoChannels)).await else {
                 panic!("connected to a fake hub");
             };
@@ -1130,22 +1135,7 @@ mod tests {
                 )
                 .await;
         });
-        let opts = DialOptions {
-            url: format!("ws://127.0.0.1:{port}/tunnel"),
-            name: "alpha".into(),
-            key: Arc::new(
-                PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap(),
-            ),
-            token: None,
-            hub_key: None,
-            keepalive: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
-            tls: Arc::new(super::super::tls::HubTls::new(None, false, false).unwrap()),
-            features: Vec::new(),
-            learned_hubs: Arc::default(),
-            proxy: None,
-            proxy_url: None,
-        };
+        let opts = fake_hub_options(port, Duration::from_secs(5));
         let Err(e) = connect(&opts, Arc::new(NoChannels)).await else {
             panic!("connected to a refusal");
         };

@@ -18,17 +18,7 @@ pub struct TlsFront {
 impl TlsFront {
     /// Listens on 127.0.0.1:0 with a certificate for 127.0.0.1 and localhost.
     pub fn start(upstream: SocketAddr) -> TlsFront {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        Self::serve(upstream, leaf.der().clone(), leaf_key, ca_pem)
+        Self::issued(upstream, false)
     }
 
     /// [`TlsFront::start`] with one self-signed certificate that is also a
@@ -48,6 +38,12 @@ impl TlsFront {
     /// the trusted CA (Go takes such a leaf; webpki does not).
     #[allow(dead_code)]
     pub fn start_ca_leaf_issued_by_ca(upstream: SocketAddr) -> TlsFront {
+        Self::issued(upstream, true)
+    }
+
+    /// A fresh CA and a leaf it issues for 127.0.0.1 and localhost (itself
+    /// a CA with `leaf_is_ca`), served in front of `upstream`.
+    fn issued(upstream: SocketAddr, leaf_is_ca: bool) -> TlsFront {
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -56,7 +52,9 @@ impl TlsFront {
         let leaf_key = KeyPair::generate().unwrap();
         let mut leaf =
             CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-        leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        if leaf_is_ca {
+            leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
         let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
         Self::serve(upstream, leaf.der().clone(), leaf_key, ca_pem)
     }
